@@ -1,0 +1,328 @@
+//! fakechain: a chain that produces one height per block interval and judges
+//! who signed it.
+//!
+//! Owns: the head height, the ledger of accepted signatures (totals plus a
+//! bounded recent window), and its HTTP API (`/status`, `/sign`, `/stats`,
+//! `/metrics`). Must not: trust a signer's word (every signature is checked
+//! against the validator key), forget a double sign, or grow without bound.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::keys;
+
+/// Heights kept in the `signers` window of `/stats`.
+pub const WINDOW_HEIGHTS: u64 = 2_000;
+/// Distinct signers of one height that the window records (all are counted).
+const MAX_SIGNERS_PER_HEIGHT: usize = 8;
+/// Longest a `/status?wait_after=H` request is held open.
+const LONG_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Signer {
+    pub height: u64,
+    pub node: u64,
+}
+
+/// `GET /stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub height: u64,
+    pub signed: u64,
+    pub missed: u64,
+    pub double_signs: u64,
+    pub refused: u64,
+    pub signers: Vec<Signer>,
+}
+
+/// `POST /sign`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub height: u64,
+    pub public_key: String,
+    pub node: u64,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignReply {
+    pub accepted: bool,
+    pub double_sign: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StatusQuery {
+    wait_after: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StatsQuery {
+    /// Only list signers of heights at or above this one.
+    since: Option<u64>,
+}
+
+/// The judge's books. Totals never shrink; the window is bounded.
+#[derive(Debug, Default)]
+struct Ledger {
+    height: u64,
+    /// Distinct nodes that signed the current height.
+    current: Vec<u64>,
+    signed: u64,
+    missed: u64,
+    double_signs: u64,
+    refused: u64,
+    window: VecDeque<Signer>,
+}
+
+impl Ledger {
+    /// Closes the current height and opens the next one.
+    fn advance(&mut self) -> u64 {
+        if self.height > 0 && self.current.is_empty() {
+            self.missed += 1;
+        }
+        self.current.clear();
+        self.height += 1;
+        let floor = self.height.saturating_sub(WINDOW_HEIGHTS);
+        while self.window.front().is_some_and(|s| s.height < floor) {
+            self.window.pop_front();
+        }
+        self.height
+    }
+
+    /// Records a verified signature of the current height by `node`.
+    /// Returns whether it was a double sign.
+    fn record(&mut self, node: u64) -> bool {
+        if self.current.contains(&node) {
+            return false;
+        }
+        let double = !self.current.is_empty();
+        if double {
+            self.double_signs += 1;
+        } else {
+            self.signed += 1;
+        }
+        if self.current.len() < MAX_SIGNERS_PER_HEIGHT {
+            self.current.push(node);
+            self.window.push_back(Signer {
+                height: self.height,
+                node,
+            });
+        }
+        double
+    }
+
+    fn stats(&self, since: u64) -> Stats {
+        Stats {
+            height: self.height,
+            signed: self.signed,
+            missed: self.missed,
+            double_signs: self.double_signs,
+            refused: self.refused,
+            signers: self
+                .window
+                .iter()
+                .filter(|s| s.height >= since)
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+struct Chain {
+    validator: VerifyingKey,
+    ledger: Mutex<Ledger>,
+    head: watch::Sender<u64>,
+}
+
+impl Chain {
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // A panic while holding this lock would be a bug in a few lines of
+        // arithmetic; keep serving rather than poison every later request.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct ChainConfig {
+    pub listen: SocketAddr,
+    pub block: Duration,
+    pub validator: VerifyingKey,
+}
+
+/// Binds, then produces heights and serves the API until `shutdown` resolves.
+pub async fn run(
+    cfg: ChainConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, block_ms = cfg.block.as_millis() as u64, "fakechain listening");
+    let (head, _) = watch::channel(0);
+    let chain = Arc::new(Chain {
+        validator: cfg.validator,
+        ledger: Mutex::new(Ledger::default()),
+        head,
+    });
+    let producer = tokio::spawn(produce(chain.clone(), cfg.block));
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/sign", post(sign))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .with_state(chain);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    producer.abort();
+    Ok(served?)
+}
+
+async fn produce(chain: Arc<Chain>, block: Duration) {
+    let mut tick = tokio::time::interval(block);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let height = chain.ledger().advance();
+        chain.head.send_replace(height);
+    }
+}
+
+async fn status(
+    State(chain): State<Arc<Chain>>,
+    Query(q): Query<StatusQuery>,
+) -> Json<serde_json::Value> {
+    if let Some(after) = q.wait_after {
+        let mut rx = chain.head.subscribe();
+        let _ = tokio::time::timeout(LONG_POLL, rx.wait_for(|h| *h > after)).await;
+    }
+    let height = *chain.head.borrow();
+    Json(serde_json::json!({ "height": height }))
+}
+
+async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> impl IntoResponse {
+    let refuse = |chain: &Chain, code: StatusCode, why: String| {
+        chain.ledger().refused += 1;
+        let reply = SignReply {
+            accepted: false,
+            double_sign: false,
+            error: Some(why),
+        };
+        (code, Json(reply))
+    };
+    match keys::parse_public(&req.public_key) {
+        Ok(k) if k == chain.validator => {}
+        Ok(_) => {
+            return refuse(
+                &chain,
+                StatusCode::FORBIDDEN,
+                "not the validator key".into(),
+            )
+        }
+        Err(e) => return refuse(&chain, StatusCode::BAD_REQUEST, e.to_string()),
+    }
+    if !keys::verify_height(&chain.validator, req.height, &req.signature) {
+        return refuse(&chain, StatusCode::FORBIDDEN, "bad signature".into());
+    }
+    let mut ledger = chain.ledger();
+    if req.height != ledger.height {
+        let why = format!("height {} is not current ({})", req.height, ledger.height);
+        drop(ledger);
+        return refuse(&chain, StatusCode::CONFLICT, why);
+    }
+    let double_sign = ledger.record(req.node);
+    drop(ledger);
+    if double_sign {
+        tracing::warn!(height = req.height, node = req.node, "DOUBLE SIGN");
+    }
+    let reply = SignReply {
+        accepted: true,
+        double_sign,
+        error: None,
+    };
+    (StatusCode::OK, Json(reply))
+}
+
+async fn stats(State(chain): State<Arc<Chain>>, Query(q): Query<StatsQuery>) -> Json<Stats> {
+    Json(chain.ledger().stats(q.since.unwrap_or(0)))
+}
+
+async fn metrics(State(chain): State<Arc<Chain>>) -> String {
+    let l = chain.ledger();
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "fakechain_height",
+            "gauge",
+            "Current head height.",
+            l.height,
+        ),
+        (
+            "fakechain_signed_total",
+            "counter",
+            "Heights signed by the validator key.",
+            l.signed,
+        ),
+        (
+            "fakechain_missed_total",
+            "counter",
+            "Heights closed with no signature.",
+            l.missed,
+        ),
+        (
+            "fakechain_double_signs_total",
+            "counter",
+            "Extra signers of an already signed height.",
+            l.double_signs,
+        ),
+        (
+            "fakechain_refused_total",
+            "counter",
+            "Signatures refused (forged, stale or foreign).",
+            l.refused,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_counts_missed_signed_and_double() {
+        let mut l = Ledger::default();
+        l.advance(); // height 1
+        assert!(!l.record(7));
+        assert!(!l.record(7), "same node twice is not a double sign");
+        assert!(l.record(8));
+        l.advance(); // height 2, nobody signs
+        l.advance(); // height 3
+        assert_eq!((l.signed, l.missed, l.double_signs), (1, 1, 1));
+        assert_eq!(l.window.len(), 2);
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let mut l = Ledger::default();
+        for _ in 0..(WINDOW_HEIGHTS * 3) {
+            l.advance();
+            l.record(1);
+        }
+        assert!(l.window.len() as u64 <= WINDOW_HEIGHTS + 1);
+        assert_eq!(l.signed, WINDOW_HEIGHTS * 3);
+    }
+}

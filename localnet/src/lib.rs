@@ -1,0 +1,36 @@
+//! localnet: the judge of keyraft and its one-command demo.
+//!
+//! Nothing here knows keyraft's internals; it only runs keyraft's binary and
+//! watches the chain. A short tour:
+//!
+//! - [`bench`]: benchmarks that print numbers for the README.
+//! - [`keys`]: NEAR-format key files and the message a validator signs.
+//! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
+//!   missed heights and double signs. It is the oracle of every failover test.
+//! - [`harness`]: child processes, free ports and polling with deadlines,
+//!   shared by the launcher and the tests of both crates.
+//! - [`node`]: `fakenode`, a neard look-alike that signs each height while it
+//!   holds the validator key.
+
+pub mod bench;
+pub mod chain;
+pub mod harness;
+pub mod keys;
+pub mod node;
+
+/// Logs to stderr, human-readable, at `info` unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Prints `error: ...` (the whole cause chain on one line) and returns exit code 1.
+pub fn report(e: anyhow::Error) -> std::process::ExitCode {
+    eprintln!("error: {e:#}");
+    std::process::ExitCode::FAILURE
+}

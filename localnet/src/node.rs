@@ -1,0 +1,266 @@
+//! fakenode: a validator node that imitates neard closely enough to exercise
+//! keyraft's NEAR support for real.
+//!
+//! Owns: its home dir's `validator_key.json` / `node_key.json` (read, never
+//! written), following the chain head, signing each new height once while it
+//! holds a key and is synced, and a neard-shaped `GET /status`. Must not: know
+//! anything about keyraft; it behaves like a node an operator runs, including
+//! a slow SIGTERM and a key that is only re-read on SIGHUP with `--hot-reload`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use ed25519_dalek::SigningKey;
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::chain::{SignReply, SignRequest};
+use crate::keys::{self, KeyFile};
+
+pub const VALIDATOR_KEY: &str = "validator_key.json";
+pub const NODE_KEY: &str = "node_key.json";
+/// A node that has not heard from the chain for this long reports syncing.
+const CONTACT_STALE: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub home: PathBuf,
+    pub chain: String,
+    pub node_id: u64,
+    pub rpc_listen: SocketAddr,
+    pub sync_delay: Duration,
+    pub shutdown_delay: Duration,
+    pub hot_reload: bool,
+}
+
+struct ValidatorKey {
+    account_id: String,
+    public_key: String,
+    signing: SigningKey,
+}
+
+struct NodeState {
+    validator: Option<ValidatorKey>,
+    node_key: Option<String>,
+    head: u64,
+    last_contact: Option<Instant>,
+    last_signed: u64,
+    started: Instant,
+    sync_delay: Duration,
+}
+
+impl NodeState {
+    fn syncing(&self) -> bool {
+        self.started.elapsed() < self.sync_delay
+            || self
+                .last_contact
+                .is_none_or(|t| t.elapsed() > CONTACT_STALE)
+    }
+}
+
+struct Node {
+    cfg: NodeConfig,
+    state: Mutex<NodeState>,
+    http: reqwest::Client,
+}
+
+impl Node {
+    fn state(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (Re)reads the key files, as neard does at start and on SIGHUP.
+    fn load_keys(&self) -> Result<(), keys::KeyError> {
+        let validator = read_optional(&self.cfg.home.join(VALIDATOR_KEY))?
+            .map(|f| -> Result<ValidatorKey, keys::KeyError> {
+                Ok(ValidatorKey {
+                    signing: f.signing_key()?,
+                    account_id: f.account_id,
+                    public_key: f.public_key,
+                })
+            })
+            .transpose()?;
+        let node_key = read_optional(&self.cfg.home.join(NODE_KEY))?.map(|f| f.public_key);
+        match &validator {
+            Some(v) => {
+                tracing::info!(account = %v.account_id, key = %v.public_key, "validator key loaded")
+            }
+            None => tracing::info!("no validator key: running as a plain node"),
+        }
+        let mut st = self.state();
+        st.validator = validator;
+        st.node_key = node_key;
+        Ok(())
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<KeyFile>, keys::KeyError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => KeyFile::load(path).map(Some),
+    }
+}
+
+/// Runs the node until SIGTERM/SIGINT (plus the shutdown delay).
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let node = Arc::new(Node {
+        state: Mutex::new(NodeState {
+            validator: None,
+            node_key: None,
+            head: 0,
+            last_contact: None,
+            last_signed: 0,
+            started: Instant::now(),
+            sync_delay: cfg.sync_delay,
+        }),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?,
+        cfg,
+    });
+    node.load_keys()?;
+    let listener = tokio::net::TcpListener::bind(node.cfg.rpc_listen).await?;
+    tracing::info!(rpc = %listener.local_addr()?, node = node.cfg.node_id, "fakenode started");
+    let app = Router::new()
+        .route("/status", get(status))
+        .with_state(node.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("rpc server failed: {e}");
+        }
+    });
+    tokio::spawn(follow(node.clone()));
+    signals(node).await
+}
+
+async fn signals(node: Arc<Node>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if !node.cfg.hot_reload {
+                    tracing::info!("SIGHUP ignored (started without --hot-reload)");
+                } else if let Err(e) = node.load_keys() {
+                    tracing::error!("reload failed, signing stopped: {e}");
+                    node.state().validator = None;
+                }
+            }
+        }
+    }
+    tracing::info!(
+        delay_ms = node.cfg.shutdown_delay.as_millis() as u64,
+        "shutting down"
+    );
+    // Like a slow real node, keep running (and signing) through the delay.
+    tokio::time::sleep(node.cfg.shutdown_delay).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn follow(node: Arc<Node>) {
+    let mut reachable = true;
+    loop {
+        let head = node.state().head;
+        let url = format!("{}/status?wait_after={head}", node.cfg.chain);
+        let got = async {
+            let v: serde_json::Value = node
+                .http
+                .get(&url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok::<_, reqwest::Error>(v["height"].as_u64().unwrap_or(0))
+        }
+        .await;
+        let height = match got {
+            Ok(h) => h,
+            Err(e) => {
+                if reachable {
+                    tracing::warn!("chain unreachable, retrying: {e}");
+                    reachable = false;
+                }
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        if !reachable {
+            tracing::info!("chain reachable again");
+            reachable = true;
+        }
+        let request = {
+            let mut st = node.state();
+            st.head = height;
+            st.last_contact = Some(Instant::now());
+            let due = !st.syncing() && height > st.last_signed;
+            let req = st.validator.as_ref().filter(|_| due).map(|v| SignRequest {
+                height,
+                public_key: v.public_key.clone(),
+                node: node.cfg.node_id,
+                signature: keys::sign_height(&v.signing, height),
+            });
+            if req.is_some() {
+                st.last_signed = height;
+            }
+            req
+        };
+        if let Some(req) = request {
+            submit(&node, &req).await;
+        }
+    }
+}
+
+async fn submit(node: &Node, req: &SignRequest) {
+    let url = format!("{}/sign", node.cfg.chain);
+    match node.http.post(&url).json(req).send().await {
+        Ok(resp) => {
+            let code = resp.status();
+            match resp.json::<SignReply>().await {
+                Ok(r) if r.accepted => {}
+                Ok(r) => {
+                    tracing::warn!(height = req.height, %code, "signature refused: {}", r.error.unwrap_or_default())
+                }
+                Err(e) => tracing::warn!(height = req.height, %code, "bad reply to sign: {e}"),
+            }
+        }
+        Err(e) => tracing::warn!(height = req.height, "sign failed: {e}"),
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let st = node.state();
+    Json(json!({
+        "chain_id": "localnet",
+        "protocol_version": 73,
+        "latest_protocol_version": 73,
+        "version": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "build": "fakenode",
+            "rustc_version": "",
+        },
+        "node_public_key": st.node_key,
+        "validator_account_id": st.validator.as_ref().map(|v| v.account_id.clone()),
+        "validator_public_key": st.validator.as_ref().map(|v| v.public_key.clone()),
+        // Deprecated in neard and equal to validator_public_key there.
+        "node_key": st.validator.as_ref().map(|v| v.public_key.clone()),
+        "validators": [],
+        "sync_info": {
+            "latest_block_height": st.head,
+            "latest_block_hash": format!("fake{:060}", st.head),
+            "syncing": st.syncing(),
+            "earliest_block_height": 1,
+        },
+        "uptime_sec": st.started.elapsed().as_secs(),
+    }))
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("keyraft {}", env!("CARGO_PKG_VERSION"));
+}
