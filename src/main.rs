@@ -1,3 +1,524 @@
-fn main() {
-    println!("keyraft {}", env!("CARGO_PKG_VERSION"));
+//! The `keyraft` command line: run a coordinator, or talk to one.
+//!
+//! Exit codes: 0 success; 1 runtime failure (or `check`: admin unreachable);
+//! 2 bad usage, bad configuration, or a start refused for safety; `check`
+//! uses 3 (no quorum), 4 (no active validator), 5 (more than one),
+//! 6 (active validator unhealthy).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand};
+use keyraft::config::{HealthKind, LogFormat, RunArgs};
+use keyraft::coordinator::{self, RunError};
+use keyraft::pb::{self, cluster_command::Kind};
+use keyraft::{fence, health, tls};
+
+#[derive(Parser)]
+#[command(
+    name = "keyraft",
+    version,
+    about = "Raft-coordinated failover for blockchain validators that never double-signs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdminAddr {
+    /// Admin address of a running coordinator.
+    #[arg(long, env = "KEYRAFT_ADMIN", default_value = "127.0.0.1:7701")]
+    admin: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator and supervise the validator: keyraft run [FLAGS] -- CMD ARGS...
+    Run(Box<RunArgs>),
+    /// Print the cluster as this member sees it.
+    Status {
+        /// DESIGN.md's JSON shape instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Hand validation to another node cleanly (the successor starts without waiting).
+    Switchover {
+        /// The node to hand over to [default: the healthiest synced standby].
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Stop automatic failover (the active validator keeps validating).
+    Pause {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Resume automatic failover.
+    Resume {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// List, add or remove members.
+    Members {
+        #[command(subcommand)]
+        what: MembersCmd,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Exit 0 when the cluster has quorum and exactly one healthy validating node.
+    Check {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Print what keyraft sees of a validator node.
+    Probe {
+        #[arg(long, value_enum)]
+        health: HealthKind,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a cluster CA or a node certificate.
+    Certs {
+        #[command(subcommand)]
+        what: CertsCmd,
+    },
+    /// Print the version.
+    Version,
+    /// The guard process (started by `keyraft run`, not by hand).
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCmd {
+    /// Voters and learners with their addresses.
+    List,
+    /// Add a node: as a learner, then a voter once caught up. ID=HOST:PORT
+    Add { member: String },
+    /// Remove a node from the cluster.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A new cluster CA: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A certificate for node ID, signed by the CA in --ca.
+    Node {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        id: u64,
+        /// Extra DNS names (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses (repeatable).
+        #[arg(long)]
+        ip: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: the first line of clap's message.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad usage"));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Cmd::Guard { data_dir } => match fence::guard_main(&data_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("guard: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Version => {
+            println!("keyraft {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Run(args) => run(*args),
+        other => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(anyhow!(e)),
+            };
+            match rt.block_on(client(other)) {
+                Ok(code) => code,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.id, cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(anyhow!(e)),
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        role = cfg.role(),
+        "keyraft starting"
+    );
+    match rt.block_on(coordinator::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::Refused(_)) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Logs carry the node id on every line: `node=N` first in text, a
+/// `"node":N` field in JSON.
+fn init_logging(id: u64, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
+    let json = format == LogFormat::Json;
+    let writer = NodeTag { id, json };
+    let ansi = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi);
+    if json {
+        b.json().flatten_event(true).init();
+    } else {
+        b.with_target(false).init();
+    }
+}
+
+#[derive(Clone, Copy)]
+struct NodeTag {
+    id: u64,
+    json: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NodeTag {
+    type Writer = NodeTag;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}
+
+impl Write for NodeTag {
+    /// Each formatted event arrives in one call: tag it and write it whole.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut line = Vec::with_capacity(buf.len() + 16);
+        match (self.json, buf.split_first()) {
+            (true, Some((b'{', rest))) => {
+                line.extend_from_slice(format!("{{\"node\":{},", self.id).as_bytes());
+                line.extend_from_slice(rest);
+            }
+            _ => {
+                line.extend_from_slice(format!("node={} ", self.id).as_bytes());
+                line.extend_from_slice(buf);
+            }
+        }
+        std::io::stderr().lock().write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+async fn admin_client(
+    addr: SocketAddr,
+) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("no keyraft admin at {addr} (is `keyraft run` up? --admin sets the address)")
+        })?;
+    Ok(pb::admin_client::AdminClient::new(ch))
+}
+
+async fn command(addr: SocketAddr, kind: Kind) -> anyhow::Result<ExitCode> {
+    let mut c = admin_client(addr).await?;
+    let r = c
+        .command(pb::ClusterCommand { kind: Some(kind) })
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?;
+    println!("{}", r.into_inner().message);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_value(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let mut c = admin_client(addr).await?;
+    let r = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?;
+    Ok(serde_json::from_str(&r.into_inner().json)?)
+}
+
+async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Status { json, admin } => {
+            let v = status_value(admin.admin).await?;
+            if json {
+                println!("{v}");
+            } else {
+                print_table(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Switchover { to, admin } => {
+            command(admin.admin, Kind::Switchover(pb::Switchover { to })).await
+        }
+        Cmd::Pause { admin } => command(admin.admin, Kind::Pause(true)).await,
+        Cmd::Resume { admin } => command(admin.admin, Kind::Resume(true)).await,
+        Cmd::Members { what, admin } => match what {
+            MembersCmd::List => {
+                let mut c = admin_client(admin.admin).await?;
+                let r = c
+                    .members(pb::StatusRequest {})
+                    .await
+                    .map_err(|s| anyhow!("{}", s.message()))?
+                    .into_inner();
+                for m in &r.voters {
+                    println!("{}\t{}\tvoter", m.id, m.addr);
+                }
+                for m in &r.learners {
+                    println!("{}\t{}\tlearner", m.id, m.addr);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MembersCmd::Add { member } => {
+                let (id, addr) = member
+                    .split_once('=')
+                    .and_then(|(i, a)| Some((i.parse::<u64>().ok()?, a.to_string())))
+                    .ok_or_else(|| anyhow!("bad member '{member}': want ID=HOST:PORT"))?;
+                command(admin.admin, Kind::MembersAdd(pb::Member { id, addr })).await
+            }
+            MembersCmd::Remove { id } => command(admin.admin, Kind::MembersRemove(id)).await,
+        },
+        Cmd::Check { admin } => Ok(check(admin.admin).await),
+        Cmd::Probe {
+            health: kind,
+            url,
+            json,
+        } => {
+            let url = url
+                .or_else(|| kind.default_url().map(str::to_string))
+                .ok_or_else(|| anyhow!("--health http needs --url"))?;
+            let h = health::Prober::new(kind, &url, Duration::from_secs(3))
+                .probe()
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&h)?);
+            } else {
+                let height = h.height.map_or("-".to_string(), |x| x.to_string());
+                println!(
+                    "running: {}  synced: {}  height: {height}",
+                    h.running, h.synced
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs { what } => {
+            let files = match what {
+                CertsCmd::Ca { out } => tls::create_ca(&out)?,
+                CertsCmd::Node {
+                    ca,
+                    id,
+                    dns,
+                    ip,
+                    out,
+                } => tls::create_node(&ca, id, &dns, &ip, &out)?,
+            };
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `keyraft check`: one line, and an exit code per failure.
+async fn check(addr: SocketAddr) -> ExitCode {
+    let v = match status_value(addr).await {
+        Ok(v) => v,
+        Err(e) => {
+            println!("CRITICAL: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let validating: Vec<&serde_json::Value> = nodes
+        .iter()
+        .filter(|n| n["state"] == "Validating")
+        .collect();
+    let (code, line) = if v["cluster"]["quorum"] != true {
+        (
+            3,
+            "CRITICAL: no quorum: this member sees no leader backed by a majority".to_string(),
+        )
+    } else if validating.is_empty() {
+        (4, "CRITICAL: no node is validating".to_string())
+    } else if validating.len() > 1 {
+        let ids: Vec<String> = validating.iter().map(|n| n["id"].to_string()).collect();
+        (
+            5,
+            format!(
+                "CRITICAL: more than one node reports validating: {}",
+                ids.join(", ")
+            ),
+        )
+    } else {
+        let n = validating[0];
+        let healthy = n["validator"]["running"] == true && n["validator"]["synced"] == true;
+        if healthy {
+            (
+                0,
+                format!(
+                    "OK: node {} validates at height {}",
+                    n["id"], n["validator"]["height"]
+                ),
+            )
+        } else {
+            (
+                6,
+                format!(
+                    "CRITICAL: node {} validates but its node is not healthy and synced",
+                    n["id"]
+                ),
+            )
+        }
+    };
+    println!("{line}");
+    ExitCode::from(code)
+}
+
+fn print_table(v: &serde_json::Value) {
+    let c = &v["cluster"];
+    let or_dash = |x: &serde_json::Value| {
+        if x.is_null() {
+            "-".to_string()
+        } else {
+            x.to_string()
+        }
+    };
+    println!(
+        "leader {}  term {}  active validator {}  quorum {}  paused {}",
+        or_dash(&c["leader"]),
+        c["term"],
+        or_dash(&c["active_validator"]),
+        if c["quorum"] == true { "yes" } else { "NO" },
+        if c["paused"] == true { "YES" } else { "no" }
+    );
+    println!(
+        "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} SEEN",
+        "ID", "ADDR", "ROLE", "STATE", "RAFT", "KEY", "VALIDATOR"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let val = &n["validator"];
+        let validator = if val.is_null() {
+            "-".to_string()
+        } else {
+            let state = match (val["running"] == true, val["synced"] == true) {
+                (false, _) => "down",
+                (true, false) => "syncing",
+                (true, true) => "synced",
+            };
+            format!("{state} h={}", or_dash(&val["height"]))
+        };
+        let seen = match n["last_seen_ms"].as_u64() {
+            Some(0) => "self".to_string(),
+            Some(ms) => format!("{ms}ms"),
+            None => "never".to_string(),
+        };
+        println!(
+            "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} {}",
+            n["id"].to_string(),
+            n["addr"].as_str().unwrap_or("-"),
+            n["role"].as_str().unwrap_or("-"),
+            n["state"].as_str().unwrap_or("-"),
+            n["raft"].as_str().unwrap_or("-"),
+            if n["key_linked"] == true { "yes" } else { "-" },
+            validator,
+            seen
+        );
+    }
 }

@@ -11,12 +11,15 @@
 //!   shared by the launcher and the tests of both crates.
 //! - [`node`]: `fakenode`, a neard look-alike that signs each height while it
 //!   holds the validator key.
+//! - [`proxy`]: TCP fault proxies on every peer link, so links can be cut
+//!   (blackholed) without root.
 
 pub mod bench;
 pub mod chain;
 pub mod harness;
 pub mod keys;
 pub mod node;
+pub mod proxy;
 
 /// Logs to stderr, human-readable, at `info` unless `RUST_LOG` says otherwise.
 pub fn init_logging() {
@@ -25,6 +28,7 @@ pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -1,0 +1,377 @@
+//! The operator surface: admin gRPC (used by the `keyraft` CLI), the HTTP
+//! endpoints (`/metrics`, `/health`, `/leader`, `/replica`, `/status`), the
+//! cluster view behind `keyraft status`, and running operator commands on
+//! the leader (forwarding them there from any member).
+//!
+//! Owns: the JSON shape of DESIGN.md's `keyraft status --json`, Patroni-style
+//! health codes, and membership changes. Must not: listen anywhere but where
+//! configured (loopback by default), or touch the validator; a switchover is
+//! handed to the coordinator, which owns the validator.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::config::NodeId;
+use crate::coordinator::{CoordinatorRequest, Shared, StateName};
+use crate::pb::{self, cluster_command::Kind};
+use crate::raft::{Command, TypeConfig};
+use crate::tls::peer_of;
+
+const FORWARD_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The cluster as this node sees it, in DESIGN.md's shape.
+pub fn status_json(sh: &Shared) -> Value {
+    let m = sh.raft_metrics();
+    let cluster = sh.cluster.borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let mut ids: BTreeSet<NodeId> = voters.iter().copied().collect();
+    ids.extend(membership.learner_ids());
+    let seen = sh.view.snapshot();
+    let stale = sh.cfg.timing.gossip_interval * 3;
+    let local = sh.local.borrow().clone();
+    let mut validating = Vec::new();
+    let mut nodes = Vec::new();
+    for id in ids {
+        let addr = membership
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        let node = if id == sh.cfg.id {
+            if local.state == StateName::Validating {
+                validating.push(id);
+            }
+            json!({
+                "id": id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
+                "state": local.state.to_string(), "raft": format!("{:?}", m.state),
+                "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
+            })
+        } else if let Some(s) = seen.get(&id).filter(|s| s.at.elapsed() <= stale) {
+            if s.status.state == "Validating" {
+                validating.push(id);
+            }
+            let st = &s.status;
+            json!({
+                "id": id, "addr": if st.addr.is_empty() { addr } else { st.addr.clone() }, "role": st.role,
+                "state": st.state, "raft": st.raft, "key_linked": st.key_linked,
+                "validator": st.validator.as_ref().map(|v| json!({"running": v.running, "synced": v.synced, "height": v.height})),
+                "last_seen_ms": s.at.elapsed().as_millis() as u64,
+            })
+        } else {
+            // Never heard from, or not lately: what it last said may be stale.
+            let last = seen.get(&id);
+            json!({
+                "id": id, "addr": addr, "role": last.map(|s| s.status.role.clone()), "state": "Unknown", "raft": "Unknown",
+                "key_linked": Value::Null, "validator": Value::Null,
+                "last_seen_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
+            })
+        };
+        nodes.push(node);
+    }
+    let active = match validating.as_slice() {
+        [one] => json!(one),
+        _ => Value::Null,
+    };
+    json!({
+        "cluster": {
+            "leader": m.current_leader, "term": m.current_term, "active_validator": active,
+            "quorum": sh.has_quorum(), "paused": cluster.paused, "members": voters,
+        },
+        "nodes": nodes,
+    })
+}
+
+fn raft_status<E: std::fmt::Display>(e: RaftError<TypeConfig, E>) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership changed during the command; run it again")
+        }
+        other => raft_status(other),
+    }
+}
+
+/// Runs `cmd` on the leader: here if this node leads, else forwarded.
+pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
+    let leader = sh
+        .raft_metrics()
+        .current_leader
+        .ok_or_else(|| Status::unavailable("no leader: the cluster has no quorum right now"))?;
+    if leader == sh.cfg.id {
+        return execute_here(sh, cmd).await;
+    }
+    let channel = sh
+        .peers
+        .channel(leader)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = pb::cluster_client::ClusterClient::new(channel);
+    let req = sh.peers.request(cmd, FORWARD_DEADLINE);
+    sh.peers
+        .call(leader, FORWARD_DEADLINE, client.forward(req))
+        .await
+        .map(|r| r.message)
+        .map_err(|e| Status::unavailable(format!("forwarding to leader {leader}: {e}")))
+}
+
+async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
+    let raft = &sh.raft;
+    let write = |c: Command| async move { raft.client_write(c).await.map_err(write_status) };
+    match cmd
+        .kind
+        .ok_or_else(|| Status::invalid_argument("empty command"))?
+    {
+        Kind::Pause(_) => {
+            write(Command::SetPaused { paused: true }).await?;
+            Ok("cluster paused: no automatic failover until `keyraft resume`; the active validator keeps validating".into())
+        }
+        Kind::Resume(_) => {
+            write(Command::SetPaused { paused: false }).await?;
+            Ok("cluster resumed: automatic failover is on".into())
+        }
+        Kind::Register(node) => {
+            write(Command::Register { node }).await?;
+            Ok(format!("node {node} registered"))
+        }
+        Kind::Switchover(s) => {
+            let (reply, rx) = oneshot::channel();
+            sh.requests
+                .send(CoordinatorRequest::Switchover { to: s.to, reply })
+                .await
+                .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+            rx.await
+                .map_err(|_| Status::unavailable("coordinator is shutting down"))?
+                .map_err(Status::failed_precondition)
+        }
+        Kind::MembersAdd(m) => {
+            check_member(&m)?;
+            raft.add_learner(m.id, BasicNode::new(&m.addr), true)
+                .await
+                .map_err(write_status)?;
+            raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
+                .await
+                .map_err(write_status)?;
+            sh.peers.set_addr(m.id, &m.addr);
+            Ok(format!("node {} ({}) is a voter", m.id, m.addr))
+        }
+        Kind::MembersRemove(id) => {
+            let voters: Vec<NodeId> = sh
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if voters.contains(&id) && voters.len() <= 1 {
+                return Err(Status::failed_precondition("cannot remove the last voter"));
+            }
+            raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map_err(write_status)?;
+            raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                .await
+                .map_err(write_status)?;
+            Ok(format!("node {id} removed"))
+        }
+        Kind::Rejoin(m) => {
+            check_member(&m)?;
+            let voters: BTreeSet<NodeId> = sh
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if voters.contains(&m.id) {
+                // Demote first: a voter that lost its data must not vote
+                // until it has caught up again.
+                raft.change_membership(ChangeMembers::RemoveVoters([m.id].into()), true)
+                    .await
+                    .map_err(write_status)?;
+            }
+            raft.add_learner(m.id, BasicNode::new(&m.addr), true)
+                .await
+                .map_err(write_status)?;
+            raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
+                .await
+                .map_err(write_status)?;
+            Ok(format!(
+                "node {} rejoined as a learner, caught up and is a voter again",
+                m.id
+            ))
+        }
+    }
+}
+
+fn check_member(m: &pb::Member) -> Result<(), Status> {
+    if m.id == 0 || !m.addr.contains(':') {
+        return Err(Status::invalid_argument(
+            "want a node id above 0 and HOST:PORT",
+        ));
+    }
+    Ok(())
+}
+
+/// Peer-facing: runs commands forwarded by followers (leader only).
+pub struct ClusterService {
+    sh: Arc<Shared>,
+}
+
+impl ClusterService {
+    pub fn new(sh: Arc<Shared>) -> Self {
+        Self { sh }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn forward(
+        &self,
+        req: Request<pb::ClusterCommand>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let peer = peer_of(&req)?;
+        if self.sh.raft_metrics().current_leader != Some(self.sh.cfg.id) {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let cmd = req.into_inner();
+        // A node may rejoin or register only itself.
+        if let Some(Kind::Rejoin(pb::Member { id, .. }) | Kind::Register(id)) = &cmd.kind {
+            if *id != peer {
+                return Err(Status::permission_denied(
+                    "a node may only register or rejoin itself",
+                ));
+            }
+        }
+        let message = execute_here(&self.sh, cmd).await?;
+        Ok(Response::new(pb::CommandReply { message }))
+    }
+}
+
+/// The loopback admin service used by the CLI.
+pub struct AdminService {
+    sh: Arc<Shared>,
+}
+
+impl AdminService {
+    pub fn new(sh: Arc<Shared>) -> Self {
+        Self { sh }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(pb::StatusReply {
+            json: status_json(&self.sh).to_string(),
+        }))
+    }
+
+    async fn command(
+        &self,
+        req: Request<pb::ClusterCommand>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let cmd = req.into_inner();
+        if let Some(Kind::Register(_) | Kind::Rejoin(_)) = cmd.kind {
+            return Err(Status::invalid_argument(
+                "register and rejoin are sent by nodes themselves",
+            ));
+        }
+        let message = execute(&self.sh, cmd).await?;
+        Ok(Response::new(pb::CommandReply { message }))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        let m = self.sh.raft_metrics();
+        let membership = m.membership_config.membership();
+        let member = |id: NodeId| pb::Member {
+            id,
+            addr: membership
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        };
+        Ok(Response::new(pb::MembersReply {
+            voters: membership.voter_ids().map(member).collect(),
+            learners: membership.learner_ids().map(member).collect(),
+        }))
+    }
+}
+
+/// `/metrics`, `/health`, `/leader`, `/replica`, `/status`.
+pub fn http_router(sh: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/leader", get(leader))
+        .route("/replica", get(replica))
+        .route("/status", get(status))
+        .with_state(sh)
+}
+
+fn answer(ok: bool, what: &'static str) -> (StatusCode, &'static str) {
+    if ok {
+        (StatusCode::OK, what)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no\n")
+    }
+}
+
+async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        sh.metrics.render(),
+    )
+}
+
+/// 200 while the coordinator runs and (on a validator host) its node answers.
+async fn health(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    let local = sh.local.borrow().clone();
+    let raft_ok = sh.raft_metrics().running_state.is_ok();
+    let node_ok = sh.cfg.witness || local.validator.is_some_and(|h| h.running);
+    answer(
+        raft_ok && node_ok && local.state != StateName::Shutdown,
+        "ok\n",
+    )
+}
+
+/// 200 only on the validating node.
+async fn leader(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    answer(
+        sh.local.borrow().state == StateName::Validating,
+        "validating\n",
+    )
+}
+
+/// 200 only on a healthy, synced standby.
+async fn replica(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    let local = sh.local.borrow().clone();
+    let ok = !sh.cfg.witness
+        && local.state != StateName::Validating
+        && !local.key_linked
+        && local.validator.is_some_and(|h| h.healthy());
+    answer(ok, "standby\n")
+}
+
+async fn status(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    axum::Json(status_json(&sh))
+}

@@ -1,0 +1,1408 @@
+//! The coordinator: one state machine per host that decides, with Raft, when
+//! this host's validator runs with the key. It also wires the parts together
+//! at start ([`run`]).
+//!
+//! States (kuutamod's names, so dashboards carry over):
+//!
+//! - `Startup`: the validator node is starting as a plain full node.
+//! - `Syncing`: it answers but is not synced; this node may not campaign.
+//! - `Registering`: synced, but not (yet, or any more) a voter: a fresh node
+//!   waiting for the leader's log, or one rejoining after losing its data.
+//! - `Voting`: an eligible standby. It campaigns when the leader goes quiet
+//!   and, once elected, activates (DESIGN.md steps 2-4).
+//! - `Validating`: the validator runs with the key, under a lease renewed
+//!   from Raft's quorum acks and enforced by the guard process (step 5).
+//! - `Shutdown`: stopping; the key is released first.
+//!
+//! Owns: the safety protocol's ordering (commit, wait, lease, link, start;
+//! and kill before unlink before release). Must not: block (every slow step
+//! is bounded and raced against shutdown and leadership loss) or trust
+//! anything but Raft for the right to validate; gossip only picks handover
+//! targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::type_config::alias::WatchReceiverOf;
+use openraft::{BasicNode, ServerState};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::admin;
+use crate::config::{ActivateBy, Config, NodeId, ValidatorConfig};
+use crate::fence::{self, KeyLinks};
+use crate::gossip::{self, ClusterView};
+use crate::health::{self, Health, Prober};
+use crate::metrics::Metrics;
+use crate::pb;
+use crate::raft::network::{Network, Peers, MAX_MESSAGE};
+use crate::raft::server::RaftService;
+use crate::raft::{self, ClusterState, Command, Gate, Raft};
+use crate::supervisor::{Supervisor, SupervisorError, ValidatorEvent};
+use crate::tls::{self, TlsMaterial};
+
+/// Why `keyraft run` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Refused for safety before starting; exit code 2.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Fence(#[from] fence::FenceError),
+    #[error(transparent)]
+    Store(#[from] raft::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("cannot listen on {addr} ({what}): {why}")]
+    Bind {
+        addr: String,
+        what: &'static str,
+        why: String,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// The coordinator's state names, as shown in status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateName {
+    #[default]
+    Startup,
+    Syncing,
+    Registering,
+    Voting,
+    Validating,
+    Shutdown,
+}
+
+impl fmt::Display for StateName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What this coordinator tells the rest of the process (and, by gossip,
+/// the cluster) about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Local {
+    pub state: StateName,
+    pub key_linked: bool,
+    pub validator: Option<Health>,
+    pub eligible: bool,
+}
+
+/// Operator requests that only the coordinator can carry out.
+pub enum CoordinatorRequest {
+    Switchover {
+        to: Option<NodeId>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Handles shared by the coordinator, the servers and the background tasks.
+pub struct Shared {
+    pub cfg: Config,
+    pub raft: Raft,
+    pub peers: Arc<Peers>,
+    pub gate: Arc<Gate>,
+    pub metrics: Metrics,
+    pub view: ClusterView,
+    pub local: watch::Sender<Local>,
+    pub cluster: watch::Receiver<ClusterState>,
+    pub requests: mpsc::Sender<CoordinatorRequest>,
+    pub started: Instant,
+}
+
+impl Shared {
+    /// A copy of openraft's latest metrics (never hold the borrow).
+    pub fn raft_metrics(&self) -> raft::Metrics {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Every other node we know of: configured peers and members.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let m = self.raft_metrics();
+        let mut ids: BTreeSet<NodeId> = self.cfg.peers.keys().copied().collect();
+        ids.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+        ids.remove(&self.cfg.id);
+        ids.into_iter().collect()
+    }
+
+    /// Leader: a quorum acked a heartbeat within the election timeout.
+    /// Follower: a leader was heard from within it.
+    pub fn has_quorum(&self) -> bool {
+        let m = self.raft_metrics();
+        let limit = self.cfg.timing.election_max;
+        if m.state == ServerState::Leader {
+            quorum_ack_age(&m).is_some_and(|age| age < limit)
+        } else {
+            m.current_leader.is_some()
+                && self.gate.since_leader_contact().is_some_and(|d| d < limit)
+        }
+    }
+}
+
+fn quorum_ack_age(m: &raft::Metrics) -> Option<Duration> {
+    use openraft::Instant as _;
+    m.last_quorum_acked.map(|t| t.elapsed())
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let timing = cfg.timing;
+    // Safety protocol step 6: before anything else.
+    let dir = cfg.data_dir.clone();
+    let links = cfg.validator.as_ref().map(|v| KeyLinks {
+        active: v.active_links.clone(),
+        standby: v.standby_links.clone(),
+    });
+    let fence_links = links.clone();
+    let lock = blocking(move || -> Result<fence::DataDirLock, fence::FenceError> {
+        let lock = fence::lock_data_dir(&dir)?;
+        fence::kill_leftover(&dir)?;
+        if let Some(l) = fence_links {
+            l.stand_by()?;
+        }
+        Ok(lock)
+    })
+    .await?;
+
+    let raft_dir = cfg.data_dir.join("raft");
+    let (log_store, state_machine) = blocking(move || raft::store::open(&raft_dir)).await?;
+    let fresh = log_store.is_fresh()?;
+    let cluster_rx = state_machine.subscribe();
+    let material = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
+    if material.is_none() {
+        tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
+    }
+    let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
+    // A node with no Raft state grants no votes until it knows it is new.
+    let gate = Arc::new(Gate::new(timing.election_max, !fresh));
+    let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_cfg),
+        Network(peers.clone()),
+        log_store.clone(),
+        state_machine,
+    )
+    .await
+    .map_err(|e| RunError::Raft(e.to_string()))?;
+
+    let (req_tx, req_rx) = mpsc::channel(8);
+    let metrics =
+        Metrics::new(env!("CARGO_PKG_VERSION")).map_err(|e| RunError::Raft(e.to_string()))?;
+    let sh = Arc::new(Shared {
+        cfg,
+        raft: raft.clone(),
+        peers,
+        gate: gate.clone(),
+        metrics,
+        view: ClusterView::default(),
+        local: watch::channel(Local::default()).0,
+        cluster: cluster_rx.clone(),
+        requests: req_tx,
+        started: Instant::now(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = start_servers(&sh, material, stop_rx.clone()).await?;
+
+    let bootstrap = bootstrap(&sh, fresh).await?;
+    if bootstrap == Bootstrap::Initialize {
+        let members: BTreeMap<NodeId, BasicNode> = sh
+            .cfg
+            .members()
+            .into_iter()
+            .map(|(id, a)| (id, BasicNode::new(a)))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(
+                "initialised a new cluster of {} members",
+                sh.cfg.members().len()
+            ),
+            Err(e) => tracing::info!("cluster already initialised: {e}"),
+        }
+    }
+    if bootstrap != Bootstrap::Rejoin {
+        gate.open_votes();
+    }
+
+    let mut tasks = vec![
+        tokio::spawn(gossip::run(sh.clone())),
+        tokio::spawn(track_raft(sh.clone())),
+        tokio::spawn(register(sh.clone())),
+    ];
+    let (node, events, health_rx) = match (&sh.cfg.validator, links) {
+        (Some(v), Some(links)) => {
+            let (sup, events) = Supervisor::spawn(&sh.cfg.data_dir)?;
+            let (htx, hrx) = watch::channel(None);
+            let prober = Prober::new(
+                v.health,
+                &v.health_url,
+                timing.health_interval.max(Duration::from_millis(500)),
+            );
+            tasks.push(tokio::spawn(health::run(
+                prober.clone(),
+                timing.health_interval,
+                htx,
+            )));
+            let node = Node {
+                cfg: v.clone(),
+                links,
+                prober,
+                sup,
+                linked: false,
+                restarts: 0,
+                next_start: Instant::now(),
+            };
+            (Some(node), Some(events), Some(hrx))
+        }
+        _ => (None, None, None),
+    };
+
+    let (shut_tx, shut_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shut_tx.send(true);
+    });
+    let mut coordinator = Coordinator {
+        raft_rx: raft.metrics(),
+        sh: sh.clone(),
+        node,
+        events,
+        health_rx,
+        cluster_rx,
+        requests: req_rx,
+        shutdown: shut_rx,
+        rejoining: bootstrap == Bootstrap::Rejoin,
+        stand_down_until: None,
+        next_campaign: Instant::now(),
+        next_pass: Instant::now(),
+    };
+    coordinator.run().await;
+
+    // Teardown: Raft first (no more votes or acks), then the servers.
+    for t in &tasks {
+        t.abort();
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    let _ = stop_tx.send(true);
+    for s in servers {
+        if tokio::time::timeout(Duration::from_secs(2), s)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a server did not drain in time");
+        }
+    }
+    if let Err(e) = log_store.flush().await {
+        tracing::warn!("final flush: {e}");
+    }
+    drop(lock);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, RunError>
+where
+    RunError: From<E>,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(RunError::from),
+        Err(e) => Err(RunError::Raft(format!("blocking task failed: {e}"))),
+    }
+}
+
+async fn bind(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RunError::Bind {
+            addr: addr.to_string(),
+            what,
+            why: e.to_string(),
+        })
+}
+
+/// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
+async fn start_servers(
+    sh: &Arc<Shared>,
+    material: Option<TlsMaterial>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let peer_listener = bind(sh.cfg.listen, "peer port").await?;
+    let admin_listener = bind(sh.cfg.admin_listen, "admin port").await?;
+    let http_listener = bind(sh.cfg.http_listen, "http port").await?;
+    for (addr, what) in [(sh.cfg.admin_listen, "admin"), (sh.cfg.http_listen, "http")] {
+        if !addr.ip().is_loopback() {
+            tracing::warn!("{what} listens on {addr}, not loopback: anyone who reaches it can run operator commands or read status");
+        }
+    }
+    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin_listen, http = %sh.cfg.http_listen, "listening");
+
+    let mut peer = Server::builder()
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(128))
+        .timeout(Duration::from_secs(60))
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)));
+    let with_tls = material.is_some();
+    if let Some(m) = &material {
+        peer = peer
+            .tls_config(m.server())
+            .map_err(|e| RunError::Tls(tls::TlsError::Invalid(format!("{e:?}"))))?;
+    }
+    let auth = tls::authenticate(with_tls);
+    let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
+        sh.raft.clone(),
+        sh.gate.clone(),
+        sh.cfg.id,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let gossip_svc = pb::gossip_server::GossipServer::new(gossip::GossipService::new(sh.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let cluster_svc =
+        pb::cluster_server::ClusterServer::new(admin::ClusterService::new(sh.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+    let peer_router = peer
+        .add_service(InterceptedService::new(raft_svc, auth.clone()))
+        .add_service(InterceptedService::new(gossip_svc, auth.clone()))
+        .add_service(InterceptedService::new(cluster_svc, auth));
+    let incoming = TcpIncoming::from(peer_listener).with_nodelay(Some(true));
+    let stopped = until_stopped(stop.clone());
+    let peer_task = tokio::spawn(async move {
+        if let Err(e) = peer_router
+            .serve_with_incoming_shutdown(incoming, stopped)
+            .await
+        {
+            tracing::error!("peer server failed: {e:?}");
+        }
+    });
+
+    let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let admin_router = Server::builder()
+        .concurrency_limit_per_connection(16)
+        .timeout(Duration::from_secs(60))
+        .add_service(admin_svc);
+    let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
+    let stopped = until_stopped(stop.clone());
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = admin_router
+            .serve_with_incoming_shutdown(incoming, stopped)
+            .await
+        {
+            tracing::error!("admin server failed: {e:?}");
+        }
+    });
+
+    let app = admin::http_router(sh.clone());
+    let stopped = until_stopped(stop);
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!("http server failed: {e}");
+        }
+    });
+    Ok(vec![peer_task, admin_task, http_task])
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    /// The data dir holds Raft state: carry on.
+    Existing,
+    /// Every reachable member is new: form the cluster.
+    Initialize,
+    /// The cluster exists and never saw this node start: join it.
+    Join,
+    /// Join as a learner, then become a voter again (`--rejoin`).
+    Rejoin,
+}
+
+/// Safety protocol step 9: a node with an empty data dir asks its peers
+/// before it takes part, so that a wiped voter cannot vote twice in a term.
+async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError> {
+    if !fresh {
+        if sh.cfg.rejoin {
+            tracing::warn!("--rejoin ignored: the data dir holds Raft state");
+        }
+        return Ok(Bootstrap::Existing);
+    }
+    if sh.cfg.rejoin {
+        tracing::info!("empty data dir and --rejoin: joining as a new learner");
+        return Ok(Bootstrap::Rejoin);
+    }
+    let members = sh.cfg.members().len();
+    let mut waited = Duration::ZERO;
+    let step = Duration::from_millis(500);
+    loop {
+        let asks = sh.cfg.peers.keys().map(|&id| {
+            let sh = sh.clone();
+            async move {
+                let mut c = sh.peers.gossip_client(id).ok()?;
+                let req = sh
+                    .peers
+                    .request(pb::HelloRequest { id: sh.cfg.id }, Duration::from_secs(1));
+                sh.peers
+                    .call(id, Duration::from_secs(1), c.hello(req))
+                    .await
+                    .ok()
+                    .map(|r| (id, r))
+            }
+        });
+        let answers: Vec<(NodeId, pb::HelloReply)> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some((peer, r)) = answers.iter().find(|(_, r)| r.registered) {
+            return Err(RunError::Refused(format!(
+                "data dir {} is empty, but node {peer} knows node {} as a member that ran before (cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
+                sh.cfg.data_dir.display(),
+                sh.cfg.id,
+                r.term
+            )));
+        }
+        if answers.iter().any(|(_, r)| r.initialized) {
+            tracing::info!("empty data dir: joining the existing cluster");
+            return Ok(Bootstrap::Join);
+        }
+        if (answers.len() + 1) * 2 > members {
+            return Ok(Bootstrap::Initialize);
+        }
+        if waited.as_secs() % 5 == 0 {
+            tracing::info!(
+                "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
+                answers.len()
+            );
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+}
+
+/// Keeps the Raft gauges current.
+async fn track_raft(sh: Arc<Shared>) {
+    let mut rx = sh.raft.metrics();
+    loop {
+        let m = sh.raft_metrics();
+        sh.metrics.raft_term.set(m.current_term as i64);
+        sh.metrics
+            .raft_leader
+            .set(i64::from(m.state == ServerState::Leader));
+        sh.metrics
+            .raft_last_log_index
+            .set(m.last_log_index.map_or(-1, |i| i as i64));
+        sh.metrics
+            .raft_applied_index
+            .set(m.last_applied.map_or(-1, |l| l.index as i64));
+        sh.metrics.quorum.set(i64::from(sh.has_quorum()));
+        let age = if m.state == ServerState::Leader {
+            quorum_ack_age(&m)
+        } else {
+            sh.gate.since_leader_contact()
+        };
+        sh.metrics
+            .quorum_ack_age
+            .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
+        for (id, node) in m.membership_config.membership().nodes() {
+            if sh.peers.addr(*id).is_none() {
+                sh.peers.set_addr(*id, &node.addr);
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Records, once, that this node ran with durable state (see step 9).
+async fn register(sh: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
+            return;
+        }
+        let m = sh.raft_metrics();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == sh.cfg.id);
+        if !voter || m.current_leader.is_none() {
+            continue;
+        }
+        let cmd = pb::ClusterCommand {
+            kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
+        };
+        if let Err(e) = admin::execute(&sh, cmd).await {
+            tracing::debug!("registering: {}", e.message());
+        }
+    }
+}
+
+/// The validator side of a host: its process, its key links, its restarts.
+struct Node {
+    cfg: ValidatorConfig,
+    links: KeyLinks,
+    /// For on-demand probes (the health task probes on a timer).
+    prober: Prober,
+    sup: Supervisor,
+    linked: bool,
+    restarts: u32,
+    next_start: Instant,
+}
+
+impl Node {
+    /// Starts the validator if it is not running and its backoff allows.
+    async fn ensure_running(&mut self) {
+        if self.sup.running().is_some() || Instant::now() < self.next_start {
+            return;
+        }
+        match self.sup.start(&self.cfg.command).await {
+            Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
+            Err(e) => {
+                tracing::error!("cannot start the validator node: {e}");
+                self.backoff();
+            }
+        }
+    }
+
+    fn backoff(&mut self) {
+        self.restarts = (self.restarts + 1).min(6);
+        let delay = Duration::from_millis(250) * (1 << self.restarts);
+        self.next_start = Instant::now() + delay.min(Duration::from_secs(10));
+    }
+
+    async fn links(&mut self, active: bool) -> Result<(), fence::FenceError> {
+        let links = self.links.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            if active {
+                links.activate()
+            } else {
+                links.stand_by()
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(fence::FenceError::Refused(format!("link task failed: {e}"))));
+        // Whatever happened, believe the file system.
+        let links = self.links.clone();
+        self.linked = tokio::task::spawn_blocking(move || links.any_linked())
+            .await
+            .unwrap_or(true);
+        r
+    }
+}
+
+enum State {
+    Startup,
+    Syncing,
+    Registering,
+    Voting,
+    Validating { term: u64 },
+    Shutdown,
+}
+
+impl State {
+    fn name(&self) -> StateName {
+        match self {
+            State::Startup => StateName::Startup,
+            State::Syncing => StateName::Syncing,
+            State::Registering => StateName::Registering,
+            State::Voting => StateName::Voting,
+            State::Validating { .. } => StateName::Validating,
+            State::Shutdown => StateName::Shutdown,
+        }
+    }
+}
+
+struct Coordinator {
+    sh: Arc<Shared>,
+    node: Option<Node>,
+    events: Option<mpsc::Receiver<ValidatorEvent>>,
+    health_rx: Option<watch::Receiver<Option<Health>>>,
+    raft_rx: WatchReceiverOf<raft::TypeConfig, raft::Metrics>,
+    cluster_rx: watch::Receiver<ClusterState>,
+    requests: mpsc::Receiver<CoordinatorRequest>,
+    shutdown: watch::Receiver<bool>,
+    rejoining: bool,
+    /// After a handover: do not campaign or take leadership back until then.
+    stand_down_until: Option<Instant>,
+    next_campaign: Instant,
+    next_pass: Instant,
+}
+
+/// The next unasked validator event (never resolves on a witness).
+async fn validator_event(rx: &mut Option<mpsc::Receiver<ValidatorEvent>>) -> ValidatorEvent {
+    match rx {
+        Some(rx) => rx.recv().await.unwrap_or(ValidatorEvent::GuardLost),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next health change (never resolves on a witness).
+async fn health_changed(rx: &mut Option<watch::Receiver<Option<Health>>>) {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Coordinator {
+    async fn run(&mut self) {
+        let mut state = State::Startup;
+        loop {
+            self.publish(state.name());
+            tracing::info!(state = %state.name(), "coordinator state");
+            state = match state {
+                State::Startup => self.startup().await,
+                State::Syncing => self.syncing().await,
+                State::Registering => self.registering().await,
+                State::Voting => self.voting().await,
+                State::Validating { term } => self.validating(term).await,
+                State::Shutdown => {
+                    self.shutdown().await;
+                    return;
+                }
+            };
+        }
+    }
+
+    /// The validator's health as this host sees it: `None` on a witness,
+    /// not running if the process is down or does not answer.
+    fn health(&self) -> Option<Health> {
+        let node = self.node.as_ref()?;
+        let probed = self.health_rx.as_ref().and_then(|h| *h.borrow());
+        Some(match (node.sup.running(), probed) {
+            (Some(_), Some(h)) => h,
+            _ => Health::default(),
+        })
+    }
+
+    fn is_voter(&self) -> bool {
+        self.sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.sh.cfg.id)
+    }
+
+    /// Safety protocol step 1: campaign only while eligible.
+    fn eligible(&self, state: StateName) -> bool {
+        matches!(state, StateName::Voting | StateName::Validating)
+            && !self.sh.cfg.witness
+            && self.health().is_some_and(|h| h.healthy())
+            && !self.cluster_rx.borrow().paused
+            && self.stand_down_until.is_none_or(|t| Instant::now() >= t)
+            && self.is_voter()
+    }
+
+    /// Publishes state, eligibility and health to gossip, status and metrics,
+    /// and sets openraft's election switch. Returns eligibility.
+    fn publish(&self, state: StateName) -> bool {
+        let eligible = self.eligible(state);
+        self.sh.raft.runtime_config().elect(eligible);
+        self.sh.gate.set_accepts_leadership(eligible);
+        let health = self.health();
+        let key_linked = self.node.as_ref().is_some_and(|n| n.linked);
+        self.sh.local.send_if_modified(|l| {
+            let new = Local {
+                state,
+                key_linked,
+                validator: health,
+                eligible,
+            };
+            let changed = *l != new;
+            *l = new;
+            changed
+        });
+        let m = &self.sh.metrics;
+        m.set_state(&state.to_string());
+        m.key_linked.set(i64::from(key_linked));
+        m.paused.set(i64::from(self.cluster_rx.borrow().paused));
+        if let Some(h) = health {
+            m.validator_up.set(i64::from(h.running));
+            m.validator_synced.set(i64::from(h.synced));
+            if let Some(height) = h.height {
+                m.validator_height.set(height as i64);
+            }
+        }
+        eligible
+    }
+
+    /// A validator exit nobody asked for.
+    fn on_exit(&mut self, ev: &ValidatorEvent) {
+        if let Some(node) = &mut self.node {
+            node.sup.mark_exited();
+            match ev {
+                ValidatorEvent::Fenced(how) => tracing::error!("guard fenced the validator: {how}"),
+                ValidatorEvent::Exited(how) => tracing::warn!("validator node exited ({how})"),
+                ValidatorEvent::GuardLost => {
+                    tracing::error!("the guard process died; the validator died with it")
+                }
+            }
+            self.sh.metrics.validator_restarts.inc();
+            node.backoff();
+        }
+    }
+
+    /// Replaces a dead guard (the validator died with it).
+    fn respawn_guard(&mut self) {
+        let Some(node) = &mut self.node else {
+            return;
+        };
+        match Supervisor::spawn(&self.sh.cfg.data_dir) {
+            Ok((sup, events)) => {
+                node.sup = sup;
+                self.events = Some(events);
+            }
+            Err(e) => tracing::error!("cannot restart the guard: {e}"),
+        }
+    }
+
+    /// Requests in states where this node does not validate.
+    async fn idle_request(&mut self, req: CoordinatorRequest) {
+        let CoordinatorRequest::Switchover { to, reply } = req;
+        let m = self.sh.raft_metrics();
+        let r = if m.state != ServerState::Leader {
+            Err("this node is not the leader".to_string())
+        } else {
+            match self.handover_target(to) {
+                Ok(t) => {
+                    let _ = self.sh.raft.trigger().transfer_leader(t).await;
+                    Ok(format!(
+                        "no node was validating; leadership handed to node {t}"
+                    ))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let _ = reply.send(r);
+    }
+
+    /// A leader that may not validate hands leadership to one that may.
+    async fn pass_leadership(&mut self) {
+        if Instant::now() < self.next_pass {
+            return;
+        }
+        self.next_pass = Instant::now() + self.sh.cfg.timing.election_max;
+        if let Ok(t) = self.handover_target(None) {
+            tracing::info!("leader but not eligible to validate: handing leadership to node {t}");
+            let _ = self.sh.raft.trigger().transfer_leader(t).await;
+        }
+    }
+
+    /// A healthy, synced, eligible standby voter (the one asked for, if any).
+    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, String> {
+        let voters: BTreeSet<NodeId> = self
+            .sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let fresh = self.sh.view.fresh(self.sh.cfg.timing.gossip_interval * 3);
+        let mut ok: Vec<&pb::NodeStatus> = fresh
+            .iter()
+            .filter(|s| {
+                s.id != self.sh.cfg.id
+                    && voters.contains(&s.id)
+                    && s.eligible
+                    && s.validator.as_ref().is_some_and(|v| v.running && v.synced)
+            })
+            .collect();
+        match want {
+            Some(id) if ok.iter().any(|s| s.id == id) => Ok(id),
+            Some(id) => Err(format!(
+                "node {id} is not a healthy, synced, eligible standby right now"
+            )),
+            None => {
+                ok.sort_by_key(|s| std::cmp::Reverse(s.validator.as_ref().map_or(0, |v| v.height)));
+                ok.first()
+                    .map(|s| s.id)
+                    .ok_or_else(|| "no healthy, synced standby to hand over to".to_string())
+            }
+        }
+    }
+
+    async fn startup(&mut self) -> State {
+        if self.node.is_none() {
+            return State::Registering;
+        }
+        loop {
+            if let Some(node) = &mut self.node {
+                node.ensure_running().await;
+            }
+            self.publish(StateName::Startup);
+            if self.health().is_some_and(|h| h.running) {
+                return State::Syncing;
+            }
+            let retry = self
+                .node
+                .as_ref()
+                .map_or(Instant::now(), |n| n.next_start)
+                .max(Instant::now() + Duration::from_millis(200));
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
+                ev = validator_event(&mut self.events) => {
+                    self.on_exit(&ev);
+                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
+                }
+                _ = health_changed(&mut self.health_rx) => {}
+                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                Some(req) = self.requests.recv() => self.idle_request(req).await,
+                _ = tokio::time::sleep_until(retry.into()) => {}
+            }
+        }
+    }
+
+    async fn pass_if_leader(&mut self) {
+        if self.sh.raft_metrics().state == ServerState::Leader {
+            self.pass_leadership().await;
+        }
+    }
+
+    async fn syncing(&mut self) -> State {
+        loop {
+            self.publish(StateName::Syncing);
+            match self.health() {
+                Some(h) if h.healthy() => return State::Registering,
+                Some(h)
+                    if !h.running
+                        && self
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.sup.running().is_none()) =>
+                {
+                    return State::Startup
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
+                ev = validator_event(&mut self.events) => {
+                    self.on_exit(&ev);
+                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
+                    return State::Startup;
+                }
+                _ = health_changed(&mut self.health_rx) => {}
+                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                Some(req) = self.requests.recv() => self.idle_request(req).await,
+            }
+        }
+    }
+
+    async fn registering(&mut self) -> State {
+        let mut next_try = Instant::now();
+        loop {
+            self.publish(StateName::Registering);
+            if let Some(h) = self.health() {
+                if !h.healthy() {
+                    return State::Syncing;
+                }
+            }
+            let m = self.sh.raft_metrics();
+            if self.rejoining {
+                if Instant::now() >= next_try && m.current_leader.is_some() {
+                    next_try = Instant::now() + Duration::from_secs(2);
+                    let cmd = pb::ClusterCommand {
+                        kind: Some(pb::cluster_command::Kind::Rejoin(pb::Member {
+                            id: self.sh.cfg.id,
+                            addr: self.sh.cfg.advertise.clone(),
+                        })),
+                    };
+                    tracing::info!(
+                        "asking leader {:?} to take this node back as a learner",
+                        m.current_leader
+                    );
+                    match admin::execute(&self.sh, cmd).await {
+                        Ok(msg) => {
+                            tracing::info!("{msg}");
+                            self.rejoining = false;
+                            self.sh.gate.open_votes();
+                        }
+                        Err(e) => tracing::warn!("rejoin: {}", e.message()),
+                    }
+                }
+            } else if self.is_voter() {
+                return State::Voting;
+            }
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
+                ev = validator_event(&mut self.events) => {
+                    self.on_exit(&ev);
+                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
+                    return State::Startup;
+                }
+                _ = health_changed(&mut self.health_rx) => {}
+                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                Some(req) = self.requests.recv() => self.idle_request(req).await,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn voting(&mut self) -> State {
+        loop {
+            let eligible = self.publish(StateName::Voting);
+            if let Some(h) = self.health() {
+                if !h.healthy() {
+                    return if h.running {
+                        State::Syncing
+                    } else {
+                        State::Startup
+                    };
+                }
+            }
+            if !self.is_voter() {
+                return State::Registering;
+            }
+            let m = self.sh.raft_metrics();
+            if m.state == ServerState::Leader {
+                if eligible {
+                    return self.activate(m.current_term).await;
+                }
+                self.pass_leadership().await;
+            } else if eligible {
+                self.maybe_campaign(&m).await;
+            }
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
+                ev = validator_event(&mut self.events) => {
+                    self.on_exit(&ev);
+                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
+                    return State::Startup;
+                }
+                _ = health_changed(&mut self.health_rx) => {}
+                _ = self.raft_rx.changed() => {}
+                _ = self.cluster_rx.changed() => {}
+                Some(req) = self.requests.recv() => self.idle_request(req).await,
+                _ = tokio::time::sleep(self.sh.cfg.timing.heartbeat) => {}
+            }
+        }
+    }
+
+    /// Campaigns (with pre-vote) as soon as the leader's lease on this node
+    /// has run out, instead of waiting another random election timeout.
+    async fn maybe_campaign(&mut self, m: &raft::Metrics) {
+        let t = &self.sh.cfg.timing;
+        if Instant::now() < self.next_campaign || !self.sh.gate.may_grant_votes() {
+            return;
+        }
+        let quiet = self
+            .sh
+            .gate
+            .since_leader_contact()
+            .unwrap_or_else(|| self.sh.started.elapsed());
+        let jitter = Duration::from_millis(rand::random_range(
+            0..=(t.election_min.as_millis() as u64 / 4).max(1),
+        ));
+        if quiet >= t.election_max + jitter
+            && matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        {
+            tracing::info!(
+                quiet_ms = quiet.as_millis() as u64,
+                "leader silent past its lease: campaigning"
+            );
+            let _ = self.sh.raft.trigger().elect(true).await;
+            self.next_campaign = Instant::now() + t.election_min;
+        }
+    }
+
+    /// The lease deadline, in CLOCK_MONOTONIC ns: the sending time of the
+    /// last quorum-acked heartbeat plus `fence_after` (step 5).
+    fn lease_deadline(&self, m: &raft::Metrics) -> Option<u64> {
+        let age = quorum_ack_age(m)?;
+        let sent = fence::mono_now_ns().saturating_sub(age.as_nanos() as u64);
+        Some(sent + self.sh.cfg.timing.fence_after.as_nanos() as u64)
+    }
+
+    fn still_leader(&self, term: u64) -> bool {
+        let m = self.sh.raft_metrics();
+        m.state == ServerState::Leader && m.current_term == term
+    }
+
+    /// Waits `d` unless leadership of `term` is lost or shutdown comes first.
+    async fn hold(&mut self, d: Duration, term: u64) -> Result<(), State> {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            if !self.still_leader(term) {
+                return Err(State::Voting);
+            }
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return Err(State::Shutdown),
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                _ = self.raft_rx.changed() => {}
+            }
+        }
+    }
+
+    /// A height watermark on top of the lease: the new validator must not
+    /// sign a block height the previous holder may have signed. Waits until
+    /// this host's node reports a height above every height the previous
+    /// holder could have reached: the one it released at, the last it
+    /// gossiped, and the one this node saw now that the handover is
+    /// committed (the old validator was dead before that).
+    async fn wait_for_new_height(
+        &mut self,
+        prior: Option<raft::KeyEvent>,
+        previous: Option<NodeId>,
+        term: u64,
+    ) -> Result<(), State> {
+        let Some(prior) = prior else {
+            return Ok(()); // Nobody in this cluster ever held the key.
+        };
+        let Some(node) = &self.node else {
+            return Ok(());
+        };
+        let prober = node.prober.clone();
+        let gossiped = previous.and_then(|p| {
+            self.sh
+                .view
+                .snapshot()
+                .get(&p)
+                .and_then(|s| s.status.validator.as_ref().map(|v| v.height))
+        });
+        let now = prober.probe().await.ok().and_then(|h| h.height);
+        let Some(watermark) = [prior.height, gossiped, now].into_iter().flatten().max() else {
+            tracing::warn!("no block heights known (health probe without heights): activating without a height watermark");
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut warned = Duration::ZERO;
+        loop {
+            if !self.still_leader(term) {
+                return Err(State::Voting);
+            }
+            if prober
+                .probe()
+                .await
+                .ok()
+                .and_then(|h| h.height)
+                .is_some_and(|h| h > watermark)
+            {
+                tracing::info!(
+                    watermark,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "chain is past the previous holder's heights"
+                );
+                return Ok(());
+            }
+            if started.elapsed() >= warned + Duration::from_secs(10) {
+                warned = started.elapsed();
+                tracing::warn!(
+                    watermark,
+                    "waiting for the chain to pass height {watermark} before signing (a chain that only advances when this validator signs stalls here)"
+                );
+            }
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return Err(State::Shutdown),
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+            }
+        }
+    }
+
+    /// Steps 2 to 4: commit, wait out the old lease, arm the guard, link, start.
+    async fn activate(&mut self, term: u64) -> State {
+        let t = self.sh.cfg.timing;
+        let id = self.sh.cfg.id;
+        let previous = self.cluster_rx.borrow().key_holder().filter(|n| *n != id);
+        let lost_at = self
+            .sh
+            .gate
+            .since_leader_contact()
+            .map(|d| Instant::now() - d);
+        tracing::info!(term, "elected leader: committing activation");
+        let write = self
+            .sh
+            .raft
+            .client_write(Command::Activate { node: id, term });
+        let prior = tokio::select! {
+            _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
+            r = tokio::time::timeout(t.election_max * 2, write) => match r {
+                Ok(Ok(resp)) => resp.data.prior,
+                Ok(Err(e)) => { tracing::warn!("activation not committed: {e}"); return State::Voting; }
+                Err(_) => { tracing::warn!("activation not committed in time"); return State::Voting; }
+            },
+        };
+        let clean = prior.is_none_or(|p| p.released);
+        if !clean && !t.handover_delay.is_zero() {
+            tracing::info!(
+                wait_ms = t.handover_delay.as_millis() as u64,
+                "waiting out the previous holder's lease"
+            );
+            if let Err(next) = self.hold(t.handover_delay, term).await {
+                return next;
+            }
+        }
+        if let Err(next) = self.wait_for_new_height(prior, previous, term).await {
+            return next;
+        }
+        let Some(node) = &mut self.node else {
+            return State::Voting;
+        };
+        if node.cfg.activate_by == ActivateBy::Restart && node.sup.running().is_some() {
+            if let Err(e) = node.sup.stop(t.stop_timeout).await {
+                tracing::error!("cannot stop the standby node: {e}");
+                return self.deactivate("validator_exit").await;
+            }
+        }
+        // Arm the guard before the key appears: from here on, a frozen or
+        // dead coordinator cannot keep the validator alive past the lease.
+        let m = self.sh.raft_metrics();
+        let deadline = match self.lease_deadline(&m) {
+            Some(d) if d > fence::mono_now_ns() && self.still_leader(term) => d,
+            _ => {
+                tracing::warn!("lease lapsed during activation");
+                return self.deactivate("lease").await;
+            }
+        };
+        let Some(node) = &mut self.node else {
+            return State::Voting;
+        };
+        if let Err(e) = node.sup.lease(Some(deadline)).await {
+            tracing::error!("cannot arm the guard: {e}");
+            return self.deactivate("validator_exit").await;
+        }
+        if let Err(e) = node.links(true).await {
+            tracing::error!("cannot link the key: {e}");
+            return self.deactivate("validator_exit").await;
+        }
+        let started = match (node.cfg.activate_by, node.sup.running()) {
+            (ActivateBy::Sighup, Some(_)) => node.sup.sighup().await.map(|_| ()),
+            _ => {
+                node.next_start = Instant::now();
+                node.restarts = 0;
+                node.sup.start(&node.cfg.command).await.map(|_| ())
+            }
+        };
+        if let Err(e) = started {
+            tracing::error!("cannot start the validator with the key: {e}");
+            return self.deactivate("validator_exit").await;
+        }
+        self.sh.metrics.activations.inc();
+        if let (Some(prev), Some(lost)) = (previous, lost_at) {
+            let took = lost.elapsed();
+            self.sh.metrics.failover_seconds.observe(took.as_secs_f64());
+            tracing::info!(
+                from = prev,
+                took_ms = took.as_millis() as u64,
+                "failover complete"
+            );
+        }
+        tracing::info!(term, "VALIDATING");
+        State::Validating { term }
+    }
+
+    /// Step 5: hold the lease while validating.
+    async fn validating(&mut self, term: u64) -> State {
+        let t = self.sh.cfg.timing;
+        let mut unhealthy_since: Option<Instant> = None;
+        loop {
+            self.publish(StateName::Validating);
+            let m = self.sh.raft_metrics();
+            if m.state != ServerState::Leader || m.current_term != term {
+                tracing::warn!("lost leadership of term {term}");
+                return self.deactivate("leadership").await;
+            }
+            let now = fence::mono_now_ns();
+            let deadline = match self.lease_deadline(&m) {
+                Some(d) if d > now => d,
+                _ => {
+                    tracing::warn!("lease expired: no quorum ack within {:?}", t.fence_after);
+                    return self.deactivate("lease").await;
+                }
+            };
+            let Some(node) = &mut self.node else {
+                return State::Voting;
+            };
+            if let Err(e) = node.sup.lease(Some(deadline)).await {
+                tracing::error!("cannot renew the guard's lease: {e}");
+                return self.deactivate("validator_exit").await;
+            }
+            node.ensure_running().await;
+            let healthy = self.health().is_some_and(|h| h.healthy());
+            if healthy {
+                unhealthy_since = None;
+            } else {
+                let since = *unhealthy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= t.unhealthy_grace {
+                    match self.handover_target(None) {
+                        Ok(target) => {
+                            tracing::warn!(
+                                "validator unhealthy for {:?}: stepping aside for node {target}",
+                                since.elapsed()
+                            );
+                            return self.handover(term, target).await;
+                        }
+                        Err(why) => tracing::debug!("validator unhealthy, but {why}"),
+                    }
+                }
+            }
+            let lease_end = Duration::from_nanos(deadline - now);
+            let restart_at = self
+                .node
+                .as_ref()
+                .map(|n| n.next_start)
+                .unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = shutdown_requested(&mut self.shutdown) => return self.release_for_shutdown(term).await,
+                ev = validator_event(&mut self.events) => {
+                    self.on_exit(&ev);
+                    match ev {
+                        ValidatorEvent::Fenced(_) => return self.deactivate("lease").await,
+                        ValidatorEvent::GuardLost => {
+                            self.respawn_guard();
+                            return self.deactivate("validator_exit").await;
+                        }
+                        ValidatorEvent::Exited(_) => {}
+                    }
+                }
+                _ = self.raft_rx.changed() => {}
+                _ = tokio::time::sleep(lease_end) => {}
+                _ = health_changed(&mut self.health_rx) => {}
+                _ = self.cluster_rx.changed() => {}
+                _ = tokio::time::sleep_until(restart_at.into()), if self.node.as_ref().is_some_and(|n| n.sup.running().is_none()) => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)), if unhealthy_since.is_some() => {}
+                Some(req) = self.requests.recv() => {
+                    let CoordinatorRequest::Switchover { to, reply } = req;
+                    match self.handover_target(to) {
+                        Ok(target) => {
+                            let next = self.handover(term, target).await;
+                            let _ = reply.send(Ok(format!("handed over to node {target}")));
+                            return next;
+                        }
+                        Err(why) => { let _ = reply.send(Err(why)); }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fencing deactivation: SIGKILL, unlink, then a plain full node again.
+    async fn deactivate(&mut self, reason: &'static str) -> State {
+        let Some(node) = &mut self.node else {
+            return State::Voting;
+        };
+        if let Err(e) = node.sup.kill().await {
+            tracing::error!("kill: {e}");
+        }
+        if let Err(e) = node.links(false).await {
+            tracing::error!("cannot unlink the key: {e}");
+        }
+        let _ = node.sup.lease(None).await;
+        node.next_start = Instant::now();
+        self.sh
+            .metrics
+            .deactivations
+            .with_label_values(&[reason])
+            .inc();
+        tracing::warn!(reason, "DEACTIVATED: validator killed, key unlinked");
+        State::Startup
+    }
+
+    /// Steps 7 and 8: graceful stop, unlink, commit `Released`, transfer.
+    async fn handover(&mut self, term: u64, target: NodeId) -> State {
+        tracing::info!("handing over to node {target}");
+        self.stop_and_release(term, "handover").await;
+        self.stand_down_until = Some(Instant::now() + self.sh.cfg.timing.election_max * 2);
+        self.publish(StateName::Startup);
+        if let Err(e) = self.sh.raft.trigger().transfer_leader(target).await {
+            tracing::error!("transfer of leadership failed: {e}");
+        }
+        State::Startup
+    }
+
+    async fn stop_and_release(&mut self, term: u64, reason: &'static str) {
+        let t = self.sh.cfg.timing;
+        // The last height the node reached, fresh, for the successor's watermark.
+        let mut height = self.health().and_then(|h| h.height);
+        if let Some(node) = &mut self.node {
+            if let Ok(h) = node.prober.probe().await {
+                height = height.max(h.height);
+            }
+            if let Err(e) = node.sup.stop(t.stop_timeout).await {
+                tracing::error!("stop: {e}; killing");
+                let _ = node.sup.kill().await;
+            }
+            if let Err(e) = node.links(false).await {
+                tracing::error!("cannot unlink the key: {e}");
+            }
+            let _ = node.sup.lease(None).await;
+            if node.linked {
+                // The key is still linked: do not claim a clean release.
+                return;
+            }
+            node.next_start = Instant::now();
+        }
+        self.sh
+            .metrics
+            .deactivations
+            .with_label_values(&[reason])
+            .inc();
+        let release = self.sh.raft.client_write(Command::Released {
+            node: self.sh.cfg.id,
+            term,
+            height,
+        });
+        match tokio::time::timeout(t.election_max, release).await {
+            Ok(Ok(_)) => tracing::info!("released the key (committed)"),
+            Ok(Err(e)) => tracing::warn!("release not committed: {e}"),
+            Err(_) => tracing::warn!("release not committed in time"),
+        }
+    }
+
+    async fn release_for_shutdown(&mut self, term: u64) -> State {
+        self.stop_and_release(term, "shutdown").await;
+        if let Ok(target) = self.handover_target(None) {
+            tracing::info!("shutting down: handing leadership to node {target}");
+            let _ = self.sh.raft.trigger().transfer_leader(target).await;
+        }
+        State::Shutdown
+    }
+
+    async fn shutdown(&mut self) {
+        self.publish(StateName::Shutdown);
+        self.sh.raft.runtime_config().elect(false);
+        if let Some(node) = &mut self.node {
+            if node.sup.running().is_some() {
+                let _ = node.sup.stop(self.sh.cfg.timing.stop_timeout).await;
+            }
+            let _ = node.links(false).await;
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Peer status exchange: every gossip interval each coordinator pushes its
+//! status record to every peer and gets the peer's back, which gives the
+//! cluster view (last seen, round-trip time) behind `keyraft status`,
+//! `keyraft_peer_*` metrics and the choice of a handover target.
+//!
+//! Owns: the [`ClusterView`], the Gossip service (Exchange, and Hello for a
+//! node starting with an empty data dir). Must not: decide anything; gossip
+//! is advisory. Safety never rests on it, only on Raft.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use crate::config::NodeId;
+use crate::coordinator::Shared;
+use crate::pb;
+use crate::tls::peer_of;
+
+/// What this node last heard from a peer.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub status: pb::NodeStatus,
+    pub at: Instant,
+    pub rtt: Option<Duration>,
+}
+
+/// The latest status of every peer, as gossiped.
+#[derive(Default)]
+pub struct ClusterView {
+    peers: Mutex<BTreeMap<NodeId, Seen>>,
+}
+
+impl ClusterView {
+    fn record(&self, status: pb::NodeStatus, rtt: Option<Duration>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let rtt = rtt.or_else(|| peers.get(&status.id).and_then(|s| s.rtt));
+        peers.insert(
+            status.id,
+            Seen {
+                status,
+                at: Instant::now(),
+                rtt,
+            },
+        );
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<NodeId, Seen> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Peers heard from within `max_age`.
+    pub fn fresh(&self, max_age: Duration) -> Vec<pb::NodeStatus> {
+        self.snapshot()
+            .into_values()
+            .filter(|s| s.at.elapsed() <= max_age)
+            .map(|s| s.status)
+            .collect()
+    }
+}
+
+/// Pushes this node's status to every peer, forever.
+pub async fn run(sh: Arc<Shared>) {
+    let interval = sh.cfg.timing.gossip_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mine = own_status(&sh);
+        let rounds = sh.peer_ids().into_iter().map(|id| {
+            let (sh, mine) = (sh.clone(), mine.clone());
+            async move {
+                let start = Instant::now();
+                let Ok(mut client) = sh.peers.gossip_client(id) else {
+                    return;
+                };
+                let req = sh.peers.request(mine, interval);
+                match sh.peers.call(id, interval, client.exchange(req)).await {
+                    Ok(theirs) if theirs.id == id => sh.view.record(theirs, Some(start.elapsed())),
+                    Ok(theirs) => {
+                        tracing::warn!(peer = id, "gossip answered by node {} instead", theirs.id)
+                    }
+                    Err(e) => tracing::debug!("gossip: {e}"),
+                }
+            }
+        });
+        futures::future::join_all(rounds).await;
+        update_peer_metrics(&sh);
+    }
+}
+
+fn update_peer_metrics(sh: &Shared) {
+    let stale = sh.cfg.timing.gossip_interval * 3;
+    let seen = sh.view.snapshot();
+    for id in sh.peer_ids() {
+        let label = id.to_string();
+        let s = seen.get(&id);
+        let up = s.is_some_and(|s| s.at.elapsed() <= stale);
+        sh.metrics
+            .peer_up
+            .with_label_values(&[&label])
+            .set(i64::from(up));
+        if let Some(rtt) = s.and_then(|s| s.rtt) {
+            sh.metrics
+                .peer_rtt
+                .with_label_values(&[&label])
+                .set(rtt.as_secs_f64());
+        }
+    }
+}
+
+/// This node's status record.
+pub fn own_status(sh: &Shared) -> pb::NodeStatus {
+    let m = sh.raft_metrics();
+    let local = sh.local.borrow().clone();
+    pb::NodeStatus {
+        id: sh.cfg.id,
+        role: sh.cfg.role().to_string(),
+        state: local.state.to_string(),
+        raft: format!("{:?}", m.state),
+        term: m.current_term,
+        leader: m.current_leader,
+        validator: local.validator.map(|h| pb::ValidatorHealth {
+            running: h.running,
+            synced: h.synced,
+            height: h.height.unwrap_or(0),
+        }),
+        key_linked: local.key_linked,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_ms: sh.started.elapsed().as_millis() as u64,
+        addr: sh.cfg.advertise.clone(),
+        eligible: local.eligible,
+    }
+}
+
+pub struct GossipService {
+    sh: Arc<Shared>,
+}
+
+impl GossipService {
+    pub fn new(sh: Arc<Shared>) -> Self {
+        Self { sh }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gossip_server::Gossip for GossipService {
+    async fn exchange(
+        &self,
+        req: Request<pb::NodeStatus>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let peer = peer_of(&req)?;
+        let status = req.into_inner();
+        if status.id != peer {
+            return Err(Status::permission_denied(format!(
+                "node {peer} sent node {}'s status",
+                status.id
+            )));
+        }
+        self.sh.view.record(status, None);
+        Ok(Response::new(own_status(&self.sh)))
+    }
+
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
+        let peer = peer_of(&req)?;
+        if req.get_ref().id != peer {
+            return Err(Status::permission_denied("hello on behalf of another node"));
+        }
+        let m = self.sh.raft_metrics();
+        let initialized = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_some();
+        let registered = self.sh.cluster.borrow().registered.contains(&peer);
+        Ok(Response::new(pb::HelloReply {
+            initialized,
+            term: m.current_term,
+            leader: m.current_leader,
+            registered,
+        }))
+    }
+}

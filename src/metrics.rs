@@ -1,0 +1,136 @@
+//! The Prometheus registry of one coordinator (prefix `keyraft_`).
+//!
+//! Owns: metric names, labels, help texts and the text encoding served on
+//! `/metrics`. Must not: compute anything; the parts that know a value set it.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// The coordinator states, as labelled in `keyraft_state{type=...}`.
+pub const STATES: [&str; 6] = [
+    "Startup",
+    "Syncing",
+    "Registering",
+    "Voting",
+    "Validating",
+    "Shutdown",
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub state: IntGaugeVec,
+    pub raft_term: IntGauge,
+    pub raft_leader: IntGauge,
+    pub raft_last_log_index: IntGauge,
+    pub raft_applied_index: IntGauge,
+    pub quorum: IntGauge,
+    pub quorum_ack_age: Gauge,
+    pub key_linked: IntGauge,
+    pub activations: IntCounter,
+    pub deactivations: IntCounterVec,
+    pub failover_seconds: Histogram,
+    pub validator_up: IntGauge,
+    pub validator_synced: IntGauge,
+    pub validator_height: IntGauge,
+    pub validator_restarts: IntCounter,
+    pub peer_up: IntGaugeVec,
+    pub peer_rtt: GaugeVec,
+    pub paused: IntGauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("keyraft")
+}
+
+impl Metrics {
+    pub fn new(version: &str) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let build = IntGaugeVec::new(
+            opts("build_info", "Build information; always 1."),
+            &["version"],
+        )?;
+        build.with_label_values(&[version]).set(1);
+        let m = Metrics {
+            state: IntGaugeVec::new(opts("state", "Coordinator state, one-hot."), &["type"])?,
+            raft_term: IntGauge::with_opts(opts("raft_term", "Current Raft term."))?,
+            raft_leader: IntGauge::with_opts(opts("raft_leader", "1 on the Raft leader."))?,
+            raft_last_log_index: IntGauge::with_opts(opts("raft_last_log_index", "Index of the last Raft log entry stored here."))?,
+            raft_applied_index: IntGauge::with_opts(opts("raft_applied_index", "Index of the last Raft log entry applied here."))?,
+            quorum: IntGauge::with_opts(opts("quorum", "1 while this node sees a leader backed by a quorum."))?,
+            quorum_ack_age: Gauge::with_opts(opts(
+                "quorum_ack_age_seconds",
+                "Leader: age of the last quorum-acked heartbeat. Follower: time since the leader was last heard.",
+            ))?,
+            key_linked: IntGauge::with_opts(opts("key_linked", "1 while the validator key is linked on this host."))?,
+            activations: IntCounter::with_opts(opts("activations_total", "Times this node started validating."))?,
+            deactivations: IntCounterVec::new(
+                opts("deactivations_total", "Times this node stopped validating, by reason."),
+                &["reason"],
+            )?,
+            failover_seconds: Histogram::with_opts(
+                HistogramOpts::new("failover_seconds", "From losing the old leader to this node's validator started.")
+                    .namespace("keyraft")
+                    .buckets(vec![0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0]),
+            )?,
+            validator_up: IntGauge::with_opts(opts("validator_up", "1 while the validator node runs and answers."))?,
+            validator_synced: IntGauge::with_opts(opts("validator_synced", "1 while the validator node is synced."))?,
+            validator_height: IntGauge::with_opts(opts("validator_height", "Latest block height the validator node reports."))?,
+            validator_restarts: IntCounter::with_opts(opts(
+                "validator_restarts_total",
+                "Unplanned restarts of the validator node.",
+            ))?,
+            peer_up: IntGaugeVec::new(opts("peer_up", "1 while gossip from the peer is fresh."), &["peer"])?,
+            peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
+            paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(build))?;
+        r.register(Box::new(m.state.clone()))?;
+        r.register(Box::new(m.raft_term.clone()))?;
+        r.register(Box::new(m.raft_leader.clone()))?;
+        r.register(Box::new(m.raft_last_log_index.clone()))?;
+        r.register(Box::new(m.raft_applied_index.clone()))?;
+        r.register(Box::new(m.quorum.clone()))?;
+        r.register(Box::new(m.quorum_ack_age.clone()))?;
+        r.register(Box::new(m.key_linked.clone()))?;
+        r.register(Box::new(m.activations.clone()))?;
+        r.register(Box::new(m.deactivations.clone()))?;
+        r.register(Box::new(m.failover_seconds.clone()))?;
+        r.register(Box::new(m.validator_up.clone()))?;
+        r.register(Box::new(m.validator_synced.clone()))?;
+        r.register(Box::new(m.validator_height.clone()))?;
+        r.register(Box::new(m.validator_restarts.clone()))?;
+        r.register(Box::new(m.peer_up.clone()))?;
+        r.register(Box::new(m.peer_rtt.clone()))?;
+        r.register(Box::new(m.paused.clone()))?;
+        for reason in [
+            "leadership",
+            "lease",
+            "handover",
+            "shutdown",
+            "validator_exit",
+        ] {
+            m.deactivations.with_label_values(&[reason]);
+        }
+        m.set_state("Startup");
+        Ok(m)
+    }
+
+    /// Sets the one-hot state gauge.
+    pub fn set_state(&self, name: &str) {
+        for s in STATES {
+            self.state.with_label_values(&[s]).set(i64::from(s == name));
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

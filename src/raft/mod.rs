@@ -1,0 +1,277 @@
+//! The Raft layer: openraft's type configuration, the replicated cluster
+//! state, durable storage ([`store`]), and the gRPC transport ([`network`]
+//! client, [`server`] service).
+//!
+//! Owns: what is replicated (activation history, the paused flag, which
+//! members have registered) and how openraft is configured from keyraft's
+//! timings. Must not: act on the replicated state; the coordinator reads it
+//! and decides.
+
+pub mod network;
+pub mod server;
+pub mod store;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{NodeId, Timing};
+
+openraft::declare_raft_types!(
+    /// keyraft's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = BasicNode,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, store::StateMachine>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type Membership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type Metrics = openraft::RaftMetrics<TypeConfig>;
+
+/// A replicated command: one Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// The leader of `term` is about to validate (safety protocol step 2).
+    Activate { node: NodeId, term: u64 },
+    /// The holder stopped its validator and removed the key (step 7);
+    /// `height` is the last block height its node reported.
+    Released {
+        node: NodeId,
+        term: u64,
+        height: Option<u64>,
+    },
+    /// Operator pause: no automatic failover while set.
+    SetPaused { paused: bool },
+    /// `node` started with durable state; a later start with an empty data
+    /// dir is then refused unless it rejoins.
+    Register { node: NodeId },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Activate { node, term } => write!(f, "activate node {node} in term {term}"),
+            Command::Released { node, term, .. } => {
+                write!(f, "node {node} released the key (term {term})")
+            }
+            Command::SetPaused { paused } => write!(f, "set paused={paused}"),
+            Command::Register { node } => write!(f, "register node {node}"),
+        }
+    }
+}
+
+/// One activation or release, as committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEvent {
+    pub node: NodeId,
+    pub term: u64,
+    pub released: bool,
+    pub index: u64,
+    /// For a release: the last height the holder's node reported.
+    pub height: Option<u64>,
+}
+
+/// The state machine's answer to a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// For `Activate`: the key event committed just before it.
+    pub prior: Option<KeyEvent>,
+}
+
+/// Events kept in the replicated history.
+const HISTORY: usize = 64;
+
+/// The replicated cluster state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub paused: bool,
+    /// The last activation or release.
+    pub last_key_event: Option<KeyEvent>,
+    /// Recent key events, oldest first.
+    pub history: VecDeque<KeyEvent>,
+    pub registered: BTreeSet<NodeId>,
+}
+
+impl ClusterState {
+    pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
+        let mut key_event = |node, term, released, height| {
+            let prior = self.last_key_event;
+            let ev = KeyEvent {
+                node,
+                term,
+                released,
+                index,
+                height,
+            };
+            self.last_key_event = Some(ev);
+            self.history.push_back(ev);
+            while self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+            Reply { prior }
+        };
+        match *cmd {
+            Command::Activate { node, term } => key_event(node, term, false, None),
+            Command::Released { node, term, height } => key_event(node, term, true, height),
+            Command::SetPaused { paused } => {
+                self.paused = paused;
+                Reply::default()
+            }
+            Command::Register { node } => {
+                self.registered.insert(node);
+                Reply::default()
+            }
+        }
+    }
+
+    /// The node that holds the key according to the log, if any.
+    pub fn key_holder(&self) -> Option<NodeId> {
+        self.last_key_event.filter(|e| !e.released).map(|e| e.node)
+    }
+}
+
+/// openraft's configuration for keyraft's timings.
+pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigError> {
+    openraft::Config {
+        cluster_name: "keyraft".into(),
+        heartbeat_interval: t.heartbeat.as_millis() as u64,
+        election_timeout_min: t.election_min.as_millis() as u64,
+        election_timeout_max: t.election_max.as_millis() as u64,
+        enable_pre_vote: Some(true),
+        // A restarted leader must win a fresh election before it may act.
+        enable_leader_restore: Some(false),
+        install_snapshot_timeout: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+        max_in_snapshot_log_to_keep: 100,
+        purge_batch_size: 64,
+        backoff: "100ms 200ms 400ms".into(),
+        // A voter that lost its data dir comes back with a shorter log; keyraft
+        // refuses it until it rejoins, and the leader must tolerate the reversion.
+        allow_log_reversion: Some(true),
+        ..Default::default()
+    }
+    .validate()
+}
+
+/// What the Raft server handlers need to know beyond openraft: the
+/// conditions under which this node grants votes or accepts leadership.
+pub struct Gate {
+    started: Instant,
+    /// Votes are refused for this long after start: a restarted node has
+    /// forgotten the leader lease it promised before it stopped.
+    restart_quiet: std::time::Duration,
+    /// Cleared while this node rejoins with an empty data dir.
+    votes_open: AtomicBool,
+    /// Whether this node may take leadership by transfer (eligible to validate).
+    accepts_leadership: AtomicBool,
+    /// When an AppendEntries (or heartbeat) from a leader last arrived.
+    last_leader_contact: Mutex<Option<Instant>>,
+}
+
+impl Gate {
+    pub fn new(restart_quiet: std::time::Duration, votes_open: bool) -> Gate {
+        Gate {
+            started: Instant::now(),
+            restart_quiet,
+            votes_open: AtomicBool::new(votes_open),
+            accepts_leadership: AtomicBool::new(false),
+            last_leader_contact: Mutex::new(None),
+        }
+    }
+
+    pub fn may_grant_votes(&self) -> bool {
+        self.started.elapsed() >= self.restart_quiet && self.votes_open.load(Ordering::Relaxed)
+    }
+
+    pub fn open_votes(&self) {
+        self.votes_open.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_accepts_leadership(&self, yes: bool) {
+        self.accepts_leadership.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn accepts_leadership(&self) -> bool {
+        self.accepts_leadership.load(Ordering::Relaxed)
+    }
+
+    pub fn leader_contact(&self) {
+        *self
+            .last_leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    pub fn since_leader_contact(&self) -> Option<std::time::Duration> {
+        self.last_leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_reports_the_prior_key_event() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(&Command::Activate { node: 1, term: 2 }, 5).prior,
+            None
+        );
+        assert_eq!(s.key_holder(), Some(1));
+        s.apply(
+            &Command::Released {
+                node: 1,
+                term: 2,
+                height: Some(40),
+            },
+            6,
+        );
+        assert_eq!(s.key_holder(), None);
+        let r = s.apply(&Command::Activate { node: 2, term: 3 }, 8);
+        assert_eq!(
+            r.prior,
+            Some(KeyEvent {
+                node: 1,
+                term: 2,
+                released: true,
+                index: 6,
+                height: Some(40),
+            })
+        );
+    }
+
+    #[test]
+    fn default_timings_make_a_valid_openraft_config() {
+        let t = crate::config::RunArgs {
+            node_id: Some(1),
+            peer: vec!["2=127.0.0.1:7702".into()],
+            listen: Some("127.0.0.1:7700".parse().unwrap()),
+            insecure: true,
+            witness: true,
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .timing;
+        let c = openraft_config(&t).unwrap();
+        assert_eq!(
+            (c.election_timeout_min, c.election_timeout_max),
+            (500, 1000)
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! The peer client: one lazily connected gRPC channel per peer, shared by
+//! Raft, gossip and forwarded commands, and openraft's network on top of it.
+//!
+//! Owns: peer addresses, channel settings (timeouts, keepalive, mTLS with the
+//! peer's expected name), the `x-keyraft-node` header on every request, and
+//! the mapping of transport failures to openraft's error kinds. Must not:
+//! retry on its own (openraft and gossip decide when to call again) or wait
+//! longer than the deadline the caller gives.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
+use openraft::{BasicNode, OptionalSend};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use super::{TypeConfig, Vote};
+use crate::config::NodeId;
+use crate::pb;
+use crate::tls::{TlsMaterial, NODE_HEADER};
+
+/// Largest message any keyraft gRPC service accepts or sends.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("node {0} has no known address")]
+    UnknownPeer(NodeId),
+    #[error("bad address for node {id}: {why}")]
+    BadAddress { id: NodeId, why: String },
+    #[error("node {id}: {status}")]
+    Rpc { id: NodeId, status: tonic::Status },
+    #[error("node {id} did not answer within {after:?}")]
+    Timeout { id: NodeId, after: Duration },
+}
+
+/// Peer channels, keyed by node id.
+pub struct Peers {
+    self_id: NodeId,
+    tls: Option<TlsMaterial>,
+    addrs: Mutex<BTreeMap<NodeId, String>>,
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+}
+
+impl Peers {
+    pub fn new(
+        self_id: NodeId,
+        tls: Option<TlsMaterial>,
+        addrs: BTreeMap<NodeId, String>,
+    ) -> Arc<Peers> {
+        Arc::new(Peers {
+            self_id,
+            tls,
+            addrs: Mutex::new(addrs),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn self_id(&self) -> NodeId {
+        self.self_id
+    }
+
+    /// Learns (or corrects) a peer's address, e.g. from the membership.
+    pub fn set_addr(&self, id: NodeId, addr: &str) {
+        if id != self.self_id {
+            lock(&self.addrs).insert(id, addr.to_string());
+        }
+    }
+
+    pub fn addr(&self, id: NodeId) -> Option<String> {
+        lock(&self.addrs).get(&id).cloned()
+    }
+
+    /// The channel to `id`, created on first use (connections are lazy).
+    pub fn channel(&self, id: NodeId) -> Result<Channel, PeerError> {
+        let addr = self.addr(id).ok_or(PeerError::UnknownPeer(id))?;
+        let mut channels = lock(&self.channels);
+        if let Some((a, ch)) = channels.get(&id) {
+            if *a == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let bad = |why: String| PeerError::BadAddress { id, why };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.client(id))
+                .map_err(|e| bad(format!("{e:?}")))?;
+        }
+        let ch = ep.connect_lazy();
+        channels.insert(id, (addr, ch.clone()));
+        Ok(ch)
+    }
+
+    /// Wraps `msg` with our node id and a deadline.
+    pub fn request<T>(&self, msg: T, deadline: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Ok(v) = self.self_id.to_string().parse() {
+            req.metadata_mut().insert(NODE_HEADER, v);
+        }
+        req.set_timeout(deadline);
+        req
+    }
+
+    pub fn raft_client(
+        &self,
+        id: NodeId,
+    ) -> Result<pb::raft_client::RaftClient<Channel>, PeerError> {
+        Ok(pb::raft_client::RaftClient::new(self.channel(id)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    pub fn gossip_client(
+        &self,
+        id: NodeId,
+    ) -> Result<pb::gossip_client::GossipClient<Channel>, PeerError> {
+        Ok(pb::gossip_client::GossipClient::new(self.channel(id)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// Runs one RPC to `id` with a hard deadline.
+    pub async fn call<T, F>(&self, id: NodeId, deadline: Duration, rpc: F) -> Result<T, PeerError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(deadline, rpc).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(PeerError::Rpc { id, status }),
+            Err(_) => Err(PeerError::Timeout {
+                id,
+                after: deadline,
+            }),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// openraft's network factory over [`Peers`].
+#[derive(Clone)]
+pub struct Network(pub Arc<Peers>);
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        if self.0.addr(target).is_none() {
+            self.0.set_addr(target, &node.addr);
+        }
+        PeerConnection {
+            peers: self.0.clone(),
+            target,
+        }
+    }
+}
+
+pub struct PeerConnection {
+    peers: Arc<Peers>,
+    target: NodeId,
+}
+
+/// A snapshot on the wire.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotMessage {
+    pub vote: Vote,
+    pub meta: SnapshotMetaOf<TypeConfig>,
+    pub data: Vec<u8>,
+}
+
+type RaftClient = pb::raft_client::RaftClient<Channel>;
+
+impl PeerConnection {
+    async fn rpc<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        ttl: Duration,
+        call: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        F: FnOnce(RaftClient, tonic::Request<pb::RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
+    {
+        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let client = self
+            .peers
+            .raft_client(self.target)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let request = self.peers.request(pb::RaftPayload { json }, ttl);
+        let reply = self
+            .peers
+            .call(self.target, ttl, call(client, request))
+            .await
+            .map_err(|e| match &e {
+                PeerError::Rpc { status, .. } if status.code() == tonic::Code::Unavailable => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        let result: Result<Resp, openraft::errors::RaftError<TypeConfig>> =
+            serde_json::from_slice(&reply.json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::Unreachable(Unreachable::from_string(format!(
+                "node {}: {e}",
+                self.target
+            )))
+        })
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+            c.vote(r).await
+        })
+        .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+            c.pre_vote(r).await
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&req, option.hard_ttl(), |mut c, r| async move {
+            c.transfer_leader(r).await
+        })
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let msg = SnapshotMessage {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot,
+        };
+        let send = self.rpc(&msg, option.hard_ttl(), |mut c, r| async move {
+            c.install_snapshot(r).await
+        });
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(StreamingError::from),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The Raft gRPC service: decodes peer requests, checks that the sender is
+//! who it claims to be, applies keyraft's vote and leadership gates, and
+//! hands the request to openraft.
+//!
+//! Owns: the rule that a node refuses votes for a while after it starts
+//! (its leader lease died with the process) and while it rejoins, and that it
+//! refuses leadership transfers while it may not validate. Must not: change
+//! Raft state itself; openraft does that.
+
+use std::sync::Arc;
+
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::network::SnapshotMessage;
+use super::{Gate, Raft, TypeConfig};
+use crate::config::NodeId;
+use crate::pb;
+use crate::tls::peer_of;
+
+pub struct RaftService {
+    raft: Raft,
+    gate: Arc<Gate>,
+    id: NodeId,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft, gate: Arc<Gate>, id: NodeId) -> Self {
+        Self { raft, gate, id }
+    }
+}
+
+fn decode<T: DeserializeOwned>(req: &pb::RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&req.json)
+        .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(pb::RaftPayload { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Status> {
+    if peer == claimed {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "node {peer} sent a message on behalf of node {claimed}"
+        )))
+    }
+}
+
+impl RaftService {
+    fn check_vote_gate(&self, req: &VoteRequest<TypeConfig>) -> Result<(), Status> {
+        if req.leadership_transfer || self.gate.may_grant_votes() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "not granting votes yet (recently started or rejoining)",
+            ))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let peer = peer_of(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        same_sender(peer, rpc.vote.leader_id.node_id)?;
+        let result = self.raft.append_entries(rpc).await;
+        if let Ok(
+            AppendEntriesResponse::Success
+            | AppendEntriesResponse::PartialSuccess(_)
+            | AppendEntriesResponse::Conflict,
+        ) = &result
+        {
+            self.gate.leader_contact();
+        }
+        reply(&result)
+    }
+
+    async fn vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let peer = peer_of(&req)?;
+        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
+        same_sender(peer, rpc.vote.leader_id.node_id)?;
+        self.check_vote_gate(&rpc)?;
+        reply(&self.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let peer = peer_of(&req)?;
+        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
+        same_sender(peer, rpc.vote.leader_id.node_id)?;
+        self.check_vote_gate(&rpc)?;
+        reply(&self.raft.pre_vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let peer = peer_of(&req)?;
+        let msg: SnapshotMessage = decode(req.get_ref())?;
+        same_sender(peer, msg.vote.leader_id.node_id)?;
+        let result = self
+            .raft
+            .install_full_snapshot(
+                msg.vote,
+                openraft::Snapshot {
+                    meta: msg.meta,
+                    snapshot: msg.data,
+                },
+            )
+            .await
+            .map_err(openraft::errors::RaftError::<TypeConfig>::Fatal);
+        reply(&result)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let peer = peer_of(&req)?;
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(req.get_ref())?;
+        same_sender(peer, rpc.from_leader().leader_id.node_id)?;
+        if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
+            tracing::info!(
+                from = peer,
+                "refused leadership transfer: this node may not validate now"
+            );
+            return Err(Status::failed_precondition(
+                "this node may not take leadership now",
+            ));
+        }
+        let result = self
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(openraft::errors::RaftError::<TypeConfig>::Fatal);
+        reply(&result)
+    }
+}

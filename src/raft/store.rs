@@ -1,0 +1,437 @@
+//! Durable Raft storage on sled: the log, the vote, and the state machine.
+//!
+//! Owns: the on-disk layout of `DATA_DIR/raft` (trees `log`, `meta`, `sm`)
+//! and the durability promises openraft relies on: a vote is fsynced before
+//! `save_vote` returns, appended entries are fsynced before the IO callback
+//! fires, truncation and purging never leave holes. Must not: block an async
+//! worker (every sled call runs in `spawn_blocking`) or interpret commands
+//! beyond [`ClusterState::apply`].
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
+    RaftStateMachine,
+};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
+use openraft::{EntryPayload, OptionalSend};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{ClusterState, Entry, LogId, Membership, Reply, TypeConfig, Vote};
+
+const VOTE: &[u8] = b"vote";
+const LAST_PURGED: &[u8] = b"last_purged";
+const COMMITTED: &[u8] = b"committed";
+const SM_DATA: &[u8] = b"data";
+const SM_SNAPSHOT: &[u8] = b"snapshot";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the Raft store in {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("the Raft store in {path} is damaged: {why}")]
+    Corrupt { path: String, why: String },
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Runs a sled operation off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io_err)?
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(io_err)
+}
+
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(io_err)
+}
+
+fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<Option<T>> {
+    tree.get(k).map_err(io_err)?.map(|v| decode(&v)).transpose()
+}
+
+/// Opens (or creates) the store in `dir`.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
+    let path = dir.display().to_string();
+    let open_err = |source| StoreError::Open {
+        path: path.clone(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::LowSpace)
+        .open()
+        .map_err(open_err)?;
+    let log = db.open_tree("log").map_err(open_err)?;
+    let meta = db.open_tree("meta").map_err(open_err)?;
+    let sm = db.open_tree("sm").map_err(open_err)?;
+    let corrupt = |e: io::Error| StoreError::Corrupt {
+        path: path.clone(),
+        why: e.to_string(),
+    };
+    let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
+    let (tx, _) = watch::channel(data.state.clone());
+    Ok((
+        LogStore {
+            db: db.clone(),
+            log,
+            meta,
+        },
+        StateMachine {
+            db,
+            tree: sm,
+            data,
+            published: tx,
+        },
+    ))
+}
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    /// True if this store has never held a vote or an entry.
+    pub fn is_fresh(&self) -> Result<bool, StoreError> {
+        let damaged = |e: sled::Error| StoreError::Corrupt {
+            path: "raft".into(),
+            why: e.to_string(),
+        };
+        Ok(self.log.is_empty()
+            && !self.meta.contains_key(VOTE).map_err(damaged)?
+            && !self.meta.contains_key(LAST_PURGED).map_err(damaged)?)
+    }
+
+    /// Flushes everything to disk (on shutdown).
+    pub async fn flush(&self) -> io::Result<()> {
+        let db = self.db.clone();
+        blocking(move || db.flush().map(|_| ()).map_err(io_err)).await
+    }
+
+    /// Checks that the log has no holes: every index from the first to the
+    /// last present entry is there and decodes. Returns (first, last).
+    pub async fn verify(&self) -> io::Result<Option<(u64, u64)>> {
+        let log = self.log.clone();
+        blocking(move || {
+            let mut bounds: Option<(u64, u64)> = None;
+            for item in log.iter() {
+                let (k, v) = item.map_err(io_err)?;
+                let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+                let entry: Entry = decode(&v)?;
+                if entry.log_id.index != idx {
+                    return Err(io_err(format!(
+                        "entry under key {idx} has index {}",
+                        entry.log_id.index
+                    )));
+                }
+                bounds = match bounds {
+                    None => Some((idx, idx)),
+                    Some((first, last)) if idx == last + 1 => Some((first, idx)),
+                    Some((_, last)) => {
+                        return Err(io_err(format!("hole in the log after index {last}")))
+                    }
+                };
+            }
+            Ok(bounds)
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => Bound::Included(key(*e)),
+            Bound::Excluded(e) => Bound::Excluded(key(*e)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let log = self.log.clone();
+        blocking(move || {
+            log.range((Bound::Included(key(start)), end))
+                .values()
+                .map(|v| decode(&v.map_err(io_err)?))
+                .collect()
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        let meta = self.meta.clone();
+        blocking(move || get(&meta, VOTE)).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let (log, meta) = (self.log.clone(), self.meta.clone());
+        blocking(move || {
+            let last_purged: Option<LogId> = get(&meta, LAST_PURGED)?;
+            let last = match log.last().map_err(io_err)? {
+                Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
+                None => last_purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id: last,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let (db, meta, bytes) = (self.db.clone(), self.meta.clone(), encode(vote)?);
+        blocking(move || {
+            meta.insert(VOTE, bytes).map_err(io_err)?;
+            db.flush().map_err(io_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let (meta, bytes) = (self.meta.clone(), encode(&committed)?);
+        blocking(move || meta.insert(COMMITTED, bytes).map(|_| ()).map_err(io_err)).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        let meta = self.meta.clone();
+        blocking(move || Ok(get::<Option<LogId>>(&meta, COMMITTED)?.flatten())).await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&key(e.log_id.index), encode(&e)?);
+        }
+        let (db, log) = (self.db.clone(), self.log.clone());
+        let result = blocking(move || {
+            log.apply_batch(batch).map_err(io_err)?;
+            db.flush().map_err(io_err)?;
+            Ok(())
+        })
+        .await;
+        // Durable now (or failed): only then may openraft count these entries.
+        match result {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.io_completed(Err(io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        let (db, log) = (self.db.clone(), self.log.clone());
+        blocking(move || {
+            let mut batch = sled::Batch::default();
+            for k in log.range(key(from)..).keys() {
+                batch.remove(k.map_err(io_err)?);
+            }
+            log.apply_batch(batch).map_err(io_err)?;
+            db.flush().map_err(io_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let (log, meta, bytes) = (self.log.clone(), self.meta.clone(), encode(&log_id)?);
+        blocking(move || {
+            // Record the purge point first: a crash in between leaves extra
+            // entries below it, never a hole above it.
+            meta.insert(LAST_PURGED, bytes).map_err(io_err)?;
+            let mut batch = sled::Batch::default();
+            for k in log.range(..=key(log_id.index)).keys() {
+                batch.remove(k.map_err(io_err)?);
+            }
+            log.apply_batch(batch).map_err(io_err)
+        })
+        .await
+    }
+}
+
+/// What the state machine persists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmData {
+    last_applied: Option<LogId>,
+    membership: Membership,
+    state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMetaOf<TypeConfig>,
+    data: Vec<u8>,
+}
+
+/// The replicated [`ClusterState`], applied from committed entries.
+pub struct StateMachine {
+    db: sled::Db,
+    tree: sled::Tree,
+    data: SmData,
+    published: watch::Sender<ClusterState>,
+}
+
+impl StateMachine {
+    /// Follows the applied cluster state.
+    pub fn subscribe(&self) -> watch::Receiver<ClusterState> {
+        self.published.subscribe()
+    }
+
+    async fn persist(&self) -> io::Result<()> {
+        let (tree, bytes) = (self.tree.clone(), encode(&self.data)?);
+        blocking(move || tree.insert(SM_DATA, bytes).map(|_| ()).map_err(io_err)).await?;
+        self.published.send_replace(self.data.state.clone());
+        Ok(())
+    }
+}
+
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    tree: sled::Tree,
+    data: SmData,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
+        let meta = openraft::SnapshotMeta {
+            last_log_id: self.data.last_applied,
+            last_membership: self.data.membership.clone(),
+        };
+        let data = encode(&self.data.state)?;
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })?;
+        let (db, tree) = (self.db.clone(), self.tree.clone());
+        blocking(move || {
+            tree.insert(SM_SNAPSHOT, stored).map_err(io_err)?;
+            db.flush().map(|_| ()).map_err(io_err)
+        })
+        .await?;
+        Ok(openraft::Snapshot {
+            meta,
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
+        Ok((self.data.last_applied, self.data.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            self.data.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => Reply::default(),
+                EntryPayload::Normal(cmd) => {
+                    tracing::debug!(index = entry.log_id.index, "applied: {cmd}");
+                    self.data.state.apply(&cmd, entry.log_id.index)
+                }
+                EntryPayload::Membership(m) => {
+                    self.data.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
+                    Reply::default()
+                }
+            };
+            if let Some(r) = responder {
+                r.send(reply);
+            }
+        }
+        self.persist().await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            tree: self.tree.clone(),
+            data: self.data.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        self.data = SmData {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state: decode(&snapshot)?,
+        };
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        })?;
+        let tree = self.tree.clone();
+        blocking(move || tree.insert(SM_SNAPSHOT, stored).map(|_| ()).map_err(io_err)).await?;
+        self.persist().await
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
+        let tree = self.tree.clone();
+        let stored: Option<StoredSnapshot> = blocking(move || get(&tree, SM_SNAPSHOT)).await?;
+        Ok(stored.map(|s| openraft::Snapshot {
+            meta: s.meta,
+            snapshot: s.data,
+        }))
+    }
+}

@@ -1,0 +1,283 @@
+//! Peer security: mTLS configuration for the peer port, the check that a
+//! caller's certificate belongs to the node id it claims, and `keyraft certs`.
+//!
+//! Owns: the naming rule (node N's certificate carries the DNS name
+//! `node-N.keyraft`), loading PEM files, and creating a cluster CA and node
+//! certificates. Must not: decide anything about Raft; it only answers "who is
+//! calling" and "is this really node N".
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::config::{NodeId, TlsPaths};
+
+/// Metadata header in which every peer request names its sender.
+pub const NODE_HEADER: &str = "x-keyraft-node";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The DNS name that identifies node `id` in its certificate.
+pub fn node_name(id: NodeId) -> String {
+    format!("node-{id}.keyraft")
+}
+
+/// PEM material of one node.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl TlsMaterial {
+    pub fn load(paths: &TlsPaths) -> Result<TlsMaterial, TlsError> {
+        Ok(TlsMaterial {
+            ca: read(&paths.ca)?,
+            cert: read(&paths.cert)?,
+            key: read(&paths.key)?,
+        })
+    }
+
+    /// Server side of the peer port: our certificate, and client
+    /// certificates required and checked against the cluster CA.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .timeout(std::time::Duration::from_secs(5))
+    }
+
+    /// Client side towards node `peer`: its certificate must name it.
+    pub fn client(&self, peer: NodeId) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(node_name(peer))
+            .timeout(std::time::Duration::from_secs(3))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The authenticated sender of a peer request, put in the request's
+/// extensions by [`authenticate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerId(pub NodeId);
+
+/// Interceptor of every peer service: reads the claimed node id and, with
+/// TLS, checks that the client certificate is node `id`'s.
+pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let claimed: NodeId = req
+            .metadata()
+            .get(NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Status::unauthenticated("missing x-keyraft-node header"))?;
+        if tls {
+            let certs = req
+                .peer_certs()
+                .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+            let leaf = certs
+                .first()
+                .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+            if !cert_names_node(leaf, claimed) {
+                tracing::warn!(
+                    claimed,
+                    "refused a peer whose certificate is not for the node id it claims"
+                );
+                return Err(Status::permission_denied(format!(
+                    "client certificate is not node {claimed}'s"
+                )));
+            }
+        }
+        req.extensions_mut().insert(PeerId(claimed));
+        Ok(req)
+    }
+}
+
+/// Whether the certificate carries node `id`'s name.
+pub fn cert_names_node(der: &CertificateDer<'_>, id: NodeId) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(node_name(id)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+/// The sender put in the extensions by [`authenticate`].
+pub fn peer_of<T>(req: &Request<T>) -> Result<NodeId, Status> {
+    req.extensions()
+        .get::<PeerId>()
+        .map(|p| p.0)
+        .ok_or_else(|| Status::unauthenticated("unauthenticated peer"))
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, "keyraft cluster CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    Ok(p)
+}
+
+/// `keyraft certs ca --out DIR`: writes `ca.pem` and `ca.key` (0600).
+pub fn create_ca(out: &Path) -> Result<Vec<PathBuf>, TlsError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params()?.self_signed(&key)?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let files = [
+        (out.join("ca.pem"), cert.pem(), 0o644),
+        (out.join("ca.key"), key.serialize_pem(), 0o600),
+    ];
+    write_all_new(&files)
+}
+
+/// `keyraft certs node`: a certificate for node `id` signed by the CA in
+/// `ca_dir`, valid for `node-ID.keyraft` plus the given names and addresses.
+/// Writes `node.pem`, `node.key` (0600) and a copy of `ca.pem` into `out`.
+pub fn create_node(
+    ca_dir: &Path,
+    id: NodeId,
+    dns: &[String],
+    ips: &[String],
+    out: &Path,
+) -> Result<Vec<PathBuf>, TlsError> {
+    if id == 0 {
+        return Err(TlsError::Invalid("node ids start at 1".into()));
+    }
+    let ca_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.pem"))?).into_owned();
+    let ca_key_path = ca_dir.join("ca.key");
+    crate::config::check_private(&ca_key_path).map_err(|e| TlsError::Invalid(e.to_string()))?;
+    let ca_key = KeyPair::from_pem(&String::from_utf8_lossy(&read(&ca_key_path)?))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    for ip in ips {
+        ip.parse::<std::net::IpAddr>()
+            .map_err(|_| TlsError::Invalid(format!("bad --ip '{ip}'")))?;
+    }
+    let mut names = vec![node_name(id)];
+    names.extend(dns.iter().cloned());
+    names.extend(ips.iter().cloned());
+    let mut p = CertificateParams::new(names)?;
+    p.distinguished_name.push(DnType::CommonName, node_name(id));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let files = [
+        (out.join("node.pem"), cert.pem(), 0o644),
+        (out.join("node.key"), key.serialize_pem(), 0o600),
+        (out.join("ca.pem"), ca_pem, 0o644),
+    ];
+    write_all_new(&files)
+}
+
+/// Writes every file or none: refuses if any exists already.
+fn write_all_new(files: &[(PathBuf, String, u32)]) -> Result<Vec<PathBuf>, TlsError> {
+    for (path, _, _) in files {
+        if path.exists() {
+            return Err(TlsError::Invalid(format!(
+                "{} exists already; not overwriting it",
+                path.display()
+            )));
+        }
+    }
+    for (path, body, mode) in files {
+        let err = |source| TlsError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(*mode)
+            .open(path)
+            .map_err(err)?;
+        f.write_all(body.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    Ok(files.iter().map(|(p, _, _)| p.clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificate_names_only_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let out = dir.path().join("n2");
+        create_node(
+            dir.path(),
+            2,
+            &["host2".into()],
+            &["127.0.0.1".into()],
+            &out,
+        )
+        .unwrap();
+        let pem = std::fs::read(out.join("node.pem")).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        assert!(cert_names_node(&der, 2));
+        assert!(!cert_names_node(&der, 3));
+        assert!(
+            create_node(dir.path(), 2, &[], &[], &out).is_err(),
+            "overwrote an existing node key"
+        );
+    }
+}

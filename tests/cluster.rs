@@ -1,0 +1,364 @@
+//! The cluster layer over real processes, sockets, mTLS and sled dirs:
+//! election, restart with persisted state, peer authentication, abuse of
+//! the ports, and the wiped-data-dir rule.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::{Cluster, NodeOpts, SETTLE};
+use localnet::harness::eventually;
+use nix::sys::signal::Signal;
+use tokio::io::AsyncWriteExt;
+
+fn plain(_: u64) -> NodeOpts {
+    NodeOpts::default()
+}
+
+/// (leader, term) if every node's status agrees and has quorum.
+async fn agreed_leader(c: &Cluster, ids: &[u64]) -> Result<Option<(u64, u64)>> {
+    let mut seen = BTreeSet::new();
+    for &id in ids {
+        let v = c.status(id).await?;
+        let cl = &v["cluster"];
+        if cl["quorum"] != true {
+            return Ok(None);
+        }
+        match (cl["leader"].as_u64(), cl["term"].as_u64()) {
+            (Some(l), Some(t)) => seen.insert((l, t)),
+            _ => return Ok(None),
+        };
+    }
+    Ok((seen.len() == 1).then(|| seen.into_iter().next()).flatten())
+}
+
+#[tokio::test]
+async fn three_nodes_elect_one_leader_and_all_report_it() -> Result<()> {
+    let c = Cluster::start(3, 250, plain).await?;
+    let (leader, term) = eventually(SETTLE, "all three to agree on a leader", || {
+        agreed_leader(&c, &[1, 2, 3])
+    })
+    .await?;
+    let mut leaders = 0;
+    for id in 1..=3 {
+        let v = c.status(id).await?;
+        let me = v["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == id))
+            .cloned()
+            .unwrap_or_default();
+        leaders += usize::from(me["raft"] == "Leader");
+        ensure!(
+            v["cluster"]["members"] == serde_json::json!([1, 2, 3]),
+            "{v}"
+        );
+    }
+    ensure!(
+        leaders == 1,
+        "{leaders} nodes call themselves leader (leader {leader}, term {term})"
+    );
+    // The leader validates and the chain agrees.
+    let active = c.active().await?;
+    ensure!(
+        active == leader,
+        "node {active} validates but node {leader} leads"
+    );
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stopped_leader_is_replaced_and_rejoins_with_its_persisted_term_and_log() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let (old, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    // Let a few entries (activation, registrations) land on every node.
+    eventually(SETTLE, "the leader's log to reach the others", || async {
+        let mine = c.metric(old, "keyraft_raft_last_log_index").await?;
+        let mut ok = mine >= 3.0;
+        for id in (1..=3).filter(|i| *i != old) {
+            ok &= c.metric(id, "keyraft_raft_applied_index").await? >= mine;
+        }
+        Ok(ok.then_some(()))
+    })
+    .await?;
+    let term = c.metric(old, "keyraft_raft_term").await?;
+    let log = c.metric(old, "keyraft_raft_last_log_index").await?;
+
+    c.signal(old, Signal::SIGTERM)?;
+    let mut stopped = c.forget(old)?.context("no process")?;
+    let status = stopped.wait_exit(SETTLE).await?;
+    ensure!(
+        status.success(),
+        "SIGTERM exit: {status}\n{}",
+        stopped.log_tail(30)
+    );
+    let rest: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let (new, new_term) = eventually(SETTLE, "a new leader among the other two", || {
+        agreed_leader(&c, &rest)
+    })
+    .await?;
+    ensure!(
+        new != old && new_term > term as u64,
+        "leader {new} term {new_term} after {old} term {term}"
+    );
+
+    // Restart it cut off from everyone: what it reports is what it read from disk.
+    c.isolate(old);
+    c.spawn(old)?;
+    let (t2, l2) = eventually(SETTLE, "the restarted node's metrics", || async {
+        let t = c.metric(old, "keyraft_raft_term").await?;
+        let l = c.metric(old, "keyraft_raft_last_log_index").await?;
+        Ok((l >= 0.0).then_some((t, l)))
+    })
+    .await?;
+    ensure!(
+        t2 >= term && l2 >= log,
+        "restarted with term {t2} log {l2}, had term {term} log {log}"
+    );
+
+    c.heal();
+    eventually(
+        SETTLE,
+        "the restarted node to follow the new leader",
+        || async {
+            let v = c.status(old).await?;
+            let me = v["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["id"] == old))
+                .cloned()
+                .unwrap_or_default();
+            Ok((v["cluster"]["leader"] == new && me["raft"] == "Follower").then_some(()))
+        },
+    )
+    .await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// A tonic client to node `target`'s peer port presenting `as_node`'s certificate.
+async fn peer_client(
+    c: &Cluster,
+    target: u64,
+    as_node: u64,
+) -> Result<keyraft::pb::gossip_client::GossipClient<tonic::transport::Channel>> {
+    let tls_dir = &c.nodes[&as_node].tls;
+    let paths = keyraft::config::TlsPaths {
+        ca: tls_dir.join("ca.pem"),
+        cert: tls_dir.join("node.pem"),
+        key: tls_dir.join("node.key"),
+    };
+    let material = keyraft::tls::TlsMaterial::load(&paths)?;
+    let ch =
+        tonic::transport::Endpoint::from_shared(format!("https://{}", c.nodes[&target].listen))?
+            .tls_config(material.client(target))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+    Ok(keyraft::pb::gossip_client::GossipClient::new(ch))
+}
+
+fn claiming<T>(msg: T, id: u64) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, id.to_string().parse().unwrap());
+    r
+}
+
+fn status_of(id: u64) -> keyraft::pb::NodeStatus {
+    keyraft::pb::NodeStatus {
+        id,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn peers_must_present_their_own_certificate() -> Result<()> {
+    // One witness is enough: its peer port serves while it waits for peers.
+    let c = Cluster::start(3, 500, |_| NodeOpts {
+        witness: true,
+        ..NodeOpts::default()
+    })
+    .await?;
+    let mut client = eventually(SETTLE, "node 1's peer port", || async {
+        Ok(Some(peer_client(&c, 1, 2).await?))
+    })
+    .await?;
+    // Positive control: node 2 with node 2's certificate.
+    client
+        .exchange(claiming(status_of(2), 2))
+        .await
+        .context("node 2 as itself")?;
+    // Node 2's certificate claiming to be node 3.
+    let e = client
+        .exchange(claiming(status_of(3), 3))
+        .await
+        .expect_err("impersonation accepted");
+    ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
+    // Node 2 pushing node 3's status under its own name.
+    let e = client
+        .exchange(claiming(status_of(3), 2))
+        .await
+        .expect_err("forged status accepted");
+    ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
+
+    // A plaintext client against the TLS port.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[&1].listen))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3));
+    let refused = match plain.connect().await {
+        Err(_) => true,
+        Ok(ch) => keyraft::pb::gossip_client::GossipClient::new(ch)
+            .exchange(claiming(status_of(2), 2))
+            .await
+            .is_err(),
+    };
+    ensure!(refused, "a plaintext client was served");
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
+    let c = Cluster::start(3, 500, plain).await?;
+    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let target = &c.nodes[&1];
+    // Raw garbage, a half-open TLS hello and a stalled connection on both ports.
+    let mut idle = Vec::new();
+    for addr in [target.listen, target.admin, target.http] {
+        for junk in [
+            &b"\x16\x03\x01\x02\x00garbage"[..],
+            &[0xffu8; 4096][..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\0",
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let _ = s.write_all(junk).await;
+        }
+        idle.push(tokio::net::TcpStream::connect(addr).await?);
+    }
+    // Oversized messages, authenticated, on the peer port and the admin port.
+    let mut client = peer_client(&c, 1, 2).await?;
+    let mut big = status_of(2);
+    big.version = "x".repeat(8 << 20);
+    let e = client
+        .exchange(claiming(big, 2))
+        .await
+        .expect_err("8 MiB gossip accepted");
+    ensure!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e:?}"
+    );
+    let mut admin =
+        keyraft::pb::admin_client::AdminClient::connect(format!("http://{}", target.admin)).await?;
+    let cmd = keyraft::pb::ClusterCommand {
+        kind: Some(keyraft::pb::cluster_command::Kind::MembersAdd(
+            keyraft::pb::Member {
+                id: 9,
+                addr: "y".repeat(8 << 20),
+            },
+        )),
+    };
+    let e = admin
+        .command(cmd)
+        .await
+        .expect_err("8 MiB admin command accepted");
+    ensure!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e:?}"
+    );
+
+    // Still serving, still part of a healthy cluster.
+    client
+        .exchange(claiming(status_of(2), 2))
+        .await
+        .context("gossip after abuse")?;
+    eventually(SETTLE, "a leader after abuse", || {
+        agreed_leader(&c, &[1, 2, 3])
+    })
+    .await?;
+    let metrics = reqwest::get(format!("http://{}/metrics", target.http)).await?;
+    ensure!(metrics.status().is_success());
+    c.assert_no_double_signs().await?;
+    drop(idle);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let victim = (1..=3).find(|i| *i != leader).unwrap_or(1);
+    // Wait until the victim has registered (it ran with durable state).
+    eventually(SETTLE, "registrations to be applied", || async {
+        Ok((c.metric(victim, "keyraft_raft_applied_index").await? >= 4.0).then_some(()))
+    })
+    .await?;
+    c.signal(victim, Signal::SIGTERM)?;
+    c.forget(victim)?
+        .context("no process")?
+        .wait_exit(SETTLE)
+        .await?;
+    std::fs::remove_dir_all(&c.nodes[&victim].data)?;
+
+    let mut refused = tokio::process::Command::from(c.command(victim));
+    refused.kill_on_drop(true);
+    let out = tokio::time::timeout(SETTLE, refused.output())
+        .await
+        .context("the wiped node was not refused")??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect::<Vec<_>>();
+    ensure!(
+        out.status.code() == Some(2),
+        "wiped voter started: {:?}\n{err}",
+        out.status
+    );
+    ensure!(
+        last.len() == 1 && last[0].contains("--rejoin") && last[0].contains("vote twice"),
+        "unclear refusal: {err}"
+    );
+
+    c.node_mut(victim)?.opts.flags.push("--rejoin".into());
+    c.spawn(victim)?;
+    eventually(
+        SETTLE,
+        "the leader to take the node back as a learner, then a voter",
+        || async {
+            Ok(c.proc(victim)?
+                .log_tail(400)
+                .contains("rejoined as a learner")
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    eventually(
+        SETTLE,
+        "the rejoined node to be a voter following the leader",
+        || async {
+            let v = c.status(victim).await?;
+            let members = v["cluster"]["members"]
+                .as_array()
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let me = v["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["id"] == victim))
+                .cloned()
+                .unwrap_or_default();
+            Ok((members == 3 && me["raft"] == "Follower").then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}

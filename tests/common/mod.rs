@@ -1,0 +1,360 @@
+//! A local keyraft cluster for end-to-end tests: real `keyraft run`
+//! processes with mTLS on loopback, each supervising a real `fakenode`, a
+//! real `fakechain` as the judge, and a fault proxy on every peer link.
+//! Every cluster lives in its own temp dir on free ports.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use localnet::chain::Stats;
+use localnet::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
+use localnet::keys::KeyFile;
+use localnet::proxy::Proxy;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+pub const KEYRAFT: &str = env!("CARGO_BIN_EXE_keyraft");
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+/// How one node is started.
+#[derive(Clone, Default)]
+pub struct NodeOpts {
+    pub witness: bool,
+    /// Extra `keyraft run` flags.
+    pub flags: Vec<String>,
+    /// Extra `fakenode` flags.
+    pub fakenode: Vec<String>,
+}
+
+pub struct Node {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: SocketAddr,
+    pub rpc: SocketAddr,
+    pub data: PathBuf,
+    pub tls: PathBuf,
+    pub home: PathBuf,
+    pub opts: NodeOpts,
+    pub proc: Option<Proc>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub chain: ChainClient,
+    pub key_path: PathBuf,
+    pub nodes: BTreeMap<u64, Node>,
+    /// (from, to) -> the proxy `from` dials to reach `to`.
+    pub proxies: BTreeMap<(u64, u64), Proxy>,
+    _chain: Proc,
+}
+
+impl Cluster {
+    /// Starts the chain and `n` coordinators (options per node id).
+    pub async fn start(n: u64, block_ms: u64, opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {
+        let mut dir = tempfile::Builder::new().prefix("keyraft-e2e-").tempdir()?;
+        if std::env::var_os("KEYRAFT_KEEP_TEST_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("test dir kept: {}", dir.path().display());
+        }
+        let keys = dir.path().join("keys");
+        std::fs::create_dir_all(&keys)?;
+        let key_path = keys.join("validator_key.json");
+        KeyFile::generate("validator.test").write_new(&key_path)?;
+        let chain_addr = free_addr()?;
+        let chain_proc = Proc::spawn(
+            "fakechain",
+            Command::new(sibling_bin("fakechain")?)
+                .args([
+                    "--listen",
+                    &chain_addr.to_string(),
+                    "--block-ms",
+                    &block_ms.to_string(),
+                ])
+                .arg("--validator-key")
+                .arg(&key_path),
+            dir.path(),
+        )?;
+        let chain = ChainClient::new(&format!("http://{chain_addr}"));
+        let ca = dir.path().join("ca");
+        keyraft::tls::create_ca(&ca)?;
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let base = dir.path().join(format!("n{id}"));
+            let tls = base.join("tls");
+            keyraft::tls::create_node(&ca, id, &["localhost".into()], &["127.0.0.1".into()], &tls)?;
+            let home = base.join("home");
+            std::fs::create_dir_all(&home)?;
+            nodes.insert(
+                id,
+                Node {
+                    id,
+                    listen: free_addr()?,
+                    admin: free_addr()?,
+                    http: free_addr()?,
+                    rpc: free_addr()?,
+                    data: base.join("data"),
+                    tls,
+                    home,
+                    opts: opts(id),
+                    proc: None,
+                },
+            );
+        }
+        let mut proxies = BTreeMap::new();
+        for from in 1..=n {
+            for to in 1..=n {
+                if from != to {
+                    let upstream = nodes[&to].listen;
+                    proxies.insert(
+                        (from, to),
+                        Proxy::start("127.0.0.1:0".parse()?, upstream).await?,
+                    );
+                }
+            }
+        }
+        let mut c = Cluster {
+            dir,
+            chain,
+            key_path,
+            nodes,
+            proxies,
+            _chain: chain_proc,
+        };
+        c.chain
+            .wait_height(1, SETTLE)
+            .await
+            .context("fakechain did not start")?;
+        for id in 1..=n {
+            c.spawn(id)?;
+        }
+        Ok(c)
+    }
+
+    /// The `keyraft run` command line of node `id`.
+    pub fn command(&self, id: u64) -> Command {
+        let node = &self.nodes[&id];
+        let mut cmd = Command::new(KEYRAFT);
+        cmd.env("RUST_LOG", "info,openraft=warn")
+            .arg("run")
+            .args(["--node-id", &id.to_string()])
+            .args(["--listen", &node.listen.to_string()])
+            .args(["--admin-listen", &node.admin.to_string()])
+            .args(["--http-listen", &node.http.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data)
+            .arg("--tls-dir")
+            .arg(&node.tls);
+        for (&(from, to), p) in &self.proxies {
+            if from == id {
+                cmd.args(["--peer", &format!("{to}={}", p.addr)]);
+            }
+        }
+        cmd.args(&node.opts.flags);
+        if node.opts.witness {
+            cmd.arg("--witness");
+        } else {
+            cmd.arg("--validator-home")
+                .arg(&node.home)
+                .arg("--validator-key")
+                .arg(&self.key_path)
+                .args(["--health-url", &format!("http://{}", node.rpc)])
+                .arg("--")
+                .arg(sibling_bin("fakenode").unwrap_or_default())
+                .arg("--home")
+                .arg(&node.home)
+                .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
+                .args(["--rpc-listen", &node.rpc.to_string()])
+                .args(&node.opts.fakenode);
+        }
+        cmd
+    }
+
+    /// Starts (or restarts) coordinator `id`.
+    pub fn spawn(&mut self, id: u64) -> Result<()> {
+        let mut cmd = self.command(id);
+        let proc = Proc::spawn(&format!("keyraft{id}"), &mut cmd, self.dir.path())?;
+        self.node_mut(id)?.proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> Result<&mut Node> {
+        self.nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))
+    }
+
+    pub fn proc(&self, id: u64) -> Result<&Proc> {
+        self.nodes[&id]
+            .proc
+            .as_ref()
+            .ok_or_else(|| anyhow!("node {id} is not running"))
+    }
+
+    /// SIGKILL of coordinator `id` only (its guard and validator are left
+    /// to fend for themselves, as after a crash).
+    pub fn kill_coordinator(&mut self, id: u64) -> Result<()> {
+        let node = self.node_mut(id)?;
+        if let Some(p) = &node.proc {
+            p.signal(Signal::SIGKILL)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a coordinator process (after it exited or was killed).
+    pub fn forget(&mut self, id: u64) -> Result<Option<Proc>> {
+        Ok(self.node_mut(id)?.proc.take())
+    }
+
+    pub fn signal(&self, id: u64, sig: Signal) -> Result<()> {
+        self.proc(id)?.signal(sig)
+    }
+
+    /// Cuts every link to and from node `id` (blackhole).
+    pub fn isolate(&self, id: u64) {
+        for (&(from, to), p) in &self.proxies {
+            if from == id || to == id {
+                p.cut();
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    /// `keyraft status --json` as answered by node `id`.
+    pub async fn status(&self, id: u64) -> Result<Value> {
+        let out = tokio::process::Command::new(KEYRAFT)
+            .args([
+                "status",
+                "--json",
+                "--admin",
+                &self.nodes[&id].admin.to_string(),
+            ])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "status from node {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Runs a `keyraft` CLI subcommand against node `id`'s admin port.
+    pub async fn cli(&self, id: u64, args: &[&str]) -> Result<std::process::Output> {
+        Ok(tokio::process::Command::new(KEYRAFT)
+            .args(args)
+            .args(["--admin", &self.nodes[&id].admin.to_string()])
+            .output()
+            .await?)
+    }
+
+    /// `GET /metrics` of node `id`, parsed into name{labels} -> value.
+    pub async fn metrics(&self, id: u64) -> Result<BTreeMap<String, f64>> {
+        let text = reqwest::get(format!("http://{}/metrics", self.nodes[&id].http))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    pub async fn metric(&self, id: u64, name: &str) -> Result<f64> {
+        self.metrics(id)
+            .await?
+            .get(name)
+            .copied()
+            .ok_or_else(|| anyhow!("node {id} has no metric {name}"))
+    }
+
+    /// Node `id`'s own view of its coordinator state.
+    pub async fn own_state(&self, id: u64) -> Result<String> {
+        let v = self.status(id).await?;
+        let me = v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == id))
+            .ok_or_else(|| anyhow!("node {id} missing from its own status"))?;
+        Ok(me["state"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Waits until some node signs on the chain and exactly that node
+    /// reports Validating; returns its id and the chain stats then.
+    pub async fn wait_signer(&self, since: u64, not: &[u64]) -> Result<(u64, Stats)> {
+        eventually(SETTLE, "a new signer on the chain", || async {
+            let s = self.chain.stats_since(since).await?;
+            Ok(s.signers
+                .iter()
+                .rev()
+                .find(|x| !not.contains(&x.node))
+                .map(|x| (x.node, s.clone())))
+        })
+        .await
+    }
+
+    /// The node that validates, once the chain has seen it sign.
+    pub async fn active(&self) -> Result<u64> {
+        let (id, _) = self.wait_signer(0, &[]).await?;
+        eventually(SETTLE, "the signer to report Validating", || async {
+            Ok((self.own_state(id).await? == "Validating").then_some(id))
+        })
+        .await
+    }
+
+    /// The pid of the validator (fakenode) that node `id`'s guard runs.
+    pub fn validator_pid(&self, id: u64) -> Option<i32> {
+        let text = std::fs::read_to_string(self.nodes[&id].data.join("validator.pid")).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+
+    /// The chain's verdict: no double signs, ever.
+    pub async fn assert_no_double_signs(&self) -> Result<Stats> {
+        let s = self.chain.totals().await?;
+        if s.double_signs != 0 {
+            let all = self.chain.stats_since(0).await?;
+            bail!(
+                "{} double signs; signers: {:?}\n{}",
+                s.double_signs,
+                all.signers,
+                self.logs()
+            );
+        }
+        Ok(s)
+    }
+
+    /// The tail of every coordinator log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .values()
+            .filter_map(|n| n.proc.as_ref())
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_tail(40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                != Some("Z")
+        })
+        .unwrap_or(false)
+}

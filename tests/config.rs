@@ -1,0 +1,179 @@
+//! Every configuration error stops `keyraft run` before anything starts:
+//! exit code 2 and exactly one line on stderr that names the problem.
+
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+
+const KEYRAFT: &str = env!("CARGO_BIN_EXE_keyraft");
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Result<Setup> {
+        let dir = tempfile::tempdir()?;
+        keyraft::tls::create_ca(&dir.path().join("ca"))?;
+        keyraft::tls::create_node(
+            &dir.path().join("ca"),
+            1,
+            &[],
+            &["127.0.0.1".into()],
+            &dir.path().join("tls"),
+        )?;
+        let key = dir.path().join("validator_key.json");
+        localnet::keys::KeyFile::generate("v").write_new(&key)?;
+        std::fs::create_dir_all(dir.path().join("home"))?;
+        Ok(Setup { dir })
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).display().to_string()
+    }
+
+    /// A valid command line with `args` spliced in before the validator command.
+    fn run(&self, args: &[&str]) -> Result<(Option<i32>, Vec<String>)> {
+        let mut cmd = Command::new(KEYRAFT);
+        cmd.arg("run").args(args);
+        let defaults = [
+            ("--node-id", "1".to_string()),
+            ("--listen", "127.0.0.1:0".to_string()),
+            ("--data-dir", self.path("data")),
+            ("--tls-dir", self.path("tls")),
+            ("--validator-home", self.path("home")),
+            ("--validator-key", self.path("validator_key.json")),
+        ];
+        for (flag, value) in defaults {
+            if !args.contains(&flag) {
+                cmd.args([flag, &value]);
+            }
+        }
+        cmd.args(["--peer", "2=127.0.0.1:7702", "--", "/bin/false"]);
+        let out = cmd.output()?;
+        let lines = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        Ok((out.status.code(), lines))
+    }
+}
+
+fn expect_refusal(s: &Setup, args: &[&str], needle: &str) -> Result<()> {
+    let (code, lines) = s.run(args)?;
+    ensure!(code == Some(2), "{args:?}: exit {code:?}, stderr {lines:?}");
+    ensure!(lines.len() == 1, "{args:?}: want one line, got {lines:?}");
+    ensure!(
+        lines[0].contains(needle),
+        "{args:?}: {:?} does not mention {needle:?}",
+        lines[0]
+    );
+    ensure!(
+        !s.dir.path().join("data").exists(),
+        "{args:?}: data dir created before validation"
+    );
+    Ok(())
+}
+
+#[test]
+fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
+    let s = Setup::new()?;
+    expect_refusal(&s, &["--node-id", "0"], "node ids start at 1")?;
+    expect_refusal(&s, &["--peer", "2=127.0.0.1:7703"], "duplicate --peer id 2")?;
+    expect_refusal(&s, &["--listen", "0.0.0.0:7700"], "--advertise")?;
+    expect_refusal(&s, &["--peer", "1=127.0.0.1:7703"], "names this node")?;
+    expect_refusal(&s, &["--peer", "x=127.0.0.1:7703"], "not a node id")?;
+    expect_refusal(&s, &["--peer", "3=nohost"], "not HOST:PORT")?;
+    expect_refusal(&s, &["--listen", "not-an-address"], "--listen")?;
+    expect_refusal(
+        &s,
+        &["--tls-dir", "/nonexistent"],
+        "missing certificate file",
+    )?;
+    expect_refusal(
+        &s,
+        &["--fence-after", "900ms", "--handover-delay", "0ms"],
+        "safety inequality",
+    )?;
+    expect_refusal(
+        &s,
+        &[
+            "--election-timeout-min",
+            "1000ms",
+            "--election-timeout-max",
+            "500ms",
+        ],
+        "must be below",
+    )?;
+    expect_refusal(&s, &["--fence-after", "fast"], "bad duration")?;
+    expect_refusal(&s, &["--health", "http"], "--health-url")?;
+    Ok(())
+}
+
+#[test]
+fn readable_key_files_are_refused() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new()?;
+    std::fs::set_permissions(
+        s.path("validator_key.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    expect_refusal(&s, &[], "readable by others")?;
+    std::fs::set_permissions(
+        s.path("validator_key.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    std::fs::set_permissions(
+        s.path("tls/node.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )?;
+    expect_refusal(&s, &[], "readable by others")?;
+    Ok(())
+}
+
+#[test]
+fn a_toml_file_and_environment_fill_in_flags() -> Result<()> {
+    let s = Setup::new()?;
+    // The file sets a broken timing; the error proves it was read.
+    let file = s.dir.path().join("keyraft.toml");
+    std::fs::write(&file, "fence-after = \"900ms\"\nhandover-delay = 0\n")?;
+    expect_refusal(
+        &s,
+        &["--config", &file.display().to_string()],
+        "safety inequality",
+    )?;
+    // A flag wins over the file: with the delay fixed, the next check speaks.
+    let (code, lines) = s.run(&[
+        "--config",
+        &file.display().to_string(),
+        "--handover-delay",
+        "500ms",
+        "--health",
+        "http",
+    ])?;
+    ensure!(
+        code == Some(2) && lines[0].contains("--health-url"),
+        "{lines:?}"
+    );
+    // Unknown keys are errors, not silently ignored.
+    std::fs::write(&file, "fence_after = \"600ms\"\n")?;
+    expect_refusal(
+        &s,
+        &["--config", &file.display().to_string()],
+        "unknown field",
+    )?;
+    // Environment variables.
+    let out = Command::new(KEYRAFT)
+        .env("KEYRAFT_NODE_ID", "0")
+        .args([
+            "run",
+            "--peer",
+            "2=127.0.0.1:7702",
+            "--insecure",
+            "--witness",
+        ])
+        .output()?;
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("node ids start at 1"));
+    Ok(())
+}
