@@ -85,7 +85,7 @@ pub fn status_json(sh: &Shared) -> Value {
     };
     json!({
         "cluster": {
-            "leader": m.current_leader, "term": m.current_term, "active_validator": active,
+            "leader": sh.leader(), "term": m.current_term, "active_validator": active,
             "quorum": sh.has_quorum(), "paused": cluster.paused, "members": voters,
         },
         "nodes": nodes,
@@ -106,11 +106,25 @@ fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Statu
 }
 
 /// Runs `cmd` on the leader: here if this node leads, else forwarded.
+///
+/// With no live leader (everyone ineligible, or a paused cluster whose
+/// leader died, where nobody campaigns), a validator host asked to run a
+/// command stands for election itself. Leading does not make it validate:
+/// that still takes eligibility and the activation protocol.
 pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
-    let leader = sh
-        .raft_metrics()
-        .current_leader
-        .ok_or_else(|| Status::unavailable("no leader: the cluster has no quorum right now"))?;
+    let leader = match sh.leader() {
+        Some(l) => l,
+        None if sh.cfg.witness => {
+            return Err(Status::unavailable(
+                "no leader, and a witness does not stand for election: run the command on a validator host",
+            ))
+        }
+        None => {
+            tracing::warn!("operator command with no live leader: standing for election");
+            take_leadership(sh).await?;
+            sh.cfg.id
+        }
+    };
     if leader == sh.cfg.id {
         return execute_here(sh, cmd).await;
     }
@@ -125,6 +139,21 @@ pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String
         .await
         .map(|r| r.message)
         .map_err(|e| Status::unavailable(format!("forwarding to leader {leader}: {e}")))
+}
+
+async fn take_leadership(sh: &Arc<Shared>) -> Result<(), Status> {
+    let limit = sh.cfg.timing.election_max * 6;
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if sh.leader() == Some(sh.cfg.id) {
+            return Ok(());
+        }
+        let _ = sh.raft.trigger().elect(true).await;
+        tokio::time::sleep(sh.cfg.timing.election_min).await;
+    }
+    Err(Status::unavailable(format!(
+        "no leader could be elected within {limit:?}: is a majority of members up and connected?"
+    )))
 }
 
 async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {

@@ -136,17 +136,44 @@ impl Shared {
         ids.into_iter().collect()
     }
 
-    /// Leader: a quorum acked a heartbeat within the election timeout.
-    /// Follower: a leader was heard from within it.
-    pub fn has_quorum(&self) -> bool {
+    /// The leader, if it is alive: this node with a recent quorum ack, or
+    /// the leader a follower heard from within the election timeout.
+    pub fn leader(&self) -> Option<NodeId> {
         let m = self.raft_metrics();
         let limit = self.cfg.timing.election_max;
         if m.state == ServerState::Leader {
-            quorum_ack_age(&m).is_some_and(|age| age < limit)
+            quorum_ack_age(&m)
+                .is_some_and(|age| age < limit)
+                .then_some(self.cfg.id)
         } else {
-            m.current_leader.is_some()
-                && self.gate.since_leader_contact().is_some_and(|d| d < limit)
+            m.current_leader
+                .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
         }
+    }
+
+    /// Whether a majority of the voters (this node included) is up and
+    /// connected, as seen by gossip. It says nothing about who leads.
+    pub fn has_quorum(&self) -> bool {
+        let voters: Vec<NodeId> = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.is_empty() {
+            return false;
+        }
+        let fresh: BTreeSet<NodeId> = self
+            .view
+            .fresh(self.cfg.timing.gossip_interval * 3)
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        let up = voters
+            .iter()
+            .filter(|v| **v == self.cfg.id || fresh.contains(v))
+            .count();
+        up * 2 > voters.len()
     }
 }
 
@@ -288,7 +315,8 @@ pub async fn run(
         rejoining: bootstrap == Bootstrap::Rejoin,
         stand_down_until: None,
         next_campaign: Instant::now(),
-        next_pass: Instant::now(),
+        next_activation: Instant::now(),
+        quiet: std::cell::Cell::new(false),
     };
     coordinator.run().await;
 
@@ -437,10 +465,10 @@ async fn start_servers(
 enum Bootstrap {
     /// The data dir holds Raft state: carry on.
     Existing,
-    /// Every reachable member is new: form the cluster.
+    /// New, and no member knows this node from before: initialise with the
+    /// configured members (identical on every node, as openraft allows; a
+    /// running cluster's leader replaces this log with its own).
     Initialize,
-    /// The cluster exists and never saw this node start: join it.
-    Join,
     /// Join as a learner, then become a voter again (`--rejoin`).
     Rejoin,
 }
@@ -490,8 +518,8 @@ async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError>
             )));
         }
         if answers.iter().any(|(_, r)| r.initialized) {
-            tracing::info!("empty data dir: joining the existing cluster");
-            return Ok(Bootstrap::Join);
+            tracing::info!("empty data dir: joining the existing cluster as a new member");
+            return Ok(Bootstrap::Initialize);
         }
         if (answers.len() + 1) * 2 > members {
             return Ok(Bootstrap::Initialize);
@@ -548,6 +576,7 @@ async fn register(sh: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
+            tracing::info!("registered: a later start with an empty data dir will need --rejoin");
             return;
         }
         let m = sh.raft_metrics();
@@ -588,6 +617,9 @@ impl Node {
         }
         match self.sup.start(&self.cfg.command).await {
             Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
+            Err(SupervisorError::AlreadyRunning(pid)) => {
+                tracing::warn!(pid, "validator node was running already")
+            }
             Err(e) => {
                 tracing::error!("cannot start the validator node: {e}");
                 self.backoff();
@@ -656,7 +688,10 @@ struct Coordinator {
     /// After a handover: do not campaign or take leadership back until then.
     stand_down_until: Option<Instant>,
     next_campaign: Instant,
-    next_pass: Instant,
+    /// After a failed activation attempt: not before then.
+    next_activation: Instant,
+    /// Heartbeats paused to hand leadership on (see `publish`).
+    quiet: std::cell::Cell<bool>,
 }
 
 /// The next unasked validator event (never resolves on a witness).
@@ -737,6 +772,20 @@ impl Coordinator {
         let eligible = self.eligible(state);
         self.sh.raft.runtime_config().elect(eligible);
         self.sh.gate.set_accepts_leadership(eligible);
+        // A leader that may not validate steps down by going quiet: with its
+        // heartbeats off, an eligible standby's campaign succeeds once the
+        // lease runs out. (A leadership transfer could do it faster, but
+        // openraft never abandons a transfer to a node that then dies.)
+        // With nobody able to take over, it keeps leading: that is harmless.
+        let leader = self.sh.raft_metrics().state == ServerState::Leader;
+        let quiet = leader
+            && !eligible
+            && state != StateName::Validating
+            && self.standby(None, false).is_ok();
+        self.sh.raft.runtime_config().heartbeat(!quiet);
+        if quiet != self.quiet.replace(quiet) && quiet {
+            tracing::info!("leader but not eligible to validate: pausing heartbeats so that an eligible standby takes over");
+        }
         let health = self.health();
         let key_linked = self.node.as_ref().is_some_and(|n| n.linked);
         self.sh.local.send_if_modified(|l| {
@@ -764,34 +813,43 @@ impl Coordinator {
         eligible
     }
 
-    /// A validator exit nobody asked for.
-    fn on_exit(&mut self, ev: &ValidatorEvent) {
-        if let Some(node) = &mut self.node {
-            node.sup.mark_exited();
-            match ev {
-                ValidatorEvent::Fenced(how) => tracing::error!("guard fenced the validator: {how}"),
-                ValidatorEvent::Exited(how) => tracing::warn!("validator node exited ({how})"),
-                ValidatorEvent::GuardLost => {
-                    tracing::error!("the guard process died; the validator died with it")
+    /// A validator exit nobody asked for. Returns false if the news is
+    /// about a validator already replaced (nothing changed).
+    fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
+        let data_dir = self.sh.cfg.data_dir.clone();
+        let Some(node) = &mut self.node else {
+            return false;
+        };
+        match ev {
+            ValidatorEvent::Fenced(pid, how) => {
+                tracing::error!(pid, "guard fenced the validator: {how}");
+                if !node.sup.mark_exited(*pid) {
+                    return false;
                 }
             }
-            self.sh.metrics.validator_restarts.inc();
+            ValidatorEvent::Exited(pid, how) => {
+                if !node.sup.mark_exited(*pid) {
+                    tracing::debug!(pid, "exit of an earlier validator ({how})");
+                    return false;
+                }
+                tracing::warn!(pid, "validator node exited ({how})");
+            }
+            ValidatorEvent::GuardLost => {
+                tracing::error!("the guard process died; the validator died with it");
+                match Supervisor::spawn(&data_dir) {
+                    Ok((sup, events)) => {
+                        node.sup = sup;
+                        self.events = Some(events);
+                    }
+                    Err(e) => tracing::error!("cannot restart the guard: {e}"),
+                }
+            }
+        }
+        self.sh.metrics.validator_restarts.inc();
+        if let Some(node) = &mut self.node {
             node.backoff();
         }
-    }
-
-    /// Replaces a dead guard (the validator died with it).
-    fn respawn_guard(&mut self) {
-        let Some(node) = &mut self.node else {
-            return;
-        };
-        match Supervisor::spawn(&self.sh.cfg.data_dir) {
-            Ok((sup, events)) => {
-                node.sup = sup;
-                self.events = Some(events);
-            }
-            Err(e) => tracing::error!("cannot restart the guard: {e}"),
-        }
+        true
     }
 
     /// Requests in states where this node does not validate.
@@ -814,33 +872,40 @@ impl Coordinator {
         let _ = reply.send(r);
     }
 
-    /// A leader that may not validate hands leadership to one that may.
-    async fn pass_leadership(&mut self) {
-        if Instant::now() < self.next_pass {
-            return;
-        }
-        self.next_pass = Instant::now() + self.sh.cfg.timing.election_max;
-        if let Ok(t) = self.handover_target(None) {
-            tracing::info!("leader but not eligible to validate: handing leadership to node {t}");
-            let _ = self.sh.raft.trigger().transfer_leader(t).await;
-        }
+    /// A standby to hand leadership to by transfer: see [`Self::standby`].
+    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, String> {
+        self.standby(want, true)
     }
 
-    /// A healthy, synced, eligible standby voter (the one asked for, if any).
-    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, String> {
-        let voters: BTreeSet<NodeId> = self
-            .sh
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+    /// A healthy, synced, eligible standby voter, per gossip (the one asked
+    /// for, if any). With `acked`, on the leader it must also have acked a
+    /// heartbeat lately: a transfer to a node that just died leaves
+    /// openraft's leader stuck.
+    fn standby(&self, want: Option<NodeId>, acked: bool) -> Result<NodeId, String> {
+        if self.cluster_rx.borrow().paused {
+            return Err("the cluster is paused (no handovers): run `keyraft resume` first".into());
+        }
+        let m = self.sh.raft_metrics();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let recent = self.sh.cfg.timing.heartbeat * 5;
+        let live = |id: NodeId| match &m.heartbeat {
+            _ if !acked => true,
+            None => true,
+            Some(acks) => {
+                use openraft::Instant as _;
+                acks.get(&id)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|t| t.elapsed() < recent)
+            }
+        };
         let fresh = self.sh.view.fresh(self.sh.cfg.timing.gossip_interval * 3);
         let mut ok: Vec<&pb::NodeStatus> = fresh
             .iter()
             .filter(|s| {
                 s.id != self.sh.cfg.id
                     && voters.contains(&s.id)
+                    && live(s.id)
                     && s.eligible
                     && s.validator.as_ref().is_some_and(|v| v.running && v.synced)
             })
@@ -878,21 +943,12 @@ impl Coordinator {
                 .max(Instant::now() + Duration::from_millis(200));
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => {
-                    self.on_exit(&ev);
-                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
-                }
+                ev = validator_event(&mut self.events) => { self.on_exit(&ev); }
                 _ = health_changed(&mut self.health_rx) => {}
-                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
                 _ = tokio::time::sleep_until(retry.into()) => {}
             }
-        }
-    }
-
-    async fn pass_if_leader(&mut self) {
-        if self.sh.raft_metrics().state == ServerState::Leader {
-            self.pass_leadership().await;
         }
     }
 
@@ -914,13 +970,9 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => {
-                    self.on_exit(&ev);
-                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
-                    return State::Startup;
-                }
+                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
-                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
             }
         }
@@ -963,13 +1015,9 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => {
-                    self.on_exit(&ev);
-                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
-                    return State::Startup;
-                }
+                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
-                _ = self.raft_rx.changed() => self.pass_if_leader().await,
+                _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
@@ -993,20 +1041,15 @@ impl Coordinator {
             }
             let m = self.sh.raft_metrics();
             if m.state == ServerState::Leader {
-                if eligible {
+                if eligible && Instant::now() >= self.next_activation {
                     return self.activate(m.current_term).await;
                 }
-                self.pass_leadership().await;
             } else if eligible {
                 self.maybe_campaign(&m).await;
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => {
-                    self.on_exit(&ev);
-                    if ev == ValidatorEvent::GuardLost { self.respawn_guard(); }
-                    return State::Startup;
-                }
+                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 _ = self.cluster_rx.changed() => {}
@@ -1155,8 +1198,16 @@ impl Coordinator {
             _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
             r = tokio::time::timeout(t.election_max * 2, write) => match r {
                 Ok(Ok(resp)) => resp.data.prior,
-                Ok(Err(e)) => { tracing::warn!("activation not committed: {e}"); return State::Voting; }
-                Err(_) => { tracing::warn!("activation not committed in time"); return State::Voting; }
+                Ok(Err(e)) => {
+                    tracing::warn!("activation not committed: {e}");
+                    self.next_activation = Instant::now() + t.heartbeat;
+                    return State::Voting;
+                }
+                Err(_) => {
+                    tracing::warn!("activation not committed in time");
+                    self.next_activation = Instant::now() + t.heartbeat;
+                    return State::Voting;
+                }
             },
         };
         let clean = prior.is_none_or(|p| p.released);
@@ -1282,14 +1333,12 @@ impl Coordinator {
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return self.release_for_shutdown(term).await,
                 ev = validator_event(&mut self.events) => {
-                    self.on_exit(&ev);
-                    match ev {
-                        ValidatorEvent::Fenced(_) => return self.deactivate("lease").await,
-                        ValidatorEvent::GuardLost => {
-                            self.respawn_guard();
-                            return self.deactivate("validator_exit").await;
+                    if self.on_exit(&ev) {
+                        match ev {
+                            ValidatorEvent::Fenced(..) => return self.deactivate("lease").await,
+                            ValidatorEvent::GuardLost => return self.deactivate("validator_exit").await,
+                            ValidatorEvent::Exited(..) => {}
                         }
-                        ValidatorEvent::Exited(_) => {}
                     }
                 }
                 _ = self.raft_rx.changed() => {}

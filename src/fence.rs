@@ -234,15 +234,15 @@ impl KeyLinks {
 // The guard process.
 //
 // Protocol over the guard's stdin (one command per line):
-//   start <json: ["prog", "arg", ...]>   -> "ok <pid>" | "err <why>"
+//   start <json: ["prog", "arg", ...]>   -> "ok <pid>" | "err running <pid>" | "err <why>"
 //   stop <timeout_ms>                    -> "ok <exit>" (SIGTERM, then SIGKILL)
 //   kill                                 -> "ok <exit>"
 //   signal <signum>                      -> "ok" | "err <why>"
 //   lease <deadline_ns>                  (no reply) kill the group at this CLOCK_MONOTONIC time
 //   unlease                              (no reply)
-// Events on stdout: "event exit <how>" (the validator died unasked),
-// "event fenced <how>" (killed at the lease deadline). End of stdin means
-// the coordinator is gone: kill the validator and exit.
+// Events on stdout: "event exit <pid> <how>" (the validator died unasked),
+// "event fenced <pid> <how>" (killed at the lease deadline). End of stdin
+// means the coordinator is gone: kill the validator and exit.
 
 #[derive(Default)]
 struct GuardState {
@@ -343,8 +343,8 @@ pub fn guard_main(data_dir: &Path) -> std::io::Result<()> {
 }
 
 fn start(guard: &Arc<Guard>, arg: &str) -> String {
-    if guard.lock().pid.is_some() {
-        return "err a validator is running already".into();
+    if let Some(pid) = guard.lock().pid {
+        return format!("err running {pid}");
     }
     let argv: Vec<String> = match serde_json::from_str(arg) {
         Ok(v) => v,
@@ -403,7 +403,7 @@ fn start(guard: &Arc<Guard>, arg: &str) -> String {
         let mut st = waiter.lock();
         st.pid = None;
         if !st.expected_exit {
-            say(&format!("event exit {how}"));
+            say(&format!("event exit {pid} {how}"));
         }
         st.last_exit = Some(how);
         drop(st);

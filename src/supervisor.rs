@@ -23,6 +23,8 @@ pub enum SupervisorError {
     GuardLost,
     #[error("the guard did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("a validator (pid {0}) is running already")]
+    AlreadyRunning(u32),
     #[error("{0}")]
     Refused(String),
 }
@@ -30,10 +32,10 @@ pub enum SupervisorError {
 /// Something that happened to the validator without being asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ValidatorEvent {
-    /// It exited (crash, or killed from outside).
-    Exited(String),
-    /// The guard killed it at the lease deadline.
-    Fenced(String),
+    /// Validator `pid` exited (crash, or killed from outside).
+    Exited(u32, String),
+    /// The guard killed validator `pid` at the lease deadline.
+    Fenced(u32, String),
     /// The guard itself died; the validator died with it.
     GuardLost,
 }
@@ -76,10 +78,12 @@ impl Supervisor {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(ev) = line.strip_prefix("event ") {
-                    let ev = match ev.split_once(' ') {
-                        Some(("fenced", how)) => ValidatorEvent::Fenced(how.to_string()),
-                        Some((_, how)) => ValidatorEvent::Exited(how.to_string()),
-                        None => ValidatorEvent::Exited(ev.to_string()),
+                    let mut parts = ev.splitn(3, ' ');
+                    let (kind, pid, how) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
+                    let pid = pid.and_then(|p| p.parse().ok()).unwrap_or(0);
+                    let ev = match kind {
+                        Some("fenced") => ValidatorEvent::Fenced(pid, how.to_string()),
+                        _ => ValidatorEvent::Exited(pid, how.to_string()),
                     };
                     let _ = event_tx.send(ev).await;
                 } else if reply_tx.send(line).await.is_err() {
@@ -188,9 +192,15 @@ impl Supervisor {
         self.running
     }
 
-    /// Records that the validator is gone (after an exit event).
-    pub fn mark_exited(&mut self) {
-        self.running = None;
+    /// Records that validator `pid` is gone (after an exit event). Returns
+    /// false for news about an earlier validator, which changes nothing.
+    pub fn mark_exited(&mut self, pid: u32) -> bool {
+        if self.running == Some(pid) {
+            self.running = None;
+            true
+        } else {
+            false
+        }
     }
 
     pub fn guard_pid(&self) -> Option<u32> {

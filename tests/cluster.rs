@@ -295,8 +295,11 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
     let (leader, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
     let victim = (1..=3).find(|i| *i != leader).unwrap_or(1);
     // Wait until the victim has registered (it ran with durable state).
-    eventually(SETTLE, "registrations to be applied", || async {
-        Ok((c.metric(victim, "keyraft_raft_applied_index").await? >= 4.0).then_some(()))
+    eventually(SETTLE, "the victim to register", || async {
+        Ok(c.proc(victim)?
+            .log_tail(400)
+            .contains("registered:")
+            .then_some(()))
     })
     .await?;
     c.signal(victim, Signal::SIGTERM)?;

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -19,9 +20,28 @@ use nix::unistd::Pid;
 
 use crate::chain::Stats;
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// Ports handed out by [`free_port`], in order, by this process.
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+const PORT_BASE: u32 = 10_000;
+/// Below Linux's ephemeral range (32768-60999): the kernel never gives
+/// these to a port-0 bind or an outgoing connection.
+const PORT_SPAN: u32 = 22_000;
+const BLOCK: u32 = 50;
+
+/// A port on 127.0.0.1 that is free now and unlikely to be taken before the
+/// caller's child binds it: each process draws from its own block (by pid),
+/// outside the ephemeral range, so parallel tests do not race each other.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let block = std::process::id() % (PORT_SPAN / BLOCK);
+    for _ in 0..PORT_SPAN {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = PORT_BASE + (block * BLOCK + n) % PORT_SPAN;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            drop(l);
+            return Ok(port as u16);
+        }
+    }
+    Err(std::io::Error::other("no free port"))
 }
 
 /// A loopback address on a free port.
