@@ -363,6 +363,7 @@ fn answer(ok: bool, what: &'static str) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    sh.refresh_raft_gauges();
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -555,7 +555,7 @@ fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {
         unhealthy_grace: ms(a.unhealthy_grace, 5000),
         stop_timeout: ms(a.stop_timeout, 10_000),
         gossip_interval: Duration::from_millis(500),
-        health_interval: Duration::from_millis(250),
+        health_interval: Duration::from_millis(500),
     })
 }
 

@@ -151,6 +151,27 @@ impl Shared {
         }
     }
 
+    /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
+    /// on every heartbeat).
+    pub fn refresh_raft_gauges(&self) {
+        let m = self.raft_metrics();
+        let g = &self.metrics;
+        g.raft_term.set(m.current_term as i64);
+        g.raft_leader.set(i64::from(m.state == ServerState::Leader));
+        g.raft_last_log_index
+            .set(m.last_log_index.map_or(-1, |i| i as i64));
+        g.raft_applied_index
+            .set(m.last_applied.map_or(-1, |l| l.index as i64));
+        g.quorum.set(i64::from(self.has_quorum()));
+        let age = if m.state == ServerState::Leader {
+            quorum_ack_age(&m)
+        } else {
+            self.gate.since_leader_contact()
+        };
+        g.quorum_ack_age
+            .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
+    }
+
     /// Whether a majority of the voters (this node included) is up and
     /// connected, as seen by gossip. It says nothing about who leads.
     pub fn has_quorum(&self) -> bool {
@@ -267,7 +288,6 @@ pub async fn run(
 
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
-        tokio::spawn(track_raft(sh.clone())),
         tokio::spawn(register(sh.clone())),
     ];
     let (node, events, health_rx) = match (&sh.cfg.validator, links) {
@@ -317,6 +337,9 @@ pub async fn run(
         next_campaign: Instant::now(),
         next_activation: Instant::now(),
         quiet: std::cell::Cell::new(false),
+        jitter: Duration::from_millis(rand::random_range(
+            0..=(timing.election_min.as_millis() as u64 / 4).max(1),
+        )),
     };
     coordinator.run().await;
 
@@ -392,7 +415,7 @@ async fn start_servers(
         .concurrency_limit_per_connection(64)
         .max_concurrent_streams(Some(128))
         .timeout(Duration::from_secs(60))
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)));
     let with_tls = material.is_some();
     if let Some(m) = &material {
@@ -535,42 +558,6 @@ async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError>
     }
 }
 
-/// Keeps the Raft gauges current.
-async fn track_raft(sh: Arc<Shared>) {
-    let mut rx = sh.raft.metrics();
-    loop {
-        let m = sh.raft_metrics();
-        sh.metrics.raft_term.set(m.current_term as i64);
-        sh.metrics
-            .raft_leader
-            .set(i64::from(m.state == ServerState::Leader));
-        sh.metrics
-            .raft_last_log_index
-            .set(m.last_log_index.map_or(-1, |i| i as i64));
-        sh.metrics
-            .raft_applied_index
-            .set(m.last_applied.map_or(-1, |l| l.index as i64));
-        sh.metrics.quorum.set(i64::from(sh.has_quorum()));
-        let age = if m.state == ServerState::Leader {
-            quorum_ack_age(&m)
-        } else {
-            sh.gate.since_leader_contact()
-        };
-        sh.metrics
-            .quorum_ack_age
-            .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
-        for (id, node) in m.membership_config.membership().nodes() {
-            if sh.peers.addr(*id).is_none() {
-                sh.peers.set_addr(*id, &node.addr);
-            }
-        }
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-}
-
 /// Records, once, that this node ran with durable state (see step 9).
 async fn register(sh: Arc<Shared>) {
     loop {
@@ -692,6 +679,8 @@ struct Coordinator {
     next_activation: Instant,
     /// Heartbeats paused to hand leadership on (see `publish`).
     quiet: std::cell::Cell<bool>,
+    /// Random extra wait before campaigning, redrawn after each campaign.
+    jitter: Duration,
 }
 
 /// The next unasked validator event (never resolves on a witness).
@@ -899,28 +888,53 @@ impl Coordinator {
                     .is_some_and(|t| t.elapsed() < recent)
             }
         };
-        let fresh = self.sh.view.fresh(self.sh.cfg.timing.gossip_interval * 3);
-        let mut ok: Vec<&pb::NodeStatus> = fresh
-            .iter()
-            .filter(|s| {
-                s.id != self.sh.cfg.id
-                    && voters.contains(&s.id)
-                    && live(s.id)
-                    && s.eligible
-                    && s.validator.as_ref().is_some_and(|v| v.running && v.synced)
-            })
-            .collect();
+        let seen = self.sh.view.snapshot();
+        let stale = self.sh.cfg.timing.gossip_interval * 3;
+        // Every other voter, with the reason it cannot take over, if any.
+        let mut candidates: Vec<(NodeId, u64, Option<&'static str>)> = Vec::new();
+        for &id in voters.iter().filter(|v| **v != self.sh.cfg.id) {
+            let s = seen
+                .get(&id)
+                .filter(|s| s.at.elapsed() <= stale)
+                .map(|s| &s.status);
+            let height = s.and_then(|s| s.validator.as_ref()).map_or(0, |v| v.height);
+            let why = match s {
+                None => Some("not heard from lately"),
+                Some(s) if s.role == "witness" => Some("a witness"),
+                Some(s) if !s.validator.as_ref().is_some_and(|v| v.running && v.synced) => {
+                    Some("its node is not running and synced")
+                }
+                Some(s) if !s.eligible => {
+                    Some("it may not validate now (just handed over, or not a voter yet)")
+                }
+                Some(_) if !live(id) => Some("no recent heartbeat ack"),
+                Some(_) => None,
+            };
+            candidates.push((id, height, why));
+        }
+        let explain = || {
+            candidates
+                .iter()
+                .filter_map(|(id, _, why)| why.map(|w| format!("node {id}: {w}")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         match want {
-            Some(id) if ok.iter().any(|s| s.id == id) => Ok(id),
-            Some(id) => Err(format!(
-                "node {id} is not a healthy, synced, eligible standby right now"
-            )),
-            None => {
-                ok.sort_by_key(|s| std::cmp::Reverse(s.validator.as_ref().map_or(0, |v| v.height)));
-                ok.first()
-                    .map(|s| s.id)
-                    .ok_or_else(|| "no healthy, synced standby to hand over to".to_string())
-            }
+            Some(id) => match candidates.iter().find(|c| c.0 == id) {
+                Some((_, _, None)) => Ok(id),
+                Some((_, _, Some(why))) => Err(format!(
+                    "node {id} is not a healthy, synced, eligible standby right now: {why}"
+                )),
+                None => Err(format!("node {id} is not another voting member")),
+            },
+            None => candidates
+                .iter()
+                .filter(|c| c.2.is_none())
+                .max_by_key(|c| c.1)
+                .map(|c| c.0)
+                .ok_or_else(|| {
+                    format!("no healthy, synced standby to hand over to ({})", explain())
+                }),
         }
     }
 
@@ -1040,12 +1054,14 @@ impl Coordinator {
                 return State::Registering;
             }
             let m = self.sh.raft_metrics();
+            let mut recheck = Duration::from_secs(1);
             if m.state == ServerState::Leader {
                 if eligible && Instant::now() >= self.next_activation {
                     return self.activate(m.current_term).await;
                 }
+                recheck = self.sh.cfg.timing.heartbeat;
             } else if eligible {
-                self.maybe_campaign(&m).await;
+                recheck = self.maybe_campaign(&m).await;
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
@@ -1054,36 +1070,45 @@ impl Coordinator {
                 _ = self.raft_rx.changed() => {}
                 _ = self.cluster_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
-                _ = tokio::time::sleep(self.sh.cfg.timing.heartbeat) => {}
+                _ = tokio::time::sleep(recheck) => {}
             }
         }
     }
 
     /// Campaigns (with pre-vote) as soon as the leader's lease on this node
     /// has run out, instead of waiting another random election timeout.
-    async fn maybe_campaign(&mut self, m: &raft::Metrics) {
-        let t = &self.sh.cfg.timing;
-        if Instant::now() < self.next_campaign || !self.sh.gate.may_grant_votes() {
-            return;
+    /// Returns how long until it is worth checking again.
+    async fn maybe_campaign(&mut self, m: &raft::Metrics) -> Duration {
+        let t = self.sh.cfg.timing;
+        let now = Instant::now();
+        if now < self.next_campaign {
+            return self.next_campaign - now;
+        }
+        if !self.sh.gate.may_grant_votes()
+            || !matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        {
+            return t.election_min;
         }
         let quiet = self
             .sh
             .gate
             .since_leader_contact()
             .unwrap_or_else(|| self.sh.started.elapsed());
-        let jitter = Duration::from_millis(rand::random_range(
+        let due = t.election_max + self.jitter;
+        if quiet < due {
+            return (due - quiet).max(Duration::from_millis(10));
+        }
+        tracing::info!(
+            quiet_ms = quiet.as_millis() as u64,
+            "leader silent past its lease: campaigning"
+        );
+        let _ = self.sh.raft.trigger().elect(true).await;
+        self.next_campaign = Instant::now() + t.election_min;
+        // A fresh jitter for the next round, so two standbys rarely collide.
+        self.jitter = Duration::from_millis(rand::random_range(
             0..=(t.election_min.as_millis() as u64 / 4).max(1),
         ));
-        if quiet >= t.election_max + jitter
-            && matches!(m.state, ServerState::Follower | ServerState::Candidate)
-        {
-            tracing::info!(
-                quiet_ms = quiet.as_millis() as u64,
-                "leader silent past its lease: campaigning"
-            );
-            let _ = self.sh.raft.trigger().elect(true).await;
-            self.next_campaign = Instant::now() + t.election_min;
-        }
+        t.election_min
     }
 
     /// The lease deadline, in CLOCK_MONOTONIC ns: the sending time of the

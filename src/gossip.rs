@@ -67,6 +67,12 @@ pub async fn run(sh: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Members added at runtime are dialled at their membership address.
+        for (id, node) in sh.raft_metrics().membership_config.membership().nodes() {
+            if sh.peers.addr(*id).is_none() {
+                sh.peers.set_addr(*id, &node.addr);
+            }
+        }
         let mine = own_status(&sh);
         let rounds = sh.peer_ids().into_iter().map(|id| {
             let (sh, mine) = (sh.clone(), mine.clone());

@@ -199,8 +199,10 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(cfg.id, cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: an idle coordinator wakes often (openraft ticks every
+    // fifth of a heartbeat); a second worker only adds cross-thread wakeups.
+    // Blocking work (sled, fsync) runs on tokio's blocking pool.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -120,8 +120,11 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Sets the one-hot state gauge.
+    /// Sets the one-hot state gauge (only when the state changes).
     pub fn set_state(&self, name: &str) {
+        if self.state.with_label_values(&[name]).get() == 1 {
+            return;
+        }
         for s in STATES {
             self.state.with_label_values(&[s]).set(i64::from(s == name));
         }

@@ -2,12 +2,10 @@
 //! test asks it for double signs, and the failover tests for how long no
 //! one signed.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{alive, Cluster, NodeOpts, SETTLE};
+use localnet::cluster::{alive, Cluster, NodeOpts, SETTLE};
 use localnet::harness::eventually;
 use nix::sys::signal::Signal;
 

@@ -120,3 +120,186 @@ fn start_chain_and_nodes(
     }
     Ok((procs, ChainClient::new(&url), chain_pid))
 }
+
+/// Nearest-rank percentile of `v` (sorted here), `q` in 0..=100.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+fn summary(name: &str, v: &[f64]) -> serde_json::Value {
+    let p50 = percentile(v, 50.0);
+    let p99 = percentile(v, 99.0);
+    let max = v.iter().copied().fold(f64::NAN, f64::max);
+    println!(
+        "{name}: n={} p50={p50:.0} p99={p99:.0} max={max:.0}",
+        v.len()
+    );
+    serde_json::json!({"n": v.len(), "p50": p50, "p99": p99, "max": max})
+}
+
+/// Cold starts: time from spawning three coordinators to a leader that all
+/// agree on. Then the idle footprint of each coordinator over `seconds`.
+pub async fn idle(starts: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, NodeOpts};
+    let mut elections = Vec::new();
+    for _ in 0..starts {
+        let t0 = Instant::now();
+        let c = Cluster::start(3, 500, |_| NodeOpts::default()).await?;
+        crate::harness::eventually(Duration::from_secs(30), "a leader all agree on", || async {
+            let mut leaders = std::collections::BTreeSet::new();
+            for id in 1..=3 {
+                match c
+                    .status(id)
+                    .await
+                    .ok()
+                    .and_then(|v| v["cluster"]["leader"].as_u64())
+                {
+                    Some(l) => leaders.insert(l),
+                    None => return Ok(None),
+                };
+            }
+            Ok((leaders.len() == 1).then_some(()))
+        })
+        .await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        println!("cold start to agreed leader: {ms:.0} ms");
+        elections.push(ms);
+    }
+    let c = Cluster::start(3, 500, |_| NodeOpts::default()).await?;
+    c.active().await?;
+    // Let start-up work finish before measuring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pids: Vec<(u64, i32)> = c
+        .nodes
+        .values()
+        .filter_map(|n| n.proc.as_ref().map(|p| (n.id, p.pid())))
+        .collect();
+    let before: Vec<_> = pids
+        .iter()
+        .map(|(_, p)| proc_usage(*p))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let wall = t.elapsed().as_secs_f64();
+    let mut nodes = Vec::new();
+    for ((id, pid), b) in pids.iter().zip(before) {
+        let a = proc_usage(*pid)?;
+        let cpu = (a.cpu.as_secs_f64() - b.cpu.as_secs_f64()) / wall * 100.0;
+        let state = c.own_state(*id).await.unwrap_or_default();
+        println!(
+            "node {id} ({state}): RSS {} KiB, CPU {cpu:.2}% of a core",
+            a.rss_kib
+        );
+        nodes.push(serde_json::json!({"id": id, "state": state, "rss_kib": a.rss_kib, "cpu_percent": (cpu * 100.0).round() / 100.0}));
+    }
+    Ok(serde_json::json!({
+        "bench": "idle",
+        "election_ms": summary("cold start to leader (ms)", &elections),
+        "idle_seconds": seconds,
+        "nodes": nodes,
+    }))
+}
+
+/// Failover by SIGKILL of the active coordinator, and switchover, over
+/// `rounds` each, measured by the chain.
+pub async fn failover(
+    rounds: usize,
+    block_ms: u64,
+    activate_by: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, NodeOpts};
+    let flags = vec!["--activate-by".to_string(), activate_by.to_string()];
+    let fakenode = if activate_by == "sighup" {
+        vec!["--hot-reload".to_string()]
+    } else {
+        vec![]
+    };
+    let mut c = Cluster::start(3, block_ms, |_| NodeOpts {
+        flags: flags.clone(),
+        fakenode: fakenode.clone(),
+        ..NodeOpts::default()
+    })
+    .await?;
+    let mut kill_missed = Vec::new();
+    let mut kill_wall = Vec::new();
+    for round in 0..rounds {
+        let old = c.active().await?;
+        settle_standbys(&c, old).await?;
+        let before = c.chain.totals().await?;
+        let t0 = Instant::now();
+        c.kill_coordinator(old)?;
+        let (new, _) = c.wait_signer(before.height + 1, &[old]).await?;
+        let wall = t0.elapsed().as_secs_f64() * 1000.0;
+        let missed = gap(&c, old, new).await?;
+        println!("failover {round}: node {old} -> {new}: {missed} missed blocks, {wall:.0} ms to the first new signature");
+        kill_missed.push((missed * block_ms) as f64);
+        kill_wall.push(wall);
+        c.forget(old)?;
+        c.spawn(old)?;
+    }
+    let mut switch_missed = Vec::new();
+    for round in 0..rounds {
+        let old = c.active().await?;
+        settle_standbys(&c, old).await?;
+        let before = c.chain.totals().await?;
+        // The node that handed over last stands down for a moment; retry.
+        let out = crate::harness::eventually(Duration::from_secs(10), "a switchover", || async {
+            let out = c.cli(old, &["switchover"]).await?;
+            Ok(out.status.success().then_some(out))
+        })
+        .await?;
+        println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+        let (new, _) = c.wait_signer(before.height, &[old]).await?;
+        let missed = gap(&c, old, new).await?;
+        println!("switchover {round}: node {old} -> {new}: {missed} missed blocks");
+        switch_missed.push(missed as f64);
+    }
+    let totals = c.assert_no_double_signs().await?;
+    Ok(serde_json::json!({
+        "bench": "failover",
+        "activate_by": activate_by,
+        "block_ms": block_ms,
+        "failover_ms_by_missed_blocks": summary("failover (missed blocks x block time, ms)", &kill_missed),
+        "failover_ms_wall": summary("failover (kill to first new signature, ms)", &kill_wall),
+        "switchover_missed_blocks": summary("switchover (missed blocks)", &switch_missed),
+        "double_signs": totals.double_signs,
+    }))
+}
+
+/// Waits until every other node is a synced standby in the leader's view.
+async fn settle_standbys(c: &crate::cluster::Cluster, active: u64) -> anyhow::Result<()> {
+    crate::harness::eventually(Duration::from_secs(30), "synced standbys", || async {
+        let v = c.status(active).await?;
+        let ok = v["nodes"].as_array().into_iter().flatten().all(|n| {
+            n["id"] == active || (n["state"] == "Voting" && n["validator"]["synced"] == true)
+        });
+        Ok(ok.then_some(()))
+    })
+    .await
+}
+
+/// Heights between the old signer's last and the new signer's first.
+async fn gap(c: &crate::cluster::Cluster, old: u64, new: u64) -> anyhow::Result<u64> {
+    let s = c.chain.stats_since(0).await?;
+    let last_old = s
+        .signers
+        .iter()
+        .filter(|x| x.node == old)
+        .map(|x| x.height)
+        .max()
+        .unwrap_or(0);
+    let first_new = s
+        .signers
+        .iter()
+        .filter(|x| x.node == new && x.height > last_old)
+        .map(|x| x.height)
+        .min()
+        .unwrap_or(last_old + 1);
+    Ok(first_new.saturating_sub(last_old + 1))
+}

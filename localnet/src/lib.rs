@@ -7,6 +7,8 @@
 //! - [`keys`]: NEAR-format key files and the message a validator signs.
 //! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
 //!   missed heights and double signs. It is the oracle of every failover test.
+//! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
+//!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
 //! - [`node`]: `fakenode`, a neard look-alike that signs each height while it
@@ -16,6 +18,7 @@
 
 pub mod bench;
 pub mod chain;
+pub mod cluster;
 pub mod harness;
 pub mod keys;
 pub mod node;

@@ -153,6 +153,9 @@ async fn signals(node: Arc<Node>) -> anyhow::Result<()> {
                 } else if let Err(e) = node.load_keys() {
                     tracing::error!("reload failed, signing stopped: {e}");
                     node.state().validator = None;
+                } else {
+                    let node = node.clone();
+                    tokio::spawn(async move { sign_head(&node).await });
                 }
             }
         }
@@ -199,25 +202,36 @@ async fn follow(node: Arc<Node>) {
             tracing::info!("chain reachable again");
             reachable = true;
         }
-        let request = {
+        {
             let mut st = node.state();
             st.head = height;
             st.last_contact = Some(Instant::now());
-            let due = !st.syncing() && height > st.last_signed;
-            let req = st.validator.as_ref().filter(|_| due).map(|v| SignRequest {
-                height,
-                public_key: v.public_key.clone(),
-                node: node.cfg.node_id,
-                signature: keys::sign_height(&v.signing, height),
-            });
-            if req.is_some() {
-                st.last_signed = height;
-            }
-            req
-        };
-        if let Some(req) = request {
-            submit(&node, &req).await;
         }
+        sign_head(&node).await;
+    }
+}
+
+/// Signs the head it knows, once, if it holds a key and is synced: on each
+/// new height, and right after a key is loaded on SIGHUP (a validator handed
+/// its key mid-height can still sign that height).
+async fn sign_head(node: &Node) {
+    let request = {
+        let mut st = node.state();
+        let height = st.head;
+        let due = !st.syncing() && height > st.last_signed;
+        let req = st.validator.as_ref().filter(|_| due).map(|v| SignRequest {
+            height,
+            public_key: v.public_key.clone(),
+            node: node.cfg.node_id,
+            signature: keys::sign_height(&v.signing, height),
+        });
+        if req.is_some() {
+            st.last_signed = height;
+        }
+        req
+    };
+    if let Some(req) = request {
+        submit(node, &req).await;
     }
 }
 

@@ -96,8 +96,8 @@ impl Peers {
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.tls {
             ep = ep

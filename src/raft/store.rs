@@ -75,6 +75,11 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let db = sled::Config::new()
         .path(dir)
         .mode(sled::Mode::LowSpace)
+        // The log is small: a few activation, membership and registration
+        // entries. Keep the page cache small, and flush only when asked
+        // (appends and votes fsync explicitly).
+        .cache_capacity(4 << 20)
+        .flush_every_ms(None)
         .open()
         .map_err(open_err)?;
     let log = db.open_tree("log").map_err(open_err)?;

@@ -39,6 +39,24 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         memory_block_ms: u64,
     },
+    /// Cold-start election time and the idle footprint of each coordinator.
+    Idle {
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Failover (SIGKILL of the active coordinator) and switchover times,
+    /// measured by the chain.
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, default_value_t = 500)]
+        block_ms: u64,
+        /// restart or sighup.
+        #[arg(long, default_value = "restart")]
+        activate_by: String,
+    },
 }
 
 #[tokio::main]
@@ -65,6 +83,19 @@ async fn main() -> ExitCode {
             };
             bench::chain(&b).await.map(|v| println!("{v}"))
         }
+        Cmd::Bench {
+            what: BenchCmd::Idle { starts, seconds },
+        } => bench::idle(starts, seconds).await.map(|v| println!("{v}")),
+        Cmd::Bench {
+            what:
+                BenchCmd::Failover {
+                    rounds,
+                    block_ms,
+                    activate_by,
+                },
+        } => bench::failover(rounds, block_ms, &activate_by)
+            .await
+            .map(|v| println!("{v}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,25 +1,29 @@
-//! A local keyraft cluster for end-to-end tests: real `keyraft run`
-//! processes with mTLS on loopback, each supervising a real `fakenode`, a
-//! real `fakechain` as the judge, and a fault proxy on every peer link.
-//! Every cluster lives in its own temp dir on free ports.
-
-#![allow(dead_code)]
+//! A local keyraft cluster: real `keyraft run` processes with mTLS on
+//! loopback, each supervising a real `fakenode`, a real `fakechain` as the
+//! judge, and a fault proxy on every peer link. The end-to-end tests, the
+//! launcher, chaos and the benchmarks all run on it.
+//!
+//! Owns: the cluster's files (keys, CA and certificates made with
+//! `keyraft certs`, data dirs, logs), its ports, its processes and proxies,
+//! and ways to ask a node what it sees. Must not: know keyraft's internals;
+//! it drives the `keyraft` binary like an operator would.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use localnet::chain::Stats;
-use localnet::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
-use localnet::keys::KeyFile;
-use localnet::proxy::Proxy;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-pub const KEYRAFT: &str = env!("CARGO_BIN_EXE_keyraft");
+use crate::chain::Stats;
+use crate::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
+use crate::keys::KeyFile;
+use crate::proxy::Proxy;
+
+/// How long the helpers wait for a cluster to settle.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
 /// How one node is started.
@@ -45,8 +49,25 @@ pub struct Node {
     pub proc: Option<Proc>,
 }
 
+/// Where a cluster keeps its files: a temp dir removed on drop, or a dir
+/// the user chose (kept).
+pub enum ClusterDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl ClusterDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            ClusterDir::Temp(t) => t.path(),
+            ClusterDir::Kept(p) => p,
+        }
+    }
+}
+
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
+    pub dir: ClusterDir,
+    pub keyraft: PathBuf,
     pub chain: ChainClient,
     pub key_path: PathBuf,
     pub nodes: BTreeMap<u64, Node>,
@@ -56,13 +77,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the chain and `n` coordinators (options per node id).
+    /// Starts the chain and `n` coordinators (options per node id) in a
+    /// temp dir (kept if `KEYRAFT_KEEP_TEST_DIR` is set).
     pub async fn start(n: u64, block_ms: u64, opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {
         let mut dir = tempfile::Builder::new().prefix("keyraft-e2e-").tempdir()?;
         if std::env::var_os("KEYRAFT_KEEP_TEST_DIR").is_some() {
             dir.disable_cleanup(true);
             eprintln!("test dir kept: {}", dir.path().display());
         }
+        Self::start_in(ClusterDir::Temp(dir), n, block_ms, opts).await
+    }
+
+    /// Like [`Cluster::start`], in a given (empty or new) dir.
+    pub async fn start_in(
+        dir: ClusterDir,
+        n: u64,
+        block_ms: u64,
+        opts: impl Fn(u64) -> NodeOpts,
+    ) -> Result<Cluster> {
+        let keyraft = sibling_bin("keyraft")?;
+        std::fs::create_dir_all(dir.path())?;
         let keys = dir.path().join("keys");
         std::fs::create_dir_all(&keys)?;
         let key_path = keys.join("validator_key.json");
@@ -83,12 +117,26 @@ impl Cluster {
         )?;
         let chain = ChainClient::new(&format!("http://{chain_addr}"));
         let ca = dir.path().join("ca");
-        keyraft::tls::create_ca(&ca)?;
+        certs(&keyraft, &["ca", "--out"], &ca)?;
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             let base = dir.path().join(format!("n{id}"));
             let tls = base.join("tls");
-            keyraft::tls::create_node(&ca, id, &["localhost".into()], &["127.0.0.1".into()], &tls)?;
+            let id_arg = id.to_string();
+            let ca_arg = ca.display().to_string();
+            let args = [
+                "node",
+                "--ca",
+                &ca_arg,
+                "--id",
+                &id_arg,
+                "--dns",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+                "--out",
+            ];
+            certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
             nodes.insert(
@@ -121,6 +169,7 @@ impl Cluster {
         }
         let mut c = Cluster {
             dir,
+            keyraft,
             chain,
             key_path,
             nodes,
@@ -140,7 +189,7 @@ impl Cluster {
     /// The `keyraft run` command line of node `id`.
     pub fn command(&self, id: u64) -> Command {
         let node = &self.nodes[&id];
-        let mut cmd = Command::new(KEYRAFT);
+        let mut cmd = Command::new(&self.keyraft);
         cmd.env("RUST_LOG", "info,openraft=warn")
             .arg("run")
             .args(["--node-id", &id.to_string()])
@@ -233,7 +282,7 @@ impl Cluster {
 
     /// `keyraft status --json` as answered by node `id`.
     pub async fn status(&self, id: u64) -> Result<Value> {
-        let out = tokio::process::Command::new(KEYRAFT)
+        let out = tokio::process::Command::new(&self.keyraft)
             .args([
                 "status",
                 "--json",
@@ -252,7 +301,7 @@ impl Cluster {
 
     /// Runs a `keyraft` CLI subcommand against node `id`'s admin port.
     pub async fn cli(&self, id: u64, args: &[&str]) -> Result<std::process::Output> {
-        Ok(tokio::process::Command::new(KEYRAFT)
+        Ok(tokio::process::Command::new(&self.keyraft)
             .args(args)
             .args(["--admin", &self.nodes[&id].admin.to_string()])
             .output()
@@ -346,6 +395,21 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// `keyraft certs ARGS OUT`.
+fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
+    let o = Command::new(keyraft)
+        .arg("certs")
+        .args(args)
+        .arg(out)
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "keyraft certs failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
 }
 
 /// True while a process with this pid exists (and is not a zombie).

@@ -1,0 +1,118 @@
+//! The sled log under SIGKILL: a child process appends entries and prints
+//! each index once openraft's IO callback says it is durable; the parent
+//! kills it at a random moment, again and again. Whatever was acknowledged
+//! must still be there, with no holes and no changed entries.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use keyraft::raft::store::{self, LogStore};
+use keyraft::raft::{Command as Cmd, Entry, TypeConfig};
+use openraft::impls::leader_id_adv::LeaderId;
+use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+use openraft::type_config::TypeConfigExt;
+use openraft::{EntryPayload, LogId};
+
+const CHILD_ENV: &str = "KEYRAFT_STORAGE_WRITER_DIR";
+const TEST_NAME: &str = "acknowledged_entries_survive_sigkill_at_random_moments";
+
+fn entry(index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(
+            LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            index,
+        ),
+        payload: EntryPayload::Normal(Cmd::Register { node: index }),
+    }
+}
+
+/// The child: append forever, printing each index once it is durable.
+async fn writer(dir: &Path) -> Result<()> {
+    let (mut log, _sm) = store::open(dir)?;
+    let state = log.get_log_state().await?;
+    let mut next = state.last_log_id.map_or(1, |l| l.index + 1);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let batch = 1 + rand::random_range(0..4u64);
+        let entries: Vec<Entry> = (next..next + batch).map(entry).collect();
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(entries, IOFlushed::signal(tx)).await?;
+        rx.await.context("callback dropped")??;
+        next += batch;
+        writeln!(out, "{}", next - 1)?;
+        out.flush()?;
+    }
+}
+
+/// Everything in the log must be entries 1..=last, intact.
+async fn check(dir: &Path, acked: u64) -> Result<u64> {
+    let (mut log, _sm): (LogStore, _) = store::open(dir)?;
+    let bounds = log.verify().await?;
+    let Some((first, last)) = bounds else {
+        ensure!(acked == 0, "log empty, but {acked} was acknowledged");
+        return Ok(0);
+    };
+    ensure!(first == 1, "log starts at {first}");
+    ensure!(
+        last >= acked,
+        "acknowledged up to {acked}, log ends at {last}"
+    );
+    let entries = log.try_get_log_entries(1..=last).await?;
+    for (i, e) in entries.iter().enumerate() {
+        let want = entry(i as u64 + 1);
+        ensure!(e.log_id == want.log_id, "entry {i} has log id {}", e.log_id);
+        match &e.payload {
+            EntryPayload::Normal(Cmd::Register { node }) if *node == i as u64 + 1 => {}
+            other => bail!("entry {} changed: {other:?}", i + 1),
+        }
+    }
+    Ok(last)
+}
+
+#[tokio::test]
+async fn acknowledged_entries_survive_sigkill_at_random_moments() -> Result<()> {
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        return writer(Path::new(&dir)).await;
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("raft");
+    let mut acked = 0;
+    for round in 0..12 {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        // Read acknowledgements on a thread; kill after a random time.
+        let reader = std::thread::spawn(move || {
+            let mut last = 0u64;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(n) = line.trim().parse::<u64>() {
+                    last = n;
+                }
+            }
+            last
+        });
+        tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..400u64))).await;
+        child.kill()?;
+        child.wait()?;
+        let seen = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+        acked = acked.max(seen);
+        let last = check(&dir, acked)
+            .await
+            .with_context(|| format!("round {round}"))?;
+        eprintln!("round {round}: acknowledged {acked}, log holds {last}");
+    }
+    ensure!(acked > 0, "the writer never acknowledged anything");
+    Ok(())
+}
