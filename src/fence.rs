@@ -91,6 +91,17 @@ fn start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether `pid` is still the process that started at `started` (a zombie
+/// counts as gone: it can no longer sign anything).
+fn same_process_alive(pid: i32, started: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields.first() != Some(&"Z") && fields.get(19).and_then(|f| f.parse().ok()) == Some(started)
+}
+
 fn process_group(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
@@ -116,17 +127,17 @@ pub fn kill_leftover(dir: &Path) -> Result<Option<i32>, FenceError> {
     };
     let pid = pid as i32;
     let mut killed = None;
-    if start_time(pid) == Some(started) && process_group(pid) == Some(pid) {
+    if same_process_alive(pid, started) && process_group(pid) == Some(pid) {
         tracing::warn!(
             pid,
             "killing the validator left running by a previous keyraft"
         );
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while start_time(pid) == Some(started) && Instant::now() < deadline {
+        while same_process_alive(pid, started) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if start_time(pid) == Some(started) {
+        if same_process_alive(pid, started) {
             return Err(FenceError::Refused(format!(
                 "validator {pid} left by a previous run does not die; stop it by hand"
             )));
@@ -485,5 +496,91 @@ fn lease_timer(guard: &Guard) {
             }
             _ => st = guard.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn sleeper() -> std::process::Child {
+        Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_recorded_validator_is_killed_and_a_stranger_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = sleeper();
+        let pid = ours.id() as i32;
+        std::fs::write(
+            dir.path().join(PID_FILE),
+            format!("{pid} {}\n", start_time(pid).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(kill_leftover(dir.path()).unwrap(), Some(pid));
+        assert!(ours.wait().is_ok());
+        assert!(!dir.path().join(PID_FILE).exists());
+
+        // Same pid, different start time: a recycled pid, not ours.
+        let mut stranger = sleeper();
+        let pid = stranger.id() as i32;
+        std::fs::write(dir.path().join(PID_FILE), format!("{pid} 1\n")).unwrap();
+        assert_eq!(kill_leftover(dir.path()).unwrap(), None);
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "killed a process that was not ours"
+        );
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+    }
+
+    #[test]
+    fn links_swap_atomically_and_only_keyraft_links_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.json");
+        let voter = dir.path().join("voter.json");
+        std::fs::write(&key, "secret").unwrap();
+        std::fs::write(&voter, "voter").unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let links = KeyLinks {
+            active: vec![
+                KeyLink {
+                    src: key.clone(),
+                    dst: home.join("validator_key.json"),
+                },
+                KeyLink {
+                    src: key.clone(),
+                    dst: home.join("node_key.json"),
+                },
+            ],
+            standby: vec![KeyLink {
+                src: voter.clone(),
+                dst: home.join("node_key.json"),
+            }],
+        };
+        links.activate().unwrap();
+        assert!(links.any_linked());
+        assert_eq!(std::fs::read_link(home.join("node_key.json")).unwrap(), key);
+        links.stand_by().unwrap();
+        assert!(!links.any_linked());
+        assert!(!home.join("validator_key.json").exists());
+        assert_eq!(
+            std::fs::read_link(home.join("node_key.json")).unwrap(),
+            voter
+        );
+        // A real file that is not a copy of the key is the node's own: left alone.
+        std::fs::write(home.join("validator_key.json"), "something else").unwrap();
+        links.stand_by().unwrap();
+        assert!(home.join("validator_key.json").exists());
+        // A copy of the key is removed.
+        std::fs::write(home.join("validator_key.json"), "secret").unwrap();
+        links.stand_by().unwrap();
+        assert!(!home.join("validator_key.json").exists());
     }
 }

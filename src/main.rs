@@ -32,7 +32,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct AdminAddr {
     /// Admin address of a running coordinator.
-    #[arg(long, env = "KEYRAFT_ADMIN", default_value = "127.0.0.1:7701")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYRAFT_ADMIN",
+        default_value = "127.0.0.1:7701"
+    )]
     admin: SocketAddr,
 }
 

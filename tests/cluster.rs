@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
-use localnet::harness::eventually;
+use localnet::harness::{eventually, free_addr, Proc};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
 
@@ -360,6 +360,84 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
     )
     .await
     .with_context(|| c.logs())?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
+    let c = Cluster::start(3, 250, plain).await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    // A fourth coordinator (a witness), with a certificate from the same CA.
+    let base = c.dir.path().join("n4");
+    let ca = c.dir.path().join("ca");
+    let certs = std::process::Command::new(&c.keyraft)
+        .args(["certs", "node", "--id", "4", "--ip", "127.0.0.1", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(base.join("tls"))
+        .output()?;
+    ensure!(certs.status.success(), "{certs:?}");
+    let (listen, admin, http) = (free_addr()?, free_addr()?, free_addr()?);
+    let mut cmd = std::process::Command::new(&c.keyraft);
+    cmd.args(["run", "--node-id", "4", "--witness"])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(["--http-listen", &http.to_string()])
+        .arg("--data-dir")
+        .arg(base.join("data"))
+        .arg("--tls-dir")
+        .arg(base.join("tls"));
+    for (id, n) in &c.nodes {
+        cmd.args(["--peer", &format!("{id}={}", n.listen)]);
+    }
+    let fourth = Proc::spawn("keyraft4", &mut cmd, c.dir.path())?;
+
+    let out = c
+        .cli(leader, &["members", "add", &format!("4={listen}")])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "members add: {out:?}\n{}",
+        fourth.log_tail(30)
+    );
+    let list = c.cli(leader, &["members", "list"]).await?;
+    let text = String::from_utf8_lossy(&list.stdout);
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("4\t") && l.ends_with("voter")),
+        "{text}"
+    );
+    eventually(SETTLE, "node 4 to follow with four voters", || async {
+        let out = tokio::process::Command::new(&c.keyraft)
+            .args(["status", "--json", "--admin", &admin.to_string()])
+            .output()
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let me = v["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == 4))
+            .cloned()
+            .unwrap_or_default();
+        Ok(
+            (v["cluster"]["members"] == serde_json::json!([1, 2, 3, 4])
+                && me["raft"] == "Follower")
+                .then_some(()),
+        )
+    })
+    .await?;
+
+    let out = c.cli(leader, &["members", "remove", "4"]).await?;
+    ensure!(out.status.success(), "members remove: {out:?}");
+    let list = c.cli(leader, &["members", "list"]).await?;
+    let text = String::from_utf8_lossy(&list.stdout);
+    ensure!(!text.lines().any(|l| l.starts_with("4\t")), "{text}");
+    let bad = c.cli(leader, &["members", "add", "nonsense"]).await?;
+    ensure!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("ID=HOST:PORT"));
     c.assert_no_double_signs().await?;
     Ok(())
 }

@@ -177,3 +177,53 @@ fn a_toml_file_and_environment_fill_in_flags() -> Result<()> {
     ensure!(String::from_utf8_lossy(&out.stderr).contains("node ids start at 1"));
     Ok(())
 }
+
+#[test]
+fn json_logs_carry_the_node_id_on_every_line() -> Result<()> {
+    use localnet::harness::free_addr;
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(KEYRAFT)
+        .args([
+            "run",
+            "--node-id",
+            "7",
+            "--peer",
+            "8=127.0.0.1:9",
+            "--insecure",
+            "--witness",
+            "--log-format",
+            "json",
+        ])
+        .args([
+            "--listen",
+            &free_addr()?.to_string(),
+            "--admin-listen",
+            &free_addr()?.to_string(),
+        ])
+        .args(["--http-listen", &free_addr()?.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let lines: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .take(4)
+        .collect::<Result<_, _>>()?;
+    child.kill()?;
+    child.wait()?;
+    ensure!(lines.len() == 4, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        ensure!(v["node"] == 7 && v["level"].is_string(), "{l}");
+    }
+    ensure!(
+        lines.iter().any(|l| l.contains("INSECURE")),
+        "no plaintext warning: {lines:?}"
+    );
+    Ok(())
+}

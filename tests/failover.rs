@@ -529,3 +529,79 @@ async fn check_exit_codes_name_the_failure() -> Result<()> {
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn probe_prints_what_keyraft_sees_of_a_node() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, plain).await?;
+    let active = c.active().await?;
+    let url = format!("http://{}", c.nodes[&active].rpc);
+    let out = tokio::process::Command::new(&c.keyraft)
+        .args(["probe", "--health", "near", "--url", &url, "--json"])
+        .output()
+        .await?;
+    ensure!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["running"] == true && v["synced"] == true && v["height"].as_u64() > Some(0),
+        "{v}"
+    );
+    let down = tokio::process::Command::new(&c.keyraft)
+        .args(["probe", "--health", "near", "--url", "http://127.0.0.1:9"])
+        .output()
+        .await?;
+    let err = String::from_utf8_lossy(&down.stderr);
+    ensure!(
+        !down.status.success() && err.lines().count() == 1 && err.contains("unreachable"),
+        "{down:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_near_preset_links_the_node_key_by_role() -> Result<()> {
+    use localnet::keys::KeyFile;
+    let keys = tempfile::tempdir()?;
+    let shared = keys.path().join("validator_node_key.json");
+    KeyFile::generate("node").write_new(&shared)?;
+    let shared_pub = KeyFile::load(&shared)?.public_key;
+    for id in 1..=3 {
+        KeyFile::generate("node").write_new(&keys.path().join(format!("voter{id}.json")))?;
+    }
+    let dir = keys.path().to_path_buf();
+    let c = Cluster::start(3, BLOCK_MS, |id| NodeOpts {
+        flags: vec![
+            "--validator-node-key".into(),
+            shared.display().to_string(),
+            "--voter-node-key".into(),
+            dir.join(format!("voter{id}.json")).display().to_string(),
+        ],
+        ..NodeOpts::default()
+    })
+    .await?;
+    let active = c.active().await?;
+    for id in 1..=3 {
+        let home = &c.nodes[&id].home;
+        let node_key = std::fs::read_link(home.join("node_key.json"))?;
+        let status =
+            localnet::harness::get_json(&format!("http://{}/status", c.nodes[&id].rpc)).await?;
+        if id == active {
+            ensure!(
+                node_key == shared,
+                "active node {id} links {}",
+                node_key.display()
+            );
+            ensure!(home.join("validator_key.json").exists());
+            ensure!(status["node_public_key"] == shared_pub.as_str(), "{status}");
+        } else {
+            ensure!(
+                node_key == dir.join(format!("voter{id}.json")),
+                "standby {id} links {}",
+                node_key.display()
+            );
+            ensure!(!home.join("validator_key.json").exists());
+            ensure!(status["node_public_key"] != shared_pub.as_str(), "{status}");
+        }
+    }
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
