@@ -105,15 +105,18 @@ fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Statu
     }
 }
 
-/// Runs `cmd` on the leader: here if this node leads, else forwarded.
+/// Runs an operator's command on the leader.
 ///
 /// With no live leader (everyone ineligible, or a paused cluster whose
 /// leader died, where nobody campaigns), a validator host asked to run a
 /// command stands for election itself. Leading does not make it validate:
 /// that still takes eligibility and the activation protocol.
-pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
-    let leader = match sh.leader() {
-        Some(l) => l,
+pub async fn execute_for_operator(
+    sh: &Arc<Shared>,
+    cmd: pb::ClusterCommand,
+) -> Result<String, Status> {
+    match sh.leader() {
+        Some(_) => {}
         None if sh.cfg.witness => {
             return Err(Status::unavailable(
                 "no leader, and a witness does not stand for election: run the command on a validator host",
@@ -122,9 +125,16 @@ pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String
         None => {
             tracing::warn!("operator command with no live leader: standing for election");
             take_leadership(sh).await?;
-            sh.cfg.id
         }
-    };
+    }
+    execute(sh, cmd).await
+}
+
+/// Runs `cmd` on the live leader: here if this node leads, else forwarded.
+pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
+    let leader = sh
+        .leader()
+        .ok_or_else(|| Status::unavailable("no live leader right now"))?;
     if leader == sh.cfg.id {
         return execute_here(sh, cmd).await;
     }
@@ -319,7 +329,7 @@ impl pb::admin_server::Admin for AdminService {
                 "register and rejoin are sent by nodes themselves",
             ));
         }
-        let message = execute(&self.sh, cmd).await?;
+        let message = execute_for_operator(&self.sh, cmd).await?;
         Ok(Response::new(pb::CommandReply { message }))
     }
 

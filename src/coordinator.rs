@@ -1061,7 +1061,9 @@ impl Coordinator {
                 }
                 recheck = self.sh.cfg.timing.heartbeat;
             } else if eligible {
-                recheck = self.maybe_campaign(&m).await;
+                recheck = self.maybe_campaign(&m, false).await;
+            } else if !self.cluster_rx.borrow().paused && self.standby(None, false).is_ok() {
+                recheck = self.maybe_campaign(&m, true).await;
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
@@ -1078,7 +1080,14 @@ impl Coordinator {
     /// Campaigns (with pre-vote) as soon as the leader's lease on this node
     /// has run out, instead of waiting another random election timeout.
     /// Returns how long until it is worth checking again.
-    async fn maybe_campaign(&mut self, m: &raft::Metrics) -> Duration {
+    ///
+    /// With `last_resort`, this node may not validate (a witness, or one
+    /// standing down) but an eligible standby exists and has not won for
+    /// twice the lease: it can lose every vote to a node holding entries it
+    /// lacks (a witness's, say). Then this node stands, leads just long enough
+    /// to bring the standby's log up to date, and goes quiet (see `publish`)
+    /// so that the standby wins next.
+    async fn maybe_campaign(&mut self, m: &raft::Metrics, last_resort: bool) -> Duration {
         let t = self.sh.cfg.timing;
         let now = Instant::now();
         if now < self.next_campaign {
@@ -1094,14 +1103,25 @@ impl Coordinator {
             .gate
             .since_leader_contact()
             .unwrap_or_else(|| self.sh.started.elapsed());
-        let due = t.election_max + self.jitter;
+        let due = if last_resort {
+            t.election_max * 2
+        } else {
+            t.election_max
+        } + self.jitter;
         if quiet < due {
             return (due - quiet).max(Duration::from_millis(10));
         }
-        tracing::info!(
-            quiet_ms = quiet.as_millis() as u64,
-            "leader silent past its lease: campaigning"
-        );
+        if last_resort {
+            tracing::warn!(
+                quiet_ms = quiet.as_millis() as u64,
+                "no leader for twice the lease although a standby could validate: standing for election to catch it up"
+            );
+        } else {
+            tracing::info!(
+                quiet_ms = quiet.as_millis() as u64,
+                "leader silent past its lease: campaigning"
+            );
+        }
         let _ = self.sh.raft.trigger().elect(true).await;
         self.next_campaign = Instant::now() + t.election_min;
         // A fresh jitter for the next round, so two standbys rarely collide.

@@ -605,3 +605,33 @@ async fn the_near_preset_links_the_node_key_by_role() -> Result<()> {
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |id| NodeOpts {
+        witness: id == 3,
+        ..NodeOpts::default()
+    })
+    .await?;
+    let active = c.active().await?;
+    let standby = if active == 1 { 2 } else { 1 };
+    // The standby misses entries that the leader and the witness commit.
+    c.isolate(standby);
+    for cmd in ["pause", "resume"] {
+        let out = c.cli(active, &[cmd]).await?;
+        ensure!(out.status.success(), "{cmd}: {out:?}");
+    }
+    // Then the leader freezes as the standby comes back: only the witness
+    // holds the entries the standby lacks, so the witness must step in.
+    let at = c.chain.totals().await?.height;
+    c.signal(active, Signal::SIGSTOP)?;
+    c.heal();
+    let (new, _) = c
+        .wait_signer(at + 1, &[active])
+        .await
+        .with_context(|| c.logs())?;
+    ensure!(new == standby, "node {new} signs");
+    c.signal(active, Signal::SIGCONT)?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}

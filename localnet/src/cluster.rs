@@ -256,6 +256,55 @@ impl Cluster {
         Ok(())
     }
 
+    /// A whole host dies: SIGKILL of the coordinator's process group (with
+    /// its guard) and of the validator's.
+    pub fn kill_host(&mut self, id: u64) -> Result<()> {
+        let validator = self.validator_pid(id);
+        if let Some(p) = self.forget(id)? {
+            let _ = p.signal_group(Signal::SIGKILL);
+        }
+        if let Some(v) = validator {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), Signal::SIGKILL);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL of node `id`'s validator only (a crash).
+    pub fn kill_validator(&self, id: u64) -> Result<()> {
+        let pid = self
+            .validator_pid(id)
+            .ok_or_else(|| anyhow!("node {id} has no validator running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
+        Ok(())
+    }
+
+    /// SIGSTOP (`stop`) or SIGCONT of coordinator `id`, or with `host` of its
+    /// whole host: coordinator, guard and validator. On resume the validator
+    /// and the guard are continued together, as when a VM thaws.
+    pub fn freeze(&self, id: u64, host: bool, stop: bool) -> Result<()> {
+        let sig = if stop {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        let proc = self.proc(id)?;
+        if !host {
+            return proc.signal(sig);
+        }
+        if let Some(v) = self.validator_pid(id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), sig);
+        }
+        proc.signal_group(sig)
+    }
+
+    /// Whether coordinator `id` is running (not killed, not exited).
+    pub fn running(&mut self, id: u64) -> bool {
+        self.nodes
+            .get_mut(&id)
+            .and_then(|n| n.proc.as_mut())
+            .is_some_and(|p| p.try_exit().is_none())
+    }
+
     /// Forgets a coordinator process (after it exited or was killed).
     pub fn forget(&mut self, id: u64) -> Result<Option<Proc>> {
         Ok(self.node_mut(id)?.proc.take())

@@ -7,10 +7,13 @@
 //! - [`keys`]: NEAR-format key files and the message a validator signs.
 //! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
 //!   missed heights and double signs. It is the oracle of every failover test.
+//! - [`chaos`]: seeded rounds of real faults, judged by the chain.
 //! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
 //!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
+//! - [`launcher`]: `localnet up`, its live view and control API, and the
+//!   commands that break a running localnet from another terminal.
 //! - [`node`]: `fakenode`, a neard look-alike that signs each height while it
 //!   holds the validator key.
 //! - [`proxy`]: TCP fault proxies on every peer link, so links can be cut
@@ -18,9 +21,11 @@
 
 pub mod bench;
 pub mod chain;
+pub mod chaos;
 pub mod cluster;
 pub mod harness;
 pub mod keys;
+pub mod launcher;
 pub mod node;
 pub mod proxy;
 

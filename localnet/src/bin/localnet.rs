@@ -1,19 +1,112 @@
-//! `localnet`: the demo, fault and benchmark front end of the judge.
+//! `localnet`: the one-command demo, fault injection, chaos and benchmarks.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use localnet::bench;
+use localnet::chaos::{self, Fault};
+use localnet::{bench, launcher};
 
 #[derive(Parser)]
-#[command(version, about = "keyraft's local test network and judge")]
+#[command(
+    version,
+    about = "keyraft's local test network: demo, faults, chaos and benchmarks"
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
 }
 
+#[derive(clap::Args, Clone)]
+struct DirArg {
+    /// The localnet's dir [default: $TMPDIR/keyraft-localnet].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl DirArg {
+    fn path(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(launcher::default_dir)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start fakechain and keyraft coordinators with fakenodes, and show them live.
+    Up {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Coordinators (2 to 5).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Make the last node a witness (no validator).
+        #[arg(long)]
+        witness: bool,
+        #[arg(long, default_value_t = 500)]
+        block_ms: u64,
+    },
+    /// Print the live view once.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Kill node N: its whole host, or only its coordinator or validator.
+    Kill {
+        id: u64,
+        #[arg(long, conflicts_with = "validator")]
+        coordinator: bool,
+        #[arg(long)]
+        validator: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// SIGSTOP node N's coordinator, or its whole host with --host.
+    Pause {
+        id: u64,
+        #[arg(long)]
+        host: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// SIGCONT node N (coordinator, guard and validator).
+    Resume {
+        id: u64,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Cut every peer link to and from node N (blackhole).
+    Partition {
+        id: u64,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Restore every peer link.
+    Heal {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Start node N's coordinator again after a kill.
+    Start {
+        id: u64,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Seeded rounds of random faults; the last line is a JSON summary.
+    /// Exits non-zero if any double sign occurred.
+    Chaos {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where to keep the cluster's files [default: a temp dir, removed].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 500)]
+        block_ms: u64,
+        /// Faults to draw from [default: all].
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<Fault>,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
@@ -64,38 +157,99 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     localnet::init_logging();
     let result = match args.command {
-        Cmd::Bench {
-            what:
-                BenchCmd::Chain {
-                    nodes,
-                    block_ms,
-                    seconds,
-                    heights,
-                    memory_block_ms,
-                },
+        Cmd::Up {
+            dir,
+            nodes,
+            witness,
+            block_ms,
         } => {
-            let b = bench::ChainBench {
+            launcher::up(launcher::UpOptions {
+                dir: dir.path(),
+                nodes,
+                witness,
+                block_ms,
+            })
+            .await
+        }
+        Cmd::Status { dir } => launcher::status(&dir.path()).await,
+        Cmd::Kill {
+            id,
+            coordinator,
+            validator,
+            dir,
+        } => {
+            let what = match (coordinator, validator) {
+                (true, _) => "coordinator",
+                (_, true) => "validator",
+                _ => "host",
+            };
+            launcher::control(&dir.path(), &format!("kill/{id}?what={what}")).await
+        }
+        Cmd::Pause { id, host, dir } => {
+            launcher::control(&dir.path(), &format!("pause/{id}?host={host}")).await
+        }
+        Cmd::Resume { id, dir } => {
+            launcher::control(&dir.path(), &format!("resume/{id}?host=true")).await
+        }
+        Cmd::Partition { id, dir } => {
+            launcher::control(&dir.path(), &format!("partition/{id}")).await
+        }
+        Cmd::Heal { dir } => launcher::control(&dir.path(), "heal").await,
+        Cmd::Start { id, dir } => launcher::control(&dir.path(), &format!("start/{id}")).await,
+        Cmd::Chaos {
+            rounds,
+            seed,
+            dir,
+            block_ms,
+            faults,
+        } => {
+            let o = chaos::ChaosOptions {
+                rounds,
+                seed,
+                dir,
+                block_ms,
+                faults,
+            };
+            match chaos::run(o).await {
+                Ok((summary, clean)) => {
+                    println!("{summary}");
+                    if clean {
+                        Ok(())
+                    } else {
+                        Err(anyhow::anyhow!("double signs occurred (see the summary)"))
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Bench { what } => match what {
+            BenchCmd::Chain {
                 nodes,
                 block_ms,
                 seconds,
                 heights,
                 memory_block_ms,
-            };
-            bench::chain(&b).await.map(|v| println!("{v}"))
-        }
-        Cmd::Bench {
-            what: BenchCmd::Idle { starts, seconds },
-        } => bench::idle(starts, seconds).await.map(|v| println!("{v}")),
-        Cmd::Bench {
-            what:
-                BenchCmd::Failover {
-                    rounds,
+            } => {
+                let b = bench::ChainBench {
+                    nodes,
                     block_ms,
-                    activate_by,
-                },
-        } => bench::failover(rounds, block_ms, &activate_by)
-            .await
-            .map(|v| println!("{v}")),
+                    seconds,
+                    heights,
+                    memory_block_ms,
+                };
+                bench::chain(&b).await.map(|v| println!("{v}"))
+            }
+            BenchCmd::Idle { starts, seconds } => {
+                bench::idle(starts, seconds).await.map(|v| println!("{v}"))
+            }
+            BenchCmd::Failover {
+                rounds,
+                block_ms,
+                activate_by,
+            } => bench::failover(rounds, block_ms, &activate_by)
+                .await
+                .map(|v| println!("{v}")),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

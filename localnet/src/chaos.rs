@@ -1,0 +1,317 @@
+//! `localnet chaos`: seeded rounds of real faults against a local cluster,
+//! each judged by the fake chain.
+//!
+//! Owns: the fault catalogue, the schedule (a seeded RNG, so a run can be
+//! replayed), waiting for the cluster to settle before and after each fault,
+//! and the JSON summary. Must not: hide a fault's outcome; the whole-host
+//! freeze, which a single machine cannot make safe (DESIGN.md, "Residual
+//! risk"), is reported in its own category.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::bench::percentile;
+use crate::cluster::{Cluster, ClusterDir, NodeOpts};
+use crate::harness::{eventually, get_json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Fault {
+    KillActiveHost,
+    KillActiveCoordinator,
+    FreezeActiveCoordinator,
+    FreezeActiveHost,
+    PartitionActive,
+    PartitionStandby,
+    PartitionWitness,
+    CrashActiveValidator,
+    Flap,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 9] = [
+        Fault::KillActiveHost,
+        Fault::KillActiveCoordinator,
+        Fault::FreezeActiveCoordinator,
+        Fault::FreezeActiveHost,
+        Fault::PartitionActive,
+        Fault::PartitionStandby,
+        Fault::PartitionWitness,
+        Fault::CrashActiveValidator,
+        Fault::Flap,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillActiveHost => "kill_active_host",
+            Fault::KillActiveCoordinator => "kill_active_coordinator",
+            Fault::FreezeActiveCoordinator => "freeze_active_coordinator",
+            Fault::FreezeActiveHost => "freeze_active_host",
+            Fault::PartitionActive => "partition_active",
+            Fault::PartitionStandby => "partition_standby",
+            Fault::PartitionWitness => "partition_witness",
+            Fault::CrashActiveValidator => "crash_active_validator",
+            Fault::Flap => "flap",
+        }
+    }
+
+    /// Faults one machine cannot make safe: guard and validator freeze and
+    /// thaw together, and the validator may sign before the guard kills it.
+    pub fn residual_risk(self) -> bool {
+        self == Fault::FreezeActiveHost
+    }
+}
+
+pub struct ChaosOptions {
+    pub rounds: usize,
+    pub seed: u64,
+    pub dir: Option<PathBuf>,
+    pub block_ms: u64,
+    pub faults: Vec<Fault>,
+}
+
+struct RoundResult {
+    fault: Fault,
+    failover_ms: Option<f64>,
+    missed: u64,
+    double_signs: u64,
+}
+
+/// Nodes: 1 and 2 validate, 3 is a witness.
+const NODES: u64 = 3;
+const WITNESS: u64 = 3;
+const SETTLE: Duration = Duration::from_secs(60);
+
+pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
+    let dir = match &o.dir {
+        Some(d) => {
+            if d.exists() {
+                std::fs::remove_dir_all(d)?;
+            }
+            ClusterDir::Kept(d.clone())
+        }
+        None => ClusterDir::Temp(
+            tempfile::Builder::new()
+                .prefix("keyraft-chaos-")
+                .tempdir()?,
+        ),
+    };
+    let faults = if o.faults.is_empty() {
+        Fault::ALL.to_vec()
+    } else {
+        o.faults.clone()
+    };
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let mut c = Cluster::start_in(dir, NODES, o.block_ms, |id| NodeOpts {
+        witness: id == WITNESS,
+        ..NodeOpts::default()
+    })
+    .await?;
+    println!(
+        "chaos: {} rounds, seed {}, cluster in {}",
+        o.rounds,
+        o.seed,
+        c.dir.path().display()
+    );
+    settle(&mut c)
+        .await
+        .context("the cluster did not settle at start")?;
+    let mut results = Vec::new();
+    for round in 0..o.rounds {
+        let fault = faults[rng.random_range(0..faults.len())];
+        let before = c.chain.totals().await?;
+        let failover_ms = inject(&mut c, fault, &mut rng)
+            .await
+            .with_context(|| format!("round {round}: {}", fault.name()))?;
+        settle(&mut c).await.with_context(|| {
+            format!(
+                "round {round}: the cluster did not settle after {}",
+                fault.name()
+            )
+        })?;
+        let after = c.chain.totals().await?;
+        let r = RoundResult {
+            fault,
+            failover_ms,
+            missed: after.missed - before.missed,
+            double_signs: after.double_signs - before.double_signs,
+        };
+        println!(
+            "round {round:>3}: {:<26} failover {:>6}  missed {:>3}  double signs {}",
+            fault.name(),
+            r.failover_ms
+                .map_or("-".to_string(), |ms| format!("{ms:.0}ms")),
+            r.missed,
+            r.double_signs
+        );
+        results.push(r);
+    }
+    Ok(summarize(&results))
+}
+
+/// Injects `fault`, waits for its effect, restores the cluster. Returns the
+/// failover time if the signer changed.
+async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Option<f64>> {
+    let active = c.active().await?;
+    let standby = (1..=NODES)
+        .find(|i| *i != active && *i != WITNESS)
+        .unwrap_or(1);
+    let at = c.chain.totals().await?.height;
+    let t0 = Instant::now();
+    let ms = match fault {
+        Fault::KillActiveHost => {
+            c.kill_host(active)?;
+            let ms = failover(c, at, active, t0).await?;
+            c.spawn(active)?;
+            Some(ms)
+        }
+        Fault::KillActiveCoordinator => {
+            c.kill_coordinator(active)?;
+            let ms = failover(c, at, active, t0).await?;
+            c.forget(active)?;
+            c.spawn(active)?;
+            Some(ms)
+        }
+        Fault::FreezeActiveCoordinator | Fault::FreezeActiveHost => {
+            let host = fault == Fault::FreezeActiveHost;
+            c.freeze(active, host, true)?;
+            let ms = failover(c, at, active, t0).await?;
+            tokio::time::sleep(Duration::from_millis(500 + rng.random_range(0..1000))).await;
+            c.freeze(active, host, false)?;
+            Some(ms)
+        }
+        Fault::PartitionActive => {
+            c.isolate(active);
+            let ms = failover(c, at, active, t0).await?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+            c.heal();
+            Some(ms)
+        }
+        Fault::PartitionStandby | Fault::PartitionWitness => {
+            let victim = if fault == Fault::PartitionWitness {
+                WITNESS
+            } else {
+                standby
+            };
+            c.isolate(victim);
+            tokio::time::sleep(Duration::from_millis(2000 + rng.random_range(0..1000))).await;
+            c.heal();
+            None
+        }
+        Fault::CrashActiveValidator => {
+            c.kill_validator(active)?;
+            let (new, _) = c.wait_signer(at + 1, &[]).await?;
+            (new != active).then(|| t0.elapsed().as_secs_f64() * 1000.0)
+        }
+        Fault::Flap => {
+            for _ in 0..6 {
+                c.isolate(active);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
+                c.heal();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
+            }
+            let (now, _) = c.wait_signer(at + 1, &[]).await?;
+            (now != active).then(|| t0.elapsed().as_secs_f64() * 1000.0)
+        }
+    };
+    Ok(ms)
+}
+
+/// Milliseconds from `t0` until a node other than `old` signs after `at`.
+async fn failover(c: &Cluster, at: u64, old: u64, t0: Instant) -> Result<f64> {
+    c.wait_signer(at + 1, &[old]).await?;
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Every coordinator running, exactly one node validating and signing, the
+/// other validator a synced standby.
+async fn settle(c: &mut Cluster) -> Result<()> {
+    for id in 1..=NODES {
+        if !c.running(id) {
+            c.forget(id)?;
+            c.spawn(id)?;
+        }
+    }
+    let c: &Cluster = c;
+    eventually(
+        SETTLE,
+        "one validating node and a synced standby",
+        || async {
+            let mut validating = Vec::new();
+            let mut standby_ok = true;
+            for id in 1..=NODES {
+                let v = get_json(&format!("http://{}/status", c.nodes[&id].http)).await?;
+                let me = v["nodes"]
+                    .as_array()
+                    .and_then(|n| n.iter().find(|x| x["id"] == id))
+                    .cloned()
+                    .unwrap_or_default();
+                match me["state"].as_str() {
+                    Some("Validating") => validating.push(id),
+                    Some("Voting") if id == WITNESS || me["validator"]["synced"] == true => {}
+                    _ => standby_ok = false,
+                }
+            }
+            let [active] = validating.as_slice() else {
+                return Ok(None);
+            };
+            let h = c.chain.totals().await?.height;
+            let s = c.chain.stats_since(h.saturating_sub(2)).await?;
+            Ok((standby_ok && s.signers.iter().any(|x| x.node == *active)).then_some(()))
+        },
+    )
+    .await
+}
+
+fn summarize(results: &[RoundResult]) -> (serde_json::Value, bool) {
+    let mut per_fault: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    for f in Fault::ALL {
+        let rs: Vec<&RoundResult> = results.iter().filter(|r| r.fault == f).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let ms: Vec<f64> = rs.iter().filter_map(|r| r.failover_ms).collect();
+        per_fault.insert(
+            f.name(),
+            json!({
+                "rounds": rs.len(),
+                "failovers": ms.len(),
+                "failover_ms_p50": percentile(&ms, 50.0),
+                "failover_ms_p99": percentile(&ms, 99.0),
+                "missed": rs.iter().map(|r| r.missed).sum::<u64>(),
+                "double_signs": rs.iter().map(|r| r.double_signs).sum::<u64>(),
+                "residual_risk": f.residual_risk(),
+            }),
+        );
+    }
+    let safe: Vec<&RoundResult> = results
+        .iter()
+        .filter(|r| !r.fault.residual_risk())
+        .collect();
+    let residual: Vec<&RoundResult> = results.iter().filter(|r| r.fault.residual_risk()).collect();
+    let ms: Vec<f64> = safe.iter().filter_map(|r| r.failover_ms).collect();
+    let double_safe: u64 = safe.iter().map(|r| r.double_signs).sum();
+    let double_residual: u64 = residual.iter().map(|r| r.double_signs).sum();
+    let summary = json!({
+        "rounds": results.len(),
+        "failovers": ms.len(),
+        "failover_ms_p50": percentile(&ms, 50.0),
+        "failover_ms_p99": percentile(&ms, 99.0),
+        "missed": safe.iter().map(|r| r.missed).sum::<u64>(),
+        "double_signs": double_safe + double_residual,
+        "double_signs_outside_residual_risk": double_safe,
+        "residual_risk": {
+            "faults": ["freeze_active_host"],
+            "rounds": residual.len(),
+            "double_signs": double_residual,
+            "missed": residual.iter().map(|r| r.missed).sum::<u64>(),
+        },
+        "per_fault": per_fault,
+    });
+    (summary, double_safe + double_residual == 0)
+}

@@ -1,0 +1,154 @@
+//! `localnet up` and its fault commands, and `localnet chaos`, as a user
+//! runs them: separate processes, the chain as judge.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::harness::{eventually, sibling_bin, ChainClient, Proc};
+use localnet::launcher::LocalnetFile;
+use nix::sys::signal::Signal;
+
+fn localnet(args: &[&str], dir: &std::path::Path) -> Result<Output> {
+    Ok(Command::new(sibling_bin("localnet")?)
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()?)
+}
+
+fn ok(out: Output) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it_all() -> Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("net");
+    let mut up = Proc::spawn(
+        "localnet-up",
+        Command::new(sibling_bin("localnet")?)
+            .args(["up", "--witness", "--block-ms", "250", "--dir"])
+            .arg(&dir),
+        tmp.path(),
+    )?;
+    let info: LocalnetFile = eventually(Duration::from_secs(30), "localnet.json", || async {
+        let text = std::fs::read_to_string(dir.join("localnet.json")).ok();
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    })
+    .await
+    .with_context(|| up.log_tail(20))?;
+    let chain = ChainClient::new(&info.chain);
+    let view = eventually(
+        Duration::from_secs(20),
+        "a validating node in the view",
+        || async {
+            let v = ok(localnet(&["status"], &dir)?)?;
+            Ok(v.contains("Validating").then_some(v))
+        },
+    )
+    .await?;
+    ensure!(
+        view.contains("witness") && view.contains("double signs 0"),
+        "{view}"
+    );
+    let active = chain
+        .stats_since(0)
+        .await?
+        .signers
+        .last()
+        .map(|s| s.node)
+        .context("no signer")?;
+
+    ensure!(
+        localnet(&["kill", "9"], &dir)?.status.code() != Some(0),
+        "killing a node that does not exist"
+    );
+    ok(localnet(&["partition", &active.to_string()], &dir)?)?;
+    let at = chain.totals().await?.height;
+    eventually(Duration::from_secs(20), "another signer", || async {
+        let s = chain.stats_since(at + 1).await?;
+        Ok(s.signers.iter().any(|x| x.node != active).then_some(()))
+    })
+    .await?;
+    ok(localnet(&["heal"], &dir)?)?;
+    let again = chain
+        .stats_since(0)
+        .await?
+        .signers
+        .last()
+        .map(|s| s.node)
+        .context("no signer")?;
+    ok(localnet(&["kill", &again.to_string()], &dir)?)?;
+    let view = ok(localnet(&["status"], &dir)?)?;
+    ensure!(view.contains("killed"), "{view}");
+    ok(localnet(&["start", &again.to_string()], &dir)?)?;
+    ok(localnet(&["pause", &active.to_string(), "--host"], &dir)?)?;
+    ok(localnet(&["resume", &active.to_string()], &dir)?)?;
+    ensure!(chain.totals().await?.double_signs == 0);
+
+    // Ctrl-C: everything it started goes away.
+    let pids: Vec<i32> = (1..=3)
+        .filter_map(|id| {
+            std::fs::read_to_string(dir.join(format!("n{id}/data/validator.pid"))).ok()
+        })
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    up.signal(Signal::SIGINT)?;
+    let status = up.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(status.success(), "{status}: {}", up.log_tail(20));
+    for pid in pids {
+        ensure!(
+            !localnet::cluster::alive(pid),
+            "validator {pid} outlived localnet up"
+        );
+    }
+    ensure!(
+        reqwest::get(format!("{}/status", info.chain))
+            .await
+            .is_err(),
+        "fakechain outlived localnet up"
+    );
+    ensure!(
+        localnet(&["status"], &dir)?.status.code() != Some(0),
+        "status of a stopped localnet"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Result<()> {
+    let out = Command::new(sibling_bin("localnet")?)
+        .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
+        .args([
+            "--faults",
+            "kill-active-host,partition-active,partition-witness,crash-active-validator",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().context("no output")?;
+    let v: serde_json::Value = serde_json::from_str(last)?;
+    ensure!(v["rounds"] == 4 && v["double_signs"] == 0, "{v}");
+    for key in [
+        "failovers",
+        "failover_ms_p50",
+        "failover_ms_p99",
+        "missed",
+        "per_fault",
+        "residual_risk",
+    ] {
+        ensure!(v.get(key).is_some(), "summary lacks {key}: {v}");
+    }
+    Ok(())
+}
