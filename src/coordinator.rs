@@ -249,8 +249,8 @@ pub async fn run(
     .map_err(|e| RunError::Raft(e.to_string()))?;
 
     let (req_tx, req_rx) = mpsc::channel(8);
-    let metrics =
-        Metrics::new(env!("CARGO_PKG_VERSION")).map_err(|e| RunError::Raft(e.to_string()))?;
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness)
+        .map_err(|e| RunError::Raft(e.to_string()))?;
     let sh = Arc::new(Shared {
         cfg,
         raft: raft.clone(),

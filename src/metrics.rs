@@ -46,13 +46,16 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
-    pub fn new(version: &str) -> Result<Metrics, prometheus::Error> {
+    /// A witness has no validator, so it exports no `keyraft_validator_*`
+    /// series (a zero there would read as a node that is down).
+    pub fn new(version: &str, witness: bool) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
-            opts("build_info", "Build information; always 1."),
-            &["version"],
+            opts("build_info", "Build information and role; always 1."),
+            &["version", "role"],
         )?;
-        build.with_label_values(&[version]).set(1);
+        let role = if witness { "witness" } else { "validator" };
+        build.with_label_values(&[version, role]).set(1);
         let m = Metrics {
             state: IntGaugeVec::new(opts("state", "Coordinator state, one-hot."), &["type"])?,
             raft_term: IntGauge::with_opts(opts("raft_term", "Current Raft term."))?,
@@ -100,10 +103,12 @@ impl Metrics {
         r.register(Box::new(m.activations.clone()))?;
         r.register(Box::new(m.deactivations.clone()))?;
         r.register(Box::new(m.failover_seconds.clone()))?;
-        r.register(Box::new(m.validator_up.clone()))?;
-        r.register(Box::new(m.validator_synced.clone()))?;
-        r.register(Box::new(m.validator_height.clone()))?;
-        r.register(Box::new(m.validator_restarts.clone()))?;
+        if !witness {
+            r.register(Box::new(m.validator_up.clone()))?;
+            r.register(Box::new(m.validator_synced.clone()))?;
+            r.register(Box::new(m.validator_height.clone()))?;
+            r.register(Box::new(m.validator_restarts.clone()))?;
+        }
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;
         r.register(Box::new(m.paused.clone()))?;

@@ -10,6 +10,7 @@
 //! - [`chaos`]: seeded rounds of real faults, judged by the chain.
 //! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
 //!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
+//! - [`docker`]: the Docker Compose cluster under host-level faults.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
 //! - [`launcher`]: `localnet up`, its live view and control API, and the
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod chain;
 pub mod chaos;
 pub mod cluster;
+pub mod docker;
 pub mod harness;
 pub mod keys;
 pub mod launcher;

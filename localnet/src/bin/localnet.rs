@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use localnet::chaos::{self, Fault};
-use localnet::{bench, launcher};
+use localnet::{bench, docker, launcher};
 
 #[derive(Parser)]
 #[command(
@@ -107,6 +107,22 @@ enum Cmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<Fault>,
     },
+    /// The Docker Compose cluster under docker network disconnect, docker
+    /// kill and docker pause of the active host, judged by the chain.
+    DockerTest {
+        #[arg(long, default_value = "keyraft:local")]
+        image: String,
+        /// [default: localnet/docker/docker-compose.yml]
+        #[arg(long)]
+        compose_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value_t = 500)]
+        block_ms: u64,
+        /// A new signer must appear within this many ms of each fault.
+        #[arg(long, default_value_t = 5000)]
+        bound_ms: u64,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
@@ -152,10 +168,52 @@ enum BenchCmd {
     },
 }
 
+/// Under `cargo run -p localnet`, cargo builds only this package: build the
+/// `keyraft` binary too (same profile), so that `cargo run --release -p
+/// localnet -- up` works on a fresh checkout. Outside cargo, `keyraft` must
+/// sit beside `localnet`, as in `target/release` after a workspace build.
+fn build_keyraft_under_cargo() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    if !manifest.is_file() {
+        return Ok(());
+    }
+    let release = std::env::current_exe()?
+        .components()
+        .any(|c| c.as_os_str() == "release");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "keyraft",
+        "--bin",
+        "keyraft",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("building keyraft ...");
+    let status = cmd.status()?;
+    anyhow::ensure!(status.success(), "building keyraft failed");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     localnet::init_logging();
+    if matches!(
+        args.command,
+        Cmd::Up { .. } | Cmd::Chaos { .. } | Cmd::Bench { .. }
+    ) {
+        if let Err(e) = build_keyraft_under_cargo() {
+            return localnet::report(e);
+        }
+    }
     let result = match args.command {
         Cmd::Up {
             dir,
@@ -220,6 +278,37 @@ async fn main() -> ExitCode {
                     }
                 }
                 Err(e) => Err(e),
+            }
+        }
+        Cmd::DockerTest {
+            image,
+            compose_file,
+            rounds,
+            block_ms,
+            bound_ms,
+        } => {
+            let o = docker::DockerTestOptions {
+                compose_file: compose_file.unwrap_or_else(docker::default_compose_file),
+                image,
+                rounds,
+                block_ms,
+                bound: std::time::Duration::from_millis(bound_ms),
+            };
+            match docker::check_tools() {
+                Err(e) => Err(e),
+                Ok(()) => match docker::run(o).await {
+                    Ok((summary, passed)) => {
+                        println!("{summary}");
+                        if passed {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!(
+                                "the docker cluster failed a check (see above)"
+                            ))
+                        }
+                    }
+                    Err(e) => Err(e),
+                },
             }
         }
         Cmd::Bench { what } => match what {

@@ -1,0 +1,336 @@
+//! `localnet docker-test`: the Docker Compose cluster under host-level
+//! faults, judged by the chain.
+//!
+//! Owns: the files the compose cluster mounts (keys, certificates), driving
+//! `docker-compose` and `docker` (network disconnect, kill, pause) and
+//! restoring each fault, and the verdict. Must not: leave containers or
+//! networks behind; the cluster is taken down even when a check fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::harness::{eventually, free_port, sibling_bin, ChainClient};
+use crate::keys::KeyFile;
+
+pub struct DockerTestOptions {
+    pub compose_file: PathBuf,
+    pub image: String,
+    pub rounds: usize,
+    pub block_ms: u64,
+    /// Failover bound: a new signer must appear within this long.
+    pub bound: Duration,
+}
+
+const NODES: u64 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Disconnect,
+    Kill,
+    Pause,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Disconnect => "network_disconnect",
+            Fault::Kill => "docker_kill",
+            Fault::Pause => "docker_pause",
+        }
+    }
+}
+
+/// Takes the compose project down when dropped.
+struct Project {
+    name: String,
+    compose_file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Project {
+    fn compose(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("docker-compose")
+            .args(["-p", &self.name, "-f"])
+            .arg(&self.compose_file)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .context("cannot run docker-compose")?;
+        ensure!(
+            out.status.success(),
+            "docker-compose {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn container(&self, node: u64) -> Result<String> {
+        let id = self.compose(&["ps", "-q", &format!("node{node}")])?;
+        ensure!(!id.is_empty(), "no container for node{node}");
+        Ok(id)
+    }
+
+    fn network(&self) -> String {
+        format!("{}_peers", self.name)
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", self.name),
+            ])
+            .output()
+            .map(|o| {
+                for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["unpause", id]).output();
+                }
+            });
+        let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "2"]);
+    }
+}
+
+fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .context("cannot run docker")?;
+    ensure!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The files the compose file mounts at /run/keyraft.
+fn make_run_dir(dir: &Path) -> Result<()> {
+    let key = KeyFile::generate("validator.docker");
+    key.write_new(&dir.join("validator_key.json"))?;
+    std::fs::write(
+        dir.join("validator_pub.json"),
+        serde_json::to_vec(&json!({"account_id": key.account_id, "public_key": key.public_key}))?,
+    )?;
+    let keyraft = sibling_bin("keyraft")?;
+    let ca = dir.join("ca");
+    let run = |args: &[&str], out: &Path| -> Result<()> {
+        let o = Command::new(&keyraft)
+            .arg("certs")
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "keyraft certs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    };
+    run(&["ca"], &ca)?;
+    for n in 1..=NODES {
+        let id = n.to_string();
+        let ca_arg = ca.display().to_string();
+        run(
+            &[
+                "node",
+                "--ca",
+                &ca_arg,
+                "--id",
+                &id,
+                "--dns",
+                &format!("node{n}.peers"),
+            ],
+            &dir.join(format!("n{n}/tls")),
+        )?;
+    }
+    // The CA key is not needed inside the cluster.
+    std::fs::remove_file(ca.join("ca.key"))?;
+    Ok(())
+}
+
+/// Each node's own view of its state (`None` if it does not answer).
+fn own_states(p: &Project) -> Result<Vec<(u64, Option<String>)>> {
+    let mut states = Vec::new();
+    for n in 1..=NODES {
+        let c = p.container(n)?;
+        let state = docker(&["exec", &c, "keyraft", "status", "--json"])
+            .ok()
+            .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+            .and_then(|v| {
+                v["nodes"]
+                    .as_array()
+                    .and_then(|ns| ns.iter().find(|x| x["id"] == n))
+                    .and_then(|me| me["state"].as_str().map(str::to_string))
+            });
+        states.push((n, state));
+    }
+    Ok(states)
+}
+
+/// Exactly one node validating and signing, the others synced standbys.
+async fn settle(p: &Project, chain: &ChainClient) -> Result<u64> {
+    eventually(
+        Duration::from_secs(90),
+        "one validating node and two standbys",
+        || async {
+            let states = own_states(p)?;
+            let validating: Vec<u64> = states
+                .iter()
+                .filter(|(_, s)| s.as_deref() == Some("Validating"))
+                .map(|(n, _)| *n)
+                .collect();
+            let voting = states
+                .iter()
+                .filter(|(_, s)| s.as_deref() == Some("Voting"))
+                .count();
+            let [active] = validating.as_slice() else {
+                return Ok(None);
+            };
+            let h = chain.totals().await?.height;
+            let signing = chain
+                .stats_since(h.saturating_sub(2))
+                .await?
+                .signers
+                .iter()
+                .any(|x| x.node == *active);
+            Ok((signing && voting == NODES as usize - 1).then_some(*active))
+        },
+    )
+    .await
+}
+
+pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
+    docker(&["version", "--format", "{{.Server.Version}}"]).context("no Docker engine")?;
+    docker(&["image", "inspect", &o.image])
+        .with_context(|| format!("no image {} (run localnet/docker/build-image.sh)", o.image))?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("keyraft-docker-")
+        .tempdir()?;
+    make_run_dir(run_dir.path())?;
+    let chain_port = free_port()?;
+    let project = Project {
+        name: format!("keyraft{}", std::process::id()),
+        compose_file: o.compose_file.clone(),
+        env: vec![
+            ("RUN_DIR".into(), run_dir.path().display().to_string()),
+            ("CHAIN_PORT".into(), chain_port.to_string()),
+            ("IMAGE".into(), o.image.clone()),
+            ("BLOCK_MS".into(), o.block_ms.to_string()),
+        ],
+    };
+    project.compose(&["up", "-d"])?;
+    let chain = ChainClient::new(&format!("http://127.0.0.1:{chain_port}"));
+    let first = settle(&project, &chain)
+        .await
+        .context("the cluster did not come up")?;
+    println!("docker cluster up; node {first} validates");
+
+    let mut rounds = Vec::new();
+    let mut failed = Vec::new();
+    for round in 0..o.rounds {
+        for fault in [Fault::Disconnect, Fault::Kill, Fault::Pause] {
+            let active = settle(&project, &chain).await?;
+            let container = project.container(active)?;
+            let before = chain.totals().await?;
+            let t0 = Instant::now();
+            match fault {
+                Fault::Disconnect => {
+                    docker(&["network", "disconnect", &project.network(), &container])?
+                }
+                Fault::Kill => docker(&["kill", &container])?,
+                Fault::Pause => docker(&["pause", &container])?,
+            };
+            let new = eventually(Duration::from_secs(60), "a new signer", || async {
+                let s = chain.stats_since(before.height + 1).await?;
+                Ok(s.signers.iter().find(|x| x.node != active).map(|x| x.node))
+            })
+            .await;
+            let took = t0.elapsed();
+            match fault {
+                Fault::Disconnect => {
+                    let alias = format!("node{active}.peers");
+                    docker(&[
+                        "network",
+                        "connect",
+                        "--alias",
+                        &alias,
+                        &project.network(),
+                        &container,
+                    ])?
+                }
+                Fault::Kill => docker(&["start", &container])?,
+                Fault::Pause => docker(&["unpause", &container])?,
+            };
+            let after_active = settle(&project, &chain)
+                .await
+                .with_context(|| format!("no recovery after {}", fault.name()))?;
+            let after = chain.totals().await?;
+            let double = after.double_signs - before.double_signs;
+            let ms = took.as_millis() as u64;
+            println!(
+                "round {round} {:<18} node {active} -> {}: {ms} ms, missed {}, double signs {double}; after recovery node {after_active} validates",
+                fault.name(),
+                new.as_ref().map_or("none".to_string(), |n| n.to_string()),
+                after.missed - before.missed
+            );
+            if new.is_err() || took > o.bound {
+                failed.push(format!(
+                    "{}: no new signer within {:?}",
+                    fault.name(),
+                    o.bound
+                ));
+            }
+            if double > 0 && fault != Fault::Pause {
+                failed.push(format!("{}: {double} double signs", fault.name()));
+            }
+            rounds.push(json!({
+                "fault": fault.name(), "from": active, "to": new.ok(), "failover_ms": ms,
+                "missed": after.missed - before.missed, "double_signs": double,
+                "residual_risk": fault == Fault::Pause,
+            }));
+        }
+    }
+    let total = chain.totals().await?;
+    let residual: u64 = rounds
+        .iter()
+        .filter(|r| r["residual_risk"] == true)
+        .filter_map(|r| r["double_signs"].as_u64())
+        .sum();
+    let summary = json!({
+        "rounds": rounds,
+        "double_signs": total.double_signs - residual,
+        "residual_risk": {"faults": ["docker_pause"], "double_signs": residual},
+        "failures": failed,
+    });
+    if !failed.is_empty() {
+        eprintln!("docker test failed: {}", failed.join("; "));
+    }
+    drop(project);
+    Ok((summary, failed.is_empty()))
+}
+
+/// The compose file shipped beside this crate.
+pub fn default_compose_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/docker-compose.yml")
+}
+
+/// For error messages of the CLI.
+pub fn check_tools() -> Result<()> {
+    for tool in ["docker", "docker-compose"] {
+        if Command::new(tool).arg("version").output().is_err() {
+            bail!("{tool} is not installed");
+        }
+    }
+    Ok(())
+}
