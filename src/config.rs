@@ -745,6 +745,115 @@ mod tests {
         );
     }
 
+    fn keys_in(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        names
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .unwrap();
+                p
+            })
+            .collect()
+    }
+
+    fn validator_args(dir: &Path) -> RunArgs {
+        RunArgs {
+            node_id: Some(1),
+            listen: Some("127.0.0.1:7700".parse().unwrap()),
+            peer: vec!["2=127.0.0.1:7702".into()],
+            insecure: true,
+            validator_home: Some(dir.join("home")),
+            command: vec!["node".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn chain_presets_link_the_right_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["v.json", "vn.json", "voter.json", "extra"]);
+        let home = dir.path().join("home");
+
+        let near = RunArgs {
+            validator_key: Some(k[0].clone()),
+            validator_node_key: Some(k[1].clone()),
+            voter_node_key: Some(k[2].clone()),
+            ..validator_args(dir.path())
+        };
+        let v = near.resolve().unwrap().validator.unwrap();
+        assert_eq!(v.health, HealthKind::Near);
+        assert_eq!(
+            v.active_links[0],
+            KeyLink {
+                src: k[0].clone(),
+                dst: home.join("validator_key.json")
+            }
+        );
+        assert_eq!(
+            v.active_links[1],
+            KeyLink {
+                src: k[1].clone(),
+                dst: home.join("node_key.json")
+            }
+        );
+        assert_eq!(
+            v.standby_links,
+            vec![KeyLink {
+                src: k[2].clone(),
+                dst: home.join("node_key.json")
+            }]
+        );
+
+        let comet = RunArgs {
+            chain: Some(Chain::Cometbft),
+            validator_key: Some(k[0].clone()),
+            ..validator_args(dir.path())
+        };
+        let v = comet.resolve().unwrap().validator.unwrap();
+        assert_eq!(v.health, HealthKind::Cometbft);
+        assert_eq!(v.health_url, "http://127.0.0.1:26657");
+        assert_eq!(
+            v.active_links,
+            vec![KeyLink {
+                src: k[0].clone(),
+                dst: home.join("config/priv_validator_key.json")
+            }]
+        );
+
+        let generic = RunArgs {
+            key_link: vec![format!("{}=/srv/node/key", k[3].display())],
+            health_url: Some("http://127.0.0.1:9/health".into()),
+            ..validator_args(dir.path())
+        };
+        let v = generic.resolve().unwrap().validator.unwrap();
+        assert_eq!(v.health, HealthKind::Http);
+        assert_eq!(
+            v.active_links,
+            vec![KeyLink {
+                src: k[3].clone(),
+                dst: PathBuf::from("/srv/node/key")
+            }]
+        );
+
+        let half = RunArgs {
+            validator_key: Some(k[0].clone()),
+            validator_node_key: Some(k[1].clone()),
+            ..validator_args(dir.path())
+        };
+        assert!(half
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("go together"));
+    }
+
     #[test]
     fn host_port() {
         assert!(check_host_port("node1:7700", "x").is_ok());

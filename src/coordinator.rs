@@ -227,10 +227,15 @@ pub async fn run(
     .await?;
 
     let raft_dir = cfg.data_dir.join("raft");
-    let (log_store, state_machine) = blocking(move || raft::store::open(&raft_dir)).await?;
-    let fresh = log_store.is_fresh()?;
+    let tls_paths = cfg.tls.clone();
+    let (log_store, state_machine, fresh, material) = blocking(move || -> Result<_, RunError> {
+        let (log, sm) = raft::store::open(&raft_dir)?;
+        let fresh = log.is_fresh()?;
+        let material = tls_paths.as_ref().map(TlsMaterial::load).transpose()?;
+        Ok((log, sm, fresh, material))
+    })
+    .await?;
     let cluster_rx = state_machine.subscribe();
-    let material = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
     if material.is_none() {
         tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
     }
@@ -1139,6 +1144,31 @@ impl Coordinator {
         Some(sent + self.sh.cfg.timing.fence_after.as_nanos() as u64)
     }
 
+    /// Sends the guard the lease deadline as it stands now. With the lease
+    /// lapsed, or the guard unreachable, deactivates and returns the next
+    /// state instead.
+    async fn renew_lease(&mut self) -> Result<u64, State> {
+        let m = self.sh.raft_metrics();
+        let deadline = match self.lease_deadline(&m) {
+            Some(d) if d > fence::mono_now_ns() => d,
+            _ => {
+                tracing::warn!(
+                    "lease expired: no quorum ack within {:?}",
+                    self.sh.cfg.timing.fence_after
+                );
+                return Err(self.deactivate("lease").await);
+            }
+        };
+        let Some(node) = &mut self.node else {
+            return Err(State::Voting);
+        };
+        if let Err(e) = node.sup.lease(Some(deadline)).await {
+            tracing::error!("cannot hand the lease to the guard: {e}");
+            return Err(self.deactivate("validator_exit").await);
+        }
+        Ok(deadline)
+    }
+
     fn still_leader(&self, term: u64) -> bool {
         let m = self.sh.raft_metrics();
         m.state == ServerState::Leader && m.current_term == term
@@ -1279,21 +1309,15 @@ impl Coordinator {
         }
         // Arm the guard before the key appears: from here on, a frozen or
         // dead coordinator cannot keep the validator alive past the lease.
-        let m = self.sh.raft_metrics();
-        let deadline = match self.lease_deadline(&m) {
-            Some(d) if d > fence::mono_now_ns() && self.still_leader(term) => d,
-            _ => {
-                tracing::warn!("lease lapsed during activation");
-                return self.deactivate("lease").await;
-            }
-        };
+        if !self.still_leader(term) {
+            return State::Voting;
+        }
+        if let Err(next) = self.renew_lease().await {
+            return next;
+        }
         let Some(node) = &mut self.node else {
             return State::Voting;
         };
-        if let Err(e) = node.sup.lease(Some(deadline)).await {
-            tracing::error!("cannot arm the guard: {e}");
-            return self.deactivate("validator_exit").await;
-        }
         if let Err(e) = node.links(true).await {
             tracing::error!("cannot link the key: {e}");
             return self.deactivate("validator_exit").await;
@@ -1335,22 +1359,14 @@ impl Coordinator {
                 tracing::warn!("lost leadership of term {term}");
                 return self.deactivate("leadership").await;
             }
+            let deadline = match self.renew_lease().await {
+                Ok(d) => d,
+                Err(next) => return next,
+            };
             let now = fence::mono_now_ns();
-            let deadline = match self.lease_deadline(&m) {
-                Some(d) if d > now => d,
-                _ => {
-                    tracing::warn!("lease expired: no quorum ack within {:?}", t.fence_after);
-                    return self.deactivate("lease").await;
-                }
-            };
-            let Some(node) = &mut self.node else {
-                return State::Voting;
-            };
-            if let Err(e) = node.sup.lease(Some(deadline)).await {
-                tracing::error!("cannot renew the guard's lease: {e}");
-                return self.deactivate("validator_exit").await;
+            if let Some(node) = &mut self.node {
+                node.ensure_running().await;
             }
-            node.ensure_running().await;
             let healthy = self.health().is_some_and(|h| h.healthy());
             if healthy {
                 unhealthy_since = None;

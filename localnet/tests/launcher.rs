@@ -9,12 +9,16 @@ use localnet::harness::{eventually, sibling_bin, ChainClient, Proc};
 use localnet::launcher::LocalnetFile;
 use nix::sys::signal::Signal;
 
+/// `localnet` as built (without `CARGO` in its environment, it does not try
+/// to build keyraft itself, which would wait on the test run's build lock).
+fn localnet_cmd() -> Result<Command> {
+    let mut cmd = Command::new(sibling_bin("localnet")?);
+    cmd.env_remove("CARGO");
+    Ok(cmd)
+}
+
 fn localnet(args: &[&str], dir: &std::path::Path) -> Result<Output> {
-    Ok(Command::new(sibling_bin("localnet")?)
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()?)
+    Ok(localnet_cmd()?.args(args).arg("--dir").arg(dir).output()?)
 }
 
 fn ok(out: Output) -> Result<String> {
@@ -33,7 +37,7 @@ async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it
     let dir = tmp.path().join("net");
     let mut up = Proc::spawn(
         "localnet-up",
-        Command::new(sibling_bin("localnet")?)
+        localnet_cmd()?
             .args(["up", "--witness", "--block-ms", "250", "--dir"])
             .arg(&dir),
         tmp.path(),
@@ -124,7 +128,7 @@ async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it
 
 #[tokio::test]
 async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Result<()> {
-    let out = Command::new(sibling_bin("localnet")?)
+    let out = localnet_cmd()?
         .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
         .args([
             "--faults",

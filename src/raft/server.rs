@@ -56,9 +56,17 @@ fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Status> {
 }
 
 impl RaftService {
-    fn check_vote_gate(&self, req: &VoteRequest<TypeConfig>) -> Result<(), Status> {
-        if req.leadership_transfer || self.gate.may_grant_votes() {
-            Ok(())
+    /// Decodes a vote or pre-vote request from the candidate that sent it,
+    /// if this node may vote now.
+    fn vote_request(
+        &self,
+        req: &Request<pb::RaftPayload>,
+    ) -> Result<VoteRequest<TypeConfig>, Status> {
+        let peer = peer_of(req)?;
+        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
+        same_sender(peer, rpc.vote.leader_id.node_id)?;
+        if rpc.leadership_transfer || self.gate.may_grant_votes() {
+            Ok(rpc)
         } else {
             Err(Status::unavailable(
                 "not granting votes yet (recently started or rejoining)",
@@ -92,10 +100,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
-        same_sender(peer, rpc.vote.leader_id.node_id)?;
-        self.check_vote_gate(&rpc)?;
+        let rpc = self.vote_request(&req)?;
         reply(&self.raft.vote(rpc).await)
     }
 
@@ -103,10 +108,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
-        same_sender(peer, rpc.vote.leader_id.node_id)?;
-        self.check_vote_gate(&rpc)?;
+        let rpc = self.vote_request(&req)?;
         reply(&self.raft.pre_vote(rpc).await)
     }
 
