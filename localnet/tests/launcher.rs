@@ -62,13 +62,10 @@ async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it
         view.contains("witness") && view.contains("double signs 0"),
         "{view}"
     );
-    let active = chain
-        .stats_since(0)
-        .await?
-        .signers
-        .last()
-        .map(|s| s.node)
-        .context("no signer")?;
+    let active = eventually(Duration::from_secs(20), "a signer on the chain", || async {
+        Ok(chain.stats_since(0).await?.signers.last().map(|s| s.node))
+    })
+    .await?;
 
     ensure!(
         localnet(&["kill", "9"], &dir)?.status.code() != Some(0),
