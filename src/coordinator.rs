@@ -31,7 +31,7 @@ use openraft::type_config::alias::WatchReceiverOf;
 use openraft::{BasicNode, ServerState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::Server;
 
 use crate::admin;
@@ -447,16 +447,12 @@ async fn start_servers(
         .add_service(InterceptedService::new(raft_svc, auth.clone()))
         .add_service(InterceptedService::new(gossip_svc, auth.clone()))
         .add_service(InterceptedService::new(cluster_svc, auth));
-    let incoming = TcpIncoming::from(peer_listener).with_nodelay(Some(true));
-    let stopped = until_stopped(stop.clone());
-    let peer_task = tokio::spawn(async move {
-        if let Err(e) = peer_router
-            .serve_with_incoming_shutdown(incoming, stopped)
-            .await
-        {
-            tracing::error!("peer server failed: {e:?}");
-        }
-    });
+    let peer_task = spawn_grpc(
+        "peer",
+        peer_router,
+        peer_listener,
+        until_stopped(stop.clone()),
+    );
 
     let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
@@ -465,16 +461,12 @@ async fn start_servers(
         .concurrency_limit_per_connection(16)
         .timeout(Duration::from_secs(60))
         .add_service(admin_svc);
-    let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
-    let stopped = until_stopped(stop.clone());
-    let admin_task = tokio::spawn(async move {
-        if let Err(e) = admin_router
-            .serve_with_incoming_shutdown(incoming, stopped)
-            .await
-        {
-            tracing::error!("admin server failed: {e:?}");
-        }
-    });
+    let admin_task = spawn_grpc(
+        "admin",
+        admin_router,
+        admin_listener,
+        until_stopped(stop.clone()),
+    );
 
     let app = admin::http_router(sh.clone());
     let stopped = until_stopped(stop);
@@ -487,6 +479,21 @@ async fn start_servers(
         }
     });
     Ok(vec![peer_task, admin_task, http_task])
+}
+
+/// Serves a gRPC router on `listener` until `stopped` completes.
+fn spawn_grpc(
+    what: &'static str,
+    router: Router,
+    listener: tokio::net::TcpListener,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+            tracing::error!("{what} server failed: {e:?}");
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1385,7 +1392,9 @@ impl Coordinator {
                     }
                 }
             }
-            let lease_end = Duration::from_nanos(deadline - now);
+            // The awaits since the renewal can outlast the lease (a thawed
+            // host): then wake at once, and the next renewal deactivates.
+            let lease_end = Duration::from_nanos(deadline.saturating_sub(now));
             let restart_at = self
                 .node
                 .as_ref()

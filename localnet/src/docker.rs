@@ -78,6 +78,23 @@ impl Project {
     fn network(&self) -> String {
         format!("{}_peers", self.name)
     }
+
+    /// Each node's state and the tail of its log, for a failure report.
+    fn diagnose(&self) -> String {
+        let mut out = format!("states: {:?}\n", own_states(self).unwrap_or_default());
+        for n in 1..=NODES {
+            let Ok(c) = self.container(n) else { continue };
+            if let Ok(o) = Command::new("docker")
+                .args(["logs", "--tail", "40", &c])
+                .output()
+            {
+                out.push_str(&format!("--- node{n} ---\n"));
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+                out.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        out
+    }
 }
 
 impl Drop for Project {
@@ -180,7 +197,7 @@ fn own_states(p: &Project) -> Result<Vec<(u64, Option<String>)>> {
 
 /// Exactly one node validating and signing, the others synced standbys.
 async fn settle(p: &Project, chain: &ChainClient) -> Result<u64> {
-    eventually(
+    let settled = eventually(
         Duration::from_secs(90),
         "one validating node and two standbys",
         || async {
@@ -207,7 +224,8 @@ async fn settle(p: &Project, chain: &ChainClient) -> Result<u64> {
             Ok((signing && voting == NODES as usize - 1).then_some(*active))
         },
     )
-    .await
+    .await;
+    settled.with_context(|| p.diagnose())
 }
 
 pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
