@@ -197,22 +197,12 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
         }
         Kind::MembersAdd(m) => {
             check_member(&m)?;
-            raft.add_learner(m.id, BasicNode::new(&m.addr), true)
-                .await
-                .map_err(write_status)?;
-            raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
-                .await
-                .map_err(write_status)?;
+            add_voter(raft, &m).await?;
             sh.peers.set_addr(m.id, &m.addr);
             Ok(format!("node {} ({}) is a voter", m.id, m.addr))
         }
         Kind::MembersRemove(id) => {
-            let voters: Vec<NodeId> = sh
-                .raft_metrics()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
+            let voters = voter_ids(sh);
             if voters.contains(&id) && voters.len() <= 1 {
                 return Err(Status::failed_precondition("cannot remove the last voter"));
             }
@@ -226,31 +216,40 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
         }
         Kind::Rejoin(m) => {
             check_member(&m)?;
-            let voters: BTreeSet<NodeId> = sh
-                .raft_metrics()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
-            if voters.contains(&m.id) {
+            if voter_ids(sh).contains(&m.id) {
                 // Demote first: a voter that lost its data must not vote
                 // until it has caught up again.
                 raft.change_membership(ChangeMembers::RemoveVoters([m.id].into()), true)
                     .await
                     .map_err(write_status)?;
             }
-            raft.add_learner(m.id, BasicNode::new(&m.addr), true)
-                .await
-                .map_err(write_status)?;
-            raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
-                .await
-                .map_err(write_status)?;
+            add_voter(raft, &m).await?;
             Ok(format!(
                 "node {} rejoined as a learner, caught up and is a voter again",
                 m.id
             ))
         }
     }
+}
+
+fn voter_ids(sh: &Shared) -> BTreeSet<NodeId> {
+    sh.raft_metrics()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+/// Joint consensus the safe way: a learner first (returns once it has
+/// caught up), then a voter.
+async fn add_voter(raft: &crate::raft::Raft, m: &pb::Member) -> Result<(), Status> {
+    raft.add_learner(m.id, BasicNode::new(&m.addr), true)
+        .await
+        .map_err(write_status)?;
+    raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
+        .await
+        .map_err(write_status)?;
+    Ok(())
 }
 
 fn check_member(m: &pb::Member) -> Result<(), Status> {

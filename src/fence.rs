@@ -433,21 +433,27 @@ fn stop(guard: &Arc<Guard>, grace: Option<Duration>) -> String {
     let group = Pid::from_raw(-pid);
     if let Some(grace) = grace {
         let _ = kill(group, Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while st.pid.is_some() && Instant::now() < deadline {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            st = guard
-                .changed
-                .wait_timeout(st, wait)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        st = wait_gone(guard, st, grace);
     }
     if st.pid.is_some() {
         let _ = kill(group, Signal::SIGCONT);
         let _ = kill(group, Signal::SIGKILL);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    st = wait_gone(guard, st, Duration::from_secs(10));
+    st.expected_exit = false;
+    match (st.pid, st.last_exit.clone()) {
+        (Some(p), _) => format!("err validator {p} did not die"),
+        (None, how) => format!("ok {}", how.unwrap_or_else(|| "exited".into())),
+    }
+}
+
+/// Waits up to `limit` for the validator to be reaped.
+fn wait_gone<'a>(
+    guard: &'a Guard,
+    mut st: MutexGuard<'a, GuardState>,
+    limit: Duration,
+) -> MutexGuard<'a, GuardState> {
+    let deadline = Instant::now() + limit;
     while st.pid.is_some() && Instant::now() < deadline {
         let wait = deadline.saturating_duration_since(Instant::now());
         st = guard
@@ -456,11 +462,7 @@ fn stop(guard: &Arc<Guard>, grace: Option<Duration>) -> String {
             .map(|r| r.0)
             .unwrap_or_else(|p| p.into_inner().0);
     }
-    st.expected_exit = false;
-    match (st.pid, st.last_exit.clone()) {
-        (Some(p), _) => format!("err validator {p} did not die"),
-        (None, how) => format!("ok {}", how.unwrap_or_else(|| "exited".into())),
-    }
+    st
 }
 
 /// Kills the validator's group when the lease deadline passes.

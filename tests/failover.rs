@@ -33,15 +33,17 @@ async fn wait_dead(pid: i32, limit: Duration) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// The validating node, its validator's pid, and the chain's height now.
+async fn active_validator(c: &Cluster) -> Result<(u64, i32, u64)> {
+    let active = c.active().await?;
+    let pid = c.validator_pid(active).context("no validator pid")?;
+    Ok((active, pid, c.chain.totals().await?.height))
+}
+
 /// The highest height `node` signed, per the chain's window.
 async fn last_signed_by(c: &Cluster, node: u64) -> Result<u64> {
     let s = c.chain.stats_since(0).await?;
-    Ok(s.signers
-        .iter()
-        .filter(|x| x.node == node)
-        .map(|x| x.height)
-        .max()
-        .unwrap_or(0))
+    Ok(s.last_signed_by(node).unwrap_or(0))
 }
 
 #[tokio::test]
@@ -97,9 +99,7 @@ async fn exactly_one_node_validates() -> Result<()> {
 async fn sigkill_of_the_active_coordinator_fences_its_validator_and_a_standby_signs_within_3s(
 ) -> Result<()> {
     let mut c = Cluster::start(3, BLOCK_MS, plain).await?;
-    let old = c.active().await?;
-    let pid = c.validator_pid(old).context("no validator pid")?;
-    let at = c.chain.totals().await?.height;
+    let (old, pid, at) = active_validator(&c).await?;
     let killed = Instant::now();
     c.kill_coordinator(old)?;
     let died = wait_dead(pid, Duration::from_secs(3))
@@ -107,13 +107,7 @@ async fn sigkill_of_the_active_coordinator_fences_its_validator_and_a_standby_si
         .with_context(|| c.logs())?;
     let (new, s) = c.wait_signer(at + 1, &[old]).await?;
     let took = killed.elapsed();
-    let first = s
-        .signers
-        .iter()
-        .filter(|x| x.node == new)
-        .map(|x| x.height)
-        .min()
-        .unwrap_or(0);
+    let first = s.first_signed_by(new, 0).unwrap_or(0);
     let gap_ms = first.saturating_sub(at) * BLOCK_MS;
     ensure!(
         gap_ms <= 3000,
@@ -131,22 +125,14 @@ async fn sigkill_of_the_active_coordinator_fences_its_validator_and_a_standby_si
 #[tokio::test]
 async fn a_frozen_coordinator_is_fenced_by_its_guard_and_stands_down_after_thaw() -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, plain).await?;
-    let old = c.active().await?;
-    let pid = c.validator_pid(old).context("no validator pid")?;
-    let at = c.chain.totals().await?.height;
+    let (old, pid, at) = active_validator(&c).await?;
     c.signal(old, Signal::SIGSTOP)?;
     wait_dead(pid, Duration::from_secs(3))
         .await
         .with_context(|| c.logs())?;
     let fenced_at = c.chain.totals().await?.height;
     let (new, s) = c.wait_signer(at + 1, &[old]).await?;
-    let first = s
-        .signers
-        .iter()
-        .filter(|x| x.node == new)
-        .map(|x| x.height)
-        .min()
-        .unwrap_or(0);
+    let first = s.first_signed_by(new, 0).unwrap_or(0);
     ensure!(
         last_signed_by(&c, old).await? < first,
         "old validator signed at or after the successor's first height"
@@ -179,9 +165,7 @@ async fn a_frozen_coordinator_is_fenced_by_its_guard_and_stands_down_after_thaw(
 #[tokio::test]
 async fn an_isolated_active_node_fences_itself_and_leadership_does_not_flap_back() -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, plain).await?;
-    let old = c.active().await?;
-    let pid = c.validator_pid(old).context("no validator pid")?;
-    let at = c.chain.totals().await?.height;
+    let (old, pid, at) = active_validator(&c).await?;
     c.isolate(old);
     wait_dead(pid, Duration::from_secs(3))
         .await
@@ -222,20 +206,12 @@ async fn a_validator_with_a_slow_shutdown_is_still_killed_in_time() -> Result<()
         ..NodeOpts::default()
     })
     .await?;
-    let old = c.active().await?;
-    let pid = c.validator_pid(old).context("no validator pid")?;
-    let at = c.chain.totals().await?.height;
+    let (old, pid, at) = active_validator(&c).await?;
     c.kill_coordinator(old)?;
     // SIGTERM would keep it signing for 20 s; the guard must SIGKILL it.
     let died = wait_dead(pid, Duration::from_secs(2)).await?;
     let (new, s) = c.wait_signer(at + 1, &[old]).await?;
-    let first = s
-        .signers
-        .iter()
-        .filter(|x| x.node == new)
-        .map(|x| x.height)
-        .min()
-        .unwrap_or(0);
+    let first = s.first_signed_by(new, 0).unwrap_or(0);
     ensure!(
         first.saturating_sub(at) * BLOCK_MS <= 3000,
         "successor first signed at {first}, killed at {at}"
@@ -348,13 +324,7 @@ async fn switchover(c: &Cluster) -> Result<(u64, u64, u64)> {
     let (new, _) = c.wait_signer(before.height, &[old]).await?;
     let last_old = last_signed_by(c, old).await?;
     let s = c.chain.stats_since(last_old).await?;
-    let first_new = s
-        .signers
-        .iter()
-        .filter(|x| x.node == new)
-        .map(|x| x.height)
-        .min()
-        .unwrap_or(0);
+    let first_new = s.first_signed_by(new, 0).unwrap_or(0);
     if first_new <= last_old {
         bail!("node {new} signed height {first_new}, node {old} signed up to {last_old}");
     }

@@ -287,19 +287,7 @@ async fn settle_standbys(c: &crate::cluster::Cluster, active: u64) -> anyhow::Re
 /// Heights between the old signer's last and the new signer's first.
 async fn gap(c: &crate::cluster::Cluster, old: u64, new: u64) -> anyhow::Result<u64> {
     let s = c.chain.stats_since(0).await?;
-    let last_old = s
-        .signers
-        .iter()
-        .filter(|x| x.node == old)
-        .map(|x| x.height)
-        .max()
-        .unwrap_or(0);
-    let first_new = s
-        .signers
-        .iter()
-        .filter(|x| x.node == new && x.height > last_old)
-        .map(|x| x.height)
-        .min()
-        .unwrap_or(last_old + 1);
+    let last_old = s.last_signed_by(old).unwrap_or(0);
+    let first_new = s.first_signed_by(new, last_old).unwrap_or(last_old + 1);
     Ok(first_new.saturating_sub(last_old + 1))
 }

@@ -46,6 +46,25 @@ pub struct Stats {
     pub signers: Vec<Signer>,
 }
 
+impl Stats {
+    /// The lowest height above `after` that `node` signed, within the window.
+    pub fn first_signed_by(&self, node: u64, after: u64) -> Option<u64> {
+        self.heights_of(node).filter(|&h| h > after).min()
+    }
+
+    /// The highest height `node` signed, within the window.
+    pub fn last_signed_by(&self, node: u64) -> Option<u64> {
+        self.heights_of(node).max()
+    }
+
+    fn heights_of(&self, node: u64) -> impl Iterator<Item = u64> + '_ {
+        self.signers
+            .iter()
+            .filter(move |x| x.node == node)
+            .map(|x| x.height)
+    }
+}
+
 /// `POST /sign`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignRequest {
