@@ -28,7 +28,14 @@ use crate::pb::{self, cluster_command::Kind};
 use crate::raft::{Command, TypeConfig};
 use crate::tls::peer_of;
 
-const FORWARD_DEADLINE: Duration = Duration::from_secs(30);
+/// How long an operator's command may take on the leader (a `members add`
+/// waits there for the new learner to catch up).
+const OPERATOR_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one attempt of a node's own request (register, rejoin) may take.
+/// Short, so that an attempt caught in a leader change or a stalled host is
+/// dropped and retried rather than waited out; a retry is idempotent and the
+/// learner's catch-up carries on between attempts.
+pub const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The cluster as this node sees it, in DESIGN.md's shape.
 pub fn status_json(sh: &Shared) -> Value {
@@ -127,11 +134,16 @@ pub async fn execute_for_operator(
             take_leadership(sh).await?;
         }
     }
-    execute(sh, cmd).await
+    execute(sh, cmd, OPERATOR_DEADLINE).await
 }
 
-/// Runs `cmd` on the live leader: here if this node leads, else forwarded.
-pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String, Status> {
+/// Runs `cmd` on the live leader: here if this node leads, else forwarded
+/// with `deadline` (the leader drops the command's wait when it passes).
+pub async fn execute(
+    sh: &Arc<Shared>,
+    cmd: pb::ClusterCommand,
+    deadline: Duration,
+) -> Result<String, Status> {
     let leader = sh
         .leader()
         .ok_or_else(|| Status::unavailable("no live leader right now"))?;
@@ -143,9 +155,9 @@ pub async fn execute(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<String
         .channel(leader)
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut client = pb::cluster_client::ClusterClient::new(channel);
-    let req = sh.peers.request(cmd, FORWARD_DEADLINE);
+    let req = sh.peers.request(cmd, deadline);
     sh.peers
-        .call(leader, FORWARD_DEADLINE, client.forward(req))
+        .call(leader, deadline, client.forward(req))
         .await
         .map(|r| r.message)
         .map_err(|e| Status::unavailable(format!("forwarding to leader {leader}: {e}")))

@@ -590,7 +590,7 @@ async fn register(sh: Arc<Shared>) {
         let cmd = pb::ClusterCommand {
             kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
         };
-        if let Err(e) = admin::execute(&sh, cmd).await {
+        if let Err(e) = admin::execute(&sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
             tracing::debug!("registering: {}", e.message());
         }
     }
@@ -1027,7 +1027,7 @@ impl Coordinator {
                         "asking leader {:?} to take this node back as a learner",
                         m.current_leader
                     );
-                    match admin::execute(&self.sh, cmd).await {
+                    match admin::execute(&self.sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
                         Ok(msg) => {
                             tracing::info!("{msg}");
                             self.rejoining = false;
