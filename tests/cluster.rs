@@ -340,7 +340,7 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
         },
     )
     .await
-    .with_context(|| c.logs())?;
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
     eventually(
         SETTLE,
         "the rejoined node to be a voter following the leader",
@@ -359,7 +359,7 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
         },
     )
     .await
-    .with_context(|| c.logs())?;
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
     c.assert_no_double_signs().await?;
     Ok(())
 }

@@ -437,9 +437,22 @@ impl Cluster {
 
     /// The tail of every coordinator log, for failure messages.
     pub fn logs(&self) -> String {
-        self.nodes
-            .values()
-            .filter_map(|n| n.proc.as_ref())
+        self.logs_ending_with(None)
+    }
+
+    /// As [`Cluster::logs`], with node `last`'s log at the end, where a
+    /// truncated CI report still shows it.
+    pub fn logs_ending_with(&self, last: Option<u64>) -> String {
+        let mut order: Vec<u64> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&id| Some(id) != last)
+            .collect();
+        order.extend(last);
+        order
+            .iter()
+            .filter_map(|id| self.nodes[id].proc.as_ref())
             .map(|p| format!("--- {} ---\n{}", p.name, p.log_tail(40)))
             .collect::<Vec<_>>()
             .join("\n")
