@@ -3,14 +3,17 @@
 //! Owns: the on-disk layout of `DATA_DIR/raft` (trees `log`, `meta`, `sm`)
 //! and the durability promises openraft relies on: a vote is fsynced before
 //! `save_vote` returns, appended entries are fsynced before the IO callback
-//! fires, truncation and purging never leave holes. Must not: block an async
-//! worker (every sled call runs in `spawn_blocking`) or interpret commands
-//! beyond [`ClusterState::apply`].
+//! fires, truncation and purging never leave holes. Appends return once
+//! written and are acknowledged in batches by one fsync thread (group
+//! commit), so a slow disk never stalls openraft's core, which also answers
+//! heartbeats. Must not: block an async worker (every other sled call runs
+//! in `spawn_blocking`) or interpret commands beyond [`ClusterState::apply`].
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::mpsc;
 
 use futures::TryStreamExt;
 use openraft::storage::{
@@ -36,6 +39,8 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("the Raft store in {path} is damaged: {why}")]
     Corrupt { path: String, why: String },
+    #[error("cannot start the Raft store's fsync thread: {0}")]
+    Flusher(io::Error),
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -91,11 +96,13 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     };
     let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
     let (tx, _) = watch::channel(data.state.clone());
+    let unflushed = spawn_flusher(db.clone()).map_err(StoreError::Flusher)?;
     Ok((
         LogStore {
             db: db.clone(),
             log,
             meta,
+            unflushed,
         },
         StateMachine {
             db,
@@ -106,12 +113,33 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     ))
 }
 
+/// Group commit: one fsync acknowledges every append written before it
+/// started, in order. The thread ends when the last [`LogStore`] is dropped.
+fn spawn_flusher(db: sled::Db) -> io::Result<mpsc::Sender<IOFlushed<TypeConfig>>> {
+    let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+    std::thread::Builder::new()
+        .name("raft-fsync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiting = vec![first];
+                waiting.extend(rx.try_iter());
+                let flushed = db.flush().map_err(|e| e.to_string());
+                for callback in waiting {
+                    callback.io_completed(flushed.clone().map(|_| ()).map_err(io::Error::other));
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Callbacks of written, not yet fsynced appends, for the fsync thread.
+    unflushed: mpsc::Sender<IOFlushed<TypeConfig>>,
 }
 
 impl LogStore {
@@ -249,24 +277,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.insert(&key(e.log_id.index), encode(&e)?);
         }
-        let (db, log) = (self.db.clone(), self.log.clone());
-        let result = blocking(move || {
-            log.apply_batch(batch).map_err(io_err)?;
-            db.flush().map_err(io_err)?;
-            Ok(())
-        })
-        .await;
-        // Durable now (or failed): only then may openraft count these entries.
-        match result {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::other(e.to_string())));
-                Err(e)
-            }
+        let log = self.log.clone();
+        if let Err(e) = blocking(move || log.apply_batch(batch).map_err(io_err)).await {
+            callback.io_completed(Err(io::Error::other(e.to_string())));
+            return Err(e);
         }
+        // Readable now; durable (and counted by openraft) once the fsync
+        // thread has flushed. Without that thread, flush here.
+        if let Err(mpsc::SendError(callback)) = self.unflushed.send(callback) {
+            let flushed = self.flush().await;
+            let copy = flushed.as_ref().map(|_| ()).map_err(io_err);
+            callback.io_completed(copy);
+            flushed?;
+        }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
