@@ -779,6 +779,9 @@ impl Coordinator {
         // openraft never abandons a transfer to a node that then dies.)
         // With nobody able to take over, it keeps leading: that is harmless.
         let leader = self.sh.raft_metrics().state == ServerState::Leader;
+        if leader {
+            self.sh.gate.leading();
+        }
         let quiet = leader
             && !eligible
             && state != StateName::Validating
@@ -1113,7 +1116,7 @@ impl Coordinator {
         let quiet = self
             .sh
             .gate
-            .since_leader_contact()
+            .since_any_leader()
             .unwrap_or_else(|| self.sh.started.elapsed());
         let due = if last_resort {
             t.election_max * 2

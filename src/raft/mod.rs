@@ -177,6 +177,18 @@ pub struct Gate {
     accepts_leadership: AtomicBool,
     /// When an AppendEntries (or heartbeat) from a leader last arrived.
     last_leader_contact: Mutex<Option<Instant>>,
+    /// When this node was last seen leading (see [`Gate::since_any_leader`]).
+    last_led: Mutex<Option<Instant>>,
+}
+
+fn stamp(at: &Mutex<Option<Instant>>) {
+    *at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+}
+
+fn age(at: &Mutex<Option<Instant>>) -> Option<std::time::Duration> {
+    at.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t.elapsed())
 }
 
 impl Gate {
@@ -187,6 +199,7 @@ impl Gate {
             votes_open: AtomicBool::new(votes_open),
             accepts_leadership: AtomicBool::new(false),
             last_leader_contact: Mutex::new(None),
+            last_led: Mutex::new(None),
         }
     }
 
@@ -207,17 +220,27 @@ impl Gate {
     }
 
     pub fn leader_contact(&self) {
-        *self
-            .last_leader_contact
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        stamp(&self.last_leader_contact);
     }
 
     pub fn since_leader_contact(&self) -> Option<std::time::Duration> {
-        self.last_leader_contact
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(|t| t.elapsed())
+        age(&self.last_leader_contact)
+    }
+
+    /// Records that this node is the leader now.
+    pub fn leading(&self) {
+        stamp(&self.last_led);
+    }
+
+    /// How long there has been no leader in sight: since a leader's last
+    /// message, or since this node itself last led, whichever is later. A
+    /// leader that has just handed over must not count its own reign as
+    /// leaderless time and campaign against the node it handed over to.
+    pub fn since_any_leader(&self) -> Option<std::time::Duration> {
+        match (self.since_leader_contact(), age(&self.last_led)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
