@@ -1,5 +1,6 @@
-//! Peer status exchange: every gossip interval each coordinator pushes its
-//! status record to every peer and gets the peer's back, which gives the
+//! Peer status exchange: every gossip interval, and at once when its state
+//! or eligibility changes, each coordinator pushes its status record to
+//! every peer and gets the peer's back, which gives the
 //! cluster view (last seen, round-trip time) behind `keyraft status`,
 //! `keyraft_peer_*` metrics and the choice of a handover target.
 //!
@@ -60,13 +61,27 @@ impl ClusterView {
     }
 }
 
-/// Pushes this node's status to every peer, forever.
+/// Pushes this node's status to every peer, forever: on each tick, and as
+/// soon as its state or eligibility changes, so that a leader choosing a
+/// handover target does not pick a node that has just become unable to
+/// take over (it would refuse, and the handover would wait for a lease).
 pub async fn run(sh: Arc<Shared>) {
     let interval = sh.cfg.timing.gossip_interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut local = sh.local.subscribe();
+    let role = |l: &crate::coordinator::Local| (l.state, l.eligible);
+    let mut pushed = None;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Ok(()) = local.changed() => {
+                if pushed == Some(role(&local.borrow_and_update())) {
+                    continue;
+                }
+            }
+        }
+        pushed = Some(role(&sh.local.borrow()));
         // Members added at runtime are dialled at their membership address.
         for (id, node) in sh.raft_metrics().membership_config.membership().nodes() {
             if sh.peers.addr(*id).is_none() {

@@ -315,12 +315,21 @@ async fn switchover(c: &Cluster) -> Result<(u64, u64, u64)> {
     )
     .await?;
     let before = c.chain.totals().await?;
-    let out = c.cli(old, &["switchover"]).await?;
-    ensure!(
-        out.status.success(),
-        "switchover failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A node that has just handed over may not take over again for a
+    // moment; the CLI says so and the operator runs it again.
+    eventually(SETTLE, "a switchover the leader accepts", || async {
+        let out = c.cli(old, &["switchover"]).await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return Ok(Some(()));
+        }
+        ensure!(
+            err.contains("may not validate now"),
+            "switchover failed: {err}"
+        );
+        Ok(None)
+    })
+    .await?;
     let (new, _) = c.wait_signer(before.height, &[old]).await?;
     let last_old = last_signed_by(c, old).await?;
     let s = c.chain.stats_since(last_old).await?;
@@ -334,10 +343,15 @@ async fn switchover(c: &Cluster) -> Result<(u64, u64, u64)> {
 #[tokio::test]
 async fn switchover_with_hot_reload_misses_at_most_one_block() -> Result<()> {
     let c = Cluster::start(3, 500, hot_reload).await?;
-    let (old, new, missed) = switchover(&c).await?;
-    eprintln!("switchover (sighup) {old} -> {new}: {missed} missed blocks at 500 ms");
-    ensure!(missed <= 1, "{missed} blocks missed");
-    ensure!(c.own_state(old).await? != "Validating");
+    // Back to back: each node handing over has led for a while, which once
+    // made it count its own reign as leaderless time and campaign against
+    // the node it had just handed over to (2-3 missed blocks).
+    for round in 0..3 {
+        let (old, new, missed) = switchover(&c).await?;
+        eprintln!("switchover {round} (sighup) {old} -> {new}: {missed} missed blocks at 500 ms");
+        ensure!(missed <= 1, "round {round}: {missed} blocks missed");
+        ensure!(c.own_state(old).await? != "Validating");
+    }
     c.assert_no_double_signs().await?;
     Ok(())
 }
