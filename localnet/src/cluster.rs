@@ -117,7 +117,7 @@ impl Cluster {
         )?;
         let chain = ChainClient::new(&format!("http://{chain_addr}"));
         let ca = dir.path().join("ca");
-        certs(&keyraft, &["ca", "--out"], &ca)?;
+        certs(&keyraft, &["ca"], &ca)?;
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             let base = dir.path().join(format!("n{id}"));
@@ -134,7 +134,6 @@ impl Cluster {
                 "localhost",
                 "--ip",
                 "127.0.0.1",
-                "--out",
             ];
             certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
@@ -459,11 +458,12 @@ impl Cluster {
     }
 }
 
-/// `keyraft certs ARGS OUT`.
-fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
+/// `keyraft certs ARGS --out OUT`.
+pub fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
     let o = Command::new(keyraft)
         .arg("certs")
         .args(args)
+        .arg("--out")
         .arg(out)
         .output()?;
     ensure!(

@@ -140,20 +140,7 @@ fn make_run_dir(dir: &Path) -> Result<()> {
     )?;
     let keyraft = sibling_bin("keyraft")?;
     let ca = dir.join("ca");
-    let run = |args: &[&str], out: &Path| -> Result<()> {
-        let o = Command::new(&keyraft)
-            .arg("certs")
-            .args(args)
-            .arg("--out")
-            .arg(out)
-            .output()?;
-        ensure!(
-            o.status.success(),
-            "keyraft certs: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(())
-    };
+    let run = |args: &[&str], out: &Path| crate::cluster::certs(&keyraft, args, out);
     run(&["ca"], &ca)?;
     for n in 1..=NODES {
         let id = n.to_string();
