@@ -272,6 +272,7 @@ pub async fn run(
     let servers = start_servers(&sh, material, stop_rx.clone()).await?;
 
     let bootstrap = bootstrap(&sh, fresh).await?;
+    gate.join();
     if bootstrap == Bootstrap::Initialize {
         let members: BTreeMap<NodeId, BasicNode> = sh
             .cfg

@@ -329,18 +329,23 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
 
     c.node_mut(victim)?.opts.flags.push("--rejoin".into());
     c.spawn(victim)?;
-    eventually(
+    let log = eventually(
         SETTLE,
         "the leader to take the node back as a learner, then a voter",
         || async {
-            Ok(c.proc(victim)?
-                .log_tail(400)
-                .contains("rejoined as a learner")
-                .then_some(()))
+            let log = c.proc(victim)?.log_tail(400);
+            let done = log.contains("rejoined as a learner") || log.contains("--rejoin ignored");
+            Ok(done.then_some(log))
         },
     )
     .await
     .with_context(|| c.logs_ending_with(Some(victim)))?;
+    // The refused start must not have accepted a leader's entries into the
+    // empty data dir, or this start would skip the rejoin as a voter.
+    ensure!(
+        !log.contains("--rejoin ignored"),
+        "the refused start left Raft state in the data dir:\n{log}"
+    );
     eventually(
         SETTLE,
         "the rejoined node to be a voter following the leader",

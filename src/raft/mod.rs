@@ -173,6 +173,11 @@ pub struct Gate {
     restart_quiet: std::time::Duration,
     /// Cleared while this node rejoins with an empty data dir.
     votes_open: AtomicBool,
+    /// Set once start-up has decided this node may take part in Raft at all.
+    /// Until then every Raft message is refused: a node with an empty data
+    /// dir that is about to be refused (step 9) must not accept a leader's
+    /// entries and so look, at its next start, as if it had kept its data.
+    joined: AtomicBool,
     /// Whether this node may take leadership by transfer (eligible to validate).
     accepts_leadership: AtomicBool,
     /// When an AppendEntries (or heartbeat) from a leader last arrived.
@@ -197,6 +202,7 @@ impl Gate {
             started: Instant::now(),
             restart_quiet,
             votes_open: AtomicBool::new(votes_open),
+            joined: AtomicBool::new(false),
             accepts_leadership: AtomicBool::new(false),
             last_leader_contact: Mutex::new(None),
             last_led: Mutex::new(None),
@@ -205,6 +211,14 @@ impl Gate {
 
     pub fn may_grant_votes(&self) -> bool {
         self.started.elapsed() >= self.restart_quiet && self.votes_open.load(Ordering::Relaxed)
+    }
+
+    pub fn join(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
     }
 
     pub fn open_votes(&self) {

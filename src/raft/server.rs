@@ -2,7 +2,9 @@
 //! who it claims to be, applies keyraft's vote and leadership gates, and
 //! hands the request to openraft.
 //!
-//! Owns: the rule that a node refuses votes for a while after it starts
+//! Owns: the rule that a node refuses every Raft message until start-up has
+//! decided it may take part (see step 9), the rule that it refuses votes for
+//! a while after it starts
 //! (its leader lease died with the process) and while it rejoins, and that it
 //! refuses leadership transfers while it may not validate. Must not: change
 //! Raft state itself; openraft does that.
@@ -56,13 +58,25 @@ fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Status> {
 }
 
 impl RaftService {
+    /// The sender's node id, if this node takes part in Raft yet.
+    fn sender(&self, req: &Request<pb::RaftPayload>) -> Result<NodeId, Status> {
+        let peer = peer_of(req)?;
+        if self.gate.joined() {
+            Ok(peer)
+        } else {
+            Err(Status::unavailable(
+                "starting: not taking part in Raft until its data dir is checked with its peers",
+            ))
+        }
+    }
+
     /// Decodes a vote or pre-vote request from the candidate that sent it,
     /// if this node may vote now.
     fn vote_request(
         &self,
         req: &Request<pb::RaftPayload>,
     ) -> Result<VoteRequest<TypeConfig>, Status> {
-        let peer = peer_of(req)?;
+        let peer = self.sender(req)?;
         let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
         if rpc.leadership_transfer || self.gate.may_grant_votes() {
@@ -81,7 +95,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
+        let peer = self.sender(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
         let result = self.raft.append_entries(rpc).await;
@@ -116,7 +130,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
+        let peer = self.sender(&req)?;
         let msg: SnapshotMessage = decode(req.get_ref())?;
         same_sender(peer, msg.vote.leader_id.node_id)?;
         let result = self
@@ -137,7 +151,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
+        let peer = self.sender(&req)?;
         let rpc: TransferLeaderRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.from_leader().leader_id.node_id)?;
         if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
