@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::config::NodeId;
-use crate::coordinator::{CoordinatorRequest, Shared, StateName};
+use crate::node::{CoordinatorRequest, Shared, StateName};
 use crate::pb::{self, cluster_command::Kind};
 use crate::raft::{Command, TypeConfig};
 use crate::tls::peer_of;

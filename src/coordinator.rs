@@ -1,6 +1,6 @@
 //! The coordinator: one state machine per host that decides, with Raft, when
-//! this host's validator runs with the key. It also wires the parts together
-//! at start ([`run`]).
+//! this host's validator runs with the key. [`crate::server`] builds it and
+//! calls [`Coordinator::run`].
 //!
 //! States (kuutamod's names, so dashboards carry over):
 //!
@@ -20,638 +20,24 @@
 //! anything but Raft for the right to validate; gossip only picks handover
 //! targets.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::future::Future;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::WatchReceiverOf;
-use openraft::{BasicNode, ServerState};
-use tokio::sync::{mpsc, oneshot, watch};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::{Router, TcpIncoming};
-use tonic::transport::Server;
+use openraft::ServerState;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin;
-use crate::config::{ActivateBy, Config, NodeId, ValidatorConfig};
-use crate::fence::{self, KeyLinks};
-use crate::gossip::{self, ClusterView};
-use crate::health::{self, Health, Prober};
-use crate::metrics::Metrics;
+use crate::config::{ActivateBy, NodeId};
+use crate::fence;
+use crate::fence::{GuardClient, ValidatorEvent};
+use crate::health::Health;
+use crate::node::{quorum_ack_age, CoordinatorRequest, Local, Shared, StateName};
 use crate::pb;
-use crate::raft::network::{Network, Peers, MAX_MESSAGE};
-use crate::raft::server::RaftService;
-use crate::raft::{self, ClusterState, Command, Gate, Raft};
-use crate::supervisor::{Supervisor, SupervisorError, ValidatorEvent};
-use crate::tls::{self, TlsMaterial};
-
-/// Why `keyraft run` could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Refused for safety before starting; exit code 2.
-    #[error("{0}")]
-    Refused(String),
-    #[error(transparent)]
-    Fence(#[from] fence::FenceError),
-    #[error(transparent)]
-    Store(#[from] raft::store::StoreError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Supervisor(#[from] SupervisorError),
-    #[error("cannot listen on {addr} ({what}): {why}")]
-    Bind {
-        addr: String,
-        what: &'static str,
-        why: String,
-    },
-    #[error("raft: {0}")]
-    Raft(String),
-}
-
-/// The coordinator's state names, as shown in status and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StateName {
-    #[default]
-    Startup,
-    Syncing,
-    Registering,
-    Voting,
-    Validating,
-    Shutdown,
-}
-
-impl fmt::Display for StateName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-/// What this coordinator tells the rest of the process (and, by gossip,
-/// the cluster) about itself.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Local {
-    pub state: StateName,
-    pub key_linked: bool,
-    pub validator: Option<Health>,
-    pub eligible: bool,
-}
-
-/// Operator requests that only the coordinator can carry out.
-pub enum CoordinatorRequest {
-    Switchover {
-        to: Option<NodeId>,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-}
-
-/// Handles shared by the coordinator, the servers and the background tasks.
-pub struct Shared {
-    pub cfg: Config,
-    pub raft: Raft,
-    pub peers: Arc<Peers>,
-    pub gate: Arc<Gate>,
-    pub metrics: Metrics,
-    pub view: ClusterView,
-    pub local: watch::Sender<Local>,
-    pub cluster: watch::Receiver<ClusterState>,
-    pub requests: mpsc::Sender<CoordinatorRequest>,
-    pub started: Instant,
-}
-
-impl Shared {
-    /// A copy of openraft's latest metrics (never hold the borrow).
-    pub fn raft_metrics(&self) -> raft::Metrics {
-        self.raft.metrics().borrow_watched().clone()
-    }
-
-    /// Every other node we know of: configured peers and members.
-    pub fn peer_ids(&self) -> Vec<NodeId> {
-        let m = self.raft_metrics();
-        let mut ids: BTreeSet<NodeId> = self.cfg.peers.keys().copied().collect();
-        ids.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
-        ids.remove(&self.cfg.id);
-        ids.into_iter().collect()
-    }
-
-    /// The leader, if it is alive: this node with a recent quorum ack, or
-    /// the leader a follower heard from within the election timeout.
-    pub fn leader(&self) -> Option<NodeId> {
-        let m = self.raft_metrics();
-        let limit = self.cfg.timing.election_max;
-        if m.state == ServerState::Leader {
-            quorum_ack_age(&m)
-                .is_some_and(|age| age < limit)
-                .then_some(self.cfg.id)
-        } else {
-            m.current_leader
-                .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
-        }
-    }
-
-    /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
-    /// on every heartbeat).
-    pub fn refresh_raft_gauges(&self) {
-        let m = self.raft_metrics();
-        let g = &self.metrics;
-        g.raft_term.set(m.current_term as i64);
-        g.raft_leader.set(i64::from(m.state == ServerState::Leader));
-        g.raft_last_log_index
-            .set(m.last_log_index.map_or(-1, |i| i as i64));
-        g.raft_applied_index
-            .set(m.last_applied.map_or(-1, |l| l.index as i64));
-        g.quorum.set(i64::from(self.has_quorum()));
-        let age = if m.state == ServerState::Leader {
-            quorum_ack_age(&m)
-        } else {
-            self.gate.since_leader_contact()
-        };
-        g.quorum_ack_age
-            .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
-    }
-
-    /// Whether a majority of the voters (this node included) is up and
-    /// connected, as seen by gossip. It says nothing about who leads.
-    pub fn has_quorum(&self) -> bool {
-        let voters: Vec<NodeId> = self
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        if voters.is_empty() {
-            return false;
-        }
-        let fresh: BTreeSet<NodeId> = self
-            .view
-            .fresh(self.cfg.timing.gossip_interval * 3)
-            .iter()
-            .map(|s| s.id)
-            .collect();
-        let up = voters
-            .iter()
-            .filter(|v| **v == self.cfg.id || fresh.contains(v))
-            .count();
-        up * 2 > voters.len()
-    }
-}
-
-fn quorum_ack_age(m: &raft::Metrics) -> Option<Duration> {
-    use openraft::Instant as _;
-    m.last_quorum_acked.map(|t| t.elapsed())
-}
-
-/// Runs a coordinator until `shutdown` resolves.
-pub async fn run(
-    cfg: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), RunError> {
-    let timing = cfg.timing;
-    // Safety protocol step 6: before anything else.
-    let dir = cfg.data_dir.clone();
-    let links = cfg.validator.as_ref().map(|v| KeyLinks {
-        active: v.active_links.clone(),
-        standby: v.standby_links.clone(),
-    });
-    let fence_links = links.clone();
-    let lock = blocking(move || -> Result<fence::DataDirLock, fence::FenceError> {
-        let lock = fence::lock_data_dir(&dir)?;
-        fence::kill_leftover(&dir)?;
-        if let Some(l) = fence_links {
-            l.stand_by()?;
-        }
-        Ok(lock)
-    })
-    .await?;
-
-    let raft_dir = cfg.data_dir.join("raft");
-    let tls_paths = cfg.tls.clone();
-    let (log_store, state_machine, fresh, material) = blocking(move || -> Result<_, RunError> {
-        let (log, sm) = raft::store::open(&raft_dir)?;
-        let fresh = log.is_fresh()?;
-        let material = tls_paths.as_ref().map(TlsMaterial::load).transpose()?;
-        Ok((log, sm, fresh, material))
-    })
-    .await?;
-    let cluster_rx = state_machine.subscribe();
-    if material.is_none() {
-        tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
-    }
-    let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
-    // A node with no Raft state grants no votes until it knows it is new.
-    let gate = Arc::new(Gate::new(timing.election_max, !fresh));
-    let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
-    let raft = Raft::new(
-        cfg.id,
-        Arc::new(raft_cfg),
-        Network(peers.clone()),
-        log_store.clone(),
-        state_machine,
-    )
-    .await
-    .map_err(|e| RunError::Raft(e.to_string()))?;
-
-    let (req_tx, req_rx) = mpsc::channel(8);
-    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness)
-        .map_err(|e| RunError::Raft(e.to_string()))?;
-    let sh = Arc::new(Shared {
-        cfg,
-        raft: raft.clone(),
-        peers,
-        gate: gate.clone(),
-        metrics,
-        view: ClusterView::default(),
-        local: watch::channel(Local::default()).0,
-        cluster: cluster_rx.clone(),
-        requests: req_tx,
-        started: Instant::now(),
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = start_servers(&sh, material, stop_rx.clone()).await?;
-
-    let bootstrap = bootstrap(&sh, fresh).await?;
-    gate.join();
-    if bootstrap == Bootstrap::Initialize {
-        let members: BTreeMap<NodeId, BasicNode> = sh
-            .cfg
-            .members()
-            .into_iter()
-            .map(|(id, a)| (id, BasicNode::new(a)))
-            .collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(
-                "initialised a new cluster of {} members",
-                sh.cfg.members().len()
-            ),
-            Err(e) => tracing::info!("cluster already initialised: {e}"),
-        }
-    }
-    if bootstrap != Bootstrap::Rejoin {
-        gate.open_votes();
-    }
-
-    let mut tasks = vec![
-        tokio::spawn(gossip::run(sh.clone())),
-        tokio::spawn(register(sh.clone())),
-    ];
-    let (node, events, health_rx) = match (&sh.cfg.validator, links) {
-        (Some(v), Some(links)) => {
-            let (sup, events) = Supervisor::spawn(&sh.cfg.data_dir)?;
-            let (htx, hrx) = watch::channel(None);
-            let prober = Prober::new(
-                v.health,
-                &v.health_url,
-                timing.health_interval.max(Duration::from_millis(500)),
-            );
-            tasks.push(tokio::spawn(health::run(
-                prober.clone(),
-                timing.health_interval,
-                htx,
-            )));
-            let node = Node {
-                cfg: v.clone(),
-                links,
-                prober,
-                sup,
-                linked: false,
-                restarts: 0,
-                next_start: Instant::now(),
-            };
-            (Some(node), Some(events), Some(hrx))
-        }
-        _ => (None, None, None),
-    };
-
-    let (shut_tx, shut_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = shut_tx.send(true);
-    });
-    let mut coordinator = Coordinator {
-        raft_rx: raft.metrics(),
-        sh: sh.clone(),
-        node,
-        events,
-        health_rx,
-        cluster_rx,
-        requests: req_rx,
-        shutdown: shut_rx,
-        rejoining: bootstrap == Bootstrap::Rejoin,
-        stand_down_until: None,
-        next_campaign: Instant::now(),
-        next_activation: Instant::now(),
-        quiet: std::cell::Cell::new(false),
-        jitter: Duration::from_millis(rand::random_range(
-            0..=(timing.election_min.as_millis() as u64 / 4).max(1),
-        )),
-    };
-    coordinator.run().await;
-
-    // Teardown: Raft first (no more votes or acks), then the servers.
-    for t in &tasks {
-        t.abort();
-    }
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!("raft shutdown: {e}");
-    }
-    let _ = stop_tx.send(true);
-    for s in servers {
-        if tokio::time::timeout(Duration::from_secs(2), s)
-            .await
-            .is_err()
-        {
-            tracing::debug!("a server did not drain in time");
-        }
-    }
-    if let Err(e) = log_store.flush().await {
-        tracing::warn!("final flush: {e}");
-    }
-    drop(lock);
-    tracing::info!("stopped");
-    Ok(())
-}
-
-async fn blocking<T: Send + 'static, E: Send + 'static>(
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, RunError>
-where
-    RunError: From<E>,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(RunError::from),
-        Err(e) => Err(RunError::Raft(format!("blocking task failed: {e}"))),
-    }
-}
-
-async fn bind(
-    addr: std::net::SocketAddr,
-    what: &'static str,
-) -> Result<tokio::net::TcpListener, RunError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| RunError::Bind {
-            addr: addr.to_string(),
-            what,
-            why: e.to_string(),
-        })
-}
-
-/// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
-async fn start_servers(
-    sh: &Arc<Shared>,
-    material: Option<TlsMaterial>,
-    stop: watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let peer_listener = bind(sh.cfg.listen, "peer port").await?;
-    let admin_listener = bind(sh.cfg.admin_listen, "admin port").await?;
-    let http_listener = bind(sh.cfg.http_listen, "http port").await?;
-    for (addr, what) in [(sh.cfg.admin_listen, "admin"), (sh.cfg.http_listen, "http")] {
-        if !addr.ip().is_loopback() {
-            tracing::warn!("{what} listens on {addr}, not loopback: anyone who reaches it can run operator commands or read status");
-        }
-    }
-    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin_listen, http = %sh.cfg.http_listen, "listening");
-
-    let mut peer = Server::builder()
-        .concurrency_limit_per_connection(64)
-        .max_concurrent_streams(Some(128))
-        .timeout(Duration::from_secs(60))
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)));
-    let with_tls = material.is_some();
-    if let Some(m) = &material {
-        peer = peer
-            .tls_config(m.server())
-            .map_err(|e| RunError::Tls(tls::TlsError::Invalid(format!("{e:?}"))))?;
-    }
-    let auth = tls::authenticate(with_tls);
-    let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
-        sh.raft.clone(),
-        sh.gate.clone(),
-        sh.cfg.id,
-    ))
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
-    let gossip_svc = pb::gossip_server::GossipServer::new(gossip::GossipService::new(sh.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let cluster_svc =
-        pb::cluster_server::ClusterServer::new(admin::ClusterService::new(sh.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-    let peer_router = peer
-        .add_service(InterceptedService::new(raft_svc, auth.clone()))
-        .add_service(InterceptedService::new(gossip_svc, auth.clone()))
-        .add_service(InterceptedService::new(cluster_svc, auth));
-    let peer_task = spawn_grpc(
-        "peer",
-        peer_router,
-        peer_listener,
-        until_stopped(stop.clone()),
-    );
-
-    let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let admin_router = Server::builder()
-        .concurrency_limit_per_connection(16)
-        .timeout(Duration::from_secs(60))
-        .add_service(admin_svc);
-    let admin_task = spawn_grpc(
-        "admin",
-        admin_router,
-        admin_listener,
-        until_stopped(stop.clone()),
-    );
-
-    let app = admin::http_router(sh.clone());
-    let stopped = until_stopped(stop);
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!("http server failed: {e}");
-        }
-    });
-    Ok(vec![peer_task, admin_task, http_task])
-}
-
-/// Serves a gRPC router on `listener` until `stopped` completes.
-fn spawn_grpc(
-    what: &'static str,
-    router: Router,
-    listener: tokio::net::TcpListener,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
-            tracing::error!("{what} server failed: {e:?}");
-        }
-    })
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Bootstrap {
-    /// The data dir holds Raft state: carry on.
-    Existing,
-    /// New, and no member knows this node from before: initialise with the
-    /// configured members (identical on every node, as openraft allows; a
-    /// running cluster's leader replaces this log with its own).
-    Initialize,
-    /// Join as a learner, then become a voter again (`--rejoin`).
-    Rejoin,
-}
-
-/// Safety protocol step 9: a node with an empty data dir asks its peers
-/// before it takes part, so that a wiped voter cannot vote twice in a term.
-async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError> {
-    if !fresh {
-        if sh.cfg.rejoin {
-            tracing::warn!("--rejoin ignored: the data dir holds Raft state");
-        }
-        return Ok(Bootstrap::Existing);
-    }
-    if sh.cfg.rejoin {
-        tracing::info!("empty data dir and --rejoin: joining as a new learner");
-        return Ok(Bootstrap::Rejoin);
-    }
-    let members = sh.cfg.members().len();
-    let mut waited = Duration::ZERO;
-    let step = Duration::from_millis(500);
-    loop {
-        let asks = sh.cfg.peers.keys().map(|&id| {
-            let sh = sh.clone();
-            async move {
-                let mut c = sh.peers.gossip_client(id).ok()?;
-                let req = sh
-                    .peers
-                    .request(pb::HelloRequest { id: sh.cfg.id }, Duration::from_secs(1));
-                sh.peers
-                    .call(id, Duration::from_secs(1), c.hello(req))
-                    .await
-                    .ok()
-                    .map(|r| (id, r))
-            }
-        });
-        let answers: Vec<(NodeId, pb::HelloReply)> = futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        if let Some((peer, r)) = answers.iter().find(|(_, r)| r.registered) {
-            return Err(RunError::Refused(format!(
-                "data dir {} is empty, but node {peer} knows node {} as a member that ran before (cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
-                sh.cfg.data_dir.display(),
-                sh.cfg.id,
-                r.term
-            )));
-        }
-        if answers.iter().any(|(_, r)| r.initialized) {
-            tracing::info!("empty data dir: joining the existing cluster as a new member");
-            return Ok(Bootstrap::Initialize);
-        }
-        if (answers.len() + 1) * 2 > members {
-            return Ok(Bootstrap::Initialize);
-        }
-        if waited.as_secs() % 5 == 0 {
-            tracing::info!(
-                "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
-                answers.len()
-            );
-        }
-        tokio::time::sleep(step).await;
-        waited += step;
-    }
-}
-
-/// Records, once, that this node ran with durable state (see step 9).
-async fn register(sh: Arc<Shared>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
-            tracing::info!("registered: a later start with an empty data dir will need --rejoin");
-            return;
-        }
-        let m = sh.raft_metrics();
-        let voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == sh.cfg.id);
-        if !voter || m.current_leader.is_none() {
-            continue;
-        }
-        let cmd = pb::ClusterCommand {
-            kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
-        };
-        if let Err(e) = admin::execute(&sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
-            tracing::debug!("registering: {}", e.message());
-        }
-    }
-}
-
-/// The validator side of a host: its process, its key links, its restarts.
-struct Node {
-    cfg: ValidatorConfig,
-    links: KeyLinks,
-    /// For on-demand probes (the health task probes on a timer).
-    prober: Prober,
-    sup: Supervisor,
-    linked: bool,
-    restarts: u32,
-    next_start: Instant,
-}
-
-impl Node {
-    /// Starts the validator if it is not running and its backoff allows.
-    async fn ensure_running(&mut self) {
-        if self.sup.running().is_some() || Instant::now() < self.next_start {
-            return;
-        }
-        match self.sup.start(&self.cfg.command).await {
-            Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
-            Err(SupervisorError::AlreadyRunning(pid)) => {
-                tracing::warn!(pid, "validator node was running already")
-            }
-            Err(e) => {
-                tracing::error!("cannot start the validator node: {e}");
-                self.backoff();
-            }
-        }
-    }
-
-    fn backoff(&mut self) {
-        self.restarts = (self.restarts + 1).min(6);
-        let delay = Duration::from_millis(250) * (1 << self.restarts);
-        self.next_start = Instant::now() + delay.min(Duration::from_secs(10));
-    }
-
-    async fn links(&mut self, active: bool) -> Result<(), fence::FenceError> {
-        let links = self.links.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            if active {
-                links.activate()
-            } else {
-                links.stand_by()
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(fence::FenceError::Refused(format!("link task failed: {e}"))));
-        // Whatever happened, believe the file system.
-        let links = self.links.clone();
-        self.linked = tokio::task::spawn_blocking(move || links.any_linked())
-            .await
-            .unwrap_or(true);
-        r
-    }
-}
+use crate::raft::{self, ClusterState, Command};
+use crate::supervisor::Validator;
 
 enum State {
     Startup,
@@ -675,9 +61,9 @@ impl State {
     }
 }
 
-struct Coordinator {
+pub struct Coordinator {
     sh: Arc<Shared>,
-    node: Option<Node>,
+    node: Option<Validator>,
     events: Option<mpsc::Receiver<ValidatorEvent>>,
     health_rx: Option<watch::Receiver<Option<Health>>>,
     raft_rx: WatchReceiverOf<raft::TypeConfig, raft::Metrics>,
@@ -714,12 +100,49 @@ async fn health_changed(rx: &mut Option<watch::Receiver<Option<Health>>>) {
     std::future::pending().await
 }
 
+/// A random extra wait before campaigning, so two standbys rarely collide.
+fn campaign_jitter(election_min: Duration) -> Duration {
+    Duration::from_millis(rand::random_range(
+        0..=(election_min.as_millis() as u64 / 4).max(1),
+    ))
+}
+
 async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
 impl Coordinator {
-    async fn run(&mut self) {
+    /// A coordinator in `Startup`; `node` and its channels are `None` on a witness.
+    pub fn new(
+        sh: Arc<Shared>,
+        node: Option<Validator>,
+        events: Option<mpsc::Receiver<ValidatorEvent>>,
+        health_rx: Option<watch::Receiver<Option<Health>>>,
+        requests: mpsc::Receiver<CoordinatorRequest>,
+        shutdown: watch::Receiver<bool>,
+        rejoining: bool,
+    ) -> Coordinator {
+        let election_min = sh.cfg.timing.election_min;
+        Coordinator {
+            raft_rx: sh.raft.metrics(),
+            cluster_rx: sh.cluster.clone(),
+            sh,
+            node,
+            events,
+            health_rx,
+            requests,
+            shutdown,
+            rejoining,
+            stand_down_until: None,
+            next_campaign: Instant::now(),
+            next_activation: Instant::now(),
+            quiet: std::cell::Cell::new(false),
+            jitter: campaign_jitter(election_min),
+        }
+    }
+
+    /// Runs the state machine until shutdown has released the key.
+    pub async fn run(&mut self) {
         let mut state = State::Startup;
         loop {
             self.publish(state.name());
@@ -841,7 +264,7 @@ impl Coordinator {
             }
             ValidatorEvent::GuardLost => {
                 tracing::error!("the guard process died; the validator died with it");
-                match Supervisor::spawn(&data_dir) {
+                match GuardClient::spawn(&data_dir) {
                     Ok((sup, events)) => {
                         node.sup = sup;
                         self.events = Some(events);
@@ -1141,9 +564,7 @@ impl Coordinator {
         let _ = self.sh.raft.trigger().elect(true).await;
         self.next_campaign = Instant::now() + t.election_min;
         // A fresh jitter for the next round, so two standbys rarely collide.
-        self.jitter = Duration::from_millis(rand::random_range(
-            0..=(t.election_min.as_millis() as u64 / 4).max(1),
-        ));
+        self.jitter = campaign_jitter(t.election_min);
         t.election_min
     }
 

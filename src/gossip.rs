@@ -4,62 +4,18 @@
 //! cluster view (last seen, round-trip time) behind `keyraft status`,
 //! `keyraft_peer_*` metrics and the choice of a handover target.
 //!
-//! Owns: the [`ClusterView`], the Gossip service (Exchange, and Hello for a
+//! Owns: filling the [`crate::node::ClusterView`], the Gossip service (Exchange, and Hello for a
 //! node starting with an empty data dir). Must not: decide anything; gossip
 //! is advisory. Safety never rests on it, only on Raft.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::config::NodeId;
-use crate::coordinator::Shared;
+use crate::node::{Local, Shared};
 use crate::pb;
 use crate::tls::peer_of;
-
-/// What this node last heard from a peer.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub status: pb::NodeStatus,
-    pub at: Instant,
-    pub rtt: Option<Duration>,
-}
-
-/// The latest status of every peer, as gossiped.
-#[derive(Default)]
-pub struct ClusterView {
-    peers: Mutex<BTreeMap<NodeId, Seen>>,
-}
-
-impl ClusterView {
-    fn record(&self, status: pb::NodeStatus, rtt: Option<Duration>) {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let rtt = rtt.or_else(|| peers.get(&status.id).and_then(|s| s.rtt));
-        peers.insert(
-            status.id,
-            Seen {
-                status,
-                at: Instant::now(),
-                rtt,
-            },
-        );
-    }
-
-    pub fn snapshot(&self) -> BTreeMap<NodeId, Seen> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Peers heard from within `max_age`.
-    pub fn fresh(&self, max_age: Duration) -> Vec<pb::NodeStatus> {
-        self.snapshot()
-            .into_values()
-            .filter(|s| s.at.elapsed() <= max_age)
-            .map(|s| s.status)
-            .collect()
-    }
-}
 
 /// Pushes this node's status to every peer, forever: on each tick, and as
 /// soon as its state or eligibility changes, so that a leader choosing a
@@ -70,7 +26,7 @@ pub async fn run(sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut local = sh.local.subscribe();
-    let role = |l: &crate::coordinator::Local| (l.state, l.eligible);
+    let role = |l: &Local| (l.state, l.eligible);
     let mut pushed = None;
     loop {
         tokio::select! {

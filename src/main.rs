@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use keyraft::config::{HealthKind, LogFormat, RunArgs};
-use keyraft::coordinator::{self, RunError};
 use keyraft::pb::{self, cluster_command::Kind};
+use keyraft::server::{self, RunError};
 use keyraft::{fence, health, tls};
 
 #[derive(Parser)]
@@ -219,7 +219,7 @@ fn run(args: RunArgs) -> ExitCode {
         role = cfg.role(),
         "keyraft starting"
     );
-    match rt.block_on(coordinator::run(cfg, shutdown_signal())) {
+    match rt.block_on(server::run(cfg, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ RunError::Refused(_)) => {
             tracing::error!("{e}");

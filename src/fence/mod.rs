@@ -1,0 +1,55 @@
+//! Fencing: everything that keeps a validator key from being used twice on
+//! one host, including when the coordinator itself is frozen or dead.
+//!
+//! - [`lock`]: the exclusive lock on the data dir, and a validator left
+//!   running by a previous keyraft on it (safety protocol step 6).
+//! - [`links`]: the key links, swapped atomically.
+//! - [`guard`]: the guard process that kills the validator when its lease
+//!   deadline passes or the coordinator disappears, and the coordinator's
+//!   client for it.
+//!
+//! Must not: decide when to activate; fencing obeys the coordinator, and
+//! the guard obeys only its deadline and its control pipe.
+
+pub mod guard;
+pub mod links;
+pub mod lock;
+
+use std::path::Path;
+
+pub use guard::{guard_main, GuardClient, GuardError, ValidatorEvent};
+pub use links::KeyLinks;
+pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("data dir {dir} is in use by another keyraft (lock held on {lock})")]
+    Locked { dir: String, lock: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> FenceError + 'a {
+    move |source| FenceError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the one clock the coordinator and the
+/// guard agree on (it is system-wide, unlike an `Instant`).
+pub fn mono_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,203 @@
+//! What a running node is made of, as its parts see it: the handles they
+//! share ([`Shared`]), what this coordinator says about itself ([`Local`],
+//! [`StateName`]), what peers last said ([`ClusterView`]), and the one
+//! request channel into the state machine ([`CoordinatorRequest`]).
+//!
+//! Owns: plain data and read-only views over Raft metrics (who leads, who
+//! has quorum). Must not: start anything or decide anything; the wiring is
+//! [`crate::server`], the decisions are [`crate::coordinator`]'s. `admin`,
+//! `gossip` and the state machine all depend on this module, and it on none
+//! of them, so that each can be read alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Config, NodeId};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::pb;
+use crate::raft::network::Peers;
+use crate::raft::{self, ClusterState, Gate, Raft};
+
+/// The coordinator's state names, as shown in status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateName {
+    #[default]
+    Startup,
+    Syncing,
+    Registering,
+    Voting,
+    Validating,
+    Shutdown,
+}
+
+impl fmt::Display for StateName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What this coordinator tells the rest of the process (and, by gossip,
+/// the cluster) about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Local {
+    pub state: StateName,
+    pub key_linked: bool,
+    pub validator: Option<Health>,
+    pub eligible: bool,
+}
+
+/// Operator requests that only the coordinator can carry out.
+pub enum CoordinatorRequest {
+    Switchover {
+        to: Option<NodeId>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Handles shared by the coordinator, the servers and the background tasks.
+pub struct Shared {
+    pub cfg: Config,
+    pub raft: Raft,
+    pub peers: Arc<Peers>,
+    pub gate: Arc<Gate>,
+    pub metrics: Metrics,
+    pub view: ClusterView,
+    pub local: watch::Sender<Local>,
+    pub cluster: watch::Receiver<ClusterState>,
+    pub requests: mpsc::Sender<CoordinatorRequest>,
+    pub started: Instant,
+}
+
+impl Shared {
+    /// A copy of openraft's latest metrics (never hold the borrow).
+    pub fn raft_metrics(&self) -> raft::Metrics {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Every other node we know of: configured peers and members.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let m = self.raft_metrics();
+        let mut ids: BTreeSet<NodeId> = self.cfg.peers.keys().copied().collect();
+        ids.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+        ids.remove(&self.cfg.id);
+        ids.into_iter().collect()
+    }
+
+    /// The leader, if it is alive: this node with a recent quorum ack, or
+    /// the leader a follower heard from within the election timeout.
+    pub fn leader(&self) -> Option<NodeId> {
+        let m = self.raft_metrics();
+        let limit = self.cfg.timing.election_max;
+        if m.state == ServerState::Leader {
+            quorum_ack_age(&m)
+                .is_some_and(|age| age < limit)
+                .then_some(self.cfg.id)
+        } else {
+            m.current_leader
+                .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
+        }
+    }
+
+    /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
+    /// on every heartbeat).
+    pub fn refresh_raft_gauges(&self) {
+        let m = self.raft_metrics();
+        let g = &self.metrics;
+        g.raft_term.set(m.current_term as i64);
+        g.raft_leader.set(i64::from(m.state == ServerState::Leader));
+        g.raft_last_log_index
+            .set(m.last_log_index.map_or(-1, |i| i as i64));
+        g.raft_applied_index
+            .set(m.last_applied.map_or(-1, |l| l.index as i64));
+        g.quorum.set(i64::from(self.has_quorum()));
+        let age = if m.state == ServerState::Leader {
+            quorum_ack_age(&m)
+        } else {
+            self.gate.since_leader_contact()
+        };
+        g.quorum_ack_age
+            .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
+    }
+
+    /// Whether a majority of the voters (this node included) is up and
+    /// connected, as seen by gossip. It says nothing about who leads.
+    pub fn has_quorum(&self) -> bool {
+        let voters: Vec<NodeId> = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.is_empty() {
+            return false;
+        }
+        let fresh: BTreeSet<NodeId> = self
+            .view
+            .fresh(self.cfg.timing.gossip_interval * 3)
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        let up = voters
+            .iter()
+            .filter(|v| **v == self.cfg.id || fresh.contains(v))
+            .count();
+        up * 2 > voters.len()
+    }
+}
+
+pub fn quorum_ack_age(m: &raft::Metrics) -> Option<Duration> {
+    use openraft::Instant as _;
+    m.last_quorum_acked.map(|t| t.elapsed())
+}
+
+/// What this node last heard from a peer.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub status: pb::NodeStatus,
+    pub at: Instant,
+    pub rtt: Option<Duration>,
+}
+
+/// The latest status of every peer, as gossiped. Advisory only: it picks
+/// handover targets and feeds `status`; safety never rests on it.
+#[derive(Default)]
+pub struct ClusterView {
+    peers: Mutex<BTreeMap<NodeId, Seen>>,
+}
+
+impl ClusterView {
+    /// Records what peer `status.id` said, keeping its last round-trip time
+    /// when this answer brought none.
+    pub fn record(&self, status: pb::NodeStatus, rtt: Option<Duration>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let rtt = rtt.or_else(|| peers.get(&status.id).and_then(|s| s.rtt));
+        peers.insert(
+            status.id,
+            Seen {
+                status,
+                at: Instant::now(),
+                rtt,
+            },
+        );
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<NodeId, Seen> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Peers heard from within `max_age`.
+    pub fn fresh(&self, max_age: Duration) -> Vec<pb::NodeStatus> {
+        self.snapshot()
+            .into_values()
+            .filter(|s| s.at.elapsed() <= max_age)
+            .map(|s| s.status)
+            .collect()
+    }
+}

@@ -1,0 +1,435 @@
+//! Starting and stopping a node: the start-up order of safety protocol
+//! steps 6 and 9 (data-dir lock and fence before anything else; an empty
+//! data dir asks its peers before it takes part), the three servers (peer
+//! gRPC with mTLS, admin gRPC, HTTP), the background tasks, and the
+//! teardown. [`run`] is what `keyraft run` calls.
+//!
+//! Owns: wiring and lifetimes. Must not: hold protocol logic; once the
+//! parts are up it hands control to [`crate::coordinator`] and waits.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::BasicNode;
+use tokio::sync::{mpsc, watch};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::Server;
+
+use crate::admin;
+use crate::config::{Config, NodeId};
+use crate::coordinator::Coordinator;
+use crate::fence::GuardError;
+use crate::fence::{self, KeyLinks};
+use crate::gossip;
+use crate::health::{self, Prober};
+use crate::metrics::Metrics;
+use crate::node::{ClusterView, Local, Shared};
+use crate::pb;
+use crate::raft::network::{Network, Peers, MAX_MESSAGE};
+use crate::raft::server::RaftService;
+use crate::raft::{self, Gate, Raft};
+use crate::supervisor::Validator;
+use crate::tls::{self, TlsMaterial};
+
+/// Why `keyraft run` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Refused for safety before starting; exit code 2.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Fence(#[from] fence::FenceError),
+    #[error(transparent)]
+    Store(#[from] raft::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Supervisor(#[from] GuardError),
+    #[error("cannot listen on {addr} ({what}): {why}")]
+    Bind {
+        addr: String,
+        what: &'static str,
+        why: String,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let timing = cfg.timing;
+    // Safety protocol step 6: before anything else.
+    let dir = cfg.data_dir.clone();
+    let links = cfg.validator.as_ref().map(|v| KeyLinks {
+        active: v.active_links.clone(),
+        standby: v.standby_links.clone(),
+    });
+    let fence_links = links.clone();
+    let lock = blocking(move || -> Result<fence::DataDirLock, fence::FenceError> {
+        let lock = fence::lock_data_dir(&dir)?;
+        fence::kill_leftover(&dir)?;
+        if let Some(l) = fence_links {
+            l.stand_by()?;
+        }
+        Ok(lock)
+    })
+    .await?;
+
+    let raft_dir = cfg.data_dir.join("raft");
+    let tls_paths = cfg.tls.clone();
+    let (log_store, state_machine, fresh, material) = blocking(move || -> Result<_, RunError> {
+        let (log, sm) = raft::store::open(&raft_dir)?;
+        let fresh = log.is_fresh()?;
+        let material = tls_paths.as_ref().map(TlsMaterial::load).transpose()?;
+        Ok((log, sm, fresh, material))
+    })
+    .await?;
+    let cluster_rx = state_machine.subscribe();
+    if material.is_none() {
+        tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
+    }
+    let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
+    // A node with no Raft state grants no votes until it knows it is new.
+    let gate = Arc::new(Gate::new(timing.election_max, !fresh));
+    let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_cfg),
+        Network(peers.clone()),
+        log_store.clone(),
+        state_machine,
+    )
+    .await
+    .map_err(|e| RunError::Raft(e.to_string()))?;
+
+    let (req_tx, req_rx) = mpsc::channel(8);
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness)
+        .map_err(|e| RunError::Raft(e.to_string()))?;
+    let sh = Arc::new(Shared {
+        cfg,
+        raft: raft.clone(),
+        peers,
+        gate: gate.clone(),
+        metrics,
+        view: ClusterView::default(),
+        local: watch::channel(Local::default()).0,
+        cluster: cluster_rx.clone(),
+        requests: req_tx,
+        started: Instant::now(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = start_servers(&sh, material, stop_rx.clone()).await?;
+
+    let bootstrap = bootstrap(&sh, fresh).await?;
+    gate.join();
+    if bootstrap == Bootstrap::Initialize {
+        let members: BTreeMap<NodeId, BasicNode> = sh
+            .cfg
+            .members()
+            .into_iter()
+            .map(|(id, a)| (id, BasicNode::new(a)))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(
+                "initialised a new cluster of {} members",
+                sh.cfg.members().len()
+            ),
+            Err(e) => tracing::info!("cluster already initialised: {e}"),
+        }
+    }
+    if bootstrap != Bootstrap::Rejoin {
+        gate.open_votes();
+    }
+
+    let mut tasks = vec![
+        tokio::spawn(gossip::run(sh.clone())),
+        tokio::spawn(register(sh.clone())),
+    ];
+    let (node, events, health_rx) = match (&sh.cfg.validator, links) {
+        (Some(v), Some(links)) => {
+            let (htx, hrx) = watch::channel(None);
+            let prober = Prober::new(
+                v.health,
+                &v.health_url,
+                timing.health_interval.max(Duration::from_millis(500)),
+            );
+            tasks.push(tokio::spawn(health::run(
+                prober.clone(),
+                timing.health_interval,
+                htx,
+            )));
+            let (node, events) = Validator::spawn(v.clone(), links, prober, &sh.cfg.data_dir)?;
+            (Some(node), Some(events), Some(hrx))
+        }
+        _ => (None, None, None),
+    };
+
+    let (shut_tx, shut_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shut_tx.send(true);
+    });
+    let mut coordinator = Coordinator::new(
+        sh.clone(),
+        node,
+        events,
+        health_rx,
+        req_rx,
+        shut_rx,
+        bootstrap == Bootstrap::Rejoin,
+    );
+    coordinator.run().await;
+
+    // Teardown: Raft first (no more votes or acks), then the servers.
+    for t in &tasks {
+        t.abort();
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    let _ = stop_tx.send(true);
+    for s in servers {
+        if tokio::time::timeout(Duration::from_secs(2), s)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a server did not drain in time");
+        }
+    }
+    if let Err(e) = log_store.flush().await {
+        tracing::warn!("final flush: {e}");
+    }
+    drop(lock);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, RunError>
+where
+    RunError: From<E>,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(RunError::from),
+        Err(e) => Err(RunError::Raft(format!("blocking task failed: {e}"))),
+    }
+}
+
+async fn bind(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RunError::Bind {
+            addr: addr.to_string(),
+            what,
+            why: e.to_string(),
+        })
+}
+
+/// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
+async fn start_servers(
+    sh: &Arc<Shared>,
+    material: Option<TlsMaterial>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let peer_listener = bind(sh.cfg.listen, "peer port").await?;
+    let admin_listener = bind(sh.cfg.admin_listen, "admin port").await?;
+    let http_listener = bind(sh.cfg.http_listen, "http port").await?;
+    for (addr, what) in [(sh.cfg.admin_listen, "admin"), (sh.cfg.http_listen, "http")] {
+        if !addr.ip().is_loopback() {
+            tracing::warn!("{what} listens on {addr}, not loopback: anyone who reaches it can run operator commands or read status");
+        }
+    }
+    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin_listen, http = %sh.cfg.http_listen, "listening");
+
+    let mut peer = Server::builder()
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(128))
+        .timeout(Duration::from_secs(60))
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)));
+    let with_tls = material.is_some();
+    if let Some(m) = &material {
+        peer = peer
+            .tls_config(m.server())
+            .map_err(|e| RunError::Tls(tls::TlsError::Invalid(format!("{e:?}"))))?;
+    }
+    let auth = tls::authenticate(with_tls);
+    let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
+        sh.raft.clone(),
+        sh.gate.clone(),
+        sh.cfg.id,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let gossip_svc = pb::gossip_server::GossipServer::new(gossip::GossipService::new(sh.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let cluster_svc =
+        pb::cluster_server::ClusterServer::new(admin::ClusterService::new(sh.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+    let peer_router = peer
+        .add_service(InterceptedService::new(raft_svc, auth.clone()))
+        .add_service(InterceptedService::new(gossip_svc, auth.clone()))
+        .add_service(InterceptedService::new(cluster_svc, auth));
+    let peer_task = spawn_grpc(
+        "peer",
+        peer_router,
+        peer_listener,
+        until_stopped(stop.clone()),
+    );
+
+    let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let admin_router = Server::builder()
+        .concurrency_limit_per_connection(16)
+        .timeout(Duration::from_secs(60))
+        .add_service(admin_svc);
+    let admin_task = spawn_grpc(
+        "admin",
+        admin_router,
+        admin_listener,
+        until_stopped(stop.clone()),
+    );
+
+    let app = admin::http_router(sh.clone());
+    let stopped = until_stopped(stop);
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!("http server failed: {e}");
+        }
+    });
+    Ok(vec![peer_task, admin_task, http_task])
+}
+
+/// Serves a gRPC router on `listener` until `stopped` completes.
+fn spawn_grpc(
+    what: &'static str,
+    router: Router,
+    listener: tokio::net::TcpListener,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+            tracing::error!("{what} server failed: {e:?}");
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    /// The data dir holds Raft state: carry on.
+    Existing,
+    /// New, and no member knows this node from before: initialise with the
+    /// configured members (identical on every node, as openraft allows; a
+    /// running cluster's leader replaces this log with its own).
+    Initialize,
+    /// Join as a learner, then become a voter again (`--rejoin`).
+    Rejoin,
+}
+
+/// Safety protocol step 9: a node with an empty data dir asks its peers
+/// before it takes part, so that a wiped voter cannot vote twice in a term.
+async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError> {
+    if !fresh {
+        if sh.cfg.rejoin {
+            tracing::warn!("--rejoin ignored: the data dir holds Raft state");
+        }
+        return Ok(Bootstrap::Existing);
+    }
+    if sh.cfg.rejoin {
+        tracing::info!("empty data dir and --rejoin: joining as a new learner");
+        return Ok(Bootstrap::Rejoin);
+    }
+    let members = sh.cfg.members().len();
+    let mut waited = Duration::ZERO;
+    let step = Duration::from_millis(500);
+    loop {
+        let asks = sh.cfg.peers.keys().map(|&id| {
+            let sh = sh.clone();
+            async move {
+                let mut c = sh.peers.gossip_client(id).ok()?;
+                let req = sh
+                    .peers
+                    .request(pb::HelloRequest { id: sh.cfg.id }, Duration::from_secs(1));
+                sh.peers
+                    .call(id, Duration::from_secs(1), c.hello(req))
+                    .await
+                    .ok()
+                    .map(|r| (id, r))
+            }
+        });
+        let answers: Vec<(NodeId, pb::HelloReply)> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some((peer, r)) = answers.iter().find(|(_, r)| r.registered) {
+            return Err(RunError::Refused(format!(
+                "data dir {} is empty, but node {peer} knows node {} as a member that ran before (cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
+                sh.cfg.data_dir.display(),
+                sh.cfg.id,
+                r.term
+            )));
+        }
+        if answers.iter().any(|(_, r)| r.initialized) {
+            tracing::info!("empty data dir: joining the existing cluster as a new member");
+            return Ok(Bootstrap::Initialize);
+        }
+        if (answers.len() + 1) * 2 > members {
+            return Ok(Bootstrap::Initialize);
+        }
+        if waited.as_secs() % 5 == 0 {
+            tracing::info!(
+                "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
+                answers.len()
+            );
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+}
+
+/// Records, once, that this node ran with durable state (see step 9).
+async fn register(sh: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
+            tracing::info!("registered: a later start with an empty data dir will need --rejoin");
+            return;
+        }
+        let m = sh.raft_metrics();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == sh.cfg.id);
+        if !voter || m.current_leader.is_none() {
+            continue;
+        }
+        let cmd = pb::ClusterCommand {
+            kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
+        };
+        if let Err(e) = admin::execute(&sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
+            tracing::debug!("registering: {}", e.message());
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The module layering stays a tree: no module of `src/` imports one that
+//! imports it back, directly or through others. Reads the sources as text
+//! (every `crate::name` path, in `use` lines and inline), so a circle fails
+//! here with the modules that form it, before a reader has to untangle it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Top-level module name -> the files that make it up.
+fn modules(src: &Path) -> anyhow::Result<BTreeMap<String, Vec<PathBuf>>> {
+    let mut out: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for entry in std::fs::read_dir(src).context("reading src/")? {
+        let path = entry?.path();
+        let name = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("file name")?
+            .to_string();
+        if path.is_dir() {
+            let mut files = Vec::new();
+            let mut stack = vec![path.clone()];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir)? {
+                    let p = e?.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_some_and(|x| x == "rs") {
+                        files.push(p);
+                    }
+                }
+            }
+            out.entry(name).or_default().extend(files);
+        } else if path.extension().is_some_and(|x| x == "rs") && name != "lib" && name != "main" {
+            out.entry(name).or_default().push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Every top-level module named after `crate::` in `text`, outside
+/// comments (a doc link is not an import), including the members of a
+/// grouped `use crate::{a, b::c}`.
+fn references(text: &str) -> BTreeSet<String> {
+    let code: String = text
+        .lines()
+        .map(|l| l.split_once("//").map_or(l, |(code, _)| code))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = code.as_str();
+    let mut refs = BTreeSet::new();
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for (i, _) in text.match_indices("crate::") {
+        let rest = &text[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let end = group.find('}').unwrap_or(group.len());
+            for item in group[..end].split(',') {
+                let name = ident(item.trim());
+                if !name.is_empty() {
+                    refs.insert(name);
+                }
+            }
+        } else {
+            let name = ident(rest);
+            if !name.is_empty() {
+                refs.insert(name);
+            }
+        }
+    }
+    refs
+}
+
+/// A cycle in `graph`, as the list of modules that form it, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(pos) = path.iter().position(|p| p == node) {
+            let mut cycle = path[pos..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for node in graph.keys() {
+        if let Some(c) = visit(node, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn no_module_imports_one_that_imports_it_back() -> anyhow::Result<()> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mods = modules(&src)?;
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (name, files) in &mods {
+        let mut deps = BTreeSet::new();
+        for f in files {
+            let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+            deps.extend(references(&text));
+        }
+        deps.remove(name);
+        deps.retain(|d| mods.contains_key(d));
+        graph.insert(name.clone(), deps);
+    }
+    // The checker must see the edges it is meant to police.
+    assert!(
+        graph.get("coordinator").is_some_and(|d| d.contains("node")),
+        "the test found no edge coordinator -> node: {graph:?}"
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        anyhow::bail!(
+            "modules import each other in a circle: {}",
+            cycle.join(" -> ")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_checker_sees_a_circle_when_there_is_one() {
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    g.insert("a".into(), references("use crate::{b, c::X};"));
+    g.insert(
+        "b".into(),
+        references("/// see [`crate::c`]\nfn f() { crate::a::go() }"),
+    );
+    g.insert("c".into(), BTreeSet::new());
+    assert_eq!(
+        find_cycle(&g),
+        Some(vec!["a".to_string(), "b".to_string(), "a".to_string()])
+    );
+    assert!(!g["b"].contains("c"), "a doc link counted as an import");
+    g.insert("b".into(), BTreeSet::new());
+    assert_eq!(find_cycle(&g), None);
+}
