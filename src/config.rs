@@ -234,6 +234,16 @@ pub struct RunArgs {
     /// Probe address [default: http://127.0.0.1:3030 for near, :26657 for cometbft].
     #[arg(long, env = "KEYRAFT_HEALTH_URL")]
     pub health_url: Option<String>,
+    /// Accept activating without a height watermark (required with
+    /// `--health http`, which reports no block heights): a successor then
+    /// relies on the lease alone, not on the chain having moved past the
+    /// heights the previous holder may have signed.
+    #[arg(long, env = "KEYRAFT_NO_HEIGHT_WATERMARK")]
+    pub no_height_watermark: bool,
+    /// Track the validator's process tree without a cgroup even where one
+    /// could be made (environment marker and subreaper only; see README).
+    #[arg(long, env = "KEYRAFT_NO_CGROUP")]
+    pub no_cgroup: bool,
 
     /// The validator command and its arguments, after `--`.
     #[arg(last = true, value_name = "VALIDATOR_CMD")]
@@ -257,6 +267,10 @@ pub struct ValidatorConfig {
     pub activate_by: ActivateBy,
     pub health: HealthKind,
     pub health_url: String,
+    /// Wait for a block height above the previous holder's before signing.
+    pub height_watermark: bool,
+    /// Give the validator's tree a cgroup where one can be made.
+    pub cgroup: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -673,6 +687,11 @@ fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError
             "bad --health-url '{health_url}': want http://HOST:PORT"
         )));
     }
+    if health == HealthKind::Http && !a.no_height_watermark {
+        return Err(invalid(
+            "--health http reports no block heights, so a new validator cannot wait until the chain is past what the previous one may have signed; pass --no-height-watermark to accept relying on the lease alone",
+        ));
+    }
     Ok(Some(ValidatorConfig {
         command: a.command.clone(),
         active_links: active,
@@ -680,6 +699,8 @@ fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError
         activate_by: a.activate_by.unwrap_or(ActivateBy::Restart),
         health,
         health_url: health_url.trim_end_matches('/').to_string(),
+        height_watermark: !a.no_height_watermark,
+        cgroup: !a.no_cgroup,
     }))
 }
 
@@ -832,7 +853,14 @@ mod tests {
             health_url: Some("http://127.0.0.1:9/health".into()),
             ..validator_args(dir.path())
         };
+        let err = generic.clone().resolve().unwrap_err().to_string();
+        assert!(err.contains("--no-height-watermark"), "{err}");
+        let generic = RunArgs {
+            no_height_watermark: true,
+            ..generic
+        };
         let v = generic.resolve().unwrap().validator.unwrap();
+        assert!(!v.height_watermark);
         assert_eq!(v.health, HealthKind::Http);
         assert_eq!(
             v.active_links,

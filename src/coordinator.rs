@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use crate::admin;
 use crate::config::{ActivateBy, NodeId};
 use crate::fence;
-use crate::fence::{GuardClient, ValidatorEvent};
+use crate::fence::ValidatorEvent;
 use crate::health::Health;
 use crate::node::{quorum_ack_age, CoordinatorRequest, Local, Shared, StateName};
 use crate::pb;
@@ -64,7 +64,6 @@ impl State {
 pub struct Coordinator {
     sh: Arc<Shared>,
     node: Option<Validator>,
-    events: Option<mpsc::Receiver<ValidatorEvent>>,
     health_rx: Option<watch::Receiver<Option<Health>>>,
     raft_rx: WatchReceiverOf<raft::TypeConfig, raft::Metrics>,
     cluster_rx: watch::Receiver<ClusterState>,
@@ -83,9 +82,9 @@ pub struct Coordinator {
 }
 
 /// The next unasked validator event (never resolves on a witness).
-async fn validator_event(rx: &mut Option<mpsc::Receiver<ValidatorEvent>>) -> ValidatorEvent {
-    match rx {
-        Some(rx) => rx.recv().await.unwrap_or(ValidatorEvent::GuardLost),
+async fn validator_event(node: &mut Option<Validator>) -> ValidatorEvent {
+    match node {
+        Some(n) => n.event().await,
         None => std::future::pending().await,
     }
 }
@@ -116,7 +115,6 @@ impl Coordinator {
     pub fn new(
         sh: Arc<Shared>,
         node: Option<Validator>,
-        events: Option<mpsc::Receiver<ValidatorEvent>>,
         health_rx: Option<watch::Receiver<Option<Health>>>,
         requests: mpsc::Receiver<CoordinatorRequest>,
         shutdown: watch::Receiver<bool>,
@@ -128,7 +126,6 @@ impl Coordinator {
             cluster_rx: sh.cluster.clone(),
             sh,
             node,
-            events,
             health_rx,
             requests,
             shutdown,
@@ -195,7 +192,12 @@ impl Coordinator {
     /// and sets openraft's election switch. Returns eligibility.
     fn publish(&self, state: StateName) -> bool {
         let eligible = self.eligible(state);
-        self.sh.raft.runtime_config().elect(eligible);
+        // A restarted node has forgotten the lease it promised: it neither
+        // votes (the gate) nor campaigns until `election_timeout_max` has passed.
+        self.sh
+            .raft
+            .runtime_config()
+            .elect(eligible && self.sh.gate.may_grant_votes());
         self.sh.gate.set_accepts_leadership(eligible);
         // A leader that may not validate steps down by going quiet: with its
         // heartbeats off, an eligible standby's campaign succeeds once the
@@ -243,8 +245,7 @@ impl Coordinator {
 
     /// A validator exit nobody asked for. Returns false if the news is
     /// about a validator already replaced (nothing changed).
-    fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
-        let data_dir = self.sh.cfg.data_dir.clone();
+    async fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
         let Some(node) = &mut self.node else {
             return false;
         };
@@ -263,20 +264,16 @@ impl Coordinator {
                 tracing::warn!(pid, "validator node exited ({how})");
             }
             ValidatorEvent::GuardLost => {
-                tracing::error!("the guard process died; the validator died with it");
-                match GuardClient::spawn(&data_dir) {
-                    Ok((sup, events)) => {
-                        node.sup = sup;
-                        self.events = Some(events);
-                    }
-                    Err(e) => tracing::error!("cannot restart the guard: {e}"),
+                // Its parent-death signal killed only the validator's first
+                // process; a wrapper's node may live on. Kill the tree here.
+                tracing::error!("the guard process died: killing the validator's tree from here");
+                if let Err(e) = node.replace_guard().await {
+                    tracing::error!("{e}");
                 }
             }
         }
         self.sh.metrics.validator_restarts.inc();
-        if let Some(node) = &mut self.node {
-            node.backoff();
-        }
+        node.backoff();
         true
     }
 
@@ -383,7 +380,7 @@ impl Coordinator {
         }
         loop {
             if let Some(node) = &mut self.node {
-                node.ensure_running().await;
+                node.ensure_running(false).await;
             }
             self.publish(StateName::Startup);
             if self.health().is_some_and(|h| h.running) {
@@ -396,7 +393,7 @@ impl Coordinator {
                 .max(Instant::now() + Duration::from_millis(200));
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => { self.on_exit(&ev); }
+                ev = validator_event(&mut self.node) => { self.on_exit(&ev).await; }
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
@@ -423,7 +420,7 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
+                ev = validator_event(&mut self.node) => if self.on_exit(&ev).await { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
@@ -468,7 +465,7 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
+                ev = validator_event(&mut self.node) => if self.on_exit(&ev).await { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
@@ -506,7 +503,7 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return State::Shutdown,
-                ev = validator_event(&mut self.events) => if self.on_exit(&ev) { return State::Startup },
+                ev = validator_event(&mut self.node) => if self.on_exit(&ev).await { return State::Startup },
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 _ = self.cluster_rx.changed() => {}
@@ -568,22 +565,13 @@ impl Coordinator {
         t.election_min
     }
 
-    /// The lease deadline, in CLOCK_MONOTONIC ns: the sending time of the
-    /// last quorum-acked heartbeat plus `fence_after` (step 5).
-    fn lease_deadline(&self, m: &raft::Metrics) -> Option<u64> {
-        let age = quorum_ack_age(m)?;
-        let sent = fence::mono_now_ns().saturating_sub(age.as_nanos() as u64);
-        Some(sent + self.sh.cfg.timing.fence_after.as_nanos() as u64)
-    }
-
     /// Sends the guard the lease deadline as it stands now. With the lease
     /// lapsed, or the guard unreachable, deactivates and returns the next
     /// state instead.
     async fn renew_lease(&mut self) -> Result<u64, State> {
-        let m = self.sh.raft_metrics();
-        let deadline = match self.lease_deadline(&m) {
-            Some(d) if d > fence::mono_now_ns() => d,
-            _ => {
+        let deadline = match lease_deadline(&self.sh, None) {
+            Some(d) => d,
+            None => {
                 tracing::warn!(
                     "lease expired: no quorum ack within {:?}",
                     self.sh.cfg.timing.fence_after
@@ -595,8 +583,10 @@ impl Coordinator {
             return Err(State::Voting);
         };
         if let Err(e) = node.sup.lease(Some(deadline)).await {
-            tracing::error!("cannot hand the lease to the guard: {e}");
-            return Err(self.deactivate("validator_exit").await);
+            // A guard that does not take the lease cannot be trusted to
+            // enforce it: presumed broken (deactivate replaces it).
+            tracing::error!("the guard did not take the lease: {e}");
+            return Err(self.deactivate("guard").await);
         }
         Ok(deadline)
     }
@@ -639,6 +629,9 @@ impl Coordinator {
         let Some(node) = &self.node else {
             return Ok(());
         };
+        if !node.cfg.height_watermark {
+            return Ok(()); // --no-height-watermark: the lease alone.
+        }
         let prober = node.prober.clone();
         let gossiped = previous.and_then(|p| {
             self.sh
@@ -734,7 +727,7 @@ impl Coordinator {
             return State::Voting;
         };
         if node.cfg.activate_by == ActivateBy::Restart && node.sup.running().is_some() {
-            if let Err(e) = node.sup.stop(t.stop_timeout).await {
+            if let Err(e) = node.stop_proven(t.stop_timeout, || None).await {
                 tracing::error!("cannot stop the standby node: {e}");
                 return self.deactivate("validator_exit").await;
             }
@@ -797,7 +790,7 @@ impl Coordinator {
             };
             let now = fence::mono_now_ns();
             if let Some(node) = &mut self.node {
-                node.ensure_running().await;
+                node.ensure_running(true).await;
             }
             let healthy = self.health().is_some_and(|h| h.healthy());
             if healthy {
@@ -827,8 +820,8 @@ impl Coordinator {
                 .unwrap_or_else(Instant::now);
             tokio::select! {
                 _ = shutdown_requested(&mut self.shutdown) => return self.release_for_shutdown(term).await,
-                ev = validator_event(&mut self.events) => {
-                    if self.on_exit(&ev) {
+                ev = validator_event(&mut self.node) => {
+                    if self.on_exit(&ev).await {
                         match ev {
                             ValidatorEvent::Fenced(..) => return self.deactivate("lease").await,
                             ValidatorEvent::GuardLost => return self.deactivate("validator_exit").await,
@@ -857,18 +850,24 @@ impl Coordinator {
         }
     }
 
-    /// Fencing deactivation: SIGKILL, unlink, then a plain full node again.
+    /// Fencing deactivation: SIGKILL of the whole tree, proven, then
+    /// unlink, then a plain full node again. Nothing is released here: a
+    /// successor waits out the lease.
     async fn deactivate(&mut self, reason: &'static str) -> State {
         let Some(node) = &mut self.node else {
             return State::Voting;
         };
-        if let Err(e) = node.sup.kill().await {
-            tracing::error!("kill: {e}");
-        }
+        let proven = node.kill_proven().await;
         if let Err(e) = node.links(false).await {
             tracing::error!("cannot unlink the key: {e}");
         }
-        let _ = node.sup.lease(None).await;
+        match proven {
+            // The lease may be disarmed only once the tree is proven dead.
+            Ok(()) => {
+                let _ = node.sup.lease(None).await;
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
         node.next_start = Instant::now();
         self.sh
             .metrics
@@ -879,19 +878,26 @@ impl Coordinator {
         State::Startup
     }
 
-    /// Steps 7 and 8: graceful stop, unlink, commit `Released`, transfer.
+    /// Steps 7 and 8: graceful stop, proof, unlink, commit `Released`, and
+    /// only then transfer. Without the release, no transfer: this leader
+    /// goes quiet (see `publish`) and the successor waits out the lease.
     async fn handover(&mut self, term: u64, target: NodeId) -> State {
         tracing::info!("handing over to node {target}");
-        self.stop_and_release(term, "handover").await;
+        let released = self.stop_and_release(term, "handover").await;
         self.stand_down_until = Some(Instant::now() + self.sh.cfg.timing.election_max * 2);
         self.publish(StateName::Startup);
-        if let Err(e) = self.sh.raft.trigger().transfer_leader(target).await {
+        if !released {
+            tracing::error!("no release committed: not transferring leadership; the successor waits out the lease");
+        } else if let Err(e) = self.sh.raft.trigger().transfer_leader(target).await {
             tracing::error!("transfer of leadership failed: {e}");
         }
         State::Startup
     }
 
-    async fn stop_and_release(&mut self, term: u64, reason: &'static str) {
+    /// Stops the validator gracefully, proves its tree dead, unlinks, and
+    /// commits `Released`. Returns whether the release was committed; it is
+    /// not even tried without the proof and the unlink.
+    async fn stop_and_release(&mut self, term: u64, reason: &'static str) -> bool {
         let t = self.sh.cfg.timing;
         // The last height the node reached, fresh, for the successor's watermark.
         let mut height = self.health().and_then(|h| h.height);
@@ -899,17 +905,22 @@ impl Coordinator {
             if let Ok(h) = node.prober.probe().await {
                 height = height.max(h.height);
             }
-            if let Err(e) = node.sup.stop(t.stop_timeout).await {
-                tracing::error!("stop: {e}; killing");
-                let _ = node.sup.kill().await;
-            }
+            // Keep the lease alive through a slow graceful stop, as long as
+            // this node still leads in `term` with quorum acks.
+            let sh = self.sh.clone();
+            let renew = move || lease_deadline(&sh, Some(term));
+            let proven = node.stop_proven(t.stop_timeout, renew).await;
             if let Err(e) = node.links(false).await {
                 tracing::error!("cannot unlink the key: {e}");
             }
+            if let Err(e) = proven {
+                tracing::error!("not releasing the key: {e}");
+                return false;
+            }
             let _ = node.sup.lease(None).await;
             if node.linked {
-                // The key is still linked: do not claim a clean release.
-                return;
+                tracing::error!("not releasing the key: it is still linked");
+                return false;
             }
             node.next_start = Instant::now();
         }
@@ -924,17 +935,27 @@ impl Coordinator {
             height,
         });
         match tokio::time::timeout(t.election_max, release).await {
-            Ok(Ok(_)) => tracing::info!("released the key (committed)"),
-            Ok(Err(e)) => tracing::warn!("release not committed: {e}"),
-            Err(_) => tracing::warn!("release not committed in time"),
+            Ok(Ok(_)) => {
+                tracing::info!("released the key (committed)");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("release not committed: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("release not committed in time");
+                false
+            }
         }
     }
 
     async fn release_for_shutdown(&mut self, term: u64) -> State {
-        self.stop_and_release(term, "shutdown").await;
-        if let Ok(target) = self.handover_target(None) {
-            tracing::info!("shutting down: handing leadership to node {target}");
-            let _ = self.sh.raft.trigger().transfer_leader(target).await;
+        if self.stop_and_release(term, "shutdown").await {
+            if let Ok(target) = self.handover_target(None) {
+                tracing::info!("shutting down: handing leadership to node {target}");
+                let _ = self.sh.raft.trigger().transfer_leader(target).await;
+            }
         }
         State::Shutdown
     }
@@ -943,10 +964,28 @@ impl Coordinator {
         self.publish(StateName::Shutdown);
         self.sh.raft.runtime_config().elect(false);
         if let Some(node) = &mut self.node {
-            if node.sup.running().is_some() {
-                let _ = node.sup.stop(self.sh.cfg.timing.stop_timeout).await;
+            if let Err(e) = node
+                .stop_proven(self.sh.cfg.timing.stop_timeout, || None)
+                .await
+            {
+                tracing::error!("{e}");
             }
             let _ = node.links(false).await;
         }
     }
+}
+
+/// The lease deadline, in CLOCK_MONOTONIC ns: the sending time of the last
+/// quorum-acked heartbeat plus `fence_after` (step 5), while this node leads
+/// (in `term`, if given) and the deadline is still ahead.
+fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
+    let m = sh.raft_metrics();
+    if m.state != ServerState::Leader || term.is_some_and(|t| t != m.current_term) {
+        return None;
+    }
+    let age = quorum_ack_age(&m)?;
+    let now = fence::mono_now_ns();
+    let deadline =
+        now.saturating_sub(age.as_nanos() as u64) + sh.cfg.timing.fence_after.as_nanos() as u64;
+    (deadline > now).then_some(deadline)
 }

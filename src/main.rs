@@ -104,6 +104,9 @@ enum Cmd {
     Guard {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Track the tree without a cgroup.
+        #[arg(long)]
+        no_cgroup: bool,
     },
 }
 
@@ -162,7 +165,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Cmd::Guard { data_dir } => match fence::guard_main(&data_dir) {
+        Cmd::Guard {
+            data_dir,
+            no_cgroup,
+        } => match fence::guard_main(&data_dir, !no_cgroup) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("guard: {e}");

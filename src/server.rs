@@ -71,15 +71,38 @@ pub async fn run(
         standby: v.standby_links.clone(),
     });
     let fence_links = links.clone();
-    let lock = blocking(move || -> Result<fence::DataDirLock, fence::FenceError> {
+    let cgroup = cfg.validator.as_ref().is_some_and(|v| v.cgroup);
+    let (lock, tree) = blocking(move || -> Result<_, fence::FenceError> {
         let lock = fence::lock_data_dir(&dir)?;
+        // Every process of a validator tree left by an earlier run (its
+        // cgroup, its marker), then the recorded pid's group.
+        let tree = fence::Tree::for_data_dir(&dir, cgroup);
+        let killed = tree.kill(None, Duration::from_secs(5))?;
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "killed validator processes left running by a previous keyraft"
+            );
+        }
         fence::kill_leftover(&dir)?;
+        tree.record(&dir).map_err(fence::io(
+            "cannot write",
+            &dir.join(fence::tree::CGROUP_FILE),
+        ))?;
         if let Some(l) = fence_links {
             l.stand_by()?;
         }
-        Ok(lock)
+        Ok((lock, tree))
     })
     .await?;
+    if cfg.validator.is_some() {
+        tracing::info!(
+            fence = tree.mechanism(),
+            cgroup = ?tree.cgroup(),
+            "the validator's whole process tree is fenced by {}",
+            if tree.cgroup().is_some() { "its own cgroup, its environment marker and the guard's subreaper" } else { "its environment marker and the guard's subreaper (no writable cgroup v2 here)" }
+        );
+    }
 
     let raft_dir = cfg.data_dir.join("raft");
     let tls_paths = cfg.tls.clone();
@@ -151,7 +174,7 @@ pub async fn run(
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(register(sh.clone())),
     ];
-    let (node, events, health_rx) = match (&sh.cfg.validator, links) {
+    let (node, health_rx) = match (&sh.cfg.validator, links) {
         (Some(v), Some(links)) => {
             let (htx, hrx) = watch::channel(None);
             let prober = Prober::new(
@@ -164,10 +187,17 @@ pub async fn run(
                 timing.health_interval,
                 htx,
             )));
-            let (node, events) = Validator::spawn(v.clone(), links, prober, &sh.cfg.data_dir)?;
-            (Some(node), Some(events), Some(hrx))
+            let node = Validator::spawn(
+                v.clone(),
+                links,
+                prober,
+                &sh.cfg.data_dir,
+                tree.clone(),
+                timing.kill_bound,
+            )?;
+            (Some(node), Some(hrx))
         }
-        _ => (None, None, None),
+        _ => (None, None),
     };
 
     let (shut_tx, shut_rx) = watch::channel(false);
@@ -178,7 +208,6 @@ pub async fn run(
     let mut coordinator = Coordinator::new(
         sh.clone(),
         node,
-        events,
         health_rx,
         req_rx,
         shut_rx,
@@ -205,6 +234,7 @@ pub async fn run(
     if let Err(e) = log_store.flush().await {
         tracing::warn!("final flush: {e}");
     }
+    tree.remove_cgroup();
     drop(lock);
     tracing::info!("stopped");
     Ok(())

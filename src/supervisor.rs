@@ -6,59 +6,81 @@
 //! says so. Every call here is bounded in time (the guard's client bounds
 //! each request) and a dead guard is reported, never waited on forever.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::config::ValidatorConfig;
-use crate::fence::{self, GuardClient, GuardError, KeyLinks, ValidatorEvent};
+use crate::fence::{self, GuardClient, GuardError, KeyLinks, Tree, ValidatorEvent};
 use crate::health::Prober;
 
-/// The validator side of a host: its process, its key links, its restarts.
+/// The validator side of a host: its process tree (through the guard), its
+/// key links, its restarts.
 pub struct Validator {
     pub cfg: ValidatorConfig,
     pub links: KeyLinks,
     /// For on-demand probes (the health task probes on a timer).
     pub prober: Prober,
     pub sup: GuardClient,
+    events: mpsc::Receiver<ValidatorEvent>,
+    tree: Tree,
+    data_dir: PathBuf,
+    kill_bound: Duration,
     pub linked: bool,
     pub restarts: u32,
     pub next_start: Instant,
 }
 
 impl Validator {
-    /// Starts the guard for a validator that is not running yet. Events
-    /// about the validator arrive on the returned receiver.
+    /// Starts the guard for a validator that is not running yet.
     pub fn spawn(
         cfg: ValidatorConfig,
         links: KeyLinks,
         prober: Prober,
         data_dir: &Path,
-    ) -> Result<(Validator, mpsc::Receiver<ValidatorEvent>), GuardError> {
-        let (sup, events) = GuardClient::spawn(data_dir)?;
-        let v = Validator {
+        tree: Tree,
+        kill_bound: Duration,
+    ) -> Result<Validator, GuardError> {
+        let (sup, events) = GuardClient::spawn(data_dir, tree.clone(), kill_bound)?;
+        Ok(Validator {
             cfg,
             links,
             prober,
             sup,
+            events,
+            tree,
+            data_dir: data_dir.to_path_buf(),
+            kill_bound,
             linked: false,
             restarts: 0,
             next_start: Instant::now(),
-        };
-        Ok((v, events))
+        })
+    }
+
+    /// The next thing that happened to the validator unasked.
+    pub async fn event(&mut self) -> ValidatorEvent {
+        self.events
+            .recv()
+            .await
+            .unwrap_or(ValidatorEvent::GuardLost)
     }
 
     /// Starts the validator if it is not running and its backoff allows.
-    pub async fn ensure_running(&mut self) {
+    /// A plain (keyless) node never starts while a key link exists.
+    pub async fn ensure_running(&mut self, with_key: bool) {
         if self.sup.running().is_some() || Instant::now() < self.next_start {
             return;
         }
+        if !with_key && self.linked {
+            if let Err(e) = self.links(false).await {
+                tracing::error!("not starting the standby node: the key is still linked ({e})");
+                self.backoff();
+                return;
+            }
+        }
         match self.sup.start(&self.cfg.command).await {
             Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
-            Err(GuardError::AlreadyRunning(pid)) => {
-                tracing::warn!(pid, "validator node was running already")
-            }
             Err(e) => {
                 tracing::error!("cannot start the validator node: {e}");
                 self.backoff();
@@ -70,6 +92,59 @@ impl Validator {
         self.restarts = (self.restarts + 1).min(6);
         let delay = Duration::from_millis(250) * (1 << self.restarts);
         self.next_start = Instant::now() + delay.min(Duration::from_secs(10));
+    }
+
+    /// SIGKILL of the whole tree, proven. If the guard does not confirm
+    /// within `kill_bound`, it is presumed broken: killed with the tree from
+    /// here, and replaced. An error means the tree could not be proven dead.
+    pub async fn kill_proven(&mut self) -> Result<(), GuardError> {
+        match self.sup.kill().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!("guard did not confirm the kill ({e}): presuming it broken");
+                self.replace_guard().await
+            }
+        }
+    }
+
+    /// Graceful stop, then proof that the whole tree is dead, with the
+    /// lease renewed from `renew` meanwhile. Falls back as [`Self::kill_proven`].
+    pub async fn stop_proven(
+        &mut self,
+        grace: Duration,
+        renew: impl FnMut() -> Option<u64>,
+    ) -> Result<(), GuardError> {
+        match self.sup.stop(grace, renew).await {
+            Ok(how) => {
+                tracing::info!("validator node stopped ({how})");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("guard did not confirm the stop ({e}): presuming it broken");
+                self.replace_guard().await
+            }
+        }
+    }
+
+    /// The guard is broken or gone: SIGKILL it and the whole tree from
+    /// here, confirm, and start a new guard. The result is the proof.
+    pub async fn replace_guard(&mut self) -> Result<(), GuardError> {
+        let proof = self.sup.force_kill().await;
+        match &proof {
+            Ok(n) => tracing::warn!(
+                killed = n,
+                "guard and validator tree killed by the coordinator"
+            ),
+            Err(e) => tracing::error!("{e}"),
+        }
+        match GuardClient::spawn(&self.data_dir, self.tree.clone(), self.kill_bound) {
+            Ok((sup, events)) => {
+                self.sup = sup;
+                self.events = events;
+            }
+            Err(e) => tracing::error!("cannot restart the guard: {e}"),
+        }
+        proof.map(|_| ())
     }
 
     pub async fn links(&mut self, active: bool) -> Result<(), fence::FenceError> {

@@ -26,6 +26,58 @@ use crate::proxy::Proxy;
 /// How long the helpers wait for a cluster to settle.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
+/// The environment variable keyraft marks every process of a validator's
+/// tree with (its value is the canonical data dir).
+pub const FENCE_MARKER: &str = "KEYRAFT_FENCE";
+
+/// How the validator command starts the node: the shapes real deployments
+/// have (`cosmovisor run`, `sh -c`, scripts that daemonize).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Launch {
+    /// The node exec'd directly.
+    #[default]
+    Exec,
+    /// `sh -c 'node ...; true'`: the node is the shell's child.
+    ShellChild,
+    /// A wrapper whose subshell runs the node: a grandchild.
+    Grandchild,
+    /// A wrapper that daemonizes the node (fork, `setsid`, parent exits:
+    /// the node leaves the wrapper's process group and session) and then
+    /// stays in the foreground.
+    Daemonize,
+    /// A node that keeps running (and signing) for an hour after SIGTERM.
+    IgnoresTerm,
+}
+
+impl Launch {
+    pub const ALL: [Launch; 5] = [
+        Launch::Exec,
+        Launch::ShellChild,
+        Launch::Grandchild,
+        Launch::Daemonize,
+        Launch::IgnoresTerm,
+    ];
+
+    /// The argv before the node's own command.
+    pub fn prefix(self) -> Vec<String> {
+        let sh = |script: &str| vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
+        match self {
+            Launch::Exec | Launch::IgnoresTerm => vec![],
+            Launch::ShellChild => sh(r#""$@"; true"#),
+            Launch::Grandchild => sh(r#"( "$@"; true ); true"#),
+            Launch::Daemonize => sh(r#"setsid sh -c '"$@" &' daemon "$@"; exec sleep 1000000"#),
+        }
+    }
+
+    /// Extra `fakenode` flags for the shape.
+    pub fn fakenode(self) -> Vec<String> {
+        match self {
+            Launch::IgnoresTerm => vec!["--shutdown-delay-ms".into(), "3600000".into()],
+            _ => vec![],
+        }
+    }
+}
+
 /// How one node is started.
 #[derive(Clone, Default)]
 pub struct NodeOpts {
@@ -34,6 +86,8 @@ pub struct NodeOpts {
     pub flags: Vec<String>,
     /// Extra `fakenode` flags.
     pub fakenode: Vec<String>,
+    /// How the validator command wraps the node.
+    pub launch: Launch,
 }
 
 pub struct Node {
@@ -214,12 +268,14 @@ impl Cluster {
                 .arg(&self.key_path)
                 .args(["--health-url", &format!("http://{}", node.rpc)])
                 .arg("--")
+                .args(node.opts.launch.prefix())
                 .arg(sibling_bin("fakenode").unwrap_or_default())
                 .arg("--home")
                 .arg(&node.home)
                 .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
                 .args(["--rpc-listen", &node.rpc.to_string()])
-                .args(&node.opts.fakenode);
+                .args(&node.opts.fakenode)
+                .args(node.opts.launch.fakenode());
         }
         cmd
     }
@@ -256,16 +312,47 @@ impl Cluster {
     }
 
     /// A whole host dies: SIGKILL of the coordinator's process group (with
-    /// its guard) and of the validator's.
+    /// its guard), of the validator's, and of every process of its tree.
     pub fn kill_host(&mut self, id: u64) -> Result<()> {
         let validator = self.validator_pid(id);
+        let tree = self.tree_pids(id);
         if let Some(p) = self.forget(id)? {
             let _ = p.signal_group(Signal::SIGKILL);
         }
         if let Some(v) = validator {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), Signal::SIGKILL);
         }
+        for p in tree {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+        }
         Ok(())
+    }
+
+    /// The pid of coordinator `id`'s guard process.
+    pub fn guard_pid(&self, id: u64) -> Option<i32> {
+        let coordinator = self.nodes[&id].proc.as_ref()?.pid();
+        processes().into_iter().find_map(|(pid, ppid)| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let is_guard = cmdline.split(|b| *b == 0).nth(1) == Some(b"guard".as_slice());
+            (ppid == coordinator && is_guard).then_some(pid)
+        })
+    }
+
+    /// Every live process that carries node `id`'s fence marker: its
+    /// validator's whole tree, wherever it went.
+    pub fn tree_pids(&self, id: u64) -> Vec<i32> {
+        let data = &self.nodes[&id].data;
+        let dir = data.canonicalize().unwrap_or_else(|_| data.clone());
+        let needle = format!("{FENCE_MARKER}={}", dir.display());
+        processes()
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .filter(|pid| alive(*pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == needle.as_bytes()))
+            })
+            .collect()
     }
 
     /// SIGKILL of node `id`'s validator only (a crash).
@@ -292,6 +379,9 @@ impl Cluster {
         }
         if let Some(v) = self.validator_pid(id) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), sig);
+        }
+        for p in self.tree_pids(id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
         }
         proc.signal_group(sig)
     }
@@ -458,6 +548,35 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// Every host dies: coordinators and guards first (their process
+    /// groups), then whatever of each validator's tree outlived them (a
+    /// daemonized node whose guard died with its coordinator has nobody
+    /// left to kill it; on a real host systemd or Docker would).
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            let tree = self.tree_pids(id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                drop(n.proc.take());
+            }
+            for p in tree.into_iter().chain(self.tree_pids(id)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+            }
+            // The tree's cgroup, which keyraft names in its data dir.
+            if let Ok(cg) = std::fs::read_to_string(self.nodes[&id].data.join("cgroup")) {
+                let cg = cg.trim();
+                for _ in 0..100 {
+                    if std::fs::remove_dir(cg).is_ok() || !Path::new(cg).exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+}
+
 /// `keyraft certs ARGS --out OUT`.
 pub fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
     let o = Command::new(keyraft)
@@ -483,4 +602,24 @@ pub fn alive(pid: i32) -> bool {
                 != Some("Z")
         })
         .unwrap_or(false)
+}
+
+/// Every process on the host, as (pid, parent pid).
+fn processes() -> Vec<(i32, i32)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some((pid, ppid))
+    })
+    .collect()
 }

@@ -1,47 +1,85 @@
-//! The guard: the keyraft binary re-executed as `keyraft guard`, parent of
-//! the validator, which SIGKILLs the validator when its lease deadline
-//! passes or the coordinator disappears, even if the coordinator is frozen.
-//! Both ends of its protocol live here: the guard's own loop
-//! ([`guard_main`]) and the coordinator's handle on it ([`GuardClient`]).
+//! The guard: the keyraft binary re-executed (through `/proc/self/exe`) as
+//! `keyraft guard`, parent and child subreaper of the validator's whole
+//! process tree. It SIGKILLs that tree when the lease deadline passes (by
+//! CLOCK_MONOTONIC or CLOCK_BOOTTIME, whichever says so first), when the
+//! coordinator disappears, or on any error reading its control pipe, even if
+//! the coordinator is frozen. Both ends of its protocol live here: the
+//! guard's own loop ([`guard_main`]) and the coordinator's handle on it
+//! ([`GuardClient`]).
+//!
+//! Protocol, one line each way; every request carries a sequence number and
+//! its reply repeats it, so a late reply never answers a newer request:
+//!
+//! ```text
+//! SEQ start <json argv>  -> SEQ ok <pid> | SEQ err <why>
+//! SEQ stop <grace_ms>    -> SEQ ok <how>   SIGTERM to the tree, SIGKILL after grace,
+//!                                          replies once the whole tree is dead
+//! SEQ kill               -> SEQ ok <how>   the same without the grace
+//! SEQ signal <signum>    -> SEQ ok
+//! SEQ lease <mono_ns>    -> SEQ ok         kill the tree at that CLOCK_MONOTONIC time
+//! SEQ unlease            -> SEQ ok
+//! event exit <pid> <how>                   the validator died unasked
+//! event fenced <pid> <how>                 killed at the lease deadline
+//! ```
+//!
+//! `stop` runs beside the loop, so lease renewals and their acks go on
+//! during a graceful stop; an unanswered request is the coordinator's sign
+//! that the guard is broken (see [`GuardClient::force_kill`]).
 //!
 //! Must not: decide when the validator runs with the key; the guard obeys
 //! only its deadline and its control pipe, the client only the coordinator.
 
 use std::io::{BufRead, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use super::lock::{start_time, PID_FILE};
-use super::mono_now_ns;
+use super::tree::{Tree, MARKER_VAR};
+use super::{boot_now_ns, mono_now_ns};
 
-// ---------------------------------------------------------------------------
-// The guard process.
-//
-// Protocol over the guard's stdin (one command per line):
-//   start <json: ["prog", "arg", ...]>   -> "ok <pid>" | "err running <pid>" | "err <why>"
-//   stop <timeout_ms>                    -> "ok <exit>" (SIGTERM, then SIGKILL)
-//   kill                                 -> "ok <exit>"
-//   signal <signum>                      -> "ok" | "err <why>"
-//   lease <deadline_ns>                  (no reply) kill the group at this CLOCK_MONOTONIC time
-//   unlease                              (no reply)
-// Events on stdout: "event exit <pid> <how>" (the validator died unasked),
-// "event fenced <pid> <how>" (killed at the lease deadline). End of stdin
-// means the coordinator is gone: kill the validator and exit.
+/// How long the guard itself gives a SIGKILLed tree to be confirmed dead.
+const CONFIRM: Duration = Duration::from_secs(1);
+
+/// A lease deadline on both clocks: a suspended VM's CLOCK_MONOTONIC may
+/// not count the pause, CLOCK_BOOTTIME does.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    mono: u64,
+    boot: u64,
+}
+
+impl Lease {
+    fn from_mono(deadline: u64) -> Lease {
+        let (mono, boot) = (mono_now_ns(), boot_now_ns());
+        Lease {
+            mono: deadline,
+            boot: boot.saturating_add(deadline.saturating_sub(mono)),
+        }
+    }
+
+    /// How long until it runs out; zero once either clock has passed it.
+    fn left(&self) -> Duration {
+        let mono = self.mono.saturating_sub(mono_now_ns());
+        let boot = self.boot.saturating_sub(boot_now_ns());
+        Duration::from_nanos(mono.min(boot))
+    }
+}
 
 #[derive(Default)]
 struct GuardState {
     pid: Option<i32>,
-    lease_ns: Option<u64>,
+    lease: Option<Lease>,
     /// Set while a requested stop or kill is under way.
     expected_exit: bool,
     last_exit: Option<String>,
@@ -50,12 +88,24 @@ struct GuardState {
 struct Guard {
     state: Mutex<GuardState>,
     changed: Condvar,
+    /// Held while a validator is being spawned, so that the reaper does not
+    /// reap a child std's spawn is about to wait for.
+    spawning: Mutex<()>,
+    tree: Tree,
     pid_file: PathBuf,
+    me: i32,
 }
 
 impl Guard {
     fn lock(&self) -> MutexGuard<'_, GuardState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Kills the whole tree (the guard's descendants, the marker, the cgroup).
+    fn kill_tree(&self) -> Result<usize, String> {
+        self.tree
+            .kill(Some(self.me), CONFIRM)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -65,105 +115,192 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("code {c}"),
-        (_, Some(s)) => format!(
-            "signal {}",
-            Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
-        ),
-        _ => "unknown".into(),
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, c) => format!("code {c}"),
+        WaitStatus::Signaled(_, s, _) => format!("signal {}", s.as_str()),
+        other => format!("{other:?}"),
     }
 }
 
-/// `keyraft guard --data-dir DIR`: runs until its stdin closes.
-pub fn guard_main(data_dir: &Path) -> std::io::Result<()> {
+/// Best-effort hardening: the guard must outlive what it guards. Each step
+/// needs privileges (CAP_SYS_RESOURCE, CAP_IPC_LOCK, CAP_SYS_NICE) that a
+/// root service has; without them the guard says so and carries on.
+fn harden() {
+    let mut missing = Vec::new();
+    if nix::sys::prctl::set_child_subreaper(true).is_err() {
+        missing.push("child subreaper");
+    }
+    if std::fs::write("/proc/self/oom_score_adj", "-1000").is_err() {
+        missing.push("oom_score_adj -1000");
+    }
+    // SAFETY: mlockall takes flags only.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        missing.push("locked memory");
+    }
+    if !missing.is_empty() {
+        eprintln!("keyraft guard: running without {}", missing.join(", "));
+    }
+}
+
+/// Real-time priority for the lease timer thread, so that on a busy or
+/// thawing host it runs before the validator does (best effort).
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: pthread_self is always valid; the param outlives the call.
+    let r = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        eprintln!("keyraft guard: lease timer without real-time priority (error {r})");
+    }
+}
+
+/// `keyraft guard --data-dir DIR`: runs until its control pipe closes.
+pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
     // The coordinator decides when we stop: ignore terminal signals.
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         // SAFETY: installing SIG_IGN has no handler code to run.
         unsafe {
-            let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn);
+            let _ = nix::sys::signal::signal(sig, SigHandler::SigIgn);
         }
     }
+    harden();
     let guard = Arc::new(Guard {
         state: Mutex::new(GuardState::default()),
         changed: Condvar::new(),
+        spawning: Mutex::new(()),
+        tree: Tree::for_data_dir(data_dir, cgroup),
         pid_file: data_dir.join(PID_FILE),
+        me: std::process::id() as i32,
     });
     let timer = guard.clone();
-    std::thread::spawn(move || lease_timer(&timer));
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+    std::thread::spawn(move || {
+        realtime_priority();
+        lease_timer(&timer)
+    });
+    let reaper = guard.clone();
+    std::thread::spawn(move || reap(&reaper));
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // End of input or any read error: the coordinator is gone or the
+        // pipe is broken; either way nothing may validate without it.
+        match stdin.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end();
+        let mut parts = line.splitn(3, ' ');
+        let (Some(seq), Some(cmd)) = (
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+            parts.next(),
+        ) else {
+            eprintln!("keyraft guard: malformed request {line:?}");
+            continue;
+        };
+        let arg = parts.next().unwrap_or("").trim();
+        let reply = move |r: Result<String, String>| match r {
+            Ok(s) => say(&format!("{seq} ok {s}")),
+            Err(e) => say(&format!("{seq} err {e}")),
+        };
         match cmd {
-            "start" => say(&start(&guard, arg)),
+            "start" => reply(start(&guard, arg)),
             "stop" => {
-                let ms = arg.trim().parse().unwrap_or(10_000);
-                say(&stop(&guard, Some(Duration::from_millis(ms))));
+                let grace = Duration::from_millis(arg.parse().unwrap_or(10_000));
+                let g = guard.clone();
+                std::thread::spawn(move || reply(stop(&g, Some(grace))));
             }
-            "kill" => say(&stop(&guard, None)),
-            "signal" => {
-                let pid = guard.lock().pid;
-                let sig = arg
-                    .trim()
-                    .parse::<i32>()
-                    .ok()
-                    .and_then(|s| Signal::try_from(s).ok());
-                match (pid, sig) {
-                    (Some(pid), Some(sig)) => match kill(Pid::from_raw(pid), sig) {
-                        Ok(()) => say("ok"),
-                        Err(e) => say(&format!("err {e}")),
-                    },
-                    (None, _) => say("err no validator running"),
-                    (_, None) => say("err bad signal"),
+            "kill" => reply(stop(&guard, None)),
+            "signal" => reply(signal(&guard, arg)),
+            "lease" => match arg.parse::<u64>() {
+                Ok(ns) => {
+                    guard.lock().lease = Some(Lease::from_mono(ns));
+                    guard.changed.notify_all();
+                    reply(Ok(String::new()));
                 }
-            }
-            "lease" => {
-                guard.lock().lease_ns = arg.trim().parse().ok();
-                guard.changed.notify_all();
-            }
+                Err(_) => reply(Err(format!("bad lease {arg:?}"))),
+            },
             "unlease" => {
-                guard.lock().lease_ns = None;
+                guard.lock().lease = None;
                 guard.changed.notify_all();
+                reply(Ok(String::new()));
             }
-            _ => say(&format!("err unknown command {cmd}")),
+            _ => reply(Err(format!("unknown command {cmd}"))),
         }
     }
-    // The coordinator is gone (exited, killed): nothing may validate without it.
-    stop(&guard, None);
+    let _ = stop(&guard, None);
     Ok(())
 }
 
-fn start(guard: &Arc<Guard>, arg: &str) -> String {
-    if let Some(pid) = guard.lock().pid {
-        return format!("err running {pid}");
+fn signal(guard: &Guard, arg: &str) -> Result<String, String> {
+    let sig = arg
+        .parse::<i32>()
+        .ok()
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or("bad signal")?;
+    let pid = guard.lock().pid.ok_or("no validator running")?;
+    kill(Pid::from_raw(pid), sig).map_err(|e| e.to_string())?;
+    Ok(String::new())
+}
+
+fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
+    let argv: Vec<String> =
+        serde_json::from_str(arg).map_err(|e| format!("bad start command: {e}"))?;
+    let (prog, args) = argv.split_first().ok_or("empty command")?;
+    let mut st = guard.lock();
+    if let Some(pid) = st.pid {
+        return Err(format!("running {pid}"));
     }
-    let argv: Vec<String> = match serde_json::from_str(arg) {
-        Ok(v) => v,
-        Err(e) => return format!("err bad start command: {e}"),
-    };
-    let Some((prog, args)) = argv.split_first() else {
-        return "err empty command".into();
-    };
+    // Leftovers of an earlier validator (a straggler that had not died yet)
+    // must be gone before a new one may start.
+    guard.kill_tree()?;
     // The validator's output goes to our stderr, which the coordinator reads.
     let (Ok(out), Ok(err)) = (
         std::io::stderr().as_fd().try_clone_to_owned(),
         std::io::stderr().as_fd().try_clone_to_owned(),
     ) else {
-        return "err cannot duplicate stderr".into();
+        return Err("cannot duplicate stderr".into());
     };
-    let guard_pid = std::process::id() as i32;
+    let cgroup = guard.tree.cgroup_procs();
+    let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
+    let guard_pid = guard.me;
     let mut cmd = Command::new(prog);
     cmd.args(args)
+        .env(MARKER_VAR, guard.tree.marker())
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .process_group(0);
-    // SAFETY: prctl and getppid are async-signal-safe; nothing allocates.
+    // SAFETY: between fork and exec only async-signal-safe calls: write,
+    // open, sigaction, sigprocmask, prctl, getppid; nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = cgroup_fd {
+                // Join the tree's cgroup before anything else can fork.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The validator must not inherit the guard's ignored signals,
+            // or a wrapper would ignore every graceful stop.
+            for sig in Signal::iterator() {
+                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                    let _ = nix::sys::signal::signal(sig, SigHandler::SigDfl);
+                }
+            }
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(std::io::Error::from)?;
+            let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+            if oom >= 0 {
+                libc::write(oom, b"0".as_ptr().cast(), 1);
+                libc::close(oom);
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             if nix::unistd::getppid().as_raw() != guard_pid {
                 return Err(std::io::Error::other("guard died during start"));
@@ -171,62 +308,98 @@ fn start(guard: &Arc<Guard>, arg: &str) -> String {
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return format!("err cannot start {prog}: {e}"),
-    };
+    let spawning = guard.spawning.lock().unwrap_or_else(|p| p.into_inner());
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {prog}: {e}"))?;
+    drop(spawning);
+    drop(cgroup);
     let pid = child.id() as i32;
+    // The reaper waits for it (and for every orphan of its tree).
+    drop(child);
     if let Some(started) = start_time(pid) {
         let _ = std::fs::write(&guard.pid_file, format!("{pid} {started}\n"));
     }
-    {
-        let mut st = guard.lock();
-        st.pid = Some(pid);
-        st.last_exit = None;
-    }
+    st.pid = Some(pid);
+    st.last_exit = None;
+    drop(st);
     guard.changed.notify_all();
-    let waiter = guard.clone();
-    std::thread::spawn(move || {
-        let how = child
-            .wait()
-            .map(describe)
-            .unwrap_or_else(|e| format!("unknown ({e})"));
-        // Stragglers of its group die with it.
-        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
-        let _ = std::fs::remove_file(&waiter.pid_file);
-        let mut st = waiter.lock();
+    Ok(pid.to_string())
+}
+
+/// Reaps every child: the validator, and the orphans of its tree that the
+/// kernel hands to us as their subreaper. When the validator itself exits,
+/// the rest of its tree is killed: stragglers never outlive it.
+fn reap(guard: &Guard) {
+    loop {
+        // Look without reaping, then reap only outside a spawn (std's spawn
+        // waits for a child whose exec failed, and must find it).
+        let peek = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
+        let pid = match peek {
+            Ok(status) => match status.pid() {
+                Some(p) => p,
+                None => continue,
+            },
+            Err(_) => {
+                // No children: wait until a validator starts.
+                let st = guard.lock();
+                let _ = guard.changed.wait_timeout(st, Duration::from_millis(200));
+                continue;
+            }
+        };
+        let status = {
+            let _spawning = guard.spawning.lock().unwrap_or_else(|p| p.into_inner());
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => continue,
+                Ok(s) => s,
+            }
+        };
+        let pid = pid.as_raw();
+        if guard.lock().pid != Some(pid) {
+            continue; // an orphan of the tree, or an earlier validator
+        }
+        let how = describe(status);
+        let stragglers = guard.kill_tree();
+        let _ = std::fs::remove_file(&guard.pid_file);
+        let mut st = guard.lock();
         st.pid = None;
         if !st.expected_exit {
-            say(&format!("event exit {pid} {how}"));
+            let note = match stragglers {
+                Ok(0) => String::new(),
+                Ok(n) => format!(" ({n} leftover processes killed)"),
+                Err(e) => format!(" (leftovers: {e})"),
+            };
+            say(&format!("event exit {pid} {how}{note}"));
         }
         st.last_exit = Some(how);
         drop(st);
-        waiter.changed.notify_all();
-    });
-    format!("ok {pid}")
+        guard.changed.notify_all();
+    }
 }
 
-/// SIGTERM then (after `grace`) SIGKILL, or SIGKILL at once; waits for the exit.
-fn stop(guard: &Arc<Guard>, grace: Option<Duration>) -> String {
+/// SIGTERM to every process of the tree, then (after `grace`) or at once
+/// SIGKILL of all of it; replies once the whole tree is proven dead.
+fn stop(guard: &Guard, grace: Option<Duration>) -> Result<String, String> {
     let mut st = guard.lock();
-    let Some(pid) = st.pid else {
-        return "ok not running".into();
-    };
     st.expected_exit = true;
-    let group = Pid::from_raw(-pid);
-    if let Some(grace) = grace {
-        let _ = kill(group, Signal::SIGTERM);
+    if let (Some(pid), Some(grace)) = (st.pid, grace) {
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGTERM);
+        for member in guard.tree.live_members(Some(guard.me)) {
+            let _ = kill(Pid::from_raw(member), Signal::SIGTERM);
+        }
         st = wait_gone(guard, st, grace);
     }
-    if st.pid.is_some() {
-        let _ = kill(group, Signal::SIGCONT);
-        let _ = kill(group, Signal::SIGKILL);
-    }
-    st = wait_gone(guard, st, Duration::from_secs(10));
+    drop(st);
+    let killed = guard.kill_tree();
+    let mut st = wait_gone(guard, guard.lock(), CONFIRM);
     st.expected_exit = false;
-    match (st.pid, st.last_exit.clone()) {
-        (Some(p), _) => format!("err validator {p} did not die"),
-        (None, how) => format!("ok {}", how.unwrap_or_else(|| "exited".into())),
+    let left = st.pid;
+    let how = st.last_exit.clone().unwrap_or_else(|| "not running".into());
+    drop(st);
+    match (killed, left) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(p)) => Err(format!("validator {p} was not reaped")),
+        (Ok(_), None) => Ok(how),
     }
 }
 
@@ -248,33 +421,29 @@ fn wait_gone<'a>(
     st
 }
 
-/// Kills the validator's group when the lease deadline passes.
+/// Kills the validator's tree when the lease deadline passes. Wakes at
+/// least every 20 ms while armed, so that a clock that stood still (a
+/// suspended VM) is caught by the other one soon after the thaw.
 fn lease_timer(guard: &Guard) {
     let mut st = guard.lock();
     loop {
-        match (st.lease_ns, st.pid) {
-            (Some(deadline), Some(pid)) => {
-                let now = mono_now_ns();
-                if now >= deadline {
+        match (st.lease, st.pid) {
+            (Some(lease), Some(pid)) => {
+                let left = lease.left();
+                if left.is_zero() {
                     st.expected_exit = true;
-                    let _ = kill(Pid::from_raw(-pid), Signal::SIGCONT);
-                    let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
-                    st.lease_ns = None;
-                    let late_ms = (now - deadline) / 1_000_000;
+                    st.lease = None;
+                    let late_ms = mono_now_ns().saturating_sub(lease.mono) / 1_000_000;
+                    let killed = guard.kill_tree();
                     say(&format!(
-                        "event fenced lease expired {late_ms}ms ago, validator {pid} killed"
+                        "event fenced {pid} lease expired {late_ms}ms ago, validator tree killed ({killed:?})"
                     ));
-                    // Reaped by its waiter thread, which clears `expected_exit`
-                    // only through the next requested stop; reset it here once gone.
-                    while st.pid == Some(pid) {
-                        st = guard.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                    }
+                    st = wait_gone(guard, st, CONFIRM);
                     st.expected_exit = false;
                 } else {
-                    let wait = Duration::from_nanos(deadline - now);
                     st = guard
                         .changed
-                        .wait_timeout(st, wait)
+                        .wait_timeout(st, left.min(Duration::from_millis(20)))
                         .map(|r| r.0)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
@@ -295,10 +464,10 @@ pub enum GuardError {
     GuardLost,
     #[error("the guard did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("a validator (pid {0}) is running already")]
-    AlreadyRunning(u32),
     #[error("{0}")]
     Refused(String),
+    #[error("the validator's process tree could not be proven dead: {0}")]
+    NotProven(String),
 }
 
 /// Something that happened to the validator without being asked for.
@@ -308,31 +477,44 @@ pub enum ValidatorEvent {
     Exited(u32, String),
     /// The guard killed validator `pid` at the lease deadline.
     Fenced(u32, String),
-    /// The guard itself died; the validator died with it.
+    /// The guard itself died; its validator's tree may not have.
     GuardLost,
 }
 
 pub struct GuardClient {
     guard: Child,
     stdin: ChildStdin,
-    replies: mpsc::Receiver<String>,
+    replies: mpsc::Receiver<(u64, Result<String, String>)>,
+    seq: u64,
+    /// How long the guard may take to answer before it is presumed broken.
+    answer: Duration,
+    tree: Tree,
     running: Option<u32>,
-    /// Last lease deadline sent, to skip repeats.
+    /// Last lease deadline acknowledged, to skip repeats.
     lease: Option<u64>,
 }
 
-const ANSWER: Duration = Duration::from_secs(5);
+/// Extra time for a request whose work takes time of its own (a start).
+const SLOW_ANSWER: Duration = Duration::from_secs(5);
 
 impl GuardClient {
-    /// Starts the guard. Validator events arrive on the returned receiver.
+    /// Starts a guard for `tree`. Validator events arrive on the returned
+    /// receiver. `answer` is `kill_bound`: a guard that takes longer to
+    /// answer a lease or kill is presumed broken.
     pub fn spawn(
         data_dir: &Path,
+        tree: Tree,
+        answer: Duration,
     ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
-        let exe = std::env::current_exe().map_err(GuardError::Spawn)?;
-        let mut guard = tokio::process::Command::new(exe)
-            .arg("guard")
-            .arg("--data-dir")
-            .arg(data_dir)
+        // Our own executable as it is now, even if its file was replaced
+        // (an in-place upgrade) or removed since we started.
+        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        cmd.arg("guard").arg("--data-dir").arg(data_dir);
+        if tree.cgroup().is_none() {
+            cmd.arg("--no-cgroup");
+        }
+        let mut guard = cmd
+            .env_remove(MARKER_VAR)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -344,7 +526,7 @@ impl GuardClient {
         else {
             return Err(GuardError::GuardLost);
         };
-        let (reply_tx, replies) = mpsc::channel(16);
+        let (reply_tx, replies) = mpsc::channel(64);
         let (event_tx, events) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
@@ -358,16 +540,37 @@ impl GuardClient {
                         _ => ValidatorEvent::Exited(pid, how.to_string()),
                     };
                     let _ = event_tx.send(ev).await;
-                } else if reply_tx.send(line).await.is_err() {
+                    continue;
+                }
+                let mut parts = line.splitn(3, ' ');
+                let (Some(Ok(seq)), Some(kind)) =
+                    (parts.next().map(str::parse::<u64>), parts.next())
+                else {
+                    tracing::warn!("unreadable line from the guard: {line:?}");
+                    continue;
+                };
+                let rest = parts.next().unwrap_or("").to_string();
+                let r = if kind == "ok" { Ok(rest) } else { Err(rest) };
+                if reply_tx.send((seq, r)).await.is_err() {
                     break;
                 }
             }
             let _ = event_tx.send(ValidatorEvent::GuardLost).await;
         });
+        // The validator's output, read lossily: one bad byte must not stop
+        // the reader and leave the validator blocked on a full pipe.
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(target: "validator", "validator: {line}");
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        tracing::info!(target: "validator", "validator: {}", line.trim_end());
+                    }
+                }
             }
         });
         Ok((
@@ -375,6 +578,9 @@ impl GuardClient {
                 guard,
                 stdin,
                 replies,
+                seq: 0,
+                answer,
+                tree,
                 running: None,
                 lease: None,
             },
@@ -382,27 +588,34 @@ impl GuardClient {
         ))
     }
 
-    async fn send(&mut self, line: &str) -> Result<(), GuardError> {
-        let msg = format!("{line}\n");
-        match tokio::time::timeout(ANSWER, self.stdin.write_all(msg.as_bytes())).await {
-            Ok(Ok(())) => Ok(()),
+    /// Sends a request; returns its sequence number.
+    async fn send(&mut self, line: &str) -> Result<u64, GuardError> {
+        self.seq += 1;
+        let msg = format!("{} {line}\n", self.seq);
+        match tokio::time::timeout(self.answer, self.stdin.write_all(msg.as_bytes())).await {
+            Ok(Ok(())) => Ok(self.seq),
             Ok(Err(_)) => Err(GuardError::GuardLost),
-            Err(_) => Err(GuardError::Timeout(ANSWER)),
+            Err(_) => Err(GuardError::Timeout(self.answer)),
+        }
+    }
+
+    /// The reply to request `seq`, within `wait`; replies to earlier
+    /// requests (late ones) are dropped.
+    async fn reply(&mut self, seq: u64, wait: Duration) -> Result<String, GuardError> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(until, self.replies.recv()).await {
+                Ok(Some((s, r))) if s == seq => return r.map_err(GuardError::Refused),
+                Ok(Some((s, _))) => tracing::debug!(seq = s, "late guard reply dropped"),
+                Ok(None) => return Err(GuardError::GuardLost),
+                Err(_) => return Err(GuardError::Timeout(wait)),
+            }
         }
     }
 
     async fn ask(&mut self, line: &str, wait: Duration) -> Result<String, GuardError> {
-        self.send(line).await?;
-        match tokio::time::timeout(wait, self.replies.recv()).await {
-            Ok(Some(r)) => match r.strip_prefix("ok") {
-                Some(rest) => Ok(rest.trim().to_string()),
-                None => Err(GuardError::Refused(
-                    r.trim_start_matches("err ").to_string(),
-                )),
-            },
-            Ok(None) => Err(GuardError::GuardLost),
-            Err(_) => Err(GuardError::Timeout(wait)),
-        }
+        let seq = self.send(line).await?;
+        self.reply(seq, wait).await
     }
 
     /// Starts the validator; returns its pid.
@@ -410,7 +623,7 @@ impl GuardClient {
         let json =
             serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;
         let pid: u32 = self
-            .ask(&format!("start {json}"), ANSWER)
+            .ask(&format!("start {json}"), self.answer + SLOW_ANSWER)
             .await?
             .parse()
             .map_err(|_| GuardError::Refused("guard sent no pid".into()))?;
@@ -418,45 +631,117 @@ impl GuardClient {
         Ok(pid)
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; returns how it exited.
-    pub async fn stop(&mut self, grace: Duration) -> Result<String, GuardError> {
-        let r = self
-            .ask(
-                &format!("stop {}", grace.as_millis()),
-                grace + Duration::from_secs(15),
-            )
-            .await;
-        self.running = None;
+    /// Graceful stop: SIGTERM to the tree, SIGKILL after `grace`. Returns
+    /// once the guard reports the whole tree dead. Meanwhile the lease is
+    /// renewed from `renew` (`None` once it has lapsed), and each renewal
+    /// must be acknowledged within `kill_bound`, or the guard is presumed
+    /// broken ([`GuardError::Timeout`]).
+    pub async fn stop(
+        &mut self,
+        grace: Duration,
+        mut renew: impl FnMut() -> Option<u64>,
+    ) -> Result<String, GuardError> {
+        let seq = self.send(&format!("stop {}", grace.as_millis())).await?;
+        let until = tokio::time::Instant::now() + grace + CONFIRM + self.answer;
+        let tick = (self.answer / 2).max(Duration::from_millis(10));
+        let mut pending: Option<(u64, tokio::time::Instant)> = None;
+        let r = loop {
+            tokio::select! {
+                r = self.replies.recv() => match r {
+                    Some((s, r)) if s == seq => break r.map_err(GuardError::Refused),
+                    Some((s, _)) if pending.is_some_and(|p| p.0 == s) => pending = None,
+                    Some(_) => {}
+                    None => break Err(GuardError::GuardLost),
+                },
+                _ = tokio::time::sleep(tick) => {
+                    if let Some((_, sent)) = pending {
+                        if sent.elapsed() > self.answer {
+                            break Err(GuardError::Timeout(self.answer));
+                        }
+                    } else if let Some(deadline) = renew() {
+                        let s = self.send(&format!("lease {deadline}")).await?;
+                        pending = Some((s, tokio::time::Instant::now()));
+                        self.lease = Some(deadline);
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => break Err(GuardError::Timeout(until.elapsed())),
+            }
+        };
+        if r.is_ok() {
+            self.running = None;
+        }
         r
     }
 
-    /// SIGKILL of the validator's process group; returns once it is gone.
+    /// SIGKILL of the whole tree; returns once the guard confirms it dead.
     pub async fn kill(&mut self) -> Result<String, GuardError> {
-        let r = self.ask("kill", Duration::from_secs(15)).await;
-        self.running = None;
+        let r = self.ask("kill", self.answer).await;
+        if r.is_ok() {
+            self.running = None;
+        }
         r
     }
 
     pub async fn sighup(&mut self) -> Result<(), GuardError> {
-        self.ask(
-            &format!("signal {}", nix::sys::signal::Signal::SIGHUP as i32),
-            ANSWER,
-        )
-        .await
-        .map(|_| ())
+        self.ask(&format!("signal {}", Signal::SIGHUP as i32), self.answer)
+            .await
+            .map(|_| ())
     }
 
     /// Sets (or with `None` clears) the deadline, in CLOCK_MONOTONIC
-    /// nanoseconds, at which the guard kills the validator.
+    /// nanoseconds, at which the guard kills the tree; the guard must
+    /// acknowledge it within `kill_bound`.
     pub async fn lease(&mut self, deadline_ns: Option<u64>) -> Result<(), GuardError> {
         if self.lease == deadline_ns {
             return Ok(());
         }
-        self.lease = deadline_ns;
-        match deadline_ns {
-            Some(ns) => self.send(&format!("lease {ns}")).await,
-            None => self.send("unlease").await,
+        let r = match deadline_ns {
+            Some(ns) => self.ask(&format!("lease {ns}"), self.answer).await,
+            None => self.ask("unlease", self.answer).await,
+        };
+        if r.is_ok() {
+            self.lease = deadline_ns;
         }
+        r.map(|_| ())
+    }
+
+    /// The guard presumed broken (it did not answer, or died): SIGKILL it
+    /// and the whole tree from here, and confirm. The client is unusable
+    /// afterwards; spawn a new one.
+    pub async fn force_kill(&mut self) -> Result<usize, GuardError> {
+        let guard = self.guard.id().map(|p| p as i32);
+        let tree = self.tree.clone();
+        let limit = CONFIRM;
+        let r = tokio::task::spawn_blocking(move || {
+            // Its descendants first, while they are still below it.
+            let below = tree.live_members(guard);
+            if let Some(g) = guard {
+                let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
+            }
+            for &p in &below {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let n = tree.kill(None, limit)?;
+            let left: Vec<i32> = below
+                .iter()
+                .copied()
+                .filter(|p| !super::tree::dead_or_dying(*p))
+                .collect();
+            if left.is_empty() {
+                Ok(n.max(below.len()))
+            } else {
+                Err(super::FenceError::Refused(format!(
+                    "processes {left:?} survive SIGKILL"
+                )))
+            }
+        })
+        .await
+        .map_err(|e| GuardError::NotProven(e.to_string()))?
+        .map_err(|e| GuardError::NotProven(e.to_string()));
+        if r.is_ok() {
+            self.running = None;
+        }
+        r
     }
 
     /// Whether a validator process is believed to be running.

@@ -35,33 +35,25 @@ fn link(src: &Path, dst: &Path) -> Result<(), FenceError> {
     fsync_dir(dir)
 }
 
-/// Removes `dst` if it is a symlink, or a regular file with exactly the
-/// content of `src` (a stray copy of the key). Anything else is left alone.
+/// Removes `dst` if it is a symlink. Anything else at a key path is
+/// refused (fail closed): a regular file there, even a copy of the key, is
+/// a key a node could sign with outside keyraft's fence.
 fn unlink(l: &KeyLink) -> Result<bool, FenceError> {
     let meta = match std::fs::symlink_metadata(&l.dst) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io("cannot inspect", &l.dst)(e)),
     };
-    let remove = if meta.file_type().is_symlink() {
-        true
-    } else if meta.is_file() {
-        let same = std::fs::read(&l.dst).ok() == std::fs::read(&l.src).ok();
-        if !same {
-            tracing::debug!(
-                "leaving {} alone: not a link and not a copy of the key",
-                l.dst.display()
-            );
-        }
-        same
-    } else {
-        false
-    };
-    if remove {
-        std::fs::remove_file(&l.dst).map_err(io("cannot remove", &l.dst))?;
-        fsync_dir(parent(&l.dst))?;
+    if !meta.file_type().is_symlink() {
+        return Err(FenceError::Refused(format!(
+            "{} is not a link keyraft made (a {}): a node could sign with it outside keyraft's fence; move it away, keyraft links the key there only while validating",
+            l.dst.display(),
+            if meta.is_file() { "regular file" } else { "directory or special file" }
+        )));
     }
-    Ok(remove)
+    std::fs::remove_file(&l.dst).map_err(io("cannot remove", &l.dst))?;
+    fsync_dir(parent(&l.dst))?;
+    Ok(true)
 }
 
 /// The key links of one validator: `active` exist only while validating,
@@ -142,13 +134,17 @@ mod tests {
             std::fs::read_link(home.join("node_key.json")).unwrap(),
             voter
         );
-        // A real file that is not a copy of the key is the node's own: left alone.
-        std::fs::write(home.join("validator_key.json"), "something else").unwrap();
-        links.stand_by().unwrap();
-        assert!(home.join("validator_key.json").exists());
-        // A copy of the key is removed.
-        std::fs::write(home.join("validator_key.json"), "secret").unwrap();
-        links.stand_by().unwrap();
-        assert!(!home.join("validator_key.json").exists());
+        // A regular file at a key path, a copy of the key or not, is refused
+        // and left as it was (nothing the operator wrote is lost).
+        for content in ["something else", "secret"] {
+            std::fs::write(home.join("validator_key.json"), content).unwrap();
+            let err = links.stand_by().unwrap_err().to_string();
+            assert!(err.contains("not a link keyraft made"), "{err}");
+            assert_eq!(
+                std::fs::read_to_string(home.join("validator_key.json")).unwrap(),
+                content
+            );
+            std::fs::remove_file(home.join("validator_key.json")).unwrap();
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! - [`lock`]: the exclusive lock on the data dir, and a validator left
 //!   running by a previous keyraft on it (safety protocol step 6).
 //! - [`links`]: the key links, swapped atomically.
-//! - [`guard`]: the guard process that kills the validator when its lease
+//! - [`tree`]: the validator's whole process tree (cgroup, inherited
+//!   marker, the guard's descendants), found and killed as one.
+//! - [`guard`]: the guard process that kills that tree when its lease
 //!   deadline passes or the coordinator disappears, and the coordinator's
 //!   client for it.
 //!
@@ -14,12 +16,14 @@
 pub mod guard;
 pub mod links;
 pub mod lock;
+pub mod tree;
 
 use std::path::Path;
 
 pub use guard::{guard_main, GuardClient, GuardError, ValidatorEvent};
 pub use links::KeyLinks;
 pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
+pub use tree::Tree;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {
@@ -46,10 +50,20 @@ pub(crate) fn io<'a>(
     }
 }
 
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the one clock the coordinator and the
 /// guard agree on (it is system-wide, unlike an `Instant`).
 pub fn mono_now_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
-        .unwrap_or(0)
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: like CLOCK_MONOTONIC, but it also counts
+/// time the machine was suspended.
+pub fn boot_now_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_BOOTTIME)
 }

@@ -105,6 +105,7 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
+        let last = self.last_key_event;
         let mut key_event = |node, term, released, height| {
             let prior = self.last_key_event;
             let ev = KeyEvent {
@@ -123,7 +124,21 @@ impl ClusterState {
         };
         match *cmd {
             Command::Activate { node, term } => key_event(node, term, false, None),
-            Command::Released { node, term, height } => key_event(node, term, true, height),
+            // Only the holder of the last activation can release it: a stale
+            // or misdirected release must not make a successor skip its wait.
+            Command::Released { node, term, height } => match last {
+                Some(e) if !e.released && e.node == node && e.term == term => {
+                    key_event(node, term, true, height)
+                }
+                _ => {
+                    tracing::warn!(
+                        node,
+                        term,
+                        "ignoring a release that does not match the last activation"
+                    );
+                    Reply::default()
+                }
+            },
             Command::SetPaused { paused } => {
                 self.paused = paused;
                 Reply::default()
@@ -149,6 +164,9 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
         election_timeout_min: t.election_min.as_millis() as u64,
         election_timeout_max: t.election_max.as_millis() as u64,
         enable_pre_vote: Some(true),
+        // keyraft turns elections on once this node may campaign (eligible,
+        // and up for `election_timeout_max`: see the coordinator's publish).
+        enable_elect: false,
         // A restarted leader must win a fresh election before it may act.
         enable_leader_restore: Some(false),
         install_snapshot_timeout: 2000,
@@ -290,6 +308,30 @@ mod tests {
                 height: Some(40),
             })
         );
+    }
+
+    #[test]
+    fn only_the_last_activation_can_be_released() {
+        let mut s = ClusterState::default();
+        let release = |node, term| Command::Released {
+            node,
+            term,
+            height: None,
+        };
+        // Nothing to release yet.
+        s.apply(&release(1, 1), 1);
+        assert_eq!(s.last_key_event, None);
+        s.apply(&Command::Activate { node: 1, term: 2 }, 2);
+        // Another node, or the same node in another term: ignored.
+        s.apply(&release(2, 2), 3);
+        s.apply(&release(1, 1), 4);
+        assert_eq!(s.key_holder(), Some(1));
+        s.apply(&release(1, 2), 5);
+        assert_eq!(s.key_holder(), None);
+        // Released twice: the second changes nothing.
+        let before = s.clone();
+        s.apply(&release(1, 2), 6);
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //! in `spawn_blocking`) or interpret commands beyond [`ClusterState::apply`].
 
 use std::fmt::Debug;
+use std::fs::File;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use openraft::storage::{
@@ -70,6 +72,23 @@ fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<
     tree.get(k).map_err(io_err)?.map(|v| decode(&v)).transpose()
 }
 
+/// sled and a real fsync. sled 0.34's `flush` ends in `sync_file_range`,
+/// which neither flushes the drive's write cache nor the file's size, so a
+/// vote or entry it calls durable can vanish on power loss. Every flush here
+/// is followed by `fdatasync` of sled's data file, which does both.
+#[derive(Clone)]
+struct Disk {
+    db: sled::Db,
+    file: Arc<File>,
+}
+
+impl Disk {
+    fn flush(&self) -> io::Result<()> {
+        self.db.flush().map_err(io_err)?;
+        self.file.sync_data()
+    }
+}
+
 /// Opens (or creates) the store in `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let path = dir.display().to_string();
@@ -94,6 +113,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
         path: path.clone(),
         why: e.to_string(),
     };
+    let file = File::open(dir.join("db")).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        why: format!("no sled data file: {e}"),
+    })?;
+    let db = Disk {
+        db,
+        file: Arc::new(file),
+    };
     let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
     let (tx, _) = watch::channel(data.state.clone());
     let unflushed = spawn_flusher(db.clone()).map_err(StoreError::Flusher)?;
@@ -115,7 +142,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
 
 /// Group commit: one fsync acknowledges every append written before it
 /// started, in order. The thread ends when the last [`LogStore`] is dropped.
-fn spawn_flusher(db: sled::Db) -> io::Result<mpsc::Sender<IOFlushed<TypeConfig>>> {
+fn spawn_flusher(db: Disk) -> io::Result<mpsc::Sender<IOFlushed<TypeConfig>>> {
     let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
     std::thread::Builder::new()
         .name("raft-fsync".into())
@@ -135,7 +162,7 @@ fn spawn_flusher(db: sled::Db) -> io::Result<mpsc::Sender<IOFlushed<TypeConfig>>
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
+    db: Disk,
     log: sled::Tree,
     meta: sled::Tree,
     /// Callbacks of written, not yet fsynced appends, for the fsync thread.
@@ -340,7 +367,7 @@ struct StoredSnapshot {
 
 /// The replicated [`ClusterState`], applied from committed entries.
 pub struct StateMachine {
-    db: sled::Db,
+    db: Disk,
     tree: sled::Tree,
     data: SmData,
     published: watch::Sender<ClusterState>,
@@ -361,7 +388,7 @@ impl StateMachine {
 }
 
 pub struct SnapshotBuilder {
-    db: sled::Db,
+    db: Disk,
     tree: sled::Tree,
     data: SmData,
 }

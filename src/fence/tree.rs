@@ -1,0 +1,322 @@
+//! The validator's whole process tree, the unit of fencing. A validator
+//! command may be a wrapper (`sh -c`, `cosmovisor run`, a script that
+//! daemonizes its node), so "the validator" is every process it starts:
+//!
+//! - a cgroup v2 per data dir where keyraft can create one (below its own
+//!   cgroup): `cgroup.kill` ends every member at once, forks included;
+//! - otherwise, and always as well, an environment marker
+//!   (`KEYRAFT_FENCE=<data dir>`) that every descendant inherits, found by
+//!   scanning `/proc`, and every descendant of the guard (a child subreaper,
+//!   so orphans that double-forked or called `setsid` stay below it).
+//!
+//! A process that clears its environment and escapes the guard's subtree
+//! (it would have to be reparented away from a live subreaper) is caught
+//! only by the cgroup. "Dead" means every member is gone, a zombie, or has
+//! a SIGKILL pending (it never runs user code again).
+//!
+//! Must not: decide when to kill; the guard and the coordinator do.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::FenceError;
+
+/// The environment variable every process of a validator's tree carries.
+pub const MARKER_VAR: &str = "KEYRAFT_FENCE";
+/// The file in the data dir that names the tree's cgroup, if it has one.
+pub const CGROUP_FILE: &str = "cgroup";
+
+/// One data dir's validator tree: how to find and kill all of it.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    /// `KEYRAFT_FENCE=<value>` marks the tree's processes.
+    marker: String,
+    /// The tree's own cgroup, when cgroup v2 lets keyraft make one.
+    cgroup: Option<PathBuf>,
+}
+
+impl Tree {
+    /// The tree of the validator run from `data_dir` (which must exist).
+    /// With `cgroup`, makes the tree's cgroup if it can; [`Tree::mechanism`]
+    /// says what it got.
+    pub fn for_data_dir(data_dir: &Path, cgroup: bool) -> Tree {
+        let canon = data_dir
+            .canonicalize()
+            .unwrap_or_else(|_| data_dir.to_path_buf());
+        let marker = canon.display().to_string();
+        let cgroup = cgroup.then(own_cgroup_dir).flatten().and_then(|own| {
+            let dir = own.join(format!("keyraft-{:016x}", fnv1a(marker.as_bytes())));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => Some(dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
+                Err(e) => {
+                    tracing::debug!("no cgroup for the validator ({}): {e}", dir.display());
+                    None
+                }
+            }
+        });
+        Tree { marker, cgroup }
+    }
+
+    /// A tree known only by its marker (tests, and where cgroups are off).
+    pub fn marker_only(marker: &str) -> Tree {
+        Tree {
+            marker: marker.to_string(),
+            cgroup: None,
+        }
+    }
+
+    pub fn marker(&self) -> &str {
+        &self.marker
+    }
+
+    /// `cgroup` or `marker`: what this host's fence rests on.
+    pub fn mechanism(&self) -> &'static str {
+        if self.cgroup.is_some() {
+            "cgroup"
+        } else {
+            "marker"
+        }
+    }
+
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// The file a new validator process writes "0" to, to join the cgroup
+    /// before it execs (opened here, written after fork).
+    pub fn cgroup_procs(&self) -> Option<File> {
+        let dir = self.cgroup.as_ref()?;
+        File::options()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .ok()
+    }
+
+    /// Every live member: in the cgroup, carrying the marker, or below
+    /// `root` (the guard, excluded itself). Zombies and processes with a
+    /// SIGKILL pending are not live.
+    pub fn live_members(&self, root: Option<i32>) -> BTreeSet<i32> {
+        let me = std::process::id() as i32;
+        let mut found = BTreeSet::new();
+        if let Some(dir) = &self.cgroup {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                found.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        let needle = format!("{MARKER_VAR}={}", self.marker);
+        let mut parents: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        for pid in all_pids() {
+            if let Some(ppid) = stat_field(pid, 1).and_then(|p| p.parse().ok()) {
+                parents.entry(ppid).or_default().push(pid);
+            }
+            if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+                if env.split(|b| *b == 0).any(|e| e == needle.as_bytes()) {
+                    found.insert(pid);
+                }
+            }
+        }
+        if let Some(root) = root {
+            let mut stack = vec![root];
+            while let Some(p) = stack.pop() {
+                for &child in parents.get(&p).into_iter().flatten() {
+                    if found.insert(child) {
+                        stack.push(child);
+                    }
+                }
+            }
+            found.remove(&root);
+        }
+        found.remove(&me);
+        found.retain(|&p| !dead_or_dying(p));
+        found
+    }
+
+    /// SIGKILLs every member and confirms, within `limit`, that none is
+    /// left alive. Returns how many were killed; an error names the ones
+    /// that would not die (or could not be signalled).
+    pub fn kill(&self, root: Option<i32>, limit: Duration) -> Result<usize, FenceError> {
+        let deadline = Instant::now() + limit;
+        let mut killed = BTreeSet::new();
+        loop {
+            if let Some(dir) = &self.cgroup {
+                // Atomic against forks; absent on kernels before 5.14.
+                if let Ok(mut f) = File::options().write(true).open(dir.join("cgroup.kill")) {
+                    let _ = f.write_all(b"1");
+                }
+            }
+            let live = self.live_members(root);
+            if live.is_empty() {
+                return Ok(killed.len());
+            }
+            for &pid in &live {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                killed.insert(pid);
+            }
+            if Instant::now() >= deadline {
+                let left = self.live_members(root);
+                if left.is_empty() {
+                    return Ok(killed.len());
+                }
+                return Err(FenceError::Refused(format!(
+                    "validator processes {left:?} are still alive {limit:?} after SIGKILL"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes the (empty) cgroup, e.g. at shutdown; a busy one stays.
+    pub fn remove_cgroup(&self) {
+        if let Some(dir) = &self.cgroup {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Writes the cgroup's path to `DATA_DIR/cgroup` (removed without
+    /// one), for operators and tools that clean up after a killed keyraft.
+    pub fn record(&self, data_dir: &Path) -> std::io::Result<()> {
+        let path = data_dir.join(CGROUP_FILE);
+        match &self.cgroup {
+            Some(dir) => std::fs::write(path, format!("{}\n", dir.display())),
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// FNV-1a: a stable short name for a data dir's cgroup.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// This process's cgroup v2 directory, if cgroup v2 is mounted and the
+/// directory is writable (a systemd unit with `Delegate=yes`, a root shell,
+/// a privileged container).
+fn own_cgroup_dir() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = mount.join(rel.trim_start_matches('/'));
+    let writable = nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok();
+    (writable && dir.join("cgroup.procs").exists()).then_some(dir)
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Field `n` (0 = state) after the command name in `/proc/<pid>/stat`.
+fn stat_field(pid: i32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(n).map(str::to_string)
+}
+
+/// Gone, a zombie, or with a SIGKILL pending: it will not run again.
+pub fn dead_or_dying(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+        return true;
+    }
+    let sigkill = 1u64 << (Signal::SIGKILL as u64 - 1);
+    ["SigPnd:", "ShdPnd:"].iter().any(|f| {
+        field(f)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .is_some_and(|mask| mask & sigkill != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn marked(marker: &str, script: &str) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .env(MARKER_VAR, marker)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_daemonized_grandchild_is_found_by_its_marker_and_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("test-{}", dir.path().display());
+        let tree = Tree::marker_only(&marker);
+        // A wrapper whose node double-forks into its own session, then exits.
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "setsid sh -c 'sleep 60 & echo $! > {}' ; exit 0",
+            pidfile.display()
+        );
+        let mut wrapper = marked(&marker, &script);
+        wrapper.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pid = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(tree.live_members(None).contains(&pid));
+        assert_eq!(tree.kill(None, Duration::from_secs(2)).unwrap(), 1);
+        assert!(dead_or_dying(pid));
+        assert!(tree.live_members(None).is_empty());
+        // Another tree's marker finds nothing of this one.
+        assert!(Tree::marker_only("someone-else")
+            .live_members(None)
+            .is_empty());
+    }
+
+    #[test]
+    fn descendants_of_the_root_count_even_without_the_marker() {
+        let mut parent = Command::new("sh")
+            .args(["-c", "env -i sleep 60 & wait"])
+            .spawn()
+            .unwrap();
+        let root = parent.id() as i32;
+        let tree = Tree::marker_only("nobody-has-this-marker");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tree.live_members(Some(root)).is_empty() {
+            assert!(Instant::now() < deadline, "the child did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(tree.kill(Some(root), Duration::from_secs(2)).unwrap(), 1);
+        parent.wait().unwrap();
+    }
+}

@@ -1,0 +1,262 @@
+//! Fail-closed fencing, judged by the fake chain: every launch shape of the
+//! validator command (the node exec'd, a shell's child, a grandchild, a
+//! daemonized node that left its process group and session, a node that
+//! ignores SIGTERM) against every fault of the fence and of its host (a
+//! frozen guard then a switchover, a killed guard then the host cut off, the
+//! coordinator killed, the coordinator frozen, the host cut off). In each
+//! case the chain counts no double sign, every process of the old
+//! validator's tree is dead by the time another node signs, and another node
+//! signs within the bound the design promises for that case.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{alive, Cluster, Launch, NodeOpts, SETTLE};
+use localnet::harness::eventually;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BLOCK_MS: u64 = 250;
+/// The graceful-stop timeout these clusters run with.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// A failover: the followers' lease (1 s) and jitter, an election, the
+/// commit, a fresh height (one block) and the validator's start, with room
+/// for a busy 2-core CI host.
+const FAILOVER_BOUND: Duration = Duration::from_secs(4);
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    GuardFrozenThenSwitchover,
+    GuardKilledThenCutOff,
+    CoordinatorKilled,
+    CoordinatorFrozen,
+    CutOff,
+}
+
+const FAULTS: [Fault; 5] = [
+    Fault::GuardFrozenThenSwitchover,
+    Fault::GuardKilledThenCutOff,
+    Fault::CoordinatorKilled,
+    Fault::CoordinatorFrozen,
+    Fault::CutOff,
+];
+
+fn opts(launch: Launch, cgroup: bool) -> impl Fn(u64) -> NodeOpts {
+    move |_| {
+        let mut flags = vec!["--stop-timeout".to_string(), "2s".to_string()];
+        if !cgroup {
+            flags.push("--no-cgroup".into());
+        }
+        NodeOpts {
+            flags,
+            launch,
+            ..NodeOpts::default()
+        }
+    }
+}
+
+/// Waits until exactly one node validates and the others stand by;
+/// returns the validating one.
+async fn settled(c: &Cluster) -> Result<u64> {
+    eventually(
+        SETTLE * 2,
+        "one validating node and two standbys",
+        || async {
+            let mut validating = Vec::new();
+            for &id in c.nodes.keys() {
+                match c.own_state(id).await.as_deref() {
+                    Ok("Validating") => validating.push(id),
+                    Ok("Voting") => {}
+                    _ => return Ok(None),
+                }
+            }
+            Ok((validating.len() == 1).then(|| validating[0]))
+        },
+    )
+    .await
+}
+
+/// Runs `keyraft switchover` on node `id` until the leader accepts it (it
+/// refuses while the cluster is between states, as an operator would see).
+async fn switchover(c: &Cluster, id: u64) -> Result<()> {
+    eventually(SETTLE, "a switchover the leader accepts", || async {
+        let out = c.cli(id, &["switchover"]).await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await
+}
+
+/// Injects `fault` on the validating node `old`; returns the node whose
+/// validator must be fenced, the pids of its tree at that moment, and when
+/// the fault that forces the handover happened.
+async fn inject(c: &mut Cluster, fault: Fault, old: u64) -> Result<(u64, Vec<i32>, Instant)> {
+    let tree = c.tree_pids(old);
+    ensure!(
+        !tree.is_empty(),
+        "node {old} has no marked validator processes"
+    );
+    match fault {
+        Fault::GuardFrozenThenSwitchover => {
+            let guard = c.guard_pid(old).context("no guard")?;
+            kill(Pid::from_raw(guard), Signal::SIGSTOP)?;
+            let t = Instant::now();
+            switchover(c, old).await?;
+            // The frozen guard was presumed broken and killed, not waited on.
+            eventually(SETTLE, "the frozen guard to be killed", || async {
+                Ok((!alive(guard)).then_some(()))
+            })
+            .await?;
+            Ok((old, tree, t))
+        }
+        Fault::GuardKilledThenCutOff => {
+            let guard = c.guard_pid(old).context("no guard")?;
+            kill(Pid::from_raw(guard), Signal::SIGKILL)?;
+            // The coordinator kills the orphaned tree itself, then carries on.
+            eventually(SETTLE, "the orphaned tree to be killed", || async {
+                Ok(tree.iter().all(|p| !alive(*p)).then_some(()))
+            })
+            .await?;
+            let active = settled(c).await?;
+            let tree = c.tree_pids(active);
+            c.isolate(active);
+            Ok((active, tree, Instant::now()))
+        }
+        Fault::CoordinatorKilled => {
+            c.kill_coordinator(old)?;
+            Ok((old, tree, Instant::now()))
+        }
+        Fault::CoordinatorFrozen => {
+            c.signal(old, Signal::SIGSTOP)?;
+            Ok((old, tree, Instant::now()))
+        }
+        Fault::CutOff => {
+            c.isolate(old);
+            Ok((old, tree, Instant::now()))
+        }
+    }
+}
+
+/// Undoes `fault` on node `id` so that the next one starts from a healthy cluster.
+async fn undo(c: &mut Cluster, fault: Fault, id: u64) -> Result<()> {
+    match fault {
+        Fault::GuardFrozenThenSwitchover => {}
+        Fault::GuardKilledThenCutOff | Fault::CutOff => c.heal(),
+        Fault::CoordinatorKilled => {
+            drop(c.forget(id)?);
+            c.spawn(id)?;
+        }
+        Fault::CoordinatorFrozen => c.signal(id, Signal::SIGCONT)?,
+    }
+    Ok(())
+}
+
+async fn matrix(launch: Launch, cgroup: bool) -> Result<()> {
+    let mut c = Cluster::start(3, BLOCK_MS, opts(launch, cgroup)).await?;
+    let mut report = Vec::new();
+    for fault in FAULTS {
+        let what = format!("{launch:?} (cgroup {cgroup}), {fault:?}");
+        let old = settled(&c)
+            .await
+            .with_context(|| format!("{what}: before\n{}", c.logs()))?;
+        let at = c.chain.totals().await?.height;
+        let (fenced, tree, t) = inject(&mut c, fault, old)
+            .await
+            .with_context(|| format!("{what}\n{}", c.logs()))?;
+        let (new, _) = c
+            .wait_signer(at + 1, &[fenced])
+            .await
+            .with_context(|| format!("{what}: no new signer\n{}", c.logs()))?;
+        let took = t.elapsed();
+        let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+        ensure!(
+            left.is_empty(),
+            "{what}: node {new} signs while processes {left:?} of node {fenced}'s validator tree live\n{}",
+            c.logs()
+        );
+        // A node that ignores SIGTERM costs the whole stop timeout at each
+        // graceful stop: the successor's plain node before it restarts with
+        // the key, and in a switchover the holder's node before the release.
+        let stops = match (launch, fault) {
+            (Launch::IgnoresTerm, Fault::GuardFrozenThenSwitchover) => 2,
+            (Launch::IgnoresTerm, _) => 1,
+            _ => 0,
+        };
+        let bound = FAILOVER_BOUND + STOP_TIMEOUT * stops;
+        ensure!(
+            took <= bound,
+            "{what}: node {new} signed {took:?} after the fault (bound {bound:?})\n{}",
+            c.logs()
+        );
+        c.assert_no_double_signs()
+            .await
+            .with_context(|| what.clone())?;
+        undo(&mut c, fault, fenced).await?;
+        report.push(format!("{fault:?}: node {fenced} -> {new} in {took:?}"));
+    }
+    settled(&c).await?;
+    let s = c.assert_no_double_signs().await?;
+    eprintln!(
+        "{launch:?} (cgroup {cgroup}): {}; {} heights, {} missed, 0 double signs",
+        report.join("; "),
+        s.height,
+        s.missed
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_node_execd_directly_is_fenced_under_every_fault() -> Result<()> {
+    matrix(Launch::Exec, true).await
+}
+
+#[tokio::test]
+async fn a_shells_child_is_fenced_under_every_fault() -> Result<()> {
+    matrix(Launch::ShellChild, true).await
+}
+
+#[tokio::test]
+async fn a_grandchild_is_fenced_under_every_fault() -> Result<()> {
+    matrix(Launch::Grandchild, true).await
+}
+
+#[tokio::test]
+async fn a_daemonized_node_is_fenced_under_every_fault() -> Result<()> {
+    matrix(Launch::Daemonize, true).await
+}
+
+#[tokio::test]
+async fn a_daemonized_node_is_fenced_under_every_fault_without_a_cgroup() -> Result<()> {
+    matrix(Launch::Daemonize, false).await
+}
+
+#[tokio::test]
+async fn a_node_that_ignores_sigterm_is_fenced_under_every_fault() -> Result<()> {
+    matrix(Launch::IgnoresTerm, true).await
+}
+
+#[tokio::test]
+async fn start_up_kills_a_daemonized_node_left_by_a_dead_coordinator_and_guard() -> Result<()> {
+    let mut c = Cluster::start(3, BLOCK_MS, opts(Launch::Daemonize, false)).await?;
+    let active = settled(&c).await?;
+    let standby = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("no standby")?;
+    let tree = c.tree_pids(standby);
+    ensure!(tree.len() >= 2, "want the wrapper and its daemon: {tree:?}");
+    // Coordinator and guard die together (SIGKILL of their process group):
+    // nobody is left to kill the daemon, which lives on as an orphan.
+    drop(c.forget(standby)?);
+    let orphans: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+    ensure!(!orphans.is_empty(), "the daemon did not survive its guard");
+    c.spawn(standby)?;
+    eventually(SETTLE, "start-up to kill the leftover daemon", || async {
+        Ok(orphans.iter().all(|p| !alive(*p)).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    settled(&c).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
