@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -31,10 +32,14 @@ pub enum Fault {
     PartitionWitness,
     CrashActiveValidator,
     Flap,
+    /// SIGSTOP of the active node's guard, then `keyraft switchover`.
+    FreezeActiveGuard,
+    /// SIGKILL of the active node's guard, then the active node cut off.
+    KillActiveGuard,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 11] = [
         Fault::KillActiveHost,
         Fault::KillActiveCoordinator,
         Fault::FreezeActiveCoordinator,
@@ -44,6 +49,8 @@ impl Fault {
         Fault::PartitionWitness,
         Fault::CrashActiveValidator,
         Fault::Flap,
+        Fault::FreezeActiveGuard,
+        Fault::KillActiveGuard,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +64,8 @@ impl Fault {
             Fault::PartitionWitness => "partition_witness",
             Fault::CrashActiveValidator => "crash_active_validator",
             Fault::Flap => "flap",
+            Fault::FreezeActiveGuard => "freeze_active_guard",
+            Fault::KillActiveGuard => "kill_active_guard",
         }
     }
 
@@ -208,6 +217,36 @@ async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Optio
             let (new, _) = c.wait_signer(at + 1, &[]).await?;
             (new != active).then(|| t0.elapsed().as_secs_f64() * 1000.0)
         }
+        Fault::FreezeActiveGuard => {
+            let guard = c.guard_pid(active).context("no guard process")?;
+            signal(guard, Signal::SIGSTOP)?;
+            // The operator's switchover, retried while the cluster is between
+            // states (the coordinator replaces a guard that stopped answering).
+            eventually(
+                Duration::from_secs(20),
+                "a switchover the leader accepts",
+                || async {
+                    Ok(c.cli(active, &["switchover"])
+                        .await?
+                        .status
+                        .success()
+                        .then_some(()))
+                },
+            )
+            .await?;
+            let ms = failover(c, at, active, t0).await?;
+            let _ = signal(guard, Signal::SIGCONT);
+            Some(ms)
+        }
+        Fault::KillActiveGuard => {
+            let guard = c.guard_pid(active).context("no guard process")?;
+            signal(guard, Signal::SIGKILL)?;
+            c.isolate(active);
+            let ms = failover(c, at, active, t0).await?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+            c.heal();
+            Some(ms)
+        }
         Fault::Flap => {
             for _ in 0..6 {
                 c.isolate(active);
@@ -220,6 +259,11 @@ async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Optio
         }
     };
     Ok(ms)
+}
+
+fn signal(pid: i32, sig: Signal) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
+    Ok(())
 }
 
 /// Milliseconds from `t0` until a node other than `old` signs after `at`.

@@ -153,3 +153,28 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn chaos_freezes_and_kills_the_guard_without_double_signs() -> Result<()> {
+    // Seed 3 draws both guard faults in four rounds.
+    let out = localnet_cmd()?
+        .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
+        .args(["--faults", "freeze-active-guard,kill-active-guard"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)?;
+    ensure!(v["double_signs"] == 0, "{v}");
+    for fault in ["freeze_active_guard", "kill_active_guard"] {
+        let f = &v["per_fault"][fault];
+        ensure!(
+            f["rounds"].as_u64() > Some(0) && f["failovers"] == f["rounds"],
+            "{fault}: every round must move the key to another node: {v}"
+        );
+    }
+    Ok(())
+}

@@ -513,6 +513,15 @@ impl GuardClient {
         if tree.cgroup().is_none() {
             cmd.arg("--no-cgroup");
         }
+        Self::spawn_command(cmd, tree, answer)
+    }
+
+    /// [`GuardClient::spawn`] with any program that speaks the protocol.
+    fn spawn_command(
+        mut cmd: tokio::process::Command,
+        tree: Tree,
+        answer: Duration,
+    ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
         let mut guard = cmd
             .env_remove(MARKER_VAR)
             .stdin(Stdio::piped())
@@ -762,5 +771,59 @@ impl GuardClient {
 
     pub fn guard_pid(&self) -> Option<u32> {
         self.guard.id()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guard that answers the first request only once the second has
+    /// come (late), then the second.
+    fn late_guard() -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"read a rest; read b rest; echo "$a ok"; echo "$b err newer"; cat >/dev/null"#,
+        ]);
+        cmd
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_never_answers_a_newer_request() {
+        let tree = Tree::marker_only("late-reply-test");
+        let (mut client, _events) =
+            GuardClient::spawn_command(late_guard(), tree, Duration::from_millis(100)).unwrap();
+        // Request 1 times out: the guard is presumed slow.
+        match client.lease(Some(5)).await {
+            Err(GuardError::Timeout(_)) => {}
+            other => panic!("want a timeout, got {other:?}"),
+        }
+        assert_eq!(
+            client.lease, None,
+            "an unacknowledged lease counted as taken"
+        );
+        // Request 2 meets the late "1 ok" first; only "2 ..." answers it.
+        match client.kill().await {
+            Err(GuardError::Refused(why)) => assert_eq!(why, "newer"),
+            other => panic!("the late reply answered a newer request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lease_runs_out_by_either_clock() {
+        let soon = Lease::from_mono(mono_now_ns() + 50_000_000);
+        assert!(!soon.left().is_zero());
+        assert!(soon.left() <= Duration::from_millis(50));
+        // A deadline already passed on the monotonic clock.
+        assert!(Lease::from_mono(mono_now_ns().saturating_sub(1))
+            .left()
+            .is_zero());
+        // The boot-time deadline alone (a pause the monotonic clock missed).
+        let paused = Lease {
+            mono: mono_now_ns() + 60_000_000_000,
+            boot: boot_now_ns().saturating_sub(1),
+        };
+        assert!(paused.left().is_zero());
     }
 }
