@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let file = File::open(dir.path().join("db"))?;
     // A Raft entry of keyraft's size: a small JSON command.
     let entry = vec![b'x'; 200];
-    let mut run = |durable: bool, offset: usize| -> anyhow::Result<Vec<Duration>> {
+    let run = |durable: bool, offset: usize| -> anyhow::Result<Vec<Duration>> {
         let mut took = Vec::with_capacity(rounds);
         for i in 0..rounds {
             let t = Instant::now();
@@ -48,8 +48,14 @@ fn main() -> anyhow::Result<()> {
     };
     let before = run(false, 0)?;
     let after = run(true, rounds)?;
-    println!("append + flush, {rounds} rounds in {}", dir.path().display());
-    for (what, t) in [("sled flush only (before)", &before), ("flush + fdatasync (after)", &after)] {
+    println!(
+        "append + flush, {rounds} rounds in {}",
+        dir.path().display()
+    );
+    for (what, t) in [
+        ("sled flush only (before)", &before),
+        ("flush + fdatasync (after)", &after),
+    ] {
         println!(
             "{what:<28} p50 {:>8.3} ms  p99 {:>8.3} ms",
             percentile(t, 0.5).as_secs_f64() * 1e3,

@@ -250,6 +250,10 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// Programs that ask a daemon to start the node: its processes are then
+/// children of dockerd, containerd, conmon or systemd, not of keyraft's guard.
+const HANDS_OFF: [&str; 5] = ["docker", "podman", "nerdctl", "ctr", "systemd-run"];
+
 /// One symlink managed by keyraft: `dst` points at `src` while it exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyLink {
@@ -587,6 +591,15 @@ fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError
             "no validator command: give it after `--` (keyraft run [FLAGS] -- CMD ARGS...), or run with --witness",
         ));
     }
+    let program = Path::new(&a.command[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if HANDS_OFF.contains(&program) {
+        return Err(invalid(format!(
+            "the validator command '{program}' hands the node to a daemon that starts it outside keyraft's process tree, where keyraft cannot find or kill it, so it cannot be fenced; run keyraft where the node runs (inside its container, or on its host) with the node's own command"
+        )));
+    }
     let chain = a.chain.unwrap_or(if a.validator_key.is_some() {
         Chain::Near
     } else {
@@ -853,6 +866,12 @@ mod tests {
             health_url: Some("http://127.0.0.1:9/health".into()),
             ..validator_args(dir.path())
         };
+        let docker = RunArgs {
+            command: vec!["/usr/bin/docker".into(), "run".into(), "near".into()],
+            ..generic.clone()
+        };
+        let err = docker.resolve().unwrap_err().to_string();
+        assert!(err.contains("hands the node to a daemon"), "{err}");
         let err = generic.clone().resolve().unwrap_err().to_string();
         assert!(err.contains("--no-height-watermark"), "{err}");
         let generic = RunArgs {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use keyraft::config::{HealthKind, LogFormat, RunArgs};
+use keyraft::fence::FenceError;
 use keyraft::pb::{self, cluster_command::Kind};
 use keyraft::server::{self, RunError};
 use keyraft::{fence, health, tls};
@@ -227,7 +228,10 @@ fn run(args: RunArgs) -> ExitCode {
     );
     match rt.block_on(server::run(cfg, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ RunError::Refused(_)) => {
+        Err(
+            e @ (RunError::Refused(_)
+            | RunError::Fence(FenceError::Refused(_) | FenceError::Locked { .. })),
+        ) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
             ExitCode::from(2)

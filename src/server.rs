@@ -96,6 +96,7 @@ pub async fn run(
     })
     .await?;
     if cfg.validator.is_some() {
+        fence::become_subreaper()?;
         tracing::info!(
             fence = tree.mechanism(),
             cgroup = ?tree.cgroup(),

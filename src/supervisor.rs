@@ -142,7 +142,11 @@ impl Validator {
                 self.sup = sup;
                 self.events = events;
             }
-            Err(e) => tracing::error!("cannot restart the guard: {e}"),
+            Err(e) => {
+                // The old client reports `GuardLost` again at once: pace it.
+                tracing::error!("cannot restart the guard: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
         proof.map(|_| ())
     }

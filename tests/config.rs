@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 const KEYRAFT: &str = env!("CARGO_BIN_EXE_keyraft");
 
@@ -107,6 +107,22 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
     )?;
     expect_refusal(&s, &["--fence-after", "fast"], "bad duration")?;
     expect_refusal(&s, &["--health", "http"], "--health-url")?;
+    Ok(())
+}
+
+#[test]
+fn a_regular_file_at_a_key_path_is_refused_and_left_alone() -> Result<()> {
+    let s = Setup::new()?;
+    let planted = s.dir.path().join("home/validator_key.json");
+    std::fs::write(&planted, "a copy someone left here")?;
+    let (code, lines) = s.run(&[])?;
+    ensure!(code == Some(2), "exit {code:?}: {lines:?}");
+    let last = lines.last().context("no output")?;
+    ensure!(last.contains("not a link keyraft made"), "{lines:?}");
+    ensure!(
+        std::fs::read_to_string(&planted)? == "a copy someone left here",
+        "the planted file was changed"
+    );
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! validator's tree is dead by the time another node signs, and another node
 //! signs within the bound the design promises for that case.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -230,8 +231,60 @@ async fn a_daemonized_node_is_fenced_under_every_fault_without_a_cgroup() -> Res
 }
 
 #[tokio::test]
+async fn a_node_that_drops_the_marker_is_fenced_under_every_fault_without_a_cgroup() -> Result<()> {
+    matrix(Launch::ClearsMarker, false).await
+}
+
+#[tokio::test]
 async fn a_node_that_ignores_sigterm_is_fenced_under_every_fault() -> Result<()> {
     matrix(Launch::IgnoresTerm, true).await
+}
+
+/// A keyed restart whose guard blocks writing the pid file (a FIFO nobody
+/// reads stands for a stalled disk) while the host is cut off: the guard's
+/// timer must still see the new validator and kill it at the lease's end,
+/// although the coordinator waits on the start's reply meanwhile.
+#[tokio::test]
+async fn a_keyed_restart_stuck_on_a_slow_disk_is_still_fenced() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, opts(Launch::Exec, true)).await?;
+    let active = settled(&c).await?;
+    let pid_file = c.nodes[&active].data.join("validator.pid");
+    let at = c.chain.totals().await?.height;
+    c.kill_validator(active)?;
+    eventually(SETTLE, "the crashed validator's pid file to go", || async {
+        Ok((!pid_file.exists()).then_some(()))
+    })
+    .await?;
+    nix::unistd::mkfifo(&pid_file, nix::sys::stat::Mode::S_IRWXU)?;
+    // The restart with the key is under way once its process exists.
+    eventually(SETTLE, "the keyed restart", || async {
+        Ok((!c.tree_pids(active).is_empty()).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    c.isolate(active);
+    let cut = Instant::now();
+    let (new, _) = c
+        .wait_signer(at + 1, &[active])
+        .await
+        .with_context(|| c.logs())?;
+    let left: Vec<i32> = c.tree_pids(active);
+    // Let the blocked writer go, and the file be a file again.
+    let reader = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&pid_file);
+    let _ = std::fs::remove_file(&pid_file);
+    drop(reader);
+    ensure!(
+        left.is_empty(),
+        "node {new} signs {:?} after the cut while node {active}'s validator {left:?} lives\n{}",
+        cut.elapsed(),
+        c.logs()
+    );
+    c.heal();
+    c.assert_no_double_signs().await?;
+    Ok(())
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -47,6 +48,9 @@ pub enum Launch {
     Daemonize,
     /// A node that keeps running (and signing) for an hour after SIGTERM.
     IgnoresTerm,
+    /// A grandchild that drops keyraft's marker from its environment (as
+    /// `sudo`, `env -i` or `su -` would).
+    ClearsMarker,
 }
 
 impl Launch {
@@ -66,6 +70,7 @@ impl Launch {
             Launch::ShellChild => sh(r#""$@"; true"#),
             Launch::Grandchild => sh(r#"( "$@"; true ); true"#),
             Launch::Daemonize => sh(r#"setsid sh -c '"$@" &' daemon "$@"; exec sleep 1000000"#),
+            Launch::ClearsMarker => sh(r#"( env -u KEYRAFT_FENCE "$@"; true ); true"#),
         }
     }
 
@@ -338,19 +343,30 @@ impl Cluster {
         })
     }
 
-    /// Every live process that carries node `id`'s fence marker: its
-    /// validator's whole tree, wherever it went.
+    /// Every live process of node `id`'s validator tree, wherever it went:
+    /// those that carry its fence marker, and those whose command line names
+    /// its home (the judge's own way to see a node that dropped the marker).
     pub fn tree_pids(&self, id: u64) -> Vec<i32> {
         let data = &self.nodes[&id].data;
         let dir = data.canonicalize().unwrap_or_else(|_| data.clone());
         let needle = format!("{FENCE_MARKER}={}", dir.display());
+        let home = self.nodes[&id].home.display().to_string();
         processes()
             .into_iter()
             .map(|(pid, _)| pid)
             .filter(|pid| alive(*pid))
             .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == needle.as_bytes()))
+                let marked = std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == needle.as_bytes()));
+                // Not the coordinator, whose own command line names the home.
+                let named = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let argv: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                    let keyraft = argv.first().is_some_and(|a| {
+                        Path::new(std::ffi::OsStr::from_bytes(a)).ends_with("keyraft")
+                    });
+                    !keyraft && argv.contains(&home.as_bytes())
+                });
+                marked || named
             })
             .collect()
     }
@@ -377,10 +393,14 @@ impl Cluster {
         if !host {
             return proc.signal(sig);
         }
-        if let Some(v) = self.validator_pid(id) {
+        // Every pid first (the scan takes milliseconds), then the signals
+        // back to back, so that no process of the host gets a head start.
+        let validator = self.validator_pid(id);
+        let tree = self.tree_pids(id);
+        if let Some(v) = validator {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), sig);
         }
-        for p in self.tree_pids(id) {
+        for p in tree {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
         }
         proc.signal_group(sig)

@@ -59,19 +59,31 @@ struct Lease {
     boot: u64,
 }
 
+/// CLOCK_BOOTTIME minus CLOCK_MONOTONIC now: grows by every suspend.
+fn boot_offset() -> u64 {
+    boot_now_ns().saturating_sub(mono_now_ns())
+}
+
 impl Lease {
-    fn from_mono(deadline: u64) -> Lease {
-        let (mono, boot) = (mono_now_ns(), boot_now_ns());
+    /// A lease ending at `deadline` (CLOCK_MONOTONIC), whose boot-clock
+    /// deadline uses the clocks' offset `anchor` taken at the activation's
+    /// first lease: a suspend since then makes it end earlier, and no
+    /// renewal after the thaw can win the suspended time back.
+    fn from_mono(deadline: u64, anchor: u64) -> Lease {
         Lease {
             mono: deadline,
-            boot: boot.saturating_add(deadline.saturating_sub(mono)),
+            boot: deadline.saturating_add(anchor),
         }
     }
 
     /// How long until it runs out; zero once either clock has passed it.
     fn left(&self) -> Duration {
-        let mono = self.mono.saturating_sub(mono_now_ns());
-        let boot = self.boot.saturating_sub(boot_now_ns());
+        self.left_at(mono_now_ns(), boot_now_ns())
+    }
+
+    fn left_at(&self, mono_now: u64, boot_now: u64) -> Duration {
+        let mono = self.mono.saturating_sub(mono_now);
+        let boot = self.boot.saturating_sub(boot_now);
         Duration::from_nanos(mono.min(boot))
     }
 }
@@ -80,6 +92,8 @@ impl Lease {
 struct GuardState {
     pid: Option<i32>,
     lease: Option<Lease>,
+    /// `boot_offset()` at the first lease since the last unlease.
+    anchor: Option<u64>,
     /// Set while a requested stop or kill is under way.
     expected_exit: bool,
     last_exit: Option<String>,
@@ -101,8 +115,14 @@ impl Guard {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kills the whole tree (the guard's descendants, the marker, the cgroup).
-    fn kill_tree(&self) -> Result<usize, String> {
+    /// Kills the whole tree: the validator and its process group at once
+    /// (no scan stands before them), then the guard's descendants, the
+    /// marker and the cgroup.
+    fn kill_tree(&self, validator: Option<i32>) -> Result<usize, String> {
+        if let Some(pid) = validator {
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         self.tree
             .kill(Some(self.me), CONFIRM)
             .map_err(|e| e.to_string())
@@ -177,13 +197,18 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
         pid_file: data_dir.join(PID_FILE),
         me: std::process::id() as i32,
     });
+    // Without its timer or its reaper the guard cannot guard: fail closed.
     let timer = guard.clone();
-    std::thread::spawn(move || {
-        realtime_priority();
-        lease_timer(&timer)
-    });
+    std::thread::Builder::new()
+        .name("lease-timer".into())
+        .spawn(move || {
+            realtime_priority();
+            lease_timer(&timer)
+        })?;
     let reaper = guard.clone();
-    std::thread::spawn(move || reap(&reaper));
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || reap(&reaper))?;
     let mut stdin = std::io::stdin().lock();
     let mut buf = Vec::new();
     loop {
@@ -214,20 +239,32 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
             "stop" => {
                 let grace = Duration::from_millis(arg.parse().unwrap_or(10_000));
                 let g = guard.clone();
-                std::thread::spawn(move || reply(stop(&g, Some(grace))));
+                // Beside the loop, so leases are renewed during the stop; if
+                // no thread can be had (locked memory at its limit), inline.
+                let spawned =
+                    std::thread::Builder::new().spawn(move || reply(stop(&g, Some(grace))));
+                if spawned.is_err() {
+                    reply(stop(&guard, Some(grace)));
+                }
             }
             "kill" => reply(stop(&guard, None)),
             "signal" => reply(signal(&guard, arg)),
             "lease" => match arg.parse::<u64>() {
                 Ok(ns) => {
-                    guard.lock().lease = Some(Lease::from_mono(ns));
+                    let mut st = guard.lock();
+                    let anchor = *st.anchor.get_or_insert_with(boot_offset);
+                    st.lease = Some(Lease::from_mono(ns, anchor));
+                    drop(st);
                     guard.changed.notify_all();
                     reply(Ok(String::new()));
                 }
                 Err(_) => reply(Err(format!("bad lease {arg:?}"))),
             },
             "unlease" => {
-                guard.lock().lease = None;
+                let mut st = guard.lock();
+                st.lease = None;
+                st.anchor = None;
+                drop(st);
                 guard.changed.notify_all();
                 reply(Ok(String::new()));
             }
@@ -257,9 +294,12 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     if let Some(pid) = st.pid {
         return Err(format!("running {pid}"));
     }
+    if st.lease.is_some_and(|l| l.left().is_zero()) {
+        return Err("the lease has run out: not starting".into());
+    }
     // Leftovers of an earlier validator (a straggler that had not died yet)
     // must be gone before a new one may start.
-    guard.kill_tree()?;
+    guard.kill_tree(None)?;
     // The validator's output goes to our stderr, which the coordinator reads.
     let (Ok(out), Ok(err)) = (
         std::io::stderr().as_fd().try_clone_to_owned(),
@@ -317,13 +357,14 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     let pid = child.id() as i32;
     // The reaper waits for it (and for every orphan of its tree).
     drop(child);
-    if let Some(started) = start_time(pid) {
-        let _ = std::fs::write(&guard.pid_file, format!("{pid} {started}\n"));
-    }
+    // Watched by the lease timer from this instant, before any disk write.
     st.pid = Some(pid);
     st.last_exit = None;
     drop(st);
     guard.changed.notify_all();
+    if let Some(started) = start_time(pid) {
+        let _ = std::fs::write(&guard.pid_file, format!("{pid} {started}\n"));
+    }
     Ok(pid.to_string())
 }
 
@@ -359,7 +400,7 @@ fn reap(guard: &Guard) {
             continue; // an orphan of the tree, or an earlier validator
         }
         let how = describe(status);
-        let stragglers = guard.kill_tree();
+        let stragglers = guard.kill_tree(None);
         let _ = std::fs::remove_file(&guard.pid_file);
         let mut st = guard.lock();
         st.pid = None;
@@ -380,17 +421,22 @@ fn reap(guard: &Guard) {
 /// SIGTERM to every process of the tree, then (after `grace`) or at once
 /// SIGKILL of all of it; replies once the whole tree is proven dead.
 fn stop(guard: &Guard, grace: Option<Duration>) -> Result<String, String> {
-    let mut st = guard.lock();
-    st.expected_exit = true;
-    if let (Some(pid), Some(grace)) = (st.pid, grace) {
+    let pid = {
+        let mut st = guard.lock();
+        st.expected_exit = true;
+        st.pid
+    };
+    // No lock is held across a /proc scan: the lease timer must not wait.
+    if let (Some(pid), Some(grace)) = (pid, grace) {
         let _ = kill(Pid::from_raw(-pid), Signal::SIGTERM);
-        for member in guard.tree.live_members(Some(guard.me)) {
+        // Best effort: the SIGKILL below is what must reach everything.
+        for member in guard.tree.live_members(Some(guard.me)).unwrap_or_default() {
             let _ = kill(Pid::from_raw(member), Signal::SIGTERM);
         }
-        st = wait_gone(guard, st, grace);
+        drop(wait_gone(guard, guard.lock(), grace));
     }
-    drop(st);
-    let killed = guard.kill_tree();
+    let pid = guard.lock().pid;
+    let killed = guard.kill_tree(pid);
     let mut st = wait_gone(guard, guard.lock(), CONFIRM);
     st.expected_exit = false;
     let left = st.pid;
@@ -427,18 +473,31 @@ fn wait_gone<'a>(
 fn lease_timer(guard: &Guard) {
     let mut st = guard.lock();
     loop {
-        match (st.lease, st.pid) {
-            (Some(lease), Some(pid)) => {
+        match st.lease {
+            // Armed: whatever of the tree exists dies at the deadline, with
+            // or without a recorded validator pid.
+            Some(lease) => {
                 let left = lease.left();
                 if left.is_zero() {
+                    let pid = st.pid;
                     st.expected_exit = true;
                     st.lease = None;
+                    st.anchor = None;
                     let late_ms = mono_now_ns().saturating_sub(lease.mono) / 1_000_000;
-                    let killed = guard.kill_tree();
+                    let killed = guard.kill_tree(pid);
                     say(&format!(
-                        "event fenced {pid} lease expired {late_ms}ms ago, validator tree killed ({killed:?})"
+                        "event fenced {} lease expired {late_ms}ms ago, validator tree killed ({killed:?})",
+                        pid.unwrap_or(0)
                     ));
-                    st = wait_gone(guard, st, CONFIRM);
+                    // Until that validator is reaped; a new start ends the wait.
+                    let until = Instant::now() + CONFIRM;
+                    while pid.is_some() && st.pid == pid && Instant::now() < until {
+                        st = guard
+                            .changed
+                            .wait_timeout(st, until.saturating_duration_since(Instant::now()))
+                            .map(|r| r.0)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
                     st.expected_exit = false;
                 } else {
                     st = guard
@@ -448,13 +507,31 @@ fn lease_timer(guard: &Guard) {
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
             }
-            _ => st = guard.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+            None => st = guard.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
         }
     }
 }
 
 // ---------------------------------------------------------------------------
 // The coordinator's end.
+
+/// Makes this process (the coordinator) a child subreaper: when a guard
+/// dies, what was below it is reparented here rather than to init, so that
+/// [`GuardClient::force_kill`] can still find and kill it.
+pub fn become_subreaper() -> Result<(), GuardError> {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| GuardError::Spawn(std::io::Error::from(e)))
+}
+
+/// Reaps the zombies of processes adopted after a guard died (called only
+/// while no guard runs: it would otherwise take the guard's exit status).
+fn reap_adopted() {
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -527,7 +604,9 @@ impl GuardClient {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            // Dropping the client closes the guard's stdin, and the guard
+            // kills the tree on that end of input; a SIGKILL here would not.
+            .kill_on_drop(false)
             .spawn()
             .map_err(GuardError::Spawn)?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
@@ -631,9 +710,21 @@ impl GuardClient {
     pub async fn start(&mut self, command: &[String]) -> Result<u32, GuardError> {
         let json =
             serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;
-        let pid: u32 = self
+        let reply = match self
             .ask(&format!("start {json}"), self.answer + SLOW_ANSWER)
-            .await?
+            .await
+        {
+            // An earlier start whose reply came too late: that one runs.
+            Err(GuardError::Refused(why)) => match why.strip_prefix("running ") {
+                Some(pid) => {
+                    self.running = pid.trim().parse().ok();
+                    return Err(GuardError::Refused(why));
+                }
+                None => return Err(GuardError::Refused(why)),
+            },
+            other => other?,
+        };
+        let pid: u32 = reply
             .parse()
             .map_err(|_| GuardError::Refused("guard sent no pid".into()))?;
         self.running = Some(pid);
@@ -715,38 +806,36 @@ impl GuardClient {
     }
 
     /// The guard presumed broken (it did not answer, or died): SIGKILL it
-    /// and the whole tree from here, and confirm. The client is unusable
-    /// afterwards; spawn a new one.
+    /// and the whole tree from here, and confirm, within a bound. The
+    /// coordinator is a child subreaper ([`become_subreaper`]), so what was
+    /// below the dead guard is reparented below us and still found. The
+    /// client is unusable afterwards; spawn a new one.
     pub async fn force_kill(&mut self) -> Result<usize, GuardError> {
-        let guard = self.guard.id().map(|p| p as i32);
+        if let Some(g) = self.guard.id() {
+            let _ = kill(Pid::from_raw(g as i32), Signal::SIGKILL);
+        }
+        // Reaped, so that its orphans have been handed to us.
+        if tokio::time::timeout(CONFIRM, self.guard.wait())
+            .await
+            .is_err()
+        {
+            return Err(GuardError::NotProven("the guard does not die".into()));
+        }
         let tree = self.tree.clone();
-        let limit = CONFIRM;
-        let r = tokio::task::spawn_blocking(move || {
-            // Its descendants first, while they are still below it.
-            let below = tree.live_members(guard);
-            if let Some(g) = guard {
-                let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
-            }
-            for &p in &below {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            let n = tree.kill(None, limit)?;
-            let left: Vec<i32> = below
-                .iter()
-                .copied()
-                .filter(|p| !super::tree::dead_or_dying(*p))
-                .collect();
-            if left.is_empty() {
-                Ok(n.max(below.len()))
-            } else {
-                Err(super::FenceError::Refused(format!(
-                    "processes {left:?} survive SIGKILL"
-                )))
-            }
-        })
-        .await
-        .map_err(|e| GuardError::NotProven(e.to_string()))?
-        .map_err(|e| GuardError::NotProven(e.to_string()));
+        let me = std::process::id() as i32;
+        let job = tokio::task::spawn_blocking(move || {
+            let r = tree.kill(Some(me), CONFIRM);
+            reap_adopted();
+            r
+        });
+        let r = match tokio::time::timeout(CONFIRM * 2, job).await {
+            Ok(Ok(Ok(n))) => Ok(n),
+            Ok(Ok(Err(e))) => Err(GuardError::NotProven(e.to_string())),
+            Ok(Err(e)) => Err(GuardError::NotProven(e.to_string())),
+            Err(_) => Err(GuardError::NotProven(
+                "the process scan did not finish in time".into(),
+            )),
+        };
         if r.is_ok() {
             self.running = None;
         }
@@ -812,18 +901,27 @@ mod tests {
 
     #[test]
     fn a_lease_runs_out_by_either_clock() {
-        let soon = Lease::from_mono(mono_now_ns() + 50_000_000);
+        let anchor = boot_offset();
+        let soon = Lease::from_mono(mono_now_ns() + 50_000_000, anchor);
         assert!(!soon.left().is_zero());
         assert!(soon.left() <= Duration::from_millis(50));
         // A deadline already passed on the monotonic clock.
-        assert!(Lease::from_mono(mono_now_ns().saturating_sub(1))
+        assert!(Lease::from_mono(mono_now_ns().saturating_sub(1), anchor)
             .left()
             .is_zero());
-        // The boot-time deadline alone (a pause the monotonic clock missed).
-        let paused = Lease {
-            mono: mono_now_ns() + 60_000_000_000,
-            boot: boot_now_ns().saturating_sub(1),
-        };
-        assert!(paused.left().is_zero());
+        // A suspend of a minute that CLOCK_MONOTONIC did not count: the
+        // clocks' offset grew from `anchor` to `anchor + 60 s`. A renewal
+        // made after the thaw keeps the activation's anchor, so the lease
+        // has run out by the boot clock although the monotonic one says
+        // 600 ms are left.
+        let (mono, anchor) = (1_000_000_000_000u64, 5u64);
+        let renewed = Lease::from_mono(mono + 600_000_000, anchor);
+        assert_eq!(
+            renewed.left_at(mono, mono + anchor),
+            Duration::from_millis(600)
+        );
+        assert!(renewed
+            .left_at(mono, mono + anchor + 60_000_000_000)
+            .is_zero());
     }
 }

@@ -20,7 +20,7 @@ pub mod tree;
 
 use std::path::Path;
 
-pub use guard::{guard_main, GuardClient, GuardError, ValidatorEvent};
+pub use guard::{become_subreaper, guard_main, GuardClient, GuardError, ValidatorEvent};
 pub use links::KeyLinks;
 pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
 pub use tree::Tree;

@@ -101,49 +101,65 @@ impl Tree {
 
     /// Every live member: in the cgroup, carrying the marker, or below
     /// `root` (the guard, excluded itself). Zombies and processes with a
-    /// SIGKILL pending are not live.
-    pub fn live_members(&self, root: Option<i32>) -> BTreeSet<i32> {
+    /// SIGKILL pending are not live. Fails closed: what cannot be read is
+    /// an error, never an empty tree. (A process of another user whose
+    /// environment this one may not read is not taken for a member; a
+    /// validator that changes user is found by the cgroup or as a
+    /// descendant.)
+    pub fn live_members(&self, root: Option<i32>) -> Result<BTreeSet<i32>, FenceError> {
         let me = std::process::id() as i32;
-        let mut found = BTreeSet::new();
-        if let Some(dir) = &self.cgroup {
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                found.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-            }
-        }
+        let mut found = self.cgroup_members()?;
         let needle = format!("{MARKER_VAR}={}", self.marker);
-        let mut parents: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
-        for pid in all_pids() {
-            if let Some(ppid) = stat_field(pid, 1).and_then(|p| p.parse().ok()) {
-                parents.entry(ppid).or_default().push(pid);
-            }
-            if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
-                if env.split(|b| *b == 0).any(|e| e == needle.as_bytes()) {
-                    found.insert(pid);
+        let table = processes()?;
+        for &(pid, _) in &table {
+            match std::fs::read(format!("/proc/{pid}/environ")) {
+                Ok(env) => {
+                    if env.split(|b| *b == 0).any(|e| e == needle.as_bytes()) {
+                        found.insert(pid);
+                    }
                 }
+                Err(e) if gone(&e) || e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(proc_error(pid, e)),
             }
         }
         if let Some(root) = root {
-            let mut stack = vec![root];
-            while let Some(p) = stack.pop() {
-                for &child in parents.get(&p).into_iter().flatten() {
-                    if found.insert(child) {
-                        stack.push(child);
-                    }
-                }
-            }
-            found.remove(&root);
+            found.extend(descendants(&table, root));
         }
         found.remove(&me);
-        found.retain(|&p| !dead_or_dying(p));
-        found
+        let mut live = BTreeSet::new();
+        for pid in found {
+            if !dead_or_dying(pid)? {
+                live.insert(pid);
+            }
+        }
+        Ok(live)
+    }
+
+    fn cgroup_members(&self) -> Result<BTreeSet<i32>, FenceError> {
+        let Some(dir) = &self.cgroup else {
+            return Ok(BTreeSet::new());
+        };
+        match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(super::io("cannot read", &dir.join("cgroup.procs"))(e)),
+        }
     }
 
     /// SIGKILLs every member and confirms, within `limit`, that none is
-    /// left alive. Returns how many were killed; an error names the ones
-    /// that would not die (or could not be signalled).
+    /// left alive. The cgroup (atomically) and `root`'s descendants (found
+    /// from `/proc/*/stat` alone) are killed before the slower environment
+    /// scan. Returns how many were killed; an error names the ones that
+    /// would not die, or what could not be read.
     pub fn kill(&self, root: Option<i32>, limit: Duration) -> Result<usize, FenceError> {
         let deadline = Instant::now() + limit;
         let mut killed = BTreeSet::new();
+        if let Some(root) = root {
+            for pid in descendants(&processes()?, root) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                killed.insert(pid);
+            }
+        }
         loop {
             if let Some(dir) = &self.cgroup {
                 // Atomic against forks; absent on kernels before 5.14.
@@ -151,7 +167,7 @@ impl Tree {
                     let _ = f.write_all(b"1");
                 }
             }
-            let live = self.live_members(root);
+            let live = self.live_members(root)?;
             if live.is_empty() {
                 return Ok(killed.len());
             }
@@ -160,7 +176,7 @@ impl Tree {
                 killed.insert(pid);
             }
             if Instant::now() >= deadline {
-                let left = self.live_members(root);
+                let left = self.live_members(root)?;
                 if left.is_empty() {
                     return Ok(killed.len());
                 }
@@ -218,26 +234,74 @@ fn own_cgroup_dir() -> Option<PathBuf> {
     (writable && dir.join("cgroup.procs").exists()).then_some(dir)
 }
 
-fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Whether an error reading `/proc/<pid>/...` means the process is gone.
+fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
-/// Field `n` (0 = state) after the command name in `/proc/<pid>/stat`.
-fn stat_field(pid: i32, n: usize) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(n).map(str::to_string)
+fn proc_error(pid: i32, e: std::io::Error) -> FenceError {
+    FenceError::Io {
+        what: "cannot read",
+        path: format!("/proc/{pid}"),
+        source: e,
+    }
+}
+
+/// Every process, as (pid, parent pid), from `/proc/*/stat` alone.
+fn processes() -> Result<Vec<(i32, i32)>, FenceError> {
+    let dir = std::fs::read_dir("/proc").map_err(super::io("cannot list", Path::new("/proc")))?;
+    let mut out = Vec::new();
+    for entry in dir {
+        let entry = entry.map_err(super::io("cannot list", Path::new("/proc")))?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => {
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse().ok());
+                if let Some(ppid) = ppid {
+                    out.push((pid, ppid));
+                }
+            }
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(proc_error(pid, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Every descendant of `root` in `table` (not `root` itself).
+fn descendants(table: &[(i32, i32)], root: i32) -> BTreeSet<i32> {
+    let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for &(pid, ppid) in table {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut found = BTreeSet::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &child in children.get(&p).into_iter().flatten() {
+            if found.insert(child) {
+                stack.push(child);
+            }
+        }
+    }
+    found
 }
 
 /// Gone, a zombie, or with a SIGKILL pending: it will not run again.
-pub fn dead_or_dying(pid: i32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return true;
+/// A read error other than "no such process" is an error, not a death.
+pub fn dead_or_dying(pid: i32) -> Result<bool, FenceError> {
+    let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(s) => s,
+        Err(e) if gone(&e) => return Ok(true),
+        Err(e) => return Err(proc_error(pid, e)),
     };
     let field = |name: &str| {
         status
@@ -246,14 +310,14 @@ pub fn dead_or_dying(pid: i32) -> bool {
             .map(str::trim)
     };
     if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
-        return true;
+        return Ok(true);
     }
     let sigkill = 1u64 << (Signal::SIGKILL as u64 - 1);
-    ["SigPnd:", "ShdPnd:"].iter().any(|f| {
+    Ok(["SigPnd:", "ShdPnd:"].iter().any(|f| {
         field(f)
             .and_then(|v| u64::from_str_radix(v, 16).ok())
             .is_some_and(|mask| mask & sigkill != 0)
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -293,13 +357,14 @@ mod tests {
             assert!(Instant::now() < deadline, "the daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert!(tree.live_members(None).contains(&pid));
+        assert!(tree.live_members(None).unwrap().contains(&pid));
         assert_eq!(tree.kill(None, Duration::from_secs(2)).unwrap(), 1);
-        assert!(dead_or_dying(pid));
-        assert!(tree.live_members(None).is_empty());
+        assert!(dead_or_dying(pid).unwrap());
+        assert!(tree.live_members(None).unwrap().is_empty());
         // Another tree's marker finds nothing of this one.
         assert!(Tree::marker_only("someone-else")
             .live_members(None)
+            .unwrap()
             .is_empty());
     }
 
@@ -312,7 +377,7 @@ mod tests {
         let root = parent.id() as i32;
         let tree = Tree::marker_only("nobody-has-this-marker");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while tree.live_members(Some(root)).is_empty() {
+        while tree.live_members(Some(root)).unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the child did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
