@@ -923,6 +923,15 @@ impl Coordinator {
                 return false;
             }
             node.next_start = Instant::now();
+            // The node may have signed on through a long graceful stop: the
+            // successor must wait past what the chain had reached at its
+            // death, which this host's peers now report.
+            let peers = self.sh.view.snapshot();
+            let seen = peers
+                .values()
+                .filter_map(|p| p.status.validator.as_ref().map(|v| v.height))
+                .max();
+            height = height.max(seen);
         }
         self.sh
             .metrics

@@ -123,14 +123,12 @@ async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it
     Ok(())
 }
 
-#[tokio::test]
-async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Result<()> {
+/// `localnet chaos` over four seeded rounds of `faults`: exit 0, and the
+/// JSON summary of its last line.
+fn chaos(faults: &str) -> Result<serde_json::Value> {
     let out = localnet_cmd()?
         .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
-        .args([
-            "--faults",
-            "kill-active-host,partition-active,partition-witness,crash-active-validator",
-        ])
+        .args(["--faults", faults])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -139,7 +137,12 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
         String::from_utf8_lossy(&out.stderr)
     );
     let last = stdout.lines().last().context("no output")?;
-    let v: serde_json::Value = serde_json::from_str(last)?;
+    Ok(serde_json::from_str(last)?)
+}
+
+#[tokio::test]
+async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Result<()> {
+    let v = chaos("kill-active-host,partition-active,partition-witness,crash-active-validator")?;
     ensure!(v["rounds"] == 4 && v["double_signs"] == 0, "{v}");
     for key in [
         "failovers",
@@ -157,17 +160,7 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
 #[tokio::test]
 async fn chaos_freezes_and_kills_the_guard_without_double_signs() -> Result<()> {
     // Seed 3 draws both guard faults in four rounds.
-    let out = localnet_cmd()?
-        .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
-        .args(["--faults", "freeze-active-guard,kill-active-guard"])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)?;
+    let v = chaos("freeze-active-guard,kill-active-guard")?;
     ensure!(v["double_signs"] == 0, "{v}");
     for fault in ["freeze_active_guard", "kill_active_guard"] {
         let f = &v["per_fault"][fault];
