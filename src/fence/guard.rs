@@ -48,6 +48,9 @@ use super::lock::{start_time, PID_FILE};
 use super::tree::{Tree, MARKER_VAR};
 use super::{boot_now_ns, mono_now_ns};
 
+/// The guard's threads' stacks: small, since its memory is locked.
+const THREAD_STACK: usize = 256 * 1024;
+
 /// How long the guard itself gives a SIGKILLed tree to be confirmed dead.
 const CONFIRM: Duration = Duration::from_secs(1);
 
@@ -201,6 +204,7 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
     let timer = guard.clone();
     std::thread::Builder::new()
         .name("lease-timer".into())
+        .stack_size(THREAD_STACK)
         .spawn(move || {
             realtime_priority();
             lease_timer(&timer)
@@ -208,6 +212,7 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
     let reaper = guard.clone();
     std::thread::Builder::new()
         .name("reaper".into())
+        .stack_size(THREAD_STACK)
         .spawn(move || reap(&reaper))?;
     let mut stdin = std::io::stdin().lock();
     let mut buf = Vec::new();
@@ -241,8 +246,9 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
                 let g = guard.clone();
                 // Beside the loop, so leases are renewed during the stop; if
                 // no thread can be had (locked memory at its limit), inline.
-                let spawned =
-                    std::thread::Builder::new().spawn(move || reply(stop(&g, Some(grace))));
+                let spawned = std::thread::Builder::new()
+                    .stack_size(THREAD_STACK)
+                    .spawn(move || reply(stop(&g, Some(grace))));
                 if spawned.is_err() {
                     reply(stop(&guard, Some(grace)));
                 }
