@@ -230,8 +230,11 @@ fn own_cgroup_dir() -> Option<PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
     let dir = mount.join(rel.trim_start_matches('/'));
-    let writable = nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok();
-    (writable && dir.join("cgroup.procs").exists()).then_some(dir)
+    // Making the child needs the directory; moving the validator into it
+    // needs our own cgroup.procs too (the common ancestor's), or every start
+    // would fail: then there is no cgroup and the marker does the work.
+    let w = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
+    (w(&dir) && w(&dir.join("cgroup.procs"))).then_some(dir)
 }
 
 /// Whether an error reading `/proc/<pid>/...` means the process is gone.
