@@ -1,10 +1,18 @@
 //! fakechain: a chain that produces one height per block interval and judges
-//! who signed it.
+//! who signed it, in one of two modes.
 //!
-//! Owns: the head height, the ledger of accepted signatures (totals plus a
-//! bounded recent window), and its HTTP API (`/status`, `/sign`, `/stats`,
-//! `/metrics`). Must not: trust a signer's word (every signature is checked
-//! against the validator key), forget a double sign, or grow without bound.
+//! - NEAR mode: a node signs a height by posting it to `/sign`; two nodes
+//!   signing one height is a double sign.
+//! - CometBFT mode (`comet::ledger`): the chain opens rounds, sentries post
+//!   the votes and proposals their signer produced to `/cometbft/vote` and
+//!   `/cometbft/proposal`, and two signatures of one height, round and step
+//!   over different blocks are an equivocation (`double_signs`).
+//!
+//! Owns: the head, the ledger of accepted signatures (totals plus a bounded
+//! recent window), and its HTTP API (`/status`, `/sign`, `/cometbft/*`,
+//! `/stats`, `/metrics`). Must not: trust a signer's word (every signature
+//! is checked against the validator key), forget a double sign, or grow
+//! without bound.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,6 +28,10 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::comet::consensus::Malformed;
+use crate::comet::key::PublicValidatorKey;
+use crate::comet::ledger::{Book, Equivocation, Refusal, Schedule};
+use crate::comet::node::Submission;
 use crate::keys;
 
 /// Heights kept in the `signers` window of `/stats`.
@@ -44,6 +56,13 @@ pub struct Stats {
     pub double_signs: u64,
     pub refused: u64,
     pub signers: Vec<Signer>,
+    /// CometBFT mode: the open round.
+    #[serde(default)]
+    pub round: u32,
+    /// CometBFT mode: the height, round and step of each equivocation
+    /// (recent ones; `double_signs` counts them all).
+    #[serde(default)]
+    pub equivocations: Vec<Equivocation>,
 }
 
 impl Stats {
@@ -83,7 +102,9 @@ pub struct SignReply {
 
 #[derive(Debug, Deserialize)]
 struct StatusQuery {
+    /// Hold the request until the head is past this height (and round).
     wait_after: Option<u64>,
+    wait_round: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,28 +176,86 @@ impl Ledger {
                 .filter(|s| s.height >= since)
                 .copied()
                 .collect(),
+            round: 0,
+            equivocations: Vec::new(),
+        }
+    }
+}
+
+/// The books of the chain's mode.
+enum Judge {
+    Near(Ledger),
+    Comet(Box<Book>),
+}
+
+impl Judge {
+    /// Produces the next height (or round); returns the head.
+    fn tick(&mut self) -> (u64, u32) {
+        match self {
+            Judge::Near(l) => (l.advance(), 0),
+            Judge::Comet(b) => b.tick(),
+        }
+    }
+
+    fn stats(&self, since: u64) -> Stats {
+        match self {
+            Judge::Near(l) => l.stats(since),
+            Judge::Comet(b) => {
+                let t = b.totals();
+                Stats {
+                    height: t.height,
+                    signed: t.signed,
+                    missed: t.missed,
+                    double_signs: t.equivocations,
+                    refused: t.refused,
+                    signers: b
+                        .signers(since)
+                        .map(|(height, node)| Signer { height, node })
+                        .collect(),
+                    round: t.round,
+                    equivocations: b.equivocations().copied().collect(),
+                }
+            }
+        }
+    }
+
+    fn refused(&mut self) {
+        if let Judge::Near(l) = self {
+            l.refused += 1;
         }
     }
 }
 
 struct Chain {
-    validator: VerifyingKey,
-    ledger: Mutex<Ledger>,
-    head: watch::Sender<u64>,
+    /// NEAR mode: the validator key signatures are checked against.
+    validator: Option<VerifyingKey>,
+    judge: Mutex<Judge>,
+    head: watch::Sender<(u64, u32)>,
 }
 
 impl Chain {
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+    fn judge(&self) -> MutexGuard<'_, Judge> {
         // A panic while holding this lock would be a bug in a few lines of
         // arithmetic; keep serving rather than poison every later request.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+        self.judge.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What the chain judges.
+pub enum Mode {
+    /// NEAR-style: one signature per height, by this key.
+    Near(VerifyingKey),
+    /// CometBFT: votes and proposals by this key, on this schedule.
+    Comet {
+        schedule: Schedule,
+        key: PublicValidatorKey,
+    },
 }
 
 pub struct ChainConfig {
     pub listen: SocketAddr,
     pub block: Duration,
-    pub validator: VerifyingKey,
+    pub mode: Mode,
 }
 
 /// Binds, then produces heights and serves the API until `shutdown` resolves.
@@ -186,16 +265,27 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, block_ms = cfg.block.as_millis() as u64, "fakechain listening");
-    let (head, _) = watch::channel(0);
+    let (head, _) = watch::channel((0, 0));
+    let (validator, judge) = match cfg.mode {
+        Mode::Near(key) => (Some(key), Judge::Near(Ledger::default())),
+        Mode::Comet { schedule, key } => {
+            tracing::info!(chain_id = %schedule.chain_id, address = %key.address_hex(),
+                round_every = schedule.round_every, validators = schedule.validators,
+                extensions = schedule.extensions, "CometBFT mode");
+            (None, Judge::Comet(Box::new(Book::new(schedule, key))))
+        }
+    };
     let chain = Arc::new(Chain {
-        validator: cfg.validator,
-        ledger: Mutex::new(Ledger::default()),
+        validator,
+        judge: Mutex::new(judge),
         head,
     });
     let producer = tokio::spawn(produce(chain.clone(), cfg.block));
     let app = Router::new()
         .route("/status", get(status))
         .route("/sign", post(sign))
+        .route("/cometbft/vote", post(comet_vote))
+        .route("/cometbft/proposal", post(comet_proposal))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .with_state(chain);
@@ -211,8 +301,8 @@ async fn produce(chain: Arc<Chain>, block: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let height = chain.ledger().advance();
-        chain.head.send_replace(height);
+        let head = chain.judge().tick();
+        chain.head.send_replace(head);
     }
 }
 
@@ -222,15 +312,21 @@ async fn status(
 ) -> Json<serde_json::Value> {
     if let Some(after) = q.wait_after {
         let mut rx = chain.head.subscribe();
-        let _ = tokio::time::timeout(LONG_POLL, rx.wait_for(|h| *h > after)).await;
+        let past = |&(h, r): &(u64, u32)| match q.wait_round {
+            Some(round) => (h, r) > (after, round),
+            None => h > after,
+        };
+        let _ = tokio::time::timeout(LONG_POLL, rx.wait_for(past)).await;
     }
-    let height = *chain.head.borrow();
-    Json(serde_json::json!({ "height": height }))
+    match &*chain.judge() {
+        Judge::Comet(b) => Json(serde_json::to_value(b.announce()).unwrap_or_default()),
+        Judge::Near(l) => Json(serde_json::json!({ "height": l.height })),
+    }
 }
 
 async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> impl IntoResponse {
     let refuse = |chain: &Chain, code: StatusCode, why: String| {
-        chain.ledger().refused += 1;
+        chain.judge().refused();
         let reply = SignReply {
             accepted: false,
             double_sign: false,
@@ -238,8 +334,15 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
         };
         (code, Json(reply))
     };
+    let Some(validator) = chain.validator else {
+        return refuse(
+            &chain,
+            StatusCode::NOT_FOUND,
+            "this chain runs in CometBFT mode: post to /cometbft/vote".into(),
+        );
+    };
     match keys::parse_public(&req.public_key) {
-        Ok(k) if k == chain.validator => {}
+        Ok(k) if k == validator => {}
         Ok(_) => {
             return refuse(
                 &chain,
@@ -249,17 +352,23 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
         }
         Err(e) => return refuse(&chain, StatusCode::BAD_REQUEST, e.to_string()),
     }
-    if !keys::verify_height(&chain.validator, req.height, &req.signature) {
+    if !keys::verify_height(&validator, req.height, &req.signature) {
         return refuse(&chain, StatusCode::FORBIDDEN, "bad signature".into());
     }
-    let mut ledger = chain.ledger();
+    let mut judge = chain.judge();
+    let Judge::Near(ledger) = &mut *judge else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(SignReply::refused("not a NEAR chain")),
+        );
+    };
     if req.height != ledger.height {
         let why = format!("height {} is not current ({})", req.height, ledger.height);
-        drop(ledger);
+        drop(judge);
         return refuse(&chain, StatusCode::CONFLICT, why);
     }
     let double_sign = ledger.record(req.node);
-    drop(ledger);
+    drop(judge);
     if double_sign {
         tracing::warn!(height = req.height, node = req.node, "DOUBLE SIGN");
     }
@@ -271,12 +380,103 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
     (StatusCode::OK, Json(reply))
 }
 
+impl SignReply {
+    fn refused(why: &str) -> Self {
+        SignReply {
+            accepted: false,
+            double_sign: false,
+            error: Some(why.to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum CometKind {
+    Vote,
+    Proposal,
+}
+
+async fn comet_vote(
+    State(chain): State<Arc<Chain>>,
+    Json(sub): Json<Submission>,
+) -> impl IntoResponse {
+    comet_submit(&chain, CometKind::Vote, &sub)
+}
+
+async fn comet_proposal(
+    State(chain): State<Arc<Chain>>,
+    Json(sub): Json<Submission>,
+) -> impl IntoResponse {
+    comet_submit(&chain, CometKind::Proposal, &sub)
+}
+
+/// Decodes a signed vote or proposal and has the book judge it.
+fn comet_submit(chain: &Chain, kind: CometKind, sub: &Submission) -> (StatusCode, Json<SignReply>) {
+    use prost::Message as _;
+    let mut judge = chain.judge();
+    let Judge::Comet(book) = &mut *judge else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(SignReply::refused(
+                "this chain runs in NEAR mode: post to /sign",
+            )),
+        );
+    };
+    let bytes = hex::decode(&sub.msg).map_err(|e| Malformed {
+        what: "submission",
+        why: format!("not hex: {e}"),
+    });
+    let verdict = bytes.and_then(|b| match kind {
+        CometKind::Vote => cometbft_proto::v0_38::types::Vote::decode(b.as_slice())
+            .map_err(|e| Malformed {
+                what: "vote",
+                why: e.to_string(),
+            })
+            .map(|v| book.submit_vote(sub.node, &v)),
+        CometKind::Proposal => cometbft_proto::v0_38::types::Proposal::decode(b.as_slice())
+            .map_err(|e| Malformed {
+                what: "proposal",
+                why: e.to_string(),
+            })
+            .map(|p| book.submit_proposal(&p)),
+    });
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(e) => {
+            book.refuse_undecodable();
+            Err(Refusal::Malformed(e))
+        }
+    };
+    drop(judge);
+    match verdict {
+        Ok(v) => (
+            StatusCode::OK,
+            Json(SignReply {
+                accepted: true,
+                double_sign: v.equivocation,
+                error: None,
+            }),
+        ),
+        Err(e) => {
+            let code = match e {
+                Refusal::Malformed(_) => StatusCode::BAD_REQUEST,
+                Refusal::NotValidator | Refusal::BadSignature | Refusal::BadExtension => {
+                    StatusCode::FORBIDDEN
+                }
+                Refusal::NotOpen { .. } | Refusal::TooOld(_) => StatusCode::CONFLICT,
+            };
+            tracing::debug!(node = sub.node, "refused: {e}");
+            (code, Json(SignReply::refused(&e.to_string())))
+        }
+    }
+}
+
 async fn stats(State(chain): State<Arc<Chain>>, Query(q): Query<StatsQuery>) -> Json<Stats> {
-    Json(chain.ledger().stats(q.since.unwrap_or(0)))
+    Json(chain.judge().stats(q.since.unwrap_or(0)))
 }
 
 async fn metrics(State(chain): State<Arc<Chain>>) -> String {
-    let l = chain.ledger();
+    let l = chain.judge().stats(u64::MAX);
     let mut out = String::new();
     for (name, kind, help, value) in [
         (
@@ -300,7 +500,7 @@ async fn metrics(State(chain): State<Arc<Chain>>) -> String {
         (
             "fakechain_double_signs_total",
             "counter",
-            "Extra signers of an already signed height.",
+            "Extra signers of an already signed height (NEAR), equivocations (CometBFT).",
             l.double_signs,
         ),
         (

@@ -6,8 +6,13 @@
 //! - [`bench`]: benchmarks that print numbers for the README.
 //! - [`keys`]: NEAR-format key files and the message a validator signs.
 //! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
-//!   missed heights and double signs. It is the oracle of every failover test.
+//!   missed heights and double signs (NEAR mode) or equivocations (CometBFT
+//!   mode). It is the oracle of every failover test.
 //! - [`chaos`]: seeded rounds of real faults, judged by the chain.
+//! - [`comet`]: the CometBFT judge: `priv_validator_key.json`, votes and
+//!   their sign bytes, the chain's CometBFT books (equivocations), and
+//!   `fakenode --cometbft`, which asks a remote signer (tmkms, keyraft) for
+//!   every vote over the privval protocol.
 //! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
 //!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
 //! - [`docker`]: the Docker Compose cluster under host-level faults.
@@ -24,6 +29,7 @@ pub mod bench;
 pub mod chain;
 pub mod chaos;
 pub mod cluster;
+pub mod comet;
 pub mod docker;
 pub mod harness;
 pub mod keys;

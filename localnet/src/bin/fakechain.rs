@@ -1,4 +1,6 @@
 //! `fakechain --listen HOST:PORT --block-ms N --validator-key FILE`
+//! (NEAR mode) or `fakechain --cometbft --chain-id ID --validator-key
+//! priv_validator_key.json ...` (CometBFT mode).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,21 +9,42 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use localnet::comet::{key, ledger::Schedule};
 use localnet::{chain, keys};
 
 /// A fake chain that produces heights and judges who signs them.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Address of the HTTP API (/status /sign /stats /metrics).
+    /// Address of the HTTP API (/status /sign /cometbft/* /stats /metrics).
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
-    /// Block interval in milliseconds.
+    /// Block interval in milliseconds (in CometBFT mode: each round's).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     block_ms: u64,
-    /// NEAR-format key file whose public key is the expected validator.
+    /// The expected validator's key: a NEAR key file, or with --cometbft a
+    /// CometBFT priv_validator_key.json.
     #[arg(long)]
     validator_key: PathBuf,
+    /// Judge CometBFT votes and proposals (equivocations) instead of NEAR
+    /// height signatures.
+    #[arg(long)]
+    cometbft: bool,
+    /// CometBFT mode: the chain id every signature must cover.
+    #[arg(long, default_value = "localnet-1", requires = "cometbft")]
+    chain_id: String,
+    /// CometBFT mode: every Nth height fails round 0 (the network precommits
+    /// nil) and commits in round 1. 0: never.
+    #[arg(long, default_value_t = 0, requires = "cometbft")]
+    round_every: u64,
+    /// CometBFT mode: size of the validator set; our key proposes one round
+    /// in this many.
+    #[arg(long, default_value_t = 4, requires = "cometbft", value_parser = clap::value_parser!(u64).range(1..))]
+    validators: u64,
+    /// CometBFT mode: refuse non-nil precommits without a valid vote
+    /// extension signature (CometBFT 0.38 with extensions enabled).
+    #[arg(long, requires = "cometbft")]
+    vote_extensions: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -40,15 +63,33 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.validator_key)
-        .with_context(|| format!("cannot read {}", args.validator_key.display()))?;
-    let key: PublicOnly = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a NEAR key file", args.validator_key.display()))?;
-    let validator = keys::parse_public(&key.public_key)?;
+    let mode = if args.cometbft {
+        let key = key::load_public(&args.validator_key)?;
+        chain::Mode::Comet {
+            schedule: Schedule {
+                chain_id: args.chain_id,
+                round_every: args.round_every,
+                validators: args.validators,
+                extensions: args.vote_extensions,
+                slot_ms: args.block_ms,
+            },
+            key,
+        }
+    } else {
+        let text = std::fs::read_to_string(&args.validator_key)
+            .with_context(|| format!("cannot read {}", args.validator_key.display()))?;
+        let key: PublicOnly = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a NEAR key file (for a CometBFT priv_validator_key.json, add --cometbft)",
+                args.validator_key.display()
+            )
+        })?;
+        chain::Mode::Near(keys::parse_public(&key.public_key)?)
+    };
     let cfg = chain::ChainConfig {
         listen: args.listen,
         block: Duration::from_millis(args.block_ms),
-        validator,
+        mode,
     };
     chain::run(cfg, async {
         let _ = tokio::signal::ctrl_c().await;

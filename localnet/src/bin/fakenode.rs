@@ -1,5 +1,6 @@
 //! `fakenode --home DIR --chain URL --node-id N --rpc-listen HOST:PORT ...`
-//! and `fakenode keygen --account-id ID --out FILE`.
+//! (neard), `fakenode --cometbft --privval-listen ADDR --chain URL --node-id
+//! N ...` (a CometBFT node with a remote signer), and `fakenode keygen`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,10 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use localnet::comet::key::ValidatorKey;
+use localnet::comet::node::{CometNodeConfig, Protocol};
+use localnet::comet::privval::Listen;
 use localnet::keys::KeyFile;
 use localnet::node::{self, NodeConfig};
 
-/// A validator node that imitates neard, for testing keyraft.
+/// A validator node that imitates neard (or, with --cometbft, a CometBFT node
+/// with a remote signer), for testing keyraft.
 #[derive(Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
@@ -22,10 +27,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a fresh NEAR-format key file (mode 0600; never overwrites).
+    /// Write a fresh key file (mode 0600; never overwrites): NEAR's format,
+    /// or with --cometbft a CometBFT priv_validator_key.json.
     Keygen {
+        #[arg(long, required_unless_present = "cometbft")]
+        account_id: Option<String>,
         #[arg(long)]
-        account_id: String,
+        cometbft: bool,
         #[arg(long)]
         out: PathBuf,
     },
@@ -33,8 +41,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Home dir holding validator_key.json and node_key.json.
-    #[arg(long, required = true)]
+    /// Home dir holding validator_key.json and node_key.json (neard only).
+    #[arg(long, required_unless_present = "cometbft")]
     home: Option<PathBuf>,
     /// Base URL of the fake chain, e.g. http://127.0.0.1:3000.
     #[arg(long, required = true)]
@@ -54,6 +62,23 @@ struct RunArgs {
     /// Re-read validator_key.json on SIGHUP.
     #[arg(long)]
     hot_reload: bool,
+    /// Be a CometBFT node whose votes a remote signer signs.
+    #[arg(long, requires = "privval_listen")]
+    cometbft: bool,
+    /// CometBFT: where the signer dials in (priv_validator_laddr):
+    /// tcp://HOST:PORT (SecretConnection) or unix:///PATH.
+    #[arg(long, requires = "cometbft")]
+    privval_listen: Option<Listen>,
+    /// CometBFT: chain id put in sign requests (default: the chain's).
+    #[arg(long, requires = "cometbft")]
+    chain_id: Option<String>,
+    /// CometBFT: the protocol version imitated.
+    #[arg(long, value_enum, default_value = "v0.38", requires = "cometbft")]
+    protocol: Protocol,
+    /// CometBFT: ask for a different block than other sentries at every
+    /// height and round (a split proposal, as a signer sees it).
+    #[arg(long, requires = "cometbft")]
+    equivocate: bool,
 }
 
 #[tokio::main]
@@ -61,9 +86,38 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     localnet::init_logging();
     let result = match args.command {
-        Some(Command::Keygen { account_id, out }) => KeyFile::generate(&account_id)
+        Some(Command::Keygen {
+            cometbft: true,
+            out,
+            ..
+        }) => ValidatorKey::generate()
             .write_new(&out)
             .map_err(anyhow::Error::from),
+        Some(Command::Keygen {
+            account_id, out, ..
+        }) => KeyFile::generate(&account_id.unwrap_or_default())
+            .write_new(&out)
+            .map_err(anyhow::Error::from),
+        None if args.run.cometbft => {
+            let r = args.run;
+            let cfg = CometNodeConfig {
+                chain: r
+                    .chain
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
+                    .to_string(),
+                node_id: r.node_id.unwrap_or_default(),
+                rpc_listen: r.rpc_listen,
+                // clap enforces `requires`.
+                privval: r
+                    .privval_listen
+                    .unwrap_or(Listen::Tcp(([127, 0, 0, 1], 26659).into())),
+                chain_id: r.chain_id,
+                protocol: r.protocol,
+                equivocate: r.equivocate,
+            };
+            localnet::comet::node::run(cfg).await
+        }
         None => {
             let r = args.run;
             let cfg = NodeConfig {

@@ -148,6 +148,19 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         memory_block_ms: u64,
     },
+    /// The CometBFT judge: votes per second the chain verifies, and a
+    /// sentry's round trip to tmkms per signature (needs tmkms; see
+    /// localnet/scripts/install-tmkms.sh).
+    Cometbft {
+        #[arg(long, default_value_t = 20_000)]
+        votes: usize,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 200)]
+        block_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Cold-start election time and the idle footprint of each coordinator.
     Idle {
         #[arg(long, default_value_t = 5)]
@@ -327,6 +340,20 @@ async fn main() -> ExitCode {
                     memory_block_ms,
                 };
                 bench::chain(&b).await.map(|v| println!("{v}"))
+            }
+            BenchCmd::Cometbft {
+                votes,
+                clients,
+                block_ms,
+                seconds,
+            } => {
+                let b = bench::CometBench {
+                    votes,
+                    clients,
+                    block_ms,
+                    seconds,
+                };
+                bench::comet(&b).await.map(|v| println!("{v}"))
             }
             BenchCmd::Idle { starts, seconds } => {
                 bench::idle(starts, seconds).await.map(|v| println!("{v}"))

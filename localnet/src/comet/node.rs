@@ -1,0 +1,526 @@
+//! `fakenode --cometbft`: a CometBFT node as its remote signer sees it.
+//!
+//! Owns: following the chain's open (height, round), asking the signer for
+//! a proposal on its turn, a prevote and a precommit (with a vote extension
+//! under protocol 0.38), submitting what comes back to the chain, and a
+//! CometBFT-shaped `GET /status` plus `GET /privval` with what it saw of its
+//! signer. Must not: hold a key (it has none), retry a `RemoteSignerError`
+//! (CometBFT gives up on that step), or keep signing a round the chain has
+//! left.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use cometbft_proto::v0_38::types::{Proposal as RawProposal, Vote as RawVote};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::consensus::{self, Step};
+use super::key::PublicValidatorKey;
+use super::ledger::Announce;
+use super::privval::{CallError, Endpoint, Listen, PING_EVERY};
+use crate::chain::SignReply;
+
+/// Pause between sign attempts after a connection error (CometBFT's
+/// `RetrySignerClient` waits 100 ms).
+const SIGN_RETRY: Duration = Duration::from_millis(100);
+/// Longest wait for a signer to connect per attempt (CometBFT's accept
+/// timeout is 3 s; a round is usually shorter).
+const ACCEPT_WAIT: Duration = Duration::from_secs(3);
+const CHAIN_RETRY: Duration = Duration::from_millis(200);
+/// A node that has not heard from the chain for this long is catching up.
+const CONTACT_STALE: Duration = Duration::from_secs(3);
+
+/// Which CometBFT the node imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// 0.34: no vote extensions.
+    #[value(name = "v0.34")]
+    V0_34,
+    /// 0.37 and 0.38: non-nil precommits carry a vote extension to sign.
+    #[value(name = "v0.38")]
+    V0_38,
+}
+
+#[derive(Debug, Clone)]
+pub struct CometNodeConfig {
+    pub chain: String,
+    pub node_id: u64,
+    pub rpc_listen: SocketAddr,
+    pub privval: Listen,
+    /// Chain id to put in requests; the chain's own when `None`.
+    pub chain_id: Option<String>,
+    pub protocol: Protocol,
+    pub equivocate: bool,
+}
+
+/// `POST /cometbft/vote` and `/cometbft/proposal` bodies: the signed
+/// protobuf (CometBFT 0.38's encoding), hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submission {
+    pub node: u64,
+    pub msg: String,
+}
+
+#[derive(Default)]
+struct NodeState {
+    head: u64,
+    last_contact: Option<Instant>,
+    validator: Option<PublicValidatorKey>,
+    chain_id: String,
+}
+
+struct Node {
+    cfg: CometNodeConfig,
+    endpoint: Arc<Endpoint>,
+    http: reqwest::Client,
+    state: Mutex<NodeState>,
+}
+
+impl Node {
+    fn state(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs the node until SIGTERM/SIGINT.
+pub async fn run(cfg: CometNodeConfig) -> anyhow::Result<()> {
+    let endpoint = Endpoint::bind(&cfg.privval).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
+    tracing::info!(rpc = %listener.local_addr()?, node = cfg.node_id, protocol = ?cfg.protocol,
+        equivocate = cfg.equivocate, "fakenode (CometBFT) started");
+    let node = Arc::new(Node {
+        cfg,
+        endpoint,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?,
+        state: Mutex::new(NodeState::default()),
+    });
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/privval", get(privval))
+        .with_state(node.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("rpc server failed: {e}");
+        }
+    });
+    let pinger = node.endpoint.clone();
+    tokio::spawn(async move {
+        loop {
+            pinger.ping().await;
+            tokio::time::sleep(PING_EVERY).await;
+        }
+    });
+    tokio::spawn(follow(node));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Follows the chain's open round and takes part in each one once.
+async fn follow(node: Arc<Node>) {
+    let mut last = (0u64, 0u32);
+    let mut reachable = true;
+    loop {
+        let url = format!(
+            "{}/status?wait_after={}&wait_round={}",
+            node.cfg.chain, last.0, last.1
+        );
+        let got = async {
+            node.http
+                .get(&url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json::<Announce>()
+                .await
+        }
+        .await;
+        let a = match got {
+            Ok(a) => a,
+            Err(e) => {
+                if reachable {
+                    tracing::warn!("chain unreachable, retrying: {e}");
+                    reachable = false;
+                }
+                tokio::time::sleep(CHAIN_RETRY).await;
+                continue;
+            }
+        };
+        if !reachable {
+            tracing::info!("chain reachable again");
+            reachable = true;
+        }
+        {
+            let mut st = node.state();
+            st.head = a.height;
+            st.last_contact = Some(Instant::now());
+            st.chain_id = node.cfg.chain_id.clone().unwrap_or(a.chain_id.clone());
+        }
+        if (a.height, a.round) <= last {
+            continue;
+        }
+        last = (a.height, a.round);
+        take_part(&node, &a).await;
+    }
+}
+
+/// Proposal (on its turn), prevote and precommit for the open round.
+async fn take_part(node: &Node, a: &Announce) {
+    let deadline = Instant::now() + Duration::from_millis(a.slot_ms.max(1));
+    let chain_id = node.state().chain_id.clone();
+    let Some(validator) = validator(node, &chain_id, deadline).await else {
+        return;
+    };
+    let Some(mut block) = a.block_id() else {
+        tracing::warn!("chain announced a malformed block id");
+        return;
+    };
+    if node.cfg.equivocate {
+        block = consensus::conflicting(&block, node.cfg.node_id);
+    }
+    if a.proposer {
+        let p = consensus::proposal(a.height, a.round, block.clone());
+        if let Some(signed) = sign(&node.endpoint, deadline, &chain_id, Signable::Proposal(p)).await
+        {
+            submit(node, "proposal", signed.encode_to_vec()).await;
+        }
+    }
+    let prevote = consensus::vote(
+        Step::Prevote,
+        a.height,
+        a.round,
+        block.clone(),
+        validator.address,
+        vec![],
+    );
+    if let Some(signed) = sign(&node.endpoint, deadline, &chain_id, Signable::Vote(prevote)).await {
+        submit(node, "vote", signed.encode_to_vec()).await;
+    }
+    let target = if a.commit { block } else { consensus::nil() };
+    let extension = match node.cfg.protocol {
+        Protocol::V0_38 if !consensus::is_nil(Some(&target)) => {
+            format!("ext/{}/{}/{}", a.height, a.round, node.cfg.node_id).into_bytes()
+        }
+        _ => Vec::new(),
+    };
+    let precommit = consensus::vote(
+        Step::Precommit,
+        a.height,
+        a.round,
+        target,
+        validator.address,
+        extension,
+    );
+    if let Some(signed) = sign(
+        &node.endpoint,
+        deadline,
+        &chain_id,
+        Signable::Vote(precommit),
+    )
+    .await
+    {
+        submit(node, "vote", signed.encode_to_vec()).await;
+    }
+}
+
+/// The validator's key, asked of the signer once (as CometBFT does at start).
+async fn validator(node: &Node, chain_id: &str, deadline: Instant) -> Option<PublicValidatorKey> {
+    if let Some(v) = node.state().validator {
+        return Some(v);
+    }
+    loop {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(ACCEPT_WAIT);
+        match node.endpoint.pub_key(chain_id, wait).await {
+            Ok(k) => {
+                let v = PublicValidatorKey::new(k);
+                tracing::info!(address = %v.address_hex(), "validator key from the signer");
+                node.state().validator = Some(v);
+                return Some(v);
+            }
+            Err(CallError::Remote { .. }) => return None,
+            Err(_) if Instant::now() + SIGN_RETRY < deadline => {
+                tokio::time::sleep(SIGN_RETRY).await
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+enum Signable {
+    Vote(RawVote),
+    Proposal(RawProposal),
+}
+
+enum Signed {
+    Vote(RawVote),
+    Proposal(RawProposal),
+}
+
+impl Signed {
+    fn encode_to_vec(&self) -> Vec<u8> {
+        match self {
+            Signed::Vote(v) => v.encode_to_vec(),
+            Signed::Proposal(p) => p.encode_to_vec(),
+        }
+    }
+}
+
+/// Asks the signer, retrying connection errors until the round's deadline
+/// and giving up at once on a `RemoteSignerError`, as CometBFT does.
+async fn sign(
+    endpoint: &Endpoint,
+    deadline: Instant,
+    chain_id: &str,
+    what: Signable,
+) -> Option<Signed> {
+    loop {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(ACCEPT_WAIT);
+        let got = match &what {
+            Signable::Vote(v) => endpoint
+                .sign_vote(chain_id, v.clone(), wait)
+                .await
+                .map(Signed::Vote),
+            Signable::Proposal(p) => endpoint
+                .sign_proposal(chain_id, p.clone(), wait)
+                .await
+                .map(Signed::Proposal),
+        };
+        match got {
+            Ok(s) => return Some(s),
+            Err(e @ (CallError::Remote { .. } | CallError::Unexpected(_))) => {
+                tracing::warn!("{e}; this step is missed");
+                return None;
+            }
+            Err(e) if Instant::now() + SIGN_RETRY < deadline => {
+                tracing::debug!("{e}; retrying");
+                tokio::time::sleep(SIGN_RETRY).await;
+            }
+            Err(e) => {
+                tracing::warn!("{e}; the round ended before a signer answered");
+                return None;
+            }
+        }
+    }
+}
+
+async fn submit(node: &Node, kind: &str, msg: Vec<u8>) {
+    let url = format!("{}/cometbft/{kind}", node.cfg.chain);
+    let body = Submission {
+        node: node.cfg.node_id,
+        msg: hex::encode(msg),
+    };
+    match node.http.post(&url).json(&body).send().await {
+        Ok(resp) => {
+            let code = resp.status();
+            match resp.json::<SignReply>().await {
+                Ok(r) if r.accepted => {}
+                Ok(r) => {
+                    tracing::warn!(%code, "{kind} refused by the chain: {}", r.error.unwrap_or_default())
+                }
+                Err(e) => tracing::warn!(%code, "bad reply to {kind}: {e}"),
+            }
+        }
+        Err(e) => tracing::warn!("submitting {kind} failed: {e}"),
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let st = node.state();
+    let catching_up = st.last_contact.is_none_or(|t| t.elapsed() > CONTACT_STALE);
+    let validator = st.validator.map(|v| {
+        json!({
+            "address": v.address_hex(),
+            "pub_key": serde_json::to_value(cometbft::PublicKey::from_ed25519_dalek(v.key))
+                .unwrap_or_default(),
+            "voting_power": "10",
+        })
+    });
+    Json(json!({
+        "jsonrpc": "2.0",
+        "id": -1,
+        "result": {
+            "node_info": {
+                "network": st.chain_id,
+                "moniker": format!("fakenode-{}", node.cfg.node_id),
+                "version": match node.cfg.protocol {
+                    Protocol::V0_34 => "0.34.35",
+                    Protocol::V0_38 => "0.38.17",
+                },
+            },
+            "sync_info": {
+                "latest_block_height": st.head.to_string(),
+                "catching_up": catching_up,
+            },
+            "validator_info": validator,
+        }
+    }))
+}
+
+async fn privval(State(node): State<Arc<Node>>) -> Json<super::privval::PrivvalStats> {
+    Json(node.endpoint.stats())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cometbft_proto::v0_38::privval::{
+        message::Sum, Message, RemoteSignerError, SignedVoteResponse,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    /// Reads one length-delimited privval message (a stub signer's side).
+    async fn read(s: &mut UnixStream) -> Message {
+        let len = s.read_u8().await.unwrap() as usize;
+        assert!(len < 128, "test messages fit a one-byte length");
+        let mut buf = vec![0; len];
+        s.read_exact(&mut buf).await.unwrap();
+        Message::decode(buf.as_slice()).unwrap()
+    }
+
+    async fn write(s: &mut UnixStream, m: Message) {
+        s.write_all(&m.encode_length_delimited_to_vec())
+            .await
+            .unwrap();
+    }
+
+    fn prevote() -> RawVote {
+        let block = consensus::block_id("c", 1, 0);
+        consensus::vote(Step::Prevote, 1, 0, block, [1; 20], vec![])
+    }
+
+    async fn endpoint(dir: &tempfile::TempDir) -> (Arc<Endpoint>, std::path::PathBuf) {
+        let path = dir.path().join("pv.sock");
+        (
+            Endpoint::bind(&Listen::Unix(path.clone())).await.unwrap(),
+            path,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_remote_signer_error_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, path) = endpoint(&dir).await;
+        let stub = tokio::spawn(async move {
+            let mut s = UnixStream::connect(path).await.unwrap();
+            let mut asked = 0;
+            // Answer every sign request with an error; count them until the
+            // node hangs up or goes quiet.
+            while let Ok(m) = tokio::time::timeout(Duration::from_millis(700), read(&mut s)).await {
+                assert!(matches!(m.sum, Some(Sum::SignVoteRequest(_))));
+                asked += 1;
+                let err = RemoteSignerError {
+                    code: 2,
+                    description: "double signing".into(),
+                };
+                write(
+                    &mut s,
+                    Message {
+                        sum: Some(Sum::SignedVoteResponse(SignedVoteResponse {
+                            vote: None,
+                            error: Some(err),
+                        })),
+                    },
+                )
+                .await;
+            }
+            asked
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let got = sign(&ep, deadline, "c", Signable::Vote(prevote())).await;
+        assert!(got.is_none());
+        assert_eq!(stub.await.unwrap(), 1, "asked once, not retried");
+        assert_eq!(ep.stats().remote_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_is_retried_on_the_next_signer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, path) = endpoint(&dir).await;
+        let stub = tokio::spawn(async move {
+            // The first signer hangs up on the request; the second signs.
+            let mut first = UnixStream::connect(&path).await.unwrap();
+            read(&mut first).await;
+            drop(first);
+            let mut second = UnixStream::connect(&path).await.unwrap();
+            let m = read(&mut second).await;
+            let Some(Sum::SignVoteRequest(r)) = m.sum else {
+                panic!("{m:?}")
+            };
+            let mut v = r.vote.unwrap();
+            v.signature = vec![7; 64];
+            write(
+                &mut second,
+                Message {
+                    sum: Some(Sum::SignedVoteResponse(SignedVoteResponse {
+                        vote: Some(v),
+                        error: None,
+                    })),
+                },
+            )
+            .await;
+            second
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = sign(&ep, deadline, "c", Signable::Vote(prevote())).await;
+        assert!(matches!(got, Some(Signed::Vote(v)) if v.signature == vec![7; 64]));
+        let _keep = stub.await.unwrap();
+        let st = ep.stats();
+        assert_eq!(
+            (st.signed, st.disconnects, st.connections),
+            (1, 1, 2),
+            "{st:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_another_vote_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, path) = endpoint(&dir).await;
+        let stub = tokio::spawn(async move {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            let m = read(&mut s).await;
+            let Some(Sum::SignVoteRequest(r)) = m.sum else {
+                panic!("{m:?}")
+            };
+            let mut v = r.vote.unwrap();
+            v.block_id = Some(consensus::conflicting(v.block_id.as_ref().unwrap(), 1));
+            v.signature = vec![7; 64];
+            write(
+                &mut s,
+                Message {
+                    sum: Some(Sum::SignedVoteResponse(SignedVoteResponse {
+                        vote: Some(v),
+                        error: None,
+                    })),
+                },
+            )
+            .await;
+            s
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        assert!(sign(&ep, deadline, "c", Signable::Vote(prevote()))
+            .await
+            .is_none());
+        let _keep = stub.await.unwrap();
+        assert_eq!((ep.stats().bad_replies, ep.stats().signed), (1, 0));
+    }
+}

@@ -1,0 +1,503 @@
+//! The CometBFT node's side of the privval protocol: it listens on
+//! `priv_validator_laddr`, a remote signer dials in, and the node sends it
+//! requests one at a time.
+//!
+//! Owns: the listener (TCP with SecretConnection under an ephemeral identity,
+//! as CometBFT does, or a Unix socket without it), the current connection
+//! and one queued standby connection (CometBFT's `SignerListenerEndpoint`
+//! keeps the same pair), length-delimited protobuf framing, read/write
+//! deadlines, pings, and the numbers a benchmark reads (round trips per
+//! signature). Must not: retry on its own (the caller decides, as CometBFT's
+//! `RetrySignerClient` does), hold a connection that missed a deadline, or
+//! let one silent dialer stop the node from accepting others for long.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
+use cometbft_proto::v0_38::crypto::public_key;
+use cometbft_proto::v0_38::privval::{
+    message::Sum, Message, PingRequest, PubKeyRequest, SignProposalRequest, SignVoteRequest,
+};
+use cometbft_proto::v0_38::types::{BlockId, Proposal as RawProposal, Vote as RawVote};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use prost::Message as _;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::consensus;
+
+/// CometBFT's read/write deadline on the signer connection.
+pub const READ_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A dialer that has not finished the SecretConnection handshake by then is
+/// dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between pings of an idle connection (CometBFT's ping loop sleeps
+/// about a second between pings).
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// Largest privval message accepted (CometBFT's limit is far below this).
+const MAX_MSG: usize = 1 << 20;
+/// Signature round trips kept for the percentiles.
+const SAMPLES: usize = 10_000;
+
+/// Where the node listens for its signer: `tcp://HOST:PORT` (or bare
+/// `HOST:PORT`) or `unix:///path`, as CometBFT's `priv_validator_laddr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err("unix:// needs a socket path".into());
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        let addr = s.strip_prefix("tcp://").unwrap_or(s);
+        addr.parse()
+            .map(Listen::Tcp)
+            .map_err(|e| format!("{s:?} is neither tcp://HOST:PORT nor unix:///PATH: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no signer connected")]
+    NoSigner,
+    #[error("signer connection failed: {0}")]
+    Transport(String),
+    /// The signer answered with a `RemoteSignerError`; CometBFT does not
+    /// retry these.
+    #[error("signer refused (code {code}): {description}")]
+    Remote { code: i32, description: String },
+    #[error("unexpected reply from the signer: {0}")]
+    Unexpected(String),
+}
+
+enum Conn {
+    Secret(Box<AsyncSecretConnection<TcpStream>>),
+    Plain(UnixStream),
+}
+
+impl Conn {
+    async fn send(&mut self, msg: Message) -> Result<(), String> {
+        match self {
+            Conn::Secret(c) => c.write_msg(msg).await.map_err(|e| e.to_string()),
+            Conn::Plain(s) => s
+                .write_all(&msg.encode_length_delimited_to_vec())
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Message, String> {
+        match self {
+            Conn::Secret(c) => c.read_msg::<Message>().await.map_err(|e| e.to_string()),
+            Conn::Plain(s) => read_delimited(s).await,
+        }
+    }
+}
+
+/// Reads one varint-length-prefixed protobuf message.
+async fn read_delimited(s: &mut UnixStream) -> Result<Message, String> {
+    let mut len: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = s.read_u8().await.map_err(|e| e.to_string())?;
+        len |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if shift >= 63 {
+            return Err("bad length prefix".into());
+        }
+    }
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    if len > MAX_MSG {
+        return Err(format!("message of {len} bytes is too large"));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    Message::decode(buf.as_slice()).map_err(|e| e.to_string())
+}
+
+/// What the node saw of its signer, for `/privval` and benchmarks.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PrivvalStats {
+    pub connected: bool,
+    /// Connections taken into use.
+    pub connections: u64,
+    /// Connections dropped after an error or a missed deadline.
+    pub disconnects: u64,
+    pub sign_requests: u64,
+    pub signed: u64,
+    pub remote_errors: u64,
+    pub transport_errors: u64,
+    pub bad_replies: u64,
+    pub last_error: Option<String>,
+    pub sign_ms_p50: Option<f64>,
+    pub sign_ms_p99: Option<f64>,
+    pub sign_ms_max: Option<f64>,
+    pub samples: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    stats: PrivvalStats,
+    samples: std::collections::VecDeque<Duration>,
+}
+
+pub struct Endpoint {
+    current: tokio::sync::Mutex<Option<Conn>>,
+    queued: tokio::sync::Mutex<mpsc::Receiver<Conn>>,
+    connected: AtomicBool,
+    counters: Mutex<Counters>,
+}
+
+impl Endpoint {
+    /// Binds the listener and starts accepting signers in the background.
+    pub async fn bind(listen: &Listen) -> std::io::Result<Arc<Endpoint>> {
+        let (tx, rx) = mpsc::channel(1);
+        match listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr).await?;
+                tracing::info!(addr = %l.local_addr()?, "privval listening (tcp, SecretConnection)");
+                tokio::spawn(accept_tcp(l, tx));
+            }
+            Listen::Unix(path) => {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                let l = UnixListener::bind(path)?;
+                tracing::info!(path = %path.display(), "privval listening (unix)");
+                tokio::spawn(accept_unix(l, tx));
+            }
+        }
+        Ok(Arc::new(Endpoint {
+            current: tokio::sync::Mutex::new(None),
+            queued: tokio::sync::Mutex::new(rx),
+            connected: AtomicBool::new(false),
+            counters: Mutex::new(Counters::default()),
+        }))
+    }
+
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> PrivvalStats {
+        let c = self.counters();
+        let mut s = c.stats.clone();
+        s.connected = self.connected.load(Ordering::Relaxed);
+        let mut v: Vec<f64> = c.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+        };
+        s.sign_ms_p50 = pick(0.5);
+        s.sign_ms_p99 = pick(0.99);
+        s.sign_ms_max = v.last().copied();
+        s.samples = v.len();
+        s
+    }
+
+    fn note_error(&self, e: &CallError) {
+        let mut c = self.counters();
+        match e {
+            CallError::Remote { .. } => c.stats.remote_errors += 1,
+            CallError::Unexpected(_) => c.stats.bad_replies += 1,
+            CallError::NoSigner | CallError::Transport(_) => c.stats.transport_errors += 1,
+        }
+        c.stats.last_error = Some(e.to_string());
+    }
+
+    /// Sends one request and waits for its reply. Waits up to `wait` for a
+    /// signer if none is connected. A connection that fails or misses the
+    /// deadline is dropped; the next call takes the queued one.
+    async fn call(&self, req: Message, wait: Duration) -> Result<Message, CallError> {
+        let mut current = self.current.lock().await;
+        if current.is_none() {
+            let mut queued = self.queued.lock().await;
+            let got = if wait.is_zero() {
+                queued.try_recv().ok()
+            } else {
+                tokio::time::timeout(wait, queued.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let conn = got.ok_or(CallError::NoSigner)?;
+            *current = Some(conn);
+            self.connected.store(true, Ordering::Relaxed);
+            self.counters().stats.connections += 1;
+        }
+        let Some(conn) = current.as_mut() else {
+            return Err(CallError::NoSigner);
+        };
+        let exchange = async {
+            conn.send(req).await?;
+            conn.recv().await
+        };
+        match tokio::time::timeout(READ_WRITE_TIMEOUT, exchange).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(self.drop_conn(&mut current, e)),
+            Err(_) => Err(self.drop_conn(&mut current, "read/write deadline missed".into())),
+        }
+    }
+
+    fn drop_conn(&self, current: &mut Option<Conn>, why: String) -> CallError {
+        *current = None;
+        self.connected.store(false, Ordering::Relaxed);
+        self.counters().stats.disconnects += 1;
+        tracing::warn!("signer connection dropped: {why}");
+        CallError::Transport(why)
+    }
+
+    /// Pings the signer (taking a queued connection if there is one and
+    /// none is in use). A failed ping drops the connection.
+    pub async fn ping(&self) {
+        let req = Message {
+            sum: Some(Sum::PingRequest(PingRequest {})),
+        };
+        let _ = self.call(req, Duration::ZERO).await;
+    }
+
+    /// Asks the signer for the validator's public key.
+    pub async fn pub_key(&self, chain_id: &str, wait: Duration) -> Result<VerifyingKey, CallError> {
+        let req = Message {
+            sum: Some(Sum::PubKeyRequest(PubKeyRequest {
+                chain_id: chain_id.to_string(),
+            })),
+        };
+        let r = self.call(req, wait).await;
+        let reply = self.checked(r)?;
+        match reply.sum {
+            Some(Sum::PubKeyResponse(r)) => {
+                if let Some(e) = r.error {
+                    return Err(self.failed(CallError::Remote {
+                        code: e.code,
+                        description: e.description,
+                    }));
+                }
+                match r.pub_key.and_then(|k| k.sum) {
+                    Some(public_key::Sum::Ed25519(bytes)) => <[u8; 32]>::try_from(bytes.as_slice())
+                        .ok()
+                        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+                        .ok_or_else(|| {
+                            self.failed(CallError::Unexpected("bad ed25519 key".into()))
+                        }),
+                    other => Err(self.failed(CallError::Unexpected(format!(
+                        "public key {other:?} is not ed25519"
+                    )))),
+                }
+            }
+            other => Err(self.failed(CallError::Unexpected(format!("{other:?}")))),
+        }
+    }
+
+    /// Asks the signer to sign `vote`; returns the vote it signed, which
+    /// must be the one asked for (step, height, round, block).
+    pub async fn sign_vote(
+        &self,
+        chain_id: &str,
+        vote: RawVote,
+        wait: Duration,
+    ) -> Result<RawVote, CallError> {
+        let asked = vote.clone();
+        let req = Message {
+            sum: Some(Sum::SignVoteRequest(SignVoteRequest {
+                vote: Some(vote),
+                chain_id: chain_id.to_string(),
+            })),
+        };
+        self.counters().stats.sign_requests += 1;
+        let started = Instant::now();
+        let r = self.call(req, wait).await;
+        let reply = self.checked(r)?;
+        match reply.sum {
+            Some(Sum::SignedVoteResponse(r)) => match (r.vote, r.error) {
+                (_, Some(e)) => Err(self.failed(CallError::Remote {
+                    code: e.code,
+                    description: e.description,
+                })),
+                (Some(v), None) => {
+                    let v = same_vote(&asked, v).map_err(|e| self.failed(e))?;
+                    self.signed(started.elapsed());
+                    Ok(v)
+                }
+                (None, None) => {
+                    Err(self.failed(CallError::Unexpected("empty vote response".into())))
+                }
+            },
+            other => Err(self.failed(CallError::Unexpected(format!("{other:?}")))),
+        }
+    }
+
+    /// Asks the signer to sign `proposal`; returns the proposal it signed,
+    /// which must be the one asked for.
+    pub async fn sign_proposal(
+        &self,
+        chain_id: &str,
+        proposal: RawProposal,
+        wait: Duration,
+    ) -> Result<RawProposal, CallError> {
+        let asked = proposal.clone();
+        let req = Message {
+            sum: Some(Sum::SignProposalRequest(SignProposalRequest {
+                proposal: Some(proposal),
+                chain_id: chain_id.to_string(),
+            })),
+        };
+        self.counters().stats.sign_requests += 1;
+        let started = Instant::now();
+        let r = self.call(req, wait).await;
+        let reply = self.checked(r)?;
+        match reply.sum {
+            Some(Sum::SignedProposalResponse(r)) => match (r.proposal, r.error) {
+                (_, Some(e)) => Err(self.failed(CallError::Remote {
+                    code: e.code,
+                    description: e.description,
+                })),
+                (Some(p), None) => {
+                    let p = same_proposal(&asked, p).map_err(|e| self.failed(e))?;
+                    self.signed(started.elapsed());
+                    Ok(p)
+                }
+                (None, None) => {
+                    Err(self.failed(CallError::Unexpected("empty proposal response".into())))
+                }
+            },
+            other => Err(self.failed(CallError::Unexpected(format!("{other:?}")))),
+        }
+    }
+
+    fn checked(&self, r: Result<Message, CallError>) -> Result<Message, CallError> {
+        r.map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, e: CallError) -> CallError {
+        self.note_error(&e);
+        e
+    }
+
+    fn signed(&self, took: Duration) {
+        let mut c = self.counters();
+        c.stats.signed += 1;
+        if c.samples.len() == SAMPLES {
+            c.samples.pop_front();
+        }
+        c.samples.push_back(took);
+    }
+}
+
+fn same_block(a: Option<&BlockId>, b: Option<&BlockId>) -> bool {
+    consensus::block_key(a) == consensus::block_key(b)
+}
+
+fn same_vote(asked: &RawVote, got: RawVote) -> Result<RawVote, CallError> {
+    if got.r#type != asked.r#type
+        || got.height != asked.height
+        || got.round != asked.round
+        || !same_block(asked.block_id.as_ref(), got.block_id.as_ref())
+        || got.signature.is_empty()
+    {
+        return Err(CallError::Unexpected(format!(
+            "signed vote {}/{}/{} is not the one asked for ({}/{}/{}) or unsigned",
+            got.height, got.round, got.r#type, asked.height, asked.round, asked.r#type
+        )));
+    }
+    Ok(got)
+}
+
+fn same_proposal(asked: &RawProposal, got: RawProposal) -> Result<RawProposal, CallError> {
+    if got.height != asked.height
+        || got.round != asked.round
+        || !same_block(asked.block_id.as_ref(), got.block_id.as_ref())
+        || got.signature.is_empty()
+    {
+        return Err(CallError::Unexpected(format!(
+            "signed proposal {}/{} is not the one asked for ({}/{}) or unsigned",
+            got.height, got.round, asked.height, asked.round
+        )));
+    }
+    Ok(got)
+}
+
+/// Accepts signers over TCP: one SecretConnection handshake at a time, under
+/// an identity made fresh for this process (CometBFT does the same).
+async fn accept_tcp(listener: TcpListener, queue: mpsc::Sender<Conn>) {
+    let identity = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("privval accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handshake = AsyncSecretConnection::new(stream, &identity);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(conn)) => {
+                tracing::info!(%peer, signer = %conn.peer_public_key(), "signer connected");
+                if queue.send(Conn::Secret(Box::new(conn))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(%peer, "SecretConnection handshake failed: {e}"),
+            Err(_) => tracing::warn!(%peer, "SecretConnection handshake timed out"),
+        }
+    }
+}
+
+async fn accept_unix(listener: UnixListener, queue: mpsc::Sender<Conn>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tracing::info!("signer connected (unix)");
+                if queue.send(Conn::Plain(stream)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("privval accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse_like_cometbft() {
+        assert_eq!(
+            "tcp://127.0.0.1:26659".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:26659".parse().unwrap())
+        );
+        assert_eq!(
+            "127.0.0.1:1".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:///run/pv.sock".parse::<Listen>().unwrap(),
+            Listen::Unix("/run/pv.sock".into())
+        );
+        assert!("unix://".parse::<Listen>().is_err());
+        assert!("tcp://nowhere".parse::<Listen>().is_err());
+    }
+}
