@@ -90,13 +90,30 @@ pub fn status_json(sh: &Shared) -> Value {
         [one] => json!(one),
         _ => Value::Null,
     };
-    json!({
+    let mut status = json!({
         "cluster": {
             "leader": sh.leader(), "term": m.current_term, "active_validator": active,
             "quorum": sh.has_quorum(), "paused": cluster.paused, "members": voters,
         },
         "nodes": nodes,
-    })
+    });
+    if let Some(c) = &sh.cfg.signer {
+        let w = cluster.signer.as_ref();
+        status["signer"] = json!({
+            "chain_id": c.chain_id,
+            "watermark": w.map(|w| json!({
+                "height": w.height,
+                "round": (w.round != u32::MAX).then_some(w.round),
+                "step": (w.step != u8::MAX).then_some(w.step),
+                "imported_floor": w.digest.is_none(),
+            })),
+            "signatures": w.map_or(0, |w| w.signatures),
+            "connections": sh.privval.snapshot().into_iter()
+                .map(|(node, up)| json!({"node": node, "connected": up}))
+                .collect::<Vec<_>>(),
+        });
+    }
+    status
 }
 
 fn raft_status<E: std::fmt::Display>(e: RaftError<TypeConfig, E>) -> Status {
@@ -196,6 +213,28 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
         Kind::Register(node) => {
             write(Command::Register { node }).await?;
             Ok(format!("node {node} registered"))
+        }
+        Kind::SignerFloor(f) => {
+            let ours = sh.cfg.signer.as_ref().map(|s| s.chain_id.as_str());
+            if ours != Some(f.chain_id.as_str()) {
+                return Err(Status::failed_precondition(match ours {
+                    Some(c) => format!("this cluster signs for chain {c}, not {}", f.chain_id),
+                    None => "this cluster does not run in signer mode".to_string(),
+                }));
+            }
+            write(Command::SignerFloor {
+                chain_id: f.chain_id,
+                height: f.height,
+            })
+            .await?;
+            let w = sh.cluster.borrow().signer.clone();
+            Ok(match w {
+                Some(w) if w.height > f.height => format!(
+                    "the watermark was already above: it stays at {}/{}/{}",
+                    w.height, w.round, w.step
+                ),
+                _ => format!("nothing at or below height {} will be signed", f.height),
+            })
         }
         Kind::Switchover(s) => {
             let (reply, rx) = oneshot::channel();

@@ -123,6 +123,15 @@ impl HealthKind {
     }
 }
 
+/// Signer mode: keyraft signs for the chain's nodes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SignerKind {
+    /// CometBFT's privval protocol: keyraft dials each node's
+    /// `priv_validator_laddr` and signs votes and proposals.
+    Cometbft,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -245,6 +254,28 @@ pub struct RunArgs {
     #[arg(long, env = "KEYRAFT_NO_CGROUP")]
     pub no_cgroup: bool,
 
+    /// Signer mode: keyraft is the chain's remote signer, and every
+    /// signature is committed through Raft first. No key is linked anywhere;
+    /// the command after `--`, if any, runs as a plain full node.
+    #[arg(long, env = "KEYRAFT_SIGNER", value_enum)]
+    pub signer: Option<SignerKind>,
+    /// Signer mode: a node's privval address to dial (its
+    /// `priv_validator_laddr`): tcp://HOST:PORT or unix:///PATH. Repeat for
+    /// several sentries.
+    #[arg(
+        long = "privval-node",
+        env = "KEYRAFT_PRIVVAL_NODES",
+        value_delimiter = ','
+    )]
+    pub privval_node: Vec<String>,
+    /// Signer mode: the chain id every request must carry.
+    #[arg(long, env = "KEYRAFT_CHAIN_ID")]
+    pub chain_id: Option<String>,
+    /// Signer mode: this signer's SecretConnection identity (32-byte ed25519
+    /// seed, base64, as tmkms's `secret_key`); made in the data dir if absent.
+    #[arg(long, env = "KEYRAFT_PRIVVAL_IDENTITY_KEY")]
+    pub privval_identity_key: Option<PathBuf>,
+
     /// The validator command and its arguments, after `--`.
     #[arg(last = true, value_name = "VALIDATOR_CMD")]
     pub command: Vec<String>,
@@ -336,6 +367,32 @@ pub struct Config {
     pub log_format: LogFormat,
     pub timing: Timing,
     pub validator: Option<ValidatorConfig>,
+    pub signer: Option<SignerConfig>,
+}
+
+/// Where a signer dials a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivvalAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for PrivvalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrivvalAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            PrivvalAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    pub chain_id: String,
+    /// CometBFT's `priv_validator_key.json`.
+    pub key: PathBuf,
+    pub nodes: Vec<PrivvalAddr>,
+    pub identity_key: PathBuf,
 }
 
 impl Config {
@@ -397,11 +454,15 @@ impl RunArgs {
             voter_node_key,
             activate_by,
             health,
-            health_url
+            health_url,
+            signer,
+            chain_id,
+            privval_identity_key
         );
         for (mine, theirs) in [
             (&mut self.peer, file.peer),
             (&mut self.key_link, file.key_link),
+            (&mut self.privval_node, file.privval_node),
             (&mut self.command, file.command),
         ] {
             if mine.is_empty() {
@@ -493,7 +554,12 @@ impl RunArgs {
             Some(paths)
         };
         let timing = resolve_timing(&a)?;
-        let validator = resolve_validator(&a)?;
+        let signer = resolve_signer(&a, &data_dir)?;
+        let validator = if signer.is_some() {
+            resolve_plain_node(&a)?
+        } else {
+            resolve_validator(&a)?
+        };
         Ok(Config {
             id,
             listen,
@@ -512,8 +578,122 @@ impl RunArgs {
             log_format: a.log_format.unwrap_or(LogFormat::Text),
             timing,
             validator,
+            signer,
         })
     }
+}
+
+fn resolve_signer(a: &RunArgs, data_dir: &Path) -> Result<Option<SignerConfig>, ConfigError> {
+    let Some(SignerKind::Cometbft) = a.signer else {
+        if !a.privval_node.is_empty() || a.chain_id.is_some() {
+            return Err(invalid(
+                "--privval-node and --chain-id belong to signer mode: add --signer cometbft",
+            ));
+        }
+        return Ok(None);
+    };
+    if a.witness {
+        return Err(invalid(
+            "--witness signs nothing: drop --signer (a witness votes for the signers)",
+        ));
+    }
+    if a.chain.is_some() || !a.key_link.is_empty() || a.validator_home.is_some() {
+        return Err(invalid(
+            "signer mode links no key into any node: drop --chain, --key-link and --validator-home",
+        ));
+    }
+    let chain_id = a
+        .chain_id
+        .clone()
+        .ok_or_else(|| invalid("--signer cometbft needs --chain-id"))?;
+    if chain_id.is_empty() || chain_id.len() > 50 {
+        return Err(invalid(format!(
+            "bad --chain-id '{chain_id}': 1 to 50 characters, as CometBFT allows"
+        )));
+    }
+    let key = a.validator_key.clone().ok_or_else(|| {
+        invalid("--signer cometbft needs --validator-key (the validator's priv_validator_key.json)")
+    })?;
+    if !key.is_file() {
+        return Err(invalid(format!(
+            "key file {} does not exist",
+            key.display()
+        )));
+    }
+    check_private(&key)?;
+    if a.privval_node.is_empty() {
+        return Err(invalid(
+            "--signer cometbft needs at least one --privval-node (tcp://HOST:PORT or unix:///PATH of a node's priv_validator_laddr)",
+        ));
+    }
+    let mut nodes = Vec::new();
+    for n in &a.privval_node {
+        let addr = if let Some(path) = n.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(invalid(format!(
+                    "bad --privval-node '{n}': unix:// needs an absolute path"
+                )));
+            }
+            PrivvalAddr::Unix(PathBuf::from(path))
+        } else {
+            let hp = n.strip_prefix("tcp://").unwrap_or(n);
+            // CometBFT writes tcp://ID@HOST:PORT; the id is not checked (a
+            // CometBFT node's privval identity is made afresh at each start).
+            let hp = hp.rsplit_once('@').map_or(hp, |(_, h)| h);
+            check_host_port(hp, "--privval-node")?;
+            PrivvalAddr::Tcp(hp.to_string())
+        };
+        if nodes.contains(&addr) {
+            return Err(invalid(format!("--privval-node {n} is given twice")));
+        }
+        nodes.push(addr);
+    }
+    let identity_key = a
+        .privval_identity_key
+        .clone()
+        .unwrap_or_else(|| data_dir.join("privval-identity.key"));
+    if identity_key.is_file() {
+        check_private(&identity_key)?;
+    }
+    Ok(Some(SignerConfig {
+        chain_id,
+        key,
+        nodes,
+        identity_key,
+    }))
+}
+
+/// Signer mode's node command: supervised as a plain full node with no key
+/// links at all; its health is shown, not acted on.
+fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError> {
+    if a.command.is_empty() {
+        return Ok(None);
+    }
+    let program = Path::new(&a.command[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if HANDS_OFF.contains(&program) {
+        return Err(invalid(format!(
+            "the node command '{program}' hands the node to a daemon outside keyraft's process tree; run keyraft where the node runs, with the node's own command"
+        )));
+    }
+    let health = a.health.unwrap_or(HealthKind::Cometbft);
+    let health_url = match (&a.health_url, health.default_url()) {
+        (Some(u), _) => u.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => return Err(invalid("--health http needs --health-url")),
+    };
+    Ok(Some(ValidatorConfig {
+        command: a.command.clone(),
+        active_links: Vec::new(),
+        standby_links: Vec::new(),
+        activate_by: ActivateBy::Restart,
+        health,
+        health_url: health_url.trim_end_matches('/').to_string(),
+        height_watermark: false,
+        cgroup: !a.no_cgroup,
+    }))
 }
 
 fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {

@@ -12,6 +12,8 @@
 //!   and, once elected, activates (DESIGN.md steps 2-4).
 //! - `Validating`: the validator runs with the key, under a lease renewed
 //!   from Raft's quorum acks and enforced by the guard process (step 5).
+//!   Never entered in signer mode, where the Raft leader in `Voting` signs
+//!   (see [`crate::signer`]) and every node runs keyless.
 //! - `Shutdown`: stopping; the key is released first.
 //!
 //! Owns: the safety protocol's ordering (commit, wait, lease, link, start;
@@ -178,11 +180,15 @@ impl Coordinator {
             .any(|v| v == self.sh.cfg.id)
     }
 
-    /// Safety protocol step 1: campaign only while eligible.
+    /// Safety protocol step 1: campaign only while eligible. In signer
+    /// mode leading means signing, not validating: the local node's health
+    /// does not matter (every sentry's requests reach the leader), and its
+    /// death only moves this host back to Startup, from where it hands
+    /// leadership on.
     fn eligible(&self, state: StateName) -> bool {
         matches!(state, StateName::Voting | StateName::Validating)
             && !self.sh.cfg.witness
-            && self.health().is_some_and(|h| h.healthy())
+            && (self.sh.cfg.signer.is_some() || self.health().is_some_and(|h| h.healthy()))
             && !self.cluster_rx.borrow().paused
             && self.stand_down_until.is_none_or(|t| Instant::now() >= t)
             && self.is_voter()
@@ -492,7 +498,9 @@ impl Coordinator {
             let m = self.sh.raft_metrics();
             let mut recheck = Duration::from_secs(1);
             if m.state == ServerState::Leader {
-                if eligible && Instant::now() >= self.next_activation {
+                // Signer mode: the leader signs; no key is ever linked.
+                let signer = self.sh.cfg.signer.is_some();
+                if eligible && !signer && Instant::now() >= self.next_activation {
                     return self.activate(m.current_term).await;
                 }
                 recheck = self.sh.cfg.timing.heartbeat;

@@ -28,6 +28,9 @@
 //! - [`raft`]: openraft's type configuration and replicated cluster state,
 //!   durable sled storage ([`raft::store`]), the gRPC client
 //!   ([`raft::network`]) and service ([`raft::server`]).
+//! - [`signer`]: signer mode (CometBFT): keyraft dials the nodes' privval
+//!   ports and signs only what the Raft leader committed first; followers
+//!   forward requests to the leader.
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
@@ -45,6 +48,7 @@ pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod server;
+pub mod signer;
 pub mod supervisor;
 pub mod tls;
 

@@ -79,6 +79,13 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminAddr,
     },
+    /// Signer mode: seed the signing watermark.
+    Signer {
+        #[command(subcommand)]
+        what: SignerCmd,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
     /// Exit 0 when the cluster has quorum and exactly one healthy validating node.
     Check {
         #[command(flatten)]
@@ -119,6 +126,13 @@ enum MembersCmd {
     Add { member: String },
     /// Remove a node from the cluster.
     Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum SignerCmd {
+    /// Never sign at or below the height of CometBFT's
+    /// priv_validator_state.json (from the validator's previous signer).
+    ImportState { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -340,6 +354,26 @@ async fn command(addr: SocketAddr, kind: Kind) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The height of CometBFT's `priv_validator_state.json` (a string there, as
+/// CometBFT writes 64-bit integers; a number is accepted too).
+fn state_file_height(path: &std::path::Path) -> anyhow::Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let h = &v["height"];
+    h.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| h.as_u64())
+        .filter(|h| *h > 0)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no height (is it CometBFT's priv_validator_state.json?)",
+                path.display()
+            )
+        })
+}
+
 async fn status_value(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
     let mut c = admin_client(addr).await?;
     let r = c
@@ -390,6 +424,24 @@ async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             MembersCmd::Remove { id } => command(admin.admin, Kind::MembersRemove(id)).await,
         },
+        Cmd::Signer {
+            what: SignerCmd::ImportState { file },
+            admin,
+        } => {
+            let height = state_file_height(&file)?;
+            let status = status_value(admin.admin).await?;
+            let chain_id = status["signer"]["chain_id"]
+                .as_str()
+                .ok_or_else(|| {
+                    anyhow!("the cluster at {} does not run in signer mode", admin.admin)
+                })?
+                .to_string();
+            command(
+                admin.admin,
+                Kind::SignerFloor(pb::SignerFloor { chain_id, height }),
+            )
+            .await
+        }
         Cmd::Check { admin } => Ok(check(admin.admin).await),
         Cmd::Probe {
             health: kind,

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub peer_up: IntGaugeVec,
     pub peer_rtt: GaugeVec,
     pub paused: IntGauge,
+    pub sign_requests: IntCounterVec,
+    pub sign_seconds: Histogram,
+    pub privval_connected: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -48,13 +51,20 @@ fn opts(name: &str, help: &str) -> Opts {
 impl Metrics {
     /// A witness has no validator, so it exports no `keyraft_validator_*`
     /// series (a zero there would read as a node that is down).
-    pub fn new(version: &str, witness: bool) -> Result<Metrics, prometheus::Error> {
+    ///
+    /// The `keyraft_sign_*` and `keyraft_privval_*` series exist in signer
+    /// mode only.
+    pub fn new(version: &str, witness: bool, signer: bool) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
             opts("build_info", "Build information and role; always 1."),
             &["version", "role"],
         )?;
-        let role = if witness { "witness" } else { "validator" };
+        let role = match (witness, signer) {
+            (true, _) => "witness",
+            (false, true) => "signer",
+            (false, false) => "validator",
+        };
         build.with_label_values(&[version, role]).set(1);
         let m = Metrics {
             state: IntGaugeVec::new(opts("state", "Coordinator state, one-hot."), &["type"])?,
@@ -88,6 +98,19 @@ impl Metrics {
             peer_up: IntGaugeVec::new(opts("peer_up", "1 while gossip from the peer is fresh."), &["peer"])?,
             peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
             paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
+            sign_requests: IntCounterVec::new(
+                opts("sign_requests_total", "Sign requests from this host's nodes, by type (proposal, prevote, precommit) and result."),
+                &["type", "result"],
+            )?,
+            sign_seconds: Histogram::with_opts(
+                HistogramOpts::new("sign_seconds", "From a node's sign request to the answer (commit through Raft included).")
+                    .namespace("keyraft")
+                    .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+            )?,
+            privval_connected: IntGaugeVec::new(
+                opts("privval_connected", "1 while this host is connected to the node's privval port."),
+                &["node"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -112,6 +135,21 @@ impl Metrics {
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;
         r.register(Box::new(m.paused.clone()))?;
+        if signer {
+            r.register(Box::new(m.sign_requests.clone()))?;
+            r.register(Box::new(m.sign_seconds.clone()))?;
+            r.register(Box::new(m.privval_connected.clone()))?;
+            for kind in ["proposal", "prevote", "precommit"] {
+                for result in [
+                    "signed",
+                    "refused_equivocation",
+                    "refused_regression",
+                    "no_leader",
+                ] {
+                    m.sign_requests.with_label_values(&[kind, result]);
+                }
+            }
+        }
         for reason in [
             "leadership",
             "lease",

@@ -73,6 +73,29 @@ pub struct Shared {
     pub cluster: watch::Receiver<ClusterState>,
     pub requests: mpsc::Sender<CoordinatorRequest>,
     pub started: Instant,
+    /// Signer mode: which nodes' privval ports this host is connected to.
+    pub privval: PrivvalLinks,
+}
+
+/// Signer mode: the privval connections of this host, by node address.
+#[derive(Debug, Default)]
+pub struct PrivvalLinks(Mutex<BTreeMap<String, bool>>);
+
+impl PrivvalLinks {
+    pub fn set(&self, node: &str, up: bool) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), up);
+    }
+
+    pub fn get(&self, node: &str) -> bool {
+        self.snapshot().get(node).copied().unwrap_or(false)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, bool> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl Shared {

@@ -26,11 +26,12 @@ use crate::fence::{self, KeyLinks};
 use crate::gossip;
 use crate::health::{self, Prober};
 use crate::metrics::Metrics;
-use crate::node::{ClusterView, Local, Shared};
+use crate::node::{ClusterView, Local, PrivvalLinks, Shared};
 use crate::pb;
 use crate::raft::network::{Network, Peers, MAX_MESSAGE};
 use crate::raft::server::RaftService;
 use crate::raft::{self, Gate, Raft};
+use crate::signer::{self, Signer};
 use crate::supervisor::Validator;
 use crate::tls::{self, TlsMaterial};
 
@@ -56,6 +57,10 @@ pub enum RunError {
     },
     #[error("raft: {0}")]
     Raft(String),
+    #[error(transparent)]
+    SignerKey(#[from] signer::sign::SignError),
+    #[error(transparent)]
+    SignerIdentity(#[from] signer::privval::IdentityError),
 }
 
 /// Runs a coordinator until `shutdown` resolves.
@@ -133,7 +138,7 @@ pub async fn run(
     .map_err(|e| RunError::Raft(e.to_string()))?;
 
     let (req_tx, req_rx) = mpsc::channel(8);
-    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness)
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, cfg.signer.is_some())
         .map_err(|e| RunError::Raft(e.to_string()))?;
     let sh = Arc::new(Shared {
         cfg,
@@ -146,9 +151,24 @@ pub async fn run(
         cluster: cluster_rx.clone(),
         requests: req_tx,
         started: Instant::now(),
+        privval: PrivvalLinks::default(),
     });
+    let signer = match sh.cfg.signer.clone() {
+        Some(c) => {
+            let identity_path = c.identity_key.clone();
+            let identity = blocking(move || signer::privval::identity(&identity_path)).await?;
+            Some((Signer::new(sh.clone(), c)?, identity))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = start_servers(&sh, material, stop_rx.clone()).await?;
+    let servers = start_servers(
+        &sh,
+        signer.as_ref().map(|s| s.0.clone()),
+        material,
+        stop_rx.clone(),
+    )
+    .await?;
 
     let bootstrap = bootstrap(&sh, fresh).await?;
     gate.join();
@@ -175,6 +195,22 @@ pub async fn run(
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(register(sh.clone())),
     ];
+    if let Some((signer, identity)) = &signer {
+        for addr in &sh
+            .cfg
+            .signer
+            .as_ref()
+            .map(|c| c.nodes.clone())
+            .unwrap_or_default()
+        {
+            tasks.push(tokio::spawn(signer::privval::run(
+                signer.clone(),
+                addr.clone(),
+                identity.clone(),
+                stop_rx.clone(),
+            )));
+        }
+    }
     let (node, health_rx) = match (&sh.cfg.validator, links) {
         (Some(v), Some(links)) => {
             let (htx, hrx) = watch::channel(None);
@@ -269,6 +305,7 @@ async fn bind(
 /// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
 async fn start_servers(
     sh: &Arc<Shared>,
+    signer: Option<Arc<Signer>>,
     material: Option<TlsMaterial>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
@@ -312,9 +349,18 @@ async fn start_servers(
         pb::cluster_server::ClusterServer::new(admin::ClusterService::new(sh.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
+    let signer_svc = signer.map(|s| {
+        InterceptedService::new(
+            pb::signer_server::SignerServer::new(signer::SignerService::new(s))
+                .max_decoding_message_size(signer::MAX_PRIVVAL_MESSAGE)
+                .max_encoding_message_size(signer::MAX_PRIVVAL_MESSAGE),
+            auth.clone(),
+        )
+    });
     let peer_router = peer
         .add_service(InterceptedService::new(raft_svc, auth.clone()))
         .add_service(InterceptedService::new(gossip_svc, auth.clone()))
+        .add_optional_service(signer_svc)
         .add_service(InterceptedService::new(cluster_svc, auth));
     let peer_task = spawn_grpc(
         "peer",

@@ -1,7 +1,9 @@
 //! A local keyraft cluster: real `keyraft run` processes with mTLS on
 //! loopback, each supervising a real `fakenode`, a real `fakechain` as the
 //! judge, and a fault proxy on every peer link. The end-to-end tests, the
-//! launcher, chaos and the benchmarks all run on it.
+//! launcher, chaos and the benchmarks all run on it. In CometBFT signer mode
+//! ([`Cluster::start_signers`]) each keyraft signs for a `fakenode
+//! --cometbft` sentry it supervises, and the chain counts equivocations.
 //!
 //! Owns: the cluster's files (keys, CA and certificates made with
 //! `keyraft certs`, data dirs, logs), its ports, its processes and proxies,
@@ -83,6 +85,22 @@ impl Launch {
     }
 }
 
+/// What the cluster validates for.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// NEAR-style: the active node's fakenode holds the key.
+    Near,
+    /// CometBFT signer mode: every keyraft signs for its sentry (a
+    /// `fakenode --cometbft` it supervises) after committing through Raft.
+    Signer {
+        chain_id: String,
+        /// Every Nth height commits in round 1 (see `fakechain --round-every`).
+        round_every: u64,
+        /// Our key proposes one round in this many.
+        validators: u64,
+    },
+}
+
 /// How one node is started.
 #[derive(Clone, Default)]
 pub struct NodeOpts {
@@ -101,6 +119,8 @@ pub struct Node {
     pub admin: SocketAddr,
     pub http: SocketAddr,
     pub rpc: SocketAddr,
+    /// Signer mode: the sentry's privval port (keyraft dials it).
+    pub privval: SocketAddr,
     pub data: PathBuf,
     pub tls: PathBuf,
     pub home: PathBuf,
@@ -132,6 +152,7 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Node>,
     /// (from, to) -> the proxy `from` dials to reach `to`.
     pub proxies: BTreeMap<(u64, u64), Proxy>,
+    pub mode: Mode,
     _chain: Proc,
 }
 
@@ -147,6 +168,24 @@ impl Cluster {
         Self::start_in(ClusterDir::Temp(dir), n, block_ms, opts).await
     }
 
+    /// Like [`Cluster::start`], in CometBFT signer mode: `n` keyraft signers
+    /// (or witnesses), each supervising a sentry it signs for.
+    pub async fn start_signers(
+        n: u64,
+        block_ms: u64,
+        mode: Mode,
+        opts: impl Fn(u64) -> NodeOpts,
+    ) -> Result<Cluster> {
+        let mut dir = tempfile::Builder::new()
+            .prefix("keyraft-signer-")
+            .tempdir()?;
+        if std::env::var_os("KEYRAFT_KEEP_TEST_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("test dir kept: {}", dir.path().display());
+        }
+        Self::start_mode(ClusterDir::Temp(dir), n, block_ms, mode, opts).await
+    }
+
     /// Like [`Cluster::start`], in a given (empty or new) dir.
     pub async fn start_in(
         dir: ClusterDir,
@@ -154,24 +193,51 @@ impl Cluster {
         block_ms: u64,
         opts: impl Fn(u64) -> NodeOpts,
     ) -> Result<Cluster> {
+        Self::start_mode(dir, n, block_ms, Mode::Near, opts).await
+    }
+
+    async fn start_mode(
+        dir: ClusterDir,
+        n: u64,
+        block_ms: u64,
+        mode: Mode,
+        opts: impl Fn(u64) -> NodeOpts,
+    ) -> Result<Cluster> {
         let keyraft = sibling_bin("keyraft")?;
         std::fs::create_dir_all(dir.path())?;
         let keys = dir.path().join("keys");
         std::fs::create_dir_all(&keys)?;
-        let key_path = keys.join("validator_key.json");
-        KeyFile::generate("validator.test").write_new(&key_path)?;
         let chain_addr = free_addr()?;
+        let mut chain_cmd = Command::new(sibling_bin("fakechain")?);
+        chain_cmd.args([
+            "--listen",
+            &chain_addr.to_string(),
+            "--block-ms",
+            &block_ms.to_string(),
+        ]);
+        let key_path = match &mode {
+            Mode::Near => {
+                let key_path = keys.join("validator_key.json");
+                KeyFile::generate("validator.test").write_new(&key_path)?;
+                key_path
+            }
+            Mode::Signer {
+                chain_id,
+                round_every,
+                validators,
+            } => {
+                let key_path = keys.join("priv_validator_key.json");
+                crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
+                chain_cmd
+                    .args(["--cometbft", "--vote-extensions", "--chain-id", chain_id])
+                    .args(["--round-every", &round_every.to_string()])
+                    .args(["--validators", &validators.to_string()]);
+                key_path
+            }
+        };
         let chain_proc = Proc::spawn(
             "fakechain",
-            Command::new(sibling_bin("fakechain")?)
-                .args([
-                    "--listen",
-                    &chain_addr.to_string(),
-                    "--block-ms",
-                    &block_ms.to_string(),
-                ])
-                .arg("--validator-key")
-                .arg(&key_path),
+            chain_cmd.arg("--validator-key").arg(&key_path),
             dir.path(),
         )?;
         let chain = ChainClient::new(&format!("http://{chain_addr}"));
@@ -205,6 +271,7 @@ impl Cluster {
                     admin: free_addr()?,
                     http: free_addr()?,
                     rpc: free_addr()?,
+                    privval: free_addr()?,
                     data: base.join("data"),
                     tls,
                     home,
@@ -232,6 +299,7 @@ impl Cluster {
             key_path,
             nodes,
             proxies,
+            mode,
             _chain: chain_proc,
         };
         c.chain
@@ -266,6 +334,20 @@ impl Cluster {
         cmd.args(&node.opts.flags);
         if node.opts.witness {
             cmd.arg("--witness");
+        } else if let Mode::Signer { chain_id, .. } = &self.mode {
+            let privval = format!("tcp://{}", node.privval);
+            cmd.args(["--signer", "cometbft", "--chain-id", chain_id])
+                .args(["--privval-node", &privval])
+                .arg("--validator-key")
+                .arg(&self.key_path)
+                .args(["--health", "cometbft"])
+                .args(["--health-url", &format!("http://{}", node.rpc)])
+                .arg("--")
+                .arg(sibling_bin("fakenode").unwrap_or_default())
+                .args(["--cometbft", "--privval-listen", &privval])
+                .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
+                .args(["--rpc-listen", &node.rpc.to_string()])
+                .args(&node.opts.fakenode);
         } else {
             cmd.arg("--validator-home")
                 .arg(&node.home)

@@ -3,9 +3,9 @@
 //! client, [`server`] service).
 //!
 //! Owns: what is replicated (activation history, the paused flag, which
-//! members have registered) and how openraft is configured from keyraft's
-//! timings. Must not: act on the replicated state; the coordinator reads it
-//! and decides.
+//! members have registered, and in signer mode the signing watermark) and
+//! how openraft is configured from keyraft's timings. Must not: act on the
+//! replicated state; the coordinator and the signer read it and decide.
 
 pub mod network;
 pub mod server;
@@ -56,6 +56,20 @@ pub enum Command {
     /// `node` started with durable state; a later start with an empty data
     /// dir is then refused unless it rejoins.
     Register { node: NodeId },
+    /// Signer mode: the leader is about to sign this (height, round, step)
+    /// of `chain_id`. `digest` is the SHA-256 of the sign bytes with the
+    /// timestamp zeroed; `timestamp` is the one that will be signed.
+    Signed {
+        chain_id: String,
+        height: u64,
+        round: u32,
+        step: u8,
+        digest: String,
+        timestamp: (i64, i32),
+    },
+    /// Signer mode: never sign at or below `height` (a state file imported
+    /// from the validator's previous signer).
+    SignerFloor { chain_id: String, height: u64 },
 }
 
 impl fmt::Display for Command {
@@ -67,6 +81,15 @@ impl fmt::Display for Command {
             }
             Command::SetPaused { paused } => write!(f, "set paused={paused}"),
             Command::Register { node } => write!(f, "register node {node}"),
+            Command::Signed {
+                height,
+                round,
+                step,
+                ..
+            } => write!(f, "sign {height}/{round}/{step}"),
+            Command::SignerFloor { height, .. } => {
+                write!(f, "never sign at or below height {height}")
+            }
         }
     }
 }
@@ -87,6 +110,60 @@ pub struct KeyEvent {
 pub struct Reply {
     /// For `Activate`: the key event committed just before it.
     pub prior: Option<KeyEvent>,
+    /// For `Signed`: whether the signature may be produced.
+    pub sign: Option<SignVerdict>,
+}
+
+/// Where a (height, round, step) stands against the watermark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignVerdict {
+    /// Sign, with this timestamp (the one committed first for this HRS).
+    Sign { timestamp: (i64, i32) },
+    /// Below the watermark.
+    Regression,
+    /// The watermark's HRS with other sign bytes (or an imported floor).
+    Conflict,
+    /// The cluster signs for another chain.
+    WrongChain,
+}
+
+/// Signer mode's replicated watermark: the highest (height, round, step)
+/// signed, and what was signed there. Steps are CometBFT's: 1 proposal,
+/// 2 prevote, 3 precommit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignerState {
+    pub chain_id: String,
+    pub height: u64,
+    pub round: u32,
+    pub step: u8,
+    /// `None` for an imported floor: nothing at it may be signed.
+    pub digest: Option<String>,
+    pub timestamp: (i64, i32),
+    /// Signatures committed, all time.
+    pub signatures: u64,
+}
+
+impl SignerState {
+    pub fn hrs(&self) -> (u64, u32, u8) {
+        (self.height, self.round, self.step)
+    }
+
+    /// What a request for `hrs` with `digest` would get, without committing.
+    pub fn check(&self, chain_id: &str, hrs: (u64, u32, u8), digest: &str) -> SignVerdict {
+        if self.chain_id != chain_id {
+            return SignVerdict::WrongChain;
+        }
+        match hrs.cmp(&self.hrs()) {
+            std::cmp::Ordering::Less => SignVerdict::Regression,
+            std::cmp::Ordering::Equal if self.digest.as_deref() == Some(digest) => {
+                SignVerdict::Sign {
+                    timestamp: self.timestamp,
+                }
+            }
+            std::cmp::Ordering::Equal => SignVerdict::Conflict,
+            std::cmp::Ordering::Greater => SignVerdict::Sign { timestamp: (0, 0) },
+        }
+    }
 }
 
 /// Events kept in the replicated history.
@@ -101,6 +178,9 @@ pub struct ClusterState {
     /// Recent key events, oldest first.
     pub history: VecDeque<KeyEvent>,
     pub registered: BTreeSet<NodeId>,
+    /// Signer mode: the watermark (absent until the first signature).
+    #[serde(default)]
+    pub signer: Option<SignerState>,
 }
 
 impl ClusterState {
@@ -120,7 +200,7 @@ impl ClusterState {
             while self.history.len() > HISTORY {
                 self.history.pop_front();
             }
-            Reply { prior }
+            Reply { prior, sign: None }
         };
         match *cmd {
             Command::Activate { node, term } => key_event(node, term, false, None),
@@ -145,6 +225,70 @@ impl ClusterState {
             }
             Command::Register { node } => {
                 self.registered.insert(node);
+                Reply::default()
+            }
+            Command::Signed {
+                ref chain_id,
+                height,
+                round,
+                step,
+                ref digest,
+                timestamp,
+            } => {
+                let verdict = match &self.signer {
+                    None => SignVerdict::Sign { timestamp },
+                    Some(w) => match w.check(chain_id, (height, round, step), digest) {
+                        // Above the watermark: the new signature's own time.
+                        SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
+                            SignVerdict::Sign { timestamp }
+                        }
+                        v => v,
+                    },
+                };
+                if let SignVerdict::Sign { timestamp } = verdict {
+                    let signatures = self.signer.as_ref().map_or(0, |w| w.signatures) + 1;
+                    self.signer = Some(SignerState {
+                        chain_id: chain_id.clone(),
+                        height,
+                        round,
+                        step,
+                        digest: Some(digest.clone()),
+                        timestamp,
+                        signatures,
+                    });
+                }
+                Reply {
+                    prior: None,
+                    sign: Some(verdict),
+                }
+            }
+            Command::SignerFloor {
+                ref chain_id,
+                height,
+            } => {
+                let floor = (height, u32::MAX, u8::MAX);
+                match &mut self.signer {
+                    Some(w) if w.chain_id != *chain_id => {
+                        tracing::warn!(chain_id, "ignoring a floor for another chain");
+                        return Reply {
+                            prior: None,
+                            sign: Some(SignVerdict::WrongChain),
+                        };
+                    }
+                    Some(w) if w.hrs() >= floor => {}
+                    w => {
+                        let signatures = w.as_ref().map_or(0, |w| w.signatures);
+                        *w = Some(SignerState {
+                            chain_id: chain_id.clone(),
+                            height,
+                            round: u32::MAX,
+                            step: u8::MAX,
+                            digest: None,
+                            timestamp: (0, 0),
+                            signatures,
+                        });
+                    }
+                }
                 Reply::default()
             }
         }
@@ -332,6 +476,85 @@ mod tests {
         let before = s.clone();
         s.apply(&release(1, 2), 6);
         assert_eq!(s, before);
+    }
+
+    fn signed(h: u64, r: u32, step: u8, digest: &str, ts: i64) -> Command {
+        Command::Signed {
+            chain_id: "c".into(),
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (ts, 0),
+        }
+    }
+
+    #[test]
+    fn the_watermark_signs_each_hrs_once_and_never_below() {
+        let mut s = ClusterState::default();
+        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 10)),
+            SignVerdict::Sign { timestamp: (10, 0) }
+        );
+        // The same HRS and bytes, later timestamp: the first timestamp again.
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 11)),
+            SignVerdict::Sign { timestamp: (10, 0) }
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "b", 12)),
+            SignVerdict::Conflict
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 1, "a", 12)),
+            SignVerdict::Regression
+        );
+        assert_eq!(
+            verdict(&mut s, signed(4, 9, 3, "a", 12)),
+            SignVerdict::Regression
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 1, 1, "c", 13)),
+            SignVerdict::Sign { timestamp: (13, 0) }
+        );
+        let other = Command::Signed {
+            chain_id: "other".into(),
+            height: 9,
+            round: 0,
+            step: 1,
+            digest: "d".into(),
+            timestamp: (1, 0),
+        };
+        assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
+        let w = s.signer.clone().unwrap();
+        assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
+    }
+
+    #[test]
+    fn an_imported_floor_blocks_its_whole_height_and_never_lowers() {
+        let mut s = ClusterState::default();
+        let floor = |h| Command::SignerFloor {
+            chain_id: "c".into(),
+            height: h,
+        };
+        s.apply(&floor(100), 1);
+        for step in 1..=3 {
+            for round in [0, 5] {
+                let v = s.apply(&signed(100, round, step, "a", 1), 2).sign.unwrap();
+                assert_ne!(v, SignVerdict::Sign { timestamp: (1, 0) }, "{round}/{step}");
+            }
+        }
+        assert!(matches!(
+            s.apply(&signed(101, 0, 1, "a", 1), 3).sign,
+            Some(SignVerdict::Sign { .. })
+        ));
+        s.apply(&floor(50), 4);
+        assert_eq!(
+            s.signer.as_ref().unwrap().hrs(),
+            (101, 0, 1),
+            "a floor never lowers"
+        );
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! keyraft's end of the privval connections: it dials each CometBFT node's
+//! `priv_validator_laddr` (as tmkms does), proves itself with its
+//! SecretConnection identity, and answers the node's requests one at a time.
+//!
+//! Owns: dialing with backoff, the SecretConnection handshake (TCP) or plain
+//! framing (Unix socket), the idle deadline, the identity key file, and the
+//! `keyraft_privval_connected{node}` gauge. Must not: sign anything itself
+//! (every request goes to [`super::Signer::handle`]) or stop retrying while
+//! keyraft runs.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
+use cometbft_proto::v0_38::privval::Message;
+use ed25519_dalek::SigningKey;
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::watch;
+
+use super::{Signer, MAX_PRIVVAL_MESSAGE};
+use crate::config::PrivvalAddr;
+
+/// A node pings about every second; silence this long means the link is dead.
+const IDLE: Duration = Duration::from_secs(10);
+const CONNECT: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read the privval identity key {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("cannot write the privval identity key {path}: {why}")]
+    Write { path: String, why: String },
+}
+
+/// Loads the SecretConnection identity (a base64 32-byte ed25519 seed, as
+/// tmkms's `secret_key`), making one on first start.
+pub fn identity(path: &Path) -> Result<SigningKey, IdentityError> {
+    let p = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| IdentityError::Read {
+                    path: p.clone(),
+                    why: e.to_string(),
+                })?;
+            let seed: [u8; 32] = bytes.try_into().map_err(|_| IdentityError::Read {
+                path: p.clone(),
+                why: "not a 32-byte seed".into(),
+            })?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+            let text = base64::engine::general_purpose::STANDARD.encode(key.to_bytes());
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            };
+            write().map_err(|e| IdentityError::Write {
+                path: p,
+                why: e.to_string(),
+            })?;
+            tracing::info!(path = %path.display(), "made a privval identity key");
+            Ok(key)
+        }
+        Err(e) => Err(IdentityError::Read {
+            path: p,
+            why: e.to_string(),
+        }),
+    }
+}
+
+enum Conn {
+    Secret(Box<AsyncSecretConnection<TcpStream>>),
+    Plain(UnixStream),
+}
+
+impl Conn {
+    async fn open(addr: &PrivvalAddr, identity: &SigningKey) -> Result<Conn, String> {
+        match addr {
+            PrivvalAddr::Tcp(a) => {
+                let stream = tokio::time::timeout(CONNECT, TcpStream::connect(a))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                let _ = stream.set_nodelay(true);
+                let conn =
+                    tokio::time::timeout(CONNECT, AsyncSecretConnection::new(stream, identity))
+                        .await
+                        .map_err(|_| "SecretConnection handshake timed out".to_string())?
+                        .map_err(|e| format!("SecretConnection handshake: {e}"))?;
+                Ok(Conn::Secret(Box::new(conn)))
+            }
+            PrivvalAddr::Unix(p) => UnixStream::connect(p)
+                .await
+                .map(Conn::Plain)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Message, String> {
+        match self {
+            Conn::Secret(c) => c.read_msg::<Message>().await.map_err(|e| e.to_string()),
+            Conn::Plain(s) => {
+                let mut len: usize = 0;
+                for shift in (0..35).step_by(7) {
+                    let b = s.read_u8().await.map_err(|e| e.to_string())?;
+                    len |= usize::from(b & 0x7f) << shift;
+                    if b & 0x80 == 0 {
+                        break;
+                    }
+                }
+                if len > MAX_PRIVVAL_MESSAGE {
+                    return Err(format!("message of {len} bytes is too large"));
+                }
+                let mut buf = vec![0u8; len];
+                s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                Message::decode(buf.as_slice()).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn send(&mut self, m: Message) -> Result<(), String> {
+        match self {
+            Conn::Secret(c) => c.write_msg(m).await.map_err(|e| e.to_string()),
+            Conn::Plain(s) => s
+                .write_all(&m.encode_length_delimited_to_vec())
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// One connection's life: open it, then answer requests until it fails.
+async fn session(
+    signer: &Signer,
+    addr: &PrivvalAddr,
+    name: &str,
+    identity: &SigningKey,
+) -> Result<(), String> {
+    let mut conn = Conn::open(addr, identity).await?;
+    tracing::info!(node = %name, "connected to the node's privval port");
+    signer.sh.privval.set(name, true);
+    signer
+        .sh
+        .metrics
+        .privval_connected
+        .with_label_values(&[name])
+        .set(1);
+    loop {
+        let req = tokio::time::timeout(IDLE, conn.recv())
+            .await
+            .map_err(|_| format!("nothing from the node for {IDLE:?}"))??;
+        let reply = signer.handle(req).await;
+        conn.send(reply).await?;
+    }
+}
+
+/// Keeps a connection to `addr` for as long as keyraft runs.
+pub async fn run(
+    signer: Arc<Signer>,
+    addr: PrivvalAddr,
+    identity: SigningKey,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = addr.to_string();
+    let gauge = signer
+        .sh
+        .metrics
+        .privval_connected
+        .with_label_values(&[&name]);
+    gauge.set(0);
+    signer.sh.privval.set(&name, false);
+    let mut backoff = BACKOFF_MIN;
+    // Say a refused dial once, not every backoff.
+    let mut quiet = false;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = session(&signer, &addr, &name, &identity) => {
+                let was_up = signer.sh.privval.get(&name);
+                if let Err(e) = r {
+                    if was_up || !quiet {
+                        tracing::warn!(node = %name, "privval connection: {e}; retrying");
+                    }
+                }
+                quiet = !was_up;
+                if was_up {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+        }
+        signer.sh.privval.set(&name, false);
+        gauge.set(0);
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}

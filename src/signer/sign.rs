@@ -1,0 +1,333 @@
+//! The validator's consensus key and what it signs: CometBFT's
+//! `priv_validator_key.json`, canonical sign bytes (computed by the
+//! `cometbft` crate tmkms signs with), the digest the watermark records,
+//! and the signatures themselves.
+//!
+//! Owns: turning a vote or proposal into (height, round, step), a digest
+//! that ignores the timestamp, and a signature over the bytes with the
+//! committed timestamp. Must not: decide whether to sign; only
+//! [`super::Signer`] calls [`ConsensusKey::sign`], after Raft committed.
+
+use std::path::Path;
+
+use cometbft::{account, PrivateKey, PublicKey};
+use cometbft_proto::google::protobuf::Timestamp;
+use cometbft_proto::v0_38::privval::{message::Sum, Message, SignProposalRequest, SignVoteRequest};
+use cometbft_proto::v0_38::types::{
+    CanonicalVoteExtension, Proposal as RawProposal, Vote as RawVote,
+};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use prost::Message as _;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// CometBFT's step numbers (its `priv_validator_state.json`).
+pub const STEP_PROPOSAL: u8 = 1;
+pub const STEP_PREVOTE: u8 = 2;
+pub const STEP_PRECOMMIT: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("cannot read {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("{path} is not a CometBFT priv_validator_key.json with an ed25519 key: {why}")]
+    KeyFormat { path: String, why: String },
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+#[derive(Deserialize)]
+struct KeyFile {
+    address: account::Id,
+    pub_key: PublicKey,
+    priv_key: PrivateKey,
+}
+
+/// The validator's ed25519 consensus key.
+pub struct ConsensusKey {
+    signing: SigningKey,
+}
+
+impl ConsensusKey {
+    /// Reads `priv_validator_key.json`, checking that its public key and
+    /// address belong to its private key. (Its mode is checked by config.)
+    pub fn load(path: &Path) -> Result<ConsensusKey, SignError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SignError::Read {
+            path: p.clone(),
+            why: e.to_string(),
+        })?;
+        let bad = |why: String| SignError::KeyFormat {
+            path: p.clone(),
+            why,
+        };
+        let file: KeyFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let seed: [u8; 32] = file
+            .priv_key
+            .ed25519_signing_key()
+            .ok_or_else(|| bad("priv_key is not ed25519".into()))?
+            .as_bytes()
+            .try_into()
+            .map_err(|_| bad("priv_key is not a 32-byte seed".into()))?;
+        let key = ConsensusKey {
+            signing: SigningKey::from_bytes(&seed),
+        };
+        if PublicKey::from_ed25519_dalek(key.public()) != file.pub_key {
+            return Err(bad("pub_key does not match priv_key".into()));
+        }
+        if file.address.as_bytes() != key.address() {
+            return Err(bad("address does not match pub_key".into()));
+        }
+        Ok(key)
+    }
+
+    pub fn public(&self) -> VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    /// CometBFT's validator address: the first 20 bytes of SHA-256(pubkey).
+    pub fn address(&self) -> [u8; 20] {
+        let mut a = [0u8; 20];
+        a.copy_from_slice(&Sha256::digest(self.public().as_bytes())[..20]);
+        a
+    }
+
+    pub fn address_hex(&self) -> String {
+        hex::encode_upper(self.address())
+    }
+
+    /// Signs `bytes`. Only after the watermark allowed it.
+    pub fn sign(&self, bytes: &[u8]) -> Vec<u8> {
+        self.signing.sign(bytes).to_vec()
+    }
+}
+
+/// What a request asks to sign.
+#[derive(Debug, Clone)]
+pub enum Signable {
+    Vote(RawVote),
+    Proposal(RawProposal),
+}
+
+impl Signable {
+    /// (height, round, step) in CometBFT's numbering.
+    pub fn hrs(&self) -> Result<(u64, u32, u8), SignError> {
+        let (h, r, step) = match self {
+            Signable::Vote(v) => (
+                v.height,
+                v.round,
+                match v.r#type {
+                    1 => STEP_PREVOTE,
+                    2 => STEP_PRECOMMIT,
+                    t => {
+                        return Err(SignError::Malformed {
+                            what: "vote",
+                            why: format!("type {t} is not a prevote or precommit"),
+                        })
+                    }
+                },
+            ),
+            Signable::Proposal(p) => (p.height, p.round, STEP_PROPOSAL),
+        };
+        match (u64::try_from(h), u32::try_from(r)) {
+            (Ok(h), Ok(r)) if h > 0 => Ok((h, r, step)),
+            _ => Err(SignError::Malformed {
+                what: "request",
+                why: format!("height {h} round {r}"),
+            }),
+        }
+    }
+
+    /// The privval request asking to sign this.
+    pub fn to_request(&self, chain_id: &str) -> Message {
+        let chain_id = chain_id.to_string();
+        let sum = match self {
+            Signable::Vote(v) => Sum::SignVoteRequest(SignVoteRequest {
+                vote: Some(v.clone()),
+                chain_id,
+            }),
+            Signable::Proposal(p) => Sum::SignProposalRequest(SignProposalRequest {
+                proposal: Some(p.clone()),
+                chain_id,
+            }),
+        };
+        Message { sum: Some(sum) }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Signable::Vote(v) if v.r#type == 1 => "prevote",
+            Signable::Vote(_) => "precommit",
+            Signable::Proposal(_) => "proposal",
+        }
+    }
+
+    fn set_timestamp(&mut self, t: Timestamp) {
+        match self {
+            Signable::Vote(v) => v.timestamp = Some(t),
+            Signable::Proposal(p) => p.timestamp = Some(t),
+        }
+    }
+
+    pub fn timestamp(&self) -> (i64, i32) {
+        let t = match self {
+            Signable::Vote(v) => v.timestamp.as_ref(),
+            Signable::Proposal(p) => p.timestamp.as_ref(),
+        };
+        t.map_or((0, 0), |t| (t.seconds, t.nanos))
+    }
+
+    /// Canonical sign bytes for `chain_id`, as they stand.
+    pub fn sign_bytes(&self, chain_id: &str) -> Result<Vec<u8>, SignError> {
+        let chain = cometbft::chain::Id::try_from(chain_id.to_string()).map_err(|e| {
+            SignError::Malformed {
+                what: "chain id",
+                why: e.to_string(),
+            }
+        })?;
+        match self {
+            Signable::Vote(v) => cometbft::Vote::try_from(v.clone())
+                .map(|v| v.into_signable_vec(chain))
+                .map_err(|e| SignError::Malformed {
+                    what: "vote",
+                    why: e.to_string(),
+                }),
+            Signable::Proposal(p) => cometbft::Proposal::try_from(p.clone())
+                .map(|p| p.into_signable_vec(chain))
+                .map_err(|e| SignError::Malformed {
+                    what: "proposal",
+                    why: e.to_string(),
+                }),
+        }
+    }
+
+    /// SHA-256 of the sign bytes with the timestamp zeroed: two requests
+    /// that differ only in their timestamp have the same digest (as
+    /// CometBFT's FilePV treats them).
+    pub fn digest(&self, chain_id: &str) -> Result<String, SignError> {
+        let mut zeroed = self.clone_for_digest();
+        zeroed.set_timestamp(Timestamp::default());
+        Ok(hex::encode(Sha256::digest(zeroed.sign_bytes(chain_id)?)))
+    }
+
+    fn clone_for_digest(&self) -> Signable {
+        match self {
+            Signable::Vote(v) => {
+                let mut v = v.clone();
+                // Extensions are not part of the vote's sign bytes; CometBFT
+                // re-signs them at will.
+                v.extension.clear();
+                v.extension_signature.clear();
+                v.signature.clear();
+                Signable::Vote(v)
+            }
+            Signable::Proposal(p) => {
+                let mut p = p.clone();
+                p.signature.clear();
+                Signable::Proposal(p)
+            }
+        }
+    }
+
+    /// Signs with `timestamp` (the one committed for this HRS) and, for a
+    /// non-nil precommit, the vote extension too. Returns the signed message.
+    pub fn sign(
+        mut self,
+        key: &ConsensusKey,
+        chain_id: &str,
+        timestamp: (i64, i32),
+    ) -> Result<Signable, SignError> {
+        self.set_timestamp(Timestamp {
+            seconds: timestamp.0,
+            nanos: timestamp.1,
+        });
+        let signature = key.sign(&self.sign_bytes(chain_id)?);
+        match &mut self {
+            Signable::Vote(v) => {
+                v.signature = signature;
+                let non_nil = v.block_id.as_ref().is_some_and(|b| !b.hash.is_empty());
+                if v.r#type == 2 && non_nil {
+                    let ext = CanonicalVoteExtension {
+                        extension: v.extension.clone(),
+                        height: v.height,
+                        round: v.round as i64,
+                        chain_id: chain_id.to_string(),
+                    }
+                    .encode_length_delimited_to_vec();
+                    v.extension_signature = key.sign(&ext);
+                } else {
+                    v.extension_signature.clear();
+                }
+            }
+            Signable::Proposal(p) => p.signature = signature,
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cometbft_proto::v0_38::types::{BlockId, PartSetHeader};
+
+    fn key() -> ConsensusKey {
+        ConsensusKey {
+            signing: SigningKey::from_bytes(&[3; 32]),
+        }
+    }
+
+    fn precommit(block: u8, ts: i64) -> Signable {
+        Signable::Vote(RawVote {
+            r#type: 2,
+            height: 7,
+            round: 1,
+            block_id: Some(BlockId {
+                hash: vec![block; 32],
+                part_set_header: Some(PartSetHeader {
+                    total: 1,
+                    hash: vec![9; 32],
+                }),
+            }),
+            timestamp: Some(Timestamp {
+                seconds: ts,
+                nanos: 0,
+            }),
+            validator_address: key().address().to_vec(),
+            extension: b"ext".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn digest_ignores_timestamp_and_extension_but_not_the_block() {
+        let a = precommit(1, 100).digest("c").unwrap();
+        assert_eq!(a, precommit(1, 200).digest("c").unwrap());
+        assert_ne!(a, precommit(2, 100).digest("c").unwrap());
+        assert_ne!(a, precommit(1, 100).digest("d").unwrap());
+        assert_eq!(precommit(1, 1).hrs().unwrap(), (7, 1, STEP_PRECOMMIT));
+    }
+
+    #[test]
+    fn signing_uses_the_committed_timestamp_and_is_deterministic() {
+        let k = key();
+        let Signable::Vote(a) = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap() else {
+            panic!()
+        };
+        let Signable::Vote(b) = precommit(1, 999).sign(&k, "c", (50, 0)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            a.timestamp,
+            Some(Timestamp {
+                seconds: 50,
+                nanos: 0
+            })
+        );
+        assert_eq!(a.signature, b.signature, "same bytes, same signature");
+        assert_eq!(
+            a.extension_signature.len(),
+            64,
+            "non-nil precommits sign their extension"
+        );
+    }
+}

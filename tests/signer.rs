@@ -1,0 +1,264 @@
+//! Signer mode end to end: three `keyraft run --signer cometbft` processes,
+//! each supervising a CometBFT sentry (`fakenode --cometbft`) that asks it
+//! for every vote, and the CometBFT judge counting equivocations. Faults are
+//! real: SIGKILL of a whole host, SIGSTOP of a whole host and its thaw, a
+//! leader cut off from its peers, sentries asking for conflicting blocks,
+//! a restart with the same data dir.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use localnet::chain::Stats;
+use localnet::cluster::{Cluster, Mode, NodeOpts};
+use localnet::harness::eventually;
+
+const BLOCK_MS: u64 = 500;
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn mode() -> Mode {
+    Mode::Signer {
+        chain_id: "keyraft-signer-test".into(),
+        round_every: 4,
+        validators: 2,
+    }
+}
+
+async fn start(opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {
+    let c = Cluster::start_signers(3, BLOCK_MS, mode(), opts).await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    Ok(c)
+}
+
+/// Waits until each of `sentries` had a precommit counted above `after`.
+async fn every_sentry_signed(c: &Cluster, after: u64, sentries: &[u64]) -> Result<Stats> {
+    eventually(
+        SETTLE,
+        &format!("sentries {sentries:?} signed after height {after}"),
+        || async {
+            let s = c.chain.stats_since(after + 1).await?;
+            let all = sentries
+                .iter()
+                .all(|n| s.first_signed_by(*n, after).is_some());
+            Ok(all.then_some(s))
+        },
+    )
+    .await
+    .with_context(|| c.logs())
+}
+
+/// The signer leader, as node `asked` sees it.
+async fn leader(c: &Cluster, asked: u64) -> Result<u64> {
+    eventually(SETTLE, "a signer leader", || async {
+        let s = c.status(asked).await?;
+        Ok(s["cluster"]["leader"].as_u64())
+    })
+    .await
+}
+
+async fn no_equivocations(c: &Cluster) -> Result<Stats> {
+    let s = c.chain.stats_since(0).await?;
+    ensure!(
+        s.double_signs == 0 && s.equivocations.is_empty(),
+        "equivocations: {:?}\n{}",
+        s.equivocations,
+        c.logs()
+    );
+    Ok(s)
+}
+
+#[tokio::test]
+async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()> {
+    let c = start(|_| NodeOpts::default()).await?;
+    let first = c.chain.totals().await?.height;
+    c.chain.wait_height(first + 8, SETTLE).await?;
+    let s = no_equivocations(&c).await?;
+    // Every closed height from `first` on is signed, by every sentry (two of
+    // them through their own follower, which forwards to the leader).
+    for h in first..s.height {
+        for n in 1..=3 {
+            ensure!(
+                s.signers.iter().any(|x| x.height == h && x.node == n),
+                "height {h} not signed via sentry {n}: {:?}",
+                s.signers
+            );
+        }
+    }
+    let status = c.status(1).await?;
+    let w = &status["signer"]["watermark"];
+    ensure!(
+        w["height"].as_u64() >= Some(s.height - 1),
+        "watermark behind: {status}"
+    );
+    ensure!(
+        status["signer"]["connections"][0]["connected"] == true,
+        "no privval connection in status: {status}"
+    );
+    let l = leader(&c, 1).await?;
+    let m = c.metrics(l).await?;
+    let signed: f64 = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("keyraft_sign_requests_total") && k.contains("result=\"signed\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    ensure!(signed > 0.0, "no signed requests counted on the leader");
+    ensure!(
+        m.get(&format!(
+            "keyraft_privval_connected{{node=\"tcp://{}\"}}",
+            c.nodes[&l].privval
+        )) == Some(&1.0),
+        "privval gauge: {m:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_leaders_host_costs_at_most_an_election_and_no_equivocation() -> Result<()> {
+    let mut c = start(|_| NodeOpts::default()).await?;
+    let l = leader(&c, 1).await?;
+    let killed_at = c.chain.totals().await?;
+    let t = Instant::now();
+    c.kill_host(l)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(&c, killed_at.height, &rest).await?;
+    eprintln!(
+        "signing resumed {} ms after the kill; {} heights missed",
+        t.elapsed().as_millis(),
+        s.missed - killed_at.missed
+    );
+    c.chain.wait_height(s.height + 4, SETTLE).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_frozen_leader_host_that_thaws_cannot_sign_what_the_new_leader_did() -> Result<()> {
+    let c = start(|_| NodeOpts::default()).await?;
+    let l = leader(&c, 1).await?;
+    let frozen_at = c.chain.totals().await?;
+    c.freeze(l, true, true)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(&c, frozen_at.height, &rest).await?;
+    // Thaw: the old leader and its sentry wake up in the middle of heights
+    // the new leader signed; whatever they ask now must commit first.
+    c.freeze(l, true, false)?;
+    every_sentry_signed(&c, s.height + 1, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_its_peers_signs_nothing_new_and_the_rest_carry_on() -> Result<()> {
+    let c = start(|_| NodeOpts::default()).await?;
+    let l = leader(&c, 1).await?;
+    let cut_at = c.chain.totals().await?;
+    c.isolate(l);
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(&c, cut_at.height, &rest).await?;
+    // The isolated leader's sentry is still connected to it; it can neither
+    // commit nor reach the new leader, so nothing new is signed for it.
+    c.chain.wait_height(s.height + 4, SETTLE).await?;
+    let after = c.chain.stats_since(s.height + 1).await?;
+    ensure!(
+        after.first_signed_by(l, s.height + 1).is_none(),
+        "the cut-off node's sentry got new signatures: {:?}",
+        after.signers
+    );
+    c.heal();
+    every_sentry_signed(&c, after.height, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sentries_asking_for_conflicting_blocks_are_refused_every_time() -> Result<()> {
+    // Sentry 2 is shown another proposal than 1 and 3 at every round.
+    let c = Cluster::start_signers(3, BLOCK_MS, mode(), |id| NodeOpts {
+        fakenode: if id == 2 {
+            vec!["--equivocate".into()]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let start = c.chain.totals().await?.height;
+    c.chain.wait_height(start + 8, SETTLE).await?;
+    let s = no_equivocations(&c).await?;
+    ensure!(s.signed > 0, "nothing signed at all: {s:?}");
+    let mut refused = 0.0;
+    for id in 1..=3 {
+        refused += c
+            .metrics(id)
+            .await?
+            .iter()
+            .filter(|(k, _)| k.contains("result=\"refused_equivocation\""))
+            .map(|(_, v)| v)
+            .sum::<f64>();
+    }
+    ensure!(
+        refused >= 4.0,
+        "only {refused} conflicting requests refused"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_imported_state_file_keeps_the_signer_off_its_heights() -> Result<()> {
+    let c = start(|_| NodeOpts::default()).await?;
+    let now = c.chain.totals().await?.height;
+    let floor = now + 6;
+    let file = c.dir.path().join("priv_validator_state.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"height": "{floor}", "round": 0, "step": 3, "signature": "", "signbytes": ""}}"#
+        ),
+    )?;
+    let out = c
+        .cli(2, &["signer", "import-state", &file.display().to_string()])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "import-state failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported_at = c.chain.totals().await?.height;
+    ensure!(
+        imported_at < floor,
+        "the chain passed the floor before the import"
+    );
+    every_sentry_signed(&c, floor, &[1, 2, 3]).await?;
+    let s = no_equivocations(&c).await?;
+    let inside: Vec<_> = s
+        .signers
+        .iter()
+        .filter(|x| x.height > imported_at && x.height <= floor)
+        .collect();
+    ensure!(
+        inside.is_empty(),
+        "signed at or below the imported height: {inside:?}"
+    );
+    let status = c.status(1).await?;
+    ensure!(
+        status["signer"]["watermark"]["height"].as_u64() > Some(floor),
+        "{status}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarting_each_signer_with_its_data_dir_never_signs_one_hrs_twice() -> Result<()> {
+    let mut c = start(|_| NodeOpts::default()).await?;
+    for round in 0..2 {
+        let l = leader(&c, 1).await?;
+        let victim = if round == 0 { l % 3 + 1 } else { l };
+        let at = c.chain.totals().await?.height;
+        c.kill_host(victim)?;
+        c.spawn(victim)?;
+        every_sentry_signed(&c, at + 1, &[1, 2, 3]).await?;
+    }
+    no_equivocations(&c).await?;
+    Ok(())
+}
