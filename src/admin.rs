@@ -222,18 +222,28 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                     None => "this cluster does not run in signer mode".to_string(),
                 }));
             }
-            write(Command::SignerFloor {
-                chain_id: f.chain_id,
+            let before = sh.cluster.borrow().signer.clone();
+            let r = write(Command::SignerFloor {
+                chain_id: f.chain_id.clone(),
                 height: f.height,
             })
             .await?;
-            let w = sh.cluster.borrow().signer.clone();
-            Ok(match w {
-                Some(w) if w.height > f.height => format!(
-                    "the watermark was already above: it stays at {}/{}/{}",
-                    w.height, w.round, w.step
+            if let Some(crate::raft::SignVerdict::WrongChain) = r.data.sign {
+                return Err(Status::failed_precondition(format!(
+                    "the watermark belongs to another chain than {}: a new chain id needs a new cluster",
+                    f.chain_id
+                )));
+            }
+            Ok(match before {
+                Some(w) if (w.height, w.round, w.step) >= (f.height, u32::MAX, u8::MAX) => format!(
+                    "the watermark was already at or above height {}: unchanged",
+                    f.height
                 ),
-                _ => format!("nothing at or below height {} will be signed", f.height),
+                _ if f.height == 0 => "a key that never signed: signing starts now".to_string(),
+                _ => format!(
+                    "nothing at or below height {} will be signed; signing starts above it",
+                    f.height
+                ),
             })
         }
         Kind::Switchover(s) => {

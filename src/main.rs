@@ -130,9 +130,16 @@ enum MembersCmd {
 
 #[derive(Subcommand)]
 enum SignerCmd {
-    /// Never sign at or below the height of CometBFT's
-    /// priv_validator_state.json (from the validator's previous signer).
-    ImportState { file: PathBuf },
+    /// Say where the key stands; nothing is signed until then. FILE: never
+    /// sign at or below the height of CometBFT's priv_validator_state.json
+    /// (from the validator's previous signer). --never-signed: a new key.
+    ImportState {
+        #[arg(required_unless_present = "never_signed")]
+        file: Option<PathBuf>,
+        /// The key has never signed anything (a new validator).
+        #[arg(long, conflicts_with = "file")]
+        never_signed: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -425,10 +432,13 @@ async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             MembersCmd::Remove { id } => command(admin.admin, Kind::MembersRemove(id)).await,
         },
         Cmd::Signer {
-            what: SignerCmd::ImportState { file },
+            what: SignerCmd::ImportState { file, never_signed },
             admin,
         } => {
-            let height = state_file_height(&file)?;
+            let height = match (&file, never_signed) {
+                (Some(f), _) => state_file_height(f)?,
+                (None, _) => 0,
+            };
             let status = status_value(admin.admin).await?;
             let chain_id = status["signer"]["chain_id"]
                 .as_str()

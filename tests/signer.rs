@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use localnet::chain::Stats;
-use localnet::cluster::{Cluster, Mode, NodeOpts};
+use localnet::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use localnet::harness::eventually;
 
 const BLOCK_MS: u64 = 500;
@@ -260,5 +260,79 @@ async fn restarting_each_signer_with_its_data_dir_never_signs_one_hrs_twice() ->
         every_sentry_signed(&c, at + 1, &[1, 2, 3]).await?;
     }
     no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_cluster_signs_nothing_until_told_where_the_key_stands() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("keyraft-signer-")
+        .tempdir()?;
+    let c = Cluster::start_in_mode(ClusterDir::Temp(dir), 3, BLOCK_MS, mode(), |_| {
+        NodeOpts::default()
+    })
+    .await?;
+    // Sentries ask from the first height on; without a watermark (a key
+    // that may have signed elsewhere until now) every request is refused.
+    let h = c.chain.totals().await?.height;
+    c.chain.wait_height(h + 4, SETTLE).await?;
+    let s = c.chain.totals().await?;
+    ensure!(s.signed == 0, "signed without a watermark: {s:?}");
+    let mut refused = 0.0;
+    for id in 1..=3 {
+        refused += c
+            .metrics(id)
+            .await?
+            .iter()
+            .filter(|(k, _)| k.contains("result=\"refused_no_watermark\""))
+            .map(|(_, v)| v)
+            .sum::<f64>();
+    }
+    ensure!(
+        refused > 0.0,
+        "no request was refused for want of a watermark"
+    );
+    let status = c.status(1).await?;
+    ensure!(status["signer"]["watermark"].is_null(), "{status}");
+    c.never_signed().await?;
+    every_sentry_signed(&c, s.height, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn faults_on_the_leader_with_a_split_sentry_never_yield_two_signatures() -> Result<()> {
+    // Sentry 1 asks for another block than sentries 2 and 3 at every round,
+    // so every height, round and step is contested while the leader is
+    // killed, frozen and cut off: a lost, truncated or misrouted commit
+    // would show as an equivocation here.
+    let mut c = Cluster::start_signers(3, BLOCK_MS, mode(), |id| NodeOpts {
+        fakenode: if id == 1 {
+            vec!["--equivocate".into()]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    for fault in ["kill", "freeze", "isolate"] {
+        let l = leader(&c, 2).await?;
+        let honest: Vec<u64> = [2, 3].into_iter().filter(|n| *n != l).collect();
+        let at = c.chain.totals().await?.height;
+        match fault {
+            "kill" => c.kill_host(l)?,
+            "freeze" => c.freeze(l, true, true)?,
+            _ => c.isolate(l),
+        }
+        every_sentry_signed(&c, at, &honest).await?;
+        match fault {
+            "kill" => c.spawn(l)?,
+            "freeze" => c.freeze(l, true, false)?,
+            _ => c.heal(),
+        }
+        let h = c.chain.totals().await?.height;
+        every_sentry_signed(&c, h, &[2, 3]).await?;
+        no_equivocations(&c).await?;
+    }
     Ok(())
 }

@@ -183,7 +183,27 @@ impl Cluster {
             dir.disable_cleanup(true);
             eprintln!("test dir kept: {}", dir.path().display());
         }
-        Self::start_mode(ClusterDir::Temp(dir), n, block_ms, mode, opts).await
+        let c = Self::start_in_mode(ClusterDir::Temp(dir), n, block_ms, mode, opts).await?;
+        c.never_signed().await?;
+        Ok(c)
+    }
+
+    /// Signer mode: `keyraft signer import-state --never-signed` (a fresh
+    /// key), retried until a leader takes it. Signing starts after it.
+    pub async fn never_signed(&self) -> Result<()> {
+        let id = *self.nodes.keys().next().context("no nodes")?;
+        eventually(
+            SETTLE,
+            "the watermark of a new key to be committed",
+            || async {
+                let out = self
+                    .cli(id, &["signer", "import-state", "--never-signed"])
+                    .await?;
+                Ok(out.status.success().then_some(()))
+            },
+        )
+        .await
+        .with_context(|| self.logs())
     }
 
     /// Like [`Cluster::start`], in a given (empty or new) dir.
@@ -193,10 +213,11 @@ impl Cluster {
         block_ms: u64,
         opts: impl Fn(u64) -> NodeOpts,
     ) -> Result<Cluster> {
-        Self::start_mode(dir, n, block_ms, Mode::Near, opts).await
+        Self::start_in_mode(dir, n, block_ms, Mode::Near, opts).await
     }
 
-    async fn start_mode(
+    /// Like [`Cluster::start_in`], validating (NEAR) or signing (CometBFT).
+    pub async fn start_in_mode(
         dir: ClusterDir,
         n: u64,
         block_ms: u64,

@@ -22,7 +22,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::cluster::{Cluster, ClusterDir, NodeOpts};
+use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::harness::{free_addr, get_json, ChainClient};
 
 /// What `localnet up` writes for the other commands.
@@ -58,6 +58,8 @@ pub struct UpOptions {
     pub nodes: u64,
     pub witness: bool,
     pub block_ms: u64,
+    /// CometBFT signer mode: every keyraft signs for its own sentry.
+    pub cometbft: bool,
 }
 
 /// The default dir, shared by `up` and the other commands.
@@ -109,16 +111,29 @@ pub async fn up(opts: UpOptions) -> Result<()> {
         opts.nodes,
         opts.dir.display()
     );
-    let cluster = Cluster::start_in(
+    let mode = if opts.cometbft {
+        Mode::Signer {
+            chain_id: "localnet-1".into(),
+            round_every: 10,
+            validators: 4,
+        }
+    } else {
+        Mode::Near
+    };
+    let cluster = Cluster::start_in_mode(
         ClusterDir::Kept(opts.dir.clone()),
         opts.nodes,
         opts.block_ms,
+        mode,
         |id| NodeOpts {
             witness: witness == Some(id),
             ..NodeOpts::default()
         },
     )
     .await?;
+    if opts.cometbft {
+        cluster.never_signed().await?;
+    }
     let info = LocalnetFile {
         launcher_pid: std::process::id(),
         control: free_addr()?,

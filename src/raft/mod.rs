@@ -68,7 +68,8 @@ pub enum Command {
         timestamp: (i64, i32),
     },
     /// Signer mode: never sign at or below `height` (a state file imported
-    /// from the validator's previous signer).
+    /// from the validator's previous signer; 0 for a key that never signed).
+    /// Signing starts only once a floor exists.
     SignerFloor { chain_id: String, height: u64 },
 }
 
@@ -125,6 +126,9 @@ pub enum SignVerdict {
     Conflict,
     /// The cluster signs for another chain.
     WrongChain,
+    /// No watermark yet: nothing is signed until an operator says where the
+    /// key stands (`keyraft signer import-state FILE` or `--never-signed`).
+    NoWatermark,
 }
 
 /// Signer mode's replicated watermark: the highest (height, round, step)
@@ -236,7 +240,7 @@ impl ClusterState {
                 timestamp,
             } => {
                 let verdict = match &self.signer {
-                    None => SignVerdict::Sign { timestamp },
+                    None => SignVerdict::NoWatermark,
                     Some(w) => match w.check(chain_id, (height, round, step), digest) {
                         // Above the watermark: the new signature's own time.
                         SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
@@ -478,6 +482,13 @@ mod tests {
         assert_eq!(s, before);
     }
 
+    fn never_signed() -> Command {
+        Command::SignerFloor {
+            chain_id: "c".into(),
+            height: 0,
+        }
+    }
+
     fn signed(h: u64, r: u32, step: u8, digest: &str, ts: i64) -> Command {
         Command::Signed {
             chain_id: "c".into(),
@@ -493,6 +504,12 @@ mod tests {
     fn the_watermark_signs_each_hrs_once_and_never_below() {
         let mut s = ClusterState::default();
         let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        // Nothing is signed before an operator said where the key stands.
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 10)),
+            SignVerdict::NoWatermark
+        );
+        s.apply(&never_signed(), 1);
         assert_eq!(
             verdict(&mut s, signed(5, 0, 2, "a", 10)),
             SignVerdict::Sign { timestamp: (10, 0) }

@@ -50,6 +50,10 @@ pub const SIGN_PATIENCE: Duration = Duration::from_millis(2000);
 /// One forwarding attempt to the leader.
 const FORWARD_DEADLINE: Duration = Duration::from_millis(1000);
 const RETRY: Duration = Duration::from_millis(25);
+/// A request this far above the watermark is refused: one bogus height
+/// (a buggy or impostor sentry) must not lift the watermark out of reach
+/// for good. About two years of 6-second blocks.
+pub const MAX_HEIGHT_JUMP: u64 = 10_000_000;
 /// Largest privval message forwarded between signers.
 pub const MAX_PRIVVAL_MESSAGE: usize = 64 * 1024;
 
@@ -64,6 +68,8 @@ pub enum Refusal {
     WrongChain { ours: String, asked: String },
     #[error("{0}")]
     Malformed(String),
+    #[error("no signing watermark yet: run `keyraft signer import-state priv_validator_state.json` (or `--never-signed` for a key that never signed)")]
+    NoWatermark,
     #[error("no live signer leader within {0:?}")]
     NoLeader(Duration),
     /// Retryable: lost leadership, or Raft could not commit in time.
@@ -78,6 +84,7 @@ impl Refusal {
             Refusal::Equivocation { .. } => "refused_equivocation",
             Refusal::WrongChain { .. } => "refused_chain_id",
             Refusal::Malformed(_) => "refused_malformed",
+            Refusal::NoWatermark => "refused_no_watermark",
             Refusal::NoLeader(_) => "no_leader",
             Refusal::NotCommitted(_) => "not_committed",
         }
@@ -232,7 +239,7 @@ impl Signer {
         while Instant::now() < deadline {
             let attempt = match self.sh.leader() {
                 Some(id) if id == self.sh.cfg.id => self.sign_here(what.clone(), deadline).await,
-                Some(id) => self.forward(id, &what).await,
+                Some(id) => self.forward(id, &what, deadline).await,
                 None => Err(Refusal::NoLeader(SIGN_PATIENCE)),
             };
             match attempt {
@@ -250,21 +257,57 @@ impl Signer {
     /// this HRS and digest (and the state machine accepted them) does a
     /// signature exist.
     pub async fn sign_here(&self, what: Signable, deadline: Instant) -> Result<Signable, Refusal> {
-        let _one_at_a_time = self.lock.lock().await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _one_at_a_time = tokio::time::timeout(left, self.lock.lock())
+            .await
+            .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
         let chain_id = self.cfg.chain_id.as_str();
+        // Everything that could make signing fail is checked before the
+        // commit, so that a malformed request cannot use up an HRS.
+        what.validate(chain_id)?;
         let hrs = what.hrs()?;
         let digest = what.digest(chain_id)?;
         // What this node applied: a repeat of the last HRS with the same
         // bytes needs no commit (its signature is already out there).
         let applied = self.sh.cluster.borrow().signer.clone();
-        if let Some(w) = &applied {
-            match w.check(chain_id, hrs, &digest) {
-                SignVerdict::Sign { timestamp } if hrs == w.hrs() => {
-                    return Ok(what.sign(&self.key, chain_id, timestamp)?);
-                }
-                SignVerdict::Sign { .. } => {}
-                v => return Err(refusal(v, hrs, chain_id)),
+        let Some(w) = &applied else {
+            return Err(Refusal::NoWatermark);
+        };
+        match w.check(chain_id, hrs, &digest) {
+            SignVerdict::Sign { timestamp } if hrs == w.hrs() => {
+                return Ok(what.sign(&self.key, chain_id, timestamp)?);
             }
+            SignVerdict::Sign { .. } => {}
+            v => return Err(refusal(v, hrs, chain_id)),
+        }
+        if w.height > 0 && hrs.0 > w.height.saturating_add(MAX_HEIGHT_JUMP) {
+            return Err(Refusal::Malformed(format!(
+                "height {} is more than {MAX_HEIGHT_JUMP} above the watermark {}: refused",
+                hrs.0, w.height
+            )));
+        }
+        // A voter that has not registered yet would not be recognised if it
+        // lost its data dir and came back empty (DESIGN step 9): sign only
+        // once every voter is known to have run with durable state.
+        let unregistered: Vec<NodeId> = {
+            let registered = self.sh.cluster.borrow().registered.clone();
+            self.sh
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| !registered.contains(v))
+                .collect()
+        };
+        if !unregistered.is_empty() {
+            return Err(Refusal::NotCommitted(format!(
+                "voters {unregistered:?} have not registered yet"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Refusal::NotCommitted(format!(
+                "no commit within {SIGN_PATIENCE:?}"
+            )));
         }
         let cmd = Command::Signed {
             chain_id: chain_id.to_string(),
@@ -297,8 +340,15 @@ impl Signer {
         }
     }
 
-    /// Hands the request to the leader `id` and returns its answer.
-    async fn forward(&self, id: NodeId, what: &Signable) -> Result<Signable, Refusal> {
+    /// Hands the request to the leader `id` and returns its answer, within
+    /// one attempt's deadline and the request's.
+    async fn forward(
+        &self,
+        id: NodeId,
+        what: &Signable,
+        deadline: Instant,
+    ) -> Result<Signable, Refusal> {
+        let limit = FORWARD_DEADLINE.min(deadline.saturating_duration_since(Instant::now()));
         let msg = what.to_request(&self.cfg.chain_id).encode_to_vec();
         let channel = self
             .sh
@@ -308,14 +358,11 @@ impl Signer {
         let mut client = pb::signer_client::SignerClient::new(channel)
             .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
             .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
-        let req = self
-            .sh
-            .peers
-            .request(pb::PrivvalMessage { msg }, FORWARD_DEADLINE);
+        let req = self.sh.peers.request(pb::PrivvalMessage { msg }, limit);
         let reply = self
             .sh
             .peers
-            .call(id, FORWARD_DEADLINE, client.sign(req))
+            .call(id, limit, client.sign(req))
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
         let reply = Message::decode(reply.msg.as_slice())
@@ -388,6 +435,7 @@ fn refusal(v: SignVerdict, asked: (u64, u32, u8), chain_id: &str) -> Refusal {
             ours: chain_id.to_string(),
             asked: "another".into(),
         },
+        SignVerdict::NoWatermark => Refusal::NoWatermark,
         SignVerdict::Sign { .. } => Refusal::NotCommitted("accepted without a signature".into()),
     }
 }
@@ -398,7 +446,7 @@ fn remote_error(e: &Refusal) -> RemoteSignerError {
     let code = match e {
         Refusal::Regression { .. } | Refusal::Equivocation { .. } => 2,
         Refusal::NoLeader(_) | Refusal::NotCommitted(_) => 1,
-        Refusal::WrongChain { .. } | Refusal::Malformed(_) => 0,
+        Refusal::WrongChain { .. } | Refusal::Malformed(_) | Refusal::NoWatermark => 0,
     };
     RemoteSignerError {
         code,
@@ -408,8 +456,10 @@ fn remote_error(e: &Refusal) -> RemoteSignerError {
 
 fn from_remote_error(e: RemoteSignerError, what: &Signable) -> Refusal {
     let asked = what.hrs().unwrap_or_default();
-    if e.description.contains("equivocation") {
+    if e.description.contains("equivocation refused") {
         Refusal::Equivocation { asked }
+    } else if e.description.contains("no signing watermark") {
+        Refusal::NoWatermark
     } else if e.description.contains("below the signed watermark") {
         Refusal::Regression { asked }
     } else {

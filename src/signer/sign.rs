@@ -201,16 +201,35 @@ impl Signable {
         }
     }
 
+    /// Refuses what could not be signed as asked: no timestamp (CometBFT
+    /// always sends one), or sign bytes that cannot be computed (a bad
+    /// chain id, block id or timestamp).
+    pub fn validate(&self, chain_id: &str) -> Result<(), SignError> {
+        let has_ts = match self {
+            Signable::Vote(v) => v.timestamp.is_some(),
+            Signable::Proposal(p) => p.timestamp.is_some(),
+        };
+        if !has_ts {
+            return Err(SignError::Malformed {
+                what: "request",
+                why: "no timestamp".into(),
+            });
+        }
+        self.stripped().sign_bytes(chain_id).map(|_| ())
+    }
+
     /// SHA-256 of the sign bytes with the timestamp zeroed: two requests
     /// that differ only in their timestamp have the same digest (as
     /// CometBFT's FilePV treats them).
     pub fn digest(&self, chain_id: &str) -> Result<String, SignError> {
-        let mut zeroed = self.clone_for_digest();
+        let mut zeroed = self.stripped();
         zeroed.set_timestamp(Timestamp::default());
         Ok(hex::encode(Sha256::digest(zeroed.sign_bytes(chain_id)?)))
     }
 
-    fn clone_for_digest(&self) -> Signable {
+    /// The request without what the signer fills in (signatures) or what the
+    /// vote's sign bytes do not cover (the extension).
+    fn stripped(&self) -> Signable {
         match self {
             Signable::Vote(v) => {
                 let mut v = v.clone();
@@ -237,6 +256,13 @@ impl Signable {
         chain_id: &str,
         timestamp: (i64, i32),
     ) -> Result<Signable, SignError> {
+        match &mut self {
+            Signable::Vote(v) => {
+                v.signature.clear();
+                v.extension_signature.clear();
+            }
+            Signable::Proposal(p) => p.signature.clear(),
+        }
         self.set_timestamp(Timestamp {
             seconds: timestamp.0,
             nanos: timestamp.1,
@@ -305,6 +331,26 @@ mod tests {
         assert_ne!(a, precommit(2, 100).digest("c").unwrap());
         assert_ne!(a, precommit(1, 100).digest("d").unwrap());
         assert_eq!(precommit(1, 1).hrs().unwrap(), (7, 1, STEP_PRECOMMIT));
+    }
+
+    #[test]
+    fn requests_that_could_not_be_signed_are_refused_before_any_commit() {
+        let Signable::Vote(mut v) = precommit(1, 100) else {
+            panic!()
+        };
+        v.signature = vec![1, 2, 3];
+        assert!(
+            Signable::Vote(v.clone()).validate("c").is_ok(),
+            "signature fields are ours to fill"
+        );
+        v.timestamp = None;
+        assert!(Signable::Vote(v.clone()).validate("c").is_err());
+        v.timestamp = Some(Timestamp {
+            seconds: 1,
+            nanos: 2_000_000_000,
+        });
+        assert!(Signable::Vote(v).validate("c").is_err());
+        assert!(precommit(1, 100).validate("").is_err(), "empty chain id");
     }
 
     #[test]

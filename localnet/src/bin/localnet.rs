@@ -44,6 +44,10 @@ enum Cmd {
         witness: bool,
         #[arg(long, default_value_t = 500)]
         block_ms: u64,
+        /// CometBFT signer mode: each keyraft signs (through Raft) for a
+        /// fake CometBFT sentry it supervises; the chain counts equivocations.
+        #[arg(long)]
+        cometbft: bool,
     },
     /// Print the live view once.
     Status {
@@ -161,6 +165,16 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// keyraft's CometBFT signer next to tmkms: signature latency as the
+    /// sentries see it, and missed heights when the signer leader is killed.
+    Signer {
+        #[arg(long, default_value_t = 200)]
+        block_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+    },
     /// Cold-start election time and the idle footprint of each coordinator.
     Idle {
         #[arg(long, default_value_t = 5)]
@@ -233,12 +247,14 @@ async fn main() -> ExitCode {
             nodes,
             witness,
             block_ms,
+            cometbft,
         } => {
             launcher::up(launcher::UpOptions {
                 dir: dir.path(),
                 nodes,
                 witness,
                 block_ms,
+                cometbft,
             })
             .await
         }
@@ -354,6 +370,18 @@ async fn main() -> ExitCode {
                     seconds,
                 };
                 bench::comet(&b).await.map(|v| println!("{v}"))
+            }
+            BenchCmd::Signer {
+                block_ms,
+                seconds,
+                kills,
+            } => {
+                let b = bench::SignerBench {
+                    block_ms,
+                    seconds,
+                    kills,
+                };
+                bench::signer(&b).await.map(|v| println!("{v}"))
             }
             BenchCmd::Idle { starts, seconds } => {
                 bench::idle(starts, seconds).await.map(|v| println!("{v}"))
