@@ -293,9 +293,11 @@ impl Coordinator {
             match self.handover_target(to) {
                 Ok(t) => {
                     let _ = self.sh.raft.trigger().transfer_leader(t).await;
-                    Ok(format!(
-                        "no node was validating; leadership handed to node {t}"
-                    ))
+                    Ok(if self.sh.cfg.signer.is_some() {
+                        format!("signing leadership handed to node {t}")
+                    } else {
+                        format!("no node was validating; leadership handed to node {t}")
+                    })
                 }
                 Err(e) => Err(e),
             }

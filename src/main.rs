@@ -509,11 +509,38 @@ async fn check(addr: SocketAddr) -> ExitCode {
         .iter()
         .filter(|n| n["state"] == "Validating")
         .collect();
+    let signer = &v["signer"];
     let (code, line) = if v["cluster"]["quorum"] != true {
         (
             3,
             "CRITICAL: no quorum: this member sees no leader backed by a majority".to_string(),
         )
+    } else if !signer.is_null() {
+        // Signer mode: nobody validates; the leader signs.
+        let conns = signer["connections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let up = conns.iter().filter(|c| c["connected"] == true).count();
+        if signer["watermark"].is_null() {
+            (4, "CRITICAL: signer mode without a watermark: nothing is signed until `keyraft signer import-state FILE` (or `--never-signed`)".to_string())
+        } else if up == 0 {
+            (
+                7,
+                "CRITICAL: this signer is connected to none of its nodes' privval ports"
+                    .to_string(),
+            )
+        } else {
+            (
+                0,
+                format!(
+                    "OK: node {} leads the signers at height {}; {up} of {} privval connections up here",
+                    v["cluster"]["leader"],
+                    signer["watermark"]["height"],
+                    conns.len()
+                ),
+            )
+        }
     } else if validating.is_empty() {
         (4, "CRITICAL: no node is validating".to_string())
     } else if validating.len() > 1 {

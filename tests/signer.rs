@@ -103,6 +103,12 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
         .map(|(_, v)| v)
         .sum();
     ensure!(signed > 0.0, "no signed requests counted on the leader");
+    let check = c.cli(2, &["check"]).await?;
+    let line = String::from_utf8_lossy(&check.stdout);
+    ensure!(
+        check.status.code() == Some(0) && line.contains("leads the signers"),
+        "check: {line}"
+    );
     ensure!(
         m.get(&format!(
             "keyraft_privval_connected{{node=\"tcp://{}\"}}",
@@ -294,6 +300,12 @@ async fn a_new_cluster_signs_nothing_until_told_where_the_key_stands() -> Result
     );
     let status = c.status(1).await?;
     ensure!(status["signer"]["watermark"].is_null(), "{status}");
+    let check = c.cli(1, &["check"]).await?;
+    ensure!(
+        check.status.code() == Some(4),
+        "check without a watermark: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
     c.never_signed().await?;
     every_sentry_signed(&c, s.height, &[1, 2, 3]).await?;
     no_equivocations(&c).await?;
@@ -334,5 +346,30 @@ async fn faults_on_the_leader_with_a_split_sentry_never_yield_two_signatures() -
         every_sentry_signed(&c, h, &[2, 3]).await?;
         no_equivocations(&c).await?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_host_with_two_sentries_signs_for_both_and_losing_one_costs_nothing() -> Result<()> {
+    // Host 1 runs a second sentry (node id 11) that its keyraft also dials.
+    let c = Cluster::start_signers(3, BLOCK_MS, mode(), |id| NodeOpts {
+        extra_sentries: u64::from(id == 1),
+        ..NodeOpts::default()
+    })
+    .await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3, 11]).await?;
+    // Its supervised sentry dies: the other one on the host keeps signing.
+    let at = c.chain.totals().await?.height;
+    c.kill_validator(1)?;
+    every_sentry_signed(&c, at, &[11, 2, 3]).await?;
+    let status = c.status(1).await?;
+    let connections = status["signer"]["connections"]
+        .as_array()
+        .map_or(0, Vec::len);
+    ensure!(
+        connections == 2,
+        "host 1 should dial two sentries: {status}"
+    );
+    no_equivocations(&c).await?;
     Ok(())
 }

@@ -5,7 +5,11 @@
 //! replayed), waiting for the cluster to settle before and after each fault,
 //! and the JSON summary. Must not: hide a fault's outcome; the whole-host
 //! freeze, which a single machine cannot make safe (DESIGN.md, "Residual
-//! risk"), is reported in its own category.
+//! risk"), is reported in its own category. With `--cometbft` the cluster
+//! runs in signer mode (three signers, each with a sentry): "active" is the
+//! signer leader, a failover is every other sentry signing again, and the
+//! whole-host freeze is no longer a residual risk (a thawed leader cannot
+//! commit, so it cannot sign).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::bench::percentile;
-use crate::cluster::{Cluster, ClusterDir, NodeOpts};
+use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::harness::{eventually, get_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -71,9 +75,23 @@ impl Fault {
 
     /// Faults one machine cannot make safe: guard and validator freeze and
     /// thaw together, and the validator may sign before the guard kills it.
-    pub fn residual_risk(self) -> bool {
-        self == Fault::FreezeActiveHost
+    /// Not in signer mode, where the signature itself is fenced.
+    pub fn residual_risk(self, cometbft: bool) -> bool {
+        self == Fault::FreezeActiveHost && !cometbft
     }
+
+    /// The faults that make sense in signer mode (no witness, no guard
+    /// holding a keyed validator).
+    pub const SIGNER: [Fault; 8] = [
+        Fault::KillActiveHost,
+        Fault::KillActiveCoordinator,
+        Fault::FreezeActiveCoordinator,
+        Fault::FreezeActiveHost,
+        Fault::PartitionActive,
+        Fault::PartitionStandby,
+        Fault::CrashActiveValidator,
+        Fault::Flap,
+    ];
 }
 
 pub struct ChaosOptions {
@@ -82,6 +100,8 @@ pub struct ChaosOptions {
     pub dir: Option<PathBuf>,
     pub block_ms: u64,
     pub faults: Vec<Fault>,
+    /// Signer mode (CometBFT), judged by equivocations.
+    pub cometbft: bool,
 }
 
 struct RoundResult {
@@ -110,17 +130,38 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
                 .tempdir()?,
         ),
     };
-    let faults = if o.faults.is_empty() {
-        Fault::ALL.to_vec()
-    } else {
-        o.faults.clone()
+    let faults = match (o.faults.is_empty(), o.cometbft) {
+        (true, false) => Fault::ALL.to_vec(),
+        (true, true) => Fault::SIGNER.to_vec(),
+        (false, _) => o.faults.clone(),
     };
+    if let Some(f) = faults
+        .iter()
+        .find(|f| o.cometbft && !Fault::SIGNER.contains(f))
+    {
+        anyhow::bail!(
+            "{} does not apply in signer mode (no witness, no keyed validator)",
+            f.name()
+        );
+    }
     let mut rng = StdRng::seed_from_u64(o.seed);
-    let mut c = Cluster::start_in(dir, NODES, o.block_ms, |id| NodeOpts {
-        witness: id == WITNESS,
-        ..NodeOpts::default()
-    })
-    .await?;
+    let mut c = if o.cometbft {
+        let mode = Mode::Signer {
+            chain_id: "chaos-1".into(),
+            round_every: 5,
+            validators: 3,
+        };
+        let c =
+            Cluster::start_in_mode(dir, NODES, o.block_ms, mode, |_| NodeOpts::default()).await?;
+        c.never_signed().await?;
+        c
+    } else {
+        Cluster::start_in(dir, NODES, o.block_ms, |id| NodeOpts {
+            witness: id == WITNESS,
+            ..NodeOpts::default()
+        })
+        .await?
+    };
     println!(
         "chaos: {} rounds, seed {}, cluster in {}",
         o.rounds,
@@ -160,15 +201,39 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         );
         results.push(r);
     }
-    Ok(summarize(&results))
+    Ok(summarize(&results, o.cometbft))
+}
+
+fn signer_mode(c: &Cluster) -> bool {
+    matches!(c.mode, Mode::Signer { .. })
+}
+
+/// The node whose loss is a failover: the validating node, or in signer
+/// mode the Raft leader (which signs).
+async fn active(c: &Cluster) -> Result<u64> {
+    if !signer_mode(c) {
+        return c.active().await;
+    }
+    eventually(SETTLE, "a signer leader", || async {
+        for id in 1..=NODES {
+            if let Ok(v) = get_json(&format!("http://{}/status", c.nodes[&id].http)).await {
+                if let Some(l) = v["cluster"]["leader"].as_u64() {
+                    return Ok(Some(l));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
 }
 
 /// Injects `fault`, waits for its effect, restores the cluster. Returns the
 /// failover time if the signer changed.
 async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Option<f64>> {
-    let active = c.active().await?;
+    let signer = signer_mode(c);
+    let active = active(c).await?;
     let standby = (1..=NODES)
-        .find(|i| *i != active && *i != WITNESS)
+        .find(|i| *i != active && (signer || *i != WITNESS))
         .unwrap_or(1);
     let at = c.chain.totals().await?.height;
     let t0 = Instant::now();
@@ -210,6 +275,12 @@ async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Optio
             c.isolate(victim);
             tokio::time::sleep(Duration::from_millis(2000 + rng.random_range(0..1000))).await;
             c.heal();
+            None
+        }
+        Fault::CrashActiveValidator if signer => {
+            // The leader's sentry dies: the other sentries keep signing.
+            c.kill_validator(active)?;
+            c.wait_signer(at + 1, &[active]).await?;
             None
         }
         Fault::CrashActiveValidator => {
@@ -255,7 +326,7 @@ async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Optio
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
             }
             let (now, _) = c.wait_signer(at + 1, &[]).await?;
-            (now != active).then(|| t0.elapsed().as_secs_f64() * 1000.0)
+            (now != active && !signer).then(|| t0.elapsed().as_secs_f64() * 1000.0)
         }
     };
     Ok(ms)
@@ -266,9 +337,22 @@ fn signal(pid: i32, sig: Signal) -> Result<()> {
     Ok(())
 }
 
-/// Milliseconds from `t0` until a node other than `old` signs after `at`.
+/// Milliseconds from `t0` until a node other than `old` signs after `at`
+/// (in signer mode: until every other node's sentry has).
 async fn failover(c: &Cluster, at: u64, old: u64, t0: Instant) -> Result<f64> {
-    c.wait_signer(at + 1, &[old]).await?;
+    if signer_mode(c) {
+        let others: Vec<u64> = (1..=NODES).filter(|n| *n != old).collect();
+        eventually(SETTLE, "the other sentries signing again", || async {
+            let s = c.chain.stats_since(at + 1).await?;
+            Ok(others
+                .iter()
+                .all(|n| s.first_signed_by(*n, at).is_some())
+                .then_some(()))
+        })
+        .await?;
+    } else {
+        c.wait_signer(at + 1, &[old]).await?;
+    }
     Ok(t0.elapsed().as_secs_f64() * 1000.0)
 }
 
@@ -282,6 +366,18 @@ async fn settle(c: &mut Cluster) -> Result<()> {
         }
     }
     let c: &Cluster = c;
+    if signer_mode(c) {
+        // Signatures made from now on, so that a sentry that just died is
+        // not taken for a live one by what it signed before.
+        let from = c.chain.totals().await?.height;
+        return eventually(SETTLE, "every sentry signing again", || async {
+            let s = c.chain.stats_since(from + 1).await?;
+            Ok((1..=NODES)
+                .all(|n| s.first_signed_by(n, from).is_some())
+                .then_some(()))
+        })
+        .await;
+    }
     eventually(
         SETTLE,
         "one validating node and a synced standby",
@@ -312,7 +408,7 @@ async fn settle(c: &mut Cluster) -> Result<()> {
     .await
 }
 
-fn summarize(results: &[RoundResult]) -> (serde_json::Value, bool) {
+fn summarize(results: &[RoundResult], cometbft: bool) -> (serde_json::Value, bool) {
     let mut per_fault: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
     for f in Fault::ALL {
         let rs: Vec<&RoundResult> = results.iter().filter(|r| r.fault == f).collect();
@@ -329,15 +425,18 @@ fn summarize(results: &[RoundResult]) -> (serde_json::Value, bool) {
                 "failover_ms_p99": percentile(&ms, 99.0),
                 "missed": rs.iter().map(|r| r.missed).sum::<u64>(),
                 "double_signs": rs.iter().map(|r| r.double_signs).sum::<u64>(),
-                "residual_risk": f.residual_risk(),
+                "residual_risk": f.residual_risk(cometbft),
             }),
         );
     }
     let safe: Vec<&RoundResult> = results
         .iter()
-        .filter(|r| !r.fault.residual_risk())
+        .filter(|r| !r.fault.residual_risk(cometbft))
         .collect();
-    let residual: Vec<&RoundResult> = results.iter().filter(|r| r.fault.residual_risk()).collect();
+    let residual: Vec<&RoundResult> = results
+        .iter()
+        .filter(|r| r.fault.residual_risk(cometbft))
+        .collect();
     let ms: Vec<f64> = safe.iter().filter_map(|r| r.failover_ms).collect();
     let double_safe: u64 = safe.iter().map(|r| r.double_signs).sum();
     let double_residual: u64 = residual.iter().map(|r| r.double_signs).sum();
@@ -349,8 +448,9 @@ fn summarize(results: &[RoundResult]) -> (serde_json::Value, bool) {
         "missed": safe.iter().map(|r| r.missed).sum::<u64>(),
         "double_signs": double_safe + double_residual,
         "double_signs_outside_residual_risk": double_safe,
+        "mode": if cometbft { "signer" } else { "validator" },
         "residual_risk": {
-            "faults": ["freeze_active_host"],
+            "faults": if cometbft { vec![] } else { vec!["freeze_active_host"] },
             "rounds": residual.len(),
             "double_signs": double_residual,
             "missed": residual.iter().map(|r| r.missed).sum::<u64>(),

@@ -111,6 +111,18 @@ pub struct NodeOpts {
     pub fakenode: Vec<String>,
     /// How the validator command wraps the node.
     pub launch: Launch,
+    /// Signer mode: more sentries on this host beside the one keyraft
+    /// supervises; keyraft dials them all.
+    pub extra_sentries: u64,
+}
+
+/// Signer mode: a sentry on a host that keyraft dials but does not
+/// supervise (node id `10 * host + k`).
+pub struct ExtraSentry {
+    pub id: u64,
+    pub privval: SocketAddr,
+    pub rpc: SocketAddr,
+    pub proc: Option<Proc>,
 }
 
 pub struct Node {
@@ -126,6 +138,7 @@ pub struct Node {
     pub home: PathBuf,
     pub opts: NodeOpts,
     pub proc: Option<Proc>,
+    pub extra: Vec<ExtraSentry>,
 }
 
 /// Where a cluster keeps its files: a temp dir removed on drop, or a dir
@@ -284,6 +297,18 @@ impl Cluster {
             certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
+            let node_opts = opts(id);
+            let mut extra = Vec::new();
+            if matches!(mode, Mode::Signer { .. }) && !node_opts.witness {
+                for k in 1..=node_opts.extra_sentries {
+                    extra.push(ExtraSentry {
+                        id: 10 * id + k,
+                        privval: free_addr()?,
+                        rpc: free_addr()?,
+                        proc: None,
+                    });
+                }
+            }
             nodes.insert(
                 id,
                 Node {
@@ -296,8 +321,9 @@ impl Cluster {
                     data: base.join("data"),
                     tls,
                     home,
-                    opts: opts(id),
+                    opts: node_opts,
                     proc: None,
+                    extra,
                 },
             );
         }
@@ -358,8 +384,11 @@ impl Cluster {
         } else if let Mode::Signer { chain_id, .. } = &self.mode {
             let privval = format!("tcp://{}", node.privval);
             cmd.args(["--signer", "cometbft", "--chain-id", chain_id])
-                .args(["--privval-node", &privval])
-                .arg("--validator-key")
+                .args(["--privval-node", &privval]);
+            for e in &node.extra {
+                cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
+            }
+            cmd.arg("--validator-key")
                 .arg(&self.key_path)
                 .args(["--health", "cometbft"])
                 .args(["--health-url", &format!("http://{}", node.rpc)])
@@ -388,8 +417,29 @@ impl Cluster {
         cmd
     }
 
-    /// Starts (or restarts) coordinator `id`.
+    /// Starts (or restarts) coordinator `id` (and, in signer mode, the
+    /// host's extra sentries that are not running).
     pub fn spawn(&mut self, id: u64) -> Result<()> {
+        let chain = self.chain.url.clone();
+        let log_dir = self.dir.path().to_path_buf();
+        let fakenode = sibling_bin("fakenode")?;
+        for e in &mut self.node_mut(id)?.extra {
+            if e.proc.as_mut().is_some_and(|p| p.try_exit().is_none()) {
+                continue;
+            }
+            e.proc = Some(Proc::spawn(
+                &format!("sentry{}", e.id),
+                Command::new(&fakenode)
+                    .args([
+                        "--cometbft",
+                        "--privval-listen",
+                        &format!("tcp://{}", e.privval),
+                    ])
+                    .args(["--chain", &chain, "--node-id", &e.id.to_string()])
+                    .args(["--rpc-listen", &e.rpc.to_string()]),
+                &log_dir,
+            )?);
+        }
         let mut cmd = self.command(id);
         let proc = Proc::spawn(&format!("keyraft{id}"), &mut cmd, self.dir.path())?;
         self.node_mut(id)?.proc = Some(proc);
@@ -424,6 +474,10 @@ impl Cluster {
     pub fn kill_host(&mut self, id: u64) -> Result<()> {
         let validator = self.validator_pid(id);
         let tree = self.tree_pids(id);
+        for e in &mut self.node_mut(id)?.extra {
+            // Dropping a Proc kills its process group.
+            e.proc = None;
+        }
         if let Some(p) = self.forget(id)? {
             let _ = p.signal_group(Signal::SIGKILL);
         }
@@ -505,6 +559,9 @@ impl Cluster {
         }
         for p in tree {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+        }
+        for e in self.nodes[&id].extra.iter().filter_map(|e| e.proc.as_ref()) {
+            let _ = e.signal_group(sig);
         }
         proc.signal_group(sig)
     }

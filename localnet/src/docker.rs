@@ -1,5 +1,7 @@
 //! `localnet docker-test`: the Docker Compose cluster under host-level
-//! faults, judged by the chain.
+//! faults, judged by the chain. With `--cometbft`, the signer-mode cluster
+//! (`docker-compose.cometbft.yml`): the faults hit the signer leader, and
+//! every fault, `docker pause` included, must end with 0 equivocations.
 //!
 //! Owns: the files the compose cluster mounts (keys, certificates), driving
 //! `docker-compose` and `docker` (network disconnect, kill, pause) and
@@ -23,6 +25,8 @@ pub struct DockerTestOptions {
     pub block_ms: u64,
     /// Failover bound: a new signer must appear within this long.
     pub bound: Duration,
+    /// Signer mode (CometBFT).
+    pub cometbft: bool,
 }
 
 const NODES: u64 = 3;
@@ -131,13 +135,20 @@ fn docker(args: &[&str]) -> Result<String> {
 }
 
 /// The files the compose file mounts at /run/keyraft.
-fn make_run_dir(dir: &Path) -> Result<()> {
-    let key = KeyFile::generate("validator.docker");
-    key.write_new(&dir.join("validator_key.json"))?;
-    std::fs::write(
-        dir.join("validator_pub.json"),
-        serde_json::to_vec(&json!({"account_id": key.account_id, "public_key": key.public_key}))?,
-    )?;
+fn make_run_dir(dir: &Path, cometbft: bool) -> Result<()> {
+    if cometbft {
+        crate::comet::key::ValidatorKey::generate()
+            .write_new(&dir.join("priv_validator_key.json"))?;
+    } else {
+        let key = KeyFile::generate("validator.docker");
+        key.write_new(&dir.join("validator_key.json"))?;
+        std::fs::write(
+            dir.join("validator_pub.json"),
+            serde_json::to_vec(
+                &json!({"account_id": key.account_id, "public_key": key.public_key}),
+            )?,
+        )?;
+    }
     let keyraft = sibling_bin("keyraft")?;
     let ca = dir.join("ca");
     let run = |args: &[&str], out: &Path| crate::cluster::certs(&keyraft, args, out);
@@ -182,8 +193,55 @@ fn own_states(p: &Project) -> Result<Vec<(u64, Option<String>)>> {
     Ok(states)
 }
 
+/// Signer mode: every node in Voting, a leader, every sentry signing.
+/// Returns the leader.
+async fn settle_signers(p: &Project, chain: &ChainClient) -> Result<u64> {
+    // Signatures made from now on only: a sentry that just died must not
+    // pass for a live one by what it signed before.
+    let from = chain.totals().await?.height;
+    let settled = eventually(
+        Duration::from_secs(90),
+        "a signer leader and every sentry signing",
+        || async {
+            let states = own_states(p)?;
+            if states.iter().any(|(_, s)| s.as_deref() != Some("Voting")) {
+                return Ok(None);
+            }
+            let mut leader = None;
+            for n in 1..=NODES {
+                let c = p.container(n)?;
+                leader = docker(&["exec", &c, "keyraft", "status", "--json"])
+                    .ok()
+                    .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+                    .and_then(|v| v["cluster"]["leader"].as_u64());
+                if leader.is_some() {
+                    break;
+                }
+            }
+            let Some(leader) = leader else {
+                return Ok(None);
+            };
+            let s = chain.stats_since(from + 1).await?;
+            let all = (1..=NODES).all(|n| s.first_signed_by(n, from).is_some());
+            Ok(all.then_some(leader))
+        },
+    )
+    .await;
+    settled.with_context(|| p.diagnose())
+}
+
+/// The node the faults hit once the cluster has settled: the validating
+/// node, or in signer mode the signer leader.
+async fn settle(p: &Project, chain: &ChainClient, cometbft: bool) -> Result<u64> {
+    if cometbft {
+        settle_signers(p, chain).await
+    } else {
+        settle_validator(p, chain).await
+    }
+}
+
 /// Exactly one node validating and signing, the others synced standbys.
-async fn settle(p: &Project, chain: &ChainClient) -> Result<u64> {
+async fn settle_validator(p: &Project, chain: &ChainClient) -> Result<u64> {
     let settled = eventually(
         Duration::from_secs(90),
         "one validating node and two standbys",
@@ -222,7 +280,7 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
     let run_dir = tempfile::Builder::new()
         .prefix("keyraft-docker-")
         .tempdir()?;
-    make_run_dir(run_dir.path())?;
+    make_run_dir(run_dir.path(), o.cometbft)?;
     let chain_port = free_port()?;
     let project = Project {
         name: format!("keyraft{}", std::process::id()),
@@ -236,16 +294,45 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
     };
     project.compose(&["up", "-d"])?;
     let chain = ChainClient::new(&format!("http://127.0.0.1:{chain_port}"));
-    let first = settle(&project, &chain)
+    if o.cometbft {
+        // A new key: tell the cluster so (nothing is signed before).
+        let c = project.container(1)?;
+        eventually(
+            Duration::from_secs(60),
+            "the new key's watermark",
+            || async {
+                Ok(docker(&[
+                    "exec",
+                    &c,
+                    "keyraft",
+                    "signer",
+                    "import-state",
+                    "--never-signed",
+                ])
+                .ok()
+                .map(|_| ()))
+            },
+        )
+        .await
+        .with_context(|| project.diagnose())?;
+    }
+    let first = settle(&project, &chain, o.cometbft)
         .await
         .context("the cluster did not come up")?;
-    println!("docker cluster up; node {first} validates");
+    println!(
+        "docker cluster up; node {first} {}",
+        if o.cometbft {
+            "leads the signers"
+        } else {
+            "validates"
+        }
+    );
 
     let mut rounds = Vec::new();
     let mut failed = Vec::new();
     for round in 0..o.rounds {
         for fault in [Fault::Disconnect, Fault::Kill, Fault::Pause] {
-            let active = settle(&project, &chain).await?;
+            let active = settle(&project, &chain, o.cometbft).await?;
             let container = project.container(active)?;
             let before = chain.totals().await?;
             let t0 = Instant::now();
@@ -258,6 +345,14 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
             };
             let new = eventually(Duration::from_secs(60), "a new signer", || async {
                 let s = chain.stats_since(before.height + 1).await?;
+                if o.cometbft {
+                    // Every other sentry signing again.
+                    let others: Vec<u64> = (1..=NODES).filter(|n| *n != active).collect();
+                    let all = others
+                        .iter()
+                        .all(|n| s.first_signed_by(*n, before.height).is_some());
+                    return Ok(all.then_some(others[0]));
+                }
                 Ok(s.signers.iter().find(|x| x.node != active).map(|x| x.node))
             })
             .await;
@@ -277,17 +372,18 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
                 Fault::Kill => docker(&["start", &container])?,
                 Fault::Pause => docker(&["unpause", &container])?,
             };
-            let after_active = settle(&project, &chain)
+            let after_active = settle(&project, &chain, o.cometbft)
                 .await
                 .with_context(|| format!("no recovery after {}", fault.name()))?;
             let after = chain.totals().await?;
             let double = after.double_signs - before.double_signs;
             let ms = took.as_millis() as u64;
             println!(
-                "round {round} {:<18} node {active} -> {}: {ms} ms, missed {}, double signs {double}; after recovery node {after_active} validates",
+                "round {round} {:<18} node {active} -> {}: {ms} ms, missed {}, double signs {double}; after recovery node {after_active} {}",
                 fault.name(),
                 new.as_ref().map_or("none".to_string(), |n| n.to_string()),
-                after.missed - before.missed
+                after.missed - before.missed,
+                if o.cometbft { "leads the signers" } else { "validates" }
             );
             if new.is_err() || took > o.bound {
                 failed.push(format!(
@@ -296,13 +392,16 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
                     o.bound
                 ));
             }
-            if double > 0 && fault != Fault::Pause {
+            // Signer mode fences the signature: a paused leader that thaws
+            // cannot sign, so there is no residual risk to set aside.
+            let residual = fault == Fault::Pause && !o.cometbft;
+            if double > 0 && !residual {
                 failed.push(format!("{}: {double} double signs", fault.name()));
             }
             rounds.push(json!({
                 "fault": fault.name(), "from": active, "to": new.ok(), "failover_ms": ms,
                 "missed": after.missed - before.missed, "double_signs": double,
-                "residual_risk": fault == Fault::Pause,
+                "residual_risk": residual,
             }));
         }
     }
@@ -313,9 +412,13 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
         .filter_map(|r| r["double_signs"].as_u64())
         .sum();
     let summary = json!({
+        "mode": if o.cometbft { "signer" } else { "validator" },
         "rounds": rounds,
         "double_signs": total.double_signs - residual,
-        "residual_risk": {"faults": ["docker_pause"], "double_signs": residual},
+        "residual_risk": {
+            "faults": if o.cometbft { vec![] } else { vec!["docker_pause"] },
+            "double_signs": residual,
+        },
         "failures": failed,
     });
     if !failed.is_empty() {
@@ -325,9 +428,14 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
     Ok((summary, failed.is_empty()))
 }
 
-/// The compose file shipped beside this crate.
-pub fn default_compose_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/docker-compose.yml")
+/// The compose file shipped beside this crate (the signer-mode one with
+/// `cometbft`).
+pub fn default_compose_file(cometbft: bool) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(if cometbft {
+        "docker/docker-compose.cometbft.yml"
+    } else {
+        "docker/docker-compose.yml"
+    })
 }
 
 /// For error messages of the CLI.

@@ -60,6 +60,8 @@ pub struct UpOptions {
     pub block_ms: u64,
     /// CometBFT signer mode: every keyraft signs for its own sentry.
     pub cometbft: bool,
+    /// Signer mode: sentries per host (the first supervised by keyraft).
+    pub sentries: u64,
 }
 
 /// The default dir, shared by `up` and the other commands.
@@ -91,6 +93,9 @@ struct Launcher {
 pub async fn up(opts: UpOptions) -> Result<()> {
     if !(2..=5).contains(&opts.nodes) {
         bail!("--nodes must be 2 to 5");
+    }
+    if !(1..=5).contains(&opts.sentries) || (opts.sentries > 1 && !opts.cometbft) {
+        bail!("--sentries must be 1 to 5, and only with --cometbft");
     }
     if let Ok(old) = read_info(&opts.dir) {
         if Path::new(&format!("/proc/{}", old.launcher_pid)).exists() {
@@ -127,6 +132,7 @@ pub async fn up(opts: UpOptions) -> Result<()> {
         mode,
         |id| NodeOpts {
             witness: witness == Some(id),
+            extra_sentries: opts.sentries.saturating_sub(1),
             ..NodeOpts::default()
         },
     )

@@ -158,6 +158,42 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
 }
 
 #[tokio::test]
+async fn chaos_in_signer_mode_freezes_kills_and_cuts_off_the_leader_without_equivocations(
+) -> Result<()> {
+    let out = localnet_cmd()?
+        .args([
+            "chaos",
+            "--cometbft",
+            "--rounds",
+            "4",
+            "--seed",
+            "5",
+            "--block-ms",
+            "300",
+        ])
+        .args([
+            "--faults",
+            "kill-active-host,freeze-active-host,partition-active",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)?;
+    ensure!(v["mode"] == "signer" && v["rounds"] == 4, "{v}");
+    ensure!(v["double_signs"] == 0, "equivocations: {v}");
+    ensure!(
+        v["residual_risk"]["rounds"] == 0,
+        "signer mode has no residual-risk faults: {v}"
+    );
+    ensure!(v["failovers"].as_u64() >= Some(3), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn chaos_freezes_and_kills_the_guard_without_double_signs() -> Result<()> {
     // Seed 3 draws both guard faults in four rounds.
     let v = chaos("freeze-active-guard,kill-active-guard")?;

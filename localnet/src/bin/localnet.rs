@@ -48,6 +48,10 @@ enum Cmd {
         /// fake CometBFT sentry it supervises; the chain counts equivocations.
         #[arg(long)]
         cometbft: bool,
+        /// With --cometbft: sentries per host, each dialed by the host's
+        /// keyraft (the first is supervised by it).
+        #[arg(long, default_value_t = 1)]
+        sentries: u64,
     },
     /// Print the live view once.
     Status {
@@ -107,16 +111,21 @@ enum Cmd {
         dir: Option<PathBuf>,
         #[arg(long, default_value_t = 500)]
         block_ms: u64,
-        /// Faults to draw from [default: all].
+        /// Faults to draw from [default: all that apply].
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<Fault>,
+        /// Signer mode (CometBFT): three keyraft signers with a sentry each,
+        /// judged by equivocations.
+        #[arg(long)]
+        cometbft: bool,
     },
     /// The Docker Compose cluster under docker network disconnect, docker
     /// kill and docker pause of the active host, judged by the chain.
     DockerTest {
         #[arg(long, default_value = "keyraft:local")]
         image: String,
-        /// [default: localnet/docker/docker-compose.yml]
+        /// [default: localnet/docker/docker-compose.yml, or
+        /// docker-compose.cometbft.yml with --cometbft]
         #[arg(long)]
         compose_file: Option<PathBuf>,
         #[arg(long, default_value_t = 1)]
@@ -126,6 +135,10 @@ enum Cmd {
         /// A new signer must appear within this many ms of each fault.
         #[arg(long, default_value_t = 5000)]
         bound_ms: u64,
+        /// The signer-mode cluster (docker-compose.cometbft.yml): faults on
+        /// the signer leader, 0 equivocations required for every fault.
+        #[arg(long)]
+        cometbft: bool,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -248,6 +261,7 @@ async fn main() -> ExitCode {
             witness,
             block_ms,
             cometbft,
+            sentries,
         } => {
             launcher::up(launcher::UpOptions {
                 dir: dir.path(),
@@ -255,6 +269,7 @@ async fn main() -> ExitCode {
                 witness,
                 block_ms,
                 cometbft,
+                sentries,
             })
             .await
         }
@@ -289,6 +304,7 @@ async fn main() -> ExitCode {
             dir,
             block_ms,
             faults,
+            cometbft,
         } => {
             let o = chaos::ChaosOptions {
                 rounds,
@@ -296,6 +312,7 @@ async fn main() -> ExitCode {
                 dir,
                 block_ms,
                 faults,
+                cometbft,
             };
             match chaos::run(o).await {
                 Ok((summary, clean)) => {
@@ -315,13 +332,16 @@ async fn main() -> ExitCode {
             rounds,
             block_ms,
             bound_ms,
+            cometbft,
         } => {
             let o = docker::DockerTestOptions {
-                compose_file: compose_file.unwrap_or_else(docker::default_compose_file),
+                compose_file: compose_file
+                    .unwrap_or_else(|| docker::default_compose_file(cometbft)),
                 image,
                 rounds,
                 block_ms,
                 bound: std::time::Duration::from_millis(bound_ms),
+                cometbft,
             };
             match docker::check_tools() {
                 Err(e) => Err(e),
