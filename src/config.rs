@@ -990,6 +990,72 @@ mod tests {
     }
 
     #[test]
+    fn signer_mode_needs_its_flags_and_refuses_key_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["priv_validator_key.json"]);
+        let signer = RunArgs {
+            signer: Some(SignerKind::Cometbft),
+            chain_id: Some("cosmoshub-4".into()),
+            validator_key: Some(k[0].clone()),
+            privval_node: vec![
+                "tcp://abcd@127.0.0.1:26659".into(),
+                "unix:///run/pv.sock".into(),
+            ],
+            validator_home: None,
+            data_dir: Some(dir.path().join("data")),
+            ..validator_args(dir.path())
+        };
+        let c = signer.clone().resolve().unwrap();
+        let s = c.signer.unwrap();
+        assert_eq!(
+            s.nodes,
+            vec![
+                PrivvalAddr::Tcp("127.0.0.1:26659".into()),
+                PrivvalAddr::Unix("/run/pv.sock".into())
+            ]
+        );
+        assert_eq!(s.identity_key, dir.path().join("data/privval-identity.key"));
+        let node = c.validator.unwrap();
+        assert!(
+            node.active_links.is_empty() && node.standby_links.is_empty(),
+            "no key links"
+        );
+        let err = |a: RunArgs| a.resolve().unwrap_err().to_string();
+        let e = err(RunArgs {
+            chain_id: None,
+            ..signer.clone()
+        });
+        assert!(e.contains("--chain-id"), "{e}");
+        let e = err(RunArgs {
+            privval_node: vec![],
+            ..signer.clone()
+        });
+        assert!(e.contains("--privval-node"), "{e}");
+        let e = err(RunArgs {
+            privval_node: vec!["unix://rel.sock".into()],
+            ..signer.clone()
+        });
+        assert!(e.contains("absolute"), "{e}");
+        let e = err(RunArgs {
+            validator_home: Some(dir.path().into()),
+            ..signer.clone()
+        });
+        assert!(e.contains("links no key"), "{e}");
+        let e = err(RunArgs {
+            witness: true,
+            command: vec![],
+            ..signer.clone()
+        });
+        assert!(e.contains("--witness"), "{e}");
+        let e = err(RunArgs {
+            signer: None,
+            validator_home: Some(dir.path().into()),
+            ..signer
+        });
+        assert!(e.contains("--signer cometbft"), "{e}");
+    }
+
+    #[test]
     fn chain_presets_link_the_right_files() {
         let dir = tempfile::tempdir().unwrap();
         let k = keys_in(dir.path(), &["v.json", "vn.json", "voter.json", "extra"]);

@@ -594,6 +594,35 @@ fn print_table(v: &serde_json::Value) {
         if c["quorum"] == true { "yes" } else { "NO" },
         if c["paused"] == true { "YES" } else { "no" }
     );
+    let sg = &v["signer"];
+    if !sg.is_null() {
+        let w = &sg["watermark"];
+        let watermark = if w.is_null() {
+            "NONE (run `keyraft signer import-state`)".to_string()
+        } else {
+            format!(
+                "height {} round {} step {}",
+                w["height"],
+                or_dash(&w["round"]),
+                or_dash(&w["step"])
+            )
+        };
+        let conns: Vec<String> = sg["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let up = if c["connected"] == true { "up" } else { "DOWN" };
+                format!("{} {up}", c["node"].as_str().unwrap_or("?"))
+            })
+            .collect();
+        println!(
+            "signer: chain {}  watermark {watermark}  signatures {}  privval here: {}",
+            sg["chain_id"].as_str().unwrap_or("?"),
+            sg["signatures"],
+            conns.join(", ")
+        );
+    }
     println!(
         "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} SEEN",
         "ID", "ADDR", "ROLE", "STATE", "RAFT", "KEY", "VALIDATOR"

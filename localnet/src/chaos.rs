@@ -80,18 +80,14 @@ impl Fault {
         self == Fault::FreezeActiveHost && !cometbft
     }
 
-    /// The faults that make sense in signer mode (no witness, no guard
+    /// Whether the fault makes sense in signer mode (no witness, no guard
     /// holding a keyed validator).
-    pub const SIGNER: [Fault; 8] = [
-        Fault::KillActiveHost,
-        Fault::KillActiveCoordinator,
-        Fault::FreezeActiveCoordinator,
-        Fault::FreezeActiveHost,
-        Fault::PartitionActive,
-        Fault::PartitionStandby,
-        Fault::CrashActiveValidator,
-        Fault::Flap,
-    ];
+    pub fn in_signer_mode(self) -> bool {
+        !matches!(
+            self,
+            Fault::PartitionWitness | Fault::FreezeActiveGuard | Fault::KillActiveGuard
+        )
+    }
 }
 
 pub struct ChaosOptions {
@@ -130,15 +126,15 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
                 .tempdir()?,
         ),
     };
-    let faults = match (o.faults.is_empty(), o.cometbft) {
-        (true, false) => Fault::ALL.to_vec(),
-        (true, true) => Fault::SIGNER.to_vec(),
-        (false, _) => o.faults.clone(),
+    let faults: Vec<Fault> = if o.faults.is_empty() {
+        Fault::ALL
+            .into_iter()
+            .filter(|f| !o.cometbft || f.in_signer_mode())
+            .collect()
+    } else {
+        o.faults.clone()
     };
-    if let Some(f) = faults
-        .iter()
-        .find(|f| o.cometbft && !Fault::SIGNER.contains(f))
-    {
+    if let Some(f) = faults.iter().find(|f| o.cometbft && !f.in_signer_mode()) {
         anyhow::bail!(
             "{} does not apply in signer mode (no witness, no keyed validator)",
             f.name()

@@ -126,8 +126,15 @@ async fn up_runs_a_cluster_that_the_other_commands_can_break_and_ctrl_c_stops_it
 /// `localnet chaos` over four seeded rounds of `faults`: exit 0, and the
 /// JSON summary of its last line.
 fn chaos(faults: &str) -> Result<serde_json::Value> {
+    chaos_with(&["--seed", "3", "--block-ms", "250"], faults)
+}
+
+/// `localnet chaos --rounds 4 ARGS --faults FAULTS`: exit 0, and its JSON
+/// summary.
+fn chaos_with(args: &[&str], faults: &str) -> Result<serde_json::Value> {
     let out = localnet_cmd()?
-        .args(["chaos", "--rounds", "4", "--seed", "3", "--block-ms", "250"])
+        .args(["chaos", "--rounds", "4"])
+        .args(args)
         .args(["--faults", faults])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -160,29 +167,10 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
 #[tokio::test]
 async fn chaos_in_signer_mode_freezes_kills_and_cuts_off_the_leader_without_equivocations(
 ) -> Result<()> {
-    let out = localnet_cmd()?
-        .args([
-            "chaos",
-            "--cometbft",
-            "--rounds",
-            "4",
-            "--seed",
-            "5",
-            "--block-ms",
-            "300",
-        ])
-        .args([
-            "--faults",
-            "kill-active-host,freeze-active-host,partition-active",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)?;
+    let v = chaos_with(
+        &["--cometbft", "--seed", "5", "--block-ms", "300"],
+        "kill-active-host,freeze-active-host,partition-active",
+    )?;
     ensure!(v["mode"] == "signer" && v["rounds"] == 4, "{v}");
     ensure!(v["double_signs"] == 0, "equivocations: {v}");
     ensure!(
