@@ -56,18 +56,26 @@ fn opts(launch: Launch, cgroup: bool) -> impl Fn(u64) -> NodeOpts {
     }
 }
 
-/// Waits until exactly one node validates and the others stand by;
-/// returns the validating one.
+/// Waits until exactly one node validates, with its key linked, and the
+/// others stand by; returns the validating one. (A node reports Validating
+/// from the start of its activation; until the key is linked its tree is a
+/// keyless plain node, which is not what a fault test must see fenced.)
 async fn settled(c: &Cluster) -> Result<u64> {
     eventually(
         SETTLE * 2,
-        "one validating node and two standbys",
+        "one validating node with its key linked and two standbys",
         || async {
             let mut validating = Vec::new();
             for &id in c.nodes.keys() {
-                match c.own_state(id).await.as_deref() {
-                    Ok("Validating") => validating.push(id),
-                    Ok("Voting") => {}
+                let v = c.status(id).await?;
+                let me = v["nodes"]
+                    .as_array()
+                    .and_then(|ns| ns.iter().find(|n| n["id"] == id))
+                    .cloned()
+                    .unwrap_or_default();
+                match me["state"].as_str() {
+                    Some("Validating") if me["key_linked"] == true => validating.push(id),
+                    Some("Voting") => {}
                     _ => return Ok(None),
                 }
             }
@@ -75,6 +83,17 @@ async fn settled(c: &Cluster) -> Result<u64> {
         },
     )
     .await
+}
+
+/// Node `id`'s deactivations of any reason (a dead guard is seen as a
+/// validator exit, or at the next lease renewal as a guard failure).
+async fn deactivations(c: &Cluster, id: u64) -> Result<f64> {
+    Ok(c.metrics(id)
+        .await?
+        .iter()
+        .filter(|(k, _)| k.starts_with("keyraft_deactivations_total"))
+        .map(|(_, v)| v)
+        .sum())
 }
 
 /// Runs `keyraft switchover` on node `id` until the leader accepts it (it
@@ -111,10 +130,18 @@ async fn inject(c: &mut Cluster, fault: Fault, old: u64) -> Result<(u64, Vec<i32
         }
         Fault::GuardKilledThenCutOff => {
             let guard = c.guard_pid(old).context("no guard")?;
+            let before = deactivations(c, old).await?;
             kill(Pid::from_raw(guard), Signal::SIGKILL)?;
-            // The coordinator kills the orphaned tree itself, then carries on.
+            // The coordinator kills the orphaned tree itself, deactivates,
+            // then carries on. Until it has deactivated it still reports
+            // Validating, so wait for that too: the next holder's tree must
+            // be the keyed one, not the keyless node restarted meanwhile.
             eventually(SETTLE, "the orphaned tree to be killed", || async {
                 Ok(tree.iter().all(|p| !alive(*p)).then_some(()))
+            })
+            .await?;
+            eventually(SETTLE, "the coordinator to deactivate", || async {
+                Ok((deactivations(c, old).await? > before).then_some(()))
             })
             .await?;
             let active = settled(c).await?;
