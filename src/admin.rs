@@ -63,6 +63,7 @@ pub fn status_json(sh: &Shared) -> Value {
                 "id": id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
                 "state": local.state.to_string(), "raft": format!("{:?}", m.state),
                 "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
+                "probe_error": *sh.probe_error.borrow(),
             })
         } else if let Some(s) = seen.get(&id).filter(|s| s.at.elapsed() <= stale) {
             if s.status.state == "Validating" {

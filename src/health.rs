@@ -50,9 +50,13 @@ pub struct Prober {
 impl Prober {
     pub fn new(kind: HealthKind, base_url: &str, timeout: Duration) -> Prober {
         let base = base_url.trim_end_matches('/');
+        // neard's and CometBFT's status live at /status; a URL that already
+        // names it is taken as it is.
         let url = match kind {
-            HealthKind::Near | HealthKind::Cometbft => format!("{base}/status"),
-            HealthKind::Http => base.to_string(),
+            HealthKind::Near | HealthKind::Cometbft if !base.ends_with("/status") => {
+                format!("{base}/status")
+            }
+            _ => base.to_string(),
         };
         Prober {
             kind,
@@ -62,6 +66,11 @@ impl Prober {
                 .build()
                 .unwrap_or_default(),
         }
+    }
+
+    /// The URL probed.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub async fn probe(&self) -> Result<Health, HealthError> {
@@ -137,8 +146,16 @@ pub fn parse(kind: HealthKind, v: &serde_json::Value) -> Result<Health, String> 
     }
 }
 
-/// Probes every `interval` and publishes the result (`None`: no answer).
-pub async fn run(prober: Prober, interval: Duration, tx: watch::Sender<Option<Health>>) {
+/// Probes every `interval` and publishes the result (`None`: no answer),
+/// and what went wrong, if anything, on `errors` (for status). Each new
+/// failure is logged once: a node that is not up yet as info, an answer
+/// that is not a status (a wrong URL or probe kind) as a warning.
+pub async fn run(
+    prober: Prober,
+    interval: Duration,
+    tx: watch::Sender<Option<Health>>,
+    errors: watch::Sender<Option<String>>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_err = String::new();
@@ -146,13 +163,25 @@ pub async fn run(prober: Prober, interval: Duration, tx: watch::Sender<Option<He
         tick.tick().await;
         let seen = match prober.probe().await {
             Ok(h) => {
-                last_err.clear();
+                if !last_err.is_empty() {
+                    tracing::info!(url = prober.url(), "validator probe answers");
+                    last_err.clear();
+                    errors.send_replace(None);
+                }
                 Some(h)
             }
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last_err {
-                    tracing::debug!("validator probe: {msg}");
+                    match e {
+                        HealthError::Unreachable { .. } => {
+                            tracing::info!("validator probe: {msg}")
+                        }
+                        _ => tracing::warn!(
+                            "validator probe: {msg} (check --health and --health-url)"
+                        ),
+                    }
+                    errors.send_replace(Some(msg.clone()));
                     last_err = msg;
                 }
                 None
@@ -170,6 +199,50 @@ pub async fn run(prober: Prober, interval: Duration, tx: watch::Sender<Option<He
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_url_that_names_the_status_path_is_taken_as_it_is() {
+        let t = Duration::from_secs(1);
+        for url in [
+            "http://127.0.0.1:3030",
+            "http://127.0.0.1:3030/",
+            "http://127.0.0.1:3030/status",
+        ] {
+            assert_eq!(
+                Prober::new(HealthKind::Near, url, t).url(),
+                "http://127.0.0.1:3030/status"
+            );
+        }
+        assert_eq!(
+            Prober::new(HealthKind::Http, "http://h:1/health", t).url(),
+            "http://h:1/health"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_gets_a_404_says_so() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, axum::Router::new()).await });
+        let prober = Prober::new(
+            HealthKind::Near,
+            &format!("http://{addr}/wrong"),
+            Duration::from_secs(2),
+        );
+        let (tx, _rx) = watch::channel(None);
+        let (etx, mut erx) = watch::channel(None);
+        tokio::spawn(run(prober, Duration::from_millis(50), tx, etx));
+        let err = tokio::time::timeout(Duration::from_secs(5), erx.wait_for(|e| e.is_some()))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert!(
+            err.contains("/wrong/status") && err.contains("404"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn near_shape() {

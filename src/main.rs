@@ -656,4 +656,9 @@ fn print_table(v: &serde_json::Value) {
             seen
         );
     }
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        if let Some(e) = n["probe_error"].as_str() {
+            println!("node {} validator probe: {e}", n["id"]);
+        }
+    }
 }

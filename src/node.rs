@@ -75,6 +75,8 @@ pub struct Shared {
     pub started: Instant,
     /// Signer mode: which nodes' privval ports this host is connected to.
     pub privval: PrivvalLinks,
+    /// What the validator probe last failed with (`None` while it answers).
+    pub probe_error: watch::Receiver<Option<String>>,
 }
 
 /// Signer mode: the privval connections of this host, by node address.

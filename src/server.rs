@@ -138,6 +138,7 @@ pub async fn run(
     .map_err(|e| RunError::Raft(e.to_string()))?;
 
     let (req_tx, req_rx) = mpsc::channel(8);
+    let (probe_tx, probe_rx) = watch::channel(None);
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, cfg.signer.is_some())
         .map_err(|e| RunError::Raft(e.to_string()))?;
     let sh = Arc::new(Shared {
@@ -152,6 +153,7 @@ pub async fn run(
         requests: req_tx,
         started: Instant::now(),
         privval: PrivvalLinks::default(),
+        probe_error: probe_rx,
     });
     let signer = match sh.cfg.signer.clone() {
         Some(c) => {
@@ -223,6 +225,7 @@ pub async fn run(
                 prober.clone(),
                 timing.health_interval,
                 htx,
+                probe_tx,
             )));
             let node = Validator::spawn(
                 v.clone(),
