@@ -174,19 +174,22 @@ pub async fn run(
 
     let bootstrap = bootstrap(&sh, fresh).await?;
     gate.join();
-    if bootstrap == Bootstrap::Initialize {
+    if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
             .cfg
             .members()
             .into_iter()
             .map(|(id, a)| (id, BasicNode::new(a)))
             .collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(
-                "initialised a new cluster of {} members",
+        match (raft.initialize(members).await, bootstrap) {
+            (Ok(()), Bootstrap::Join) => tracing::info!(
+                "empty data dir: joining the existing cluster; its leader's log replaces this one"
+            ),
+            (Ok(()), _) => tracing::info!(
+                "empty data dir: forming a new cluster of {} members",
                 sh.cfg.members().len()
             ),
-            Err(e) => tracing::info!("cluster already initialised: {e}"),
+            (Err(e), _) => tracing::debug!("already initialised: {e}"),
         }
     }
     if bootstrap != Bootstrap::Rejoin {
@@ -422,6 +425,9 @@ enum Bootstrap {
     /// configured members (identical on every node, as openraft allows; a
     /// running cluster's leader replaces this log with its own).
     Initialize,
+    /// As `Initialize`, but a peer answered that the cluster exists already:
+    /// its leader's log will replace this one.
+    Join,
     /// Join as a learner, then become a voter again (`--rejoin`).
     Rejoin,
 }
@@ -471,13 +477,12 @@ async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError>
             )));
         }
         if answers.iter().any(|(_, r)| r.initialized) {
-            tracing::info!("empty data dir: joining the existing cluster as a new member");
-            return Ok(Bootstrap::Initialize);
+            return Ok(Bootstrap::Join);
         }
         if (answers.len() + 1) * 2 > members {
             return Ok(Bootstrap::Initialize);
         }
-        if waited.as_secs() % 5 == 0 {
+        if waited.as_millis() % 5000 == 0 {
             tracing::info!(
                 "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
                 answers.len()

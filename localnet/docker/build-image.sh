@@ -11,14 +11,38 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BASE=${BASE:-keyraft-base:bookworm}
 IMAGE=${IMAGE:-keyraft:local}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SUITE=${SUITE:-bookworm}
+
+# The Debian mirror this host's apt already uses (deb822 .sources files or
+# the one-line sources.list): the stanza with the suite and `main`, not the
+# security archive. MIRROR overrides it.
+host_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk -v suite="$SUITE" 'BEGIN { RS = "" }
+            $0 ~ ("Suites:[^\n]*(^|[ \t])" suite "([ \t]|\n|$)") && /Components:[^\n]*main/ && !/-security/ {
+                if (match($0, /URIs:[ \t]*[^ \t\n]+/)) {
+                    u = substr($0, RSTART, RLENGTH); sub(/URIs:[ \t]*/, "", u); print u; exit
+                }
+            }' "$f"
+    done
+    if [ -f /etc/apt/sources.list ]; then
+        awk -v suite="$SUITE" '$1 == "deb" && $0 !~ /security/ {
+            for (i = 2; i < NF; i++) if ($i ~ /^(https?|file):/ && $(i + 1) == suite) { print $i; exit }
+        }' /etc/apt/sources.list
+    fi
+}
+MIRROR=${MIRROR:-$(host_mirror | head -n 1)}
 
 if [ "$BASE" = keyraft-base:bookworm ] && ! docker image inspect "$BASE" >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || { echo "debootstrap missing: apt-get install debootstrap" >&2; exit 1; }
+    [ -n "$MIRROR" ] || { echo "no Debian $SUITE mirror in this host's apt sources: set MIRROR=http://.../debian" >&2; exit 1; }
+    echo "debootstrap from $MIRROR (this host's apt source; MIRROR overrides)"
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     echo "debootstrap bookworm (minbase) into $rootfs ..."
-    debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >/dev/null
+    debootstrap --variant=minbase "$SUITE" "$rootfs" "$MIRROR" >/dev/null
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
     echo "imported $BASE"
