@@ -619,3 +619,62 @@ async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_health_url_that_answers_404_shows_in_status_and_the_log_once() -> Result<()> {
+    let mut c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    // Node 3 restarted with a probe URL its node does not serve: it can
+    // never become a healthy standby, and the operator must be told why.
+    let rpc = c.nodes[&3].rpc;
+    let own = |v: serde_json::Value| {
+        v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == 3))
+            .cloned()
+            .unwrap_or_default()
+    };
+    c.kill_host(3)?;
+    c.node_mut(3)?.opts.health_url = Some(format!("http://{rpc}/rpc/v1"));
+    c.spawn(3)?;
+    let err = eventually(SETTLE, "node 3 to report its probe error", || async {
+        // Unreachable first, while the node starts; then its answer.
+        let me = own(c.status(3).await?);
+        Ok(me["probe_error"]
+            .as_str()
+            .filter(|e| e.contains("404"))
+            .map(str::to_string))
+    })
+    .await?;
+    ensure!(
+        err.contains("/rpc/v1/status") && err.contains("404"),
+        "probe error: {err}"
+    );
+    // A few more probes later, still one warning, naming the flag to check.
+    c.chain
+        .wait_height(c.chain.totals().await?.height + 4, SETTLE)
+        .await?;
+    let log = std::fs::read_to_string(&c.proc(3)?.log)?;
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("validator probe") && l.contains("404"))
+        .collect();
+    ensure!(
+        warnings.len() == 1,
+        "want one probe warning, got {warnings:?}"
+    );
+    ensure!(warnings[0].contains("--health-url"), "{}", warnings[0]);
+    // A URL that already ends in /status is taken as it is.
+    c.kill_host(3)?;
+    c.node_mut(3)?.opts.health_url = Some(format!("http://{rpc}/status"));
+    c.spawn(3)?;
+    eventually(
+        SETTLE,
+        "node 3 to stand by with a working probe",
+        || async {
+            let me = own(c.status(3).await?);
+            Ok((me["state"] == "Voting" && me["probe_error"].is_null()).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -114,6 +114,8 @@ pub struct NodeOpts {
     /// Signer mode: more sentries on this host beside the one keyraft
     /// supervises; keyraft dials them all.
     pub extra_sentries: u64,
+    /// A `--health-url` other than the fakenode's RPC (to misconfigure it).
+    pub health_url: Option<String>,
 }
 
 /// Signer mode: a sentry on a host that keyraft dials but does not
@@ -399,11 +401,16 @@ impl Cluster {
                 .args(["--rpc-listen", &node.rpc.to_string()])
                 .args(&node.opts.fakenode);
         } else {
+            let health_url = node
+                .opts
+                .health_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", node.rpc));
             cmd.arg("--validator-home")
                 .arg(&node.home)
                 .arg("--validator-key")
                 .arg(&self.key_path)
-                .args(["--health-url", &format!("http://{}", node.rpc)])
+                .args(["--health-url", &health_url])
                 .arg("--")
                 .args(node.opts.launch.prefix())
                 .arg(sibling_bin("fakenode").unwrap_or_default())
