@@ -669,15 +669,7 @@ fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigErro
     if a.command.is_empty() {
         return Ok(None);
     }
-    let program = Path::new(&a.command[0])
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if HANDS_OFF.contains(&program) {
-        return Err(invalid(format!(
-            "the node command '{program}' hands the node to a daemon outside keyraft's process tree; run keyraft where the node runs, with the node's own command"
-        )));
-    }
+    check_hands_on(&a.command)?;
     let health = a.health.unwrap_or(HealthKind::Cometbft);
     let health_url = match (&a.health_url, health.default_url()) {
         (Some(u), _) => u.clone(),
@@ -771,15 +763,7 @@ fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError
             "no validator command: give it after `--` (keyraft run [FLAGS] -- CMD ARGS...), or run with --witness",
         ));
     }
-    let program = Path::new(&a.command[0])
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if HANDS_OFF.contains(&program) {
-        return Err(invalid(format!(
-            "the validator command '{program}' hands the node to a daemon that starts it outside keyraft's process tree, where keyraft cannot find or kill it, so it cannot be fenced; run keyraft where the node runs (inside its container, or on its host) with the node's own command"
-        )));
-    }
+    check_hands_on(&a.command)?;
     let chain = a.chain.unwrap_or(if a.validator_key.is_some() {
         Chain::Near
     } else {
@@ -895,6 +879,22 @@ fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError
         height_watermark: !a.no_height_watermark,
         cgroup: !a.no_cgroup,
     }))
+}
+
+/// Refuses a command that hands the node to a daemon (`docker run`,
+/// `systemd-run`, ...), which starts it outside keyraft's process tree.
+fn check_hands_on(command: &[String]) -> Result<(), ConfigError> {
+    let program = command
+        .first()
+        .and_then(|c| Path::new(c).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if HANDS_OFF.contains(&program) {
+        return Err(invalid(format!(
+            "the validator command '{program}' hands the node to a daemon that starts it outside keyraft's process tree, where keyraft cannot find or kill it, so it cannot be fenced; run keyraft where the node runs (inside its container, or on its host) with the node's own command"
+        )));
+    }
+    Ok(())
 }
 
 /// `HOST:PORT` with a non-empty host and a numeric port.

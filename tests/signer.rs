@@ -55,6 +55,22 @@ async fn leader(c: &Cluster, asked: u64) -> Result<u64> {
     .await
 }
 
+/// Sign requests answered with `result`, summed over the three signers.
+async fn sign_results(c: &Cluster, result: &str) -> Result<f64> {
+    let label = format!("result=\"{result}\"");
+    let mut n = 0.0;
+    for id in 1..=3 {
+        n += c
+            .metrics(id)
+            .await?
+            .iter()
+            .filter(|(k, _)| k.starts_with("keyraft_sign_requests_total") && k.contains(&label))
+            .map(|(_, v)| v)
+            .sum::<f64>();
+    }
+    Ok(n)
+}
+
 async fn no_equivocations(c: &Cluster) -> Result<Stats> {
     let s = c.chain.stats_since(0).await?;
     ensure!(
@@ -193,16 +209,7 @@ async fn sentries_asking_for_conflicting_blocks_are_refused_every_time() -> Resu
     c.chain.wait_height(start + 8, SETTLE).await?;
     let s = no_equivocations(&c).await?;
     ensure!(s.signed > 0, "nothing signed at all: {s:?}");
-    let mut refused = 0.0;
-    for id in 1..=3 {
-        refused += c
-            .metrics(id)
-            .await?
-            .iter()
-            .filter(|(k, _)| k.contains("result=\"refused_equivocation\""))
-            .map(|(_, v)| v)
-            .sum::<f64>();
-    }
+    let refused = sign_results(&c, "refused_equivocation").await?;
     ensure!(
         refused >= 4.0,
         "only {refused} conflicting requests refused"
@@ -284,16 +291,7 @@ async fn a_new_cluster_signs_nothing_until_told_where_the_key_stands() -> Result
     c.chain.wait_height(h + 4, SETTLE).await?;
     let s = c.chain.totals().await?;
     ensure!(s.signed == 0, "signed without a watermark: {s:?}");
-    let mut refused = 0.0;
-    for id in 1..=3 {
-        refused += c
-            .metrics(id)
-            .await?
-            .iter()
-            .filter(|(k, _)| k.contains("result=\"refused_no_watermark\""))
-            .map(|(_, v)| v)
-            .sum::<f64>();
-    }
+    let refused = sign_results(&c, "refused_no_watermark").await?;
     ensure!(
         refused > 0.0,
         "no request was refused for want of a watermark"
