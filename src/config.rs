@@ -132,6 +132,54 @@ pub enum SignerKind {
     Cometbft,
 }
 
+/// A named set of timing defaults, one per deployment shape. Each flag of
+/// the timing table still overrides its own value, and the safety
+/// inequality is checked on the result either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TimingProfile {
+    /// One datacentre or a LAN (peer round trips under 25 ms): 50 ms
+    /// heartbeats, 250..500 ms elections, fenced 300 ms after the last
+    /// quorum-acked heartbeat.
+    #[default]
+    Lan,
+    /// Nearby datacentres (peer round trips up to 100 ms): 150 ms
+    /// heartbeats, 400..800 ms elections, fenced after 600 ms.
+    Wan,
+}
+
+/// The defaults a profile sets.
+#[derive(Debug, Clone, Copy)]
+pub struct ProfileTimes {
+    pub heartbeat: u64,
+    pub election_min: u64,
+    pub election_max: u64,
+    pub fence_after: u64,
+}
+
+impl TimingProfile {
+    /// Each openraft heartbeat must be answered within one heartbeat
+    /// interval or it is lost, so the interval bounds the peer round trip a
+    /// profile tolerates; the lease (`fence_after`) leaves room for a
+    /// heartbeat interval plus a round trip plus a stall of the same size.
+    pub fn times(self) -> ProfileTimes {
+        match self {
+            TimingProfile::Lan => ProfileTimes {
+                heartbeat: 50,
+                election_min: 250,
+                election_max: 500,
+                fence_after: 300,
+            },
+            TimingProfile::Wan => ProfileTimes {
+                heartbeat: 150,
+                election_min: 400,
+                election_max: 800,
+                fence_after: 600,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -188,16 +236,20 @@ pub struct RunArgs {
     #[arg(long, env = "KEYRAFT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
-    /// Leader heartbeat interval [default: 100ms].
+    /// Timing defaults for the deployment's shape: lan (peer round trips
+    /// under 25 ms) or wan (nearby datacentres, up to 100 ms) [default: lan].
+    #[arg(long, env = "KEYRAFT_TIMING", value_enum)]
+    pub timing: Option<TimingProfile>,
+    /// Leader heartbeat interval [default: 50ms with --timing lan, 150ms with wan].
     #[arg(long, env = "KEYRAFT_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<Millis>,
-    /// Shortest election timeout [default: 500ms].
+    /// Shortest election timeout [default: 250ms lan, 400ms wan].
     #[arg(long, env = "KEYRAFT_ELECTION_TIMEOUT_MIN")]
     pub election_timeout_min: Option<Millis>,
-    /// Longest election timeout; also the followers' leader lease [default: 1000ms].
+    /// Longest election timeout; also the followers' leader lease [default: 500ms lan, 800ms wan].
     #[arg(long, env = "KEYRAFT_ELECTION_TIMEOUT_MAX")]
     pub election_timeout_max: Option<Millis>,
-    /// The validator is killed this long after the last quorum-acked heartbeat was sent [default: 600ms].
+    /// The validator is killed this long after the last quorum-acked heartbeat was sent [default: 300ms lan, 600ms wan].
     #[arg(long, env = "KEYRAFT_FENCE_AFTER")]
     pub fence_after: Option<Millis>,
     /// Time to SIGKILL the validator's process group and see it gone [default: 100ms].
@@ -310,6 +362,7 @@ pub struct ValidatorConfig {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    pub profile: TimingProfile,
     pub heartbeat: Duration,
     pub election_min: Duration,
     pub election_max: Duration,
@@ -438,6 +491,7 @@ impl RunArgs {
             http_listen,
             tls_dir,
             log_format,
+            timing,
             heartbeat_interval,
             election_timeout_min,
             election_timeout_max,
@@ -690,10 +744,12 @@ fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigErro
 
 fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {
     let ms = |v: Option<Millis>, d: u64| v.map(|m| m.0).unwrap_or(Duration::from_millis(d));
-    let heartbeat = ms(a.heartbeat_interval, 100);
-    let election_min = ms(a.election_timeout_min, 500);
-    let election_max = ms(a.election_timeout_max, 1000);
-    let fence_after = ms(a.fence_after, 600);
+    let profile = a.timing.unwrap_or_default();
+    let p = profile.times();
+    let heartbeat = ms(a.heartbeat_interval, p.heartbeat);
+    let election_min = ms(a.election_timeout_min, p.election_min);
+    let election_max = ms(a.election_timeout_max, p.election_max);
+    let fence_after = ms(a.fence_after, p.fence_after);
     let kill_bound = ms(a.kill_bound, 100);
     let drift_margin = ms(a.drift_margin, 100);
     let need = Timing::min_handover_delay(fence_after, kill_bound, drift_margin, election_max);
@@ -735,6 +791,7 @@ fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {
         )));
     }
     Ok(Timing {
+        profile,
         heartbeat,
         election_min,
         election_max,
@@ -949,6 +1006,16 @@ mod tests {
     #[test]
     fn default_timings_need_no_handover_delay() {
         let d = Duration::from_millis;
+        for profile in [TimingProfile::Lan, TimingProfile::Wan] {
+            let p = profile.times();
+            assert_eq!(
+                Timing::min_handover_delay(d(p.fence_after), d(100), d(100), d(p.election_max)),
+                Duration::ZERO,
+                "{profile:?}"
+            );
+            // Three heartbeats fit in the lease, with a round trip to spare.
+            assert!(p.fence_after >= p.heartbeat * 3 + 100, "{profile:?}");
+        }
         assert_eq!(
             Timing::min_handover_delay(d(600), d(100), d(100), d(1000)),
             Duration::ZERO

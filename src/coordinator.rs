@@ -81,6 +81,9 @@ pub struct Coordinator {
     quiet: std::cell::Cell<bool>,
     /// Random extra wait before campaigning, redrawn after each campaign.
     jitter: Duration,
+    /// The term in which this node, leading but unable to validate, last
+    /// handed leadership on (see [`Coordinator::hand_on`]).
+    handed_on_in: Option<u64>,
 }
 
 /// The next unasked validator event (never resolves on a witness).
@@ -137,6 +140,7 @@ impl Coordinator {
             next_activation: Instant::now(),
             quiet: std::cell::Cell::new(false),
             jitter: campaign_jitter(election_min),
+            handed_on_in: None,
         }
     }
 
@@ -502,10 +506,20 @@ impl Coordinator {
             if m.state == ServerState::Leader {
                 // Signer mode: the leader signs; no key is ever linked.
                 let signer = self.sh.cfg.signer.is_some();
-                if eligible && !signer && Instant::now() >= self.next_activation {
+                // A leader fresh from its election has no quorum ack yet,
+                // and openraft refuses proposals until it has one.
+                let acked = self.sh.leads(&m);
+                if eligible && !signer && acked && Instant::now() >= self.next_activation {
                     return self.activate(m.current_term).await;
                 }
-                recheck = self.sh.cfg.timing.heartbeat;
+                if !eligible {
+                    self.hand_on(&m).await;
+                }
+                recheck = if acked {
+                    self.sh.cfg.timing.heartbeat
+                } else {
+                    Duration::from_millis(5)
+                };
             } else if eligible {
                 recheck = self.maybe_campaign(&m, false).await;
             } else if !self.cluster_rx.borrow().paused && self.standby(None, false).is_ok() {
@@ -517,10 +531,40 @@ impl Coordinator {
                 _ = health_changed(&mut self.health_rx) => {}
                 _ = self.raft_rx.changed() => {}
                 _ = self.cluster_rx.changed() => {}
+                _ = self.sh.gate.nudged() => {}
                 Some(req) = self.requests.recv() => self.idle_request(req).await,
                 _ = tokio::time::sleep(recheck) => {}
             }
         }
+    }
+
+    /// A leader that may not validate (a witness elected to bring a
+    /// standby's log up to date, say) hands leadership to an eligible
+    /// standby as soon as that standby holds every entry, once per term.
+    /// Going quiet (see `publish`) would also get there, a whole lease
+    /// later; it stays as the fallback if the transfer goes nowhere.
+    async fn hand_on(&mut self, m: &raft::Metrics) {
+        if self.handed_on_in == Some(m.current_term) || !self.sh.leads(m) {
+            return;
+        }
+        let Ok(target) = self.handover_target(None) else {
+            return;
+        };
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&target).cloned().flatten())
+            .map(|l| l.index);
+        if m.last_log_index.is_none() || matched < m.last_log_index {
+            return; // Replication is under way; the next metrics change rechecks.
+        }
+        self.handed_on_in = Some(m.current_term);
+        tracing::info!(
+            target,
+            term = m.current_term,
+            "leading without being able to validate: node {target} holds every entry now, handing leadership to it"
+        );
+        let _ = self.sh.raft.trigger().transfer_leader(target).await;
     }
 
     /// Campaigns (with pre-vote) as soon as the leader's lease on this node
@@ -528,11 +572,13 @@ impl Coordinator {
     /// Returns how long until it is worth checking again.
     ///
     /// With `last_resort`, this node may not validate (a witness, or one
-    /// standing down) but an eligible standby exists and has not won for
-    /// twice the lease: it can lose every vote to a node holding entries it
-    /// lacks (a witness's, say). Then this node stands, leads just long enough
-    /// to bring the standby's log up to date, and goes quiet (see `publish`)
-    /// so that the standby wins next.
+    /// standing down) but an eligible standby exists: it can lose every
+    /// vote to a node holding entries it lacks (a witness's, say). Then this
+    /// node stands, leads just long enough to bring the standby's log up to
+    /// date, and hands leadership to it ([`Self::hand_on`]). It stands as
+    /// soon as the lease is over if such a standby asked it for a vote
+    /// lately (the refusal says why: see [`raft::Gate::saw_behind_candidate`]),
+    /// and otherwise after twice the lease without a leader.
     async fn maybe_campaign(&mut self, m: &raft::Metrics, last_resort: bool) -> Duration {
         let t = self.sh.cfg.timing;
         let now = Instant::now();
@@ -549,15 +595,21 @@ impl Coordinator {
             .gate
             .since_any_leader()
             .unwrap_or_else(|| self.sh.started.elapsed());
-        let due = if last_resort {
-            t.election_max * 2
-        } else {
-            t.election_max
+        let behind = self.sh.gate.behind_candidate(t.election_max * 2);
+        let due = match (last_resort, behind) {
+            (false, _) | (true, Some(_)) => t.election_max,
+            (true, None) => t.election_max * 2,
         } + self.jitter;
         if quiet < due {
             return (due - quiet).max(Duration::from_millis(10));
         }
-        if last_resort {
+        if let (true, Some(candidate)) = (last_resort, behind) {
+            tracing::info!(
+                quiet_ms = quiet.as_millis() as u64,
+                candidate,
+                "node {candidate} cannot win with a log behind this node's: standing for election to catch it up and hand over"
+            );
+        } else if last_resort {
             tracing::warn!(
                 quiet_ms = quiet.as_millis() as u64,
                 "no leader for twice the lease although a standby could validate: standing for election to catch it up"
@@ -699,6 +751,7 @@ impl Coordinator {
             .gate
             .since_leader_contact()
             .map(|d| Instant::now() - d);
+        let elected = Instant::now();
         tracing::info!(term, "elected leader: committing activation");
         let write = self
             .sh
@@ -720,6 +773,7 @@ impl Coordinator {
                 }
             },
         };
+        let committed = Instant::now();
         let clean = prior.is_none_or(|p| p.released);
         if !clean && !t.handover_delay.is_zero() {
             tracing::info!(
@@ -730,9 +784,11 @@ impl Coordinator {
                 return next;
             }
         }
+        let held = Instant::now();
         if let Err(next) = self.wait_for_new_height(prior, previous, term).await {
             return next;
         }
+        let height_passed = Instant::now();
         let Some(node) = &mut self.node else {
             return State::Voting;
         };
@@ -773,9 +829,16 @@ impl Coordinator {
         if let (Some(prev), Some(lost)) = (previous, lost_at) {
             let took = lost.elapsed();
             self.sh.metrics.failover_seconds.observe(took.as_secs_f64());
+            // Where the time went (README, "Failover budget").
+            let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_millis() as u64;
             tracing::info!(
                 from = prev,
                 took_ms = took.as_millis() as u64,
+                silent_ms = ms(lost, elected),
+                commit_ms = ms(elected, committed),
+                hold_ms = ms(committed, held),
+                height_ms = ms(held, height_passed),
+                start_ms = ms(height_passed, Instant::now()),
                 "failover complete"
             );
         }

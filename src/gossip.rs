@@ -8,11 +8,13 @@
 //! node starting with an empty data dir). Must not: decide anything; gossip
 //! is advisory. Safety never rests on it, only on Raft.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::config::TimingProfile;
 use crate::node::{Local, Shared};
 use crate::pb;
 use crate::tls::peer_of;
@@ -28,6 +30,7 @@ pub async fn run(sh: Arc<Shared>) {
     let mut local = sh.local.subscribe();
     let role = |l: &Local| (l.state, l.eligible);
     let mut pushed = None;
+    let mut told = Told::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -63,17 +66,55 @@ pub async fn run(sh: Arc<Shared>) {
             }
         });
         futures::future::join_all(rounds).await;
-        update_peer_metrics(&sh);
+        update_peer_metrics(&sh, &mut told);
     }
 }
 
-fn update_peer_metrics(sh: &Shared) {
-    let stale = sh.cfg.timing.gossip_interval * 3;
+/// What the log has been told about each peer, so that it is told once.
+#[derive(Default)]
+struct Told {
+    up: BTreeMap<u64, bool>,
+    slow: BTreeSet<u64>,
+}
+
+/// Sets the peer gauges, and logs each peer going silent or coming back
+/// (once per change: openraft's own per-heartbeat errors are not logged),
+/// and a round trip too long for the timing profile (once per peer).
+fn update_peer_metrics(sh: &Shared, told: &mut Told) {
+    let t = sh.cfg.timing;
+    let stale = t.gossip_interval * 3;
     let seen = sh.view.snapshot();
     for id in sh.peer_ids() {
         let label = id.to_string();
         let s = seen.get(&id);
         let up = s.is_some_and(|s| s.at.elapsed() <= stale);
+        // openraft drops a heartbeat not answered within one interval.
+        if let Some(rtt) = s.and_then(|s| s.rtt).filter(|r| *r * 3 > t.heartbeat * 2) {
+            if told.slow.insert(id) {
+                let advice = match t.profile {
+                    TimingProfile::Lan => "run every node with --timing wan",
+                    TimingProfile::Wan => {
+                        "raise --heartbeat-interval to three round trips, and the lease with it"
+                    }
+                };
+                tracing::warn!(
+                    peer = id,
+                    rtt_ms = rtt.as_millis() as u64,
+                    "round trip to peer {id} takes {rtt:?}, too close to the heartbeat interval ({:?}) that each heartbeat must be answered in: leases will lapse and the validator be fenced; {advice}",
+                    t.heartbeat
+                );
+            }
+        }
+        match (told.up.insert(id, up), up) {
+            (Some(true), false) => {
+                tracing::warn!(
+                    peer = id,
+                    "peer {id} silent for {stale:?}: unreachable or down"
+                )
+            }
+            (Some(false), true) => tracing::info!(peer = id, "peer {id} reachable again"),
+            _ => {}
+        }
         sh.metrics
             .peer_up
             .with_label_values(&[&label])
@@ -95,7 +136,7 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
         id: sh.cfg.id,
         role: sh.cfg.role().to_string(),
         state: local.state.to_string(),
-        raft: format!("{:?}", m.state),
+        raft: sh.raft_state(&m),
         term: m.current_term,
         leader: m.current_leader,
         validator: local.validator.map(|h| pb::ValidatorHealth {

@@ -286,7 +286,7 @@ async fn shutdown_signal() {
 fn init_logging(id: u64, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=error,sled=warn,h2=warn,tower=warn"));
     let json = format == LogFormat::Json;
     let writer = NodeTag { id, json };
     let ansi = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -115,15 +115,36 @@ impl Shared {
         ids.into_iter().collect()
     }
 
+    /// Whether this node leads with a quorum behind it: openraft's leader,
+    /// with a quorum ack younger than the lease (`election_timeout_max`).
+    ///
+    /// openraft keeps a leader cut off from its peers in `Leader` until it
+    /// hears a higher term, even with CheckQuorum (it only refuses new
+    /// proposals). Such a node can commit nothing and its validator is
+    /// fenced by then, so keyraft stops counting it as leader everywhere it
+    /// reports one (status, gossip, `keyraft_raft_leader`, `/leader`).
+    pub fn leads(&self, m: &raft::Metrics) -> bool {
+        m.state == ServerState::Leader
+            && quorum_ack_age(m).is_some_and(|age| age < self.cfg.timing.election_max)
+    }
+
+    /// openraft's server state as keyraft reports it: `LeaderWithoutQuorum`
+    /// for a leader that [`Self::leads`] no more.
+    pub fn raft_state(&self, m: &raft::Metrics) -> String {
+        if m.state == ServerState::Leader && !self.leads(m) {
+            "LeaderWithoutQuorum".to_string()
+        } else {
+            format!("{:?}", m.state)
+        }
+    }
+
     /// The leader, if it is alive: this node with a recent quorum ack, or
     /// the leader a follower heard from within the election timeout.
     pub fn leader(&self) -> Option<NodeId> {
         let m = self.raft_metrics();
         let limit = self.cfg.timing.election_max;
         if m.state == ServerState::Leader {
-            quorum_ack_age(&m)
-                .is_some_and(|age| age < limit)
-                .then_some(self.cfg.id)
+            self.leads(&m).then_some(self.cfg.id)
         } else {
             m.current_leader
                 .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
@@ -136,7 +157,7 @@ impl Shared {
         let m = self.raft_metrics();
         let g = &self.metrics;
         g.raft_term.set(m.current_term as i64);
-        g.raft_leader.set(i64::from(m.state == ServerState::Leader));
+        g.raft_leader.set(i64::from(self.leads(&m)));
         g.raft_last_log_index
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index

@@ -67,6 +67,88 @@ async fn three_nodes_elect_one_leader_and_all_report_it() -> Result<()> {
     Ok(())
 }
 
+/// The raft state node `id` reports for itself in `keyraft status`.
+async fn own_raft(c: &Cluster, id: u64) -> Result<String> {
+    let v = c.status(id).await?;
+    Ok(v["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == id))
+        .map(|me| me["raft"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_isolated_leader_steps_down_within_the_lease_and_two_leaders_are_never_seen(
+) -> Result<()> {
+    let c = Cluster::start(3, 250, plain).await?;
+    let (old, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    // election_timeout_max of the default (lan) timing profile.
+    let lease = Duration::from_millis(500);
+    c.isolate(old);
+    let cut = std::time::Instant::now();
+    let mut stepped_down = None;
+    let mut two_since: Option<std::time::Instant> = None;
+    let mut two_longest = Duration::ZERO;
+    loop {
+        // What a Prometheus scraping every node at this instant would see.
+        let mut leaders = Vec::new();
+        for id in 1..=3 {
+            if c.metric(id, "keyraft_raft_leader").await? == 1.0 {
+                leaders.push(id);
+            }
+        }
+        if leaders.len() > 1 {
+            let since = *two_since.get_or_insert_with(std::time::Instant::now);
+            two_longest = two_longest.max(since.elapsed());
+        } else {
+            two_since = None;
+        }
+        if stepped_down.is_none() && !leaders.contains(&old) {
+            stepped_down = Some(cut.elapsed());
+        }
+        if stepped_down.is_some() && leaders.len() == 1 && leaders[0] != old {
+            break;
+        }
+        ensure!(
+            cut.elapsed() < SETTLE,
+            "no new leader with the old one stepped down (leaders {leaders:?}):\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stepped_down = stepped_down.unwrap_or_default();
+    // The scrape loop above takes some tens of ms per round.
+    ensure!(
+        stepped_down < lease + Duration::from_millis(300),
+        "the isolated leader claimed leadership for {stepped_down:?}"
+    );
+    ensure!(
+        two_longest < lease,
+        "two nodes had keyraft_raft_leader 1 for {two_longest:?}"
+    );
+    // Its own status says so too, while openraft still holds its old vote;
+    // the others agree on a new leader.
+    ensure!(
+        own_raft(&c, old).await? == "LeaderWithoutQuorum",
+        "isolated node {old} reports {}",
+        own_raft(&c, old).await?
+    );
+    let (new, _) = eventually(SETTLE, "the others to agree on a leader", || {
+        agreed_leader(&c, &others)
+    })
+    .await?;
+    ensure!(new != old);
+    // Healed, it follows the new leader.
+    c.heal();
+    eventually(SETTLE, "the old leader to follow", || async {
+        Ok((own_raft(&c, old).await? == "Follower").then_some(()))
+    })
+    .await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_stopped_leader_is_replaced_and_rejoins_with_its_persisted_term_and_log() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;

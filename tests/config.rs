@@ -106,6 +106,13 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
         "must be below",
     )?;
     expect_refusal(&s, &["--fence-after", "fast"], "bad duration")?;
+    expect_refusal(&s, &["--timing", "moon"], "--timing")?;
+    // The wan profile's longer lease is checked the same way.
+    expect_refusal(
+        &s,
+        &["--timing", "wan", "--fence-after", "800ms"],
+        "safety inequality",
+    )?;
     expect_refusal(&s, &["--health", "http"], "--health-url")?;
     Ok(())
 }
@@ -163,7 +170,7 @@ fn a_toml_file_and_environment_fill_in_flags() -> Result<()> {
         "--config",
         &file.display().to_string(),
         "--handover-delay",
-        "500ms",
+        "600ms",
         "--health",
         "http",
     ])?;

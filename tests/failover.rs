@@ -609,14 +609,85 @@ async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
     // holds the entries the standby lacks, so the witness must step in.
     let at = c.chain.totals().await?.height;
     c.signal(active, Signal::SIGSTOP)?;
+    let frozen = Instant::now();
     c.heal();
     let (new, _) = c
         .wait_signer(at + 1, &[active])
         .await
         .with_context(|| c.logs())?;
+    let took = frozen.elapsed();
     ensure!(new == standby, "node {new} signs");
     c.signal(active, Signal::SIGCONT)?;
     c.assert_no_double_signs().await?;
+    // The standby's refused vote told the witness why at once: the witness
+    // stood as soon as the lease was over, not after twice the lease, and
+    // handed leadership on as soon as the standby held its entries.
+    let witness = std::fs::read_to_string(&c.proc(3)?.log)?;
+    ensure!(
+        witness.contains(&format!("node {standby} cannot win with a log behind"))
+            && witness.contains(&format!("node {standby} holds every entry now")),
+        "the witness did not take the fast path:\n{witness}"
+    );
+    ensure!(
+        !witness.contains("twice the lease"),
+        "the witness waited twice the lease"
+    );
+    // The lease (500 ms), one election timeout, one block, the restart.
+    let bound = Duration::from_millis(500 + 500 + BLOCK_MS + 250);
+    ensure!(
+        took < bound,
+        "the standby signed {took:?} after the freeze (bound {bound:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cluster_whose_links_carry_40ms_of_latency_keeps_its_validator() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
+        flags: vec!["--timing".into(), "wan".into()],
+        ..NodeOpts::default()
+    })
+    .await?;
+    let active = c.active().await?;
+    c.set_latency(localnet::proxy::Latency {
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(10),
+    });
+    let activations = |id: u64| c.metric(id, "keyraft_activations_total");
+    let before = c.chain.totals().await?;
+    let mut started = Vec::new();
+    for id in 1..=3 {
+        started.push(activations(id).await?);
+    }
+    // 60 blocks: 15 s of 80-100 ms round trips on every peer link.
+    c.chain.wait_height(before.height + 60, SETTLE * 2).await?;
+    let after = c.assert_no_double_signs().await?;
+    for id in 1..=3 {
+        ensure!(
+            activations(id).await? == started[id as usize - 1],
+            "node {id} activated under latency:\n{}",
+            c.logs()
+        );
+    }
+    ensure!(c.active().await? == active, "the key moved");
+    // Every height signed: the validator was never fenced.
+    ensure!(
+        after.missed == before.missed,
+        "{} heights missed under latency:\n{}",
+        after.missed - before.missed,
+        c.logs()
+    );
+    let rtts: Vec<f64> = c
+        .metrics(active)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("keyraft_peer_rtt_seconds"))
+        .map(|(_, v)| v)
+        .collect();
+    ensure!(
+        rtts.len() == 2 && rtts.iter().all(|r| *r >= 0.06),
+        "the latency did not reach the peer links: round trips {rtts:?}"
+    );
     Ok(())
 }
 

@@ -212,9 +212,13 @@ pub async fn failover(
     rounds: usize,
     block_ms: u64,
     activate_by: &str,
+    timing: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, NodeOpts};
-    let flags = vec!["--activate-by".to_string(), activate_by.to_string()];
+    let mut flags = vec!["--activate-by".to_string(), activate_by.to_string()];
+    if let Some(t) = timing {
+        flags.extend(["--timing".to_string(), t.to_string()]);
+    }
     let fakenode = if activate_by == "sighup" {
         vec!["--hot-reload".to_string()]
     } else {
@@ -228,6 +232,7 @@ pub async fn failover(
     .await?;
     let mut kill_missed = Vec::new();
     let mut kill_wall = Vec::new();
+    let mut budget: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..rounds {
         let old = c.active().await?;
         settle_standbys(&c, old).await?;
@@ -240,6 +245,23 @@ pub async fn failover(
         println!("failover {round}: node {old} -> {new}: {missed} missed blocks, {wall:.0} ms to the first new signature");
         kill_missed.push((missed * block_ms) as f64);
         kill_wall.push(wall);
+        // Where the time went, as the new holder logged it.
+        let log = std::fs::read_to_string(&c.proc(new)?.log).unwrap_or_default();
+        if let Some(line) = log.lines().rev().find(|l| l.contains("failover complete")) {
+            let mut took = 0.0;
+            for field in BUDGET {
+                if let Some(v) = log_field(line, field) {
+                    budget.entry(field).or_default().push(v);
+                }
+            }
+            if let Some(t) = log_field(line, "took_ms") {
+                took = t;
+            }
+            // The rest: from the validator's start to the chain's receipt
+            // of its first signature, less the kill's head start on the
+            // last heartbeat it sent.
+            budget.entry("sign_ms").or_default().push(wall - took);
+        }
         c.forget(old)?;
         c.spawn(old)?;
     }
@@ -267,7 +289,114 @@ pub async fn failover(
         "block_ms": block_ms,
         "failover_ms_by_missed_blocks": summary("failover (missed blocks x block time, ms)", &kill_missed),
         "failover_ms_wall": summary("failover (kill to first new signature, ms)", &kill_wall),
+        "failover_budget_ms": budget
+            .iter()
+            .map(|(k, v)| (k.to_string(), summary(&format!("  of which {k}"), v)))
+            .collect::<serde_json::Map<_, _>>(),
         "switchover_missed_blocks": summary("switchover (missed blocks)", &switch_missed),
+        "double_signs": totals.double_signs,
+    }))
+}
+
+/// The phases of a failover the new holder logs with "failover complete"
+/// (see keyraft's coordinator): leader silent until elected (lease, jitter,
+/// election), Activate committed, handover delay, waiting for a height the
+/// old validator cannot have signed, validator (re)started.
+const BUDGET: [&str; 5] = ["silent_ms", "commit_ms", "hold_ms", "height_ms", "start_ms"];
+
+/// `name=123` in a text log line.
+fn log_field(line: &str, name: &str) -> Option<f64> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits.parse().ok()
+}
+
+pub struct LatencyBench {
+    pub seconds: u64,
+    pub latency: crate::proxy::Latency,
+    pub timing: Option<String>,
+    pub block_ms: u64,
+}
+
+/// A three-node cluster whose peer links all carry `latency` runs for
+/// `seconds` after it settles: leader changes, fences, missed heights and
+/// double signs, as the coordinators' metrics and the chain count them.
+pub async fn latency(b: &LatencyBench) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, NodeOpts};
+    let flags: Vec<String> = b
+        .timing
+        .iter()
+        .flat_map(|t| ["--timing".to_string(), t.clone()])
+        .collect();
+    let c = Cluster::start(3, b.block_ms, |_| NodeOpts {
+        flags: flags.clone(),
+        ..NodeOpts::default()
+    })
+    .await?;
+    c.set_latency(b.latency);
+    let active = c.active().await?;
+    settle_standbys(&c, active).await?;
+    let c = &c;
+    let counters = || async {
+        let mut activations = 0.0;
+        let mut deactivations = 0.0;
+        for id in c.nodes.keys() {
+            let m = c.metrics(*id).await?;
+            activations += m.get("keyraft_activations_total").copied().unwrap_or(0.0);
+            deactivations += m
+                .iter()
+                .filter(|(k, _)| k.starts_with("keyraft_deactivations_total"))
+                .map(|(_, v)| v)
+                .sum::<f64>();
+        }
+        anyhow::Ok((activations, deactivations))
+    };
+    let rtt = |id: u64| async move {
+        let m = c.metrics(id).await?;
+        anyhow::Ok(
+            m.iter()
+                .filter(|(k, _)| k.starts_with("keyraft_peer_rtt_seconds"))
+                .map(|(_, v)| v * 1000.0)
+                .fold(0.0, f64::max),
+        )
+    };
+    let (a0, d0) = counters().await?;
+    let before = c.chain.totals().await?;
+    let start = Instant::now();
+    let mut rtts = Vec::new();
+    while start.elapsed() < Duration::from_secs(b.seconds) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        rtts.push(rtt(active).await?);
+    }
+    let (a1, d1) = counters().await?;
+    let after = c.chain.totals().await?;
+    let still = c.active().await?;
+    let totals = c.assert_no_double_signs().await?;
+    let heights = after.height - before.height;
+    let missed = after.missed - before.missed;
+    println!(
+        "latency {:?} +- {:?}, {} s: {heights} heights, {missed} missed, {} activations, {} deactivations, active node {active} -> {still}",
+        b.latency.delay,
+        b.latency.jitter,
+        b.seconds,
+        a1 - a0,
+        d1 - d0
+    );
+    Ok(serde_json::json!({
+        "bench": "latency",
+        "latency_ms": b.latency.delay.as_millis() as u64,
+        "jitter_ms": b.latency.jitter.as_millis() as u64,
+        "timing": b.timing.clone().unwrap_or_else(|| "default".into()),
+        "seconds": b.seconds,
+        "heights": heights,
+        "missed": missed,
+        "activations": a1 - a0,
+        "deactivations": d1 - d0,
+        "leader_kept": still == active,
+        "peer_rtt_ms": summary("peer round trip seen by gossip (ms)", &rtts),
         "double_signs": totals.double_signs,
     }))
 }

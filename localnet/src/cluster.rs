@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::chain::Stats;
 use crate::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
 use crate::keys::KeyFile;
-use crate::proxy::Proxy;
+use crate::proxy::{Latency, Proxy};
 
 /// How long the helpers wait for a cluster to settle.
 pub const SETTLE: Duration = Duration::from_secs(20);
@@ -602,6 +602,13 @@ impl Cluster {
     pub fn heal(&self) {
         for p in self.proxies.values() {
             p.heal();
+        }
+    }
+
+    /// Delays every peer link, both directions (see [`Latency`]).
+    pub fn set_latency(&self, latency: Latency) {
+        for p in self.proxies.values() {
+            p.set_latency(latency);
         }
     }
 

@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 
 use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::harness::{free_addr, get_json, ChainClient};
+use crate::proxy::Latency;
 
 /// What `localnet up` writes for the other commands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +63,10 @@ pub struct UpOptions {
     pub cometbft: bool,
     /// Signer mode: sentries per host (the first supervised by keyraft).
     pub sentries: u64,
+    /// One-way delay on every peer link, each direction.
+    pub latency: Latency,
+    /// keyraft's `--timing` profile, if not its default.
+    pub timing: Option<String>,
 }
 
 /// The default dir, shared by `up` and the other commands.
@@ -133,10 +138,16 @@ pub async fn up(opts: UpOptions) -> Result<()> {
         |id| NodeOpts {
             witness: witness == Some(id),
             extra_sentries: opts.sentries.saturating_sub(1),
+            flags: opts
+                .timing
+                .iter()
+                .flat_map(|t| ["--timing".to_string(), t.clone()])
+                .collect(),
             ..NodeOpts::default()
         },
     )
     .await?;
+    cluster.set_latency(opts.latency);
     if opts.cometbft {
         cluster.never_signed().await?;
     }

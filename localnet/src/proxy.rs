@@ -1,25 +1,50 @@
 //! TCP fault proxies: every peer link of a local cluster runs through one,
-//! so that a link can be cut without root.
+//! so that a link can be cut, or slowed down, without root.
 //!
-//! Owns: forwarding bytes between a listen port and an upstream address, and
-//! the cut: while cut, bytes are read and thrown away in both directions (a
+//! Owns: forwarding bytes between a listen port and an upstream address; the
+//! cut: while cut, bytes are read and thrown away in both directions (a
 //! blackhole: the sender sees silence and timeouts, not a refused
-//! connection). A connection that lived through a cut is closed when the
-//! link heals, since bytes were lost; the client reconnects. Must not: look
-//! inside the traffic (it is TLS).
+//! connection), and a connection that lived through a cut is closed when the
+//! link heals, since bytes were lost; and the latency: each chunk is
+//! delivered a one-way delay (plus or minus a random jitter) after it was
+//! read, never before an earlier chunk (TCP does not reorder). Must not:
+//! look inside the traffic (it is TLS).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// The one-way delay a link adds in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub delay: Duration,
+    /// Each chunk's delay is drawn uniformly from `delay - jitter ..= delay + jitter`.
+    pub jitter: Duration,
+}
+
+impl Latency {
+    fn draw(&self) -> Duration {
+        if self.jitter.is_zero() {
+            return self.delay;
+        }
+        let spread = self.jitter.as_micros() as u64 * 2;
+        (self.delay + Duration::from_micros(rand::random_range(0..=spread)))
+            .saturating_sub(self.jitter)
+    }
+}
 
 /// One proxied link.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub upstream: SocketAddr,
     cut: Arc<watch::Sender<bool>>,
+    latency: Arc<watch::Sender<Latency>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,20 +54,22 @@ impl Proxy {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let cut = Arc::new(watch::channel(false).0);
-        let state = cut.clone();
+        let latency = Arc::new(watch::channel(Latency::default()).0);
+        let (state, slow) = (cut.clone(), latency.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = client.set_nodelay(true);
-                tokio::spawn(serve(client, upstream, state.subscribe()));
+                tokio::spawn(serve(client, upstream, state.subscribe(), slow.subscribe()));
             }
         });
         Ok(Proxy {
             addr,
             upstream,
             cut,
+            latency,
             task,
         })
     }
@@ -53,6 +80,11 @@ impl Proxy {
 
     pub fn heal(&self) {
         self.cut.send_replace(false);
+    }
+
+    /// Delays every chunk from now on, open connections included.
+    pub fn set_latency(&self, latency: Latency) {
+        self.latency.send_replace(latency);
     }
 
     pub fn is_cut(&self) -> bool {
@@ -68,41 +100,82 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<bool>) {
+async fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut cut: watch::Receiver<bool>,
+    latency: watch::Receiver<Latency>,
+) {
     if *cut.borrow_and_update() {
         // Accepted while cut: swallow everything until the link heals, then close.
         swallow(&mut client, &mut cut).await;
         return;
     }
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = server.set_nodelay(true);
-    let (mut cr, mut cw) = client.split();
-    let (mut sr, mut sw) = server.split();
-    let (mut a, mut b) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let mut up = tokio::spawn(pump(cr, sw, cut.clone(), latency.clone()));
+    let mut down = tokio::spawn(pump(sr, cw, cut.clone(), latency));
     let mut tainted = false;
     loop {
         tokio::select! {
-            r = cr.read(&mut a) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => if !*cut.borrow() && sw.write_all(&a[..n]).await.is_err() { return },
-            },
-            r = sr.read(&mut b) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => if !*cut.borrow() && cw.write_all(&b[..n]).await.is_err() { return },
-            },
+            _ = &mut up => break,
+            _ = &mut down => break,
             changed = cut.changed() => {
-                if changed.is_err() { return }
+                if changed.is_err() { break }
                 let now_cut = *cut.borrow();
                 if now_cut {
                     tainted = true;
                 } else if tainted {
-                    return;
+                    break;
                 }
             }
         }
     }
+    up.abort();
+    down.abort();
+}
+
+/// One direction of a link: reads chunks and delivers each after the
+/// link's latency, in order; drops what is read or due while cut.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    cut: watch::Receiver<bool>,
+    latency: watch::Receiver<Latency>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let cut_w = cut.clone();
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if !*cut_w.borrow() && to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut last = Instant::now();
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return, // Dropping `tx` lets the writer drain.
+                Ok(n) => n,
+            };
+            if *cut.borrow() {
+                continue;
+            }
+            let due = (Instant::now() + latency.borrow().draw()).max(last);
+            last = due;
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(reader, writer);
 }
 
 async fn swallow(client: &mut TcpStream, cut: &mut watch::Receiver<bool>) {
@@ -136,6 +209,38 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn delays_each_direction_within_the_jitter_and_keeps_order() {
+        let p = Proxy::start("127.0.0.1:0".parse().unwrap(), echo_server().await)
+            .await
+            .unwrap();
+        p.set_latency(Latency {
+            delay: Duration::from_millis(40),
+            jitter: Duration::from_millis(10),
+        });
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        let mut rtts = Vec::new();
+        for i in 0..20u8 {
+            let t = std::time::Instant::now();
+            c.write_all(&[i; 4]).await.unwrap();
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, [i; 4], "bytes out of order");
+            rtts.push(t.elapsed());
+        }
+        // Two one-way delays of 30..=50 ms each, plus scheduling.
+        let (min, max) = (rtts.iter().min().unwrap(), rtts.iter().max().unwrap());
+        assert!(
+            *min >= Duration::from_millis(60),
+            "fastest round trip {min:?}"
+        );
+        assert!(
+            *max < Duration::from_millis(200),
+            "slowest round trip {max:?}"
+        );
+        assert!(max > min, "no jitter: {rtts:?}");
     }
 
     #[tokio::test]

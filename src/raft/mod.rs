@@ -312,6 +312,11 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
         election_timeout_min: t.election_min.as_millis() as u64,
         election_timeout_max: t.election_max.as_millis() as u64,
         enable_pre_vote: Some(true),
+        // CheckQuorum's quiet phase: a leader without a quorum ack for the
+        // lease stops heartbeating (for the shortest period openraft
+        // allows), so that a follower it still reaches is not kept from
+        // joining the quorum that elects a successor.
+        quorum_loss_probe_interval: Some(t.election_max.as_millis() as u64 * 2),
         // keyraft turns elections on once this node may campaign (eligible,
         // and up for `election_timeout_max`: see the coordinator's publish).
         enable_elect: false,
@@ -350,6 +355,11 @@ pub struct Gate {
     last_leader_contact: Mutex<Option<Instant>>,
     /// When this node was last seen leading (see [`Gate::since_any_leader`]).
     last_led: Mutex<Option<Instant>>,
+    /// The last candidate refused a vote here with a log behind this
+    /// node's, and when (see [`Gate::saw_behind_candidate`]).
+    behind_candidate: Mutex<Option<(NodeId, Instant)>>,
+    /// Wakes the coordinator when such a candidate shows up.
+    nudge: tokio::sync::Notify,
 }
 
 fn stamp(at: &Mutex<Option<Instant>>) {
@@ -372,7 +382,35 @@ impl Gate {
             accepts_leadership: AtomicBool::new(false),
             last_leader_contact: Mutex::new(None),
             last_led: Mutex::new(None),
+            behind_candidate: Mutex::new(None),
+            nudge: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Records that candidate `id` asked for a vote with a log behind this
+    /// node's: it cannot win without this node's entries, so this node
+    /// should lead long enough to hand them over (see the coordinator's
+    /// last-resort campaign), and wakes the coordinator.
+    pub fn saw_behind_candidate(&self, id: NodeId) {
+        *self
+            .behind_candidate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((id, Instant::now()));
+        self.nudge.notify_one();
+    }
+
+    /// The candidate behind this node's log that asked within `within`.
+    pub fn behind_candidate(&self, within: std::time::Duration) -> Option<NodeId> {
+        self.behind_candidate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|(_, at)| at.elapsed() < within)
+            .map(|(id, _)| id)
+    }
+
+    /// Resolves after the next [`Gate::saw_behind_candidate`].
+    pub async fn nudged(&self) {
+        self.nudge.notified().await
     }
 
     pub fn may_grant_votes(&self) -> bool {
@@ -588,9 +626,7 @@ mod tests {
         .unwrap()
         .timing;
         let c = openraft_config(&t).unwrap();
-        assert_eq!(
-            (c.election_timeout_min, c.election_timeout_max),
-            (500, 1000)
-        );
+        assert_eq!((c.election_timeout_min, c.election_timeout_max), (250, 500));
+        assert_eq!(c.quorum_loss_probe_interval, Some(1000));
     }
 }

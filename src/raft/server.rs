@@ -6,20 +6,22 @@
 //! decided it may take part (see step 9), the rule that it refuses votes for
 //! a while after it starts
 //! (its leader lease died with the process) and while it rejoins, and that it
-//! refuses leadership transfers while it may not validate. Must not: change
+//! refuses leadership transfers while it may not validate; and it tells the
+//! coordinator when it refused a candidate whose log is behind its own.
+//! Must not: change
 //! Raft state itself; openraft does that.
 
 use std::sync::Arc;
 
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest,
+    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::network::SnapshotMessage;
-use super::{Gate, Raft, TypeConfig};
+use super::{Gate, LogId, Raft, TypeConfig};
 use crate::config::NodeId;
 use crate::pb;
 use crate::tls::peer_of;
@@ -87,6 +89,25 @@ impl RaftService {
             ))
         }
     }
+
+    /// A refused candidate whose log is behind this node's can only win
+    /// once this node's entries reach it: tell the coordinator at once.
+    fn note_refusal<E>(
+        &self,
+        candidate: NodeId,
+        theirs: Option<LogId>,
+        result: &Result<VoteResponse<TypeConfig>, E>,
+    ) {
+        if let Ok(r) = result {
+            if !r.vote_granted && r.last_log_id > theirs {
+                tracing::debug!(
+                    candidate,
+                    "refused a candidate whose log is behind this node's"
+                );
+                self.gate.saw_behind_candidate(candidate);
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -115,7 +136,10 @@ impl pb::raft_server::Raft for RaftService {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         let rpc = self.vote_request(&req)?;
-        reply(&self.raft.vote(rpc).await)
+        let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
+        let result = self.raft.vote(rpc).await;
+        self.note_refusal(candidate, theirs, &result);
+        reply(&result)
     }
 
     async fn pre_vote(
@@ -123,7 +147,10 @@ impl pb::raft_server::Raft for RaftService {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         let rpc = self.vote_request(&req)?;
-        reply(&self.raft.pre_vote(rpc).await)
+        let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
+        let result = self.raft.pre_vote(rpc).await;
+        self.note_refusal(candidate, theirs, &result);
+        reply(&result)
     }
 
     async fn install_snapshot(

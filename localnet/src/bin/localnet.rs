@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use localnet::chaos::{self, Fault};
@@ -52,6 +53,15 @@ enum Cmd {
         /// keyraft (the first is supervised by it).
         #[arg(long, default_value_t = 1)]
         sentries: u64,
+        /// One-way delay on every peer link, each direction (e.g. 40ms).
+        #[arg(long, value_parser = parse_ms, default_value = "0ms")]
+        latency: Duration,
+        /// Random spread of that delay, plus or minus (e.g. 10ms).
+        #[arg(long, value_parser = parse_ms, default_value = "0ms")]
+        jitter: Duration,
+        /// keyraft's timing profile (lan or wan) [default: keyraft's].
+        #[arg(long)]
+        timing: Option<String>,
     },
     /// Print the live view once.
     Status {
@@ -205,7 +215,43 @@ enum BenchCmd {
         /// restart or sighup.
         #[arg(long, default_value = "restart")]
         activate_by: String,
+        /// keyraft's timing profile (lan or wan) [default: keyraft's].
+        #[arg(long)]
+        timing: Option<String>,
     },
+    /// Stability under emulated WAN latency: a cluster whose peer links all
+    /// carry a one-way delay runs for a while; counts failovers, missed
+    /// heights and double signs.
+    Latency {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, value_parser = parse_ms, default_value = "40ms")]
+        latency: Duration,
+        #[arg(long, value_parser = parse_ms, default_value = "10ms")]
+        jitter: Duration,
+        /// keyraft's timing profile (lan or wan) [default: keyraft's].
+        #[arg(long)]
+        timing: Option<String>,
+        #[arg(long, default_value_t = 500)]
+        block_ms: u64,
+    },
+}
+
+/// A duration as `40ms`, `1.5s` or a bare number of milliseconds.
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (like 40ms or 1.5s)");
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !(0.0..=3_600_000.0).contains(&v) {
+        return Err(bad());
+    }
+    Ok(Duration::from_micros((v * scale * 1000.0) as u64))
 }
 
 /// Under `cargo run -p localnet`, cargo builds only this package: build the
@@ -262,6 +308,9 @@ async fn main() -> ExitCode {
             block_ms,
             cometbft,
             sentries,
+            latency,
+            jitter,
+            timing,
         } => {
             launcher::up(launcher::UpOptions {
                 dir: dir.path(),
@@ -270,6 +319,11 @@ async fn main() -> ExitCode {
                 block_ms,
                 cometbft,
                 sentries,
+                latency: localnet::proxy::Latency {
+                    delay: latency,
+                    jitter,
+                },
+                timing,
             })
             .await
         }
@@ -410,9 +464,28 @@ async fn main() -> ExitCode {
                 rounds,
                 block_ms,
                 activate_by,
-            } => bench::failover(rounds, block_ms, &activate_by)
+                timing,
+            } => bench::failover(rounds, block_ms, &activate_by, timing.as_deref())
                 .await
                 .map(|v| println!("{v}")),
+            BenchCmd::Latency {
+                seconds,
+                latency,
+                jitter,
+                timing,
+                block_ms,
+            } => {
+                let b = bench::LatencyBench {
+                    seconds,
+                    latency: localnet::proxy::Latency {
+                        delay: latency,
+                        jitter,
+                    },
+                    timing,
+                    block_ms,
+                };
+                bench::latency(&b).await.map(|v| println!("{v}"))
+            }
         },
     };
     match result {
