@@ -104,10 +104,11 @@ async fn health_changed(rx: &mut Option<watch::Receiver<Option<Health>>>) {
     std::future::pending().await
 }
 
-/// A random extra wait before campaigning, so two standbys rarely collide.
+/// A small random extra wait before campaigning, for when two standbys
+/// disagree on their ranks (see [`Coordinator::campaign_rank`]).
 fn campaign_jitter(election_min: Duration) -> Duration {
     Duration::from_millis(rand::random_range(
-        0..=(election_min.as_millis() as u64 / 4).max(1),
+        0..=(election_min.as_millis() as u64 / 10).max(1),
     ))
 }
 
@@ -202,12 +203,12 @@ impl Coordinator {
     /// and sets openraft's election switch. Returns eligibility.
     fn publish(&self, state: StateName) -> bool {
         let eligible = self.eligible(state);
-        // A restarted node has forgotten the lease it promised: it neither
-        // votes (the gate) nor campaigns until `election_timeout_max` has passed.
-        self.sh
-            .raft
-            .runtime_config()
-            .elect(eligible && self.sh.gate.may_grant_votes());
+        // openraft's own election timer stays off (`enable_elect: false`):
+        // only `maybe_campaign` starts elections, when this node is
+        // eligible, its restart quiet is over (a restarted node has
+        // forgotten the lease it promised: it neither votes, by the gate,
+        // nor campaigns until `election_timeout_max` has passed) and its
+        // turn among the standbys has come.
         self.sh.gate.set_accepts_leadership(eligible);
         // A leader that may not validate steps down by going quiet: with its
         // heartbeats off, an eligible standby's campaign succeeds once the
@@ -293,6 +294,9 @@ impl Coordinator {
         let m = self.sh.raft_metrics();
         let r = if m.state != ServerState::Leader {
             Err("this node is not the leader".to_string())
+        } else if self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id) {
+            // A handover whose stop was not proven left the key unreleased.
+            Err("this node still holds the key: it was not released (its validator's stop was not proven); the next leader will wait out the lease".to_string())
         } else {
             match self.handover_target(to) {
                 Ok(t) => {
@@ -515,10 +519,11 @@ impl Coordinator {
                 if !eligible {
                     self.hand_on(&m).await;
                 }
-                recheck = if acked {
-                    self.sh.cfg.timing.heartbeat
-                } else {
+                // Fresh from its election: the first ack is a round trip away.
+                recheck = if m.last_quorum_acked.is_none() {
                     Duration::from_millis(5)
+                } else {
+                    self.sh.cfg.timing.heartbeat
                 };
             } else if eligible {
                 recheck = self.maybe_campaign(&m, false).await;
@@ -544,7 +549,11 @@ impl Coordinator {
     /// Going quiet (see `publish`) would also get there, a whole lease
     /// later; it stays as the fallback if the transfer goes nowhere.
     async fn hand_on(&mut self, m: &raft::Metrics) {
-        if self.handed_on_in == Some(m.current_term) || !self.sh.leads(m) {
+        // Never while this node holds the key unreleased: its validator's
+        // death is not proven (DESIGN.md: no Released, no transfer), and a
+        // successor elected by transfer would not wait out its lease.
+        let holder = self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id);
+        if holder || self.handed_on_in == Some(m.current_term) || !self.sh.leads(m) {
             return;
         }
         let Ok(target) = self.handover_target(None) else {
@@ -597,7 +606,8 @@ impl Coordinator {
             .unwrap_or_else(|| self.sh.started.elapsed());
         let behind = self.sh.gate.behind_candidate(t.election_max * 2);
         let due = match (last_resort, behind) {
-            (false, _) | (true, Some(_)) => t.election_max,
+            (false, _) => t.election_max + (t.election_min / 2) * self.campaign_rank(m),
+            (true, Some(_)) => t.election_max,
             (true, None) => t.election_max * 2,
         } + self.jitter;
         if quiet < due {
@@ -621,10 +631,32 @@ impl Coordinator {
             );
         }
         let _ = self.sh.raft.trigger().elect(true).await;
-        self.next_campaign = Instant::now() + t.election_min;
+        // The retry after a lost or split vote keeps the ranks' stagger.
+        self.next_campaign =
+            Instant::now() + t.election_min + (t.election_min / 2) * self.campaign_rank(m);
         // A fresh jitter for the next round, so two standbys rarely collide.
         self.jitter = campaign_jitter(t.election_min);
         t.election_min
+    }
+
+    /// This node's place among the standbys that could take over, by node
+    /// id, as gossip shows them (the silent leader left out): the first
+    /// campaigns as soon as the lease is over, each next one half an
+    /// election timeout later, so that two standbys campaigning in the same
+    /// instant do not split the vote and both wait another round. Random
+    /// jitter alone let that happen in about one failover in twenty.
+    fn campaign_rank(&self, m: &raft::Metrics) -> u32 {
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let stale = self.sh.cfg.timing.gossip_interval * 3;
+        let ahead = self.sh.view.snapshot().into_iter().filter(|(id, s)| {
+            *id < self.sh.cfg.id
+                && Some(*id) != m.current_leader
+                && voters.contains(id)
+                && s.at.elapsed() <= stale
+                && s.status.eligible
+                && s.status.role != "witness"
+        });
+        ahead.count() as u32
     }
 
     /// Sends the guard the lease deadline as it stands now. With the lease
@@ -746,10 +778,11 @@ impl Coordinator {
         let t = self.sh.cfg.timing;
         let id = self.sh.cfg.id;
         let previous = self.cluster_rx.borrow().key_holder().filter(|n| *n != id);
-        let lost_at = self
-            .sh
-            .gate
-            .since_leader_contact()
+        // When the previous holder was last heard from as leader (not a
+        // witness that led in between to catch this node up).
+        let lost_at = previous
+            .and_then(|p| self.sh.gate.since_contact_from(p))
+            .or_else(|| self.sh.gate.since_leader_contact())
             .map(|d| Instant::now() - d);
         let elected = Instant::now();
         tracing::info!(term, "elected leader: committing activation");
@@ -1065,8 +1098,10 @@ fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
     if m.state != ServerState::Leader || term.is_some_and(|t| t != m.current_term) {
         return None;
     }
-    let age = quorum_ack_age(&m)?;
+    // `now` before `age`: a stall between the two reads then moves the
+    // deadline earlier, never later.
     let now = fence::mono_now_ns();
+    let age = quorum_ack_age(&m)?;
     let deadline =
         now.saturating_sub(age.as_nanos() as u64) + sh.cfg.timing.fence_after.as_nanos() as u64;
     (deadline > now).then_some(deadline)

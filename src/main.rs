@@ -161,8 +161,20 @@ enum CertsCmd {
         /// IP addresses (repeatable).
         #[arg(long)]
         ip: Vec<String>,
+        /// Valid for this many days from now [default: until 2124].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print each certificate's names and expiry: PEM files, or TLS dirs
+    /// (their ca.pem and node.pem). Exit 1 if one has expired or expires
+    /// within --warn-days.
+    Show {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value_t = 14)]
+        warn_days: u32,
     },
 }
 
@@ -483,16 +495,66 @@ async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     id,
                     dns,
                     ip,
+                    days,
                     out,
-                } => tls::create_node(&ca, id, &dns, &ip, &out)?,
+                } => tls::create_node(&ca, id, &dns, &ip, days, &out)?,
+                CertsCmd::Show { paths, warn_days } => return show_certs(&paths, warn_days),
             };
             for f in files {
-                println!("wrote {}", f.display());
+                let expiry = tls::cert_file_info(&f)
+                    .map(|i| format!(" (expires {})", i.not_after_text))
+                    .unwrap_or_default();
+                println!("wrote {}{expiry}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `keyraft certs show`: one line per certificate; exit 1 if any has
+/// expired or expires within `warn_days`.
+fn show_certs(paths: &[PathBuf], warn_days: u32) -> anyhow::Result<ExitCode> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(
+                ["ca.pem", "node.pem"]
+                    .iter()
+                    .map(|f| p.join(f))
+                    .filter(|f| f.exists()),
+            );
+        } else {
+            files.push(p.clone());
+        }
+    }
+    anyhow::ensure!(!files.is_empty(), "no ca.pem or node.pem in {paths:?}");
+    let mut ok = true;
+    for f in files {
+        let i = tls::cert_file_info(&f)?;
+        let days = i.expires_in().div_euclid(86_400);
+        let verdict = if i.expires_in() <= 0 {
+            ok = false;
+            "EXPIRED".to_string()
+        } else if days < i64::from(warn_days) {
+            ok = false;
+            format!("expires in {days} days: renew it")
+        } else {
+            format!("expires in {days} days")
+        };
+        println!(
+            "{}: {} [{}] not after {}: {verdict}",
+            f.display(),
+            i.subject,
+            i.names.join(", "),
+            i.not_after_text
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `keyraft check`: one line, and an exit code per failure.

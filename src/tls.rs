@@ -82,6 +82,74 @@ impl TlsMaterial {
     }
 }
 
+/// What `keyraft certs show` and the expiry metric report of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's common name.
+    pub subject: String,
+    /// DNS names and IP addresses it is valid for.
+    pub names: Vec<String>,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The same, as the certificate spells it.
+    pub not_after_text: String,
+}
+
+impl CertInfo {
+    /// Seconds from now until the certificate expires (negative once it has).
+    pub fn expires_in(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_after - now
+    }
+}
+
+/// Reads the first certificate of a PEM file's contents.
+pub fn cert_info(pem: &[u8]) -> Result<CertInfo, TlsError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|e| TlsError::Invalid(format!("not a PEM certificate: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| TlsError::Invalid(format!("unreadable certificate: {e}")))?;
+    let subject = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(ip) => names.push(match ip.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                        .to_string(),
+                    16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                        .to_string(),
+                    _ => format!("{ip:?}"),
+                }),
+                _ => {}
+            }
+        }
+    }
+    let not_after = cert.validity().not_after;
+    Ok(CertInfo {
+        subject,
+        names,
+        not_after: not_after.timestamp(),
+        not_after_text: not_after.to_string(),
+    })
+}
+
+/// [`cert_info`] of a file.
+pub fn cert_file_info(path: &Path) -> Result<CertInfo, TlsError> {
+    cert_info(&read(path)?).map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.display().to_string(),
@@ -184,6 +252,7 @@ pub fn create_node(
     id: NodeId,
     dns: &[String],
     ips: &[String],
+    days: Option<u32>,
     out: &Path,
 ) -> Result<Vec<PathBuf>, TlsError> {
     if id == 0 {
@@ -211,7 +280,15 @@ pub fn create_node(
     ];
     p.use_authority_key_identifier_extension = true;
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p.not_after = match days {
+        // From a day ago, so that a clock a little behind accepts it.
+        Some(d) => {
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now - time::Duration::days(1);
+            now + time::Duration::days(i64::from(d))
+        }
+        None => rcgen::date_time_ymd(2124, 1, 1),
+    };
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
@@ -267,6 +344,7 @@ mod tests {
             2,
             &["host2".into()],
             &["127.0.0.1".into()],
+            Some(30),
             &out,
         )
         .unwrap();
@@ -275,8 +353,13 @@ mod tests {
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         assert!(cert_names_node(&der, 2));
         assert!(!cert_names_node(&der, 3));
+        let info = cert_file_info(&out.join("node.pem")).unwrap();
+        assert_eq!(info.subject, "node-2.keyraft");
+        assert_eq!(info.names, ["node-2.keyraft", "host2", "127.0.0.1"]);
+        let days = info.expires_in() / 86_400;
+        assert!((29..=30).contains(&days), "expires in {days} days");
         assert!(
-            create_node(dir.path(), 2, &[], &[], &out).is_err(),
+            create_node(dir.path(), 2, &[], &[], None, &out).is_err(),
             "overwrote an existing node key"
         );
     }

@@ -20,6 +20,7 @@ impl Setup {
             1,
             &[],
             &["127.0.0.1".into()],
+            None,
             &dir.path().join("tls"),
         )?;
         let key = dir.path().join("validator_key.json");
@@ -50,7 +51,22 @@ impl Setup {
             }
         }
         cmd.args(["--peer", "2=127.0.0.1:7702", "--", "/bin/false"]);
-        let out = cmd.output()?;
+        // A configuration that is wrongly accepted starts a coordinator that
+        // runs until killed: give up on it after a while, and say so.
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                anyhow::bail!("keyraft run {args:?} started instead of refusing its configuration");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output()?;
         let lines = String::from_utf8_lossy(&out.stderr)
             .lines()
             .map(str::to_string)
@@ -110,7 +126,14 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
     // The wan profile's longer lease is checked the same way.
     expect_refusal(
         &s,
-        &["--timing", "wan", "--fence-after", "800ms"],
+        &[
+            "--timing",
+            "wan",
+            "--fence-after",
+            "800ms",
+            "--handover-delay",
+            "0ms",
+        ],
         "safety inequality",
     )?;
     expect_refusal(&s, &["--health", "http"], "--health-url")?;

@@ -35,14 +35,21 @@ host_mirror() {
 }
 MIRROR=${MIRROR:-$(host_mirror | head -n 1)}
 
+# An older base without systemd (the package test runs systemd-analyze in
+# it) is rebuilt.
+if [ "$BASE" = keyraft-base:bookworm ] && docker image inspect "$BASE" >/dev/null 2>&1 &&
+    ! docker run --rm "$BASE" sh -c 'command -v systemd-analyze' >/dev/null 2>&1; then
+    echo "$BASE has no systemd: rebuilding it"
+    docker rmi -f "$BASE" >/dev/null
+fi
 if [ "$BASE" = keyraft-base:bookworm ] && ! docker image inspect "$BASE" >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || { echo "debootstrap missing: apt-get install debootstrap" >&2; exit 1; }
     [ -n "$MIRROR" ] || { echo "no Debian $SUITE mirror in this host's apt sources: set MIRROR=http://.../debian" >&2; exit 1; }
     echo "debootstrap from $MIRROR (this host's apt source; MIRROR overrides)"
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
-    echo "debootstrap bookworm (minbase) into $rootfs ..."
-    debootstrap --variant=minbase "$SUITE" "$rootfs" "$MIRROR" >/dev/null
+    echo "debootstrap bookworm (minbase, with systemd for the package test) into $rootfs ..."
+    debootstrap --variant=minbase --include=systemd "$SUITE" "$rootfs" "$MIRROR" >/dev/null
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
     echo "imported $BASE"

@@ -236,26 +236,23 @@ pub async fn failover(
     for round in 0..rounds {
         let old = c.active().await?;
         settle_standbys(&c, old).await?;
+        // A fault strikes at any point of a block, not just after one
+        // (where the loop above tends to leave us): a random phase.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..block_ms))).await;
         let before = c.chain.totals().await?;
         let t0 = Instant::now();
         c.kill_coordinator(old)?;
         let (new, _) = c.wait_signer(before.height + 1, &[old]).await?;
         let wall = t0.elapsed().as_secs_f64() * 1000.0;
-        let missed = gap(&c, old, new).await?;
+        let missed = c.signing_gap(old, new).await?;
         println!("failover {round}: node {old} -> {new}: {missed} missed blocks, {wall:.0} ms to the first new signature");
         kill_missed.push((missed * block_ms) as f64);
         kill_wall.push(wall);
         // Where the time went, as the new holder logged it.
-        let log = std::fs::read_to_string(&c.proc(new)?.log).unwrap_or_default();
-        if let Some(line) = log.lines().rev().find(|l| l.contains("failover complete")) {
-            let mut took = 0.0;
-            for field in BUDGET {
-                if let Some(v) = log_field(line, field) {
-                    budget.entry(field).or_default().push(v);
-                }
-            }
-            if let Some(t) = log_field(line, "took_ms") {
-                took = t;
+        if let Some(phases) = failover_budgets(c.proc(new)?).pop() {
+            let took: f64 = phases.values().sum();
+            for (k, v) in phases {
+                budget.entry(k).or_default().push(v);
             }
             // The rest: from the validator's start to the chain's receipt
             // of its first signature, less the kill's head start on the
@@ -278,7 +275,7 @@ pub async fn failover(
         .await?;
         println!("{}", String::from_utf8_lossy(&out.stdout).trim());
         let (new, _) = c.wait_signer(before.height, &[old]).await?;
-        let missed = gap(&c, old, new).await?;
+        let missed = c.signing_gap(old, new).await?;
         println!("switchover {round}: node {old} -> {new}: {missed} missed blocks");
         switch_missed.push(missed as f64);
     }
@@ -302,11 +299,26 @@ pub async fn failover(
 /// (see keyraft's coordinator): leader silent until elected (lease, jitter,
 /// election), Activate committed, handover delay, waiting for a height the
 /// old validator cannot have signed, validator (re)started.
-const BUDGET: [&str; 5] = ["silent_ms", "commit_ms", "hold_ms", "height_ms", "start_ms"];
+pub const BUDGET: [&str; 5] = ["silent_ms", "commit_ms", "hold_ms", "height_ms", "start_ms"];
+
+/// Every failover a coordinator's log records, oldest first: its phases
+/// in milliseconds (see [`BUDGET`]).
+pub fn failover_budgets(p: &Proc) -> Vec<std::collections::BTreeMap<&'static str, f64>> {
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("failover complete"))
+        .map(|line| {
+            BUDGET
+                .iter()
+                .filter_map(|f| Some((*f, log_field(line, f)?)))
+                .collect()
+        })
+        .collect()
+}
 
 /// `name=123` in a text log line.
 fn log_field(line: &str, name: &str) -> Option<f64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
     let digits: String = line[at..]
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')
@@ -411,14 +423,6 @@ async fn settle_standbys(c: &crate::cluster::Cluster, active: u64) -> anyhow::Re
         Ok(ok.then_some(()))
     })
     .await
-}
-
-/// Heights between the old signer's last and the new signer's first.
-async fn gap(c: &crate::cluster::Cluster, old: u64, new: u64) -> anyhow::Result<u64> {
-    let s = c.chain.stats_since(0).await?;
-    let last_old = s.last_signed_by(old).unwrap_or(0);
-    let first_new = s.first_signed_by(new, last_old).unwrap_or(last_old + 1);
-    Ok(first_new.saturating_sub(last_old + 1))
 }
 
 pub struct CometBench {

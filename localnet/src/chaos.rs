@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::bench::percentile;
+use crate::bench::{failover_budgets, percentile, BUDGET};
 use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::harness::{eventually, get_json};
 
@@ -105,6 +105,15 @@ struct RoundResult {
     failover_ms: Option<f64>,
     missed: u64,
     double_signs: u64,
+    /// Where the failover's time went, as the new holder logged it.
+    budget: Option<BTreeMap<&'static str, f64>>,
+}
+
+/// How many failovers each node's log has recorded so far.
+fn budgets_logged(c: &Cluster) -> BTreeMap<u64, usize> {
+    (1..=NODES)
+        .filter_map(|id| Some((id, failover_budgets(c.proc(id).ok()?).len())))
+        .collect()
 }
 
 /// Nodes: 1 and 2 validate, 3 is a witness.
@@ -171,7 +180,8 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
     for round in 0..o.rounds {
         let fault = faults[rng.random_range(0..faults.len())];
         let before = c.chain.totals().await?;
-        let failover_ms = inject(&mut c, fault, &mut rng)
+        let logged = budgets_logged(&c);
+        let failover_ms = inject(&mut c, fault, &mut rng, o.block_ms)
             .await
             .with_context(|| format!("round {round}: {}", fault.name()))?;
         settle(&mut c).await.with_context(|| {
@@ -181,11 +191,20 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             )
         })?;
         let after = c.chain.totals().await?;
+        let mut budget = None;
+        if failover_ms.is_some() && !signer_mode(&c) {
+            let now = active(&c).await?;
+            let mut all = failover_budgets(c.proc(now)?);
+            if all.len() > logged.get(&now).copied().unwrap_or(0) {
+                budget = all.pop();
+            }
+        }
         let r = RoundResult {
             fault,
             failover_ms,
             missed: after.missed - before.missed,
             double_signs: after.double_signs - before.double_signs,
+            budget,
         };
         println!(
             "round {round:>3}: {:<26} failover {:>6}  missed {:>3}  double signs {}",
@@ -224,8 +243,14 @@ async fn active(c: &Cluster) -> Result<u64> {
 }
 
 /// Injects `fault`, waits for its effect, restores the cluster. Returns the
-/// failover time if the signer changed.
-async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Option<f64>> {
+/// failover time if the signer changed: from the fault to the first new
+/// signature, or for a flap (many faults) from the chain's signing gap.
+async fn inject(
+    c: &mut Cluster,
+    fault: Fault,
+    rng: &mut StdRng,
+    block_ms: u64,
+) -> Result<Option<f64>> {
     let signer = signer_mode(c);
     let active = active(c).await?;
     let standby = (1..=NODES)
@@ -321,8 +346,16 @@ async fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Optio
                 c.heal();
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
             }
+            // The faults span seconds, so the time since the first one says
+            // little: the chain's signing gap, plus one block for the wait
+            // inside the last signed height, measures the failover itself.
             let (now, _) = c.wait_signer(at + 1, &[]).await?;
-            (now != active && !signer).then(|| t0.elapsed().as_secs_f64() * 1000.0)
+            if now != active && !signer {
+                let gap = c.signing_gap(active, now).await?;
+                Some(((gap + 1) * block_ms) as f64)
+            } else {
+                None
+            }
         }
     };
     Ok(ms)
@@ -412,11 +445,23 @@ fn summarize(results: &[RoundResult], cometbft: bool) -> (serde_json::Value, boo
             continue;
         }
         let ms: Vec<f64> = rs.iter().filter_map(|r| r.failover_ms).collect();
+        // The p50 of each phase the new holders logged.
+        let mut budget = serde_json::Map::new();
+        for phase in BUDGET {
+            let v: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| r.budget.as_ref()?.get(phase).copied())
+                .collect();
+            if !v.is_empty() {
+                budget.insert(phase.to_string(), json!(percentile(&v, 50.0)));
+            }
+        }
         per_fault.insert(
             f.name(),
             json!({
                 "rounds": rs.len(),
                 "failovers": ms.len(),
+                "budget_ms_p50": budget,
                 "failover_ms_p50": percentile(&ms, 50.0),
                 "failover_ms_p99": percentile(&ms, 99.0),
                 "missed": rs.iter().map(|r| r.missed).sum::<u64>(),

@@ -605,6 +605,15 @@ impl Cluster {
         }
     }
 
+    /// Heights nobody signed between `old`'s last signature and `new`'s
+    /// first, as the chain recorded them.
+    pub async fn signing_gap(&self, old: u64, new: u64) -> Result<u64> {
+        let s = self.chain.stats_since(0).await?;
+        let last_old = s.last_signed_by(old).unwrap_or(0);
+        let first_new = s.first_signed_by(new, last_old).unwrap_or(last_old + 1);
+        Ok(first_new.saturating_sub(last_old + 1))
+    }
+
     /// Delays every peer link, both directions (see [`Latency`]).
     pub fn set_latency(&self, latency: Latency) {
         for p in self.proxies.values() {

@@ -11,7 +11,7 @@ pub mod network;
 pub mod server;
 pub mod store;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -317,8 +317,10 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
         // allows), so that a follower it still reaches is not kept from
         // joining the quorum that elects a successor.
         quorum_loss_probe_interval: Some(t.election_max.as_millis() as u64 * 2),
-        // keyraft turns elections on once this node may campaign (eligible,
-        // and up for `election_timeout_max`: see the coordinator's publish).
+        // openraft's timer never starts an election: the coordinator does,
+        // once this node may campaign (eligible, up for
+        // `election_timeout_max`) and it is its turn (see `maybe_campaign`).
+        // A random timer racing it split votes between standbys.
         enable_elect: false,
         // A restarted leader must win a fresh election before it may act.
         enable_leader_restore: Some(false),
@@ -353,6 +355,8 @@ pub struct Gate {
     accepts_leadership: AtomicBool,
     /// When an AppendEntries (or heartbeat) from a leader last arrived.
     last_leader_contact: Mutex<Option<Instant>>,
+    /// The same, per leader: when each node was last heard from as leader.
+    contacts: Mutex<BTreeMap<NodeId, Instant>>,
     /// When this node was last seen leading (see [`Gate::since_any_leader`]).
     last_led: Mutex<Option<Instant>>,
     /// The last candidate refused a vote here with a log behind this
@@ -381,6 +385,7 @@ impl Gate {
             joined: AtomicBool::new(false),
             accepts_leadership: AtomicBool::new(false),
             last_leader_contact: Mutex::new(None),
+            contacts: Mutex::new(BTreeMap::new()),
             last_led: Mutex::new(None),
             behind_candidate: Mutex::new(None),
             nudge: tokio::sync::Notify::new(),
@@ -437,8 +442,22 @@ impl Gate {
         self.accepts_leadership.load(Ordering::Relaxed)
     }
 
-    pub fn leader_contact(&self) {
+    /// Records an AppendEntries (or heartbeat) accepted from leader `from`.
+    pub fn leader_contact(&self, from: NodeId) {
         stamp(&self.last_leader_contact);
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from, Instant::now());
+    }
+
+    /// How long since `id` was last heard from as leader.
+    pub fn since_contact_from(&self, id: NodeId) -> Option<std::time::Duration> {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|t| t.elapsed())
     }
 
     pub fn since_leader_contact(&self) -> Option<std::time::Duration> {

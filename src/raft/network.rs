@@ -157,6 +157,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The least time an append carrying entries gets (see `append_entries`).
+const MIN_APPEND_TTL: Duration = Duration::from_millis(250);
+
 /// openraft's network factory over [`Peers`].
 #[derive(Clone)]
 pub struct Network(pub Arc<Peers>);
@@ -239,9 +242,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
-            c.append_entries(r).await
-        })
+        // openraft allows one heartbeat interval for any append; one that
+        // carries entries also waits for the follower's fsync, which a slow
+        // disk or a long round trip can push past 50 ms, and then nothing
+        // would ever commit. A late ack is still safe: the lease counts
+        // from when the request was sent.
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(MIN_APPEND_TTL)
+        };
+        self.rpc(
+            &rpc,
+            ttl,
+            |mut c, r| async move { c.append_entries(r).await },
+        )
         .await
     }
 

@@ -126,7 +126,7 @@ impl pb::raft_server::Raft for RaftService {
             | AppendEntriesResponse::Conflict,
         ) = &result
         {
-            self.gate.leader_contact();
+            self.gate.leader_contact(peer);
         }
         reply(&result)
     }
