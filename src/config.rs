@@ -139,12 +139,12 @@ pub enum SignerKind {
 #[serde(rename_all = "lowercase")]
 pub enum TimingProfile {
     /// One datacentre or a LAN (peer round trips under 25 ms): 50 ms
-    /// heartbeats, 250..500 ms elections, fenced 300 ms after the last
+    /// heartbeats, 300..600 ms elections, fenced 300 ms after the last
     /// quorum-acked heartbeat.
     #[default]
     Lan,
     /// Nearby datacentres (peer round trips up to 100 ms): 150 ms
-    /// heartbeats, 400..800 ms elections, fenced after 600 ms.
+    /// heartbeats, 450..900 ms elections, fenced after 600 ms.
     Wan,
 }
 
@@ -162,18 +162,22 @@ impl TimingProfile {
     /// interval or it is lost, so the interval bounds the peer round trip a
     /// profile tolerates; the lease (`fence_after`) leaves room for a
     /// heartbeat interval plus a round trip plus a stall of the same size.
+    /// `election_max` is 100 ms above `fence_after + kill_bound +
+    /// drift_margin` (the safety inequality with no handover delay), for a
+    /// kill that takes longer than `kill_bound` (a frozen guard is first
+    /// given `kill_bound` to answer).
     pub fn times(self) -> ProfileTimes {
         match self {
             TimingProfile::Lan => ProfileTimes {
                 heartbeat: 50,
-                election_min: 250,
-                election_max: 500,
+                election_min: 300,
+                election_max: 600,
                 fence_after: 300,
             },
             TimingProfile::Wan => ProfileTimes {
                 heartbeat: 150,
-                election_min: 400,
-                election_max: 800,
+                election_min: 450,
+                election_max: 900,
                 fence_after: 600,
             },
         }
@@ -243,10 +247,10 @@ pub struct RunArgs {
     /// Leader heartbeat interval [default: 50ms with --timing lan, 150ms with wan].
     #[arg(long, env = "KEYRAFT_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<Millis>,
-    /// Shortest election timeout [default: 250ms lan, 400ms wan].
+    /// Shortest election timeout [default: 300ms lan, 450ms wan].
     #[arg(long, env = "KEYRAFT_ELECTION_TIMEOUT_MIN")]
     pub election_timeout_min: Option<Millis>,
-    /// Longest election timeout; also the followers' leader lease [default: 500ms lan, 800ms wan].
+    /// Longest election timeout; also the followers' leader lease [default: 600ms lan, 900ms wan].
     #[arg(long, env = "KEYRAFT_ELECTION_TIMEOUT_MAX")]
     pub election_timeout_max: Option<Millis>,
     /// The validator is killed this long after the last quorum-acked heartbeat was sent [default: 300ms lan, 600ms wan].
@@ -1009,7 +1013,13 @@ mod tests {
         for profile in [TimingProfile::Lan, TimingProfile::Wan] {
             let p = profile.times();
             assert_eq!(
-                Timing::min_handover_delay(d(p.fence_after), d(100), d(100), d(p.election_max)),
+                // With 100 ms to spare.
+                Timing::min_handover_delay(
+                    d(p.fence_after + 100),
+                    d(100),
+                    d(100),
+                    d(p.election_max)
+                ),
                 Duration::ZERO,
                 "{profile:?}"
             );

@@ -84,7 +84,7 @@ async fn an_isolated_leader_steps_down_within_the_lease_and_two_leaders_are_neve
     let (old, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
     let others: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
     // election_timeout_max of the default (lan) timing profile.
-    let lease = Duration::from_millis(500);
+    let lease = Duration::from_millis(600);
     c.isolate(old);
     let cut = std::time::Instant::now();
     let mut stepped_down = None;

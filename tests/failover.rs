@@ -632,8 +632,8 @@ async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
         !witness.contains("twice the lease"),
         "the witness waited twice the lease"
     );
-    // The lease (500 ms), one election timeout, one block, the restart.
-    let bound = Duration::from_millis(500 + 500 + BLOCK_MS + 250);
+    // The lease (600 ms), one election timeout, one block, the restart.
+    let bound = Duration::from_millis(600 + 600 + BLOCK_MS + 250);
     ensure!(
         took < bound,
         "the standby signed {took:?} after the freeze (bound {bound:?})"

@@ -645,7 +645,7 @@ mod tests {
         .unwrap()
         .timing;
         let c = openraft_config(&t).unwrap();
-        assert_eq!((c.election_timeout_min, c.election_timeout_max), (250, 500));
-        assert_eq!(c.quorum_loss_probe_interval, Some(1000));
+        assert_eq!((c.election_timeout_min, c.election_timeout_max), (300, 600));
+        assert_eq!(c.quorum_loss_probe_interval, Some(1200));
     }
 }
