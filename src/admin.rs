@@ -64,6 +64,9 @@ pub fn status_json(sh: &Shared) -> Value {
                 "state": local.state.to_string(), "raft": sh.raft_state(&m),
                 "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
                 "probe_error": *sh.probe_error.borrow(),
+                "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
+                    "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
+                })),
             })
         } else if let Some(s) = seen.get(&id).filter(|s| s.at.elapsed() <= stale) {
             if s.status.state == "Validating" {

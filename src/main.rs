@@ -719,6 +719,16 @@ fn print_table(v: &serde_json::Value) {
         );
     }
     for n in v["nodes"].as_array().into_iter().flatten() {
+        if let Some(days) = n["tls_cert"]["expires_in_days"]
+            .as_i64()
+            .filter(|d| *d < 30)
+        {
+            println!(
+                "node {} certificate expires in {days} days ({}): renew it and send keyraft SIGHUP",
+                n["id"],
+                n["tls_cert"]["not_after"].as_str().unwrap_or("?")
+            );
+        }
         if let Some(e) = n["probe_error"].as_str() {
             println!("node {} validator probe: {e}", n["id"]);
         }

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub sign_requests: IntCounterVec,
     pub sign_seconds: Histogram,
     pub privval_connected: IntGaugeVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -111,6 +112,10 @@ impl Metrics {
                 opts("privval_connected", "1 while this host is connected to the node's privval port."),
                 &["node"],
             )?,
+            tls_cert_expiry: IntGaugeVec::new(
+                opts("tls_cert_expiry_seconds", "Seconds until the certificate in use expires (negative once it has), cert node or ca."),
+                &["cert"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -135,6 +140,7 @@ impl Metrics {
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;
         r.register(Box::new(m.paused.clone()))?;
+        r.register(Box::new(m.tls_cert_expiry.clone()))?;
         if signer {
             r.register(Box::new(m.sign_requests.clone()))?;
             r.register(Box::new(m.sign_seconds.clone()))?;

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::raft::network::Peers;
 use crate::raft::{self, ClusterState, Gate, Raft};
+use crate::tls::{CertInfo, ServerTls};
 
 /// The coordinator's state names, as shown in status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,6 +78,10 @@ pub struct Shared {
     pub privval: PrivvalLinks,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
+    /// The peer port's TLS acceptor (`None` with `--insecure`).
+    pub tls: Option<Arc<ServerTls>>,
+    /// The certificates in use: node and CA (`None` with `--insecure`).
+    pub certs: Mutex<Option<(CertInfo, CertInfo)>>,
 }
 
 /// Signer mode: the privval connections of this host, by node address.
@@ -170,6 +175,13 @@ impl Shared {
         };
         g.quorum_ack_age
             .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
+        if let Some((node, ca)) = &*self.certs.lock().unwrap_or_else(|p| p.into_inner()) {
+            for (label, c) in [("node", node), ("ca", ca)] {
+                g.tls_cert_expiry
+                    .with_label_values(&[label])
+                    .set(c.expires_in());
+            }
+        }
     }
 
     /// Whether a majority of the voters (this node included) is up and

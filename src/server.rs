@@ -33,7 +33,7 @@ use crate::raft::server::RaftService;
 use crate::raft::{self, Gate, Raft};
 use crate::signer::{self, Signer};
 use crate::supervisor::Validator;
-use crate::tls::{self, TlsMaterial};
+use crate::tls::{self, ServerTls, TlsMaterial};
 
 /// Why `keyraft run` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -112,13 +112,30 @@ pub async fn run(
 
     let raft_dir = cfg.data_dir.join("raft");
     let tls_paths = cfg.tls.clone();
+    let id = cfg.id;
     let (log_store, state_machine, fresh, material) = blocking(move || -> Result<_, RunError> {
         let (log, sm) = raft::store::open(&raft_dir)?;
         let fresh = log.is_fresh()?;
-        let material = tls_paths.as_ref().map(TlsMaterial::load).transpose()?;
+        let material = tls_paths
+            .as_ref()
+            .map(|p| TlsMaterial::load_for(p, id))
+            .transpose()?;
         Ok((log, sm, fresh, material))
     })
     .await?;
+    let server_tls = material
+        .as_ref()
+        .map(ServerTls::new)
+        .transpose()?
+        .map(Arc::new);
+    let certs = material.as_ref().map(|m| m.info()).transpose()?;
+    if let Some((node, _)) = &certs {
+        tracing::info!(
+            expires = %node.not_after_text,
+            days = node.expires_in() / 86_400,
+            "peer certificate"
+        );
+    }
     let cluster_rx = state_machine.subscribe();
     if material.is_none() {
         tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
@@ -154,6 +171,8 @@ pub async fn run(
         started: Instant::now(),
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
+        tls: server_tls,
+        certs: std::sync::Mutex::new(certs),
     });
     let signer = match sh.cfg.signer.clone() {
         Some(c) => {
@@ -164,13 +183,7 @@ pub async fn run(
         None => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = start_servers(
-        &sh,
-        signer.as_ref().map(|s| s.0.clone()),
-        material,
-        stop_rx.clone(),
-    )
-    .await?;
+    let servers = start_servers(&sh, signer.as_ref().map(|s| s.0.clone()), stop_rx.clone()).await?;
 
     let bootstrap = bootstrap(&sh, fresh).await?;
     gate.join();
@@ -199,6 +212,7 @@ pub async fn run(
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(register(sh.clone())),
+        tokio::spawn(reload_on_sighup(sh.clone())),
     ];
     if let Some((signer, identity)) = &signer {
         for addr in &sh
@@ -312,7 +326,6 @@ async fn bind(
 async fn start_servers(
     sh: &Arc<Shared>,
     signer: Option<Arc<Signer>>,
-    material: Option<TlsMaterial>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -334,13 +347,7 @@ async fn start_servers(
         .timeout(Duration::from_secs(60))
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)));
-    let with_tls = material.is_some();
-    if let Some(m) = &material {
-        peer = peer
-            .tls_config(m.server())
-            .map_err(|e| RunError::Tls(tls::TlsError::Invalid(format!("{e:?}"))))?;
-    }
-    let auth = tls::authenticate(with_tls);
+    let auth = tls::authenticate(sh.tls.is_some());
     let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
         sh.raft.clone(),
         sh.gate.clone(),
@@ -368,12 +375,26 @@ async fn start_servers(
         .add_service(InterceptedService::new(gossip_svc, auth.clone()))
         .add_optional_service(signer_svc)
         .add_service(InterceptedService::new(cluster_svc, auth));
-    let peer_task = spawn_grpc(
-        "peer",
-        peer_router,
-        peer_listener,
-        until_stopped(stop.clone()),
-    );
+    let peer_task = match &sh.tls {
+        Some(t) => {
+            let incoming = tls_incoming(peer_listener, t.clone(), stop.clone());
+            let stopped = until_stopped(stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = peer_router
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await
+                {
+                    tracing::error!("peer server failed: {e:?}");
+                }
+            })
+        }
+        None => spawn_grpc(
+            "peer",
+            peer_router,
+            peer_listener,
+            until_stopped(stop.clone()),
+        ),
+    };
 
     let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
@@ -400,6 +421,89 @@ async fn start_servers(
         }
     });
     Ok(vec![peer_task, admin_task, http_task])
+}
+
+/// The peer port's connections after the TLS handshake, each with the
+/// acceptor current when it arrived (see [`reload_on_sighup`]). Handshakes
+/// run apart, so a slow or silent client holds up nobody else.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<ServerTls>,
+    mut stop: watch::Receiver<bool>,
+) -> impl futures::Stream<
+    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut stopped = std::pin::pin!(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        loop {
+            let tcp = tokio::select! {
+                _ = &mut stopped => return,
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!("peer port: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (tls.current(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("peer TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!("peer TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+}
+
+/// SIGHUP (`systemctl reload keyraft`): reads the TLS files again and, if
+/// they are valid for this node, uses them for new peer connections both
+/// ways; otherwise keeps the ones in use and says why.
+async fn reload_on_sighup(sh: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: certificates reload only on restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let (Some(paths), Some(server)) = (sh.cfg.tls.clone(), sh.tls.clone()) else {
+            tracing::info!("SIGHUP: no TLS in use (--insecure), nothing to reload");
+            continue;
+        };
+        let id = sh.cfg.id;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let m = TlsMaterial::load_for(&paths, id)?;
+            let info = m.info()?;
+            Ok::<_, tls::TlsError>((m, info))
+        })
+        .await;
+        match loaded {
+            Ok(Ok((m, info))) => match server.reload(&m) {
+                Ok(()) => {
+                    sh.peers.set_tls(m);
+                    tracing::info!(
+                        expires = %info.0.not_after_text,
+                        days = info.0.expires_in() / 86_400,
+                        "SIGHUP: reloaded the peer certificate"
+                    );
+                    *sh.certs.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the certificates in use: {e}"),
+            },
+            Ok(Err(e)) => tracing::error!("SIGHUP: keeping the certificates in use: {e}"),
+            Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+        }
+    }
 }
 
 /// Serves a gRPC router on `listener` until `stopped` completes.

@@ -2,7 +2,9 @@
 //! caller's certificate belongs to the node id it claims, and `keyraft certs`.
 //!
 //! Owns: the naming rule (node N's certificate carries the DNS name
-//! `node-N.keyraft`), loading PEM files, and creating a cluster CA and node
+//! `node-N.keyraft`), loading PEM files, the peer port's TLS acceptor (which
+//! `reload` swaps for renewed certificates without a restart), reading a
+//! certificate's names and expiry, and creating a cluster CA and node
 //! certificates. Must not: decide anything about Raft; it only answers "who is
 //! calling" and "is this really node N".
 
@@ -15,7 +17,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 
 use crate::config::{NodeId, TlsPaths};
@@ -63,13 +65,63 @@ impl TlsMaterial {
         })
     }
 
-    /// Server side of the peer port: our certificate, and client
-    /// certificates required and checked against the cluster CA.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .timeout(std::time::Duration::from_secs(5))
+    /// Loads and checks the material of node `id`: the certificate must
+    /// name it, and the server configuration must build (key matching).
+    pub fn load_for(paths: &TlsPaths, id: NodeId) -> Result<TlsMaterial, TlsError> {
+        let m = TlsMaterial::load(paths)?;
+        use rustls::pki_types::pem::PemObject;
+        let leaf = CertificateDer::from_pem_slice(&m.cert).map_err(|e| {
+            TlsError::Invalid(format!(
+                "{}: not a PEM certificate: {e}",
+                paths.cert.display()
+            ))
+        })?;
+        if !cert_names_node(&leaf, id) {
+            return Err(TlsError::Invalid(format!(
+                "{} is not a certificate for node {id} (it must name {})",
+                paths.cert.display(),
+                node_name(id)
+            )));
+        }
+        m.rustls_server()?;
+        Ok(m)
+    }
+
+    /// The node certificate's and the CA's names and expiry.
+    pub fn info(&self) -> Result<(CertInfo, CertInfo), TlsError> {
+        Ok((cert_info(&self.cert)?, cert_info(&self.ca)?))
+    }
+
+    /// The peer port's rustls configuration: this node's certificate, client
+    /// certificates required and checked against the cluster CA, HTTP/2.
+    fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::PrivateKeyDer;
+        let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca) {
+            let c = c.map_err(|e| bad("CA certificate", &e))?;
+            roots.add(c).map_err(|e| bad("CA certificate", &e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("client verifier", &e))?;
+        let chain = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("node certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad("node key", &e))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad("node certificate and key", &e))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
     }
 
     /// Client side towards node `peer`: its certificate must name it.
@@ -148,6 +200,39 @@ pub fn cert_info(pem: &[u8]) -> Result<CertInfo, TlsError> {
 /// [`cert_info`] of a file.
 pub fn cert_file_info(path: &Path) -> Result<CertInfo, TlsError> {
     cert_info(&read(path)?).map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// The peer port's TLS acceptor, swapped whole by [`ServerTls::reload`].
+pub struct ServerTls {
+    acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
+}
+
+impl ServerTls {
+    pub fn new(m: &TlsMaterial) -> Result<ServerTls, TlsError> {
+        Ok(ServerTls {
+            acceptor: std::sync::RwLock::new(acceptor(m)?),
+        })
+    }
+
+    /// New connections use `m` from now on; open ones keep theirs.
+    pub fn reload(&self, m: &TlsMaterial) -> Result<(), TlsError> {
+        let next = acceptor(m)?;
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    pub fn current(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn acceptor(m: &TlsMaterial) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        m.rustls_server()?,
+    )))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -528,3 +528,129 @@ async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+/// The end of validity of the certificate the peer port at `addr` presents
+/// (read with openssl; the handshake stops at our missing client
+/// certificate, after the server's has been sent).
+fn presented_not_after(addr: std::net::SocketAddr) -> Result<String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} </dev/null 2>/dev/null | openssl x509 -noout -enddate"
+        ))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        text.starts_with("notAfter="),
+        "no server certificate: {text:?}"
+    );
+    Ok(text)
+}
+
+#[tokio::test]
+async fn renewed_certificates_are_reloaded_on_sighup_and_their_expiry_is_shown() -> Result<()> {
+    let c = Cluster::start(3, 250, plain).await?;
+    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let expiry = || async {
+        c.metric(1, r#"keyraft_tls_cert_expiry_seconds{cert="node"}"#)
+            .await
+    };
+    ensure!(
+        expiry().await? > 365.0 * 86_400.0,
+        "the harness's certificates are long-lived"
+    );
+    let first = presented_not_after(c.nodes[&1].listen)?;
+
+    // A certificate for another node, put in place: refused, nothing changes.
+    let tls = c.nodes[&1].tls.clone();
+    let renew = |id: &str, days: &str, out: &std::path::Path| {
+        localnet::cluster::certs(
+            &c.keyraft,
+            &[
+                "node",
+                "--ca",
+                &c.dir.path().join("ca").display().to_string(),
+                "--id",
+                id,
+                "--ip",
+                "127.0.0.1",
+                "--days",
+                days,
+            ],
+            out,
+        )
+    };
+    let scratch = tempfile::tempdir()?;
+    let wrong = scratch.path().join("wrong");
+    renew("2", "10", &wrong)?;
+    let backup = scratch.path().join("backup");
+    std::fs::create_dir_all(&backup)?;
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(tls.join(f), backup.join(f))?;
+        std::fs::copy(wrong.join(f), tls.join(f))?;
+    }
+    c.proc(1)?.signal(Signal::SIGHUP)?;
+    let log = c.proc(1)?.log.clone();
+    eventually(SETTLE, "the wrong certificate refused", || async {
+        Ok(std::fs::read_to_string(&log)?
+            .contains("SIGHUP: keeping the certificates in use")
+            .then_some(()))
+    })
+    .await?;
+    ensure!(
+        expiry().await? > 365.0 * 86_400.0,
+        "a refused certificate was taken"
+    );
+    ensure!(presented_not_after(c.nodes[&1].listen)? == first);
+
+    // Node 1's own renewal, valid for 10 days: taken without a restart.
+    let renewed = scratch.path().join("renewed");
+    renew("1", "10", &renewed)?;
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(renewed.join(f), tls.join(f))?;
+    }
+    let pid = c.proc(1)?.pid();
+    c.proc(1)?.signal(Signal::SIGHUP)?;
+    eventually(SETTLE, "the renewed certificate's expiry", || async {
+        Ok((expiry().await? < 11.0 * 86_400.0).then_some(()))
+    })
+    .await?;
+    ensure!(c.proc(1)?.pid() == pid, "the coordinator restarted");
+    let now = presented_not_after(c.nodes[&1].listen)?;
+    ensure!(now != first, "the peer port still presents {first}");
+    // Status says so, in JSON and in the table.
+    let me = c.status(1).await?["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == 1))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        matches!(me["tls_cert"]["expires_in_days"].as_i64(), Some(9 | 10)),
+        "{me}"
+    );
+    let table = c.cli(1, &["status"]).await?;
+    ensure!(
+        String::from_utf8_lossy(&table.stdout).contains("certificate expires in"),
+        "{table:?}"
+    );
+    // New connections both ways use it: cut node 1 off and heal it (the
+    // proxies close connections that lived through a cut).
+    c.isolate(1);
+    let before_heal = std::time::Instant::now();
+    c.heal();
+    eventually(SETTLE, "node 1 back in its peers' view", || async {
+        let v = c.status(2).await?;
+        let n1 = v["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == 1))
+            .cloned()
+            .unwrap_or_default();
+        let fresh = n1["last_seen_ms"]
+            .as_u64()
+            .is_some_and(|ms| u128::from(ms) < before_heal.elapsed().as_millis());
+        Ok((fresh && v["cluster"]["quorum"] == true).then_some(()))
+    })
+    .await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}

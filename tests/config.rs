@@ -121,6 +121,21 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
         ],
         "must be below",
     )?;
+    // Another node's certificate: this node would claim an identity it
+    // cannot prove, and its peers would refuse it.
+    keyraft::tls::create_node(
+        &s.dir.path().join("ca"),
+        2,
+        &[],
+        &[],
+        None,
+        &s.dir.path().join("tls2"),
+    )?;
+    expect_refusal(
+        &s,
+        &["--tls-dir", &s.path("tls2")],
+        "not a certificate for node 1",
+    )?;
     expect_refusal(&s, &["--fence-after", "fast"], "bad duration")?;
     expect_refusal(&s, &["--timing", "moon"], "--timing")?;
     // The wan profile's longer lease is checked the same way.

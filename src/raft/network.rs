@@ -47,7 +47,7 @@ pub enum PeerError {
 /// Peer channels, keyed by node id.
 pub struct Peers {
     self_id: NodeId,
-    tls: Option<TlsMaterial>,
+    tls: Mutex<Option<TlsMaterial>>,
     addrs: Mutex<BTreeMap<NodeId, String>>,
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
 }
@@ -60,7 +60,7 @@ impl Peers {
     ) -> Arc<Peers> {
         Arc::new(Peers {
             self_id,
-            tls,
+            tls: Mutex::new(tls),
             addrs: Mutex::new(addrs),
             channels: Mutex::new(HashMap::new()),
         })
@@ -68,6 +68,13 @@ impl Peers {
 
     pub fn self_id(&self) -> NodeId {
         self.self_id
+    }
+
+    /// Renewed certificates: every channel made from now on uses them
+    /// (open channels are dropped, and reconnect on their next call).
+    pub fn set_tls(&self, tls: TlsMaterial) {
+        *lock(&self.tls) = Some(tls);
+        lock(&self.channels).clear();
     }
 
     /// Learns (or corrects) a peer's address, e.g. from the membership.
@@ -91,7 +98,8 @@ impl Peers {
             }
         }
         let bad = |why: String| PeerError::BadAddress { id, why };
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let tls = lock(&self.tls).clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
@@ -99,7 +107,7 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = &tls {
             ep = ep
                 .tls_config(tls.client(id))
                 .map_err(|e| bad(format!("{e:?}")))?;
