@@ -269,16 +269,12 @@ fn build_keyraft_under_cargo() -> anyhow::Result<()> {
     let release = std::env::current_exe()?
         .components()
         .any(|c| c.as_os_str() == "release");
+    // The whole workspace, as `cargo build --workspace` builds it: one
+    // feature set for the dependencies, shared with that command (building
+    // `-p keyraft` alone would resolve another and compile them again).
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "build",
-        "-p",
-        "keyraft",
-        "--bin",
-        "keyraft",
-        "--manifest-path",
-    ])
-    .arg(&manifest);
+    cmd.args(["build", "--workspace", "--manifest-path"])
+        .arg(&manifest);
     if release {
         cmd.arg("--release");
     }
