@@ -11,10 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
+# The same packages as localnet/docker/build-image.sh builds, so that one
+# build (one feature resolution) serves both.
 if [ "$PROFILE" = release ]; then
-    cargo build --release -p keyraft >&2
+    cargo build --release -p keyraft -p localnet >&2
 else
-    cargo build -p keyraft >&2
+    cargo build -p keyraft -p localnet >&2
 fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 arch=$(dpkg --print-architecture)

@@ -36,7 +36,8 @@ docker run --rm -v "$PWD/$deb:/tmp/keyraft.deb:ro" "$BASE" sh -euc '
     touch /var/lib/keyraft/raft-log-stand-in
     dpkg --purge keyraft
     test -f /var/lib/keyraft/raft-log-stand-in
-    ! command -v keyraft
+    test ! -e /usr/bin/keyraft
+    test ! -e /lib/systemd/system/keyraft.service
     echo "purged; data dir kept"
 '
 echo "package test passed"

@@ -609,8 +609,6 @@ impl RunArgs {
                 }
             }
             check_private(&paths.key)?;
-            // Names this node, is readable, and goes with its key.
-            crate::tls::TlsMaterial::load_for(&paths, id).map_err(|e| invalid(e.to_string()))?;
             Some(paths)
         };
         let timing = resolve_timing(&a)?;

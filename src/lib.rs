@@ -34,6 +34,7 @@
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
+//! - [`preflight`]: `keyraft check --config`, checks before a first start.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tls`]: mTLS for the peer port; node N's certificate names
 //!   `node-N.keyraft`, and a peer claiming to be N must present it.
@@ -46,6 +47,7 @@ pub mod gossip;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod preflight;
 pub mod raft;
 pub mod server;
 pub mod signer;

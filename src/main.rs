@@ -87,7 +87,13 @@ enum Cmd {
         admin: AdminAddr,
     },
     /// Exit 0 when the cluster has quorum and exactly one healthy validating node.
+    /// With --config: a preflight of that configuration before a first start.
     Check {
+        /// Check this `keyraft run` configuration file from this host instead
+        /// (certificates, peers over mTLS, clocks, the validator's RPC): one
+        /// line per check; exit 1 if one fails, 2 if the file is refused.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         admin: AdminAddr,
     },
@@ -243,6 +249,13 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The certificate must name this node and go with its key.
+    if let Some(paths) = &cfg.tls {
+        if let Err(e) = tls::TlsMaterial::load_for(paths, cfg.id) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     init_logging(cfg.id, cfg.log_format);
     // One thread: an idle coordinator wakes often (openraft ticks every
     // fifth of a heartbeat); a second worker only adds cross-thread wakeups.
@@ -464,7 +477,10 @@ async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Cmd::Check { admin } => Ok(check(admin.admin).await),
+        Cmd::Check {
+            config: Some(file), ..
+        } => Ok(preflight(file).await),
+        Cmd::Check { admin, .. } => Ok(check(admin.admin).await),
         Cmd::Probe {
             health: kind,
             url,
@@ -555,6 +571,33 @@ fn show_certs(paths: &[PathBuf], warn_days: u32) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `keyraft check --config FILE`: the preflight, one line per check.
+async fn preflight(file: PathBuf) -> ExitCode {
+    let args = RunArgs {
+        config: Some(file),
+        ..RunArgs::default()
+    };
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let lines = keyraft::preflight::run(&cfg).await;
+    for l in &lines {
+        println!("{l}");
+    }
+    if lines
+        .iter()
+        .any(|l| l.outcome == keyraft::preflight::Outcome::Fail)
+    {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// `keyraft check`: one line, and an exit code per failure.

@@ -654,3 +654,103 @@ async fn renewed_certificates_are_reloaded_on_sighup_and_their_expiry_is_shown()
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+/// `keyraft check --config FILE`: (exit code, stdout lines, stderr).
+async fn preflight(c: &Cluster, file: &std::path::Path) -> Result<(i32, Vec<String>, String)> {
+    let out = tokio::process::Command::new(&c.keyraft)
+        .args(["check", "--config"])
+        .arg(file)
+        .output()
+        .await?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn check_with_a_config_file_checks_certificates_peers_clocks_and_the_validator() -> Result<()>
+{
+    let mut c = Cluster::start(3, 250, plain).await?;
+    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    // Node 1's configuration as a first start would use it, beside the
+    // running node (its own data dir, another port).
+    let scratch = tempfile::tempdir()?;
+    std::fs::create_dir_all(scratch.path().join("home"))?;
+    let config = |tls: &std::path::Path| -> Result<String> {
+        Ok(format!(
+            "node-id = 1\nlisten = \"127.0.0.1:{}\"\ndata-dir = \"{}\"\ntls-dir = \"{}\"\n\
+             peer = [\"2={}\", \"3={}\"]\nvalidator-home = \"{}\"\nvalidator-key = \"{}\"\n\
+             health = \"near\"\nhealth-url = \"http://{}\"\ncommand = [\"/bin/true\"]\n",
+            free_addr()?.port(),
+            scratch.path().join("data").display(),
+            tls.display(),
+            c.nodes[&2].listen,
+            c.nodes[&3].listen,
+            scratch.path().join("home").display(),
+            c.key_path.display(),
+            c.nodes[&1].rpc,
+        ))
+    };
+    let file = scratch.path().join("keyraft.toml");
+    std::fs::write(&file, config(&c.nodes[&1].tls)?)?;
+    let (code, lines, err) = preflight(&c, &file).await?;
+    ensure!(code == 0, "exit {code}: {lines:?} {err}");
+    for want in [
+        "ok   configuration: node 1",
+        "ok   certificate: node-1.keyraft",
+        "ok   CA certificate",
+        "ok   peer 2",
+        "ok   peer 3",
+        "ok   validator",
+    ] {
+        ensure!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "no line {want:?} in {lines:?}"
+        );
+    }
+    ensure!(
+        lines.iter().filter(|l| l.contains("clock offset")).count() == 2,
+        "{lines:?}"
+    );
+    ensure!(
+        !scratch.path().join("data").exists(),
+        "the check wrote a data dir"
+    );
+
+    // Another node's certificate: this node could not prove who it is.
+    std::fs::write(&file, config(&c.nodes[&2].tls)?)?;
+    let (code, lines, _) = preflight(&c, &file).await?;
+    ensure!(
+        code == 1
+            && lines
+                .iter()
+                .any(|l| l.starts_with("FAIL certificate")
+                    && l.contains("not a certificate for node 1")),
+        "exit {code}: {lines:?}"
+    );
+
+    // A peer down: its line says so, and the exit code.
+    std::fs::write(&file, config(&c.nodes[&1].tls)?)?;
+    c.kill_host(3)?;
+    let (code, lines, _) = preflight(&c, &file).await?;
+    ensure!(
+        code == 1
+            && lines.iter().any(|l| l.starts_with("FAIL peer 3"))
+            && lines.iter().any(|l| l.starts_with("ok   peer 2")),
+        "exit {code}: {lines:?}"
+    );
+
+    // A file keyraft run would refuse: one line on stderr, exit 2.
+    std::fs::write(&file, "node-id = 0\n")?;
+    let (code, lines, err) = preflight(&c, &file).await?;
+    ensure!(
+        code == 2 && lines.is_empty() && err.lines().count() == 1,
+        "exit {code}: {lines:?} {err}"
+    );
+    Ok(())
+}

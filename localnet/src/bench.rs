@@ -348,9 +348,9 @@ pub async fn latency(b: &LatencyBench) -> anyhow::Result<serde_json::Value> {
         ..NodeOpts::default()
     })
     .await?;
-    c.set_latency(b.latency);
     let active = c.active().await?;
     settle_standbys(&c, active).await?;
+    c.set_latency(b.latency);
     let c = &c;
     let counters = || async {
         let mut activations = 0.0;
@@ -385,12 +385,13 @@ pub async fn latency(b: &LatencyBench) -> anyhow::Result<serde_json::Value> {
     }
     let (a1, d1) = counters().await?;
     let after = c.chain.totals().await?;
-    let still = c.active().await?;
+    // With timings too tight for the latency, nobody may be validating.
+    let still = c.active().await.ok();
     let totals = c.assert_no_double_signs().await?;
     let heights = after.height - before.height;
     let missed = after.missed - before.missed;
     println!(
-        "latency {:?} +- {:?}, {} s: {heights} heights, {missed} missed, {} activations, {} deactivations, active node {active} -> {still}",
+        "latency {:?} +- {:?}, {} s: {heights} heights, {missed} missed, {} activations, {} deactivations, active node {active} -> {still:?}",
         b.latency.delay,
         b.latency.jitter,
         b.seconds,
@@ -407,7 +408,7 @@ pub async fn latency(b: &LatencyBench) -> anyhow::Result<serde_json::Value> {
         "missed": missed,
         "activations": a1 - a0,
         "deactivations": d1 - d0,
-        "leader_kept": still == active,
+        "leader_kept": still == Some(active),
         "peer_rtt_ms": summary("peer round trip seen by gossip (ms)", &rtts),
         "double_signs": totals.double_signs,
     }))
