@@ -66,11 +66,11 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
         Outcome::Ok,
         "configuration",
         format!(
-            "node {} ({}), {} peers, timing {:?}, key files private",
+            "node {} ({}), {} peers, timing {}, key files private",
             cfg.id,
             cfg.role(),
             cfg.peers.len(),
-            cfg.timing.profile
+            format!("{:?}", cfg.timing.profile).to_lowercase()
         ),
     )];
     let material = match &cfg.tls {

@@ -17,6 +17,7 @@ fn exported() -> Result<BTreeSet<String>> {
         m.peer_up.with_label_values(&["2"]).set(1);
         m.peer_rtt.with_label_values(&["2"]).set(0.001);
         m.privval_connected.with_label_values(&["tcp://n"]).set(1);
+        m.tls_cert_expiry.with_label_values(&["node"]).set(86_400);
         for line in m.render().lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
             names.insert(name.to_string());
