@@ -69,6 +69,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let timing = cfg.timing;
+    // SIGHUP reloads certificates; until a handler exists its default
+    // action would end the process, so take it over first (a reload sent
+    // while this node waits for its peers is then handled once it runs).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     // Safety protocol step 6: before anything else.
     let dir = cfg.data_dir.clone();
     let links = cfg.validator.as_ref().map(|v| KeyLinks {
@@ -212,7 +216,7 @@ pub async fn run(
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(register(sh.clone())),
-        tokio::spawn(reload_on_sighup(sh.clone())),
+        tokio::spawn(reload_on_sighup(sh.clone(), hup)),
     ];
     if let Some((signer, identity)) = &signer {
         for addr in &sh
@@ -469,9 +473,8 @@ fn tls_incoming(
 /// SIGHUP (`systemctl reload keyraft`): reads the TLS files again and, if
 /// they are valid for this node, uses them for new peer connections both
 /// ways; otherwise keeps the ones in use and says why.
-async fn reload_on_sighup(sh: Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(sh: Arc<Shared>, hup: Option<tokio::signal::unix::Signal>) {
+    let Some(mut hup) = hup else {
         tracing::warn!("cannot listen for SIGHUP: certificates reload only on restart");
         return;
     };
@@ -490,7 +493,7 @@ async fn reload_on_sighup(sh: Arc<Shared>) {
         match loaded {
             Ok(Ok((m, info))) => match server.reload(&m) {
                 Ok(()) => {
-                    sh.peers.set_tls(m);
+                    sh.peers.set_tls(m).await;
                     tracing::info!(
                         expires = %info.0.not_after_text,
                         days = info.0.expires_in() / 86_400,

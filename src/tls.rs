@@ -65,26 +65,74 @@ impl TlsMaterial {
         })
     }
 
-    /// Loads and checks the material of node `id`: the certificate must
-    /// name it, and the server configuration must build (key matching).
+    /// Loads and checks the material of node `id`, as a start or a reload
+    /// needs it: the key private to its owner; the certificate naming this
+    /// node and no other (no wildcard), signed by the CA in `ca.pem` and
+    /// valid now, for both server and client use; and the key matching it.
+    /// A renewal caught half-written fails here and changes nothing.
     pub fn load_for(paths: &TlsPaths, id: NodeId) -> Result<TlsMaterial, TlsError> {
+        crate::config::check_private(&paths.key).map_err(|e| TlsError::Invalid(e.to_string()))?;
         let m = TlsMaterial::load(paths)?;
         use rustls::pki_types::pem::PemObject;
-        let leaf = CertificateDer::from_pem_slice(&m.cert).map_err(|e| {
-            TlsError::Invalid(format!(
-                "{}: not a PEM certificate: {e}",
-                paths.cert.display()
-            ))
-        })?;
+        let cert = paths.cert.display();
+        let leaf = CertificateDer::from_pem_slice(&m.cert)
+            .map_err(|e| TlsError::Invalid(format!("{cert}: not a PEM certificate: {e}")))?;
         if !cert_names_node(&leaf, id) {
             return Err(TlsError::Invalid(format!(
-                "{} is not a certificate for node {id} (it must name {})",
-                paths.cert.display(),
+                "{cert} is not a certificate for node {id} (it must name {})",
                 node_name(id)
             )));
         }
+        let foreign = cert_info(&m.cert)?
+            .names
+            .into_iter()
+            .filter(|n| n.ends_with(".keyraft") && *n != node_name(id))
+            .collect::<Vec<_>>();
+        if !foreign.is_empty() {
+            return Err(TlsError::Invalid(format!(
+                "{cert} also names {}: a node certificate must name its own node only",
+                foreign.join(", ")
+            )));
+        }
+        m.check_chain(&leaf, id)
+            .map_err(|e| TlsError::Invalid(format!("{cert}: {e}")))?;
         m.rustls_server()?;
         Ok(m)
+    }
+
+    /// The certificate chains to `ca.pem` and is valid now, as a server
+    /// named `node-ID.keyraft` and as a client.
+    fn check_chain(&self, leaf: &CertificateDer<'_>, id: NodeId) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::UnixTime;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca) {
+            roots
+                .add(c.map_err(|e| format!("CA certificate: {e}"))?)
+                .map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        let roots = std::sync::Arc::new(roots);
+        let now = UnixTime::now();
+        let as_client = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        as_client
+            .verify_client_cert(leaf, &[], now)
+            .map_err(|e| format!("not valid with ca.pem as a client certificate: {e}"))?;
+        let as_server =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(node_name(id)).map_err(|e| e.to_string())?;
+        as_server
+            .verify_server_cert(leaf, &[], &name, &[], now)
+            .map_err(|e| format!("not valid with ca.pem as a server certificate: {e}"))?;
+        Ok(())
     }
 
     /// The node certificate's and the CA's names and expiry.

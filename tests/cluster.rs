@@ -603,12 +603,27 @@ async fn renewed_certificates_are_reloaded_on_sighup_and_their_expiry_is_shown()
     );
     ensure!(presented_not_after(c.nodes[&1].listen)? == first);
 
-    // Node 1's own renewal, valid for 10 days: taken without a restart.
+    // Node 1's own renewal, valid for 10 days, caught half-written (the new
+    // certificate beside the old key): refused too.
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(backup.join(f), tls.join(f))?;
+    }
     let renewed = scratch.path().join("renewed");
     renew("1", "10", &renewed)?;
-    for f in ["node.pem", "node.key"] {
-        std::fs::copy(renewed.join(f), tls.join(f))?;
-    }
+    std::fs::copy(renewed.join("node.pem"), tls.join("node.pem"))?;
+    c.proc(1)?.signal(Signal::SIGHUP)?;
+    eventually(SETTLE, "the half-written renewal refused", || async {
+        let log = std::fs::read_to_string(&log)?;
+        Ok((log
+            .matches("SIGHUP: keeping the certificates in use")
+            .count()
+            == 2)
+            .then_some(()))
+    })
+    .await?;
+    ensure!(presented_not_after(c.nodes[&1].listen)? == first);
+    // Then whole: taken without a restart.
+    std::fs::copy(renewed.join("node.key"), tls.join("node.key"))?;
     let pid = c.proc(1)?.pid();
     c.proc(1)?.signal(Signal::SIGHUP)?;
     eventually(SETTLE, "the renewed certificate's expiry", || async {

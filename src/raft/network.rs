@@ -70,11 +70,29 @@ impl Peers {
         self.self_id
     }
 
-    /// Renewed certificates: every channel made from now on uses them
-    /// (open channels are dropped, and reconnect on their next call).
-    pub fn set_tls(&self, tls: TlsMaterial) {
-        *lock(&self.tls) = Some(tls);
-        lock(&self.channels).clear();
+    /// Renewed certificates: channels made from now on use them, and each
+    /// open channel is replaced once a new one has connected (so that the
+    /// leader's heartbeats never wait for a fresh handshake); a peer that
+    /// does not answer within 2 s gets a fresh channel on its next call.
+    pub async fn set_tls(&self, tls: TlsMaterial) {
+        *lock(&self.tls) = Some(tls.clone());
+        let open: Vec<(NodeId, String)> = lock(&self.channels)
+            .iter()
+            .map(|(id, (addr, _))| (*id, addr.clone()))
+            .collect();
+        for (id, addr) in open {
+            let Ok(ep) = self.endpoint(id, &addr, Some(&tls)) else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ep.connect()).await {
+                Ok(Ok(ch)) => {
+                    lock(&self.channels).insert(id, (addr, ch));
+                }
+                _ => {
+                    lock(&self.channels).remove(&id);
+                }
+            }
+        }
     }
 
     /// Learns (or corrects) a peer's address, e.g. from the membership.
@@ -97,8 +115,19 @@ impl Peers {
                 return Ok(ch.clone());
             }
         }
-        let bad = |why: String| PeerError::BadAddress { id, why };
         let tls = lock(&self.tls).clone();
+        let ch = self.endpoint(id, &addr, tls.as_ref())?.connect_lazy();
+        channels.insert(id, (addr, ch.clone()));
+        Ok(ch)
+    }
+
+    fn endpoint(
+        &self,
+        id: NodeId,
+        addr: &str,
+        tls: Option<&TlsMaterial>,
+    ) -> Result<Endpoint, PeerError> {
+        let bad = |why: String| PeerError::BadAddress { id, why };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| bad(e.to_string()))?
@@ -107,14 +136,12 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        if let Some(tls) = &tls {
+        if let Some(tls) = tls {
             ep = ep
                 .tls_config(tls.client(id))
                 .map_err(|e| bad(format!("{e:?}")))?;
         }
-        let ch = ep.connect_lazy();
-        channels.insert(id, (addr, ch.clone()));
-        Ok(ch)
+        Ok(ep)
     }
 
     /// Wraps `msg` with our node id and a deadline.
