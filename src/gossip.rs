@@ -201,9 +201,7 @@ impl pb::gossip_server::Gossip for GossipService {
             term: m.current_term,
             leader: m.current_leader,
             registered,
-            wall_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            wall_ms: crate::node::wall_ms(),
         }))
     }
 }

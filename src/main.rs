@@ -249,13 +249,20 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The certificate must name this node and go with its key.
-    if let Some(paths) = &cfg.tls {
-        if let Err(e) = tls::TlsMaterial::load_for(paths, cfg.id) {
+    // The certificate must name this node and go with its key; loaded
+    // once, here, and handed to the server.
+    let material = match cfg
+        .tls
+        .as_ref()
+        .map(|p| tls::TlsMaterial::load_for(p, cfg.id))
+    {
+        None => None,
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
-    }
+    };
     init_logging(cfg.id, cfg.log_format);
     // One thread: an idle coordinator wakes often (openraft ticks every
     // fifth of a heartbeat); a second worker only adds cross-thread wakeups.
@@ -272,7 +279,7 @@ fn run(args: RunArgs) -> ExitCode {
         role = cfg.role(),
         "keyraft starting"
     );
-    match rt.block_on(server::run(cfg, shutdown_signal())) {
+    match rt.block_on(server::run(cfg, material, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (RunError::Refused(_)

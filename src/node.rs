@@ -215,6 +215,14 @@ pub fn quorum_ack_age(m: &raft::Metrics) -> Option<Duration> {
     m.last_quorum_acked.map(|t| t.elapsed())
 }
 
+/// Milliseconds since the Unix epoch on this host's wall clock (for
+/// comparing clocks only: leases use monotonic time).
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// What this node last heard from a peer.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -8,10 +8,11 @@
 //! Owns: the checks and their report. Must not: change anything (no lock,
 //! no data dir, no Raft); it only connects and asks.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, TimingProfile};
 use crate::health::Prober;
+use crate::node::wall_ms;
 use crate::pb;
 use crate::raft::network::Peers;
 use crate::tls::TlsMaterial;
@@ -50,13 +51,6 @@ fn line(outcome: Outcome, what: impl Into<String>, detail: impl Into<String>) ->
         what: what.into(),
         detail: detail.into(),
     }
-}
-
-/// Milliseconds since the Unix epoch on this host's clock.
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs every check of a configuration that `keyraft run` accepts (the

@@ -64,8 +64,11 @@ pub enum RunError {
 }
 
 /// Runs a coordinator until `shutdown` resolves.
+/// `material` is the peer port's TLS material, checked by the caller
+/// (`None` with `--insecure`).
 pub async fn run(
     cfg: Config,
+    material: Option<TlsMaterial>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let timing = cfg.timing;
@@ -115,16 +118,10 @@ pub async fn run(
     }
 
     let raft_dir = cfg.data_dir.join("raft");
-    let tls_paths = cfg.tls.clone();
-    let id = cfg.id;
-    let (log_store, state_machine, fresh, material) = blocking(move || -> Result<_, RunError> {
+    let (log_store, state_machine, fresh) = blocking(move || -> Result<_, RunError> {
         let (log, sm) = raft::store::open(&raft_dir)?;
         let fresh = log.is_fresh()?;
-        let material = tls_paths
-            .as_ref()
-            .map(|p| TlsMaterial::load_for(p, id))
-            .transpose()?;
-        Ok((log, sm, fresh, material))
+        Ok((log, sm, fresh))
     })
     .await?;
     let server_tls = material

@@ -100,20 +100,24 @@ impl TlsMaterial {
         Ok(m)
     }
 
+    /// The cluster CA as rustls's trust anchors.
+    fn roots(&self) -> Result<std::sync::Arc<rustls::RootCertStore>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        let bad = |e: &dyn std::fmt::Display| TlsError::Invalid(format!("CA certificate: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca) {
+            roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+        Ok(std::sync::Arc::new(roots))
+    }
+
     /// The certificate chains to `ca.pem` and is valid now, as a server
     /// named `node-ID.keyraft` and as a client.
     fn check_chain(&self, leaf: &CertificateDer<'_>, id: NodeId) -> Result<(), String> {
         use rustls::client::danger::ServerCertVerifier;
-        use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::UnixTime;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&self.ca) {
-            roots
-                .add(c.map_err(|e| format!("CA certificate: {e}"))?)
-                .map_err(|e| format!("CA certificate: {e}"))?;
-        }
-        let roots = std::sync::Arc::new(roots);
+        let roots = self.roots().map_err(|e| e.to_string())?;
         let now = UnixTime::now();
         let as_client = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
@@ -147,13 +151,8 @@ impl TlsMaterial {
         use rustls::pki_types::PrivateKeyDer;
         let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&self.ca) {
-            let c = c.map_err(|e| bad("CA certificate", &e))?;
-            roots.add(c).map_err(|e| bad("CA certificate", &e))?;
-        }
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            std::sync::Arc::new(roots),
+            self.roots()?,
             provider.clone(),
         )
         .build()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use localnet::cluster::{alive, Cluster, NodeOpts, SETTLE};
-use localnet::harness::eventually;
+use localnet::harness::{eventually, node_entry};
 use nix::sys::signal::Signal;
 
 const BLOCK_MS: u64 = 250;
@@ -697,13 +697,7 @@ async fn a_health_url_that_answers_404_shows_in_status_and_the_log_once() -> Res
     // Node 3 restarted with a probe URL its node does not serve: it can
     // never become a healthy standby, and the operator must be told why.
     let rpc = c.nodes[&3].rpc;
-    let own = |v: serde_json::Value| {
-        v["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["id"] == 3))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let own = |v: serde_json::Value| node_entry(&v, 3);
     c.kill_host(3)?;
     c.node_mut(3)?.opts.health_url = Some(format!("http://{rpc}/rpc/v1"));
     c.spawn(3)?;

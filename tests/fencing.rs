@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use localnet::cluster::{alive, Cluster, Launch, NodeOpts, SETTLE};
-use localnet::harness::eventually;
+use localnet::harness::{eventually, node_entry};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -68,11 +68,7 @@ async fn settled(c: &Cluster) -> Result<u64> {
             let mut validating = Vec::new();
             for &id in c.nodes.keys() {
                 let v = c.status(id).await?;
-                let me = v["nodes"]
-                    .as_array()
-                    .and_then(|ns| ns.iter().find(|n| n["id"] == id))
-                    .cloned()
-                    .unwrap_or_default();
+                let me = node_entry(&v, id);
                 match me["state"].as_str() {
                     Some("Validating") if me["key_linked"] == true => validating.push(id),
                     Some("Voting") => {}

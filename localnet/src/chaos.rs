@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::bench::{failover_budgets, percentile, BUDGET};
 use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
-use crate::harness::{eventually, get_json};
+use crate::harness::{eventually, get_json, node_entry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Fault {
@@ -415,11 +415,7 @@ async fn settle(c: &mut Cluster) -> Result<()> {
             let mut standby_ok = true;
             for id in 1..=NODES {
                 let v = get_json(&format!("http://{}/status", c.nodes[&id].http)).await?;
-                let me = v["nodes"]
-                    .as_array()
-                    .and_then(|n| n.iter().find(|x| x["id"] == id))
-                    .cloned()
-                    .unwrap_or_default();
+                let me = node_entry(&v, id);
                 match me["state"].as_str() {
                     Some("Validating") => validating.push(id),
                     Some("Voting") if id == WITNESS || me["validator"]["synced"] == true => {}

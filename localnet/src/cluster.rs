@@ -675,11 +675,8 @@ impl Cluster {
 
     /// Node `id`'s own view of its coordinator state.
     pub async fn own_state(&self, id: u64) -> Result<String> {
-        let v = self.status(id).await?;
-        let me = v["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["id"] == id))
-            .ok_or_else(|| anyhow!("node {id} missing from its own status"))?;
+        let me = crate::harness::node_entry(&self.status(id).await?, id);
+        anyhow::ensure!(!me.is_null(), "node {id} missing from its own status");
         Ok(me["state"].as_str().unwrap_or("").to_string())
     }
 

@@ -276,3 +276,12 @@ pub fn proc_usage(pid: i32) -> anyhow::Result<ProcUsage> {
         cpu: Duration::from_millis(ticks * 1000 / hz.max(1)),
     })
 }
+
+/// Node `id`'s entry in a `status --json` document (null if it is missing).
+pub fn node_entry(status: &serde_json::Value, id: u64) -> serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["id"] == id))
+        .cloned()
+        .unwrap_or_default()
+}
