@@ -23,9 +23,10 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::config::NodeId;
+use crate::ledger::Command;
 use crate::node::{CoordinatorRequest, Shared, StateName};
 use crate::pb::{self, cluster_command::Kind};
-use crate::raft::{Command, TypeConfig};
+use crate::raft::TypeConfig;
 use crate::tls::peer_of;
 
 /// How long an operator's command may take on the leader (a `members add`
@@ -232,7 +233,7 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                 height: f.height,
             })
             .await?;
-            if let Some(crate::raft::SignVerdict::WrongChain) = r.data.sign {
+            if let Some(crate::ledger::SignVerdict::WrongChain) = r.data.sign {
                 return Err(Status::failed_precondition(format!(
                     "the watermark belongs to another chain than {}: a new chain id needs a new cluster",
                     f.chain_id

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub type NodeId = u64;
+pub use crate::ledger::NodeId;
 
 /// A configuration problem, printed as one line before exit code 2.
 #[derive(Debug, thiserror::Error)]

@@ -283,6 +283,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (RunError::Refused(_)
+            | RunError::Join(_)
             | RunError::Fence(FenceError::Refused(_) | FenceError::Locked { .. })),
         ) => {
             tracing::error!("{e}");

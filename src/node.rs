@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeId};
 use crate::health::Health;
+use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::raft::network::Peers;
-use crate::raft::{self, ClusterState, Gate, Raft};
+use crate::raft::{self, Gate, Raft};
 use crate::tls::{CertInfo, ServerTls};
 
 /// The coordinator's state names, as shown in status and metrics.

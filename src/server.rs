@@ -1,6 +1,6 @@
-//! Starting and stopping a node: the start-up order of safety protocol
+//! Starting and stopping a node: the start-up order of docs/design.md's
 //! steps 6 and 9 (data-dir lock and fence before anything else; an empty
-//! data dir asks its peers before it takes part), the three servers (peer
+//! data dir asks its peers before it takes part, see [`crate::join`]), the three servers (peer
 //! gRPC with mTLS, admin gRPC, HTTP), the background tasks, and the
 //! teardown. [`run`] is what `keyraft run` calls.
 //!
@@ -25,12 +25,14 @@ use crate::fence::GuardError;
 use crate::fence::{self, KeyLinks};
 use crate::gossip;
 use crate::health::{self, Prober};
+use crate::join::{self, Bootstrap};
 use crate::metrics::Metrics;
 use crate::node::{ClusterView, Local, PrivvalLinks, Shared};
 use crate::pb;
 use crate::raft::network::{Network, Peers, MAX_MESSAGE};
 use crate::raft::server::RaftService;
 use crate::raft::{self, Gate, Raft};
+use crate::shutdown::{self, Shutdown};
 use crate::signer::{self, Signer};
 use crate::supervisor::Validator;
 use crate::tls::{self, ServerTls, TlsMaterial};
@@ -43,6 +45,8 @@ pub enum RunError {
     Refused(String),
     #[error(transparent)]
     Fence(#[from] fence::FenceError),
+    #[error(transparent)]
+    Join(#[from] join::Refused),
     #[error(transparent)]
     Store(#[from] raft::store::StoreError),
     #[error(transparent)]
@@ -183,10 +187,16 @@ pub async fn run(
         }
         None => None,
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = start_servers(&sh, signer.as_ref().map(|s| s.0.clone()), stop_rx.clone()).await?;
+    // The servers stop only after the coordinator and Raft have.
+    let (stop_servers, servers_stop) = shutdown::channel();
+    let servers = start_servers(
+        &sh,
+        signer.as_ref().map(|s| s.0.clone()),
+        servers_stop.clone(),
+    )
+    .await?;
 
-    let bootstrap = bootstrap(&sh, fresh).await?;
+    let bootstrap = join::bootstrap(&sh, fresh).await?;
     gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
@@ -212,7 +222,7 @@ pub async fn run(
 
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
-        tokio::spawn(register(sh.clone())),
+        tokio::spawn(join::register(sh.clone())),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
     ];
     if let Some((signer, identity)) = &signer {
@@ -227,7 +237,7 @@ pub async fn run(
                 signer.clone(),
                 addr.clone(),
                 identity.clone(),
-                stop_rx.clone(),
+                servers_stop.clone(),
             )));
         }
     }
@@ -258,17 +268,17 @@ pub async fn run(
         _ => (None, None),
     };
 
-    let (shut_tx, shut_rx) = watch::channel(false);
+    let (stop_coordinator, coordinator_stop) = shutdown::channel();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = shut_tx.send(true);
+        stop_coordinator.fire();
     });
     let mut coordinator = Coordinator::new(
         sh.clone(),
         node,
         health_rx,
         req_rx,
-        shut_rx,
+        coordinator_stop,
         bootstrap == Bootstrap::Rejoin,
     );
     coordinator.run().await;
@@ -280,7 +290,7 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");
     }
-    let _ = stop_tx.send(true);
+    stop_servers.fire();
     for s in servers {
         if tokio::time::timeout(Duration::from_secs(2), s)
             .await
@@ -327,11 +337,9 @@ async fn bind(
 async fn start_servers(
     sh: &Arc<Shared>,
     signer: Option<Arc<Signer>>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let peer_listener = bind(sh.cfg.listen, "peer port").await?;
     let admin_listener = bind(sh.cfg.admin_listen, "admin port").await?;
     let http_listener = bind(sh.cfg.http_listen, "http port").await?;
@@ -430,14 +438,14 @@ async fn start_servers(
 fn tls_incoming(
     listener: tokio::net::TcpListener,
     tls: Arc<ServerTls>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) -> impl futures::Stream<
     Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
 > {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut stopped = std::pin::pin!(async move {
-            let _ = stop.wait_for(|s| *s).await;
+            stop.requested().await;
         });
         loop {
             let tcp = tokio::select! {
@@ -519,106 +527,4 @@ fn spawn_grpc(
             tracing::error!("{what} server failed: {e:?}");
         }
     })
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Bootstrap {
-    /// The data dir holds Raft state: carry on.
-    Existing,
-    /// New, and no member knows this node from before: initialise with the
-    /// configured members (identical on every node, as openraft allows; a
-    /// running cluster's leader replaces this log with its own).
-    Initialize,
-    /// As `Initialize`, but a peer answered that the cluster exists already:
-    /// its leader's log will replace this one.
-    Join,
-    /// Join as a learner, then become a voter again (`--rejoin`).
-    Rejoin,
-}
-
-/// Safety protocol step 9: a node with an empty data dir asks its peers
-/// before it takes part, so that a wiped voter cannot vote twice in a term.
-async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, RunError> {
-    if !fresh {
-        if sh.cfg.rejoin {
-            tracing::warn!("--rejoin ignored: the data dir holds Raft state");
-        }
-        return Ok(Bootstrap::Existing);
-    }
-    if sh.cfg.rejoin {
-        tracing::info!("empty data dir and --rejoin: joining as a new learner");
-        return Ok(Bootstrap::Rejoin);
-    }
-    let members = sh.cfg.members().len();
-    let mut waited = Duration::ZERO;
-    let step = Duration::from_millis(500);
-    loop {
-        let asks = sh.cfg.peers.keys().map(|&id| {
-            let sh = sh.clone();
-            async move {
-                let mut c = sh.peers.gossip_client(id).ok()?;
-                let req = sh
-                    .peers
-                    .request(pb::HelloRequest { id: sh.cfg.id }, Duration::from_secs(1));
-                sh.peers
-                    .call(id, Duration::from_secs(1), c.hello(req))
-                    .await
-                    .ok()
-                    .map(|r| (id, r))
-            }
-        });
-        let answers: Vec<(NodeId, pb::HelloReply)> = futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        if let Some((peer, r)) = answers.iter().find(|(_, r)| r.registered) {
-            return Err(RunError::Refused(format!(
-                "data dir {} is empty, but node {peer} knows node {} as a member that ran before (cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
-                sh.cfg.data_dir.display(),
-                sh.cfg.id,
-                r.term
-            )));
-        }
-        if answers.iter().any(|(_, r)| r.initialized) {
-            return Ok(Bootstrap::Join);
-        }
-        if (answers.len() + 1) * 2 > members {
-            return Ok(Bootstrap::Initialize);
-        }
-        if waited.as_millis() % 5000 == 0 {
-            tracing::info!(
-                "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
-                answers.len()
-            );
-        }
-        tokio::time::sleep(step).await;
-        waited += step;
-    }
-}
-
-/// Records, once, that this node ran with durable state (see step 9).
-async fn register(sh: Arc<Shared>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
-            tracing::info!("registered: a later start with an empty data dir will need --rejoin");
-            return;
-        }
-        let m = sh.raft_metrics();
-        let voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == sh.cfg.id);
-        if !voter || m.current_leader.is_none() {
-            continue;
-        }
-        let cmd = pb::ClusterCommand {
-            kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
-        };
-        if let Err(e) = admin::execute(&sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
-            tracing::debug!("registering: {}", e.message());
-        }
-    }
 }

@@ -9,8 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use keyraft::ledger::Command as Cmd;
 use keyraft::raft::store::{self, LogStore};
-use keyraft::raft::{Command as Cmd, Entry, TypeConfig};
+use keyraft::raft::{Entry, TypeConfig};
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
 use openraft::type_config::TypeConfigExt;

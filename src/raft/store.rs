@@ -27,7 +27,8 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{ClusterState, Entry, LogId, Membership, Reply, TypeConfig, Vote};
+use super::{Entry, LogId, Membership, TypeConfig, Vote};
+use crate::ledger::{ClusterState, Reply};
 
 const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";

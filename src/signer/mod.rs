@@ -4,10 +4,14 @@
 //! - [`privval`]: the connections to the nodes (keyraft dials each node's
 //!   `priv_validator_laddr`, as tmkms does) and the request loop on each.
 //! - [`sign`]: the consensus key, sign bytes, digests, signatures.
-//! - this module: [`Signer`], which answers each request: on the Raft leader
-//!   by committing `Signed{chain_id, height, round, step, digest}` and only
-//!   then signing; on a follower by forwarding the request to the leader over
-//!   the peer port ([`SignerService`] is the leader's end).
+//! - [`refusal`]: why a request was not signed, typed from the ledger's
+//!   verdict through the forward to CometBFT's `RemoteSignerError`.
+//! - this module: [`Signer`], which answers each request with one sign path
+//!   ([`Signer::sign_here`], only ever on the Raft leader: commit
+//!   `Signed{chain_id, height, round, step, digest}`, then sign) and one
+//!   reply builder; a follower forwards the request to the leader over the
+//!   peer port ([`SignerService`] is the leader's end) and completes its own
+//!   copy with the leader's timestamp and signatures.
 //!
 //! Why this is safe without a clock: a signature exists only after its
 //! (height, round, step) and digest were committed by a quorum, and the
@@ -17,12 +21,14 @@
 //! repeat of bytes already committed, whose signature is the same bytes
 //! (ed25519 is deterministic).
 //!
-//! Owns: the chain-id check, the order commit-then-sign, forwarding with a
+//! Owns: the chain-id check (once, where a request enters), the order
+//! commit-then-sign, forwarding with a
 //! bounded wait, and the sign metrics. Must not: sign anything the state
 //! machine did not accept, wait past CometBFT's read timeout, or touch the
 //! coordinator's validator.
 
 pub mod privval;
+pub mod refusal;
 pub mod sign;
 
 use std::sync::Arc;
@@ -30,17 +36,18 @@ use std::time::{Duration, Instant};
 
 use cometbft_proto::v0_38::crypto::{public_key, PublicKey as RawPublicKey};
 use cometbft_proto::v0_38::privval::{
-    message::Sum, Message, PingResponse, PubKeyResponse, RemoteSignerError, SignedProposalResponse,
-    SignedVoteResponse,
+    message::Sum, Message, PingResponse, PubKeyResponse, SignedProposalResponse, SignedVoteResponse,
 };
 use openraft::errors::{ClientWriteError, RaftError};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::config::{NodeId, SignerConfig};
+use crate::ledger::{Command, SignVerdict};
 use crate::node::Shared;
 use crate::pb;
-use crate::raft::{Command, SignVerdict};
+use refusal::Hrs;
+pub use refusal::Refusal;
 use sign::{ConsensusKey, SignError, Signable};
 
 /// Longest a sign request waits for a leader (an election, a forward) before
@@ -57,44 +64,59 @@ pub const MAX_HEIGHT_JUMP: u64 = 10_000_000;
 /// Largest privval message forwarded between signers.
 pub const MAX_PRIVVAL_MESSAGE: usize = 64 * 1024;
 
-/// Why a request was not signed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Refusal {
-    #[error("height/round/step {asked:?} is below the signed watermark")]
-    Regression { asked: (u64, u32, u8) },
-    #[error("equivocation refused: {asked:?} was signed with other sign bytes")]
-    Equivocation { asked: (u64, u32, u8) },
-    #[error("this signer signs for chain {ours}, not {asked}")]
-    WrongChain { ours: String, asked: String },
-    #[error("{0}")]
-    Malformed(String),
-    #[error("no signing watermark yet: run `keyraft signer import-state priv_validator_state.json` (or `--never-signed` for a key that never signed)")]
-    NoWatermark,
-    #[error("no live signer leader within {0:?}")]
-    NoLeader(Duration),
-    /// Retryable: lost leadership, or Raft could not commit in time.
-    #[error("not committed: {0}")]
-    NotCommitted(String),
+/// What a privval sign request asks for, as the reply must echo it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Vote,
+    Proposal,
 }
 
-impl Refusal {
-    fn result_label(&self) -> &'static str {
-        match self {
-            Refusal::Regression { .. } => "refused_regression",
-            Refusal::Equivocation { .. } => "refused_equivocation",
-            Refusal::WrongChain { .. } => "refused_chain_id",
-            Refusal::Malformed(_) => "refused_malformed",
-            Refusal::NoWatermark => "refused_no_watermark",
-            Refusal::NoLeader(_) => "no_leader",
-            Refusal::NotCommitted(_) => "not_committed",
+/// A sign request taken apart: its chain id and what to sign.
+fn sign_request(req: Message) -> Option<(Asked, String, Option<Signable>)> {
+    match req.sum? {
+        Sum::SignVoteRequest(r) => Some((Asked::Vote, r.chain_id, r.vote.map(Signable::Vote))),
+        Sum::SignProposalRequest(r) => Some((
+            Asked::Proposal,
+            r.chain_id,
+            r.proposal.map(Signable::Proposal),
+        )),
+        _ => None,
+    }
+}
+
+/// The one reply builder: CometBFT's response for what was asked, with the
+/// signed message or the refusal's `RemoteSignerError`.
+fn reply(asked: Asked, result: Result<Signable, Refusal>) -> Message {
+    let result = match (asked, result) {
+        (Asked::Vote, Ok(Signable::Proposal(_))) => {
+            Err(Refusal::Malformed("a proposal came back".into()))
         }
-    }
-}
-
-impl From<SignError> for Refusal {
-    fn from(e: SignError) -> Self {
-        Refusal::Malformed(e.to_string())
-    }
+        (Asked::Proposal, Ok(Signable::Vote(_))) => {
+            Err(Refusal::Malformed("a vote came back".into()))
+        }
+        (_, r) => r,
+    };
+    let (signed, error) = match result {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e.remote_error())),
+    };
+    let sum = match asked {
+        Asked::Vote => Sum::SignedVoteResponse(SignedVoteResponse {
+            vote: match signed {
+                Some(Signable::Vote(v)) => Some(v),
+                _ => None,
+            },
+            error,
+        }),
+        Asked::Proposal => Sum::SignedProposalResponse(SignedProposalResponse {
+            proposal: match signed {
+                Some(Signable::Proposal(p)) => Some(p),
+                _ => None,
+            },
+            error,
+        }),
+    };
+    Message { sum: Some(sum) }
 }
 
 pub struct Signer {
@@ -123,67 +145,42 @@ impl Signer {
         &self.cfg.chain_id
     }
 
+    /// The one chain-id check of a request, wherever it entered.
+    fn check_chain(&self, asked: &str) -> Result<(), Refusal> {
+        if asked == self.cfg.chain_id {
+            Ok(())
+        } else {
+            Err(Refusal::WrongChain {
+                ours: self.cfg.chain_id.clone(),
+                asked: asked.to_string(),
+            })
+        }
+    }
+
     /// Answers one message from a node this host is connected to.
     pub async fn handle(&self, req: Message) -> Message {
         let sum = match req.sum {
             Some(Sum::PingRequest(_)) => Sum::PingResponse(PingResponse {}),
             Some(Sum::PubKeyRequest(r)) => Sum::PubKeyResponse(self.pub_key(&r.chain_id)),
-            Some(Sum::SignVoteRequest(r)) => {
-                let reply = self
-                    .sign_request(&r.chain_id, r.vote.map(Signable::Vote), "vote")
-                    .await;
-                Sum::SignedVoteResponse(match reply {
-                    Ok(Signable::Vote(v)) => SignedVoteResponse {
-                        vote: Some(v),
-                        error: None,
-                    },
-                    Ok(Signable::Proposal(_)) => SignedVoteResponse {
-                        vote: None,
-                        error: Some(remote_error(&Refusal::Malformed(
-                            "a proposal came back".into(),
-                        ))),
-                    },
-                    Err(e) => SignedVoteResponse {
-                        vote: None,
-                        error: Some(remote_error(&e)),
-                    },
-                })
-            }
-            Some(Sum::SignProposalRequest(r)) => {
-                let reply = self
-                    .sign_request(&r.chain_id, r.proposal.map(Signable::Proposal), "proposal")
-                    .await;
-                Sum::SignedProposalResponse(match reply {
-                    Ok(Signable::Proposal(p)) => SignedProposalResponse {
-                        proposal: Some(p),
-                        error: None,
-                    },
-                    Ok(Signable::Vote(_)) => SignedProposalResponse {
-                        proposal: None,
-                        error: Some(remote_error(&Refusal::Malformed("a vote came back".into()))),
-                    },
-                    Err(e) => SignedProposalResponse {
-                        proposal: None,
-                        error: Some(remote_error(&e)),
-                    },
-                })
-            }
-            other => {
-                tracing::warn!("unexpected privval message from a node: {other:?}");
-                Sum::PingResponse(PingResponse {})
-            }
+            sum => match sign_request(Message { sum: sum.clone() }) {
+                Some((asked, chain_id, what)) => {
+                    let result = self.sign_request(&chain_id, what, asked).await;
+                    return reply(asked, result);
+                }
+                None => {
+                    tracing::warn!("unexpected privval message from a node: {sum:?}");
+                    Sum::PingResponse(PingResponse {})
+                }
+            },
         };
         Message { sum: Some(sum) }
     }
 
     fn pub_key(&self, chain_id: &str) -> PubKeyResponse {
-        if chain_id != self.cfg.chain_id {
+        if let Err(e) = self.check_chain(chain_id) {
             return PubKeyResponse {
                 pub_key: None,
-                error: Some(remote_error(&Refusal::WrongChain {
-                    ours: self.cfg.chain_id.clone(),
-                    asked: chain_id.to_string(),
-                })),
+                error: Some(e.remote_error()),
             };
         }
         PubKeyResponse {
@@ -202,19 +199,19 @@ impl Signer {
         &self,
         chain_id: &str,
         what: Option<Signable>,
-        expected: &'static str,
+        asked: Asked,
     ) -> Result<Signable, Refusal> {
         let started = Instant::now();
+        let expected = match asked {
+            Asked::Vote => "vote",
+            Asked::Proposal => "proposal",
+        };
         let what =
             what.ok_or_else(|| Refusal::Malformed(format!("no {expected} in the request")))?;
         let kind = what.kind();
-        let result = if chain_id != self.cfg.chain_id {
-            Err(Refusal::WrongChain {
-                ours: self.cfg.chain_id.clone(),
-                asked: chain_id.to_string(),
-            })
-        } else {
-            self.sign_anywhere(what).await
+        let result = match self.check_chain(chain_id) {
+            Ok(()) => self.sign_anywhere(what).await,
+            Err(e) => Err(e),
         };
         let m = &self.sh.metrics;
         let label = match &result {
@@ -243,7 +240,7 @@ impl Signer {
                 None => Err(Refusal::NoLeader(SIGN_PATIENCE)),
             };
             match attempt {
-                Err(e @ (Refusal::NoLeader(_) | Refusal::NotCommitted(_))) => {
+                Err(e) if e.retryable() => {
                     last = e;
                     tokio::time::sleep(RETRY).await;
                 }
@@ -253,9 +250,9 @@ impl Signer {
         Err(last)
     }
 
-    /// The leader's path: check, commit, sign. Only after Raft committed
-    /// this HRS and digest (and the state machine accepted them) does a
-    /// signature exist.
+    /// The leader's path, the only one that signs: check, commit, sign.
+    /// Only after Raft committed this HRS and digest (and the ledger
+    /// accepted them) does a signature exist.
     pub async fn sign_here(&self, what: Signable, deadline: Instant) -> Result<Signable, Refusal> {
         let left = deadline.saturating_duration_since(Instant::now());
         let _one_at_a_time = tokio::time::timeout(left, self.lock.lock())
@@ -277,8 +274,11 @@ impl Signer {
             SignVerdict::Sign { timestamp } if hrs == w.hrs() => {
                 return Ok(what.sign(&self.key, chain_id, timestamp)?);
             }
-            SignVerdict::Sign { .. } => {}
-            v => return Err(refusal(v, hrs, chain_id)),
+            v => {
+                if let Some(refused) = Refusal::from_verdict(&v, hrs, chain_id) {
+                    return Err(refused);
+                }
+            }
         }
         if w.height > 0 && hrs.0 > w.height.saturating_add(MAX_HEIGHT_JUMP) {
             return Err(Refusal::Malformed(format!(
@@ -286,62 +286,73 @@ impl Signer {
                 hrs.0, w.height
             )));
         }
-        // A voter that has not registered yet would not be recognised if it
-        // lost its data dir and came back empty (DESIGN step 9): sign only
-        // once every voter is known to have run with durable state.
-        let unregistered: Vec<NodeId> = {
-            let registered = self.sh.cluster.borrow().registered.clone();
-            self.sh
-                .raft_metrics()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|v| !registered.contains(v))
-                .collect()
-        };
-        if !unregistered.is_empty() {
-            return Err(Refusal::NotCommitted(format!(
-                "voters {unregistered:?} have not registered yet"
-            )));
+        self.all_voters_registered()?;
+        let verdict = self.commit(hrs, digest, what.timestamp(), deadline).await?;
+        match verdict {
+            SignVerdict::Sign { timestamp } => Ok(what.sign(&self.key, chain_id, timestamp)?),
+            v => Err(Refusal::from_verdict(&v, hrs, chain_id)
+                .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
         }
+    }
+
+    /// A voter that has not registered yet would not be recognised if it
+    /// lost its data dir and came back empty (docs/design.md, step 9): sign
+    /// only once every voter is known to have run with durable state.
+    fn all_voters_registered(&self) -> Result<(), Refusal> {
+        let registered = self.sh.cluster.borrow().registered.clone();
+        let unregistered: Vec<NodeId> = self
+            .sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| !registered.contains(v))
+            .collect();
+        if unregistered.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::NotCommitted(format!(
+                "voters {unregistered:?} have not registered yet"
+            )))
+        }
+    }
+
+    /// Commits `Signed` for `hrs` and returns the ledger's verdict.
+    async fn commit(
+        &self,
+        hrs: Hrs,
+        digest: String,
+        timestamp: (i64, i32),
+        deadline: Instant,
+    ) -> Result<SignVerdict, Refusal> {
+        let late = || Refusal::NotCommitted(format!("no commit within {SIGN_PATIENCE:?}"));
         if Instant::now() >= deadline {
-            return Err(Refusal::NotCommitted(format!(
-                "no commit within {SIGN_PATIENCE:?}"
-            )));
+            return Err(late());
         }
         let cmd = Command::Signed {
-            chain_id: chain_id.to_string(),
+            chain_id: self.cfg.chain_id.clone(),
             height: hrs.0,
             round: hrs.1,
             step: hrs.2,
             digest,
-            timestamp: what.timestamp(),
+            timestamp,
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let written = tokio::time::timeout(left, self.sh.raft.client_write(cmd)).await;
-        let reply = match written {
-            Ok(Ok(r)) => r.data,
+        match tokio::time::timeout(left, self.sh.raft.client_write(cmd)).await {
+            Ok(Ok(r)) => r
+                .data
+                .sign
+                .ok_or_else(|| Refusal::NotCommitted("no verdict from the state machine".into())),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                return Err(Refusal::NotCommitted("leadership moved".into()))
+                Err(Refusal::NotCommitted("leadership moved".into()))
             }
-            Ok(Err(e)) => return Err(Refusal::NotCommitted(e.to_string())),
-            Err(_) => {
-                return Err(Refusal::NotCommitted(format!(
-                    "no commit within {SIGN_PATIENCE:?}"
-                )))
-            }
-        };
-        match reply.sign {
-            Some(SignVerdict::Sign { timestamp }) => Ok(what.sign(&self.key, chain_id, timestamp)?),
-            Some(v) => Err(refusal(v, hrs, chain_id)),
-            None => Err(Refusal::NotCommitted(
-                "no verdict from the state machine".into(),
-            )),
+            Ok(Err(e)) => Err(Refusal::NotCommitted(e.to_string())),
+            Err(_) => Err(late()),
         }
     }
 
-    /// Hands the request to the leader `id` and returns its answer, within
-    /// one attempt's deadline and the request's.
+    /// Hands the request to the leader `id` and completes it with the
+    /// leader's signature, within one attempt's deadline and the request's.
     async fn forward(
         &self,
         id: NodeId,
@@ -358,112 +369,64 @@ impl Signer {
         let mut client = pb::signer_client::SignerClient::new(channel)
             .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
             .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
-        let req = self.sh.peers.request(pb::PrivvalMessage { msg }, limit);
-        let reply = self
+        let req = self.sh.peers.request(pb::SignRequest { msg }, limit);
+        let r = self
             .sh
             .peers
             .call(id, limit, client.sign(req))
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
-        let reply = Message::decode(reply.msg.as_slice())
-            .map_err(|e| Refusal::NotCommitted(format!("leader {id} answered garbage: {e}")))?;
-        match reply.sum {
-            Some(Sum::SignedVoteResponse(SignedVoteResponse { vote: Some(v), .. })) => {
-                Ok(Signable::Vote(v))
-            }
-            Some(Sum::SignedProposalResponse(SignedProposalResponse {
-                proposal: Some(p), ..
-            })) => Ok(Signable::Proposal(p)),
-            Some(Sum::SignedVoteResponse(SignedVoteResponse { error: Some(e), .. }))
-            | Some(Sum::SignedProposalResponse(SignedProposalResponse {
-                error: Some(e), ..
-            })) => Err(from_remote_error(e, what)),
-            other => Err(Refusal::NotCommitted(format!(
-                "leader {id} answered {other:?}"
-            ))),
+        let asked = what.hrs().unwrap_or_default();
+        let chain = self.cfg.chain_id.as_str();
+        match Refusal::from_proto(r.refusal, &r.detail, asked, chain, chain) {
+            Some(refused) => Err(refused),
+            None => Ok(what.clone().complete(
+                (r.timestamp_seconds, r.timestamp_nanos),
+                r.signature,
+                r.extension_signature,
+            )),
         }
     }
 
     /// The leader's end of [`Signer::forward`].
-    async fn serve_forwarded(&self, msg: &[u8]) -> Result<Message, Status> {
+    async fn serve_forwarded(&self, msg: &[u8]) -> Result<pb::SignReply, Status> {
+        let refused = |r: Refusal| pb::SignReply {
+            refusal: r.to_proto() as i32,
+            detail: match &r {
+                Refusal::Malformed(d) | Refusal::NotCommitted(d) => d.clone(),
+                r => r.to_string(),
+            },
+            ..Default::default()
+        };
         if self.sh.leader() != Some(self.sh.cfg.id) {
-            return Err(Status::unavailable("not the signer leader"));
+            let why = format!("node {} is not the signer leader", self.sh.cfg.id);
+            return Ok(refused(Refusal::NotCommitted(why)));
         }
         let req = Message::decode(msg).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (what, chain_id) = match req.sum {
-            Some(Sum::SignVoteRequest(r)) => (r.vote.map(Signable::Vote), r.chain_id),
-            Some(Sum::SignProposalRequest(r)) => (r.proposal.map(Signable::Proposal), r.chain_id),
-            _ => return Err(Status::invalid_argument("only sign requests are forwarded")),
+        let Some((_, chain_id, what)) = sign_request(req) else {
+            return Err(Status::invalid_argument("only sign requests are forwarded"));
         };
-        let what = what.ok_or_else(|| Status::invalid_argument("empty sign request"))?;
-        if chain_id != self.cfg.chain_id {
-            return Err(Status::invalid_argument("wrong chain id"));
+        let Some(what) = what else {
+            return Ok(refused(Refusal::Malformed("empty sign request".into())));
+        };
+        if let Err(e) = self.check_chain(&chain_id) {
+            return Ok(refused(e));
         }
-        let is_vote = matches!(what, Signable::Vote(_));
         let deadline = Instant::now() + FORWARD_DEADLINE;
-        let result = self.sign_here(what, deadline).await;
-        if let Err(Refusal::NotCommitted(why)) = &result {
-            return Err(Status::unavailable(why.clone()));
-        }
-        let sum = match (result, is_vote) {
-            (Ok(Signable::Vote(v)), _) => Sum::SignedVoteResponse(SignedVoteResponse {
-                vote: Some(v),
-                error: None,
-            }),
-            (Ok(Signable::Proposal(p)), _) => Sum::SignedProposalResponse(SignedProposalResponse {
-                proposal: Some(p),
-                error: None,
-            }),
-            (Err(e), true) => Sum::SignedVoteResponse(SignedVoteResponse {
-                vote: None,
-                error: Some(remote_error(&e)),
-            }),
-            (Err(e), false) => Sum::SignedProposalResponse(SignedProposalResponse {
-                proposal: None,
-                error: Some(remote_error(&e)),
-            }),
-        };
-        Ok(Message { sum: Some(sum) })
-    }
-}
-
-fn refusal(v: SignVerdict, asked: (u64, u32, u8), chain_id: &str) -> Refusal {
-    match v {
-        SignVerdict::Regression => Refusal::Regression { asked },
-        SignVerdict::Conflict => Refusal::Equivocation { asked },
-        SignVerdict::WrongChain => Refusal::WrongChain {
-            ours: chain_id.to_string(),
-            asked: "another".into(),
-        },
-        SignVerdict::NoWatermark => Refusal::NoWatermark,
-        SignVerdict::Sign { .. } => Refusal::NotCommitted("accepted without a signature".into()),
-    }
-}
-
-/// CometBFT's `RemoteSignerError` for a refusal. A node does not retry
-/// these; the code says why (tmkms uses 2 for a refused double sign).
-fn remote_error(e: &Refusal) -> RemoteSignerError {
-    let code = match e {
-        Refusal::Regression { .. } | Refusal::Equivocation { .. } => 2,
-        Refusal::NoLeader(_) | Refusal::NotCommitted(_) => 1,
-        Refusal::WrongChain { .. } | Refusal::Malformed(_) | Refusal::NoWatermark => 0,
-    };
-    RemoteSignerError {
-        code,
-        description: format!("keyraft: {e}"),
-    }
-}
-
-fn from_remote_error(e: RemoteSignerError, what: &Signable) -> Refusal {
-    let asked = what.hrs().unwrap_or_default();
-    if e.description.contains("equivocation refused") {
-        Refusal::Equivocation { asked }
-    } else if e.description.contains("no signing watermark") {
-        Refusal::NoWatermark
-    } else if e.description.contains("below the signed watermark") {
-        Refusal::Regression { asked }
-    } else {
-        Refusal::Malformed(e.description)
+        Ok(match self.sign_here(what, deadline).await {
+            Ok(signed) => {
+                let ((seconds, nanos), signature, extension_signature) = signed.signed_parts();
+                pb::SignReply {
+                    refusal: pb::Refusal::None as i32,
+                    detail: String::new(),
+                    timestamp_seconds: seconds,
+                    timestamp_nanos: nanos,
+                    signature,
+                    extension_signature,
+                }
+            }
+            Err(e) => refused(e),
+        })
     }
 }
 
@@ -480,14 +443,9 @@ impl SignerService {
 
 #[tonic::async_trait]
 impl pb::signer_server::Signer for SignerService {
-    async fn sign(
-        &self,
-        req: Request<pb::PrivvalMessage>,
-    ) -> Result<Response<pb::PrivvalMessage>, Status> {
+    async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
         crate::tls::peer_of(&req)?;
         let reply = self.signer.serve_forwarded(&req.get_ref().msg).await?;
-        Ok(Response::new(pb::PrivvalMessage {
-            msg: reply.encode_to_vec(),
-        }))
+        Ok(Response::new(reply))
     }
 }

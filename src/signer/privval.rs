@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use base64::Engine;
 use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
 use cometbft_proto::v0_38::privval::Message;
@@ -21,7 +22,6 @@ use ed25519_dalek::SigningKey;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::watch;
 
 use super::{Signer, MAX_PRIVVAL_MESSAGE};
 use crate::config::PrivvalAddr;
@@ -171,12 +171,7 @@ async fn session(
 }
 
 /// Keeps a connection to `addr` for as long as keyraft runs.
-pub async fn run(
-    signer: Arc<Signer>,
-    addr: PrivvalAddr,
-    identity: SigningKey,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(signer: Arc<Signer>, addr: PrivvalAddr, identity: SigningKey, mut stop: Shutdown) {
     let name = addr.to_string();
     let gauge = signer
         .sh
@@ -190,7 +185,7 @@ pub async fn run(
     let mut quiet = false;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.requested() => return,
             r = session(&signer, &addr, &name, &identity) => {
                 let was_up = signer.sh.privval.get(&name);
                 if let Err(e) = r {
@@ -207,7 +202,7 @@ pub async fn run(
         signer.sh.privval.set(&name, false);
         gauge.set(0);
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.requested() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);

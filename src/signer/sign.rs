@@ -248,6 +248,41 @@ impl Signable {
         }
     }
 
+    /// What a forwarding member needs to complete its own copy of this
+    /// signed request: the timestamp, the signature, and the vote
+    /// extension's signature (empty where there is none).
+    pub fn signed_parts(&self) -> ((i64, i32), Vec<u8>, Vec<u8>) {
+        match self {
+            Signable::Vote(v) => (
+                self.timestamp(),
+                v.signature.clone(),
+                v.extension_signature.clone(),
+            ),
+            Signable::Proposal(p) => (self.timestamp(), p.signature.clone(), Vec::new()),
+        }
+    }
+
+    /// This request, completed with the leader's [`Self::signed_parts`].
+    pub fn complete(
+        mut self,
+        timestamp: (i64, i32),
+        signature: Vec<u8>,
+        extension_signature: Vec<u8>,
+    ) -> Signable {
+        self.set_timestamp(Timestamp {
+            seconds: timestamp.0,
+            nanos: timestamp.1,
+        });
+        match &mut self {
+            Signable::Vote(v) => {
+                v.signature = signature;
+                v.extension_signature = extension_signature;
+            }
+            Signable::Proposal(p) => p.signature = signature,
+        }
+        self
+    }
+
     /// Signs with `timestamp` (the one committed for this HRS) and, for a
     /// non-nil precommit, the vote extension too. Returns the signed message.
     pub fn sign(
@@ -351,6 +386,20 @@ mod tests {
         });
         assert!(Signable::Vote(v).validate("c").is_err());
         assert!(precommit(1, 100).validate("").is_err(), "empty chain id");
+    }
+
+    #[test]
+    fn a_forwarded_signature_completes_the_same_message() {
+        let k = key();
+        let signed = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap();
+        let (ts, sig, ext) = signed.signed_parts();
+        let Signable::Vote(here) = signed else {
+            panic!()
+        };
+        let Signable::Vote(there) = precommit(1, 999).complete(ts, sig, ext) else {
+            panic!()
+        };
+        assert_eq!(here, there);
     }
 
     #[test]

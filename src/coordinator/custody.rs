@@ -1,0 +1,326 @@
+//! Key custody: every effect on this host's validator, in the order the
+//! safety protocol needs (docs/design.md, steps 4 to 8).
+//!
+//! - taking the key: arm the guard with the lease, then link, then start
+//!   (or SIGHUP) the validator;
+//! - fencing: SIGKILL of the whole tree, proven dead, then unlink, then
+//!   unlease (only once proven);
+//! - releasing: graceful stop with the lease kept alive, proven dead,
+//!   unlink, unlease, and only then commit `Released`.
+//!
+//! Owns: the only handle on [`crate::supervisor::Validator`] (no other
+//! module of the coordinator touches it), the validator's health channel,
+//! and the deactivation and restart metrics. Must not: decide whether to
+//! take or give up the key; [`super`] decides, with [`super::policy`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use tokio::sync::watch;
+
+use super::policy;
+use crate::config::ActivateBy;
+use crate::fence::{self, FenceError, GuardError, ValidatorEvent};
+use crate::health::Health;
+use crate::ledger::Command;
+use crate::node::{quorum_ack_age, Shared};
+use crate::supervisor::Validator;
+
+/// Why a custody step failed; the caller fences.
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    #[error("this node has no validator (a witness)")]
+    NoValidator,
+    #[error("cannot stop the standby node: {0}")]
+    StopStandby(GuardError),
+    #[error("the guard did not take the lease: {0}")]
+    Lease(GuardError),
+    #[error("cannot link the key: {0}")]
+    Link(FenceError),
+    #[error("cannot start the validator with the key: {0}")]
+    Start(GuardError),
+}
+
+/// The validator side of this host, as the coordinator may touch it.
+pub struct Custody {
+    sh: Arc<Shared>,
+    node: Option<Validator>,
+    health_rx: Option<watch::Receiver<Option<Health>>>,
+}
+
+impl Custody {
+    /// `node` and `health_rx` are `None` on a witness.
+    pub fn new(
+        sh: Arc<Shared>,
+        node: Option<Validator>,
+        health_rx: Option<watch::Receiver<Option<Health>>>,
+    ) -> Custody {
+        Custody {
+            sh,
+            node,
+            health_rx,
+        }
+    }
+
+    pub fn has_validator(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The validator's health as this host sees it: `None` on a witness,
+    /// not running if the process is down or does not answer.
+    pub fn health(&self) -> Option<Health> {
+        let node = self.node.as_ref()?;
+        let probed = self.health_rx.as_ref().and_then(|h| *h.borrow());
+        Some(match (node.sup.running(), probed) {
+            (Some(_), Some(h)) => h,
+            _ => Health::default(),
+        })
+    }
+
+    /// Whether the validator process runs (false on a witness).
+    pub fn running(&self) -> bool {
+        self.node
+            .as_ref()
+            .is_some_and(|n| n.sup.running().is_some())
+    }
+
+    pub fn key_linked(&self) -> bool {
+        self.node.as_ref().is_some_and(|n| n.linked)
+    }
+
+    /// When a stopped validator may be started again (backoff), if there
+    /// is one that is not running.
+    pub fn restart_at(&self) -> Option<Instant> {
+        self.node
+            .as_ref()
+            .filter(|n| n.sup.running().is_none())
+            .map(|n| n.next_start)
+    }
+
+    /// The earliest a start may be tried (now on a witness).
+    pub fn next_start(&self) -> Instant {
+        self.node.as_ref().map_or(Instant::now(), |n| n.next_start)
+    }
+
+    /// The next unasked validator event (never resolves on a witness).
+    pub async fn event(&mut self) -> ValidatorEvent {
+        match &mut self.node {
+            Some(n) => n.event().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Starts the validator if it is down and its backoff allows; keyless
+    /// unless `with_key`.
+    pub async fn ensure_running(&mut self, with_key: bool) {
+        if let Some(node) = &mut self.node {
+            node.ensure_running(with_key).await;
+        }
+    }
+
+    /// A validator exit nobody asked for. Returns false if the news is
+    /// about a validator already replaced (nothing changed).
+    pub async fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
+        let Some(node) = &mut self.node else {
+            return false;
+        };
+        match ev {
+            ValidatorEvent::Fenced(pid, how) => {
+                tracing::error!(pid, "guard fenced the validator: {how}");
+                if !node.sup.mark_exited(*pid) {
+                    return false;
+                }
+            }
+            ValidatorEvent::Exited(pid, how) => {
+                if !node.sup.mark_exited(*pid) {
+                    tracing::debug!(pid, "exit of an earlier validator ({how})");
+                    return false;
+                }
+                tracing::warn!(pid, "validator node exited ({how})");
+            }
+            ValidatorEvent::GuardLost => {
+                // Its parent-death signal killed only the validator's first
+                // process; a wrapper's node may live on. Kill the tree here.
+                tracing::error!("the guard process died: killing the validator's tree from here");
+                if let Err(e) = node.replace_guard().await {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+        self.sh.metrics.validator_restarts.inc();
+        node.backoff();
+        true
+    }
+
+    /// Whether a successor waits for a new block height (`--no-height-watermark` turns it off).
+    pub fn height_watermark(&self) -> bool {
+        self.node.as_ref().is_some_and(|n| n.cfg.height_watermark)
+    }
+
+    /// The height this host's node reports now, if it answers with one.
+    pub async fn probe_height(&self) -> Option<u64> {
+        let prober = self.node.as_ref()?.prober.clone();
+        prober.probe().await.ok().and_then(|h| h.height)
+    }
+
+    /// Step 4, first part: in restart mode, the keyless standby node stops
+    /// (proven) before the key appears.
+    pub async fn stop_standby(&mut self, grace: Duration) -> Result<(), CustodyError> {
+        let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
+        if node.cfg.activate_by == ActivateBy::Restart && node.sup.running().is_some() {
+            node.stop_proven(grace, || None)
+                .await
+                .map_err(CustodyError::StopStandby)?;
+        }
+        Ok(())
+    }
+
+    /// Arms (or renews) the guard's lease: from here on, a frozen or dead
+    /// coordinator cannot keep the validator alive past `deadline_ns`.
+    pub async fn arm(&mut self, deadline_ns: u64) -> Result<(), CustodyError> {
+        let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
+        node.sup
+            .lease(Some(deadline_ns))
+            .await
+            .map_err(CustodyError::Lease)
+    }
+
+    /// Step 4, last part (after [`Self::arm`]): link the key, then start the
+    /// validator with it (or SIGHUP a running one).
+    pub async fn link_and_start(&mut self) -> Result<(), CustodyError> {
+        let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
+        node.links(true).await.map_err(CustodyError::Link)?;
+        match (node.cfg.activate_by, node.sup.running()) {
+            (ActivateBy::Sighup, Some(_)) => node.sup.sighup().await,
+            _ => {
+                node.next_start = Instant::now();
+                node.restarts = 0;
+                node.sup.start(&node.cfg.command).await.map(|_| ())
+            }
+        }
+        .map_err(CustodyError::Start)?;
+        self.sh.metrics.activations.inc();
+        Ok(())
+    }
+
+    /// Step 6, fencing: SIGKILL of the whole tree, proven, then unlink,
+    /// then (only with the proof) unlease. Nothing is released: a
+    /// successor waits out the lease.
+    pub async fn fence(&mut self, reason: &'static str) {
+        let Some(node) = &mut self.node else {
+            return;
+        };
+        let proven = node.kill_proven().await;
+        if let Err(e) = node.links(false).await {
+            tracing::error!("cannot unlink the key: {e}");
+        }
+        match proven {
+            // The lease may be disarmed only once the tree is proven dead.
+            Ok(()) => {
+                let _ = node.sup.lease(None).await;
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+        node.next_start = Instant::now();
+        self.count_deactivation(reason);
+        tracing::warn!(reason, "DEACTIVATED: validator killed, key unlinked");
+    }
+
+    fn count_deactivation(&self, reason: &str) {
+        self.sh
+            .metrics
+            .deactivations
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Steps 7 and 8: stops the validator gracefully (the lease kept alive
+    /// while this node leads `term` with quorum acks), proves its tree
+    /// dead, unlinks, unleases, and commits `Released` with the last height
+    /// the chain reached. Returns whether the release was committed; it is
+    /// not even tried without the proof and the unlink.
+    pub async fn stop_and_release(&mut self, term: u64, reason: &'static str) -> bool {
+        let t = self.sh.cfg.timing;
+        // The last height the node reached, fresh, for the successor's watermark.
+        let mut height = self.health().and_then(|h| h.height);
+        if let Some(node) = &mut self.node {
+            if let Ok(h) = node.prober.probe().await {
+                height = height.max(h.height);
+            }
+            let sh = self.sh.clone();
+            let renew = move || lease_deadline(&sh, Some(term));
+            let proven = node.stop_proven(t.stop_timeout, renew).await;
+            if let Err(e) = node.links(false).await {
+                tracing::error!("cannot unlink the key: {e}");
+            }
+            if let Err(e) = proven {
+                tracing::error!("not releasing the key: {e}");
+                return false;
+            }
+            let _ = node.sup.lease(None).await;
+            if node.linked {
+                tracing::error!("not releasing the key: it is still linked");
+                return false;
+            }
+            node.next_start = Instant::now();
+            // The node may have signed on through a long graceful stop: the
+            // successor must wait past what the chain had reached at its
+            // death, which this host's peers now report.
+            let seen = self
+                .sh
+                .view
+                .snapshot()
+                .values()
+                .filter_map(|p| p.status.validator.as_ref().map(|v| v.height))
+                .max();
+            height = height.max(seen);
+        }
+        self.count_deactivation(reason);
+        let release = self.sh.raft.client_write(Command::Released {
+            node: self.sh.cfg.id,
+            term,
+            height,
+        });
+        match tokio::time::timeout(t.election_max, release).await {
+            Ok(Ok(_)) => {
+                tracing::info!("released the key (committed)");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("release not committed: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("release not committed in time");
+                false
+            }
+        }
+    }
+
+    /// Shutdown without the key (or after releasing it): stop, prove, unlink.
+    pub async fn stop_for_shutdown(&mut self) {
+        if let Some(node) = &mut self.node {
+            if let Err(e) = node
+                .stop_proven(self.sh.cfg.timing.stop_timeout, || None)
+                .await
+            {
+                tracing::error!("{e}");
+            }
+            let _ = node.links(false).await;
+        }
+    }
+}
+
+/// The lease deadline, in CLOCK_MONOTONIC ns, while this node leads (in
+/// `term`, if given): see [`policy::lease_deadline`].
+pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
+    let m = sh.raft_metrics();
+    if m.state != ServerState::Leader || term.is_some_and(|t| t != m.current_term) {
+        return None;
+    }
+    // `now` before `age`: a stall between the two reads then moves the
+    // deadline earlier, never later.
+    let now = fence::mono_now_ns();
+    policy::lease_deadline(now, quorum_ack_age(&m), sh.cfg.timing.fence_after)
+}

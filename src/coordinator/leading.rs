@@ -1,0 +1,352 @@
+//! The coordinator's handlers around leadership: campaigning, activation
+//! (steps 2-4), the lease (step 5), fencing (step 6) and handover (steps 7
+//! and 8). Split from [`super`] only for length; the same rules apply: the
+//! decisions come from [`super::policy`], every effect on the validator
+//! goes through [`super::custody`].
+
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+
+use super::{campaign_jitter, custody, policy, Coordinator, Event, State, Wake};
+use crate::ledger::{Command, KeyEvent, NodeId};
+use crate::node::StateName;
+use crate::raft;
+
+impl Coordinator {
+    /// A leader that may not validate (a witness elected to bring a
+    /// standby's log up to date, say) hands leadership to an eligible
+    /// standby as soon as that standby holds every entry, once per term.
+    /// Going quiet (see `publish`) would also get there, a whole lease
+    /// later; it stays as the fallback if the transfer goes nowhere.
+    pub(super) async fn hand_on(&mut self, m: &raft::Metrics) {
+        // Never while this node holds the key unreleased: its validator's
+        // death is not proven (no Released, no transfer), and a successor
+        // elected by transfer would not wait out its lease.
+        let holder = self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id);
+        let Ok(target) = self.handover_target(None) else {
+            return;
+        };
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&target).cloned().flatten())
+            .map(|l| l.index);
+        let last = m.last_log_index;
+        let handed = self.handed_on_in == Some(m.current_term);
+        if !policy::may_hand_on(holder, handed, self.sh.leads(m), matched, last) {
+            return; // Replication under way, or not allowed: the next change rechecks.
+        }
+        self.handed_on_in = Some(m.current_term);
+        tracing::info!(
+            target,
+            term = m.current_term,
+            "leading without being able to validate: node {target} holds every entry now, handing leadership to it"
+        );
+        let _ = self.sh.raft.trigger().transfer_leader(target).await;
+    }
+
+    /// Campaigns (with pre-vote) as soon as the leader's lease on this node
+    /// has run out, instead of waiting another random election timeout.
+    /// Returns how long until it is worth checking again.
+    ///
+    /// With `last_resort`, this node may not validate (a witness, or one
+    /// standing down) but an eligible standby exists: it can lose every
+    /// vote to a node holding entries it lacks (a witness's, say). Then this
+    /// node stands, leads just long enough to bring the standby's log up to
+    /// date, and hands leadership to it ([`Self::hand_on`]). It stands as
+    /// soon as the lease is over if such a standby asked it for a vote
+    /// lately (see [`raft::Gate::saw_behind_candidate`]), and otherwise
+    /// after twice the lease without a leader.
+    pub(super) async fn maybe_campaign(
+        &mut self,
+        m: &raft::Metrics,
+        last_resort: bool,
+    ) -> Duration {
+        let t = self.sh.cfg.timing;
+        let now = Instant::now();
+        if now < self.next_campaign {
+            return self.next_campaign - now;
+        }
+        if !self.sh.gate.may_grant_votes()
+            || !matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        {
+            return t.election_min;
+        }
+        let quiet = self
+            .sh
+            .gate
+            .since_any_leader()
+            .unwrap_or_else(|| self.sh.started.elapsed());
+        let behind = self.sh.gate.behind_candidate(t.election_max * 2);
+        let rank = policy::campaign_rank(&self.view());
+        let due = policy::campaign_due(&t, last_resort, behind.is_some(), rank, self.jitter);
+        if quiet < due {
+            return (due - quiet).max(Duration::from_millis(10));
+        }
+        let quiet_ms = quiet.as_millis() as u64;
+        match (last_resort, behind) {
+            (true, Some(candidate)) => tracing::info!(
+                quiet_ms,
+                candidate,
+                "node {candidate} cannot win with a log behind this node's: standing for election to catch it up and hand over"
+            ),
+            (true, None) => tracing::warn!(
+                quiet_ms,
+                "no leader for twice the lease although a standby could validate: standing for election to catch it up"
+            ),
+            (false, _) => tracing::info!(quiet_ms, "leader silent past its lease: campaigning"),
+        }
+        let _ = self.sh.raft.trigger().elect(true).await;
+        let rank = policy::campaign_rank(&self.view());
+        self.next_campaign = Instant::now() + policy::campaign_retry(&t, rank);
+        // A fresh jitter for the next round, so two standbys rarely collide.
+        self.jitter = campaign_jitter(t.election_min);
+        t.election_min
+    }
+
+    /// Sends the guard the lease deadline as it stands now. With the lease
+    /// lapsed, or the guard unreachable, deactivates and returns the next
+    /// state instead.
+    pub(super) async fn renew_lease(&mut self) -> Result<u64, State> {
+        let Some(deadline) = custody::lease_deadline(&self.sh, None) else {
+            tracing::warn!(
+                "lease expired: no quorum ack within {:?}",
+                self.sh.cfg.timing.fence_after
+            );
+            return Err(self.deactivate("lease").await);
+        };
+        if !self.custody.has_validator() {
+            return Err(State::Voting);
+        }
+        if let Err(e) = self.custody.arm(deadline).await {
+            // A guard that does not take the lease cannot be trusted to
+            // enforce it: presumed broken (deactivate replaces it).
+            tracing::error!("{e}");
+            return Err(self.deactivate("guard").await);
+        }
+        Ok(deadline)
+    }
+
+    fn still_leader(&self, term: u64) -> bool {
+        let m = self.sh.raft_metrics();
+        m.state == ServerState::Leader && m.current_term == term
+    }
+
+    /// Waits `d` unless leadership of `term` is lost or shutdown comes first.
+    async fn hold(&mut self, d: Duration, term: u64) -> Result<(), State> {
+        let until = Instant::now() + d;
+        loop {
+            if !self.still_leader(term) {
+                return Err(State::Voting);
+            }
+            match self
+                .next_event(Wake {
+                    until: Some(until),
+                    ..Wake::default()
+                })
+                .await
+            {
+                Event::Shutdown => return Err(State::Shutdown),
+                Event::Timer => return Ok(()),
+                _ => {}
+            }
+        }
+    }
+
+    /// A height watermark on top of the lease: the new validator must not
+    /// sign a block height the previous holder may have signed. Waits until
+    /// this host's node reports a height above every height the previous
+    /// holder could have reached: the one it released at, the last it
+    /// gossiped, and the one this node saw now that the handover is
+    /// committed (the old validator was dead before that).
+    async fn wait_for_new_height(
+        &mut self,
+        prior: Option<KeyEvent>,
+        previous: Option<NodeId>,
+        term: u64,
+    ) -> Result<(), State> {
+        let Some(prior) = prior else {
+            return Ok(()); // Nobody in this cluster ever held the key.
+        };
+        if !self.custody.height_watermark() {
+            return Ok(()); // A witness, or --no-height-watermark: the lease alone.
+        }
+        let gossiped = previous.and_then(|p| {
+            self.sh
+                .view
+                .snapshot()
+                .get(&p)
+                .and_then(|s| s.status.validator.as_ref().map(|v| v.height))
+        });
+        let now = self.custody.probe_height().await;
+        let Some(watermark) = [prior.height, gossiped, now].into_iter().flatten().max() else {
+            tracing::warn!("no block heights known (health probe without heights): activating without a height watermark");
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut warned = Duration::ZERO;
+        loop {
+            if !self.still_leader(term) {
+                return Err(State::Voting);
+            }
+            if self
+                .custody
+                .probe_height()
+                .await
+                .is_some_and(|h| h > watermark)
+            {
+                tracing::info!(
+                    watermark,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "chain is past the previous holder's heights"
+                );
+                return Ok(());
+            }
+            if started.elapsed() >= warned + Duration::from_secs(10) {
+                warned = started.elapsed();
+                tracing::warn!(
+                    watermark,
+                    "waiting for the chain to pass height {watermark} before signing (a chain that only advances when this validator signs stalls here)"
+                );
+            }
+            let until = Instant::now() + Duration::from_millis(25);
+            loop {
+                match self
+                    .next_event(Wake {
+                        until: Some(until),
+                        ..Wake::default()
+                    })
+                    .await
+                {
+                    Event::Shutdown => return Err(State::Shutdown),
+                    Event::Timer => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Steps 2 to 4: commit, wait out the old lease, arm the guard, link, start.
+    pub(super) async fn activate(&mut self, term: u64) -> State {
+        let t = self.sh.cfg.timing;
+        let id = self.sh.cfg.id;
+        let previous = self.cluster_rx.borrow().key_holder().filter(|n| *n != id);
+        // When the previous holder was last heard from as leader (not a
+        // witness that led in between to catch this node up).
+        let lost_at = previous
+            .and_then(|p| self.sh.gate.since_contact_from(p))
+            .or_else(|| self.sh.gate.since_leader_contact())
+            .map(|d| Instant::now() - d);
+        let elected = Instant::now();
+        tracing::info!(term, "elected leader: committing activation");
+        let write = self
+            .sh
+            .raft
+            .client_write(Command::Activate { node: id, term });
+        let prior = tokio::select! {
+            _ = self.shutdown.requested() => return State::Shutdown,
+            r = tokio::time::timeout(t.election_max * 2, write) => match r {
+                Ok(Ok(resp)) => resp.data.prior,
+                Ok(Err(e)) => {
+                    tracing::warn!("activation not committed: {e}");
+                    self.next_activation = Instant::now() + t.heartbeat;
+                    return State::Voting;
+                }
+                Err(_) => {
+                    tracing::warn!("activation not committed in time");
+                    self.next_activation = Instant::now() + t.heartbeat;
+                    return State::Voting;
+                }
+            },
+        };
+        let committed = Instant::now();
+        let clean = prior.is_none_or(|p| p.released);
+        if !clean && !t.handover_delay.is_zero() {
+            tracing::info!(
+                wait_ms = t.handover_delay.as_millis() as u64,
+                "waiting out the previous holder's lease"
+            );
+            if let Err(next) = self.hold(t.handover_delay, term).await {
+                return next;
+            }
+        }
+        let held = Instant::now();
+        if let Err(next) = self.wait_for_new_height(prior, previous, term).await {
+            return next;
+        }
+        let height_passed = Instant::now();
+        if !self.custody.has_validator() {
+            return State::Voting;
+        }
+        if let Err(e) = self.custody.stop_standby(t.stop_timeout).await {
+            tracing::error!("{e}");
+            return self.deactivate("validator_exit").await;
+        }
+        // Arm the guard before the key appears: from here on, a frozen or
+        // dead coordinator cannot keep the validator alive past the lease.
+        if !self.still_leader(term) {
+            return State::Voting;
+        }
+        if let Err(next) = self.renew_lease().await {
+            return next;
+        }
+        if let Err(e) = self.custody.link_and_start().await {
+            tracing::error!("{e}");
+            return self.deactivate("validator_exit").await;
+        }
+        if let (Some(prev), Some(lost)) = (previous, lost_at) {
+            let took = lost.elapsed();
+            self.sh.metrics.failover_seconds.observe(took.as_secs_f64());
+            // Where the time went (docs/benchmarks.md, "Failover budget").
+            let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_millis() as u64;
+            tracing::info!(
+                from = prev,
+                took_ms = took.as_millis() as u64,
+                silent_ms = ms(lost, elected),
+                commit_ms = ms(elected, committed),
+                hold_ms = ms(committed, held),
+                height_ms = ms(held, height_passed),
+                start_ms = ms(height_passed, Instant::now()),
+                "failover complete"
+            );
+        }
+        tracing::info!(term, "VALIDATING");
+        State::Validating { term }
+    }
+
+    /// Step 6: fencing deactivation (see [`custody::Custody::fence`]).
+    pub(super) async fn deactivate(&mut self, reason: &'static str) -> State {
+        if !self.custody.has_validator() {
+            return State::Voting;
+        }
+        self.custody.fence(reason).await;
+        State::Startup
+    }
+
+    /// Steps 7 and 8: release first, and only then transfer. Without the
+    /// release, no transfer: this leader goes quiet (see `publish`) and the
+    /// successor waits out the lease.
+    pub(super) async fn handover(&mut self, term: u64, target: NodeId) -> State {
+        tracing::info!("handing over to node {target}");
+        let released = self.custody.stop_and_release(term, "handover").await;
+        self.stand_down_until = Some(Instant::now() + self.sh.cfg.timing.election_max * 2);
+        self.publish(StateName::Startup);
+        if !released {
+            tracing::error!("no release committed: not transferring leadership; the successor waits out the lease");
+        } else if let Err(e) = self.sh.raft.trigger().transfer_leader(target).await {
+            tracing::error!("transfer of leadership failed: {e}");
+        }
+        State::Startup
+    }
+
+    pub(super) async fn release_for_shutdown(&mut self, term: u64) -> State {
+        if self.custody.stop_and_release(term, "shutdown").await {
+            if let Ok(target) = self.handover_target(None) {
+                tracing::info!("shutting down: handing leadership to node {target}");
+                let _ = self.sh.raft.trigger().transfer_leader(target).await;
+            }
+        }
+        State::Shutdown
+    }
+}

@@ -1,0 +1,608 @@
+//! The coordinator: one state machine per host that decides, with Raft, when
+//! this host's validator runs with the key. [`crate::server`] builds it and
+//! calls [`Coordinator::run`].
+//!
+//! States (kuutamod's names, so dashboards carry over):
+//!
+//! - `Startup`: the validator node is starting as a plain full node.
+//! - `Syncing`: it answers but is not synced; this node may not campaign.
+//! - `Registering`: synced, but not (yet, or any more) a voter: a fresh node
+//!   waiting for the leader's log, or one rejoining after losing its data.
+//! - `Voting`: an eligible standby. It campaigns when the leader goes quiet
+//!   and, once elected, activates (docs/design.md, steps 2-4).
+//! - `Validating`: the validator runs with the key, under a lease renewed
+//!   from Raft's quorum acks and enforced by the guard process (step 5).
+//!   Never entered in signer mode, where the Raft leader in `Voting` signs
+//!   (see [`crate::signer`]) and every node runs keyless.
+//! - `Shutdown`: stopping; the key is released first.
+//!
+//! The rooms: this module holds the state enum, one handler per state and
+//! the one place that waits for the next event ([`Coordinator::next_event`]);
+//! [`policy`] decides, as pure functions over a snapshot of what this node
+//! sees; [`custody`] carries out every effect on the validator, in order.
+//!
+//! Owns: the safety protocol's ordering (commit, wait, lease, link, start;
+//! and kill before unlink before release). Must not: block (every slow step
+//! is bounded and raced against shutdown and leadership loss) or trust
+//! anything but Raft for the right to validate; gossip only picks handover
+//! targets.
+
+pub mod custody;
+mod leading;
+pub mod policy;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::type_config::alias::WatchReceiverOf;
+use openraft::ServerState;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin;
+use crate::fence::ValidatorEvent;
+use crate::health::Health;
+use crate::ledger::{ClusterState, NodeId};
+use crate::node::{CoordinatorRequest, Local, Shared, StateName};
+use crate::pb;
+use crate::raft;
+use crate::shutdown::Shutdown;
+use crate::supervisor::Validator;
+use custody::Custody;
+use policy::View;
+
+enum State {
+    Startup,
+    Syncing,
+    Registering,
+    Voting,
+    Validating { term: u64 },
+    Shutdown,
+}
+
+impl State {
+    fn name(&self) -> StateName {
+        match self {
+            State::Startup => StateName::Startup,
+            State::Syncing => StateName::Syncing,
+            State::Registering => StateName::Registering,
+            State::Voting => StateName::Voting,
+            State::Validating { .. } => StateName::Validating,
+            State::Shutdown => StateName::Shutdown,
+        }
+    }
+
+    fn from_name(name: StateName) -> State {
+        match name {
+            StateName::Startup => State::Startup,
+            StateName::Syncing => State::Syncing,
+            StateName::Registering => State::Registering,
+            StateName::Voting | StateName::Validating => State::Voting,
+            StateName::Shutdown => State::Shutdown,
+        }
+    }
+}
+
+/// What woke the coordinator.
+enum Event {
+    Shutdown,
+    Validator(ValidatorEvent),
+    Request(CoordinatorRequest),
+    /// Health, Raft metrics, the replicated state or the gate changed.
+    Changed,
+    /// The deadline the handler asked for.
+    Timer,
+}
+
+/// What a handler waits for, besides shutdown and Raft metrics changes.
+#[derive(Default)]
+struct Wake {
+    until: Option<Instant>,
+    validator: bool,
+    health: bool,
+    cluster: bool,
+    nudge: bool,
+    requests: bool,
+}
+
+impl Wake {
+    /// Everything a state handler listens to, and a deadline.
+    fn all(until: Option<Instant>) -> Wake {
+        Wake {
+            until,
+            validator: true,
+            health: true,
+            cluster: true,
+            nudge: true,
+            requests: true,
+        }
+    }
+}
+
+pub struct Coordinator {
+    sh: Arc<Shared>,
+    custody: Custody,
+    /// Wakes on health changes (custody reads its own copy).
+    health_rx: Option<watch::Receiver<Option<Health>>>,
+    raft_rx: WatchReceiverOf<raft::TypeConfig, raft::Metrics>,
+    cluster_rx: watch::Receiver<ClusterState>,
+    requests: mpsc::Receiver<CoordinatorRequest>,
+    shutdown: Shutdown,
+    rejoining: bool,
+    /// After a handover: do not campaign or take leadership back until then.
+    stand_down_until: Option<Instant>,
+    next_campaign: Instant,
+    /// After a failed activation attempt: not before then.
+    next_activation: Instant,
+    /// Heartbeats paused to hand leadership on (see `publish`).
+    quiet: bool,
+    /// Random extra wait before campaigning, redrawn after each campaign.
+    jitter: Duration,
+    /// The term in which this node, leading but unable to validate, last
+    /// handed leadership on (see [`Coordinator::hand_on`]).
+    handed_on_in: Option<u64>,
+}
+
+/// A small random extra wait before campaigning, for when two standbys
+/// disagree on their ranks (see [`policy::campaign_rank`]).
+fn campaign_jitter(election_min: Duration) -> Duration {
+    Duration::from_millis(rand::random_range(
+        0..=(election_min.as_millis() as u64 / 10).max(1),
+    ))
+}
+
+/// The next health change (never resolves on a witness).
+async fn health_changed(rx: &mut Option<watch::Receiver<Option<Health>>>) {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+impl Coordinator {
+    /// A coordinator in `Startup`; `node` and its channels are `None` on a witness.
+    pub fn new(
+        sh: Arc<Shared>,
+        node: Option<Validator>,
+        health_rx: Option<watch::Receiver<Option<Health>>>,
+        requests: mpsc::Receiver<CoordinatorRequest>,
+        shutdown: Shutdown,
+        rejoining: bool,
+    ) -> Coordinator {
+        let election_min = sh.cfg.timing.election_min;
+        Coordinator {
+            raft_rx: sh.raft.metrics(),
+            cluster_rx: sh.cluster.clone(),
+            custody: Custody::new(sh.clone(), node, health_rx.clone()),
+            health_rx,
+            sh,
+            requests,
+            shutdown,
+            rejoining,
+            stand_down_until: None,
+            next_campaign: Instant::now(),
+            next_activation: Instant::now(),
+            quiet: false,
+            jitter: campaign_jitter(election_min),
+            handed_on_in: None,
+        }
+    }
+
+    /// Runs the state machine until shutdown has released the key.
+    pub async fn run(&mut self) {
+        let mut state = State::Startup;
+        loop {
+            self.publish(state.name());
+            tracing::info!(state = %state.name(), "coordinator state");
+            state = match state {
+                State::Startup => self.startup().await,
+                State::Syncing => self.syncing().await,
+                State::Registering => self.registering().await,
+                State::Voting => self.voting().await,
+                State::Validating { term } => self.validating(term).await,
+                State::Shutdown => {
+                    self.shutdown().await;
+                    return;
+                }
+            };
+        }
+    }
+
+    /// The one place the coordinator waits: for shutdown, a Raft metrics
+    /// change, and whatever else `w` asks for.
+    async fn next_event(&mut self, w: Wake) -> Event {
+        let timer = async {
+            match w.until {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.shutdown.requested() => Event::Shutdown,
+            ev = self.custody.event(), if w.validator => Event::Validator(ev),
+            _ = health_changed(&mut self.health_rx), if w.health => Event::Changed,
+            _ = self.raft_rx.changed() => Event::Changed,
+            _ = self.cluster_rx.changed(), if w.cluster => Event::Changed,
+            _ = self.sh.gate.nudged(), if w.nudge => Event::Changed,
+            Some(req) = self.requests.recv(), if w.requests => Event::Request(req),
+            _ = timer => Event::Timer,
+        }
+    }
+
+    /// The event arms every state shares: shutdown, a validator exit (back
+    /// to `Startup` if it changed anything), a request. `None`: go on.
+    async fn common(&mut self, ev: Event) -> Option<State> {
+        match ev {
+            Event::Shutdown => Some(State::Shutdown),
+            Event::Validator(ev) => self.on_exit(&ev).await.then_some(State::Startup),
+            Event::Request(req) => {
+                self.idle_request(req).await;
+                None
+            }
+            Event::Changed | Event::Timer => None,
+        }
+    }
+
+    async fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
+        self.custody.on_exit(ev).await
+    }
+
+    /// What this node sees now, for [`policy`].
+    fn view(&self) -> View {
+        let m = self.sh.raft_metrics();
+        let gossip_age = self.sh.view.snapshot();
+        let peers = gossip_age
+            .into_iter()
+            .map(|(id, s)| {
+                let v = s.status.validator.as_ref();
+                let peer = policy::Peer {
+                    age: s.at.elapsed(),
+                    witness: s.status.role == "witness",
+                    ready: v.is_some_and(|v| v.running && v.synced),
+                    eligible: s.status.eligible,
+                    height: v.map_or(0, |v| v.height),
+                };
+                (id, peer)
+            })
+            .collect();
+        let acks = m.heartbeat.as_ref().map(|acks| {
+            use openraft::Instant as _;
+            acks.iter()
+                .map(|(id, t)| (*id, t.map(|t| t.elapsed())))
+                .collect()
+        });
+        View {
+            id: self.sh.cfg.id,
+            timing: self.sh.cfg.timing,
+            witness: self.sh.cfg.witness,
+            signer_mode: self.sh.cfg.signer.is_some(),
+            health: self.custody.health(),
+            paused: self.cluster_rx.borrow().paused,
+            standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
+            voters: m.membership_config.membership().voter_ids().collect(),
+            leader: m.current_leader,
+            is_leader: m.state == ServerState::Leader,
+            peers,
+            acks,
+        }
+    }
+
+    fn is_voter(&self) -> bool {
+        self.sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.sh.cfg.id)
+    }
+
+    /// Publishes state, eligibility and health to gossip, status and metrics,
+    /// and sets the gate's leadership switch. Returns eligibility.
+    fn publish(&mut self, state: StateName) -> bool {
+        let view = self.view();
+        let eligible = policy::eligible(state, &view);
+        // openraft's own election timer stays off (`enable_elect: false`):
+        // only `maybe_campaign` starts elections, when this node is
+        // eligible, its restart quiet is over (a restarted node has
+        // forgotten the lease it promised: it neither votes, by the gate,
+        // nor campaigns until `election_timeout_max` has passed) and its
+        // turn among the standbys has come.
+        self.sh.gate.set_accepts_leadership(eligible);
+        if view.is_leader {
+            self.sh.gate.leading();
+        }
+        // A leader that may not validate steps down by going quiet. (A
+        // leadership transfer is faster, see `hand_on`, but openraft never
+        // abandons a transfer to a node that then dies.)
+        let quiet = policy::goes_quiet(state, eligible, &view);
+        self.sh.raft.runtime_config().heartbeat(!quiet);
+        if quiet && !self.quiet {
+            tracing::info!("leader but not eligible to validate: pausing heartbeats so that an eligible standby takes over");
+        }
+        self.quiet = quiet;
+        let health = view.health;
+        let key_linked = self.custody.key_linked();
+        self.sh.local.send_if_modified(|l| {
+            let new = Local {
+                state,
+                key_linked,
+                validator: health,
+                eligible,
+            };
+            let changed = *l != new;
+            *l = new;
+            changed
+        });
+        let m = &self.sh.metrics;
+        m.set_state(&state.to_string());
+        m.key_linked.set(i64::from(key_linked));
+        m.paused.set(i64::from(view.paused));
+        if let Some(h) = health {
+            m.validator_up.set(i64::from(h.running));
+            m.validator_synced.set(i64::from(h.synced));
+            if let Some(height) = h.height {
+                m.validator_height.set(height as i64);
+            }
+        }
+        eligible
+    }
+
+    /// Requests in states where this node does not validate.
+    async fn idle_request(&mut self, req: CoordinatorRequest) {
+        let CoordinatorRequest::Switchover { to, reply } = req;
+        let m = self.sh.raft_metrics();
+        let r = if m.state != ServerState::Leader {
+            Err("this node is not the leader".to_string())
+        } else if self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id) {
+            // A handover whose stop was not proven left the key unreleased.
+            Err("this node still holds the key: it was not released (its validator's stop was not proven); the next leader will wait out the lease".to_string())
+        } else {
+            match self.handover_target(to) {
+                Ok(t) => {
+                    let _ = self.sh.raft.trigger().transfer_leader(t).await;
+                    Ok(if self.sh.cfg.signer.is_some() {
+                        format!("signing leadership handed to node {t}")
+                    } else {
+                        format!("no node was validating; leadership handed to node {t}")
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let _ = reply.send(r);
+    }
+
+    /// A standby to hand leadership to by transfer: it must also have acked
+    /// a heartbeat lately (see [`policy::standby`]).
+    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, String> {
+        policy::standby(&self.view(), want, true)
+    }
+
+    async fn startup(&mut self) -> State {
+        if !self.custody.has_validator() {
+            return State::Registering;
+        }
+        loop {
+            self.custody.ensure_running(false).await;
+            self.publish(StateName::Startup);
+            if self.custody.health().is_some_and(|h| h.running) {
+                return State::Syncing;
+            }
+            let retry = self
+                .custody
+                .next_start()
+                .max(Instant::now() + Duration::from_millis(200));
+            let ev = self
+                .next_event(Wake {
+                    cluster: false,
+                    nudge: false,
+                    ..Wake::all(Some(retry))
+                })
+                .await;
+            match ev {
+                // A validator exit here only backs the next start off.
+                Event::Validator(ev) => {
+                    self.on_exit(&ev).await;
+                }
+                ev => {
+                    if let Some(next) = self.common(ev).await {
+                        return next;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn syncing(&mut self) -> State {
+        loop {
+            self.publish(StateName::Syncing);
+            match self.custody.health() {
+                Some(h) if h.healthy() => return State::Registering,
+                Some(h) if !h.running && !self.custody.running() => return State::Startup,
+                _ => {}
+            }
+            let ev = self
+                .next_event(Wake {
+                    cluster: false,
+                    nudge: false,
+                    ..Wake::all(None)
+                })
+                .await;
+            if let Some(next) = self.common(ev).await {
+                return next;
+            }
+        }
+    }
+
+    async fn registering(&mut self) -> State {
+        let mut next_try = Instant::now();
+        loop {
+            self.publish(StateName::Registering);
+            if self.custody.health().is_some_and(|h| !h.healthy()) {
+                return State::Syncing;
+            }
+            let m = self.sh.raft_metrics();
+            if self.rejoining {
+                if Instant::now() >= next_try && m.current_leader.is_some() {
+                    next_try = Instant::now() + Duration::from_secs(2);
+                    self.ask_to_rejoin(m.current_leader).await;
+                }
+            } else if self.is_voter() {
+                return State::Voting;
+            }
+            let until = Instant::now() + Duration::from_millis(500);
+            let ev = self
+                .next_event(Wake {
+                    cluster: false,
+                    nudge: false,
+                    ..Wake::all(Some(until))
+                })
+                .await;
+            if let Some(next) = self.common(ev).await {
+                return next;
+            }
+        }
+    }
+
+    /// Step 9: a node that lost its data dir asks the leader to take it
+    /// back as a learner; it votes again once it is one.
+    async fn ask_to_rejoin(&mut self, leader: Option<NodeId>) {
+        let cmd = pb::ClusterCommand {
+            kind: Some(pb::cluster_command::Kind::Rejoin(pb::Member {
+                id: self.sh.cfg.id,
+                addr: self.sh.cfg.advertise.clone(),
+            })),
+        };
+        tracing::info!("asking leader {leader:?} to take this node back as a learner");
+        match admin::execute(&self.sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
+            Ok(msg) => {
+                tracing::info!("{msg}");
+                self.rejoining = false;
+                self.sh.gate.open_votes();
+            }
+            Err(e) => tracing::warn!("rejoin: {}", e.message()),
+        }
+    }
+
+    async fn voting(&mut self) -> State {
+        loop {
+            let eligible = self.publish(StateName::Voting);
+            if let Some(next) = policy::unhealthy_exit(self.custody.health()) {
+                return State::from_name(next);
+            }
+            if !self.is_voter() {
+                return State::Registering;
+            }
+            let m = self.sh.raft_metrics();
+            let view = self.view();
+            let acked = self.sh.leads(&m);
+            let due = Instant::now() >= self.next_activation;
+            let recheck = match policy::voting_step(eligible, acked, due, &view) {
+                policy::VotingStep::Activate => return self.activate(m.current_term).await,
+                step => {
+                    if step == policy::VotingStep::HandOn {
+                        self.hand_on(&m).await;
+                    }
+                    match step {
+                        policy::VotingStep::Campaign { last_resort } => {
+                            self.maybe_campaign(&m, last_resort).await
+                        }
+                        policy::VotingStep::Wait => Duration::from_secs(1),
+                        // Fresh from its election: the first ack is a round trip away.
+                        _ if m.last_quorum_acked.is_none() => Duration::from_millis(5),
+                        _ => self.sh.cfg.timing.heartbeat,
+                    }
+                }
+            };
+            let ev = self
+                .next_event(Wake::all(Some(Instant::now() + recheck)))
+                .await;
+            if let Some(next) = self.common(ev).await {
+                return next;
+            }
+        }
+    }
+
+    /// Step 5: hold the lease while validating.
+    async fn validating(&mut self, term: u64) -> State {
+        let t = self.sh.cfg.timing;
+        let mut unhealthy_since: Option<Instant> = None;
+        loop {
+            self.publish(StateName::Validating);
+            let m = self.sh.raft_metrics();
+            if m.state != ServerState::Leader || m.current_term != term {
+                tracing::warn!("lost leadership of term {term}");
+                return self.deactivate("leadership").await;
+            }
+            let deadline = match self.renew_lease().await {
+                Ok(d) => d,
+                Err(next) => return next,
+            };
+            let now = crate::fence::mono_now_ns();
+            self.custody.ensure_running(true).await;
+            if self.custody.health().is_some_and(|h| h.healthy()) {
+                unhealthy_since = None;
+            } else {
+                let since = *unhealthy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= t.unhealthy_grace {
+                    match self.handover_target(None) {
+                        Ok(target) => {
+                            tracing::warn!(
+                                "validator unhealthy for {:?}: stepping aside for node {target}",
+                                since.elapsed()
+                            );
+                            return self.handover(term, target).await;
+                        }
+                        Err(why) => tracing::debug!("validator unhealthy, but {why}"),
+                    }
+                }
+            }
+            // The awaits since the renewal can outlast the lease (a thawed
+            // host): then wake at once, and the next renewal deactivates.
+            let lease_end = Instant::now() + Duration::from_nanos(deadline.saturating_sub(now));
+            let until = [
+                Some(lease_end),
+                self.custody.restart_at(),
+                unhealthy_since.map(|_| Instant::now() + Duration::from_millis(250)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match self.next_event(Wake::all(until)).await {
+                Event::Shutdown => return self.release_for_shutdown(term).await,
+                Event::Validator(ev) => {
+                    if self.on_exit(&ev).await {
+                        match ev {
+                            ValidatorEvent::Fenced(..) => return self.deactivate("lease").await,
+                            ValidatorEvent::GuardLost => {
+                                return self.deactivate("validator_exit").await
+                            }
+                            ValidatorEvent::Exited(..) => {}
+                        }
+                    }
+                }
+                Event::Request(CoordinatorRequest::Switchover { to, reply }) => {
+                    match self.handover_target(to) {
+                        Ok(target) => {
+                            let next = self.handover(term, target).await;
+                            let _ = reply.send(Ok(format!("handed over to node {target}")));
+                            return next;
+                        }
+                        Err(why) => {
+                            let _ = reply.send(Err(why));
+                        }
+                    }
+                }
+                Event::Changed | Event::Timer => {}
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.publish(StateName::Shutdown);
+        self.sh.raft.runtime_config().elect(false);
+        self.custody.stop_for_shutdown().await;
+    }
+}

@@ -1,0 +1,437 @@
+//! The ledger: what the cluster agrees on, and the rules that decide it.
+//!
+//! Every Raft log entry is a [`Command`]; applying it to [`ClusterState`]
+//! is the whole replicated state machine: the key's activation history
+//! (who may validate, and whether the last holder released), the operator's
+//! pause, which members registered with durable state, and in signer mode
+//! the signing watermark with its double-sign rule ([`SignerState::check`]).
+//!
+//! Owns: the domain types of the replicated state and their transitions,
+//! as pure functions with table tests. Must not: import any other module
+//! of this crate (it is the bottom of the import graph), do I/O, or know
+//! how the entries are replicated (that is [`crate::raft`]).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A member's id in the cluster (also in its certificate, `node-N.keyraft`).
+pub type NodeId = u64;
+
+/// A replicated command: one Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// The leader of `term` is about to validate (safety protocol step 2).
+    Activate { node: NodeId, term: u64 },
+    /// The holder stopped its validator and removed the key (step 7);
+    /// `height` is the last block height its node reported.
+    Released {
+        node: NodeId,
+        term: u64,
+        height: Option<u64>,
+    },
+    /// Operator pause: no automatic failover while set.
+    SetPaused { paused: bool },
+    /// `node` started with durable state; a later start with an empty data
+    /// dir is then refused unless it rejoins.
+    Register { node: NodeId },
+    /// Signer mode: the leader is about to sign this (height, round, step)
+    /// of `chain_id`. `digest` is the SHA-256 of the sign bytes with the
+    /// timestamp zeroed; `timestamp` is the one that will be signed.
+    Signed {
+        chain_id: String,
+        height: u64,
+        round: u32,
+        step: u8,
+        digest: String,
+        timestamp: (i64, i32),
+    },
+    /// Signer mode: never sign at or below `height` (a state file imported
+    /// from the validator's previous signer; 0 for a key that never signed).
+    /// Signing starts only once a floor exists.
+    SignerFloor { chain_id: String, height: u64 },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Activate { node, term } => write!(f, "activate node {node} in term {term}"),
+            Command::Released { node, term, .. } => {
+                write!(f, "node {node} released the key (term {term})")
+            }
+            Command::SetPaused { paused } => write!(f, "set paused={paused}"),
+            Command::Register { node } => write!(f, "register node {node}"),
+            Command::Signed {
+                height,
+                round,
+                step,
+                ..
+            } => write!(f, "sign {height}/{round}/{step}"),
+            Command::SignerFloor { height, .. } => {
+                write!(f, "never sign at or below height {height}")
+            }
+        }
+    }
+}
+
+/// One activation or release, as committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEvent {
+    pub node: NodeId,
+    pub term: u64,
+    pub released: bool,
+    pub index: u64,
+    /// For a release: the last height the holder's node reported.
+    pub height: Option<u64>,
+}
+
+/// The state machine's answer to a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// For `Activate`: the key event committed just before it.
+    pub prior: Option<KeyEvent>,
+    /// For `Signed`: whether the signature may be produced.
+    pub sign: Option<SignVerdict>,
+}
+
+/// Where a (height, round, step) stands against the watermark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignVerdict {
+    /// Sign, with this timestamp (the one committed first for this HRS).
+    Sign { timestamp: (i64, i32) },
+    /// Below the watermark.
+    Regression,
+    /// The watermark's HRS with other sign bytes (or an imported floor).
+    Conflict,
+    /// The cluster signs for another chain.
+    WrongChain,
+    /// No watermark yet: nothing is signed until an operator says where the
+    /// key stands (`keyraft signer import-state FILE` or `--never-signed`).
+    NoWatermark,
+}
+
+/// Signer mode's replicated watermark: the highest (height, round, step)
+/// signed, and what was signed there. Steps are CometBFT's: 1 proposal,
+/// 2 prevote, 3 precommit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignerState {
+    pub chain_id: String,
+    pub height: u64,
+    pub round: u32,
+    pub step: u8,
+    /// `None` for an imported floor: nothing at it may be signed.
+    pub digest: Option<String>,
+    pub timestamp: (i64, i32),
+    /// Signatures committed, all time.
+    pub signatures: u64,
+}
+
+impl SignerState {
+    pub fn hrs(&self) -> (u64, u32, u8) {
+        (self.height, self.round, self.step)
+    }
+
+    /// What a request for `hrs` with `digest` would get, without committing.
+    pub fn check(&self, chain_id: &str, hrs: (u64, u32, u8), digest: &str) -> SignVerdict {
+        if self.chain_id != chain_id {
+            return SignVerdict::WrongChain;
+        }
+        match hrs.cmp(&self.hrs()) {
+            std::cmp::Ordering::Less => SignVerdict::Regression,
+            std::cmp::Ordering::Equal if self.digest.as_deref() == Some(digest) => {
+                SignVerdict::Sign {
+                    timestamp: self.timestamp,
+                }
+            }
+            std::cmp::Ordering::Equal => SignVerdict::Conflict,
+            std::cmp::Ordering::Greater => SignVerdict::Sign { timestamp: (0, 0) },
+        }
+    }
+}
+
+/// Events kept in the replicated history.
+const HISTORY: usize = 64;
+
+/// The replicated cluster state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub paused: bool,
+    /// The last activation or release.
+    pub last_key_event: Option<KeyEvent>,
+    /// Recent key events, oldest first.
+    pub history: VecDeque<KeyEvent>,
+    pub registered: BTreeSet<NodeId>,
+    /// Signer mode: the watermark (absent until the first signature).
+    #[serde(default)]
+    pub signer: Option<SignerState>,
+}
+
+impl ClusterState {
+    pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
+        let last = self.last_key_event;
+        let mut key_event = |node, term, released, height| {
+            let prior = self.last_key_event;
+            let ev = KeyEvent {
+                node,
+                term,
+                released,
+                index,
+                height,
+            };
+            self.last_key_event = Some(ev);
+            self.history.push_back(ev);
+            while self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+            Reply { prior, sign: None }
+        };
+        match *cmd {
+            Command::Activate { node, term } => key_event(node, term, false, None),
+            // Only the holder of the last activation can release it: a stale
+            // or misdirected release must not make a successor skip its wait.
+            Command::Released { node, term, height } => match last {
+                Some(e) if !e.released && e.node == node && e.term == term => {
+                    key_event(node, term, true, height)
+                }
+                _ => {
+                    tracing::warn!(
+                        node,
+                        term,
+                        "ignoring a release that does not match the last activation"
+                    );
+                    Reply::default()
+                }
+            },
+            Command::SetPaused { paused } => {
+                self.paused = paused;
+                Reply::default()
+            }
+            Command::Register { node } => {
+                self.registered.insert(node);
+                Reply::default()
+            }
+            Command::Signed {
+                ref chain_id,
+                height,
+                round,
+                step,
+                ref digest,
+                timestamp,
+            } => {
+                let verdict = match &self.signer {
+                    None => SignVerdict::NoWatermark,
+                    Some(w) => match w.check(chain_id, (height, round, step), digest) {
+                        // Above the watermark: the new signature's own time.
+                        SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
+                            SignVerdict::Sign { timestamp }
+                        }
+                        v => v,
+                    },
+                };
+                if let SignVerdict::Sign { timestamp } = verdict {
+                    let signatures = self.signer.as_ref().map_or(0, |w| w.signatures) + 1;
+                    self.signer = Some(SignerState {
+                        chain_id: chain_id.clone(),
+                        height,
+                        round,
+                        step,
+                        digest: Some(digest.clone()),
+                        timestamp,
+                        signatures,
+                    });
+                }
+                Reply {
+                    prior: None,
+                    sign: Some(verdict),
+                }
+            }
+            Command::SignerFloor {
+                ref chain_id,
+                height,
+            } => {
+                let floor = (height, u32::MAX, u8::MAX);
+                match &mut self.signer {
+                    Some(w) if w.chain_id != *chain_id => {
+                        tracing::warn!(chain_id, "ignoring a floor for another chain");
+                        return Reply {
+                            prior: None,
+                            sign: Some(SignVerdict::WrongChain),
+                        };
+                    }
+                    Some(w) if w.hrs() >= floor => {}
+                    w => {
+                        let signatures = w.as_ref().map_or(0, |w| w.signatures);
+                        *w = Some(SignerState {
+                            chain_id: chain_id.clone(),
+                            height,
+                            round: u32::MAX,
+                            step: u8::MAX,
+                            digest: None,
+                            timestamp: (0, 0),
+                            signatures,
+                        });
+                    }
+                }
+                Reply::default()
+            }
+        }
+    }
+
+    /// The node that holds the key according to the log, if any.
+    pub fn key_holder(&self) -> Option<NodeId> {
+        self.last_key_event.filter(|e| !e.released).map(|e| e.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_reports_the_prior_key_event() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(&Command::Activate { node: 1, term: 2 }, 5).prior,
+            None
+        );
+        assert_eq!(s.key_holder(), Some(1));
+        s.apply(
+            &Command::Released {
+                node: 1,
+                term: 2,
+                height: Some(40),
+            },
+            6,
+        );
+        assert_eq!(s.key_holder(), None);
+        let r = s.apply(&Command::Activate { node: 2, term: 3 }, 8);
+        assert_eq!(
+            r.prior,
+            Some(KeyEvent {
+                node: 1,
+                term: 2,
+                released: true,
+                index: 6,
+                height: Some(40),
+            })
+        );
+    }
+
+    #[test]
+    fn only_the_last_activation_can_be_released() {
+        let mut s = ClusterState::default();
+        let release = |node, term| Command::Released {
+            node,
+            term,
+            height: None,
+        };
+        // Nothing to release yet.
+        s.apply(&release(1, 1), 1);
+        assert_eq!(s.last_key_event, None);
+        s.apply(&Command::Activate { node: 1, term: 2 }, 2);
+        // Another node, or the same node in another term: ignored.
+        s.apply(&release(2, 2), 3);
+        s.apply(&release(1, 1), 4);
+        assert_eq!(s.key_holder(), Some(1));
+        s.apply(&release(1, 2), 5);
+        assert_eq!(s.key_holder(), None);
+        // Released twice: the second changes nothing.
+        let before = s.clone();
+        s.apply(&release(1, 2), 6);
+        assert_eq!(s, before);
+    }
+
+    fn never_signed() -> Command {
+        Command::SignerFloor {
+            chain_id: "c".into(),
+            height: 0,
+        }
+    }
+
+    fn signed(h: u64, r: u32, step: u8, digest: &str, ts: i64) -> Command {
+        Command::Signed {
+            chain_id: "c".into(),
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (ts, 0),
+        }
+    }
+
+    #[test]
+    fn the_watermark_signs_each_hrs_once_and_never_below() {
+        let mut s = ClusterState::default();
+        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        // Nothing is signed before an operator said where the key stands.
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 10)),
+            SignVerdict::NoWatermark
+        );
+        s.apply(&never_signed(), 1);
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 10)),
+            SignVerdict::Sign { timestamp: (10, 0) }
+        );
+        // The same HRS and bytes, later timestamp: the first timestamp again.
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "a", 11)),
+            SignVerdict::Sign { timestamp: (10, 0) }
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 2, "b", 12)),
+            SignVerdict::Conflict
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 1, "a", 12)),
+            SignVerdict::Regression
+        );
+        assert_eq!(
+            verdict(&mut s, signed(4, 9, 3, "a", 12)),
+            SignVerdict::Regression
+        );
+        assert_eq!(
+            verdict(&mut s, signed(5, 1, 1, "c", 13)),
+            SignVerdict::Sign { timestamp: (13, 0) }
+        );
+        let other = Command::Signed {
+            chain_id: "other".into(),
+            height: 9,
+            round: 0,
+            step: 1,
+            digest: "d".into(),
+            timestamp: (1, 0),
+        };
+        assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
+        let w = s.signer.clone().unwrap();
+        assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
+    }
+
+    #[test]
+    fn an_imported_floor_blocks_its_whole_height_and_never_lowers() {
+        let mut s = ClusterState::default();
+        let floor = |h| Command::SignerFloor {
+            chain_id: "c".into(),
+            height: h,
+        };
+        s.apply(&floor(100), 1);
+        for step in 1..=3 {
+            for round in [0, 5] {
+                let v = s.apply(&signed(100, round, step, "a", 1), 2).sign.unwrap();
+                assert_ne!(v, SignVerdict::Sign { timestamp: (1, 0) }, "{round}/{step}");
+            }
+        }
+        assert!(matches!(
+            s.apply(&signed(101, 0, 1, "a", 1), 3).sign,
+            Some(SignVerdict::Sign { .. })
+        ));
+        s.apply(&floor(50), 4);
+        assert_eq!(
+            s.signer.as_ref().unwrap().hrs(),
+            (101, 0, 1),
+            "a floor never lowers"
+        );
+    }
+}

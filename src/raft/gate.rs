@@ -1,0 +1,158 @@
+//! The gate: what the Raft server handlers need to know beyond openraft,
+//! and the election bookkeeping the coordinator reads.
+//!
+//! Owns: whether this node may grant votes (restart quiet, rejoin) or take
+//! leadership by transfer, whether it has joined at all, and when leaders
+//! were last heard from. Must not: decide anything itself; the coordinator
+//! sets its switches and the Raft service consults them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::ledger::NodeId;
+
+/// What the Raft server handlers need to know beyond openraft: the
+/// conditions under which this node grants votes or accepts leadership.
+pub struct Gate {
+    started: Instant,
+    /// Votes are refused for this long after start: a restarted node has
+    /// forgotten the leader lease it promised before it stopped.
+    restart_quiet: std::time::Duration,
+    /// Cleared while this node rejoins with an empty data dir.
+    votes_open: AtomicBool,
+    /// Set once start-up has decided this node may take part in Raft at all.
+    /// Until then every Raft message is refused: a node with an empty data
+    /// dir that is about to be refused (step 9) must not accept a leader's
+    /// entries and so look, at its next start, as if it had kept its data.
+    joined: AtomicBool,
+    /// Whether this node may take leadership by transfer (eligible to validate).
+    accepts_leadership: AtomicBool,
+    /// When an AppendEntries (or heartbeat) from a leader last arrived.
+    last_leader_contact: Mutex<Option<Instant>>,
+    /// The same, per leader: when each node was last heard from as leader.
+    contacts: Mutex<BTreeMap<NodeId, Instant>>,
+    /// When this node was last seen leading (see [`Gate::since_any_leader`]).
+    last_led: Mutex<Option<Instant>>,
+    /// The last candidate refused a vote here with a log behind this
+    /// node's, and when (see [`Gate::saw_behind_candidate`]).
+    behind_candidate: Mutex<Option<(NodeId, Instant)>>,
+    /// Wakes the coordinator when such a candidate shows up.
+    nudge: tokio::sync::Notify,
+}
+
+fn stamp(at: &Mutex<Option<Instant>>) {
+    *at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+}
+
+fn age(at: &Mutex<Option<Instant>>) -> Option<std::time::Duration> {
+    at.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t.elapsed())
+}
+
+impl Gate {
+    pub fn new(restart_quiet: std::time::Duration, votes_open: bool) -> Gate {
+        Gate {
+            started: Instant::now(),
+            restart_quiet,
+            votes_open: AtomicBool::new(votes_open),
+            joined: AtomicBool::new(false),
+            accepts_leadership: AtomicBool::new(false),
+            last_leader_contact: Mutex::new(None),
+            contacts: Mutex::new(BTreeMap::new()),
+            last_led: Mutex::new(None),
+            behind_candidate: Mutex::new(None),
+            nudge: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records that candidate `id` asked for a vote with a log behind this
+    /// node's: it cannot win without this node's entries, so this node
+    /// should lead long enough to hand them over (see the coordinator's
+    /// last-resort campaign), and wakes the coordinator.
+    pub fn saw_behind_candidate(&self, id: NodeId) {
+        *self
+            .behind_candidate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((id, Instant::now()));
+        self.nudge.notify_one();
+    }
+
+    /// The candidate behind this node's log that asked within `within`.
+    pub fn behind_candidate(&self, within: std::time::Duration) -> Option<NodeId> {
+        self.behind_candidate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|(_, at)| at.elapsed() < within)
+            .map(|(id, _)| id)
+    }
+
+    /// Resolves after the next [`Gate::saw_behind_candidate`].
+    pub async fn nudged(&self) {
+        self.nudge.notified().await
+    }
+
+    pub fn may_grant_votes(&self) -> bool {
+        self.started.elapsed() >= self.restart_quiet && self.votes_open.load(Ordering::Relaxed)
+    }
+
+    pub fn join(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
+    }
+
+    pub fn open_votes(&self) {
+        self.votes_open.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_accepts_leadership(&self, yes: bool) {
+        self.accepts_leadership.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn accepts_leadership(&self) -> bool {
+        self.accepts_leadership.load(Ordering::Relaxed)
+    }
+
+    /// Records an AppendEntries (or heartbeat) accepted from leader `from`.
+    pub fn leader_contact(&self, from: NodeId) {
+        stamp(&self.last_leader_contact);
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from, Instant::now());
+    }
+
+    /// How long since `id` was last heard from as leader.
+    pub fn since_contact_from(&self, id: NodeId) -> Option<std::time::Duration> {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|t| t.elapsed())
+    }
+
+    pub fn since_leader_contact(&self) -> Option<std::time::Duration> {
+        age(&self.last_leader_contact)
+    }
+
+    /// Records that this node is the leader now.
+    pub fn leading(&self) {
+        stamp(&self.last_led);
+    }
+
+    /// How long there has been no leader in sight: since a leader's last
+    /// message, or since this node itself last led, whichever is later. A
+    /// leader that has just handed over must not count its own reign as
+    /// leaderless time and campaign against the node it handed over to.
+    pub fn since_any_leader(&self) -> Option<std::time::Duration> {
+        match (self.since_leader_contact(), age(&self.last_led)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
