@@ -3,34 +3,45 @@
 //!
 //! The coordinators on those hosts form a Raft cluster; only the leader links
 //! the validator key into its node and validates, under a lease that a
-//! separate guard process enforces. `../shared/DESIGN.md` is the design.
+//! separate guard process enforces. `docs/design.md` is the design (the
+//! safety protocol's numbered steps that comments here cite), and
+//! `docs/architecture.md` the contributor's tour.
 //! A short tour, from the outside in; each module's opening comment says
 //! what it owns and what it must not do, and no module imports one that
 //! imports it back (`tests/layering.rs` keeps it so):
 //!
-//! - [`config`]: flags, `KEYRAFT_*` variables and TOML, validated into a
-//!   [`config::Config`] (timings must satisfy the safety inequality).
+//! - [`cli`]: the `keyraft` command line, by topic (run, admin commands,
+//!   certificates); `src/main.rs` only calls it.
+//! - [`config`]: flags, `KEYRAFT_*` variables and TOML, by topic, validated
+//!   into a [`config::Config`] (timings must satisfy the safety inequality).
 //! - [`server`]: `keyraft run` itself: start-up order (lock and fence
 //!   first, then storage, servers, bootstrap), the background tasks, and
 //!   teardown. It builds everything below and hands over to the coordinator.
+//! - [`join`]: step 9, what a node with an empty data dir asks its peers
+//!   before it takes part, and its one-time registration.
+//! - [`shutdown`]: the one shutdown signal threaded through every task.
 //! - [`node`]: the handles the running parts share ([`node::Shared`]), what
 //!   this node says about itself and what peers last said. Plain data; the
 //!   parts below depend on it, never on each other's internals.
 //! - [`coordinator`]: the state machine (Startup, Syncing, Registering,
-//!   Voting, Validating, Shutdown), one handler per state, which decides with
-//!   Raft when this host's validator runs with the key.
-//! - [`supervisor`]: the validator node as the coordinator drives it: its
-//!   process, key links, restart backoff and prober.
+//!   Voting, Validating, Shutdown), one handler per state and one place that
+//!   waits; its decisions are pure functions in [`coordinator::policy`],
+//!   its effects on the validator all in [`coordinator::custody`].
+//! - [`supervisor`]: the validator node as custody drives it: its process,
+//!   key links, restart backoff and prober.
 //! - [`fence`]: what keeps a key from being used twice even when keyraft
 //!   itself fails: the data-dir lock, atomic key links, and the guard process
 //!   that kills the validator when its lease runs out (both ends of its
 //!   protocol).
-//! - [`raft`]: openraft's type configuration and replicated cluster state,
-//!   durable sled storage ([`raft::store`]), the gRPC client
-//!   ([`raft::network`]) and service ([`raft::server`]).
 //! - [`signer`]: signer mode (CometBFT): keyraft dials the nodes' privval
 //!   ports and signs only what the Raft leader committed first; followers
-//!   forward requests to the leader.
+//!   forward requests to the leader; refusals are typed end to end.
+//! - [`raft`]: replication only: openraft's type configuration, the vote
+//!   and leadership gate ([`raft::gate`]), durable sled storage
+//!   ([`raft::store`]), the gRPC client ([`raft::network`]) and service
+//!   ([`raft::server`]).
+//! - [`ledger`]: what is replicated and its rules (key events, pause,
+//!   registrations, the signing watermark), at the bottom of the graph.
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
@@ -40,6 +51,7 @@
 //!   `node-N.keyraft`, and a peer claiming to be N must present it.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod fence;

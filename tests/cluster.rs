@@ -2,7 +2,6 @@
 //! election, restart with persisted state, peer authentication, abuse of
 //! the ports, and the wiped-data-dir rule.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -15,28 +14,11 @@ fn plain(_: u64) -> NodeOpts {
     NodeOpts::default()
 }
 
-/// (leader, term) if every node's status agrees and has quorum.
-async fn agreed_leader(c: &Cluster, ids: &[u64]) -> Result<Option<(u64, u64)>> {
-    let mut seen = BTreeSet::new();
-    for &id in ids {
-        let v = c.status(id).await?;
-        let cl = &v["cluster"];
-        if cl["quorum"] != true {
-            return Ok(None);
-        }
-        match (cl["leader"].as_u64(), cl["term"].as_u64()) {
-            (Some(l), Some(t)) => seen.insert((l, t)),
-            _ => return Ok(None),
-        };
-    }
-    Ok((seen.len() == 1).then(|| seen.into_iter().next()).flatten())
-}
-
 #[tokio::test]
 async fn three_nodes_elect_one_leader_and_all_report_it() -> Result<()> {
     let c = Cluster::start(3, 250, plain).await?;
     let (leader, term) = eventually(SETTLE, "all three to agree on a leader", || {
-        agreed_leader(&c, &[1, 2, 3])
+        c.agreed_leader(&[1, 2, 3])
     })
     .await?;
     let mut leaders = 0;
@@ -73,7 +55,7 @@ async fn own_raft(c: &Cluster, id: u64) -> Result<String> {
 async fn an_isolated_leader_steps_down_within_the_lease_and_two_leaders_are_never_seen(
 ) -> Result<()> {
     let c = Cluster::start(3, 250, plain).await?;
-    let (old, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let (old, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     let others: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
     // election_timeout_max of the default (lan) timing profile.
     let lease = Duration::from_millis(600);
@@ -127,7 +109,7 @@ async fn an_isolated_leader_steps_down_within_the_lease_and_two_leaders_are_neve
         own_raft(&c, old).await?
     );
     let (new, _) = eventually(SETTLE, "the others to agree on a leader", || {
-        agreed_leader(&c, &others)
+        c.agreed_leader(&others)
     })
     .await?;
     ensure!(new != old);
@@ -144,7 +126,7 @@ async fn an_isolated_leader_steps_down_within_the_lease_and_two_leaders_are_neve
 #[tokio::test]
 async fn a_stopped_leader_is_replaced_and_rejoins_with_its_persisted_term_and_log() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;
-    let (old, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let (old, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     // Let a few entries (activation, registrations) land on every node.
     eventually(SETTLE, "the leader's log to reach the others", || async {
         let mine = c.metric(old, "keyraft_raft_last_log_index").await?;
@@ -168,7 +150,7 @@ async fn a_stopped_leader_is_replaced_and_rejoins_with_its_persisted_term_and_lo
     );
     let rest: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
     let (new, new_term) = eventually(SETTLE, "a new leader among the other two", || async {
-        Ok(agreed_leader(&c, &rest).await?.filter(|(l, _)| *l != old))
+        Ok(c.agreed_leader(&rest).await?.filter(|(l, _)| *l != old))
     })
     .await?;
     ensure!(
@@ -289,7 +271,7 @@ async fn peers_must_present_their_own_certificate() -> Result<()> {
 #[tokio::test]
 async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
     let c = Cluster::start(3, 500, plain).await?;
-    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     let target = &c.nodes[&1];
     // Raw garbage, a half-open TLS hello and a stalled connection on both ports.
     let mut idle = Vec::new();
@@ -347,7 +329,7 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
         .await
         .context("gossip after abuse")?;
     eventually(SETTLE, "a leader after abuse", || {
-        agreed_leader(&c, &[1, 2, 3])
+        c.agreed_leader(&[1, 2, 3])
     })
     .await?;
     let metrics = reqwest::get(format!("http://{}/metrics", target.http)).await?;
@@ -360,7 +342,7 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
 #[tokio::test]
 async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;
-    let (leader, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     let victim = (1..=3).find(|i| *i != leader).unwrap_or(1);
     // Wait until the victim has registered (it ran with durable state).
     eventually(SETTLE, "the victim to register", || async {
@@ -438,7 +420,7 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
 #[tokio::test]
 async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     let c = Cluster::start(3, 250, plain).await?;
-    let (leader, _) = eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     // A fourth coordinator (a witness), with a certificate from the same CA.
     let base = c.dir.path().join("n4");
     let ca = c.dir.path().join("ca");
@@ -505,241 +487,6 @@ async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     ensure!(!text.lines().any(|l| l.starts_with("4\t")), "{text}");
     let bad = c.cli(leader, &["members", "add", "nonsense"]).await?;
     ensure!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("ID=HOST:PORT"));
-    c.assert_no_double_signs().await?;
-    Ok(())
-}
-
-/// The end of validity of the certificate the peer port at `addr` presents
-/// (read with openssl; the handshake stops at our missing client
-/// certificate, after the server's has been sent).
-fn presented_not_after(addr: std::net::SocketAddr) -> Result<String> {
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect {addr} </dev/null 2>/dev/null | openssl x509 -noout -enddate"
-        ))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    ensure!(
-        text.starts_with("notAfter="),
-        "no server certificate: {text:?}"
-    );
-    Ok(text)
-}
-
-#[tokio::test]
-async fn renewed_certificates_are_reloaded_on_sighup_and_their_expiry_is_shown() -> Result<()> {
-    let c = Cluster::start(3, 250, plain).await?;
-    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
-    let expiry = || async {
-        c.metric(1, r#"keyraft_tls_cert_expiry_seconds{cert="node"}"#)
-            .await
-    };
-    ensure!(
-        expiry().await? > 365.0 * 86_400.0,
-        "the harness's certificates are long-lived"
-    );
-    let first = presented_not_after(c.nodes[&1].listen)?;
-
-    // A certificate for another node, put in place: refused, nothing changes.
-    let tls = c.nodes[&1].tls.clone();
-    let renew = |id: &str, days: &str, out: &std::path::Path| {
-        localnet::cluster::certs(
-            &c.keyraft,
-            &[
-                "node",
-                "--ca",
-                &c.dir.path().join("ca").display().to_string(),
-                "--id",
-                id,
-                "--ip",
-                "127.0.0.1",
-                "--days",
-                days,
-            ],
-            out,
-        )
-    };
-    let scratch = tempfile::tempdir()?;
-    let wrong = scratch.path().join("wrong");
-    renew("2", "10", &wrong)?;
-    let backup = scratch.path().join("backup");
-    std::fs::create_dir_all(&backup)?;
-    for f in ["node.pem", "node.key"] {
-        std::fs::copy(tls.join(f), backup.join(f))?;
-        std::fs::copy(wrong.join(f), tls.join(f))?;
-    }
-    c.proc(1)?.signal(Signal::SIGHUP)?;
-    let log = c.proc(1)?.log.clone();
-    eventually(SETTLE, "the wrong certificate refused", || async {
-        Ok(std::fs::read_to_string(&log)?
-            .contains("SIGHUP: keeping the certificates in use")
-            .then_some(()))
-    })
-    .await?;
-    ensure!(
-        expiry().await? > 365.0 * 86_400.0,
-        "a refused certificate was taken"
-    );
-    ensure!(presented_not_after(c.nodes[&1].listen)? == first);
-
-    // Node 1's own renewal, valid for 10 days, caught half-written (the new
-    // certificate beside the old key): refused too.
-    for f in ["node.pem", "node.key"] {
-        std::fs::copy(backup.join(f), tls.join(f))?;
-    }
-    let renewed = scratch.path().join("renewed");
-    renew("1", "10", &renewed)?;
-    std::fs::copy(renewed.join("node.pem"), tls.join("node.pem"))?;
-    c.proc(1)?.signal(Signal::SIGHUP)?;
-    eventually(SETTLE, "the half-written renewal refused", || async {
-        let log = std::fs::read_to_string(&log)?;
-        Ok((log
-            .matches("SIGHUP: keeping the certificates in use")
-            .count()
-            == 2)
-            .then_some(()))
-    })
-    .await?;
-    ensure!(presented_not_after(c.nodes[&1].listen)? == first);
-    // Then whole: taken without a restart.
-    std::fs::copy(renewed.join("node.key"), tls.join("node.key"))?;
-    let pid = c.proc(1)?.pid();
-    c.proc(1)?.signal(Signal::SIGHUP)?;
-    eventually(SETTLE, "the renewed certificate's expiry", || async {
-        Ok((expiry().await? < 11.0 * 86_400.0).then_some(()))
-    })
-    .await?;
-    ensure!(c.proc(1)?.pid() == pid, "the coordinator restarted");
-    let now = presented_not_after(c.nodes[&1].listen)?;
-    ensure!(now != first, "the peer port still presents {first}");
-    // Status says so, in JSON and in the table.
-    let me = node_entry(&c.status(1).await?, 1);
-    ensure!(
-        matches!(me["tls_cert"]["expires_in_days"].as_i64(), Some(9 | 10)),
-        "{me}"
-    );
-    let table = c.cli(1, &["status"]).await?;
-    ensure!(
-        String::from_utf8_lossy(&table.stdout).contains("certificate expires in"),
-        "{table:?}"
-    );
-    // New connections both ways use it: cut node 1 off and heal it (the
-    // proxies close connections that lived through a cut).
-    c.isolate(1);
-    let before_heal = std::time::Instant::now();
-    c.heal();
-    eventually(SETTLE, "node 1 back in its peers' view", || async {
-        let v = c.status(2).await?;
-        let n1 = node_entry(&v, 1);
-        let fresh = n1["last_seen_ms"]
-            .as_u64()
-            .is_some_and(|ms| u128::from(ms) < before_heal.elapsed().as_millis());
-        Ok((fresh && v["cluster"]["quorum"] == true).then_some(()))
-    })
-    .await?;
-    c.assert_no_double_signs().await?;
-    Ok(())
-}
-
-/// `keyraft check --config FILE`: (exit code, stdout lines, stderr).
-async fn preflight(c: &Cluster, file: &std::path::Path) -> Result<(i32, Vec<String>, String)> {
-    let out = tokio::process::Command::new(&c.keyraft)
-        .args(["check", "--config"])
-        .arg(file)
-        .output()
-        .await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    ))
-}
-
-#[tokio::test]
-async fn check_with_a_config_file_checks_certificates_peers_clocks_and_the_validator() -> Result<()>
-{
-    let mut c = Cluster::start(3, 250, plain).await?;
-    eventually(SETTLE, "a leader", || agreed_leader(&c, &[1, 2, 3])).await?;
-    // Node 1's configuration as a first start would use it, beside the
-    // running node (its own data dir, another port).
-    let scratch = tempfile::tempdir()?;
-    std::fs::create_dir_all(scratch.path().join("home"))?;
-    let config = |tls: &std::path::Path| -> Result<String> {
-        Ok(format!(
-            "node-id = 1\nlisten = \"127.0.0.1:{}\"\ndata-dir = \"{}\"\ntls-dir = \"{}\"\n\
-             peer = [\"2={}\", \"3={}\"]\nvalidator-home = \"{}\"\nvalidator-key = \"{}\"\n\
-             health = \"near\"\nhealth-url = \"http://{}\"\ncommand = [\"/bin/true\"]\n",
-            free_addr()?.port(),
-            scratch.path().join("data").display(),
-            tls.display(),
-            c.nodes[&2].listen,
-            c.nodes[&3].listen,
-            scratch.path().join("home").display(),
-            c.key_path.display(),
-            c.nodes[&1].rpc,
-        ))
-    };
-    let file = scratch.path().join("keyraft.toml");
-    std::fs::write(&file, config(&c.nodes[&1].tls)?)?;
-    let (code, lines, err) = preflight(&c, &file).await?;
-    ensure!(code == 0, "exit {code}: {lines:?} {err}");
-    for want in [
-        "ok   configuration: node 1",
-        "ok   certificate: node-1.keyraft",
-        "ok   CA certificate",
-        "ok   peer 2",
-        "ok   peer 3",
-        "ok   validator",
-    ] {
-        ensure!(
-            lines.iter().any(|l| l.starts_with(want)),
-            "no line {want:?} in {lines:?}"
-        );
-    }
-    ensure!(
-        lines.iter().filter(|l| l.contains("clock offset")).count() == 2,
-        "{lines:?}"
-    );
-    ensure!(
-        !scratch.path().join("data").exists(),
-        "the check wrote a data dir"
-    );
-
-    // Another node's certificate: this node could not prove who it is.
-    std::fs::write(&file, config(&c.nodes[&2].tls)?)?;
-    let (code, lines, _) = preflight(&c, &file).await?;
-    ensure!(
-        code == 1
-            && lines
-                .iter()
-                .any(|l| l.starts_with("FAIL certificate")
-                    && l.contains("not a certificate for node 1")),
-        "exit {code}: {lines:?}"
-    );
-
-    // A peer down: its line says so, and the exit code.
-    std::fs::write(&file, config(&c.nodes[&1].tls)?)?;
-    c.kill_host(3)?;
-    let (code, lines, _) = preflight(&c, &file).await?;
-    ensure!(
-        code == 1
-            && lines.iter().any(|l| l.starts_with("FAIL peer 3"))
-            && lines.iter().any(|l| l.starts_with("ok   peer 2")),
-        "exit {code}: {lines:?}"
-    );
-
-    // A file keyraft run would refuse: one line on stderr, exit 2.
-    std::fs::write(&file, "node-id = 0\n")?;
-    let (code, lines, err) = preflight(&c, &file).await?;
-    ensure!(
-        code == 2 && lines.is_empty() && err.lines().count() == 1,
-        "exit {code}: {lines:?} {err}"
-    );
-    // The killed host may have been the active one.
     c.assert_no_double_signs().await?;
     Ok(())
 }

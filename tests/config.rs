@@ -288,3 +288,29 @@ fn json_logs_carry_the_node_id_on_every_line() -> Result<()> {
     );
     Ok(())
 }
+
+/// docs/configuration.md is generated from `keyraft run`'s help texts and
+/// must not drift from them (`KEYRAFT_UPDATE_DOCS=1` rewrites it).
+#[test]
+fn the_configuration_reference_matches_the_flags() -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let want = keyraft::config::reference();
+    if std::env::var_os("KEYRAFT_UPDATE_DOCS").is_some() {
+        std::fs::write(&path, &want)?;
+    }
+    let have = std::fs::read_to_string(&path)
+        .with_context(|| format!("{} (KEYRAFT_UPDATE_DOCS=1 writes it)", path.display()))?;
+    anyhow::ensure!(
+        have == want,
+        "docs/configuration.md is out of date: run KEYRAFT_UPDATE_DOCS=1 cargo nextest run -E 'test(the_configuration_reference_matches_the_flags)'"
+    );
+    for flag in [
+        "--node-id",
+        "--fence-after",
+        "--privval-node",
+        "KEYRAFT_TIMING",
+    ] {
+        anyhow::ensure!(have.contains(flag), "{flag} missing from the reference");
+    }
+    Ok(())
+}

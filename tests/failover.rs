@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use localnet::cluster::{alive, Cluster, NodeOpts, SETTLE};
-use localnet::harness::{eventually, node_entry};
+use localnet::harness::eventually;
 use nix::sys::signal::Signal;
 
 const BLOCK_MS: u64 = 250;
@@ -467,130 +467,6 @@ async fn stale_key_links_are_removed_before_the_validators_start() -> Result<()>
 }
 
 #[tokio::test]
-async fn check_exit_codes_name_the_failure() -> Result<()> {
-    let mut c = Cluster::start(3, BLOCK_MS, plain).await?;
-    let active = c.active().await?;
-    let code = |out: std::process::Output| {
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
-    let healthy = eventually(SETTLE, "check to pass", || async {
-        let (code, line) = code(c.cli(active, &["check"]).await?);
-        Ok((code == Some(0)).then_some(line))
-    })
-    .await?;
-    ensure!(healthy.starts_with("OK"), "{healthy}");
-
-    let standby = (1..=3).find(|i| *i != active).unwrap_or(1);
-    ensure!(c.cli(standby, &["pause"]).await?.status.success());
-    c.kill_coordinator(active)?;
-    let (no_validator, line) = eventually(SETTLE, "check to see no validator", || async {
-        let (code, line) = code(c.cli(standby, &["check"]).await?);
-        Ok((code == Some(4)).then_some((code, line)))
-    })
-    .await?;
-    ensure!(
-        line.contains("no node is validating"),
-        "{no_validator:?} {line}"
-    );
-
-    let other = (1..=3).find(|i| *i != active && *i != standby).unwrap_or(1);
-    c.kill_coordinator(other)?;
-    let line = eventually(SETTLE, "check to see no quorum", || async {
-        let (code, line) = code(c.cli(standby, &["check"]).await?);
-        Ok((code == Some(3)).then_some(line))
-    })
-    .await?;
-    ensure!(line.contains("no quorum"), "{line}");
-    c.forget(other)?;
-    let (unreachable, _) = code(c.cli(active, &["check"]).await?);
-    ensure!(
-        unreachable == Some(1),
-        "check against a dead admin port: {unreachable:?}"
-    );
-    c.assert_no_double_signs().await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn probe_prints_what_keyraft_sees_of_a_node() -> Result<()> {
-    let c = Cluster::start(3, BLOCK_MS, plain).await?;
-    let active = c.active().await?;
-    let url = format!("http://{}", c.nodes[&active].rpc);
-    let out = tokio::process::Command::new(&c.keyraft)
-        .args(["probe", "--health", "near", "--url", &url, "--json"])
-        .output()
-        .await?;
-    ensure!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    ensure!(
-        v["running"] == true && v["synced"] == true && v["height"].as_u64() > Some(0),
-        "{v}"
-    );
-    let down = tokio::process::Command::new(&c.keyraft)
-        .args(["probe", "--health", "near", "--url", "http://127.0.0.1:9"])
-        .output()
-        .await?;
-    let err = String::from_utf8_lossy(&down.stderr);
-    ensure!(
-        !down.status.success() && err.lines().count() == 1 && err.contains("unreachable"),
-        "{down:?}"
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn the_near_preset_links_the_node_key_by_role() -> Result<()> {
-    use localnet::keys::KeyFile;
-    let keys = tempfile::tempdir()?;
-    let shared = keys.path().join("validator_node_key.json");
-    KeyFile::generate("node").write_new(&shared)?;
-    let shared_pub = KeyFile::load(&shared)?.public_key;
-    for id in 1..=3 {
-        KeyFile::generate("node").write_new(&keys.path().join(format!("voter{id}.json")))?;
-    }
-    let dir = keys.path().to_path_buf();
-    let c = Cluster::start(3, BLOCK_MS, |id| NodeOpts {
-        flags: vec![
-            "--validator-node-key".into(),
-            shared.display().to_string(),
-            "--voter-node-key".into(),
-            dir.join(format!("voter{id}.json")).display().to_string(),
-        ],
-        ..NodeOpts::default()
-    })
-    .await?;
-    let active = c.active().await?;
-    for id in 1..=3 {
-        let home = &c.nodes[&id].home;
-        let node_key = std::fs::read_link(home.join("node_key.json"))?;
-        let status =
-            localnet::harness::get_json(&format!("http://{}/status", c.nodes[&id].rpc)).await?;
-        if id == active {
-            ensure!(
-                node_key == shared,
-                "active node {id} links {}",
-                node_key.display()
-            );
-            ensure!(home.join("validator_key.json").exists());
-            ensure!(status["node_public_key"] == shared_pub.as_str(), "{status}");
-        } else {
-            ensure!(
-                node_key == dir.join(format!("voter{id}.json")),
-                "standby {id} links {}",
-                node_key.display()
-            );
-            ensure!(!home.join("validator_key.json").exists());
-            ensure!(status["node_public_key"] != shared_pub.as_str(), "{status}");
-        }
-    }
-    c.assert_no_double_signs().await?;
-    Ok(())
-}
-
-#[tokio::test]
 async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, |id| NodeOpts {
         witness: id == 3,
@@ -688,58 +564,5 @@ async fn a_cluster_whose_links_carry_40ms_of_latency_keeps_its_validator() -> Re
         rtts.len() == 2 && rtts.iter().all(|r| *r >= 0.06),
         "the latency did not reach the peer links: round trips {rtts:?}"
     );
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_health_url_that_answers_404_shows_in_status_and_the_log_once() -> Result<()> {
-    let mut c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
-    // Node 3 restarted with a probe URL its node does not serve: it can
-    // never become a healthy standby, and the operator must be told why.
-    let rpc = c.nodes[&3].rpc;
-    let own = |v: serde_json::Value| node_entry(&v, 3);
-    c.kill_host(3)?;
-    c.node_mut(3)?.opts.health_url = Some(format!("http://{rpc}/rpc/v1"));
-    c.spawn(3)?;
-    let err = eventually(SETTLE, "node 3 to report its probe error", || async {
-        // Unreachable first, while the node starts; then its answer.
-        let me = own(c.status(3).await?);
-        Ok(me["probe_error"]
-            .as_str()
-            .filter(|e| e.contains("404"))
-            .map(str::to_string))
-    })
-    .await?;
-    ensure!(
-        err.contains("/rpc/v1/status") && err.contains("404"),
-        "probe error: {err}"
-    );
-    // A few more probes later, still one warning, naming the flag to check.
-    c.chain
-        .wait_height(c.chain.totals().await?.height + 4, SETTLE)
-        .await?;
-    let log = std::fs::read_to_string(&c.proc(3)?.log)?;
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("validator probe") && l.contains("404"))
-        .collect();
-    ensure!(
-        warnings.len() == 1,
-        "want one probe warning, got {warnings:?}"
-    );
-    ensure!(warnings[0].contains("--health-url"), "{}", warnings[0]);
-    // A URL that already ends in /status is taken as it is.
-    c.kill_host(3)?;
-    c.node_mut(3)?.opts.health_url = Some(format!("http://{rpc}/status"));
-    c.spawn(3)?;
-    eventually(
-        SETTLE,
-        "node 3 to stand by with a working probe",
-        || async {
-            let me = own(c.status(3).await?);
-            Ok((me["state"] == "Voting" && me["probe_error"].is_null()).then_some(()))
-        },
-    )
-    .await?;
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! The module layering stays a tree: no module of `src/` imports one that
-//! imports it back, directly or through others. Reads the sources as text
+//! The module layering stays a tree: no module of `src/` (nor of
+//! `localnet/src/`) imports one that imports it back, directly or through
+//! others; the ledger and localnet's wire types sit at the bottom and
+//! import nothing of their crate; and no source file grows past 700 lines. Reads the sources as text
 //! (every `crate::name` path, in `use` lines and inline), so a circle fails
 //! here with the modules that form it, before a reader has to untangle it.
 
@@ -18,6 +20,9 @@ fn modules(src: &Path) -> anyhow::Result<BTreeMap<String, Vec<PathBuf>>> {
             .and_then(|n| n.to_str())
             .context("file name")?
             .to_string();
+        if path.is_dir() && name == "bin" {
+            continue; // Binaries: crates of their own, on top of the library.
+        }
         if path.is_dir() {
             let mut files = Vec::new();
             let mut stack = vec![path.clone()];
@@ -110,10 +115,9 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
     None
 }
 
-#[test]
-fn no_module_imports_one_that_imports_it_back() -> anyhow::Result<()> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mods = modules(&src)?;
+/// The import graph of the crate whose sources are in `src`.
+fn graph(src: &Path) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+    let mods = modules(src)?;
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (name, files) in &mods {
         let mut deps = BTreeSet::new();
@@ -125,17 +129,76 @@ fn no_module_imports_one_that_imports_it_back() -> anyhow::Result<()> {
         deps.retain(|d| mods.contains_key(d));
         graph.insert(name.clone(), deps);
     }
-    // The checker must see the edges it is meant to police.
-    assert!(
-        graph.get("coordinator").is_some_and(|d| d.contains("node")),
-        "the test found no edge coordinator -> node: {graph:?}"
-    );
-    if let Some(cycle) = find_cycle(&graph) {
+    Ok(graph)
+}
+
+fn assert_tree(graph: &BTreeMap<String, BTreeSet<String>>) -> anyhow::Result<()> {
+    if let Some(cycle) = find_cycle(graph) {
         anyhow::bail!(
             "modules import each other in a circle: {}",
             cycle.join(" -> ")
         );
     }
+    Ok(())
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn no_module_imports_one_that_imports_it_back() -> anyhow::Result<()> {
+    let graph = graph(&root().join("src"))?;
+    // The checker must see the edges it is meant to police.
+    assert!(
+        graph.get("coordinator").is_some_and(|d| d.contains("node")),
+        "the test found no edge coordinator -> node: {graph:?}"
+    );
+    assert_tree(&graph)
+}
+
+#[test]
+fn localnet_modules_form_a_tree_too() -> anyhow::Result<()> {
+    let graph = graph(&root().join("localnet/src"))?;
+    assert!(
+        graph.get("chain").is_some_and(|d| d.contains("wire")),
+        "the test found no edge chain -> wire: {graph:?}"
+    );
+    assert_tree(&graph)
+}
+
+#[test]
+fn the_ledger_and_the_wire_types_import_nothing_of_their_crate() -> anyhow::Result<()> {
+    for (src, bottom) in [("src", "ledger"), ("localnet/src", "wire")] {
+        let graph = graph(&root().join(src))?;
+        let deps = graph
+            .get(bottom)
+            .with_context(|| format!("no module {bottom} in {src}"))?;
+        anyhow::ensure!(deps.is_empty(), "{src}/{bottom} imports {deps:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn no_source_file_is_over_700_lines() -> anyhow::Result<()> {
+    let mut long = Vec::new();
+    for dir in ["src", "tests", "localnet/src", "localnet/tests", "examples"] {
+        let mut stack = vec![root().join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+                let p = e?.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let lines = std::fs::read_to_string(&p)?.lines().count();
+                    if lines > 700 {
+                        long.push(format!("{} ({lines} lines)", p.display()));
+                    }
+                }
+            }
+        }
+    }
+    anyhow::ensure!(long.is_empty(), "split these by topic: {long:?}");
     Ok(())
 }
 

@@ -31,8 +31,9 @@ use tokio::sync::watch;
 use crate::comet::consensus::Malformed;
 use crate::comet::key::PublicValidatorKey;
 use crate::comet::ledger::{Book, Equivocation, Refusal, Schedule};
-use crate::comet::node::Submission;
 use crate::keys;
+use crate::wire::Submission;
+pub use crate::wire::{SignReply, SignRequest};
 
 /// Heights kept in the `signers` window of `/stats`.
 pub const WINDOW_HEIGHTS: u64 = 2_000;
@@ -82,22 +83,6 @@ impl Stats {
             .filter(move |x| x.node == node)
             .map(|x| x.height)
     }
-}
-
-/// `POST /sign`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignRequest {
-    pub height: u64,
-    pub public_key: String,
-    pub node: u64,
-    pub signature: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignReply {
-    pub accepted: bool,
-    pub double_sign: bool,
-    pub error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,16 +363,6 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
         error: None,
     };
     (StatusCode::OK, Json(reply))
-}
-
-impl SignReply {
-    fn refused(why: &str) -> Self {
-        SignReply {
-            accepted: false,
-            double_sign: false,
-            error: Some(why.to_string()),
-        }
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -4,7 +4,7 @@
 //! Owns: the fault catalogue, the schedule (a seeded RNG, so a run can be
 //! replayed), waiting for the cluster to settle before and after each fault,
 //! and the JSON summary. Must not: hide a fault's outcome; the whole-host
-//! freeze, which a single machine cannot make safe (DESIGN.md, "Residual
+//! freeze, which a single machine cannot make safe (docs/safety.md, "Residual
 //! risk"), is reported in its own category. With `--cometbft` the cluster
 //! runs in signer mode (three signers, each with a sentry): "active" is the
 //! signer leader, a failover is every other sentry signing again, and the

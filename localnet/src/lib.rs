@@ -3,7 +3,8 @@
 //! Nothing here knows keyraft's internals; it only runs keyraft's binary and
 //! watches the chain. A short tour:
 //!
-//! - [`bench`]: benchmarks that print numbers for the README.
+//! - [`bench`]: benchmarks that print numbers for docs/benchmarks.md, one
+//!   file each.
 //! - [`keys`]: NEAR-format key files and the message a validator signs.
 //! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
 //!   missed heights and double signs (NEAR mode) or equivocations (CometBFT
@@ -22,8 +23,11 @@
 //!   commands that break a running localnet from another terminal.
 //! - [`node`]: `fakenode`, a neard look-alike that signs each height while it
 //!   holds the validator key.
+//! - [`faults`]: the faults a local cluster suffers (kill, freeze, cut off,
+//!   slow links), apart from the cluster facade.
 //! - [`proxy`]: TCP fault proxies on every peer link, so links can be cut
 //!   (blackholed) without root.
+//! - [`wire`]: the JSON types between the chain, the nodes and the tools.
 
 pub mod bench;
 pub mod chain;
@@ -31,11 +35,13 @@ pub mod chaos;
 pub mod cluster;
 pub mod comet;
 pub mod docker;
+pub mod faults;
 pub mod harness;
 pub mod keys;
 pub mod launcher;
 pub mod node;
 pub mod proxy;
+pub mod wire;
 
 /// Logs to stderr, human-readable, at `info` unless `RUST_LOG` says otherwise.
 pub fn init_logging() {

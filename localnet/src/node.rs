@@ -19,8 +19,8 @@ use ed25519_dalek::SigningKey;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::chain::{SignReply, SignRequest};
 use crate::keys::{self, KeyFile};
+use crate::wire::{SignReply, SignRequest};
 
 pub const VALIDATOR_KEY: &str = "validator_key.json";
 pub const NODE_KEY: &str = "node_key.json";

@@ -3,9 +3,9 @@
 //! process tree. It SIGKILLs that tree when the lease deadline passes (by
 //! CLOCK_MONOTONIC or CLOCK_BOOTTIME, whichever says so first), when the
 //! coordinator disappears, or on any error reading its control pipe, even if
-//! the coordinator is frozen. Both ends of its protocol live here: the
-//! guard's own loop ([`guard_main`]) and the coordinator's handle on it
-//! ([`GuardClient`]).
+//! the coordinator is frozen. This file is the guard's own side
+//! ([`guard_main`]); the coordinator's handle on it is
+//! [`super::guard_client::GuardClient`].
 //!
 //! Protocol, one line each way; every request carries a sequence number and
 //! its reply repeats it, so a late reply never answers a newer request:
@@ -24,7 +24,8 @@
 //!
 //! `stop` runs beside the loop, so lease renewals and their acks go on
 //! during a graceful stop; an unanswered request is the coordinator's sign
-//! that the guard is broken (see [`GuardClient::force_kill`]).
+//! that the guard is broken (see
+//! [`super::guard_client::GuardClient::force_kill`]).
 //!
 //! Must not: decide when the validator runs with the key; the guard obeys
 //! only its deadline and its control pipe, the client only the coordinator.
@@ -40,10 +41,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
-use tokio::sync::mpsc;
 
+use super::guard_client::GuardError;
 use super::lock::{start_time, PID_FILE};
 use super::tree::{Tree, MARKER_VAR};
 use super::{boot_now_ns, mono_now_ns};
@@ -52,7 +51,7 @@ use super::{boot_now_ns, mono_now_ns};
 const THREAD_STACK: usize = 256 * 1024;
 
 /// How long the guard itself gives a SIGKILLed tree to be confirmed dead.
-const CONFIRM: Duration = Duration::from_secs(1);
+pub(super) const CONFIRM: Duration = Duration::from_secs(1);
 
 /// A lease deadline on both clocks: a suspended VM's CLOCK_MONOTONIC may
 /// not count the pause, CLOCK_BOOTTIME does.
@@ -531,7 +530,7 @@ pub fn become_subreaper() -> Result<(), GuardError> {
 
 /// Reaps the zombies of processes adopted after a guard died (called only
 /// while no guard runs: it would otherwise take the guard's exit status).
-fn reap_adopted() {
+pub(super) fn reap_adopted() {
     while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if status == WaitStatus::StillAlive {
             break;
@@ -539,371 +538,9 @@ fn reap_adopted() {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum GuardError {
-    #[error("cannot start the guard process: {0}")]
-    Spawn(std::io::Error),
-    #[error("the guard process is gone")]
-    GuardLost,
-    #[error("the guard did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Refused(String),
-    #[error("the validator's process tree could not be proven dead: {0}")]
-    NotProven(String),
-}
-
-/// Something that happened to the validator without being asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ValidatorEvent {
-    /// Validator `pid` exited (crash, or killed from outside).
-    Exited(u32, String),
-    /// The guard killed validator `pid` at the lease deadline.
-    Fenced(u32, String),
-    /// The guard itself died; its validator's tree may not have.
-    GuardLost,
-}
-
-pub struct GuardClient {
-    guard: Child,
-    stdin: ChildStdin,
-    replies: mpsc::Receiver<(u64, Result<String, String>)>,
-    seq: u64,
-    /// How long the guard may take to answer before it is presumed broken.
-    answer: Duration,
-    tree: Tree,
-    running: Option<u32>,
-    /// Last lease deadline acknowledged, to skip repeats.
-    lease: Option<u64>,
-}
-
-/// Extra time for a request whose work takes time of its own (a start).
-const SLOW_ANSWER: Duration = Duration::from_secs(5);
-
-impl GuardClient {
-    /// Starts a guard for `tree`. Validator events arrive on the returned
-    /// receiver. `answer` is `kill_bound`: a guard that takes longer to
-    /// answer a lease or kill is presumed broken.
-    pub fn spawn(
-        data_dir: &Path,
-        tree: Tree,
-        answer: Duration,
-    ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
-        // Our own executable as it is now, even if its file was replaced
-        // (an in-place upgrade) or removed since we started.
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
-        cmd.arg("guard").arg("--data-dir").arg(data_dir);
-        if tree.cgroup().is_none() {
-            cmd.arg("--no-cgroup");
-        }
-        Self::spawn_command(cmd, tree, answer)
-    }
-
-    /// [`GuardClient::spawn`] with any program that speaks the protocol.
-    fn spawn_command(
-        mut cmd: tokio::process::Command,
-        tree: Tree,
-        answer: Duration,
-    ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
-        let mut guard = cmd
-            .env_remove(MARKER_VAR)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Dropping the client closes the guard's stdin, and the guard
-            // kills the tree on that end of input; a SIGKILL here would not.
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(GuardError::Spawn)?;
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (guard.stdin.take(), guard.stdout.take(), guard.stderr.take())
-        else {
-            return Err(GuardError::GuardLost);
-        };
-        let (reply_tx, replies) = mpsc::channel(64);
-        let (event_tx, events) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(ev) = line.strip_prefix("event ") {
-                    let mut parts = ev.splitn(3, ' ');
-                    let (kind, pid, how) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
-                    let pid = pid.and_then(|p| p.parse().ok()).unwrap_or(0);
-                    let ev = match kind {
-                        Some("fenced") => ValidatorEvent::Fenced(pid, how.to_string()),
-                        _ => ValidatorEvent::Exited(pid, how.to_string()),
-                    };
-                    let _ = event_tx.send(ev).await;
-                    continue;
-                }
-                let mut parts = line.splitn(3, ' ');
-                let (Some(Ok(seq)), Some(kind)) =
-                    (parts.next().map(str::parse::<u64>), parts.next())
-                else {
-                    tracing::warn!("unreadable line from the guard: {line:?}");
-                    continue;
-                };
-                let rest = parts.next().unwrap_or("").to_string();
-                let r = if kind == "ok" { Ok(rest) } else { Err(rest) };
-                if reply_tx.send((seq, r)).await.is_err() {
-                    break;
-                }
-            }
-            let _ = event_tx.send(ValidatorEvent::GuardLost).await;
-        });
-        // The validator's output, read lossily: one bad byte must not stop
-        // the reader and leave the validator blocked on a full pipe.
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf);
-                        tracing::info!(target: "validator", "validator: {}", line.trim_end());
-                    }
-                }
-            }
-        });
-        Ok((
-            GuardClient {
-                guard,
-                stdin,
-                replies,
-                seq: 0,
-                answer,
-                tree,
-                running: None,
-                lease: None,
-            },
-            events,
-        ))
-    }
-
-    /// Sends a request; returns its sequence number.
-    async fn send(&mut self, line: &str) -> Result<u64, GuardError> {
-        self.seq += 1;
-        let msg = format!("{} {line}\n", self.seq);
-        match tokio::time::timeout(self.answer, self.stdin.write_all(msg.as_bytes())).await {
-            Ok(Ok(())) => Ok(self.seq),
-            Ok(Err(_)) => Err(GuardError::GuardLost),
-            Err(_) => Err(GuardError::Timeout(self.answer)),
-        }
-    }
-
-    /// The reply to request `seq`, within `wait`; replies to earlier
-    /// requests (late ones) are dropped.
-    async fn reply(&mut self, seq: u64, wait: Duration) -> Result<String, GuardError> {
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            match tokio::time::timeout_at(until, self.replies.recv()).await {
-                Ok(Some((s, r))) if s == seq => return r.map_err(GuardError::Refused),
-                Ok(Some((s, _))) => tracing::debug!(seq = s, "late guard reply dropped"),
-                Ok(None) => return Err(GuardError::GuardLost),
-                Err(_) => return Err(GuardError::Timeout(wait)),
-            }
-        }
-    }
-
-    async fn ask(&mut self, line: &str, wait: Duration) -> Result<String, GuardError> {
-        let seq = self.send(line).await?;
-        self.reply(seq, wait).await
-    }
-
-    /// Starts the validator; returns its pid.
-    pub async fn start(&mut self, command: &[String]) -> Result<u32, GuardError> {
-        let json =
-            serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;
-        let reply = match self
-            .ask(&format!("start {json}"), self.answer + SLOW_ANSWER)
-            .await
-        {
-            // An earlier start whose reply came too late: that one runs.
-            Err(GuardError::Refused(why)) => match why.strip_prefix("running ") {
-                Some(pid) => {
-                    self.running = pid.trim().parse().ok();
-                    return Err(GuardError::Refused(why));
-                }
-                None => return Err(GuardError::Refused(why)),
-            },
-            other => other?,
-        };
-        let pid: u32 = reply
-            .parse()
-            .map_err(|_| GuardError::Refused("guard sent no pid".into()))?;
-        self.running = Some(pid);
-        Ok(pid)
-    }
-
-    /// Graceful stop: SIGTERM to the tree, SIGKILL after `grace`. Returns
-    /// once the guard reports the whole tree dead. Meanwhile the lease is
-    /// renewed from `renew` (`None` once it has lapsed), and each renewal
-    /// must be acknowledged within `kill_bound`, or the guard is presumed
-    /// broken ([`GuardError::Timeout`]).
-    pub async fn stop(
-        &mut self,
-        grace: Duration,
-        mut renew: impl FnMut() -> Option<u64>,
-    ) -> Result<String, GuardError> {
-        let seq = self.send(&format!("stop {}", grace.as_millis())).await?;
-        let until = tokio::time::Instant::now() + grace + CONFIRM + self.answer;
-        let tick = (self.answer / 2).max(Duration::from_millis(10));
-        let mut pending: Option<(u64, tokio::time::Instant)> = None;
-        let r = loop {
-            tokio::select! {
-                r = self.replies.recv() => match r {
-                    Some((s, r)) if s == seq => break r.map_err(GuardError::Refused),
-                    Some((s, _)) if pending.is_some_and(|p| p.0 == s) => pending = None,
-                    Some(_) => {}
-                    None => break Err(GuardError::GuardLost),
-                },
-                _ = tokio::time::sleep(tick) => {
-                    if let Some((_, sent)) = pending {
-                        if sent.elapsed() > self.answer {
-                            break Err(GuardError::Timeout(self.answer));
-                        }
-                    } else if let Some(deadline) = renew() {
-                        let s = self.send(&format!("lease {deadline}")).await?;
-                        pending = Some((s, tokio::time::Instant::now()));
-                        self.lease = Some(deadline);
-                    }
-                }
-                _ = tokio::time::sleep_until(until) => break Err(GuardError::Timeout(until.elapsed())),
-            }
-        };
-        if r.is_ok() {
-            self.running = None;
-        }
-        r
-    }
-
-    /// SIGKILL of the whole tree; returns once the guard confirms it dead.
-    pub async fn kill(&mut self) -> Result<String, GuardError> {
-        let r = self.ask("kill", self.answer).await;
-        if r.is_ok() {
-            self.running = None;
-        }
-        r
-    }
-
-    pub async fn sighup(&mut self) -> Result<(), GuardError> {
-        self.ask(&format!("signal {}", Signal::SIGHUP as i32), self.answer)
-            .await
-            .map(|_| ())
-    }
-
-    /// Sets (or with `None` clears) the deadline, in CLOCK_MONOTONIC
-    /// nanoseconds, at which the guard kills the tree; the guard must
-    /// acknowledge it within `kill_bound`.
-    pub async fn lease(&mut self, deadline_ns: Option<u64>) -> Result<(), GuardError> {
-        if self.lease == deadline_ns {
-            return Ok(());
-        }
-        let r = match deadline_ns {
-            Some(ns) => self.ask(&format!("lease {ns}"), self.answer).await,
-            None => self.ask("unlease", self.answer).await,
-        };
-        if r.is_ok() {
-            self.lease = deadline_ns;
-        }
-        r.map(|_| ())
-    }
-
-    /// The guard presumed broken (it did not answer, or died): SIGKILL it
-    /// and the whole tree from here, and confirm, within a bound. The
-    /// coordinator is a child subreaper ([`become_subreaper`]), so what was
-    /// below the dead guard is reparented below us and still found. The
-    /// client is unusable afterwards; spawn a new one.
-    pub async fn force_kill(&mut self) -> Result<usize, GuardError> {
-        if let Some(g) = self.guard.id() {
-            let _ = kill(Pid::from_raw(g as i32), Signal::SIGKILL);
-        }
-        // Reaped, so that its orphans have been handed to us.
-        if tokio::time::timeout(CONFIRM, self.guard.wait())
-            .await
-            .is_err()
-        {
-            return Err(GuardError::NotProven("the guard does not die".into()));
-        }
-        let tree = self.tree.clone();
-        let me = std::process::id() as i32;
-        let job = tokio::task::spawn_blocking(move || {
-            let r = tree.kill(Some(me), CONFIRM);
-            reap_adopted();
-            r
-        });
-        let r = match tokio::time::timeout(CONFIRM * 2, job).await {
-            Ok(Ok(Ok(n))) => Ok(n),
-            Ok(Ok(Err(e))) => Err(GuardError::NotProven(e.to_string())),
-            Ok(Err(e)) => Err(GuardError::NotProven(e.to_string())),
-            Err(_) => Err(GuardError::NotProven(
-                "the process scan did not finish in time".into(),
-            )),
-        };
-        if r.is_ok() {
-            self.running = None;
-        }
-        r
-    }
-
-    /// Whether a validator process is believed to be running.
-    pub fn running(&self) -> Option<u32> {
-        self.running
-    }
-
-    /// Records that validator `pid` is gone (after an exit event). Returns
-    /// false for news about an earlier validator, which changes nothing.
-    pub fn mark_exited(&mut self, pid: u32) -> bool {
-        if self.running == Some(pid) {
-            self.running = None;
-            true
-        } else {
-            false
-        }
-    }
-
-    pub fn guard_pid(&self) -> Option<u32> {
-        self.guard.id()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A guard that answers the first request only once the second has
-    /// come (late), then the second.
-    fn late_guard() -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.args([
-            "-c",
-            r#"read a rest; read b rest; echo "$a ok"; echo "$b err newer"; cat >/dev/null"#,
-        ]);
-        cmd
-    }
-
-    #[tokio::test]
-    async fn a_late_reply_never_answers_a_newer_request() {
-        let tree = Tree::marker_only("late-reply-test");
-        let (mut client, _events) =
-            GuardClient::spawn_command(late_guard(), tree, Duration::from_millis(100)).unwrap();
-        // Request 1 times out: the guard is presumed slow.
-        match client.lease(Some(5)).await {
-            Err(GuardError::Timeout(_)) => {}
-            other => panic!("want a timeout, got {other:?}"),
-        }
-        assert_eq!(
-            client.lease, None,
-            "an unacknowledged lease counted as taken"
-        );
-        // Request 2 meets the late "1 ok" first; only "2 ..." answers it.
-        match client.kill().await {
-            Err(GuardError::Refused(why)) => assert_eq!(why, "newer"),
-            other => panic!("the late reply answered a newer request: {other:?}"),
-        }
-    }
 
     #[test]
     fn a_lease_runs_out_by_either_clock() {

@@ -14,13 +14,15 @@
 //! the guard obeys only its deadline and its control pipe.
 
 pub mod guard;
+pub mod guard_client;
 pub mod links;
 pub mod lock;
 pub mod tree;
 
 use std::path::Path;
 
-pub use guard::{become_subreaper, guard_main, GuardClient, GuardError, ValidatorEvent};
+pub use guard::{become_subreaper, guard_main};
+pub use guard_client::{GuardClient, GuardError, ValidatorEvent};
 pub use links::KeyLinks;
 pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
 pub use tree::Tree;

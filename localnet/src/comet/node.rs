@@ -17,7 +17,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use cometbft_proto::v0_38::types::{Proposal as RawProposal, Vote as RawVote};
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -25,7 +24,8 @@ use super::consensus::{self, Step};
 use super::key::PublicValidatorKey;
 use super::ledger::Announce;
 use super::privval::{CallError, Endpoint, Listen, PING_EVERY};
-use crate::chain::SignReply;
+use crate::wire::SignReply;
+pub use crate::wire::Submission;
 
 /// Pause between sign attempts after a connection error (CometBFT's
 /// `RetrySignerClient` waits 100 ms).
@@ -58,14 +58,6 @@ pub struct CometNodeConfig {
     pub chain_id: Option<String>,
     pub protocol: Protocol,
     pub equivocate: bool,
-}
-
-/// `POST /cometbft/vote` and `/cometbft/proposal` bodies: the signed
-/// protobuf (CometBFT 0.38's encoding), hex.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Submission {
-    pub node: u64,
-    pub msg: String,
 }
 
 #[derive(Default)]

@@ -1,0 +1,60 @@
+//! Benchmarks that print numbers: how fast the judge keeps up, and (with the
+//! launcher) how fast keyraft fails over.
+//!
+//! Owns: starting the processes a benchmark needs in a scratch dir, measuring
+//! and printing one JSON line of results. Must not: assert pass/fail on
+//! timings; it reports, and docs/benchmarks.md quotes. One file per
+//! benchmark; this module holds what they share.
+
+use std::time::Duration;
+
+mod chain;
+mod comet;
+mod failover;
+mod idle;
+mod latency;
+mod signer;
+
+pub use chain::{chain, ChainBench};
+pub use comet::{comet, CometBench};
+pub use failover::{failover, failover_budgets, BUDGET};
+pub use idle::idle;
+pub use latency::{latency, LatencyBench};
+pub use signer::{signer, SignerBench};
+
+/// Nearest-rank percentile of `v` (sorted here), `q` in 0..=100.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+pub(crate) fn summary(name: &str, v: &[f64]) -> serde_json::Value {
+    let p50 = percentile(v, 50.0);
+    let p99 = percentile(v, 99.0);
+    let max = v.iter().copied().fold(f64::NAN, f64::max);
+    println!(
+        "{name}: n={} p50={p50:.0} p99={p99:.0} max={max:.0}",
+        v.len()
+    );
+    serde_json::json!({"n": v.len(), "p50": p50, "p99": p99, "max": max})
+}
+
+/// Waits until every other node is a synced standby in the leader's view.
+pub(crate) async fn settle_standbys(
+    c: &crate::cluster::Cluster,
+    active: u64,
+) -> anyhow::Result<()> {
+    crate::harness::eventually(Duration::from_secs(30), "synced standbys", || async {
+        let v = c.status(active).await?;
+        let ok = v["nodes"].as_array().into_iter().flatten().all(|n| {
+            n["id"] == active || (n["state"] == "Voting" && n["validator"]["synced"] == true)
+        });
+        Ok(ok.then_some(()))
+    })
+    .await
+}

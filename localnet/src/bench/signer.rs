@@ -1,0 +1,173 @@
+//! `localnet bench signer`: keyraft's signer mode next to tmkms, with
+//! kills of the signer leader.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+pub struct SignerBench {
+    /// Round length of the latency run.
+    pub block_ms: u64,
+    /// Length of the latency run.
+    pub seconds: u64,
+    /// Leader kills in the failover run (at 1 s blocks).
+    pub kills: usize,
+}
+
+/// keyraft's signer next to tmkms, in one run: (1) the signature latency
+/// each sentry sees (three keyraft signers on loopback, a Raft commit per
+/// new signature; the leader's own sentry and the two whose requests are
+/// forwarded), (2) a single tmkms on the same machine, (3) missed heights
+/// when the signer leader's host is SIGKILLed, at 1 s blocks.
+pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, Mode, NodeOpts};
+    use crate::comet::net::{CometNet, NetOpts, SentryOpts};
+    use crate::comet::node::Protocol;
+    use crate::comet::privval::PrivvalStats;
+
+    let mode = |validators| Mode::Signer {
+        chain_id: "bench-signer".into(),
+        round_every: 0,
+        validators,
+    };
+    // (1) Latency through keyraft.
+    let c = Cluster::start_signers(3, b.block_ms, mode(1), |_| NodeOpts::default()).await?;
+    let warm = crate::harness::eventually(
+        Duration::from_secs(30),
+        "three sentries signing",
+        || async {
+            let s = c.chain.stats_since(0).await?;
+            Ok((1..=3)
+                .all(|n| s.first_signed_by(n, 0).is_some())
+                .then_some(s))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
+    let last = c.chain.totals().await?;
+    let status = c.status(1).await?;
+    let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
+    let mut sentries = serde_json::Map::new();
+    for (id, node) in &c.nodes {
+        let pv: PrivvalStats = serde_json::from_value(
+            crate::harness::get_json(&format!("http://{}/privval", node.rpc)).await?,
+        )?;
+        let role = if *id == leader { "leader" } else { "follower" };
+        println!(
+            "keyraft, sentry {id} ({role}'s host): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
+            pv.sign_ms_p50.unwrap_or(f64::NAN),
+            pv.sign_ms_p99.unwrap_or(f64::NAN),
+            pv.sign_ms_max.unwrap_or(f64::NAN),
+            pv.samples
+        );
+        sentries.insert(
+            id.to_string(),
+            serde_json::json!({"host": role, "p50_ms": pv.sign_ms_p50, "p99_ms": pv.sign_ms_p99,
+                "max_ms": pv.sign_ms_max, "signatures": pv.samples}),
+        );
+    }
+    let missed_steady = last.missed - warm.missed;
+    println!(
+        "keyraft steady state: {missed_steady} of {} heights missed, {} equivocations",
+        last.height - warm.height,
+        last.double_signs
+    );
+    drop(c);
+
+    // (2) tmkms, same machine, same round length.
+    let net = CometNet::start(&NetOpts {
+        block_ms: b.block_ms,
+        validators: 1,
+        ..NetOpts::default()
+    })
+    .await?;
+    let sentry = net.sentry(1, &SentryOpts::default())?;
+    let _kms = net.tmkms("tmkms", &sentry, Protocol::V0_38, false)?;
+    crate::harness::eventually(Duration::from_secs(20), "tmkms to sign", || async {
+        Ok((net.chain.totals().await?.signed > 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
+    let tm = sentry.privval_stats().await?;
+    println!(
+        "tmkms {} (one sentry, no HA): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
+        crate::comet::tmkms::VERSION,
+        tm.sign_ms_p50.unwrap_or(f64::NAN),
+        tm.sign_ms_p99.unwrap_or(f64::NAN),
+        tm.sign_ms_max.unwrap_or(f64::NAN),
+        tm.samples
+    );
+    drop(net);
+
+    // (3) SIGKILL of the signer leader's host, at 1 s blocks.
+    let mut c = Cluster::start_signers(3, 1000, mode(4), |_| NodeOpts::default()).await?;
+    let mut missed = Vec::new();
+    let mut resume_ms = Vec::new();
+    for round in 0..b.kills {
+        let s =
+            crate::harness::eventually(Duration::from_secs(30), "all sentries signing", || async {
+                let s = c.chain.stats_since(0).await?;
+                let h = s.height.saturating_sub(2);
+                Ok((1..=3)
+                    .all(|n| s.signers.iter().any(|x| x.node == n && x.height >= h))
+                    .then_some(s))
+            })
+            .await?;
+        let leader = c.status(1).await?["cluster"]["leader"]
+            .as_u64()
+            .context("no leader")?;
+        let t = Instant::now();
+        c.kill_host(leader)?;
+        let rest: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+        let resumed =
+            crate::harness::eventually(Duration::from_secs(30), "signing to resume", || async {
+                let st = c.chain.stats_since(s.height + 1).await?;
+                Ok(rest
+                    .iter()
+                    .all(|n| st.first_signed_by(*n, s.height).is_some())
+                    .then_some(st))
+            })
+            .await?;
+        resume_ms.push(t.elapsed().as_millis() as u64);
+        // Count the heights closed since the kill once the chain is past it.
+        c.chain
+            .wait_height(resumed.height + 2, Duration::from_secs(10))
+            .await?;
+        let after = c.chain.totals().await?;
+        missed.push(after.missed - s.missed);
+        println!(
+            "kill {round}: leader {leader}, signing resumed after {} ms, {} heights missed",
+            resume_ms.last().unwrap_or(&0),
+            missed.last().unwrap_or(&0)
+        );
+        c.spawn(leader)?;
+    }
+    let totals = c.chain.totals().await?;
+    missed.sort_unstable();
+    resume_ms.sort_unstable();
+    let pick = |v: &[u64], q: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+    };
+    println!(
+        "leader SIGKILL at 1 s blocks, {} kills: missed heights p50 {:?}, p99 {:?}; resume p50 {:?} ms, p99 {:?} ms; {} equivocations",
+        b.kills,
+        pick(&missed, 0.5),
+        pick(&missed, 0.99),
+        pick(&resume_ms, 0.5),
+        pick(&resume_ms, 0.99),
+        totals.double_signs
+    );
+    Ok(serde_json::json!({
+        "keyraft_sentries": sentries,
+        "keyraft_missed_steady": missed_steady,
+        "tmkms_p50_ms": tm.sign_ms_p50,
+        "tmkms_p99_ms": tm.sign_ms_p99,
+        "kills": b.kills,
+        "kill_missed_p50": pick(&missed, 0.5),
+        "kill_missed_p99": pick(&missed, 0.99),
+        "kill_resume_ms_p50": pick(&resume_ms, 0.5),
+        "kill_resume_ms_p99": pick(&resume_ms, 0.99),
+        "equivocations": totals.double_signs,
+    }))
+}

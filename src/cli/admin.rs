@@ -1,0 +1,368 @@
+//! The commands that talk to a running coordinator over its admin API,
+//! and how their answers are printed.
+//!
+//! Owns: the client side of the admin API and the status table. Must not:
+//! decide anything about the cluster; the coordinator it talks to does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+
+use super::{certs, Cmd, MembersCmd, SignerCmd};
+use crate::config::RunArgs;
+use crate::health;
+use crate::pb::{self, cluster_command::Kind};
+
+async fn admin_client(
+    addr: SocketAddr,
+) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("no keyraft admin at {addr} (is `keyraft run` up? --admin sets the address)")
+        })?;
+    Ok(pb::admin_client::AdminClient::new(ch))
+}
+
+async fn command(addr: SocketAddr, kind: Kind) -> anyhow::Result<ExitCode> {
+    let mut c = admin_client(addr).await?;
+    let r = c
+        .command(pb::ClusterCommand { kind: Some(kind) })
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?;
+    println!("{}", r.into_inner().message);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The height of CometBFT's `priv_validator_state.json` (a string there, as
+/// CometBFT writes 64-bit integers; a number is accepted too).
+fn state_file_height(path: &std::path::Path) -> anyhow::Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let h = &v["height"];
+    h.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| h.as_u64())
+        .filter(|h| *h > 0)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no height (is it CometBFT's priv_validator_state.json?)",
+                path.display()
+            )
+        })
+}
+
+async fn status_value(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let mut c = admin_client(addr).await?;
+    let r = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?;
+    Ok(serde_json::from_str(&r.into_inner().json)?)
+}
+
+pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Status { json, admin } => {
+            let v = status_value(admin.admin).await?;
+            if json {
+                println!("{v}");
+            } else {
+                print_table(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Switchover { to, admin } => {
+            command(admin.admin, Kind::Switchover(pb::Switchover { to })).await
+        }
+        Cmd::Pause { admin } => command(admin.admin, Kind::Pause(true)).await,
+        Cmd::Resume { admin } => command(admin.admin, Kind::Resume(true)).await,
+        Cmd::Members { what, admin } => match what {
+            MembersCmd::List => {
+                let mut c = admin_client(admin.admin).await?;
+                let r = c
+                    .members(pb::StatusRequest {})
+                    .await
+                    .map_err(|s| anyhow!("{}", s.message()))?
+                    .into_inner();
+                for m in &r.voters {
+                    println!("{}\t{}\tvoter", m.id, m.addr);
+                }
+                for m in &r.learners {
+                    println!("{}\t{}\tlearner", m.id, m.addr);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MembersCmd::Add { member } => {
+                let (id, addr) = member
+                    .split_once('=')
+                    .and_then(|(i, a)| Some((i.parse::<u64>().ok()?, a.to_string())))
+                    .ok_or_else(|| anyhow!("bad member '{member}': want ID=HOST:PORT"))?;
+                command(admin.admin, Kind::MembersAdd(pb::Member { id, addr })).await
+            }
+            MembersCmd::Remove { id } => command(admin.admin, Kind::MembersRemove(id)).await,
+        },
+        Cmd::Signer {
+            what: SignerCmd::ImportState { file, never_signed },
+            admin,
+        } => {
+            let height = match (&file, never_signed) {
+                (Some(f), _) => state_file_height(f)?,
+                (None, _) => 0,
+            };
+            let status = status_value(admin.admin).await?;
+            let chain_id = status["signer"]["chain_id"]
+                .as_str()
+                .ok_or_else(|| {
+                    anyhow!("the cluster at {} does not run in signer mode", admin.admin)
+                })?
+                .to_string();
+            command(
+                admin.admin,
+                Kind::SignerFloor(pb::SignerFloor { chain_id, height }),
+            )
+            .await
+        }
+        Cmd::Check {
+            config: Some(file), ..
+        } => Ok(preflight(file).await),
+        Cmd::Check { admin, .. } => Ok(check(admin.admin).await),
+        Cmd::Probe {
+            health: kind,
+            url,
+            json,
+        } => {
+            let url = url
+                .or_else(|| kind.default_url().map(str::to_string))
+                .ok_or_else(|| anyhow!("--health http needs --url"))?;
+            let h = health::Prober::new(kind, &url, Duration::from_secs(3))
+                .probe()
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&h)?);
+            } else {
+                let height = h.height.map_or("-".to_string(), |x| x.to_string());
+                println!(
+                    "running: {}  synced: {}  height: {height}",
+                    h.running, h.synced
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs { what } => certs::run(what),
+        Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `keyraft check --config FILE`: the preflight, one line per check.
+async fn preflight(file: PathBuf) -> ExitCode {
+    let args = RunArgs {
+        config: Some(file),
+        ..RunArgs::default()
+    };
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let lines = crate::preflight::run(&cfg).await;
+    for l in &lines {
+        println!("{l}");
+    }
+    if lines
+        .iter()
+        .any(|l| l.outcome == crate::preflight::Outcome::Fail)
+    {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `keyraft check`: one line, and an exit code per failure.
+async fn check(addr: SocketAddr) -> ExitCode {
+    let v = match status_value(addr).await {
+        Ok(v) => v,
+        Err(e) => {
+            println!("CRITICAL: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let validating: Vec<&serde_json::Value> = nodes
+        .iter()
+        .filter(|n| n["state"] == "Validating")
+        .collect();
+    let signer = &v["signer"];
+    let (code, line) = if v["cluster"]["quorum"] != true {
+        (
+            3,
+            "CRITICAL: no quorum: this member sees no leader backed by a majority".to_string(),
+        )
+    } else if !signer.is_null() {
+        // Signer mode: nobody validates; the leader signs.
+        let conns = signer["connections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let up = conns.iter().filter(|c| c["connected"] == true).count();
+        if signer["watermark"].is_null() {
+            (4, "CRITICAL: signer mode without a watermark: nothing is signed until `keyraft signer import-state FILE` (or `--never-signed`)".to_string())
+        } else if up == 0 {
+            (
+                7,
+                "CRITICAL: this signer is connected to none of its nodes' privval ports"
+                    .to_string(),
+            )
+        } else {
+            (
+                0,
+                format!(
+                    "OK: node {} leads the signers at height {}; {up} of {} privval connections up here",
+                    v["cluster"]["leader"],
+                    signer["watermark"]["height"],
+                    conns.len()
+                ),
+            )
+        }
+    } else if validating.is_empty() {
+        (4, "CRITICAL: no node is validating".to_string())
+    } else if validating.len() > 1 {
+        let ids: Vec<String> = validating.iter().map(|n| n["id"].to_string()).collect();
+        (
+            5,
+            format!(
+                "CRITICAL: more than one node reports validating: {}",
+                ids.join(", ")
+            ),
+        )
+    } else {
+        let n = validating[0];
+        let healthy = n["validator"]["running"] == true && n["validator"]["synced"] == true;
+        if healthy {
+            (
+                0,
+                format!(
+                    "OK: node {} validates at height {}",
+                    n["id"], n["validator"]["height"]
+                ),
+            )
+        } else {
+            (
+                6,
+                format!(
+                    "CRITICAL: node {} validates but its node is not healthy and synced",
+                    n["id"]
+                ),
+            )
+        }
+    };
+    println!("{line}");
+    ExitCode::from(code)
+}
+
+fn print_table(v: &serde_json::Value) {
+    let c = &v["cluster"];
+    let or_dash = |x: &serde_json::Value| {
+        if x.is_null() {
+            "-".to_string()
+        } else {
+            x.to_string()
+        }
+    };
+    println!(
+        "leader {}  term {}  active validator {}  quorum {}  paused {}",
+        or_dash(&c["leader"]),
+        c["term"],
+        or_dash(&c["active_validator"]),
+        if c["quorum"] == true { "yes" } else { "NO" },
+        if c["paused"] == true { "YES" } else { "no" }
+    );
+    let sg = &v["signer"];
+    if !sg.is_null() {
+        let w = &sg["watermark"];
+        let watermark = if w.is_null() {
+            "NONE (run `keyraft signer import-state`)".to_string()
+        } else {
+            format!(
+                "height {} round {} step {}",
+                w["height"],
+                or_dash(&w["round"]),
+                or_dash(&w["step"])
+            )
+        };
+        let conns: Vec<String> = sg["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let up = if c["connected"] == true { "up" } else { "DOWN" };
+                format!("{} {up}", c["node"].as_str().unwrap_or("?"))
+            })
+            .collect();
+        println!(
+            "signer: chain {}  watermark {watermark}  signatures {}  privval here: {}",
+            sg["chain_id"].as_str().unwrap_or("?"),
+            sg["signatures"],
+            conns.join(", ")
+        );
+    }
+    println!(
+        "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} SEEN",
+        "ID", "ADDR", "ROLE", "STATE", "RAFT", "KEY", "VALIDATOR"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let val = &n["validator"];
+        let validator = if val.is_null() {
+            "-".to_string()
+        } else {
+            let state = match (val["running"] == true, val["synced"] == true) {
+                (false, _) => "down",
+                (true, false) => "syncing",
+                (true, true) => "synced",
+            };
+            format!("{state} h={}", or_dash(&val["height"]))
+        };
+        let seen = match n["last_seen_ms"].as_u64() {
+            Some(0) => "self".to_string(),
+            Some(ms) => format!("{ms}ms"),
+            None => "never".to_string(),
+        };
+        println!(
+            "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} {}",
+            n["id"].to_string(),
+            n["addr"].as_str().unwrap_or("-"),
+            n["role"].as_str().unwrap_or("-"),
+            n["state"].as_str().unwrap_or("-"),
+            n["raft"].as_str().unwrap_or("-"),
+            if n["key_linked"] == true { "yes" } else { "-" },
+            validator,
+            seen
+        );
+    }
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        if let Some(days) = n["tls_cert"]["expires_in_days"]
+            .as_i64()
+            .filter(|d| *d < 30)
+        {
+            println!(
+                "node {} certificate expires in {days} days ({}): renew it and send keyraft SIGHUP",
+                n["id"],
+                n["tls_cert"]["not_after"].as_str().unwrap_or("?")
+            );
+        }
+        if let Some(e) = n["probe_error"].as_str() {
+            println!("node {} validator probe: {e}", n["id"]);
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The `keyraft` command line: run a coordinator, or talk to one.
+//! `src/main.rs` only calls [`main`]; each topic has its room:
+//!
+//! - [`run`]: `keyraft run`, its logging and its signals;
+//! - [`admin`]: the commands that talk to a running coordinator (status,
+//!   switchover, pause, resume, members, signer, check, probe) and the
+//!   status table;
+//! - [`certs`]: `keyraft certs ca|node|show`.
+//!
+//! Exit codes: 0 success; 1 runtime failure (or `check`: admin unreachable);
+//! 2 bad usage, bad configuration, or a start refused for safety; `check`
+//! uses 3 (no quorum), 4 (no active validator), 5 (more than one),
+//! 6 (active validator unhealthy).
+//!
+//! Owns: parsing, dispatch and what the commands print. Must not: hold
+//! cluster logic; it calls [`crate::server`], the admin API and [`crate::tls`].
+
+mod admin;
+mod certs;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use clap::{Parser, Subcommand};
+
+use crate::config::{HealthKind, RunArgs};
+use crate::fence;
+
+#[derive(Parser)]
+#[command(
+    name = "keyraft",
+    version,
+    about = "Raft-coordinated failover for blockchain validators that never double-signs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdminAddr {
+    /// Admin address of a running coordinator.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYRAFT_ADMIN",
+        default_value = "127.0.0.1:7701"
+    )]
+    admin: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator and supervise the validator: keyraft run [FLAGS] -- CMD ARGS...
+    Run(Box<RunArgs>),
+    /// Print the cluster as this member sees it.
+    Status {
+        /// The JSON shape of docs/design.md instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Hand validation to another node cleanly (the successor starts without waiting).
+    Switchover {
+        /// The node to hand over to [default: the healthiest synced standby].
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Stop automatic failover (the active validator keeps validating).
+    Pause {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Resume automatic failover.
+    Resume {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// List, add or remove members.
+    Members {
+        #[command(subcommand)]
+        what: MembersCmd,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Signer mode: seed the signing watermark.
+    Signer {
+        #[command(subcommand)]
+        what: SignerCmd,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Exit 0 when the cluster has quorum and exactly one healthy validating node.
+    /// With --config: a preflight of that configuration before a first start.
+    Check {
+        /// Check this `keyraft run` configuration file from this host instead
+        /// (certificates, peers over mTLS, clocks, the validator's RPC): one
+        /// line per check; exit 1 if one fails, 2 if the file is refused.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Print what keyraft sees of a validator node.
+    Probe {
+        #[arg(long, value_enum)]
+        health: HealthKind,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a cluster CA or a node certificate.
+    Certs {
+        #[command(subcommand)]
+        what: CertsCmd,
+    },
+    /// Print the version.
+    Version,
+    /// The guard process (started by `keyraft run`, not by hand).
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Track the tree without a cgroup.
+        #[arg(long)]
+        no_cgroup: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCmd {
+    /// Voters and learners with their addresses.
+    List,
+    /// Add a node: as a learner, then a voter once caught up. ID=HOST:PORT
+    Add { member: String },
+    /// Remove a node from the cluster.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum SignerCmd {
+    /// Say where the key stands; nothing is signed until then. FILE: never
+    /// sign at or below the height of CometBFT's priv_validator_state.json
+    /// (from the validator's previous signer). --never-signed: a new key.
+    ImportState {
+        #[arg(required_unless_present = "never_signed")]
+        file: Option<PathBuf>,
+        /// The key has never signed anything (a new validator).
+        #[arg(long, conflicts_with = "file")]
+        never_signed: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A new cluster CA: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A certificate for node ID, signed by the CA in --ca.
+    Node {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        id: u64,
+        /// Extra DNS names (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses (repeatable).
+        #[arg(long)]
+        ip: Vec<String>,
+        /// Valid for this many days from now [default: until 2124].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print each certificate's names and expiry: PEM files, or TLS dirs
+    /// (their ca.pem and node.pem). Exit 1 if one has expired or expires
+    /// within --warn-days.
+    Show {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value_t = 14)]
+        warn_days: u32,
+    },
+}
+
+/// The whole command line: parse, dispatch, exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: the first line of clap's message.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad usage"));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Cmd::Guard {
+            data_dir,
+            no_cgroup,
+        } => match fence::guard_main(&data_dir, !no_cgroup) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("guard: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Version => {
+            println!("keyraft {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Run(args) => run::run(*args),
+        other => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(anyhow!(e)),
+            };
+            match rt.block_on(admin::client(other)) {
+                Ok(code) => code,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+pub(crate) fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,277 @@
+//! Configuration of `keyraft run`: flags, `KEYRAFT_*` environment variables
+//! and an optional TOML file, merged in that order of precedence, then
+//! validated into a [`Config`].
+//!
+//! The rooms, by topic: [`args`] (the flags of `keyraft run`, which are
+//! also the TOML keys, and the file merge), [`timing`] (the timing table,
+//! its profiles and the safety inequality), [`validator`] (chain presets,
+//! key links, the validator command) and [`signer`] (signer mode); this
+//! module resolves them into one [`Config`].
+//!
+//! Owns: every default of the timing table (docs/design.md), the chain presets (which
+//! key files are linked where), and the checks that must pass before anything
+//! starts (ids, addresses, certificates, key file modes, the safety
+//! inequality). Must not: touch the network or start processes; a bad value
+//! is one [`ConfigError`] line and exit code 2.
+
+mod args;
+mod signer;
+mod timing;
+mod validator;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub use crate::ledger::NodeId;
+pub use args::{reference, LogFormat, RunArgs};
+use signer::resolve_signer;
+pub use signer::{PrivvalAddr, SignerConfig, SignerKind};
+use timing::resolve_timing;
+pub use timing::{Millis, ProfileTimes, Timing, TimingProfile};
+use validator::{resolve_plain_node, resolve_validator};
+pub use validator::{ActivateBy, Chain, HealthKind, KeyLink, ValidatorConfig};
+
+/// A configuration problem, printed as one line before exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read config file {path}: {why}")]
+    File { path: String, why: String },
+}
+
+pub(crate) fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A validated configuration of one coordinator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    pub advertise: String,
+    /// Every other member's peer address.
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    pub admin_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub tls: Option<TlsPaths>,
+    pub witness: bool,
+    pub rejoin: bool,
+    pub log_format: LogFormat,
+    pub timing: Timing,
+    pub validator: Option<ValidatorConfig>,
+    pub signer: Option<SignerConfig>,
+}
+
+impl Config {
+    /// All members' addresses, this node included.
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        let mut m = self.peers.clone();
+        m.insert(self.id, self.advertise.clone());
+        m
+    }
+
+    pub fn role(&self) -> &'static str {
+        if self.witness {
+            "witness"
+        } else {
+            "validator"
+        }
+    }
+}
+
+impl RunArgs {
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let a = self.merge_file()?;
+        let id = a.node_id.ok_or_else(|| invalid("--node-id is required"))?;
+        if id == 0 {
+            return Err(invalid("bad --node-id 0: node ids start at 1"));
+        }
+        let listen = a
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7700)));
+        let advertise = match a.advertise.clone() {
+            Some(addr) => {
+                check_host_port(&addr, "--advertise")?;
+                addr
+            }
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(format!(
+                    "--listen {listen} is a wildcard address: set --advertise HOST:PORT, the address peers use for this node"
+                )))
+            }
+            None => listen.to_string(),
+        };
+        let mut peers = BTreeMap::new();
+        for p in &a.peer {
+            let (pid, addr) = p
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("bad --peer '{p}': want ID=HOST:PORT")))?;
+            let pid: NodeId = pid
+                .trim()
+                .parse()
+                .map_err(|_| invalid(format!("bad --peer '{p}': '{pid}' is not a node id")))?;
+            if pid == 0 {
+                return Err(invalid(format!("bad --peer '{p}': node ids start at 1")));
+            }
+            check_host_port(addr, &format!("--peer {pid}"))?;
+            if pid == id {
+                return Err(invalid(format!(
+                    "--peer '{p}' names this node ({id}); list only the other members"
+                )));
+            }
+            if addr == advertise {
+                return Err(invalid(format!(
+                    "--peer '{p}' has this node's own address {advertise}"
+                )));
+            }
+            if peers.insert(pid, addr.to_string()).is_some() {
+                return Err(invalid(format!("duplicate --peer id {pid}")));
+            }
+        }
+        if peers.is_empty() {
+            return Err(invalid(
+                "no --peer given: a cluster needs at least two members (three, or two and a witness, to survive one loss)",
+            ));
+        }
+        let data_dir = a
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/keyraft"));
+        let tls = if a.insecure {
+            None
+        } else {
+            let dir = a.tls_dir.clone().unwrap_or_else(|| data_dir.join("tls"));
+            let paths = TlsPaths {
+                ca: dir.join("ca.pem"),
+                cert: dir.join("node.pem"),
+                key: dir.join("node.key"),
+            };
+            for f in [&paths.ca, &paths.cert, &paths.key] {
+                if !f.is_file() {
+                    return Err(invalid(format!(
+                        "missing certificate file {} (create them with `keyraft certs`, or run with --insecure)",
+                        f.display()
+                    )));
+                }
+            }
+            check_private(&paths.key)?;
+            Some(paths)
+        };
+        let timing = resolve_timing(&a)?;
+        let signer = resolve_signer(&a, &data_dir)?;
+        let validator = if signer.is_some() {
+            resolve_plain_node(&a)?
+        } else {
+            resolve_validator(&a)?
+        };
+        Ok(Config {
+            id,
+            listen,
+            advertise,
+            peers,
+            data_dir,
+            admin_listen: a
+                .admin_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7701))),
+            http_listen: a
+                .http_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2233))),
+            tls,
+            witness: a.witness,
+            rejoin: a.rejoin,
+            log_format: a.log_format.unwrap_or(LogFormat::Text),
+            timing,
+            validator,
+            signer,
+        })
+    }
+}
+/// `HOST:PORT` with a non-empty host and a numeric port.
+pub(super) fn check_host_port(addr: &str, what: &str) -> Result<(), ConfigError> {
+    let bad = || invalid(format!("bad address for {what}: '{addr}' is not HOST:PORT"));
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty()
+        || host.contains(char::is_whitespace)
+        || port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Refuses key files that the group or others can read.
+pub fn check_private(path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(format!(
+            "key file {} is readable by others (mode {mode:o}): chmod 600 it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::{Path, PathBuf};
+
+    use super::RunArgs;
+
+    pub fn keys_in(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        names
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .unwrap();
+                p
+            })
+            .collect()
+    }
+
+    pub fn validator_args(dir: &Path) -> RunArgs {
+        RunArgs {
+            node_id: Some(1),
+            listen: Some("127.0.0.1:7700".parse().unwrap()),
+            peer: vec!["2=127.0.0.1:7702".into()],
+            insecure: true,
+            validator_home: Some(dir.join("home")),
+            command: vec!["node".into()],
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert!(check_host_port("node1:7700", "x").is_ok());
+        assert!(check_host_port("[::1]:7700", "x").is_ok());
+        assert!(check_host_port("node1", "x").is_err());
+        assert!(check_host_port(":7700", "x").is_err());
+        assert!(check_host_port("a:99999", "x").is_err());
+    }
+}

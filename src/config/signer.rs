@@ -1,0 +1,200 @@
+//! Signer mode's configuration: the chain id, the consensus key, the
+//! privval addresses keyraft dials, and its SecretConnection identity.
+//!
+//! Owns: the checks that signer mode's flags belong together and that no
+//! key link is configured beside them. Must not: read the key or dial.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_host_port, check_private, invalid, ConfigError, RunArgs};
+
+/// Signer mode: keyraft signs for the chain's nodes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SignerKind {
+    /// CometBFT's privval protocol: keyraft dials each node's
+    /// `priv_validator_laddr` and signs votes and proposals.
+    Cometbft,
+}
+
+/// Where a signer dials a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivvalAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for PrivvalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrivvalAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            PrivvalAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    pub chain_id: String,
+    /// CometBFT's `priv_validator_key.json`.
+    pub key: PathBuf,
+    pub nodes: Vec<PrivvalAddr>,
+    pub identity_key: PathBuf,
+}
+
+pub(super) fn resolve_signer(
+    a: &RunArgs,
+    data_dir: &Path,
+) -> Result<Option<SignerConfig>, ConfigError> {
+    let Some(SignerKind::Cometbft) = a.signer else {
+        if !a.privval_node.is_empty() || a.chain_id.is_some() {
+            return Err(invalid(
+                "--privval-node and --chain-id belong to signer mode: add --signer cometbft",
+            ));
+        }
+        return Ok(None);
+    };
+    if a.witness {
+        return Err(invalid(
+            "--witness signs nothing: drop --signer (a witness votes for the signers)",
+        ));
+    }
+    if a.chain.is_some() || !a.key_link.is_empty() || a.validator_home.is_some() {
+        return Err(invalid(
+            "signer mode links no key into any node: drop --chain, --key-link and --validator-home",
+        ));
+    }
+    let chain_id = a
+        .chain_id
+        .clone()
+        .ok_or_else(|| invalid("--signer cometbft needs --chain-id"))?;
+    if chain_id.is_empty() || chain_id.len() > 50 {
+        return Err(invalid(format!(
+            "bad --chain-id '{chain_id}': 1 to 50 characters, as CometBFT allows"
+        )));
+    }
+    let key = a.validator_key.clone().ok_or_else(|| {
+        invalid("--signer cometbft needs --validator-key (the validator's priv_validator_key.json)")
+    })?;
+    if !key.is_file() {
+        return Err(invalid(format!(
+            "key file {} does not exist",
+            key.display()
+        )));
+    }
+    check_private(&key)?;
+    if a.privval_node.is_empty() {
+        return Err(invalid(
+            "--signer cometbft needs at least one --privval-node (tcp://HOST:PORT or unix:///PATH of a node's priv_validator_laddr)",
+        ));
+    }
+    let mut nodes = Vec::new();
+    for n in &a.privval_node {
+        let addr = if let Some(path) = n.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(invalid(format!(
+                    "bad --privval-node '{n}': unix:// needs an absolute path"
+                )));
+            }
+            PrivvalAddr::Unix(PathBuf::from(path))
+        } else {
+            let hp = n.strip_prefix("tcp://").unwrap_or(n);
+            // CometBFT writes tcp://ID@HOST:PORT; the id is not checked (a
+            // CometBFT node's privval identity is made afresh at each start).
+            let hp = hp.rsplit_once('@').map_or(hp, |(_, h)| h);
+            check_host_port(hp, "--privval-node")?;
+            PrivvalAddr::Tcp(hp.to_string())
+        };
+        if nodes.contains(&addr) {
+            return Err(invalid(format!("--privval-node {n} is given twice")));
+        }
+        nodes.push(addr);
+    }
+    let identity_key = a
+        .privval_identity_key
+        .clone()
+        .unwrap_or_else(|| data_dir.join("privval-identity.key"));
+    if identity_key.is_file() {
+        check_private(&identity_key)?;
+    }
+    Ok(Some(SignerConfig {
+        chain_id,
+        key,
+        nodes,
+        identity_key,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{keys_in, validator_args};
+
+    #[test]
+    fn signer_mode_needs_its_flags_and_refuses_key_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["priv_validator_key.json"]);
+        let signer = RunArgs {
+            signer: Some(SignerKind::Cometbft),
+            chain_id: Some("cosmoshub-4".into()),
+            validator_key: Some(k[0].clone()),
+            privval_node: vec![
+                "tcp://abcd@127.0.0.1:26659".into(),
+                "unix:///run/pv.sock".into(),
+            ],
+            validator_home: None,
+            data_dir: Some(dir.path().join("data")),
+            ..validator_args(dir.path())
+        };
+        let c = signer.clone().resolve().unwrap();
+        let s = c.signer.unwrap();
+        assert_eq!(
+            s.nodes,
+            vec![
+                PrivvalAddr::Tcp("127.0.0.1:26659".into()),
+                PrivvalAddr::Unix("/run/pv.sock".into())
+            ]
+        );
+        assert_eq!(s.identity_key, dir.path().join("data/privval-identity.key"));
+        let node = c.validator.unwrap();
+        assert!(
+            node.active_links.is_empty() && node.standby_links.is_empty(),
+            "no key links"
+        );
+        let err = |a: RunArgs| a.resolve().unwrap_err().to_string();
+        let e = err(RunArgs {
+            chain_id: None,
+            ..signer.clone()
+        });
+        assert!(e.contains("--chain-id"), "{e}");
+        let e = err(RunArgs {
+            privval_node: vec![],
+            ..signer.clone()
+        });
+        assert!(e.contains("--privval-node"), "{e}");
+        let e = err(RunArgs {
+            privval_node: vec!["unix://rel.sock".into()],
+            ..signer.clone()
+        });
+        assert!(e.contains("absolute"), "{e}");
+        let e = err(RunArgs {
+            validator_home: Some(dir.path().into()),
+            ..signer.clone()
+        });
+        assert!(e.contains("links no key"), "{e}");
+        let e = err(RunArgs {
+            witness: true,
+            command: vec![],
+            ..signer.clone()
+        });
+        assert!(e.contains("--witness"), "{e}");
+        let e = err(RunArgs {
+            signer: None,
+            validator_home: Some(dir.path().into()),
+            ..signer
+        });
+        assert!(e.contains("--signer cometbft"), "{e}");
+    }
+}

@@ -1,0 +1,352 @@
+//! The validator as configured: chain presets (which key files are linked
+//! where while validating), extra key links, how a standby becomes the
+//! validator, how its health is probed, and its command.
+//!
+//! Owns: the presets and the checks on the validator's side of the
+//! configuration (key file modes, a command keyraft can fence). Must not:
+//! create links or start anything; [`crate::fence`] and the coordinator do.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_private, invalid, ConfigError, RunArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Chain {
+    /// NEAR: validator_key.json and node_key.json in the neard home.
+    Near,
+    /// CometBFT: config/priv_validator_key.json in the node home.
+    Cometbft,
+    /// Only the links given with --key-link.
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivateBy {
+    /// Stop the node, relink, start it again.
+    Restart,
+    /// Relink and send SIGHUP (for nodes that hot-reload keys).
+    Sighup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// GET /status in neard's shape.
+    Near,
+    /// GET /status in CometBFT's shape.
+    Cometbft,
+    /// Any 2xx answer means healthy and synced.
+    Http,
+}
+
+impl HealthKind {
+    pub fn default_url(self) -> Option<&'static str> {
+        match self {
+            HealthKind::Near => Some("http://127.0.0.1:3030"),
+            HealthKind::Cometbft => Some("http://127.0.0.1:26657"),
+            HealthKind::Http => None,
+        }
+    }
+}
+
+/// Programs that ask a daemon to start the node: its processes are then
+/// children of dockerd, containerd, conmon or systemd, not of keyraft's guard.
+const HANDS_OFF: [&str; 5] = ["docker", "podman", "nerdctl", "ctr", "systemd-run"];
+
+/// One symlink managed by keyraft: `dst` points at `src` while it exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLink {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatorConfig {
+    pub command: Vec<String>,
+    /// Links present only while validating.
+    pub active_links: Vec<KeyLink>,
+    /// Links present only while standing by (NEAR's voter node key).
+    pub standby_links: Vec<KeyLink>,
+    pub activate_by: ActivateBy,
+    pub health: HealthKind,
+    pub health_url: String,
+    /// Wait for a block height above the previous holder's before signing.
+    pub height_watermark: bool,
+    /// Give the validator's tree a cgroup where one can be made.
+    pub cgroup: bool,
+}
+
+/// Signer mode's node command: supervised as a plain full node with no key
+/// links at all; its health is shown, not acted on.
+pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError> {
+    if a.command.is_empty() {
+        return Ok(None);
+    }
+    check_hands_on(&a.command)?;
+    let health = a.health.unwrap_or(HealthKind::Cometbft);
+    let health_url = match (&a.health_url, health.default_url()) {
+        (Some(u), _) => u.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => return Err(invalid("--health http needs --health-url")),
+    };
+    Ok(Some(ValidatorConfig {
+        command: a.command.clone(),
+        active_links: Vec::new(),
+        standby_links: Vec::new(),
+        activate_by: ActivateBy::Restart,
+        health,
+        health_url: health_url.trim_end_matches('/').to_string(),
+        height_watermark: false,
+        cgroup: !a.no_cgroup,
+    }))
+}
+
+pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError> {
+    if a.witness {
+        if !a.command.is_empty() || a.validator_key.is_some() || !a.key_link.is_empty() {
+            return Err(invalid(
+                "--witness runs no validator: drop the validator command and key flags",
+            ));
+        }
+        return Ok(None);
+    }
+    if a.command.is_empty() {
+        return Err(invalid(
+            "no validator command: give it after `--` (keyraft run [FLAGS] -- CMD ARGS...), or run with --witness",
+        ));
+    }
+    check_hands_on(&a.command)?;
+    let chain = a.chain.unwrap_or(if a.validator_key.is_some() {
+        Chain::Near
+    } else {
+        Chain::Generic
+    });
+    let mut active = Vec::new();
+    let mut standby = Vec::new();
+    let home = || {
+        a.validator_home
+            .clone()
+            .ok_or_else(|| invalid("--validator-home is required with --chain near or cometbft"))
+    };
+    let key = || {
+        a.validator_key
+            .clone()
+            .ok_or_else(|| invalid("--validator-key is required with --chain near or cometbft"))
+    };
+    match chain {
+        Chain::Near => {
+            let home = home()?;
+            active.push(KeyLink {
+                src: key()?,
+                dst: home.join("validator_key.json"),
+            });
+            match (&a.validator_node_key, &a.voter_node_key) {
+                (Some(v), Some(s)) => {
+                    active.push(KeyLink {
+                        src: v.clone(),
+                        dst: home.join("node_key.json"),
+                    });
+                    standby.push(KeyLink {
+                        src: s.clone(),
+                        dst: home.join("node_key.json"),
+                    });
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(invalid(
+                        "--validator-node-key and --voter-node-key go together (the node key while validating, and this host's own while standing by)",
+                    ))
+                }
+            }
+        }
+        Chain::Cometbft => active.push(KeyLink {
+            src: key()?,
+            dst: home()?.join("config").join("priv_validator_key.json"),
+        }),
+        Chain::Generic => {}
+    }
+    for l in &a.key_link {
+        let (src, dst) = l
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("bad --key-link '{l}': want SRC=DST")))?;
+        active.push(KeyLink {
+            src: PathBuf::from(src),
+            dst: PathBuf::from(dst),
+        });
+    }
+    if active.is_empty() {
+        return Err(invalid(
+            "no key to manage: give --validator-key and --validator-home (near, cometbft) or --key-link SRC=DST",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &active {
+        if !seen.insert(&l.dst) {
+            return Err(invalid(format!("two key links write {}", l.dst.display())));
+        }
+    }
+    for l in active.iter().chain(&standby) {
+        if !l.src.is_file() {
+            return Err(invalid(format!(
+                "key file {} does not exist",
+                l.src.display()
+            )));
+        }
+        check_private(&l.src)?;
+        if !l.src.is_absolute() || !l.dst.is_absolute() {
+            return Err(invalid(format!(
+                "key link paths must be absolute: {} -> {}",
+                l.dst.display(),
+                l.src.display()
+            )));
+        }
+    }
+    let health = a.health.unwrap_or(match chain {
+        Chain::Near => HealthKind::Near,
+        Chain::Cometbft => HealthKind::Cometbft,
+        Chain::Generic => HealthKind::Http,
+    });
+    let health_url = match (&a.health_url, health.default_url()) {
+        (Some(u), _) => u.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => return Err(invalid("--health http needs --health-url")),
+    };
+    if !(health_url.starts_with("http://") || health_url.starts_with("https://")) {
+        return Err(invalid(format!(
+            "bad --health-url '{health_url}': want http://HOST:PORT"
+        )));
+    }
+    if health == HealthKind::Http && !a.no_height_watermark {
+        return Err(invalid(
+            "--health http reports no block heights, so a new validator cannot wait until the chain is past what the previous one may have signed; pass --no-height-watermark to accept relying on the lease alone",
+        ));
+    }
+    Ok(Some(ValidatorConfig {
+        command: a.command.clone(),
+        active_links: active,
+        standby_links: standby,
+        activate_by: a.activate_by.unwrap_or(ActivateBy::Restart),
+        health,
+        health_url: health_url.trim_end_matches('/').to_string(),
+        height_watermark: !a.no_height_watermark,
+        cgroup: !a.no_cgroup,
+    }))
+}
+
+/// Refuses a command that hands the node to a daemon (`docker run`,
+/// `systemd-run`, ...), which starts it outside keyraft's process tree.
+fn check_hands_on(command: &[String]) -> Result<(), ConfigError> {
+    let program = command
+        .first()
+        .and_then(|c| Path::new(c).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if HANDS_OFF.contains(&program) {
+        return Err(invalid(format!(
+            "the validator command '{program}' hands the node to a daemon that starts it outside keyraft's process tree, where keyraft cannot find or kill it, so it cannot be fenced; run keyraft where the node runs (inside its container, or on its host) with the node's own command"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{keys_in, validator_args};
+
+    #[test]
+    fn chain_presets_link_the_right_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["v.json", "vn.json", "voter.json", "extra"]);
+        let home = dir.path().join("home");
+
+        let near = RunArgs {
+            validator_key: Some(k[0].clone()),
+            validator_node_key: Some(k[1].clone()),
+            voter_node_key: Some(k[2].clone()),
+            ..validator_args(dir.path())
+        };
+        let v = near.resolve().unwrap().validator.unwrap();
+        assert_eq!(v.health, HealthKind::Near);
+        assert_eq!(
+            v.active_links[0],
+            KeyLink {
+                src: k[0].clone(),
+                dst: home.join("validator_key.json")
+            }
+        );
+        assert_eq!(
+            v.active_links[1],
+            KeyLink {
+                src: k[1].clone(),
+                dst: home.join("node_key.json")
+            }
+        );
+        assert_eq!(
+            v.standby_links,
+            vec![KeyLink {
+                src: k[2].clone(),
+                dst: home.join("node_key.json")
+            }]
+        );
+
+        let comet = RunArgs {
+            chain: Some(Chain::Cometbft),
+            validator_key: Some(k[0].clone()),
+            ..validator_args(dir.path())
+        };
+        let v = comet.resolve().unwrap().validator.unwrap();
+        assert_eq!(v.health, HealthKind::Cometbft);
+        assert_eq!(v.health_url, "http://127.0.0.1:26657");
+        assert_eq!(
+            v.active_links,
+            vec![KeyLink {
+                src: k[0].clone(),
+                dst: home.join("config/priv_validator_key.json")
+            }]
+        );
+
+        let generic = RunArgs {
+            key_link: vec![format!("{}=/srv/node/key", k[3].display())],
+            health_url: Some("http://127.0.0.1:9/health".into()),
+            ..validator_args(dir.path())
+        };
+        let docker = RunArgs {
+            command: vec!["/usr/bin/docker".into(), "run".into(), "near".into()],
+            ..generic.clone()
+        };
+        let err = docker.resolve().unwrap_err().to_string();
+        assert!(err.contains("hands the node to a daemon"), "{err}");
+        let err = generic.clone().resolve().unwrap_err().to_string();
+        assert!(err.contains("--no-height-watermark"), "{err}");
+        let generic = RunArgs {
+            no_height_watermark: true,
+            ..generic
+        };
+        let v = generic.resolve().unwrap().validator.unwrap();
+        assert!(!v.height_watermark);
+        assert_eq!(v.health, HealthKind::Http);
+        assert_eq!(
+            v.active_links,
+            vec![KeyLink {
+                src: k[3].clone(),
+                dst: PathBuf::from("/srv/node/key")
+            }]
+        );
+
+        let half = RunArgs {
+            validator_key: Some(k[0].clone()),
+            validator_node_key: Some(k[1].clone()),
+            ..validator_args(dir.path())
+        };
+        assert!(half
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("go together"));
+    }
+}
