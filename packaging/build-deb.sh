@@ -33,6 +33,7 @@ chmod 0755 "$root"/usr/bin/keyraft
 install -m 0644 packaging/keyraft.service "$root"/lib/systemd/system/keyraft.service
 install -m 0640 packaging/keyraft.toml "$root"/etc/keyraft/keyraft.toml
 install -m 0644 README.md "$root"/usr/share/doc/keyraft/README.md
+install -m 0644 docs/*.md "$root"/usr/share/doc/keyraft/
 install -m 0644 alerts/keyraft.rules.yml dashboards/keyraft.json "$root"/usr/share/keyraft/
 for s in postinst prerm postrm; do
     install -m 0755 packaging/debian/$s "$root"/DEBIAN/$s

@@ -22,6 +22,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::chain::Stats;
+pub use crate::harness::alive;
 use crate::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
 use crate::keys::KeyFile;
 use crate::proxy::Proxy;
@@ -675,35 +676,4 @@ pub fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
         String::from_utf8_lossy(&o.stderr)
     );
     Ok(())
-}
-
-/// True while a process with this pid exists (and is not a zombie).
-pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next())
-                != Some("Z")
-        })
-        .unwrap_or(false)
-}
-
-/// Every process on the host, as (pid, parent pid).
-pub(crate) fn processes() -> Vec<(i32, i32)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some((pid, ppid))
-    })
-    .collect()
 }

@@ -12,7 +12,8 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use nix::sys::signal::Signal;
 
-use crate::cluster::{alive, processes, Cluster, FENCE_MARKER};
+use crate::cluster::{Cluster, FENCE_MARKER};
+use crate::harness::{alive, processes};
 use crate::proxy::Latency;
 
 impl Cluster {

@@ -14,6 +14,9 @@
 //!   their sign bytes, the chain's CometBFT books (equivocations), and
 //!   `fakenode --cometbft`, which asks a remote signer (tmkms, keyraft) for
 //!   every vote over the privval protocol.
+//! - [`cometnet`]: chain, CometBFT sentries and signers on loopback, for
+//!   tests and benchmarks; [`tmkms`]: finding, configuring and starting
+//!   tmkms, the real signer the judge is proven against.
 //! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
 //!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
 //! - [`docker`]: the Docker Compose cluster under host-level faults.
@@ -34,6 +37,7 @@ pub mod chain;
 pub mod chaos;
 pub mod cluster;
 pub mod comet;
+pub mod cometnet;
 pub mod docker;
 pub mod faults;
 pub mod harness;
@@ -41,6 +45,7 @@ pub mod keys;
 pub mod launcher;
 pub mod node;
 pub mod proxy;
+pub mod tmkms;
 pub mod wire;
 
 /// Logs to stderr, human-readable, at `info` unless `RUST_LOG` says otherwise.

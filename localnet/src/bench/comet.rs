@@ -26,8 +26,8 @@ pub async fn comet(b: &CometBench) -> anyhow::Result<serde_json::Value> {
     use crate::comet::consensus::{self, Step};
     use crate::comet::key::ValidatorKey;
     use crate::comet::ledger::{Book, Schedule};
-    use crate::comet::net::{CometNet, NetOpts, SentryOpts};
     use crate::comet::node::Protocol;
+    use crate::cometnet::{CometNet, NetOpts, SentryOpts};
     use crate::wire::Submission;
     use prost::Message;
 
@@ -155,7 +155,7 @@ pub async fn comet(b: &CometBench) -> anyhow::Result<serde_json::Value> {
     let missed = last.missed - first.missed;
     println!(
         "tmkms {} round trip per signature: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures; {missed} of {closed} heights missed",
-        crate::comet::tmkms::VERSION,
+        crate::tmkms::VERSION,
         pv.sign_ms_p50.unwrap_or(f64::NAN),
         pv.sign_ms_p99.unwrap_or(f64::NAN),
         pv.sign_ms_max.unwrap_or(f64::NAN),

@@ -21,9 +21,9 @@ pub struct SignerBench {
 /// when the signer leader's host is SIGKILLed, at 1 s blocks.
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
-    use crate::comet::net::{CometNet, NetOpts, SentryOpts};
     use crate::comet::node::Protocol;
     use crate::comet::privval::PrivvalStats;
+    use crate::cometnet::{CometNet, NetOpts, SentryOpts};
 
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
@@ -91,7 +91,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     let tm = sentry.privval_stats().await?;
     println!(
         "tmkms {} (one sentry, no HA): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
-        crate::comet::tmkms::VERSION,
+        crate::tmkms::VERSION,
         tm.sign_ms_p50.unwrap_or(f64::NAN),
         tm.sign_ms_p99.unwrap_or(f64::NAN),
         tm.sign_ms_max.unwrap_or(f64::NAN),

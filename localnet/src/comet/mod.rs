@@ -11,16 +11,14 @@
 //!   over TCP, or a Unix socket).
 //! - [`node`]: `fakenode --cometbft`, a sentry that follows the chain and
 //!   asks its signer for every vote.
-//! - [`tmkms`]: tmkms, the real signer the judge is proven against.
-//! - [`net`]: chain, sentries and signers on loopback, for tests and
-//!   benchmarks.
+//!
+//! The local network of sentries and signers is [`crate::cometnet`], and
+//! tmkms is [`crate::tmkms`]: both start processes, which this judge does not.
 //!
 //! Like the NEAR judge, none of it knows keyraft.
 
 pub mod consensus;
 pub mod key;
 pub mod ledger;
-pub mod net;
 pub mod node;
 pub mod privval;
-pub mod tmkms;

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::key::ValidatorKey;
-use super::node::Protocol;
-use super::privval::PrivvalStats;
-use super::tmkms;
+use crate::comet::key::ValidatorKey;
+use crate::comet::node::Protocol;
+use crate::comet::privval::PrivvalStats;
 use crate::harness::{free_addr, get_json, sibling_bin, ChainClient, Proc};
+use crate::tmkms;
 
 /// How the chain runs.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use base64::Engine;
 
-use super::node::Protocol;
+use crate::comet::node::Protocol;
 use crate::harness::Proc;
 
 /// The tmkms release the interop tests are written against.
