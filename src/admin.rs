@@ -3,7 +3,7 @@
 //! cluster view behind `keyraft status`, and running operator commands on
 //! the leader (forwarding them there from any member).
 //!
-//! Owns: the JSON shape of `keyraft status --json` (docs/safety.md), Patroni-style
+//! Owns: the JSON shape of `keyraft status --json` (docs/design.md), Patroni-style
 //! health codes, and membership changes. Must not: listen anywhere but where
 //! configured (loopback by default), or touch the validator; a switchover is
 //! handed to the coordinator, which owns the validator.
@@ -38,7 +38,7 @@ const OPERATOR_DEADLINE: Duration = Duration::from_secs(30);
 /// learner's catch-up carries on between attempts.
 pub const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The cluster as this node sees it, in the shape docs/safety.md gives.
+/// The cluster as this node sees it, in the shape docs/design.md gives.
 pub fn status_json(sh: &Shared) -> Value {
     let m = sh.raft_metrics();
     let cluster = sh.cluster.borrow().clone();

@@ -1,4 +1,4 @@
-//! Joining the cluster (docs/safety.md, step 9): what a node with an empty
+//! Joining the cluster (docs/design.md, step 9): what a node with an empty
 //! data dir asks its peers before it takes part, and the one-time
 //! registration that makes a later empty start need `--rejoin`.
 //!
@@ -34,7 +34,7 @@ pub enum Bootstrap {
     Rejoin,
 }
 
-/// Step 9 (docs/safety.md): a node with an empty data dir asks its peers
+/// Step 9 (docs/design.md): a node with an empty data dir asks its peers
 /// before it takes part, so that a wiped voter cannot vote twice in a term.
 pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, Refused> {
     if !fresh {

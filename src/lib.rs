@@ -3,7 +3,7 @@
 //!
 //! The coordinators on those hosts form a Raft cluster; only the leader links
 //! the validator key into its node and validates, under a lease that a
-//! separate guard process enforces. `docs/safety.md` is the design (the
+//! separate guard process enforces. `docs/design.md` is the design (the
 //! safety protocol's numbered steps that comments here cite), and
 //! `docs/architecture.md` the contributor's tour.
 //! A short tour, from the outside in; each module's opening comment says

@@ -1,4 +1,4 @@
-//! Starting and stopping a node: the start-up order of docs/safety.md's
+//! Starting and stopping a node: the start-up order of docs/design.md's
 //! steps 6 and 9 (data-dir lock and fence before anything else; an empty
 //! data dir asks its peers before it takes part, see [`crate::join`]), the three servers (peer
 //! gRPC with mTLS, admin gRPC, HTTP), the background tasks, and the

@@ -5,7 +5,7 @@
 //! replayed), waiting for the cluster to settle before and after each fault,
 //! and the JSON summary. Must not: hide a fault's outcome; the whole-host
 //! freeze, which a single machine cannot make safe (docs/safety.md, "Residual
-//! risk"), is reported in its own category. With `--cometbft` the cluster
+//! risks"), is reported in its own category. With `--cometbft` the cluster
 //! runs in signer mode (three signers, each with a sentry): "active" is the
 //! signer leader, a failover is every other sentry signing again, and the
 //! whole-host freeze is no longer a residual risk (a thawed leader cannot

@@ -207,7 +207,7 @@ async fn check(addr: SocketAddr) -> ExitCode {
     let (code, line) = if v["cluster"]["quorum"] != true {
         (
             3,
-            "CRITICAL: no quorum: this member sees no leader backed by a majority".to_string(),
+            "CRITICAL: no quorum: this member does not see a majority of the voters up and connected".to_string(),
         )
     } else if !signer.is_null() {
         // Signer mode: nobody validates; the leader signs.

@@ -10,7 +10,8 @@
 //! Exit codes: 0 success; 1 runtime failure (or `check`: admin unreachable);
 //! 2 bad usage, bad configuration, or a start refused for safety; `check`
 //! uses 3 (no quorum), 4 (no active validator), 5 (more than one),
-//! 6 (active validator unhealthy).
+//! 6 (active validator unhealthy), 7 (signer mode: no privval connection
+//! on this host).
 //!
 //! Owns: parsing, dispatch and what the commands print. Must not: hold
 //! cluster logic; it calls [`crate::server`], the admin API and [`crate::tls`].
@@ -58,7 +59,7 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Print the cluster as this member sees it.
     Status {
-        /// The JSON shape of docs/safety.md instead of a table.
+        /// The JSON shape of docs/design.md instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]

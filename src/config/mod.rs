@@ -8,7 +8,7 @@
 //! key links, the validator command) and [`signer`] (signer mode); this
 //! module resolves them into one [`Config`].
 //!
-//! Owns: every default of the timing table (docs/safety.md), the chain presets (which
+//! Owns: every default of the timing table (docs/design.md), the chain presets (which
 //! key files are linked where), and the checks that must pass before anything
 //! starts (ids, addresses, certificates, key file modes, the safety
 //! inequality). Must not: touch the network or start processes; a bad value

@@ -1,6 +1,6 @@
 //! The timing table: durations as written (`600ms`, `1.5s`), the `lan`
 //! and `wan` profiles, and the safety inequality every resolved [`Timing`]
-//! must satisfy (docs/safety.md, step 3).
+//! must satisfy (docs/design.md, step 3).
 //!
 //! Owns: every timing default and the check that a configuration cannot
 //! let two validators overlap. Must not: read files or the environment.
@@ -140,7 +140,7 @@ pub struct Timing {
 
 impl Timing {
     /// The least handover delay for which the old validator is certainly dead
-    /// before a successor activates (docs/safety.md, step 3).
+    /// before a successor activates (docs/design.md, step 3).
     ///
     /// A successor needs the vote of a node that acked the old leader's last
     /// quorum-acked heartbeat (sent at `t`); that node refuses votes until

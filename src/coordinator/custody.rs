@@ -1,5 +1,5 @@
 //! Key custody: every effect on this host's validator, in the order the
-//! safety protocol needs (docs/safety.md, steps 4 to 8).
+//! safety protocol needs (docs/design.md, steps 4 to 8).
 //!
 //! - taking the key: arm the guard with the lease, then link, then start
 //!   (or SIGHUP) the validator;

@@ -9,7 +9,7 @@
 //! - `Registering`: synced, but not (yet, or any more) a voter: a fresh node
 //!   waiting for the leader's log, or one rejoining after losing its data.
 //! - `Voting`: an eligible standby. It campaigns when the leader goes quiet
-//!   and, once elected, activates (docs/safety.md, steps 2-4).
+//!   and, once elected, activates (docs/design.md, steps 2-4).
 //! - `Validating`: the validator runs with the key, under a lease renewed
 //!   from Raft's quorum acks and enforced by the guard process (step 5).
 //!   Never entered in signer mode, where the Raft leader in `Voting` signs

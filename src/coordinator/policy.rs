@@ -3,7 +3,7 @@
 //! validator's health, Raft's membership and acks, what gossip last showed
 //! of each peer, the time).
 //!
-//! Owns: who is eligible to campaign (docs/safety.md, step 1), which
+//! Owns: who is eligible to campaign (docs/design.md, step 1), which
 //! standby may take a handover, each standby's campaign turn and when it is
 //! due, when a leader that may not validate goes quiet or hands on, what
 //! the `Voting` state does next, and the lease deadline arithmetic (step

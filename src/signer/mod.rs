@@ -296,7 +296,7 @@ impl Signer {
     }
 
     /// A voter that has not registered yet would not be recognised if it
-    /// lost its data dir and came back empty (docs/safety.md, step 9): sign
+    /// lost its data dir and came back empty (docs/design.md, step 9): sign
     /// only once every voter is known to have run with durable state.
     fn all_voters_registered(&self) -> Result<(), Refusal> {
         let registered = self.sh.cluster.borrow().registered.clone();
