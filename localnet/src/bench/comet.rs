@@ -26,8 +26,8 @@ pub async fn comet(b: &CometBench) -> anyhow::Result<serde_json::Value> {
     use crate::comet::consensus::{self, Step};
     use crate::comet::key::ValidatorKey;
     use crate::comet::ledger::{Book, Schedule};
-    use crate::comet::node::Protocol;
-    use crate::cometnet::{CometNet, NetOpts, SentryOpts};
+
+    use crate::cometnet::{CometNet, NetOpts};
     use crate::wire::Submission;
     use prost::Message;
 
@@ -135,14 +135,7 @@ pub async fn comet(b: &CometBench) -> anyhow::Result<serde_json::Value> {
     drop(net);
 
     // (3) A sentry and tmkms: the signer's round trip as the node sees it.
-    let net = CometNet::start(&NetOpts {
-        block_ms: b.block_ms,
-        validators: 1,
-        ..NetOpts::default()
-    })
-    .await?;
-    let sentry = net.sentry(1, &SentryOpts::default())?;
-    let _kms = net.tmkms("tmkms", &sentry, Protocol::V0_38, false)?;
+    let (net, sentry, _kms) = super::tmkms_baseline(b.block_ms).await?;
     let first = crate::harness::eventually(Duration::from_secs(20), "tmkms to sign", || async {
         let s = net.chain.totals().await?;
         Ok((s.signed > 0).then_some(s))

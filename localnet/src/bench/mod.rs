@@ -33,6 +33,32 @@ pub fn percentile(v: &[f64], q: f64) -> f64 {
     s[rank.min(s.len()) - 1]
 }
 
+/// One CometBFT validator signed by tmkms alone (no HA) at `block_ms`
+/// rounds, once tmkms has signed a first height: the baseline the signer
+/// benchmarks measure keyraft against. Keep the three values alive.
+pub(crate) async fn tmkms_baseline(
+    block_ms: u64,
+) -> anyhow::Result<(
+    crate::cometnet::CometNet,
+    crate::cometnet::Sentry,
+    crate::harness::Proc,
+)> {
+    use crate::cometnet::{CometNet, NetOpts, SentryOpts};
+    let net = CometNet::start(&NetOpts {
+        block_ms,
+        validators: 1,
+        ..NetOpts::default()
+    })
+    .await?;
+    let sentry = net.sentry(1, &SentryOpts::default())?;
+    let kms = net.tmkms("tmkms", &sentry, crate::comet::node::Protocol::V0_38, false)?;
+    crate::harness::eventually(Duration::from_secs(20), "tmkms to sign", || async {
+        Ok((net.chain.totals().await?.signed > 0).then_some(()))
+    })
+    .await?;
+    Ok((net, sentry, kms))
+}
+
 pub(crate) fn summary(name: &str, v: &[f64]) -> serde_json::Value {
     let p50 = percentile(v, 50.0);
     let p99 = percentile(v, 99.0);

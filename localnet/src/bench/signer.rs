@@ -21,9 +21,8 @@ pub struct SignerBench {
 /// when the signer leader's host is SIGKILLed, at 1 s blocks.
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
-    use crate::comet::node::Protocol;
+
     use crate::comet::privval::PrivvalStats;
-    use crate::cometnet::{CometNet, NetOpts, SentryOpts};
 
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
@@ -75,18 +74,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     drop(c);
 
     // (2) tmkms, same machine, same round length.
-    let net = CometNet::start(&NetOpts {
-        block_ms: b.block_ms,
-        validators: 1,
-        ..NetOpts::default()
-    })
-    .await?;
-    let sentry = net.sentry(1, &SentryOpts::default())?;
-    let _kms = net.tmkms("tmkms", &sentry, Protocol::V0_38, false)?;
-    crate::harness::eventually(Duration::from_secs(20), "tmkms to sign", || async {
-        Ok((net.chain.totals().await?.signed > 0).then_some(()))
-    })
-    .await?;
+    let (net, sentry, _kms) = super::tmkms_baseline(b.block_ms).await?;
     tokio::time::sleep(Duration::from_secs(b.seconds)).await;
     let tm = sentry.privval_stats().await?;
     println!(
