@@ -46,6 +46,7 @@ Version: $version
 Architecture: $arch
 Maintainer: keyraft developers <keyraft@localhost>
 Depends: libc6 (>= 2.36), passwd
+Recommends: nftables
 Installed-Size: $size
 Section: net
 Priority: optional

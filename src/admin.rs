@@ -65,6 +65,7 @@ pub fn status_json(sh: &Shared) -> Value {
                 "state": local.state.to_string(), "raft": sh.raft_state(&m),
                 "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
                 "probe_error": *sh.probe_error.borrow(),
+                "kernel_fence": sh.kernel_fence,
                 "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
                     "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
                 })),

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub peer_up: IntGaugeVec,
     pub peer_rtt: GaugeVec,
     pub paused: IntGauge,
+    pub kernel_fence: IntGauge,
     pub sign_requests: IntCounterVec,
     pub sign_seconds: Histogram,
     pub privval_connected: IntGaugeVec,
@@ -99,6 +100,7 @@ impl Metrics {
             peer_up: IntGaugeVec::new(opts("peer_up", "1 while gossip from the peer is fresh."), &["peer"])?,
             peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
             paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
+            kernel_fence: IntGauge::with_opts(opts("kernel_fence", "1 while the kernel fence (an nftables lease on the keyed validator's traffic) is on for this host's validator."))?,
             sign_requests: IntCounterVec::new(
                 opts("sign_requests_total", "Sign requests from this host's nodes, by type (proposal, prevote, precommit) and result."),
                 &["type", "result"],
@@ -136,6 +138,9 @@ impl Metrics {
             r.register(Box::new(m.validator_synced.clone()))?;
             r.register(Box::new(m.validator_height.clone()))?;
             r.register(Box::new(m.validator_restarts.clone()))?;
+            if !signer {
+                r.register(Box::new(m.kernel_fence.clone()))?;
+            }
         }
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;

@@ -79,6 +79,8 @@ pub struct Shared {
     pub privval: PrivvalLinks,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
+    /// The kernel fence on this host: `on`, or `off: why`.
+    pub kernel_fence: String,
     /// The peer port's TLS acceptor (`None` with `--insecure`).
     pub tls: Option<Arc<ServerTls>>,
     /// The certificates in use: node and CA (`None` with `--insecure`).

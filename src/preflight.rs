@@ -2,15 +2,15 @@
 //! a first start, one line per check. The configuration as `keyraft run`
 //! would take it; this node's certificate (its own, not expired); every
 //! peer, reached over mTLS and presenting its own certificate, with the
-//! round trip and the offset of its wall clock; the validator's RPC through
-//! the configured probe.
+//! round trip and the offset of its wall clock; whether the kernel fence can
+//! be had here; the validator's RPC through the configured probe.
 //!
 //! Owns: the checks and their report. Must not: change anything (no lock,
 //! no data dir, no Raft); it only connects and asks.
 
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, TimingProfile};
+use crate::config::{Config, KernelFence, TimingProfile};
 use crate::health::Prober;
 use crate::node::wall_ms;
 use crate::pb;
@@ -91,6 +91,35 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
         let peers = Peers::new(cfg.id, material, cfg.peers.clone());
         let checks = cfg.peers.keys().map(|id| peer(&peers, *id, cfg));
         out.extend(futures::future::join_all(checks).await);
+    }
+    if let Some(v) = cfg.validator.as_ref().filter(|_| cfg.signer.is_none()) {
+        out.push(
+            match (
+                v.kernel_fence,
+                crate::fence::kernel::preflight(v.activate_by, v.cgroup),
+            ) {
+                (KernelFence::Off, _) => line(
+                    Outcome::Warn,
+                    "kernel fence",
+                    "off (--kernel-fence off): a frozen host may sign once on thaw",
+                ),
+                (_, Ok(())) => line(
+                    Outcome::Ok,
+                    "kernel fence",
+                    "available: nftables, CAP_NET_ADMIN, a cgroup v2 for the validator",
+                ),
+                (KernelFence::Required, Err(why)) => line(
+                    Outcome::Fail,
+                    "kernel fence",
+                    format!("required, but {why}"),
+                ),
+                (KernelFence::Auto, Err(why)) => line(
+                    Outcome::Warn,
+                    "kernel fence",
+                    format!("off: {why}; a frozen host may sign once on thaw"),
+                ),
+            },
+        );
     }
     if let Some(v) = &cfg.validator {
         let prober = Prober::new(v.health, &v.health_url, Duration::from_secs(2));

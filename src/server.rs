@@ -47,6 +47,9 @@ pub enum RunError {
     Fence(#[from] fence::FenceError),
     #[error(transparent)]
     Join(#[from] join::Refused),
+    /// `--kernel-fence required` on a host where it cannot be had; exit 2.
+    #[error("--kernel-fence required, but {0}")]
+    KernelFence(#[from] fence::kernel::KernelError),
     #[error(transparent)]
     Store(#[from] raft::store::StoreError),
     #[error(transparent)]
@@ -111,6 +114,38 @@ pub async fn run(
         Ok((lock, tree))
     })
     .await?;
+    // Step 4's kernel fence: built (a leftover replaced) and proven before
+    // any validator starts; `auto` says here why it is off.
+    let kernel = match cfg.validator.as_ref() {
+        Some(v) => {
+            let (mode, by, t) = (v.kernel_fence, v.activate_by, tree.clone());
+            blocking(move || {
+                fence::kernel::set_up(mode, by, &t, std::path::Path::new("/proc/self/exe"))
+            })
+            .await?
+        }
+        None => fence::kernel::Status::Off("a witness runs no validator".into()),
+    };
+    let table_file = cfg.data_dir.join(fence::kernel::TABLE_FILE);
+    let recorded = match kernel.plan() {
+        Some(plan) => std::fs::write(&table_file, format!("{}\n", plan.table)),
+        None => std::fs::remove_file(&table_file).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        }),
+    };
+    recorded.map_err(fence::io("cannot write", &table_file))?;
+    match &kernel {
+        fence::kernel::Status::On(plan) => tracing::info!(
+            table = plan.table,
+            "kernel fence on: the keyed validator's packets pass only while its lease lives (nftables table inet {})",
+            plan.table
+        ),
+        fence::kernel::Status::Off(why) if cfg.validator.is_some() => {
+            tracing::warn!("kernel fence off: {why}; a frozen host may sign once on thaw (docs/safety.md)")
+        }
+        fence::kernel::Status::Off(_) => {}
+    }
     if cfg.validator.is_some() {
         fence::become_subreaper()?;
         tracing::info!(
@@ -176,9 +211,13 @@ pub async fn run(
         started: Instant::now(),
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
+        kernel_fence: kernel.describe(),
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });
+    sh.metrics
+        .kernel_fence
+        .set(i64::from(kernel.plan().is_some()));
     let signer = match sh.cfg.signer.clone() {
         Some(c) => {
             let identity_path = c.identity_key.clone();
@@ -261,6 +300,7 @@ pub async fn run(
                 prober,
                 &sh.cfg.data_dir,
                 tree.clone(),
+                kernel.plan().cloned(),
                 timing.kill_bound,
             )?;
             (Some(node), Some(hrx))
@@ -301,6 +341,15 @@ pub async fn run(
     }
     if let Err(e) = log_store.flush().await {
         tracing::warn!("final flush: {e}");
+    }
+    if let Some(plan) = kernel.plan().cloned() {
+        match blocking(move || plan.remove()).await {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&table_file);
+                tracing::info!("kernel fence removed");
+            }
+            Err(e) => tracing::warn!("cannot remove the kernel fence: {e}"),
+        }
     }
     tree.remove_cgroup();
     drop(lock);

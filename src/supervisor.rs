@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::config::ValidatorConfig;
+use crate::fence::kernel::{KernelError, Plan};
+use crate::fence::nft::Netlink;
 use crate::fence::{self, GuardClient, GuardError, KeyLinks, Tree, ValidatorEvent};
 use crate::health::Prober;
 
@@ -25,6 +27,8 @@ pub struct Validator {
     pub sup: GuardClient,
     events: mpsc::Receiver<ValidatorEvent>,
     tree: Tree,
+    /// The kernel fence installed for the tree, if it is on.
+    kernel: Option<Plan>,
     data_dir: PathBuf,
     kill_bound: Duration,
     pub linked: bool,
@@ -40,9 +44,11 @@ impl Validator {
         prober: Prober,
         data_dir: &Path,
         tree: Tree,
+        kernel: Option<Plan>,
         kill_bound: Duration,
     ) -> Result<Validator, GuardError> {
-        let (sup, events) = GuardClient::spawn(data_dir, tree.clone(), kill_bound)?;
+        let (sup, events) =
+            GuardClient::spawn(data_dir, tree.clone(), kill_bound, kernel.is_some())?;
         Ok(Validator {
             cfg,
             links,
@@ -50,6 +56,7 @@ impl Validator {
             sup,
             events,
             tree,
+            kernel,
             data_dir: data_dir.to_path_buf(),
             kill_bound,
             linked: false,
@@ -79,7 +86,7 @@ impl Validator {
                 return;
             }
         }
-        match self.sup.start(&self.cfg.command).await {
+        match self.sup.start(&self.cfg.command, self.linked).await {
             Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
             Err(e) => {
                 tracing::error!("cannot start the validator node: {e}");
@@ -137,7 +144,12 @@ impl Validator {
             ),
             Err(e) => tracing::error!("{e}"),
         }
-        match GuardClient::spawn(&self.data_dir, self.tree.clone(), self.kill_bound) {
+        match GuardClient::spawn(
+            &self.data_dir,
+            self.tree.clone(),
+            self.kill_bound,
+            self.kernel.is_some(),
+        ) {
             Ok((sup, events)) => {
                 self.sup = sup;
                 self.events = events;
@@ -149,6 +161,27 @@ impl Validator {
             }
         }
         proof.map(|_| ())
+    }
+
+    /// Before the key appears: the kernel fence's table is whole, or is
+    /// put back (a firewall reload that flushed the ruleset removes it).
+    /// Nothing to do without a kernel fence.
+    pub async fn ensure_kernel_fence(&self) -> Result<(), KernelError> {
+        let Some(plan) = self.kernel.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || match plan.check(&mut Netlink::open()?) {
+            Err(KernelError::Missing(table)) => {
+                tracing::warn!(
+                    table,
+                    "the kernel fence's nftables table was gone: putting it back"
+                );
+                plan.install(Path::new("/proc/self/exe"))
+            }
+            r => r,
+        })
+        .await
+        .unwrap_or_else(|e| Err(KernelError::Install(format!("task failed: {e}"))))
     }
 
     pub async fn links(&mut self, active: bool) -> Result<(), fence::FenceError> {

@@ -152,6 +152,17 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
         "safety inequality",
     )?;
     expect_refusal(&s, &["--health", "http"], "--health-url")?;
+    expect_refusal(
+        &s,
+        &["--kernel-fence", "required", "--activate-by", "sighup"],
+        "needs --activate-by restart",
+    )?;
+    expect_refusal(
+        &s,
+        &["--kernel-fence", "required", "--no-cgroup"],
+        "drop --no-cgroup",
+    )?;
+    expect_refusal(&s, &["--kernel-fence", "maybe"], "--kernel-fence")?;
     Ok(())
 }
 

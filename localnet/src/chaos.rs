@@ -4,12 +4,13 @@
 //! Owns: the fault catalogue, the schedule (a seeded RNG, so a run can be
 //! replayed), waiting for the cluster to settle before and after each fault,
 //! and the JSON summary. Must not: hide a fault's outcome; the whole-host
-//! freeze, which a single machine cannot make safe (docs/safety.md, "Residual
-//! risks"), is reported in its own category. With `--cometbft` the cluster
-//! runs in signer mode (three signers, each with a sentry): "active" is the
-//! signer leader, a failover is every other sentry signing again, and the
-//! whole-host freeze is no longer a residual risk (a thawed leader cannot
-//! commit, so it cannot sign).
+//! freeze, which user space alone cannot make safe (docs/safety.md,
+//! "Residual risks"), is reported in its own category unless every
+//! validator host has its kernel fence on (each node's `status` says so).
+//! With `--cometbft` the cluster runs in signer mode (three signers, each
+//! with a sentry): "active" is the signer leader, a failover is every other
+//! sentry signing again, and the whole-host freeze is no longer a residual
+//! risk either (a thawed leader cannot commit, so it cannot sign).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +25,14 @@ use serde_json::json;
 use crate::bench::{failover_budgets, percentile, BUDGET};
 use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::harness::{eventually, get_json, node_entry};
+
+/// What closes the whole-host freeze in this run: signer mode, or the
+/// kernel fence on every validator host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Covered {
+    pub signer: bool,
+    pub kernel_fence: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Fault {
@@ -73,11 +82,12 @@ impl Fault {
         }
     }
 
-    /// Faults one machine cannot make safe: guard and validator freeze and
-    /// thaw together, and the validator may sign before the guard kills it.
-    /// Not in signer mode, where the signature itself is fenced.
-    pub fn residual_risk(self, cometbft: bool) -> bool {
-        self == Fault::FreezeActiveHost && !cometbft
+    /// Faults user space alone cannot make safe: guard and validator freeze
+    /// and thaw together, and the validator may sign before the guard kills
+    /// it. Not in signer mode, where the signature itself is fenced, nor
+    /// with the kernel fence on, which drops the thawed validator's packets.
+    pub fn residual_risk(self, covered: Covered) -> bool {
+        self == Fault::FreezeActiveHost && !covered.signer && !covered.kernel_fence
     }
 
     /// Whether the fault makes sense in signer mode (no witness, no guard
@@ -98,6 +108,8 @@ pub struct ChaosOptions {
     pub faults: Vec<Fault>,
     /// Signer mode (CometBFT), judged by equivocations.
     pub cometbft: bool,
+    /// Busy-looping processes kept running through every round.
+    pub load: usize,
 }
 
 struct RoundResult {
@@ -167,15 +179,30 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         })
         .await?
     };
-    println!(
-        "chaos: {} rounds, seed {}, cluster in {}",
-        o.rounds,
-        o.seed,
-        c.dir.path().display()
-    );
+    let _load = (0..o.load)
+        .map(|i| {
+            crate::harness::Proc::spawn(
+                &format!("load{i}"),
+                std::process::Command::new("sh").args(["-c", "while :; do :; done"]),
+                c.dir.path(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     settle(&mut c)
         .await
         .context("the cluster did not settle at start")?;
+    let covered = Covered {
+        signer: o.cometbft,
+        kernel_fence: !o.cometbft && kernel_fence_everywhere(&c).await?,
+    };
+    println!(
+        "chaos: {} rounds, seed {}, {} busy processes, kernel fence {}, cluster in {}",
+        o.rounds,
+        o.seed,
+        o.load,
+        if covered.kernel_fence { "on" } else { "off" },
+        c.dir.path().display()
+    );
     let mut results = Vec::new();
     for round in 0..o.rounds {
         let fault = faults[rng.random_range(0..faults.len())];
@@ -216,7 +243,19 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         );
         results.push(r);
     }
-    Ok(summarize(&results, o.cometbft))
+    Ok(summarize(&results, covered))
+}
+
+/// Whether every validator host says its kernel fence is on.
+async fn kernel_fence_everywhere(c: &Cluster) -> Result<bool> {
+    for id in 1..=NODES {
+        let status = c.status(id).await?;
+        let me = node_entry(&status, id);
+        if me["role"] == "validator" && me["kernel_fence"] != "on" {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn signer_mode(c: &Cluster) -> bool {
@@ -433,7 +472,8 @@ async fn settle(c: &mut Cluster) -> Result<()> {
     .await
 }
 
-fn summarize(results: &[RoundResult], cometbft: bool) -> (serde_json::Value, bool) {
+fn summarize(results: &[RoundResult], covered: Covered) -> (serde_json::Value, bool) {
+    let cometbft = covered.signer;
     let mut per_fault: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
     for f in Fault::ALL {
         let rs: Vec<&RoundResult> = results.iter().filter(|r| r.fault == f).collect();
@@ -462,17 +502,17 @@ fn summarize(results: &[RoundResult], cometbft: bool) -> (serde_json::Value, boo
                 "failover_ms_p99": percentile(&ms, 99.0),
                 "missed": rs.iter().map(|r| r.missed).sum::<u64>(),
                 "double_signs": rs.iter().map(|r| r.double_signs).sum::<u64>(),
-                "residual_risk": f.residual_risk(cometbft),
+                "residual_risk": f.residual_risk(covered),
             }),
         );
     }
     let safe: Vec<&RoundResult> = results
         .iter()
-        .filter(|r| !r.fault.residual_risk(cometbft))
+        .filter(|r| !r.fault.residual_risk(covered))
         .collect();
     let residual: Vec<&RoundResult> = results
         .iter()
-        .filter(|r| r.fault.residual_risk(cometbft))
+        .filter(|r| r.fault.residual_risk(covered))
         .collect();
     let ms: Vec<f64> = safe.iter().filter_map(|r| r.failover_ms).collect();
     let double_safe: u64 = safe.iter().map(|r| r.double_signs).sum();
@@ -486,8 +526,9 @@ fn summarize(results: &[RoundResult], cometbft: bool) -> (serde_json::Value, boo
         "double_signs": double_safe + double_residual,
         "double_signs_outside_residual_risk": double_safe,
         "mode": if cometbft { "signer" } else { "validator" },
+        "kernel_fence": covered.kernel_fence,
         "residual_risk": {
-            "faults": if cometbft { vec![] } else { vec!["freeze_active_host"] },
+            "faults": if Fault::FreezeActiveHost.residual_risk(covered) { vec!["freeze_active_host"] } else { vec![] },
             "rounds": residual.len(),
             "double_signs": double_residual,
             "missed": residual.iter().map(|r| r.missed).sum::<u64>(),

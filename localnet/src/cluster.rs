@@ -648,15 +648,26 @@ impl Drop for Cluster {
             for p in tree.into_iter().chain(self.tree_pids(id)) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
             }
-            // The tree's cgroup, which keyraft names in its data dir.
-            if let Ok(cg) = std::fs::read_to_string(self.nodes[&id].data.join("cgroup")) {
-                let cg = cg.trim();
+            // The tree's cgroup (its leaves first) and the kernel fence's
+            // nftables table, which keyraft names in its data dir.
+            let data = &self.nodes[&id].data;
+            if let Ok(cg) = std::fs::read_to_string(data.join("cgroup")) {
+                let cg = Path::new(cg.trim());
                 for _ in 0..100 {
-                    if std::fs::remove_dir(cg).is_ok() || !Path::new(cg).exists() {
+                    for leaf in ["keyed", "standby"] {
+                        let _ = std::fs::remove_dir(cg.join(leaf));
+                    }
+                    if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
+            }
+            if let Ok(table) = std::fs::read_to_string(data.join("kernel-fence")) {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", table.trim()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
     }

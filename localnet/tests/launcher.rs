@@ -195,3 +195,22 @@ async fn chaos_freezes_and_kills_the_guard_without_double_signs() -> Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn chaos_freezes_whole_hosts_under_load_and_the_kernel_fence_keeps_them_from_signing(
+) -> Result<()> {
+    let v = chaos_with(
+        &["--seed", "5", "--block-ms", "250", "--load", "1"],
+        "freeze-active-host",
+    )?;
+    ensure!(
+        v["kernel_fence"] == true,
+        "the kernel fence is off on this host (root, nftables and cgroup v2 are needed): {v}"
+    );
+    ensure!(v["double_signs"] == 0, "double signs: {v}");
+    ensure!(
+        v["residual_risk"]["rounds"] == 0 && v["failovers"] == v["rounds"],
+        "with the kernel fence every freeze is an ordinary, counted failover: {v}"
+    );
+    Ok(())
+}

@@ -158,7 +158,7 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Certs { what } => certs::run(what),
-        Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } => Ok(ExitCode::SUCCESS),
+        Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } | Cmd::FenceProbe => Ok(ExitCode::SUCCESS),
     }
 }
 

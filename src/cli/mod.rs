@@ -132,7 +132,13 @@ enum Cmd {
         /// Track the tree without a cgroup.
         #[arg(long)]
         no_cgroup: bool,
+        /// Keep the kernel fence's lease element with the guard's lease.
+        #[arg(long)]
+        kernel_fence: bool,
     },
+    /// The kernel fence's self-test packet (run by `keyraft run`).
+    #[command(hide = true)]
+    FenceProbe,
 }
 
 #[derive(Subcommand)]
@@ -217,10 +223,12 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Cmd::FenceProbe => ExitCode::from(fence::kernel::probe_main()),
         Cmd::Guard {
             data_dir,
             no_cgroup,
-        } => match fence::guard_main(&data_dir, !no_cgroup) {
+            kernel_fence,
+        } => match fence::guard_main(&data_dir, !no_cgroup, kernel_fence) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("guard: {e}");

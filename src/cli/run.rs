@@ -58,6 +58,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(
             e @ (RunError::Refused(_)
             | RunError::Join(_)
+            | RunError::KernelFence(_)
             | RunError::Fence(FenceError::Refused(_) | FenceError::Locked { .. })),
         ) => {
             tracing::error!("{e}");

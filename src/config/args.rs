@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    invalid, ActivateBy, Chain, ConfigError, HealthKind, Millis, NodeId, SignerKind, TimingProfile,
+    invalid, ActivateBy, Chain, ConfigError, HealthKind, KernelFence, Millis, NodeId, SignerKind,
+    TimingProfile,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -140,6 +141,11 @@ pub struct RunArgs {
     /// could be made (environment marker and subreaper only; see docs/safety.md).
     #[arg(long, env = "KEYRAFT_NO_CGROUP")]
     pub no_cgroup: bool,
+    /// Hold back the validator's outbound traffic in the kernel unless its
+    /// lease lives (an nftables table of keyraft's own): auto, required or
+    /// off [default: auto].
+    #[arg(long, env = "KEYRAFT_KERNEL_FENCE", value_enum)]
+    pub kernel_fence: Option<KernelFence>,
 
     /// Signer mode: keyraft is the chain's remote signer, and every
     /// signature is committed through Raft first. No key is linked anywhere;

@@ -32,6 +32,20 @@ pub enum ActivateBy {
     Sighup,
 }
 
+/// Whether the validator's traffic is held back by a lease in the kernel
+/// (docs/design.md, step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFence {
+    /// Where the host allows it (root or CAP_NET_ADMIN, nftables, a cgroup
+    /// v2 for the validator, --activate-by restart); said at start when not.
+    Auto,
+    /// Refuse to start, or to activate, without it.
+    Required,
+    /// Never.
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {
@@ -78,6 +92,7 @@ pub struct ValidatorConfig {
     pub height_watermark: bool,
     /// Give the validator's tree a cgroup where one can be made.
     pub cgroup: bool,
+    pub kernel_fence: KernelFence,
 }
 
 /// Signer mode's node command: supervised as a plain full node with no key
@@ -102,6 +117,8 @@ pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>,
         health_url: health_url.trim_end_matches('/').to_string(),
         height_watermark: false,
         cgroup: !a.no_cgroup,
+        // Signer mode links no key: there is nothing to hold back.
+        kernel_fence: KernelFence::Off,
     }))
 }
 
@@ -225,15 +242,28 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
             "--health http reports no block heights, so a new validator cannot wait until the chain is past what the previous one may have signed; pass --no-height-watermark to accept relying on the lease alone",
         ));
     }
+    let activate_by = a.activate_by.unwrap_or(ActivateBy::Restart);
+    let kernel_fence = a.kernel_fence.unwrap_or(KernelFence::Auto);
+    if kernel_fence == KernelFence::Required && activate_by == ActivateBy::Sighup {
+        return Err(invalid(
+            "--kernel-fence required needs --activate-by restart: a node that reloads its key on SIGHUP keeps the connections it made without the key, which the kernel fence cannot tell apart",
+        ));
+    }
+    if kernel_fence == KernelFence::Required && a.no_cgroup {
+        return Err(invalid(
+            "--kernel-fence required needs the validator's cgroup: drop --no-cgroup",
+        ));
+    }
     Ok(Some(ValidatorConfig {
         command: a.command.clone(),
         active_links: active,
         standby_links: standby,
-        activate_by: a.activate_by.unwrap_or(ActivateBy::Restart),
+        activate_by,
         health,
         health_url: health_url.trim_end_matches('/').to_string(),
         height_watermark: !a.no_height_watermark,
         cgroup: !a.no_cgroup,
+        kernel_fence,
     }))
 }
 

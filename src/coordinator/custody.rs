@@ -40,6 +40,8 @@ pub enum CustodyError {
     Link(FenceError),
     #[error("cannot start the validator with the key: {0}")]
     Start(GuardError),
+    #[error("the kernel fence is not in place: {0}")]
+    KernelFence(crate::fence::kernel::KernelError),
 }
 
 /// The validator side of this host, as the coordinator may touch it.
@@ -176,6 +178,15 @@ impl Custody {
         Ok(())
     }
 
+    /// Step 4, before the lease is armed: the kernel fence is whole (put
+    /// back if something removed it); nothing to do without one.
+    pub async fn ensure_kernel_fence(&mut self) -> Result<(), CustodyError> {
+        let node = self.node.as_ref().ok_or(CustodyError::NoValidator)?;
+        node.ensure_kernel_fence()
+            .await
+            .map_err(CustodyError::KernelFence)
+    }
+
     /// Arms (or renews) the guard's lease: from here on, a frozen or dead
     /// coordinator cannot keep the validator alive past `deadline_ns`.
     pub async fn arm(&mut self, deadline_ns: u64) -> Result<(), CustodyError> {
@@ -196,7 +207,10 @@ impl Custody {
             _ => {
                 node.next_start = Instant::now();
                 node.restarts = 0;
-                node.sup.start(&node.cfg.command).await.map(|_| ())
+                node.sup
+                    .start(&node.cfg.command, node.linked)
+                    .await
+                    .map(|_| ())
             }
         }
         .map_err(CustodyError::Start)?;
@@ -258,7 +272,12 @@ impl Custody {
                 tracing::error!("not releasing the key: {e}");
                 return false;
             }
-            let _ = node.sup.lease(None).await;
+            // The kernel fence's lease too, verified: a successor starts
+            // at once after `Released`.
+            if let Err(e) = node.sup.lease(None).await {
+                tracing::error!("not releasing the key: the lease could not be withdrawn ({e})");
+                return false;
+            }
             if node.linked {
                 tracing::error!("not releasing the key: it is still linked");
                 return false;

@@ -283,6 +283,10 @@ impl Coordinator {
             tracing::error!("{e}");
             return self.deactivate("validator_exit").await;
         }
+        if let Err(e) = self.custody.ensure_kernel_fence().await {
+            tracing::error!("not activating: {e}");
+            return self.deactivate("kernel_fence").await;
+        }
         // Arm the guard before the key appears: from here on, a frozen or
         // dead coordinator cannot keep the validator alive past the lease.
         if !self.still_leader(term) {

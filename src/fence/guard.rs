@@ -11,13 +11,16 @@
 //! its reply repeats it, so a late reply never answers a newer request:
 //!
 //! ```text
-//! SEQ start <json argv>  -> SEQ ok <pid> | SEQ err <why>
+//! SEQ start keyed|standby <json argv>
+//!                        -> SEQ ok <pid> | SEQ err <why>   keyed: in the tree's
+//!                                          `keyed` cgroup, only under a live lease
 //! SEQ stop <grace_ms>    -> SEQ ok <how>   SIGTERM to the tree, SIGKILL after grace,
 //!                                          replies once the whole tree is dead
 //! SEQ kill               -> SEQ ok <how>   the same without the grace
 //! SEQ signal <signum>    -> SEQ ok
 //! SEQ lease <mono_ns>    -> SEQ ok         kill the tree at that CLOCK_MONOTONIC time
-//! SEQ unlease            -> SEQ ok
+//!                                          (and renew the kernel fence's lease first)
+//! SEQ unlease            -> SEQ ok         (the kernel's lease removed, verified)
 //! event exit <pid> <how>                   the validator died unasked
 //! event fenced <pid> <how>                 killed at the lease deadline
 //! ```
@@ -43,6 +46,7 @@ use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::guard_client::GuardError;
+use super::kernel::{KernelError, KernelLease, Plan};
 use super::lock::{start_time, PID_FILE};
 use super::tree::{Tree, MARKER_VAR};
 use super::{boot_now_ns, mono_now_ns};
@@ -110,11 +114,25 @@ struct Guard {
     tree: Tree,
     pid_file: PathBuf,
     me: i32,
+    /// The kernel fence's lease element, when the coordinator installed
+    /// one; apart from `state`, so that the lease timer never waits on it.
+    kernel: Option<Mutex<KernelLease>>,
 }
 
 impl Guard {
     fn lock(&self) -> MutexGuard<'_, GuardState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the kernel fence's lease, if there is one.
+    fn with_kernel(
+        &self,
+        f: impl FnOnce(&mut KernelLease) -> Result<(), KernelError>,
+    ) -> Result<String, String> {
+        if let Some(k) = &self.kernel {
+            f(&mut k.lock().unwrap_or_else(|p| p.into_inner())).map_err(|e| e.to_string())?;
+        }
+        Ok(String::new())
     }
 
     /// Kills the whole tree: the validator and its process group at once
@@ -177,7 +195,9 @@ fn realtime_priority() {
 }
 
 /// `keyraft guard --data-dir DIR`: runs until its control pipe closes.
-pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
+/// With `kernel_fence`, the lease is kept in the kernel fence the
+/// coordinator installed for this tree too.
+pub fn guard_main(data_dir: &Path, cgroup: bool, kernel_fence: bool) -> std::io::Result<()> {
     // The coordinator decides when we stop: ignore terminal signals.
     for sig in [
         Signal::SIGINT,
@@ -191,13 +211,23 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
         }
     }
     harden();
+    let tree = Tree::for_data_dir(data_dir, cgroup);
+    let kernel = if kernel_fence {
+        let lease = Plan::for_tree(&tree)
+            .and_then(KernelLease::open)
+            .map_err(|e| std::io::Error::other(format!("kernel fence: {e}")))?;
+        Some(Mutex::new(lease))
+    } else {
+        None
+    };
     let guard = Arc::new(Guard {
         state: Mutex::new(GuardState::default()),
         changed: Condvar::new(),
         spawning: Mutex::new(()),
-        tree: Tree::for_data_dir(data_dir, cgroup),
+        tree,
         pid_file: data_dir.join(PID_FILE),
         me: std::process::id() as i32,
+        kernel,
     });
     // Without its timer or its reaper the guard cannot guard: fail closed.
     let timer = guard.clone();
@@ -255,14 +285,7 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
             "kill" => reply(stop(&guard, None)),
             "signal" => reply(signal(&guard, arg)),
             "lease" => match arg.parse::<u64>() {
-                Ok(ns) => {
-                    let mut st = guard.lock();
-                    let anchor = *st.anchor.get_or_insert_with(boot_offset);
-                    st.lease = Some(Lease::from_mono(ns, anchor));
-                    drop(st);
-                    guard.changed.notify_all();
-                    reply(Ok(String::new()));
-                }
+                Ok(ns) => reply(lease(&guard, ns)),
                 Err(_) => reply(Err(format!("bad lease {arg:?}"))),
             },
             "unlease" => {
@@ -271,13 +294,27 @@ pub fn guard_main(data_dir: &Path, cgroup: bool) -> std::io::Result<()> {
                 st.anchor = None;
                 drop(st);
                 guard.changed.notify_all();
-                reply(Ok(String::new()));
+                reply(guard.with_kernel(|k| k.clear()));
             }
             _ => reply(Err(format!("unknown command {cmd}"))),
         }
     }
     let _ = stop(&guard, None);
     Ok(())
+}
+
+/// A new lease deadline: the kernel's lease first (a failure there leaves
+/// the old deadline in force, to run out), then the guard's own.
+fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
+    let anchor = guard.lock().anchor.unwrap_or_else(boot_offset);
+    let new = Lease::from_mono(ns, anchor);
+    guard.with_kernel(|k| k.renew(new.left()))?;
+    let mut st = guard.lock();
+    let anchor = *st.anchor.get_or_insert(anchor);
+    st.lease = Some(Lease::from_mono(ns, anchor));
+    drop(st);
+    guard.changed.notify_all();
+    Ok(String::new())
 }
 
 fn signal(guard: &Guard, arg: &str) -> Result<String, String> {
@@ -292,15 +329,29 @@ fn signal(guard: &Guard, arg: &str) -> Result<String, String> {
 }
 
 fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
+    let (role, arg) = arg.split_once(' ').ok_or("bad start command")?;
+    let keyed = match role {
+        "keyed" => true,
+        "standby" => false,
+        _ => return Err(format!("bad start role {role:?}")),
+    };
     let argv: Vec<String> =
         serde_json::from_str(arg).map_err(|e| format!("bad start command: {e}"))?;
     let (prog, args) = argv.split_first().ok_or("empty command")?;
+    if keyed {
+        guard
+            .with_kernel(|k| k.ready())
+            .map_err(|e| format!("not starting with the key: kernel fence: {e}"))?;
+    }
     let mut st = guard.lock();
     if let Some(pid) = st.pid {
         return Err(format!("running {pid}"));
     }
     if st.lease.is_some_and(|l| l.left().is_zero()) {
         return Err("the lease has run out: not starting".into());
+    }
+    if keyed && st.lease.is_none() {
+        return Err("no lease: not starting with the key".into());
     }
     // Leftovers of an earlier validator (a straggler that had not died yet)
     // must be gone before a new one may start.
@@ -312,7 +363,10 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     ) else {
         return Err("cannot duplicate stderr".into());
     };
-    let cgroup = guard.tree.cgroup_procs();
+    let cgroup = guard.tree.cgroup_procs(keyed);
+    if keyed && guard.kernel.is_some() && cgroup.is_none() {
+        return Err("not starting with the key: its cgroup cannot be joined, so the kernel fence would not hold it".into());
+    }
     let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
     let guard_pid = guard.me;
     let mut cmd = Command::new(prog);
@@ -331,6 +385,20 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Nor keyraft's ambient capabilities (CAP_NET_ADMIN for the
+            // kernel fence, where the unit grants it): a validator that
+            // could edit nftables could lift its own fence.
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // The validator must not inherit the guard's ignored signals,
             // or a wrapper would ignore every graceful stop.

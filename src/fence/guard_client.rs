@@ -64,11 +64,13 @@ const SLOW_ANSWER: Duration = Duration::from_secs(5);
 impl GuardClient {
     /// Starts a guard for `tree`. Validator events arrive on the returned
     /// receiver. `answer` is `kill_bound`: a guard that takes longer to
-    /// answer a lease or kill is presumed broken.
+    /// answer a lease or kill is presumed broken. With `kernel_fence`, the
+    /// guard keeps the lease of the kernel fence installed for the tree.
     pub fn spawn(
         data_dir: &Path,
         tree: Tree,
         answer: Duration,
+        kernel_fence: bool,
     ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
         // Our own executable as it is now, even if its file was replaced
         // (an in-place upgrade) or removed since we started.
@@ -76,6 +78,9 @@ impl GuardClient {
         cmd.arg("guard").arg("--data-dir").arg(data_dir);
         if tree.cgroup().is_none() {
             cmd.arg("--no-cgroup");
+        }
+        if kernel_fence {
+            cmd.arg("--kernel-fence");
         }
         Self::spawn_command(cmd, tree, answer)
     }
@@ -193,12 +198,14 @@ impl GuardClient {
         self.reply(seq, wait).await
     }
 
-    /// Starts the validator; returns its pid.
-    pub async fn start(&mut self, command: &[String]) -> Result<u32, GuardError> {
+    /// Starts the validator (`keyed`: with the key linked, in the tree's
+    /// `keyed` cgroup); returns its pid.
+    pub async fn start(&mut self, command: &[String], keyed: bool) -> Result<u32, GuardError> {
         let json =
             serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;
+        let role = if keyed { "keyed" } else { "standby" };
         let reply = match self
-            .ask(&format!("start {json}"), self.answer + SLOW_ANSWER)
+            .ask(&format!("start {role} {json}"), self.answer + SLOW_ANSWER)
             .await
         {
             // An earlier start whose reply came too late: that one runs.

@@ -7,16 +7,21 @@
 //! - [`tree`]: the validator's whole process tree (cgroup, inherited
 //!   marker, the guard's descendants), found and killed as one.
 //! - [`guard`]: the guard process that kills that tree when its lease
-//!   deadline passes or the coordinator disappears, and the coordinator's
-//!   client for it.
+//!   deadline passes or the coordinator disappears; [`guard_client`] is the
+//!   coordinator's end of it.
+//! - [`kernel`]: the kernel fence, an nftables lease that holds back the
+//!   keyed validator's traffic when no process is scheduled to act, over
+//!   the small netlink client in [`nft`].
 //!
 //! Must not: decide when to activate; fencing obeys the coordinator, and
 //! the guard obeys only its deadline and its control pipe.
 
 pub mod guard;
 pub mod guard_client;
+pub mod kernel;
 pub mod links;
 pub mod lock;
+pub mod nft;
 pub mod tree;
 
 use std::path::Path;

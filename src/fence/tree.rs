@@ -3,7 +3,11 @@
 //! daemonizes its node), so "the validator" is every process it starts:
 //!
 //! - a cgroup v2 per data dir where keyraft can create one (below its own
-//!   cgroup): `cgroup.kill` ends every member at once, forks included;
+//!   cgroup): `cgroup.kill` ends every member at once, forks included. It
+//!   has two leaves: `keyed` for a validator started with the key linked,
+//!   `standby` for the keyless node, so that the kernel fence
+//!   ([`super::kernel`]) can hold back the keyed one's traffic alone (a
+//!   socket keeps the cgroup it was made in, even after its process died);
 //! - otherwise, and always as well, an environment marker
 //!   (`KEYRAFT_FENCE=<data dir>`) that every descendant inherits, found by
 //!   scanning `/proc`, and every descendant of the guard (a child subreaper,
@@ -31,6 +35,9 @@ use super::FenceError;
 pub const MARKER_VAR: &str = "KEYRAFT_FENCE";
 /// The file in the data dir that names the tree's cgroup, if it has one.
 pub const CGROUP_FILE: &str = "cgroup";
+/// The leaf cgroups of a tree: one for a validator holding the key, one
+/// for the keyless standby.
+pub const LEAVES: [&str; 2] = ["keyed", "standby"];
 
 /// One data dir's validator tree: how to find and kill all of it.
 #[derive(Debug, Clone)]
@@ -39,6 +46,8 @@ pub struct Tree {
     marker: String,
     /// The tree's own cgroup, when cgroup v2 lets keyraft make one.
     cgroup: Option<PathBuf>,
+    /// The cgroup v2 mount the tree's cgroup is below.
+    mount: Option<PathBuf>,
 }
 
 impl Tree {
@@ -50,18 +59,29 @@ impl Tree {
             .canonicalize()
             .unwrap_or_else(|_| data_dir.to_path_buf());
         let marker = canon.display().to_string();
-        let cgroup = cgroup.then(own_cgroup_dir).flatten().and_then(|own| {
-            let dir = own.join(format!("keyraft-{:016x}", fnv1a(marker.as_bytes())));
-            match std::fs::create_dir(&dir) {
-                Ok(()) => Some(dir),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
-                Err(e) => {
-                    tracing::debug!("no cgroup for the validator ({}): {e}", dir.display());
-                    None
+        let made = cgroup
+            .then(own_cgroup_dir)
+            .flatten()
+            .and_then(|(mount, own)| {
+                let dir = own.join(format!("keyraft-{:016x}", fnv1a(marker.as_bytes())));
+                let mk = |d: &Path| match std::fs::create_dir(d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                    _ => Ok(()),
+                };
+                match mk(&dir).and_then(|()| LEAVES.iter().try_for_each(|l| mk(&dir.join(l)))) {
+                    Ok(()) => Some((mount, dir)),
+                    Err(e) => {
+                        tracing::debug!("no cgroup for the validator ({}): {e}", dir.display());
+                        None
+                    }
                 }
-            }
-        });
-        Tree { marker, cgroup }
+            });
+        let (mount, cgroup) = made.unzip();
+        Tree {
+            marker,
+            cgroup,
+            mount,
+        }
     }
 
     /// A tree known only by its marker (tests, and where cgroups are off).
@@ -69,7 +89,22 @@ impl Tree {
         Tree {
             marker: marker.to_string(),
             cgroup: None,
+            mount: None,
         }
+    }
+
+    /// The table name and cgroup of this tree's kernel fence: stable for a
+    /// data dir, distinct between data dirs on one host.
+    pub fn name(&self) -> String {
+        format!("keyraft_{:016x}", fnv1a(self.marker.as_bytes()))
+    }
+
+    /// The `keyed` leaf, and its depth below the cgroup v2 root (what
+    /// nftables' `socket cgroupv2 level` compares), if there is a cgroup.
+    pub fn keyed_cgroup(&self) -> Option<(PathBuf, u32)> {
+        let dir = self.cgroup.as_ref()?.join(LEAVES[0]);
+        let rel = dir.strip_prefix(self.mount.as_ref()?).ok()?;
+        Some((dir.clone(), rel.components().count() as u32))
     }
 
     pub fn marker(&self) -> &str {
@@ -89,10 +124,12 @@ impl Tree {
         self.cgroup.as_deref()
     }
 
-    /// The file a new validator process writes "0" to, to join the cgroup
-    /// before it execs (opened here, written after fork).
-    pub fn cgroup_procs(&self) -> Option<File> {
-        let dir = self.cgroup.as_ref()?;
+    /// The file a new validator process writes "0" to, to join the leaf
+    /// cgroup for a `keyed` or keyless start before it execs (opened here,
+    /// written after fork).
+    pub fn cgroup_procs(&self, keyed: bool) -> Option<File> {
+        let leaf = if keyed { LEAVES[0] } else { LEAVES[1] };
+        let dir = self.cgroup.as_ref()?.join(leaf);
         File::options()
             .write(true)
             .open(dir.join("cgroup.procs"))
@@ -139,11 +176,16 @@ impl Tree {
         let Some(dir) = &self.cgroup else {
             return Ok(BTreeSet::new());
         };
-        match std::fs::read_to_string(dir.join("cgroup.procs")) {
-            Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
-            Err(e) => Err(super::io("cannot read", &dir.join("cgroup.procs"))(e)),
+        let mut found = BTreeSet::new();
+        for d in std::iter::once(dir.clone()).chain(LEAVES.iter().map(|l| dir.join(l))) {
+            let procs = d.join("cgroup.procs");
+            match std::fs::read_to_string(&procs) {
+                Ok(text) => found.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(super::io("cannot read", &procs)(e)),
+            }
         }
+        Ok(found)
     }
 
     /// SIGKILLs every member and confirms, within `limit`, that none is
@@ -191,6 +233,9 @@ impl Tree {
     /// Removes the (empty) cgroup, e.g. at shutdown; a busy one stays.
     pub fn remove_cgroup(&self) {
         if let Some(dir) = &self.cgroup {
+            for leaf in LEAVES {
+                let _ = std::fs::remove_dir(dir.join(leaf));
+            }
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -209,6 +254,11 @@ impl Tree {
     }
 }
 
+/// Whether this process could make the validator a cgroup (nothing is made).
+pub fn cgroup_available() -> bool {
+    own_cgroup_dir().is_some()
+}
+
 /// FNV-1a: a stable short name for a data dir's cgroup.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325, |h, b| {
@@ -216,10 +266,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// This process's cgroup v2 directory, if cgroup v2 is mounted and the
+/// The cgroup v2 mount and this process's directory in it, if cgroup v2 is mounted and the
 /// directory is writable (a systemd unit with `Delegate=yes`, a root shell,
 /// a privileged container).
-fn own_cgroup_dir() -> Option<PathBuf> {
+fn own_cgroup_dir() -> Option<(PathBuf, PathBuf)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mount = mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
@@ -234,7 +284,7 @@ fn own_cgroup_dir() -> Option<PathBuf> {
     // needs our own cgroup.procs too (the common ancestor's), or every start
     // would fail: then there is no cgroup and the marker does the work.
     let w = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
-    (w(&dir) && w(&dir.join("cgroup.procs"))).then_some(dir)
+    (w(&dir) && w(&dir.join("cgroup.procs"))).then_some((mount, dir))
 }
 
 /// Whether an error reading `/proc/<pid>/...` means the process is gone.

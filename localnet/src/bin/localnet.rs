@@ -128,6 +128,10 @@ enum Cmd {
         /// judged by equivocations.
         #[arg(long)]
         cometbft: bool,
+        /// Busy processes to run beside the cluster (a loaded host: 2 on
+        /// a 2-core machine keeps every core busy).
+        #[arg(long, default_value_t = 0)]
+        load: usize,
     },
     /// The Docker Compose cluster under docker network disconnect, docker
     /// kill and docker pause of the active host, judged by the chain.
@@ -355,6 +359,7 @@ async fn main() -> ExitCode {
             block_ms,
             faults,
             cometbft,
+            load,
         } => {
             let o = chaos::ChaosOptions {
                 rounds,
@@ -363,6 +368,7 @@ async fn main() -> ExitCode {
                 block_ms,
                 faults,
                 cometbft,
+                load,
             };
             match chaos::run(o).await {
                 Ok((summary, clean)) => {

@@ -1,0 +1,394 @@
+//! The kernel fence: while a validator holds the key, the kernel admits its
+//! outbound packets only while a lease lives in an nftables set, and drops
+//! them the moment it runs out, whether or not any process of this host is
+//! scheduled. A host that thaws from a freeze, or a validator whose
+//! coordinator and guard are both stalled, goes silent on the network when
+//! the lease ends, before any user-space fence has run.
+//!
+//! One table per data dir (`inet keyraft_<hash>`, see [`Tree::name`]):
+//!
+//! ```text
+//! set keyed { type cgroupsv2; }                  the tree's `keyed` leaf cgroup
+//! set lease { type cgroupsv2; flags timeout; }   the same id, while the lease lives
+//! chain out { type filter hook output priority filter; policy accept;
+//!   socket cgroupv2 level L @keyed socket cgroupv2 level L != @lease counter drop }
+//! ```
+//!
+//! Only a validator started with the key runs in the `keyed` leaf, so the
+//! keyless standby syncs freely, and the sockets of a killed keyed
+//! validator (TCP keeps retransmitting for an orphan) stay held back. The
+//! table is built once with `nft -f` and proven with two probe packets; the
+//! guard renews the lease element over netlink ([`super::nft`]), with the
+//! guard's own lease time left minus [`MARGIN`], so the kernel's lease
+//! never outlives the guard's.
+//!
+//! Must not: touch any other table or traffic; decide when the validator
+//! holds the key (the coordinator does); outlive a clean stop (the table is
+//! removed) or trust a leftover table (it is replaced at start).
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::nft::{Netlink, NftError};
+use super::Tree;
+use crate::config::{ActivateBy, KernelFence};
+
+const CHAIN: &str = "out";
+const KEYED: &str = "keyed";
+const LEASE: &str = "lease";
+
+/// The kernel's lease ends this much before the guard's: the kernel counts
+/// timeouts in jiffies (up to 10 ms each) and rounds up.
+pub const MARGIN: Duration = Duration::from_millis(25);
+
+/// What the probe process exits with when its packet was dropped.
+const PROBE_DROPPED: u8 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error("nft -f refused keyraft's table: {0}")]
+    Install(String),
+    #[error("the kernel fence failed its self-test: {0}")]
+    Probe(String),
+    #[error(
+        "keyraft's nftables table {0} is incomplete (a ruleset flush or another tool removed it)"
+    )]
+    Missing(String),
+}
+
+/// One data dir's kernel fence: its table and the cgroup it holds back.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub table: String,
+    /// The `keyed` leaf cgroup's directory.
+    pub keyed: PathBuf,
+    /// Its depth below the cgroup v2 root.
+    pub level: u32,
+    /// Its cgroup id (the directory's inode), the sets' element.
+    pub id: u64,
+}
+
+impl Plan {
+    /// The plan for `tree`, if it has the cgroup the fence matches on.
+    pub fn for_tree(tree: &Tree) -> Result<Plan, KernelError> {
+        let (keyed, level) = tree.keyed_cgroup().ok_or_else(|| {
+            KernelError::Unavailable(
+                "the validator has no cgroup v2 of its own here (the kernel fence matches on it)"
+                    .into(),
+            )
+        })?;
+        let id = std::fs::metadata(&keyed)
+            .map_err(|e| KernelError::Unavailable(format!("{}: {e}", keyed.display())))?
+            .ino();
+        Ok(Plan {
+            table: tree.name(),
+            keyed,
+            level,
+            id,
+        })
+    }
+
+    fn key(&self) -> [u8; 8] {
+        self.id.to_ne_bytes()
+    }
+
+    /// The `nft -f` script: creates the table if missing, deletes it (and
+    /// whatever a crashed run left in it), and builds it anew, atomically.
+    fn script(&self) -> String {
+        let (t, l) = (&self.table, self.level);
+        format!(
+            "table inet {t}\n\
+             delete table inet {t}\n\
+             table inet {t} {{\n\
+             \tset {KEYED} {{ type cgroupsv2; }}\n\
+             \tset {LEASE} {{ type cgroupsv2; flags timeout; }}\n\
+             \tchain {CHAIN} {{\n\
+             \t\ttype filter hook output priority filter; policy accept;\n\
+             \t\tsocket cgroupv2 level {l} @{KEYED} socket cgroupv2 level {l} != @{LEASE} counter drop\n\
+             \t}}\n\
+             }}\n"
+        )
+    }
+
+    /// Builds the table (replacing a leftover), then proves it: a probe in
+    /// the `keyed` cgroup is dropped without a lease and admitted with one.
+    /// `probe` is a keyraft binary (its hidden `fence-probe` command). On
+    /// any failure the table is removed again.
+    pub fn install(&self, probe: &Path) -> Result<(), KernelError> {
+        let r = self.install_inner(probe);
+        if r.is_err() {
+            let _ = self.remove();
+        }
+        r
+    }
+
+    fn install_inner(&self, probe: &Path) -> Result<(), KernelError> {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => KernelError::Unavailable(
+                    "the nft command is not installed (Debian: apt install nftables)".into(),
+                ),
+                _ => KernelError::Install(format!("cannot run nft: {e}")),
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(self.script().as_bytes())
+                .map_err(|e| KernelError::Install(format!("cannot feed nft: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| KernelError::Install(format!("nft: {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            return Err(if first.contains("Operation not permitted") {
+                KernelError::Unavailable("nftables needs root or CAP_NET_ADMIN".into())
+            } else {
+                KernelError::Install(first.trim().to_string())
+            });
+        }
+        let mut nl = Netlink::open()?;
+        nl.put_only(&self.table, KEYED, &self.key(), None)?;
+        if self.probe(probe)? {
+            return Err(KernelError::Probe(format!(
+                "a packet from the validator's cgroup passed without a lease (level {} of {}; a cgroup namespace?)",
+                self.level,
+                self.keyed.display()
+            )));
+        }
+        nl.put_only(&self.table, LEASE, &self.key(), Some(5_000))?;
+        let passed = self.probe(probe);
+        nl.flush(&self.table, LEASE)?;
+        if !passed? {
+            return Err(KernelError::Probe(
+                "a packet from the validator's cgroup was dropped with a lease".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs the probe in the `keyed` cgroup: whether its packet was sent.
+    fn probe(&self, probe: &Path) -> Result<bool, KernelError> {
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(self.keyed.join("cgroup.procs"))
+            .map_err(|e| KernelError::Probe(format!("{}: {e}", self.keyed.display())))?;
+        let fd = procs.as_raw_fd();
+        let mut cmd = Command::new(probe);
+        cmd.arg("fence-probe")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only write(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| KernelError::Probe(format!("cannot run {}: {e}", probe.display())))?;
+        match status.code() {
+            Some(0) => Ok(true),
+            Some(c) if c == i32::from(PROBE_DROPPED) => Ok(false),
+            other => Err(KernelError::Probe(format!("the probe failed ({other:?})"))),
+        }
+    }
+
+    /// Whether the table, its rule and the `keyed` element are in place.
+    pub fn check(&self, nl: &mut Netlink) -> Result<(), KernelError> {
+        let missing = || KernelError::Missing(self.table.clone());
+        match nl.count_rules(&self.table, CHAIN) {
+            Ok(n) if n >= 1 => {}
+            Ok(_) | Err(NftError::Refused { .. }) => return Err(missing()),
+            Err(e) => return Err(e.into()),
+        }
+        match nl.count_elements(&self.table, KEYED) {
+            Ok(1) => Ok(()),
+            Ok(_) | Err(NftError::Refused { .. }) => Err(missing()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the table (nothing to do if it is gone).
+    pub fn remove(&self) -> Result<(), KernelError> {
+        match Netlink::open()?.delete_table(&self.table) {
+            Err(NftError::Refused { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// How many of the keyed validator's packets the rule has dropped, as
+    /// `nft` lists them (for tests and operators; not on a hot path).
+    pub fn dropped(&self) -> Option<u64> {
+        let out = Command::new("nft")
+            .args(["list", "chain", "inet", &self.table, CHAIN])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let at = text.find("counter packets ")? + "counter packets ".len();
+        text[at..].split_whitespace().next()?.parse().ok()
+    }
+}
+
+/// The file in the data dir that names the kernel fence's table while it
+/// is installed, for tools that clean up after a killed keyraft.
+pub const TABLE_FILE: &str = "kernel-fence";
+
+/// What the kernel fence is on this host.
+#[derive(Debug, Clone)]
+pub enum Status {
+    On(Plan),
+    /// Off, and why (for the start log, `status` and the metric).
+    Off(String),
+}
+
+impl Status {
+    pub fn plan(&self) -> Option<&Plan> {
+        match self {
+            Status::On(p) => Some(p),
+            Status::Off(_) => None,
+        }
+    }
+
+    /// `on`, or `off: why`.
+    pub fn describe(&self) -> String {
+        match self {
+            Status::On(_) => "on".into(),
+            Status::Off(why) => format!("off: {why}"),
+        }
+    }
+}
+
+/// Sets the kernel fence up for `tree` as `mode` asks: `auto` turns it off
+/// (saying why) where the host does not allow it, `required` fails.
+/// `probe` is a keyraft binary for the self-test.
+pub fn set_up(
+    mode: KernelFence,
+    activate_by: ActivateBy,
+    tree: &Tree,
+    probe: &Path,
+) -> Result<Status, KernelError> {
+    if mode == KernelFence::Off {
+        return Ok(Status::Off("--kernel-fence off".into()));
+    }
+    let r = if activate_by == ActivateBy::Sighup {
+        Err(KernelError::Unavailable(
+            "--activate-by sighup keeps the keyless node's connections when the key arrives".into(),
+        ))
+    } else {
+        Plan::for_tree(tree).and_then(|plan| plan.install(probe).map(|()| plan))
+    };
+    match (r, mode) {
+        (Ok(plan), _) => Ok(Status::On(plan)),
+        (Err(e), KernelFence::Required) => Err(e),
+        (Err(e), _) => Ok(Status::Off(e.to_string())),
+    }
+}
+
+/// What `keyraft check --config` can tell without changing anything:
+/// whether `set_up` would find what it needs on this host (it still proves
+/// the table with its probe at start).
+pub fn preflight(activate_by: ActivateBy, cgroup: bool) -> Result<(), String> {
+    if activate_by == ActivateBy::Sighup {
+        return Err(
+            "--activate-by sighup keeps the keyless node's connections when the key arrives".into(),
+        );
+    }
+    if !cgroup || !super::tree::cgroup_available() {
+        return Err("no writable cgroup v2 for the validator here".into());
+    }
+    match Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Err("the nft command is not installed (Debian: apt install nftables)".into()),
+    }
+    match Netlink::open().and_then(|mut nl| nl.count_rules("keyraft_preflight", CHAIN)) {
+        Err(NftError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
+            Err("nftables needs root or CAP_NET_ADMIN".into())
+        }
+        Err(e) if !matches!(e, NftError::Refused { .. }) => Err(e.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// The guard's end: renews and clears the lease element.
+pub struct KernelLease {
+    nl: Netlink,
+    plan: Plan,
+}
+
+impl KernelLease {
+    pub fn open(plan: Plan) -> Result<KernelLease, KernelError> {
+        Ok(KernelLease {
+            nl: Netlink::open()?,
+            plan,
+        })
+    }
+
+    /// The kernel's lease now ends `left - MARGIN` from now (or at once).
+    pub fn renew(&mut self, left: Duration) -> Result<(), KernelError> {
+        let ms = left.saturating_sub(MARGIN).as_millis() as u64;
+        if ms == 0 {
+            return self.clear();
+        }
+        let key = self.plan.key();
+        Ok(self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?)
+    }
+
+    /// No lease in the kernel, verified.
+    pub fn clear(&mut self) -> Result<(), KernelError> {
+        self.nl.flush(&self.plan.table, LEASE)?;
+        match self.nl.count_elements(&self.plan.table, LEASE)? {
+            0 => Ok(()),
+            n => Err(KernelError::Install(format!(
+                "{n} lease elements left after a flush"
+            ))),
+        }
+    }
+
+    /// Ready for a keyed start: the table is whole and a lease lives.
+    pub fn ready(&mut self) -> Result<(), KernelError> {
+        self.plan.check(&mut self.nl)?;
+        match self.nl.count_elements(&self.plan.table, LEASE)? {
+            1 => Ok(()),
+            _ => Err(KernelError::Unavailable(
+                "no lease in the kernel fence".into(),
+            )),
+        }
+    }
+}
+
+/// `keyraft fence-probe`: one UDP datagram to the discard port on
+/// loopback. Exits 0 if it was sent, [`PROBE_DROPPED`] if the kernel
+/// dropped it (EPERM), 1 on any other failure.
+pub fn probe_main() -> u8 {
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return 1;
+    };
+    match sock.send_to(b"keyraft kernel fence probe", "127.0.0.1:9") {
+        Ok(_) => 0,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => PROBE_DROPPED,
+        Err(_) => 1,
+    }
+}

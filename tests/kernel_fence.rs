@@ -1,0 +1,181 @@
+//! The kernel fence (docs/design.md, step 4), judged by the fake chain: a
+//! validator whose coordinator and guard are both frozen keeps running but
+//! signs nothing the chain sees once its lease has run out in the kernel;
+//! the table of a killed run is replaced at start, put back when removed
+//! under a running node, and gone after a clean stop. Needs root (or
+//! CAP_NET_ADMIN), nftables and a writable cgroup v2, as CI has.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{alive, Cluster, NodeOpts, SETTLE};
+use localnet::harness::{eventually, node_entry};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BLOCK_MS: u64 = 250;
+
+/// The nftables table node `id`'s keyraft names in its data dir.
+fn table(c: &Cluster, id: u64) -> Result<String> {
+    let file = c.nodes[&id].data.join("kernel-fence");
+    Ok(std::fs::read_to_string(&file)
+        .with_context(|| format!("{}", file.display()))?
+        .trim()
+        .to_string())
+}
+
+fn nft(args: &[&str]) -> Result<String> {
+    let out = Command::new("nft").args(args).output().context("nft")?;
+    ensure!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn table_exists(name: &str) -> Result<bool> {
+    Ok(nft(&["list", "tables"])?
+        .lines()
+        .any(|l| l.trim() == format!("table inet {name}")))
+}
+
+/// Packets the table's rule has dropped.
+fn dropped(name: &str) -> Result<u64> {
+    let text = nft(&["list", "chain", "inet", name, "out"])?;
+    let at = text.find("counter packets ").context("no counter")? + "counter packets ".len();
+    Ok(text[at..]
+        .split_whitespace()
+        .next()
+        .context("counter")?
+        .parse()?)
+}
+
+/// Waits until every node reports its kernel fence on and one validates;
+/// returns that one.
+async fn fenced_cluster(c: &Cluster) -> Result<u64> {
+    eventually(SETTLE, "every node's kernel fence on", || async {
+        for &id in c.nodes.keys() {
+            let me = node_entry(&c.status(id).await?, id);
+            if me["kernel_fence"] != "on" {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    for &id in c.nodes.keys() {
+        ensure!(c.metric(id, "keyraft_kernel_fence").await? == 1.0);
+    }
+    c.active().await
+}
+
+#[tokio::test]
+async fn a_validator_whose_coordinator_and_guard_are_frozen_is_silenced_by_the_kernel() -> Result<()>
+{
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    let old = fenced_cluster(&c).await?;
+    let name = table(&c, old)?;
+    let validator = c.validator_pid(old).context("no validator pid")?;
+    let guard = c.guard_pid(old).context("no guard")?;
+    let before = dropped(&name)?;
+    let since = c.chain.totals().await?.height;
+    // Both keyraft processes stall; the validator runs on with its key.
+    c.freeze(old, false, true)?;
+    kill(Pid::from_raw(guard), Signal::SIGSTOP)?;
+    let (new, _) = c.wait_signer(since, &[old]).await?;
+    // Let the successor sign for a while beside the running old validator.
+    let from = c.chain.totals().await?.height;
+    eventually(SETTLE, "ten more heights", || async {
+        Ok((c.chain.totals().await?.height >= from + 10).then_some(()))
+    })
+    .await?;
+    let stats = c.assert_no_double_signs().await?;
+    ensure!(
+        alive(validator),
+        "the old validator was killed, so this proves nothing of the kernel fence"
+    );
+    let now = dropped(&name)?;
+    ensure!(
+        now > before,
+        "keyraft's rule dropped none of the old validator's packets ({before} -> {now})"
+    );
+    kill(Pid::from_raw(guard), Signal::SIGCONT)?;
+    c.freeze(old, false, false)?;
+    eventually(SETTLE, "the thawed node to fence its validator", || async {
+        Ok((!alive(validator)).then_some(()))
+    })
+    .await?;
+    let after = c.assert_no_double_signs().await?;
+    ensure!(after.double_signs == 0 && stats.double_signs == 0);
+    ensure!(new != old);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_table_is_replaced_at_start_put_back_when_removed_and_gone_after_a_clean_stop(
+) -> Result<()> {
+    let mut c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    let active = fenced_cluster(&c).await?;
+    let standby = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("standby")?;
+    let name = table(&c, standby)?;
+
+    // A killed run leaves its table; something else adds to it meanwhile.
+    c.kill_host(standby)?;
+    ensure!(table_exists(&name)?, "the table vanished with a SIGKILL");
+    nft(&["add", "chain", "inet", &name, "leftover"])?;
+    c.spawn(standby)?;
+    eventually(SETTLE, "the restarted node's fence on", || async {
+        let me = node_entry(&c.status(standby).await?, standby);
+        Ok((me["kernel_fence"] == "on").then_some(()))
+    })
+    .await?;
+    ensure!(
+        !nft(&["list", "table", "inet", &name])?.contains("leftover"),
+        "the leftover table was kept, not replaced"
+    );
+
+    // A ruleset reload removes it under the running standby: taking over
+    // puts it back before the key appears.
+    nft(&["delete", "table", "inet", &name])?;
+    eventually(SETTLE, "a switchover to the standby", || async {
+        let out = c
+            .cli(standby, &["switchover", "--to", &standby.to_string()])
+            .await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await?;
+    eventually(SETTLE, "the standby validating", || async {
+        let me = node_entry(&c.status(standby).await?, standby);
+        Ok((me["state"] == "Validating" && me["key_linked"] == true).then_some(()))
+    })
+    .await?;
+    ensure!(table_exists(&name)?, "the table was not put back");
+    let lease = nft(&["list", "set", "inet", &name, "lease"])?;
+    ensure!(lease.contains("expires"), "no lease element: {lease}");
+    c.assert_no_double_signs().await?;
+
+    // A clean stop leaves nothing behind.
+    let other = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != standby)
+        .context("another node")?;
+    let other_table = table(&c, other)?;
+    let data = c.nodes[&other].data.clone();
+    c.signal(other, Signal::SIGTERM)?;
+    let mut proc = c.forget(other)?.context("no process")?;
+    proc.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(
+        !table_exists(&other_table)?,
+        "the table outlived a clean stop"
+    );
+    ensure!(!Path::new(&data.join("kernel-fence")).exists());
+    Ok(())
+}
