@@ -238,18 +238,6 @@ impl Plan {
             r => Ok(r?),
         }
     }
-
-    /// How many of the keyed validator's packets the rule has dropped, as
-    /// `nft` lists them (for tests and operators; not on a hot path).
-    pub fn dropped(&self) -> Option<u64> {
-        let out = Command::new("nft")
-            .args(["list", "chain", "inet", &self.table, CHAIN])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let at = text.find("counter packets ")? + "counter packets ".len();
-        text[at..].split_whitespace().next()?.parse().ok()
-    }
 }
 
 /// The file in the data dir that names the kernel fence's table while it
