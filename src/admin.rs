@@ -66,6 +66,13 @@ pub fn status_json(sh: &Shared) -> Value {
                 "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
                 "probe_error": *sh.probe_error.borrow(),
                 "kernel_fence": sh.kernel_fence,
+                "fence_agents": (!sh.cfg.fence.by_node.is_empty()).then(|| {
+                    let last = sh.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    sh.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({
+                        "agent": a.path.display().to_string(),
+                        "last": last.get(n),
+                    }))).collect::<serde_json::Map<String, Value>>()
+                }),
                 "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
                     "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
                 })),

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub peer_rtt: GaugeVec,
     pub paused: IntGauge,
     pub kernel_fence: IntGauge,
+    pub fence_agent_attempts: IntCounterVec,
     pub sign_requests: IntCounterVec,
     pub sign_seconds: Histogram,
     pub privval_connected: IntGaugeVec,
@@ -56,7 +57,15 @@ impl Metrics {
     ///
     /// The `keyraft_sign_*` and `keyraft_privval_*` series exist in signer
     /// mode only.
-    pub fn new(version: &str, witness: bool, signer: bool) -> Result<Metrics, prometheus::Error> {
+    ///
+    /// `fenced`: the members this node has a fence agent for (their
+    /// `keyraft_fence_agent_attempts_total` series start at 0).
+    pub fn new(
+        version: &str,
+        witness: bool,
+        signer: bool,
+        fenced: &[u64],
+    ) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
             opts("build_info", "Build information and role; always 1."),
@@ -101,6 +110,10 @@ impl Metrics {
             peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
             paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
             kernel_fence: IntGauge::with_opts(opts("kernel_fence", "1 while the kernel fence (an nftables lease on the keyed validator's traffic) is on for this host's validator."))?,
+            fence_agent_attempts: IntCounterVec::new(
+                opts("fence_agent_attempts_total", "Fence agent attempts to power a member's host off before a takeover, by member and result (off, failed, timeout, still_on)."),
+                &["node", "result"],
+            )?,
             sign_requests: IntCounterVec::new(
                 opts("sign_requests_total", "Sign requests from this host's nodes, by type (proposal, prevote, precommit) and result."),
                 &["type", "result"],
@@ -140,6 +153,15 @@ impl Metrics {
             r.register(Box::new(m.validator_restarts.clone()))?;
             if !signer {
                 r.register(Box::new(m.kernel_fence.clone()))?;
+            }
+            if !fenced.is_empty() {
+                r.register(Box::new(m.fence_agent_attempts.clone()))?;
+                for node in fenced {
+                    for result in ["off", "failed", "timeout", "still_on"] {
+                        m.fence_agent_attempts
+                            .with_label_values(&[&node.to_string(), result]);
+                    }
+                }
             }
         }
         r.register(Box::new(m.peer_up.clone()))?;

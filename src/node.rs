@@ -81,6 +81,8 @@ pub struct Shared {
     pub probe_error: watch::Receiver<Option<String>>,
     /// The kernel fence on this host: `on`, or `off: why`.
     pub kernel_fence: String,
+    /// Fence agents: what the last run for each member ended with.
+    pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
     /// The peer port's TLS acceptor (`None` with `--insecure`).
     pub tls: Option<Arc<ServerTls>>,
     /// The certificates in use: node and CA (`None` with `--insecure`).

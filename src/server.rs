@@ -196,8 +196,14 @@ pub async fn run(
 
     let (req_tx, req_rx) = mpsc::channel(8);
     let (probe_tx, probe_rx) = watch::channel(None);
-    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, cfg.signer.is_some())
-        .map_err(|e| RunError::Raft(e.to_string()))?;
+    let fenced: Vec<u64> = cfg.fence.by_node.keys().copied().collect();
+    let metrics = Metrics::new(
+        env!("CARGO_PKG_VERSION"),
+        cfg.witness,
+        cfg.signer.is_some(),
+        &fenced,
+    )
+    .map_err(|e| RunError::Raft(e.to_string()))?;
     let sh = Arc::new(Shared {
         cfg,
         raft: raft.clone(),
@@ -212,6 +218,7 @@ pub async fn run(
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
         kernel_fence: kernel.describe(),
+        fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });

@@ -12,7 +12,7 @@ use keyraft::metrics::Metrics;
 fn exported() -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
     for signer in [false, true] {
-        let m = Metrics::new("test", false, signer)?;
+        let m = Metrics::new("test", false, signer, &[2])?;
         // Label families export nothing until a child exists.
         m.peer_up.with_label_values(&["2"]).set(1);
         m.peer_rtt.with_label_values(&["2"]).set(0.001);

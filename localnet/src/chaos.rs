@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::bench::{failover_budgets, percentile, BUDGET};
-use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
+use crate::cluster::{Cluster, ClusterDir, Fencing, Mode, NodeOpts};
 use crate::harness::{eventually, get_json, node_entry};
 
 /// What closes the whole-host freeze in this run: signer mode, or the
@@ -110,6 +110,8 @@ pub struct ChaosOptions {
     pub cometbft: bool,
     /// Busy-looping processes kept running through every round.
     pub load: usize,
+    /// Fence agents (`fakefence`) on the validator hosts.
+    pub fence_agents: bool,
 }
 
 struct RoundResult {
@@ -175,6 +177,11 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
     } else {
         Cluster::start_in(dir, NODES, o.block_ms, |id| NodeOpts {
             witness: id == WITNESS,
+            fencing: if o.fence_agents {
+                Fencing::Fakefence
+            } else {
+                Fencing::None
+            },
             ..NodeOpts::default()
         })
         .await?
@@ -196,11 +203,12 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         kernel_fence: !o.cometbft && kernel_fence_everywhere(&c).await?,
     };
     println!(
-        "chaos: {} rounds, seed {}, {} busy processes, kernel fence {}, cluster in {}",
+        "chaos: {} rounds, seed {}, {} busy processes, kernel fence {}, fence agents {}, cluster in {}",
         o.rounds,
         o.seed,
         o.load,
         if covered.kernel_fence { "on" } else { "off" },
+        if o.fence_agents { "on" } else { "off" },
         c.dir.path().display()
     );
     let mut results = Vec::new();
@@ -243,7 +251,14 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         );
         results.push(r);
     }
-    Ok(summarize(&results, covered))
+    let (mut summary, clean) = summarize(&results, covered);
+    summary["fence_agents"] = json!(o.fence_agents);
+    // Hosts the agents confirmed off, as the new holders logged it.
+    summary["fenced"] = json!((1..=NODES)
+        .filter_map(|id| c.proc(id).ok())
+        .map(|p| p.log_text().matches("confirmed node").count())
+        .sum::<usize>());
+    Ok((summary, clean))
 }
 
 /// Whether every validator host says its kernel fence is on.

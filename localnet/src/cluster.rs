@@ -117,6 +117,21 @@ pub struct NodeOpts {
     pub extra_sentries: u64,
     /// A `--health-url` other than the fakenode's RPC (to misconfigure it).
     pub health_url: Option<String>,
+    /// A fence agent for every other validator host.
+    pub fencing: Fencing,
+}
+
+/// Which fence agent a node has for the other validator hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fencing {
+    #[default]
+    None,
+    /// `fakefence`: powers a localnet host off (kills its processes).
+    Fakefence,
+    /// `fakefence` with `hang=1`: never answers.
+    Hanging,
+    /// `/bin/false`: fails every action.
+    Failing,
 }
 
 /// Signer mode: a sentry on a host that keyraft dials but does not
@@ -382,6 +397,26 @@ impl Cluster {
             }
         }
         cmd.args(&node.opts.flags);
+        if node.opts.fencing != Fencing::None && !node.opts.witness {
+            for other in self
+                .nodes
+                .values()
+                .filter(|o| o.id != id && !o.opts.witness)
+            {
+                let agent = match node.opts.fencing {
+                    Fencing::Failing => PathBuf::from("/bin/false"),
+                    _ => sibling_bin("fakefence").unwrap_or_default(),
+                };
+                let plug = other.data.parent().unwrap_or(&other.data);
+                cmd.arg("--fence-agent")
+                    .arg(format!("{}={}", other.id, agent.display()))
+                    .arg("--fence-option")
+                    .arg(format!("{}:plug={}", other.id, plug.display()));
+                if node.opts.fencing == Fencing::Hanging {
+                    cmd.args(["--fence-option", &format!("{}:hang=1", other.id)]);
+                }
+            }
+        }
         if node.opts.witness {
             cmd.arg("--witness");
         } else if let Mode::Signer { chain_id, .. } = &self.mode {

@@ -138,6 +138,11 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Its whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last `lines` lines of its log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -214,3 +214,19 @@ async fn chaos_freezes_whole_hosts_under_load_and_the_kernel_fence_keeps_them_fr
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn chaos_with_fence_agents_powers_the_old_host_off_before_each_takeover() -> Result<()> {
+    let v = chaos_with(
+        &["--seed", "7", "--block-ms", "250", "--fence-agents"],
+        "freeze-active-host,partition-active,kill-active-coordinator",
+    )?;
+    ensure!(v["fence_agents"] == true && v["double_signs"] == 0, "{v}");
+    ensure!(v["failovers"] == v["rounds"], "every round a failover: {v}");
+    // Every takeover went through the agent.
+    ensure!(
+        v["fenced"] == v["rounds"],
+        "not every old host was fenced: {v}"
+    );
+    Ok(())
+}

@@ -147,6 +147,43 @@ pub struct RunArgs {
     #[arg(long, env = "KEYRAFT_KERNEL_FENCE", value_enum)]
     pub kernel_fence: Option<KernelFence>,
 
+    /// A fence agent for another member, as ID=PATH: a ClusterLabs-style
+    /// agent (`fence_docker`, `fence_ipmilan`, `fence_aws`, ...) that powers
+    /// that host off before this node takes the key over from it without a
+    /// release. Repeat for each member that has one.
+    #[arg(
+        long = "fence-agent",
+        env = "KEYRAFT_FENCE_AGENTS",
+        value_delimiter = ','
+    )]
+    pub fence_agent: Vec<String>,
+    /// An option for a member's fence agent, as ID:NAME=VALUE (sent on the
+    /// agent's stdin as NAME=VALUE; repeatable). Never a secret: use
+    /// --fence-secret for passwords.
+    #[arg(
+        long = "fence-option",
+        env = "KEYRAFT_FENCE_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub fence_option: Vec<String>,
+    /// A secret option for a member's fence agent, as ID:NAME=FILE: the
+    /// value is read from FILE (which others must not be able to read) each
+    /// time the agent runs.
+    #[arg(
+        long = "fence-secret",
+        env = "KEYRAFT_FENCE_SECRETS",
+        value_delimiter = ','
+    )]
+    pub fence_secret: Vec<String>,
+    /// Longest a fence agent may take for one `off`, and for `status` to
+    /// confirm the host is off, before the attempt counts as failed [default: 30s].
+    #[arg(long, env = "KEYRAFT_FENCE_TIMEOUT")]
+    pub fence_timeout: Option<Millis>,
+    /// Fence attempts per takeover try; after the last fails, the takeover
+    /// waits and tries again, fencing first [default: 2].
+    #[arg(long, env = "KEYRAFT_FENCE_ATTEMPTS")]
+    pub fence_attempts: Option<u32>,
+
     /// Signer mode: keyraft is the chain's remote signer, and every
     /// signature is committed through Raft first. No key is linked anywhere;
     /// the command after `--`, if any, runs as a plain full node.

@@ -5,7 +5,8 @@
 //! The rooms, by topic: [`args`] (the flags of `keyraft run`, which are
 //! also the TOML keys, and the file merge), [`timing`] (the timing table,
 //! its profiles and the safety inequality), [`validator`] (chain presets,
-//! key links, the validator command) and [`signer`] (signer mode); this
+//! key links, the validator command), [`fencing`] (fence agents per
+//! member) and [`signer`] (signer mode); this
 //! module resolves them into one [`Config`].
 //!
 //! Owns: every default of the timing table (docs/design.md), the chain presets (which
@@ -15,6 +16,7 @@
 //! is one [`ConfigError`] line and exit code 2.
 
 mod args;
+mod fencing;
 mod signer;
 mod timing;
 mod validator;
@@ -26,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 pub use crate::ledger::NodeId;
 pub use args::{reference, LogFormat, RunArgs};
+use fencing::resolve_fence_agents;
+pub use fencing::{FenceAgent, FenceAgents};
 use signer::resolve_signer;
 pub use signer::{PrivvalAddr, SignerConfig, SignerKind};
 use timing::resolve_timing;
@@ -71,6 +75,8 @@ pub struct Config {
     pub timing: Timing,
     pub validator: Option<ValidatorConfig>,
     pub signer: Option<SignerConfig>,
+    /// Fence agents for the other members (none configured: none run).
+    pub fence: FenceAgents,
 }
 
 impl Config {
@@ -170,6 +176,7 @@ impl RunArgs {
             Some(paths)
         };
         let timing = resolve_timing(&a)?;
+        let fence = resolve_fence_agents(&a, id, &peers)?;
         let signer = resolve_signer(&a, &data_dir)?;
         let validator = if signer.is_some() {
             resolve_plain_node(&a)?
@@ -195,6 +202,7 @@ impl RunArgs {
             timing,
             validator,
             signer,
+            fence,
         })
     }
 }

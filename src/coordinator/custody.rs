@@ -6,7 +6,9 @@
 //! - fencing: SIGKILL of the whole tree, proven dead, then unlink, then
 //!   unlease (only once proven);
 //! - releasing: graceful stop with the lease kept alive, proven dead,
-//!   unlink, unlease, and only then commit `Released`.
+//!   unlink, unlease, and only then commit `Released`;
+//! - fencing another host: its fence agent powers it off, confirmed,
+//!   before a takeover that was not handed over.
 //!
 //! Owns: the only handle on [`crate::supervisor::Validator`] (no other
 //! module of the coordinator touches it), the validator's health channel,
@@ -23,7 +25,7 @@ use super::policy;
 use crate::config::ActivateBy;
 use crate::fence::{self, FenceError, GuardError, ValidatorEvent};
 use crate::health::Health;
-use crate::ledger::Command;
+use crate::ledger::{Command, NodeId};
 use crate::node::{quorum_ack_age, Shared};
 use crate::supervisor::Validator;
 
@@ -315,6 +317,55 @@ impl Custody {
                 false
             }
         }
+    }
+
+    /// Step 3: powers `node`'s host off with its fence agent before this
+    /// node takes the key over from it, up to the configured attempts.
+    /// Every attempt is logged, counted and shown in `status`. `Ok` only
+    /// once the agent's `status` said off; without an agent for `node`,
+    /// an error (the caller asks [`policy::fence_target`] first).
+    pub async fn power_off(&self, node: NodeId) -> Result<(), String> {
+        let fence = &self.sh.cfg.fence;
+        let Some(agent) = fence.by_node.get(&node) else {
+            return Err(format!("no fence agent for node {node}"));
+        };
+        let name = agent.path.file_name().map_or_else(
+            || agent.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let mut last = String::new();
+        for attempt in 1..=fence.attempts {
+            let started = Instant::now();
+            tracing::warn!(node, attempt, agent = %name, "fencing node {node}: its host is powered off before this node takes the key over");
+            let outcome = fence::agent::power_off_once(agent, fence.timeout).await;
+            let ms = started.elapsed().as_millis() as u64;
+            let result = outcome.as_ref().map_or_else(|e| e.label(), |()| "off");
+            self.sh
+                .metrics
+                .fence_agent_attempts
+                .with_label_values(&[&node.to_string(), result])
+                .inc();
+            last = match &outcome {
+                Ok(()) => format!("off: {name} confirmed node {node} off (attempt {attempt}, {ms} ms)"),
+                Err(e) => format!(
+                    "failed: {name} could not fence node {node} (attempt {attempt} of {}, {ms} ms): {e}",
+                    fence.attempts
+                ),
+            };
+            self.sh
+                .fence_agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node, last.clone());
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(node, attempt, took_ms = ms, "{last}");
+                    return Ok(());
+                }
+                Err(_) => tracing::error!(node, attempt, took_ms = ms, "{last}"),
+            }
+        }
+        Err(last)
     }
 
     /// Shutdown without the key (or after releasing it): stop, prove, unlink.

@@ -13,6 +13,9 @@ use crate::ledger::{Command, KeyEvent, NodeId};
 use crate::node::StateName;
 use crate::raft;
 
+/// After a fence agent failed every attempt: the next takeover try.
+const FENCE_RETRY: Duration = Duration::from_secs(5);
+
 impl Coordinator {
     /// A leader that may not validate (a witness elected to bring a
     /// standby's log up to date, say) hands leadership to an eligible
@@ -227,6 +230,57 @@ impl Coordinator {
         }
     }
 
+    /// Step 3: before this node takes the key over from a holder that did
+    /// not release it, that holder's fence agent (if it has one here)
+    /// powers its host off, confirmed. Reads the ledger as of this term
+    /// first. Returns the node fenced; on failure no takeover: back to
+    /// `Voting`, leading, and the next try fences first again.
+    async fn fence_previous(&mut self, term: u64) -> Result<Option<NodeId>, State> {
+        let fence = &self.sh.cfg.fence;
+        if fence.by_node.is_empty() {
+            return Ok(None);
+        }
+        let read = self
+            .sh
+            .raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        let t = self.sh.cfg.timing;
+        let ok = tokio::select! {
+            _ = self.shutdown.requested() => return Err(State::Shutdown),
+            r = tokio::time::timeout(t.election_max * 2, read) => matches!(r, Ok(Ok(_))),
+        };
+        if !ok || !self.still_leader(term) {
+            self.next_activation = Instant::now() + t.heartbeat;
+            return Err(State::Voting);
+        }
+        let last = self.cluster_rx.borrow().last_key_event;
+        let target = self.owed_fence.or_else(|| {
+            policy::fence_target(last, self.sh.cfg.id, |n| fence.by_node.contains_key(&n))
+        });
+        let Some(node) = target else {
+            return Ok(None);
+        };
+        let done = tokio::select! {
+            _ = self.shutdown.requested() => return Err(State::Shutdown),
+            r = self.custody.power_off(node) => r,
+        };
+        match done {
+            Ok(()) => {
+                self.owed_fence = None;
+                Ok(Some(node))
+            }
+            Err(why) => {
+                tracing::error!(
+                    node,
+                    retry_in_s = FENCE_RETRY.as_secs(),
+                    "NOT TAKING OVER: node {node} was not fenced ({why}); no takeover until its fence agent confirms it off"
+                );
+                self.next_activation = Instant::now() + FENCE_RETRY;
+                Err(State::Voting)
+            }
+        }
+    }
+
     /// Steps 2 to 4: commit, wait out the old lease, arm the guard, link, start.
     pub(super) async fn activate(&mut self, term: u64) -> State {
         let t = self.sh.cfg.timing;
@@ -239,6 +293,11 @@ impl Coordinator {
             .or_else(|| self.sh.gate.since_leader_contact())
             .map(|d| Instant::now() - d);
         let elected = Instant::now();
+        let fenced = match self.fence_previous(term).await {
+            Ok(fenced) => fenced,
+            Err(next) => return next,
+        };
+        let fenced_at = Instant::now();
         tracing::info!(term, "elected leader: committing activation");
         let write = self
             .sh
@@ -261,6 +320,17 @@ impl Coordinator {
             },
         };
         let committed = Instant::now();
+        let has_agent = |n| self.sh.cfg.fence.by_node.contains_key(&n);
+        if let Some(n) = policy::fence_target(prior, id, has_agent).filter(|n| fenced != Some(*n)) {
+            // The ledger read before the fence said otherwise; cannot
+            // happen while this node leads, but if it did, that host is
+            // fenced before anything starts here.
+            tracing::error!(
+                "the key's last holder is node {n}, not the one fenced: fencing it first"
+            );
+            self.owed_fence = Some(n);
+            return State::Voting;
+        }
         let clean = prior.is_none_or(|p| p.released);
         if !clean && !t.handover_delay.is_zero() {
             tracing::info!(
@@ -308,7 +378,8 @@ impl Coordinator {
                 from = prev,
                 took_ms = took.as_millis() as u64,
                 silent_ms = ms(lost, elected),
-                commit_ms = ms(elected, committed),
+                fence_ms = ms(elected, fenced_at),
+                commit_ms = ms(fenced_at, committed),
                 hold_ms = ms(committed, held),
                 height_ms = ms(held, height_passed),
                 start_ms = ms(height_passed, Instant::now()),

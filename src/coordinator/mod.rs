@@ -134,6 +134,9 @@ pub struct Coordinator {
     next_campaign: Instant,
     /// After a failed activation attempt: not before then.
     next_activation: Instant,
+    /// A host to fence before the next activation, whatever the ledger
+    /// says (see `fence_previous`).
+    owed_fence: Option<NodeId>,
     /// Heartbeats paused to hand leadership on (see `publish`).
     quiet: bool,
     /// Random extra wait before campaigning, redrawn after each campaign.
@@ -184,6 +187,7 @@ impl Coordinator {
             stand_down_until: None,
             next_campaign: Instant::now(),
             next_activation: Instant::now(),
+            owed_fence: None,
             quiet: false,
             jitter: campaign_jitter(election_min),
             handed_on_in: None,

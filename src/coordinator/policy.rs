@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::config::Timing;
 use crate::health::Health;
-use crate::ledger::NodeId;
+use crate::ledger::{KeyEvent, NodeId};
 use crate::node::StateName;
 
 /// A peer as gossip last showed it.
@@ -244,6 +244,20 @@ pub fn unhealthy_exit(health: Option<Health>) -> Option<StateName> {
     } else {
         Some(StateName::Startup)
     }
+}
+
+/// Step 3: the host a new holder has powered off before it takes the key:
+/// the last holder, if it did not release the key, is another node, and
+/// has a fence agent here. A released key, or a holder without an agent,
+/// needs none (the lease, the kernel fence and the height watermark still
+/// apply).
+pub fn fence_target(
+    last: Option<KeyEvent>,
+    me: NodeId,
+    has_agent: impl Fn(NodeId) -> bool,
+) -> Option<NodeId> {
+    last.filter(|e| !e.released && e.node != me && has_agent(e.node))
+        .map(|e| e.node)
 }
 
 /// A leader that may not validate hands leadership on once per term, only
@@ -590,5 +604,30 @@ mod tests {
             Some(300_000_000),
             "no underflow"
         );
+    }
+
+    #[test]
+    fn fence_target_is_an_unreleased_other_holder_with_an_agent() {
+        let ev = |node, released| {
+            Some(KeyEvent {
+                node,
+                term: 4,
+                released,
+                index: 9,
+                height: None,
+            })
+        };
+        let agents = |n: NodeId| n == 1 || n == 2;
+        // (last key event, expected target) as seen by node 2.
+        let table = [
+            (None, None),
+            (ev(1, false), Some(1)),
+            (ev(1, true), None),
+            (ev(2, false), None),
+            (ev(3, false), None),
+        ];
+        for (last, want) in table {
+            assert_eq!(fence_target(last, 2, agents), want, "{last:?}");
+        }
     }
 }

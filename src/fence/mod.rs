@@ -12,10 +12,13 @@
 //! - [`kernel`]: the kernel fence, an nftables lease that holds back the
 //!   keyed validator's traffic when no process is scheduled to act, over
 //!   the small netlink client in [`nft`].
+//! - [`agent`]: fence agents (STONITH), which power another member's host
+//!   off before this node takes the key over without a release.
 //!
 //! Must not: decide when to activate; fencing obeys the coordinator, and
 //! the guard obeys only its deadline and its control pipe.
 
+pub mod agent;
 pub mod guard;
 pub mod guard_client;
 pub mod kernel;

@@ -101,7 +101,14 @@ pub async fn failover(
 /// (see keyraft's coordinator): leader silent until elected (lease, jitter,
 /// election), Activate committed, handover delay, waiting for a height the
 /// old validator cannot have signed, validator (re)started.
-pub const BUDGET: [&str; 5] = ["silent_ms", "commit_ms", "hold_ms", "height_ms", "start_ms"];
+pub const BUDGET: [&str; 6] = [
+    "silent_ms",
+    "fence_ms",
+    "commit_ms",
+    "hold_ms",
+    "height_ms",
+    "start_ms",
+];
 
 /// Every failover a coordinator's log records, oldest first: its phases
 /// in milliseconds (see [`BUDGET`]).

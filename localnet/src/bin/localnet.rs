@@ -132,6 +132,11 @@ enum Cmd {
         /// a 2-core machine keeps every core busy).
         #[arg(long, default_value_t = 0)]
         load: usize,
+        /// Give each validator host a fence agent (`fakefence`) for the
+        /// other: a takeover without a release powers the old host off
+        /// first (it is started again after the round).
+        #[arg(long)]
+        fence_agents: bool,
     },
     /// The Docker Compose cluster under docker network disconnect, docker
     /// kill and docker pause of the active host, judged by the chain.
@@ -360,6 +365,7 @@ async fn main() -> ExitCode {
             faults,
             cometbft,
             load,
+            fence_agents,
         } => {
             let o = chaos::ChaosOptions {
                 rounds,
@@ -369,6 +375,7 @@ async fn main() -> ExitCode {
                 faults,
                 cometbft,
                 load,
+                fence_agents,
             };
             match chaos::run(o).await {
                 Ok((summary, clean)) => {
