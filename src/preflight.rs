@@ -3,14 +3,15 @@
 //! would take it; this node's certificate (its own, not expired); every
 //! peer, reached over mTLS and presenting its own certificate, with the
 //! round trip and the offset of its wall clock; whether the kernel fence can
-//! be had here; the validator's RPC through the configured probe.
+//! be had here; each fence agent, asked `action=status`; the validator's
+//! RPC through the configured probe.
 //!
 //! Owns: the checks and their report. Must not: change anything (no lock,
 //! no data dir, no Raft); it only connects and asks.
 
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, KernelFence, TimingProfile};
+use crate::config::{Config, FenceAgent, KernelFence, NodeId, TimingProfile};
 use crate::health::Prober;
 use crate::node::wall_ms;
 use crate::pb;
@@ -50,6 +51,27 @@ fn line(outcome: Outcome, what: impl Into<String>, detail: impl Into<String>) ->
         outcome,
         what: what.into(),
         detail: detail.into(),
+    }
+}
+
+/// A member's fence agent, asked `action=status` (which changes nothing):
+/// it must answer, and the host should be on.
+async fn fence_agent(node: NodeId, agent: &FenceAgent, timeout: Duration) -> Line {
+    use crate::fence::agent::{power_status, Power};
+    let what = format!("fence agent for node {node}");
+    let name = agent.path.display();
+    match power_status(agent, timeout).await {
+        Ok(Power::On) => line(Outcome::Ok, what, format!("{name} answers: the host is on")),
+        Ok(Power::Off) => line(
+            Outcome::Warn,
+            what,
+            format!("{name} answers: the host is off (is `plug` or its equivalent right?)"),
+        ),
+        Err(e) => line(
+            Outcome::Fail,
+            what,
+            format!("{name}: {e}; a takeover from node {node} would wait for it"),
+        ),
     }
 }
 
@@ -96,7 +118,7 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
         out.push(
             match (
                 v.kernel_fence,
-                crate::fence::kernel::preflight(v.activate_by, v.cgroup),
+                crate::fence::kernel::preflight(v.activate_by, v.cgroup, v.user.is_some()),
             ) {
                 (KernelFence::Off, _) => line(
                     Outcome::Warn,
@@ -106,7 +128,11 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
                 (_, Ok(())) => line(
                     Outcome::Ok,
                     "kernel fence",
-                    "available: nftables, CAP_NET_ADMIN, a cgroup v2 for the validator",
+                    if v.user.is_some() {
+                        "available: nftables, CAP_NET_ADMIN, the validator's cgroup v2 or its user"
+                    } else {
+                        "available: nftables, CAP_NET_ADMIN, a cgroup v2 for the validator"
+                    },
                 ),
                 (KernelFence::Required, Err(why)) => line(
                     Outcome::Fail,
@@ -120,6 +146,9 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
                 ),
             },
         );
+    }
+    for (node, agent) in &cfg.fence.by_node {
+        out.push(fence_agent(*node, agent, cfg.fence.timeout.min(Duration::from_secs(10))).await);
     }
     if let Some(v) = &cfg.validator {
         let prober = Prober::new(v.health, &v.health_url, Duration::from_secs(2));

@@ -118,9 +118,10 @@ pub async fn run(
     // any validator starts; `auto` says here why it is off.
     let kernel = match cfg.validator.as_ref() {
         Some(v) => {
-            let (mode, by, t) = (v.kernel_fence, v.activate_by, tree.clone());
+            let (mode, by, t, user) = (v.kernel_fence, v.activate_by, tree.clone(), v.user.clone());
             blocking(move || {
-                fence::kernel::set_up(mode, by, &t, std::path::Path::new("/proc/self/exe"))
+                let probe = std::path::Path::new("/proc/self/exe");
+                fence::kernel::set_up(mode, by, &t, user.as_ref(), probe)
             })
             .await?
         }

@@ -47,8 +47,9 @@ impl Validator {
         kernel: Option<Plan>,
         kill_bound: Duration,
     ) -> Result<Validator, GuardError> {
+        let user = cfg.user.as_ref().map(|u| u.name.as_str());
         let (sup, events) =
-            GuardClient::spawn(data_dir, tree.clone(), kill_bound, kernel.is_some())?;
+            GuardClient::spawn(data_dir, tree.clone(), kill_bound, kernel.is_some(), user)?;
         Ok(Validator {
             cfg,
             links,
@@ -149,6 +150,7 @@ impl Validator {
             self.tree.clone(),
             self.kill_bound,
             self.kernel.is_some(),
+            self.cfg.user.as_ref().map(|u| u.name.as_str()),
         ) {
             Ok((sup, events)) => {
                 self.sup = sup;

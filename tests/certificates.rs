@@ -184,8 +184,21 @@ async fn check_with_a_config_file_checks_certificates_peers_clocks_and_the_valid
             c.nodes[&1].rpc,
         ))
     };
+    // Node 2's host has a fence agent (localnet's, which sees it on).
+    let agent = |node: u64, path: &std::path::Path| {
+        format!(
+            "fence-agent = [\"{node}={}\"]\nfence-option = [\"{node}:plug={}\"]\n",
+            path.display(),
+            c.nodes[&node]
+                .data
+                .parent()
+                .unwrap_or(&c.nodes[&node].data)
+                .display()
+        )
+    };
+    let fakefence = localnet::harness::sibling_bin("fakefence")?;
     let file = scratch.path().join("keyraft.toml");
-    std::fs::write(&file, config(&c.nodes[&1].tls)?)?;
+    std::fs::write(&file, config(&c.nodes[&1].tls)? + &agent(2, &fakefence))?;
     let (code, lines, err) = preflight(&c, &file).await?;
     ensure!(code == 0, "exit {code}: {lines:?} {err}");
     for want in [
@@ -194,6 +207,7 @@ async fn check_with_a_config_file_checks_certificates_peers_clocks_and_the_valid
         "ok   CA certificate",
         "ok   peer 2",
         "ok   peer 3",
+        "ok   fence agent for node 2: ",
         "ok   validator",
     ] {
         ensure!(
@@ -219,6 +233,20 @@ async fn check_with_a_config_file_checks_certificates_peers_clocks_and_the_valid
                 .iter()
                 .any(|l| l.starts_with("FAIL certificate")
                     && l.contains("not a certificate for node 1")),
+        "exit {code}: {lines:?}"
+    );
+
+    // A fence agent that fails: its line says so, and the exit code.
+    std::fs::write(
+        &file,
+        config(&c.nodes[&1].tls)? + &agent(2, std::path::Path::new("/bin/false")),
+    )?;
+    let (code, lines, _) = preflight(&c, &file).await?;
+    ensure!(
+        code == 1
+            && lines.iter().any(
+                |l| l.starts_with("FAIL fence agent for node 2") && l.contains("exit status 1")
+            ),
         "exit {code}: {lines:?}"
     );
 

@@ -42,15 +42,16 @@ fn table_exists(name: &str) -> Result<bool> {
         .any(|l| l.trim() == format!("table inet {name}")))
 }
 
-/// Packets the table's rule has dropped.
+/// Packets the table's rules have dropped.
 fn dropped(name: &str) -> Result<u64> {
     let text = nft(&["list", "chain", "inet", name, "out"])?;
-    let at = text.find("counter packets ").context("no counter")? + "counter packets ".len();
-    Ok(text[at..]
-        .split_whitespace()
-        .next()
-        .context("counter")?
-        .parse()?)
+    let counters: Vec<u64> = text
+        .split("counter packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    ensure!(!counters.is_empty(), "no counter in {text}");
+    Ok(counters.iter().sum())
 }
 
 /// Waits until every node reports its kernel fence on and one validates;
@@ -76,6 +77,44 @@ async fn fenced_cluster(c: &Cluster) -> Result<u64> {
 async fn a_validator_whose_coordinator_and_guard_are_frozen_is_silenced_by_the_kernel() -> Result<()>
 {
     let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    frozen_keyraft_cannot_let_its_validator_sign(c).await
+}
+
+/// As in a Docker container: no cgroup v2 for the validator, which runs as
+/// its own user; the kernel fence holds it back by its keyed group and the
+/// marks on its connections.
+#[tokio::test]
+async fn without_a_cgroup_the_kernel_fence_matches_the_validator_user_and_its_connections(
+) -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
+        validator_user: Some("nobody".into()),
+        flags: vec!["--no-cgroup".into()],
+        ..NodeOpts::default()
+    })
+    .await?;
+    let active = fenced_cluster(&c).await?;
+    let nft_text = nft(&["list", "table", "inet", &table(&c, active)?])?;
+    ensure!(
+        nft_text.contains("meta skgid @keyed ct mark set"),
+        "not matched by user: {nft_text}"
+    );
+    // The validator runs as nobody, keyed in the group of its own.
+    let pid = c.validator_pid(active).context("no validator")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default()
+    };
+    ensure!(field("Uid:") == "65534", "{status}");
+    let gid: u32 = field("Gid:").parse()?;
+    ensure!(gid >> 16 == 0x4b52, "keyed group {gid:#x}");
+    frozen_keyraft_cannot_let_its_validator_sign(c).await
+}
+
+async fn frozen_keyraft_cannot_let_its_validator_sign(c: Cluster) -> Result<()> {
     let old = fenced_cluster(&c).await?;
     let name = table(&c, old)?;
     let validator = c.validator_pid(old).context("no validator pid")?;

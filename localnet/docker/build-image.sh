@@ -35,11 +35,17 @@ host_mirror() {
 }
 MIRROR=${MIRROR:-$(host_mirror | head -n 1)}
 
-# An older base without systemd (the package test runs systemd-analyze in
-# it) is rebuilt.
+# The packages the base needs beyond minbase: systemd (the package test
+# runs systemd-analyze in it), nftables (the kernel fence), Debian's
+# fence-agents (the compose suite fences with the real fence_docker) and
+# socat (the bridge fence_docker reaches the Docker API through);
+# python3-cffi-backend is named because debootstrap does not resolve the
+# virtual package fence-agents needs through python3-cryptography.
+PACKAGES=systemd,nftables,fence-agents,python3-cffi-backend,socat
+# An older base without them is rebuilt.
 if [ "$BASE" = keyraft-base:bookworm ] && docker image inspect "$BASE" >/dev/null 2>&1 &&
-    ! docker run --rm "$BASE" sh -c 'command -v systemd-analyze' >/dev/null 2>&1; then
-    echo "$BASE has no systemd: rebuilding it"
+    ! docker run --rm "$BASE" sh -c 'command -v systemd-analyze && command -v nft && command -v fence_docker && command -v socat' >/dev/null 2>&1; then
+    echo "$BASE lacks some of $PACKAGES: rebuilding it"
     docker rmi -f "$BASE" >/dev/null
 fi
 if [ "$BASE" = keyraft-base:bookworm ] && ! docker image inspect "$BASE" >/dev/null 2>&1; then
@@ -48,8 +54,8 @@ if [ "$BASE" = keyraft-base:bookworm ] && ! docker image inspect "$BASE" >/dev/n
     echo "debootstrap from $MIRROR (this host's apt source; MIRROR overrides)"
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
-    echo "debootstrap bookworm (minbase, with systemd for the package test) into $rootfs ..."
-    debootstrap --variant=minbase --include=systemd "$SUITE" "$rootfs" "$MIRROR" >/dev/null
+    echo "debootstrap bookworm (minbase with $PACKAGES) into $rootfs ..."
+    debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >/dev/null
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
     echo "imported $BASE"

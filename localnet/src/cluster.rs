@@ -119,6 +119,8 @@ pub struct NodeOpts {
     pub health_url: Option<String>,
     /// A fence agent for every other validator host.
     pub fencing: Fencing,
+    /// `--validator-user`: its home and the key are handed to that user.
+    pub validator_user: Option<String>,
 }
 
 /// Which fence agent a node has for the other validator hosts.
@@ -316,6 +318,14 @@ impl Cluster {
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
             let node_opts = opts(id);
+            if let Some(name) = &node_opts.validator_user {
+                let user = nix::unistd::User::from_name(name)?
+                    .with_context(|| format!("no user {name} on this host"))?;
+                for path in [&home, &key_path] {
+                    nix::unistd::chown(path.as_path(), Some(user.uid), Some(user.gid))
+                        .with_context(|| format!("chown {name} {}", path.display()))?;
+                }
+            }
             let mut extra = Vec::new();
             if matches!(mode, Mode::Signer { .. }) && !node_opts.witness {
                 for k in 1..=node_opts.extra_sentries {
@@ -397,6 +407,9 @@ impl Cluster {
             }
         }
         cmd.args(&node.opts.flags);
+        if let Some(user) = &node.opts.validator_user {
+            cmd.args(["--validator-user", user]);
+        }
         if node.opts.fencing != Fencing::None && !node.opts.witness {
             for other in self
                 .nodes

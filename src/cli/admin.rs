@@ -364,5 +364,10 @@ fn print_table(v: &serde_json::Value) {
         if let Some(e) = n["probe_error"].as_str() {
             println!("node {} validator probe: {e}", n["id"]);
         }
+        for (peer, agent) in n["fence_agents"].as_object().into_iter().flatten() {
+            if let Some(last) = agent["last"].as_str() {
+                println!("node {} fence agent for node {peer}: {last}", n["id"]);
+            }
+        }
     }
 }

@@ -135,6 +135,9 @@ enum Cmd {
         /// Keep the kernel fence's lease element with the guard's lease.
         #[arg(long)]
         kernel_fence: bool,
+        /// Start the validator as this user.
+        #[arg(long)]
+        validator_user: Option<String>,
     },
     /// The kernel fence's self-test packet (run by `keyraft run`).
     #[command(hide = true)]
@@ -228,7 +231,13 @@ pub fn main() -> ExitCode {
             data_dir,
             no_cgroup,
             kernel_fence,
-        } => match fence::guard_main(&data_dir, !no_cgroup, kernel_fence) {
+            validator_user,
+        } => match fence::guard_main(
+            &data_dir,
+            !no_cgroup,
+            kernel_fence,
+            validator_user.as_deref(),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("guard: {e}");

@@ -141,6 +141,12 @@ pub struct RunArgs {
     /// could be made (environment marker and subreaper only; see docs/safety.md).
     #[arg(long, env = "KEYRAFT_NO_CGROUP")]
     pub no_cgroup: bool,
+    /// Start the validator as this user (never root): a good practice, and
+    /// what the kernel fence matches on where the validator has no cgroup v2
+    /// of its own (in a Docker container, say). keyraft needs root, or
+    /// CAP_SETUID and CAP_SETGID, to use it.
+    #[arg(long, env = "KEYRAFT_VALIDATOR_USER")]
+    pub validator_user: Option<String>,
     /// Hold back the validator's outbound traffic in the kernel unless its
     /// lease lives (an nftables table of keyraft's own): auto, required or
     /// off [default: auto].

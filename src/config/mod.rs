@@ -35,7 +35,9 @@ pub use signer::{PrivvalAddr, SignerConfig, SignerKind};
 use timing::resolve_timing;
 pub use timing::{Millis, ProfileTimes, Timing, TimingProfile};
 use validator::{resolve_plain_node, resolve_validator};
-pub use validator::{ActivateBy, Chain, HealthKind, KernelFence, KeyLink, ValidatorConfig};
+pub use validator::{
+    ActivateBy, Chain, HealthKind, KernelFence, KeyLink, ValidatorConfig, ValidatorUser,
+};
 
 /// A configuration problem, printed as one line before exit code 2.
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,36 @@ pub struct ValidatorConfig {
     /// Give the validator's tree a cgroup where one can be made.
     pub cgroup: bool,
     pub kernel_fence: KernelFence,
+    /// The user the validator runs as (`None`: keyraft's own).
+    pub user: Option<ValidatorUser>,
+}
+
+/// `--validator-user`, looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatorUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Looks `--validator-user` up in the user database; never root.
+fn resolve_user(a: &RunArgs) -> Result<Option<ValidatorUser>, ConfigError> {
+    let Some(name) = &a.validator_user else {
+        return Ok(None);
+    };
+    let user = nix::unistd::User::from_name(name)
+        .map_err(|e| invalid(format!("--validator-user {name}: cannot look it up: {e}")))?
+        .ok_or_else(|| invalid(format!("--validator-user {name}: no such user")))?;
+    if user.uid.is_root() {
+        return Err(invalid(format!(
+            "--validator-user {name} is root: give the validator a user of its own"
+        )));
+    }
+    Ok(Some(ValidatorUser {
+        name: name.clone(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
 }
 
 /// Signer mode's node command: supervised as a plain full node with no key
@@ -119,6 +149,7 @@ pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>,
         cgroup: !a.no_cgroup,
         // Signer mode links no key: there is nothing to hold back.
         kernel_fence: KernelFence::Off,
+        user: resolve_user(a)?,
     }))
 }
 
@@ -249,9 +280,10 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
             "--kernel-fence required needs --activate-by restart: a node that reloads its key on SIGHUP keeps the connections it made without the key, which the kernel fence cannot tell apart",
         ));
     }
-    if kernel_fence == KernelFence::Required && a.no_cgroup {
+    let user = resolve_user(a)?;
+    if kernel_fence == KernelFence::Required && a.no_cgroup && user.is_none() {
         return Err(invalid(
-            "--kernel-fence required needs the validator's cgroup: drop --no-cgroup",
+            "--kernel-fence required needs the validator's cgroup or --validator-user: drop --no-cgroup, or name the validator's user",
         ));
     }
     Ok(Some(ValidatorConfig {
@@ -264,6 +296,7 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
         height_watermark: !a.no_height_watermark,
         cgroup: !a.no_cgroup,
         kernel_fence,
+        user,
     }))
 }
 

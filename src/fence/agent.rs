@@ -154,6 +154,27 @@ async fn run(
     }
 }
 
+/// What `action=status` says of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    On,
+    Off,
+}
+
+/// One `action=status` (read-only: `keyraft check` asks it too).
+pub async fn power_status(agent: &FenceAgent, timeout: Duration) -> Result<Power, AgentError> {
+    let status = run(agent, "status", timeout).await?;
+    match status.code {
+        Some(0) => Ok(Power::On),
+        Some(2) => Ok(Power::Off),
+        _ => Err(AgentError::Failed {
+            action: "status",
+            status: status.status,
+            said: status.said,
+        }),
+    }
+}
+
 /// One attempt: `off`, then `status` until it says off, each within
 /// `timeout`.
 pub async fn power_off_once(agent: &FenceAgent, timeout: Duration) -> Result<(), AgentError> {
@@ -173,17 +194,9 @@ pub async fn power_off_once(agent: &FenceAgent, timeout: Duration) -> Result<(),
                 ms: started.elapsed().as_millis() as u64,
             });
         }
-        let status = run(agent, "status", left).await?;
-        match status.code {
-            Some(2) => return Ok(()),
-            Some(0) => tokio::time::sleep(STATUS_EVERY.min(left)).await,
-            _ => {
-                return Err(AgentError::Failed {
-                    action: "status",
-                    status: status.status,
-                    said: status.said,
-                })
-            }
+        match power_status(agent, left).await? {
+            Power::Off => return Ok(()),
+            Power::On => tokio::time::sleep(STATUS_EVERY.min(left)).await,
         }
     }
 }

@@ -50,6 +50,7 @@ use super::kernel::{KernelError, KernelLease, Plan};
 use super::lock::{start_time, PID_FILE};
 use super::tree::{Tree, MARKER_VAR};
 use super::{boot_now_ns, mono_now_ns};
+use crate::config::ValidatorUser;
 
 /// The guard's threads' stacks: small, since its memory is locked.
 const THREAD_STACK: usize = 256 * 1024;
@@ -117,6 +118,40 @@ struct Guard {
     /// The kernel fence's lease element, when the coordinator installed
     /// one; apart from `state`, so that the lease timer never waits on it.
     kernel: Option<Mutex<KernelLease>>,
+    /// `--validator-user`: whom the validator runs as.
+    user: Option<RunAs>,
+}
+
+/// The validator's user, looked up once, with its supplementary groups.
+struct RunAs {
+    user: ValidatorUser,
+    groups: Vec<libc::gid_t>,
+}
+
+impl RunAs {
+    fn look_up(name: &str) -> std::io::Result<RunAs> {
+        let no = |why: String| std::io::Error::other(format!("--validator-user {name}: {why}"));
+        let u = nix::unistd::User::from_name(name)
+            .map_err(|e| no(e.to_string()))?
+            .ok_or_else(|| no("no such user".into()))?;
+        if u.uid.is_root() {
+            return Err(no("is root".into()));
+        }
+        let cname = std::ffi::CString::new(name).map_err(|e| no(e.to_string()))?;
+        let groups = nix::unistd::getgrouplist(&cname, u.gid)
+            .map_err(|e| no(e.to_string()))?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        Ok(RunAs {
+            user: ValidatorUser {
+                name: name.to_string(),
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+            },
+            groups,
+        })
+    }
 }
 
 impl Guard {
@@ -197,7 +232,12 @@ fn realtime_priority() {
 /// `keyraft guard --data-dir DIR`: runs until its control pipe closes.
 /// With `kernel_fence`, the lease is kept in the kernel fence the
 /// coordinator installed for this tree too.
-pub fn guard_main(data_dir: &Path, cgroup: bool, kernel_fence: bool) -> std::io::Result<()> {
+pub fn guard_main(
+    data_dir: &Path,
+    cgroup: bool,
+    kernel_fence: bool,
+    user: Option<&str>,
+) -> std::io::Result<()> {
     // The coordinator decides when we stop: ignore terminal signals.
     for sig in [
         Signal::SIGINT,
@@ -212,8 +252,9 @@ pub fn guard_main(data_dir: &Path, cgroup: bool, kernel_fence: bool) -> std::io:
     }
     harden();
     let tree = Tree::for_data_dir(data_dir, cgroup);
+    let user = user.map(RunAs::look_up).transpose()?;
     let kernel = if kernel_fence {
-        let lease = Plan::for_tree(&tree)
+        let lease = Plan::for_tree(&tree, user.as_ref().map(|u| &u.user))
             .and_then(KernelLease::open)
             .map_err(|e| std::io::Error::other(format!("kernel fence: {e}")))?;
         Some(Mutex::new(lease))
@@ -228,6 +269,7 @@ pub fn guard_main(data_dir: &Path, cgroup: bool, kernel_fence: bool) -> std::io:
         pid_file: data_dir.join(PID_FILE),
         me: std::process::id() as i32,
         kernel,
+        user,
     });
     // Without its timer or its reaper the guard cannot guard: fail closed.
     let timer = guard.clone();
@@ -364,10 +406,22 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
         return Err("cannot duplicate stderr".into());
     };
     let cgroup = guard.tree.cgroup_procs(keyed);
-    if keyed && guard.kernel.is_some() && cgroup.is_none() {
+    let plan = guard
+        .kernel
+        .as_ref()
+        .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).plan().clone());
+    let by_cgroup = plan.as_ref().is_some_and(|p| p.keyed_gid().is_none());
+    if keyed && by_cgroup && cgroup.is_none() {
         return Err("not starting with the key: its cgroup cannot be joined, so the kernel fence would not hold it".into());
     }
     let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
+    // As `--validator-user`; keyed, in the keyed group the kernel fence
+    // matches on where it matches by user.
+    let creds = guard.user.as_ref().map(|u| {
+        let keyed_gid = plan.as_ref().and_then(|p| p.keyed_gid());
+        let gid = keyed_gid.filter(|_| keyed).unwrap_or(u.user.gid);
+        (u.user.uid, gid, u.groups.clone())
+    });
     let guard_pid = guard.me;
     let mut cmd = Command::new(prog);
     cmd.args(args)
@@ -377,12 +431,23 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
         .stderr(Stdio::from(err))
         .process_group(0);
     // SAFETY: between fork and exec only async-signal-safe calls: write,
-    // open, sigaction, sigprocmask, prctl, getppid; nothing allocates.
+    // setgroups, setgid, setuid, open, sigaction, sigprocmask, prctl,
+    // getppid; nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = cgroup_fd {
                 // Join the tree's cgroup before anything else can fork.
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Then the validator's user (groups, group, user, in that
+            // order, and after the join, which needs keyraft's rights).
+            if let Some((uid, gid, groups)) = &creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -66,11 +66,13 @@ impl GuardClient {
     /// receiver. `answer` is `kill_bound`: a guard that takes longer to
     /// answer a lease or kill is presumed broken. With `kernel_fence`, the
     /// guard keeps the lease of the kernel fence installed for the tree.
+    /// With `user`, it starts the validator as that user.
     pub fn spawn(
         data_dir: &Path,
         tree: Tree,
         answer: Duration,
         kernel_fence: bool,
+        user: Option<&str>,
     ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
         // Our own executable as it is now, even if its file was replaced
         // (an in-place upgrade) or removed since we started.
@@ -81,6 +83,9 @@ impl GuardClient {
         }
         if kernel_fence {
             cmd.arg("--kernel-fence");
+        }
+        if let Some(user) = user {
+            cmd.args(["--validator-user", user]);
         }
         Self::spawn_command(cmd, tree, answer)
     }

@@ -16,7 +16,22 @@
 //!
 //! Only a validator started with the key runs in the `keyed` leaf, so the
 //! keyless standby syncs freely, and the sockets of a killed keyed
-//! validator (TCP keeps retransmitting for an orphan) stay held back. The
+//! validator (TCP keeps retransmitting for an orphan) stay held back.
+//! Where there is no cgroup v2 to match (a Docker container), the match is
+//! the validator's user ([`Match::User`]): the keyed validator runs with a
+//! group of its own, its packets mark their connections, and marked
+//! connections pass only while the lease lives:
+//!
+//! ```text
+//! set keyed { type gid; }                        the keyed validator's group G
+//! set lease { type mark; flags timeout; }        the mark G, while the lease lives
+//! chain out { ...
+//!   meta skgid @keyed ct mark set G
+//!   meta skgid @keyed ct state untracked counter drop
+//!   ct mark G ct mark != @lease counter drop }
+//! ```
+//!
+//! The
 //! table is built once with `nft -f` and proven with two probe packets; the
 //! guard renews the lease element over netlink ([`super::nft`]), with the
 //! guard's own lease time left minus [`MARGIN`], so the kernel's lease
@@ -36,7 +51,7 @@ use std::time::Duration;
 
 use super::nft::{Netlink, NftError};
 use super::Tree;
-use crate::config::{ActivateBy, KernelFence};
+use crate::config::{ActivateBy, KernelFence, ValidatorUser};
 
 const CHAIN: &str = "out";
 const KEYED: &str = "keyed";
@@ -65,58 +80,121 @@ pub enum KernelError {
     Missing(String),
 }
 
-/// One data dir's kernel fence: its table and the cgroup it holds back.
+/// What the kernel fence tells the keyed validator's packets by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// Its socket's cgroup: the tree's `keyed` leaf (cgroup v2).
+    Cgroup {
+        /// The leaf's directory.
+        keyed: PathBuf,
+        /// Its depth below the cgroup v2 root.
+        level: u32,
+        /// Its cgroup id (the directory's inode), the sets' element.
+        id: u64,
+    },
+    /// Without a cgroup v2 (in a container): the validator runs as
+    /// `--validator-user`, and while keyed with [`Match::User::keyed_gid`]
+    /// as its group, a group of its own that the keyless standby never has.
+    /// Its packets mark their connection (conntrack), so the sockets of a
+    /// killed keyed validator, which no longer have an owner to match,
+    /// stay held back too.
+    User {
+        uid: u32,
+        /// The keyed validator's primary group, and the connection mark.
+        keyed_gid: u32,
+    },
+}
+
+/// One data dir's kernel fence: its table and what it holds back.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub table: String,
-    /// The `keyed` leaf cgroup's directory.
-    pub keyed: PathBuf,
-    /// Its depth below the cgroup v2 root.
-    pub level: u32,
-    /// Its cgroup id (the directory's inode), the sets' element.
-    pub id: u64,
+    pub matches: Match,
+}
+
+/// The keyed group (and connection mark) of a tree in user mode: `KR` in
+/// the top bytes, then 16 bits of the table's name, far above the ids
+/// systems hand out.
+fn keyed_gid(table: &str) -> u32 {
+    let h = table
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    0x4b52_0000 | (h & 0xffff)
 }
 
 impl Plan {
-    /// The plan for `tree`, if it has the cgroup the fence matches on.
-    pub fn for_tree(tree: &Tree) -> Result<Plan, KernelError> {
-        let (keyed, level) = tree.keyed_cgroup().ok_or_else(|| {
-            KernelError::Unavailable(
-                "the validator has no cgroup v2 of its own here (the kernel fence matches on it)"
-                    .into(),
-            )
-        })?;
-        let id = std::fs::metadata(&keyed)
-            .map_err(|e| KernelError::Unavailable(format!("{}: {e}", keyed.display())))?
-            .ino();
-        Ok(Plan {
-            table: tree.name(),
-            keyed,
-            level,
-            id,
-        })
+    /// The plan for `tree`: by its `keyed` cgroup where there is one, else
+    /// by the validator's user, if it runs as one.
+    pub fn for_tree(tree: &Tree, user: Option<&ValidatorUser>) -> Result<Plan, KernelError> {
+        let table = tree.name();
+        let matches = match (tree.keyed_cgroup(), user) {
+            (Some((keyed, level)), _) => {
+                let id = std::fs::metadata(&keyed)
+                    .map_err(|e| KernelError::Unavailable(format!("{}: {e}", keyed.display())))?
+                    .ino();
+                Match::Cgroup { keyed, level, id }
+            }
+            (None, Some(u)) => Match::User {
+                uid: u.uid,
+                keyed_gid: keyed_gid(&table),
+            },
+            (None, None) => {
+                return Err(KernelError::Unavailable(
+                    "the validator has no cgroup v2 of its own here and no --validator-user (the kernel fence matches on one of them)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Plan { table, matches })
     }
 
-    fn key(&self) -> [u8; 8] {
-        self.id.to_ne_bytes()
+    /// The `keyed` set's element.
+    fn keyed_key(&self) -> Vec<u8> {
+        match &self.matches {
+            Match::Cgroup { id, .. } => id.to_ne_bytes().to_vec(),
+            Match::User { keyed_gid, .. } => keyed_gid.to_ne_bytes().to_vec(),
+        }
+    }
+
+    /// The `lease` set's element.
+    fn lease_key(&self) -> Vec<u8> {
+        // The same value in both modes: the cgroup id, or the mark (= gid).
+        self.keyed_key()
+    }
+
+    /// The group a keyed validator runs with, in user mode.
+    pub fn keyed_gid(&self) -> Option<u32> {
+        match self.matches {
+            Match::User { keyed_gid, .. } => Some(keyed_gid),
+            Match::Cgroup { .. } => None,
+        }
     }
 
     /// The `nft -f` script: creates the table if missing, deletes it (and
     /// whatever a crashed run left in it), and builds it anew, atomically.
     fn script(&self) -> String {
-        let (t, l) = (&self.table, self.level);
-        format!(
-            "table inet {t}\n\
-             delete table inet {t}\n\
-             table inet {t} {{\n\
-             \tset {KEYED} {{ type cgroupsv2; }}\n\
-             \tset {LEASE} {{ type cgroupsv2; flags timeout; }}\n\
-             \tchain {CHAIN} {{\n\
-             \t\ttype filter hook output priority filter; policy accept;\n\
-             \t\tsocket cgroupv2 level {l} @{KEYED} socket cgroupv2 level {l} != @{LEASE} counter drop\n\
-             \t}}\n\
-             }}\n"
-        )
+        let t = &self.table;
+        let body = match &self.matches {
+            Match::Cgroup { level: l, .. } => format!(
+                "\tset {KEYED} {{ type cgroupsv2; }}\n\
+                 \tset {LEASE} {{ type cgroupsv2; flags timeout; }}\n\
+                 \tchain {CHAIN} {{\n\
+                 \t\ttype filter hook output priority filter; policy accept;\n\
+                 \t\tsocket cgroupv2 level {l} @{KEYED} socket cgroupv2 level {l} != @{LEASE} counter drop\n\
+                 \t}}\n"
+            ),
+            Match::User { keyed_gid, .. } => format!(
+                "\tset {KEYED} {{ type gid; }}\n\
+                 \tset {LEASE} {{ type mark; flags timeout; }}\n\
+                 \tchain {CHAIN} {{\n\
+                 \t\ttype filter hook output priority filter; policy accept;\n\
+                 \t\tmeta skgid @{KEYED} ct mark set {keyed_gid:#x}\n\
+                 \t\tmeta skgid @{KEYED} ct state untracked counter drop\n\
+                 \t\tct mark {keyed_gid:#x} ct mark != @{LEASE} counter drop\n\
+                 \t}}\n"
+            ),
+        };
+        format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n{body}}}\n")
     }
 
     /// Builds the table (replacing a leftover), then proves it: a probe in
@@ -162,46 +240,61 @@ impl Plan {
             });
         }
         let mut nl = Netlink::open()?;
-        nl.put_only(&self.table, KEYED, &self.key(), None)?;
+        nl.put_only(&self.table, KEYED, &self.keyed_key(), None)?;
         if self.probe(probe)? {
-            return Err(KernelError::Probe(format!(
-                "a packet from the validator's cgroup passed without a lease (level {} of {}; a cgroup namespace?)",
-                self.level,
-                self.keyed.display()
-            )));
+            return Err(KernelError::Probe(match &self.matches {
+                Match::Cgroup { keyed, level, .. } => format!(
+                    "a packet from the validator's cgroup passed without a lease (level {level} of {}; a cgroup namespace?)",
+                    keyed.display()
+                ),
+                Match::User { .. } => "a packet of the keyed validator's user and group passed without a lease".into(),
+            }));
         }
-        nl.put_only(&self.table, LEASE, &self.key(), Some(5_000))?;
+        nl.put_only(&self.table, LEASE, &self.lease_key(), Some(5_000))?;
         let passed = self.probe(probe);
         nl.flush(&self.table, LEASE)?;
         if !passed? {
             return Err(KernelError::Probe(
-                "a packet from the validator's cgroup was dropped with a lease".into(),
+                "a packet of the keyed validator was dropped with a lease".into(),
             ));
         }
         Ok(())
     }
 
-    /// Runs the probe in the `keyed` cgroup: whether its packet was sent.
+    /// Runs the probe as a keyed validator would run (in the `keyed`
+    /// cgroup, or as the validator's user in the keyed group): whether its
+    /// packet was sent.
     fn probe(&self, probe: &Path) -> Result<bool, KernelError> {
-        let procs = std::fs::File::options()
-            .write(true)
-            .open(self.keyed.join("cgroup.procs"))
-            .map_err(|e| KernelError::Probe(format!("{}: {e}", self.keyed.display())))?;
-        let fd = procs.as_raw_fd();
         let mut cmd = Command::new(probe);
         cmd.arg("fence-probe")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only write(2) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
+        // Held open until the probe has started.
+        let _procs = match &self.matches {
+            Match::Cgroup { keyed, .. } => {
+                let procs = std::fs::File::options()
+                    .write(true)
+                    .open(keyed.join("cgroup.procs"))
+                    .map_err(|e| KernelError::Probe(format!("{}: {e}", keyed.display())))?;
+                let fd = procs.as_raw_fd();
+                // SAFETY: only write(2) between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
                 }
-                Ok(())
-            });
-        }
+                Some(procs)
+            }
+            Match::User { uid, keyed_gid } => {
+                // std clears the supplementary groups when root changes uid.
+                cmd.uid(*uid).gid(*keyed_gid);
+                None
+            }
+        };
         let status = cmd
             .status()
             .map_err(|e| KernelError::Probe(format!("cannot run {}: {e}", probe.display())))?;
@@ -276,6 +369,7 @@ pub fn set_up(
     mode: KernelFence,
     activate_by: ActivateBy,
     tree: &Tree,
+    user: Option<&ValidatorUser>,
     probe: &Path,
 ) -> Result<Status, KernelError> {
     if mode == KernelFence::Off {
@@ -286,7 +380,7 @@ pub fn set_up(
             "--activate-by sighup keeps the keyless node's connections when the key arrives".into(),
         ))
     } else {
-        Plan::for_tree(tree).and_then(|plan| plan.install(probe).map(|()| plan))
+        Plan::for_tree(tree, user).and_then(|plan| plan.install(probe).map(|()| plan))
     };
     match (r, mode) {
         (Ok(plan), _) => Ok(Status::On(plan)),
@@ -298,14 +392,14 @@ pub fn set_up(
 /// What `keyraft check --config` can tell without changing anything:
 /// whether `set_up` would find what it needs on this host (it still proves
 /// the table with its probe at start).
-pub fn preflight(activate_by: ActivateBy, cgroup: bool) -> Result<(), String> {
+pub fn preflight(activate_by: ActivateBy, cgroup: bool, user: bool) -> Result<(), String> {
     if activate_by == ActivateBy::Sighup {
         return Err(
             "--activate-by sighup keeps the keyless node's connections when the key arrives".into(),
         );
     }
-    if !cgroup || !super::tree::cgroup_available() {
-        return Err("no writable cgroup v2 for the validator here".into());
+    if !user && (!cgroup || !super::tree::cgroup_available()) {
+        return Err("no writable cgroup v2 for the validator here, and no --validator-user".into());
     }
     match Command::new("nft").arg("--version").output() {
         Ok(o) if o.status.success() => {}
@@ -334,13 +428,17 @@ impl KernelLease {
         })
     }
 
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// The kernel's lease now ends `left - MARGIN` from now (or at once).
     pub fn renew(&mut self, left: Duration) -> Result<(), KernelError> {
         let ms = left.saturating_sub(MARGIN).as_millis() as u64;
         if ms == 0 {
             return self.clear();
         }
-        let key = self.plan.key();
+        let key = self.plan.lease_key();
         Ok(self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?)
     }
 
