@@ -30,9 +30,9 @@
 //! - [`supervisor`]: the validator node as custody drives it: its process,
 //!   key links, restart backoff and prober.
 //! - [`fence`]: what keeps a key from being used twice even when keyraft
-//!   itself fails: the data-dir lock, atomic key links, and the guard process
+//!   itself fails: the data-dir lock, atomic key links, the guard process
 //!   that kills the validator when its lease runs out (both ends of its
-//!   protocol).
+//!   protocol), the kernel fence, and fence agents for other hosts.
 //! - [`signer`]: signer mode (CometBFT): keyraft dials the nodes' privval
 //!   ports and signs only what the Raft leader committed first; followers
 //!   forward requests to the leader; refusals are typed end to end.

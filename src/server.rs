@@ -91,11 +91,16 @@ pub async fn run(
     });
     let fence_links = links.clone();
     let cgroup = cfg.validator.as_ref().is_some_and(|v| v.cgroup);
+    let uid = cfg
+        .validator
+        .as_ref()
+        .and_then(|v| v.user.as_ref())
+        .map(|u| u.uid);
     let (lock, tree) = blocking(move || -> Result<_, fence::FenceError> {
         let lock = fence::lock_data_dir(&dir)?;
         // Every process of a validator tree left by an earlier run (its
-        // cgroup, its marker), then the recorded pid's group.
-        let tree = fence::Tree::for_data_dir(&dir, cgroup);
+        // cgroup, its marker, its user), then the recorded pid's group.
+        let tree = fence::Tree::for_data_dir(&dir, cgroup).owned_by(uid);
         let killed = tree.kill(None, Duration::from_secs(5))?;
         if killed > 0 {
             tracing::warn!(

@@ -163,6 +163,63 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
         "drop --no-cgroup",
     )?;
     expect_refusal(&s, &["--kernel-fence", "maybe"], "--kernel-fence")?;
+    expect_refusal(&s, &["--validator-user", "root"], "is root")?;
+    expect_refusal(
+        &s,
+        &["--validator-user", "no-such-user-here"],
+        "no such user",
+    )?;
+    expect_refusal(&s, &["--fence-agent", "3=/bin/true"], "not a --peer")?;
+    expect_refusal(
+        &s,
+        &[
+            "--fence-agent",
+            "2=/bin/true",
+            "--fence-option",
+            "2:action=on",
+        ],
+        "sets the action",
+    )?;
+    Ok(())
+}
+
+/// `--validator-user` needs the rights to start the validator as that user
+/// and to kill every process of it: refused without them, in one line.
+#[test]
+fn a_validator_user_without_the_rights_to_kill_it_is_refused() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new()?;
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::chown(
+        s.dir.path().join("validator_key.json").as_path(),
+        Some(nobody),
+        None,
+    )?;
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(KEYRAFT)
+        .args([
+            "run",
+            "--node-id",
+            "1",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--peer", "2=127.0.0.1:7702", "--data-dir", &s.path("data")])
+        .args(["--validator-home", &s.path("home")])
+        .args(["--validator-key", &s.path("validator_key.json")])
+        .args(["--validator-user", "daemon", "--", "/bin/false"])
+        .output()
+        .context("setpriv (util-linux)")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "{:?}: {err}", out.status);
+    ensure!(err.lines().count() == 1, "{err}");
+    ensure!(
+        err.contains("needs keyraft to run as root, or with CAP_KILL, CAP_SETGID, CAP_SETUID"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -218,3 +218,75 @@ async fn the_table_is_replaced_at_start_put_back_when_removed_and_gone_after_a_c
     ensure!(!Path::new(&data.join("kernel-fence")).exists());
     Ok(())
 }
+
+/// The kernel fence's own faults while a node validates: its table deleted
+/// under it (the next renewal fails, the node fences itself), and its guard
+/// frozen alone (nothing renews the kernel's lease; the coordinator kills
+/// guard and tree itself). Either way someone else signs, never two.
+#[tokio::test]
+async fn a_validating_node_whose_table_vanishes_or_whose_guard_freezes_fences_itself() -> Result<()>
+{
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    let first = fenced_cluster(&c).await?;
+    let validator = c.validator_pid(first).context("no validator")?;
+    nft(&["delete", "table", "inet", &table(&c, first)?])?;
+    eventually(SETTLE, "the old validator killed", || async {
+        Ok((!alive(validator)).then_some(()))
+    })
+    .await?;
+    let dead_at = c.chain.totals().await?.height;
+    let (next, _) = c.wait_signer(dead_at + 1, &[]).await?;
+    let renewal_failed = c
+        .proc(first)?
+        .log_text()
+        .contains("the guard did not take the lease");
+    ensure!(renewal_failed, "no refused renewal in node {first}'s log");
+    ensure!(
+        table_exists(&table(&c, next)?)?,
+        "node {next} validates without its table"
+    );
+
+    // The guard alone freezes: its kernel lease is not renewed.
+    let validator = c.validator_pid(next).context("no validator")?;
+    let guard = c.guard_pid(next).context("no guard")?;
+    kill(Pid::from_raw(guard), Signal::SIGSTOP)?;
+    eventually(
+        SETTLE,
+        "the validator killed by its coordinator",
+        || async { Ok((!alive(validator)).then_some(())) },
+    )
+    .await?;
+    let dead_at = c.chain.totals().await?.height;
+    c.wait_signer(dead_at + 1, &[]).await?;
+    let _ = kill(Pid::from_raw(guard), Signal::SIGCONT);
+    let stats = c.assert_no_double_signs().await?;
+    ensure!(stats.double_signs == 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn required_without_nft_is_refused_at_start_with_one_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keyraft = localnet::harness::sibling_bin("keyraft")?;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    let key = dir.path().join("key");
+    std::fs::write(&key, "k")?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listen = localnet::harness::free_addr()?.to_string();
+    let out = Command::new(&keyraft)
+        .env("PATH", dir.path())
+        .args(["run", "--node-id", "1", "--insecure", "--listen", &listen])
+        .args(["--peer", "2=127.0.0.1:9", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--kernel-fence", "required", "--key-link"])
+        .arg(format!("{}={}", key.display(), home.join("k").display()))
+        .args(["--health", "http", "--health-url", "http://127.0.0.1:9"])
+        .args(["--no-height-watermark", "--", "/bin/true"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    ensure!(out.status.code() == Some(2), "{:?}: {err}", out.status);
+    ensure!(last.contains("nft"), "{err}");
+    Ok(())
+}

@@ -6,7 +6,8 @@
 //! and the JSON summary. Must not: hide a fault's outcome; the whole-host
 //! freeze, which user space alone cannot make safe (docs/safety.md,
 //! "Residual risks"), is reported in its own category unless every
-//! validator host has its kernel fence on (each node's `status` says so).
+//! validator host has its kernel fence on (each node's `status` says so)
+//! or fence agents power frozen hosts off (`--fence-agents`).
 //! With `--cometbft` the cluster runs in signer mode (three signers, each
 //! with a sentry): "active" is the signer leader, a failover is every other
 //! sentry signing again, and the whole-host freeze is no longer a residual
@@ -32,6 +33,8 @@ use crate::harness::{eventually, get_json, node_entry};
 pub struct Covered {
     pub signer: bool,
     pub kernel_fence: bool,
+    /// Fence agents power a frozen host off before its successor starts.
+    pub fence_agents: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -85,9 +88,13 @@ impl Fault {
     /// Faults user space alone cannot make safe: guard and validator freeze
     /// and thaw together, and the validator may sign before the guard kills
     /// it. Not in signer mode, where the signature itself is fenced, nor
-    /// with the kernel fence on, which drops the thawed validator's packets.
+    /// with the kernel fence on, which drops the thawed validator's packets,
+    /// nor with fence agents, which power the frozen host off first.
     pub fn residual_risk(self, covered: Covered) -> bool {
-        self == Fault::FreezeActiveHost && !covered.signer && !covered.kernel_fence
+        self == Fault::FreezeActiveHost
+            && !covered.signer
+            && !covered.kernel_fence
+            && !covered.fence_agents
     }
 
     /// Whether the fault makes sense in signer mode (no witness, no guard
@@ -201,6 +208,7 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
     let covered = Covered {
         signer: o.cometbft,
         kernel_fence: !o.cometbft && kernel_fence_everywhere(&c).await?,
+        fence_agents: o.fence_agents,
     };
     println!(
         "chaos: {} rounds, seed {}, {} busy processes, kernel fence {}, fence agents {}, cluster in {}",
@@ -252,7 +260,6 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         results.push(r);
     }
     let (mut summary, clean) = summarize(&results, covered);
-    summary["fence_agents"] = json!(o.fence_agents);
     // Hosts the agents confirmed off, as the new holders logged it.
     summary["fenced"] = json!((1..=NODES)
         .filter_map(|id| c.proc(id).ok())
@@ -542,6 +549,7 @@ fn summarize(results: &[RoundResult], covered: Covered) -> (serde_json::Value, b
         "double_signs_outside_residual_risk": double_safe,
         "mode": if cometbft { "signer" } else { "validator" },
         "kernel_fence": covered.kernel_fence,
+        "fence_agents": covered.fence_agents,
         "residual_risk": {
             "faults": if Fault::FreezeActiveHost.residual_risk(covered) { vec!["freeze_active_host"] } else { vec![] },
             "rounds": residual.len(),

@@ -18,7 +18,9 @@
 //!   tests and benchmarks; [`tmkms`]: finding, configuring and starting
 //!   tmkms, the real signer the judge is proven against.
 //! - [`cluster`]: a whole local keyraft cluster (chain, coordinators,
-//!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests.
+//!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests;
+//!   [`shape`]: how each of its nodes is started (launch shape, mode,
+//!   fence agent, flags).
 //! - [`docker`]: the Docker Compose cluster under host-level faults.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
@@ -45,6 +47,7 @@ pub mod keys;
 pub mod launcher;
 pub mod node;
 pub mod proxy;
+pub mod shape;
 pub mod tmkms;
 pub mod wire;
 

@@ -105,6 +105,24 @@ pub struct ValidatorUser {
     pub gid: u32,
 }
 
+/// The capabilities of `wanted` (bit, name) this process lacks in its
+/// effective set (all of them if it cannot tell).
+fn missing_capabilities(wanted: &[(u32, &'static str)]) -> Vec<&'static str> {
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    wanted
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 /// Looks `--validator-user` up in the user database; never root.
 fn resolve_user(a: &RunArgs) -> Result<Option<ValidatorUser>, ConfigError> {
     let Some(name) = &a.validator_user else {
@@ -116,6 +134,19 @@ fn resolve_user(a: &RunArgs) -> Result<Option<ValidatorUser>, ConfigError> {
     if user.uid.is_root() {
         return Err(invalid(format!(
             "--validator-user {name} is root: give the validator a user of its own"
+        )));
+    }
+    if user.uid == nix::unistd::geteuid() {
+        return Err(invalid(format!(
+            "--validator-user {name} is keyraft's own user: give the validator a user of its own (every process of it is killed with the validator)"
+        )));
+    }
+    // Starting it as that user, and killing every process of it.
+    let missing = missing_capabilities(&[(5, "CAP_KILL"), (6, "CAP_SETGID"), (7, "CAP_SETUID")]);
+    if !missing.is_empty() {
+        return Err(invalid(format!(
+            "--validator-user needs keyraft to run as root, or with {}",
+            missing.join(", ")
         )));
     }
     Ok(Some(ValidatorUser {

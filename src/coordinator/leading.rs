@@ -260,8 +260,24 @@ impl Coordinator {
         let Some(node) = target else {
             return Ok(None);
         };
+        // Given up (its process group killed) if this node stops leading:
+        // the next leader decides again, and may be the fenced node itself.
+        let sh = self.sh.clone();
+        let deposed = async move {
+            loop {
+                tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+                let m = sh.raft_metrics();
+                if m.state != ServerState::Leader || m.current_term != term {
+                    return;
+                }
+            }
+        };
         let done = tokio::select! {
             _ = self.shutdown.requested() => return Err(State::Shutdown),
+            () = deposed => {
+                tracing::warn!(node, "no longer leading: fence agent for node {node} stopped");
+                return Err(State::Voting);
+            }
             r = self.custody.power_off(node) => r,
         };
         match done {

@@ -84,12 +84,21 @@ fn last_words(stdout: &[u8], stderr: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// One run of `agent` with `action`, bounded by `timeout`.
-async fn run(
-    agent: &FenceAgent,
-    action: &'static str,
-    timeout: Duration,
-) -> Result<Exit, AgentError> {
+/// Kills the agent's whole process group (its helpers too: ssh, curl,
+/// ipmitool) when dropped before the agent was reaped: past the timeout,
+/// or when the caller gives up (leadership lost, shutdown).
+struct Group(Option<nix::unistd::Pid>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// The agent's stdin: the action, its options, its secrets read now.
+async fn input(agent: &FenceAgent, action: &str) -> Result<String, AgentError> {
     let mut input = format!("action={action}\n");
     for (name, value) in &agent.options {
         input.push_str(&format!("{name}={value}\n"));
@@ -107,28 +116,40 @@ async fn run(
             value.trim_end_matches(['\n', '\r'])
         ));
     }
-    let mut child = tokio::process::Command::new(&agent.path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| AgentError::Spawn {
-            agent: agent.path.display().to_string(),
-            why: e.to_string(),
-        })?;
-    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let finish = async move {
+    Ok(input)
+}
+
+/// One run of `agent` with `action`, bounded by `timeout` (reading its
+/// secrets included).
+async fn run(
+    agent: &FenceAgent,
+    action: &'static str,
+    timeout: Duration,
+) -> Result<Exit, AgentError> {
+    let spawn_error = |e: std::io::Error| AgentError::Spawn {
+        agent: agent.path.display().to_string(),
+        why: e.to_string(),
+    };
+    let once = async {
+        let input = input(agent, action).await?;
+        let mut child = tokio::process::Command::new(&agent.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_error)?;
+        let mut group = Group(child.id().map(|p| nix::unistd::Pid::from_raw(p as i32)));
         if let Some(mut stdin) = child.stdin.take() {
             // An agent that exits without reading all of it is judged by
             // its exit status, not by the broken pipe.
             let _ = stdin.write_all(input.as_bytes()).await;
         }
-        child.wait_with_output().await
-    };
-    match tokio::time::timeout(timeout, finish).await {
-        Ok(Ok(out)) => Ok(Exit {
+        let out = child.wait_with_output().await.map_err(spawn_error)?;
+        // Reaped: its group id may be reused from now on.
+        group.0 = None;
+        Ok(Exit {
             code: out.status.code(),
             status: match (out.status.code(), out.status.signal()) {
                 (Some(c), _) => format!("exit status {c}"),
@@ -136,22 +157,14 @@ async fn run(
                 _ => out.status.to_string(),
             },
             said: last_words(&out.stdout, &out.stderr),
-        }),
-        Ok(Err(e)) => Err(AgentError::Spawn {
-            agent: agent.path.display().to_string(),
-            why: e.to_string(),
-        }),
-        Err(_) => {
-            // Its whole process group: an agent's helpers (ssh, curl) too.
-            if let Some(pgid) = pgid {
-                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            }
-            Err(AgentError::Timeout {
-                action,
-                ms: timeout.as_millis() as u64,
-            })
-        }
-    }
+        })
+    };
+    tokio::time::timeout(timeout, once)
+        .await
+        .unwrap_or(Err(AgentError::Timeout {
+            action,
+            ms: timeout.as_millis() as u64,
+        }))
 }
 
 /// What `action=status` says of the host.
@@ -304,6 +317,26 @@ mod tests {
             ),
             "{e}"
         );
+        // Given up on (leadership lost): the agent and its helpers go.
+        let slow = agent(dir.path(), "slow_off", "sleep 3598 & wait");
+        let attempt = power_off_once(&slow, Duration::from_secs(60));
+        assert!(tokio::time::timeout(Duration::from_millis(300), attempt)
+            .await
+            .is_err());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::process::Command::new("pgrep")
+            .args(["-f", "sleep 3598"])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a dropped attempt left its agent running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut unreadable = agent(dir.path(), "unreadable", "exit 0");
         unreadable
             .secrets

@@ -48,9 +48,9 @@ use nix::unistd::Pid;
 use super::guard_client::GuardError;
 use super::kernel::{KernelError, KernelLease, Plan};
 use super::lock::{start_time, PID_FILE};
+use super::run_as::RunAs;
 use super::tree::{Tree, MARKER_VAR};
 use super::{boot_now_ns, mono_now_ns};
-use crate::config::ValidatorUser;
 
 /// The guard's threads' stacks: small, since its memory is locked.
 const THREAD_STACK: usize = 256 * 1024;
@@ -120,38 +120,6 @@ struct Guard {
     kernel: Option<Mutex<KernelLease>>,
     /// `--validator-user`: whom the validator runs as.
     user: Option<RunAs>,
-}
-
-/// The validator's user, looked up once, with its supplementary groups.
-struct RunAs {
-    user: ValidatorUser,
-    groups: Vec<libc::gid_t>,
-}
-
-impl RunAs {
-    fn look_up(name: &str) -> std::io::Result<RunAs> {
-        let no = |why: String| std::io::Error::other(format!("--validator-user {name}: {why}"));
-        let u = nix::unistd::User::from_name(name)
-            .map_err(|e| no(e.to_string()))?
-            .ok_or_else(|| no("no such user".into()))?;
-        if u.uid.is_root() {
-            return Err(no("is root".into()));
-        }
-        let cname = std::ffi::CString::new(name).map_err(|e| no(e.to_string()))?;
-        let groups = nix::unistd::getgrouplist(&cname, u.gid)
-            .map_err(|e| no(e.to_string()))?
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        Ok(RunAs {
-            user: ValidatorUser {
-                name: name.to_string(),
-                uid: u.uid.as_raw(),
-                gid: u.gid.as_raw(),
-            },
-            groups,
-        })
-    }
 }
 
 impl Guard {
@@ -251,8 +219,8 @@ pub fn guard_main(
         }
     }
     harden();
-    let tree = Tree::for_data_dir(data_dir, cgroup);
     let user = user.map(RunAs::look_up).transpose()?;
+    let tree = Tree::for_data_dir(data_dir, cgroup).owned_by(user.as_ref().map(|u| u.user.uid));
     let kernel = if kernel_fence {
         let lease = Plan::for_tree(&tree, user.as_ref().map(|u| &u.user))
             .and_then(KernelLease::open)
@@ -443,10 +411,13 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
             }
             // Then the validator's user (groups, group, user, in that
             // order, and after the join, which needs keyraft's rights).
+            // No set-id program may hand it a group the kernel fence does
+            // not match, or privileges back.
             if let Some((uid, gid, groups)) = &creds {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(*gid) != 0
                     || libc::setuid(*uid) != 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -27,9 +27,15 @@
 //! set lease { type mark; flags timeout; }        the mark G, while the lease lives
 //! chain out { ...
 //!   meta skgid @keyed ct mark set G
-//!   meta skgid @keyed ct state untracked counter drop
+//!   meta skgid @keyed ct state invalid,untracked counter drop
+//!   meta l4proto udp ct direction original meta skgid != @keyed ct mark G ct mark set 0
 //!   ct mark G ct mark != @lease counter drop }
 //! ```
+//!
+//! (The third rule hands a UDP flow back to a live process that is not
+//! keyed, the standby reusing a fixed port; TCP has orphaned sockets,
+//! which have no owner to match, so a TCP connection stays marked, and a
+//! new one on the same ports is a new conntrack entry.)
 //!
 //! The
 //! table is built once with `nft -f` and proven with two probe packets; the
@@ -189,7 +195,8 @@ impl Plan {
                  \tchain {CHAIN} {{\n\
                  \t\ttype filter hook output priority filter; policy accept;\n\
                  \t\tmeta skgid @{KEYED} ct mark set {keyed_gid:#x}\n\
-                 \t\tmeta skgid @{KEYED} ct state untracked counter drop\n\
+                 \t\tmeta skgid @{KEYED} ct state invalid,untracked counter drop\n\
+                 \t\tmeta l4proto udp ct direction original meta skgid != @{KEYED} ct mark {keyed_gid:#x} ct mark set 0\n\
                  \t\tct mark {keyed_gid:#x} ct mark != @{LEASE} counter drop\n\
                  \t}}\n"
             ),
@@ -308,8 +315,12 @@ impl Plan {
     /// Whether the table, its rule and the `keyed` element are in place.
     pub fn check(&self, nl: &mut Netlink) -> Result<(), KernelError> {
         let missing = || KernelError::Missing(self.table.clone());
+        let rules = match self.matches {
+            Match::Cgroup { .. } => 1,
+            Match::User { .. } => 4,
+        };
         match nl.count_rules(&self.table, CHAIN) {
-            Ok(n) if n >= 1 => {}
+            Ok(n) if n == rules => {}
             Ok(_) | Err(NftError::Refused { .. }) => return Err(missing()),
             Err(e) => return Err(e.into()),
         }

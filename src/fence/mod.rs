@@ -14,6 +14,8 @@
 //!   the small netlink client in [`nft`].
 //! - [`agent`]: fence agents (STONITH), which power another member's host
 //!   off before this node takes the key over without a release.
+//! - `run_as`: the validator's user (`--validator-user`) as the guard
+//!   starts it.
 //!
 //! Must not: decide when to activate; fencing obeys the coordinator, and
 //! the guard obeys only its deadline and its control pipe.
@@ -25,6 +27,7 @@ pub mod kernel;
 pub mod links;
 pub mod lock;
 pub mod nft;
+mod run_as;
 pub mod tree;
 
 use std::path::Path;

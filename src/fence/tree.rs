@@ -48,6 +48,8 @@ pub struct Tree {
     cgroup: Option<PathBuf>,
     /// The cgroup v2 mount the tree's cgroup is below.
     mount: Option<PathBuf>,
+    /// `--validator-user`: every process of that user is the tree's.
+    uid: Option<u32>,
 }
 
 impl Tree {
@@ -81,12 +83,22 @@ impl Tree {
             marker,
             cgroup,
             mount,
+            uid: None,
         }
+    }
+
+    /// The same tree, with the processes of user `uid` (the validator's
+    /// own) whose environment keyraft may not read counted in it: without
+    /// CAP_SYS_PTRACE (a container) the marker cannot be seen there.
+    pub fn owned_by(mut self, uid: Option<u32>) -> Tree {
+        self.uid = uid;
+        self
     }
 
     /// A tree known only by its marker (tests, and where cgroups are off).
     pub fn marker_only(marker: &str) -> Tree {
         Tree {
+            uid: None,
             marker: marker.to_string(),
             cgroup: None,
             mount: None,
@@ -140,9 +152,10 @@ impl Tree {
     /// `root` (the guard, excluded itself). Zombies and processes with a
     /// SIGKILL pending are not live. Fails closed: what cannot be read is
     /// an error, never an empty tree. (A process of another user whose
-    /// environment this one may not read is not taken for a member; a
-    /// validator that changes user is found by the cgroup or as a
-    /// descendant.)
+    /// environment this one may not read is not taken for a member,
+    /// unless it runs as the validator's user, whose processes are then
+    /// taken for members; a validator that changes user is found by the
+    /// cgroup or as a descendant.)
     pub fn live_members(&self, root: Option<i32>) -> Result<BTreeSet<i32>, FenceError> {
         let me = std::process::id() as i32;
         let mut found = self.cgroup_members()?;
@@ -155,7 +168,16 @@ impl Tree {
                         found.insert(pid);
                     }
                 }
-                Err(e) if gone(&e) || e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                // Unreadable (no CAP_SYS_PTRACE, as in a container): a
+                // process of the validator's user is taken for a member.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    if self.uid.is_some()
+                        && process_uids(pid).is_some_and(|u| u.contains(&self.uid))
+                    {
+                        found.insert(pid);
+                    }
+                }
+                Err(e) if gone(&e) => {}
                 Err(e) => return Err(proc_error(pid, e)),
             }
         }
@@ -252,6 +274,15 @@ impl Tree {
             },
         }
     }
+}
+
+/// A process's real, effective, saved and file-system uids (`None` once
+/// it is gone).
+fn process_uids(pid: i32) -> Option<[Option<u32>; 4]> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse().ok());
+    Some([(); 4].map(|()| ids.next().flatten()))
 }
 
 /// Whether this process could make the validator a cgroup (nothing is made).

@@ -158,6 +158,10 @@ enum Cmd {
         /// the signer leader, 0 equivocations required for every fault.
         #[arg(long)]
         cometbft: bool,
+        /// Busy processes to run on the host through the rounds (2 keep a
+        /// 2-core machine busy).
+        #[arg(long, default_value_t = 0)]
+        load: usize,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -396,6 +400,7 @@ async fn main() -> ExitCode {
             block_ms,
             bound_ms,
             cometbft,
+            load,
         } => {
             let o = docker::DockerTestOptions {
                 compose_file: compose_file
@@ -405,6 +410,7 @@ async fn main() -> ExitCode {
                 block_ms,
                 bound: std::time::Duration::from_millis(bound_ms),
                 cometbft,
+                load,
             };
             match docker::check_tools() {
                 Err(e) => Err(e),

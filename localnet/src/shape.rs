@@ -1,0 +1,107 @@
+//! How a localnet node is started: the shapes of its validator command,
+//! the chain mode, a fence agent, the flags and options of one node.
+//!
+//! Owns: the options a test or the launcher picks per node. Must not:
+//! start anything; [`crate::cluster`] turns them into command lines.
+
+/// How the validator command starts the node: the shapes real deployments
+/// have (`cosmovisor run`, `sh -c`, scripts that daemonize).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Launch {
+    /// The node exec'd directly.
+    #[default]
+    Exec,
+    /// `sh -c 'node ...; true'`: the node is the shell's child.
+    ShellChild,
+    /// A wrapper whose subshell runs the node: a grandchild.
+    Grandchild,
+    /// A wrapper that daemonizes the node (fork, `setsid`, parent exits:
+    /// the node leaves the wrapper's process group and session) and then
+    /// stays in the foreground.
+    Daemonize,
+    /// A node that keeps running (and signing) for an hour after SIGTERM.
+    IgnoresTerm,
+    /// A grandchild that drops keyraft's marker from its environment (as
+    /// `sudo`, `env -i` or `su -` would).
+    ClearsMarker,
+}
+
+impl Launch {
+    pub const ALL: [Launch; 5] = [
+        Launch::Exec,
+        Launch::ShellChild,
+        Launch::Grandchild,
+        Launch::Daemonize,
+        Launch::IgnoresTerm,
+    ];
+
+    /// The argv before the node's own command.
+    pub fn prefix(self) -> Vec<String> {
+        let sh = |script: &str| vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
+        match self {
+            Launch::Exec | Launch::IgnoresTerm => vec![],
+            Launch::ShellChild => sh(r#""$@"; true"#),
+            Launch::Grandchild => sh(r#"( "$@"; true ); true"#),
+            Launch::Daemonize => sh(r#"setsid sh -c '"$@" &' daemon "$@"; exec sleep 1000000"#),
+            Launch::ClearsMarker => sh(r#"( env -u KEYRAFT_FENCE "$@"; true ); true"#),
+        }
+    }
+
+    /// Extra `fakenode` flags for the shape.
+    pub fn fakenode(self) -> Vec<String> {
+        match self {
+            Launch::IgnoresTerm => vec!["--shutdown-delay-ms".into(), "3600000".into()],
+            _ => vec![],
+        }
+    }
+}
+
+/// What the cluster validates for.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// NEAR-style: the active node's fakenode holds the key.
+    Near,
+    /// CometBFT signer mode: every keyraft signs for its sentry (a
+    /// `fakenode --cometbft` it supervises) after committing through Raft.
+    Signer {
+        chain_id: String,
+        /// Every Nth height commits in round 1 (see `fakechain --round-every`).
+        round_every: u64,
+        /// Our key proposes one round in this many.
+        validators: u64,
+    },
+}
+
+/// How one node is started.
+#[derive(Clone, Default)]
+pub struct NodeOpts {
+    pub witness: bool,
+    /// Extra `keyraft run` flags.
+    pub flags: Vec<String>,
+    /// Extra `fakenode` flags.
+    pub fakenode: Vec<String>,
+    /// How the validator command wraps the node.
+    pub launch: Launch,
+    /// Signer mode: more sentries on this host beside the one keyraft
+    /// supervises; keyraft dials them all.
+    pub extra_sentries: u64,
+    /// A `--health-url` other than the fakenode's RPC (to misconfigure it).
+    pub health_url: Option<String>,
+    /// A fence agent for every other validator host.
+    pub fencing: Fencing,
+    /// `--validator-user`: its home and the key are handed to that user.
+    pub validator_user: Option<String>,
+}
+
+/// Which fence agent a node has for the other validator hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fencing {
+    #[default]
+    None,
+    /// `fakefence`: powers a localnet host off (kills its processes).
+    Fakefence,
+    /// `fakefence` with `hang=1`: never answers.
+    Hanging,
+    /// `/bin/false`: fails every action.
+    Failing,
+}
