@@ -290,3 +290,54 @@ async fn required_without_nft_is_refused_at_start_with_one_line() -> Result<()> 
     ensure!(last.contains("nft"), "{err}");
     Ok(())
 }
+
+/// `--kernel-fence required`: a standby whose table vanished and cannot be
+/// put back (its `nft` gone meanwhile) does not take the key; it says so in
+/// one line, stands down, and a node whose fence is whole validates.
+#[tokio::test]
+async fn required_and_a_table_that_cannot_be_put_back_means_no_key_there() -> Result<()> {
+    let tools = tempfile::tempdir()?;
+    let nft_link = tools.path().join("nft");
+    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("no nft")?;
+    std::os::unix::fs::symlink(real, &nft_link)?;
+    let path = format!("{}:/usr/bin:/bin", tools.path().display());
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
+        flags: vec!["--kernel-fence".into(), "required".into()],
+        env: vec![("PATH".into(), path.clone())],
+        ..NodeOpts::default()
+    })
+    .await?;
+    let active = fenced_cluster(&c).await?;
+    let standby = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("standby")?;
+    std::fs::remove_file(&nft_link)?;
+    nft(&["delete", "table", "inet", &table(&c, standby)?])?;
+    eventually(SETTLE, "a switchover to the standby", || async {
+        let out = c
+            .cli(active, &["switchover", "--to", &standby.to_string()])
+            .await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await?;
+    eventually(SETTLE, "the standby's refusal", || async {
+        let log = c.proc(standby)?.log_text();
+        Ok(log
+            .lines()
+            .any(|l| l.contains("not activating: the kernel fence is not in place"))
+            .then_some(()))
+    })
+    .await?;
+    let refused_at = c.chain.totals().await?.height;
+    let (now, _) = c.wait_signer(refused_at + 1, &[]).await?;
+    ensure!(now != standby, "node {standby} signs without its fence");
+    let me = node_entry(&c.status(standby).await?, standby);
+    ensure!(me["key_linked"] != true, "{me}");
+    c.assert_no_double_signs().await?;
+    Ok(())
+}

@@ -52,10 +52,13 @@ pub enum Fault {
     FreezeActiveGuard,
     /// SIGKILL of the active node's guard, then the active node cut off.
     KillActiveGuard,
+    /// SIGSTOP of the active node's coordinator and guard while its
+    /// validator runs on.
+    FreezeActiveKeyraft,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::KillActiveHost,
         Fault::KillActiveCoordinator,
         Fault::FreezeActiveCoordinator,
@@ -67,6 +70,7 @@ impl Fault {
         Fault::Flap,
         Fault::FreezeActiveGuard,
         Fault::KillActiveGuard,
+        Fault::FreezeActiveKeyraft,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,16 +86,17 @@ impl Fault {
             Fault::Flap => "flap",
             Fault::FreezeActiveGuard => "freeze_active_guard",
             Fault::KillActiveGuard => "kill_active_guard",
+            Fault::FreezeActiveKeyraft => "freeze_active_keyraft",
         }
     }
 
     /// Faults user space alone cannot make safe: guard and validator freeze
     /// and thaw together, and the validator may sign before the guard kills
-    /// it. Not in signer mode, where the signature itself is fenced, nor
+    /// it; or coordinator and guard stall while the validator runs on. Not in signer mode, where the signature itself is fenced, nor
     /// with the kernel fence on, which drops the thawed validator's packets,
     /// nor with fence agents, which power the frozen host off first.
     pub fn residual_risk(self, covered: Covered) -> bool {
-        self == Fault::FreezeActiveHost
+        matches!(self, Fault::FreezeActiveHost | Fault::FreezeActiveKeyraft)
             && !covered.signer
             && !covered.kernel_fence
             && !covered.fence_agents
@@ -102,7 +107,10 @@ impl Fault {
     pub fn in_signer_mode(self) -> bool {
         !matches!(
             self,
-            Fault::PartitionWitness | Fault::FreezeActiveGuard | Fault::KillActiveGuard
+            Fault::PartitionWitness
+                | Fault::FreezeActiveGuard
+                | Fault::KillActiveGuard
+                | Fault::FreezeActiveKeyraft
         )
     }
 }
@@ -391,6 +399,16 @@ async fn inject(
             let _ = signal(guard, Signal::SIGCONT);
             Some(ms)
         }
+        Fault::FreezeActiveKeyraft => {
+            let guard = c.guard_pid(active).context("no guard process")?;
+            c.freeze(active, false, true)?;
+            signal(guard, Signal::SIGSTOP)?;
+            let ms = failover(c, at, active, t0).await?;
+            tokio::time::sleep(Duration::from_millis(500 + rng.random_range(0..1000))).await;
+            let _ = signal(guard, Signal::SIGCONT);
+            c.freeze(active, false, false)?;
+            Some(ms)
+        }
         Fault::KillActiveGuard => {
             let guard = c.guard_pid(active).context("no guard process")?;
             signal(guard, Signal::SIGKILL)?;
@@ -539,6 +557,11 @@ fn summarize(results: &[RoundResult], covered: Covered) -> (serde_json::Value, b
     let ms: Vec<f64> = safe.iter().filter_map(|r| r.failover_ms).collect();
     let double_safe: u64 = safe.iter().map(|r| r.double_signs).sum();
     let double_residual: u64 = residual.iter().map(|r| r.double_signs).sum();
+    let residual_faults: Vec<&str> = [Fault::FreezeActiveHost, Fault::FreezeActiveKeyraft]
+        .into_iter()
+        .filter(|f| f.residual_risk(covered))
+        .map(Fault::name)
+        .collect();
     let summary = json!({
         "rounds": results.len(),
         "failovers": ms.len(),
@@ -551,7 +574,7 @@ fn summarize(results: &[RoundResult], covered: Covered) -> (serde_json::Value, b
         "kernel_fence": covered.kernel_fence,
         "fence_agents": covered.fence_agents,
         "residual_risk": {
-            "faults": if Fault::FreezeActiveHost.residual_risk(covered) { vec!["freeze_active_host"] } else { vec![] },
+            "faults": residual_faults,
             "rounds": residual.len(),
             "double_signs": double_residual,
             "missed": residual.iter().map(|r| r.missed).sum::<u64>(),

@@ -306,6 +306,7 @@ impl Cluster {
             }
         }
         cmd.args(&node.opts.flags);
+        cmd.envs(node.opts.env.iter().map(|(k, v)| (k, v)));
         if let Some(user) = &node.opts.validator_user {
             cmd.args(["--validator-user", user]);
         }

@@ -91,6 +91,8 @@ pub struct NodeOpts {
     pub fencing: Fencing,
     /// `--validator-user`: its home and the key are handed to that user.
     pub validator_user: Option<String>,
+    /// Extra environment of `keyraft run`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Which fence agent a node has for the other validator hosts.

@@ -16,6 +16,10 @@ use crate::raft;
 /// After a fence agent failed every attempt: the next takeover try.
 const FENCE_RETRY: Duration = Duration::from_secs(5);
 
+/// After the kernel fence could not be put in place: how long this node
+/// stays ineligible, so that a standby with a working fence leads.
+const KERNEL_FENCE_STAND_DOWN: Duration = Duration::from_secs(30);
+
 impl Coordinator {
     /// A leader that may not validate (a witness elected to bring a
     /// standby's log up to date, say) hands leadership to an eligible
@@ -370,7 +374,10 @@ impl Coordinator {
             return self.deactivate("validator_exit").await;
         }
         if let Err(e) = self.custody.ensure_kernel_fence().await {
-            tracing::error!("not activating: {e}");
+            // Not eligible for a while: leadership goes to a standby that
+            // has its fence, instead of this node retrying at every beat.
+            tracing::error!("not activating: {e}; standing down for {KERNEL_FENCE_STAND_DOWN:?}");
+            self.stand_down_until = Some(Instant::now() + KERNEL_FENCE_STAND_DOWN);
             return self.deactivate("kernel_fence").await;
         }
         // Arm the guard before the key appears: from here on, a frozen or
