@@ -8,7 +8,7 @@
 //! configured (loopback by default), or touch the validator; a switchover is
 //! handed to the coordinator, which owns the validator.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,7 @@ pub fn status_json(sh: &Shared) -> Value {
     let local = sh.local.borrow().clone();
     let mut validating = Vec::new();
     let mut nodes = Vec::new();
+    let remembered = remembered_by_all(sh, &seen);
     for id in ids {
         let addr = membership
             .get_node(&id)
@@ -97,6 +98,11 @@ pub fn status_json(sh: &Shared) -> Value {
                 "last_seen_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
             })
         };
+        let mut node = node;
+        node["remembered"] = remembered
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| json!({"term": 0, "committed": 0, "refused_by": {}}));
         nodes.push(node);
     }
     let active = match validating.as_slice() {
@@ -127,6 +133,44 @@ pub fn status_json(sh: &Shared) -> Value {
         });
     }
     status
+}
+
+/// What the members remember of each one (step 9): the highest term and
+/// committed index any of them saw it hold, and who refused it, why.
+fn remembered_by_all(
+    sh: &Shared,
+    seen: &BTreeMap<NodeId, crate::node::Seen>,
+) -> BTreeMap<NodeId, Value> {
+    let mut by: Vec<(NodeId, pb::Remembered)> = sh
+        .memory
+        .all()
+        .into_iter()
+        .map(|(id, r)| {
+            let refused = r.refused.unwrap_or_default();
+            let r = pb::Remembered {
+                id,
+                term: r.term,
+                committed: r.committed,
+                refused,
+            };
+            (sh.cfg.id, r)
+        })
+        .collect();
+    for (peer, s) in seen {
+        by.extend(s.status.remembered.iter().map(|r| (*peer, r.clone())));
+    }
+    let mut out: BTreeMap<NodeId, Value> = BTreeMap::new();
+    for (who, r) in by {
+        let e = out
+            .entry(r.id)
+            .or_insert_with(|| json!({"term": 0, "committed": 0, "refused_by": {}}));
+        e["term"] = json!(e["term"].as_u64().unwrap_or(0).max(r.term));
+        e["committed"] = json!(e["committed"].as_u64().unwrap_or(0).max(r.committed));
+        if !r.refused.is_empty() {
+            e["refused_by"][who.to_string()] = json!(r.refused);
+        }
+    }
+    out
 }
 
 fn raft_status<E: std::fmt::Display>(e: RaftError<TypeConfig, E>) -> Status {
@@ -177,9 +221,28 @@ pub async fn execute(
     let leader = sh
         .leader()
         .ok_or_else(|| Status::unavailable("no live leader right now"))?;
+    execute_on(sh, leader, cmd, deadline).await
+}
+
+/// Runs `cmd` on `leader` (here, or forwarded with `deadline`).
+pub async fn execute_on(
+    sh: &Arc<Shared>,
+    leader: NodeId,
+    cmd: pb::ClusterCommand,
+    deadline: Duration,
+) -> Result<String, Status> {
     if leader == sh.cfg.id {
         return execute_here(sh, cmd).await;
     }
+    forward(sh, leader, cmd, deadline).await
+}
+
+async fn forward(
+    sh: &Arc<Shared>,
+    leader: NodeId,
+    cmd: pb::ClusterCommand,
+    deadline: Duration,
+) -> Result<String, Status> {
     let channel = sh
         .peers
         .channel(leader)
@@ -275,6 +338,12 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
             sh.peers.set_addr(m.id, &m.addr);
             Ok(format!("node {} ({}) is a voter", m.id, m.addr))
         }
+        Kind::MembersRemove(id) if id == sh.cfg.id => remove_the_leader(sh, id).await,
+        Kind::MembersRemove(id) if sh.cluster.borrow().key_holder() == Some(id) => {
+            Err(Status::failed_precondition(format!(
+                "node {id} holds the key unreleased and does not lead (its lease is running out): run `keyraft switchover` first, or remove it once a successor validates"
+            )))
+        }
         Kind::MembersRemove(id) => {
             let voters = voter_ids(sh);
             if voters.contains(&id) && voters.len() <= 1 {
@@ -288,8 +357,14 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                 .map_err(write_status)?;
             Ok(format!("node {id} removed"))
         }
+        Kind::Rejoin(m) if m.id == sh.cfg.id => Err(Status::failed_precondition(
+            "the leader cannot rejoin: it holds its data",
+        )),
         Kind::Rejoin(m) => {
             check_member(&m)?;
+            // Every member forgets what it saw of the node's old history
+            // (and any refusal of it): it starts over, without a vote.
+            write(Command::Rejoined { node: m.id }).await?;
             if voter_ids(sh).contains(&m.id) {
                 // Demote first: a voter that lost its data must not vote
                 // until it has caught up again.
@@ -303,6 +378,50 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                 m.id
             ))
         }
+    }
+}
+
+/// Removing the leader (docs/design.md, step 7): it hands over first as in
+/// a switchover (stop, prove dead, `Released`, transfer), and the new
+/// leader removes it. openraft's own removed-leader step-down is off: it
+/// transferred leadership without a release while the old leader's
+/// validator still ran.
+async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Status> {
+    let (reply, rx) = oneshot::channel();
+    sh.requests
+        .send(CoordinatorRequest::Switchover { to: None, reply })
+        .await
+        .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+    let handed = rx
+        .await
+        .map_err(|_| Status::unavailable("coordinator is shutting down"))?
+        .map_err(|why| {
+            Status::failed_precondition(format!(
+                "node {id} leads and could not hand over ({why}): run `keyraft switchover` (or stop node {id}) first, then remove it"
+            ))
+        })?;
+    // The successor takes the removal once it leads (it may still be
+    // committing its activation).
+    let limit = sh.cfg.timing.election_max * 10;
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let cmd = pb::ClusterCommand {
+            kind: Some(Kind::MembersRemove(id)),
+        };
+        let last = match sh.leader() {
+            Some(l) if l != id => match forward(sh, l, cmd, OPERATOR_DEADLINE).await {
+                Ok(removed) => return Ok(format!("node {id} led: {handed}; {removed}")),
+                Err(e) if e.code() == tonic::Code::Unavailable => e.message().to_string(),
+                Err(e) => return Err(e),
+            },
+            _ => "no other leader yet".to_string(),
+        };
+        if tokio::time::Instant::now() >= until {
+            return Err(Status::unavailable(format!(
+                "node {id} handed over ({handed}), but the removal was not taken within {limit:?} ({last}): run it again"
+            )));
+        }
+        tokio::time::sleep(sh.cfg.timing.heartbeat).await;
     }
 }
 

@@ -4,9 +4,11 @@
 //! cluster view (last seen, round-trip time) behind `keyraft status`,
 //! `keyraft_peer_*` metrics and the choice of a handover target.
 //!
-//! Owns: filling the [`crate::node::ClusterView`], the Gossip service (Exchange, and Hello for a
-//! node starting with an empty data dir). Must not: decide anything; gossip
-//! is advisory. Safety never rests on it, only on Raft.
+//! Owns: filling the [`crate::node::ClusterView`], the Gossip service
+//! (Exchange, and Hello for a starting node: what this node remembers of
+//! it), and passing on a peer's word that it refused this node (step 9).
+//! Must not: decide anything else; gossip is advisory. Safety never rests
+//! on it, only on Raft and what start-up checks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::config::TimingProfile;
 use crate::node::{Local, Shared};
 use crate::pb;
+use crate::raft::memory::{self, Holds, Remembered};
 use crate::tls::peer_of;
 
 /// Pushes this node's status to every peer, forever: on each tick, and as
@@ -56,8 +59,12 @@ pub async fn run(sh: Arc<Shared>) {
                     return;
                 };
                 let req = sh.peers.request(mine, interval);
+                let before = sh.memory.of(id);
                 match sh.peers.call(id, interval, client.exchange(req)).await {
-                    Ok(theirs) if theirs.id == id => sh.view.record(theirs, Some(start.elapsed())),
+                    Ok(theirs) if theirs.id == id => {
+                        catch(&sh, &before, &theirs).await;
+                        record(&sh, theirs, Some(start.elapsed()))
+                    }
                     Ok(theirs) => {
                         tracing::warn!(peer = id, "gossip answered by node {} instead", theirs.id)
                     }
@@ -119,6 +126,10 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
             .peer_up
             .with_label_values(&[&label])
             .set(i64::from(up));
+        sh.metrics
+            .member_refused
+            .with_label_values(&[&label])
+            .set(i64::from(sh.memory.of(id).refused.is_some()));
         if let Some(rtt) = s.and_then(|s| s.rtt) {
             sh.metrics
                 .peer_rtt
@@ -149,6 +160,97 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
         uptime_ms: sh.started.elapsed().as_millis() as u64,
         addr: sh.cfg.advertise.clone(),
         eligible: local.eligible,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        remembered: sh
+            .memory
+            .all()
+            .into_iter()
+            .map(|(id, r)| pb::Remembered {
+                id,
+                term: r.term,
+                committed: r.committed,
+                refused: r.refused.unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// A peer whose answer shows a term or a log below what this node saw of
+/// it before asking has gone back in time (its data dir was restored while
+/// this node was away): refused here from now on, and told so.
+async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
+    if !sh.gate.votes_open() {
+        return;
+    }
+    let holds = Holds {
+        term: theirs.term,
+        last_index: theirs.last_log_index,
+    };
+    let counters = Remembered {
+        refused: None,
+        refused_by: None,
+        ..before.clone()
+    };
+    if before.refused.is_some() {
+        // It holds what was seen of it again (it started on a good copy):
+        // taken back, as a start's Hello would.
+        if memory::behind(&counters, holds).is_none() {
+            if let Err(e) = sh.memory.clear_refusal(theirs.id).await {
+                tracing::warn!("cannot take back the refusal of node {}: {e}", theirs.id);
+            }
+        }
+        return;
+    }
+    if let Some(gap) = memory::behind(before, holds) {
+        let why = format!(
+            "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
+            theirs.id, sh.cfg.id
+        );
+        match sh.memory.refuse(theirs.id, before, why.clone(), sh.cfg.id).await {
+            Ok(true) => tracing::error!("REFUSED: {why}; its votes and acknowledgements are ignored until it starts with a data dir that holds what was seen of it"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("cannot record the refusal of node {}: {e}", theirs.id),
+        }
+    }
+}
+
+/// Records a peer's status, and hears it if the peer says it refused this
+/// node (step 9): the node then stops, unless it is rejoining.
+fn record(sh: &Shared, theirs: pb::NodeStatus, rtt: Option<std::time::Duration>) {
+    // A refusal is heard only while this node is still behind what the
+    // peer saw of it: one that started again on a good copy is not, and
+    // the peer takes its refusal back when it sees so.
+    let m = sh.raft_metrics();
+    let holds = Holds {
+        term: m.current_term,
+        last_index: m.last_log_index.unwrap_or(0),
+    };
+    let told = theirs
+        .remembered
+        .iter()
+        .find(|r| r.id == sh.cfg.id && !r.refused.is_empty())
+        .filter(|r| {
+            let counters = Remembered {
+                term: r.term,
+                committed: r.committed,
+                ..Remembered::default()
+            };
+            memory::behind(&counters, holds).is_some()
+        })
+        .map(|r| format!("node {} refused this node: {}", theirs.id, r.refused));
+    sh.view.record(theirs, rtt);
+    if let Some(why) = told.filter(|_| sh.gate.votes_open()) {
+        sh.refused.send_if_modified(|r| {
+            if r.is_none() {
+                tracing::error!(
+                    "REFUSED: {why}; stopping (move the data dir away and start with --rejoin)"
+                );
+                *r = Some(why);
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -176,7 +278,7 @@ impl pb::gossip_server::Gossip for GossipService {
                 status.id
             )));
         }
-        self.sh.view.record(status, None);
+        record(&self.sh, status, None);
         Ok(Response::new(own_status(&self.sh)))
     }
 
@@ -196,12 +298,38 @@ impl pb::gossip_server::Gossip for GossipService {
             .next()
             .is_some();
         let registered = self.sh.cluster.borrow().registered.contains(&peer);
+        let mut seen = self.sh.memory.of(peer);
+        if let Some(h) = req.get_ref().holds {
+            // A start judged by what this node saw of it: behind, refused;
+            // not behind, any earlier refusal taken back (a good copy).
+            let holds = Holds {
+                term: h.term,
+                last_index: h.last_index,
+            };
+            let counters = Remembered {
+                refused: None,
+                refused_by: None,
+                ..seen.clone()
+            };
+            match memory::behind(&counters, holds) {
+                Some(gap) => seen.refused = Some(gap),
+                None => {
+                    seen.refused = None;
+                    if let Err(e) = self.sh.memory.clear_refusal(peer).await {
+                        tracing::warn!("cannot take back the refusal of node {peer}: {e}");
+                    }
+                }
+            }
+        }
         Ok(Response::new(pb::HelloReply {
             initialized,
             term: m.current_term,
             leader: m.current_leader,
             registered,
             wall_ms: crate::node::wall_ms(),
+            seen_term: seen.term,
+            seen_committed: seen.committed,
+            refused: seen.refused.unwrap_or_default(),
         }))
     }
 }

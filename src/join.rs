@@ -1,6 +1,7 @@
-//! Joining the cluster (docs/design.md, step 9): what a node with an empty
-//! data dir asks its peers before it takes part, and the one-time
-//! registration that makes a later empty start need `--rejoin`.
+//! Joining the cluster (docs/design.md, step 9): what a node asks its peers
+//! before it takes part (does its data dir hold at least what they saw of
+//! it?), and the one-time registration that makes a later empty start need
+//! `--rejoin`.
 //!
 //! Owns: the bootstrap decision (carry on, initialise, join, rejoin, or
 //! refuse) and the `Register` command. Must not: start servers or touch
@@ -13,6 +14,7 @@ use crate::admin;
 use crate::ledger::NodeId;
 use crate::node::Shared;
 use crate::pb;
+use crate::raft::memory::{self, Holds, Remembered};
 
 /// A start refused for safety (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -34,64 +36,104 @@ pub enum Bootstrap {
     Rejoin,
 }
 
-/// Step 9 (docs/design.md): a node with an empty data dir asks its peers
-/// before it takes part, so that a wiped voter cannot vote twice in a term.
-pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool) -> Result<Bootstrap, Refused> {
-    if !fresh {
-        if sh.cfg.rejoin {
-            tracing::warn!("--rejoin ignored: the data dir holds Raft state");
-        }
-        return Ok(Bootstrap::Existing);
+/// Step 9 (docs/design.md): before it takes any Raft message, a node asks
+/// its peers what they saw of it. A data dir behind what any of them saw
+/// (restored from an older copy, or wiped) is refused: it has forgotten
+/// votes it cast and entries it acknowledged. A data dir with state needs
+/// answers from a majority of the members (itself included); an empty one
+/// joining a cluster that exists needs every other member's, since the
+/// one that saw it may be any of them. No answers: it waits, never guesses.
+pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool, holds: Holds) -> Result<Bootstrap, Refused> {
+    if !fresh && sh.cfg.rejoin {
+        tracing::warn!("--rejoin ignored: the data dir holds Raft state");
     }
-    if sh.cfg.rejoin {
+    if fresh && sh.cfg.rejoin {
         tracing::info!("empty data dir and --rejoin: joining as a new learner");
         return Ok(Bootstrap::Rejoin);
     }
     let members = sh.cfg.members().len();
+    let peers = sh.cfg.peers.len();
     let mut waited = Duration::ZERO;
     let step = Duration::from_millis(500);
     loop {
-        let asks = sh.cfg.peers.keys().map(|&id| {
-            let sh = sh.clone();
-            async move {
-                let mut c = sh.peers.gossip_client(id).ok()?;
-                let req = sh
-                    .peers
-                    .request(pb::HelloRequest { id: sh.cfg.id }, Duration::from_secs(1));
-                sh.peers
-                    .call(id, Duration::from_secs(1), c.hello(req))
-                    .await
-                    .ok()
-                    .map(|r| (id, r))
+        let answers = ask(sh, holds).await;
+        for (peer, r) in &answers {
+            let seen = Remembered {
+                term: r.seen_term,
+                committed: r.seen_committed,
+                refused: (!r.refused.is_empty()).then(|| r.refused.clone()),
+                refused_by: (!r.refused.is_empty()).then_some(*peer),
+            };
+            if let Some(gap) = memory::behind(&seen, holds) {
+                return Err(refusal(sh, fresh, *peer, r, &gap));
             }
-        });
-        let answers: Vec<(NodeId, pb::HelloReply)> = futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        if let Some((peer, r)) = answers.iter().find(|(_, r)| r.registered) {
-            return Err(Refused(format!(
-                "data dir {} is empty, but node {peer} knows node {} as a member that ran before (cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
-                sh.cfg.data_dir.display(),
-                sh.cfg.id,
-                r.term
-            )));
+            if fresh && r.registered {
+                return Err(refusal(sh, fresh, *peer, r, "it registered"));
+            }
         }
-        if answers.iter().any(|(_, r)| r.initialized) {
-            return Ok(Bootstrap::Join);
-        }
-        if (answers.len() + 1) * 2 > members {
-            return Ok(Bootstrap::Initialize);
-        }
+        let majority = (answers.len() + 1) * 2 > members;
+        let exists = answers.iter().any(|(_, r)| r.initialized);
+        let waiting_for = match (fresh, exists) {
+            (false, _) if majority => return Ok(Bootstrap::Existing),
+            (true, true) if answers.len() == peers => return Ok(Bootstrap::Join),
+            (true, false) if majority => return Ok(Bootstrap::Initialize),
+            (true, true) => "every other member (one of them may have seen this node before)",
+            _ => "a majority of the members",
+        };
         if waited.as_millis() % 5000 == 0 {
             tracing::info!(
-                "empty data dir: waiting for a majority of the {members} members to answer before forming the cluster ({} answered)",
+                "{}: waiting for {waiting_for} to answer before taking part ({} of {peers} answered)",
+                if fresh { "empty data dir" } else { "checking this data dir with its peers" },
                 answers.len()
             );
         }
         tokio::time::sleep(step).await;
         waited += step;
+    }
+}
+
+/// Every peer's answer to Hello that came within a second.
+async fn ask(sh: &Arc<Shared>, holds: Holds) -> Vec<(NodeId, pb::HelloReply)> {
+    let asks = sh.cfg.peers.keys().map(|&id| {
+        let sh = sh.clone();
+        async move {
+            let mut c = sh.peers.gossip_client(id).ok()?;
+            let req = sh.peers.request(
+                pb::HelloRequest {
+                    id: sh.cfg.id,
+                    holds: Some(pb::Holds {
+                        term: holds.term,
+                        last_index: holds.last_index,
+                    }),
+                },
+                Duration::from_secs(1),
+            );
+            sh.peers
+                .call(id, Duration::from_secs(1), c.hello(req))
+                .await
+                .ok()
+                .map(|r| (id, r))
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The one line a refused start ends with (exit code 2).
+fn refusal(sh: &Shared, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &str) -> Refused {
+    let (dir, id) = (sh.cfg.data_dir.display(), sh.cfg.id);
+    if fresh {
+        Refused(format!(
+            "data dir {dir} is empty, but node {peer} knows node {id} as a member that ran before ({gap}; cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
+            r.term
+        ))
+    } else {
+        Refused(format!(
+            "data dir {dir} is behind what node {peer} saw of node {id} ({gap}): it was restored from an older copy or lost writes, and has forgotten votes and entries (it could vote twice in one term); move it away and start with --rejoin to join as a new learner"
+        ))
     }
 }
 

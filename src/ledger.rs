@@ -37,6 +37,9 @@ pub enum Command {
     /// `node` started with durable state; a later start with an empty data
     /// dir is then refused unless it rejoins.
     Register { node: NodeId },
+    /// `node` rejoins with an empty data dir (`--rejoin`): every member
+    /// forgets what it saw of its history (it starts over as a learner).
+    Rejoined { node: NodeId },
     /// Signer mode: the leader is about to sign this (height, round, step)
     /// of `chain_id`. `digest` is the SHA-256 of the sign bytes with the
     /// timestamp zeroed; `timestamp` is the one that will be signed.
@@ -63,6 +66,7 @@ impl fmt::Display for Command {
             }
             Command::SetPaused { paused } => write!(f, "set paused={paused}"),
             Command::Register { node } => write!(f, "register node {node}"),
+            Command::Rejoined { node } => write!(f, "node {node} rejoins with an empty data dir"),
             Command::Signed {
                 height,
                 round,
@@ -212,6 +216,7 @@ impl ClusterState {
                 self.registered.insert(node);
                 Reply::default()
             }
+            Command::Rejoined { .. } => Reply::default(),
             Command::Signed {
                 ref chain_id,
                 height,

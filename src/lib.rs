@@ -17,8 +17,9 @@
 //! - [`server`]: `keyraft run` itself: start-up order (lock and fence
 //!   first, then storage, servers, bootstrap), the background tasks, and
 //!   teardown. It builds everything below and hands over to the coordinator.
-//! - [`join`]: step 9, what a node with an empty data dir asks its peers
-//!   before it takes part, and its one-time registration.
+//! - [`join`]: step 9, what every starting node asks its peers before it
+//!   takes part (does its data dir hold what they saw of it?), and its
+//!   one-time registration.
 //! - [`shutdown`]: the one shutdown signal threaded through every task.
 //! - [`node`]: the handles the running parts share ([`node::Shared`]), what
 //!   this node says about itself and what peers last said. Plain data; the
@@ -38,10 +39,13 @@
 //!   forward requests to the leader; refusals are typed end to end.
 //! - [`raft`]: replication only: openraft's type configuration, the vote
 //!   and leadership gate ([`raft::gate`]), durable sled storage
-//!   ([`raft::store`]), the gRPC client ([`raft::network`]) and service
-//!   ([`raft::server`]).
+//!   ([`raft::store`]), what this node remembers of each member's history
+//!   ([`raft::memory`], step 9), the gRPC client ([`raft::network`]) and
+//!   service ([`raft::server`]).
 //! - [`ledger`]: what is replicated and its rules (key events, pause,
 //!   registrations, the signing watermark), at the bottom of the graph.
+//! - [`durable`]: how a file keyraft trusts later is written (temp file,
+//!   fsync, rename, directory fsync), also at the bottom.
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
@@ -54,6 +58,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod coordinator;
+pub mod durable;
 pub mod fence;
 pub mod gossip;
 pub mod health;

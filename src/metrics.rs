@@ -38,6 +38,7 @@ pub struct Metrics {
     pub validator_restarts: IntCounter,
     pub peer_up: IntGaugeVec,
     pub peer_rtt: GaugeVec,
+    pub member_refused: IntGaugeVec,
     pub paused: IntGauge,
     pub kernel_fence: IntGauge,
     pub fence_agent_attempts: IntCounterVec,
@@ -108,6 +109,10 @@ impl Metrics {
             ))?,
             peer_up: IntGaugeVec::new(opts("peer_up", "1 while gossip from the peer is fresh."), &["peer"])?,
             peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
+            member_refused: IntGaugeVec::new(
+                opts("member_refused", "1 while this node refuses the member: it answered below what this node saw of it (a data dir restored from an older copy or wiped), docs/design.md step 9."),
+                &["node"],
+            )?,
             paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
             kernel_fence: IntGauge::with_opts(opts("kernel_fence", "1 while the kernel fence (an nftables lease on the keyed validator's traffic) is on for this host's validator."))?,
             fence_agent_attempts: IntCounterVec::new(
@@ -166,6 +171,7 @@ impl Metrics {
         }
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;
+        r.register(Box::new(m.member_refused.clone()))?;
         r.register(Box::new(m.paused.clone()))?;
         r.register(Box::new(m.tls_cert_expiry.clone()))?;
         if signer {

@@ -23,6 +23,7 @@ use crate::health::Health;
 use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
 use crate::pb;
+use crate::raft::memory::Memory;
 use crate::raft::network::Peers;
 use crate::raft::{self, Gate, Raft};
 use crate::tls::{CertInfo, ServerTls};
@@ -69,6 +70,11 @@ pub struct Shared {
     pub raft: Raft,
     pub peers: Arc<Peers>,
     pub gate: Arc<Gate>,
+    /// What this node remembers of every member's history (step 9).
+    pub memory: Arc<Memory>,
+    /// Set when a peer told this node it was refused (its data dir went
+    /// back in time): the node stops, exit code 2.
+    pub refused: watch::Sender<Option<String>>,
     pub metrics: Metrics,
     pub view: ClusterView,
     pub local: watch::Sender<Local>,

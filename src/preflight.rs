@@ -218,7 +218,13 @@ async fn peer(peers: &Peers, id: u64, cfg: &Config) -> Line {
         Err(e) => return line(Outcome::Fail, what, e.to_string()),
     };
     let deadline = Duration::from_secs(3);
-    let req = peers.request(pb::HelloRequest { id: cfg.id }, deadline);
+    let req = peers.request(
+        pb::HelloRequest {
+            id: cfg.id,
+            holds: None,
+        },
+        deadline,
+    );
     let sent = Instant::now();
     let sent_wall = wall_ms();
     let mut client = client;

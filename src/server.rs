@@ -29,7 +29,7 @@ use crate::join::{self, Bootstrap};
 use crate::metrics::Metrics;
 use crate::node::{ClusterView, Local, PrivvalLinks, Shared};
 use crate::pb;
-use crate::raft::network::{Network, Peers, MAX_MESSAGE};
+use crate::raft::network::{Peers, MAX_MESSAGE};
 use crate::raft::server::RaftService;
 use crate::raft::{self, Gate, Raft};
 use crate::shutdown::{self, Shutdown};
@@ -134,7 +134,9 @@ pub async fn run(
     };
     let table_file = cfg.data_dir.join(fence::kernel::TABLE_FILE);
     let recorded = match kernel.plan() {
-        Some(plan) => std::fs::write(&table_file, format!("{}\n", plan.table)),
+        Some(plan) => {
+            crate::durable::write(&table_file, format!("{}\n", plan.table).as_bytes(), 0o600)
+        }
         None => std::fs::remove_file(&table_file).or_else(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Ok(()),
             _ => Err(e),
@@ -163,12 +165,25 @@ pub async fn run(
     }
 
     let raft_dir = cfg.data_dir.join("raft");
-    let (log_store, state_machine, fresh) = blocking(move || -> Result<_, RunError> {
-        let (log, sm) = raft::store::open(&raft_dir)?;
-        let fresh = log.is_fresh()?;
-        Ok((log, sm, fresh))
-    })
-    .await?;
+    let (log_store, state_machine, memory, fresh, holds) =
+        blocking(move || -> Result<_, RunError> {
+            let (log, sm, memory) = raft::store::open(&raft_dir)?;
+            let fresh = log.is_fresh()?;
+            let mut holds = log.holds()?;
+            // A snapshot installed before a crash holds entries the log may
+            // not (openraft fills the gap when it starts).
+            holds.last_index = holds.last_index.max(sm.applied_index());
+            Ok((log, sm, memory, fresh, holds))
+        })
+        .await?;
+    // A copied Raft store's memory of this node, and its refusals, are not
+    // this node's word.
+    memory.adopt(cfg.id).await.map_err(|e| {
+        RunError::Store(raft::store::StoreError::Corrupt {
+            path: cfg.data_dir.join("raft").display().to_string(),
+            why: e.to_string(),
+        })
+    })?;
     let server_tls = material
         .as_ref()
         .map(ServerTls::new)
@@ -193,7 +208,10 @@ pub async fn run(
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_cfg),
-        Network(peers.clone()),
+        raft::network::Network {
+            peers: peers.clone(),
+            memory: memory.clone(),
+        },
         log_store.clone(),
         state_machine,
     )
@@ -215,6 +233,8 @@ pub async fn run(
         raft: raft.clone(),
         peers,
         gate: gate.clone(),
+        memory: memory.clone(),
+        refused: watch::channel(None).0,
         metrics,
         view: ClusterView::default(),
         local: watch::channel(Local::default()).0,
@@ -248,7 +268,7 @@ pub async fn run(
     )
     .await?;
 
-    let bootstrap = join::bootstrap(&sh, fresh).await?;
+    let bootstrap = join::bootstrap(&sh, fresh, holds).await?;
     gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
@@ -321,9 +341,16 @@ pub async fn run(
         _ => (None, None),
     };
 
+    tasks.push(tokio::spawn(
+        sh.memory.clone().run_flusher(servers_stop.clone()),
+    ));
     let (stop_coordinator, coordinator_stop) = shutdown::channel();
+    let mut refused = sh.refused.subscribe();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            Ok(_) = refused.wait_for(Option::is_some) => {}
+        }
         stop_coordinator.fire();
     });
     let mut coordinator = Coordinator::new(
@@ -364,10 +391,17 @@ pub async fn run(
             Err(e) => tracing::warn!("cannot remove the kernel fence: {e}"),
         }
     }
+    if let Err(e) = sh.memory.persist().await {
+        tracing::warn!("final flush of what this node remembers of its peers: {e}");
+    }
     tree.remove_cgroup();
     drop(lock);
     tracing::info!("stopped");
-    Ok(())
+    let refused = sh.refused.borrow().clone();
+    match refused {
+        Some(why) => Err(RunError::Refused(why)),
+        None => Ok(()),
+    }
 }
 
 async fn blocking<T: Send + 'static, E: Send + 'static>(
@@ -423,6 +457,9 @@ async fn start_servers(
         sh.raft.clone(),
         sh.gate.clone(),
         sh.cfg.id,
+        sh.cluster.clone(),
+        sh.cfg.timing,
+        sh.memory.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);

@@ -8,8 +8,6 @@
 //! certificates. Must not: decide anything about Raft; it only answers "who is
 //! calling" and "is this really node N".
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -450,14 +448,7 @@ fn write_all_new(files: &[(PathBuf, String, u32)]) -> Result<Vec<PathBuf>, TlsEr
             path: path.display().to_string(),
             source,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(*mode)
-            .open(path)
-            .map_err(err)?;
-        f.write_all(body.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
+        crate::durable::create_new(path, body.as_bytes(), *mode).map_err(err)?;
     }
     Ok(files.iter().map(|(p, _, _)| p.clone()).collect())
 }

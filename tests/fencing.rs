@@ -264,7 +264,8 @@ async fn a_node_that_ignores_sigterm_is_fenced_under_every_fault() -> Result<()>
 }
 
 /// A keyed restart whose guard blocks writing the pid file (a FIFO nobody
-/// reads stands for a stalled disk) while the host is cut off: the guard's
+/// reads, where the pid file's temp file goes, stands for a stalled disk)
+/// while the host is cut off: the guard's
 /// timer must still see the new validator and kill it at the lease's end,
 /// although the coordinator waits on the start's reply meanwhile.
 #[tokio::test]
@@ -272,13 +273,15 @@ async fn a_keyed_restart_stuck_on_a_slow_disk_is_still_fenced() -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, opts(Launch::Exec, true)).await?;
     let active = settled(&c).await?;
     let pid_file = c.nodes[&active].data.join("validator.pid");
+    let stalled = c.nodes[&active].data.join(".validator.pid.keyraft-tmp");
     let at = c.chain.totals().await?.height;
     c.kill_validator(active)?;
     eventually(SETTLE, "the crashed validator's pid file to go", || async {
         Ok((!pid_file.exists()).then_some(()))
     })
     .await?;
-    nix::unistd::mkfifo(&pid_file, nix::sys::stat::Mode::S_IRWXU)?;
+    let _ = std::fs::remove_file(&stalled);
+    nix::unistd::mkfifo(&stalled, nix::sys::stat::Mode::S_IRWXU)?;
     // The restart with the key is under way once its process exists.
     eventually(SETTLE, "the keyed restart", || async {
         Ok((!c.tree_pids(active).is_empty()).then_some(()))
@@ -296,8 +299,8 @@ async fn a_keyed_restart_stuck_on_a_slow_disk_is_still_fenced() -> Result<()> {
     let reader = std::fs::File::options()
         .read(true)
         .custom_flags(nix::libc::O_NONBLOCK)
-        .open(&pid_file);
-    let _ = std::fs::remove_file(&pid_file);
+        .open(&stalled);
+    let _ = std::fs::remove_file(&stalled);
     drop(reader);
     ensure!(
         left.is_empty(),

@@ -35,7 +35,7 @@ fn entry(index: u64) -> Entry {
 
 /// The child: append forever, printing each index once it is durable.
 async fn writer(dir: &Path) -> Result<()> {
-    let (mut log, _sm) = store::open(dir)?;
+    let (mut log, _sm, _) = store::open(dir)?;
     let state = log.get_log_state().await?;
     let mut next = state.last_log_id.map_or(1, |l| l.index + 1);
     let mut out = std::io::stdout().lock();
@@ -53,7 +53,7 @@ async fn writer(dir: &Path) -> Result<()> {
 
 /// Everything in the log must be entries 1..=last, intact.
 async fn check(dir: &Path, acked: u64) -> Result<u64> {
-    let (mut log, _sm): (LogStore, _) = store::open(dir)?;
+    let (mut log, _sm, _): (LogStore, _, _) = store::open(dir)?;
     let bounds = log.verify().await?;
     let Some((first, last)) = bounds else {
         ensure!(acked == 0, "log empty, but {acked} was acknowledged");

@@ -352,12 +352,16 @@ impl Coordinator {
             return State::Voting;
         }
         let clean = prior.is_none_or(|p| p.released);
-        if !clean && !t.handover_delay.is_zero() {
+        let since_holder = prior
+            .filter(|p| !p.released && p.node != id)
+            .and_then(|p| self.sh.gate.since_contact_from(p.node));
+        let wait = policy::takeover_wait(clean, since_holder, &t);
+        if !wait.is_zero() {
             tracing::info!(
-                wait_ms = t.handover_delay.as_millis() as u64,
+                wait_ms = wait.as_millis() as u64,
                 "waiting out the previous holder's lease"
             );
-            if let Err(next) = self.hold(t.handover_delay, term).await {
+            if let Err(next) = self.hold(wait, term).await {
                 return next;
             }
         }
@@ -409,7 +413,8 @@ impl Coordinator {
                 "failover complete"
             );
         }
-        tracing::info!(term, "VALIDATING");
+        // `clean`: the previous holder released the key (no lease to wait).
+        tracing::info!(term, clean, "VALIDATING");
         State::Validating { term }
     }
 
@@ -426,6 +431,11 @@ impl Coordinator {
     /// release, no transfer: this leader goes quiet (see `publish`) and the
     /// successor waits out the lease.
     pub(super) async fn handover(&mut self, term: u64, target: NodeId) -> State {
+        self.handover_released(term, target).await.0
+    }
+
+    /// As [`Self::handover`], and whether the key was released.
+    pub(super) async fn handover_released(&mut self, term: u64, target: NodeId) -> (State, bool) {
         tracing::info!("handing over to node {target}");
         let released = self.custody.stop_and_release(term, "handover").await;
         self.stand_down_until = Some(Instant::now() + self.sh.cfg.timing.election_max * 2);
@@ -435,7 +445,7 @@ impl Coordinator {
         } else if let Err(e) = self.sh.raft.trigger().transfer_leader(target).await {
             tracing::error!("transfer of leadership failed: {e}");
         }
-        State::Startup
+        (State::Startup, released)
     }
 
     pub(super) async fn release_for_shutdown(&mut self, term: u64) -> State {

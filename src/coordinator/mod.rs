@@ -449,9 +449,15 @@ impl Coordinator {
             }
             let m = self.sh.raft_metrics();
             if self.rejoining {
-                if Instant::now() >= next_try && m.current_leader.is_some() {
+                // Its peers may refuse its Raft messages until the leader
+                // takes it back (step 9), so gossip may be all it hears.
+                let leader = m.current_leader.or_else(|| {
+                    let fresh = self.sh.view.fresh(self.sh.cfg.timing.gossip_interval * 3);
+                    fresh.iter().find_map(|s| s.leader.filter(|l| *l == s.id))
+                });
+                if let Some(leader) = leader.filter(|_| Instant::now() >= next_try) {
                     next_try = Instant::now() + Duration::from_secs(2);
-                    self.ask_to_rejoin(m.current_leader).await;
+                    self.ask_to_rejoin(leader).await;
                 }
             } else if self.is_voter() {
                 return State::Voting;
@@ -472,15 +478,15 @@ impl Coordinator {
 
     /// Step 9: a node that lost its data dir asks the leader to take it
     /// back as a learner; it votes again once it is one.
-    async fn ask_to_rejoin(&mut self, leader: Option<NodeId>) {
+    async fn ask_to_rejoin(&mut self, leader: NodeId) {
         let cmd = pb::ClusterCommand {
             kind: Some(pb::cluster_command::Kind::Rejoin(pb::Member {
                 id: self.sh.cfg.id,
                 addr: self.sh.cfg.advertise.clone(),
             })),
         };
-        tracing::info!("asking leader {leader:?} to take this node back as a learner");
-        match admin::execute(&self.sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
+        tracing::info!("asking leader {leader} to take this node back as a learner");
+        match admin::execute_on(&self.sh, leader, cmd, admin::NODE_REQUEST_DEADLINE).await {
             Ok(msg) => {
                 tracing::info!("{msg}");
                 self.rejoining = false;
@@ -590,8 +596,12 @@ impl Coordinator {
                 Event::Request(CoordinatorRequest::Switchover { to, reply }) => {
                     match self.handover_target(to) {
                         Ok(target) => {
-                            let next = self.handover(term, target).await;
-                            let _ = reply.send(Ok(format!("handed over to node {target}")));
+                            let (next, released) = self.handover_released(term, target).await;
+                            let _ = reply.send(if released {
+                                Ok(format!("handed over to node {target}"))
+                            } else {
+                                Err(format!("the validator was stopped, but its stop was not proven or the release not committed: node {target} takes over after the lease"))
+                            });
                             return next;
                         }
                         Err(why) => {

@@ -274,6 +274,21 @@ pub fn may_hand_on(
     !holds_key && !handed_on_this_term && leads && last_log.is_some() && target_matched >= last_log
 }
 
+/// Step 3's wait before a new leader touches the key: none after a clean
+/// handover; otherwise `handover_delay`, and at least until
+/// `election_timeout_max + handover_delay` have passed since this node last
+/// heard from the unreleased holder as leader (`since_holder`). An ordinary
+/// election already took that long; a leader elected by transfer may not
+/// have, and must not act sooner for it.
+pub fn takeover_wait(clean: bool, since_holder: Option<Duration>, t: &Timing) -> Duration {
+    if clean {
+        return Duration::ZERO;
+    }
+    let lease = t.election_max + t.handover_delay;
+    let rest = since_holder.map_or(Duration::ZERO, |d| lease.saturating_sub(d));
+    t.handover_delay.max(rest)
+}
+
 /// Step 5's lease deadline, in CLOCK_MONOTONIC ns: the sending time of the
 /// last quorum-acked heartbeat (`ack_age` before `now_ns`) plus
 /// `fence_after`, while it is still ahead.
@@ -604,6 +619,34 @@ mod tests {
             Some(300_000_000),
             "no underflow"
         );
+    }
+
+    #[test]
+    fn a_takeover_waits_out_the_holders_lease_however_it_was_elected() {
+        let mut t = timing();
+        let ms = Duration::from_millis;
+        let none = Duration::ZERO;
+        // (clean, since last heard from the holder, handover_delay, wait)
+        let table = [
+            (true, Some(ms(10)), none, none),
+            (true, None, ms(100), none),
+            // Elected by an ordinary election: the lease is over already.
+            (false, Some(ms(700)), none, none),
+            (false, None, none, none),
+            (false, None, ms(100), ms(100)),
+            // Elected by transfer 65 ms after the holder's last heartbeat.
+            (false, Some(ms(65)), none, ms(535)),
+            (false, Some(ms(65)), ms(100), ms(635)),
+            (false, Some(ms(0)), none, ms(600)),
+        ];
+        for (clean, since, delay, want) in table {
+            t.handover_delay = delay;
+            assert_eq!(
+                takeover_wait(clean, since, &t),
+                want,
+                "clean {clean}, since {since:?}, delay {delay:?}"
+            );
+        }
     }
 
     #[test]

@@ -472,7 +472,11 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     drop(st);
     guard.changed.notify_all();
     if let Some(started) = start_time(pid) {
-        let _ = std::fs::write(&guard.pid_file, format!("{pid} {started}\n"));
+        let _ = crate::durable::write(
+            &guard.pid_file,
+            format!("{pid} {started}\n").as_bytes(),
+            0o600,
+        );
     }
     Ok(pid.to_string())
 }

@@ -4,16 +4,13 @@
 //!
 //! Must not: decide when to link; the coordinator does.
 
-use std::fs::File;
 use std::path::Path;
 
 use super::{io, FenceError};
 use crate::config::KeyLink;
 
 fn fsync_dir(dir: &Path) -> Result<(), FenceError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("cannot fsync", dir))
+    crate::durable::fsync_dir(dir).map_err(io("cannot fsync", dir))
 }
 
 fn parent(p: &Path) -> &Path {

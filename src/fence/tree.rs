@@ -267,7 +267,9 @@ impl Tree {
     pub fn record(&self, data_dir: &Path) -> std::io::Result<()> {
         let path = data_dir.join(CGROUP_FILE);
         match &self.cgroup {
-            Some(dir) => std::fs::write(path, format!("{}\n", dir.display())),
+            Some(dir) => {
+                crate::durable::write(&path, format!("{}\n", dir.display()).as_bytes(), 0o600)
+            }
             None => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),

@@ -98,12 +98,48 @@ impl Gate {
         self.started.elapsed() >= self.restart_quiet && self.votes_open.load(Ordering::Relaxed)
     }
 
+    /// Why a vote that comes with a leadership transfer must not be passed
+    /// to openraft yet, if it must not. openraft skips its leader-lease check
+    /// for such votes, so keyraft checks the lease of the key's holder here:
+    /// while a node holds the key unreleased (`holder`, per this node's
+    /// applied ledger) and led here within `lease`, or this node restarted
+    /// within the lease (it forgot when it last heard from the holder), a
+    /// transfer to anyone else would skip the wait of step 3.
+    pub fn transfer_vote_refusal(
+        &self,
+        holder: Option<NodeId>,
+        candidate: NodeId,
+        lease: std::time::Duration,
+    ) -> Option<String> {
+        if !self.votes_open.load(Ordering::Relaxed) {
+            return Some("not granting votes while rejoining".into());
+        }
+        let h = holder.filter(|h| *h != candidate)?;
+        if self.started.elapsed() < self.restart_quiet {
+            return Some(format!(
+                "node {h} holds the key unreleased and this node restarted within the lease"
+            ));
+        }
+        match self.since_contact_from(h) {
+            Some(d) if d < lease => Some(format!(
+                "node {h} holds the key unreleased and led here {} ms ago",
+                d.as_millis()
+            )),
+            _ => None,
+        }
+    }
+
     pub fn join(&self) {
         self.joined.store(true, Ordering::Relaxed);
     }
 
     pub fn joined(&self) -> bool {
         self.joined.load(Ordering::Relaxed)
+    }
+
+    /// False while this node rejoins with an empty data dir.
+    pub fn votes_open(&self) -> bool {
+        self.votes_open.load(Ordering::Relaxed)
     }
 
     pub fn open_votes(&self) {
@@ -154,5 +190,43 @@ impl Gate {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_transfer_vote_waits_out_an_unreleased_holders_lease() {
+        let lease = Duration::from_millis(600);
+        let gate = Gate::new(Duration::ZERO, true);
+        gate.leader_contact(1);
+        // (holder, candidate, refused?)
+        let table = [
+            (None, 2, false),
+            (Some(2), 2, false),
+            (Some(1), 2, true),
+            (Some(3), 2, false),
+        ];
+        for (holder, candidate, refused) in table {
+            assert_eq!(
+                gate.transfer_vote_refusal(holder, candidate, lease)
+                    .is_some(),
+                refused,
+                "holder {holder:?}, candidate {candidate}"
+            );
+        }
+        assert!(gate
+            .transfer_vote_refusal(Some(1), 2, Duration::ZERO)
+            .is_none());
+        // Restarted within the lease: it forgot when it heard the holder.
+        let quiet = Gate::new(lease, true);
+        assert!(quiet.transfer_vote_refusal(Some(1), 2, lease).is_some());
+        assert!(quiet.transfer_vote_refusal(None, 2, lease).is_none());
+        // Rejoining: no votes at all.
+        let rejoining = Gate::new(Duration::ZERO, false);
+        assert!(rejoining.transfer_vote_refusal(None, 2, lease).is_some());
     }
 }

@@ -9,6 +9,7 @@
 //! the coordinator and the signer read it and decide.
 
 pub mod gate;
+pub mod memory;
 pub mod network;
 pub mod server;
 pub mod store;
@@ -63,6 +64,11 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
         // A voter that lost its data dir comes back with a shorter log; keyraft
         // refuses it until it rejoins, and the leader must tolerate the reversion.
         allow_log_reversion: Some(true),
+        // A removed leader must not hand leadership on by itself: openraft
+        // transfers it without a `Released`, and voters granted the transfer
+        // inside the old leader's lease. keyraft never removes the leader
+        // (it hands over first, step 7), so this is never needed.
+        removed_leader_step_down: openraft::StepDownPolicy::Never,
         ..Default::default()
     }
     .validate()
@@ -88,5 +94,7 @@ mod tests {
         let c = openraft_config(&t).unwrap();
         assert_eq!((c.election_timeout_min, c.election_timeout_max), (300, 600));
         assert_eq!(c.quorum_loss_probe_interval, Some(1200));
+        assert_eq!(c.removed_leader_step_down, openraft::StepDownPolicy::Never);
+        assert!(!c.enable_elect);
     }
 }

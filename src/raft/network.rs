@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use super::memory::{behind, Holds, Memory, Remembered};
 use super::{TypeConfig, Vote};
 use crate::config::NodeId;
 use crate::pb;
@@ -195,19 +196,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The least time an append carrying entries gets (see `append_entries`).
 const MIN_APPEND_TTL: Duration = Duration::from_millis(250);
 
-/// openraft's network factory over [`Peers`].
+/// openraft's network factory over [`Peers`]; what peers answer feeds
+/// this node's [`Memory`] of them.
 #[derive(Clone)]
-pub struct Network(pub Arc<Peers>);
+pub struct Network {
+    pub peers: Arc<Peers>,
+    pub memory: Arc<Memory>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
-        if self.0.addr(target).is_none() {
-            self.0.set_addr(target, &node.addr);
+        if self.peers.addr(target).is_none() {
+            self.peers.set_addr(target, &node.addr);
         }
         PeerConnection {
-            peers: self.0.clone(),
+            peers: self.peers.clone(),
+            memory: self.memory.clone(),
             target,
         }
     }
@@ -215,7 +221,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 pub struct PeerConnection {
     peers: Arc<Peers>,
+    memory: Arc<Memory>,
     target: NodeId,
+}
+
+fn unreachable(why: String) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(why))
 }
 
 /// A snapshot on the wire.
@@ -269,6 +280,38 @@ impl PeerConnection {
     }
 }
 
+impl PeerConnection {
+    /// What this node remembers of the target; an error if it refused it.
+    fn remembered(&self) -> Result<Remembered, RPCError<TypeConfig>> {
+        let r = self.memory.of(self.target);
+        match &r.refused {
+            Some(why) => Err(unreachable(format!(
+                "node {} is refused: {why}",
+                self.target
+            ))),
+            None => Ok(r),
+        }
+    }
+
+    /// The target answered below what it showed before: its data dir went
+    /// back in time. From now on its votes and acknowledgements count for
+    /// nothing here, and gossip tells it why (it then stops).
+    async fn caught(&self, before: &Remembered, gap: String) -> RPCError<TypeConfig> {
+        let why = format!(
+            "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
+            self.target,
+            self.peers.self_id()
+        );
+        let me = self.peers.self_id();
+        match self.memory.refuse(self.target, before, why.clone(), me).await {
+            Ok(true) => tracing::error!("REFUSED: {why}; its votes and acknowledgements are ignored until it rejoins (--rejoin after moving its data dir away)"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("cannot record the refusal of node {}: {e}", self.target),
+        }
+        unreachable(why)
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = Vec<u8>;
 
@@ -287,12 +330,47 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         } else {
             option.hard_ttl().max(MIN_APPEND_TTL)
         };
-        self.rpc(
-            &rpc,
-            ttl,
-            |mut c, r| async move { c.append_entries(r).await },
-        )
-        .await
+        let before = self.remembered()?;
+        let resp: AppendEntriesResponse<TypeConfig> = self
+            .rpc(
+                &rpc,
+                ttl,
+                |mut c, r| async move { c.append_entries(r).await },
+            )
+            .await?;
+        let held = match &resp {
+            AppendEntriesResponse::Success => rpc
+                .entries
+                .last()
+                .map(|e| e.log_id.index)
+                .or(rpc.prev_log_id.map(|p| p.index)),
+            AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
+            AppendEntriesResponse::Conflict => {
+                // It lacks an entry it acknowledged holding when committed.
+                match rpc.prev_log_id {
+                    Some(p) if p.index <= before.committed => {
+                        return Err(self
+                            .caught(&before, format!(
+                                "it no longer holds log index {}, committed, which it acknowledged holding",
+                                p.index
+                            ))
+                            .await)
+                    }
+                    _ => None,
+                }
+            }
+            AppendEntriesResponse::HigherVote(_) => None,
+        };
+        if let Some(held) = held {
+            // Success is sent once its vote and entries are fsynced; what of
+            // them was committed when sent is a fact that only grows.
+            let committed = rpc.leader_commit.map_or(0, |c| c.index).min(held);
+            self.memory
+                .saw(self.target, rpc.vote.leader_id.term, Some(committed))
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        }
+        Ok(resp)
     }
 
     async fn vote(
@@ -300,10 +378,25 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
-            c.vote(r).await
-        })
-        .await
+        let before = self.remembered()?;
+        let resp: VoteResponse<TypeConfig> = self
+            .rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+                c.vote(r).await
+            })
+            .await?;
+        // A vote response is sent once the voter's vote is fsynced.
+        let theirs = Holds {
+            term: resp.vote.leader_id.term,
+            last_index: resp.last_log_id.map_or(0, |l| l.index),
+        };
+        if let Some(gap) = behind(&before, theirs) {
+            return Err(self.caught(&before, gap).await);
+        }
+        self.memory
+            .saw(self.target, theirs.term, None)
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        Ok(resp)
     }
 
     async fn pre_vote(
@@ -311,6 +404,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.remembered()?;
         self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
             c.pre_vote(r).await
         })
@@ -322,6 +416,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.remembered()?;
         self.rpc(&req, option.hard_ttl(), |mut c, r| async move {
             c.transfer_leader(r).await
         })
@@ -335,6 +430,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        self.remembered()?;
         let msg = SnapshotMessage {
             vote,
             meta: snapshot.meta,

@@ -5,8 +5,10 @@
 //! Owns: the rule that a node refuses every Raft message until start-up has
 //! decided it may take part (see step 9), the rule that it refuses votes for
 //! a while after it starts
-//! (its leader lease died with the process) and while it rejoins, and that it
-//! refuses leadership transfers while it may not validate; and it tells the
+//! (its leader lease died with the process) and while it rejoins, that a
+//! vote for a leadership transfer waits out the lease of a key holder that
+//! did not release (step 3), and that it refuses leadership transfers while
+//! it may not validate; and it tells the
 //! coordinator when it refused a candidate whose log is behind its own.
 //! Must not: change
 //! Raft state itself; openraft does that.
@@ -20,9 +22,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use tokio::sync::watch;
+
+use super::memory::Memory;
 use super::network::SnapshotMessage;
 use super::{Gate, LogId, Raft, TypeConfig};
-use crate::config::NodeId;
+use crate::config::{NodeId, Timing};
+use crate::ledger::ClusterState;
 use crate::pb;
 use crate::tls::peer_of;
 
@@ -30,11 +36,37 @@ pub struct RaftService {
     raft: Raft,
     gate: Arc<Gate>,
     id: NodeId,
+    /// The applied ledger: who holds the key, for transfer votes.
+    cluster: watch::Receiver<ClusterState>,
+    timing: Timing,
+    memory: Arc<Memory>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, gate: Arc<Gate>, id: NodeId) -> Self {
-        Self { raft, gate, id }
+    pub fn new(
+        raft: Raft,
+        gate: Arc<Gate>,
+        id: NodeId,
+        cluster: watch::Receiver<ClusterState>,
+        timing: Timing,
+        memory: Arc<Memory>,
+    ) -> Self {
+        Self {
+            raft,
+            gate,
+            id,
+            cluster,
+            timing,
+            memory,
+        }
+    }
+
+    /// A leader's message shows its term, held durably: a fact about it
+    /// that only grows (see [`Memory`]).
+    async fn saw_leader(&self, leader: NodeId, term: u64) {
+        if let Err(e) = self.memory.saw(leader, term, None).await {
+            tracing::warn!("cannot record what node {leader} showed: {e}");
+        }
     }
 }
 
@@ -60,33 +92,71 @@ fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Status> {
 }
 
 impl RaftService {
-    /// The sender's node id, if this node takes part in Raft yet.
+    /// The sender's node id, if this node takes part in Raft yet and has
+    /// not refused the sender (step 9: its votes and entries count for
+    /// nothing here).
     fn sender(&self, req: &Request<pb::RaftPayload>) -> Result<NodeId, Status> {
         let peer = peer_of(req)?;
-        if self.gate.joined() {
-            Ok(peer)
-        } else {
-            Err(Status::unavailable(
+        if !self.gate.joined() {
+            return Err(Status::unavailable(
                 "starting: not taking part in Raft until its data dir is checked with its peers",
-            ))
+            ));
+        }
+        match self.memory.of(peer).refused {
+            Some(why) => Err(Status::permission_denied(format!(
+                "node {} refuses node {peer}: {why}",
+                self.id
+            ))),
+            None => Ok(peer),
         }
     }
 
     /// Decodes a vote or pre-vote request from the candidate that sent it,
     /// if this node may vote now.
-    fn vote_request(
+    async fn vote_request(
         &self,
         req: &Request<pb::RaftPayload>,
     ) -> Result<VoteRequest<TypeConfig>, Status> {
         let peer = self.sender(req)?;
         let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
-        if rpc.leadership_transfer || self.gate.may_grant_votes() {
+        if rpc.leadership_transfer {
+            self.transfer_vote(peer).await?;
+            Ok(rpc)
+        } else if self.gate.may_grant_votes() {
             Ok(rpc)
         } else {
             Err(Status::unavailable(
                 "not granting votes yet (recently started or rejoining)",
             ))
+        }
+    }
+
+    /// A vote that comes with a leadership transfer passes only when the
+    /// key's holder released it or its lease here is over (step 3 holds
+    /// however the successor was elected). A clean handover commits
+    /// `Released` just before it transfers, so a release not yet applied
+    /// here is waited for, briefly.
+    async fn transfer_vote(&self, candidate: NodeId) -> Result<(), Status> {
+        let mut cluster = self.cluster.clone();
+        let until = tokio::time::Instant::now() + self.timing.heartbeat * 4;
+        loop {
+            let holder = cluster.borrow_and_update().key_holder();
+            let Some(why) =
+                self.gate
+                    .transfer_vote_refusal(holder, candidate, self.timing.election_max)
+            else {
+                return Ok(());
+            };
+            if !matches!(
+                tokio::time::timeout_at(until, cluster.changed()).await,
+                Ok(Ok(()))
+            ) {
+                tracing::info!(candidate, "refused a transfer vote: {why}");
+                return Err(Status::unavailable(format!(
+                    "not granting a transfer vote: {why}"
+                )));
+            }
         }
     }
 
@@ -110,6 +180,16 @@ impl RaftService {
     }
 }
 
+/// Whether openraft took an append as from a leader (not a stale one).
+fn rpc_committed_vote<E>(result: &Result<AppendEntriesResponse<TypeConfig>, E>) -> bool {
+    matches!(
+        result,
+        Ok(AppendEntriesResponse::Success
+            | AppendEntriesResponse::PartialSuccess(_)
+            | AppendEntriesResponse::Conflict)
+    )
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(
@@ -119,13 +199,15 @@ impl pb::raft_server::Raft for RaftService {
         let peer = self.sender(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
+        let term = rpc.vote.leader_id.term;
         let result = self.raft.append_entries(rpc).await;
-        if let Ok(
-            AppendEntriesResponse::Success
-            | AppendEntriesResponse::PartialSuccess(_)
-            | AppendEntriesResponse::Conflict,
-        ) = &result
-        {
+        // Only a leader sends entries, and only with its vote saved. Its
+        // commit index is not recorded: a quorum of followers may have
+        // fsynced an entry before the leader itself did.
+        if rpc_committed_vote(&result) {
+            self.saw_leader(peer, term).await;
+        }
+        if rpc_committed_vote(&result) {
             self.gate.leader_contact(peer);
         }
         reply(&result)
@@ -135,7 +217,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let rpc = self.vote_request(&req)?;
+        let rpc = self.vote_request(&req).await?;
         let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
         let result = self.raft.vote(rpc).await;
         self.note_refusal(candidate, theirs, &result);
@@ -146,7 +228,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let rpc = self.vote_request(&req)?;
+        let rpc = self.vote_request(&req).await?;
         let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
         let result = self.raft.pre_vote(rpc).await;
         self.note_refusal(candidate, theirs, &result);

@@ -27,8 +27,9 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::memory::{Holds, Memory};
 use super::{Entry, LogId, Membership, TypeConfig, Vote};
-use crate::ledger::{ClusterState, Reply};
+use crate::ledger::{ClusterState, Command, Reply};
 
 const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";
@@ -78,20 +79,21 @@ fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<
 /// vote or entry it calls durable can vanish on power loss. Every flush here
 /// is followed by `fdatasync` of sled's data file, which does both.
 #[derive(Clone)]
-struct Disk {
+pub(super) struct Disk {
     db: sled::Db,
     file: Arc<File>,
 }
 
 impl Disk {
-    fn flush(&self) -> io::Result<()> {
+    pub(super) fn flush(&self) -> io::Result<()> {
         self.db.flush().map_err(io_err)?;
         self.file.sync_data()
     }
 }
 
-/// Opens (or creates) the store in `dir`.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
+/// Opens (or creates) the store in `dir`, with this node's memory of its
+/// peers ([`Memory`]).
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreError> {
     let path = dir.display().to_string();
     let open_err = |source| StoreError::Open {
         path: path.clone(),
@@ -110,10 +112,18 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let log = db.open_tree("log").map_err(open_err)?;
     let meta = db.open_tree("meta").map_err(open_err)?;
     let sm = db.open_tree("sm").map_err(open_err)?;
+    let remembered = db.open_tree("memory").map_err(open_err)?;
     let corrupt = |e: io::Error| StoreError::Corrupt {
         path: path.clone(),
         why: e.to_string(),
     };
+    // The names sled created must survive a power loss too.
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        crate::durable::fsync_dir(d).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            why: format!("cannot fsync {}: {e}", d.display()),
+        })?;
+    }
     let file = File::open(dir.join("db")).map_err(|e| StoreError::Corrupt {
         path: path.clone(),
         why: format!("no sled data file: {e}"),
@@ -125,6 +135,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
     let (tx, _) = watch::channel(data.state.clone());
     let unflushed = spawn_flusher(db.clone()).map_err(StoreError::Flusher)?;
+    let memory = Arc::new(Memory::open(db.clone(), remembered).map_err(corrupt)?);
     Ok((
         LogStore {
             db: db.clone(),
@@ -137,7 +148,9 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
             tree: sm,
             data,
             published: tx,
+            memory: memory.clone(),
         },
+        memory,
     ))
 }
 
@@ -180,6 +193,25 @@ impl LogStore {
         Ok(self.log.is_empty()
             && !self.meta.contains_key(VOTE).map_err(damaged)?
             && !self.meta.contains_key(LAST_PURGED).map_err(damaged)?)
+    }
+
+    /// What this data dir holds: its saved vote's term and its last log
+    /// index, for the check of step 9 (blocking; call before Raft starts).
+    pub fn holds(&self) -> Result<Holds, StoreError> {
+        let damaged = |e: io::Error| StoreError::Corrupt {
+            path: "raft".into(),
+            why: e.to_string(),
+        };
+        let vote: Option<Vote> = get(&self.meta, VOTE).map_err(damaged)?;
+        let last_purged: Option<LogId> = get(&self.meta, LAST_PURGED).map_err(damaged)?;
+        let last = match self.log.last().map_err(|e| damaged(io_err(e)))? {
+            Some((_, v)) => Some(decode::<Entry>(&v).map_err(damaged)?.log_id),
+            None => last_purged,
+        };
+        Ok(Holds {
+            term: vote.map_or(0, |v| v.leader_id.term),
+            last_index: last.map_or(0, |l| l.index),
+        })
     }
 
     /// Flushes everything to disk (on shutdown).
@@ -372,17 +404,32 @@ pub struct StateMachine {
     tree: sled::Tree,
     data: SmData,
     published: watch::Sender<ClusterState>,
+    memory: Arc<Memory>,
 }
 
 impl StateMachine {
+    /// The index of the last applied entry (a snapshot installed counts:
+    /// its entries may not be in the log).
+    pub fn applied_index(&self) -> u64 {
+        self.data.last_applied.map_or(0, |l| l.index)
+    }
+
     /// Follows the applied cluster state.
     pub fn subscribe(&self) -> watch::Receiver<ClusterState> {
         self.published.subscribe()
     }
 
-    async fn persist(&self) -> io::Result<()> {
-        let (tree, bytes) = (self.tree.clone(), encode(&self.data)?);
-        blocking(move || tree.insert(SM_DATA, bytes).map(|_| ()).map_err(io_err)).await?;
+    /// Writes the applied state; with `sync`, fsynced before it returns.
+    async fn persist(&self, sync: bool) -> io::Result<()> {
+        let (db, tree, bytes) = (self.db.clone(), self.tree.clone(), encode(&self.data)?);
+        blocking(move || {
+            tree.insert(SM_DATA, bytes).map_err(io_err)?;
+            if sync {
+                db.flush()?;
+            }
+            Ok(())
+        })
+        .await?;
         self.published.send_replace(self.data.state.clone());
         Ok(())
     }
@@ -434,15 +481,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             + Unpin
             + OptionalSend,
     {
+        // What answers a peer's Hello (registrations, membership) is
+        // fsynced before it is relied on: a crash of every member at once
+        // must not forget that a node registered.
+        let mut sync = false;
         while let Some((entry, responder)) = entries.try_next().await? {
             self.data.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => Reply::default(),
                 EntryPayload::Normal(cmd) => {
                     tracing::debug!(index = entry.log_id.index, "applied: {cmd}");
+                    match cmd {
+                        Command::Register { .. } => sync = true,
+                        Command::Rejoined { node } => self.memory.forget(node).await?,
+                        _ => {}
+                    }
                     self.data.state.apply(&cmd, entry.log_id.index)
                 }
                 EntryPayload::Membership(m) => {
+                    sync = true;
                     self.data.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
                     Reply::default()
                 }
@@ -451,7 +508,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 r.send(reply);
             }
         }
-        self.persist().await
+        self.persist(sync).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -478,7 +535,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })?;
         let tree = self.tree.clone();
         blocking(move || tree.insert(SM_SNAPSHOT, stored).map(|_| ()).map_err(io_err)).await?;
-        self.persist().await
+        self.persist(true).await
     }
 
     async fn get_current_snapshot(

@@ -8,8 +8,6 @@
 //! (every request goes to [`super::Signer::handle`]) or stop retrying while
 //! keyraft runs.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,18 +59,11 @@ pub fn identity(path: &Path) -> Result<SigningKey, IdentityError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
             let text = base64::engine::general_purpose::STANDARD.encode(key.to_bytes());
-            let write = || -> std::io::Result<()> {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)?;
-                f.write_all(text.as_bytes())?;
-                f.sync_all()
-            };
-            write().map_err(|e| IdentityError::Write {
-                path: p,
-                why: e.to_string(),
+            crate::durable::create_new(path, text.as_bytes(), 0o600).map_err(|e| {
+                IdentityError::Write {
+                    path: p,
+                    why: e.to_string(),
+                }
             })?;
             tracing::info!(path = %path.display(), "made a privval identity key");
             Ok(key)

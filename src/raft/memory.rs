@@ -1,0 +1,335 @@
+//! What this node remembers of every member's history (docs/design.md,
+//! step 9): facts that only grow, the highest term it saw the member use
+//! and the highest committed log index the member acknowledged holding,
+//! and whether this node caught the member having forgotten them.
+//!
+//! A member whose data dir was restored from an older copy (or wiped) has
+//! forgotten votes it cast and entries it acknowledged; it could vote twice
+//! in one term or help elect a leader without committed entries. Its own
+//! disk cannot tell; its peers' memory can.
+//!
+//! Owns: the `memory` tree of the Raft store and when it is fsynced (a new
+//! term at once, before the message that showed it counts; a grown index
+//! within [`FLUSH_EVERY`]), and the rule that says when a member is behind
+//! what was seen of it ([`behind`]). Must not: talk to peers; the network
+//! client and the Raft service feed it, start-up and gossip read it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::store::Disk;
+use crate::ledger::NodeId;
+use crate::shutdown::Shutdown;
+
+/// How long a grown committed index may stay in memory only. A crash loses
+/// at most this much of it: the check then sees a member a little older
+/// than it was, never newer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// What this node saw of one member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    /// The highest term the member was seen to hold durably (its vote in a
+    /// vote response, or its term as a leader).
+    pub term: u64,
+    /// The highest log index, committed when seen, the member acknowledged
+    /// holding (as a follower) or sent as committed (as a leader).
+    pub committed: u64,
+    /// Set when this node caught the member answering below these facts.
+    pub refused: Option<String>,
+    /// The node that refused it (a store copied from another member
+    /// carries that member's refusals, which are not this node's word).
+    #[serde(default)]
+    pub refused_by: Option<NodeId>,
+}
+
+/// What a node's own data dir holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// The term of its saved vote.
+    pub term: u64,
+    /// Its last log index (purged entries included).
+    pub last_index: u64,
+}
+
+/// How a member is behind what was seen of it, in words, if it is.
+pub fn behind(seen: &Remembered, holds: Holds) -> Option<String> {
+    if let Some(why) = &seen.refused {
+        return Some(format!("it was refused before: {why}"));
+    }
+    let mut gaps = Vec::new();
+    if holds.term < seen.term {
+        gaps.push(format!("term {} < {}", holds.term, seen.term));
+    }
+    if holds.last_index < seen.committed {
+        gaps.push(format!(
+            "log up to index {} < committed index {} it acknowledged",
+            holds.last_index, seen.committed
+        ));
+    }
+    (!gaps.is_empty()).then(|| gaps.join(", "))
+}
+
+/// This node's memory of every member, backed by the Raft store.
+pub struct Memory {
+    disk: Disk,
+    tree: sled::Tree,
+    map: Mutex<BTreeMap<NodeId, Remembered>>,
+    dirty: Mutex<BTreeSet<NodeId>>,
+    writing: tokio::sync::Mutex<()>,
+}
+
+fn key(id: NodeId) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl Memory {
+    pub(super) fn open(disk: Disk, tree: sled::Tree) -> io::Result<Memory> {
+        let mut map = BTreeMap::new();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(io_err)?;
+            let id = <[u8; 8]>::try_from(k.as_ref())
+                .map(NodeId::from_be_bytes)
+                .map_err(|_| io_err("bad key in the memory tree"))?;
+            map.insert(id, serde_json::from_slice(&v).map_err(io_err)?);
+        }
+        Ok(Memory {
+            disk,
+            tree,
+            map: Mutex::new(map),
+            dirty: Mutex::new(BTreeSet::new()),
+            writing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Remembered>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark(&self, id: NodeId) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+
+    /// What this node remembers of `id`.
+    pub fn of(&self, id: NodeId) -> Remembered {
+        self.map().get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Everything this node remembers.
+    pub fn all(&self) -> BTreeMap<NodeId, Remembered> {
+        self.map().clone()
+    }
+
+    /// Records that `id` held `term` and (if given) the committed index
+    /// `committed`. A higher term is fsynced before this returns; a higher
+    /// index within [`FLUSH_EVERY`].
+    pub async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
+        let new_term = {
+            let mut map = self.map();
+            let r = map.entry(id).or_default();
+            let new_term = term > r.term;
+            let new_index = committed.is_some_and(|c| c > r.committed);
+            r.term = r.term.max(term);
+            r.committed = r.committed.max(committed.unwrap_or(0));
+            if !(new_term || new_index) {
+                return Ok(());
+            }
+            new_term
+        };
+        self.mark(id);
+        if new_term {
+            self.persist().await?;
+        }
+        Ok(())
+    }
+
+    /// Records that node `by` (this one) caught `id` answering below
+    /// `before`, what was seen of it; fsynced. Nothing is refused if the
+    /// record changed meanwhile (a `Rejoined` reset it): the judgement was
+    /// of facts that no longer hold. Returns whether it refused.
+    pub async fn refuse(
+        &self,
+        id: NodeId,
+        before: &Remembered,
+        why: String,
+        by: NodeId,
+    ) -> io::Result<bool> {
+        {
+            let mut map = self.map();
+            let r = map.entry(id).or_default();
+            if r.term < before.term || r.committed < before.committed {
+                return Ok(false);
+            }
+            r.refused = Some(why);
+            r.refused_by = Some(by);
+        }
+        self.mark(id);
+        self.persist().await.map(|()| true)
+    }
+
+    /// Takes back a refusal of `id`: it started again with a data dir
+    /// that holds at least what was seen of it (a good copy put back).
+    pub async fn clear_refusal(&self, id: NodeId) -> io::Result<()> {
+        let had = self.map().get_mut(&id).and_then(|r| {
+            r.refused_by = None;
+            r.refused.take()
+        });
+        if had.is_none() {
+            return Ok(());
+        }
+        tracing::warn!("node {id} starts with a data dir that holds what was seen of it: its refusal is taken back");
+        self.mark(id);
+        self.persist().await
+    }
+
+    /// Makes this store node `me`'s own: a Raft store copied from another
+    /// member (the way out in docs/operations.md) carries that member's
+    /// memory of `me`, and its refusals, which are not `me`'s word. The
+    /// facts about the others are facts whoever saw them, and stay.
+    pub async fn adopt(&self, me: NodeId) -> io::Result<()> {
+        let changed: Vec<NodeId> = {
+            let mut map = self.map();
+            let own = map.remove(&me).is_some();
+            let mut changed: Vec<NodeId> = own.then_some(me).into_iter().collect();
+            for (id, r) in map.iter_mut() {
+                if r.refused.is_some() && r.refused_by != Some(me) {
+                    r.refused = None;
+                    r.refused_by = None;
+                    changed.push(*id);
+                }
+            }
+            changed
+        };
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || tree.remove(key(me)).map_err(io_err))
+            .await
+            .map_err(io_err)??;
+        changed
+            .into_iter()
+            .filter(|id| *id != me)
+            .for_each(|id| self.mark(id));
+        self.persist().await?;
+        self.disk_flush().await
+    }
+
+    async fn disk_flush(&self) -> io::Result<()> {
+        let disk = self.disk.clone();
+        tokio::task::spawn_blocking(move || disk.flush())
+            .await
+            .map_err(io_err)?
+    }
+
+    /// Forgets everything about `id`: it rejoined with an empty data dir
+    /// (`--rejoin`), demoted to a learner until it has caught up again.
+    pub async fn forget(&self, id: NodeId) -> io::Result<()> {
+        self.map().insert(id, Remembered::default());
+        self.mark(id);
+        self.persist().await
+    }
+
+    /// Writes every changed record and fsyncs. One at a time: a caller
+    /// returns only once what it changed is on disk.
+    pub async fn persist(&self) -> io::Result<()> {
+        let _one = self.writing.lock().await;
+        let changed: Vec<(NodeId, Vec<u8>)> = {
+            let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+            let map = self.map();
+            ids.into_iter()
+                .map(|id| {
+                    let r = map.get(&id).cloned().unwrap_or_default();
+                    serde_json::to_vec(&r).map(|v| (id, v)).map_err(io_err)
+                })
+                .collect::<io::Result<_>>()?
+        };
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<NodeId> = changed.iter().map(|(id, _)| *id).collect();
+        let (tree, disk) = (self.tree.clone(), self.disk.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            for (id, v) in &changed {
+                tree.insert(key(*id), v.as_slice()).map_err(io_err)?;
+            }
+            disk.flush()
+        })
+        .await
+        .map_err(io_err)?;
+        if written.is_err() {
+            // Try again next time; the caller learns it failed now.
+            ids.into_iter().for_each(|id| self.mark(id));
+        }
+        written
+    }
+
+    /// Flushes grown indexes every [`FLUSH_EVERY`] until shutdown, and
+    /// once more then.
+    pub async fn run_flusher(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = shutdown.requested() => break,
+                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+            }
+            if let Err(e) = self.persist().await {
+                tracing::warn!("cannot write what this node remembers of its peers: {e}");
+            }
+        }
+        if let Err(e) = self.persist().await {
+            tracing::warn!("cannot write what this node remembers of its peers: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_behind_when_it_holds_less_than_was_seen() {
+        let seen = |term, committed, refused: Option<&str>| Remembered {
+            term,
+            committed,
+            refused: refused.map(String::from),
+            refused_by: refused.map(|_| 2),
+        };
+        let holds = |term, last_index| Holds { term, last_index };
+        // (seen, holds, behind?)
+        let table = [
+            (seen(0, 0, None), holds(0, 0), None),
+            (seen(5, 40, None), holds(5, 40), None),
+            (seen(5, 40, None), holds(7, 90), None),
+            (seen(5, 40, None), holds(4, 40), Some("term 4 < 5")),
+            (
+                seen(5, 40, None),
+                holds(5, 39),
+                Some("log up to index 39 < committed index 40 it acknowledged"),
+            ),
+            (
+                seen(5, 40, None),
+                holds(0, 0),
+                Some("term 0 < 5, log up to index 0 < committed index 40 it acknowledged"),
+            ),
+            (
+                seen(1, 1, Some("x")),
+                holds(9, 99),
+                Some("it was refused before: x"),
+            ),
+        ];
+        for (s, h, want) in table {
+            assert_eq!(behind(&s, h).as_deref(), want, "{s:?} {h:?}");
+        }
+    }
+}
