@@ -191,17 +191,13 @@ async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
         refused_by: None,
         ..before.clone()
     };
+    // A refusal is taken back only by a start's Hello (what its data dir
+    // holds before it takes any message): a running node's term rises with
+    // any message from a higher term, this node's own included.
     if before.refused.is_some() {
-        // It holds what was seen of it again (it started on a good copy):
-        // taken back, as a start's Hello would.
-        if memory::behind(&counters, holds).is_none() {
-            if let Err(e) = sh.memory.clear_refusal(theirs.id).await {
-                tracing::warn!("cannot take back the refusal of node {}: {e}", theirs.id);
-            }
-        }
         return;
     }
-    if let Some(gap) = memory::behind(before, holds) {
+    if let Some(gap) = memory::behind(&counters, holds) {
         let why = format!(
             "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
             theirs.id, sh.cfg.id
@@ -217,14 +213,11 @@ async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
 /// Records a peer's status, and hears it if the peer says it refused this
 /// node (step 9): the node then stops, unless it is rejoining.
 fn record(sh: &Shared, theirs: pb::NodeStatus, rtt: Option<std::time::Duration>) {
-    // A refusal is heard only while this node is still behind what the
-    // peer saw of it: one that started again on a good copy is not, and
-    // the peer takes its refusal back when it sees so.
-    let m = sh.raft_metrics();
-    let holds = Holds {
-        term: m.current_term,
-        last_index: m.last_log_index.unwrap_or(0),
-    };
+    // A refusal is heard only if what this node's data dir held when it
+    // started is behind what the peer saw of it: one that started on a good
+    // copy is not (the peer made the refusal of an older start, and takes
+    // it back at this node's next Hello to it).
+    let holds = sh.start_holds;
     let told = theirs
         .remembered
         .iter()

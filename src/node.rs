@@ -23,7 +23,7 @@ use crate::health::Health;
 use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
 use crate::pb;
-use crate::raft::memory::Memory;
+use crate::raft::memory::{Holds, Memory};
 use crate::raft::network::Peers;
 use crate::raft::{self, Gate, Raft};
 use crate::tls::{CertInfo, ServerTls};
@@ -72,6 +72,8 @@ pub struct Shared {
     pub gate: Arc<Gate>,
     /// What this node remembers of every member's history (step 9).
     pub memory: Arc<Memory>,
+    /// What this node's data dir held when it started (step 9).
+    pub start_holds: Holds,
     /// Set when a peer told this node it was refused (its data dir went
     /// back in time): the node stops, exit code 2.
     pub refused: watch::Sender<Option<String>>,

@@ -234,6 +234,7 @@ pub async fn run(
         peers,
         gate: gate.clone(),
         memory: memory.clone(),
+        start_holds: holds,
         refused: watch::channel(None).0,
         metrics,
         view: ClusterView::default(),

@@ -75,20 +75,21 @@ impl TlsMaterial {
         let cert = paths.cert.display();
         let leaf = CertificateDer::from_pem_slice(&m.cert)
             .map_err(|e| TlsError::Invalid(format!("{cert}: not a PEM certificate: {e}")))?;
-        if !cert_names_node(&leaf, id) {
+        let foreign = cert_info(&m.cert)?
+            .names
+            .into_iter()
+            .filter(|n| !own_name_only(n, id))
+            .collect::<Vec<_>>();
+        let names_it = cert_info(&m.cert)?.names.contains(&node_name(id));
+        if !names_it || !cert_valid_for_node(&leaf, id) {
             return Err(TlsError::Invalid(format!(
                 "{cert} is not a certificate for node {id} (it must name {})",
                 node_name(id)
             )));
         }
-        let foreign = cert_info(&m.cert)?
-            .names
-            .into_iter()
-            .filter(|n| n.ends_with(".keyraft") && *n != node_name(id))
-            .collect::<Vec<_>>();
-        if !foreign.is_empty() {
+        if !foreign.is_empty() || !cert_names_node(&leaf, id) {
             return Err(TlsError::Invalid(format!(
-                "{cert} also names {}: a node certificate must name its own node only",
+                "{cert} also names {}: a node certificate must name its own node only (no wildcards)",
                 foreign.join(", ")
             )));
         }
@@ -324,8 +325,41 @@ pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>,
     }
 }
 
-/// Whether the certificate carries node `id`'s name.
+/// Whether a name in node `id`'s certificate is one it may carry: no
+/// wildcard, and no `.keyraft` name but its own.
+fn own_name_only(name: &str, id: NodeId) -> bool {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    !n.contains('*') && (!n.ends_with(".keyraft") || n == node_name(id))
+}
+
+/// The DNS names a DER certificate carries (none if it cannot be read).
+fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    Some(names)
+}
+
+/// Whether the certificate is node `id`'s and no other's: it names
+/// `node-ID.keyraft`, no other `.keyraft` name and no wildcard (a
+/// `*.keyraft` certificate would pass for every node).
 pub fn cert_names_node(der: &CertificateDer<'_>, id: NodeId) -> bool {
+    match dns_names(der) {
+        Some(names) if names.iter().all(|n| own_name_only(n, id)) => {}
+        _ => return false,
+    }
+    cert_valid_for_node(der, id)
+}
+
+/// Whether the certificate is valid for node `id`'s name.
+fn cert_valid_for_node(der: &CertificateDer<'_>, id: NodeId) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
         return false;
     };
@@ -396,6 +430,11 @@ pub fn create_node(
     for ip in ips {
         ip.parse::<std::net::IpAddr>()
             .map_err(|_| TlsError::Invalid(format!("bad --ip '{ip}'")))?;
+    }
+    if let Some(bad) = dns.iter().find(|d| !own_name_only(d, id)) {
+        return Err(TlsError::Invalid(format!(
+            "--dns {bad}: a node certificate names its own node only (node-{id}.keyraft is always in it): no wildcards, no other node's name"
+        )));
     }
     let mut names = vec![node_name(id)];
     names.extend(dns.iter().cloned());
@@ -485,5 +524,46 @@ mod tests {
             create_node(dir.path(), 2, &[], &[], None, &out).is_err(),
             "overwrote an existing node key"
         );
+    }
+
+    #[test]
+    fn a_node_certificate_names_one_node_and_peers_accept_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        for bad in [
+            "*.keyraft",
+            "node-3.keyraft",
+            "NODE-3.KEYRAFT.",
+            "*.example.com",
+            "*",
+        ] {
+            let out = dir.path().join(format!("n-{}", bad.replace('*', "w")));
+            let e = create_node(dir.path(), 2, &[bad.into()], &[], None, &out)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("its own node only"), "{bad}: {e}");
+            assert!(!out.join("node.key").exists(), "{bad}: wrote a key");
+        }
+        // Made with the CA by other means: peers still take it for no node.
+        use rustls::pki_types::pem::PemObject;
+        let ca_pem = String::from_utf8(std::fs::read(dir.path().join("ca.pem")).unwrap()).unwrap();
+        let ca_key = KeyPair::from_pem(
+            &String::from_utf8(std::fs::read(dir.path().join("ca.key")).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        for names in [
+            vec!["*.keyraft".to_string()],
+            vec!["node-2.keyraft".to_string(), "node-3.keyraft".to_string()],
+            vec!["node-2.keyraft".to_string(), "*.keyraft".to_string()],
+        ] {
+            let p = CertificateParams::new(names.clone()).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let pem = p.signed_by(&key, &issuer).unwrap().pem();
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            for id in [2, 3] {
+                assert!(!cert_names_node(&der, id), "{names:?} passed as node {id}");
+            }
+        }
     }
 }

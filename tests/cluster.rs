@@ -193,7 +193,40 @@ async fn peer_client(
     target: u64,
     as_node: u64,
 ) -> Result<keyraft::pb::gossip_client::GossipClient<tonic::transport::Channel>> {
-    let tls_dir = &c.nodes[&as_node].tls;
+    client_with(c, target, &c.nodes[&as_node].tls).await
+}
+
+/// A certificate from the cluster's own CA with `names`, made without
+/// `keyraft certs` (which refuses such names), in a TLS dir of its own.
+fn forged_tls(c: &Cluster, names: &[&str]) -> Result<std::path::PathBuf> {
+    let ca = c.dir.path().join("ca");
+    let ca_pem = std::fs::read_to_string(ca.join("ca.pem"))?;
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca.key"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let mut p =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    let dir = c
+        .dir
+        .path()
+        .join(format!("forged-{}", names.join("-").replace('*', "w")));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("ca.pem"), ca_pem)?;
+    std::fs::write(dir.join("node.pem"), cert.pem())?;
+    std::fs::write(dir.join("node.key"), key.serialize_pem())?;
+    Ok(dir)
+}
+
+async fn client_with(
+    c: &Cluster,
+    target: u64,
+    tls_dir: &std::path::Path,
+) -> Result<keyraft::pb::gossip_client::GossipClient<tonic::transport::Channel>> {
     let paths = keyraft::config::TlsPaths {
         ca: tls_dir.join("ca.pem"),
         cert: tls_dir.join("node.pem"),
@@ -265,6 +298,24 @@ async fn peers_must_present_their_own_certificate() -> Result<()> {
             .is_err(),
     };
     ensure!(refused, "a plaintext client was served");
+
+    // Certificates from the cluster's CA that name more than one node.
+    for names in [
+        &["*.keyraft"][..],
+        &["node-2.keyraft", "node-3.keyraft"][..],
+    ] {
+        let mut forged = client_with(&c, 1, &forged_tls(&c, names)?).await?;
+        for claim in [2, 3] {
+            let e = forged
+                .exchange(claiming(status_of(claim), claim))
+                .await
+                .expect_err("a certificate naming more than one node was accepted");
+            ensure!(
+                e.code() == tonic::Code::PermissionDenied,
+                "{names:?} as {claim}: {e:?}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -81,6 +81,15 @@ async fn validating(c: &Cluster, ids: &[u64]) -> Result<u64> {
     .with_context(|| c.logs())
 }
 
+/// Waits until node `id` answers `status` (its ports are up).
+async fn takes_part_or_waits(c: &Cluster, id: u64) -> Result<()> {
+    eventually(SETTLE, &format!("node {id} to answer"), || async {
+        Ok(c.status(id).await.ok().map(|_| ()))
+    })
+    .await
+    .with_context(|| c.logs_ending_with(Some(id)))
+}
+
 /// Waits until node `id` follows or leads again after a restart.
 async fn takes_part(c: &Cluster, id: u64) -> Result<()> {
     eventually(SETTLE, &format!("node {id} to take part again"), || async {
@@ -464,6 +473,18 @@ async fn a_majority_restored_from_one_copy_is_stopped_when_the_third_returns() -
     validating(&c, &[1, 2]).await?;
     chain_moves(&c).await?;
     c.spawn(3)?;
+    // The returning member says so, in `status` (JSON and the table).
+    eventually(SETTLE, "node 3 to show the refusals", || async {
+        let v = c.status(3).await?;
+        let both = [1, 2]
+            .iter()
+            .all(|&id| node_entry(&v, id)["remembered"]["refused_by"]["3"].is_string());
+        let out = c.cli(3, &["status"]).await?;
+        let table = String::from_utf8_lossy(&out.stdout);
+        Ok((both && table.contains("REFUSED by node 3")).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
     for id in [1, 2] {
         let mut p = c.forget(id)?.context("not running")?;
         let status = p
@@ -484,7 +505,11 @@ async fn a_majority_restored_from_one_copy_is_stopped_when_the_third_returns() -
     for id in [1, 2] {
         restore(&c, id, &good)?;
     }
-    for id in ids {
+    // Node 3 first: its refusals are taken back when the others' starts
+    // ask it.
+    c.spawn(3)?;
+    takes_part_or_waits(&c, 3).await?;
+    for id in [1, 2] {
         c.spawn(id)?;
     }
     validating(&c, &ids).await?;

@@ -369,5 +369,16 @@ fn print_table(v: &serde_json::Value) {
                 println!("node {} fence agent for node {peer}: {last}", n["id"]);
             }
         }
+        for (by, why) in n["remembered"]["refused_by"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "node {} REFUSED by node {by}: {} (move its data dir away, start it with --rejoin)",
+                n["id"],
+                why.as_str().unwrap_or("?")
+            );
+        }
     }
 }
