@@ -253,7 +253,18 @@ async fn forward(
         .call(leader, deadline, client.forward(req))
         .await
         .map(|r| r.message)
-        .map_err(|e| Status::unavailable(format!("forwarding to leader {leader}: {e}")))
+        .map_err(|e| match e {
+            // The leader's own answer keeps its code (a refusal stays one).
+            crate::raft::network::PeerError::Rpc { status, .. }
+                if status.code() != tonic::Code::Unavailable =>
+            {
+                Status::new(
+                    status.code(),
+                    format!("node {leader}: {}", status.message()),
+                )
+            }
+            e => Status::unavailable(format!("forwarding to leader {leader}: {e}")),
+        })
 }
 
 async fn take_leadership(sh: &Arc<Shared>) -> Result<(), Status> {
@@ -411,7 +422,16 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
         let last = match sh.leader() {
             Some(l) if l != id => match forward(sh, l, cmd, OPERATOR_DEADLINE).await {
                 Ok(removed) => return Ok(format!("node {id} led: {handed}; {removed}")),
-                Err(e) if e.code() == tonic::Code::Unavailable => e.message().to_string(),
+                // Unavailable: not leading yet; FailedPrecondition: it has
+                // not applied the release yet. Both pass within the limit.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    e.message().to_string()
+                }
                 Err(e) => return Err(e),
             },
             _ => "no other leader yet".to_string(),

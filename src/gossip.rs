@@ -148,7 +148,10 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
         role: sh.cfg.role().to_string(),
         state: local.state.to_string(),
         raft: sh.raft_state(&m),
-        term: m.current_term,
+        // Never below what its data dir held at start: openraft reports
+        // term 0 and no log until its core has loaded them, and a peer
+        // judging that would refuse an honest node.
+        term: m.current_term.max(sh.start_holds.term),
         leader: m.current_leader,
         validator: local.validator.map(|h| pb::ValidatorHealth {
             running: h.running,
@@ -160,7 +163,7 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
         uptime_ms: sh.started.elapsed().as_millis() as u64,
         addr: sh.cfg.advertise.clone(),
         eligible: local.eligible,
-        last_log_index: m.last_log_index.unwrap_or(0),
+        last_log_index: m.last_log_index.unwrap_or(0).max(sh.start_holds.last_index),
         remembered: sh
             .memory
             .all()
@@ -212,24 +215,30 @@ async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
 
 /// Records a peer's status, and hears it if the peer says it refused this
 /// node (step 9): the node then stops, unless it is rejoining.
-fn record(sh: &Shared, theirs: pb::NodeStatus, rtt: Option<std::time::Duration>) {
+fn record(sh: &Arc<Shared>, theirs: pb::NodeStatus, rtt: Option<std::time::Duration>) {
     // A refusal is heard only if what this node's data dir held when it
     // started is behind what the peer saw of it: one that started on a good
     // copy is not (the peer made the refusal of an older start, and takes
     // it back at this node's next Hello to it).
     let holds = sh.start_holds;
-    let told = theirs
+    let refusal = theirs
         .remembered
         .iter()
-        .find(|r| r.id == sh.cfg.id && !r.refused.is_empty())
-        .filter(|r| {
-            let counters = Remembered {
-                term: r.term,
-                committed: r.committed,
-                ..Remembered::default()
-            };
-            memory::behind(&counters, holds).is_some()
-        })
+        .find(|r| r.id == sh.cfg.id && !r.refused.is_empty());
+    let behind = refusal.is_some_and(|r| {
+        let counters = Remembered {
+            term: r.term,
+            committed: r.committed,
+            ..Remembered::default()
+        };
+        memory::behind(&counters, holds).is_some()
+    });
+    if refusal.is_some() && !behind {
+        // A refusal of an earlier start: this start's Hello takes it back.
+        tokio::spawn(crate::join::hello_again(sh.clone(), theirs.id));
+    }
+    let told = refusal
+        .filter(|_| behind)
         .map(|r| format!("node {} refused this node: {}", theirs.id, r.refused));
     sh.view.record(theirs, rtt);
     if let Some(why) = told.filter(|_| sh.gate.votes_open()) {

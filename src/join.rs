@@ -94,32 +94,43 @@ pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool, holds: Holds) -> Result<Bo
 
 /// Every peer's answer to Hello that came within a second.
 async fn ask(sh: &Arc<Shared>, holds: Holds) -> Vec<(NodeId, pb::HelloReply)> {
-    let asks = sh.cfg.peers.keys().map(|&id| {
-        let sh = sh.clone();
-        async move {
-            let mut c = sh.peers.gossip_client(id).ok()?;
-            let req = sh.peers.request(
-                pb::HelloRequest {
-                    id: sh.cfg.id,
-                    holds: Some(pb::Holds {
-                        term: holds.term,
-                        last_index: holds.last_index,
-                    }),
-                },
-                Duration::from_secs(1),
-            );
-            sh.peers
-                .call(id, Duration::from_secs(1), c.hello(req))
-                .await
-                .ok()
-                .map(|r| (id, r))
-        }
-    });
+    let asks = sh
+        .cfg
+        .peers
+        .keys()
+        .map(|&id| async move { hello(sh, id, holds).await.map(|r| (id, r)) });
     futures::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// Node `id`'s answer to a Hello with `holds`, if it came within a second.
+async fn hello(sh: &Arc<Shared>, id: NodeId, holds: Holds) -> Option<pb::HelloReply> {
+    let mut c = sh.peers.gossip_client(id).ok()?;
+    let req = sh.peers.request(
+        pb::HelloRequest {
+            id: sh.cfg.id,
+            holds: Some(pb::Holds {
+                term: holds.term,
+                last_index: holds.last_index,
+            }),
+        },
+        Duration::from_secs(1),
+    );
+    sh.peers
+        .call(id, Duration::from_secs(1), c.hello(req))
+        .await
+        .ok()
+}
+
+/// Asks node `id` again with what this node's data dir held at its start:
+/// `id` still refuses an earlier start of this node (it did not answer
+/// this start's Hello), and takes the refusal back if this start holds what
+/// it saw.
+pub async fn hello_again(sh: Arc<Shared>, id: NodeId) {
+    let _ = hello(&sh, id, sh.start_holds).await;
 }
 
 /// The one line a refused start ends with (exit code 2).

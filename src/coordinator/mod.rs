@@ -453,7 +453,13 @@ impl Coordinator {
                 // takes it back (step 9), so gossip may be all it hears.
                 let leader = m.current_leader.or_else(|| {
                     let fresh = self.sh.view.fresh(self.sh.cfg.timing.gossip_interval * 3);
-                    fresh.iter().find_map(|s| s.leader.filter(|l| *l == s.id))
+                    // A cut-off old leader may still say it leads: the
+                    // claim of the highest term wins.
+                    fresh
+                        .iter()
+                        .filter(|s| s.leader == Some(s.id))
+                        .max_by_key(|s| s.term)
+                        .map(|s| s.id)
                 });
                 if let Some(leader) = leader.filter(|_| Instant::now() >= next_try) {
                     next_try = Instant::now() + Duration::from_secs(2);
