@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::config::TimingProfile;
 use crate::node::{Local, Shared};
 use crate::pb;
-use crate::raft::memory::{self, Holds, Remembered};
+use crate::raft::memory::{Holds, Remembered};
 use crate::tls::peer_of;
 
 /// Pushes this node's status to every peer, forever: on each tick, and as
@@ -189,18 +189,13 @@ async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
         term: theirs.term,
         last_index: theirs.last_log_index,
     };
-    let counters = Remembered {
-        refused: None,
-        refused_by: None,
-        ..before.clone()
-    };
     // A refusal is taken back only by a start's Hello (what its data dir
     // holds before it takes any message): a running node's term rises with
     // any message from a higher term, this node's own included.
     if before.refused.is_some() {
         return;
     }
-    if let Some(gap) = memory::behind(&counters, holds) {
+    if let Some(gap) = before.gap(holds) {
         let why = format!(
             "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
             theirs.id, sh.cfg.id
@@ -226,12 +221,12 @@ fn record(sh: &Arc<Shared>, theirs: pb::NodeStatus, rtt: Option<std::time::Durat
         .iter()
         .find(|r| r.id == sh.cfg.id && !r.refused.is_empty());
     let behind = refusal.is_some_and(|r| {
-        let counters = Remembered {
+        let seen = Remembered {
             term: r.term,
             committed: r.committed,
             ..Remembered::default()
         };
-        memory::behind(&counters, holds).is_some()
+        seen.gap(holds).is_some()
     });
     if refusal.is_some() && !behind {
         // A refusal of an earlier start: this start's Hello takes it back.
@@ -308,12 +303,7 @@ impl pb::gossip_server::Gossip for GossipService {
                 term: h.term,
                 last_index: h.last_index,
             };
-            let counters = Remembered {
-                refused: None,
-                refused_by: None,
-                ..seen.clone()
-            };
-            match memory::behind(&counters, holds) {
+            match seen.gap(holds) {
                 Some(gap) => seen.refused = Some(gap),
                 None => {
                     seen.refused = None;

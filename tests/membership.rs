@@ -314,6 +314,24 @@ async fn a_node_wiped_after_a_whole_cluster_crash_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// A standby `s` (not the leader) that registered, stopped once to copy its
+/// Raft store to `backup`, and back following; returns (leader, s, backup).
+async fn standby_with_backup(c: &mut Cluster) -> Result<(u64, u64, std::path::PathBuf)> {
+    let ids = [1, 2, 3];
+    let l = leader(c, &ids).await?;
+    let s = ids.into_iter().find(|i| *i != l).context("no standby")?;
+    eventually(SETTLE, "the standby to register", || async {
+        Ok(c.proc(s)?.log_text().contains("registered:").then_some(()))
+    })
+    .await?;
+    stop(c, s).await?;
+    let backup = c.dir.path().join("backup");
+    copy_dir(&c.nodes[&s].data.join("raft"), &backup)?;
+    c.spawn(s)?;
+    follows(c, s, 3).await?;
+    Ok((l, s, backup))
+}
+
 /// A standby's data dir restored from a copy taken before the cluster
 /// moved on (three switchovers it only voted in) is refused at every start,
 /// untouched, while the cluster goes on; `--rejoin` brings it back.
@@ -323,17 +341,7 @@ async fn a_restored_standby_is_refused(mode: Option<Mode>) -> Result<()> {
         None => Cluster::start(3, 250, plain).await?,
     };
     let ids = [1, 2, 3];
-    let l = leader(&c, &ids).await?;
-    let s = ids.into_iter().find(|i| *i != l).context("no standby")?;
-    eventually(SETTLE, "the standby to register", || async {
-        Ok(c.proc(s)?.log_text().contains("registered:").then_some(()))
-    })
-    .await?;
-    stop(&mut c, s).await?;
-    let backup = c.dir.path().join("backup");
-    copy_dir(&c.nodes[&s].data.join("raft"), &backup)?;
-    c.spawn(s)?;
-    follows(&c, s, 3).await?;
+    let (_, s, backup) = standby_with_backup(&mut c).await?;
     move_on(&c, 3, s, &ids).await?;
     stop(&mut c, s).await?;
     restore(&c, s, &backup)?;
@@ -384,18 +392,7 @@ async fn a_restored_signer_is_refused_until_it_rejoins() -> Result<()> {
 #[tokio::test]
 async fn a_node_behind_only_by_entries_is_refused() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;
-    let ids = [1, 2, 3];
-    let l = leader(&c, &ids).await?;
-    let s = ids.into_iter().find(|i| *i != l).context("no standby")?;
-    eventually(SETTLE, "the standby to register", || async {
-        Ok(c.proc(s)?.log_text().contains("registered:").then_some(()))
-    })
-    .await?;
-    stop(&mut c, s).await?;
-    let backup = c.dir.path().join("backup");
-    copy_dir(&c.nodes[&s].data.join("raft"), &backup)?;
-    c.spawn(s)?;
-    follows(&c, s, 3).await?;
+    let (l, s, backup) = standby_with_backup(&mut c).await?;
     let term = c.status(l).await?["cluster"]["term"].as_u64();
     let held = node_entry(&c.status(l).await?, s)["remembered"]["committed"]
         .as_u64()

@@ -56,22 +56,30 @@ pub struct Holds {
     pub last_index: u64,
 }
 
-/// How a member is behind what was seen of it, in words, if it is.
+/// How a member is behind what was seen of it, in words, if it is: a
+/// refusal counts as behind.
 pub fn behind(seen: &Remembered, holds: Holds) -> Option<String> {
-    if let Some(why) = &seen.refused {
-        return Some(format!("it was refused before: {why}"));
+    match &seen.refused {
+        Some(why) => Some(format!("it was refused before: {why}")),
+        None => seen.gap(holds),
     }
-    let mut gaps = Vec::new();
-    if holds.term < seen.term {
-        gaps.push(format!("term {} < {}", holds.term, seen.term));
+}
+
+impl Remembered {
+    /// How `holds` is below these facts alone (a refusal aside), in words.
+    pub fn gap(&self, holds: Holds) -> Option<String> {
+        let mut gaps = Vec::new();
+        if holds.term < self.term {
+            gaps.push(format!("term {} < {}", holds.term, self.term));
+        }
+        if holds.last_index < self.committed {
+            gaps.push(format!(
+                "log up to index {} < committed index {} it acknowledged",
+                holds.last_index, self.committed
+            ));
+        }
+        (!gaps.is_empty()).then(|| gaps.join(", "))
     }
-    if holds.last_index < seen.committed {
-        gaps.push(format!(
-            "log up to index {} < committed index {} it acknowledged",
-            holds.last_index, seen.committed
-        ));
-    }
-    (!gaps.is_empty()).then(|| gaps.join(", "))
 }
 
 /// This node's memory of every member, backed by the Raft store.
