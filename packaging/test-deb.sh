@@ -33,6 +33,27 @@ docker run --rm -v "$PWD/$deb:/tmp/keyraft.deb:ro" "$BASE" sh -euc '
     set -e
     echo "unconfigured start: exit $code: $err"
     test "$code" = 2 && test "$(printf "%s\n" "$err" | wc -l)" = 1
+    # The admin socket: mode 0660, group keyraft-admin; an operator in that
+    # group drives the cluster, another user cannot even read its status.
+    getent group keyraft-admin
+    install -d -m 0755 -o keyraft -g keyraft /run/keyraft
+    setpriv --reuid keyraft --regid keyraft --groups "$(getent group keyraft-admin | cut -d: -f3)" \
+        keyraft run --node-id 1 --peer 2=127.0.0.1:9 --insecure --witness \
+        --admin-group keyraft-admin --data-dir /tmp/witness-data 2>/tmp/witness.log &
+    pid=$!
+    for _ in $(seq 100); do [ -S /run/keyraft/admin.sock ] && break; sleep 0.1; done
+    test "$(stat -c %a:%U:%G /run/keyraft/admin.sock)" = 660:keyraft:keyraft-admin
+    useradd --no-create-home --groups keyraft-admin alice
+    setpriv --reuid alice --regid alice --init-groups keyraft status --json >/dev/null
+    echo "an operator in keyraft-admin: status ok"
+    set +e
+    err=$(setpriv --reuid nobody --regid nogroup --clear-groups keyraft pause 2>&1)
+    code=$?
+    set -e
+    echo "another user: pause: exit $code: $err"
+    test "$code" = 1 && printf "%s" "$err" | grep -q "Permission denied"
+    kill "$pid"; wait "$pid" || true
+    test ! -e /run/keyraft/admin.sock
     touch /var/lib/keyraft/raft-log-stand-in
     dpkg --purge keyraft
     test -f /var/lib/keyraft/raft-log-stand-in

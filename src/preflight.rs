@@ -98,7 +98,7 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
             ));
             None
         }
-        Some(paths) => match TlsMaterial::load_for(paths, cfg.id) {
+        Some(paths) => match TlsMaterial::load_for(paths, cfg.id, cfg.witness) {
             Ok(m) => {
                 out.extend(certificates(&m));
                 Some(m)

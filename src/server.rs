@@ -62,6 +62,8 @@ pub enum RunError {
         what: &'static str,
         why: String,
     },
+    #[error(transparent)]
+    Admin(#[from] admin::access::AccessError),
     #[error("raft: {0}")]
     Raft(String),
     #[error(transparent)]
@@ -438,14 +440,24 @@ async fn start_servers(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let peer_listener = bind(sh.cfg.listen, "peer port").await?;
-    let admin_listener = bind(sh.cfg.admin_listen, "admin port").await?;
     let http_listener = bind(sh.cfg.http_listen, "http port").await?;
-    for (addr, what) in [(sh.cfg.admin_listen, "admin"), (sh.cfg.http_listen, "http")] {
-        if !addr.ip().is_loopback() {
-            tracing::warn!("{what} listens on {addr}, not loopback: anyone who reaches it can run operator commands or read status");
-        }
+    let admin_tcp = match sh.cfg.admin.listen {
+        Some(addr) => Some(bind(addr, "admin port").await?),
+        None => None,
+    };
+    let (admin_socket, socket_file) = admin::access::bind_socket(&sh.cfg.admin).await?;
+    if !sh.cfg.http_listen.ip().is_loopback() {
+        tracing::warn!(
+            "http listens on {}, not loopback: anyone who reaches it can read status and metrics",
+            sh.cfg.http_listen
+        );
     }
-    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin_listen, http = %sh.cfg.http_listen, "listening");
+    if sh.cfg.admin.group.is_some() && !admin::access::reachable_by_group(&sh.cfg.admin.socket) {
+        tracing::warn!(socket = %sh.cfg.admin.socket.display(),
+            "the admin group cannot reach the admin socket: a directory above it is closed to group and others");
+    }
+    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin.socket.display(),
+        admin_tls = ?sh.cfg.admin.listen, http = %sh.cfg.http_listen, "listening");
 
     let mut peer = Server::builder()
         .concurrency_limit_per_connection(64)
@@ -505,19 +517,42 @@ async fn start_servers(
         ),
     };
 
-    let admin_svc = pb::admin_server::AdminServer::new(admin::AdminService::new(sh.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let admin_router = Server::builder()
-        .concurrency_limit_per_connection(16)
-        .timeout(Duration::from_secs(60))
-        .add_service(admin_svc);
-    let admin_task = spawn_grpc(
-        "admin",
-        admin_router,
-        admin_listener,
-        until_stopped(stop.clone()),
-    );
+    let admin_svc = || {
+        pb::admin_server::AdminServer::new(admin::access::AdminService::new(sh.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    };
+    let admin_server = || {
+        Server::builder()
+            .concurrency_limit_per_connection(16)
+            .timeout(Duration::from_secs(60))
+    };
+    let socket_router = admin_server().add_service(admin_svc());
+    let stopped = until_stopped(stop.clone());
+    let admin_task = tokio::spawn(async move {
+        let _removed_when_done = socket_file;
+        let incoming = admin::access::incoming(admin_socket);
+        if let Err(e) = socket_router
+            .serve_with_incoming_shutdown(incoming, stopped)
+            .await
+        {
+            tracing::error!("admin socket server failed: {e:?}");
+        }
+    });
+    let mut tasks = vec![peer_task, admin_task];
+    if let (Some(listener), Some(t)) = (admin_tcp, &sh.tls) {
+        let router = admin_server().add_service(InterceptedService::new(
+            admin_svc(),
+            tls::admin::authenticate,
+        ));
+        let incoming = tls_incoming(listener, t.clone(), stop.clone());
+        let stopped = until_stopped(stop.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                tracing::error!("admin port server failed: {e:?}");
+            }
+        }));
+    }
 
     let app = admin::http_router(sh.clone());
     let stopped = until_stopped(stop);
@@ -529,7 +564,8 @@ async fn start_servers(
             tracing::error!("http server failed: {e}");
         }
     });
-    Ok(vec![peer_task, admin_task, http_task])
+    tasks.push(http_task);
+    Ok(tasks)
 }
 
 /// The peer port's connections after the TLS handshake, each with the
@@ -588,9 +624,9 @@ async fn reload_on_sighup(sh: Arc<Shared>, hup: Option<tokio::signal::unix::Sign
             tracing::info!("SIGHUP: no TLS in use (--insecure), nothing to reload");
             continue;
         };
-        let id = sh.cfg.id;
+        let (id, witness) = (sh.cfg.id, sh.cfg.witness);
         let loaded = tokio::task::spawn_blocking(move || {
-            let m = TlsMaterial::load_for(&paths, id)?;
+            let m = TlsMaterial::load_for(&paths, id, witness)?;
             let info = m.info()?;
             Ok::<_, tls::TlsError>((m, info))
         })

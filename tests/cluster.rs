@@ -209,6 +209,10 @@ fn forged_tls(c: &Cluster, names: &[&str]) -> Result<std::path::PathBuf> {
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    // A member's role, so that only the names are wrong.
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        keyraft::tls::Role::Validator.uri().try_into()?,
+    ));
     let key = rcgen::KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
     let dir = c
@@ -326,18 +330,25 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
     let target = &c.nodes[&1];
     // Raw garbage, a half-open TLS hello and a stalled connection on both ports.
     let mut idle = Vec::new();
-    for addr in [target.listen, target.admin, target.http] {
-        for junk in [
-            &b"\x16\x03\x01\x02\x00garbage"[..],
-            &[0xffu8; 4096][..],
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\0",
-        ] {
+    let junks = [
+        &b"\x16\x03\x01\x02\x00garbage"[..],
+        &[0xffu8; 4096][..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\0",
+    ];
+    for addr in [target.listen, target.http] {
+        for junk in junks {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
             let _ = s.write_all(junk).await;
         }
         idle.push(tokio::net::TcpStream::connect(addr).await?);
     }
-    // Oversized messages, authenticated, on the peer port and the admin port.
+    let mut idle_socket = Vec::new();
+    for junk in junks {
+        let mut s = tokio::net::UnixStream::connect(&target.admin).await?;
+        let _ = s.write_all(junk).await;
+    }
+    idle_socket.push(tokio::net::UnixStream::connect(&target.admin).await?);
+    // Oversized messages, authenticated, on the peer port and the admin socket.
     let mut client = peer_client(&c, 1, 2).await?;
     let mut big = status_of(2);
     big.version = "x".repeat(8 << 20);
@@ -352,8 +363,9 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
         ),
         "{e:?}"
     );
-    let mut admin =
-        keyraft::pb::admin_client::AdminClient::connect(format!("http://{}", target.admin)).await?;
+    let mut admin = keyraft::pb::admin_client::AdminClient::new(
+        keyraft::admin::access::connect_socket(&target.admin).await?,
+    );
     let cmd = keyraft::pb::ClusterCommand {
         kind: Some(keyraft::pb::cluster_command::Kind::MembersAdd(
             keyraft::pb::Member {
@@ -387,6 +399,7 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
     ensure!(metrics.status().is_success());
     c.assert_no_double_signs().await?;
     drop(idle);
+    drop(idle_socket);
     Ok(())
 }
 
@@ -476,21 +489,27 @@ async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     let base = c.dir.path().join("n4");
     let ca = c.dir.path().join("ca");
     let certs = std::process::Command::new(&c.keyraft)
-        .args(["certs", "node", "--id", "4", "--ip", "127.0.0.1", "--ca"])
+        .args([
+            "certs",
+            "node",
+            "--id",
+            "4",
+            "--witness",
+            "--ip",
+            "127.0.0.1",
+            "--ca",
+        ])
         .arg(&ca)
         .arg("--out")
         .arg(base.join("tls"))
         .output()?;
     ensure!(certs.status.success(), "{certs:?}");
-    let (listen, admin, http) = (free_addr()?, free_addr()?, free_addr()?);
+    let (listen, admin, http) = (free_addr()?, base.join("admin.sock"), free_addr()?);
     let mut cmd = std::process::Command::new(&c.keyraft);
     cmd.args(["run", "--node-id", "4", "--witness"])
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
+        .args(["--listen", &listen.to_string()])
+        .arg("--admin-socket")
+        .arg(&admin)
         .args(["--http-listen", &http.to_string()])
         .arg("--data-dir")
         .arg(base.join("data"))
@@ -518,7 +537,8 @@ async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     );
     eventually(SETTLE, "node 4 to follow with four voters", || async {
         let out = tokio::process::Command::new(&c.keyraft)
-            .args(["status", "--json", "--admin", &admin.to_string()])
+            .args(["status", "--json", "--admin-socket"])
+            .arg(&admin)
             .output()
             .await?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;

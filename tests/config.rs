@@ -18,6 +18,7 @@ impl Setup {
         keyraft::tls::create_node(
             &dir.path().join("ca"),
             1,
+            false,
             &[],
             &["127.0.0.1".into()],
             None,
@@ -126,6 +127,7 @@ fn each_configuration_error_is_one_line_and_exit_2() -> Result<()> {
     keyraft::tls::create_node(
         &s.dir.path().join("ca"),
         2,
+        false,
         &[],
         &[],
         None,
@@ -324,12 +326,9 @@ fn json_logs_carry_the_node_id_on_every_line() -> Result<()> {
             "--log-format",
             "json",
         ])
-        .args([
-            "--listen",
-            &free_addr()?.to_string(),
-            "--admin-listen",
-            &free_addr()?.to_string(),
-        ])
+        .args(["--listen", &free_addr()?.to_string()])
+        .arg("--admin-socket")
+        .arg(dir.path().join("admin.sock"))
         .args(["--http-listen", &free_addr()?.to_string()])
         .arg("--data-dir")
         .arg(dir.path().join("data"))

@@ -2,7 +2,7 @@
 //! where a key moves: `keyraft check` and its exit codes, `keyraft probe`,
 //! the NEAR preset's node-key links, and a health URL that answers 404.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
 use localnet::harness::{eventually, node_entry};
 
@@ -32,11 +32,16 @@ async fn check_exit_codes_name_the_failure() -> Result<()> {
     let standby = (1..=3).find(|i| *i != active).unwrap_or(1);
     ensure!(c.cli(standby, &["pause"]).await?.status.success());
     c.kill_coordinator(active)?;
+    // The last answer, for the message when it never changes (a flake seen
+    // in full-suite runs only, not understood yet).
+    let last = std::sync::Mutex::new(None);
     let (no_validator, line) = eventually(SETTLE, "check to see no validator", || async {
         let (code, line) = code(c.cli(standby, &["check"]).await?);
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, line.clone()));
         Ok((code == Some(4)).then_some((code, line)))
     })
-    .await?;
+    .await
+    .with_context(|| format!("last check: {:?}\n{}", last.lock().ok(), c.logs()))?;
     ensure!(
         line.contains("no node is validating"),
         "{no_validator:?} {line}"

@@ -371,3 +371,54 @@ async fn a_host_with_two_sentries_signs_for_both_and_losing_one_costs_nothing() 
     no_equivocations(&c).await?;
     Ok(())
 }
+
+/// The SecretConnection id of the identity made from `seed`, as
+/// `tcp://ID@HOST:PORT` writes it.
+fn node_id_of(seed: [u8; 32]) -> String {
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let id = cometbft_p2p::PublicKey::from(&key.verifying_key()).peer_id();
+    hex::encode(id.as_bytes())
+}
+
+#[tokio::test]
+async fn a_privval_listener_with_another_identity_than_the_pinned_one_gets_no_signature(
+) -> Result<()> {
+    // Sentries 2 and 3 keep fixed identities; keyraft 2 pins another one
+    // (an impostor bound the port), keyraft 3 pins sentry 3's own.
+    let seed = |id: u64| [id as u8; 32];
+    let c = Cluster::start_signers(3, BLOCK_MS, mode(), |id| NodeOpts {
+        fakenode: match id {
+            1 => vec![],
+            _ => vec!["--privval-identity-seed".into(), hex::encode(seed(id))],
+        },
+        privval_pin: match id {
+            2 => Some(node_id_of(seed(9))),
+            3 => Some(node_id_of(seed(3))),
+            _ => None,
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let s = every_sentry_signed(&c, 0, &[1, 3]).await?;
+    let after = s.height;
+    every_sentry_signed(&c, after + 4, &[1, 3]).await?;
+    let s = no_equivocations(&c).await?;
+    ensure!(
+        s.first_signed_by(2, 0).is_none(),
+        "the sentry behind an unpinned identity got a signature"
+    );
+    let status = c.status(2).await?;
+    let conns = status["signer"]["connections"].clone();
+    ensure!(
+        conns
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["connected"] == false)),
+        "{conns}"
+    );
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft2.log"))?;
+    ensure!(
+        log.contains(&format!("not the pinned {}", node_id_of(seed(9)))),
+        "no log line names the refused identity"
+    );
+    Ok(())
+}

@@ -47,7 +47,8 @@ pub struct ExtraSentry {
 pub struct Node {
     pub id: u64,
     pub listen: SocketAddr,
-    pub admin: SocketAddr,
+    /// The coordinator's admin socket.
+    pub admin: PathBuf,
     pub http: SocketAddr,
     pub rpc: SocketAddr,
     /// Signer mode: the sentry's privval port (keyraft dials it).
@@ -202,7 +203,8 @@ impl Cluster {
             let tls = base.join("tls");
             let id_arg = id.to_string();
             let ca_arg = ca.display().to_string();
-            let args = [
+            let node_opts = opts(id);
+            let mut args = vec![
                 "node",
                 "--ca",
                 &ca_arg,
@@ -213,10 +215,12 @@ impl Cluster {
                 "--ip",
                 "127.0.0.1",
             ];
+            if node_opts.witness {
+                args.push("--witness");
+            }
             certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
-            let node_opts = opts(id);
             if let Some(name) = &node_opts.validator_user {
                 let user = nix::unistd::User::from_name(name)?
                     .with_context(|| format!("no user {name} on this host"))?;
@@ -241,7 +245,7 @@ impl Cluster {
                 Node {
                     id,
                     listen: free_addr()?,
-                    admin: free_addr()?,
+                    admin: base.join("admin.sock"),
                     http: free_addr()?,
                     rpc: free_addr()?,
                     privval: free_addr()?,
@@ -294,7 +298,8 @@ impl Cluster {
             .arg("run")
             .args(["--node-id", &id.to_string()])
             .args(["--listen", &node.listen.to_string()])
-            .args(["--admin-listen", &node.admin.to_string()])
+            .arg("--admin-socket")
+            .arg(&node.admin)
             .args(["--http-listen", &node.http.to_string()])
             .arg("--data-dir")
             .arg(&node.data)
@@ -334,8 +339,12 @@ impl Cluster {
             cmd.arg("--witness");
         } else if let Mode::Signer { chain_id, .. } = &self.mode {
             let privval = format!("tcp://{}", node.privval);
+            let dial = match &node.opts.privval_pin {
+                Some(id) => format!("tcp://{id}@{}", node.privval),
+                None => privval.clone(),
+            };
             cmd.args(["--signer", "cometbft", "--chain-id", chain_id])
-                .args(["--privval-node", &privval]);
+                .args(["--privval-node", &dial]);
             for e in &node.extra {
                 cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
             }
@@ -457,12 +466,8 @@ impl Cluster {
     /// `keyraft status --json` as answered by node `id`.
     pub async fn status(&self, id: u64) -> Result<Value> {
         let out = tokio::process::Command::new(&self.keyraft)
-            .args([
-                "status",
-                "--json",
-                "--admin",
-                &self.nodes[&id].admin.to_string(),
-            ])
+            .args(["status", "--json", "--admin-socket"])
+            .arg(&self.nodes[&id].admin)
             .output()
             .await?;
         ensure!(
@@ -477,7 +482,8 @@ impl Cluster {
     pub async fn cli(&self, id: u64, args: &[&str]) -> Result<std::process::Output> {
         Ok(tokio::process::Command::new(&self.keyraft)
             .args(args)
-            .args(["--admin", &self.nodes[&id].admin.to_string()])
+            .arg("--admin-socket")
+            .arg(&self.nodes[&id].admin)
             .output()
             .await?)
     }

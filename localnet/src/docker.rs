@@ -139,7 +139,7 @@ fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The files the compose file mounts at /run/keyraft.
+/// The files the compose file mounts at /etc/keyraft.
 fn make_run_dir(dir: &Path, cometbft: bool) -> Result<()> {
     if cometbft {
         crate::comet::key::ValidatorKey::generate()

@@ -41,7 +41,8 @@ pub struct NodeInfo {
     pub id: u64,
     pub witness: bool,
     pub peer: SocketAddr,
-    pub admin: SocketAddr,
+    /// The coordinator's admin socket.
+    pub admin: PathBuf,
     pub http: SocketAddr,
     pub rpc: SocketAddr,
 }
@@ -163,7 +164,7 @@ pub async fn up(opts: UpOptions) -> Result<()> {
                 id: n.id,
                 witness: n.opts.witness,
                 peer: n.listen,
-                admin: n.admin,
+                admin: n.admin.clone(),
                 http: n.http,
                 rpc: n.rpc,
             })

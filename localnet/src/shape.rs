@@ -93,6 +93,9 @@ pub struct NodeOpts {
     pub validator_user: Option<String>,
     /// Extra environment of `keyraft run`.
     pub env: Vec<(String, String)>,
+    /// Signer mode: the node id pinned in `--privval-node tcp://ID@…` for
+    /// the supervised sentry.
+    pub privval_pin: Option<String>,
 }
 
 /// Which fence agent a node has for the other validator hosts.

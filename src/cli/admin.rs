@@ -11,26 +11,91 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
-use super::{certs, Cmd, MembersCmd, SignerCmd};
+use super::{certs, AdminAddr, Cmd, MembersCmd, SignerCmd};
 use crate::config::RunArgs;
 use crate::health;
 use crate::pb::{self, cluster_command::Kind};
 
+/// Where the CLI reaches a coordinator, resolved from [`AdminAddr`].
+enum Target {
+    Socket(PathBuf),
+    Tcp(SocketAddr, PathBuf),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Socket(p) => write!(f, "{}", p.display()),
+            Target::Tcp(a, _) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl AdminAddr {
+    /// --admin-socket; else --admin with --admin-cert; else the socket of
+    /// the run configuration this host uses; else the package's socket.
+    fn target(&self) -> anyhow::Result<Target> {
+        if let Some(p) = &self.admin_socket {
+            return Ok(Target::Socket(p.clone()));
+        }
+        if let Some(a) = self.admin {
+            let dir = self.admin_cert.clone().ok_or_else(|| {
+                anyhow!("--admin {a} is the admin TCP port: it needs --admin-cert DIR (`keyraft certs admin`)")
+            })?;
+            return Ok(Target::Tcp(a, dir));
+        }
+        let file = std::env::var_os("KEYRAFT_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/etc/keyraft/keyraft.toml"));
+        Ok(Target::Socket(
+            crate::config::admin_socket_of(&file)
+                .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_ADMIN_SOCKET)),
+        ))
+    }
+}
+
 async fn admin_client(
-    addr: SocketAddr,
+    addr: &AdminAddr,
 ) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("no keyraft admin at {addr} (is `keyraft run` up? --admin sets the address)")
-        })?;
+    let target = addr.target()?;
+    let ch = match &target {
+        Target::Socket(path) => crate::admin::access::connect_socket(path)
+            .await
+            .map_err(|e| {
+                let why =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                anyhow!(
+                    "cannot reach the keyraft admin socket {target}: {why} (is `keyraft run` up? is your user in keyraft's admin group? --admin-socket sets the path)"
+                )
+            })?,
+        Target::Tcp(a, dir) => {
+            let cfg = std::sync::Arc::new(crate::tls::admin::AdminCert::load(dir)?.client_config()?);
+            let a = *a;
+            tonic::transport::Endpoint::from_static("http://keyraft.admin")
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(60))
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let cfg = cfg.clone();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(a).await?;
+                        let name = rustls::pki_types::ServerName::try_from("keyraft")
+                            .map_err(std::io::Error::other)?;
+                        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                    }
+                }))
+                .await
+                .map_err(|e| {
+                    let why = std::error::Error::source(&e)
+                        .map_or_else(|| e.to_string(), |s| s.to_string());
+                    anyhow!("cannot reach the keyraft admin port {target}: {why}")
+                })?
+        }
+    };
     Ok(pb::admin_client::AdminClient::new(ch))
 }
 
-async fn command(addr: SocketAddr, kind: Kind) -> anyhow::Result<ExitCode> {
+async fn command(addr: &AdminAddr, kind: Kind) -> anyhow::Result<ExitCode> {
     let mut c = admin_client(addr).await?;
     let r = c
         .command(pb::ClusterCommand { kind: Some(kind) })
@@ -60,7 +125,7 @@ fn state_file_height(path: &std::path::Path) -> anyhow::Result<u64> {
         })
 }
 
-async fn status_value(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+async fn status_value(addr: &AdminAddr) -> anyhow::Result<serde_json::Value> {
     let mut c = admin_client(addr).await?;
     let r = c
         .status(pb::StatusRequest {})
@@ -72,7 +137,7 @@ async fn status_value(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
 pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Status { json, admin } => {
-            let v = status_value(admin.admin).await?;
+            let v = status_value(&admin).await?;
             if json {
                 println!("{v}");
             } else {
@@ -81,13 +146,13 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Switchover { to, admin } => {
-            command(admin.admin, Kind::Switchover(pb::Switchover { to })).await
+            command(&admin, Kind::Switchover(pb::Switchover { to })).await
         }
-        Cmd::Pause { admin } => command(admin.admin, Kind::Pause(true)).await,
-        Cmd::Resume { admin } => command(admin.admin, Kind::Resume(true)).await,
+        Cmd::Pause { admin } => command(&admin, Kind::Pause(true)).await,
+        Cmd::Resume { admin } => command(&admin, Kind::Resume(true)).await,
         Cmd::Members { what, admin } => match what {
             MembersCmd::List => {
-                let mut c = admin_client(admin.admin).await?;
+                let mut c = admin_client(&admin).await?;
                 let r = c
                     .members(pb::StatusRequest {})
                     .await
@@ -106,35 +171,42 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     .split_once('=')
                     .and_then(|(i, a)| Some((i.parse::<u64>().ok()?, a.to_string())))
                     .ok_or_else(|| anyhow!("bad member '{member}': want ID=HOST:PORT"))?;
-                command(admin.admin, Kind::MembersAdd(pb::Member { id, addr })).await
+                command(&admin, Kind::MembersAdd(pb::Member { id, addr })).await
             }
-            MembersCmd::Remove { id } => command(admin.admin, Kind::MembersRemove(id)).await,
+            MembersCmd::Remove { id } => command(&admin, Kind::MembersRemove(id)).await,
         },
         Cmd::Signer {
-            what: SignerCmd::ImportState { file, never_signed },
+            what:
+                SignerCmd::ImportState {
+                    file,
+                    never_signed,
+                    allow_jump,
+                },
             admin,
         } => {
             let height = match (&file, never_signed) {
                 (Some(f), _) => state_file_height(f)?,
                 (None, _) => 0,
             };
-            let status = status_value(admin.admin).await?;
+            let status = status_value(&admin).await?;
             let chain_id = status["signer"]["chain_id"]
                 .as_str()
-                .ok_or_else(|| {
-                    anyhow!("the cluster at {} does not run in signer mode", admin.admin)
-                })?
+                .ok_or_else(|| anyhow!("this cluster does not run in signer mode"))?
                 .to_string();
             command(
-                admin.admin,
-                Kind::SignerFloor(pb::SignerFloor { chain_id, height }),
+                &admin,
+                Kind::SignerFloor(pb::SignerFloor {
+                    chain_id,
+                    height,
+                    allow_jump,
+                }),
             )
             .await
         }
         Cmd::Check {
             config: Some(file), ..
         } => Ok(preflight(file).await),
-        Cmd::Check { admin, .. } => Ok(check(admin.admin).await),
+        Cmd::Check { admin, .. } => Ok(check(&admin).await),
         Cmd::Probe {
             health: kind,
             url,
@@ -190,7 +262,7 @@ async fn preflight(file: PathBuf) -> ExitCode {
 }
 
 /// `keyraft check`: one line, and an exit code per failure.
-async fn check(addr: SocketAddr) -> ExitCode {
+async fn check(addr: &AdminAddr) -> ExitCode {
     let v = match status_value(addr).await {
         Ok(v) => v,
         Err(e) => {

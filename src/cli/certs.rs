@@ -1,4 +1,5 @@
-//! `keyraft certs`: a cluster CA, node certificates, and their expiry.
+//! `keyraft certs`: a cluster CA, node and admin certificates, and their
+//! expiry.
 //!
 //! Owns: what the command prints and its exit code. Must not: hold
 //! certificate rules; [`crate::tls`] does.
@@ -16,11 +17,18 @@ pub(super) fn run(what: CertsCmd) -> anyhow::Result<ExitCode> {
         CertsCmd::Node {
             ca,
             id,
+            witness,
             dns,
             ip,
             days,
             out,
-        } => tls::create_node(&ca, id, &dns, &ip, days, &out)?,
+        } => tls::create_node(&ca, id, witness, &dns, &ip, days, &out)?,
+        CertsCmd::Admin {
+            ca,
+            name,
+            days,
+            out,
+        } => tls::create_admin(&ca, &name, days, &out)?,
         CertsCmd::Show { paths, warn_days } => return show_certs(&paths, warn_days),
     };
     for f in files {
@@ -39,7 +47,7 @@ fn show_certs(paths: &[PathBuf], warn_days: u32) -> anyhow::Result<ExitCode> {
     for p in paths {
         if p.is_dir() {
             files.extend(
-                ["ca.pem", "node.pem"]
+                ["ca.pem", "node.pem", "admin.pem"]
                     .iter()
                     .map(|f| p.join(f))
                     .filter(|f| f.exists()),
@@ -48,7 +56,10 @@ fn show_certs(paths: &[PathBuf], warn_days: u32) -> anyhow::Result<ExitCode> {
             files.push(p.clone());
         }
     }
-    anyhow::ensure!(!files.is_empty(), "no ca.pem or node.pem in {paths:?}");
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no ca.pem, node.pem or admin.pem in {paths:?}"
+    );
     let mut ok = true;
     for f in files {
         let i = tls::cert_file_info(&f)?;

@@ -5,7 +5,7 @@
 //! - [`admin`]: the commands that talk to a running coordinator (status,
 //!   switchover, pause, resume, members, signer, check, probe) and the
 //!   status table;
-//! - [`certs`]: `keyraft certs ca|node|show`.
+//! - [`certs`]: `keyraft certs ca|node|admin|show`.
 //!
 //! Exit codes: 0 success; 1 runtime failure (or `check`: admin unreachable);
 //! 2 bad usage, bad configuration, or a start refused for safety; `check`
@@ -41,16 +41,29 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(clap::Args, Clone)]
+/// Where a running coordinator's admin API is: its Unix socket (the
+/// default; file permissions decide who may use it), or its admin TCP port
+/// with an admin certificate.
+#[derive(clap::Args, Clone, Default)]
 struct AdminAddr {
-    /// Admin address of a running coordinator.
+    /// The coordinator's admin socket [default: the `admin-socket` of the
+    /// run configuration in $KEYRAFT_CONFIG or /etc/keyraft/keyraft.toml
+    /// when readable, else /run/keyraft/admin.sock].
+    #[arg(long, global = true, env = "KEYRAFT_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+    /// A coordinator's admin TCP port (HOST:PORT, its `admin-listen`)
+    /// instead of a socket; needs --admin-cert.
     #[arg(
         long,
         global = true,
         env = "KEYRAFT_ADMIN",
-        default_value = "127.0.0.1:7701"
+        conflicts_with = "admin_socket"
     )]
-    admin: SocketAddr,
+    admin: Option<SocketAddr>,
+    /// Dir with admin.pem, admin.key and ca.pem (`keyraft certs admin`)
+    /// for --admin.
+    #[arg(long, global = true, env = "KEYRAFT_ADMIN_CERT")]
+    admin_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -165,6 +178,10 @@ enum SignerCmd {
         /// The key has never signed anything (a new validator).
         #[arg(long, conflicts_with = "file")]
         never_signed: bool,
+        /// Take FILE's height even when it is far above what the watermark
+        /// and the members' nodes say (the leader logs the override).
+        #[arg(long, requires = "file")]
+        allow_jump: bool,
     },
 }
 
@@ -175,18 +192,37 @@ enum CertsCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// A certificate for node ID, signed by the CA in --ca.
+    /// A certificate for node ID, signed by the CA in --ca, with the role
+    /// of a validator host (or, with --witness, of a witness).
     Node {
         #[arg(long)]
         ca: PathBuf,
         #[arg(long)]
         id: u64,
+        /// For a witness (`keyraft run --witness`): it votes, and may
+        /// neither sign nor speak for the operator.
+        #[arg(long)]
+        witness: bool,
         /// Extra DNS names (repeatable).
         #[arg(long)]
         dns: Vec<String>,
         /// IP addresses (repeatable).
         #[arg(long)]
         ip: Vec<String>,
+        /// Valid for this many days from now [default: until 2124].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// An operator's certificate for the admin TCP port (`admin-listen`),
+    /// signed by the CA in --ca: DIR/admin.pem, admin.key, ca.pem.
+    Admin {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Who holds it (written into the logs of every command it runs).
+        #[arg(long)]
+        name: String,
         /// Valid for this many days from now [default: until 2124].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         days: Option<u32>,

@@ -28,7 +28,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let material = match cfg
         .tls
         .as_ref()
-        .map(|p| tls::TlsMaterial::load_for(p, cfg.id))
+        .map(|p| tls::TlsMaterial::load_for(p, cfg.id, cfg.witness))
     {
         None => None,
         Some(Ok(m)) => Some(m),

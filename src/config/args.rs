@@ -48,7 +48,16 @@ pub struct RunArgs {
     /// Data dir: Raft log and vote, lock, validator pid [default: /var/lib/keyraft].
     #[arg(long, env = "KEYRAFT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Admin gRPC address [default: 127.0.0.1:7701].
+    /// Admin socket, the CLI's way in: its mode (0660) and group decide
+    /// who may drive the cluster [default: /run/keyraft/admin.sock].
+    #[arg(long, env = "KEYRAFT_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Group of the admin socket, a name or a gid: its members may run
+    /// operator commands [default: keyraft's own group].
+    #[arg(long, env = "KEYRAFT_ADMIN_GROUP")]
+    pub admin_group: Option<String>,
+    /// Admin gRPC over TCP for remote operators: mTLS, and only clients
+    /// with an admin certificate (`keyraft certs admin`) [default: off].
     #[arg(long, env = "KEYRAFT_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// HTTP address for /metrics /health /leader /replica /status [default: 127.0.0.1:2233].

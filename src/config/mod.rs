@@ -59,6 +59,65 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// Where `keyraft run` serves its admin API when no flag says otherwise,
+/// and where the CLI looks for it.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/keyraft/admin.sock";
+
+/// Where operators reach the coordinator.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// The Unix socket (mode 0660).
+    pub socket: PathBuf,
+    /// The socket's group (`None`: keyraft's own).
+    pub group: Option<u32>,
+    /// The admin TCP port, mTLS with admin certificates only.
+    pub listen: Option<SocketAddr>,
+}
+
+/// The admin socket a run configuration file names, if it can be read
+/// (the CLI's way to find the coordinator of this host).
+pub fn admin_socket_of(file: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(file).ok()?;
+    toml::from_str::<RunArgs>(&text).ok()?.admin_socket
+}
+
+/// The admin settings of `a`, checked.
+fn resolve_admin(a: &RunArgs) -> Result<AdminConfig, ConfigError> {
+    let socket = a
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    // sun_path holds 108 bytes with its terminating NUL.
+    if !socket.is_absolute() || socket.as_os_str().len() > 107 {
+        return Err(invalid(format!(
+            "bad --admin-socket {}: an absolute path of at most 107 bytes",
+            socket.display()
+        )));
+    }
+    let group = match &a.admin_group {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| invalid(format!("--admin-group {g}: no such group on this host")))?
+                .gid
+                .as_raw(),
+        }),
+    };
+    if a.admin_listen.is_some() && a.insecure {
+        return Err(invalid(
+            "--admin-listen needs TLS (its clients are known by their admin certificates): drop --insecure, or use the admin socket",
+        ));
+    }
+    Ok(AdminConfig {
+        socket,
+        group,
+        listen: a.admin_listen,
+    })
+}
+
 /// A validated configuration of one coordinator.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,7 +127,7 @@ pub struct Config {
     /// Every other member's peer address.
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
-    pub admin_listen: SocketAddr,
+    pub admin: AdminConfig,
     pub http_listen: SocketAddr,
     pub tls: Option<TlsPaths>,
     pub witness: bool,
@@ -191,9 +250,7 @@ impl RunArgs {
             advertise,
             peers,
             data_dir,
-            admin_listen: a
-                .admin_listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7701))),
+            admin: resolve_admin(&a)?,
             http_listen: a
                 .http_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2233))),

@@ -22,14 +22,19 @@ pub enum SignerKind {
 /// Where a signer dials a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrivvalAddr {
-    Tcp(String),
+    /// `HOST:PORT`, and the node's SecretConnection id when pinned
+    /// (`tcp://ID@HOST:PORT`): a listener with another identity is refused.
+    Tcp {
+        addr: String,
+        pin: Option<[u8; 20]>,
+    },
     Unix(PathBuf),
 }
 
 impl std::fmt::Display for PrivvalAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PrivvalAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            PrivvalAddr::Tcp { addr, .. } => write!(f, "tcp://{addr}"),
             PrivvalAddr::Unix(p) => write!(f, "unix://{}", p.display()),
         }
     }
@@ -101,13 +106,21 @@ pub(super) fn resolve_signer(
             PrivvalAddr::Unix(PathBuf::from(path))
         } else {
             let hp = n.strip_prefix("tcp://").unwrap_or(n);
-            // CometBFT writes tcp://ID@HOST:PORT; the id is not checked (a
-            // CometBFT node's privval identity is made afresh at each start).
-            let hp = hp.rsplit_once('@').map_or(hp, |(_, h)| h);
+            // tcp://ID@HOST:PORT pins the node's SecretConnection identity.
+            let (pin, hp) = match hp.split_once('@') {
+                Some((id, hp)) => (Some(parse_node_id(id, n)?), hp),
+                None => (None, hp),
+            };
             check_host_port(hp, "--privval-node")?;
-            PrivvalAddr::Tcp(hp.to_string())
+            PrivvalAddr::Tcp {
+                addr: hp.to_string(),
+                pin,
+            }
         };
-        if nodes.contains(&addr) {
+        if nodes
+            .iter()
+            .any(|o: &PrivvalAddr| o.to_string() == addr.to_string())
+        {
             return Err(invalid(format!("--privval-node {n} is given twice")));
         }
         nodes.push(addr);
@@ -127,6 +140,18 @@ pub(super) fn resolve_signer(
     }))
 }
 
+/// A node id as CometBFT writes it: 40 hex digits (20 bytes).
+fn parse_node_id(id: &str, whole: &str) -> Result<[u8; 20], ConfigError> {
+    let bytes = hex::decode(id)
+        .ok()
+        .and_then(|b| <[u8; 20]>::try_from(b).ok());
+    bytes.ok_or_else(|| {
+        invalid(format!(
+            "bad --privval-node '{whole}': the id before '@' must be the node's 40-hex-digit id"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,7 +166,8 @@ mod tests {
             chain_id: Some("cosmoshub-4".into()),
             validator_key: Some(k[0].clone()),
             privval_node: vec![
-                "tcp://abcd@127.0.0.1:26659".into(),
+                format!("tcp://{}@127.0.0.1:26659", "ab".repeat(20)),
+                "tcp://127.0.0.1:26660".into(),
                 "unix:///run/pv.sock".into(),
             ],
             validator_home: None,
@@ -153,7 +179,14 @@ mod tests {
         assert_eq!(
             s.nodes,
             vec![
-                PrivvalAddr::Tcp("127.0.0.1:26659".into()),
+                PrivvalAddr::Tcp {
+                    addr: "127.0.0.1:26659".into(),
+                    pin: Some([0xab; 20])
+                },
+                PrivvalAddr::Tcp {
+                    addr: "127.0.0.1:26660".into(),
+                    pin: None
+                },
                 PrivvalAddr::Unix("/run/pv.sock".into())
             ]
         );
@@ -179,6 +212,11 @@ mod tests {
             ..signer.clone()
         });
         assert!(e.contains("absolute"), "{e}");
+        let e = err(RunArgs {
+            privval_node: vec!["tcp://abcd@127.0.0.1:26659".into()],
+            ..signer.clone()
+        });
+        assert!(e.contains("40-hex-digit"), "{e}");
         let e = err(RunArgs {
             validator_home: Some(dir.path().into()),
             ..signer.clone()

@@ -57,10 +57,15 @@ pub const SIGN_PATIENCE: Duration = Duration::from_millis(2000);
 /// One forwarding attempt to the leader.
 const FORWARD_DEADLINE: Duration = Duration::from_millis(1000);
 const RETRY: Duration = Duration::from_millis(25);
-/// A request this far above the watermark is refused: one bogus height
-/// (a buggy or impostor sentry) must not lift the watermark out of reach
-/// for good. About two years of 6-second blocks.
+/// A request or an imported floor this far above the watermark (or, with
+/// none yet, above height 0) is refused: one bogus height (a buggy or
+/// impostor sentry, a forged state file) must not lift the watermark out of
+/// reach for good. About two years of 6-second blocks.
 pub const MAX_HEIGHT_JUMP: u64 = 10_000_000;
+/// Tighter, while members' nodes report being synced: no real node asks
+/// for a height this far beyond the lowest one they report (the chain's
+/// tip, give or take gossip's lag), about two hours of 6-second blocks.
+pub const MAX_AHEAD_OF_CHAIN: u64 = 1_000;
 /// Largest privval message forwarded between signers.
 pub const MAX_PRIVVAL_MESSAGE: usize = 64 * 1024;
 
@@ -280,10 +285,11 @@ impl Signer {
                 }
             }
         }
-        if w.height > 0 && hrs.0 > w.height.saturating_add(MAX_HEIGHT_JUMP) {
+        let limit = height_limit(&self.sh);
+        if hrs.0 > limit.height {
             return Err(Refusal::Malformed(format!(
-                "height {} is more than {MAX_HEIGHT_JUMP} above the watermark {}: refused",
-                hrs.0, w.height
+                "height {} is above {}: refused",
+                hrs.0, limit.why
             )));
         }
         self.all_voters_registered()?;
@@ -430,6 +436,58 @@ impl Signer {
     }
 }
 
+/// The highest height the cluster signs or takes as a floor now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeightLimit {
+    pub height: u64,
+    pub why: String,
+}
+
+/// [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the first), or
+/// [`MAX_AHEAD_OF_CHAIN`] above the lowest height that members' synced
+/// nodes report lately (this one's and gossip's), whichever is lower.
+pub fn height_limit(sh: &Shared) -> HeightLimit {
+    let watermark = sh.cluster.borrow().signer.as_ref().map_or(0, |w| w.height);
+    let stale = sh.cfg.timing.gossip_interval * 3;
+    let own = sh.local.borrow().validator;
+    let synced = own
+        .filter(|h| h.synced)
+        .and_then(|h| h.height)
+        .filter(|h| *h > 0)
+        .into_iter()
+        .chain(
+            sh.view
+                .fresh(stale)
+                .into_iter()
+                .filter_map(|s| s.validator)
+                .filter(|v| v.synced && v.height > 0)
+                .map(|v| v.height),
+        )
+        .min();
+    limits(watermark, synced)
+}
+
+/// [`height_limit`]'s rule on its inputs.
+fn limits(watermark: u64, chain: Option<u64>) -> HeightLimit {
+    let by_watermark = HeightLimit {
+        height: watermark.saturating_add(MAX_HEIGHT_JUMP),
+        why: format!("{MAX_HEIGHT_JUMP} heights over the watermark {watermark}"),
+    };
+    // Never below the watermark itself: nodes behind it do not stop it.
+    let Some(c) = chain.map(|c| c.max(watermark)) else {
+        return by_watermark;
+    };
+    if c.saturating_add(MAX_AHEAD_OF_CHAIN) >= by_watermark.height {
+        return by_watermark;
+    }
+    HeightLimit {
+        height: c + MAX_AHEAD_OF_CHAIN,
+        why: format!(
+            "{MAX_AHEAD_OF_CHAIN} heights over {c}, the watermark or the lowest height the members' synced nodes report"
+        ),
+    }
+}
+
 /// The leader's peer-port service for forwarded sign requests.
 pub struct SignerService {
     signer: Arc<Signer>,
@@ -444,8 +502,54 @@ impl SignerService {
 #[tonic::async_trait]
 impl pb::signer_server::Signer for SignerService {
     async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
-        crate::tls::peer_of(&req)?;
+        // Only a host that may hold the key serves sentries (its own privval
+        // connections): a witness, or a node that is no voter, asks nothing.
+        let peer = crate::tls::require_validator(&req, "forward sign requests")?;
+        let sh = &self.signer.sh;
+        let voters = sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect::<Vec<_>>();
+        if !voters.contains(&peer) {
+            tracing::warn!(
+                peer,
+                "refused a sign request from a node that is not a voter"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {peer} is not a voting member: it forwards no sign requests"
+            )));
+        }
         let reply = self.signer.serve_forwarded(&req.get_ref().msg).await?;
         Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heights_are_limited_from_an_empty_watermark_and_by_the_chain() {
+        let table = [
+            // (watermark, lowest synced node height) -> limit
+            ((0, None), MAX_HEIGHT_JUMP),
+            ((0, Some(0)), MAX_AHEAD_OF_CHAIN),
+            ((0, Some(5_000)), 5_000 + MAX_AHEAD_OF_CHAIN),
+            ((100, None), 100 + MAX_HEIGHT_JUMP),
+            ((100, Some(120)), 120 + MAX_AHEAD_OF_CHAIN),
+            // Nodes behind the watermark never limit it below itself.
+            ((9_000, Some(10)), 9_000 + MAX_AHEAD_OF_CHAIN),
+            ((u64::MAX - 5, None), u64::MAX),
+        ];
+        for ((w, chain), want) in table {
+            assert_eq!(
+                limits(w, chain).height,
+                want,
+                "watermark {w}, chain {chain:?}"
+            );
+        }
+        assert!(limits(0, None).height < 1 << 62);
     }
 }

@@ -83,7 +83,7 @@ enum Conn {
 impl Conn {
     async fn open(addr: &PrivvalAddr, identity: &SigningKey) -> Result<Conn, String> {
         match addr {
-            PrivvalAddr::Tcp(a) => {
+            PrivvalAddr::Tcp { addr: a, pin } => {
                 let stream = tokio::time::timeout(CONNECT, TcpStream::connect(a))
                     .await
                     .map_err(|_| "connect timed out".to_string())?
@@ -94,6 +94,16 @@ impl Conn {
                         .await
                         .map_err(|_| "SecretConnection handshake timed out".to_string())?
                         .map_err(|e| format!("SecretConnection handshake: {e}"))?;
+                let theirs = conn.peer_public_key().peer_id();
+                if let Some(pin) = pin {
+                    if theirs.as_bytes() != pin {
+                        return Err(format!(
+                            "the listener's identity is {}, not the pinned {}: refused, nothing is signed for it",
+                            hex::encode(theirs.as_bytes()),
+                            hex::encode(pin)
+                        ));
+                    }
+                }
                 Ok(Conn::Secret(Box::new(conn)))
             }
             PrivvalAddr::Unix(p) => UnixStream::connect(p)
@@ -172,19 +182,20 @@ pub async fn run(signer: Arc<Signer>, addr: PrivvalAddr, identity: SigningKey, m
     gauge.set(0);
     signer.sh.privval.set(&name, false);
     let mut backoff = BACKOFF_MIN;
-    // Say a refused dial once, not every backoff.
-    let mut quiet = false;
+    // Say each failure once, not every backoff: a refused dial repeated is
+    // one line, a new failure (an identity refused) is always another.
+    let mut said: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.requested() => return,
             r = session(&signer, &addr, &name, &identity) => {
                 let was_up = signer.sh.privval.get(&name);
                 if let Err(e) = r {
-                    if was_up || !quiet {
+                    if was_up || said.as_deref() != Some(e.as_str()) {
                         tracing::warn!(node = %name, "privval connection: {e}; retrying");
                     }
+                    said = Some(e);
                 }
-                quiet = !was_up;
                 if was_up {
                     backoff = BACKOFF_MIN;
                 }

@@ -79,6 +79,10 @@ struct RunArgs {
     /// height and round (a split proposal, as a signer sees it).
     #[arg(long, requires = "cometbft")]
     equivocate: bool,
+    /// CometBFT: a fixed SecretConnection identity for the privval
+    /// listener (a 32-byte ed25519 seed, hex) instead of one made at start.
+    #[arg(long, requires = "cometbft")]
+    privval_identity_seed: Option<String>,
 }
 
 #[tokio::main]
@@ -115,6 +119,20 @@ async fn main() -> ExitCode {
                 chain_id: r.chain_id,
                 protocol: r.protocol,
                 equivocate: r.equivocate,
+                privval_identity: match r.privval_identity_seed.as_deref().map(hex::decode) {
+                    None => None,
+                    Some(Ok(b)) => match <[u8; 32]>::try_from(b) {
+                        Ok(seed) => Some(seed),
+                        Err(_) => {
+                            eprintln!("error: --privval-identity-seed is not 32 bytes of hex");
+                            return ExitCode::from(2);
+                        }
+                    },
+                    Some(Err(e)) => {
+                        eprintln!("error: --privval-identity-seed: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
             };
             localnet::comet::node::run(cfg).await
         }

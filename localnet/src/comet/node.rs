@@ -58,6 +58,8 @@ pub struct CometNodeConfig {
     pub chain_id: Option<String>,
     pub protocol: Protocol,
     pub equivocate: bool,
+    /// The privval listener's SecretConnection seed (`None`: fresh per start).
+    pub privval_identity: Option<[u8; 32]>,
 }
 
 #[derive(Default)]
@@ -83,7 +85,7 @@ impl Node {
 
 /// Runs the node until SIGTERM/SIGINT.
 pub async fn run(cfg: CometNodeConfig) -> anyhow::Result<()> {
-    let endpoint = Endpoint::bind(&cfg.privval).await?;
+    let endpoint = Endpoint::bind(&cfg.privval, cfg.privval_identity).await?;
     let listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(rpc = %listener.local_addr()?, node = cfg.node_id, protocol = ?cfg.protocol,
         equivocate = cfg.equivocate, "fakenode (CometBFT) started");
@@ -402,7 +404,9 @@ mod tests {
     async fn endpoint(dir: &tempfile::TempDir) -> (Arc<Endpoint>, std::path::PathBuf) {
         let path = dir.path().join("pv.sock");
         (
-            Endpoint::bind(&Listen::Unix(path.clone())).await.unwrap(),
+            Endpoint::bind(&Listen::Unix(path.clone()), None)
+                .await
+                .unwrap(),
             path,
         )
     }

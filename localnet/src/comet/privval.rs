@@ -165,13 +165,19 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Binds the listener and starts accepting signers in the background.
-    pub async fn bind(listen: &Listen) -> std::io::Result<Arc<Endpoint>> {
+    /// `identity`: the TCP listener's SecretConnection seed (`None`: one
+    /// made for this process, as CometBFT does).
+    pub async fn bind(
+        listen: &Listen,
+        identity: Option<[u8; 32]>,
+    ) -> std::io::Result<Arc<Endpoint>> {
         let (tx, rx) = mpsc::channel(1);
         match listen {
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr).await?;
                 tracing::info!(addr = %l.local_addr()?, "privval listening (tcp, SecretConnection)");
-                tokio::spawn(accept_tcp(l, tx));
+                let seed = identity.unwrap_or_else(rand::random::<[u8; 32]>);
+                tokio::spawn(accept_tcp(l, SigningKey::from_bytes(&seed), tx));
             }
             Listen::Unix(path) => {
                 match std::fs::remove_file(path) {
@@ -435,9 +441,8 @@ fn same_proposal(asked: &RawProposal, got: RawProposal) -> Result<RawProposal, C
 }
 
 /// Accepts signers over TCP: one SecretConnection handshake at a time, under
-/// an identity made fresh for this process (CometBFT does the same).
-async fn accept_tcp(listener: TcpListener, queue: mpsc::Sender<Conn>) {
-    let identity = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+/// `identity`.
+async fn accept_tcp(listener: TcpListener, identity: SigningKey, queue: mpsc::Sender<Conn>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,

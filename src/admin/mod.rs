@@ -1,12 +1,19 @@
 //! The operator surface: admin gRPC (used by the `keyraft` CLI), the HTTP
 //! endpoints (`/metrics`, `/health`, `/leader`, `/replica`, `/status`), the
 //! cluster view behind `keyraft status`, and running operator commands on
-//! the leader (forwarding them there from any member).
+//! the leader (forwarding them there from any validator host).
+//!
+//! - [`access`]: who may reach the admin API (the socket, the TCP port with
+//!   admin certificates) and the admin service behind both.
 //!
 //! Owns: the JSON shape of `keyraft status --json` (docs/design.md), Patroni-style
-//! health codes, and membership changes. Must not: listen anywhere but where
-//! configured (loopback by default), or touch the validator; a switchover is
-//! handed to the coordinator, which owns the validator.
+//! health codes, membership changes, and the leader's check that a
+//! forwarded operator command comes from a validator host. Must not: listen
+//! anywhere but where configured (HTTP on loopback by default, admin on the
+//! socket), or touch the validator; a switchover is handed to the
+//! coordinator, which owns the validator.
+
+pub mod access;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -309,6 +316,17 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                     None => "this cluster does not run in signer mode".to_string(),
                 }));
             }
+            let limit = crate::signer::height_limit(sh);
+            if f.height > limit.height {
+                if !f.allow_jump {
+                    return Err(Status::failed_precondition(format!(
+                        "floor height {} is above {}: refused (if the state file is right, run import-state again with --allow-jump)",
+                        f.height, limit.why
+                    )));
+                }
+                tracing::warn!(height = f.height, limit = limit.height,
+                    "operator override: a floor above the height-jump limit ({}) is imported", limit.why);
+            }
             let before = sh.cluster.borrow().signer.clone();
             let r = write(Command::SignerFloor {
                 chain_id: f.chain_id.clone(),
@@ -495,73 +513,25 @@ impl pb::cluster_server::Cluster for ClusterService {
         if self.sh.raft_metrics().current_leader != Some(self.sh.cfg.id) {
             return Err(Status::failed_precondition("not the leader"));
         }
-        let cmd = req.into_inner();
-        // A node may rejoin or register only itself.
-        if let Some(Kind::Rejoin(pb::Member { id, .. }) | Kind::Register(id)) = &cmd.kind {
-            if *id != peer {
-                return Err(Status::permission_denied(
-                    "a node may only register or rejoin itself",
-                ));
+        match &req.get_ref().kind {
+            // A node may rejoin or register only itself.
+            Some(Kind::Rejoin(pb::Member { id, .. }) | Kind::Register(id)) => {
+                if *id != peer {
+                    return Err(Status::permission_denied(
+                        "a node may only register or rejoin itself",
+                    ));
+                }
+            }
+            // An operator's command, from a member's admin socket or port:
+            // only a validator host's certificate vouches for its operator.
+            _ => {
+                crate::tls::require_validator(&req, "speak for the operator")?;
+                tracing::info!(node = peer, "operator command forwarded by node {peer}");
             }
         }
+        let cmd = req.into_inner();
         let message = execute_here(&self.sh, cmd).await?;
         Ok(Response::new(pb::CommandReply { message }))
-    }
-}
-
-/// The loopback admin service used by the CLI.
-pub struct AdminService {
-    sh: Arc<Shared>,
-}
-
-impl AdminService {
-    pub fn new(sh: Arc<Shared>) -> Self {
-        Self { sh }
-    }
-}
-
-#[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
-    async fn status(
-        &self,
-        _req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusReply>, Status> {
-        Ok(Response::new(pb::StatusReply {
-            json: status_json(&self.sh).to_string(),
-        }))
-    }
-
-    async fn command(
-        &self,
-        req: Request<pb::ClusterCommand>,
-    ) -> Result<Response<pb::CommandReply>, Status> {
-        let cmd = req.into_inner();
-        if let Some(Kind::Register(_) | Kind::Rejoin(_)) = cmd.kind {
-            return Err(Status::invalid_argument(
-                "register and rejoin are sent by nodes themselves",
-            ));
-        }
-        let message = execute_for_operator(&self.sh, cmd).await?;
-        Ok(Response::new(pb::CommandReply { message }))
-    }
-
-    async fn members(
-        &self,
-        _req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::MembersReply>, Status> {
-        let m = self.sh.raft_metrics();
-        let membership = m.membership_config.membership();
-        let member = |id: NodeId| pb::Member {
-            id,
-            addr: membership
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-                .unwrap_or_default(),
-        };
-        Ok(Response::new(pb::MembersReply {
-            voters: membership.voter_ids().map(member).collect(),
-            learners: membership.learner_ids().map(member).collect(),
-        }))
     }
 }
 

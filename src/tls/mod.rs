@@ -1,19 +1,24 @@
-//! Peer security: mTLS configuration for the peer port, the check that a
-//! caller's certificate belongs to the node id it claims, and `keyraft certs`.
+//! Peer and operator security: mTLS for the peer port and the admin TCP
+//! port, the check that a caller's certificate belongs to the node id it
+//! claims and what role the cluster CA gave it, and `keyraft certs`.
+//!
+//! - [`issue`]: making the CA and the certificates it signs.
+//! - [`admin`]: the admin TCP port's client check and the CLI's end of it.
 //!
 //! Owns: the naming rule (node N's certificate carries the DNS name
-//! `node-N.keyraft`), loading PEM files, the peer port's TLS acceptor (which
-//! `reload` swaps for renewed certificates without a restart), reading a
-//! certificate's names and expiry, and creating a cluster CA and node
-//! certificates. Must not: decide anything about Raft; it only answers "who is
-//! calling" and "is this really node N".
+//! `node-N.keyraft`, and nothing names two nodes), the role rule (each
+//! certificate carries exactly one `keyraft:role:*` URI: validator,
+//! witness or admin), loading PEM files, the TLS acceptor (which `reload`
+//! swaps for renewed certificates without a restart), and reading a
+//! certificate's names and expiry. Must not: decide anything about Raft or
+//! signing; it only answers "who is calling, in which role".
 
-use std::path::{Path, PathBuf};
+pub mod admin;
+mod issue;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use std::path::Path;
+
+pub use issue::{create_admin, create_ca, create_node};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
@@ -41,6 +46,55 @@ pub enum TlsError {
     Invalid(String),
 }
 
+/// What the cluster CA lets a certificate's holder do, written into it as
+/// a URI name (`keyraft:role:validator`, `…:witness`, `…:admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A member that may hold the validator key: it may forward operator
+    /// commands and (signer mode) its sentries' sign requests.
+    Validator,
+    /// A member that only votes: never signs, never speaks for the operator.
+    Witness,
+    /// An operator's client certificate for the admin TCP port; no member.
+    Admin,
+}
+
+impl Role {
+    const PREFIX: &'static str = "keyraft:role:";
+
+    pub fn uri(self) -> &'static str {
+        match self {
+            Role::Validator => "keyraft:role:validator",
+            Role::Witness => "keyraft:role:witness",
+            Role::Admin => "keyraft:role:admin",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        &self.uri()[Self::PREFIX.len()..]
+    }
+}
+
+/// The one role a certificate carries; `None` for none, an unknown one, or
+/// more than one (a certificate is never two things).
+pub fn cert_role(der: &[u8]) -> Option<Role> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut roles = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with(Role::PREFIX) => Some(
+            [Role::Validator, Role::Witness, Role::Admin]
+                .into_iter()
+                .find(|r| r.uri() == *u),
+        ),
+        _ => None,
+    });
+    match (roles.next(), roles.next()) {
+        (Some(Some(one)), None) => Some(one),
+        _ => None,
+    }
+}
+
 /// The DNS name that identifies node `id` in its certificate.
 pub fn node_name(id: NodeId) -> String {
     format!("node-{id}.keyraft")
@@ -65,10 +119,11 @@ impl TlsMaterial {
 
     /// Loads and checks the material of node `id`, as a start or a reload
     /// needs it: the key private to its owner; the certificate naming this
-    /// node and no other (no wildcard), signed by the CA in `ca.pem` and
-    /// valid now, for both server and client use; and the key matching it.
-    /// A renewal caught half-written fails here and changes nothing.
-    pub fn load_for(paths: &TlsPaths, id: NodeId) -> Result<TlsMaterial, TlsError> {
+    /// node and no other (no wildcard), carrying the role this node runs in
+    /// (`witness` or not), signed by the CA in `ca.pem` and valid now, for
+    /// both server and client use; and the key matching it. A renewal
+    /// caught half-written fails here and changes nothing.
+    pub fn load_for(paths: &TlsPaths, id: NodeId, witness: bool) -> Result<TlsMaterial, TlsError> {
         crate::config::check_private(&paths.key).map_err(|e| TlsError::Invalid(e.to_string()))?;
         let m = TlsMaterial::load(paths)?;
         use rustls::pki_types::pem::PemObject;
@@ -92,6 +147,32 @@ impl TlsMaterial {
                 "{cert} also names {}: a node certificate must name its own node only (no wildcards)",
                 foreign.join(", ")
             )));
+        }
+        let wanted = if witness {
+            Role::Witness
+        } else {
+            Role::Validator
+        };
+        let runs_as = if witness {
+            "runs as a witness"
+        } else {
+            "runs without --witness"
+        };
+        match cert_role(&leaf) {
+            Some(r) if r == wanted => {}
+            Some(r) => {
+                return Err(TlsError::Invalid(format!(
+                    "{cert} carries the {} role but this node {runs_as}: make its certificate with `keyraft certs node --id {id}{}`",
+                    r.name(),
+                    if witness { " --witness" } else { "" }
+                )))
+            }
+            None => {
+                return Err(TlsError::Invalid(format!(
+                    "{cert} carries no keyraft role (made before roles existed, or by other means): make a new one with `keyraft certs node --id {id}{}`",
+                    if witness { " --witness" } else { "" }
+                )))
+            }
         }
         m.check_chain(&leaf, id)
             .map_err(|e| TlsError::Invalid(format!("{cert}: {e}")))?;
@@ -185,7 +266,7 @@ impl TlsMaterial {
 pub struct CertInfo {
     /// The subject's common name.
     pub subject: String,
-    /// DNS names and IP addresses it is valid for.
+    /// DNS names and IP addresses it is valid for, and its role URI.
     pub names: Vec<String>,
     /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
@@ -205,11 +286,15 @@ impl CertInfo {
 
 /// Reads the first certificate of a PEM file's contents.
 pub fn cert_info(pem: &[u8]) -> Result<CertInfo, TlsError> {
-    use x509_parser::extensions::GeneralName;
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem)
         .map_err(|e| TlsError::Invalid(format!("not a PEM certificate: {e}")))?;
-    let cert = pem
-        .parse_x509()
+    cert_info_der(&pem.contents)
+}
+
+/// [`cert_info`] of a DER certificate.
+pub fn cert_info_der(der: &[u8]) -> Result<CertInfo, TlsError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| TlsError::Invalid(format!("unreadable certificate: {e}")))?;
     let subject = cert
         .subject()
@@ -222,7 +307,7 @@ pub fn cert_info(pem: &[u8]) -> Result<CertInfo, TlsError> {
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
             match n {
-                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::DNSName(d) | GeneralName::URI(d) => names.push(d.to_string()),
                 GeneralName::IPAddress(ip) => names.push(match ip.len() {
                     4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
                         .to_string(),
@@ -281,7 +366,7 @@ fn acceptor(m: &TlsMaterial) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     )))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.display().to_string(),
         source,
@@ -289,12 +374,14 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// The authenticated sender of a peer request, put in the request's
-/// extensions by [`authenticate`].
+/// extensions by [`authenticate`]: its node id and, with TLS, the role its
+/// certificate carries (`None` under `--insecure`, where nothing is proven).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerId(pub NodeId);
+pub struct PeerId(pub NodeId, pub Option<Role>);
 
 /// Interceptor of every peer service: reads the claimed node id and, with
-/// TLS, checks that the client certificate is node `id`'s.
+/// TLS, checks that the client certificate is node `id`'s and a member's
+/// (validator or witness role; an admin certificate is no member).
 pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let claimed: NodeId = req
@@ -319,8 +406,22 @@ pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>,
                     "client certificate is not node {claimed}'s"
                 )));
             }
+            let role = match cert_role(leaf) {
+                Some(r @ (Role::Validator | Role::Witness)) => r,
+                _ => {
+                    tracing::warn!(
+                        claimed,
+                        "refused a peer whose certificate carries no member role"
+                    );
+                    return Err(Status::permission_denied(
+                        "client certificate carries no member role (validator or witness)",
+                    ));
+                }
+            };
+            req.extensions_mut().insert(PeerId(claimed, Some(role)));
+            return Ok(req);
         }
-        req.extensions_mut().insert(PeerId(claimed));
+        req.extensions_mut().insert(PeerId(claimed, None));
         Ok(req)
     }
 }
@@ -371,130 +472,45 @@ fn cert_valid_for_node(der: &CertificateDer<'_>, id: NodeId) -> bool {
 
 /// The sender put in the extensions by [`authenticate`].
 pub fn peer_of<T>(req: &Request<T>) -> Result<NodeId, Status> {
+    caller_of(req).map(|p| p.0)
+}
+
+/// The sender and its certificate's role.
+pub fn caller_of<T>(req: &Request<T>) -> Result<PeerId, Status> {
     req.extensions()
         .get::<PeerId>()
-        .map(|p| p.0)
+        .copied()
         .ok_or_else(|| Status::unauthenticated("unauthenticated peer"))
 }
 
-fn ca_params() -> Result<CertificateParams, TlsError> {
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name
-        .push(DnType::CommonName, "keyraft cluster CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    Ok(p)
-}
-
-/// `keyraft certs ca --out DIR`: writes `ca.pem` and `ca.key` (0600).
-pub fn create_ca(out: &Path) -> Result<Vec<PathBuf>, TlsError> {
-    let key = KeyPair::generate()?;
-    let cert = ca_params()?.self_signed(&key)?;
-    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
-        path: out.display().to_string(),
-        source,
-    })?;
-    let files = [
-        (out.join("ca.pem"), cert.pem(), 0o644),
-        (out.join("ca.key"), key.serialize_pem(), 0o600),
-    ];
-    write_all_new(&files)
-}
-
-/// `keyraft certs node`: a certificate for node `id` signed by the CA in
-/// `ca_dir`, valid for `node-ID.keyraft` plus the given names and addresses.
-/// Writes `node.pem`, `node.key` (0600) and a copy of `ca.pem` into `out`.
-pub fn create_node(
-    ca_dir: &Path,
-    id: NodeId,
-    dns: &[String],
-    ips: &[String],
-    days: Option<u32>,
-    out: &Path,
-) -> Result<Vec<PathBuf>, TlsError> {
-    if id == 0 {
-        return Err(TlsError::Invalid("node ids start at 1".into()));
-    }
-    let ca_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.pem"))?).into_owned();
-    let ca_key_path = ca_dir.join("ca.key");
-    crate::config::check_private(&ca_key_path).map_err(|e| TlsError::Invalid(e.to_string()))?;
-    let ca_key = KeyPair::from_pem(&String::from_utf8_lossy(&read(&ca_key_path)?))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    for ip in ips {
-        ip.parse::<std::net::IpAddr>()
-            .map_err(|_| TlsError::Invalid(format!("bad --ip '{ip}'")))?;
-    }
-    if let Some(bad) = dns.iter().find(|d| !own_name_only(d, id)) {
-        return Err(TlsError::Invalid(format!(
-            "--dns {bad}: a node certificate names its own node only (node-{id}.keyraft is always in it): no wildcards, no other node's name"
-        )));
-    }
-    let mut names = vec![node_name(id)];
-    names.extend(dns.iter().cloned());
-    names.extend(ips.iter().cloned());
-    let mut p = CertificateParams::new(names)?;
-    p.distinguished_name.push(DnType::CommonName, node_name(id));
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.use_authority_key_identifier_extension = true;
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = match days {
-        // From a day ago, so that a clock a little behind accepts it.
-        Some(d) => {
-            let now = time::OffsetDateTime::now_utc();
-            p.not_before = now - time::Duration::days(1);
-            now + time::Duration::days(i64::from(d))
-        }
-        None => rcgen::date_time_ymd(2124, 1, 1),
-    };
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
-        path: out.display().to_string(),
-        source,
-    })?;
-    let files = [
-        (out.join("node.pem"), cert.pem(), 0o644),
-        (out.join("node.key"), key.serialize_pem(), 0o600),
-        (out.join("ca.pem"), ca_pem, 0o644),
-    ];
-    write_all_new(&files)
-}
-
-/// Writes every file or none: refuses if any exists already.
-fn write_all_new(files: &[(PathBuf, String, u32)]) -> Result<Vec<PathBuf>, TlsError> {
-    for (path, _, _) in files {
-        if path.exists() {
-            return Err(TlsError::Invalid(format!(
-                "{} exists already; not overwriting it",
-                path.display()
-            )));
+/// Refuses a member whose certificate does not carry the validator role:
+/// only a host that may hold the key may `act` (speak for the operator,
+/// forward sign requests). Under `--insecure` nothing is proven, and
+/// nothing is refused here either.
+pub fn require_validator<T>(req: &Request<T>, act: &str) -> Result<NodeId, Status> {
+    let PeerId(id, role) = caller_of(req)?;
+    match role {
+        Some(Role::Validator) | None => Ok(id),
+        Some(r) => {
+            tracing::warn!(
+                peer = id,
+                role = r.name(),
+                "refused: a {} may not {act}",
+                r.name()
+            );
+            Err(Status::permission_denied(format!(
+                "node {id}'s certificate carries the {} role: a {} may not {act}",
+                r.name(),
+                r.name()
+            )))
         }
     }
-    for (path, body, mode) in files {
-        let err = |source| TlsError::Write {
-            path: path.display().to_string(),
-            source,
-        };
-        crate::durable::create_new(path, body.as_bytes(), *mode).map_err(err)?;
-    }
-    Ok(files.iter().map(|(p, _, _)| p.clone()).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{CertificateParams, Issuer, KeyPair};
 
     #[test]
     fn node_certificate_names_only_its_node() {
@@ -504,6 +520,7 @@ mod tests {
         create_node(
             dir.path(),
             2,
+            false,
             &["host2".into()],
             &["127.0.0.1".into()],
             Some(30),
@@ -517,11 +534,20 @@ mod tests {
         assert!(!cert_names_node(&der, 3));
         let info = cert_file_info(&out.join("node.pem")).unwrap();
         assert_eq!(info.subject, "node-2.keyraft");
-        assert_eq!(info.names, ["node-2.keyraft", "host2", "127.0.0.1"]);
+        assert_eq!(
+            info.names,
+            [
+                "node-2.keyraft",
+                "host2",
+                "127.0.0.1",
+                "keyraft:role:validator"
+            ]
+        );
+        assert_eq!(cert_role(&der), Some(Role::Validator));
         let days = info.expires_in() / 86_400;
         assert!((29..=30).contains(&days), "expires in {days} days");
         assert!(
-            create_node(dir.path(), 2, &[], &[], None, &out).is_err(),
+            create_node(dir.path(), 2, false, &[], &[], None, &out).is_err(),
             "overwrote an existing node key"
         );
     }
@@ -538,7 +564,7 @@ mod tests {
             "*",
         ] {
             let out = dir.path().join(format!("n-{}", bad.replace('*', "w")));
-            let e = create_node(dir.path(), 2, &[bad.into()], &[], None, &out)
+            let e = create_node(dir.path(), 2, false, &[bad.into()], &[], None, &out)
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains("its own node only"), "{bad}: {e}");
@@ -564,6 +590,72 @@ mod tests {
             for id in [2, 3] {
                 assert!(!cert_names_node(&der, id), "{names:?} passed as node {id}");
             }
+        }
+    }
+
+    #[test]
+    fn each_certificate_carries_one_role_and_a_node_starts_only_with_its_own() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let der = |p: &Path| CertificateDer::from_pem_file(p).unwrap();
+        let (v, w, a) = (
+            dir.path().join("v"),
+            dir.path().join("w"),
+            dir.path().join("a"),
+        );
+        create_node(dir.path(), 1, false, &[], &[], None, &v).unwrap();
+        create_node(dir.path(), 3, true, &[], &[], None, &w).unwrap();
+        create_admin(dir.path(), "alice", Some(30), &a).unwrap();
+        assert_eq!(cert_role(&der(&v.join("node.pem"))), Some(Role::Validator));
+        assert_eq!(cert_role(&der(&w.join("node.pem"))), Some(Role::Witness));
+        let admin = der(&a.join("admin.pem"));
+        assert_eq!(cert_role(&admin), Some(Role::Admin));
+        for id in [1, 2, 3] {
+            assert!(
+                !cert_names_node(&admin, id),
+                "an admin certificate passed as node {id}"
+            );
+        }
+        assert!(create_admin(dir.path(), "*", None, &dir.path().join("b")).is_err());
+        let paths = |d: &Path| TlsPaths {
+            ca: d.join("ca.pem"),
+            cert: d.join("node.pem"),
+            key: d.join("node.key"),
+        };
+        assert!(TlsMaterial::load_for(&paths(&v), 1, false).is_ok());
+        assert!(TlsMaterial::load_for(&paths(&w), 3, true).is_ok());
+        let e = TlsMaterial::load_for(&paths(&w), 3, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("witness role") && e.contains("--witness"), "{e}");
+        let e = TlsMaterial::load_for(&paths(&v), 1, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("validator role"), "{e}");
+        // Signed by the CA but made without a role, or with two: no role.
+        let issuer = || {
+            let pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+            let key = std::fs::read_to_string(dir.path().join("ca.key")).unwrap();
+            Issuer::from_ca_cert_pem(&pem, KeyPair::from_pem(&key).unwrap()).unwrap()
+        };
+        let mut two = CertificateParams::new(vec!["node-2.keyraft".to_string()]).unwrap();
+        for r in [Role::Validator, Role::Admin] {
+            two.subject_alt_names
+                .push(rcgen::SanType::URI(r.uri().try_into().unwrap()));
+        }
+        let none = CertificateParams::new(vec!["node-2.keyraft".to_string()]).unwrap();
+        for p in [two, none] {
+            let pem = p
+                .signed_by(&KeyPair::generate().unwrap(), &issuer())
+                .unwrap()
+                .pem();
+            assert_eq!(
+                cert_role(&CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()),
+                None
+            );
         }
     }
 }

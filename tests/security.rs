@@ -1,0 +1,379 @@
+//! Only who should drives the cluster: the admin socket's file permissions
+//! decide which local users may run operator commands, the admin TCP port
+//! serves only admin certificates, and a witness's certificate carries no
+//! operator authority, neither on its own socket nor forwarded to the
+//! leader. Real processes, real users (`setpriv`), real mTLS.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{Cluster, NodeOpts, SETTLE};
+use localnet::harness::{eventually, free_addr};
+
+/// The gid given to node 1's admin socket; it need not name a group.
+const OPERATORS: u32 = 4242;
+const NOBODY: &str = "65534";
+
+/// `keyraft ARGS` as uid 65534, in `groups` only.
+async fn as_other_user(
+    c: &Cluster,
+    groups: Option<u32>,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args(["--reuid", NOBODY, "--regid", NOBODY]);
+    match groups {
+        Some(g) => cmd.args(["--groups", &g.to_string()]),
+        None => cmd.arg("--clear-groups"),
+    };
+    Ok(cmd
+        .arg(&c.keyraft)
+        .args(args)
+        .arg("--admin-socket")
+        .arg(&c.nodes[&1].admin)
+        .output()
+        .await?)
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A peer-port client to node `target` presenting the certificate in `tls`.
+async fn peer_channel(c: &Cluster, target: u64, tls: &Path) -> Result<tonic::transport::Channel> {
+    let paths = keyraft::config::TlsPaths {
+        ca: tls.join("ca.pem"),
+        cert: tls.join("node.pem"),
+        key: tls.join("node.key"),
+    };
+    let material = keyraft::tls::TlsMaterial::load(&paths)?;
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("https://{}", c.nodes[&target].listen))?
+            .tls_config(material.client(target))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn only_the_operator_drives_the_cluster() -> Result<()> {
+    let admin_port = free_addr()?;
+    let c = Cluster::start(3, 500, |id| NodeOpts {
+        witness: id == 3,
+        flags: match id {
+            1 => vec![
+                "--admin-group".into(),
+                OPERATORS.to_string(),
+                "--admin-listen".into(),
+                admin_port.to_string(),
+            ],
+            _ => vec![],
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
+    // Let other users reach the socket's directory: its own mode decides.
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    let socket = std::fs::metadata(&c.nodes[&1].admin)?;
+    ensure!(
+        socket.permissions().mode() & 0o777 == 0o660,
+        "admin socket mode {:o}",
+        socket.permissions().mode()
+    );
+    ensure!(
+        std::os::unix::fs::MetadataExt::gid(&socket) == OPERATORS,
+        "group"
+    );
+
+    // Another user, in no group of the socket: every command refused, even status.
+    for args in [
+        &["pause"][..],
+        &["resume"],
+        &["switchover"],
+        &["members", "remove", "2"],
+        &["status"],
+    ] {
+        let out = as_other_user(&c, None, args).await?;
+        ensure!(
+            out.status.code() == Some(1)
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied")
+                && String::from_utf8_lossy(&out.stderr).lines().count() == 1,
+            "{args:?} by another user: {}",
+            text(&out)
+        );
+    }
+    let v = c.status(1).await?;
+    ensure!(
+        v["cluster"]["paused"] == false
+            && v["cluster"]["members"] == serde_json::json!([1, 2, 3])
+            && v["cluster"]["leader"] == leader,
+        "the cluster changed: {v}"
+    );
+
+    // An operator: the same user in the socket's group.
+    let out = as_other_user(&c, Some(OPERATORS), &["pause"]).await?;
+    ensure!(out.status.success(), "operator pause: {}", text(&out));
+    ensure!(
+        c.status(2).await?["cluster"]["paused"] == true,
+        "not paused"
+    );
+
+    // A witness speaks for no operator: not on its own socket, and not
+    // when it forwards a command to the leader with its certificate.
+    let out = c.cli(3, &["resume"]).await?;
+    ensure!(
+        out.status.code() == Some(1) && text(&out).contains("witness does not speak"),
+        "resume on the witness: {}",
+        text(&out)
+    );
+    let mut forward = keyraft::pb::cluster_client::ClusterClient::new(
+        peer_channel(&c, leader, &c.nodes[&3].tls).await?,
+    );
+    let mut req = tonic::Request::new(keyraft::pb::ClusterCommand {
+        kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
+    });
+    req.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, "3".parse()?);
+    let e = forward
+        .forward(req)
+        .await
+        .expect_err("the leader ran a witness's forwarded command");
+    ensure!(
+        e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
+        "{e:?}"
+    );
+    ensure!(
+        c.status(1).await?["cluster"]["paused"] == true,
+        "resumed by a witness"
+    );
+
+    // The admin TCP port: an admin certificate is served, a member's is not.
+    let ca = c.dir.path().join("ca");
+    let admin_dir = c.dir.path().join("alice");
+    // Async commands only: the cluster's link proxies run on this runtime.
+    let made = tokio::process::Command::new(&c.keyraft)
+        .args(["certs", "admin", "--name", "alice", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&admin_dir)
+        .output()
+        .await?;
+    ensure!(made.status.success(), "certs admin: {}", text(&made));
+    let tcp = |dir: &Path, args: &[&str]| {
+        tokio::process::Command::new(&c.keyraft)
+            .args(args)
+            .args(["--admin", &admin_port.to_string(), "--admin-cert"])
+            .arg(dir)
+            .output()
+    };
+    let out = tcp(&admin_dir, &["resume"]).await?;
+    ensure!(
+        out.status.success(),
+        "resume with an admin certificate: {}",
+        text(&out)
+    );
+    ensure!(
+        c.status(1).await?["cluster"]["paused"] == false,
+        "not resumed"
+    );
+    let member = c.dir.path().join("member-as-admin");
+    std::fs::create_dir_all(&member)?;
+    for (from, to) in [
+        ("node.pem", "admin.pem"),
+        ("node.key", "admin.key"),
+        ("ca.pem", "ca.pem"),
+    ] {
+        std::fs::copy(c.nodes[&2].tls.join(from), member.join(to))?;
+    }
+    std::fs::set_permissions(
+        member.join("admin.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    let out = tcp(&member, &["pause"]).await?;
+    ensure!(
+        out.status.code() == Some(1) && text(&out).contains("no admin role"),
+        "pause with a member's certificate: {}",
+        text(&out)
+    );
+    // No client certificate at all: the handshake itself fails.
+    let anonymous = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            ca.join("ca.pem"),
+        )?))
+        .domain_name("node-1.keyraft");
+    let refused = match tonic::transport::Endpoint::from_shared(format!("https://{admin_port}"))?
+        .tls_config(anonymous)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(ch) => keyraft::pb::admin_client::AdminClient::new(ch)
+            .command(keyraft::pb::ClusterCommand {
+                kind: Some(keyraft::pb::cluster_command::Kind::Pause(true)),
+            })
+            .await
+            .is_err(),
+    };
+    ensure!(refused, "a client without a certificate was served");
+    let v = c.status(1).await?;
+    ensure!(
+        v["cluster"]["paused"] == false,
+        "paused by a refused client: {v}"
+    );
+    c.assert_no_double_signs().await.context("the judge")?;
+    Ok(())
+}
+
+/// A privval sign request for a precommit at `height`, as a sentry sends it.
+fn precommit_request(chain_id: &str, height: u64) -> keyraft::pb::SignRequest {
+    use cometbft_proto::v0_38::privval::{message::Sum, Message, SignVoteRequest};
+    use localnet::comet::consensus::{block_id, vote, Step};
+    use prost::Message as _;
+    let v = vote(
+        Step::Precommit,
+        height,
+        0,
+        block_id("chosen-by-the-caller", height, 0),
+        [0; 20],
+        b"extension".to_vec(),
+    );
+    let msg = Message {
+        sum: Some(Sum::SignVoteRequest(SignVoteRequest {
+            vote: Some(v),
+            chain_id: chain_id.to_string(),
+        })),
+    };
+    keyraft::pb::SignRequest {
+        msg: msg.encode_to_vec(),
+    }
+}
+
+/// Node `from`'s certificate asks node `to` to sign `req`.
+async fn ask_to_sign(
+    c: &Cluster,
+    from: u64,
+    to: u64,
+    req: keyraft::pb::SignRequest,
+) -> Result<Result<keyraft::pb::SignReply, tonic::Status>> {
+    let ch = peer_channel(c, to, &c.nodes[&from].tls).await?;
+    let mut req = tonic::Request::new(req);
+    req.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, from.to_string().parse()?);
+    Ok(keyraft::pb::signer_client::SignerClient::new(ch)
+        .sign(req)
+        .await
+        .map(|r| r.into_inner()))
+}
+
+async fn watermark(c: &Cluster) -> Result<u64> {
+    Ok(c.status(1).await?["signer"]["watermark"]["height"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+#[tokio::test]
+async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() -> Result<()> {
+    const CHAIN: &str = "keyraft-security-test";
+    let dir = tempfile::Builder::new()
+        .prefix("keyraft-signer-")
+        .tempdir()?;
+    let mode = localnet::cluster::Mode::Signer {
+        chain_id: CHAIN.into(),
+        round_every: 4,
+        validators: 2,
+    };
+    let c = Cluster::start_in_mode(
+        localnet::cluster::ClusterDir::Temp(dir),
+        3,
+        500,
+        mode,
+        |id| NodeOpts {
+            witness: id == 3,
+            ..NodeOpts::default()
+        },
+    )
+    .await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
+    let other = if leader == 1 { 2 } else { 1 };
+    c.never_signed().await?;
+    // Right after --never-signed, a far-future request from a real
+    // validator host (as its sentry's request arrives forwarded): refused,
+    // and the watermark stays where it is.
+    let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, 1 << 62))
+        .await?
+        .context("the request itself failed")?;
+    ensure!(
+        reply.refusal != keyraft::pb::Refusal::None as i32 && reply.detail.contains("is above"),
+        "a height of 2^62 was not refused: {reply:?}"
+    );
+    ensure!(watermark(&c).await? < 1 << 40, "the watermark jumped");
+    // A witness asking for a plausible height: refused outright.
+    let h = c.chain.totals().await?.height;
+    let e = ask_to_sign(&c, 3, leader, precommit_request(CHAIN, h + 1))
+        .await?
+        .expect_err("a witness's sign request was served");
+    ensure!(
+        e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
+        "{e:?}"
+    );
+    // Signing goes on through the real sentries.
+    let before = c.chain.totals().await?.signed;
+    eventually(SETTLE, "signatures after the refusals", || async {
+        Ok((c.chain.totals().await?.signed > before + 2).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let at = watermark(&c).await?;
+    ensure!(at > 0 && at < 1 << 40, "watermark {at}");
+
+    // A floor far above the chain: refused without the override, taken with it.
+    let far = c.chain.totals().await?.height + 5_000;
+    let file = c.dir.path().join("priv_validator_state.json");
+    for height in [1u64 << 62, far] {
+        std::fs::write(
+            &file,
+            format!(r#"{{"height": "{height}", "round": "0", "step": 3}}"#),
+        )?;
+        let out = c
+            .cli(
+                other,
+                &["signer", "import-state", &file.display().to_string()],
+            )
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1)
+                && err.contains("--allow-jump")
+                && err.lines().count() == 1,
+            "floor {height}: {}",
+            text(&out)
+        );
+    }
+    ensure!(
+        watermark(&c).await? < far,
+        "a refused floor moved the watermark"
+    );
+    let path = file.display().to_string();
+    let out = c
+        .cli(other, &["signer", "import-state", &path, "--allow-jump"])
+        .await?;
+    ensure!(out.status.success(), "with --allow-jump: {}", text(&out));
+    ensure!(watermark(&c).await? == far, "the override was not taken");
+    let s = c.chain.stats_since(0).await?;
+    ensure!(
+        s.double_signs == 0 && s.equivocations.is_empty(),
+        "equivocations: {:?}",
+        s.equivocations
+    );
+    Ok(())
+}
