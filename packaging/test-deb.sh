@@ -38,10 +38,11 @@ docker run --rm -v "$PWD/$deb:/tmp/keyraft.deb:ro" "$BASE" sh -euc '
     getent group keyraft-admin
     install -d -m 0755 -o keyraft -g keyraft /run/keyraft
     setpriv --reuid keyraft --regid keyraft --groups "$(getent group keyraft-admin | cut -d: -f3)" \
-        keyraft run --node-id 1 --peer 2=127.0.0.1:9 --insecure --witness \
+        keyraft run --node-id 1 --peer 2=127.0.0.1:9 --listen 127.0.0.1:7700 --insecure --witness \
         --admin-group keyraft-admin --data-dir /tmp/witness-data 2>/tmp/witness.log &
     pid=$!
     for _ in $(seq 100); do [ -S /run/keyraft/admin.sock ] && break; sleep 0.1; done
+    [ -S /run/keyraft/admin.sock ] || { cat /tmp/witness.log; exit 1; }
     test "$(stat -c %a:%U:%G /run/keyraft/admin.sock)" = 660:keyraft:keyraft-admin
     useradd --no-create-home --groups keyraft-admin alice
     setpriv --reuid alice --regid alice --init-groups keyraft status --json >/dev/null
@@ -53,7 +54,6 @@ docker run --rm -v "$PWD/$deb:/tmp/keyraft.deb:ro" "$BASE" sh -euc '
     echo "another user: pause: exit $code: $err"
     test "$code" = 1 && printf "%s" "$err" | grep -q "Permission denied"
     kill "$pid"; wait "$pid" || true
-    test ! -e /run/keyraft/admin.sock
     touch /var/lib/keyraft/raft-log-stand-in
     dpkg --purge keyraft
     test -f /var/lib/keyraft/raft-log-stand-in

@@ -267,7 +267,7 @@ impl pb::gossip_server::Gossip for GossipService {
         &self,
         req: Request<pb::NodeStatus>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
-        let peer = peer_of(&req)?;
+        let crate::tls::PeerId(peer, role) = crate::tls::caller_of(&req)?;
         let status = req.into_inner();
         if status.id != peer {
             return Err(Status::permission_denied(format!(
@@ -275,6 +275,9 @@ impl pb::gossip_server::Gossip for GossipService {
                 status.id
             )));
         }
+        // The role is the certificate's (`--insecure`: the peer's word).
+        let role = role.map_or(status.role.as_str(), |r| r.name());
+        self.sh.view.prove_role(peer, role);
         record(&self.sh, status, None);
         Ok(Response::new(own_status(&self.sh)))
     }

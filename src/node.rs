@@ -249,12 +249,31 @@ pub struct Seen {
 #[derive(Default)]
 pub struct ClusterView {
     peers: Mutex<BTreeMap<NodeId, Seen>>,
+    /// The role each peer's certificate carries, as its last call here
+    /// proved it (under `--insecure`, what it says of itself).
+    roles: Mutex<BTreeMap<NodeId, String>>,
 }
 
 impl ClusterView {
+    /// Remembers the role peer `id`'s certificate carries.
+    pub fn prove_role(&self, id: NodeId, role: &str) {
+        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        if roles.get(&id).map(String::as_str) != Some(role) {
+            roles.insert(id, role.to_string());
+        }
+    }
+
     /// Records what peer `status.id` said, keeping its last round-trip time
-    /// when this answer brought none.
-    pub fn record(&self, status: pb::NodeStatus, rtt: Option<Duration>) {
+    /// when this answer brought none. Its role is the one its certificate
+    /// proved, never what it says ("unproven" until it called here once).
+    pub fn record(&self, mut status: pb::NodeStatus, rtt: Option<Duration>) {
+        status.role = self
+            .roles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&status.id)
+            .cloned()
+            .unwrap_or_else(|| "unproven".into());
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let rtt = rtt.or_else(|| peers.get(&status.id).and_then(|s| s.rtt));
         peers.insert(

@@ -80,7 +80,14 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
         ..NodeOpts::default()
     })
     .await?;
-    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
+    // The active validator leads (a witness may lead first, briefly).
+    let leader = c.active().await?;
+    eventually(SETTLE, "all to agree on the leader", || async {
+        Ok(c.agreed_leader(&[1, 2, 3])
+            .await?
+            .filter(|(l, _)| *l == leader))
+    })
+    .await?;
     // Let other users reach the socket's directory: its own mode decides.
     std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711))?;
     let socket = std::fs::metadata(&c.nodes[&1].admin)?;
@@ -155,9 +162,52 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
         c.status(1).await?["cluster"]["paused"] == true,
         "resumed by a witness"
     );
+    // A validator certificate of a node that is no voter (removed, or
+    // never added): no operator authority either.
+    let ca = c.dir.path().join("ca");
+    let stranger = c.dir.path().join("n4-tls");
+    let made = tokio::process::Command::new(&c.keyraft)
+        .args(["certs", "node", "--id", "4", "--ip", "127.0.0.1", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&stranger)
+        .output()
+        .await?;
+    ensure!(made.status.success(), "certs node 4: {}", text(&made));
+    let mut forward =
+        keyraft::pb::cluster_client::ClusterClient::new(peer_channel(&c, leader, &stranger).await?);
+    let mut req = tonic::Request::new(keyraft::pb::ClusterCommand {
+        kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
+    });
+    req.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, "4".parse()?);
+    let e = forward
+        .forward(req)
+        .await
+        .expect_err("the leader ran a non-member's forwarded command");
+    ensure!(
+        e.code() == tonic::Code::PermissionDenied && e.message().contains("not a voting member"),
+        "{e:?}"
+    );
+    // The witness says it is a validator host: its certificate says not,
+    // and the view (which picks handover targets) believes the certificate.
+    let mut gossip = keyraft::pb::gossip_client::GossipClient::new(
+        peer_channel(&c, leader, &c.nodes[&3].tls).await?,
+    );
+    let mut req = tonic::Request::new(keyraft::pb::NodeStatus {
+        id: 3,
+        role: "validator".into(),
+        eligible: true,
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, "3".parse()?);
+    gossip.exchange(req).await?;
+    let v = c.status(leader).await?;
+    let witness = localnet::harness::node_entry(&v, 3);
+    ensure!(witness["role"] == "witness", "{witness}");
 
     // The admin TCP port: an admin certificate is served, a member's is not.
-    let ca = c.dir.path().join("ca");
     let admin_dir = c.dir.path().join("alice");
     // Async commands only: the cluster's link proxies run on this runtime.
     let made = tokio::process::Command::new(&c.keyraft)
@@ -303,7 +353,11 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
         },
     )
     .await?;
-    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
+    // A validator host leads (a witness may lead first, briefly).
+    let (leader, _) = eventually(SETTLE, "a signer leader", || async {
+        Ok(c.agreed_leader(&[1, 2, 3]).await?.filter(|(l, _)| *l != 3))
+    })
+    .await?;
     let other = if leader == 1 { 2 } else { 1 };
     c.never_signed().await?;
     // Right after --never-signed, a far-future request from a real
@@ -335,6 +389,28 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     .with_context(|| c.logs())?;
     let at = watermark(&c).await?;
     ensure!(at > 0 && at < 1 << 40, "watermark {at}");
+
+    // A real host asking at the limit, again and again: the first moves
+    // the watermark there, the limit does not follow it.
+    let limit = c.status(leader).await?["signer"]["height_limit"]["height"]
+        .as_u64()
+        .context("no height limit in status")?;
+    let chain = c.chain.totals().await?.height;
+    ensure!(
+        limit <= chain + 1_100,
+        "limit {limit} with the chain at {chain}"
+    );
+    for ask in [limit, limit + 500, limit + 1_000] {
+        let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, ask))
+            .await?
+            .context("the request itself failed")?;
+        let signed = reply.refusal == keyraft::pb::Refusal::None as i32;
+        ensure!(signed == (ask == limit), "height {ask}: {reply:?}");
+    }
+    ensure!(
+        watermark(&c).await? == limit,
+        "the watermark walked past the limit"
+    );
 
     // A floor far above the chain: refused without the override, taken with it.
     let far = c.chain.totals().await?.height + 5_000;

@@ -62,6 +62,18 @@ pub async fn bind_socket(
                 .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
+        // Whoever may write the directory could swap the socket for a
+        // link (to a key file) between bind and chmod: nobody else may.
+        let m = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if (m.uid() != me && m.uid() != 0) || m.permissions().mode() & 0o022 != 0 {
+            return Err(err(format!(
+                "its directory {} must belong to keyraft's user or root and be writable by no one else (mode {:o}, owner {})",
+                dir.display(),
+                m.permissions().mode() & 0o7777,
+                m.uid()
+            )));
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {

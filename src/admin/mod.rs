@@ -125,6 +125,7 @@ pub fn status_json(sh: &Shared) -> Value {
     });
     if let Some(c) = &sh.cfg.signer {
         let w = cluster.signer.as_ref();
+        let limit = crate::signer::height_limit(sh);
         status["signer"] = json!({
             "chain_id": c.chain_id,
             "watermark": w.map(|w| json!({
@@ -134,6 +135,7 @@ pub fn status_json(sh: &Shared) -> Value {
                 "imported_floor": w.digest.is_none(),
             })),
             "signatures": w.map_or(0, |w| w.signatures),
+            "height_limit": json!({"height": limit.height, "why": limit.why}),
             "connections": sh.privval.snapshot().into_iter()
                 .map(|(node, up)| json!({"node": node, "connected": up}))
                 .collect::<Vec<_>>(),
@@ -526,6 +528,15 @@ impl pb::cluster_server::Cluster for ClusterService {
             // only a validator host's certificate vouches for its operator.
             _ => {
                 crate::tls::require_validator(&req, "speak for the operator")?;
+                if !voter_ids(&self.sh).contains(&peer) {
+                    tracing::warn!(
+                        peer,
+                        "refused an operator command from a node that is not a voter"
+                    );
+                    return Err(Status::permission_denied(format!(
+                        "node {peer} is not a voting member: it forwards no operator commands"
+                    )));
+                }
                 tracing::info!(node = peer, "operator command forwarded by node {peer}");
             }
         }

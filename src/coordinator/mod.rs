@@ -263,7 +263,7 @@ impl Coordinator {
                 let v = s.status.validator.as_ref();
                 let peer = policy::Peer {
                     age: s.at.elapsed(),
-                    witness: s.status.role == "witness",
+                    witness: s.status.role != "validator",
                     ready: v.is_some_and(|v| v.running && v.synced),
                     eligible: s.status.eligible,
                     height: v.map_or(0, |v| v.height),

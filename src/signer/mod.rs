@@ -443,14 +443,18 @@ pub struct HeightLimit {
     pub why: String,
 }
 
-/// [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the first), or
-/// [`MAX_AHEAD_OF_CHAIN`] above the lowest height that members' synced
-/// nodes report lately (this one's and gossip's), whichever is lower.
+/// While members' nodes report being synced: [`MAX_AHEAD_OF_CHAIN`] above
+/// the lower median of the heights they report lately (this node's and
+/// gossip's), so that one node, lying or stuck, moves it neither up nor
+/// down where three report. Never measured from the watermark, which
+/// requests move: repeated requests at the limit cannot walk it up. With
+/// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
+/// first signature).
 pub fn height_limit(sh: &Shared) -> HeightLimit {
     let watermark = sh.cluster.borrow().signer.as_ref().map_or(0, |w| w.height);
     let stale = sh.cfg.timing.gossip_interval * 3;
     let own = sh.local.borrow().validator;
-    let synced = own
+    let mut synced: Vec<u64> = own
         .filter(|h| h.synced)
         .and_then(|h| h.height)
         .filter(|h| *h > 0)
@@ -463,28 +467,27 @@ pub fn height_limit(sh: &Shared) -> HeightLimit {
                 .filter(|v| v.synced && v.height > 0)
                 .map(|v| v.height),
         )
-        .min();
-    limits(watermark, synced)
+        .collect();
+    synced.sort_unstable();
+    let chain = (!synced.is_empty()).then(|| synced[(synced.len() - 1) / 2]);
+    limits(watermark, chain)
 }
 
 /// [`height_limit`]'s rule on its inputs.
 fn limits(watermark: u64, chain: Option<u64>) -> HeightLimit {
-    let by_watermark = HeightLimit {
-        height: watermark.saturating_add(MAX_HEIGHT_JUMP),
-        why: format!("{MAX_HEIGHT_JUMP} heights over the watermark {watermark}"),
-    };
-    // Never below the watermark itself: nodes behind it do not stop it.
-    let Some(c) = chain.map(|c| c.max(watermark)) else {
-        return by_watermark;
-    };
-    if c.saturating_add(MAX_AHEAD_OF_CHAIN) >= by_watermark.height {
-        return by_watermark;
-    }
-    HeightLimit {
-        height: c + MAX_AHEAD_OF_CHAIN,
-        why: format!(
-            "{MAX_AHEAD_OF_CHAIN} heights over {c}, the watermark or the lowest height the members' synced nodes report"
-        ),
+    match chain {
+        Some(c) => HeightLimit {
+            height: c.saturating_add(MAX_AHEAD_OF_CHAIN),
+            why: format!(
+                "{MAX_AHEAD_OF_CHAIN} heights over {c}, the height the members' synced nodes report"
+            ),
+        },
+        None => HeightLimit {
+            height: watermark.saturating_add(MAX_HEIGHT_JUMP),
+            why: format!(
+                "{MAX_HEIGHT_JUMP} heights over the watermark {watermark} (no member's node reports a synced height)"
+            ),
+        },
     }
 }
 
@@ -533,14 +536,14 @@ mod tests {
     #[test]
     fn heights_are_limited_from_an_empty_watermark_and_by_the_chain() {
         let table = [
-            // (watermark, lowest synced node height) -> limit
+            // (watermark, median synced node height) -> limit
             ((0, None), MAX_HEIGHT_JUMP),
-            ((0, Some(0)), MAX_AHEAD_OF_CHAIN),
             ((0, Some(5_000)), 5_000 + MAX_AHEAD_OF_CHAIN),
             ((100, None), 100 + MAX_HEIGHT_JUMP),
             ((100, Some(120)), 120 + MAX_AHEAD_OF_CHAIN),
-            // Nodes behind the watermark never limit it below itself.
-            ((9_000, Some(10)), 9_000 + MAX_AHEAD_OF_CHAIN),
+            // A watermark far above the nodes (a floor taken with
+            // --allow-jump): nothing signs until they reach it.
+            ((9_000, Some(10)), 10 + MAX_AHEAD_OF_CHAIN),
             ((u64::MAX - 5, None), u64::MAX),
         ];
         for ((w, chain), want) in table {
@@ -551,5 +554,14 @@ mod tests {
             );
         }
         assert!(limits(0, None).height < 1 << 62);
+    }
+
+    #[test]
+    fn requests_at_the_limit_cannot_walk_it_up_while_nodes_report() {
+        let mut w = 100;
+        for _ in 0..20 {
+            w = limits(w, Some(120)).height;
+        }
+        assert_eq!(w, 120 + MAX_AHEAD_OF_CHAIN);
     }
 }
