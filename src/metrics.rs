@@ -45,6 +45,9 @@ pub struct Metrics {
     pub sign_requests: IntCounterVec,
     pub sign_seconds: Histogram,
     pub privval_connected: IntGaugeVec,
+    /// Signer mode: 1 on the member that signs (the leader), 0 on the
+    /// ones that forward.
+    pub signing: IntGauge,
     pub tls_cert_expiry: IntGaugeVec,
 }
 
@@ -132,6 +135,7 @@ impl Metrics {
                 opts("privval_connected", "1 while this host is connected to the node's privval port."),
                 &["node"],
             )?,
+            signing: IntGauge::with_opts(opts("signing", "Signer mode: 1 on the member that signs (the Raft leader), 0 on one that forwards its nodes' requests."))?,
             tls_cert_expiry: IntGaugeVec::new(
                 opts("tls_cert_expiry_seconds", "Seconds until the certificate in use expires (negative once it has), cert node or ca."),
                 &["cert"],
@@ -178,6 +182,7 @@ impl Metrics {
             r.register(Box::new(m.sign_requests.clone()))?;
             r.register(Box::new(m.sign_seconds.clone()))?;
             r.register(Box::new(m.privval_connected.clone()))?;
+            r.register(Box::new(m.signing.clone()))?;
             for kind in ["proposal", "prevote", "precommit"] {
                 for result in [
                     "signed",

@@ -176,6 +176,8 @@ impl Shared {
         let g = &self.metrics;
         g.raft_term.set(m.current_term as i64);
         g.raft_leader.set(i64::from(self.leads(&m)));
+        g.signing
+            .set(i64::from(self.cfg.signer.is_some() && self.leads(&m)));
         g.raft_last_log_index
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index

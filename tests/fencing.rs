@@ -114,6 +114,15 @@ async fn inject(c: &mut Cluster, fault: Fault, old: u64) -> Result<(u64, Vec<i32
     match fault {
         Fault::GuardFrozenThenSwitchover => {
             let guard = c.guard_pid(old).context("no guard")?;
+            // Named for `ps`: "keyraft guard ..." and, as the kernel names
+            // it (ps -e, top), keyraft-guard.
+            let comm = std::fs::read_to_string(format!("/proc/{guard}/comm"))?;
+            let cmdline = std::fs::read(format!("/proc/{guard}/cmdline"))?;
+            ensure!(
+                comm.trim() == "keyraft-guard" && cmdline.starts_with(b"keyraft\0guard\0"),
+                "the guard shows as {comm:?} {:?}",
+                String::from_utf8_lossy(&cmdline)
+            );
             kill(Pid::from_raw(guard), Signal::SIGSTOP)?;
             let t = Instant::now();
             switchover(c, old).await?;

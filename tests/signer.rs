@@ -132,6 +132,33 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
         )) == Some(&1.0),
         "privval gauge: {m:?}"
     );
+    // Who signs and who forwards, in status, the table and the metric.
+    let status = c.status(2).await?;
+    for n in status["nodes"].as_array().into_iter().flatten() {
+        let want = if n["id"] == l {
+            "signing"
+        } else {
+            "forwarding"
+        };
+        ensure!(n["signer_role"] == want, "{n}");
+    }
+    let table = c.cli(2, &["status"]).await?;
+    let text = String::from_utf8_lossy(&table.stdout);
+    let row = |id: u64| text.lines().find(|r| r.starts_with(&format!("{id} ")));
+    ensure!(
+        row(l).is_some_and(|r| r.contains("Signing"))
+            && (1..=3)
+                .filter(|i| *i != l)
+                .all(|i| row(i).is_some_and(|r| r.contains("Forwarding"))),
+        "{text}"
+    );
+    for id in 1..=3 {
+        let signing = c.metric(id, "keyraft_signing").await?;
+        ensure!(
+            signing == f64::from(u8::from(id == l)),
+            "node {id}: keyraft_signing {signing}"
+        );
+    }
     Ok(())
 }
 

@@ -289,11 +289,17 @@ pub async fn render(info: &LocalnetFile, faults: &BTreeMap<u64, Faults>) -> Vec<
                     Some(false) => "no",
                     None => "-",
                 };
+                // Signer mode: which host signs and which forward.
+                let state = match me["signer_role"].as_str() {
+                    Some("signing") => "Signing",
+                    Some("forwarding") => "Forwarding",
+                    _ => me["state"].as_str().unwrap_or("?"),
+                };
                 format!(
                     "{:<5} {:<10} {:<12} {:<10} {:<4} {:>8} {:<7} {fault}",
                     n.id,
                     role,
-                    me["state"].as_str().unwrap_or("?"),
+                    state,
                     me["raft"].as_str().unwrap_or("?"),
                     if me["key_linked"] == true { "yes" } else { "-" },
                     height,

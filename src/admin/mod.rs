@@ -106,6 +106,16 @@ pub fn status_json(sh: &Shared) -> Value {
             })
         };
         let mut node = node;
+        // Signer mode: the validator hosts' part, which `state` (Voting
+        // everywhere) does not say: the leader signs, the others forward.
+        if sh.cfg.signer.is_some() && node["role"] == "validator" {
+            let part = if Some(id) == sh.leader() {
+                "signing"
+            } else {
+                "forwarding"
+            };
+            node["signer_role"] = json!(part);
+        }
         node["remembered"] = remembered
             .get(&id)
             .cloned()

@@ -405,6 +405,12 @@ fn print_table(v: &serde_json::Value) {
             };
             format!("{state} h={}", or_dash(&val["height"]))
         };
+        // Signer mode: a voting validator host signs or forwards.
+        let state = match (n["state"].as_str(), n["signer_role"].as_str()) {
+            (Some("Voting"), Some("signing")) => "Signing",
+            (Some("Voting"), Some("forwarding")) => "Forwarding",
+            (s, _) => s.unwrap_or("-"),
+        };
         let seen = match n["last_seen_ms"].as_u64() {
             Some(0) => "self".to_string(),
             Some(ms) => format!("{ms}ms"),
@@ -415,7 +421,7 @@ fn print_table(v: &serde_json::Value) {
             n["id"].to_string(),
             n["addr"].as_str().unwrap_or("-"),
             n["role"].as_str().unwrap_or("-"),
-            n["state"].as_str().unwrap_or("-"),
+            state,
             n["raft"].as_str().unwrap_or("-"),
             if n["key_linked"] == true { "yes" } else { "-" },
             validator,

@@ -206,6 +206,11 @@ pub fn guard_main(
     kernel_fence: bool,
     user: Option<&str>,
 ) -> std::io::Result<()> {
+    // Named in `ps -e` and top (the kernel's name of a /proc/self/exe is
+    // "exe"); `ps -f` shows "keyraft guard ..." from the command line.
+    if let Ok(name) = std::ffi::CString::new("keyraft-guard") {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
     // The coordinator decides when we stop: ignore terminal signals.
     for sig in [
         Signal::SIGINT,

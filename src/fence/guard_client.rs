@@ -77,6 +77,8 @@ impl GuardClient {
         // Our own executable as it is now, even if its file was replaced
         // (an in-place upgrade) or removed since we started.
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        // `ps` shows "keyraft guard --data-dir ...".
+        cmd.arg0("keyraft");
         cmd.arg("guard").arg("--data-dir").arg(data_dir);
         if tree.cgroup().is_none() {
             cmd.arg("--no-cgroup");
