@@ -74,6 +74,28 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
     .validate()
 }
 
+/// openraft's tick (every 13/64 of a heartbeat, 100 wakeups a second
+/// with the lan profile) only sends the leader's heartbeats here: elections
+/// are the coordinator's (`enable_elect` is off). So it runs only while this
+/// node leads; a follower, candidate or learner sleeps until a message
+/// comes. Turned on as soon as openraft reports leadership (the new
+/// leader's first append goes out without it), off when that ends.
+pub async fn tick_only_while_leading(raft: Raft) {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let mut metrics = raft.metrics();
+    let mut ticking = None;
+    loop {
+        let leads = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+        if ticking != Some(leads) {
+            raft.runtime_config().tick(leads);
+            ticking = Some(leads);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
