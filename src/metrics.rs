@@ -4,8 +4,8 @@
 //! `/metrics`. Must not: compute anything; the parts that know a value set it.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// The coordinator states, as labelled in `keyraft_state{type=...}`.
@@ -44,6 +44,8 @@ pub struct Metrics {
     pub fence_agent_attempts: IntCounterVec,
     pub sign_requests: IntCounterVec,
     pub sign_seconds: Histogram,
+    /// Where a signature's time goes (the sign budget), by stage.
+    pub sign_stage_seconds: HistogramVec,
     pub privval_connected: IntGaugeVec,
     /// Signer mode: 1 on the member that signs (the leader), 0 on the
     /// ones that forward.
@@ -131,6 +133,12 @@ impl Metrics {
                     .namespace("keyraft")
                     .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
             )?,
+            sign_stage_seconds: HistogramVec::new(
+                HistogramOpts::new("sign_stage_seconds", "Where a signature's time goes, by stage: lock (waiting for the one signing at a time), check, commit (Raft: propose to applied, a majority's fsync included), sign (ed25519), forward (a follower's round trip to the leader), serve (the leader's part of a forwarded request).")
+                    .namespace("keyraft")
+                    .buckets(vec![0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05, 0.25, 1.0, 2.0]),
+                &["stage"],
+            )?,
             privval_connected: IntGaugeVec::new(
                 opts("privval_connected", "1 while this host is connected to the node's privval port."),
                 &["node"],
@@ -181,6 +189,7 @@ impl Metrics {
         if signer {
             r.register(Box::new(m.sign_requests.clone()))?;
             r.register(Box::new(m.sign_seconds.clone()))?;
+            r.register(Box::new(m.sign_stage_seconds.clone()))?;
             r.register(Box::new(m.privval_connected.clone()))?;
             r.register(Box::new(m.signing.clone()))?;
             for kind in ["proposal", "prevote", "precommit"] {

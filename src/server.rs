@@ -299,7 +299,11 @@ pub async fn run(
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(join::register(sh.clone())),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
-        tokio::spawn(raft::tick_only_while_leading(raft.clone())),
+        tokio::spawn(raft::heartbeat_while_leading(
+            raft.clone(),
+            gate.clone(),
+            timing.heartbeat,
+        )),
     ];
     if let Some((signer, identity)) = &signer {
         for addr in &sh

@@ -159,6 +159,26 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
             "node {id}: keyraft_signing {signing}"
         );
     }
+    // The sign budget: the leader times its commits, a follower its
+    // forwards; openraft's own stages are on the leader's /debug/raft.
+    let count = |m: &std::collections::BTreeMap<String, f64>, stage: &str| {
+        m.get(&format!(
+            "keyraft_sign_stage_seconds_count{{stage=\"{stage}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    ensure!(
+        count(&m, "commit") > 0.0 && count(&m, "serve") > 0.0,
+        "{m:?}"
+    );
+    let follower = (1..=3).find(|i| *i != l).unwrap_or(1);
+    ensure!(count(&c.metrics(follower).await?, "forward") > 0.0);
+    let raft = reqwest::get(format!("http://{}/debug/raft", c.nodes[&l].http))
+        .await?
+        .text()
+        .await?;
+    ensure!(raft.contains("proposed→applied"), "{raft}");
     Ok(())
 }
 

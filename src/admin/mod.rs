@@ -564,7 +564,18 @@ pub fn http_router(sh: Arc<Shared>) -> axum::Router {
         .route("/leader", get(leader))
         .route("/replica", get(replica))
         .route("/status", get(status))
+        .route("/debug/raft", get(raft_stats))
         .with_state(sh)
+}
+
+/// openraft's runtime statistics as text: batch sizes and where a log
+/// entry's time goes (proposed, received, submitted, persisted, committed,
+/// applied), the Raft part of the sign budget.
+async fn raft_stats(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
+    match sh.raft.runtime_stats().await {
+        Ok(s) => (StatusCode::OK, s.display().human_readable().to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 fn answer(ok: bool, what: &'static str) -> (StatusCode, &'static str) {

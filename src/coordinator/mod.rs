@@ -321,6 +321,7 @@ impl Coordinator {
         // leadership transfer is faster, see `hand_on`, but openraft never
         // abandons a transfer to a node that then dies.)
         let quiet = policy::goes_quiet(state, eligible, &view);
+        self.sh.gate.set_heartbeats(!quiet);
         self.sh.raft.runtime_config().heartbeat(!quiet);
         if quiet && !self.quiet {
             tracing::info!("leader but not eligible to validate: pausing heartbeats so that an eligible standby takes over");

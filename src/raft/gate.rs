@@ -29,6 +29,9 @@ pub struct Gate {
     joined: AtomicBool,
     /// Whether this node may take leadership by transfer (eligible to validate).
     accepts_leadership: AtomicBool,
+    /// Whether this node, leading, sends heartbeats (off: a leader that
+    /// may not validate goes quiet so that an eligible standby takes over).
+    heartbeats: AtomicBool,
     /// When an AppendEntries (or heartbeat) from a leader last arrived.
     last_leader_contact: Mutex<Option<Instant>>,
     /// The same, per leader: when each node was last heard from as leader.
@@ -60,6 +63,7 @@ impl Gate {
             votes_open: AtomicBool::new(votes_open),
             joined: AtomicBool::new(false),
             accepts_leadership: AtomicBool::new(false),
+            heartbeats: AtomicBool::new(true),
             last_leader_contact: Mutex::new(None),
             contacts: Mutex::new(BTreeMap::new()),
             last_led: Mutex::new(None),
@@ -152,6 +156,16 @@ impl Gate {
 
     pub fn accepts_leadership(&self) -> bool {
         self.accepts_leadership.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether this node's heartbeats go out while it leads (read by
+    /// [`super::heartbeat_while_leading`], which sends them).
+    pub fn set_heartbeats(&self, on: bool) {
+        self.heartbeats.store(on, Ordering::Relaxed);
+    }
+
+    pub fn heartbeats(&self) -> bool {
+        self.heartbeats.load(Ordering::Relaxed)
     }
 
     /// Records an AppendEntries (or heartbeat) accepted from leader `from`.

@@ -14,6 +14,8 @@ pub mod network;
 pub mod server;
 pub mod store;
 
+use std::time::Duration;
+
 use openraft::BasicNode;
 
 use crate::config::Timing;
@@ -69,28 +71,53 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
         // inside the old leader's lease. keyraft never removes the leader
         // (it hands over first, step 7), so this is never needed.
         removed_leader_step_down: openraft::StepDownPolicy::Never,
+        // No tick: `heartbeat_while_leading` sends the leader's heartbeats
+        // (a tick would do nothing else with `enable_elect` off).
+        enable_tick: false,
         ..Default::default()
     }
     .validate()
 }
 
-/// openraft's tick (every 13/64 of a heartbeat, 100 wakeups a second
-/// with the lan profile) only sends the leader's heartbeats here: elections
-/// are the coordinator's (`enable_elect` is off). So it runs only while this
-/// node leads; a follower, candidate or learner sleeps until a message
-/// comes. Turned on as soon as openraft reports leadership (the new
-/// leader's first append goes out without it), off when that ends.
-pub async fn tick_only_while_leading(raft: Raft) {
+/// The leader's heartbeats, from a timer of keyraft's own instead of
+/// openraft's tick. The tick (every 13/64 of a heartbeat: 100 wakeups a
+/// second with the lan profile, on every node) only sends the leader's
+/// heartbeats here, since elections are the coordinator's (`enable_elect`
+/// is off); so it stays off (`enable_tick: false`), and while this node
+/// leads this sends one heartbeat per `interval` through openraft's
+/// trigger, which takes the same path as the tick's: skipped during a
+/// leadership transfer and in CheckQuorum's quiet phase. The trigger is
+/// not stopped by openraft's `heartbeat(false)`, so the coordinator's
+/// "go quiet" (a leader that may not validate) is read from the gate
+/// before each one. A follower, candidate or learner sleeps until a
+/// message comes. If this timer is late the heartbeats are, the quorum
+/// acks are, and the lease lapses: late fails safe.
+pub async fn heartbeat_while_leading(raft: Raft, gate: std::sync::Arc<Gate>, interval: Duration) {
     use openraft::async_runtime::watch::WatchReceiver;
     let mut metrics = raft.metrics();
-    let mut ticking = None;
     loop {
         let leads = metrics.borrow_and_update().state == openraft::ServerState::Leader;
-        if ticking != Some(leads) {
-            raft.runtime_config().tick(leads);
-            ticking = Some(leads);
-        }
-        if metrics.changed().await.is_err() {
+        if leads {
+            let mut beat = tokio::time::interval(interval);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = beat.tick() => {
+                        if gate.heartbeats() && raft.trigger().heartbeat().await.is_err() {
+                            return;
+                        }
+                    }
+                    changed = metrics.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if metrics.borrow_and_update().state != openraft::ServerState::Leader {
+                            break;
+                        }
+                    }
+                }
+            }
+        } else if metrics.changed().await.is_err() {
             return;
         }
     }
@@ -117,6 +144,6 @@ mod tests {
         assert_eq!((c.election_timeout_min, c.election_timeout_max), (300, 600));
         assert_eq!(c.quorum_loss_probe_interval, Some(1200));
         assert_eq!(c.removed_leader_step_down, openraft::StepDownPolicy::Never);
-        assert!(!c.enable_elect);
+        assert!(!c.enable_elect && !c.enable_tick);
     }
 }

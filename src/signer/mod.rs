@@ -260,9 +260,11 @@ impl Signer {
     /// accepted them) does a signature exist.
     pub async fn sign_here(&self, what: Signable, deadline: Instant) -> Result<Signable, Refusal> {
         let left = deadline.saturating_duration_since(Instant::now());
+        let mut stage = self.stages();
         let _one_at_a_time = tokio::time::timeout(left, self.lock.lock())
             .await
             .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
+        stage.done("lock");
         let chain_id = self.cfg.chain_id.as_str();
         // Everything that could make signing fail is checked before the
         // commit, so that a malformed request cannot use up an HRS.
@@ -293,9 +295,15 @@ impl Signer {
             )));
         }
         self.all_voters_registered()?;
+        stage.done("check");
         let verdict = self.commit(hrs, digest, what.timestamp(), deadline).await?;
+        stage.done("commit");
         match verdict {
-            SignVerdict::Sign { timestamp } => Ok(what.sign(&self.key, chain_id, timestamp)?),
+            SignVerdict::Sign { timestamp } => {
+                let signed = what.sign(&self.key, chain_id, timestamp)?;
+                stage.done("sign");
+                Ok(signed)
+            }
             v => Err(Refusal::from_verdict(&v, hrs, chain_id)
                 .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
         }
@@ -376,12 +384,14 @@ impl Signer {
             .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
             .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
         let req = self.sh.peers.request(pb::SignRequest { msg }, limit);
+        let mut stage = self.stages();
         let r = self
             .sh
             .peers
             .call(id, limit, client.sign(req))
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
+        stage.done("forward");
         let asked = what.hrs().unwrap_or_default();
         let chain = self.cfg.chain_id.as_str();
         match Refusal::from_proto(r.refusal, &r.detail, asked, chain, chain) {
@@ -391,6 +401,14 @@ impl Signer {
                 r.signature,
                 r.extension_signature,
             )),
+        }
+    }
+
+    /// A stopwatch for the sign budget (`keyraft_sign_stage_seconds`).
+    fn stages(&self) -> Stages<'_> {
+        Stages {
+            metric: &self.sh.metrics.sign_stage_seconds,
+            since: Instant::now(),
         }
     }
 
@@ -419,7 +437,10 @@ impl Signer {
             return Ok(refused(e));
         }
         let deadline = Instant::now() + FORWARD_DEADLINE;
-        Ok(match self.sign_here(what, deadline).await {
+        let mut stage = self.stages();
+        let signed = self.sign_here(what, deadline).await;
+        stage.done("serve");
+        Ok(match signed {
             Ok(signed) => {
                 let ((seconds, nanos), signature, extension_signature) = signed.signed_parts();
                 pb::SignReply {
@@ -433,6 +454,23 @@ impl Signer {
             }
             Err(e) => refused(e),
         })
+    }
+}
+
+/// Times the stages of one signature: each [`Stages::done`] records the
+/// time since the previous one under its stage's label.
+struct Stages<'a> {
+    metric: &'a prometheus::HistogramVec,
+    since: Instant,
+}
+
+impl Stages<'_> {
+    fn done(&mut self, stage: &str) {
+        let now = Instant::now();
+        self.metric
+            .with_label_values(&[stage])
+            .observe(now.duration_since(self.since).as_secs_f64());
+        self.since = now;
     }
 }
 

@@ -65,6 +65,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
                 "max_ms": pv.sign_ms_max, "signatures": pv.samples}),
         );
     }
+    let budget = sign_budget(&c, leader).await?;
     let missed_steady = last.missed - warm.missed;
     println!(
         "keyraft steady state: {missed_steady} of {} heights missed, {} equivocations",
@@ -148,6 +149,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     );
     Ok(serde_json::json!({
         "keyraft_sentries": sentries,
+        "keyraft_sign_budget_ms": budget,
         "keyraft_missed_steady": missed_steady,
         "tmkms_p50_ms": tm.sign_ms_p50,
         "tmkms_p99_ms": tm.sign_ms_p99,
@@ -158,4 +160,46 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         "kill_resume_ms_p99": pick(&resume_ms, 0.99),
         "equivocations": totals.double_signs,
     }))
+}
+
+/// The sign budget: the mean of each stage of `keyraft_sign_stage_seconds`
+/// on each node (lock, check, commit, sign on the leader; forward on a
+/// follower; serve, the leader's part of a forwarded request), and
+/// openraft's own stage table from the leader's `/debug/raft`.
+async fn sign_budget(
+    c: &crate::cluster::Cluster,
+    leader: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for id in c.nodes.keys() {
+        let m = c.metrics(*id).await?;
+        let mut stages = serde_json::Map::new();
+        for stage in ["lock", "check", "commit", "sign", "forward", "serve"] {
+            let key =
+                |what: &str| format!("keyraft_sign_stage_seconds_{what}{{stage=\"{stage}\"}}");
+            let (sum, n) = (m.get(&key("sum")), m.get(&key("count")));
+            if let (Some(sum), Some(n)) = (sum, n.filter(|n| **n > 0.0)) {
+                stages.insert(stage.into(), serde_json::json!(sum / n * 1000.0));
+            }
+        }
+        let line: Vec<String> = stages
+            .iter()
+            .map(|(s, ms)| format!("{s} {:.3} ms", ms.as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let role = if *id == leader { "leader" } else { "follower" };
+        println!(
+            "sign budget, node {id} ({role}), mean per stage: {}",
+            line.join(", ")
+        );
+        out.insert(id.to_string(), serde_json::Value::Object(stages));
+    }
+    let url = format!("http://{}/debug/raft", c.nodes[&leader].http);
+    let raft = reqwest::get(&url).await?.text().await?;
+    let table: Vec<&str> = raft
+        .lines()
+        .skip_while(|l| !l.contains("Log Stage Latencies"))
+        .take_while(|l| !l.contains("Distribution"))
+        .collect();
+    println!("openraft on the leader:\n{}", table.join("\n"));
+    Ok(serde_json::Value::Object(out))
 }
