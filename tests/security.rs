@@ -46,6 +46,30 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// `msg` as node `id` sends it (the header the peer port checks against
+/// the certificate).
+fn as_node<T>(msg: T, id: u64) -> Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert(keyraft::tls::NODE_HEADER, id.to_string().parse()?);
+    Ok(req)
+}
+
+/// `resume`, forwarded to `leader` by node `id` with the certificate in `tls`.
+async fn forward_resume(
+    c: &Cluster,
+    leader: u64,
+    tls: &Path,
+    id: u64,
+) -> Result<Result<tonic::Response<keyraft::pb::CommandReply>, tonic::Status>> {
+    let mut client =
+        keyraft::pb::cluster_client::ClusterClient::new(peer_channel(c, leader, tls).await?);
+    let cmd = keyraft::pb::ClusterCommand {
+        kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
+    };
+    Ok(client.forward(as_node(cmd, id)?).await)
+}
+
 /// Waits until every node applied `paused` (a command returns once the
 /// leader committed it; the others apply it a moment later).
 async fn paused_everywhere(c: &Cluster, paused: bool) -> Result<()> {
@@ -157,17 +181,8 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
         "resume on the witness: {}",
         text(&out)
     );
-    let mut forward = keyraft::pb::cluster_client::ClusterClient::new(
-        peer_channel(&c, leader, &c.nodes[&3].tls).await?,
-    );
-    let mut req = tonic::Request::new(keyraft::pb::ClusterCommand {
-        kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
-    });
-    req.metadata_mut()
-        .insert(keyraft::tls::NODE_HEADER, "3".parse()?);
-    let e = forward
-        .forward(req)
-        .await
+    let e = forward_resume(&c, leader, &c.nodes[&3].tls, 3)
+        .await?
         .expect_err("the leader ran a witness's forwarded command");
     ensure!(
         e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
@@ -189,16 +204,8 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
         .output()
         .await?;
     ensure!(made.status.success(), "certs node 4: {}", text(&made));
-    let mut forward =
-        keyraft::pb::cluster_client::ClusterClient::new(peer_channel(&c, leader, &stranger).await?);
-    let mut req = tonic::Request::new(keyraft::pb::ClusterCommand {
-        kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
-    });
-    req.metadata_mut()
-        .insert(keyraft::tls::NODE_HEADER, "4".parse()?);
-    let e = forward
-        .forward(req)
-        .await
+    let e = forward_resume(&c, leader, &stranger, 4)
+        .await?
         .expect_err("the leader ran a non-member's forwarded command");
     ensure!(
         e.code() == tonic::Code::PermissionDenied && e.message().contains("not a voting member"),
@@ -209,14 +216,15 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
     let mut gossip = keyraft::pb::gossip_client::GossipClient::new(
         peer_channel(&c, leader, &c.nodes[&3].tls).await?,
     );
-    let mut req = tonic::Request::new(keyraft::pb::NodeStatus {
-        id: 3,
-        role: "validator".into(),
-        eligible: true,
-        ..Default::default()
-    });
-    req.metadata_mut()
-        .insert(keyraft::tls::NODE_HEADER, "3".parse()?);
+    let req = as_node(
+        keyraft::pb::NodeStatus {
+            id: 3,
+            role: "validator".into(),
+            eligible: true,
+            ..Default::default()
+        },
+        3,
+    )?;
     gossip.exchange(req).await?;
     let v = c.status(leader).await?;
     let witness = localnet::harness::node_entry(&v, 3);
@@ -328,9 +336,7 @@ async fn ask_to_sign(
     req: keyraft::pb::SignRequest,
 ) -> Result<Result<keyraft::pb::SignReply, tonic::Status>> {
     let ch = peer_channel(c, to, &c.nodes[&from].tls).await?;
-    let mut req = tonic::Request::new(req);
-    req.metadata_mut()
-        .insert(keyraft::tls::NODE_HEADER, from.to_string().parse()?);
+    let req = as_node(req, from)?;
     Ok(keyraft::pb::signer_client::SignerClient::new(ch)
         .sign(req)
         .await

@@ -115,14 +115,20 @@ pub async fn bind_socket(
     ))
 }
 
+/// The CLI's endpoint to a coordinator, whatever carries it (the socket,
+/// or the admin port's TLS): a short connect, and time for a `members add`.
+pub fn endpoint() -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_static("http://keyraft.admin")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+}
+
 /// A client channel to the admin socket at `path` (the CLI's, and tests').
 pub async fn connect_socket(
     path: &Path,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://keyraft.admin")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60))
+    endpoint()
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {

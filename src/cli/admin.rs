@@ -71,9 +71,7 @@ async fn admin_client(
         Target::Tcp(a, dir) => {
             let cfg = std::sync::Arc::new(crate::tls::admin::AdminCert::load(dir)?.client_config()?);
             let a = *a;
-            tonic::transport::Endpoint::from_static("http://keyraft.admin")
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(60))
+            crate::admin::access::endpoint()
                 .connect_with_connector(tower::service_fn(move |_| {
                     let cfg = cfg.clone();
                     async move {

@@ -321,8 +321,9 @@ impl Coordinator {
         // leadership transfer is faster, see `hand_on`, but openraft never
         // abandons a transfer to a node that then dies.)
         let quiet = policy::goes_quiet(state, eligible, &view);
+        // Read by the heartbeat timer (`raft::heartbeat_while_leading`);
+        // openraft's own switch only governs its tick, which is off.
         self.sh.gate.set_heartbeats(!quiet);
-        self.sh.raft.runtime_config().heartbeat(!quiet);
         if quiet && !self.quiet {
             tracing::info!("leader but not eligible to validate: pausing heartbeats so that an eligible standby takes over");
         }

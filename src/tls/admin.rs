@@ -69,14 +69,8 @@ impl AdminCert {
         use rustls::pki_types::pem::PemObject;
         let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&self.ca) {
-            roots
-                .add(c.map_err(|e| bad("ca.pem", &e))?)
-                .map_err(|e| bad("ca.pem", &e))?;
-        }
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
+            super::roots_of(&self.ca)?,
             provider.clone(),
         )
         .build()

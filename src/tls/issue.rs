@@ -121,15 +121,7 @@ pub fn create_node(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let p = leaf_params(names, &node_name(id), role, usages, days)?;
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
-    make_dir(out)?;
-    let files = [
-        (out.join("node.pem"), cert.pem(), 0o644),
-        (out.join("node.key"), key.serialize_pem(), 0o600),
-        (out.join("ca.pem"), ca_pem, 0o644),
-    ];
-    write_all_new(&files)
+    sign_and_write(p, &issuer, ca_pem, out, "node")
 }
 
 /// `keyraft certs admin`: an operator's client certificate for the admin
@@ -151,12 +143,24 @@ pub fn create_admin(
     let (issuer, ca_pem) = issuer(ca_dir)?;
     let usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let p = leaf_params(Vec::new(), name, Role::Admin, usages, days)?;
+    sign_and_write(p, &issuer, ca_pem, out, "admin")
+}
+
+/// Signs `p` with a new key and writes `STEM.pem`, `STEM.key` (0600) and
+/// the CA's `ca.pem` into `out`, all or none.
+fn sign_and_write(
+    p: CertificateParams,
+    issuer: &Issuer<'static, KeyPair>,
+    ca_pem: String,
+    out: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>, TlsError> {
     let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
+    let cert = p.signed_by(&key, issuer)?;
     make_dir(out)?;
     let files = [
-        (out.join("admin.pem"), cert.pem(), 0o644),
-        (out.join("admin.key"), key.serialize_pem(), 0o600),
+        (out.join(format!("{stem}.pem")), cert.pem(), 0o644),
+        (out.join(format!("{stem}.key")), key.serialize_pem(), 0o600),
         (out.join("ca.pem"), ca_pem, 0o644),
     ];
     write_all_new(&files)

@@ -78,21 +78,44 @@ impl Role {
 /// The one role a certificate carries; `None` for none, an unknown one, or
 /// more than one (a certificate is never two things).
 pub fn cert_role(der: &[u8]) -> Option<Role> {
+    names_and_role(der)?.1
+}
+
+/// A certificate's DNS names and its one role, from one parse (a peer's
+/// certificate is checked at every request); `None` if unreadable.
+fn names_and_role(der: &[u8]) -> Option<(Vec<String>, Option<Role>)> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut roles = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) if u.starts_with(Role::PREFIX) => Some(
-            [Role::Validator, Role::Witness, Role::Admin]
-                .into_iter()
-                .find(|r| r.uri() == *u),
-        ),
-        _ => None,
-    });
-    match (roles.next(), roles.next()) {
-        (Some(Some(one)), None) => Some(one),
-        _ => None,
+    let (mut names, mut roles) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::URI(u) if u.starts_with(Role::PREFIX) => roles.push(
+                    [Role::Validator, Role::Witness, Role::Admin]
+                        .into_iter()
+                        .find(|r| r.uri() == *u),
+                ),
+                _ => {}
+            }
+        }
     }
+    let role = match roles.as_slice() {
+        [Some(one)] => Some(*one),
+        _ => None,
+    };
+    Some((names, role))
+}
+
+/// The certificates of a `ca.pem` as rustls's trust anchors.
+pub(crate) fn roots_of(ca_pem: &[u8]) -> Result<std::sync::Arc<rustls::RootCertStore>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: &dyn std::fmt::Display| TlsError::Invalid(format!("CA certificate: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    Ok(std::sync::Arc::new(roots))
 }
 
 /// The DNS name that identifies node `id` in its certificate.
@@ -182,13 +205,7 @@ impl TlsMaterial {
 
     /// The cluster CA as rustls's trust anchors.
     fn roots(&self) -> Result<std::sync::Arc<rustls::RootCertStore>, TlsError> {
-        use rustls::pki_types::pem::PemObject;
-        let bad = |e: &dyn std::fmt::Display| TlsError::Invalid(format!("CA certificate: {e}"));
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&self.ca) {
-            roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-        }
-        Ok(std::sync::Arc::new(roots))
+        roots_of(&self.ca)
     }
 
     /// The certificate chains to `ca.pem` and is valid now, as a server
@@ -397,7 +414,8 @@ pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>,
             let leaf = certs
                 .first()
                 .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-            if !cert_names_node(leaf, claimed) {
+            let (names, role) = names_and_role(leaf).unwrap_or_default();
+            if !names_node(&names, leaf, claimed) {
                 tracing::warn!(
                     claimed,
                     "refused a peer whose certificate is not for the node id it claims"
@@ -406,7 +424,7 @@ pub fn authenticate(tls: bool) -> impl FnMut(Request<()>) -> Result<Request<()>,
                     "client certificate is not node {claimed}'s"
                 )));
             }
-            let role = match cert_role(leaf) {
+            let role = match role {
                 Some(r @ (Role::Validator | Role::Witness)) => r,
                 _ => {
                     tracing::warn!(
@@ -435,28 +453,19 @@ fn own_name_only(name: &str, id: NodeId) -> bool {
 
 /// The DNS names a DER certificate carries (none if it cannot be read).
 fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push(d.to_string());
-            }
-        }
-    }
-    Some(names)
+    names_and_role(der).map(|(names, _)| names)
 }
 
 /// Whether the certificate is node `id`'s and no other's: it names
 /// `node-ID.keyraft`, no other `.keyraft` name and no wildcard (a
 /// `*.keyraft` certificate would pass for every node).
 pub fn cert_names_node(der: &CertificateDer<'_>, id: NodeId) -> bool {
-    match dns_names(der) {
-        Some(names) if names.iter().all(|n| own_name_only(n, id)) => {}
-        _ => return false,
-    }
-    cert_valid_for_node(der, id)
+    dns_names(der).is_some_and(|names| names_node(&names, der, id))
+}
+
+/// [`cert_names_node`] given the certificate's DNS names.
+fn names_node(names: &[String], der: &CertificateDer<'_>, id: NodeId) -> bool {
+    !names.is_empty() && names.iter().all(|n| own_name_only(n, id)) && cert_valid_for_node(der, id)
 }
 
 /// Whether the certificate is valid for node `id`'s name.
