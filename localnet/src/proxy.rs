@@ -151,7 +151,12 @@ async fn pump(
     let cut_w = cut.clone();
     let writer = async move {
         while let Some((due, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
+            // tokio rounds a timer up to its next millisecond tick, so a
+            // sleep to a deadline already reached would still cost up to a
+            // millisecond per chunk: on a link without latency, none.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             if !*cut_w.borrow() && to.write_all(&bytes).await.is_err() {
                 return;
             }
