@@ -117,3 +117,76 @@ async fn acknowledged_entries_survive_sigkill_at_random_moments() -> Result<()> 
     ensure!(acked > 0, "the writer never acknowledged anything");
     Ok(())
 }
+
+fn entry_of_term(term: u64, index: u64) -> Entry {
+    let mut e = entry(index);
+    e.log_id.leader_id.term = term;
+    e
+}
+
+async fn append_durably(log: &mut LogStore, entries: Vec<Entry>) -> Result<()> {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await?;
+    rx.await.context("callback dropped")??;
+    Ok(())
+}
+
+fn ids(entries: &[Entry]) -> Vec<(u64, u64)> {
+    entries
+        .iter()
+        .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+        .collect()
+}
+
+/// Appends go through the store's writer thread: after appends, a
+/// truncation of conflicting entries, new entries in their place and a
+/// purge, what the store reads at once must be what a reopened store reads.
+#[tokio::test]
+async fn reads_agree_with_the_disk_after_appends_truncate_and_purge() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("raft");
+    let expected: Vec<(u64, u64)> = {
+        let (mut log, _sm, _) = store::open(&dir)?;
+        append_durably(&mut log, (1..=10).map(entry).collect()).await?;
+        ensure!(
+            ids(&log.try_get_log_entries(1..=10).await?)
+                == ids(&(1..=10).map(entry).collect::<Vec<_>>())
+        );
+        // A follower's conflicting entries 6..=10 are replaced by term 2's.
+        log.truncate_after(Some(entry(5).log_id)).await?;
+        ensure!(
+            log.try_get_log_entries(6..).await?.is_empty(),
+            "truncated entries are still read"
+        );
+        append_durably(&mut log, (6..=8).map(|i| entry_of_term(2, i)).collect()).await?;
+        log.purge(entry(3).log_id).await?;
+        let read = ids(&log.try_get_log_entries(4..=8).await?);
+        let want: Vec<(u64, u64)> = (4..=5)
+            .map(|i| (1, i))
+            .chain((6..=8).map(|i| (2, i)))
+            .collect();
+        ensure!(read == want, "read {read:?}, want {want:?}");
+        ensure!(
+            log.try_get_log_entries(2..=4).await?.len() == 1,
+            "purged entries are still read"
+        );
+        log.flush().await?;
+        want
+    };
+    // The dropped store's writer thread lets go of sled's lock once it sees
+    // its channel closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (mut reopened, _sm, _) = loop {
+        match store::open(&dir) {
+            Ok(opened) => break opened,
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let read = ids(&reopened.try_get_log_entries(4..=8).await?);
+    ensure!(
+        read == expected,
+        "after reopening: {read:?}, want {expected:?}"
+    );
+    Ok(())
+}

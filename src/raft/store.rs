@@ -3,11 +3,13 @@
 //! Owns: the on-disk layout of `DATA_DIR/raft` (trees `log`, `meta`, `sm`)
 //! and the durability promises openraft relies on: a vote is fsynced before
 //! `save_vote` returns, appended entries are fsynced before the IO callback
-//! fires, truncation and purging never leave holes. Appends return once
-//! written and are acknowledged in batches by one fsync thread (group
+//! fires, truncation and purging never leave holes. Appends are written by
+//! one writer thread and acknowledged in batches by its fsync (group
 //! commit), so a slow disk never stalls openraft's core, which also answers
-//! heartbeats. Must not: block an async worker (every other sled call runs
-//! in `spawn_blocking`) or interpret commands beyond [`ClusterState::apply`].
+//! heartbeats; the committed log id, which openraft lets a store lose, is
+//! handed to that thread without a wait. Must not: block an async worker
+//! (every other sled call runs in `spawn_blocking`) or interpret commands
+//! beyond [`ClusterState::apply`].
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -134,14 +136,15 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     };
     let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
     let (tx, _) = watch::channel(data.state.clone());
-    let unflushed = spawn_flusher(db.clone()).map_err(StoreError::Flusher)?;
+    let writer =
+        spawn_writer(db.clone(), log.clone(), meta.clone()).map_err(StoreError::Flusher)?;
     let memory = Arc::new(Memory::open(db.clone(), remembered).map_err(corrupt)?);
     Ok((
         LogStore {
             db: db.clone(),
             log,
             meta,
-            unflushed,
+            writer,
         },
         StateMachine {
             db,
@@ -154,16 +157,62 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     ))
 }
 
-/// Group commit: one fsync acknowledges every append written before it
-/// started, in order. The thread ends when the last [`LogStore`] is dropped.
-fn spawn_flusher(db: Disk) -> io::Result<mpsc::Sender<IOFlushed<TypeConfig>>> {
-    let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+fn writer_gone() -> io::Error {
+    io_err("the Raft store's writer thread ended")
+}
+
+/// What the store's writer thread does, in the order it was asked.
+enum Job {
+    /// Entries to write (readable once `written` answers) and to fsync
+    /// (durable once `callback` is called).
+    Append {
+        batch: sled::Batch,
+        written: tokio::sync::oneshot::Sender<io::Result<()>>,
+        callback: IOFlushed<TypeConfig>,
+    },
+    /// The committed log id, which openraft allows a store to lose: written
+    /// by the thread, never waited for.
+    Committed(Vec<u8>),
+}
+
+/// The writer thread: applies each append's batch as it arrives, then one
+/// fsync acknowledges every append written before it started, in order
+/// (group commit). One thread does both, so an append costs one hand-off
+/// instead of a trip through the blocking pool and another to the fsync.
+/// The thread ends when the last [`LogStore`] is dropped.
+fn spawn_writer(db: Disk, log: sled::Tree, meta: sled::Tree) -> io::Result<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("raft-fsync".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
-                let mut waiting = vec![first];
-                waiting.extend(rx.try_iter());
+                let mut waiting = Vec::new();
+                for job in std::iter::once(first).chain(rx.try_iter()) {
+                    match job {
+                        Job::Append {
+                            batch,
+                            written,
+                            callback,
+                        } => match log.apply_batch(batch) {
+                            Ok(()) => {
+                                let _ = written.send(Ok(()));
+                                waiting.push(callback);
+                            }
+                            Err(e) => {
+                                let _ = written.send(Err(io_err(&e)));
+                                callback.io_completed(Err(io_err(e)));
+                            }
+                        },
+                        Job::Committed(bytes) => {
+                            if let Err(e) = meta.insert(COMMITTED, bytes) {
+                                tracing::warn!("cannot record the committed log id: {e}");
+                            }
+                        }
+                    }
+                }
+                if waiting.is_empty() {
+                    continue;
+                }
                 let flushed = db.flush().map_err(|e| e.to_string());
                 for callback in waiting {
                     callback.io_completed(flushed.clone().map(|_| ()).map_err(io::Error::other));
@@ -179,8 +228,8 @@ pub struct LogStore {
     db: Disk,
     log: sled::Tree,
     meta: sled::Tree,
-    /// Callbacks of written, not yet fsynced appends, for the fsync thread.
-    unflushed: mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// The writer thread (see [`spawn_writer`]).
+    writer: mpsc::Sender<Job>,
 }
 
 impl LogStore {
@@ -314,9 +363,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// Not waited for: openraft calls this between a commit and its apply,
+    /// and a store may lose it (a restart then learns the commit index from
+    /// the leader).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let (meta, bytes) = (self.meta.clone(), encode(&committed)?);
-        blocking(move || meta.insert(COMMITTED, bytes).map(|_| ()).map_err(io_err)).await
+        self.writer
+            .send(Job::Committed(encode(&committed)?))
+            .map_err(|_| writer_gone())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -337,20 +390,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.insert(&key(e.log_id.index), encode(&e)?);
         }
-        let log = self.log.clone();
-        if let Err(e) = blocking(move || log.apply_batch(batch).map_err(io_err)).await {
-            callback.io_completed(Err(io::Error::other(e.to_string())));
-            return Err(e);
+        // Readable once the writer thread answers; durable (and counted by
+        // openraft) once it has flushed.
+        let (written, readable) = tokio::sync::oneshot::channel();
+        let job = Job::Append {
+            batch,
+            written,
+            callback,
+        };
+        if let Err(mpsc::SendError(job)) = self.writer.send(job) {
+            if let Job::Append { callback, .. } = job {
+                callback.io_completed(Err(writer_gone()));
+            }
+            return Err(writer_gone());
         }
-        // Readable now; durable (and counted by openraft) once the fsync
-        // thread has flushed. Without that thread, flush here.
-        if let Err(mpsc::SendError(callback)) = self.unflushed.send(callback) {
-            let flushed = self.flush().await;
-            let copy = flushed.as_ref().map(|_| ()).map_err(io_err);
-            callback.io_completed(copy);
-            flushed?;
-        }
-        Ok(())
+        readable.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -419,8 +473,14 @@ impl StateMachine {
         self.published.subscribe()
     }
 
-    /// Writes the applied state; with `sync`, fsynced before it returns.
+    /// Writes the applied state; with `sync`, fsynced before it returns and
+    /// only then published. Without, published first: nothing unsynced is
+    /// durable anyway, and whoever waits on the state (a second sentry's
+    /// request for the HRS just committed) sees it at once.
     async fn persist(&self, sync: bool) -> io::Result<()> {
+        if !sync {
+            self.published.send_replace(self.data.state.clone());
+        }
         let (db, tree, bytes) = (self.db.clone(), self.tree.clone(), encode(&self.data)?);
         blocking(move || {
             tree.insert(SM_DATA, bytes).map_err(io_err)?;
@@ -430,7 +490,9 @@ impl StateMachine {
             Ok(())
         })
         .await?;
-        self.published.send_replace(self.data.state.clone());
+        if sync {
+            self.published.send_replace(self.data.state.clone());
+        }
         Ok(())
     }
 }
