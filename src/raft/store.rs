@@ -3,8 +3,8 @@
 //! Owns: the on-disk layout of `DATA_DIR/raft` (trees `log`, `meta`, `sm`)
 //! and the durability promises openraft relies on: a vote is fsynced before
 //! `save_vote` returns, appended entries are fsynced before the IO callback
-//! fires, truncation and purging never leave holes. Appends are written by
-//! one writer thread and acknowledged in batches by its fsync (group
+//! fires, truncation and purging never leave holes. Appends return once
+//! written and are acknowledged in batches by one fsync thread (group
 //! commit), so a slow disk never stalls openraft's core, which also answers
 //! heartbeats; the committed log id, which openraft lets a store lose, is
 //! handed to that thread without a wait. Must not: block an async worker
@@ -84,10 +84,20 @@ fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<
 pub(super) struct Disk {
     db: sled::Db,
     file: Arc<File>,
+    /// Unit tests only: a slow disk, milliseconds the fsync thread's next
+    /// flush takes more.
+    #[cfg(test)]
+    slow: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Disk {
     pub(super) fn flush(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if std::thread::current().name() == Some("raft-fsync") {
+            std::thread::sleep(std::time::Duration::from_millis(
+                self.slow.swap(0, std::sync::atomic::Ordering::Relaxed),
+            ));
+        }
         self.db.flush().map_err(io_err)?;
         self.file.sync_data()
     }
@@ -133,18 +143,19 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     let db = Disk {
         db,
         file: Arc::new(file),
+        #[cfg(test)]
+        slow: Arc::default(),
     };
     let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
     let (tx, _) = watch::channel(data.state.clone());
-    let writer =
-        spawn_writer(db.clone(), log.clone(), meta.clone()).map_err(StoreError::Flusher)?;
+    let fsync = spawn_fsync(db.clone(), meta.clone()).map_err(StoreError::Flusher)?;
     let memory = Arc::new(Memory::open(db.clone(), remembered).map_err(corrupt)?);
     Ok((
         LogStore {
             db: db.clone(),
             log,
             meta,
-            writer,
+            fsync,
         },
         StateMachine {
             db,
@@ -157,65 +168,57 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     ))
 }
 
-fn writer_gone() -> io::Error {
-    io_err("the Raft store's writer thread ended")
+fn fsync_gone() -> io::Error {
+    io_err("the Raft store's fsync thread ended")
 }
 
-/// What the store's writer thread does, in the order it was asked.
+/// What the store's fsync thread is asked to do, in order.
 enum Job {
-    /// Entries to write (readable once `written` answers) and to fsync
-    /// (durable once `callback` is called).
-    Append {
-        batch: sled::Batch,
-        written: tokio::sync::oneshot::Sender<io::Result<()>>,
-        callback: IOFlushed<TypeConfig>,
-    },
+    /// An append's callback, for once a flush that started after its
+    /// entries were written is done.
+    Flushed(IOFlushed<TypeConfig>),
     /// The committed log id, which openraft allows a store to lose: written
-    /// by the thread, never waited for.
+    /// by the thread (and made durable by its next flush), never waited for.
     Committed(Vec<u8>),
+    /// Flush what was asked before this, and answer (on shutdown).
+    Flush(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
 
-/// The writer thread: applies each append's batch as it arrives, then one
-/// fsync acknowledges every append written before it started, in order
-/// (group commit). One thread does both, so an append costs one hand-off
-/// instead of a trip through the blocking pool and another to the fsync.
+/// Jobs taken into one flush at most: one that keeps arriving must not put
+/// off the flush the earlier ones wait for.
+const JOBS_PER_FLUSH: usize = 256;
+
+/// Group commit: one fsync acknowledges every append written before it
+/// started, in order. Appends are written on the blocking pool, never here,
+/// so a slow fsync holds up no append (openraft's core waits for each).
 /// The thread ends when the last [`LogStore`] is dropped.
-fn spawn_writer(db: Disk, log: sled::Tree, meta: sled::Tree) -> io::Result<mpsc::Sender<Job>> {
+fn spawn_fsync(db: Disk, meta: sled::Tree) -> io::Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("raft-fsync".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
-                let mut waiting = Vec::new();
-                for job in std::iter::once(first).chain(rx.try_iter()) {
+                let (mut callbacks, mut answers) = (Vec::new(), Vec::new());
+                for job in std::iter::once(first).chain(rx.try_iter().take(JOBS_PER_FLUSH)) {
                     match job {
-                        Job::Append {
-                            batch,
-                            written,
-                            callback,
-                        } => match log.apply_batch(batch) {
-                            Ok(()) => {
-                                let _ = written.send(Ok(()));
-                                waiting.push(callback);
-                            }
-                            Err(e) => {
-                                let _ = written.send(Err(io_err(&e)));
-                                callback.io_completed(Err(io_err(e)));
-                            }
-                        },
+                        Job::Flushed(callback) => callbacks.push(callback),
                         Job::Committed(bytes) => {
                             if let Err(e) = meta.insert(COMMITTED, bytes) {
                                 tracing::warn!("cannot record the committed log id: {e}");
                             }
                         }
+                        Job::Flush(answer) => answers.push(answer),
                     }
                 }
-                if waiting.is_empty() {
+                if callbacks.is_empty() && answers.is_empty() {
                     continue;
                 }
                 let flushed = db.flush().map_err(|e| e.to_string());
-                for callback in waiting {
-                    callback.io_completed(flushed.clone().map(|_| ()).map_err(io::Error::other));
+                for callback in callbacks {
+                    callback.io_completed(flushed.clone().map_err(io::Error::other));
+                }
+                for answer in answers {
+                    let _ = answer.send(flushed.clone().map_err(io::Error::other));
                 }
             }
         })?;
@@ -228,8 +231,8 @@ pub struct LogStore {
     db: Disk,
     log: sled::Tree,
     meta: sled::Tree,
-    /// The writer thread (see [`spawn_writer`]).
-    writer: mpsc::Sender<Job>,
+    /// The fsync thread (see [`spawn_fsync`]).
+    fsync: mpsc::Sender<Job>,
 }
 
 impl LogStore {
@@ -263,8 +266,15 @@ impl LogStore {
         })
     }
 
-    /// Flushes everything to disk (on shutdown).
+    /// Flushes everything to disk (on shutdown), after what the fsync
+    /// thread was asked to write (the committed log id).
     pub async fn flush(&self) -> io::Result<()> {
+        let (answer, flushed) = tokio::sync::oneshot::channel();
+        if self.fsync.send(Job::Flush(answer)).is_ok() {
+            if let Ok(result) = flushed.await {
+                return result;
+            }
+        }
         let db = self.db.clone();
         blocking(move || db.flush().map(|_| ()).map_err(io_err)).await
     }
@@ -367,9 +377,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// and a store may lose it (a restart then learns the commit index from
     /// the leader).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.writer
+        self.fsync
             .send(Job::Committed(encode(&committed)?))
-            .map_err(|_| writer_gone())
+            .map_err(|_| fsync_gone())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -390,21 +400,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.insert(&key(e.log_id.index), encode(&e)?);
         }
-        // Readable once the writer thread answers; durable (and counted by
-        // openraft) once it has flushed.
-        let (written, readable) = tokio::sync::oneshot::channel();
-        let job = Job::Append {
-            batch,
-            written,
-            callback,
-        };
-        if let Err(mpsc::SendError(job)) = self.writer.send(job) {
-            if let Job::Append { callback, .. } = job {
-                callback.io_completed(Err(writer_gone()));
-            }
-            return Err(writer_gone());
+        let log = self.log.clone();
+        if let Err(e) = blocking(move || log.apply_batch(batch).map_err(io_err)).await {
+            callback.io_completed(Err(io::Error::other(e.to_string())));
+            return Err(e);
         }
-        readable.await.unwrap_or_else(|_| Err(writer_gone()))
+        // Readable now; durable (and counted by openraft) once the fsync
+        // thread has flushed.
+        if let Err(mpsc::SendError(job)) = self.fsync.send(Job::Flushed(callback)) {
+            if let Job::Flushed(callback) = job {
+                callback.io_completed(Err(fsync_gone()));
+            }
+            return Err(fsync_gone());
+        }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -609,5 +618,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: s.data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::type_config::TypeConfigExt;
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(
+                LeaderId {
+                    term: 1,
+                    node_id: 1,
+                },
+                index,
+            ),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    async fn append(
+        log: &mut LogStore,
+        index: u64,
+    ) -> openraft::type_config::alias::OneshotReceiverOf<TypeConfig, Result<(), io::Error>> {
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(vec![entry(index)], IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        rx
+    }
+
+    /// openraft's core waits for every append to return, and answers
+    /// heartbeats and votes only in between: an fsync that takes a second
+    /// must not hold up the next append for that second.
+    #[tokio::test]
+    async fn a_slow_fsync_holds_up_no_append() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
+        log.db.slow.store(1000, Ordering::Relaxed);
+        let first = append(&mut log, 1).await;
+        let started = Instant::now();
+        let second = append(&mut log, 2).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "an append waited {:?} for an earlier append's fsync",
+            started.elapsed()
+        );
+        for durable in [first, second] {
+            durable.await.expect("callback").expect("durable");
+        }
+    }
+
+    /// A clean shutdown flushes what the fsync thread was handed before it
+    /// (the committed log id), even while that thread is in a slow flush.
+    #[tokio::test]
+    async fn the_shutdown_flush_includes_the_committed_log_id() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
+        log.db.slow.store(300, Ordering::Relaxed);
+        let durable = append(&mut log, 1).await;
+        log.save_committed(Some(entry(1).log_id))
+            .await
+            .expect("save_committed");
+        log.flush().await.expect("flush");
+        let saved: Option<Option<LogId>> = get(&log.meta, COMMITTED).expect("read");
+        assert_eq!(saved, Some(Some(entry(1).log_id)));
+        durable.await.expect("callback").expect("durable");
     }
 }
