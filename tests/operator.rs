@@ -2,7 +2,7 @@
 //! where a key moves: `keyraft check` and its exit codes, `keyraft probe`,
 //! the NEAR preset's node-key links, and a health URL that answers 404.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
 use localnet::harness::{eventually, node_entry};
 
@@ -35,13 +35,27 @@ async fn check_exit_codes_name_the_failure() -> Result<()> {
     // The last answer, for the message when it never changes (a flake seen
     // in full-suite runs only, not understood yet).
     let last = std::sync::Mutex::new(None);
-    let (no_validator, line) = eventually(SETTLE, "check to see no validator", || async {
+    let seen = eventually(SETTLE, "check to see no validator", || async {
         let (code, line) = code(c.cli(standby, &["check"]).await?);
         *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, line.clone()));
         Ok((code == Some(4)).then_some((code, line)))
     })
-    .await
-    .with_context(|| format!("last check: {:?}\n{}", last.lock().ok(), c.logs()))?;
+    .await;
+    let (no_validator, line) = match seen {
+        Ok(seen) => seen,
+        Err(e) => {
+            // What the standby holds: the pause flag, the key's holder, terms.
+            let status = c
+                .cli(standby, &["status", "--json"])
+                .await
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            return Err(e.context(format!(
+                "paused, then killed node {active}; last check from node {standby}: {:?}\nits status: {status:?}\n{}",
+                last.lock().ok(),
+                c.logs()
+            )));
+        }
+    };
     ensure!(
         line.contains("no node is validating"),
         "{no_validator:?} {line}"

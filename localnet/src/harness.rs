@@ -144,10 +144,21 @@ impl Proc {
     }
 
     /// The last `lines` lines of its log, for failure messages.
+    /// The last `lines` lines of its log, without openraft's warning for
+    /// each heartbeat or append to a peer that is down: in a failure's
+    /// report those crowd out the lines that say what the node decided.
     pub fn log_tail(&self, lines: usize) -> String {
+        const REPEATED: [&str; 3] = [
+            "HeartbeatWorker(",
+            "ReplicationCore recv RPCError",
+            "update progress error",
+        ];
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !REPEATED.iter().any(|r| l.contains(r)))
+            .collect();
+        kept[kept.len().saturating_sub(lines)..].join("\n")
     }
 }
 
