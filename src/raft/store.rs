@@ -655,15 +655,28 @@ mod tests {
         rx
     }
 
+    /// A store whose fsync thread's next flush takes `slow_ms` more, with
+    /// entry 1 appended (the returned receiver says when it is durable).
+    async fn slow_store(
+        slow_ms: u64,
+    ) -> (
+        tempfile::TempDir,
+        LogStore,
+        openraft::type_config::alias::OneshotReceiverOf<TypeConfig, Result<(), io::Error>>,
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
+        log.db.slow.store(slow_ms, Ordering::Relaxed);
+        let first = append(&mut log, 1).await;
+        (dir, log, first)
+    }
+
     /// openraft's core waits for every append to return, and answers
     /// heartbeats and votes only in between: an fsync that takes a second
     /// must not hold up the next append for that second.
     #[tokio::test]
     async fn a_slow_fsync_holds_up_no_append() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
-        log.db.slow.store(1000, Ordering::Relaxed);
-        let first = append(&mut log, 1).await;
+        let (_dir, mut log, first) = slow_store(1000).await;
         let started = Instant::now();
         let second = append(&mut log, 2).await;
         assert!(
@@ -680,10 +693,7 @@ mod tests {
     /// (the committed log id), even while that thread is in a slow flush.
     #[tokio::test]
     async fn the_shutdown_flush_includes_the_committed_log_id() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
-        log.db.slow.store(300, Ordering::Relaxed);
-        let durable = append(&mut log, 1).await;
+        let (_dir, mut log, durable) = slow_store(300).await;
         log.save_committed(Some(entry(1).log_id))
             .await
             .expect("save_committed");
