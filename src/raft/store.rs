@@ -626,22 +626,12 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
-    use openraft::impls::leader_id_adv::LeaderId;
     use openraft::type_config::TypeConfigExt;
 
     use super::*;
 
     fn entry(index: u64) -> Entry {
-        Entry {
-            log_id: openraft::LogId::new(
-                LeaderId {
-                    term: 1,
-                    node_id: 1,
-                },
-                index,
-            ),
-            payload: EntryPayload::Blank,
-        }
+        openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
     }
 
     async fn append(
