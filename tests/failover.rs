@@ -492,10 +492,7 @@ async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
         Err(e) => {
             // What the witness saw: whether it counted the standby as one
             // that could take over (a flake under load, not explained yet).
-            let status = c
-                .cli(3, &["status", "--json"])
-                .await
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let status = c.status(3).await;
             return Err(e.context(format!(
                 "node {active} frozen, node {standby} healed; the witness's status: {status:?}\n{}",
                 c.logs()

@@ -176,15 +176,10 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
     // leader's own sentry asks once per HRS, and the others' requests for
     // an HRS just committed are answered from the applied state (they used
     // to miss it and commit again, 1.6 commits per HRS).
-    eprintln!(
-        "{} commits for {signed} HRS signed through the leader's sentry",
-        count(&m, "commit")
-    );
-    ensure!(
-        count(&m, "commit") <= signed * 1.1 + 3.0,
-        "{} commits for {signed} HRS signed through the leader's sentry",
-        count(&m, "commit")
-    );
+    let commits = count(&m, "commit");
+    let seen = format!("{commits} commits for {signed} HRS signed through the leader's sentry");
+    eprintln!("{seen}");
+    ensure!(commits <= signed * 1.1 + 3.0, "{seen}");
     let follower = (1..=3).find(|i| *i != l).unwrap_or(1);
     ensure!(count(&c.metrics(follower).await?, "forward") > 0.0);
     let raft = reqwest::get(format!("http://{}/debug/raft", c.nodes[&l].http))

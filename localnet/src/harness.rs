@@ -143,7 +143,6 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The last `lines` lines of its log, for failure messages.
     /// The last `lines` lines of its log, without openraft's warning for
     /// each heartbeat or append to a peer that is down: in a failure's
     /// report those crowd out the lines that say what the node decided.
