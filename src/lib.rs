@@ -46,6 +46,8 @@
 //!   registrations, the signing watermark), at the bottom of the graph.
 //! - [`durable`]: how a file keyraft trusts later is written (temp file,
 //!   fsync, rename, directory fsync), also at the bottom.
+//! - [`plant`]: the simulator's planted bugs (`sim/`), compiled only into
+//!   its own build; a constant "off" everywhere else.
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
@@ -66,6 +68,7 @@ pub mod join;
 pub mod ledger;
 pub mod metrics;
 pub mod node;
+pub mod plant;
 pub mod preflight;
 pub mod raft;
 pub mod server;

@@ -270,18 +270,24 @@ impl Custody {
             if let Err(e) = node.links(false).await {
                 tracing::error!("cannot unlink the key: {e}");
             }
-            if let Err(e) = proven {
+            if let Err(e) = &proven {
                 tracing::error!("not releasing the key: {e}");
-                return false;
             }
-            // The kernel fence's lease too, verified: a successor starts
-            // at once after `Released`.
-            if let Err(e) = node.sup.lease(None).await {
-                tracing::error!("not releasing the key: the lease could not be withdrawn ({e})");
-                return false;
-            }
+            // The kernel fence's lease too, verified (and only with the
+            // proof): a successor starts at once after `Released`.
+            let unleased = proven.is_ok() && {
+                let withdrawn = node.sup.lease(None).await;
+                if let Err(e) = &withdrawn {
+                    tracing::error!(
+                        "not releasing the key: the lease could not be withdrawn ({e})"
+                    );
+                }
+                withdrawn.is_ok()
+            };
             if node.linked {
                 tracing::error!("not releasing the key: it is still linked");
+            }
+            if !policy::may_release(proven.is_ok(), unleased, !node.linked) {
                 return false;
             }
             node.next_start = Instant::now();
@@ -386,11 +392,10 @@ impl Custody {
 /// `term`, if given): see [`policy::lease_deadline`].
 pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
     let m = sh.raft_metrics();
-    if m.state != ServerState::Leader || term.is_some_and(|t| t != m.current_term) {
-        return None;
-    }
+    let leads = m.state == ServerState::Leader && term.is_none_or(|t| t == m.current_term);
     // `now` before `age`: a stall between the two reads then moves the
     // deadline earlier, never later.
     let now = fence::mono_now_ns();
-    policy::lease_deadline(now, quorum_ack_age(&m), sh.cfg.timing.fence_after)
+    let basis = policy::lease_basis(leads, quorum_ack_age(&m));
+    policy::lease_deadline(now, basis, sh.cfg.timing.fence_after)
 }

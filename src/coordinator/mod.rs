@@ -550,7 +550,7 @@ impl Coordinator {
         loop {
             self.publish(StateName::Validating);
             let m = self.sh.raft_metrics();
-            if m.state != ServerState::Leader || m.current_term != term {
+            if !policy::holds_term(m.state == ServerState::Leader, m.current_term, term) {
                 tracing::warn!("lost leadership of term {term}");
                 return self.deactivate("leadership").await;
             }

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+// tokio's clock: the real one in a running node, the simulator's virtual
+// one under `keyraft-sim` (sim/), where the same gate decides votes.
+use tokio::time::Instant;
 
 use crate::ledger::NodeId;
 

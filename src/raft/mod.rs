@@ -92,7 +92,17 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
 /// before each one. A follower, candidate or learner sleeps until a
 /// message comes. If this timer is late the heartbeats are, the quorum
 /// acks are, and the lease lapses: late fails safe.
-pub async fn heartbeat_while_leading(raft: Raft, gate: std::sync::Arc<Gate>, interval: Duration) {
+///
+/// Generic over the type configuration and state machine so that the
+/// simulator (`sim/`) runs this same timer over its own storage.
+pub async fn heartbeat_while_leading<C, SM>(
+    raft: openraft::Raft<C, SM>,
+    gate: std::sync::Arc<Gate>,
+    interval: Duration,
+) where
+    C: openraft::RaftTypeConfig,
+    SM: openraft::storage::RaftStateMachine<C>,
+{
     use openraft::async_runtime::watch::WatchReceiver;
     let mut metrics = raft.metrics();
     loop {
@@ -101,7 +111,9 @@ pub async fn heartbeat_while_leading(raft: Raft, gate: std::sync::Arc<Gate>, int
             let mut beat = tokio::time::interval(interval);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // Biased: a deterministic order for the simulator's replays.
                 tokio::select! {
+                    biased;
                     _ = beat.tick() => {
                         if gate.heartbeats() && raft.trigger().heartbeat().await.is_err() {
                             return;

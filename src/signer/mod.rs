@@ -43,10 +43,11 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::config::{NodeId, SignerConfig};
-use crate::ledger::{Command, SignVerdict};
+use crate::ledger::{Command, SignVerdict, SignerState};
 use crate::node::Shared;
 use crate::pb;
-use refusal::Hrs;
+use crate::plant::{self, Plant};
+pub use refusal::Hrs;
 pub use refusal::Refusal;
 use sign::{ConsensusKey, SignError, Signable};
 
@@ -274,18 +275,10 @@ impl Signer {
         // What this node applied: a repeat of the last HRS with the same
         // bytes needs no commit (its signature is already out there).
         let applied = self.sh.cluster.borrow().signer.clone();
-        let Some(w) = &applied else {
-            return Err(Refusal::NoWatermark);
-        };
-        match w.check(chain_id, hrs, &digest) {
-            SignVerdict::Sign { timestamp } if hrs == w.hrs() => {
-                return Ok(what.sign(&self.key, chain_id, timestamp)?);
-            }
-            v => {
-                if let Some(refused) = Refusal::from_verdict(&v, hrs, chain_id) {
-                    return Err(refused);
-                }
-            }
+        if let Some(timestamp) =
+            before_commit(applied.as_ref(), chain_id, hrs, &digest, what.timestamp())?
+        {
+            return Ok(what.sign(&self.key, chain_id, timestamp)?);
         }
         let limit = height_limit(&self.sh);
         if hrs.0 > limit.height {
@@ -457,6 +450,32 @@ impl Signer {
     }
 }
 
+/// The leader's check before any commit, against the watermark this node
+/// applied: `Ok(Some(timestamp))` signs at once (a repeat of the
+/// watermark's own HRS and sign bytes, whose signature is already out
+/// there), `Ok(None)` commits `Signed` first, an error refuses. Never a
+/// new HRS without its commit: two leaders of a moment would sign it twice.
+/// `asked` is the request's own timestamp (only a planted bug uses it).
+pub fn before_commit(
+    applied: Option<&SignerState>,
+    chain_id: &str,
+    hrs: Hrs,
+    digest: &str,
+    asked: (i64, i32),
+) -> Result<Option<(i64, i32)>, Refusal> {
+    let Some(w) = applied else {
+        return Err(Refusal::NoWatermark);
+    };
+    match w.check(chain_id, hrs, digest) {
+        SignVerdict::Sign { timestamp } if hrs == w.hrs() => Ok(Some(timestamp)),
+        SignVerdict::Sign { .. } if plant::on(Plant::SignBeforeCommit) => Ok(Some(asked)),
+        v => match Refusal::from_verdict(&v, hrs, chain_id) {
+            Some(refused) => Err(refused),
+            None => Ok(None),
+        },
+    }
+}
+
 /// Times the stages of one signature: each [`Stages::done`] records the
 /// time since the previous one under its stage's label.
 struct Stages<'a> {
@@ -570,6 +589,41 @@ impl pb::signer_server::Signer for SignerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_repeat_of_the_watermark_signs_before_a_commit() {
+        let w = SignerState {
+            chain_id: "c".into(),
+            height: 10,
+            round: 0,
+            step: 2,
+            digest: Some("d".into()),
+            timestamp: (7, 0),
+            signatures: 1,
+        };
+        let asked = (9, 0);
+        // (hrs, digest) -> Ok(Some(ts)): sign now; Ok(None): commit first; Err: refused
+        assert_eq!(
+            before_commit(Some(&w), "c", (10, 0, 2), "d", asked),
+            Ok(Some((7, 0)))
+        );
+        assert_eq!(
+            before_commit(Some(&w), "c", (10, 0, 3), "d", asked),
+            Ok(None)
+        );
+        assert_eq!(
+            before_commit(Some(&w), "c", (11, 0, 1), "x", asked),
+            Ok(None)
+        );
+        for (hrs, digest) in [((10, 0, 2), "other"), ((9, 0, 3), "d")] {
+            assert!(
+                before_commit(Some(&w), "c", hrs, digest, asked).is_err(),
+                "{hrs:?}"
+            );
+        }
+        assert!(before_commit(Some(&w), "other", (11, 0, 1), "d", asked).is_err());
+        assert!(before_commit(None, "c", (11, 0, 1), "d", asked).is_err());
+    }
 
     #[test]
     fn heights_are_limited_from_an_empty_watermark_and_by_the_chain() {

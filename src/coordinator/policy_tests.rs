@@ -1,0 +1,406 @@
+//! Table tests of [`super::policy`]'s rules.
+use super::*;
+use crate::config::TimingProfile;
+
+/// One change to a table row's input.
+type Change<T> = Box<dyn Fn(&mut T)>;
+
+fn timing() -> Timing {
+    crate::config::RunArgs {
+        node_id: Some(1),
+        peer: vec!["2=127.0.0.1:7702".into()],
+        listen: Some("127.0.0.1:7700".parse().unwrap()),
+        insecure: true,
+        witness: true,
+        timing: Some(TimingProfile::Lan),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap()
+    .timing
+}
+
+fn healthy() -> Option<Health> {
+    Some(Health {
+        running: true,
+        synced: true,
+        height: Some(10),
+    })
+}
+
+fn ready(height: u64) -> Peer {
+    Peer {
+        age: Duration::from_millis(10),
+        ready: true,
+        eligible: true,
+        height,
+        ..Default::default()
+    }
+}
+
+/// Node 2 of three voters, healthy, following; peers 1 and 3 ready.
+fn view() -> View {
+    View {
+        id: 2,
+        timing: timing(),
+        witness: false,
+        signer_mode: false,
+        health: healthy(),
+        paused: false,
+        standing_down: false,
+        voters: [1, 2, 3].into(),
+        leader: Some(1),
+        is_leader: false,
+        peers: [(1, ready(10)), (3, ready(12))].into(),
+        acks: None,
+    }
+}
+
+#[test]
+fn eligibility_needs_every_condition() {
+    let ok = view();
+    assert!(eligible(StateName::Voting, &ok));
+    assert!(eligible(StateName::Validating, &ok));
+    let cases: Vec<(&str, StateName, Change<View>)> = vec![
+        ("syncing", StateName::Syncing, Box::new(|_| {})),
+        ("registering", StateName::Registering, Box::new(|_| {})),
+        ("witness", StateName::Voting, Box::new(|v| v.witness = true)),
+        ("paused", StateName::Voting, Box::new(|v| v.paused = true)),
+        (
+            "standing down",
+            StateName::Voting,
+            Box::new(|v| v.standing_down = true),
+        ),
+        (
+            "not a voter",
+            StateName::Voting,
+            Box::new(|v| {
+                v.voters.remove(&2);
+            }),
+        ),
+        (
+            "unhealthy",
+            StateName::Voting,
+            Box::new(|v| v.health = Some(Health::default())),
+        ),
+        (
+            "no validator",
+            StateName::Voting,
+            Box::new(|v| v.health = None),
+        ),
+    ];
+    for (name, state, change) in cases {
+        let mut v = view();
+        change(&mut v);
+        assert!(!eligible(state, &v), "{name}");
+    }
+    // Signer mode: the local node's health does not matter.
+    let mut v = view();
+    v.signer_mode = true;
+    v.health = Some(Health::default());
+    assert!(eligible(StateName::Voting, &v));
+}
+
+#[test]
+fn standby_picks_the_most_advanced_ready_voter_and_says_why_not() {
+    let v = view();
+    assert_eq!(standby(&v, None, false), Ok(3), "node 3 is higher");
+    assert_eq!(standby(&v, Some(1), false), Ok(1));
+    assert!(standby(&v, Some(2), false)
+        .unwrap_err()
+        .contains("not another voting member"));
+    assert!(standby(&v, Some(9), false)
+        .unwrap_err()
+        .contains("not another voting member"));
+    let reasons: Vec<(&str, Change<Peer>)> = vec![
+        (
+            "not heard from lately",
+            Box::new(|p| p.age = Duration::from_secs(60)),
+        ),
+        ("a witness", Box::new(|p| p.witness = true)),
+        ("not running and synced", Box::new(|p| p.ready = false)),
+        ("may not validate now", Box::new(|p| p.eligible = false)),
+    ];
+    for (why, change) in reasons {
+        let mut v = view();
+        change(v.peers.get_mut(&3).unwrap());
+        let err = standby(&v, Some(3), false).unwrap_err();
+        assert!(err.contains(why), "{why}: {err}");
+        assert_eq!(standby(&v, None, false), Ok(1), "{why}: the other one");
+    }
+    let mut v = view();
+    v.peers.clear();
+    let err = standby(&v, None, false).unwrap_err();
+    assert!(
+        err.contains("node 1: not heard from lately; node 3: not heard"),
+        "{err}"
+    );
+    let mut v = view();
+    v.paused = true;
+    assert!(standby(&v, None, false).unwrap_err().contains("paused"));
+}
+
+#[test]
+fn a_handover_target_must_have_acked_lately_on_the_leader() {
+    let mut v = view();
+    v.is_leader = true;
+    let recent = Duration::from_millis(10);
+    let old = v.timing.heartbeat * 6;
+    v.acks = Some([(1, Some(recent)), (3, Some(old))].into());
+    assert_eq!(standby(&v, None, true), Ok(1));
+    assert!(standby(&v, Some(3), true)
+        .unwrap_err()
+        .contains("no recent heartbeat ack"));
+    assert_eq!(
+        standby(&v, Some(3), false),
+        Ok(3),
+        "without `acked`, gossip alone"
+    );
+    v.acks = Some([(1, None), (3, None)].into());
+    assert!(standby(&v, None, true).is_err(), "never acked");
+    v.acks = None;
+    assert_eq!(standby(&v, None, true), Ok(3), "not leading: no ack map");
+}
+
+#[test]
+fn quiet_only_for_a_leader_that_may_not_validate_with_a_standby_ready() {
+    let mut v = view();
+    assert!(!goes_quiet(StateName::Voting, false, &v), "not leader");
+    v.is_leader = true;
+    assert!(goes_quiet(StateName::Voting, false, &v));
+    assert!(goes_quiet(StateName::Startup, false, &v));
+    assert!(!goes_quiet(StateName::Voting, true, &v), "eligible");
+    assert!(!goes_quiet(StateName::Validating, false, &v), "validating");
+    v.peers.clear();
+    assert!(
+        !goes_quiet(StateName::Voting, false, &v),
+        "nobody to take over"
+    );
+}
+
+#[test]
+fn ranks_count_eligible_lower_standbys_but_not_the_silent_leader() {
+    let mut v = view();
+    v.id = 3;
+    v.voters = [1, 2, 3, 4].into();
+    v.peers = [(1, ready(0)), (2, ready(0)), (4, ready(0))].into();
+    v.leader = Some(1);
+    assert_eq!(
+        campaign_rank(&v),
+        1,
+        "node 2 only: 1 is the leader, 4 is higher"
+    );
+    v.leader = None;
+    assert_eq!(campaign_rank(&v), 2);
+    v.peers.get_mut(&2).unwrap().witness = true;
+    assert_eq!(campaign_rank(&v), 1);
+    v.peers.get_mut(&1).unwrap().age = Duration::from_secs(60);
+    assert_eq!(campaign_rank(&v), 0);
+    v.id = 1;
+    assert_eq!(campaign_rank(&v), 0, "the lowest id goes first");
+}
+
+#[test]
+fn campaigns_are_due_after_the_lease_in_rank_order() {
+    let t = timing();
+    let j = Duration::from_millis(7);
+    let half = t.election_min / 2;
+    assert_eq!(campaign_due(&t, false, false, 0, j), t.election_max + j);
+    assert_eq!(
+        campaign_due(&t, false, true, 2, j),
+        t.election_max + half * 2 + j
+    );
+    assert_eq!(campaign_due(&t, true, true, 5, j), t.election_max + j);
+    assert_eq!(campaign_due(&t, true, false, 0, j), t.election_max * 2 + j);
+    assert_eq!(campaign_retry(&t, 0), t.election_min);
+    assert_eq!(campaign_retry(&t, 1), t.election_min + half);
+}
+
+#[test]
+fn voting_steps() {
+    let mut v = view();
+    assert_eq!(
+        voting_step(true, false, true, &v),
+        VotingStep::Campaign { last_resort: false }
+    );
+    assert_eq!(
+        voting_step(false, false, true, &v),
+        VotingStep::Campaign { last_resort: true }
+    );
+    v.paused = true;
+    assert_eq!(voting_step(false, false, true, &v), VotingStep::Wait);
+    v.paused = false;
+    v.peers.clear();
+    assert_eq!(
+        voting_step(false, false, true, &v),
+        VotingStep::Wait,
+        "no standby"
+    );
+    let mut v = view();
+    v.is_leader = true;
+    assert_eq!(voting_step(true, true, true, &v), VotingStep::Activate);
+    assert_eq!(
+        voting_step(true, false, true, &v),
+        VotingStep::Lead,
+        "no quorum ack yet"
+    );
+    assert_eq!(
+        voting_step(true, true, false, &v),
+        VotingStep::Lead,
+        "activation held back"
+    );
+    assert_eq!(voting_step(false, true, true, &v), VotingStep::HandOn);
+    v.signer_mode = true;
+    assert_eq!(
+        voting_step(true, true, true, &v),
+        VotingStep::Lead,
+        "signers never activate"
+    );
+}
+
+#[test]
+fn unhealthy_validators_send_the_state_back() {
+    assert_eq!(unhealthy_exit(None), None);
+    assert_eq!(unhealthy_exit(healthy()), None);
+    let syncing = Health {
+        running: true,
+        synced: false,
+        height: None,
+    };
+    assert_eq!(unhealthy_exit(Some(syncing)), Some(StateName::Syncing));
+    assert_eq!(
+        unhealthy_exit(Some(Health::default())),
+        Some(StateName::Startup)
+    );
+}
+
+#[test]
+fn hand_on_rules() {
+    let all = |h, t, l, m, last| may_hand_on(h, t, l, m, last);
+    assert!(all(false, false, true, Some(5), Some(5)));
+    assert!(all(false, false, true, Some(6), Some(5)));
+    assert!(
+        !all(true, false, true, Some(5), Some(5)),
+        "holds the key unreleased"
+    );
+    assert!(!all(false, true, true, Some(5), Some(5)), "once per term");
+    assert!(!all(false, false, false, Some(5), Some(5)), "no quorum");
+    assert!(!all(false, false, true, Some(4), Some(5)), "target behind");
+    assert!(!all(false, false, true, None, Some(5)), "target unknown");
+    assert!(!all(false, false, true, None, None), "empty log");
+}
+
+#[test]
+fn the_lease_counts_from_the_acked_send_time() {
+    let ms = |n: u64| Duration::from_millis(n);
+    let now = 10_000_000_000;
+    assert_eq!(lease_deadline(now, None, ms(300)), None, "no ack");
+    assert_eq!(
+        lease_deadline(now, Some(ms(100)), ms(300)),
+        Some(now + 200_000_000)
+    );
+    assert_eq!(
+        lease_deadline(now, Some(ms(300)), ms(300)),
+        None,
+        "exactly over"
+    );
+    assert_eq!(
+        lease_deadline(now, Some(ms(900)), ms(300)),
+        None,
+        "long over"
+    );
+    assert_eq!(
+        lease_deadline(5, Some(ms(1)), ms(300)),
+        Some(300_000_000),
+        "no underflow"
+    );
+}
+
+#[test]
+fn a_takeover_waits_out_the_holders_lease_however_it_was_elected() {
+    let mut t = timing();
+    let ms = Duration::from_millis;
+    let none = Duration::ZERO;
+    // (clean, since last heard from the holder, handover_delay, wait)
+    let table = [
+        (true, Some(ms(10)), none, none),
+        (true, None, ms(100), none),
+        // Elected by an ordinary election: the lease is over already.
+        (false, Some(ms(700)), none, none),
+        (false, None, none, none),
+        (false, None, ms(100), ms(100)),
+        // Elected by transfer 65 ms after the holder's last heartbeat.
+        (false, Some(ms(65)), none, ms(535)),
+        (false, Some(ms(65)), ms(100), ms(635)),
+        (false, Some(ms(0)), none, ms(600)),
+    ];
+    for (clean, since, delay, want) in table {
+        t.handover_delay = delay;
+        assert_eq!(
+            takeover_wait(clean, since, &t),
+            want,
+            "clean {clean}, since {since:?}, delay {delay:?}"
+        );
+    }
+}
+
+#[test]
+fn fence_target_is_an_unreleased_other_holder_with_an_agent() {
+    let ev = |node, released| {
+        Some(KeyEvent {
+            node,
+            term: 4,
+            released,
+            index: 9,
+            height: None,
+        })
+    };
+    let agents = |n: NodeId| n == 1 || n == 2;
+    // (last key event, expected target) as seen by node 2.
+    let table = [
+        (None, None),
+        (ev(1, false), Some(1)),
+        (ev(1, true), None),
+        (ev(2, false), None),
+        (ev(3, false), None),
+    ];
+    for (last, want) in table {
+        assert_eq!(fence_target(last, 2, agents), want, "{last:?}");
+    }
+}
+
+#[test]
+fn the_key_is_held_only_in_the_term_it_was_taken_in_and_leased_from_own_acks() {
+    // (is_leader, current_term, term) -> holds
+    for (leader, current, term, holds) in [
+        (true, 5, 5, true),
+        (true, 6, 5, false),
+        (false, 5, 5, false),
+        (false, 6, 5, false),
+    ] {
+        assert_eq!(
+            holds_term(leader, current, term),
+            holds,
+            "{leader} {current} {term}"
+        );
+    }
+    let ack = Some(Duration::from_millis(40));
+    assert_eq!(lease_basis(true, ack), ack);
+    assert_eq!(lease_basis(true, None), None, "no quorum ack: no lease");
+    assert_eq!(lease_basis(false, ack), None, "not leading that term");
+}
+
+#[test]
+fn a_release_needs_the_proof_the_unlease_and_the_unlink() {
+    for proven in [false, true] {
+        for unleased in [false, true] {
+            for unlinked in [false, true] {
+                assert_eq!(
+                    may_release(proven, unleased, unlinked),
+                    proven && unleased && unlinked,
+                    "proven {proven}, unleased {unleased}, unlinked {unlinked}"
+                );
+            }
+        }
+    }
+}
