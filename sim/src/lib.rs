@@ -1,0 +1,97 @@
+//! keyraft's cluster code under a deterministic simulation: three or five
+//! nodes on a simulated network, disk and clock (tokio's paused clock, one
+//! thread per run, every random draw from the run's seed), with faults
+//! drawn per seed, an oracle checked at every step, and a failing seed
+//! that replays exactly and shrinks to its smallest schedule. The
+//! approach of FoundationDB's simulator, TigerBeetle's VOPR and openraft's
+//! own `tests-turmoil/`. `docs/testing.md` ("The simulator") says what is
+//! keyraft's real code here, what is a model, and what only the
+//! real-process tests cover.
+//!
+//! A short tour:
+//!
+//! - [`types`]: openraft's type configuration over keyraft's ledger, with
+//!   openraft's randomness seeded.
+//! - [`disk`]: storage that forgets what was not synced, and the openraft
+//!   log store and state machine (the real `ClusterState::apply`) over it.
+//! - [`net`]: links that drop, delay, reorder, duplicate, cut one way or
+//!   flap, and frozen hosts whose messages arrive late.
+//! - [`node`]: one keyraft process: real openraft, keyraft's openraft
+//!   configuration, gate, heartbeat timer and step 9 rule, its Raft service
+//!   and client mirroring keyraft's.
+//! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
+//!   validator's process, the kernel fence.
+//! - [`coordinator`]: the coordinator's handlers, every decision by the
+//!   real `coordinator::policy`, every effect through [`host`].
+//! - [`signer`]: sentries and the leader's sign path, through the real
+//!   `signer::before_commit` and ledger.
+//! - [`faults`]: the faults drawn per seed, and shrinking.
+//! - [`oracle`]: what must never happen.
+//! - [`world`]: one run's time line, the judge and the liveness check.
+
+pub mod coordinator;
+pub mod disk;
+pub mod faults;
+pub mod host;
+pub mod net;
+pub mod node;
+pub mod oracle;
+pub mod signer;
+pub mod types;
+pub mod world;
+
+use std::cell::Cell;
+
+use keyraft::plant::Plant;
+
+use faults::{Fault, Plan};
+use world::Outcome;
+
+/// Simulated time of one run: faults until the heal, then the liveness window.
+pub const LIVENESS_MS: u64 = 10_000;
+
+thread_local! {
+    /// Panics on this thread (a run's tasks all run on its thread).
+    pub static PANICS: Cell<usize> = const { Cell::new(0) };
+    /// Print the time line as it happens (`--seed S --live`).
+    pub static LIVE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `seed` (its drawn plan, or `faults` instead of the drawn ones)
+/// with `plant` switched on, on a fresh paused runtime on this thread.
+pub fn run_seed(
+    seed: u64,
+    plant: Option<Plant>,
+    faults: Option<&[Fault]>,
+) -> anyhow::Result<(Plan, Outcome)> {
+    anyhow::ensure!(
+        keyraft::plant::set(plant),
+        "this build has no planted bugs: build it with scripts/sim (--cfg keyraft_sim)"
+    );
+    let mut plan = faults::draw(seed);
+    if let Some(f) = faults {
+        plan.faults = f.to_vec();
+    }
+    let mut timing = world::timing()?;
+    timing.stop_timeout = std::time::Duration::from_millis(plan.stop_timeout_ms);
+    let mut rt = tokio::runtime::Builder::new_current_thread();
+    rt.enable_time().start_paused(true);
+    // tokio's own random draws (which shard of a watch's waiters a task
+    // joins, so the order they wake in; unbiased `select!`) from the seed
+    // too: only with `--cfg tokio_unstable`, which scripts/sim passes.
+    #[cfg(tokio_unstable)]
+    rt.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let rt = rt.build()?;
+    let before = PANICS.with(Cell::get);
+    let until = plan.heal_ms + LIVENESS_MS;
+    let run = types::Rt::scope(seed, world::run(seed, &plan, timing, until));
+    let mut outcome = rt.block_on(run);
+    drop(rt);
+    outcome.panics = PANICS.with(Cell::get) - before;
+    if outcome.panics > 0 {
+        outcome
+            .violations
+            .push(format!("{} panics in the run", outcome.panics));
+    }
+    Ok((plan, outcome))
+}

@@ -1,0 +1,622 @@
+//! One keyraft process: real openraft with keyraft's openraft
+//! configuration (`raft::openraft_config`), the real vote and leadership
+//! gate (`raft::Gate`), the real heartbeat timer
+//! (`raft::heartbeat_while_leading`), the real ledger, and step 9's real
+//! rule (`raft::memory::behind`) at start and on every vote answer. Its
+//! Raft service mirrors `src/raft/server.rs` and its client
+//! `src/raft/network.rs`, message for message, over [`crate::net`].
+//!
+//! Owns: a process's start (the Hello check), its Raft traffic and its
+//! gossip. Must not: touch the validator; the coordinator model does,
+//! through the host.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keyraft::config::Timing;
+use keyraft::ledger::ClusterState;
+use keyraft::raft::memory::{behind, Holds, Remembered};
+use keyraft::raft::Gate;
+use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::SnapshotOf;
+use openraft::{BasicNode, OptionalSend, ServerState};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::disk::{self, Disk};
+use crate::host::Host;
+use crate::net::{Boxed, Net, NetError};
+use crate::types::{self, Metrics, NodeId, Raft, Types, Vote};
+use crate::world::World;
+
+/// What gossip carries of a process (the fields the policy reads).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Status {
+    pub eligible: bool,
+    pub ready: bool,
+    pub height: u64,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+}
+
+pub struct Process {
+    pub id: NodeId,
+    pub inc: u64,
+    pub raft: Raft,
+    pub gate: Arc<Gate>,
+    pub disk: Disk,
+    pub cluster: watch::Receiver<ClusterState>,
+    pub timing: Timing,
+    pub net: Net,
+    pub started: Instant,
+    /// What this process tells its peers.
+    pub local: watch::Sender<Status>,
+    /// What peers last told it, and when.
+    pub view: Mutex<BTreeMap<NodeId, (Status, Instant)>>,
+    /// Signer mode: one request at a time on the leader.
+    pub sign_lock: tokio::sync::Mutex<()>,
+    /// Operator requests for the coordinator.
+    pub ops: tokio::sync::mpsc::UnboundedSender<crate::coordinator::Op>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+pub type OpsRx = tokio::sync::mpsc::UnboundedReceiver<crate::coordinator::Op>;
+
+/// Why a process did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Step 9 refused it (exit code 2): it stays down.
+    Refused(String),
+    /// Killed (or its host lost power) while it started.
+    Stopped,
+}
+
+impl Process {
+    /// Starts incarnation `inc` on `host`. A non-fresh start asks its
+    /// peers first whether its data dir holds what they saw of it (step 9).
+    pub async fn start(
+        world: &Arc<World>,
+        id: NodeId,
+        inc: u64,
+        fresh: bool,
+    ) -> Result<(Arc<Process>, OpsRx), StartError> {
+        let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
+        let timing = world.timing;
+        let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
+        let config = keyraft::raft::openraft_config(&timing)
+            .map_err(|e| StartError::Refused(e.to_string()))?;
+        let network = Network {
+            net: world.net.clone(),
+            from: id,
+            inc,
+            disk: host.disk.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| StartError::Refused(e.to_string()))?;
+        let (ops_tx, ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        let p = Arc::new(Process {
+            id,
+            inc,
+            raft,
+            gate: Arc::new(Gate::new(timing.election_max, true)),
+            disk: host.disk.clone(),
+            cluster,
+            timing,
+            net: world.net.clone(),
+            started: Instant::now(),
+            local: watch::channel(Status::default()).0,
+            view: Mutex::new(BTreeMap::new()),
+            sign_lock: tokio::sync::Mutex::new(()),
+            ops: ops_tx,
+            tasks: Mutex::new(Vec::new()),
+        });
+        host.set_process(Some(p.clone()));
+        if !fresh {
+            if let Err(why) = p.hello(world, &host).await {
+                if host.is_process(inc) {
+                    host.set_process(None);
+                }
+                p.stop();
+                return Err(why);
+            }
+        }
+        if !host.is_process(inc) {
+            p.stop();
+            return Err(StartError::Stopped);
+        }
+        p.gate.join();
+        p.spawn(keyraft::raft::heartbeat_while_leading(
+            p.raft.clone(),
+            p.gate.clone(),
+            timing.heartbeat,
+        ));
+        let gossip = p.clone();
+        p.spawn(async move { gossip.gossip(timing.gossip_interval).await });
+        Ok((p, ops_rx))
+    }
+
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let h = types::spawn(f);
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+    }
+
+    /// Ends every task of this process and its Raft (a kill: nothing flushed).
+    pub fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        let raft = self.raft.clone();
+        types::spawn(async move {
+            let _ = raft.shutdown().await;
+        });
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        {
+            use openraft::async_runtime::watch::WatchReceiver;
+            self.raft.metrics().borrow_watched().clone()
+        }
+    }
+
+    /// Step 9 at start: a majority of the peers (every one, for an empty
+    /// data dir) must answer, and none may have seen more of this node
+    /// than its data dir holds. Asks again every 500 ms until answered.
+    async fn hello(&self, world: &Arc<World>, host: &Host) -> Result<(), StartError> {
+        let holds = self.disk.holds();
+        let empty = holds == Holds::default();
+        let peers: Vec<NodeId> = world.ids().into_iter().filter(|i| *i != self.id).collect();
+        let need = if empty {
+            peers.len()
+        } else {
+            world.ids().len() / 2
+        };
+        let mut answered = BTreeMap::new();
+        loop {
+            if !host.is_process(self.inc) {
+                return Err(StartError::Stopped);
+            }
+            for &peer in &peers {
+                if answered.contains_key(&peer) {
+                    continue;
+                }
+                let me = self.id;
+                let ask = self
+                    .net
+                    .exchange(
+                        self.id,
+                        self.inc,
+                        peer,
+                        Duration::from_millis(500),
+                        move |p| Box::pin(async move { p.remembered(me) }),
+                    )
+                    .await;
+                if let Ok(seen) = ask {
+                    if let Some(gap) = behind(&seen, holds) {
+                        return Err(StartError::Refused(format!(
+                            "node {} saw more of node {} than its data dir holds: {gap}",
+                            peer, self.id
+                        )));
+                    }
+                    answered.insert(peer, seen);
+                }
+            }
+            if answered.len() >= need {
+                world.check_residual(self.id, holds, &answered);
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// What this process remembers of `id`.
+    pub fn remembered(&self, id: NodeId) -> Remembered {
+        self.disk
+            .lock()
+            .memory
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) {
+        let mut d = self.disk.lock();
+        let r = d.memory.entry(id).or_default();
+        r.term = r.term.max(term);
+        r.committed = r.committed.max(committed.unwrap_or(0));
+    }
+
+    /// Gossip: this process's status to every peer, every interval.
+    async fn gossip(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let status = self.local.borrow().clone();
+            for peer in self.net_peers() {
+                let (s, from) = (status.clone(), self.id);
+                let net = self.net.clone();
+                let inc = self.inc;
+                types::spawn(async move {
+                    let _ = net
+                        .exchange(from, inc, peer, every * 2, move |p| {
+                            let s = s.clone();
+                            Box::pin(async move {
+                                p.view
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(from, (s, Instant::now()));
+                            })
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    fn net_peers(&self) -> Vec<NodeId> {
+        let m = self.metrics();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.id)
+            .collect()
+    }
+
+    /// The leader, if alive: this node with a recent quorum ack, or the
+    /// leader a follower heard from within the election timeout (as
+    /// keyraft's `Shared::leader`).
+    pub fn leader(&self) -> Option<NodeId> {
+        let m = self.metrics();
+        let limit = self.timing.election_max;
+        if m.state == ServerState::Leader {
+            leads(&m, limit).then_some(self.id)
+        } else {
+            m.current_leader
+                .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
+        }
+    }
+
+    // The Raft service (src/raft/server.rs).
+
+    fn sender(&self, peer: NodeId) -> Result<(), String> {
+        if !self.gate.joined() {
+            return Err("starting".into());
+        }
+        match self.remembered(peer).refused {
+            Some(why) => Err(format!("refused: {why}")),
+            None => Ok(()),
+        }
+    }
+
+    async fn serve_append(
+        &self,
+        peer: NodeId,
+        rpc: AppendEntriesRequest<Types>,
+    ) -> Result<AppendEntriesResponse<Types>, String> {
+        self.sender(peer)?;
+        let term = rpc.vote.leader_id.term;
+        let r = self
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(|e| e.to_string())?;
+        if matches!(
+            r,
+            AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict
+        ) {
+            self.saw(peer, term, None);
+            self.gate.leader_contact(peer);
+        }
+        Ok(r)
+    }
+
+    async fn serve_vote(
+        &self,
+        peer: NodeId,
+        rpc: VoteRequest<Types>,
+        pre: bool,
+    ) -> Result<VoteResponse<Types>, String> {
+        self.sender(peer)?;
+        if rpc.leadership_transfer {
+            self.transfer_vote(peer).await?;
+        } else if !self.gate.may_grant_votes() {
+            return Err("not granting votes yet".into());
+        }
+        let theirs = rpc.last_log_id;
+        let r = if pre {
+            self.raft.pre_vote(rpc).await
+        } else {
+            self.raft.vote(rpc).await
+        }
+        .map_err(|e| e.to_string())?;
+        if !r.vote_granted && r.last_log_id > theirs {
+            self.gate.saw_behind_candidate(peer);
+        }
+        Ok(r)
+    }
+
+    async fn transfer_vote(&self, candidate: NodeId) -> Result<(), String> {
+        let mut cluster = self.cluster.clone();
+        let until = Instant::now() + self.timing.heartbeat * 4;
+        loop {
+            let holder = cluster.borrow_and_update().key_holder();
+            let Some(why) =
+                self.gate
+                    .transfer_vote_refusal(holder, candidate, self.timing.election_max)
+            else {
+                return Ok(());
+            };
+            if !matches!(
+                tokio::time::timeout_at(until, cluster.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return Err(why);
+            }
+        }
+    }
+
+    async fn serve_transfer(
+        &self,
+        peer: NodeId,
+        rpc: TransferLeaderRequest<Types>,
+    ) -> Result<TransferLeaderResponse<Types>, String> {
+        self.sender(peer)?;
+        if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
+            return Err("this node may not take leadership now".into());
+        }
+        self.raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn serve_snapshot(
+        &self,
+        peer: NodeId,
+        vote: Vote,
+        snapshot: SnapshotOf<Types, Vec<u8>>,
+    ) -> Result<SnapshotResponse<Types>, String> {
+        self.sender(peer)?;
+        self.raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// keyraft's `Shared::leads`: leading with a quorum ack younger than `limit`.
+pub fn leads(m: &Metrics, limit: Duration) -> bool {
+    m.state == ServerState::Leader && quorum_ack_age(m).is_some_and(|a| a < limit)
+}
+
+/// keyraft's `node::quorum_ack_age`.
+pub fn quorum_ack_age(m: &Metrics) -> Option<Duration> {
+    use openraft::Instant as _;
+    m.last_quorum_acked.map(|t| t.elapsed())
+}
+
+/// openraft's network factory for one process.
+pub struct Network {
+    net: Net,
+    from: NodeId,
+    inc: u64,
+    disk: Disk,
+}
+
+impl RaftNetworkFactory<Types> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Conn {
+        Conn {
+            net: self.net.clone(),
+            from: self.from,
+            inc: self.inc,
+            to: target,
+            disk: self.disk.clone(),
+        }
+    }
+}
+
+pub struct Conn {
+    net: Net,
+    from: NodeId,
+    inc: u64,
+    to: NodeId,
+    disk: Disk,
+}
+
+fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
+    RPCError::Unreachable(Unreachable::from_string(why.to_string()))
+}
+
+impl Conn {
+    fn remembered(&self) -> Result<Remembered, RPCError<Types>> {
+        let r = self
+            .disk
+            .lock()
+            .memory
+            .get(&self.to)
+            .cloned()
+            .unwrap_or_default();
+        match &r.refused {
+            Some(why) => Err(unreachable(format!("node {} is refused: {why}", self.to))),
+            None => Ok(r),
+        }
+    }
+
+    async fn call<R: Send + 'static>(
+        &self,
+        ttl: Duration,
+        f: impl Fn(Arc<Process>) -> Boxed<Result<R, String>> + Send + Sync + 'static,
+    ) -> Result<R, RPCError<Types>> {
+        match self
+            .net
+            .exchange(self.from, self.inc, self.to, ttl, f)
+            .await
+        {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(why)) => Err(unreachable(why)),
+            Err(e @ (NetError::Timeout | NetError::Refused | NetError::SenderGone)) => {
+                Err(unreachable(e))
+            }
+        }
+    }
+
+    fn caught(&self, gap: String) -> RPCError<Types> {
+        let why = format!(
+            "node {} answered below what was seen of it ({gap})",
+            self.to
+        );
+        let mut d = self.disk.lock();
+        let r = d.memory.entry(self.to).or_default();
+        r.refused = Some(why.clone());
+        r.refused_by = Some(self.from);
+        unreachable(why)
+    }
+
+    fn saw(&self, term: u64, committed: Option<u64>) {
+        let mut d = self.disk.lock();
+        let r = d.memory.entry(self.to).or_default();
+        r.term = r.term.max(term);
+        r.committed = r.committed.max(committed.unwrap_or(0));
+    }
+}
+
+/// keyraft's floor for an append's deadline (`network::MIN_APPEND_TTL`).
+const MIN_APPEND_TTL: Duration = Duration::from_millis(500);
+
+impl RaftNetworkV2<Types> for Conn {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<Types>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<Types>, RPCError<Types>> {
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(MIN_APPEND_TTL)
+        };
+        let before = self.remembered()?;
+        let from = self.from;
+        let req = rpc.clone();
+        let resp = self
+            .call(ttl, move |p| {
+                let req = req.clone();
+                Box::pin(async move { p.serve_append(from, req).await })
+            })
+            .await?;
+        let held = match &resp {
+            AppendEntriesResponse::Success => rpc
+                .entries
+                .last()
+                .map(|e| e.log_id.index)
+                .or(rpc.prev_log_id.map(|p| p.index)),
+            AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
+            AppendEntriesResponse::Conflict => match rpc.prev_log_id {
+                Some(p) if p.index <= before.committed => {
+                    return Err(self.caught(format!(
+                        "it no longer holds log index {}, committed",
+                        p.index
+                    )))
+                }
+                _ => None,
+            },
+            AppendEntriesResponse::HigherVote(_) => None,
+        };
+        if let Some(held) = held {
+            let committed = rpc.leader_commit.map_or(0, |c| c.index).min(held);
+            self.saw(rpc.vote.leader_id.term, Some(committed));
+        }
+        Ok(resp)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<Types>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
+        let before = self.remembered()?;
+        let from = self.from;
+        let resp = self
+            .call(option.hard_ttl(), move |p| {
+                let req = rpc.clone();
+                Box::pin(async move { p.serve_vote(from, req, false).await })
+            })
+            .await?;
+        let theirs = Holds {
+            term: resp.vote.leader_id.term,
+            last_index: resp.last_log_id.map_or(0, |l| l.index),
+        };
+        if let Some(gap) = behind(&before, theirs) {
+            return Err(self.caught(gap));
+        }
+        self.saw(theirs.term, None);
+        Ok(resp)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<Types>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
+        self.remembered()?;
+        let from = self.from;
+        self.call(option.hard_ttl(), move |p| {
+            let req = rpc.clone();
+            Box::pin(async move { p.serve_vote(from, req, true).await })
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<Types>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<Types>, RPCError<Types>> {
+        self.remembered()?;
+        let from = self.from;
+        self.call(option.hard_ttl(), move |p| {
+            let req = req.clone();
+            Box::pin(async move { p.serve_transfer(from, req).await })
+        })
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: SnapshotOf<Types, Vec<u8>>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<Types>, StreamingError<Types>> {
+        self.remembered()?;
+        let from = self.from;
+        let send = self.call(option.hard_ttl(), move |p| {
+            let snapshot = openraft::Snapshot {
+                meta: snapshot.meta.clone(),
+                snapshot: snapshot.snapshot.clone(),
+            };
+            Box::pin(async move { p.serve_snapshot(from, vote, snapshot).await })
+        });
+        tokio::select! {
+            biased;
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(StreamingError::from),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The oracle: what must never happen, checked at every step that could
+//! make it happen.
+//!
+//! - Validator mode: no height is signed by two hosts' validators (the
+//!   chain's judge), and at the instant a host's key becomes usable
+//!   (started with the key, thawed, or its kernel lease renewed after it
+//!   lapsed) no other host's key is usable: any two usable intervals that
+//!   overlap would overlap at the later one's start.
+//! - Signer mode: at most one distinct sign-bytes per (chain, height,
+//!   round, step) ever leaves the cluster, and every signature is of an
+//!   HRS and bytes Raft committed (so never below the committed
+//!   watermark with other bytes).
+//! - Both modes: every node applies the same entry at each log index
+//!   (Raft's state machine safety, which the rest rests on).
+//! - Liveness, checked by the world at the end: with the faults healed
+//!   and a quorum up, someone signs within the bound.
+//!
+//! Owns: the records and the verdict. Must not: influence the run.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use keyraft::signer::Hrs;
+
+use crate::types::NodeId;
+
+#[derive(Debug, Default)]
+pub struct Oracle {
+    /// Validator mode: who signed each height.
+    heights: BTreeMap<u64, BTreeSet<NodeId>>,
+    /// Signer mode: the bytes (digest) signed at each HRS.
+    signed: BTreeMap<Hrs, String>,
+    /// Signer mode: what Raft committed at each HRS.
+    committed: BTreeMap<Hrs, String>,
+    /// Every applied log entry (term and command) by index, as the first
+    /// node applied it: any node applying another there breaks Raft.
+    applied: BTreeMap<u64, (u64, String)>,
+    pub violations: Vec<String>,
+    pub signatures: u64,
+}
+
+impl Oracle {
+    pub fn height_signed(&mut self, host: NodeId, height: u64, at_ms: u64) {
+        self.signatures += 1;
+        let by = self.heights.entry(height).or_default();
+        by.insert(host);
+        if by.len() == 2 {
+            self.violations.push(format!(
+                "double sign at {at_ms} ms: height {height} signed by nodes {by:?}"
+            ));
+        }
+    }
+
+    pub fn overlap(&mut self, host: NodeId, other: NodeId, at_ms: u64) {
+        self.violations.push(format!(
+            "overlapping keys at {at_ms} ms: node {host}'s key became usable while node {other}'s was"
+        ));
+    }
+
+    /// A node applied the entry at `index`: the same entry as every node
+    /// that applied that index before it.
+    pub fn applied(&mut self, index: u64, term: u64, what: &str, at_ms: u64) {
+        match self.applied.get(&index) {
+            None => {
+                self.applied.insert(index, (term, what.to_string()));
+            }
+            Some((t, w)) if *t == term && w == what => {}
+            Some((t, w)) => self.violations.push(format!(
+                "two committed logs at {at_ms} ms: index {index} applied as term {term} {what}, and elsewhere as term {t} {w}"
+            )),
+        }
+    }
+
+    pub fn committed(&mut self, hrs: Hrs, digest: &str) {
+        self.committed
+            .entry(hrs)
+            .or_insert_with(|| digest.to_string());
+    }
+
+    pub fn signature(&mut self, node: NodeId, hrs: Hrs, digest: &str, at_ms: u64) {
+        self.signatures += 1;
+        match self.signed.get(&hrs) {
+            Some(d) if d != digest => self.violations.push(format!(
+                "equivocation at {at_ms} ms: node {node} signed {hrs:?} as {digest}, already signed as {d}"
+            )),
+            Some(_) => {}
+            None => {
+                self.signed.insert(hrs, digest.to_string());
+            }
+        }
+        if self.committed.get(&hrs).map(String::as_str) != Some(digest) {
+            self.violations.push(format!(
+                "signature without its commit at {at_ms} ms: node {node} signed {hrs:?} as {digest}"
+            ));
+        }
+    }
+
+    /// Heights from `from` on that nobody signed.
+    pub fn missed(&self, from: u64, to: u64) -> u64 {
+        (from..=to)
+            .filter(|h| !self.heights.contains_key(h))
+            .count() as u64
+    }
+
+    pub fn last_signed_height(&self) -> Option<u64> {
+        self.heights.keys().next_back().copied()
+    }
+
+    pub fn signer_count(&self) -> usize {
+        self.signed.len()
+    }
+}
