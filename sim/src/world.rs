@@ -16,11 +16,11 @@ use keyraft::ledger::{Command, SignVerdict};
 use keyraft::signer::Hrs;
 use tokio::time::Instant;
 
-use crate::coordinator::{Coordinator, Op};
+use crate::coordinator::Coordinator;
 use crate::disk::{DiskState, Hook};
-use crate::faults::{Fault, Kind, Plan, Target};
-use crate::host::{Freeze, Host, OsFaults};
-use crate::net::{Net, Quality};
+use crate::faults::Plan;
+use crate::host::{Freeze, Host};
+use crate::net::Net;
 use crate::node::{Process, StartError};
 use crate::oracle::Oracle;
 use crate::types::{self, NodeId};
@@ -85,6 +85,8 @@ pub fn timing() -> anyhow::Result<Timing> {
     };
     Ok(args.resolve()?.timing)
 }
+
+mod faults_applied;
 
 impl World {
     pub fn ids(&self) -> Vec<NodeId> {
@@ -293,267 +295,6 @@ impl World {
             .next()
     }
 
-    fn kill_keyraft(&self, host: &Host) {
-        if let Some(p) = host.process() {
-            p.stop();
-        }
-        host.set_process(None);
-        // The guard sees its coordinator gone and kills the tree.
-        if host.below().guard_alive {
-            host.kill_tree(Instant::now());
-        }
-        host.below().lease = None;
-    }
-
-    fn crash(&self, host: &Host) {
-        if let Some(p) = host.process() {
-            p.stop();
-        }
-        host.power_off();
-        host.disk.crash();
-    }
-
-    fn set_faults(&self, host: &Host, f: impl FnOnce(&mut OsFaults)) {
-        f(&mut host.below().faults);
-    }
-
-    fn cut_all(&self, id: NodeId, out: bool, inbound: bool, cut: bool) {
-        for other in self.ids().into_iter().filter(|o| *o != id) {
-            if out {
-                self.net.cut(id, other, cut);
-            }
-            if inbound {
-                self.net.cut(other, id, cut);
-            }
-        }
-    }
-
-    /// An operator's command (`admin::execute_for_operator`), asked of the
-    /// first validator host that runs: with no live leader it stands for
-    /// election first (a paused cluster whose leader died elects nobody),
-    /// then the command runs on the leader, forwarded if need be. The
-    /// operator tries again, on the next host, for up to 8 s.
-    async fn operator(&self, cmd: Command) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(8);
-        let mut attempt = 0;
-        while Instant::now() < deadline {
-            // Each try asks the next validator host that runs (one whose
-            // log is behind cannot win the election it stands for).
-            attempt += 1;
-            let up: Vec<Arc<Process>> = self
-                .hosts
-                .all()
-                .filter(|h| h.keyraft_runs())
-                .filter_map(|h| h.process())
-                .collect();
-            let asked = (!up.is_empty()).then(|| up[attempt % up.len()].clone());
-            if let Some(p) = asked {
-                if p.leader().is_none() {
-                    let until = Instant::now() + self.timing.election_max * 6;
-                    while p.leader().is_none() && Instant::now() < until {
-                        let _ = p.raft.trigger().elect(true).await;
-                        tokio::time::sleep(self.timing.election_min).await;
-                    }
-                }
-                if let Some(leader) = p.leader() {
-                    let c = cmd.clone();
-                    let done =
-                        p.net
-                            .exchange(p.id, p.inc, leader, Duration::from_secs(1), move |l| {
-                                let c = c.clone();
-                                Box::pin(async move {
-                                    let write = l.raft.client_write(c);
-                                    matches!(
-                                        tokio::time::timeout(Duration::from_secs(1), write).await,
-                                        Ok(Ok(_))
-                                    )
-                                })
-                            });
-                    let done = if leader == p.id {
-                        let write = p.raft.client_write(cmd.clone());
-                        matches!(
-                            tokio::time::timeout(Duration::from_secs(1), write).await,
-                            Ok(Ok(_))
-                        )
-                    } else {
-                        matches!(done.await, Ok(true))
-                    };
-                    if done {
-                        return true;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
-
-    /// Carries out one fault (and, for a timed one, its end).
-    async fn apply(self: Arc<Self>, f: Fault) {
-        tokio::time::sleep_until(self.epoch + Duration::from_millis(f.at_ms)).await;
-        let id = match f.target {
-            Target::Node(n) => n,
-            Target::Leader => match self.leader() {
-                Some(l) => l,
-                None => return,
-            },
-        };
-        let Some(host) = self.hosts.get(id) else {
-            return;
-        };
-        self.note(format!("fault on node {id}: {:?}", f.kind));
-        let sleep = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
-        match f.kind {
-            Kind::Crash { down_ms } | Kind::Restore { down_ms } => {
-                self.crash(&host);
-                if matches!(f.kind, Kind::Restore { .. }) {
-                    let had = host.disk.holds();
-                    let copy = self
-                        .backups
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)
-                        .cloned();
-                    host.disk.restore(copy);
-                    let has = host.disk.holds();
-                    if has.term < had.term || has.last_index < had.last_index {
-                        self.amnesic
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(id);
-                    }
-                }
-                sleep(down_ms).await;
-                host.power_on();
-                self.start(id, false).await;
-            }
-            Kind::KillKeyraft { down_ms } => {
-                self.kill_keyraft(&host);
-                sleep(down_ms).await;
-                self.start(id, false).await;
-            }
-            Kind::CrashAll { down_ms } => {
-                for h in self.hosts.all() {
-                    self.crash(h);
-                }
-                sleep(down_ms).await;
-                for h in self.hosts.all() {
-                    h.power_on();
-                }
-                for id in self.ids() {
-                    let w = self.clone();
-                    types::spawn(async move { w.start(id, false).await });
-                }
-            }
-            Kind::Partition { ms } | Kind::OneWayOut { ms } => {
-                let inbound = matches!(f.kind, Kind::Partition { .. });
-                self.cut_all(id, true, inbound, true);
-                sleep(ms).await;
-                self.cut_all(id, true, inbound, false);
-            }
-            Kind::Flap { ms, every_ms } => {
-                let end = Instant::now() + Duration::from_millis(ms);
-                let mut cut = true;
-                while Instant::now() < end {
-                    self.cut_all(id, true, true, cut);
-                    cut = !cut;
-                    sleep(every_ms).await;
-                }
-                self.cut_all(id, true, true, false);
-            }
-            Kind::BadNet {
-                ms,
-                delay_ms,
-                jitter_ms,
-                loss,
-                dup,
-            } => {
-                self.net.set_quality(Quality {
-                    delay: Duration::from_millis(delay_ms),
-                    jitter: Duration::from_millis(jitter_ms),
-                    loss,
-                    dup,
-                });
-                sleep(ms).await;
-                self.net.set_quality(Quality::default());
-            }
-            Kind::FreezeHost { ms } | Kind::FreezeKeyraft { ms } => {
-                let whole = matches!(f.kind, Kind::FreezeHost { .. });
-                host.freeze.send_replace(Freeze {
-                    host: whole,
-                    keyraft: !whole,
-                });
-                sleep(ms).await;
-                host.freeze.send_replace(Freeze::default());
-                self.note(format!("node {id} thawed"));
-                self.usable(id);
-            }
-            Kind::FreezeGuard { ms } => {
-                host.below().guard_frozen = true;
-                sleep(ms).await;
-                host.below().guard_frozen = false;
-                host.changed.notify_waiters();
-            }
-            Kind::KillGuard => {
-                // Its parent-death signal kills the validator's first process.
-                host.below().guard_alive = false;
-                host.kill_tree(Instant::now());
-            }
-            Kind::LateTimer { ms, late_ms } => {
-                self.set_faults(&host, |o| o.late_timer = Duration::from_millis(late_ms));
-                sleep(ms).await;
-                self.set_faults(&host, |o| o.late_timer = Duration::ZERO);
-            }
-            Kind::SlowKill {
-                ms,
-                kill_ms,
-                unkillable,
-            } => {
-                self.set_faults(&host, |o| {
-                    o.kill_time = Duration::from_millis(kill_ms);
-                    o.unkillable = unkillable;
-                });
-                sleep(ms).await;
-                self.set_faults(&host, |o| o.kill_time = Duration::ZERO);
-                host.killable_again(Instant::now());
-            }
-            Kind::Hang { ms } => {
-                self.set_faults(&host, |o| o.unkillable = true);
-                sleep(ms).await;
-                host.killable_again(Instant::now());
-            }
-            Kind::SlowStop { ms, stop_ms } => {
-                self.set_faults(&host, |o| o.stop_time = Duration::from_millis(stop_ms));
-                sleep(ms).await;
-                self.set_faults(&host, |o| o.stop_time = Duration::ZERO);
-            }
-            Kind::SlowDisk { ms, slow_ms } => {
-                host.disk.lock().slow = Duration::from_millis(slow_ms);
-                sleep(ms).await;
-                host.disk.lock().slow = Duration::ZERO;
-            }
-            Kind::Switchover => {
-                if let Some(p) = host.process() {
-                    let _ = p.ops.send(Op::Switchover);
-                }
-            }
-            Kind::Pause { ms } => {
-                let paused = self.operator(Command::SetPaused { paused: true }).await;
-                self.note(format!("paused: {paused}"));
-                sleep(ms).await;
-                let resumed = self.operator(Command::SetPaused { paused: false }).await;
-                self.note(format!("resumed: {resumed}"));
-            }
-            Kind::Backup => {
-                let image = host.disk.image();
-                self.backups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, image);
-            }
-        }
-    }
-
     /// The end of the faults: every link healed, every host powered and
     /// thawed with a sound guard, every stopped process started again, the
     /// cluster resumed.
@@ -681,18 +422,28 @@ pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outco
     let healed = (world.height(), world.oracle().signatures, world.at_ms());
     tokio::time::sleep_until(world.epoch + Duration::from_millis(until_ms)).await;
     let mut outcome = Outcome::default();
-    let quorum = world.ids().len() / 2 + 1;
-    let up = world
+    // A quorum of the voters as the most advanced process up knows them
+    // (a removed member not added back does not count).
+    let joined: Vec<Arc<Process>> = world
         .hosts
         .all()
-        .filter(|h| h.process().is_some_and(|p| p.gate.joined()))
-        .count();
+        .filter_map(|h| h.process())
+        .filter(|p| p.gate.joined())
+        .collect();
+    let voters: BTreeSet<NodeId> = joined
+        .iter()
+        .map(|p| p.metrics())
+        .max_by_key(|m| m.last_log_index)
+        .map(|m| m.membership_config.membership().voter_ids().collect())
+        .unwrap_or_default();
+    let quorum = voters.len() / 2 + 1;
+    let up = joined.iter().filter(|p| voters.contains(&p.id)).count();
     let o = world.oracle();
     if up >= quorum && o.signatures == healed.1 {
         outcome.violations.push(format!(
-            "liveness: healed at {} ms with {up} of {} nodes up, and nothing signed by {} ms",
+            "liveness: healed at {} ms with {up} of {} voters up, and nothing signed by {} ms",
             healed.2,
-            world.ids().len(),
+            voters.len(),
             until_ms
         ));
     }
