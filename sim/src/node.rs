@@ -118,18 +118,26 @@ impl Process {
             tasks: Mutex::new(Vec::new()),
         });
         host.set_process(Some(p.clone()));
-        if !fresh {
-            if let Err(why) = p.hello(world, &host).await {
-                if host.is_process(inc) {
-                    host.set_process(None);
+        let answered = if fresh {
+            None
+        } else {
+            match p.hello(world, &host).await {
+                Ok(answered) => Some(answered),
+                Err(why) => {
+                    if host.is_process(inc) {
+                        host.set_process(None);
+                    }
+                    p.stop();
+                    return Err(why);
                 }
-                p.stop();
-                return Err(why);
             }
-        }
+        };
         if !host.is_process(inc) {
             p.stop();
             return Err(StartError::Stopped);
+        }
+        if let Some((holds, answered)) = answered {
+            world.check_residual(id, holds, &answered);
         }
         p.gate.join();
         p.spawn(keyraft::raft::heartbeat_while_leading(
@@ -173,7 +181,13 @@ impl Process {
     /// Step 9 at start: a majority of the peers (every one, for an empty
     /// data dir) must answer, and none may have seen more of this node
     /// than its data dir holds. Asks again every 500 ms until answered.
-    async fn hello(&self, world: &Arc<World>, host: &Host) -> Result<(), StartError> {
+    /// Returns what the data dir holds and what each peer that answered
+    /// remembered of this node.
+    async fn hello(
+        &self,
+        world: &Arc<World>,
+        host: &Host,
+    ) -> Result<(Holds, BTreeMap<NodeId, Remembered>), StartError> {
         let holds = self.disk.holds();
         let empty = holds == Holds::default();
         let peers: Vec<NodeId> = world.ids().into_iter().filter(|i| *i != self.id).collect();
@@ -213,8 +227,7 @@ impl Process {
                 }
             }
             if answered.len() >= need {
-                world.check_residual(self.id, holds, &answered);
-                return Ok(());
+                return Ok((holds, answered));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
