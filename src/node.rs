@@ -142,8 +142,7 @@ impl Shared {
     /// fenced by then, so keyraft stops counting it as leader everywhere it
     /// reports one (status, gossip, `keyraft_raft_leader`, `/leader`).
     pub fn leads(&self, m: &raft::Metrics) -> bool {
-        m.state == ServerState::Leader
-            && quorum_ack_age(m).is_some_and(|age| age < self.cfg.timing.election_max)
+        leads_within(m, self.cfg.timing.election_max)
     }
 
     /// openraft's server state as keyraft reports it: `LeaderWithoutQuorum`
@@ -225,9 +224,22 @@ impl Shared {
     }
 }
 
-pub fn quorum_ack_age(m: &raft::Metrics) -> Option<Duration> {
+/// How long since the heartbeat a quorum last acked was sent (`None`
+/// when not leading). Generic so that the simulator (`sim/`) reads its
+/// own nodes' metrics with it.
+pub fn quorum_ack_age<C: openraft::RaftTypeConfig>(
+    m: &openraft::RaftMetrics<C>,
+) -> Option<Duration> {
     use openraft::Instant as _;
-    m.last_quorum_acked.map(|t| t.elapsed())
+    m.last_quorum_acked.as_ref().map(|t| t.elapsed())
+}
+
+/// Leading with a quorum ack younger than `limit` ([`Shared::leads`]).
+pub fn leads_within<C: openraft::RaftTypeConfig>(
+    m: &openraft::RaftMetrics<C>,
+    limit: Duration,
+) -> bool {
+    m.state == ServerState::Leader && quorum_ack_age(m).is_some_and(|age| age < limit)
 }
 
 /// Milliseconds since the Unix epoch on this host's wall clock (for

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::host::Host;
-use crate::node::{leads, quorum_ack_age, Process, Status};
+use crate::node::{leads, Process, Status};
 use crate::types::Metrics;
 use crate::world::World;
 
@@ -477,14 +477,16 @@ fn jitter(rng: &mut SmallRng, election_min: Duration) -> Duration {
     Duration::from_millis(rng.random_range(0..=(election_min.as_millis() as u64 / 10).max(1)))
 }
 
-/// `custody::lease_deadline`: the deadline (on the simulation's clock)
-/// while this node leads (in `term`, if given).
+/// `custody::lease_deadline`, on the simulation's clock.
 fn lease_deadline(p: &Process, world: &World, term: Option<u64>) -> Option<Instant> {
-    let m = p.metrics();
-    let leads = m.state == ServerState::Leader && term.is_none_or(|t| t == m.current_term);
-    let now = world.now_ns();
-    let basis = policy::lease_basis(leads, quorum_ack_age(&m));
-    policy::lease_deadline(now, basis, world.timing.fence_after).map(|ns| world.at_ns(ns))
+    let fence_after = world.timing.fence_after;
+    keyraft::coordinator::custody::lease_deadline_of(
+        &p.metrics(),
+        term,
+        || world.now_ns(),
+        fence_after,
+    )
+    .map(|ns| world.at_ns(ns))
 }
 
 /// The coordinator's calls across the OS boundary (`custody.rs` over

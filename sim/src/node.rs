@@ -410,16 +410,7 @@ impl Process {
     }
 }
 
-/// keyraft's `Shared::leads`: leading with a quorum ack younger than `limit`.
-pub fn leads(m: &Metrics, limit: Duration) -> bool {
-    m.state == ServerState::Leader && quorum_ack_age(m).is_some_and(|a| a < limit)
-}
-
-/// keyraft's `node::quorum_ack_age`.
-pub fn quorum_ack_age(m: &Metrics) -> Option<Duration> {
-    use openraft::Instant as _;
-    m.last_quorum_acked.map(|t| t.elapsed())
-}
+pub use keyraft::node::{leads_within as leads, quorum_ack_age};
 
 /// openraft's network factory for one process.
 pub struct Network {

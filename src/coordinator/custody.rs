@@ -392,10 +392,22 @@ impl Custody {
 /// `term`, if given): see [`policy::lease_deadline`].
 pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
     let m = sh.raft_metrics();
+    lease_deadline_of(&m, term, fence::mono_now_ns, sh.cfg.timing.fence_after)
+}
+
+/// [`lease_deadline`] over any node's Raft metrics and clock (`now_ns`,
+/// the simulator passes its own): the deadline while `m` shows this node
+/// leading (in `term`, if given), from its last quorum ack.
+pub fn lease_deadline_of<C: openraft::RaftTypeConfig<Term = u64>>(
+    m: &openraft::RaftMetrics<C>,
+    term: Option<u64>,
+    now_ns: impl FnOnce() -> u64,
+    fence_after: Duration,
+) -> Option<u64> {
     let leads = m.state == ServerState::Leader && term.is_none_or(|t| t == m.current_term);
     // `now` before `age`: a stall between the two reads then moves the
     // deadline earlier, never later.
-    let now = fence::mono_now_ns();
-    let basis = policy::lease_basis(leads, quorum_ack_age(&m));
-    policy::lease_deadline(now, basis, sh.cfg.timing.fence_after)
+    let now = now_ns();
+    let basis = policy::lease_basis(leads, quorum_ack_age(m));
+    policy::lease_deadline(now, basis, fence_after)
 }
