@@ -290,7 +290,8 @@ async fn take_leadership(sh: &Arc<Shared>) -> Result<(), Status> {
     let limit = sh.cfg.timing.election_max * 6;
     let until = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < until {
-        if sh.leader() == Some(sh.cfg.id) {
+        // Any live leader will do: one elected meanwhile runs the command.
+        if sh.leader().is_some() {
             return Ok(());
         }
         let _ = sh.raft.trigger().elect(true).await;
