@@ -213,6 +213,7 @@ pub async fn run(
         raft::network::Network {
             peers: peers.clone(),
             memory: memory.clone(),
+            gate: gate.clone(),
         },
         log_store.clone(),
         state_machine,

@@ -125,6 +125,16 @@ async fn contents(dir: &Path) -> Result<String> {
     Ok(format!("{:?} {bounds:?} {:?}", log.holds()?, memory.all()))
 }
 
+/// What a Raft store's data dir holds (its vote's term, its last index),
+/// read from a copy as [`contents`] does.
+async fn holds(dir: &Path) -> Result<keyraft::raft::memory::Holds> {
+    let copy = tempfile::tempdir()?;
+    let at = copy.path().join("raft");
+    copy_dir(dir, &at)?;
+    let (log, _sm, _memory) = keyraft::raft::store::open(&at)?;
+    Ok(log.holds()?)
+}
+
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     let out = std::process::Command::new("cp")
         .arg("-a")
@@ -424,6 +434,69 @@ async fn a_node_behind_only_by_entries_is_refused() -> Result<()> {
     let line = refused(&c, s).await?;
     ensure!(
         line.contains("log up to index") && !line.contains("term "),
+        "unclear refusal: {line}"
+    );
+    chain_moves(&c).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// A leader restored from a copy of its own data dir taken within its own
+/// term: the copy holds that term, so only the entries it lost can tell.
+/// Its followers remember what it held of the committed log (its fsynced
+/// index, sent with every append), and refuse it.
+#[tokio::test]
+async fn a_leader_restored_from_a_copy_of_its_own_term_is_refused() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let ids = [1, 2, 3];
+    let l = leader(&c, &ids).await?;
+    eventually(SETTLE, "the leader to register", || async {
+        Ok(c.proc(l)?.log_text().contains("registered:").then_some(()))
+    })
+    .await?;
+    let term = c.status(l).await?["cluster"]["term"].as_u64();
+    // A snapshot of the running leader's disk (as a VM or LVM snapshot is
+    // taken): the process held still for the copy, well within its lease.
+    let backup = c.dir.path().join("leader-backup");
+    c.signal(l, Signal::SIGSTOP)?;
+    let copied = copy_dir(&c.nodes[&l].data.join("raft"), &backup);
+    c.signal(l, Signal::SIGCONT)?;
+    copied?;
+    // Entries in the same term: pause and resume.
+    for _ in 0..3 {
+        for cmd in ["pause", "resume"] {
+            let out = c.cli(l, &[cmd]).await?;
+            ensure!(out.status.success(), "{cmd}: {out:?}");
+        }
+    }
+    ensure!(
+        c.status(l).await?["cluster"]["term"].as_u64() == term,
+        "the term changed: the copy is not of the leader's own term"
+    );
+    let copy_last = holds(&backup).await?.last_index;
+    let others: Vec<u64> = ids.into_iter().filter(|i| *i != l).collect();
+    eventually(
+        SETTLE,
+        "the followers to see the leader hold more than the copy",
+        || async {
+            for f in &others {
+                let seen = node_entry(&c.status(*f).await?, l)["remembered"]["committed"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if seen <= copy_last {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    stop(&mut c, l).await?;
+    restore(&c, l, &backup)?;
+    let line = refused(&c, l).await?;
+    ensure!(
+        line.contains("log up to index") && line.contains("--rejoin"),
         "unclear refusal: {line}"
     );
     chain_moves(&c).await?;

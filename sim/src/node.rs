@@ -91,11 +91,13 @@ impl Process {
         let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
         let config = keyraft::raft::openraft_config(&timing)
             .map_err(|e| StartError::Refused(e.to_string()))?;
+        let gate = Arc::new(Gate::new(timing.election_max, true));
         let network = Network {
             net: world.net.clone(),
             from: id,
             inc,
             disk: host.disk.clone(),
+            gate: gate.clone(),
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
@@ -105,7 +107,7 @@ impl Process {
             id,
             inc,
             raft,
-            gate: Arc::new(Gate::new(timing.election_max, true)),
+            gate,
             disk: host.disk.clone(),
             cluster,
             timing,
@@ -316,9 +318,11 @@ impl Process {
         &self,
         peer: NodeId,
         rpc: AppendEntriesRequest<Types>,
+        leader_durable: u64,
     ) -> Result<AppendEntriesResponse<Types>, String> {
         self.sender(peer)?;
         let term = rpc.vote.leader_id.term;
+        let committed = rpc.leader_commit.map_or(0, |c| c.index).min(leader_durable);
         let r = self
             .raft
             .append_entries(rpc)
@@ -330,7 +334,7 @@ impl Process {
                 | AppendEntriesResponse::PartialSuccess(_)
                 | AppendEntriesResponse::Conflict
         ) {
-            self.saw(peer, term, None);
+            self.saw(peer, term, Some(committed));
             self.gate.leader_contact(peer);
         }
         Ok(r)
@@ -418,6 +422,7 @@ pub struct Network {
     from: NodeId,
     inc: u64,
     disk: Disk,
+    gate: Arc<Gate>,
 }
 
 impl RaftNetworkFactory<Types> for Network {
@@ -430,6 +435,7 @@ impl RaftNetworkFactory<Types> for Network {
             inc: self.inc,
             to: target,
             disk: self.disk.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -440,6 +446,7 @@ pub struct Conn {
     inc: u64,
     to: NodeId,
     disk: Disk,
+    gate: Arc<Gate>,
 }
 
 fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
@@ -518,10 +525,11 @@ impl RaftNetworkV2<Types> for Conn {
         let before = self.remembered()?;
         let from = self.from;
         let req = rpc.clone();
+        let durable = self.gate.own_durable();
         let resp = self
             .call(ttl, move |p| {
                 let req = req.clone();
-                Box::pin(async move { p.serve_append(from, req).await })
+                Box::pin(async move { p.serve_append(from, req, durable).await })
             })
             .await?;
         let held = match &resp {

@@ -7,7 +7,7 @@
 //! sets its switches and the Raft service consults them.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 // tokio's clock: the real one in a running node, the simulator's virtual
 // one under `keyraft-sim` (sim/), where the same gate decides votes.
@@ -45,6 +45,11 @@ pub struct Gate {
     behind_candidate: Mutex<Option<(NodeId, Instant)>>,
     /// Wakes the coordinator when such a candidate shows up.
     nudge: tokio::sync::Notify,
+    /// While this node leads, the last log index its own store has fsynced
+    /// (its entry in openraft's replication progress); 0 otherwise. Sent
+    /// with every append, so that followers remember what a leader held
+    /// (step 9): a leader restored from a copy of its own term is caught.
+    own_durable: AtomicU64,
 }
 
 fn stamp(at: &Mutex<Option<Instant>>) {
@@ -71,7 +76,20 @@ impl Gate {
             last_led: Mutex::new(None),
             behind_candidate: Mutex::new(None),
             nudge: tokio::sync::Notify::new(),
+            own_durable: AtomicU64::new(0),
         }
+    }
+
+    /// Sets what this node, leading, holds fsynced ([`Gate::own_durable`]);
+    /// 0 when it does not lead.
+    pub fn set_own_durable(&self, index: u64) {
+        self.own_durable.store(index, Ordering::Relaxed);
+    }
+
+    /// The last log index this node holds fsynced while it leads, or 0.
+    /// Only a lower bound: it is read from openraft's metrics, which lag.
+    pub fn own_durable(&self) -> u64 {
+        self.own_durable.load(Ordering::Relaxed)
     }
 
     /// Records that candidate `id` asked for a vote with a log behind this

@@ -93,6 +93,10 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
 /// message comes. If this timer is late the heartbeats are, the quorum
 /// acks are, and the lease lapses: late fails safe.
 ///
+/// It also keeps [`Gate::own_durable`]: while leading, the last log index
+/// this node's own store has fsynced, as openraft's replication progress
+/// for this node says; 0 otherwise.
+///
 /// Generic over the type configuration and state machine so that the
 /// simulator (`sim/`) runs this same timer over its own storage.
 pub async fn heartbeat_while_leading<C, SM>(
@@ -106,7 +110,11 @@ pub async fn heartbeat_while_leading<C, SM>(
     use openraft::async_runtime::watch::WatchReceiver;
     let mut metrics = raft.metrics();
     loop {
-        let leads = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+        let leads = {
+            let m = metrics.borrow_and_update();
+            gate.set_own_durable(own_durable(&m));
+            m.state == openraft::ServerState::Leader
+        };
         if leads {
             let mut beat = tokio::time::interval(interval);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,7 +131,9 @@ pub async fn heartbeat_while_leading<C, SM>(
                         if changed.is_err() {
                             return;
                         }
-                        if metrics.borrow_and_update().state != openraft::ServerState::Leader {
+                        let m = metrics.borrow_and_update();
+                        gate.set_own_durable(own_durable(&m));
+                        if m.state != openraft::ServerState::Leader {
                             break;
                         }
                     }
@@ -133,6 +143,20 @@ pub async fn heartbeat_while_leading<C, SM>(
             return;
         }
     }
+}
+
+/// While `m` is a leader's, the last log index its own store has fsynced:
+/// openraft counts the leader's own flushed log in its replication
+/// progress, as it counts a follower's acknowledgement. 0 otherwise.
+pub fn own_durable<C: openraft::RaftTypeConfig>(m: &openraft::RaftMetrics<C>) -> u64 {
+    if m.state != openraft::ServerState::Leader {
+        return 0;
+    }
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&m.id))
+        .and_then(|l| l.as_ref())
+        .map_or(0, |l| l.index)
 }
 
 #[cfg(test)]

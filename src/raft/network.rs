@@ -202,6 +202,8 @@ const MIN_APPEND_TTL: Duration = Duration::from_millis(250);
 pub struct Network {
     pub peers: Arc<Peers>,
     pub memory: Arc<Memory>,
+    /// What this node holds fsynced while it leads, sent with each append.
+    pub gate: Arc<super::Gate>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -214,6 +216,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             peers: self.peers.clone(),
             memory: self.memory.clone(),
+            gate: self.gate.clone(),
             target,
         }
     }
@@ -222,6 +225,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerConnection {
     peers: Arc<Peers>,
     memory: Arc<Memory>,
+    gate: Arc<super::Gate>,
     target: NodeId,
 }
 
@@ -240,9 +244,12 @@ pub struct SnapshotMessage {
 type RaftClient = pb::raft_client::RaftClient<Channel>;
 
 impl PeerConnection {
+    /// Sends `req` (with `leader_durable`, see the proto) and decodes the
+    /// answer.
     async fn rpc<Req, Resp, F, Fut>(
         &self,
         req: &Req,
+        leader_durable: u64,
         ttl: Duration,
         call: F,
     ) -> Result<Resp, RPCError<TypeConfig>>
@@ -257,7 +264,11 @@ impl PeerConnection {
             .peers
             .raft_client(self.target)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let request = self.peers.request(pb::RaftPayload { json }, ttl);
+        let payload = pb::RaftPayload {
+            json,
+            leader_durable,
+        };
+        let request = self.peers.request(payload, ttl);
         let reply = self
             .peers
             .call(self.target, ttl, call(client, request))
@@ -332,11 +343,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         };
         let before = self.remembered()?;
         let resp: AppendEntriesResponse<TypeConfig> = self
-            .rpc(
-                &rpc,
-                ttl,
-                |mut c, r| async move { c.append_entries(r).await },
-            )
+            .rpc(&rpc, self.gate.own_durable(), ttl, |mut c, r| async move {
+                c.append_entries(r).await
+            })
             .await?;
         let held = match &resp {
             AppendEntriesResponse::Success => rpc
@@ -380,7 +389,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let before = self.remembered()?;
         let resp: VoteResponse<TypeConfig> = self
-            .rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+            .rpc(&rpc, 0, option.hard_ttl(), |mut c, r| async move {
                 c.vote(r).await
             })
             .await?;
@@ -405,7 +414,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.remembered()?;
-        self.rpc(&rpc, option.hard_ttl(), |mut c, r| async move {
+        self.rpc(&rpc, 0, option.hard_ttl(), |mut c, r| async move {
             c.pre_vote(r).await
         })
         .await
@@ -417,7 +426,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.remembered()?;
-        self.rpc(&req, option.hard_ttl(), |mut c, r| async move {
+        self.rpc(&req, 0, option.hard_ttl(), |mut c, r| async move {
             c.transfer_leader(r).await
         })
         .await
@@ -436,7 +445,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             meta: snapshot.meta,
             data: snapshot.snapshot,
         };
-        let send = self.rpc(&msg, option.hard_ttl(), |mut c, r| async move {
+        let send = self.rpc(&msg, 0, option.hard_ttl(), |mut c, r| async move {
             c.install_snapshot(r).await
         });
         tokio::select! {

@@ -61,10 +61,10 @@ impl RaftService {
         }
     }
 
-    /// A leader's message shows its term, held durably: a fact about it
-    /// that only grows (see [`Memory`]).
-    async fn saw_leader(&self, leader: NodeId, term: u64) {
-        if let Err(e) = self.memory.saw(leader, term, None).await {
+    /// A leader's message shows its term, held durably, and what it holds
+    /// of the committed log: facts about it that only grow (see [`Memory`]).
+    async fn saw_leader(&self, leader: NodeId, term: u64, committed: u64) {
+        if let Err(e) = self.memory.saw(leader, term, Some(committed)).await {
             tracing::warn!("cannot record what node {leader} showed: {e}");
         }
     }
@@ -77,7 +77,12 @@ fn decode<T: DeserializeOwned>(req: &pb::RaftPayload) -> Result<T, Status> {
 
 fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
     serde_json::to_vec(v)
-        .map(|json| Response::new(pb::RaftPayload { json }))
+        .map(|json| {
+            Response::new(pb::RaftPayload {
+                json,
+                leader_durable: 0,
+            })
+        })
         .map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -200,12 +205,18 @@ impl pb::raft_server::Raft for RaftService {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
         let term = rpc.vote.leader_id.term;
-        let result = self.raft.append_entries(rpc).await;
         // Only a leader sends entries, and only with its vote saved. Its
-        // commit index is not recorded: a quorum of followers may have
-        // fsynced an entry before the leader itself did.
+        // commit index alone is not what it holds (a quorum of followers
+        // may have fsynced an entry before the leader itself did): what it
+        // holds of the committed log is the lesser of that and the index
+        // its own store has fsynced, which it sends alongside.
+        let committed = rpc
+            .leader_commit
+            .map_or(0, |c| c.index)
+            .min(req.get_ref().leader_durable);
+        let result = self.raft.append_entries(rpc).await;
         if rpc_committed_vote(&result) {
-            self.saw_leader(peer, term).await;
+            self.saw_leader(peer, term, committed).await;
         }
         if rpc_committed_vote(&result) {
             self.gate.leader_contact(peer);
