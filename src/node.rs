@@ -234,6 +234,20 @@ pub fn quorum_ack_age<C: openraft::RaftTypeConfig>(
     m.last_quorum_acked.as_ref().map(|t| t.elapsed())
 }
 
+/// On a leader, how long since each member last acked a heartbeat or an
+/// append (`None` inside: never); empty when not leading. Generic for the
+/// simulator, as [`quorum_ack_age`] is.
+pub fn ack_ages<C: openraft::RaftTypeConfig>(
+    m: &openraft::RaftMetrics<C>,
+) -> std::collections::BTreeMap<C::NodeId, Option<Duration>> {
+    use openraft::Instant as _;
+    m.heartbeat
+        .iter()
+        .flatten()
+        .map(|(id, t)| (id.clone(), t.as_ref().map(|t| t.elapsed())))
+        .collect()
+}
+
 /// Leading with a quorum ack younger than `limit` ([`Shared::leads`]).
 pub fn leads_within<C: openraft::RaftTypeConfig>(
     m: &openraft::RaftMetrics<C>,

@@ -298,6 +298,95 @@ async fn removing_the_active_node_hands_over_first_ten_times_wan() -> Result<()>
     remove_the_active_node_ten_times(wan).await
 }
 
+/// With a voter down, removing another would leave the voters without a
+/// live majority: the joint configuration could never commit and the
+/// cluster would stop for good. Refused with one line that names the
+/// silent voter; removing the dead voter itself goes through.
+#[tokio::test]
+async fn a_removal_that_would_leave_no_live_majority_is_refused() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let ids = [1, 2, 3];
+    let l = validating(&c, &ids).await?;
+    let (live, dead) = {
+        let others: Vec<u64> = ids.into_iter().filter(|i| *i != l).collect();
+        (others[0], others[1])
+    };
+    c.kill_host(dead)?;
+    let err = eventually(SETTLE, "the removal to be refused", || async {
+        let out = c.cli(l, &["members", "remove", &live.to_string()]).await?;
+        ensure!(
+            !out.status.success(),
+            "removed node {live} with node {dead} down"
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        // Until the leader notices the dead voter is silent it may say
+        // nothing else; then the one line.
+        Ok(err.contains("would leave voters").then_some(err))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    ensure!(
+        err.lines().count() == 1 && err.contains(&format!("nodes [{dead}] silent")),
+        "unclear refusal: {err}"
+    );
+    chain_moves(&c).await?;
+    let out = c.cli(l, &["members", "remove", &dead.to_string()]).await?;
+    ensure!(out.status.success(), "removing the dead voter: {out:?}");
+    eventually(SETTLE, "two voters", || async {
+        let s = c.status(l).await?;
+        Ok(
+            (s["cluster"]["members"] == serde_json::json!([l.min(live), l.max(live)]))
+                .then_some(()),
+        )
+    })
+    .await?;
+    chain_moves(&c).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// A node whose start is still being checked with its peers (step 9) runs
+/// no operator command: standing for election then would skip the check
+/// that may be about to refuse it (the simulator found a restored node
+/// elected this way while it waited for its peers' answers).
+#[tokio::test]
+async fn a_node_still_checking_its_start_runs_no_operator_command() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let ids = [1, 2, 3];
+    leader(&c, &ids).await?;
+    for id in ids {
+        stop(&mut c, id).await?;
+    }
+    c.spawn(1)?;
+    eventually(SETTLE, "node 1 to wait for its peers' answers", || async {
+        Ok(c.proc(1)?
+            .log_text()
+            .contains("checking this data dir with its peers: waiting")
+            .then_some(()))
+    })
+    .await?;
+    for cmd in ["pause", "resume"] {
+        let out = c.cli(1, &[cmd]).await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && err.lines().count() == 1
+                && err.contains("this node is starting"),
+            "{cmd} on a starting node: {out:?}"
+        );
+    }
+    ensure!(
+        !c.proc(1)?.log_text().contains("standing for election"),
+        "a starting node stood for election"
+    );
+    c.spawn(2)?;
+    c.spawn(3)?;
+    leader(&c, &ids).await?;
+    chain_moves(&c).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_node_wiped_after_a_whole_cluster_crash_is_refused() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;

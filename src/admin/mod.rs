@@ -5,6 +5,7 @@
 //!
 //! - [`access`]: who may reach the admin API (the socket, the TCP port with
 //!   admin certificates) and the admin service behind both.
+//! - [`members`]: whether a voter may be removed now (a pure rule).
 //!
 //! Owns: the JSON shape of `keyraft status --json` (docs/design.md), Patroni-style
 //! health codes, membership changes, and the leader's check that a
@@ -14,6 +15,7 @@
 //! coordinator, which owns the validator.
 
 pub mod access;
+pub mod members;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -210,11 +212,19 @@ fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Statu
 /// With no live leader (everyone ineligible, or a paused cluster whose
 /// leader died, where nobody campaigns), a validator host asked to run a
 /// command stands for election itself. Leading does not make it validate:
-/// that still takes eligibility and the activation protocol.
+/// that still takes eligibility and the activation protocol. A node whose
+/// start is still being checked with its peers (step 9) runs nothing: it
+/// might be the restored copy the check is about to refuse, and standing
+/// for election would skip the check.
 pub async fn execute_for_operator(
     sh: &Arc<Shared>,
     cmd: pb::ClusterCommand,
 ) -> Result<String, Status> {
+    if !sh.gate.joined() {
+        return Err(Status::unavailable(
+            "this node is starting: its data dir is still being checked with its peers (docs/design.md, step 9); run the command on another validator host, or once it has joined",
+        ));
+    }
     match sh.leader() {
         Some(_) => {}
         None if sh.cfg.witness => {
@@ -387,10 +397,7 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
             )))
         }
         Kind::MembersRemove(id) => {
-            let voters = voter_ids(sh);
-            if voters.contains(&id) && voters.len() <= 1 {
-                return Err(Status::failed_precondition("cannot remove the last voter"));
-            }
+            voters_left_answer(sh, id).await?;
             raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
                 .await
                 .map_err(write_status)?;
@@ -473,6 +480,28 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
             )));
         }
         tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+    }
+}
+
+/// Before voter `id` is removed, a majority of the voters left must show
+/// they are up now: each acks a heartbeat sent after this asks (an older
+/// ack may be from a voter that died since). Else the joint configuration
+/// could never commit and the cluster would stop ([`members`]).
+async fn voters_left_answer(sh: &Arc<Shared>, id: NodeId) -> Result<(), Status> {
+    let asked = tokio::time::Instant::now();
+    let until = asked + sh.cfg.timing.election_max;
+    loop {
+        let _ = sh.raft.trigger().heartbeat().await;
+        tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+        let acks = crate::node::ack_ages(&sh.raft_metrics());
+        let why = members::removal_refusal(&voter_ids(sh), sh.cfg.id, &acks, id, asked.elapsed());
+        match why {
+            None => return Ok(()),
+            Some(why) if tokio::time::Instant::now() >= until => {
+                return Err(Status::failed_precondition(why))
+            }
+            Some(_) => {}
+        }
     }
 }
 

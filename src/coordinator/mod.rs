@@ -271,12 +271,7 @@ impl Coordinator {
                 (id, peer)
             })
             .collect();
-        let acks = m.heartbeat.as_ref().map(|acks| {
-            use openraft::Instant as _;
-            acks.iter()
-                .map(|(id, t)| (*id, t.map(|t| t.elapsed())))
-                .collect()
-        });
+        let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
         View {
             id: self.sh.cfg.id,
             timing: self.sh.cfg.timing,
