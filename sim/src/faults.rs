@@ -93,6 +93,11 @@ pub enum Kind {
     Pause {
         ms: u64,
     },
+    /// `keyraft members remove` (a leader hands over first), then
+    /// `members add` back after `ms`.
+    MemberOut {
+        ms: u64,
+    },
     /// A copy of the node's data dir, taken now.
     Backup,
     /// Power loss, and the data dir restored from the last backup (or
@@ -267,6 +272,23 @@ pub fn draw(seed: u64) -> Plan {
             at_ms,
             target,
             kind,
+        });
+    }
+    // Membership changes come from a stream of their own, so that the
+    // schedules drawn above (and the regression seeds that name them) stay
+    // as they were.
+    let mut members = SmallRng::seed_from_u64(seed ^ 0x3e3b_e125);
+    if members.random_bool(0.3) {
+        faults.push(Fault {
+            at_ms: members.random_range(1_500..heal_ms - 3_000),
+            target: if members.random_bool(0.6) {
+                Target::Leader
+            } else {
+                Target::Node(members.random_range(1..=nodes))
+            },
+            kind: Kind::MemberOut {
+                ms: members.random_range(100..=3_000),
+            },
         });
     }
     faults.sort_by_key(|f| f.at_ms);

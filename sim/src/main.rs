@@ -128,6 +128,10 @@ fn one(seed: u64, plant: Option<Plant>, strict: bool) -> anyhow::Result<()> {
             println!("  {f}");
         }
         let (_, again) = run_seed(seed, plant, Some(&minimal))?;
+        println!("its time line:");
+        for line in &again.trace {
+            println!("  {line}");
+        }
         for v in again.violations.iter().take(3) {
             println!("  VIOLATION: {v}");
         }

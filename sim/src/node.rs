@@ -291,6 +291,15 @@ impl Process {
     /// The leader, if alive: this node with a recent quorum ack, or the
     /// leader a follower heard from within the election timeout (as
     /// keyraft's `Shared::leader`).
+    /// The voters of the membership this process holds.
+    pub fn voters(&self) -> std::collections::BTreeSet<NodeId> {
+        self.metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         let m = self.metrics();
         let limit = self.timing.election_max;

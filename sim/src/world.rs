@@ -423,27 +423,37 @@ pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outco
     tokio::time::sleep_until(world.epoch + Duration::from_millis(until_ms)).await;
     let mut outcome = Outcome::default();
     // A quorum of the voters as the most advanced process up knows them
-    // (a removed member not added back does not count).
+    // (a removed member not added back does not count). During a joint
+    // configuration (a membership change under way) that is a majority of
+    // each of its voter sets: openraft commits nothing without both.
     let joined: Vec<Arc<Process>> = world
         .hosts
         .all()
         .filter_map(|h| h.process())
         .filter(|p| p.gate.joined())
         .collect();
-    let voters: BTreeSet<NodeId> = joined
+    let configs: Vec<BTreeSet<NodeId>> = joined
         .iter()
         .map(|p| p.metrics())
         .max_by_key(|m| m.last_log_index)
-        .map(|m| m.membership_config.membership().voter_ids().collect())
+        .map(|m| m.membership_config.membership().get_joint_config().clone())
         .unwrap_or_default();
-    let quorum = voters.len() / 2 + 1;
-    let up = joined.iter().filter(|p| voters.contains(&p.id)).count();
+    let up_of =
+        |voters: &BTreeSet<NodeId>| joined.iter().filter(|p| voters.contains(&p.id)).count();
+    let quorum_up = !configs.is_empty()
+        && configs
+            .iter()
+            .all(|voters| up_of(voters) > voters.len() / 2);
     let o = world.oracle();
-    if up >= quorum && o.signatures == healed.1 {
+    if quorum_up && o.signatures == healed.1 {
+        let sets: Vec<String> = configs
+            .iter()
+            .map(|v| format!("{} of voters {v:?}", up_of(v)))
+            .collect();
         outcome.violations.push(format!(
-            "liveness: healed at {} ms with {up} of {} voters up, and nothing signed by {} ms",
+            "liveness: healed at {} ms with {} up, and nothing signed by {} ms",
             healed.2,
-            voters.len(),
+            sets.join(" and "),
             until_ms
         ));
     }

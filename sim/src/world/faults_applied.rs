@@ -5,16 +5,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyraft::admin::members::removal_refusal;
 use keyraft::ledger::Command;
+use openraft::ChangeMembers;
 use tokio::time::Instant;
 
 use super::World;
 use crate::coordinator::Op;
 use crate::faults::{Fault, Kind, Target};
 use crate::host::{Freeze, Host, OsFaults};
-use crate::net::Quality;
+use crate::net::{Boxed, Quality};
 use crate::node::Process;
 use crate::types::{self, NodeId};
+
+/// What an operator's command does on the leader it reached: true once
+/// done.
+type OnLeader = Arc<dyn Fn(Arc<Process>) -> Boxed<bool> + Send + Sync>;
 
 impl World {
     fn kill_keyraft(&self, host: &Host) {
@@ -52,12 +58,94 @@ impl World {
         }
     }
 
-    /// An operator's command (`admin::execute_for_operator`), asked of the
-    /// first validator host that runs: with no live leader it stands for
-    /// election first (a paused cluster whose leader died elects nobody),
-    /// then the command runs on the leader, forwarded if need be. The
-    /// operator tries again, on the next host, for up to 8 s.
+    /// An operator's command (`admin::execute_for_operator`): committed by
+    /// the leader it reaches (see [`World::on_leader`]).
     pub(super) async fn operator(&self, cmd: Command) -> bool {
+        let write: OnLeader = Arc::new(move |l: Arc<Process>| {
+            let c = cmd.clone();
+            Box::pin(async move {
+                let write = l.raft.client_write(c);
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), write).await,
+                    Ok(Ok(_))
+                )
+            })
+        });
+        self.on_leader(write, Duration::from_secs(1)).await
+    }
+
+    /// `keyraft members remove ID` (`admin::execute_here`): the leader
+    /// hands over first if it is the one removed (`remove_the_leader`); a
+    /// node that holds the key unreleased and does not lead is refused
+    /// until its lease runs out or it releases; keyraft's own
+    /// `members::removal_refusal` refuses a removal that would leave the
+    /// voters without a live majority. Voter first, then node.
+    async fn remove_member(&self, id: NodeId) -> bool {
+        let remove: OnLeader = Arc::new(move |l: Arc<Process>| {
+            Box::pin(async move {
+                if l.id == id {
+                    let _ = l.ops.send(Op::Switchover);
+                    return false;
+                }
+                if l.cluster.borrow().key_holder() == Some(id) {
+                    return false;
+                }
+                // `admin::voters_left_answer`: a majority of the voters
+                // left acks a heartbeat sent after the command came.
+                let asked = Instant::now();
+                loop {
+                    let _ = l.raft.trigger().heartbeat().await;
+                    tokio::time::sleep(l.timing.heartbeat).await;
+                    let acks = keyraft::node::ack_ages(&l.metrics());
+                    let since = asked.elapsed();
+                    if removal_refusal(&l.voters(), l.id, &acks, id, since).is_none() {
+                        break;
+                    }
+                    if since >= l.timing.election_max {
+                        return false;
+                    }
+                }
+                let voters = l.voters();
+                if voters.contains(&id) {
+                    let out = ChangeMembers::RemoveVoters([id].into());
+                    if l.raft.change_membership(out, false).await.is_err() {
+                        return false;
+                    }
+                }
+                let gone = ChangeMembers::RemoveNodes([id].into());
+                l.raft.change_membership(gone, false).await.is_ok()
+            })
+        });
+        self.on_leader(remove, Duration::from_secs(2)).await
+    }
+
+    /// `keyraft members add ID ADDR` (`admin::add_voter`): a learner until
+    /// it has caught up, then a voter.
+    async fn add_member(&self, id: NodeId) -> bool {
+        let add: OnLeader = Arc::new(move |l: Arc<Process>| {
+            Box::pin(async move {
+                let node = openraft::BasicNode::new(format!("node-{id}"));
+                let learner = l.raft.add_learner(id, node, true);
+                if !matches!(
+                    tokio::time::timeout(Duration::from_secs(3), learner).await,
+                    Ok(Ok(_))
+                ) {
+                    return false;
+                }
+                let voter = ChangeMembers::AddVoterIds([id].into());
+                l.raft.change_membership(voter, false).await.is_ok()
+            })
+        });
+        self.on_leader(add, Duration::from_secs(4)).await
+    }
+
+    /// Runs `what` on the live leader, as `admin::execute_for_operator`
+    /// does, asked of the first validator host that runs: with no live
+    /// leader it stands for election first until any node leads (a paused
+    /// cluster whose leader died elects nobody), then `what` runs on the
+    /// leader, forwarded with `ttl` if need be. The operator tries again,
+    /// on the next host, for up to 8 s.
+    async fn on_leader(&self, what: OnLeader, ttl: Duration) -> bool {
         let deadline = Instant::now() + Duration::from_secs(8);
         let mut attempt = 0;
         while Instant::now() < deadline {
@@ -71,7 +159,8 @@ impl World {
                 .filter_map(|h| h.process())
                 .collect();
             let asked = (!up.is_empty()).then(|| up[attempt % up.len()].clone());
-            if let Some(p) = asked {
+            // A node still checking its start with its peers runs nothing.
+            if let Some(p) = asked.filter(|p| p.gate.joined()) {
                 if p.leader().is_none() {
                     let until = Instant::now() + self.timing.election_max * 6;
                     while p.leader().is_none() && Instant::now() < until {
@@ -80,27 +169,12 @@ impl World {
                     }
                 }
                 if let Some(leader) = p.leader() {
-                    let c = cmd.clone();
-                    let done =
-                        p.net
-                            .exchange(p.id, p.inc, leader, Duration::from_secs(1), move |l| {
-                                let c = c.clone();
-                                Box::pin(async move {
-                                    let write = l.raft.client_write(c);
-                                    matches!(
-                                        tokio::time::timeout(Duration::from_secs(1), write).await,
-                                        Ok(Ok(_))
-                                    )
-                                })
-                            });
                     let done = if leader == p.id {
-                        let write = p.raft.client_write(cmd.clone());
-                        matches!(
-                            tokio::time::timeout(Duration::from_secs(1), write).await,
-                            Ok(Ok(_))
-                        )
+                        what(p.clone()).await
                     } else {
-                        matches!(done.await, Ok(true))
+                        let w = what.clone();
+                        let forwarded = p.net.exchange(p.id, p.inc, leader, ttl, move |l| w(l));
+                        matches!(forwarded.await, Ok(true))
                     };
                     if done {
                         return true;
@@ -267,6 +341,15 @@ impl World {
                 sleep(ms).await;
                 let resumed = self.operator(Command::SetPaused { paused: false }).await;
                 self.note(format!("resumed: {resumed}"));
+            }
+            Kind::MemberOut { ms } => {
+                let removed = self.remove_member(id).await;
+                self.note(format!("node {id} removed: {removed}"));
+                if removed {
+                    sleep(ms).await;
+                    let added = self.add_member(id).await;
+                    self.note(format!("node {id} added back: {added}"));
+                }
             }
             Kind::Backup => {
                 let image = host.disk.image();
