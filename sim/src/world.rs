@@ -58,6 +58,9 @@ pub struct World {
     /// Nodes restored from a copy behind what they had durably held: they
     /// forgot (ground truth, for judging step 9 at their next start).
     amnesic: Mutex<BTreeSet<NodeId>>,
+    /// The nodes up and joined when the last membership change was asked
+    /// of openraft (ground truth, for judging a change left under way).
+    change_began_with: Mutex<BTreeSet<NodeId>>,
 }
 
 /// What one run ended with.
@@ -170,6 +173,23 @@ impl World {
     /// leader's term, not its log), the run went through step 9's
     /// documented blind spot (docs/safety.md, residual risks), and what
     /// follows is reported apart.
+    /// A membership change is about to be asked of openraft: remember who
+    /// is up and joined now.
+    pub fn change_begins(&self) {
+        let up = self
+            .hosts
+            .all()
+            .filter(|h| h.keyraft_runs())
+            .filter_map(|h| h.process())
+            .filter(|p| p.gate.joined())
+            .map(|p| p.id)
+            .collect();
+        *self
+            .change_began_with
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = up;
+    }
+
     pub fn check_residual(
         &self,
         id: NodeId,
@@ -373,6 +393,7 @@ pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outco
         seeds: AtomicU64::new(0),
         residual: Mutex::new(None),
         amnesic: Mutex::new(BTreeSet::new()),
+        change_began_with: Mutex::new(BTreeSet::new()),
     });
     world.note(format!(
         "{} nodes, {} mode, blocks every {} ms",
@@ -445,6 +466,45 @@ pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outco
             .iter()
             .all(|voters| up_of(voters) > voters.len() / 2);
     let o = world.oracle();
+    if configs.len() > 1 {
+        // A membership change that never committed: its joint
+        // configuration waits, after the heal, on voters that stay down
+        // (refused). If the nodes up when it began made a majority of the
+        // new voter set, voters died during it, or the old set had lost its
+        // majority already (docs/safety.md, residual risks); if not, it
+        // should never have begun.
+        let began_with = world
+            .change_began_with
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The new voter set must have had a majority up (a node being added
+        // is a learner that caught up). Whether the old one had is not the
+        // change's doing: without it nothing commits, change or not.
+        let (old, new) = (&configs[0], &configs[configs.len() - 1]);
+        let could_commit = new
+            .iter()
+            .filter(|v| began_with.contains(v) || !old.contains(v))
+            .count()
+            * 2
+            > new.len();
+        let up: Vec<NodeId> = joined.iter().map(|p| p.id).collect();
+        let why = format!(
+            "a membership change still under way at {until_ms} ms, 10 s after the heal: voter sets {configs:?}, nodes up {up:?}, up when it began {began_with:?}"
+        );
+        if could_commit {
+            world.note(format!("RESIDUAL RISK: {why}"));
+            world
+                .residual
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(format!("{why}: voters died during the change"));
+        } else {
+            outcome
+                .violations
+                .push(format!("liveness: {why}: it began without a live majority"));
+        }
+    }
     if quorum_up && o.signatures == healed.1 {
         let sets: Vec<String> = configs
             .iter()

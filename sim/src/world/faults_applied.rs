@@ -80,8 +80,10 @@ impl World {
     /// until its lease runs out or it releases; keyraft's own
     /// `members::removal_refusal` refuses a removal that would leave the
     /// voters without a live majority. Voter first, then node.
-    async fn remove_member(&self, id: NodeId) -> bool {
+    async fn remove_member(self: &Arc<Self>, id: NodeId) -> bool {
+        let w = Arc::downgrade(self);
         let remove: OnLeader = Arc::new(move |l: Arc<Process>| {
+            let w = w.clone();
             Box::pin(async move {
                 if l.id == id {
                     let _ = l.ops.send(Op::Switchover);
@@ -107,6 +109,9 @@ impl World {
                 }
                 let voters = l.voters();
                 if voters.contains(&id) {
+                    if let Some(w) = w.upgrade() {
+                        w.change_begins();
+                    }
                     let out = ChangeMembers::RemoveVoters([id].into());
                     if l.raft.change_membership(out, false).await.is_err() {
                         return false;
@@ -121,8 +126,10 @@ impl World {
 
     /// `keyraft members add ID ADDR` (`admin::add_voter`): a learner until
     /// it has caught up, then a voter.
-    async fn add_member(&self, id: NodeId) -> bool {
+    async fn add_member(self: &Arc<Self>, id: NodeId) -> bool {
+        let w = Arc::downgrade(self);
         let add: OnLeader = Arc::new(move |l: Arc<Process>| {
+            let w = w.clone();
             Box::pin(async move {
                 let node = openraft::BasicNode::new(format!("node-{id}"));
                 let learner = l.raft.add_learner(id, node, true);
@@ -131,6 +138,9 @@ impl World {
                     Ok(Ok(_))
                 ) {
                     return false;
+                }
+                if let Some(w) = w.upgrade() {
+                    w.change_begins();
                 }
                 let voter = ChangeMembers::AddVoterIds([id].into());
                 l.raft.change_membership(voter, false).await.is_ok()
