@@ -93,13 +93,7 @@ async fn a_node_behind_only_by_entries_is_refused() -> Result<()> {
     let held = node_entry(&c.status(l).await?, s)["remembered"]["committed"]
         .as_u64()
         .unwrap_or(0);
-    // Entries, no new term: pause and resume.
-    for _ in 0..3 {
-        for cmd in ["pause", "resume"] {
-            let out = c.cli(l, &[cmd]).await?;
-            ensure!(out.status.success(), "{cmd}: {out:?}");
-        }
-    }
+    entries_in_this_term(&c, l).await?;
     eventually(
         SETTLE,
         "the leader to see the standby hold more",
@@ -148,13 +142,7 @@ async fn a_leader_restored_from_a_copy_of_its_own_term_is_refused() -> Result<()
     let copied = copy_dir(&c.nodes[&l].data.join("raft"), &backup);
     c.signal(l, Signal::SIGCONT)?;
     copied?;
-    // Entries in the same term: pause and resume.
-    for _ in 0..3 {
-        for cmd in ["pause", "resume"] {
-            let out = c.cli(l, &[cmd]).await?;
-            ensure!(out.status.success(), "{cmd}: {out:?}");
-        }
-    }
+    entries_in_this_term(&c, l).await?;
     ensure!(
         c.status(l).await?["cluster"]["term"].as_u64() == term,
         "the term changed: the copy is not of the leader's own term"

@@ -224,3 +224,15 @@ pub fn no_refusals(c: &Cluster) -> Result<()> {
     }
     Ok(())
 }
+
+/// Six entries committed by leader `l` without a new term: pause and
+/// resume, three times.
+pub async fn entries_in_this_term(c: &Cluster, l: u64) -> Result<()> {
+    for _ in 0..3 {
+        for cmd in ["pause", "resume"] {
+            let out = c.cli(l, &[cmd]).await?;
+            ensure!(out.status.success(), "{cmd}: {out:?}");
+        }
+    }
+    Ok(())
+}
