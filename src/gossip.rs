@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::config::timing::WAN_RTT;
 use crate::config::TimingProfile;
 use crate::node::{Local, Shared};
 use crate::pb;
@@ -88,27 +89,34 @@ struct Told {
 /// (once per change: openraft's own per-heartbeat errors are not logged),
 /// and a round trip too long for the timing profile (once per peer).
 fn update_peer_metrics(sh: &Shared, told: &mut Told) {
-    let t = sh.cfg.timing;
+    let t = sh.timing();
     let stale = t.gossip_interval * 3;
     let seen = sh.view.snapshot();
+    // openraft drops a heartbeat not answered within its deadline; auto
+    // timing moves to wan by itself, so only a round trip beyond what wan
+    // holds is worth a warning there.
+    let limit = if t.auto {
+        WAN_RTT
+    } else {
+        t.heartbeat_deadline() * 2 / 3
+    };
     for id in sh.peer_ids() {
         let label = id.to_string();
         let s = seen.get(&id);
         let up = s.is_some_and(|s| s.at.elapsed() <= stale);
-        // openraft drops a heartbeat not answered within one interval.
-        if let Some(rtt) = s.and_then(|s| s.rtt).filter(|r| *r * 3 > t.heartbeat * 2) {
+        if let Some(rtt) = s.and_then(|s| s.rtt).filter(|r| *r > limit) {
             if told.slow.insert(id) {
-                let advice = match t.profile {
-                    TimingProfile::Lan => "run every node with --timing wan",
-                    TimingProfile::Wan => {
+                let advice = match (t.auto, t.profile) {
+                    (true, _) => "no timing profile holds for it: bring the hosts closer, or pin longer timings (--heartbeat-interval, --fence-after, --election-timeout-*)",
+                    (false, TimingProfile::Lan) => "run every node with --timing wan, or with no timing flag (auto)",
+                    (false, TimingProfile::Wan) => {
                         "raise --heartbeat-interval to three round trips, and the lease with it"
                     }
                 };
                 tracing::warn!(
                     peer = id,
                     rtt_ms = rtt.as_millis() as u64,
-                    "round trip to peer {id} takes {rtt:?}, too close to the heartbeat interval ({:?}) that each heartbeat must be answered in: leases will lapse and the validator be fenced; {advice}",
-                    t.heartbeat
+                    "round trip to peer {id} takes {rtt:?}, more than the timing in force holds ({limit:?}): leases will lapse and the validator be fenced; {advice}"
                 );
             }
         }

@@ -55,6 +55,56 @@ pub enum Command {
     /// from the validator's previous signer; 0 for a key that never signed).
     /// Signing starts only once a floor exists.
     SignerFloor { chain_id: String, height: u64 },
+    /// Auto timing: the cluster runs `profile` from here on, chosen by the
+    /// leader from the round trips it measured (`rtt_ms`, the slowest
+    /// voter's). Every member applies it (docs/design.md, step 3).
+    SetTiming { profile: TimingProfile, rtt_ms: u32 },
+}
+
+/// A named set of timing defaults, one per deployment shape (the values are
+/// in `config::timing`). Replicated: with auto timing the whole cluster
+/// runs the one the log says.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TimingProfile {
+    /// One datacentre or a LAN (peer round trips under 25 ms): 50 ms
+    /// heartbeats, 300..600 ms elections, fenced 300 ms after the last
+    /// quorum-acked heartbeat.
+    #[default]
+    Lan,
+    /// Nearby datacentres (peer round trips up to 100 ms): 150 ms
+    /// heartbeats, 450..900 ms elections, fenced after 600 ms.
+    Wan,
+}
+
+impl fmt::Display for TimingProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TimingProfile::Lan => "lan",
+            TimingProfile::Wan => "wan",
+        })
+    }
+}
+
+/// The committed timing profile and the round trip it was chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimingChoice {
+    pub profile: TimingProfile,
+    pub rtt_ms: u32,
+    /// The log index that chose it.
+    pub index: u64,
 }
 
 impl fmt::Display for Command {
@@ -75,6 +125,12 @@ impl fmt::Display for Command {
             } => write!(f, "sign {height}/{round}/{step}"),
             Command::SignerFloor { height, .. } => {
                 write!(f, "never sign at or below height {height}")
+            }
+            Command::SetTiming { profile, rtt_ms } => {
+                write!(
+                    f,
+                    "run the {profile} timing profile (round trips up to {rtt_ms} ms)"
+                )
             }
         }
     }
@@ -170,6 +226,10 @@ pub struct ClusterState {
     /// Signer mode: the watermark (absent until the first signature).
     #[serde(default)]
     pub signer: Option<SignerState>,
+    /// Auto timing: the profile the cluster runs (absent: the one each
+    /// member starts with, `lan` unless pinned).
+    #[serde(default)]
+    pub timing: Option<TimingChoice>,
 }
 
 impl ClusterState {
@@ -217,6 +277,14 @@ impl ClusterState {
                 Reply::default()
             }
             Command::Rejoined { .. } => Reply::default(),
+            Command::SetTiming { profile, rtt_ms } => {
+                self.timing = Some(TimingChoice {
+                    profile,
+                    rtt_ms,
+                    index,
+                });
+                Reply::default()
+            }
             Command::Signed {
                 ref chain_id,
                 height,

@@ -49,6 +49,9 @@
 //! - [`plant`]: the simulator's planted bugs (`sim/`), compiled only into
 //!   its own build; a constant "off" everywhere else.
 //! - [`gossip`]: peer status exchange, which fills the cluster view.
+//! - [`tuning`]: auto timing: the profile the cluster committed, put in
+//!   force on every member; the leader commits a switch when the round
+//!   trips gossip measures call for one.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
 //! - [`preflight`]: `keyraft check --config`, checks before a first start.
@@ -76,6 +79,7 @@ pub mod shutdown;
 pub mod signer;
 pub mod supervisor;
 pub mod tls;
+pub mod tuning;
 
 /// Code generated from `proto/keyraft.proto`.
 pub mod pb {

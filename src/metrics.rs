@@ -38,6 +38,8 @@ pub struct Metrics {
     pub validator_restarts: IntCounter,
     pub peer_up: IntGaugeVec,
     pub peer_rtt: GaugeVec,
+    /// 1 for the timing profile in force, by profile and how it was chosen.
+    pub timing_profile: IntGaugeVec,
     pub member_refused: IntGaugeVec,
     pub paused: IntGauge,
     pub kernel_fence: IntGauge,
@@ -114,6 +116,10 @@ impl Metrics {
             ))?,
             peer_up: IntGaugeVec::new(opts("peer_up", "1 while gossip from the peer is fresh."), &["peer"])?,
             peer_rtt: GaugeVec::new(opts("peer_rtt_seconds", "Gossip round-trip time to the peer."), &["peer"])?,
+            timing_profile: IntGaugeVec::new(
+                opts("timing_profile", "1 for the timing profile in force (lan, wan); chosen=auto when the cluster picks it from measured round trips, pinned when this node's flags set it."),
+                &["profile", "chosen"],
+            )?,
             member_refused: IntGaugeVec::new(
                 opts("member_refused", "1 while this node refuses the member: it answered below what this node saw of it (a data dir restored from an older copy or wiped), docs/design.md step 9."),
                 &["node"],
@@ -183,6 +189,7 @@ impl Metrics {
         }
         r.register(Box::new(m.peer_up.clone()))?;
         r.register(Box::new(m.peer_rtt.clone()))?;
+        r.register(Box::new(m.timing_profile.clone()))?;
         r.register(Box::new(m.member_refused.clone()))?;
         r.register(Box::new(m.paused.clone()))?;
         r.register(Box::new(m.tls_cert_expiry.clone()))?;
@@ -223,6 +230,16 @@ impl Metrics {
         }
         for s in STATES {
             self.state.with_label_values(&[s]).set(i64::from(s == name));
+        }
+    }
+
+    /// Sets the one-hot timing profile gauge.
+    pub fn set_timing(&self, profile: &str, auto: bool) {
+        let chosen = if auto { "auto" } else { "pinned" };
+        for p in ["lan", "wan"] {
+            self.timing_profile
+                .with_label_values(&[p, chosen])
+                .set(i64::from(p == profile));
         }
     }
 

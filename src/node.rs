@@ -119,6 +119,21 @@ impl PrivvalLinks {
 }
 
 impl Shared {
+    /// This node's timing with the values in force now (the cluster's
+    /// profile, with auto timing) in place of those it started with.
+    pub fn timing(&self) -> crate::config::Timing {
+        let l = self.gate.live();
+        crate::config::Timing {
+            profile: l.profile,
+            heartbeat: l.heartbeat,
+            election_min: l.election_min,
+            election_max: l.election_max,
+            fence_after: l.fence_after,
+            handover_delay: l.handover_delay,
+            ..self.cfg.timing
+        }
+    }
+
     /// A copy of openraft's latest metrics (never hold the borrow).
     pub fn raft_metrics(&self) -> raft::Metrics {
         self.raft.metrics().borrow_watched().clone()
@@ -142,7 +157,7 @@ impl Shared {
     /// fenced by then, so keyraft stops counting it as leader everywhere it
     /// reports one (status, gossip, `keyraft_raft_leader`, `/leader`).
     pub fn leads(&self, m: &raft::Metrics) -> bool {
-        leads_within(m, self.cfg.timing.election_max)
+        leads_within(m, self.timing().election_max)
     }
 
     /// openraft's server state as keyraft reports it: `LeaderWithoutQuorum`
@@ -159,7 +174,7 @@ impl Shared {
     /// the leader a follower heard from within the election timeout.
     pub fn leader(&self) -> Option<NodeId> {
         let m = self.raft_metrics();
-        let limit = self.cfg.timing.election_max;
+        let limit = self.timing().election_max;
         if m.state == ServerState::Leader {
             self.leads(&m).then_some(self.cfg.id)
         } else {

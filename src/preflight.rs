@@ -86,7 +86,16 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
             cfg.id,
             cfg.role(),
             cfg.peers.len(),
-            format!("{:?}", cfg.timing.profile).to_lowercase()
+            if cfg.timing.auto {
+                format!(
+                    "auto (starts {}; the cluster moves to wan when round trips stay over {} ms, back under {} ms)",
+                    cfg.timing.profile,
+                    crate::config::timing::LAN_RTT.as_millis(),
+                    crate::config::timing::BACK_TO_LAN_RTT.as_millis()
+                )
+            } else {
+                format!("{} (pinned by flags)", cfg.timing.profile)
+            }
         ),
     )];
     let material = match &cfg.tls {
@@ -239,10 +248,16 @@ async fn peer(peers: &Peers, id: u64, cfg: &Config) -> Line {
                 outcome = Outcome::Warn;
                 notes.push("clocks differ by more than 500 ms: run NTP (leases use monotonic clocks, logs and alerts do not)");
             }
-            if rtt * 3 > cfg.timing.heartbeat * 2 {
+            if cfg.timing.auto && rtt > crate::config::timing::WAN_RTT {
+                outcome = Outcome::Warn;
+                notes.push("round trip too long for any timing profile (wan holds up to 100 ms)");
+            } else if cfg.timing.auto && rtt > crate::config::timing::LAN_RTT {
+                notes
+                    .push("the cluster will run the wan profile for this round trip (auto timing)");
+            } else if !cfg.timing.auto && rtt * 3 > cfg.timing.heartbeat_deadline() * 2 {
                 outcome = Outcome::Warn;
                 notes.push(match cfg.timing.profile {
-                    TimingProfile::Lan => "round trip too long for --timing lan: use --timing wan",
+                    TimingProfile::Lan => "round trip too long for --timing lan: use --timing wan, or no timing flag (auto)",
                     TimingProfile::Wan => "round trip too long for the heartbeat interval",
                 });
             }

@@ -36,6 +36,7 @@ use crate::shutdown::{self, Shutdown};
 use crate::signer::{self, Signer};
 use crate::supervisor::Validator;
 use crate::tls::{self, ServerTls, TlsMaterial};
+use crate::tuning;
 
 /// Why `keyraft run` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +206,10 @@ pub async fn run(
     }
     let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
     // A node with no Raft state grants no votes until it knows it is new.
-    let gate = Arc::new(Gate::new(timing.election_max, !fresh));
+    // It refuses votes for the longest lease it may have promised before it
+    // stopped, and starts with the timing the cluster last committed.
+    let live = timing.live_for(cluster_rx.borrow().timing);
+    let gate = Arc::new(Gate::new(timing.longest_promise(), !fresh, live));
     let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
     let raft = Raft::new(
         cfg.id,
@@ -300,11 +304,8 @@ pub async fn run(
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn(join::register(sh.clone())),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
-        tokio::spawn(raft::heartbeat_while_leading(
-            raft.clone(),
-            gate.clone(),
-            timing.heartbeat,
-        )),
+        tokio::spawn(raft::heartbeat_while_leading(raft.clone(), gate.clone())),
+        tokio::spawn(tuning::run(sh.clone())),
     ];
     if let Some((signer, identity)) = &signer {
         for addr in &sh

@@ -484,7 +484,7 @@ fn lease_deadline(p: &Process, world: &World, term: Option<u64>) -> Option<Insta
         &p.metrics(),
         term,
         || world.now_ns(),
-        fence_after,
+        |_| fence_after,
     )
     .map(|ns| world.at_ns(ns))
 }

@@ -91,7 +91,7 @@ impl Process {
         let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
         let config = keyraft::raft::openraft_config(&timing)
             .map_err(|e| StartError::Refused(e.to_string()))?;
-        let gate = Arc::new(Gate::new(timing.election_max, true));
+        let gate = Arc::new(Gate::new(timing.longest_promise(), true, timing.start()));
         let network = Network {
             net: world.net.clone(),
             from: id,
@@ -145,7 +145,6 @@ impl Process {
         p.spawn(keyraft::raft::heartbeat_while_leading(
             p.raft.clone(),
             p.gate.clone(),
-            timing.heartbeat,
         ));
         let gossip = p.clone();
         p.spawn(async move { gossip.gossip(timing.gossip_interval).await });

@@ -84,6 +84,9 @@ pub fn timing() -> anyhow::Result<Timing> {
         listen: Some("127.0.0.1:7700".parse()?),
         insecure: true,
         witness: true,
+        // Pinned: profile switches are not simulated (auto timing's
+        // switch is covered by the real-process tests).
+        timing: Some(keyraft::config::TimingProfile::Lan),
         ..Default::default()
     };
     Ok(args.resolve()?.timing)

@@ -134,6 +134,7 @@ pub fn status_json(sh: &Shared) -> Value {
             "quorum": sh.has_quorum(), "paused": cluster.paused, "members": voters,
         },
         "nodes": nodes,
+        "timing": crate::tuning::status(sh, cluster.timing),
     });
     if let Some(c) = &sh.cfg.signer {
         let w = cluster.signer.as_ref();
@@ -297,7 +298,7 @@ async fn forward(
 }
 
 async fn take_leadership(sh: &Arc<Shared>) -> Result<(), Status> {
-    let limit = sh.cfg.timing.election_max * 6;
+    let limit = sh.timing().election_max * 6;
     let until = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < until {
         // Any live leader will do: one elected meanwhile runs the command.
@@ -305,7 +306,7 @@ async fn take_leadership(sh: &Arc<Shared>) -> Result<(), Status> {
             return Ok(());
         }
         let _ = sh.raft.trigger().elect(true).await;
-        tokio::time::sleep(sh.cfg.timing.election_min).await;
+        tokio::time::sleep(sh.timing().election_min).await;
     }
     Err(Status::unavailable(format!(
         "no leader could be elected within {limit:?}: is a majority of members up and connected?"
@@ -451,7 +452,7 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
         })?;
     // The successor takes the removal once it leads (it may still be
     // committing its activation).
-    let limit = sh.cfg.timing.election_max * 10;
+    let limit = sh.timing().election_max * 10;
     let until = tokio::time::Instant::now() + limit;
     loop {
         let cmd = pb::ClusterCommand {
@@ -479,7 +480,7 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
                 "node {id} handed over ({handed}), but the removal was not taken within {limit:?} ({last}): run it again"
             )));
         }
-        tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+        tokio::time::sleep(sh.timing().heartbeat).await;
     }
 }
 
@@ -489,10 +490,10 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
 /// could never commit and the cluster would stop ([`members`]).
 async fn voters_left_answer(sh: &Arc<Shared>, id: NodeId) -> Result<(), Status> {
     let asked = tokio::time::Instant::now();
-    let until = asked + sh.cfg.timing.election_max;
+    let until = asked + sh.timing().election_max;
     loop {
         let _ = sh.raft.trigger().heartbeat().await;
-        tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+        tokio::time::sleep(sh.timing().heartbeat).await;
         let acks = crate::node::ack_ages(&sh.raft_metrics());
         let why = members::removal_refusal(&voter_ids(sh), sh.cfg.id, &acks, id, asked.elapsed());
         match why {

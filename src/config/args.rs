@@ -81,8 +81,9 @@ pub struct RunArgs {
     #[arg(long, env = "KEYRAFT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
-    /// Timing defaults for the deployment's shape: lan (peer round trips
-    /// under 25 ms) or wan (nearby datacentres, up to 100 ms) [default: lan].
+    /// Pins the timing profile: lan (peer round trips under 25 ms) or wan
+    /// (nearby datacentres, up to 100 ms) [default: auto, the cluster picks
+    /// from measured round trips; any timing flag pins].
     #[arg(long, env = "KEYRAFT_TIMING", value_enum)]
     pub timing: Option<TimingProfile>,
     /// Leader heartbeat interval [default: 50ms with --timing lan, 150ms with wan].

@@ -18,7 +18,7 @@
 mod args;
 mod fencing;
 mod signer;
-mod timing;
+pub mod timing;
 mod validator;
 
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ pub use fencing::{FenceAgent, FenceAgents};
 use signer::resolve_signer;
 pub use signer::{PrivvalAddr, SignerConfig, SignerKind};
 use timing::resolve_timing;
-pub use timing::{Millis, ProfileTimes, Timing, TimingProfile};
+pub use timing::{Live, Millis, ProfileTimes, Timing, TimingProfile};
 use validator::{resolve_plain_node, resolve_validator};
 pub use validator::{
     ActivateBy, Chain, HealthKind, KernelFence, KeyLink, ValidatorConfig, ValidatorUser,

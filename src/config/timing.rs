@@ -2,8 +2,15 @@
 //! and `wan` profiles, and the safety inequality every resolved [`Timing`]
 //! must satisfy (docs/design.md, step 3).
 //!
-//! Owns: every timing default and the check that a configuration cannot
-//! let two validators overlap. Must not: read files or the environment.
+//! With no timing flag the timing is *auto*: each member starts with
+//! `lan`, and the cluster switches profile as a whole when its leader
+//! measures round trips that call for another ([`wanted`], committed as
+//! `SetTiming`). The values that switch are a [`Live`]; the rest of
+//! [`Timing`] stays as started.
+//!
+//! Owns: every timing default, the profile choice from measured round
+//! trips, and the check that a configuration cannot let two validators
+//! overlap. Must not: read files or the environment.
 
 use std::fmt;
 use std::str::FromStr;
@@ -70,21 +77,7 @@ impl Serialize for Millis {
     }
 }
 
-/// A named set of timing defaults, one per deployment shape. Each flag of
-/// the timing table still overrides its own value, and the safety
-/// inequality is checked on the result either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum TimingProfile {
-    /// One datacentre or a LAN (peer round trips under 25 ms): 50 ms
-    /// heartbeats, 300..600 ms elections, fenced 300 ms after the last
-    /// quorum-acked heartbeat.
-    #[default]
-    Lan,
-    /// Nearby datacentres (peer round trips up to 100 ms): 150 ms
-    /// heartbeats, 450..900 ms elections, fenced after 600 ms.
-    Wan,
-}
+pub use crate::ledger::TimingProfile;
 
 /// The defaults a profile sets.
 #[derive(Debug, Clone, Copy)]
@@ -122,9 +115,56 @@ impl TimingProfile {
     }
 }
 
+/// The round trip under which `lan` holds: each heartbeat is answered well
+/// within the lease. Above it for [`SLOW_FOR`] the cluster moves to `wan`.
+pub const LAN_RTT: Duration = Duration::from_millis(25);
+/// How long the slowest voter's round trips must stay above [`LAN_RTT`].
+pub const SLOW_FOR: Duration = Duration::from_secs(3);
+/// Back to `lan` only below this, for [`FAST_FOR`]: a hysteresis, so that a
+/// link near the bound does not flap between profiles.
+pub const BACK_TO_LAN_RTT: Duration = Duration::from_millis(10);
+pub const FAST_FOR: Duration = Duration::from_secs(30);
+/// The round trip above which no profile holds (the start log and `status`
+/// say so).
+pub const WAN_RTT: Duration = Duration::from_millis(100);
+
+/// Auto timing's choice: the profile the slowest voter's round trip calls
+/// for, given how long it has been above [`LAN_RTT`] (`slow_for`) or below
+/// [`BACK_TO_LAN_RTT`] (`fast_for`); `None` keeps `current`.
+pub fn wanted(
+    current: TimingProfile,
+    slow_for: Option<Duration>,
+    fast_for: Option<Duration>,
+) -> Option<TimingProfile> {
+    match current {
+        TimingProfile::Lan if slow_for.is_some_and(|d| d >= SLOW_FOR) => Some(TimingProfile::Wan),
+        TimingProfile::Wan if fast_for.is_some_and(|d| d >= FAST_FOR) => Some(TimingProfile::Lan),
+        _ => None,
+    }
+}
+
+/// The values a profile switch changes while the cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub profile: TimingProfile,
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    pub fence_after: Duration,
+    pub handover_delay: Duration,
+    /// How long a follower refuses votes after it acks this leader's
+    /// message (the leader sends it with each one): at least
+    /// `fence_after + kill_bound + drift_margin`, so that whatever profile
+    /// the successor runs, the old validator is dead before it is elected.
+    pub promise: Duration,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub profile: TimingProfile,
+    /// No timing flag was given: the profile is the cluster's, switched as
+    /// round trips call for (see [`wanted`]); `profile` is the first one.
+    pub auto: bool,
     pub heartbeat: Duration,
     pub election_min: Duration,
     pub election_max: Duration,
@@ -156,11 +196,114 @@ impl Timing {
     ) -> Duration {
         (fence_after + kill_bound + drift).saturating_sub(election_max)
     }
+
+    /// The switching values under `profile`: the profile's own with auto
+    /// timing; the values this node started with when pinned.
+    pub fn live(&self, profile: TimingProfile) -> Live {
+        let (profile, heartbeat, election_min, election_max, fence_after, handover_delay) = if self
+            .auto
+        {
+            let p = profile.times();
+            let d = Duration::from_millis;
+            let (fence, emax) = (d(p.fence_after), d(p.election_max));
+            let need = Self::min_handover_delay(fence, self.kill_bound, self.drift_margin, emax);
+            (
+                profile,
+                d(p.heartbeat),
+                d(p.election_min),
+                emax,
+                fence,
+                need,
+            )
+        } else {
+            (
+                self.profile,
+                self.heartbeat,
+                self.election_min,
+                self.election_max,
+                self.fence_after,
+                self.handover_delay,
+            )
+        };
+        Live {
+            profile,
+            heartbeat,
+            election_min,
+            election_max,
+            fence_after,
+            handover_delay,
+            promise: election_max.max(fence_after + self.kill_bound + self.drift_margin),
+        }
+    }
+
+    /// The values in force until the cluster says otherwise.
+    pub fn start(&self) -> Live {
+        self.live(self.profile)
+    }
+
+    /// The values in force given the cluster's committed choice, if any
+    /// (ignored when this node's timing is pinned).
+    pub fn live_for(&self, chosen: Option<crate::ledger::TimingChoice>) -> Live {
+        match chosen {
+            Some(c) if self.auto => self.live(c.profile),
+            _ => self.start(),
+        }
+    }
+
+    /// The longest vote refusal any profile this node may run promises: a
+    /// restarted node keeps quiet this long, and a transfer is refused this
+    /// long after the unreleased holder was last heard.
+    pub fn longest_promise(&self) -> Duration {
+        if self.auto {
+            [TimingProfile::Lan, TimingProfile::Wan]
+                .into_iter()
+                .map(|p| self.live(p).promise)
+                .max()
+                .unwrap_or(self.election_max)
+        } else {
+            self.start().promise
+        }
+    }
+
+    /// openraft's election timeouts (its leader lease is the second): with
+    /// auto timing the shortest profile's, since a longer promise is
+    /// enforced by keyraft itself (`raft::server`) and openraft's cannot
+    /// change while it runs.
+    pub fn raft_elections(&self) -> (Duration, Duration) {
+        if self.auto {
+            let p = TimingProfile::Lan.times();
+            (
+                Duration::from_millis(p.election_min),
+                Duration::from_millis(p.election_max),
+            )
+        } else {
+            (self.election_min, self.election_max)
+        }
+    }
+
+    /// How long one heartbeat may take before openraft gives up on it:
+    /// half the shortest lease, so that a round trip several heartbeats
+    /// long still renews it (the lease counts from the sending, so a late
+    /// answer never lengthens it).
+    pub fn heartbeat_deadline(&self) -> Duration {
+        let shortest = if self.auto {
+            Duration::from_millis(TimingProfile::Lan.times().fence_after)
+        } else {
+            self.fence_after
+        };
+        (shortest / 2).max(self.heartbeat)
+    }
 }
 
 pub(super) fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {
     let ms = |v: Option<Millis>, d: u64| v.map(|m| m.0).unwrap_or(Duration::from_millis(d));
     let profile = a.timing.unwrap_or_default();
+    let auto = a.timing.is_none()
+        && a.heartbeat_interval.is_none()
+        && a.election_timeout_min.is_none()
+        && a.election_timeout_max.is_none()
+        && a.fence_after.is_none()
+        && a.handover_delay.is_none();
     let p = profile.times();
     let heartbeat = ms(a.heartbeat_interval, p.heartbeat);
     let election_min = ms(a.election_timeout_min, p.election_min);
@@ -208,6 +351,7 @@ pub(super) fn resolve_timing(a: &RunArgs) -> Result<Timing, ConfigError> {
     }
     Ok(Timing {
         profile,
+        auto,
         heartbeat,
         election_min,
         election_max,
@@ -241,6 +385,96 @@ mod tests {
         );
         assert!("fast".parse::<Millis>().is_err());
         assert!("-1s".parse::<Millis>().is_err());
+    }
+
+    fn args(flags: &[&str]) -> Timing {
+        let mut all = vec![
+            "keyraft",
+            "--node-id",
+            "1",
+            "--peer",
+            "2=127.0.0.1:7702",
+            "--listen",
+            "127.0.0.1:7700",
+            "--insecure",
+            "--witness",
+        ];
+        all.extend_from_slice(flags);
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        Cli::parse_from(all).run.resolve().unwrap().timing
+    }
+
+    #[test]
+    fn auto_timing_without_flags_and_a_promise_that_covers_each_profile() {
+        let d = Duration::from_millis;
+        let auto = args(&[]);
+        assert!(auto.auto);
+        assert_eq!(auto.start().profile, TimingProfile::Lan);
+        let (lan, wan) = (auto.live(TimingProfile::Lan), auto.live(TimingProfile::Wan));
+        assert_eq!(
+            (lan.heartbeat, lan.fence_after, lan.promise),
+            (d(50), d(300), d(600))
+        );
+        assert_eq!(
+            (wan.heartbeat, wan.fence_after, wan.promise),
+            (d(150), d(600), d(900))
+        );
+        assert_eq!(auto.longest_promise(), d(900));
+        // openraft runs lan's lease (keyraft enforces a longer promise) and
+        // allows a heartbeat half of lan's lease.
+        assert_eq!(auto.raft_elections(), (d(300), d(600)));
+        assert_eq!(auto.heartbeat_deadline(), d(150));
+        // A longer kill bound lengthens every promise with it.
+        let slow_kill = args(&["--kill-bound", "400ms"]);
+        assert!(slow_kill.auto);
+        assert_eq!(slow_kill.live(TimingProfile::Lan).promise, d(800));
+        assert_eq!(slow_kill.live(TimingProfile::Wan).promise, d(1100));
+        // Any timing flag pins the profile: the live values are the flags'.
+        for flags in [
+            &["--timing", "wan"][..],
+            &["--fence-after", "250ms"],
+            &["--heartbeat-interval", "60ms"],
+        ] {
+            let pinned = args(flags);
+            assert!(!pinned.auto, "{flags:?}");
+            assert_eq!(
+                pinned.live(TimingProfile::Lan),
+                pinned.live(TimingProfile::Wan),
+                "{flags:?}"
+            );
+        }
+        assert_eq!(
+            args(&["--timing", "wan"]).live(TimingProfile::Lan).profile,
+            TimingProfile::Wan
+        );
+    }
+
+    #[test]
+    fn the_profile_follows_the_slowest_round_trip_with_hysteresis() {
+        let s = Duration::from_secs;
+        use TimingProfile::*;
+        // (current, slow for, fast for, wanted)
+        let table = [
+            (Lan, None, None, None),
+            (Lan, Some(s(2)), None, None),
+            (Lan, Some(s(3)), None, Some(Wan)),
+            (Wan, Some(s(60)), None, None),
+            (Wan, None, Some(s(29)), None),
+            (Wan, None, Some(s(30)), Some(Lan)),
+            (Lan, None, Some(s(60)), None),
+        ];
+        for (current, slow, fast, want) in table {
+            assert_eq!(
+                wanted(current, slow, fast),
+                want,
+                "{current:?} {slow:?} {fast:?}"
+            );
+        }
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl Custody {
     /// the chain reached. Returns whether the release was committed; it is
     /// not even tried without the proof and the unlink.
     pub async fn stop_and_release(&mut self, term: u64, reason: &'static str) -> bool {
-        let t = self.sh.cfg.timing;
+        let t = self.sh.timing();
         // The last height the node reached, fresh, for the successor's watermark.
         let mut height = self.health().and_then(|h| h.height);
         if let Some(node) = &mut self.node {
@@ -389,25 +389,46 @@ impl Custody {
 }
 
 /// The lease deadline, in CLOCK_MONOTONIC ns, while this node leads (in
-/// `term`, if given): see [`policy::lease_deadline`].
+/// `term`, if given): see [`policy::lease_deadline`]. Every deadline the
+/// guard or the kernel fence is given comes from here, so this is also
+/// where this node promises not to vote before it has passed (plus the
+/// kill bound and drift): the leader's own vote must not elect a successor
+/// while its validator may still run, whatever openraft's own lease says.
 pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
     let m = sh.raft_metrics();
-    lease_deadline_of(&m, term, fence::mono_now_ns, sh.cfg.timing.fence_after)
+    let (live, before, since_change) = sh.gate.live_change();
+    let fence =
+        |basis| policy::fence_in_force(live.fence_after, before.fence_after, since_change, basis);
+    let deadline = lease_deadline_of(&m, term, fence::mono_now_ns, fence)?;
+    // openraft's leader refuses votes for its lease after the last quorum
+    // ack by itself; only a longer fence (a longer profile's) needs more.
+    let t = &sh.cfg.timing;
+    let (_, openraft_lease) = t.raft_elections();
+    if live.fence_after + t.kill_bound + t.drift_margin > openraft_lease {
+        // The clock read first: the time left is then over-, never
+        // under-stated.
+        let now_ns = fence::mono_now_ns();
+        let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
+        sh.gate
+            .promise_until(tokio::time::Instant::now() + left + t.kill_bound + t.drift_margin);
+    }
+    Some(deadline)
 }
 
 /// [`lease_deadline`] over any node's Raft metrics and clock (`now_ns`,
 /// the simulator passes its own): the deadline while `m` shows this node
-/// leading (in `term`, if given), from its last quorum ack.
+/// leading (in `term`, if given), from its last quorum ack, with the fence
+/// `fence_after` gives for that ack's age.
 pub fn lease_deadline_of<C: openraft::RaftTypeConfig<Term = u64>>(
     m: &openraft::RaftMetrics<C>,
     term: Option<u64>,
     now_ns: impl FnOnce() -> u64,
-    fence_after: Duration,
+    fence_after: impl FnOnce(Duration) -> Duration,
 ) -> Option<u64> {
     let leads = m.state == ServerState::Leader && term.is_none_or(|t| t == m.current_term);
     // `now` before `age`: a stall between the two reads then moves the
     // deadline earlier, never later.
     let now = now_ns();
     let basis = policy::lease_basis(leads, quorum_ack_age(m));
-    policy::lease_deadline(now, basis, fence_after)
+    policy::lease_deadline(now, basis, fence_after(basis?))
 }

@@ -70,7 +70,7 @@ impl Coordinator {
         m: &raft::Metrics,
         last_resort: bool,
     ) -> Duration {
-        let t = self.sh.cfg.timing;
+        let t = self.sh.timing();
         let now = Instant::now();
         if now < self.next_campaign {
             return self.next_campaign - now;
@@ -119,7 +119,7 @@ impl Coordinator {
         let Some(deadline) = custody::lease_deadline(&self.sh, None) else {
             tracing::warn!(
                 "lease expired: no quorum ack within {:?}",
-                self.sh.cfg.timing.fence_after
+                self.sh.timing().fence_after
             );
             return Err(self.deactivate("lease").await);
         };
@@ -248,7 +248,7 @@ impl Coordinator {
             .sh
             .raft
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
-        let t = self.sh.cfg.timing;
+        let t = self.sh.timing();
         let ok = tokio::select! {
             _ = self.shutdown.requested() => return Err(State::Shutdown),
             r = tokio::time::timeout(t.election_max * 2, read) => matches!(r, Ok(Ok(_))),
@@ -269,7 +269,7 @@ impl Coordinator {
         let sh = self.sh.clone();
         let deposed = async move {
             loop {
-                tokio::time::sleep(sh.cfg.timing.heartbeat).await;
+                tokio::time::sleep(sh.timing().heartbeat).await;
                 let m = sh.raft_metrics();
                 if m.state != ServerState::Leader || m.current_term != term {
                     return;
@@ -303,7 +303,7 @@ impl Coordinator {
 
     /// Steps 2 to 4: commit, wait out the old lease, arm the guard, link, start.
     pub(super) async fn activate(&mut self, term: u64) -> State {
-        let t = self.sh.cfg.timing;
+        let t = self.sh.timing();
         let id = self.sh.cfg.id;
         let previous = self.cluster_rx.borrow().key_holder().filter(|n| *n != id);
         // When the previous holder was last heard from as leader (not a
@@ -438,7 +438,7 @@ impl Coordinator {
     pub(super) async fn handover_released(&mut self, term: u64, target: NodeId) -> (State, bool) {
         tracing::info!("handing over to node {target}");
         let released = self.custody.stop_and_release(term, "handover").await;
-        self.stand_down_until = Some(Instant::now() + self.sh.cfg.timing.election_max * 2);
+        self.stand_down_until = Some(Instant::now() + self.sh.timing().election_max * 2);
         self.publish(StateName::Startup);
         if !released {
             tracing::error!("no release committed: not transferring leadership; the successor waits out the lease");

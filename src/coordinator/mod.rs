@@ -174,7 +174,7 @@ impl Coordinator {
         shutdown: Shutdown,
         rejoining: bool,
     ) -> Coordinator {
-        let election_min = sh.cfg.timing.election_min;
+        let election_min = sh.timing().election_min;
         Coordinator {
             raft_rx: sh.raft.metrics(),
             cluster_rx: sh.cluster.clone(),
@@ -274,7 +274,7 @@ impl Coordinator {
         let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
         View {
             id: self.sh.cfg.id,
-            timing: self.sh.cfg.timing,
+            timing: self.sh.timing(),
             witness: self.sh.cfg.witness,
             signer_mode: self.sh.cfg.signer.is_some(),
             health: self.custody.health(),
@@ -525,7 +525,7 @@ impl Coordinator {
                         policy::VotingStep::Wait => Duration::from_secs(1),
                         // Fresh from its election: the first ack is a round trip away.
                         _ if m.last_quorum_acked.is_none() => Duration::from_millis(5),
-                        _ => self.sh.cfg.timing.heartbeat,
+                        _ => self.sh.timing().heartbeat,
                     }
                 }
             };
@@ -540,7 +540,7 @@ impl Coordinator {
 
     /// Step 5: hold the lease while validating.
     async fn validating(&mut self, term: u64) -> State {
-        let t = self.sh.cfg.timing;
+        let t = self.sh.timing();
         let mut unhealthy_since: Option<Instant> = None;
         loop {
             self.publish(StateName::Validating);

@@ -278,14 +278,17 @@ pub fn may_hand_on(
 /// Step 3's wait before a new leader touches the key: none after a clean
 /// handover; otherwise `handover_delay`, and at least until
 /// `election_timeout_max + handover_delay` have passed since this node last
-/// heard from the unreleased holder as leader (`since_holder`). An ordinary
+/// heard from the unreleased holder as leader (`since_holder`; with auto
+/// timing, the longest promise of any profile). An ordinary
 /// election already took that long; a leader elected by transfer may not
 /// have, and must not act sooner for it.
 pub fn takeover_wait(clean: bool, since_holder: Option<Duration>, t: &Timing) -> Duration {
     if clean {
         return Duration::ZERO;
     }
-    let lease = t.election_max + t.handover_delay;
+    // The holder's messages may have promised a longer profile's refusal
+    // than the one in force here (auto timing): wait out the longest.
+    let lease = (t.election_max + t.handover_delay).max(t.longest_promise());
     let rest = since_holder.map_or(Duration::ZERO, |d| lease.saturating_sub(d));
     t.handover_delay.max(rest)
 }
@@ -301,6 +304,27 @@ pub fn lease_deadline(
     let age = ack_age?;
     let deadline = now_ns.saturating_sub(age.as_nanos() as u64) + fence_after.as_nanos() as u64;
     (deadline > now_ns).then_some(deadline)
+}
+
+/// Step 5 across a timing switch: the fence a lease counted from a message
+/// sent `basis_age` ago may use. That message carried the promise of the
+/// timing in force when it was sent: after the switch (`since_change`
+/// ago), the new one's fence (`now`); before it, the shorter of the two,
+/// since a follower promised only the old one's refusal. So a leader
+/// lengthens its fence only once a quorum acked messages that promised
+/// the longer refusal, and shortens it at once. (Two profiles: the shorter
+/// of the last two is the shortest of all.)
+pub fn fence_in_force(
+    now: Duration,
+    before: Duration,
+    since_change: Duration,
+    basis_age: Duration,
+) -> Duration {
+    if basis_age < since_change {
+        now
+    } else {
+        now.min(before)
+    }
 }
 
 /// Step 5: whether this node still holds the key it activated in `term`:

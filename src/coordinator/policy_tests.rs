@@ -342,6 +342,36 @@ fn a_takeover_waits_out_the_holders_lease_however_it_was_elected() {
             "clean {clean}, since {since:?}, delay {delay:?}"
         );
     }
+    // Auto timing running lan: the holder may have promised wan's 900 ms.
+    let mut auto = timing();
+    auto.auto = true;
+    assert_eq!(takeover_wait(false, Some(ms(65)), &auto), ms(835));
+    assert_eq!(takeover_wait(true, Some(ms(65)), &auto), none);
+}
+
+#[test]
+fn a_lease_uses_a_longer_fence_only_from_messages_sent_after_the_switch() {
+    let ms = Duration::from_millis;
+    // (fence now, fence before, since the switch, age of the acked send, fence)
+    let table = [
+        // Lengthened 100 ms ago: an ack of a message sent 150 ms ago
+        // promised only the old refusal.
+        (ms(600), ms(300), ms(100), ms(150), ms(300)),
+        (ms(600), ms(300), ms(100), ms(100), ms(300)),
+        (ms(600), ms(300), ms(100), ms(40), ms(600)),
+        // Shortened: at once, whatever the ack.
+        (ms(300), ms(600), ms(100), ms(150), ms(300)),
+        (ms(300), ms(600), ms(100), ms(40), ms(300)),
+        // No switch (both the same).
+        (ms(300), ms(300), ms(5_000), ms(40), ms(300)),
+    ];
+    for (now, before, since, age, want) in table {
+        assert_eq!(
+            fence_in_force(now, before, since, age),
+            want,
+            "now {now:?} before {before:?} since {since:?} age {age:?}"
+        );
+    }
 }
 
 #[test]

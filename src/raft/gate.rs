@@ -13,6 +13,7 @@ use std::sync::Mutex;
 // one under `keyraft-sim` (sim/), where the same gate decides votes.
 use tokio::time::Instant;
 
+use crate::config::Live;
 use crate::ledger::NodeId;
 
 /// What the Raft server handlers need to know beyond openraft: the
@@ -50,6 +51,13 @@ pub struct Gate {
     /// with every append, so that followers remember what a leader held
     /// (step 9): a leader restored from a copy of its own term is caught.
     own_durable: AtomicU64,
+    /// The timing in force (the cluster's profile with auto timing), the
+    /// one before it, and when it changed (see [`Gate::live_change`]).
+    live: Mutex<(Live, Live, Instant)>,
+    /// Votes are refused until then: the longest promise this node made
+    /// when it acked a leader's message, or, leading with the key, its
+    /// lease plus kill bound and drift (see [`Gate::promise_until`]).
+    promised: Mutex<Option<Instant>>,
 }
 
 fn stamp(at: &Mutex<Option<Instant>>) {
@@ -63,7 +71,7 @@ fn age(at: &Mutex<Option<Instant>>) -> Option<std::time::Duration> {
 }
 
 impl Gate {
-    pub fn new(restart_quiet: std::time::Duration, votes_open: bool) -> Gate {
+    pub fn new(restart_quiet: std::time::Duration, votes_open: bool, live: Live) -> Gate {
         Gate {
             started: Instant::now(),
             restart_quiet,
@@ -77,7 +85,50 @@ impl Gate {
             behind_candidate: Mutex::new(None),
             nudge: tokio::sync::Notify::new(),
             own_durable: AtomicU64::new(0),
+            live: Mutex::new((live, live, Instant::now())),
+            promised: Mutex::new(None),
         }
+    }
+
+    /// The timing in force.
+    pub fn live(&self) -> Live {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The timing in force, the one before it, and how long ago it changed:
+    /// a message sent before the change carried the old promise, so a lease
+    /// counted from it must not use a longer fence (see
+    /// `coordinator::policy::fence_in_force`).
+    pub fn live_change(&self) -> (Live, Live, std::time::Duration) {
+        let (now, before, at) = *self.live.lock().unwrap_or_else(|p| p.into_inner());
+        (now, before, at.elapsed())
+    }
+
+    /// Puts `live` in force (the cluster committed its profile). Returns
+    /// whether it changed anything.
+    pub fn set_live(&self, live: Live) -> bool {
+        let mut l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if l.0 == live {
+            return false;
+        }
+        *l = (live, l.0, Instant::now());
+        true
+    }
+
+    /// Refuses votes until at least `until` (never shortens an earlier
+    /// promise: one made in an ack must hold however the timing changes).
+    pub fn promise_until(&self, until: Instant) {
+        let mut p = self.promised.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_none_or(|p| p < until) {
+            *p = Some(until);
+        }
+    }
+
+    /// How much longer this node has promised to refuse votes.
+    pub fn promised_for(&self) -> Option<std::time::Duration> {
+        let p = *self.promised.lock().unwrap_or_else(|p| p.into_inner());
+        p.map(|p| p.saturating_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
     }
 
     /// Sets what this node, leading, holds fsynced ([`Gate::own_durable`]);
@@ -232,10 +283,50 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn live() -> Live {
+        let d = Duration::from_millis;
+        Live {
+            profile: crate::ledger::TimingProfile::Lan,
+            heartbeat: d(50),
+            election_min: d(300),
+            election_max: d(600),
+            fence_after: d(300),
+            handover_delay: d(0),
+            promise: d(600),
+        }
+    }
+
+    #[test]
+    fn a_promise_is_never_shortened_and_runs_out() {
+        let gate = Gate::new(Duration::ZERO, true, live());
+        assert_eq!(gate.promised_for(), None);
+        gate.promise_until(Instant::now());
+        assert_eq!(gate.promised_for(), None, "a promise that ran out");
+        gate.promise_until(Instant::now() + Duration::from_millis(900));
+        gate.promise_until(Instant::now() + Duration::from_millis(600));
+        let left = gate.promised_for().unwrap();
+        assert!(left > Duration::from_millis(800), "{left:?}");
+    }
+
+    #[test]
+    fn a_new_timing_remembers_the_one_before() {
+        let gate = Gate::new(Duration::ZERO, true, live());
+        assert!(!gate.set_live(live()), "the same timing is no change");
+        let wan = Live {
+            fence_after: Duration::from_millis(600),
+            ..live()
+        };
+        assert!(gate.set_live(wan));
+        let (now, before, since) = gate.live_change();
+        assert_eq!((now, before), (wan, live()));
+        assert!(since < Duration::from_secs(5));
+        assert_eq!(gate.live(), wan);
+    }
+
     #[test]
     fn a_transfer_vote_waits_out_an_unreleased_holders_lease() {
         let lease = Duration::from_millis(600);
-        let gate = Gate::new(Duration::ZERO, true);
+        let gate = Gate::new(Duration::ZERO, true, live());
         gate.leader_contact(1);
         // (holder, candidate, refused?)
         let table = [
@@ -256,11 +347,11 @@ mod tests {
             .transfer_vote_refusal(Some(1), 2, Duration::ZERO)
             .is_none());
         // Restarted within the lease: it forgot when it heard the holder.
-        let quiet = Gate::new(lease, true);
+        let quiet = Gate::new(lease, true, live());
         assert!(quiet.transfer_vote_refusal(Some(1), 2, lease).is_some());
         assert!(quiet.transfer_vote_refusal(None, 2, lease).is_none());
         // Rejoining: no votes at all.
-        let rejoining = Gate::new(Duration::ZERO, false);
+        let rejoining = Gate::new(Duration::ZERO, false, live());
         assert!(rejoining.transfer_vote_refusal(None, 2, lease).is_some());
     }
 }

@@ -14,8 +14,6 @@ pub mod network;
 pub mod server;
 pub mod store;
 
-use std::time::Duration;
-
 use openraft::BasicNode;
 
 use crate::config::Timing;
@@ -40,17 +38,20 @@ pub type Metrics = openraft::RaftMetrics<TypeConfig>;
 
 /// openraft's configuration for keyraft's timings.
 pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigError> {
+    let (election_min, election_max) = t.raft_elections();
     openraft::Config {
         cluster_name: "keyraft".into(),
-        heartbeat_interval: t.heartbeat.as_millis() as u64,
-        election_timeout_min: t.election_min.as_millis() as u64,
-        election_timeout_max: t.election_max.as_millis() as u64,
+        // With the tick off this only bounds each heartbeat's round trip
+        // (keyraft's timer sends them, at the interval in force).
+        heartbeat_interval: t.heartbeat_deadline().as_millis() as u64,
+        election_timeout_min: election_min.as_millis() as u64,
+        election_timeout_max: election_max.as_millis() as u64,
         enable_pre_vote: Some(true),
         // CheckQuorum's quiet phase: a leader without a quorum ack for the
         // lease stops heartbeating (for the shortest period openraft
         // allows), so that a follower it still reaches is not kept from
         // joining the quorum that elects a successor.
-        quorum_loss_probe_interval: Some(t.election_max.as_millis() as u64 * 2),
+        quorum_loss_probe_interval: Some(election_max.as_millis() as u64 * 2),
         // openraft's timer never starts an election: the coordinator does,
         // once this node may campaign (eligible, up for
         // `election_timeout_max`) and it is its turn (see `maybe_campaign`).
@@ -99,11 +100,8 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
 ///
 /// Generic over the type configuration and state machine so that the
 /// simulator (`sim/`) runs this same timer over its own storage.
-pub async fn heartbeat_while_leading<C, SM>(
-    raft: openraft::Raft<C, SM>,
-    gate: std::sync::Arc<Gate>,
-    interval: Duration,
-) where
+pub async fn heartbeat_while_leading<C, SM>(raft: openraft::Raft<C, SM>, gate: std::sync::Arc<Gate>)
+where
     C: openraft::RaftTypeConfig,
     SM: openraft::storage::RaftStateMachine<C>,
 {
@@ -116,6 +114,8 @@ pub async fn heartbeat_while_leading<C, SM>(
             m.state == openraft::ServerState::Leader
         };
         if leads {
+            // At the interval in force; a profile switch restarts the timer.
+            let mut interval = gate.live().heartbeat;
             let mut beat = tokio::time::interval(interval);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -125,6 +125,11 @@ pub async fn heartbeat_while_leading<C, SM>(
                     _ = beat.tick() => {
                         if gate.heartbeats() && raft.trigger().heartbeat().await.is_err() {
                             return;
+                        }
+                        if gate.live().heartbeat != interval {
+                            interval = gate.live().heartbeat;
+                            beat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         }
                     }
                     changed = metrics.changed() => {

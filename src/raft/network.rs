@@ -264,9 +264,15 @@ impl PeerConnection {
             .peers
             .raft_client(self.target)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        // The promise of the timing in force now, read after openraft
+        // stamped this message's sending time: a lease counted from it
+        // uses that timing's fence only if it was sent after the switch
+        // (`policy::fence_in_force`).
+        let promise_ms = self.gate.live().promise.as_millis().min(u32::MAX as u128) as u32;
         let payload = pb::RaftPayload {
             json,
             leader_durable,
+            promise_ms,
         };
         let request = self.peers.request(payload, ttl);
         let reply = self

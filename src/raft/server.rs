@@ -14,7 +14,9 @@
 //! Raft state itself; openraft does that.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
 };
@@ -70,6 +72,10 @@ impl RaftService {
     }
 }
 
+/// The longest vote refusal a leader's message can ask for (a bound on a
+/// malformed one: no profile comes near it).
+const MAX_PROMISE_MS: u32 = 10_000;
+
 fn decode<T: DeserializeOwned>(req: &pb::RaftPayload) -> Result<T, Status> {
     serde_json::from_slice(&req.json)
         .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
@@ -81,6 +87,7 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
             Response::new(pb::RaftPayload {
                 json,
                 leader_durable: 0,
+                promise_ms: 0,
             })
         })
         .map_err(|e| Status::internal(e.to_string()))
@@ -128,6 +135,23 @@ impl RaftService {
         if rpc.leadership_transfer {
             self.transfer_vote(peer).await?;
             Ok(rpc)
+        } else if let Some(left) = self.gate.promised_for() {
+            // A longer profile's promise than openraft's own lease (which
+            // refuses by itself) is not over: refused here, where openraft
+            // might grant. A candidate behind this node's log is still noted.
+            let ours = self.raft.metrics().borrow_watched().last_log_index;
+            if ours > rpc.last_log_id.map(|l| l.index) {
+                self.gate.saw_behind_candidate(peer);
+            }
+            tracing::info!(
+                candidate = peer,
+                left_ms = left.as_millis() as u64,
+                "refused a vote: promised a leader's lease beyond openraft's"
+            );
+            Err(Status::unavailable(format!(
+                "not granting votes for another {} ms: the lease of a leader it acked (or its own) may still run",
+                left.as_millis()
+            )))
         } else if self.gate.may_grant_votes() {
             Ok(rpc)
         } else {
@@ -149,7 +173,7 @@ impl RaftService {
             let holder = cluster.borrow_and_update().key_holder();
             let Some(why) =
                 self.gate
-                    .transfer_vote_refusal(holder, candidate, self.timing.election_max)
+                    .transfer_vote_refusal(holder, candidate, self.timing.longest_promise())
             else {
                 return Ok(());
             };
@@ -214,12 +238,20 @@ impl pb::raft_server::Raft for RaftService {
             .leader_commit
             .map_or(0, |c| c.index)
             .min(req.get_ref().leader_durable);
+        let promise = Duration::from_millis(req.get_ref().promise_ms.min(MAX_PROMISE_MS).into());
+        // openraft's own lease refuses votes this long after the contact by
+        // itself; only a longer promise (a longer profile's) needs keyraft.
+        let (_, openraft_lease) = self.timing.raft_elections();
+        let promise = (promise > openraft_lease).then_some(promise);
         let result = self.raft.append_entries(rpc).await;
         if rpc_committed_vote(&result) {
             self.saw_leader(peer, term, committed).await;
-        }
-        if rpc_committed_vote(&result) {
             self.gate.leader_contact(peer);
+            // Before the ack leaves: counted from now, which is after the
+            // leader sent it, so the refusal outlasts the leader's lease.
+            if let Some(p) = promise {
+                self.gate.promise_until(tokio::time::Instant::now() + p);
+            }
         }
         reply(&result)
     }
