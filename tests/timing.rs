@@ -1,0 +1,193 @@
+//! Auto timing under real latency, judged by the fake chain: with default
+//! flags a cluster whose links carry 80 ms round trips switches itself to
+//! the `wan` profile while it validates, keeps its validator, fails over
+//! under it, and switches back to `lan` when the latency goes, with no
+//! double sign throughout.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{Cluster, NodeOpts, SETTLE};
+use localnet::harness::eventually;
+use localnet::proxy::Latency;
+use nix::sys::signal::Signal;
+
+const BLOCK_MS: u64 = 500;
+
+/// The timing profile node `id` runs, as its `status` says.
+async fn profile(c: &Cluster, id: u64) -> Result<String> {
+    let s = c.status(id).await?;
+    Ok(s["timing"]["profile"].as_str().unwrap_or("").to_string())
+}
+
+/// Waits until every node in `ids` runs `want`.
+async fn all_run(c: &Cluster, ids: &[u64], want: &str, limit: Duration) -> Result<()> {
+    eventually(limit, &format!("every node to run {want}"), || async {
+        for &id in ids {
+            if profile(c, id).await? != want {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn default_flags_over_80ms_round_trips_switch_to_wan_keep_the_validator_and_come_back(
+) -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    let active = c.active().await?;
+    let status = c.status(active).await?;
+    ensure!(
+        status["timing"]["profile"] == "lan" && status["timing"]["chosen"] == "auto",
+        "default flags start on lan, auto: {}",
+        status["timing"]
+    );
+    let activations = |id: u64| c.metric(id, "keyraft_activations_total");
+    let mut started = Vec::new();
+    for id in 1..=3 {
+        started.push(activations(id).await?);
+    }
+    let before = c.chain.totals().await?;
+
+    // 80-100 ms round trips on every peer link: the cluster measures them
+    // and commits `wan` while the validator signs.
+    c.set_latency(Latency {
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(10),
+    });
+    all_run(&c, &[1, 2, 3], "wan", Duration::from_secs(20)).await?;
+    let s = c.status(active).await?;
+    ensure!(
+        s["timing"]["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("committed by the cluster")
+            && s["timing"]["slowest_voter_rtt_ms"].as_f64().unwrap_or(0.0) >= 60.0,
+        "the switch does not say why: {}",
+        s["timing"]
+    );
+    ensure!(
+        c.metric(
+            active,
+            "keyraft_timing_profile{chosen=\"auto\",profile=\"wan\"}"
+        )
+        .await?
+            == 1.0,
+        "the metric does not show wan"
+    );
+    // 60 s of blocks from the moment the latency began, switch included.
+    let after = c
+        .chain
+        .wait_height(before.height + 60_000 / BLOCK_MS, Duration::from_secs(90))
+        .await?;
+    c.assert_no_double_signs().await?;
+    let missed = after.missed - before.missed;
+    ensure!(
+        missed <= 2,
+        "{missed} heights missed in 60 s over 80 ms round trips:\n{}",
+        c.logs()
+    );
+    for id in 1..=3 {
+        ensure!(
+            activations(id).await? == started[id as usize - 1],
+            "node {id} activated under latency (churn):\n{}",
+            c.logs()
+        );
+    }
+    ensure!(c.active().await? == active, "the key moved");
+
+    // A failover under wan: the old validator is fenced before the new
+    // one signs.
+    let height = c.chain.totals().await?.height;
+    c.proc(active)?.signal(Signal::SIGKILL)?;
+    let (next, _) = c.wait_signer(height, &[active]).await?;
+    ensure!(next != active, "the killed node signs");
+    let others: Vec<u64> = (1..=3).filter(|id| *id != active).collect();
+    c.assert_no_double_signs().await?;
+
+    // The latency goes: back to lan after 30 s of short round trips
+    // (the profile shortens: the leader's fence first, at once).
+    c.set_latency(Latency::default());
+    all_run(&c, &others, "lan", Duration::from_secs(45)).await?;
+    let now = c.chain.totals().await?.height;
+    c.chain
+        .wait_height(now + 10, SETTLE)
+        .await
+        .context("blocks after the switch back")?;
+    let end = c.assert_no_double_signs().await?;
+    ensure!(
+        c.active().await? == next,
+        "the key moved on the switch back to lan:\n{}",
+        c.logs()
+    );
+    ensure!(end.double_signs == 0);
+    Ok(())
+}
+
+/// A leader pinned to `wan` among members pinned to `lan`: its messages
+/// promise wan's vote refusal (900 ms), longer than the others' openraft
+/// lease (lan's 600 ms). With its coordinator frozen, a standby campaigns
+/// after lan's timeout and the other refuses it by that promise (keyraft's
+/// refusal, not openraft's); the guard kills the old validator at wan's
+/// lease, and the successor signs only after it.
+#[tokio::test]
+async fn a_wan_leaders_promise_holds_on_lan_followers() -> Result<()> {
+    let c = Cluster::start(3, 250, |id| NodeOpts {
+        flags: vec![
+            "--timing".into(),
+            if id == 1 { "wan" } else { "lan" }.into(),
+        ],
+        ..NodeOpts::default()
+    })
+    .await?;
+    let first = c.active().await?;
+    if first != 1 {
+        let h = c.chain.totals().await?.height;
+        eventually(SETTLE, "a switchover to node 1 accepted", || async {
+            let out = c.cli(first, &["switchover", "--to", "1"]).await?;
+            Ok(out.status.success().then_some(()))
+        })
+        .await?;
+        let others: Vec<u64> = (2..=3).collect();
+        c.wait_signer(h, &others).await?;
+        eventually(SETTLE, "node 1 to report Validating", || async {
+            Ok((c.own_state(1).await? == "Validating").then_some(()))
+        })
+        .await?;
+    }
+    let pid = c.validator_pid(1).context("no validator pid")?;
+    let at = c.chain.totals().await?.height;
+    c.signal(1, Signal::SIGSTOP)?;
+    eventually(
+        Duration::from_secs(3),
+        "the old validator to die",
+        || async { Ok((!localnet::cluster::alive(pid)).then_some(())) },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    let (new, s) = c.wait_signer(at + 1, &[1]).await?;
+    let first = s.first_signed_by(new, 0).unwrap_or(0);
+    let old_last = c.chain.stats_since(0).await?.last_signed_by(1).unwrap_or(0);
+    ensure!(
+        old_last < first,
+        "the old validator signed height {old_last}, at or after the successor's first {first}"
+    );
+    let refused = (2..=3).any(|id| {
+        c.proc(id)
+            .map(|p| {
+                p.log_text()
+                    .contains("promised a leader's lease beyond openraft's")
+            })
+            .unwrap_or(false)
+    });
+    c.signal(1, Signal::SIGCONT)?;
+    c.assert_no_double_signs().await?;
+    ensure!(
+        refused,
+        "no standby refused a vote by the wan leader's promise:\n{}",
+        c.logs()
+    );
+    Ok(())
+}
