@@ -345,7 +345,7 @@ impl Coordinator {
         let since_holder = prior
             .filter(|p| !p.released && p.node != id)
             .and_then(|p| self.p.gate.since_contact_from(p.node));
-        let wait = policy::takeover_wait(clean, since_holder, &t);
+        let wait = policy::takeover_wait(clean, since_holder, self.p.gate.promised_for(), &t);
         if let Err(next) = self.hold(wait, term).await {
             return next;
         }

@@ -355,7 +355,7 @@ impl Coordinator {
         let since_holder = prior
             .filter(|p| !p.released && p.node != id)
             .and_then(|p| self.sh.gate.since_contact_from(p.node));
-        let wait = policy::takeover_wait(clean, since_holder, &t);
+        let wait = policy::takeover_wait(clean, since_holder, self.sh.gate.promised_for(), &t);
         if !wait.is_zero() {
             tracing::info!(
                 wait_ms = wait.as_millis() as u64,

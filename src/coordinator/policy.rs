@@ -278,19 +278,24 @@ pub fn may_hand_on(
 /// Step 3's wait before a new leader touches the key: none after a clean
 /// handover; otherwise `handover_delay`, and at least until
 /// `election_timeout_max + handover_delay` have passed since this node last
-/// heard from the unreleased holder as leader (`since_holder`; with auto
-/// timing, the longest promise of any profile). An ordinary
-/// election already took that long; a leader elected by transfer may not
-/// have, and must not act sooner for it.
-pub fn takeover_wait(clean: bool, since_holder: Option<Duration>, t: &Timing) -> Duration {
+/// heard from the unreleased holder as leader (`since_holder`), and until
+/// the vote refusal this node promised has run out (`promised`: with auto
+/// timing, a leader's messages may have promised a longer profile's
+/// refusal than the one in force here). An ordinary election already took
+/// that long; a leader elected by transfer may not have, and must not act
+/// sooner for it.
+pub fn takeover_wait(
+    clean: bool,
+    since_holder: Option<Duration>,
+    promised: Option<Duration>,
+    t: &Timing,
+) -> Duration {
     if clean {
         return Duration::ZERO;
     }
-    // The holder's messages may have promised a longer profile's refusal
-    // than the one in force here (auto timing): wait out the longest.
-    let lease = (t.election_max + t.handover_delay).max(t.longest_promise());
+    let lease = t.election_max + t.handover_delay;
     let rest = since_holder.map_or(Duration::ZERO, |d| lease.saturating_sub(d));
-    t.handover_delay.max(rest)
+    t.handover_delay.max(rest).max(promised.unwrap_or_default())
 }
 
 /// Step 5's lease deadline, in CLOCK_MONOTONIC ns: the sending time of the

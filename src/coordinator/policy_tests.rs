@@ -337,16 +337,29 @@ fn a_takeover_waits_out_the_holders_lease_however_it_was_elected() {
     for (clean, since, delay, want) in table {
         t.handover_delay = delay;
         assert_eq!(
-            takeover_wait(clean, since, &t),
+            takeover_wait(clean, since, None, &t),
             want,
             "clean {clean}, since {since:?}, delay {delay:?}"
         );
     }
-    // Auto timing running lan: the holder may have promised wan's 900 ms.
+    // Auto timing running lan: the holder's last message promised wan's
+    // 900 ms refusal, 835 ms of which is left; a lan promise is over within
+    // the lease already counted.
     let mut auto = timing();
     auto.auto = true;
-    assert_eq!(takeover_wait(false, Some(ms(65)), &auto), ms(835));
-    assert_eq!(takeover_wait(true, Some(ms(65)), &auto), none);
+    assert_eq!(
+        takeover_wait(false, Some(ms(65)), Some(ms(835)), &auto),
+        ms(835)
+    );
+    assert_eq!(takeover_wait(false, Some(ms(65)), None, &auto), ms(535));
+    assert_eq!(
+        takeover_wait(false, Some(ms(700)), Some(ms(200)), &auto),
+        ms(200)
+    );
+    assert_eq!(
+        takeover_wait(true, Some(ms(65)), Some(ms(835)), &auto),
+        none
+    );
 }
 
 #[test]
