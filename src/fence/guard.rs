@@ -45,6 +45,7 @@ use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::alarm::Alarm;
 use super::guard_client::GuardError;
 use super::kernel::{KernelError, KernelLease, Plan};
 use super::lock::{start_time, PID_FILE};
@@ -103,12 +104,15 @@ struct GuardState {
     anchor: Option<u64>,
     /// Set while a requested stop or kill is under way.
     expected_exit: bool,
+    /// When (CLOCK_BOOTTIME) the lease timer wakes; `None`: without a lease.
+    timer_at: Option<u64>,
     last_exit: Option<String>,
 }
 
 struct Guard {
     state: Mutex<GuardState>,
     changed: Condvar,
+    alarm: Alarm,
     /// Held while a validator is being spawned, so that the reaper does not
     /// reap a child std's spawn is about to wait for.
     spawning: Mutex<()>,
@@ -237,6 +241,7 @@ pub fn guard_main(
     let guard = Arc::new(Guard {
         state: Mutex::new(GuardState::default()),
         changed: Condvar::new(),
+        alarm: Alarm::new()?,
         spawning: Mutex::new(()),
         tree,
         pid_file: data_dir.join(PID_FILE),
@@ -326,9 +331,15 @@ fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
     guard.with_kernel(|k| k.renew(new.left()))?;
     let mut st = guard.lock();
     let anchor = *st.anchor.get_or_insert(anchor);
-    st.lease = Some(Lease::from_mono(ns, anchor));
+    let lease = Lease::from_mono(ns, anchor);
+    st.lease = Some(lease);
+    // The timer must look again only if it would wake after this deadline.
+    let ends = boot_now_ns().saturating_add(lease.left().as_nanos() as u64);
+    let nearer = st.timer_at.is_none_or(|at| ends < at);
     drop(st);
-    guard.changed.notify_all();
+    if nearer {
+        guard.alarm.ring();
+    }
     Ok(String::new())
 }
 
@@ -585,9 +596,9 @@ fn wait_gone<'a>(
     st
 }
 
-/// Kills the validator's tree when the lease deadline passes. Wakes at
-/// least every 20 ms while armed, so that a clock that stood still (a
-/// suspended VM) is caught by the other one soon after the thaw.
+/// Kills the validator's tree when the lease deadline passes. Sleeps until
+/// the deadline by the boot clock, which runs out first (see [`Lease`]); a
+/// later deadline does not wake it: it finds that at the old one.
 fn lease_timer(guard: &Guard) {
     let mut st = guard.lock();
     loop {
@@ -601,6 +612,7 @@ fn lease_timer(guard: &Guard) {
                     st.expected_exit = true;
                     st.lease = None;
                     st.anchor = None;
+                    st.timer_at = None;
                     let late_ms = mono_now_ns().saturating_sub(lease.mono) / 1_000_000;
                     let killed = guard.kill_tree(pid);
                     say(&format!(
@@ -618,14 +630,18 @@ fn lease_timer(guard: &Guard) {
                     }
                     st.expected_exit = false;
                 } else {
-                    st = guard
-                        .changed
-                        .wait_timeout(st, left.min(Duration::from_millis(20)))
-                        .map(|r| r.0)
-                        .unwrap_or_else(|p| p.into_inner().0);
+                    st.timer_at = Some(boot_now_ns().saturating_add(left.as_nanos() as u64));
+                    drop(st);
+                    guard.alarm.sleep(Some(left));
+                    st = guard.lock();
                 }
             }
-            None => st = guard.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+            None => {
+                st.timer_at = None;
+                drop(st);
+                guard.alarm.sleep(None);
+                st = guard.lock();
+            }
         }
     }
 }

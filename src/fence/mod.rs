@@ -8,7 +8,7 @@
 //!   marker, the guard's descendants), found and killed as one.
 //! - [`guard`]: the guard process that kills that tree when its lease
 //!   deadline passes or the coordinator disappears; [`guard_client`] is the
-//!   coordinator's end of it.
+//!   coordinator's end of it; `alarm` is its lease timer's clock.
 //! - [`kernel`]: the kernel fence, an nftables lease that holds back the
 //!   keyed validator's traffic when no process is scheduled to act, over
 //!   the small netlink client in [`nft`].
@@ -21,6 +21,7 @@
 //! the guard obeys only its deadline and its control pipe.
 
 pub mod agent;
+mod alarm;
 pub mod guard;
 pub mod guard_client;
 pub mod kernel;
