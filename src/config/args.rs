@@ -86,7 +86,7 @@ pub struct RunArgs {
     /// from measured round trips; any timing flag pins].
     #[arg(long, env = "KEYRAFT_TIMING", value_enum)]
     pub timing: Option<TimingProfile>,
-    /// Leader heartbeat interval [default: 50ms with --timing lan, 150ms with wan].
+    /// Leader heartbeat interval [default: 100ms with --timing lan, 150ms with wan].
     #[arg(long, env = "KEYRAFT_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<Millis>,
     /// Shortest election timeout [default: 300ms lan, 450ms wan].
@@ -95,7 +95,7 @@ pub struct RunArgs {
     /// Longest election timeout; also the followers' leader lease [default: 600ms lan, 900ms wan].
     #[arg(long, env = "KEYRAFT_ELECTION_TIMEOUT_MAX")]
     pub election_timeout_max: Option<Millis>,
-    /// The validator is killed this long after the last quorum-acked heartbeat was sent [default: 300ms lan, 600ms wan].
+    /// The validator is killed this long after the last quorum-acked heartbeat was sent [default: 350ms lan, 600ms wan].
     #[arg(long, env = "KEYRAFT_FENCE_AFTER")]
     pub fence_after: Option<Millis>,
     /// Time to SIGKILL the validator's process group and see it gone [default: 100ms].

@@ -100,10 +100,10 @@ impl TimingProfile {
     pub fn times(self) -> ProfileTimes {
         match self {
             TimingProfile::Lan => ProfileTimes {
-                heartbeat: 50,
+                heartbeat: 100,
                 election_min: 300,
                 election_max: 600,
-                fence_after: 300,
+                fence_after: 350,
             },
             TimingProfile::Wan => ProfileTimes {
                 heartbeat: 150,
@@ -418,7 +418,7 @@ mod tests {
         let (lan, wan) = (auto.live(TimingProfile::Lan), auto.live(TimingProfile::Wan));
         assert_eq!(
             (lan.heartbeat, lan.fence_after, lan.promise),
-            (d(50), d(300), d(600))
+            (d(100), d(350), d(600))
         );
         assert_eq!(
             (wan.heartbeat, wan.fence_after, wan.promise),
@@ -428,16 +428,16 @@ mod tests {
         // openraft runs lan's lease (keyraft enforces a longer promise) and
         // allows a heartbeat half of lan's lease.
         assert_eq!(auto.raft_elections(), (d(300), d(600)));
-        assert_eq!(auto.heartbeat_deadline(), d(150));
+        assert_eq!(auto.heartbeat_deadline(), d(175));
         // A longer kill bound lengthens every promise with it.
         let slow_kill = args(&["--kill-bound", "400ms"]);
         assert!(slow_kill.auto);
-        assert_eq!(slow_kill.live(TimingProfile::Lan).promise, d(800));
+        assert_eq!(slow_kill.live(TimingProfile::Lan).promise, d(850));
         assert_eq!(slow_kill.live(TimingProfile::Wan).promise, d(1100));
         // Any timing flag pins the profile: the live values are the flags'.
         for flags in [
             &["--timing", "wan"][..],
-            &["--fence-after", "250ms"],
+            &["--fence-after", "320ms"],
             &["--heartbeat-interval", "60ms"],
         ] {
             let pinned = args(flags);
@@ -480,12 +480,12 @@ mod tests {
     #[test]
     fn default_timings_need_no_handover_delay() {
         let d = Duration::from_millis;
-        for profile in [TimingProfile::Lan, TimingProfile::Wan] {
+        // (profile, the inequality's spare time)
+        for (profile, spare) in [(TimingProfile::Lan, 50), (TimingProfile::Wan, 100)] {
             let p = profile.times();
             assert_eq!(
-                // With 100 ms to spare.
                 Timing::min_handover_delay(
-                    d(p.fence_after + 100),
+                    d(p.fence_after + spare),
                     d(100),
                     d(100),
                     d(p.election_max)
@@ -493,8 +493,21 @@ mod tests {
                 Duration::ZERO,
                 "{profile:?}"
             );
-            // Three heartbeats fit in the lease, with a round trip to spare.
-            assert!(p.fence_after >= p.heartbeat * 3 + 100, "{profile:?}");
+            assert_eq!(
+                Timing::min_handover_delay(
+                    d(p.fence_after + spare + 1),
+                    d(100),
+                    d(100),
+                    d(p.election_max)
+                ),
+                d(1),
+                "{profile:?}: exactly {spare} ms to spare"
+            );
+            // Three heartbeats fit in the lease, with a 50 ms round trip to
+            // spare; and a leader survives 250 ms of silence or more (one
+            // lost TCP segment costs a 200 ms retransmission timeout).
+            assert!(p.fence_after >= p.heartbeat * 3 + 50, "{profile:?}");
+            assert!(p.fence_after - p.heartbeat >= 250, "{profile:?}");
         }
         assert_eq!(
             Timing::min_handover_delay(d(600), d(100), d(100), d(1000)),

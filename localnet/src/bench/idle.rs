@@ -1,5 +1,5 @@
 //! `localnet bench idle`: cold start to an agreed leader, and each idle
-//! coordinator's RSS and CPU.
+//! coordinator's RSS and CPU, its guard process's CPU counted with it.
 
 use std::time::{Duration, Instant};
 
@@ -44,23 +44,42 @@ pub async fn idle(starts: usize, seconds: u64) -> anyhow::Result<serde_json::Val
         .values()
         .filter_map(|n| n.proc.as_ref().map(|p| (n.id, p.pid())))
         .collect();
+    let guards: Vec<Option<i32>> = pids.iter().map(|(_, p)| guard_of(*p)).collect();
+    let cpu_of = |pid: Option<i32>| -> anyhow::Result<Duration> {
+        Ok(match pid {
+            Some(p) => proc_usage(p)?.cpu,
+            None => Duration::ZERO,
+        })
+    };
     let before: Vec<_> = pids
         .iter()
-        .map(|(_, p)| proc_usage(*p))
+        .zip(&guards)
+        .map(|((_, p), g)| Ok::<_, anyhow::Error>((proc_usage(*p)?.cpu, cpu_of(*g)?)))
         .collect::<Result<_, _>>()?;
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let wall = t.elapsed().as_secs_f64();
+    let percent = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) / wall * 100.0;
+    let round = |v: f64| (v * 100.0).round() / 100.0;
     let mut nodes = Vec::new();
-    for ((id, pid), b) in pids.iter().zip(before) {
+    for (((id, pid), g), (b, gb)) in pids.iter().zip(&guards).zip(before) {
         let a = proc_usage(*pid)?;
-        let cpu = (a.cpu.as_secs_f64() - b.cpu.as_secs_f64()) / wall * 100.0;
+        let cpu = percent(a.cpu, b);
+        let guard_cpu = percent(cpu_of(*g)?, gb);
         let state = c.own_state(*id).await.unwrap_or_default();
         println!(
-            "node {id} ({state}): RSS {} KiB, CPU {cpu:.2}% of a core",
-            a.rss_kib
+            "node {id} ({state}): RSS {} KiB, CPU {:.2}% of a core (coordinator {cpu:.2}%, guard {guard_cpu:.2}%)",
+            a.rss_kib,
+            cpu + guard_cpu
         );
-        nodes.push(serde_json::json!({"id": id, "state": state, "rss_kib": a.rss_kib, "cpu_percent": (cpu * 100.0).round() / 100.0}));
+        nodes.push(serde_json::json!({
+            "id": id,
+            "state": state,
+            "rss_kib": a.rss_kib,
+            "cpu_percent": round(cpu + guard_cpu),
+            "coordinator_cpu_percent": round(cpu),
+            "guard_cpu_percent": round(guard_cpu),
+        }));
     }
     Ok(serde_json::json!({
         "bench": "idle",
@@ -68,4 +87,16 @@ pub async fn idle(starts: usize, seconds: u64) -> anyhow::Result<serde_json::Val
         "idle_seconds": seconds,
         "nodes": nodes,
     }))
+}
+
+/// The coordinator's guard process (`keyraft-guard`, its child), if found.
+fn guard_of(coordinator: i32) -> Option<i32> {
+    let parent = coordinator.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
+        let ppid = rest.split_whitespace().nth(1)?;
+        (name == "keyraft-guard" && ppid == parent).then_some(pid)
+    })
 }
