@@ -488,13 +488,18 @@ async fn remove_the_leader(sh: &Arc<Shared>, id: NodeId) -> Result<String, Statu
 /// they are up now: each acks a heartbeat sent after this asks (an older
 /// ack may be from a voter that died since). Else the joint configuration
 /// could never commit and the cluster would stop ([`members`]).
+///
+/// Decided at the ack that completes the majority (each ack changes
+/// openraft's metrics), not a heartbeat later: the later the decision, the
+/// likelier a voter it counted died in between.
 async fn voters_left_answer(sh: &Arc<Shared>, id: NodeId) -> Result<(), Status> {
+    use openraft::async_runtime::watch::WatchReceiver;
     let asked = tokio::time::Instant::now();
     let until = asked + sh.timing().election_max;
+    let mut metrics = sh.raft.metrics();
+    let _ = sh.raft.trigger().heartbeat().await;
     loop {
-        let _ = sh.raft.trigger().heartbeat().await;
-        tokio::time::sleep(sh.timing().heartbeat).await;
-        let acks = crate::node::ack_ages(&sh.raft_metrics());
+        let acks = crate::node::ack_ages(&metrics.borrow_and_update());
         let why = members::removal_refusal(&voter_ids(sh), sh.cfg.id, &acks, id, asked.elapsed());
         match why {
             None => return Ok(()),
@@ -502,6 +507,10 @@ async fn voters_left_answer(sh: &Arc<Shared>, id: NodeId) -> Result<(), Status> 
                 return Err(Status::failed_precondition(why))
             }
             Some(_) => {}
+        }
+        // The heartbeat timer keeps the acks coming while this leads.
+        if let Ok(Err(_)) = tokio::time::timeout_at(until, metrics.changed()).await {
+            return Err(Status::unavailable("Raft stopped"));
         }
     }
 }

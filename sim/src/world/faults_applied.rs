@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keyraft::admin::members::removal_refusal;
 use keyraft::ledger::Command;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ChangeMembers;
 use tokio::time::Instant;
 
@@ -93,17 +94,22 @@ impl World {
                     return false;
                 }
                 // `admin::voters_left_answer`: a majority of the voters
-                // left acks a heartbeat sent after the command came.
+                // left acks a heartbeat sent after the command came,
+                // decided at the ack that completes it.
                 let asked = Instant::now();
+                let until = asked + l.timing.election_max;
+                let mut metrics = l.raft.metrics();
+                let _ = l.raft.trigger().heartbeat().await;
                 loop {
-                    let _ = l.raft.trigger().heartbeat().await;
-                    tokio::time::sleep(l.timing.heartbeat).await;
-                    let acks = keyraft::node::ack_ages(&l.metrics());
+                    let acks = keyraft::node::ack_ages(&metrics.borrow_and_update());
                     let since = asked.elapsed();
                     if removal_refusal(&l.voters(), l.id, &acks, id, since).is_none() {
                         break;
                     }
-                    if since >= l.timing.election_max {
+                    if Instant::now() >= until {
+                        return false;
+                    }
+                    if let Ok(Err(_)) = tokio::time::timeout_at(until, metrics.changed()).await {
                         return false;
                     }
                 }
