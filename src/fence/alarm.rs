@@ -39,15 +39,17 @@ impl Alarm {
         let _ = self.nearer.write(1);
     }
 
-    /// Sleeps until `left` has passed by CLOCK_BOOTTIME (or for ever with
-    /// `None`), or until [`Alarm::ring`]. A failing timer or poll returns at
-    /// once: the caller looks at the clocks again, so an error makes the
-    /// timer busier, never late.
-    pub(super) fn sleep(&self, left: Option<Duration>) {
-        let armed = match left {
-            Some(d) => self.timer.set(
-                Expiration::OneShot(TimeSpec::from_duration(d.max(Duration::from_nanos(1)))),
-                TimerSetTimeFlags::empty(),
+    /// Sleeps until CLOCK_BOOTTIME reads `at` (ns; for ever with `None`),
+    /// or until [`Alarm::ring`]. The time is absolute, so a delay before the
+    /// timer is armed does not make it late. A failing timer or poll
+    /// returns at once: the caller looks at the clocks again, so an error
+    /// makes the timer busier, never late.
+    pub(super) fn sleep_until(&self, at: Option<u64>) {
+        let armed = match at {
+            // 0 would disarm the timer; any time already passed fires it.
+            Some(ns) => self.timer.set(
+                Expiration::OneShot(TimeSpec::from_duration(Duration::from_nanos(ns.max(1)))),
+                TimerSetTimeFlags::TFD_TIMER_ABSTIME,
             ),
             None => self.timer.unset(),
         };
@@ -75,9 +77,10 @@ mod tests {
 
     #[test]
     fn the_alarm_sleeps_until_its_time_or_a_ring() {
+        let in_ms = |ms: u64| Some(super::super::boot_now_ns() + ms * 1_000_000);
         let alarm = Alarm::new().unwrap();
         let t = Instant::now();
-        alarm.sleep(Some(Duration::from_millis(30)));
+        alarm.sleep_until(in_ms(30));
         assert!(
             t.elapsed() >= Duration::from_millis(30),
             "{:?}",
@@ -86,14 +89,14 @@ mod tests {
         // A ring before the sleep is not lost: the sleep returns at once.
         alarm.ring();
         let t = Instant::now();
-        alarm.sleep(None);
+        alarm.sleep_until(None);
         assert!(t.elapsed() < Duration::from_secs(5));
         // A ring from another thread ends a sleep without a deadline.
         let alarm = Arc::new(alarm);
         let ringer = alarm.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let sleeper = std::thread::spawn(move || {
-            alarm.sleep(None);
+            alarm.sleep_until(None);
             tx.send(()).unwrap();
         });
         assert!(
@@ -105,7 +108,11 @@ mod tests {
         sleeper.join().unwrap();
         // A later deadline does not carry over: a new sleep uses its own.
         let t = Instant::now();
-        ringer.sleep(Some(Duration::from_millis(1)));
+        ringer.sleep_until(in_ms(1));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // A time already passed returns at once.
+        let t = Instant::now();
+        ringer.sleep_until(Some(1));
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

@@ -630,16 +630,17 @@ fn lease_timer(guard: &Guard) {
                     }
                     st.expected_exit = false;
                 } else {
-                    st.timer_at = Some(boot_now_ns().saturating_add(left.as_nanos() as u64));
+                    let at = boot_now_ns().saturating_add(left.as_nanos() as u64);
+                    st.timer_at = Some(at);
                     drop(st);
-                    guard.alarm.sleep(Some(left));
+                    guard.alarm.sleep_until(Some(at));
                     st = guard.lock();
                 }
             }
             None => {
                 st.timer_at = None;
                 drop(st);
-                guard.alarm.sleep(None);
+                guard.alarm.sleep_until(None);
                 st = guard.lock();
             }
         }
