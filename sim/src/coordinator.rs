@@ -266,8 +266,8 @@ impl Coordinator {
         let behind = self.p.gate.behind_candidate(t.election_max * 2);
         let rank = policy::campaign_rank(&self.view());
         let due = policy::campaign_due(&t, last_resort, behind.is_some(), rank, self.jitter);
-        if quiet < due {
-            return (due - quiet).max(Duration::from_millis(10));
+        if let Some(left) = policy::campaign_wait(quiet, due, self.p.gate.promised_for()) {
+            return left.max(Duration::from_millis(10));
         }
         let _ = self.p.raft.trigger().elect(true).await;
         self.next_campaign = Instant::now() + policy::campaign_retry(&t, rank);

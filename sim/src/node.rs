@@ -375,19 +375,32 @@ impl Process {
 
     async fn transfer_vote(&self, candidate: NodeId) -> Result<(), String> {
         let mut cluster = self.cluster.clone();
+        use openraft::async_runtime::watch::WatchReceiver;
+        let mut metrics = self.raft.metrics();
         let until = Instant::now() + self.timing.heartbeat * 4;
         loop {
+            let unapplied = {
+                let m = metrics.borrow_and_update();
+                let applied = m.last_applied.map(|l| l.index);
+                (applied < m.last_log_index).then_some(m.last_log_index.unwrap_or_default())
+            };
             let holder = cluster.borrow_and_update().key_holder();
-            let Some(why) =
-                self.gate
-                    .transfer_vote_refusal(holder, candidate, self.timing.election_max)
-            else {
+            let Some(why) = self.gate.transfer_vote_refusal(
+                holder,
+                unapplied,
+                candidate,
+                self.timing.election_max,
+            ) else {
                 return Ok(());
             };
-            if !matches!(
-                tokio::time::timeout_at(until, cluster.changed()).await,
-                Ok(Ok(()))
-            ) {
+            let changed = async {
+                tokio::select! {
+                    biased;
+                    r = cluster.changed() => r.is_ok(),
+                    r = metrics.changed() => r.is_ok(),
+                }
+            };
+            if !matches!(tokio::time::timeout_at(until, changed).await, Ok(true)) {
                 return Err(why);
             }
         }
@@ -415,10 +428,17 @@ impl Process {
         snapshot: SnapshotOf<Types, Vec<u8>>,
     ) -> Result<SnapshotResponse<Types>, String> {
         self.sender(peer)?;
-        self.raft
+        let sent = vote.leader_id;
+        let r = self
+            .raft
             .install_full_snapshot(vote, snapshot)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // An installed snapshot is an ack that renews the leader's lease.
+        if r.vote.leader_id == sent {
+            self.gate.leader_contact(peer);
+        }
+        Ok(r)
     }
 }
 

@@ -191,6 +191,21 @@ pub fn campaign_due(
     base + jitter
 }
 
+/// How much longer a campaign must wait, `quiet` after the last leader
+/// was heard from, when it is `due` then and this node still promised to
+/// refuse votes for `promised` (a leader's lease it acked, or its own):
+/// `None` to campaign now. Its own vote is a vote too: a node must not
+/// elect itself while a leader it acked may still hold the key (after a
+/// switch to a shorter profile, `due` may come before the promise ends).
+pub fn campaign_wait(
+    quiet: Duration,
+    due: Duration,
+    promised: Option<Duration>,
+) -> Option<Duration> {
+    let left = due.saturating_sub(quiet).max(promised.unwrap_or_default());
+    (!left.is_zero()).then_some(left)
+}
+
 /// After a campaign: when the next may start (a lost or split vote's retry
 /// keeps the ranks' stagger).
 pub fn campaign_retry(t: &Timing, rank: u32) -> Duration {

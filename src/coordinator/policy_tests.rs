@@ -217,6 +217,29 @@ fn campaigns_are_due_after_the_lease_in_rank_order() {
 }
 
 #[test]
+fn no_campaign_while_a_promise_runs() {
+    let ms = Duration::from_millis;
+    let table = [
+        // quiet, due, promised: how long still to wait (None: campaign)
+        (ms(700), ms(600), None, None),
+        (ms(600), ms(600), None, None),
+        (ms(400), ms(600), None, Some(ms(200))),
+        // Due by the shorter profile now in force, but an ack made under
+        // the longer one promised another 150 ms: its own vote waits.
+        (ms(700), ms(600), Some(ms(150)), Some(ms(150))),
+        (ms(500), ms(600), Some(ms(50)), Some(ms(100))),
+        (ms(700), ms(600), Some(Duration::ZERO), None),
+    ];
+    for (quiet, due, promised, want) in table {
+        assert_eq!(
+            campaign_wait(quiet, due, promised),
+            want,
+            "{quiet:?} {due:?} {promised:?}"
+        );
+    }
+}
+
+#[test]
 fn voting_steps() {
     let mut v = view();
     assert_eq!(

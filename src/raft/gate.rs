@@ -183,11 +183,17 @@ impl Gate {
     pub fn transfer_vote_refusal(
         &self,
         holder: Option<NodeId>,
+        unapplied: Option<u64>,
         candidate: NodeId,
         lease: std::time::Duration,
     ) -> Option<String> {
         if !self.votes_open.load(Ordering::Relaxed) {
             return Some("not granting votes while rejoining".into());
+        }
+        // The holder is read from the applied ledger: with entries of its
+        // log not applied yet (an activation, say), it may be out of date.
+        if let Some(last) = unapplied {
+            return Some(format!("its log up to {last} is not applied yet"));
         }
         let h = holder.filter(|h| *h != candidate)?;
         if self.started.elapsed() < self.restart_quiet {
@@ -240,6 +246,19 @@ impl Gate {
     }
 
     /// Records an AppendEntries (or heartbeat) accepted from leader `from`.
+    /// This node accepted a message of leader `from` (entries, a
+    /// heartbeat or a snapshot), whose ack may renew that leader's lease:
+    /// notes the contact and, before the ack leaves, promises to refuse
+    /// votes for `promise` from now (`None`: openraft's own lease is long
+    /// enough). Every kind of accepted leader message goes through here,
+    /// since the leader counts each of them as an ack.
+    pub fn acked_leader(&self, from: NodeId, promise: Option<std::time::Duration>) {
+        self.leader_contact(from);
+        if let Some(p) = promise {
+            self.promise_until(Instant::now() + p);
+        }
+    }
+
     pub fn leader_contact(&self, from: NodeId) {
         stamp(&self.last_leader_contact);
         self.contacts
@@ -309,6 +328,17 @@ mod tests {
     }
 
     #[test]
+    fn an_acked_leader_message_notes_the_contact_and_any_promise() {
+        let gate = Gate::new(Duration::ZERO, true, live());
+        gate.acked_leader(1, None);
+        assert!(gate.since_contact_from(1).is_some());
+        assert_eq!(gate.promised_for(), None, "openraft's lease suffices");
+        gate.acked_leader(2, Some(Duration::from_millis(800)));
+        assert!(gate.since_contact_from(2).is_some());
+        assert!(gate.promised_for().unwrap() > Duration::from_millis(700));
+    }
+
+    #[test]
     fn a_new_timing_remembers_the_one_before() {
         let gate = Gate::new(Duration::ZERO, true, live());
         assert!(!gate.set_live(live()), "the same timing is no change");
@@ -328,30 +358,38 @@ mod tests {
         let lease = Duration::from_millis(600);
         let gate = Gate::new(Duration::ZERO, true, live());
         gate.leader_contact(1);
-        // (holder, candidate, refused?)
+        // (holder, log not applied up to, candidate, refused?)
         let table = [
-            (None, 2, false),
-            (Some(2), 2, false),
-            (Some(1), 2, true),
-            (Some(3), 2, false),
+            (None, None, 2, false),
+            (Some(2), None, 2, false),
+            (Some(1), None, 2, true),
+            (Some(3), None, 2, false),
+            // No holder applied, but the log holds more: an activation
+            // among those entries would make another node the holder.
+            (None, Some(7), 2, true),
+            (Some(2), Some(7), 2, true),
         ];
-        for (holder, candidate, refused) in table {
+        for (holder, unapplied, candidate, refused) in table {
             assert_eq!(
-                gate.transfer_vote_refusal(holder, candidate, lease)
+                gate.transfer_vote_refusal(holder, unapplied, candidate, lease)
                     .is_some(),
                 refused,
-                "holder {holder:?}, candidate {candidate}"
+                "holder {holder:?}, unapplied {unapplied:?}, candidate {candidate}"
             );
         }
         assert!(gate
-            .transfer_vote_refusal(Some(1), 2, Duration::ZERO)
+            .transfer_vote_refusal(Some(1), None, 2, Duration::ZERO)
             .is_none());
         // Restarted within the lease: it forgot when it heard the holder.
         let quiet = Gate::new(lease, true, live());
-        assert!(quiet.transfer_vote_refusal(Some(1), 2, lease).is_some());
-        assert!(quiet.transfer_vote_refusal(None, 2, lease).is_none());
+        assert!(quiet
+            .transfer_vote_refusal(Some(1), None, 2, lease)
+            .is_some());
+        assert!(quiet.transfer_vote_refusal(None, None, 2, lease).is_none());
         // Rejoining: no votes at all.
         let rejoining = Gate::new(Duration::ZERO, false, live());
-        assert!(rejoining.transfer_vote_refusal(None, 2, lease).is_some());
+        assert!(rejoining
+            .transfer_vote_refusal(None, None, 2, lease)
+            .is_some());
     }
 }

@@ -63,6 +63,15 @@ impl RaftService {
         }
     }
 
+    /// The vote refusal a leader's message asks for, when it is longer
+    /// than openraft's own lease (which refuses by itself): a longer
+    /// profile's.
+    fn promise_asked(&self, req: &pb::RaftPayload) -> Option<Duration> {
+        let promise = Duration::from_millis(req.promise_ms.min(MAX_PROMISE_MS).into());
+        let (_, openraft_lease) = self.timing.raft_elections();
+        (promise > openraft_lease).then_some(promise)
+    }
+
     /// A leader's message shows its term, held durably, and what it holds
     /// of the committed log: facts about it that only grow (see [`Memory`]).
     async fn saw_leader(&self, leader: NodeId, term: u64, committed: u64) {
@@ -168,19 +177,32 @@ impl RaftService {
     /// here is waited for, briefly.
     async fn transfer_vote(&self, candidate: NodeId) -> Result<(), Status> {
         let mut cluster = self.cluster.clone();
+        let mut metrics = self.raft.metrics();
         let until = tokio::time::Instant::now() + self.timing.heartbeat * 4;
         loop {
+            let unapplied = {
+                let m = metrics.borrow_and_update();
+                let applied = m.last_applied.map(|l| l.index);
+                (applied < m.last_log_index).then_some(m.last_log_index.unwrap_or_default())
+            };
+            // Read after the metrics: the ledger is published before
+            // openraft counts an entry applied.
             let holder = cluster.borrow_and_update().key_holder();
-            let Some(why) =
-                self.gate
-                    .transfer_vote_refusal(holder, candidate, self.timing.longest_promise())
-            else {
+            let Some(why) = self.gate.transfer_vote_refusal(
+                holder,
+                unapplied,
+                candidate,
+                self.timing.longest_promise(),
+            ) else {
                 return Ok(());
             };
-            if !matches!(
-                tokio::time::timeout_at(until, cluster.changed()).await,
-                Ok(Ok(()))
-            ) {
+            let changed = async {
+                tokio::select! {
+                    r = cluster.changed() => r.is_ok(),
+                    r = metrics.changed() => r.is_ok(),
+                }
+            };
+            if !matches!(tokio::time::timeout_at(until, changed).await, Ok(true)) {
                 tracing::info!(candidate, "refused a transfer vote: {why}");
                 return Err(Status::unavailable(format!(
                     "not granting a transfer vote: {why}"
@@ -238,20 +260,13 @@ impl pb::raft_server::Raft for RaftService {
             .leader_commit
             .map_or(0, |c| c.index)
             .min(req.get_ref().leader_durable);
-        let promise = Duration::from_millis(req.get_ref().promise_ms.min(MAX_PROMISE_MS).into());
-        // openraft's own lease refuses votes this long after the contact by
-        // itself; only a longer promise (a longer profile's) needs keyraft.
-        let (_, openraft_lease) = self.timing.raft_elections();
-        let promise = (promise > openraft_lease).then_some(promise);
+        let promise = self.promise_asked(req.get_ref());
         let result = self.raft.append_entries(rpc).await;
         if rpc_committed_vote(&result) {
             self.saw_leader(peer, term, committed).await;
-            self.gate.leader_contact(peer);
             // Before the ack leaves: counted from now, which is after the
             // leader sent it, so the refusal outlasts the leader's lease.
-            if let Some(p) = promise {
-                self.gate.promise_until(tokio::time::Instant::now() + p);
-            }
+            self.gate.acked_leader(peer, promise);
         }
         reply(&result)
     }
@@ -285,6 +300,8 @@ impl pb::raft_server::Raft for RaftService {
         let peer = self.sender(&req)?;
         let msg: SnapshotMessage = decode(req.get_ref())?;
         same_sender(peer, msg.vote.leader_id.node_id)?;
+        let promise = self.promise_asked(req.get_ref());
+        let sent = msg.vote.leader_id;
         let result = self
             .raft
             .install_full_snapshot(
@@ -296,6 +313,11 @@ impl pb::raft_server::Raft for RaftService {
             )
             .await
             .map_err(openraft::errors::RaftError::<TypeConfig>::Fatal);
+        // The leader counts an installed snapshot as an ack that renews its
+        // lease, as it does an append: the same contact and promise.
+        if matches!(&result, Ok(r) if r.vote.leader_id == sent) {
+            self.gate.acked_leader(peer, promise);
+        }
         reply(&result)
     }
 
