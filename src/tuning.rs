@@ -31,11 +31,15 @@ use crate::node::Shared;
 const COMMIT_WITHIN: Duration = Duration::from_secs(2);
 
 /// The slowest fresh voter's round trip, and since when it has been over
-/// [`LAN_RTT`] or under [`BACK_TO_LAN_RTT`] without a break.
+/// [`LAN_RTT`] or under [`BACK_TO_LAN_RTT`] without a break. A run under
+/// [`BACK_TO_LAN_RTT`] is broken by two slow samples in a row, not by one:
+/// a single late answer is a scheduling hiccup on a busy host, not a
+/// slower link, and must not hold the longer profile for another 30 s.
 #[derive(Default)]
 struct Window {
     slow_since: Option<Instant>,
     fast_since: Option<Instant>,
+    last: Option<Duration>,
 }
 
 impl Window {
@@ -44,8 +48,10 @@ impl Window {
             *self = Window::default();
             return;
         };
+        let fast = rtt.min(self.last.unwrap_or(rtt)) < BACK_TO_LAN_RTT;
+        self.last = Some(rtt);
         self.slow_since = (rtt > LAN_RTT).then(|| self.slow_since.unwrap_or(now));
-        self.fast_since = (rtt < BACK_TO_LAN_RTT).then(|| self.fast_since.unwrap_or(now));
+        self.fast_since = fast.then(|| self.fast_since.unwrap_or(now));
     }
 
     fn want(&self, current: TimingProfile, now: Instant) -> Option<TimingProfile> {
@@ -196,6 +202,23 @@ mod tests {
         assert_eq!(w.want(TimingProfile::Wan, at(39_000)), None);
         assert_eq!(
             w.want(TimingProfile::Wan, at(40_000)),
+            Some(TimingProfile::Lan)
+        );
+        // One late answer does not break the run; two in a row do.
+        let mut w = Window::default();
+        w.note(fast, at(0));
+        w.note(Some(Duration::from_millis(40)), at(10_000));
+        w.note(fast, at(10_500));
+        assert_eq!(
+            w.want(TimingProfile::Wan, at(30_000)),
+            Some(TimingProfile::Lan)
+        );
+        w.note(Some(Duration::from_millis(40)), at(31_000));
+        w.note(Some(Duration::from_millis(40)), at(31_500));
+        w.note(fast, at(32_000));
+        assert_eq!(w.want(TimingProfile::Wan, at(61_000)), None);
+        assert_eq!(
+            w.want(TimingProfile::Wan, at(62_000)),
             Some(TimingProfile::Lan)
         );
         // In between (10..25 ms) neither way.
