@@ -4,14 +4,15 @@
 //! is the whole replicated state machine: the key's activation history
 //! (who may validate, and whether the last holder released), the operator's
 //! pause, which members registered with durable state, and in signer mode
-//! the signing watermark with its double-sign rule ([`SignerState::check`]).
+//! each chain's signing watermark with its double-sign rule
+//! ([`SignerState::check`]), one per chain id, none affecting another.
 //!
 //! Owns: the domain types of the replicated state and their transitions,
 //! as pure functions with table tests. Must not: import any other module
 //! of this crate (it is the bottom of the import graph), do I/O, or know
 //! how the entries are replicated (that is [`crate::raft`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -223,9 +224,16 @@ pub struct ClusterState {
     /// Recent key events, oldest first.
     pub history: VecDeque<KeyEvent>,
     pub registered: BTreeSet<NodeId>,
-    /// Signer mode: the watermark (absent until the first signature).
+    /// Signer mode: each chain's watermark by chain id (a chain is absent
+    /// until its floor is imported). Read it with
+    /// [`ClusterState::watermark`].
     #[serde(default)]
-    pub signer: Option<SignerState>,
+    signers: BTreeMap<String, SignerState>,
+    /// The one watermark of a state written before chains were kept apart
+    /// (read when `signers` is empty), and still written while there is
+    /// one chain, so that a member not yet upgraded reads it.
+    #[serde(default, rename = "signer")]
+    one_chain: Option<SignerState>,
     /// Auto timing: the profile the cluster runs (absent: the one each
     /// member starts with, `lan` unless pinned).
     #[serde(default)]
@@ -233,6 +241,32 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// Signer mode: the watermark of `chain_id`, if it has one.
+    pub fn watermark(&self, chain_id: &str) -> Option<&SignerState> {
+        match self.signers.get(chain_id) {
+            Some(w) => Some(w),
+            None if self.signers.is_empty() => {
+                self.one_chain.as_ref().filter(|w| w.chain_id == chain_id)
+            }
+            None => None,
+        }
+    }
+
+    /// Puts `w` in force as its chain's watermark (and, while it is the
+    /// only chain, in the one-chain field older members read).
+    fn set_watermark(&mut self, w: SignerState) {
+        if self.signers.is_empty() {
+            if let Some(old) = self.one_chain.take() {
+                self.signers.insert(old.chain_id.clone(), old);
+            }
+        }
+        self.signers.insert(w.chain_id.clone(), w);
+        self.one_chain = match self.signers.len() {
+            1 => self.signers.values().next().cloned(),
+            _ => None,
+        };
+    }
+
     pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
         let last = self.last_key_event;
         let mut key_event = |node, term, released, height| {
@@ -293,26 +327,27 @@ impl ClusterState {
                 ref digest,
                 timestamp,
             } => {
-                let verdict = match &self.signer {
+                let hrs = (height, round, step);
+                let current = self.watermark(chain_id).cloned();
+                let verdict = match &current {
                     None => SignVerdict::NoWatermark,
-                    Some(w) => match w.check(chain_id, (height, round, step), digest) {
+                    Some(w) => match w.check(chain_id, hrs, digest) {
                         // Above the watermark: the new signature's own time.
-                        SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
+                        SignVerdict::Sign { .. } if hrs > w.hrs() => {
                             SignVerdict::Sign { timestamp }
                         }
                         v => v,
                     },
                 };
                 if let SignVerdict::Sign { timestamp } = verdict {
-                    let signatures = self.signer.as_ref().map_or(0, |w| w.signatures) + 1;
-                    self.signer = Some(SignerState {
+                    self.set_watermark(SignerState {
                         chain_id: chain_id.clone(),
                         height,
                         round,
                         step,
                         digest: Some(digest.clone()),
                         timestamp,
-                        signatures,
+                        signatures: current.map_or(0, |w| w.signatures) + 1,
                     });
                 }
                 Reply {
@@ -325,27 +360,17 @@ impl ClusterState {
                 height,
             } => {
                 let floor = (height, u32::MAX, u8::MAX);
-                match &mut self.signer {
-                    Some(w) if w.chain_id != *chain_id => {
-                        tracing::warn!(chain_id, "ignoring a floor for another chain");
-                        return Reply {
-                            prior: None,
-                            sign: Some(SignVerdict::WrongChain),
-                        };
-                    }
+                match self.watermark(chain_id).cloned() {
                     Some(w) if w.hrs() >= floor => {}
-                    w => {
-                        let signatures = w.as_ref().map_or(0, |w| w.signatures);
-                        *w = Some(SignerState {
-                            chain_id: chain_id.clone(),
-                            height,
-                            round: u32::MAX,
-                            step: u8::MAX,
-                            digest: None,
-                            timestamp: (0, 0),
-                            signatures,
-                        });
-                    }
+                    w => self.set_watermark(SignerState {
+                        chain_id: chain_id.clone(),
+                        height,
+                        round: u32::MAX,
+                        step: u8::MAX,
+                        digest: None,
+                        timestamp: (0, 0),
+                        signatures: w.map_or(0, |w| w.signatures),
+                    }),
                 }
                 Reply::default()
             }
@@ -477,9 +502,109 @@ mod tests {
             digest: "d".into(),
             timestamp: (1, 0),
         };
-        assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
-        let w = s.signer.clone().unwrap();
+        // Another chain has its own watermark, none yet.
+        assert_eq!(verdict(&mut s, other), SignVerdict::NoWatermark);
+        let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
+    }
+
+    fn on(chain: &str, c: Command) -> Command {
+        match c {
+            Command::Signed {
+                height,
+                round,
+                step,
+                digest,
+                timestamp,
+                ..
+            } => Command::Signed {
+                chain_id: chain.into(),
+                height,
+                round,
+                step,
+                digest,
+                timestamp,
+            },
+            Command::SignerFloor { height, .. } => Command::SignerFloor {
+                chain_id: chain.into(),
+                height,
+            },
+            c => c,
+        }
+    }
+
+    #[test]
+    fn each_chain_keeps_its_own_watermark() {
+        let mut s = ClusterState::default();
+        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        s.apply(&on("a", never_signed()), 1);
+        s.apply(&on("b", never_signed()), 2);
+        assert!(matches!(
+            verdict(&mut s, on("a", signed(10, 0, 2, "x", 1))),
+            SignVerdict::Sign { .. }
+        ));
+        // b may sign the same HRS with other bytes: other sign bytes, other chain.
+        assert!(matches!(
+            verdict(&mut s, on("b", signed(10, 0, 2, "y", 1))),
+            SignVerdict::Sign { .. }
+        ));
+        // a's equivocation is refused, and leaves b's watermark alone.
+        assert_eq!(
+            verdict(&mut s, on("a", signed(10, 0, 2, "z", 2))),
+            SignVerdict::Conflict
+        );
+        assert!(matches!(
+            verdict(&mut s, on("b", signed(11, 0, 1, "y", 3))),
+            SignVerdict::Sign { .. }
+        ));
+        assert_eq!(s.watermark("a").unwrap().hrs(), (10, 0, 2));
+        assert_eq!(s.watermark("b").unwrap().hrs(), (11, 0, 1));
+        // A chain without a floor signs nothing, whatever the others hold.
+        assert_eq!(
+            verdict(&mut s, on("c", signed(12, 0, 1, "y", 3))),
+            SignVerdict::NoWatermark
+        );
+        // A floor for one chain does not move another's.
+        s.apply(
+            &on(
+                "a",
+                Command::SignerFloor {
+                    chain_id: String::new(),
+                    height: 50,
+                },
+            ),
+            3,
+        );
+        assert_eq!(s.watermark("a").unwrap().height, 50);
+        assert_eq!(s.watermark("b").unwrap().hrs(), (11, 0, 1));
+    }
+
+    #[test]
+    fn a_state_from_before_chains_were_kept_apart_is_read_and_written_for_old_members() {
+        // The state an older keyraft wrote: one watermark under `signer`.
+        let mut old = ClusterState::default();
+        old.apply(&never_signed(), 1);
+        old.apply(&signed(7, 0, 3, "a", 1), 2);
+        let mut json = serde_json::to_value(&old).unwrap();
+        json.as_object_mut().unwrap().remove("signers");
+        let mut s: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(s.watermark("c").unwrap().hrs(), (7, 0, 3));
+        assert_eq!(s.watermark("other"), None);
+        assert_eq!(
+            s.apply(&signed(7, 0, 3, "b", 2), 3).sign,
+            Some(SignVerdict::Conflict),
+            "the old watermark still refuses an equivocation"
+        );
+        s.apply(&signed(8, 0, 1, "a", 2), 4);
+        // One chain: still written where an older member reads it.
+        let written = serde_json::to_value(&s).unwrap();
+        assert_eq!(written["signer"]["height"], 8);
+        assert_eq!(written["signers"]["c"]["height"], 8);
+        // Two chains: no single watermark to show an older member.
+        s.apply(&on("d", never_signed()), 5);
+        let written = serde_json::to_value(&s).unwrap();
+        assert!(written["signer"].is_null());
+        assert_eq!(s.watermark("c").unwrap().height, 8);
     }
 
     #[test]
@@ -502,7 +627,7 @@ mod tests {
         ));
         s.apply(&floor(50), 4);
         assert_eq!(
-            s.signer.as_ref().unwrap().hrs(),
+            s.watermark("c").unwrap().hrs(),
             (101, 0, 1),
             "a floor never lowers"
         );

@@ -118,7 +118,7 @@ async fn sign_here(world: &World, p: &Process, hrs: Hrs, digest: &str, deadline:
     let Ok(_one) = tokio::time::timeout(left, p.sign_lock.lock()).await else {
         return false;
     };
-    let applied = p.cluster.borrow().signer.clone();
+    let applied = p.cluster.borrow().watermark(CHAIN).cloned();
     match before_commit(applied.as_ref(), CHAIN, hrs, digest, (hrs.0 as i64, 0)) {
         Err(_) => return true,
         Ok(Some(_)) => {

@@ -274,7 +274,7 @@ impl Signer {
         let digest = what.digest(chain_id)?;
         // What this node applied: a repeat of the last HRS with the same
         // bytes needs no commit (its signature is already out there).
-        let applied = self.sh.cluster.borrow().signer.clone();
+        let applied = self.sh.cluster.borrow().watermark(chain_id).cloned();
         if let Some(timestamp) =
             before_commit(applied.as_ref(), chain_id, hrs, &digest, what.timestamp())?
         {
@@ -508,7 +508,12 @@ pub struct HeightLimit {
 /// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
 /// first signature).
 pub fn height_limit(sh: &Shared) -> HeightLimit {
-    let watermark = sh.cluster.borrow().signer.as_ref().map_or(0, |w| w.height);
+    let watermark = sh.cfg.signer.as_ref().map_or(0, |c| {
+        sh.cluster
+            .borrow()
+            .watermark(&c.chain_id)
+            .map_or(0, |w| w.height)
+    });
     let stale = sh.cfg.timing.gossip_interval * 3;
     let own = sh.local.borrow().validator;
     let mut synced: Vec<u64> = own
