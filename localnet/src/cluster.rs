@@ -307,7 +307,11 @@ impl Cluster {
             .arg(&node.tls);
         for (&(from, to), p) in &self.proxies {
             if from == id {
-                cmd.args(["--peer", &format!("{to}={}", p.addr)]);
+                let addr = match node.opts.direct_peers {
+                    true => self.nodes[&to].listen,
+                    false => p.addr,
+                };
+                cmd.args(["--peer", &format!("{to}={addr}")]);
             }
         }
         cmd.args(&node.opts.flags);

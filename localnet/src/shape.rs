@@ -96,6 +96,10 @@ pub struct NodeOpts {
     /// Signer mode: the node id pinned in `--privval-node tcp://ID@…` for
     /// the supervised sentry.
     pub privval_pin: Option<String>,
+    /// Dial the other nodes directly, not through the fault proxies (which
+    /// cost a hop through localnet's own process): for benchmarks that
+    /// cut no link and measure keyraft alone.
+    pub direct_peers: bool,
 }
 
 /// Which fence agent a node has for the other validator hosts.
