@@ -4,8 +4,8 @@
 //! is the whole replicated state machine: the key's activation history
 //! (who may validate, and whether the last holder released), the operator's
 //! pause, which members registered with durable state, and in signer mode
-//! each chain's signing watermark with its double-sign rule
-//! ([`SignerState::check`]), one per chain id, none affecting another.
+//! the signing watermark with its double-sign rule
+//! ([`SignerState::check`]), keyed by chain id (one chain for now).
 //!
 //! Owns: the domain types of the replicated state and their transitions,
 //! as pure functions with table tests. Must not: import any other module
@@ -252,6 +252,16 @@ impl ClusterState {
         }
     }
 
+    /// Whether a chain other than `chain_id` holds a watermark. A second
+    /// chain is refused for now (`WrongChain`, as before chains were kept
+    /// apart): a member not yet upgraded would neither apply it nor keep
+    /// the first chain's watermark once two were written, and a member
+    /// that lost a watermark could later take a lower floor for it. Many
+    /// chains come with a check that every member keeps them apart.
+    fn another_chain(&self, chain_id: &str) -> bool {
+        self.watermark(chain_id).is_none() && (!self.signers.is_empty() || self.one_chain.is_some())
+    }
+
     /// Puts `w` in force as its chain's watermark (and, while it is the
     /// only chain, in the one-chain field older members read).
     fn set_watermark(&mut self, w: SignerState) {
@@ -330,6 +340,7 @@ impl ClusterState {
                 let hrs = (height, round, step);
                 let current = self.watermark(chain_id).cloned();
                 let verdict = match &current {
+                    None if self.another_chain(chain_id) => SignVerdict::WrongChain,
                     None => SignVerdict::NoWatermark,
                     Some(w) => match w.check(chain_id, hrs, digest) {
                         // Above the watermark: the new signature's own time.
@@ -360,6 +371,13 @@ impl ClusterState {
                 height,
             } => {
                 let floor = (height, u32::MAX, u8::MAX);
+                if self.another_chain(chain_id) {
+                    tracing::warn!(chain_id, "ignoring a floor for another chain");
+                    return Reply {
+                        prior: None,
+                        sign: Some(SignVerdict::WrongChain),
+                    };
+                }
                 match self.watermark(chain_id).cloned() {
                     Some(w) if w.hrs() >= floor => {}
                     w => self.set_watermark(SignerState {
@@ -502,8 +520,8 @@ mod tests {
             digest: "d".into(),
             timestamp: (1, 0),
         };
-        // Another chain has its own watermark, none yet.
-        assert_eq!(verdict(&mut s, other), SignVerdict::NoWatermark);
+        // Another chain: refused (one chain per cluster for now).
+        assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
         let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
     }
@@ -534,49 +552,34 @@ mod tests {
     }
 
     #[test]
-    fn each_chain_keeps_its_own_watermark() {
+    fn a_second_chain_is_refused_and_leaves_the_first_alone() {
         let mut s = ClusterState::default();
         let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        // Before any watermark, a chain without one is simply not signed.
+        assert_eq!(
+            verdict(&mut s, on("b", signed(12, 0, 1, "y", 3))),
+            SignVerdict::NoWatermark
+        );
         s.apply(&on("a", never_signed()), 1);
-        s.apply(&on("b", never_signed()), 2);
         assert!(matches!(
             verdict(&mut s, on("a", signed(10, 0, 2, "x", 1))),
             SignVerdict::Sign { .. }
         ));
-        // b may sign the same HRS with other bytes: other sign bytes, other chain.
-        assert!(matches!(
-            verdict(&mut s, on("b", signed(10, 0, 2, "y", 1))),
-            SignVerdict::Sign { .. }
-        ));
-        // a's equivocation is refused, and leaves b's watermark alone.
+        // A floor or a signature for another chain: refused, nothing moves.
+        assert_eq!(
+            s.apply(&on("b", never_signed()), 2).sign,
+            Some(SignVerdict::WrongChain)
+        );
+        assert_eq!(
+            verdict(&mut s, on("b", signed(11, 0, 1, "y", 3))),
+            SignVerdict::WrongChain
+        );
+        assert_eq!(s.watermark("b"), None);
+        assert_eq!(s.watermark("a").unwrap().hrs(), (10, 0, 2));
         assert_eq!(
             verdict(&mut s, on("a", signed(10, 0, 2, "z", 2))),
             SignVerdict::Conflict
         );
-        assert!(matches!(
-            verdict(&mut s, on("b", signed(11, 0, 1, "y", 3))),
-            SignVerdict::Sign { .. }
-        ));
-        assert_eq!(s.watermark("a").unwrap().hrs(), (10, 0, 2));
-        assert_eq!(s.watermark("b").unwrap().hrs(), (11, 0, 1));
-        // A chain without a floor signs nothing, whatever the others hold.
-        assert_eq!(
-            verdict(&mut s, on("c", signed(12, 0, 1, "y", 3))),
-            SignVerdict::NoWatermark
-        );
-        // A floor for one chain does not move another's.
-        s.apply(
-            &on(
-                "a",
-                Command::SignerFloor {
-                    chain_id: String::new(),
-                    height: 50,
-                },
-            ),
-            3,
-        );
-        assert_eq!(s.watermark("a").unwrap().height, 50);
-        assert_eq!(s.watermark("b").unwrap().hrs(), (11, 0, 1));
     }
 
     #[test]
@@ -600,11 +603,11 @@ mod tests {
         let written = serde_json::to_value(&s).unwrap();
         assert_eq!(written["signer"]["height"], 8);
         assert_eq!(written["signers"]["c"]["height"], 8);
-        // Two chains: no single watermark to show an older member.
+        // A second chain is refused: an older member keeps reading it all.
         s.apply(&on("d", never_signed()), 5);
         let written = serde_json::to_value(&s).unwrap();
-        assert!(written["signer"].is_null());
-        assert_eq!(s.watermark("c").unwrap().height, 8);
+        assert_eq!(written["signer"]["height"], 8);
+        assert_eq!(s.watermark("d"), None);
     }
 
     #[test]

@@ -352,11 +352,17 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                     "operator override: a floor above the height-jump limit ({}) is imported", limit.why);
             }
             let before = sh.cluster.borrow().watermark(&f.chain_id).cloned();
-            write(Command::SignerFloor {
+            let r = write(Command::SignerFloor {
                 chain_id: f.chain_id.clone(),
                 height: f.height,
             })
             .await?;
+            if let Some(crate::ledger::SignVerdict::WrongChain) = r.data.sign {
+                return Err(Status::failed_precondition(format!(
+                    "the watermark belongs to another chain than {}: a new chain id needs a new cluster",
+                    f.chain_id
+                )));
+            }
             Ok(match before {
                 Some(w) if (w.height, w.round, w.step) >= (f.height, u32::MAX, u8::MAX) => format!(
                     "the watermark was already at or above height {}: unchanged",
