@@ -4,15 +4,14 @@
 //! is the whole replicated state machine: the key's activation history
 //! (who may validate, and whether the last holder released), the operator's
 //! pause, which members registered with durable state, and in signer mode
-//! the signing watermark with its double-sign rule
-//! ([`SignerState::check`]), keyed by chain id (one chain for now).
+//! the signing watermark with its double-sign rule ([`SignerState::check`]).
 //!
 //! Owns: the domain types of the replicated state and their transitions,
 //! as pure functions with table tests. Must not: import any other module
 //! of this crate (it is the bottom of the import graph), do I/O, or know
 //! how the entries are replicated (that is [`crate::raft`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -224,16 +223,11 @@ pub struct ClusterState {
     /// Recent key events, oldest first.
     pub history: VecDeque<KeyEvent>,
     pub registered: BTreeSet<NodeId>,
-    /// Signer mode: each chain's watermark by chain id (a chain is absent
-    /// until its floor is imported). Read it with
+    /// Signer mode: the watermark of the one chain this cluster signs for
+    /// (absent until its floor is imported). Read it with
     /// [`ClusterState::watermark`].
     #[serde(default)]
-    signers: BTreeMap<String, SignerState>,
-    /// The one watermark of a state written before chains were kept apart
-    /// (read when `signers` is empty), and still written while there is
-    /// one chain, so that a member not yet upgraded reads it.
-    #[serde(default, rename = "signer")]
-    one_chain: Option<SignerState>,
+    signer: Option<SignerState>,
     /// Auto timing: the profile the cluster runs (absent: the one each
     /// member starts with, `lan` unless pinned).
     #[serde(default)]
@@ -241,40 +235,10 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Signer mode: the watermark of `chain_id`, if it has one.
+    /// Signer mode: the watermark of `chain_id`, if it has one (a floor or
+    /// a signature for another chain is refused: one chain per cluster).
     pub fn watermark(&self, chain_id: &str) -> Option<&SignerState> {
-        match self.signers.get(chain_id) {
-            Some(w) => Some(w),
-            None if self.signers.is_empty() => {
-                self.one_chain.as_ref().filter(|w| w.chain_id == chain_id)
-            }
-            None => None,
-        }
-    }
-
-    /// Whether a chain other than `chain_id` holds a watermark. A second
-    /// chain is refused for now (`WrongChain`, as before chains were kept
-    /// apart): a member not yet upgraded would neither apply it nor keep
-    /// the first chain's watermark once two were written, and a member
-    /// that lost a watermark could later take a lower floor for it. Many
-    /// chains come with a check that every member keeps them apart.
-    fn another_chain(&self, chain_id: &str) -> bool {
-        self.watermark(chain_id).is_none() && (!self.signers.is_empty() || self.one_chain.is_some())
-    }
-
-    /// Puts `w` in force as its chain's watermark (and, while it is the
-    /// only chain, in the one-chain field older members read).
-    fn set_watermark(&mut self, w: SignerState) {
-        if self.signers.is_empty() {
-            if let Some(old) = self.one_chain.take() {
-                self.signers.insert(old.chain_id.clone(), old);
-            }
-        }
-        self.signers.insert(w.chain_id.clone(), w);
-        self.one_chain = match self.signers.len() {
-            1 => self.signers.values().next().cloned(),
-            _ => None,
-        };
+        self.signer.as_ref().filter(|w| w.chain_id == chain_id)
     }
 
     pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
@@ -337,28 +301,26 @@ impl ClusterState {
                 ref digest,
                 timestamp,
             } => {
-                let hrs = (height, round, step);
-                let current = self.watermark(chain_id).cloned();
-                let verdict = match &current {
-                    None if self.another_chain(chain_id) => SignVerdict::WrongChain,
+                let verdict = match &self.signer {
                     None => SignVerdict::NoWatermark,
-                    Some(w) => match w.check(chain_id, hrs, digest) {
+                    Some(w) => match w.check(chain_id, (height, round, step), digest) {
                         // Above the watermark: the new signature's own time.
-                        SignVerdict::Sign { .. } if hrs > w.hrs() => {
+                        SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
                             SignVerdict::Sign { timestamp }
                         }
                         v => v,
                     },
                 };
                 if let SignVerdict::Sign { timestamp } = verdict {
-                    self.set_watermark(SignerState {
+                    let signatures = self.signer.as_ref().map_or(0, |w| w.signatures) + 1;
+                    self.signer = Some(SignerState {
                         chain_id: chain_id.clone(),
                         height,
                         round,
                         step,
                         digest: Some(digest.clone()),
                         timestamp,
-                        signatures: current.map_or(0, |w| w.signatures) + 1,
+                        signatures,
                     });
                 }
                 Reply {
@@ -371,24 +333,27 @@ impl ClusterState {
                 height,
             } => {
                 let floor = (height, u32::MAX, u8::MAX);
-                if self.another_chain(chain_id) {
-                    tracing::warn!(chain_id, "ignoring a floor for another chain");
-                    return Reply {
-                        prior: None,
-                        sign: Some(SignVerdict::WrongChain),
-                    };
-                }
-                match self.watermark(chain_id).cloned() {
+                match &mut self.signer {
+                    Some(w) if w.chain_id != *chain_id => {
+                        tracing::warn!(chain_id, "ignoring a floor for another chain");
+                        return Reply {
+                            prior: None,
+                            sign: Some(SignVerdict::WrongChain),
+                        };
+                    }
                     Some(w) if w.hrs() >= floor => {}
-                    w => self.set_watermark(SignerState {
-                        chain_id: chain_id.clone(),
-                        height,
-                        round: u32::MAX,
-                        step: u8::MAX,
-                        digest: None,
-                        timestamp: (0, 0),
-                        signatures: w.map_or(0, |w| w.signatures),
-                    }),
+                    w => {
+                        let signatures = w.as_ref().map_or(0, |w| w.signatures);
+                        *w = Some(SignerState {
+                            chain_id: chain_id.clone(),
+                            height,
+                            round: u32::MAX,
+                            step: u8::MAX,
+                            digest: None,
+                            timestamp: (0, 0),
+                            signatures,
+                        });
+                    }
                 }
                 Reply::default()
             }
@@ -520,94 +485,27 @@ mod tests {
             digest: "d".into(),
             timestamp: (1, 0),
         };
-        // Another chain: refused (one chain per cluster for now).
         assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
         let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
     }
 
-    fn on(chain: &str, c: Command) -> Command {
-        match c {
-            Command::Signed {
-                height,
-                round,
-                step,
-                digest,
-                timestamp,
-                ..
-            } => Command::Signed {
-                chain_id: chain.into(),
-                height,
-                round,
-                step,
-                digest,
-                timestamp,
-            },
-            Command::SignerFloor { height, .. } => Command::SignerFloor {
-                chain_id: chain.into(),
-                height,
-            },
-            c => c,
-        }
-    }
-
     #[test]
     fn a_second_chain_is_refused_and_leaves_the_first_alone() {
         let mut s = ClusterState::default();
-        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
-        // Before any watermark, a chain without one is simply not signed.
-        assert_eq!(
-            verdict(&mut s, on("b", signed(12, 0, 1, "y", 3))),
-            SignVerdict::NoWatermark
-        );
-        s.apply(&on("a", never_signed()), 1);
-        assert!(matches!(
-            verdict(&mut s, on("a", signed(10, 0, 2, "x", 1))),
-            SignVerdict::Sign { .. }
-        ));
-        // A floor or a signature for another chain: refused, nothing moves.
-        assert_eq!(
-            s.apply(&on("b", never_signed()), 2).sign,
-            Some(SignVerdict::WrongChain)
-        );
-        assert_eq!(
-            verdict(&mut s, on("b", signed(11, 0, 1, "y", 3))),
-            SignVerdict::WrongChain
-        );
+        let on = |chain: &str, height| Command::SignerFloor {
+            chain_id: chain.into(),
+            height,
+        };
+        s.apply(&on("c", 0), 1);
+        s.apply(&signed(10, 0, 2, "x", 1), 2);
+        assert_eq!(s.apply(&on("b", 0), 3).sign, Some(SignVerdict::WrongChain));
         assert_eq!(s.watermark("b"), None);
-        assert_eq!(s.watermark("a").unwrap().hrs(), (10, 0, 2));
+        assert_eq!(s.watermark("c").unwrap().hrs(), (10, 0, 2));
         assert_eq!(
-            verdict(&mut s, on("a", signed(10, 0, 2, "z", 2))),
-            SignVerdict::Conflict
+            s.apply(&signed(10, 0, 2, "z", 2), 4).sign,
+            Some(SignVerdict::Conflict)
         );
-    }
-
-    #[test]
-    fn a_state_from_before_chains_were_kept_apart_is_read_and_written_for_old_members() {
-        // The state an older keyraft wrote: one watermark under `signer`.
-        let mut old = ClusterState::default();
-        old.apply(&never_signed(), 1);
-        old.apply(&signed(7, 0, 3, "a", 1), 2);
-        let mut json = serde_json::to_value(&old).unwrap();
-        json.as_object_mut().unwrap().remove("signers");
-        let mut s: ClusterState = serde_json::from_value(json).unwrap();
-        assert_eq!(s.watermark("c").unwrap().hrs(), (7, 0, 3));
-        assert_eq!(s.watermark("other"), None);
-        assert_eq!(
-            s.apply(&signed(7, 0, 3, "b", 2), 3).sign,
-            Some(SignVerdict::Conflict),
-            "the old watermark still refuses an equivocation"
-        );
-        s.apply(&signed(8, 0, 1, "a", 2), 4);
-        // One chain: still written where an older member reads it.
-        let written = serde_json::to_value(&s).unwrap();
-        assert_eq!(written["signer"]["height"], 8);
-        assert_eq!(written["signers"]["c"]["height"], 8);
-        // A second chain is refused: an older member keeps reading it all.
-        s.apply(&on("d", never_signed()), 5);
-        let written = serde_json::to_value(&s).unwrap();
-        assert_eq!(written["signer"]["height"], 8);
-        assert_eq!(s.watermark("d"), None);
     }
 
     #[test]
