@@ -56,7 +56,11 @@ impl Window {
 
     fn want(&self, current: TimingProfile, now: Instant) -> Option<TimingProfile> {
         let age = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
-        wanted(current, age(self.slow_since), age(self.fast_since))
+        // A late sample does not break the run, but no switch to the
+        // shorter profile is made on one.
+        let fast_now = self.last.is_some_and(|l| l < BACK_TO_LAN_RTT);
+        let fast_since = self.fast_since.filter(|_| fast_now);
+        wanted(current, age(self.slow_since), age(fast_since))
     }
 }
 
@@ -204,10 +208,12 @@ mod tests {
             w.want(TimingProfile::Wan, at(40_000)),
             Some(TimingProfile::Lan)
         );
-        // One late answer does not break the run; two in a row do.
+        // One late answer does not break the run; two in a row do; none
+        // switches while the last answer was late.
         let mut w = Window::default();
         w.note(fast, at(0));
         w.note(Some(Duration::from_millis(40)), at(10_000));
+        assert_eq!(w.want(TimingProfile::Wan, at(30_000)), None);
         w.note(fast, at(10_500));
         assert_eq!(
             w.want(TimingProfile::Wan, at(30_000)),
