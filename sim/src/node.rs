@@ -374,16 +374,12 @@ impl Process {
     }
 
     async fn transfer_vote(&self, candidate: NodeId) -> Result<(), String> {
-        let mut cluster = self.cluster.clone();
         use openraft::async_runtime::watch::WatchReceiver;
+        let mut cluster = self.cluster.clone();
         let mut metrics = self.raft.metrics();
         let until = Instant::now() + self.timing.heartbeat * 4;
         loop {
-            let unapplied = {
-                let m = metrics.borrow_and_update();
-                let applied = m.last_applied.map(|l| l.index);
-                (applied < m.last_log_index).then_some(m.last_log_index.unwrap_or_default())
-            };
+            let unapplied = keyraft::raft::unapplied(&metrics.borrow_and_update());
             let holder = cluster.borrow_and_update().key_holder();
             let Some(why) = self.gate.transfer_vote_refusal(
                 holder,

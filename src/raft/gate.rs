@@ -245,7 +245,6 @@ impl Gate {
         self.heartbeats.load(Ordering::Relaxed)
     }
 
-    /// Records an AppendEntries (or heartbeat) accepted from leader `from`.
     /// This node accepted a message of leader `from` (entries, a
     /// heartbeat or a snapshot), whose ack may renew that leader's lease:
     /// notes the contact and, before the ack leaves, promises to refuse
@@ -259,6 +258,7 @@ impl Gate {
         }
     }
 
+    /// Records a message accepted from leader `from`.
     pub fn leader_contact(&self, from: NodeId) {
         stamp(&self.last_leader_contact);
         self.contacts

@@ -164,6 +164,13 @@ pub fn own_durable<C: openraft::RaftTypeConfig>(m: &openraft::RaftMetrics<C>) ->
         .map_or(0, |l| l.index)
 }
 
+/// The last log index of `m` when its log holds entries not applied yet
+/// (what its applied ledger says may then be out of date), else `None`.
+pub fn unapplied<C: openraft::RaftTypeConfig>(m: &openraft::RaftMetrics<C>) -> Option<u64> {
+    let applied = m.last_applied.as_ref().map(|l| l.index);
+    (applied < m.last_log_index).then_some(m.last_log_index.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

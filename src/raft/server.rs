@@ -180,11 +180,7 @@ impl RaftService {
         let mut metrics = self.raft.metrics();
         let until = tokio::time::Instant::now() + self.timing.heartbeat * 4;
         loop {
-            let unapplied = {
-                let m = metrics.borrow_and_update();
-                let applied = m.last_applied.map(|l| l.index);
-                (applied < m.last_log_index).then_some(m.last_log_index.unwrap_or_default())
-            };
+            let unapplied = super::unapplied(&metrics.borrow_and_update());
             // Read after the metrics: the ledger is published before
             // openraft counts an entry applied.
             let holder = cluster.borrow_and_update().key_holder();
