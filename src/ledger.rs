@@ -4,14 +4,15 @@
 //! is the whole replicated state machine: the key's activation history
 //! (who may validate, and whether the last holder released), the operator's
 //! pause, which members registered with durable state, and in signer mode
-//! the signing watermark with its double-sign rule ([`SignerState::check`]).
+//! one signing watermark per chain with its double-sign rule
+//! ([`SignerState::check`]).
 //!
 //! Owns: the domain types of the replicated state and their transitions,
 //! as pure functions with table tests. Must not: import any other module
 //! of this crate (it is the bottom of the import graph), do I/O, or know
 //! how the entries are replicated (that is [`crate::raft`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -53,8 +54,15 @@ pub enum Command {
     },
     /// Signer mode: never sign at or below `height` (a state file imported
     /// from the validator's previous signer; 0 for a key that never signed).
-    /// Signing starts only once a floor exists.
+    /// Signing starts only once a floor exists. The cluster's first chain
+    /// only: with another chain's watermark present it is refused.
     SignerFloor { chain_id: String, height: u64 },
+    /// Signer mode: [`Command::SignerFloor`] for a chain beside others.
+    /// Its own variant on purpose: a keyraft from before chains were kept
+    /// apart cannot decode it and stops applying, where it would otherwise
+    /// skip the second chain's entries and could hand a snapshot without
+    /// that chain's watermark to a member that then signs below it.
+    ChainFloor { chain_id: String, height: u64 },
     /// Auto timing: the cluster runs `profile` from here on, chosen by the
     /// leader from the round trips it measured (`rtt_ms`, the slowest
     /// voter's). Every member applies it (docs/design.md, step 3).
@@ -118,13 +126,15 @@ impl fmt::Display for Command {
             Command::Register { node } => write!(f, "register node {node}"),
             Command::Rejoined { node } => write!(f, "node {node} rejoins with an empty data dir"),
             Command::Signed {
+                chain_id,
                 height,
                 round,
                 step,
                 ..
-            } => write!(f, "sign {height}/{round}/{step}"),
-            Command::SignerFloor { height, .. } => {
-                write!(f, "never sign at or below height {height}")
+            } => write!(f, "sign {chain_id} {height}/{round}/{step}"),
+            Command::SignerFloor { chain_id, height }
+            | Command::ChainFloor { chain_id, height } => {
+                write!(f, "never sign {chain_id} at or below height {height}")
             }
             Command::SetTiming { profile, rtt_ms } => {
                 write!(
@@ -165,7 +175,8 @@ pub enum SignVerdict {
     Regression,
     /// The watermark's HRS with other sign bytes (or an imported floor).
     Conflict,
-    /// The cluster signs for another chain.
+    /// A floor for a second chain as [`Command::SignerFloor`] (the leader
+    /// sends [`Command::ChainFloor`] for it).
     WrongChain,
     /// No watermark yet: nothing is signed until an operator says where the
     /// key stands (`keyraft signer import-state FILE` or `--never-signed`).
@@ -223,11 +234,14 @@ pub struct ClusterState {
     /// Recent key events, oldest first.
     pub history: VecDeque<KeyEvent>,
     pub registered: BTreeSet<NodeId>,
-    /// Signer mode: the watermark of the one chain this cluster signs for
-    /// (absent until its floor is imported). Read it with
-    /// [`ClusterState::watermark`].
-    #[serde(default)]
-    signer: Option<SignerState>,
+    /// Signer mode: each chain's watermark, by chain id (a chain has none
+    /// until its floor is imported). Read through [`ClusterState::watermark`].
+    /// Stored under the one-chain name and shape while there is one chain,
+    /// so that a keyraft from before chains were kept apart reads it; with
+    /// two or more, as a map it cannot read (it stops rather than forget
+    /// one: see [`Command::ChainFloor`]).
+    #[serde(default, rename = "signer", with = "one_or_many")]
+    watermarks: BTreeMap<String, SignerState>,
     /// Auto timing: the profile the cluster runs (absent: the one each
     /// member starts with, `lan` unless pinned).
     #[serde(default)]
@@ -235,10 +249,26 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Signer mode: the watermark of `chain_id`, if it has one (a floor or
-    /// a signature for another chain is refused: one chain per cluster).
+    /// Signer mode: the watermark of `chain_id`, if it has one.
     pub fn watermark(&self, chain_id: &str) -> Option<&SignerState> {
-        self.signer.as_ref().filter(|w| w.chain_id == chain_id)
+        self.watermarks.get(chain_id)
+    }
+
+    /// Signer mode: every chain's watermark, by chain id.
+    pub fn watermarks(&self) -> &BTreeMap<String, SignerState> {
+        &self.watermarks
+    }
+
+    /// The floor command for `chain_id` that every member can apply: the
+    /// one-chain [`Command::SignerFloor`] while no other chain has a
+    /// watermark, else [`Command::ChainFloor`].
+    pub fn floor_command(&self, chain_id: &str, height: u64) -> Command {
+        let chain_id = chain_id.to_string();
+        if self.watermarks.keys().all(|c| *c == chain_id) {
+            Command::SignerFloor { chain_id, height }
+        } else {
+            Command::ChainFloor { chain_id, height }
+        }
     }
 
     pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
@@ -301,7 +331,7 @@ impl ClusterState {
                 ref digest,
                 timestamp,
             } => {
-                let verdict = match &self.signer {
+                let verdict = match self.watermarks.get(chain_id) {
                     None => SignVerdict::NoWatermark,
                     Some(w) => match w.check(chain_id, (height, round, step), digest) {
                         // Above the watermark: the new signature's own time.
@@ -312,16 +342,19 @@ impl ClusterState {
                     },
                 };
                 if let SignVerdict::Sign { timestamp } = verdict {
-                    let signatures = self.signer.as_ref().map_or(0, |w| w.signatures) + 1;
-                    self.signer = Some(SignerState {
-                        chain_id: chain_id.clone(),
-                        height,
-                        round,
-                        step,
-                        digest: Some(digest.clone()),
-                        timestamp,
-                        signatures,
-                    });
+                    let signatures = self.watermarks.get(chain_id).map_or(0, |w| w.signatures) + 1;
+                    self.watermarks.insert(
+                        chain_id.clone(),
+                        SignerState {
+                            chain_id: chain_id.clone(),
+                            height,
+                            round,
+                            step,
+                            digest: Some(digest.clone()),
+                            timestamp,
+                            signatures,
+                        },
+                    );
                 }
                 Reply {
                     prior: None,
@@ -332,37 +365,89 @@ impl ClusterState {
                 ref chain_id,
                 height,
             } => {
-                let floor = (height, u32::MAX, u8::MAX);
-                match &mut self.signer {
-                    Some(w) if w.chain_id != *chain_id => {
-                        tracing::warn!(chain_id, "ignoring a floor for another chain");
-                        return Reply {
-                            prior: None,
-                            sign: Some(SignVerdict::WrongChain),
-                        };
-                    }
-                    Some(w) if w.hrs() >= floor => {}
-                    w => {
-                        let signatures = w.as_ref().map_or(0, |w| w.signatures);
-                        *w = Some(SignerState {
-                            chain_id: chain_id.clone(),
-                            height,
-                            round: u32::MAX,
-                            step: u8::MAX,
-                            digest: None,
-                            timestamp: (0, 0),
-                            signatures,
-                        });
-                    }
+                if self.watermarks.keys().any(|c| c != chain_id) {
+                    tracing::warn!(chain_id, "ignoring a one-chain floor beside another chain");
+                    return Reply {
+                        prior: None,
+                        sign: Some(SignVerdict::WrongChain),
+                    };
                 }
+                self.raise_floor(chain_id, height);
+                Reply::default()
+            }
+            Command::ChainFloor {
+                ref chain_id,
+                height,
+            } => {
+                self.raise_floor(chain_id, height);
                 Reply::default()
             }
         }
     }
 
+    /// Lifts `chain_id`'s watermark to cover all of `height`; never lowers it.
+    fn raise_floor(&mut self, chain_id: &str, height: u64) {
+        let floor = (height, u32::MAX, u8::MAX);
+        let w = self.watermarks.get(chain_id);
+        if w.is_some_and(|w| w.hrs() >= floor) {
+            return;
+        }
+        let signatures = w.map_or(0, |w| w.signatures);
+        self.watermarks.insert(
+            chain_id.to_string(),
+            SignerState {
+                chain_id: chain_id.to_string(),
+                height,
+                round: u32::MAX,
+                step: u8::MAX,
+                digest: None,
+                timestamp: (0, 0),
+                signatures,
+            },
+        );
+    }
+
     /// The node that holds the key according to the log, if any.
     pub fn key_holder(&self) -> Option<NodeId> {
         self.last_key_event.filter(|e| !e.released).map(|e| e.node)
+    }
+}
+
+/// The watermarks' stored shape: nothing, one [`SignerState`] (the shape
+/// every keyraft reads), or a map by chain id once there are two.
+mod one_or_many {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::SignerState;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        One(SignerState),
+        Many(BTreeMap<String, SignerState>),
+    }
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, SignerState>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match m.len() {
+            0 => s.serialize_none(),
+            1 => m.values().next().serialize(s),
+            _ => m.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, SignerState>, D::Error> {
+        Ok(match Option::<Stored>::deserialize(d)? {
+            None => BTreeMap::new(),
+            Some(Stored::One(w)) => BTreeMap::from([(w.chain_id.clone(), w)]),
+            Some(Stored::Many(m)) => m,
+        })
     }
 }
 
@@ -485,26 +570,97 @@ mod tests {
             digest: "d".into(),
             timestamp: (1, 0),
         };
-        assert_eq!(verdict(&mut s, other), SignVerdict::WrongChain);
+        // Another chain has no watermark of its own yet.
+        assert_eq!(verdict(&mut s, other), SignVerdict::NoWatermark);
         let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
     }
 
     #[test]
-    fn a_second_chain_is_refused_and_leaves_the_first_alone() {
+    fn each_chain_keeps_its_own_watermark() {
         let mut s = ClusterState::default();
-        let on = |chain: &str, height| Command::SignerFloor {
+        let on = |chain: &str, h, r, step, digest: &str| Command::Signed {
             chain_id: chain.into(),
-            height,
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (1, 0),
         };
-        s.apply(&on("c", 0), 1);
+        s.apply(&s.floor_command("c", 0), 1);
         s.apply(&signed(10, 0, 2, "x", 1), 2);
-        assert_eq!(s.apply(&on("b", 0), 3).sign, Some(SignVerdict::WrongChain));
+        // The one-chain floor for a second chain is refused ...
+        let one_chain = Command::SignerFloor {
+            chain_id: "b".into(),
+            height: 0,
+        };
+        assert_eq!(s.apply(&one_chain, 3).sign, Some(SignVerdict::WrongChain));
         assert_eq!(s.watermark("b"), None);
-        assert_eq!(s.watermark("c").unwrap().hrs(), (10, 0, 2));
         assert_eq!(
-            s.apply(&signed(10, 0, 2, "z", 2), 4).sign,
+            s.apply(&on("b", 1, 0, 1, "y"), 4).sign,
+            Some(SignVerdict::NoWatermark)
+        );
+        // ... the leader sends the chain floor, which every member that
+        // can keep chains apart applies.
+        let floor = s.floor_command("b", 0);
+        assert!(matches!(floor, Command::ChainFloor { .. }), "{floor:?}");
+        s.apply(&floor, 5);
+        assert!(matches!(
+            s.apply(&on("b", 1, 0, 1, "y"), 6).sign,
+            Some(SignVerdict::Sign { .. })
+        ));
+        // One chain's heights, conflicts and floors never touch another's.
+        assert!(matches!(
+            s.apply(&on("b", 10, 0, 2, "other"), 7).sign,
+            Some(SignVerdict::Sign { .. })
+        ));
+        assert_eq!(
+            s.apply(&on("c", 10, 0, 2, "z"), 8).sign,
             Some(SignVerdict::Conflict)
+        );
+        s.apply(&s.floor_command("b", 500), 9);
+        assert_eq!(s.watermark("c").unwrap().hrs(), (10, 0, 2));
+        assert_eq!(s.watermark("b").unwrap().height, 500);
+        assert_eq!(s.watermark("b").unwrap().signatures, 2);
+    }
+
+    #[test]
+    fn one_chain_is_stored_as_before_and_two_as_a_shape_old_members_refuse() {
+        /// The replicated state as a keyraft from before chains were kept
+        /// apart declares it (the part that matters here).
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Old {
+            #[serde(default)]
+            signer: Option<SignerState>,
+        }
+        let mut s = ClusterState::default();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(serde_json::from_str::<Old>(&json).unwrap().signer.is_none());
+        s.apply(&s.floor_command("c", 0), 1);
+        s.apply(&signed(10, 0, 2, "x", 1), 2);
+        let json = serde_json::to_string(&s).unwrap();
+        let old = serde_json::from_str::<Old>(&json).unwrap().signer.unwrap();
+        assert_eq!(old.hrs(), (10, 0, 2));
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+        s.apply(&s.floor_command("b", 7), 3);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            serde_json::from_str::<Old>(&json).is_err(),
+            "an old member must fail on two chains, not keep one: {json}"
+        );
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+        // And the chain floor is an entry an old member cannot decode.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        #[allow(dead_code)]
+        enum OldCommand {
+            SignerFloor { chain_id: String, height: u64 },
+        }
+        let entry = serde_json::to_string(&s.floor_command("a", 1)).unwrap();
+        assert!(
+            serde_json::from_str::<OldCommand>(&entry).is_err(),
+            "{entry}"
         );
     }
 

@@ -45,7 +45,8 @@ pub struct Metrics {
     pub kernel_fence: IntGauge,
     pub fence_agent_attempts: IntCounterVec,
     pub sign_requests: IntCounterVec,
-    pub sign_seconds: Histogram,
+    pub sign_seconds: HistogramVec,
+    pub signer_watermark: IntGaugeVec,
     /// Where a signature's time goes (the sign budget), by stage.
     pub sign_stage_seconds: HistogramVec,
     pub privval_connected: IntGaugeVec,
@@ -68,12 +69,15 @@ impl Metrics {
     ///
     /// `fenced`: the members this node has a fence agent for (their
     /// `keyraft_fence_agent_attempts_total` series start at 0).
+    ///
+    /// `chains`: signer mode's chain ids (none outside signer mode).
     pub fn new(
         version: &str,
         witness: bool,
-        signer: bool,
+        chains: &[&str],
         fenced: &[u64],
     ) -> Result<Metrics, prometheus::Error> {
+        let signer = !chains.is_empty();
         let registry = Registry::new();
         let build = IntGaugeVec::new(
             opts("build_info", "Build information and role; always 1."),
@@ -131,13 +135,18 @@ impl Metrics {
                 &["node", "result"],
             )?,
             sign_requests: IntCounterVec::new(
-                opts("sign_requests_total", "Sign requests from this host's nodes, by type (proposal, prevote, precommit) and result."),
-                &["type", "result"],
+                opts("sign_requests_total", "Sign requests from this host's nodes, by chain, type (proposal, prevote, precommit) and result."),
+                &["chain", "type", "result"],
             )?,
-            sign_seconds: Histogram::with_opts(
-                HistogramOpts::new("sign_seconds", "From a node's sign request to the answer (commit through Raft included).")
+            sign_seconds: HistogramVec::new(
+                HistogramOpts::new("sign_seconds", "From a node's sign request to the answer (commit through Raft included), by chain.")
                     .namespace("keyraft")
                     .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+                &["chain"],
+            )?,
+            signer_watermark: IntGaugeVec::new(
+                opts("signer_watermark_height", "Signer mode: the height of each chain's replicated watermark as this member applied it (-1 before its floor is imported)."),
+                &["chain"],
             )?,
             sign_stage_seconds: HistogramVec::new(
                 HistogramOpts::new("sign_stage_seconds", "Where a signature's time goes, by stage: lock (waiting for the one signing at a time), check, commit (Raft: propose to applied, a majority's fsync included), sign (ed25519), forward (a follower's round trip to the leader), serve (the leader's part of a forwarded request).")
@@ -146,8 +155,8 @@ impl Metrics {
                 &["stage"],
             )?,
             privval_connected: IntGaugeVec::new(
-                opts("privval_connected", "1 while this host is connected to the node's privval port."),
-                &["node"],
+                opts("privval_connected", "1 while this host is connected to the node's privval port, by chain and node."),
+                &["chain", "node"],
             )?,
             signing: IntGauge::with_opts(opts("signing", "Signer mode: 1 on the member that signs (the Raft leader), 0 on one that forwards its nodes' requests."))?,
             tls_cert_expiry: IntGaugeVec::new(
@@ -199,14 +208,18 @@ impl Metrics {
             r.register(Box::new(m.sign_stage_seconds.clone()))?;
             r.register(Box::new(m.privval_connected.clone()))?;
             r.register(Box::new(m.signing.clone()))?;
-            for kind in ["proposal", "prevote", "precommit"] {
-                for result in [
-                    "signed",
-                    "refused_equivocation",
-                    "refused_regression",
-                    "no_leader",
-                ] {
-                    m.sign_requests.with_label_values(&[kind, result]);
+            r.register(Box::new(m.signer_watermark.clone()))?;
+            for chain in chains {
+                m.signer_watermark.with_label_values(&[chain]).set(-1);
+                for kind in ["proposal", "prevote", "precommit"] {
+                    for result in [
+                        "signed",
+                        "refused_equivocation",
+                        "refused_regression",
+                        "no_leader",
+                    ] {
+                        m.sign_requests.with_label_values(&[chain, kind, result]);
+                    }
                 }
             }
         }

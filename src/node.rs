@@ -192,6 +192,13 @@ impl Shared {
         g.raft_leader.set(i64::from(self.leads(&m)));
         g.signing
             .set(i64::from(self.cfg.signer.is_some() && self.leads(&m)));
+        if let Some(signer) = &self.cfg.signer {
+            let cluster = self.cluster.borrow();
+            for chain in signer.chain_ids() {
+                let height = cluster.watermark(chain).map_or(-1, |w| w.height as i64);
+                g.signer_watermark.with_label_values(&[chain]).set(height);
+            }
+        }
         g.raft_last_log_index
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index

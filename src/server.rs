@@ -228,13 +228,13 @@ pub async fn run(
     let (req_tx, req_rx) = mpsc::channel(8);
     let (probe_tx, probe_rx) = watch::channel(None);
     let fenced: Vec<u64> = cfg.fence.by_node.keys().copied().collect();
-    let metrics = Metrics::new(
-        env!("CARGO_PKG_VERSION"),
-        cfg.witness,
-        cfg.signer.is_some(),
-        &fenced,
-    )
-    .map_err(|e| RunError::Raft(e.to_string()))?;
+    let chains: Vec<&str> = cfg
+        .signer
+        .as_ref()
+        .map(|s| s.chain_ids().collect())
+        .unwrap_or_default();
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, &chains, &fenced)
+        .map_err(|e| RunError::Raft(e.to_string()))?;
     let sh = Arc::new(Shared {
         cfg,
         raft: raft.clone(),
@@ -308,19 +308,16 @@ pub async fn run(
         tokio::spawn(tuning::run(sh.clone())),
     ];
     if let Some((signer, identity)) = &signer {
-        for addr in &sh
-            .cfg
-            .signer
-            .as_ref()
-            .map(|c| c.nodes.clone())
-            .unwrap_or_default()
-        {
-            tasks.push(tokio::spawn(signer::privval::run(
-                signer.clone(),
-                addr.clone(),
-                identity.clone(),
-                servers_stop.clone(),
-            )));
+        for (i, chain) in signer.chains().iter().enumerate() {
+            for addr in &chain.cfg.nodes {
+                tasks.push(tokio::spawn(signer::privval::run(
+                    signer.clone(),
+                    i,
+                    addr.clone(),
+                    identity.clone(),
+                    servers_stop.clone(),
+                )));
+            }
         }
     }
     let (node, health_rx) = match (&sh.cfg.validator, links) {

@@ -11,12 +11,15 @@ use keyraft::metrics::Metrics;
 
 fn exported() -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
-    for signer in [false, true] {
-        let m = Metrics::new("test", false, signer, &[2])?;
+    for chains in [&[][..], &["c"][..]] {
+        let m = Metrics::new("test", false, chains, &[2])?;
         // Label families export nothing until a child exists.
         m.peer_up.with_label_values(&["2"]).set(1);
         m.peer_rtt.with_label_values(&["2"]).set(0.001);
-        m.privval_connected.with_label_values(&["tcp://n"]).set(1);
+        m.privval_connected
+            .with_label_values(&["c", "tcp://n"])
+            .set(1);
+        m.sign_seconds.with_label_values(&["c"]).observe(0.001);
         m.tls_cert_expiry.with_label_values(&["node"]).set(86_400);
         for line in m.render().lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();

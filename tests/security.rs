@@ -304,8 +304,15 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
     Ok(())
 }
 
-/// A privval sign request for a precommit at `height`, as a sentry sends it.
-fn precommit_request(chain_id: &str, height: u64) -> keyraft::pb::SignRequest {
+/// The public key of the cluster's validator key, as a member forwards it.
+fn cluster_key(c: &Cluster) -> Result<Vec<u8>> {
+    let key = localnet::comet::key::ValidatorKey::load(&c.key_path)?;
+    Ok(key.signing().verifying_key().as_bytes().to_vec())
+}
+
+/// A privval sign request for a precommit at `height`, as a sentry sends it
+/// and a member with `pub_key` for the chain forwards it.
+fn precommit_request(chain_id: &str, height: u64, pub_key: &[u8]) -> keyraft::pb::SignRequest {
     use cometbft_proto::v0_38::privval::{message::Sum, Message, SignVoteRequest};
     use localnet::comet::consensus::{block_id, vote, Step};
     use prost::Message as _;
@@ -325,6 +332,7 @@ fn precommit_request(chain_id: &str, height: u64) -> keyraft::pb::SignRequest {
     };
     keyraft::pb::SignRequest {
         msg: msg.encode_to_vec(),
+        pub_key: pub_key.to_vec(),
     }
 }
 
@@ -344,9 +352,11 @@ async fn ask_to_sign(
 }
 
 async fn watermark(c: &Cluster) -> Result<u64> {
-    Ok(c.status(1).await?["signer"]["watermark"]["height"]
-        .as_u64()
-        .unwrap_or(0))
+    Ok(
+        c.status(1).await?["signer"]["chains"][0]["watermark"]["height"]
+            .as_u64()
+            .unwrap_or(0),
+    )
 }
 
 #[tokio::test]
@@ -359,6 +369,7 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
         chain_id: CHAIN.into(),
         round_every: 4,
         validators: 2,
+        more_chains: 0,
     };
     let c = Cluster::start_in_mode(
         localnet::cluster::ClusterDir::Temp(dir),
@@ -381,7 +392,8 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     // Right after --never-signed, a far-future request from a real
     // validator host (as its sentry's request arrives forwarded): refused,
     // and the watermark stays where it is.
-    let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, 1 << 62))
+    let key = cluster_key(&c)?;
+    let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, 1 << 62, &key))
         .await?
         .context("the request itself failed")?;
     ensure!(
@@ -391,13 +403,31 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     ensure!(watermark(&c).await? < 1 << 40, "the watermark jumped");
     // A witness asking for a plausible height: refused outright.
     let h = c.chain.totals().await?.height;
-    let e = ask_to_sign(&c, 3, leader, precommit_request(CHAIN, h + 1))
+    let e = ask_to_sign(&c, 3, leader, precommit_request(CHAIN, h + 1, &key))
         .await?
         .expect_err("a witness's sign request was served");
     ensure!(
         e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
         "{e:?}"
     );
+    // A real validator host whose key for the chain is another, or that
+    // asks for a chain the leader does not sign for: refused, typed.
+    let other_key = [7u8; 32];
+    for (req, want) in [
+        (
+            precommit_request(CHAIN, h + 1, &other_key),
+            keyraft::pb::Refusal::OtherKey,
+        ),
+        (
+            precommit_request("not-our-chain", h + 1, &key),
+            keyraft::pb::Refusal::UnknownChain,
+        ),
+    ] {
+        let reply = ask_to_sign(&c, other, leader, req)
+            .await?
+            .context("the request itself failed")?;
+        ensure!(reply.refusal == want as i32, "wanted {want:?}: {reply:?}");
+    }
     // Signing goes on through the real sentries.
     let before = c.chain.totals().await?.signed;
     eventually(SETTLE, "signatures after the refusals", || async {
@@ -410,7 +440,7 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
 
     // A real host asking at the limit, again and again: the first moves
     // the watermark there, the limit does not follow it.
-    let limit = c.status(leader).await?["signer"]["height_limit"]["height"]
+    let limit = c.status(leader).await?["signer"]["chains"][0]["height_limit"]["height"]
         .as_u64()
         .context("no height limit in status")?;
     let chain = c.chain.totals().await?.height;
@@ -419,7 +449,7 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
         "limit {limit} with the chain at {chain}"
     );
     for ask in [limit, limit + 500, limit + 1_000] {
-        let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, ask))
+        let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, ask, &key))
             .await?
             .context("the request itself failed")?;
         let signed = reply.refusal == keyraft::pb::Refusal::None as i32;

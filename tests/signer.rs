@@ -20,6 +20,7 @@ fn mode() -> Mode {
         chain_id: "keyraft-signer-test".into(),
         round_every: 4,
         validators: 2,
+        more_chains: 0,
     }
 }
 
@@ -100,13 +101,13 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
         }
     }
     let status = c.status(1).await?;
-    let w = &status["signer"]["watermark"];
+    let w = &status["signer"]["chains"][0]["watermark"];
     ensure!(
         w["height"].as_u64() >= Some(s.height - 1),
         "watermark behind: {status}"
     );
     ensure!(
-        status["signer"]["connections"][0]["connected"] == true,
+        status["signer"]["chains"][0]["connections"][0]["connected"] == true,
         "no privval connection in status: {status}"
     );
     let l = leader(&c, 1).await?;
@@ -127,7 +128,7 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
     );
     ensure!(
         m.get(&format!(
-            "keyraft_privval_connected{{node=\"tcp://{}\"}}",
+            "keyraft_privval_connected{{chain=\"keyraft-signer-test\",node=\"tcp://{}\"}}",
             c.nodes[&l].privval
         )) == Some(&1.0),
         "privval gauge: {m:?}"
@@ -310,7 +311,7 @@ async fn an_imported_state_file_keeps_the_signer_off_its_heights() -> Result<()>
     );
     let status = c.status(1).await?;
     ensure!(
-        status["signer"]["watermark"]["height"].as_u64() > Some(floor),
+        status["signer"]["chains"][0]["watermark"]["height"].as_u64() > Some(floor),
         "{status}"
     );
     Ok(())
@@ -352,7 +353,10 @@ async fn a_new_cluster_signs_nothing_until_told_where_the_key_stands() -> Result
         "no request was refused for want of a watermark"
     );
     let status = c.status(1).await?;
-    ensure!(status["signer"]["watermark"].is_null(), "{status}");
+    ensure!(
+        status["signer"]["chains"][0]["watermark"].is_null(),
+        "{status}"
+    );
     let check = c.cli(1, &["check"]).await?;
     ensure!(
         check.status.code() == Some(4),
@@ -420,7 +424,7 @@ async fn a_host_with_two_sentries_signs_for_both_and_losing_one_costs_nothing() 
     c.kill_validator(1)?;
     every_sentry_signed(&c, at, &[11, 2, 3]).await?;
     let status = c.status(1).await?;
-    let connections = status["signer"]["connections"]
+    let connections = status["signer"]["chains"][0]["connections"]
         .as_array()
         .map_or(0, Vec::len);
     ensure!(
@@ -467,7 +471,7 @@ async fn a_privval_listener_with_another_identity_than_the_pinned_one_gets_no_si
         "the sentry behind an unpinned identity got a signature"
     );
     let status = c.status(2).await?;
-    let conns = status["signer"]["connections"].clone();
+    let conns = status["signer"]["chains"][0]["connections"].clone();
     ensure!(
         conns
             .as_array()
@@ -478,6 +482,205 @@ async fn a_privval_listener_with_another_identity_than_the_pinned_one_gets_no_si
     ensure!(
         log.contains(&format!("not the pinned {}", node_id_of(seed(9)))),
         "no log line names the refused identity"
+    );
+    Ok(())
+}
+
+/// Three chains: the first and two more, each with its own judge and key.
+fn three_chains() -> Mode {
+    Mode::Signer {
+        chain_id: "keyraft-chains-test".into(),
+        round_every: 4,
+        validators: 2,
+        more_chains: 2,
+    }
+}
+
+/// Waits until each of `sentries` signed chain number `chain` (in
+/// [`Cluster::judges`]'s order) above height `after`; returns its height.
+async fn chain_signed(c: &Cluster, chain: usize, after: u64, sentries: &[u64]) -> Result<u64> {
+    let (name, judge) = c.judges()[chain];
+    let s = eventually(
+        SETTLE,
+        &format!("sentries {sentries:?} signed {name} after height {after}"),
+        || async {
+            let s = judge.stats_since(after + 1).await?;
+            let all = sentries
+                .iter()
+                .all(|n| s.first_signed_by(*n, after).is_some());
+            Ok(all.then_some(s))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    Ok(s.height)
+}
+
+/// [`chain_signed`] for every chain, above its height in `after`.
+async fn every_chain_signed(c: &Cluster, after: &[u64], sentries: &[u64]) -> Result<Vec<u64>> {
+    let mut heights = Vec::new();
+    for (i, after) in after.iter().enumerate() {
+        heights.push(chain_signed(c, i, *after, sentries).await?);
+    }
+    Ok(heights)
+}
+
+/// Each chain's height now.
+async fn heights(c: &Cluster) -> Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for (_, judge) in c.judges() {
+        v.push(judge.totals().await?.height);
+    }
+    Ok(v)
+}
+
+/// Every chain's judge: no equivocation, no double sign.
+async fn no_equivocations_on_any_chain(c: &Cluster) -> Result<()> {
+    for (chain, judge) in c.judges() {
+        let s = judge.stats_since(0).await?;
+        ensure!(
+            s.double_signs == 0 && s.equivocations.is_empty(),
+            "{chain}: equivocations {:?}\n{}",
+            s.equivocations,
+            c.logs()
+        );
+    }
+    Ok(())
+}
+
+/// Sign requests of `chain` answered with `result` on node `id`.
+async fn chain_results(c: &Cluster, id: u64, chain: &str, result: &str) -> Result<f64> {
+    let (chain, result) = (format!("chain=\"{chain}\""), format!("result=\"{result}\""));
+    Ok(c.metrics(id)
+        .await?
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("keyraft_sign_requests_total")
+                && k.contains(&chain)
+                && k.contains(&result)
+        })
+        .map(|(_, v)| v)
+        .sum())
+}
+
+#[tokio::test]
+async fn one_cluster_signs_three_chains_through_a_killed_leader() -> Result<()> {
+    let mut c =
+        Cluster::start_signers(3, BLOCK_MS, three_chains(), |_| NodeOpts::default()).await?;
+    let chains: Vec<String> = c.judges().iter().map(|(id, _)| id.to_string()).collect();
+    ensure!(chains.len() == 3, "{chains:?}");
+    let before = every_chain_signed(&c, &[0, 0, 0], &[1, 2, 3]).await?;
+    // Each chain is reported on its own, with its own watermark.
+    let status = c.status(1).await?;
+    let listed: Vec<&str> = status["signer"]["chains"]
+        .as_array()
+        .context("no chains in status")?
+        .iter()
+        .filter_map(|x| x["chain_id"].as_str())
+        .collect();
+    ensure!(listed == chains, "status lists {listed:?}: {status}");
+    for ch in status["signer"]["chains"].as_array().into_iter().flatten() {
+        ensure!(
+            ch["watermark"]["height"].as_u64() > Some(0)
+                && ch["connections"][0]["connected"] == true,
+            "{ch}"
+        );
+    }
+    // The leader's whole host dies: every chain signs again on the others.
+    let l = leader(&c, 1).await?;
+    c.kill_host(l)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let t = Instant::now();
+    let after = every_chain_signed(&c, &before, &rest).await?;
+    eprintln!(
+        "all three chains signed again {} ms after the kill",
+        t.elapsed().as_millis()
+    );
+    // And once it is back, its sentries too, on every chain.
+    c.spawn(l)?;
+    every_chain_signed(&c, &after, &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await?;
+    for chain in &chains {
+        ensure!(
+            chain_results(&c, rest[0], chain, "signed").await? > 0.0,
+            "no signatures counted for {chain}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_chain_id_and_a_chain_the_leader_dropped_are_refused_and_the_rest_sign(
+) -> Result<()> {
+    // Host 3's sentry of the first chain asks with the second chain's id.
+    let second = "keyraft-chains-test-2";
+    let mut c = Cluster::start_signers(3, BLOCK_MS, three_chains(), |id| NodeOpts {
+        fakenode: if id == 3 {
+            vec!["--chain-id".into(), second.into()]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let first = c.judges()[0].0.to_string();
+    chain_signed(&c, 0, 0, &[1, 2]).await?;
+    // Its own chain's connection refuses it (the key, and so every
+    // signature); its other chains sign.
+    let refused = format!("this connection serves chain {first}, not {second}");
+    eventually(SETTLE, "host 3's wrong chain id refused", || async {
+        let log = std::fs::read_to_string(c.dir.path().join("keyraft3.log"))?;
+        Ok(log.contains(&refused).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    chain_signed(&c, 1, 0, &[1, 2, 3]).await?;
+    chain_signed(&c, 2, 0, &[1, 2, 3]).await?;
+    ensure!(
+        c.chain
+            .stats_since(0)
+            .await?
+            .first_signed_by(3, 0)
+            .is_none(),
+        "a request with another chain's id was signed"
+    );
+
+    // A rolling change drops the third chain from host 3 (its sentry goes
+    // too); host 3 then leads: the others' requests for that chain are
+    // refused as a chain it does not sign for, the first two sign on.
+    let third = c.judges()[2].0.to_string();
+    c.others[1].sentries.remove(&3);
+    c.kill_coordinator(3)?;
+    c.forget(3)?;
+    c.spawn(3)?;
+    eventually(SETTLE, "node 3 to lead", || async {
+        if let Some((3, _)) = c.agreed_leader(&[1, 2, 3]).await? {
+            return Ok(Some(()));
+        }
+        c.cli(1, &["switchover", "--to", "3"]).await?;
+        Ok(None)
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let now = heights(&c).await?;
+    eventually(
+        SETTLE,
+        "requests for the dropped chain refused by leader 3",
+        || async {
+            let n = chain_results(&c, 1, &third, "refused_chain_id").await?
+                + chain_results(&c, 2, &third, "refused_chain_id").await?;
+            Ok((n > 0.0).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    chain_signed(&c, 0, now[0], &[1, 2]).await?;
+    chain_signed(&c, 1, now[1], &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await?;
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft3.log"))?;
+    ensure!(
+        log.contains("does not sign for"),
+        "no log line on leader 3 names the refused chain"
     );
     Ok(())
 }

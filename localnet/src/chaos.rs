@@ -184,6 +184,7 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             chain_id: "chaos-1".into(),
             round_every: 5,
             validators: 3,
+            more_chains: 0,
         };
         let c =
             Cluster::start_in_mode(dir, NODES, o.block_ms, mode, |_| NodeOpts::default()).await?;

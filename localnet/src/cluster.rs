@@ -44,6 +44,16 @@ pub struct ExtraSentry {
     pub proc: Option<Proc>,
 }
 
+/// Signer mode: a chain beyond the first, with its own judge and key, and
+/// one sentry on each validator host (node id = host id, as on the first).
+pub struct OtherChain {
+    pub chain_id: String,
+    pub chain: ChainClient,
+    pub key_path: PathBuf,
+    pub sentries: BTreeMap<u64, ExtraSentry>,
+    _proc: Proc,
+}
+
 pub struct Node {
     pub id: u64,
     pub listen: SocketAddr,
@@ -86,6 +96,8 @@ pub struct Cluster {
     /// (from, to) -> the proxy `from` dials to reach `to`.
     pub proxies: BTreeMap<(u64, u64), Proxy>,
     pub mode: Mode,
+    /// Signer mode: the chains after the first (`Mode::Signer::more_chains`).
+    pub others: Vec<OtherChain>,
     _chain: Proc,
 }
 
@@ -125,18 +137,30 @@ impl Cluster {
     /// key), retried until a leader takes it. Signing starts after it.
     pub async fn never_signed(&self) -> Result<()> {
         let id = *self.nodes.keys().next().context("no nodes")?;
-        eventually(
-            SETTLE,
-            "the watermark of a new key to be committed",
-            || async {
-                let out = self
-                    .cli(id, &["signer", "import-state", "--never-signed"])
-                    .await?;
-                Ok(out.status.success().then_some(()))
-            },
-        )
-        .await
-        .with_context(|| self.logs())
+        for (chain, _) in self.judges() {
+            eventually(
+                SETTLE,
+                &format!("the watermark of {chain}'s new key to be committed"),
+                || async {
+                    let out = self
+                        .cli(
+                            id,
+                            &[
+                                "signer",
+                                "import-state",
+                                "--never-signed",
+                                "--chain-id",
+                                chain,
+                            ],
+                        )
+                        .await?;
+                    Ok(out.status.success().then_some(()))
+                },
+            )
+            .await
+            .with_context(|| self.logs())?;
+        }
+        Ok(())
     }
 
     /// Like [`Cluster::start`], in a given (empty or new) dir.
@@ -179,13 +203,11 @@ impl Cluster {
                 chain_id,
                 round_every,
                 validators,
+                ..
             } => {
                 let key_path = keys.join("priv_validator_key.json");
                 crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
-                chain_cmd
-                    .args(["--cometbft", "--vote-extensions", "--chain-id", chain_id])
-                    .args(["--round-every", &round_every.to_string()])
-                    .args(["--validators", &validators.to_string()]);
+                signer_chain_args(&mut chain_cmd, chain_id, *round_every, *validators);
                 key_path
             }
         };
@@ -270,6 +292,7 @@ impl Cluster {
                 }
             }
         }
+        let others = other_chains(dir.path(), &mode, block_ms, &nodes)?;
         let mut c = Cluster {
             dir,
             keyraft,
@@ -278,12 +301,15 @@ impl Cluster {
             nodes,
             proxies,
             mode,
+            others,
             _chain: chain_proc,
         };
-        c.chain
-            .wait_height(1, SETTLE)
-            .await
-            .context("fakechain did not start")?;
+        for judge in std::iter::once(&c.chain).chain(c.others.iter().map(|o| &o.chain)) {
+            judge
+                .wait_height(1, SETTLE)
+                .await
+                .context("fakechain did not start")?;
+        }
         for id in 1..=n {
             c.spawn(id)?;
         }
@@ -347,14 +373,20 @@ impl Cluster {
                 Some(id) => format!("tcp://{id}@{}", node.privval),
                 None => privval.clone(),
             };
-            cmd.args(["--signer", "cometbft", "--chain-id", chain_id])
-                .args(["--privval-node", &dial]);
-            for e in &node.extra {
-                cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
+            cmd.args(["--signer", "cometbft"]);
+            if self.others.is_empty() {
+                cmd.args(["--chain-id", chain_id])
+                    .args(["--privval-node", &dial]);
+                for e in &node.extra {
+                    cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
+                }
+                cmd.arg("--validator-key").arg(&self.key_path);
+            } else {
+                // Several chains: every one in `[[chains]]` ([`Cluster::spawn`]
+                // writes the file).
+                cmd.arg("--config").arg(self.chains_file(id));
             }
-            cmd.arg("--validator-key")
-                .arg(&self.key_path)
-                .args(["--health", "cometbft"])
+            cmd.args(["--health", "cometbft"])
                 .args(["--health-url", &format!("http://{}", node.rpc)])
                 .arg("--")
                 .arg(sibling_bin("fakenode").unwrap_or_default())
@@ -391,28 +423,78 @@ impl Cluster {
     pub fn spawn(&mut self, id: u64) -> Result<()> {
         let chain = self.chain.url.clone();
         let log_dir = self.dir.path().to_path_buf();
-        let fakenode = sibling_bin("fakenode")?;
         for e in &mut self.node_mut(id)?.extra {
-            if e.proc.as_mut().is_some_and(|p| p.try_exit().is_none()) {
-                continue;
+            e.start(&chain, "sentry", &log_dir)?;
+        }
+        for other in &mut self.others {
+            if let Some(e) = other.sentries.get_mut(&id) {
+                e.start(
+                    &other.chain.url,
+                    &format!("{}-sentry", other.chain_id),
+                    &log_dir,
+                )?;
             }
-            e.proc = Some(Proc::spawn(
-                &format!("sentry{}", e.id),
-                Command::new(&fakenode)
-                    .args([
-                        "--cometbft",
-                        "--privval-listen",
-                        &format!("tcp://{}", e.privval),
-                    ])
-                    .args(["--chain", &chain, "--node-id", &e.id.to_string()])
-                    .args(["--rpc-listen", &e.rpc.to_string()]),
-                &log_dir,
-            )?);
+        }
+        if !self.others.is_empty() {
+            let toml = self.chains_toml(id)?;
+            std::fs::write(self.chains_file(id), toml)?;
         }
         let mut cmd = self.command(id);
         let proc = Proc::spawn(&format!("keyraft{id}"), &mut cmd, self.dir.path())?;
         self.node_mut(id)?.proc = Some(proc);
         Ok(())
+    }
+
+    /// Signer mode with several chains: node `id`'s `[[chains]]` file.
+    fn chains_file(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}/chains.toml"))
+    }
+
+    /// Every chain host `id` signs for, as `[[chains]]` tables.
+    fn chains_toml(&self, id: u64) -> Result<String> {
+        let node = &self.nodes[&id];
+        let Mode::Signer { chain_id, .. } = &self.mode else {
+            bail!("chains belong to signer mode");
+        };
+        let mut first = vec![match &node.opts.privval_pin {
+            Some(pin) => format!("tcp://{pin}@{}", node.privval),
+            None => format!("tcp://{}", node.privval),
+        }];
+        first.extend(node.extra.iter().map(|e| format!("tcp://{}", e.privval)));
+        let table = |chain: &str, key: &Path, nodes: &[String]| {
+            let mut t = toml::Table::new();
+            t.insert("chain-id".into(), chain.into());
+            t.insert("validator-key".into(), key.display().to_string().into());
+            t.insert(
+                "privval-node".into(),
+                toml::Value::Array(nodes.iter().map(|n| n.as_str().into()).collect()),
+            );
+            toml::Value::Table(t)
+        };
+        let mut chains = vec![table(chain_id, &self.key_path, &first)];
+        for o in &self.others {
+            if let Some(e) = o.sentries.get(&id) {
+                chains.push(table(
+                    &o.chain_id,
+                    &o.key_path,
+                    &[format!("tcp://{}", e.privval)],
+                ));
+            }
+        }
+        let mut file = toml::Table::new();
+        file.insert("chains".into(), toml::Value::Array(chains));
+        Ok(toml::to_string(&file)?)
+    }
+
+    /// Every chain's judge: the first chain's, then the others'.
+    pub fn judges(&self) -> Vec<(&str, &ChainClient)> {
+        let first = match &self.mode {
+            Mode::Signer { chain_id, .. } => chain_id.as_str(),
+            Mode::Near => "near",
+        };
+        std::iter::once((first, &self.chain))
+            .chain(self.others.iter().map(|o| (o.chain_id.as_str(), &o.chain)))
+            .collect()
     }
 
     pub fn node_mut(&mut self, id: u64) -> Result<&mut Node> {
@@ -553,18 +635,22 @@ impl Cluster {
     }
 
     /// The chain's verdict: no double signs, ever.
+    /// With several chains, every chain's judge is asked; the first
+    /// chain's totals are returned.
     pub async fn assert_no_double_signs(&self) -> Result<Stats> {
-        let s = self.chain.totals().await?;
-        if s.double_signs != 0 {
-            let all = self.chain.stats_since(0).await?;
-            bail!(
-                "{} double signs; signers: {:?}\n{}",
-                s.double_signs,
-                all.signers,
-                self.logs()
-            );
+        for (chain, judge) in self.judges().into_iter().rev() {
+            let s = judge.totals().await?;
+            if s.double_signs != 0 {
+                let all = judge.stats_since(0).await?;
+                bail!(
+                    "{} double signs on {chain}; signers: {:?}\n{}",
+                    s.double_signs,
+                    all.signers,
+                    self.logs()
+                );
+            }
         }
-        Ok(s)
+        self.chain.totals().await
     }
 
     /// The tail of every coordinator log, for failure messages.
@@ -629,6 +715,95 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+impl ExtraSentry {
+    /// Starts this sentry (a `fakenode --cometbft` for the chain at
+    /// `chain`) unless it runs.
+    fn start(&mut self, chain: &str, name: &str, log_dir: &Path) -> Result<()> {
+        if self.proc.as_mut().is_some_and(|p| p.try_exit().is_none()) {
+            return Ok(());
+        }
+        self.proc = Some(Proc::spawn(
+            &format!("{name}{}", self.id),
+            Command::new(sibling_bin("fakenode")?)
+                .args([
+                    "--cometbft",
+                    "--privval-listen",
+                    &format!("tcp://{}", self.privval),
+                ])
+                .args(["--chain", chain, "--node-id", &self.id.to_string()])
+                .args(["--rpc-listen", &self.rpc.to_string()]),
+            log_dir,
+        )?);
+        Ok(())
+    }
+}
+
+/// A signer-mode `fakechain`'s flags.
+fn signer_chain_args(cmd: &mut Command, chain_id: &str, round_every: u64, validators: u64) {
+    cmd.args(["--cometbft", "--vote-extensions", "--chain-id", chain_id])
+        .args(["--round-every", &round_every.to_string()])
+        .args(["--validators", &validators.to_string()]);
+}
+
+/// Signer mode: the chains after the first, each started with its judge
+/// and key, and a sentry (not yet running) on each validator host.
+fn other_chains(
+    dir: &Path,
+    mode: &Mode,
+    block_ms: u64,
+    nodes: &BTreeMap<u64, Node>,
+) -> Result<Vec<OtherChain>> {
+    let Mode::Signer {
+        chain_id,
+        round_every,
+        validators,
+        more_chains,
+    } = mode
+    else {
+        return Ok(vec![]);
+    };
+    let mut others = Vec::new();
+    for k in 2..=more_chains + 1 {
+        let chain_id = format!("{chain_id}-{k}");
+        let key_path = dir.join(format!("keys/priv_validator_key-{k}.json"));
+        crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
+        let addr = free_addr()?;
+        let mut cmd = Command::new(sibling_bin("fakechain")?);
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--block-ms",
+            &block_ms.to_string(),
+        ]);
+        signer_chain_args(&mut cmd, &chain_id, *round_every, *validators);
+        let proc = Proc::spawn(
+            &format!("fakechain-{chain_id}"),
+            cmd.arg("--validator-key").arg(&key_path),
+            dir,
+        )?;
+        let mut sentries = BTreeMap::new();
+        for n in nodes.values().filter(|n| !n.opts.witness) {
+            sentries.insert(
+                n.id,
+                ExtraSentry {
+                    id: n.id,
+                    privval: free_addr()?,
+                    rpc: free_addr()?,
+                    proc: None,
+                },
+            );
+        }
+        others.push(OtherChain {
+            chain_id,
+            chain: ChainClient::new(&format!("http://{addr}")),
+            key_path,
+            sentries,
+            _proc: proc,
+        });
+    }
+    Ok(others)
 }
 
 /// `keyraft certs ARGS --out OUT`.

@@ -36,6 +36,11 @@ impl Cluster {
             // Dropping a Proc kills its process group.
             e.proc = None;
         }
+        for other in &mut self.others {
+            if let Some(e) = other.sentries.get_mut(&id) {
+                e.proc = None;
+            }
+        }
         if let Some(p) = self.forget(id)? {
             let _ = p.signal_group(Signal::SIGKILL);
         }
@@ -118,7 +123,13 @@ impl Cluster {
         for p in tree {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
         }
-        for e in self.nodes[&id].extra.iter().filter_map(|e| e.proc.as_ref()) {
+        let others = self.others.iter().filter_map(|o| o.sentries.get(&id));
+        for e in self.nodes[&id]
+            .extra
+            .iter()
+            .chain(others)
+            .filter_map(|e| e.proc.as_ref())
+        {
             let _ = e.signal_group(sig);
         }
         proc.signal_group(sig)

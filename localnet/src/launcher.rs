@@ -127,6 +127,7 @@ pub async fn up(opts: UpOptions) -> Result<()> {
             chain_id: "localnet-1".into(),
             round_every: 10,
             validators: 4,
+            more_chains: 0,
         }
     } else {
         Mode::Near

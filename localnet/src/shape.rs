@@ -69,6 +69,11 @@ pub enum Mode {
         round_every: u64,
         /// Our key proposes one round in this many.
         validators: u64,
+        /// Further chains the cluster signs for, each with its own
+        /// `fakechain` judge, key and one sentry per validator host; their
+        /// ids are `{chain_id}-2`, `{chain_id}-3`, ... (0: one chain, set
+        /// with flags; more: every chain in `[[chains]]` of a TOML file).
+        more_chains: u64,
     },
 }
 

@@ -137,22 +137,32 @@ pub fn status_json(sh: &Shared) -> Value {
         "timing": crate::tuning::status(sh, cluster.timing),
     });
     if let Some(c) = &sh.cfg.signer {
-        let w = cluster.watermark(&c.chain_id);
-        let limit = crate::signer::height_limit(sh);
-        status["signer"] = json!({
-            "chain_id": c.chain_id,
-            "watermark": w.map(|w| json!({
-                "height": w.height,
-                "round": (w.round != u32::MAX).then_some(w.round),
-                "step": (w.step != u8::MAX).then_some(w.step),
-                "imported_floor": w.digest.is_none(),
-            })),
-            "signatures": w.map_or(0, |w| w.signatures),
-            "height_limit": json!({"height": limit.height, "why": limit.why}),
-            "connections": sh.privval.snapshot().into_iter()
-                .map(|(node, up)| json!({"node": node, "connected": up}))
-                .collect::<Vec<_>>(),
-        });
+        let links = sh.privval.snapshot();
+        let chains: Vec<Value> = c
+            .chains
+            .iter()
+            .map(|chain| {
+                let w = cluster.watermark(&chain.chain_id);
+                let limit = crate::signer::height_limit(sh, &chain.chain_id);
+                let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
+                json!({
+                    "chain_id": chain.chain_id,
+                    "watermark": w.map(|w| json!({
+                        "height": w.height,
+                        "round": (w.round != u32::MAX).then_some(w.round),
+                        "step": (w.step != u8::MAX).then_some(w.step),
+                        "imported_floor": w.digest.is_none(),
+                    })),
+                    "signatures": w.map_or(0, |w| w.signatures),
+                    "height_limit": json!({"height": limit.height, "why": limit.why}),
+                    "connections": links.iter()
+                        .filter(|(node, _)| nodes.contains(node))
+                        .map(|(node, up)| json!({"node": node, "connected": up}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        status["signer"] = json!({ "chains": chains });
     }
     status
 }
@@ -333,14 +343,20 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
             Ok(format!("node {node} registered"))
         }
         Kind::SignerFloor(f) => {
-            let ours = sh.cfg.signer.as_ref().map(|s| s.chain_id.as_str());
-            if ours != Some(f.chain_id.as_str()) {
-                return Err(Status::failed_precondition(match ours {
-                    Some(c) => format!("this cluster signs for chain {c}, not {}", f.chain_id),
-                    None => "this cluster does not run in signer mode".to_string(),
-                }));
+            let Some(signer) = &sh.cfg.signer else {
+                return Err(Status::failed_precondition(
+                    "this cluster does not run in signer mode",
+                ));
+            };
+            if signer.chain(&f.chain_id).is_none() {
+                let ours: Vec<&str> = signer.chain_ids().collect();
+                return Err(Status::failed_precondition(format!(
+                    "this member signs for {}, not {}",
+                    ours.join(", "),
+                    f.chain_id
+                )));
             }
-            let limit = crate::signer::height_limit(sh);
+            let limit = crate::signer::height_limit(sh, &f.chain_id);
             if f.height > limit.height {
                 if !f.allow_jump {
                     return Err(Status::failed_precondition(format!(
@@ -352,14 +368,13 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                     "operator override: a floor above the height-jump limit ({}) is imported", limit.why);
             }
             let before = sh.cluster.borrow().watermark(&f.chain_id).cloned();
-            let r = write(Command::SignerFloor {
-                chain_id: f.chain_id.clone(),
-                height: f.height,
-            })
-            .await?;
+            // The one-chain floor while no other chain has a watermark, so
+            // that one chain stays readable by every keyraft (ledger.rs).
+            let floor = sh.cluster.borrow().floor_command(&f.chain_id, f.height);
+            let r = write(floor).await?;
             if let Some(crate::ledger::SignVerdict::WrongChain) = r.data.sign {
-                return Err(Status::failed_precondition(format!(
-                    "the watermark belongs to another chain than {}: a new chain id needs a new cluster",
+                return Err(Status::unavailable(format!(
+                    "another chain's floor was committed at the same time as {}'s: run import-state again",
                     f.chain_id
                 )));
             }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 
 use super::{certs, AdminAddr, Cmd, MembersCmd, SignerCmd};
 use crate::config::RunArgs;
@@ -179,6 +179,7 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     file,
                     never_signed,
                     allow_jump,
+                    chain_id,
                 },
             admin,
         } => {
@@ -187,10 +188,20 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 (None, _) => 0,
             };
             let status = status_value(&admin).await?;
-            let chain_id = status["signer"]["chain_id"]
-                .as_str()
+            let ours: Vec<String> = status["signer"]["chains"]
+                .as_array()
                 .ok_or_else(|| anyhow!("this cluster does not run in signer mode"))?
-                .to_string();
+                .iter()
+                .filter_map(|c| c["chain_id"].as_str().map(str::to_string))
+                .collect();
+            let chain_id = match (chain_id, ours.as_slice()) {
+                (Some(c), _) => c,
+                (None, [one]) => one.clone(),
+                (None, _) => bail!(
+                    "this cluster signs for {}: name the chain with --chain-id",
+                    ours.join(", ")
+                ),
+            };
             command(
                 &admin,
                 Kind::SignerFloor(pb::SignerFloor {
@@ -273,35 +284,52 @@ async fn check(addr: &AdminAddr) -> ExitCode {
         .iter()
         .filter(|n| n["state"] == "Validating")
         .collect();
-    let signer = &v["signer"];
+    let chains = v["signer"]["chains"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let (code, line) = if v["cluster"]["quorum"] != true {
         (
             3,
             "CRITICAL: no quorum: this member does not see a majority of the voters up and connected".to_string(),
         )
-    } else if !signer.is_null() {
-        // Signer mode: nobody validates; the leader signs.
-        let conns = signer["connections"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let up = conns.iter().filter(|c| c["connected"] == true).count();
-        if signer["watermark"].is_null() {
-            (4, "CRITICAL: signer mode without a watermark: nothing is signed until `keyraft signer import-state FILE` (or `--never-signed`)".to_string())
-        } else if up == 0 {
+    } else if !chains.is_empty() {
+        // Signer mode: nobody validates; the leader signs, for each chain.
+        let named = |c: &serde_json::Value| c["chain_id"].as_str().unwrap_or("?").to_string();
+        let ups: Vec<(String, usize, usize)> = chains
+            .iter()
+            .map(|c| {
+                let conns = c["connections"].as_array().cloned().unwrap_or_default();
+                let up = conns.iter().filter(|c| c["connected"] == true).count();
+                (named(c), up, conns.len())
+            })
+            .collect();
+        if let Some(c) = chains.iter().find(|c| c["watermark"].is_null()) {
+            (4, format!("CRITICAL: chain {} has no watermark: nothing is signed for it until `keyraft signer import-state --chain-id {} FILE` (or `--never-signed`)", named(c), named(c)))
+        } else if let Some((chain, _, _)) = ups.iter().find(|(_, up, _)| *up == 0) {
             (
                 7,
-                "CRITICAL: this signer is connected to none of its nodes' privval ports"
-                    .to_string(),
+                format!(
+                    "CRITICAL: this signer is connected to none of chain {chain}'s privval ports"
+                ),
             )
         } else {
+            let each: Vec<String> = chains
+                .iter()
+                .zip(&ups)
+                .map(|(c, (chain, up, all))| {
+                    format!(
+                        "{chain} at height {} ({up} of {all} privval up)",
+                        c["watermark"]["height"]
+                    )
+                })
+                .collect();
             (
                 0,
                 format!(
-                    "OK: node {} leads the signers at height {}; {up} of {} privval connections up here",
+                    "OK: node {} leads the signers; {}",
                     v["cluster"]["leader"],
-                    signer["watermark"]["height"],
-                    conns.len()
+                    each.join(", ")
                 ),
             )
         }
@@ -358,8 +386,7 @@ fn print_table(v: &serde_json::Value) {
         if c["quorum"] == true { "yes" } else { "NO" },
         if c["paused"] == true { "YES" } else { "no" }
     );
-    let sg = &v["signer"];
-    if !sg.is_null() {
+    for sg in v["signer"]["chains"].as_array().into_iter().flatten() {
         let w = &sg["watermark"];
         let watermark = if w.is_null() {
             "NONE (run `keyraft signer import-state`)".to_string()

@@ -182,6 +182,10 @@ enum SignerCmd {
         /// and the members' nodes say (the leader logs the override).
         #[arg(long, requires = "file")]
         allow_jump: bool,
+        /// The chain whose watermark this is [default: the cluster's one
+        /// chain; required where it signs for several].
+        #[arg(long)]
+        chain_id: Option<String>,
     },
 }
 

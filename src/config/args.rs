@@ -217,6 +217,11 @@ pub struct RunArgs {
     /// Signer mode: the chain id every request must carry.
     #[arg(long, env = "KEYRAFT_CHAIN_ID")]
     pub chain_id: Option<String>,
+    /// Signer mode, several chains: one `[[chains]]` table each in the
+    /// TOML file (no flag), instead of --chain-id, --validator-key and
+    /// --privval-node.
+    #[arg(skip)]
+    pub chains: Vec<ChainArgs>,
     /// Signer mode: this signer's SecretConnection identity (32-byte ed25519
     /// seed, base64, as tmkms's `secret_key`); made in the data dir if absent.
     #[arg(long, env = "KEYRAFT_PRIVVAL_IDENTITY_KEY")]
@@ -225,6 +230,19 @@ pub struct RunArgs {
     /// The validator command and its arguments, after `--`.
     #[arg(last = true, value_name = "VALIDATOR_CMD")]
     pub command: Vec<String>,
+}
+
+/// One `[[chains]]` table of the TOML file: a chain signer mode signs for,
+/// with the keys of its one-chain flags.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChainArgs {
+    /// The chain id its requests carry.
+    pub chain_id: String,
+    /// Its `priv_validator_key.json`.
+    pub validator_key: PathBuf,
+    /// Its nodes' privval addresses, as `--privval-node`.
+    pub privval_node: Vec<String>,
 }
 
 impl RunArgs {
@@ -319,6 +337,28 @@ pub fn reference() -> String {
             help.replace('|', "\\|")
         ));
     }
+    out.push_str(
+        "\n## Several chains (signer mode)\n\n\
+         One cluster signs for several chains when the TOML file lists them,\n\
+         one `[[chains]]` table each, in place of `--chain-id`,\n\
+         `--validator-key` and `--privval-node` (which serve the one-chain case\n\
+         and cannot be combined with the tables). Each table takes those three\n\
+         keys: `chain-id`, `validator-key` (the chain's own\n\
+         `priv_validator_key.json`) and `privval-node` (a list). No two chains\n\
+         share a chain id or a privval address. docs/signer.md says how to add\n\
+         or remove one.\n\n\
+         ```toml\n\
+         signer = \"cometbft\"\n\n\
+         [[chains]]\n\
+         chain-id = \"cosmoshub-4\"\n\
+         validator-key = \"/etc/keyraft/cosmoshub/priv_validator_key.json\"\n\
+         privval-node = [\"tcp://10.0.0.5:26659\"]\n\n\
+         [[chains]]\n\
+         chain-id = \"osmosis-1\"\n\
+         validator-key = \"/etc/keyraft/osmosis/priv_validator_key.json\"\n\
+         privval-node = [\"tcp://10.0.0.6:26659\"]\n\
+         ```\n",
+    );
     out
 }
 

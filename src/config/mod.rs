@@ -27,11 +27,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub use crate::ledger::NodeId;
-pub use args::{reference, LogFormat, RunArgs};
+pub use args::{reference, ChainArgs, LogFormat, RunArgs};
 use fencing::resolve_fence_agents;
 pub use fencing::{FenceAgent, FenceAgents};
 use signer::resolve_signer;
-pub use signer::{PrivvalAddr, SignerConfig, SignerKind};
+pub use signer::{ChainConfig, PrivvalAddr, SignerConfig, SignerKind};
 use timing::resolve_timing;
 pub use timing::{Live, Millis, ProfileTimes, Timing, TimingProfile};
 use validator::{resolve_plain_node, resolve_validator};

@@ -1,7 +1,8 @@
-//! Signer mode's configuration: the chain id, the consensus key, the
-//! privval addresses keyraft dials, and its SecretConnection identity.
+//! Signer mode's configuration: each chain's id, consensus key and the
+//! privval addresses keyraft dials for it, and its SecretConnection identity.
 //!
-//! Owns: the checks that signer mode's flags belong together and that no
+//! Owns: the checks that signer mode's flags (or `[[chains]]` tables)
+//! belong together, that no two chains share an id or a node, and that no
 //! key link is configured beside them. Must not: read the key or dial.
 
 use std::path::{Path, PathBuf};
@@ -40,13 +41,30 @@ impl std::fmt::Display for PrivvalAddr {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct SignerConfig {
+/// One chain signer mode signs for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainConfig {
     pub chain_id: String,
     /// CometBFT's `priv_validator_key.json`.
     pub key: PathBuf,
     pub nodes: Vec<PrivvalAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    /// At least one; no two with one chain id or one privval address.
+    pub chains: Vec<ChainConfig>,
     pub identity_key: PathBuf,
+}
+
+impl SignerConfig {
+    pub fn chain(&self, chain_id: &str) -> Option<&ChainConfig> {
+        self.chains.iter().find(|c| c.chain_id == chain_id)
+    }
+
+    pub fn chain_ids(&self) -> impl Iterator<Item = &str> {
+        self.chains.iter().map(|c| c.chain_id.as_str())
+    }
 }
 
 pub(super) fn resolve_signer(
@@ -54,9 +72,9 @@ pub(super) fn resolve_signer(
     data_dir: &Path,
 ) -> Result<Option<SignerConfig>, ConfigError> {
     let Some(SignerKind::Cometbft) = a.signer else {
-        if !a.privval_node.is_empty() || a.chain_id.is_some() {
+        if !a.privval_node.is_empty() || a.chain_id.is_some() || !a.chains.is_empty() {
             return Err(invalid(
-                "--privval-node and --chain-id belong to signer mode: add --signer cometbft",
+                "--privval-node, --chain-id and [[chains]] belong to signer mode: add --signer cometbft",
             ));
         }
         return Ok(None);
@@ -71,17 +89,82 @@ pub(super) fn resolve_signer(
             "signer mode links no key into any node: drop --chain, --key-link and --validator-home",
         ));
     }
-    let chain_id = a
-        .chain_id
+    let one = a.chain_id.is_some() || a.validator_key.is_some() || !a.privval_node.is_empty();
+    let chains = match (one, a.chains.is_empty()) {
+        (true, false) => {
+            return Err(invalid(
+                "[[chains]] replaces --chain-id, --validator-key and --privval-node: give one or the other",
+            ))
+        }
+        (_, true) => vec![resolve_chain(
+            a.chain_id.as_deref(),
+            a.validator_key.as_deref(),
+            &a.privval_node,
+            "--",
+        )?],
+        (false, false) => a
+            .chains
+            .iter()
+            .map(|c| {
+                resolve_chain(
+                    Some(&c.chain_id),
+                    Some(&c.validator_key),
+                    &c.privval_node,
+                    "",
+                )
+                .map_err(|e| invalid(format!("[[chains]] {}: {e}", c.chain_id)))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    for (i, c) in chains.iter().enumerate() {
+        for other in &chains[..i] {
+            if other.chain_id == c.chain_id {
+                return Err(invalid(format!(
+                    "chain {} is listed twice in [[chains]]",
+                    c.chain_id
+                )));
+            }
+            if let Some(n) = c.nodes.iter().find(|n| other.nodes.contains(n)) {
+                return Err(invalid(format!(
+                    "privval node {n} is given for chains {} and {}: each node serves one chain",
+                    other.chain_id, c.chain_id
+                )));
+            }
+        }
+    }
+    let identity_key = a
+        .privval_identity_key
         .clone()
-        .ok_or_else(|| invalid("--signer cometbft needs --chain-id"))?;
+        .unwrap_or_else(|| data_dir.join("privval-identity.key"));
+    if identity_key.is_file() {
+        check_private(&identity_key)?;
+    }
+    Ok(Some(SignerConfig {
+        chains,
+        identity_key,
+    }))
+}
+
+/// One chain's id, key and nodes, checked. `dashes` is "--" where they came
+/// as flags, "" in a `[[chains]]` table (the names in errors follow).
+fn resolve_chain(
+    chain_id: Option<&str>,
+    key: Option<&Path>,
+    privval_node: &[String],
+    dashes: &str,
+) -> Result<ChainConfig, ConfigError> {
+    let chain_id = chain_id
+        .ok_or_else(|| invalid(format!("--signer cometbft needs {dashes}chain-id")))?
+        .to_string();
     if chain_id.is_empty() || chain_id.len() > 50 {
         return Err(invalid(format!(
-            "bad --chain-id '{chain_id}': 1 to 50 characters, as CometBFT allows"
+            "bad {dashes}chain-id '{chain_id}': 1 to 50 characters, as CometBFT allows"
         )));
     }
-    let key = a.validator_key.clone().ok_or_else(|| {
-        invalid("--signer cometbft needs --validator-key (the validator's priv_validator_key.json)")
+    let key = key.map(Path::to_path_buf).ok_or_else(|| {
+        invalid(format!(
+            "--signer cometbft needs {dashes}validator-key (the validator's priv_validator_key.json)"
+        ))
     })?;
     if !key.is_file() {
         return Err(invalid(format!(
@@ -90,17 +173,17 @@ pub(super) fn resolve_signer(
         )));
     }
     check_private(&key)?;
-    if a.privval_node.is_empty() {
-        return Err(invalid(
-            "--signer cometbft needs at least one --privval-node (tcp://HOST:PORT or unix:///PATH of a node's priv_validator_laddr)",
-        ));
+    if privval_node.is_empty() {
+        return Err(invalid(format!(
+            "--signer cometbft needs at least one {dashes}privval-node (tcp://HOST:PORT or unix:///PATH of a node's priv_validator_laddr)"
+        )));
     }
     let mut nodes = Vec::new();
-    for n in &a.privval_node {
+    for n in privval_node {
         let addr = if let Some(path) = n.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(invalid(format!(
-                    "bad --privval-node '{n}': unix:// needs an absolute path"
+                    "bad {dashes}privval-node '{n}': unix:// needs an absolute path"
                 )));
             }
             PrivvalAddr::Unix(PathBuf::from(path))
@@ -121,23 +204,15 @@ pub(super) fn resolve_signer(
             .iter()
             .any(|o: &PrivvalAddr| o.to_string() == addr.to_string())
         {
-            return Err(invalid(format!("--privval-node {n} is given twice")));
+            return Err(invalid(format!("{dashes}privval-node {n} is given twice")));
         }
         nodes.push(addr);
     }
-    let identity_key = a
-        .privval_identity_key
-        .clone()
-        .unwrap_or_else(|| data_dir.join("privval-identity.key"));
-    if identity_key.is_file() {
-        check_private(&identity_key)?;
-    }
-    Ok(Some(SignerConfig {
+    Ok(ChainConfig {
         chain_id,
         key,
         nodes,
-        identity_key,
-    }))
+    })
 }
 
 /// A node id as CometBFT writes it: 40 hex digits (20 bytes).
@@ -176,8 +251,10 @@ mod tests {
         };
         let c = signer.clone().resolve().unwrap();
         let s = c.signer.unwrap();
+        assert_eq!(s.chains.len(), 1);
+        assert_eq!(s.chains[0].chain_id, "cosmoshub-4");
         assert_eq!(
-            s.nodes,
+            s.chains[0].nodes,
             vec![
                 PrivvalAddr::Tcp {
                     addr: "127.0.0.1:26659".into(),
@@ -234,5 +311,68 @@ mod tests {
             ..signer
         });
         assert!(e.contains("--signer cometbft"), "{e}");
+    }
+
+    #[test]
+    fn several_chains_come_from_chains_tables_and_never_share_an_id_or_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["a.json", "b.json"]);
+        let file = dir.path().join("keyraft.toml");
+        let write = |body: &str| {
+            std::fs::write(&file, format!("signer = \"cometbft\"\n{body}")).unwrap();
+        };
+        let table = |chain: &str, key: &Path, node: &str| {
+            format!(
+                "[[chains]]\nchain-id = \"{chain}\"\nvalidator-key = \"{}\"\nprivval-node = [\"{node}\"]\n",
+                key.display()
+            )
+        };
+        let args = RunArgs {
+            config: Some(file.clone()),
+            validator_home: None,
+            data_dir: Some(dir.path().join("data")),
+            ..validator_args(dir.path())
+        };
+        let resolve = |a: &RunArgs| a.clone().merge_file().and_then(RunArgs::resolve);
+        write(&format!(
+            "{}{}",
+            table("a-1", &k[0], "tcp://127.0.0.1:1"),
+            table("b-1", &k[1], "tcp://127.0.0.1:2")
+        ));
+        let s = resolve(&args).unwrap().signer.unwrap();
+        let ids: Vec<&str> = s.chain_ids().collect();
+        assert_eq!(ids, ["a-1", "b-1"]);
+        assert_eq!(s.chain("b-1").unwrap().key, k[1]);
+        let err = |a: &RunArgs| resolve(a).unwrap_err().to_string();
+        // Tables and the one-chain flags together: which would win?
+        let e = err(&RunArgs {
+            chain_id: Some("a-1".into()),
+            ..args.clone()
+        });
+        assert!(e.contains("one or the other"), "{e}");
+        write(&format!(
+            "{}{}",
+            table("a-1", &k[0], "tcp://127.0.0.1:1"),
+            table("a-1", &k[1], "tcp://127.0.0.1:2")
+        ));
+        assert!(err(&args).contains("listed twice"));
+        write(&format!(
+            "{}{}",
+            table("a-1", &k[0], "tcp://127.0.0.1:1"),
+            table("b-1", &k[1], "tcp://127.0.0.1:1")
+        ));
+        assert!(err(&args).contains("each node serves one chain"));
+        write(&table(
+            "a-1",
+            &dir.path().join("missing.json"),
+            "tcp://127.0.0.1:1",
+        ));
+        let e = err(&args);
+        assert!(
+            e.contains("[[chains]] a-1") && e.contains("does not exist"),
+            "{e}"
+        );
+        write("[[chains]]\nchain-id = \"a-1\"\nkey = \"x\"\n");
+        assert!(err(&args).contains("unknown field"));
     }
 }

@@ -13,6 +13,12 @@
 //!   peer port ([`SignerService`] is the leader's end) and completes its own
 //!   copy with the leader's timestamp and signatures.
 //!
+//! Several chains: each has its own key, nodes, lock and watermark (one
+//! [`Chain`] each). A request is routed by the chain of the connection it
+//! came on and must carry that chain's id; a forwarded one by the chain id
+//! it carries, and the leader refuses a chain it does not sign for or a
+//! member whose key for the chain is not its own.
+//!
 //! Why this is safe without a clock: a signature exists only after its
 //! (height, round, step) and digest were committed by a quorum, and the
 //! replicated state machine accepts one digest per (height, round, step),
@@ -22,8 +28,7 @@
 //! (ed25519 is deterministic).
 //!
 //! Owns: the chain-id check (once, where a request enters), the order
-//! commit-then-sign, forwarding with a
-//! bounded wait, and the sign metrics. Must not: sign anything the state
+//! commit-then-sign, forwarding with a bounded wait, and the sign metrics. Must not: sign anything the state
 //! machine did not accept, wait past CometBFT's read timeout, or touch the
 //! coordinator's validator.
 
@@ -31,6 +36,7 @@ pub mod privval;
 pub mod refusal;
 pub mod sign;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +48,7 @@ use openraft::errors::{ClientWriteError, RaftError};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use crate::config::{NodeId, SignerConfig};
+use crate::config::{ChainConfig, NodeId, SignerConfig};
 use crate::ledger::{Command, SignVerdict, SignerState};
 use crate::node::Shared;
 use crate::pb;
@@ -125,52 +131,75 @@ fn reply(asked: Asked, result: Result<Signable, Refusal>) -> Message {
     Message { sum: Some(sum) }
 }
 
+/// One chain of signer mode: its configuration, its key, and the one
+/// signing at a time of its leader.
+pub struct Chain {
+    pub cfg: ChainConfig,
+    key: ConsensusKey,
+    /// One signing at a time on the leader, per chain: one commit per new
+    /// HRS, and concurrent requests for one HRS share its signature.
+    lock: tokio::sync::Mutex<()>,
+    /// A node asked this chain's connection for another chain's key.
+    said_wrong_key_chain: AtomicBool,
+}
+
+impl Chain {
+    pub fn id(&self) -> &str {
+        &self.cfg.chain_id
+    }
+}
+
 pub struct Signer {
     sh: Arc<Shared>,
-    cfg: SignerConfig,
-    key: ConsensusKey,
-    /// One signing at a time on the leader: one commit per new HRS, and
-    /// concurrent requests for one HRS share its signature.
-    lock: tokio::sync::Mutex<()>,
+    chains: Vec<Chain>,
 }
 
 impl Signer {
     pub fn new(sh: Arc<Shared>, cfg: SignerConfig) -> Result<Arc<Signer>, SignError> {
-        let key = ConsensusKey::load(&cfg.key)?;
-        tracing::info!(chain_id = %cfg.chain_id, address = %key.address_hex(),
-            nodes = cfg.nodes.len(), "signer mode: signatures are committed through Raft first");
-        Ok(Arc::new(Signer {
-            sh,
-            cfg,
-            key,
-            lock: tokio::sync::Mutex::new(()),
-        }))
+        let mut chains = Vec::new();
+        for c in cfg.chains {
+            let key = ConsensusKey::load(&c.key)?;
+            tracing::info!(chain_id = %c.chain_id, address = %key.address_hex(),
+                nodes = c.nodes.len(), "signer mode: signatures are committed through Raft first");
+            chains.push(Chain {
+                cfg: c,
+                key,
+                lock: tokio::sync::Mutex::new(()),
+                said_wrong_key_chain: AtomicBool::new(false),
+            });
+        }
+        Ok(Arc::new(Signer { sh, chains }))
     }
 
-    pub fn chain_id(&self) -> &str {
-        &self.cfg.chain_id
+    pub fn chains(&self) -> &[Chain] {
+        &self.chains
     }
 
-    /// The one chain-id check of a request, wherever it entered.
-    fn check_chain(&self, asked: &str) -> Result<(), Refusal> {
-        if asked == self.cfg.chain_id {
+    fn chain(&self, chain_id: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.id() == chain_id)
+    }
+
+    /// The one chain-id check of a request from a node: it must carry the
+    /// id of the chain whose connection it came on.
+    fn check_chain(chain: &Chain, asked: &str) -> Result<(), Refusal> {
+        if asked == chain.id() {
             Ok(())
         } else {
             Err(Refusal::WrongChain {
-                ours: self.cfg.chain_id.clone(),
+                ours: chain.id().to_string(),
                 asked: asked.to_string(),
             })
         }
     }
 
-    /// Answers one message from a node this host is connected to.
-    pub async fn handle(&self, req: Message) -> Message {
+    /// Answers one message from a node of `chain` this host is connected to.
+    pub async fn handle(&self, chain: &Chain, req: Message) -> Message {
         let sum = match req.sum {
             Some(Sum::PingRequest(_)) => Sum::PingResponse(PingResponse {}),
-            Some(Sum::PubKeyRequest(r)) => Sum::PubKeyResponse(self.pub_key(&r.chain_id)),
+            Some(Sum::PubKeyRequest(r)) => Sum::PubKeyResponse(Self::pub_key(chain, &r.chain_id)),
             sum => match sign_request(Message { sum: sum.clone() }) {
                 Some((asked, chain_id, what)) => {
-                    let result = self.sign_request(&chain_id, what, asked).await;
+                    let result = self.sign_request(chain, &chain_id, what, asked).await;
                     return reply(asked, result);
                 }
                 None => {
@@ -182,8 +211,12 @@ impl Signer {
         Message { sum: Some(sum) }
     }
 
-    fn pub_key(&self, chain_id: &str) -> PubKeyResponse {
-        if let Err(e) = self.check_chain(chain_id) {
+    fn pub_key(chain: &Chain, chain_id: &str) -> PubKeyResponse {
+        if let Err(e) = Self::check_chain(chain, chain_id) {
+            // A misconfigured node asks about twice a second: said once.
+            if !chain.said_wrong_key_chain.swap(true, Ordering::Relaxed) {
+                tracing::warn!(chain = chain.id(), "public key not given: {e}");
+            }
             return PubKeyResponse {
                 pub_key: None,
                 error: Some(e.remote_error()),
@@ -192,7 +225,7 @@ impl Signer {
         PubKeyResponse {
             pub_key: Some(RawPublicKey {
                 sum: Some(public_key::Sum::Ed25519(
-                    self.key.public().as_bytes().to_vec(),
+                    chain.key.public().as_bytes().to_vec(),
                 )),
             }),
             error: None,
@@ -203,6 +236,7 @@ impl Signer {
     /// the leader, with metrics.
     async fn sign_request(
         &self,
+        chain: &Chain,
         chain_id: &str,
         what: Option<Signable>,
         asked: Asked,
@@ -215,8 +249,8 @@ impl Signer {
         let what =
             what.ok_or_else(|| Refusal::Malformed(format!("no {expected} in the request")))?;
         let kind = what.kind();
-        let result = match self.check_chain(chain_id) {
-            Ok(()) => self.sign_anywhere(what).await,
+        let result = match Self::check_chain(chain, chain_id) {
+            Ok(()) => self.sign_anywhere(chain, what).await,
             Err(e) => Err(e),
         };
         let m = &self.sh.metrics;
@@ -224,11 +258,15 @@ impl Signer {
             Ok(_) => "signed",
             Err(e) => e.result_label(),
         };
-        m.sign_requests.with_label_values(&[kind, label]).inc();
-        m.sign_seconds.observe(started.elapsed().as_secs_f64());
+        m.sign_requests
+            .with_label_values(&[chain.id(), kind, label])
+            .inc();
+        m.sign_seconds
+            .with_label_values(&[chain.id()])
+            .observe(started.elapsed().as_secs_f64());
         match &result {
-            Err(e @ Refusal::Equivocation { .. }) => tracing::error!("{e}"),
-            Err(e) => tracing::warn!("{kind} not signed: {e}"),
+            Err(e @ Refusal::Equivocation { .. }) => tracing::error!(chain = chain.id(), "{e}"),
+            Err(e) => tracing::warn!(chain = chain.id(), "{kind} not signed: {e}"),
             Ok(_) => {}
         }
         result
@@ -236,13 +274,15 @@ impl Signer {
 
     /// Signs on the leader: here if this node leads, else forwarded. Waits
     /// up to [`SIGN_PATIENCE`] for a leader to exist and commit.
-    async fn sign_anywhere(&self, what: Signable) -> Result<Signable, Refusal> {
+    async fn sign_anywhere(&self, chain: &Chain, what: Signable) -> Result<Signable, Refusal> {
         let deadline = Instant::now() + SIGN_PATIENCE;
         let mut last = Refusal::NoLeader(SIGN_PATIENCE);
         while Instant::now() < deadline {
             let attempt = match self.sh.leader() {
-                Some(id) if id == self.sh.cfg.id => self.sign_here(what.clone(), deadline).await,
-                Some(id) => self.forward(id, &what, deadline).await,
+                Some(id) if id == self.sh.cfg.id => {
+                    self.sign_here(chain, what.clone(), deadline).await
+                }
+                Some(id) => self.forward(id, chain, &what, deadline).await,
                 None => Err(Refusal::NoLeader(SIGN_PATIENCE)),
             };
             match attempt {
@@ -259,14 +299,19 @@ impl Signer {
     /// The leader's path, the only one that signs: check, commit, sign.
     /// Only after Raft committed this HRS and digest (and the ledger
     /// accepted them) does a signature exist.
-    pub async fn sign_here(&self, what: Signable, deadline: Instant) -> Result<Signable, Refusal> {
+    pub async fn sign_here(
+        &self,
+        chain: &Chain,
+        what: Signable,
+        deadline: Instant,
+    ) -> Result<Signable, Refusal> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut stage = self.stages();
-        let _one_at_a_time = tokio::time::timeout(left, self.lock.lock())
+        let _one_at_a_time = tokio::time::timeout(left, chain.lock.lock())
             .await
             .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
         stage.done("lock");
-        let chain_id = self.cfg.chain_id.as_str();
+        let chain_id = chain.id();
         // Everything that could make signing fail is checked before the
         // commit, so that a malformed request cannot use up an HRS.
         what.validate(chain_id)?;
@@ -278,9 +323,9 @@ impl Signer {
         if let Some(timestamp) =
             before_commit(applied.as_ref(), chain_id, hrs, &digest, what.timestamp())?
         {
-            return Ok(what.sign(&self.key, chain_id, timestamp)?);
+            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
         }
-        let limit = height_limit(&self.sh);
+        let limit = height_limit(&self.sh, chain_id);
         if hrs.0 > limit.height {
             return Err(Refusal::Malformed(format!(
                 "height {} is above {}: refused",
@@ -289,11 +334,13 @@ impl Signer {
         }
         self.all_voters_registered()?;
         stage.done("check");
-        let verdict = self.commit(hrs, digest, what.timestamp(), deadline).await?;
+        let verdict = self
+            .commit(chain_id, hrs, digest, what.timestamp(), deadline)
+            .await?;
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
-                let signed = what.sign(&self.key, chain_id, timestamp)?;
+                let signed = what.sign(&chain.key, chain_id, timestamp)?;
                 stage.done("sign");
                 Ok(signed)
             }
@@ -327,6 +374,7 @@ impl Signer {
     /// Commits `Signed` for `hrs` and returns the ledger's verdict.
     async fn commit(
         &self,
+        chain_id: &str,
         hrs: Hrs,
         digest: String,
         timestamp: (i64, i32),
@@ -337,7 +385,7 @@ impl Signer {
             return Err(late());
         }
         let cmd = Command::Signed {
-            chain_id: self.cfg.chain_id.clone(),
+            chain_id: chain_id.to_string(),
             height: hrs.0,
             round: hrs.1,
             step: hrs.2,
@@ -363,11 +411,13 @@ impl Signer {
     async fn forward(
         &self,
         id: NodeId,
+        chain: &Chain,
         what: &Signable,
         deadline: Instant,
     ) -> Result<Signable, Refusal> {
         let limit = FORWARD_DEADLINE.min(deadline.saturating_duration_since(Instant::now()));
-        let msg = what.to_request(&self.cfg.chain_id).encode_to_vec();
+        let msg = what.to_request(chain.id()).encode_to_vec();
+        let pub_key = chain.key.public().as_bytes().to_vec();
         let channel = self
             .sh
             .peers
@@ -376,7 +426,10 @@ impl Signer {
         let mut client = pb::signer_client::SignerClient::new(channel)
             .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
             .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
-        let req = self.sh.peers.request(pb::SignRequest { msg }, limit);
+        let req = self
+            .sh
+            .peers
+            .request(pb::SignRequest { msg, pub_key }, limit);
         let mut stage = self.stages();
         let r = self
             .sh
@@ -386,8 +439,7 @@ impl Signer {
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
         stage.done("forward");
         let asked = what.hrs().unwrap_or_default();
-        let chain = self.cfg.chain_id.as_str();
-        match Refusal::from_proto(r.refusal, &r.detail, asked, chain, chain) {
+        match Refusal::from_proto(r.refusal, &r.detail, asked, chain.id()) {
             Some(refused) => Err(refused),
             None => Ok(what.clone().complete(
                 (r.timestamp_seconds, r.timestamp_nanos),
@@ -406,11 +458,18 @@ impl Signer {
     }
 
     /// The leader's end of [`Signer::forward`].
-    async fn serve_forwarded(&self, msg: &[u8]) -> Result<pb::SignReply, Status> {
+    async fn serve_forwarded(
+        &self,
+        peer: NodeId,
+        msg: &[u8],
+        pub_key: &[u8],
+    ) -> Result<pb::SignReply, Status> {
         let refused = |r: Refusal| pb::SignReply {
             refusal: r.to_proto() as i32,
             detail: match &r {
-                Refusal::Malformed(d) | Refusal::NotCommitted(d) => d.clone(),
+                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
+                    d.clone()
+                }
                 r => r.to_string(),
             },
             ..Default::default()
@@ -426,12 +485,27 @@ impl Signer {
         let Some(what) = what else {
             return Ok(refused(Refusal::Malformed("empty sign request".into())));
         };
-        if let Err(e) = self.check_chain(&chain_id) {
-            return Ok(refused(e));
+        // Routed by the chain id the request carries: one this leader signs
+        // for, with the key the forwarding member has for it.
+        let Some(chain) = self.chain(&chain_id) else {
+            tracing::warn!(
+                peer,
+                chain_id,
+                "refused a forwarded request for a chain this node does not sign for"
+            );
+            return Ok(refused(Refusal::UnknownChain { asked: chain_id }));
+        };
+        if pub_key != chain.key.public().as_bytes() {
+            let why = format!(
+                "node {peer}'s key for chain {chain_id} is not the leader's ({}): check its validator-key",
+                chain.key.address_hex()
+            );
+            tracing::error!(peer, chain_id, "refused a forwarded request: {why}");
+            return Ok(refused(Refusal::OtherKey(why)));
         }
         let deadline = Instant::now() + FORWARD_DEADLINE;
         let mut stage = self.stages();
-        let signed = self.sign_here(what, deadline).await;
+        let signed = self.sign_here(chain, what, deadline).await;
         stage.done("serve");
         Ok(match signed {
             Ok(signed) => {
@@ -507,13 +581,18 @@ pub struct HeightLimit {
 /// requests move: repeated requests at the limit cannot walk it up. With
 /// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
 /// first signature).
-pub fn height_limit(sh: &Shared) -> HeightLimit {
-    let watermark = sh.cfg.signer.as_ref().map_or(0, |c| {
-        sh.cluster
-            .borrow()
-            .watermark(&c.chain_id)
-            .map_or(0, |w| w.height)
-    });
+pub fn height_limit(sh: &Shared, chain_id: &str) -> HeightLimit {
+    let watermark = sh
+        .cluster
+        .borrow()
+        .watermark(chain_id)
+        .map_or(0, |w| w.height);
+    // The node this host probes belongs to one chain: its heights say
+    // nothing of another's.
+    let one_chain = sh.cfg.signer.as_ref().is_some_and(|c| c.chains.len() == 1);
+    if !one_chain {
+        return limits(watermark, None);
+    }
     let stale = sh.cfg.timing.gossip_interval * 3;
     let own = sh.local.borrow().validator;
     let mut synced: Vec<u64> = own
@@ -586,7 +665,11 @@ impl pb::signer_server::Signer for SignerService {
                 "node {peer} is not a voting member: it forwards no sign requests"
             )));
         }
-        let reply = self.signer.serve_forwarded(&req.get_ref().msg).await?;
+        let r = req.get_ref();
+        let reply = self
+            .signer
+            .serve_forwarded(peer, &r.msg, &r.pub_key)
+            .await?;
         Ok(Response::new(reply))
     }
 }

@@ -21,7 +21,7 @@ use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{Signer, MAX_PRIVVAL_MESSAGE};
+use super::{Chain, Signer, MAX_PRIVVAL_MESSAGE};
 use crate::config::PrivvalAddr;
 
 /// A node pings about every second; silence this long means the link is dead.
@@ -149,36 +149,47 @@ impl Conn {
 /// One connection's life: open it, then answer requests until it fails.
 async fn session(
     signer: &Signer,
+    chain: &Chain,
     addr: &PrivvalAddr,
     name: &str,
     identity: &SigningKey,
 ) -> Result<(), String> {
     let mut conn = Conn::open(addr, identity).await?;
-    tracing::info!(node = %name, "connected to the node's privval port");
+    tracing::info!(chain = chain.id(), node = %name, "connected to the node's privval port");
     signer.sh.privval.set(name, true);
     signer
         .sh
         .metrics
         .privval_connected
-        .with_label_values(&[name])
+        .with_label_values(&[chain.id(), name])
         .set(1);
     loop {
         let req = tokio::time::timeout(IDLE, conn.recv())
             .await
             .map_err(|_| format!("nothing from the node for {IDLE:?}"))??;
-        let reply = signer.handle(req).await;
+        let reply = signer.handle(chain, req).await;
         conn.send(reply).await?;
     }
 }
 
-/// Keeps a connection to `addr` for as long as keyraft runs.
-pub async fn run(signer: Arc<Signer>, addr: PrivvalAddr, identity: SigningKey, mut stop: Shutdown) {
+/// Keeps a connection to `addr`, a node of the signer's chain number
+/// `chain`, for as long as keyraft runs.
+pub async fn run(
+    signer: Arc<Signer>,
+    chain: usize,
+    addr: PrivvalAddr,
+    identity: SigningKey,
+    mut stop: Shutdown,
+) {
+    let Some(chain) = signer.chains().get(chain) else {
+        return;
+    };
     let name = addr.to_string();
     let gauge = signer
         .sh
         .metrics
         .privval_connected
-        .with_label_values(&[&name]);
+        .with_label_values(&[chain.id(), &name]);
     gauge.set(0);
     signer.sh.privval.set(&name, false);
     let mut backoff = BACKOFF_MIN;
@@ -188,7 +199,7 @@ pub async fn run(signer: Arc<Signer>, addr: PrivvalAddr, identity: SigningKey, m
     loop {
         tokio::select! {
             _ = stop.requested() => return,
-            r = session(&signer, &addr, &name, &identity) => {
+            r = session(&signer, chain, &addr, &name, &identity) => {
                 let was_up = signer.sh.privval.get(&name);
                 if let Err(e) = r {
                     if was_up || said.as_deref() != Some(e.as_str()) {

@@ -25,8 +25,12 @@ pub enum Refusal {
     Regression { asked: Hrs },
     #[error("equivocation refused: {asked:?} was signed with other sign bytes")]
     Equivocation { asked: Hrs },
-    #[error("this signer signs for chain {ours}, not {asked}")]
+    #[error("this connection serves chain {ours}, not {asked}")]
     WrongChain { ours: String, asked: String },
+    #[error("the signer leader signs for no chain {asked}")]
+    UnknownChain { asked: String },
+    #[error("{0}")]
+    OtherKey(String),
     #[error("{0}")]
     Malformed(String),
     #[error("no signing watermark yet: run `keyraft signer import-state priv_validator_state.json` (or `--never-signed` for a key that never signed)")]
@@ -63,7 +67,8 @@ impl Refusal {
         match self {
             Refusal::Regression { .. } => "refused_regression",
             Refusal::Equivocation { .. } => "refused_equivocation",
-            Refusal::WrongChain { .. } => "refused_chain_id",
+            Refusal::WrongChain { .. } | Refusal::UnknownChain { .. } => "refused_chain_id",
+            Refusal::OtherKey(_) => "refused_other_key",
             Refusal::Malformed(_) => "refused_malformed",
             Refusal::NoWatermark => "refused_no_watermark",
             Refusal::NoLeader(_) => "no_leader",
@@ -77,6 +82,8 @@ impl Refusal {
             Refusal::Regression { .. } => pb::Refusal::Regression,
             Refusal::Equivocation { .. } => pb::Refusal::Equivocation,
             Refusal::WrongChain { .. } => pb::Refusal::WrongChain,
+            Refusal::UnknownChain { .. } => pb::Refusal::UnknownChain,
+            Refusal::OtherKey(_) => pb::Refusal::OtherKey,
             Refusal::Malformed(_) => pb::Refusal::Malformed,
             Refusal::NoWatermark => pb::Refusal::NoWatermark,
             Refusal::NoLeader(_) => pb::Refusal::NoLeader,
@@ -87,13 +94,7 @@ impl Refusal {
     /// The forwarding member's view of the leader's refusal of its request
     /// for `asked` (`None` for a signature). An unknown code is taken as
     /// retryable: a newer leader's reason this member cannot name.
-    pub fn from_proto(
-        code: i32,
-        detail: &str,
-        asked: Hrs,
-        ours: &str,
-        chain_id: &str,
-    ) -> Option<Refusal> {
+    pub fn from_proto(code: i32, detail: &str, asked: Hrs, chain_id: &str) -> Option<Refusal> {
         let Ok(code) = pb::Refusal::try_from(code) else {
             return Some(Refusal::NotCommitted(format!(
                 "the leader refused with an unknown reason {code}: {detail}"
@@ -104,9 +105,13 @@ impl Refusal {
             pb::Refusal::Regression => Refusal::Regression { asked },
             pb::Refusal::Equivocation => Refusal::Equivocation { asked },
             pb::Refusal::WrongChain => Refusal::WrongChain {
-                ours: ours.to_string(),
+                ours: "the leader's".to_string(),
                 asked: chain_id.to_string(),
             },
+            pb::Refusal::UnknownChain => Refusal::UnknownChain {
+                asked: chain_id.to_string(),
+            },
+            pb::Refusal::OtherKey => Refusal::OtherKey(detail.to_string()),
             pb::Refusal::Malformed => Refusal::Malformed(detail.to_string()),
             pb::Refusal::NoWatermark => Refusal::NoWatermark,
             pb::Refusal::NoLeader => Refusal::NoLeader(SIGN_PATIENCE),
@@ -120,7 +125,11 @@ impl Refusal {
         let code = match self {
             Refusal::Regression { .. } | Refusal::Equivocation { .. } => 2,
             Refusal::NoLeader(_) | Refusal::NotCommitted(_) => 1,
-            Refusal::WrongChain { .. } | Refusal::Malformed(_) | Refusal::NoWatermark => 0,
+            Refusal::WrongChain { .. }
+            | Refusal::UnknownChain { .. }
+            | Refusal::OtherKey(_)
+            | Refusal::Malformed(_)
+            | Refusal::NoWatermark => 0,
         };
         RemoteSignerError {
             code,
@@ -146,9 +155,13 @@ mod tests {
             Refusal::Regression { asked },
             Refusal::Equivocation { asked },
             Refusal::WrongChain {
-                ours: "ours".into(),
+                ours: "the leader's".into(),
                 asked: "theirs".into(),
             },
+            Refusal::UnknownChain {
+                asked: "theirs".into(),
+            },
+            Refusal::OtherKey("node 2's key for chain theirs is not the leader's".into()),
             Refusal::Malformed("no timestamp".into()),
             Refusal::NoWatermark,
             Refusal::NoLeader(SIGN_PATIENCE),
@@ -156,15 +169,17 @@ mod tests {
         ];
         for r in all {
             let detail = match &r {
-                Refusal::Malformed(d) | Refusal::NotCommitted(d) => d.clone(),
+                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
+                    d.clone()
+                }
                 _ => r.to_string(),
             };
-            let back = Refusal::from_proto(r.to_proto() as i32, &detail, asked, "ours", "theirs");
+            let back = Refusal::from_proto(r.to_proto() as i32, &detail, asked, "theirs");
             assert_eq!(back.as_ref(), Some(&r), "{r}");
             assert_eq!(back.map(|b| b.result_label()), Some(r.result_label()));
         }
-        assert_eq!(Refusal::from_proto(0, "", asked, "c", "c"), None);
-        let unknown = Refusal::from_proto(99, "new", asked, "c", "c").unwrap();
+        assert_eq!(Refusal::from_proto(0, "", asked, "c"), None);
+        let unknown = Refusal::from_proto(99, "new", asked, "c").unwrap();
         assert!(unknown.retryable(), "{unknown}");
     }
 

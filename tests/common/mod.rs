@@ -27,6 +27,7 @@ pub fn signer_mode() -> Mode {
         chain_id: "keyraft-membership-test".into(),
         round_every: 4,
         validators: 2,
+        more_chains: 0,
     }
 }
 

@@ -28,6 +28,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         chain_id: "bench-signer".into(),
         round_every: 0,
         validators,
+        more_chains: 0,
     };
     // (1) Latency through keyraft, its peers dialling each other directly
     // (no fault is injected here, so no proxy stands in the way).
