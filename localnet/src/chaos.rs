@@ -123,6 +123,9 @@ pub struct ChaosOptions {
     pub faults: Vec<Fault>,
     /// Signer mode (CometBFT), judged by equivocations.
     pub cometbft: bool,
+    /// Signer mode: chains signed for at once, each judged by its own
+    /// fake chain.
+    pub chains: u64,
     /// Busy-looping processes kept running through every round.
     pub load: usize,
     /// Fence agents (`fakefence`) on the validator hosts.
@@ -178,13 +181,16 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             f.name()
         );
     }
+    if !(1..=5).contains(&o.chains) || (o.chains > 1 && !o.cometbft) {
+        anyhow::bail!("--chains must be 1 to 5, and only with --cometbft");
+    }
     let mut rng = StdRng::seed_from_u64(o.seed);
     let mut c = if o.cometbft {
         let mode = Mode::Signer {
             chain_id: "chaos-1".into(),
             round_every: 5,
             validators: 3,
-            more_chains: 0,
+            more_chains: o.chains - 1,
         };
         let c =
             Cluster::start_in_mode(dir, NODES, o.block_ms, mode, |_| NodeOpts::default()).await?;
@@ -229,9 +235,11 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         c.dir.path().display()
     );
     let mut results = Vec::new();
+    let at_start = every_chain(&c).await?;
     for round in 0..o.rounds {
         let fault = faults[rng.random_range(0..faults.len())];
         let before = c.chain.totals().await?;
+        let doubles_before = every_chain(&c).await?;
         let logged = budgets_logged(&c);
         let failover_ms = inject(&mut c, fault, &mut rng, o.block_ms)
             .await
@@ -243,6 +251,7 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             )
         })?;
         let after = c.chain.totals().await?;
+        let doubles_after = every_chain(&c).await?;
         let mut budget = None;
         if failover_ms.is_some() && !signer_mode(&c) {
             let now = active(&c).await?;
@@ -255,7 +264,11 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             fault,
             failover_ms,
             missed: after.missed - before.missed,
-            double_signs: after.double_signs - before.double_signs,
+            double_signs: doubles_after
+                .iter()
+                .zip(&doubles_before)
+                .map(|((_, a), (_, b))| a.double_signs - b.double_signs)
+                .sum(),
             budget,
         };
         println!(
@@ -269,12 +282,40 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
         results.push(r);
     }
     let (mut summary, clean) = summarize(&results, covered);
+    // Each chain judged on its own: what it signed, missed and saw
+    // signed twice over the whole run.
+    let at_end = every_chain(&c).await?;
+    summary["chains"] = json!(at_end.len());
+    summary["per_chain"] = at_end
+        .iter()
+        .zip(&at_start)
+        .map(|((chain, e), (_, s))| {
+            (
+                chain.clone(),
+                json!({
+                    "signed": e.signed - s.signed,
+                    "missed": e.missed - s.missed,
+                    "double_signs": e.double_signs - s.double_signs,
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     // Hosts the agents confirmed off, as the new holders logged it.
     summary["fenced"] = json!((1..=NODES)
         .filter_map(|id| c.proc(id).ok())
         .map(|p| p.log_text().matches("confirmed node").count())
         .sum::<usize>());
     Ok((summary, clean))
+}
+
+/// Every chain's judge's totals, by chain id.
+async fn every_chain(c: &Cluster) -> Result<Vec<(String, crate::chain::Stats)>> {
+    let mut all = Vec::new();
+    for (chain, judge) in c.judges() {
+        all.push((chain.to_string(), judge.totals().await?));
+    }
+    Ok(all)
 }
 
 /// Whether every validator host says its kernel fence is on.
@@ -478,14 +519,22 @@ async fn settle(c: &mut Cluster) -> Result<()> {
     if signer_mode(c) {
         // Signatures made from now on, so that a sentry that just died is
         // not taken for a live one by what it signed before.
-        let from = c.chain.totals().await?.height;
-        return eventually(SETTLE, "every sentry signing again", || async {
-            let s = c.chain.stats_since(from + 1).await?;
-            Ok((1..=NODES)
-                .all(|n| s.first_signed_by(n, from).is_some())
-                .then_some(()))
-        })
-        .await;
+        // Every chain's, with several.
+        for (chain, judge) in c.judges() {
+            let from = judge.totals().await?.height;
+            eventually(
+                SETTLE,
+                &format!("every sentry signing {chain} again"),
+                || async {
+                    let s = judge.stats_since(from + 1).await?;
+                    Ok((1..=NODES)
+                        .all(|n| s.first_signed_by(n, from).is_some())
+                        .then_some(()))
+                },
+            )
+            .await?;
+        }
+        return Ok(());
     }
     eventually(
         SETTLE,

@@ -32,6 +32,10 @@ pub struct LocalnetFile {
     pub launcher_pid: u32,
     pub control: SocketAddr,
     pub chain: String,
+    /// Signer mode with `--chains`: every chain after the first, as
+    /// (chain id, judge URL).
+    #[serde(default)]
+    pub more_chains: Vec<(String, String)>,
     pub block_ms: u64,
     pub nodes: Vec<NodeInfo>,
 }
@@ -64,6 +68,8 @@ pub struct UpOptions {
     pub cometbft: bool,
     /// Signer mode: sentries per host (the first supervised by keyraft).
     pub sentries: u64,
+    /// Signer mode: chains the cluster signs for, each with its own judge.
+    pub chains: u64,
     /// One-way delay on every peer link, each direction.
     pub latency: Latency,
     /// keyraft's `--timing` profile, if not its default.
@@ -103,6 +109,9 @@ pub async fn up(opts: UpOptions) -> Result<()> {
     if !(1..=5).contains(&opts.sentries) || (opts.sentries > 1 && !opts.cometbft) {
         bail!("--sentries must be 1 to 5, and only with --cometbft");
     }
+    if !(1..=5).contains(&opts.chains) || (opts.chains > 1 && !opts.cometbft) {
+        bail!("--chains must be 1 to 5, and only with --cometbft");
+    }
     if let Ok(old) = read_info(&opts.dir) {
         if Path::new(&format!("/proc/{}", old.launcher_pid)).exists() {
             bail!(
@@ -127,7 +136,7 @@ pub async fn up(opts: UpOptions) -> Result<()> {
             chain_id: "localnet-1".into(),
             round_every: 10,
             validators: 4,
-            more_chains: 0,
+            more_chains: opts.chains - 1,
         }
     } else {
         Mode::Near
@@ -157,6 +166,11 @@ pub async fn up(opts: UpOptions) -> Result<()> {
         launcher_pid: std::process::id(),
         control: free_addr()?,
         chain: cluster.chain.url.clone(),
+        more_chains: cluster
+            .others
+            .iter()
+            .map(|o| (o.chain_id.clone(), o.chain.url.clone()))
+            .collect(),
         block_ms: opts.block_ms,
         nodes: cluster
             .nodes
@@ -234,27 +248,31 @@ async fn view_loop(info: &LocalnetFile, launcher: &Launcher) -> Result<()> {
     }
 }
 
-/// The view: the chain's verdict, then one line per node.
+/// The view: each chain's verdict, then one line per node.
 pub async fn render(info: &LocalnetFile, faults: &BTreeMap<u64, Faults>) -> Vec<String> {
-    let chain = ChainClient::new(&info.chain);
     let mut lines = Vec::new();
-    let since = chain
-        .totals()
-        .await
-        .map(|s| s.height.saturating_sub(4))
-        .unwrap_or(0);
-    match chain.stats_since(since).await {
-        Ok(s) => {
-            let signer = s
-                .signers
-                .last()
-                .map_or("-".to_string(), |x| format!("node {}", x.node));
-            lines.push(format!(
-                "chain height {:>6}  signer {:<7}  signed {:>6}  missed {:>4}  double signs {}",
-                s.height, signer, s.signed, s.missed, s.double_signs
-            ));
+    let chains = std::iter::once(("chain".to_string(), info.chain.clone()))
+        .chain(info.more_chains.iter().cloned());
+    for (name, url) in chains {
+        let chain = ChainClient::new(&url);
+        let since = chain
+            .totals()
+            .await
+            .map(|s| s.height.saturating_sub(4))
+            .unwrap_or(0);
+        match chain.stats_since(since).await {
+            Ok(s) => {
+                let signer = s
+                    .signers
+                    .last()
+                    .map_or("-".to_string(), |x| format!("node {}", x.node));
+                lines.push(format!(
+                    "{name} height {:>6}  signer {:<7}  signed {:>6}  missed {:>4}  double signs {}",
+                    s.height, signer, s.signed, s.missed, s.double_signs
+                ));
+            }
+            Err(e) => lines.push(format!("{name} unreachable: {e}")),
         }
-        Err(e) => lines.push(format!("chain unreachable: {e}")),
     }
     lines.push(format!(
         "{:<5} {:<10} {:<12} {:<10} {:<4} {:>8} {:<7} FAULT",

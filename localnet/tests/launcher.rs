@@ -167,12 +167,29 @@ async fn chaos_prints_a_json_summary_and_exits_0_without_double_signs() -> Resul
 #[tokio::test]
 async fn chaos_in_signer_mode_freezes_kills_and_cuts_off_the_leader_without_equivocations(
 ) -> Result<()> {
+    // Two chains at once, each judged by its own fake chain.
     let v = chaos_with(
-        &["--cometbft", "--seed", "5", "--block-ms", "300"],
+        &[
+            "--cometbft",
+            "--chains",
+            "2",
+            "--seed",
+            "5",
+            "--block-ms",
+            "300",
+        ],
         "kill-active-host,freeze-active-host,partition-active",
     )?;
     ensure!(v["mode"] == "signer" && v["rounds"] == 4, "{v}");
     ensure!(v["double_signs"] == 0, "equivocations: {v}");
+    let chains = v["per_chain"].as_object().context("no per_chain")?;
+    ensure!(v["chains"] == 2 && chains.len() == 2, "{v}");
+    for (chain, c) in chains {
+        ensure!(
+            c["double_signs"] == 0 && c["signed"].as_u64() > Some(0),
+            "{chain}: {c}"
+        );
+    }
     ensure!(
         v["residual_risk"]["rounds"] == 0,
         "signer mode has no residual-risk faults: {v}"

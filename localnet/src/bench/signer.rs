@@ -12,6 +12,8 @@ pub struct SignerBench {
     pub seconds: u64,
     /// Leader kills in the failover run (at 1 s blocks).
     pub kills: usize,
+    /// Chains signed for at once (each with a sentry on every host).
+    pub chains: u64,
 }
 
 /// keyraft's signer next to tmkms, in one run: (1) the signature latency
@@ -24,11 +26,12 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
 
     use crate::comet::privval::PrivvalStats;
 
+    anyhow::ensure!((1..=5).contains(&b.chains), "--chains must be 1 to 5");
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
         round_every: 0,
         validators,
-        more_chains: 0,
+        more_chains: b.chains - 1,
     };
     // (1) Latency through keyraft, its peers dialling each other directly
     // (no fault is injected here, so no proxy stands in the way).
@@ -52,31 +55,61 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     let last = c.chain.totals().await?;
     let status = c.status(1).await?;
     let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
-    let mut sentries = serde_json::Map::new();
-    for (id, node) in &c.nodes {
-        let pv: PrivvalStats = serde_json::from_value(
-            crate::harness::get_json(&format!("http://{}/privval", node.rpc)).await?,
-        )?;
-        let role = if *id == leader { "leader" } else { "follower" };
-        println!(
-            "keyraft, sentry {id} ({role}'s host): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
-            pv.sign_ms_p50.unwrap_or(f64::NAN),
-            pv.sign_ms_p99.unwrap_or(f64::NAN),
-            pv.sign_ms_max.unwrap_or(f64::NAN),
-            pv.samples
-        );
-        sentries.insert(
-            id.to_string(),
-            serde_json::json!({"host": role, "p50_ms": pv.sign_ms_p50, "p99_ms": pv.sign_ms_p99,
-                "max_ms": pv.sign_ms_max, "signatures": pv.samples}),
-        );
+    // Each chain's sentries, one per host (the first chain's are the
+    // ones keyraft supervises).
+    let mut per_chain = Vec::new();
+    per_chain.push((
+        c.judges()[0].0.to_string(),
+        c.nodes
+            .iter()
+            .map(|(id, n)| (*id, n.rpc))
+            .collect::<Vec<_>>(),
+    ));
+    for o in &c.others {
+        per_chain.push((
+            o.chain_id.clone(),
+            o.sentries.iter().map(|(id, e)| (*id, e.rpc)).collect(),
+        ));
+    }
+    let mut chains = serde_json::Map::new();
+    for (chain, rpcs) in &per_chain {
+        let mut sentries = serde_json::Map::new();
+        for (id, rpc) in rpcs {
+            let pv: PrivvalStats = serde_json::from_value(
+                crate::harness::get_json(&format!("http://{rpc}/privval")).await?,
+            )?;
+            let role = if *id == leader { "leader" } else { "follower" };
+            let on = if b.chains > 1 {
+                format!(" {chain}")
+            } else {
+                String::new()
+            };
+            println!(
+                "keyraft,{on} sentry {id} ({role}'s host): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
+                pv.sign_ms_p50.unwrap_or(f64::NAN),
+                pv.sign_ms_p99.unwrap_or(f64::NAN),
+                pv.sign_ms_max.unwrap_or(f64::NAN),
+                pv.samples
+            );
+            sentries.insert(
+                id.to_string(),
+                serde_json::json!({"host": role, "p50_ms": pv.sign_ms_p50, "p99_ms": pv.sign_ms_p99,
+                    "max_ms": pv.sign_ms_max, "signatures": pv.samples}),
+            );
+        }
+        chains.insert(chain.clone(), serde_json::Value::Object(sentries));
+    }
+    let sentries = chains.values().next().cloned().unwrap_or_default();
+    let mut equivocations = 0;
+    for (_, judge) in c.judges() {
+        equivocations += judge.totals().await?.double_signs;
     }
     let budget = sign_budget(&c, leader).await?;
     let missed_steady = last.missed - warm.missed;
     println!(
-        "keyraft steady state: {missed_steady} of {} heights missed, {} equivocations",
+        "keyraft steady state: {missed_steady} of {} heights missed, {equivocations} equivocations on {} chains",
         last.height - warm.height,
-        last.double_signs
+        b.chains
     );
     drop(c);
 
@@ -137,7 +170,10 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         );
         c.spawn(leader)?;
     }
-    let totals = c.chain.totals().await?;
+    let mut kill_equivocations = 0;
+    for (_, judge) in c.judges() {
+        kill_equivocations += judge.totals().await?.double_signs;
+    }
     missed.sort_unstable();
     resume_ms.sort_unstable();
     let pick = |v: &[u64], q: f64| {
@@ -151,10 +187,13 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         pick(&missed, 0.99),
         pick(&resume_ms, 0.5),
         pick(&resume_ms, 0.99),
-        totals.double_signs
+        kill_equivocations
     );
     Ok(serde_json::json!({
+        "chains": b.chains,
         "keyraft_sentries": sentries,
+        "keyraft_sentries_by_chain": chains,
+        "keyraft_steady_equivocations": equivocations,
         "keyraft_sign_budget_ms": budget,
         "keyraft_missed_steady": missed_steady,
         "tmkms_p50_ms": tm.sign_ms_p50,
@@ -164,7 +203,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         "kill_missed_p99": pick(&missed, 0.99),
         "kill_resume_ms_p50": pick(&resume_ms, 0.5),
         "kill_resume_ms_p99": pick(&resume_ms, 0.99),
-        "equivocations": totals.double_signs,
+        "equivocations": kill_equivocations,
     }))
 }
 

@@ -53,6 +53,10 @@ enum Cmd {
         /// keyraft (the first is supervised by it).
         #[arg(long, default_value_t = 1)]
         sentries: u64,
+        /// With --cometbft: chains the cluster signs for (1 to 5), each
+        /// with its own fake chain, key and a sentry on every host.
+        #[arg(long, default_value_t = 1)]
+        chains: u64,
         /// One-way delay on every peer link, each direction (e.g. 40ms).
         #[arg(long, value_parser = parse_ms, default_value = "0ms")]
         latency: Duration,
@@ -128,6 +132,10 @@ enum Cmd {
         /// judged by equivocations.
         #[arg(long)]
         cometbft: bool,
+        /// With --cometbft: chains signed for at once (1 to 5), each judged
+        /// by its own fake chain; the summary counts each.
+        #[arg(long, default_value_t = 1)]
+        chains: u64,
         /// Busy processes to run beside the cluster (a loaded host: 2 on
         /// a 2-core machine keeps every core busy).
         #[arg(long, default_value_t = 0)]
@@ -210,6 +218,10 @@ enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 10)]
         kills: usize,
+        /// Chains signed for at once (1 to 5): latency per chain while all
+        /// sign.
+        #[arg(long, default_value_t = 1)]
+        chains: u64,
     },
     /// Cold-start election time and the idle footprint of each coordinator.
     Idle {
@@ -317,6 +329,7 @@ async fn main() -> ExitCode {
             block_ms,
             cometbft,
             sentries,
+            chains,
             latency,
             jitter,
             timing,
@@ -328,6 +341,7 @@ async fn main() -> ExitCode {
                 block_ms,
                 cometbft,
                 sentries,
+                chains,
                 latency: localnet::proxy::Latency {
                     delay: latency,
                     jitter,
@@ -368,6 +382,7 @@ async fn main() -> ExitCode {
             block_ms,
             faults,
             cometbft,
+            chains,
             load,
             fence_agents,
         } => {
@@ -378,6 +393,7 @@ async fn main() -> ExitCode {
                 block_ms,
                 faults,
                 cometbft,
+                chains,
                 load,
                 fence_agents,
             };
@@ -464,11 +480,13 @@ async fn main() -> ExitCode {
                 block_ms,
                 seconds,
                 kills,
+                chains,
             } => {
                 let b = bench::SignerBench {
                     block_ms,
                     seconds,
                     kills,
+                    chains,
                 };
                 bench::signer(&b).await.map(|v| println!("{v}"))
             }
