@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::store::Disk;
+use super::flush::Disk;
 use crate::ledger::NodeId;
 use crate::shutdown::Shutdown;
 

@@ -1,6 +1,7 @@
 //! The Raft layer: openraft's type configuration, the replicated cluster
-//! state, durable storage ([`store`]), and the gRPC transport ([`network`]
-//! client, [`server`] service).
+//! state, durable storage ([`store`], with the newest entries also in
+//! memory: `recent`), and the gRPC transport ([`network`] client, [`server`]
+//! service).
 //!
 //! Owns: replication only: how [`crate::ledger`]'s commands travel, are
 //! stored and are applied, and how openraft is configured from keyraft's
@@ -8,9 +9,11 @@
 //! election bookkeeping in [`gate`]. Must not: act on the replicated state;
 //! the coordinator and the signer read it and decide.
 
+mod flush;
 pub mod gate;
 pub mod memory;
 pub mod network;
+mod recent;
 pub mod server;
 pub mod store;
 

@@ -5,9 +5,11 @@
 //! `save_vote` returns, appended entries are fsynced before the IO callback
 //! fires, truncation and purging never leave holes. Appends return once
 //! written and are acknowledged in batches by one fsync thread (group
-//! commit), so a slow disk never stalls openraft's core, which also answers
-//! heartbeats; the committed log id, which openraft lets a store lose, is
-//! handed to that thread without a wait. Must not: block an async worker
+//! commit, in [`super::flush`]), so a slow disk never stalls openraft's
+//! core, which also answers heartbeats; the committed log id, which
+//! openraft lets a store lose, is handed to that thread without a wait. The last entries appended are
+//! also kept in memory ([`Recent`]): replication and apply read them there,
+//! without a trip through the blocking pool. Must not: block an async worker
 //! (every other sled call runs in `spawn_blocking`) or interpret commands
 //! beyond [`ClusterState::apply`].
 
@@ -29,13 +31,15 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::flush::{fsync_gone, spawn_fsync, Disk, Job};
 use super::memory::{Holds, Memory};
+use super::recent::Recent;
 use super::{Entry, LogId, Membership, TypeConfig, Vote};
 use crate::ledger::{ClusterState, Command, Reply};
 
 const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";
-const COMMITTED: &[u8] = b"committed";
+pub(super) const COMMITTED: &[u8] = b"committed";
 const SM_DATA: &[u8] = b"data";
 const SM_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -74,33 +78,6 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 
 fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<Option<T>> {
     tree.get(k).map_err(io_err)?.map(|v| decode(&v)).transpose()
-}
-
-/// sled and a real fsync. sled 0.34's `flush` ends in `sync_file_range`,
-/// which neither flushes the drive's write cache nor the file's size, so a
-/// vote or entry it calls durable can vanish on power loss. Every flush here
-/// is followed by `fdatasync` of sled's data file, which does both.
-#[derive(Clone)]
-pub(super) struct Disk {
-    db: sled::Db,
-    file: Arc<File>,
-    /// Unit tests only: a slow disk, milliseconds the fsync thread's next
-    /// flush takes more.
-    #[cfg(test)]
-    slow: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Disk {
-    pub(super) fn flush(&self) -> io::Result<()> {
-        #[cfg(test)]
-        if std::thread::current().name() == Some("raft-fsync") {
-            std::thread::sleep(std::time::Duration::from_millis(
-                self.slow.swap(0, std::sync::atomic::Ordering::Relaxed),
-            ));
-        }
-        self.db.flush().map_err(io_err)?;
-        self.file.sync_data()
-    }
 }
 
 /// Opens (or creates) the store in `dir`, with this node's memory of its
@@ -156,6 +133,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
             log,
             meta,
             fsync,
+            recent: Arc::default(),
         },
         StateMachine {
             db,
@@ -168,63 +146,6 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     ))
 }
 
-fn fsync_gone() -> io::Error {
-    io_err("the Raft store's fsync thread ended")
-}
-
-/// What the store's fsync thread is asked to do, in order.
-enum Job {
-    /// An append's callback, for once a flush that started after its
-    /// entries were written is done.
-    Flushed(IOFlushed<TypeConfig>),
-    /// The committed log id, which openraft allows a store to lose: written
-    /// by the thread (and made durable by its next flush), never waited for.
-    Committed(Vec<u8>),
-    /// Flush what was asked before this, and answer (on shutdown).
-    Flush(tokio::sync::oneshot::Sender<io::Result<()>>),
-}
-
-/// Jobs taken into one flush at most: one that keeps arriving must not put
-/// off the flush the earlier ones wait for.
-const JOBS_PER_FLUSH: usize = 256;
-
-/// Group commit: one fsync acknowledges every append written before it
-/// started, in order. Appends are written on the blocking pool, never here,
-/// so a slow fsync holds up no append (openraft's core waits for each).
-/// The thread ends when the last [`LogStore`] is dropped.
-fn spawn_fsync(db: Disk, meta: sled::Tree) -> io::Result<mpsc::Sender<Job>> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    std::thread::Builder::new()
-        .name("raft-fsync".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let (mut callbacks, mut answers) = (Vec::new(), Vec::new());
-                for job in std::iter::once(first).chain(rx.try_iter().take(JOBS_PER_FLUSH)) {
-                    match job {
-                        Job::Flushed(callback) => callbacks.push(callback),
-                        Job::Committed(bytes) => {
-                            if let Err(e) = meta.insert(COMMITTED, bytes) {
-                                tracing::warn!("cannot record the committed log id: {e}");
-                            }
-                        }
-                        Job::Flush(answer) => answers.push(answer),
-                    }
-                }
-                if callbacks.is_empty() && answers.is_empty() {
-                    continue;
-                }
-                let flushed = db.flush().map_err(|e| e.to_string());
-                for callback in callbacks {
-                    callback.io_completed(flushed.clone().map_err(io::Error::other));
-                }
-                for answer in answers {
-                    let _ = answer.send(flushed.clone().map_err(io::Error::other));
-                }
-            }
-        })?;
-    Ok(tx)
-}
-
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
@@ -233,6 +154,7 @@ pub struct LogStore {
     meta: sled::Tree,
     /// The fsync thread (see [`spawn_fsync`]).
     fsync: mpsc::Sender<Job>,
+    recent: Arc<Recent>,
 }
 
 impl LogStore {
@@ -324,6 +246,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(e) => Bound::Excluded(key(*e)),
             Bound::Unbounded => Bound::Unbounded,
         };
+        let recent_end = match range.end_bound() {
+            Bound::Included(e) => Some(e.saturating_add(1)),
+            Bound::Excluded(e) => Some(*e),
+            Bound::Unbounded => None,
+        };
+        if let Some(entries) = self.recent.get(start, recent_end) {
+            return Ok(entries);
+        }
         let log = self.log.clone();
         blocking(move || {
             log.range((Bound::Included(key(start)), end))
@@ -396,15 +326,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = sled::Batch::default();
-        for e in entries {
-            batch.insert(&key(e.log_id.index), encode(&e)?);
+        for e in &entries {
+            batch.insert(&key(e.log_id.index), encode(e)?);
         }
         let log = self.log.clone();
         if let Err(e) = blocking(move || log.apply_batch(batch).map_err(io_err)).await {
             callback.io_completed(Err(io::Error::other(e.to_string())));
             return Err(e);
         }
+        self.recent.appended(&entries);
         // Readable now; durable (and counted by openraft) once the fsync
         // thread has flushed.
         if let Err(mpsc::SendError(job)) = self.fsync.send(Job::Flushed(callback)) {
@@ -418,6 +350,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
+        // Forgotten here first: a failed truncation then reads the log.
+        self.recent.truncated(from);
         let (db, log) = (self.db.clone(), self.log.clone());
         blocking(move || {
             let mut batch = sled::Batch::default();
@@ -432,6 +366,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.recent.purged(log_id.index);
         let (log, meta, bytes) = (self.log.clone(), self.meta.clone(), encode(&log_id)?);
         blocking(move || {
             // Record the purge point first: a crash in between leaves extra
@@ -691,5 +626,58 @@ mod tests {
         let saved: Option<Option<LogId>> = get(&log.meta, COMMITTED).expect("read");
         assert_eq!(saved, Some(Some(entry(1).log_id)));
         durable.await.expect("callback").expect("durable");
+    }
+
+    /// What a read returns after appends, a truncation and a purge is what
+    /// the log holds, whether the newest entries come from memory or from
+    /// sled (a restart empties memory).
+    #[tokio::test]
+    async fn reads_see_truncations_and_purges_from_memory_and_from_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("raft");
+        let terms = |v: Vec<Entry>| -> Vec<(u64, u64)> {
+            v.iter()
+                .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+                .collect()
+        };
+        {
+            let (mut log, _sm, _memory) = open(&path).expect("open");
+            for i in 1..=10 {
+                append(&mut log, i)
+                    .await
+                    .await
+                    .expect("callback")
+                    .expect("durable");
+            }
+            log.truncate_after(Some(entry(6).log_id))
+                .await
+                .expect("truncate");
+            let read = log.try_get_log_entries(5..=9).await.expect("read");
+            assert_eq!(terms(read), vec![(5, 1), (6, 1)], "truncated entries read");
+            let (tx, rx) = TypeConfig::oneshot();
+            let newer: Vec<Entry> = (7..=8)
+                .map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i))
+                .collect();
+            log.append(newer, IOFlushed::signal(tx))
+                .await
+                .expect("append");
+            rx.await.expect("callback").expect("durable");
+            log.purge(entry(3).log_id).await.expect("purge");
+            let read = log.try_get_log_entries(1..=8).await.expect("read");
+            assert_eq!(terms(read), vec![(4, 1), (5, 1), (6, 1), (7, 2), (8, 2)]);
+            log.flush().await.expect("flush");
+        }
+        // The fsync thread lets go of the database once it sees the store
+        // gone: a retry with a deadline, as a restart would wait.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut log, _sm, _memory) = loop {
+            match open(&path) {
+                Ok(store) => break store,
+                Err(e) if Instant::now() > deadline => panic!("reopen: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let read = log.try_get_log_entries(1..=8).await.expect("read");
+        assert_eq!(terms(read), vec![(4, 1), (5, 1), (6, 1), (7, 2), (8, 2)]);
     }
 }
