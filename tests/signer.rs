@@ -684,3 +684,52 @@ async fn a_wrong_chain_id_and_a_chain_the_leader_dropped_are_refused_and_the_res
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Result<()> {
+    // Host 3 was given another key for the second chain.
+    let c = Cluster::start_signers(3, BLOCK_MS, three_chains(), |id| NodeOpts {
+        other_key: id == 3,
+        ..NodeOpts::default()
+    })
+    .await?;
+    // Led by a host with the cluster's keys.
+    eventually(SETTLE, "node 1 to lead", || async {
+        if let Some((1, _)) = c.agreed_leader(&[1, 2, 3]).await? {
+            return Ok(Some(()));
+        }
+        c.cli(2, &["switchover", "--to", "1"]).await?;
+        Ok(None)
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let now = heights(&c).await?;
+    let second = c.judges()[1].0.to_string();
+    eventually(
+        SETTLE,
+        "host 3's requests for the second chain refused",
+        || async {
+            Ok((chain_results(&c, 3, &second, "refused_other_key").await? > 0.0).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    // Every chain signs on; host 3 signs the first and third.
+    chain_signed(&c, 0, now[0], &[1, 2, 3]).await?;
+    chain_signed(&c, 1, now[1], &[1, 2]).await?;
+    chain_signed(&c, 2, now[2], &[1, 2, 3]).await?;
+    let s = c.judges()[1].1.stats_since(now[1] + 1).await?;
+    ensure!(
+        s.first_signed_by(3, now[1]).is_none(),
+        "host 3 got a second-chain signature with another key"
+    );
+    no_equivocations_on_any_chain(&c).await?;
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft1.log"))?;
+    ensure!(
+        log.contains(&format!(
+            "node 3's key for chain {second} is not the leader's"
+        )),
+        "no log line on the leader names host 3's key"
+    );
+    Ok(())
+}

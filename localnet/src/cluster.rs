@@ -472,18 +472,27 @@ impl Cluster {
             toml::Value::Table(t)
         };
         let mut chains = vec![table(chain_id, &self.key_path, &first)];
-        for o in &self.others {
+        for (k, o) in self.others.iter().enumerate() {
             if let Some(e) = o.sentries.get(&id) {
-                chains.push(table(
-                    &o.chain_id,
-                    &o.key_path,
-                    &[format!("tcp://{}", e.privval)],
-                ));
+                let key = match k == 0 && node.opts.other_key {
+                    true => self.wrong_key(id)?,
+                    false => o.key_path.clone(),
+                };
+                chains.push(table(&o.chain_id, &key, &[format!("tcp://{}", e.privval)]));
             }
         }
         let mut file = toml::Table::new();
         file.insert("chains".into(), toml::Value::Array(chains));
         Ok(toml::to_string(&file)?)
+    }
+
+    /// A validator key of host `id`'s own, not the cluster's (made once).
+    fn wrong_key(&self, id: u64) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("keys/other-key-{id}.json"));
+        if !path.exists() {
+            crate::comet::key::ValidatorKey::generate().write_new(&path)?;
+        }
+        Ok(path)
     }
 
     /// Every chain's judge: the first chain's, then the others'.

@@ -101,6 +101,9 @@ pub struct NodeOpts {
     /// Signer mode: the node id pinned in `--privval-node tcp://ID@…` for
     /// the supervised sentry.
     pub privval_pin: Option<String>,
+    /// Signer mode with several chains: this host's key for the second
+    /// chain is another one than the cluster's (a misconfigured host).
+    pub other_key: bool,
     /// Dial the other nodes directly, not through the fault proxies (which
     /// cost a hop through localnet's own process): for benchmarks that
     /// cut no link and measure keyraft alone.
