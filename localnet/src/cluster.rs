@@ -18,10 +18,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::chain::Stats;
+use crate::chains::{other_chains, signer_chain_args};
+pub use crate::chains::{ExtraSentry, OtherChain};
 pub use crate::harness::alive;
 use crate::harness::{eventually, free_addr, sibling_bin, ChainClient, Proc};
 use crate::keys::KeyFile;
@@ -34,25 +35,6 @@ pub const SETTLE: Duration = Duration::from_secs(20);
 /// The environment variable keyraft marks every process of a validator's
 /// tree with (its value is the canonical data dir).
 pub const FENCE_MARKER: &str = "KEYRAFT_FENCE";
-
-/// Signer mode: a sentry on a host that keyraft dials but does not
-/// supervise (node id `10 * host + k`).
-pub struct ExtraSentry {
-    pub id: u64,
-    pub privval: SocketAddr,
-    pub rpc: SocketAddr,
-    pub proc: Option<Proc>,
-}
-
-/// Signer mode: a chain beyond the first, with its own judge and key, and
-/// one sentry on each validator host (node id = host id, as on the first).
-pub struct OtherChain {
-    pub chain_id: String,
-    pub chain: ChainClient,
-    pub key_path: PathBuf,
-    pub sentries: BTreeMap<u64, ExtraSentry>,
-    _proc: Proc,
-}
 
 pub struct Node {
     pub id: u64,
@@ -292,7 +274,12 @@ impl Cluster {
                 }
             }
         }
-        let others = other_chains(dir.path(), &mode, block_ms, &nodes)?;
+        let hosts: Vec<u64> = nodes
+            .values()
+            .filter(|n| !n.opts.witness)
+            .map(|n| n.id)
+            .collect();
+        let others = other_chains(dir.path(), &mode, block_ms, &hosts)?;
         let mut c = Cluster {
             dir,
             keyraft,
@@ -461,49 +448,16 @@ impl Cluster {
             None => format!("tcp://{}", node.privval),
         }];
         first.extend(node.extra.iter().map(|e| format!("tcp://{}", e.privval)));
-        let table = |chain: &str, key: &Path, nodes: &[String]| {
-            let mut t = toml::Table::new();
-            t.insert("chain-id".into(), chain.into());
-            t.insert("validator-key".into(), key.display().to_string().into());
-            t.insert(
-                "privval-node".into(),
-                toml::Value::Array(nodes.iter().map(|n| n.as_str().into()).collect()),
-            );
-            toml::Value::Table(t)
+        let wrong = match node.opts.other_key {
+            true => Some(crate::chains::wrong_key(self.dir.path(), id)?),
+            false => None,
         };
-        let mut chains = vec![table(chain_id, &self.key_path, &first)];
-        for (k, o) in self.others.iter().enumerate() {
-            if let Some(e) = o.sentries.get(&id) {
-                let key = match k == 0 && node.opts.other_key {
-                    true => self.wrong_key(id)?,
-                    false => o.key_path.clone(),
-                };
-                chains.push(table(&o.chain_id, &key, &[format!("tcp://{}", e.privval)]));
-            }
-        }
-        let mut file = toml::Table::new();
-        file.insert("chains".into(), toml::Value::Array(chains));
-        Ok(toml::to_string(&file)?)
-    }
-
-    /// A validator key of host `id`'s own, not the cluster's (made once).
-    fn wrong_key(&self, id: u64) -> Result<PathBuf> {
-        let path = self.dir.path().join(format!("keys/other-key-{id}.json"));
-        if !path.exists() {
-            crate::comet::key::ValidatorKey::generate().write_new(&path)?;
-        }
-        Ok(path)
+        crate::chains::chains_toml((chain_id, &self.key_path, &first), &self.others, id, wrong)
     }
 
     /// Every chain's judge: the first chain's, then the others'.
     pub fn judges(&self) -> Vec<(&str, &ChainClient)> {
-        let first = match &self.mode {
-            Mode::Signer { chain_id, .. } => chain_id.as_str(),
-            Mode::Near => "near",
-        };
-        std::iter::once((first, &self.chain))
-            .chain(self.others.iter().map(|o| (o.chain_id.as_str(), &o.chain)))
-            .collect()
+        crate::chains::judges(&self.mode, &self.chain, &self.others)
     }
 
     pub fn node_mut(&mut self, id: u64) -> Result<&mut Node> {
@@ -684,135 +638,6 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-impl Drop for Cluster {
-    /// Every host dies: coordinators and guards first (their process
-    /// groups), then whatever of each validator's tree outlived them (a
-    /// daemonized node whose guard died with its coordinator has nobody
-    /// left to kill it; on a real host systemd or Docker would).
-    fn drop(&mut self) {
-        let ids: Vec<u64> = self.nodes.keys().copied().collect();
-        for &id in &ids {
-            let tree = self.tree_pids(id);
-            if let Some(n) = self.nodes.get_mut(&id) {
-                drop(n.proc.take());
-            }
-            for p in tree.into_iter().chain(self.tree_pids(id)) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
-            }
-            // The tree's cgroup (its leaves first) and the kernel fence's
-            // nftables table, which keyraft names in its data dir.
-            let data = &self.nodes[&id].data;
-            if let Ok(cg) = std::fs::read_to_string(data.join("cgroup")) {
-                let cg = Path::new(cg.trim());
-                for _ in 0..100 {
-                    for leaf in ["keyed", "standby"] {
-                        let _ = std::fs::remove_dir(cg.join(leaf));
-                    }
-                    if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-            if let Ok(table) = std::fs::read_to_string(data.join("kernel-fence")) {
-                let _ = std::process::Command::new("nft")
-                    .args(["delete", "table", "inet", table.trim()])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
-
-impl ExtraSentry {
-    /// Starts this sentry (a `fakenode --cometbft` for the chain at
-    /// `chain`) unless it runs.
-    fn start(&mut self, chain: &str, name: &str, log_dir: &Path) -> Result<()> {
-        if self.proc.as_mut().is_some_and(|p| p.try_exit().is_none()) {
-            return Ok(());
-        }
-        self.proc = Some(Proc::spawn(
-            &format!("{name}{}", self.id),
-            Command::new(sibling_bin("fakenode")?)
-                .args([
-                    "--cometbft",
-                    "--privval-listen",
-                    &format!("tcp://{}", self.privval),
-                ])
-                .args(["--chain", chain, "--node-id", &self.id.to_string()])
-                .args(["--rpc-listen", &self.rpc.to_string()]),
-            log_dir,
-        )?);
-        Ok(())
-    }
-}
-
-/// A signer-mode `fakechain`'s flags.
-fn signer_chain_args(cmd: &mut Command, chain_id: &str, round_every: u64, validators: u64) {
-    cmd.args(["--cometbft", "--vote-extensions", "--chain-id", chain_id])
-        .args(["--round-every", &round_every.to_string()])
-        .args(["--validators", &validators.to_string()]);
-}
-
-/// Signer mode: the chains after the first, each started with its judge
-/// and key, and a sentry (not yet running) on each validator host.
-fn other_chains(
-    dir: &Path,
-    mode: &Mode,
-    block_ms: u64,
-    nodes: &BTreeMap<u64, Node>,
-) -> Result<Vec<OtherChain>> {
-    let Mode::Signer {
-        chain_id,
-        round_every,
-        validators,
-        more_chains,
-    } = mode
-    else {
-        return Ok(vec![]);
-    };
-    let mut others = Vec::new();
-    for k in 2..=more_chains + 1 {
-        let chain_id = format!("{chain_id}-{k}");
-        let key_path = dir.join(format!("keys/priv_validator_key-{k}.json"));
-        crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
-        let addr = free_addr()?;
-        let mut cmd = Command::new(sibling_bin("fakechain")?);
-        cmd.args([
-            "--listen",
-            &addr.to_string(),
-            "--block-ms",
-            &block_ms.to_string(),
-        ]);
-        signer_chain_args(&mut cmd, &chain_id, *round_every, *validators);
-        let proc = Proc::spawn(
-            &format!("fakechain-{chain_id}"),
-            cmd.arg("--validator-key").arg(&key_path),
-            dir,
-        )?;
-        let mut sentries = BTreeMap::new();
-        for n in nodes.values().filter(|n| !n.opts.witness) {
-            sentries.insert(
-                n.id,
-                ExtraSentry {
-                    id: n.id,
-                    privval: free_addr()?,
-                    rpc: free_addr()?,
-                    proc: None,
-                },
-            );
-        }
-        others.push(OtherChain {
-            chain_id,
-            chain: ChainClient::new(&format!("http://{addr}")),
-            key_path,
-            sentries,
-            _proc: proc,
-        });
-    }
-    Ok(others)
 }
 
 /// `keyraft certs ARGS --out OUT`.

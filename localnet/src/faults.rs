@@ -3,7 +3,8 @@
 //! from its peers (blackholed, not refused) and healed, slow peer links.
 //!
 //! Owns: the fault injection on a [`Cluster`] (its processes through
-//! signals, its links through the fault proxies). Must not: judge; the
+//! signals, its links through the fault proxies), and the last fault of
+//! all: every host dying when the cluster is dropped. Must not: judge; the
 //! chain counts double signs and missed heights.
 
 use std::os::unix::ffi::OsStrExt;
@@ -158,6 +159,46 @@ impl Cluster {
     pub fn set_latency(&self, latency: Latency) {
         for p in self.proxies.values() {
             p.set_latency(latency);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    /// Every host dies: coordinators and guards first (their process
+    /// groups), then whatever of each validator's tree outlived them (a
+    /// daemonized node whose guard died with its coordinator has nobody
+    /// left to kill it; on a real host systemd or Docker would).
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            let tree = self.tree_pids(id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                drop(n.proc.take());
+            }
+            for p in tree.into_iter().chain(self.tree_pids(id)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+            }
+            // The tree's cgroup (its leaves first) and the kernel fence's
+            // nftables table, which keyraft names in its data dir.
+            let data = &self.nodes[&id].data;
+            if let Ok(cg) = std::fs::read_to_string(data.join("cgroup")) {
+                let cg = Path::new(cg.trim());
+                for _ in 0..100 {
+                    for leaf in ["keyed", "standby"] {
+                        let _ = std::fs::remove_dir(cg.join(leaf));
+                    }
+                    if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+            if let Ok(table) = std::fs::read_to_string(data.join("kernel-fence")) {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", table.trim()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`chain`]: `fakechain`, which produces heights and counts signed heights,
 //!   missed heights and double signs (NEAR mode) or equivocations (CometBFT
 //!   mode). It is the oracle of every failover test.
+//! - [`chains`]: signer mode's chains beyond the first (`--chains N`), each
+//!   with its own judge, key and sentries, and the `[[chains]]` file.
 //! - [`chaos`]: seeded rounds of real faults, judged by the chain.
 //! - [`comet`]: the CometBFT judge: `priv_validator_key.json`, votes and
 //!   their sign bytes, the chain's CometBFT books (equivocations), and
@@ -36,6 +38,7 @@
 
 pub mod bench;
 pub mod chain;
+pub mod chains;
 pub mod chaos;
 pub mod cluster;
 pub mod comet;

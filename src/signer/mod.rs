@@ -4,6 +4,7 @@
 //! - [`privval`]: the connections to the nodes (keyraft dials each node's
 //!   `priv_validator_laddr`, as tmkms does) and the request loop on each.
 //! - [`sign`]: the consensus key, sign bytes, digests, signatures.
+//! - [`limit`]: the highest height signed or imported now.
 //! - [`refusal`]: why a request was not signed, typed from the ledger's
 //!   verdict through the forward to CometBFT's `RemoteSignerError`.
 //! - this module: [`Signer`], which answers each request with one sign path
@@ -32,6 +33,7 @@
 //! machine did not accept, wait past CometBFT's read timeout, or touch the
 //! coordinator's validator.
 
+pub mod limit;
 pub mod privval;
 pub mod refusal;
 pub mod sign;
@@ -53,6 +55,7 @@ use crate::ledger::{Command, SignVerdict, SignerState};
 use crate::node::Shared;
 use crate::pb;
 use crate::plant::{self, Plant};
+pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN, MAX_HEIGHT_JUMP};
 pub use refusal::Hrs;
 pub use refusal::Refusal;
 use sign::{ConsensusKey, SignError, Signable};
@@ -64,15 +67,6 @@ pub const SIGN_PATIENCE: Duration = Duration::from_millis(2000);
 /// One forwarding attempt to the leader.
 const FORWARD_DEADLINE: Duration = Duration::from_millis(1000);
 const RETRY: Duration = Duration::from_millis(25);
-/// A request or an imported floor this far above the watermark (or, with
-/// none yet, above height 0) is refused: one bogus height (a buggy or
-/// impostor sentry, a forged state file) must not lift the watermark out of
-/// reach for good. About two years of 6-second blocks.
-pub const MAX_HEIGHT_JUMP: u64 = 10_000_000;
-/// Tighter, while members' nodes report being synced: no real node asks
-/// for a height this far beyond the lowest one they report (the chain's
-/// tip, give or take gossip's lag), about two hours of 6-second blocks.
-pub const MAX_AHEAD_OF_CHAIN: u64 = 1_000;
 /// Largest privval message forwarded between signers.
 pub const MAX_PRIVVAL_MESSAGE: usize = 64 * 1024;
 
@@ -567,71 +561,6 @@ impl Stages<'_> {
     }
 }
 
-/// The highest height the cluster signs or takes as a floor now, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeightLimit {
-    pub height: u64,
-    pub why: String,
-}
-
-/// While members' nodes report being synced: [`MAX_AHEAD_OF_CHAIN`] above
-/// the lower median of the heights they report lately (this node's and
-/// gossip's), so that one node, lying or stuck, moves it neither up nor
-/// down where three report. Never measured from the watermark, which
-/// requests move: repeated requests at the limit cannot walk it up. With
-/// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
-/// first signature).
-pub fn height_limit(sh: &Shared, chain_id: &str) -> HeightLimit {
-    let watermark = sh
-        .cluster
-        .borrow()
-        .watermark(chain_id)
-        .map_or(0, |w| w.height);
-    // The node this host probes belongs to one chain: its heights say
-    // nothing of another's.
-    let one_chain = sh.cfg.signer.as_ref().is_some_and(|c| c.chains.len() == 1);
-    if !one_chain {
-        return limits(watermark, None);
-    }
-    let stale = sh.cfg.timing.gossip_interval * 3;
-    let own = sh.local.borrow().validator;
-    let mut synced: Vec<u64> = own
-        .filter(|h| h.synced)
-        .and_then(|h| h.height)
-        .filter(|h| *h > 0)
-        .into_iter()
-        .chain(
-            sh.view
-                .fresh(stale)
-                .into_iter()
-                .filter_map(|s| s.validator)
-                .filter(|v| v.synced && v.height > 0)
-                .map(|v| v.height),
-        )
-        .collect();
-    synced.sort_unstable();
-    let chain = (!synced.is_empty()).then(|| synced[(synced.len() - 1) / 2]);
-    limits(watermark, chain)
-}
-
-/// [`height_limit`]'s rule on its inputs.
-fn limits(watermark: u64, chain: Option<u64>) -> HeightLimit {
-    match chain {
-        Some(c) => HeightLimit {
-            height: c.saturating_add(MAX_AHEAD_OF_CHAIN),
-            why: format!(
-                "{MAX_AHEAD_OF_CHAIN} heights over {c}, the height the members' synced nodes report"
-            ),
-        },
-        None => HeightLimit {
-            height: watermark.saturating_add(MAX_HEIGHT_JUMP),
-            why: format!(
-                "{MAX_HEIGHT_JUMP} heights over the watermark {watermark} (no member's node reports a synced height)"
-            ),
-        },
-    }
-}
-
 /// The leader's peer-port service for forwarded sign requests.
 pub struct SignerService {
     signer: Arc<Signer>,
@@ -711,37 +640,5 @@ mod tests {
         }
         assert!(before_commit(Some(&w), "other", (11, 0, 1), "d", asked).is_err());
         assert!(before_commit(None, "c", (11, 0, 1), "d", asked).is_err());
-    }
-
-    #[test]
-    fn heights_are_limited_from_an_empty_watermark_and_by_the_chain() {
-        let table = [
-            // (watermark, median synced node height) -> limit
-            ((0, None), MAX_HEIGHT_JUMP),
-            ((0, Some(5_000)), 5_000 + MAX_AHEAD_OF_CHAIN),
-            ((100, None), 100 + MAX_HEIGHT_JUMP),
-            ((100, Some(120)), 120 + MAX_AHEAD_OF_CHAIN),
-            // A watermark far above the nodes (a floor taken with
-            // --allow-jump): nothing signs until they reach it.
-            ((9_000, Some(10)), 10 + MAX_AHEAD_OF_CHAIN),
-            ((u64::MAX - 5, None), u64::MAX),
-        ];
-        for ((w, chain), want) in table {
-            assert_eq!(
-                limits(w, chain).height,
-                want,
-                "watermark {w}, chain {chain:?}"
-            );
-        }
-        assert!(limits(0, None).height < 1 << 62);
-    }
-
-    #[test]
-    fn requests_at_the_limit_cannot_walk_it_up_while_nodes_report() {
-        let mut w = 100;
-        for _ in 0..20 {
-            w = limits(w, Some(120)).height;
-        }
-        assert_eq!(w, 120 + MAX_AHEAD_OF_CHAIN);
     }
 }

@@ -1,0 +1,270 @@
+//! Signer mode for several chains end to end: three `keyraft run --signer
+//! cometbft` processes signing three chains (three fake chains as judges,
+//! three keys, a sentry per chain on every host), with a leader killed, a
+//! wrong chain id, a chain dropped from a member and a host with another key.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{Cluster, Mode, NodeOpts};
+use localnet::harness::eventually;
+
+const BLOCK_MS: u64 = 500;
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// The signer leader, as node `asked` sees it.
+async fn leader(c: &Cluster, asked: u64) -> Result<u64> {
+    eventually(SETTLE, "a signer leader", || async {
+        let s = c.status(asked).await?;
+        Ok(s["cluster"]["leader"].as_u64())
+    })
+    .await
+}
+
+/// Three chains: the first and two more, each with its own judge and key.
+fn three_chains() -> Mode {
+    Mode::Signer {
+        chain_id: "keyraft-chains-test".into(),
+        round_every: 4,
+        validators: 2,
+        more_chains: 2,
+    }
+}
+
+/// Waits until each of `sentries` signed chain number `chain` (in
+/// [`Cluster::judges`]'s order) above height `after`; returns its height.
+async fn chain_signed(c: &Cluster, chain: usize, after: u64, sentries: &[u64]) -> Result<u64> {
+    let (name, judge) = c.judges()[chain];
+    let s = eventually(
+        SETTLE,
+        &format!("sentries {sentries:?} signed {name} after height {after}"),
+        || async {
+            let s = judge.stats_since(after + 1).await?;
+            let all = sentries
+                .iter()
+                .all(|n| s.first_signed_by(*n, after).is_some());
+            Ok(all.then_some(s))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    Ok(s.height)
+}
+
+/// [`chain_signed`] for every chain, above its height in `after`.
+async fn every_chain_signed(c: &Cluster, after: &[u64], sentries: &[u64]) -> Result<Vec<u64>> {
+    let mut heights = Vec::new();
+    for (i, after) in after.iter().enumerate() {
+        heights.push(chain_signed(c, i, *after, sentries).await?);
+    }
+    Ok(heights)
+}
+
+/// Each chain's height now.
+async fn heights(c: &Cluster) -> Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for (_, judge) in c.judges() {
+        v.push(judge.totals().await?.height);
+    }
+    Ok(v)
+}
+
+/// Every chain's judge: no equivocation, no double sign.
+async fn no_equivocations_on_any_chain(c: &Cluster) -> Result<()> {
+    for (chain, judge) in c.judges() {
+        let s = judge.stats_since(0).await?;
+        ensure!(
+            s.double_signs == 0 && s.equivocations.is_empty(),
+            "{chain}: equivocations {:?}\n{}",
+            s.equivocations,
+            c.logs()
+        );
+    }
+    Ok(())
+}
+
+/// Sign requests of `chain` answered with `result` on node `id`.
+async fn chain_results(c: &Cluster, id: u64, chain: &str, result: &str) -> Result<f64> {
+    let (chain, result) = (format!("chain=\"{chain}\""), format!("result=\"{result}\""));
+    Ok(c.metrics(id)
+        .await?
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("keyraft_sign_requests_total")
+                && k.contains(&chain)
+                && k.contains(&result)
+        })
+        .map(|(_, v)| v)
+        .sum())
+}
+
+#[tokio::test]
+async fn one_cluster_signs_three_chains_through_a_killed_leader() -> Result<()> {
+    let mut c =
+        Cluster::start_signers(3, BLOCK_MS, three_chains(), |_| NodeOpts::default()).await?;
+    let chains: Vec<String> = c.judges().iter().map(|(id, _)| id.to_string()).collect();
+    ensure!(chains.len() == 3, "{chains:?}");
+    let before = every_chain_signed(&c, &[0, 0, 0], &[1, 2, 3]).await?;
+    // Each chain is reported on its own, with its own watermark.
+    let status = c.status(1).await?;
+    let listed: Vec<&str> = status["signer"]["chains"]
+        .as_array()
+        .context("no chains in status")?
+        .iter()
+        .filter_map(|x| x["chain_id"].as_str())
+        .collect();
+    ensure!(listed == chains, "status lists {listed:?}: {status}");
+    for ch in status["signer"]["chains"].as_array().into_iter().flatten() {
+        ensure!(
+            ch["watermark"]["height"].as_u64() > Some(0)
+                && ch["connections"][0]["connected"] == true,
+            "{ch}"
+        );
+    }
+    // The leader's whole host dies: every chain signs again on the others.
+    let l = leader(&c, 1).await?;
+    c.kill_host(l)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let t = Instant::now();
+    let after = every_chain_signed(&c, &before, &rest).await?;
+    eprintln!(
+        "all three chains signed again {} ms after the kill",
+        t.elapsed().as_millis()
+    );
+    // And once it is back, its sentries too, on every chain.
+    c.spawn(l)?;
+    every_chain_signed(&c, &after, &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await?;
+    for chain in &chains {
+        ensure!(
+            chain_results(&c, rest[0], chain, "signed").await? > 0.0,
+            "no signatures counted for {chain}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_chain_id_and_a_chain_the_leader_dropped_are_refused_and_the_rest_sign(
+) -> Result<()> {
+    // Host 3's sentry of the first chain asks with the second chain's id.
+    let second = "keyraft-chains-test-2";
+    let mut c = Cluster::start_signers(3, BLOCK_MS, three_chains(), |id| NodeOpts {
+        fakenode: if id == 3 {
+            vec!["--chain-id".into(), second.into()]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let first = c.judges()[0].0.to_string();
+    chain_signed(&c, 0, 0, &[1, 2]).await?;
+    // Its own chain's connection refuses it (the key, and so every
+    // signature); its other chains sign.
+    let refused = format!("this connection serves chain {first}, not {second}");
+    eventually(SETTLE, "host 3's wrong chain id refused", || async {
+        let log = std::fs::read_to_string(c.dir.path().join("keyraft3.log"))?;
+        Ok(log.contains(&refused).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    chain_signed(&c, 1, 0, &[1, 2, 3]).await?;
+    chain_signed(&c, 2, 0, &[1, 2, 3]).await?;
+    ensure!(
+        c.chain
+            .stats_since(0)
+            .await?
+            .first_signed_by(3, 0)
+            .is_none(),
+        "a request with another chain's id was signed"
+    );
+
+    // A rolling change drops the third chain from host 3 (its sentry goes
+    // too); host 3 then leads: the others' requests for that chain are
+    // refused as a chain it does not sign for, the first two sign on.
+    let third = c.judges()[2].0.to_string();
+    c.others[1].sentries.remove(&3);
+    c.kill_coordinator(3)?;
+    c.forget(3)?;
+    c.spawn(3)?;
+    eventually(SETTLE, "node 3 to lead", || async {
+        if let Some((3, _)) = c.agreed_leader(&[1, 2, 3]).await? {
+            return Ok(Some(()));
+        }
+        c.cli(1, &["switchover", "--to", "3"]).await?;
+        Ok(None)
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let now = heights(&c).await?;
+    eventually(
+        SETTLE,
+        "requests for the dropped chain refused by leader 3",
+        || async {
+            let n = chain_results(&c, 1, &third, "refused_chain_id").await?
+                + chain_results(&c, 2, &third, "refused_chain_id").await?;
+            Ok((n > 0.0).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    chain_signed(&c, 0, now[0], &[1, 2]).await?;
+    chain_signed(&c, 1, now[1], &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await?;
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft3.log"))?;
+    ensure!(
+        log.contains("does not sign for"),
+        "no log line on leader 3 names the refused chain"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Result<()> {
+    // Host 3 was given another key for the second chain.
+    let c = Cluster::start_signers(3, BLOCK_MS, three_chains(), |id| NodeOpts {
+        other_key: id == 3,
+        ..NodeOpts::default()
+    })
+    .await?;
+    // Led by a host with the cluster's keys.
+    eventually(SETTLE, "node 1 to lead", || async {
+        if let Some((1, _)) = c.agreed_leader(&[1, 2, 3]).await? {
+            return Ok(Some(()));
+        }
+        c.cli(2, &["switchover", "--to", "1"]).await?;
+        Ok(None)
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let now = heights(&c).await?;
+    let second = c.judges()[1].0.to_string();
+    eventually(
+        SETTLE,
+        "host 3's requests for the second chain refused",
+        || async {
+            Ok((chain_results(&c, 3, &second, "refused_other_key").await? > 0.0).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    // Every chain signs on; host 3 signs the first and third.
+    chain_signed(&c, 0, now[0], &[1, 2, 3]).await?;
+    chain_signed(&c, 1, now[1], &[1, 2]).await?;
+    chain_signed(&c, 2, now[2], &[1, 2, 3]).await?;
+    let s = c.judges()[1].1.stats_since(now[1] + 1).await?;
+    ensure!(
+        s.first_signed_by(3, now[1]).is_none(),
+        "host 3 got a second-chain signature with another key"
+    );
+    no_equivocations_on_any_chain(&c).await?;
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft1.log"))?;
+    ensure!(
+        log.contains(&format!(
+            "node 3's key for chain {second} is not the leader's"
+        )),
+        "no log line on the leader names host 3's key"
+    );
+    Ok(())
+}
