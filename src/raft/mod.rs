@@ -1,6 +1,7 @@
 //! The Raft layer: openraft's type configuration, the replicated cluster
-//! state, durable storage ([`store`], with the newest entries also in
-//! memory: `recent`), and the gRPC transport ([`network`] client, [`server`]
+//! state, durable storage ([`store`]: the log in its own file, `logfile`,
+//! the newest entries also in memory, `recent`, written by the `flush`
+//! thread; the applied state in `machine`), and the gRPC transport ([`network`] client, [`server`]
 //! service).
 //!
 //! Owns: replication only: how [`crate::ledger`]'s commands travel, are
@@ -11,6 +12,8 @@
 
 mod flush;
 pub mod gate;
+mod logfile;
+mod machine;
 pub mod memory;
 pub mod network;
 mod recent;

@@ -1,65 +1,111 @@
 //! The last entries appended to the Raft log, kept in memory beside it.
 //!
-//! Owns: a bounded copy of the log's newest entries, so that the leader's
+//! Owns: a copy of the log's newest entries, so that the leader's
 //! replication and every member's apply (both read the entries just
-//! appended) skip a read from sled on the blocking pool. Must not: hold an
-//! entry the log does not hold at that index, or answer a range it does
-//! not hold whole ([`super::store`] keeps both in step and reads the log
-//! otherwise).
+//! appended) skip a read from sled, and the entries the fsync thread has
+//! not written yet. Must not: hold an entry the log does not hold at that
+//! index, or let go of one before it is written to sled ([`super::store`]
+//! reads the older entries from sled and these after them).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::Entry;
+use super::{Entry, LogId};
 
-/// Entries kept in memory beside the log: the last ones appended.
+/// Entries kept in memory once written: the last ones appended.
 pub(super) const RECENT: usize = 256;
 
-/// The last [`RECENT`] entries appended, by index: exactly what the log
-/// holds at those indexes (every append, truncation and purge updates both),
-/// so that the leader's replication and every member's apply, which read
-/// the entries just appended, need no read from sled on the blocking pool.
+/// The log's newest entries, by index, each with the number of the append
+/// that brought it: exactly what the log holds at those indexes (every
+/// append, truncation and purge updates both), contiguous, and never fewer
+/// than the entries not yet written to sled.
 #[derive(Default)]
-pub(super) struct Recent(Mutex<BTreeMap<u64, Entry>>);
+pub(super) struct Recent(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<u64, (u64, Entry)>,
+    /// The number the last append was given.
+    appends: u64,
+    /// Every append up to this number is written to sled.
+    written: u64,
+}
+
+impl Inner {
+    /// Forgets the oldest entries beyond [`RECENT`], but none not written.
+    fn trim(&mut self) {
+        while self.entries.len() > RECENT {
+            match self.entries.first_key_value() {
+                Some((_, (append, _))) if *append <= self.written => self.entries.pop_first(),
+                _ => break,
+            };
+        }
+    }
+}
 
 impl Recent {
-    fn map(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn appended(&self, entries: &[Entry]) {
-        let mut m = self.map();
+    /// Takes in an append's entries; returns the append's number, for
+    /// [`Recent::written`] once sled holds them.
+    pub(super) fn appended(&self, entries: &[Entry]) -> u64 {
+        let mut r = self.inner();
+        r.appends += 1;
+        let append = r.appends;
         for e in entries {
-            m.insert(e.log_id.index, e.clone());
+            r.entries.insert(e.log_id.index, (append, e.clone()));
         }
-        while m.len() > RECENT {
-            m.pop_first();
-        }
+        r.trim();
+        append
+    }
+
+    /// Every append up to number `append` is in sled: those entries may go.
+    pub(super) fn written(&self, append: u64) {
+        let mut r = self.inner();
+        r.written = r.written.max(append);
+        r.trim();
     }
 
     /// Forgets every entry from `index` on (a truncation).
     pub(super) fn truncated(&self, index: u64) {
-        self.map().split_off(&index);
+        self.inner().entries.split_off(&index);
     }
 
     /// Forgets every entry up to `index` (a purge).
     pub(super) fn purged(&self, index: u64) {
-        let mut m = self.map();
-        *m = m.split_off(&index.saturating_add(1));
+        let mut r = self.inner();
+        r.entries = r.entries.split_off(&index.saturating_add(1));
     }
 
-    /// Entries `start..end` (`end` exclusive, `None`: to the last) if every
-    /// one of them is here, else `None` (read the log then).
-    pub(super) fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
-        let m = self.map();
-        let (&first, &last) = (m.keys().next()?, m.keys().next_back()?);
-        let end = end.unwrap_or(last.saturating_add(1));
-        if start < first || end > last.saturating_add(1) {
-            return None;
+    /// The log's last entry, if it is here (if nothing is, sled holds the
+    /// whole log).
+    pub(super) fn last(&self) -> Option<LogId> {
+        self.inner()
+            .entries
+            .last_key_value()
+            .map(|(_, (_, e))| e.log_id)
+    }
+
+    /// The entries of `start..end` (`end` exclusive, `None`: to the last)
+    /// held here, and the first index held here (`None`: nothing is). The
+    /// caller reads the indexes below that from sled: sled holds them.
+    pub(super) fn from(&self, start: u64, end: Option<u64>) -> (Option<u64>, Vec<Entry>) {
+        let r = self.inner();
+        let Some(&first) = r.entries.keys().next() else {
+            return (None, Vec::new());
+        };
+        let (from, end) = (start.max(first), end.unwrap_or(u64::MAX));
+        if from >= end {
+            return (Some(first), Vec::new());
         }
-        let entries: Vec<Entry> = m.range(start..end).map(|(_, e)| e.clone()).collect();
-        // Never a hole: the log has none, and neither may what stands in.
-        (entries.len() as u64 == end.saturating_sub(start)).then_some(entries)
+        let tail = r
+            .entries
+            .range(from..end)
+            .map(|(_, (_, e))| e.clone())
+            .collect();
+        (Some(first), tail)
     }
 }
 
@@ -73,43 +119,62 @@ mod tests {
             .collect()
     }
 
-    fn indexes(r: &Recent, start: u64, end: Option<u64>) -> Option<Vec<(u64, u64)>> {
-        r.get(start, end).map(|v| {
-            v.iter()
-                .map(|e| (e.log_id.index, e.log_id.leader_id.term))
-                .collect()
-        })
+    /// (first index held, the (index, term) of what is answered)
+    fn read(r: &Recent, start: u64, end: Option<u64>) -> (Option<u64>, Vec<(u64, u64)>) {
+        let (first, v) = r.from(start, end);
+        let v = v
+            .iter()
+            .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+            .collect();
+        (first, v)
     }
 
     #[test]
-    fn only_whole_ranges_it_holds_as_the_log_holds_them() {
+    fn answers_what_it_holds_and_says_where_the_log_must_answer() {
         let r = Recent::default();
-        assert_eq!(indexes(&r, 1, None), None, "empty: read the log");
-        r.appended(&entries(5, 10, 1));
+        assert_eq!(read(&r, 1, None), (None, vec![]), "empty: all from sled");
+        let append = r.appended(&entries(5, 10, 1));
+        r.written(append);
+        let span = |a: u64, b: u64, t: u64| (a..=b).map(|i| (i, t)).collect::<Vec<_>>();
         // (start, end) -> what it answers
         let table = [
-            ((5, Some(11)), Some((5..=10).map(|i| (i, 1)).collect())),
-            ((7, Some(9)), Some(vec![(7, 1), (8, 1)])),
-            ((8, None), Some(vec![(8, 1), (9, 1), (10, 1)])),
-            ((4, Some(8)), None),
-            ((9, Some(12)), None),
-            ((11, None), Some(vec![])),
+            ((5, Some(11)), span(5, 10, 1)),
+            ((7, Some(9)), span(7, 8, 1)),
+            ((8, None), span(8, 10, 1)),
+            ((4, Some(8)), span(5, 7, 1)),
+            ((1, Some(4)), vec![]),
+            ((9, Some(12)), span(9, 10, 1)),
+            ((11, None), vec![]),
         ];
         for ((start, end), want) in table {
-            assert_eq!(indexes(&r, start, end), want, "{start}..{end:?}");
+            assert_eq!(read(&r, start, end), (Some(5), want), "{start}..{end:?}");
         }
+        assert_eq!(r.last().map(|l| l.index), Some(10));
         // A follower's log truncated and rewritten in a newer term.
         r.truncated(8);
-        assert_eq!(indexes(&r, 7, Some(9)), None);
+        assert_eq!(read(&r, 7, Some(9)).1, vec![(7, 1)]);
         r.appended(&entries(8, 9, 2));
-        assert_eq!(indexes(&r, 7, Some(10)), Some(vec![(7, 1), (8, 2), (9, 2)]));
+        assert_eq!(read(&r, 7, Some(10)).1, vec![(7, 1), (8, 2), (9, 2)]);
         // A purge (a snapshot taken or installed) forgets the prefix.
         r.purged(7);
-        assert_eq!(indexes(&r, 7, Some(9)), None);
-        assert_eq!(indexes(&r, 8, Some(10)), Some(vec![(8, 2), (9, 2)]));
-        // Bounded: the oldest go first.
-        r.appended(&entries(10, 10 + RECENT as u64, 2));
-        assert_eq!(indexes(&r, 9, Some(11)), None);
-        assert!(indexes(&r, 11, Some(12)).is_some());
+        assert_eq!(read(&r, 7, Some(9)), (Some(8), vec![(8, 2)]));
+    }
+
+    #[test]
+    fn lets_go_of_the_oldest_only_once_written() {
+        let r = Recent::default();
+        let n = RECENT as u64;
+        let first = r.appended(&entries(1, n, 1));
+        let second = r.appended(&entries(n + 1, n + 10, 1));
+        assert_eq!(read(&r, 1, Some(2)).1, vec![(1, 1)], "kept: not written");
+        r.written(first);
+        assert_eq!(read(&r, 1, Some(2)).0, Some(11), "written: the oldest go");
+        // Only what is written may go, however many wait.
+        let third = r.appended(&entries(n + 11, 3 * n, 1));
+        assert_eq!(read(&r, 1, None).0, Some(n + 1), "the written ones go");
+        r.written(second);
+        assert_eq!(read(&r, 1, None).0, Some(n + 11));
+        r.written(third);
+        assert_eq!(read(&r, 1, None).0, Some(2 * n + 1));
     }
 }

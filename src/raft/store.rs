@@ -1,47 +1,42 @@
-//! Durable Raft storage on sled: the log, the vote, and the state machine.
+//! Durable Raft storage: the log, the vote, and what opens them with the
+//! state machine ([`super::machine`]).
 //!
-//! Owns: the on-disk layout of `DATA_DIR/raft` (trees `log`, `meta`, `sm`)
-//! and the durability promises openraft relies on: a vote is fsynced before
-//! `save_vote` returns, appended entries are fsynced before the IO callback
-//! fires, truncation and purging never leave holes. Appends return once
-//! written and are acknowledged in batches by one fsync thread (group
-//! commit, in [`super::flush`]), so a slow disk never stalls openraft's
-//! core, which also answers heartbeats; the committed log id, which
-//! openraft lets a store lose, is handed to that thread without a wait. The last entries appended are
-//! also kept in memory ([`Recent`]): replication and apply read them there,
-//! without a trip through the blocking pool. Must not: block an async worker
-//! (every other sled call runs in `spawn_blocking`) or interpret commands
-//! beyond [`ClusterState::apply`].
+//! Owns: the on-disk layout of `DATA_DIR/raft` (the log file `log`, sled's
+//! trees `meta`, `sm` and `memory`) and the durability promises openraft
+//! relies on: a vote is fsynced before `save_vote` returns, appended entries
+//! are fsynced before the IO callback fires, truncation and purging never
+//! leave holes. Appends are handed to one writer thread, which writes them
+//! to the log file ([`super::logfile`]) and acknowledges them in batches
+//! after one fdatasync (group commit, in [`super::flush`]), so a slow disk
+//! never stalls openraft's core, which also answers heartbeats; the
+//! committed log id, which openraft lets a store lose, goes to that thread
+//! without a wait too. The newest entries, and every one not yet written,
+//! are kept in memory ([`Recent`]): reads take them there and the older
+//! ones from the file. Must not: block an async worker (file and sled calls
+//! run in `spawn_blocking` or on the writer thread), or change the log file
+//! before the writer thread has written what came before.
 
 use std::fmt::Debug;
 use std::fs::File;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
-use futures::TryStreamExt;
-use openraft::storage::{
-    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
-    RaftStateMachine,
-};
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
-use openraft::{EntryPayload, OptionalSend};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::OptionalSend;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
-use super::flush::{fsync_gone, spawn_fsync, Disk, Job};
+use super::flush::{fsync_gone, locked, spawn_fsync, Disk, Job};
+use super::logfile::{LogFile, Records};
+pub use super::machine::StateMachine;
 use super::memory::{Holds, Memory};
 use super::recent::Recent;
-use super::{Entry, LogId, Membership, TypeConfig, Vote};
-use crate::ledger::{ClusterState, Command, Reply};
+use super::{Entry, LogId, TypeConfig, Vote};
 
 const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";
 pub(super) const COMMITTED: &[u8] = b"committed";
-const SM_DATA: &[u8] = b"data";
-const SM_SNAPSHOT: &[u8] = b"snapshot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,30 +48,29 @@ pub enum StoreError {
     Flusher(io::Error),
 }
 
-fn io_err(e: impl std::fmt::Display) -> io::Error {
+pub(super) fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
 /// Runs a sled operation off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
-fn key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
     serde_json::from_slice(bytes).map_err(io_err)
 }
 
-fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+pub(super) fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(io_err)
 }
 
-fn get<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, k: &[u8]) -> io::Result<Option<T>> {
+pub(super) fn get<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    k: &[u8],
+) -> io::Result<Option<T>> {
     tree.get(k).map_err(io_err)?.map(|v| decode(&v)).transpose()
 }
 
@@ -91,14 +85,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     let db = sled::Config::new()
         .path(dir)
         .mode(sled::Mode::LowSpace)
-        // The log is small: a few activation, membership and registration
-        // entries. Keep the page cache small, and flush only when asked
-        // (appends and votes fsync explicitly).
+        // Small: the vote, the applied state, the snapshot, the memory of
+        // peers (the log has its own file). Flushed only when asked.
         .cache_capacity(4 << 20)
         .flush_every_ms(None)
         .open()
         .map_err(open_err)?;
-    let log = db.open_tree("log").map_err(open_err)?;
     let meta = db.open_tree("meta").map_err(open_err)?;
     let sm = db.open_tree("sm").map_err(open_err)?;
     let remembered = db.open_tree("memory").map_err(open_err)?;
@@ -123,25 +115,25 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
         #[cfg(test)]
         slow: Arc::default(),
     };
-    let data: SmData = get(&sm, SM_DATA).map_err(corrupt)?.unwrap_or_default();
-    let (tx, _) = watch::channel(data.state.clone());
-    let fsync = spawn_fsync(db.clone(), meta.clone()).map_err(StoreError::Flusher)?;
+    let purged: Option<LogId> = get(&meta, LAST_PURGED).map_err(corrupt)?;
+    // An older keyraft's log, in sled's tree `log`, moves into the file.
+    let sled_log = db.db.open_tree("log").map_err(open_err)?;
+    let file = LogFile::open(dir, &sled_log, purged.map(|p| p.index)).map_err(corrupt)?;
+    let file = Arc::new(Mutex::new(file));
+    let recent = Arc::new(Recent::default());
+    let fsync = spawn_fsync(db.clone(), file.clone(), meta.clone(), recent.clone())
+        .map_err(StoreError::Flusher)?;
     let memory = Arc::new(Memory::open(db.clone(), remembered).map_err(corrupt)?);
+    let sm = StateMachine::open(db.clone(), sm, memory.clone()).map_err(corrupt)?;
     Ok((
         LogStore {
-            db: db.clone(),
-            log,
+            db,
+            file,
             meta,
             fsync,
-            recent: Arc::default(),
+            recent,
         },
-        StateMachine {
-            db,
-            tree: sm,
-            data,
-            published: tx,
-            memory: memory.clone(),
-        },
+        sm,
         memory,
     ))
 }
@@ -150,9 +142,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
 #[derive(Clone)]
 pub struct LogStore {
     db: Disk,
-    log: sled::Tree,
+    /// The log file, shared with the writer thread.
+    file: Arc<Mutex<LogFile>>,
     meta: sled::Tree,
-    /// The fsync thread (see [`spawn_fsync`]).
+    /// The writer thread (see [`spawn_fsync`]).
     fsync: mpsc::Sender<Job>,
     recent: Arc<Recent>,
 }
@@ -164,7 +157,14 @@ impl LogStore {
             path: "raft".into(),
             why: e.to_string(),
         };
-        Ok(self.log.is_empty()
+        let empty = locked(&self.file)
+            .map_err(|e| StoreError::Corrupt {
+                path: "raft".into(),
+                why: e.to_string(),
+            })?
+            .bounds()
+            .is_none();
+        Ok(empty
             && !self.meta.contains_key(VOTE).map_err(damaged)?
             && !self.meta.contains_key(LAST_PURGED).map_err(damaged)?)
     }
@@ -178,13 +178,10 @@ impl LogStore {
         };
         let vote: Option<Vote> = get(&self.meta, VOTE).map_err(damaged)?;
         let last_purged: Option<LogId> = get(&self.meta, LAST_PURGED).map_err(damaged)?;
-        let last = match self.log.last().map_err(|e| damaged(io_err(e)))? {
-            Some((_, v)) => Some(decode::<Entry>(&v).map_err(damaged)?.log_id),
-            None => last_purged,
-        };
+        let last = locked(&self.file).map_err(damaged)?.bounds();
         Ok(Holds {
             term: vote.map_or(0, |v| v.leader_id.term),
-            last_index: last.map_or(0, |l| l.index),
+            last_index: last.map_or(last_purged.map_or(0, |l| l.index), |(_, l)| l),
         })
     }
 
@@ -201,29 +198,25 @@ impl LogStore {
         blocking(move || db.flush().map(|_| ()).map_err(io_err)).await
     }
 
-    /// Checks that the log has no holes: every index from the first to the
-    /// last present entry is there and decodes. Returns (first, last).
+    /// Waits until the writer thread has written every append handed to
+    /// it: the log file may then be changed here.
+    async fn written(&self) -> io::Result<()> {
+        let (answer, done) = tokio::sync::oneshot::channel();
+        self.fsync
+            .send(Job::Barrier(answer))
+            .map_err(|_| fsync_gone())?;
+        done.await.map_err(|_| fsync_gone())
+    }
+
+    /// Checks that every entry of the log file decodes (the file was
+    /// checked for holes when opened). Returns (first, last).
     pub async fn verify(&self) -> io::Result<Option<(u64, u64)>> {
-        let log = self.log.clone();
+        let file = self.file.clone();
         blocking(move || {
-            let mut bounds: Option<(u64, u64)> = None;
-            for item in log.iter() {
-                let (k, v) = item.map_err(io_err)?;
-                let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-                let entry: Entry = decode(&v)?;
-                if entry.log_id.index != idx {
-                    return Err(io_err(format!(
-                        "entry under key {idx} has index {}",
-                        entry.log_id.index
-                    )));
-                }
-                bounds = match bounds {
-                    None => Some((idx, idx)),
-                    Some((first, last)) if idx == last + 1 => Some((first, idx)),
-                    Some((_, last)) => {
-                        return Err(io_err(format!("hole in the log after index {last}")))
-                    }
-                };
+            let log = locked(&file)?;
+            let bounds = log.bounds();
+            if let Some((first, last)) = bounds {
+                log.read(first, last + 1)?;
             }
             Ok(bounds)
         })
@@ -242,26 +235,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = match range.end_bound() {
-            Bound::Included(e) => Bound::Included(key(*e)),
-            Bound::Excluded(e) => Bound::Excluded(key(*e)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let recent_end = match range.end_bound() {
             Bound::Included(e) => Some(e.saturating_add(1)),
             Bound::Excluded(e) => Some(*e),
             Bound::Unbounded => None,
         };
-        if let Some(entries) = self.recent.get(start, recent_end) {
-            return Ok(entries);
-        }
-        let log = self.log.clone();
-        blocking(move || {
-            log.range((Bound::Included(key(start)), end))
-                .values()
-                .map(|v| decode(&v.map_err(io_err)?))
-                .collect()
-        })
-        .await
+        // The newest entries (and any the writer thread has not written
+        // yet) from memory, the older ones from the file.
+        let (first_here, tail) = self.recent.from(start, end);
+        let head_end = match (first_here, end) {
+            (Some(first), _) if first <= start => return Ok(tail),
+            (Some(first), Some(end)) => first.min(end),
+            (Some(first), None) => first,
+            (None, end) => end.unwrap_or(u64::MAX),
+        };
+        let file = self.file.clone();
+        let mut entries = blocking(move || locked(&file)?.read(start, head_end)).await?;
+        entries.extend(tail);
+        Ok(entries)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -274,12 +264,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let (log, meta) = (self.log.clone(), self.meta.clone());
+        let (file, meta) = (self.file.clone(), self.meta.clone());
+        let last_here = self.recent.last();
         blocking(move || {
             let last_purged: Option<LogId> = get(&meta, LAST_PURGED)?;
-            let last = match log.last().map_err(io_err)? {
-                Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
-                None => last_purged,
+            let last = match last_here {
+                Some(here) => Some(here),
+                None => {
+                    let log = locked(&file)?;
+                    match log.bounds() {
+                        Some((_, last)) => log.read(last, last + 1)?.pop().map(|e| e.log_id),
+                        None => last_purged,
+                    }
+                }
             };
             Ok(LogState {
                 last_purged_log_id: last_purged,
@@ -327,20 +324,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let mut batch = sled::Batch::default();
-        for e in &entries {
-            batch.insert(&key(e.log_id.index), encode(e)?);
-        }
-        let log = self.log.clone();
-        if let Err(e) = blocking(move || log.apply_batch(batch).map_err(io_err)).await {
-            callback.io_completed(Err(io::Error::other(e.to_string())));
-            return Err(e);
-        }
-        self.recent.appended(&entries);
-        // Readable now; durable (and counted by openraft) once the fsync
-        // thread has flushed.
-        if let Err(mpsc::SendError(job)) = self.fsync.send(Job::Flushed(callback)) {
-            if let Job::Flushed(callback) = job {
+        let records = Records::new(&entries)?;
+        // Readable now (from memory); written and made durable (and counted
+        // by openraft) by the writer thread.
+        let append = self.recent.appended(&entries);
+        let job = Job::Write {
+            records,
+            append,
+            callback,
+        };
+        if let Err(mpsc::SendError(job)) = self.fsync.send(job) {
+            if let Job::Write { callback, .. } = job {
                 callback.io_completed(Err(fsync_gone()));
             }
             return Err(fsync_gone());
@@ -352,207 +346,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index + 1);
         // Forgotten here first: a failed truncation then reads the log.
         self.recent.truncated(from);
-        let (db, log) = (self.db.clone(), self.log.clone());
-        blocking(move || {
-            let mut batch = sled::Batch::default();
-            for k in log.range(key(from)..).keys() {
-                batch.remove(k.map_err(io_err)?);
-            }
-            log.apply_batch(batch).map_err(io_err)?;
-            db.flush().map_err(io_err)?;
-            Ok(())
-        })
-        .await
+        self.written().await?;
+        let file = self.file.clone();
+        blocking(move || locked(&file)?.truncate(from)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.recent.purged(log_id.index);
-        let (log, meta, bytes) = (self.log.clone(), self.meta.clone(), encode(&log_id)?);
+        self.written().await?;
+        let (db, file, meta) = (self.db.clone(), self.file.clone(), self.meta.clone());
+        let bytes = encode(&log_id)?;
         blocking(move || {
-            // Record the purge point first: a crash in between leaves extra
-            // entries below it, never a hole above it.
+            // The purge point first, and durable (with the applied state
+            // and snapshot written before it) before the file loses a
+            // byte: a crash leaves extra entries below it, never a hole.
             meta.insert(LAST_PURGED, bytes).map_err(io_err)?;
-            let mut batch = sled::Batch::default();
-            for k in log.range(..=key(log_id.index)).keys() {
-                batch.remove(k.map_err(io_err)?);
-            }
-            log.apply_batch(batch).map_err(io_err)
+            locked(&file)?.purge(log_id.index, || db.flush())
         })
         .await
-    }
-}
-
-/// What the state machine persists.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SmData {
-    last_applied: Option<LogId>,
-    membership: Membership,
-    state: ClusterState,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMetaOf<TypeConfig>,
-    data: Vec<u8>,
-}
-
-/// The replicated [`ClusterState`], applied from committed entries.
-pub struct StateMachine {
-    db: Disk,
-    tree: sled::Tree,
-    data: SmData,
-    published: watch::Sender<ClusterState>,
-    memory: Arc<Memory>,
-}
-
-impl StateMachine {
-    /// The index of the last applied entry (a snapshot installed counts:
-    /// its entries may not be in the log).
-    pub fn applied_index(&self) -> u64 {
-        self.data.last_applied.map_or(0, |l| l.index)
-    }
-
-    /// Follows the applied cluster state.
-    pub fn subscribe(&self) -> watch::Receiver<ClusterState> {
-        self.published.subscribe()
-    }
-
-    /// Writes the applied state; with `sync`, fsynced before it returns and
-    /// only then published. Without, published first: nothing unsynced is
-    /// durable anyway, and whoever waits on the state (a second sentry's
-    /// request for the HRS just committed) sees it at once.
-    async fn persist(&self, sync: bool) -> io::Result<()> {
-        if !sync {
-            self.published.send_replace(self.data.state.clone());
-        }
-        let (db, tree, bytes) = (self.db.clone(), self.tree.clone(), encode(&self.data)?);
-        blocking(move || {
-            tree.insert(SM_DATA, bytes).map_err(io_err)?;
-            if sync {
-                db.flush()?;
-            }
-            Ok(())
-        })
-        .await?;
-        if sync {
-            self.published.send_replace(self.data.state.clone());
-        }
-        Ok(())
-    }
-}
-
-pub struct SnapshotBuilder {
-    db: Disk,
-    tree: sled::Tree,
-    data: SmData,
-}
-
-impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
-
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        let meta = openraft::SnapshotMeta {
-            last_log_id: self.data.last_applied,
-            last_membership: self.data.membership.clone(),
-        };
-        let data = encode(&self.data.state)?;
-        let stored = encode(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })?;
-        let (db, tree) = (self.db.clone(), self.tree.clone());
-        blocking(move || {
-            tree.insert(SM_SNAPSHOT, stored).map_err(io_err)?;
-            db.flush().map(|_| ()).map_err(io_err)
-        })
-        .await?;
-        Ok(openraft::Snapshot {
-            meta,
-            snapshot: data,
-        })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = SnapshotBuilder;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
-        Ok((self.data.last_applied, self.data.membership.clone()))
-    }
-
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where
-        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
-            + Unpin
-            + OptionalSend,
-    {
-        // What answers a peer's Hello (registrations, membership) is
-        // fsynced before it is relied on: a crash of every member at once
-        // must not forget that a node registered.
-        let mut sync = false;
-        while let Some((entry, responder)) = entries.try_next().await? {
-            self.data.last_applied = Some(entry.log_id);
-            let reply = match entry.payload {
-                EntryPayload::Blank => Reply::default(),
-                EntryPayload::Normal(cmd) => {
-                    tracing::debug!(index = entry.log_id.index, "applied: {cmd}");
-                    match cmd {
-                        Command::Register { .. } => sync = true,
-                        Command::Rejoined { node } => self.memory.forget(node).await?,
-                        _ => {}
-                    }
-                    self.data.state.apply(&cmd, entry.log_id.index)
-                }
-                EntryPayload::Membership(m) => {
-                    sync = true;
-                    self.data.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
-                    Reply::default()
-                }
-            };
-            if let Some(r) = responder {
-                r.send(reply);
-            }
-        }
-        self.persist(sync).await
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            db: self.db.clone(),
-            tree: self.tree.clone(),
-            data: self.data.clone(),
-        }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMetaOf<TypeConfig>,
-        snapshot: Vec<u8>,
-    ) -> Result<(), io::Error> {
-        self.data = SmData {
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-            state: decode(&snapshot)?,
-        };
-        let stored = encode(&StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot,
-        })?;
-        let tree = self.tree.clone();
-        blocking(move || tree.insert(SM_SNAPSHOT, stored).map(|_| ()).map_err(io_err)).await?;
-        self.persist(true).await
-    }
-
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        let tree = self.tree.clone();
-        let stored: Option<StoredSnapshot> = blocking(move || get(&tree, SM_SNAPSHOT)).await?;
-        Ok(stored.map(|s| openraft::Snapshot {
-            meta: s.meta,
-            snapshot: s.data,
-        }))
     }
 }
 
@@ -563,6 +374,7 @@ mod tests {
 
     use openraft::type_config::TypeConfigExt;
 
+    use super::super::recent::RECENT;
     use super::*;
 
     fn entry(index: u64) -> Entry {
@@ -612,6 +424,46 @@ mod tests {
         for durable in [first, second] {
             durable.await.expect("callback").expect("durable");
         }
+    }
+
+    /// Appends handed to the writer thread while it is in a slow flush are
+    /// read whole, in order, before they are written: the newest from
+    /// memory, the oldest from sled, however many wait.
+    #[tokio::test]
+    async fn appends_not_yet_written_are_read_whole() {
+        let (_dir, mut log, first) = slow_store(1000).await;
+        // Entry 1 written: the thread is in its slow flush.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while locked(&log.file).expect("log").bounds().is_none() {
+            assert!(Instant::now() < deadline, "entry 1 never written");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = 2 * RECENT as u64;
+        let mut durable = Vec::new();
+        for i in 2..=last {
+            durable.push(append(&mut log, i).await);
+        }
+        let indexes = |v: Vec<Entry>| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        for (start, end) in [(1, last), (1, 10), (last - 5, last), (100, 300)] {
+            let read = log.try_get_log_entries(start..=end).await.expect("read");
+            assert_eq!(
+                indexes(read),
+                (start..=end).collect::<Vec<_>>(),
+                "{start}..={end}"
+            );
+        }
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(last));
+        let written = locked(&log.file).expect("log").bounds().map_or(0, |b| b.1);
+        assert!(
+            written < last,
+            "all {written} written: the reads proved nothing"
+        );
+        first.await.expect("callback").expect("durable");
+        for d in durable {
+            d.await.expect("callback").expect("durable");
+        }
+        assert_eq!(locked(&log.file).expect("log").bounds(), Some((1, last)));
     }
 
     /// A clean shutdown flushes what the fsync thread was handed before it
