@@ -1,4 +1,4 @@
-//! The sled log under SIGKILL: a child process appends entries and prints
+//! The Raft log file under SIGKILL: a child process appends entries and prints
 //! each index once openraft's IO callback says it is durable; the parent
 //! kills it at a random moment, again and again. Whatever was acknowledged
 //! must still be there, with no holes and no changed entries.
@@ -188,5 +188,56 @@ async fn reads_agree_with_the_disk_after_appends_truncate_and_purge() -> Result<
         read == expected,
         "after reopening: {read:?}, want {expected:?}"
     );
+    Ok(())
+}
+
+/// Opens the store in `dir`, retrying while a store dropped just before
+/// still holds sled's lock (its writer thread lets go once it sees that).
+async fn reopen(dir: &Path) -> Result<LogStore> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match store::open(dir) {
+            Ok((log, _sm, _)) => return Ok(log),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// A data dir an older keyraft wrote keeps its log in sled's tree `log`
+/// (and entries up to the purge point removed): after the upgrade the
+/// store reads the same log, appends after it, and a restart reads it
+/// again, from the log file.
+#[tokio::test]
+async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("raft");
+    {
+        let db = sled::Config::new()
+            .path(&dir)
+            .mode(sled::Mode::LowSpace)
+            .cache_capacity(4 << 20)
+            .flush_every_ms(None)
+            .open()?;
+        let (log, meta) = (db.open_tree("log")?, db.open_tree("meta")?);
+        for i in 6..=20u64 {
+            log.insert(i.to_be_bytes(), serde_json::to_vec(&entry(i))?)?;
+        }
+        meta.insert("last_purged", serde_json::to_vec(&Some(entry(5).log_id))?)?;
+        db.flush()?;
+    }
+    let mut log = reopen(&dir).await?;
+    let state = log.get_log_state().await?;
+    ensure!(state.last_purged_log_id == Some(entry(5).log_id));
+    ensure!(state.last_log_id == Some(entry(20).log_id));
+    ensure!(log.holds()?.last_index == 20);
+    let want: Vec<(u64, u64)> = (6..=21).map(|i| (1, i)).collect();
+    append_durably(&mut log, vec![entry(21)]).await?;
+    ensure!(ids(&log.try_get_log_entries(6..=21).await?) == want);
+    drop(log);
+    let mut log = reopen(&dir).await?;
+    let read = ids(&log.try_get_log_entries(1..=21).await?);
+    ensure!(read == want, "after a restart: {read:?}");
+    ensure!(dir.join("log").exists(), "the log moved into its own file");
     Ok(())
 }
