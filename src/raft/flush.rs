@@ -91,8 +91,8 @@ const JOBS_PER_FLUSH: usize = 256;
 /// then one fdatasync acknowledges every append written before it started. An append only
 /// hands its entries over ([`Recent`] serves reads of them until they are
 /// written), so a slow fsync holds up no append, and no append pays a trip
-/// through the blocking pool. After a failed write every later append fails
-/// too: the log must not go on past a hole. The thread ends when the last
+/// through the blocking pool. After a failed write or fsync every later
+/// append fails too: the log must not go on past a hole. The thread ends when the last
 /// [`LogStore`](super::store::LogStore) is dropped.
 pub(super) fn spawn_fsync(
     db: Disk,
@@ -152,6 +152,12 @@ pub(super) fn spawn_fsync(
                     .map(|l| l.file())
                     .and_then(|f| f.sync_data())
                     .map_err(|e| e.to_string());
+                if let Err(why) = &flushed {
+                    // After a failed fsync the kernel may have dropped the
+                    // pages it could not write: a later fsync that succeeds
+                    // proves nothing about them, so nothing more is written.
+                    broken.get_or_insert_with(|| why.clone());
+                }
                 if !answers.is_empty() && flushed.is_ok() {
                     flushed = db.flush().map_err(|e| e.to_string());
                 }
