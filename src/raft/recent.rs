@@ -2,10 +2,11 @@
 //!
 //! Owns: a copy of the log's newest entries, so that the leader's
 //! replication and every member's apply (both read the entries just
-//! appended) skip a read from sled, and the entries the fsync thread has
-//! not written yet. Must not: hold an entry the log does not hold at that
-//! index, or let go of one before it is written to sled ([`super::store`]
-//! reads the older entries from sled and these after them).
+//! appended) skip a read from the log file, and the entries the writer
+//! thread has not written yet. Must not: hold an entry the log does not
+//! hold at that index, or let go of one before it is written to the log
+//! file ([`super::store`] reads the older entries from the file and these
+//! after them).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
@@ -18,7 +19,7 @@ pub(super) const RECENT: usize = 256;
 /// The log's newest entries, by index, each with the number of the append
 /// that brought it: exactly what the log holds at those indexes (every
 /// append, truncation and purge updates both), contiguous, and never fewer
-/// than the entries not yet written to sled.
+/// than the entries not yet written to the log file.
 #[derive(Default)]
 pub(super) struct Recent(Mutex<Inner>);
 
@@ -27,7 +28,7 @@ struct Inner {
     entries: BTreeMap<u64, (u64, Entry)>,
     /// The number the last append was given.
     appends: u64,
-    /// Every append up to this number is written to sled.
+    /// Every append up to this number is written to the log file.
     written: u64,
 }
 
@@ -49,7 +50,7 @@ impl Recent {
     }
 
     /// Takes in an append's entries; returns the append's number, for
-    /// [`Recent::written`] once sled holds them.
+    /// [`Recent::written`] once the log file holds them.
     pub(super) fn appended(&self, entries: &[Entry]) -> u64 {
         let mut r = self.inner();
         r.appends += 1;
@@ -61,7 +62,7 @@ impl Recent {
         append
     }
 
-    /// Every append up to number `append` is in sled: those entries may go.
+    /// Every append up to number `append` is in the log file: those entries may go.
     pub(super) fn written(&self, append: u64) {
         let mut r = self.inner();
         r.written = r.written.max(append);
@@ -79,8 +80,8 @@ impl Recent {
         r.entries = r.entries.split_off(&index.saturating_add(1));
     }
 
-    /// The log's last entry, if it is here (if nothing is, sled holds the
-    /// whole log).
+    /// The log's last entry, if it is here (if nothing is, the log file
+    /// holds the whole log).
     pub(super) fn last(&self) -> Option<LogId> {
         self.inner()
             .entries
@@ -90,7 +91,8 @@ impl Recent {
 
     /// The entries of `start..end` (`end` exclusive, `None`: to the last)
     /// held here, and the first index held here (`None`: nothing is). The
-    /// caller reads the indexes below that from sled: sled holds them.
+    /// caller reads the indexes below that from the log file, which holds
+    /// them.
     pub(super) fn from(&self, start: u64, end: Option<u64>) -> (Option<u64>, Vec<Entry>) {
         let r = self.inner();
         let Some(&first) = r.entries.keys().next() else {
@@ -132,7 +134,7 @@ mod tests {
     #[test]
     fn answers_what_it_holds_and_says_where_the_log_must_answer() {
         let r = Recent::default();
-        assert_eq!(read(&r, 1, None), (None, vec![]), "empty: all from sled");
+        assert_eq!(read(&r, 1, None), (None, vec![]), "empty: all from file");
         let append = r.appended(&entries(5, 10, 1));
         r.written(append);
         let span = |a: u64, b: u64, t: u64| (a..=b).map(|i| (i, t)).collect::<Vec<_>>();

@@ -428,7 +428,7 @@ mod tests {
 
     /// Appends handed to the writer thread while it is in a slow flush are
     /// read whole, in order, before they are written: the newest from
-    /// memory, the oldest from sled, however many wait.
+    /// memory, the oldest from the log file, however many wait.
     #[tokio::test]
     async fn appends_not_yet_written_are_read_whole() {
         let (_dir, mut log, first) = slow_store(1000).await;
@@ -482,7 +482,7 @@ mod tests {
 
     /// What a read returns after appends, a truncation and a purge is what
     /// the log holds, whether the newest entries come from memory or from
-    /// sled (a restart empties memory).
+    /// the log file (a restart empties memory).
     #[tokio::test]
     async fn reads_see_truncations_and_purges_from_memory_and_from_disk() {
         let dir = tempfile::tempdir().expect("temp dir");
