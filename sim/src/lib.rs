@@ -10,15 +10,15 @@
 //!
 //! A short tour:
 //!
-//! - [`types`]: openraft's type configuration over keyraft's ledger, with
-//!   openraft's randomness seeded.
+//! - [`types`]: keyraft's own openraft type configuration (seeded under
+//!   `--cfg keyraft_sim`).
 //! - [`disk`]: storage that forgets what was not synced, and the openraft
 //!   log store and state machine (the real `ClusterState::apply`) over it.
 //! - [`net`]: links that drop, delay, reorder, duplicate, cut one way or
 //!   flap, and frozen hosts whose messages arrive late.
 //! - [`node`]: one keyraft process: real openraft, keyraft's openraft
-//!   configuration, gate, heartbeat timer and step 9 rule, its Raft service
-//!   and client mirroring keyraft's.
+//!   configuration, gate, heartbeat timer and step 9 rule, keyraft's Raft
+//!   service and its client's rules, over [`net`].
 //! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
 //!   validator's process, the kernel fence.
 //! - [`coordinator`]: the coordinator's handlers, every decision by the

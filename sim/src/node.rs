@@ -3,8 +3,9 @@
 //! gate (`raft::Gate`), the real heartbeat timer
 //! (`raft::heartbeat_while_leading`), the real ledger, and step 9's real
 //! rule (`raft::memory::behind`) at start and on every vote answer. Its
-//! Raft service mirrors `src/raft/server.rs` and its client
-//! `src/raft/network.rs`, message for message, over [`crate::net`].
+//! Raft service is keyraft's own (`raft::server::RaftService`), and its
+//! client runs keyraft's rules of what an answer shows of a peer
+//! (`raft::network`), over [`crate::net`] instead of gRPC.
 //!
 //! Owns: a process's start (the Hello check), its Raft traffic and its
 //! gossip. Must not: touch the validator; the coordinator model does,
@@ -16,9 +17,11 @@ use std::time::Duration;
 
 use keyraft::config::Timing;
 use keyraft::ledger::ClusterState;
-use keyraft::raft::memory::{behind, Holds, Remembered};
+use keyraft::raft::memory::{behind, Holds, Records, Remembered};
+use keyraft::raft::network::{self as rules, Shown};
+use keyraft::raft::server::{Answer, RaftService, Refusal};
 use keyraft::raft::Gate;
-use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
@@ -54,6 +57,8 @@ pub struct Process {
     pub cluster: watch::Receiver<ClusterState>,
     pub timing: Timing,
     pub net: Net,
+    /// keyraft's Raft service, on this process's openraft and memory.
+    service: RaftService<disk::StateMachine, Memory>,
     pub started: Instant,
     /// What this process tells its peers.
     pub local: watch::Sender<Status>,
@@ -103,11 +108,20 @@ impl Process {
             .await
             .map_err(|e| StartError::Refused(e.to_string()))?;
         let (ops_tx, ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = RaftService::new(
+            raft.clone(),
+            gate.clone(),
+            id,
+            cluster.clone(),
+            timing,
+            Arc::new(Memory(host.disk.clone())),
+        );
         let p = Arc::new(Process {
             id,
             inc,
             raft,
             gate,
+            service,
             disk: host.disk.clone(),
             cluster,
             timing,
@@ -244,13 +258,6 @@ impl Process {
             .unwrap_or_default()
     }
 
-    fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) {
-        let mut d = self.disk.lock();
-        let r = d.memory.entry(id).or_default();
-        r.term = r.term.max(term);
-        r.committed = r.committed.max(committed.unwrap_or(0));
-    }
-
     /// Gossip: this process's status to every peer, every interval.
     async fn gossip(self: Arc<Self>, every: Duration) {
         loop {
@@ -310,42 +317,21 @@ impl Process {
         }
     }
 
-    // The Raft service (src/raft/server.rs).
-
-    fn sender(&self, peer: NodeId) -> Result<(), String> {
-        if !self.gate.joined() {
-            return Err("starting".into());
-        }
-        match self.remembered(peer).refused {
-            Some(why) => Err(format!("refused: {why}")),
-            None => Ok(()),
-        }
-    }
+    // keyraft's Raft service (src/raft/server.rs); its answers as the
+    // gRPC client tells them apart (see `Failed`).
 
     async fn serve_append(
         &self,
         peer: NodeId,
         rpc: AppendEntriesRequest<Types>,
         leader_durable: u64,
-    ) -> Result<AppendEntriesResponse<Types>, String> {
-        self.sender(peer)?;
-        let term = rpc.vote.leader_id.term;
-        let committed = rpc.leader_commit.map_or(0, |c| c.index).min(leader_durable);
-        let r = self
-            .raft
-            .append_entries(rpc)
-            .await
-            .map_err(|e| e.to_string())?;
-        if matches!(
-            r,
-            AppendEntriesResponse::Success
-                | AppendEntriesResponse::PartialSuccess(_)
-                | AppendEntriesResponse::Conflict
-        ) {
-            self.saw(peer, term, Some(committed));
-            self.gate.leader_contact(peer);
-        }
-        Ok(r)
+        promise_ms: u32,
+    ) -> Result<AppendEntriesResponse<Types>, Failed> {
+        answered(
+            self.service
+                .append_entries(peer, rpc, leader_durable, promise_ms)
+                .await,
+        )
     }
 
     async fn serve_vote(
@@ -353,68 +339,16 @@ impl Process {
         peer: NodeId,
         rpc: VoteRequest<Types>,
         pre: bool,
-    ) -> Result<VoteResponse<Types>, String> {
-        self.sender(peer)?;
-        if rpc.leadership_transfer {
-            self.transfer_vote(peer).await?;
-        } else if !self.gate.may_grant_votes() {
-            return Err("not granting votes yet".into());
-        }
-        let theirs = rpc.last_log_id;
-        let r = if pre {
-            self.raft.pre_vote(rpc).await
-        } else {
-            self.raft.vote(rpc).await
-        }
-        .map_err(|e| e.to_string())?;
-        if !r.vote_granted && r.last_log_id > theirs {
-            self.gate.saw_behind_candidate(peer);
-        }
-        Ok(r)
-    }
-
-    async fn transfer_vote(&self, candidate: NodeId) -> Result<(), String> {
-        use openraft::async_runtime::watch::WatchReceiver;
-        let mut cluster = self.cluster.clone();
-        let mut metrics = self.raft.metrics();
-        let until = Instant::now() + self.timing.heartbeat * 4;
-        loop {
-            let unapplied = keyraft::raft::unapplied(&metrics.borrow_and_update());
-            let holder = cluster.borrow_and_update().key_holder();
-            let Some(why) = self.gate.transfer_vote_refusal(
-                holder,
-                unapplied,
-                candidate,
-                self.timing.election_max,
-            ) else {
-                return Ok(());
-            };
-            let changed = async {
-                tokio::select! {
-                    biased;
-                    r = cluster.changed() => r.is_ok(),
-                    r = metrics.changed() => r.is_ok(),
-                }
-            };
-            if !matches!(tokio::time::timeout_at(until, changed).await, Ok(true)) {
-                return Err(why);
-            }
-        }
+    ) -> Result<VoteResponse<Types>, Failed> {
+        answered(self.service.vote(peer, rpc, pre).await)
     }
 
     async fn serve_transfer(
         &self,
         peer: NodeId,
         rpc: TransferLeaderRequest<Types>,
-    ) -> Result<TransferLeaderResponse<Types>, String> {
-        self.sender(peer)?;
-        if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
-            return Err("this node may not take leadership now".into());
-        }
-        self.raft
-            .handle_transfer_leader(rpc)
-            .await
-            .map_err(|e| e.to_string())
+    ) -> Result<TransferLeaderResponse<Types>, Failed> {
+        answered(self.service.transfer_leader(peer, rpc).await)
     }
 
     async fn serve_snapshot(
@@ -422,19 +356,64 @@ impl Process {
         peer: NodeId,
         vote: Vote,
         snapshot: SnapshotOf<Types, Vec<u8>>,
-    ) -> Result<SnapshotResponse<Types>, String> {
-        self.sender(peer)?;
-        let sent = vote.leader_id;
-        let r = self
-            .raft
-            .install_full_snapshot(vote, snapshot)
-            .await
-            .map_err(|e| e.to_string())?;
-        // An installed snapshot is an ack that renews the leader's lease.
-        if r.vote.leader_id == sent {
-            self.gate.leader_contact(peer);
-        }
-        Ok(r)
+        promise_ms: u32,
+    ) -> Result<SnapshotResponse<Types>, Failed> {
+        answered(
+            self.service
+                .install_snapshot(peer, vote, snapshot, promise_ms)
+                .await,
+        )
+    }
+}
+
+/// What the simulated peer's Raft service returned, as keyraft's gRPC
+/// client maps it (`network::PeerConnection::rpc`): a passing refusal
+/// (status unavailable) and openraft's own error are unreachable, any
+/// other refusal a network error.
+pub enum Failed {
+    Unreachable(String),
+    Network(String),
+}
+
+fn answered<T>(r: Result<Answer<T>, Refusal>) -> Result<T, Failed> {
+    match r {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Failed::Unreachable(e.to_string())),
+        Err(refusal) if refusal.passing() => Err(Failed::Unreachable(refusal.to_string())),
+        Err(refusal) => Err(Failed::Network(refusal.to_string())),
+    }
+}
+
+/// What a process remembers of its peers, kept on its host's disk model
+/// (durable at once, where keyraft's `Memory` lets a grown index wait up
+/// to 200 ms), changed by keyraft's own rules (`Remembered::see`,
+/// `Remembered::refuse`).
+pub struct Memory(Disk);
+
+impl Records for Memory {
+    fn of(&self, id: NodeId) -> Remembered {
+        self.0.lock().memory.get(&id).cloned().unwrap_or_default()
+    }
+
+    async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .memory
+            .entry(id)
+            .or_default()
+            .see(term, committed);
+        Ok(())
+    }
+
+    async fn refuse(
+        &self,
+        id: NodeId,
+        before: &Remembered,
+        why: String,
+        by: NodeId,
+    ) -> std::io::Result<bool> {
+        let mut disk = self.0.lock();
+        Ok(disk.memory.entry(id).or_default().refuse(before, why, by))
     }
 }
 
@@ -458,7 +437,7 @@ impl RaftNetworkFactory<Types> for Network {
             from: self.from,
             inc: self.inc,
             to: target,
-            disk: self.disk.clone(),
+            memory: Memory(self.disk.clone()),
             gate: self.gate.clone(),
         }
     }
@@ -469,7 +448,7 @@ pub struct Conn {
     from: NodeId,
     inc: u64,
     to: NodeId,
-    disk: Disk,
+    memory: Memory,
     gate: Arc<Gate>,
 }
 
@@ -479,23 +458,13 @@ fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
 
 impl Conn {
     fn remembered(&self) -> Result<Remembered, RPCError<Types>> {
-        let r = self
-            .disk
-            .lock()
-            .memory
-            .get(&self.to)
-            .cloned()
-            .unwrap_or_default();
-        match &r.refused {
-            Some(why) => Err(unreachable(format!("node {} is refused: {why}", self.to))),
-            None => Ok(r),
-        }
+        rules::not_refused(&self.memory, self.to).map_err(unreachable)
     }
 
     async fn call<R: Send + 'static>(
         &self,
         ttl: Duration,
-        f: impl Fn(Arc<Process>) -> Boxed<Result<R, String>> + Send + Sync + 'static,
+        f: impl Fn(Arc<Process>) -> Boxed<Result<R, Failed>> + Send + Sync + 'static,
     ) -> Result<R, RPCError<Types>> {
         match self
             .net
@@ -503,35 +472,23 @@ impl Conn {
             .await
         {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(why)) => Err(unreachable(why)),
+            Ok(Err(Failed::Unreachable(why))) => Err(unreachable(why)),
+            Ok(Err(Failed::Network(why))) => Err(RPCError::Network(NetworkError::from_string(why))),
             Err(e @ (NetError::Timeout | NetError::Refused | NetError::SenderGone)) => {
                 Err(unreachable(e))
             }
         }
     }
 
-    fn caught(&self, gap: String) -> RPCError<Types> {
-        let why = format!(
-            "node {} answered below what was seen of it ({gap})",
-            self.to
-        );
-        let mut d = self.disk.lock();
-        let r = d.memory.entry(self.to).or_default();
-        r.refused = Some(why.clone());
-        r.refused_by = Some(self.from);
-        unreachable(why)
+    async fn caught(&self, before: &Remembered, gap: String) -> RPCError<Types> {
+        unreachable(rules::caught(&self.memory, self.from, self.to, before, gap).await)
     }
 
-    fn saw(&self, term: u64, committed: Option<u64>) {
-        let mut d = self.disk.lock();
-        let r = d.memory.entry(self.to).or_default();
-        r.term = r.term.max(term);
-        r.committed = r.committed.max(committed.unwrap_or(0));
+    async fn saw(&self, term: u64, committed: Option<u64>) {
+        // The model's memory cannot fail to write.
+        let _ = self.memory.saw(self.to, term, committed).await;
     }
 }
-
-/// keyraft's floor for an append's deadline (`network::MIN_APPEND_TTL`).
-const MIN_APPEND_TTL: Duration = Duration::from_millis(500);
 
 impl RaftNetworkV2<Types> for Conn {
     type SnapshotData = Vec<u8>;
@@ -541,42 +498,22 @@ impl RaftNetworkV2<Types> for Conn {
         rpc: AppendEntriesRequest<Types>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<Types>, RPCError<Types>> {
-        let ttl = if rpc.entries.is_empty() {
-            option.hard_ttl()
-        } else {
-            option.hard_ttl().max(MIN_APPEND_TTL)
-        };
+        let ttl = rules::append_ttl(!rpc.entries.is_empty(), option.hard_ttl());
         let before = self.remembered()?;
         let from = self.from;
         let req = rpc.clone();
         let durable = self.gate.own_durable();
+        let promise = rules::promise_ms(&self.gate);
         let resp = self
             .call(ttl, move |p| {
                 let req = req.clone();
-                Box::pin(async move { p.serve_append(from, req, durable).await })
+                Box::pin(async move { p.serve_append(from, req, durable, promise).await })
             })
             .await?;
-        let held = match &resp {
-            AppendEntriesResponse::Success => rpc
-                .entries
-                .last()
-                .map(|e| e.log_id.index)
-                .or(rpc.prev_log_id.map(|p| p.index)),
-            AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
-            AppendEntriesResponse::Conflict => match rpc.prev_log_id {
-                Some(p) if p.index <= before.committed => {
-                    return Err(self.caught(format!(
-                        "it no longer holds log index {}, committed",
-                        p.index
-                    )))
-                }
-                _ => None,
-            },
-            AppendEntriesResponse::HigherVote(_) => None,
-        };
-        if let Some(held) = held {
-            let committed = rpc.leader_commit.map_or(0, |c| c.index).min(held);
-            self.saw(rpc.vote.leader_id.term, Some(committed));
+        match rules::after_append(&rpc, &resp, &before) {
+            Shown::Held { term, committed } => self.saw(term, Some(committed)).await,
+            Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
+            Shown::Nothing => {}
         }
         Ok(resp)
     }
@@ -594,14 +531,10 @@ impl RaftNetworkV2<Types> for Conn {
                 Box::pin(async move { p.serve_vote(from, req, false).await })
             })
             .await?;
-        let theirs = Holds {
-            term: resp.vote.leader_id.term,
-            last_index: resp.last_log_id.map_or(0, |l| l.index),
-        };
-        if let Some(gap) = behind(&before, theirs) {
-            return Err(self.caught(gap));
+        match rules::after_vote(&resp, &before) {
+            Ok(term) => self.saw(term, None).await,
+            Err(gap) => return Err(self.caught(&before, gap).await),
         }
-        self.saw(theirs.term, None);
         Ok(resp)
     }
 
@@ -642,12 +575,13 @@ impl RaftNetworkV2<Types> for Conn {
     ) -> Result<SnapshotResponse<Types>, StreamingError<Types>> {
         self.remembered()?;
         let from = self.from;
+        let promise = rules::promise_ms(&self.gate);
         let send = self.call(option.hard_ttl(), move |p| {
             let snapshot = openraft::Snapshot {
                 meta: snapshot.meta.clone(),
                 snapshot: snapshot.snapshot.clone(),
             };
-            Box::pin(async move { p.serve_snapshot(from, vote, snapshot).await })
+            Box::pin(async move { p.serve_snapshot(from, vote, snapshot, promise).await })
         });
         tokio::select! {
             biased;

@@ -1,20 +1,13 @@
-//! openraft's type configuration for the simulation: keyraft's own
-//! commands and replies (the real ledger), on tokio's paused clock, with
+//! openraft's type configuration for the simulation: keyraft's own (its
+//! commands and replies, the real ledger), on tokio's paused clock, with
 //! openraft's randomness drawn from the seed (`DeterministicRng`).
 //!
 //! Owns: the type aliases the other rooms share. Must not: hold state.
 
-use keyraft::ledger::{Command, Reply};
-
-openraft::declare_raft_types!(
-    /// keyraft's commands and replies; a seeded runtime RNG.
-    pub Types:
-        D = Command,
-        R = Reply,
-        NodeId = u64,
-        Node = openraft::BasicNode,
-        AsyncRuntime = openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>,
-);
+/// keyraft's own type configuration: built with `--cfg keyraft_sim`, it
+/// draws openraft's randomness from the seed (see keyraft's
+/// `src/raft/mod.rs`).
+pub use keyraft::raft::TypeConfig as Types;
 
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<Types, crate::disk::StateMachine>;

@@ -83,6 +83,72 @@ impl Remembered {
         }
         (!gaps.is_empty()).then(|| gaps.join(", "))
     }
+
+    /// Adds that the member held `term` and (if given) the committed index
+    /// `committed`; facts only grow. Returns whether the term grew and
+    /// whether the index did.
+    pub fn see(&mut self, term: u64, committed: Option<u64>) -> (bool, bool) {
+        let grew = (
+            term > self.term,
+            committed.is_some_and(|c| c > self.committed),
+        );
+        self.term = self.term.max(term);
+        self.committed = self.committed.max(committed.unwrap_or(0));
+        grew
+    }
+
+    /// Refuses the member (`by` caught it answering below `before`, what
+    /// was seen of it), unless the record went down meanwhile (a
+    /// `Rejoined` reset it): the judgement was of facts that no longer
+    /// hold. Returns whether it refused.
+    pub fn refuse(&mut self, before: &Remembered, why: String, by: NodeId) -> bool {
+        if self.term < before.term || self.committed < before.committed {
+            return false;
+        }
+        self.refused = Some(why);
+        self.refused_by = Some(by);
+        true
+    }
+}
+
+/// What a node remembers of its peers, as the Raft service and client use
+/// it: keyraft's [`Memory`], or the simulator's model of it (sim/).
+pub trait Records: Send + Sync + 'static {
+    /// What this node remembers of `id`.
+    fn of(&self, id: NodeId) -> Remembered;
+    /// See [`Memory::saw`].
+    fn saw(
+        &self,
+        id: NodeId,
+        term: u64,
+        committed: Option<u64>,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// See [`Memory::refuse`].
+    fn refuse(
+        &self,
+        id: NodeId,
+        before: &Remembered,
+        why: String,
+        by: NodeId,
+    ) -> impl std::future::Future<Output = io::Result<bool>> + Send;
+}
+
+impl Records for Memory {
+    fn of(&self, id: NodeId) -> Remembered {
+        Memory::of(self, id)
+    }
+    async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
+        Memory::saw(self, id, term, committed).await
+    }
+    async fn refuse(
+        &self,
+        id: NodeId,
+        before: &Remembered,
+        why: String,
+        by: NodeId,
+    ) -> io::Result<bool> {
+        Memory::refuse(self, id, before, why, by).await
+    }
 }
 
 /// This node's memory of every member, backed by the Raft store.
@@ -146,18 +212,10 @@ impl Memory {
     /// `committed`. A higher term is fsynced before this returns; a higher
     /// index within [`FLUSH_EVERY`].
     pub async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
-        let new_term = {
-            let mut map = self.map();
-            let r = map.entry(id).or_default();
-            let new_term = term > r.term;
-            let new_index = committed.is_some_and(|c| c > r.committed);
-            r.term = r.term.max(term);
-            r.committed = r.committed.max(committed.unwrap_or(0));
-            if !(new_term || new_index) {
-                return Ok(());
-            }
-            new_term
-        };
+        let (new_term, new_index) = self.map().entry(id).or_default().see(term, committed);
+        if !(new_term || new_index) {
+            return Ok(());
+        }
         self.mark(id);
         if new_term {
             self.persist().await?;
@@ -176,14 +234,8 @@ impl Memory {
         why: String,
         by: NodeId,
     ) -> io::Result<bool> {
-        {
-            let mut map = self.map();
-            let r = map.entry(id).or_default();
-            if r.term < before.term || r.committed < before.committed {
-                return Ok(false);
-            }
-            r.refused = Some(why);
-            r.refused_by = Some(by);
+        if !self.map().entry(id).or_default().refuse(before, why, by) {
+            return Ok(false);
         }
         self.mark(id);
         self.persist().await.map(|()| true)
@@ -342,5 +394,22 @@ mod tests {
         for (s, h, want) in table {
             assert_eq!(behind(&s, h).as_deref(), want, "{s:?} {h:?}");
         }
+    }
+
+    #[test]
+    fn facts_only_grow_and_a_refusal_needs_them_unchanged() {
+        let mut r = Remembered::default();
+        assert_eq!(r.see(3, Some(10)), (true, true));
+        assert_eq!(r.see(2, Some(8)), (false, false));
+        assert_eq!(r.see(3, None), (false, false));
+        assert_eq!(r.see(3, Some(11)), (false, true));
+        assert_eq!((r.term, r.committed), (3, 11));
+        let before = r.clone();
+        // Reset meanwhile (a `Rejoined`): the judgement no longer holds.
+        let mut reset = Remembered::default();
+        assert!(!reset.refuse(&before, "x".into(), 1));
+        assert_eq!(reset.refused, None);
+        assert!(r.refuse(&before, "x".into(), 1));
+        assert_eq!((r.refused.as_deref(), r.refused_by), (Some("x"), Some(1)));
     }
 }

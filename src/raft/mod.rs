@@ -26,6 +26,7 @@ use crate::config::Timing;
 use crate::ledger::{Command, NodeId, Reply};
 pub use gate::Gate;
 
+#[cfg(not(keyraft_sim))]
 openraft::declare_raft_types!(
     /// keyraft's openraft type configuration.
     pub TypeConfig:
@@ -33,6 +34,20 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = NodeId,
         Node = BasicNode,
+);
+
+// The simulator's build (sim/): the same types on a runtime whose random
+// draws come from the seed, so that sim/ runs keyraft's own Raft service
+// and client rules on this very type configuration.
+#[cfg(keyraft_sim)]
+openraft::declare_raft_types!(
+    /// keyraft's openraft type configuration, with a seeded runtime RNG.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = BasicNode,
+        AsyncRuntime = openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, store::StateMachine>;

@@ -3,7 +3,9 @@
 //!
 //! Owns: peer addresses, channel settings (timeouts, keepalive, mTLS with the
 //! peer's expected name), the `x-keyraft-node` header on every request, and
-//! the mapping of transport failures to openraft's error kinds. Must not:
+//! the mapping of transport failures to openraft's error kinds, and what an
+//! answer shows of the peer ([`after_append`], [`after_vote`], [`caught`]:
+//! the simulator, sim/, runs these on its own network too). Must not:
 //! retry on its own (openraft and gossip decide when to call again) or wait
 //! longer than the deadline the caller gives.
 
@@ -24,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
-use super::memory::{behind, Holds, Memory, Remembered};
+use super::memory::{behind, Holds, Memory, Records, Remembered};
 use super::{TypeConfig, Vote};
 use crate::config::NodeId;
 use crate::pb;
@@ -193,8 +195,121 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The least time an append carrying entries gets (see `append_entries`).
+/// The least time an append carrying entries gets (see [`append_ttl`]).
 const MIN_APPEND_TTL: Duration = Duration::from_millis(250);
+
+/// An append's deadline. openraft allows one heartbeat interval for any
+/// append; one that carries entries also waits for the follower's fsync,
+/// which a slow disk or a long round trip can push past 50 ms, and then
+/// nothing would ever commit. A late ack is still safe: the lease counts
+/// from when the request was sent.
+pub fn append_ttl(carries_entries: bool, hard_ttl: Duration) -> Duration {
+    if carries_entries {
+        hard_ttl.max(MIN_APPEND_TTL)
+    } else {
+        hard_ttl
+    }
+}
+
+/// The promise of the timing in force now, sent with every message: read
+/// after openraft stamped the message's sending time, a lease counted from
+/// it uses that timing's fence only if it was sent after the switch
+/// (`policy::fence_in_force`).
+pub fn promise_ms(gate: &super::Gate) -> u32 {
+    gate.live().promise.as_millis().min(u32::MAX as u128) as u32
+}
+
+/// What this node remembers of `target`, unless it refused it.
+pub fn not_refused<M: Records>(memory: &M, target: NodeId) -> Result<Remembered, String> {
+    let r = memory.of(target);
+    match &r.refused {
+        Some(why) => Err(format!("node {target} is refused: {why}")),
+        None => Ok(r),
+    }
+}
+
+/// What an answer to an append shows of the peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shown {
+    /// It held the leader's `term` and, of the committed log, up to
+    /// `committed`.
+    Held {
+        term: u64,
+        committed: u64,
+    },
+    /// It no longer holds what it acknowledged (in words).
+    Lost(String),
+    Nothing,
+}
+
+/// What `resp`, an answer to `rpc`, shows of the peer, which was seen to
+/// hold `before`.
+pub fn after_append(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    resp: &AppendEntriesResponse<TypeConfig>,
+    before: &Remembered,
+) -> Shown {
+    let held = match resp {
+        AppendEntriesResponse::Success => rpc
+            .entries
+            .last()
+            .map(|e| e.log_id.index)
+            .or(rpc.prev_log_id.map(|p| p.index)),
+        AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
+        // It lacks an entry it acknowledged holding when committed.
+        AppendEntriesResponse::Conflict => match rpc.prev_log_id {
+            Some(p) if p.index <= before.committed => {
+                return Shown::Lost(format!(
+                    "it no longer holds log index {}, committed, which it acknowledged holding",
+                    p.index
+                ))
+            }
+            _ => None,
+        },
+        AppendEntriesResponse::HigherVote(_) => None,
+    };
+    // Success is sent once its vote and entries are fsynced; what of
+    // them was committed when sent is a fact that only grows.
+    held.map_or(Shown::Nothing, |held| Shown::Held {
+        term: rpc.vote.leader_id.term,
+        committed: rpc.leader_commit.map_or(0, |c| c.index).min(held),
+    })
+}
+
+/// The term a vote answer shows the voter holds (it is sent once the
+/// voter's vote is fsynced), or how it is below what was seen of it.
+pub fn after_vote(resp: &VoteResponse<TypeConfig>, before: &Remembered) -> Result<u64, String> {
+    let theirs = Holds {
+        term: resp.vote.leader_id.term,
+        last_index: resp.last_log_id.map_or(0, |l| l.index),
+    };
+    match behind(before, theirs) {
+        Some(gap) => Err(gap),
+        None => Ok(theirs.term),
+    }
+}
+
+/// Node `me` caught `target` answering below `before`, what it saw of it:
+/// its data dir went back in time. From now on its votes and
+/// acknowledgements count for nothing here, and gossip tells it why (it
+/// then stops). Returns the reason.
+pub async fn caught<M: Records>(
+    memory: &M,
+    me: NodeId,
+    target: NodeId,
+    before: &Remembered,
+    gap: String,
+) -> String {
+    let why = format!(
+        "node {target} answered below what node {me} saw of it ({gap}): its data dir was restored from an older copy or lost writes"
+    );
+    match memory.refuse(target, before, why.clone(), me).await {
+        Ok(true) => tracing::error!("REFUSED: {why}; its votes and acknowledgements are ignored until it rejoins (--rejoin after moving its data dir away)"),
+        Ok(false) => {}
+        Err(e) => tracing::error!("cannot record the refusal of node {target}: {e}"),
+    }
+    why
+}
 
 /// openraft's network factory over [`Peers`]; what peers answer feeds
 /// this node's [`Memory`] of them.
@@ -264,15 +379,10 @@ impl PeerConnection {
             .peers
             .raft_client(self.target)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        // The promise of the timing in force now, read after openraft
-        // stamped this message's sending time: a lease counted from it
-        // uses that timing's fence only if it was sent after the switch
-        // (`policy::fence_in_force`).
-        let promise_ms = self.gate.live().promise.as_millis().min(u32::MAX as u128) as u32;
         let payload = pb::RaftPayload {
             json,
             leader_durable,
-            promise_ms,
+            promise_ms: promise_ms(&self.gate),
         };
         let request = self.peers.request(payload, ttl);
         let reply = self
@@ -300,32 +410,21 @@ impl PeerConnection {
 impl PeerConnection {
     /// What this node remembers of the target; an error if it refused it.
     fn remembered(&self) -> Result<Remembered, RPCError<TypeConfig>> {
-        let r = self.memory.of(self.target);
-        match &r.refused {
-            Some(why) => Err(unreachable(format!(
-                "node {} is refused: {why}",
-                self.target
-            ))),
-            None => Ok(r),
-        }
+        not_refused(&*self.memory, self.target).map_err(unreachable)
     }
 
-    /// The target answered below what it showed before: its data dir went
-    /// back in time. From now on its votes and acknowledgements count for
-    /// nothing here, and gossip tells it why (it then stops).
+    /// The target answered below what was seen of it: see [`caught`].
     async fn caught(&self, before: &Remembered, gap: String) -> RPCError<TypeConfig> {
-        let why = format!(
-            "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
-            self.target,
-            self.peers.self_id()
-        );
         let me = self.peers.self_id();
-        match self.memory.refuse(self.target, before, why.clone(), me).await {
-            Ok(true) => tracing::error!("REFUSED: {why}; its votes and acknowledgements are ignored until it rejoins (--rejoin after moving its data dir away)"),
-            Ok(false) => {}
-            Err(e) => tracing::error!("cannot record the refusal of node {}: {e}", self.target),
-        }
-        unreachable(why)
+        unreachable(caught(&*self.memory, me, self.target, before, gap).await)
+    }
+
+    /// Records what an answer showed of the target.
+    async fn saw(&self, term: u64, committed: Option<u64>) -> Result<(), RPCError<TypeConfig>> {
+        self.memory
+            .saw(self.target, term, committed)
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -337,53 +436,17 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // openraft allows one heartbeat interval for any append; one that
-        // carries entries also waits for the follower's fsync, which a slow
-        // disk or a long round trip can push past 50 ms, and then nothing
-        // would ever commit. A late ack is still safe: the lease counts
-        // from when the request was sent.
-        let ttl = if rpc.entries.is_empty() {
-            option.hard_ttl()
-        } else {
-            option.hard_ttl().max(MIN_APPEND_TTL)
-        };
+        let ttl = append_ttl(!rpc.entries.is_empty(), option.hard_ttl());
         let before = self.remembered()?;
         let resp: AppendEntriesResponse<TypeConfig> = self
             .rpc(&rpc, self.gate.own_durable(), ttl, |mut c, r| async move {
                 c.append_entries(r).await
             })
             .await?;
-        let held = match &resp {
-            AppendEntriesResponse::Success => rpc
-                .entries
-                .last()
-                .map(|e| e.log_id.index)
-                .or(rpc.prev_log_id.map(|p| p.index)),
-            AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
-            AppendEntriesResponse::Conflict => {
-                // It lacks an entry it acknowledged holding when committed.
-                match rpc.prev_log_id {
-                    Some(p) if p.index <= before.committed => {
-                        return Err(self
-                            .caught(&before, format!(
-                                "it no longer holds log index {}, committed, which it acknowledged holding",
-                                p.index
-                            ))
-                            .await)
-                    }
-                    _ => None,
-                }
-            }
-            AppendEntriesResponse::HigherVote(_) => None,
-        };
-        if let Some(held) = held {
-            // Success is sent once its vote and entries are fsynced; what of
-            // them was committed when sent is a fact that only grows.
-            let committed = rpc.leader_commit.map_or(0, |c| c.index).min(held);
-            self.memory
-                .saw(self.target, rpc.vote.leader_id.term, Some(committed))
-                .await
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        match after_append(&rpc, &resp, &before) {
+            Shown::Held { term, committed } => self.saw(term, Some(committed)).await?,
+            Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
+            Shown::Nothing => {}
         }
         Ok(resp)
     }
@@ -399,18 +462,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 c.vote(r).await
             })
             .await?;
-        // A vote response is sent once the voter's vote is fsynced.
-        let theirs = Holds {
-            term: resp.vote.leader_id.term,
-            last_index: resp.last_log_id.map_or(0, |l| l.index),
-        };
-        if let Some(gap) = behind(&before, theirs) {
-            return Err(self.caught(&before, gap).await);
+        match after_vote(&resp, &before) {
+            Ok(term) => self.saw(term, None).await?,
+            Err(gap) => return Err(self.caught(&before, gap).await),
         }
-        self.memory
-            .saw(self.target, theirs.term, None)
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         Ok(resp)
     }
 
@@ -458,5 +513,102 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(StreamingError::from),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    fn append(
+        prev: Option<u64>,
+        entries: &[u64],
+        commit: Option<u64>,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(7, 1),
+            prev_log_id: prev.map(|i| log_id::<TypeConfig>(7, 1, i)),
+            entries: entries
+                .iter()
+                .map(|&i| blank_ent::<TypeConfig>(7, 1, i))
+                .collect(),
+            leader_commit: commit.map(|i| log_id::<TypeConfig>(7, 1, i)),
+        }
+    }
+
+    fn seen(committed: u64) -> Remembered {
+        Remembered {
+            term: 7,
+            committed,
+            ..Remembered::default()
+        }
+    }
+
+    #[test]
+    fn an_answer_to_an_append_shows_what_the_peer_holds_of_the_committed_log() {
+        use AppendEntriesResponse::{Conflict, PartialSuccess, Success};
+        let held = |committed| Shown::Held { term: 7, committed };
+        let lost = |i: u64| {
+            Shown::Lost(format!(
+                "it no longer holds log index {i}, committed, which it acknowledged holding"
+            ))
+        };
+        // (request, answer, committed index seen of the peer before, shown)
+        let table = [
+            // Entries 5..=6 held; of them, committed up to the leader's 5.
+            (append(Some(4), &[5, 6], Some(5)), Success, 0, held(5)),
+            // The leader committed past what was sent: only what it holds.
+            (append(Some(4), &[5, 6], Some(9)), Success, 0, held(6)),
+            // A heartbeat shows its previous entry held.
+            (append(Some(4), &[], Some(4)), Success, 0, held(4)),
+            // Nothing sent and nothing held before it: nothing shown.
+            (append(None, &[], None), Success, 0, Shown::Nothing),
+            (
+                append(Some(4), &[5, 6], Some(6)),
+                PartialSuccess(Some(log_id::<TypeConfig>(7, 1, 5))),
+                0,
+                held(5),
+            ),
+            (
+                append(Some(4), &[5], Some(5)),
+                PartialSuccess(None),
+                0,
+                Shown::Nothing,
+            ),
+            // A conflict below what it acknowledged as committed: lost.
+            (append(Some(4), &[5], Some(5)), Conflict, 4, lost(4)),
+            (append(Some(4), &[5], Some(5)), Conflict, 9, lost(4)),
+            // A conflict past it is Raft's ordinary catch-up.
+            (append(Some(4), &[5], Some(5)), Conflict, 3, Shown::Nothing),
+            (append(None, &[1], Some(1)), Conflict, 3, Shown::Nothing),
+        ];
+        for (rpc, resp, committed, want) in table {
+            let got = after_append(&rpc, &resp, &seen(committed));
+            assert_eq!(got, want, "{resp:?} to {rpc:?}, seen {committed}");
+        }
+    }
+
+    #[test]
+    fn a_vote_answer_below_what_was_seen_of_the_voter_is_caught() {
+        let answer = |term, last: Option<u64>| VoteResponse::<TypeConfig> {
+            vote: Vote::new(term, 2),
+            vote_granted: false,
+            last_log_id: last.map(|i| log_id::<TypeConfig>(term, 2, i)),
+        };
+        assert_eq!(after_vote(&answer(8, Some(9)), &seen(9)), Ok(8));
+        assert_eq!(after_vote(&answer(7, Some(12)), &seen(9)), Ok(7));
+        assert!(after_vote(&answer(6, Some(12)), &seen(9)).is_err(), "term");
+        assert!(after_vote(&answer(8, Some(8)), &seen(9)).is_err(), "log");
+        assert!(after_vote(&answer(8, None), &seen(9)).is_err(), "empty log");
+    }
+
+    #[test]
+    fn only_an_append_that_carries_entries_waits_for_a_slow_fsync() {
+        let ms = Duration::from_millis;
+        assert_eq!(append_ttl(false, ms(50)), ms(50));
+        assert_eq!(append_ttl(true, ms(50)), MIN_APPEND_TTL);
+        assert_eq!(append_ttl(true, ms(900)), ms(900));
     }
 }

@@ -1,57 +1,125 @@
-//! The Raft gRPC service: decodes peer requests, checks that the sender is
-//! who it claims to be, applies keyraft's vote and leadership gates, and
-//! hands the request to openraft.
+//! The Raft service: what a node checks before a peer's Raft message
+//! reaches openraft, and what it records after: the rule that a node
+//! refuses every Raft message until start-up has decided it may take part
+//! (see step 9), and any message from a member it refused; that it
+//! refuses votes for a while after it starts (its leader lease died with
+//! the process), while it rejoins and while a longer profile's promise to
+//! a leader runs; that a vote for a leadership transfer waits out the
+//! lease of a key holder that did not release (step 3); that it refuses
+//! leadership transfers while it may not validate; what each accepted
+//! leader message shows of that leader; and it tells the coordinator when
+//! it refused a candidate whose log is behind its own.
 //!
-//! Owns: the rule that a node refuses every Raft message until start-up has
-//! decided it may take part (see step 9), the rule that it refuses votes for
-//! a while after it starts
-//! (its leader lease died with the process) and while it rejoins, that a
-//! vote for a leadership transfer waits out the lease of a key holder that
-//! did not release (step 3), and that it refuses leadership transfers while
-//! it may not validate; and it tells the
-//! coordinator when it refused a candidate whose log is behind its own.
-//! Must not: change
-//! Raft state itself; openraft does that.
+//! The rules ([`RaftService::append_entries`] and its siblings) take the
+//! sender's proven id and openraft's request, whatever carried them: the
+//! gRPC glue at the end of this file decodes and encodes, and the
+//! simulator (sim/) calls the same methods over its simulated network.
+//! Must not: change Raft state itself; openraft does that.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::RaftError;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use openraft::storage::RaftStateMachine;
+use openraft::type_config::alias::SnapshotOf;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use tokio::sync::watch;
 
-use super::memory::Memory;
+use super::memory::{Memory, Records};
 use super::network::SnapshotMessage;
-use super::{Gate, LogId, Raft, TypeConfig};
+use super::{store, Gate, LogId, TypeConfig, Vote};
 use crate::config::{NodeId, Timing};
 use crate::ledger::ClusterState;
 use crate::pb;
 use crate::tls::peer_of;
 
-pub struct RaftService {
-    raft: Raft,
+/// Why a Raft message was refused before it reached openraft.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("starting: not taking part in Raft until its data dir is checked with its peers")]
+    Starting,
+    #[error("node {me} refuses node {peer}: {why}")]
+    Refused {
+        me: NodeId,
+        peer: NodeId,
+        why: String,
+    },
+    #[error("node {peer} sent a message on behalf of node {claimed}")]
+    NotItsOwn { peer: NodeId, claimed: NodeId },
+    #[error("not granting votes for another {0} ms: the lease of a leader it acked (or its own) may still run")]
+    Promised(u128),
+    #[error("not granting votes yet (recently started or rejoining)")]
+    VotesShut,
+    #[error("not granting a transfer vote: {0}")]
+    TransferVote(String),
+    #[error("this node may not take leadership now")]
+    NoLeadership,
+}
+
+impl Refusal {
+    /// A passing state of this node (the sender may well be answered
+    /// soon), rather than a refusal of the sender or its request.
+    pub fn passing(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Starting
+                | Refusal::Promised(_)
+                | Refusal::VotesShut
+                | Refusal::TransferVote(_)
+        )
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        let why = r.to_string();
+        match r {
+            _ if r.passing() => Status::unavailable(why),
+            Refusal::NoLeadership => Status::failed_precondition(why),
+            _ => Status::permission_denied(why),
+        }
+    }
+}
+
+/// What openraft answered a message that passed the rules.
+pub type Answer<T> = Result<T, RaftError<TypeConfig>>;
+
+/// The rules around one node's openraft: its state machine `SM` is
+/// keyraft's store or the simulator's, its [`Records`] `M` keyraft's
+/// [`Memory`] or the simulator's.
+pub struct RaftService<SM = store::StateMachine, M = Memory>
+where
+    SM: RaftStateMachine<TypeConfig>,
+{
+    raft: openraft::Raft<TypeConfig, SM>,
     gate: Arc<Gate>,
     id: NodeId,
     /// The applied ledger: who holds the key, for transfer votes.
     cluster: watch::Receiver<ClusterState>,
     timing: Timing,
-    memory: Arc<Memory>,
+    memory: Arc<M>,
 }
 
-impl RaftService {
+impl<SM, M> RaftService<SM, M>
+where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = Vec<u8>>,
+    M: Records,
+{
     pub fn new(
-        raft: Raft,
+        raft: openraft::Raft<TypeConfig, SM>,
         gate: Arc<Gate>,
         id: NodeId,
         cluster: watch::Receiver<ClusterState>,
         timing: Timing,
-        memory: Arc<Memory>,
+        memory: Arc<M>,
     ) -> Self {
         Self {
             raft,
@@ -63,11 +131,11 @@ impl RaftService {
         }
     }
 
-    /// The vote refusal a leader's message asks for, when it is longer
-    /// than openraft's own lease (which refuses by itself): a longer
-    /// profile's.
-    fn promise_asked(&self, req: &pb::RaftPayload) -> Option<Duration> {
-        let promise = Duration::from_millis(req.promise_ms.min(MAX_PROMISE_MS).into());
+    /// The vote refusal a leader's message asks for (`promise_ms`, see
+    /// the proto), when it is longer than openraft's own lease (which
+    /// refuses by itself): a longer profile's.
+    fn promise_asked(&self, promise_ms: u32) -> Option<Duration> {
+        let promise = Duration::from_millis(promise_ms.min(MAX_PROMISE_MS).into());
         let (_, openraft_lease) = self.timing.raft_elections();
         (promise > openraft_lease).then_some(promise)
     }
@@ -79,71 +147,29 @@ impl RaftService {
             tracing::warn!("cannot record what node {leader} showed: {e}");
         }
     }
-}
 
-/// The longest vote refusal a leader's message can ask for (a bound on a
-/// malformed one: no profile comes near it).
-const MAX_PROMISE_MS: u32 = 10_000;
-
-fn decode<T: DeserializeOwned>(req: &pb::RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&req.json)
-        .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
-}
-
-fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
-    serde_json::to_vec(v)
-        .map(|json| {
-            Response::new(pb::RaftPayload {
-                json,
-                leader_durable: 0,
-                promise_ms: 0,
-            })
-        })
-        .map_err(|e| Status::internal(e.to_string()))
-}
-
-fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Status> {
-    if peer == claimed {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "node {peer} sent a message on behalf of node {claimed}"
-        )))
-    }
-}
-
-impl RaftService {
-    /// The sender's node id, if this node takes part in Raft yet and has
-    /// not refused the sender (step 9: its votes and entries count for
-    /// nothing here).
-    fn sender(&self, req: &Request<pb::RaftPayload>) -> Result<NodeId, Status> {
-        let peer = peer_of(req)?;
+    /// Whether this node takes part in Raft yet and has not refused
+    /// `peer` (step 9: its votes and entries count for nothing here).
+    pub fn sender(&self, peer: NodeId) -> Result<(), Refusal> {
         if !self.gate.joined() {
-            return Err(Status::unavailable(
-                "starting: not taking part in Raft until its data dir is checked with its peers",
-            ));
+            return Err(Refusal::Starting);
         }
         match self.memory.of(peer).refused {
-            Some(why) => Err(Status::permission_denied(format!(
-                "node {} refuses node {peer}: {why}",
-                self.id
-            ))),
-            None => Ok(peer),
+            Some(why) => Err(Refusal::Refused {
+                me: self.id,
+                peer,
+                why,
+            }),
+            None => Ok(()),
         }
     }
 
-    /// Decodes a vote or pre-vote request from the candidate that sent it,
-    /// if this node may vote now.
-    async fn vote_request(
-        &self,
-        req: &Request<pb::RaftPayload>,
-    ) -> Result<VoteRequest<TypeConfig>, Status> {
-        let peer = self.sender(req)?;
-        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
+    /// A vote or pre-vote request from `peer`, if this node may vote now.
+    async fn may_vote(&self, peer: NodeId, rpc: &VoteRequest<TypeConfig>) -> Result<(), Refusal> {
+        self.sender(peer)?;
         same_sender(peer, rpc.vote.leader_id.node_id)?;
         if rpc.leadership_transfer {
-            self.transfer_vote(peer).await?;
-            Ok(rpc)
+            self.transfer_vote(peer).await
         } else if let Some(left) = self.gate.promised_for() {
             // A longer profile's promise than openraft's own lease (which
             // refuses by itself) is not over: refused here, where openraft
@@ -157,16 +183,11 @@ impl RaftService {
                 left_ms = left.as_millis() as u64,
                 "refused a vote: promised a leader's lease beyond openraft's"
             );
-            Err(Status::unavailable(format!(
-                "not granting votes for another {} ms: the lease of a leader it acked (or its own) may still run",
-                left.as_millis()
-            )))
+            Err(Refusal::Promised(left.as_millis()))
         } else if self.gate.may_grant_votes() {
-            Ok(rpc)
+            Ok(())
         } else {
-            Err(Status::unavailable(
-                "not granting votes yet (recently started or rejoining)",
-            ))
+            Err(Refusal::VotesShut)
         }
     }
 
@@ -175,7 +196,7 @@ impl RaftService {
     /// however the successor was elected). A clean handover commits
     /// `Released` just before it transfers, so a release not yet applied
     /// here is waited for, briefly.
-    async fn transfer_vote(&self, candidate: NodeId) -> Result<(), Status> {
+    async fn transfer_vote(&self, candidate: NodeId) -> Result<(), Refusal> {
         let mut cluster = self.cluster.clone();
         let mut metrics = self.raft.metrics();
         let until = tokio::time::Instant::now() + self.timing.heartbeat * 4;
@@ -194,26 +215,25 @@ impl RaftService {
             };
             let changed = async {
                 tokio::select! {
+                    biased;
                     r = cluster.changed() => r.is_ok(),
                     r = metrics.changed() => r.is_ok(),
                 }
             };
             if !matches!(tokio::time::timeout_at(until, changed).await, Ok(true)) {
                 tracing::info!(candidate, "refused a transfer vote: {why}");
-                return Err(Status::unavailable(format!(
-                    "not granting a transfer vote: {why}"
-                )));
+                return Err(Refusal::TransferVote(why));
             }
         }
     }
 
     /// A refused candidate whose log is behind this node's can only win
     /// once this node's entries reach it: tell the coordinator at once.
-    fn note_refusal<E>(
+    fn note_refusal(
         &self,
         candidate: NodeId,
         theirs: Option<LogId>,
-        result: &Result<VoteResponse<TypeConfig>, E>,
+        result: &Answer<VoteResponse<TypeConfig>>,
     ) {
         if let Ok(r) = result {
             if !r.vote_granted && r.last_log_id > theirs {
@@ -224,6 +244,113 @@ impl RaftService {
                 self.gate.saw_behind_candidate(candidate);
             }
         }
+    }
+
+    /// Entries or a heartbeat from leader `peer`, sent with the index its
+    /// own store has fsynced (`leader_durable`) and the promise its
+    /// timing asks (`promise_ms`).
+    pub async fn append_entries(
+        &self,
+        peer: NodeId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        leader_durable: u64,
+        promise_ms: u32,
+    ) -> Result<Answer<AppendEntriesResponse<TypeConfig>>, Refusal> {
+        self.sender(peer)?;
+        same_sender(peer, rpc.vote.leader_id.node_id)?;
+        let term = rpc.vote.leader_id.term;
+        // Only a leader sends entries, and only with its vote saved. Its
+        // commit index alone is not what it holds (a quorum of followers
+        // may have fsynced an entry before the leader itself did): what it
+        // holds of the committed log is the lesser of that and the index
+        // its own store has fsynced, which it sends alongside.
+        let committed = rpc.leader_commit.map_or(0, |c| c.index).min(leader_durable);
+        let promise = self.promise_asked(promise_ms);
+        let result = self.raft.append_entries(rpc).await;
+        if rpc_committed_vote(&result) {
+            self.saw_leader(peer, term, committed).await;
+            // Before the ack leaves: counted from now, which is after the
+            // leader sent it, so the refusal outlasts the leader's lease.
+            self.gate.acked_leader(peer, promise);
+        }
+        Ok(result)
+    }
+
+    /// A vote (`pre`: a pre-vote) for candidate `peer`.
+    pub async fn vote(
+        &self,
+        peer: NodeId,
+        rpc: VoteRequest<TypeConfig>,
+        pre: bool,
+    ) -> Result<Answer<VoteResponse<TypeConfig>>, Refusal> {
+        self.may_vote(peer, &rpc).await?;
+        let theirs = rpc.last_log_id;
+        let result = if pre {
+            self.raft.pre_vote(rpc).await
+        } else {
+            self.raft.vote(rpc).await
+        };
+        self.note_refusal(peer, theirs, &result);
+        Ok(result)
+    }
+
+    /// A whole snapshot from leader `peer`.
+    pub async fn install_snapshot(
+        &self,
+        peer: NodeId,
+        vote: Vote,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        promise_ms: u32,
+    ) -> Result<Answer<SnapshotResponse<TypeConfig>>, Refusal> {
+        self.sender(peer)?;
+        same_sender(peer, vote.leader_id.node_id)?;
+        let promise = self.promise_asked(promise_ms);
+        let sent = vote.leader_id;
+        let result = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(RaftError::<TypeConfig>::Fatal);
+        // The leader counts an installed snapshot as an ack that renews its
+        // lease, as it does an append: the same contact and promise.
+        if matches!(&result, Ok(r) if r.vote.leader_id == sent) {
+            self.gate.acked_leader(peer, promise);
+        }
+        Ok(result)
+    }
+
+    /// Leader `peer` hands its leadership on.
+    pub async fn transfer_leader(
+        &self,
+        peer: NodeId,
+        rpc: TransferLeaderRequest<TypeConfig>,
+    ) -> Result<Answer<TransferLeaderResponse<TypeConfig>>, Refusal> {
+        self.sender(peer)?;
+        same_sender(peer, rpc.from_leader().leader_id.node_id)?;
+        if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
+            tracing::info!(
+                from = peer,
+                "refused leadership transfer: this node may not validate now"
+            );
+            return Err(Refusal::NoLeadership);
+        }
+        Ok(self
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(RaftError::<TypeConfig>::Fatal))
+    }
+}
+
+/// The longest vote refusal a leader's message can ask for (a bound on a
+/// malformed one: no profile comes near it).
+const MAX_PROMISE_MS: u32 = 10_000;
+
+fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Refusal> {
+    if peer == claimed {
+        Ok(())
+    } else {
+        Err(Refusal::NotItsOwn { peer, claimed })
     }
 }
 
@@ -237,107 +364,123 @@ fn rpc_committed_vote<E>(result: &Result<AppendEntriesResponse<TypeConfig>, E>) 
     )
 }
 
+// The gRPC glue: the sender's id from its certificate, openraft's
+// messages as JSON.
+
+fn decode<T: DeserializeOwned>(req: &pb::RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&req.json)
+        .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| {
+            Response::new(pb::RaftPayload {
+                json,
+                leader_durable: 0,
+                promise_ms: 0,
+            })
+        })
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = self.sender(&req)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        same_sender(peer, rpc.vote.leader_id.node_id)?;
-        let term = rpc.vote.leader_id.term;
-        // Only a leader sends entries, and only with its vote saved. Its
-        // commit index alone is not what it holds (a quorum of followers
-        // may have fsynced an entry before the leader itself did): what it
-        // holds of the committed log is the lesser of that and the index
-        // its own store has fsynced, which it sends alongside.
-        let committed = rpc
-            .leader_commit
-            .map_or(0, |c| c.index)
-            .min(req.get_ref().leader_durable);
-        let promise = self.promise_asked(req.get_ref());
-        let result = self.raft.append_entries(rpc).await;
-        if rpc_committed_vote(&result) {
-            self.saw_leader(peer, term, committed).await;
-            // Before the ack leaves: counted from now, which is after the
-            // leader sent it, so the refusal outlasts the leader's lease.
-            self.gate.acked_leader(peer, promise);
-        }
-        reply(&result)
+        let peer = peer_of(&req)?;
+        self.sender(peer)?;
+        let p = req.get_ref();
+        let rpc = decode(p)?;
+        reply(
+            &self
+                .append_entries(peer, rpc, p.leader_durable, p.promise_ms)
+                .await?,
+        )
     }
 
     async fn vote(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let rpc = self.vote_request(&req).await?;
-        let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
-        let result = self.raft.vote(rpc).await;
-        self.note_refusal(candidate, theirs, &result);
-        reply(&result)
+        let peer = peer_of(&req)?;
+        self.sender(peer)?;
+        let rpc = decode(req.get_ref())?;
+        reply(&RaftService::vote(self, peer, rpc, false).await?)
     }
 
     async fn pre_vote(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let rpc = self.vote_request(&req).await?;
-        let (candidate, theirs) = (rpc.vote.leader_id.node_id, rpc.last_log_id);
-        let result = self.raft.pre_vote(rpc).await;
-        self.note_refusal(candidate, theirs, &result);
-        reply(&result)
+        let peer = peer_of(&req)?;
+        self.sender(peer)?;
+        let rpc = decode(req.get_ref())?;
+        reply(&RaftService::vote(self, peer, rpc, true).await?)
     }
 
     async fn install_snapshot(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = self.sender(&req)?;
-        let msg: SnapshotMessage = decode(req.get_ref())?;
-        same_sender(peer, msg.vote.leader_id.node_id)?;
-        let promise = self.promise_asked(req.get_ref());
-        let sent = msg.vote.leader_id;
-        let result = self
-            .raft
-            .install_full_snapshot(
-                msg.vote,
-                openraft::Snapshot {
-                    meta: msg.meta,
-                    snapshot: msg.data,
-                },
-            )
-            .await
-            .map_err(openraft::errors::RaftError::<TypeConfig>::Fatal);
-        // The leader counts an installed snapshot as an ack that renews its
-        // lease, as it does an append: the same contact and promise.
-        if matches!(&result, Ok(r) if r.vote.leader_id == sent) {
-            self.gate.acked_leader(peer, promise);
-        }
-        reply(&result)
+        let peer = peer_of(&req)?;
+        self.sender(peer)?;
+        let p = req.get_ref();
+        let msg: SnapshotMessage = decode(p)?;
+        let snapshot = openraft::Snapshot {
+            meta: msg.meta,
+            snapshot: msg.data,
+        };
+        reply(&RaftService::install_snapshot(self, peer, msg.vote, snapshot, p.promise_ms).await?)
     }
 
     async fn transfer_leader(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = self.sender(&req)?;
-        let rpc: TransferLeaderRequest<TypeConfig> = decode(req.get_ref())?;
-        same_sender(peer, rpc.from_leader().leader_id.node_id)?;
-        if *rpc.to_node_id() == self.id && !self.gate.accepts_leadership() {
-            tracing::info!(
-                from = peer,
-                "refused leadership transfer: this node may not validate now"
-            );
-            return Err(Status::failed_precondition(
-                "this node may not take leadership now",
-            ));
+        let peer = peer_of(&req)?;
+        self.sender(peer)?;
+        let rpc = decode(req.get_ref())?;
+        reply(&RaftService::transfer_leader(self, peer, rpc).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passing_refusal_is_unavailable_and_a_refused_sender_is_denied() {
+        use tonic::Code;
+        let table = [
+            (Refusal::Starting, Code::Unavailable),
+            (Refusal::Promised(40), Code::Unavailable),
+            (Refusal::VotesShut, Code::Unavailable),
+            (Refusal::TransferVote("lease".into()), Code::Unavailable),
+            (Refusal::NoLeadership, Code::FailedPrecondition),
+            (
+                Refusal::Refused {
+                    me: 1,
+                    peer: 2,
+                    why: "restored".into(),
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                Refusal::NotItsOwn {
+                    peer: 2,
+                    claimed: 3,
+                },
+                Code::PermissionDenied,
+            ),
+        ];
+        for (refusal, code) in table {
+            let why = refusal.to_string();
+            let status = Status::from(refusal);
+            assert_eq!(status.code(), code, "{why}");
+            assert_eq!(status.message(), why);
         }
-        let result = self
-            .raft
-            .handle_transfer_leader(rpc)
-            .await
-            .map_err(openraft::errors::RaftError::<TypeConfig>::Fatal);
-        reply(&result)
     }
 }
