@@ -20,7 +20,7 @@ use crate::config::timing::WAN_RTT;
 use crate::config::TimingProfile;
 use crate::node::{Local, Shared};
 use crate::pb;
-use crate::raft::memory::{Holds, Remembered};
+use crate::raft::memory::{Holds, Records, Remembered};
 use crate::tls::peer_of;
 
 /// Pushes this node's status to every peer, forever: on each tick, and as

@@ -116,14 +116,17 @@ impl Remembered {
 pub trait Records: Send + Sync + 'static {
     /// What this node remembers of `id`.
     fn of(&self, id: NodeId) -> Remembered;
-    /// See [`Memory::saw`].
+    /// Records that `id` held `term` and (if given) the committed index
+    /// `committed`: facts that only grow.
     fn saw(
         &self,
         id: NodeId,
         term: u64,
         committed: Option<u64>,
     ) -> impl std::future::Future<Output = io::Result<()>> + Send;
-    /// See [`Memory::refuse`].
+    /// Records that node `by` (this one) caught `id` answering below
+    /// `before`, unless the record went down meanwhile; returns whether it
+    /// refused.
     fn refuse(
         &self,
         id: NodeId,
@@ -131,24 +134,6 @@ pub trait Records: Send + Sync + 'static {
         why: String,
         by: NodeId,
     ) -> impl std::future::Future<Output = io::Result<bool>> + Send;
-}
-
-impl Records for Memory {
-    fn of(&self, id: NodeId) -> Remembered {
-        Memory::of(self, id)
-    }
-    async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
-        Memory::saw(self, id, term, committed).await
-    }
-    async fn refuse(
-        &self,
-        id: NodeId,
-        before: &Remembered,
-        why: String,
-        by: NodeId,
-    ) -> io::Result<bool> {
-        Memory::refuse(self, id, before, why, by).await
-    }
 }
 
 /// This node's memory of every member, backed by the Raft store.
@@ -198,47 +183,9 @@ impl Memory {
             .insert(id);
     }
 
-    /// What this node remembers of `id`.
-    pub fn of(&self, id: NodeId) -> Remembered {
-        self.map().get(&id).cloned().unwrap_or_default()
-    }
-
     /// Everything this node remembers.
     pub fn all(&self) -> BTreeMap<NodeId, Remembered> {
         self.map().clone()
-    }
-
-    /// Records that `id` held `term` and (if given) the committed index
-    /// `committed`. A higher term is fsynced before this returns; a higher
-    /// index within [`FLUSH_EVERY`].
-    pub async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
-        let (new_term, new_index) = self.map().entry(id).or_default().see(term, committed);
-        if !(new_term || new_index) {
-            return Ok(());
-        }
-        self.mark(id);
-        if new_term {
-            self.persist().await?;
-        }
-        Ok(())
-    }
-
-    /// Records that node `by` (this one) caught `id` answering below
-    /// `before`, what was seen of it; fsynced. Nothing is refused if the
-    /// record changed meanwhile (a `Rejoined` reset it): the judgement was
-    /// of facts that no longer hold. Returns whether it refused.
-    pub async fn refuse(
-        &self,
-        id: NodeId,
-        before: &Remembered,
-        why: String,
-        by: NodeId,
-    ) -> io::Result<bool> {
-        if !self.map().entry(id).or_default().refuse(before, why, by) {
-            return Ok(false);
-        }
-        self.mark(id);
-        self.persist().await.map(|()| true)
     }
 
     /// Takes back a refusal of `id`: it started again with a data dir
@@ -353,6 +300,45 @@ impl Memory {
         if let Err(e) = self.persist().await {
             tracing::warn!("cannot write what this node remembers of its peers: {e}");
         }
+    }
+}
+
+impl Records for Memory {
+    fn of(&self, id: NodeId) -> Remembered {
+        self.map().get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Records that `id` held `term` and (if given) the committed index
+    /// `committed`. A higher term is fsynced before this returns; a higher
+    /// index within [`FLUSH_EVERY`].
+    async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> io::Result<()> {
+        let (new_term, new_index) = self.map().entry(id).or_default().see(term, committed);
+        if !(new_term || new_index) {
+            return Ok(());
+        }
+        self.mark(id);
+        if new_term {
+            self.persist().await?;
+        }
+        Ok(())
+    }
+
+    /// Records that node `by` (this one) caught `id` answering below
+    /// `before`, what was seen of it; fsynced. Nothing is refused if the
+    /// record changed meanwhile (a `Rejoined` reset it): the judgement was
+    /// of facts that no longer hold. Returns whether it refused.
+    async fn refuse(
+        &self,
+        id: NodeId,
+        before: &Remembered,
+        why: String,
+        by: NodeId,
+    ) -> io::Result<bool> {
+        if !self.map().entry(id).or_default().refuse(before, why, by) {
+            return Ok(false);
+        }
+        self.mark(id);
+        self.persist().await.map(|()| true)
     }
 }
 

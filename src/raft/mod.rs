@@ -26,7 +26,14 @@ use crate::config::Timing;
 use crate::ledger::{Command, NodeId, Reply};
 pub use gate::Gate;
 
+/// openraft's runtime: tokio's. In the simulator's build (sim/) its random
+/// draws come from the seed, so that sim/ runs keyraft's own Raft service
+/// and client rules on this very type configuration.
 #[cfg(not(keyraft_sim))]
+type Runtime = openraft::TokioRuntime;
+#[cfg(keyraft_sim)]
+type Runtime = openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>;
+
 openraft::declare_raft_types!(
     /// keyraft's openraft type configuration.
     pub TypeConfig:
@@ -34,20 +41,7 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = NodeId,
         Node = BasicNode,
-);
-
-// The simulator's build (sim/): the same types on a runtime whose random
-// draws come from the seed, so that sim/ runs keyraft's own Raft service
-// and client rules on this very type configuration.
-#[cfg(keyraft_sim)]
-openraft::declare_raft_types!(
-    /// keyraft's openraft type configuration, with a seeded runtime RNG.
-    pub TypeConfig:
-        D = Command,
-        R = Reply,
-        NodeId = NodeId,
-        Node = BasicNode,
-        AsyncRuntime = openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>,
+        AsyncRuntime = Runtime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, store::StateMachine>;

@@ -384,30 +384,31 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
         .map_err(|e| Status::internal(e.to_string()))
 }
 
+/// The sender's id, from its certificate, and its message. Whether this
+/// node hears the sender at all is the rules' first check.
+fn incoming<T: DeserializeOwned>(req: &Request<pb::RaftPayload>) -> Result<(NodeId, T), Status> {
+    Ok((peer_of(req)?, decode(req.get_ref())?))
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        self.sender(peer)?;
+        let (peer, rpc) = incoming(&req)?;
         let p = req.get_ref();
-        let rpc = decode(p)?;
-        reply(
-            &self
-                .append_entries(peer, rpc, p.leader_durable, p.promise_ms)
-                .await?,
-        )
+        let answer = self
+            .append_entries(peer, rpc, p.leader_durable, p.promise_ms)
+            .await?;
+        reply(&answer)
     }
 
     async fn vote(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        self.sender(peer)?;
-        let rpc = decode(req.get_ref())?;
+        let (peer, rpc) = incoming(&req)?;
         reply(&RaftService::vote(self, peer, rpc, false).await?)
     }
 
@@ -415,9 +416,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        self.sender(peer)?;
-        let rpc = decode(req.get_ref())?;
+        let (peer, rpc) = incoming(&req)?;
         reply(&RaftService::vote(self, peer, rpc, true).await?)
     }
 
@@ -425,24 +424,20 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        self.sender(peer)?;
-        let p = req.get_ref();
-        let msg: SnapshotMessage = decode(p)?;
+        let (peer, msg): (_, SnapshotMessage) = incoming(&req)?;
         let snapshot = openraft::Snapshot {
             meta: msg.meta,
             snapshot: msg.data,
         };
-        reply(&RaftService::install_snapshot(self, peer, msg.vote, snapshot, p.promise_ms).await?)
+        let promise_ms = req.get_ref().promise_ms;
+        reply(&RaftService::install_snapshot(self, peer, msg.vote, snapshot, promise_ms).await?)
     }
 
     async fn transfer_leader(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let peer = peer_of(&req)?;
-        self.sender(peer)?;
-        let rpc = decode(req.get_ref())?;
+        let (peer, rpc) = incoming(&req)?;
         reply(&RaftService::transfer_leader(self, peer, rpc).await?)
     }
 }
