@@ -14,13 +14,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use openraft::storage::RaftStateMachine;
 use tonic::{Request, Response, Status};
 
 use crate::config::timing::WAN_RTT;
 use crate::config::TimingProfile;
-use crate::node::{Local, Shared};
+use crate::node::{Core, Local, Shared};
 use crate::pb;
 use crate::raft::memory::{Holds, Records, Remembered};
+use crate::raft::TypeConfig;
 use crate::tls::peer_of;
 
 /// Pushes this node's status to every peer, forever: on each tick, and as
@@ -149,29 +151,7 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
 
 /// This node's status record.
 pub fn own_status(sh: &Shared) -> pb::NodeStatus {
-    let m = sh.raft_metrics();
-    let local = sh.local.borrow().clone();
     pb::NodeStatus {
-        id: sh.cfg.id,
-        role: sh.cfg.role().to_string(),
-        state: local.state.to_string(),
-        raft: sh.raft_state(&m),
-        // Never below what its data dir held at start: openraft reports
-        // term 0 and no log until its core has loaded them, and a peer
-        // judging that would refuse an honest node.
-        term: m.current_term.max(sh.start_holds.term),
-        leader: m.current_leader,
-        validator: local.validator.map(|h| pb::ValidatorHealth {
-            running: h.running,
-            synced: h.synced,
-            height: h.height.unwrap_or(0),
-        }),
-        key_linked: local.key_linked,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_ms: sh.started.elapsed().as_millis() as u64,
-        addr: sh.cfg.advertise.clone(),
-        eligible: local.eligible,
-        last_log_index: m.last_log_index.unwrap_or(0).max(sh.start_holds.last_index),
         remembered: sh
             .memory
             .all()
@@ -183,6 +163,40 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
                 refused: r.refused.unwrap_or_default(),
             })
             .collect(),
+        ..core_status(&sh.core, sh.start_holds)
+    }
+}
+
+/// The status record as far as a [`Core`] shows it (all but what this
+/// node remembers of its peers), never below `holds`, what its data dir
+/// held at start: openraft reports term 0 and no log until its core has
+/// loaded them, and a peer judging that would refuse an honest node. The
+/// simulator's gossip carries the same record.
+pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+    holds: Holds,
+) -> pb::NodeStatus {
+    let m = core.raft_metrics();
+    let local = core.local.borrow().clone();
+    pb::NodeStatus {
+        id: core.cfg.id,
+        role: core.cfg.role().to_string(),
+        state: local.state.to_string(),
+        raft: core.raft_state(&m),
+        term: m.current_term.max(holds.term),
+        leader: m.current_leader,
+        validator: local.validator.map(|h| pb::ValidatorHealth {
+            running: h.running,
+            synced: h.synced,
+            height: h.height.unwrap_or(0),
+        }),
+        key_linked: local.key_linked,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_ms: core.started.elapsed().as_millis() as u64,
+        addr: core.cfg.advertise.clone(),
+        eligible: local.eligible,
+        last_log_index: m.last_log_index.unwrap_or(0).max(holds.last_index),
+        remembered: Vec::new(),
     }
 }
 

@@ -12,11 +12,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::storage::RaftStateMachine;
 use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::config::{Config, NodeId};
 use crate::health::Health;
@@ -25,7 +27,8 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::raft::memory::{Holds, Memory};
 use crate::raft::network::Peers;
-use crate::raft::{self, Gate, Raft};
+use crate::raft::store::StateMachine;
+use crate::raft::{self, Gate};
 use crate::tls::{CertInfo, ServerTls};
 
 /// The coordinator's state names, as shown in status and metrics.
@@ -64,12 +67,32 @@ pub enum CoordinatorRequest {
     },
 }
 
-/// Handles shared by the coordinator, the servers and the background tasks.
-pub struct Shared {
+/// What the coordinator needs of its node, and nothing that reaches a
+/// socket or a file: its configuration, Raft, the gate, the metrics, what
+/// peers last said, what it says of itself, the replicated state. Built by
+/// [`crate::server`] inside [`Shared`], and by the simulator (`sim/`) on
+/// its own Raft, so that both run the same [`crate::coordinator`].
+pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     pub cfg: Config,
-    pub raft: Raft,
-    pub peers: Arc<Peers>,
+    /// keyraft's state machine on a real node; the simulator's its own.
+    pub raft: openraft::Raft<raft::TypeConfig, SM>,
     pub gate: Arc<Gate>,
+    pub metrics: Metrics,
+    pub view: ClusterView,
+    pub local: watch::Sender<Local>,
+    pub cluster: watch::Receiver<ClusterState>,
+    /// On tokio's clock (the simulator's, under it).
+    pub started: Instant,
+    /// Fence agents: what the last run for each member ended with.
+    pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
+}
+
+/// Handles shared by the coordinator, the servers and the background
+/// tasks: the [`Core`] (reached through `Deref`: `sh.raft` is
+/// `sh.core.raft`) and what only a real node has.
+pub struct Shared {
+    pub core: Arc<Core>,
+    pub peers: Arc<Peers>,
     /// What this node remembers of every member's history (step 9).
     pub memory: Arc<Memory>,
     /// What this node's data dir held when it started (step 9).
@@ -77,24 +100,25 @@ pub struct Shared {
     /// Set when a peer told this node it was refused (its data dir went
     /// back in time): the node stops, exit code 2.
     pub refused: watch::Sender<Option<String>>,
-    pub metrics: Metrics,
-    pub view: ClusterView,
-    pub local: watch::Sender<Local>,
-    pub cluster: watch::Receiver<ClusterState>,
     pub requests: mpsc::Sender<CoordinatorRequest>,
-    pub started: Instant,
     /// Signer mode: which nodes' privval ports this host is connected to.
     pub privval: PrivvalLinks,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
     /// The kernel fence on this host: `on`, or `off: why`.
     pub kernel_fence: String,
-    /// Fence agents: what the last run for each member ended with.
-    pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
     /// The peer port's TLS acceptor (`None` with `--insecure`).
     pub tls: Option<Arc<ServerTls>>,
     /// The certificates in use: node and CA (`None` with `--insecure`).
     pub certs: Mutex<Option<(CertInfo, CertInfo)>>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// Signer mode: the privval connections of this host, by node address.
@@ -118,7 +142,7 @@ impl PrivvalLinks {
     }
 }
 
-impl Shared {
+impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
     /// This node's timing with the values in force now (the cluster's
     /// profile, with auto timing) in place of those it started with.
     pub fn timing(&self) -> crate::config::Timing {
@@ -183,6 +207,33 @@ impl Shared {
         }
     }
 
+    /// Whether a majority of the voters (this node included) is up and
+    /// connected, as seen by gossip. It says nothing about who leads.
+    pub fn has_quorum(&self) -> bool {
+        let voters: Vec<NodeId> = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.is_empty() {
+            return false;
+        }
+        let fresh: BTreeSet<NodeId> = self
+            .view
+            .fresh(self.cfg.timing.gossip_interval * 3)
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        let up = voters
+            .iter()
+            .filter(|v| **v == self.cfg.id || fresh.contains(v))
+            .count();
+        up * 2 > voters.len()
+    }
+}
+
+impl Shared {
     /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
     /// on every heartbeat).
     pub fn refresh_raft_gauges(&self) {
@@ -218,31 +269,6 @@ impl Shared {
                     .set(c.expires_in());
             }
         }
-    }
-
-    /// Whether a majority of the voters (this node included) is up and
-    /// connected, as seen by gossip. It says nothing about who leads.
-    pub fn has_quorum(&self) -> bool {
-        let voters: Vec<NodeId> = self
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        if voters.is_empty() {
-            return false;
-        }
-        let fresh: BTreeSet<NodeId> = self
-            .view
-            .fresh(self.cfg.timing.gossip_interval * 3)
-            .iter()
-            .map(|s| s.id)
-            .collect();
-        let up = voters
-            .iter()
-            .filter(|v| **v == self.cfg.id || fresh.contains(v))
-            .count();
-        up * 2 > voters.len()
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::BasicNode;
 use tokio::sync::{mpsc, watch};
@@ -20,14 +20,14 @@ use tonic::transport::Server;
 
 use crate::admin;
 use crate::config::{Config, NodeId};
-use crate::coordinator::Coordinator;
+use crate::coordinator::{self, Coordinator};
 use crate::fence::GuardError;
 use crate::fence::{self, KeyLinks};
 use crate::gossip;
 use crate::health::{self, Prober};
 use crate::join::{self, Bootstrap};
 use crate::metrics::Metrics;
-use crate::node::{ClusterView, Local, PrivvalLinks, Shared};
+use crate::node::{ClusterView, Core, Local, PrivvalLinks, Shared};
 use crate::pb;
 use crate::raft::network::{Peers, MAX_MESSAGE};
 use crate::raft::server::RaftService;
@@ -235,24 +235,27 @@ pub async fn run(
         .unwrap_or_default();
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, &chains, &fenced)
         .map_err(|e| RunError::Raft(e.to_string()))?;
-    let sh = Arc::new(Shared {
+    let core = Arc::new(Core {
         cfg,
         raft: raft.clone(),
-        peers,
         gate: gate.clone(),
-        memory: memory.clone(),
-        start_holds: holds,
-        refused: watch::channel(None).0,
         metrics,
         view: ClusterView::default(),
         local: watch::channel(Local::default()).0,
         cluster: cluster_rx.clone(),
+        started: tokio::time::Instant::now(),
+        fence_agents: std::sync::Mutex::new(BTreeMap::new()),
+    });
+    let sh = Arc::new(Shared {
+        core,
+        peers,
+        memory: memory.clone(),
+        start_holds: holds,
+        refused: watch::channel(None).0,
         requests: req_tx,
-        started: Instant::now(),
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
         kernel_fence: kernel.describe(),
-        fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });
@@ -360,14 +363,16 @@ pub async fn run(
         }
         stop_coordinator.fire();
     });
-    let mut coordinator = Coordinator::new(
-        sh.clone(),
+    let mut coordinator = Coordinator::<coordinator::host::OnHost>::new(coordinator::Parts {
+        core: sh.core.clone(),
+        outside: Arc::new(coordinator::host::Real(sh.clone())),
         node,
         health_rx,
-        req_rx,
-        coordinator_stop,
-        bootstrap == Bootstrap::Rejoin,
-    );
+        requests: req_rx,
+        shutdown: coordinator_stop,
+        rejoining: bootstrap == Bootstrap::Rejoin,
+        seed: rand::random(),
+    });
     coordinator.run().await;
 
     // Teardown: Raft first (no more votes or acks), then the servers.

@@ -7,15 +7,22 @@
 //! each request) and a dead guard is reported, never waited on forever.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::config::ValidatorConfig;
 use crate::fence::kernel::{KernelError, Plan};
 use crate::fence::nft::Netlink;
 use crate::fence::{self, GuardClient, GuardError, KeyLinks, Tree, ValidatorEvent};
 use crate::health::Prober;
+
+/// How long a start waits after `restarts` exits in a row (at most six
+/// count): 0.5 s doubling, at most 10 s.
+pub fn restart_delay(restarts: u32) -> Duration {
+    (Duration::from_millis(250) * (1 << restarts.min(6))).min(Duration::from_secs(10))
+}
 
 /// The validator side of a host: its process tree (through the guard), its
 /// key links, its restarts.
@@ -66,6 +73,23 @@ impl Validator {
         })
     }
 
+    /// The next start may be tried at once (the count of exits in a row
+    /// stays).
+    pub fn start_at_once(&mut self) {
+        self.next_start = Instant::now();
+    }
+
+    /// Starts the validator now (with the key if it is linked), the count
+    /// of exits in a row back to zero.
+    pub async fn start(&mut self) -> Result<(), GuardError> {
+        self.next_start = Instant::now();
+        self.restarts = 0;
+        self.sup
+            .start(&self.cfg.command, self.linked)
+            .await
+            .map(|_| ())
+    }
+
     /// The next thing that happened to the validator unasked.
     pub async fn event(&mut self) -> ValidatorEvent {
         self.events
@@ -98,8 +122,7 @@ impl Validator {
 
     pub fn backoff(&mut self) {
         self.restarts = (self.restarts + 1).min(6);
-        let delay = Duration::from_millis(250) * (1 << self.restarts);
-        self.next_start = Instant::now() + delay.min(Duration::from_secs(10));
+        self.next_start = Instant::now() + restart_delay(self.restarts);
     }
 
     /// SIGKILL of the whole tree, proven. If the guard does not confirm
@@ -120,7 +143,7 @@ impl Validator {
     pub async fn stop_proven(
         &mut self,
         grace: Duration,
-        renew: impl FnMut() -> Option<u64>,
+        renew: impl FnMut() -> Option<u64> + Send,
     ) -> Result<(), GuardError> {
         match self.sup.stop(grace, renew).await {
             Ok(how) => {

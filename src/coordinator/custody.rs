@@ -10,24 +10,28 @@
 //! - fencing another host: its fence agent powers it off, confirmed,
 //!   before a takeover that was not handed over.
 //!
-//! Owns: the only handle on [`crate::supervisor::Validator`] (no other
+//! Owns: the only handle on this host's validator (a [`Host`]: the real
+//! [`crate::supervisor::Validator`], or the simulator's model; no other
 //! module of the coordinator touches it), the validator's health channel,
 //! and the deactivation and restart metrics. Must not: decide whether to
 //! take or give up the key; [`super`] decides, with [`super::policy`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use openraft::storage::RaftStateMachine;
 use openraft::ServerState;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use super::host::{Env, Host, Outside};
 use super::policy;
 use crate::config::ActivateBy;
-use crate::fence::{self, FenceError, GuardError, ValidatorEvent};
+use crate::fence::{FenceError, GuardError, ValidatorEvent};
 use crate::health::Health;
 use crate::ledger::{Command, NodeId};
-use crate::node::{quorum_ack_age, Shared};
-use crate::supervisor::Validator;
+use crate::node::{quorum_ack_age, Core};
+use crate::raft::TypeConfig;
 
 /// Why a custody step failed; the caller fences.
 #[derive(Debug, thiserror::Error)]
@@ -47,21 +51,24 @@ pub enum CustodyError {
 }
 
 /// The validator side of this host, as the coordinator may touch it.
-pub struct Custody {
-    sh: Arc<Shared>,
-    node: Option<Validator>,
+pub struct Custody<E: Env> {
+    sh: Arc<Core<E::Machine>>,
+    out: Arc<E::Outside>,
+    node: Option<E::Host>,
     health_rx: Option<watch::Receiver<Option<Health>>>,
 }
 
-impl Custody {
+impl<E: Env> Custody<E> {
     /// `node` and `health_rx` are `None` on a witness.
     pub fn new(
-        sh: Arc<Shared>,
-        node: Option<Validator>,
+        sh: Arc<Core<E::Machine>>,
+        out: Arc<E::Outside>,
+        node: Option<E::Host>,
         health_rx: Option<watch::Receiver<Option<Health>>>,
-    ) -> Custody {
+    ) -> Custody<E> {
         Custody {
             sh,
+            out,
             node,
             health_rx,
         }
@@ -76,7 +83,7 @@ impl Custody {
     pub fn health(&self) -> Option<Health> {
         let node = self.node.as_ref()?;
         let probed = self.health_rx.as_ref().and_then(|h| *h.borrow());
-        Some(match (node.sup.running(), probed) {
+        Some(match (node.running(), probed) {
             (Some(_), Some(h)) => h,
             _ => Health::default(),
         })
@@ -84,13 +91,11 @@ impl Custody {
 
     /// Whether the validator process runs (false on a witness).
     pub fn running(&self) -> bool {
-        self.node
-            .as_ref()
-            .is_some_and(|n| n.sup.running().is_some())
+        self.node.as_ref().is_some_and(|n| n.running().is_some())
     }
 
     pub fn key_linked(&self) -> bool {
-        self.node.as_ref().is_some_and(|n| n.linked)
+        self.node.as_ref().is_some_and(|n| n.linked())
     }
 
     /// When a stopped validator may be started again (backoff), if there
@@ -98,13 +103,15 @@ impl Custody {
     pub fn restart_at(&self) -> Option<Instant> {
         self.node
             .as_ref()
-            .filter(|n| n.sup.running().is_none())
-            .map(|n| n.next_start)
+            .filter(|n| n.running().is_none())
+            .map(|n| n.next_start())
     }
 
     /// The earliest a start may be tried (now on a witness).
     pub fn next_start(&self) -> Instant {
-        self.node.as_ref().map_or(Instant::now(), |n| n.next_start)
+        self.node
+            .as_ref()
+            .map_or(Instant::now(), |n| n.next_start())
     }
 
     /// The next unasked validator event (never resolves on a witness).
@@ -132,12 +139,12 @@ impl Custody {
         match ev {
             ValidatorEvent::Fenced(pid, how) => {
                 tracing::error!(pid, "guard fenced the validator: {how}");
-                if !node.sup.mark_exited(*pid) {
+                if !node.mark_exited(*pid) {
                     return false;
                 }
             }
             ValidatorEvent::Exited(pid, how) => {
-                if !node.sup.mark_exited(*pid) {
+                if !node.mark_exited(*pid) {
                     tracing::debug!(pid, "exit of an earlier validator ({how})");
                     return false;
                 }
@@ -159,20 +166,19 @@ impl Custody {
 
     /// Whether a successor waits for a new block height (`--no-height-watermark` turns it off).
     pub fn height_watermark(&self) -> bool {
-        self.node.as_ref().is_some_and(|n| n.cfg.height_watermark)
+        self.node.as_ref().is_some_and(|n| n.height_watermark())
     }
 
     /// The height this host's node reports now, if it answers with one.
     pub async fn probe_height(&self) -> Option<u64> {
-        let prober = self.node.as_ref()?.prober.clone();
-        prober.probe().await.ok().and_then(|h| h.height)
+        self.node.as_ref()?.probe_height().await
     }
 
     /// Step 4, first part: in restart mode, the keyless standby node stops
     /// (proven) before the key appears.
     pub async fn stop_standby(&mut self, grace: Duration) -> Result<(), CustodyError> {
         let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
-        if node.cfg.activate_by == ActivateBy::Restart && node.sup.running().is_some() {
+        if node.activate_by() == ActivateBy::Restart && node.running().is_some() {
             node.stop_proven(grace, || None)
                 .await
                 .map_err(CustodyError::StopStandby)?;
@@ -193,8 +199,7 @@ impl Custody {
     /// coordinator cannot keep the validator alive past `deadline_ns`.
     pub async fn arm(&mut self, deadline_ns: u64) -> Result<(), CustodyError> {
         let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
-        node.sup
-            .lease(Some(deadline_ns))
+        node.lease(Some(deadline_ns))
             .await
             .map_err(CustodyError::Lease)
     }
@@ -204,16 +209,9 @@ impl Custody {
     pub async fn link_and_start(&mut self) -> Result<(), CustodyError> {
         let node = self.node.as_mut().ok_or(CustodyError::NoValidator)?;
         node.links(true).await.map_err(CustodyError::Link)?;
-        match (node.cfg.activate_by, node.sup.running()) {
-            (ActivateBy::Sighup, Some(_)) => node.sup.sighup().await,
-            _ => {
-                node.next_start = Instant::now();
-                node.restarts = 0;
-                node.sup
-                    .start(&node.cfg.command, node.linked)
-                    .await
-                    .map(|_| ())
-            }
+        match (node.activate_by(), node.running()) {
+            (ActivateBy::Sighup, Some(_)) => node.sighup().await,
+            _ => node.start().await,
         }
         .map_err(CustodyError::Start)?;
         self.sh.metrics.activations.inc();
@@ -234,11 +232,11 @@ impl Custody {
         match proven {
             // The lease may be disarmed only once the tree is proven dead.
             Ok(()) => {
-                let _ = node.sup.lease(None).await;
+                let _ = node.lease(None).await;
             }
             Err(e) => tracing::error!("{e}"),
         }
-        node.next_start = Instant::now();
+        node.start_at_once();
         self.count_deactivation(reason);
         tracing::warn!(reason, "DEACTIVATED: validator killed, key unlinked");
     }
@@ -261,11 +259,9 @@ impl Custody {
         // The last height the node reached, fresh, for the successor's watermark.
         let mut height = self.health().and_then(|h| h.height);
         if let Some(node) = &mut self.node {
-            if let Ok(h) = node.prober.probe().await {
-                height = height.max(h.height);
-            }
-            let sh = self.sh.clone();
-            let renew = move || lease_deadline(&sh, Some(term));
+            height = height.max(node.probe_height().await);
+            let (sh, out) = (self.sh.clone(), self.out.clone());
+            let renew = move || lease_deadline(&sh, &*out, Some(term));
             let proven = node.stop_proven(t.stop_timeout, renew).await;
             if let Err(e) = node.links(false).await {
                 tracing::error!("cannot unlink the key: {e}");
@@ -276,7 +272,7 @@ impl Custody {
             // The kernel fence's lease too, verified (and only with the
             // proof): a successor starts at once after `Released`.
             let unleased = proven.is_ok() && {
-                let withdrawn = node.sup.lease(None).await;
+                let withdrawn = node.lease(None).await;
                 if let Err(e) = &withdrawn {
                     tracing::error!(
                         "not releasing the key: the lease could not be withdrawn ({e})"
@@ -284,13 +280,13 @@ impl Custody {
                 }
                 withdrawn.is_ok()
             };
-            if node.linked {
+            if node.linked() {
                 tracing::error!("not releasing the key: it is still linked");
             }
-            if !policy::may_release(proven.is_ok(), unleased, !node.linked) {
+            if !policy::may_release(proven.is_ok(), unleased, !node.linked()) {
                 return false;
             }
-            node.next_start = Instant::now();
+            node.start_at_once();
             // The node may have signed on through a long graceful stop: the
             // successor must wait past what the chain had reached at its
             // death, which this host's peers now report.
@@ -343,7 +339,7 @@ impl Custody {
         for attempt in 1..=fence.attempts {
             let started = Instant::now();
             tracing::warn!(node, attempt, agent = %name, "fencing node {node}: its host is powered off before this node takes the key over");
-            let outcome = fence::agent::power_off_once(agent, fence.timeout).await;
+            let outcome = self.out.power_off_once(agent, fence.timeout).await;
             let ms = started.elapsed().as_millis() as u64;
             let result = outcome.as_ref().map_or_else(|e| e.label(), |()| "off");
             self.sh
@@ -394,12 +390,16 @@ impl Custody {
 /// where this node promises not to vote before it has passed (plus the
 /// kill bound and drift): the leader's own vote must not elect a successor
 /// while its validator may still run, whatever openraft's own lease says.
-pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
+pub fn lease_deadline<SM: RaftStateMachine<TypeConfig>>(
+    sh: &Core<SM>,
+    out: &impl Outside,
+    term: Option<u64>,
+) -> Option<u64> {
     let m = sh.raft_metrics();
     let (live, before, since_change) = sh.gate.live_change();
     let fence =
         |basis| policy::fence_in_force(live.fence_after, before.fence_after, since_change, basis);
-    let deadline = lease_deadline_of(&m, term, fence::mono_now_ns, fence)?;
+    let deadline = lease_deadline_of(&m, term, || out.mono_now_ns(), fence)?;
     // openraft's leader refuses votes for its lease after the last quorum
     // ack by itself; only a longer fence (a longer profile's) needs more.
     let t = &sh.cfg.timing;
@@ -407,7 +407,7 @@ pub fn lease_deadline(sh: &Shared, term: Option<u64>) -> Option<u64> {
     if live.fence_after + t.kill_bound + t.drift_margin > openraft_lease {
         // The clock read first: the time left is then over-, never
         // under-stated.
-        let now_ns = fence::mono_now_ns();
+        let now_ns = out.mono_now_ns();
         let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
         sh.gate
             .promise_until(tokio::time::Instant::now() + left + t.kill_bound + t.drift_margin);

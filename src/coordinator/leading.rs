@@ -4,10 +4,12 @@
 //! decisions come from [`super::policy`], every effect on the validator
 //! goes through [`super::custody`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::ServerState;
+use tokio::time::Instant;
 
+use super::host::Env;
 use super::{campaign_jitter, custody, policy, Coordinator, Event, State, Wake};
 use crate::ledger::{Command, KeyEvent, NodeId};
 use crate::node::StateName;
@@ -20,7 +22,7 @@ const FENCE_RETRY: Duration = Duration::from_secs(5);
 /// stays ineligible, so that a standby with a working fence leads.
 const KERNEL_FENCE_STAND_DOWN: Duration = Duration::from_secs(30);
 
-impl Coordinator {
+impl<E: Env> Coordinator<E> {
     /// A leader that may not validate (a witness elected to bring a
     /// standby's log up to date, say) hands leadership to an eligible
     /// standby as soon as that standby holds every entry, once per term.
@@ -108,7 +110,7 @@ impl Coordinator {
         let rank = policy::campaign_rank(&self.view());
         self.next_campaign = Instant::now() + policy::campaign_retry(&t, rank);
         // A fresh jitter for the next round, so two standbys rarely collide.
-        self.jitter = campaign_jitter(t.election_min);
+        self.jitter = campaign_jitter(&mut self.rng, t.election_min);
         t.election_min
     }
 
@@ -116,7 +118,7 @@ impl Coordinator {
     /// lapsed, or the guard unreachable, deactivates and returns the next
     /// state instead.
     pub(super) async fn renew_lease(&mut self) -> Result<u64, State> {
-        let Some(deadline) = custody::lease_deadline(&self.sh, None) else {
+        let Some(deadline) = custody::lease_deadline(&self.sh, &*self.out, None) else {
             tracing::warn!(
                 "lease expired: no quorum ack within {:?}",
                 self.sh.timing().fence_after

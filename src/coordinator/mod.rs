@@ -19,7 +19,11 @@
 //! The rooms: this module holds the state enum, one handler per state and
 //! the one place that waits for the next event ([`Coordinator::next_event`]);
 //! [`policy`] decides, as pure functions over a snapshot of what this node
-//! sees; [`custody`] carries out every effect on the validator, in order.
+//! sees; [`custody`] carries out every effect on the validator, in order;
+//! [`host`] is the edge of the world as two traits (this host's validator,
+//! and what lies outside the process), so that the simulator (`sim/`) runs
+//! these same handlers over its models. Time is tokio's clock throughout
+//! (the simulator's, under it).
 //!
 //! Owns: the safety protocol's ordering (commit, wait, lease, link, start;
 //! and kill before unlink before release). Must not: block (every slow step
@@ -28,27 +32,30 @@
 //! targets.
 
 pub mod custody;
+pub mod host;
 mod leading;
 pub mod policy;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::WatchReceiverOf;
 use openraft::ServerState;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-use crate::admin;
 use crate::fence::ValidatorEvent;
 use crate::health::Health;
 use crate::ledger::{ClusterState, NodeId};
-use crate::node::{CoordinatorRequest, Local, Shared, StateName};
+use crate::node::{CoordinatorRequest, Core, Local, StateName};
 use crate::pb;
 use crate::raft;
 use crate::shutdown::Shutdown;
-use crate::supervisor::Validator;
 use custody::Custody;
+use host::{Env, Outside};
 use policy::View;
 
 enum State {
@@ -119,9 +126,10 @@ impl Wake {
     }
 }
 
-pub struct Coordinator {
-    sh: Arc<Shared>,
-    custody: Custody,
+pub struct Coordinator<E: Env> {
+    sh: Arc<Core<E::Machine>>,
+    out: Arc<E::Outside>,
+    custody: Custody<E>,
     /// Wakes on health changes (custody reads its own copy).
     health_rx: Option<watch::Receiver<Option<Health>>>,
     raft_rx: WatchReceiverOf<raft::TypeConfig, raft::Metrics>,
@@ -141,6 +149,8 @@ pub struct Coordinator {
     quiet: bool,
     /// Random extra wait before campaigning, redrawn after each campaign.
     jitter: Duration,
+    /// Where the jitter is drawn from (seeded by the simulator).
+    rng: SmallRng,
     /// The term in which this node, leading but unable to validate, last
     /// handed leadership on (see [`Coordinator::hand_on`]).
     handed_on_in: Option<u64>,
@@ -148,10 +158,8 @@ pub struct Coordinator {
 
 /// A small random extra wait before campaigning, for when two standbys
 /// disagree on their ranks (see [`policy::campaign_rank`]).
-fn campaign_jitter(election_min: Duration) -> Duration {
-    Duration::from_millis(rand::random_range(
-        0..=(election_min.as_millis() as u64 / 10).max(1),
-    ))
+fn campaign_jitter(rng: &mut SmallRng, election_min: Duration) -> Duration {
+    Duration::from_millis(rng.random_range(0..=(election_min.as_millis() as u64 / 10).max(1)))
 }
 
 /// The next health change (never resolves on a witness).
@@ -164,21 +172,41 @@ async fn health_changed(rx: &mut Option<watch::Receiver<Option<Health>>>) {
     std::future::pending().await
 }
 
-impl Coordinator {
-    /// A coordinator in `Startup`; `node` and its channels are `None` on a witness.
-    pub fn new(
-        sh: Arc<Shared>,
-        node: Option<Validator>,
-        health_rx: Option<watch::Receiver<Option<Health>>>,
-        requests: mpsc::Receiver<CoordinatorRequest>,
-        shutdown: Shutdown,
-        rejoining: bool,
-    ) -> Coordinator {
-        let election_min = sh.timing().election_min;
+/// What a [`Coordinator`] is built from.
+pub struct Parts<E: Env> {
+    pub core: Arc<Core<E::Machine>>,
+    pub outside: Arc<E::Outside>,
+    /// `None` on a witness, with `health_rx`.
+    pub node: Option<E::Host>,
+    pub health_rx: Option<watch::Receiver<Option<Health>>>,
+    pub requests: mpsc::Receiver<CoordinatorRequest>,
+    pub shutdown: Shutdown,
+    /// Step 9: this node lost its data dir and asks to be taken back.
+    pub rejoining: bool,
+    /// Seeds the campaign jitter (random on a real host).
+    pub seed: u64,
+}
+
+impl<E: Env> Coordinator<E> {
+    /// A coordinator in `Startup`.
+    pub fn new(p: Parts<E>) -> Coordinator<E> {
+        let Parts {
+            core: sh,
+            outside,
+            node,
+            health_rx,
+            requests,
+            shutdown,
+            rejoining,
+            seed,
+        } = p;
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let jitter = campaign_jitter(&mut rng, sh.timing().election_min);
         Coordinator {
             raft_rx: sh.raft.metrics(),
             cluster_rx: sh.cluster.clone(),
-            custody: Custody::new(sh.clone(), node, health_rx.clone()),
+            custody: Custody::new(sh.clone(), outside.clone(), node, health_rx.clone()),
+            out: outside,
             health_rx,
             sh,
             requests,
@@ -189,7 +217,8 @@ impl Coordinator {
             next_activation: Instant::now(),
             owed_fence: None,
             quiet: false,
-            jitter: campaign_jitter(election_min),
+            jitter,
+            rng,
             handed_on_in: None,
         }
     }
@@ -219,7 +248,7 @@ impl Coordinator {
     async fn next_event(&mut self, w: Wake) -> Event {
         let timer = async {
             match w.until {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
+                Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
@@ -489,13 +518,13 @@ impl Coordinator {
             })),
         };
         tracing::info!("asking leader {leader} to take this node back as a learner");
-        match admin::execute_on(&self.sh, leader, cmd, admin::NODE_REQUEST_DEADLINE).await {
+        match self.out.ask_leader(leader, cmd).await {
             Ok(msg) => {
                 tracing::info!("{msg}");
                 self.rejoining = false;
                 self.sh.gate.open_votes();
             }
-            Err(e) => tracing::warn!("rejoin: {}", e.message()),
+            Err(e) => tracing::warn!("rejoin: {e}"),
         }
     }
 
@@ -553,7 +582,7 @@ impl Coordinator {
                 Ok(d) => d,
                 Err(next) => return next,
             };
-            let now = crate::fence::mono_now_ns();
+            let now = self.out.mono_now_ns();
             self.custody.ensure_running(true).await;
             if self.custody.health().is_some_and(|h| h.healthy()) {
                 unhealthy_since = None;
