@@ -199,6 +199,10 @@ impl<E: Env> Coordinator<E> {
             if !self.still_leader(term) {
                 return Err(State::Voting);
             }
+            // Only this host's keyless node can report the height: if it
+            // died meanwhile (its death noted below), it starts again, or
+            // this wait would never end while this node leads.
+            self.custody.ensure_running(false).await;
             if self
                 .custody
                 .probe_height()
@@ -224,12 +228,16 @@ impl<E: Env> Coordinator<E> {
                 match self
                     .next_event(Wake {
                         until: Some(until),
+                        validator: true,
                         ..Wake::default()
                     })
                     .await
                 {
                     Event::Shutdown => return Err(State::Shutdown),
                     Event::Timer => break,
+                    Event::Validator(ev) => {
+                        self.on_exit(&ev).await;
+                    }
                     _ => {}
                 }
             }
