@@ -7,8 +7,9 @@
 //! dead, a kill that takes time or never completes, a stop that is slow.
 //!
 //! Owns: what runs on the host and when it dies. Must not: decide anything
-//! about the key; the coordinator model does, through [`Custody`] calls
-//! shaped like the real ones (each bounded, each able to fail).
+//! about the key; keyraft's coordinator does, through
+//! [`crate::coordinator::SimValidator`] (each call bounded, each able to
+//! fail, as the real ones).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub struct OsFaults {
 /// The validator's process on this host.
 #[derive(Debug, Clone, Copy)]
 pub struct Validator {
+    pub pid: u32,
     pub keyed: bool,
     /// Killed: dies at this time (it runs, and may sign, until then).
     pub dies_at: Option<Instant>,
@@ -63,6 +65,10 @@ pub struct Below {
     pub faults: OsFaults,
     /// A kill sent while the tree could not die: it takes effect when it can.
     pub pending_kill: bool,
+    /// The validator the guard's timer killed, until the coordinator hears.
+    pub fenced_pid: Option<u32>,
+    /// The last pid given to a validator on this host.
+    pub pids: u32,
 }
 
 pub struct Host {
@@ -245,7 +251,9 @@ pub async fn guard(host: Arc<Host>) {
         };
         if fire {
             host.kill_tree(now);
-            host.below().lease = None;
+            let mut b = host.below();
+            b.lease = None;
+            b.fenced_pid = b.validator.map(|v| v.pid);
             continue;
         }
         let sleep = async {

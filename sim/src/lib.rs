@@ -21,8 +21,9 @@
 //!   service and its client's rules, over [`net`].
 //! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
 //!   validator's process, the kernel fence.
-//! - [`coordinator`]: the coordinator's handlers, every decision by the
-//!   real `coordinator::policy`, every effect through [`host`].
+//! - [`coordinator`]: keyraft's own coordinator (state machine, handlers,
+//!   custody, policy), over models of the two edges `coordinator::host`
+//!   names: the validator side of [`host`], and the clock.
 //! - [`signer`]: sentries and the leader's sign path, through the real
 //!   `signer::before_commit` and ledger.
 //! - [`faults`]: the faults drawn per seed, and shrinking.
@@ -57,6 +58,18 @@ thread_local! {
     pub static LIVE: Cell<bool> = const { Cell::new(false) };
 }
 
+/// tracing's timer in a run (`--live`): simulated milliseconds since its
+/// first line, as the time line counts them.
+#[derive(Default)]
+pub struct SimClock(std::sync::OnceLock<tokio::time::Instant>);
+
+impl tracing_subscriber::fmt::time::FormatTime for SimClock {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let epoch = *self.0.get_or_init(tokio::time::Instant::now);
+        write!(w, "{:>6} ms", epoch.elapsed().as_millis())
+    }
+}
+
 /// Runs `seed` (its drawn plan, or `faults` instead of the drawn ones)
 /// with `plant` switched on, on a fresh paused runtime on this thread.
 pub fn run_seed(
@@ -72,7 +85,8 @@ pub fn run_seed(
     if let Some(f) = faults {
         plan.faults = f.to_vec();
     }
-    let mut timing = world::timing()?;
+    let config = world::config()?;
+    let mut timing = config.timing;
     timing.stop_timeout = std::time::Duration::from_millis(plan.stop_timeout_ms);
     let mut rt = tokio::runtime::Builder::new_current_thread();
     rt.enable_time().start_paused(true);
@@ -84,7 +98,7 @@ pub fn run_seed(
     let rt = rt.build()?;
     let before = PANICS.with(Cell::get);
     let until = plan.heal_ms + LIVENESS_MS;
-    let run = types::Rt::scope(seed, world::run(seed, &plan, timing, until));
+    let run = types::Rt::scope(seed, world::run(seed, &plan, config, timing, until));
     let mut outcome = rt.block_on(run);
     drop(rt);
     outcome.panics = PANICS.with(Cell::get) - before;

@@ -38,7 +38,9 @@ struct Args {
     /// Run every seed twice and require the same time line.
     #[arg(long)]
     twice: bool,
-    /// With --seed: print the time line as it happens.
+    /// With --seed: print the time line as it happens, with every
+    /// coordinator's own log lines (at keyraft's `info`, or as RUST_LOG
+    /// says) at their simulated time.
     #[arg(long)]
     live: bool,
     /// With --seed: a run through step 9's documented blind spot fails too
@@ -70,6 +72,17 @@ fn real_main() -> anyhow::Result<()> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     std::panic::set_hook(Box::new(|_| PANICS.with(|p| p.set(p.get() + 1))));
     keyraft_sim::LIVE.with(|l| l.set(args.live));
+    if args.live {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyraft=info"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_timer(keyraft_sim::SimClock::default())
+            .with_target(false)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match args.seed {
         Some(seed) => one(seed, plant, args.strict),
         None => many(&args, plant),

@@ -7,9 +7,13 @@
 //! client runs keyraft's rules of what an answer shows of a peer
 //! (`raft::network`), over [`crate::net`] instead of gRPC.
 //!
+//! Its `keyraft::node::Core` is the one keyraft's coordinator runs on
+//! ([`crate::coordinator`]), with keyraft's own status records (`Local`,
+//! `ClusterView`) carried by this process's gossip.
+//!
 //! Owns: a process's start (the Hello check), its Raft traffic and its
-//! gossip. Must not: touch the validator; the coordinator model does,
-//! through the host.
+//! gossip. Must not: touch the validator; the coordinator does, through
+//! the host's model.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use keyraft::config::Timing;
 use keyraft::ledger::ClusterState;
+use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
 use keyraft::raft::memory::{behind, Holds, Records, Remembered};
 use keyraft::raft::network::{self as rules, Shown};
 use keyraft::raft::server::{Answer, RaftService, Refusal};
@@ -28,7 +33,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
-use openraft::{BasicNode, OptionalSend, ServerState};
+use openraft::{BasicNode, OptionalSend};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -37,16 +42,6 @@ use crate::host::Host;
 use crate::net::{Boxed, Net, NetError};
 use crate::types::{self, Metrics, NodeId, Raft, Types, Vote};
 use crate::world::World;
-
-/// What gossip carries of a process (the fields the policy reads).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Status {
-    pub eligible: bool,
-    pub ready: bool,
-    pub height: u64,
-    pub leader: Option<NodeId>,
-    pub term: u64,
-}
 
 pub struct Process {
     pub id: NodeId,
@@ -60,18 +55,19 @@ pub struct Process {
     /// keyraft's Raft service, on this process's openraft and memory.
     service: RaftService<disk::StateMachine, Memory>,
     pub started: Instant,
-    /// What this process tells its peers.
-    pub local: watch::Sender<Status>,
-    /// What peers last told it, and when.
-    pub view: Mutex<BTreeMap<NodeId, (Status, Instant)>>,
+    /// What its data dir held at start (its status never says less).
+    start_holds: Holds,
+    /// What keyraft's coordinator runs on: this process's Raft, gate,
+    /// replicated state, and the status records gossip carries.
+    pub core: Arc<Core<disk::StateMachine>>,
     /// Signer mode: one request at a time on the leader.
     pub sign_lock: tokio::sync::Mutex<()>,
-    /// Operator requests for the coordinator.
-    pub ops: tokio::sync::mpsc::UnboundedSender<crate::coordinator::Op>,
+    /// Operator requests for the coordinator (`keyraft switchover`).
+    requests: tokio::sync::mpsc::Sender<CoordinatorRequest>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-pub type OpsRx = tokio::sync::mpsc::UnboundedReceiver<crate::coordinator::Op>;
+pub type OpsRx = tokio::sync::mpsc::Receiver<CoordinatorRequest>;
 
 /// Why a process did not start.
 #[derive(Debug)]
@@ -93,6 +89,7 @@ impl Process {
     ) -> Result<(Arc<Process>, OpsRx), StartError> {
         let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
         let timing = world.timing;
+        let start_holds = host.disk.holds();
         let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
         let config = keyraft::raft::openraft_config(&timing)
             .map_err(|e| StartError::Refused(e.to_string()))?;
@@ -107,7 +104,7 @@ impl Process {
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| StartError::Refused(e.to_string()))?;
-        let (ops_tx, ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(8);
         let service = RaftService::new(
             raft.clone(),
             gate.clone(),
@@ -116,6 +113,18 @@ impl Process {
             timing,
             Arc::new(Memory(host.disk.clone())),
         );
+        let core = Arc::new(Core {
+            cfg: world.config(id),
+            raft: raft.clone(),
+            gate: gate.clone(),
+            metrics: keyraft::metrics::Metrics::new("sim", false, &[], &[])
+                .map_err(|e| StartError::Refused(e.to_string()))?,
+            view: ClusterView::default(),
+            local: watch::channel(Local::default()).0,
+            cluster: cluster.clone(),
+            started: Instant::now(),
+            fence_agents: Mutex::new(BTreeMap::new()),
+        });
         let p = Arc::new(Process {
             id,
             inc,
@@ -127,10 +136,10 @@ impl Process {
             timing,
             net: world.net.clone(),
             started: Instant::now(),
-            local: watch::channel(Status::default()).0,
-            view: Mutex::new(BTreeMap::new()),
+            start_holds,
+            core,
             sign_lock: tokio::sync::Mutex::new(()),
-            ops: ops_tx,
+            requests: ops_tx,
             tasks: Mutex::new(Vec::new()),
         });
         host.set_process(Some(p.clone()));
@@ -258,11 +267,22 @@ impl Process {
             .unwrap_or_default()
     }
 
-    /// Gossip: this process's status to every peer, every interval.
+    /// `keyraft switchover` (no target): the coordinator answers it.
+    pub fn switchover(&self) {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let _ = self
+            .requests
+            .try_send(CoordinatorRequest::Switchover { to: None, reply });
+    }
+
+    /// Gossip: this process's status to every peer, every interval (a
+    /// peer's role is what its certificate proves, "validator" here).
     async fn gossip(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            let status = self.local.borrow().clone();
+            // keyraft's own record (what a process remembers of its peers
+            // reaches them by the Hello instead).
+            let status = keyraft::gossip::core_status(&self.core, self.start_holds);
             for peer in self.net_peers() {
                 let (s, from) = (status.clone(), self.id);
                 let net = self.net.clone();
@@ -272,10 +292,8 @@ impl Process {
                         .exchange(from, inc, peer, every * 2, move |p| {
                             let s = s.clone();
                             Box::pin(async move {
-                                p.view
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .insert(from, (s, Instant::now()));
+                                p.core.view.prove_role(from, "validator");
+                                p.core.view.record(s, None);
                             })
                         })
                         .await;
@@ -307,14 +325,7 @@ impl Process {
     }
 
     pub fn leader(&self) -> Option<NodeId> {
-        let m = self.metrics();
-        let limit = self.timing.election_max;
-        if m.state == ServerState::Leader {
-            leads(&m, limit).then_some(self.id)
-        } else {
-            m.current_leader
-                .filter(|_| self.gate.since_leader_contact().is_some_and(|d| d < limit))
-        }
+        self.core.leader()
     }
 
     // keyraft's Raft service (src/raft/server.rs); its answers as the

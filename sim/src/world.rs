@@ -16,7 +16,6 @@ use keyraft::ledger::{Command, SignVerdict};
 use keyraft::signer::Hrs;
 use tokio::time::Instant;
 
-use crate::coordinator::Coordinator;
 use crate::disk::{DiskState, Hook};
 use crate::faults::Plan;
 use crate::host::{Freeze, Host};
@@ -41,6 +40,8 @@ impl Hosts {
 pub struct World {
     pub seed: u64,
     pub timing: Timing,
+    /// What every process's configuration is made from.
+    config: keyraft::config::Config,
     pub hosts: Arc<Hosts>,
     pub net: Net,
     pub epoch: Instant,
@@ -75,9 +76,11 @@ pub struct Outcome {
     pub residual: Option<String>,
 }
 
-/// keyraft's default timings (the `lan` profile), resolved and checked by
-/// the real configuration code.
-pub fn timing() -> anyhow::Result<Timing> {
+/// keyraft's default timings (the `lan` profile) in a configuration
+/// resolved and checked by the real code (a member with one peer,
+/// `--insecure`); each process's is made from it by
+/// [`World::config`].
+pub fn config() -> anyhow::Result<keyraft::config::Config> {
     let args = keyraft::config::RunArgs {
         node_id: Some(1),
         peer: vec!["2=127.0.0.1:7702".into()],
@@ -89,7 +92,7 @@ pub fn timing() -> anyhow::Result<Timing> {
         timing: Some(keyraft::config::TimingProfile::Lan),
         ..Default::default()
     };
-    Ok(args.resolve()?.timing)
+    Ok(args.resolve()?)
 }
 
 mod faults_applied;
@@ -97,6 +100,24 @@ mod faults_applied;
 impl World {
     pub fn ids(&self) -> Vec<NodeId> {
         self.hosts.0.keys().copied().collect()
+    }
+
+    /// Node `id`'s configuration: a validator host (a signer in signer
+    /// mode) with the run's timing; no fence agents.
+    pub fn config(&self, id: NodeId) -> keyraft::config::Config {
+        let mut c = self.config.clone();
+        c.id = id;
+        c.witness = false;
+        c.timing = self.timing;
+        c.signer = self.signer_mode.then(|| keyraft::config::SignerConfig {
+            chains: vec![keyraft::config::ChainConfig {
+                chain_id: crate::signer::CHAIN.into(),
+                key: Default::default(),
+                nodes: Vec::new(),
+            }],
+            identity_key: Default::default(),
+        });
+        c
     }
 
     pub fn height(&self) -> u64 {
@@ -292,9 +313,7 @@ impl World {
         host.starting.store(false, Ordering::Relaxed);
         match started {
             Ok((p, ops)) => {
-                if let Some(c) = Coordinator::new(p.clone(), self.clone(), ops, self.next_seed()) {
-                    p.spawn(c.run());
-                }
+                crate::coordinator::spawn(&p, self, ops, self.next_seed());
                 p.spawn(leadership(self.clone(), p.clone()));
                 self.note(format!("node {id} started"));
             }
@@ -373,7 +392,13 @@ async fn leadership(world: Arc<World>, p: Arc<Process>) {
 }
 
 /// Runs one plan on the current (paused, seeded) runtime.
-pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outcome {
+pub async fn run(
+    seed: u64,
+    plan: &Plan,
+    config: keyraft::config::Config,
+    timing: Timing,
+    until_ms: u64,
+) -> Outcome {
     let hosts = Hosts(
         (1..=plan.nodes)
             .map(|id| (id, Arc::new(Host::new(id, seed ^ id))))
@@ -383,6 +408,7 @@ pub async fn run(seed: u64, plan: &Plan, timing: Timing, until_ms: u64) -> Outco
     let world = Arc::new(World {
         seed,
         timing,
+        config,
         net: Net::new(seed, hosts.clone()),
         hosts,
         epoch: Instant::now(),

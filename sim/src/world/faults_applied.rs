@@ -12,7 +12,6 @@ use openraft::ChangeMembers;
 use tokio::time::Instant;
 
 use super::World;
-use crate::coordinator::Op;
 use crate::faults::{Fault, Kind, Target};
 use crate::host::{Freeze, Host, OsFaults};
 use crate::net::{Boxed, Quality};
@@ -87,7 +86,7 @@ impl World {
             let w = w.clone();
             Box::pin(async move {
                 if l.id == id {
-                    let _ = l.ops.send(Op::Switchover);
+                    l.switchover();
                     return false;
                 }
                 if l.cluster.borrow().key_holder() == Some(id) {
@@ -348,7 +347,7 @@ impl World {
             }
             Kind::Switchover => {
                 if let Some(p) = host.process() {
-                    let _ = p.ops.send(Op::Switchover);
+                    p.switchover();
                 }
             }
             Kind::Pause { ms } => {
