@@ -491,7 +491,9 @@ async fn a_standby_behind_the_witness_still_takes_over() -> Result<()> {
         Ok(signer) => signer,
         Err(e) => {
             // What the witness saw: whether it counted the standby as one
-            // that could take over (a flake under load, not explained yet).
+            // that could take over. Under load the leader can freeze before
+            // its next heartbeat tells the witness that `resume` committed;
+            // the witness must still stand (`policy::pause_holds`).
             let status = c.status(3).await;
             return Err(e.context(format!(
                 "node {active} frozen, node {standby} healed; the witness's status: {status:?}\n{}",

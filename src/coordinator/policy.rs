@@ -67,6 +67,18 @@ impl View {
     }
 }
 
+/// Whether a pause holds this node back, from the pause its applied ledger
+/// shows. A follower whose log holds entries it has not applied cannot
+/// trust that: a `resume` may be among them, committed by a leader that
+/// froze before its next heartbeat told anyone. For a follower the pause is
+/// then unsettled and does not stop a campaign: if it wins, its whole log
+/// is committed and the ledger it then applies says again whether the
+/// cluster is paused. A leader goes by what it has applied, so no key is
+/// taken and no handover made on a pause that has not been applied.
+pub fn pause_holds(applied_paused: bool, is_leader: bool, unapplied: bool) -> bool {
+    applied_paused && (is_leader || !unapplied)
+}
+
 /// Step 1: campaign (and validate) only while eligible. In signer mode
 /// leading means signing, not validating: the local node's health does not
 /// matter (every sentry's requests reach the leader).

@@ -282,6 +282,37 @@ fn voting_steps() {
 }
 
 #[test]
+fn a_pause_holds_a_follower_back_only_once_its_log_is_applied() {
+    // (applied paused, leading, unapplied entries) -> the pause holds.
+    let table = [
+        ((false, false, false), false),
+        ((false, true, true), false),
+        ((true, false, false), true),
+        // A `resume` may sit unapplied in the log of a follower whose
+        // leader froze right after committing it: it may campaign.
+        ((true, false, true), false),
+        // A leader goes by what it applied, committed entries or not.
+        ((true, true, false), true),
+        ((true, true, true), true),
+    ];
+    for ((paused, leader, unapplied), holds) in table {
+        assert_eq!(
+            pause_holds(paused, leader, unapplied),
+            holds,
+            "paused {paused}, leader {leader}, unapplied {unapplied}"
+        );
+    }
+    // The witness of such a follower: it campaigns for a standby again.
+    let mut v = view();
+    v.witness = true;
+    v.paused = pause_holds(true, false, true);
+    assert_eq!(
+        voting_step(false, false, true, &v),
+        VotingStep::Campaign { last_resort: true }
+    );
+}
+
+#[test]
 fn unhealthy_validators_send_the_state_back() {
     assert_eq!(unhealthy_exit(None), None);
     assert_eq!(unhealthy_exit(healthy()), None);
