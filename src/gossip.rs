@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::timing::WAN_RTT;
 use crate::config::TimingProfile;
+use crate::ledger::NodeId;
 use crate::node::{Core, Local, Shared};
 use crate::pb;
 use crate::raft::memory::{Holds, Records, Remembered};
@@ -312,41 +313,54 @@ impl pb::gossip_server::Gossip for GossipService {
         if req.get_ref().id != peer {
             return Err(Status::permission_denied("hello on behalf of another node"));
         }
-        let m = self.sh.raft_metrics();
-        let initialized = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .next()
-            .is_some();
-        let registered = self.sh.cluster.borrow().registered.contains(&peer);
-        let mut seen = self.sh.memory.of(peer);
-        if let Some(h) = req.get_ref().holds {
-            // A start judged by what this node saw of it: behind, refused;
-            // not behind, any earlier refusal taken back (a good copy).
-            let holds = Holds {
-                term: h.term,
-                last_index: h.last_index,
-            };
-            match seen.gap(holds) {
-                Some(gap) => seen.refused = Some(gap),
-                None => {
-                    seen.refused = None;
-                    if let Err(e) = self.sh.memory.clear_refusal(peer).await {
-                        tracing::warn!("cannot take back the refusal of node {peer}: {e}");
-                    }
+        let holds = req.get_ref().holds.map(|h| Holds {
+            term: h.term,
+            last_index: h.last_index,
+        });
+        Ok(Response::new(
+            hello_reply(&self.sh.core, &*self.sh.memory, peer, holds).await,
+        ))
+    }
+}
+
+/// This node's answer to `peer`'s Hello at its start (step 9): what this
+/// node saw of it, and, judged against what its data dir `holds`, whether
+/// it is refused (behind) or any earlier refusal is taken back (a good
+/// copy put back). The simulator's processes answer with it too.
+pub async fn hello_reply<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+    memory: &impl Records,
+    peer: NodeId,
+    holds: Option<Holds>,
+) -> pb::HelloReply {
+    let m = core.raft_metrics();
+    let initialized = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .next()
+        .is_some();
+    let registered = core.cluster.borrow().registered.contains(&peer);
+    let mut seen = memory.of(peer);
+    if let Some(holds) = holds {
+        match seen.gap(holds) {
+            Some(gap) => seen.refused = Some(gap),
+            None => {
+                seen.refused = None;
+                if let Err(e) = memory.clear_refusal(peer).await {
+                    tracing::warn!("cannot take back the refusal of node {peer}: {e}");
                 }
             }
         }
-        Ok(Response::new(pb::HelloReply {
-            initialized,
-            term: m.current_term,
-            leader: m.current_leader,
-            registered,
-            wall_ms: crate::node::wall_ms(),
-            seen_term: seen.term,
-            seen_committed: seen.committed,
-            refused: seen.refused.unwrap_or_default(),
-        }))
+    }
+    pb::HelloReply {
+        initialized,
+        term: m.current_term,
+        leader: m.current_leader,
+        registered,
+        wall_ms: crate::node::wall_ms(),
+        seen_term: seen.term,
+        seen_committed: seen.committed,
+        refused: seen.refused.unwrap_or_default(),
     }
 }

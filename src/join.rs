@@ -3,18 +3,55 @@
 //! it?), and the one-time registration that makes a later empty start need
 //! `--rejoin`.
 //!
+//! The decision reaches its peers through [`Ask`]: the peer port on a real
+//! node ([`Peers`]), the simulated network in the simulator (`sim/`),
+//! which so runs this very rule at every restart.
+//!
 //! Owns: the bootstrap decision (carry on, initialise, join, rejoin, or
 //! refuse) and the `Register` command. Must not: start servers or touch
 //! the validator; [`crate::server`] calls it during start-up.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin;
+use crate::config::Config;
 use crate::ledger::NodeId;
 use crate::node::Shared;
 use crate::pb;
 use crate::raft::memory::{self, Holds, Remembered};
+use crate::raft::network::Peers;
+
+/// How a starting node asks a peer what it saw of it.
+pub trait Ask: Send + Sync {
+    /// Node `id`'s answer to a Hello with `holds`, if it came within a
+    /// second.
+    fn hello(
+        &self,
+        id: NodeId,
+        holds: Holds,
+    ) -> impl Future<Output = Option<pb::HelloReply>> + Send;
+}
+
+impl Ask for Peers {
+    async fn hello(&self, id: NodeId, holds: Holds) -> Option<pb::HelloReply> {
+        let mut c = self.gossip_client(id).ok()?;
+        let req = self.request(
+            pb::HelloRequest {
+                id: self.self_id(),
+                holds: Some(pb::Holds {
+                    term: holds.term,
+                    last_index: holds.last_index,
+                }),
+            },
+            Duration::from_secs(1),
+        );
+        self.call(id, Duration::from_secs(1), c.hello(req))
+            .await
+            .ok()
+    }
+}
 
 /// A start refused for safety (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -43,20 +80,25 @@ pub enum Bootstrap {
 /// answers from a majority of the members (itself included); an empty one
 /// joining a cluster that exists needs every other member's, since the
 /// one that saw it may be any of them. No answers: it waits, never guesses.
-pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool, holds: Holds) -> Result<Bootstrap, Refused> {
-    if !fresh && sh.cfg.rejoin {
+pub async fn bootstrap(
+    cfg: &Config,
+    ask: &impl Ask,
+    fresh: bool,
+    holds: Holds,
+) -> Result<Bootstrap, Refused> {
+    if !fresh && cfg.rejoin {
         tracing::warn!("--rejoin ignored: the data dir holds Raft state");
     }
-    if fresh && sh.cfg.rejoin {
+    if fresh && cfg.rejoin {
         tracing::info!("empty data dir and --rejoin: joining as a new learner");
         return Ok(Bootstrap::Rejoin);
     }
-    let members = sh.cfg.members().len();
-    let peers = sh.cfg.peers.len();
+    let members = cfg.members().len();
+    let peers = cfg.peers.len();
     let mut waited = Duration::ZERO;
     let step = Duration::from_millis(500);
     loop {
-        let answers = ask(sh, holds).await;
+        let answers = ask_all(cfg, ask, holds).await;
         for (peer, r) in &answers {
             let seen = Remembered {
                 term: r.seen_term,
@@ -65,10 +107,10 @@ pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool, holds: Holds) -> Result<Bo
                 refused_by: (!r.refused.is_empty()).then_some(*peer),
             };
             if let Some(gap) = memory::behind(&seen, holds) {
-                return Err(refusal(sh, fresh, *peer, r, &gap));
+                return Err(refusal(cfg, fresh, *peer, r, &gap));
             }
             if fresh && r.registered {
-                return Err(refusal(sh, fresh, *peer, r, "it registered"));
+                return Err(refusal(cfg, fresh, *peer, r, "it registered"));
             }
         }
         let majority = (answers.len() + 1) * 2 > members;
@@ -93,12 +135,11 @@ pub async fn bootstrap(sh: &Arc<Shared>, fresh: bool, holds: Holds) -> Result<Bo
 }
 
 /// Every peer's answer to Hello that came within a second.
-async fn ask(sh: &Arc<Shared>, holds: Holds) -> Vec<(NodeId, pb::HelloReply)> {
-    let asks = sh
-        .cfg
+async fn ask_all(cfg: &Config, ask: &impl Ask, holds: Holds) -> Vec<(NodeId, pb::HelloReply)> {
+    let asks = cfg
         .peers
         .keys()
-        .map(|&id| async move { hello(sh, id, holds).await.map(|r| (id, r)) });
+        .map(|&id| async move { ask.hello(id, holds).await.map(|r| (id, r)) });
     futures::future::join_all(asks)
         .await
         .into_iter()
@@ -106,36 +147,17 @@ async fn ask(sh: &Arc<Shared>, holds: Holds) -> Vec<(NodeId, pb::HelloReply)> {
         .collect()
 }
 
-/// Node `id`'s answer to a Hello with `holds`, if it came within a second.
-async fn hello(sh: &Arc<Shared>, id: NodeId, holds: Holds) -> Option<pb::HelloReply> {
-    let mut c = sh.peers.gossip_client(id).ok()?;
-    let req = sh.peers.request(
-        pb::HelloRequest {
-            id: sh.cfg.id,
-            holds: Some(pb::Holds {
-                term: holds.term,
-                last_index: holds.last_index,
-            }),
-        },
-        Duration::from_secs(1),
-    );
-    sh.peers
-        .call(id, Duration::from_secs(1), c.hello(req))
-        .await
-        .ok()
-}
-
 /// Asks node `id` again with what this node's data dir held at its start:
 /// `id` still refuses an earlier start of this node (it did not answer
 /// this start's Hello), and takes the refusal back if this start holds what
 /// it saw.
 pub async fn hello_again(sh: Arc<Shared>, id: NodeId) {
-    let _ = hello(&sh, id, sh.start_holds).await;
+    let _ = sh.peers.hello(id, sh.start_holds).await;
 }
 
 /// The one line a refused start ends with (exit code 2).
-fn refusal(sh: &Shared, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &str) -> Refused {
-    let (dir, id) = (sh.cfg.data_dir.display(), sh.cfg.id);
+fn refusal(cfg: &Config, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &str) -> Refused {
+    let (dir, id) = (cfg.data_dir.display(), cfg.id);
     if fresh {
         Refused(format!(
             "data dir {dir} is empty, but node {peer} knows node {id} as a member that ran before ({gap}; cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",

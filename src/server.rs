@@ -264,9 +264,17 @@ pub async fn run(
         .set(i64::from(kernel.plan().is_some()));
     let signer = match sh.cfg.signer.clone() {
         Some(c) => {
-            let identity_path = c.identity_key.clone();
-            let identity = blocking(move || signer::privval::identity(&identity_path)).await?;
-            Some((Signer::new(sh.clone(), c)?, identity))
+            let (keys, identity) = blocking(move || {
+                Ok::<_, RunError>((
+                    signer::load_keys(&c)?,
+                    signer::privval::identity(&c.identity_key)?,
+                ))
+            })
+            .await?;
+            Some((
+                Signer::new(sh.core.clone(), sh.peers.clone(), keys),
+                identity,
+            ))
         }
         None => None,
     };
@@ -279,7 +287,7 @@ pub async fn run(
     )
     .await?;
 
-    let bootstrap = join::bootstrap(&sh, fresh, holds).await?;
+    let bootstrap = join::bootstrap(&sh.cfg, &*sh.peers, fresh, holds).await?;
     gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
@@ -315,6 +323,7 @@ pub async fn run(
             for addr in &chain.cfg.nodes {
                 tasks.push(tokio::spawn(signer::privval::run(
                     signer.clone(),
+                    sh.clone(),
                     i,
                     addr.clone(),
                     identity.clone(),

@@ -143,7 +143,7 @@ pub fn status_json(sh: &Shared) -> Value {
             .iter()
             .map(|chain| {
                 let w = cluster.watermark(&chain.chain_id);
-                let limit = crate::signer::height_limit(sh, &chain.chain_id);
+                let limit = crate::signer::height_limit(&sh.core, &chain.chain_id);
                 let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
                 json!({
                     "chain_id": chain.chain_id,
@@ -356,7 +356,7 @@ async fn execute_here(sh: &Arc<Shared>, cmd: pb::ClusterCommand) -> Result<Strin
                     f.chain_id
                 )));
             }
-            let limit = crate::signer::height_limit(sh, &f.chain_id);
+            let limit = crate::signer::height_limit(&sh.core, &f.chain_id);
             if f.height > limit.height {
                 if !f.allow_jump {
                     return Err(Status::failed_precondition(format!(

@@ -134,6 +134,10 @@ pub trait Records: Send + Sync + 'static {
         why: String,
         by: NodeId,
     ) -> impl std::future::Future<Output = io::Result<bool>> + Send;
+    /// Takes back a refusal of `id`: it started again with a data dir
+    /// that holds at least what was seen of it (a good copy put back).
+    fn clear_refusal(&self, id: NodeId)
+        -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
 /// This node's memory of every member, backed by the Raft store.
@@ -186,21 +190,6 @@ impl Memory {
     /// Everything this node remembers.
     pub fn all(&self) -> BTreeMap<NodeId, Remembered> {
         self.map().clone()
-    }
-
-    /// Takes back a refusal of `id`: it started again with a data dir
-    /// that holds at least what was seen of it (a good copy put back).
-    pub async fn clear_refusal(&self, id: NodeId) -> io::Result<()> {
-        let had = self.map().get_mut(&id).and_then(|r| {
-            r.refused_by = None;
-            r.refused.take()
-        });
-        if had.is_none() {
-            return Ok(());
-        }
-        tracing::warn!("node {id} starts with a data dir that holds what was seen of it: its refusal is taken back");
-        self.mark(id);
-        self.persist().await
     }
 
     /// Makes this store node `me`'s own: a Raft store copied from another
@@ -339,6 +328,19 @@ impl Records for Memory {
         }
         self.mark(id);
         self.persist().await.map(|()| true)
+    }
+
+    async fn clear_refusal(&self, id: NodeId) -> io::Result<()> {
+        let had = self.map().get_mut(&id).and_then(|r| {
+            r.refused_by = None;
+            r.refused.take()
+        });
+        if had.is_none() {
+            return Ok(());
+        }
+        tracing::warn!("node {id} starts with a data dir that holds what was seen of it: its refusal is taken back");
+        self.mark(id);
+        self.persist().await
     }
 }
 

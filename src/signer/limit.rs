@@ -5,7 +5,10 @@
 //! members' synced nodes report. Must not: sign, commit or refuse anything
 //! itself; [`super::Signer`] and the admin service ask it.
 
-use crate::node::Shared;
+use openraft::storage::RaftStateMachine;
+
+use crate::node::Core;
+use crate::raft::TypeConfig;
 
 /// A request or an imported floor this far above the watermark (or, with
 /// none yet, above height 0) is refused: one bogus height (a buggy or
@@ -31,7 +34,10 @@ pub struct HeightLimit {
 /// requests move: repeated requests at the limit cannot walk it up. With
 /// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
 /// first signature).
-pub fn height_limit(sh: &Shared, chain_id: &str) -> HeightLimit {
+pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
+    sh: &Core<SM>,
+    chain_id: &str,
+) -> HeightLimit {
     let watermark = sh
         .cluster
         .borrow()

@@ -5,6 +5,8 @@
 //!   `priv_validator_laddr`, as tmkms does) and the request loop on each.
 //! - [`sign`]: the consensus key, sign bytes, digests, signatures.
 //! - [`limit`]: the highest height signed or imported now.
+//! - [`forward`]: a follower's request to the leader ([`Forward`], over
+//!   the peer port on a real node) and the leader's gRPC end.
 //! - [`refusal`]: why a request was not signed, typed from the ledger's
 //!   verdict through the forward to CometBFT's `RemoteSignerError`.
 //! - this module: [`Signer`], which answers each request with one sign path
@@ -28,11 +30,17 @@
 //! repeat of bytes already committed, whose signature is the same bytes
 //! (ed25519 is deterministic).
 //!
+//! The signer runs on a [`Core`] (Raft, the replicated state, metrics) and
+//! reaches the leader through a [`Forward`]: the peer port on a real node
+//! ([`Peers`]), the simulated network in the simulator (`sim/`), which so
+//! runs this very sign path. Time is tokio's clock.
+//!
 //! Owns: the chain-id check (once, where a request enters), the order
-//! commit-then-sign, forwarding with a bounded wait, and the sign metrics. Must not: sign anything the state
-//! machine did not accept, wait past CometBFT's read timeout, or touch the
-//! coordinator's validator.
+//! commit-then-sign, forwarding with a bounded wait, and the sign metrics.
+//! Must not: sign anything the state machine did not accept, wait past
+//! CometBFT's read timeout, or touch the coordinator's validator.
 
+mod forward;
 pub mod limit;
 pub mod privval;
 pub mod refusal;
@@ -40,25 +48,31 @@ pub mod sign;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cometbft_proto::v0_38::crypto::{public_key, PublicKey as RawPublicKey};
 use cometbft_proto::v0_38::privval::{
     message::Sum, Message, PingResponse, PubKeyResponse, SignedProposalResponse, SignedVoteResponse,
 };
 use openraft::errors::{ClientWriteError, RaftError};
+use openraft::storage::RaftStateMachine;
 use prost::Message as _;
-use tonic::{Request, Response, Status};
+use tokio::time::Instant;
+use tonic::Status;
 
 use crate::config::{ChainConfig, NodeId, SignerConfig};
 use crate::ledger::{Command, SignVerdict, SignerState};
-use crate::node::Shared;
+use crate::node::Core;
 use crate::pb;
 use crate::plant::{self, Plant};
+use crate::raft::network::Peers;
+use crate::raft::store::StateMachine;
+use crate::raft::TypeConfig;
+pub use forward::{Forward, SignerService};
 pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN, MAX_HEIGHT_JUMP};
 pub use refusal::Hrs;
 pub use refusal::Refusal;
-use sign::{ConsensusKey, SignError, Signable};
+pub use sign::{ConsensusKey, SignError, Signable};
 
 /// Longest a sign request waits for a leader (an election, a forward) before
 /// it is answered with an error. Below CometBFT's 3 s read timeout, so the
@@ -143,26 +157,51 @@ impl Chain {
     }
 }
 
-pub struct Signer {
-    sh: Arc<Shared>,
+/// Reads every chain's `priv_validator_key.json` (blocking file reads: call
+/// it off the async workers).
+pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
+    cfg.chains
+        .iter()
+        .map(|c| Ok((c.clone(), ConsensusKey::load(&c.key)?)))
+        .collect()
+}
+
+/// Signer mode on one node: its chains, on a [`Core`], forwarding by `F`.
+pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = Peers> {
+    core: Arc<Core<SM>>,
+    to_leader: Arc<F>,
     chains: Vec<Chain>,
 }
 
-impl Signer {
-    pub fn new(sh: Arc<Shared>, cfg: SignerConfig) -> Result<Arc<Signer>, SignError> {
-        let mut chains = Vec::new();
-        for c in cfg.chains {
-            let key = ConsensusKey::load(&c.key)?;
-            tracing::info!(chain_id = %c.chain_id, address = %key.address_hex(),
-                nodes = c.nodes.len(), "signer mode: signatures are committed through Raft first");
-            chains.push(Chain {
-                cfg: c,
-                key,
-                lock: tokio::sync::Mutex::new(()),
-                said_wrong_key_chain: AtomicBool::new(false),
-            });
-        }
-        Ok(Arc::new(Signer { sh, chains }))
+impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
+    /// A signer for `chains`, each with its key ([`load_keys`]).
+    pub fn new(
+        core: Arc<Core<SM>>,
+        to_leader: Arc<F>,
+        chains: Vec<(ChainConfig, ConsensusKey)>,
+    ) -> Arc<Self> {
+        let chains = chains
+            .into_iter()
+            .map(|(cfg, key)| {
+                tracing::info!(chain_id = %cfg.chain_id, address = %key.address_hex(),
+                    nodes = cfg.nodes.len(), "signer mode: signatures are committed through Raft first");
+                Chain {
+                    cfg,
+                    key,
+                    lock: tokio::sync::Mutex::new(()),
+                    said_wrong_key_chain: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        Arc::new(Signer {
+            core,
+            to_leader,
+            chains,
+        })
+    }
+
+    pub fn core(&self) -> &Core<SM> {
+        &self.core
     }
 
     pub fn chains(&self) -> &[Chain] {
@@ -247,7 +286,7 @@ impl Signer {
             Ok(()) => self.sign_anywhere(chain, what).await,
             Err(e) => Err(e),
         };
-        let m = &self.sh.metrics;
+        let m = &self.core.metrics;
         let label = match &result {
             Ok(_) => "signed",
             Err(e) => e.result_label(),
@@ -272,8 +311,8 @@ impl Signer {
         let deadline = Instant::now() + SIGN_PATIENCE;
         let mut last = Refusal::NoLeader(SIGN_PATIENCE);
         while Instant::now() < deadline {
-            let attempt = match self.sh.leader() {
-                Some(id) if id == self.sh.cfg.id => {
+            let attempt = match self.core.leader() {
+                Some(id) if id == self.core.cfg.id => {
                     self.sign_here(chain, what.clone(), deadline).await
                 }
                 Some(id) => self.forward(id, chain, &what, deadline).await,
@@ -313,13 +352,13 @@ impl Signer {
         let digest = what.digest(chain_id)?;
         // What this node applied: a repeat of the last HRS with the same
         // bytes needs no commit (its signature is already out there).
-        let applied = self.sh.cluster.borrow().watermark(chain_id).cloned();
+        let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
         if let Some(timestamp) =
             before_commit(applied.as_ref(), chain_id, hrs, &digest, what.timestamp())?
         {
             return Ok(what.sign(&chain.key, chain_id, timestamp)?);
         }
-        let limit = height_limit(&self.sh, chain_id);
+        let limit = height_limit(&self.core, chain_id);
         if hrs.0 > limit.height {
             return Err(Refusal::Malformed(format!(
                 "height {} is above {}: refused",
@@ -347,9 +386,9 @@ impl Signer {
     /// lost its data dir and came back empty (docs/design.md, step 9): sign
     /// only once every voter is known to have run with durable state.
     fn all_voters_registered(&self) -> Result<(), Refusal> {
-        let registered = self.sh.cluster.borrow().registered.clone();
+        let registered = self.core.cluster.borrow().registered.clone();
         let unregistered: Vec<NodeId> = self
-            .sh
+            .core
             .raft_metrics()
             .membership_config
             .membership()
@@ -387,7 +426,7 @@ impl Signer {
             timestamp,
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.sh.raft.client_write(cmd)).await {
+        match tokio::time::timeout(left, self.core.raft.client_write(cmd)).await {
             Ok(Ok(r)) => r
                 .data
                 .sign
@@ -412,23 +451,10 @@ impl Signer {
         let limit = FORWARD_DEADLINE.min(deadline.saturating_duration_since(Instant::now()));
         let msg = what.to_request(chain.id()).encode_to_vec();
         let pub_key = chain.key.public().as_bytes().to_vec();
-        let channel = self
-            .sh
-            .peers
-            .channel(id)
-            .map_err(|e| Refusal::NotCommitted(e.to_string()))?;
-        let mut client = pb::signer_client::SignerClient::new(channel)
-            .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
-            .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
-        let req = self
-            .sh
-            .peers
-            .request(pb::SignRequest { msg, pub_key }, limit);
         let mut stage = self.stages();
         let r = self
-            .sh
-            .peers
-            .call(id, limit, client.sign(req))
+            .to_leader
+            .forward(id, pb::SignRequest { msg, pub_key }, limit)
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
         stage.done("forward");
@@ -446,12 +472,39 @@ impl Signer {
     /// A stopwatch for the sign budget (`keyraft_sign_stage_seconds`).
     fn stages(&self) -> Stages<'_> {
         Stages {
-            metric: &self.sh.metrics.sign_stage_seconds,
+            metric: &self.core.metrics.sign_stage_seconds,
             since: Instant::now(),
         }
     }
 
-    /// The leader's end of [`Signer::forward`].
+    /// The leader's end of a forward from `peer`, a member whose identity
+    /// the transport proved: refused unless `peer` is a voter (only a host
+    /// that may hold the key serves sentries; a witness, or a node that is
+    /// no voter, asks nothing).
+    pub async fn serve(
+        &self,
+        peer: NodeId,
+        req: &pb::SignRequest,
+    ) -> Result<pb::SignReply, Status> {
+        let voter = self
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == peer);
+        if !voter {
+            tracing::warn!(
+                peer,
+                "refused a sign request from a node that is not a voter"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {peer} is not a voting member: it forwards no sign requests"
+            )));
+        }
+        self.serve_forwarded(peer, &req.msg, &req.pub_key).await
+    }
+
     async fn serve_forwarded(
         &self,
         peer: NodeId,
@@ -468,8 +521,8 @@ impl Signer {
             },
             ..Default::default()
         };
-        if self.sh.leader() != Some(self.sh.cfg.id) {
-            let why = format!("node {} is not the signer leader", self.sh.cfg.id);
+        if self.core.leader() != Some(self.core.cfg.id) {
+            let why = format!("node {} is not the signer leader", self.core.cfg.id);
             return Ok(refused(Refusal::NotCommitted(why)));
         }
         let req = Message::decode(msg).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -558,48 +611,6 @@ impl Stages<'_> {
             .with_label_values(&[stage])
             .observe(now.duration_since(self.since).as_secs_f64());
         self.since = now;
-    }
-}
-
-/// The leader's peer-port service for forwarded sign requests.
-pub struct SignerService {
-    signer: Arc<Signer>,
-}
-
-impl SignerService {
-    pub fn new(signer: Arc<Signer>) -> Self {
-        Self { signer }
-    }
-}
-
-#[tonic::async_trait]
-impl pb::signer_server::Signer for SignerService {
-    async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
-        // Only a host that may hold the key serves sentries (its own privval
-        // connections): a witness, or a node that is no voter, asks nothing.
-        let peer = crate::tls::require_validator(&req, "forward sign requests")?;
-        let sh = &self.signer.sh;
-        let voters = sh
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect::<Vec<_>>();
-        if !voters.contains(&peer) {
-            tracing::warn!(
-                peer,
-                "refused a sign request from a node that is not a voter"
-            );
-            return Err(Status::permission_denied(format!(
-                "node {peer} is not a voting member: it forwards no sign requests"
-            )));
-        }
-        let r = req.get_ref();
-        let reply = self
-            .signer
-            .serve_forwarded(peer, &r.msg, &r.pub_key)
-            .await?;
-        Ok(Response::new(reply))
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::{Chain, Signer, MAX_PRIVVAL_MESSAGE};
 use crate::config::PrivvalAddr;
+use crate::node::{PrivvalLinks, Shared};
 
 /// A node pings about every second; silence this long means the link is dead.
 const IDLE: Duration = Duration::from_secs(10);
@@ -149,6 +150,7 @@ impl Conn {
 /// One connection's life: open it, then answer requests until it fails.
 async fn session(
     signer: &Signer,
+    links: &PrivvalLinks,
     chain: &Chain,
     addr: &PrivvalAddr,
     name: &str,
@@ -156,9 +158,9 @@ async fn session(
 ) -> Result<(), String> {
     let mut conn = Conn::open(addr, identity).await?;
     tracing::info!(chain = chain.id(), node = %name, "connected to the node's privval port");
-    signer.sh.privval.set(name, true);
+    links.set(name, true);
     signer
-        .sh
+        .core()
         .metrics
         .privval_connected
         .with_label_values(&[chain.id(), name])
@@ -176,6 +178,7 @@ async fn session(
 /// `chain`, for as long as keyraft runs.
 pub async fn run(
     signer: Arc<Signer>,
+    sh: Arc<Shared>,
     chain: usize,
     addr: PrivvalAddr,
     identity: SigningKey,
@@ -186,12 +189,12 @@ pub async fn run(
     };
     let name = addr.to_string();
     let gauge = signer
-        .sh
+        .core()
         .metrics
         .privval_connected
         .with_label_values(&[chain.id(), &name]);
     gauge.set(0);
-    signer.sh.privval.set(&name, false);
+    sh.privval.set(&name, false);
     let mut backoff = BACKOFF_MIN;
     // Say each failure once, not every backoff: a refused dial repeated is
     // one line, a new failure (an identity refused) is always another.
@@ -199,8 +202,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.requested() => return,
-            r = session(&signer, chain, &addr, &name, &identity) => {
-                let was_up = signer.sh.privval.get(&name);
+            r = session(&signer, &sh.privval, chain, &addr, &name, &identity) => {
+                let was_up = sh.privval.get(&name);
                 if let Err(e) = r {
                     if was_up || said.as_deref() != Some(e.as_str()) {
                         tracing::warn!(node = %name, "privval connection: {e}; retrying");
@@ -212,7 +215,7 @@ pub async fn run(
                 }
             }
         }
-        signer.sh.privval.set(&name, false);
+        sh.privval.set(&name, false);
         gauge.set(0);
         tokio::select! {
             _ = stop.requested() => return,

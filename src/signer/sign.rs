@@ -81,6 +81,14 @@ impl ConsensusKey {
         Ok(key)
     }
 
+    /// The key of a 32-byte ed25519 seed (the simulator's; a real node
+    /// reads its key file with [`ConsensusKey::load`]).
+    pub fn from_seed(seed: [u8; 32]) -> ConsensusKey {
+        ConsensusKey {
+            signing: SigningKey::from_bytes(&seed),
+        }
+    }
+
     pub fn public(&self) -> VerifyingKey {
         self.signing.verifying_key()
     }
