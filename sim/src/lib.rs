@@ -17,15 +17,17 @@
 //! - [`net`]: links that drop, delay, reorder, duplicate, cut one way or
 //!   flap, and frozen hosts whose messages arrive late.
 //! - [`node`]: one keyraft process: real openraft, keyraft's openraft
-//!   configuration, gate, heartbeat timer and step 9 rule, keyraft's Raft
+//!   configuration, gate, heartbeat timer, keyraft's own step 9 at every
+//!   restart (`join::bootstrap`, `gossip::hello_reply`), keyraft's Raft
 //!   service and its client's rules, over [`net`].
 //! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
 //!   validator's process, the kernel fence.
 //! - [`coordinator`]: keyraft's own coordinator (state machine, handlers,
 //!   custody, policy), over models of the two edges `coordinator::host`
 //!   names: the validator side of [`host`], and the clock.
-//! - [`signer`]: sentries and the leader's sign path, through the real
-//!   `signer::before_commit` and ledger.
+//! - [`signer`]: the sentries, which ask keyraft's own `signer::Signer`
+//!   on each process with real CometBFT requests, and its forward to the
+//!   leader over [`net`].
 //! - [`faults`]: the faults drawn per seed, and shrinking.
 //! - [`oracle`]: what must never happen.
 //! - [`world`]: one run's time line, the judge and the liveness check.

@@ -11,8 +11,10 @@
 //! ([`crate::coordinator`]), with keyraft's own status records (`Local`,
 //! `ClusterView`) carried by this process's gossip.
 //!
-//! Owns: a process's start (the Hello check), its Raft traffic and its
-//! gossip. Must not: touch the validator; the coordinator does, through
+//! A restart runs keyraft's own step 9 (`join::bootstrap`), asking each
+//! peer over [`crate::net`], whose `gossip::hello_reply` answers.
+//!
+//! Owns: a process's start, its Raft traffic and its gossip. Must not: touch the validator; the coordinator does, through
 //! the host's model.
 
 use std::collections::BTreeMap;
@@ -22,7 +24,8 @@ use std::time::Duration;
 use keyraft::config::Timing;
 use keyraft::ledger::ClusterState;
 use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
-use keyraft::raft::memory::{behind, Holds, Records, Remembered};
+use keyraft::pb;
+use keyraft::raft::memory::{Holds, Records, Remembered};
 use keyraft::raft::network::{self as rules, Shown};
 use keyraft::raft::server::{Answer, RaftService, Refusal};
 use keyraft::raft::Gate;
@@ -54,14 +57,16 @@ pub struct Process {
     pub net: Net,
     /// keyraft's Raft service, on this process's openraft and memory.
     service: RaftService<disk::StateMachine, Memory>,
+    /// What it remembers of its peers (step 9).
+    memory: Arc<Memory>,
     pub started: Instant,
     /// What its data dir held at start (its status never says less).
     start_holds: Holds,
     /// What keyraft's coordinator runs on: this process's Raft, gate,
     /// replicated state, and the status records gossip carries.
     pub core: Arc<Core<disk::StateMachine>>,
-    /// Signer mode: one request at a time on the leader.
-    pub sign_lock: tokio::sync::Mutex<()>,
+    /// Signer mode: keyraft's own signer on this process's `core`.
+    pub signer: Option<Arc<crate::signer::SimSigner>>,
     /// Operator requests for the coordinator (`keyraft switchover`).
     requests: tokio::sync::mpsc::Sender<CoordinatorRequest>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -105,13 +110,14 @@ impl Process {
             .await
             .map_err(|e| StartError::Refused(e.to_string()))?;
         let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(8);
+        let memory = Arc::new(Memory(host.disk.clone()));
         let service = RaftService::new(
             raft.clone(),
             gate.clone(),
             id,
             cluster.clone(),
             timing,
-            Arc::new(Memory(host.disk.clone())),
+            memory.clone(),
         );
         let core = Arc::new(Core {
             cfg: world.config(id),
@@ -131,14 +137,17 @@ impl Process {
             raft,
             gate,
             service,
+            memory,
             disk: host.disk.clone(),
             cluster,
             timing,
             net: world.net.clone(),
             started: Instant::now(),
             start_holds,
-            core,
-            sign_lock: tokio::sync::Mutex::new(()),
+            core: core.clone(),
+            signer: world
+                .signer_mode
+                .then(|| crate::signer::signer(&core, &world.net, id, inc)),
             requests: ops_tx,
             tasks: Mutex::new(Vec::new()),
         });
@@ -202,10 +211,10 @@ impl Process {
         }
     }
 
-    /// Step 9 at start: a majority of the peers (every one, for an empty
-    /// data dir) must answer, and none may have seen more of this node
-    /// than its data dir holds. Asks again every 500 ms until answered.
-    /// Returns what the data dir holds and what each peer that answered
+    /// Step 9 at start, keyraft's own `join::bootstrap`: a majority of the
+    /// peers must answer, none may have seen more of this node than its
+    /// data dir holds; it asks again every 500 ms until answered. Returns
+    /// what the data dir holds and what each peer that answered last
     /// remembered of this node.
     async fn hello(
         &self,
@@ -213,58 +222,35 @@ impl Process {
         host: &Host,
     ) -> Result<(Holds, BTreeMap<NodeId, Remembered>), StartError> {
         let holds = self.disk.holds();
-        let empty = holds == Holds::default();
-        let peers: Vec<NodeId> = world.ids().into_iter().filter(|i| *i != self.id).collect();
-        let need = if empty {
-            peers.len()
-        } else {
-            world.ids().len() / 2
+        let ask = Ask {
+            net: self.net.clone(),
+            from: self.id,
+            inc: self.inc,
+            answers: Mutex::new(BTreeMap::new()),
         };
-        let mut answered = BTreeMap::new();
-        loop {
-            if !host.is_process(self.inc) {
-                return Err(StartError::Stopped);
+        let cfg = world.config(self.id);
+        let decided = keyraft::join::bootstrap(&cfg, &ask, false, holds);
+        // A kill or a power loss ends the start (polled, as the process
+        // has no other way to learn it here).
+        let stopped = async {
+            while host.is_process(self.inc) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            for &peer in &peers {
-                if answered.contains_key(&peer) {
-                    continue;
-                }
-                let me = self.id;
-                let ask = self
-                    .net
-                    .exchange(
-                        self.id,
-                        self.inc,
-                        peer,
-                        Duration::from_millis(500),
-                        move |p| Box::pin(async move { p.remembered(me) }),
-                    )
-                    .await;
-                if let Ok(seen) = ask {
-                    if let Some(gap) = behind(&seen, holds) {
-                        return Err(StartError::Refused(format!(
-                            "node {} saw more of node {} than its data dir holds: {gap}",
-                            peer, self.id
-                        )));
-                    }
-                    answered.insert(peer, seen);
-                }
-            }
-            if answered.len() >= need {
-                return Ok((holds, answered));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        tokio::select! {
+            biased;
+            r = decided => match r {
+                Ok(_) => Ok((holds, ask.answers.into_inner().unwrap_or_else(|p| p.into_inner()))),
+                Err(refused) => Err(StartError::Refused(refused.0)),
+            },
+            () = stopped => Err(StartError::Stopped),
         }
     }
 
-    /// What this process remembers of `id`.
-    pub fn remembered(&self, id: NodeId) -> Remembered {
-        self.disk
-            .lock()
-            .memory
-            .get(&id)
-            .cloned()
-            .unwrap_or_default()
+    /// This process's answer to `peer`'s Hello (keyraft's own
+    /// `gossip::hello_reply`).
+    pub async fn hello_reply(&self, peer: NodeId, holds: Holds) -> pb::HelloReply {
+        keyraft::gossip::hello_reply(&self.core, &*self.memory, peer, Some(holds)).await
     }
 
     /// `keyraft switchover` (no target): the coordinator answers it.
@@ -395,6 +381,38 @@ fn answered<T>(r: Result<Answer<T>, Refusal>) -> Result<T, Failed> {
     }
 }
 
+/// A Hello over the simulated network, and each peer's last answer.
+struct Ask {
+    net: Net,
+    from: NodeId,
+    inc: u64,
+    answers: Mutex<BTreeMap<NodeId, Remembered>>,
+}
+
+impl keyraft::join::Ask for Ask {
+    async fn hello(&self, id: NodeId, holds: Holds) -> Option<pb::HelloReply> {
+        let from = self.from;
+        let r = self
+            .net
+            .exchange(from, self.inc, id, Duration::from_secs(1), move |p| {
+                Box::pin(async move { p.hello_reply(from, holds).await })
+            })
+            .await
+            .ok()?;
+        let seen = Remembered {
+            term: r.seen_term,
+            committed: r.seen_committed,
+            refused: (!r.refused.is_empty()).then(|| r.refused.clone()),
+            refused_by: (!r.refused.is_empty()).then_some(id),
+        };
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, seen);
+        Some(r)
+    }
+}
+
 /// What a process remembers of its peers, kept on its host's disk model
 /// (durable at once, where keyraft's `Memory` lets a grown index wait up
 /// to 200 ms), changed by keyraft's own rules (`Remembered::see`,
@@ -425,6 +443,14 @@ impl Records for Memory {
     ) -> std::io::Result<bool> {
         let mut disk = self.0.lock();
         Ok(disk.memory.entry(id).or_default().refuse(before, why, by))
+    }
+
+    async fn clear_refusal(&self, id: NodeId) -> std::io::Result<()> {
+        if let Some(r) = self.0.lock().memory.get_mut(&id) {
+            r.refused = None;
+            r.refused_by = None;
+        }
+        Ok(())
     }
 }
 

@@ -9,7 +9,8 @@
 //! - Signer mode: at most one distinct sign-bytes per (chain, height,
 //!   round, step) ever leaves the cluster, and every signature is of an
 //!   HRS and bytes Raft committed (so never below the committed
-//!   watermark with other bytes).
+//!   watermark with other bytes); every signed reply a sentry gets
+//!   verifies with the key.
 //! - Both modes: every node applies the same entry at each log index
 //!   (Raft's state machine safety, which the rest rests on).
 //! - Liveness, checked by the world at the end: with the faults healed
@@ -92,6 +93,13 @@ impl Oracle {
                 "signature without its commit at {at_ms} ms: node {node} signed {hrs:?} as {digest}"
             ));
         }
+    }
+
+    /// A signed reply left the cluster that is no signature of the key.
+    pub fn bad_signature(&mut self, node: NodeId, why: &str, at_ms: u64) {
+        self.violations.push(format!(
+            "bad signature at {at_ms} ms: node {node} answered its sentry with {why}"
+        ));
     }
 
     /// Heights from `from` on that nobody signed.

@@ -1,33 +1,115 @@
-//! Signer mode as the simulation runs it: each host's sentry asks its own
-//! keyraft process for every (height, round, step), now and then with
-//! sign bytes of its own (conflicting requests for one HRS); a follower
-//! forwards to the leader over [`crate::net`] (`Signer::forward`), and the
-//! leader's path is `Signer::sign_here`'s: one request at a time, the real
-//! `signer::before_commit` check against the applied watermark, then a
-//! Raft commit of `Signed` whose verdict is the real ledger's, and only
-//! then the signature.
+//! Signer mode as the simulation runs it: keyraft's own
+//! `keyraft::signer::Signer` on each process's `Core`, the one sign path
+//! of a real node (one request at a time per chain, the `before_commit`
+//! check, a Raft commit of `Signed` whose verdict is the ledger's, then
+//! the signature; a follower forwards to the leader, whose end checks
+//! that the sender is a voter and holds the same key). Forwards travel
+//! over [`crate::net`] ([`SimForward`]) instead of the peer port.
 //!
-//! Owns: the sentries and the sign path's order. Must not: decide what may
-//! be signed; `before_commit` and the ledger do.
+//! Each host's sentry (a CometBFT node) asks its own keyraft process,
+//! through `Signer::handle`, for a proposal, a prevote and a precommit at
+//! every height, now and then for a block of its own (conflicting
+//! requests for one HRS). What comes back signed is judged where it
+//! leaves the cluster: the signature must verify, and its sign bytes are
+//! the oracle's record.
+//!
+//! Owns: the sentries, the forward's transport, the simulated key. Must
+//! not: decide what may be signed; keyraft's signer and ledger do.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyraft::ledger::{Command, SignVerdict};
-use keyraft::signer::{before_commit, Hrs};
+use cometbft_proto::google::protobuf::Timestamp;
+use cometbft_proto::v0_38::privval::{message::Sum, Message};
+use cometbft_proto::v0_38::types::{BlockId, PartSetHeader, Proposal, Vote};
+use ed25519_dalek::{Signature, Verifier};
+use keyraft::config::ChainConfig;
+use keyraft::pb;
+use keyraft::signer::{ConsensusKey, Forward, Signable, Signer};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
+use crate::disk;
+use crate::net::Net;
 use crate::node::Process;
 use crate::types::{self, NodeId};
 use crate::world::World;
 
 pub const CHAIN: &str = "sim-chain";
 
-/// keyraft's `SIGN_PATIENCE` and `FORWARD_DEADLINE`, scaled as theirs.
-const PATIENCE: Duration = Duration::from_millis(1500);
-const FORWARD: Duration = Duration::from_millis(1000);
+/// How long a sentry keeps asking for one HRS while its keyraft process
+/// is down or restarting (CometBFT's read timeout).
+const PATIENCE: Duration = Duration::from_millis(3000);
+
+pub type SimSigner = Signer<disk::StateMachine, SimForward>;
+
+/// Every host's copy of the one consensus key.
+fn key() -> ConsensusKey {
+    ConsensusKey::from_seed([7; 32])
+}
+
+/// Process `id`'s signer, incarnation `inc`, on its `core`.
+pub fn signer(
+    core: &Arc<keyraft::node::Core<disk::StateMachine>>,
+    net: &Net,
+    id: NodeId,
+    inc: u64,
+) -> Arc<SimSigner> {
+    let chain = ChainConfig {
+        chain_id: CHAIN.into(),
+        key: Default::default(),
+        nodes: Vec::new(),
+    };
+    let to_leader = SimForward {
+        net: net.clone(),
+        from: id,
+        inc,
+    };
+    Signer::new(core.clone(), Arc::new(to_leader), vec![(chain, key())])
+}
+
+/// A forward to the leader over the simulated network, served by the
+/// leader's own `Signer::serve`.
+pub struct SimForward {
+    net: Net,
+    from: NodeId,
+    inc: u64,
+}
+
+impl Forward for SimForward {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        req: pb::SignRequest,
+        limit: Duration,
+    ) -> Result<pb::SignReply, String> {
+        let from = self.from;
+        let req = Arc::new(req);
+        let answer = self
+            .net
+            .exchange(
+                self.from,
+                self.inc,
+                leader,
+                limit,
+                move |p: Arc<Process>| {
+                    let req = req.clone();
+                    Box::pin(async move {
+                        match &p.signer {
+                            Some(s) => s
+                                .serve(from, &req)
+                                .await
+                                .map_err(|e| e.message().to_string()),
+                            None => Err("not a signer".to_string()),
+                        }
+                    })
+                },
+            )
+            .await;
+        answer.map_err(|e| format!("{e:?}"))?
+    }
+}
 
 /// A host's sentry (a CometBFT node): it survives keyraft's restarts and
 /// dies with its host. Every height, it asks for steps 1 to 3.
@@ -39,23 +121,62 @@ pub async fn sentry(world: Arc<World>, host: NodeId, seed: u64) {
         if height > asked {
             asked = height;
             for step in 1..=3u8 {
-                let hrs: Hrs = (height, 0, step);
-                let digest = if rng.random_bool(world.conflict) {
-                    format!("h{height}s{step}-from-{host}")
-                } else {
-                    format!("h{height}s{step}")
-                };
+                let own = rng.random_bool(world.conflict).then_some(host);
                 let w = world.clone();
-                types::spawn(async move { ask(w, host, hrs, digest).await });
+                types::spawn(async move { ask(w, host, request(height, step, own)).await });
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// One request to the local process: signed here if it leads, else
-/// forwarded, retried until `PATIENCE` runs out.
-async fn ask(world: Arc<World>, host: NodeId, hrs: Hrs, digest: String) {
+/// What a sentry asks to sign at `height`, `step`: the chain's block, or
+/// with `own` a block only that sentry proposes.
+fn request(height: u64, step: u8, own: Option<NodeId>) -> Signable {
+    let mut hash = vec![0; 32];
+    hash[..8].copy_from_slice(&height.to_be_bytes());
+    hash[8] = own.map_or(0, |id| id as u8 + 1);
+    let block_id = Some(BlockId {
+        hash,
+        part_set_header: Some(PartSetHeader {
+            total: 1,
+            hash: vec![1; 32],
+        }),
+    });
+    // A timestamp of the height's own: deterministic, and later each height.
+    let timestamp = Some(Timestamp {
+        seconds: 1_700_000_000 + height as i64,
+        nanos: 0,
+    });
+    if step == 1 {
+        return Signable::Proposal(Proposal {
+            r#type: 32,
+            height: height as i64,
+            round: 0,
+            pol_round: -1,
+            block_id,
+            timestamp,
+            signature: Vec::new(),
+        });
+    }
+    Signable::Vote(Vote {
+        r#type: if step == 2 { 1 } else { 2 },
+        height: height as i64,
+        round: 0,
+        block_id,
+        timestamp,
+        validator_address: key().address().to_vec(),
+        validator_index: 0,
+        signature: Vec::new(),
+        extension: Vec::new(),
+        extension_signature: Vec::new(),
+    })
+}
+
+/// One request to the sentry's own keyraft process, as CometBFT makes it:
+/// sent once, answered once; asked again only if the process died (or
+/// its host froze past the patience) before answering.
+async fn ask(world: Arc<World>, host: NodeId, what: Signable) {
     let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         let Some(h) = world.hosts.get(host) else {
@@ -69,82 +190,49 @@ async fn ask(world: Arc<World>, host: NodeId, hrs: Hrs, digest: String) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let done = match p.leader() {
-            Some(id) if id == p.id => sign_here(&world, &p, hrs, &digest, deadline).await,
-            Some(id) => {
-                let (w, d) = (world.clone(), digest.clone());
-                let ttl = FORWARD.min(deadline.saturating_duration_since(Instant::now()));
-                let r = p
-                    .net
-                    .exchange(p.id, p.inc, id, ttl, move |leader| {
-                        let (w, d) = (w.clone(), d.clone());
-                        Box::pin(async move { serve(&w, &leader, hrs, &d).await })
-                    })
-                    .await;
-                matches!(r, Ok(Retry::Done))
-            }
-            None => false,
+        let Some(signer) = p.signer.clone() else {
+            return;
         };
-        if done {
+        // The request runs inside the process: it stops when the process
+        // dies and is not polled while it is frozen.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let msg = what.to_request(CHAIN);
+        p.spawn(crate::coordinator::while_thawed(h.clone(), async move {
+            let reply = signer.handle(&signer.chains()[0], msg).await;
+            let _ = tx.send(reply);
+        }));
+        if let Ok(reply) = rx.await {
+            judge(&world, host, reply);
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Retry {
-    Done,
-    Again,
-}
-
-/// The leader's end of a forward (`Signer::serve_forwarded`).
-async fn serve(world: &World, p: &Process, hrs: Hrs, digest: &str) -> Retry {
-    if p.leader() != Some(p.id) {
-        return Retry::Again;
-    }
-    let deadline = Instant::now() + FORWARD;
-    if sign_here(world, p, hrs, digest, deadline).await {
-        Retry::Done
-    } else {
-        Retry::Again
-    }
-}
-
-/// `Signer::sign_here`. True when the request is answered for good
-/// (signed, or refused for a reason a retry cannot change).
-async fn sign_here(world: &World, p: &Process, hrs: Hrs, digest: &str, deadline: Instant) -> bool {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let Ok(_one) = tokio::time::timeout(left, p.sign_lock.lock()).await else {
-        return false;
-    };
-    let applied = p.cluster.borrow().watermark(CHAIN).cloned();
-    match before_commit(applied.as_ref(), CHAIN, hrs, digest, (hrs.0 as i64, 0)) {
-        Err(_) => return true,
-        Ok(Some(_)) => {
-            world.signature(p.id, hrs, digest);
-            return true;
+/// A reply leaving the cluster: a signed message must verify with the key
+/// and is the oracle's record of what was signed; a refusal is final.
+fn judge(world: &World, host: NodeId, reply: Message) {
+    let signed = match reply.sum {
+        Some(Sum::SignedVoteResponse(r)) if r.error.is_none() => r.vote.map(Signable::Vote),
+        Some(Sum::SignedProposalResponse(r)) if r.error.is_none() => {
+            r.proposal.map(Signable::Proposal)
         }
-        Ok(None) => {}
-    }
-    let cmd = Command::Signed {
-        chain_id: CHAIN.to_string(),
-        height: hrs.0,
-        round: hrs.1,
-        step: hrs.2,
-        digest: digest.to_string(),
-        timestamp: (hrs.0 as i64, 0),
+        _ => None,
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(left, p.raft.client_write(cmd)).await {
-        Ok(Ok(r)) => match r.data.sign {
-            Some(SignVerdict::Sign { .. }) => {
-                world.signature(p.id, hrs, digest);
-                true
-            }
-            Some(_) => true,
-            None => false,
-        },
-        _ => false,
+    let Some(signed) = signed else {
+        return;
+    };
+    let (Ok(hrs), Ok(digest), Ok(bytes)) =
+        (signed.hrs(), signed.digest(CHAIN), signed.sign_bytes(CHAIN))
+    else {
+        world.bad_signature(host, "a signed reply whose sign bytes cannot be computed");
+        return;
+    };
+    let (_, signature, _) = signed.signed_parts();
+    let valid = Signature::from_slice(&signature)
+        .is_ok_and(|sig| key().public().verify(&bytes, &sig).is_ok());
+    if !valid {
+        world.bad_signature(host, &format!("{hrs:?}: a signature that does not verify"));
+        return;
     }
+    world.signature(host, hrs, &digest);
 }

@@ -107,6 +107,12 @@ impl World {
     pub fn config(&self, id: NodeId) -> keyraft::config::Config {
         let mut c = self.config.clone();
         c.id = id;
+        c.peers = self
+            .ids()
+            .into_iter()
+            .filter(|p| *p != id)
+            .map(|p| (p, format!("node-{p}")))
+            .collect();
         c.witness = false;
         c.timing = self.timing;
         c.signer = self.signer_mode.then(|| keyraft::config::SignerConfig {
@@ -255,6 +261,11 @@ impl World {
             self.note(format!("node {node} signs {hrs:?} {digest}"));
         }
         self.oracle().signature(node, hrs, digest, at);
+    }
+
+    pub fn bad_signature(&self, node: NodeId, why: &str) {
+        let at = self.at_ms();
+        self.oracle().bad_signature(node, why, at);
     }
 
     /// A host's key may have just become usable: nobody else's may be,
@@ -458,6 +469,14 @@ pub async fn run(
             };
             let done = w.operator(floor).await;
             w.note(format!("signer floor committed: {done}"));
+            // Each node registers once it runs as a voter with durable state
+            // (`join::register`); keyraft's signer signs only once every
+            // voter has.
+            for id in w.ids() {
+                while !w.operator(Command::Register { node: id }).await {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         });
         for id in world.ids() {
             let seed = world.next_seed();
