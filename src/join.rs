@@ -7,6 +7,9 @@
 //! node ([`Peers`]), the simulated network in the simulator (`sim/`),
 //! which so runs this very rule at every restart.
 //!
+//! [`register`] runs on a `Core` and `admin::Commands`, so the simulator
+//! runs it too.
+//!
 //! Owns: the bootstrap decision (carry on, initialise, join, rejoin, or
 //! refuse) and the `Register` command. Must not: start servers or touch
 //! the validator; [`crate::server`] calls it during start-up.
@@ -15,13 +18,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin;
+use openraft::storage::RaftStateMachine;
+
+use crate::admin::{self, Commands, Relay};
 use crate::config::Config;
 use crate::ledger::NodeId;
-use crate::node::Shared;
+use crate::node::{Core, Shared};
 use crate::pb;
 use crate::raft::memory::{self, Holds, Remembered};
 use crate::raft::network::Peers;
+use crate::raft::TypeConfig;
 
 /// How a starting node asks a peer what it saw of it.
 pub trait Ask: Send + Sync {
@@ -170,27 +176,31 @@ fn refusal(cfg: &Config, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &st
     }
 }
 
-/// Records, once, that this node ran with durable state (see step 9).
-pub async fn register(sh: Arc<Shared>) {
+/// Records, once, that this node ran with durable state (see step 9):
+/// asks the leader, through `commands`, once a voter that knows a leader.
+pub async fn register<SM: RaftStateMachine<TypeConfig>, R: Relay>(
+    core: &Core<SM>,
+    commands: &Commands<SM, R>,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if sh.cluster.borrow().registered.contains(&sh.cfg.id) {
+        if core.cluster.borrow().registered.contains(&core.cfg.id) {
             tracing::info!("registered: a later start with an empty data dir will need --rejoin");
             return;
         }
-        let m = sh.raft_metrics();
+        let m = core.raft_metrics();
         let voter = m
             .membership_config
             .membership()
             .voter_ids()
-            .any(|v| v == sh.cfg.id);
+            .any(|v| v == core.cfg.id);
         if !voter || m.current_leader.is_none() {
             continue;
         }
         let cmd = pb::ClusterCommand {
-            kind: Some(pb::cluster_command::Kind::Register(sh.cfg.id)),
+            kind: Some(pb::cluster_command::Kind::Register(core.cfg.id)),
         };
-        if let Err(e) = admin::execute(&sh, cmd, admin::NODE_REQUEST_DEADLINE).await {
+        if let Err(e) = commands.execute(cmd, admin::NODE_REQUEST_DEADLINE).await {
             tracing::debug!("registering: {}", e.message());
         }
     }

@@ -313,7 +313,10 @@ pub async fn run(
 
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
-        tokio::spawn(join::register(sh.clone())),
+        tokio::spawn({
+            let sh = sh.clone();
+            async move { join::register(&sh.core, &crate::admin::commands(&sh)).await }
+        }),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
         tokio::spawn(raft::heartbeat_while_leading(raft.clone(), gate.clone())),
         tokio::spawn(tuning::run(sh.clone())),

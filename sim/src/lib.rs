@@ -28,6 +28,9 @@
 //! - [`signer`]: the sentries, which ask keyraft's own `signer::Signer`
 //!   on each process with real CometBFT requests, and its forward to the
 //!   leader over [`net`].
+//! - [`operator`]: keyraft's own operator commands (`admin::Commands`:
+//!   pause, switchover, members, register, the signer's floor), relayed
+//!   to the leader over [`net`].
 //! - [`faults`]: the faults drawn per seed, and shrinking.
 //! - [`oracle`]: what must never happen.
 //! - [`world`]: one run's time line, the judge and the liveness check.
@@ -38,6 +41,7 @@ pub mod faults;
 pub mod host;
 pub mod net;
 pub mod node;
+pub mod operator;
 pub mod oracle;
 pub mod signer;
 pub mod types;

@@ -67,8 +67,9 @@ pub struct Process {
     pub core: Arc<Core<disk::StateMachine>>,
     /// Signer mode: keyraft's own signer on this process's `core`.
     pub signer: Option<Arc<crate::signer::SimSigner>>,
-    /// Operator requests for the coordinator (`keyraft switchover`).
-    requests: tokio::sync::mpsc::Sender<CoordinatorRequest>,
+    /// keyraft's own operator commands on `core`, relayed over the
+    /// simulated network ([`crate::operator`]).
+    pub commands: crate::operator::SimCommands,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -148,7 +149,16 @@ impl Process {
             signer: world
                 .signer_mode
                 .then(|| crate::signer::signer(&core, &world.net, id, inc)),
-            requests: ops_tx,
+            commands: keyraft::admin::Commands::new(
+                core.clone(),
+                Arc::new(crate::operator::SimRelay {
+                    net: world.net.clone(),
+                    from: id,
+                    inc,
+                    world: Arc::downgrade(world),
+                }),
+                ops_tx,
+            ),
             tasks: Mutex::new(Vec::new()),
         });
         host.set_process(Some(p.clone()));
@@ -180,6 +190,9 @@ impl Process {
         ));
         let gossip = p.clone();
         p.spawn(async move { gossip.gossip(timing.gossip_interval).await });
+        // keyraft's own `join::register`: once, as a voter with a leader.
+        let registers = p.clone();
+        p.spawn(async move { keyraft::join::register(&registers.core, &registers.commands).await });
         Ok((p, ops_rx))
     }
 
@@ -251,14 +264,6 @@ impl Process {
     /// `gossip::hello_reply`).
     pub async fn hello_reply(&self, peer: NodeId, holds: Holds) -> pb::HelloReply {
         keyraft::gossip::hello_reply(&self.core, &*self.memory, peer, Some(holds)).await
-    }
-
-    /// `keyraft switchover` (no target): the coordinator answers it.
-    pub fn switchover(&self) {
-        let (reply, _) = tokio::sync::oneshot::channel();
-        let _ = self
-            .requests
-            .try_send(CoordinatorRequest::Switchover { to: None, reply });
     }
 
     /// Gossip: this process's status to every peer, every interval (a

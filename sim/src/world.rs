@@ -111,7 +111,7 @@ impl World {
             .ids()
             .into_iter()
             .filter(|p| *p != id)
-            .map(|p| (p, format!("node-{p}")))
+            .map(|p| (p, crate::operator::addr(p)))
             .collect();
         c.witness = false;
         c.timing = self.timing;
@@ -378,7 +378,9 @@ impl World {
         }
         let w = self.clone();
         types::spawn(async move {
-            let resumed = w.operator(Command::SetPaused { paused: false }).await;
+            let resumed = w
+                .operator(keyraft::pb::cluster_command::Kind::Resume(true))
+                .await;
             w.note(format!("resumed after the heal: {resumed}"));
         });
     }
@@ -455,7 +457,7 @@ pub async fn run(
         let members: BTreeMap<NodeId, openraft::BasicNode> = world
             .ids()
             .into_iter()
-            .map(|id| (id, openraft::BasicNode::new(format!("node-{id}"))))
+            .map(|id| (id, openraft::BasicNode::new(crate::operator::addr(id))))
             .collect();
         let _ = p.raft.initialize(members).await;
     }
@@ -463,20 +465,17 @@ pub async fn run(
     if plan.signer_mode {
         let w = world.clone();
         types::spawn(async move {
-            let floor = Command::SignerFloor {
+            // `keyraft signer import-state` for a key that never signed.
+            // (Each node registers itself, `join::register`; keyraft's
+            // signer signs only once every voter has.)
+            let floor = keyraft::pb::SignerFloor {
                 chain_id: crate::signer::CHAIN.into(),
                 height: 0,
+                allow_jump: false,
             };
+            let floor = keyraft::pb::cluster_command::Kind::SignerFloor(floor);
             let done = w.operator(floor).await;
             w.note(format!("signer floor committed: {done}"));
-            // Each node registers once it runs as a voter with durable state
-            // (`join::register`); keyraft's signer signs only once every
-            // voter has.
-            for id in w.ids() {
-                while !w.operator(Command::Register { node: id }).await {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
         });
         for id in world.ids() {
             let seed = world.next_seed();

@@ -5,7 +5,7 @@
 //!
 //! Owns: creating, guarding and removing the socket file, and the caller
 //! in the log line of every operator command. Must not: run a command
-//! itself ([`super::execute_for_operator`] does), or listen on TCP without
+//! itself ([`super::Commands::execute_for_operator`] does), or listen on TCP without
 //! TLS.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use super::{execute_for_operator, status_json};
+use super::status_json;
 use crate::config::{AdminConfig, NodeId};
 use crate::node::Shared;
 use crate::pb::{self, cluster_command::Kind};
@@ -214,7 +214,7 @@ impl pb::admin_server::Admin for AdminService {
             ));
         }
         tracing::info!(%who, "operator command '{what}'");
-        let message = execute_for_operator(&self.sh, cmd).await?;
+        let message = super::commands(&self.sh).execute_for_operator(cmd).await?;
         Ok(Response::new(pb::CommandReply { message }))
     }
 

@@ -132,7 +132,8 @@ impl Outside for Real {
     }
 
     async fn ask_leader(&self, leader: NodeId, cmd: pb::ClusterCommand) -> Result<String, String> {
-        crate::admin::execute_on(&self.0, leader, cmd, crate::admin::NODE_REQUEST_DEADLINE)
+        crate::admin::commands(&self.0)
+            .execute_on(leader, cmd, crate::admin::NODE_REQUEST_DEADLINE)
             .await
             .map_err(|e| e.message().to_string())
     }

@@ -1,26 +1,19 @@
-//! The world's hands: each fault of the schedule carried out at its time,
-//! and the operator's commands (`pause`, `resume`, `members`) sent as an
-//! operator would. Split from [`super`] for length.
+//! The world's hands: each fault of the schedule carried out at its time;
+//! the operator's commands among them (`pause`, `resume`, `switchover`,
+//! `members`) go through keyraft's own (`crate::operator`). Split from
+//! [`super`] for length.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyraft::admin::members::removal_refusal;
-use keyraft::ledger::Command;
-use openraft::async_runtime::watch::WatchReceiver;
-use openraft::ChangeMembers;
+use keyraft::pb::{self, cluster_command::Kind as Op};
 use tokio::time::Instant;
 
 use super::World;
 use crate::faults::{Fault, Kind, Target};
 use crate::host::{Freeze, Host, OsFaults};
-use crate::net::{Boxed, Quality};
-use crate::node::Process;
+use crate::net::Quality;
 use crate::types::{self, NodeId};
-
-/// What an operator's command does on the leader it reached: true once
-/// done.
-type OnLeader = Arc<dyn Fn(Arc<Process>) -> Boxed<bool> + Send + Sync>;
 
 impl World {
     fn kill_keyraft(&self, host: &Host) {
@@ -56,149 +49,6 @@ impl World {
                 self.net.cut(other, id, cut);
             }
         }
-    }
-
-    /// An operator's command (`admin::execute_for_operator`): committed by
-    /// the leader it reaches (see [`World::on_leader`]).
-    pub(super) async fn operator(&self, cmd: Command) -> bool {
-        let write: OnLeader = Arc::new(move |l: Arc<Process>| {
-            let c = cmd.clone();
-            Box::pin(async move {
-                let write = l.raft.client_write(c);
-                matches!(
-                    tokio::time::timeout(Duration::from_secs(1), write).await,
-                    Ok(Ok(_))
-                )
-            })
-        });
-        self.on_leader(write, Duration::from_secs(1)).await
-    }
-
-    /// `keyraft members remove ID` (`admin::execute_here`): the leader
-    /// hands over first if it is the one removed (`remove_the_leader`); a
-    /// node that holds the key unreleased and does not lead is refused
-    /// until its lease runs out or it releases; keyraft's own
-    /// `members::removal_refusal` refuses a removal that would leave the
-    /// voters without a live majority. Voter first, then node.
-    async fn remove_member(self: &Arc<Self>, id: NodeId) -> bool {
-        let w = Arc::downgrade(self);
-        let remove: OnLeader = Arc::new(move |l: Arc<Process>| {
-            let w = w.clone();
-            Box::pin(async move {
-                if l.id == id {
-                    l.switchover();
-                    return false;
-                }
-                if l.cluster.borrow().key_holder() == Some(id) {
-                    return false;
-                }
-                // `admin::voters_left_answer`: a majority of the voters
-                // left acks a heartbeat sent after the command came,
-                // decided at the ack that completes it.
-                let asked = Instant::now();
-                let until = asked + l.timing.election_max;
-                let mut metrics = l.raft.metrics();
-                let _ = l.raft.trigger().heartbeat().await;
-                loop {
-                    let acks = keyraft::node::ack_ages(&metrics.borrow_and_update());
-                    let since = asked.elapsed();
-                    if removal_refusal(&l.voters(), l.id, &acks, id, since).is_none() {
-                        break;
-                    }
-                    if Instant::now() >= until {
-                        return false;
-                    }
-                    if let Ok(Err(_)) = tokio::time::timeout_at(until, metrics.changed()).await {
-                        return false;
-                    }
-                }
-                let voters = l.voters();
-                if voters.contains(&id) {
-                    if let Some(w) = w.upgrade() {
-                        w.change_begins();
-                    }
-                    let out = ChangeMembers::RemoveVoters([id].into());
-                    if l.raft.change_membership(out, false).await.is_err() {
-                        return false;
-                    }
-                }
-                let gone = ChangeMembers::RemoveNodes([id].into());
-                l.raft.change_membership(gone, false).await.is_ok()
-            })
-        });
-        self.on_leader(remove, Duration::from_secs(2)).await
-    }
-
-    /// `keyraft members add ID ADDR` (`admin::add_voter`): a learner until
-    /// it has caught up, then a voter.
-    async fn add_member(self: &Arc<Self>, id: NodeId) -> bool {
-        let w = Arc::downgrade(self);
-        let add: OnLeader = Arc::new(move |l: Arc<Process>| {
-            let w = w.clone();
-            Box::pin(async move {
-                let node = openraft::BasicNode::new(format!("node-{id}"));
-                let learner = l.raft.add_learner(id, node, true);
-                if !matches!(
-                    tokio::time::timeout(Duration::from_secs(3), learner).await,
-                    Ok(Ok(_))
-                ) {
-                    return false;
-                }
-                if let Some(w) = w.upgrade() {
-                    w.change_begins();
-                }
-                let voter = ChangeMembers::AddVoterIds([id].into());
-                l.raft.change_membership(voter, false).await.is_ok()
-            })
-        });
-        self.on_leader(add, Duration::from_secs(4)).await
-    }
-
-    /// Runs `what` on the live leader, as `admin::execute_for_operator`
-    /// does, asked of the first validator host that runs: with no live
-    /// leader it stands for election first until any node leads (a paused
-    /// cluster whose leader died elects nobody), then `what` runs on the
-    /// leader, forwarded with `ttl` if need be. The operator tries again,
-    /// on the next host, for up to 8 s.
-    async fn on_leader(&self, what: OnLeader, ttl: Duration) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(8);
-        let mut attempt = 0;
-        while Instant::now() < deadline {
-            // Each try asks the next validator host that runs (one whose
-            // log is behind cannot win the election it stands for).
-            attempt += 1;
-            let up: Vec<Arc<Process>> = self
-                .hosts
-                .all()
-                .filter(|h| h.keyraft_runs())
-                .filter_map(|h| h.process())
-                .collect();
-            let asked = (!up.is_empty()).then(|| up[attempt % up.len()].clone());
-            // A node still checking its start with its peers runs nothing.
-            if let Some(p) = asked.filter(|p| p.gate.joined()) {
-                if p.leader().is_none() {
-                    let until = Instant::now() + self.timing.election_max * 6;
-                    while p.leader().is_none() && Instant::now() < until {
-                        let _ = p.raft.trigger().elect(true).await;
-                        tokio::time::sleep(self.timing.election_min).await;
-                    }
-                }
-                if let Some(leader) = p.leader() {
-                    let done = if leader == p.id {
-                        what(p.clone()).await
-                    } else {
-                        let w = what.clone();
-                        let forwarded = p.net.exchange(p.id, p.inc, leader, ttl, move |l| w(l));
-                        matches!(forwarded.await, Ok(true))
-                    };
-                    if done {
-                        return true;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
     }
 
     /// Carries out one fault (and, for a timed one, its end).
@@ -346,23 +196,34 @@ impl World {
                 host.disk.lock().slow = Duration::ZERO;
             }
             Kind::Switchover => {
+                // `keyraft switchover` on this host, once: relayed to the
+                // leader, whose coordinator hands over.
                 if let Some(p) = host.process() {
-                    p.switchover();
+                    let cmd = pb::ClusterCommand {
+                        kind: Some(Op::Switchover(pb::Switchover { to: None })),
+                    };
+                    let said = p.commands.execute_for_operator(cmd).await;
+                    let said = said.unwrap_or_else(|e| e.message().to_string());
+                    self.note(format!("switchover on node {id}: {said}"));
                 }
             }
             Kind::Pause { ms } => {
-                let paused = self.operator(Command::SetPaused { paused: true }).await;
+                let paused = self.operator(Op::Pause(true)).await;
                 self.note(format!("paused: {paused}"));
                 sleep(ms).await;
-                let resumed = self.operator(Command::SetPaused { paused: false }).await;
+                let resumed = self.operator(Op::Resume(true)).await;
                 self.note(format!("resumed: {resumed}"));
             }
             Kind::MemberOut { ms } => {
-                let removed = self.remove_member(id).await;
+                let removed = self.operator(Op::MembersRemove(id)).await;
                 self.note(format!("node {id} removed: {removed}"));
                 if removed {
                     sleep(ms).await;
-                    let added = self.add_member(id).await;
+                    let back = pb::Member {
+                        id,
+                        addr: crate::operator::addr(id),
+                    };
+                    let added = self.operator(Op::MembersAdd(back)).await;
                     self.note(format!("node {id} added back: {added}"));
                 }
             }

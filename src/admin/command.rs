@@ -1,0 +1,506 @@
+//! Operator commands (pause, resume, switchover, members, rejoin, import
+//! floor, a node's own register) run on the leader: [`Commands`], on a
+//! [`Core`], reaching the leader through the [`Relay`] trait. A real node
+//! relays over the peer port (mTLS gRPC, [`Peers`]); the simulator
+//! (`sim/`) over its own network, so both run this code.
+//!
+//! Owns: what each command commits or asks of the coordinator, the
+//! membership rules around it (handover before the leader's removal, a
+//! live majority of the voters left, learner before voter), and who may
+//! send a command to the leader ([`Commands::serve`]). Must not: check
+//! certificates (the gRPC services do) or touch the validator (a
+//! switchover is handed to the coordinator, which owns it).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
+use openraft::storage::RaftStateMachine;
+use openraft::{BasicNode, ChangeMembers};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::members;
+use crate::config::NodeId;
+use crate::ledger::Command;
+use crate::node::{CoordinatorRequest, Core};
+use crate::pb::{self, cluster_command::Kind};
+use crate::raft::network::Peers;
+use crate::raft::store::StateMachine;
+use crate::raft::TypeConfig;
+
+/// How long an operator's command may take on the leader (a `members add`
+/// waits there for the new learner to catch up).
+pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How a command reaches the leader, and what the transport learns.
+pub trait Relay: Send + Sync + 'static {
+    /// Sends `cmd` to `leader`; its answer, or why none came within
+    /// `limit`. A refusal by the leader keeps its code.
+    fn relay(
+        &self,
+        leader: NodeId,
+        cmd: pb::ClusterCommand,
+        limit: Duration,
+    ) -> impl Future<Output = Result<String, Status>> + Send;
+    /// A member was added at `addr`: where to reach it from now on.
+    fn learned_addr(&self, id: NodeId, addr: &str);
+    /// A membership change is about to be proposed (logged on a real
+    /// node; the simulator notes who was up).
+    fn change_begins(&self, change: &str);
+}
+
+/// A real node relays over the peer port (mTLS gRPC).
+impl Relay for Peers {
+    async fn relay(
+        &self,
+        leader: NodeId,
+        cmd: pb::ClusterCommand,
+        limit: Duration,
+    ) -> Result<String, Status> {
+        let channel = self
+            .channel(leader)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let req = self.request(cmd, limit);
+        self.call(leader, limit, client.forward(req))
+            .await
+            .map(|r| r.message)
+            .map_err(|e| match e {
+                // The leader's own answer keeps its code (a refusal stays one).
+                crate::raft::network::PeerError::Rpc { status, .. }
+                    if status.code() != tonic::Code::Unavailable =>
+                {
+                    Status::new(
+                        status.code(),
+                        format!("node {leader}: {}", status.message()),
+                    )
+                }
+                e => Status::unavailable(format!("forwarding to leader {leader}: {e}")),
+            })
+    }
+
+    fn learned_addr(&self, id: NodeId, addr: &str) {
+        self.set_addr(id, addr);
+    }
+
+    fn change_begins(&self, change: &str) {
+        tracing::info!("membership change: {change}");
+    }
+}
+
+/// Operator commands on one node: run here when it leads, relayed when
+/// not.
+pub struct Commands<SM: RaftStateMachine<TypeConfig> = StateMachine, R: Relay = Peers> {
+    core: Arc<Core<SM>>,
+    relay: Arc<R>,
+    requests: mpsc::Sender<CoordinatorRequest>,
+}
+
+fn raft_status<E: std::fmt::Display>(e: RaftError<TypeConfig, E>) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership changed during the command; run it again")
+        }
+        other => raft_status(other),
+    }
+}
+
+fn check_member(m: &pb::Member) -> Result<(), Status> {
+    if m.id == 0 || !m.addr.contains(':') {
+        return Err(Status::invalid_argument(
+            "want a node id above 0 and HOST:PORT",
+        ));
+    }
+    Ok(())
+}
+
+impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
+    /// Commands on `core`, relayed by `relay`; a switchover goes to the
+    /// coordinator through `requests`.
+    pub fn new(
+        core: Arc<Core<SM>>,
+        relay: Arc<R>,
+        requests: mpsc::Sender<CoordinatorRequest>,
+    ) -> Self {
+        Self {
+            core,
+            relay,
+            requests,
+        }
+    }
+
+    /// Runs an operator's command on the leader.
+    ///
+    /// With no live leader (everyone ineligible, or a paused cluster whose
+    /// leader died, where nobody campaigns), a validator host asked to run
+    /// a command stands for election itself. Leading does not make it
+    /// validate: that still takes eligibility and the activation protocol.
+    /// A node whose start is still being checked with its peers (step 9)
+    /// runs nothing: it might be the restored copy the check is about to
+    /// refuse, and standing for election would skip the check.
+    pub async fn execute_for_operator(&self, cmd: pb::ClusterCommand) -> Result<String, Status> {
+        if !self.core.gate.joined() {
+            return Err(Status::unavailable(
+                "this node is starting: its data dir is still being checked with its peers (docs/design.md, step 9); run the command on another validator host, or once it has joined",
+            ));
+        }
+        match self.core.leader() {
+            Some(_) => {}
+            None if self.core.cfg.witness => {
+                return Err(Status::unavailable(
+                    "no leader, and a witness does not stand for election: run the command on a validator host",
+                ))
+            }
+            None => {
+                tracing::warn!("operator command with no live leader: standing for election");
+                self.take_leadership().await?;
+            }
+        }
+        self.execute(cmd, OPERATOR_DEADLINE).await
+    }
+
+    /// Runs `cmd` on the live leader: here if this node leads, else
+    /// relayed with `deadline` (the leader drops the command's wait when
+    /// it passes).
+    pub async fn execute(
+        &self,
+        cmd: pb::ClusterCommand,
+        deadline: Duration,
+    ) -> Result<String, Status> {
+        let leader = self
+            .core
+            .leader()
+            .ok_or_else(|| Status::unavailable("no live leader right now"))?;
+        self.execute_on(leader, cmd, deadline).await
+    }
+
+    /// Runs `cmd` on `leader` (here, or relayed with `deadline`).
+    pub async fn execute_on(
+        &self,
+        leader: NodeId,
+        cmd: pb::ClusterCommand,
+        deadline: Duration,
+    ) -> Result<String, Status> {
+        if leader == self.core.cfg.id {
+            return self.execute_here(cmd).await;
+        }
+        self.relay.relay(leader, cmd, deadline).await
+    }
+
+    /// The leader's end of a relayed command from member `peer`, whose
+    /// certificate the transport has checked: a node may register or
+    /// rejoin only itself; an operator's command must come from a voter
+    /// (`validator_host`: the certificate says the sender may hold the key).
+    pub async fn serve(
+        &self,
+        peer: NodeId,
+        validator_host: Result<(), Status>,
+        cmd: pb::ClusterCommand,
+    ) -> Result<String, Status> {
+        if self.core.raft_metrics().current_leader != Some(self.core.cfg.id) {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        match &cmd.kind {
+            Some(Kind::Rejoin(pb::Member { id, .. }) | Kind::Register(id)) => {
+                if *id != peer {
+                    return Err(Status::permission_denied(
+                        "a node may only register or rejoin itself",
+                    ));
+                }
+            }
+            // An operator's command, from a member's admin socket or port:
+            // only a validator host's certificate vouches for its operator.
+            _ => {
+                validator_host?;
+                if !self.voter_ids().contains(&peer) {
+                    tracing::warn!(
+                        peer,
+                        "refused an operator command from a node that is not a voter"
+                    );
+                    return Err(Status::permission_denied(format!(
+                        "node {peer} is not a voting member: it forwards no operator commands"
+                    )));
+                }
+                tracing::info!(node = peer, "operator command forwarded by node {peer}");
+            }
+        }
+        self.execute_here(cmd).await
+    }
+
+    async fn take_leadership(&self) -> Result<(), Status> {
+        let limit = self.core.timing().election_max * 6;
+        let until = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < until {
+            // Any live leader will do: one elected meanwhile runs the command.
+            if self.core.leader().is_some() {
+                return Ok(());
+            }
+            let _ = self.core.raft.trigger().elect(true).await;
+            tokio::time::sleep(self.core.timing().election_min).await;
+        }
+        Err(Status::unavailable(format!(
+            "no leader could be elected within {limit:?}: is a majority of members up and connected?"
+        )))
+    }
+
+    async fn write(&self, c: Command) -> Result<ClientWriteResponse<TypeConfig>, Status> {
+        self.core.raft.client_write(c).await.map_err(write_status)
+    }
+
+    /// Asks the coordinator for a switchover (to `to`, or to the best
+    /// standby); its answer.
+    async fn switchover(&self, to: Option<NodeId>) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || "coordinator is shutting down".to_string();
+        self.requests
+            .send(CoordinatorRequest::Switchover { to, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    async fn execute_here(&self, cmd: pb::ClusterCommand) -> Result<String, Status> {
+        let raft = &self.core.raft;
+        match cmd
+            .kind
+            .ok_or_else(|| Status::invalid_argument("empty command"))?
+        {
+            Kind::Pause(_) => {
+                self.write(Command::SetPaused { paused: true }).await?;
+                Ok("cluster paused: no automatic failover until `keyraft resume`; the active validator keeps validating".into())
+            }
+            Kind::Resume(_) => {
+                self.write(Command::SetPaused { paused: false }).await?;
+                Ok("cluster resumed: automatic failover is on".into())
+            }
+            Kind::Register(node) => {
+                self.write(Command::Register { node }).await?;
+                Ok(format!("node {node} registered"))
+            }
+            Kind::SignerFloor(f) => self.signer_floor(f).await,
+            Kind::Switchover(s) => self
+                .switchover(s.to)
+                .await
+                .map_err(Status::failed_precondition),
+            Kind::MembersAdd(m) => {
+                check_member(&m)?;
+                self.add_voter(&m).await?;
+                self.relay.learned_addr(m.id, &m.addr);
+                Ok(format!("node {} ({}) is a voter", m.id, m.addr))
+            }
+            Kind::MembersRemove(id) if id == self.core.cfg.id => self.remove_the_leader(id).await,
+            Kind::MembersRemove(id) if self.core.cluster.borrow().key_holder() == Some(id) => {
+                Err(Status::failed_precondition(format!(
+                    "node {id} holds the key unreleased and does not lead (its lease is running out): run `keyraft switchover` first, or remove it once a successor validates"
+                )))
+            }
+            Kind::MembersRemove(id) => {
+                self.voters_left_answer(id).await?;
+                self.relay.change_begins(&format!("remove node {id}"));
+                raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await
+                    .map_err(write_status)?;
+                raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                    .await
+                    .map_err(write_status)?;
+                Ok(format!("node {id} removed"))
+            }
+            Kind::Rejoin(m) if m.id == self.core.cfg.id => Err(Status::failed_precondition(
+                "the leader cannot rejoin: it holds its data",
+            )),
+            Kind::Rejoin(m) => {
+                check_member(&m)?;
+                // Every member forgets what it saw of the node's old history
+                // (and any refusal of it): it starts over, without a vote.
+                self.write(Command::Rejoined { node: m.id }).await?;
+                if self.voter_ids().contains(&m.id) {
+                    // Demote first: a voter that lost its data must not vote
+                    // until it has caught up again.
+                    self.relay.change_begins(&format!("demote node {}", m.id));
+                    raft.change_membership(ChangeMembers::RemoveVoters([m.id].into()), true)
+                        .await
+                        .map_err(write_status)?;
+                }
+                self.add_voter(&m).await?;
+                Ok(format!(
+                    "node {} rejoined as a learner, caught up and is a voter again",
+                    m.id
+                ))
+            }
+        }
+    }
+
+    /// `keyraft signer import-state`: the floor below which nothing of
+    /// the chain is signed.
+    async fn signer_floor(&self, f: pb::SignerFloor) -> Result<String, Status> {
+        let Some(signer) = &self.core.cfg.signer else {
+            return Err(Status::failed_precondition(
+                "this cluster does not run in signer mode",
+            ));
+        };
+        if signer.chain(&f.chain_id).is_none() {
+            let ours: Vec<&str> = signer.chain_ids().collect();
+            return Err(Status::failed_precondition(format!(
+                "this member signs for {}, not {}",
+                ours.join(", "),
+                f.chain_id
+            )));
+        }
+        let limit = crate::signer::height_limit(&self.core, &f.chain_id);
+        if f.height > limit.height {
+            if !f.allow_jump {
+                return Err(Status::failed_precondition(format!(
+                    "floor height {} is above {}: refused (if the state file is right, run import-state again with --allow-jump)",
+                    f.height, limit.why
+                )));
+            }
+            tracing::warn!(
+                height = f.height,
+                limit = limit.height,
+                "operator override: a floor above the height-jump limit ({}) is imported",
+                limit.why
+            );
+        }
+        let before = self.core.cluster.borrow().watermark(&f.chain_id).cloned();
+        // The one-chain floor while no other chain has a watermark, so
+        // that one chain stays readable by every keyraft (ledger.rs).
+        let floor = self
+            .core
+            .cluster
+            .borrow()
+            .floor_command(&f.chain_id, f.height);
+        let r = self.write(floor).await?;
+        if let Some(crate::ledger::SignVerdict::WrongChain) = r.data.sign {
+            return Err(Status::unavailable(format!(
+                "another chain's floor was committed at the same time as {}'s: run import-state again",
+                f.chain_id
+            )));
+        }
+        Ok(match before {
+            Some(w) if (w.height, w.round, w.step) >= (f.height, u32::MAX, u8::MAX) => format!(
+                "the watermark was already at or above height {}: unchanged",
+                f.height
+            ),
+            _ if f.height == 0 => "a key that never signed: signing starts now".to_string(),
+            _ => format!(
+                "nothing at or below height {} will be signed; signing starts above it",
+                f.height
+            ),
+        })
+    }
+
+    /// Removing the leader (docs/design.md, step 7): it hands over first
+    /// as in a switchover (stop, prove dead, `Released`, transfer), and
+    /// the new leader removes it. openraft's own removed-leader step-down
+    /// is off: it transferred leadership without a release while the old
+    /// leader's validator still ran.
+    async fn remove_the_leader(&self, id: NodeId) -> Result<String, Status> {
+        let handed = self.switchover(None).await.map_err(|why| {
+            Status::failed_precondition(format!(
+                "node {id} leads and could not hand over ({why}): run `keyraft switchover` (or stop node {id}) first, then remove it"
+            ))
+        })?;
+        // The successor takes the removal once it leads (it may still be
+        // committing its activation).
+        let limit = self.core.timing().election_max * 10;
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let cmd = pb::ClusterCommand {
+                kind: Some(Kind::MembersRemove(id)),
+            };
+            let last = match self.core.leader() {
+                Some(l) if l != id => match self.relay.relay(l, cmd, OPERATOR_DEADLINE).await {
+                    Ok(removed) => return Ok(format!("node {id} led: {handed}; {removed}")),
+                    // Unavailable: not leading yet; FailedPrecondition: it has
+                    // not applied the release yet. Both pass within the limit.
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
+                        e.message().to_string()
+                    }
+                    Err(e) => return Err(e),
+                },
+                _ => "no other leader yet".to_string(),
+            };
+            if tokio::time::Instant::now() >= until {
+                return Err(Status::unavailable(format!(
+                    "node {id} handed over ({handed}), but the removal was not taken within {limit:?} ({last}): run it again"
+                )));
+            }
+            tokio::time::sleep(self.core.timing().heartbeat).await;
+        }
+    }
+
+    /// Before voter `id` is removed, a majority of the voters left must
+    /// show they are up now: each acks a heartbeat sent after this asks (an
+    /// older ack may be from a voter that died since). Else the joint
+    /// configuration could never commit and the cluster would stop
+    /// ([`members`]).
+    ///
+    /// Decided at the ack that completes the majority (each ack changes
+    /// openraft's metrics), not a heartbeat later: the later the decision,
+    /// the likelier a voter it counted died in between.
+    async fn voters_left_answer(&self, id: NodeId) -> Result<(), Status> {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let asked = tokio::time::Instant::now();
+        let until = asked + self.core.timing().election_max;
+        let mut metrics = self.core.raft.metrics();
+        let _ = self.core.raft.trigger().heartbeat().await;
+        loop {
+            let acks = crate::node::ack_ages(&metrics.borrow_and_update());
+            let why = members::removal_refusal(
+                &self.voter_ids(),
+                self.core.cfg.id,
+                &acks,
+                id,
+                asked.elapsed(),
+            );
+            match why {
+                None => return Ok(()),
+                Some(why) if tokio::time::Instant::now() >= until => {
+                    return Err(Status::failed_precondition(why))
+                }
+                Some(_) => {}
+            }
+            // The heartbeat timer keeps the acks coming while this leads.
+            if let Ok(Err(_)) = tokio::time::timeout_at(until, metrics.changed()).await {
+                return Err(Status::unavailable("Raft stopped"));
+            }
+        }
+    }
+
+    fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Joint consensus the safe way: a learner first (returns once it has
+    /// caught up), then a voter.
+    async fn add_voter(&self, m: &pb::Member) -> Result<(), Status> {
+        let raft = &self.core.raft;
+        raft.add_learner(m.id, BasicNode::new(&m.addr), true)
+            .await
+            .map_err(write_status)?;
+        self.relay
+            .change_begins(&format!("add node {} as a voter", m.id));
+        raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
+            .await
+            .map_err(write_status)?;
+        Ok(())
+    }
+}
