@@ -317,9 +317,10 @@ impl pb::gossip_server::Gossip for GossipService {
             term: h.term,
             last_index: h.last_index,
         });
-        Ok(Response::new(
-            hello_reply(&self.sh.core, &*self.sh.memory, peer, holds).await,
-        ))
+        hello_reply(&self.sh.core, &*self.sh.memory, peer, holds)
+            .await
+            .map(Response::new)
+            .map_err(Status::unavailable)
     }
 }
 
@@ -327,12 +328,22 @@ impl pb::gossip_server::Gossip for GossipService {
 /// node saw of it, and, judged against what its data dir `holds`, whether
 /// it is refused (behind) or any earlier refusal is taken back (a good
 /// copy put back). The simulator's processes answer with it too.
+///
+/// A node that lost its own data dir and waits to be taken back
+/// (`--rejoin`, its votes closed) does not answer: it remembers nothing of
+/// anyone, and its answer would count toward the majority a restored copy
+/// needs to start.
 pub async fn hello_reply<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
     memory: &impl Records,
     peer: NodeId,
     holds: Option<Holds>,
-) -> pb::HelloReply {
+) -> Result<pb::HelloReply, &'static str> {
+    if core.gate.joined() && !core.gate.votes_open() {
+        return Err(
+            "this node lost its data dir and is rejoining: it cannot say what it saw of anyone",
+        );
+    }
     let m = core.raft_metrics();
     let initialized = m
         .membership_config
@@ -353,7 +364,7 @@ pub async fn hello_reply<SM: RaftStateMachine<TypeConfig>>(
             }
         }
     }
-    pb::HelloReply {
+    Ok(pb::HelloReply {
         initialized,
         term: m.current_term,
         leader: m.current_leader,
@@ -362,5 +373,5 @@ pub async fn hello_reply<SM: RaftStateMachine<TypeConfig>>(
         seen_term: seen.term,
         seen_committed: seen.committed,
         refused: seen.refused.unwrap_or_default(),
-    }
+    })
 }

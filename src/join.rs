@@ -119,7 +119,14 @@ pub async fn bootstrap(
                 return Err(refusal(cfg, fresh, *peer, r, "it registered"));
             }
         }
-        let majority = (answers.len() + 1) * 2 > members;
+        // A peer on an empty data dir (wiped, or new) remembers nothing of
+        // anyone: its answer vouches for no data dir. Only a new cluster's
+        // first start counts such answers.
+        let witnesses = answers
+            .iter()
+            .filter(|(_, r)| fresh || r.initialized)
+            .count();
+        let majority = (witnesses + 1) * 2 > members;
         let exists = answers.iter().any(|(_, r)| r.initialized);
         let waiting_for = match (fresh, exists) {
             (false, _) if majority => return Ok(Bootstrap::Existing),

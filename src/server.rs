@@ -288,6 +288,11 @@ pub async fn run(
     .await?;
 
     let bootstrap = join::bootstrap(&sh.cfg, &*sh.peers, fresh, holds).await?;
+    // A node rejoining after it lost its data dir votes only once the
+    // leader took it back (and answers no Hello until then).
+    if bootstrap != Bootstrap::Rejoin {
+        gate.open_votes();
+    }
     gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
@@ -306,9 +311,6 @@ pub async fn run(
             ),
             (Err(e), _) => tracing::debug!("already initialised: {e}"),
         }
-    }
-    if bootstrap != Bootstrap::Rejoin {
-        gate.open_votes();
     }
 
     let mut tasks = vec![

@@ -481,6 +481,74 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
     Ok(())
 }
 
+/// The demotion a rejoin starts with is a membership change: with another
+/// voter down it could never commit (the voters left lack a live
+/// majority), and the cluster would stay in the joint configuration. The
+/// leader refuses the rejoin until the voter is back; the wiped node waits
+/// without a vote meanwhile. (Found by the simulator, seed 41.)
+#[tokio::test]
+async fn a_rejoin_waits_for_a_live_majority_of_the_voters_left() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let (victim, down) = (others[0], others[1]);
+    eventually(SETTLE, "the victim to register", || async {
+        Ok(c.proc(victim)?
+            .log_tail(400)
+            .contains("registered:")
+            .then_some(()))
+    })
+    .await?;
+    c.signal(victim, Signal::SIGKILL)?;
+    c.forget(victim)?
+        .context("no process")?
+        .wait_exit(SETTLE)
+        .await?;
+    std::fs::remove_dir_all(&c.nodes[&victim].data)?;
+    c.signal(down, Signal::SIGKILL)?;
+    c.forget(down)?
+        .context("no process")?
+        .wait_exit(SETTLE)
+        .await?;
+
+    c.node_mut(victim)?.opts.flags.push("--rejoin".into());
+    c.spawn(victim)?;
+    eventually(SETTLE, "the leader to refuse the demotion", || async {
+        let log = c.proc(victim)?.log_tail(400);
+        Ok(log
+            .lines()
+            .any(|l| l.contains("rejoin:") && l.contains("bring them back first"))
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    ensure!(
+        !c.proc(victim)?
+            .log_tail(400)
+            .contains("rejoined as a learner"),
+        "rejoined with a voter down"
+    );
+    c.spawn(down)?;
+    eventually(SETTLE, "the rejoin once the voter is back", || async {
+        let log = c.proc(victim)?.log_tail(400);
+        Ok(log.contains("rejoined as a learner").then_some(()))
+    })
+    .await
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    eventually(SETTLE, "three voters again", || async {
+        let v = c.status(victim).await?;
+        let members = v["cluster"]["members"]
+            .as_array()
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok((members == 3 && node_entry(&v, victim)["raft"] == "Follower").then_some(()))
+    })
+    .await
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn members_are_added_as_learners_then_voters_and_removed() -> Result<()> {
     let c = Cluster::start(3, 250, plain).await?;

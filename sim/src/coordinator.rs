@@ -7,9 +7,9 @@
 //!   to fail as the real one is (a frozen guard times out after
 //!   `kill_bound`, a dead one fails at once, a kill takes time or never
 //!   completes, a stop is slow);
-//! - [`SimOutside`], the `Outside`: the simulation's clock; no fence
-//!   agents (none are configured) and no rejoin (no run wipes a data dir
-//!   without a backup to restore).
+//! - [`SimOutside`], the `Outside`: the simulation's clock, and a rejoin
+//!   asked of the leader through the process's own `admin::Commands`; no
+//!   fence agents (none are configured).
 //!
 //! A frozen keyraft ([`crate::host::Freeze`]) is a coordinator that is not
 //! polled at all until it thaws ([`while_thawed`]), as SIGSTOP does.
@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -72,12 +72,15 @@ pub fn spawn(
     let (_never, shutdown) = keyraft::shutdown::channel();
     let mut c = Coordinator::<Sim>::new(Parts {
         core: p.core.clone(),
-        outside: Arc::new(SimOutside(world.clone())),
+        outside: Arc::new(SimOutside {
+            world: world.clone(),
+            process: Arc::downgrade(p),
+        }),
         node: Some(node),
         health_rx: Some(health_rx),
         requests,
         shutdown,
-        rejoining: false,
+        rejoining: p.rejoining,
         seed,
     });
     let span = tracing::info_span!("node", id = p.id);
@@ -152,20 +155,24 @@ where
     })
 }
 
-/// The clock of the run; nothing else lies outside a simulated process.
-pub struct SimOutside(Arc<World>);
+/// The clock of the run, and the leader, asked through the process's own
+/// `admin::Commands` (a rejoin); no fence agents.
+pub struct SimOutside {
+    world: Arc<World>,
+    process: Weak<Process>,
+}
 
 impl Outside for SimOutside {
     fn mono_now_ns(&self) -> u64 {
-        self.0.now_ns()
+        self.world.now_ns()
     }
 
-    async fn ask_leader(
-        &self,
-        _leader: NodeId,
-        _cmd: pb::ClusterCommand,
-    ) -> Result<String, String> {
-        Err("rejoin is not simulated".into())
+    async fn ask_leader(&self, leader: NodeId, cmd: pb::ClusterCommand) -> Result<String, String> {
+        let p = self.process.upgrade().ok_or("stopped")?;
+        p.commands
+            .execute_on(leader, cmd, keyraft::admin::NODE_REQUEST_DEADLINE)
+            .await
+            .map_err(|e| e.message().to_string())
     }
 
     async fn power_off_once(

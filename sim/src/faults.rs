@@ -100,6 +100,12 @@ pub enum Kind {
     },
     /// A copy of the node's data dir, taken now.
     Backup,
+    /// Power loss and the disk lost (wiped, or replaced by an empty one):
+    /// keyraft refuses the empty data dir its peers know, and the operator
+    /// starts it again with `--rejoin`.
+    Wipe {
+        down_ms: u64,
+    },
     /// Power loss, and the data dir restored from the last backup (or
     /// wiped, without one) before it comes back.
     Restore {
@@ -289,6 +295,32 @@ pub fn draw(seed: u64) -> Plan {
             kind: Kind::MemberOut {
                 ms: members.random_range(100..=3_000),
             },
+        });
+    }
+    // So do lost disks: a host whose disk is wiped as it loses power,
+    // alone or in a crash of every host.
+    let mut disks = SmallRng::seed_from_u64(seed ^ 0x71fe_d15c);
+    if disks.random_bool(0.15) {
+        let at_ms = disks.random_range(1_500..heal_ms - 4_000);
+        let node = Target::Node(disks.random_range(1..=nodes));
+        let down_ms = disks.random_range(100..=2_000);
+        let target = if disks.random_bool(0.3) {
+            // Every host loses power; one of them its disk too.
+            faults.push(Fault {
+                at_ms,
+                target: node,
+                kind: Kind::CrashAll { down_ms },
+            });
+            node
+        } else if disks.random_bool(0.5) {
+            Target::Leader
+        } else {
+            node
+        };
+        faults.push(Fault {
+            at_ms: at_ms + 1,
+            target,
+            kind: Kind::Wipe { down_ms },
         });
     }
     faults.sort_by_key(|f| f.at_ms);

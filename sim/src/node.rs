@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyraft::config::Timing;
+use keyraft::join::Bootstrap;
 use keyraft::ledger::ClusterState;
 use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
 use keyraft::pb;
@@ -71,9 +72,24 @@ pub struct Process {
     /// simulated network ([`crate::operator`]).
     pub commands: crate::operator::SimCommands,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Started with `--rejoin` on an empty data dir: its coordinator asks
+    /// the leader to take it back.
+    pub rejoining: bool,
 }
 
 pub type OpsRx = tokio::sync::mpsc::Receiver<CoordinatorRequest>;
+
+/// How a process starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The cluster's first start: every node at once, on empty disks.
+    First,
+    /// A restart on the data dir its host holds.
+    Again,
+    /// A restart on an empty data dir (the disk wiped or replaced), with
+    /// `--rejoin` or without.
+    Wiped { rejoin: bool },
+}
 
 /// Why a process did not start.
 #[derive(Debug)]
@@ -85,13 +101,14 @@ pub enum StartError {
 }
 
 impl Process {
-    /// Starts incarnation `inc` on `host`. A non-fresh start asks its
-    /// peers first whether its data dir holds what they saw of it (step 9).
+    /// Starts incarnation `inc` on `host`. A start but the cluster's first
+    /// asks its peers first whether its data dir holds what they saw of it
+    /// (step 9).
     pub async fn start(
         world: &Arc<World>,
         id: NodeId,
         inc: u64,
-        fresh: bool,
+        how: Start,
     ) -> Result<(Arc<Process>, OpsRx), StartError> {
         let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
         let timing = world.timing;
@@ -99,7 +116,14 @@ impl Process {
         let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
         let config = keyraft::raft::openraft_config(&timing)
             .map_err(|e| StartError::Refused(e.to_string()))?;
-        let gate = Arc::new(Gate::new(timing.longest_promise(), true, timing.start()));
+        // `--rejoin` on an empty data dir: no vote until the leader took
+        // the node back (as `server::run` does for `Bootstrap::Rejoin`).
+        let rejoining = how == Start::Wiped { rejoin: true };
+        let gate = Arc::new(Gate::new(
+            timing.longest_promise(),
+            !rejoining,
+            timing.start(),
+        ));
         let network = Network {
             net: world.net.clone(),
             from: id,
@@ -160,12 +184,13 @@ impl Process {
                 ops_tx,
             ),
             tasks: Mutex::new(Vec::new()),
+            rejoining,
         });
         host.set_process(Some(p.clone()));
-        let answered = if fresh {
+        let answered = if how == Start::First {
             None
         } else {
-            match p.hello(world, &host).await {
+            match p.hello(world, &host, how).await {
                 Ok(answered) => Some(answered),
                 Err(why) => {
                     if host.is_process(inc) {
@@ -180,8 +205,14 @@ impl Process {
             p.stop();
             return Err(StartError::Stopped);
         }
-        if let Some((holds, answered)) = answered {
+        if let Some((holds, answered, bootstrap)) = answered {
             world.check_residual(id, holds, &answered);
+            // An empty data dir that no peer knew joins as `server::run`
+            // has it: initialised with the configured members, its log then
+            // replaced by the leader's.
+            if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
+                let _ = p.raft.initialize(world.members()).await;
+            }
         }
         p.gate.join();
         p.spawn(keyraft::raft::heartbeat_while_leading(
@@ -229,11 +260,13 @@ impl Process {
     /// data dir holds; it asks again every 500 ms until answered. Returns
     /// what the data dir holds and what each peer that answered last
     /// remembered of this node.
+    #[allow(clippy::type_complexity)]
     async fn hello(
         &self,
         world: &Arc<World>,
         host: &Host,
-    ) -> Result<(Holds, BTreeMap<NodeId, Remembered>), StartError> {
+        how: Start,
+    ) -> Result<(Holds, BTreeMap<NodeId, Remembered>, Bootstrap), StartError> {
         let holds = self.disk.holds();
         let ask = Ask {
             net: self.net.clone(),
@@ -241,8 +274,10 @@ impl Process {
             inc: self.inc,
             answers: Mutex::new(BTreeMap::new()),
         };
-        let cfg = world.config(self.id);
-        let decided = keyraft::join::bootstrap(&cfg, &ask, false, holds);
+        let mut cfg = world.config(self.id);
+        cfg.rejoin = how == Start::Wiped { rejoin: true };
+        let fresh = matches!(how, Start::Wiped { .. });
+        let decided = keyraft::join::bootstrap(&cfg, &ask, fresh, holds);
         // A kill or a power loss ends the start (polled, as the process
         // has no other way to learn it here).
         let stopped = async {
@@ -253,7 +288,7 @@ impl Process {
         tokio::select! {
             biased;
             r = decided => match r {
-                Ok(_) => Ok((holds, ask.answers.into_inner().unwrap_or_else(|p| p.into_inner()))),
+                Ok(b) => Ok((holds, ask.answers.into_inner().unwrap_or_else(|p| p.into_inner()), b)),
                 Err(refused) => Err(StartError::Refused(refused.0)),
             },
             () = stopped => Err(StartError::Stopped),
@@ -262,7 +297,11 @@ impl Process {
 
     /// This process's answer to `peer`'s Hello (keyraft's own
     /// `gossip::hello_reply`).
-    pub async fn hello_reply(&self, peer: NodeId, holds: Holds) -> pb::HelloReply {
+    pub async fn hello_reply(
+        &self,
+        peer: NodeId,
+        holds: Holds,
+    ) -> Result<pb::HelloReply, &'static str> {
         keyraft::gossip::hello_reply(&self.core, &*self.memory, peer, Some(holds)).await
     }
 
@@ -403,6 +442,7 @@ impl keyraft::join::Ask for Ask {
                 Box::pin(async move { p.hello_reply(from, holds).await })
             })
             .await
+            .ok()?
             .ok()?;
         let seen = Remembered {
             term: r.seen_term,

@@ -20,7 +20,7 @@ use crate::disk::{DiskState, Hook};
 use crate::faults::Plan;
 use crate::host::{Freeze, Host};
 use crate::net::Net;
-use crate::node::{Process, StartError};
+use crate::node::{Process, Start, StartError};
 use crate::oracle::Oracle;
 use crate::types::{self, NodeId};
 
@@ -303,8 +303,16 @@ impl World {
         }
     }
 
+    /// The configured members, as `raft.initialize` takes them.
+    pub fn members(&self) -> BTreeMap<NodeId, openraft::BasicNode> {
+        self.ids()
+            .into_iter()
+            .map(|id| (id, openraft::BasicNode::new(crate::operator::addr(id))))
+            .collect()
+    }
+
     /// Starts a keyraft process on `id` and its coordinator.
-    async fn start(self: &Arc<Self>, id: NodeId, fresh: bool) {
+    async fn start(self: &Arc<Self>, id: NodeId, how: Start) {
         let Some(host) = self.hosts.get(id) else {
             return;
         };
@@ -320,13 +328,13 @@ impl World {
             return;
         }
         let inc = host.disk.new_process();
-        let started = Process::start(self, id, inc, fresh).await;
+        let started = Process::start(self, id, inc, how).await;
         host.starting.store(false, Ordering::Relaxed);
         match started {
             Ok((p, ops)) => {
                 crate::coordinator::spawn(&p, self, ops, self.next_seed());
                 p.spawn(leadership(self.clone(), p.clone()));
-                self.note(format!("node {id} started"));
+                self.note(format!("node {id} started ({how:?})"));
             }
             Err(StartError::Refused(why)) => {
                 self.note(format!("node {id} REFUSED at start: {why}"));
@@ -373,7 +381,7 @@ impl World {
             let up = self.hosts.get(id).is_some_and(|h| h.process().is_some());
             if !up {
                 let w = self.clone();
-                types::spawn(async move { w.start(id, false).await });
+                types::spawn(async move { w.start(id, Start::Again).await });
             }
         }
         let w = self.clone();
@@ -451,15 +459,10 @@ pub async fn run(
         types::spawn(crate::host::guard(h.clone()));
     }
     for id in world.ids() {
-        world.start(id, true).await;
+        world.start(id, Start::First).await;
     }
     if let Some(p) = world.hosts.get(1).and_then(|h| h.process()) {
-        let members: BTreeMap<NodeId, openraft::BasicNode> = world
-            .ids()
-            .into_iter()
-            .map(|id| (id, openraft::BasicNode::new(crate::operator::addr(id))))
-            .collect();
-        let _ = p.raft.initialize(members).await;
+        let _ = p.raft.initialize(world.members()).await;
     }
     types::spawn(world.clone().chain(Duration::from_millis(plan.block_ms)));
     if plan.signer_mode {
@@ -494,11 +497,13 @@ pub async fn run(
     // (a removed member not added back does not count). During a joint
     // configuration (a membership change under way) that is a majority of
     // each of its voter sets: openraft commits nothing without both.
+    // A node that lost its data dir and waits to be taken back does not
+    // vote (`--rejoin`): it is no part of a quorum that can elect.
     let joined: Vec<Arc<Process>> = world
         .hosts
         .all()
         .filter_map(|h| h.process())
-        .filter(|p| p.gate.joined())
+        .filter(|p| p.gate.joined() && p.gate.votes_open())
         .collect();
     let configs: Vec<BTreeSet<NodeId>> = joined
         .iter()

@@ -318,12 +318,23 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
             )),
             Kind::Rejoin(m) => {
                 check_member(&m)?;
+                let voter = self.voter_ids().contains(&m.id);
+                if voter {
+                    // The demotion below is a membership change as a
+                    // removal is: without a live majority of the voters
+                    // left it could never commit and the cluster would
+                    // stop. Until they are back, the node stays a voter
+                    // that does not vote (its gate) and asks again.
+                    self.voters_left_answer(m.id).await?;
+                }
                 // Every member forgets what it saw of the node's old history
                 // (and any refusal of it): it starts over, without a vote.
                 self.write(Command::Rejoined { node: m.id }).await?;
-                if self.voter_ids().contains(&m.id) {
+                if voter {
                     // Demote first: a voter that lost its data must not vote
-                    // until it has caught up again.
+                    // until it has caught up again. Asked again right
+                    // before: a voter may have died since.
+                    self.voters_left_answer(m.id).await?;
                     self.relay.change_begins(&format!("demote node {}", m.id));
                     raft.change_membership(ChangeMembers::RemoveVoters([m.id].into()), true)
                         .await

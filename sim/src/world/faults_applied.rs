@@ -3,6 +3,7 @@
 //! `members`) go through keyraft's own (`crate::operator`). Split from
 //! [`super`] for length.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use super::World;
 use crate::faults::{Fault, Kind, Target};
 use crate::host::{Freeze, Host, OsFaults};
 use crate::net::Quality;
+use crate::node::Start;
 use crate::types::{self, NodeId};
 
 impl World {
@@ -88,12 +90,34 @@ impl World {
                 }
                 sleep(down_ms).await;
                 host.power_on();
-                self.start(id, false).await;
+                self.start(id, Start::Again).await;
+            }
+            Kind::Wipe { down_ms } => {
+                self.crash(&host);
+                host.disk.restore(None);
+                sleep(down_ms).await;
+                host.power_on();
+                // keyraft refuses an empty data dir that its peers know
+                // (step 9), started here or by the restart of every host;
+                // the operator reads why and starts it again with --rejoin.
+                self.start(id, Start::Wiped { rejoin: false }).await;
+                let until = Instant::now() + Duration::from_secs(5);
+                while host.starting.load(Ordering::Relaxed) && Instant::now() < until {
+                    sleep(50).await;
+                }
+                let refused = self
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if refused {
+                    self.start(id, Start::Wiped { rejoin: true }).await;
+                }
             }
             Kind::KillKeyraft { down_ms } => {
                 self.kill_keyraft(&host);
                 sleep(down_ms).await;
-                self.start(id, false).await;
+                self.start(id, Start::Again).await;
             }
             Kind::CrashAll { down_ms } => {
                 for h in self.hosts.all() {
@@ -105,7 +129,7 @@ impl World {
                 }
                 for id in self.ids() {
                     let w = self.clone();
-                    types::spawn(async move { w.start(id, false).await });
+                    types::spawn(async move { w.start(id, Start::Again).await });
                 }
             }
             Kind::Partition { ms } | Kind::OneWayOut { ms } => {
