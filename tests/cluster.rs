@@ -403,24 +403,53 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
     Ok(())
 }
 
+/// Until node `id` has registered (it ran with durable state: a later
+/// start with an empty data dir needs `--rejoin`).
+async fn registered(c: &Cluster, id: u64) -> Result<()> {
+    eventually(SETTLE, "the node to register", || async {
+        Ok(c.proc(id)?
+            .log_tail(400)
+            .contains("registered:")
+            .then_some(()))
+    })
+    .await
+}
+
+/// Sends `sig` to node `id` and waits for its process to exit.
+async fn stop(c: &mut Cluster, id: u64, sig: Signal) -> Result<()> {
+    c.signal(id, sig)?;
+    c.forget(id)?
+        .context("no process")?
+        .wait_exit(SETTLE)
+        .await?;
+    Ok(())
+}
+
+/// Until node `id` is one of three voters again, following the leader.
+async fn a_voter_again(c: &Cluster, id: u64) -> Result<()> {
+    eventually(
+        SETTLE,
+        "the rejoined node to be a voter following the leader",
+        || async {
+            let v = c.status(id).await?;
+            let members = v["cluster"]["members"]
+                .as_array()
+                .map(|m| m.len())
+                .unwrap_or(0);
+            Ok((members == 3 && node_entry(&v, id)["raft"] == "Follower").then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs_ending_with(Some(id)))
+}
+
 #[tokio::test]
 async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Result<()> {
     let mut c = Cluster::start(3, 250, plain).await?;
     let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     let victim = (1..=3).find(|i| *i != leader).unwrap_or(1);
-    // Wait until the victim has registered (it ran with durable state).
-    eventually(SETTLE, "the victim to register", || async {
-        Ok(c.proc(victim)?
-            .log_tail(400)
-            .contains("registered:")
-            .then_some(()))
-    })
-    .await?;
-    c.signal(victim, Signal::SIGTERM)?;
-    c.forget(victim)?
-        .context("no process")?
-        .wait_exit(SETTLE)
-        .await?;
+    registered(&c, victim).await?;
+    stop(&mut c, victim, Signal::SIGTERM).await?;
     std::fs::remove_dir_all(&c.nodes[&victim].data)?;
 
     let mut refused = tokio::process::Command::from(c.command(victim));
@@ -462,21 +491,7 @@ async fn a_wiped_voter_is_refused_and_rejoins_as_a_learner_with_rejoin() -> Resu
         !log.contains("--rejoin ignored"),
         "the refused start left Raft state in the data dir:\n{log}"
     );
-    eventually(
-        SETTLE,
-        "the rejoined node to be a voter following the leader",
-        || async {
-            let v = c.status(victim).await?;
-            let members = v["cluster"]["members"]
-                .as_array()
-                .map(|m| m.len())
-                .unwrap_or(0);
-            let me = node_entry(&v, victim);
-            Ok((members == 3 && me["raft"] == "Follower").then_some(()))
-        },
-    )
-    .await
-    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    a_voter_again(&c, victim).await?;
     c.assert_no_double_signs().await?;
     Ok(())
 }
@@ -492,24 +507,10 @@ async fn a_rejoin_waits_for_a_live_majority_of_the_voters_left() -> Result<()> {
     let (leader, _) = eventually(SETTLE, "a leader", || c.agreed_leader(&[1, 2, 3])).await?;
     let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     let (victim, down) = (others[0], others[1]);
-    eventually(SETTLE, "the victim to register", || async {
-        Ok(c.proc(victim)?
-            .log_tail(400)
-            .contains("registered:")
-            .then_some(()))
-    })
-    .await?;
-    c.signal(victim, Signal::SIGKILL)?;
-    c.forget(victim)?
-        .context("no process")?
-        .wait_exit(SETTLE)
-        .await?;
+    registered(&c, victim).await?;
+    stop(&mut c, victim, Signal::SIGKILL).await?;
     std::fs::remove_dir_all(&c.nodes[&victim].data)?;
-    c.signal(down, Signal::SIGKILL)?;
-    c.forget(down)?
-        .context("no process")?
-        .wait_exit(SETTLE)
-        .await?;
+    stop(&mut c, down, Signal::SIGKILL).await?;
 
     c.node_mut(victim)?.opts.flags.push("--rejoin".into());
     c.spawn(victim)?;
@@ -535,16 +536,7 @@ async fn a_rejoin_waits_for_a_live_majority_of_the_voters_left() -> Result<()> {
     })
     .await
     .with_context(|| c.logs_ending_with(Some(victim)))?;
-    eventually(SETTLE, "three voters again", || async {
-        let v = c.status(victim).await?;
-        let members = v["cluster"]["members"]
-            .as_array()
-            .map(|m| m.len())
-            .unwrap_or(0);
-        Ok((members == 3 && node_entry(&v, victim)["raft"] == "Follower").then_some(()))
-    })
-    .await
-    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    a_voter_again(&c, victim).await?;
     c.assert_no_double_signs().await?;
     Ok(())
 }
