@@ -79,6 +79,18 @@ pub enum Bootstrap {
     Rejoin,
 }
 
+/// What `peer`'s answer to a Hello says it saw of the asking node.
+pub fn seen_by(peer: NodeId, r: &pb::HelloReply) -> Remembered {
+    let refused = (!r.refused.is_empty()).then(|| r.refused.clone());
+    Remembered {
+        term: r.seen_term,
+        committed: r.seen_committed,
+        refused_by: refused.as_ref().map(|_| peer),
+        refused,
+        ..Remembered::default()
+    }
+}
+
 /// Step 9 (docs/design.md): before it takes any Raft message, a node asks
 /// its peers what they saw of it. A data dir behind what any of them saw
 /// (restored from an older copy, or wiped) is refused: it has forgotten
@@ -106,12 +118,7 @@ pub async fn bootstrap(
     loop {
         let answers = ask_all(cfg, ask, holds).await;
         for (peer, r) in &answers {
-            let seen = Remembered {
-                term: r.seen_term,
-                committed: r.seen_committed,
-                refused: (!r.refused.is_empty()).then(|| r.refused.clone()),
-                refused_by: (!r.refused.is_empty()).then_some(*peer),
-            };
+            let seen = seen_by(*peer, r);
             if let Some(gap) = memory::behind(&seen, holds) {
                 return Err(refusal(cfg, fresh, *peer, r, &gap));
             }

@@ -537,7 +537,38 @@ async fn a_rejoin_waits_for_a_live_majority_of_the_voters_left() -> Result<()> {
     .await
     .with_context(|| c.logs_ending_with(Some(victim)))?;
     a_voter_again(&c, victim).await?;
+    counts_again(&mut c, leader, victim).await?;
     c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// Once node `id` has rejoined, leader `l` holds no refusal of it: while
+/// the rejoin waited, `l` replicated to the empty data dir of a node still
+/// a voter, and refused it; every member forgets that with the rest of the
+/// old record. Its acknowledgements count again: with the third voter
+/// killed, `l` and `id` alone still commit. (The simulator, seeds 665 and
+/// 1402, once kept such a refusal past the rejoin, and the cluster could
+/// not elect when another voter died; keyraft itself also takes a refusal
+/// back at the node's next Hello once the old record is gone.)
+async fn counts_again(c: &mut Cluster, l: u64, id: u64) -> Result<()> {
+    let v = c.status(l).await?;
+    let refused_by = &node_entry(&v, id)["remembered"]["refused_by"];
+    ensure!(
+        refused_by.as_object().is_some_and(|m| m.is_empty()),
+        "node {id} is still refused by {l} after its rejoin: {refused_by}"
+    );
+    let third = (1..=3)
+        .find(|i| *i != l && *i != id)
+        .context("no third voter")?;
+    stop(c, third, Signal::SIGKILL).await?;
+    for cmd in ["pause", "resume"] {
+        let out = c.cli(l, &[cmd]).await?;
+        ensure!(
+            out.status.success(),
+            "{cmd} did not commit with node {l} and the rejoined node {id}: {out:?}\n{}",
+            c.logs()
+        );
+    }
     Ok(())
 }
 

@@ -448,6 +448,11 @@ impl RaftStateMachine<Types> for StateMachine {
                     Reply::default()
                 }
                 EntryPayload::Normal(cmd) => {
+                    if let keyraft::ledger::Command::Rejoined { node } = cmd {
+                        // As keyraft's state machine does: every member
+                        // starts its record of the node over.
+                        self.disk.lock().memory.entry(node).or_default().forget();
+                    }
                     let reply = self.data.state.apply(&cmd, index);
                     (self.hook)(index, term, Some((&cmd, &reply)));
                     reply

@@ -444,12 +444,7 @@ impl keyraft::join::Ask for Ask {
             .await
             .ok()?
             .ok()?;
-        let seen = Remembered {
-            term: r.seen_term,
-            committed: r.seen_committed,
-            refused: (!r.refused.is_empty()).then(|| r.refused.clone()),
-            refused_by: (!r.refused.is_empty()).then_some(id),
-        };
+        let seen = keyraft::join::seen_by(id, &r);
         self.answers
             .lock()
             .unwrap_or_else(|p| p.into_inner())

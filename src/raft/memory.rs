@@ -45,6 +45,11 @@ pub struct Remembered {
     /// carries that member's refusals, which are not this node's word).
     #[serde(default)]
     pub refused_by: Option<NodeId>,
+    /// How many times the member rejoined with an empty data dir
+    /// (`Rejoined`) while this node watched: each one starts the record
+    /// over, and a judgement made before it no longer holds.
+    #[serde(default)]
+    pub rejoins: u64,
 }
 
 /// What a node's own data dir holds.
@@ -97,12 +102,26 @@ impl Remembered {
         grew
     }
 
+    /// Starts the record over: the member rejoined with an empty data dir.
+    /// Only the count of rejoins stays, so that an answer judged against
+    /// the old record cannot refuse the new one, even once the new one has
+    /// grown past the old.
+    pub fn forget(&mut self) {
+        *self = Remembered {
+            rejoins: self.rejoins + 1,
+            ..Remembered::default()
+        };
+    }
+
     /// Refuses the member (`by` caught it answering below `before`, what
-    /// was seen of it), unless the record went down meanwhile (a
-    /// `Rejoined` reset it): the judgement was of facts that no longer
+    /// was seen of it), unless the record was started over meanwhile (a
+    /// `Rejoined`) or went down: the judgement was of facts that no longer
     /// hold. Returns whether it refused.
     pub fn refuse(&mut self, before: &Remembered, why: String, by: NodeId) -> bool {
-        if self.term < before.term || self.committed < before.committed {
+        if self.rejoins != before.rejoins
+            || self.term < before.term
+            || self.committed < before.committed
+        {
             return false;
         }
         self.refused = Some(why);
@@ -235,7 +254,7 @@ impl Memory {
     /// Forgets everything about `id`: it rejoined with an empty data dir
     /// (`--rejoin`), demoted to a learner until it has caught up again.
     pub async fn forget(&self, id: NodeId) -> io::Result<()> {
-        self.map().insert(id, Remembered::default());
+        self.map().entry(id).or_default().forget();
         self.mark(id);
         self.persist().await
     }
@@ -355,6 +374,7 @@ mod tests {
             committed,
             refused: refused.map(String::from),
             refused_by: refused.map(|_| 2),
+            rejoins: 0,
         };
         let holds = |term, last_index| Holds { term, last_index };
         // (seen, holds, behind?)
@@ -397,7 +417,21 @@ mod tests {
         let mut reset = Remembered::default();
         assert!(!reset.refuse(&before, "x".into(), 1));
         assert_eq!(reset.refused, None);
+        // Started over, then grown past the old record again (the member
+        // caught up as a learner): an answer judged against the old record
+        // (a late reply from before the rejoin) still refuses nothing.
+        let mut again = r.clone();
+        again.forget();
+        assert_eq!((again.term, again.committed, again.rejoins), (0, 0, 1));
+        again.see(4, Some(30));
+        assert!(!again.refuse(&before, "x".into(), 1));
+        assert_eq!(again.refused, None);
+        let now = again.clone();
+        assert!(again.refuse(&now, "y".into(), 1));
         assert!(r.refuse(&before, "x".into(), 1));
         assert_eq!((r.refused.as_deref(), r.refused_by), (Some("x"), Some(1)));
+        // A refusal is forgotten with the rest.
+        r.forget();
+        assert_eq!((r.refused, r.rejoins), (None, 1));
     }
 }
