@@ -6,7 +6,8 @@
 //!
 //! Owns: filling the [`crate::node::ClusterView`], the Gossip service
 //! (Exchange, and Hello for a starting node: what this node remembers of
-//! it), and passing on a peer's word that it refused this node (step 9).
+//! it), passing on a peer's word that it refused this node (step 9), and
+//! naming a member whose signer key differs from this host's.
 //! Must not: decide anything else; gossip is advisory. Safety never rests
 //! on it, only on Raft and what start-up checks.
 
@@ -78,7 +79,50 @@ pub async fn run(sh: Arc<Shared>) {
         });
         futures::future::join_all(rounds).await;
         update_peer_metrics(&sh, &mut told);
+        tell_other_keys(&sh, &mut told);
     }
+}
+
+/// Sets `keyraft_signer_other_key_members` and logs each member whose key
+/// for a chain differs from this host's, once per change, and once it
+/// agrees again.
+fn tell_other_keys(sh: &Shared, told: &mut Told) {
+    if sh.signer_keys.is_empty() {
+        return;
+    }
+    let mut now = BTreeMap::new();
+    for (chain, others) in crate::signer::keys::on(sh) {
+        sh.metrics
+            .signer_other_key_members
+            .with_label_values(&[&chain])
+            .set(others.len() as i64);
+        now.extend(others.into_iter().map(|(id, k)| ((chain.clone(), id), k)));
+    }
+    for ((chain, id), theirs) in &now {
+        if told.other_keys.get(&(chain.clone(), *id)) == Some(theirs) {
+            continue;
+        }
+        let mine = sh
+            .signer_keys
+            .iter()
+            .find(|k| &k.chain_id == chain)
+            .map_or("", |k| k.address.as_str());
+        let what = match theirs {
+            Some(a) => format!("has the key with address {a}"),
+            None => "has no key".to_string(),
+        };
+        tracing::error!(
+            peer = id,
+            chain_id = %chain,
+            "node {id} {what} for chain {chain}, this host {mine}: one of them was given the wrong validator-key; whichever leads refuses the other's forwarded requests for that chain (refused_other_key)"
+        );
+    }
+    for (chain, id) in told.other_keys.keys() {
+        if !now.contains_key(&(chain.clone(), *id)) {
+            tracing::info!(peer = id, chain_id = %chain, "node {id} now has this host's key for chain {chain}");
+        }
+    }
+    told.other_keys = now;
 }
 
 /// What the log has been told about each peer, so that it is told once.
@@ -86,6 +130,8 @@ pub async fn run(sh: Arc<Shared>) {
 struct Told {
     up: BTreeMap<u64, bool>,
     slow: BTreeSet<u64>,
+    /// Signer mode: (chain, member) with another key, and that key.
+    other_keys: BTreeMap<(String, NodeId), Option<String>>,
 }
 
 /// Sets the peer gauges, and logs each peer going silent or coming back
@@ -164,6 +210,7 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
                 refused: r.refused.unwrap_or_default(),
             })
             .collect(),
+        signer_keys: sh.signer_keys.clone(),
         ..core_status(&sh.core, sh.start_holds)
     }
 }
@@ -198,6 +245,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         eligible: local.eligible,
         last_log_index: m.last_log_index.unwrap_or(0).max(holds.last_index),
         remembered: Vec::new(),
+        signer_keys: Vec::new(),
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub sign_requests: IntCounterVec,
     pub sign_seconds: HistogramVec,
     pub signer_watermark: IntGaugeVec,
+    /// Signer mode: members whose key for the chain is not this host's.
+    pub signer_other_key_members: IntGaugeVec,
     /// Where a signature's time goes (the sign budget), by stage.
     pub sign_stage_seconds: HistogramVec,
     pub privval_connected: IntGaugeVec,
@@ -148,6 +150,10 @@ impl Metrics {
                 opts("signer_watermark_height", "Signer mode: the height of each chain's replicated watermark as this member applied it (-1 before its floor is imported)."),
                 &["chain"],
             )?,
+            signer_other_key_members: IntGaugeVec::new(
+                opts("signer_other_key_members", "Signer mode: members (heard from by gossip) whose key for the chain is not this host's, another key or none; whichever leads refuses the other's forwarded requests for it (refused_other_key)."),
+                &["chain"],
+            )?,
             sign_stage_seconds: HistogramVec::new(
                 HistogramOpts::new("sign_stage_seconds", "Where a signature's time goes, by stage: lock (waiting for the one signing at a time), check, commit (Raft: propose to applied, a majority's fsync included), sign (ed25519), forward (a follower's round trip to the leader), serve (the leader's part of a forwarded request).")
                     .namespace("keyraft")
@@ -209,8 +215,10 @@ impl Metrics {
             r.register(Box::new(m.privval_connected.clone()))?;
             r.register(Box::new(m.signing.clone()))?;
             r.register(Box::new(m.signer_watermark.clone()))?;
+            r.register(Box::new(m.signer_other_key_members.clone()))?;
             for chain in chains {
                 m.signer_watermark.with_label_values(&[chain]).set(-1);
+                m.signer_other_key_members.with_label_values(&[chain]);
                 for kind in ["proposal", "prevote", "precommit"] {
                     for result in [
                         "signed",

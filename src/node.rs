@@ -103,6 +103,8 @@ pub struct Shared {
     pub requests: mpsc::Sender<CoordinatorRequest>,
     /// Signer mode: which nodes' privval ports this host is connected to.
     pub privval: PrivvalLinks,
+    /// Signer mode: the address of this host's key for each chain.
+    pub signer_keys: Vec<pb::ChainKey>,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
     /// The kernel fence on this host: `on`, or `off: why`.

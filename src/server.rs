@@ -235,6 +235,26 @@ pub async fn run(
         .unwrap_or_default();
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, &chains, &fenced)
         .map_err(|e| RunError::Raft(e.to_string()))?;
+    let keys = match cfg.signer.clone() {
+        Some(c) => Some(
+            blocking(move || {
+                Ok::<_, RunError>((
+                    signer::load_keys(&c)?,
+                    signer::privval::identity(&c.identity_key)?,
+                ))
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    let signer_keys = keys
+        .iter()
+        .flat_map(|(k, _)| k)
+        .map(|(c, key)| pb::ChainKey {
+            chain_id: c.chain_id.clone(),
+            address: key.address_hex(),
+        });
+    let signer_keys = signer_keys.collect();
     let core = Arc::new(Core {
         cfg,
         raft: raft.clone(),
@@ -254,6 +274,7 @@ pub async fn run(
         refused: watch::channel(None).0,
         requests: req_tx,
         privval: PrivvalLinks::default(),
+        signer_keys,
         probe_error: probe_rx,
         kernel_fence: kernel.describe(),
         tls: server_tls,
@@ -262,22 +283,10 @@ pub async fn run(
     sh.metrics
         .kernel_fence
         .set(i64::from(kernel.plan().is_some()));
-    let signer = match sh.cfg.signer.clone() {
-        Some(c) => {
-            let (keys, identity) = blocking(move || {
-                Ok::<_, RunError>((
-                    signer::load_keys(&c)?,
-                    signer::privval::identity(&c.identity_key)?,
-                ))
-            })
-            .await?;
-            Some((
-                Signer::new(sh.core.clone(), sh.peers.clone(), keys),
-                identity,
-            ))
-        }
-        None => None,
-    };
+    let signer = keys.map(|(keys, identity)| {
+        let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys);
+        (signer, identity)
+    });
     // The servers stop only after the coordinator and Raft have.
     let (stop_servers, servers_stop) = shutdown::channel();
     let servers = start_servers(

@@ -240,6 +240,52 @@ async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Resu
     .with_context(|| c.logs())?;
     let now = heights(&c).await?;
     let second = c.judges()[1].0.to_string();
+    // Gossip names host 3 on every member, node 2 included (a follower:
+    // no forwarded request of host 3 ever reaches it), for the second
+    // chain alone, before and apart from any refused request.
+    let chains: Vec<String> = c.judges().iter().map(|(id, _)| id.to_string()).collect();
+    eventually(SETTLE, "every member to name host 3's key", || async {
+        for (id, want) in [
+            (1, [0.0, 1.0, 0.0]),
+            (2, [0.0, 1.0, 0.0]),
+            (3, [0.0, 2.0, 0.0]),
+        ] {
+            let m = c.metrics(id).await?;
+            for (chain, want) in chains.iter().zip(want) {
+                let got = m
+                    .iter()
+                    .find(|(k, _)| {
+                        k.starts_with("keyraft_signer_other_key_members")
+                            && k.contains(&format!("chain=\"{chain}\""))
+                    })
+                    .map(|(_, v)| *v);
+                if got != Some(want) {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let v = c.status(2).await?;
+    let second_status = &v["signer"]["chains"][1];
+    let named = second_status["other_keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        named.len() == 1
+            && named[0]["node"] == 3
+            && named[0]["address"].is_string()
+            && named[0]["address"] != second_status["address"],
+        "node 2's status does not name host 3's key: {second_status}"
+    );
+    let table = String::from_utf8_lossy(&c.cli(2, &["status"]).await?.stdout).to_string();
+    ensure!(
+        table.matches("ANOTHER KEY on node 3").count() == 1,
+        "node 2's status table does not name host 3's key once:\n{table}"
+    );
     eventually(
         SETTLE,
         "host 3's requests for the second chain refused",
@@ -265,6 +311,12 @@ async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Resu
             "node 3's key for chain {second} is not the leader's"
         )),
         "no log line on the leader names host 3's key"
+    );
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft2.log"))?;
+    ensure!(
+        log.contains("node 3 has the key with address")
+            && log.contains(&format!("for chain {second}, this host")),
+        "no log line on node 2 names host 3's key"
     );
     Ok(())
 }

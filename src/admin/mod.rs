@@ -142,6 +142,7 @@ pub fn status_json(sh: &Shared) -> Value {
     });
     if let Some(c) = &sh.cfg.signer {
         let links = sh.privval.snapshot();
+        let mut other_keys = crate::signer::keys::on(sh);
         let chains: Vec<Value> = c
             .chains
             .iter()
@@ -151,6 +152,10 @@ pub fn status_json(sh: &Shared) -> Value {
                 let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
                 json!({
                     "chain_id": chain.chain_id,
+                    "address": sh.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
+                    "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
+                        .map(|(node, address)| json!({"node": node, "address": address}))
+                        .collect::<Vec<_>>(),
                     "watermark": w.map(|w| json!({
                         "height": w.height,
                         "round": (w.round != u32::MAX).then_some(w.round),

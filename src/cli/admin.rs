@@ -413,6 +413,14 @@ fn print_table(v: &serde_json::Value) {
             sg["signatures"],
             conns.join(", ")
         );
+        for o in sg["other_keys"].as_array().into_iter().flatten() {
+            let theirs = o["address"].as_str().unwrap_or("none");
+            println!(
+                "        ANOTHER KEY on node {}: {theirs} (this host: {})",
+                o["node"],
+                sg["address"].as_str().unwrap_or("?")
+            );
+        }
     }
     println!(
         "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} SEEN",

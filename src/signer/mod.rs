@@ -9,6 +9,8 @@
 //!   the peer port on a real node) and the leader's gRPC end.
 //! - [`refusal`]: why a request was not signed, typed from the ledger's
 //!   verdict through the forward to CometBFT's `RemoteSignerError`.
+//! - [`keys`]: which members gossip another key for a chain (reported
+//!   before any request; the leader's per-request check stays the guard).
 //! - this module: [`Signer`], which answers each request with one sign path
 //!   ([`Signer::sign_here`], only ever on the Raft leader: commit
 //!   `Signed{chain_id, height, round, step, digest}`, then sign) and one
@@ -41,6 +43,7 @@
 //! CometBFT's read timeout, or touch the coordinator's validator.
 
 mod forward;
+pub mod keys;
 pub mod limit;
 pub mod privval;
 pub mod refusal;
