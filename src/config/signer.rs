@@ -124,7 +124,11 @@ pub(super) fn resolve_signer(
                     c.chain_id
                 )));
             }
-            if let Some(n) = c.nodes.iter().find(|n| other.nodes.contains(n)) {
+            // Compared as printed, without an identity pin: a pinned and an
+            // unpinned address of one node are one node.
+            let printed = |n: &PrivvalAddr| n.to_string();
+            let theirs: Vec<String> = other.nodes.iter().map(printed).collect();
+            if let Some(n) = c.nodes.iter().find(|n| theirs.contains(&printed(n))) {
                 return Err(invalid(format!(
                     "privval node {n} is given for chains {} and {}: each node serves one chain",
                     other.chain_id, c.chain_id
@@ -156,9 +160,9 @@ fn resolve_chain(
     let chain_id = chain_id
         .ok_or_else(|| invalid(format!("--signer cometbft needs {dashes}chain-id")))?
         .to_string();
-    if chain_id.is_empty() || chain_id.len() > 50 {
+    if let Err(e) = cometbft::chain::Id::try_from(chain_id.clone()) {
         return Err(invalid(format!(
-            "bad {dashes}chain-id '{chain_id}': 1 to 50 characters, as CometBFT allows"
+            "bad {dashes}chain-id '{chain_id}': {e} (1 to 50 characters, as CometBFT allows)"
         )));
     }
     let key = key.map(Path::to_path_buf).ok_or_else(|| {
@@ -362,6 +366,18 @@ mod tests {
             table("b-1", &k[1], "tcp://127.0.0.1:1")
         ));
         assert!(err(&args).contains("each node serves one chain"));
+        // The same node, pinned for one chain and not for the other.
+        let pinned = format!("tcp://{}@127.0.0.1:1", "ab".repeat(20));
+        write(&format!(
+            "{}{}",
+            table("a-1", &k[0], &pinned),
+            table("b-1", &k[1], "tcp://127.0.0.1:1")
+        ));
+        assert!(err(&args).contains("each node serves one chain"));
+        // A chain id CometBFT would not parse is refused here, once.
+        write(&table("a 1", &k[0], "tcp://127.0.0.1:1"));
+        let e = err(&args);
+        assert!(e.contains("bad chain-id 'a 1'"), "{e}");
         write(&table(
             "a-1",
             &dir.path().join("missing.json"),
