@@ -91,7 +91,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         return;
     }
     let mut now = BTreeMap::new();
-    for (chain, others) in crate::signer::keys::on(sh) {
+    for (chain, others) in crate::signer::keys::on(&sh.core) {
         sh.metrics
             .signer_other_key_members
             .with_label_values(&[&chain])
@@ -123,6 +123,17 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         }
     }
     told.other_keys = now;
+    let outvoted =
+        crate::signer::keys::outvoted(&sh.signer_keys, &crate::signer::keys::of_peers(&sh.core));
+    if outvoted != told.outvoted {
+        match &outvoted {
+            Some(why) => tracing::error!(
+                "this host may not lead: {why}; give it the chain's real validator-key"
+            ),
+            None => tracing::info!("this host's keys are no longer outvoted: it may lead again"),
+        }
+        told.outvoted = outvoted;
+    }
 }
 
 /// What the log has been told about each peer, so that it is told once.
@@ -132,6 +143,8 @@ struct Told {
     slow: BTreeSet<u64>,
     /// Signer mode: (chain, member) with another key, and that key.
     other_keys: BTreeMap<(String, NodeId), Option<String>>,
+    /// Signer mode: why this host's key is outvoted, if it is.
+    outvoted: Option<String>,
 }
 
 /// Sets the peer gauges, and logs each peer going silent or coming back

@@ -85,6 +85,8 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     pub started: Instant,
     /// Fence agents: what the last run for each member ended with.
     pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
+    /// Signer mode: the address of this host's key for each chain.
+    pub signer_keys: Vec<pb::ChainKey>,
 }
 
 /// Handles shared by the coordinator, the servers and the background
@@ -103,8 +105,6 @@ pub struct Shared {
     pub requests: mpsc::Sender<CoordinatorRequest>,
     /// Signer mode: which nodes' privval ports this host is connected to.
     pub privval: PrivvalLinks,
-    /// Signer mode: the address of this host's key for each chain.
-    pub signer_keys: Vec<pb::ChainKey>,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
     /// The kernel fence on this host: `on`, or `off: why`.

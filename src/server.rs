@@ -265,6 +265,7 @@ pub async fn run(
         cluster: cluster_rx.clone(),
         started: tokio::time::Instant::now(),
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
+        signer_keys,
     });
     let sh = Arc::new(Shared {
         core,
@@ -274,7 +275,6 @@ pub async fn run(
         refused: watch::channel(None).0,
         requests: req_tx,
         privval: PrivvalLinks::default(),
-        signer_keys,
         probe_error: probe_rx,
         kernel_fence: kernel.describe(),
         tls: server_tls,

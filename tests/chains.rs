@@ -281,6 +281,19 @@ async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Resu
             && named[0]["address"] != second_status["address"],
         "node 2's status does not name host 3's key: {second_status}"
     );
+    // Host 3's key is outvoted (two members hold the other one): it may
+    // not lead, so a switchover to it is refused, and it says why.
+    let out = c.cli(1, &["switchover", "--to", "3"]).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("node 3") && err.contains("may not"),
+        "a switchover to host 3 was not refused: {out:?}"
+    );
+    let log3 = std::fs::read_to_string(c.dir.path().join("keyraft3.log"))?;
+    ensure!(
+        log3.contains("this host may not lead: 2 members hold key"),
+        "host 3 did not say why it may not lead"
+    );
     let table = String::from_utf8_lossy(&c.cli(2, &["status"]).await?.stdout).to_string();
     ensure!(
         table.matches("ANOTHER KEY on node 3").count() == 1,

@@ -324,7 +324,7 @@ async fn switchover(c: &Cluster) -> Result<(u64, u64, u64)> {
             return Ok(Some(()));
         }
         ensure!(
-            err.contains("may not validate now"),
+            err.contains("may not validate now") || err.contains("may not lead now"),
             "switchover failed: {err}"
         );
         Ok(None)

@@ -155,6 +155,9 @@ impl Process {
             cluster: cluster.clone(),
             started: Instant::now(),
             fence_agents: Mutex::new(BTreeMap::new()),
+            // One key per chain on every host: a host with another key is
+            // a real-process test (tests/chains.rs), not simulated.
+            signer_keys: Vec::new(),
         });
         let p = Arc::new(Process {
             id,

@@ -142,7 +142,7 @@ pub fn status_json(sh: &Shared) -> Value {
     });
     if let Some(c) = &sh.cfg.signer {
         let links = sh.privval.snapshot();
-        let mut other_keys = crate::signer::keys::on(sh);
+        let mut other_keys = crate::signer::keys::on(&sh.core);
         let chains: Vec<Value> = c
             .chains
             .iter()

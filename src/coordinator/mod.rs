@@ -314,6 +314,11 @@ impl<E: Env> Coordinator<E> {
             is_leader: m.state == ServerState::Leader,
             peers,
             acks,
+            key_outvoted: crate::signer::keys::outvoted(
+                &self.sh.signer_keys,
+                &crate::signer::keys::of_peers(&self.sh),
+            )
+            .is_some(),
         }
     }
 

@@ -54,6 +54,9 @@ pub struct View {
     /// On the leader: how long since each follower last acked a heartbeat
     /// (`None` inside: never). `None` when not leading.
     pub acks: Option<BTreeMap<NodeId, Option<Duration>>>,
+    /// Signer mode: more members hold another key for one of this host's
+    /// chains than hold its own (`signer::keys::outvoted`).
+    pub key_outvoted: bool,
 }
 
 impl View {
@@ -81,13 +84,16 @@ pub fn pause_holds(applied_paused: bool, is_leader: bool, unapplied: bool) -> bo
 
 /// Step 1: campaign (and validate) only while eligible. In signer mode
 /// leading means signing, not validating: the local node's health does not
-/// matter (every sentry's requests reach the leader).
+/// matter (every sentry's requests reach the leader), but a host whose key
+/// for a chain is outvoted does not lead: it would refuse every other
+/// host's requests for that chain.
 pub fn eligible(state: StateName, v: &View) -> bool {
     matches!(state, StateName::Voting | StateName::Validating)
         && !v.witness
         && (v.signer_mode || v.health.is_some_and(|h| h.healthy()))
         && !v.paused
         && !v.standing_down
+        && !v.key_outvoted
         && v.is_voter()
 }
 
@@ -122,7 +128,7 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, St
                 Some(p) if p.witness => Some("a witness"),
                 Some(p) if !p.ready => Some("its node is not running and synced"),
                 Some(p) if !p.eligible => {
-                    Some("it may not validate now (just handed over, or not a voter yet)")
+                    Some("it may not lead now (just handed over, not a voter yet, or its signer key is outvoted)")
                 }
                 Some(_) if !live(id) => Some("no recent heartbeat ack"),
                 Some(_) => None,

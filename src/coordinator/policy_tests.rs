@@ -53,6 +53,7 @@ fn view() -> View {
         is_leader: false,
         peers: [(1, ready(10)), (3, ready(12))].into(),
         acks: None,
+        key_outvoted: false,
     }
 }
 
@@ -66,6 +67,11 @@ fn eligibility_needs_every_condition() {
         ("registering", StateName::Registering, Box::new(|_| {})),
         ("witness", StateName::Voting, Box::new(|v| v.witness = true)),
         ("paused", StateName::Voting, Box::new(|v| v.paused = true)),
+        (
+            "key outvoted",
+            StateName::Voting,
+            Box::new(|v| v.key_outvoted = true),
+        ),
         (
             "standing down",
             StateName::Voting,
@@ -119,7 +125,7 @@ fn standby_picks_the_most_advanced_ready_voter_and_says_why_not() {
         ),
         ("a witness", Box::new(|p| p.witness = true)),
         ("not running and synced", Box::new(|p| p.ready = false)),
-        ("may not validate now", Box::new(|p| p.eligible = false)),
+        ("may not lead now", Box::new(|p| p.eligible = false)),
     ];
     for (why, change) in reasons {
         let mut v = view();

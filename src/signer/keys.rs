@@ -4,26 +4,70 @@
 //! nodes asks for a signature, on every member (status, the metric
 //! `keyraft_signer_other_key_members`, one log line per change).
 //!
-//! Owns: the comparison. Must not: refuse or decide anything; the leader's
-//! check of each forwarded request's key (`refused_other_key`) is what
-//! keeps a wrong key from signing for the cluster. This only says so early.
+//! Owns: the comparison, and the one rule it feeds: a host whose key for a
+//! chain is outvoted ([`outvoted`]) is not eligible to lead (step 1). Must
+//! not: refuse a request; the leader's check of each forwarded request's
+//! key (`refused_other_key`) is what keeps a wrong key from signing for the
+//! cluster.
 
 use std::collections::BTreeMap;
 
-use crate::ledger::NodeId;
-use crate::node::Shared;
-use crate::pb;
+use openraft::storage::RaftStateMachine;
 
-/// [`other_keys`] of node `sh`: this host's keys against what the members
-/// of the current membership last gossiped.
-pub fn on(sh: &Shared) -> BTreeMap<String, Vec<(NodeId, Option<String>)>> {
-    let mut seen = sh.view.snapshot();
-    let peers = sh
-        .peer_ids()
+use crate::ledger::NodeId;
+use crate::node::Core;
+use crate::pb;
+use crate::raft::TypeConfig;
+
+/// What the other members of the current membership last gossiped of
+/// their keys.
+pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
+    let mut seen = core.view.snapshot();
+    core.peer_ids()
         .into_iter()
         .filter_map(|id| seen.remove(&id).map(|s| (id, s.status.signer_keys)))
-        .collect();
-    other_keys(&sh.signer_keys, &peers)
+        .collect()
+}
+
+/// [`other_keys`] of node `core`, against its peers' last gossip.
+pub fn on<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+) -> BTreeMap<String, Vec<(NodeId, Option<String>)>> {
+    other_keys(&core.signer_keys, &of_peers(core))
+}
+
+/// Why this host may not lead, if its key for a chain is outvoted: more
+/// of the members that gossip keys (this host counted) hold one other key
+/// for the chain than hold this host's. Then this host is the one given
+/// the wrong key, most likely, and as leader it would refuse every other
+/// host's requests for that chain; it stands aside (not eligible) until
+/// the keys agree. A tie (two hosts, one key each) decides nothing: both
+/// stay eligible and the alert says which chain.
+pub fn outvoted(
+    mine: &[pb::ChainKey],
+    peers: &BTreeMap<NodeId, Vec<pb::ChainKey>>,
+) -> Option<String> {
+    mine.iter().find_map(|m| {
+        let mut held: BTreeMap<&str, usize> = BTreeMap::new();
+        for keys in peers.values() {
+            if let Some(k) = keys.iter().find(|k| k.chain_id == m.chain_id) {
+                *held.entry(k.address.as_str()).or_default() += 1;
+            }
+        }
+        let ours = 1 + held.get(m.address.as_str()).copied().unwrap_or(0);
+        let (theirs, n) = held
+            .into_iter()
+            .filter(|(a, _)| *a != m.address)
+            .max_by_key(|(_, n)| *n)?;
+        (n > ours).then(|| {
+            format!(
+                "{n} members hold key {theirs} for chain {}, {ours} (this host included) hold this host's {}",
+                m.chain_id, m.address
+            )
+        })
+    })
 }
 
 /// For each chain this host signs for, the members running signer mode
@@ -112,5 +156,56 @@ mod tests {
             assert_eq!(got["a"], want_a, "{peers:?}");
             assert_eq!(got["b"], want_b, "{peers:?}");
         }
+    }
+
+    #[test]
+    fn a_host_whose_key_more_members_do_not_hold_is_outvoted() {
+        let mine = [key("a", "AA"), key("b", "BB")];
+        let peers = |p: Vec<(NodeId, Vec<pb::ChainKey>)>| p.into_iter().collect::<BTreeMap<_, _>>();
+        // (peers, outvoted?)
+        let table = [
+            // Two others agree with each other on b, not with this host.
+            (
+                peers(vec![
+                    (2, vec![key("a", "AA"), key("b", "XX")]),
+                    (3, vec![key("a", "AA"), key("b", "XX")]),
+                ]),
+                true,
+            ),
+            // One other, another key: a tie decides nothing.
+            (
+                peers(vec![(2, vec![key("a", "AA"), key("b", "XX")])]),
+                false,
+            ),
+            // The odd one is the other host.
+            (
+                peers(vec![
+                    (2, vec![key("a", "AA"), key("b", "BB")]),
+                    (3, vec![key("a", "AA"), key("b", "XX")]),
+                ]),
+                false,
+            ),
+            // Three keys, one each: nobody is outvoted.
+            (
+                peers(vec![
+                    (2, vec![key("a", "YY"), key("b", "BB")]),
+                    (3, vec![key("a", "ZZ"), key("b", "BB")]),
+                ]),
+                false,
+            ),
+            // Members without the chain, or a witness, hold no key for it.
+            (peers(vec![(2, vec![key("a", "AA")]), (3, vec![])]), false),
+        ];
+        for (p, want) in table {
+            assert_eq!(outvoted(&mine, &p).is_some(), want, "{p:?}");
+        }
+        let why = outvoted(
+            &mine,
+            &peers(vec![(2, vec![key("b", "XX")]), (3, vec![key("b", "XX")])]),
+        );
+        assert_eq!(
+            why.as_deref(),
+            Some("2 members hold key XX for chain b, 1 (this host included) hold this host's BB")
+        );
     }
 }
