@@ -19,15 +19,18 @@ use crate::node::Core;
 use crate::pb;
 use crate::raft::TypeConfig;
 
-/// What the other members of the current membership last gossiped of
-/// their keys.
+/// What the other members of the current membership whose certificate
+/// proves the validator role last gossiped of their keys (a witness holds
+/// none, and one taken over could not outvote a host by claiming some).
 pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
 ) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
     let mut seen = core.view.snapshot();
     core.peer_ids()
         .into_iter()
-        .filter_map(|id| seen.remove(&id).map(|s| (id, s.status.signer_keys)))
+        .filter_map(|id| seen.remove(&id).map(|s| (id, s.status)))
+        .filter(|(_, s)| s.role == "validator")
+        .map(|(id, s)| (id, s.signer_keys))
         .collect()
 }
 
