@@ -561,6 +561,7 @@ async fn counts_again(c: &mut Cluster, l: u64, id: u64) -> Result<()> {
         .find(|i| *i != l && *i != id)
         .context("no third voter")?;
     stop(c, third, Signal::SIGKILL).await?;
+    let before = c.chain.totals().await?;
     for cmd in ["pause", "resume"] {
         let out = c.cli(l, &[cmd]).await?;
         ensure!(
@@ -569,6 +570,17 @@ async fn counts_again(c: &mut Cluster, l: u64, id: u64) -> Result<()> {
             c.logs()
         );
     }
+    // And the lease of `l`'s validator is renewed by the rejoined node's
+    // acks alone: the chain misses nothing.
+    c.chain.wait_height(before.height + 4, SETTLE).await?;
+    let after = c.chain.totals().await?;
+    let (signed, missed) = (after.signed - before.signed, after.missed - before.missed);
+    ensure!(
+        signed > 0 && missed == 0 && after.double_signs == 0,
+        "after node {third} died: {signed} signed, {missed} missed, {} double signs\n{}",
+        after.double_signs,
+        c.logs()
+    );
     Ok(())
 }
 
