@@ -90,8 +90,9 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
     if sh.signer_keys.is_empty() {
         return;
     }
+    let peers = crate::signer::keys::of_peers(&sh.core, &sh.view.snapshot());
     let mut now = BTreeMap::new();
-    for (chain, others) in crate::signer::keys::on(&sh.core) {
+    for (chain, others) in crate::signer::keys::other_keys(&sh.signer_keys, &peers) {
         sh.metrics
             .signer_other_key_members
             .with_label_values(&[&chain])
@@ -123,8 +124,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         }
     }
     told.other_keys = now;
-    let outvoted =
-        crate::signer::keys::outvoted(&sh.signer_keys, &crate::signer::keys::of_peers(&sh.core));
+    let outvoted = crate::signer::keys::outvoted(&sh.signer_keys, &peers);
     if outvoted != told.outvoted {
         match &outvoted {
             Some(why) => tracing::error!(

@@ -142,7 +142,8 @@ pub fn status_json(sh: &Shared) -> Value {
     });
     if let Some(c) = &sh.cfg.signer {
         let links = sh.privval.snapshot();
-        let mut other_keys = crate::signer::keys::on(&sh.core);
+        let peers = crate::signer::keys::of_peers(&sh.core, &seen);
+        let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
         let chains: Vec<Value> = c
             .chains
             .iter()

@@ -286,6 +286,7 @@ impl<E: Env> Coordinator<E> {
     fn view(&self) -> View {
         let m = self.sh.raft_metrics();
         let gossip_age = self.sh.view.snapshot();
+        let keys = crate::signer::keys::of_peers(&self.sh, &gossip_age);
         let peers = gossip_age
             .into_iter()
             .map(|(id, s)| {
@@ -314,11 +315,7 @@ impl<E: Env> Coordinator<E> {
             is_leader: m.state == ServerState::Leader,
             peers,
             acks,
-            key_outvoted: crate::signer::keys::outvoted(
-                &self.sh.signer_keys,
-                &crate::signer::keys::of_peers(&self.sh),
-            )
-            .is_some(),
+            key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
         }
     }
 

@@ -15,30 +15,27 @@ use std::collections::BTreeMap;
 use openraft::storage::RaftStateMachine;
 
 use crate::ledger::NodeId;
-use crate::node::Core;
+use crate::node::{Core, Seen};
 use crate::pb;
 use crate::raft::TypeConfig;
 
 /// What the other members of the current membership whose certificate
 /// proves the validator role last gossiped of their keys (a witness holds
 /// none, and one taken over could not outvote a host by claiming some).
+/// Empty outside signer mode. `seen` is a snapshot of the cluster view.
 pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
+    seen: &BTreeMap<NodeId, Seen>,
 ) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
-    let mut seen = core.view.snapshot();
+    if core.signer_keys.is_empty() {
+        return BTreeMap::new();
+    }
     core.peer_ids()
         .into_iter()
-        .filter_map(|id| seen.remove(&id).map(|s| (id, s.status)))
+        .filter_map(|id| seen.get(&id).map(|s| (id, &s.status)))
         .filter(|(_, s)| s.role == "validator")
-        .map(|(id, s)| (id, s.signer_keys))
+        .map(|(id, s)| (id, s.signer_keys.clone()))
         .collect()
-}
-
-/// [`other_keys`] of node `core`, against its peers' last gossip.
-pub fn on<SM: RaftStateMachine<TypeConfig>>(
-    core: &Core<SM>,
-) -> BTreeMap<String, Vec<(NodeId, Option<String>)>> {
-    other_keys(&core.signer_keys, &of_peers(core))
 }
 
 /// Why this host may not lead, if its key for a chain is outvoted: more
