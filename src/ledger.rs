@@ -52,6 +52,25 @@ pub enum Command {
         digest: String,
         timestamp: (i64, i32),
     },
+    /// Signer mode, since sign-ahead: the leader's signing process `holder`
+    /// (an id it drew at start) signs this (height, round, step) of
+    /// `chain_id` with these bytes, and reserves every HRS up to `through`
+    /// for itself, so that the next one it is asked for is signed without
+    /// waiting for a commit. Committed before the signature when the HRS
+    /// was not reserved already, just after it when it was. Its own variant
+    /// on purpose: a keyraft from before reservations cannot decode it and
+    /// stops applying, where it would otherwise ignore the reservation and
+    /// could sign an HRS the holder signed.
+    SignAhead {
+        chain_id: String,
+        height: u64,
+        round: u32,
+        step: u8,
+        digest: String,
+        timestamp: (i64, i32),
+        through: (u64, u32, u8),
+        holder: u64,
+    },
     /// Signer mode: never sign at or below `height` (a state file imported
     /// from the validator's previous signer; 0 for a key that never signed).
     /// Signing starts only once a floor exists. The cluster's first chain
@@ -132,6 +151,18 @@ impl fmt::Display for Command {
                 step,
                 ..
             } => write!(f, "sign {chain_id} {height}/{round}/{step}"),
+            Command::SignAhead {
+                chain_id,
+                height,
+                round,
+                step,
+                through,
+                ..
+            } => write!(
+                f,
+                "sign {chain_id} {height}/{round}/{step}, reserve through {}/{}/{}",
+                through.0, through.1, through.2
+            ),
             Command::SignerFloor { chain_id, height }
             | Command::ChainFloor { chain_id, height } => {
                 write!(f, "never sign {chain_id} at or below height {height}")
@@ -175,6 +206,9 @@ pub enum SignVerdict {
     Regression,
     /// The watermark's HRS with other sign bytes (or an imported floor).
     Conflict,
+    /// Reserved by another signing process (a leader before this one): it
+    /// may have signed it, with bytes nobody else knows.
+    Reserved,
     /// A floor for a second chain as [`Command::SignerFloor`] (the leader
     /// sends [`Command::ChainFloor`] for it).
     WrongChain,
@@ -184,40 +218,111 @@ pub enum SignVerdict {
 }
 
 /// Signer mode's replicated watermark: the highest (height, round, step)
-/// signed, and what was signed there. Steps are CometBFT's: 1 proposal,
-/// 2 prevote, 3 precommit.
+/// signed or reserved, and what was signed there. Steps are CometBFT's: 1
+/// proposal, 2 prevote, 3 precommit.
+///
+/// While a leader's signing process holds a reservation (`holder`), the
+/// watermark's HRS is the reservation's end and has no digest: a keyraft
+/// from before reservations reads it as an imported floor and signs
+/// nothing at or below it, which is safe. `last` then keeps the bytes last
+/// committed below it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignerState {
     pub chain_id: String,
     pub height: u64,
     pub round: u32,
     pub step: u8,
-    /// `None` for an imported floor: nothing at it may be signed.
+    /// `None` for an imported floor or a reservation: nothing at it may be
+    /// signed (but by the holder).
     pub digest: Option<String>,
     pub timestamp: (i64, i32),
     /// Signatures committed, all time.
     pub signatures: u64,
+    /// The signing process that reserved every HRS above `last` up to this
+    /// one: only it may sign them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<u64>,
+    /// With a reservation: the last HRS signed, and its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<SignedAt>,
+}
+
+/// An HRS signed with these bytes (digest) and timestamp.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAt {
+    pub height: u64,
+    pub round: u32,
+    pub step: u8,
+    pub digest: String,
+    pub timestamp: (i64, i32),
+}
+
+impl SignedAt {
+    pub fn hrs(&self) -> (u64, u32, u8) {
+        (self.height, self.round, self.step)
+    }
 }
 
 impl SignerState {
+    /// The watermark: nothing at or below it is signed anew, but by the
+    /// holder of a reservation.
     pub fn hrs(&self) -> (u64, u32, u8) {
         (self.height, self.round, self.step)
     }
 
-    /// What a request for `hrs` with `digest` would get, without committing.
+    /// The last HRS signed with known bytes (none for an imported floor).
+    pub fn signed(&self) -> Option<SignedAt> {
+        match (&self.holder, &self.digest) {
+            (Some(_), _) => self.last.clone(),
+            (None, Some(d)) => Some(SignedAt {
+                height: self.height,
+                round: self.round,
+                step: self.step,
+                digest: d.clone(),
+                timestamp: self.timestamp,
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// What a request for `hrs` with `digest` would get, without committing,
+    /// from a signing process that holds no reservation.
     pub fn check(&self, chain_id: &str, hrs: (u64, u32, u8), digest: &str) -> SignVerdict {
+        self.check_by(chain_id, hrs, digest, None)
+    }
+
+    /// [`SignerState::check`] for the signing process `holder`: an HRS of its
+    /// own reservation, above the last one signed, is its to sign.
+    pub fn check_by(
+        &self,
+        chain_id: &str,
+        hrs: (u64, u32, u8),
+        digest: &str,
+        holder: Option<u64>,
+    ) -> SignVerdict {
+        use std::cmp::Ordering::*;
         if self.chain_id != chain_id {
             return SignVerdict::WrongChain;
         }
-        match hrs.cmp(&self.hrs()) {
-            std::cmp::Ordering::Less => SignVerdict::Regression,
-            std::cmp::Ordering::Equal if self.digest.as_deref() == Some(digest) => {
+        let signed = self.signed();
+        if let Some(s) = signed.as_ref().filter(|s| s.hrs() == hrs) {
+            return if s.digest == digest {
                 SignVerdict::Sign {
-                    timestamp: self.timestamp,
+                    timestamp: s.timestamp,
                 }
+            } else {
+                SignVerdict::Conflict
+            };
+        }
+        let above_signed = signed.as_ref().is_none_or(|s| hrs > s.hrs());
+        match (hrs.cmp(&self.hrs()), self.holder) {
+            (Greater, _) => SignVerdict::Sign { timestamp: (0, 0) },
+            (_, Some(h)) if above_signed && holder == Some(h) => {
+                SignVerdict::Sign { timestamp: (0, 0) }
             }
-            std::cmp::Ordering::Equal => SignVerdict::Conflict,
-            std::cmp::Ordering::Greater => SignVerdict::Sign { timestamp: (0, 0) },
+            (_, Some(_)) if above_signed => SignVerdict::Reserved,
+            (Equal, None) => SignVerdict::Conflict,
+            _ => SignVerdict::Regression,
         }
     }
 }
@@ -331,35 +436,21 @@ impl ClusterState {
                 ref digest,
                 timestamp,
             } => {
-                let verdict = match self.watermarks.get(chain_id) {
-                    None => SignVerdict::NoWatermark,
-                    Some(w) => match w.check(chain_id, (height, round, step), digest) {
-                        // Above the watermark: the new signature's own time.
-                        SignVerdict::Sign { .. } if (height, round, step) > w.hrs() => {
-                            SignVerdict::Sign { timestamp }
-                        }
-                        v => v,
-                    },
-                };
-                if let SignVerdict::Sign { timestamp } = verdict {
-                    let signatures = self.watermarks.get(chain_id).map_or(0, |w| w.signatures) + 1;
-                    self.watermarks.insert(
-                        chain_id.clone(),
-                        SignerState {
-                            chain_id: chain_id.clone(),
-                            height,
-                            round,
-                            step,
-                            digest: Some(digest.clone()),
-                            timestamp,
-                            signatures,
-                        },
-                    );
-                }
-                Reply {
-                    prior: None,
-                    sign: Some(verdict),
-                }
+                let hrs = (height, round, step);
+                self.sign(chain_id, hrs, digest, timestamp, hrs, None)
+            }
+            Command::SignAhead {
+                ref chain_id,
+                height,
+                round,
+                step,
+                ref digest,
+                timestamp,
+                through,
+                holder,
+            } => {
+                let hrs = (height, round, step);
+                self.sign(chain_id, hrs, digest, timestamp, through, Some(holder))
             }
             Command::SignerFloor {
                 ref chain_id,
@@ -385,6 +476,82 @@ impl ClusterState {
         }
     }
 
+    /// Applies a signature of `hrs` with `digest` by the signing process
+    /// `holder` (`None`: a keyraft from before reservations), reserving up to
+    /// `through` for it. The verdict is [`SignerState::check_by`]'s, with the
+    /// first timestamp committed for these bytes.
+    fn sign(
+        &mut self,
+        chain_id: &str,
+        hrs: (u64, u32, u8),
+        digest: &str,
+        timestamp: (i64, i32),
+        through: (u64, u32, u8),
+        holder: Option<u64>,
+    ) -> Reply {
+        let Some(w) = self.watermarks.get(chain_id).cloned() else {
+            return Reply {
+                prior: None,
+                sign: Some(SignVerdict::NoWatermark),
+            };
+        };
+        let repeat = w.signed().is_some_and(|s| s.hrs() == hrs);
+        let verdict = match w.check_by(chain_id, hrs, digest, holder) {
+            // A new signature: its own time.
+            SignVerdict::Sign { .. } if !repeat => SignVerdict::Sign { timestamp },
+            v => v,
+        };
+        let is_sign = matches!(verdict, SignVerdict::Sign { .. });
+        if is_sign && repeat {
+            // Signed again: counted, nothing else changes.
+            if let Some(w) = self.watermarks.get_mut(chain_id) {
+                w.signatures += 1;
+            }
+        }
+        if is_sign && !repeat {
+            let signed = SignedAt {
+                height: hrs.0,
+                round: hrs.1,
+                step: hrs.2,
+                digest: digest.to_string(),
+                timestamp,
+            };
+            // Never lowered: a reservation of the holder's that reaches
+            // further stays.
+            let top = w.hrs().max(through).max(hrs);
+            let next = if top == hrs {
+                SignerState {
+                    chain_id: chain_id.to_string(),
+                    digest: Some(signed.digest),
+                    timestamp,
+                    signatures: w.signatures + 1,
+                    height: hrs.0,
+                    round: hrs.1,
+                    step: hrs.2,
+                    holder: None,
+                    last: None,
+                }
+            } else {
+                SignerState {
+                    chain_id: chain_id.to_string(),
+                    height: top.0,
+                    round: top.1,
+                    step: top.2,
+                    digest: None,
+                    timestamp: (0, 0),
+                    signatures: w.signatures + 1,
+                    holder,
+                    last: Some(signed),
+                }
+            };
+            self.watermarks.insert(chain_id.to_string(), next);
+        }
+        Reply {
+            prior: None,
+            sign: Some(verdict),
+        }
+    }
+
     /// Lifts `chain_id`'s watermark to cover all of `height`; never lowers it.
     fn raise_floor(&mut self, chain_id: &str, height: u64) {
         let floor = (height, u32::MAX, u8::MAX);
@@ -403,6 +570,8 @@ impl ClusterState {
                 digest: None,
                 timestamp: (0, 0),
                 signatures,
+                holder: None,
+                last: None,
             },
         );
     }
@@ -574,6 +743,82 @@ mod tests {
         assert_eq!(verdict(&mut s, other), SignVerdict::NoWatermark);
         let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
+    }
+
+    #[test]
+    fn a_reservation_is_signed_in_by_its_holder_alone() {
+        let ahead = |h, r, step, digest: &str, through, holder| Command::SignAhead {
+            chain_id: "c".into(),
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (h as i64, 0),
+            through,
+            holder,
+        };
+        let mut s = ClusterState::default();
+        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        s.apply(&never_signed(), 1);
+        let sign = |ts| SignVerdict::Sign { timestamp: (ts, 0) };
+        // Holder 1 signs 5/0/3 and reserves 6/0/1 and 6/0/2.
+        assert_eq!(verdict(&mut s, ahead(5, 0, 3, "a", (6, 0, 2), 1)), sign(5));
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!(
+            (w.hrs(), w.holder, w.digest.clone()),
+            ((6, 0, 2), Some(1), None)
+        );
+        assert_eq!(w.signed().map(|s| s.hrs()), Some((5, 0, 3)));
+        // Nobody else signs in it, with a reservation or without one ...
+        assert_eq!(
+            verdict(&mut s, ahead(6, 0, 1, "p", (6, 0, 3), 2)),
+            SignVerdict::Reserved
+        );
+        assert_eq!(
+            verdict(&mut s, signed(6, 0, 2, "v", 6)),
+            SignVerdict::Reserved
+        );
+        assert_eq!(w.check("c", (6, 0, 2), "v"), SignVerdict::Reserved);
+        // ... but a repeat of the bytes committed below it is signed again.
+        assert_eq!(verdict(&mut s, signed(5, 0, 3, "a", 9)), sign(5));
+        assert_eq!(
+            verdict(&mut s, signed(5, 0, 3, "b", 9)),
+            SignVerdict::Conflict
+        );
+        // The holder records what it signed there, and reserves further.
+        assert_eq!(verdict(&mut s, ahead(6, 0, 2, "v", (6, 0, 3), 1)), sign(6));
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!((w.hrs(), w.holder, w.signatures), ((6, 0, 3), Some(1), 3));
+        // Once, and never below what it recorded.
+        assert_eq!(
+            verdict(&mut s, ahead(6, 0, 2, "x", (6, 0, 3), 1)),
+            SignVerdict::Conflict
+        );
+        assert_eq!(
+            verdict(&mut s, ahead(6, 0, 1, "p", (6, 0, 3), 1)),
+            SignVerdict::Regression
+        );
+        // Above the reservation, anyone: the new signer holds what it reserves.
+        assert_eq!(verdict(&mut s, ahead(6, 1, 2, "r", (6, 1, 3), 2)), sign(6));
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!((w.hrs(), w.holder), ((6, 1, 3), Some(2)));
+        assert_eq!(
+            verdict(&mut s, ahead(6, 1, 3, "q", (7, 0, 2), 1)),
+            SignVerdict::Reserved
+        );
+        // A reservation that reaches no further than its own HRS leaves a
+        // plain watermark, which a keyraft before reservations reads as one.
+        assert_eq!(verdict(&mut s, ahead(6, 1, 3, "q", (6, 1, 3), 2)), sign(6));
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!(
+            (w.hrs(), w.holder, w.digest.as_deref()),
+            ((6, 1, 3), None, Some("q"))
+        );
+        // An imported floor above a reservation ends it.
+        s.apply(&ahead(7, 0, 2, "v", (7, 0, 3), 2), 1);
+        s.apply(&s.floor_command("c", 8), 1);
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!((w.height, w.holder, w.last.clone()), (8, None, None));
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl Metrics {
                 &["chain"],
             )?,
             sign_stage_seconds: HistogramVec::new(
-                HistogramOpts::new("sign_stage_seconds", "Where a signature's time goes, by stage: lock (waiting for the one signing at a time), check, commit (Raft: propose to applied, a majority's fsync included), sign (ed25519), forward (a follower's round trip to the leader), serve (the leader's part of a forwarded request).")
+                HistogramOpts::new("sign_stage_seconds", "Where a signature's time goes, by stage: lock (waiting for the one signing at a time), wait (for the commit of the last signature, which may reserve this one), check, commit (Raft: propose to applied, a majority's fsync included; none where a reservation covers the request), sign (ed25519), forward (a follower's round trip to the leader), serve (the leader's part of a forwarded request).")
                     .namespace("keyraft")
                     .buckets(vec![0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05, 0.25, 1.0, 2.0]),
                 &["stage"],

@@ -284,7 +284,7 @@ pub async fn run(
         .kernel_fence
         .set(i64::from(kernel.plan().is_some()));
     let signer = keys.map(|(keys, identity)| {
-        let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys);
+        let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys, rand::random());
         (signer, identity)
     });
     // The servers stop only after the coordinator and Raft have.

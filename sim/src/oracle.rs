@@ -8,9 +8,9 @@
 //!   overlap would overlap at the later one's start.
 //! - Signer mode: at most one distinct sign-bytes per (chain, height,
 //!   round, step) ever leaves the cluster, and every signature is of an
-//!   HRS and bytes Raft committed (so never below the committed
-//!   watermark with other bytes); every signed reply a sentry gets
-//!   verifies with the key.
+//!   HRS and bytes Raft committed, or of an HRS a committed `SignAhead`
+//!   reserved (so never below the committed watermark with other bytes);
+//!   every signed reply a sentry gets verifies with the key.
 //! - Both modes: every node applies the same entry at each log index
 //!   (Raft's state machine safety, which the rest rests on).
 //! - Liveness, checked by the world at the end: with the faults healed
@@ -32,6 +32,9 @@ pub struct Oracle {
     signed: BTreeMap<Hrs, String>,
     /// Signer mode: what Raft committed at each HRS.
     committed: BTreeMap<Hrs, String>,
+    /// Signer mode: the HRS a committed `SignAhead` reserved, each range
+    /// from after the HRS it signed to the last reserved, by its end.
+    reserved: BTreeMap<Hrs, Hrs>,
     /// Every applied log entry (term and command) by index, as the first
     /// node applied it: any node applying another there breaks Raft.
     applied: BTreeMap<u64, (u64, String)>,
@@ -77,6 +80,21 @@ impl Oracle {
             .or_insert_with(|| digest.to_string());
     }
 
+    /// A committed `SignAhead` signed `after` and reserved up to `through`.
+    pub fn reserved(&mut self, after: Hrs, through: Hrs) {
+        if through > after {
+            let start = self.reserved.entry(through).or_insert(after);
+            *start = (*start).min(after);
+        }
+    }
+
+    /// Whether a committed reservation covers `hrs`.
+    fn is_reserved(&self, hrs: Hrs) -> bool {
+        self.reserved
+            .range(hrs..)
+            .any(|(_, after)| *after < hrs)
+    }
+
     pub fn signature(&mut self, node: NodeId, hrs: Hrs, digest: &str, at_ms: u64) {
         self.signatures += 1;
         match self.signed.get(&hrs) {
@@ -88,9 +106,9 @@ impl Oracle {
                 self.signed.insert(hrs, digest.to_string());
             }
         }
-        if self.committed.get(&hrs).map(String::as_str) != Some(digest) {
+        if self.committed.get(&hrs).map(String::as_str) != Some(digest) && !self.is_reserved(hrs) {
             self.violations.push(format!(
-                "signature without its commit at {at_ms} ms: node {node} signed {hrs:?} as {digest}"
+                "signature without a commit at {at_ms} ms: node {node} signed {hrs:?} as {digest}, neither committed nor reserved"
             ));
         }
     }

@@ -1,8 +1,9 @@
 //! Signer mode as the simulation runs it: keyraft's own
 //! `keyraft::signer::Signer` on each process's `Core`, the one sign path
-//! of a real node (one request at a time per chain, the `before_commit`
-//! check, a Raft commit of `Signed` whose verdict is the ledger's, then
-//! the signature; a follower forwards to the leader, whose end checks
+//! of a real node (one request at a time per chain, the sign-ahead
+//! decision, a Raft commit of `SignAhead` whose verdict is the ledger's
+//! before the signature unless an earlier one reserved its HRS for this
+//! process; a follower forwards to the leader, whose end checks
 //! that the sender is a voter and holds the same key). Forwards travel
 //! over [`crate::net`] ([`SimForward`]) instead of the peer port.
 //!
@@ -44,6 +45,12 @@ const PATIENCE: Duration = Duration::from_millis(3000);
 
 pub type SimSigner = Signer<disk::StateMachine, SimForward>;
 
+/// The signing-process id of process `id`'s incarnation `inc`: its own,
+/// as a real process draws a random one at every start.
+fn holder(id: NodeId, inc: u64) -> u64 {
+    (id << 32) | (inc & 0xffff_ffff)
+}
+
 /// Every host's copy of the one consensus key.
 fn key() -> ConsensusKey {
     ConsensusKey::from_seed([7; 32])
@@ -66,7 +73,13 @@ pub fn signer(
         from: id,
         inc,
     };
-    Signer::new(core.clone(), Arc::new(to_leader), vec![(chain, key())])
+    // One signing process per incarnation, as a real start draws anew.
+    Signer::new(
+        core.clone(),
+        Arc::new(to_leader),
+        vec![(chain, key())],
+        holder(id, inc),
+    )
 }
 
 /// A forward to the leader over the simulated network, served by the

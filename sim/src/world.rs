@@ -176,20 +176,32 @@ impl World {
             let mut o = w.oracle();
             let what = cmd.map_or_else(|| "(no command)".to_string(), |(c, _)| c.to_string());
             o.applied(index, term, &what, at);
-            if let Some((
+            let Some((cmd, reply)) = cmd else {
+                return;
+            };
+            let Some(SignVerdict::Sign { .. }) = reply.sign else {
+                return;
+            };
+            match cmd {
                 Command::Signed {
                     height,
                     round,
                     step,
                     digest,
                     ..
-                },
-                reply,
-            )) = cmd
-            {
-                if let Some(SignVerdict::Sign { .. }) = reply.sign {
+                } => o.committed((*height, *round, *step), digest),
+                Command::SignAhead {
+                    height,
+                    round,
+                    step,
+                    digest,
+                    through,
+                    ..
+                } => {
                     o.committed((*height, *round, *step), digest);
+                    o.reserved((*height, *round, *step), *through);
                 }
+                _ => {}
             }
         })
     }

@@ -42,6 +42,7 @@
 //! Must not: sign anything the state machine did not accept, wait past
 //! CometBFT's read timeout, or touch the coordinator's validator.
 
+pub mod ahead;
 mod forward;
 pub mod keys;
 pub mod limit;
@@ -64,13 +65,13 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use crate::config::{ChainConfig, NodeId, SignerConfig};
-use crate::ledger::{Command, SignVerdict, SignerState};
+use crate::ledger::{Command, SignVerdict, SignedAt};
 use crate::node::Core;
 use crate::pb;
-use crate::plant::{self, Plant};
 use crate::raft::network::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
+use ahead::{Ahead, Path};
 pub use forward::{Forward, SignerService};
 pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN, MAX_HEIGHT_JUMP};
 pub use refusal::Hrs;
@@ -148,8 +149,9 @@ pub struct Chain {
     pub cfg: ChainConfig,
     key: ConsensusKey,
     /// One signing at a time on the leader, per chain: one commit per new
-    /// HRS, and concurrent requests for one HRS share its signature.
-    lock: tokio::sync::Mutex<()>,
+    /// HRS, and concurrent requests for one HRS share its signature. Holds
+    /// what this process signed last ([`Ahead`]).
+    lock: tokio::sync::Mutex<Ahead>,
     /// A node asked this chain's connection for another chain's key.
     said_wrong_key_chain: AtomicBool,
 }
@@ -174,14 +176,19 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
     core: Arc<Core<SM>>,
     to_leader: Arc<F>,
     chains: Vec<Chain>,
+    /// This signing process's id in reservations ([`ahead`]): drawn anew at
+    /// every start, so a restarted process never signs in an old one.
+    holder: u64,
 }
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
-    /// A signer for `chains`, each with its key ([`load_keys`]).
+    /// A signer for `chains`, each with its key ([`load_keys`]), as signing
+    /// process `holder` (random, and never the same twice).
     pub fn new(
         core: Arc<Core<SM>>,
         to_leader: Arc<F>,
         chains: Vec<(ChainConfig, ConsensusKey)>,
+        holder: u64,
     ) -> Arc<Self> {
         let chains = chains
             .into_iter()
@@ -191,7 +198,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 Chain {
                     cfg,
                     key,
-                    lock: tokio::sync::Mutex::new(()),
+                    lock: tokio::sync::Mutex::new(Ahead::default()),
                     said_wrong_key_chain: AtomicBool::new(false),
                 }
             })
@@ -200,6 +207,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             core,
             to_leader,
             chains,
+            holder,
         })
     }
 
@@ -332,9 +340,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         Err(last)
     }
 
-    /// The leader's path, the only one that signs: check, commit, sign.
-    /// Only after Raft committed this HRS and digest (and the ledger
-    /// accepted them) does a signature exist.
+    /// The leader's path, the only one that signs: check, then sign now
+    /// where a commit already covers the HRS ([`ahead`]), else commit and
+    /// sign. Each new signature's `SignAhead` reserves the next HRS.
     pub async fn sign_here(
         &self,
         chain: &Chain,
@@ -343,7 +351,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     ) -> Result<Signable, Refusal> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut stage = self.stages();
-        let _one_at_a_time = tokio::time::timeout(left, chain.lock.lock())
+        let mut ahead = tokio::time::timeout(left, chain.lock.lock())
             .await
             .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
         stage.done("lock");
@@ -353,12 +361,31 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         what.validate(chain_id)?;
         let hrs = what.hrs()?;
         let digest = what.digest(chain_id)?;
-        // What this node applied: a repeat of the last HRS with the same
-        // bytes needs no commit (its signature is already out there).
-        let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
-        if let Some(timestamp) =
-            before_commit(applied.as_ref(), chain_id, hrs, &digest, what.timestamp())?
-        {
+        let decide = |ahead: &Ahead| {
+            let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
+            let mine = ahead.recent.iter().rev();
+            ahead::decide(
+                mine,
+                applied.as_ref(),
+                chain_id,
+                hrs,
+                &digest,
+                self.holder,
+                what.timestamp(),
+            )
+        };
+        let mut path = decide(&ahead)?;
+        if path == Path::Commit {
+            // The commit of the last signature, which may reserve this HRS,
+            // is likely under way: wait for it rather than commit again.
+            if let Some(pending) = ahead.pending.take() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = tokio::time::timeout(left, pending).await;
+                stage.done("wait");
+                path = decide(&ahead)?;
+            }
+        }
+        if let Path::Repeat(timestamp) = path {
             return Ok(what.sign(&chain.key, chain_id, timestamp)?);
         }
         let limit = height_limit(&self.core, chain_id);
@@ -370,19 +397,71 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         self.all_voters_registered()?;
         stage.done("check");
-        let verdict = self
-            .commit(chain_id, hrs, digest, what.timestamp(), deadline)
-            .await?;
+        let signed_at = |timestamp| SignedAt {
+            height: hrs.0,
+            round: hrs.1,
+            step: hrs.2,
+            digest: digest.clone(),
+            timestamp,
+        };
+        let cmd = |timestamp| Command::SignAhead {
+            chain_id: chain_id.to_string(),
+            height: hrs.0,
+            round: hrs.1,
+            step: hrs.2,
+            digest: digest.clone(),
+            timestamp,
+            through: ahead::reach(hrs),
+            holder: self.holder,
+        };
+        if path == Path::Reserved {
+            let timestamp = what.timestamp();
+            let signed = what.sign(&chain.key, chain_id, timestamp)?;
+            ahead.signed(signed_at(timestamp));
+            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp)));
+            stage.done("sign");
+            return Ok(signed);
+        }
+        let verdict = self.commit(cmd(what.timestamp()), deadline).await?;
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
                 let signed = what.sign(&chain.key, chain_id, timestamp)?;
+                ahead.signed(signed_at(timestamp));
                 stage.done("sign");
                 Ok(signed)
             }
             v => Err(Refusal::from_verdict(&v, hrs, chain_id)
                 .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
         }
+    }
+
+    /// Commits a signature made in this process's reservation, behind it:
+    /// its bytes (so that a successor can sign them again) and the next
+    /// reservation. Failing is safe: the HRS stays reserved to a process
+    /// that signed it, and the next request commits before it signs.
+    fn commit_behind(&self, chain_id: &str, cmd: Command) -> tokio::task::JoinHandle<()> {
+        let raft = self.core.raft.clone();
+        let chain_id = chain_id.to_string();
+        tokio::spawn(async move {
+            let what = cmd.to_string();
+            match tokio::time::timeout(SIGN_PATIENCE, raft.client_write(cmd)).await {
+                Ok(Ok(r)) => match r.data.sign {
+                    Some(SignVerdict::Sign { .. }) => {}
+                    v => tracing::warn!(
+                        chain = chain_id,
+                        "{what}: refused after signing ({v:?}): the next request commits first"
+                    ),
+                },
+                Ok(Err(e)) => {
+                    tracing::debug!(chain = chain_id, "{what}: not committed after signing: {e}")
+                }
+                Err(_) => tracing::warn!(
+                    chain = chain_id,
+                    "{what}: not committed within {SIGN_PATIENCE:?} after signing"
+                ),
+            }
+        })
     }
 
     /// A voter that has not registered yet would not be recognised if it
@@ -407,27 +486,12 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
     }
 
-    /// Commits `Signed` for `hrs` and returns the ledger's verdict.
-    async fn commit(
-        &self,
-        chain_id: &str,
-        hrs: Hrs,
-        digest: String,
-        timestamp: (i64, i32),
-        deadline: Instant,
-    ) -> Result<SignVerdict, Refusal> {
+    /// Commits `cmd` (a `SignAhead`) and returns the ledger's verdict.
+    async fn commit(&self, cmd: Command, deadline: Instant) -> Result<SignVerdict, Refusal> {
         let late = || Refusal::NotCommitted(format!("no commit within {SIGN_PATIENCE:?}"));
         if Instant::now() >= deadline {
             return Err(late());
         }
-        let cmd = Command::Signed {
-            chain_id: chain_id.to_string(),
-            height: hrs.0,
-            round: hrs.1,
-            step: hrs.2,
-            digest,
-            timestamp,
-        };
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, self.core.raft.client_write(cmd)).await {
             Ok(Ok(r)) => r
@@ -574,32 +638,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 }
 
-/// The leader's check before any commit, against the watermark this node
-/// applied: `Ok(Some(timestamp))` signs at once (a repeat of the
-/// watermark's own HRS and sign bytes, whose signature is already out
-/// there), `Ok(None)` commits `Signed` first, an error refuses. Never a
-/// new HRS without its commit: two leaders of a moment would sign it twice.
-/// `asked` is the request's own timestamp (only a planted bug uses it).
-pub fn before_commit(
-    applied: Option<&SignerState>,
-    chain_id: &str,
-    hrs: Hrs,
-    digest: &str,
-    asked: (i64, i32),
-) -> Result<Option<(i64, i32)>, Refusal> {
-    let Some(w) = applied else {
-        return Err(Refusal::NoWatermark);
-    };
-    match w.check(chain_id, hrs, digest) {
-        SignVerdict::Sign { timestamp } if hrs == w.hrs() => Ok(Some(timestamp)),
-        SignVerdict::Sign { .. } if plant::on(Plant::SignBeforeCommit) => Ok(Some(asked)),
-        v => match Refusal::from_verdict(&v, hrs, chain_id) {
-            Some(refused) => Err(refused),
-            None => Ok(None),
-        },
-    }
-}
-
 /// Times the stages of one signature: each [`Stages::done`] records the
 /// time since the previous one under its stage's label.
 struct Stages<'a> {
@@ -614,45 +652,5 @@ impl Stages<'_> {
             .with_label_values(&[stage])
             .observe(now.duration_since(self.since).as_secs_f64());
         self.since = now;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_repeat_of_the_watermark_signs_before_a_commit() {
-        let w = SignerState {
-            chain_id: "c".into(),
-            height: 10,
-            round: 0,
-            step: 2,
-            digest: Some("d".into()),
-            timestamp: (7, 0),
-            signatures: 1,
-        };
-        let asked = (9, 0);
-        // (hrs, digest) -> Ok(Some(ts)): sign now; Ok(None): commit first; Err: refused
-        assert_eq!(
-            before_commit(Some(&w), "c", (10, 0, 2), "d", asked),
-            Ok(Some((7, 0)))
-        );
-        assert_eq!(
-            before_commit(Some(&w), "c", (10, 0, 3), "d", asked),
-            Ok(None)
-        );
-        assert_eq!(
-            before_commit(Some(&w), "c", (11, 0, 1), "x", asked),
-            Ok(None)
-        );
-        for (hrs, digest) in [((10, 0, 2), "other"), ((9, 0, 3), "d")] {
-            assert!(
-                before_commit(Some(&w), "c", hrs, digest, asked).is_err(),
-                "{hrs:?}"
-            );
-        }
-        assert!(before_commit(Some(&w), "other", (11, 0, 1), "d", asked).is_err());
-        assert!(before_commit(None, "c", (11, 0, 1), "d", asked).is_err());
     }
 }

@@ -47,7 +47,9 @@ impl Refusal {
     pub fn from_verdict(v: &SignVerdict, asked: Hrs, chain_id: &str) -> Option<Refusal> {
         Some(match v {
             SignVerdict::Sign { .. } => return None,
-            SignVerdict::Regression => Refusal::Regression { asked },
+            // Reserved by an earlier leader's signing process: as good as
+            // below the watermark for anyone else.
+            SignVerdict::Regression | SignVerdict::Reserved => Refusal::Regression { asked },
             SignVerdict::Conflict => Refusal::Equivocation { asked },
             SignVerdict::WrongChain => Refusal::WrongChain {
                 ours: chain_id.to_string(),

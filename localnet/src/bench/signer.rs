@@ -219,17 +219,26 @@ async fn sign_budget(
     for id in c.nodes.keys() {
         let m = c.metrics(*id).await?;
         let mut stages = serde_json::Map::new();
-        for stage in ["lock", "check", "commit", "sign", "forward", "serve"] {
+        let mut counts = std::collections::BTreeMap::new();
+        for stage in [
+            "lock", "wait", "check", "commit", "sign", "forward", "serve",
+        ] {
             let key =
                 |what: &str| format!("keyraft_sign_stage_seconds_{what}{{stage=\"{stage}\"}}");
             let (sum, n) = (m.get(&key("sum")), m.get(&key("count")));
             if let (Some(sum), Some(n)) = (sum, n.filter(|n| **n > 0.0)) {
                 stages.insert(stage.into(), serde_json::json!(sum / n * 1000.0));
+                counts.insert(stage, *n);
             }
         }
+        // Each stage's mean is over the requests that went through it: a
+        // request its leader's reservation covered has no commit stage.
         let line: Vec<String> = stages
             .iter()
-            .map(|(s, ms)| format!("{s} {:.3} ms", ms.as_f64().unwrap_or(f64::NAN)))
+            .map(|(s, ms)| {
+                let n = counts.get(s.as_str()).copied().unwrap_or_default();
+                format!("{s} {:.3} ms x{n}", ms.as_f64().unwrap_or(f64::NAN))
+            })
             .collect();
         let role = if *id == leader { "leader" } else { "follower" };
         println!(

@@ -1,0 +1,300 @@
+//! Sign-ahead: the leader's decision, before each signature, between
+//! signing at once and committing first ([`decide`]), and how far each
+//! signature reserves ([`reach`]).
+//!
+//! Every new (height, round, step) is covered by a Raft commit before it is
+//! signed. The commit that covers the next one is made one step early: a
+//! `SignAhead` entry records the HRS just signed and reserves the next few
+//! for this signing process alone (its `holder` id, drawn at start). When
+//! the next request comes, its HRS is already committed as this process's
+//! to sign: it is signed at once, and its own `SignAhead` (its bytes, the
+//! next reservation) is committed behind it. A request beyond the
+//! reservation (a new round, the first after an election) commits first.
+//!
+//! Why this is as safe as committing every HRS on the request's path: the
+//! reservation is committed before any HRS in it is signed, so every later
+//! leader's log has it, and the replicated state lets nobody but the
+//! holder sign in it ([`crate::ledger::SignerState::check_by`]). The holder
+//! signs each reserved HRS once, with one set of bytes: its memory of what
+//! it signed ([`Ahead`]) lives as long as the process, and a restarted
+//! process draws a new id, so it never signs in a reservation of its past.
+//! What it costs: when the holder dies, what it reserved and did not sign
+//! (at most the rest of one round, or the next height's proposal and
+//! prevote) is refused to its successor.
+//!
+//! Owns: the decision as a pure function with a table test, the reach,
+//! and the per-chain memory's shape. Must not: sign, commit or wait; the
+//! [`super::Signer`] does, under the chain's lock.
+
+use crate::ledger::{SignVerdict, SignedAt, SignerState};
+use crate::plant::{self, Plant};
+
+use super::refusal::{Hrs, Refusal};
+use super::sign::{STEP_PRECOMMIT, STEP_PREVOTE, STEP_PROPOSAL};
+
+/// Signatures a signing process remembers per chain, to sign again for a
+/// sentry that asks late (another host's, whose request waited behind the
+/// leader's own sentry's next one).
+pub const RECENT: usize = 16;
+
+/// What a signing process signed lately for one chain, committed or not
+/// (the last one last), and the commit of its last signature made ahead
+/// while it is under way. Held under the chain's lock.
+#[derive(Default)]
+pub struct Ahead {
+    pub recent: std::collections::VecDeque<SignedAt>,
+    pub pending: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Ahead {
+    /// Remembers a signature this process made.
+    pub fn signed(&mut self, s: SignedAt) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(s);
+    }
+}
+
+/// How the leader goes on with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Sign now with this timestamp: bytes already signed at this HRS.
+    Repeat((i64, i32)),
+    /// Sign now: this process's own reservation covers the HRS. Its
+    /// `SignAhead` is committed after.
+    Reserved,
+    /// Commit `SignAhead` first, then sign.
+    Commit,
+}
+
+/// The last HRS a signature at `hrs` reserves: the rest of the round after
+/// a proposal or a prevote; after a precommit, the next height's proposal
+/// and prevote (its precommit only once one of those is signed).
+pub fn reach(hrs: Hrs) -> Hrs {
+    let (h, r, step) = hrs;
+    match step {
+        STEP_PROPOSAL | STEP_PREVOTE => (h, r, STEP_PRECOMMIT),
+        STEP_PRECOMMIT => (h.saturating_add(1), 0, STEP_PREVOTE),
+        _ => hrs,
+    }
+}
+
+/// The leader's decision for `hrs` with `digest`, from what this process
+/// signed lately (`mine`, the last one last) and the watermark it applied, as signing process
+/// `holder`. Never a new HRS without a commit that covers it: two leaders
+/// of a moment would sign it twice. `asked` is the request's own timestamp
+/// (only a planted bug uses it).
+pub fn decide<'a>(
+    mine: impl Iterator<Item = &'a SignedAt>,
+    applied: Option<&SignerState>,
+    chain_id: &str,
+    hrs: Hrs,
+    digest: &str,
+    holder: u64,
+    asked: (i64, i32),
+) -> Result<Path, Refusal> {
+    // What this process signed, even if not committed yet: the same bytes
+    // again (the same signature), never others, and nothing new below it.
+    let mut mine = mine.peekable();
+    let last = mine.peek().map(|m| m.hrs());
+    if let Some(m) = mine.find(|m| m.hrs() == hrs) {
+        return if m.digest == digest {
+            Ok(Path::Repeat(m.timestamp))
+        } else {
+            Err(Refusal::Equivocation { asked: hrs })
+        };
+    }
+    if last.is_some_and(|last| hrs < last) {
+        return Err(Refusal::Regression { asked: hrs });
+    }
+    let Some(w) = applied else {
+        return Err(Refusal::NoWatermark);
+    };
+    let repeat = w.signed().is_some_and(|s| s.hrs() == hrs);
+    match w.check_by(chain_id, hrs, digest, Some(holder)) {
+        SignVerdict::Sign { timestamp } if repeat => Ok(Path::Repeat(timestamp)),
+        SignVerdict::Sign { .. } if hrs <= w.hrs() => Ok(Path::Reserved),
+        SignVerdict::Sign { .. } if plant::on(Plant::SignBeforeCommit) => Ok(Path::Repeat(asked)),
+        SignVerdict::Sign { .. } => Ok(Path::Commit),
+        v => Err(Refusal::from_verdict(&v, hrs, chain_id)
+            .unwrap_or_else(|| Refusal::NotCommitted("no verdict".into()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(h: u64, r: u32, step: u8, digest: &str, ts: i64) -> SignedAt {
+        SignedAt {
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (ts, 0),
+        }
+    }
+
+    fn committed(h: u64, r: u32, step: u8) -> SignerState {
+        SignerState {
+            chain_id: "c".into(),
+            height: h,
+            round: r,
+            step,
+            digest: Some("d".into()),
+            timestamp: (7, 0),
+            signatures: 1,
+            ..Default::default()
+        }
+    }
+
+    fn reserved(through: Hrs, holder: u64, last: SignedAt) -> SignerState {
+        SignerState {
+            chain_id: "c".into(),
+            height: through.0,
+            round: through.1,
+            step: through.2,
+            digest: None,
+            signatures: 1,
+            holder: Some(holder),
+            last: Some(last),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_signature_reserves_the_rest_of_its_round_or_the_next_heights_prevote() {
+        assert_eq!(reach((5, 0, STEP_PROPOSAL)), (5, 0, STEP_PRECOMMIT));
+        assert_eq!(reach((5, 2, STEP_PREVOTE)), (5, 2, STEP_PRECOMMIT));
+        assert_eq!(reach((5, 2, STEP_PRECOMMIT)), (6, 0, STEP_PREVOTE));
+    }
+
+    #[test]
+    fn only_the_holders_reservation_or_a_repeat_signs_before_a_commit() {
+        let asked = (9, 0);
+        let me = 1;
+        let plain = committed(10, 0, 2);
+        let mine = reserved((11, 0, 2), me, at(10, 0, 3, "d", 8));
+        let theirs = reserved((11, 0, 2), 2, at(10, 0, 3, "d", 8));
+        use Path::*;
+        // (what this process signed, applied, hrs, digest) -> decision
+        type Row<'a> = (
+            Vec<SignedAt>,
+            Option<&'a SignerState>,
+            Hrs,
+            &'a str,
+            Result<Path, Refusal>,
+        );
+        let table: Vec<Row> = vec![
+            // A repeat of committed bytes: signed again, with their timestamp.
+            (vec![], Some(&plain), (10, 0, 2), "d", Ok(Repeat((7, 0)))),
+            (
+                vec![],
+                Some(&plain),
+                (10, 0, 2),
+                "x",
+                Err(Refusal::Equivocation { asked: (10, 0, 2) }),
+            ),
+            (
+                vec![],
+                Some(&plain),
+                (9, 0, 3),
+                "d",
+                Err(Refusal::Regression { asked: (9, 0, 3) }),
+            ),
+            // Above a plain watermark: commit first.
+            (vec![], Some(&plain), (10, 0, 3), "d", Ok(Commit)),
+            // In this process's reservation: sign now.
+            (vec![], Some(&mine), (11, 0, 1), "p", Ok(Reserved)),
+            (vec![], Some(&mine), (11, 0, 2), "v", Ok(Reserved)),
+            (vec![], Some(&mine), (11, 0, 3), "v", Ok(Commit)),
+            (vec![], Some(&mine), (10, 0, 3), "d", Ok(Repeat((8, 0)))),
+            (
+                vec![],
+                Some(&mine),
+                (10, 0, 3),
+                "x",
+                Err(Refusal::Equivocation { asked: (10, 0, 3) }),
+            ),
+            // In another process's: refused, whatever the bytes.
+            (
+                vec![],
+                Some(&theirs),
+                (11, 0, 1),
+                "p",
+                Err(Refusal::Regression { asked: (11, 0, 1) }),
+            ),
+            (
+                vec![],
+                Some(&theirs),
+                (11, 0, 2),
+                "v",
+                Err(Refusal::Regression { asked: (11, 0, 2) }),
+            ),
+            (vec![], Some(&theirs), (11, 0, 3), "v", Ok(Commit)),
+            // What this process signed and has not seen committed yet wins.
+            (
+                vec![at(11, 0, 1, "p", 9)],
+                Some(&mine),
+                (11, 0, 1),
+                "p",
+                Ok(Repeat((9, 0))),
+            ),
+            (
+                vec![at(11, 0, 1, "p", 9)],
+                Some(&mine),
+                (11, 0, 1),
+                "q",
+                Err(Refusal::Equivocation { asked: (11, 0, 1) }),
+            ),
+            (
+                vec![at(11, 0, 2, "v", 9)],
+                Some(&mine),
+                (11, 0, 1),
+                "p",
+                Err(Refusal::Regression { asked: (11, 0, 1) }),
+            ),
+            (
+                vec![at(11, 0, 1, "p", 9)],
+                Some(&mine),
+                (11, 0, 2),
+                "v",
+                Ok(Reserved),
+            ),
+            (vec![], None, (11, 0, 1), "p", Err(Refusal::NoWatermark)),
+            // A late sentry gets the same bytes signed again, never others.
+            (
+                vec![at(11, 0, 1, "p", 9), at(11, 0, 2, "v", 9)],
+                Some(&mine),
+                (11, 0, 1),
+                "p",
+                Ok(Repeat((9, 0))),
+            ),
+            (
+                vec![at(11, 0, 1, "p", 9), at(11, 0, 2, "v", 9)],
+                Some(&mine),
+                (11, 0, 1),
+                "q",
+                Err(Refusal::Equivocation { asked: (11, 0, 1) }),
+            ),
+        ];
+        for (mine_last, applied, hrs, digest, want) in table {
+            assert_eq!(
+                decide(mine_last.iter().rev(), applied, "c", hrs, digest, me, asked),
+                want,
+                "{mine_last:?} {hrs:?} {digest}"
+            );
+        }
+        let other_chain = decide(
+            std::iter::empty(),
+            Some(&plain),
+            "other",
+            (11, 0, 1),
+            "d",
+            me,
+            asked,
+        );
+        assert!(matches!(other_chain, Err(Refusal::WrongChain { .. })));
+    }
+}
