@@ -245,6 +245,22 @@ pub struct SignerState {
     /// With a reservation: the last HRS signed, and its bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<SignedAt>,
+    /// With a reservation that starts above `last` (one into the next
+    /// height starts at its first step, never covering the later rounds of
+    /// the height signed): the HRS it starts after. What lies between is
+    /// anyone's to commit and sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_from: Option<(u64, u32, u8)>,
+}
+
+/// Where a reservation up to `through`, made by a signature at `hrs`,
+/// starts (exclusive): into the next height, at its first step.
+fn reservation_start(hrs: (u64, u32, u8), through: (u64, u32, u8)) -> (u64, u32, u8) {
+    if through.0 > hrs.0 {
+        (through.0, 0, 0)
+    } else {
+        hrs
+    }
 }
 
 /// An HRS signed with these bytes (digest) and timestamp.
@@ -315,12 +331,16 @@ impl SignerState {
             };
         }
         let above_signed = signed.as_ref().is_none_or(|s| hrs > s.hrs());
+        let reserved = self.reserved_from.is_none_or(|from| hrs > from);
         match (hrs.cmp(&self.hrs()), self.holder) {
             (Greater, _) => SignVerdict::Sign { timestamp: (0, 0) },
-            (_, Some(h)) if above_signed && holder == Some(h) => {
+            (_, Some(h)) if above_signed && reserved && holder == Some(h) => {
                 SignVerdict::Sign { timestamp: (0, 0) }
             }
-            (_, Some(_)) if above_signed => SignVerdict::Reserved,
+            (_, Some(_)) if above_signed && reserved => SignVerdict::Reserved,
+            // Between the last signature and a reservation that starts
+            // higher: a new HRS, to commit first.
+            (_, Some(_)) if above_signed => SignVerdict::Sign { timestamp: (0, 0) },
             (Equal, None) => SignVerdict::Conflict,
             _ => SignVerdict::Regression,
         }
@@ -516,33 +536,43 @@ impl ClusterState {
                 digest: digest.to_string(),
                 timestamp,
             };
-            // Never lowered: a reservation of the holder's that reaches
-            // further stays.
-            let top = w.hrs().max(through).max(hrs);
-            let next = if top == hrs {
-                SignerState {
-                    chain_id: chain_id.to_string(),
-                    digest: Some(signed.digest),
-                    timestamp,
-                    signatures: w.signatures + 1,
-                    height: hrs.0,
-                    round: hrs.1,
-                    step: hrs.2,
-                    holder: None,
-                    last: None,
+            let plain = SignerState {
+                chain_id: chain_id.to_string(),
+                digest: Some(signed.digest.clone()),
+                timestamp,
+                signatures: w.signatures + 1,
+                height: hrs.0,
+                round: hrs.1,
+                step: hrs.2,
+                ..Default::default()
+            };
+            let reserving = |from: (u64, u32, u8), through: (u64, u32, u8), holder| SignerState {
+                chain_id: chain_id.to_string(),
+                height: through.0,
+                round: through.1,
+                step: through.2,
+                digest: None,
+                timestamp: (0, 0),
+                signatures: w.signatures + 1,
+                holder,
+                last: Some(signed.clone()),
+                reserved_from: (from > hrs).then_some(from),
+            };
+            let next = match (w.holder, w.reserved_from) {
+                // Below a reservation that starts higher (a later round
+                // of the height it reserved into): that reservation
+                // stands, and this signature reserves nothing, so the
+                // rest of the height never becomes one process's alone.
+                (Some(h), Some(from)) if hrs <= from => reserving(from, w.hrs(), Some(h)),
+                // Inside this process's own reservation, which reaches
+                // further than this one would: it stands above `hrs`.
+                (Some(h), _) if Some(h) == holder && w.hrs() > through => {
+                    reserving(hrs, w.hrs(), holder)
                 }
-            } else {
-                SignerState {
-                    chain_id: chain_id.to_string(),
-                    height: top.0,
-                    round: top.1,
-                    step: top.2,
-                    digest: None,
-                    timestamp: (0, 0),
-                    signatures: w.signatures + 1,
-                    holder,
-                    last: Some(signed),
+                _ if through > hrs && holder.is_some() => {
+                    reserving(reservation_start(hrs, through), through, holder)
                 }
+                _ => plain,
             };
             self.watermarks.insert(chain_id.to_string(), next);
         }
@@ -554,24 +584,27 @@ impl ClusterState {
 
     /// Lifts `chain_id`'s watermark to cover all of `height`; never lowers it.
     fn raise_floor(&mut self, chain_id: &str, height: u64) {
-        let floor = (height, u32::MAX, u8::MAX);
+        let mut floor = (height, u32::MAX, u8::MAX);
         let w = self.watermarks.get(chain_id);
-        if w.is_some_and(|w| w.hrs() >= floor) {
-            return;
+        match w {
+            // A reservation reaching past the floor still lets its holder
+            // sign below it: it ends, and the floor covers its end.
+            Some(w) if w.holder.is_some() => floor = floor.max(w.hrs()),
+            Some(w) if w.hrs() >= floor => return,
+            _ => {}
         }
         let signatures = w.map_or(0, |w| w.signatures);
         self.watermarks.insert(
             chain_id.to_string(),
             SignerState {
                 chain_id: chain_id.to_string(),
-                height,
-                round: u32::MAX,
-                step: u8::MAX,
+                height: floor.0,
+                round: floor.1,
+                step: floor.2,
                 digest: None,
                 timestamp: (0, 0),
                 signatures,
-                holder: None,
-                last: None,
+                ..Default::default()
             },
         );
     }
@@ -819,6 +852,55 @@ mod tests {
         s.apply(&s.floor_command("c", 8), 1);
         let w = s.watermark("c").cloned().unwrap();
         assert_eq!((w.height, w.holder, w.last.clone()), (8, None, None));
+    }
+
+    #[test]
+    fn a_reservation_into_the_next_height_leaves_the_later_rounds_to_anyone() {
+        let ahead = |h, r, step, digest: &str, through, holder| Command::SignAhead {
+            chain_id: "c".into(),
+            height: h,
+            round: r,
+            step,
+            digest: digest.into(),
+            timestamp: (h as i64, 0),
+            through,
+            holder,
+        };
+        let mut s = ClusterState::default();
+        let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
+        let sign = |ts| SignVerdict::Sign { timestamp: (ts, 0) };
+        s.apply(&never_signed(), 1);
+        // Holder 1's precommit at 5/0 reserves 6/0/1 and 6/0/2 only.
+        assert_eq!(verdict(&mut s, ahead(5, 0, 3, "a", (6, 0, 2), 1)), sign(5));
+        // Round 1 of height 5 is anyone's (committed first), and leaves
+        // holder 1's reservation standing without one of its own.
+        assert_eq!(verdict(&mut s, ahead(5, 1, 2, "g", (5, 1, 3), 2)), sign(5));
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!(
+            (w.hrs(), w.holder, w.reserved_from),
+            ((6, 0, 2), Some(1), Some((6, 0, 0)))
+        );
+        assert_eq!(w.signed().map(|s| s.hrs()), Some((5, 1, 2)));
+        assert_eq!(verdict(&mut s, ahead(5, 1, 3, "h", (6, 0, 2), 2)), sign(5));
+        assert_eq!(
+            verdict(&mut s, ahead(6, 0, 1, "p", (6, 0, 3), 2)),
+            SignVerdict::Reserved
+        );
+        assert_eq!(verdict(&mut s, ahead(6, 0, 1, "p", (6, 0, 3), 1)), sign(6));
+        // An imported floor at height 6 ends the reservation that reached
+        // into it, and covers its end: its holder signs nothing below.
+        assert_eq!(verdict(&mut s, ahead(6, 0, 3, "q", (7, 0, 2), 1)), sign(6));
+        s.apply(&s.floor_command("c", 6), 1);
+        let w = s.watermark("c").cloned().unwrap();
+        assert_eq!(
+            (w.hrs(), w.holder, w.digest.clone()),
+            ((7, 0, 2), None, None)
+        );
+        assert_eq!(
+            verdict(&mut s, ahead(7, 0, 1, "p", (7, 0, 3), 1)),
+            SignVerdict::Regression
+        );
+        assert_eq!(verdict(&mut s, ahead(7, 0, 3, "v", (8, 0, 2), 1)), sign(7));
     }
 
     #[test]

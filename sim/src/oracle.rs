@@ -90,9 +90,7 @@ impl Oracle {
 
     /// Whether a committed reservation covers `hrs`.
     fn is_reserved(&self, hrs: Hrs) -> bool {
-        self.reserved
-            .range(hrs..)
-            .any(|(_, after)| *after < hrs)
+        self.reserved.range(hrs..).any(|(_, after)| *after < hrs)
     }
 
     pub fn signature(&mut self, node: NodeId, hrs: Hrs, digest: &str, at_ms: u64) {

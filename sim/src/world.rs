@@ -199,7 +199,13 @@ impl World {
                     ..
                 } => {
                     o.committed((*height, *round, *step), digest);
-                    o.reserved((*height, *round, *step), *through);
+                    // One into the next height starts at its first step.
+                    let after = if through.0 > *height {
+                        (through.0, 0, 0)
+                    } else {
+                        (*height, *round, *step)
+                    };
+                    o.reserved(after, *through);
                 }
                 _ => {}
             }

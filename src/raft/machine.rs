@@ -173,6 +173,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             };
             if let Some(r) = responder {
+                // Whoever asked sees the state it changed once answered
+                // (a signer deciding whether a reservation covers its
+                // request); with `sync`, only once it is durable.
+                if !sync {
+                    self.published.send_replace(self.data.state.clone());
+                }
                 r.send(reply);
             }
         }

@@ -44,6 +44,11 @@ pub const RECENT: usize = 16;
 pub struct Ahead {
     pub recent: std::collections::VecDeque<SignedAt>,
     pub pending: Option<tokio::task::JoinHandle<()>>,
+    /// The highest HRS whose commit-first `SignAhead` ended without a
+    /// verdict (timed out, leadership moved): it may still be committed,
+    /// with bytes this process never signed, so nothing at or below it is
+    /// signed from a reservation, only after a commit of its own.
+    pub doubt: Option<Hrs>,
 }
 
 impl Ahead {
@@ -81,12 +86,12 @@ pub fn reach(hrs: Hrs) -> Hrs {
 }
 
 /// The leader's decision for `hrs` with `digest`, from what this process
-/// signed lately (`mine`, the last one last) and the watermark it applied, as signing process
+/// signed lately and doubts (`mine`) and the watermark it applied, as signing process
 /// `holder`. Never a new HRS without a commit that covers it: two leaders
 /// of a moment would sign it twice. `asked` is the request's own timestamp
 /// (only a planted bug uses it).
-pub fn decide<'a>(
-    mine: impl Iterator<Item = &'a SignedAt>,
+pub fn decide(
+    mine: &Ahead,
     applied: Option<&SignerState>,
     chain_id: &str,
     hrs: Hrs,
@@ -96,9 +101,9 @@ pub fn decide<'a>(
 ) -> Result<Path, Refusal> {
     // What this process signed, even if not committed yet: the same bytes
     // again (the same signature), never others, and nothing new below it.
-    let mut mine = mine.peekable();
-    let last = mine.peek().map(|m| m.hrs());
-    if let Some(m) = mine.find(|m| m.hrs() == hrs) {
+    let doubt = mine.doubt;
+    let last = mine.recent.back().map(|m| m.hrs());
+    if let Some(m) = mine.recent.iter().rev().find(|m| m.hrs() == hrs) {
         return if m.digest == digest {
             Ok(Path::Repeat(m.timestamp))
         } else {
@@ -114,7 +119,10 @@ pub fn decide<'a>(
     let repeat = w.signed().is_some_and(|s| s.hrs() == hrs);
     match w.check_by(chain_id, hrs, digest, Some(holder)) {
         SignVerdict::Sign { timestamp } if repeat => Ok(Path::Repeat(timestamp)),
-        SignVerdict::Sign { .. } if hrs <= w.hrs() => Ok(Path::Reserved),
+        SignVerdict::Sign { .. } if hrs <= w.hrs() && doubt.is_none_or(|d| hrs > d) => {
+            Ok(Path::Reserved)
+        }
+        SignVerdict::Sign { .. } if hrs <= w.hrs() => Ok(Path::Commit),
         SignVerdict::Sign { .. } if plant::on(Plant::SignBeforeCommit) => Ok(Path::Repeat(asked)),
         SignVerdict::Sign { .. } => Ok(Path::Commit),
         v => Err(Refusal::from_verdict(&v, hrs, chain_id)
@@ -133,6 +141,14 @@ mod tests {
             step,
             digest: digest.into(),
             timestamp: (ts, 0),
+        }
+    }
+
+    fn memory(recent: Vec<SignedAt>, doubt: Option<Hrs>) -> Ahead {
+        Ahead {
+            recent: recent.into(),
+            pending: None,
+            doubt,
         }
     }
 
@@ -281,13 +297,43 @@ mod tests {
         ];
         for (mine_last, applied, hrs, digest, want) in table {
             assert_eq!(
-                decide(mine_last.iter().rev(), applied, "c", hrs, digest, me, asked),
+                decide(
+                    &memory(mine_last.clone(), None),
+                    applied,
+                    "c",
+                    hrs,
+                    digest,
+                    me,
+                    asked
+                ),
                 want,
                 "{mine_last:?} {hrs:?} {digest}"
             );
         }
+        // A commit of this HRS (or one above) whose outcome is unknown:
+        // committed first, never from the reservation.
+        let doubt = decide(
+            &memory(vec![], Some((11, 0, 1))),
+            Some(&mine),
+            "c",
+            (11, 0, 1),
+            "p",
+            me,
+            asked,
+        );
+        assert_eq!(doubt, Ok(Commit));
+        let above = decide(
+            &memory(vec![], Some((11, 0, 1))),
+            Some(&mine),
+            "c",
+            (11, 0, 2),
+            "v",
+            me,
+            asked,
+        );
+        assert_eq!(above, Ok(Reserved));
         let other_chain = decide(
-            std::iter::empty(),
+            &Ahead::default(),
             Some(&plain),
             "other",
             (11, 0, 1),

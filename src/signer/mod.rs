@@ -11,9 +11,12 @@
 //!   verdict through the forward to CometBFT's `RemoteSignerError`.
 //! - [`keys`]: which members gossip another key for a chain (reported
 //!   before any request; the leader's per-request check stays the guard).
+//! - [`ahead`]: sign-ahead, the leader's choice between signing at once
+//!   (its own reservation covers the request) and committing first.
 //! - this module: [`Signer`], which answers each request with one sign path
 //!   ([`Signer::sign_here`], only ever on the Raft leader: commit
-//!   `Signed{chain_id, height, round, step, digest}`, then sign) and one
+//!   `SignAhead{chain_id, height, round, step, digest, through, holder}`
+//!   before the signature, or behind it inside a reservation) and one
 //!   reply builder; a follower forwards the request to the leader over the
 //!   peer port ([`SignerService`] is the leader's end) and completes its own
 //!   copy with the leader's timestamp and signatures.
@@ -24,13 +27,17 @@
 //! it carries, and the leader refuses a chain it does not sign for or a
 //! member whose key for the chain is not its own.
 //!
-//! Why this is safe without a clock: a signature exists only after its
-//! (height, round, step) and digest were committed by a quorum, and the
-//! replicated state machine accepts one digest per (height, round, step),
-//! never one below the watermark. A deposed or partitioned leader cannot
-//! commit, so it cannot sign anything new; what it can still answer is a
-//! repeat of bytes already committed, whose signature is the same bytes
-//! (ed25519 is deterministic).
+//! Why this is safe without a clock: a signature exists only after a
+//! quorum committed either its (height, round, step) and digest, or a
+//! reservation of that HRS for this signing process ([`ahead`]); the
+//! replicated state machine accepts one digest per HRS, lets nobody but
+//! the holder sign in a reservation, and never signs below the watermark.
+//! A deposed or partitioned leader cannot commit, so it cannot sign
+//! anything beyond what it had reserved; inside that, it signs each HRS
+//! once (its memory of what it signed lives as long as the process, and a
+//! restarted process draws a new holder id). What else it can answer is a
+//! repeat of bytes it signed, whose signature is the same bytes (ed25519
+//! is deterministic).
 //!
 //! The signer runs on a [`Core`] (Raft, the replicated state, metrics) and
 //! reaches the leader through a [`Forward`]: the peer port on a real node
@@ -363,9 +370,8 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let digest = what.digest(chain_id)?;
         let decide = |ahead: &Ahead| {
             let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
-            let mine = ahead.recent.iter().rev();
             ahead::decide(
-                mine,
+                ahead,
                 applied.as_ref(),
                 chain_id,
                 hrs,
@@ -418,11 +424,19 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let timestamp = what.timestamp();
             let signed = what.sign(&chain.key, chain_id, timestamp)?;
             ahead.signed(signed_at(timestamp));
-            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp)));
+            let before = ahead.pending.take();
+            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp), before));
             stage.done("sign");
             return Ok(signed);
         }
-        let verdict = self.commit(cmd(what.timestamp()), deadline).await?;
+        let verdict = match self.commit(cmd(what.timestamp()), deadline).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Its outcome is unknown: it may yet be committed.
+                ahead.doubt = ahead.doubt.max(Some(hrs));
+                return Err(e);
+            }
+        };
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
@@ -440,14 +454,32 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// its bytes (so that a successor can sign them again) and the next
     /// reservation. Failing is safe: the HRS stays reserved to a process
     /// that signed it, and the next request commits before it signs.
-    fn commit_behind(&self, chain_id: &str, cmd: Command) -> tokio::task::JoinHandle<()> {
+    /// Proposed once `before` (the one made ahead of it) ended, so that
+    /// they are committed in the order they were signed.
+    fn commit_behind(
+        &self,
+        chain_id: &str,
+        cmd: Command,
+        before: Option<tokio::task::JoinHandle<()>>,
+    ) -> tokio::task::JoinHandle<()> {
         let raft = self.core.raft.clone();
         let chain_id = chain_id.to_string();
+        let signed_at = match &cmd {
+            Command::SignAhead { timestamp, .. } => *timestamp,
+            _ => (0, 0),
+        };
         tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
             let what = cmd.to_string();
             match tokio::time::timeout(SIGN_PATIENCE, raft.client_write(cmd)).await {
                 Ok(Ok(r)) => match r.data.sign {
-                    Some(SignVerdict::Sign { .. }) => {}
+                    Some(SignVerdict::Sign { timestamp }) if timestamp == signed_at => {}
+                    Some(SignVerdict::Sign { timestamp }) => tracing::error!(
+                        chain = chain_id,
+                        "{what}: signed with timestamp {signed_at:?} but the ledger holds {timestamp:?}"
+                    ),
                     v => tracing::warn!(
                         chain = chain_id,
                         "{what}: refused after signing ({v:?}): the next request commits first"
