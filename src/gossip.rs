@@ -259,6 +259,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         last_log_index: m.last_log_index.unwrap_or(0).max(holds.last_index),
         remembered: Vec::new(),
         signer_keys: Vec::new(),
+        features: vec![crate::signer::ahead::FEATURE.to_string()],
     }
 }
 

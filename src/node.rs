@@ -248,7 +248,9 @@ impl Shared {
         if let Some(signer) = &self.cfg.signer {
             let cluster = self.cluster.borrow();
             for chain in signer.chain_ids() {
-                let height = cluster.watermark(chain).map_or(-1, |w| w.height as i64);
+                let height = cluster
+                    .watermark(chain)
+                    .map_or(-1, |w| w.signed().map_or(w.height, |s| s.height) as i64);
                 g.signer_watermark.with_label_values(&[chain]).set(height);
             }
         }
@@ -366,6 +368,17 @@ impl ClusterView {
 
     pub fn snapshot(&self) -> BTreeMap<NodeId, Seen> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether each of `ids` said, when last heard from (however long
+    /// ago), that it has `feature`. A peer never heard from has not.
+    pub fn all_have(&self, ids: impl IntoIterator<Item = NodeId>, feature: &str) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        ids.into_iter().all(|id| {
+            peers
+                .get(&id)
+                .is_some_and(|s| s.status.features.iter().any(|f| f == feature))
+        })
     }
 
     /// Peers heard from within `max_age`.

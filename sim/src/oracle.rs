@@ -7,7 +7,7 @@
 //!   lapsed) no other host's key is usable: any two usable intervals that
 //!   overlap would overlap at the later one's start.
 //! - Signer mode: at most one distinct sign-bytes per (chain, height,
-//!   round, step) ever leaves the cluster, and every signature is of an
+//!   round, step) ever leaves the cluster (its timestamp included), and every signature is of an
 //!   HRS and bytes Raft committed, or of an HRS a committed `SignAhead`
 //!   reserved (so never below the committed watermark with other bytes);
 //!   every signed reply a sentry gets verifies with the key.
@@ -28,8 +28,8 @@ use crate::types::NodeId;
 pub struct Oracle {
     /// Validator mode: who signed each height.
     heights: BTreeMap<u64, BTreeSet<NodeId>>,
-    /// Signer mode: the bytes (digest) signed at each HRS.
-    signed: BTreeMap<Hrs, String>,
+    /// Signer mode: the bytes (digest) and timestamp signed at each HRS.
+    signed: BTreeMap<Hrs, (String, (i64, i32))>,
     /// Signer mode: what Raft committed at each HRS.
     committed: BTreeMap<Hrs, String>,
     /// Signer mode: the HRS a committed `SignAhead` reserved, each range
@@ -93,15 +93,27 @@ impl Oracle {
         self.reserved.range(hrs..).any(|(_, after)| *after < hrs)
     }
 
-    pub fn signature(&mut self, node: NodeId, hrs: Hrs, digest: &str, at_ms: u64) {
+    pub fn signature(
+        &mut self,
+        node: NodeId,
+        hrs: Hrs,
+        digest: &str,
+        timestamp: (i64, i32),
+        at_ms: u64,
+    ) {
         self.signatures += 1;
         match self.signed.get(&hrs) {
-            Some(d) if d != digest => self.violations.push(format!(
+            Some((d, _)) if d != digest => self.violations.push(format!(
                 "equivocation at {at_ms} ms: node {node} signed {hrs:?} as {digest}, already signed as {d}"
+            )),
+            // The same bytes at another time: a second signature of one
+            // HRS (CometBFT's own signer gives the first timestamp again).
+            Some((_, t)) if *t != timestamp => self.violations.push(format!(
+                "two signatures at {at_ms} ms: node {node} signed {hrs:?} at {timestamp:?}, already signed at {t:?}"
             )),
             Some(_) => {}
             None => {
-                self.signed.insert(hrs, digest.to_string());
+                self.signed.insert(hrs, (digest.to_string(), timestamp));
             }
         }
         if self.committed.get(&hrs).map(String::as_str) != Some(digest) && !self.is_reserved(hrs) {

@@ -9,7 +9,8 @@
 //!
 //! Each host's sentry (a CometBFT node) asks its own keyraft process,
 //! through `Signer::handle`, for a proposal, a prevote and a precommit at
-//! every height, now and then for a block of its own (conflicting
+//! every height (now and then in a second round too, each sentry with its
+//! own timestamps), now and then for a block of its own (conflicting
 //! requests for one HRS). What comes back signed is judged where it
 //! leaves the cluster: the signature must verify, and its sign bytes are
 //! the oracle's record.
@@ -133,19 +134,27 @@ pub async fn sentry(world: Arc<World>, host: NodeId, seed: u64) {
         let height = world.height();
         if height > asked {
             asked = height;
-            for step in 1..=3u8 {
-                let own = rng.random_bool(world.conflict).then_some(host);
-                let w = world.clone();
-                types::spawn(async move { ask(w, host, request(height, step, own)).await });
+            // Now and then a height takes a second round, as this sentry
+            // sees it: steps of round 1, below what a precommit of round
+            // 0 reserved into the next height.
+            let rounds = if rng.random_bool(0.1) { 2 } else { 1 };
+            for round in 0..rounds {
+                for step in 1..=3u8 {
+                    let own = rng.random_bool(world.conflict).then_some(host);
+                    let w = world.clone();
+                    let what = request(height, round, step, own, host);
+                    types::spawn(async move { ask(w, host, what).await });
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// What a sentry asks to sign at `height`, `step`: the chain's block, or
-/// with `own` a block only that sentry proposes.
-fn request(height: u64, step: u8, own: Option<NodeId>) -> Signable {
+/// What `host`'s sentry asks to sign at `height`, `round`, `step`: the
+/// chain's block, or with `own` a block only that sentry proposes. Each
+/// sentry stamps its own time, so a repeat must carry the first one.
+fn request(height: u64, round: u32, step: u8, own: Option<NodeId>, host: NodeId) -> Signable {
     let mut hash = vec![0; 32];
     hash[..8].copy_from_slice(&height.to_be_bytes());
     hash[8] = own.map_or(0, |id| id as u8 + 1);
@@ -156,16 +165,17 @@ fn request(height: u64, step: u8, own: Option<NodeId>) -> Signable {
             hash: vec![1; 32],
         }),
     });
-    // A timestamp of the height's own: deterministic, and later each height.
+    // A timestamp of the height's own: deterministic, later each height,
+    // and each sentry's own.
     let timestamp = Some(Timestamp {
         seconds: 1_700_000_000 + height as i64,
-        nanos: 0,
+        nanos: host as i32,
     });
     if step == 1 {
         return Signable::Proposal(Proposal {
             r#type: 32,
             height: height as i64,
-            round: 0,
+            round: round as i32,
             pol_round: -1,
             block_id,
             timestamp,
@@ -175,7 +185,7 @@ fn request(height: u64, step: u8, own: Option<NodeId>) -> Signable {
     Signable::Vote(Vote {
         r#type: if step == 2 { 1 } else { 2 },
         height: height as i64,
-        round: 0,
+        round: round as i32,
         block_id,
         timestamp,
         validator_address: key().address().to_vec(),
@@ -247,5 +257,5 @@ fn judge(world: &World, host: NodeId, reply: Message) {
         world.bad_signature(host, &format!("{hrs:?}: a signature that does not verify"));
         return;
     }
-    world.signature(host, hrs, &digest);
+    world.signature(host, hrs, &digest, signed.timestamp());
 }

@@ -273,12 +273,12 @@ impl World {
             .get_or_insert(why);
     }
 
-    pub fn signature(&self, node: NodeId, hrs: Hrs, digest: &str) {
+    pub fn signature(&self, node: NodeId, hrs: Hrs, digest: &str, timestamp: (i64, i32)) {
         let at = self.at_ms();
         if crate::LIVE.with(std::cell::Cell::get) {
             self.note(format!("node {node} signs {hrs:?} {digest}"));
         }
-        self.oracle().signature(node, hrs, digest, at);
+        self.oracle().signature(node, hrs, digest, timestamp, at);
     }
 
     pub fn bad_signature(&self, node: NodeId, why: &str) {

@@ -382,7 +382,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         }
         let before = self.core.cluster.borrow().watermark(&f.chain_id).cloned();
         // The one-chain floor while no other chain has a watermark, so
-        // that one chain stays readable by every keyraft (ledger.rs).
+        // that one chain stays readable by every keyraft (`ledger`).
         let floor = self
             .core
             .cluster

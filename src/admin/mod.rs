@@ -157,13 +157,20 @@ pub fn status_json(sh: &Shared) -> Value {
                     "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
                         .map(|(node, address)| json!({"node": node, "address": address}))
                         .collect::<Vec<_>>(),
-                    "watermark": w.map(|w| json!({
-                        "height": w.height,
-                        "round": (w.round != u32::MAX).then_some(w.round),
-                        "step": (w.step != u8::MAX).then_some(w.step),
-                        "imported_floor": w.digest.is_none() && w.holder.is_none(),
-                        "reserved": w.holder.is_some(),
-                    })),
+                    "watermark": w.map(|w| {
+                        // The last signature (or the floor); a reservation
+                        // beyond it is shown apart.
+                        let (h, r, s) = w.signed().map_or(w.hrs(), |s| s.hrs());
+                        json!({
+                            "height": h,
+                            "round": (r != u32::MAX).then_some(r),
+                            "step": (s != u8::MAX).then_some(s),
+                            "imported_floor": w.signed().is_none(),
+                            "reserved_through": w.holder.map(|_| json!({
+                                "height": w.height, "round": w.round, "step": w.step,
+                            })),
+                        })
+                    }),
                     "signatures": w.map_or(0, |w| w.signatures),
                     "height_limit": json!({"height": limit.height, "why": limit.why}),
                     "connections": links.iter()

@@ -32,6 +32,13 @@ use crate::plant::{self, Plant};
 use super::refusal::{Hrs, Refusal};
 use super::sign::{STEP_PRECOMMIT, STEP_PREVOTE, STEP_PROPOSAL};
 
+/// The gossip feature of a member that applies `SignAhead`: the leader
+/// writes it only while every other voter said so, and the one-step
+/// `Signed` of before otherwise (a keyraft from before sign-ahead stops
+/// applying at the first `SignAhead`; a rolling upgrade must not stop the
+/// signing).
+pub const FEATURE: &str = "sign-ahead";
+
 /// Signatures a signing process remembers per chain, to sign again for a
 /// sentry that asks late (another host's, whose request waited behind the
 /// leader's own sentry's next one).

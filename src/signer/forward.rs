@@ -4,18 +4,25 @@
 //! ([`SignerService`]).
 //!
 //! Owns: moving a request and its reply between members, and who may
-//! send one. Must not: decide or sign; [`super::Signer::serve`] does.
+//! send one, and the leader's checks of a forwarded request (a voter, a
+//! chain it signs for, the same key) before its one sign path. Must not:
+//! decide or sign; [`super::Signer::sign_here`] does.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cometbft_proto::v0_38::privval::Message;
+use openraft::storage::RaftStateMachine;
+use prost::Message as _;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::{Signer, MAX_PRIVVAL_MESSAGE};
+use super::{sign_request, Refusal, Signer, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
 use crate::pb;
 use crate::raft::network::Peers;
+use crate::raft::TypeConfig;
 
 /// How a follower's sign request reaches the leader.
 pub trait Forward: Send + Sync + 'static {
@@ -66,5 +73,101 @@ impl pb::signer_server::Signer for SignerService {
         let peer = crate::tls::require_validator(&req, "forward sign requests")?;
         let reply = self.signer.serve(peer, req.get_ref()).await?;
         Ok(Response::new(reply))
+    }
+}
+
+/// The leader's end of a forward.
+impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
+    /// The leader's end of a forward from `peer`, a member whose identity
+    /// the transport proved: refused unless `peer` is a voter (only a host
+    /// that may hold the key serves sentries; a witness, or a node that is
+    /// no voter, asks nothing).
+    pub async fn serve(
+        &self,
+        peer: NodeId,
+        req: &pb::SignRequest,
+    ) -> Result<pb::SignReply, Status> {
+        let voter = self
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == peer);
+        if !voter {
+            tracing::warn!(
+                peer,
+                "refused a sign request from a node that is not a voter"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {peer} is not a voting member: it forwards no sign requests"
+            )));
+        }
+        self.serve_forwarded(peer, &req.msg, &req.pub_key).await
+    }
+
+    async fn serve_forwarded(
+        &self,
+        peer: NodeId,
+        msg: &[u8],
+        pub_key: &[u8],
+    ) -> Result<pb::SignReply, Status> {
+        let refused = |r: Refusal| pb::SignReply {
+            refusal: r.to_proto() as i32,
+            detail: match &r {
+                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
+                    d.clone()
+                }
+                r => r.to_string(),
+            },
+            ..Default::default()
+        };
+        if self.core.leader() != Some(self.core.cfg.id) {
+            let why = format!("node {} is not the signer leader", self.core.cfg.id);
+            return Ok(refused(Refusal::NotCommitted(why)));
+        }
+        let req = Message::decode(msg).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some((_, chain_id, what)) = sign_request(req) else {
+            return Err(Status::invalid_argument("only sign requests are forwarded"));
+        };
+        let Some(what) = what else {
+            return Ok(refused(Refusal::Malformed("empty sign request".into())));
+        };
+        // Routed by the chain id the request carries: one this leader signs
+        // for, with the key the forwarding member has for it.
+        let Some(chain) = self.chain(&chain_id) else {
+            tracing::warn!(
+                peer,
+                chain_id,
+                "refused a forwarded request for a chain this node does not sign for"
+            );
+            return Ok(refused(Refusal::UnknownChain { asked: chain_id }));
+        };
+        if pub_key != chain.key.public().as_bytes() {
+            let why = format!(
+                "node {peer}'s key for chain {chain_id} is not the leader's ({}): check its validator-key",
+                chain.key.address_hex()
+            );
+            tracing::error!(peer, chain_id, "refused a forwarded request: {why}");
+            return Ok(refused(Refusal::OtherKey(why)));
+        }
+        let deadline = Instant::now() + FORWARD_DEADLINE;
+        let mut stage = self.stages();
+        let signed = self.sign_here(chain, what, deadline).await;
+        stage.done("serve");
+        Ok(match signed {
+            Ok(signed) => {
+                let ((seconds, nanos), signature, extension_signature) = signed.signed_parts();
+                pb::SignReply {
+                    refusal: pb::Refusal::None as i32,
+                    detail: String::new(),
+                    timestamp_seconds: seconds,
+                    timestamp_nanos: nanos,
+                    signature,
+                    extension_signature,
+                }
+            }
+            Err(e) => refused(e),
+        })
     }
 }

@@ -69,7 +69,6 @@ use openraft::errors::{ClientWriteError, RaftError};
 use openraft::storage::RaftStateMachine;
 use prost::Message as _;
 use tokio::time::Instant;
-use tonic::Status;
 
 use crate::config::{ChainConfig, NodeId, SignerConfig};
 use crate::ledger::{Command, SignVerdict, SignedAt};
@@ -410,14 +409,18 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             digest: digest.clone(),
             timestamp,
         };
-        let cmd = |timestamp| Command::SignAhead {
+        // Reserving further only while every other voter can apply it; a
+        // signature in this process's own reservation is recorded with
+        // `SignAhead` in any case (a legacy `Signed` would be refused there).
+        let reserve = self.voters_sign_ahead();
+        let cmd = |timestamp, reserve: bool| Command::SignAhead {
             chain_id: chain_id.to_string(),
             height: hrs.0,
             round: hrs.1,
             step: hrs.2,
             digest: digest.clone(),
             timestamp,
-            through: ahead::reach(hrs),
+            through: if reserve { ahead::reach(hrs) } else { hrs },
             holder: self.holder,
         };
         if path == Path::Reserved {
@@ -425,11 +428,23 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let signed = what.sign(&chain.key, chain_id, timestamp)?;
             ahead.signed(signed_at(timestamp));
             let before = ahead.pending.take();
-            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp), before));
+            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp, reserve), before));
             stage.done("sign");
             return Ok(signed);
         }
-        let verdict = match self.commit(cmd(what.timestamp()), deadline).await {
+        let first = if reserve {
+            cmd(what.timestamp(), true)
+        } else {
+            Command::Signed {
+                chain_id: chain_id.to_string(),
+                height: hrs.0,
+                round: hrs.1,
+                step: hrs.2,
+                digest: digest.clone(),
+                timestamp: what.timestamp(),
+            }
+        };
+        let verdict = match self.commit(first, deadline).await {
             Ok(v) => v,
             Err(e) => {
                 // Its outcome is unknown: it may yet be committed.
@@ -494,6 +509,22 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 ),
             }
         })
+    }
+
+    /// Whether every other voter said it applies `SignAhead`
+    /// ([`ahead::FEATURE`]): until then the leader writes `Signed`, which
+    /// a keyraft from before sign-ahead applies too.
+    fn voters_sign_ahead(&self) -> bool {
+        let me = self.core.cfg.id;
+        let voters: Vec<NodeId> = self
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != me)
+            .collect();
+        self.core.view.all_have(voters, ahead::FEATURE)
     }
 
     /// A voter that has not registered yet would not be recognised if it
@@ -574,99 +605,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             metric: &self.core.metrics.sign_stage_seconds,
             since: Instant::now(),
         }
-    }
-
-    /// The leader's end of a forward from `peer`, a member whose identity
-    /// the transport proved: refused unless `peer` is a voter (only a host
-    /// that may hold the key serves sentries; a witness, or a node that is
-    /// no voter, asks nothing).
-    pub async fn serve(
-        &self,
-        peer: NodeId,
-        req: &pb::SignRequest,
-    ) -> Result<pb::SignReply, Status> {
-        let voter = self
-            .core
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == peer);
-        if !voter {
-            tracing::warn!(
-                peer,
-                "refused a sign request from a node that is not a voter"
-            );
-            return Err(Status::permission_denied(format!(
-                "node {peer} is not a voting member: it forwards no sign requests"
-            )));
-        }
-        self.serve_forwarded(peer, &req.msg, &req.pub_key).await
-    }
-
-    async fn serve_forwarded(
-        &self,
-        peer: NodeId,
-        msg: &[u8],
-        pub_key: &[u8],
-    ) -> Result<pb::SignReply, Status> {
-        let refused = |r: Refusal| pb::SignReply {
-            refusal: r.to_proto() as i32,
-            detail: match &r {
-                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
-                    d.clone()
-                }
-                r => r.to_string(),
-            },
-            ..Default::default()
-        };
-        if self.core.leader() != Some(self.core.cfg.id) {
-            let why = format!("node {} is not the signer leader", self.core.cfg.id);
-            return Ok(refused(Refusal::NotCommitted(why)));
-        }
-        let req = Message::decode(msg).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some((_, chain_id, what)) = sign_request(req) else {
-            return Err(Status::invalid_argument("only sign requests are forwarded"));
-        };
-        let Some(what) = what else {
-            return Ok(refused(Refusal::Malformed("empty sign request".into())));
-        };
-        // Routed by the chain id the request carries: one this leader signs
-        // for, with the key the forwarding member has for it.
-        let Some(chain) = self.chain(&chain_id) else {
-            tracing::warn!(
-                peer,
-                chain_id,
-                "refused a forwarded request for a chain this node does not sign for"
-            );
-            return Ok(refused(Refusal::UnknownChain { asked: chain_id }));
-        };
-        if pub_key != chain.key.public().as_bytes() {
-            let why = format!(
-                "node {peer}'s key for chain {chain_id} is not the leader's ({}): check its validator-key",
-                chain.key.address_hex()
-            );
-            tracing::error!(peer, chain_id, "refused a forwarded request: {why}");
-            return Ok(refused(Refusal::OtherKey(why)));
-        }
-        let deadline = Instant::now() + FORWARD_DEADLINE;
-        let mut stage = self.stages();
-        let signed = self.sign_here(chain, what, deadline).await;
-        stage.done("serve");
-        Ok(match signed {
-            Ok(signed) => {
-                let ((seconds, nanos), signature, extension_signature) = signed.signed_parts();
-                pb::SignReply {
-                    refusal: pb::Refusal::None as i32,
-                    detail: String::new(),
-                    timestamp_seconds: seconds,
-                    timestamp_nanos: nanos,
-                    signature,
-                    extension_signature,
-                }
-            }
-            Err(e) => refused(e),
-        })
     }
 }
 

@@ -1,201 +1,15 @@
-//! The ledger: what the cluster agrees on, and the rules that decide it.
+//! Signer mode's part of the ledger: each chain's watermark
+//! ([`SignerState`]), its rule ([`SignerState::check_by`]), the
+//! reservations of sign-ahead, imported floors, and the watermarks' stored
+//! shape.
 //!
-//! Every Raft log entry is a [`Command`]; applying it to [`ClusterState`]
-//! is the whole replicated state machine: the key's activation history
-//! (who may validate, and whether the last holder released), the operator's
-//! pause, which members registered with durable state, and in signer mode
-//! one signing watermark per chain with its double-sign rule
-//! ([`SignerState::check`]).
-//!
-//! Owns: the domain types of the replicated state and their transitions,
-//! as pure functions with table tests. Must not: import any other module
-//! of this crate (it is the bottom of the import graph), do I/O, or know
-//! how the entries are replicated (that is [`crate::raft`]).
-
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
+//! Owns: what a `Signed`, `SignAhead` or floor command does to a chain's
+//! watermark, as pure functions with table tests. Must not: import any
+//! other module of this crate, or do I/O (as the rest of the ledger).
 
 use serde::{Deserialize, Serialize};
 
-/// A member's id in the cluster (also in its certificate, `node-N.keyraft`).
-pub type NodeId = u64;
-
-/// A replicated command: one Raft log entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Command {
-    /// The leader of `term` is about to validate (safety protocol step 2).
-    Activate { node: NodeId, term: u64 },
-    /// The holder stopped its validator and removed the key (step 7);
-    /// `height` is the last block height its node reported.
-    Released {
-        node: NodeId,
-        term: u64,
-        height: Option<u64>,
-    },
-    /// Operator pause: no automatic failover while set.
-    SetPaused { paused: bool },
-    /// `node` started with durable state; a later start with an empty data
-    /// dir is then refused unless it rejoins.
-    Register { node: NodeId },
-    /// `node` rejoins with an empty data dir (`--rejoin`): every member
-    /// forgets what it saw of its history (it starts over as a learner).
-    Rejoined { node: NodeId },
-    /// Signer mode: the leader is about to sign this (height, round, step)
-    /// of `chain_id`. `digest` is the SHA-256 of the sign bytes with the
-    /// timestamp zeroed; `timestamp` is the one that will be signed.
-    Signed {
-        chain_id: String,
-        height: u64,
-        round: u32,
-        step: u8,
-        digest: String,
-        timestamp: (i64, i32),
-    },
-    /// Signer mode, since sign-ahead: the leader's signing process `holder`
-    /// (an id it drew at start) signs this (height, round, step) of
-    /// `chain_id` with these bytes, and reserves every HRS up to `through`
-    /// for itself, so that the next one it is asked for is signed without
-    /// waiting for a commit. Committed before the signature when the HRS
-    /// was not reserved already, just after it when it was. Its own variant
-    /// on purpose: a keyraft from before reservations cannot decode it and
-    /// stops applying, where it would otherwise ignore the reservation and
-    /// could sign an HRS the holder signed.
-    SignAhead {
-        chain_id: String,
-        height: u64,
-        round: u32,
-        step: u8,
-        digest: String,
-        timestamp: (i64, i32),
-        through: (u64, u32, u8),
-        holder: u64,
-    },
-    /// Signer mode: never sign at or below `height` (a state file imported
-    /// from the validator's previous signer; 0 for a key that never signed).
-    /// Signing starts only once a floor exists. The cluster's first chain
-    /// only: with another chain's watermark present it is refused.
-    SignerFloor { chain_id: String, height: u64 },
-    /// Signer mode: [`Command::SignerFloor`] for a chain beside others.
-    /// Its own variant on purpose: a keyraft from before chains were kept
-    /// apart cannot decode it and stops applying, where it would otherwise
-    /// skip the second chain's entries and could hand a snapshot without
-    /// that chain's watermark to a member that then signs below it.
-    ChainFloor { chain_id: String, height: u64 },
-    /// Auto timing: the cluster runs `profile` from here on, chosen by the
-    /// leader from the round trips it measured (`rtt_ms`, the slowest
-    /// voter's). Every member applies it (docs/design.md, step 3).
-    SetTiming { profile: TimingProfile, rtt_ms: u32 },
-}
-
-/// A named set of timing defaults, one per deployment shape (the values are
-/// in `config::timing`). Replicated: with auto timing the whole cluster
-/// runs the one the log says.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TimingProfile {
-    /// One datacentre or a LAN (peer round trips under 25 ms): 50 ms
-    /// heartbeats, 300..600 ms elections, fenced 300 ms after the last
-    /// quorum-acked heartbeat.
-    #[default]
-    Lan,
-    /// Nearby datacentres (peer round trips up to 100 ms): 150 ms
-    /// heartbeats, 450..900 ms elections, fenced after 600 ms.
-    Wan,
-}
-
-impl fmt::Display for TimingProfile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TimingProfile::Lan => "lan",
-            TimingProfile::Wan => "wan",
-        })
-    }
-}
-
-/// The committed timing profile and the round trip it was chosen for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimingChoice {
-    pub profile: TimingProfile,
-    pub rtt_ms: u32,
-    /// The log index that chose it.
-    pub index: u64,
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Command::Activate { node, term } => write!(f, "activate node {node} in term {term}"),
-            Command::Released { node, term, .. } => {
-                write!(f, "node {node} released the key (term {term})")
-            }
-            Command::SetPaused { paused } => write!(f, "set paused={paused}"),
-            Command::Register { node } => write!(f, "register node {node}"),
-            Command::Rejoined { node } => write!(f, "node {node} rejoins with an empty data dir"),
-            Command::Signed {
-                chain_id,
-                height,
-                round,
-                step,
-                ..
-            } => write!(f, "sign {chain_id} {height}/{round}/{step}"),
-            Command::SignAhead {
-                chain_id,
-                height,
-                round,
-                step,
-                through,
-                ..
-            } => write!(
-                f,
-                "sign {chain_id} {height}/{round}/{step}, reserve through {}/{}/{}",
-                through.0, through.1, through.2
-            ),
-            Command::SignerFloor { chain_id, height }
-            | Command::ChainFloor { chain_id, height } => {
-                write!(f, "never sign {chain_id} at or below height {height}")
-            }
-            Command::SetTiming { profile, rtt_ms } => {
-                write!(
-                    f,
-                    "run the {profile} timing profile (round trips up to {rtt_ms} ms)"
-                )
-            }
-        }
-    }
-}
-
-/// One activation or release, as committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyEvent {
-    pub node: NodeId,
-    pub term: u64,
-    pub released: bool,
-    pub index: u64,
-    /// For a release: the last height the holder's node reported.
-    pub height: Option<u64>,
-}
-
-/// The state machine's answer to a command.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
-    /// For `Activate`: the key event committed just before it.
-    pub prior: Option<KeyEvent>,
-    /// For `Signed`: whether the signature may be produced.
-    pub sign: Option<SignVerdict>,
-}
+use super::{ClusterState, Reply};
 
 /// Where a (height, round, step) stands against the watermark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,160 +161,12 @@ impl SignerState {
     }
 }
 
-/// Events kept in the replicated history.
-const HISTORY: usize = 64;
-
-/// The replicated cluster state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterState {
-    pub paused: bool,
-    /// The last activation or release.
-    pub last_key_event: Option<KeyEvent>,
-    /// Recent key events, oldest first.
-    pub history: VecDeque<KeyEvent>,
-    pub registered: BTreeSet<NodeId>,
-    /// Signer mode: each chain's watermark, by chain id (a chain has none
-    /// until its floor is imported). Read through [`ClusterState::watermark`].
-    /// Stored under the one-chain name and shape while there is one chain,
-    /// so that a keyraft from before chains were kept apart reads it; with
-    /// two or more, as a map it cannot read (it stops rather than forget
-    /// one: see [`Command::ChainFloor`]).
-    #[serde(default, rename = "signer", with = "one_or_many")]
-    watermarks: BTreeMap<String, SignerState>,
-    /// Auto timing: the profile the cluster runs (absent: the one each
-    /// member starts with, `lan` unless pinned).
-    #[serde(default)]
-    pub timing: Option<TimingChoice>,
-}
-
 impl ClusterState {
-    /// Signer mode: the watermark of `chain_id`, if it has one.
-    pub fn watermark(&self, chain_id: &str) -> Option<&SignerState> {
-        self.watermarks.get(chain_id)
-    }
-
-    /// Signer mode: every chain's watermark, by chain id.
-    pub fn watermarks(&self) -> &BTreeMap<String, SignerState> {
-        &self.watermarks
-    }
-
-    /// The floor command for `chain_id` that every member can apply: the
-    /// one-chain [`Command::SignerFloor`] while no other chain has a
-    /// watermark, else [`Command::ChainFloor`].
-    pub fn floor_command(&self, chain_id: &str, height: u64) -> Command {
-        let chain_id = chain_id.to_string();
-        if self.watermarks.keys().all(|c| *c == chain_id) {
-            Command::SignerFloor { chain_id, height }
-        } else {
-            Command::ChainFloor { chain_id, height }
-        }
-    }
-
-    pub fn apply(&mut self, cmd: &Command, index: u64) -> Reply {
-        let last = self.last_key_event;
-        let mut key_event = |node, term, released, height| {
-            let prior = self.last_key_event;
-            let ev = KeyEvent {
-                node,
-                term,
-                released,
-                index,
-                height,
-            };
-            self.last_key_event = Some(ev);
-            self.history.push_back(ev);
-            while self.history.len() > HISTORY {
-                self.history.pop_front();
-            }
-            Reply { prior, sign: None }
-        };
-        match *cmd {
-            Command::Activate { node, term } => key_event(node, term, false, None),
-            // Only the holder of the last activation can release it: a stale
-            // or misdirected release must not make a successor skip its wait.
-            Command::Released { node, term, height } => match last {
-                Some(e) if !e.released && e.node == node && e.term == term => {
-                    key_event(node, term, true, height)
-                }
-                _ => {
-                    tracing::warn!(
-                        node,
-                        term,
-                        "ignoring a release that does not match the last activation"
-                    );
-                    Reply::default()
-                }
-            },
-            Command::SetPaused { paused } => {
-                self.paused = paused;
-                Reply::default()
-            }
-            Command::Register { node } => {
-                self.registered.insert(node);
-                Reply::default()
-            }
-            Command::Rejoined { .. } => Reply::default(),
-            Command::SetTiming { profile, rtt_ms } => {
-                self.timing = Some(TimingChoice {
-                    profile,
-                    rtt_ms,
-                    index,
-                });
-                Reply::default()
-            }
-            Command::Signed {
-                ref chain_id,
-                height,
-                round,
-                step,
-                ref digest,
-                timestamp,
-            } => {
-                let hrs = (height, round, step);
-                self.sign(chain_id, hrs, digest, timestamp, hrs, None)
-            }
-            Command::SignAhead {
-                ref chain_id,
-                height,
-                round,
-                step,
-                ref digest,
-                timestamp,
-                through,
-                holder,
-            } => {
-                let hrs = (height, round, step);
-                self.sign(chain_id, hrs, digest, timestamp, through, Some(holder))
-            }
-            Command::SignerFloor {
-                ref chain_id,
-                height,
-            } => {
-                if self.watermarks.keys().any(|c| c != chain_id) {
-                    tracing::warn!(chain_id, "ignoring a one-chain floor beside another chain");
-                    return Reply {
-                        prior: None,
-                        sign: Some(SignVerdict::WrongChain),
-                    };
-                }
-                self.raise_floor(chain_id, height);
-                Reply::default()
-            }
-            Command::ChainFloor {
-                ref chain_id,
-                height,
-            } => {
-                self.raise_floor(chain_id, height);
-                Reply::default()
-            }
-        }
-    }
-
     /// Applies a signature of `hrs` with `digest` by the signing process
     /// `holder` (`None`: a keyraft from before reservations), reserving up to
     /// `through` for it. The verdict is [`SignerState::check_by`]'s, with the
     /// first timestamp committed for these bytes.
-    fn sign(
+    pub(super) fn sign(
         &mut self,
         chain_id: &str,
         hrs: (u64, u32, u8),
@@ -583,7 +249,7 @@ impl ClusterState {
     }
 
     /// Lifts `chain_id`'s watermark to cover all of `height`; never lowers it.
-    fn raise_floor(&mut self, chain_id: &str, height: u64) {
+    pub(super) fn raise_floor(&mut self, chain_id: &str, height: u64) {
         let mut floor = (height, u32::MAX, u8::MAX);
         let w = self.watermarks.get(chain_id);
         match w {
@@ -608,16 +274,11 @@ impl ClusterState {
             },
         );
     }
-
-    /// The node that holds the key according to the log, if any.
-    pub fn key_holder(&self) -> Option<NodeId> {
-        self.last_key_event.filter(|e| !e.released).map(|e| e.node)
-    }
 }
 
 /// The watermarks' stored shape: nothing, one [`SignerState`] (the shape
 /// every keyraft reads), or a map by chain id once there are two.
-mod one_or_many {
+pub(super) mod one_or_many {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -655,61 +316,7 @@ mod one_or_many {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn activation_reports_the_prior_key_event() {
-        let mut s = ClusterState::default();
-        assert_eq!(
-            s.apply(&Command::Activate { node: 1, term: 2 }, 5).prior,
-            None
-        );
-        assert_eq!(s.key_holder(), Some(1));
-        s.apply(
-            &Command::Released {
-                node: 1,
-                term: 2,
-                height: Some(40),
-            },
-            6,
-        );
-        assert_eq!(s.key_holder(), None);
-        let r = s.apply(&Command::Activate { node: 2, term: 3 }, 8);
-        assert_eq!(
-            r.prior,
-            Some(KeyEvent {
-                node: 1,
-                term: 2,
-                released: true,
-                index: 6,
-                height: Some(40),
-            })
-        );
-    }
-
-    #[test]
-    fn only_the_last_activation_can_be_released() {
-        let mut s = ClusterState::default();
-        let release = |node, term| Command::Released {
-            node,
-            term,
-            height: None,
-        };
-        // Nothing to release yet.
-        s.apply(&release(1, 1), 1);
-        assert_eq!(s.last_key_event, None);
-        s.apply(&Command::Activate { node: 1, term: 2 }, 2);
-        // Another node, or the same node in another term: ignored.
-        s.apply(&release(2, 2), 3);
-        s.apply(&release(1, 1), 4);
-        assert_eq!(s.key_holder(), Some(1));
-        s.apply(&release(1, 2), 5);
-        assert_eq!(s.key_holder(), None);
-        // Released twice: the second changes nothing.
-        let before = s.clone();
-        s.apply(&release(1, 2), 6);
-        assert_eq!(s, before);
-    }
+    use super::super::*;
 
     fn never_signed() -> Command {
         Command::SignerFloor {
