@@ -381,6 +381,12 @@ impl ClusterView {
         })
     }
 
+    /// Whether peer `id`, when last heard from, said what `f` looks for.
+    pub fn said(&self, id: NodeId, f: impl Fn(&pb::NodeStatus) -> bool) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&id).is_some_and(|s| f(&s.status))
+    }
+
     /// Peers heard from within `max_age`.
     pub fn fresh(&self, max_age: Duration) -> Vec<pb::NodeStatus> {
         self.snapshot()

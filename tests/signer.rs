@@ -485,3 +485,85 @@ async fn a_privval_listener_with_another_identity_than_the_pinned_one_gets_no_si
     );
     Ok(())
 }
+
+/// A member started in validator mode inside a signer cluster links the
+/// key into its node, outside every watermark. Before any watermark it may
+/// validate (the signers sign nothing then). Killed without releasing the
+/// key, it holds it by the ledger: once a watermark is imported, the
+/// signers sign nothing while it is back in validator mode (where it may
+/// not lead again, and says so), and sign again once it runs signer mode.
+#[tokio::test]
+async fn a_validator_mode_member_keeps_a_signer_cluster_from_signing_until_it_runs_signer_mode(
+) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("keyraft-signer-")
+        .tempdir()?;
+    let mut c = Cluster::start_in_mode(ClusterDir::Temp(dir), 3, BLOCK_MS, mode(), |id| NodeOpts {
+        validator_mode: id == 3,
+        ..NodeOpts::default()
+    })
+    .await?;
+    // Host 3 takes the key while no watermark exists, and dies with it.
+    eventually(SETTLE, "host 3 validating", || async {
+        let l = leader(&c, 1).await?;
+        if l != 3 {
+            let _ = c.cli(l, &["switchover", "--to", "3"]).await?;
+        }
+        let s = c.status(3).await?;
+        Ok((s["cluster"]["active_validator"] == 3).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    c.kill_host(3)?;
+    c.never_signed().await?;
+    let unreleased = "node 3 holds the key in validator mode";
+    let refused = || async {
+        let log = std::fs::read_to_string(
+            c.dir
+                .path()
+                .join(format!("keyraft{}.log", leader(&c, 1).await?)),
+        )?;
+        Ok::<_, anyhow::Error>(log.contains(unreleased))
+    };
+    eventually(SETTLE, "the signers refusing beside host 3", || async {
+        Ok(refused().await?.then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    // Back in validator mode: it may not lead, and nothing is signed.
+    c.spawn(3)?;
+    let log3 = c.dir.path().join("keyraft3.log");
+    eventually(SETTLE, "host 3 saying it may not lead", || async {
+        let log = std::fs::read_to_string(&log3)?;
+        Ok(log
+            .contains("this host may not lead: the cluster signs in signer mode")
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let l = leader(&c, 1).await?;
+    let out = c.cli(l, &["switchover", "--to", "3"]).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("node 3") && err.contains("another mode"),
+        "a switchover to host 3 was not refused: {out:?}"
+    );
+    let held = c.chain.totals().await?;
+    eventually(SETTLE, "three more heights", || async {
+        Ok((c.chain.totals().await?.height > held.height + 3).then_some(()))
+    })
+    .await?;
+    ensure!(
+        c.chain.totals().await?.signed == held.signed,
+        "signed beside a validator-mode holder of the key"
+    );
+    // In signer mode, host 3 releases nothing but says so by gossip: the
+    // signers sign again, through every sentry.
+    c.kill_host(3)?;
+    c.node_mut(3)?.opts.validator_mode = false;
+    c.spawn(3)?;
+    let at = c.chain.totals().await?.height;
+    every_sentry_signed(&c, at, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}

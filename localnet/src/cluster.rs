@@ -35,6 +35,9 @@ pub const SETTLE: Duration = Duration::from_secs(20);
 /// The environment variable keyraft marks every process of a validator's
 /// tree with (its value is the canonical data dir).
 pub const FENCE_MARKER: &str = "KEYRAFT_FENCE";
+/// Signer mode: the key a host misconfigured into validator mode links
+/// (a NEAR-style key its fakenode runs with), beside the cluster's key.
+const VALIDATOR_MODE_KEY: &str = "validator_mode_key.json";
 
 pub struct Node {
     pub id: u64,
@@ -189,6 +192,9 @@ impl Cluster {
             } => {
                 let key_path = keys.join("priv_validator_key.json");
                 crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
+                // What a host misconfigured into validator mode links
+                // (`NodeOpts::validator_mode`): a key its fakenode runs with.
+                KeyFile::generate("validator.test").write_new(&keys.join(VALIDATOR_MODE_KEY))?;
                 signer_chain_args(&mut chain_cmd, chain_id, *round_every, *validators);
                 key_path
             }
@@ -352,9 +358,13 @@ impl Cluster {
                 }
             }
         }
+        let signer = match &self.mode {
+            Mode::Signer { chain_id, .. } if !node.opts.validator_mode => Some(chain_id),
+            _ => None,
+        };
         if node.opts.witness {
             cmd.arg("--witness");
-        } else if let Mode::Signer { chain_id, .. } = &self.mode {
+        } else if let Some(chain_id) = signer {
             let privval = format!("tcp://{}", node.privval);
             let dial = match &node.opts.privval_pin {
                 Some(id) => format!("tcp://{id}@{}", node.privval),
@@ -387,10 +397,14 @@ impl Cluster {
                 .health_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", node.rpc));
+            let key = match self.mode {
+                Mode::Signer { .. } => self.key_path.with_file_name(VALIDATOR_MODE_KEY),
+                _ => self.key_path.clone(),
+            };
             cmd.arg("--validator-home")
                 .arg(&node.home)
                 .arg("--validator-key")
-                .arg(&self.key_path)
+                .arg(&key)
                 .args(["--health-url", &health_url])
                 .arg("--")
                 .args(node.opts.launch.prefix())

@@ -108,6 +108,9 @@ pub struct NodeOpts {
     /// cost a hop through localnet's own process): for benchmarks that
     /// cut no link and measure keyraft alone.
     pub direct_peers: bool,
+    /// Signer mode: this host runs in validator mode instead (it would
+    /// link the key into its node: a misconfigured member).
+    pub validator_mode: bool,
 }
 
 /// Which fence agent a node has for the other validator hosts.

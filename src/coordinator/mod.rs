@@ -147,6 +147,8 @@ pub struct Coordinator<E: Env> {
     owed_fence: Option<NodeId>,
     /// Heartbeats paused to hand leadership on (see `publish`).
     quiet: bool,
+    /// Why this host runs another mode than the cluster, as last logged.
+    said_other_mode: Option<String>,
     /// Random extra wait before campaigning, redrawn after each campaign.
     jitter: Duration,
     /// Where the jitter is drawn from (seeded by the simulator).
@@ -217,6 +219,7 @@ impl<E: Env> Coordinator<E> {
             next_activation: Instant::now(),
             owed_fence: None,
             quiet: false,
+            said_other_mode: None,
             jitter,
             rng,
             handed_on_in: None,
@@ -316,7 +319,16 @@ impl<E: Env> Coordinator<E> {
             peers,
             acks,
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
+            other_mode: self.other_mode().is_some(),
         }
+    }
+
+    /// Why this host runs another mode than the cluster, if it does
+    /// ([`policy::mode_conflict`]).
+    pub(crate) fn other_mode(&self) -> Option<String> {
+        let cluster = self.cluster_rx.borrow();
+        let chains: Vec<&str> = cluster.watermarks().keys().map(String::as_str).collect();
+        policy::mode_conflict(self.sh.cfg.signer.is_some(), self.sh.cfg.witness, &chains)
     }
 
     fn is_voter(&self) -> bool {
@@ -333,6 +345,14 @@ impl<E: Env> Coordinator<E> {
     fn publish(&mut self, state: StateName) -> bool {
         let view = self.view();
         let eligible = policy::eligible(state, &view);
+        let other_mode = self.other_mode();
+        if other_mode != self.said_other_mode {
+            match &other_mode {
+                Some(why) => tracing::error!("this host may not lead: {why}"),
+                None => tracing::info!("this host runs the cluster's mode again: it may lead"),
+            }
+            self.said_other_mode = other_mode;
+        }
         // openraft's own election timer stays off (`enable_elect: false`):
         // only `maybe_campaign` starts elections, when this node is
         // eligible, its restart quiet is over (a restarted node has

@@ -57,6 +57,8 @@ pub struct View {
     /// Signer mode: more members hold another key for one of this host's
     /// chains than hold its own (`signer::keys::outvoted`).
     pub key_outvoted: bool,
+    /// The cluster runs the other mode than this host ([`mode_conflict`]).
+    pub other_mode: bool,
 }
 
 impl View {
@@ -94,7 +96,27 @@ pub fn eligible(state: StateName, v: &View) -> bool {
         && !v.paused
         && !v.standing_down
         && !v.key_outvoted
+        && !v.other_mode
         && v.is_voter()
+}
+
+/// Why a validator-mode host may not lead, if it may not: the ledger holds
+/// a signer watermark (`watermark_chains`), which only signer mode writes,
+/// so the cluster signs in signer mode and this host would link the key
+/// outside every watermark. (Signer mode's side, a member that linked the
+/// key, is `signer::keys::held_in_validator_mode`.)
+pub fn mode_conflict(
+    signer_mode: bool,
+    witness: bool,
+    watermark_chains: &[&str],
+) -> Option<String> {
+    if signer_mode || witness || watermark_chains.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the cluster signs in signer mode (chain {}) and this host runs in validator mode, where it would link the key outside every watermark: start it with --signer cometbft",
+        watermark_chains.join(", ")
+    ))
 }
 
 /// A healthy, synced, eligible standby voter, per gossip (the one asked
@@ -128,7 +150,7 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, St
                 Some(p) if p.witness => Some("a witness"),
                 Some(p) if !p.ready => Some("its node is not running and synced"),
                 Some(p) if !p.eligible => {
-                    Some("it may not lead now (just handed over, not a voter yet, or its signer key is outvoted)")
+                    Some("it may not lead now (just handed over, not a voter yet, its signer key is outvoted, or it runs another mode than the cluster)")
                 }
                 Some(_) if !live(id) => Some("no recent heartbeat ack"),
                 Some(_) => None,

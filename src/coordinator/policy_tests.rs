@@ -54,7 +54,27 @@ fn view() -> View {
         peers: [(1, ready(10)), (3, ready(12))].into(),
         acks: None,
         key_outvoted: false,
+        other_mode: false,
     }
+}
+
+#[test]
+fn a_validator_mode_host_may_not_lead_where_the_ledger_holds_a_watermark() {
+    // (signer mode, witness, chains with a watermark) -> refused?
+    for (signer, witness, chains, refused) in [
+        (false, false, vec!["c"], true),
+        (false, false, vec![], false),
+        (true, false, vec!["c"], false),
+        (false, true, vec!["c"], false),
+    ] {
+        let why = mode_conflict(signer, witness, &chains);
+        assert_eq!(why.is_some(), refused, "{signer} {witness} {chains:?}");
+    }
+    let why = mode_conflict(false, false, &["a", "b"]).unwrap_or_default();
+    assert!(
+        why.contains("chain a, b") && why.contains("--signer cometbft"),
+        "{why}"
+    );
 }
 
 #[test]
@@ -76,6 +96,11 @@ fn eligibility_needs_every_condition() {
             "standing down",
             StateName::Voting,
             Box::new(|v| v.standing_down = true),
+        ),
+        (
+            "another mode than the cluster",
+            StateName::Validating,
+            Box::new(|v| v.other_mode = true),
         ),
         (
             "not a voter",

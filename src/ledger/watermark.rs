@@ -115,6 +115,15 @@ impl SignerState {
         }
     }
 
+    /// Whether `hrs` lies in the reservation of signing process `holder`,
+    /// above the last signature: its to sign before the commit.
+    pub fn reserved_for(&self, hrs: (u64, u32, u8), holder: u64) -> bool {
+        self.holder == Some(holder)
+            && hrs <= self.hrs()
+            && self.reserved_from.is_none_or(|from| hrs > from)
+            && self.signed().is_none_or(|s| hrs > s.hrs())
+    }
+
     /// What a request for `hrs` with `digest` would get, without committing,
     /// from a signing process that holds no reservation.
     pub fn check(&self, chain_id: &str, hrs: (u64, u32, u8), digest: &str) -> SignVerdict {

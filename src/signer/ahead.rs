@@ -51,10 +51,11 @@ pub const RECENT: usize = 16;
 pub struct Ahead {
     pub recent: std::collections::VecDeque<SignedAt>,
     pub pending: Option<tokio::task::JoinHandle<()>>,
-    /// The highest HRS whose commit-first `SignAhead` ended without a
-    /// verdict (timed out, leadership moved): it may still be committed,
-    /// with bytes this process never signed, so nothing at or below it is
-    /// signed from a reservation, only after a commit of its own.
+    /// The highest HRS this process proposed commit-first: until applied
+    /// its outcome is unknown (the request may time out or be given up,
+    /// and the entry still be committed, with bytes this process never
+    /// signed), so nothing at or below it is signed from a reservation,
+    /// only after a commit of its own.
     pub doubt: Option<Hrs>,
 }
 
@@ -126,10 +127,11 @@ pub fn decide(
     let repeat = w.signed().is_some_and(|s| s.hrs() == hrs);
     match w.check_by(chain_id, hrs, digest, Some(holder)) {
         SignVerdict::Sign { timestamp } if repeat => Ok(Path::Repeat(timestamp)),
-        SignVerdict::Sign { .. } if hrs <= w.hrs() && doubt.is_none_or(|d| hrs > d) => {
+        SignVerdict::Sign { .. }
+            if w.reserved_for(hrs, holder) && doubt.is_none_or(|d| hrs > d) =>
+        {
             Ok(Path::Reserved)
         }
-        SignVerdict::Sign { .. } if hrs <= w.hrs() => Ok(Path::Commit),
         SignVerdict::Sign { .. } if plant::on(Plant::SignBeforeCommit) => Ok(Path::Repeat(asked)),
         SignVerdict::Sign { .. } => Ok(Path::Commit),
         v => Err(Refusal::from_verdict(&v, hrs, chain_id)
@@ -200,6 +202,11 @@ mod tests {
         let plain = committed(10, 0, 2);
         let mine = reserved((11, 0, 2), me, at(10, 0, 3, "d", 8));
         let theirs = reserved((11, 0, 2), 2, at(10, 0, 3, "d", 8));
+        let gapped = |holder| SignerState {
+            reserved_from: Some((11, 0, 0)),
+            ..reserved((11, 0, 2), holder, at(10, 0, 3, "d", 8))
+        };
+        let (gapped_mine, gapped_theirs) = (gapped(me), gapped(2));
         use Path::*;
         // (what this process signed, applied, hrs, digest) -> decision
         type Row<'a> = (
@@ -286,6 +293,18 @@ mod tests {
                 Ok(Reserved),
             ),
             (vec![], None, (11, 0, 1), "p", Err(Refusal::NoWatermark)),
+            // Between the last signature and a reservation that starts at
+            // the next height (a later round): committed first, by anyone.
+            (vec![], Some(&gapped_mine), (10, 1, 1), "r", Ok(Commit)),
+            (vec![], Some(&gapped_theirs), (10, 1, 1), "r", Ok(Commit)),
+            (vec![], Some(&gapped_mine), (11, 0, 1), "p", Ok(Reserved)),
+            (
+                vec![],
+                Some(&gapped_theirs),
+                (11, 0, 1),
+                "p",
+                Err(Refusal::Regression { asked: (11, 0, 1) }),
+            ),
             // A late sentry gets the same bytes signed again, never others.
             (
                 vec![at(11, 0, 1, "p", 9), at(11, 0, 2, "v", 9)],

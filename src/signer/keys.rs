@@ -97,6 +97,23 @@ pub fn other_keys(
         .collect()
 }
 
+/// Why nothing may be signed now, if a member holds the key in validator
+/// mode: the ledger's last activation (`holder`, signer mode never writes
+/// one) is not released, and the holder is neither this host nor was it
+/// last heard from in signer mode (`holder_signs`: gossiping signer keys;
+/// a host restarted in signer mode left its validator of before to die
+/// with its coordinator). Its validator may be running with the key.
+pub fn held_in_validator_mode(
+    holder: Option<NodeId>,
+    me: NodeId,
+    holder_signs: bool,
+) -> Option<String> {
+    let h = holder.filter(|h| *h != me && !holder_signs)?;
+    Some(format!(
+        "node {h} holds the key in validator mode (its activation is not released): nothing is signed beside it; start it with --signer cometbft, or stop it after a switchover"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +224,19 @@ mod tests {
             why.as_deref(),
             Some("2 members hold key XX for chain b, 1 (this host included) hold this host's BB")
         );
+    }
+
+    #[test]
+    fn nothing_is_signed_beside_a_validator_mode_holder() {
+        // (holder, holder last heard in signer mode) -> refused?
+        for (holder, signs, refused) in [
+            (None, false, false),
+            (Some(1), false, false),
+            (Some(2), true, false),
+            (Some(2), false, true),
+        ] {
+            let why = held_in_validator_mode(holder, 1, signs);
+            assert_eq!(why.is_some(), refused, "{holder:?} {signs}");
+        }
     }
 }

@@ -362,6 +362,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
         stage.done("lock");
         let chain_id = chain.id();
+        let holder = self.core.cluster.borrow().key_holder();
+        let holder_signs = holder.is_some_and(|h| {
+            self.core
+                .view
+                .said(h, |s| s.role == "validator" && !s.signer_keys.is_empty())
+        });
+        if let Some(why) = keys::held_in_validator_mode(holder, self.core.cfg.id, holder_signs) {
+            return Err(Refusal::NotCommitted(why));
+        }
         // Everything that could make signing fail is checked before the
         // commit, so that a malformed request cannot use up an HRS.
         what.validate(chain_id)?;
@@ -383,9 +392,13 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         if path == Path::Commit {
             // The commit of the last signature, which may reserve this HRS,
             // is likely under way: wait for it rather than commit again.
-            if let Some(pending) = ahead.pending.take() {
+            // Kept until it ends (a request given up meanwhile leaves it
+            // for the next, so commits behind stay in order).
+            if let Some(pending) = ahead.pending.as_mut() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let _ = tokio::time::timeout(left, pending).await;
+                if tokio::time::timeout(left, pending).await.is_ok() {
+                    ahead.pending = None;
+                }
                 stage.done("wait");
                 path = decide(&ahead)?;
             }
@@ -432,8 +445,20 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             stage.done("sign");
             return Ok(signed);
         }
-        let first = if reserve {
-            cmd(what.timestamp(), true)
+        // Its outcome is unknown from the moment it is proposed (the
+        // request may be given up, or time out): until then, nothing at or
+        // below it is signed from a reservation.
+        ahead.doubt = ahead.doubt.max(Some(hrs));
+        let holds = self
+            .core
+            .cluster
+            .borrow()
+            .watermark(chain_id)
+            .is_some_and(|w| w.holder == Some(self.holder));
+        // `Signed` only while no member could have seen a `SignAhead` of
+        // this process: inside its own reservation it would be refused.
+        let first = if reserve || holds {
+            cmd(what.timestamp(), reserve)
         } else {
             Command::Signed {
                 chain_id: chain_id.to_string(),
@@ -444,14 +469,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 timestamp: what.timestamp(),
             }
         };
-        let verdict = match self.commit(first, deadline).await {
-            Ok(v) => v,
-            Err(e) => {
-                // Its outcome is unknown: it may yet be committed.
-                ahead.doubt = ahead.doubt.max(Some(hrs));
-                return Err(e);
-            }
-        };
+        let verdict = self.commit(first, deadline).await?;
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
@@ -495,7 +513,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                         chain = chain_id,
                         "{what}: signed with timestamp {signed_at:?} but the ledger holds {timestamp:?}"
                     ),
-                    v => tracing::warn!(
+                    v => tracing::error!(
                         chain = chain_id,
                         "{what}: refused after signing ({v:?}): the next request commits first"
                     ),
