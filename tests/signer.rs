@@ -541,11 +541,17 @@ async fn a_validator_mode_member_keeps_a_signer_cluster_from_signing_until_it_ru
     })
     .await
     .with_context(|| c.logs())?;
-    let l = leader(&c, 1).await?;
-    let out = c.cli(l, &["switchover", "--to", "3"]).await?;
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Once its node is synced, a switchover to it is refused for its mode.
+    let out = eventually(SETTLE, "a switchover to host 3 answered", || async {
+        let out = c
+            .cli(leader(&c, 1).await?, &["switchover", "--to", "3"])
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        Ok((out.status.success() || err.contains("another mode")).then_some(out))
+    })
+    .await?;
     ensure!(
-        !out.status.success() && err.contains("node 3") && err.contains("another mode"),
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("node 3"),
         "a switchover to host 3 was not refused: {out:?}"
     );
     let held = c.chain.totals().await?;
