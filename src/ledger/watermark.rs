@@ -394,9 +394,9 @@ mod tests {
         assert_eq!((w.hrs(), w.signatures), ((5, 1, 1), 3));
     }
 
-    #[test]
-    fn a_reservation_is_signed_in_by_its_holder_alone() {
-        let ahead = |h, r, step, digest: &str, through, holder| Command::SignAhead {
+    /// A `SignAhead` of chain "c" at `h/r/step`, timestamped `h`.
+    fn ahead(h: u64, r: u32, step: u8, digest: &str, through: Hrs3, holder: u64) -> Command {
+        Command::SignAhead {
             chain_id: "c".into(),
             height: h,
             round: r,
@@ -405,7 +405,13 @@ mod tests {
             timestamp: (h as i64, 0),
             through,
             holder,
-        };
+        }
+    }
+
+    type Hrs3 = (u64, u32, u8);
+
+    #[test]
+    fn a_reservation_is_signed_in_by_its_holder_alone() {
         let mut s = ClusterState::default();
         let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
         s.apply(&never_signed(), 1);
@@ -472,16 +478,6 @@ mod tests {
 
     #[test]
     fn a_reservation_into_the_next_height_leaves_the_later_rounds_to_anyone() {
-        let ahead = |h, r, step, digest: &str, through, holder| Command::SignAhead {
-            chain_id: "c".into(),
-            height: h,
-            round: r,
-            step,
-            digest: digest.into(),
-            timestamp: (h as i64, 0),
-            through,
-            holder,
-        };
         let mut s = ClusterState::default();
         let verdict = |s: &mut ClusterState, c| s.apply(&c, 1).sign.unwrap();
         let sign = |ts| SignVerdict::Sign { timestamp: (ts, 0) };

@@ -80,13 +80,8 @@ impl StateMachine {
     }
 
     /// Writes the applied state; with `sync`, fsynced before it returns and
-    /// only then published. Without, published first: nothing unsynced is
-    /// durable anyway, and whoever waits on the state (a second sentry's
-    /// request for the HRS just committed) sees it at once.
+    /// only then published. Without, the caller published it first.
     async fn persist(&self, sync: bool) -> io::Result<()> {
-        if !sync {
-            self.published.send_replace(self.data.state.clone());
-        }
         let (db, tree, bytes) = (self.db.clone(), self.tree.clone(), encode(&self.data)?);
         blocking(move || {
             tree.insert(SM_DATA, bytes).map_err(io_err)?;
@@ -153,6 +148,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // fsynced before it is relied on: a crash of every member at once
         // must not forget that a node registered.
         let mut sync = false;
+        let mut answers = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             self.data.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
@@ -173,16 +169,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             };
             if let Some(r) = responder {
-                // Whoever asked sees the state it changed once answered
-                // (a signer deciding whether a reservation covers its
-                // request); with `sync`, only once it is durable.
-                if !sync {
-                    self.published.send_replace(self.data.state.clone());
-                }
-                r.send(reply);
+                answers.push((r, reply));
             }
         }
-        self.persist(sync).await
+        // Whoever asked sees the state it changed once answered (a signer
+        // deciding whether a reservation covers its request): published
+        // once per batch, and with `sync` only once durable.
+        if sync {
+            self.persist(true).await?;
+        } else {
+            // Nothing unsynced is durable anyway: seen before it is written.
+            self.published.send_replace(self.data.state.clone());
+        }
+        for (r, reply) in answers {
+            r.send(reply);
+        }
+        if !sync {
+            self.persist(false).await?;
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

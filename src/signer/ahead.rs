@@ -153,6 +153,18 @@ mod tests {
         }
     }
 
+    fn eq(h: u64, r: u32, step: u8) -> Refusal {
+        Refusal::Equivocation {
+            asked: (h, r, step),
+        }
+    }
+
+    fn reg(h: u64, r: u32, step: u8) -> Refusal {
+        Refusal::Regression {
+            asked: (h, r, step),
+        }
+    }
+
     fn memory(recent: Vec<SignedAt>, doubt: Option<Hrs>) -> Ahead {
         Ahead {
             recent: recent.into(),
@@ -219,20 +231,8 @@ mod tests {
         let table: Vec<Row> = vec![
             // A repeat of committed bytes: signed again, with their timestamp.
             (vec![], Some(&plain), (10, 0, 2), "d", Ok(Repeat((7, 0)))),
-            (
-                vec![],
-                Some(&plain),
-                (10, 0, 2),
-                "x",
-                Err(Refusal::Equivocation { asked: (10, 0, 2) }),
-            ),
-            (
-                vec![],
-                Some(&plain),
-                (9, 0, 3),
-                "d",
-                Err(Refusal::Regression { asked: (9, 0, 3) }),
-            ),
+            (vec![], Some(&plain), (10, 0, 2), "x", Err(eq(10, 0, 2))),
+            (vec![], Some(&plain), (9, 0, 3), "d", Err(reg(9, 0, 3))),
             // Above a plain watermark: commit first.
             (vec![], Some(&plain), (10, 0, 3), "d", Ok(Commit)),
             // In this process's reservation: sign now.
@@ -240,28 +240,10 @@ mod tests {
             (vec![], Some(&mine), (11, 0, 2), "v", Ok(Reserved)),
             (vec![], Some(&mine), (11, 0, 3), "v", Ok(Commit)),
             (vec![], Some(&mine), (10, 0, 3), "d", Ok(Repeat((8, 0)))),
-            (
-                vec![],
-                Some(&mine),
-                (10, 0, 3),
-                "x",
-                Err(Refusal::Equivocation { asked: (10, 0, 3) }),
-            ),
+            (vec![], Some(&mine), (10, 0, 3), "x", Err(eq(10, 0, 3))),
             // In another process's: refused, whatever the bytes.
-            (
-                vec![],
-                Some(&theirs),
-                (11, 0, 1),
-                "p",
-                Err(Refusal::Regression { asked: (11, 0, 1) }),
-            ),
-            (
-                vec![],
-                Some(&theirs),
-                (11, 0, 2),
-                "v",
-                Err(Refusal::Regression { asked: (11, 0, 2) }),
-            ),
+            (vec![], Some(&theirs), (11, 0, 1), "p", Err(reg(11, 0, 1))),
+            (vec![], Some(&theirs), (11, 0, 2), "v", Err(reg(11, 0, 2))),
             (vec![], Some(&theirs), (11, 0, 3), "v", Ok(Commit)),
             // What this process signed and has not seen committed yet wins.
             (
@@ -276,14 +258,14 @@ mod tests {
                 Some(&mine),
                 (11, 0, 1),
                 "q",
-                Err(Refusal::Equivocation { asked: (11, 0, 1) }),
+                Err(eq(11, 0, 1)),
             ),
             (
                 vec![at(11, 0, 2, "v", 9)],
                 Some(&mine),
                 (11, 0, 1),
                 "p",
-                Err(Refusal::Regression { asked: (11, 0, 1) }),
+                Err(reg(11, 0, 1)),
             ),
             (
                 vec![at(11, 0, 1, "p", 9)],
@@ -303,7 +285,7 @@ mod tests {
                 Some(&gapped_theirs),
                 (11, 0, 1),
                 "p",
-                Err(Refusal::Regression { asked: (11, 0, 1) }),
+                Err(reg(11, 0, 1)),
             ),
             // A late sentry gets the same bytes signed again, never others.
             (
@@ -318,7 +300,7 @@ mod tests {
                 Some(&mine),
                 (11, 0, 1),
                 "q",
-                Err(Refusal::Equivocation { asked: (11, 0, 1) }),
+                Err(eq(11, 0, 1)),
             ),
         ];
         for (mine_last, applied, hrs, digest, want) in table {

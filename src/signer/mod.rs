@@ -413,7 +413,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 hrs.0, limit.why
             )));
         }
-        self.all_voters_registered()?;
+        // The voters once per request, for both checks below.
+        let voters: Vec<NodeId> = self
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        self.all_voters_registered(&voters)?;
         stage.done("check");
         let signed_at = |timestamp| SignedAt {
             height: hrs.0,
@@ -425,7 +433,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         // Reserving further only while every other voter can apply it; a
         // signature in this process's own reservation is recorded with
         // `SignAhead` in any case (a legacy `Signed` would be refused there).
-        let reserve = self.voters_sign_ahead();
+        let reserve = self.voters_sign_ahead(&voters);
         let cmd = |timestamp, reserve: bool| Command::SignAhead {
             chain_id: chain_id.to_string(),
             height: hrs.0,
@@ -532,32 +540,23 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// Whether every other voter said it applies `SignAhead`
     /// ([`ahead::FEATURE`]): until then the leader writes `Signed`, which
     /// a keyraft from before sign-ahead applies too.
-    fn voters_sign_ahead(&self) -> bool {
+    fn voters_sign_ahead(&self, voters: &[NodeId]) -> bool {
         let me = self.core.cfg.id;
-        let voters: Vec<NodeId> = self
-            .core
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| *v != me)
-            .collect();
-        self.core.view.all_have(voters, ahead::FEATURE)
+        let others = voters.iter().copied().filter(|v| *v != me);
+        self.core.view.all_have(others, ahead::FEATURE)
     }
 
     /// A voter that has not registered yet would not be recognised if it
     /// lost its data dir and came back empty (docs/design.md, step 9): sign
     /// only once every voter is known to have run with durable state.
-    fn all_voters_registered(&self) -> Result<(), Refusal> {
-        let registered = self.core.cluster.borrow().registered.clone();
-        let unregistered: Vec<NodeId> = self
-            .core
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| !registered.contains(v))
+    fn all_voters_registered(&self, voters: &[NodeId]) -> Result<(), Refusal> {
+        let cluster = self.core.cluster.borrow();
+        let unregistered: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| !cluster.registered.contains(v))
             .collect();
+        drop(cluster);
         if unregistered.is_empty() {
             Ok(())
         } else {
