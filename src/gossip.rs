@@ -246,11 +246,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         raft: core.raft_state(&m),
         term: m.current_term.max(holds.term),
         leader: m.current_leader,
-        validator: local.validator.map(|h| pb::ValidatorHealth {
-            running: h.running,
-            synced: h.synced,
-            height: h.height.unwrap_or(0),
-        }),
+        validator: local.validator.map(Into::into),
         key_linked: local.key_linked,
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: core.started.elapsed().as_millis() as u64,
@@ -260,6 +256,15 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         remembered: Vec::new(),
         signer_keys: Vec::new(),
         features: vec![crate::signer::ahead::FEATURE.to_string()],
+        chain_heights: core
+            .chain_nodes
+            .borrow()
+            .iter()
+            .map(|(chain, h)| pb::ChainHeight {
+                chain_id: chain.clone(),
+                node: Some((*h).into()),
+            })
+            .collect(),
     }
 }
 

@@ -5,6 +5,8 @@
 //! the probe loop that publishes it. Must not: act on health; the
 //! coordinator decides what an unsynced or silent node means.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -23,6 +25,17 @@ pub struct Health {
 impl Health {
     pub fn healthy(&self) -> bool {
         self.running && self.synced
+    }
+}
+
+/// As gossip carries it (no height: 0).
+impl From<Health> for crate::pb::ValidatorHealth {
+    fn from(h: Health) -> Self {
+        crate::pb::ValidatorHealth {
+            running: h.running,
+            synced: h.synced,
+            height: h.height.unwrap_or(0),
+        }
     }
 }
 
@@ -156,42 +169,77 @@ pub async fn run(
     tx: watch::Sender<Option<Health>>,
     errors: watch::Sender<Option<String>>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_err = String::new();
-    loop {
-        tick.tick().await;
-        let seen = match prober.probe().await {
-            Ok(h) => {
-                if !last_err.is_empty() {
-                    tracing::info!(url = prober.url(), "validator probe answers");
-                    last_err.clear();
-                    errors.send_replace(None);
-                }
-                Some(h)
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if msg != last_err {
-                    match e {
-                        HealthError::Unreachable { .. } => {
-                            tracing::info!("validator probe: {msg}")
-                        }
-                        _ => tracing::warn!(
-                            "validator probe: {msg} (check --health and --health-url)"
-                        ),
-                    }
-                    errors.send_replace(Some(msg.clone()));
-                    last_err = msg;
-                }
-                None
-            }
-        };
+    let hint = "check --health and --health-url";
+    probe_every(prober, interval, "validator probe", hint, |seen, error| {
+        if let Some(e) = error {
+            errors.send_replace(e);
+        }
         tx.send_if_modified(|cur| {
             let changed = *cur != seen;
             *cur = seen;
             changed
         });
+    })
+    .await
+}
+
+/// Signer mode, several chains: probes chain `chain_id`'s node (its
+/// `node-rpc`) every `interval` and keeps what it reports in `nodes`
+/// under the chain id (removed while it does not answer), where the
+/// chain's height limit and gossip read it.
+pub async fn run_for_chain(
+    prober: Prober,
+    interval: Duration,
+    chain_id: String,
+    nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
+) {
+    let what = format!("chain {chain_id}'s node probe");
+    probe_every(prober, interval, &what, "check its node-rpc", |seen, _| {
+        nodes.send_if_modified(|m| match seen {
+            Some(h) => m.insert(chain_id.clone(), h) != Some(h),
+            None => m.remove(&chain_id).is_some(),
+        });
+    })
+    .await
+}
+
+/// The loop of both probes: `publish` gets each result, and the error to
+/// report when it changed (`Some(None)`: answering again). Each new failure
+/// is logged once.
+async fn probe_every(
+    prober: Prober,
+    interval: Duration,
+    what: &str,
+    hint: &str,
+    mut publish: impl FnMut(Option<Health>, Option<Option<String>>),
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_err = String::new();
+    loop {
+        tick.tick().await;
+        match prober.probe().await {
+            Ok(h) => {
+                let cleared = !last_err.is_empty();
+                if cleared {
+                    tracing::info!(url = prober.url(), "{what} answers");
+                    last_err.clear();
+                }
+                publish(Some(h), cleared.then_some(None));
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let changed = msg != last_err;
+                if changed {
+                    match e {
+                        HealthError::Unreachable { .. } => tracing::info!("{what}: {msg}"),
+                        _ => tracing::warn!("{what}: {msg} ({hint})"),
+                    }
+                    last_err.clone_from(&msg);
+                }
+                publish(None, changed.then_some(Some(msg)));
+            }
+        }
     }
 }
 

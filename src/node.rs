@@ -87,6 +87,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
     /// Signer mode: the address of this host's key for each chain.
     pub signer_keys: Vec<pb::ChainKey>,
+    /// Signer mode, several chains: what each chain's node on this host
+    /// (its `node-rpc`) last reported, while it answers.
+    pub chain_nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
 }
 
 /// Handles shared by the coordinator, the servers and the background

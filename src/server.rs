@@ -266,6 +266,7 @@ pub async fn run(
         started: tokio::time::Instant::now(),
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         signer_keys,
+        chain_nodes: Default::default(),
     });
     let sh = Arc::new(Shared {
         core,
@@ -333,6 +334,7 @@ pub async fn run(
         tokio::spawn(tuning::run(sh.clone())),
     ];
     if let Some((signer, identity)) = &signer {
+        tasks.extend(signer::limit::probe_nodes(&sh.core, timing.health_interval));
         for (i, chain) in signer.chains().iter().enumerate() {
             for addr in &chain.cfg.nodes {
                 tasks.push(tokio::spawn(signer::privval::run(

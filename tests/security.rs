@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use keyraft::signer::sign::ConsensusKey;
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
 use localnet::harness::{eventually, free_addr};
 
@@ -304,10 +305,21 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
     Ok(())
 }
 
-/// The public key of the cluster's validator key, as a member forwards it.
-fn cluster_key(c: &Cluster) -> Result<Vec<u8>> {
-    let key = localnet::comet::key::ValidatorKey::load(&c.key_path)?;
-    Ok(key.signing().verifying_key().as_bytes().to_vec())
+/// The cluster's validator key, as a member holds it.
+fn cluster_key(c: &Cluster) -> Result<ConsensusKey> {
+    Ok(ConsensusKey::load(&c.key_path)?)
+}
+
+/// `req` with the proof that node `sender` holds `key` for `chain_id`, as
+/// a member forwards it.
+fn proven(
+    mut req: keyraft::pb::SignRequest,
+    key: &ConsensusKey,
+    sender: u64,
+    chain_id: &str,
+) -> keyraft::pb::SignRequest {
+    req.proof = key.forward_proof(sender, chain_id, &req.msg);
+    req
 }
 
 /// A privval sign request for a precommit at `height`, as a sentry sends it
@@ -333,6 +345,7 @@ fn precommit_request(chain_id: &str, height: u64, pub_key: &[u8]) -> keyraft::pb
     keyraft::pb::SignRequest {
         msg: msg.encode_to_vec(),
         pub_key: pub_key.to_vec(),
+        proof: Vec::new(),
     }
 }
 
@@ -393,7 +406,9 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     // validator host (as its sentry's request arrives forwarded): refused,
     // and the watermark stays where it is.
     let key = cluster_key(&c)?;
-    let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, 1 << 62, &key))
+    let public = key.public().as_bytes().to_vec();
+    let ask = |height| proven(precommit_request(CHAIN, height, &public), &key, other, CHAIN);
+    let reply = ask_to_sign(&c, other, leader, ask(1 << 62))
         .await?
         .context("the request itself failed")?;
     ensure!(
@@ -403,30 +418,43 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     ensure!(watermark(&c).await? < 1 << 40, "the watermark jumped");
     // A witness asking for a plausible height: refused outright.
     let h = c.chain.totals().await?.height;
-    let e = ask_to_sign(&c, 3, leader, precommit_request(CHAIN, h + 1, &key))
+    let e = ask_to_sign(&c, 3, leader, proven(precommit_request(CHAIN, h + 1, &public), &key, 3, CHAIN))
         .await?
         .expect_err("a witness's sign request was served");
     ensure!(
         e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
         "{e:?}"
     );
-    // A real validator host whose key for the chain is another, or that
-    // asks for a chain the leader does not sign for: refused, typed.
-    let other_key = [7u8; 32];
-    for (req, want) in [
+    // A real validator host whose key for the chain is another, that
+    // names the chain's key without proving it holds it (no proof, one
+    // made with another key, for another sender or for another chain), or
+    // that asks for a chain the leader does not sign for: refused, typed.
+    let stranger = ConsensusKey::from_seed([7u8; 32]);
+    let unproven = || precommit_request(CHAIN, h + 1, &public);
+    use keyraft::pb::Refusal::{OtherKey, UnknownChain};
+    for (req, want, says) in [
         (
-            precommit_request(CHAIN, h + 1, &other_key),
-            keyraft::pb::Refusal::OtherKey,
+            proven(precommit_request(CHAIN, h + 1, stranger.public().as_bytes()), &stranger, other, CHAIN),
+            OtherKey,
+            "is not the leader's",
         ),
+        (unproven(), OtherKey, "did not prove"),
+        (proven(unproven(), &stranger, other, CHAIN), OtherKey, "did not prove"),
+        (proven(unproven(), &key, 3, CHAIN), OtherKey, "did not prove"),
+        (proven(unproven(), &key, other, "not-our-chain"), OtherKey, "did not prove"),
         (
-            precommit_request("not-our-chain", h + 1, &key),
-            keyraft::pb::Refusal::UnknownChain,
+            proven(precommit_request("not-our-chain", h + 1, &public), &key, other, "not-our-chain"),
+            UnknownChain,
+            "",
         ),
     ] {
         let reply = ask_to_sign(&c, other, leader, req)
             .await?
             .context("the request itself failed")?;
-        ensure!(reply.refusal == want as i32, "wanted {want:?}: {reply:?}");
+        ensure!(
+            reply.refusal == want as i32 && reply.detail.contains(says),
+            "wanted {want:?} ({says}): {reply:?}"
+        );
     }
     // Signing goes on through the real sentries.
     let before = c.chain.totals().await?.signed;
@@ -448,12 +476,12 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
         limit <= chain + 1_100,
         "limit {limit} with the chain at {chain}"
     );
-    for ask in [limit, limit + 500, limit + 1_000] {
-        let reply = ask_to_sign(&c, other, leader, precommit_request(CHAIN, ask, &key))
+    for height in [limit, limit + 500, limit + 1_000] {
+        let reply = ask_to_sign(&c, other, leader, ask(height))
             .await?
             .context("the request itself failed")?;
         let signed = reply.refusal == keyraft::pb::Refusal::None as i32;
-        ensure!(signed == (ask == limit), "height {ask}: {reply:?}");
+        ensure!(signed == (height == limit), "height {height}: {reply:?}");
     }
     ensure!(
         watermark(&c).await? == limit,

@@ -36,17 +36,19 @@ pub struct OtherChain {
 }
 
 /// Every chain host `id` signs for, as `[[chains]]` tables: the first
-/// chain's (`first`: its id, key and this host's nodes), then each other
-/// chain's with a sentry on this host (with `wrong_key` for the second,
-/// where given).
+/// chain's (`first`: its id, key, this host's nodes and the RPC of its
+/// node on this host), then each other chain's with a sentry on this host
+/// (with `wrong_key` for the second, where given), its sentry's RPC as
+/// the chain's `node-rpc`.
 pub(crate) fn chains_toml(
-    first: (&str, &Path, &[String]),
+    first: (&str, &Path, &[String], SocketAddr),
     others: &[OtherChain],
     id: u64,
     wrong_key: Option<PathBuf>,
 ) -> Result<String> {
-    let table = |chain: &str, key: &Path, nodes: &[String]| {
+    let table = |chain: &str, key: &Path, nodes: &[String], rpc: SocketAddr| {
         let mut t = toml::Table::new();
+        t.insert("node-rpc".into(), format!("http://{rpc}").into());
         t.insert("chain-id".into(), chain.into());
         t.insert("validator-key".into(), key.display().to_string().into());
         t.insert(
@@ -55,14 +57,15 @@ pub(crate) fn chains_toml(
         );
         toml::Value::Table(t)
     };
-    let mut chains = vec![table(first.0, first.1, first.2)];
+    let mut chains = vec![table(first.0, first.1, first.2, first.3)];
     for (k, o) in others.iter().enumerate() {
         if let Some(e) = o.sentries.get(&id) {
             let key = match (k, &wrong_key) {
                 (0, Some(w)) => w.clone(),
                 _ => o.key_path.clone(),
             };
-            chains.push(table(&o.chain_id, &key, &[format!("tcp://{}", e.privval)]));
+            let nodes = [format!("tcp://{}", e.privval)];
+            chains.push(table(&o.chain_id, &key, &nodes, e.rpc));
         }
     }
     let mut file = toml::Table::new();

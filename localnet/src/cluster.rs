@@ -466,7 +466,8 @@ impl Cluster {
             true => Some(crate::chains::wrong_key(self.dir.path(), id)?),
             false => None,
         };
-        crate::chains::chains_toml((chain_id, &self.key_path, &first), &self.others, id, wrong)
+        let first = (chain_id.as_str(), self.key_path.as_path(), first.as_slice(), node.rpc);
+        crate::chains::chains_toml(first, &self.others, id, wrong)
     }
 
     /// Every chain's judge: the first chain's, then the others'.

@@ -158,6 +158,7 @@ impl Process {
             // One key per chain on every host: a host with another key is
             // a real-process test (tests/chains.rs), not simulated.
             signer_keys: Vec::new(),
+            chain_nodes: Default::default(),
         });
         let p = Arc::new(Process {
             id,

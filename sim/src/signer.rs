@@ -68,6 +68,7 @@ pub fn signer(
         chain_id: CHAIN.into(),
         key: Default::default(),
         nodes: Vec::new(),
+        node_rpc: None,
     };
     let to_leader = SimForward {
         net: net.clone(),

@@ -120,6 +120,7 @@ impl World {
                 chain_id: crate::signer::CHAIN.into(),
                 key: Default::default(),
                 nodes: Vec::new(),
+                node_rpc: None,
             }],
             identity_key: Default::default(),
         });

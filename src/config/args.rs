@@ -243,6 +243,12 @@ pub struct ChainArgs {
     pub validator_key: PathBuf,
     /// Its nodes' privval addresses, as `--privval-node`.
     pub privval_node: Vec<String>,
+    /// The CometBFT RPC (http://HOST:PORT) of a synced node of the chain
+    /// on this host: the height its `/status` reports bounds the heights
+    /// signed for the chain. Without it, the bound is 10,000,000 heights
+    /// over the chain's watermark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_rpc: Option<String>,
 }
 
 impl RunArgs {
@@ -344,19 +350,24 @@ pub fn reference() -> String {
          `--validator-key` and `--privval-node` (which serve the one-chain case\n\
          and cannot be combined with the tables). Each table takes those three\n\
          keys: `chain-id`, `validator-key` (the chain's own\n\
-         `priv_validator_key.json`) and `privval-node` (a list). No two chains\n\
-         share a chain id or a privval address. docs/signer.md says how to add\n\
-         or remove one.\n\n\
+         `priv_validator_key.json`) and `privval-node` (a list), and may take\n\
+         `node-rpc`: the CometBFT RPC (http://HOST:PORT) of a node of the\n\
+         chain on this host, whose height bounds the heights signed for the\n\
+         chain (without it, 10,000,000 over the chain's watermark). No two\n\
+         chains share a chain id or a privval address. docs/signer.md says how\n\
+         to add or remove one.\n\n\
          ```toml\n\
          signer = \"cometbft\"\n\n\
          [[chains]]\n\
          chain-id = \"cosmoshub-4\"\n\
          validator-key = \"/etc/keyraft/cosmoshub/priv_validator_key.json\"\n\
-         privval-node = [\"tcp://10.0.0.5:26659\"]\n\n\
+         privval-node = [\"tcp://10.0.0.5:26659\"]\n\
+         node-rpc = \"http://10.0.0.5:26657\"\n\n\
          [[chains]]\n\
          chain-id = \"osmosis-1\"\n\
          validator-key = \"/etc/keyraft/osmosis/priv_validator_key.json\"\n\
          privval-node = [\"tcp://10.0.0.6:26659\"]\n\
+         node-rpc = \"http://10.0.0.6:26657\"\n\
          ```\n",
     );
     out

@@ -48,6 +48,9 @@ pub struct ChainConfig {
     /// CometBFT's `priv_validator_key.json`.
     pub key: PathBuf,
     pub nodes: Vec<PrivvalAddr>,
+    /// A node's CometBFT RPC whose height bounds what is signed (several
+    /// chains; one chain has the validator probe, `--health-url`).
+    pub node_rpc: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +103,7 @@ pub(super) fn resolve_signer(
             a.chain_id.as_deref(),
             a.validator_key.as_deref(),
             &a.privval_node,
+            None,
             "--",
         )?],
         (false, false) => a
@@ -110,6 +114,7 @@ pub(super) fn resolve_signer(
                     Some(&c.chain_id),
                     Some(&c.validator_key),
                     &c.privval_node,
+                    c.node_rpc.as_deref(),
                     "",
                 )
                 .map_err(|e| invalid(format!("[[chains]] {}: {e}", c.chain_id)))
@@ -155,6 +160,7 @@ fn resolve_chain(
     chain_id: Option<&str>,
     key: Option<&Path>,
     privval_node: &[String],
+    node_rpc: Option<&str>,
     dashes: &str,
 ) -> Result<ChainConfig, ConfigError> {
     let chain_id = chain_id
@@ -212,10 +218,18 @@ fn resolve_chain(
         }
         nodes.push(addr);
     }
+    if let Some(url) = node_rpc {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(format!(
+                "bad node-rpc '{url}': want http://HOST:PORT (a CometBFT RPC)"
+            )));
+        }
+    }
     Ok(ChainConfig {
         chain_id,
         key,
         nodes,
+        node_rpc: node_rpc.map(|u| u.trim_end_matches('/').to_string()),
     })
 }
 
@@ -347,7 +361,21 @@ mod tests {
         let ids: Vec<&str> = s.chain_ids().collect();
         assert_eq!(ids, ["a-1", "b-1"]);
         assert_eq!(s.chain("b-1").unwrap().key, k[1]);
+        assert_eq!(s.chain("b-1").unwrap().node_rpc, None);
         let err = |a: &RunArgs| resolve(a).unwrap_err().to_string();
+        // A chain's node-rpc: an http(s) URL, its trailing slash dropped.
+        let rpc = |url: &str| format!("node-rpc = \"{url}\"\n");
+        write(&format!(
+            "{}{}",
+            table("a-1", &k[0], "tcp://127.0.0.1:1"),
+            table("b-1", &k[1], "tcp://127.0.0.1:2") + &rpc("http://127.0.0.1:26657/")
+        ));
+        let s = resolve(&args).unwrap().signer.unwrap();
+        let b = s.chain("b-1").unwrap().node_rpc.as_deref();
+        assert_eq!(b, Some("http://127.0.0.1:26657"));
+        write(&(table("a-1", &k[0], "tcp://127.0.0.1:1") + &rpc("127.0.0.1:26657")));
+        let e = err(&args);
+        assert!(e.contains("[[chains]] a-1: ") && e.contains("bad node-rpc"), "{e}");
         // Tables and the one-chain flags together: which would win?
         let e = err(&RunArgs {
             chain_id: Some("a-1".into()),

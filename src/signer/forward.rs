@@ -5,7 +5,8 @@
 //!
 //! Owns: moving a request and its reply between members, and who may
 //! send one, and the leader's checks of a forwarded request (a voter, a
-//! chain it signs for, the same key) before its one sign path. Must not:
+//! chain it signs for, the same key and the sender's proof that it holds
+//! it) before its one sign path. Must not:
 //! decide or sign; [`super::Signer::sign_here`] does.
 
 use std::future::Future;
@@ -103,14 +104,13 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 "node {peer} is not a voting member: it forwards no sign requests"
             )));
         }
-        self.serve_forwarded(peer, &req.msg, &req.pub_key).await
+        self.serve_forwarded(peer, req).await
     }
 
     async fn serve_forwarded(
         &self,
         peer: NodeId,
-        msg: &[u8],
-        pub_key: &[u8],
+        req: &pb::SignRequest,
     ) -> Result<pb::SignReply, Status> {
         let refused = |r: Refusal| pb::SignReply {
             refusal: r.to_proto() as i32,
@@ -126,8 +126,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let why = format!("node {} is not the signer leader", self.core.cfg.id);
             return Ok(refused(Refusal::NotCommitted(why)));
         }
-        let req = Message::decode(msg).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some((_, chain_id, what)) = sign_request(req) else {
+        let msg = Message::decode(req.msg.as_slice())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some((_, chain_id, what)) = sign_request(msg) else {
             return Err(Status::invalid_argument("only sign requests are forwarded"));
         };
         let Some(what) = what else {
@@ -143,11 +144,26 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             );
             return Ok(refused(Refusal::UnknownChain { asked: chain_id }));
         };
-        if pub_key != chain.key.public().as_bytes() {
-            let why = format!(
+        // The key the member names, then its proof that it holds it: a
+        // member given another chain's key, or none, asks nothing for
+        // this chain.
+        let why = if req.pub_key != chain.key.public().as_bytes() {
+            Some(format!(
                 "node {peer}'s key for chain {chain_id} is not the leader's ({}): check its validator-key",
                 chain.key.address_hex()
-            );
+            ))
+        } else if !chain
+            .key
+            .proves_forward(peer, &chain_id, &req.msg, &req.proof)
+        {
+            Some(format!(
+                "node {peer} did not prove that it holds the key for chain {chain_id} ({}): check its validator-key, and that it runs this keyraft release",
+                chain.key.address_hex()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
             tracing::error!(peer, chain_id, "refused a forwarded request: {why}");
             return Ok(refused(Refusal::OtherKey(why)));
         }

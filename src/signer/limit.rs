@@ -2,12 +2,19 @@
 //! or takes as an imported floor, now ([`height_limit`]).
 //!
 //! Owns: the limit's rule, from a chain's watermark and the heights the
-//! members' synced nodes report. Must not: sign, commit or refuse anything
-//! itself; [`super::Signer`] and the admin service ask it.
+//! members' synced nodes report, and the probes of each chain's node
+//! (`node-rpc`). Must not: sign, commit or refuse anything itself;
+//! [`super::Signer`] and the admin service ask it.
+
+use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
+use tokio::task::JoinHandle;
 
+use crate::config::HealthKind;
+use crate::health::{self, Prober};
 use crate::node::Core;
+use crate::pb;
 use crate::raft::TypeConfig;
 
 /// A request or an imported floor this far above the watermark (or, with
@@ -27,13 +34,17 @@ pub struct HeightLimit {
     pub why: String,
 }
 
-/// While members' nodes report being synced: [`MAX_AHEAD_OF_CHAIN`] above
-/// the lower median of the heights they report lately (this node's and
-/// gossip's), so that one node, lying or stuck, moves it neither up nor
-/// down where three report. Never measured from the watermark, which
-/// requests move: repeated requests at the limit cannot walk it up. With
-/// no report, [`MAX_HEIGHT_JUMP`] above the watermark (height 0 before the
-/// first signature).
+/// While members' nodes of the chain report being synced:
+/// [`MAX_AHEAD_OF_CHAIN`] above the lower median of the heights they report
+/// lately (this node's and gossip's), so that one node, lying or stuck,
+/// moves it neither up nor down where three report. Never measured from
+/// the watermark, which requests move: repeated requests at the limit
+/// cannot walk it up. With no report, [`MAX_HEIGHT_JUMP`] above the
+/// watermark (height 0 before the first signature).
+///
+/// Which node speaks for the chain: its `node-rpc` where the chain has one
+/// ([`probe_nodes`]); else, where the cluster signs for one chain only, the
+/// validator probe's node (`--health-url`); else none.
 pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
     sh: &Core<SM>,
     chain_id: &str,
@@ -43,31 +54,62 @@ pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
         .borrow()
         .watermark(chain_id)
         .map_or(0, |w| w.height);
-    // The node this host probes belongs to one chain: its heights say
-    // nothing of another's.
-    let one_chain = sh.cfg.signer.as_ref().is_some_and(|c| c.chains.len() == 1);
-    if !one_chain {
+    let Some(signer) = sh.cfg.signer.as_ref() else {
         return limits(watermark, None);
-    }
-    let stale = sh.cfg.timing.gossip_interval * 3;
-    let own = sh.local.borrow().validator;
-    let mut synced: Vec<u64> = own
-        .filter(|h| h.synced)
-        .and_then(|h| h.height)
-        .filter(|h| *h > 0)
+    };
+    let own_rpc = signer.chain(chain_id).is_some_and(|c| c.node_rpc.is_some());
+    let peers = sh.view.fresh(sh.cfg.timing.gossip_interval * 3);
+    let reports: Vec<Option<pb::ValidatorHealth>> = if own_rpc {
+        let own = sh.chain_nodes.borrow().get(chain_id).copied();
+        let theirs = peers.iter().map(|s| {
+            s.chain_heights
+                .iter()
+                .find(|c| c.chain_id == chain_id)
+                .and_then(|c| c.node)
+        });
+        std::iter::once(own.map(Into::into)).chain(theirs).collect()
+    } else if signer.chains.len() == 1 {
+        let own = sh.local.borrow().validator;
+        let theirs = peers.iter().map(|s| s.validator);
+        std::iter::once(own.map(Into::into)).chain(theirs).collect()
+    } else {
+        Vec::new()
+    };
+    limits(watermark, median_synced(reports))
+}
+
+/// The lower median of the heights the synced nodes among `reports` give.
+fn median_synced(reports: Vec<Option<pb::ValidatorHealth>>) -> Option<u64> {
+    let mut synced: Vec<u64> = reports
         .into_iter()
-        .chain(
-            sh.view
-                .fresh(stale)
-                .into_iter()
-                .filter_map(|s| s.validator)
-                .filter(|v| v.synced && v.height > 0)
-                .map(|v| v.height),
-        )
+        .flatten()
+        .filter(|v| v.synced && v.height > 0)
+        .map(|v| v.height)
         .collect();
     synced.sort_unstable();
-    let chain = (!synced.is_empty()).then(|| synced[(synced.len() - 1) / 2]);
-    limits(watermark, chain)
+    (!synced.is_empty()).then(|| synced[(synced.len() - 1) / 2])
+}
+
+/// Starts a probe of each chain's `node-rpc` (CometBFT `/status`) that
+/// keeps what it reports in [`Core::chain_nodes`], where gossip and
+/// [`height_limit`] read it.
+pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+    interval: Duration,
+) -> Vec<JoinHandle<()>> {
+    let chains = core.cfg.signer.iter().flat_map(|s| &s.chains);
+    chains
+        .filter_map(|c| Some((c.chain_id.clone(), c.node_rpc.as_deref()?)))
+        .map(|(chain, url)| {
+            let prober = Prober::new(
+                HealthKind::Cometbft,
+                url,
+                interval.max(Duration::from_millis(500)),
+            );
+            let nodes = core.chain_nodes.clone();
+            tokio::spawn(health::run_for_chain(prober, interval, chain, nodes))
+        })
+        .collect()
 }
 
 /// [`height_limit`]'s rule on its inputs.
@@ -113,6 +155,32 @@ mod tests {
             );
         }
         assert!(limits(0, None).height < 1 << 62);
+    }
+
+    #[test]
+    fn the_lower_median_of_synced_reports_speaks_for_the_chain() {
+        let node = |synced, height| {
+            Some(pb::ValidatorHealth {
+                running: true,
+                synced,
+                height,
+            })
+        };
+        // (reports) -> median
+        let table = [
+            (vec![], None),
+            (vec![None, None], None),
+            (vec![node(false, 50), node(true, 0)], None),
+            (vec![node(true, 50)], Some(50)),
+            // One liar of three moves it neither up nor down.
+            (vec![node(true, 50), node(true, 51), node(true, u64::MAX)], Some(51)),
+            (vec![node(true, 1), node(true, 50), node(true, 51)], Some(50)),
+            // Two: the lower.
+            (vec![node(true, 50), None, node(true, 70)], Some(50)),
+        ];
+        for (reports, want) in table {
+            assert_eq!(median_synced(reports.clone()), want, "{reports:?}");
+        }
     }
 
     #[test]

@@ -598,10 +598,19 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let limit = FORWARD_DEADLINE.min(deadline.saturating_duration_since(Instant::now()));
         let msg = what.to_request(chain.id()).encode_to_vec();
         let pub_key = chain.key.public().as_bytes().to_vec();
+        let proof = chain.key.forward_proof(self.core.cfg.id, chain.id(), &msg);
         let mut stage = self.stages();
         let r = self
             .to_leader
-            .forward(id, pb::SignRequest { msg, pub_key }, limit)
+            .forward(
+                id,
+                pb::SignRequest {
+                    msg,
+                    pub_key,
+                    proof,
+                },
+                limit,
+            )
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
         stage.done("forward");

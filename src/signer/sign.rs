@@ -17,6 +17,7 @@ use cometbft_proto::v0_38::types::{
     CanonicalVoteExtension, Proposal as RawProposal, Vote as RawVote,
 };
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use hmac::{Hmac, Mac};
 use prost::Message as _;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -102,6 +103,47 @@ impl ConsensusKey {
 
     pub fn address_hex(&self) -> String {
         hex::encode_upper(self.address())
+    }
+
+    /// What a member forwarding `msg` (an encoded privval request) for
+    /// `chain_id` to the leader sends with it, to prove that it holds this
+    /// key: an HMAC-SHA256 of the sender's node id, the chain id and the
+    /// request, under a key derived from the private key. A member given
+    /// another chain's key, or none, cannot make it; the leader, which
+    /// holds the key, checks it ([`ConsensusKey::proves_forward`]). Bound
+    /// to the sender (the leader compares the id its certificate proved)
+    /// and to the request, so one proof serves no other.
+    pub fn forward_proof(&self, sender: u64, chain_id: &str, msg: &[u8]) -> Vec<u8> {
+        self.forward_mac(sender, chain_id, msg)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    }
+
+    /// Whether `proof` is [`ConsensusKey::forward_proof`] of this key for
+    /// the same sender, chain and request (compared in constant time).
+    pub fn proves_forward(&self, sender: u64, chain_id: &str, msg: &[u8], proof: &[u8]) -> bool {
+        self.forward_mac(sender, chain_id, msg)
+            .verify_slice(proof)
+            .is_ok()
+    }
+
+    fn forward_mac(&self, sender: u64, chain_id: &str, msg: &[u8]) -> Hmac<Sha256> {
+        // Never the private key itself: a key derived from it for this use.
+        let key = Sha256::new()
+            .chain_update(b"keyraft forward proof v1\0")
+            .chain_update(self.signing.as_bytes())
+            .finalize();
+        // HMAC pads a short key to SHA-256's 64-byte block: done here, so
+        // that no error path is left to handle.
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&key);
+        let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into());
+        mac.update(&sender.to_be_bytes());
+        mac.update(&(chain_id.len() as u64).to_be_bytes());
+        mac.update(chain_id.as_bytes());
+        mac.update(msg);
+        mac
     }
 
     /// Signs `bytes`. Only after the watermark allowed it.
@@ -343,6 +385,29 @@ mod tests {
         ConsensusKey {
             signing: SigningKey::from_bytes(&[3; 32]),
         }
+    }
+
+    #[test]
+    fn only_the_key_proves_a_forward_for_its_sender_chain_and_request() {
+        let k = key();
+        let proof = k.forward_proof(2, "a-1", b"request");
+        assert!(k.proves_forward(2, "a-1", b"request", &proof));
+        let stranger = ConsensusKey::from_seed([4; 32]);
+        // (key checking, sender, chain, request, proof) -> not proved
+        type Row<'a> = (&'a ConsensusKey, u64, &'a str, &'a [u8], &'a [u8]);
+        let table: [Row; 6] = [
+            (&stranger, 2, "a-1", b"request", &proof),
+            (&k, 3, "a-1", b"request", &proof),
+            (&k, 2, "a-2", b"request", &proof),
+            (&k, 2, "a-1", b"another", &proof),
+            (&k, 2, "a-1", b"request", &[]),
+            (&k, 2, "a-1", b"request", &proof[..31]),
+        ];
+        for (checker, sender, chain, msg, p) in table {
+            assert!(!checker.proves_forward(sender, chain, msg, p), "{sender} {chain}");
+        }
+        // The chain id's length is bound in: ("a", "b...") is not ("ab", "...").
+        assert_ne!(k.forward_proof(2, "a", b"bc"), k.forward_proof(2, "ab", b"c"));
     }
 
     fn precommit(block: u8, ts: i64) -> Signable {
