@@ -124,20 +124,24 @@ async fn one_cluster_signs_three_chains_through_a_killed_leader() -> Result<()> 
     // Each chain's heights are bounded by what its own nodes report
     // (`node-rpc`), not by its watermark plus 10,000,000.
     let now = heights(&c).await?;
-    eventually(SETTLE, "each chain's height limit from its own nodes", || async {
-        let s = c.status(1).await?;
-        let limits: Vec<u64> = s["signer"]["chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|ch| ch["height_limit"]["height"].as_u64().unwrap_or(u64::MAX))
-            .collect();
-        let near = |(limit, h): (&u64, &u64)| {
-            *limit > *h && *limit <= h + keyraft::signer::MAX_AHEAD_OF_CHAIN + 100
-        };
-        let ok = limits.len() == 3 && limits.iter().zip(&now).all(near);
-        Ok(ok.then_some(()))
-    })
+    eventually(
+        SETTLE,
+        "each chain's height limit from its own nodes",
+        || async {
+            let s = c.status(1).await?;
+            let limits: Vec<u64> = s["signer"]["chains"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|ch| ch["height_limit"]["height"].as_u64().unwrap_or(u64::MAX))
+                .collect();
+            let near = |(limit, h): (&u64, &u64)| {
+                *limit > *h && *limit <= h + keyraft::signer::MAX_AHEAD_OF_CHAIN + 100
+            };
+            let ok = limits.len() == 3 && limits.iter().zip(&now).all(near);
+            Ok(ok.then_some(()))
+        },
+    )
     .await
     .with_context(|| format!("chain heights {now:?}\n{}", c.logs()))?;
     // The leader's whole host dies: every chain signs again on the others.

@@ -407,7 +407,14 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     // and the watermark stays where it is.
     let key = cluster_key(&c)?;
     let public = key.public().as_bytes().to_vec();
-    let ask = |height| proven(precommit_request(CHAIN, height, &public), &key, other, CHAIN);
+    let ask = |height| {
+        proven(
+            precommit_request(CHAIN, height, &public),
+            &key,
+            other,
+            CHAIN,
+        )
+    };
     let reply = ask_to_sign(&c, other, leader, ask(1 << 62))
         .await?
         .context("the request itself failed")?;
@@ -418,9 +425,14 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     ensure!(watermark(&c).await? < 1 << 40, "the watermark jumped");
     // A witness asking for a plausible height: refused outright.
     let h = c.chain.totals().await?.height;
-    let e = ask_to_sign(&c, 3, leader, proven(precommit_request(CHAIN, h + 1, &public), &key, 3, CHAIN))
-        .await?
-        .expect_err("a witness's sign request was served");
+    let e = ask_to_sign(
+        &c,
+        3,
+        leader,
+        proven(precommit_request(CHAIN, h + 1, &public), &key, 3, CHAIN),
+    )
+    .await?
+    .expect_err("a witness's sign request was served");
     ensure!(
         e.code() == tonic::Code::PermissionDenied && e.message().contains("witness"),
         "{e:?}"
@@ -434,16 +446,38 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
     use keyraft::pb::Refusal::{OtherKey, UnknownChain};
     for (req, want, says) in [
         (
-            proven(precommit_request(CHAIN, h + 1, stranger.public().as_bytes()), &stranger, other, CHAIN),
+            proven(
+                precommit_request(CHAIN, h + 1, stranger.public().as_bytes()),
+                &stranger,
+                other,
+                CHAIN,
+            ),
             OtherKey,
             "is not the leader's",
         ),
         (unproven(), OtherKey, "did not prove"),
-        (proven(unproven(), &stranger, other, CHAIN), OtherKey, "did not prove"),
-        (proven(unproven(), &key, 3, CHAIN), OtherKey, "did not prove"),
-        (proven(unproven(), &key, other, "not-our-chain"), OtherKey, "did not prove"),
         (
-            proven(precommit_request("not-our-chain", h + 1, &public), &key, other, "not-our-chain"),
+            proven(unproven(), &stranger, other, CHAIN),
+            OtherKey,
+            "did not prove",
+        ),
+        (
+            proven(unproven(), &key, 3, CHAIN),
+            OtherKey,
+            "did not prove",
+        ),
+        (
+            proven(unproven(), &key, other, "not-our-chain"),
+            OtherKey,
+            "did not prove",
+        ),
+        (
+            proven(
+                precommit_request("not-our-chain", h + 1, &public),
+                &key,
+                other,
+                "not-our-chain",
+            ),
             UnknownChain,
             "",
         ),

@@ -466,7 +466,12 @@ impl Cluster {
             true => Some(crate::chains::wrong_key(self.dir.path(), id)?),
             false => None,
         };
-        let first = (chain_id.as_str(), self.key_path.as_path(), first.as_slice(), node.rpc);
+        let first = (
+            chain_id.as_str(),
+            self.key_path.as_path(),
+            first.as_slice(),
+            node.rpc,
+        );
         crate::chains::chains_toml(first, &self.others, id, wrong)
     }
 

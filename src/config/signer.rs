@@ -375,7 +375,10 @@ mod tests {
         assert_eq!(b, Some("http://127.0.0.1:26657"));
         write(&(table("a-1", &k[0], "tcp://127.0.0.1:1") + &rpc("127.0.0.1:26657")));
         let e = err(&args);
-        assert!(e.contains("[[chains]] a-1: ") && e.contains("bad node-rpc"), "{e}");
+        assert!(
+            e.contains("[[chains]] a-1: ") && e.contains("bad node-rpc"),
+            "{e}"
+        );
         // Tables and the one-chain flags together: which would win?
         let e = err(&RunArgs {
             chain_id: Some("a-1".into()),

@@ -173,8 +173,14 @@ mod tests {
             (vec![node(false, 50), node(true, 0)], None),
             (vec![node(true, 50)], Some(50)),
             // One liar of three moves it neither up nor down.
-            (vec![node(true, 50), node(true, 51), node(true, u64::MAX)], Some(51)),
-            (vec![node(true, 1), node(true, 50), node(true, 51)], Some(50)),
+            (
+                vec![node(true, 50), node(true, 51), node(true, u64::MAX)],
+                Some(51),
+            ),
+            (
+                vec![node(true, 1), node(true, 50), node(true, 51)],
+                Some(50),
+            ),
             // Two: the lower.
             (vec![node(true, 50), None, node(true, 70)], Some(50)),
         ];

@@ -404,10 +404,16 @@ mod tests {
             (&k, 2, "a-1", b"request", &proof[..31]),
         ];
         for (checker, sender, chain, msg, p) in table {
-            assert!(!checker.proves_forward(sender, chain, msg, p), "{sender} {chain}");
+            assert!(
+                !checker.proves_forward(sender, chain, msg, p),
+                "{sender} {chain}"
+            );
         }
         // The chain id's length is bound in: ("a", "b...") is not ("ab", "...").
-        assert_ne!(k.forward_proof(2, "a", b"bc"), k.forward_proof(2, "ab", b"c"));
+        assert_ne!(
+            k.forward_proof(2, "a", b"bc"),
+            k.forward_proof(2, "ab", b"c")
+        );
     }
 
     fn precommit(block: u8, ts: i64) -> Signable {
