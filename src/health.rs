@@ -51,6 +51,12 @@ pub enum HealthError {
         kind: HealthKind,
         why: String,
     },
+    #[error("{url} is a node of chain {network:?}, not of {chain}")]
+    OtherChain {
+        url: String,
+        network: Option<String>,
+        chain: String,
+    },
 }
 
 #[derive(Clone)]
@@ -58,6 +64,9 @@ pub struct Prober {
     kind: HealthKind,
     url: String,
     http: reqwest::Client,
+    /// The chain its node must belong to (CometBFT's
+    /// `result.node_info.network`), where one is named.
+    chain: Option<String>,
 }
 
 impl Prober {
@@ -73,12 +82,21 @@ impl Prober {
         };
         Prober {
             kind,
+            chain: None,
             url,
             http: reqwest::Client::builder()
                 .timeout(timeout)
                 .build()
                 .unwrap_or_default(),
         }
+    }
+
+    /// A probe that takes an answer only from a node of chain `chain_id`:
+    /// a `node-rpc` pointing at another chain's node must not bound this
+    /// chain's heights.
+    pub fn of_chain(mut self, chain_id: &str) -> Prober {
+        self.chain = Some(chain_id.to_string());
+        self
     }
 
     /// The URL probed.
@@ -113,6 +131,16 @@ impl Prober {
             });
         }
         let body: serde_json::Value = resp.json().await.map_err(unreachable)?;
+        if let Some(chain) = &self.chain {
+            let network = body["result"]["node_info"]["network"].as_str();
+            if network != Some(chain.as_str()) {
+                return Err(HealthError::OtherChain {
+                    url: self.url.clone(),
+                    network: network.map(str::to_string),
+                    chain: chain.clone(),
+                });
+            }
+        }
         parse(self.kind, &body).map_err(|why| HealthError::Shape {
             url: self.url.clone(),
             kind: self.kind,
@@ -288,6 +316,36 @@ mod tests {
             .unwrap();
         assert!(
             err.contains("/wrong/status") && err.contains("404"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chain_probe_takes_only_a_node_of_its_chain() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = json!({"result": {
+            "node_info": {"network": "osmosis-1"},
+            "sync_info": {"catching_up": false, "latest_block_height": "77"},
+        }});
+        let app = axum::Router::new().route(
+            "/status",
+            axum::routing::get(move || async move { axum::Json(status) }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let probe = |chain: &str| {
+            Prober::new(
+                HealthKind::Cometbft,
+                &format!("http://{addr}"),
+                Duration::from_secs(2),
+            )
+            .of_chain(chain)
+        };
+        let h = probe("osmosis-1").probe().await.unwrap();
+        assert_eq!(h.height, Some(77));
+        let err = probe("cosmoshub-4").probe().await.unwrap_err().to_string();
+        assert!(
+            err.contains("\"osmosis-1\"") && err.contains("not of cosmoshub-4"),
             "{err}"
         );
     }

@@ -47,6 +47,41 @@ async fn every_sentry_signed(c: &Cluster, after: u64, sentries: &[u64]) -> Resul
     .with_context(|| c.logs())
 }
 
+/// The leader `l`'s last signature, if it is a precommit with a
+/// reservation beyond it: (its height, the reservation's end).
+async fn reserved_after_precommit(c: &Cluster, l: u64) -> Result<Option<(u64, (u64, u64, u64))>> {
+    let s = c.status(l).await?;
+    let w = &s["signer"]["chains"][0]["watermark"];
+    let r = &w["reserved_through"];
+    let at = |v: &serde_json::Value, k: &str| v[k].as_u64();
+    let end = (at(r, "height"), at(r, "round"), at(r, "step"));
+    Ok(match (at(w, "height"), at(w, "step"), end) {
+        (Some(h), Some(3), (Some(rh), Some(rr), Some(rs))) => Some((h, (rh, rr, rs))),
+        _ => None,
+    })
+}
+
+/// What the leader `l`'s precommits reserve, read from its status after
+/// `want` precommits at distinct heights.
+async fn precommit_reach(c: &Cluster, l: u64, want: usize) -> Result<Vec<(u64, (u64, u64, u64))>> {
+    let mut seen: Vec<(u64, (u64, u64, u64))> = Vec::new();
+    while seen.len() < want {
+        let last = seen.last().map(|(h, _)| *h);
+        let next = eventually(
+            SETTLE,
+            "a precommit with a reservation in status",
+            || async {
+                Ok(reserved_after_precommit(c, l)
+                    .await?
+                    .filter(|(h, _)| Some(*h) != last))
+            },
+        )
+        .await?;
+        seen.push(next);
+    }
+    Ok(seen)
+}
+
 /// The signer leader, as node `asked` sees it.
 async fn leader(c: &Cluster, asked: u64) -> Result<u64> {
     eventually(SETTLE, "a signer leader", || async {
@@ -84,6 +119,30 @@ async fn no_equivocations(c: &Cluster) -> Result<Stats> {
 }
 
 #[tokio::test]
+async fn on_a_quick_chain_a_precommit_reserves_the_next_heights_first_round() -> Result<()> {
+    // 200 ms blocks: two pass before a successor could take over (600 ms
+    // with the lan defaults), so once the leader has signed two heights
+    // in a row a precommit reserves the next height's precommit too.
+    let c = Cluster::start_signers(3, 200, mode(), |_| NodeOpts::default()).await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    let l = leader(&c, 1).await?;
+    eventually(
+        SETTLE,
+        "a precommit reserving the next height's precommit",
+        || async {
+            let r = reserved_after_precommit(&c, l).await?;
+            Ok(r.filter(|(h, through)| *through == (h + 1, 0, 3)))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    let after = c.chain.totals().await?.height;
+    every_sentry_signed(&c, after, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()> {
     let c = start(|_| NodeOpts::default()).await?;
     let first = c.chain.totals().await?.height;
@@ -111,6 +170,14 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
         "no privval connection in status: {status}"
     );
     let l = leader(&c, 1).await?;
+    // A chain of 500 ms blocks is not quick (two of them take longer than
+    // a takeover): a precommit reserves the next height's prevote, no more.
+    for (h, through) in precommit_reach(&c, l, 3).await? {
+        ensure!(
+            through == (h + 1, 0, 2),
+            "precommit at {h} reserved {through:?}"
+        );
+    }
     let m = c.metrics(l).await?;
     let signed: f64 = m
         .iter()

@@ -20,12 +20,18 @@
 //! process draws a new id, so it never signs in a reservation of its past.
 //! What it costs: when the holder dies, what it reserved and did not sign
 //! (at most the rest of one round, or the next height's proposal and
-//! prevote) is refused to its successor.
+//! prevote, and on a quick chain its precommit too: [`reach`]) is refused
+//! to its successor.
 //!
 //! Owns: the decision as a pure function with a table test, the reach,
 //! and the per-chain memory's shape. Must not: sign, commit or wait; the
 //! [`super::Signer`] does, under the chain's lock.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Timing;
 use crate::ledger::{SignVerdict, SignedAt, SignerState};
 use crate::plant::{self, Plant};
 
@@ -57,6 +63,40 @@ pub struct Ahead {
     /// signed), so nothing at or below it is signed from a reservation,
     /// only after a commit of its own.
     pub doubt: Option<Hrs>,
+    /// The height and time of this process's last new precommit, and the
+    /// time between its precommits of the last two heights in a row: the
+    /// chain's pace, for [`reach`].
+    pub precommitted: Option<(u64, Instant)>,
+    pub pace: Option<Duration>,
+}
+
+impl Ahead {
+    /// Notes a new precommit at `height`, signed `now`. The pace is known
+    /// only from two heights in a row: after a gap (this process did not
+    /// lead, or the chain skipped) it is forgotten.
+    pub fn precommit_at(&mut self, height: u64, now: Instant) {
+        self.pace = match self.precommitted {
+            Some((h, at)) if h.checked_add(1) == Some(height) => {
+                Some(now.saturating_duration_since(at))
+            }
+            _ => None,
+        };
+        self.precommitted = Some((height, now));
+    }
+
+    /// Whether the chain is quick: two of its heights pass before a
+    /// successor could take over (`takeover`), so that a successor could
+    /// never sign the next height's precommit in time for it to count.
+    pub fn quick(&self, takeover: Duration) -> bool {
+        self.pace.is_some_and(|p| p.saturating_mul(2) < takeover)
+    }
+}
+
+/// The least time from a leader's last heartbeat to its successor's first
+/// signature: followers refuse votes for `election_max` after it, and the
+/// successor waits `handover_delay` once elected.
+pub fn takeover(t: &Timing) -> Duration {
+    t.election_max + t.handover_delay
 }
 
 impl Ahead {
@@ -83,11 +123,22 @@ pub enum Path {
 
 /// The last HRS a signature at `hrs` reserves: the rest of the round after
 /// a proposal or a prevote; after a precommit, the next height's proposal
-/// and prevote (its precommit only once one of those is signed).
-pub fn reach(hrs: Hrs) -> Hrs {
+/// and prevote (its precommit only once one of those is signed), or on a
+/// `quick` chain ([`Ahead::quick`]) its whole first round.
+///
+/// Why the precommit only on a quick chain: reserving it saves its commit
+/// from waiting behind the prevote's (a node asks for both within a
+/// millisecond when it sees the other votes at once), but a leader that
+/// dies after a precommit leaves the next height's first round reserved
+/// to no one. On a slow chain its successor would be up in time to sign
+/// that precommit, so it stays free; on a quick one the height is over
+/// before a successor is, after a failure (a switchover, or a leader
+/// change while the chain halts, does lose it: docs/signer.md).
+pub fn reach(hrs: Hrs, quick: bool) -> Hrs {
     let (h, r, step) = hrs;
     match step {
         STEP_PROPOSAL | STEP_PREVOTE => (h, r, STEP_PRECOMMIT),
+        STEP_PRECOMMIT if quick => (h.saturating_add(1), 0, STEP_PRECOMMIT),
         STEP_PRECOMMIT => (h.saturating_add(1), 0, STEP_PREVOTE),
         _ => hrs,
     }
@@ -168,8 +219,8 @@ mod tests {
     fn memory(recent: Vec<SignedAt>, doubt: Option<Hrs>) -> Ahead {
         Ahead {
             recent: recent.into(),
-            pending: None,
             doubt,
+            ..Ahead::default()
         }
     }
 
@@ -202,9 +253,42 @@ mod tests {
 
     #[test]
     fn a_signature_reserves_the_rest_of_its_round_or_the_next_heights_prevote() {
-        assert_eq!(reach((5, 0, STEP_PROPOSAL)), (5, 0, STEP_PRECOMMIT));
-        assert_eq!(reach((5, 2, STEP_PREVOTE)), (5, 2, STEP_PRECOMMIT));
-        assert_eq!(reach((5, 2, STEP_PRECOMMIT)), (6, 0, STEP_PREVOTE));
+        for quick in [false, true] {
+            assert_eq!(reach((5, 0, STEP_PROPOSAL), quick), (5, 0, STEP_PRECOMMIT));
+            assert_eq!(reach((5, 2, STEP_PREVOTE), quick), (5, 2, STEP_PRECOMMIT));
+        }
+        assert_eq!(reach((5, 2, STEP_PRECOMMIT), false), (6, 0, STEP_PREVOTE));
+        assert_eq!(reach((5, 2, STEP_PRECOMMIT), true), (6, 0, STEP_PRECOMMIT));
+    }
+
+    #[test]
+    fn a_chain_is_quick_when_two_heights_pass_before_a_takeover() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let takeover = ms(600);
+        // (precommits as (height, ms after t0)) -> quick?
+        let table: [(&[(u64, u64)], bool); 9] = [
+            (&[], false),
+            (&[(5, 0)], false),
+            (&[(5, 0), (6, 200)], true),
+            (&[(5, 0), (6, 300)], false),
+            // Heights not in a row tell nothing: the pace is unknown, and
+            // one known before (a reign ago) is forgotten.
+            (&[(5, 0), (7, 100)], false),
+            (&[(5, 0), (6, 100), (9, 150)], false),
+            (&[(5, 0), (6, 100), (9, 150), (10, 250)], true),
+            // A process frozen between two precommits: slow, not quick.
+            (&[(5, 0), (6, 10_000)], false),
+            // The last pair decides: slowed down.
+            (&[(5, 0), (6, 100), (7, 1_100)], false),
+        ];
+        for (precommits, want) in table {
+            let mut a = Ahead::default();
+            for (h, at) in precommits {
+                a.precommit_at(*h, t0 + ms(*at));
+            }
+            assert_eq!(a.quick(takeover), want, "{precommits:?}");
+        }
     }
 
     #[test]

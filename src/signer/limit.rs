@@ -105,7 +105,8 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
                 HealthKind::Cometbft,
                 url,
                 interval.max(Duration::from_millis(500)),
-            );
+            )
+            .of_chain(&chain);
             let nodes = core.chain_nodes.clone();
             tokio::spawn(health::run_for_chain(prober, interval, chain, nodes))
         })

@@ -10,8 +10,10 @@ pub struct SignerBench {
     pub block_ms: u64,
     /// Length of the latency run.
     pub seconds: u64,
-    /// Leader kills in the failover run (at 1 s blocks).
+    /// Leader kills in the failover run.
     pub kills: usize,
+    /// Round length of the failover run (1 s by default).
+    pub kill_block_ms: u64,
     /// Chains signed for at once (each with a sentry on every host).
     pub chains: u64,
 }
@@ -20,7 +22,7 @@ pub struct SignerBench {
 /// each sentry sees (three keyraft signers on loopback, a Raft commit per
 /// new signature; the leader's own sentry and the two whose requests are
 /// forwarded), (2) a single tmkms on the same machine, (3) missed heights
-/// when the signer leader's host is SIGKILLed, at 1 s blocks.
+/// when the signer leader's host is SIGKILLed, at `kill_block_ms` rounds.
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
 
@@ -127,8 +129,9 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     );
     drop(net);
 
-    // (3) SIGKILL of the signer leader's host, at 1 s blocks.
-    let mut c = Cluster::start_signers(3, 1000, mode(4), |_| NodeOpts::default()).await?;
+    // (3) SIGKILL of the signer leader's host.
+    let mut c =
+        Cluster::start_signers(3, b.kill_block_ms, mode(4), |_| NodeOpts::default()).await?;
     let mut missed = Vec::new();
     let mut resume_ms = Vec::new();
     for round in 0..b.kills {
@@ -181,7 +184,8 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
             .copied()
     };
     println!(
-        "leader SIGKILL at 1 s blocks, {} kills: missed heights p50 {:?}, p99 {:?}; resume p50 {:?} ms, p99 {:?} ms; {} equivocations",
+        "leader SIGKILL at {} ms blocks, {} kills: missed heights p50 {:?}, p99 {:?}; resume p50 {:?} ms, p99 {:?} ms; {} equivocations",
+        b.kill_block_ms,
         b.kills,
         pick(&missed, 0.5),
         pick(&missed, 0.99),
@@ -199,6 +203,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         "tmkms_p50_ms": tm.sign_ms_p50,
         "tmkms_p99_ms": tm.sign_ms_p99,
         "kills": b.kills,
+        "kill_block_ms": b.kill_block_ms,
         "kill_missed_p50": pick(&missed, 0.5),
         "kill_missed_p99": pick(&missed, 0.99),
         "kill_resume_ms_p50": pick(&resume_ms, 0.5),

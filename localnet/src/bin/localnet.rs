@@ -218,6 +218,9 @@ enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 10)]
         kills: usize,
+        /// Round length of the kill run.
+        #[arg(long, default_value_t = 1000)]
+        kill_block_ms: u64,
         /// Chains signed for at once (1 to 5): latency per chain while all
         /// sign.
         #[arg(long, default_value_t = 1)]
@@ -480,12 +483,14 @@ async fn main() -> ExitCode {
                 block_ms,
                 seconds,
                 kills,
+                kill_block_ms,
                 chains,
             } => {
                 let b = bench::SignerBench {
                     block_ms,
                     seconds,
                     kills,
+                    kill_block_ms,
                     chains,
                 };
                 bench::signer(&b).await.map(|v| println!("{v}"))
