@@ -79,8 +79,14 @@ pub struct Sentry {
 
 impl Sentry {
     pub async fn privval_stats(&self) -> anyhow::Result<PrivvalStats> {
+        self.privval_stats_after(0).await
+    }
+
+    /// [`Sentry::privval_stats`] without the latencies of its first `skip`
+    /// signatures (a benchmark's warm-up).
+    pub async fn privval_stats_after(&self, skip: usize) -> anyhow::Result<PrivvalStats> {
         Ok(serde_json::from_value(
-            get_json(&format!("{}/privval", self.rpc)).await?,
+            get_json(&format!("{}/privval?skip={skip}", self.rpc)).await?,
         )?)
     }
 }

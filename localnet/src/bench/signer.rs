@@ -21,7 +21,9 @@ pub struct SignerBench {
 /// keyraft's signer next to tmkms, in one run: (1) the signature latency
 /// each sentry sees (three keyraft signers on loopback, a Raft commit per
 /// new signature; the leader's own sentry and the two whose requests are
-/// forwarded), (2) a single tmkms on the same machine, (3) missed heights
+/// forwarded) once every sentry has signed (the first signatures, which
+/// wait for the cluster to start, left out), (2) a single tmkms on the
+/// same machine, its first signatures left out the same way, (3) missed heights
 /// when the signer leader's host is SIGKILLed, at `kill_block_ms` rounds.
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
@@ -53,10 +55,6 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         },
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
-    let last = c.chain.totals().await?;
-    let status = c.status(1).await?;
-    let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
     // Each chain's sentries, one per host (the first chain's are the
     // ones keyraft supervises).
     let mut per_chain = Vec::new();
@@ -73,13 +71,41 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
             o.sentries.iter().map(|(id, e)| (*id, e.rpc)).collect(),
         ));
     }
+    // Latency is measured from here: each sentry's signatures so far (the
+    // first ones waited for the cluster's first election and commits) are
+    // left out, once every sentry of every chain has signed.
+    let privval = |rpc: std::net::SocketAddr, skip: usize| async move {
+        let url = format!("http://{rpc}/privval?skip={skip}");
+        anyhow::Ok(serde_json::from_value::<PrivvalStats>(
+            crate::harness::get_json(&url).await?,
+        )?)
+    };
+    let all_rpcs: Vec<std::net::SocketAddr> = per_chain
+        .iter()
+        .flat_map(|(_, rpcs)| rpcs.iter().map(|(_, rpc)| *rpc))
+        .collect();
+    let warmup = crate::harness::eventually(
+        Duration::from_secs(30),
+        "every sentry of every chain signing",
+        || async {
+            let mut seen = std::collections::BTreeMap::new();
+            for rpc in &all_rpcs {
+                seen.insert(*rpc, privval(*rpc, 0).await?.samples);
+            }
+            Ok(seen.values().all(|n| *n > 0).then_some(seen))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
+    let last = c.chain.totals().await?;
+    let status = c.status(1).await?;
+    let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
     let mut chains = serde_json::Map::new();
     for (chain, rpcs) in &per_chain {
         let mut sentries = serde_json::Map::new();
         for (id, rpc) in rpcs {
-            let pv: PrivvalStats = serde_json::from_value(
-                crate::harness::get_json(&format!("http://{rpc}/privval")).await?,
-            )?;
+            let skip = warmup.get(rpc).copied().unwrap_or(0);
+            let pv = privval(*rpc, skip).await?;
             let role = if *id == leader { "leader" } else { "follower" };
             let on = if b.chains > 1 {
                 format!(" {chain}")
@@ -117,8 +143,9 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
 
     // (2) tmkms, same machine, same round length.
     let (net, sentry, _kms) = super::tmkms_baseline(b.block_ms).await?;
+    let tm_warmup = sentry.privval_stats().await?.samples;
     tokio::time::sleep(Duration::from_secs(b.seconds)).await;
-    let tm = sentry.privval_stats().await?;
+    let tm = sentry.privval_stats_after(tm_warmup).await?;
     println!(
         "tmkms {} (one sentry, no HA): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
         crate::tmkms::VERSION,

@@ -368,8 +368,19 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn privval(State(node): State<Arc<Node>>) -> Json<super::privval::PrivvalStats> {
-    Json(node.endpoint.stats())
+/// `GET /privval[?skip=N]`: what the node saw of its signer, the latencies
+/// of its first N signatures left out.
+async fn privval(
+    State(node): State<Arc<Node>>,
+    axum::extract::Query(q): axum::extract::Query<Skip>,
+) -> Json<super::privval::PrivvalStats> {
+    Json(node.endpoint.stats_after(q.skip))
+}
+
+#[derive(serde::Deserialize)]
+struct Skip {
+    #[serde(default)]
+    skip: usize,
 }
 
 #[cfg(test)]

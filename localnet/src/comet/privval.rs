@@ -202,10 +202,22 @@ impl Endpoint {
     }
 
     pub fn stats(&self) -> PrivvalStats {
+        self.stats_after(0)
+    }
+
+    /// [`Endpoint::stats`] with the latencies of the first `skip` signatures
+    /// left out (a benchmark's warm-up: the first ones wait for the signer's
+    /// cluster to start). Counted from the oldest sample kept.
+    pub fn stats_after(&self, skip: usize) -> PrivvalStats {
         let c = self.counters();
         let mut s = c.stats.clone();
         s.connected = self.connected.load(Ordering::Relaxed);
-        let mut v: Vec<f64> = c.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        let mut v: Vec<f64> = c
+            .samples
+            .iter()
+            .skip(skip)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
         v.sort_by(f64::total_cmp);
         let pick = |q: f64| {
             v.get(((v.len() as f64 - 1.0) * q).round() as usize)
@@ -504,5 +516,21 @@ mod tests {
         );
         assert!("unix://".parse::<Listen>().is_err());
         assert!("tcp://nowhere".parse::<Listen>().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_warm_up_can_be_left_out_of_the_latencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = Listen::Unix(dir.path().join("pv.sock"));
+        let ep = Endpoint::bind(&listen, None).await.unwrap();
+        for ms in [900, 800, 1, 2, 3] {
+            ep.signed(Duration::from_millis(ms));
+        }
+        let all = ep.stats();
+        assert_eq!((all.samples, all.sign_ms_max), (5, Some(900.0)));
+        let after = ep.stats_after(2);
+        assert_eq!((after.samples, after.sign_ms_max), (3, Some(3.0)));
+        assert_eq!(after.signed, 5, "the count of signatures stays whole");
+        assert_eq!(ep.stats_after(9).samples, 0);
     }
 }
