@@ -85,10 +85,16 @@ impl Sentry {
     /// [`Sentry::privval_stats`] without the latencies of its first `skip`
     /// signatures (a benchmark's warm-up).
     pub async fn privval_stats_after(&self, skip: usize) -> anyhow::Result<PrivvalStats> {
-        Ok(serde_json::from_value(
-            get_json(&format!("{}/privval?skip={skip}", self.rpc)).await?,
-        )?)
+        privval_stats(&self.rpc, skip).await
     }
+}
+
+/// What the fakenode whose RPC is `rpc` (http://HOST:PORT) saw of its
+/// signer, the latencies of its first `skip` signatures left out.
+pub async fn privval_stats(rpc: &str, skip: usize) -> anyhow::Result<PrivvalStats> {
+    Ok(serde_json::from_value(
+        get_json(&format!("{rpc}/privval?skip={skip}")).await?,
+    )?)
 }
 
 impl CometNet {

@@ -434,10 +434,11 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         // signature in this process's own reservation is recorded with
         // `SignAhead` in any case (a legacy `Signed` would be refused there).
         let reserve = self.voters_sign_ahead(&voters);
-        if hrs.2 == sign::STEP_PRECOMMIT {
+        // How far a precommit reserves depends on the chain's pace.
+        let quick = hrs.2 == sign::STEP_PRECOMMIT && {
             ahead.precommit_at(hrs.0, Instant::now());
-        }
-        let quick = ahead.quick(ahead::takeover(&self.core.timing()));
+            ahead.quick(ahead::takeover(&self.core.timing()))
+        };
         let cmd = |timestamp, reserve: bool| Command::SignAhead {
             chain_id: chain_id.to_string(),
             height: hrs.0,

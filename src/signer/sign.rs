@@ -47,6 +47,9 @@ struct KeyFile {
 /// The validator's ed25519 consensus key.
 pub struct ConsensusKey {
     signing: SigningKey,
+    /// HMAC-SHA256 keyed for forward proofs, made once
+    /// ([`ConsensusKey::forward_proof`]).
+    forward: Hmac<Sha256>,
 }
 
 impl ConsensusKey {
@@ -70,9 +73,7 @@ impl ConsensusKey {
             .as_bytes()
             .try_into()
             .map_err(|_| bad("priv_key is not a 32-byte seed".into()))?;
-        let key = ConsensusKey {
-            signing: SigningKey::from_bytes(&seed),
-        };
+        let key = ConsensusKey::from_seed(seed);
         if PublicKey::from_ed25519_dalek(key.public()) != file.pub_key {
             return Err(bad("pub_key does not match priv_key".into()));
         }
@@ -82,11 +83,21 @@ impl ConsensusKey {
         Ok(key)
     }
 
-    /// The key of a 32-byte ed25519 seed (the simulator's; a real node
-    /// reads its key file with [`ConsensusKey::load`]).
+    /// The key of a 32-byte ed25519 seed ([`ConsensusKey::load`] reads it
+    /// from the key file; the simulator gives its own).
     pub fn from_seed(seed: [u8; 32]) -> ConsensusKey {
+        // Never the private key itself: a key derived from it for this use.
+        let derived = Sha256::new()
+            .chain_update(b"keyraft forward proof v1\0")
+            .chain_update(seed)
+            .finalize();
+        // HMAC pads a short key to SHA-256's 64-byte block: done here, so
+        // that no error path is left to handle.
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&derived);
         ConsensusKey {
             signing: SigningKey::from_bytes(&seed),
+            forward: <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into()),
         }
     }
 
@@ -129,16 +140,7 @@ impl ConsensusKey {
     }
 
     fn forward_mac(&self, sender: u64, chain_id: &str, msg: &[u8]) -> Hmac<Sha256> {
-        // Never the private key itself: a key derived from it for this use.
-        let key = Sha256::new()
-            .chain_update(b"keyraft forward proof v1\0")
-            .chain_update(self.signing.as_bytes())
-            .finalize();
-        // HMAC pads a short key to SHA-256's 64-byte block: done here, so
-        // that no error path is left to handle.
-        let mut block = [0u8; 64];
-        block[..32].copy_from_slice(&key);
-        let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into());
+        let mut mac = self.forward.clone();
         mac.update(&sender.to_be_bytes());
         mac.update(&(chain_id.len() as u64).to_be_bytes());
         mac.update(chain_id.as_bytes());
@@ -382,9 +384,7 @@ mod tests {
     use cometbft_proto::v0_38::types::{BlockId, PartSetHeader};
 
     fn key() -> ConsensusKey {
-        ConsensusKey {
-            signing: SigningKey::from_bytes(&[3; 32]),
-        }
+        ConsensusKey::from_seed([3; 32])
     }
 
     #[test]

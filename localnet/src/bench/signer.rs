@@ -28,8 +28,6 @@ pub struct SignerBench {
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
 
-    use crate::comet::privval::PrivvalStats;
-
     anyhow::ensure!((1..=5).contains(&b.chains), "--chains must be 1 to 5");
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
@@ -75,10 +73,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     // first ones waited for the cluster's first election and commits) are
     // left out, once every sentry of every chain has signed.
     let privval = |rpc: std::net::SocketAddr, skip: usize| async move {
-        let url = format!("http://{rpc}/privval?skip={skip}");
-        anyhow::Ok(serde_json::from_value::<PrivvalStats>(
-            crate::harness::get_json(&url).await?,
-        )?)
+        crate::cometnet::privval_stats(&format!("http://{rpc}"), skip).await
     };
     let all_rpcs: Vec<std::net::SocketAddr> = per_chain
         .iter()
