@@ -305,13 +305,17 @@ impl<E: Env> Coordinator<E> {
             })
             .collect();
         let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
+        // Each read of the cluster's state is its own statement: a borrow
+        // held while a second is taken waits forever on a queued writer.
+        let paused = self.cluster_rx.borrow().paused;
+        let other_mode = self.other_mode().is_some();
         View {
             id: self.sh.cfg.id,
             timing: self.sh.timing(),
             witness: self.sh.cfg.witness,
             signer_mode: self.sh.cfg.signer.is_some(),
             health: self.custody.health(),
-            paused: self.cluster_rx.borrow().paused,
+            paused,
             standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
             voters: m.membership_config.membership().voter_ids().collect(),
             leader: m.current_leader,
@@ -319,7 +323,7 @@ impl<E: Env> Coordinator<E> {
             peers,
             acks,
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
-            other_mode: self.other_mode().is_some(),
+            other_mode,
         }
     }
 
