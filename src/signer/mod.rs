@@ -13,6 +13,9 @@
 //!   before any request; the leader's per-request check stays the guard).
 //! - [`ahead`]: sign-ahead, the leader's choice between signing at once
 //!   (its own reservation covers the request) and committing first.
+//! - [`behind`]: the commit behind a signature made in the reservation,
+//!   proposed in order, and after the other sentries' requests where only
+//!   the next height needs it.
 //! - this module: [`Signer`], which answers each request with one sign path
 //!   ([`Signer::sign_here`], only ever on the Raft leader: commit
 //!   `SignAhead{chain_id, height, round, step, digest, through, holder}`
@@ -50,6 +53,7 @@
 //! CometBFT's read timeout, or touch the coordinator's validator.
 
 pub mod ahead;
+mod behind;
 mod forward;
 pub mod keys;
 pub mod limit;
@@ -158,6 +162,8 @@ pub struct Chain {
     /// HRS, and concurrent requests for one HRS share its signature. Holds
     /// what this process signed last ([`Ahead`]).
     lock: tokio::sync::Mutex<Ahead>,
+    /// Cuts short the wait of this chain's commits behind signatures.
+    hurry: behind::Hurry,
     /// A node asked this chain's connection for another chain's key.
     said_wrong_key_chain: AtomicBool,
 }
@@ -205,6 +211,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                     cfg,
                     key,
                     lock: tokio::sync::Mutex::new(Ahead::default()),
+                    hurry: behind::Hurry::default(),
                     said_wrong_key_chain: AtomicBool::new(false),
                 }
             })
@@ -395,6 +402,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             // Kept until it ends (a request given up meanwhile leaves it
             // for the next, so commits behind stay in order).
             if let Some(pending) = ahead.pending.as_mut() {
+                chain.hurry.now();
                 let left = deadline.saturating_duration_since(Instant::now());
                 if tokio::time::timeout(left, pending).await.is_ok() {
                     ahead.pending = None;
@@ -435,10 +443,12 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         // `SignAhead` in any case (a legacy `Signed` would be refused there).
         let reserve = self.voters_sign_ahead(&voters);
         // How far a precommit reserves depends on the chain's pace.
-        let quick = hrs.2 == sign::STEP_PRECOMMIT && {
+        if hrs.2 == sign::STEP_PRECOMMIT {
             ahead.precommit_at(hrs.0, Instant::now());
-            ahead.quick(ahead::takeover(&self.core.timing()))
-        };
+        }
+        // Read for every step: it also sets when this signature's entry is
+        // proposed (`later` below); `reach` uses it for precommits only.
+        let quick = ahead.quick(ahead::takeover(&self.core.timing()));
         let cmd = |timestamp, reserve: bool| Command::SignAhead {
             chain_id: chain_id.to_string(),
             height: hrs.0,
@@ -458,7 +468,12 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let signed = what.sign(&chain.key, chain_id, timestamp)?;
             ahead.signed(signed_at(timestamp));
             let before = ahead.pending.take();
-            ahead.pending = Some(self.commit_behind(chain_id, cmd(timestamp, reserve), before));
+            // Where only the next height needs this entry (a precommit's,
+            // or any on a quick chain, whose next round is reserved), the
+            // other sentries' requests for this step go before it.
+            let later = hrs.2 == sign::STEP_PRECOMMIT || quick;
+            let entry = cmd(timestamp, reserve);
+            ahead.pending = Some(self.commit_behind(chain, entry, before, later));
             stage.done("sign");
             return Ok(signed);
         }
@@ -498,52 +513,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             v => Err(Refusal::from_verdict(&v, hrs, chain_id)
                 .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
         }
-    }
-
-    /// Commits a signature made in this process's reservation, behind it:
-    /// its bytes (so that a successor can sign them again) and the next
-    /// reservation. Failing is safe: the HRS stays reserved to a process
-    /// that signed it, and the next request commits before it signs.
-    /// Proposed once `before` (the one made ahead of it) ended, so that
-    /// they are committed in the order they were signed.
-    fn commit_behind(
-        &self,
-        chain_id: &str,
-        cmd: Command,
-        before: Option<tokio::task::JoinHandle<()>>,
-    ) -> tokio::task::JoinHandle<()> {
-        let raft = self.core.raft.clone();
-        let chain_id = chain_id.to_string();
-        let signed_at = match &cmd {
-            Command::SignAhead { timestamp, .. } => *timestamp,
-            _ => (0, 0),
-        };
-        tokio::spawn(async move {
-            if let Some(before) = before {
-                let _ = before.await;
-            }
-            let what = cmd.to_string();
-            match tokio::time::timeout(SIGN_PATIENCE, raft.client_write(cmd)).await {
-                Ok(Ok(r)) => match r.data.sign {
-                    Some(SignVerdict::Sign { timestamp }) if timestamp == signed_at => {}
-                    Some(SignVerdict::Sign { timestamp }) => tracing::error!(
-                        chain = chain_id,
-                        "{what}: signed with timestamp {signed_at:?} but the ledger holds {timestamp:?}"
-                    ),
-                    v => tracing::error!(
-                        chain = chain_id,
-                        "{what}: refused after signing ({v:?}): the next request commits first"
-                    ),
-                },
-                Ok(Err(e)) => {
-                    tracing::debug!(chain = chain_id, "{what}: not committed after signing: {e}")
-                }
-                Err(_) => tracing::warn!(
-                    chain = chain_id,
-                    "{what}: not committed within {SIGN_PATIENCE:?} after signing"
-                ),
-            }
-        })
     }
 
     /// Whether every other voter said it applies `SignAhead`

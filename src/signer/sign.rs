@@ -6,9 +6,12 @@
 //! Owns: turning a vote or proposal into (height, round, step), a digest
 //! that ignores the timestamp, and a signature over the bytes with the
 //! committed timestamp. Must not: decide whether to sign; only
-//! [`super::Signer`] calls [`ConsensusKey::sign`], after Raft committed.
+//! [`super::Signer`] calls [`ConsensusKey::sign`], once a commit covers
+//! the step (its reservation, or the step itself).
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Mutex;
 
 use cometbft::{account, PrivateKey, PublicKey};
 use cometbft_proto::google::protobuf::Timestamp;
@@ -50,7 +53,17 @@ pub struct ConsensusKey {
     /// HMAC-SHA256 keyed for forward proofs, made once
     /// ([`ConsensusKey::forward_proof`]).
     forward: Hmac<Sha256>,
+    /// The last few signatures made, by the bytes signed: ed25519 is
+    /// deterministic, so the same bytes asked again (another sentry's
+    /// request for the same vote) get the signature a new signing would
+    /// make, without its curve arithmetic on the leader's busy moment.
+    made: Mutex<VecDeque<(Vec<u8>, Vec<u8>)>>,
 }
+
+/// Signatures [`ConsensusKey::sign`] remembers (a non-nil precommit takes
+/// two, its vote and its extension): the last few steps, as many as the
+/// leader's memory of what it signed ([`super::ahead::RECENT`]).
+const MADE: usize = 16;
 
 impl ConsensusKey {
     /// Reads `priv_validator_key.json`, checking that its public key and
@@ -98,6 +111,7 @@ impl ConsensusKey {
         ConsensusKey {
             signing: SigningKey::from_bytes(&seed),
             forward: <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into()),
+            made: Mutex::new(VecDeque::with_capacity(MADE)),
         }
     }
 
@@ -150,7 +164,16 @@ impl ConsensusKey {
 
     /// Signs `bytes`. Only after the watermark allowed it.
     pub fn sign(&self, bytes: &[u8]) -> Vec<u8> {
-        self.signing.sign(bytes).to_vec()
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, signature)) = made.iter().find(|(b, _)| b == bytes) {
+            return signature.clone();
+        }
+        let signature = self.signing.sign(bytes).to_vec();
+        if made.len() == MADE {
+            made.pop_front();
+        }
+        made.push_back((bytes.to_vec(), signature.clone()));
+        signature
     }
 }
 
@@ -414,6 +437,36 @@ mod tests {
             k.forward_proof(2, "a", b"bc"),
             k.forward_proof(2, "ab", b"c")
         );
+    }
+
+    #[test]
+    fn a_remembered_signature_is_the_one_the_key_makes_and_only_for_its_bytes() {
+        let k = key();
+        let fresh = |bytes: &[u8]| {
+            let seed = SigningKey::from_bytes(&[3; 32]);
+            ed25519_dalek::Signer::sign(&seed, bytes)
+                .to_bytes()
+                .to_vec()
+        };
+        let first = k.sign(b"vote at 5");
+        assert_eq!(first, fresh(b"vote at 5"));
+        // Asked again: the remembered one, identical to a new signature.
+        assert_eq!(k.sign(b"vote at 5"), first);
+        // Other bytes, even a prefix or one byte apart, are signed anew.
+        for other in [&b"vote at 6"[..], b"vote at ", b"vote at 55"] {
+            let sig = k.sign(other);
+            assert_eq!(sig, fresh(other));
+            assert_ne!(sig, first);
+            let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
+            assert!(ed25519_dalek::Verifier::verify(&k.public(), other, &sig).is_ok());
+        }
+        // More signatures than it keeps: the oldest is forgotten, and still
+        // signed right when asked again.
+        for h in 0..20u8 {
+            k.sign(&[h]);
+        }
+        assert_eq!(k.made.lock().unwrap().len(), MADE);
+        assert_eq!(k.sign(b"vote at 5"), first);
     }
 
     fn precommit(block: u8, ts: i64) -> Signable {
