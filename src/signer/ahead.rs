@@ -68,6 +68,9 @@ pub struct Ahead {
     /// chain's pace, for [`reach`].
     pub precommitted: Option<(u64, Instant)>,
     pub pace: Option<Duration>,
+    /// The (height, round) whose precommit this process's last precommit
+    /// reserved (a quick chain's reach), if it did.
+    pub round_reserved: Option<(u64, u32)>,
 }
 
 impl Ahead {
@@ -89,6 +92,26 @@ impl Ahead {
     /// never sign the next height's precommit in time for it to count.
     pub fn quick(&self, takeover: Duration) -> bool {
         self.pace.is_some_and(|p| p.saturating_mul(2) < takeover)
+    }
+}
+
+impl Ahead {
+    /// Notes how far this process's new signature at `hrs` reserves
+    /// (`through`, the end of its `SignAhead`).
+    pub fn reserves(&mut self, hrs: Hrs, through: Hrs) {
+        if hrs.2 == STEP_PRECOMMIT {
+            self.round_reserved = (through.0 > hrs.0 && through.2 == STEP_PRECOMMIT)
+                .then_some((through.0, through.1));
+        }
+    }
+
+    /// Whether nothing needs the entry of a new signature at `hrs` before
+    /// the next height: a precommit's (it reserves that height), or one in
+    /// a round whose precommit the last precommit already reserved. Such
+    /// an entry may wait for the other sentries' requests (`super::behind`);
+    /// a request that needs it after all cuts that short.
+    pub fn needed_only_next_height(&self, hrs: Hrs) -> bool {
+        hrs.2 == STEP_PRECOMMIT || self.round_reserved == Some((hrs.0, hrs.1))
     }
 }
 
@@ -259,6 +282,60 @@ mod tests {
         }
         assert_eq!(reach((5, 2, STEP_PRECOMMIT), false), (6, 0, STEP_PREVOTE));
         assert_eq!(reach((5, 2, STEP_PRECOMMIT), true), (6, 0, STEP_PRECOMMIT));
+    }
+
+    #[test]
+    fn only_an_entry_no_step_of_this_height_needs_may_wait() {
+        // (precommit signed before, as (hrs, through); the new signature)
+        // -> needed only at the next height?
+        type Row = (Option<(Hrs, Hrs)>, Hrs, bool);
+        let table: [Row; 7] = [
+            // A precommit's entry: the next height's.
+            (None, (5, 0, STEP_PRECOMMIT), true),
+            // Nothing reserved this round's precommit: a proposal's or a
+            // prevote's entry is what reserves it.
+            (None, (6, 0, STEP_PREVOTE), false),
+            (
+                Some(((5, 0, 3), (6, 0, STEP_PREVOTE))),
+                (6, 0, STEP_PREVOTE),
+                false,
+            ),
+            (
+                Some(((5, 0, 3), (6, 0, STEP_PREVOTE))),
+                (6, 0, STEP_PROPOSAL),
+                false,
+            ),
+            // A quick chain's precommit reserved it.
+            (
+                Some(((5, 0, 3), (6, 0, STEP_PRECOMMIT))),
+                (6, 0, STEP_PREVOTE),
+                true,
+            ),
+            (
+                Some(((5, 0, 3), (6, 0, STEP_PRECOMMIT))),
+                (6, 0, STEP_PROPOSAL),
+                true,
+            ),
+            // ... only that height's first round.
+            (
+                Some(((5, 0, 3), (6, 0, STEP_PRECOMMIT))),
+                (6, 1, STEP_PREVOTE),
+                false,
+            ),
+        ];
+        for (before, hrs, want) in table {
+            let mut a = Ahead::default();
+            if let Some((at, through)) = before {
+                a.reserves(at, through);
+            }
+            assert_eq!(a.needed_only_next_height(hrs), want, "{before:?} {hrs:?}");
+        }
+        // A precommit that reserves only the next prevote (a slow chain,
+        // or no reservation at all) leaves the next round unreserved.
+        let mut a = Ahead::default();
+        a.reserves((5, 0, 3), (6, 0, STEP_PRECOMMIT));
+        a.reserves((6, 0, 3), (6, 0, 3));
+        assert!(!a.needed_only_next_height((7, 0, STEP_PREVOTE)));
     }
 
     #[test]

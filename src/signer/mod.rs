@@ -443,24 +443,27 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         // `SignAhead` in any case (a legacy `Signed` would be refused there).
         let reserve = self.voters_sign_ahead(&voters);
         // How far a precommit reserves depends on the chain's pace.
-        if hrs.2 == sign::STEP_PRECOMMIT {
+        let quick = hrs.2 == sign::STEP_PRECOMMIT && {
             ahead.precommit_at(hrs.0, Instant::now());
-        }
-        // Read for every step: it also sets when this signature's entry is
-        // proposed (`later` below); `reach` uses it for precommits only.
-        let quick = ahead.quick(ahead::takeover(&self.core.timing()));
-        let cmd = |timestamp, reserve: bool| Command::SignAhead {
+            ahead.quick(ahead::takeover(&self.core.timing()))
+        };
+        let through = if reserve {
+            ahead::reach(hrs, quick)
+        } else {
+            hrs
+        };
+        // Before `reserves`: whether this round's precommit was reserved
+        // by the last precommit, not by this signature.
+        let later = ahead.needed_only_next_height(hrs);
+        ahead.reserves(hrs, through);
+        let cmd = |timestamp| Command::SignAhead {
             chain_id: chain_id.to_string(),
             height: hrs.0,
             round: hrs.1,
             step: hrs.2,
             digest: digest.clone(),
             timestamp,
-            through: if reserve {
-                ahead::reach(hrs, quick)
-            } else {
-                hrs
-            },
+            through,
             holder: self.holder,
         };
         if path == Path::Reserved {
@@ -468,11 +471,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let signed = what.sign(&chain.key, chain_id, timestamp)?;
             ahead.signed(signed_at(timestamp));
             let before = ahead.pending.take();
-            // Where only the next height needs this entry (a precommit's,
-            // or any on a quick chain, whose next round is reserved), the
-            // other sentries' requests for this step go before it.
-            let later = hrs.2 == sign::STEP_PRECOMMIT || quick;
-            let entry = cmd(timestamp, reserve);
+            // Where only the next height needs this entry, the other
+            // sentries' requests for this step go before it.
+            let entry = cmd(timestamp);
             ahead.pending = Some(self.commit_behind(chain, entry, before, later));
             stage.done("sign");
             return Ok(signed);
@@ -490,7 +491,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         // `Signed` only while no member could have seen a `SignAhead` of
         // this process: inside its own reservation it would be refused.
         let first = if reserve || holds {
-            cmd(what.timestamp(), reserve)
+            cmd(what.timestamp())
         } else {
             Command::Signed {
                 chain_id: chain_id.to_string(),
