@@ -333,8 +333,12 @@ async fn start_up_kills_a_daemonized_node_left_by_a_dead_coordinator_and_guard()
         .context("no standby")?;
     let tree = c.tree_pids(standby);
     ensure!(tree.len() >= 2, "want the wrapper and its daemon: {tree:?}");
-    // Coordinator and guard die together (SIGKILL of their process group):
-    // nobody is left to kill the daemon, which lives on as an orphan.
+    // Coordinator and guard die together (the coordinator frozen first, so
+    // that it cannot act on its guard's death; then both SIGKILLed): nobody
+    // is left to kill the daemon, which lives on as an orphan.
+    let guard = c.guard_pid(standby).context("no guard")?;
+    c.signal(standby, Signal::SIGSTOP)?;
+    kill(Pid::from_raw(guard), Signal::SIGKILL)?;
     drop(c.forget(standby)?);
     let orphans: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
     ensure!(!orphans.is_empty(), "the daemon did not survive its guard");
@@ -346,5 +350,93 @@ async fn start_up_kills_a_daemonized_node_left_by_a_dead_coordinator_and_guard()
     .with_context(|| c.logs())?;
     settled(&c).await?;
     c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// The process state letter of `pid` (`T`: stopped), from /proc.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A terminal's Ctrl-Z (SIGTSTP to keyraft's process group) stops neither
+/// the coordinator nor its guard; a `kill -STOP` of that group stops the
+/// coordinator alone, and the guard, in a session of its own, kills the
+/// validator at its lease's end before a standby signs. With the kernel
+/// fence off, the guard is all that stands between them: had one signal
+/// stopped both, the validator (in its own group) would sign on beside
+/// the new holder.
+#[tokio::test]
+async fn a_stop_of_keyrafts_process_group_never_stops_its_guard() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
+        flags: ["--stop-timeout", "2s", "--kernel-fence", "off"]
+            .map(String::from)
+            .to_vec(),
+        ..NodeOpts::default()
+    })
+    .await?;
+    let old = settled(&c).await?;
+    let coordinator = c.proc(old)?.pid();
+    let guard = c.guard_pid(old).context("no guard")?;
+    ensure!(
+        nix::unistd::getpgid(Some(Pid::from_raw(guard)))? != Pid::from_raw(coordinator),
+        "the guard shares the coordinator's process group"
+    );
+
+    // Ctrl-Z: nothing stops, node `old` validates on and nobody else signs.
+    let at = c.chain.totals().await?.height;
+    c.proc(old)?.signal_group(Signal::SIGTSTP)?;
+    eventually(
+        SETTLE,
+        "four more heights signed by the same node",
+        || async {
+            let s = c.chain.stats_since(at + 1).await?;
+            ensure!(
+                s.signers.iter().all(|x| x.node == old),
+                "another node signed after a Ctrl-Z: {:?}",
+                s.signers
+            );
+            Ok((s.signers.len() >= 4).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    for pid in [coordinator, guard] {
+        ensure!(
+            proc_state(pid) != Some('T'),
+            "process {pid} stopped on SIGTSTP"
+        );
+    }
+    ensure!(c.own_state(old).await? == "Validating");
+
+    // SIGSTOP of the group: the coordinator stops, its guard does not.
+    let tree = c.tree_pids(old);
+    let at = c.chain.totals().await?.height;
+    c.proc(old)?.signal_group(Signal::SIGSTOP)?;
+    let t = Instant::now();
+    let (new, _) = c
+        .wait_signer(at + 1, &[old])
+        .await
+        .with_context(|| c.logs())?;
+    let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+    ensure!(
+        left.is_empty(),
+        "node {new} signs {:?} after the stop while {left:?} of node {old}'s tree live\n{}",
+        t.elapsed(),
+        c.logs()
+    );
+    ensure!(
+        proc_state(guard) != Some('T'),
+        "the guard stopped with its coordinator's group"
+    );
+    c.proc(old)?.signal_group(Signal::SIGCONT)?;
+    settled(&c).await?;
+    let s = c.assert_no_double_signs().await?;
+    eprintln!(
+        "group stop: node {old} -> {new} in {:?}; {} heights, {} missed, 0 double signs",
+        t.elapsed(),
+        s.height,
+        s.missed
+    );
     Ok(())
 }

@@ -341,3 +341,48 @@ async fn required_and_a_table_that_cannot_be_put_back_means_no_key_there() -> Re
     c.assert_no_double_signs().await?;
     Ok(())
 }
+
+/// A renewal whose write lands later than the margin after its time left
+/// was measured (a freeze between the two, as a thaw sees it) is taken back
+/// at once: the kernel element never outlives the guard's lease by a
+/// freeze. Against the real kernel, with a table of the validator-user
+/// kind (no cgroup needed), the time left told by a stand-in clock.
+#[test]
+fn a_renewal_written_after_a_stall_is_taken_back() -> Result<()> {
+    use keyraft::fence::kernel::{KernelError, KernelLease, Match, Plan, MARGIN};
+    let plan = Plan {
+        table: format!("keyraft_renewtest{:08x}", std::process::id()),
+        matches: Match::User {
+            uid: 65534,
+            keyed_gid: 0x4b52_7e57,
+        },
+    };
+    plan.install(Path::new(env!("CARGO_BIN_EXE_keyraft")))?;
+    let run = || -> Result<()> {
+        let mut lease = KernelLease::open(plan.clone())?;
+        // In time: the element lives.
+        lease.renew(|| Duration::from_secs(2))?;
+        ensure!(lease.ready().is_ok(), "a timely renewal left no element");
+        // Measured at 2 s left, written after a 300 ms stall: taken back.
+        let mut reads = [Duration::from_secs(2), Duration::from_millis(1_700)].into_iter();
+        match lease.renew(|| reads.next().unwrap_or_default()) {
+            Err(KernelError::Stalled(took)) => ensure!(took > MARGIN),
+            other => anyhow::bail!("a stalled renewal was kept: {other:?}"),
+        }
+        ensure!(
+            lease.ready().is_err(),
+            "the stalled renewal's element lives on"
+        );
+        // A lease that has run out is never written.
+        lease.renew(|| Duration::from_secs(2))?;
+        lease.renew(|| Duration::ZERO)?;
+        ensure!(
+            lease.ready().is_err(),
+            "a lease with no time left was renewed"
+        );
+        Ok(())
+    };
+    let r = run();
+    plan.remove()?;
+    r
+}

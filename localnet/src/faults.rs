@@ -28,11 +28,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// A whole host dies: SIGKILL of the coordinator's process group (with
-    /// its guard), of the validator's, and of every process of its tree.
+    /// A whole host dies: SIGKILL of the coordinator's process group, of
+    /// its guard (in a session of its own), of the validator's group, and
+    /// of every process of its tree.
     pub fn kill_host(&mut self, id: u64) -> Result<()> {
         let validator = self.validator_pid(id);
         let tree = self.tree_pids(id);
+        if let Some(guard) = self.guard_pid(id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard), Signal::SIGKILL);
+        }
         for e in &mut self.node_mut(id)?.extra {
             // Dropping a Proc kills its process group.
             e.proc = None;
@@ -117,7 +121,9 @@ impl Cluster {
         // Every pid first (the scan takes milliseconds), then the signals
         // back to back, so that no process of the host gets a head start.
         let validator = self.validator_pid(id);
-        let tree = self.tree_pids(id);
+        let mut tree = self.tree_pids(id);
+        // The guard runs in a session of its own, outside the coordinator's group.
+        tree.extend(self.guard_pid(id));
         if let Some(v) = validator {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-v), sig);
         }

@@ -38,6 +38,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(cfg.id, cfg.log_format);
+    // A Ctrl-Z in the terminal that started keyraft must not stop it: a
+    // stopped coordinator holds its lease and answers no peer.
+    crate::fence::ignore_job_control();
     // One thread: an idle coordinator wakes often (openraft ticks every
     // fifth of a heartbeat); a second worker only adds cross-thread wakeups.
     // Blocking work (sled, fsync) runs on tokio's blocking pool.

@@ -46,7 +46,7 @@ use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::alarm::Alarm;
-use super::guard_client::GuardError;
+use super::deadline::{boot_offset, Lease};
 use super::kernel::{KernelError, KernelLease, Plan};
 use super::lock::{start_time, PID_FILE};
 use super::run_as::RunAs;
@@ -58,43 +58,6 @@ const THREAD_STACK: usize = 256 * 1024;
 
 /// How long the guard itself gives a SIGKILLed tree to be confirmed dead.
 pub(super) const CONFIRM: Duration = Duration::from_secs(1);
-
-/// A lease deadline on both clocks: a suspended VM's CLOCK_MONOTONIC may
-/// not count the pause, CLOCK_BOOTTIME does.
-#[derive(Debug, Clone, Copy)]
-struct Lease {
-    mono: u64,
-    boot: u64,
-}
-
-/// CLOCK_BOOTTIME minus CLOCK_MONOTONIC now: grows by every suspend.
-fn boot_offset() -> u64 {
-    boot_now_ns().saturating_sub(mono_now_ns())
-}
-
-impl Lease {
-    /// A lease ending at `deadline` (CLOCK_MONOTONIC), whose boot-clock
-    /// deadline uses the clocks' offset `anchor` taken at the activation's
-    /// first lease: a suspend since then makes it end earlier, and no
-    /// renewal after the thaw can win the suspended time back.
-    fn from_mono(deadline: u64, anchor: u64) -> Lease {
-        Lease {
-            mono: deadline,
-            boot: deadline.saturating_add(anchor),
-        }
-    }
-
-    /// How long until it runs out; zero once either clock has passed it.
-    fn left(&self) -> Duration {
-        self.left_at(mono_now_ns(), boot_now_ns())
-    }
-
-    fn left_at(&self, mono_now: u64, boot_now: u64) -> Duration {
-        let mono = self.mono.saturating_sub(mono_now);
-        let boot = self.boot.saturating_sub(boot_now);
-        Duration::from_nanos(mono.min(boot))
-    }
-}
 
 #[derive(Default)]
 struct GuardState {
@@ -215,7 +178,8 @@ pub fn guard_main(
     if let Ok(name) = std::ffi::CString::new("keyraft-guard") {
         let _ = nix::sys::prctl::set_name(&name);
     }
-    // The coordinator decides when we stop: ignore terminal signals.
+    // The coordinator decides when we stop: ignore terminal signals, and
+    // job control (we run in a session of our own, see the client).
     for sig in [
         Signal::SIGINT,
         Signal::SIGTERM,
@@ -227,6 +191,7 @@ pub fn guard_main(
             let _ = nix::sys::signal::signal(sig, SigHandler::SigIgn);
         }
     }
+    super::ignore_job_control();
     harden();
     let user = user.map(RunAs::look_up).transpose()?;
     let tree = Tree::for_data_dir(data_dir, cgroup).owned_by(user.as_ref().map(|u| u.user.uid));
@@ -325,11 +290,27 @@ pub fn guard_main(
 
 /// A new lease deadline: the kernel's lease first (a failure there leaves
 /// the old deadline in force, to run out), then the guard's own.
+///
+/// A lease that has already run out is never renewed, even where the
+/// lease timer has not killed the tree yet (a thaw lets this thread run
+/// first): the renewal is refused and the timer kills it.
 fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
-    let anchor = guard.lock().anchor.unwrap_or_else(boot_offset);
+    const RAN_OUT: &str = "the lease ran out before this renewal: not renewed";
+    let anchor = {
+        let st = guard.lock();
+        if st.lease.is_some_and(|l| l.left().is_zero()) {
+            return Err(RAN_OUT.into());
+        }
+        st.anchor.unwrap_or_else(boot_offset)
+    };
     let new = Lease::from_mono(ns, anchor);
-    guard.with_kernel(|k| k.renew(new.left()))?;
+    guard.with_kernel(|k| k.renew(|| new.left()))?;
     let mut st = guard.lock();
+    if st.lease.is_some_and(|l| l.left().is_zero()) {
+        drop(st);
+        let _ = guard.with_kernel(|k| k.clear());
+        return Err(RAN_OUT.into());
+    }
     let anchor = *st.anchor.get_or_insert(anchor);
     let lease = Lease::from_mono(ns, anchor);
     st.lease = Some(lease);
@@ -647,54 +628,35 @@ fn lease_timer(guard: &Guard) {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The coordinator's end.
-
-/// Makes this process (the coordinator) a child subreaper: when a guard
-/// dies, what was below it is reparented here rather than to init, so that
-/// [`GuardClient::force_kill`] can still find and kill it.
-pub fn become_subreaper() -> Result<(), GuardError> {
-    nix::sys::prctl::set_child_subreaper(true)
-        .map_err(|e| GuardError::Spawn(std::io::Error::from(e)))
-}
-
-/// Reaps the zombies of processes adopted after a guard died (called only
-/// while no guard runs: it would otherwise take the guard's exit status).
-pub(super) fn reap_adopted() {
-    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Finding: a renewal that came after the deadline, before the lease
+    /// timer had run (a thaw wakes both), extended a lease that had run
+    /// out. No timer thread runs here, so the renewal always comes first.
     #[test]
-    fn a_lease_runs_out_by_either_clock() {
-        let anchor = boot_offset();
-        let soon = Lease::from_mono(mono_now_ns() + 50_000_000, anchor);
-        assert!(!soon.left().is_zero());
-        assert!(soon.left() <= Duration::from_millis(50));
-        // A deadline already passed on the monotonic clock.
-        assert!(Lease::from_mono(mono_now_ns().saturating_sub(1), anchor)
-            .left()
-            .is_zero());
-        // A suspend of a minute that CLOCK_MONOTONIC did not count: the
-        // clocks' offset grew from `anchor` to `anchor + 60 s`. A renewal
-        // made after the thaw keeps the activation's anchor, so the lease
-        // has run out by the boot clock although the monotonic one says
-        // 600 ms are left.
-        let (mono, anchor) = (1_000_000_000_000u64, 5u64);
-        let renewed = Lease::from_mono(mono + 600_000_000, anchor);
-        assert_eq!(
-            renewed.left_at(mono, mono + anchor),
-            Duration::from_millis(600)
+    fn a_lease_that_ran_out_is_never_renewed() {
+        let guard = Guard {
+            state: Mutex::new(GuardState::default()),
+            changed: Condvar::new(),
+            alarm: Alarm::new().unwrap(),
+            spawning: Mutex::new(()),
+            tree: Tree::marker_only("renew-test"),
+            pid_file: PathBuf::from("/nonexistent/validator.pid"),
+            me: std::process::id() as i32,
+            kernel: None,
+            user: None,
+        };
+        let soon = mono_now_ns() + 1_000_000_000;
+        assert!(lease(&guard, soon).is_ok());
+        let ran_out = Lease::from_mono(mono_now_ns().saturating_sub(1), boot_offset());
+        guard.lock().lease = Some(ran_out);
+        let later = mono_now_ns() + 5_000_000_000;
+        assert!(
+            lease(&guard, later).is_err(),
+            "a lease that ran out was renewed"
         );
-        assert!(renewed
-            .left_at(mono, mono + anchor + 60_000_000_000)
-            .is_zero());
+        assert!(guard.lock().lease.is_some_and(|l| l.left().is_zero()));
     }
 }

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
@@ -18,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::tree::{Tree, MARKER_VAR};
 
-use super::guard::{reap_adopted, CONFIRM};
+use super::guard::CONFIRM;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -56,6 +57,8 @@ pub struct GuardClient {
     running: Option<u32>,
     /// Last lease deadline acknowledged, to skip repeats.
     lease: Option<u64>,
+    /// How long a SIGKILLed guard may take to be reaped ([`CONFIRM`]).
+    confirm: Duration,
 }
 
 /// Extra time for a request whose work takes time of its own (a start).
@@ -88,6 +91,17 @@ impl GuardClient {
         }
         if let Some(user) = user {
             cmd.args(["--validator-user", user]);
+        }
+        // A session (and so a process group) of its own, from before its
+        // first instruction: no signal to keyraft's group (a terminal's
+        // Ctrl-Z, `kill -STOP -PGID`) can stop the coordinator and the
+        // guard together while the validator, in its own group, signs on.
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| match libc::setsid() {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            });
         }
         Self::spawn_command(cmd, tree, answer)
     }
@@ -170,6 +184,7 @@ impl GuardClient {
                 tree,
                 running: None,
                 lease: None,
+                confirm: CONFIRM,
             },
             events,
         ))
@@ -311,16 +326,25 @@ impl GuardClient {
     /// coordinator is a child subreaper ([`become_subreaper`]), so what was
     /// below the dead guard is reparented below us and still found. The
     /// client is unusable afterwards; spawn a new one.
+    ///
+    /// The tree is killed whether or not the guard is reaped in time: a
+    /// guard stuck in uninterruptible sleep runs no code of its own after
+    /// the SIGKILL (its lease timer is gone with it), so from here on only
+    /// this kill stands between its validator and a second signer. The
+    /// scan finds the tree by cgroup and marker, adopted or not.
     pub async fn force_kill(&mut self) -> Result<usize, GuardError> {
         if let Some(g) = self.guard.id() {
             let _ = kill(Pid::from_raw(g as i32), Signal::SIGKILL);
         }
         // Reaped, so that its orphans have been handed to us.
-        if tokio::time::timeout(CONFIRM, self.guard.wait())
+        let reaped = tokio::time::timeout(self.confirm, self.guard.wait())
             .await
-            .is_err()
-        {
-            return Err(GuardError::NotProven("the guard does not die".into()));
+            .is_ok();
+        if !reaped {
+            tracing::error!(
+                "the guard was not reaped {:?} after SIGKILL: killing its validator's tree without it",
+                self.confirm
+            );
         }
         let tree = self.tree.clone();
         let me = std::process::id() as i32;
@@ -364,9 +388,64 @@ impl GuardClient {
     }
 }
 
+/// Makes this process (the coordinator) a child subreaper: when a guard
+/// dies, what was below it is reparented here rather than to init, so that
+/// [`GuardClient::force_kill`] can still find and kill it.
+pub fn become_subreaper() -> Result<(), GuardError> {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| GuardError::Spawn(std::io::Error::from(e)))
+}
+
+/// Reaps the zombies of processes adopted after a guard died (called only
+/// while no guard runs: it would otherwise take the guard's exit status).
+fn reap_adopted() {
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding: `force_kill` returned as soon as the SIGKILLed guard was
+    /// not reaped in time (a guard in uninterruptible sleep), leaving its
+    /// validator's tree alive with nobody's lease on it. Here the guard is
+    /// given no time at all to be reaped.
+    #[tokio::test]
+    async fn a_guard_not_reaped_in_time_still_has_its_tree_killed() {
+        let marker = format!("force-kill-test-{}", std::process::id());
+        let tree = Tree::marker_only(&marker);
+        // A guard slow to die (256 MiB of memory to give back), whose
+        // validator stand-in carries the tree's marker, and which tells the
+        // stand-in's pid as an event line.
+        let script = format!(
+            r#"$m = "a" x (1 << 28); $| = 1;
+            if (($p = fork()) == 0) {{ $ENV{{"{MARKER_VAR}"}} = "{marker}"; exec("sleep", "600"); }}
+            print "event started $p\n"; while (<STDIN>) {{}}"#
+        );
+        let mut cmd = tokio::process::Command::new("perl");
+        cmd.args(["-e", &script]);
+        let (mut client, mut events) =
+            GuardClient::spawn_command(cmd, tree.clone(), Duration::from_millis(100)).unwrap();
+        // The stand-in's pid, from the guard's first line.
+        let validator = match events.recv().await {
+            Some(ValidatorEvent::Exited(pid, _)) => pid as i32,
+            other => panic!("no pid from the fake guard: {other:?}"),
+        };
+        assert!(tree.live_members(None).unwrap().contains(&validator));
+        client.confirm = Duration::ZERO;
+        let _ = client.force_kill().await;
+        let alive = nix::sys::signal::kill(Pid::from_raw(validator), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{validator}/stat"))
+                .is_ok_and(|s| s.contains(") Z "));
+        assert!(
+            !alive,
+            "the tree outlived a guard that was not reaped in time"
+        );
+    }
 
     /// A guard that answers the first request only once the second has
     /// come (late), then the second.

@@ -84,6 +84,10 @@ pub enum KernelError {
         "keyraft's nftables table {0} is incomplete (a ruleset flush or another tool removed it)"
     )]
     Missing(String),
+    #[error(
+        "the lease was renewed {0:?} after its time left was measured (a freeze?): taken back"
+    )]
+    Stalled(Duration),
 }
 
 /// What the kernel fence tells the keyed validator's packets by.
@@ -443,14 +447,29 @@ impl KernelLease {
         &self.plan
     }
 
-    /// The kernel's lease now ends `left - MARGIN` from now (or at once).
-    pub fn renew(&mut self, left: Duration) -> Result<(), KernelError> {
-        let ms = left.saturating_sub(MARGIN).as_millis() as u64;
+    /// The kernel's lease now ends `MARGIN` before the guard's, whose time
+    /// left `left` measures (or at once, where it has run out).
+    ///
+    /// The element's timeout counts from when the kernel takes it, so a
+    /// freeze between measuring and writing would give a thawed tree the
+    /// whole measured time again. `left` is measured once more after the
+    /// write; where more than the margin went by, the element is taken
+    /// back ([`KernelError::Stalled`]) and the guard's own lease, which
+    /// was never extended, runs out as it would have.
+    pub fn renew(&mut self, mut left: impl FnMut() -> Duration) -> Result<(), KernelError> {
+        let before = left();
+        let ms = before.saturating_sub(MARGIN).as_millis() as u64;
         if ms == 0 {
             return self.clear();
         }
         let key = self.plan.lease_key();
-        Ok(self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?)
+        self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?;
+        let took = before.saturating_sub(left());
+        if took > MARGIN {
+            self.clear()?;
+            return Err(KernelError::Stalled(took));
+        }
+        Ok(())
     }
 
     /// No lease in the kernel, verified.

@@ -8,7 +8,8 @@
 //!   marker, the guard's descendants), found and killed as one.
 //! - [`guard`]: the guard process that kills that tree when its lease
 //!   deadline passes or the coordinator disappears; [`guard_client`] is the
-//!   coordinator's end of it; `alarm` is its lease timer's clock.
+//!   coordinator's end of it; `alarm` is its lease timer's clock and
+//!   `deadline` its lease on two clocks.
 //! - [`kernel`]: the kernel fence, an nftables lease that holds back the
 //!   keyed validator's traffic when no process is scheduled to act, over
 //!   the small netlink client in [`nft`].
@@ -22,6 +23,7 @@
 
 pub mod agent;
 mod alarm;
+mod deadline;
 pub mod guard;
 pub mod guard_client;
 pub mod kernel;
@@ -33,8 +35,8 @@ pub mod tree;
 
 use std::path::Path;
 
-pub use guard::{become_subreaper, guard_main};
-pub use guard_client::{GuardClient, GuardError, ValidatorEvent};
+pub use guard::guard_main;
+pub use guard_client::{become_subreaper, GuardClient, GuardError, ValidatorEvent};
 pub use links::KeyLinks;
 pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
 pub use tree::Tree;
@@ -68,6 +70,24 @@ fn clock_ns(clock: nix::time::ClockId) -> u64 {
     nix::time::clock_gettime(clock)
         .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+/// Job-control signals (a terminal's Ctrl-Z sends SIGTSTP to the whole
+/// foreground group; SIGTTIN and SIGTTOU stop a background reader or
+/// writer) ignored by this process. The coordinator and the guard call it:
+/// each is the other's backstop, so no signal that stops one may stop the
+/// other, and neither stops on a keystroke. SIGSTOP cannot be ignored; the
+/// guard's own session (see [`GuardClient::spawn`]) keeps a `kill -STOP
+/// -PGID` of keyraft's group from reaching it. Children inherit the
+/// ignored set; the guard resets every signal before it starts a validator.
+pub fn ignore_job_control() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGTSTP, Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: installing SIG_IGN has no handler code to run.
+        unsafe {
+            let _ = signal(sig, SigHandler::SigIgn);
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the one clock the coordinator and the
