@@ -39,6 +39,31 @@ impl From<Health> for crate::pb::ValidatorHealth {
     }
 }
 
+/// What this process remembers of the heights nodes reported for each
+/// chain, for the signer's height limit (`signer::limit` holds the rule):
+/// since when each member's node has stood at its height, and the height
+/// the limit is measured from when no node speaks for the chain.
+#[derive(Debug, Default)]
+pub struct HeightMemory(std::sync::Mutex<BTreeMap<String, ChainHeights>>);
+
+/// [`HeightMemory`] of one chain; times on tokio's clock.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChainHeights {
+    /// Per member: the height its node last reported, and since when.
+    pub seen: BTreeMap<u64, (u64, tokio::time::Instant)>,
+    /// The height the limit stands on without a report, and when it last
+    /// moved (`None` until the first look).
+    pub base: Option<(u64, tokio::time::Instant)>,
+}
+
+impl HeightMemory {
+    /// Runs `f` on `chain`'s memory.
+    pub fn with<R>(&self, chain: &str, f: impl FnOnce(&mut ChainHeights) -> R) -> R {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(all.entry(chain.to_string()).or_default())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
     #[error("{url} unreachable: {why}")]

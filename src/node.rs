@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::{Config, NodeId};
-use crate::health::Health;
+use crate::health::{Health, HeightMemory};
 use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
 use crate::pb;
@@ -90,6 +90,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     /// Signer mode, several chains: what each chain's node on this host
     /// (its `node-rpc`) last reported, while it answers.
     pub chain_nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
+    /// Signer mode: what this process remembers of the heights reported
+    /// for each chain (for the height limit).
+    pub heights: HeightMemory,
 }
 
 /// Handles shared by the coordinator, the servers and the background

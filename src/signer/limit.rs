@@ -2,30 +2,36 @@
 //! or takes as an imported floor, now ([`height_limit`]).
 //!
 //! Owns: the limit's rule, from a chain's watermark and the heights the
-//! members' synced nodes report, and the probes of each chain's node
-//! (`node-rpc`). Must not: sign, commit or refuse anything itself;
-//! [`super::Signer`] and the admin service ask it.
+//! members' synced nodes report (remembered in [`Core::heights`]), and the
+//! probes of each chain's node (`node-rpc`). Must not: sign, commit or
+//! refuse anything itself; [`super::Signer`] and the admin service ask it.
 
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::config::HealthKind;
-use crate::health::{self, Prober};
+use crate::config::{HealthKind, NodeId};
+use crate::health::{self, ChainHeights, Prober};
 use crate::node::Core;
 use crate::pb;
 use crate::raft::TypeConfig;
 
-/// A request or an imported floor this far above the watermark (or, with
-/// none yet, above height 0) is refused: one bogus height (a buggy or
-/// impostor sentry, a forged state file) must not lift the watermark out of
-/// reach for good. About two years of 6-second blocks.
-pub const MAX_HEIGHT_JUMP: u64 = 10_000_000;
-/// Tighter, while members' nodes report being synced: no real node asks
-/// for a height this far beyond the lowest one they report (the chain's
-/// tip, give or take gossip's lag), about two hours of 6-second blocks.
+/// How far above the height the chain is known to be at a request (or an
+/// imported floor) may go: about two hours of 6-second blocks. Whatever
+/// asks (a buggy or impostor sentry, a forged state file), no single
+/// request moves the watermark further than this above a height a node
+/// vouched for, so none can put it out of the chain's reach for longer.
 pub const MAX_AHEAD_OF_CHAIN: u64 = 1_000;
+/// A node that says it is synced but whose height has not moved for this
+/// long (halted consensus, lost peers) no longer speaks for the chain.
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+/// The fastest any chain keyraft signs for makes blocks (100 ms blocks):
+/// with no node speaking for the chain, the limit follows the watermark no
+/// faster than this, so repeated requests cannot walk it up faster than a
+/// chain could move.
+pub const FASTEST_BLOCKS_PER_SEC: u64 = 10;
 
 /// The highest height the cluster signs or takes as a floor now, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,13 +40,20 @@ pub struct HeightLimit {
     pub why: String,
 }
 
-/// While members' nodes of the chain report being synced:
-/// [`MAX_AHEAD_OF_CHAIN`] above the lower median of the heights they report
-/// lately (this node's and gossip's), so that one node, lying or stuck,
-/// moves it neither up nor down where three report. Never measured from
-/// the watermark, which requests move: repeated requests at the limit
-/// cannot walk it up. With no report, [`MAX_HEIGHT_JUMP`] above the
-/// watermark (height 0 before the first signature).
+/// [`MAX_AHEAD_OF_CHAIN`] above the height the chain is known to be at:
+///
+/// - while members' nodes of the chain report being synced and moving
+///   (this node's and gossip's): the median of their heights (of two, the
+///   upper, at most [`MAX_AHEAD_OF_CHAIN`] over the lower), so that one
+///   node, lying or stuck, moves it neither up nor down where three
+///   report, and a stuck one of two does not hold it down;
+/// - with no such report: the base, the highest height a node vouched for
+///   in this process's memory (or the watermark at its first look), which
+///   follows the watermark at most [`FASTEST_BLOCKS_PER_SEC`].
+///
+/// Never measured from the watermark itself, which requests move: one
+/// request can lift the watermark at most [`MAX_AHEAD_OF_CHAIN`] over the
+/// chain, and repeated requests cannot walk it up.
 ///
 /// Which node speaks for the chain: its `node-rpc` where the chain has one
 /// ([`probe_nodes`]); else, where the cluster signs for one chain only, the
@@ -54,40 +67,121 @@ pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
         .borrow()
         .watermark(chain_id)
         .map_or(0, |w| w.height);
-    let Some(signer) = sh.cfg.signer.as_ref() else {
-        return limits(watermark, None);
+    let reports = match sh.cfg.signer.as_ref() {
+        Some(signer) => reports(
+            sh,
+            chain_id,
+            signer.chain(chain_id).is_some_and(|c| c.node_rpc.is_some()),
+            signer.chains.len() == 1,
+        ),
+        None => Vec::new(),
     };
-    let own_rpc = signer.chain(chain_id).is_some_and(|c| c.node_rpc.is_some());
-    let peers = sh.view.fresh(sh.cfg.timing.gossip_interval * 3);
-    let reports: Vec<Option<pb::ValidatorHealth>> = if own_rpc {
-        let own = sh.chain_nodes.borrow().get(chain_id).copied();
-        let theirs = peers.iter().map(|s| {
-            s.chain_heights
-                .iter()
-                .find(|c| c.chain_id == chain_id)
-                .and_then(|c| c.node)
-        });
-        std::iter::once(own.map(Into::into)).chain(theirs).collect()
-    } else if signer.chains.len() == 1 {
-        let own = sh.local.borrow().validator;
-        let theirs = peers.iter().map(|s| s.validator);
-        std::iter::once(own.map(Into::into)).chain(theirs).collect()
-    } else {
-        Vec::new()
-    };
-    limits(watermark, median_synced(reports))
+    let now = Instant::now();
+    sh.heights
+        .with(chain_id, |memory| limit(memory, watermark, &reports, now))
 }
 
-/// The lower median of the heights the synced nodes among `reports` give.
-fn median_synced(reports: Vec<Option<pb::ValidatorHealth>>) -> Option<u64> {
-    let mut synced: Vec<u64> = reports
-        .into_iter()
-        .flatten()
-        .filter(|v| v.synced && v.height > 0)
-        .map(|v| v.height)
+/// Who reported what of `chain_id`'s node: this node first, then its
+/// peers by fresh gossip.
+fn reports<SM: RaftStateMachine<TypeConfig>>(
+    sh: &Core<SM>,
+    chain_id: &str,
+    own_rpc: bool,
+    one_chain: bool,
+) -> Vec<(NodeId, pb::ValidatorHealth)> {
+    let peers = sh.view.fresh(sh.cfg.timing.gossip_interval * 3);
+    let mut out = Vec::new();
+    if own_rpc {
+        let own = sh.chain_nodes.borrow().get(chain_id).copied();
+        out.extend(own.map(|h| (sh.cfg.id, h.into())));
+        out.extend(peers.iter().filter_map(|s| {
+            let c = s.chain_heights.iter().find(|c| c.chain_id == chain_id)?;
+            Some((s.id, c.node?))
+        }));
+    } else if one_chain {
+        let own = sh.local.borrow().validator;
+        out.extend(own.map(|h| (sh.cfg.id, h.into())));
+        out.extend(peers.iter().filter_map(|s| Some((s.id, s.validator?))));
+    }
+    out
+}
+
+/// [`height_limit`]'s rule on one chain's memory: records the reports,
+/// moves the base, and says where the limit stands.
+fn limit(
+    memory: &mut ChainHeights,
+    watermark: u64,
+    reports: &[(NodeId, pb::ValidatorHealth)],
+    now: Instant,
+) -> HeightLimit {
+    let heights: Vec<u64> = reports
+        .iter()
+        .filter(|(_, r)| r.synced && r.height > 0)
+        .filter(|(who, r)| moving(memory, *who, r.height, now))
+        .map(|(_, r)| r.height)
         .collect();
-    synced.sort_unstable();
-    (!synced.is_empty()).then(|| synced[(synced.len() - 1) / 2])
+    let vouched = vouched(heights);
+    let base = rebase(memory, watermark, vouched, now);
+    match vouched {
+        Some(c) => HeightLimit {
+            height: c.saturating_add(MAX_AHEAD_OF_CHAIN),
+            why: format!(
+                "{MAX_AHEAD_OF_CHAIN} heights over {c}, the height the members' synced nodes report"
+            ),
+        },
+        None => HeightLimit {
+            height: base.saturating_add(MAX_AHEAD_OF_CHAIN),
+            why: format!(
+                "{MAX_AHEAD_OF_CHAIN} heights over {base}, the last height a node vouched for or the watermark, followed at most {FASTEST_BLOCKS_PER_SEC} heights a second (no member's node reports a synced, moving height)"
+            ),
+        },
+    }
+}
+
+/// Records member `who`'s report; whether its height moved within
+/// [`STALLED_AFTER`].
+fn moving(memory: &mut ChainHeights, who: NodeId, height: u64, now: Instant) -> bool {
+    let seen = memory.seen.entry(who).or_insert((height, now));
+    if seen.0 != height {
+        *seen = (height, now);
+    }
+    now.saturating_duration_since(seen.1) < STALLED_AFTER
+}
+
+/// The height the reports vouch for: the median (of an even count, the
+/// upper one, but at most [`MAX_AHEAD_OF_CHAIN`] over the lower): with two
+/// reports, one stuck or lagging does not hold the limit down, and one
+/// lying high lifts it at most that much over the other.
+fn vouched(mut heights: Vec<u64>) -> Option<u64> {
+    heights.sort_unstable();
+    let n = heights.len();
+    let (lower, upper) = (*heights.get(n.checked_sub(1)? / 2)?, heights[n / 2]);
+    Some(upper.min(lower.saturating_add(MAX_AHEAD_OF_CHAIN)))
+}
+
+/// Moves the base: up to a vouched height at once, towards the watermark
+/// at most [`FASTEST_BLOCKS_PER_SEC`] (time spent at the watermark is not
+/// banked); the watermark at the first look.
+fn rebase(memory: &mut ChainHeights, watermark: u64, vouched: Option<u64>, now: Instant) -> u64 {
+    let (mut base, mut at) = *memory.base.get_or_insert((watermark, now));
+    if watermark > base {
+        let ms = now.saturating_duration_since(at).as_millis() as u64;
+        let grow = ms.saturating_mul(FASTEST_BLOCKS_PER_SEC) / 1_000;
+        let step = grow.min(watermark - base);
+        base += step;
+        at = match step == grow {
+            // Only the time the step used is spent.
+            true => at + Duration::from_millis(step * 1_000 / FASTEST_BLOCKS_PER_SEC),
+            false => now,
+        };
+    } else {
+        at = now;
+    }
+    if let Some(v) = vouched.filter(|v| *v > base) {
+        (base, at) = (v, now);
+    }
+    memory.base = Some((base, at));
+    base
 }
 
 /// Starts a probe of each chain's `node-rpc` (CometBFT `/status`) that
@@ -113,88 +207,150 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
         .collect()
 }
 
-/// [`height_limit`]'s rule on its inputs.
-fn limits(watermark: u64, chain: Option<u64>) -> HeightLimit {
-    match chain {
-        Some(c) => HeightLimit {
-            height: c.saturating_add(MAX_AHEAD_OF_CHAIN),
-            why: format!(
-                "{MAX_AHEAD_OF_CHAIN} heights over {c}, the height the members' synced nodes report"
-            ),
-        },
-        None => HeightLimit {
-            height: watermark.saturating_add(MAX_HEIGHT_JUMP),
-            why: format!(
-                "{MAX_HEIGHT_JUMP} heights over the watermark {watermark} (no member's node reports a synced height)"
-            ),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn heights_are_limited_from_an_empty_watermark_and_by_the_chain() {
-        let table = [
-            // (watermark, median synced node height) -> limit
-            ((0, None), MAX_HEIGHT_JUMP),
-            ((0, Some(5_000)), 5_000 + MAX_AHEAD_OF_CHAIN),
-            ((100, None), 100 + MAX_HEIGHT_JUMP),
-            ((100, Some(120)), 120 + MAX_AHEAD_OF_CHAIN),
-            // A watermark far above the nodes (a floor taken with
-            // --allow-jump): nothing signs until they reach it.
-            ((9_000, Some(10)), 10 + MAX_AHEAD_OF_CHAIN),
-            ((u64::MAX - 5, None), u64::MAX),
-        ];
-        for ((w, chain), want) in table {
-            assert_eq!(
-                limits(w, chain).height,
-                want,
-                "watermark {w}, chain {chain:?}"
-            );
+    fn node(synced: bool, height: u64) -> pb::ValidatorHealth {
+        pb::ValidatorHealth {
+            running: true,
+            synced,
+            height,
         }
-        assert!(limits(0, None).height < 1 << 62);
     }
 
     #[test]
-    fn the_lower_median_of_synced_reports_speaks_for_the_chain() {
-        let node = |synced, height| {
-            Some(pb::ValidatorHealth {
-                running: true,
-                synced,
-                height,
-            })
-        };
-        // (reports) -> median
+    fn the_median_of_synced_reports_speaks_for_the_chain() {
+        // (heights of synced, moving reports) -> vouched
         let table = [
             (vec![], None),
-            (vec![None, None], None),
-            (vec![node(false, 50), node(true, 0)], None),
-            (vec![node(true, 50)], Some(50)),
+            (vec![50], Some(50)),
             // One liar of three moves it neither up nor down.
-            (
-                vec![node(true, 50), node(true, 51), node(true, u64::MAX)],
-                Some(51),
-            ),
-            (
-                vec![node(true, 1), node(true, 50), node(true, 51)],
-                Some(50),
-            ),
-            // Two: the lower.
-            (vec![node(true, 50), None, node(true, 70)], Some(50)),
+            (vec![50, 51, u64::MAX], Some(51)),
+            (vec![1, 50, 51], Some(50)),
+            // Two: the upper, at most the margin over the lower.
+            (vec![50, 70], Some(70)),
+            (vec![10, 5_000], Some(1_010)),
+            (vec![5_000, u64::MAX], Some(6_000)),
+            (vec![1, 2, 3, 4], Some(3)),
         ];
-        for (reports, want) in table {
-            assert_eq!(median_synced(reports.clone()), want, "{reports:?}");
+        for (heights, want) in table {
+            assert_eq!(vouched(heights.clone()), want, "{heights:?}");
         }
+    }
+
+    #[test]
+    fn heights_are_limited_by_the_chain_and_without_it_by_the_base() {
+        let t0 = Instant::now();
+        // (watermark, reports) -> limit, each on a fresh memory.
+        let table = [
+            (0, vec![], MAX_AHEAD_OF_CHAIN),
+            (0, vec![(1, node(true, 5_000))], 5_000 + MAX_AHEAD_OF_CHAIN),
+            (100, vec![], 100 + MAX_AHEAD_OF_CHAIN),
+            (
+                100,
+                vec![(2, node(false, 9_000)), (3, node(true, 0))],
+                100 + MAX_AHEAD_OF_CHAIN,
+            ),
+            (100, vec![(1, node(true, 120))], 120 + MAX_AHEAD_OF_CHAIN),
+            // A watermark far above the nodes (a floor taken with
+            // --allow-jump): nothing signs until they reach it.
+            (9_000, vec![(1, node(true, 10))], 10 + MAX_AHEAD_OF_CHAIN),
+            (u64::MAX - 5, vec![], u64::MAX),
+        ];
+        for (w, reports, want) in table {
+            let got = limit(&mut ChainHeights::default(), w, &reports, t0);
+            assert_eq!(
+                got.height, want,
+                "watermark {w}, reports {reports:?}: {}",
+                got.why
+            );
+        }
+    }
+
+    /// Finding: with no report, one request 10,000,000 heights over the
+    /// watermark was signed and moved it there for good.
+    #[test]
+    fn without_a_report_no_request_jumps_and_repeated_ones_walk_no_faster_than_a_chain() {
+        let t0 = Instant::now();
+        let mut memory = ChainHeights::default();
+        let first = limit(&mut memory, 100, &[], t0);
+        assert_eq!(first.height, 100 + MAX_AHEAD_OF_CHAIN);
+        // A request at the limit is signed: the watermark is there now. A
+        // moment later the limit has not followed it.
+        let w = first.height;
+        let t = t0 + Duration::from_millis(50);
+        assert_eq!(limit(&mut memory, w, &[], t).height, first.height);
+        // It follows at the fastest chain's pace, never faster.
+        let t = t0 + Duration::from_secs(10);
+        assert_eq!(
+            limit(&mut memory, w, &[], t).height,
+            100 + 10 * FASTEST_BLOCKS_PER_SEC + MAX_AHEAD_OF_CHAIN
+        );
+        // Many small looks add up to the same pace (nothing lost to rounding).
+        let mut memory = ChainHeights::default();
+        limit(&mut memory, 100, &[], t0);
+        let mut t = t0;
+        for _ in 0..1_000 {
+            t += Duration::from_millis(10);
+            limit(&mut memory, 100_000, &[], t);
+        }
+        assert_eq!(
+            memory.base.map(|b| b.0),
+            Some(100 + 10 * FASTEST_BLOCKS_PER_SEC)
+        );
+        // Time at the watermark is not banked for a later jump.
+        let mut memory = ChainHeights::default();
+        limit(&mut memory, 100, &[], t0);
+        limit(&mut memory, 100, &[], t0 + Duration::from_secs(3_600));
+        let later = limit(&mut memory, 50_000, &[], t0 + Duration::from_secs(3_601));
+        assert_eq!(
+            later.height,
+            100 + FASTEST_BLOCKS_PER_SEC + MAX_AHEAD_OF_CHAIN
+        );
+        // A height a node vouched for is kept when the reports stop.
+        let mut memory = ChainHeights::default();
+        limit(&mut memory, 100, &[(1, node(true, 7_000))], t0);
+        assert_eq!(
+            limit(&mut memory, 100, &[], t0).height,
+            7_000 + MAX_AHEAD_OF_CHAIN
+        );
+    }
+
+    /// Finding: of two reports, one node stuck at its height (synced by its
+    /// own word) held the limit for every leader.
+    #[test]
+    fn a_node_that_stopped_moving_no_longer_speaks_for_the_chain() {
+        let t0 = Instant::now();
+        let mut memory = ChainHeights::default();
+        let at = |s| t0 + Duration::from_secs(s);
+        // Node 2 stuck at 100, node 1 moving on.
+        for s in 0..=40 {
+            let reports = [(1, node(true, 100 + 10 * s)), (2, node(true, 100))];
+            let got = limit(&mut memory, 0, &reports, at(s));
+            let want = match Duration::from_secs(s) < STALLED_AFTER {
+                // The lower of two, while it might still be moving...
+                true => (100 + 10 * s).min(100 + MAX_AHEAD_OF_CHAIN),
+                // ...then the one that moves.
+                false => 100 + 10 * s,
+            };
+            assert_eq!(got.height, want + MAX_AHEAD_OF_CHAIN, "at {s} s");
+        }
+        // Every node stuck (a chain-wide halt): the base, which kept the
+        // last height a node vouched for.
+        let reports = [(1, node(true, 500)), (2, node(true, 100))];
+        let got = limit(&mut memory, 0, &reports, at(100));
+        assert_eq!(got.height, 500 + MAX_AHEAD_OF_CHAIN, "{}", got.why);
     }
 
     #[test]
     fn requests_at_the_limit_cannot_walk_it_up_while_nodes_report() {
+        let t0 = Instant::now();
+        let mut memory = ChainHeights::default();
         let mut w = 100;
-        for _ in 0..20 {
-            w = limits(w, Some(120)).height;
+        for i in 0..20 {
+            let t = t0 + Duration::from_millis(i * 100);
+            w = limit(&mut memory, w, &[(1, node(true, 120))], t).height;
         }
         assert_eq!(w, 120 + MAX_AHEAD_OF_CHAIN);
     }

@@ -83,7 +83,7 @@ use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
 use ahead::{Ahead, Path};
 pub use forward::{Forward, SignerService};
-pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN, MAX_HEIGHT_JUMP};
+pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN};
 pub use refusal::Hrs;
 pub use refusal::Refusal;
 pub use sign::{ConsensusKey, SignError, Signable};
