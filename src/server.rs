@@ -205,11 +205,14 @@ pub async fn run(
         tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
     }
     let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
-    // A node with no Raft state grants no votes until it knows it is new.
-    // It refuses votes for the longest lease it may have promised before it
-    // stopped, and starts with the timing the cluster last committed.
+    // Votes closed while new, and for the longest lease it may have promised.
     let live = timing.live_for(cluster_rx.borrow().timing);
-    let gate = Arc::new(Gate::new(timing.longest_promise(), !fresh, live));
+    let gate = Arc::new(Gate::at_start(
+        &cfg.data_dir,
+        timing.longest_promise(),
+        fresh,
+        live,
+    ));
     let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
     let raft = Raft::new(
         cfg.id,
@@ -267,6 +270,7 @@ pub async fn run(
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         signer_keys,
         chain_nodes: Default::default(),
+        heights: Default::default(),
     });
     let sh = Arc::new(Shared {
         core,

@@ -229,3 +229,72 @@ async fn a_wan_leaders_promise_holds_on_lan_followers() -> Result<()> {
     );
     Ok(())
 }
+
+/// A promise outlives its maker's restart: a leader of a long lease (3 s,
+/// pinned) among `lan` followers asks them to refuse votes for about 4 s,
+/// far beyond what their own timing promises. The leader's links to node 3
+/// are cut, so its lease rests on node 2's acks; then node 2 restarts as
+/// the leader is cut off from it too. Node 3, which heard no leader for
+/// long, stands at once; node 2 must not vote for it before the promise it
+/// recorded has run out, or node 3 validates beside the old holder, whose
+/// validator signs until its lease ends. The chain judges.
+#[tokio::test]
+async fn a_promise_recorded_before_a_restart_holds_after_it() -> Result<()> {
+    let long = [
+        "--fence-after",
+        "3000ms",
+        "--election-timeout-min",
+        "3400ms",
+        "--election-timeout-max",
+        "3800ms",
+    ];
+    let mut c = Cluster::start(3, 250, |id| NodeOpts {
+        flags: match id {
+            1 => long.map(String::from).to_vec(),
+            _ => vec!["--timing".into(), "lan".into()],
+        },
+        ..NodeOpts::default()
+    })
+    .await?;
+    let first = c.active().await?;
+    if first != 1 {
+        let h = c.chain.totals().await?.height;
+        eventually(SETTLE, "a switchover to node 1 accepted", || async {
+            let out = c.cli(first, &["switchover", "--to", "1"]).await?;
+            Ok(out.status.success().then_some(()))
+        })
+        .await?;
+        c.wait_signer(h, &[2, 3]).await?;
+    }
+    let cut = |c: &Cluster, x: u64, y: u64| {
+        for link in [(x, y), (y, x)] {
+            if let Some(p) = c.proxies.get(&link) {
+                p.cut();
+            }
+        }
+    };
+    cut(&c, 1, 3);
+    // Past node 3's own promise to node 1.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let recorded = std::fs::read_to_string(c.nodes[&2].data.join("promise"))
+        .context("node 2 recorded no promise")?;
+    ensure!(
+        recorded.trim().parse::<u64>()? >= 3_000,
+        "node 2 recorded {recorded:?}"
+    );
+    let at = c.chain.totals().await?.height;
+    cut(&c, 1, 2);
+    c.kill_coordinator(2)?;
+    drop(c.forget(2)?);
+    c.spawn(2)?;
+    let (new, _) = c
+        .wait_signer(at + 1, &[1])
+        .await
+        .with_context(|| c.logs())?;
+    let s = c.assert_no_double_signs().await?;
+    eprintln!(
+        "restart within a recorded promise: node {new} validates; {} heights, {} missed, 0 double signs",
+        s.height, s.missed
+    );
+    Ok(())
+}

@@ -235,16 +235,25 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         self.execute_here(cmd).await
     }
 
+    /// Stands for election until some leader is live, through the same
+    /// gate as a campaign ([`crate::raft::Gate::may_stand`]): never within
+    /// its restart quiet, inside a lease it promised, or while a leader was
+    /// heard from lately. Its own vote is a vote: a node restarted a moment
+    /// ago may have acked the key holder's lease and forgotten it.
     async fn take_leadership(&self) -> Result<(), Status> {
-        let limit = self.core.timing().election_max * 6;
+        let t = self.core.timing();
+        let limit = t.election_max * 6 + self.core.gate.quiet_left();
         let until = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < until {
             // Any live leader will do: one elected meanwhile runs the command.
             if self.core.leader().is_some() {
                 return Ok(());
             }
-            let _ = self.core.raft.trigger().elect(true).await;
-            tokio::time::sleep(self.core.timing().election_min).await;
+            let running = self.core.started.elapsed();
+            if self.core.gate.may_stand(t.election_max, running) {
+                let _ = self.core.raft.trigger().elect(true).await;
+            }
+            tokio::time::sleep(t.election_min).await;
         }
         Err(Status::unavailable(format!(
             "no leader could be elected within {limit:?}: is a majority of members up and connected?"

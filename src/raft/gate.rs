@@ -7,8 +7,10 @@
 //! sets its switches and the Raft service consults them.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 // tokio's clock: the real one in a running node, the simulator's virtual
 // one under `keyraft-sim` (sim/), where the same gate decides votes.
 use tokio::time::Instant;
@@ -58,6 +60,38 @@ pub struct Gate {
     /// when it acked a leader's message, or, leading with the key, its
     /// lease plus kill bound and drift (see [`Gate::promise_until`]).
     promised: Mutex<Option<Instant>>,
+    /// Where the longest promise this node ever made in an ack is kept,
+    /// and that promise (see [`Gate::record_promise`]); `None` in tests
+    /// and the simulator, whose processes keep nothing across a restart.
+    record: Option<(PathBuf, tokio::sync::Mutex<Duration>)>,
+}
+
+/// The file in the data dir that keeps the longest promise made.
+pub const PROMISE_FILE: &str = "promise";
+
+/// The longest vote refusal a leader's message can ask for (a bound on a
+/// malformed one: no profile comes near it).
+pub const MAX_PROMISE: Duration = Duration::from_secs(10);
+
+/// The promise kept in `path` by an earlier run ([`Gate::record_promise`]):
+/// none where there is no file; [`MAX_PROMISE`] where it cannot be read
+/// or makes no sense, since a restart quiet too long costs a few seconds
+/// and one too short may elect a node inside a lease it promised.
+pub fn recorded_promise(path: &Path) -> Duration {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Duration::ZERO,
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(ms) => Duration::from_millis(ms).min(MAX_PROMISE),
+            Err(_) => {
+                tracing::warn!(path = %path.display(), "the recorded lease promise is unreadable: presuming the longest");
+                MAX_PROMISE
+            }
+        },
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read the recorded lease promise ({e}): presuming the longest");
+            MAX_PROMISE
+        }
+    }
 }
 
 fn stamp(at: &Mutex<Option<Instant>>) {
@@ -87,7 +121,66 @@ impl Gate {
             own_durable: AtomicU64::new(0),
             live: Mutex::new((live, live, Instant::now())),
             promised: Mutex::new(None),
+            record: None,
         }
+    }
+
+    /// The gate of a node starting on `data_dir`: one with no Raft state
+    /// (`fresh`) grants no votes until it knows it is new, and every one
+    /// refuses votes for the longest lease it may have promised before it
+    /// stopped: the longest its own timing promises (`own`), or the longest
+    /// it recorded, whichever is longer. `live`: the timing in force.
+    pub fn at_start(data_dir: &Path, own: Duration, fresh: bool, live: Live) -> Gate {
+        let path = data_dir.join(PROMISE_FILE);
+        let recorded = recorded_promise(&path);
+        Gate::new(own.max(recorded), !fresh, live).with_promise_record(path, recorded)
+    }
+
+    /// Keeps the longest promise this node makes in an ack in `path`
+    /// (`recorded`: what an earlier run kept there), so that the restart
+    /// quiet of its next start covers it: a leader whose profile is longer
+    /// than any of this node's may ask more than this node's timing knows.
+    pub fn with_promise_record(mut self, path: PathBuf, recorded: Duration) -> Gate {
+        self.record = Some((path, tokio::sync::Mutex::new(recorded)));
+        self
+    }
+
+    /// Before an ack that promises `promise` leaves: where it is longer
+    /// than any recorded, it is written (fsynced) first. An error means the
+    /// ack must not leave: a restart would forget the promise.
+    pub async fn record_promise(&self, promise: Duration) -> std::io::Result<()> {
+        let Some((path, kept)) = &self.record else {
+            return Ok(());
+        };
+        let mut kept = kept.lock().await;
+        if promise <= *kept {
+            return Ok(());
+        }
+        let (path, ms) = (path.clone(), promise.as_millis());
+        tokio::task::spawn_blocking(move || {
+            crate::durable::write(&path, format!("{ms}\n").as_bytes(), 0o600)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        *kept = promise;
+        Ok(())
+    }
+
+    /// How much longer this node refuses votes for its restart or for a
+    /// promise it made.
+    pub fn quiet_left(&self) -> Duration {
+        let restart = self.restart_quiet.saturating_sub(self.started.elapsed());
+        restart.max(self.promised_for().unwrap_or_default())
+    }
+
+    /// Whether this node may stand for election now, for an operator's
+    /// command as for a campaign: its votes are open (its restart quiet is
+    /// over and it is not rejoining), it promised no leader a lease that
+    /// may still run, and no leader was heard from within `lease`
+    /// (`running`: how long this node has run, for one that heard none).
+    pub fn may_stand(&self, lease: Duration, running: Duration) -> bool {
+        let quiet = self.since_any_leader().unwrap_or(running);
+        self.may_grant_votes() && self.promised_for().is_none() && quiet >= lease
     }
 
     /// The timing in force.
@@ -300,7 +393,36 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    /// The restart quiet covers the longest promise recorded, whatever
+    /// the file holds: missing is none, unreadable is the longest there is.
+    #[tokio::test]
+    async fn the_restart_quiet_covers_the_longest_promise_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::at_start(dir.path(), Duration::from_millis(600), false, live());
+        assert!(gate.quiet_left() <= Duration::from_millis(600));
+        gate.record_promise(Duration::from_millis(4_000))
+            .await
+            .unwrap();
+        gate.record_promise(Duration::from_millis(900))
+            .await
+            .unwrap();
+        let file = dir.path().join(PROMISE_FILE);
+        assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "4000");
+        let again = Gate::at_start(dir.path(), Duration::from_millis(600), false, live());
+        assert!(again.quiet_left() > Duration::from_millis(3_900));
+        assert!(!again.may_stand(Duration::ZERO, Duration::from_secs(60)));
+        for garbage in ["", "soon", "-5"] {
+            std::fs::write(&file, garbage).unwrap();
+            assert_eq!(recorded_promise(&file), MAX_PROMISE, "{garbage:?}");
+        }
+        std::fs::write(&file, "99999999").unwrap();
+        assert_eq!(recorded_promise(&file), MAX_PROMISE);
+        // A promise that cannot be written is an error: the ack must not leave.
+        let gone = Gate::new(Duration::ZERO, true, live())
+            .with_promise_record(dir.path().join("no/such/dir/promise"), Duration::ZERO);
+        assert!(gone.record_promise(Duration::from_secs(1)).await.is_err());
+    }
 
     fn live() -> Live {
         let d = Duration::from_millis;

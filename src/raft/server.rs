@@ -62,6 +62,10 @@ pub enum Refusal {
     TransferVote(String),
     #[error("this node may not take leadership now")]
     NoLeadership,
+    #[error(
+        "cannot record the lease promise a leader asks (is the data dir writable?): not acking"
+    )]
+    Unrecorded,
 }
 
 impl Refusal {
@@ -74,6 +78,7 @@ impl Refusal {
                 | Refusal::Promised(_)
                 | Refusal::VotesShut
                 | Refusal::TransferVote(_)
+                | Refusal::Unrecorded
         )
     }
 }
@@ -135,9 +140,21 @@ where
     /// the proto), when it is longer than openraft's own lease (which
     /// refuses by itself): a longer profile's.
     fn promise_asked(&self, promise_ms: u32) -> Option<Duration> {
-        let promise = Duration::from_millis(promise_ms.min(MAX_PROMISE_MS).into());
+        let promise = Duration::from_millis(promise_ms.into()).min(super::gate::MAX_PROMISE);
         let (_, openraft_lease) = self.timing.raft_elections();
         (promise > openraft_lease).then_some(promise)
+    }
+
+    /// A promise longer than openraft's lease is recorded before the
+    /// message that asks it is handled, so its ack never outruns it.
+    async fn record(&self, promise: Option<Duration>) -> Result<(), Refusal> {
+        let Some(p) = promise else {
+            return Ok(());
+        };
+        self.gate.record_promise(p).await.map_err(|e| {
+            tracing::error!("cannot record a lease promise of {p:?}: {e}");
+            Refusal::Unrecorded
+        })
     }
 
     /// A leader's message shows its term, held durably, and what it holds
@@ -266,6 +283,7 @@ where
         // its own store has fsynced, which it sends alongside.
         let committed = rpc.leader_commit.map_or(0, |c| c.index).min(leader_durable);
         let promise = self.promise_asked(promise_ms);
+        self.record(promise).await?;
         let result = self.raft.append_entries(rpc).await;
         if rpc_committed_vote(&result) {
             self.saw_leader(peer, term, committed).await;
@@ -305,6 +323,7 @@ where
         self.sender(peer)?;
         same_sender(peer, vote.leader_id.node_id)?;
         let promise = self.promise_asked(promise_ms);
+        self.record(promise).await?;
         let sent = vote.leader_id;
         let result = self
             .raft
@@ -341,10 +360,6 @@ where
             .map_err(RaftError::<TypeConfig>::Fatal))
     }
 }
-
-/// The longest vote refusal a leader's message can ask for (a bound on a
-/// malformed one: no profile comes near it).
-const MAX_PROMISE_MS: u32 = 10_000;
 
 fn same_sender(peer: NodeId, claimed: NodeId) -> Result<(), Refusal> {
     if peer == claimed {
