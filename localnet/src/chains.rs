@@ -39,16 +39,19 @@ pub struct OtherChain {
 /// chain's (`first`: its id, key, this host's nodes and the RPC of its
 /// node on this host), then each other chain's with a sentry on this host
 /// (with `wrong_key` for the second, where given), its sentry's RPC as
-/// the chain's `node-rpc`.
+/// the chain's `node-rpc` unless `node_rpc` is false.
 pub(crate) fn chains_toml(
     first: (&str, &Path, &[String], SocketAddr),
     others: &[OtherChain],
     id: u64,
     wrong_key: Option<PathBuf>,
+    node_rpc: bool,
 ) -> Result<String> {
-    let table = |chain: &str, key: &Path, nodes: &[String], rpc: SocketAddr| {
+    let table = |chain: &str, key: &Path, nodes: &[String], rpc: Option<SocketAddr>| {
         let mut t = toml::Table::new();
-        t.insert("node-rpc".into(), format!("http://{rpc}").into());
+        if let Some(rpc) = rpc {
+            t.insert("node-rpc".into(), format!("http://{rpc}").into());
+        }
         t.insert("chain-id".into(), chain.into());
         t.insert("validator-key".into(), key.display().to_string().into());
         t.insert(
@@ -57,7 +60,7 @@ pub(crate) fn chains_toml(
         );
         toml::Value::Table(t)
     };
-    let mut chains = vec![table(first.0, first.1, first.2, first.3)];
+    let mut chains = vec![table(first.0, first.1, first.2, Some(first.3))];
     for (k, o) in others.iter().enumerate() {
         if let Some(e) = o.sentries.get(&id) {
             let key = match (k, &wrong_key) {
@@ -65,7 +68,7 @@ pub(crate) fn chains_toml(
                 _ => o.key_path.clone(),
             };
             let nodes = [format!("tcp://{}", e.privval)];
-            chains.push(table(&o.chain_id, &key, &nodes, e.rpc));
+            chains.push(table(&o.chain_id, &key, &nodes, node_rpc.then_some(e.rpc)));
         }
     }
     let mut file = toml::Table::new();

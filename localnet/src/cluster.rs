@@ -383,8 +383,13 @@ impl Cluster {
                 // writes the file).
                 cmd.arg("--config").arg(self.chains_file(id));
             }
+            let health_url = node
+                .opts
+                .health_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", node.rpc));
             cmd.args(["--health", "cometbft"])
-                .args(["--health-url", &format!("http://{}", node.rpc)])
+                .args(["--health-url", &health_url])
                 .arg("--")
                 .arg(sibling_bin("fakenode").unwrap_or_default())
                 .args(["--cometbft", "--privval-listen", &privval])
@@ -472,7 +477,7 @@ impl Cluster {
             first.as_slice(),
             node.rpc,
         );
-        crate::chains::chains_toml(first, &self.others, id, wrong)
+        crate::chains::chains_toml(first, &self.others, id, wrong, !node.opts.no_node_rpc)
     }
 
     /// Every chain's judge: the first chain's, then the others'.

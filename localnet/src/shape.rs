@@ -104,6 +104,9 @@ pub struct NodeOpts {
     /// Signer mode with several chains: this host's key for the second
     /// chain is another one than the cluster's (a misconfigured host).
     pub other_key: bool,
+    /// Signer mode with several chains: the chains beyond the first get no
+    /// `node-rpc`, so that no node vouches for their heights.
+    pub no_node_rpc: bool,
     /// Dial the other nodes directly, not through the fault proxies (which
     /// cost a hop through localnet's own process): for benchmarks that
     /// cut no link and measure keyraft alone.
