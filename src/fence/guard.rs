@@ -350,19 +350,13 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
             .with_kernel(|k| k.ready())
             .map_err(|e| format!("not starting with the key: kernel fence: {e}"))?;
     }
-    let mut st = guard.lock();
-    if let Some(pid) = st.pid {
-        return Err(format!("running {pid}"));
-    }
-    if st.lease.is_some_and(|l| l.left().is_zero()) {
-        return Err("the lease has run out: not starting".into());
-    }
-    if keyed && st.lease.is_none() {
-        return Err("no lease: not starting with the key".into());
-    }
+    may_start(&guard.lock(), keyed)?;
     // Leftovers of an earlier validator (a straggler that had not died yet)
-    // must be gone before a new one may start.
+    // must be gone before a new one may start. Outside the state lock: a
+    // scan of /proc can take long, and the lease timer must never wait.
     guard.kill_tree(None)?;
+    let mut st = guard.lock();
+    may_start(&st, keyed)?;
     // The validator's output goes to our stderr, which the coordinator reads.
     let (Ok(out), Ok(err)) = (
         std::io::stderr().as_fd().try_clone_to_owned(),
@@ -476,6 +470,20 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
         );
     }
     Ok(pid.to_string())
+}
+
+/// Whether a validator may start now (`keyed`: with the key).
+fn may_start(st: &GuardState, keyed: bool) -> Result<(), String> {
+    if let Some(pid) = st.pid {
+        return Err(format!("running {pid}"));
+    }
+    if st.lease.is_some_and(|l| l.left().is_zero()) {
+        return Err("the lease has run out: not starting".into());
+    }
+    if keyed && st.lease.is_none() {
+        return Err("no lease: not starting with the key".into());
+    }
+    Ok(())
 }
 
 /// Reaps every child: the validator, and the orphans of its tree that the

@@ -156,13 +156,32 @@ impl Tree {
     /// unless it runs as the validator's user, whose processes are then
     /// taken for members; a validator that changes user is found by the
     /// cgroup or as a descendant.)
+    ///
+    /// The marker counts only on a process all of whose uids may be the
+    /// validator's (root, keyraft's own, `--validator-user`): anyone can
+    /// put `KEYRAFT_FENCE=...` in an environment, and another local user
+    /// who kept such processes alive would keep the tree from ever being
+    /// proven dead (and have them killed). Environments are read on a
+    /// worker thread, within [`SCAN_BOUND`] for the whole scan: one held up
+    /// (memory behind a stalled FUSE mount) fails the scan, closed.
     pub fn live_members(&self, root: Option<i32>) -> Result<BTreeSet<i32>, FenceError> {
         let me = std::process::id() as i32;
         let mut found = self.cgroup_members()?;
         let needle = format!("{MARKER_VAR}={}", self.marker);
         let table = processes()?;
-        for &(pid, _) in &table {
-            match std::fs::read(format!("/proc/{pid}/environ")) {
+        let keyraft = nix::unistd::geteuid().as_raw();
+        let candidates: Vec<i32> = table
+            .iter()
+            .map(|&(pid, _)| pid)
+            .filter(|&pid| {
+                process_uids(pid).is_some_and(|ids| {
+                    ids.iter()
+                        .all(|u| u.is_some_and(|u| u == 0 || u == keyraft || Some(u) == self.uid))
+                })
+            })
+            .collect();
+        for (pid, env) in environments(candidates, SCAN_BOUND)? {
+            match env {
                 Ok(env) => {
                     if env.split(|b| *b == 0).any(|e| e == needle.as_bytes()) {
                         found.insert(pid);
@@ -286,6 +305,49 @@ impl Tree {
             },
         }
     }
+}
+
+/// How long one scan may take to read the environments it needs.
+pub const SCAN_BOUND: Duration = Duration::from_millis(500);
+
+/// `/proc/<pid>/environ` of each of `pids`, read on a thread of its own
+/// (reading another process's environment reads its memory, which can
+/// block); an error when they are not all read within `bound`. A read that
+/// never returns leaves its thread behind, blocked in the kernel.
+fn environments(
+    pids: Vec<i32>,
+    bound: Duration,
+) -> Result<Vec<(i32, std::io::Result<Vec<u8>>)>, FenceError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = pids.len();
+    let order = pids.clone();
+    std::thread::Builder::new()
+        .name("environ".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for pid in pids {
+                let env = std::fs::read(format!("/proc/{pid}/environ"));
+                if tx.send((pid, env)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(super::io(
+            "cannot start a thread to read",
+            Path::new("/proc"),
+        ))?;
+    let until = Instant::now() + bound;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(read) => out.push(read),
+            Err(_) => return Err(FenceError::Refused(format!(
+                "reading /proc/{}/environ did not finish within {bound:?}: the scan is not proof",
+                order[out.len()]
+            ))),
+        }
+    }
+    Ok(out)
 }
 
 /// A process's real, effective, saved and file-system uids (`None` once
@@ -468,6 +530,45 @@ mod tests {
             .live_members(None)
             .unwrap()
             .is_empty());
+    }
+
+    /// Finding: another local user's process that carries the marker
+    /// counted as the validator's (and a user who kept starting them kept
+    /// the tree from ever being proven dead). Needs root, to start it as
+    /// nobody.
+    #[test]
+    fn another_users_process_with_the_marker_is_not_the_validators() {
+        use std::os::unix::process::CommandExt;
+        let marker = format!("forged-{}", std::process::id());
+        let mut forged = Command::new("sleep")
+            .arg("60")
+            .env(MARKER_VAR, &marker)
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .unwrap();
+        let pid = forged.id() as i32;
+        let tree = Tree::marker_only(&marker);
+        // Once its environment shows the marker, it is still not a member.
+        let needle = format!("{MARKER_VAR}={marker}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the forged process did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!tree.live_members(None).unwrap().contains(&pid));
+        assert_eq!(tree.kill(None, Duration::from_secs(1)).unwrap(), 0);
+        assert!(
+            !dead_or_dying(pid).unwrap(),
+            "another user's process was killed"
+        );
+        let _ = forged.kill();
+        let _ = forged.wait();
     }
 
     #[test]
