@@ -245,8 +245,8 @@ pub struct ChainArgs {
     pub privval_node: Vec<String>,
     /// The CometBFT RPC (http://HOST:PORT) of a synced node of the chain
     /// on this host: the height its `/status` reports bounds the heights
-    /// signed for the chain. Without it, the bound is 10,000,000 heights
-    /// over the chain's watermark.
+    /// signed for the chain. Without it, the bound is 1,000 heights over a
+    /// base that follows the watermark at most 10 heights a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_rpc: Option<String>,
 }
@@ -353,7 +353,8 @@ pub fn reference() -> String {
          `priv_validator_key.json`) and `privval-node` (a list), and may take\n\
          `node-rpc`: the CometBFT RPC (http://HOST:PORT) of a node of the\n\
          chain on this host, whose height bounds the heights signed for the\n\
-         chain (without it, 10,000,000 over the chain's watermark). No two\n\
+         chain (without it, 1,000 over a base that follows the watermark at most\n\
+         10 heights a second, docs/signer.md). No two\n\
          chains share a chain id or a privval address. docs/signer.md says how\n\
          to add or remove one.\n\n\
          ```toml\n\
