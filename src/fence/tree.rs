@@ -310,14 +310,14 @@ impl Tree {
 /// How long one scan may take to read the environments it needs.
 pub const SCAN_BOUND: Duration = Duration::from_millis(500);
 
+/// A process and what reading its environment gave.
+type Environ = (i32, std::io::Result<Vec<u8>>);
+
 /// `/proc/<pid>/environ` of each of `pids`, read on a thread of its own
 /// (reading another process's environment reads its memory, which can
 /// block); an error when they are not all read within `bound`. A read that
 /// never returns leaves its thread behind, blocked in the kernel.
-fn environments(
-    pids: Vec<i32>,
-    bound: Duration,
-) -> Result<Vec<(i32, std::io::Result<Vec<u8>>)>, FenceError> {
+fn environments(pids: Vec<i32>, bound: Duration) -> Result<Vec<Environ>, FenceError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let n = pids.len();
     let order = pids.clone();
@@ -341,10 +341,12 @@ fn environments(
     while out.len() < n {
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(read) => out.push(read),
-            Err(_) => return Err(FenceError::Refused(format!(
+            Err(_) => {
+                return Err(FenceError::Refused(format!(
                 "reading /proc/{}/environ did not finish within {bound:?}: the scan is not proof",
                 order[out.len()]
-            ))),
+            )))
+            }
         }
     }
     Ok(out)
