@@ -369,11 +369,11 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
         .kernel
         .as_ref()
         .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).plan().clone());
-    let by_cgroup = plan.as_ref().is_some_and(|p| p.keyed_gid().is_none());
-    if keyed && by_cgroup && cgroup.is_none() {
-        return Err("not starting with the key: its cgroup cannot be joined, so the kernel fence would not hold it".into());
+    if let Some(plan) = plan.as_ref().filter(|_| keyed) {
+        plan.holds_leaf(cgroup.as_ref().map(|c| c.1))
+            .map_err(|e| format!("not starting with the key: {e}"))?;
     }
-    let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
+    let cgroup_fd = cgroup.as_ref().map(|f| f.0.as_raw_fd());
     // As `--validator-user`; keyed, in the keyed group the kernel fence
     // matches on where it matches by user.
     let creds = guard.user.as_ref().map(|u| {

@@ -88,6 +88,12 @@ pub enum KernelError {
         "the lease was renewed {0:?} after its time left was measured (a freeze?): taken back"
     )]
     Stalled(Duration),
+    #[error("the validator's keyed cgroup was made again (id {now}, the kernel fence holds {fenced}), so the fence would not hold it: restart keyraft to set the fence up anew")]
+    Replaced { fenced: u64, now: u64 },
+    #[error(
+        "the validator's keyed cgroup cannot be joined, so the kernel fence would not hold it"
+    )]
+    NoLeaf,
 }
 
 /// What the kernel fence tells the keyed validator's packets by.
@@ -170,6 +176,29 @@ impl Plan {
     fn lease_key(&self) -> Vec<u8> {
         // The same value in both modes: the cgroup id, or the mark (= gid).
         self.keyed_key()
+    }
+
+    /// The `keyed` leaf's cgroup id the table holds, in cgroup mode.
+    pub fn keyed_cgroup_id(&self) -> Option<u64> {
+        match self.matches {
+            Match::Cgroup { id, .. } => Some(id),
+            Match::User { .. } => None,
+        }
+    }
+
+    /// Where the fence matches by cgroup, whether the keyed leaf a
+    /// validator would join now (its id, `joining`, `None` where it cannot
+    /// be opened) is the one the table holds: a leaf removed (a cleanup
+    /// tool) and made again has another id, which no rule drops.
+    pub fn holds_leaf(&self, joining: Option<u64>) -> Result<(), KernelError> {
+        let Some(fenced) = self.keyed_cgroup_id() else {
+            return Ok(()); // matched by user
+        };
+        match joining {
+            None => Err(KernelError::NoLeaf),
+            Some(now) if now != fenced => Err(KernelError::Replaced { fenced, now }),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The group a keyed validator runs with, in user mode.

@@ -139,13 +139,27 @@ impl Tree {
     /// The file a new validator process writes "0" to, to join the leaf
     /// cgroup for a `keyed` or keyless start before it execs (opened here,
     /// written after fork).
-    pub fn cgroup_procs(&self, keyed: bool) -> Option<File> {
+    /// With it, the leaf's cgroup id (its directory's inode), read from
+    /// the very directory the file is in: the leaf may have been removed
+    /// and made again since the kernel fence took its id.
+    pub fn cgroup_procs(&self, keyed: bool) -> Option<(File, u64)> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let leaf = if keyed { LEAVES[0] } else { LEAVES[1] };
         let dir = self.cgroup.as_ref()?.join(leaf);
-        File::options()
-            .write(true)
-            .open(dir.join("cgroup.procs"))
-            .ok()
+        let dir = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(dir)
+            .ok()?;
+        let id = dir.metadata().ok()?.ino();
+        let fd = nix::fcntl::openat(
+            std::os::fd::AsFd::as_fd(&dir),
+            "cgroup.procs",
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        Some((File::from(fd), id))
     }
 
     /// Every live member: in the cgroup, carrying the marker, or below
