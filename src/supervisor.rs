@@ -56,7 +56,7 @@ impl Validator {
     ) -> Result<Validator, GuardError> {
         let user = cfg.user.as_ref().map(|u| u.name.as_str());
         let (sup, events) =
-            GuardClient::spawn(data_dir, tree.clone(), kill_bound, kernel.is_some(), user)?;
+            GuardClient::spawn(data_dir, tree.clone(), kill_bound, kernel.as_ref(), user)?;
         Ok(Validator {
             cfg,
             links,
@@ -172,7 +172,7 @@ impl Validator {
             &self.data_dir,
             self.tree.clone(),
             self.kill_bound,
-            self.kernel.is_some(),
+            self.kernel.as_ref(),
             self.cfg.user.as_ref().map(|u| u.name.as_str()),
         ) {
             Ok((sup, events)) => {

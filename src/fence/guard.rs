@@ -166,11 +166,13 @@ fn realtime_priority() {
 
 /// `keyraft guard --data-dir DIR`: runs until its control pipe closes.
 /// With `kernel_fence`, the lease is kept in the kernel fence the
-/// coordinator installed for this tree too.
+/// coordinator installed for this tree too, whose table holds the keyed
+/// cgroup id given there (where it matches by cgroup): a keyed start into
+/// a leaf with another id is refused.
 pub fn guard_main(
     data_dir: &Path,
     cgroup: bool,
-    kernel_fence: bool,
+    kernel_fence: Option<Option<u64>>,
     user: Option<&str>,
 ) -> std::io::Result<()> {
     // Named in `ps -e` and top (the kernel's name of a /proc/self/exe is
@@ -195,8 +197,9 @@ pub fn guard_main(
     harden();
     let user = user.map(RunAs::look_up).transpose()?;
     let tree = Tree::for_data_dir(data_dir, cgroup).owned_by(user.as_ref().map(|u| u.user.uid));
-    let kernel = if kernel_fence {
+    let kernel = if let Some(fenced) = kernel_fence {
         let lease = Plan::for_tree(&tree, user.as_ref().map(|u| &u.user))
+            .map(|p| p.holding_cgroup_id(fenced))
             .and_then(KernelLease::open)
             .map_err(|e| std::io::Error::other(format!("kernel fence: {e}")))?;
         Some(Mutex::new(lease))

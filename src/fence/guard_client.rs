@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use super::kernel::Plan;
 use super::tree::{Tree, MARKER_VAR};
 
 use super::guard::CONFIRM;
@@ -67,14 +68,15 @@ const SLOW_ANSWER: Duration = Duration::from_secs(5);
 impl GuardClient {
     /// Starts a guard for `tree`. Validator events arrive on the returned
     /// receiver. `answer` is `kill_bound`: a guard that takes longer to
-    /// answer a lease or kill is presumed broken. With `kernel_fence`, the
-    /// guard keeps the lease of the kernel fence installed for the tree.
+    /// answer a lease or kill is presumed broken. With `kernel`, the guard
+    /// keeps the lease of the kernel fence installed for the tree (the plan
+    /// whose table the coordinator installed).
     /// With `user`, it starts the validator as that user.
     pub fn spawn(
         data_dir: &Path,
         tree: Tree,
         answer: Duration,
-        kernel_fence: bool,
+        kernel: Option<&Plan>,
         user: Option<&str>,
     ) -> Result<(GuardClient, mpsc::Receiver<ValidatorEvent>), GuardError> {
         // Our own executable as it is now, even if its file was replaced
@@ -86,8 +88,11 @@ impl GuardClient {
         if tree.cgroup().is_none() {
             cmd.arg("--no-cgroup");
         }
-        if kernel_fence {
+        if let Some(plan) = kernel {
             cmd.arg("--kernel-fence");
+            if let Some(id) = plan.keyed_cgroup_id() {
+                cmd.args(["--kernel-fence-cgroup-id", &id.to_string()]);
+            }
         }
         if let Some(user) = user {
             cmd.args(["--validator-user", user]);

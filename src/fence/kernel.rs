@@ -67,6 +67,9 @@ const LEASE: &str = "lease";
 /// timeouts in jiffies (up to 10 ms each) and rounds up.
 pub const MARGIN: Duration = Duration::from_millis(25);
 
+/// How many late writes a renewal makes before it takes the element back.
+pub const RENEW_TRIES: u32 = 3;
+
 /// What the probe process exits with when its packet was dropped.
 const PROBE_DROPPED: u8 = 10;
 
@@ -84,10 +87,8 @@ pub enum KernelError {
         "keyraft's nftables table {0} is incomplete (a ruleset flush or another tool removed it)"
     )]
     Missing(String),
-    #[error(
-        "the lease was renewed {0:?} after its time left was measured (a freeze?): taken back"
-    )]
-    Stalled(Duration),
+    #[error("the lease's element landed later than the margin after its time left was measured, {0} times in a row (a freeze, a stalled netlink): taken back")]
+    Stalled(u32),
     #[error("the validator's keyed cgroup was made again (id {now}, the kernel fence holds {fenced}), so the fence would not hold it: restart keyraft to set the fence up anew")]
     Replaced { fenced: u64, now: u64 },
     #[error(
@@ -184,6 +185,16 @@ impl Plan {
             Match::Cgroup { id, .. } => Some(id),
             Match::User { .. } => None,
         }
+    }
+
+    /// The same plan, holding `id` (where given) as the keyed leaf's cgroup
+    /// id: the one the coordinator installed in the table, whatever the
+    /// leaf's id is by the time the guard starts.
+    pub fn holding_cgroup_id(mut self, id: Option<u64>) -> Plan {
+        if let (Match::Cgroup { id: held, .. }, Some(id)) = (&mut self.matches, id) {
+            *held = id;
+        }
+        self
     }
 
     /// Where the fence matches by cgroup, whether the keyed leaf a
@@ -481,24 +492,29 @@ impl KernelLease {
     ///
     /// The element's timeout counts from when the kernel takes it, so a
     /// freeze between measuring and writing would give a thawed tree the
-    /// whole measured time again. `left` is measured once more after the
-    /// write; where more than the margin went by, the element is taken
-    /// back ([`KernelError::Stalled`]) and the guard's own lease, which
-    /// was never extended, runs out as it would have.
+    /// whole measured time again. `left` is measured once more after each
+    /// write; where more than the margin went by, the element is written
+    /// again at once with what is left then (a slow netlink commit on a
+    /// busy host is no reason to fence), and after [`RENEW_TRIES`] late
+    /// writes it is taken back ([`KernelError::Stalled`]): the guard's own
+    /// lease, never extended, runs out as it would have.
     pub fn renew(&mut self, mut left: impl FnMut() -> Duration) -> Result<(), KernelError> {
-        let before = left();
-        let ms = before.saturating_sub(MARGIN).as_millis() as u64;
-        if ms == 0 {
-            return self.clear();
-        }
         let key = self.plan.lease_key();
-        self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?;
-        let took = before.saturating_sub(left());
-        if took > MARGIN {
-            self.clear()?;
-            return Err(KernelError::Stalled(took));
+        let mut before = left();
+        for _ in 0..RENEW_TRIES {
+            let ms = before.saturating_sub(MARGIN).as_millis() as u64;
+            if ms == 0 {
+                return self.clear();
+            }
+            self.nl.put_only(&self.plan.table, LEASE, &key, Some(ms))?;
+            let now = left();
+            if before.saturating_sub(now) <= MARGIN {
+                return Ok(());
+            }
+            before = now;
         }
-        Ok(())
+        self.clear()?;
+        Err(KernelError::Stalled(RENEW_TRIES))
     }
 
     /// No lease in the kernel, verified.

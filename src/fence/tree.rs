@@ -324,6 +324,10 @@ impl Tree {
 /// How long one scan may take to read the environments it needs.
 pub const SCAN_BOUND: Duration = Duration::from_millis(500);
 
+/// The most environment-reading threads out at once ([`environments`]).
+const MAX_READERS: usize = 8;
+static READERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A process and what reading its environment gave.
 type Environ = (i32, std::io::Result<Vec<u8>>);
 
@@ -331,25 +335,47 @@ type Environ = (i32, std::io::Result<Vec<u8>>);
 /// (reading another process's environment reads its memory, which can
 /// block); an error when they are not all read within `bound`. A read that
 /// never returns leaves its thread behind, blocked in the kernel.
+///
+/// At most [`MAX_READERS`] such threads run at once: where that many are
+/// still out (blocked for good, say), the scan fails at once instead of
+/// leaving one more behind.
 fn environments(pids: Vec<i32>, bound: Duration) -> Result<Vec<Environ>, FenceError> {
+    use std::sync::atomic::Ordering;
     let (tx, rx) = std::sync::mpsc::channel();
     let n = pids.len();
     let order = pids.clone();
-    std::thread::Builder::new()
+    if READERS.fetch_add(1, Ordering::SeqCst) >= MAX_READERS {
+        READERS.fetch_sub(1, Ordering::SeqCst);
+        return Err(FenceError::Refused(format!(
+            "{MAX_READERS} earlier reads of /proc environments are still blocked: the scan is not proof"
+        )));
+    }
+    /// Counts its thread out however it ends.
+    struct Out;
+    impl Drop for Out {
+        fn drop(&mut self) {
+            READERS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let spawned = std::thread::Builder::new()
         .name("environ".into())
         .stack_size(64 * 1024)
         .spawn(move || {
+            let _out = Out;
             for pid in pids {
                 let env = std::fs::read(format!("/proc/{pid}/environ"));
                 if tx.send((pid, env)).is_err() {
                     break;
                 }
             }
-        })
-        .map_err(super::io(
+        });
+    if let Err(e) = spawned {
+        READERS.fetch_sub(1, Ordering::SeqCst);
+        return Err(super::io(
             "cannot start a thread to read",
             Path::new("/proc"),
-        ))?;
+        )(e));
+    }
     let until = Instant::now() + bound;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {

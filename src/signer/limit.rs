@@ -62,11 +62,16 @@ pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
     sh: &Core<SM>,
     chain_id: &str,
 ) -> HeightLimit {
-    let watermark = sh
+    // An imported floor (no bytes, no reservation) is the operator's word
+    // for where the chain is: it vouches as a node's report does.
+    let (watermark, floor) = sh
         .cluster
         .borrow()
         .watermark(chain_id)
-        .map_or(0, |w| w.height);
+        .map_or((0, None), |w| {
+            let floor = (w.digest.is_none() && w.holder.is_none()).then_some(w.height);
+            (w.height, floor)
+        });
     let reports = match sh.cfg.signer.as_ref() {
         Some(signer) => reports(
             sh,
@@ -77,8 +82,9 @@ pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
         None => Vec::new(),
     };
     let now = Instant::now();
-    sh.heights
-        .with(chain_id, |memory| limit(memory, watermark, &reports, now))
+    sh.heights.with(chain_id, |memory| {
+        limit(memory, watermark, floor, &reports, now)
+    })
 }
 
 /// Who reported what of `chain_id`'s node: this node first, then its
@@ -111,6 +117,7 @@ fn reports<SM: RaftStateMachine<TypeConfig>>(
 fn limit(
     memory: &mut ChainHeights,
     watermark: u64,
+    floor: Option<u64>,
     reports: &[(NodeId, pb::ValidatorHealth)],
     now: Instant,
 ) -> HeightLimit {
@@ -121,7 +128,7 @@ fn limit(
         .map(|(_, r)| r.height)
         .collect();
     let vouched = vouched(heights);
-    let base = rebase(memory, watermark, vouched, now);
+    let base = rebase(memory, watermark, vouched.max(floor), now);
     match vouched {
         Some(c) => HeightLimit {
             height: c.saturating_add(MAX_AHEAD_OF_CHAIN),
@@ -132,7 +139,7 @@ fn limit(
         None => HeightLimit {
             height: base.saturating_add(MAX_AHEAD_OF_CHAIN),
             why: format!(
-                "{MAX_AHEAD_OF_CHAIN} heights over {base}, the last height a node vouched for or the watermark, followed at most {FASTEST_BLOCKS_PER_SEC} heights a second (no member's node reports a synced, moving height)"
+                "{MAX_AHEAD_OF_CHAIN} heights over {base}, the last height a node or an imported floor vouched for, followed at most {FASTEST_BLOCKS_PER_SEC} heights a second (no member's node reports a synced, moving height: give the chain node-rpc, or import a floor)"
             ),
         },
     }
@@ -259,7 +266,7 @@ mod tests {
             (u64::MAX - 5, vec![], u64::MAX),
         ];
         for (w, reports, want) in table {
-            let got = limit(&mut ChainHeights::default(), w, &reports, t0);
+            let got = limit(&mut ChainHeights::default(), w, None, &reports, t0);
             assert_eq!(
                 got.height, want,
                 "watermark {w}, reports {reports:?}: {}",
@@ -274,26 +281,26 @@ mod tests {
     fn without_a_report_no_request_jumps_and_repeated_ones_walk_no_faster_than_a_chain() {
         let t0 = Instant::now();
         let mut memory = ChainHeights::default();
-        let first = limit(&mut memory, 100, &[], t0);
+        let first = limit(&mut memory, 100, None, &[], t0);
         assert_eq!(first.height, 100 + MAX_AHEAD_OF_CHAIN);
         // A request at the limit is signed: the watermark is there now. A
         // moment later the limit has not followed it.
         let w = first.height;
         let t = t0 + Duration::from_millis(50);
-        assert_eq!(limit(&mut memory, w, &[], t).height, first.height);
+        assert_eq!(limit(&mut memory, w, None, &[], t).height, first.height);
         // It follows at the fastest chain's pace, never faster.
         let t = t0 + Duration::from_secs(10);
         assert_eq!(
-            limit(&mut memory, w, &[], t).height,
+            limit(&mut memory, w, None, &[], t).height,
             100 + 10 * FASTEST_BLOCKS_PER_SEC + MAX_AHEAD_OF_CHAIN
         );
         // Many small looks add up to the same pace (nothing lost to rounding).
         let mut memory = ChainHeights::default();
-        limit(&mut memory, 100, &[], t0);
+        limit(&mut memory, 100, None, &[], t0);
         let mut t = t0;
         for _ in 0..1_000 {
             t += Duration::from_millis(10);
-            limit(&mut memory, 100_000, &[], t);
+            limit(&mut memory, 100_000, None, &[], t);
         }
         assert_eq!(
             memory.base.map(|b| b.0),
@@ -301,18 +308,30 @@ mod tests {
         );
         // Time at the watermark is not banked for a later jump.
         let mut memory = ChainHeights::default();
-        limit(&mut memory, 100, &[], t0);
-        limit(&mut memory, 100, &[], t0 + Duration::from_secs(3_600));
-        let later = limit(&mut memory, 50_000, &[], t0 + Duration::from_secs(3_601));
+        limit(&mut memory, 100, None, &[], t0);
+        limit(&mut memory, 100, None, &[], t0 + Duration::from_secs(3_600));
+        let later = limit(
+            &mut memory,
+            50_000,
+            None,
+            &[],
+            t0 + Duration::from_secs(3_601),
+        );
         assert_eq!(
             later.height,
             100 + FASTEST_BLOCKS_PER_SEC + MAX_AHEAD_OF_CHAIN
         );
+        // An imported floor vouches at once (`--allow-jump` while nodes
+        // sync, or after an outage longer than the margin).
+        let mut memory = ChainHeights::default();
+        limit(&mut memory, 100, None, &[], t0);
+        let got = limit(&mut memory, 5_000_000, Some(5_000_000), &[], t0);
+        assert_eq!(got.height, 5_000_000 + MAX_AHEAD_OF_CHAIN);
         // A height a node vouched for is kept when the reports stop.
         let mut memory = ChainHeights::default();
-        limit(&mut memory, 100, &[(1, node(true, 7_000))], t0);
+        limit(&mut memory, 100, None, &[(1, node(true, 7_000))], t0);
         assert_eq!(
-            limit(&mut memory, 100, &[], t0).height,
+            limit(&mut memory, 100, None, &[], t0).height,
             7_000 + MAX_AHEAD_OF_CHAIN
         );
     }
@@ -327,7 +346,7 @@ mod tests {
         // Node 2 stuck at 100, node 1 moving on.
         for s in 0..=40 {
             let reports = [(1, node(true, 100 + 10 * s)), (2, node(true, 100))];
-            let got = limit(&mut memory, 0, &reports, at(s));
+            let got = limit(&mut memory, 0, None, &reports, at(s));
             let want = match Duration::from_secs(s) < STALLED_AFTER {
                 // The lower of two, while it might still be moving...
                 true => (100 + 10 * s).min(100 + MAX_AHEAD_OF_CHAIN),
@@ -339,7 +358,7 @@ mod tests {
         // Every node stuck (a chain-wide halt): the base, which kept the
         // last height a node vouched for.
         let reports = [(1, node(true, 500)), (2, node(true, 100))];
-        let got = limit(&mut memory, 0, &reports, at(100));
+        let got = limit(&mut memory, 0, None, &reports, at(100));
         assert_eq!(got.height, 500 + MAX_AHEAD_OF_CHAIN, "{}", got.why);
     }
 
@@ -350,7 +369,7 @@ mod tests {
         let mut w = 100;
         for i in 0..20 {
             let t = t0 + Duration::from_millis(i * 100);
-            w = limit(&mut memory, w, &[(1, node(true, 120))], t).height;
+            w = limit(&mut memory, w, None, &[(1, node(true, 120))], t).height;
         }
         assert_eq!(w, 120 + MAX_AHEAD_OF_CHAIN);
     }

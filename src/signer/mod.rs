@@ -202,11 +202,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         chains: Vec<(ChainConfig, ConsensusKey)>,
         holder: u64,
     ) -> Arc<Self> {
+        let several = chains.len() > 1;
         let chains = chains
             .into_iter()
             .map(|(cfg, key)| {
                 tracing::info!(chain_id = %cfg.chain_id, address = %key.address_hex(),
                     nodes = cfg.nodes.len(), "signer mode: signatures are committed through Raft first");
+                if several && cfg.node_rpc.is_none() {
+                    tracing::warn!(chain_id = %cfg.chain_id, "no node-rpc: no node vouches for this chain's height, so it is signed at most 1,000 heights past the last vouched one (docs/signer.md, which heights are signed)");
+                }
                 Chain {
                     cfg,
                     key,
