@@ -73,6 +73,32 @@ async fn fenced_cluster(c: &Cluster) -> Result<u64> {
     c.active().await
 }
 
+/// Hands the key from `active` to `standby` by a switchover, and waits for
+/// the standby to refuse it with a log line containing `refusal`; then
+/// for a node that is not the standby to sign. Returns that node.
+async fn switchover_refused(c: &Cluster, active: u64, standby: u64, refusal: &str) -> Result<u64> {
+    eventually(SETTLE, "a switchover to the standby", || async {
+        let out = c
+            .cli(active, &["switchover", "--to", &standby.to_string()])
+            .await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await?;
+    eventually(SETTLE, "the standby's refusal", || async {
+        let log = c.proc(standby)?.log_text();
+        Ok(log.lines().any(|l| l.contains(refusal)).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let refused_at = c.chain.totals().await?.height;
+    let (now, _) = c
+        .wait_signer(refused_at + 1, &[])
+        .await
+        .with_context(|| c.logs())?;
+    ensure!(now != standby, "node {standby} signs outside its fence");
+    Ok(now)
+}
+
 #[tokio::test]
 async fn a_validator_whose_coordinator_and_guard_are_frozen_is_silenced_by_the_kernel() -> Result<()>
 {
@@ -318,24 +344,8 @@ async fn required_and_a_table_that_cannot_be_put_back_means_no_key_there() -> Re
         .context("standby")?;
     std::fs::remove_file(&nft_link)?;
     nft(&["delete", "table", "inet", &table(&c, standby)?])?;
-    eventually(SETTLE, "a switchover to the standby", || async {
-        let out = c
-            .cli(active, &["switchover", "--to", &standby.to_string()])
-            .await?;
-        Ok(out.status.success().then_some(()))
-    })
-    .await?;
-    eventually(SETTLE, "the standby's refusal", || async {
-        let log = c.proc(standby)?.log_text();
-        Ok(log
-            .lines()
-            .any(|l| l.contains("not activating: the kernel fence is not in place"))
-            .then_some(()))
-    })
-    .await?;
-    let refused_at = c.chain.totals().await?.height;
-    let (now, _) = c.wait_signer(refused_at + 1, &[]).await?;
-    ensure!(now != standby, "node {standby} signs without its fence");
+    let refusal = "not activating: the kernel fence is not in place";
+    switchover_refused(&c, active, standby, refusal).await?;
     let me = node_entry(&c.status(standby).await?, standby);
     ensure!(me["key_linked"] != true, "{me}");
     c.assert_no_double_signs().await?;
@@ -419,28 +429,7 @@ async fn a_keyed_cgroup_made_again_is_never_joined_with_the_key() -> Result<()> 
     let keyed = Path::new(cgroup.trim()).join("keyed");
     std::fs::remove_dir(&keyed).with_context(|| format!("{}", keyed.display()))?;
     std::fs::create_dir(&keyed)?;
-    eventually(SETTLE, "a switchover to the standby", || async {
-        let out = c
-            .cli(active, &["switchover", "--to", &standby.to_string()])
-            .await?;
-        Ok(out.status.success().then_some(()))
-    })
-    .await?;
-    eventually(SETTLE, "the standby's refusal", || async {
-        let log = c.proc(standby)?.log_text();
-        Ok(log
-            .lines()
-            .any(|l| l.contains("keyed cgroup was made again"))
-            .then_some(()))
-    })
-    .await
-    .with_context(|| c.logs())?;
-    let refused_at = c.chain.totals().await?.height;
-    let (now, _) = c
-        .wait_signer(refused_at + 1, &[])
-        .await
-        .with_context(|| c.logs())?;
-    ensure!(now != standby, "node {standby} signs outside its fence");
+    switchover_refused(&c, active, standby, "keyed cgroup was made again").await?;
     let procs = std::fs::read_to_string(keyed.join("cgroup.procs"))?;
     ensure!(
         procs.trim().is_empty(),

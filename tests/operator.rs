@@ -239,18 +239,11 @@ async fn an_operator_command_never_elects_a_host_inside_a_lease_it_promised() ->
         2 => (1, 3),
         _ => (1, 2),
     };
-    let cut = |c: &Cluster, x: u64, y: u64| {
-        for link in [(x, y), (y, x)] {
-            if let Some(p) = c.proxies.get(&link) {
-                p.cut();
-            }
-        }
-    };
     // A's lease rests on B alone; C hears no leader past its own lease.
-    cut(&c, a, cc);
+    c.cut_link(a, cc);
     tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
     // B restarts, and A is cut off from it at the same moment.
-    cut(&c, a, b);
+    c.cut_link(a, b);
     c.kill_coordinator(b)?;
     drop(c.forget(b)?);
     c.spawn(b)?;

@@ -148,6 +148,26 @@ async fn default_flags_over_80ms_round_trips_switch_to_wan_keep_the_validator_an
     Ok(())
 }
 
+/// Makes node 1 the validating one (a switchover where another is), and
+/// waits until it signs and reports Validating.
+async fn validating_on_1(c: &Cluster) -> Result<()> {
+    let first = c.active().await?;
+    if first != 1 {
+        let h = c.chain.totals().await?.height;
+        eventually(SETTLE, "a switchover to node 1 accepted", || async {
+            let out = c.cli(first, &["switchover", "--to", "1"]).await?;
+            Ok(out.status.success().then_some(()))
+        })
+        .await?;
+        c.wait_signer(h, &[2, 3]).await?;
+        eventually(SETTLE, "node 1 to report Validating", || async {
+            Ok((c.own_state(1).await? == "Validating").then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// A leader pinned to `wan` among members pinned to `lan`: its messages
 /// promise wan's vote refusal (900 ms), longer than the others' openraft
 /// lease and election timeout (lan's 600 ms). With its coordinator frozen,
@@ -164,21 +184,7 @@ async fn a_wan_leaders_promise_holds_on_lan_followers() -> Result<()> {
         ..NodeOpts::default()
     })
     .await?;
-    let first = c.active().await?;
-    if first != 1 {
-        let h = c.chain.totals().await?.height;
-        eventually(SETTLE, "a switchover to node 1 accepted", || async {
-            let out = c.cli(first, &["switchover", "--to", "1"]).await?;
-            Ok(out.status.success().then_some(()))
-        })
-        .await?;
-        let others: Vec<u64> = (2..=3).collect();
-        c.wait_signer(h, &others).await?;
-        eventually(SETTLE, "node 1 to report Validating", || async {
-            Ok((c.own_state(1).await? == "Validating").then_some(()))
-        })
-        .await?;
-    }
+    validating_on_1(&c).await?;
     let pid = c.validator_pid(1).context("no validator pid")?;
     let at = c.chain.totals().await?.height;
     let logged = |id: u64| c.proc(id).map(|p| p.log_text()).unwrap_or_default();
@@ -256,24 +262,8 @@ async fn a_promise_recorded_before_a_restart_holds_after_it() -> Result<()> {
         ..NodeOpts::default()
     })
     .await?;
-    let first = c.active().await?;
-    if first != 1 {
-        let h = c.chain.totals().await?.height;
-        eventually(SETTLE, "a switchover to node 1 accepted", || async {
-            let out = c.cli(first, &["switchover", "--to", "1"]).await?;
-            Ok(out.status.success().then_some(()))
-        })
-        .await?;
-        c.wait_signer(h, &[2, 3]).await?;
-    }
-    let cut = |c: &Cluster, x: u64, y: u64| {
-        for link in [(x, y), (y, x)] {
-            if let Some(p) = c.proxies.get(&link) {
-                p.cut();
-            }
-        }
-    };
-    cut(&c, 1, 3);
+    validating_on_1(&c).await?;
+    c.cut_link(1, 3);
     // Past node 3's own promise to node 1.
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     let recorded = std::fs::read_to_string(c.nodes[&2].data.join("promise"))
@@ -283,7 +273,7 @@ async fn a_promise_recorded_before_a_restart_holds_after_it() -> Result<()> {
         "node 2 recorded {recorded:?}"
     );
     let at = c.chain.totals().await?.height;
-    cut(&c, 1, 2);
+    c.cut_link(1, 2);
     c.kill_coordinator(2)?;
     drop(c.forget(2)?);
     c.spawn(2)?;

@@ -155,6 +155,15 @@ impl Cluster {
         }
     }
 
+    /// Cuts the link between nodes `x` and `y`, both ways.
+    pub fn cut_link(&self, x: u64, y: u64) {
+        for link in [(x, y), (y, x)] {
+            if let Some(p) = self.proxies.get(&link) {
+                p.cut();
+            }
+        }
+    }
+
     pub fn heal(&self) {
         for p in self.proxies.values() {
             p.heal();
