@@ -207,12 +207,8 @@ pub async fn run(
     let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
     // Votes closed while new, and for the longest lease it may have promised.
     let live = timing.live_for(cluster_rx.borrow().timing);
-    let gate = Arc::new(Gate::at_start(
-        &cfg.data_dir,
-        timing.longest_promise(),
-        fresh,
-        live,
-    ));
+    let own = timing.longest_promise();
+    let gate = Arc::new(Gate::at_start(&cfg.data_dir, own, fresh, live));
     let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
     let raft = Raft::new(
         cfg.id,

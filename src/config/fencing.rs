@@ -131,6 +131,15 @@ pub(super) fn resolve_fence_agents(
                 path.display()
             )));
         }
+        // The resolved file and, where it is a link, the directory of
+        // the link itself (whoever may replace the link picks the agent).
+        let link_dir = path.parent().filter(|_| path.is_symlink());
+        let why = writable_by_others(&path).or_else(|| link_dir.and_then(writable_by_others));
+        if let Some(why) = why {
+            return Err(invalid(format!(
+                "--fence-agent '{raw}': {why}: another user could make it fake \"off\" or run code as keyraft"
+            )));
+        }
         let agent = FenceAgent {
             path,
             options: Vec::new(),
@@ -165,6 +174,45 @@ pub(super) fn resolve_fence_agents(
         ));
     }
     Ok(out)
+}
+
+/// Why `path` (resolved) could be changed by someone other than root and
+/// this process's user, if it could: it, or a directory on its way from
+/// `/`, is owned by another user, or writable by its group or by others
+/// (but a sticky directory), as ssh refuses a writable `authorized_keys`.
+fn writable_by_others(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let real = match path.canonicalize() {
+        Ok(p) => p,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    for p in real.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let meta = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", p.display())),
+        };
+        let mode = meta.mode() & 0o7777;
+        if !trusted(meta.uid()) {
+            return Some(format!(
+                "{} belongs to uid {}, neither root nor keyraft's user",
+                p.display(),
+                meta.uid()
+            ));
+        }
+        // A sticky directory (`/tmp`) lets only an entry's owner replace
+        // it, and the next entry's owner is checked above.
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky_dir {
+            return Some(format!(
+                "{} is writable by its group or by others (mode {:o})",
+                p.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -229,6 +277,22 @@ mod tests {
         refused(
             &|b| b.fence_agent = vec![format!("2={}", dir.path().display())],
             "not an executable file",
+        );
+        // Writable by others, or in a directory they may write to: refused.
+        let open = tempfile::tempdir().unwrap();
+        let in_open = open.path().join("fence_open");
+        std::fs::write(&in_open, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&in_open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        refused(
+            &|b| b.fence_agent = vec![format!("2={}", in_open.display())],
+            "writable by its group or by others (mode 777)",
+        );
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&in_open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        refused(
+            &|b| b.fence_agent = vec![format!("2={}", in_open.display())],
+            "fake \"off\"",
         );
         refused(
             &|b| b.fence_option = vec!["3:plug=x".into()],
