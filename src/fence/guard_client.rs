@@ -440,7 +440,16 @@ mod tests {
             Some(ValidatorEvent::Exited(pid, _)) => pid as i32,
             other => panic!("no pid from the fake guard: {other:?}"),
         };
-        assert!(tree.live_members(None).unwrap().contains(&validator));
+        // Until its exec, the forked stand-in shows perl's environment,
+        // without the marker: wait until the tree sees it.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !tree.live_members(None).unwrap().contains(&validator) {
+            assert!(
+                std::time::Instant::now() < until,
+                "the stand-in never joined the tree"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         client.confirm = Duration::ZERO;
         let _ = client.force_kill().await;
         let alive = nix::sys::signal::kill(Pid::from_raw(validator), None).is_ok()
