@@ -73,6 +73,17 @@ async fn fenced_cluster(c: &Cluster) -> Result<u64> {
     c.active().await
 }
 
+/// [`fenced_cluster`], and a standby beside the validating node.
+async fn fenced_standby(c: &Cluster) -> Result<u64> {
+    let active = fenced_cluster(c).await?;
+    let standby = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("standby")?;
+    Ok(standby)
+}
+
 /// Hands the key to `standby` by a switchover (asked again of whoever
 /// validates, where the leader handed it to another node meanwhile), and
 /// waits for the standby to refuse it with a log line containing
@@ -188,12 +199,7 @@ async fn frozen_keyraft_cannot_let_its_validator_sign(c: Cluster) -> Result<()> 
 async fn the_table_is_replaced_at_start_put_back_when_removed_and_gone_after_a_clean_stop(
 ) -> Result<()> {
     let mut c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
-    let active = fenced_cluster(&c).await?;
-    let standby = *c
-        .nodes
-        .keys()
-        .find(|&&id| id != active)
-        .context("standby")?;
+    let standby = fenced_standby(&c).await?;
     let name = table(&c, standby)?;
 
     // A killed run leaves its table; something else adds to it meanwhile.
@@ -341,12 +347,7 @@ async fn required_and_a_table_that_cannot_be_put_back_means_no_key_there() -> Re
         ..NodeOpts::default()
     })
     .await?;
-    let active = fenced_cluster(&c).await?;
-    let standby = *c
-        .nodes
-        .keys()
-        .find(|&&id| id != active)
-        .context("standby")?;
+    let standby = fenced_standby(&c).await?;
     std::fs::remove_file(&nft_link)?;
     nft(&["delete", "table", "inet", &table(&c, standby)?])?;
     let refusal = "not activating: the kernel fence is not in place";
@@ -424,12 +425,7 @@ fn a_renewal_that_lands_late_is_written_again_and_taken_back_when_always_late() 
 #[tokio::test]
 async fn a_keyed_cgroup_made_again_is_never_joined_with_the_key() -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
-    let active = fenced_cluster(&c).await?;
-    let standby = *c
-        .nodes
-        .keys()
-        .find(|&&id| id != active)
-        .context("standby")?;
+    let standby = fenced_standby(&c).await?;
     let cgroup = std::fs::read_to_string(c.nodes[&standby].data.join("cgroup"))?;
     let keyed = Path::new(cgroup.trim()).join("keyed");
     std::fs::remove_dir(&keyed).with_context(|| format!("{}", keyed.display()))?;

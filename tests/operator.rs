@@ -220,16 +220,7 @@ async fn a_health_url_that_answers_404_shows_in_status_and_the_log_once() -> Res
 async fn an_operator_command_never_elects_a_host_inside_a_lease_it_promised() -> Result<()> {
     use anyhow::Context;
     let long_lease = |_| NodeOpts {
-        flags: [
-            "--fence-after",
-            "3000ms",
-            "--election-timeout-min",
-            "3400ms",
-            "--election-timeout-max",
-            "3800ms",
-        ]
-        .map(String::from)
-        .to_vec(),
+        flags: localnet::shape::LONG_LEASE.map(String::from).to_vec(),
         ..NodeOpts::default()
     };
     let mut c = Cluster::start(3, BLOCK_MS, long_lease).await?;

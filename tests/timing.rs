@@ -246,14 +246,7 @@ async fn a_wan_leaders_promise_holds_on_lan_followers() -> Result<()> {
 /// validator signs until its lease ends. The chain judges.
 #[tokio::test]
 async fn a_promise_recorded_before_a_restart_holds_after_it() -> Result<()> {
-    let long = [
-        "--fence-after",
-        "3000ms",
-        "--election-timeout-min",
-        "3400ms",
-        "--election-timeout-max",
-        "3800ms",
-    ];
+    let long = localnet::shape::LONG_LEASE;
     let mut c = Cluster::start(3, 250, |id| NodeOpts {
         flags: match id {
             1 => long.map(String::from).to_vec(),

@@ -116,6 +116,17 @@ pub struct NodeOpts {
     pub validator_mode: bool,
 }
 
+/// `keyraft run` flags for a 3-second lease (elections after 3.4-3.8 s):
+/// long enough that a takeover inside it is plain to the chain.
+pub const LONG_LEASE: [&str; 6] = [
+    "--fence-after",
+    "3000ms",
+    "--election-timeout-min",
+    "3400ms",
+    "--election-timeout-max",
+    "3800ms",
+];
+
 /// Which fence agent a node has for the other validator hosts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Fencing {
