@@ -307,7 +307,10 @@ impl<E: Env> Coordinator<E> {
         let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
         // Each read of the cluster's state is its own statement: a borrow
         // held while a second is taken waits forever on a queued writer.
-        let paused = self.cluster_rx.borrow().paused;
+        let applied_paused = self.cluster_rx.borrow().paused;
+        let unapplied = m.last_log_index > m.last_applied.map(|l| l.index);
+        let is_leader = m.state == ServerState::Leader;
+        let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
         let other_mode = self.other_mode().is_some();
         View {
             id: self.sh.cfg.id,
@@ -319,7 +322,7 @@ impl<E: Env> Coordinator<E> {
             standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
             voters: m.membership_config.membership().voter_ids().collect(),
             leader: m.current_leader,
-            is_leader: m.state == ServerState::Leader,
+            is_leader,
             peers,
             acks,
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
@@ -394,7 +397,7 @@ impl<E: Env> Coordinator<E> {
         let m = &self.sh.metrics;
         m.set_state(&state.to_string());
         m.key_linked.set(i64::from(key_linked));
-        m.paused.set(i64::from(view.paused));
+        m.paused.set(i64::from(self.cluster_rx.borrow().paused));
         if let Some(h) = health {
             m.validator_up.set(i64::from(h.running));
             m.validator_synced.set(i64::from(h.synced));
