@@ -337,7 +337,14 @@ async fn start_up_kills_a_daemonized_node_left_by_a_dead_coordinator_and_guard()
     // that it cannot act on its guard's death; then both SIGKILLed): nobody
     // is left to kill the daemon, which lives on as an orphan.
     let guard = c.guard_pid(standby).context("no guard")?;
+    let coordinator = c.proc(standby)?.pid();
     c.signal(standby, Signal::SIGSTOP)?;
+    // A signal is delivered when the kernel next schedules its target: had
+    // the guard died first, the coordinator would kill the daemon itself.
+    eventually(SETTLE, "the coordinator to stop", || async {
+        Ok((proc_state(coordinator) == Some('T')).then_some(()))
+    })
+    .await?;
     kill(Pid::from_raw(guard), Signal::SIGKILL)?;
     drop(c.forget(standby)?);
     let orphans: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
