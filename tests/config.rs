@@ -14,7 +14,7 @@ struct Setup {
 impl Setup {
     fn new() -> Result<Setup> {
         let dir = tempfile::tempdir()?;
-        keyraft::tls::create_ca(&dir.path().join("ca"))?;
+        keyraft::tls::create_ca(&dir.path().join("ca"), keyraft::tls::CA_DAYS)?;
         keyraft::tls::create_node(
             &dir.path().join("ca"),
             1,

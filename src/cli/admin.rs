@@ -467,7 +467,7 @@ fn print_table(v: &serde_json::Value) {
             .filter(|d| *d < 30)
         {
             println!(
-                "node {} certificate expires in {days} days ({}): renew it and send keyraft SIGHUP",
+                "node {} certificate expires in {days} days ({}): renew it (keyraft certs renew) and send keyraft SIGHUP",
                 n["id"],
                 n["tls_cert"]["not_after"].as_str().unwrap_or("?")
             );

@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use super::CertsCmd;
 use crate::tls;
 
-/// `keyraft certs ca|node|show`.
+/// `keyraft certs ca|node|admin|renew|show`.
 pub(super) fn run(what: CertsCmd) -> anyhow::Result<ExitCode> {
     let files = match what {
-        CertsCmd::Ca { out } => tls::create_ca(&out)?,
+        CertsCmd::Ca { days, out } => tls::create_ca(&out, days)?,
         CertsCmd::Node {
             ca,
             id,
@@ -29,6 +29,13 @@ pub(super) fn run(what: CertsCmd) -> anyhow::Result<ExitCode> {
             days,
             out,
         } => tls::create_admin(&ca, &name, days, &out)?,
+        CertsCmd::Renew { ca, days, dirs } => {
+            let mut files = Vec::new();
+            for dir in dirs {
+                files.extend(tls::renew(&ca, &dir, days)?);
+            }
+            files
+        }
         CertsCmd::Show { paths, warn_days } => return show_certs(&paths, warn_days),
     };
     for f in files {
@@ -69,7 +76,7 @@ fn show_certs(paths: &[PathBuf], warn_days: u32) -> anyhow::Result<ExitCode> {
             "EXPIRED".to_string()
         } else if days < i64::from(warn_days) {
             ok = false;
-            format!("expires in {days} days: renew it")
+            format!("expires in {days} days: renew it (keyraft certs renew)")
         } else {
             format!("expires in {days} days")
         };

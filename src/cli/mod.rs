@@ -196,6 +196,9 @@ enum SignerCmd {
 enum CertsCmd {
     /// A new cluster CA: DIR/ca.pem and DIR/ca.key.
     Ca {
+        /// Valid for this many days from now.
+        #[arg(long, default_value_t = crate::tls::CA_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
         #[arg(long)]
         out: PathBuf,
     },
@@ -216,7 +219,8 @@ enum CertsCmd {
         /// IP addresses (repeatable).
         #[arg(long)]
         ip: Vec<String>,
-        /// Valid for this many days from now [default: until 2124].
+        /// Valid for this many days from now [default: 365]; refused if
+        /// longer than the CA has left.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         days: Option<u32>,
         #[arg(long)]
@@ -230,11 +234,25 @@ enum CertsCmd {
         /// Who holds it (written into the logs of every command it runs).
         #[arg(long)]
         name: String,
-        /// Valid for this many days from now [default: until 2124].
+        /// Valid for this many days from now [default: 365]; refused if
+        /// longer than the CA has left.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         days: Option<u32>,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Renew the certificate in each TLS dir (its node.pem, else its
+    /// admin.pem) from the CA in --ca: the same names, addresses and role,
+    /// a new key; the old pair kept as *.old. Send keyraft SIGHUP after.
+    Renew {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Valid for this many days from now [default: 365]; refused if
+        /// longer than the CA has left.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
     },
     /// Print each certificate's names and expiry: PEM files, or TLS dirs
     /// (their ca.pem and node.pem). Exit 1 if one has expired or expires

@@ -15,7 +15,20 @@ use rcgen::{
 use super::{node_name, own_name_only, read, Role, TlsError};
 use crate::config::NodeId;
 
-fn ca_params() -> Result<CertificateParams, TlsError> {
+/// How long a node's or an operator's certificate lives without `--days`.
+pub const LEAF_DAYS: u32 = 365;
+/// How long a cluster CA lives without `--days`.
+pub const CA_DAYS: u32 = 3650;
+
+/// Validity from a day ago (a clock a little behind still accepts it) to
+/// `days` from now.
+fn validity(p: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(i64::from(days));
+}
+
+fn ca_params(days: u32) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name
@@ -26,15 +39,15 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    validity(&mut p, days);
     Ok(p)
 }
 
-/// `keyraft certs ca --out DIR`: writes `ca.pem` and `ca.key` (0600).
-pub fn create_ca(out: &Path) -> Result<Vec<PathBuf>, TlsError> {
+/// `keyraft certs ca --out DIR`: writes `ca.pem` and `ca.key` (0600),
+/// valid for `days`.
+pub fn create_ca(out: &Path, days: u32) -> Result<Vec<PathBuf>, TlsError> {
     let key = KeyPair::generate()?;
-    let cert = ca_params()?.self_signed(&key)?;
+    let cert = ca_params(days)?.self_signed(&key)?;
     make_dir(out)?;
     let files = [
         (out.join("ca.pem"), cert.pem(), 0o644),
@@ -43,23 +56,51 @@ pub fn create_ca(out: &Path) -> Result<Vec<PathBuf>, TlsError> {
     write_all_new(&files)
 }
 
-/// The CA in `ca_dir` as an issuer, and its certificate's PEM.
-fn issuer(ca_dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), TlsError> {
-    let ca_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.pem"))?).into_owned();
-    let ca_key_path = ca_dir.join("ca.key");
-    crate::config::check_private(&ca_key_path).map_err(|e| TlsError::Invalid(e.to_string()))?;
-    let ca_key = KeyPair::from_pem(&String::from_utf8_lossy(&read(&ca_key_path)?))?;
-    Ok((Issuer::from_ca_cert_pem(&ca_pem, ca_key)?, ca_pem))
+/// The CA in `ca_dir`: an issuer, its certificate's PEM, and its end.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+    not_after: super::CertInfo,
+}
+
+impl Ca {
+    fn open(ca_dir: &Path) -> Result<Ca, TlsError> {
+        let pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.pem"))?).into_owned();
+        let key_path = ca_dir.join("ca.key");
+        crate::config::check_private(&key_path).map_err(|e| TlsError::Invalid(e.to_string()))?;
+        let key = KeyPair::from_pem(&String::from_utf8_lossy(&read(&key_path)?))?;
+        Ok(Ca {
+            issuer: Issuer::from_ca_cert_pem(&pem, key)?,
+            not_after: super::cert_info(pem.as_bytes())?,
+            pem,
+        })
+    }
+
+    /// `days` ([`LEAF_DAYS`] if `None`), refused if a certificate that
+    /// long would outlive this CA: no peer would trust it past the CA's
+    /// end, so its stated expiry would be a lie.
+    fn leaf_days(&self, days: Option<u32>) -> Result<u32, TlsError> {
+        let want = days.unwrap_or(LEAF_DAYS);
+        let secs_left = self.not_after.expires_in();
+        let left = secs_left.div_euclid(86_400);
+        if i64::from(want) * 86_400 > secs_left {
+            return Err(TlsError::Invalid(format!(
+                "{want} days would outlive the CA (valid until {}, {left} days from now): pass --days {} or less, or make a new CA",
+                self.not_after.not_after_text,
+                left.max(0)
+            )));
+        }
+        Ok(want)
+    }
 }
 
 /// A leaf certificate's parameters: `names`, common name `cn`, the role
-/// URI, and validity (to 2124, or `days` from now).
+/// URI, valid for `days` from now.
 fn leaf_params(
     names: Vec<String>,
     cn: &str,
     role: Role,
-    usages: Vec<ExtendedKeyUsagePurpose>,
-    days: Option<u32>,
+    days: u32,
 ) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(names)?;
     p.distinguished_name.push(DnType::CommonName, cn);
@@ -67,18 +108,16 @@ fn leaf_params(
     p.subject_alt_names.push(SanType::URI(uri));
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = usages;
-    p.use_authority_key_identifier_extension = true;
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = match days {
-        // From a day ago, so that a clock a little behind accepts it.
-        Some(d) => {
-            let now = time::OffsetDateTime::now_utc();
-            p.not_before = now - time::Duration::days(1);
-            now + time::Duration::days(i64::from(d))
-        }
-        None => rcgen::date_time_ymd(2124, 1, 1),
+    // A member is both ends of peer connections; an operator only a client.
+    p.extended_key_usages = match role {
+        Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Validator | Role::Witness => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
     };
+    p.use_authority_key_identifier_extension = true;
+    validity(&mut p, days);
     Ok(p)
 }
 
@@ -107,7 +146,8 @@ pub fn create_node(
             "--dns {bad}: a node certificate names its own node only (node-{id}.keyraft is always in it): no wildcards, no other node's name"
         )));
     }
-    let (issuer, ca_pem) = issuer(ca_dir)?;
+    let ca = Ca::open(ca_dir)?;
+    let days = ca.leaf_days(days)?;
     let mut names = vec![node_name(id)];
     names.extend(dns.iter().cloned());
     names.extend(ips.iter().cloned());
@@ -116,12 +156,10 @@ pub fn create_node(
     } else {
         Role::Validator
     };
-    let usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let p = leaf_params(names, &node_name(id), role, usages, days)?;
-    sign_and_write(p, &issuer, ca_pem, out, "node")
+    let p = leaf_params(names, &node_name(id), role, days)?;
+    let (cert, key) = sign(p, &ca)?;
+    make_dir(out)?;
+    write_all_new(&set(out, "node", cert, key, &ca))
 }
 
 /// `keyraft certs admin`: an operator's client certificate for the admin
@@ -140,30 +178,81 @@ pub fn create_admin(
             "bad --name '{name}': 1 to 64 letters, digits, '-', '_', '.' or '@' (who holds it, for the logs)"
         )));
     }
-    let (issuer, ca_pem) = issuer(ca_dir)?;
-    let usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let p = leaf_params(Vec::new(), name, Role::Admin, usages, days)?;
-    sign_and_write(p, &issuer, ca_pem, out, "admin")
+    let ca = Ca::open(ca_dir)?;
+    let p = leaf_params(Vec::new(), name, Role::Admin, ca.leaf_days(days)?)?;
+    let (cert, key) = sign(p, &ca)?;
+    make_dir(out)?;
+    write_all_new(&set(out, "admin", cert, key, &ca))
 }
 
-/// Signs `p` with a new key and writes `STEM.pem`, `STEM.key` (0600) and
-/// the CA's `ca.pem` into `out`, all or none.
-fn sign_and_write(
-    p: CertificateParams,
-    issuer: &Issuer<'static, KeyPair>,
-    ca_pem: String,
-    out: &Path,
-    stem: &str,
-) -> Result<Vec<PathBuf>, TlsError> {
+/// `keyraft certs renew`: the certificate in `dir` (`node.pem`, else
+/// `admin.pem`) again, from the same CA, with the same name, addresses and
+/// role, a new key, and `days` of life. The old pair is kept as
+/// `STEM.pem.old` and `STEM.key.old`; the new one replaces it file by file
+/// (each rename atomic), so a running keyraft takes it on SIGHUP, and
+/// refuses a half-written pair if it comes between the two.
+pub fn renew(ca_dir: &Path, dir: &Path, days: Option<u32>) -> Result<Vec<PathBuf>, TlsError> {
+    let stem = ["node", "admin"]
+        .into_iter()
+        .find(|s| dir.join(format!("{s}.pem")).exists())
+        .ok_or_else(|| {
+            TlsError::Invalid(format!("no node.pem or admin.pem in {}", dir.display()))
+        })?;
+    let ca = Ca::open(ca_dir)?;
+    let trusted = String::from_utf8_lossy(&read(&dir.join("ca.pem"))?).into_owned();
+    if !trusted.contains(ca.pem.trim()) {
+        return Err(TlsError::Invalid(format!(
+            "{} does not hold the CA in {}: a certificate from it would not be trusted here",
+            dir.join("ca.pem").display(),
+            ca_dir.display()
+        )));
+    }
+    let old_pem = read(&dir.join(format!("{stem}.pem")))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&old_pem)
+        .map_err(|e| TlsError::Invalid(format!("{stem}.pem: not a PEM certificate: {e}")))?;
+    let info = super::cert_info_der(&pem.contents)?;
+    let role = super::cert_role(&pem.contents)
+        .ok_or_else(|| TlsError::Invalid(format!("{stem}.pem carries no single keyraft role")))?;
+    let names = info
+        .names
+        .into_iter()
+        .filter(|n| !n.starts_with(Role::PREFIX))
+        .collect();
+    let p = leaf_params(names, &info.subject, role, ca.leaf_days(days)?)?;
+    let (cert, key) = sign(p, &ca)?;
+    let err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| TlsError::Write { path, source }
+    };
+    for ext in ["pem", "key"] {
+        let from = dir.join(format!("{stem}.{ext}"));
+        let to = dir.join(format!("{stem}.{ext}.old"));
+        let body = read(&from)?;
+        crate::durable::write(&to, &body, 0o600).map_err(err(&to))?;
+    }
+    let mut written = Vec::new();
+    for (path, body, mode) in set(dir, stem, cert, key, &ca).into_iter().take(2) {
+        crate::durable::write(&path, body.as_bytes(), mode).map_err(err(&path))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Signs `p` with a new key: (certificate PEM, key PEM).
+fn sign(p: CertificateParams, ca: &Ca) -> Result<(String, String), TlsError> {
     let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, issuer)?;
-    make_dir(out)?;
-    let files = [
-        (out.join(format!("{stem}.pem")), cert.pem(), 0o644),
-        (out.join(format!("{stem}.key")), key.serialize_pem(), 0o600),
-        (out.join("ca.pem"), ca_pem, 0o644),
-    ];
-    write_all_new(&files)
+    let cert = p.signed_by(&key, &ca.issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The files of one set: `STEM.pem`, `STEM.key` (0600) and the CA's
+/// `ca.pem`, in `out`.
+fn set(out: &Path, stem: &str, cert: String, key: String, ca: &Ca) -> [(PathBuf, String, u32); 3] {
+    [
+        (out.join(format!("{stem}.pem")), cert, 0o644),
+        (out.join(format!("{stem}.key")), key, 0o600),
+        (out.join("ca.pem"), ca.pem.clone(), 0o644),
+    ]
 }
 
 fn make_dir(out: &Path) -> Result<(), TlsError> {

@@ -18,7 +18,7 @@ mod issue;
 
 use std::path::Path;
 
-pub use issue::{create_admin, create_ca, create_node};
+pub use issue::{create_admin, create_ca, create_node, renew, CA_DAYS, LEAF_DAYS};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
@@ -524,7 +524,7 @@ mod tests {
     #[test]
     fn node_certificate_names_only_its_node() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
+        create_ca(dir.path(), CA_DAYS).unwrap();
         let out = dir.path().join("n2");
         create_node(
             dir.path(),
@@ -564,7 +564,7 @@ mod tests {
     #[test]
     fn a_node_certificate_names_one_node_and_peers_accept_no_other() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
+        create_ca(dir.path(), CA_DAYS).unwrap();
         for bad in [
             "*.keyraft",
             "node-3.keyraft",
@@ -606,7 +606,7 @@ mod tests {
     fn each_certificate_carries_one_role_and_a_node_starts_only_with_its_own() {
         use rustls::pki_types::pem::PemObject;
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
+        create_ca(dir.path(), CA_DAYS).unwrap();
         let der = |p: &Path| CertificateDer::from_pem_file(p).unwrap();
         let (v, w, a) = (
             dir.path().join("v"),
