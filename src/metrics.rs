@@ -42,6 +42,8 @@ pub struct Metrics {
     pub timing_profile: IntGaugeVec,
     pub member_refused: IntGaugeVec,
     pub paused: IntGauge,
+    /// 0 once openraft's core stopped (keyraft then exits with code 8).
+    pub raft_running: IntGauge,
     pub kernel_fence: IntGauge,
     pub fence_agent_attempts: IntCounterVec,
     pub sign_requests: IntCounterVec,
@@ -131,6 +133,7 @@ impl Metrics {
                 &["node"],
             )?,
             paused: IntGauge::with_opts(opts("paused", "1 while the cluster is paused (no automatic failover)."))?,
+            raft_running: IntGauge::with_opts(opts("raft_running", "1 while the Raft core runs; 0 once it stopped (a fatal storage error or a bug): keyraft then fences its validator and exits with code 8 for its process manager to restart it."))?,
             kernel_fence: IntGauge::with_opts(opts("kernel_fence", "1 while the kernel fence (an nftables lease on the keyed validator's traffic) is on for this host's validator."))?,
             fence_agent_attempts: IntCounterVec::new(
                 opts("fence_agent_attempts_total", "Fence agent attempts to power a member's host off before a takeover, by member and result (off, failed, timeout, still_on)."),
@@ -207,6 +210,8 @@ impl Metrics {
         r.register(Box::new(m.timing_profile.clone()))?;
         r.register(Box::new(m.member_refused.clone()))?;
         r.register(Box::new(m.paused.clone()))?;
+        r.register(Box::new(m.raft_running.clone()))?;
+        m.raft_running.set(1);
         r.register(Box::new(m.tls_cert_expiry.clone()))?;
         if signer {
             r.register(Box::new(m.sign_requests.clone()))?;

@@ -195,7 +195,9 @@ impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
     /// openraft's server state as keyraft reports it: `LeaderWithoutQuorum`
     /// for a leader that [`Self::leads`] no more.
     pub fn raft_state(&self, m: &raft::Metrics) -> String {
-        if m.state == ServerState::Leader && !self.leads(m) {
+        if m.running_state.is_err() {
+            "Stopped".to_string()
+        } else if m.state == ServerState::Leader && !self.leads(m) {
             "LeaderWithoutQuorum".to_string()
         } else {
             format!("{:?}", m.state)
@@ -265,6 +267,7 @@ impl Shared {
         g.raft_applied_index
             .set(m.last_applied.map_or(-1, |l| l.index as i64));
         g.quorum.set(i64::from(self.has_quorum()));
+        g.raft_running.set(i64::from(m.running_state.is_ok()));
         let age = if m.state == ServerState::Leader {
             quorum_ack_age(&m)
         } else {

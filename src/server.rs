@@ -67,6 +67,9 @@ pub enum RunError {
     Admin(#[from] admin::access::AccessError),
     #[error("raft: {0}")]
     Raft(String),
+    /// openraft's core stopped while running; exit code 8.
+    #[error("the Raft core stopped: {0}")]
+    RaftCore(String),
     #[error(transparent)]
     SignerKey(#[from] signer::sign::SignError),
     #[error(transparent)]
@@ -381,10 +384,14 @@ pub async fn run(
     ));
     let (stop_coordinator, coordinator_stop) = shutdown::channel();
     let mut refused = sh.refused.subscribe();
+    let (core_tx, core_died) = watch::channel(None);
+    tasks.push(tokio::spawn(raft::core_stopped(raft.clone(), core_tx)));
+    let mut died = core_died.clone();
     tokio::spawn(async move {
         tokio::select! {
             () = shutdown => {}
             Ok(_) = refused.wait_for(Option::is_some) => {}
+            Ok(_) = died.wait_for(Option::is_some) => {}
         }
         stop_coordinator.fire();
     });
@@ -435,9 +442,11 @@ pub async fn run(
     drop(lock);
     tracing::info!("stopped");
     let refused = sh.refused.borrow().clone();
-    match refused {
-        Some(why) => Err(RunError::Refused(why)),
-        None => Ok(()),
+    let died = core_died.borrow().clone();
+    match (refused, died) {
+        (Some(why), _) => Err(RunError::Refused(why)),
+        (None, Some(why)) => Err(RunError::RaftCore(why)),
+        (None, None) => Ok(()),
     }
 }
 
@@ -532,7 +541,7 @@ async fn start_servers(
         .add_service(InterceptedService::new(cluster_svc, auth));
     let peer_task = match &sh.tls {
         Some(t) => {
-            let incoming = tls_incoming(peer_listener, t.clone(), stop.clone());
+            let incoming = tls::incoming(peer_listener, t.clone(), stop.clone());
             let stopped = until_stopped(stop.clone());
             tokio::spawn(async move {
                 if let Err(e) = peer_router
@@ -579,7 +588,7 @@ async fn start_servers(
             admin_svc(),
             tls::admin::authenticate,
         ));
-        let incoming = tls_incoming(listener, t.clone(), stop.clone());
+        let incoming = tls::incoming(listener, t.clone(), stop.clone());
         let stopped = until_stopped(stop.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
@@ -600,49 +609,6 @@ async fn start_servers(
     });
     tasks.push(http_task);
     Ok(tasks)
-}
-
-/// The peer port's connections after the TLS handshake, each with the
-/// acceptor current when it arrived (see [`reload_on_sighup`]). Handshakes
-/// run apart, so a slow or silent client holds up nobody else.
-fn tls_incoming(
-    listener: tokio::net::TcpListener,
-    tls: Arc<ServerTls>,
-    mut stop: Shutdown,
-) -> impl futures::Stream<
-    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut stopped = std::pin::pin!(async move {
-            stop.requested().await;
-        });
-        loop {
-            let tcp = tokio::select! {
-                _ = &mut stopped => return,
-                r = listener.accept() => match r {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => {
-                        tracing::warn!("peer port: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (tls.current(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!("peer TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!("peer TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
 
 /// SIGHUP (`systemctl reload keyraft`): reads the TLS files again and, if

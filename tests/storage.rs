@@ -1,7 +1,9 @@
-//! The Raft log file under SIGKILL: a child process appends entries and prints
-//! each index once openraft's IO callback says it is durable; the parent
-//! kills it at a random moment, again and again. Whatever was acknowledged
-//! must still be there, with no holes and no changed entries.
+//! The Raft store under faults. Under SIGKILL: a child process appends
+//! entries and prints each index once openraft's IO callback says it is
+//! durable; the parent kills it at a random moment, again and again.
+//! Whatever was acknowledged must still be there, with no holes and no
+//! changed entries. Under a full disk: the member whose store it is stops
+//! for good and says so with its exit code (8).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -239,5 +241,148 @@ async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<(
     let read = ids(&log.try_get_log_entries(1..=21).await?);
     ensure!(read == want, "after a restart: {read:?}");
     ensure!(dir.join("log").exists(), "the log moved into its own file");
+    Ok(())
+}
+
+/// A tmpfs of `size` mounted over `dir`, holding what `dir` held; on drop,
+/// what it holds goes back to the disk and the mount goes away.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    disk: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn over(dir: &Path, size: &str) -> Result<SmallDisk> {
+        let disk = dir.with_extension("disk");
+        std::fs::rename(dir, &disk)?;
+        std::fs::create_dir(dir)?;
+        let sh = |cmd: String| -> Result<()> {
+            let out = Command::new("sh").arg("-c").arg(&cmd).output()?;
+            ensure!(out.status.success(), "{cmd}: {out:?}");
+            Ok(())
+        };
+        sh(format!(
+            "mount -t tmpfs -o size={size} tmpfs {}",
+            dir.display()
+        ))?;
+        let d = SmallDisk {
+            dir: dir.to_path_buf(),
+            disk,
+        };
+        sh(format!("cp -a {}/. {}/", d.disk.display(), dir.display()))?;
+        Ok(d)
+    }
+
+    /// Fills the tmpfs to the last byte.
+    fn fill(&self) -> Result<()> {
+        let mut f = std::fs::File::create(self.dir.join("filler"))?;
+        let block = vec![0u8; 64 << 10];
+        loop {
+            match f.write(&block) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("filler"));
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "rm -rf {disk} && cp -a {dir} {disk} && umount -l {dir} && rmdir {dir} && mv {disk} {dir}",
+                disk = self.disk.display(),
+                dir = self.dir.display()
+            ))
+            .status();
+    }
+}
+
+/// A member's disk fills up: its Raft core stops on the first append that
+/// fails, and the member does not linger "validating nothing": it says why
+/// in one line, stops its validator and exits with code 8 (what systemd's
+/// `Restart=on-failure` restarts). The cluster validates on; with the space
+/// back, the member started again takes part. The chain judges.
+///
+/// The member is a standby: only a leader appends entries of its own, and
+/// the entries an operator can make without a failover (pause, resume)
+/// would leave a cluster paused if its leader died between them. A leader
+/// whose store stalls or fails loses its lease for want of its own durable
+/// ack (`raft::heartbeat_while_leading`) before anything else.
+#[tokio::test]
+async fn a_member_whose_raft_core_stops_stops_its_validator_and_exits_8() -> Result<()> {
+    use localnet::cluster::{Cluster, NodeOpts, SETTLE};
+    use localnet::harness::{alive, eventually};
+    use nix::sys::signal::Signal;
+
+    let mut c = Cluster::start(3, 250, |_| NodeOpts::default()).await?;
+    let active = c.active().await?;
+    let victim = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("no standby")?;
+    // The victim's Raft store on a small disk of its own: stopped cleanly,
+    // moved, started again.
+    c.signal(victim, Signal::SIGTERM)?;
+    let mut p = c.forget(victim)?.context("no process")?;
+    ensure!(p.wait_exit(SETTLE).await?.success());
+    let disk = SmallDisk::over(&c.nodes[&victim].data.join("raft"), "16m")?;
+    c.spawn(victim)?;
+    eventually(SETTLE, "the victim back as a standby", || async {
+        Ok((c.own_state(victim).await? == "Voting").then_some(()))
+    })
+    .await?;
+    let validator = c.validator_pid(victim).context("no validator pid")?;
+    let before = c.chain.totals().await?;
+
+    // Full. A tmpfs takes small writes into a page already in use, so the
+    // leader commits entries (pause, resume) until one needs a page more
+    // on the victim and its append fails.
+    disk.fill()?;
+    let mut p = c.forget(victim)?.context("no process")?;
+    for _ in 0..200 {
+        if p.try_exit().is_some() {
+            break;
+        }
+        for cmd in ["pause", "resume"] {
+            let out = c.cli(active, &[cmd]).await?;
+            ensure!(out.status.success(), "{cmd}: {out:?}");
+        }
+    }
+    let status = p.wait_exit(SETTLE).await;
+    let log = p.log_text();
+    ensure!(
+        status.as_ref().ok().and_then(|s| s.code()) == Some(8),
+        "exit {status:?}\n{log}"
+    );
+    ensure!(
+        log.lines()
+            .filter(|l| l.contains("the Raft core stopped"))
+            .count()
+            == 1,
+        "not one line says why:\n{log}"
+    );
+    ensure!(!alive(validator), "its validator outlived it");
+
+    // Space back, started again: it takes part once more.
+    drop(disk);
+    c.spawn(victim)?;
+    eventually(SETTLE, "the victim back as a standby", || async {
+        Ok((c.own_state(victim).await? == "Voting").then_some(()))
+    })
+    .await
+    .with_context(|| c.logs_ending_with(Some(victim)))?;
+    let after = c.assert_no_double_signs().await?;
+    ensure!(
+        after.missed == before.missed && c.own_state(active).await? == "Validating",
+        "the active node stopped: missed {} -> {}",
+        before.missed,
+        after.missed
+    );
     Ok(())
 }

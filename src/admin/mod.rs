@@ -77,6 +77,7 @@ pub fn status_json(sh: &Shared) -> Value {
             json!({
                 "id": id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
                 "state": local.state.to_string(), "raft": sh.raft_state(&m),
+                "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
                 "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
                 "probe_error": *sh.probe_error.borrow(),
                 "kernel_fence": sh.kernel_fence,

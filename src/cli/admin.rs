@@ -472,6 +472,12 @@ fn print_table(v: &serde_json::Value) {
                 n["tls_cert"]["not_after"].as_str().unwrap_or("?")
             );
         }
+        if let Some(e) = n["raft_error"].as_str() {
+            println!(
+                "node {} Raft core stopped: {e} (keyraft exits with code 8 for its process manager to restart it)",
+                n["id"]
+            );
+        }
         if let Some(e) = n["probe_error"].as_str() {
             println!("node {} validator probe: {e}", n["id"]);
         }

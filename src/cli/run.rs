@@ -68,6 +68,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+        // Said once already, as it happened (`raft::core_stopped`).
+        Err(RunError::RaftCore(_)) => ExitCode::from(8),
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");

@@ -95,6 +95,29 @@ pub fn openraft_config(t: &Timing) -> Result<openraft::Config, openraft::ConfigE
     .validate()
 }
 
+/// Waits until openraft's core has stopped for good (a fatal storage
+/// error such as a full disk, a panic, a broken invariant), says why in one
+/// line and sends it on `died`. A stopped core never starts again in this
+/// process: the server then stops the coordinator (which fences the
+/// validator) and exits with code 8, so that the process manager restarts
+/// keyraft and the start-up checks run again.
+pub async fn core_stopped(raft: Raft, died: tokio::sync::watch::Sender<Option<String>>) {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let mut metrics = raft.metrics();
+    let why = loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            break fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            break "its task ended without saying why (a panic)".to_string();
+        }
+    };
+    tracing::error!(
+        "the Raft core stopped ({why}): fencing the validator, then exiting with code 8 for the process manager to restart keyraft"
+    );
+    let _ = died.send(Some(why));
+}
+
 /// The leader's heartbeats, from a timer of keyraft's own instead of
 /// openraft's tick. The tick (every 13/64 of a heartbeat: 100 wakeups a
 /// second with the lan profile, on every node) only sends the leader's

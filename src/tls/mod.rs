@@ -4,6 +4,7 @@
 //!
 //! - [`issue`]: making the CA and the certificates it signs.
 //! - [`admin`]: the admin TCP port's client check and the CLI's end of it.
+//! - [`incoming`]: a TLS port's connections, each handshake apart.
 //!
 //! Owns: the naming rule (node N's certificate carries the DNS name
 //! `node-N.keyraft`, and nothing names two nodes), the role rule (each
@@ -14,10 +15,12 @@
 //! signing; it only answers "who is calling, in which role".
 
 pub mod admin;
+mod incoming;
 mod issue;
 
 use std::path::Path;
 
+pub use incoming::incoming;
 pub use issue::{create_admin, create_ca, create_node, renew, CA_DAYS, LEAF_DAYS};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
