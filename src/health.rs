@@ -239,20 +239,35 @@ pub async fn run(
 /// Signer mode, several chains: probes chain `chain_id`'s node (its
 /// `node-rpc`) every `interval` and keeps what it reports in `nodes`
 /// under the chain id (removed while it does not answer), where the
-/// chain's height limit and gossip read it.
+/// chain's height limit and gossip read it, and why it fails in `errors`
+/// while it does, where status reads it.
 pub async fn run_for_chain(
     prober: Prober,
     interval: Duration,
     chain_id: String,
     nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
+    errors: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 ) {
     let what = format!("chain {chain_id}'s node probe");
-    probe_every(prober, interval, &what, "check its node-rpc", |seen, _| {
-        nodes.send_if_modified(|m| match seen {
-            Some(h) => m.insert(chain_id.clone(), h) != Some(h),
-            None => m.remove(&chain_id).is_some(),
-        });
-    })
+    probe_every(
+        prober,
+        interval,
+        &what,
+        "check its node-rpc",
+        |seen, error| {
+            if let Some(error) = error {
+                let mut errors = errors.lock().unwrap_or_else(|p| p.into_inner());
+                match error {
+                    Some(e) => errors.insert(chain_id.clone(), e),
+                    None => errors.remove(&chain_id),
+                };
+            }
+            nodes.send_if_modified(|m| match seen {
+                Some(h) => m.insert(chain_id.clone(), h) != Some(h),
+                None => m.remove(&chain_id).is_some(),
+            });
+        },
+    )
     .await
 }
 

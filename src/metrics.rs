@@ -54,6 +54,8 @@ pub struct Metrics {
     /// Where a signature's time goes (the sign budget), by stage.
     pub sign_stage_seconds: HistogramVec,
     pub privval_connected: IntGaugeVec,
+    /// Signer mode: 1 while a chain's `node-rpc` answers its probe.
+    pub chain_node_up: IntGaugeVec,
     /// Signer mode: 1 on the member that signs (the leader), 0 on the
     /// ones that forward.
     pub signing: IntGauge,
@@ -167,6 +169,10 @@ impl Metrics {
                 opts("privval_connected", "1 while this host is connected to the node's privval port, by chain and node."),
                 &["chain", "node"],
             )?,
+            chain_node_up: IntGaugeVec::new(
+                opts("chain_node_up", "Signer mode: 1 while the chain's node on this host (its node-rpc) answers its probe, 0 while it fails (status shows why); only for chains with a node-rpc."),
+                &["chain"],
+            )?,
             signing: IntGauge::with_opts(opts("signing", "Signer mode: 1 on the member that signs (the Raft leader), 0 on one that forwards its nodes' requests."))?,
             tls_cert_expiry: IntGaugeVec::new(
                 opts("tls_cert_expiry_seconds", "Seconds until the certificate in use expires (negative once it has), cert node or ca."),
@@ -218,6 +224,7 @@ impl Metrics {
             r.register(Box::new(m.sign_seconds.clone()))?;
             r.register(Box::new(m.sign_stage_seconds.clone()))?;
             r.register(Box::new(m.privval_connected.clone()))?;
+            r.register(Box::new(m.chain_node_up.clone()))?;
             r.register(Box::new(m.signing.clone()))?;
             r.register(Box::new(m.signer_watermark.clone()))?;
             r.register(Box::new(m.signer_other_key_members.clone()))?;

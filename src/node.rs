@@ -90,6 +90,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     /// Signer mode, several chains: what each chain's node on this host
     /// (its `node-rpc`) last reported, while it answers.
     pub chain_nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
+    /// Signer mode: why each chain's node probe last failed, while it
+    /// fails (the chain's status and `keyraft_chain_node_up` show it).
+    pub chain_probe_errors: Arc<Mutex<BTreeMap<String, String>>>,
     /// Signer mode: what this process remembers of the heights reported
     /// for each chain (for the height limit).
     pub heights: HeightMemory,
@@ -255,6 +258,13 @@ impl Shared {
             .set(i64::from(self.cfg.signer.is_some() && self.leads(&m)));
         if let Some(signer) = &self.cfg.signer {
             let cluster = self.cluster.borrow();
+            let answering = self.chain_nodes.borrow();
+            for c in signer.chains.iter().filter(|c| c.node_rpc.is_some()) {
+                let up = answering.contains_key(&c.chain_id);
+                g.chain_node_up
+                    .with_label_values(&[&c.chain_id])
+                    .set(i64::from(up));
+            }
             for chain in signer.chain_ids() {
                 let height = cluster
                     .watermark(chain)

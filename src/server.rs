@@ -269,6 +269,7 @@ pub async fn run(
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         signer_keys,
         chain_nodes: Default::default(),
+        chain_probe_errors: Default::default(),
         heights: Default::default(),
     });
     let sh = Arc::new(Shared {

@@ -144,6 +144,7 @@ async fn one_cluster_signs_three_chains_through_a_killed_leader() -> Result<()> 
     )
     .await
     .with_context(|| format!("chain heights {now:?}\n{}", c.logs()))?;
+    probe_errors_are_shown_per_chain(&c).await?;
     // The leader's whole host dies: every chain signs again on the others.
     let l = leader(&c, 1).await?;
     c.kill_host(l)?;
@@ -165,6 +166,62 @@ async fn one_cluster_signs_three_chains_through_a_killed_leader() -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// Node 1's node for the second chain stops answering (SIGSTOP): node 1's
+/// status, status table and `keyraft_chain_node_up` say so for that chain
+/// alone, and clear once it answers again.
+async fn probe_errors_are_shown_per_chain(c: &Cluster) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let other = &c.others[0];
+    let sentry = other.sentries[&1].proc.as_ref().context("no sentry")?;
+    let pid = Pid::from_raw(sentry.pid());
+    let up = || async {
+        c.metric(
+            1,
+            &format!("keyraft_chain_node_up{{chain=\"{}\"}}", other.chain_id),
+        )
+        .await
+    };
+    ensure!(up().await? == 1.0);
+    let errors = || async {
+        let s = c.status(1).await?;
+        let v: Vec<(String, Option<String>)> = s["signer"]["chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|ch| {
+                let id = ch["chain_id"].as_str().unwrap_or("").to_string();
+                (id, ch["node_probe_error"].as_str().map(str::to_string))
+            })
+            .collect();
+        anyhow::Ok(v)
+    };
+    kill(pid, Signal::SIGSTOP)?;
+    let failing = async {
+        eventually(SETTLE, "the probe error in status", || async {
+            let v = errors().await?;
+            let only = v
+                .iter()
+                .all(|(id, e)| e.is_some() == (*id == other.chain_id));
+            Ok((only && up().await? == 0.0).then_some(()))
+        })
+        .await?;
+        let table = c.cli(1, &["status"]).await?;
+        let text = String::from_utf8_lossy(&table.stdout);
+        let line = format!("node 1 chain {}'s node probe: ", other.chain_id);
+        ensure!(text.contains(&line), "no {line:?} in the table: {text}");
+        anyhow::Ok(())
+    }
+    .await;
+    kill(pid, Signal::SIGCONT)?;
+    failing?;
+    eventually(SETTLE, "the probe error cleared", || async {
+        let clear = errors().await?.iter().all(|(_, e)| e.is_none());
+        Ok((clear && up().await? == 1.0).then_some(()))
+    })
+    .await
 }
 
 #[tokio::test]

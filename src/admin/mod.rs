@@ -145,6 +145,11 @@ pub fn status_json(sh: &Shared) -> Value {
         let links = sh.privval.snapshot();
         let peers = crate::signer::keys::of_peers(&sh.core, &seen);
         let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
+        let probe_errors = sh
+            .chain_probe_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let chains: Vec<Value> = c
             .chains
             .iter()
@@ -174,6 +179,7 @@ pub fn status_json(sh: &Shared) -> Value {
                     }),
                     "signatures": w.map_or(0, |w| w.signatures),
                     "height_limit": json!({"height": limit.height, "why": limit.why}),
+                    "node_probe_error": probe_errors.get(&chain.chain_id),
                     "connections": links.iter()
                         .filter(|(node, _)| nodes.contains(node))
                         .map(|(node, up)| json!({"node": node, "connected": up}))

@@ -481,6 +481,14 @@ fn print_table(v: &serde_json::Value) {
         if let Some(e) = n["probe_error"].as_str() {
             println!("node {} validator probe: {e}", n["id"]);
         }
+        if n["last_seen_ms"] == 0 {
+            for chain in v["signer"]["chains"].as_array().into_iter().flatten() {
+                if let Some(e) = chain["node_probe_error"].as_str() {
+                    let id = chain["chain_id"].as_str().unwrap_or("?");
+                    println!("node {} chain {id}'s node probe: {e}", n["id"]);
+                }
+            }
+        }
         for (peer, agent) in n["fence_agents"].as_object().into_iter().flatten() {
             if let Some(last) = agent["last"].as_str() {
                 println!("node {} fence agent for node {peer}: {last}", n["id"]);

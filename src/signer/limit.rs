@@ -208,8 +208,10 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
                 interval.max(Duration::from_millis(500)),
             )
             .of_chain(&chain);
-            let nodes = core.chain_nodes.clone();
-            tokio::spawn(health::run_for_chain(prober, interval, chain, nodes))
+            let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
+            tokio::spawn(health::run_for_chain(
+                prober, interval, chain, nodes, errors,
+            ))
         })
         .collect()
 }
