@@ -132,6 +132,40 @@ async fn a_removal_that_would_leave_no_live_majority_is_refused() -> Result<()> 
     Ok(())
 }
 
+/// `members add` of an address nobody answers at (a typo, a host not yet
+/// up) is refused once the learner makes no progress, and leaves it a
+/// learner: the voters stay three, so the cluster still outlives one of
+/// them. openraft alone made it a voter at once (it lags fewer entries than
+/// its threshold), and the next host down left no majority.
+#[tokio::test]
+async fn a_member_nobody_answers_for_is_never_made_a_voter() -> Result<()> {
+    let mut c = Cluster::start(3, 250, plain).await?;
+    let l = validating(&c, &[1, 2, 3]).await?;
+    let nobody = localnet::harness::free_addr()?;
+    let out = c
+        .cli(l, &["members", "add", &format!("4={nobody}")])
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("node 4 holds nothing of")
+            && err.lines().count() == 1,
+        "{out:?}"
+    );
+    let s = c.status(l).await?;
+    ensure!(
+        s["cluster"]["members"] == serde_json::json!([1, 2, 3]),
+        "voters {}",
+        s["cluster"]["members"]
+    );
+    // One voter down: the other two still make a majority.
+    let down = if l == 1 { 2 } else { 1 };
+    c.kill_host(down)?;
+    chain_moves(&c).await.with_context(|| c.logs())?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
 /// A node whose start is still being checked with its peers (step 9) runs
 /// no operator command: standing for election then would skip the check
 /// that may be about to refuse it (the simulator found a restored node

@@ -1,9 +1,11 @@
-//! The rule for taking a voter out of the membership (docs/design.md,
-//! step 7), as a pure function with a table test, so that the admin path
-//! and the simulator (`sim/`) run the same rule.
+//! The rules for changing the membership (docs/design.md, step 7), as
+//! pure functions with table tests, so that the admin path and the
+//! simulator (`sim/`) run the same rules: when a voter may be taken out,
+//! and when a learner may be made a voter.
 //!
-//! Owns: whether a removal may start now. Must not: do I/O or read a
-//! clock; the caller passes the voters and how old each ack is.
+//! Owns: whether a removal may start now; whether a learner has caught up.
+//! Must not: do I/O or read a clock; the caller passes the voters, how old
+//! each ack is, and how long a learner has made no progress.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -42,9 +44,73 @@ pub fn removal_refusal(
     })
 }
 
+/// Where a new learner stands on its way to becoming a voter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Learner {
+    /// It holds every entry up to the one that added it: make it a voter.
+    CaughtUp,
+    /// Still catching up, or not yet heard from: wait.
+    Catching,
+    /// No progress for the whole `stall` limit: refuse, with why.
+    Stalled(String),
+}
+
+/// Whether learner `id`, which holds entries up to `matched` (`None`: not
+/// one yet, as when it is unreachable), has caught up with `target` (the
+/// entry that added it), after `still` without progress. openraft would
+/// make it a voter as soon as it lags fewer than thousands of entries,
+/// reachable or not: a mistyped address then raises the majority the
+/// cluster needs by one member that never answers. A learner that moves,
+/// however slowly, is waited for.
+pub fn learner_step(
+    id: NodeId,
+    matched: Option<u64>,
+    target: u64,
+    still: Duration,
+    stall: Duration,
+) -> Learner {
+    if matched.is_some_and(|m| m >= target) {
+        Learner::CaughtUp
+    } else if still < stall {
+        Learner::Catching
+    } else {
+        let held = matched.map_or("nothing".to_string(), |m| format!("entries up to {m}"));
+        Learner::Stalled(format!(
+            "node {id} holds {held} of {target} after {} s without progress: left a learner (no vote), not made a voter; check that it runs and that this host reaches its address, then add it again (or `keyraft members remove {id}`)",
+            stall.as_secs()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_learner_becomes_a_voter_only_once_it_holds_the_entry_that_added_it() {
+        let stall = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        // (matched, target, time without progress) -> step
+        let table = [
+            (Some(7), 7, s(0), Learner::CaughtUp),
+            (Some(9), 7, s(30), Learner::CaughtUp),
+            (Some(6), 7, s(9), Learner::Catching),
+            (None, 7, s(9), Learner::Catching),
+        ];
+        for (matched, target, still, want) in table {
+            assert_eq!(learner_step(4, matched, target, still, stall), want);
+        }
+        // Unreachable, or stuck partway: refused, saying which.
+        for (matched, held) in [(None, "nothing"), (Some(3), "entries up to 3")] {
+            match learner_step(4, matched, 7, s(10), stall) {
+                Learner::Stalled(why) => assert!(
+                    why.starts_with(&format!("node 4 holds {held} of 7 after 10 s")),
+                    "{why}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
     #[test]
     fn a_voter_is_removed_only_while_the_voters_left_have_a_live_majority() {
         let limit = Duration::from_millis(600);
