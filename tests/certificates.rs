@@ -166,7 +166,15 @@ async fn every_member_renews_in_place_while_the_cluster_validates() -> Result<()
     let other = tempfile::tempdir()?;
     localnet::cluster::certs(&c.keyraft, &["ca"], &other.path().join("ca"))?;
     let other_ca = other.path().join("ca").display().to_string();
+    // A renewal cut short (a new certificate beside the old key).
+    let half = other.path().join("half");
+    std::fs::create_dir_all(&half)?;
+    for (from, f) in [(1, "ca.pem"), (1, "node.key"), (2, "node.pem")] {
+        std::fs::copy(c.nodes[&from].tls.join(f), half.join(f))?;
+    }
+    let half = half.display().to_string();
     for (args, why) in [
+        (vec!["--ca", &ca, &half], "are not a pair"),
         (vec!["--ca", &other_ca, &tls1], "does not hold the CA"),
         (
             vec!["--ca", &ca, "--days", "4000", &tls1],
@@ -180,6 +188,7 @@ async fn every_member_renews_in_place_while_the_cluster_validates() -> Result<()
             "{args:?}: {out:?}"
         );
         ensure!(pem()? == untouched, "a refused renewal changed node.pem");
+        ensure!(!other.path().join("half/node.pem.old").exists());
     }
 
     for id in [1, 2, 3] {

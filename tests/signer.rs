@@ -287,6 +287,36 @@ async fn killing_the_leaders_host_costs_at_most_an_election_and_no_equivocation(
     Ok(())
 }
 
+/// A paused signer cluster does not fail over: with the leader's host
+/// killed, nobody signs until an operator resumes. (After nearly every
+/// signature a follower holds entries it has not applied; in validator
+/// mode that unsettles its applied pause, in signer mode it must not.)
+#[tokio::test]
+async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()> {
+    let mut c = start(|_| NodeOpts::default()).await?;
+    let l = leader(&c, 1).await?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    ensure!(c.cli(rest[0], &["pause"]).await?.status.success());
+    let paused = c.chain.totals().await?;
+    every_sentry_signed(&c, paused.height, &[1, 2, 3]).await?;
+    c.kill_host(l)?;
+    let killed = c.chain.totals().await?.height;
+    // Six heights: several times a failover's length.
+    c.chain.wait_height(killed + 6, SETTLE).await?;
+    let s = c.chain.stats_since(killed + 2).await?;
+    ensure!(
+        rest.iter()
+            .all(|n| s.first_signed_by(*n, killed + 1).is_none()),
+        "signed while paused: {:?}\n{}",
+        s.signers,
+        c.logs()
+    );
+    ensure!(c.cli(rest[0], &["resume"]).await?.status.success());
+    every_sentry_signed(&c, killed + 6, &rest).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_frozen_leader_host_that_thaws_cannot_sign_what_the_new_leader_did() -> Result<()> {
     let c = start(|_| NodeOpts::default()).await?;

@@ -281,7 +281,6 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
     }
 
     async fn execute_here(&self, cmd: pb::ClusterCommand) -> Result<String, Status> {
-        let raft = &self.core.raft;
         match cmd
             .kind
             .ok_or_else(|| Status::invalid_argument("empty command"))?
@@ -318,12 +317,10 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
             Kind::MembersRemove(id) => {
                 self.voters_left_answer(id).await?;
                 self.relay.change_begins(&format!("remove node {id}"));
-                raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-                    .await
-                    .map_err(write_status)?;
-                raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
-                    .await
-                    .map_err(write_status)?;
+                self.change(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await?;
+                self.change(ChangeMembers::RemoveNodes([id].into()), false)
+                    .await?;
                 Ok(format!("node {id} removed"))
             }
             Kind::Rejoin(m) if m.id == self.core.cfg.id => Err(Status::failed_precondition(
@@ -349,9 +346,8 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                     // before: a voter may have died since.
                     self.voters_left_answer(m.id).await?;
                     self.relay.change_begins(&format!("demote node {}", m.id));
-                    raft.change_membership(ChangeMembers::RemoveVoters([m.id].into()), true)
-                        .await
-                        .map_err(write_status)?;
+                    self.change(ChangeMembers::RemoveVoters([m.id].into()), true)
+                        .await?;
                 }
                 self.add_voter(&m).await?;
                 Ok(format!(
@@ -504,6 +500,26 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         }
     }
 
+    /// A membership change, run to its end even if the request that asked
+    /// for it is dropped (its deadline, a client gone): openraft makes a
+    /// change in two commits, joint then uniform, and a future dropped
+    /// between them would leave the cluster needing a majority of both
+    /// member sets.
+    async fn change(
+        &self,
+        changes: ChangeMembers<NodeId, BasicNode>,
+        retain: bool,
+    ) -> Result<(), Status> {
+        let raft = self.core.raft.clone();
+        let task = tokio::spawn(async move { raft.change_membership(changes, retain).await });
+        match task.await {
+            Ok(done) => done.map(|_| ()).map_err(write_status),
+            Err(e) => Err(Status::internal(format!(
+                "the membership change stopped: {e}"
+            ))),
+        }
+    }
+
     /// Waits until learner `id` holds entry `target`, as long as it makes
     /// progress ([`members::learner_step`]); a learner that stalls for
     /// [`LEARNER_STALL`] election timeouts is refused.
@@ -559,9 +575,8 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         self.learner_caught_up(m.id, added.log_id.index).await?;
         self.relay
             .change_begins(&format!("add node {} as a voter", m.id));
-        raft.change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
-            .await
-            .map_err(write_status)?;
+        self.change(ChangeMembers::AddVoterIds([m.id].into()), false)
+            .await?;
         Ok(())
     }
 }

@@ -308,7 +308,11 @@ impl<E: Env> Coordinator<E> {
         // Each read of the cluster's state is its own statement: a borrow
         // held while a second is taken waits forever on a queued writer.
         let applied_paused = self.cluster_rx.borrow().paused;
-        let unapplied = m.last_log_index > m.last_applied.map(|l| l.index);
+        // In signer mode every signature writes entries, so a follower
+        // nearly always holds some not yet applied: there the pause holds
+        // as applied, or it would not hold at all.
+        let unapplied =
+            self.sh.cfg.signer.is_none() && m.last_log_index > m.last_applied.map(|l| l.index);
         let is_leader = m.state == ServerState::Leader;
         let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
         let other_mode = self.other_mode().is_some();

@@ -105,8 +105,11 @@ pub async fn core_stopped(raft: Raft, died: tokio::sync::watch::Sender<Option<St
     use openraft::async_runtime::watch::WatchReceiver;
     let mut metrics = raft.metrics();
     let why = loop {
-        if let Err(fatal) = &metrics.borrow_watched().running_state {
-            break fatal.to_string();
+        match &metrics.borrow_watched().running_state {
+            // Asked for (`Raft::shutdown`): a stop, not a death.
+            Err(openraft::errors::Fatal::Stopped) => return,
+            Err(fatal) => break fatal.to_string(),
+            Ok(()) => {}
         }
         if metrics.changed().await.is_err() {
             break "its task ended without saying why (a panic)".to_string();

@@ -210,6 +210,20 @@ pub fn renew(ca_dir: &Path, dir: &Path, days: Option<u32>) -> Result<Vec<PathBuf
     let old_pem = read(&dir.join(format!("{stem}.pem")))?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(&old_pem)
         .map_err(|e| TlsError::Invalid(format!("{stem}.pem: not a PEM certificate: {e}")))?;
+    // A renewal cut short leaves a new certificate beside the old key: the
+    // pair is refused before anything is written, so `*.old` keeps the
+    // last pair that matched.
+    let key = KeyPair::from_pem(&String::from_utf8_lossy(&read(
+        &dir.join(format!("{stem}.key")),
+    )?))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents)
+        .map_err(|e| TlsError::Invalid(format!("{stem}.pem: {e}")))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(TlsError::Invalid(format!(
+            "{stem}.pem and {stem}.key in {} are not a pair (a renewal cut short?): put {stem}.pem.old and {stem}.key.old back first",
+            dir.display()
+        )));
+    }
     let info = super::cert_info_der(&pem.contents)?;
     let role = super::cert_role(&pem.contents)
         .ok_or_else(|| TlsError::Invalid(format!("{stem}.pem carries no single keyraft role")))?;
