@@ -1,5 +1,6 @@
 //! Operator commands against a real cluster, judged by the fake chain
 //! where a key moves: `keyraft check` and its exit codes, `keyraft probe`,
+//! a pause that holds in signer mode,
 //! the NEAR preset's node-key links, and a health URL that answers 404.
 
 use anyhow::{ensure, Result};
@@ -258,4 +259,56 @@ async fn an_operator_command_never_elects_a_host_inside_a_lease_it_promised() ->
         s.missed
     );
     Ok(())
+}
+
+/// A paused signer cluster does not fail over: with the leader's host
+/// killed, nobody signs until an operator resumes. (After nearly every
+/// signature a follower holds entries it has not applied; in validator
+/// mode that unsettles its applied pause, in signer mode it must not.)
+#[tokio::test]
+async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()> {
+    let mode = localnet::cluster::Mode::Signer {
+        chain_id: "keyraft-pause-test".into(),
+        round_every: 4,
+        validators: 2,
+        more_chains: 0,
+    };
+    let mut c = Cluster::start_signers(3, 500, mode, plain).await?;
+    signed_since(&c, 0, &[1, 2, 3]).await?;
+    let l = eventually(SETTLE, "a signer leader", || async {
+        Ok(c.status(1).await?["cluster"]["leader"].as_u64())
+    })
+    .await?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    ensure!(c.cli(rest[0], &["pause"]).await?.status.success());
+    let paused = c.chain.totals().await?;
+    signed_since(&c, paused.height, &[1, 2, 3]).await?;
+    c.kill_host(l)?;
+    let killed = c.chain.totals().await?.height;
+    // Six heights: several times a failover's length.
+    c.chain.wait_height(killed + 6, SETTLE).await?;
+    let s = c.chain.stats_since(killed + 2).await?;
+    ensure!(
+        rest.iter()
+            .all(|n| s.first_signed_by(*n, killed + 1).is_none()),
+        "signed while paused: {:?}\n{}",
+        s.signers,
+        c.logs()
+    );
+    ensure!(c.cli(rest[0], &["resume"]).await?.status.success());
+    signed_since(&c, killed + 6, &rest).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// Waits until each of `by` had a vote counted above height `after`.
+async fn signed_since(c: &Cluster, after: u64, by: &[u64]) -> Result<()> {
+    eventually(SETTLE, "every sentry signing", || async {
+        let s = c.chain.stats_since(after + 1).await?;
+        Ok(by
+            .iter()
+            .all(|n| s.first_signed_by(*n, after).is_some())
+            .then_some(()))
+    })
+    .await
 }

@@ -224,6 +224,29 @@ pub struct ClusterState {
     /// member starts with, `lan` unless pinned).
     #[serde(default)]
     pub timing: Option<TimingChoice>,
+    /// What validator mode's use of the key tells signer mode.
+    #[serde(default, skip_serializing_if = "Linked::is_unused")]
+    pub linked: Linked,
+}
+
+/// Validator mode's use of the key, as signer mode must know it: the key
+/// was linked into a node, which signed whatever its chain asked. Only
+/// validator mode activates, so every activation is such a use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Linked {
+    /// Above the last height a release reported (that height plus one):
+    /// no signer floor is applied below it.
+    pub floor: Option<u64>,
+    /// The log index of an activation whose end is not known (not
+    /// released, or released without a height) and that no floor was
+    /// imported after: signer mode signs nothing while it is set.
+    pub unknown_since: Option<u64>,
+}
+
+impl Linked {
+    fn is_unused(&self) -> bool {
+        *self == Linked::default()
+    }
 }
 
 impl ClusterState {
@@ -268,12 +291,17 @@ impl ClusterState {
             Reply { prior, sign: None }
         };
         match *cmd {
-            Command::Activate { node, term } => key_event(node, term, false, None),
+            Command::Activate { node, term } => {
+                self.linked.unknown_since = Some(index);
+                key_event(node, term, false, None)
+            }
             // Only the holder of the last activation can release it: a stale
             // or misdirected release must not make a successor skip its wait.
             Command::Released { node, term, height } => match last {
                 Some(e) if !e.released && e.node == node && e.term == term => {
-                    key_event(node, term, true, height)
+                    let r = key_event(node, term, true, height);
+                    self.released_at(height);
+                    r
                 }
                 _ => {
                     tracing::warn!(
@@ -336,17 +364,53 @@ impl ClusterState {
                         sign: Some(SignVerdict::WrongChain),
                     };
                 }
-                self.raise_floor(chain_id, height);
+                self.import_floor(chain_id, height);
                 Reply::default()
             }
             Command::ChainFloor {
                 ref chain_id,
                 height,
             } => {
-                self.raise_floor(chain_id, height);
+                self.import_floor(chain_id, height);
                 Reply::default()
             }
         }
+    }
+
+    /// A validator-mode release at `height` (`None`: not known): signer
+    /// mode never signs at or below it. With one chain's watermark, that
+    /// chain's floor rises at once; with none yet, the first floor
+    /// imported does ([`Self::import_floor`]); with several, which chain
+    /// the validator signed for is not known, and the floors stay.
+    fn released_at(&mut self, height: Option<u64>) {
+        let Some(h) = height else {
+            return; // the activation's end stays unknown
+        };
+        let above = h.saturating_add(1);
+        self.linked.floor = self.linked.floor.max(Some(above));
+        self.linked.unknown_since = None;
+        if let [chain] = self
+            .watermarks
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            self.raise_floor(chain, above);
+        }
+    }
+
+    /// An imported floor: the first chain's is raised above what validator
+    /// mode may have signed; any import settles an activation whose end was
+    /// not known (the operator said where the key stands).
+    fn import_floor(&mut self, chain_id: &str, height: u64) {
+        let height = if self.watermarks.is_empty() {
+            height.max(self.linked.floor.unwrap_or(0))
+        } else {
+            height
+        };
+        self.linked.unknown_since = None;
+        self.raise_floor(chain_id, height);
     }
 
     /// The node that holds the key according to the log, if any.
@@ -387,6 +451,45 @@ mod tests {
                 height: Some(40),
             })
         );
+    }
+
+    #[test]
+    fn signer_mode_signs_only_above_what_validator_mode_may_have_signed() {
+        let floor = |s: &ClusterState, c: &str| s.watermark(c).map(|w| w.height);
+        let release = |height| Command::Released {
+            node: 3,
+            term: 2,
+            height,
+        };
+        // Validator mode released at height 40, then the first floor is
+        // imported lower: it is raised above 40.
+        let mut s = ClusterState::default();
+        s.apply(&Command::Activate { node: 3, term: 2 }, 1);
+        assert_eq!(s.linked.unknown_since, Some(1));
+        s.apply(&release(Some(40)), 2);
+        assert_eq!((s.linked.floor, s.linked.unknown_since), (Some(41), None));
+        s.apply(&s.floor_command("a", 7), 3);
+        assert_eq!(floor(&s, "a"), Some(41));
+        // A later chain is not raised: the validator signed for one only.
+        s.apply(&s.floor_command("b", 7), 4);
+        assert_eq!(floor(&s, "b"), Some(7));
+
+        // With one chain signing, a release raises its floor at once.
+        let mut s = ClusterState::default();
+        s.apply(&s.floor_command("a", 10), 1);
+        s.apply(&Command::Activate { node: 3, term: 2 }, 2);
+        s.apply(&release(Some(90)), 3);
+        assert_eq!(floor(&s, "a"), Some(91));
+
+        // An end not known (no release, or one without a height) stops
+        // signing until a floor is imported after it.
+        let mut s = ClusterState::default();
+        s.apply(&s.floor_command("a", 10), 1);
+        s.apply(&Command::Activate { node: 3, term: 2 }, 2);
+        s.apply(&release(None), 3);
+        assert_eq!(s.linked.unknown_since, Some(2));
+        s.apply(&s.floor_command("a", 120), 4);
+        assert_eq!((s.linked.unknown_since, floor(&s, "a")), (None, Some(120)));
     }
 
     #[test]

@@ -382,6 +382,12 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         if let Some(why) = keys::held_in_validator_mode(holder, self.core.cfg.id, holder_signs) {
             return Err(Refusal::NotCommitted(why));
         }
+        let linked = self.core.cluster.borrow().linked;
+        if let Some(index) = linked.unknown_since {
+            return Err(Refusal::NotCommitted(format!(
+                "the key was linked in validator mode (log index {index}) and where that node stopped signing is not known: import its priv_validator_state.json with `keyraft signer import-state`"
+            )));
+        }
         // Everything that could make signing fail is checked before the
         // commit, so that a malformed request cannot use up an HRS.
         what.validate(chain_id)?;
