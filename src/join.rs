@@ -190,15 +190,23 @@ fn refusal(cfg: &Config, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &st
     }
 }
 
-/// Records, once, that this node ran with durable state (see step 9):
-/// asks the leader, through `commands`, once a voter that knows a leader.
+/// Records, once, that this node ran with durable state (see step 9), and
+/// the mode it runs in (again when that changed): asks the leader, through
+/// `commands`, once a voter that knows a leader.
 pub async fn register<SM: RaftStateMachine<TypeConfig>, R: Relay>(
     core: &Core<SM>,
     commands: &Commands<SM, R>,
 ) {
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if core.cluster.borrow().registered.contains(&core.cfg.id) {
+        // Soon: a validator-mode leader activates only once every voter
+        // has registered its mode.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mode = core.cfg.mode();
+        let done = {
+            let c = core.cluster.borrow();
+            c.registered.contains(&core.cfg.id) && c.modes.get(&core.cfg.id) == Some(&mode)
+        };
+        if done {
             tracing::info!("registered: a later start with an empty data dir will need --rejoin");
             return;
         }
@@ -213,6 +221,7 @@ pub async fn register<SM: RaftStateMachine<TypeConfig>, R: Relay>(
         }
         let cmd = pb::ClusterCommand {
             kind: Some(pb::cluster_command::Kind::Register(core.cfg.id)),
+            mode: Some(admin::command::pb_mode(mode)),
         };
         if let Err(e) = commands.execute(cmd, admin::NODE_REQUEST_DEADLINE).await {
             tracing::debug!("registering: {}", e.message());

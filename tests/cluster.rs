@@ -373,6 +373,7 @@ async fn garbage_and_oversized_messages_do_not_wedge_a_node() -> Result<()> {
                 addr: "y".repeat(8 << 20),
             },
         )),
+        mode: None,
     };
     let e = admin
         .command(cmd)

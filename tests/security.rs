@@ -61,6 +61,7 @@ async fn forward_resume(
         keyraft::pb::cluster_client::ClusterClient::new(peer_channel(c, leader, tls).await?);
     let cmd = keyraft::pb::ClusterCommand {
         kind: Some(keyraft::pb::cluster_command::Kind::Resume(true)),
+        mode: None,
     };
     Ok(client.forward(as_node(cmd, id)?).await)
 }
@@ -268,6 +269,7 @@ async fn only_the_operator_drives_the_cluster() -> Result<()> {
         Ok(ch) => keyraft::pb::admin_client::AdminClient::new(ch)
             .command(keyraft::pb::ClusterCommand {
                 kind: Some(keyraft::pb::cluster_command::Kind::Pause(true)),
+                mode: None,
             })
             .await
             .is_err(),

@@ -31,7 +31,10 @@ fn entry(index: u64) -> Entry {
             },
             index,
         ),
-        payload: EntryPayload::Normal(Cmd::Register { node: index }),
+        payload: EntryPayload::Normal(Cmd::Register {
+            node: index,
+            mode: None,
+        }),
     }
 }
 
@@ -71,7 +74,7 @@ async fn check(dir: &Path, acked: u64) -> Result<u64> {
         let want = entry(i as u64 + 1);
         ensure!(e.log_id == want.log_id, "entry {i} has log id {}", e.log_id);
         match &e.payload {
-            EntryPayload::Normal(Cmd::Register { node }) if *node == i as u64 + 1 => {}
+            EntryPayload::Normal(Cmd::Register { node, .. }) if *node == i as u64 + 1 => {}
             other => bail!("entry {} changed: {other:?}", i + 1),
         }
     }

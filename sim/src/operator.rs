@@ -95,6 +95,7 @@ impl World {
             if let Some(p) = (!up.is_empty()).then(|| up[attempt % up.len()].clone()) {
                 let cmd = pb::ClusterCommand {
                     kind: Some(kind.clone()),
+                    mode: None,
                 };
                 let tried = p.commands.execute_for_operator(cmd);
                 // The CLI's own deadline on one try.

@@ -117,6 +117,28 @@ fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Statu
 /// made a voter (about 10 s on a LAN, 14 s with the WAN profile).
 const LEARNER_STALL: u32 = 16;
 
+/// The ledger's mode for a registration's `mode` field.
+fn mode_of(mode: Option<i32>) -> Option<crate::ledger::Mode> {
+    use crate::ledger::Mode;
+    match pb::NodeMode::try_from(mode?).ok()? {
+        pb::NodeMode::Validator => Some(Mode::Validator),
+        pb::NodeMode::Signer => Some(Mode::Signer),
+        pb::NodeMode::Witness => Some(Mode::Witness),
+        pb::NodeMode::Unknown => None,
+    }
+}
+
+/// A registration's `mode` field for the ledger's mode.
+pub fn pb_mode(mode: crate::ledger::Mode) -> i32 {
+    use crate::ledger::Mode;
+    let m = match mode {
+        Mode::Validator => pb::NodeMode::Validator,
+        Mode::Signer => pb::NodeMode::Signer,
+        Mode::Witness => pb::NodeMode::Witness,
+    };
+    m as i32
+}
+
 fn check_member(m: &pb::Member) -> Result<(), Status> {
     if m.id == 0 || !m.addr.contains(':') {
         return Err(Status::invalid_argument(
@@ -281,6 +303,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
     }
 
     async fn execute_here(&self, cmd: pb::ClusterCommand) -> Result<String, Status> {
+        let mode = mode_of(cmd.mode);
         match cmd
             .kind
             .ok_or_else(|| Status::invalid_argument("empty command"))?
@@ -294,7 +317,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                 Ok("cluster resumed: automatic failover is on".into())
             }
             Kind::Register(node) => {
-                self.write(Command::Register { node }).await?;
+                self.write(Command::Register { node, mode }).await?;
                 Ok(format!("node {node} registered"))
             }
             Kind::SignerFloor(f) => self.signer_floor(f).await,
@@ -457,6 +480,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         loop {
             let cmd = pb::ClusterCommand {
                 kind: Some(Kind::MembersRemove(id)),
+                mode: None,
             };
             let last = match self.core.leader() {
                 Some(l) if l != id => match self.relay.relay(l, cmd, OPERATOR_DEADLINE).await {

@@ -96,7 +96,10 @@ async fn admin_client(
 async fn command(addr: &AdminAddr, kind: Kind) -> anyhow::Result<ExitCode> {
     let mut c = admin_client(addr).await?;
     let r = c
-        .command(pb::ClusterCommand { kind: Some(kind) })
+        .command(pb::ClusterCommand {
+            kind: Some(kind),
+            mode: None,
+        })
         .await
         .map_err(|s| anyhow!("{}", s.message()))?;
     println!("{}", r.into_inner().message);

@@ -148,6 +148,18 @@ impl Config {
         m
     }
 
+    /// The mode this node runs in, as it registers it in the ledger.
+    pub fn mode(&self) -> crate::ledger::Mode {
+        use crate::ledger::Mode;
+        if self.witness {
+            Mode::Witness
+        } else if self.signer.is_some() {
+            Mode::Signer
+        } else {
+            Mode::Validator
+        }
+    }
+
     pub fn role(&self) -> &'static str {
         if self.witness {
             "witness"

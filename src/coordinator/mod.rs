@@ -19,7 +19,7 @@
 //! The rooms: this module holds the state enum, one handler per state and
 //! the one place that waits for the next event ([`Coordinator::next_event`]);
 //! [`policy`] decides, as pure functions over a snapshot of what this node
-//! sees; [`custody`] carries out every effect on the validator, in order;
+//! sees, which `view` assembles; [`custody`] carries out every effect on the validator, in order;
 //! [`host`] is the edge of the world as two traits (this host's validator,
 //! and what lies outside the process), so that the simulator (`sim/`) runs
 //! these same handlers over its models. Time is tokio's clock throughout
@@ -35,6 +35,7 @@ pub mod custody;
 pub mod host;
 mod leading;
 pub mod policy;
+mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,6 @@ use crate::raft;
 use crate::shutdown::Shutdown;
 use custody::Custody;
 use host::{Env, Outside};
-use policy::View;
 
 enum State {
     Startup,
@@ -285,63 +285,6 @@ impl<E: Env> Coordinator<E> {
         self.custody.on_exit(ev).await
     }
 
-    /// What this node sees now, for [`policy`].
-    fn view(&self) -> View {
-        let m = self.sh.raft_metrics();
-        let gossip_age = self.sh.view.snapshot();
-        let keys = crate::signer::keys::of_peers(&self.sh, &gossip_age);
-        let peers = gossip_age
-            .into_iter()
-            .map(|(id, s)| {
-                let v = s.status.validator.as_ref();
-                let peer = policy::Peer {
-                    age: s.at.elapsed(),
-                    witness: s.status.role != "validator",
-                    ready: v.is_some_and(|v| v.running && v.synced),
-                    eligible: s.status.eligible,
-                    height: v.map_or(0, |v| v.height),
-                };
-                (id, peer)
-            })
-            .collect();
-        let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
-        // Each read of the cluster's state is its own statement: a borrow
-        // held while a second is taken waits forever on a queued writer.
-        let applied_paused = self.cluster_rx.borrow().paused;
-        // In signer mode every signature writes entries, so a follower
-        // nearly always holds some not yet applied: there the pause holds
-        // as applied, or it would not hold at all.
-        let unapplied =
-            self.sh.cfg.signer.is_none() && m.last_log_index > m.last_applied.map(|l| l.index);
-        let is_leader = m.state == ServerState::Leader;
-        let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
-        let other_mode = self.other_mode().is_some();
-        View {
-            id: self.sh.cfg.id,
-            timing: self.sh.timing(),
-            witness: self.sh.cfg.witness,
-            signer_mode: self.sh.cfg.signer.is_some(),
-            health: self.custody.health(),
-            paused,
-            standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
-            voters: m.membership_config.membership().voter_ids().collect(),
-            leader: m.current_leader,
-            is_leader,
-            peers,
-            acks,
-            key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
-            other_mode,
-        }
-    }
-
-    /// Why this host runs another mode than the cluster, if it does
-    /// ([`policy::mode_conflict`]).
-    pub(crate) fn other_mode(&self) -> Option<String> {
-        let cluster = self.cluster_rx.borrow();
-        let chains: Vec<&str> = cluster.watermarks().keys().map(String::as_str).collect();
-        policy::mode_conflict(self.sh.cfg.signer.is_some(), self.sh.cfg.witness, &chains)
-    }
-
     fn is_voter(&self) -> bool {
         self.sh
             .raft_metrics()
@@ -549,6 +492,7 @@ impl<E: Env> Coordinator<E> {
                 id: self.sh.cfg.id,
                 addr: self.sh.cfg.advertise.clone(),
             })),
+            mode: None,
         };
         tracing::info!("asking leader {leader} to take this node back as a learner");
         match self.out.ask_leader(leader, cmd).await {

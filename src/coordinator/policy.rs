@@ -59,6 +59,8 @@ pub struct View {
     pub key_outvoted: bool,
     /// The cluster runs the other mode than this host ([`mode_conflict`]).
     pub other_mode: bool,
+    /// A voter has not registered yet (its mode not in the ledger).
+    pub unregistered: bool,
 }
 
 impl View {
@@ -102,20 +104,26 @@ pub fn eligible(state: StateName, v: &View) -> bool {
 
 /// Why a validator-mode host may not lead, if it may not: the ledger holds
 /// a signer watermark (`watermark_chains`), which only signer mode writes,
-/// so the cluster signs in signer mode and this host would link the key
-/// outside every watermark. (Signer mode's side, a member that linked the
-/// key, is `signer::keys::held_in_validator_mode`.)
+/// or members registered in signer mode (`signers`), so the cluster signs
+/// in signer mode and this host would link the key outside every
+/// watermark. (Signer mode's side, a member that linked the key, is
+/// `signer::keys::held_in_validator_mode`.)
 pub fn mode_conflict(
     signer_mode: bool,
     witness: bool,
     watermark_chains: &[&str],
+    signers: &[NodeId],
 ) -> Option<String> {
-    if signer_mode || witness || watermark_chains.is_empty() {
+    if signer_mode || witness || (watermark_chains.is_empty() && signers.is_empty()) {
         return None;
     }
+    let why = if watermark_chains.is_empty() {
+        format!("nodes {signers:?} registered in signer mode")
+    } else {
+        format!("chain {}", watermark_chains.join(", "))
+    };
     Some(format!(
-        "the cluster signs in signer mode (chain {}) and this host runs in validator mode, where it would link the key outside every watermark: start it with --signer cometbft",
-        watermark_chains.join(", ")
+        "the cluster signs in signer mode ({why}) and this host runs in validator mode, where it would link the key outside every watermark: start it with --signer cometbft"
     ))
 }
 
@@ -270,9 +278,12 @@ pub enum VotingStep {
 
 /// `acked`: this leader has a quorum ack younger than the lease.
 /// `activation_due`: no failed activation attempt is holding it back.
+/// A leader activates only once every voter has registered: until a
+/// voter's mode is in the ledger, this host cannot know that it is not
+/// the one validator-mode host among signers ([`mode_conflict`]).
 pub fn voting_step(eligible: bool, acked: bool, activation_due: bool, v: &View) -> VotingStep {
     if v.is_leader {
-        if eligible && !v.signer_mode && acked && activation_due {
+        if eligible && !v.signer_mode && acked && activation_due && !v.unregistered {
             VotingStep::Activate
         } else if !eligible {
             VotingStep::HandOn

@@ -55,22 +55,31 @@ fn view() -> View {
         acks: None,
         key_outvoted: false,
         other_mode: false,
+        unregistered: false,
     }
 }
 
 #[test]
 fn a_validator_mode_host_may_not_lead_where_the_ledger_holds_a_watermark() {
-    // (signer mode, witness, chains with a watermark) -> refused?
-    for (signer, witness, chains, refused) in [
-        (false, false, vec!["c"], true),
-        (false, false, vec![], false),
-        (true, false, vec!["c"], false),
-        (false, true, vec!["c"], false),
+    // (signer mode, witness, chains with a watermark, members registered
+    // in signer mode) -> refused?
+    for (signer, witness, chains, signers, refused) in [
+        (false, false, vec!["c"], vec![], true),
+        (false, false, vec![], vec![], false),
+        // Before any watermark: members registered in signer mode.
+        (false, false, vec![], vec![2], true),
+        (true, false, vec!["c"], vec![2], false),
+        (false, true, vec!["c"], vec![2], false),
     ] {
-        let why = mode_conflict(signer, witness, &chains);
+        let why = mode_conflict(signer, witness, &chains, &signers);
         assert_eq!(why.is_some(), refused, "{signer} {witness} {chains:?}");
     }
-    let why = mode_conflict(false, false, &["a", "b"]).unwrap_or_default();
+    let why = mode_conflict(false, false, &[], &[2, 3]).unwrap_or_default();
+    assert!(
+        why.contains("nodes [2, 3] registered in signer mode"),
+        "{why}"
+    );
+    let why = mode_conflict(false, false, &["a", "b"], &[]).unwrap_or_default();
     assert!(
         why.contains("chain a, b") && why.contains("--signer cometbft"),
         "{why}"
@@ -303,6 +312,13 @@ fn voting_steps() {
         VotingStep::Lead,
         "activation held back"
     );
+    v.unregistered = true;
+    assert_eq!(
+        voting_step(true, true, true, &v),
+        VotingStep::Lead,
+        "a voter's mode not registered yet"
+    );
+    v.unregistered = false;
     assert_eq!(voting_step(false, true, true, &v), VotingStep::HandOn);
     v.signer_mode = true;
     assert_eq!(

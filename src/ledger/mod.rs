@@ -39,8 +39,14 @@ pub enum Command {
     /// Operator pause: no automatic failover while set.
     SetPaused { paused: bool },
     /// `node` started with durable state; a later start with an empty data
-    /// dir is then refused unless it rejoins.
-    Register { node: NodeId },
+    /// dir is then refused unless it rejoins. `mode`: the mode it runs in
+    /// (absent from a keyraft from before modes were recorded); a node
+    /// started in another mode registers again.
+    Register {
+        node: NodeId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<Mode>,
+    },
     /// `node` rejoins with an empty data dir (`--rejoin`): every member
     /// forgets what it saw of its history (it starts over as a learner).
     Rejoined { node: NodeId },
@@ -89,6 +95,18 @@ pub enum Command {
     /// leader from the round trips it measured (`rtt_ms`, the slowest
     /// voter's). Every member applies it (docs/design.md, step 3).
     SetTiming { profile: TimingProfile, rtt_ms: u32 },
+}
+
+/// The mode a member runs in, as it registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Links the key into its node while it leads.
+    Validator,
+    /// keyraft is the remote signer (`--signer`).
+    Signer,
+    /// Votes only.
+    Witness,
 }
 
 /// A named set of timing defaults, one per deployment shape (the values are
@@ -145,7 +163,10 @@ impl fmt::Display for Command {
                 write!(f, "node {node} released the key (term {term})")
             }
             Command::SetPaused { paused } => write!(f, "set paused={paused}"),
-            Command::Register { node } => write!(f, "register node {node}"),
+            Command::Register { node, mode } => match mode {
+                Some(m) => write!(f, "register node {node} ({m:?} mode)"),
+                None => write!(f, "register node {node}"),
+            },
             Command::Rejoined { node } => write!(f, "node {node} rejoins with an empty data dir"),
             Command::Signed {
                 chain_id,
@@ -212,6 +233,10 @@ pub struct ClusterState {
     /// Recent key events, oldest first.
     pub history: VecDeque<KeyEvent>,
     pub registered: BTreeSet<NodeId>,
+    /// The mode each member last registered with (none from a keyraft
+    /// from before modes were recorded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub modes: BTreeMap<NodeId, Mode>,
     /// Signer mode: each chain's watermark, by chain id (a chain has none
     /// until its floor is imported). Read through [`ClusterState::watermark`].
     /// Stored under the one-chain name and shape while there is one chain,
@@ -316,8 +341,11 @@ impl ClusterState {
                 self.paused = paused;
                 Reply::default()
             }
-            Command::Register { node } => {
+            Command::Register { node, mode } => {
                 self.registered.insert(node);
+                if let Some(m) = mode {
+                    self.modes.insert(node, m);
+                }
                 Reply::default()
             }
             Command::Rejoined { .. } => Reply::default(),

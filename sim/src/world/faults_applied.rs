@@ -225,6 +225,7 @@ impl World {
                 if let Some(p) = host.process() {
                     let cmd = pb::ClusterCommand {
                         kind: Some(Op::Switchover(pb::Switchover { to: None })),
+                        mode: None,
                     };
                     let said = p.commands.execute_for_operator(cmd).await;
                     let said = said.unwrap_or_else(|e| e.message().to_string());

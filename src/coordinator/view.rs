@@ -1,0 +1,96 @@
+//! What this node sees now, as [`super::policy`]'s [`View`]: assembled
+//! from openraft's metrics, the peers' gossip and the applied ledger, and
+//! whether this host runs the cluster's mode. Split from [`super`] by
+//! topic: reading, not deciding.
+
+use openraft::ServerState;
+use tokio::time::Instant;
+
+use super::host::Env;
+use super::policy::{self, View};
+use super::Coordinator;
+use crate::ledger::{Mode, NodeId};
+
+impl<E: Env> Coordinator<E> {
+    /// What this node sees now, for [`policy`].
+    pub(super) fn view(&self) -> View {
+        let m = self.sh.raft_metrics();
+        let gossip_age = self.sh.view.snapshot();
+        let keys = crate::signer::keys::of_peers(&self.sh, &gossip_age);
+        let peers = gossip_age
+            .into_iter()
+            .map(|(id, s)| {
+                let v = s.status.validator.as_ref();
+                let peer = policy::Peer {
+                    age: s.at.elapsed(),
+                    witness: s.status.role != "validator",
+                    ready: v.is_some_and(|v| v.running && v.synced),
+                    eligible: s.status.eligible,
+                    height: v.map_or(0, |v| v.height),
+                };
+                (id, peer)
+            })
+            .collect();
+        let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
+        // Each read of the cluster's state is its own statement: a borrow
+        // held while a second is taken waits forever on a queued writer.
+        let applied_paused = self.cluster_rx.borrow().paused;
+        // In signer mode every signature writes entries, so a follower
+        // nearly always holds some not yet applied: there the pause holds
+        // as applied, or it would not hold at all.
+        let unapplied =
+            self.sh.cfg.signer.is_none() && m.last_log_index > m.last_applied.map(|l| l.index);
+        let is_leader = m.state == ServerState::Leader;
+        let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
+        let other_mode = self.other_mode().is_some();
+        let unregistered = {
+            let cluster = self.cluster_rx.borrow();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| !cluster.registered.contains(&v))
+        };
+        View {
+            id: self.sh.cfg.id,
+            timing: self.sh.timing(),
+            witness: self.sh.cfg.witness,
+            signer_mode: self.sh.cfg.signer.is_some(),
+            health: self.custody.health(),
+            paused,
+            standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
+            voters: m.membership_config.membership().voter_ids().collect(),
+            leader: m.current_leader,
+            is_leader,
+            peers,
+            acks,
+            key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
+            other_mode,
+            unregistered,
+        }
+    }
+
+    /// Why this host runs another mode than the cluster, if it does
+    /// ([`policy::mode_conflict`]).
+    pub(crate) fn other_mode(&self) -> Option<String> {
+        let voters: Vec<NodeId> = self
+            .sh
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let cluster = self.cluster_rx.borrow();
+        let chains: Vec<&str> = cluster.watermarks().keys().map(String::as_str).collect();
+        let signers: Vec<NodeId> = voters
+            .into_iter()
+            .filter(|id| *id != self.sh.cfg.id)
+            .filter(|id| cluster.modes.get(id) == Some(&Mode::Signer))
+            .collect();
+        policy::mode_conflict(
+            self.sh.cfg.signer.is_some(),
+            self.sh.cfg.witness,
+            &chains,
+            &signers,
+        )
+    }
+}
