@@ -197,15 +197,24 @@ pub async fn register<SM: RaftStateMachine<TypeConfig>, R: Relay>(
     core: &Core<SM>,
     commands: &Commands<SM, R>,
 ) {
+    // Soon: a validator-mode leader activates only once every voter that
+    // runs has registered. Registered but without this mode (a leader from
+    // before modes were recorded drops it), less and less often.
+    let mut pause = Duration::from_millis(200);
     loop {
-        // Soon: a validator-mode leader activates only once every voter
-        // has registered its mode.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(pause).await;
         let mode = core.cfg.mode();
-        let done = {
+        let (registered, done) = {
             let c = core.cluster.borrow();
-            c.registered.contains(&core.cfg.id) && c.modes.get(&core.cfg.id) == Some(&mode)
+            let registered = c.registered.contains(&core.cfg.id);
+            (
+                registered,
+                registered && c.modes.get(&core.cfg.id) == Some(&mode),
+            )
         };
+        if registered {
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
         if done {
             tracing::info!("registered: a later start with an empty data dir will need --rejoin");
             return;

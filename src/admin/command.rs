@@ -412,22 +412,28 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                 limit.why
             );
         }
-        let (before, first, linked, last_use) = {
+        let (before, linked, last_use) = {
             let c = self.core.cluster.borrow();
-            let first = c.watermarks().is_empty();
             (
                 c.watermark(&f.chain_id).cloned(),
-                first,
                 c.linked,
                 c.last_key_event,
             )
         };
         // Validator mode linked the key into a node, which signed: "never
-        // signed" would let signer mode sign what it did.
-        if let (0, Some(e)) = (f.height, last_use) {
+        // signed", or a floor below where it released, would let signer
+        // mode sign what it did. Which chain's key it was, the ledger does
+        // not know: `--other-key` says it was not this one.
+        if let (false, 0, Some(e)) = (f.other_key, f.height, last_use) {
             return Err(Status::failed_precondition(format!(
-                "node {} linked the key in validator mode (term {}), so it has signed: import that node's priv_validator_state.json, not --never-signed",
+                "node {} linked the key in validator mode (term {}), so it has signed: import that node's priv_validator_state.json, not --never-signed (or pass --other-key if this chain's key is not the one it linked)",
                 e.node, e.term
+            )));
+        }
+        if let (false, Some(floor)) = (f.other_key, linked.floor.filter(|h| *h > f.height)) {
+            return Err(Status::failed_precondition(format!(
+                "a member released the key in validator mode with its node at height {}: import a floor of at least {floor} (or pass --other-key if this chain's key is not the one it linked)",
+                floor - 1
             )));
         }
         // The one-chain floor while no other chain has a watermark, so
@@ -447,11 +453,6 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
         Ok(match before {
             Some(w) if (w.height, w.round, w.step) >= (f.height, u32::MAX, u8::MAX) => format!(
                 "the watermark was already at or above height {}: unchanged",
-                f.height
-            ),
-            None if first && linked.floor > Some(f.height) => format!(
-                "nothing at or below height {} will be signed (raised from {}: a validator-mode node released the key there); signing starts above it",
-                linked.floor.unwrap_or(0),
                 f.height
             ),
             _ if f.height == 0 => "a key that never signed: signing starts now".to_string(),

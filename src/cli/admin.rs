@@ -182,6 +182,7 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     file,
                     never_signed,
                     allow_jump,
+                    other_key,
                     chain_id,
                 },
             admin,
@@ -211,6 +212,7 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     chain_id,
                     height,
                     allow_jump,
+                    other_key,
                 }),
             )
             .await

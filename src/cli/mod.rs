@@ -185,6 +185,11 @@ enum SignerCmd {
         /// and the members' nodes say (the leader logs the override).
         #[arg(long, requires = "file")]
         allow_jump: bool,
+        /// This chain's key is not the one members in validator mode
+        /// linked into their nodes: their use of the key does not bound
+        /// this floor.
+        #[arg(long)]
+        other_key: bool,
         /// The chain whose watermark this is [default: the cluster's one
         /// chain; required where it signs for several].
         #[arg(long)]

@@ -59,7 +59,8 @@ pub struct View {
     pub key_outvoted: bool,
     /// The cluster runs the other mode than this host ([`mode_conflict`]).
     pub other_mode: bool,
-    /// A voter has not registered yet (its mode not in the ledger).
+    /// A voter that runs (its gossip is fresh) has not registered yet: its
+    /// mode is not in the ledger.
     pub unregistered: bool,
 }
 
@@ -278,8 +279,8 @@ pub enum VotingStep {
 
 /// `acked`: this leader has a quorum ack younger than the lease.
 /// `activation_due`: no failed activation attempt is holding it back.
-/// A leader activates only once every voter has registered: until a
-/// voter's mode is in the ledger, this host cannot know that it is not
+/// A leader activates only once every voter that runs has registered:
+/// until its mode is in the ledger, this host cannot know that it is not
 /// the one validator-mode host among signers ([`mode_conflict`]).
 pub fn voting_step(eligible: bool, acked: bool, activation_due: bool, v: &View) -> VotingStep {
     if v.is_leader {

@@ -17,6 +17,15 @@ impl<E: Env> Coordinator<E> {
         let m = self.sh.raft_metrics();
         let gossip_age = self.sh.view.snapshot();
         let keys = crate::signer::keys::of_peers(&self.sh, &gossip_age);
+        // Voters that run now (their gossip is fresh) but have not
+        // registered: this host cannot know yet that they do not sign. One
+        // that is down signs nothing and holds nothing back.
+        let stale = self.sh.timing().gossip_interval * 3;
+        let running: Vec<NodeId> = gossip_age
+            .iter()
+            .filter(|(_, s)| s.at.elapsed() < stale)
+            .map(|(id, _)| *id)
+            .collect();
         let peers = gossip_age
             .into_iter()
             .map(|(id, s)| {
@@ -48,7 +57,7 @@ impl<E: Env> Coordinator<E> {
             m.membership_config
                 .membership()
                 .voter_ids()
-                .any(|v| !cluster.registered.contains(&v))
+                .any(|v| running.contains(&v) && !cluster.registered.contains(&v))
         };
         View {
             id: self.sh.cfg.id,

@@ -407,9 +407,10 @@ impl ClusterState {
 
     /// A validator-mode release at `height` (`None`: not known): signer
     /// mode never signs at or below it. With one chain's watermark, that
-    /// chain's floor rises at once; with none yet, the first floor
-    /// imported does ([`Self::import_floor`]); with several, which chain
-    /// the validator signed for is not known, and the floors stay.
+    /// chain's floor rises at once; with none yet, an import below it is
+    /// refused by the leader unless the operator says the chain's key is
+    /// another (`import-state --other-key`); with several, which chain the
+    /// validator signed for is not known, and the floors stay.
     fn released_at(&mut self, height: Option<u64>) {
         let Some(h) = height else {
             return; // the activation's end stays unknown
@@ -428,17 +429,15 @@ impl ClusterState {
         }
     }
 
-    /// An imported floor: the first chain's is raised above what validator
-    /// mode may have signed; any import settles an activation whose end was
-    /// not known (the operator said where the key stands).
+    /// An imported floor. One that moves a watermark settles an
+    /// activation whose end was not known (the operator said where the key
+    /// stands); one that changes nothing (a command run again) does not.
     fn import_floor(&mut self, chain_id: &str, height: u64) {
-        let height = if self.watermarks.is_empty() {
-            height.max(self.linked.floor.unwrap_or(0))
-        } else {
-            height
-        };
-        self.linked.unknown_since = None;
+        let before = self.watermarks.get(chain_id).map(|w| w.hrs());
         self.raise_floor(chain_id, height);
+        if self.watermarks.get(chain_id).map(|w| w.hrs()) != before {
+            self.linked.unknown_since = None;
+        }
     }
 
     /// The node that holds the key according to the log, if any.
@@ -489,18 +488,15 @@ mod tests {
             term: 2,
             height,
         };
-        // Validator mode released at height 40, then the first floor is
-        // imported lower: it is raised above 40.
+        // Validator mode released at height 40: the ledger keeps it (the
+        // leader refuses an import below it unless told the key is another).
         let mut s = ClusterState::default();
         s.apply(&Command::Activate { node: 3, term: 2 }, 1);
         assert_eq!(s.linked.unknown_since, Some(1));
         s.apply(&release(Some(40)), 2);
         assert_eq!((s.linked.floor, s.linked.unknown_since), (Some(41), None));
         s.apply(&s.floor_command("a", 7), 3);
-        assert_eq!(floor(&s, "a"), Some(41));
-        // A later chain is not raised: the validator signed for one only.
-        s.apply(&s.floor_command("b", 7), 4);
-        assert_eq!(floor(&s, "b"), Some(7));
+        assert_eq!(floor(&s, "a"), Some(7));
 
         // With one chain signing, a release raises its floor at once.
         let mut s = ClusterState::default();
@@ -516,7 +512,10 @@ mod tests {
         s.apply(&Command::Activate { node: 3, term: 2 }, 2);
         s.apply(&release(None), 3);
         assert_eq!(s.linked.unknown_since, Some(2));
-        s.apply(&s.floor_command("a", 120), 4);
+        // The old import run again moves nothing and settles nothing.
+        s.apply(&s.floor_command("a", 10), 4);
+        assert_eq!(s.linked.unknown_since, Some(2));
+        s.apply(&s.floor_command("a", 120), 5);
         assert_eq!((s.linked.unknown_since, floor(&s, "a")), (None, Some(120)));
     }
 
