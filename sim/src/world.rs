@@ -494,6 +494,7 @@ pub async fn run(
                 chain_id: crate::signer::CHAIN.into(),
                 height: 0,
                 allow_jump: false,
+                other_key: false,
             };
             let floor = keyraft::pb::cluster_command::Kind::SignerFloor(floor);
             let done = w.operator(floor).await;
