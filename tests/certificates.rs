@@ -225,10 +225,7 @@ async fn every_member_renews_in_place_while_the_cluster_validates() -> Result<()
     }
     // A few more heights on the renewed connections, then the judge.
     let since = c.chain.totals().await?.height;
-    eventually(SETTLE, "four more heights", || async {
-        Ok((c.chain.totals().await?.height >= since + 4).then_some(()))
-    })
-    .await?;
+    c.chain.wait_height(since + 4, SETTLE).await?;
     let after = c.assert_no_double_signs().await?;
     ensure!(
         after.missed == before.missed,

@@ -35,19 +35,10 @@ fn three_chains() -> Mode {
 /// [`Cluster::judges`]'s order) above height `after`; returns its height.
 async fn chain_signed(c: &Cluster, chain: usize, after: u64, sentries: &[u64]) -> Result<u64> {
     let (name, judge) = c.judges()[chain];
-    let s = eventually(
-        SETTLE,
-        &format!("sentries {sentries:?} signed {name} after height {after}"),
-        || async {
-            let s = judge.stats_since(after + 1).await?;
-            let all = sentries
-                .iter()
-                .all(|n| s.first_signed_by(*n, after).is_some());
-            Ok(all.then_some(s))
-        },
-    )
-    .await
-    .with_context(|| c.logs())?;
+    let s = judge
+        .wait_signed_by(after, sentries, SETTLE)
+        .await
+        .with_context(|| format!("chain {name}\n{}", c.logs()))?;
     Ok(s.height)
 }
 

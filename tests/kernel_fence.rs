@@ -169,10 +169,7 @@ async fn frozen_keyraft_cannot_let_its_validator_sign(c: Cluster) -> Result<()> 
     let (new, _) = c.wait_signer(since, &[old]).await?;
     // Let the successor sign for a while beside the running old validator.
     let from = c.chain.totals().await?.height;
-    eventually(SETTLE, "ten more heights", || async {
-        Ok((c.chain.totals().await?.height >= from + 10).then_some(()))
-    })
-    .await?;
+    c.chain.wait_height(from + 10, SETTLE).await?;
     let stats = c.assert_no_double_signs().await?;
     ensure!(
         alive(validator),

@@ -274,7 +274,7 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
         more_chains: 0,
     };
     let mut c = Cluster::start_signers(3, 500, mode, plain).await?;
-    signed_since(&c, 0, &[1, 2, 3]).await?;
+    c.chain.wait_signed_by(0, &[1, 2, 3], SETTLE).await?;
     let l = eventually(SETTLE, "a signer leader", || async {
         Ok(c.status(1).await?["cluster"]["leader"].as_u64())
     })
@@ -282,7 +282,9 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
     ensure!(c.cli(rest[0], &["pause"]).await?.status.success());
     let paused = c.chain.totals().await?;
-    signed_since(&c, paused.height, &[1, 2, 3]).await?;
+    c.chain
+        .wait_signed_by(paused.height, &[1, 2, 3], SETTLE)
+        .await?;
     c.kill_host(l)?;
     let killed = c.chain.totals().await?.height;
     // Six heights: several times a failover's length.
@@ -296,19 +298,7 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
         c.logs()
     );
     ensure!(c.cli(rest[0], &["resume"]).await?.status.success());
-    signed_since(&c, killed + 6, &rest).await?;
+    c.chain.wait_signed_by(killed + 6, &rest, SETTLE).await?;
     c.assert_no_double_signs().await?;
     Ok(())
-}
-
-/// Waits until each of `by` had a vote counted above height `after`.
-async fn signed_since(c: &Cluster, after: u64, by: &[u64]) -> Result<()> {
-    eventually(SETTLE, "every sentry signing", || async {
-        let s = c.chain.stats_since(after + 1).await?;
-        Ok(by
-            .iter()
-            .all(|n| s.first_signed_by(*n, after).is_some())
-            .then_some(()))
-    })
-    .await
 }

@@ -32,19 +32,10 @@ async fn start(opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {
 
 /// Waits until each of `sentries` had a precommit counted above `after`.
 async fn every_sentry_signed(c: &Cluster, after: u64, sentries: &[u64]) -> Result<Stats> {
-    eventually(
-        SETTLE,
-        &format!("sentries {sentries:?} signed after height {after}"),
-        || async {
-            let s = c.chain.stats_since(after + 1).await?;
-            let all = sentries
-                .iter()
-                .all(|n| s.first_signed_by(*n, after).is_some());
-            Ok(all.then_some(s))
-        },
-    )
-    .await
-    .with_context(|| c.logs())
+    c.chain
+        .wait_signed_by(after, sentries, SETTLE)
+        .await
+        .with_context(|| c.logs())
 }
 
 /// The leader `l`'s last signature, if it is a precommit with a

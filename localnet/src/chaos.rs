@@ -492,14 +492,7 @@ fn signal(pid: i32, sig: Signal) -> Result<()> {
 async fn failover(c: &Cluster, at: u64, old: u64, t0: Instant) -> Result<f64> {
     if signer_mode(c) {
         let others: Vec<u64> = (1..=NODES).filter(|n| *n != old).collect();
-        eventually(SETTLE, "the other sentries signing again", || async {
-            let s = c.chain.stats_since(at + 1).await?;
-            Ok(others
-                .iter()
-                .all(|n| s.first_signed_by(*n, at).is_some())
-                .then_some(()))
-        })
-        .await?;
+        c.chain.wait_signed_by(at, &others, SETTLE).await?;
     } else {
         c.wait_signer(at + 1, &[old]).await?;
     }

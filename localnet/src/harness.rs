@@ -229,6 +229,23 @@ impl ChainClient {
         self.stats_since(u64::MAX).await
     }
 
+    /// Waits until each of `nodes` signed a height above `after`; returns
+    /// the stats from `after + 1` on.
+    pub async fn wait_signed_by(
+        &self,
+        after: u64,
+        nodes: &[u64],
+        limit: Duration,
+    ) -> anyhow::Result<Stats> {
+        let what = format!("nodes {nodes:?} signing after height {after}");
+        eventually(limit, &what, || async {
+            let s = self.stats_since(after + 1).await?;
+            let all = nodes.iter().all(|n| s.first_signed_by(*n, after).is_some());
+            Ok(all.then_some(s))
+        })
+        .await
+    }
+
     /// Waits until the chain's head is at least `height`.
     pub async fn wait_height(&self, height: u64, limit: Duration) -> anyhow::Result<Stats> {
         eventually(limit, &format!("chain height {height}"), || async {
