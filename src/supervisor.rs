@@ -189,14 +189,13 @@ impl Validator {
     }
 
     /// Before the key appears: the kernel fence's table is whole, or is
-    /// put back (a firewall reload that flushed the ruleset removes it),
-    /// and the keyed cgroup the validator would join is the one it holds.
-    /// Nothing to do without a kernel fence.
+    /// put back (a firewall reload that flushed the ruleset removes it).
+    /// The guard holds the keyed start's fresh key in it. Nothing to do
+    /// without a kernel fence.
     pub async fn ensure_kernel_fence(&self) -> Result<(), KernelError> {
         let Some(plan) = self.kernel.clone() else {
             return Ok(());
         };
-        plan.holds_leaf(self.tree.cgroup_procs(true).map(|c| c.1))?;
         tokio::task::spawn_blocking(move || match plan.check(&mut Netlink::open()?) {
             Err(KernelError::Missing(table)) => {
                 tracing::warn!(

@@ -137,7 +137,7 @@ async fn without_a_cgroup_the_kernel_fence_matches_the_validator_user_and_its_co
     let active = fenced_cluster(&c).await?;
     let nft_text = nft(&["list", "table", "inet", &table(&c, active)?])?;
     ensure!(
-        nft_text.contains("meta skgid @keyed ct mark set"),
+        nft_text.contains("ct mark set meta skgid map @mark_of"),
         "not matched by user: {nft_text}"
     );
     // The validator runs as nobody, keyed in the group of its own.
@@ -152,7 +152,7 @@ async fn without_a_cgroup_the_kernel_fence_matches_the_validator_user_and_its_co
     };
     ensure!(field("Uid:") == "65534", "{status}");
     let gid: u32 = field("Gid:").parse()?;
-    ensure!(gid >> 16 == 0x4b52, "keyed group {gid:#x}");
+    ensure!(gid >> 24 == 0x4b, "keyed group {gid:#x}");
     frozen_keyraft_cannot_let_its_validator_sign(c).await
 }
 
@@ -363,19 +363,31 @@ async fn required_and_a_table_that_cannot_be_put_back_means_no_key_there() -> Re
 /// kind (no cgroup needed), the time left told by a stand-in clock.
 #[test]
 fn a_renewal_that_lands_late_is_written_again_and_taken_back_when_always_late() -> Result<()> {
-    use keyraft::fence::kernel::{KernelError, KernelLease, Match, Plan, RENEW_TRIES};
+    use keyraft::fence::kernel::{KernelError, KernelLease, Keyed, Match, Plan, RENEW_TRIES};
     let plan = Plan {
         table: format!("keyraft_renewtest{:08x}", std::process::id()),
         matches: Match::User {
             uid: 65534,
-            keyed_gid: 0x4b52_7e57,
+            keyed_gids: 0x4b7e_5700,
         },
     };
     plan.install(Path::new(env!("CARGO_BIN_EXE_keyraft")))?;
+    let dir = tempfile::tempdir()?;
     let run = || -> Result<()> {
-        let mut lease = KernelLease::open(plan.clone())?;
-        // In time: the element lives.
-        lease.renew(|| Duration::from_secs(2))?;
+        let mut lease = KernelLease::open(plan.clone(), dir.path())?;
+        // In time: the element lives, under the first keyed start's key;
+        // the next keyed start has another.
+        let first = lease.rekey(|| Duration::from_secs(2))?;
+        let second = lease.rekey(|| Duration::from_secs(2))?;
+        match (first, second) {
+            (Keyed::Group(a), Keyed::Group(b)) => {
+                ensure!(
+                    a != b && a >> 8 == b >> 8,
+                    "keyed groups {a:#x} then {b:#x}"
+                )
+            }
+            other => anyhow::bail!("not keyed by group: {other:?}"),
+        }
         ensure!(lease.ready().is_ok(), "a timely renewal left no element");
         // Measured at 2 s left, written after a 300 ms stall: written again
         // at once with what is left then, and kept.
@@ -414,25 +426,203 @@ fn a_renewal_that_lands_late_is_written_again_and_taken_back_when_always_late() 
     r
 }
 
-/// The `keyed` leaf removed and made again under a standby (a cleanup
-/// tool) has a new cgroup id, which no rule of the table drops: a keyed
-/// start there would run with the kernel fence matching nothing, and
-/// nothing said so. The standby refuses the keyed start with one line and
-/// stands down; a node whose fence holds validates on.
-#[tokio::test]
-async fn a_keyed_cgroup_made_again_is_never_joined_with_the_key() -> Result<()> {
-    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
-    let standby = fenced_standby(&c).await?;
-    let cgroup = std::fs::read_to_string(c.nodes[&standby].data.join("cgroup"))?;
-    let keyed = Path::new(cgroup.trim()).join("keyed");
-    std::fs::remove_dir(&keyed).with_context(|| format!("{}", keyed.display()))?;
-    std::fs::create_dir(&keyed)?;
-    switchover_refused(&c, standby, "keyed cgroup was made again").await?;
-    let procs = std::fs::read_to_string(keyed.join("cgroup.procs"))?;
-    ensure!(
-        procs.trim().is_empty(),
-        "processes in the unfenced leaf: {procs}"
-    );
-    c.assert_no_double_signs().await?;
+/// Hands the key to `to` by switchovers (asked of whoever validates) and
+/// waits for `to` to sign.
+async fn switch_to(c: &Cluster, to: u64) -> Result<()> {
+    let since = c.chain.totals().await?.height;
+    eventually(SETTLE, "the switchover", || async {
+        if node_entry(&c.status(to).await?, to)["state"] == "Validating" {
+            return Ok(Some(()));
+        }
+        for &id in c.nodes.keys().filter(|&&id| id != to) {
+            if node_entry(&c.status(id).await?, id)["state"] == "Validating" {
+                c.cli(id, &["switchover", "--to", &to.to_string()]).await?;
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let others: Vec<u64> = c.nodes.keys().copied().filter(|&id| id != to).collect();
+    let (now, _) = c.wait_signer(since, &others).await?;
+    ensure!(now == to, "node {now} signs, not {to}");
     Ok(())
+}
+
+/// How `join` puts a process where the active validator's packets are
+/// held: into its keyed cgroup, or under its user and keyed group.
+enum Join {
+    Cgroup(std::path::PathBuf),
+    Group(u32),
+}
+
+/// The orphaned TCP connection of a validator killed at a handover (its
+/// unacknowledged data keeps being retransmitted) must stay dropped when
+/// the key comes back to the same host: each activation's key is fresh,
+/// and the lease admits only the new one. A process placed as the
+/// validator is (`join`) sends data to a listener that a rule of the test
+/// blackholes; the key moves away and back; the blackhole is lifted, and
+/// the listener must receive nothing while the orphan retransmits.
+async fn an_orphan_stays_dropped(
+    c: &Cluster,
+    join: impl Fn(u64, i32) -> Result<Join>,
+) -> Result<()> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let active = fenced_cluster(c).await?;
+    let other = *c
+        .nodes
+        .keys()
+        .find(|&&id| id != active)
+        .context("standby")?;
+    let validator = c.validator_pid(active).context("no validator pid")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = received.clone();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    // Counts every attempt of the orphan, before keyraft's chain judges it,
+    // and blackholes what reaches the listener.
+    let t = format!("kr_orphan_{}", std::process::id());
+    let script = format!(
+        "table inet {t} {{\n chain early {{ type filter hook output priority -10; tcp dport {port} counter; }}\n chain hole {{ type filter hook input priority 0; tcp dport {port} counter drop; }}\n}}\n"
+    );
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(format!(
+        "until [ -e {d}/connect ]; do sleep 0.02; done; exec 3<>/dev/tcp/127.0.0.1/{port}; \
+         touch {d}/connected; until [ -e {d}/send ]; do sleep 0.02; done; \
+         printf orphaned-payload >&3; touch {d}/sent; sleep 1000"
+    ));
+    let placed = join(active, validator)?;
+    if let Join::Group(gid) = placed {
+        cmd.uid(65534).gid(gid);
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )?;
+    }
+    let mut holder = cmd.spawn()?;
+    if let Join::Cgroup(leaf) = &placed {
+        std::fs::write(leaf.join("cgroup.procs"), holder.id().to_string())?;
+    }
+    let wait_file = |name: &'static str| {
+        let path = dir.path().join(name);
+        async move { eventually(SETTLE, name, || async { Ok(path.exists().then_some(())) }).await }
+    };
+    std::fs::write(dir.path().join("connect"), "")?;
+    wait_file("connected").await?;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, script.as_bytes())?;
+    ensure!(child.wait()?.success(), "nft refused the test's table");
+    let run = async {
+        std::fs::write(dir.path().join("send"), "")?;
+        wait_file("sent").await?;
+        switch_to(c, other).await?;
+        // Where the tree kill did not take it (user mode), the test does.
+        let _ = holder.kill();
+        let _ = holder.wait();
+        switch_to(c, active).await?;
+        let attempts = || -> Result<u64> {
+            let text = nft(&["list", "chain", "inet", &t, "early"])?;
+            text.split("counter packets ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+                .context("no counter")
+        };
+        let before = attempts()?;
+        nft(&["delete", "chain", "inet", &t, "hole"])?;
+        // Two retransmissions after the lift (backing off, seconds apart).
+        eventually(
+            Duration::from_secs(60),
+            "the orphan to retransmit",
+            || async { Ok((attempts()? >= before + 2).then_some(())) },
+        )
+        .await?;
+        let got = received.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ensure!(
+            got.is_empty(),
+            "the killed validator's orphaned connection sent {:?} after the key came back",
+            String::from_utf8_lossy(&got)
+        );
+        c.assert_no_double_signs().await?;
+        Ok(())
+    };
+    let r = run.await;
+    let _ = holder.kill();
+    let _ = nft(&["delete", "table", "inet", &t]);
+    r
+}
+
+/// The keyed leaf the validator of node `id` (pid `validator`) runs in.
+fn keyed_leaf(validator: i32) -> Result<Join> {
+    let text = std::fs::read_to_string(format!("/proc/{validator}/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line")?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4))
+                .flatten()
+        })
+        .context("no cgroup v2 mount")?;
+    let leaf = Path::new(mount).join(rel.trim_start_matches('/'));
+    ensure!(
+        leaf.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("keyed-")),
+        "the validator runs in {}",
+        leaf.display()
+    );
+    Ok(Join::Cgroup(leaf))
+}
+
+#[tokio::test]
+async fn a_killed_validators_orphaned_connection_stays_dropped_when_the_key_comes_back(
+) -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    an_orphan_stays_dropped(&c, |_, pid| keyed_leaf(pid)).await
+}
+
+#[tokio::test]
+async fn without_a_cgroup_an_orphaned_connection_stays_dropped_when_the_key_comes_back(
+) -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
+        validator_user: Some("nobody".into()),
+        flags: vec!["--no-cgroup".into()],
+        ..NodeOpts::default()
+    })
+    .await?;
+    an_orphan_stays_dropped(&c, |_, pid| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let gid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Gid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no Gid")?;
+        Ok(Join::Group(gid))
+    })
+    .await
 }

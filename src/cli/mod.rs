@@ -148,9 +148,6 @@ enum Cmd {
         /// Keep the kernel fence's lease element with the guard's lease.
         #[arg(long)]
         kernel_fence: bool,
-        /// The keyed cgroup id the coordinator's kernel fence table holds.
-        #[arg(long)]
-        kernel_fence_cgroup_id: Option<u64>,
         /// Start the validator as this user.
         #[arg(long)]
         validator_user: Option<String>,
@@ -297,12 +294,11 @@ pub fn main() -> ExitCode {
             data_dir,
             no_cgroup,
             kernel_fence,
-            kernel_fence_cgroup_id,
             validator_user,
         } => match fence::guard_main(
             &data_dir,
             !no_cgroup,
-            kernel_fence.then_some(kernel_fence_cgroup_id),
+            kernel_fence,
             validator_user.as_deref(),
         ) {
             Ok(()) => ExitCode::SUCCESS,

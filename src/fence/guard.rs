@@ -47,7 +47,7 @@ use nix::unistd::Pid;
 
 use super::alarm::Alarm;
 use super::deadline::{boot_offset, Lease};
-use super::kernel::{KernelError, KernelLease, Plan};
+use super::kernel::{KernelError, KernelLease, Keyed, Plan};
 use super::lock::{start_time, PID_FILE};
 use super::run_as::RunAs;
 use super::tree::{Tree, MARKER_VAR};
@@ -103,6 +103,27 @@ impl Guard {
             f(&mut k.lock().unwrap_or_else(|p| p.into_inner())).map_err(|e| e.to_string())?;
         }
         Ok(String::new())
+    }
+
+    /// Where a keyed start runs its validator: with the kernel fence, under
+    /// a fresh key its table holds, the lease moved to it and proven there;
+    /// without, in a fresh keyed leaf where the tree has a cgroup. Takes
+    /// the state lock only to read the time left, under the kernel's.
+    fn fresh_key(&self) -> Result<Option<Keyed>, String> {
+        let Some(k) = &self.kernel else {
+            if self.tree.cgroup().is_none() {
+                return Ok(None);
+            }
+            return match self.tree.fresh_keyed_leaf() {
+                Ok((procs, _)) => Ok(Some(Keyed::Cgroup(procs))),
+                Err(e) => Err(e.to_string()),
+            };
+        };
+        let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
+        let left = || self.lock().lease.map_or(Duration::ZERO, |l| l.left());
+        let keyed = k.rekey(left).map_err(|e| format!("kernel fence: {e}"))?;
+        k.ready().map_err(|e| format!("kernel fence: {e}"))?;
+        Ok(Some(keyed))
     }
 
     /// Kills the whole tree: the validator and its process group at once
@@ -166,13 +187,12 @@ fn realtime_priority() {
 
 /// `keyraft guard --data-dir DIR`: runs until its control pipe closes.
 /// With `kernel_fence`, the lease is kept in the kernel fence the
-/// coordinator installed for this tree too, whose table holds the keyed
-/// cgroup id given there (where it matches by cgroup): a keyed start into
-/// a leaf with another id is refused.
+/// coordinator installed for this tree too, under a fresh key for each
+/// keyed start.
 pub fn guard_main(
     data_dir: &Path,
     cgroup: bool,
-    kernel_fence: Option<Option<u64>>,
+    kernel_fence: bool,
     user: Option<&str>,
 ) -> std::io::Result<()> {
     // Named in `ps -e` and top (the kernel's name of a /proc/self/exe is
@@ -197,10 +217,9 @@ pub fn guard_main(
     harden();
     let user = user.map(RunAs::look_up).transpose()?;
     let tree = Tree::for_data_dir(data_dir, cgroup).owned_by(user.as_ref().map(|u| u.user.uid));
-    let kernel = if let Some(fenced) = kernel_fence {
+    let kernel = if kernel_fence {
         let lease = Plan::for_tree(&tree, user.as_ref().map(|u| &u.user))
-            .map(|p| p.holding_cgroup_id(fenced))
-            .and_then(KernelLease::open)
+            .and_then(|p| KernelLease::open(p, data_dir))
             .map_err(|e| std::io::Error::other(format!("kernel fence: {e}")))?;
         Some(Mutex::new(lease))
     } else {
@@ -348,16 +367,18 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     let argv: Vec<String> =
         serde_json::from_str(arg).map_err(|e| format!("bad start command: {e}"))?;
     let (prog, args) = argv.split_first().ok_or("empty command")?;
-    if keyed {
-        guard
-            .with_kernel(|k| k.ready())
-            .map_err(|e| format!("not starting with the key: kernel fence: {e}"))?;
-    }
     may_start(&guard.lock(), keyed)?;
     // Leftovers of an earlier validator (a straggler that had not died yet)
     // must be gone before a new one may start. Outside the state lock: a
     // scan of /proc can take long, and the lease timer must never wait.
     guard.kill_tree(None)?;
+    let keyed_in = if keyed {
+        guard
+            .fresh_key()
+            .map_err(|e| format!("not starting with the key: {e}"))?
+    } else {
+        None
+    };
     let mut st = guard.lock();
     may_start(&st, keyed)?;
     // The validator's output goes to our stderr, which the coordinator reads.
@@ -367,21 +388,18 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     ) else {
         return Err("cannot duplicate stderr".into());
     };
-    let cgroup = guard.tree.cgroup_procs(keyed);
-    let plan = guard
-        .kernel
-        .as_ref()
-        .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).plan().clone());
-    if let Some(plan) = plan.as_ref().filter(|_| keyed) {
-        plan.holds_leaf(cgroup.as_ref().map(|c| c.1))
-            .map_err(|e| format!("not starting with the key: {e}"))?;
-    }
-    let cgroup_fd = cgroup.as_ref().map(|f| f.0.as_raw_fd());
+    // Keyed: in this start's fresh leaf or group; keyless: in the standby
+    // leaf, and the validator's own group.
+    let (cgroup, keyed_gid) = match keyed_in {
+        Some(Keyed::Cgroup(procs)) => (Some(procs), None),
+        Some(Keyed::Group(gid)) => (None, Some(gid)),
+        None => (guard.tree.standby_procs(), None),
+    };
+    let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
     // As `--validator-user`; keyed, in the keyed group the kernel fence
     // matches on where it matches by user.
     let creds = guard.user.as_ref().map(|u| {
-        let keyed_gid = plan.as_ref().and_then(|p| p.keyed_gid());
-        let gid = keyed_gid.filter(|_| keyed).unwrap_or(u.user.gid);
+        let gid = keyed_gid.unwrap_or(u.user.gid);
         (u.user.uid, gid, u.groups.clone())
     });
     let guard_pid = guard.me;

@@ -88,11 +88,8 @@ impl GuardClient {
         if tree.cgroup().is_none() {
             cmd.arg("--no-cgroup");
         }
-        if let Some(plan) = kernel {
+        if kernel.is_some() {
             cmd.arg("--kernel-fence");
-            if let Some(id) = plan.keyed_cgroup_id() {
-                cmd.args(["--kernel-fence-cgroup-id", &id.to_string()]);
-            }
         }
         if let Some(user) = user {
             cmd.args(["--validator-user", user]);
@@ -226,7 +223,7 @@ impl GuardClient {
     }
 
     /// Starts the validator (`keyed`: with the key linked, in the tree's
-    /// `keyed` cgroup); returns its pid.
+    /// fresh keyed leaf); returns its pid.
     pub async fn start(&mut self, command: &[String], keyed: bool) -> Result<u32, GuardError> {
         let json =
             serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;

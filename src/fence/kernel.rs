@@ -8,28 +8,35 @@
 //! One table per data dir (`inet keyraft_<hash>`, see [`Tree::name`]):
 //!
 //! ```text
-//! set keyed { type cgroupsv2; }                  the tree's `keyed` leaf cgroup
-//! set lease { type cgroupsv2; flags timeout; }   the same id, while the lease lives
+//! set keyed { type cgroupsv2; }                  every keyed leaf of the tree
+//! set lease { type cgroupsv2; flags timeout; }   this activation's leaf, while the lease lives
 //! chain out { type filter hook output priority filter; policy accept;
 //!   socket cgroupv2 level L @keyed socket cgroupv2 level L != @lease counter drop }
 //! ```
 //!
-//! Only a validator started with the key runs in the `keyed` leaf, so the
+//! Only a validator started with the key runs in a keyed leaf, so the
 //! keyless standby syncs freely, and the sockets of a killed keyed
-//! validator (TCP keeps retransmitting for an orphan) stay held back.
+//! validator (TCP keeps retransmitting for an orphan) stay held back. Each
+//! keyed start gets a fresh key (a new leaf, [`KernelLease::rekey`]): the
+//! lease admits only this activation's, so the orphans of the validator
+//! killed at the last handover stay dropped when the key comes back.
 //! Where there is no cgroup v2 to match (a Docker container), the match is
 //! the validator's user ([`Match::User`]): the keyed validator runs with a
-//! group of its own, its packets mark their connections, and marked
-//! connections pass only while the lease lives:
+//! group of its own, one of [`GENERATIONS`] this data dir's table holds,
+//! the next one at each keyed start; its packets mark their connections
+//! with it, and marked connections pass only while their mark's lease
+//! lives:
 //!
 //! ```text
-//! set keyed { type gid; }                        the keyed validator's group G
-//! set lease { type mark; flags timeout; }        the mark G, while the lease lives
+//! set keyed { type gid; elements = { G0, ... } }  the keyed validator's groups
+//! map mark_of { type gid : mark; }                each group to the same mark
+//! set marks { type mark; elements = { G0, ... } } the marks
+//! set lease { type mark; flags timeout; }          this activation's mark, while the lease lives
 //! chain out { ...
-//!   meta skgid @keyed ct mark set G
+//!   ct mark set meta skgid map @mark_of
 //!   meta skgid @keyed ct state invalid,untracked counter drop
-//!   meta l4proto udp ct direction original meta skgid != @keyed ct mark G ct mark set 0
-//!   ct mark G ct mark != @lease counter drop }
+//!   meta l4proto udp ct direction original meta skgid != @keyed ct mark @marks ct mark set 0
+//!   ct mark @marks ct mark != @lease counter drop }
 //! ```
 //!
 //! (The third rule hands a UDP flow back to a live process that is not
@@ -49,7 +56,6 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,6 +68,16 @@ use crate::config::{ActivateBy, KernelFence, ValidatorUser};
 const CHAIN: &str = "out";
 const KEYED: &str = "keyed";
 const LEASE: &str = "lease";
+const MARK_OF: &str = "mark_of";
+const MARKS: &str = "marks";
+
+/// How many keyed groups (and marks) a data dir's table holds in user
+/// mode: one activation's orphans stay dropped through this many more.
+pub const GENERATIONS: u32 = 256;
+
+/// The file in the data dir that holds the last keyed group's generation
+/// (user mode), so that a restarted guard starts the next one.
+pub const GENERATION_FILE: &str = "kernel-fence-generation";
 
 /// The kernel's lease ends this much before the guard's: the kernel counts
 /// timeouts in jiffies (up to 10 ms each) and rounds up.
@@ -89,37 +105,63 @@ pub enum KernelError {
     Missing(String),
     #[error("the lease's element landed later than the margin after its time left was measured, {0} times in a row (a freeze, a stalled netlink): taken back")]
     Stalled(u32),
-    #[error("the validator's keyed cgroup was made again (id {now}, the kernel fence holds {fenced}), so the fence would not hold it: restart keyraft to set the fence up anew")]
-    Replaced { fenced: u64, now: u64 },
+    #[error("no fresh keyed cgroup for the validator: {0}")]
+    NoLeaf(super::FenceError),
     #[error(
-        "the validator's keyed cgroup cannot be joined, so the kernel fence would not hold it"
+        "the fresh keyed cgroup {0} is not in the kernel fence's keyed set after it was added"
     )]
-    NoLeaf,
+    NotHeld(u64),
+    #[error("no keyed start has a key yet")]
+    NoKey,
 }
 
 /// What the kernel fence tells the keyed validator's packets by.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Match {
-    /// Its socket's cgroup: the tree's `keyed` leaf (cgroup v2).
+    /// Its socket's cgroup: one of the tree's keyed leaves (cgroup v2),
+    /// a fresh one per keyed start.
     Cgroup {
-        /// The leaf's directory.
-        keyed: PathBuf,
-        /// Its depth below the cgroup v2 root.
+        tree: Tree,
+        /// The leaves' depth below the cgroup v2 root.
         level: u32,
-        /// Its cgroup id (the directory's inode), the sets' element.
-        id: u64,
     },
     /// Without a cgroup v2 (in a container): the validator runs as
-    /// `--validator-user`, and while keyed with [`Match::User::keyed_gid`]
-    /// as its group, a group of its own that the keyless standby never has.
+    /// `--validator-user`, and while keyed with one of the groups
+    /// `keyed_gids | 0..GENERATIONS` as its group, a group of its own that
+    /// the keyless standby never has, the next one at each keyed start.
     /// Its packets mark their connection (conntrack), so the sockets of a
     /// killed keyed validator, which no longer have an owner to match,
     /// stay held back too.
     User {
         uid: u32,
-        /// The keyed validator's primary group, and the connection mark.
-        keyed_gid: u32,
+        /// The first keyed group; the others follow it.
+        keyed_gids: u32,
     },
+}
+
+/// One activation's key: the keyed leaf's cgroup id, or the keyed group
+/// (and its mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Cgroup(u64),
+    Group(u32),
+}
+
+impl Key {
+    fn bytes(self) -> Vec<u8> {
+        match self {
+            Key::Cgroup(id) => id.to_ne_bytes().to_vec(),
+            Key::Group(gid) => gid.to_ne_bytes().to_vec(),
+        }
+    }
+}
+
+/// Where a keyed start runs its validator: a fresh leaf (its
+/// `cgroup.procs`, opened), or a fresh group.
+#[derive(Debug)]
+pub enum Keyed {
+    Cgroup(std::fs::File),
+    Group(u32),
 }
 
 /// One data dir's kernel fence: its table and what it holds back.
@@ -129,31 +171,29 @@ pub struct Plan {
     pub matches: Match,
 }
 
-/// The keyed group (and connection mark) of a tree in user mode: `KR` in
-/// the top bytes, then 16 bits of the table's name, far above the ids
-/// systems hand out.
-fn keyed_gid(table: &str) -> u32 {
+/// The first keyed group (and connection mark) of a tree in user mode:
+/// `K` in the top byte, then 16 bits of the table's name, then the
+/// generation: far above the ids systems hand out.
+fn keyed_gids(table: &str) -> u32 {
     let h = table
         .bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    0x4b52_0000 | (h & 0xffff)
+    0x4b00_0000 | ((h & 0xffff) << 8)
 }
 
 impl Plan {
-    /// The plan for `tree`: by its `keyed` cgroup where there is one, else
+    /// The plan for `tree`: by its keyed cgroups where there is one, else
     /// by the validator's user, if it runs as one.
     pub fn for_tree(tree: &Tree, user: Option<&ValidatorUser>) -> Result<Plan, KernelError> {
         let table = tree.name();
-        let matches = match (tree.keyed_cgroup(), user) {
-            (Some((keyed, level)), _) => {
-                let id = std::fs::metadata(&keyed)
-                    .map_err(|e| KernelError::Unavailable(format!("{}: {e}", keyed.display())))?
-                    .ino();
-                Match::Cgroup { keyed, level, id }
-            }
+        let matches = match (tree.leaf_level(), user) {
+            (Some(level), _) => Match::Cgroup {
+                tree: tree.clone(),
+                level,
+            },
             (None, Some(u)) => Match::User {
                 uid: u.uid,
-                keyed_gid: keyed_gid(&table),
+                keyed_gids: keyed_gids(&table),
             },
             (None, None) => {
                 return Err(KernelError::Unavailable(
@@ -165,58 +205,24 @@ impl Plan {
         Ok(Plan { table, matches })
     }
 
-    /// The `keyed` set's element.
-    fn keyed_key(&self) -> Vec<u8> {
+    /// A fresh key, added to the `keyed` set (where it is not there from
+    /// the start), and where the validator runs with it. `generation` is
+    /// the user mode's next one.
+    fn fresh_key(&self, nl: &mut Netlink, generation: u32) -> Result<(Key, Keyed), KernelError> {
         match &self.matches {
-            Match::Cgroup { id, .. } => id.to_ne_bytes().to_vec(),
-            Match::User { keyed_gid, .. } => keyed_gid.to_ne_bytes().to_vec(),
-        }
-    }
-
-    /// The `lease` set's element.
-    fn lease_key(&self) -> Vec<u8> {
-        // The same value in both modes: the cgroup id, or the mark (= gid).
-        self.keyed_key()
-    }
-
-    /// The `keyed` leaf's cgroup id the table holds, in cgroup mode.
-    pub fn keyed_cgroup_id(&self) -> Option<u64> {
-        match self.matches {
-            Match::Cgroup { id, .. } => Some(id),
-            Match::User { .. } => None,
-        }
-    }
-
-    /// The same plan, holding `id` (where given) as the keyed leaf's cgroup
-    /// id: the one the coordinator installed in the table, whatever the
-    /// leaf's id is by the time the guard starts.
-    pub fn holding_cgroup_id(mut self, id: Option<u64>) -> Plan {
-        if let (Match::Cgroup { id: held, .. }, Some(id)) = (&mut self.matches, id) {
-            *held = id;
-        }
-        self
-    }
-
-    /// Where the fence matches by cgroup, whether the keyed leaf a
-    /// validator would join now (its id, `joining`, `None` where it cannot
-    /// be opened) is the one the table holds: a leaf removed (a cleanup
-    /// tool) and made again has another id, which no rule drops.
-    pub fn holds_leaf(&self, joining: Option<u64>) -> Result<(), KernelError> {
-        let Some(fenced) = self.keyed_cgroup_id() else {
-            return Ok(()); // matched by user
-        };
-        match joining {
-            None => Err(KernelError::NoLeaf),
-            Some(now) if now != fenced => Err(KernelError::Replaced { fenced, now }),
-            Some(_) => Ok(()),
-        }
-    }
-
-    /// The group a keyed validator runs with, in user mode.
-    pub fn keyed_gid(&self) -> Option<u32> {
-        match self.matches {
-            Match::User { keyed_gid, .. } => Some(keyed_gid),
-            Match::Cgroup { .. } => None,
+            Match::Cgroup { tree, .. } => {
+                let (procs, id) = tree.fresh_keyed_leaf().map_err(KernelError::NoLeaf)?;
+                let key = Key::Cgroup(id);
+                nl.add(&self.table, KEYED, &key.bytes())?;
+                if !nl.elements(&self.table, KEYED)?.contains(&key.bytes()) {
+                    return Err(KernelError::NotHeld(id));
+                }
+                Ok((key, Keyed::Cgroup(procs)))
+            }
+            Match::User { keyed_gids, .. } => {
+                let gid = keyed_gids | (generation % GENERATIONS);
+                Ok((Key::Group(gid), Keyed::Group(gid)))
+            }
         }
     }
 
@@ -233,23 +239,32 @@ impl Plan {
                  \t\tsocket cgroupv2 level {l} @{KEYED} socket cgroupv2 level {l} != @{LEASE} counter drop\n\
                  \t}}\n"
             ),
-            Match::User { keyed_gid, .. } => format!(
-                "\tset {KEYED} {{ type gid; }}\n\
-                 \tset {LEASE} {{ type mark; flags timeout; }}\n\
-                 \tchain {CHAIN} {{\n\
-                 \t\ttype filter hook output priority filter; policy accept;\n\
-                 \t\tmeta skgid @{KEYED} ct mark set {keyed_gid:#x}\n\
-                 \t\tmeta skgid @{KEYED} ct state invalid,untracked counter drop\n\
-                 \t\tmeta l4proto udp ct direction original meta skgid != @{KEYED} ct mark {keyed_gid:#x} ct mark set 0\n\
-                 \t\tct mark {keyed_gid:#x} ct mark != @{LEASE} counter drop\n\
-                 \t}}\n"
-            ),
+            Match::User { keyed_gids, .. } => {
+                let gids: Vec<String> = (0..GENERATIONS)
+                    .map(|g| format!("{:#x}", keyed_gids | g))
+                    .collect();
+                let pairs: Vec<String> = gids.iter().map(|g| format!("{g} : {g}")).collect();
+                let (gids, pairs) = (gids.join(", "), pairs.join(", "));
+                format!(
+                    "\tset {KEYED} {{ type gid; elements = {{ {gids} }}; }}\n\
+                     \tmap {MARK_OF} {{ type gid : mark; elements = {{ {pairs} }}; }}\n\
+                     \tset {MARKS} {{ type mark; elements = {{ {gids} }}; }}\n\
+                     \tset {LEASE} {{ type mark; flags timeout; }}\n\
+                     \tchain {CHAIN} {{\n\
+                     \t\ttype filter hook output priority filter; policy accept;\n\
+                     \t\tct mark set meta skgid map @{MARK_OF}\n\
+                     \t\tmeta skgid @{KEYED} ct state invalid,untracked counter drop\n\
+                     \t\tmeta l4proto udp ct direction original meta skgid != @{KEYED} ct mark @{MARKS} ct mark set 0\n\
+                     \t\tct mark @{MARKS} ct mark != @{LEASE} counter drop\n\
+                     \t}}\n"
+                )
+            }
         };
         format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n{body}}}\n")
     }
 
     /// Builds the table (replacing a leftover), then proves it: a probe in
-    /// the `keyed` cgroup is dropped without a lease and admitted with one.
+    /// a fresh keyed leaf (or group) is dropped without a lease and admitted with one.
     /// `probe` is a keyraft binary (its hidden `fence-probe` command). On
     /// any failure the table is removed again.
     pub fn install(&self, probe: &Path) -> Result<(), KernelError> {
@@ -291,18 +306,24 @@ impl Plan {
             });
         }
         let mut nl = Netlink::open()?;
-        nl.put_only(&self.table, KEYED, &self.keyed_key(), None)?;
-        if self.probe(probe)? {
+        // Every keyed leaf there is stays dropped: the orphans of a
+        // validator killed before this start are in one of them.
+        if let Match::Cgroup { tree, .. } = &self.matches {
+            for (_, id) in tree.keyed_leaves() {
+                nl.add(&self.table, KEYED, &Key::Cgroup(id).bytes())?;
+            }
+        }
+        let (key, keyed) = self.fresh_key(&mut nl, 0)?;
+        if self.probe(probe, &keyed)? {
             return Err(KernelError::Probe(match &self.matches {
-                Match::Cgroup { keyed, level, .. } => format!(
-                    "a packet from the validator's cgroup passed without a lease (level {level} of {}; a cgroup namespace?)",
-                    keyed.display()
+                Match::Cgroup { level, .. } => format!(
+                    "a packet from the validator's cgroup passed without a lease (level {level}; a cgroup namespace?)"
                 ),
                 Match::User { .. } => "a packet of the keyed validator's user and group passed without a lease".into(),
             }));
         }
-        nl.put_only(&self.table, LEASE, &self.lease_key(), Some(5_000))?;
-        let passed = self.probe(probe);
+        nl.put_only(&self.table, LEASE, &key.bytes(), Some(5_000))?;
+        let passed = self.probe(probe, &keyed);
         nl.flush(&self.table, LEASE)?;
         if !passed? {
             return Err(KernelError::Probe(
@@ -312,22 +333,17 @@ impl Plan {
         Ok(())
     }
 
-    /// Runs the probe as a keyed validator would run (in the `keyed`
-    /// cgroup, or as the validator's user in the keyed group): whether its
-    /// packet was sent.
-    fn probe(&self, probe: &Path) -> Result<bool, KernelError> {
+    /// Runs the probe as a keyed validator would run (in a keyed leaf, or
+    /// as the validator's user in a keyed group): whether its packet was
+    /// sent.
+    fn probe(&self, probe: &Path, keyed: &Keyed) -> Result<bool, KernelError> {
         let mut cmd = Command::new(probe);
         cmd.arg("fence-probe")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // Held open until the probe has started.
-        let _procs = match &self.matches {
-            Match::Cgroup { keyed, .. } => {
-                let procs = std::fs::File::options()
-                    .write(true)
-                    .open(keyed.join("cgroup.procs"))
-                    .map_err(|e| KernelError::Probe(format!("{}: {e}", keyed.display())))?;
+        match (keyed, &self.matches) {
+            (Keyed::Cgroup(procs), _) => {
                 let fd = procs.as_raw_fd();
                 // SAFETY: only write(2) between fork and exec.
                 unsafe {
@@ -338,14 +354,13 @@ impl Plan {
                         Ok(())
                     });
                 }
-                Some(procs)
             }
-            Match::User { uid, keyed_gid } => {
+            (Keyed::Group(gid), Match::User { uid, .. }) => {
                 // std clears the supplementary groups when root changes uid.
-                cmd.uid(*uid).gid(*keyed_gid);
-                None
+                cmd.uid(*uid).gid(*gid);
             }
-        };
+            (Keyed::Group(_), Match::Cgroup { .. }) => return Err(KernelError::NoKey),
+        }
         let status = cmd
             .status()
             .map_err(|e| KernelError::Probe(format!("cannot run {}: {e}", probe.display())))?;
@@ -356,12 +371,12 @@ impl Plan {
         }
     }
 
-    /// Whether the table, its rule and the `keyed` element are in place.
+    /// Whether the table, its rules and its `keyed` elements are in place.
     pub fn check(&self, nl: &mut Netlink) -> Result<(), KernelError> {
         let missing = || KernelError::Missing(self.table.clone());
-        let rules = match self.matches {
-            Match::Cgroup { .. } => 1,
-            Match::User { .. } => 4,
+        let (rules, keyed) = match self.matches {
+            Match::Cgroup { .. } => (1, 1..=usize::MAX),
+            Match::User { .. } => (4, GENERATIONS as usize..=GENERATIONS as usize),
         };
         match nl.count_rules(&self.table, CHAIN) {
             Ok(n) if n == rules => {}
@@ -369,7 +384,7 @@ impl Plan {
             Err(e) => return Err(e.into()),
         }
         match nl.count_elements(&self.table, KEYED) {
-            Ok(1) => Ok(()),
+            Ok(n) if keyed.contains(&n) => Ok(()),
             Ok(_) | Err(NftError::Refused { .. }) => Err(missing()),
             Err(e) => Err(e.into()),
         }
@@ -473,18 +488,62 @@ pub fn preflight(activate_by: ActivateBy, cgroup: bool, user: bool) -> Result<()
 pub struct KernelLease {
     nl: Netlink,
     plan: Plan,
+    /// This activation's key, once a keyed start made one.
+    key: Option<Key>,
+    /// Where the last keyed group's generation is kept (user mode).
+    generation_file: PathBuf,
 }
 
 impl KernelLease {
-    pub fn open(plan: Plan) -> Result<KernelLease, KernelError> {
+    /// The lease end of `plan`, for the tree run from `data_dir`.
+    pub fn open(plan: Plan, data_dir: &Path) -> Result<KernelLease, KernelError> {
         Ok(KernelLease {
             nl: Netlink::open()?,
             plan,
+            key: None,
+            generation_file: data_dir.join(GENERATION_FILE),
         })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Before a keyed start (the tree's last validator dead): a fresh key,
+    /// held in the `keyed` set, and the lease moved to it with the guard's
+    /// time left `left`. The lease no longer admits the last activation's
+    /// key, so the orphaned sockets of a validator killed at a handover
+    /// stay dropped when the key comes back here. Returns where the
+    /// validator runs with it.
+    pub fn rekey(&mut self, left: impl FnMut() -> Duration) -> Result<Keyed, KernelError> {
+        self.clear()?;
+        self.key = None;
+        let generation = self.next_generation();
+        let (key, keyed) = self.plan.fresh_key(&mut self.nl, generation)?;
+        self.key = Some(key);
+        self.renew(left)?;
+        Ok(keyed)
+    }
+
+    /// The next keyed group's generation (user mode), recorded before it
+    /// is used; a missing or unreadable record starts from the clock.
+    fn next_generation(&self) -> u32 {
+        if !matches!(self.plan.matches, Match::User { .. }) {
+            return 0;
+        }
+        let last = std::fs::read_to_string(&self.generation_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos())
+            });
+        let next = last.wrapping_add(1) % GENERATIONS;
+        if let Err(e) = std::fs::write(&self.generation_file, format!("{next}\n")) {
+            tracing::warn!("cannot record the keyed group's generation: {e}");
+        }
+        next
     }
 
     /// The kernel's lease now ends `MARGIN` before the guard's, whose time
@@ -498,8 +557,11 @@ impl KernelLease {
     /// busy host is no reason to fence), and after [`RENEW_TRIES`] late
     /// writes it is taken back ([`KernelError::Stalled`]): the guard's own
     /// lease, never extended, runs out as it would have.
+    /// Before the first keyed start there is no key, and nothing to renew.
     pub fn renew(&mut self, mut left: impl FnMut() -> Duration) -> Result<(), KernelError> {
-        let key = self.plan.lease_key();
+        let Some(key) = self.key.map(Key::bytes) else {
+            return Ok(());
+        };
         let mut before = left();
         for _ in 0..RENEW_TRIES {
             let ms = before.saturating_sub(MARGIN).as_millis() as u64;
@@ -528,9 +590,13 @@ impl KernelLease {
         }
     }
 
-    /// Ready for a keyed start: the table is whole and a lease lives.
+    /// Ready for a keyed start: the table is whole and this activation's
+    /// lease lives.
     pub fn ready(&mut self) -> Result<(), KernelError> {
         self.plan.check(&mut self.nl)?;
+        if self.key.is_none() {
+            return Err(KernelError::NoKey);
+        }
         match self.nl.count_elements(&self.plan.table, LEASE)? {
             1 => Ok(()),
             _ => Err(KernelError::Unavailable(

@@ -1,7 +1,7 @@
 //! A minimal nftables client over netlink (NETLINK_NETFILTER), for the few
 //! messages the kernel fence sends while a validator runs: write a set
-//! element with a timeout, flush a set, count a set's elements or a
-//! chain's rules, delete a table. Each write is one batch, atomic in the
+//! element with a timeout, add one, flush a set, list a set's elements or
+//! count a chain's rules, delete a table. Each write is one batch, atomic in the
 //! kernel, acknowledged message by message; no process is spawned.
 //!
 //! Building rules is left to `nft -f` at start ([`super::kernel`]): it is
@@ -388,24 +388,48 @@ impl Netlink {
         )
     }
 
-    /// How many live (unexpired) elements the set holds.
-    pub fn count_elements(&mut self, table: &str, set: &str) -> Result<usize, NftError> {
+    /// Adds one element (no timeout) beside those the set holds.
+    pub fn add(&mut self, table: &str, set: &str, key: &[u8]) -> Result<(), NftError> {
+        self.batch(
+            "a set element",
+            &[(
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                set_elems(table, set, Some((key, None))),
+            )],
+        )
+    }
+
+    /// The keys of the live (unexpired) elements the set holds.
+    pub fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Vec<u8>>, NftError> {
         let answers = self.dump(
             "a set listing",
             NFT_MSG_GETSETELEM,
             &set_elems(table, set, None),
         )?;
+        let within = |buf: &[u8], kind: u16| -> Vec<Vec<u8>> {
+            attrs(buf)
+                .into_iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, v)| v.to_vec())
+                .collect()
+        };
         Ok(answers
             .iter()
-            .flat_map(|a| attrs(a))
-            .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
-            .map(|(_, list)| {
-                attrs(list)
-                    .iter()
-                    .filter(|(k, _)| *k == NFTA_LIST_ELEM)
-                    .count()
+            .flat_map(|a| within(a, NFTA_SET_ELEM_LIST_ELEMENTS))
+            .flat_map(|list| within(&list, NFTA_LIST_ELEM))
+            .map(|elem| {
+                within(&elem, NFTA_SET_ELEM_KEY)
+                    .first()
+                    .and_then(|k| within(k, NFTA_DATA_VALUE).into_iter().next())
+                    .unwrap_or_default()
             })
-            .sum())
+            .collect())
+    }
+
+    /// How many live (unexpired) elements the set holds.
+    pub fn count_elements(&mut self, table: &str, set: &str) -> Result<usize, NftError> {
+        Ok(self.elements(table, set)?.len())
     }
 
     /// How many rules the chain holds.

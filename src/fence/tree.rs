@@ -4,10 +4,11 @@
 //!
 //! - a cgroup v2 per data dir where keyraft can create one (below its own
 //!   cgroup): `cgroup.kill` ends every member at once, forks included. It
-//!   has two leaves: `keyed` for a validator started with the key linked,
-//!   `standby` for the keyless node, so that the kernel fence
-//!   ([`super::kernel`]) can hold back the keyed one's traffic alone (a
-//!   socket keeps the cgroup it was made in, even after its process died);
+//!   has a leaf `standby` for the keyless node and a fresh leaf
+//!   `keyed-N` for each start with the key linked, so that the kernel
+//!   fence ([`super::kernel`]) can hold back the keyed one's traffic alone,
+//!   and one activation's from the next (a socket keeps the cgroup it was
+//!   made in, even after its process died);
 //! - otherwise, and always as well, an environment marker
 //!   (`KEYRAFT_FENCE=<data dir>`) that every descendant inherits, found by
 //!   scanning `/proc`, and every descendant of the guard (a child subreaper,
@@ -35,9 +36,16 @@ use super::FenceError;
 pub const MARKER_VAR: &str = "KEYRAFT_FENCE";
 /// The file in the data dir that names the tree's cgroup, if it has one.
 pub const CGROUP_FILE: &str = "cgroup";
-/// The leaf cgroups of a tree: one for a validator holding the key, one
-/// for the keyless standby.
-pub const LEAVES: [&str; 2] = ["keyed", "standby"];
+/// The leaf cgroup of the keyless standby.
+const STANDBY: &str = "standby";
+/// Keyed leaves are `keyed-N`, one per keyed start (`keyed` alone was the
+/// one leaf of earlier versions, still counted as one).
+const KEYED: &str = "keyed";
+/// An empty keyed leaf is removed once it is this old: what kept it, the
+/// orphaned sockets of a killed validator, have retransmitted their last
+/// by then (Linux gives up on an orphan after `tcp_orphan_retries`, about
+/// 100 s with the defaults).
+pub const KEYED_LEAF_LIFE: Duration = Duration::from_secs(600);
 
 /// One data dir's validator tree: how to find and kill all of it.
 #[derive(Debug, Clone)]
@@ -70,7 +78,7 @@ impl Tree {
                     Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
                     _ => Ok(()),
                 };
-                match mk(&dir).and_then(|()| LEAVES.iter().try_for_each(|l| mk(&dir.join(l)))) {
+                match mk(&dir).and_then(|()| mk(&dir.join(STANDBY))) {
                     Ok(()) => Some((mount, dir)),
                     Err(e) => {
                         tracing::debug!("no cgroup for the validator ({}): {e}", dir.display());
@@ -111,12 +119,82 @@ impl Tree {
         format!("keyraft_{:016x}", fnv1a(self.marker.as_bytes()))
     }
 
-    /// The `keyed` leaf, and its depth below the cgroup v2 root (what
+    /// The depth of the tree's leaves below the cgroup v2 root (what
     /// nftables' `socket cgroupv2 level` compares), if there is a cgroup.
-    pub fn keyed_cgroup(&self) -> Option<(PathBuf, u32)> {
-        let dir = self.cgroup.as_ref()?.join(LEAVES[0]);
-        let rel = dir.strip_prefix(self.mount.as_ref()?).ok()?;
-        Some((dir.clone(), rel.components().count() as u32))
+    pub fn leaf_level(&self) -> Option<u32> {
+        let rel = self
+            .cgroup
+            .as_ref()?
+            .strip_prefix(self.mount.as_ref()?)
+            .ok()?;
+        Some(rel.components().count() as u32 + 1)
+    }
+
+    /// Every keyed leaf there is, with its cgroup id (its directory's
+    /// inode), oldest first.
+    pub fn keyed_leaves(&self) -> Vec<(PathBuf, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut found: Vec<(u64, PathBuf, u64)> = self
+            .subdirs()
+            .into_iter()
+            .filter_map(|d| {
+                let n = keyed_number(d.file_name()?.to_str()?)?;
+                let id = std::fs::metadata(&d).ok()?.ino();
+                Some((n, d, id))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().map(|(_, d, id)| (d, id)).collect()
+    }
+
+    /// A keyed leaf no validator has run in, for the next keyed start:
+    /// its `cgroup.procs`, opened, and its cgroup id, read from the very
+    /// directory the file is in. Empty keyed leaves older than
+    /// [`KEYED_LEAF_LIFE`] are removed on the way.
+    pub fn fresh_keyed_leaf(&self) -> Result<(File, u64), FenceError> {
+        let Some(dir) = &self.cgroup else {
+            return Err(FenceError::Refused("the validator has no cgroup".into()));
+        };
+        let leaves = self.keyed_leaves();
+        let mut n = leaves
+            .iter()
+            .filter_map(|(d, _)| keyed_number(d.file_name()?.to_str()?))
+            .max()
+            .map_or(1, |n| n + 1);
+        for (leaf, _) in &leaves {
+            let old = std::fs::metadata(leaf)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > KEYED_LEAF_LIFE);
+            if old {
+                let _ = std::fs::remove_dir(leaf); // a busy one stays
+            }
+        }
+        loop {
+            let leaf = dir.join(format!("{KEYED}-{n}"));
+            match std::fs::create_dir(&leaf) {
+                Ok(()) => return open_procs(&leaf).map_err(super::io("cannot open", &leaf)),
+                // Made meanwhile by another start (a probe): the next one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(super::io("cannot make", &leaf)(e)),
+            }
+        }
+    }
+
+    /// The tree cgroup's child directories.
+    fn subdirs(&self) -> Vec<PathBuf> {
+        let Some(dir) = &self.cgroup else {
+            return Vec::new();
+        };
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn marker(&self) -> &str {
@@ -136,30 +214,12 @@ impl Tree {
         self.cgroup.as_deref()
     }
 
-    /// The file a new validator process writes "0" to, to join the leaf
-    /// cgroup for a `keyed` or keyless start before it execs (opened here,
-    /// written after fork).
-    /// With it, the leaf's cgroup id (its directory's inode), read from
-    /// the very directory the file is in: the leaf may have been removed
-    /// and made again since the kernel fence took its id.
-    pub fn cgroup_procs(&self, keyed: bool) -> Option<(File, u64)> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let leaf = if keyed { LEAVES[0] } else { LEAVES[1] };
-        let dir = self.cgroup.as_ref()?.join(leaf);
-        let dir = File::options()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(dir)
-            .ok()?;
-        let id = dir.metadata().ok()?.ino();
-        let fd = nix::fcntl::openat(
-            std::os::fd::AsFd::as_fd(&dir),
-            "cgroup.procs",
-            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .ok()?;
-        Some((File::from(fd), id))
+    /// The file a new keyless validator process writes "0" to, to join
+    /// the standby leaf before it execs (opened here, written after fork).
+    pub fn standby_procs(&self) -> Option<File> {
+        open_procs(&self.cgroup.as_ref()?.join(STANDBY))
+            .ok()
+            .map(|(f, _)| f)
     }
 
     /// Every live member: in the cgroup, carrying the marker, or below
@@ -232,7 +292,7 @@ impl Tree {
             return Ok(BTreeSet::new());
         };
         let mut found = BTreeSet::new();
-        for d in std::iter::once(dir.clone()).chain(LEAVES.iter().map(|l| dir.join(l))) {
+        for d in std::iter::once(dir.clone()).chain(self.subdirs()) {
             let procs = d.join("cgroup.procs");
             match std::fs::read_to_string(&procs) {
                 Ok(text) => found.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
@@ -298,8 +358,8 @@ impl Tree {
     /// Removes the (empty) cgroup, e.g. at shutdown; a busy one stays.
     pub fn remove_cgroup(&self) {
         if let Some(dir) = &self.cgroup {
-            for leaf in LEAVES {
-                let _ = std::fs::remove_dir(dir.join(leaf));
+            for leaf in self.subdirs() {
+                let _ = std::fs::remove_dir(leaf);
             }
             let _ = std::fs::remove_dir(dir);
         }
@@ -399,6 +459,33 @@ fn process_uids(pid: i32) -> Option<[Option<u32>; 4]> {
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
     let mut ids = line.split_whitespace().map(|v| v.parse().ok());
     Some([(); 4].map(|()| ids.next().flatten()))
+}
+
+/// `N` of a keyed leaf's name `keyed-N` (0 for `keyed`).
+fn keyed_number(name: &str) -> Option<u64> {
+    match name.strip_prefix(KEYED)? {
+        "" => Some(0),
+        rest => rest.strip_prefix('-')?.parse().ok(),
+    }
+}
+
+/// A leaf's `cgroup.procs` (opened for writing) and its cgroup id, both
+/// from one open of the directory: a leaf removed and made again between
+/// them cannot hand out the old id with the new file.
+fn open_procs(leaf: &Path) -> std::io::Result<(File, u64)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let dir = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(leaf)?;
+    let id = dir.metadata()?.ino();
+    let fd = nix::fcntl::openat(
+        std::os::fd::AsFd::as_fd(&dir),
+        "cgroup.procs",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok((File::from(fd), id))
 }
 
 /// Whether this process could make the validator a cgroup (nothing is made).
