@@ -7,16 +7,17 @@
 //! Owns: wiring and lifetimes. Must not: hold protocol logic; once the
 //! parts are up it hands control to [`crate::coordinator`] and waits.
 
+mod listen;
+
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use openraft::BasicNode;
 use tokio::sync::{mpsc, watch};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::{Router, TcpIncoming};
-use tonic::transport::Server;
 
 use crate::admin;
 use crate::config::{Config, NodeId};
@@ -27,10 +28,9 @@ use crate::gossip;
 use crate::health::{self, Prober};
 use crate::join::{self, Bootstrap};
 use crate::metrics::Metrics;
-use crate::node::{ClusterView, Core, Local, PrivvalLinks, Shared};
+use crate::node::{ClusterView, CoordinatorRequest, Core, Local, PrivvalLinks, Shared};
 use crate::pb;
-use crate::raft::network::{Peers, MAX_MESSAGE};
-use crate::raft::server::RaftService;
+use crate::raft::network::Peers;
 use crate::raft::{self, Gate, Raft};
 use crate::shutdown::{self, Shutdown};
 use crate::signer::{self, Signer};
@@ -78,18 +78,83 @@ pub enum RunError {
 
 /// Runs a coordinator until `shutdown` resolves.
 /// `material` is the peer port's TLS material, checked by the caller
-/// (`None` with `--insecure`).
+/// (`None` with `--insecure`). The steps, in their order: fence the host
+/// (step 6, and step 4's kernel fence), open the Raft store, assemble the
+/// node, start the servers, bootstrap (step 9), spawn the background
+/// tasks and the validator's supervisor, run the coordinator, tear down.
 pub async fn run(
     cfg: Config,
     material: Option<TlsMaterial>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let timing = cfg.timing;
     // SIGHUP reloads certificates; until a handler exists its default
     // action would end the process, so take it over first (a reload sent
     // while this node waits for its peers is then handled once it runs).
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    // Safety protocol step 6: before anything else.
+    let fenced = fence_host(&cfg).await?;
+    let (store, state_machine) = open_store(&cfg).await?;
+    let (sh, signer, parts) = assemble(cfg, material, &fenced, &store, state_machine).await?;
+    // The servers stop only after the coordinator and Raft have.
+    let (stop_servers, servers_stop) = shutdown::channel();
+    let servers = listen::start_servers(
+        &sh,
+        signer.as_ref().map(|s| s.0.clone()),
+        servers_stop.clone(),
+    )
+    .await?;
+    let bootstrap = bootstrap(&sh, &store).await?;
+    let mut tasks = spawn_tasks(&sh, signer.as_ref(), hup, &servers_stop);
+    let (node, health_rx) = supervise(&sh, &fenced, parts.probe_tx, &mut tasks)?;
+    let (stop_coordinator, coordinator_stop) = shutdown::channel();
+    let (core_tx, core_died) = watch::channel(None);
+    tasks.push(tokio::spawn(raft::core_stopped(sh.raft.clone(), core_tx)));
+    let mut refused = sh.refused.subscribe();
+    let mut died = core_died.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(_) = refused.wait_for(Option::is_some) => {}
+            Ok(_) = died.wait_for(Option::is_some) => {}
+        }
+        stop_coordinator.fire();
+    });
+    let mut coordinator = Coordinator::<coordinator::host::OnHost>::new(coordinator::Parts {
+        core: sh.core.clone(),
+        outside: Arc::new(coordinator::host::Real(sh.clone())),
+        node,
+        health_rx,
+        requests: parts.requests,
+        shutdown: coordinator_stop,
+        rejoining: bootstrap == Bootstrap::Rejoin,
+        seed: rand::random(),
+    });
+    coordinator.run().await;
+    tear_down(&sh, tasks, stop_servers, servers, &store, fenced).await;
+    let refused = sh.refused.borrow().clone();
+    let died = core_died.borrow().clone();
+    match (refused, died) {
+        (Some(why), _) => Err(RunError::Refused(why)),
+        (None, Some(why)) => Err(RunError::RaftCore(why)),
+        (None, None) => Ok(()),
+    }
+}
+
+/// What step 6 leaves held until the end: the data dir's lock, the
+/// validator's tree (leftovers killed), its key links (standing by) and
+/// the kernel fence.
+struct Fenced {
+    lock: fence::DataDirLock,
+    tree: fence::Tree,
+    links: Option<KeyLinks>,
+    kernel: fence::kernel::Status,
+    table_file: PathBuf,
+}
+
+/// Step 6, before anything else: the data dir locked, every process of a
+/// validator tree left by an earlier run killed, the key links standing
+/// by; then step 4's kernel fence, built (a leftover replaced) and proven
+/// before any validator starts (`auto` says here why it is off).
+async fn fence_host(cfg: &Config) -> Result<Fenced, RunError> {
     let dir = cfg.data_dir.clone();
     let links = cfg.validator.as_ref().map(|v| KeyLinks {
         active: v.active_links.clone(),
@@ -104,8 +169,7 @@ pub async fn run(
         .map(|u| u.uid);
     let (lock, tree) = blocking(move || -> Result<_, fence::FenceError> {
         let lock = fence::lock_data_dir(&dir)?;
-        // Every process of a validator tree left by an earlier run (its
-        // cgroup, its marker, its user), then the recorded pid's group.
+        // Its cgroup, its marker, its user; then the recorded pid's group.
         let tree = fence::Tree::for_data_dir(&dir, cgroup).owned_by(uid);
         let killed = tree.kill(None, Duration::from_secs(5))?;
         if killed > 0 {
@@ -125,8 +189,6 @@ pub async fn run(
         Ok((lock, tree))
     })
     .await?;
-    // Step 4's kernel fence: built (a leftover replaced) and proven before
-    // any validator starts; `auto` says here why it is off.
     let kernel = match cfg.validator.as_ref() {
         Some(v) => {
             let (mode, by, t, user) = (v.kernel_fence, v.activate_by, tree.clone(), v.user.clone());
@@ -149,7 +211,24 @@ pub async fn run(
         }),
     };
     recorded.map_err(fence::io("cannot write", &table_file))?;
-    match &kernel {
+    say_fenced(cfg, &tree, &kernel)?;
+    Ok(Fenced {
+        lock,
+        tree,
+        links,
+        kernel,
+        table_file,
+    })
+}
+
+/// The start log's word on the fence, and the subreaper a validator host
+/// needs.
+fn say_fenced(
+    cfg: &Config,
+    tree: &fence::Tree,
+    kernel: &fence::kernel::Status,
+) -> Result<(), RunError> {
+    match kernel {
         fence::kernel::Status::On(plan) => tracing::info!(
             table = plan.table,
             "kernel fence on: the keyed validator's packets pass only while its lease lives (nftables table inet {})",
@@ -169,27 +248,69 @@ pub async fn run(
             if tree.cgroup().is_some() { "its own cgroup, its environment marker and the guard's subreaper" } else { "its environment marker and the guard's subreaper (no writable cgroup v2 here)" }
         );
     }
+    Ok(())
+}
 
+/// The Raft store as opened: its log, state machine and member memory,
+/// and what the log held at start (for step 9).
+struct Store {
+    log: raft::store::LogStore,
+    memory: Arc<raft::memory::Memory>,
+    fresh: bool,
+    holds: raft::memory::Holds,
+}
+
+async fn open_store(cfg: &Config) -> Result<(Store, raft::store::StateMachine), RunError> {
     let raft_dir = cfg.data_dir.join("raft");
-    let (log_store, state_machine, memory, fresh, holds) =
-        blocking(move || -> Result<_, RunError> {
-            let (log, sm, memory) = raft::store::open(&raft_dir)?;
-            let fresh = log.is_fresh()?;
-            let mut holds = log.holds()?;
-            // A snapshot installed before a crash holds entries the log may
-            // not (openraft fills the gap when it starts).
-            holds.last_index = holds.last_index.max(sm.applied_index());
-            Ok((log, sm, memory, fresh, holds))
-        })
-        .await?;
+    let store = blocking(move || -> Result<_, RunError> {
+        let (log, state_machine, memory) = raft::store::open(&raft_dir)?;
+        let fresh = log.is_fresh()?;
+        let mut holds = log.holds()?;
+        // A snapshot installed before a crash holds entries the log may
+        // not (openraft fills the gap when it starts).
+        holds.last_index = holds.last_index.max(state_machine.applied_index());
+        let store = Store {
+            log,
+            memory,
+            fresh,
+            holds,
+        };
+        Ok((store, state_machine))
+    })
+    .await?;
     // A copied Raft store's memory of this node, and its refusals, are not
     // this node's word.
-    memory.adopt(cfg.id).await.map_err(|e| {
+    let (store, state_machine) = store;
+    store.memory.adopt(cfg.id).await.map_err(|e| {
         RunError::Store(raft::store::StoreError::Corrupt {
             path: cfg.data_dir.join("raft").display().to_string(),
             why: e.to_string(),
         })
     })?;
+    Ok((store, state_machine))
+}
+
+/// The ends of [`assemble`]'s channels that [`run`] hands on.
+struct Parts {
+    requests: mpsc::Receiver<CoordinatorRequest>,
+    probe_tx: watch::Sender<Option<String>>,
+}
+
+/// Signer mode: the signer, and the privval identity it dials sentries
+/// with.
+type SignerParts = (Arc<Signer>, SigningKey);
+
+/// The node's parts: TLS, Raft (over the store, the peers and the gate),
+/// the metrics, the signer's keys, and the [`Core`] and [`Shared`]
+/// everything else is handed.
+async fn assemble(
+    cfg: Config,
+    material: Option<TlsMaterial>,
+    fenced: &Fenced,
+    store: &Store,
+    state_machine: raft::store::StateMachine,
+) -> Result<(Arc<Shared>, Option<SignerParts>, Parts), RunError> {
+    let timing = cfg.timing;
     let server_tls = material
         .as_ref()
         .map(ServerTls::new)
@@ -203,40 +324,47 @@ pub async fn run(
             "peer certificate"
         );
     }
-    let cluster_rx = state_machine.subscribe();
     if material.is_none() {
         tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
     }
-    let peers = Peers::new(cfg.id, material.clone(), cfg.peers.clone());
+    let cluster_rx = state_machine.subscribe();
+    let peers = Peers::new(cfg.id, material, cfg.peers.clone());
     // Votes closed while new, and for the longest lease it may have promised.
     let live = timing.live_for(cluster_rx.borrow().timing);
-    let own = timing.longest_promise();
-    let gate = Arc::new(Gate::at_start(&cfg.data_dir, own, fresh, live));
+    let gate = Arc::new(Gate::at_start(
+        &cfg.data_dir,
+        timing.longest_promise(),
+        store.fresh,
+        live,
+    ));
     let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
+    let network = raft::network::Network {
+        peers: peers.clone(),
+        memory: store.memory.clone(),
+        gate: gate.clone(),
+    };
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_cfg),
-        raft::network::Network {
-            peers: peers.clone(),
-            memory: memory.clone(),
-            gate: gate.clone(),
-        },
-        log_store.clone(),
+        network,
+        store.log.clone(),
         state_machine,
     )
     .await
     .map_err(|e| RunError::Raft(e.to_string()))?;
-
-    let (req_tx, req_rx) = mpsc::channel(8);
-    let (probe_tx, probe_rx) = watch::channel(None);
-    let fenced: Vec<u64> = cfg.fence.by_node.keys().copied().collect();
+    let fenced_nodes: Vec<u64> = cfg.fence.by_node.keys().copied().collect();
     let chains: Vec<&str> = cfg
         .signer
         .as_ref()
         .map(|s| s.chain_ids().collect())
         .unwrap_or_default();
-    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), cfg.witness, &chains, &fenced)
-        .map_err(|e| RunError::Raft(e.to_string()))?;
+    let metrics = Metrics::new(
+        env!("CARGO_PKG_VERSION"),
+        cfg.witness,
+        &chains,
+        &fenced_nodes,
+    )
+    .map_err(|e| RunError::Raft(e.to_string()))?;
     let keys = match cfg.signer.clone() {
         Some(c) => Some(
             blocking(move || {
@@ -255,16 +383,16 @@ pub async fn run(
         .map(|(c, key)| pb::ChainKey {
             chain_id: c.chain_id.clone(),
             address: key.address_hex(),
-        });
-    let signer_keys = signer_keys.collect();
+        })
+        .collect();
     let core = Arc::new(Core {
         cfg,
-        raft: raft.clone(),
-        gate: gate.clone(),
+        raft,
+        gate,
         metrics,
         view: ClusterView::default(),
         local: watch::channel(Local::default()).0,
-        cluster: cluster_rx.clone(),
+        cluster: cluster_rx,
         started: tokio::time::Instant::now(),
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         signer_keys,
@@ -272,42 +400,40 @@ pub async fn run(
         chain_probe_errors: Default::default(),
         heights: Default::default(),
     });
+    let (req_tx, requests) = mpsc::channel(8);
+    let (probe_tx, probe_rx) = watch::channel(None);
     let sh = Arc::new(Shared {
         core,
         peers,
-        memory: memory.clone(),
-        start_holds: holds,
+        memory: store.memory.clone(),
+        start_holds: store.holds,
         refused: watch::channel(None).0,
         requests: req_tx,
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
-        kernel_fence: kernel.describe(),
+        kernel_fence: fenced.kernel.describe(),
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });
     sh.metrics
         .kernel_fence
-        .set(i64::from(kernel.plan().is_some()));
+        .set(i64::from(fenced.kernel.plan().is_some()));
     let signer = keys.map(|(keys, identity)| {
         let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys, rand::random());
         (signer, identity)
     });
-    // The servers stop only after the coordinator and Raft have.
-    let (stop_servers, servers_stop) = shutdown::channel();
-    let servers = start_servers(
-        &sh,
-        signer.as_ref().map(|s| s.0.clone()),
-        servers_stop.clone(),
-    )
-    .await?;
+    Ok((sh, signer, Parts { requests, probe_tx }))
+}
 
-    let bootstrap = join::bootstrap(&sh.cfg, &*sh.peers, fresh, holds).await?;
-    // A node rejoining after it lost its data dir votes only once the
-    // leader took it back (and answers no Hello until then).
+/// Step 9: whether this node forms, joins or rejoins the cluster, or
+/// starts on its own log; a rejoining node votes only once the leader
+/// took it back (and answers no Hello until then).
+async fn bootstrap(sh: &Arc<Shared>, store: &Store) -> Result<Bootstrap, RunError> {
+    let bootstrap = join::bootstrap(&sh.cfg, &*sh.peers, store.fresh, store.holds).await?;
     if bootstrap != Bootstrap::Rejoin {
-        gate.open_votes();
+        sh.gate.open_votes();
     }
-    gate.join();
+    sh.gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
             .cfg
@@ -315,7 +441,7 @@ pub async fn run(
             .into_iter()
             .map(|(id, a)| (id, BasicNode::new(a)))
             .collect();
-        match (raft.initialize(members).await, bootstrap) {
+        match (sh.raft.initialize(members).await, bootstrap) {
             (Ok(()), Bootstrap::Join) => tracing::info!(
                 "empty data dir: joining the existing cluster; its leader's log replaces this one"
             ),
@@ -326,7 +452,18 @@ pub async fn run(
             (Err(e), _) => tracing::debug!("already initialised: {e}"),
         }
     }
+    Ok(bootstrap)
+}
 
+/// The background tasks: gossip, registration, certificate reloads, the
+/// leader's heartbeats, tuning, the member memory's flusher and, in signer
+/// mode, the chain probes and a privval dialer per sentry.
+fn spawn_tasks(
+    sh: &Arc<Shared>,
+    signer: Option<&SignerParts>,
+    hup: Option<tokio::signal::unix::Signal>,
+    stop: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![
         tokio::spawn(gossip::run(sh.clone())),
         tokio::spawn({
@@ -334,11 +471,18 @@ pub async fn run(
             async move { join::register(&sh.core, &crate::admin::commands(&sh)).await }
         }),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
-        tokio::spawn(raft::heartbeat_while_leading(raft.clone(), gate.clone())),
+        tokio::spawn(raft::heartbeat_while_leading(
+            sh.raft.clone(),
+            sh.gate.clone(),
+        )),
         tokio::spawn(tuning::run(sh.clone())),
+        tokio::spawn(sh.memory.clone().run_flusher(stop.clone())),
     ];
-    if let Some((signer, identity)) = &signer {
-        tasks.extend(signer::limit::probe_nodes(&sh.core, timing.health_interval));
+    if let Some((signer, identity)) = signer {
+        tasks.extend(signer::limit::probe_nodes(
+            &sh.core,
+            sh.cfg.timing.health_interval,
+        ));
         for (i, chain) in signer.chains().iter().enumerate() {
             for addr in &chain.cfg.nodes {
                 tasks.push(tokio::spawn(signer::privval::run(
@@ -347,72 +491,71 @@ pub async fn run(
                     i,
                     addr.clone(),
                     identity.clone(),
-                    servers_stop.clone(),
+                    stop.clone(),
                 )));
             }
         }
     }
-    let (node, health_rx) = match (&sh.cfg.validator, links) {
-        (Some(v), Some(links)) => {
-            let (htx, hrx) = watch::channel(None);
-            let prober = Prober::new(
-                v.health,
-                &v.health_url,
-                timing.health_interval.max(Duration::from_millis(500)),
-            );
-            tasks.push(tokio::spawn(health::run(
-                prober.clone(),
-                timing.health_interval,
-                htx,
-                probe_tx,
-            )));
-            let node = Validator::spawn(
-                v.clone(),
-                links,
-                prober,
-                &sh.cfg.data_dir,
-                tree.clone(),
-                kernel.plan().cloned(),
-                timing.kill_bound,
-            )?;
-            (Some(node), Some(hrx))
-        }
-        _ => (None, None),
+    tasks
+}
+
+/// The validator's supervisor and its health reports, in validator mode.
+type Supervised = (
+    Option<Validator>,
+    Option<watch::Receiver<Option<health::Health>>>,
+);
+
+/// Validator mode: the health prober and the validator's supervisor (its
+/// guard started). Nothing on a witness or in signer mode.
+fn supervise(
+    sh: &Arc<Shared>,
+    fenced: &Fenced,
+    probe_tx: watch::Sender<Option<String>>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Supervised, RunError> {
+    let (Some(v), Some(links)) = (&sh.cfg.validator, fenced.links.clone()) else {
+        return Ok((None, None));
     };
+    let timing = sh.cfg.timing;
+    let (htx, hrx) = watch::channel(None);
+    let prober = Prober::new(
+        v.health,
+        &v.health_url,
+        timing.health_interval.max(Duration::from_millis(500)),
+    );
+    tasks.push(tokio::spawn(health::run(
+        prober.clone(),
+        timing.health_interval,
+        htx,
+        probe_tx,
+    )));
+    let node = Validator::spawn(
+        v.clone(),
+        links,
+        prober,
+        &sh.cfg.data_dir,
+        fenced.tree.clone(),
+        fenced.kernel.plan().cloned(),
+        timing.kill_bound,
+    )?;
+    Ok((Some(node), Some(hrx)))
+}
 
-    tasks.push(tokio::spawn(
-        sh.memory.clone().run_flusher(servers_stop.clone()),
-    ));
-    let (stop_coordinator, coordinator_stop) = shutdown::channel();
-    let mut refused = sh.refused.subscribe();
-    let (core_tx, core_died) = watch::channel(None);
-    tasks.push(tokio::spawn(raft::core_stopped(raft.clone(), core_tx)));
-    let mut died = core_died.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown => {}
-            Ok(_) = refused.wait_for(Option::is_some) => {}
-            Ok(_) = died.wait_for(Option::is_some) => {}
-        }
-        stop_coordinator.fire();
-    });
-    let mut coordinator = Coordinator::<coordinator::host::OnHost>::new(coordinator::Parts {
-        core: sh.core.clone(),
-        outside: Arc::new(coordinator::host::Real(sh.clone())),
-        node,
-        health_rx,
-        requests: req_rx,
-        shutdown: coordinator_stop,
-        rejoining: bootstrap == Bootstrap::Rejoin,
-        seed: rand::random(),
-    });
-    coordinator.run().await;
-
-    // Teardown: Raft first (no more votes or acks), then the servers.
+/// Teardown: Raft first (no more votes or acks), then the servers; the
+/// log flushed, the kernel fence removed, the member memory persisted,
+/// the tree's cgroup removed, and the data dir's lock let go last.
+async fn tear_down(
+    sh: &Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop_servers: shutdown::Trigger,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    store: &Store,
+    fenced: Fenced,
+) {
     for t in &tasks {
         t.abort();
     }
-    if let Err(e) = raft.shutdown().await {
+    if let Err(e) = sh.raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");
     }
     stop_servers.fire();
@@ -424,13 +567,13 @@ pub async fn run(
             tracing::debug!("a server did not drain in time");
         }
     }
-    if let Err(e) = log_store.flush().await {
+    if let Err(e) = store.log.flush().await {
         tracing::warn!("final flush: {e}");
     }
-    if let Some(plan) = kernel.plan().cloned() {
+    if let Some(plan) = fenced.kernel.plan().cloned() {
         match blocking(move || plan.remove()).await {
             Ok(()) => {
-                let _ = std::fs::remove_file(&table_file);
+                let _ = std::fs::remove_file(&fenced.table_file);
                 tracing::info!("kernel fence removed");
             }
             Err(e) => tracing::warn!("cannot remove the kernel fence: {e}"),
@@ -439,16 +582,9 @@ pub async fn run(
     if let Err(e) = sh.memory.persist().await {
         tracing::warn!("final flush of what this node remembers of its peers: {e}");
     }
-    tree.remove_cgroup();
-    drop(lock);
+    fenced.tree.remove_cgroup();
+    drop(fenced.lock);
     tracing::info!("stopped");
-    let refused = sh.refused.borrow().clone();
-    let died = core_died.borrow().clone();
-    match (refused, died) {
-        (Some(why), _) => Err(RunError::Refused(why)),
-        (None, Some(why)) => Err(RunError::RaftCore(why)),
-        (None, None) => Ok(()),
-    }
 }
 
 async fn blocking<T: Send + 'static, E: Send + 'static>(
@@ -461,155 +597,6 @@ where
         Ok(r) => r.map_err(RunError::from),
         Err(e) => Err(RunError::Raft(format!("blocking task failed: {e}"))),
     }
-}
-
-async fn bind(
-    addr: std::net::SocketAddr,
-    what: &'static str,
-) -> Result<tokio::net::TcpListener, RunError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| RunError::Bind {
-            addr: addr.to_string(),
-            what,
-            why: e.to_string(),
-        })
-}
-
-/// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
-async fn start_servers(
-    sh: &Arc<Shared>,
-    signer: Option<Arc<Signer>>,
-    stop: Shutdown,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
-    let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
-    let peer_listener = bind(sh.cfg.listen, "peer port").await?;
-    let http_listener = bind(sh.cfg.http_listen, "http port").await?;
-    let admin_tcp = match sh.cfg.admin.listen {
-        Some(addr) => Some(bind(addr, "admin port").await?),
-        None => None,
-    };
-    let (admin_socket, socket_file) = admin::access::bind_socket(&sh.cfg.admin).await?;
-    if !sh.cfg.http_listen.ip().is_loopback() {
-        tracing::warn!(
-            "http listens on {}, not loopback: anyone who reaches it can read status and metrics",
-            sh.cfg.http_listen
-        );
-    }
-    if sh.cfg.admin.group.is_some() && !admin::access::reachable_by_group(&sh.cfg.admin.socket) {
-        tracing::warn!(socket = %sh.cfg.admin.socket.display(),
-            "the admin group cannot reach the admin socket: a directory above it is closed to group and others");
-    }
-    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin.socket.display(),
-        admin_tls = ?sh.cfg.admin.listen, http = %sh.cfg.http_listen, "listening");
-
-    let mut peer = Server::builder()
-        .concurrency_limit_per_connection(64)
-        .max_concurrent_streams(Some(128))
-        .timeout(Duration::from_secs(60))
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)));
-    let auth = tls::authenticate(sh.tls.is_some());
-    let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
-        sh.raft.clone(),
-        sh.gate.clone(),
-        sh.cfg.id,
-        sh.cluster.clone(),
-        sh.cfg.timing,
-        sh.memory.clone(),
-    ))
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
-    let gossip_svc = pb::gossip_server::GossipServer::new(gossip::GossipService::new(sh.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let cluster_svc =
-        pb::cluster_server::ClusterServer::new(admin::ClusterService::new(sh.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-    let signer_svc = signer.map(|s| {
-        InterceptedService::new(
-            pb::signer_server::SignerServer::new(signer::SignerService::new(s))
-                .max_decoding_message_size(signer::MAX_PRIVVAL_MESSAGE)
-                .max_encoding_message_size(signer::MAX_PRIVVAL_MESSAGE),
-            auth.clone(),
-        )
-    });
-    let peer_router = peer
-        .add_service(InterceptedService::new(raft_svc, auth.clone()))
-        .add_service(InterceptedService::new(gossip_svc, auth.clone()))
-        .add_optional_service(signer_svc)
-        .add_service(InterceptedService::new(cluster_svc, auth));
-    let peer_task = match &sh.tls {
-        Some(t) => {
-            let incoming = tls::incoming(peer_listener, t.clone(), stop.clone());
-            let stopped = until_stopped(stop.clone());
-            tokio::spawn(async move {
-                if let Err(e) = peer_router
-                    .serve_with_incoming_shutdown(incoming, stopped)
-                    .await
-                {
-                    tracing::error!("peer server failed: {e:?}");
-                }
-            })
-        }
-        None => spawn_grpc(
-            "peer",
-            peer_router,
-            peer_listener,
-            until_stopped(stop.clone()),
-        ),
-    };
-
-    let admin_svc = || {
-        pb::admin_server::AdminServer::new(admin::access::AdminService::new(sh.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-    };
-    let admin_server = || {
-        Server::builder()
-            .concurrency_limit_per_connection(16)
-            .timeout(Duration::from_secs(60))
-    };
-    let socket_router = admin_server().add_service(admin_svc());
-    let stopped = until_stopped(stop.clone());
-    let admin_task = tokio::spawn(async move {
-        let _removed_when_done = socket_file;
-        let incoming = admin::access::incoming(admin_socket);
-        if let Err(e) = socket_router
-            .serve_with_incoming_shutdown(incoming, stopped)
-            .await
-        {
-            tracing::error!("admin socket server failed: {e:?}");
-        }
-    });
-    let mut tasks = vec![peer_task, admin_task];
-    if let (Some(listener), Some(t)) = (admin_tcp, &sh.tls) {
-        let router = admin_server().add_service(InterceptedService::new(
-            admin_svc(),
-            tls::admin::authenticate,
-        ));
-        let incoming = tls::incoming(listener, t.clone(), stop.clone());
-        let stopped = until_stopped(stop.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
-                tracing::error!("admin port server failed: {e:?}");
-            }
-        }));
-    }
-
-    let app = admin::http_router(sh.clone());
-    let stopped = until_stopped(stop);
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!("http server failed: {e}");
-        }
-    });
-    tasks.push(http_task);
-    Ok(tasks)
 }
 
 /// SIGHUP (`systemctl reload keyraft`): reads the TLS files again and, if
@@ -649,19 +636,4 @@ async fn reload_on_sighup(sh: Arc<Shared>, hup: Option<tokio::signal::unix::Sign
             Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
         }
     }
-}
-
-/// Serves a gRPC router on `listener` until `stopped` completes.
-fn spawn_grpc(
-    what: &'static str,
-    router: Router,
-    listener: tokio::net::TcpListener,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
-            tracing::error!("{what} server failed: {e:?}");
-        }
-    })
 }
