@@ -388,6 +388,16 @@ fn a_renewal_that_lands_late_is_written_again_and_taken_back_when_always_late() 
             }
             other => anyhow::bail!("not keyed by group: {other:?}"),
         }
+        // Unleased at a handover, then leased again before the next keyed
+        // start (step 4 arms the lease first): the old key is not admitted
+        // again meanwhile; only the next start's rekey makes one.
+        lease.clear()?;
+        lease.renew(|| Duration::from_secs(2))?;
+        ensure!(
+            matches!(lease.ready(), Err(KernelError::NoKey)),
+            "a lease renewed after an unlease admits the last activation's key"
+        );
+        lease.rekey(|| Duration::from_secs(2))?;
         ensure!(lease.ready().is_ok(), "a timely renewal left no element");
         // Measured at 2 s left, written after a 300 ms stall: written again
         // at once with what is left then, and kept.
@@ -421,7 +431,23 @@ fn a_renewal_that_lands_late_is_written_again_and_taken_back_when_always_late() 
         );
         Ok(())
     };
-    let r = run();
+    let r = run().and_then(|()| {
+        // A keyed start that cannot record its group's generation does
+        // not start: the next one might reuse it.
+        let mut lost = KernelLease::open(plan.clone(), &dir.path().join("gone"))?;
+        ensure!(
+            matches!(
+                lost.rekey(|| Duration::from_secs(2)),
+                Err(KernelError::Generation { .. })
+            ),
+            "a keyed group was handed out without its generation recorded"
+        );
+        ensure!(
+            lost.ready().is_err(),
+            "a lease lives without a recorded key"
+        );
+        Ok(())
+    });
     plan.remove()?;
     r
 }
@@ -465,6 +491,7 @@ enum Join {
 /// the listener must receive nothing while the orphan retransmits.
 async fn an_orphan_stays_dropped(
     c: &Cluster,
+    rebuild: bool,
     join: impl Fn(u64, i32) -> Result<Join>,
 ) -> Result<()> {
     use std::io::Read;
@@ -538,6 +565,13 @@ async fn an_orphan_stays_dropped(
         // Where the tree kill did not take it (user mode), the test does.
         let _ = holder.kill();
         let _ = holder.wait();
+        if let (true, Join::Cgroup(leaf)) = (rebuild, &placed) {
+            // A cleanup tool removes the emptied leaf (its orphans do not
+            // keep it) and a firewall reload the table: the table put back
+            // before the key returns must drop them still.
+            std::fs::remove_dir(leaf).with_context(|| format!("{}", leaf.display()))?;
+            nft(&["delete", "table", "inet", &table(c, active)?])?;
+        }
         switch_to(c, active).await?;
         let attempts = || -> Result<u64> {
             let text = nft(&["list", "chain", "inet", &t, "early"])?;
@@ -603,7 +637,16 @@ fn keyed_leaf(validator: i32) -> Result<Join> {
 async fn a_killed_validators_orphaned_connection_stays_dropped_when_the_key_comes_back(
 ) -> Result<()> {
     let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
-    an_orphan_stays_dropped(&c, |_, pid| keyed_leaf(pid)).await
+    an_orphan_stays_dropped(&c, false, |_, pid| keyed_leaf(pid)).await
+}
+
+/// The same, with the killed validator's emptied leaf removed and the
+/// table deleted while the host stands by: the table is put back from the
+/// data dir's record of keyed ids, which still holds the removed leaf's.
+#[tokio::test]
+async fn an_orphan_stays_dropped_after_its_leaf_is_removed_and_the_table_rebuilt() -> Result<()> {
+    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts::default()).await?;
+    an_orphan_stays_dropped(&c, true, |_, pid| keyed_leaf(pid)).await
 }
 
 #[tokio::test]
@@ -615,7 +658,7 @@ async fn without_a_cgroup_an_orphaned_connection_stays_dropped_when_the_key_come
         ..NodeOpts::default()
     })
     .await?;
-    an_orphan_stays_dropped(&c, |_, pid| {
+    an_orphan_stays_dropped(&c, false, |_, pid| {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let gid = status
             .lines()

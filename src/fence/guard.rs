@@ -12,8 +12,8 @@
 //!
 //! ```text
 //! SEQ start keyed|standby <json argv>
-//!                        -> SEQ ok <pid> | SEQ err <why>   keyed: in the tree's
-//!                                          `keyed` cgroup, only under a live lease
+//!                        -> SEQ ok <pid> | SEQ err <why>   keyed: in a fresh keyed
+//!                                          leaf (or group), only under a live lease
 //! SEQ stop <grace_ms>    -> SEQ ok <how>   SIGTERM to the tree, SIGKILL after grace,
 //!                                          replies once the whole tree is dead
 //! SEQ kill               -> SEQ ok <how>   the same without the grace
@@ -111,13 +111,15 @@ impl Guard {
     /// the state lock only to read the time left, under the kernel's.
     fn fresh_key(&self) -> Result<Option<Keyed>, String> {
         let Some(k) = &self.kernel else {
-            if self.tree.cgroup().is_none() {
-                return Ok(None);
-            }
-            return match self.tree.fresh_keyed_leaf() {
-                Ok((procs, _)) => Ok(Some(Keyed::Cgroup(procs))),
-                Err(e) => Err(e.to_string()),
-            };
+            // Without a kernel fence a leaf only helps the kill: a start
+            // outside one is still found by the marker and the subreaper.
+            return Ok(self.tree.leaves().and_then(|l| match l.fresh_keyed() {
+                Ok((procs, _)) => Some(Keyed::Cgroup(procs)),
+                Err(e) => {
+                    eprintln!("keyraft guard: starting the validator outside a keyed cgroup: {e}");
+                    None
+                }
+            }));
         };
         let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
         let left = || self.lock().lease.map_or(Duration::ZERO, |l| l.left());
@@ -393,7 +395,7 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
     let (cgroup, keyed_gid) = match keyed_in {
         Some(Keyed::Cgroup(procs)) => (Some(procs), None),
         Some(Keyed::Group(gid)) => (None, Some(gid)),
-        None => (guard.tree.standby_procs(), None),
+        None => (guard.tree.leaves().and_then(|l| l.standby_procs()), None),
     };
     let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd());
     // As `--validator-user`; keyed, in the keyed group the kernel fence

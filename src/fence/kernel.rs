@@ -72,8 +72,10 @@ const MARK_OF: &str = "mark_of";
 const MARKS: &str = "marks";
 
 /// How many keyed groups (and marks) a data dir's table holds in user
-/// mode: one activation's orphans stay dropped through this many more.
+/// mode: the last is the self-test probe's, the others are activations',
+/// so one activation's orphans stay dropped through 254 more.
 pub const GENERATIONS: u32 = 256;
+const PROBE_GENERATION: u32 = GENERATIONS - 1;
 
 /// The file in the data dir that holds the last keyed group's generation
 /// (user mode), so that a restarted guard starts the next one.
@@ -113,6 +115,11 @@ pub enum KernelError {
     NotHeld(u64),
     #[error("no keyed start has a key yet")]
     NoKey,
+    #[error("cannot record the keyed group's generation in {path}: {source}")]
+    Generation {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What the kernel fence tells the keyed validator's packets by.
@@ -211,7 +218,10 @@ impl Plan {
     fn fresh_key(&self, nl: &mut Netlink, generation: u32) -> Result<(Key, Keyed), KernelError> {
         match &self.matches {
             Match::Cgroup { tree, .. } => {
-                let (procs, id) = tree.fresh_keyed_leaf().map_err(KernelError::NoLeaf)?;
+                let leaves = tree.leaves().ok_or_else(|| {
+                    KernelError::Unavailable("the validator's cgroup is gone".into())
+                })?;
+                let (procs, id) = leaves.fresh_keyed().map_err(KernelError::NoLeaf)?;
                 let key = Key::Cgroup(id);
                 nl.add(&self.table, KEYED, &key.bytes())?;
                 if !nl.elements(&self.table, KEYED)?.contains(&key.bytes()) {
@@ -308,12 +318,15 @@ impl Plan {
         let mut nl = Netlink::open()?;
         // Every keyed leaf there is stays dropped: the orphans of a
         // validator killed before this start are in one of them.
-        if let Match::Cgroup { tree, .. } = &self.matches {
-            for (_, id) in tree.keyed_leaves() {
+        if let Some(leaves) = match &self.matches {
+            Match::Cgroup { tree, .. } => tree.leaves(),
+            Match::User { .. } => None,
+        } {
+            for id in leaves.keyed_ids().map_err(KernelError::NoLeaf)? {
                 nl.add(&self.table, KEYED, &Key::Cgroup(id).bytes())?;
             }
         }
-        let (key, keyed) = self.fresh_key(&mut nl, 0)?;
+        let (key, keyed) = self.fresh_key(&mut nl, PROBE_GENERATION)?;
         if self.probe(probe, &keyed)? {
             return Err(KernelError::Probe(match &self.matches {
                 Match::Cgroup { level, .. } => format!(
@@ -359,7 +372,11 @@ impl Plan {
                 // std clears the supplementary groups when root changes uid.
                 cmd.uid(*uid).gid(*gid);
             }
-            (Keyed::Group(_), Match::Cgroup { .. }) => return Err(KernelError::NoKey),
+            (Keyed::Group(_), Match::Cgroup { .. }) => {
+                return Err(KernelError::Probe(
+                    "a keyed group where the fence matches by cgroup".into(),
+                ))
+            }
         }
         let status = cmd
             .status()
@@ -488,10 +505,14 @@ pub fn preflight(activate_by: ActivateBy, cgroup: bool, user: bool) -> Result<()
 pub struct KernelLease {
     nl: Netlink,
     plan: Plan,
-    /// This activation's key, once a keyed start made one.
+    /// This activation's key, from a keyed start's [`Self::rekey`] until
+    /// the lease is cleared: a lease armed before the next keyed start
+    /// admits nothing, least of all the last activation's orphans.
     key: Option<Key>,
     /// Where the last keyed group's generation is kept (user mode).
     generation_file: PathBuf,
+    /// The last generation used by this guard.
+    generation: Option<u32>,
 }
 
 impl KernelLease {
@@ -502,6 +523,7 @@ impl KernelLease {
             plan,
             key: None,
             generation_file: data_dir.join(GENERATION_FILE),
+            generation: None,
         })
     }
 
@@ -517,33 +539,41 @@ impl KernelLease {
     /// validator runs with it.
     pub fn rekey(&mut self, left: impl FnMut() -> Duration) -> Result<Keyed, KernelError> {
         self.clear()?;
-        self.key = None;
-        let generation = self.next_generation();
+        let generation = self.next_generation()?;
         let (key, keyed) = self.plan.fresh_key(&mut self.nl, generation)?;
         self.key = Some(key);
         self.renew(left)?;
         Ok(keyed)
     }
 
-    /// The next keyed group's generation (user mode), recorded before it
-    /// is used; a missing or unreadable record starts from the clock.
-    fn next_generation(&self) -> u32 {
+    /// The next keyed group's generation (user mode), recorded (fsync'd)
+    /// before it is used: a start that cannot record it does not start,
+    /// or the next might reuse it. With no record (a first start, a wiped
+    /// data dir) it starts from the clock.
+    fn next_generation(&mut self) -> Result<u32, KernelError> {
         if !matches!(self.plan.matches, Match::User { .. }) {
-            return 0;
+            return Ok(0);
         }
-        let last = std::fs::read_to_string(&self.generation_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
+        let last = self
+            .generation
+            .or_else(|| {
+                std::fs::read_to_string(&self.generation_file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u32>().ok())
+            })
             .unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos())
             });
-        let next = last.wrapping_add(1) % GENERATIONS;
-        if let Err(e) = std::fs::write(&self.generation_file, format!("{next}\n")) {
-            tracing::warn!("cannot record the keyed group's generation: {e}");
-        }
-        next
+        let next = last.wrapping_add(1) % PROBE_GENERATION;
+        crate::durable::write(&self.generation_file, format!("{next}\n").as_bytes(), 0o600)
+            .map_err(|source| KernelError::Generation {
+                path: self.generation_file.display().to_string(),
+                source,
+            })?;
+        self.generation = Some(next);
+        Ok(next)
     }
 
     /// The kernel's lease now ends `MARGIN` before the guard's, whose time
@@ -579,8 +609,10 @@ impl KernelLease {
         Err(KernelError::Stalled(RENEW_TRIES))
     }
 
-    /// No lease in the kernel, verified.
+    /// No lease in the kernel, verified; no key until the next keyed
+    /// start's [`Self::rekey`].
     pub fn clear(&mut self) -> Result<(), KernelError> {
+        self.key = None;
         self.nl.flush(&self.plan.table, LEASE)?;
         match self.nl.count_elements(&self.plan.table, LEASE)? {
             0 => Ok(()),

@@ -5,7 +5,9 @@
 //!   running by a previous keyraft on it (safety protocol step 6).
 //! - [`links`]: the key links, swapped atomically.
 //! - [`tree`]: the validator's whole process tree (cgroup, inherited
-//!   marker, the guard's descendants), found and killed as one.
+//!   marker, the guard's descendants), found and killed as one; its
+//!   cgroup's [`leaves`]: the standby's, a fresh one per keyed start, and
+//!   the record of keyed ids the kernel fence keeps dropping.
 //! - [`guard`]: the guard process that kills that tree when its lease
 //!   deadline passes or the coordinator disappears; [`guard_client`] is the
 //!   coordinator's end of it; `alarm` is its lease timer's clock and
@@ -27,6 +29,7 @@ mod deadline;
 pub mod guard;
 pub mod guard_client;
 pub mod kernel;
+pub mod leaves;
 pub mod links;
 pub mod lock;
 pub mod nft;

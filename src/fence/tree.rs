@@ -30,23 +30,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::leaves::{Leaves, RECORD_FILE, STANDBY};
 use super::FenceError;
 
 /// The environment variable every process of a validator's tree carries.
 pub const MARKER_VAR: &str = "KEYRAFT_FENCE";
 /// The file in the data dir that names the tree's cgroup, if it has one.
 pub const CGROUP_FILE: &str = "cgroup";
-/// The leaf cgroup of the keyless standby.
-const STANDBY: &str = "standby";
-/// Keyed leaves are `keyed-N`, one per keyed start (`keyed` alone was the
-/// one leaf of earlier versions, still counted as one).
-const KEYED: &str = "keyed";
-/// An empty keyed leaf is removed once it is this old: what kept it, the
-/// orphaned sockets of a killed validator, have retransmitted their last
-/// by then (Linux gives up on an orphan after `tcp_orphan_retries`, about
-/// 100 s with the defaults).
-pub const KEYED_LEAF_LIFE: Duration = Duration::from_secs(600);
-
 /// One data dir's validator tree: how to find and kill all of it.
 #[derive(Debug, Clone)]
 pub struct Tree {
@@ -58,6 +48,8 @@ pub struct Tree {
     mount: Option<PathBuf>,
     /// `--validator-user`: every process of that user is the tree's.
     uid: Option<u32>,
+    /// The data dir's record of keyed ids ([`super::leaves`]).
+    record: Option<PathBuf>,
 }
 
 impl Tree {
@@ -92,6 +84,7 @@ impl Tree {
             cgroup,
             mount,
             uid: None,
+            record: Some(data_dir.join(RECORD_FILE)),
         }
     }
 
@@ -110,6 +103,7 @@ impl Tree {
             marker: marker.to_string(),
             cgroup: None,
             mount: None,
+            record: None,
         }
     }
 
@@ -130,73 +124,6 @@ impl Tree {
         Some(rel.components().count() as u32 + 1)
     }
 
-    /// Every keyed leaf there is, with its cgroup id (its directory's
-    /// inode), oldest first.
-    pub fn keyed_leaves(&self) -> Vec<(PathBuf, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let mut found: Vec<(u64, PathBuf, u64)> = self
-            .subdirs()
-            .into_iter()
-            .filter_map(|d| {
-                let n = keyed_number(d.file_name()?.to_str()?)?;
-                let id = std::fs::metadata(&d).ok()?.ino();
-                Some((n, d, id))
-            })
-            .collect();
-        found.sort();
-        found.into_iter().map(|(_, d, id)| (d, id)).collect()
-    }
-
-    /// A keyed leaf no validator has run in, for the next keyed start:
-    /// its `cgroup.procs`, opened, and its cgroup id, read from the very
-    /// directory the file is in. Empty keyed leaves older than
-    /// [`KEYED_LEAF_LIFE`] are removed on the way.
-    pub fn fresh_keyed_leaf(&self) -> Result<(File, u64), FenceError> {
-        let Some(dir) = &self.cgroup else {
-            return Err(FenceError::Refused("the validator has no cgroup".into()));
-        };
-        let leaves = self.keyed_leaves();
-        let mut n = leaves
-            .iter()
-            .filter_map(|(d, _)| keyed_number(d.file_name()?.to_str()?))
-            .max()
-            .map_or(1, |n| n + 1);
-        for (leaf, _) in &leaves {
-            let old = std::fs::metadata(leaf)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > KEYED_LEAF_LIFE);
-            if old {
-                let _ = std::fs::remove_dir(leaf); // a busy one stays
-            }
-        }
-        loop {
-            let leaf = dir.join(format!("{KEYED}-{n}"));
-            match std::fs::create_dir(&leaf) {
-                Ok(()) => return open_procs(&leaf).map_err(super::io("cannot open", &leaf)),
-                // Made meanwhile by another start (a probe): the next one.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-                Err(e) => return Err(super::io("cannot make", &leaf)(e)),
-            }
-        }
-    }
-
-    /// The tree cgroup's child directories.
-    fn subdirs(&self) -> Vec<PathBuf> {
-        let Some(dir) = &self.cgroup else {
-            return Vec::new();
-        };
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     pub fn marker(&self) -> &str {
         &self.marker
     }
@@ -214,12 +141,13 @@ impl Tree {
         self.cgroup.as_deref()
     }
 
-    /// The file a new keyless validator process writes "0" to, to join
-    /// the standby leaf before it execs (opened here, written after fork).
-    pub fn standby_procs(&self) -> Option<File> {
-        open_procs(&self.cgroup.as_ref()?.join(STANDBY))
-            .ok()
-            .map(|(f, _)| f)
+    /// Its cgroup's leaves and the record of keyed ids, if it has a
+    /// cgroup.
+    pub fn leaves(&self) -> Option<Leaves> {
+        Some(Leaves {
+            dir: self.cgroup.clone()?,
+            record: self.record.clone(),
+        })
     }
 
     /// Every live member: in the cgroup, carrying the marker, or below
@@ -292,7 +220,8 @@ impl Tree {
             return Ok(BTreeSet::new());
         };
         let mut found = BTreeSet::new();
-        for d in std::iter::once(dir.clone()).chain(self.subdirs()) {
+        let leaves = self.leaves().map(|l| l.subdirs()).unwrap_or_default();
+        for d in std::iter::once(dir.clone()).chain(leaves) {
             let procs = d.join("cgroup.procs");
             match std::fs::read_to_string(&procs) {
                 Ok(text) => found.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
@@ -358,7 +287,7 @@ impl Tree {
     /// Removes the (empty) cgroup, e.g. at shutdown; a busy one stays.
     pub fn remove_cgroup(&self) {
         if let Some(dir) = &self.cgroup {
-            for leaf in self.subdirs() {
+            for leaf in self.leaves().map(|l| l.subdirs()).unwrap_or_default() {
                 let _ = std::fs::remove_dir(leaf);
             }
             let _ = std::fs::remove_dir(dir);
@@ -459,33 +388,6 @@ fn process_uids(pid: i32) -> Option<[Option<u32>; 4]> {
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
     let mut ids = line.split_whitespace().map(|v| v.parse().ok());
     Some([(); 4].map(|()| ids.next().flatten()))
-}
-
-/// `N` of a keyed leaf's name `keyed-N` (0 for `keyed`).
-fn keyed_number(name: &str) -> Option<u64> {
-    match name.strip_prefix(KEYED)? {
-        "" => Some(0),
-        rest => rest.strip_prefix('-')?.parse().ok(),
-    }
-}
-
-/// A leaf's `cgroup.procs` (opened for writing) and its cgroup id, both
-/// from one open of the directory: a leaf removed and made again between
-/// them cannot hand out the old id with the new file.
-fn open_procs(leaf: &Path) -> std::io::Result<(File, u64)> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let dir = File::options()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(leaf)?;
-    let id = dir.metadata()?.ino();
-    let fd = nix::fcntl::openat(
-        std::os::fd::AsFd::as_fd(&dir),
-        "cgroup.procs",
-        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    Ok((File::from(fd), id))
 }
 
 /// Whether this process could make the validator a cgroup (nothing is made).
