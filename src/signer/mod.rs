@@ -16,7 +16,9 @@
 //! - [`behind`]: the commit behind a signature made in the reservation,
 //!   proposed in order, and after the other sentries' requests where only
 //!   the next height needs it.
-//! - this module: [`Signer`], which answers each request with one sign path
+//! - `here`: the one sign path ([`Signer::sign_here`], only ever on the
+//!   Raft leader), its checks and its two ways to a signature.
+//! - this module: [`Signer`], which answers each request with that sign path
 //!   ([`Signer::sign_here`], only ever on the Raft leader: commit
 //!   `SignAhead{chain_id, height, round, step, digest, through, holder}`
 //!   before the signature, or behind it inside a reservation) and one
@@ -55,6 +57,7 @@
 pub mod ahead;
 mod behind;
 mod forward;
+mod here;
 pub mod keys;
 pub mod limit;
 pub mod privval;
@@ -69,19 +72,17 @@ use cometbft_proto::v0_38::crypto::{public_key, PublicKey as RawPublicKey};
 use cometbft_proto::v0_38::privval::{
     message::Sum, Message, PingResponse, PubKeyResponse, SignedProposalResponse, SignedVoteResponse,
 };
-use openraft::errors::{ClientWriteError, RaftError};
 use openraft::storage::RaftStateMachine;
 use prost::Message as _;
 use tokio::time::Instant;
 
 use crate::config::{ChainConfig, NodeId, SignerConfig};
-use crate::ledger::{Command, SignVerdict, SignedAt};
 use crate::node::Core;
 use crate::pb;
 use crate::raft::network::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
-use ahead::{Ahead, Path};
+use ahead::Ahead;
 pub use forward::{Forward, SignerService};
 pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN};
 pub use refusal::Hrs;
@@ -355,224 +356,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             }
         }
         Err(last)
-    }
-
-    /// The leader's path, the only one that signs: check, then sign now
-    /// where a commit already covers the HRS ([`ahead`]), else commit and
-    /// sign. Each new signature's `SignAhead` reserves the next HRS.
-    pub async fn sign_here(
-        &self,
-        chain: &Chain,
-        what: Signable,
-        deadline: Instant,
-    ) -> Result<Signable, Refusal> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut stage = self.stages();
-        let mut ahead = tokio::time::timeout(left, chain.lock.lock())
-            .await
-            .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
-        stage.done("lock");
-        let chain_id = chain.id();
-        let holder = self.core.cluster.borrow().key_holder();
-        let holder_signs = holder.is_some_and(|h| {
-            self.core
-                .view
-                .said(h, |s| s.role == "validator" && !s.signer_keys.is_empty())
-        });
-        if let Some(why) = keys::held_in_validator_mode(holder, self.core.cfg.id, holder_signs) {
-            return Err(Refusal::NotCommitted(why));
-        }
-        let linked = self.core.cluster.borrow().linked;
-        if let Some(index) = linked.unknown_since {
-            return Err(Refusal::NotCommitted(format!(
-                "the key was linked in validator mode (log index {index}) and where that node stopped signing is not known: import its priv_validator_state.json with `keyraft signer import-state`"
-            )));
-        }
-        // Everything that could make signing fail is checked before the
-        // commit, so that a malformed request cannot use up an HRS.
-        what.validate(chain_id)?;
-        let hrs = what.hrs()?;
-        let digest = what.digest(chain_id)?;
-        let decide = |ahead: &Ahead| {
-            let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
-            ahead::decide(
-                ahead,
-                applied.as_ref(),
-                chain_id,
-                hrs,
-                &digest,
-                self.holder,
-                what.timestamp(),
-            )
-        };
-        let mut path = decide(&ahead)?;
-        if path == Path::Commit {
-            // The commit of the last signature, which may reserve this HRS,
-            // is likely under way: wait for it rather than commit again.
-            // Kept until it ends (a request given up meanwhile leaves it
-            // for the next, so commits behind stay in order).
-            if let Some(pending) = ahead.pending.as_mut() {
-                chain.hurry.now();
-                let left = deadline.saturating_duration_since(Instant::now());
-                if tokio::time::timeout(left, pending).await.is_ok() {
-                    ahead.pending = None;
-                }
-                stage.done("wait");
-                path = decide(&ahead)?;
-            }
-        }
-        if let Path::Repeat(timestamp) = path {
-            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
-        }
-        let limit = height_limit(&self.core, chain_id);
-        if hrs.0 > limit.height {
-            return Err(Refusal::Malformed(format!(
-                "height {} is above {}: refused",
-                hrs.0, limit.why
-            )));
-        }
-        // The voters once per request, for both checks below.
-        let voters: Vec<NodeId> = self
-            .core
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        self.all_voters_registered(&voters)?;
-        stage.done("check");
-        let signed_at = |timestamp| SignedAt {
-            height: hrs.0,
-            round: hrs.1,
-            step: hrs.2,
-            digest: digest.clone(),
-            timestamp,
-        };
-        // Reserving further only while every other voter can apply it; a
-        // signature in this process's own reservation is recorded with
-        // `SignAhead` in any case (a legacy `Signed` would be refused there).
-        let reserve = self.voters_sign_ahead(&voters);
-        // How far a precommit reserves depends on the chain's pace.
-        let quick = hrs.2 == sign::STEP_PRECOMMIT && {
-            ahead.precommit_at(hrs.0, Instant::now());
-            ahead.quick(ahead::takeover(&self.core.timing()))
-        };
-        let through = if reserve {
-            ahead::reach(hrs, quick)
-        } else {
-            hrs
-        };
-        // Before `reserves`: whether this round's precommit was reserved
-        // by the last precommit, not by this signature.
-        let later = ahead.needed_only_next_height(hrs);
-        ahead.reserves(hrs, through);
-        let cmd = |timestamp| Command::SignAhead {
-            chain_id: chain_id.to_string(),
-            height: hrs.0,
-            round: hrs.1,
-            step: hrs.2,
-            digest: digest.clone(),
-            timestamp,
-            through,
-            holder: self.holder,
-        };
-        if path == Path::Reserved {
-            let timestamp = what.timestamp();
-            let signed = what.sign(&chain.key, chain_id, timestamp)?;
-            ahead.signed(signed_at(timestamp));
-            let before = ahead.pending.take();
-            // Where only the next height needs this entry, the other
-            // sentries' requests for this step go before it.
-            let entry = cmd(timestamp);
-            ahead.pending = Some(self.commit_behind(chain, entry, before, later));
-            stage.done("sign");
-            return Ok(signed);
-        }
-        // Its outcome is unknown from the moment it is proposed (the
-        // request may be given up, or time out): until then, nothing at or
-        // below it is signed from a reservation.
-        ahead.doubt = ahead.doubt.max(Some(hrs));
-        let holds = self
-            .core
-            .cluster
-            .borrow()
-            .watermark(chain_id)
-            .is_some_and(|w| w.holder == Some(self.holder));
-        // `Signed` only while no member could have seen a `SignAhead` of
-        // this process: inside its own reservation it would be refused.
-        let first = if reserve || holds {
-            cmd(what.timestamp())
-        } else {
-            Command::Signed {
-                chain_id: chain_id.to_string(),
-                height: hrs.0,
-                round: hrs.1,
-                step: hrs.2,
-                digest: digest.clone(),
-                timestamp: what.timestamp(),
-            }
-        };
-        let verdict = self.commit(first, deadline).await?;
-        stage.done("commit");
-        match verdict {
-            SignVerdict::Sign { timestamp } => {
-                let signed = what.sign(&chain.key, chain_id, timestamp)?;
-                ahead.signed(signed_at(timestamp));
-                stage.done("sign");
-                Ok(signed)
-            }
-            v => Err(Refusal::from_verdict(&v, hrs, chain_id)
-                .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
-        }
-    }
-
-    /// Whether every other voter said it applies `SignAhead`
-    /// ([`ahead::FEATURE`]): until then the leader writes `Signed`, which
-    /// a keyraft from before sign-ahead applies too.
-    fn voters_sign_ahead(&self, voters: &[NodeId]) -> bool {
-        let me = self.core.cfg.id;
-        let others = voters.iter().copied().filter(|v| *v != me);
-        self.core.view.all_have(others, ahead::FEATURE)
-    }
-
-    /// A voter that has not registered yet would not be recognised if it
-    /// lost its data dir and came back empty (docs/design.md, step 9): sign
-    /// only once every voter is known to have run with durable state.
-    fn all_voters_registered(&self, voters: &[NodeId]) -> Result<(), Refusal> {
-        let cluster = self.core.cluster.borrow();
-        let unregistered: Vec<NodeId> = voters
-            .iter()
-            .copied()
-            .filter(|v| !cluster.registered.contains(v))
-            .collect();
-        drop(cluster);
-        if unregistered.is_empty() {
-            Ok(())
-        } else {
-            Err(Refusal::NotCommitted(format!(
-                "voters {unregistered:?} have not registered yet"
-            )))
-        }
-    }
-
-    /// Commits `cmd` (a `SignAhead`) and returns the ledger's verdict.
-    async fn commit(&self, cmd: Command, deadline: Instant) -> Result<SignVerdict, Refusal> {
-        let late = || Refusal::NotCommitted(format!("no commit within {SIGN_PATIENCE:?}"));
-        if Instant::now() >= deadline {
-            return Err(late());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.core.raft.client_write(cmd)).await {
-            Ok(Ok(r)) => r
-                .data
-                .sign
-                .ok_or_else(|| Refusal::NotCommitted("no verdict from the state machine".into())),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(Refusal::NotCommitted("leadership moved".into()))
-            }
-            Ok(Err(e)) => Err(Refusal::NotCommitted(e.to_string())),
-            Err(_) => Err(late()),
-        }
     }
 
     /// Hands the request to the leader `id` and completes it with the

@@ -1,0 +1,320 @@
+//! The leader's one sign path ([`Signer::sign_here`]): the checks every
+//! request passes (the key is signer mode's, the request is well formed,
+//! within the height limit, every voter registered), the sign-ahead
+//! decision ([`super::ahead::decide`]), and its two ways to a signature:
+//! inside this process's own reservation, its `SignAhead` committed
+//! behind it; or after the commit of `SignAhead` (or `Signed`) and the
+//! ledger's verdict.
+//!
+//! Owns: the order of those steps, under the chain's lock. Must not: decide
+//! what may be signed (the ledger and `ahead::decide` do), or sign on a
+//! follower (it forwards to the leader, `super::forward`).
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::storage::RaftStateMachine;
+use tokio::time::Instant;
+
+use super::ahead::{self, Ahead, Path};
+use super::{
+    height_limit, keys, sign, Chain, Forward, Hrs, Refusal, Signable, Signer, Stages, SIGN_PATIENCE,
+};
+use crate::config::NodeId;
+use crate::ledger::{Command, SignVerdict, SignedAt};
+use crate::raft::TypeConfig;
+
+/// One new signature's step: what it signs and how far its `SignAhead`
+/// reserves.
+struct Step<'a> {
+    chain_id: &'a str,
+    hrs: Hrs,
+    digest: String,
+    /// The last HRS its `SignAhead` reserves for this process.
+    through: Hrs,
+    /// Whether a `SignAhead` may reserve at all (every other voter applies
+    /// it, [`ahead::FEATURE`]).
+    reserve: bool,
+    /// Whether only the next height needs its entry (the other sentries'
+    /// requests for this step go before it).
+    later: bool,
+}
+
+impl Step<'_> {
+    fn signed_at(&self, timestamp: (i64, i32)) -> SignedAt {
+        SignedAt {
+            height: self.hrs.0,
+            round: self.hrs.1,
+            step: self.hrs.2,
+            digest: self.digest.clone(),
+            timestamp,
+        }
+    }
+
+    fn sign_ahead(&self, timestamp: (i64, i32), holder: u64) -> Command {
+        Command::SignAhead {
+            chain_id: self.chain_id.to_string(),
+            height: self.hrs.0,
+            round: self.hrs.1,
+            step: self.hrs.2,
+            digest: self.digest.clone(),
+            timestamp,
+            through: self.through,
+            holder,
+        }
+    }
+
+    /// `Signed` only while no member could have seen a `SignAhead` of
+    /// this process (`holds`: the watermark is its): inside its own
+    /// reservation a `Signed` would be refused.
+    fn first_entry(&self, timestamp: (i64, i32), holder: u64, holds: bool) -> Command {
+        if self.reserve || holds {
+            return self.sign_ahead(timestamp, holder);
+        }
+        Command::Signed {
+            chain_id: self.chain_id.to_string(),
+            height: self.hrs.0,
+            round: self.hrs.1,
+            step: self.hrs.2,
+            digest: self.digest.clone(),
+            timestamp,
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
+    /// The leader's path, the only one that signs: check, then sign now
+    /// where a commit already covers the HRS ([`ahead`]), else commit and
+    /// sign. Each new signature's `SignAhead` reserves the next HRS.
+    pub async fn sign_here(
+        &self,
+        chain: &Chain,
+        what: Signable,
+        deadline: Instant,
+    ) -> Result<Signable, Refusal> {
+        let mut stage = self.stages();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut ahead = tokio::time::timeout(left, chain.lock.lock())
+            .await
+            .map_err(|_| Refusal::NotCommitted("busy signing other requests".into()))?;
+        stage.done("lock");
+        let chain_id = chain.id();
+        self.key_is_signer_modes()?;
+        // Everything that could make signing fail is checked before the
+        // commit, so that a malformed request cannot use up an HRS.
+        what.validate(chain_id)?;
+        let hrs = what.hrs()?;
+        let digest = what.digest(chain_id)?;
+        let path = self
+            .path(chain, &mut ahead, &what, &digest, deadline, &mut stage)
+            .await?;
+        if let Path::Repeat(timestamp) = path {
+            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
+        }
+        let voters = self.checked_voters(chain_id, hrs)?;
+        stage.done("check");
+        let step = self.step(&mut ahead, chain_id, hrs, digest, &voters);
+        if path == Path::Reserved {
+            let timestamp = what.timestamp();
+            let signed = what.sign(&chain.key, chain_id, timestamp)?;
+            ahead.signed(step.signed_at(timestamp));
+            let before = ahead.pending.take();
+            let entry = step.sign_ahead(timestamp, self.holder);
+            ahead.pending = Some(self.commit_behind(chain, entry, before, step.later));
+            stage.done("sign");
+            return Ok(signed);
+        }
+        // Its outcome is unknown from the moment it is proposed (the
+        // request may be given up, or time out): until then, nothing at or
+        // below it is signed from a reservation.
+        ahead.doubt = ahead.doubt.max(Some(hrs));
+        let holds = self
+            .core
+            .cluster
+            .borrow()
+            .watermark(chain_id)
+            .is_some_and(|w| w.holder == Some(self.holder));
+        let first = step.first_entry(what.timestamp(), self.holder, holds);
+        let verdict = self.commit(first, deadline).await?;
+        stage.done("commit");
+        match verdict {
+            SignVerdict::Sign { timestamp } => {
+                let signed = what.sign(&chain.key, chain_id, timestamp)?;
+                ahead.signed(step.signed_at(timestamp));
+                stage.done("sign");
+                Ok(signed)
+            }
+            v => Err(Refusal::from_verdict(&v, hrs, chain_id)
+                .unwrap_or_else(|| Refusal::NotCommitted("accepted without a signature".into()))),
+        }
+    }
+
+    /// The key is signer mode's now: no validator-mode member holds it
+    /// ([`keys::held_in_validator_mode`]), and where validator mode held it
+    /// last, where that node stopped signing is known (imported).
+    fn key_is_signer_modes(&self) -> Result<(), Refusal> {
+        let holder = self.core.cluster.borrow().key_holder();
+        let holder_signs = holder.is_some_and(|h| {
+            self.core
+                .view
+                .said(h, |s| s.role == "validator" && !s.signer_keys.is_empty())
+        });
+        if let Some(why) = keys::held_in_validator_mode(holder, self.core.cfg.id, holder_signs) {
+            return Err(Refusal::NotCommitted(why));
+        }
+        let linked = self.core.cluster.borrow().linked;
+        match linked.unknown_since {
+            Some(index) => Err(Refusal::NotCommitted(format!(
+                "the key was linked in validator mode (log index {index}) and where that node stopped signing is not known: import its priv_validator_state.json with `keyraft signer import-state`"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The sign-ahead decision for this request; where it says commit, the
+    /// commit of the last signature (which may reserve this HRS) is likely
+    /// under way: waited for, and the decision taken again, rather than
+    /// committing twice. Kept until it ends (a request given up meanwhile
+    /// leaves it for the next, so commits behind stay in order).
+    async fn path(
+        &self,
+        chain: &Chain,
+        ahead: &mut Ahead,
+        what: &Signable,
+        digest: &str,
+        deadline: Instant,
+        stage: &mut Stages<'_>,
+    ) -> Result<Path, Refusal> {
+        let chain_id = chain.id();
+        let hrs = what.hrs()?;
+        let decide = |ahead: &Ahead| {
+            let applied = self.core.cluster.borrow().watermark(chain_id).cloned();
+            ahead::decide(
+                ahead,
+                applied.as_ref(),
+                chain_id,
+                hrs,
+                digest,
+                self.holder,
+                what.timestamp(),
+            )
+        };
+        let path = decide(ahead)?;
+        let Some(pending) = ahead.pending.as_mut().filter(|_| path == Path::Commit) else {
+            return Ok(path);
+        };
+        chain.hurry.now();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, pending).await.is_ok() {
+            ahead.pending = None;
+        }
+        stage.done("wait");
+        decide(ahead)
+    }
+
+    /// A new HRS's checks: within the height limit, and every voter
+    /// registered. Returns the voters (once per request, for both checks
+    /// and the reservation).
+    fn checked_voters(&self, chain_id: &str, hrs: Hrs) -> Result<Vec<NodeId>, Refusal> {
+        let limit = height_limit(&self.core, chain_id);
+        if hrs.0 > limit.height {
+            return Err(Refusal::Malformed(format!(
+                "height {} is above {}: refused",
+                hrs.0, limit.why
+            )));
+        }
+        let voters: Vec<NodeId> = self
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        self.all_voters_registered(&voters)?;
+        Ok(voters)
+    }
+
+    /// How far this signature reserves: only while every other voter can
+    /// apply a `SignAhead` (a signature in this process's own reservation
+    /// is recorded with `SignAhead` in any case: a legacy `Signed` would be
+    /// refused there), and, for a precommit, as far as the chain's pace
+    /// allows ([`ahead::reach`]). Notes the reservation in `ahead`.
+    fn step<'a>(
+        &self,
+        ahead: &mut Ahead,
+        chain_id: &'a str,
+        hrs: Hrs,
+        digest: String,
+        voters: &[NodeId],
+    ) -> Step<'a> {
+        let reserve = self.voters_sign_ahead(voters);
+        let quick = hrs.2 == sign::STEP_PRECOMMIT && {
+            ahead.precommit_at(hrs.0, Instant::now());
+            ahead.quick(ahead::takeover(&self.core.timing()))
+        };
+        let through = if reserve {
+            ahead::reach(hrs, quick)
+        } else {
+            hrs
+        };
+        // Before `reserves`: whether this round's precommit was reserved
+        // by the last precommit, not by this signature.
+        let later = ahead.needed_only_next_height(hrs);
+        ahead.reserves(hrs, through);
+        Step {
+            chain_id,
+            hrs,
+            digest,
+            through,
+            reserve,
+            later,
+        }
+    }
+
+    /// Whether every other voter said it applies `SignAhead`
+    /// ([`ahead::FEATURE`]): until then the leader writes `Signed`, which
+    /// a keyraft from before sign-ahead applies too.
+    fn voters_sign_ahead(&self, voters: &[NodeId]) -> bool {
+        let me = self.core.cfg.id;
+        let others = voters.iter().copied().filter(|v| *v != me);
+        self.core.view.all_have(others, ahead::FEATURE)
+    }
+
+    /// A voter that has not registered yet would not be recognised if it
+    /// lost its data dir and came back empty (docs/design.md, step 9): sign
+    /// only once every voter is known to have run with durable state.
+    fn all_voters_registered(&self, voters: &[NodeId]) -> Result<(), Refusal> {
+        let cluster = self.core.cluster.borrow();
+        let unregistered: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| !cluster.registered.contains(v))
+            .collect();
+        drop(cluster);
+        if unregistered.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::NotCommitted(format!(
+                "voters {unregistered:?} have not registered yet"
+            )))
+        }
+    }
+
+    /// Commits `cmd` (a `SignAhead`) and returns the ledger's verdict.
+    async fn commit(&self, cmd: Command, deadline: Instant) -> Result<SignVerdict, Refusal> {
+        let late = || Refusal::NotCommitted(format!("no commit within {SIGN_PATIENCE:?}"));
+        if Instant::now() >= deadline {
+            return Err(late());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.core.raft.client_write(cmd)).await {
+            Ok(Ok(r)) => r
+                .data
+                .sign
+                .ok_or_else(|| Refusal::NotCommitted("no verdict from the state machine".into())),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Refusal::NotCommitted("leadership moved".into()))
+            }
+            Ok(Err(e)) => Err(Refusal::NotCommitted(e.to_string())),
+            Err(_) => Err(late()),
+        }
+    }
+}
