@@ -35,13 +35,11 @@
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{kill, SigHandler, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -50,7 +48,7 @@ use super::deadline::{boot_offset, Lease};
 use super::kernel::{KernelError, KernelLease, Keyed, Plan};
 use super::lock::{start_time, PID_FILE};
 use super::run_as::RunAs;
-use super::tree::{Tree, MARKER_VAR};
+use super::tree::Tree;
 use super::{boot_now_ns, mono_now_ns};
 
 /// The guard's threads' stacks: small, since its memory is locked.
@@ -404,73 +402,14 @@ fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
         let gid = keyed_gid.unwrap_or(u.user.gid);
         (u.user.uid, gid, u.groups.clone())
     });
-    let guard_pid = guard.me;
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .env(MARKER_VAR, guard.tree.marker())
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0);
-    // SAFETY: between fork and exec only async-signal-safe calls: write,
-    // setgroups, setgid, setuid, open, sigaction, sigprocmask, prctl,
-    // getppid; nothing allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = cgroup_fd {
-                // Join the tree's cgroup before anything else can fork.
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // Then the validator's user (groups, group, user, in that
-            // order, and after the join, which needs keyraft's rights).
-            // No set-id program may hand it a group the kernel fence does
-            // not match, or privileges back.
-            if let Some((uid, gid, groups)) = &creds {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // Nor keyraft's ambient capabilities (CAP_NET_ADMIN for the
-            // kernel fence, where the unit grants it): a validator that
-            // could edit nftables could lift its own fence.
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) != 0
-                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The validator must not inherit the guard's ignored signals,
-            // or a wrapper would ignore every graceful stop.
-            for sig in Signal::iterator() {
-                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-                    let _ = nix::sys::signal::signal(sig, SigHandler::SigDfl);
-                }
-            }
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-                .map_err(std::io::Error::from)?;
-            let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-            if oom >= 0 {
-                libc::write(oom, b"0".as_ptr().cast(), 1);
-                libc::close(oom);
-            }
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
-            if nix::unistd::getppid().as_raw() != guard_pid {
-                return Err(std::io::Error::other("guard died during start"));
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = super::spawn::validator_command(
+        prog,
+        args,
+        (guard.tree.marker(), guard.me),
+        (out, err),
+        cgroup_fd,
+        creds,
+    );
     let spawning = guard.spawning.lock().unwrap_or_else(|p| p.into_inner());
     let child = cmd
         .spawn()

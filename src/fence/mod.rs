@@ -18,7 +18,7 @@
 //! - [`agent`]: fence agents (STONITH), which power another member's host
 //!   off before this node takes the key over without a release.
 //! - `run_as`: the validator's user (`--validator-user`) as the guard
-//!   starts it.
+//!   starts it; `spawn`: its process, set up between fork and exec.
 //!
 //! Must not: decide when to activate; fencing obeys the coordinator, and
 //! the guard obeys only its deadline and its control pipe.
@@ -34,6 +34,7 @@ pub mod links;
 pub mod lock;
 pub mod nft;
 mod run_as;
+mod spawn;
 pub mod tree;
 
 use std::path::Path;
