@@ -70,28 +70,11 @@ pub fn status_json(sh: &Shared) -> Value {
             .get_node(&id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        let node = if id == sh.cfg.id {
+        let mut node = if id == sh.cfg.id {
             if local.state == StateName::Validating {
                 validating.push(id);
             }
-            json!({
-                "id": id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
-                "state": local.state.to_string(), "raft": sh.raft_state(&m),
-                "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
-                "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
-                "probe_error": *sh.probe_error.borrow(),
-                "kernel_fence": sh.kernel_fence,
-                "fence_agents": (!sh.cfg.fence.by_node.is_empty()).then(|| {
-                    let last = sh.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    sh.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({
-                        "agent": a.path.display().to_string(),
-                        "last": last.get(n),
-                    }))).collect::<serde_json::Map<String, Value>>()
-                }),
-                "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
-                    "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
-                })),
-            })
+            own_node_json(sh, &m, &local)
         } else if let Some(s) = seen.get(&id).filter(|s| s.at.elapsed() <= stale) {
             if s.status.state == "Validating" {
                 validating.push(id);
@@ -112,7 +95,6 @@ pub fn status_json(sh: &Shared) -> Value {
                 "last_seen_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
             })
         };
-        let mut node = node;
         // Signer mode: the validator hosts' part, which `state` (Voting
         // everywhere) does not say: the leader signs, the others forward.
         if sh.cfg.signer.is_some() && node["role"] == "validator" {
@@ -141,55 +123,90 @@ pub fn status_json(sh: &Shared) -> Value {
         "nodes": nodes,
         "timing": crate::tuning::status(sh, cluster.timing),
     });
-    if let Some(c) = &sh.cfg.signer {
-        let links = sh.privval.snapshot();
-        let peers = crate::signer::keys::of_peers(&sh.core, &seen);
-        let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
-        let probe_errors = sh
-            .chain_probe_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let chains: Vec<Value> = c
-            .chains
-            .iter()
-            .map(|chain| {
-                let w = cluster.watermark(&chain.chain_id);
-                let limit = crate::signer::height_limit(&sh.core, &chain.chain_id);
-                let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
-                json!({
-                    "chain_id": chain.chain_id,
-                    "address": sh.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
-                    "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
-                        .map(|(node, address)| json!({"node": node, "address": address}))
-                        .collect::<Vec<_>>(),
-                    "watermark": w.map(|w| {
-                        // The last signature (or the floor); a reservation
-                        // beyond it is shown apart.
-                        let (h, r, s) = w.signed().map_or(w.hrs(), |s| s.hrs());
-                        json!({
-                            "height": h,
-                            "round": (r != u32::MAX).then_some(r),
-                            "step": (s != u8::MAX).then_some(s),
-                            "imported_floor": w.signed().is_none(),
-                            "reserved_through": w.holder.map(|_| json!({
-                                "height": w.height, "round": w.round, "step": w.step,
-                            })),
-                        })
-                    }),
-                    "signatures": w.map_or(0, |w| w.signatures),
-                    "height_limit": json!({"height": limit.height, "why": limit.why}),
-                    "node_probe_error": probe_errors.get(&chain.chain_id),
-                    "connections": links.iter()
-                        .filter(|(node, _)| nodes.contains(node))
-                        .map(|(node, up)| json!({"node": node, "connected": up}))
-                        .collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        status["signer"] = json!({ "chains": chains });
+    if sh.cfg.signer.is_some() {
+        status["signer"] = json!({ "chains": signer_chains_json(sh, &cluster, &seen) });
     }
     status
+}
+
+/// This node's own entry in `status --json`: what only it knows (its
+/// Raft state and error, its kernel fence, fence agents, certificate).
+fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Local) -> Value {
+    json!({
+        "id": sh.cfg.id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
+        "state": local.state.to_string(), "raft": sh.raft_state(m),
+        "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
+        "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
+        "probe_error": *sh.probe_error.borrow(),
+        "kernel_fence": sh.kernel_fence,
+        "fence_agents": (!sh.cfg.fence.by_node.is_empty()).then(|| {
+            let last = sh.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            sh.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({
+                "agent": a.path.display().to_string(),
+                "last": last.get(n),
+            }))).collect::<serde_json::Map<String, Value>>()
+        }),
+        "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
+            "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
+        })),
+    })
+}
+
+/// Signer mode's chains in `status --json`: each chain's key, the other
+/// keys members gossip for it, its watermark, height limit, node probe
+/// and privval connections.
+fn signer_chains_json(
+    sh: &Shared,
+    cluster: &crate::ledger::ClusterState,
+    seen: &BTreeMap<NodeId, crate::node::Seen>,
+) -> Vec<Value> {
+    let Some(c) = &sh.cfg.signer else {
+        return Vec::new();
+    };
+    let links = sh.privval.snapshot();
+    let peers = crate::signer::keys::of_peers(&sh.core, seen);
+    let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
+    let probe_errors = sh
+        .chain_probe_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    c.chains
+        .iter()
+        .map(|chain| {
+            let w = cluster.watermark(&chain.chain_id);
+            let limit = crate::signer::height_limit(&sh.core, &chain.chain_id);
+            let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
+            json!({
+                "chain_id": chain.chain_id,
+                "address": sh.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
+                "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
+                    .map(|(node, address)| json!({"node": node, "address": address}))
+                    .collect::<Vec<_>>(),
+                "watermark": w.map(|w| {
+                    // The last signature (or the floor); a reservation
+                    // beyond it is shown apart.
+                    let (h, r, s) = w.signed().map_or(w.hrs(), |s| s.hrs());
+                    json!({
+                        "height": h,
+                        "round": (r != u32::MAX).then_some(r),
+                        "step": (s != u8::MAX).then_some(s),
+                        "imported_floor": w.signed().is_none(),
+                        "reserved_through": w.holder.map(|_| json!({
+                            "height": w.height, "round": w.round, "step": w.step,
+                        })),
+                    })
+                }),
+                "signatures": w.map_or(0, |w| w.signatures),
+                "height_limit": json!({"height": limit.height, "why": limit.why}),
+                "node_probe_error": probe_errors.get(&chain.chain_id),
+                "connections": links.iter()
+                    .filter(|(node, _)| nodes.contains(node))
+                    .map(|(node, up)| json!({"node": node, "connected": up}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }
 
 /// What the members remember of each one (step 9): the highest term and

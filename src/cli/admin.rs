@@ -376,13 +376,6 @@ async fn check(addr: &AdminAddr) -> ExitCode {
 
 fn print_table(v: &serde_json::Value) {
     let c = &v["cluster"];
-    let or_dash = |x: &serde_json::Value| {
-        if x.is_null() {
-            "-".to_string()
-        } else {
-            x.to_string()
-        }
-    };
     println!(
         "leader {}  term {}  active validator {}  quorum {}  paused {}",
         or_dash(&c["leader"]),
@@ -391,6 +384,23 @@ fn print_table(v: &serde_json::Value) {
         if c["quorum"] == true { "yes" } else { "NO" },
         if c["paused"] == true { "YES" } else { "no" }
     );
+    print_signer(v);
+    print_nodes(v);
+    print_notes(v);
+}
+
+/// `-` for null, else the value.
+fn or_dash(x: &serde_json::Value) -> String {
+    if x.is_null() {
+        "-".to_string()
+    } else {
+        x.to_string()
+    }
+}
+
+/// Signer mode: a line per chain (watermark, signatures, privval
+/// connections here), and any other key a member gossips for it.
+fn print_signer(v: &serde_json::Value) {
     for sg in v["signer"]["chains"].as_array().into_iter().flatten() {
         let w = &sg["watermark"];
         let watermark = if w.is_null() {
@@ -427,6 +437,10 @@ fn print_table(v: &serde_json::Value) {
             );
         }
     }
+}
+
+/// The members' table.
+fn print_nodes(v: &serde_json::Value) {
     println!(
         "{:<4} {:<22} {:<10} {:<12} {:<10} {:<4} {:<24} SEEN",
         "ID", "ADDR", "ROLE", "STATE", "RAFT", "KEY", "VALIDATOR"
@@ -466,6 +480,11 @@ fn print_table(v: &serde_json::Value) {
             seen
         );
     }
+}
+
+/// What the operator should act on, per member: a certificate near its
+/// end, a stopped Raft core, probe failures, fence agents, refusals.
+fn print_notes(v: &serde_json::Value) {
     for n in v["nodes"].as_array().into_iter().flatten() {
         if let Some(days) = n["tls_cert"]["expires_in_days"]
             .as_i64()
