@@ -95,7 +95,16 @@ impl Metrics {
             (false, false) => "validator",
         };
         build.with_label_values(&[version, role]).set(1);
-        let m = Metrics {
+        let m = Metrics::defined(registry)?;
+        m.register(witness, signer, chains, fenced)?;
+        m.registry.register(Box::new(build))?;
+        m.set_state("Startup");
+        Ok(m)
+    }
+
+    /// Every metric, defined (none registered yet).
+    fn defined(registry: Registry) -> Result<Metrics, prometheus::Error> {
+        Ok(Metrics {
             state: IntGaugeVec::new(opts("state", "Coordinator state, one-hot."), &["type"])?,
             raft_term: IntGauge::with_opts(opts("raft_term", "Current Raft term."))?,
             raft_leader: IntGauge::with_opts(opts("raft_leader", "1 on the Raft leader."))?,
@@ -179,9 +188,21 @@ impl Metrics {
                 &["cert"],
             )?,
             registry,
-        };
+        })
+    }
+
+    /// Registers the metrics this node's role has (a witness no
+    /// validator's, validator mode no signer's), with their label values
+    /// present from the start.
+    fn register(
+        &self,
+        witness: bool,
+        signer: bool,
+        chains: &[&str],
+        fenced: &[u64],
+    ) -> Result<(), prometheus::Error> {
+        let m = self;
         let r = &m.registry;
-        r.register(Box::new(build))?;
         r.register(Box::new(m.state.clone()))?;
         r.register(Box::new(m.raft_term.clone()))?;
         r.register(Box::new(m.raft_leader.clone()))?;
@@ -252,8 +273,7 @@ impl Metrics {
         ] {
             m.deactivations.with_label_values(&[reason]);
         }
-        m.set_state("Startup");
-        Ok(m)
+        Ok(())
     }
 
     /// Sets the one-hot state gauge (only when the state changes).

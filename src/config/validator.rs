@@ -204,6 +204,39 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
     } else {
         Chain::Generic
     });
+    let (active, standby) = key_links(a, chain)?;
+    let (health, health_url) = health_check(a, chain)?;
+    let activate_by = a.activate_by.unwrap_or(ActivateBy::Restart);
+    let kernel_fence = a.kernel_fence.unwrap_or(KernelFence::Auto);
+    if kernel_fence == KernelFence::Required && activate_by == ActivateBy::Sighup {
+        return Err(invalid(
+            "--kernel-fence required needs --activate-by restart: a node that reloads its key on SIGHUP keeps the connections it made without the key, which the kernel fence cannot tell apart",
+        ));
+    }
+    let user = resolve_user(a)?;
+    if kernel_fence == KernelFence::Required && a.no_cgroup && user.is_none() {
+        return Err(invalid(
+            "--kernel-fence required needs the validator's cgroup or --validator-user: drop --no-cgroup, or name the validator's user",
+        ));
+    }
+    Ok(Some(ValidatorConfig {
+        command: a.command.clone(),
+        active_links: active,
+        standby_links: standby,
+        activate_by,
+        health,
+        health_url: health_url.trim_end_matches('/').to_string(),
+        height_watermark: !a.no_height_watermark,
+        cgroup: !a.no_cgroup,
+        kernel_fence,
+        user,
+    }))
+}
+
+/// The key links: to link while validating, and (NEAR's node key) to
+/// link while standing by; each source a private, existing file, each
+/// path absolute, no destination written twice.
+fn key_links(a: &RunArgs, chain: Chain) -> Result<(Vec<KeyLink>, Vec<KeyLink>), ConfigError> {
     let mut active = Vec::new();
     let mut standby = Vec::new();
     let home = || {
@@ -284,6 +317,13 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
             )));
         }
     }
+    Ok((active, standby))
+}
+
+/// How the node's health is probed, and where: the chain's default, or
+/// `--health`/`--health-url`. A probe without heights needs
+/// `--no-height-watermark`.
+fn health_check(a: &RunArgs, chain: Chain) -> Result<(HealthKind, String), ConfigError> {
     let health = a.health.unwrap_or(match chain {
         Chain::Near => HealthKind::Near,
         Chain::Cometbft => HealthKind::Cometbft,
@@ -304,31 +344,7 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
             "--health http reports no block heights, so a new validator cannot wait until the chain is past what the previous one may have signed; pass --no-height-watermark to accept relying on the lease alone",
         ));
     }
-    let activate_by = a.activate_by.unwrap_or(ActivateBy::Restart);
-    let kernel_fence = a.kernel_fence.unwrap_or(KernelFence::Auto);
-    if kernel_fence == KernelFence::Required && activate_by == ActivateBy::Sighup {
-        return Err(invalid(
-            "--kernel-fence required needs --activate-by restart: a node that reloads its key on SIGHUP keeps the connections it made without the key, which the kernel fence cannot tell apart",
-        ));
-    }
-    let user = resolve_user(a)?;
-    if kernel_fence == KernelFence::Required && a.no_cgroup && user.is_none() {
-        return Err(invalid(
-            "--kernel-fence required needs the validator's cgroup or --validator-user: drop --no-cgroup, or name the validator's user",
-        ));
-    }
-    Ok(Some(ValidatorConfig {
-        command: a.command.clone(),
-        active_links: active,
-        standby_links: standby,
-        activate_by,
-        health,
-        health_url: health_url.trim_end_matches('/').to_string(),
-        height_watermark: !a.no_height_watermark,
-        cgroup: !a.no_cgroup,
-        kernel_fence,
-        user,
-    }))
+    Ok((health, health_url))
 }
 
 /// Refuses a command that hands the node to a daemon (`docker run`,
