@@ -64,6 +64,32 @@ pub(super) async fn start_servers(
     tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin.socket.display(),
         admin_tls = ?sh.cfg.admin.listen, http = %sh.cfg.http_listen, "listening");
 
+    let peer_task = serve_peers(sh, signer, peer_listener, &stop);
+    let mut tasks = vec![peer_task];
+    tasks.extend(serve_admin(sh, admin_socket, socket_file, admin_tcp, &stop));
+    let app = admin::http_router(sh.clone());
+    let stopped = until_stopped(stop);
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!("http server failed: {e}");
+        }
+    });
+    tasks.push(http_task);
+    Ok(tasks)
+}
+
+/// The peer port: Raft, gossip, the cluster's commands and (signer mode)
+/// forwarded sign requests, each behind the peer authentication.
+fn serve_peers(
+    sh: &Arc<Shared>,
+    signer: Option<Arc<Signer>>,
+    peer_listener: tokio::net::TcpListener,
+    stop: &Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let mut peer = Server::builder()
         .concurrency_limit_per_connection(64)
         .max_concurrent_streams(Some(128))
@@ -101,7 +127,7 @@ pub(super) async fn start_servers(
         .add_service(InterceptedService::new(gossip_svc, auth.clone()))
         .add_optional_service(signer_svc)
         .add_service(InterceptedService::new(cluster_svc, auth));
-    let peer_task = match &sh.tls {
+    match &sh.tls {
         Some(t) => {
             let incoming = tls::incoming(peer_listener, t.clone(), stop.clone());
             let stopped = until_stopped(stop.clone());
@@ -120,8 +146,18 @@ pub(super) async fn start_servers(
             peer_listener,
             until_stopped(stop.clone()),
         ),
-    };
+    }
+}
 
+/// The admin socket, and the admin port with mTLS where one is set.
+fn serve_admin(
+    sh: &Arc<Shared>,
+    admin_socket: tokio::net::UnixListener,
+    socket_file: admin::access::SocketFile,
+    admin_tcp: Option<tokio::net::TcpListener>,
+    stop: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let admin_svc = || {
         pb::admin_server::AdminServer::new(admin::access::AdminService::new(sh.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
@@ -144,7 +180,7 @@ pub(super) async fn start_servers(
             tracing::error!("admin socket server failed: {e:?}");
         }
     });
-    let mut tasks = vec![peer_task, admin_task];
+    let mut tasks = vec![admin_task];
     if let (Some(listener), Some(t)) = (admin_tcp, &sh.tls) {
         let router = admin_server().add_service(InterceptedService::new(
             admin_svc(),
@@ -158,19 +194,7 @@ pub(super) async fn start_servers(
             }
         }));
     }
-
-    let app = admin::http_router(sh.clone());
-    let stopped = until_stopped(stop);
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!("http server failed: {e}");
-        }
-    });
-    tasks.push(http_task);
-    Ok(tasks)
+    tasks
 }
 
 /// Serves a gRPC router on `listener` until `stopped` completes.

@@ -311,22 +311,7 @@ async fn assemble(
     state_machine: raft::store::StateMachine,
 ) -> Result<(Arc<Shared>, Option<SignerParts>, Parts), RunError> {
     let timing = cfg.timing;
-    let server_tls = material
-        .as_ref()
-        .map(ServerTls::new)
-        .transpose()?
-        .map(Arc::new);
-    let certs = material.as_ref().map(|m| m.info()).transpose()?;
-    if let Some((node, _)) = &certs {
-        tracing::info!(
-            expires = %node.not_after_text,
-            days = node.expires_in() / 86_400,
-            "peer certificate"
-        );
-    }
-    if material.is_none() {
-        tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
-    }
+    let (server_tls, certs) = peer_tls(&cfg, material.as_ref())?;
     let cluster_rx = state_machine.subscribe();
     let peers = Peers::new(cfg.id, material, cfg.peers.clone());
     // Votes closed while new, and for the longest lease it may have promised.
@@ -423,6 +408,31 @@ async fn assemble(
         (signer, identity)
     });
     Ok((sh, signer, Parts { requests, probe_tx }))
+}
+
+/// The peer port's server TLS, and the node's and the CA's certificate
+/// dates.
+type PeerTls = (
+    Option<Arc<ServerTls>>,
+    Option<(tls::CertInfo, tls::CertInfo)>,
+);
+
+/// The peer port's TLS, and its certificates' dates (logged); none with
+/// `--insecure`, said loudly.
+fn peer_tls(cfg: &Config, material: Option<&TlsMaterial>) -> Result<PeerTls, RunError> {
+    let server_tls = material.map(ServerTls::new).transpose()?.map(Arc::new);
+    let certs = material.map(|m| m.info()).transpose()?;
+    if let Some((node, _)) = &certs {
+        tracing::info!(
+            expires = %node.not_after_text,
+            days = node.expires_in() / 86_400,
+            "peer certificate"
+        );
+    }
+    if material.is_none() {
+        tracing::warn!("INSECURE: peer traffic is plaintext and unauthenticated (--insecure); anyone who can reach {} can vote", cfg.listen);
+    }
+    Ok((server_tls, certs))
 }
 
 /// Step 9: whether this node forms, joins or rejoins the cluster, or

@@ -479,6 +479,15 @@ mod tests {
                 "{mine_last:?} {hrs:?} {digest}"
             );
         }
+    }
+
+    #[test]
+    fn a_commit_of_unknown_outcome_is_never_signed_from_the_reservation_nor_another_chain() {
+        let asked = (9, 0);
+        let me = 1;
+        let plain = committed(10, 0, 2);
+        let mine = reserved((11, 0, 2), me, at(10, 0, 3, "d", 8));
+        use Path::*;
         // A commit of this HRS (or one above) whose outcome is unknown:
         // committed first, never from the reservation.
         let doubt = decide(
