@@ -1,7 +1,8 @@
 //! The module layering stays a tree: no module of `src/` (nor of
 //! `localnet/src/`) imports one that imports it back, directly or through
 //! others; the ledger, durable writes and localnet's wire types sit at the bottom and
-//! import nothing of their crate; and no source file grows past 700 lines. Reads the sources as text
+//! import nothing of their crate; no source file grows past 700 lines, and
+//! no function of `src/` past 120 (a longer one hides a decision). Reads the sources as text
 //! (every `crate::name` path, in `use` lines and inline), so a circle fails
 //! here with the modules that form it, before a reader has to untangle it.
 
@@ -212,6 +213,93 @@ fn no_source_file_is_over_700_lines() -> anyhow::Result<()> {
     }
     anyhow::ensure!(long.is_empty(), "split these by topic: {long:?}");
     Ok(())
+}
+
+/// The functions of `text` longer than `limit` lines, as (name, lines):
+/// a function runs from its `fn` line to the line that closes it at the
+/// same indentation (rustfmt's layout).
+fn long_functions(text: &str, limit: usize) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut long = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let code = line.trim_start();
+        let indent = line.len() - code.len();
+        let after_fn = [
+            "pub ",
+            "pub(crate) ",
+            "pub(super) ",
+            "async ",
+            "unsafe ",
+            "const ",
+        ]
+        .iter()
+        .fold(code, |c, p| c.strip_prefix(p).unwrap_or(c));
+        let Some(rest) = after_fn.strip_prefix("fn ") else {
+            i += 1;
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // Its body opens on the first line ending in `{` (a declaration
+        // ending in `;` has none).
+        let Some(open) = (i..lines.len()).find(|&j| {
+            let l = lines[j].trim_end();
+            l.ends_with('{') || l.ends_with(';')
+        }) else {
+            break;
+        };
+        if lines[open].trim_end().ends_with(';') {
+            i = open + 1;
+            continue;
+        }
+        let close = (open + 1..lines.len()).find(|&j| {
+            let l = lines[j];
+            l.len() - l.trim_start().len() == indent && l.trim_start().starts_with('}')
+        });
+        let end = close.unwrap_or(lines.len() - 1);
+        if end - i + 1 > limit {
+            long.push((name, end - i + 1));
+        }
+        i = open + 1;
+    }
+    long
+}
+
+#[test]
+fn no_function_of_src_is_over_120_lines() -> anyhow::Result<()> {
+    let mut long = Vec::new();
+    let mut stack = vec![root().join("src")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                for (name, n) in long_functions(&std::fs::read_to_string(&p)?, 120) {
+                    long.push(format!("{}: {name} ({n} lines)", p.display()));
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        long.is_empty(),
+        "split these into named steps or decisions: {long:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_function_checker_counts_a_function_to_its_closing_brace() {
+    let body = "    x();\n".repeat(5);
+    let text = format!(
+        "fn short() {{\n    y();\n}}\n\nimpl A {{\n    pub async fn long(\n        a: u8,\n    ) -> u8 {{\n{body}        if a {{\n        }}\n    }}\n    fn decl();\n}}\n"
+    );
+    assert_eq!(long_functions(&text, 3), vec![("long".to_string(), 11)]);
+    assert!(long_functions(&text, 11).is_empty());
 }
 
 #[test]
