@@ -120,7 +120,11 @@ const LEARNER_STALL: u32 = 16;
 /// The ledger's mode for a registration's `mode` field.
 fn mode_of(mode: Option<i32>) -> Option<crate::ledger::Mode> {
     use crate::ledger::Mode;
-    match pb::NodeMode::try_from(mode?).ok()? {
+    // A value this keyraft does not know is a later mode's: kept as one.
+    let Ok(known) = pb::NodeMode::try_from(mode?) else {
+        return Some(Mode::Other);
+    };
+    match known {
         pb::NodeMode::Validator => Some(Mode::Validator),
         pb::NodeMode::Signer => Some(Mode::Signer),
         pb::NodeMode::Witness => Some(Mode::Witness),
@@ -135,6 +139,7 @@ pub fn pb_mode(mode: crate::ledger::Mode) -> i32 {
         Mode::Validator => pb::NodeMode::Validator,
         Mode::Signer => pb::NodeMode::Signer,
         Mode::Witness => pb::NodeMode::Witness,
+        Mode::Other => pb::NodeMode::Unknown,
     };
     m as i32
 }

@@ -93,7 +93,8 @@ impl<E: Env> Coordinator<E> {
         let signers: Vec<NodeId> = voters
             .into_iter()
             .filter(|id| *id != self.sh.cfg.id)
-            .filter(|id| cluster.modes.get(id) == Some(&Mode::Signer))
+            // A mode this keyraft does not know may sign too.
+            .filter(|id| matches!(cluster.modes.get(id), Some(Mode::Signer | Mode::Other)))
             .collect();
         policy::mode_conflict(
             self.sh.cfg.signer.is_some(),

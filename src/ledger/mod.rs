@@ -107,6 +107,11 @@ pub enum Mode {
     Signer,
     /// Votes only.
     Witness,
+    /// A mode a later keyraft registered that this one does not know
+    /// (read from its log entry rather than failing the log): taken for
+    /// one that may sign with the key.
+    #[serde(other)]
+    Other,
 }
 
 /// A named set of timing defaults, one per deployment shape (the values are
@@ -478,6 +483,23 @@ mod tests {
                 height: Some(40),
             })
         );
+    }
+
+    #[test]
+    fn a_mode_a_later_keyraft_registered_is_read_as_another_not_a_broken_log() {
+        let entry = r#"{"type":"register","node":3,"mode":"hardware-signer"}"#;
+        let cmd: Command = serde_json::from_str(entry).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cmd,
+            Command::Register {
+                node: 3,
+                mode: Some(Mode::Other)
+            }
+        );
+        let mut s = ClusterState::default();
+        s.apply(&cmd, 1);
+        assert_eq!(s.modes.get(&3), Some(&Mode::Other));
+        assert!(s.registered.contains(&3));
     }
 
     #[test]
