@@ -7,23 +7,7 @@
 //! ([`guard_main`]); the coordinator's handle on it is
 //! [`super::guard_client::GuardClient`].
 //!
-//! Protocol, one line each way; every request carries a sequence number and
-//! its reply repeats it, so a late reply never answers a newer request:
-//!
-//! ```text
-//! SEQ start keyed|standby <json argv>
-//!                        -> SEQ ok <pid> | SEQ err <why>   keyed: in a fresh keyed
-//!                                          leaf (or group), only under a live lease
-//! SEQ stop <grace_ms>    -> SEQ ok <how>   SIGTERM to the tree, SIGKILL after grace,
-//!                                          replies once the whole tree is dead
-//! SEQ kill               -> SEQ ok <how>   the same without the grace
-//! SEQ signal <signum>    -> SEQ ok
-//! SEQ lease <mono_ns>    -> SEQ ok         kill the tree at that CLOCK_MONOTONIC time
-//!                                          (and renew the kernel fence's lease first)
-//! SEQ unlease            -> SEQ ok         (the kernel's lease removed, verified)
-//! event exit <pid> <how>                   the validator died unasked
-//! event fenced <pid> <how>                 killed at the lease deadline
-//! ```
+//! Its protocol, one line each way, is [`super::protocol`].
 //!
 //! `stop` runs beside the loop, so lease renewals and their acks go on
 //! during a graceful stop; an unanswered request is the coordinator's sign
@@ -47,6 +31,7 @@ use super::alarm::Alarm;
 use super::deadline::{boot_offset, Lease};
 use super::kernel::{KernelError, KernelLease, Keyed, Plan};
 use super::lock::{start_time, PID_FILE};
+use super::protocol::{parse_request, Event, Reply, Request};
 use super::run_as::RunAs;
 use super::tree::Tree;
 use super::{boot_now_ns, mono_now_ns};
@@ -262,52 +247,61 @@ pub fn guard_main(
         }
         let line = String::from_utf8_lossy(&buf);
         let line = line.trim_end();
-        let mut parts = line.splitn(3, ' ');
-        let (Some(seq), Some(cmd)) = (
-            parts.next().and_then(|s| s.parse::<u64>().ok()),
-            parts.next(),
-        ) else {
-            eprintln!("keyraft guard: malformed request {line:?}");
-            continue;
-        };
-        let arg = parts.next().unwrap_or("").trim();
-        let reply = move |r: Result<String, String>| match r {
-            Ok(s) => say(&format!("{seq} ok {s}")),
-            Err(e) => say(&format!("{seq} err {e}")),
-        };
-        match cmd {
-            "start" => reply(start(&guard, arg)),
-            "stop" => {
-                let grace = Duration::from_millis(arg.parse().unwrap_or(10_000));
-                let g = guard.clone();
-                // Beside the loop, so leases are renewed during the stop; if
-                // no thread can be had (locked memory at its limit), inline.
-                let spawned = std::thread::Builder::new()
-                    .stack_size(THREAD_STACK)
-                    .spawn(move || reply(stop(&g, Some(grace))));
-                if spawned.is_err() {
-                    reply(stop(&guard, Some(grace)));
+        let (seq, req) = match parse_request(line) {
+            Ok(r) => r,
+            // Answered where it has a number to answer, so the client's
+            // wait ends in a refusal rather than a timeout.
+            Err(e) => match line.split(' ').next().and_then(|s| s.parse::<u64>().ok()) {
+                Some(seq) => {
+                    say(&Reply {
+                        seq,
+                        outcome: Err(e.to_string()),
+                    }
+                    .to_string());
+                    continue;
                 }
-            }
-            "kill" => reply(stop(&guard, None)),
-            "signal" => reply(signal(&guard, arg)),
-            "lease" => match arg.parse::<u64>() {
-                Ok(ns) => reply(lease(&guard, ns)),
-                Err(_) => reply(Err(format!("bad lease {arg:?}"))),
+                None => {
+                    eprintln!("keyraft guard: {e}");
+                    continue;
+                }
             },
-            "unlease" => {
-                let mut st = guard.lock();
-                st.lease = None;
-                st.anchor = None;
-                drop(st);
-                guard.changed.notify_all();
-                reply(guard.with_kernel(|k| k.clear()));
-            }
-            _ => reply(Err(format!("unknown command {cmd}"))),
-        }
+        };
+        serve(&guard, seq, req);
     }
     let _ = stop(&guard, None);
     Ok(())
+}
+
+/// Answers request `seq` (a stop beside the loop, so that leases are
+/// renewed during it).
+fn serve(guard: &Arc<Guard>, seq: u64, req: Request) {
+    let reply = move |outcome: Result<String, String>| say(&Reply { seq, outcome }.to_string());
+    match req {
+        Request::Start { keyed, argv } => reply(start(guard, keyed, &argv)),
+        Request::Stop { grace_ms } => {
+            let grace = Duration::from_millis(grace_ms);
+            let g = guard.clone();
+            // Beside the loop, so leases are renewed during the stop; if
+            // no thread can be had (locked memory at its limit), inline.
+            let spawned = std::thread::Builder::new()
+                .stack_size(THREAD_STACK)
+                .spawn(move || reply(stop(&g, Some(grace))));
+            if spawned.is_err() {
+                reply(stop(guard, Some(grace)));
+            }
+        }
+        Request::Kill => reply(stop(guard, None)),
+        Request::Signal(sig) => reply(signal(guard, sig)),
+        Request::Lease { mono_ns } => reply(lease(guard, mono_ns)),
+        Request::Unlease => {
+            let mut st = guard.lock();
+            st.lease = None;
+            st.anchor = None;
+            drop(st);
+            guard.changed.notify_all();
+            reply(guard.with_kernel(|k| k.clear()));
+        }
+    }
 }
 
 /// A new lease deadline: the kernel's lease first (a failure there leaves
@@ -346,26 +340,14 @@ fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
     Ok(String::new())
 }
 
-fn signal(guard: &Guard, arg: &str) -> Result<String, String> {
-    let sig = arg
-        .parse::<i32>()
-        .ok()
-        .and_then(|s| Signal::try_from(s).ok())
-        .ok_or("bad signal")?;
+fn signal(guard: &Guard, sig: i32) -> Result<String, String> {
+    let sig = Signal::try_from(sig).map_err(|_| format!("bad signal {sig}"))?;
     let pid = guard.lock().pid.ok_or("no validator running")?;
     kill(Pid::from_raw(pid), sig).map_err(|e| e.to_string())?;
     Ok(String::new())
 }
 
-fn start(guard: &Arc<Guard>, arg: &str) -> Result<String, String> {
-    let (role, arg) = arg.split_once(' ').ok_or("bad start command")?;
-    let keyed = match role {
-        "keyed" => true,
-        "standby" => false,
-        _ => return Err(format!("bad start role {role:?}")),
-    };
-    let argv: Vec<String> =
-        serde_json::from_str(arg).map_err(|e| format!("bad start command: {e}"))?;
+fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<String, String> {
     let (prog, args) = argv.split_first().ok_or("empty command")?;
     may_start(&guard.lock(), keyed)?;
     // Leftovers of an earlier validator (a straggler that had not died yet)
@@ -490,7 +472,9 @@ fn reap(guard: &Guard) {
                 Ok(n) => format!(" ({n} leftover processes killed)"),
                 Err(e) => format!(" (leftovers: {e})"),
             };
-            say(&format!("event exit {pid} {how}{note}"));
+            let how = format!("{how}{note}");
+            let pid = u32::try_from(pid).unwrap_or(0);
+            say(&Event::Exit { pid, how }.to_string());
         }
         st.last_exit = Some(how);
         drop(st);
@@ -566,10 +550,14 @@ fn lease_timer(guard: &Guard) {
                     st.timer_at = None;
                     let late_ms = mono_now_ns().saturating_sub(lease.mono) / 1_000_000;
                     let killed = guard.kill_tree(pid);
-                    say(&format!(
-                        "event fenced {} lease expired {late_ms}ms ago, validator tree killed ({killed:?})",
-                        pid.unwrap_or(0)
-                    ));
+                    let how = format!(
+                        "lease expired {late_ms}ms ago, validator tree killed ({killed:?})"
+                    );
+                    say(&Event::Fenced {
+                        pid: pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                        how,
+                    }
+                    .to_string());
                     // Until that validator is reaped; a new start ends the wait.
                     let until = Instant::now() + CONFIRM;
                     while pid.is_some() && st.pid == pid && Instant::now() < until {

@@ -21,6 +21,7 @@ use super::kernel::Plan;
 use super::tree::{Tree, MARKER_VAR};
 
 use super::guard::CONFIRM;
+use super::protocol::{request_line, Event, FromGuard, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -134,26 +135,21 @@ impl GuardClient {
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(ev) = line.strip_prefix("event ") {
-                    let mut parts = ev.splitn(3, ' ');
-                    let (kind, pid, how) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
-                    let pid = pid.and_then(|p| p.parse().ok()).unwrap_or(0);
-                    let ev = match kind {
-                        Some("fenced") => ValidatorEvent::Fenced(pid, how.to_string()),
-                        _ => ValidatorEvent::Exited(pid, how.to_string()),
-                    };
-                    let _ = event_tx.send(ev).await;
-                    continue;
-                }
-                let mut parts = line.splitn(3, ' ');
-                let (Some(Ok(seq)), Some(kind)) =
-                    (parts.next().map(str::parse::<u64>), parts.next())
-                else {
-                    tracing::warn!("unreadable line from the guard: {line:?}");
-                    continue;
+                let (seq, r) = match line.parse::<FromGuard>() {
+                    Ok(FromGuard::Event(ev)) => {
+                        let ev = match ev {
+                            Event::Fenced { pid, how } => ValidatorEvent::Fenced(pid, how),
+                            Event::Exit { pid, how } => ValidatorEvent::Exited(pid, how),
+                        };
+                        let _ = event_tx.send(ev).await;
+                        continue;
+                    }
+                    Ok(FromGuard::Reply(r)) => (r.seq, r.outcome),
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        continue;
+                    }
                 };
-                let rest = parts.next().unwrap_or("").to_string();
-                let r = if kind == "ok" { Ok(rest) } else { Err(rest) };
                 if reply_tx.send((seq, r)).await.is_err() {
                     break;
                 }
@@ -193,9 +189,9 @@ impl GuardClient {
     }
 
     /// Sends a request; returns its sequence number.
-    async fn send(&mut self, line: &str) -> Result<u64, GuardError> {
+    async fn send(&mut self, req: &Request) -> Result<u64, GuardError> {
         self.seq += 1;
-        let msg = format!("{} {line}\n", self.seq);
+        let msg = format!("{}\n", request_line(self.seq, req));
         match tokio::time::timeout(self.answer, self.stdin.write_all(msg.as_bytes())).await {
             Ok(Ok(())) => Ok(self.seq),
             Ok(Err(_)) => Err(GuardError::GuardLost),
@@ -217,21 +213,19 @@ impl GuardClient {
         }
     }
 
-    async fn ask(&mut self, line: &str, wait: Duration) -> Result<String, GuardError> {
-        let seq = self.send(line).await?;
+    async fn ask(&mut self, req: &Request, wait: Duration) -> Result<String, GuardError> {
+        let seq = self.send(req).await?;
         self.reply(seq, wait).await
     }
 
     /// Starts the validator (`keyed`: with the key linked, in the tree's
     /// fresh keyed leaf); returns its pid.
     pub async fn start(&mut self, command: &[String], keyed: bool) -> Result<u32, GuardError> {
-        let json =
-            serde_json::to_string(command).map_err(|e| GuardError::Refused(e.to_string()))?;
-        let role = if keyed { "keyed" } else { "standby" };
-        let reply = match self
-            .ask(&format!("start {role} {json}"), self.answer + SLOW_ANSWER)
-            .await
-        {
+        let req = Request::Start {
+            keyed,
+            argv: command.to_vec(),
+        };
+        let reply = match self.ask(&req, self.answer + SLOW_ANSWER).await {
             // An earlier start whose reply came too late: that one runs.
             Err(GuardError::Refused(why)) => match why.strip_prefix("running ") {
                 Some(pid) => {
@@ -259,7 +253,11 @@ impl GuardClient {
         grace: Duration,
         mut renew: impl FnMut() -> Option<u64>,
     ) -> Result<String, GuardError> {
-        let seq = self.send(&format!("stop {}", grace.as_millis())).await?;
+        let seq = self
+            .send(&Request::Stop {
+                grace_ms: grace.as_millis() as u64,
+            })
+            .await?;
         let until = tokio::time::Instant::now() + grace + CONFIRM + self.answer;
         let tick = (self.answer / 2).max(Duration::from_millis(10));
         let mut pending: Option<(u64, tokio::time::Instant)> = None;
@@ -277,7 +275,7 @@ impl GuardClient {
                             break Err(GuardError::Timeout(self.answer));
                         }
                     } else if let Some(deadline) = renew() {
-                        let s = self.send(&format!("lease {deadline}")).await?;
+                        let s = self.send(&Request::Lease { mono_ns: deadline }).await?;
                         pending = Some((s, tokio::time::Instant::now()));
                         self.lease = Some(deadline);
                     }
@@ -293,7 +291,7 @@ impl GuardClient {
 
     /// SIGKILL of the whole tree; returns once the guard confirms it dead.
     pub async fn kill(&mut self) -> Result<String, GuardError> {
-        let r = self.ask("kill", self.answer).await;
+        let r = self.ask(&Request::Kill, self.answer).await;
         if r.is_ok() {
             self.running = None;
         }
@@ -301,7 +299,7 @@ impl GuardClient {
     }
 
     pub async fn sighup(&mut self) -> Result<(), GuardError> {
-        self.ask(&format!("signal {}", Signal::SIGHUP as i32), self.answer)
+        self.ask(&Request::Signal(Signal::SIGHUP as i32), self.answer)
             .await
             .map(|_| ())
     }
@@ -314,8 +312,11 @@ impl GuardClient {
             return Ok(());
         }
         let r = match deadline_ns {
-            Some(ns) => self.ask(&format!("lease {ns}"), self.answer).await,
-            None => self.ask("unlease", self.answer).await,
+            Some(ns) => {
+                let req = Request::Lease { mono_ns: ns };
+                self.ask(&req, self.answer).await
+            }
+            None => self.ask(&Request::Unlease, self.answer).await,
         };
         if r.is_ok() {
             self.lease = deadline_ns;
@@ -422,11 +423,12 @@ mod tests {
         let tree = Tree::marker_only(&marker);
         // A guard slow to die (256 MiB of memory to give back), whose
         // validator stand-in carries the tree's marker, and which tells the
-        // stand-in's pid as an event line.
+        // stand-in's pid in an exit event (the one event that carries a
+        // pid alone).
         let script = format!(
             r#"$m = "a" x (1 << 28); $| = 1;
             if (($p = fork()) == 0) {{ $ENV{{"{MARKER_VAR}"}} = "{marker}"; exec("sleep", "600"); }}
-            print "event started $p\n"; while (<STDIN>) {{}}"#
+            print "event exit $p started\n"; while (<STDIN>) {{}}"#
         );
         let mut cmd = tokio::process::Command::new("perl");
         cmd.args(["-e", &script]);

@@ -10,8 +10,8 @@
 //!   the record of keyed ids the kernel fence keeps dropping.
 //! - [`guard`]: the guard process that kills that tree when its lease
 //!   deadline passes or the coordinator disappears; [`guard_client`] is the
-//!   coordinator's end of it; `alarm` is its lease timer's clock and
-//!   `deadline` its lease on two clocks.
+//!   coordinator's end of it, [`protocol`] the lines between them; `alarm`
+//!   is its lease timer's clock and `deadline` its lease on two clocks.
 //! - [`kernel`]: the kernel fence, an nftables lease that holds back the
 //!   keyed validator's traffic when no process is scheduled to act, over
 //!   the small netlink client in [`nft`].
@@ -33,6 +33,7 @@ pub mod leaves;
 pub mod links;
 pub mod lock;
 pub mod nft;
+pub mod protocol;
 mod run_as;
 mod spawn;
 pub mod tree;
