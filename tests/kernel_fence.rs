@@ -122,18 +122,33 @@ async fn a_validator_whose_coordinator_and_guard_are_frozen_is_silenced_by_the_k
     frozen_keyraft_cannot_let_its_validator_sign(c).await
 }
 
+/// No cgroup for the validator, which runs as nobody: the kernel fence
+/// matches it by user, as in a Docker container.
+fn as_in_a_container() -> NodeOpts {
+    NodeOpts {
+        validator_user: Some("nobody".into()),
+        flags: vec!["--no-cgroup".into()],
+        ..NodeOpts::default()
+    }
+}
+
+/// The first (real) value of a `/proc/PID/status` field such as `Uid:`.
+fn status_field(pid: i32, name: &str) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {name} in {status}"))
+}
+
 /// As in a Docker container: no cgroup v2 for the validator, which runs as
 /// its own user; the kernel fence holds it back by its keyed group and the
 /// marks on its connections.
 #[tokio::test]
 async fn without_a_cgroup_the_kernel_fence_matches_the_validator_user_and_its_connections(
 ) -> Result<()> {
-    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
-        validator_user: Some("nobody".into()),
-        flags: vec!["--no-cgroup".into()],
-        ..NodeOpts::default()
-    })
-    .await?;
+    let c = Cluster::start(3, BLOCK_MS, |_| as_in_a_container()).await?;
     let active = fenced_cluster(&c).await?;
     let nft_text = nft(&["list", "table", "inet", &table(&c, active)?])?;
     ensure!(
@@ -142,16 +157,8 @@ async fn without_a_cgroup_the_kernel_fence_matches_the_validator_user_and_its_co
     );
     // The validator runs as nobody, keyed in the group of its own.
     let pid = c.validator_pid(active).context("no validator")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next().map(str::to_string))
-            .unwrap_or_default()
-    };
-    ensure!(field("Uid:") == "65534", "{status}");
-    let gid: u32 = field("Gid:").parse()?;
+    ensure!(status_field(pid, "Uid:")? == 65534, "not run as nobody");
+    let gid = status_field(pid, "Gid:")?;
     ensure!(gid >> 24 == 0x4b, "keyed group {gid:#x}");
     frozen_keyraft_cannot_let_its_validator_sign(c).await
 }
@@ -652,20 +659,9 @@ async fn an_orphan_stays_dropped_after_its_leaf_is_removed_and_the_table_rebuilt
 #[tokio::test]
 async fn without_a_cgroup_an_orphaned_connection_stays_dropped_when_the_key_comes_back(
 ) -> Result<()> {
-    let c = Cluster::start(3, BLOCK_MS, |_| NodeOpts {
-        validator_user: Some("nobody".into()),
-        flags: vec!["--no-cgroup".into()],
-        ..NodeOpts::default()
-    })
-    .await?;
+    let c = Cluster::start(3, BLOCK_MS, |_| as_in_a_container()).await?;
     an_orphan_stays_dropped(&c, false, |_, pid| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let gid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Gid:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no Gid")?;
-        Ok(Join::Group(gid))
+        Ok(Join::Group(status_field(pid, "Gid:")?))
     })
     .await
 }

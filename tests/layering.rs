@@ -185,30 +185,38 @@ fn the_bottom_modules_import_nothing_of_their_crate() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every `.rs` file below the repository's `dirs` (where they exist).
+fn rust_files(dirs: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| root().join(d)).collect();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    Ok(files)
+}
+
 #[test]
 fn no_source_file_is_over_700_lines() -> anyhow::Result<()> {
     let mut long = Vec::new();
-    for dir in [
+    let dirs = [
         "src",
         "tests",
         "localnet/src",
         "localnet/tests",
         "examples",
         "sim/src",
-    ] {
-        let mut stack = vec![root().join(dir)];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
-                let p = e?.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if p.extension().is_some_and(|x| x == "rs") {
-                    let lines = std::fs::read_to_string(&p)?.lines().count();
-                    if lines > 700 {
-                        long.push(format!("{} ({lines} lines)", p.display()));
-                    }
-                }
-            }
+    ];
+    for p in rust_files(&dirs)? {
+        let lines = std::fs::read_to_string(&p)?.lines().count();
+        if lines > 700 {
+            long.push(format!("{} ({lines} lines)", p.display()));
         }
     }
     anyhow::ensure!(long.is_empty(), "split these by topic: {long:?}");
@@ -272,17 +280,9 @@ fn long_functions(text: &str, limit: usize) -> Vec<(String, usize)> {
 #[test]
 fn no_function_of_src_is_over_120_lines() -> anyhow::Result<()> {
     let mut long = Vec::new();
-    let mut stack = vec![root().join("src")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                for (name, n) in long_functions(&std::fs::read_to_string(&p)?, 120) {
-                    long.push(format!("{}: {name} ({n} lines)", p.display()));
-                }
-            }
+    for p in rust_files(&["src"])? {
+        for (name, n) in long_functions(&std::fs::read_to_string(&p)?, 120) {
+            long.push(format!("{}: {name} ({n} lines)", p.display()));
         }
     }
     anyhow::ensure!(
