@@ -26,14 +26,22 @@ pub enum Plant {
     RestoredVotes,
     /// `Released` is committed although the validator's death was not proven.
     ReleaseUnproven,
+    /// The Raft store's writer acknowledges an append as durable once
+    /// written, before its fdatasync.
+    AckBeforeFsync,
+    /// Opening the Raft log keeps a torn last record: the next append
+    /// goes after it, where the next open never reads.
+    TornTailAccepted,
 }
 
 impl Plant {
-    pub const ALL: [Plant; 4] = [
+    pub const ALL: [Plant; 6] = [
         Plant::SignBeforeCommit,
         Plant::RenewPastTerm,
         Plant::RestoredVotes,
         Plant::ReleaseUnproven,
+        Plant::AckBeforeFsync,
+        Plant::TornTailAccepted,
     ];
 
     /// The name `--plant` takes.
@@ -43,6 +51,8 @@ impl Plant {
             Plant::RenewPastTerm => "renew-past-term",
             Plant::RestoredVotes => "restored-votes",
             Plant::ReleaseUnproven => "release-unproven",
+            Plant::AckBeforeFsync => "ack-before-fsync",
+            Plant::TornTailAccepted => "torn-tail-accepted",
         }
     }
 

@@ -46,7 +46,7 @@ pub struct Sim;
 impl Env for Sim {
     type Host = SimValidator;
     type Outside = SimOutside;
-    type Machine = crate::disk::StateMachine;
+    type Machine = keyraft::raft::store::StateMachine;
 }
 
 /// Starts the real coordinator of `p` (and its health probe), both frozen

@@ -1,64 +1,98 @@
-//! Storage that forgets what was not synced: each host's disk, and the
-//! openraft log store and state machine over it.
+//! Each host's disk: the files of keyraft's Raft store directory, behind
+//! keyraft's own `raft::disk::Disk` calls, so keyraft's real log file,
+//! values files, writer (group commit) and recovery run on every seed.
 //!
-//! Writes land in the "page cache" at once (reads see them) and become
-//! durable only when a sync that started after them completes, a drawn
-//! latency later. A host crash rolls every unsynced write back; a process
-//! kill does not (the page cache survives it). A copy of a disk is its
-//! durable image, for restoring a node from an older backup (the amnesia
-//! case). The promises are keyraft's (`src/raft/store.rs`): a vote is
-//! synced before `save_vote` returns, an append's callback fires only once
-//! synced, truncation and purge are synced before they return. The applied
-//! state is not kept: a restarted node rebuilds it from its snapshot and
-//! log, as openraft replays them.
+//! A write lands in the page cache at once (reads see it) and survives a
+//! crash only once its file is synced; a name created or renamed survives
+//! only once the directory is synced. At a power loss each file keeps
+//! what was synced plus a drawn prefix of the writes made since, in
+//! order, the last of them possibly torn part way (a sector that made it,
+//! the next that did not); names fall back to the last synced directory.
+//! A process kill loses nothing (the page cache survives it). Every sync
+//! takes a drawn latency, more on a slow disk. A copy of a disk is what a
+//! crash would leave of it, for restoring a node from an older backup
+//! (the amnesia case).
 //!
-//! Owns: [`Disk`] and its crash semantics. Must not: interpret commands
-//! beyond the real [`ClusterState::apply`].
+//! Owns: [`Disk`] and its crash semantics. Must not: know what a file
+//! holds (keyraft's store reads it, also for [`Disk::holds`]).
 
 use std::collections::BTreeMap;
 use std::io;
-use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::TryStreamExt;
-use keyraft::ledger::{ClusterState, Command, Reply};
-use keyraft::raft::memory::Remembered;
-use openraft::storage::{
-    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
-    RaftStateMachine,
-};
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
-use openraft::{EntryPayload, OptionalSend};
+use keyraft::raft::disk::Task;
+use keyraft::raft::memory::Holds;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::watch;
 
-use crate::types::{Entry, LogId, Membership, NodeId, Types, Vote};
-
-/// An unsynced write, and how to take it back.
+/// A change not yet synced, in the order it was made.
 #[derive(Clone)]
-enum Undo {
-    Log(u64, Option<Entry>),
-    Vote(Option<Vote>),
-    Committed(Option<LogId>),
+enum Change {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
 }
 
-/// One host's disk: what reads see, and the writes not yet durable.
+/// One file: what reads see, what was synced, and the changes since.
+#[derive(Clone, Default)]
+struct File {
+    now: Vec<u8>,
+    synced: Vec<u8>,
+    since: Vec<Change>,
+}
+
+fn apply(bytes: &mut Vec<u8>, change: &Change) {
+    match change {
+        Change::Write(at, data) => {
+            let (at, end) = (*at as usize, *at as usize + data.len());
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[at..end].copy_from_slice(data);
+        }
+        Change::SetLen(len) => bytes.resize(*len as usize, 0),
+    }
+}
+
+impl File {
+    fn change(&mut self, c: Change) {
+        apply(&mut self.now, &c);
+        self.since.push(c);
+    }
+
+    /// What a power loss leaves: the synced bytes and a drawn prefix of
+    /// the changes since, the next one possibly torn (with `torn`, surely,
+    /// if there is one).
+    fn crash(&mut self, rng: &mut SmallRng, torn: bool) {
+        let mut left = std::mem::take(&mut self.synced);
+        let kept = match (torn, self.since.len()) {
+            (true, n) if n > 0 => rng.random_range(0..n),
+            (_, n) => rng.random_range(0..=n),
+        };
+        for c in &self.since[..kept] {
+            apply(&mut left, c);
+        }
+        if let Some(Change::Write(at, data)) = self.since.get(kept) {
+            if data.len() > 1 && (torn || rng.random_bool(0.5)) {
+                let cut = rng.random_range(1..data.len());
+                apply(&mut left, &Change::Write(*at, data[..cut].to_vec()));
+            }
+        }
+        self.now = left.clone();
+        self.synced = left;
+        self.since.clear();
+    }
+}
+
+/// One host's disk: its files (by inode), the names reads see and the
+/// names synced.
 #[derive(Clone)]
 pub struct DiskState {
-    vote: Option<Vote>,
-    log: BTreeMap<u64, Entry>,
-    committed: Option<LogId>,
-    last_purged: Option<LogId>,
-    snapshot: Option<(SnapshotMetaOf<Types>, Vec<u8>)>,
-    /// What this node remembers of each member (step 9); written durably
-    /// at once (keyraft fsyncs a term before it counts).
-    pub memory: BTreeMap<NodeId, Remembered>,
-    undo: Vec<(u64, Undo)>,
-    seq: u64,
-    synced: u64,
-    /// Bumped by every crash and restart: a store of an earlier process
+    files: BTreeMap<u64, File>,
+    names: BTreeMap<String, u64>,
+    synced_names: BTreeMap<String, u64>,
+    next_inode: u64,
+    /// Bumped by every crash and process start: a process that is gone
     /// can no longer write.
     incarnation: u64,
     /// Extra sync latency (a slow disk fault).
@@ -66,42 +100,52 @@ pub struct DiskState {
     rng: SmallRng,
 }
 
-/// A host's disk, shared by the world (faults) and the node's store.
+/// A host's disk, shared by the world (faults) and the process on it.
 #[derive(Clone)]
-pub struct Disk(pub Arc<Mutex<DiskState>>);
+pub struct Disk(Arc<Mutex<DiskState>>);
 
 fn gone() -> io::Error {
-    io::Error::other("the process that owned this store is gone")
+    io::Error::other("the process that owned this disk is gone")
+}
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("no file {name}"))
 }
 
 impl Disk {
     pub fn new(seed: u64) -> Disk {
         Disk(Arc::new(Mutex::new(DiskState {
-            vote: None,
-            log: BTreeMap::new(),
-            committed: None,
-            last_purged: None,
-            snapshot: None,
-            memory: BTreeMap::new(),
-            undo: Vec::new(),
-            seq: 0,
-            synced: 0,
+            files: BTreeMap::new(),
+            names: BTreeMap::new(),
+            synced_names: BTreeMap::new(),
+            next_inode: 1,
             incarnation: 0,
             slow: Duration::ZERO,
             rng: SmallRng::seed_from_u64(seed),
         })))
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, DiskState> {
+    pub fn lock(&self) -> MutexGuard<'_, DiskState> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A host crash: every unsynced write is lost. Returns the new incarnation.
-    pub fn crash(&self) -> u64 {
+    /// A host crash: what was not synced is lost or torn (with `torn`,
+    /// every file's next unsynced write is torn). Returns the new
+    /// incarnation.
+    pub fn crash(&self, torn: bool) -> u64 {
         let mut d = self.lock();
-        d.roll_back();
+        d.crash(torn);
         d.incarnation += 1;
         d.incarnation
+    }
+
+    /// Whether a file has writes not yet synced.
+    pub fn unsynced(&self) -> bool {
+        self.lock().files.values().any(|f| {
+            f.since
+                .iter()
+                .any(|c| matches!(c, Change::Write(_, d) if d.len() > 1))
+        })
     }
 
     /// A process stop without a host crash: the page cache survives.
@@ -111,10 +155,18 @@ impl Disk {
         d.incarnation
     }
 
+    /// What process `inc` writes through: keyraft's store runs on it.
+    pub fn process(&self, inc: u64) -> Arc<dyn keyraft::raft::disk::Disk> {
+        Arc::new(ProcessDisk {
+            disk: self.clone(),
+            inc,
+        })
+    }
+
     /// The durable image, as a backup taken now would hold it.
     pub fn image(&self) -> DiskState {
         let mut copy = self.lock().clone();
-        copy.roll_back();
+        copy.crash(false);
         copy
     }
 
@@ -129,382 +181,121 @@ impl Disk {
         d.rng = rng;
     }
 
-    /// What this data dir holds, for step 9's check at start.
-    pub fn holds(&self) -> keyraft::raft::memory::Holds {
-        self.lock().holds()
+    /// What this data dir holds now, read by keyraft's own store from a
+    /// copy (for the judge's record of restored data dirs).
+    pub fn holds(&self) -> Holds {
+        let copy = Disk(Arc::new(Mutex::new(self.lock().clone())));
+        let inc = copy.new_process();
+        keyraft::raft::store::holds_on(copy.process(inc)).unwrap_or_default()
     }
 }
 
 impl DiskState {
-    /// What this image holds (its vote's term, its last log index).
-    pub fn holds(&self) -> keyraft::raft::memory::Holds {
-        let d = self;
-        keyraft::raft::memory::Holds {
-            term: d.vote.map_or(0, |v| v.leader_id.term),
-            last_index: d
-                .log
-                .keys()
-                .next_back()
-                .copied()
-                .or(d.last_purged.map(|l| l.index))
-                .unwrap_or(0),
+    fn crash(&mut self, torn: bool) {
+        let mut rng = self.rng.clone();
+        for f in self.files.values_mut() {
+            f.crash(&mut rng, torn);
         }
+        self.rng = rng;
+        self.names = self.synced_names.clone();
+        let live: Vec<u64> = self.names.values().copied().collect();
+        self.files.retain(|inode, _| live.contains(inode));
+    }
+
+    fn file(&mut self, name: &str) -> io::Result<&mut File> {
+        let inode = *self.names.get(name).ok_or_else(|| not_found(name))?;
+        self.files.get_mut(&inode).ok_or_else(|| not_found(name))
+    }
+
+    fn create(&mut self, name: &str) -> &mut File {
+        let inode = match self.names.get(name) {
+            Some(i) => *i,
+            None => {
+                let i = self.next_inode;
+                self.next_inode += 1;
+                self.names.insert(name.to_string(), i);
+                i
+            }
+        };
+        self.files.entry(inode).or_default()
     }
 }
 
-impl Disk {
-    fn write(&self, inc: u64, f: impl FnOnce(&mut DiskState) -> Undo) -> io::Result<u64> {
-        let mut d = self.lock();
-        if d.incarnation != inc {
+/// The disk as one process (incarnation) sees it: every call fails once
+/// the process is gone.
+struct ProcessDisk {
+    disk: Disk,
+    inc: u64,
+}
+
+impl ProcessDisk {
+    fn state(&self) -> io::Result<MutexGuard<'_, DiskState>> {
+        let d = self.disk.lock();
+        if d.incarnation != self.inc {
             return Err(gone());
         }
-        let undo = f(&mut d);
-        d.seq += 1;
-        let seq = d.seq;
-        d.undo.push((seq, undo));
-        Ok(seq)
-    }
-
-    /// Waits for a sync that covers every write made so far.
-    async fn sync(&self, inc: u64) -> io::Result<()> {
-        let (upto, latency) = {
-            let mut d = self.lock();
-            if d.incarnation != inc {
-                return Err(gone());
-            }
-            let base = Duration::from_micros(d.rng.random_range(50..=1500));
-            (d.seq, base + d.slow)
-        };
-        tokio::time::sleep(latency).await;
-        let mut d = self.lock();
-        if d.incarnation != inc {
-            return Err(gone());
-        }
-        d.synced = d.synced.max(upto);
-        let synced = d.synced;
-        d.undo.retain(|(seq, _)| *seq > synced);
-        Ok(())
+        Ok(d)
     }
 }
 
-impl DiskState {
-    fn roll_back(&mut self) {
-        let synced = self.synced;
-        while let Some((seq, undo)) = self.undo.pop() {
-            if seq <= synced {
-                continue;
-            }
-            match undo {
-                Undo::Log(i, Some(e)) => {
-                    self.log.insert(i, e);
-                }
-                Undo::Log(i, None) => {
-                    self.log.remove(&i);
-                }
-                Undo::Vote(v) => self.vote = v,
-                Undo::Committed(c) => self.committed = c,
-            }
-        }
-        self.seq = self.synced;
+impl keyraft::raft::disk::Disk for ProcessDisk {
+    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let mut d = self.state()?;
+        Ok(d.file(name).ok().map(|f| f.now.clone()))
     }
 
-    /// The snapshot's applied state, or an empty one.
-    fn snapshot_state(&self) -> SmData {
-        match &self.snapshot {
-            Some((meta, data)) => SmData {
-                last_applied: meta.last_log_id,
-                membership: meta.last_membership.clone(),
-                state: serde_json::from_slice(data).unwrap_or_default(),
-            },
-            None => SmData::default(),
-        }
-    }
-}
-
-/// The log store of one process (incarnation) over its host's disk.
-#[derive(Clone)]
-pub struct LogStore {
-    disk: Disk,
-    inc: u64,
-}
-
-/// The applied state, rebuilt from the snapshot at each start.
-#[derive(Debug, Clone, Default)]
-struct SmData {
-    last_applied: Option<LogId>,
-    membership: Membership,
-    state: ClusterState,
-}
-
-/// Told of every applied entry (its index and term, its command and the
-/// ledger's reply, if it carries one): the oracle's record of what Raft
-/// committed.
-pub type Hook = Arc<dyn Fn(u64, u64, Option<(&Command, &Reply)>) + Send + Sync>;
-
-pub struct StateMachine {
-    disk: Disk,
-    inc: u64,
-    data: SmData,
-    published: watch::Sender<ClusterState>,
-    hook: Hook,
-}
-
-/// The store of a process starting now, as incarnation `inc` of `disk`.
-pub fn open(
-    disk: &Disk,
-    inc: u64,
-    hook: Hook,
-) -> (LogStore, StateMachine, watch::Receiver<ClusterState>) {
-    let data = disk.lock().snapshot_state();
-    let (tx, rx) = watch::channel(data.state.clone());
-    (
-        LogStore {
-            disk: disk.clone(),
-            inc,
-        },
-        StateMachine {
-            disk: disk.clone(),
-            inc,
-            data,
-            published: tx,
-            hook,
-        },
-        rx,
-    )
-}
-
-impl RaftLogReader<Types> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry>, io::Error> {
-        let d = self.disk.lock();
-        let start = match range.start_bound() {
-            Bound::Included(s) => Bound::Included(*s),
-            Bound::Excluded(s) => Bound::Excluded(*s),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(s) => Bound::Included(*s),
-            Bound::Excluded(s) => Bound::Excluded(*s),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        Ok(d.log.range((start, end)).map(|(_, e)| e.clone()).collect())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.disk.lock().vote)
-    }
-}
-
-impl RaftLogStorage<Types> for LogStore {
-    type LogReader = LogStore;
-
-    async fn get_log_state(&mut self) -> Result<LogState<Types>, io::Error> {
-        let d = self.disk.lock();
-        let last = d
-            .log
-            .values()
-            .next_back()
-            .map(|e| e.log_id)
-            .or(d.last_purged);
-        Ok(LogState {
-            last_purged_log_id: d.last_purged,
-            last_log_id: last,
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        let vote = *vote;
-        self.disk
-            .write(self.inc, |d| Undo::Vote(d.vote.replace(vote)))?;
-        self.disk.sync(self.inc).await
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Lost on a crash unless a later sync covers it, as keyraft allows.
-        self.disk.write(self.inc, |d| {
-            Undo::Committed(std::mem::replace(&mut d.committed, committed))
-        })?;
+    fn read_at(&self, name: &str, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut d = self.state()?;
+        let f = d.file(name)?;
+        let bytes = f
+            .now
+            .get(at as usize..at as usize + buf.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end"))?;
+        buf.copy_from_slice(bytes);
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.disk.lock().committed)
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<Types>) -> Result<(), io::Error>
-    where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        for e in entries {
-            let index = e.log_id.index;
-            self.disk
-                .write(self.inc, move |d| Undo::Log(index, d.log.insert(index, e)))?;
-        }
-        let (disk, inc) = (self.disk.clone(), self.inc);
-        crate::types::spawn(async move {
-            // The callback fires only once synced; a crash first drops it.
-            if disk.sync(inc).await.is_ok() {
-                callback.io_completed(Ok(()));
-            }
-        });
+    fn write_at(&self, name: &str, at: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut d = self.state()?;
+        d.create(name).change(Change::Write(at, bytes.to_vec()));
         Ok(())
     }
 
-    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
-        let from = last_log_id.map_or(0, |l| l.index + 1);
-        let doomed: Vec<u64> = self
-            .disk
-            .lock()
-            .log
-            .range(from..)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in doomed {
-            self.disk
-                .write(self.inc, move |d| Undo::Log(i, d.log.remove(&i)))?;
-        }
-        self.disk.sync(self.inc).await
-    }
-
-    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        {
-            let mut d = self.disk.lock();
-            if d.incarnation != self.inc {
-                return Err(gone());
-            }
-            // Purged entries are in the snapshot, which is durable: no undo.
-            d.last_purged = Some(log_id);
-            let keep = d.log.split_off(&(log_id.index + 1));
-            d.log = keep;
-        }
-        self.disk.sync(self.inc).await
-    }
-}
-
-pub struct SnapshotBuilder {
-    disk: Disk,
-    inc: u64,
-    data: SmData,
-}
-
-impl RaftSnapshotBuilder<Types> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
-
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<Types, Vec<u8>>, io::Error> {
-        let meta = openraft::SnapshotMeta {
-            last_log_id: self.data.last_applied,
-            last_membership: self.data.membership.clone(),
-        };
-        let data = serde_json::to_vec(&self.data.state).map_err(io::Error::other)?;
-        store_snapshot(&self.disk, self.inc, &meta, &data)?;
-        Ok(openraft::Snapshot {
-            meta,
-            snapshot: data,
-        })
-    }
-}
-
-/// A snapshot is written durably at once (keyraft flushes it).
-fn store_snapshot(
-    disk: &Disk,
-    inc: u64,
-    meta: &SnapshotMetaOf<Types>,
-    data: &[u8],
-) -> io::Result<()> {
-    let mut d = disk.lock();
-    if d.incarnation != inc {
-        return Err(gone());
-    }
-    d.snapshot = Some((meta.clone(), data.to_vec()));
-    Ok(())
-}
-
-impl RaftStateMachine<Types> for StateMachine {
-    type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = SnapshotBuilder;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
-        Ok((self.data.last_applied, self.data.membership.clone()))
-    }
-
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where
-        Strm:
-            futures::Stream<Item = Result<EntryResponder<Types>, io::Error>> + Unpin + OptionalSend,
-    {
-        while let Some((entry, responder)) = entries.try_next().await? {
-            self.data.last_applied = Some(entry.log_id);
-            let (index, term) = (entry.log_id.index, entry.log_id.leader_id.term);
-            let reply = match entry.payload {
-                EntryPayload::Blank => {
-                    (self.hook)(index, term, None);
-                    Reply::default()
-                }
-                EntryPayload::Normal(cmd) => {
-                    if let keyraft::ledger::Command::Rejoined { node } = cmd {
-                        // As keyraft's state machine does: every member
-                        // starts its record of the node over.
-                        self.disk.lock().memory.entry(node).or_default().forget();
-                    }
-                    let reply = self.data.state.apply(&cmd, index);
-                    (self.hook)(index, term, Some((&cmd, &reply)));
-                    reply
-                }
-                EntryPayload::Membership(m) => {
-                    (self.hook)(index, term, None);
-                    self.data.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
-                    Reply::default()
-                }
-            };
-            if let Some(r) = responder {
-                r.send(reply);
-            }
-        }
-        self.published.send_replace(self.data.state.clone());
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        let mut d = self.state()?;
+        d.create(name).change(Change::SetLen(len));
         Ok(())
     }
 
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            disk: self.disk.clone(),
-            inc: self.inc,
-            data: self.data.clone(),
-        }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMetaOf<Types>,
-        snapshot: Vec<u8>,
-    ) -> Result<(), io::Error> {
-        self.data = SmData {
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-            state: serde_json::from_slice(&snapshot).map_err(io::Error::other)?,
-        };
-        store_snapshot(&self.disk, self.inc, meta, &snapshot)?;
-        self.published.send_replace(self.data.state.clone());
+    fn sync(&self, name: &str) -> io::Result<()> {
+        let mut d = self.state()?;
+        let f = d.file(name)?;
+        f.synced = f.now.clone();
+        f.since.clear();
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<SnapshotOf<Types, Vec<u8>>>, io::Error> {
-        Ok(self
-            .disk
-            .lock()
-            .snapshot
-            .clone()
-            .map(|(meta, data)| openraft::Snapshot {
-                meta,
-                snapshot: data,
-            }))
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut d = self.state()?;
+        let inode = d.names.remove(from).ok_or_else(|| not_found(from))?;
+        d.names.insert(to.to_string(), inode);
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut d = self.state()?;
+        d.synced_names = d.names.clone();
+        Ok(())
+    }
+
+    fn latency(&self) -> Option<Duration> {
+        let mut d = self.disk.lock();
+        let base = Duration::from_micros(d.rng.random_range(50..=1500));
+        Some(base + d.slow)
+    }
+
+    fn spawn(&self, _name: &str, task: Task) -> io::Result<()> {
+        crate::types::spawn(task);
+        Ok(())
     }
 }

@@ -106,6 +106,15 @@ pub enum Kind {
     Wipe {
         down_ms: u64,
     },
+    /// Power loss while the host's disk has writes not yet synced (waited
+    /// for, up to a second): the last of them torn. keyraft comes back
+    /// after `down_ms`, is killed `kill_ms` later (its page cache kept)
+    /// and starts again, so that what its store acknowledged after the
+    /// torn write is read once more from the disk.
+    TornWrite {
+        down_ms: u64,
+        kill_ms: u64,
+    },
     /// Power loss, and the data dir restored from the last backup (or
     /// wiped, without one) before it comes back.
     Restore {
@@ -321,6 +330,22 @@ pub fn draw(seed: u64) -> Plan {
             at_ms: at_ms + 1,
             target,
             kind: Kind::Wipe { down_ms },
+        });
+    }
+    // And power lost in the middle of a write.
+    let mut torn = SmallRng::seed_from_u64(seed ^ 0x70e1_a5d0);
+    if torn.random_bool(0.3) {
+        faults.push(Fault {
+            at_ms: torn.random_range(1_500..heal_ms - 4_000),
+            target: if torn.random_bool(0.5) {
+                Target::Leader
+            } else {
+                Target::Node(torn.random_range(1..=nodes))
+            },
+            kind: Kind::TornWrite {
+                down_ms: torn.random_range(100..=1_000),
+                kill_ms: torn.random_range(200..=1_500),
+            },
         });
     }
     faults.sort_by_key(|f| f.at_ms);

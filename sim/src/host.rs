@@ -74,6 +74,8 @@ pub struct Below {
 pub struct Host {
     pub id: NodeId,
     pub disk: Disk,
+    /// What the stores on `disk` acknowledged as durable (the judge's).
+    pub acked: std::sync::Arc<crate::judged::Acked>,
     pub freeze: watch::Sender<Freeze>,
     /// Powered off (crashed, or fenced).
     down: watch::Sender<bool>,
@@ -91,6 +93,7 @@ impl Host {
         Host {
             id,
             disk: Disk::new(seed),
+            acked: Default::default(),
             freeze: watch::channel(Freeze::default()).0,
             down: watch::channel(false).0,
             process: Mutex::new(None),

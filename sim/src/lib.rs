@@ -12,8 +12,11 @@
 //!
 //! - [`types`]: keyraft's own openraft type configuration (seeded under
 //!   `--cfg keyraft_sim`).
-//! - [`disk`]: storage that forgets what was not synced, and the openraft
-//!   log store and state machine (the real `ClusterState::apply`) over it.
+//! - [`disk`]: each host's disk, below keyraft's own Raft store (its log
+//!   file, values files, writer and recovery): it keeps what was synced
+//!   and loses or tears what was not at a crash.
+//! - [`judged`]: keyraft's log store with what it acknowledged recorded,
+//!   so that a restart that lost an acknowledged entry is a violation.
 //! - [`net`]: links that drop, delay, reorder, duplicate, cut one way or
 //!   flap, and frozen hosts whose messages arrive late.
 //! - [`node`]: one keyraft process: real openraft, keyraft's openraft
@@ -39,6 +42,7 @@ pub mod coordinator;
 pub mod disk;
 pub mod faults;
 pub mod host;
+pub mod judged;
 pub mod net;
 pub mod node;
 pub mod operator;

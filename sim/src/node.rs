@@ -26,9 +26,10 @@ use keyraft::join::Bootstrap;
 use keyraft::ledger::ClusterState;
 use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
 use keyraft::pb;
-use keyraft::raft::memory::{Holds, Records, Remembered};
+use keyraft::raft::memory::{Holds, Memory, Records, Remembered};
 use keyraft::raft::network::{self as rules, Shown};
 use keyraft::raft::server::{Answer, RaftService, Refusal};
+use keyraft::raft::store::StateMachine;
 use keyraft::raft::Gate;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -41,7 +42,7 @@ use openraft::{BasicNode, OptionalSend};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::disk::{self, Disk};
+use crate::disk::Disk;
 use crate::host::Host;
 use crate::net::{Boxed, Net, NetError};
 use crate::types::{self, Metrics, NodeId, Raft, Types, Vote};
@@ -57,7 +58,7 @@ pub struct Process {
     pub timing: Timing,
     pub net: Net,
     /// keyraft's Raft service, on this process's openraft and memory.
-    service: RaftService<disk::StateMachine, Memory>,
+    service: RaftService<StateMachine, Memory>,
     /// What it remembers of its peers (step 9).
     memory: Arc<Memory>,
     pub started: Instant,
@@ -65,7 +66,7 @@ pub struct Process {
     start_holds: Holds,
     /// What keyraft's coordinator runs on: this process's Raft, gate,
     /// replicated state, and the status records gossip carries.
-    pub core: Arc<Core<disk::StateMachine>>,
+    pub core: Arc<Core<StateMachine>>,
     /// Signer mode: keyraft's own signer on this process's `core`.
     pub signer: Option<Arc<crate::signer::SimSigner>>,
     /// keyraft's own operator commands on `core`, relayed over the
@@ -112,8 +113,23 @@ impl Process {
     ) -> Result<(Arc<Process>, OpsRx), StartError> {
         let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
         let timing = world.timing;
-        let start_holds = host.disk.holds();
-        let (log, sm, cluster) = disk::open(&host.disk, inc, world.committed_hook());
+        let (log, sm, memory) =
+            keyraft::raft::store::open_on(host.disk.process(inc), Some(world.committed_hook()))
+                .map_err(|e| StartError::Refused(e.to_string()))?;
+        let start_holds = log
+            .holds()
+            .map_err(|e| StartError::Refused(e.to_string()))?;
+        let acked = host.acked.last();
+        if start_holds.last_index < acked {
+            world
+                .oracle()
+                .lost(id, acked, start_holds.last_index, world.at_ms());
+        }
+        let log = crate::judged::JudgedLog {
+            inner: log,
+            acked: host.acked.clone(),
+        };
+        let cluster = sm.subscribe();
         let config = keyraft::raft::openraft_config(&timing)
             .map_err(|e| StartError::Refused(e.to_string()))?;
         // `--rejoin` on an empty data dir: no vote until the leader took
@@ -128,14 +144,13 @@ impl Process {
             net: world.net.clone(),
             from: id,
             inc,
-            disk: host.disk.clone(),
+            memory: memory.clone(),
             gate: gate.clone(),
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| StartError::Refused(e.to_string()))?;
         let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(8);
-        let memory = Arc::new(Memory(host.disk.clone()));
         let service = RaftService::new(
             raft.clone(),
             gate.clone(),
@@ -221,6 +236,14 @@ impl Process {
             }
         }
         p.gate.join();
+        // keyraft's own flusher of the member memory; a kill ends it
+        // without its last flush, as SIGKILL does.
+        let (keep, stop) = keyraft::shutdown::channel();
+        let memory = p.memory.clone();
+        p.spawn(async move {
+            let _keep = keep;
+            memory.run_flusher(stop).await
+        });
         p.spawn(keyraft::raft::heartbeat_while_leading(
             p.raft.clone(),
             p.gate.clone(),
@@ -273,7 +296,7 @@ impl Process {
         host: &Host,
         how: Start,
     ) -> Result<(Holds, BTreeMap<NodeId, Remembered>, Bootstrap), StartError> {
-        let holds = self.disk.holds();
+        let holds = self.start_holds;
         let ask = Ask {
             net: self.net.clone(),
             from: self.id,
@@ -459,47 +482,6 @@ impl keyraft::join::Ask for Ask {
     }
 }
 
-/// What a process remembers of its peers, kept on its host's disk model
-/// (durable at once, where keyraft's `Memory` lets a grown index wait up
-/// to 200 ms), changed by keyraft's own rules (`Remembered::see`,
-/// `Remembered::refuse`).
-pub struct Memory(Disk);
-
-impl Records for Memory {
-    fn of(&self, id: NodeId) -> Remembered {
-        self.0.lock().memory.get(&id).cloned().unwrap_or_default()
-    }
-
-    async fn saw(&self, id: NodeId, term: u64, committed: Option<u64>) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .memory
-            .entry(id)
-            .or_default()
-            .see(term, committed);
-        Ok(())
-    }
-
-    async fn refuse(
-        &self,
-        id: NodeId,
-        before: &Remembered,
-        why: String,
-        by: NodeId,
-    ) -> std::io::Result<bool> {
-        let mut disk = self.0.lock();
-        Ok(disk.memory.entry(id).or_default().refuse(before, why, by))
-    }
-
-    async fn clear_refusal(&self, id: NodeId) -> std::io::Result<()> {
-        if let Some(r) = self.0.lock().memory.get_mut(&id) {
-            r.refused = None;
-            r.refused_by = None;
-        }
-        Ok(())
-    }
-}
-
 pub use keyraft::node::{leads_within as leads, quorum_ack_age};
 
 /// openraft's network factory for one process.
@@ -507,7 +489,7 @@ pub struct Network {
     net: Net,
     from: NodeId,
     inc: u64,
-    disk: Disk,
+    memory: Arc<Memory>,
     gate: Arc<Gate>,
 }
 
@@ -520,7 +502,7 @@ impl RaftNetworkFactory<Types> for Network {
             from: self.from,
             inc: self.inc,
             to: target,
-            memory: Memory(self.disk.clone()),
+            memory: self.memory.clone(),
             gate: self.gate.clone(),
         }
     }
@@ -531,7 +513,7 @@ pub struct Conn {
     from: NodeId,
     inc: u64,
     to: NodeId,
-    memory: Memory,
+    memory: Arc<Memory>,
     gate: Arc<Gate>,
 }
 
@@ -541,7 +523,7 @@ fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
 
 impl Conn {
     fn remembered(&self) -> Result<Remembered, RPCError<Types>> {
-        rules::not_refused(&self.memory, self.to).map_err(unreachable)
+        rules::not_refused(&*self.memory, self.to).map_err(unreachable)
     }
 
     async fn call<R: Send + 'static>(
@@ -564,11 +546,11 @@ impl Conn {
     }
 
     async fn caught(&self, before: &Remembered, gap: String) -> RPCError<Types> {
-        unreachable(rules::caught(&self.memory, self.from, self.to, before, gap).await)
+        unreachable(rules::caught(&*self.memory, self.from, self.to, before, gap).await)
     }
 
     async fn saw(&self, term: u64, committed: Option<u64>) {
-        // The model's memory cannot fail to write.
+        // A failed write is the network client's to log, as keyraft's is.
         let _ = self.memory.saw(self.to, term, committed).await;
     }
 }

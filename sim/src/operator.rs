@@ -20,13 +20,12 @@ use keyraft::pb::{self, cluster_command::Kind};
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::disk;
 use crate::net::{Boxed, Net};
 use crate::node::Process;
 use crate::types::NodeId;
 use crate::world::World;
 
-pub type SimCommands = Commands<disk::StateMachine, SimRelay>;
+pub type SimCommands = Commands<keyraft::raft::store::StateMachine, SimRelay>;
 
 /// Where the simulation says member `id` listens (its network routes by
 /// id; keyraft wants HOST:PORT).

@@ -54,6 +54,14 @@ impl Oracle {
         }
     }
 
+    /// A process started on `host`'s disk holds entries up to `holds` but
+    /// its predecessors acknowledged entries up to `acked` as durable.
+    pub fn lost(&mut self, host: NodeId, acked: u64, holds: u64, at_ms: u64) {
+        self.violations.push(format!(
+            "{at_ms} ms: node {host} restarted holding entries up to {holds}, but acknowledged up to {acked} as durable"
+        ));
+    }
+
     pub fn overlap(&mut self, host: NodeId, other: NodeId, at_ms: u64) {
         self.violations.push(format!(
             "overlapping keys at {at_ms} ms: node {host}'s key became usable while node {other}'s was"

@@ -32,7 +32,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::disk;
 use crate::net::Net;
 use crate::node::Process;
 use crate::types::{self, NodeId};
@@ -44,7 +43,7 @@ pub const CHAIN: &str = "sim-chain";
 /// is down or restarting (CometBFT's read timeout).
 const PATIENCE: Duration = Duration::from_millis(3000);
 
-pub type SimSigner = Signer<disk::StateMachine, SimForward>;
+pub type SimSigner = Signer<keyraft::raft::store::StateMachine, SimForward>;
 
 /// The signing-process id of process `id`'s incarnation `inc`: its own,
 /// as a real process draws a random one at every start.
@@ -59,7 +58,7 @@ fn key() -> ConsensusKey {
 
 /// Process `id`'s signer, incarnation `inc`, on its `core`.
 pub fn signer(
-    core: &Arc<keyraft::node::Core<disk::StateMachine>>,
+    core: &Arc<keyraft::node::Core<keyraft::raft::store::StateMachine>>,
     net: &Net,
     id: NodeId,
     inc: u64,

@@ -10,7 +10,7 @@
 pub use keyraft::raft::TypeConfig as Types;
 
 pub type NodeId = u64;
-pub type Raft = openraft::Raft<Types, crate::disk::StateMachine>;
+pub type Raft = openraft::Raft<Types, keyraft::raft::store::StateMachine>;
 pub type LogId = openraft::type_config::alias::LogIdOf<Types>;
 pub type Vote = openraft::type_config::alias::VoteOf<Types>;
 pub type Entry = openraft::type_config::alias::EntryOf<Types>;

@@ -16,13 +16,14 @@ use keyraft::ledger::{Command, SignVerdict};
 use keyraft::signer::Hrs;
 use tokio::time::Instant;
 
-use crate::disk::{DiskState, Hook};
+use crate::disk::DiskState;
 use crate::faults::Plan;
 use crate::host::{Freeze, Host};
 use crate::net::Net;
 use crate::node::{Process, Start, StartError};
 use crate::oracle::Oracle;
 use crate::types::{self, NodeId};
+use keyraft::raft::store::Observer;
 
 /// Every host of the run, by id.
 pub struct Hosts(BTreeMap<NodeId, Arc<Host>>);
@@ -155,7 +156,7 @@ impl World {
             .push(line);
     }
 
-    fn oracle(&self) -> std::sync::MutexGuard<'_, Oracle> {
+    pub(crate) fn oracle(&self) -> std::sync::MutexGuard<'_, Oracle> {
         self.oracle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -167,9 +168,10 @@ impl World {
     }
 
     /// What the state machines committed, for the oracle.
-    pub fn committed_hook(self: &Arc<Self>) -> Hook {
+    pub fn committed_hook(self: &Arc<Self>) -> Observer {
         let w = Arc::downgrade(self);
-        Arc::new(move |index, term, cmd| {
+        Arc::new(move |log_id, cmd| {
+            let (index, term) = (log_id.index, log_id.leader_id.term);
             let Some(w) = w.upgrade() else {
                 return;
             };

@@ -1,33 +1,27 @@
-//! The Raft log's own file: each append one `write`, made durable by one
-//! `fdatasync`.
+//! The Raft log's own file: each append one write, made durable by one
+//! fdatasync.
 //!
-//! Owns: the file `log` in the Raft store's directory, its record format
-//! (length, CRC-32, index, the entry's JSON), the offsets of the entries it
-//! holds, dropping a torn last append on open, truncation, purging (a
-//! prefix forgotten, then rewritten away once large) and the move of a log
-//! an older keyraft kept in sled. Must not: say when an append is durable
-//! ([`super::flush`]'s writer thread syncs and answers), or run on an async
-//! worker (every call blocks).
+//! Owns: the file `log` in the Raft store's directory, its records (a
+//! [`codec`] record whose head is the entry's index and whose body is the
+//! entry's JSON), the offsets of the entries it holds, dropping a torn
+//! last append on open, truncation and purging (a prefix forgotten, then
+//! rewritten away once large). Must not: say when an append is durable
+//! ([`super::flush`]'s writer syncs and answers), or run on an async
+//! worker (every call may block).
 //!
 //! Why not sled: sled's own flush ends in a disk sync of its own, so an
 //! append paid two syncs, and with three members on one disk it took
 //! 0.5-0.65 ms at p50 before keyraft's fdatasync even began.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::io;
 use std::sync::Arc;
 
+use super::codec;
+use super::disk::{self, Disk};
+use super::layout::LOG;
 use super::Entry;
-
-/// Bytes before each record's entry: its length, its CRC-32 (of the index
-/// and the entry), its index.
-const HEADER: usize = 16;
-
-/// Largest entry a record may hold: a length beyond it is a torn header.
-const MAX_RECORD: usize = 64 << 20;
+use crate::plant::{self, Plant};
 
 /// Purged bytes that make a purge rewrite the file (once they also exceed
 /// what is kept).
@@ -40,7 +34,7 @@ fn bad(why: impl std::fmt::Display) -> io::Error {
 /// One append's entries as records, ready for one write.
 pub(super) struct Records {
     first: u64,
-    bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
     lens: Vec<u64>,
 }
 
@@ -57,16 +51,8 @@ impl Records {
                 return Err(bad("an append's entries are not consecutive"));
             }
             let json = serde_json::to_vec(e).map_err(bad)?;
-            let index = e.log_id.index.to_le_bytes();
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&index);
-            crc.update(&json);
-            let len = u32::try_from(json.len()).map_err(bad)?;
-            r.bytes.extend_from_slice(&len.to_le_bytes());
-            r.bytes.extend_from_slice(&crc.finalize().to_le_bytes());
-            r.bytes.extend_from_slice(&index);
-            r.bytes.extend_from_slice(&json);
-            r.lens.push((HEADER + json.len()) as u64);
+            let len = codec::put(&mut r.bytes, e.log_id.index.to_le_bytes(), &json).map_err(bad)?;
+            r.lens.push(len);
         }
         Ok(r)
     }
@@ -75,29 +61,12 @@ impl Records {
 /// Parses the record at the start of `bytes`: its index, its entry's JSON
 /// and its whole length; `None` if it is cut short or does not check.
 fn record(bytes: &[u8]) -> Option<(u64, &[u8], usize)> {
-    let word = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-    };
-    let len = word(0)? as usize;
-    if len > MAX_RECORD {
-        return None;
-    }
-    let index_bytes = bytes.get(8..16)?;
-    let json = bytes.get(HEADER..HEADER + len)?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(index_bytes);
-    crc.update(json);
-    if crc.finalize() != word(4)? {
-        return None;
-    }
-    let index = u64::from_le_bytes(index_bytes.try_into().ok()?);
-    Some((index, json, HEADER + len))
+    codec::take::<8>(bytes).map(|(index, json, len)| (u64::from_le_bytes(index), json, len))
 }
 
 /// The log file and where each entry it holds starts.
 pub(super) struct LogFile {
-    path: PathBuf,
-    file: Arc<File>,
+    disk: Arc<dyn Disk>,
     /// Index of the first entry held (the next one's when none is).
     first: u64,
     /// Offset of each entry held, from `first` on.
@@ -107,25 +76,21 @@ pub(super) struct LogFile {
 }
 
 impl LogFile {
-    /// Opens the log in `dir`, first moving into it what `sled_log` (an
-    /// older keyraft's log tree) holds, and forgets what `purged` covers.
-    /// A last append cut short by a crash (never acknowledged: its sync did
-    /// not finish) is dropped, with a warning.
-    pub(super) fn open(dir: &Path, sled_log: &sled::Tree, purged: Option<u64>) -> io::Result<Self> {
-        let path = dir.join("log");
-        if !path.exists() {
-            move_from_sled(dir, &path, sled_log)?;
-        }
-        if !sled_log.is_empty() {
-            // Moved by an earlier start that stopped before this.
-            sled_log.clear().map_err(bad)?;
-        }
-        let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
+    /// Opens the log on `disk` (an empty one if there is none) and forgets
+    /// what `purged` covers. A last append cut short by a crash (never
+    /// acknowledged: its sync did not finish) is dropped, with a warning.
+    pub(super) fn open(disk: Arc<dyn Disk>, purged: Option<u64>) -> io::Result<Self> {
+        let bytes = match disk.read(LOG)? {
+            Some(bytes) => bytes,
+            None => {
+                disk.set_len(LOG, 0)?;
+                disk.sync(LOG)?;
+                disk.sync_dir()?;
+                Vec::new()
+            }
+        };
         let mut log = LogFile {
-            path,
-            file: Arc::new(file),
+            disk,
             first: 0,
             offsets: VecDeque::new(),
             end: 0,
@@ -134,9 +99,8 @@ impl LogFile {
         while let Some((index, _, len)) = bytes.get(at..).and_then(record) {
             if !log.offsets.is_empty() && index != log.next() {
                 return Err(bad(format!(
-                    "entry {index} follows entry {} in {}",
+                    "entry {index} follows entry {} in the log",
                     log.next() - 1,
-                    log.path.display()
                 )));
             }
             if log.offsets.is_empty() {
@@ -148,17 +112,21 @@ impl LogFile {
         log.end = at as u64;
         if at < bytes.len() {
             tracing::warn!(
-                "dropping {} bytes of a last append cut short at the end of {}",
+                "dropping {} bytes of a last append cut short at the end of the log",
                 bytes.len() - at,
-                log.path.display()
             );
-            log.file.set_len(log.end)?;
-            log.file.sync_data()?;
+            if plant::on(Plant::TornTailAccepted) {
+                // Planted: the torn bytes stay, and the next append goes
+                // after them, where the next open never reads it.
+                log.end = bytes.len() as u64;
+            } else {
+                log.disk.set_len(LOG, log.end)?;
+                log.disk.sync(LOG)?;
+            }
         }
         match purged {
             Some(p) if !log.offsets.is_empty() && log.first > p + 1 => Err(bad(format!(
-                "{} starts at entry {} but only entries up to {p} were purged",
-                log.path.display(),
+                "the log starts at entry {} but only entries up to {p} were purged",
                 log.first
             ))),
             Some(p) => {
@@ -166,8 +134,7 @@ impl LogFile {
                 Ok(log)
             }
             None if !log.offsets.is_empty() && log.first > 1 => Err(bad(format!(
-                "{} starts at entry {} and nothing was purged",
-                log.path.display(),
+                "the log starts at entry {} and nothing was purged",
                 log.first
             ))),
             None => Ok(log),
@@ -182,11 +149,6 @@ impl LogFile {
     /// The first and last index held, if any.
     pub(super) fn bounds(&self) -> Option<(u64, u64)> {
         (!self.offsets.is_empty()).then(|| (self.first, self.next() - 1))
-    }
-
-    /// The file, to sync it without holding the log.
-    pub(super) fn file(&self) -> Arc<File> {
-        self.file.clone()
     }
 
     /// Writes an append's records after the last entry (not synced).
@@ -205,7 +167,7 @@ impl LogFile {
                 self.next() - 1
             )));
         }
-        self.file.write_all_at(&r.bytes, self.end)?;
+        self.disk.write_at(LOG, self.end, &r.bytes)?;
         for len in &r.lens {
             self.offsets.push_back(self.end);
             self.end += len;
@@ -227,16 +189,14 @@ impl LogFile {
             at(end)
         };
         let mut bytes = vec![0; (to - from) as usize];
-        self.file.read_exact_at(&mut bytes, from)?;
+        self.disk.read_at(LOG, from, &mut bytes)?;
         let mut entries = Vec::with_capacity((end - start) as usize);
         let mut pos = 0usize;
         for want in start..end {
-            let (index, json, len) = bytes.get(pos..).and_then(record).ok_or_else(|| {
-                bad(format!(
-                    "entry {want} in {} does not check",
-                    self.path.display()
-                ))
-            })?;
+            let (index, json, len) = bytes
+                .get(pos..)
+                .and_then(record)
+                .ok_or_else(|| bad(format!("entry {want} in the log does not check")))?;
             if index != want {
                 return Err(bad(format!("entry {index} found where {want} belongs")));
             }
@@ -258,8 +218,8 @@ impl LogFile {
             self.end
         };
         self.offsets.truncate(keep);
-        self.file.set_len(self.end)?;
-        self.file.sync_data()
+        self.disk.set_len(LOG, self.end)?;
+        self.disk.sync(LOG)
     }
 
     /// Forgets entries up to `to` (no I/O).
@@ -287,54 +247,20 @@ impl LogFile {
         }
         durable()?;
         let mut kept = vec![0; (self.end - dead) as usize];
-        self.file.read_exact_at(&mut kept, dead)?;
-        let file = replace(&self.path, &kept)?;
+        self.disk.read_at(LOG, dead, &mut kept)?;
+        disk::replace(self.disk.as_ref(), LOG, &kept)?;
         for o in self.offsets.iter_mut() {
             *o -= dead;
         }
         self.end -= dead;
-        self.file = Arc::new(file);
         Ok(())
     }
-}
-
-/// Writes `bytes` as the whole new content of `path`: a temporary file,
-/// synced, renamed over it, the directory synced. Returns it open.
-fn replace(path: &Path, bytes: &[u8]) -> io::Result<File> {
-    let tmp = path.with_extension("new");
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        crate::durable::fsync_dir(dir)?;
-    }
-    OpenOptions::new().read(true).write(true).open(path)
-}
-
-/// Creates the log file from what an older keyraft kept in sled's log tree
-/// (nothing, on a new data dir). The file appears whole or not at all.
-fn move_from_sled(dir: &Path, path: &Path, sled_log: &sled::Tree) -> io::Result<()> {
-    let mut entries: Vec<Entry> = Vec::new();
-    for kv in sled_log.iter() {
-        let (_, v) = kv.map_err(bad)?;
-        entries.push(serde_json::from_slice(&v).map_err(bad)?);
-    }
-    let records = Records::new(&entries)?;
-    if !entries.is_empty() {
-        tracing::info!(
-            "moving {} Raft log entries from sled to {}",
-            entries.len(),
-            path.display()
-        );
-    }
-    replace(path, &records.bytes)?;
-    crate::durable::fsync_dir(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::disk::FileDisk;
 
     fn entries(from: u64, to: u64, term: u64) -> Vec<Entry> {
         (from..=to)
@@ -348,19 +274,15 @@ mod tests {
             .collect()
     }
 
-    fn sled_tree(dir: &Path) -> sled::Tree {
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .open()
-            .expect("sled");
-        db.open_tree("log").expect("tree")
+    fn disk(dir: &tempfile::TempDir) -> Arc<dyn Disk> {
+        Arc::new(FileDisk::open(dir.path()).expect("disk"))
     }
 
     #[test]
     fn what_is_appended_reads_back_after_a_reopen_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().expect("dir");
-        let tree = sled_tree(dir.path());
-        let mut log = LogFile::open(dir.path(), &tree, None).expect("open");
+        let disk = disk(&dir);
+        let mut log = LogFile::open(disk.clone(), None).expect("open");
         log.append(&Records::new(&entries(1, 5, 1)).expect("records"))
             .expect("append");
         log.append(&Records::new(&entries(6, 6, 1)).expect("records"))
@@ -375,13 +297,9 @@ mod tests {
         drop(log);
         // A crash in the middle of the next append: half a record.
         let half = Records::new(&entries(7, 7, 1)).expect("records");
-        let f = OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("log"))
-            .expect("file");
-        (&f).write_all(&half.bytes[..half.bytes.len() / 2])
+        disk.write_at(LOG, end, &half.bytes[..half.bytes.len() / 2])
             .expect("write");
-        let log = LogFile::open(dir.path(), &tree, None).expect("reopen");
+        let log = LogFile::open(disk.clone(), None).expect("reopen");
         assert_eq!(log.bounds(), Some((1, 6)));
         assert_eq!(log.end, end, "the torn record is cut off the file");
         assert_eq!(
@@ -393,8 +311,8 @@ mod tests {
     #[test]
     fn truncation_and_purges_survive_a_reopen_and_large_purges_shrink_the_file() {
         let dir = tempfile::tempdir().expect("dir");
-        let tree = sled_tree(dir.path());
-        let mut log = LogFile::open(dir.path(), &tree, None).expect("open");
+        let disk = disk(&dir);
+        let mut log = LogFile::open(disk.clone(), None).expect("open");
         log.append(&Records::new(&entries(1, 10, 1)).expect("records"))
             .expect("append");
         log.truncate(8).expect("truncate");
@@ -411,10 +329,10 @@ mod tests {
         assert_eq!(ids(log.read(1, 100).expect("read")), want);
         drop(log);
         // The purge point lost in a crash: entries 1-3 are still there.
-        let log = LogFile::open(dir.path(), &tree, None).expect("reopen");
+        let log = LogFile::open(disk.clone(), None).expect("reopen");
         assert_eq!(log.bounds(), Some((1, 9)));
         drop(log);
-        let mut log = LogFile::open(dir.path(), &tree, Some(3)).expect("reopen");
+        let mut log = LogFile::open(disk.clone(), Some(3)).expect("reopen");
         assert_eq!(ids(log.read(1, 100).expect("read")), want);
         // Enough entries that a purge of most rewrites the file.
         let many = entries(10, 30_000, 2);
@@ -433,33 +351,11 @@ mod tests {
         log.append(&Records::new(&entries(30_001, 30_001, 2)).expect("records"))
             .expect("append");
         drop(log);
-        let log = LogFile::open(dir.path(), &tree, Some(29_990)).expect("reopen");
+        let log = LogFile::open(disk.clone(), Some(29_990)).expect("reopen");
         assert_eq!(log.bounds(), Some((29_991, 30_001)));
         assert!(
-            LogFile::open(dir.path(), &tree, Some(100)).is_err(),
+            LogFile::open(disk, Some(100)).is_err(),
             "a log that starts past the purge point has a hole"
-        );
-    }
-
-    #[test]
-    fn an_older_keyraft_log_in_sled_moves_into_the_file_once() {
-        let dir = tempfile::tempdir().expect("dir");
-        let tree = sled_tree(dir.path());
-        for e in entries(5, 9, 3) {
-            tree.insert(
-                e.log_id.index.to_be_bytes(),
-                serde_json::to_vec(&e).expect("json"),
-            )
-            .expect("insert");
-        }
-        let log = LogFile::open(dir.path(), &tree, Some(4)).expect("open");
-        assert_eq!(log.bounds(), Some((5, 9)));
-        assert!(tree.is_empty(), "sled's copy is cleared");
-        drop(log);
-        let log = LogFile::open(dir.path(), &tree, Some(4)).expect("reopen");
-        assert_eq!(
-            ids(log.read(0, 100).expect("read")),
-            (5..=9).map(|i| (i, 3)).collect::<Vec<_>>()
         );
     }
 }

@@ -1,11 +1,12 @@
 //! The state machine: the replicated [`ClusterState`] applied from
-//! committed entries, kept in the store's sled tree `sm`, and its snapshots.
+//! committed entries, kept in the store's values file `state`, and its
+//! snapshots.
 //!
 //! Owns: the applied state, when it is written and when fsynced (whatever
 //! a peer's Hello relies on: registrations and membership), publishing it
 //! to the coordinator and the signer, and building and installing
 //! snapshots. Must not: interpret commands beyond [`ClusterState::apply`],
-//! or block an async worker (sled calls run in `spawn_blocking`).
+//! or block an async worker (file calls run through [`disk::blocking`]).
 //!
 //! The applied state may lag what the log holds after a crash: openraft
 //! applies the log again from the last applied entry written here, and the
@@ -22,14 +23,20 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::flush::Disk;
+use super::disk::{self, Disk};
+use super::layout::{SM_DATA, SM_SNAPSHOT};
 use super::memory::Memory;
-use super::store::{blocking, decode, encode, get, io_err};
+use super::values::{self, Shared};
 use super::{LogId, Membership, TypeConfig};
 use crate::ledger::{ClusterState, Command, Reply};
 
-const SM_DATA: &[u8] = b"data";
-const SM_SNAPSHOT: &[u8] = b"snapshot";
+/// Told of every entry applied: its log id, and its command with the
+/// ledger's reply if it carries one (the simulator's judge).
+pub type Observer = Arc<dyn Fn(LogId, Option<(&Command, &Reply)>) + Send + Sync>;
+
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(io::Error::other)
+}
 
 /// What the state machine persists.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -47,24 +54,33 @@ struct StoredSnapshot {
 
 /// The replicated [`ClusterState`], applied from committed entries.
 pub struct StateMachine {
-    db: Disk,
-    tree: sled::Tree,
+    disk: Arc<dyn Disk>,
+    state: Shared,
     data: SmData,
     published: watch::Sender<ClusterState>,
     memory: Arc<Memory>,
+    observer: Option<Observer>,
 }
 
 impl StateMachine {
-    /// The state machine as sled's tree `tree` last wrote it.
-    pub(super) fn open(db: Disk, tree: sled::Tree, memory: Arc<Memory>) -> io::Result<Self> {
-        let data: SmData = get(&tree, SM_DATA)?.unwrap_or_default();
+    /// The state machine as the values file `state` last held it.
+    pub(super) fn open(
+        disk: Arc<dyn Disk>,
+        state: Shared,
+        memory: Arc<Memory>,
+        observer: Option<Observer>,
+    ) -> io::Result<Self> {
+        let data: SmData = values::locked(&state)?
+            .get_json(SM_DATA)?
+            .unwrap_or_default();
         let (published, _) = watch::channel(data.state.clone());
         Ok(StateMachine {
-            db,
-            tree,
+            disk,
+            state,
             data,
             published,
             memory,
+            observer,
         })
     }
 
@@ -82,11 +98,12 @@ impl StateMachine {
     /// Writes the applied state; with `sync`, fsynced before it returns and
     /// only then published. Without, the caller published it first.
     async fn persist(&self, sync: bool) -> io::Result<()> {
-        let (db, tree, bytes) = (self.db.clone(), self.tree.clone(), encode(&self.data)?);
-        blocking(move || {
-            tree.insert(SM_DATA, bytes).map_err(io_err)?;
+        let (state, bytes) = (self.state.clone(), encode(&self.data)?);
+        disk::blocking(&self.disk, move || {
+            let mut state = values::locked(&state)?;
+            state.put(SM_DATA, bytes)?;
             if sync {
-                db.flush()?;
+                state.sync()?;
             }
             Ok(())
         })
@@ -99,8 +116,8 @@ impl StateMachine {
 }
 
 pub struct SnapshotBuilder {
-    db: Disk,
-    tree: sled::Tree,
+    disk: Arc<dyn Disk>,
+    state: Shared,
     data: SmData,
 }
 
@@ -117,10 +134,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         })?;
-        let (db, tree) = (self.db.clone(), self.tree.clone());
-        blocking(move || {
-            tree.insert(SM_SNAPSHOT, stored).map_err(io_err)?;
-            db.flush().map(|_| ()).map_err(io_err)
+        let state = self.state.clone();
+        disk::blocking(&self.disk, move || {
+            let mut state = values::locked(&state)?;
+            state.put(SM_SNAPSHOT, stored)?;
+            state.sync()
         })
         .await?;
         Ok(openraft::Snapshot {
@@ -151,8 +169,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut answers = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             self.data.last_applied = Some(entry.log_id);
+            let observer = self.observer.clone();
+            let observe = |cmd| {
+                if let Some(observe) = &observer {
+                    observe(entry.log_id, cmd);
+                }
+            };
             let reply = match entry.payload {
-                EntryPayload::Blank => Reply::default(),
+                EntryPayload::Blank => {
+                    observe(None);
+                    Reply::default()
+                }
                 EntryPayload::Normal(cmd) => {
                     tracing::debug!(index = entry.log_id.index, "applied: {cmd}");
                     match cmd {
@@ -160,14 +187,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Command::Rejoined { node } => self.memory.forget(node).await?,
                         _ => {}
                     }
-                    self.data.state.apply(&cmd, entry.log_id.index)
+                    let reply = self.data.state.apply(&cmd, entry.log_id.index);
+                    observe(Some((&cmd, &reply)));
+                    reply
                 }
                 EntryPayload::Membership(m) => {
+                    observe(None);
                     sync = true;
                     self.data.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
                     Reply::default()
                 }
             };
+
             if let Some(r) = responder {
                 answers.push((r, reply));
             }
@@ -192,8 +223,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            db: self.db.clone(),
-            tree: self.tree.clone(),
+            disk: self.disk.clone(),
+            state: self.state.clone(),
             data: self.data.clone(),
         }
     }
@@ -206,22 +237,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.data = SmData {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
-            state: decode(&snapshot)?,
+            state: serde_json::from_slice(&snapshot).map_err(io::Error::other)?,
         };
         let stored = encode(&StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
         })?;
-        let tree = self.tree.clone();
-        blocking(move || tree.insert(SM_SNAPSHOT, stored).map(|_| ()).map_err(io_err)).await?;
+        let state = self.state.clone();
+        disk::blocking(&self.disk, move || {
+            values::locked(&state)?.put(SM_SNAPSHOT, stored)
+        })
+        .await?;
         self.persist(true).await
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        let tree = self.tree.clone();
-        let stored: Option<StoredSnapshot> = blocking(move || get(&tree, SM_SNAPSHOT)).await?;
+        let stored: Option<StoredSnapshot> = values::locked(&self.state)?.get_json(SM_SNAPSHOT)?;
         Ok(stored.map(|s| openraft::Snapshot {
             meta: s.meta,
             snapshot: s.data,

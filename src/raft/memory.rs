@@ -8,7 +8,7 @@
 //! in one term or help elect a leader without committed entries. Its own
 //! disk cannot tell; its peers' memory can.
 //!
-//! Owns: the `memory` tree of the Raft store and when it is fsynced (a new
+//! Owns: the values file `memory` of the Raft store and when it is fsynced (a new
 //! term at once, before the message that showed it counts; a grown index
 //! within [`FLUSH_EVERY`]), and the rule that says when a member is behind
 //! what was seen of it ([`behind`]). Must not: talk to peers; the network
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::flush::Disk;
+use super::disk::{self, Disk};
+use super::values::{self, Shared};
 use crate::ledger::NodeId;
 use crate::shutdown::Shutdown;
 
@@ -161,8 +162,8 @@ pub trait Records: Send + Sync + 'static {
 
 /// This node's memory of every member, backed by the Raft store.
 pub struct Memory {
-    disk: Disk,
-    tree: sled::Tree,
+    disk: Arc<dyn Disk>,
+    file: Shared,
     map: Mutex<BTreeMap<NodeId, Remembered>>,
     dirty: Mutex<BTreeSet<NodeId>>,
     writing: tokio::sync::Mutex<()>,
@@ -173,22 +174,21 @@ fn key(id: NodeId) -> [u8; 8] {
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 impl Memory {
-    pub(super) fn open(disk: Disk, tree: sled::Tree) -> io::Result<Memory> {
+    pub(super) fn open(disk: Arc<dyn Disk>, file: Shared) -> io::Result<Memory> {
         let mut map = BTreeMap::new();
-        for kv in tree.iter() {
-            let (k, v) = kv.map_err(io_err)?;
-            let id = <[u8; 8]>::try_from(k.as_ref())
+        for (k, v) in values::locked(&file)?.iter() {
+            let id = <[u8; 8]>::try_from(k)
                 .map(NodeId::from_be_bytes)
-                .map_err(|_| io_err("bad key in the memory tree"))?;
-            map.insert(id, serde_json::from_slice(&v).map_err(io_err)?);
+                .map_err(|_| io_err("bad key in the memory file"))?;
+            map.insert(id, serde_json::from_slice(v).map_err(io_err)?);
         }
         Ok(Memory {
             disk,
-            tree,
+            file,
             map: Mutex::new(map),
             dirty: Mutex::new(BTreeSet::new()),
             writing: tokio::sync::Mutex::new(()),
@@ -232,23 +232,18 @@ impl Memory {
         if changed.is_empty() {
             return Ok(());
         }
-        let tree = self.tree.clone();
-        tokio::task::spawn_blocking(move || tree.remove(key(me)).map_err(io_err))
-            .await
-            .map_err(io_err)??;
+        let file = self.file.clone();
+        disk::blocking(&self.disk, move || {
+            let mut file = values::locked(&file)?;
+            file.remove(&key(me))?;
+            file.sync()
+        })
+        .await?;
         changed
             .into_iter()
             .filter(|id| *id != me)
             .for_each(|id| self.mark(id));
-        self.persist().await?;
-        self.disk_flush().await
-    }
-
-    async fn disk_flush(&self) -> io::Result<()> {
-        let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || disk.flush())
-            .await
-            .map_err(io_err)?
+        self.persist().await
     }
 
     /// Forgets everything about `id`: it rejoined with an empty data dir
@@ -277,15 +272,15 @@ impl Memory {
             return Ok(());
         }
         let ids: Vec<NodeId> = changed.iter().map(|(id, _)| *id).collect();
-        let (tree, disk) = (self.tree.clone(), self.disk.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            for (id, v) in &changed {
-                tree.insert(key(*id), v.as_slice()).map_err(io_err)?;
+        let file = self.file.clone();
+        let written = disk::blocking(&self.disk, move || {
+            let mut file = values::locked(&file)?;
+            for (id, v) in changed {
+                file.put(&key(id), v)?;
             }
-            disk.flush()
+            file.sync()
         })
-        .await
-        .map_err(io_err)?;
+        .await;
         if written.is_err() {
             // Try again next time; the caller learns it failed now.
             ids.into_iter().for_each(|id| self.mark(id));

@@ -10,8 +10,12 @@
 //! election bookkeeping in [`gate`]. Must not: act on the replicated state;
 //! the coordinator and the signer read it and decide.
 
+mod codec;
+pub mod disk;
 mod flush;
+mod from_sled;
 pub mod gate;
+mod layout;
 mod logfile;
 mod machine;
 pub mod memory;
@@ -19,6 +23,7 @@ pub mod network;
 mod recent;
 pub mod server;
 pub mod store;
+mod values;
 
 use openraft::BasicNode;
 

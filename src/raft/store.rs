@@ -1,133 +1,110 @@
 //! Durable Raft storage: the log, the vote, and what opens them with the
-//! state machine ([`super::machine`]).
+//! state machine ([`super::machine`]) and the member memory
+//! ([`super::memory`]).
 //!
-//! Owns: the on-disk layout of `DATA_DIR/raft` (the log file `log`, sled's
-//! trees `meta`, `sm` and `memory`) and the durability promises openraft
-//! relies on: a vote is fsynced before `save_vote` returns, appended entries
-//! are fsynced before the IO callback fires, truncation and purging never
-//! leave holes. Appends are handed to one writer thread, which writes them
-//! to the log file ([`super::logfile`]) and acknowledges them in batches
-//! after one fdatasync (group commit, in [`super::flush`]), so a slow disk
-//! never stalls openraft's core, which also answers heartbeats; the
-//! committed log id, which openraft lets a store lose, goes to that thread
-//! without a wait too. The newest entries, and every one not yet written,
-//! are kept in memory ([`Recent`]): reads take them there and the older
-//! ones from the file. Must not: block an async worker (file and sled calls
-//! run in `spawn_blocking` or on the writer thread), or change the log file
-//! before the writer thread has written what came before.
+//! Owns: opening `DATA_DIR/raft` ([`super::layout`] names its files) and
+//! the durability promises openraft relies on: a vote is fsynced before
+//! `save_vote` returns, appended entries are fsynced before the IO
+//! callback fires, truncation and purging never leave holes. Appends are
+//! handed to one writer ([`super::flush`]), which writes them to the log
+//! file ([`super::logfile`]) and acknowledges them in batches after one
+//! fdatasync (group commit), so a slow disk never stalls openraft's core,
+//! which also answers heartbeats; the committed log id, which openraft
+//! lets a store lose, goes to the writer without a wait too. The newest
+//! entries, and every one not yet written, are kept in memory
+//! ([`Recent`]): reads take them there and the older ones from the file.
+//! Every file call goes through a [`Disk`]: the real directory, or the
+//! simulator's. Must not: block an async worker (file calls run through
+//! [`disk::blocking`] or on the writer), or change the log file before the
+//! writer has written what came before.
 
 use std::fmt::Debug;
-use std::fs::File;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
-use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use super::flush::{fsync_gone, locked, spawn_fsync, Disk, Job};
+use super::disk::{self, Disk, FileDisk};
+use super::flush::{fsync_gone, locked, Job, Writer};
+use super::layout::{COMMITTED, LAST_PURGED, MEMORY, META, STATE, VOTE};
 use super::logfile::{LogFile, Records};
-pub use super::machine::StateMachine;
+pub use super::machine::{Observer, StateMachine};
 use super::memory::{Holds, Memory};
 use super::recent::Recent;
+use super::values::{self, Shared, Values};
 use super::{Entry, LogId, TypeConfig, Vote};
-
-const VOTE: &[u8] = b"vote";
-const LAST_PURGED: &[u8] = b"last_purged";
-pub(super) const COMMITTED: &[u8] = b"committed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the Raft store in {path}: {source}")]
-    Open { path: String, source: sled::Error },
+    Open {
+        path: String,
+        source: disk::OpenError,
+    },
     #[error("the Raft store in {path} is damaged: {why}")]
-    Corrupt { path: String, why: String },
-    #[error("cannot start the Raft store's fsync thread: {0}")]
+    Corrupt { path: String, why: io::Error },
+    #[error("cannot move the Raft store in {path} out of sled: {why}")]
+    FromSled { path: String, why: io::Error },
+    #[error("cannot start the Raft store's writer: {0}")]
     Flusher(io::Error),
 }
 
-pub(super) fn io_err(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-/// Runs a sled operation off the async workers.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(io_err)?
-}
-
-pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(bytes).map_err(io_err)
-}
-
-pub(super) fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(io_err)
-}
-
-pub(super) fn get<T: for<'de> Deserialize<'de>>(
-    tree: &sled::Tree,
-    k: &[u8],
-) -> io::Result<Option<T>> {
-    tree.get(k).map_err(io_err)?.map(|v| decode(&v)).transpose()
-}
-
 /// Opens (or creates) the store in `dir`, with this node's memory of its
-/// peers ([`Memory`]).
+/// peers ([`Memory`]); a store an older keyraft kept in sled moves into
+/// today's files first.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreError> {
     let path = dir.display().to_string();
-    let open_err = |source| StoreError::Open {
+    let disk = FileDisk::open(dir).map_err(|source| StoreError::Open {
         path: path.clone(),
         source,
-    };
-    let db = sled::Config::new()
-        .path(dir)
-        .mode(sled::Mode::LowSpace)
-        // Small: the vote, the applied state, the snapshot, the memory of
-        // peers (the log has its own file). Flushed only when asked.
-        .cache_capacity(4 << 20)
-        .flush_every_ms(None)
-        .open()
-        .map_err(open_err)?;
-    let meta = db.open_tree("meta").map_err(open_err)?;
-    let sm = db.open_tree("sm").map_err(open_err)?;
-    let remembered = db.open_tree("memory").map_err(open_err)?;
-    let corrupt = |e: io::Error| StoreError::Corrupt {
-        path: path.clone(),
-        why: e.to_string(),
-    };
-    // The names sled created must survive a power loss too.
-    for d in [dir, dir.parent().unwrap_or(dir)] {
-        crate::durable::fsync_dir(d).map_err(|e| StoreError::Corrupt {
+    })?;
+    if super::from_sled::needed(dir) {
+        super::from_sled::move_store(dir, &disk).map_err(|why| StoreError::FromSled {
             path: path.clone(),
-            why: format!("cannot fsync {}: {e}", d.display()),
+            why,
         })?;
     }
-    let file = File::open(dir.join("db")).map_err(|e| StoreError::Corrupt {
-        path: path.clone(),
-        why: format!("no sled data file: {e}"),
-    })?;
-    let db = Disk {
-        db,
-        file: Arc::new(file),
-        #[cfg(test)]
-        slow: Arc::default(),
+    open_on(Arc::new(disk), None).map_err(|e| match e {
+        StoreError::Corrupt { why, .. } => StoreError::Corrupt { path, why },
+        other => other,
+    })
+}
+
+/// Opens (or creates) the store on `disk`; `observer` is told of every
+/// entry applied (the simulator's judge).
+pub fn open_on(
+    disk: Arc<dyn Disk>,
+    observer: Option<Observer>,
+) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreError> {
+    let corrupt = |why: io::Error| StoreError::Corrupt {
+        path: "raft".into(),
+        why,
     };
-    let purged: Option<LogId> = get(&meta, LAST_PURGED).map_err(corrupt)?;
-    // An older keyraft's log, in sled's tree `log`, moves into the file.
-    let sled_log = db.db.open_tree("log").map_err(open_err)?;
-    let file = LogFile::open(dir, &sled_log, purged.map(|p| p.index)).map_err(corrupt)?;
+    let meta = Values::shared(disk.clone(), META).map_err(corrupt)?;
+    let state = Values::shared(disk.clone(), STATE).map_err(corrupt)?;
+    let remembered = Values::shared(disk.clone(), MEMORY).map_err(corrupt)?;
+    let purged: Option<LogId> = values::locked(&meta)
+        .and_then(|m| m.get_json(LAST_PURGED))
+        .map_err(corrupt)?;
+    let file = LogFile::open(disk.clone(), purged.map(|p| p.index)).map_err(corrupt)?;
     let file = Arc::new(Mutex::new(file));
     let recent = Arc::new(Recent::default());
-    let fsync = spawn_fsync(db.clone(), file.clone(), meta.clone(), recent.clone())
-        .map_err(StoreError::Flusher)?;
-    let memory = Arc::new(Memory::open(db.clone(), remembered).map_err(corrupt)?);
-    let sm = StateMachine::open(db.clone(), sm, memory.clone()).map_err(corrupt)?;
+    let writer = Writer {
+        log: file.clone(),
+        meta: meta.clone(),
+        others: vec![state.clone(), remembered.clone()],
+        recent: recent.clone(),
+    };
+    let fsync = super::flush::spawn(&disk, writer).map_err(StoreError::Flusher)?;
+    let memory = Arc::new(Memory::open(disk.clone(), remembered).map_err(corrupt)?);
+    let sm = StateMachine::open(disk.clone(), state, memory.clone(), observer).map_err(corrupt)?;
     Ok((
         LogStore {
-            db,
+            disk,
             file,
             meta,
             fsync,
@@ -138,68 +115,83 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Memory>), StoreEr
     ))
 }
 
+/// What the store on `disk` holds (its vote's term, its last log index),
+/// read without starting its writer: the simulator's judge reads a copy
+/// of a disk with it.
+pub fn holds_on(disk: Arc<dyn Disk>) -> Result<Holds, StoreError> {
+    let corrupt = |why: io::Error| StoreError::Corrupt {
+        path: "raft".into(),
+        why,
+    };
+    let meta = Values::open(disk.clone(), META).map_err(corrupt)?;
+    let vote: Option<Vote> = meta.get_json(VOTE).map_err(corrupt)?;
+    let purged: Option<LogId> = meta.get_json(LAST_PURGED).map_err(corrupt)?;
+    let log = LogFile::open(disk, purged.map(|p| p.index)).map_err(corrupt)?;
+    Ok(held(vote, purged, log.bounds()))
+}
+
+/// What a store holds, from its vote, purge point and log bounds.
+fn held(vote: Option<Vote>, purged: Option<LogId>, bounds: Option<(u64, u64)>) -> Holds {
+    Holds {
+        term: vote.map_or(0, |v| v.leader_id.term),
+        last_index: bounds.map_or(purged.map_or(0, |l| l.index), |(_, l)| l),
+    }
+}
+
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Disk,
-    /// The log file, shared with the writer thread.
+    disk: Arc<dyn Disk>,
+    /// The log file, shared with the writer.
     file: Arc<Mutex<LogFile>>,
-    meta: sled::Tree,
-    /// The writer thread (see [`spawn_fsync`]).
-    fsync: mpsc::Sender<Job>,
+    meta: Shared,
+    /// The writer (see [`super::flush`]).
+    fsync: mpsc::UnboundedSender<Job>,
     recent: Arc<Recent>,
 }
 
 impl LogStore {
     /// True if this store has never held a vote or an entry.
     pub fn is_fresh(&self) -> Result<bool, StoreError> {
-        let damaged = |e: sled::Error| StoreError::Corrupt {
+        let damaged = |why: io::Error| StoreError::Corrupt {
             path: "raft".into(),
-            why: e.to_string(),
+            why,
         };
-        let empty = locked(&self.file)
-            .map_err(|e| StoreError::Corrupt {
-                path: "raft".into(),
-                why: e.to_string(),
-            })?
-            .bounds()
-            .is_none();
-        Ok(empty
-            && !self.meta.contains_key(VOTE).map_err(damaged)?
-            && !self.meta.contains_key(LAST_PURGED).map_err(damaged)?)
+        let empty = locked(&self.file).map_err(damaged)?.bounds().is_none();
+        let meta = values::locked(&self.meta).map_err(damaged)?;
+        Ok(empty && !meta.contains(VOTE) && !meta.contains(LAST_PURGED))
     }
 
     /// What this data dir holds: its saved vote's term and its last log
     /// index, for the check of step 9 (blocking; call before Raft starts).
     pub fn holds(&self) -> Result<Holds, StoreError> {
-        let damaged = |e: io::Error| StoreError::Corrupt {
+        let damaged = |why: io::Error| StoreError::Corrupt {
             path: "raft".into(),
-            why: e.to_string(),
+            why,
         };
-        let vote: Option<Vote> = get(&self.meta, VOTE).map_err(damaged)?;
-        let last_purged: Option<LogId> = get(&self.meta, LAST_PURGED).map_err(damaged)?;
+        let (vote, last_purged): (Option<Vote>, Option<LogId>) = {
+            let meta = values::locked(&self.meta).map_err(damaged)?;
+            (
+                meta.get_json(VOTE).map_err(damaged)?,
+                meta.get_json(LAST_PURGED).map_err(damaged)?,
+            )
+        };
         let last = locked(&self.file).map_err(damaged)?.bounds();
-        Ok(Holds {
-            term: vote.map_or(0, |v| v.leader_id.term),
-            last_index: last.map_or(last_purged.map_or(0, |l| l.index), |(_, l)| l),
-        })
+        Ok(held(vote, last_purged, last))
     }
 
-    /// Flushes everything to disk (on shutdown), after what the fsync
-    /// thread was asked to write (the committed log id).
+    /// Syncs everything (on shutdown), after what the writer was asked to
+    /// write (the committed log id).
     pub async fn flush(&self) -> io::Result<()> {
         let (answer, flushed) = tokio::sync::oneshot::channel();
-        if self.fsync.send(Job::Flush(answer)).is_ok() {
-            if let Ok(result) = flushed.await {
-                return result;
-            }
-        }
-        let db = self.db.clone();
-        blocking(move || db.flush().map(|_| ()).map_err(io_err)).await
+        self.fsync
+            .send(Job::Flush(answer))
+            .map_err(|_| fsync_gone())?;
+        flushed.await.map_err(|_| fsync_gone())?
     }
 
-    /// Waits until the writer thread has written every append handed to
-    /// it: the log file may then be changed here.
+    /// Waits until the writer has written every append handed to it: the
+    /// log file may then be changed here.
     async fn written(&self) -> io::Result<()> {
         let (answer, done) = tokio::sync::oneshot::channel();
         self.fsync
@@ -212,7 +204,7 @@ impl LogStore {
     /// checked for holes when opened). Returns (first, last).
     pub async fn verify(&self) -> io::Result<Option<(u64, u64)>> {
         let file = self.file.clone();
-        blocking(move || {
+        disk::blocking(&self.disk, move || {
             let log = locked(&file)?;
             let bounds = log.bounds();
             if let Some((first, last)) = bounds {
@@ -221,6 +213,11 @@ impl LogStore {
             Ok(bounds)
         })
         .await
+    }
+
+    /// A value of `meta`.
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        values::locked(&self.meta)?.get_json(key)
     }
 }
 
@@ -239,8 +236,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(e) => Some(*e),
             Bound::Unbounded => None,
         };
-        // The newest entries (and any the writer thread has not written
-        // yet) from memory, the older ones from the file.
+        // The newest entries (and any the writer has not written yet) from
+        // memory, the older ones from the file.
         let (first_here, tail) = self.recent.from(start, end);
         let head_end = match (first_here, end) {
             (Some(first), _) if first <= start => return Ok(tail),
@@ -249,14 +246,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             (None, end) => end.unwrap_or(u64::MAX),
         };
         let file = self.file.clone();
-        let mut entries = blocking(move || locked(&file)?.read(start, head_end)).await?;
+        let mut entries =
+            disk::blocking(&self.disk, move || locked(&file)?.read(start, head_end)).await?;
         entries.extend(tail);
         Ok(entries)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        let meta = self.meta.clone();
-        blocking(move || get(&meta, VOTE)).await
+        self.meta(VOTE)
     }
 }
 
@@ -264,10 +261,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let (file, meta) = (self.file.clone(), self.meta.clone());
+        let file = self.file.clone();
         let last_here = self.recent.last();
-        blocking(move || {
-            let last_purged: Option<LogId> = get(&meta, LAST_PURGED)?;
+        let last_purged: Option<LogId> = self.meta(LAST_PURGED)?;
+        disk::blocking(&self.disk, move || {
             let last = match last_here {
                 Some(here) => Some(here),
                 None => {
@@ -291,11 +288,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        let (db, meta, bytes) = (self.db.clone(), self.meta.clone(), encode(vote)?);
-        blocking(move || {
-            meta.insert(VOTE, bytes).map_err(io_err)?;
-            db.flush().map_err(io_err)?;
-            Ok(())
+        let (meta, vote) = (self.meta.clone(), *vote);
+        disk::blocking(&self.disk, move || {
+            let mut meta = values::locked(&meta)?;
+            meta.put_json(VOTE, &vote)?;
+            meta.sync()
         })
         .await
     }
@@ -304,14 +301,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// and a store may lose it (a restart then learns the commit index from
     /// the leader).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let bytes = serde_json::to_vec(&committed).map_err(io::Error::other)?;
         self.fsync
-            .send(Job::Committed(encode(&committed)?))
+            .send(Job::Committed(bytes))
             .map_err(|_| fsync_gone())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        let meta = self.meta.clone();
-        blocking(move || Ok(get::<Option<LogId>>(&meta, COMMITTED)?.flatten())).await
+        Ok(self.meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
     async fn append<I>(
@@ -326,14 +323,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let records = Records::new(&entries)?;
         // Readable now (from memory); written and made durable (and counted
-        // by openraft) by the writer thread.
+        // by openraft) by the writer.
         let append = self.recent.appended(&entries);
         let job = Job::Write {
             records,
             append,
             callback,
         };
-        if let Err(mpsc::SendError(job)) = self.fsync.send(job) {
+        if let Err(mpsc::error::SendError(job)) = self.fsync.send(job) {
             if let Job::Write { callback, .. } = job {
                 callback.io_completed(Err(fsync_gone()));
             }
@@ -348,20 +345,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.recent.truncated(from);
         self.written().await?;
         let file = self.file.clone();
-        blocking(move || locked(&file)?.truncate(from)).await
+        disk::blocking(&self.disk, move || locked(&file)?.truncate(from)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.recent.purged(log_id.index);
         self.written().await?;
-        let (db, file, meta) = (self.db.clone(), self.file.clone(), self.meta.clone());
-        let bytes = encode(&log_id)?;
-        blocking(move || {
+        let (file, meta) = (self.file.clone(), self.meta.clone());
+        disk::blocking(&self.disk, move || {
             // The purge point first, and durable (with the applied state
             // and snapshot written before it) before the file loses a
             // byte: a crash leaves extra entries below it, never a hole.
-            meta.insert(LAST_PURGED, bytes).map_err(io_err)?;
-            locked(&file)?.purge(log_id.index, || db.flush())
+            values::locked(&meta)?.put_json(LAST_PURGED, &log_id)?;
+            locked(&file)?.purge(log_id.index, || {
+                let meta = values::locked(&meta)?;
+                meta.sync()
+            })
         })
         .await
     }
@@ -376,6 +375,43 @@ mod tests {
 
     use super::super::recent::RECENT;
     use super::*;
+
+    /// A real directory whose next sync takes `slow` milliseconds more.
+    struct SlowDisk {
+        real: FileDisk,
+        slow: std::sync::atomic::AtomicU64,
+    }
+
+    impl Disk for SlowDisk {
+        fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+            self.real.read(name)
+        }
+        fn read_at(&self, name: &str, at: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.real.read_at(name, at, buf)
+        }
+        fn write_at(&self, name: &str, at: u64, bytes: &[u8]) -> io::Result<()> {
+            self.real.write_at(name, at, bytes)
+        }
+        fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+            self.real.set_len(name, len)
+        }
+        fn sync(&self, name: &str) -> io::Result<()> {
+            std::thread::sleep(Duration::from_millis(self.slow.swap(0, Ordering::Relaxed)));
+            self.real.sync(name)
+        }
+        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+            self.real.rename(from, to)
+        }
+        fn sync_dir(&self) -> io::Result<()> {
+            self.real.sync_dir()
+        }
+        fn latency(&self) -> Option<Duration> {
+            None
+        }
+        fn spawn(&self, name: &str, task: disk::Task) -> io::Result<()> {
+            self.real.spawn(name, task)
+        }
+    }
 
     fn entry(index: u64) -> Entry {
         openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
@@ -402,8 +438,12 @@ mod tests {
         openraft::type_config::alias::OneshotReceiverOf<TypeConfig, Result<(), io::Error>>,
     ) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
-        log.db.slow.store(slow_ms, Ordering::Relaxed);
+        let disk = Arc::new(SlowDisk {
+            real: FileDisk::open(&dir.path().join("raft")).expect("disk"),
+            slow: Default::default(),
+        });
+        let (mut log, _sm, _memory) = open_on(disk.clone(), None).expect("open");
+        disk.slow.store(slow_ms, Ordering::Relaxed);
         let first = append(&mut log, 1).await;
         (dir, log, first)
     }
@@ -475,7 +515,7 @@ mod tests {
             .await
             .expect("save_committed");
         log.flush().await.expect("flush");
-        let saved: Option<Option<LogId>> = get(&log.meta, COMMITTED).expect("read");
+        let saved: Option<Option<LogId>> = log.meta(COMMITTED).expect("read");
         assert_eq!(saved, Some(Some(entry(1).log_id)));
         durable.await.expect("callback").expect("durable");
     }

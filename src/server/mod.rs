@@ -284,7 +284,7 @@ async fn open_store(cfg: &Config) -> Result<(Store, raft::store::StateMachine), 
     store.memory.adopt(cfg.id).await.map_err(|e| {
         RunError::Store(raft::store::StoreError::Corrupt {
             path: cfg.data_dir.join("raft").display().to_string(),
-            why: e.to_string(),
+            why: e,
         })
     })?;
     Ok((store, state_machine))

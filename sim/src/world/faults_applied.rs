@@ -31,11 +31,17 @@ impl World {
     }
 
     fn crash(&self, host: &Host) {
+        self.lose_power(host, false);
+    }
+
+    /// Power lost: with `torn`, the last write not yet synced of each
+    /// file is torn for sure (otherwise by chance).
+    fn lose_power(&self, host: &Host, torn: bool) {
         if let Some(p) = host.process() {
             p.stop();
         }
         host.power_off();
-        host.disk.crash();
+        host.disk.crash(torn);
     }
 
     fn set_faults(&self, host: &Host, f: impl FnOnce(&mut OsFaults)) {
@@ -81,6 +87,7 @@ impl World {
                         .cloned();
                     host.disk.restore(copy);
                     let has = host.disk.holds();
+                    host.acked.reset(has.last_index);
                     if has.term < had.term || has.last_index < had.last_index {
                         self.amnesic
                             .lock()
@@ -92,9 +99,24 @@ impl World {
                 host.power_on();
                 self.start(id, Start::Again).await;
             }
+            Kind::TornWrite { down_ms, kill_ms } => {
+                // Waits for a write not yet synced, then loses power.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                while !host.disk.unsynced() && tokio::time::Instant::now() < deadline {
+                    sleep(1).await;
+                }
+                self.lose_power(&host, true);
+                sleep(down_ms).await;
+                host.power_on();
+                self.start(id, Start::Again).await;
+                sleep(kill_ms).await;
+                self.kill_keyraft(&host);
+                self.start(id, Start::Again).await;
+            }
             Kind::Wipe { down_ms } => {
                 self.crash(&host);
                 host.disk.restore(None);
+                host.acked.reset(0);
                 sleep(down_ms).await;
                 host.power_on();
                 // keyraft refuses an empty data dir that its peers know
