@@ -38,8 +38,9 @@
 //!   ports and signs only what the Raft leader committed first; followers
 //!   forward requests to the leader; refusals are typed end to end.
 //! - [`raft`]: replication only: openraft's type configuration, the vote
-//!   and leadership gate ([`raft::gate`]), durable sled storage
-//!   ([`raft::store`]), what this node remembers of each member's history
+//!   and leadership gate ([`raft::gate`]), durable storage
+//!   ([`raft::store`]) in files of its own over a [`raft::disk::Disk`]
+//!   (the real directory, or the simulator's), what this node remembers of each member's history
 //!   ([`raft::memory`], step 9), the gRPC client ([`raft::network`]) and
 //!   service ([`raft::server`]).
 //! - [`ledger`]: what is replicated and its rules (key events, pause,

@@ -1,4 +1,4 @@
-//! The cluster layer over real processes, sockets, mTLS and sled dirs:
+//! The cluster layer over real processes, sockets, mTLS and data dirs:
 //! election, restart with persisted state, peer authentication, abuse of
 //! the ports, and the wiped-data-dir rule.
 

@@ -1,5 +1,5 @@
 //! Membership and memory (docs/design.md, steps 7 and 9), over real
-//! processes and real sled dirs, each judged by the fake chain: removing the
+//! processes and real data dirs, each judged by the fake chain: removing the
 //! active node, a removal refused while the voters left lack a live
 //! majority, operator commands on a node still checking its start, a node
 //! wiped after a whole-cluster crash, and the restarts that must never be

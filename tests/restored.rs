@@ -1,5 +1,5 @@
 //! Data dirs restored from older copies (docs/design.md, step 9), over
-//! real processes and real sled dirs, each judged by the fake chain: a
+//! real processes and real data dirs, each judged by the fake chain: a
 //! standby restored (validator and signer mode, behind in terms or only in
 //! entries), a leader restored from a copy of its own term, and a majority
 //! restored from one copy.

@@ -178,7 +178,7 @@ async fn reads_agree_with_the_disk_after_appends_truncate_and_purge() -> Result<
         log.flush().await?;
         want
     };
-    // The dropped store's writer thread lets go of sled's lock once it sees
+    // The dropped store's writer thread lets go of the store's lock once it sees
     // its channel closed.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let (mut reopened, _sm, _) = loop {
@@ -197,7 +197,7 @@ async fn reads_agree_with_the_disk_after_appends_truncate_and_purge() -> Result<
 }
 
 /// Opens the store in `dir`, retrying while a store dropped just before
-/// still holds sled's lock (its writer thread lets go once it sees that).
+/// still holds the store's lock (its writer thread lets go once it sees that).
 async fn reopen(dir: &Path) -> Result<LogStore> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -209,14 +209,16 @@ async fn reopen(dir: &Path) -> Result<LogStore> {
     }
 }
 
-/// A data dir an older keyraft wrote keeps its log in sled's tree `log`
-/// (and entries up to the purge point removed): after the upgrade the
-/// store reads the same log, appends after it, and a restart reads it
-/// again, from the log file.
+/// A data dir an older keyraft wrote keeps its store in sled (the log in
+/// the tree `log`, entries up to the purge point removed; the vote in
+/// `meta`; the member memory in `memory`): after the upgrade the store
+/// reads the same log, vote and memory, appends after the log, and a
+/// restart reads them again, from the store's own files.
 #[tokio::test]
-async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<()> {
+async fn an_older_keyraft_store_in_sled_is_the_store_after_the_upgrade() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("raft");
+    let vote = keyraft::raft::Vote::new_committed(4, 2);
     {
         let db = sled::Config::new()
             .path(&dir)
@@ -229,6 +231,15 @@ async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<(
             log.insert(i.to_be_bytes(), serde_json::to_vec(&entry(i))?)?;
         }
         meta.insert("last_purged", serde_json::to_vec(&Some(entry(5).log_id))?)?;
+        meta.insert("vote", serde_json::to_vec(&vote)?)?;
+        db.open_tree("memory")?.insert(
+            3u64.to_be_bytes(),
+            serde_json::to_vec(&keyraft::raft::memory::Remembered {
+                term: 3,
+                committed: 17,
+                ..Default::default()
+            })?,
+        )?;
         db.flush()?;
     }
     let mut log = reopen(&dir).await?;
@@ -236,6 +247,7 @@ async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<(
     ensure!(state.last_purged_log_id == Some(entry(5).log_id));
     ensure!(state.last_log_id == Some(entry(20).log_id));
     ensure!(log.holds()?.last_index == 20);
+    ensure!(log.read_vote().await? == Some(vote), "the vote moved");
     let want: Vec<(u64, u64)> = (6..=21).map(|i| (1, i)).collect();
     append_durably(&mut log, vec![entry(21)]).await?;
     ensure!(ids(&log.try_get_log_entries(6..=21).await?) == want);
@@ -243,7 +255,28 @@ async fn an_older_keyraft_log_in_sled_is_the_log_after_the_upgrade() -> Result<(
     let mut log = reopen(&dir).await?;
     let read = ids(&log.try_get_log_entries(1..=21).await?);
     ensure!(read == want, "after a restart: {read:?}");
-    ensure!(dir.join("log").exists(), "the log moved into its own file");
+    ensure!(log.holds()?.term == 4, "the vote's term after a restart");
+    drop(log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let memory = loop {
+        match store::open(&dir) {
+            Ok((_, _, memory)) => break memory.all(),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    ensure!(
+        memory.get(&3).map(|r| (r.term, r.committed)) == Some((3, 17)),
+        "the member memory moved: {memory:?}"
+    );
+    ensure!(
+        dir.join("log").exists() && dir.join("meta").exists() && dir.join("db.moved").exists(),
+        "the store moved into its own files, sled's set aside"
+    );
+    ensure!(
+        !dir.join("db").exists(),
+        "sled's data file is not read again"
+    );
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! openraft's own storage suite against keyraft's Raft store: the log,
 //! the vote and the state machine behave as openraft relies on (reads after
 //! appends, truncation and purge included, with the newest entries served
-//! from memory), on a real sled store in a temp dir.
+//! from memory), on a real store in a temp dir.
 
 use keyraft::raft::store::{self, LogStore, StateMachine};
 use keyraft::raft::TypeConfig;

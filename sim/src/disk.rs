@@ -139,6 +139,11 @@ impl Disk {
         d.incarnation
     }
 
+    /// Whether process `inc` is the one this disk serves.
+    pub fn is_current(&self, inc: u64) -> bool {
+        self.lock().incarnation == inc
+    }
+
     /// Whether a file has writes not yet synced.
     pub fn unsynced(&self) -> bool {
         self.lock().files.values().any(|f| {

@@ -64,6 +64,8 @@ pub struct Process {
     pub started: Instant,
     /// What its data dir held at start (its status never says less).
     start_holds: Holds,
+    /// Whether its data dir was empty at start.
+    start_fresh: bool,
     /// What keyraft's coordinator runs on: this process's Raft, gate,
     /// replicated state, and the status records gossip carries.
     pub core: Arc<Core<StateMachine>>,
@@ -113,12 +115,23 @@ impl Process {
     ) -> Result<(Arc<Process>, OpsRx), StartError> {
         let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
         let timing = world.timing;
+        // A store that cannot open (or a Raft that cannot start on it) is
+        // a key that never signs here again: a violation, unless the
+        // process was stopped meanwhile.
+        let unopenable = |e: String| {
+            if !host.disk.is_current(inc) {
+                return StartError::Stopped;
+            }
+            world.oracle().unopenable(id, &e, world.at_ms());
+            StartError::Refused(e)
+        };
         let (log, sm, memory) =
             keyraft::raft::store::open_on(host.disk.process(inc), Some(world.committed_hook()))
-                .map_err(|e| StartError::Refused(e.to_string()))?;
-        let start_holds = log
-            .holds()
-            .map_err(|e| StartError::Refused(e.to_string()))?;
+                .map_err(|e| unopenable(e.to_string()))?;
+        let start_holds = log.holds().map_err(|e| unopenable(e.to_string()))?;
+        // Whether the data dir is empty, as `server::run` asks the store
+        // (an empty disk restarted without `--rejoin` is one too).
+        let start_fresh = log.is_fresh().map_err(|e| unopenable(e.to_string()))?;
         let acked = host.acked.last();
         if start_holds.last_index < acked {
             world
@@ -149,7 +162,7 @@ impl Process {
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
-            .map_err(|e| StartError::Refused(e.to_string()))?;
+            .map_err(|e| unopenable(e.to_string()))?;
         let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(8);
         let service = RaftService::new(
             raft.clone(),
@@ -190,6 +203,7 @@ impl Process {
             net: world.net.clone(),
             started: Instant::now(),
             start_holds,
+            start_fresh,
             core: core.clone(),
             signer: world
                 .signer_mode
@@ -305,7 +319,7 @@ impl Process {
         };
         let mut cfg = world.config(self.id);
         cfg.rejoin = how == Start::Wiped { rejoin: true };
-        let fresh = matches!(how, Start::Wiped { .. });
+        let fresh = self.start_fresh;
         let decided = keyraft::join::bootstrap(&cfg, &ask, fresh, holds);
         // A kill or a power loss ends the start (polled, as the process
         // has no other way to learn it here).

@@ -62,6 +62,14 @@ impl Oracle {
         ));
     }
 
+    /// The store on `host`'s disk cannot be opened: its key never signs
+    /// there again.
+    pub fn unopenable(&mut self, host: NodeId, why: &str, at_ms: u64) {
+        self.violations.push(format!(
+            "{at_ms} ms: node {host}'s Raft store cannot be opened: {why}"
+        ));
+    }
+
     pub fn overlap(&mut self, host: NodeId, other: NodeId, at_ms: u64) {
         self.violations.push(format!(
             "overlapping keys at {at_ms} ms: node {host}'s key became usable while node {other}'s was"

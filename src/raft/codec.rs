@@ -45,7 +45,8 @@ pub(super) fn take<const H: usize>(bytes: &[u8]) -> Option<([u8; H], &[u8], usiz
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
     };
     let len = word(0)? as usize;
-    if len > MAX_BODY {
+    // An empty record's CRC-32 is 0: zeros a crash left would check.
+    if len > MAX_BODY || H + len == 0 {
         return None;
     }
     let head: [u8; H] = bytes.get(PREFIX..PREFIX + H)?.try_into().ok()?;

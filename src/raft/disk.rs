@@ -83,6 +83,18 @@ pub(super) async fn settle(disk: &dyn Disk) -> bool {
     }
 }
 
+/// The whole of `name`; an empty file, created and made durable, if there
+/// is none.
+pub(super) fn read_or_create(disk: &dyn Disk, name: &str) -> io::Result<Vec<u8>> {
+    if let Some(bytes) = disk.read(name)? {
+        return Ok(bytes);
+    }
+    disk.set_len(name, 0)?;
+    disk.sync(name)?;
+    disk.sync_dir()?;
+    Ok(Vec::new())
+}
+
 /// Writes `bytes` as the whole new content of `name`: into `name.new`,
 /// synced, renamed over `name`, the directory synced. A crash leaves the
 /// old file or the new one.

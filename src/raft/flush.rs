@@ -169,8 +169,11 @@ impl Writer {
         all: bool,
         broken: &mut Option<String>,
     ) -> Result<(), String> {
+        if let Some(why) = broken {
+            return Err(why.clone());
+        }
         // The file as it is now: a purge that rewrote it since made what
-        // was written to the old one durable in the new one.
+        // was written to the old one durable in both.
         let synced = disk.sync(LOG).map_err(|e| e.to_string());
         if let Err(why) = &synced {
             // After a failed fsync the kernel may have dropped the pages it
@@ -183,7 +186,7 @@ impl Writer {
         }
         for v in std::iter::once(&self.meta).chain(&self.others) {
             values::locked(v)
-                .and_then(|v| v.sync())
+                .and_then(|mut v| v.sync())
                 .map_err(|e| e.to_string())?;
         }
         Ok(())

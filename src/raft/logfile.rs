@@ -80,15 +80,7 @@ impl LogFile {
     /// what `purged` covers. A last append cut short by a crash (never
     /// acknowledged: its sync did not finish) is dropped, with a warning.
     pub(super) fn open(disk: Arc<dyn Disk>, purged: Option<u64>) -> io::Result<Self> {
-        let bytes = match disk.read(LOG)? {
-            Some(bytes) => bytes,
-            None => {
-                disk.set_len(LOG, 0)?;
-                disk.sync(LOG)?;
-                disk.sync_dir()?;
-                Vec::new()
-            }
-        };
+        let bytes = disk::read_or_create(disk.as_ref(), LOG)?;
         let mut log = LogFile {
             disk,
             first: 0,
@@ -97,6 +89,12 @@ impl LogFile {
         };
         let mut at = 0usize;
         while let Some((index, _, len)) = bytes.get(at..).and_then(record) {
+            let all_purged = purged.is_some_and(|p| log.next() <= p + 1 && index <= p + 1);
+            if !log.offsets.is_empty() && index != log.next() && all_purged {
+                // Purged entries followed by later ones (a purge past the
+                // log's end that a crash kept from emptying the file).
+                log.offsets.clear();
+            }
             if !log.offsets.is_empty() && index != log.next() {
                 return Err(bad(format!(
                     "entry {index} follows entry {} in the log",
@@ -241,11 +239,24 @@ impl LogFile {
         durable: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         self.forget_to(to);
+        if self.offsets.is_empty() && self.end > 0 {
+            // Every entry held is purged (a snapshot past the log's end):
+            // the file is emptied, or the next append would follow
+            // entries it skips, and the next open would refuse the log.
+            durable()?;
+            self.disk.set_len(LOG, 0)?;
+            self.disk.sync(LOG)?;
+            self.end = 0;
+            return Ok(());
+        }
         let dead = self.offsets.front().copied().unwrap_or(self.end);
         if dead < COMPACT_AT || dead < self.end - dead {
             return Ok(());
         }
         durable()?;
+        // What the writer wrote to the old file is made durable there
+        // first: a crash before the rename is durable brings it back.
+        self.disk.sync(LOG)?;
         let mut kept = vec![0; (self.end - dead) as usize];
         self.disk.read_at(LOG, dead, &mut kept)?;
         disk::replace(self.disk.as_ref(), LOG, &kept)?;

@@ -307,8 +307,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|_| fsync_gone())
     }
 
+    /// The committed log id is written before the sync of the log in the
+    /// same batch, and any sync of `meta` makes it durable: a crash may
+    /// leave it past the log's end. It is then lost, as openraft allows.
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.meta::<Option<LogId>>(COMMITTED)?.flatten())
+        let committed = self.meta::<Option<LogId>>(COMMITTED)?.flatten();
+        let last = self.get_log_state().await?.last_log_id;
+        Ok(committed.filter(|c| last.is_some_and(|l| l.index >= c.index)))
     }
 
     async fn append<I>(
@@ -357,10 +362,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // and snapshot written before it) before the file loses a
             // byte: a crash leaves extra entries below it, never a hole.
             values::locked(&meta)?.put_json(LAST_PURGED, &log_id)?;
-            locked(&file)?.purge(log_id.index, || {
-                let meta = values::locked(&meta)?;
-                meta.sync()
-            })
+            locked(&file)?.purge(log_id.index, || values::locked(&meta)?.sync())
         })
         .await
     }

@@ -42,6 +42,8 @@ pub struct Values {
     end: u64,
     /// Bytes of the current records.
     live: u64,
+    /// Why the file may no longer be written (a write or sync failed).
+    broken: Option<String>,
 }
 
 /// A values file shared by the store's parts.
@@ -53,6 +55,11 @@ pub fn locked(values: &Shared) -> io::Result<MutexGuard<'_, Values>> {
     values
         .lock()
         .map_err(|_| io::Error::other("a Raft store file is unusable after a panic"))
+}
+
+/// The length of the record of `key` and `value`.
+fn size(key: &[u8], value: &[u8]) -> u64 {
+    (codec::PREFIX + 2 + key.len() + value.len()) as u64
 }
 
 fn record(kind: u8, key: &[u8], value: &[u8]) -> io::Result<Vec<u8>> {
@@ -78,15 +85,7 @@ pub(super) fn image(pairs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<Vec<u8>> {
 impl Values {
     /// Opens `name` on `disk` (an empty one if there is no such file).
     pub fn open(disk: Arc<dyn Disk>, name: &'static str) -> io::Result<Values> {
-        let bytes = match disk.read(name)? {
-            Some(bytes) => bytes,
-            None => {
-                disk.set_len(name, 0)?;
-                disk.sync(name)?;
-                disk.sync_dir()?;
-                Vec::new()
-            }
-        };
+        let bytes = disk::read_or_create(disk.as_ref(), name)?;
         let mut values = BTreeMap::new();
         let mut at = 0usize;
         while let Some(([], body, len)) = bytes.get(at..).and_then(codec::take::<0>) {
@@ -118,6 +117,7 @@ impl Values {
             values,
             end: at as u64,
             live: 0,
+            broken: None,
         };
         v.live = v.current()?.len() as u64;
         Ok(v)
@@ -154,7 +154,10 @@ impl Values {
     /// Sets `key` to `value` (not durable until [`Values::sync`]).
     pub fn put(&mut self, key: &[u8], value: Vec<u8>) -> io::Result<()> {
         self.write(record(PUT, key, &value)?)?;
-        self.values.insert(key.to_vec(), value);
+        self.live += size(key, &value);
+        if let Some(old) = self.values.insert(key.to_vec(), value) {
+            self.live -= size(key, &old);
+        }
         self.compact_if_large()
     }
 
@@ -169,17 +172,39 @@ impl Values {
             return Ok(());
         }
         self.write(record(REMOVE, key, &[])?)?;
-        self.values.remove(key);
+        if let Some(old) = self.values.remove(key) {
+            self.live -= size(key, &old);
+        }
         self.compact_if_large()
     }
 
     /// Makes every change so far survive a crash.
-    pub fn sync(&self) -> io::Result<()> {
-        self.disk.sync(self.name)
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.usable()?;
+        let synced = self.disk.sync(self.name);
+        self.fail_on(synced)
+    }
+
+    /// An error of an earlier write or sync: after it, where the file ends
+    /// and what survived are unknown, so nothing more is written.
+    fn usable(&self) -> io::Result<()> {
+        match &self.broken {
+            Some(why) => Err(io::Error::other(format!("{}: {why}", self.name))),
+            None => Ok(()),
+        }
+    }
+
+    fn fail_on<T>(&mut self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            self.broken.get_or_insert_with(|| e.to_string());
+        }
+        r
     }
 
     fn write(&mut self, record: Vec<u8>) -> io::Result<()> {
-        self.disk.write_at(self.name, self.end, &record)?;
+        self.usable()?;
+        let written = self.disk.write_at(self.name, self.end, &record);
+        self.fail_on(written)?;
         self.end += record.len() as u64;
         Ok(())
     }
@@ -202,7 +227,8 @@ impl Values {
             return Ok(());
         }
         let bytes = self.current()?;
-        disk::replace(self.disk.as_ref(), self.name, &bytes)?;
+        let replaced = disk::replace(self.disk.as_ref(), self.name, &bytes);
+        self.fail_on(replaced)?;
         self.end = bytes.len() as u64;
         self.live = self.end;
         Ok(())

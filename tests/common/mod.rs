@@ -115,8 +115,9 @@ pub async fn stop(c: &mut Cluster, id: u64) -> Result<()> {
 }
 
 /// What a Raft store holds: its vote's term and last index, its log's
-/// bounds, and its memory of the members. Read from a copy (sled rewrites
-/// its own files when it opens a store; what they hold is what counts).
+/// bounds, and its memory of the members. Read from a copy (opening a
+/// store takes its lock and drops a torn tail; what the files hold is what
+/// counts).
 pub async fn contents(dir: &Path) -> Result<String> {
     let copy = tempfile::tempdir()?;
     let at = copy.path().join("raft");
