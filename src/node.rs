@@ -31,6 +31,23 @@ use crate::raft::store::StateMachine;
 use crate::raft::{self, Gate};
 use crate::tls::{CertInfo, ServerTls};
 
+/// Whether the kernel fence is on for this host's validator: shown as
+/// `on`, or `off: why`, in `keyraft status --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelFenceState {
+    On,
+    Off(String),
+}
+
+impl fmt::Display for KernelFenceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelFenceState::On => f.write_str("on"),
+            KernelFenceState::Off(why) => write!(f, "off: {why}"),
+        }
+    }
+}
+
 /// The coordinator's state names, as shown in status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateName {
@@ -116,8 +133,8 @@ pub struct Shared {
     pub privval: PrivvalLinks,
     /// What the validator probe last failed with (`None` while it answers).
     pub probe_error: watch::Receiver<Option<String>>,
-    /// The kernel fence on this host: `on`, or `off: why`.
-    pub kernel_fence: String,
+    /// The kernel fence on this host.
+    pub kernel_fence: KernelFenceState,
     /// The peer port's TLS acceptor (`None` with `--insecure`).
     pub tls: Option<Arc<ServerTls>>,
     /// The certificates in use: node and CA (`None` with `--insecure`).

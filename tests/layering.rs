@@ -1,6 +1,7 @@
 //! The module layering stays a tree: no module of `src/` (nor of
 //! `localnet/src/`) imports one that imports it back, directly or through
-//! others; the ledger, durable writes and localnet's wire types sit at the bottom and
+//! others, and no file of a module of `src/` a sibling that imports it
+//! back; the ledger, durable writes and localnet's wire types sit at the bottom and
 //! import nothing of their crate; no source file grows past 700 lines, and
 //! no function of `src/` past 120 (a longer one hides a decision). Reads the sources as text
 //! (every `crate::name` path, in `use` lines and inline), so a circle fails
@@ -49,6 +50,12 @@ fn modules(src: &Path) -> anyhow::Result<BTreeMap<String, Vec<PathBuf>>> {
 /// comments (a doc link is not an import), including the members of a
 /// grouped `use crate::{a, b::c}`.
 fn references(text: &str) -> BTreeSet<String> {
+    names_after(text, "crate::")
+}
+
+/// Every name that follows `prefix` in `text`, outside comments,
+/// including the members of a grouped `prefix{a, b::c}`.
+fn names_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let code: String = text
         .lines()
         .map(|l| l.split_once("//").map_or(l, |(code, _)| code))
@@ -61,8 +68,8 @@ fn references(text: &str) -> BTreeSet<String> {
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect()
     };
-    for (i, _) in text.match_indices("crate::") {
-        let rest = &text[i + "crate::".len()..];
+    for (i, _) in text.match_indices(prefix) {
+        let rest = &text[i + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             let end = group.find('}').unwrap_or(group.len());
             for item in group[..end].split(',') {
@@ -156,6 +163,64 @@ fn no_module_imports_one_that_imports_it_back() -> anyhow::Result<()> {
         "the test found no edge coordinator -> node: {graph:?}"
     );
     assert_tree(&graph)
+}
+
+/// The files of each directory module of `src` (its `mod.rs` aside: the
+/// module's face, as `lib.rs` is the crate's), each with the siblings it
+/// names (`super::x`, `crate::<module>::x`).
+fn inner_graphs(
+    src: &Path,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, BTreeSet<String>>>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(src)? {
+        let dir = entry?.path();
+        let module = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !dir.is_dir() || module == "bin" {
+            continue;
+        }
+        let mut files = BTreeMap::new();
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            let name = p
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if p.extension().is_some_and(|x| x == "rs") && name != "mod" {
+                files.insert(name, std::fs::read_to_string(&p)?);
+            }
+        }
+        let mut graph = BTreeMap::new();
+        for (name, text) in &files {
+            let mut deps = names_after(text, "super::");
+            deps.extend(names_after(text, &format!("crate::{module}::")));
+            deps.remove(name);
+            deps.retain(|d| files.contains_key(d));
+            graph.insert(name.clone(), deps);
+        }
+        out.insert(module, graph);
+    }
+    Ok(out)
+}
+
+#[test]
+fn no_file_imports_a_sibling_that_imports_it_back() -> anyhow::Result<()> {
+    let graphs = inner_graphs(&root().join("src"))?;
+    anyhow::ensure!(
+        graphs["raft"]
+            .get("store")
+            .is_some_and(|d| d.contains("logfile")),
+        "the test found no edge raft/store -> raft/logfile: {:?}",
+        graphs["raft"]
+    );
+    for (module, graph) in &graphs {
+        assert_tree(graph).with_context(|| format!("inside src/{module}/"))?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -316,6 +381,11 @@ fn the_checker_sees_a_circle_when_there_is_one() {
         Some(vec!["a".to_string(), "b".to_string(), "a".to_string()])
     );
     assert!(!g["b"].contains("c"), "a doc link counted as an import");
+    let siblings = names_after(
+        "use super::{flush::Job, values};\nfn f() { crate::raft::store::open() }",
+        "super::",
+    );
+    assert_eq!(siblings, ["flush", "values"].map(String::from).into());
     g.insert("b".into(), BTreeSet::new());
     assert_eq!(find_cycle(&g), None);
 }

@@ -250,6 +250,17 @@ impl Process {
             }
         }
         p.gate.join();
+        // keyraft's own watch of its Raft core: a core that stops ends the
+        // process with exit code 8, as `server::run` does.
+        let (died_tx, mut died) = watch::channel(None);
+        p.spawn(keyraft::raft::core_stopped(p.raft.clone(), died_tx));
+        let w = world.clone();
+        types::spawn(async move {
+            if died.changed().await.is_ok() {
+                let why = died.borrow().clone().unwrap_or_default();
+                w.core_stopped(id, inc, why);
+            }
+        });
         // keyraft's own flusher of the member memory; a kill ends it
         // without its last flush, as SIGKILL does.
         let (keep, stop) = keyraft::shutdown::channel();

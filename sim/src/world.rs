@@ -333,7 +333,7 @@ impl World {
     }
 
     /// Starts a keyraft process on `id` and its coordinator.
-    async fn start(self: &Arc<Self>, id: NodeId, how: Start) {
+    pub(crate) async fn start(self: &Arc<Self>, id: NodeId, how: Start) {
         let Some(host) = self.hosts.get(id) else {
             return;
         };

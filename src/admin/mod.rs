@@ -138,7 +138,7 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
         "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
         "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
         "probe_error": *sh.probe_error.borrow(),
-        "kernel_fence": sh.kernel_fence,
+        "kernel_fence": sh.kernel_fence.to_string(),
         "fence_agents": (!sh.cfg.fence.by_node.is_empty()).then(|| {
             let last = sh.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
             sh.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({

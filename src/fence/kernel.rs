@@ -439,14 +439,6 @@ impl Status {
             Status::Off(_) => None,
         }
     }
-
-    /// `on`, or `off: why`.
-    pub fn describe(&self) -> String {
-        match self {
-            Status::On(_) => "on".into(),
-            Status::Off(why) => format!("off: {why}"),
-        }
-    }
 }
 
 /// Sets the kernel fence up for `tree` as `mode` asks: `auto` turns it off

@@ -319,6 +319,31 @@ mod tests {
         );
     }
 
+    /// A snapshot ahead of a lagging log purges past its end: the entries
+    /// after it must not follow the skipped ones in the file, and a file a
+    /// crash kept from being emptied still opens.
+    #[test]
+    fn a_purge_past_the_end_empties_the_log_and_the_next_entries_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = disk(&dir);
+        let mut log = LogFile::open(disk.clone(), None).expect("open");
+        log.append(&Records::new(&entries(1, 4, 1)).expect("records"))
+            .expect("append");
+        let stale = disk.read(LOG).expect("read").expect("a file");
+        log.purge(9, || Ok(())).expect("purge");
+        log.append(&Records::new(&entries(10, 12, 2)).expect("records"))
+            .expect("append");
+        drop(log);
+        let log = LogFile::open(disk.clone(), Some(9)).expect("reopen");
+        assert_eq!(log.bounds(), Some((10, 12)));
+        // The purge point durable, the file not yet emptied, then appends.
+        let mut kept = stale;
+        kept.extend(Records::new(&entries(10, 11, 2)).expect("records").bytes);
+        disk::replace(disk.as_ref(), LOG, &kept).expect("replace");
+        let log = LogFile::open(disk, Some(9)).expect("reopen after a crash");
+        assert_eq!(ids(log.read(1, 100).expect("read")), vec![(10, 2), (11, 2)]);
+    }
+
     #[test]
     fn truncation_and_purges_survive_a_reopen_and_large_purges_shrink_the_file() {
         let dir = tempfile::tempdir().expect("dir");

@@ -522,6 +522,33 @@ mod tests {
         durable.await.expect("callback").expect("durable");
     }
 
+    /// A committed log id made durable ahead of the log (with a sync of
+    /// `meta` before the log's) is forgotten, not handed to openraft, which
+    /// could not start on it.
+    #[tokio::test]
+    async fn a_committed_log_id_past_the_log_is_forgotten() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut log, _sm, _memory) = open(&dir.path().join("raft")).expect("open");
+        append(&mut log, 1)
+            .await
+            .await
+            .expect("callback")
+            .expect("durable");
+        log.save_committed(Some(entry(1).log_id))
+            .await
+            .expect("save");
+        log.flush().await.expect("flush");
+        assert_eq!(
+            log.read_committed().await.expect("read"),
+            Some(entry(1).log_id)
+        );
+        log.save_committed(Some(entry(5).log_id))
+            .await
+            .expect("save");
+        log.flush().await.expect("flush");
+        assert_eq!(log.read_committed().await.expect("read"), None);
+    }
+
     /// What a read returns after appends, a truncation and a purge is what
     /// the log holds, whether the newest entries come from memory or from
     /// the log file (a restart empties memory).

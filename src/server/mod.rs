@@ -28,7 +28,9 @@ use crate::gossip;
 use crate::health::{self, Prober};
 use crate::join::{self, Bootstrap};
 use crate::metrics::Metrics;
-use crate::node::{ClusterView, CoordinatorRequest, Core, Local, PrivvalLinks, Shared};
+use crate::node::{
+    ClusterView, CoordinatorRequest, Core, KernelFenceState, Local, PrivvalLinks, Shared,
+};
 use crate::pb;
 use crate::raft::network::Peers;
 use crate::raft::{self, Gate, Raft};
@@ -396,7 +398,10 @@ async fn assemble(
         requests: req_tx,
         privval: PrivvalLinks::default(),
         probe_error: probe_rx,
-        kernel_fence: fenced.kernel.describe(),
+        kernel_fence: match &fenced.kernel {
+            fence::kernel::Status::On(_) => KernelFenceState::On,
+            fence::kernel::Status::Off(why) => KernelFenceState::Off(why.to_string()),
+        },
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });

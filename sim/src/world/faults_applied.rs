@@ -18,6 +18,25 @@ use crate::node::Start;
 use crate::types::{self, NodeId};
 
 impl World {
+    /// keyraft's Raft core stopped on `id` (`raft::core_stopped`): the
+    /// process exits 8 (its guard fences the validator) and the process
+    /// manager starts it again a second later.
+    pub fn core_stopped(self: &Arc<Self>, id: NodeId, inc: u64, why: String) {
+        let Some(host) = self.hosts.get(id) else {
+            return;
+        };
+        if !host.is_process(inc) {
+            return;
+        }
+        self.note(format!("node {id}: the Raft core stopped ({why}): exit 8"));
+        self.kill_keyraft(&host);
+        let w = self.clone();
+        types::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            w.start(id, Start::Again).await;
+        });
+    }
+
     fn kill_keyraft(&self, host: &Host) {
         if let Some(p) = host.process() {
             p.stop();
