@@ -26,7 +26,7 @@ use crate::ledger::NodeId;
 use crate::node::{Core, Shared};
 use crate::pb;
 use crate::raft::memory::{self, Holds, Remembered};
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::TypeConfig;
 
 /// How a starting node asks a peer what it saw of it.

@@ -41,8 +41,9 @@
 //!   and leadership gate ([`raft::gate`]), durable storage
 //!   ([`raft::store`]) in files of its own over a [`raft::disk::Disk`]
 //!   (the real directory, or the simulator's), what this node remembers of each member's history
-//!   ([`raft::memory`], step 9), the gRPC client ([`raft::network`]) and
-//!   service ([`raft::server`]).
+//!   ([`raft::memory`], step 9), openraft's network over a transport
+//!   ([`raft::network`]), the gRPC client ([`raft::peers`], the real
+//!   transport) and service ([`raft::server`]).
 //! - [`ledger`]: what is replicated and its rules (key events, pause,
 //!   registrations, the signing watermark), at the bottom of the graph.
 //! - [`durable`]: how a file keyraft trusts later is written (temp file,

@@ -26,7 +26,7 @@ use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::raft::memory::{Holds, Memory};
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::{self, Gate};
 use crate::tls::{CertInfo, ServerTls};

@@ -15,7 +15,7 @@ use crate::config::{Config, FenceAgent, KernelFence, NodeId, TimingProfile};
 use crate::health::Prober;
 use crate::node::wall_ms;
 use crate::pb;
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::tls::TlsMaterial;
 
 /// How a check came out.

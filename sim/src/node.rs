@@ -4,8 +4,9 @@
 //! (`raft::heartbeat_while_leading`), the real ledger, and step 9's real
 //! rule (`raft::memory::behind`) at start and on every vote answer. Its
 //! Raft service is keyraft's own (`raft::server::RaftService`), and its
-//! client runs keyraft's rules of what an answer shows of a peer
-//! (`raft::network`), over [`crate::net`] instead of gRPC.
+//! client is keyraft's own too (`raft::network::PeerConnection`, with its
+//! rules of what an answer shows of a peer), over [`crate::net`] instead of
+//! gRPC: the simulator supplies only the transport ([`SimTransport`]).
 //!
 //! Its `keyraft::node::Core` is the one keyraft's coordinator runs on
 //! ([`crate::coordinator`]), with keyraft's own status records (`Local`,
@@ -26,19 +27,18 @@ use keyraft::join::Bootstrap;
 use keyraft::ledger::ClusterState;
 use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
 use keyraft::pb;
-use keyraft::raft::memory::{Holds, Memory, Records, Remembered};
-use keyraft::raft::network::{self as rules, Shown};
+use keyraft::raft::memory::{Holds, Memory, Remembered};
+use keyraft::raft::network::{Network, Stamp, Transport};
 use keyraft::raft::server::{Answer, RaftService, Refusal};
 use keyraft::raft::store::StateMachine;
 use keyraft::raft::Gate;
-use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::errors::{NetworkError, RPCError, Unreachable};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
-use openraft::{BasicNode, OptionalSend};
+use openraft::BasicNode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -154,9 +154,11 @@ impl Process {
             timing.start(),
         ));
         let network = Network {
-            net: world.net.clone(),
-            from: id,
-            inc,
+            transport: Arc::new(SimTransport {
+                net: world.net.clone(),
+                from: id,
+                inc,
+            }),
             memory: memory.clone(),
             gate: gate.clone(),
         };
@@ -419,12 +421,11 @@ impl Process {
         &self,
         peer: NodeId,
         rpc: AppendEntriesRequest<Types>,
-        leader_durable: u64,
-        promise_ms: u32,
+        stamp: Stamp,
     ) -> Result<AppendEntriesResponse<Types>, Failed> {
         answered(
             self.service
-                .append_entries(peer, rpc, leader_durable, promise_ms)
+                .append_entries(peer, rpc, stamp.leader_durable, stamp.promise_ms)
                 .await,
         )
     }
@@ -462,7 +463,7 @@ impl Process {
 }
 
 /// What the simulated peer's Raft service returned, as keyraft's gRPC
-/// client maps it (`network::PeerConnection::rpc`): a passing refusal
+/// client maps it (`raft::peers`): a passing refusal
 /// (status unavailable) and openraft's own error are unreachable, any
 /// other refusal a network error.
 pub enum Failed {
@@ -509,58 +510,27 @@ impl keyraft::join::Ask for Ask {
 
 pub use keyraft::node::{leads_within as leads, quorum_ack_age};
 
-/// openraft's network factory for one process.
-pub struct Network {
+/// keyraft's [`Transport`] for one process: each Raft message runs the
+/// receiving process's Raft service over [`crate::net`], its failures as
+/// keyraft's gRPC client maps them ([`Failed`]).
+pub struct SimTransport {
     net: Net,
     from: NodeId,
     inc: u64,
-    memory: Arc<Memory>,
-    gate: Arc<Gate>,
-}
-
-impl RaftNetworkFactory<Types> for Network {
-    type Network = Conn;
-
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Conn {
-        Conn {
-            net: self.net.clone(),
-            from: self.from,
-            inc: self.inc,
-            to: target,
-            memory: self.memory.clone(),
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-pub struct Conn {
-    net: Net,
-    from: NodeId,
-    inc: u64,
-    to: NodeId,
-    memory: Arc<Memory>,
-    gate: Arc<Gate>,
 }
 
 fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
     RPCError::Unreachable(Unreachable::from_string(why.to_string()))
 }
 
-impl Conn {
-    fn remembered(&self) -> Result<Remembered, RPCError<Types>> {
-        rules::not_refused(&*self.memory, self.to).map_err(unreachable)
-    }
-
+impl SimTransport {
     async fn call<R: Send + 'static>(
         &self,
+        to: NodeId,
         ttl: Duration,
         f: impl Fn(Arc<Process>) -> Boxed<Result<R, Failed>> + Send + Sync + 'static,
     ) -> Result<R, RPCError<Types>> {
-        match self
-            .net
-            .exchange(self.from, self.inc, self.to, ttl, f)
-            .await
-        {
+        match self.net.exchange(self.from, self.inc, to, ttl, f).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(Failed::Unreachable(why))) => Err(unreachable(why)),
             Ok(Err(Failed::Network(why))) => Err(RPCError::Network(NetworkError::from_string(why))),
@@ -569,114 +539,76 @@ impl Conn {
             }
         }
     }
-
-    async fn caught(&self, before: &Remembered, gap: String) -> RPCError<Types> {
-        unreachable(rules::caught(&*self.memory, self.from, self.to, before, gap).await)
-    }
-
-    async fn saw(&self, term: u64, committed: Option<u64>) {
-        // A failed write is the network client's to log, as keyraft's is.
-        let _ = self.memory.saw(self.to, term, committed).await;
-    }
 }
 
-impl RaftNetworkV2<Types> for Conn {
-    type SnapshotData = Vec<u8>;
+impl Transport for SimTransport {
+    fn self_id(&self) -> NodeId {
+        self.from
+    }
 
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<Types>,
-        option: RPCOption,
+    /// The simulated network finds a peer by its id.
+    fn learn(&self, _target: NodeId, _node: &BasicNode) {}
+
+    async fn append(
+        &self,
+        to: NodeId,
+        rpc: &AppendEntriesRequest<Types>,
+        stamp: Stamp,
+        ttl: Duration,
     ) -> Result<AppendEntriesResponse<Types>, RPCError<Types>> {
-        let ttl = rules::append_ttl(!rpc.entries.is_empty(), option.hard_ttl());
-        let before = self.remembered()?;
-        let from = self.from;
-        let req = rpc.clone();
-        let durable = self.gate.own_durable();
-        let promise = rules::promise_ms(&self.gate);
-        let resp = self
-            .call(ttl, move |p| {
-                let req = req.clone();
-                Box::pin(async move { p.serve_append(from, req, durable, promise).await })
-            })
-            .await?;
-        match rules::after_append(&rpc, &resp, &before) {
-            Shown::Held { term, committed } => self.saw(term, Some(committed)).await,
-            Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
-            Shown::Nothing => {}
-        }
-        Ok(resp)
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<Types>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
-        let before = self.remembered()?;
-        let from = self.from;
-        let resp = self
-            .call(option.hard_ttl(), move |p| {
-                let req = rpc.clone();
-                Box::pin(async move { p.serve_vote(from, req, false).await })
-            })
-            .await?;
-        match rules::after_vote(&resp, &before) {
-            Ok(term) => self.saw(term, None).await,
-            Err(gap) => return Err(self.caught(&before, gap).await),
-        }
-        Ok(resp)
-    }
-
-    async fn pre_vote(
-        &mut self,
-        rpc: VoteRequest<Types>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
-        self.remembered()?;
-        let from = self.from;
-        self.call(option.hard_ttl(), move |p| {
-            let req = rpc.clone();
-            Box::pin(async move { p.serve_vote(from, req, true).await })
+        let (from, req) = (self.from, rpc.clone());
+        self.call(to, ttl, move |p| {
+            let req = req.clone();
+            Box::pin(async move { p.serve_append(from, req, stamp).await })
         })
         .await
     }
 
-    async fn transfer_leader(
-        &mut self,
-        req: TransferLeaderRequest<Types>,
-        option: RPCOption,
+    async fn vote(
+        &self,
+        to: NodeId,
+        rpc: &VoteRequest<Types>,
+        pre: bool,
+        ttl: Duration,
+    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
+        let (from, req) = (self.from, rpc.clone());
+        self.call(to, ttl, move |p| {
+            let req = req.clone();
+            Box::pin(async move { p.serve_vote(from, req, pre).await })
+        })
+        .await
+    }
+
+    async fn transfer(
+        &self,
+        to: NodeId,
+        rpc: &TransferLeaderRequest<Types>,
+        ttl: Duration,
     ) -> Result<TransferLeaderResponse<Types>, RPCError<Types>> {
-        self.remembered()?;
-        let from = self.from;
-        self.call(option.hard_ttl(), move |p| {
+        let (from, req) = (self.from, rpc.clone());
+        self.call(to, ttl, move |p| {
             let req = req.clone();
             Box::pin(async move { p.serve_transfer(from, req).await })
         })
         .await
     }
 
-    async fn full_snapshot(
-        &mut self,
+    async fn snapshot(
+        &self,
+        to: NodeId,
         vote: Vote,
         snapshot: SnapshotOf<Types, Vec<u8>>,
-        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
-        option: RPCOption,
-    ) -> Result<SnapshotResponse<Types>, StreamingError<Types>> {
-        self.remembered()?;
+        promise_ms: u32,
+        ttl: Duration,
+    ) -> Result<SnapshotResponse<Types>, RPCError<Types>> {
         let from = self.from;
-        let promise = rules::promise_ms(&self.gate);
-        let send = self.call(option.hard_ttl(), move |p| {
+        self.call(to, ttl, move |p| {
             let snapshot = openraft::Snapshot {
                 meta: snapshot.meta.clone(),
                 snapshot: snapshot.snapshot.clone(),
             };
-            Box::pin(async move { p.serve_snapshot(from, vote, snapshot, promise).await })
-        });
-        tokio::select! {
-            biased;
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            r = send => r.map_err(StreamingError::from),
-        }
+            Box::pin(async move { p.serve_snapshot(from, vote, snapshot, promise_ms).await })
+        })
+        .await
     }
 }

@@ -28,7 +28,7 @@ use crate::config::NodeId;
 use crate::ledger::Command;
 use crate::node::{CoordinatorRequest, Core};
 use crate::pb::{self, cluster_command::Kind};
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
 
@@ -71,7 +71,7 @@ impl Relay for Peers {
             .map(|r| r.message)
             .map_err(|e| match e {
                 // The leader's own answer keeps its code (a refusal stays one).
-                crate::raft::network::PeerError::Rpc { status, .. }
+                crate::raft::peers::PeerError::Rpc { status, .. }
                     if status.code() != tonic::Code::Unavailable =>
                 {
                     Status::new(

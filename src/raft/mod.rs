@@ -1,8 +1,9 @@
 //! The Raft layer: openraft's type configuration, the replicated cluster
 //! state, durable storage ([`store`]: the log in its own file, `logfile`,
 //! the newest entries also in memory, `recent`, written by the `flush`
-//! thread; the applied state in `machine`), and the gRPC transport ([`network`] client, [`server`]
-//! service).
+//! thread; the applied state in `machine`), openraft's network over a transport
+//! ([`network`]), the gRPC one ([`peers`], the client shared by every
+//! peer call) and the Raft service ([`server`]).
 //!
 //! Owns: replication only: how [`crate::ledger`]'s commands travel, are
 //! stored and are applied, and how openraft is configured from keyraft's
@@ -20,6 +21,7 @@ mod logfile;
 mod machine;
 pub mod memory;
 pub mod network;
+pub mod peers;
 mod recent;
 pub mod server;
 pub mod store;

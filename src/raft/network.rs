@@ -1,17 +1,15 @@
-//! The peer client: one lazily connected gRPC channel per peer, shared by
-//! Raft, gossip and forwarded commands, and openraft's network on top of it.
+//! openraft's network: what a Raft message to a peer is, over any
+//! [`Transport`] (gRPC for real, `raft::peers`; the simulated network in
+//! sim/), and what each answer shows of the peer ([`after_append`],
+//! [`after_vote`], [`caught`]), which feeds this node's [`Memory`] of it.
 //!
-//! Owns: peer addresses, channel settings (timeouts, keepalive, mTLS with the
-//! peer's expected name), the `x-keyraft-node` header on every request, and
-//! the mapping of transport failures to openraft's error kinds, and what an
-//! answer shows of the peer ([`after_append`], [`after_vote`], [`caught`]:
-//! the simulator, sim/, runs these on its own network too). Must not:
-//! retry on its own (openraft and gossip decide when to call again) or wait
-//! longer than the deadline the caller gives.
+//! Owns: an append's deadline ([`append_ttl`]), the stamp each leader
+//! message carries, the refusal of a peer caught below what was seen of
+//! it. Must not: know how bytes travel (the transport does), retry on its
+//! own (openraft decides when to call again).
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -20,180 +18,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
+use openraft::type_config::alias::SnapshotOf;
 use openraft::{BasicNode, OptionalSend};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
 
 use super::memory::{behind, Holds, Memory, Records, Remembered};
 use super::{TypeConfig, Vote};
 use crate::config::NodeId;
-use crate::pb;
-use crate::tls::{TlsMaterial, NODE_HEADER};
-
-/// Largest message any keyraft gRPC service accepts or sends.
-pub const MAX_MESSAGE: usize = 4 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("node {0} has no known address")]
-    UnknownPeer(NodeId),
-    #[error("bad address for node {id}: {why}")]
-    BadAddress { id: NodeId, why: String },
-    #[error("node {id}: {status}")]
-    Rpc { id: NodeId, status: tonic::Status },
-    #[error("node {id} did not answer within {after:?}")]
-    Timeout { id: NodeId, after: Duration },
-}
-
-/// Peer channels, keyed by node id.
-pub struct Peers {
-    self_id: NodeId,
-    tls: Mutex<Option<TlsMaterial>>,
-    addrs: Mutex<BTreeMap<NodeId, String>>,
-    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
-}
-
-impl Peers {
-    pub fn new(
-        self_id: NodeId,
-        tls: Option<TlsMaterial>,
-        addrs: BTreeMap<NodeId, String>,
-    ) -> Arc<Peers> {
-        Arc::new(Peers {
-            self_id,
-            tls: Mutex::new(tls),
-            addrs: Mutex::new(addrs),
-            channels: Mutex::new(HashMap::new()),
-        })
-    }
-
-    pub fn self_id(&self) -> NodeId {
-        self.self_id
-    }
-
-    /// Renewed certificates: channels made from now on use them, and each
-    /// open channel is replaced once a new one has connected (so that the
-    /// leader's heartbeats never wait for a fresh handshake); a peer that
-    /// does not answer within 2 s gets a fresh channel on its next call.
-    pub async fn set_tls(&self, tls: TlsMaterial) {
-        *lock(&self.tls) = Some(tls.clone());
-        let open: Vec<(NodeId, String)> = lock(&self.channels)
-            .iter()
-            .map(|(id, (addr, _))| (*id, addr.clone()))
-            .collect();
-        for (id, addr) in open {
-            let Ok(ep) = self.endpoint(id, &addr, Some(&tls)) else {
-                continue;
-            };
-            match tokio::time::timeout(Duration::from_secs(2), ep.connect()).await {
-                Ok(Ok(ch)) => {
-                    lock(&self.channels).insert(id, (addr, ch));
-                }
-                _ => {
-                    lock(&self.channels).remove(&id);
-                }
-            }
-        }
-    }
-
-    /// Learns (or corrects) a peer's address, e.g. from the membership.
-    pub fn set_addr(&self, id: NodeId, addr: &str) {
-        if id != self.self_id {
-            lock(&self.addrs).insert(id, addr.to_string());
-        }
-    }
-
-    pub fn addr(&self, id: NodeId) -> Option<String> {
-        lock(&self.addrs).get(&id).cloned()
-    }
-
-    /// The channel to `id`, created on first use (connections are lazy).
-    pub fn channel(&self, id: NodeId) -> Result<Channel, PeerError> {
-        let addr = self.addr(id).ok_or(PeerError::UnknownPeer(id))?;
-        let mut channels = lock(&self.channels);
-        if let Some((a, ch)) = channels.get(&id) {
-            if *a == addr {
-                return Ok(ch.clone());
-            }
-        }
-        let tls = lock(&self.tls).clone();
-        let ch = self.endpoint(id, &addr, tls.as_ref())?.connect_lazy();
-        channels.insert(id, (addr, ch.clone()));
-        Ok(ch)
-    }
-
-    fn endpoint(
-        &self,
-        id: NodeId,
-        addr: &str,
-        tls: Option<&TlsMaterial>,
-    ) -> Result<Endpoint, PeerError> {
-        let bad = |why: String| PeerError::BadAddress { id, why };
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true);
-        if let Some(tls) = tls {
-            ep = ep
-                .tls_config(tls.client(id))
-                .map_err(|e| bad(format!("{e:?}")))?;
-        }
-        Ok(ep)
-    }
-
-    /// Wraps `msg` with our node id and a deadline.
-    pub fn request<T>(&self, msg: T, deadline: Duration) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Ok(v) = self.self_id.to_string().parse() {
-            req.metadata_mut().insert(NODE_HEADER, v);
-        }
-        req.set_timeout(deadline);
-        req
-    }
-
-    pub fn raft_client(
-        &self,
-        id: NodeId,
-    ) -> Result<pb::raft_client::RaftClient<Channel>, PeerError> {
-        Ok(pb::raft_client::RaftClient::new(self.channel(id)?)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
-    }
-
-    pub fn gossip_client(
-        &self,
-        id: NodeId,
-    ) -> Result<pb::gossip_client::GossipClient<Channel>, PeerError> {
-        Ok(pb::gossip_client::GossipClient::new(self.channel(id)?)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
-    }
-
-    /// Runs one RPC to `id` with a hard deadline.
-    pub async fn call<T, F>(&self, id: NodeId, deadline: Duration, rpc: F) -> Result<T, PeerError>
-    where
-        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        match tokio::time::timeout(deadline, rpc).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(PeerError::Rpc { id, status }),
-            Err(_) => Err(PeerError::Timeout {
-                id,
-                after: deadline,
-            }),
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The least time an append carrying entries gets (see [`append_ttl`]).
 const MIN_APPEND_TTL: Duration = Duration::from_millis(250);
@@ -311,36 +141,99 @@ pub async fn caught<M: Records>(
     why
 }
 
-/// openraft's network factory over [`Peers`]; what peers answer feeds
-/// this node's [`Memory`] of them.
-#[derive(Clone)]
-pub struct Network {
-    pub peers: Arc<Peers>,
+/// What a leader's message carries beside it (see the proto): the log
+/// index it holds fsynced, and the promise of the timing in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub leader_durable: u64,
+    pub promise_ms: u32,
+}
+
+impl Stamp {
+    /// For a message that is not a leader's append (its receiver reads
+    /// neither).
+    pub const NONE: Stamp = Stamp {
+        leader_durable: 0,
+        promise_ms: 0,
+    };
+}
+
+/// What carries one Raft message to a peer and brings its answer back,
+/// within `ttl`: gRPC over mTLS for real (`raft::peers::Peers`), the
+/// simulated network in sim/. A failure is openraft's kind of it: a peer
+/// that cannot be reached or refuses for now is `Unreachable` (openraft
+/// backs off), anything else `Network`.
+pub trait Transport: Send + Sync + 'static {
+    /// The node this transport sends from.
+    fn self_id(&self) -> NodeId;
+
+    /// Learns a peer's address from the membership, unless it knows one.
+    fn learn(&self, target: NodeId, node: &BasicNode);
+
+    fn append(
+        &self,
+        target: NodeId,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        stamp: Stamp,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>>> + Send;
+
+    /// A vote request, or a pre-vote one (`pre`).
+    fn vote(
+        &self,
+        target: NodeId,
+        rpc: &VoteRequest<TypeConfig>,
+        pre: bool,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>>> + Send;
+
+    fn transfer(
+        &self,
+        target: NodeId,
+        rpc: &TransferLeaderRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>>> + Send;
+
+    fn snapshot(
+        &self,
+        target: NodeId,
+        vote: Vote,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        promise_ms: u32,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>>> + Send;
+}
+
+/// openraft's network factory over a [`Transport`]; what peers answer
+/// feeds this node's [`Memory`] of them.
+pub struct Network<T> {
+    pub transport: Arc<T>,
     pub memory: Arc<Memory>,
     /// What this node holds fsynced while it leads, sent with each append.
     pub gate: Arc<super::Gate>,
 }
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = PeerConnection;
+impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
+    type Network = PeerConnection<T>;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
-        if self.peers.addr(target).is_none() {
-            self.peers.set_addr(target, &node.addr);
-        }
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection<T> {
+        self.transport.learn(target, node);
         PeerConnection {
-            peers: self.peers.clone(),
+            transport: self.transport.clone(),
             memory: self.memory.clone(),
             gate: self.gate.clone(),
+            me: self.transport.self_id(),
             target,
         }
     }
 }
 
-pub struct PeerConnection {
-    peers: Arc<Peers>,
+/// openraft's connection to one peer.
+pub struct PeerConnection<T> {
+    transport: Arc<T>,
     memory: Arc<Memory>,
     gate: Arc<super::Gate>,
+    me: NodeId,
     target: NodeId,
 }
 
@@ -348,66 +241,7 @@ fn unreachable(why: String) -> RPCError<TypeConfig> {
     RPCError::Unreachable(Unreachable::from_string(why))
 }
 
-/// A snapshot on the wire.
-#[derive(Serialize, Deserialize)]
-pub struct SnapshotMessage {
-    pub vote: Vote,
-    pub meta: SnapshotMetaOf<TypeConfig>,
-    pub data: Vec<u8>,
-}
-
-type RaftClient = pb::raft_client::RaftClient<Channel>;
-
-impl PeerConnection {
-    /// Sends `req` (with `leader_durable`, see the proto) and decodes the
-    /// answer.
-    async fn rpc<Req, Resp, F, Fut>(
-        &self,
-        req: &Req,
-        leader_durable: u64,
-        ttl: Duration,
-        call: F,
-    ) -> Result<Resp, RPCError<TypeConfig>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        F: FnOnce(RaftClient, tonic::Request<pb::RaftPayload>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
-    {
-        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let client = self
-            .peers
-            .raft_client(self.target)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let payload = pb::RaftPayload {
-            json,
-            leader_durable,
-            promise_ms: promise_ms(&self.gate),
-        };
-        let request = self.peers.request(payload, ttl);
-        let reply = self
-            .peers
-            .call(self.target, ttl, call(client, request))
-            .await
-            .map_err(|e| match &e {
-                PeerError::Rpc { status, .. } if status.code() == tonic::Code::Unavailable => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
-        let result: Result<Resp, openraft::errors::RaftError<TypeConfig>> =
-            serde_json::from_slice(&reply.json)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| {
-            RPCError::Unreachable(Unreachable::from_string(format!(
-                "node {}: {e}",
-                self.target
-            )))
-        })
-    }
-}
-
-impl PeerConnection {
+impl<T> PeerConnection<T> {
     /// What this node remembers of the target; an error if it refused it.
     fn remembered(&self) -> Result<Remembered, RPCError<TypeConfig>> {
         not_refused(&*self.memory, self.target).map_err(unreachable)
@@ -415,8 +249,7 @@ impl PeerConnection {
 
     /// The target answered below what was seen of it: see [`caught`].
     async fn caught(&self, before: &Remembered, gap: String) -> RPCError<TypeConfig> {
-        let me = self.peers.self_id();
-        unreachable(caught(&*self.memory, me, self.target, before, gap).await)
+        unreachable(caught(&*self.memory, self.me, self.target, before, gap).await)
     }
 
     /// Records what an answer showed of the target.
@@ -428,7 +261,7 @@ impl PeerConnection {
     }
 }
 
-impl RaftNetworkV2<TypeConfig> for PeerConnection {
+impl<T: Transport> RaftNetworkV2<TypeConfig> for PeerConnection<T> {
     type SnapshotData = Vec<u8>;
 
     async fn append_entries(
@@ -438,11 +271,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let ttl = append_ttl(!rpc.entries.is_empty(), option.hard_ttl());
         let before = self.remembered()?;
-        let resp: AppendEntriesResponse<TypeConfig> = self
-            .rpc(&rpc, self.gate.own_durable(), ttl, |mut c, r| async move {
-                c.append_entries(r).await
-            })
-            .await?;
+        let stamp = Stamp {
+            leader_durable: self.gate.own_durable(),
+            promise_ms: promise_ms(&self.gate),
+        };
+        let resp = self.transport.append(self.target, &rpc, stamp, ttl).await?;
         match after_append(&rpc, &resp, &before) {
             Shown::Held { term, committed } => self.saw(term, Some(committed)).await?,
             Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
@@ -457,10 +290,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let before = self.remembered()?;
-        let resp: VoteResponse<TypeConfig> = self
-            .rpc(&rpc, 0, option.hard_ttl(), |mut c, r| async move {
-                c.vote(r).await
-            })
+        let resp = self
+            .transport
+            .vote(self.target, &rpc, false, option.hard_ttl())
             .await?;
         match after_vote(&resp, &before) {
             Ok(term) => self.saw(term, None).await?,
@@ -475,10 +307,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.remembered()?;
-        self.rpc(&rpc, 0, option.hard_ttl(), |mut c, r| async move {
-            c.pre_vote(r).await
-        })
-        .await
+        self.transport
+            .vote(self.target, &rpc, true, option.hard_ttl())
+            .await
     }
 
     async fn transfer_leader(
@@ -487,10 +318,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.remembered()?;
-        self.rpc(&req, 0, option.hard_ttl(), |mut c, r| async move {
-            c.transfer_leader(r).await
-        })
-        .await
+        self.transport
+            .transfer(self.target, &req, option.hard_ttl())
+            .await
     }
 
     async fn full_snapshot(
@@ -501,15 +331,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         self.remembered()?;
-        let msg = SnapshotMessage {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
-        };
-        let send = self.rpc(&msg, 0, option.hard_ttl(), |mut c, r| async move {
-            c.install_snapshot(r).await
-        });
+        let promise = promise_ms(&self.gate);
+        let send = self
+            .transport
+            .snapshot(self.target, vote, snapshot, promise, option.hard_ttl());
         tokio::select! {
+            biased;
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(StreamingError::from),
         }

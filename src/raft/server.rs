@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status};
 use tokio::sync::watch;
 
 use super::memory::{Memory, Records};
-use super::network::SnapshotMessage;
+use super::peers::SnapshotMessage;
 use super::{store, Gate, LogId, TypeConfig, Vote};
 use crate::config::{NodeId, Timing};
 use crate::ledger::ClusterState;

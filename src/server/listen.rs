@@ -18,7 +18,7 @@ use crate::admin;
 use crate::gossip;
 use crate::node::Shared;
 use crate::pb;
-use crate::raft::network::MAX_MESSAGE;
+use crate::raft::peers::MAX_MESSAGE;
 use crate::raft::server::RaftService;
 use crate::shutdown::Shutdown;
 use crate::signer::{self, Signer};

@@ -32,7 +32,7 @@ use crate::node::{
     ClusterView, CoordinatorRequest, Core, KernelFenceState, Local, PrivvalLinks, Shared,
 };
 use crate::pb;
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::{self, Gate, Raft};
 use crate::shutdown::{self, Shutdown};
 use crate::signer::{self, Signer};
@@ -326,7 +326,7 @@ async fn assemble(
     ));
     let raft_cfg = raft::openraft_config(&timing).map_err(|e| RunError::Raft(e.to_string()))?;
     let network = raft::network::Network {
-        peers: peers.clone(),
+        transport: peers.clone(),
         memory: store.memory.clone(),
         gate: gate.clone(),
     };

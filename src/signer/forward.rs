@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use super::{sign_request, Refusal, Signer, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
 use crate::pb;
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::TypeConfig;
 
 /// How a follower's sign request reaches the leader.

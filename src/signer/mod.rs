@@ -79,7 +79,7 @@ use tokio::time::Instant;
 use crate::config::{ChainConfig, NodeId, SignerConfig};
 use crate::node::Core;
 use crate::pb;
-use crate::raft::network::Peers;
+use crate::raft::peers::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
 use ahead::Ahead;
