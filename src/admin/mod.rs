@@ -10,7 +10,7 @@
 //!   simulator runs it too).
 //! - [`members`]: whether a voter may be removed now (a pure rule).
 //!
-//! Owns: the JSON shape of `keyraft status --json` (docs/design.md), Patroni-style
+//! Owns: the JSON shape of `keyraft status --json` (docs/reference.md), Patroni-style
 //! health codes, and the certificate check of a forwarded operator command
 //! (a validator host's). Must not: listen
 //! anywhere but where configured (HTTP on loopback by default, admin on the
@@ -51,7 +51,7 @@ pub fn commands(sh: &Shared) -> Commands {
     Commands::new(sh.core.clone(), sh.peers.clone(), sh.requests.clone())
 }
 
-/// The cluster as this node sees it, in the shape docs/design.md gives.
+/// The cluster as this node sees it, in the shape docs/reference.md gives.
 pub fn status_json(sh: &Shared) -> Value {
     let m = sh.raft_metrics();
     let cluster = sh.cluster.borrow().clone();

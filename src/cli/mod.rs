@@ -72,7 +72,7 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Print the cluster as this member sees it.
     Status {
-        /// The JSON shape of docs/design.md instead of a table.
+        /// The JSON shape of docs/reference.md instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
