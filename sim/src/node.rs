@@ -534,9 +534,14 @@ impl SimTransport {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(Failed::Unreachable(why))) => Err(unreachable(why)),
             Ok(Err(Failed::Network(why))) => Err(RPCError::Network(NetworkError::from_string(why))),
-            Err(e @ (NetError::Timeout | NetError::Refused | NetError::SenderGone)) => {
-                Err(unreachable(e))
+            // No answer in time is a network error, as keyraft's own
+            // deadline on a gRPC call is (`raft::peers`): openraft does
+            // not back off from it.
+            Err(e @ NetError::Timeout) => {
+                Err(RPCError::Network(NetworkError::from_string(e.to_string())))
             }
+            // Nobody listening (a connection refused) is unreachable.
+            Err(e @ (NetError::Refused | NetError::SenderGone)) => Err(unreachable(e)),
         }
     }
 }

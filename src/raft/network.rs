@@ -281,6 +281,9 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for PeerConnection<T> {
             Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
             Shown::Nothing => {}
         }
+        // Refused while the message was out (another connection or gossip
+        // caught it): its answer counts for nothing either.
+        self.remembered()?;
         Ok(resp)
     }
 
@@ -298,6 +301,7 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for PeerConnection<T> {
             Ok(term) => self.saw(term, None).await?,
             Err(gap) => return Err(self.caught(&before, gap).await),
         }
+        self.remembered()?;
         Ok(resp)
     }
 
@@ -307,9 +311,12 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for PeerConnection<T> {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.remembered()?;
-        self.transport
+        let resp = self
+            .transport
             .vote(self.target, &rpc, true, option.hard_ttl())
-            .await
+            .await?;
+        self.remembered()?;
+        Ok(resp)
     }
 
     async fn transfer_leader(
@@ -429,6 +436,125 @@ mod tests {
         assert!(after_vote(&answer(6, Some(12)), &seen(9)).is_err(), "term");
         assert!(after_vote(&answer(8, Some(8)), &seen(9)).is_err(), "log");
         assert!(after_vote(&answer(8, None), &seen(9)).is_err(), "empty log");
+    }
+
+    /// A transport whose peer, node 2, grants every vote and acknowledges
+    /// every append, and which (when `refuse_meanwhile`) has node 1 refuse
+    /// node 2 while the message is out, as another connection or gossip
+    /// that caught it would.
+    struct Racing {
+        memory: Arc<Memory>,
+        refuse_meanwhile: bool,
+    }
+
+    impl Racing {
+        async fn meanwhile(&self) {
+            if self.refuse_meanwhile {
+                let before = self.memory.of(2);
+                let why = "caught by another connection".to_string();
+                assert!(self.memory.refuse(2, &before, why, 1).await.unwrap());
+            }
+        }
+    }
+
+    impl Transport for Racing {
+        fn self_id(&self) -> NodeId {
+            1
+        }
+        fn learn(&self, _: NodeId, _: &BasicNode) {}
+        async fn append(
+            &self,
+            _: NodeId,
+            _: &AppendEntriesRequest<TypeConfig>,
+            _: Stamp,
+            _: Duration,
+        ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+            self.meanwhile().await;
+            Ok(AppendEntriesResponse::Success)
+        }
+        async fn vote(
+            &self,
+            _: NodeId,
+            rpc: &VoteRequest<TypeConfig>,
+            _: bool,
+            _: Duration,
+        ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+            self.meanwhile().await;
+            Ok(VoteResponse {
+                vote: rpc.vote,
+                vote_granted: true,
+                last_log_id: None,
+            })
+        }
+        async fn transfer(
+            &self,
+            _: NodeId,
+            _: &TransferLeaderRequest<TypeConfig>,
+            _: Duration,
+        ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+            unreachable!("not asked")
+        }
+        async fn snapshot(
+            &self,
+            _: NodeId,
+            _: Vote,
+            _: SnapshotOf<TypeConfig, Vec<u8>>,
+            _: u32,
+            _: Duration,
+        ) -> Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>> {
+            unreachable!("not asked")
+        }
+    }
+
+    /// Node 1's connection to node 2 over [`Racing`].
+    async fn racing(dir: &std::path::Path, refuse_meanwhile: bool) -> PeerConnection<Racing> {
+        let (_, _, memory) = super::super::store::open(dir).unwrap();
+        let d = Duration::from_millis;
+        let live = crate::config::Live {
+            profile: crate::ledger::TimingProfile::Lan,
+            heartbeat: d(50),
+            election_min: d(300),
+            election_max: d(600),
+            fence_after: d(300),
+            handover_delay: d(0),
+            promise: d(600),
+        };
+        let mut network = Network {
+            transport: Arc::new(Racing {
+                memory: memory.clone(),
+                refuse_meanwhile,
+            }),
+            memory,
+            gate: Arc::new(super::super::Gate::new(Duration::ZERO, true, live)),
+        };
+        network.new_client(2, &BasicNode::default()).await
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_a_peer_refused_while_it_was_out_counts_for_nothing() {
+        let ttl = RPCOption::new(Duration::from_millis(100));
+        let vote = || VoteRequest::<TypeConfig>::new(Vote::new(7, 1), None);
+        for refuse_meanwhile in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = racing(dir.path(), refuse_meanwhile).await;
+            let voted = c.vote(vote(), ttl.clone()).await;
+            let pre = c.pre_vote(vote(), ttl.clone()).await;
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = racing(dir.path(), refuse_meanwhile).await;
+            let acked = c
+                .append_entries(append(None, &[1], None), ttl.clone())
+                .await;
+            for (what, r) in [("vote", voted.is_ok()), ("pre-vote", pre.is_ok())] {
+                assert_eq!(
+                    r, !refuse_meanwhile,
+                    "{what}, refused meanwhile: {refuse_meanwhile}"
+                );
+            }
+            assert_eq!(acked.is_ok(), !refuse_meanwhile, "append: {acked:?}");
+            if refuse_meanwhile {
+                assert!(matches!(voted, Err(RPCError::Unreachable(_))), "{voted:?}");
+            }
+        }
     }
 
     #[test]

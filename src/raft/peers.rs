@@ -224,9 +224,7 @@ impl Peers {
         Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
     {
         let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let client = self
-            .raft_client(target)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let client = self.raft_client(target).map_err(failed)?;
         let payload = pb::RaftPayload {
             json,
             leader_durable: stamp.leader_durable,
@@ -236,19 +234,37 @@ impl Peers {
         let reply = self
             .call(target, ttl, call(client, request))
             .await
-            .map_err(|e| match &e {
-                PeerError::Rpc { status, .. } if status.code() == tonic::Code::Unavailable => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
-        let result: Result<Resp, openraft::errors::RaftError<TypeConfig>> =
-            serde_json::from_slice(&reply.json)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| {
-            RPCError::Unreachable(Unreachable::from_string(format!("node {target}: {e}")))
-        })
+            .map_err(failed)?;
+        answer(target, &reply.json)
     }
+}
+
+/// openraft's kind of a failed call: a peer that refuses for now (status
+/// unavailable: starting, votes shut, a promise) or cannot be reached is
+/// unreachable, and openraft backs off; anything else, a timeout included,
+/// is a network error.
+fn failed(e: PeerError) -> RPCError<TypeConfig> {
+    match &e {
+        PeerError::Rpc { status, .. } if status.code() == tonic::Code::Unavailable => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        PeerError::UnknownPeer(_) | PeerError::BadAddress { .. } => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+/// A peer's answer: openraft's own error in it is unreachable, an answer
+/// that does not decode a network error.
+fn answer<Resp: DeserializeOwned>(
+    target: NodeId,
+    json: &[u8],
+) -> Result<Resp, RPCError<TypeConfig>> {
+    let result: Result<Resp, openraft::errors::RaftError<TypeConfig>> =
+        serde_json::from_slice(json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    result
+        .map_err(|e| RPCError::Unreachable(Unreachable::from_string(format!("node {target}: {e}"))))
 }
 
 impl Transport for Peers {
@@ -331,5 +347,61 @@ impl Transport for Peers {
             |mut c, r| async move { c.install_snapshot(r).await },
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_call_is_unreachable_only_where_openraft_should_back_off() {
+        use tonic::{Code, Status};
+        let rpc = |code| PeerError::Rpc {
+            id: 2,
+            status: Status::new(code, "x"),
+        };
+        let timeout = PeerError::Timeout {
+            id: 2,
+            after: Duration::from_millis(50),
+        };
+        let bad = PeerError::BadAddress {
+            id: 2,
+            why: "x".into(),
+        };
+        // (failure, unreachable?)
+        let table = [
+            (rpc(Code::Unavailable), true),
+            (PeerError::UnknownPeer(2), true),
+            (bad, true),
+            (rpc(Code::PermissionDenied), false),
+            (rpc(Code::InvalidArgument), false),
+            (rpc(Code::Cancelled), false),
+            (rpc(Code::DeadlineExceeded), false),
+            (timeout, false),
+        ];
+        for (e, want) in table {
+            let what = e.to_string();
+            let got = matches!(failed(e), RPCError::Unreachable(_));
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn an_answer_carries_the_peers_reply_or_openraft_s_error() {
+        let ok = serde_json::to_vec(&Ok::<_, openraft::errors::RaftError<TypeConfig>>(
+            AppendEntriesResponse::<TypeConfig>::Success,
+        ))
+        .unwrap();
+        let got: AppendEntriesResponse<TypeConfig> = answer(2, &ok).unwrap();
+        assert_eq!(got, AppendEntriesResponse::Success);
+        let fatal = serde_json::to_vec(&Err::<AppendEntriesResponse<TypeConfig>, _>(
+            openraft::errors::RaftError::<TypeConfig>::Fatal(openraft::errors::Fatal::Stopped),
+        ))
+        .unwrap();
+        let r: Result<AppendEntriesResponse<TypeConfig>, _> = answer(2, &fatal);
+        assert!(matches!(r, Err(RPCError::Unreachable(_))), "{r:?}");
+        let r: Result<AppendEntriesResponse<TypeConfig>, _> = answer(2, b"not json");
+        assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
     }
 }
