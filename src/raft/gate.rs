@@ -391,7 +391,7 @@ impl Gate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The restart quiet covers the longest promise recorded, whatever
@@ -424,7 +424,8 @@ mod tests {
         assert!(gone.record_promise(Duration::from_secs(1)).await.is_err());
     }
 
-    fn live() -> Live {
+    /// A LAN timing for tests of the gate and of what holds one.
+    pub(crate) fn live() -> Live {
         let d = Duration::from_millis;
         Live {
             profile: crate::ledger::TimingProfile::Lan,

@@ -509,16 +509,7 @@ mod tests {
     /// Node 1's connection to node 2 over [`Racing`].
     async fn racing(dir: &std::path::Path, refuse_meanwhile: bool) -> PeerConnection<Racing> {
         let (_, _, memory) = super::super::store::open(dir).unwrap();
-        let d = Duration::from_millis;
-        let live = crate::config::Live {
-            profile: crate::ledger::TimingProfile::Lan,
-            heartbeat: d(50),
-            election_min: d(300),
-            election_max: d(600),
-            fence_after: d(300),
-            handover_delay: d(0),
-            promise: d(600),
-        };
+        let live = super::super::gate::tests::live();
         let mut network = Network {
             transport: Arc::new(Racing {
                 memory: memory.clone(),
