@@ -1,7 +1,7 @@
 //! The module layering stays a tree: no module of `src/` (nor of
-//! `localnet/src/`) imports one that imports it back, directly or through
-//! others, and no file of a module of `src/` a sibling that imports it
-//! back; the ledger, durable writes and localnet's wire types sit at the bottom and
+//! `localnet/src/` or the simulator's `sim/src/`) imports one that imports
+//! it back, directly or through others, and no file of a module of `src/`
+//! or `sim/src/` a sibling that imports it back; the ledger, durable writes and localnet's wire types sit at the bottom and
 //! import nothing of their crate; no source file grows past 700 lines, and
 //! no function of `src/` past 120 (a longer one hides a decision). Reads the sources as text
 //! (every `crate::name` path, in `use` lines and inline), so a circle fails
@@ -231,6 +231,47 @@ fn localnet_modules_form_a_tree_too() -> anyhow::Result<()> {
         "the test found no edge chain -> wire: {graph:?}"
     );
     assert_tree(&graph)
+}
+
+#[test]
+fn the_simulators_modules_form_a_tree_too() -> anyhow::Result<()> {
+    let src = root().join("sim/src");
+    let graph = graph(&src)?;
+    assert!(
+        graph.get("world").is_some_and(|d| d.contains("node")),
+        "the test found no edge world -> node: {graph:?}"
+    );
+    assert_tree(&graph).context("in sim/src/")?;
+    for (module, graph) in &inner_graphs(&src)? {
+        assert_tree(graph).with_context(|| format!("inside sim/src/{module}/"))?;
+    }
+    Ok(())
+}
+
+/// The checker on a crate written to disk: a circle between two files of
+/// its top level, and one between two files inside a module, each found.
+#[test]
+fn the_checker_finds_a_circle_in_the_files_of_a_crate() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("layering-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("m"))?;
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text);
+    write("lib.rs", "pub mod a;\npub mod b;\npub mod m;\n")?;
+    write("a.rs", "use crate::b::B;\n")?;
+    write("b.rs", "pub struct B;\nfn f() { crate::m::go() }\n")?;
+    write("m.rs", "mod x;\nmod y;\npub fn go() {}\n")?;
+    write("m/x.rs", "use super::y::Y;\npub struct X;\n")?;
+    write("m/y.rs", "pub struct Y;\n")?;
+    assert_tree(&graph(&dir)?)?;
+    assert_tree(&inner_graphs(&dir)?["m"])?;
+    write("m.rs", "mod x;\nmod y;\npub fn go() { crate::a::f() }\n")?;
+    write("m/y.rs", "pub struct Y(crate::m::x::X);\n")?;
+    let top = assert_tree(&graph(&dir)?);
+    let inner = assert_tree(&inner_graphs(&dir)?["m"]);
+    std::fs::remove_dir_all(&dir)?;
+    anyhow::ensure!(top.is_err(), "a -> b -> m -> a was not seen");
+    anyhow::ensure!(inner.is_err(), "m/x -> m/y -> m/x was not seen");
+    Ok(())
 }
 
 #[test]

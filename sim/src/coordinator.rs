@@ -18,9 +18,7 @@
 //! anything; the real coordinator does.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::Poll;
 use std::time::Duration;
 
 use keyraft::config::{ActivateBy, FenceAgent};
@@ -36,9 +34,9 @@ use keyraft::pb;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::host::{Freeze, Host};
+use crate::host::{while_thawed, Host, Hosts};
+use crate::judge::Judge;
 use crate::node::Process;
-use crate::world::World;
 
 /// A simulated process: the models here, the simulation's state machine.
 pub struct Sim;
@@ -53,17 +51,20 @@ impl Env for Sim {
 /// with keyraft's processes.
 pub fn spawn(
     p: &Arc<Process>,
-    world: &Arc<World>,
+    hosts: &Arc<Hosts<Process>>,
+    judge: &Arc<Judge>,
     requests: mpsc::Receiver<CoordinatorRequest>,
     seed: u64,
 ) {
-    let Some(host) = world.hosts.get(p.id) else {
+    let Some(host) = hosts.get(p.id) else {
         return;
     };
     let (health_tx, health_rx) = watch::channel(None);
     let node = SimValidator {
         host: host.clone(),
-        world: world.clone(),
+        hosts: hosts.clone(),
+        judge: judge.clone(),
+        timing: p.timing,
         pid: None,
         next_start: Instant::now(),
         restarts: 0,
@@ -73,7 +74,7 @@ pub fn spawn(
     let mut c = Coordinator::<Sim>::new(Parts {
         core: p.core.clone(),
         outside: Arc::new(SimOutside {
-            world: world.clone(),
+            judge: judge.clone(),
             process: Arc::downgrade(p),
         }),
         node: Some(node),
@@ -85,7 +86,7 @@ pub fn spawn(
     });
     let span = tracing::info_span!("node", id = p.id);
     p.spawn(while_thawed(
-        host.clone(),
+        &host,
         tracing::Instrument::instrument(
             async move {
                 // Kept alive for the coordinator's life: a dropped trigger
@@ -96,14 +97,14 @@ pub fn spawn(
             span,
         ),
     ));
-    let (h, w) = (host.clone(), world.clone());
-    let every = world.timing.health_interval;
-    p.spawn(while_thawed(host, async move {
+    let (h, j) = (host.clone(), judge.clone());
+    let every = p.timing.health_interval;
+    p.spawn(while_thawed(&host, async move {
         loop {
             let seen = h.validator_acts(Instant::now()).then(|| Health {
                 running: true,
                 synced: true,
-                height: Some(w.height()),
+                height: Some(j.height()),
             });
             health_tx.send_if_modified(|cur| {
                 let changed = *cur != seen;
@@ -115,56 +116,16 @@ pub fn spawn(
     }));
 }
 
-/// Runs `f` only while keyraft's processes on `host` are not frozen: a
-/// frozen process is not polled at all, its timers expire meanwhile.
-pub fn while_thawed<F>(host: Arc<Host>, f: F) -> impl Future<Output = ()> + Send
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    type Wait = Pin<Box<dyn Future<Output = watch::Receiver<Freeze>> + Send>>;
-    let mut f = Box::pin(f);
-    let mut rx = Some(host.freeze.subscribe());
-    let mut waiting: Option<Wait> = None;
-    std::future::poll_fn(move |cx| loop {
-        if let Some(w) = waiting.as_mut() {
-            match w.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(r) => {
-                    rx = Some(r);
-                    waiting = None;
-                }
-            }
-        }
-        let Some(mut r) = rx.take() else {
-            return Poll::Pending;
-        };
-        let frozen = {
-            let now = r.borrow_and_update();
-            now.host || now.keyraft
-        };
-        if !frozen {
-            rx = Some(r);
-            return f.as_mut().poll(cx);
-        }
-        waiting = Some(Box::pin(async move {
-            if r.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            r
-        }));
-    })
-}
-
 /// The clock of the run, and the leader, asked through the process's own
 /// `admin::Commands` (a rejoin); no fence agents.
 pub struct SimOutside {
-    world: Arc<World>,
+    judge: Arc<Judge>,
     process: Weak<Process>,
 }
 
 impl Outside for SimOutside {
     fn mono_now_ns(&self) -> u64 {
-        self.world.now_ns()
+        self.judge.now_ns()
     }
 
     async fn ask_leader(&self, leader: NodeId, cmd: pb::ClusterCommand) -> Result<String, String> {
@@ -189,8 +150,10 @@ impl Outside for SimOutside {
 
 /// This host's validator side, as the real custody drives it.
 pub struct SimValidator {
-    host: Arc<Host>,
-    world: Arc<World>,
+    host: Arc<Host<Process>>,
+    hosts: Arc<Hosts<Process>>,
+    judge: Arc<Judge>,
+    timing: keyraft::config::Timing,
     /// The validator this keyraft process started and has not seen exit
     /// (the guard client's `running`).
     pid: Option<u32>,
@@ -202,7 +165,7 @@ pub struct SimValidator {
 
 impl SimValidator {
     fn kill_bound(&self) -> Duration {
-        self.world.timing.kill_bound
+        self.timing.kill_bound
     }
 
     /// Waits, up to `kill_bound`, for a guard that answers.
@@ -271,7 +234,7 @@ impl SimValidator {
         };
         self.pid = Some(pid);
         self.host.changed.notify_waiters();
-        self.world.usable(self.host.id);
+        self.judge.usable(&self.hosts, self.host.id);
         Ok(())
     }
 }
@@ -386,7 +349,7 @@ impl CustodyHost for SimValidator {
 
     fn probe_height(&self) -> impl Future<Output = Option<u64>> + Send {
         let acts = self.host.validator_acts(Instant::now());
-        let height = self.world.height();
+        let height = self.judge.height();
         async move { acts.then_some(height) }
     }
 
@@ -394,7 +357,7 @@ impl CustodyHost for SimValidator {
     /// with it; `None` withdraws both.
     async fn lease(&mut self, deadline_ns: Option<u64>) -> Result<(), GuardError> {
         self.guard_answers().await?;
-        let deadline = deadline_ns.map(|ns| self.world.at_ns(ns));
+        let deadline = deadline_ns.map(|ns| self.judge.at_ns(ns));
         let was = {
             let mut b = self.host.below();
             let was = b.kernel.is_some_and(|k| Instant::now() < k);
@@ -404,7 +367,7 @@ impl CustodyHost for SimValidator {
         };
         self.host.changed.notify_waiters();
         if deadline.is_some() && !was {
-            self.world.usable(self.host.id);
+            self.judge.usable(&self.hosts, self.host.id);
         }
         Ok(())
     }
@@ -456,7 +419,7 @@ impl CustodyHost for SimValidator {
                     break;
                 }
             }
-            tokio::time::sleep(self.world.timing.heartbeat).await;
+            tokio::time::sleep(self.timing.heartbeat).await;
         }
         let proof = self.prove_dead(self.kill_bound()).await;
         if proof.is_ok() {

@@ -8,18 +8,54 @@
 //!
 //! Owns: what runs on the host and when it dies. Must not: decide anything
 //! about the key; keyraft's coordinator does, through
-//! [`crate::coordinator::SimValidator`] (each call bounded, each able to
+//! `coordinator::SimValidator` (each call bounded, each able to
 //! fail, as the real ones).
 
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::disk::Disk;
-use crate::node::Process;
 use crate::types::NodeId;
+
+/// What runs on a host: a keyraft process, known by its incarnation (the
+/// host's model keeps it without looking inside; `crate::node` says what
+/// it is).
+pub trait Runs: Send + Sync + 'static {
+    fn inc(&self) -> u64;
+}
+
+/// Every host of the run, by id.
+pub struct Hosts<P>(BTreeMap<NodeId, Arc<Host<P>>>);
+
+impl<P> Hosts<P> {
+    /// Hosts `1..=nodes`, each with its own seed for its disk.
+    pub fn new(nodes: NodeId, seed: u64) -> Hosts<P> {
+        Hosts(
+            (1..=nodes)
+                .map(|id| (id, Arc::new(Host::new(id, seed ^ id))))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<Arc<Host<P>>> {
+        self.0.get(&id).cloned()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Host<P>>> {
+        self.0.values()
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.0.keys().copied().collect()
+    }
+}
 
 /// Faults planted in the host's OS boundary.
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,7 +107,7 @@ pub struct Below {
     pub pids: u32,
 }
 
-pub struct Host {
+pub struct Host<P> {
     pub id: NodeId,
     pub disk: Disk,
     /// What the stores on `disk` acknowledged as durable (the judge's).
@@ -79,7 +115,7 @@ pub struct Host {
     pub freeze: watch::Sender<Freeze>,
     /// Powered off (crashed, or fenced).
     down: watch::Sender<bool>,
-    process: Mutex<Option<Arc<Process>>>,
+    process: Mutex<Option<Arc<P>>>,
     /// The data dir's lock: one keyraft process at a time, a second start
     /// is refused while one starts or runs.
     pub starting: std::sync::atomic::AtomicBool,
@@ -88,8 +124,8 @@ pub struct Host {
     pub changed: Notify,
 }
 
-impl Host {
-    pub fn new(id: NodeId, seed: u64) -> Host {
+impl<P> Host<P> {
+    pub fn new(id: NodeId, seed: u64) -> Host<P> {
         Host {
             id,
             disk: Disk::new(seed),
@@ -110,19 +146,15 @@ impl Host {
         self.below.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn process(&self) -> Option<Arc<Process>> {
+    pub fn process(&self) -> Option<Arc<P>> {
         self.process
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub fn set_process(&self, p: Option<Arc<Process>>) {
+    pub fn set_process(&self, p: Option<Arc<P>>) {
         *self.process.lock().unwrap_or_else(|p| p.into_inner()) = p;
-    }
-
-    pub fn is_process(&self, inc: u64) -> bool {
-        self.process().is_some_and(|p| p.inc == inc)
     }
 
     pub fn is_down(&self) -> bool {
@@ -235,9 +267,16 @@ impl Host {
     }
 }
 
+impl<P: Runs> Host<P> {
+    /// Whether incarnation `inc` is the process running here.
+    pub fn is_process(&self, inc: u64) -> bool {
+        self.process().is_some_and(|p| p.inc() == inc)
+    }
+}
+
 /// The guard process: kills the tree when its lease runs out (late by
 /// `late_timer`), unless frozen or dead. One task per host for the run.
-pub async fn guard(host: Arc<Host>) {
+pub async fn guard<P: Send + Sync>(host: Arc<Host<P>>) {
     loop {
         let now = Instant::now();
         let (wake, fire) = {
@@ -273,4 +312,44 @@ pub async fn guard(host: Arc<Host>) {
             _ = sleep => {}
         }
     }
+}
+
+/// Runs `f` only while keyraft's processes on `host` are not frozen: a
+/// frozen process is not polled at all, its timers expire meanwhile.
+pub fn while_thawed<P, F>(host: &Host<P>, f: F) -> impl Future<Output = ()> + Send
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    type Wait = Pin<Box<dyn Future<Output = watch::Receiver<Freeze>> + Send>>;
+    let mut f = Box::pin(f);
+    let mut rx = Some(host.freeze.subscribe());
+    let mut waiting: Option<Wait> = None;
+    std::future::poll_fn(move |cx| loop {
+        if let Some(w) = waiting.as_mut() {
+            match w.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => {
+                    rx = Some(r);
+                    waiting = None;
+                }
+            }
+        }
+        let Some(mut r) = rx.take() else {
+            return Poll::Pending;
+        };
+        let frozen = {
+            let now = r.borrow_and_update();
+            now.host || now.keyraft
+        };
+        if !frozen {
+            rx = Some(r);
+            return f.as_mut().poll(cx);
+        }
+        waiting = Some(Box::pin(async move {
+            if r.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            r
+        }));
+    })
 }

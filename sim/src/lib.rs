@@ -8,7 +8,7 @@
 //! keyraft's real code here, what is a model, and what only the
 //! real-process tests cover.
 //!
-//! A short tour:
+//! A short tour, from the bottom up:
 //!
 //! - [`types`]: keyraft's own openraft type configuration (seeded under
 //!   `--cfg keyraft_sim`).
@@ -17,36 +17,47 @@
 //!   and loses or tears what was not at a crash.
 //! - [`judged`]: keyraft's log store with what it acknowledged recorded,
 //!   so that a restart that lost an acknowledged entry is a violation.
+//! - [`oracle`]: what must never happen.
+//! - [`faults`]: the faults drawn per seed, and shrinking.
+//! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
+//!   validator's process, the kernel fence; and the process that runs on
+//!   the host, known only by its incarnation.
+//! - [`judge`]: the run's clock, the chain's height and the judge's record
+//!   (the oracle and the ground truth it is judged against).
 //! - [`net`]: links that drop, delay, reorder, duplicate, cut one way or
 //!   flap, and frozen hosts whose messages arrive late.
+//! - [`ports`]: the peer port over [`net`]: keyraft's Raft client's
+//!   transport, a signature forwarded to the leader, an operator's command
+//!   relayed to it, each served by the receiver's own keyraft service.
+//! - [`signer`]: the simulated chain's key, and keyraft's own
+//!   `signer::Signer` for each process.
 //! - [`node`]: one keyraft process: real openraft, keyraft's openraft
 //!   configuration, gate, heartbeat timer, keyraft's own step 9 at every
 //!   restart (`join::bootstrap`, `gossip::hello_reply`), keyraft's Raft
-//!   service and its client's rules, over [`net`].
-//! - [`host`]: the OS boundary as a model: power, freezes, the guard, the
-//!   validator's process, the kernel fence.
+//!   service and its client's rules, over [`ports`].
 //! - [`coordinator`]: keyraft's own coordinator (state machine, handlers,
 //!   custody, policy), over models of the two edges `coordinator::host`
 //!   names: the validator side of [`host`], and the clock.
-//! - [`signer`]: the sentries, which ask keyraft's own `signer::Signer`
-//!   on each process with real CometBFT requests, and its forward to the
-//!   leader over [`net`].
-//! - [`operator`]: keyraft's own operator commands (`admin::Commands`:
-//!   pause, switchover, members, register, the signer's floor), relayed
-//!   to the leader over [`net`].
-//! - [`faults`]: the faults drawn per seed, and shrinking.
-//! - [`oracle`]: what must never happen.
-//! - [`world`]: one run's time line, the judge and the liveness check.
+//! - [`sentry`]: each host's CometBFT node, asking keyraft's signer with
+//!   real CometBFT requests, and the judging of what comes back.
+//! - [`operator`]: the operator, running keyraft's own commands
+//!   (`admin::Commands`: pause, switchover, members, register, the
+//!   signer's floor) on a running host.
+//! - [`world`]: one run's time line, its faults carried out, the heal and
+//!   the liveness check.
 
 pub mod coordinator;
 pub mod disk;
 pub mod faults;
 pub mod host;
+pub mod judge;
 pub mod judged;
 pub mod net;
 pub mod node;
 pub mod operator;
 pub mod oracle;
+pub mod ports;
+pub mod sentry;
 pub mod signer;
 pub mod types;
 pub mod world;
@@ -64,9 +75,9 @@ pub const LIVENESS_MS: u64 = 10_000;
 thread_local! {
     /// Panics on this thread (a run's tasks all run on its thread).
     pub static PANICS: Cell<usize> = const { Cell::new(0) };
-    /// Print the time line as it happens (`--seed S --live`).
-    pub static LIVE: Cell<bool> = const { Cell::new(false) };
 }
+
+pub use judge::LIVE;
 
 /// tracing's timer in a run (`--live`): simulated milliseconds since its
 /// first line, as the time line counts them.

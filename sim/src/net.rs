@@ -16,8 +16,8 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::host::{Hosts, Runs};
 use crate::types::NodeId;
-use crate::world::Hosts;
 
 /// Why an exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +63,20 @@ struct State {
     quality: Quality,
 }
 
-/// The network all hosts share.
-#[derive(Clone)]
-pub struct Net {
+/// The network all hosts share; it delivers to the process `P` that runs
+/// on the host a message is for.
+pub struct Net<P> {
     state: Arc<Mutex<State>>,
-    hosts: Arc<Hosts>,
+    hosts: Arc<Hosts<P>>,
+}
+
+impl<P> Clone for Net<P> {
+    fn clone(&self) -> Self {
+        Net {
+            state: self.state.clone(),
+            hosts: self.hosts.clone(),
+        }
+    }
 }
 
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -77,8 +86,8 @@ enum Fate {
     Arrives(Duration, bool),
 }
 
-impl Net {
-    pub fn new(seed: u64, hosts: Arc<Hosts>) -> Net {
+impl<P: Runs> Net<P> {
+    pub fn new(seed: u64, hosts: Arc<Hosts<P>>) -> Net<P> {
         Net {
             state: Arc::new(Mutex::new(State {
                 rng: SmallRng::seed_from_u64(seed),
@@ -142,7 +151,7 @@ impl Net {
     ) -> Result<R, NetError>
     where
         R: Send + 'static,
-        F: Fn(Arc<crate::node::Process>) -> Boxed<R> + Send + Sync + 'static,
+        F: Fn(Arc<P>) -> Boxed<R> + Send + Sync + 'static,
     {
         let call = Arc::new(call);
         let net = self.clone();

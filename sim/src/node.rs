@@ -6,47 +6,44 @@
 //! Raft service is keyraft's own (`raft::server::RaftService`), and its
 //! client is keyraft's own too (`raft::network::PeerConnection`, with its
 //! rules of what an answer shows of a peer), over [`crate::net`] instead of
-//! gRPC: the simulator supplies only the transport ([`SimTransport`]).
+//! gRPC: the simulator supplies only the transport
+//! (`ports::SimTransport`).
 //!
 //! Its `keyraft::node::Core` is the one keyraft's coordinator runs on
-//! ([`crate::coordinator`]), with keyraft's own status records (`Local`,
+//! (`crate::coordinator`), with keyraft's own status records (`Local`,
 //! `ClusterView`) carried by this process's gossip.
 //!
 //! A restart runs keyraft's own step 9 (`join::bootstrap`), asking each
 //! peer over [`crate::net`], whose `gossip::hello_reply` answers.
 //!
-//! Owns: a process's start, its Raft traffic and its gossip. Must not: touch the validator; the coordinator does, through
-//! the host's model.
+//! Owns: a process's start, what the network reaches on it ([`Port`]) and
+//! its gossip. Must not: touch the validator; the coordinator does,
+//! through the host's model.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyraft::config::Timing;
+use keyraft::config::{Config, Timing};
 use keyraft::join::Bootstrap;
 use keyraft::ledger::ClusterState;
 use keyraft::node::{ClusterView, CoordinatorRequest, Core, Local};
 use keyraft::pb;
 use keyraft::raft::memory::{Holds, Memory, Remembered};
-use keyraft::raft::network::{Network, Stamp, Transport};
-use keyraft::raft::server::{Answer, RaftService, Refusal};
+use keyraft::raft::network::Network;
+use keyraft::raft::server::RaftService;
 use keyraft::raft::store::StateMachine;
 use keyraft::raft::Gate;
-use openraft::errors::{NetworkError, RPCError, Unreachable};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
-};
-use openraft::type_config::alias::SnapshotOf;
 use openraft::BasicNode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::disk::Disk;
-use crate::host::Host;
-use crate::net::{Boxed, Net, NetError};
-use crate::types::{self, Metrics, NodeId, Raft, Types, Vote};
-use crate::world::World;
+use crate::host::{Host, Runs};
+use crate::judge::Judge;
+use crate::net::Net;
+use crate::ports::{addr, ChangeHook, Port, SimCommands, SimRelay, SimSigner, SimTransport};
+use crate::types::{self, Metrics, NodeId, Raft};
 
 pub struct Process {
     pub id: NodeId,
@@ -56,7 +53,7 @@ pub struct Process {
     pub disk: Disk,
     pub cluster: watch::Receiver<ClusterState>,
     pub timing: Timing,
-    pub net: Net,
+    pub net: Net<Process>,
     /// keyraft's Raft service, on this process's openraft and memory.
     service: RaftService<StateMachine, Memory>,
     /// What it remembers of its peers (step 9).
@@ -70,10 +67,10 @@ pub struct Process {
     /// replicated state, and the status records gossip carries.
     pub core: Arc<Core<StateMachine>>,
     /// Signer mode: keyraft's own signer on this process's `core`.
-    pub signer: Option<Arc<crate::signer::SimSigner>>,
+    pub signer: Option<Arc<SimSigner<Process>>>,
     /// keyraft's own operator commands on `core`, relayed over the
-    /// simulated network ([`crate::operator`]).
-    pub commands: crate::operator::SimCommands,
+    /// simulated network (`ports::SimRelay`).
+    pub commands: SimCommands<Process>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Started with `--rejoin` on an empty data dir: its coordinator asks
     /// the leader to take it back.
@@ -103,18 +100,68 @@ pub enum StartError {
     Stopped,
 }
 
+/// What a process is started with: its host, the network, the run's
+/// judge, its configuration, and what it tells the run.
+pub struct Birth {
+    pub host: Arc<Host<Process>>,
+    pub net: Net<Process>,
+    pub judge: Arc<Judge>,
+    /// Its configuration: the run's timing, its peers, a chain in signer
+    /// mode.
+    pub config: Config,
+    /// A membership change is about to be asked of openraft.
+    pub change_begins: ChangeHook,
+    /// keyraft's Raft core stopped (`raft::core_stopped`), with why.
+    pub core_stopped: Arc<dyn Fn(String) + Send + Sync>,
+}
+
+/// The configured members of `cfg`, as `raft.initialize` takes them.
+pub fn members(cfg: &Config) -> BTreeMap<NodeId, BasicNode> {
+    cfg.peers
+        .iter()
+        .map(|(id, a)| (*id, BasicNode::new(a.clone())))
+        .chain([(cfg.id, BasicNode::new(addr(cfg.id)))])
+        .collect()
+}
+
+impl Runs for Process {
+    fn inc(&self) -> u64 {
+        self.inc
+    }
+}
+
+impl Port for Process {
+    fn raft(&self) -> &RaftService<StateMachine, Memory> {
+        &self.service
+    }
+
+    fn signer(&self) -> Option<&Arc<SimSigner<Process>>> {
+        self.signer.as_ref()
+    }
+
+    fn commands(&self) -> &SimCommands<Process> {
+        &self.commands
+    }
+}
+
 impl Process {
-    /// Starts incarnation `inc` on `host`. A start but the cluster's first
-    /// asks its peers first whether its data dir holds what they saw of it
-    /// (step 9).
+    /// Starts incarnation `inc` on `birth.host`. A start but the cluster's
+    /// first asks its peers first whether its data dir holds what they saw
+    /// of it (step 9).
     pub async fn start(
-        world: &Arc<World>,
-        id: NodeId,
+        birth: Birth,
         inc: u64,
         how: Start,
     ) -> Result<(Arc<Process>, OpsRx), StartError> {
-        let host = world.hosts.get(id).ok_or(StartError::Stopped)?;
-        let timing = world.timing;
+        let Birth {
+            host,
+            net,
+            judge,
+            config: cfg,
+            change_begins,
+            core_stopped,
+        } = birth;
+        let (id, timing) = (cfg.id, cfg.timing);
         // A store that cannot open (or a Raft that cannot start on it) is
         // a key that never signs here again: a violation, unless the
         // process was stopped meanwhile.
@@ -122,11 +169,11 @@ impl Process {
             if !host.disk.is_current(inc) {
                 return StartError::Stopped;
             }
-            world.oracle().unopenable(id, &e, world.at_ms());
+            judge.oracle().unopenable(id, &e, judge.at_ms());
             StartError::Refused(e)
         };
         let (log, sm, memory) =
-            keyraft::raft::store::open_on(host.disk.process(inc), Some(world.committed_hook()))
+            keyraft::raft::store::open_on(host.disk.process(inc), Some(judge.committed_hook()))
                 .map_err(|e| unopenable(e.to_string()))?;
         let start_holds = log.holds().map_err(|e| unopenable(e.to_string()))?;
         // Whether the data dir is empty, as `server::run` asks the store
@@ -134,9 +181,9 @@ impl Process {
         let start_fresh = log.is_fresh().map_err(|e| unopenable(e.to_string()))?;
         let acked = host.acked.last();
         if start_holds.last_index < acked {
-            world
+            judge
                 .oracle()
-                .lost(id, acked, start_holds.last_index, world.at_ms());
+                .lost(id, acked, start_holds.last_index, judge.at_ms());
         }
         let log = crate::judged::JudgedLog {
             inner: log,
@@ -155,7 +202,7 @@ impl Process {
         ));
         let network = Network {
             transport: Arc::new(SimTransport {
-                net: world.net.clone(),
+                net: net.clone(),
                 from: id,
                 inc,
             }),
@@ -175,7 +222,7 @@ impl Process {
             memory.clone(),
         );
         let core = Arc::new(Core {
-            cfg: world.config(id),
+            cfg: cfg.clone(),
             raft: raft.clone(),
             gate: gate.clone(),
             metrics: keyraft::metrics::Metrics::new("sim", false, &[], &[])
@@ -202,21 +249,22 @@ impl Process {
             disk: host.disk.clone(),
             cluster,
             timing,
-            net: world.net.clone(),
+            net: net.clone(),
             started: Instant::now(),
             start_holds,
             start_fresh,
             core: core.clone(),
-            signer: world
-                .signer_mode
-                .then(|| crate::signer::signer(&core, &world.net, id, inc)),
+            signer: cfg
+                .signer
+                .is_some()
+                .then(|| crate::signer::signer(&core, &net, id, inc)),
             commands: keyraft::admin::Commands::new(
                 core.clone(),
-                Arc::new(crate::operator::SimRelay {
-                    net: world.net.clone(),
+                Arc::new(SimRelay {
+                    net: net.clone(),
                     from: id,
                     inc,
-                    world: Arc::downgrade(world),
+                    change_begins,
                 }),
                 ops_tx,
             ),
@@ -227,7 +275,7 @@ impl Process {
         let answered = if how == Start::First {
             None
         } else {
-            match p.hello(world, &host, how).await {
+            match p.hello(&cfg, &host, how).await {
                 Ok(answered) => Some(answered),
                 Err(why) => {
                     if host.is_process(inc) {
@@ -243,12 +291,12 @@ impl Process {
             return Err(StartError::Stopped);
         }
         if let Some((holds, answered, bootstrap)) = answered {
-            world.check_residual(id, holds, &answered);
+            judge.check_residual(id, holds, &answered);
             // An empty data dir that no peer knew joins as `server::run`
             // has it: initialised with the configured members, its log then
             // replaced by the leader's.
             if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
-                let _ = p.raft.initialize(world.members()).await;
+                let _ = p.raft.initialize(members(&cfg)).await;
             }
         }
         p.gate.join();
@@ -256,11 +304,10 @@ impl Process {
         // process with exit code 8, as `server::run` does.
         let (died_tx, mut died) = watch::channel(None);
         p.spawn(keyraft::raft::core_stopped(p.raft.clone(), died_tx));
-        let w = world.clone();
         types::spawn(async move {
             if died.changed().await.is_ok() {
                 let why = died.borrow().clone().unwrap_or_default();
-                w.core_stopped(id, inc, why);
+                core_stopped(why);
             }
         });
         // keyraft's own flusher of the member memory; a kill ends it
@@ -319,8 +366,8 @@ impl Process {
     #[allow(clippy::type_complexity)]
     async fn hello(
         &self,
-        world: &Arc<World>,
-        host: &Host,
+        config: &Config,
+        host: &Host<Process>,
         how: Start,
     ) -> Result<(Holds, BTreeMap<NodeId, Remembered>, Bootstrap), StartError> {
         let holds = self.start_holds;
@@ -330,7 +377,7 @@ impl Process {
             inc: self.inc,
             answers: Mutex::new(BTreeMap::new()),
         };
-        let mut cfg = world.config(self.id);
+        let mut cfg = config.clone();
         cfg.rejoin = how == Start::Wiped { rejoin: true };
         let fresh = self.start_fresh;
         let decided = keyraft::join::bootstrap(&cfg, &ask, fresh, holds);
@@ -413,76 +460,11 @@ impl Process {
     pub fn leader(&self) -> Option<NodeId> {
         self.core.leader()
     }
-
-    // keyraft's Raft service (src/raft/server.rs); its answers as the
-    // gRPC client tells them apart (see `Failed`).
-
-    async fn serve_append(
-        &self,
-        peer: NodeId,
-        rpc: AppendEntriesRequest<Types>,
-        stamp: Stamp,
-    ) -> Result<AppendEntriesResponse<Types>, Failed> {
-        answered(
-            self.service
-                .append_entries(peer, rpc, stamp.leader_durable, stamp.promise_ms)
-                .await,
-        )
-    }
-
-    async fn serve_vote(
-        &self,
-        peer: NodeId,
-        rpc: VoteRequest<Types>,
-        pre: bool,
-    ) -> Result<VoteResponse<Types>, Failed> {
-        answered(self.service.vote(peer, rpc, pre).await)
-    }
-
-    async fn serve_transfer(
-        &self,
-        peer: NodeId,
-        rpc: TransferLeaderRequest<Types>,
-    ) -> Result<TransferLeaderResponse<Types>, Failed> {
-        answered(self.service.transfer_leader(peer, rpc).await)
-    }
-
-    async fn serve_snapshot(
-        &self,
-        peer: NodeId,
-        vote: Vote,
-        snapshot: SnapshotOf<Types, Vec<u8>>,
-        promise_ms: u32,
-    ) -> Result<SnapshotResponse<Types>, Failed> {
-        answered(
-            self.service
-                .install_snapshot(peer, vote, snapshot, promise_ms)
-                .await,
-        )
-    }
-}
-
-/// What the simulated peer's Raft service returned, as keyraft's gRPC
-/// client maps it (`raft::peers`): a passing refusal
-/// (status unavailable) and openraft's own error are unreachable, any
-/// other refusal a network error.
-pub enum Failed {
-    Unreachable(String),
-    Network(String),
-}
-
-fn answered<T>(r: Result<Answer<T>, Refusal>) -> Result<T, Failed> {
-    match r {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(Failed::Unreachable(e.to_string())),
-        Err(refusal) if refusal.passing() => Err(Failed::Unreachable(refusal.to_string())),
-        Err(refusal) => Err(Failed::Network(refusal.to_string())),
-    }
 }
 
 /// A Hello over the simulated network, and each peer's last answer.
 struct Ask {
-    net: Net,
+    net: Net<Process>,
     from: NodeId,
     inc: u64,
     answers: Mutex<BTreeMap<NodeId, Remembered>>,
@@ -509,111 +491,3 @@ impl keyraft::join::Ask for Ask {
 }
 
 pub use keyraft::node::{leads_within as leads, quorum_ack_age};
-
-/// keyraft's [`Transport`] for one process: each Raft message runs the
-/// receiving process's Raft service over [`crate::net`], its failures as
-/// keyraft's gRPC client maps them ([`Failed`]).
-pub struct SimTransport {
-    net: Net,
-    from: NodeId,
-    inc: u64,
-}
-
-fn unreachable(why: impl std::fmt::Display) -> RPCError<Types> {
-    RPCError::Unreachable(Unreachable::from_string(why.to_string()))
-}
-
-impl SimTransport {
-    async fn call<R: Send + 'static>(
-        &self,
-        to: NodeId,
-        ttl: Duration,
-        f: impl Fn(Arc<Process>) -> Boxed<Result<R, Failed>> + Send + Sync + 'static,
-    ) -> Result<R, RPCError<Types>> {
-        match self.net.exchange(self.from, self.inc, to, ttl, f).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(Failed::Unreachable(why))) => Err(unreachable(why)),
-            Ok(Err(Failed::Network(why))) => Err(RPCError::Network(NetworkError::from_string(why))),
-            // No answer in time is a network error, as keyraft's own
-            // deadline on a gRPC call is (`raft::peers`): openraft does
-            // not back off from it.
-            Err(e @ NetError::Timeout) => {
-                Err(RPCError::Network(NetworkError::from_string(e.to_string())))
-            }
-            // Nobody listening (a connection refused) is unreachable.
-            Err(e @ (NetError::Refused | NetError::SenderGone)) => Err(unreachable(e)),
-        }
-    }
-}
-
-impl Transport for SimTransport {
-    fn self_id(&self) -> NodeId {
-        self.from
-    }
-
-    /// The simulated network finds a peer by its id.
-    fn learn(&self, _target: NodeId, _node: &BasicNode) {}
-
-    async fn append(
-        &self,
-        to: NodeId,
-        rpc: &AppendEntriesRequest<Types>,
-        stamp: Stamp,
-        ttl: Duration,
-    ) -> Result<AppendEntriesResponse<Types>, RPCError<Types>> {
-        let (from, req) = (self.from, rpc.clone());
-        self.call(to, ttl, move |p| {
-            let req = req.clone();
-            Box::pin(async move { p.serve_append(from, req, stamp).await })
-        })
-        .await
-    }
-
-    async fn vote(
-        &self,
-        to: NodeId,
-        rpc: &VoteRequest<Types>,
-        pre: bool,
-        ttl: Duration,
-    ) -> Result<VoteResponse<Types>, RPCError<Types>> {
-        let (from, req) = (self.from, rpc.clone());
-        self.call(to, ttl, move |p| {
-            let req = req.clone();
-            Box::pin(async move { p.serve_vote(from, req, pre).await })
-        })
-        .await
-    }
-
-    async fn transfer(
-        &self,
-        to: NodeId,
-        rpc: &TransferLeaderRequest<Types>,
-        ttl: Duration,
-    ) -> Result<TransferLeaderResponse<Types>, RPCError<Types>> {
-        let (from, req) = (self.from, rpc.clone());
-        self.call(to, ttl, move |p| {
-            let req = req.clone();
-            Box::pin(async move { p.serve_transfer(from, req).await })
-        })
-        .await
-    }
-
-    async fn snapshot(
-        &self,
-        to: NodeId,
-        vote: Vote,
-        snapshot: SnapshotOf<Types, Vec<u8>>,
-        promise_ms: u32,
-        ttl: Duration,
-    ) -> Result<SnapshotResponse<Types>, RPCError<Types>> {
-        let from = self.from;
-        self.call(to, ttl, move |p| {
-            let snapshot = openraft::Snapshot {
-                meta: snapshot.meta.clone(),
-                snapshot: snapshot.snapshot.clone(),
-            };
-            Box::pin(async move { p.serve_snapshot(from, vote, snapshot, promise_ms).await })
-        })
-        .await
-    }
-}

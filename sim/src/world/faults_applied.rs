@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use super::World;
 use crate::faults::{Fault, Kind, Target};
 use crate::host::{Freeze, Host, OsFaults};
+use crate::judge::lock;
 use crate::net::Quality;
-use crate::node::Start;
+use crate::node::{Process, Start};
 use crate::types::{self, NodeId};
 
 impl World {
@@ -28,7 +29,8 @@ impl World {
         if !host.is_process(inc) {
             return;
         }
-        self.note(format!("node {id}: the Raft core stopped ({why}): exit 8"));
+        self.judge
+            .note(format!("node {id}: the Raft core stopped ({why}): exit 8"));
         self.kill_keyraft(&host);
         let w = self.clone();
         types::spawn(async move {
@@ -37,7 +39,7 @@ impl World {
         });
     }
 
-    fn kill_keyraft(&self, host: &Host) {
+    fn kill_keyraft(&self, host: &Host<Process>) {
         if let Some(p) = host.process() {
             p.stop();
         }
@@ -49,13 +51,13 @@ impl World {
         host.below().lease = None;
     }
 
-    fn crash(&self, host: &Host) {
+    fn crash(&self, host: &Host<Process>) {
         self.lose_power(host, false);
     }
 
     /// Power lost: with `torn`, the last write not yet synced of each
     /// file is torn for sure (otherwise by chance).
-    fn lose_power(&self, host: &Host, torn: bool) {
+    fn lose_power(&self, host: &Host<Process>, torn: bool) {
         if let Some(p) = host.process() {
             p.stop();
         }
@@ -63,7 +65,7 @@ impl World {
         host.disk.crash(torn);
     }
 
-    fn set_faults(&self, host: &Host, f: impl FnOnce(&mut OsFaults)) {
+    fn set_faults(&self, host: &Host<Process>, f: impl FnOnce(&mut OsFaults)) {
         f(&mut host.below().faults);
     }
 
@@ -80,7 +82,7 @@ impl World {
 
     /// Carries out one fault (and, for a timed one, its end).
     pub(super) async fn apply(self: Arc<Self>, f: Fault) {
-        tokio::time::sleep_until(self.epoch + Duration::from_millis(f.at_ms)).await;
+        tokio::time::sleep_until(self.judge.epoch + Duration::from_millis(f.at_ms)).await;
         let id = match f.target {
             Target::Node(n) => n,
             Target::Leader => match self.leader() {
@@ -91,27 +93,19 @@ impl World {
         let Some(host) = self.hosts.get(id) else {
             return;
         };
-        self.note(format!("fault on node {id}: {:?}", f.kind));
+        self.judge.note(format!("fault on node {id}: {:?}", f.kind));
         let sleep = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
         match f.kind {
             Kind::Crash { down_ms } | Kind::Restore { down_ms } => {
                 self.crash(&host);
                 if matches!(f.kind, Kind::Restore { .. }) {
                     let had = host.disk.holds();
-                    let copy = self
-                        .backups
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)
-                        .cloned();
+                    let copy = lock(&self.backups).get(&id).cloned();
                     host.disk.restore(copy);
                     let has = host.disk.holds();
                     host.acked.reset(has.last_index);
                     if has.term < had.term || has.last_index < had.last_index {
-                        self.amnesic
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(id);
+                        lock(&self.judge.amnesic).insert(id);
                     }
                 }
                 sleep(down_ms).await;
@@ -146,11 +140,7 @@ impl World {
                 while host.starting.load(Ordering::Relaxed) && Instant::now() < until {
                     sleep(50).await;
                 }
-                let refused = self
-                    .refused
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                let refused = lock(&self.refused).remove(&id);
                 if refused {
                     self.start(id, Start::Wiped { rejoin: true }).await;
                 }
@@ -213,8 +203,8 @@ impl World {
                 });
                 sleep(ms).await;
                 host.freeze.send_replace(Freeze::default());
-                self.note(format!("node {id} thawed"));
-                self.usable(id);
+                self.judge.note(format!("node {id} thawed"));
+                self.judge.usable(&self.hosts, id);
             }
             Kind::FreezeGuard { ms } => {
                 host.below().guard_frozen = true;
@@ -270,35 +260,32 @@ impl World {
                     };
                     let said = p.commands.execute_for_operator(cmd).await;
                     let said = said.unwrap_or_else(|e| e.message().to_string());
-                    self.note(format!("switchover on node {id}: {said}"));
+                    self.judge.note(format!("switchover on node {id}: {said}"));
                 }
             }
             Kind::Pause { ms } => {
                 let paused = self.operator(Op::Pause(true)).await;
-                self.note(format!("paused: {paused}"));
+                self.judge.note(format!("paused: {paused}"));
                 sleep(ms).await;
                 let resumed = self.operator(Op::Resume(true)).await;
-                self.note(format!("resumed: {resumed}"));
+                self.judge.note(format!("resumed: {resumed}"));
             }
             Kind::MemberOut { ms } => {
                 let removed = self.operator(Op::MembersRemove(id)).await;
-                self.note(format!("node {id} removed: {removed}"));
+                self.judge.note(format!("node {id} removed: {removed}"));
                 if removed {
                     sleep(ms).await;
                     let back = pb::Member {
                         id,
-                        addr: crate::operator::addr(id),
+                        addr: crate::ports::addr(id),
                     };
                     let added = self.operator(Op::MembersAdd(back)).await;
-                    self.note(format!("node {id} added back: {added}"));
+                    self.judge.note(format!("node {id} added back: {added}"));
                 }
             }
             Kind::Backup => {
                 let image = host.disk.image();
-                self.backups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, image);
+                lock(&self.backups).insert(id, image);
             }
         }
     }
