@@ -74,7 +74,7 @@ pub enum HealthError {
     Shape {
         url: String,
         kind: HealthKind,
-        why: String,
+        why: Missing,
     },
     #[error("{url} is a node of chain {network:?}, not of {chain}")]
     OtherChain {
@@ -174,15 +174,22 @@ impl Prober {
     }
 }
 
+/// A field a status body lacks, or holds as another JSON type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no {0}")]
+pub struct Missing(pub &'static str);
+
 /// Reads a status body of the given kind.
-pub fn parse(kind: HealthKind, v: &serde_json::Value) -> Result<Health, String> {
+pub fn parse(kind: HealthKind, v: &serde_json::Value) -> Result<Health, Missing> {
     match kind {
         HealthKind::Near => {
             let sync = &v["sync_info"];
-            let syncing = sync["syncing"].as_bool().ok_or("no sync_info.syncing")?;
+            let syncing = sync["syncing"]
+                .as_bool()
+                .ok_or(Missing("sync_info.syncing"))?;
             let height = sync["latest_block_height"]
                 .as_u64()
-                .ok_or("no sync_info.latest_block_height")?;
+                .ok_or(Missing("sync_info.latest_block_height"))?;
             Ok(Health {
                 running: true,
                 synced: !syncing,
@@ -193,11 +200,11 @@ pub fn parse(kind: HealthKind, v: &serde_json::Value) -> Result<Health, String> 
             let sync = &v["result"]["sync_info"];
             let catching_up = sync["catching_up"]
                 .as_bool()
-                .ok_or("no result.sync_info.catching_up")?;
+                .ok_or(Missing("result.sync_info.catching_up"))?;
             let height = sync["latest_block_height"]
                 .as_str()
                 .and_then(|h| h.parse().ok())
-                .ok_or("no result.sync_info.latest_block_height string")?;
+                .ok_or(Missing("result.sync_info.latest_block_height string"))?;
             Ok(Health {
                 running: true,
                 synced: !catching_up,

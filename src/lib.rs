@@ -5,7 +5,8 @@
 //! the validator key into its node and validates, under a lease that a
 //! separate guard process enforces. `docs/design.md` is the design (the
 //! safety protocol's numbered steps that comments here cite), and
-//! `docs/architecture.md` the contributor's tour.
+//! `docs/architecture.md` the workspace, how the parts meet, the layering
+//! rule and the coding rules.
 //! A short tour, from the outside in; each module's opening comment says
 //! what it owns and what it must not do, and no module imports one that
 //! imports it back (`tests/layering.rs` keeps it so):

@@ -80,8 +80,52 @@ pub struct Local {
 pub enum CoordinatorRequest {
     Switchover {
         to: Option<NodeId>,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<String, SwitchoverRefused>>,
     },
+}
+
+/// Why a switchover was not done (`keyraft switchover`'s error line).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchoverRefused {
+    #[error("the cluster is paused (no handovers): run `keyraft resume` first")]
+    Paused,
+    #[error("this node is not the leader")]
+    NotLeader,
+    #[error("this node still holds the key: it was not released (its validator's stop was not proven); the next leader will wait out the lease")]
+    StillHolds,
+    #[error("node {0} is not another voting member")]
+    NotAVoter(NodeId),
+    #[error("node {0} is not a healthy, synced, eligible standby right now: {1}")]
+    NotReady(NodeId, Unready),
+    #[error("no healthy, synced standby to hand over to ({})", unready_list(.0))]
+    NoneReady(Vec<(NodeId, Unready)>),
+    #[error("the validator was stopped, but its stop was not proven or the release not committed: node {0} takes over after the lease")]
+    Unproven(NodeId),
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a voter cannot take over now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unready {
+    #[error("not heard from lately")]
+    NotHeard,
+    #[error("a witness")]
+    Witness,
+    #[error("its node is not running and synced")]
+    NotSynced,
+    #[error("it may not lead now (just handed over, not a voter yet, its signer key is outvoted, or it runs another mode than the cluster)")]
+    MayNotLead,
+    #[error("no recent heartbeat ack")]
+    NoAck,
+}
+
+fn unready_list(nodes: &[(NodeId, Unready)]) -> String {
+    let each: Vec<String> = nodes
+        .iter()
+        .map(|(id, why)| format!("node {id}: {why}"))
+        .collect();
+    each.join("; ")
 }
 
 /// What the coordinator needs of its node, and nothing that reaches a

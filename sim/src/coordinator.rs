@@ -128,12 +128,18 @@ impl Outside for SimOutside {
         self.judge.now_ns()
     }
 
-    async fn ask_leader(&self, leader: NodeId, cmd: pb::ClusterCommand) -> Result<String, String> {
-        let p = self.process.upgrade().ok_or("stopped")?;
+    async fn ask_leader(
+        &self,
+        leader: NodeId,
+        cmd: pb::ClusterCommand,
+    ) -> Result<String, tonic::Status> {
+        let p = self
+            .process
+            .upgrade()
+            .ok_or_else(|| tonic::Status::unavailable("stopped"))?;
         p.commands
             .execute_on(leader, cmd, keyraft::admin::NODE_REQUEST_DEADLINE)
             .await
-            .map_err(|e| e.message().to_string())
     }
 
     async fn power_off_once(

@@ -19,6 +19,7 @@ use keyraft::admin::{Commands, Relay};
 use keyraft::pb;
 use keyraft::raft::memory::Memory;
 use keyraft::raft::network::{Stamp, Transport};
+use keyraft::raft::peers::PeerError;
 use keyraft::raft::server::{Answer, RaftService, Refusal};
 use keyraft::raft::store::StateMachine;
 use keyraft::signer::{Forward, Signer};
@@ -200,7 +201,7 @@ impl<P: Port> Forward for SimForward<P> {
         leader: NodeId,
         req: pb::SignRequest,
         limit: Duration,
-    ) -> Result<pb::SignReply, String> {
+    ) -> Result<pb::SignReply, PeerError> {
         let from = self.from;
         let req = Arc::new(req);
         let answer = self
@@ -209,16 +210,24 @@ impl<P: Port> Forward for SimForward<P> {
                 let req = req.clone();
                 Box::pin(async move {
                     match p.signer() {
-                        Some(s) => s
-                            .serve(from, &req)
-                            .await
-                            .map_err(|e| e.message().to_string()),
-                        None => Err("not a signer".to_string()),
+                        Some(s) => s.serve(from, &req).await,
+                        None => Err(Status::unimplemented("not a signer")),
                     }
                 })
             })
             .await;
-        answer.map_err(|e| format!("{e:?}"))?
+        // As keyraft's gRPC client reports them (`raft::peers`).
+        let rpc = |status| PeerError::Rpc { id: leader, status };
+        match answer {
+            Ok(reply) => reply.map_err(rpc),
+            Err(NetError::Timeout) => Err(PeerError::Timeout {
+                id: leader,
+                after: limit,
+            }),
+            Err(e @ (NetError::Refused | NetError::SenderGone)) => {
+                Err(rpc(Status::unavailable(e.to_string())))
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use tonic::Status;
 use super::members;
 use crate::config::NodeId;
 use crate::ledger::Command;
-use crate::node::{CoordinatorRequest, Core};
+use crate::node::{CoordinatorRequest, Core, SwitchoverRefused};
 use crate::pb::{self, cluster_command::Kind};
 use crate::raft::peers::Peers;
 use crate::raft::store::StateMachine;
@@ -297,14 +297,14 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
 
     /// Asks the coordinator for a switchover (to `to`, or to the best
     /// standby); its answer.
-    async fn switchover(&self, to: Option<NodeId>) -> Result<String, String> {
+    async fn switchover(&self, to: Option<NodeId>) -> Result<String, SwitchoverRefused> {
         let (reply, rx) = oneshot::channel();
-        let gone = || "coordinator is shutting down".to_string();
+        let gone = |_| SwitchoverRefused::ShuttingDown;
         self.requests
             .send(CoordinatorRequest::Switchover { to, reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| SwitchoverRefused::ShuttingDown)?;
+        rx.await.map_err(gone)?
     }
 
     async fn execute_here(&self, cmd: pb::ClusterCommand) -> Result<String, Status> {
@@ -329,7 +329,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
             Kind::Switchover(s) => self
                 .switchover(s.to)
                 .await
-                .map_err(Status::failed_precondition),
+                .map_err(|e| Status::failed_precondition(e.to_string())),
             Kind::MembersAdd(m) => {
                 check_member(&m)?;
                 self.add_voter(&m).await?;

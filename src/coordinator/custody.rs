@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use super::host::{Env, Host, Outside};
 use super::policy;
 use crate::config::ActivateBy;
+use crate::fence::agent::AgentError;
 use crate::fence::{FenceError, GuardError, ValidatorEvent};
 use crate::health::Health;
 use crate::ledger::{Command, NodeId};
@@ -48,6 +49,15 @@ pub enum CustodyError {
     Start(GuardError),
     #[error("the kernel fence is not in place: {0}")]
     KernelFence(crate::fence::kernel::KernelError),
+    #[error("no fence agent for node {0}")]
+    NoFenceAgent(NodeId),
+    #[error("{agent} could not fence node {node} in {attempts} attempts: {last}")]
+    NotFenced {
+        node: NodeId,
+        agent: String,
+        attempts: u32,
+        last: AgentError,
+    },
 }
 
 /// The validator side of this host, as the coordinator may touch it.
@@ -326,16 +336,16 @@ impl<E: Env> Custody<E> {
     /// Every attempt is logged, counted and shown in `status`. `Ok` only
     /// once the agent's `status` said off; without an agent for `node`,
     /// an error (the caller asks [`policy::fence_target`] first).
-    pub async fn power_off(&self, node: NodeId) -> Result<(), String> {
+    pub async fn power_off(&self, node: NodeId) -> Result<(), CustodyError> {
         let fence = &self.sh.cfg.fence;
         let Some(agent) = fence.by_node.get(&node) else {
-            return Err(format!("no fence agent for node {node}"));
+            return Err(CustodyError::NoFenceAgent(node));
         };
         let name = agent.path.file_name().map_or_else(
             || agent.path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let mut last = String::new();
+        let mut failed = None;
         for attempt in 1..=fence.attempts {
             let started = Instant::now();
             tracing::warn!(node, attempt, agent = %name, "fencing node {node}: its host is powered off before this node takes the key over");
@@ -347,7 +357,7 @@ impl<E: Env> Custody<E> {
                 .fence_agent_attempts
                 .with_label_values(&[&node.to_string(), result])
                 .inc();
-            last = match &outcome {
+            let last = match &outcome {
                 Ok(()) => format!("off: {name} confirmed node {node} off (attempt {attempt}, {ms} ms)"),
                 Err(e) => format!(
                     "failed: {name} could not fence node {node} (attempt {attempt} of {}, {ms} ms): {e}",
@@ -364,10 +374,22 @@ impl<E: Env> Custody<E> {
                     tracing::info!(node, attempt, took_ms = ms, "{last}");
                     return Ok(());
                 }
-                Err(_) => tracing::error!(node, attempt, took_ms = ms, "{last}"),
+                Err(e) => {
+                    tracing::error!(node, attempt, took_ms = ms, "{last}");
+                    failed = Some(e);
+                }
             }
         }
-        Err(last)
+        Err(match failed {
+            Some(last) => CustodyError::NotFenced {
+                node,
+                agent: name,
+                attempts: fence.attempts,
+                last,
+            },
+            // No attempt made (`--fence-attempts 0` is refused at start).
+            None => CustodyError::NoFenceAgent(node),
+        })
     }
 
     /// Shutdown without the key (or after releasing it): stop, prove, unlink.

@@ -109,12 +109,13 @@ pub trait Host: Send + 'static {
 pub trait Outside: Send + Sync + 'static {
     /// The clock every lease deadline is on (CLOCK_MONOTONIC, in ns).
     fn mono_now_ns(&self) -> u64;
-    /// Sends `cmd` to the leader `leader` (step 9's rejoin); its answer.
+    /// Sends `cmd` to the leader `leader` (step 9's rejoin); its answer,
+    /// or the leader's refusal (or the transport's) as a gRPC status.
     fn ask_leader(
         &self,
         leader: NodeId,
         cmd: pb::ClusterCommand,
-    ) -> impl Future<Output = Result<String, String>> + Send;
+    ) -> impl Future<Output = Result<String, tonic::Status>> + Send;
     /// Runs `agent` once: `Ok` only once it confirmed the host off.
     fn power_off_once(
         &self,
@@ -131,11 +132,14 @@ impl Outside for Real {
         crate::fence::mono_now_ns()
     }
 
-    async fn ask_leader(&self, leader: NodeId, cmd: pb::ClusterCommand) -> Result<String, String> {
+    async fn ask_leader(
+        &self,
+        leader: NodeId,
+        cmd: pb::ClusterCommand,
+    ) -> Result<String, tonic::Status> {
         crate::admin::commands(&self.0)
             .execute_on(leader, cmd, crate::admin::NODE_REQUEST_DEADLINE)
             .await
-            .map_err(|e| e.message().to_string())
     }
 
     async fn power_off_once(

@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use crate::fence::ValidatorEvent;
 use crate::health::Health;
 use crate::ledger::{ClusterState, NodeId};
-use crate::node::{CoordinatorRequest, Core, Local, StateName};
+use crate::node::{CoordinatorRequest, Core, Local, StateName, SwitchoverRefused};
 use crate::pb;
 use crate::raft;
 use crate::shutdown::Shutdown;
@@ -360,10 +360,10 @@ impl<E: Env> Coordinator<E> {
         let CoordinatorRequest::Switchover { to, reply } = req;
         let m = self.sh.raft_metrics();
         let r = if m.state != ServerState::Leader {
-            Err("this node is not the leader".to_string())
+            Err(SwitchoverRefused::NotLeader)
         } else if self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id) {
             // A handover whose stop was not proven left the key unreleased.
-            Err("this node still holds the key: it was not released (its validator's stop was not proven); the next leader will wait out the lease".to_string())
+            Err(SwitchoverRefused::StillHolds)
         } else {
             match self.handover_target(to) {
                 Ok(t) => {
@@ -382,7 +382,7 @@ impl<E: Env> Coordinator<E> {
 
     /// A standby to hand leadership to by transfer: it must also have acked
     /// a heartbeat lately (see [`policy::standby`]).
-    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, String> {
+    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, SwitchoverRefused> {
         policy::standby(&self.view(), want, true)
     }
 
@@ -501,7 +501,7 @@ impl<E: Env> Coordinator<E> {
                 self.rejoining = false;
                 self.sh.gate.open_votes();
             }
-            Err(e) => tracing::warn!("rejoin: {e}"),
+            Err(e) => tracing::warn!("rejoin: {}", e.message()),
         }
     }
 
@@ -609,7 +609,7 @@ impl<E: Env> Coordinator<E> {
                             let _ = reply.send(if released {
                                 Ok(format!("handed over to node {target}"))
                             } else {
-                                Err(format!("the validator was stopped, but its stop was not proven or the release not committed: node {target} takes over after the lease"))
+                                Err(SwitchoverRefused::Unproven(target))
                             });
                             return next;
                         }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::config::Timing;
 use crate::health::Health;
 use crate::ledger::{KeyEvent, NodeId};
-use crate::node::StateName;
+use crate::node::{StateName, SwitchoverRefused, Unready};
 use crate::plant::{self, Plant};
 
 /// A peer as gossip last showed it.
@@ -133,9 +133,9 @@ pub fn mode_conflict(
 /// leader it must also have acked a heartbeat lately: a transfer to a node
 /// that just died leaves openraft's leader stuck. The error says why not,
 /// node by node.
-pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, String> {
+pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, SwitchoverRefused> {
     if v.paused {
-        return Err("the cluster is paused (no handovers): run `keyraft resume` first".into());
+        return Err(SwitchoverRefused::Paused);
     }
     let recent = v.timing.heartbeat * 5;
     let live = |id: NodeId| match &v.acks {
@@ -148,20 +148,18 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, St
             .is_some_and(|age| age < recent),
     };
     // Every other voter, with the reason it cannot take over, if any.
-    let candidates: Vec<(NodeId, u64, Option<&'static str>)> = v
+    let candidates: Vec<(NodeId, u64, Option<Unready>)> = v
         .voters
         .iter()
         .filter(|id| **id != v.id)
         .map(|&id| {
             let p = v.peers.get(&id).filter(|p| v.fresh(p));
             let why = match p {
-                None => Some("not heard from lately"),
-                Some(p) if p.witness => Some("a witness"),
-                Some(p) if !p.ready => Some("its node is not running and synced"),
-                Some(p) if !p.eligible => {
-                    Some("it may not lead now (just handed over, not a voter yet, its signer key is outvoted, or it runs another mode than the cluster)")
-                }
-                Some(_) if !live(id) => Some("no recent heartbeat ack"),
+                None => Some(Unready::NotHeard),
+                Some(p) if p.witness => Some(Unready::Witness),
+                Some(p) if !p.ready => Some(Unready::NotSynced),
+                Some(p) if !p.eligible => Some(Unready::MayNotLead),
+                Some(_) if !live(id) => Some(Unready::NoAck),
                 Some(_) => None,
             };
             (id, p.map_or(0, |p| p.height), why)
@@ -170,10 +168,8 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, St
     match want {
         Some(id) => match candidates.iter().find(|c| c.0 == id) {
             Some((_, _, None)) => Ok(id),
-            Some((_, _, Some(why))) => Err(format!(
-                "node {id} is not a healthy, synced, eligible standby right now: {why}"
-            )),
-            None => Err(format!("node {id} is not another voting member")),
+            Some((_, _, Some(why))) => Err(SwitchoverRefused::NotReady(id, *why)),
+            None => Err(SwitchoverRefused::NotAVoter(id)),
         },
         None => candidates
             .iter()
@@ -181,14 +177,11 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, St
             .max_by_key(|c| c.1)
             .map(|c| c.0)
             .ok_or_else(|| {
-                let why: Vec<String> = candidates
+                let why = candidates
                     .iter()
-                    .filter_map(|(id, _, why)| why.map(|w| format!("node {id}: {w}")))
+                    .filter_map(|(id, _, why)| why.map(|w| (*id, w)))
                     .collect();
-                format!(
-                    "no healthy, synced standby to hand over to ({})",
-                    why.join("; ")
-                )
+                SwitchoverRefused::NoneReady(why)
             }),
     }
 }

@@ -143,41 +143,42 @@ fn eligibility_needs_every_condition() {
 
 #[test]
 fn standby_picks_the_most_advanced_ready_voter_and_says_why_not() {
+    use SwitchoverRefused::*;
     let v = view();
     assert_eq!(standby(&v, None, false), Ok(3), "node 3 is higher");
     assert_eq!(standby(&v, Some(1), false), Ok(1));
-    assert!(standby(&v, Some(2), false)
-        .unwrap_err()
-        .contains("not another voting member"));
-    assert!(standby(&v, Some(9), false)
-        .unwrap_err()
-        .contains("not another voting member"));
-    let reasons: Vec<(&str, Change<Peer>)> = vec![
+    assert_eq!(standby(&v, Some(2), false), Err(NotAVoter(2)), "itself");
+    assert_eq!(standby(&v, Some(9), false), Err(NotAVoter(9)));
+    let reasons: Vec<(Unready, Change<Peer>)> = vec![
         (
-            "not heard from lately",
+            Unready::NotHeard,
             Box::new(|p| p.age = Duration::from_secs(60)),
         ),
-        ("a witness", Box::new(|p| p.witness = true)),
-        ("not running and synced", Box::new(|p| p.ready = false)),
-        ("may not lead now", Box::new(|p| p.eligible = false)),
+        (Unready::Witness, Box::new(|p| p.witness = true)),
+        (Unready::NotSynced, Box::new(|p| p.ready = false)),
+        (Unready::MayNotLead, Box::new(|p| p.eligible = false)),
     ];
     for (why, change) in reasons {
         let mut v = view();
         change(v.peers.get_mut(&3).unwrap());
-        let err = standby(&v, Some(3), false).unwrap_err();
-        assert!(err.contains(why), "{why}: {err}");
+        assert_eq!(standby(&v, Some(3), false), Err(NotReady(3, why)));
         assert_eq!(standby(&v, None, false), Ok(1), "{why}: the other one");
     }
     let mut v = view();
     v.peers.clear();
     let err = standby(&v, None, false).unwrap_err();
+    assert_eq!(
+        err,
+        NoneReady(vec![(1, Unready::NotHeard), (3, Unready::NotHeard)])
+    );
     assert!(
-        err.contains("node 1: not heard from lately; node 3: not heard"),
+        err.to_string()
+            .contains("(node 1: not heard from lately; node 3: not heard from lately)"),
         "{err}"
     );
     let mut v = view();
     v.paused = true;
-    assert!(standby(&v, None, false).unwrap_err().contains("paused"));
+    assert_eq!(standby(&v, None, false), Err(Paused));
 }
 
 #[test]
@@ -188,9 +189,10 @@ fn a_handover_target_must_have_acked_lately_on_the_leader() {
     let old = v.timing.heartbeat * 6;
     v.acks = Some([(1, Some(recent)), (3, Some(old))].into());
     assert_eq!(standby(&v, None, true), Ok(1));
-    assert!(standby(&v, Some(3), true)
-        .unwrap_err()
-        .contains("no recent heartbeat ack"));
+    assert_eq!(
+        standby(&v, Some(3), true),
+        Err(SwitchoverRefused::NotReady(3, Unready::NoAck))
+    );
     assert_eq!(
         standby(&v, Some(3), false),
         Ok(3),

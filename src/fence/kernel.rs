@@ -471,24 +471,27 @@ pub fn set_up(
 /// What `keyraft check --config` can tell without changing anything:
 /// whether `set_up` would find what it needs on this host (it still proves
 /// the table with its probe at start).
-pub fn preflight(activate_by: ActivateBy, cgroup: bool, user: bool) -> Result<(), String> {
+pub fn preflight(activate_by: ActivateBy, cgroup: bool, user: bool) -> Result<(), KernelError> {
+    let unavailable = |why: &str| Err(KernelError::Unavailable(why.into()));
     if activate_by == ActivateBy::Sighup {
-        return Err(
-            "--activate-by sighup keeps the keyless node's connections when the key arrives".into(),
+        return unavailable(
+            "--activate-by sighup keeps the keyless node's connections when the key arrives",
         );
     }
     if !user && (!cgroup || !super::tree::cgroup_available()) {
-        return Err("no writable cgroup v2 for the validator here, and no --validator-user".into());
+        return unavailable(
+            "no writable cgroup v2 for the validator here, and no --validator-user",
+        );
     }
     match Command::new("nft").arg("--version").output() {
         Ok(o) if o.status.success() => {}
-        _ => return Err("the nft command is not installed (Debian: apt install nftables)".into()),
+        _ => return unavailable("the nft command is not installed (Debian: apt install nftables)"),
     }
     match Netlink::open().and_then(|mut nl| nl.count_rules("keyraft_preflight", CHAIN)) {
         Err(NftError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
-            Err("nftables needs root or CAP_NET_ADMIN".into())
+            unavailable("nftables needs root or CAP_NET_ADMIN")
         }
-        Err(e) if !matches!(e, NftError::Refused { .. }) => Err(e.to_string()),
+        Err(e) if !matches!(e, NftError::Refused { .. }) => Err(e.into()),
         _ => Ok(()),
     }
 }

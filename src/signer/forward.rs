@@ -22,19 +22,19 @@ use tonic::{Request, Response, Status};
 use super::{sign_request, Refusal, Signer, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
 use crate::pb;
-use crate::raft::peers::Peers;
+use crate::raft::peers::{PeerError, Peers};
 use crate::raft::TypeConfig;
 
 /// How a follower's sign request reaches the leader.
 pub trait Forward: Send + Sync + 'static {
     /// Sends `req` to the leader `leader`; its reply, or why none came
-    /// within `limit`.
+    /// within `limit` (the leader's own refusal is a `PeerError::Rpc`).
     fn forward(
         &self,
         leader: NodeId,
         req: pb::SignRequest,
         limit: Duration,
-    ) -> impl Future<Output = Result<pb::SignReply, String>> + Send;
+    ) -> impl Future<Output = Result<pb::SignReply, PeerError>> + Send;
 }
 
 /// A real node forwards over the peer port (mTLS gRPC).
@@ -44,14 +44,13 @@ impl Forward for Peers {
         leader: NodeId,
         req: pb::SignRequest,
         limit: Duration,
-    ) -> Result<pb::SignReply, String> {
-        let channel = self.channel(leader).map_err(|e| e.to_string())?;
+    ) -> Result<pb::SignReply, PeerError> {
+        let channel = self.channel(leader)?;
         let mut client = pb::signer_client::SignerClient::new(channel)
             .max_decoding_message_size(MAX_PRIVVAL_MESSAGE)
             .max_encoding_message_size(MAX_PRIVVAL_MESSAGE);
         self.call(leader, limit, client.sign(self.request(req, limit)))
             .await
-            .map_err(|e| e.to_string())
     }
 }
 
