@@ -90,7 +90,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
     if sh.signer_keys.is_empty() {
         return;
     }
-    let peers = crate::signer::keys::of_peers(&sh.core, &sh.view.snapshot());
+    let peers = crate::signer::keys::of_peers(&sh.core);
     let mut now = BTreeMap::new();
     for (chain, others) in crate::signer::keys::other_keys(&sh.signer_keys, &peers) {
         sh.metrics

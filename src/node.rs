@@ -232,14 +232,23 @@ impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
 
     /// A copy of openraft's latest metrics (never hold the borrow).
     pub fn raft_metrics(&self) -> raft::Metrics {
-        self.raft.metrics().borrow_watched().clone()
+        self.with_raft_metrics(raft::Metrics::clone)
+    }
+
+    /// Runs `f` on openraft's metrics in place, without a copy (they hold
+    /// the membership and every replication's progress). `f` must not
+    /// wait or read another watch: a borrow held while a second is taken
+    /// waits forever on a queued writer.
+    pub fn with_raft_metrics<R>(&self, f: impl FnOnce(&raft::Metrics) -> R) -> R {
+        f(&self.raft.metrics().borrow_watched())
     }
 
     /// Every other node we know of: configured peers and members.
     pub fn peer_ids(&self) -> Vec<NodeId> {
-        let m = self.raft_metrics();
         let mut ids: BTreeSet<NodeId> = self.cfg.peers.keys().copied().collect();
-        ids.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+        self.with_raft_metrics(|m| {
+            ids.extend(m.membership_config.membership().nodes().map(|(id, _)| *id))
+        });
         ids.remove(&self.cfg.id);
         ids.into_iter().collect()
     }
@@ -447,7 +456,13 @@ impl ClusterView {
     }
 
     pub fn snapshot(&self) -> BTreeMap<NodeId, Seen> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.with_peers(BTreeMap::clone)
+    }
+
+    /// Runs `f` on every peer's latest status, in place (under the view's
+    /// lock: `f` must not wait or take another of the view's locks).
+    pub fn with_peers<R>(&self, f: impl FnOnce(&BTreeMap<NodeId, Seen>) -> R) -> R {
+        f(&self.peers.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether each of `ids` said, when last heard from (however long

@@ -124,7 +124,7 @@ pub fn status_json(sh: &Shared) -> Value {
         "timing": crate::tuning::status(sh, cluster.timing),
     });
     if sh.cfg.signer.is_some() {
-        status["signer"] = json!({ "chains": signer_chains_json(sh, &cluster, &seen) });
+        status["signer"] = json!({ "chains": signer_chains_json(sh, &cluster) });
     }
     status
 }
@@ -155,16 +155,12 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
 /// Signer mode's chains in `status --json`: each chain's key, the other
 /// keys members gossip for it, its watermark, height limit, node probe
 /// and privval connections.
-fn signer_chains_json(
-    sh: &Shared,
-    cluster: &crate::ledger::ClusterState,
-    seen: &BTreeMap<NodeId, crate::node::Seen>,
-) -> Vec<Value> {
+fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec<Value> {
     let Some(c) = &sh.cfg.signer else {
         return Vec::new();
     };
     let links = sh.privval.snapshot();
-    let peers = crate::signer::keys::of_peers(&sh.core, seen);
+    let peers = crate::signer::keys::of_peers(&sh.core);
     let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
     let probe_errors = sh
         .chain_probe_errors

@@ -286,12 +286,13 @@ impl<E: Env> Coordinator<E> {
     }
 
     fn is_voter(&self) -> bool {
-        self.sh
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == self.sh.cfg.id)
+        let id = self.sh.cfg.id;
+        self.sh.with_raft_metrics(|m| {
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id)
+        })
     }
 
     /// Publishes state, eligibility and health to gossip, status and metrics,
@@ -299,7 +300,12 @@ impl<E: Env> Coordinator<E> {
     fn publish(&mut self, state: StateName) -> bool {
         let view = self.view();
         let eligible = policy::eligible(state, &view);
-        let other_mode = self.other_mode();
+        // The reason only where the view found one (it is rare).
+        let other_mode = if view.other_mode {
+            self.other_mode()
+        } else {
+            None
+        };
         if other_mode != self.said_other_mode {
             match &other_mode {
                 Some(why) => tracing::error!("this host may not lead: {why}"),

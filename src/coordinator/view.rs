@@ -14,50 +14,61 @@ use crate::ledger::{Mode, NodeId};
 impl<E: Env> Coordinator<E> {
     /// What this node sees now, for [`policy`].
     pub(super) fn view(&self) -> View {
-        let m = self.sh.raft_metrics();
-        let gossip_age = self.sh.view.snapshot();
-        let keys = crate::signer::keys::of_peers(&self.sh, &gossip_age);
+        let (voters, acks, unapplied_entries, is_leader, leader) = self.sh.with_raft_metrics(|m| {
+            (
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect::<Vec<_>>(),
+                m.heartbeat.is_some().then(|| crate::node::ack_ages(m)),
+                m.last_log_index > m.last_applied.map(|l| l.index),
+                m.state == ServerState::Leader,
+                m.current_leader,
+            )
+        });
         // Voters that run now (their gossip is fresh) but have not
         // registered: this host cannot know yet that they do not sign. One
         // that is down signs nothing and holds nothing back.
         let stale = self.sh.timing().gossip_interval * 3;
-        let running: Vec<NodeId> = gossip_age
-            .iter()
-            .filter(|(_, s)| s.at.elapsed() < stale)
-            .map(|(id, _)| *id)
-            .collect();
-        let peers = gossip_age
-            .into_iter()
-            .map(|(id, s)| {
-                let v = s.status.validator.as_ref();
-                let peer = policy::Peer {
-                    age: s.at.elapsed(),
-                    witness: s.status.role != "validator",
-                    ready: v.is_some_and(|v| v.running && v.synced),
-                    eligible: s.status.eligible,
-                    height: v.map_or(0, |v| v.height),
-                };
-                (id, peer)
-            })
-            .collect();
-        let acks = m.heartbeat.is_some().then(|| crate::node::ack_ages(&m));
+        // Read in place: a view is made at every event, and the statuses
+        // are large.
+        let keys = crate::signer::keys::of_peers(&self.sh);
+        let (running, peers) = self.sh.view.with_peers(|seen| {
+            let running: Vec<NodeId> = seen
+                .iter()
+                .filter(|(_, s)| s.at.elapsed() < stale)
+                .map(|(id, _)| *id)
+                .collect();
+            let peers = seen
+                .iter()
+                .map(|(id, s)| {
+                    let v = s.status.validator.as_ref();
+                    let peer = policy::Peer {
+                        age: s.at.elapsed(),
+                        witness: s.status.role != "validator",
+                        ready: v.is_some_and(|v| v.running && v.synced),
+                        eligible: s.status.eligible,
+                        height: v.map_or(0, |v| v.height),
+                    };
+                    (*id, peer)
+                })
+                .collect();
+            (running, peers)
+        });
         // Each read of the cluster's state is its own statement: a borrow
         // held while a second is taken waits forever on a queued writer.
         let applied_paused = self.cluster_rx.borrow().paused;
         // In signer mode every signature writes entries, so a follower
         // nearly always holds some not yet applied: there the pause holds
         // as applied, or it would not hold at all.
-        let unapplied =
-            self.sh.cfg.signer.is_none() && m.last_log_index > m.last_applied.map(|l| l.index);
-        let is_leader = m.state == ServerState::Leader;
+        let unapplied = self.sh.cfg.signer.is_none() && unapplied_entries;
         let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
-        let other_mode = self.other_mode().is_some();
+        let other_mode = self.other_mode_among(&voters).is_some();
         let unregistered = {
             let cluster = self.cluster_rx.borrow();
-            m.membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| running.contains(&v) && !cluster.registered.contains(&v))
+            voters
+                .iter()
+                .any(|v| running.contains(v) && !cluster.registered.contains(v))
         };
         View {
             id: self.sh.cfg.id,
@@ -67,8 +78,8 @@ impl<E: Env> Coordinator<E> {
             health: self.custody.health(),
             paused,
             standing_down: self.stand_down_until.is_some_and(|t| Instant::now() < t),
-            voters: m.membership_config.membership().voter_ids().collect(),
-            leader: m.current_leader,
+            voters: voters.into_iter().collect(),
+            leader,
             is_leader,
             peers,
             acks,
@@ -83,15 +94,17 @@ impl<E: Env> Coordinator<E> {
     pub(crate) fn other_mode(&self) -> Option<String> {
         let voters: Vec<NodeId> = self
             .sh
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+            .with_raft_metrics(|m| m.membership_config.membership().voter_ids().collect());
+        self.other_mode_among(&voters)
+    }
+
+    /// [`Self::other_mode`], with the current `voters`.
+    fn other_mode_among(&self, voters: &[NodeId]) -> Option<String> {
         let cluster = self.cluster_rx.borrow();
         let chains: Vec<&str> = cluster.watermarks().keys().map(String::as_str).collect();
         let signers: Vec<NodeId> = voters
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|id| *id != self.sh.cfg.id)
             // A mode this keyraft does not know may sign too.
             .filter(|id| matches!(cluster.modes.get(id), Some(Mode::Signer | Mode::Other)))

@@ -15,27 +15,29 @@ use std::collections::BTreeMap;
 use openraft::storage::RaftStateMachine;
 
 use crate::ledger::NodeId;
-use crate::node::{Core, Seen};
+use crate::node::Core;
 use crate::pb;
 use crate::raft::TypeConfig;
 
 /// What the other members of the current membership whose certificate
 /// proves the validator role last gossiped of their keys (a witness holds
 /// none, and one taken over could not outvote a host by claiming some).
-/// Empty outside signer mode. `seen` is a snapshot of the cluster view.
+/// Empty outside signer mode.
 pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
-    seen: &BTreeMap<NodeId, Seen>,
 ) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
     if core.signer_keys.is_empty() {
         return BTreeMap::new();
     }
-    core.peer_ids()
-        .into_iter()
-        .filter_map(|id| seen.get(&id).map(|s| (id, &s.status)))
-        .filter(|(_, s)| s.role == "validator")
-        .map(|(id, s)| (id, s.signer_keys.clone()))
-        .collect()
+    // Read before the view's lock is taken, not under it.
+    let ids = core.peer_ids();
+    core.view.with_peers(|seen| {
+        ids.into_iter()
+            .filter_map(|id| seen.get(&id).map(|s| (id, &s.status)))
+            .filter(|(_, s)| s.role == "validator")
+            .map(|(id, s)| (id, s.signer_keys.clone()))
+            .collect()
+    })
 }
 
 /// Why this host may not lead, if its key for a chain is outvoted: more
