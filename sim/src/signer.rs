@@ -29,9 +29,19 @@ fn holder(id: NodeId, inc: u64) -> u64 {
     (id << 32) | (inc & 0xffff_ffff)
 }
 
+/// The one consensus key's seed.
+pub const SEED: [u8; 32] = [7; 32];
+
 /// Every host's copy of the one consensus key.
 pub fn key() -> ConsensusKey {
-    ConsensusKey::from_seed([7; 32])
+    ConsensusKey::from_seed(SEED)
+}
+
+/// The key as the sentries and the judge know it, made once (making one
+/// is a scalar multiplication, and they ask for it at every request).
+pub fn known_key() -> &'static ConsensusKey {
+    static KEY: std::sync::LazyLock<ConsensusKey> = std::sync::LazyLock::new(key);
+    &KEY
 }
 
 /// Process `id`'s signer, incarnation `inc`, on its `core`.
