@@ -76,73 +76,88 @@ pub fn identity(path: &Path) -> Result<SigningKey, IdentityError> {
     }
 }
 
+/// Why a privval connection ended, or never began.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivvalError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("SecretConnection handshake timed out")]
+    HandshakeTimeout,
+    #[error("SecretConnection handshake: {0}")]
+    Handshake(cometbft_p2p::Error),
+    #[error("the listener's identity is {theirs}, not the pinned {pinned}: refused, nothing is signed for it")]
+    NotPinned { theirs: String, pinned: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Secret(cometbft_p2p::Error),
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("nothing from the node for {0:?}")]
+    Idle(Duration),
+}
+
 enum Conn {
     Secret(Box<AsyncSecretConnection<TcpStream>>),
     Plain(UnixStream),
 }
 
 impl Conn {
-    async fn open(addr: &PrivvalAddr, identity: &SigningKey) -> Result<Conn, String> {
+    async fn open(addr: &PrivvalAddr, identity: &SigningKey) -> Result<Conn, PrivvalError> {
         match addr {
             PrivvalAddr::Tcp { addr: a, pin } => {
                 let stream = tokio::time::timeout(CONNECT, TcpStream::connect(a))
                     .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| PrivvalError::ConnectTimeout)??;
                 let _ = stream.set_nodelay(true);
                 let conn =
                     tokio::time::timeout(CONNECT, AsyncSecretConnection::new(stream, identity))
                         .await
-                        .map_err(|_| "SecretConnection handshake timed out".to_string())?
-                        .map_err(|e| format!("SecretConnection handshake: {e}"))?;
+                        .map_err(|_| PrivvalError::HandshakeTimeout)?
+                        .map_err(PrivvalError::Handshake)?;
                 let theirs = conn.peer_public_key().peer_id();
                 if let Some(pin) = pin {
                     if theirs.as_bytes() != pin {
-                        return Err(format!(
-                            "the listener's identity is {}, not the pinned {}: refused, nothing is signed for it",
-                            hex::encode(theirs.as_bytes()),
-                            hex::encode(pin)
-                        ));
+                        return Err(PrivvalError::NotPinned {
+                            theirs: hex::encode(theirs.as_bytes()),
+                            pinned: hex::encode(pin),
+                        });
                     }
                 }
                 Ok(Conn::Secret(Box::new(conn)))
             }
-            PrivvalAddr::Unix(p) => UnixStream::connect(p)
-                .await
-                .map(Conn::Plain)
-                .map_err(|e| e.to_string()),
+            PrivvalAddr::Unix(p) => Ok(Conn::Plain(UnixStream::connect(p).await?)),
         }
     }
 
-    async fn recv(&mut self) -> Result<Message, String> {
+    async fn recv(&mut self) -> Result<Message, PrivvalError> {
         match self {
-            Conn::Secret(c) => c.read_msg::<Message>().await.map_err(|e| e.to_string()),
+            Conn::Secret(c) => c.read_msg::<Message>().await.map_err(PrivvalError::Secret),
             Conn::Plain(s) => {
                 let mut len: usize = 0;
                 for shift in (0..35).step_by(7) {
-                    let b = s.read_u8().await.map_err(|e| e.to_string())?;
+                    let b = s.read_u8().await?;
                     len |= usize::from(b & 0x7f) << shift;
                     if b & 0x80 == 0 {
                         break;
                     }
                 }
                 if len > MAX_PRIVVAL_MESSAGE {
-                    return Err(format!("message of {len} bytes is too large"));
+                    return Err(PrivvalError::TooLarge(len));
                 }
                 let mut buf = vec![0u8; len];
-                s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-                Message::decode(buf.as_slice()).map_err(|e| e.to_string())
+                s.read_exact(&mut buf).await?;
+                Ok(Message::decode(buf.as_slice())?)
             }
         }
     }
 
-    async fn send(&mut self, m: Message) -> Result<(), String> {
+    async fn send(&mut self, m: Message) -> Result<(), PrivvalError> {
         match self {
-            Conn::Secret(c) => c.write_msg(m).await.map_err(|e| e.to_string()),
-            Conn::Plain(s) => s
-                .write_all(&m.encode_length_delimited_to_vec())
-                .await
-                .map_err(|e| e.to_string()),
+            Conn::Secret(c) => c.write_msg(m).await.map_err(PrivvalError::Secret),
+            Conn::Plain(s) => Ok(s.write_all(&m.encode_length_delimited_to_vec()).await?),
         }
     }
 }
@@ -155,7 +170,7 @@ async fn session(
     addr: &PrivvalAddr,
     name: &str,
     identity: &SigningKey,
-) -> Result<(), String> {
+) -> Result<(), PrivvalError> {
     let mut conn = Conn::open(addr, identity).await?;
     tracing::info!(chain = chain.id(), node = %name, "connected to the node's privval port");
     links.set(name, true);
@@ -168,7 +183,7 @@ async fn session(
     loop {
         let req = tokio::time::timeout(IDLE, conn.recv())
             .await
-            .map_err(|_| format!("nothing from the node for {IDLE:?}"))??;
+            .map_err(|_| PrivvalError::Idle(IDLE))??;
         let reply = signer.handle(chain, req).await;
         conn.send(reply).await?;
     }
@@ -205,6 +220,7 @@ pub async fn run(
             r = session(&signer, &sh.privval, chain, &addr, &name, &identity) => {
                 let was_up = sh.privval.get(&name);
                 if let Err(e) = r {
+                    let e = e.to_string();
                     if was_up || said.as_deref() != Some(e.as_str()) {
                         tracing::warn!(node = %name, "privval connection: {e}; retrying");
                     }
