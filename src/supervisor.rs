@@ -220,7 +220,7 @@ impl Validator {
             }
         })
         .await
-        .unwrap_or_else(|e| Err(fence::FenceError::Refused(format!("link task failed: {e}"))));
+        .unwrap_or_else(|e| Err(e.into()));
         // Whatever happened, believe the file system.
         let links = self.links.clone();
         self.linked = tokio::task::spawn_blocking(move || links.any_linked())

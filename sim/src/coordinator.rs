@@ -26,7 +26,8 @@ use keyraft::coordinator::host::{Env, Host as CustodyHost, Outside};
 use keyraft::coordinator::{Coordinator, Parts};
 use keyraft::fence::agent::AgentError;
 use keyraft::fence::kernel::KernelError;
-use keyraft::fence::{FenceError, GuardError, ValidatorEvent};
+use keyraft::fence::protocol::Refusal;
+use keyraft::fence::{FenceError, GuardError, NotProven, ValidatorEvent};
 use keyraft::health::Health;
 use keyraft::ledger::NodeId;
 use keyraft::node::CoordinatorRequest;
@@ -208,7 +209,12 @@ impl SimValidator {
         if self.host.reap(Instant::now()) {
             Ok(())
         } else {
-            Err(GuardError::NotProven("a process survived SIGKILL".into()))
+            Err(GuardError::NotProven(NotProven::Scan(
+                FenceError::Survivors {
+                    pids: Default::default(),
+                    limit: bound,
+                },
+            )))
         }
     }
 
@@ -219,15 +225,11 @@ impl SimValidator {
         let now = Instant::now();
         let pid = {
             let mut b = self.host.below();
-            if b.validator
-                .is_some_and(|v| v.dies_at.is_none_or(|t| now < t))
-            {
-                return Err(GuardError::Refused("a validator still runs".into()));
+            if let Some(v) = b.validator.filter(|v| v.dies_at.is_none_or(|t| now < t)) {
+                return Err(GuardError::Refused(Refusal::Running(v.pid)));
             }
             if b.linked && b.lease.is_none_or(|l| l <= now) {
-                return Err(GuardError::Refused(
-                    "no live lease for a keyed start".into(),
-                ));
+                return Err(GuardError::Refused(Refusal::NoLease));
             }
             b.pids += 1;
             let pid = b.pids;
@@ -348,9 +350,9 @@ impl CustodyHost for SimValidator {
     }
 
     async fn sighup(&mut self) -> Result<(), GuardError> {
-        Err(GuardError::Refused(
+        Err(GuardError::Refused(Refusal::BadRequest(
             "activation by SIGHUP is not simulated".into(),
-        ))
+        )))
     }
 
     fn probe_height(&self) -> impl Future<Output = Option<u64>> + Send {

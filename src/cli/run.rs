@@ -62,8 +62,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             e @ (RunError::Refused(_)
             | RunError::Join(_)
             | RunError::KernelFence(_)
-            | RunError::Fence(FenceError::Refused(_) | FenceError::Locked { .. })),
-        ) => {
+            | RunError::Fence(_)),
+        ) if !matches!(e, RunError::Fence(FenceError::Io { .. })) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
             ExitCode::from(2)

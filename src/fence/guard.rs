@@ -31,7 +31,7 @@ use super::alarm::Alarm;
 use super::deadline::{boot_offset, Lease};
 use super::kernel::{KernelError, KernelLease, Keyed, Plan};
 use super::lock::{start_time, PID_FILE};
-use super::protocol::{parse_request, Event, Reply, Request};
+use super::protocol::{parse_request, Done, Event, Refusal, Reply, Request};
 use super::run_as::RunAs;
 use super::tree::Tree;
 use super::{boot_now_ns, mono_now_ns};
@@ -81,18 +81,19 @@ impl Guard {
     fn with_kernel(
         &self,
         f: impl FnOnce(&mut KernelLease) -> Result<(), KernelError>,
-    ) -> Result<String, String> {
+    ) -> Result<Done, Refusal> {
         if let Some(k) = &self.kernel {
-            f(&mut k.lock().unwrap_or_else(|p| p.into_inner())).map_err(|e| e.to_string())?;
+            f(&mut k.lock().unwrap_or_else(|p| p.into_inner()))
+                .map_err(|e| Refusal::KernelFence(e.to_string()))?;
         }
-        Ok(String::new())
+        Ok(Done::Done)
     }
 
     /// Where a keyed start runs its validator: with the kernel fence, under
     /// a fresh key its table holds, the lease moved to it and proven there;
     /// without, in a fresh keyed leaf where the tree has a cgroup. Takes
     /// the state lock only to read the time left, under the kernel's.
-    fn fresh_key(&self) -> Result<Option<Keyed>, String> {
+    fn fresh_key(&self) -> Result<Option<Keyed>, Refusal> {
         let Some(k) = &self.kernel else {
             // Without a kernel fence a leaf only helps the kill: a start
             // outside one is still found by the marker and the subreaper.
@@ -106,22 +107,23 @@ impl Guard {
         };
         let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
         let left = || self.lock().lease.map_or(Duration::ZERO, |l| l.left());
-        let keyed = k.rekey(left).map_err(|e| format!("kernel fence: {e}"))?;
-        k.ready().map_err(|e| format!("kernel fence: {e}"))?;
+        let refused = |e: KernelError| Refusal::KernelFence(e.to_string());
+        let keyed = k.rekey(left).map_err(refused)?;
+        k.ready().map_err(refused)?;
         Ok(Some(keyed))
     }
 
     /// Kills the whole tree: the validator and its process group at once
     /// (no scan stands before them), then the guard's descendants, the
     /// marker and the cgroup.
-    fn kill_tree(&self, validator: Option<i32>) -> Result<usize, String> {
+    fn kill_tree(&self, validator: Option<i32>) -> Result<usize, Refusal> {
         if let Some(pid) = validator {
             let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         self.tree
             .kill(Some(self.me), CONFIRM)
-            .map_err(|e| e.to_string())
+            .map_err(|e| Refusal::NotProven(e.to_string()))
     }
 }
 
@@ -255,7 +257,7 @@ pub fn guard_main(
                 Some(seq) => {
                     say(&Reply {
                         seq,
-                        outcome: Err(e.to_string()),
+                        outcome: Err(Refusal::BadRequest(e.to_string())),
                     }
                     .to_string());
                     continue;
@@ -275,7 +277,7 @@ pub fn guard_main(
 /// Answers request `seq` (a stop beside the loop, so that leases are
 /// renewed during it).
 fn serve(guard: &Arc<Guard>, seq: u64, req: Request) {
-    let reply = move |outcome: Result<String, String>| say(&Reply { seq, outcome }.to_string());
+    let reply = move |outcome: Result<Done, Refusal>| say(&Reply { seq, outcome }.to_string());
     match req {
         Request::Start { keyed, argv } => reply(start(guard, keyed, &argv)),
         Request::Stop { grace_ms } => {
@@ -310,12 +312,11 @@ fn serve(guard: &Arc<Guard>, seq: u64, req: Request) {
 /// A lease that has already run out is never renewed, even where the
 /// lease timer has not killed the tree yet (a thaw lets this thread run
 /// first): the renewal is refused and the timer kills it.
-fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
-    const RAN_OUT: &str = "the lease ran out before this renewal: not renewed";
+fn lease(guard: &Guard, ns: u64) -> Result<Done, Refusal> {
     let anchor = {
         let st = guard.lock();
         if st.lease.is_some_and(|l| l.left().is_zero()) {
-            return Err(RAN_OUT.into());
+            return Err(Refusal::RanOut);
         }
         st.anchor.unwrap_or_else(boot_offset)
     };
@@ -325,7 +326,7 @@ fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
     if st.lease.is_some_and(|l| l.left().is_zero()) {
         drop(st);
         let _ = guard.with_kernel(|k| k.clear());
-        return Err(RAN_OUT.into());
+        return Err(Refusal::RanOut);
     }
     let anchor = *st.anchor.get_or_insert(anchor);
     let lease = Lease::from_mono(ns, anchor);
@@ -337,30 +338,27 @@ fn lease(guard: &Guard, ns: u64) -> Result<String, String> {
     if nearer {
         guard.alarm.ring();
     }
-    Ok(String::new())
+    Ok(Done::Done)
 }
 
-fn signal(guard: &Guard, sig: i32) -> Result<String, String> {
-    let sig = Signal::try_from(sig).map_err(|_| format!("bad signal {sig}"))?;
-    let pid = guard.lock().pid.ok_or("no validator running")?;
-    kill(Pid::from_raw(pid), sig).map_err(|e| e.to_string())?;
-    Ok(String::new())
+fn signal(guard: &Guard, sig: i32) -> Result<Done, Refusal> {
+    let signal = Signal::try_from(sig).map_err(|_| Refusal::BadSignal(sig))?;
+    let pid = guard.lock().pid.ok_or(Refusal::NotRunning)?;
+    // ESRCH: it died between the read and the kill.
+    kill(Pid::from_raw(pid), signal).map_err(|_| Refusal::NotRunning)?;
+    Ok(Done::Done)
 }
 
-fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<String, String> {
-    let (prog, args) = argv.split_first().ok_or("empty command")?;
+fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<Done, Refusal> {
+    let (prog, args) = argv
+        .split_first()
+        .ok_or(Refusal::BadRequest("an empty command".into()))?;
     may_start(&guard.lock(), keyed)?;
     // Leftovers of an earlier validator (a straggler that had not died yet)
     // must be gone before a new one may start. Outside the state lock: a
     // scan of /proc can take long, and the lease timer must never wait.
     guard.kill_tree(None)?;
-    let keyed_in = if keyed {
-        guard
-            .fresh_key()
-            .map_err(|e| format!("not starting with the key: {e}"))?
-    } else {
-        None
-    };
+    let keyed_in = if keyed { guard.fresh_key()? } else { None };
     let mut st = guard.lock();
     may_start(&st, keyed)?;
     // The validator's output goes to our stderr, which the coordinator reads.
@@ -368,7 +366,7 @@ fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<String, Str
         std::io::stderr().as_fd().try_clone_to_owned(),
         std::io::stderr().as_fd().try_clone_to_owned(),
     ) else {
-        return Err("cannot duplicate stderr".into());
+        return Err(Refusal::Spawn("cannot duplicate stderr".into()));
     };
     // Keyed: in this start's fresh leaf or group; keyless: in the standby
     // leaf, and the validator's own group.
@@ -395,7 +393,7 @@ fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<String, Str
     let spawning = guard.spawning.lock().unwrap_or_else(|p| p.into_inner());
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {prog}: {e}"))?;
+        .map_err(|e| Refusal::Spawn(format!("{prog}: {e}")))?;
     drop(spawning);
     drop(cgroup);
     let pid = child.id() as i32;
@@ -413,19 +411,19 @@ fn start(guard: &Arc<Guard>, keyed: bool, argv: &[String]) -> Result<String, Str
             0o600,
         );
     }
-    Ok(pid.to_string())
+    Ok(Done::Started(u32::try_from(pid).unwrap_or(0)))
 }
 
 /// Whether a validator may start now (`keyed`: with the key).
-fn may_start(st: &GuardState, keyed: bool) -> Result<(), String> {
+fn may_start(st: &GuardState, keyed: bool) -> Result<(), Refusal> {
     if let Some(pid) = st.pid {
-        return Err(format!("running {pid}"));
+        return Err(Refusal::Running(u32::try_from(pid).unwrap_or(0)));
     }
     if st.lease.is_some_and(|l| l.left().is_zero()) {
-        return Err("the lease has run out: not starting".into());
+        return Err(Refusal::RanOut);
     }
     if keyed && st.lease.is_none() {
-        return Err("no lease: not starting with the key".into());
+        return Err(Refusal::NoLease);
     }
     Ok(())
 }
@@ -484,7 +482,7 @@ fn reap(guard: &Guard) {
 
 /// SIGTERM to every process of the tree, then (after `grace`) or at once
 /// SIGKILL of all of it; replies once the whole tree is proven dead.
-fn stop(guard: &Guard, grace: Option<Duration>) -> Result<String, String> {
+fn stop(guard: &Guard, grace: Option<Duration>) -> Result<Done, Refusal> {
     let pid = {
         let mut st = guard.lock();
         st.expected_exit = true;
@@ -508,8 +506,8 @@ fn stop(guard: &Guard, grace: Option<Duration>) -> Result<String, String> {
     drop(st);
     match (killed, left) {
         (Err(e), _) => Err(e),
-        (Ok(_), Some(p)) => Err(format!("validator {p} was not reaped")),
-        (Ok(_), None) => Ok(how),
+        (Ok(_), Some(p)) => Err(Refusal::NotProven(format!("validator {p} was not reaped"))),
+        (Ok(_), None) => Ok(Done::Stopped(how)),
     }
 }
 

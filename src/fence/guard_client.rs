@@ -21,7 +21,7 @@ use super::kernel::Plan;
 use super::tree::{Tree, MARKER_VAR};
 
 use super::guard::CONFIRM;
-use super::protocol::{request_line, Event, FromGuard, Request};
+use super::protocol::{request_line, Done, Event, FromGuard, Refusal, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -31,10 +31,23 @@ pub enum GuardError {
     GuardLost,
     #[error("the guard did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("{0}")]
-    Refused(String),
+    #[error("the guard refused: {0}")]
+    Refused(Refusal),
+    #[error("the guard sent {0:?} where it should have said {1}")]
+    Unexpected(Done, &'static str),
     #[error("the validator's process tree could not be proven dead: {0}")]
-    NotProven(String),
+    NotProven(#[from] NotProven),
+}
+
+/// Why the coordinator's own kill of a tree proves nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum NotProven {
+    #[error("{0}")]
+    Scan(#[from] super::FenceError),
+    #[error("the process scan did not finish in time")]
+    ScanTimeout,
+    #[error("the process scan's task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Something that happened to the validator without being asked for.
@@ -51,7 +64,7 @@ pub enum ValidatorEvent {
 pub struct GuardClient {
     guard: Child,
     stdin: ChildStdin,
-    replies: mpsc::Receiver<(u64, Result<String, String>)>,
+    replies: mpsc::Receiver<(u64, Result<Done, Refusal>)>,
     seq: u64,
     /// How long the guard may take to answer before it is presumed broken.
     answer: Duration,
@@ -201,7 +214,7 @@ impl GuardClient {
 
     /// The reply to request `seq`, within `wait`; replies to earlier
     /// requests (late ones) are dropped.
-    async fn reply(&mut self, seq: u64, wait: Duration) -> Result<String, GuardError> {
+    async fn reply(&mut self, seq: u64, wait: Duration) -> Result<Done, GuardError> {
         let until = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(until, self.replies.recv()).await {
@@ -213,7 +226,7 @@ impl GuardClient {
         }
     }
 
-    async fn ask(&mut self, req: &Request, wait: Duration) -> Result<String, GuardError> {
+    async fn ask(&mut self, req: &Request, wait: Duration) -> Result<Done, GuardError> {
         let seq = self.send(req).await?;
         self.reply(seq, wait).await
     }
@@ -225,22 +238,19 @@ impl GuardClient {
             keyed,
             argv: command.to_vec(),
         };
-        let reply = match self.ask(&req, self.answer + SLOW_ANSWER).await {
+        match self.ask(&req, self.answer + SLOW_ANSWER).await? {
+            Done::Started(pid) => {
+                self.running = Some(pid);
+                Ok(pid)
+            }
+            other => Err(GuardError::Unexpected(other, "a pid")),
+        }
+        .inspect_err(|e| {
             // An earlier start whose reply came too late: that one runs.
-            Err(GuardError::Refused(why)) => match why.strip_prefix("running ") {
-                Some(pid) => {
-                    self.running = pid.trim().parse().ok();
-                    return Err(GuardError::Refused(why));
-                }
-                None => return Err(GuardError::Refused(why)),
-            },
-            other => other?,
-        };
-        let pid: u32 = reply
-            .parse()
-            .map_err(|_| GuardError::Refused("guard sent no pid".into()))?;
-        self.running = Some(pid);
-        Ok(pid)
+            if let GuardError::Refused(Refusal::Running(pid)) = e {
+                self.running = Some(*pid);
+            }
+        })
     }
 
     /// Graceful stop: SIGTERM to the tree, SIGKILL after `grace`. Returns
@@ -264,7 +274,7 @@ impl GuardClient {
         let r = loop {
             tokio::select! {
                 r = self.replies.recv() => match r {
-                    Some((s, r)) if s == seq => break r.map_err(GuardError::Refused),
+                    Some((s, r)) if s == seq => break r.map_err(GuardError::Refused).and_then(stopped),
                     Some((s, _)) if pending.is_some_and(|p| p.0 == s) => pending = None,
                     Some(_) => {}
                     None => break Err(GuardError::GuardLost),
@@ -291,7 +301,10 @@ impl GuardClient {
 
     /// SIGKILL of the whole tree; returns once the guard confirms it dead.
     pub async fn kill(&mut self) -> Result<String, GuardError> {
-        let r = self.ask(&Request::Kill, self.answer).await;
+        let r = self
+            .ask(&Request::Kill, self.answer)
+            .await
+            .and_then(stopped);
         if r.is_ok() {
             self.running = None;
         }
@@ -358,11 +371,9 @@ impl GuardClient {
         });
         let r = match tokio::time::timeout(CONFIRM * 2, job).await {
             Ok(Ok(Ok(n))) => Ok(n),
-            Ok(Ok(Err(e))) => Err(GuardError::NotProven(e.to_string())),
-            Ok(Err(e)) => Err(GuardError::NotProven(e.to_string())),
-            Err(_) => Err(GuardError::NotProven(
-                "the process scan did not finish in time".into(),
-            )),
+            Ok(Ok(Err(e))) => Err(NotProven::Scan(e).into()),
+            Ok(Err(e)) => Err(NotProven::Task(e).into()),
+            Err(_) => Err(NotProven::ScanTimeout.into()),
         };
         if r.is_ok() {
             self.running = None;
@@ -388,6 +399,14 @@ impl GuardClient {
 
     pub fn guard_pid(&self) -> Option<u32> {
         self.guard.id()
+    }
+}
+
+/// How a stopped validator ended, from the guard's reply to a stop.
+fn stopped(done: Done) -> Result<String, GuardError> {
+    match done {
+        Done::Stopped(how) => Ok(how),
+        other => Err(GuardError::Unexpected(other, "how the validator ended")),
     }
 }
 
@@ -466,7 +485,7 @@ mod tests {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.args([
             "-c",
-            r#"read a rest; read b rest; echo "$a ok"; echo "$b err newer"; cat >/dev/null"#,
+            r#"read a rest; read b rest; echo "$a ok"; echo "$b err not-running"; cat >/dev/null"#,
         ]);
         cmd
     }
@@ -487,7 +506,7 @@ mod tests {
         );
         // Request 2 meets the late "1 ok" first; only "2 ..." answers it.
         match client.kill().await {
-            Err(GuardError::Refused(why)) => assert_eq!(why, "newer"),
+            Err(GuardError::Refused(why)) => assert_eq!(why, Refusal::NotRunning),
             other => panic!("the late reply answered a newer request: {other:?}"),
         }
     }

@@ -42,11 +42,14 @@ fn unlink(l: &KeyLink) -> Result<bool, FenceError> {
         Err(e) => return Err(io("cannot inspect", &l.dst)(e)),
     };
     if !meta.file_type().is_symlink() {
-        return Err(FenceError::Refused(format!(
-            "{} is not a link keyraft made (a {}): a node could sign with it outside keyraft's fence; move it away, keyraft links the key there only while validating",
-            l.dst.display(),
-            if meta.is_file() { "regular file" } else { "directory or special file" }
-        )));
+        return Err(FenceError::NotOurLink {
+            path: l.dst.display().to_string(),
+            kind: if meta.is_file() {
+                "regular file"
+            } else {
+                "directory or special file"
+            },
+        });
     }
     std::fs::remove_file(&l.dst).map_err(io("cannot remove", &l.dst))?;
     fsync_dir(parent(&l.dst))?;

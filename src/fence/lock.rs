@@ -97,9 +97,7 @@ pub fn kill_leftover(dir: &Path) -> Result<Option<i32>, FenceError> {
             std::thread::sleep(Duration::from_millis(10));
         }
         if same_process_alive(pid, started) {
-            return Err(FenceError::Refused(format!(
-                "validator {pid} left by a previous run does not die; stop it by hand"
-            )));
+            return Err(FenceError::LeftoverAlive(pid));
         }
         killed = Some(pid);
     }

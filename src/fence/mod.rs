@@ -41,7 +41,7 @@ pub mod tree;
 use std::path::Path;
 
 pub use guard::guard_main;
-pub use guard_client::{become_subreaper, GuardClient, GuardError, ValidatorEvent};
+pub use guard_client::{become_subreaper, GuardClient, GuardError, NotProven, ValidatorEvent};
 pub use links::KeyLinks;
 pub use lock::{kill_leftover, lock_data_dir, DataDirLock};
 pub use tree::Tree;
@@ -56,8 +56,24 @@ pub enum FenceError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Refused(String),
+    #[error("{path} is not a link keyraft made (a {kind}): a node could sign with it outside keyraft's fence; move it away, keyraft links the key there only while validating")]
+    NotOurLink { path: String, kind: &'static str },
+    #[error("validator {0} left by a previous run does not die; stop it by hand")]
+    LeftoverAlive(i32),
+    #[error("validator processes {pids:?} are still alive {limit:?} after SIGKILL")]
+    Survivors {
+        pids: std::collections::BTreeSet<i32>,
+        limit: std::time::Duration,
+    },
+    #[error("{0} earlier reads of /proc environments are still blocked: the scan is not proof")]
+    ScanBlocked(usize),
+    #[error("reading /proc/{pid}/environ did not finish within {bound:?}: the scan is not proof")]
+    ScanSlow {
+        pid: i32,
+        bound: std::time::Duration,
+    },
+    #[error("the key links' task failed: {0}")]
+    LinkTask(#[from] tokio::task::JoinError),
 }
 
 pub(crate) fn io<'a>(

@@ -5,17 +5,18 @@
 //!
 //! ```text
 //! SEQ start keyed|standby <json argv>
-//!                        -> SEQ ok <pid> | SEQ err <why>   keyed: in a fresh keyed
-//!                                          leaf (or group), only under a live lease
-//! SEQ stop <grace_ms>    -> SEQ ok <how>   SIGTERM to the tree, SIGKILL after grace,
-//!                                          replies once the whole tree is dead
-//! SEQ kill               -> SEQ ok <how>   the same without the grace
+//!                        -> SEQ ok started <pid>   keyed: in a fresh keyed leaf
+//!                                                  (or group), only under a live lease
+//! SEQ stop <grace_ms>    -> SEQ ok stopped <how>   SIGTERM to the tree, SIGKILL after
+//!                                                  grace, once the whole tree is dead
+//! SEQ kill               -> SEQ ok stopped <how>   the same without the grace
 //! SEQ signal <signum>    -> SEQ ok
-//! SEQ lease <mono_ns>    -> SEQ ok         kill the tree at that CLOCK_MONOTONIC time
-//!                                          (and renew the kernel fence's lease first)
-//! SEQ unlease            -> SEQ ok         (the kernel's lease removed, verified)
-//! event exit <pid> <how>                   the validator died unasked
-//! event fenced <pid> <how>                 killed at the lease deadline
+//! SEQ lease <mono_ns>    -> SEQ ok                 kill the tree at that CLOCK_MONOTONIC
+//!                                                  time (the kernel fence's lease first)
+//! SEQ unlease            -> SEQ ok                 (the kernel's lease removed, verified)
+//! any of them            -> SEQ err <code> [<detail>]   a [`Refusal`]
+//! event exit <pid> <how>                           the validator died unasked
+//! event fenced <pid> <how>                         killed at the lease deadline
 //! ```
 //!
 //! Owns: the grammar, written ([`std::fmt::Display`]) and read
@@ -122,19 +123,96 @@ pub fn parse_request(line: &str) -> Result<(u64, Request), BadLine> {
     Ok((seq, rest.parse()?))
 }
 
+/// What the guard did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// The validator runs, as this pid.
+    Started(u32),
+    /// The whole tree is dead; how the validator ended.
+    Stopped(String),
+    /// Done, with nothing to tell.
+    Done,
+}
+
+/// Why the guard did not do what it was asked. Its wire form is a code
+/// and, for some, a detail: `running 4242`, `kernel-fence <why>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("validator {0} still runs")]
+    Running(u32),
+    #[error("the lease has run out: not starting, not renewing")]
+    RanOut,
+    #[error("no lease: not starting with the key")]
+    NoLease,
+    #[error("no validator running")]
+    NotRunning,
+    #[error("not a signal: {0}")]
+    BadSignal(i32),
+    #[error("cannot start the validator: {0}")]
+    Spawn(String),
+    #[error("kernel fence: {0}")]
+    KernelFence(String),
+    #[error("the validator's tree is not proven dead: {0}")]
+    NotProven(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl Refusal {
+    fn code(&self) -> (&'static str, String) {
+        match self {
+            Refusal::Running(pid) => ("running", pid.to_string()),
+            Refusal::RanOut => ("ran-out", String::new()),
+            Refusal::NoLease => ("no-lease", String::new()),
+            Refusal::NotRunning => ("not-running", String::new()),
+            Refusal::BadSignal(sig) => ("bad-signal", sig.to_string()),
+            Refusal::Spawn(why) => ("spawn", why.clone()),
+            Refusal::KernelFence(why) => ("kernel-fence", why.clone()),
+            Refusal::NotProven(why) => ("not-proven", why.clone()),
+            Refusal::BadRequest(why) => ("bad-request", why.clone()),
+        }
+    }
+
+    fn from_code(line: &str, code: &str, detail: &str) -> Result<Refusal, BadLine> {
+        let text = || detail.to_string();
+        Ok(match code {
+            "running" => Refusal::Running(detail.parse().map_err(|_| bad(line, "a pid"))?),
+            "ran-out" => Refusal::RanOut,
+            "no-lease" => Refusal::NoLease,
+            "not-running" => Refusal::NotRunning,
+            "bad-signal" => Refusal::BadSignal(detail.parse().map_err(|_| bad(line, "a signal"))?),
+            "spawn" => Refusal::Spawn(text()),
+            "kernel-fence" => Refusal::KernelFence(text()),
+            "not-proven" => Refusal::NotProven(text()),
+            "bad-request" => Refusal::BadRequest(text()),
+            _ => return Err(bad(line, "an unknown refusal")),
+        })
+    }
+}
+
 /// The guard's answer to request `seq`: what it did, or why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub seq: u64,
-    pub outcome: Result<String, String>,
+    pub outcome: Result<Done, Refusal>,
 }
 
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.outcome {
-            Ok(s) => write!(f, "{} ok {s}", self.seq),
-            Err(e) => write!(f, "{} err {e}", self.seq),
-        }
+        let (word, code, detail) = match &self.outcome {
+            Ok(Done::Started(pid)) => ("ok", "started", pid.to_string()),
+            Ok(Done::Stopped(how)) => ("ok", "stopped", how.clone()),
+            Ok(Done::Done) => ("ok", "", String::new()),
+            Err(e) => {
+                let (code, detail) = e.code();
+                ("err", code, detail)
+            }
+        };
+        // One line each: a detail never carries a newline onto the wire.
+        let detail = detail.replace('\n', " ");
+        let line = [self.seq.to_string(), word.into(), code.into(), detail];
+        let end = line.iter().rposition(|w| !w.is_empty()).unwrap_or(0);
+        f.write_str(&line[..=end].join(" "))
     }
 }
 
@@ -180,17 +258,20 @@ impl FromStr for FromGuard {
                 _ => return Err(bad(line, "an unknown event")),
             }));
         }
-        let mut parts = line.splitn(3, ' ');
+        let mut parts = line.splitn(4, ' ');
         let seq = parts
             .next()
             .and_then(|s| s.parse().ok())
             .ok_or(bad(line, "no sequence number"))?;
-        let rest = parts
-            .next()
-            .zip(Some(parts.next().unwrap_or("").to_string()));
-        let outcome = match rest {
-            Some(("ok", s)) => Ok(s),
-            Some(("err", e)) => Err(e),
+        let (word, code) = (parts.next(), parts.next().unwrap_or(""));
+        let detail = parts.next().unwrap_or("");
+        let outcome = match (word, code) {
+            (Some("ok"), "started") => Ok(Done::Started(
+                detail.parse().map_err(|_| bad(line, "a pid"))?,
+            )),
+            (Some("ok"), "stopped") => Ok(Done::Stopped(detail.to_string())),
+            (Some("ok"), "") => Ok(Done::Done),
+            (Some("err"), code) => Err(Refusal::from_code(line, code, detail)?),
             _ => return Err(bad(line, "neither ok nor err")),
         };
         Ok(FromGuard::Reply(Reply { seq, outcome }))
@@ -241,9 +322,19 @@ mod tests {
     #[test]
     fn replies_and_events_read_back_as_written_and_an_unknown_event_is_refused() {
         for outcome in [
-            Ok("4242".to_string()),
-            Ok(String::new()),
-            Err("no lease".into()),
+            Ok(Done::Started(4242)),
+            Ok(Done::Stopped("code 0".into())),
+            Ok(Done::Stopped(String::new())),
+            Ok(Done::Done),
+            Err(Refusal::Running(17)),
+            Err(Refusal::RanOut),
+            Err(Refusal::NoLease),
+            Err(Refusal::NotRunning),
+            Err(Refusal::BadSignal(99)),
+            Err(Refusal::Spawn("no such file".into())),
+            Err(Refusal::KernelFence("set gone".into())),
+            Err(Refusal::NotProven("pid 5 alive".into())),
+            Err(Refusal::BadRequest("x".into())),
         ] {
             let r = Reply { seq: 9, outcome };
             assert_eq!(r.to_string().parse(), Ok(FromGuard::Reply(r.clone())));
@@ -262,5 +353,7 @@ mod tests {
         }
         assert!("event note hello".parse::<FromGuard>().is_err());
         assert!("9 maybe".parse::<FromGuard>().is_err());
+        assert!("9 err running soon".parse::<FromGuard>().is_err());
+        assert!("9 err shrug".parse::<FromGuard>().is_err());
     }
 }

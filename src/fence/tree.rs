@@ -276,9 +276,7 @@ impl Tree {
                 if left.is_empty() {
                     return Ok(killed.len());
                 }
-                return Err(FenceError::Refused(format!(
-                    "validator processes {left:?} are still alive {limit:?} after SIGKILL"
-                )));
+                return Err(FenceError::Survivors { pids: left, limit });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -335,9 +333,7 @@ fn environments(pids: Vec<i32>, bound: Duration) -> Result<Vec<Environ>, FenceEr
     let order = pids.clone();
     if READERS.fetch_add(1, Ordering::SeqCst) >= MAX_READERS {
         READERS.fetch_sub(1, Ordering::SeqCst);
-        return Err(FenceError::Refused(format!(
-            "{MAX_READERS} earlier reads of /proc environments are still blocked: the scan is not proof"
-        )));
+        return Err(FenceError::ScanBlocked(MAX_READERS));
     }
     /// Counts its thread out however it ends.
     struct Out;
@@ -371,10 +367,8 @@ fn environments(pids: Vec<i32>, bound: Duration) -> Result<Vec<Environ>, FenceEr
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(read) => out.push(read),
             Err(_) => {
-                return Err(FenceError::Refused(format!(
-                "reading /proc/{}/environ did not finish within {bound:?}: the scan is not proof",
-                order[out.len()]
-            )))
+                let pid = order[out.len()];
+                return Err(FenceError::ScanSlow { pid, bound });
             }
         }
     }
