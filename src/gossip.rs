@@ -32,10 +32,10 @@ use crate::tls::peer_of;
 /// handover target does not pick a node that has just become unable to
 /// take over (it would refuse, and the handover would wait for a lease).
 pub async fn run(sh: Arc<Shared>) {
-    let interval = sh.cfg.timing.gossip_interval;
+    let interval = sh.core.cfg.timing.gossip_interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut local = sh.local.subscribe();
+    let mut local = sh.core.local.subscribe();
     let role = |l: &Local| (l.state, l.eligible);
     let mut pushed = None;
     let mut told = Told::default();
@@ -48,15 +48,21 @@ pub async fn run(sh: Arc<Shared>) {
                 }
             }
         }
-        pushed = Some(role(&sh.local.borrow()));
+        pushed = Some(role(&sh.core.local.borrow()));
         // Members added at runtime are dialled at their membership address.
-        for (id, node) in sh.raft_metrics().membership_config.membership().nodes() {
+        for (id, node) in sh
+            .core
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .nodes()
+        {
             if sh.peers.addr(*id).is_none() {
                 sh.peers.set_addr(*id, &node.addr);
             }
         }
         let mine = own_status(&sh);
-        let rounds = sh.peer_ids().into_iter().map(|id| {
+        let rounds = sh.core.peer_ids().into_iter().map(|id| {
             let (sh, mine) = (sh.clone(), mine.clone());
             async move {
                 let start = Instant::now();
@@ -87,13 +93,14 @@ pub async fn run(sh: Arc<Shared>) {
 /// for a chain differs from this host's, once per change, and once it
 /// agrees again.
 fn tell_other_keys(sh: &Shared, told: &mut Told) {
-    if sh.signer_keys.is_empty() {
+    if sh.core.signer_keys.is_empty() {
         return;
     }
     let peers = crate::signer::keys::of_peers(&sh.core);
     let mut now = BTreeMap::new();
-    for (chain, others) in crate::signer::keys::other_keys(&sh.signer_keys, &peers) {
-        sh.metrics
+    for (chain, others) in crate::signer::keys::other_keys(&sh.core.signer_keys, &peers) {
+        sh.core
+            .metrics
             .signer_other_key_members
             .with_label_values(&[&chain])
             .set(others.len() as i64);
@@ -104,6 +111,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
             continue;
         }
         let mine = sh
+            .core
             .signer_keys
             .iter()
             .find(|k| &k.chain_id == chain)
@@ -124,7 +132,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         }
     }
     told.other_keys = now;
-    let outvoted = crate::signer::keys::outvoted(&sh.signer_keys, &peers);
+    let outvoted = crate::signer::keys::outvoted(&sh.core.signer_keys, &peers);
     if outvoted != told.outvoted {
         match &outvoted {
             Some(why) => tracing::error!(
@@ -151,9 +159,9 @@ struct Told {
 /// (once per change: openraft's own per-heartbeat errors are not logged),
 /// and a round trip too long for the timing profile (once per peer).
 fn update_peer_metrics(sh: &Shared, told: &mut Told) {
-    let t = sh.timing();
+    let t = sh.core.timing();
     let stale = t.gossip_interval * 3;
-    let seen = sh.view.snapshot();
+    let seen = sh.core.view.snapshot();
     // openraft drops a heartbeat not answered within its deadline; auto
     // timing moves to wan by itself, so only a round trip beyond what wan
     // holds is worth a warning there.
@@ -162,7 +170,7 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
     } else {
         t.heartbeat_deadline() * 2 / 3
     };
-    for id in sh.peer_ids() {
+    for id in sh.core.peer_ids() {
         let label = id.to_string();
         let s = seen.get(&id);
         let up = s.is_some_and(|s| s.at.elapsed() <= stale);
@@ -192,16 +200,19 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
             (Some(false), true) => tracing::info!(peer = id, "peer {id} reachable again"),
             _ => {}
         }
-        sh.metrics
+        sh.core
+            .metrics
             .peer_up
             .with_label_values(&[&label])
             .set(i64::from(up));
-        sh.metrics
+        sh.core
+            .metrics
             .member_refused
             .with_label_values(&[&label])
             .set(i64::from(sh.memory.of(id).refused.is_some()));
         if let Some(rtt) = s.and_then(|s| s.rtt) {
-            sh.metrics
+            sh.core
+                .metrics
                 .peer_rtt
                 .with_label_values(&[&label])
                 .set(rtt.as_secs_f64());
@@ -223,7 +234,7 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
                 refused: r.refused.unwrap_or_default(),
             })
             .collect(),
-        signer_keys: sh.signer_keys.clone(),
+        signer_keys: sh.core.signer_keys.clone(),
         ..core_status(&sh.core, sh.start_holds)
     }
 }
@@ -272,7 +283,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
 /// it before asking has gone back in time (its data dir was restored while
 /// this node was away): refused here from now on, and told so.
 async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
-    if !sh.gate.votes_open() {
+    if !sh.core.gate.votes_open() {
         return;
     }
     let holds = Holds {
@@ -288,9 +299,9 @@ async fn catch(sh: &Shared, before: &Remembered, theirs: &pb::NodeStatus) {
     if let Some(gap) = before.gap(holds) {
         let why = format!(
             "node {} answered below what node {} saw of it ({gap}): its data dir was restored from an older copy or lost writes",
-            theirs.id, sh.cfg.id
+            theirs.id, sh.core.cfg.id
         );
-        match sh.memory.refuse(theirs.id, before, why.clone(), sh.cfg.id).await {
+        match sh.memory.refuse(theirs.id, before, why.clone(), sh.core.cfg.id).await {
             Ok(true) => tracing::error!("REFUSED: {why}; its votes and acknowledgements are ignored until it starts with a data dir that holds what was seen of it"),
             Ok(false) => {}
             Err(e) => tracing::error!("cannot record the refusal of node {}: {e}", theirs.id),
@@ -309,7 +320,7 @@ fn record(sh: &Arc<Shared>, theirs: pb::NodeStatus, rtt: Option<std::time::Durat
     let refusal = theirs
         .remembered
         .iter()
-        .find(|r| r.id == sh.cfg.id && !r.refused.is_empty());
+        .find(|r| r.id == sh.core.cfg.id && !r.refused.is_empty());
     let behind = refusal.is_some_and(|r| {
         let seen = Remembered {
             term: r.term,
@@ -325,8 +336,8 @@ fn record(sh: &Arc<Shared>, theirs: pb::NodeStatus, rtt: Option<std::time::Durat
     let told = refusal
         .filter(|_| behind)
         .map(|r| format!("node {} refused this node: {}", theirs.id, r.refused));
-    sh.view.record(theirs, rtt);
-    if let Some(why) = told.filter(|_| sh.gate.votes_open()) {
+    sh.core.view.record(theirs, rtt);
+    if let Some(why) = told.filter(|_| sh.core.gate.votes_open()) {
         sh.refused.send_if_modified(|r| {
             if r.is_none() {
                 tracing::error!(
@@ -367,7 +378,7 @@ impl pb::gossip_server::Gossip for GossipService {
         }
         // The role is the certificate's (`--insecure`: the peer's word).
         let role = role.map_or(status.role.as_str(), |r| r.name());
-        self.sh.view.prove_role(peer, role);
+        self.sh.core.view.prove_role(peer, role);
         record(&self.sh, status, None);
         Ok(Response::new(own_status(&self.sh)))
     }
@@ -422,7 +433,7 @@ pub async fn hello_reply<SM: RaftStateMachine<TypeConfig>>(
     let mut seen = memory.of(peer);
     if let Some(holds) = holds {
         match seen.gap(holds) {
-            Some(gap) => seen.refused = Some(gap),
+            Some(gap) => seen.refused = Some(gap.to_string()),
             None => {
                 seen.refused = None;
                 if let Err(e) = memory.clear_refusal(peer).await {

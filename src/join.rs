@@ -59,10 +59,35 @@ impl Ask for Peers {
     }
 }
 
-/// A start refused for safety (exit code 2).
+/// A start refused for safety (exit code 2): node `peer` knows this node
+/// `id` as more than its data dir `dir` holds.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+pub enum Refused {
+    #[error("data dir {dir} is empty, but node {peer} knows node {id} as a member that ran before ({why}; cluster term {term}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner")]
+    Forgotten {
+        dir: String,
+        peer: NodeId,
+        id: NodeId,
+        why: Known,
+        term: u64,
+    },
+    #[error("data dir {dir} is behind what node {peer} saw of node {id} ({why}): it was restored from an older copy or lost writes, and has forgotten votes and entries (it could vote twice in one term); move it away and start with --rejoin to join as a new learner")]
+    Restored {
+        dir: String,
+        peer: NodeId,
+        id: NodeId,
+        why: Known,
+    },
+}
+
+/// What a peer knows of this node that its data dir does not hold.
+#[derive(Debug, thiserror::Error)]
+pub enum Known {
+    #[error("{0}")]
+    Behind(memory::Behind),
+    #[error("it registered")]
+    Registered,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -120,10 +145,10 @@ pub async fn bootstrap(
         for (peer, r) in &answers {
             let seen = seen_by(*peer, r);
             if let Some(gap) = memory::behind(&seen, holds) {
-                return Err(refusal(cfg, fresh, *peer, r, &gap));
+                return Err(refusal(cfg, fresh, *peer, r, Known::Behind(gap)));
             }
             if fresh && r.registered {
-                return Err(refusal(cfg, fresh, *peer, r, "it registered"));
+                return Err(refusal(cfg, fresh, *peer, r, Known::Registered));
             }
         }
         // A peer on an empty data dir (wiped, or new) remembers nothing of
@@ -176,17 +201,19 @@ pub async fn hello_again(sh: Arc<Shared>, id: NodeId) {
 }
 
 /// The one line a refused start ends with (exit code 2).
-fn refusal(cfg: &Config, fresh: bool, peer: NodeId, r: &pb::HelloReply, gap: &str) -> Refused {
-    let (dir, id) = (cfg.data_dir.display(), cfg.id);
+fn refusal(cfg: &Config, fresh: bool, peer: NodeId, r: &pb::HelloReply, why: Known) -> Refused {
+    let (dir, id) = (cfg.data_dir.display().to_string(), cfg.id);
     if fresh {
-        Refused(format!(
-            "data dir {dir} is empty, but node {peer} knows node {id} as a member that ran before ({gap}; cluster term {}): a voter that lost its data could vote twice in one term; start it with --rejoin to join as a new learner",
-            r.term
-        ))
+        let term = r.term;
+        Refused::Forgotten {
+            dir,
+            peer,
+            id,
+            why,
+            term,
+        }
     } else {
-        Refused(format!(
-            "data dir {dir} is behind what node {peer} saw of node {id} ({gap}): it was restored from an older copy or lost writes, and has forgotten votes and entries (it could vote twice in one term); move it away and start with --rejoin to join as a new learner"
-        ))
+        Refused::Restored { dir, peer, id, why }
     }
 }
 

@@ -392,7 +392,7 @@ impl Process {
             biased;
             r = decided => match r {
                 Ok(b) => Ok((holds, ask.answers.into_inner().unwrap_or_else(|p| p.into_inner()), b)),
-                Err(refused) => Err(StartError::Refused(refused.0)),
+                Err(refused) => Err(StartError::Refused(refused.to_string())),
             },
             () = stopped => Err(StartError::Stopped),
         }

@@ -24,9 +24,18 @@ use super::{invalid, ConfigError, RunArgs};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Millis(pub Duration);
 
+/// A duration that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadDuration {
+    #[error("bad duration '{0}': want e.g. 600ms or 1.5s")]
+    NotANumber(String),
+    #[error("bad duration '{0}': out of range")]
+    OutOfRange(String),
+}
+
 impl FromStr for Millis {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadDuration;
+    fn from_str(s: &str) -> Result<Self, BadDuration> {
         let s = s.trim();
         let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
             (n, 1.0)
@@ -38,9 +47,9 @@ impl FromStr for Millis {
         let v: f64 = num
             .trim()
             .parse()
-            .map_err(|_| format!("bad duration '{s}': want e.g. 600ms or 1.5s"))?;
+            .map_err(|_| BadDuration::NotANumber(s.to_string()))?;
         if !(0.0..=86_400_000.0).contains(&(v * scale)) {
-            return Err(format!("bad duration '{s}': out of range"));
+            return Err(BadDuration::OutOfRange(s.to_string()));
         }
         Ok(Millis(Duration::from_micros(
             (v * scale * 1000.0).round() as u64

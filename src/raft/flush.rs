@@ -53,6 +53,10 @@ pub(super) enum Job {
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
+/// The write or fsync that failed, shared by every job it fails: after it
+/// the log file is broken, and nothing more is written (see `sync`).
+type Failed = Arc<io::Error>;
+
 /// Jobs taken into one sync at most: one that keeps arriving must not put
 /// off the sync the earlier ones wait for.
 const JOBS_PER_FLUSH: usize = 256;
@@ -82,7 +86,7 @@ impl Writer {
     /// append. After a failed write or fsync every later append fails too:
     /// the log must not go on past a hole.
     async fn run(self, disk: Arc<dyn Disk>, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let mut broken: Option<String> = None;
+        let mut broken: Option<Failed> = None;
         while let Some(first) = rx.recv().await {
             let mut jobs = vec![first];
             while jobs.len() <= JOBS_PER_FLUSH {
@@ -112,7 +116,7 @@ impl Writer {
     fn write(
         &self,
         jobs: Vec<Job>,
-        broken: &mut Option<String>,
+        broken: &mut Option<Failed>,
     ) -> (
         Vec<IOFlushed<TypeConfig>>,
         Vec<tokio::sync::oneshot::Sender<io::Result<()>>>,
@@ -129,7 +133,7 @@ impl Writer {
                         Some(why) => Err(why.clone()),
                         None => locked(&self.log)
                             .and_then(|mut l| l.append(&records))
-                            .map_err(|e| e.to_string()),
+                            .map_err(Arc::new),
                     };
                     match written {
                         Ok(()) if plant::on(Plant::AckBeforeFsync) => {
@@ -167,14 +171,14 @@ impl Writer {
         &self,
         disk: &Arc<dyn Disk>,
         all: bool,
-        broken: &mut Option<String>,
-    ) -> Result<(), String> {
+        broken: &mut Option<Failed>,
+    ) -> Result<(), Failed> {
         if let Some(why) = broken {
             return Err(why.clone());
         }
         // The file as it is now: a purge that rewrote it since made what
         // was written to the old one durable in both.
-        let synced = disk.sync(LOG).map_err(|e| e.to_string());
+        let synced = disk.sync(LOG).map_err(Arc::new);
         if let Err(why) = &synced {
             // After a failed fsync the kernel may have dropped the pages it
             // could not write: a later fsync that succeeds proves nothing
@@ -187,7 +191,7 @@ impl Writer {
         for v in std::iter::once(&self.meta).chain(&self.others) {
             values::locked(v)
                 .and_then(|mut v| v.sync())
-                .map_err(|e| e.to_string())?;
+                .map_err(Arc::new)?;
         }
         Ok(())
     }

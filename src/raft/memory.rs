@@ -62,32 +62,65 @@ pub struct Holds {
     pub last_index: u64,
 }
 
-/// How a member is behind what was seen of it, in words, if it is: a
-/// refusal counts as behind.
-pub fn behind(seen: &Remembered, holds: Holds) -> Option<String> {
+/// How what a member holds is below what was seen of it: its term, its
+/// log, or both (each as held < seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub term: Option<(u64, u64)>,
+    pub log: Option<(u64, u64)>,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some((held, seen)) = self.term {
+            write!(f, "term {held} < {seen}")?;
+        }
+        if let Some((held, seen)) = self.log {
+            let comma = if self.term.is_some() { ", " } else { "" };
+            write!(
+                f,
+                "{comma}log up to index {held} < committed index {seen} it acknowledged"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// How a member is found behind what was seen of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Behind {
+    /// Refused earlier, for this reason.
+    #[error("it was refused before: {0}")]
+    Refused(String),
+    /// What it holds now is below what was seen of it.
+    #[error("{0}")]
+    Below(Gap),
+    /// It answered an append as lacking an entry it had acknowledged
+    /// holding when committed.
+    #[error("it no longer holds log index {0}, committed, which it acknowledged holding")]
+    Lost(u64),
+}
+
+/// How a member is behind what was seen of it, if it is: a refusal counts
+/// as behind.
+pub fn behind(seen: &Remembered, holds: Holds) -> Option<Behind> {
     if crate::plant::on(crate::plant::Plant::RestoredVotes) {
         return None;
     }
     match &seen.refused {
-        Some(why) => Some(format!("it was refused before: {why}")),
-        None => seen.gap(holds),
+        Some(why) => Some(Behind::Refused(why.clone())),
+        None => seen.gap(holds).map(Behind::Below),
     }
 }
 
 impl Remembered {
-    /// How `holds` is below these facts alone (a refusal aside), in words.
-    pub fn gap(&self, holds: Holds) -> Option<String> {
-        let mut gaps = Vec::new();
-        if holds.term < self.term {
-            gaps.push(format!("term {} < {}", holds.term, self.term));
-        }
-        if holds.last_index < self.committed {
-            gaps.push(format!(
-                "log up to index {} < committed index {} it acknowledged",
-                holds.last_index, self.committed
-            ));
-        }
-        (!gaps.is_empty()).then(|| gaps.join(", "))
+    /// How `holds` is below these facts alone (a refusal aside).
+    pub fn gap(&self, holds: Holds) -> Option<Gap> {
+        let gap = Gap {
+            term: (holds.term < self.term).then_some((holds.term, self.term)),
+            log: (holds.last_index < self.committed).then_some((holds.last_index, self.committed)),
+        };
+        (gap.term.is_some() || gap.log.is_some()).then_some(gap)
     }
 
     /// Adds that the member held `term` and (if given) the committed index
@@ -395,7 +428,8 @@ mod tests {
             ),
         ];
         for (s, h, want) in table {
-            assert_eq!(behind(&s, h).as_deref(), want, "{s:?} {h:?}");
+            let got = behind(&s, h).map(|b| b.to_string());
+            assert_eq!(got.as_deref(), want, "{s:?} {h:?}");
         }
     }
 

@@ -21,7 +21,7 @@ use openraft::raft::{
 use openraft::type_config::alias::SnapshotOf;
 use openraft::{BasicNode, OptionalSend};
 
-use super::memory::{behind, Holds, Memory, Records, Remembered};
+use super::memory::{behind, Behind, Holds, Memory, Records, Remembered};
 use super::{TypeConfig, Vote};
 use crate::config::NodeId;
 
@@ -49,11 +49,19 @@ pub fn promise_ms(gate: &super::Gate) -> u32 {
     gate.live().promise.as_millis().min(u32::MAX as u128) as u32
 }
 
+/// A peer this node refused: its messages go nowhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node {node} is refused: {why}")]
+pub struct IsRefused {
+    pub node: NodeId,
+    pub why: String,
+}
+
 /// What this node remembers of `target`, unless it refused it.
-pub fn not_refused<M: Records>(memory: &M, target: NodeId) -> Result<Remembered, String> {
+pub fn not_refused<M: Records>(memory: &M, target: NodeId) -> Result<Remembered, IsRefused> {
     let r = memory.of(target);
-    match &r.refused {
-        Some(why) => Err(format!("node {target} is refused: {why}")),
+    match r.refused {
+        Some(why) => Err(IsRefused { node: target, why }),
         None => Ok(r),
     }
 }
@@ -67,8 +75,8 @@ pub enum Shown {
         term: u64,
         committed: u64,
     },
-    /// It no longer holds what it acknowledged (in words).
-    Lost(String),
+    /// It no longer holds what it acknowledged.
+    Lost(Behind),
     Nothing,
 }
 
@@ -88,12 +96,7 @@ pub fn after_append(
         AppendEntriesResponse::PartialSuccess(l) => l.map(|l| l.index),
         // It lacks an entry it acknowledged holding when committed.
         AppendEntriesResponse::Conflict => match rpc.prev_log_id {
-            Some(p) if p.index <= before.committed => {
-                return Shown::Lost(format!(
-                    "it no longer holds log index {}, committed, which it acknowledged holding",
-                    p.index
-                ))
-            }
+            Some(p) if p.index <= before.committed => return Shown::Lost(Behind::Lost(p.index)),
             _ => None,
         },
         AppendEntriesResponse::HigherVote(_) => None,
@@ -108,7 +111,7 @@ pub fn after_append(
 
 /// The term a vote answer shows the voter holds (it is sent once the
 /// voter's vote is fsynced), or how it is below what was seen of it.
-pub fn after_vote(resp: &VoteResponse<TypeConfig>, before: &Remembered) -> Result<u64, String> {
+pub fn after_vote(resp: &VoteResponse<TypeConfig>, before: &Remembered) -> Result<u64, Behind> {
     let theirs = Holds {
         term: resp.vote.leader_id.term,
         last_index: resp.last_log_id.map_or(0, |l| l.index),
@@ -128,7 +131,7 @@ pub async fn caught<M: Records>(
     me: NodeId,
     target: NodeId,
     before: &Remembered,
-    gap: String,
+    gap: Behind,
 ) -> String {
     let why = format!(
         "node {target} answered below what node {me} saw of it ({gap}): its data dir was restored from an older copy or lost writes"
@@ -237,8 +240,8 @@ pub struct PeerConnection<T> {
     target: NodeId,
 }
 
-fn unreachable(why: String) -> RPCError<TypeConfig> {
-    RPCError::Unreachable(Unreachable::from_string(why))
+fn unreachable(why: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(why.to_string()))
 }
 
 impl<T> PeerConnection<T> {
@@ -248,7 +251,7 @@ impl<T> PeerConnection<T> {
     }
 
     /// The target answered below what was seen of it: see [`caught`].
-    async fn caught(&self, before: &Remembered, gap: String) -> RPCError<TypeConfig> {
+    async fn caught(&self, before: &Remembered, gap: Behind) -> RPCError<TypeConfig> {
         unreachable(caught(&*self.memory, self.me, self.target, before, gap).await)
     }
 
@@ -384,11 +387,7 @@ mod tests {
     fn an_answer_to_an_append_shows_what_the_peer_holds_of_the_committed_log() {
         use AppendEntriesResponse::{Conflict, PartialSuccess, Success};
         let held = |committed| Shown::Held { term: 7, committed };
-        let lost = |i: u64| {
-            Shown::Lost(format!(
-                "it no longer holds log index {i}, committed, which it acknowledged holding"
-            ))
-        };
+        let lost = |i: u64| Shown::Lost(Behind::Lost(i));
         // (request, answer, committed index seen of the peer before, shown)
         let table = [
             // Entries 5..=6 held; of them, committed up to the leader's 5.

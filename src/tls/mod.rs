@@ -49,6 +49,22 @@ pub enum TlsError {
     Invalid(String),
 }
 
+/// Why a node certificate does not chain to the cluster's CA as both
+/// ends of a peer connection need.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("not valid with ca.pem as a client certificate: {0}")]
+    AsClient(rustls::Error),
+    #[error("not valid with ca.pem as a server certificate: {0}")]
+    AsServer(rustls::Error),
+    #[error("{0}")]
+    Roots(#[from] Box<TlsError>),
+    #[error("{0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("{0}")]
+    Name(#[from] rustls::pki_types::InvalidDnsNameError),
+}
+
 /// What the cluster CA lets a certificate's holder do, written into it as
 /// a URI name (`keyraft:role:validator`, `…:witness`, `…:admin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,29 +229,26 @@ impl TlsMaterial {
 
     /// The certificate chains to `ca.pem` and is valid now, as a server
     /// named `node-ID.keyraft` and as a client.
-    fn check_chain(&self, leaf: &CertificateDer<'_>, id: NodeId) -> Result<(), String> {
+    fn check_chain(&self, leaf: &CertificateDer<'_>, id: NodeId) -> Result<(), ChainError> {
         use rustls::client::danger::ServerCertVerifier;
         use rustls::pki_types::UnixTime;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let roots = self.roots().map_err(|e| e.to_string())?;
+        let roots = self.roots().map_err(Box::new)?;
         let now = UnixTime::now();
         let as_client = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
             provider.clone(),
         )
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
         as_client
             .verify_client_cert(leaf, &[], now)
-            .map_err(|e| format!("not valid with ca.pem as a client certificate: {e}"))?;
+            .map_err(ChainError::AsClient)?;
         let as_server =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from(node_name(id)).map_err(|e| e.to_string())?;
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
+        let name = ServerName::try_from(node_name(id))?;
         as_server
             .verify_server_cert(leaf, &[], &name, &[], now)
-            .map_err(|e| format!("not valid with ca.pem as a server certificate: {e}"))?;
+            .map_err(ChainError::AsServer)?;
         Ok(())
     }
 

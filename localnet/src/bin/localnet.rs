@@ -265,9 +265,14 @@ enum BenchCmd {
     },
 }
 
+/// A duration that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a duration (like 40ms or 1.5s)")]
+struct NotADuration(String);
+
 /// A duration as `40ms`, `1.5s` or a bare number of milliseconds.
-fn parse_ms(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (like 40ms or 1.5s)");
+fn parse_ms(s: &str) -> Result<Duration, NotADuration> {
+    let bad = || NotADuration(s.to_string());
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('s') {

@@ -54,19 +54,57 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+/// A `priv_validator_laddr` that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum BadListen {
+    #[error("unix:// needs a socket path")]
+    NoPath,
+    #[error("{0:?} is neither tcp://HOST:PORT nor unix:///PATH: {1}")]
+    Neither(String, std::net::AddrParseError),
+}
+
 impl FromStr for Listen {
-    type Err = String;
+    type Err = BadListen;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix://") {
             if path.is_empty() {
-                return Err("unix:// needs a socket path".into());
+                return Err(BadListen::NoPath);
             }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
         let addr = s.strip_prefix("tcp://").unwrap_or(s);
         addr.parse()
             .map(Listen::Tcp)
-            .map_err(|e| format!("{s:?} is neither tcp://HOST:PORT nor unix:///PATH: {e}"))
+            .map_err(|e| BadListen::Neither(s.to_string(), e))
+    }
+}
+
+/// Why a connection to the signer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Wire {
+    #[error("{0}")]
+    Io(Arc<std::io::Error>),
+    #[error("SecretConnection: {0}")]
+    Secret(Arc<cometbft_p2p::Error>),
+    #[error("bad length prefix")]
+    BadPrefix,
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("read/write deadline missed")]
+    Deadline,
+}
+
+impl From<std::io::Error> for Wire {
+    fn from(e: std::io::Error) -> Wire {
+        Wire::Io(Arc::new(e))
+    }
+}
+
+impl From<cometbft_p2p::Error> for Wire {
+    fn from(e: cometbft_p2p::Error) -> Wire {
+        Wire::Secret(Arc::new(e))
     }
 }
 
@@ -75,7 +113,7 @@ pub enum CallError {
     #[error("no signer connected")]
     NoSigner,
     #[error("signer connection failed: {0}")]
-    Transport(String),
+    Transport(Wire),
     /// The signer answered with a `RemoteSignerError`; CometBFT does not
     /// retry these.
     #[error("signer refused (code {code}): {description}")]
@@ -90,44 +128,41 @@ enum Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, msg: Message) -> Result<(), String> {
+    async fn send(&mut self, msg: Message) -> Result<(), Wire> {
         match self {
-            Conn::Secret(c) => c.write_msg(msg).await.map_err(|e| e.to_string()),
-            Conn::Plain(s) => s
-                .write_all(&msg.encode_length_delimited_to_vec())
-                .await
-                .map_err(|e| e.to_string()),
+            Conn::Secret(c) => Ok(c.write_msg(msg).await?),
+            Conn::Plain(s) => Ok(s.write_all(&msg.encode_length_delimited_to_vec()).await?),
         }
     }
 
-    async fn recv(&mut self) -> Result<Message, String> {
+    async fn recv(&mut self) -> Result<Message, Wire> {
         match self {
-            Conn::Secret(c) => c.read_msg::<Message>().await.map_err(|e| e.to_string()),
+            Conn::Secret(c) => Ok(c.read_msg::<Message>().await?),
             Conn::Plain(s) => read_delimited(s).await,
         }
     }
 }
 
 /// Reads one varint-length-prefixed protobuf message.
-async fn read_delimited(s: &mut UnixStream) -> Result<Message, String> {
+async fn read_delimited(s: &mut UnixStream) -> Result<Message, Wire> {
     let mut len: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let b = s.read_u8().await.map_err(|e| e.to_string())?;
+        let b = s.read_u8().await?;
         len |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             break;
         }
         if shift >= 63 {
-            return Err("bad length prefix".into());
+            return Err(Wire::BadPrefix);
         }
     }
     let len = usize::try_from(len).unwrap_or(usize::MAX);
     if len > MAX_MSG {
-        return Err(format!("message of {len} bytes is too large"));
+        return Err(Wire::TooLarge(len));
     }
     let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    Message::decode(buf.as_slice()).map_err(|e| e.to_string())
+    s.read_exact(&mut buf).await?;
+    Ok(Message::decode(buf.as_slice())?)
 }
 
 /// What the node saw of its signer, for `/privval` and benchmarks.
@@ -270,11 +305,11 @@ impl Endpoint {
         match tokio::time::timeout(READ_WRITE_TIMEOUT, exchange).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(self.drop_conn(&mut current, e)),
-            Err(_) => Err(self.drop_conn(&mut current, "read/write deadline missed".into())),
+            Err(_) => Err(self.drop_conn(&mut current, Wire::Deadline)),
         }
     }
 
-    fn drop_conn(&self, current: &mut Option<Conn>, why: String) -> CallError {
+    fn drop_conn(&self, current: &mut Option<Conn>, why: Wire) -> CallError {
         *current = None;
         self.connected.store(false, Ordering::Relaxed);
         self.counters().stats.disconnects += 1;
