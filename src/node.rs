@@ -160,8 +160,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
 }
 
 /// Handles shared by the coordinator, the servers and the background
-/// tasks: the [`Core`] (reached through `Deref`: `sh.raft` is
-/// `sh.core.raft`) and what only a real node has.
+/// tasks: the [`Core`] (named as such, `sh.core.raft`: a task that needs
+/// only the core takes the core, as `tuning` does) and what only a real
+/// node has.
 pub struct Shared {
     pub core: Arc<Core>,
     pub peers: Arc<Peers>,
@@ -183,14 +184,6 @@ pub struct Shared {
     pub tls: Option<Arc<ServerTls>>,
     /// The certificates in use: node and CA (`None` with `--insecure`).
     pub certs: Mutex<Option<(CertInfo, CertInfo)>>,
-}
-
-impl std::ops::Deref for Shared {
-    type Target = Core;
-
-    fn deref(&self) -> &Core {
-        &self.core
-    }
 }
 
 /// Signer mode: the privval connections of this host, by node address.
@@ -320,15 +313,16 @@ impl Shared {
     /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
     /// on every heartbeat).
     pub fn refresh_raft_gauges(&self) {
-        let m = self.raft_metrics();
-        let g = &self.metrics;
+        let m = self.core.raft_metrics();
+        let g = &self.core.metrics;
         g.raft_term.set(m.current_term as i64);
-        g.raft_leader.set(i64::from(self.leads(&m)));
-        g.signing
-            .set(i64::from(self.cfg.signer.is_some() && self.leads(&m)));
-        if let Some(signer) = &self.cfg.signer {
-            let cluster = self.cluster.borrow();
-            let answering = self.chain_nodes.borrow();
+        g.raft_leader.set(i64::from(self.core.leads(&m)));
+        g.signing.set(i64::from(
+            self.core.cfg.signer.is_some() && self.core.leads(&m),
+        ));
+        if let Some(signer) = &self.core.cfg.signer {
+            let cluster = self.core.cluster.borrow();
+            let answering = self.core.chain_nodes.borrow();
             for c in signer.chains.iter().filter(|c| c.node_rpc.is_some()) {
                 let up = answering.contains_key(&c.chain_id);
                 g.chain_node_up
@@ -346,12 +340,12 @@ impl Shared {
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index
             .set(m.last_applied.map_or(-1, |l| l.index as i64));
-        g.quorum.set(i64::from(self.has_quorum()));
+        g.quorum.set(i64::from(self.core.has_quorum()));
         g.raft_running.set(i64::from(m.running_state.is_ok()));
         let age = if m.state == ServerState::Leader {
             quorum_ack_age(&m)
         } else {
-            self.gate.since_leader_contact()
+            self.core.gate.since_leader_contact()
         };
         g.quorum_ack_age
             .set(age.map_or(f64::NAN, |a| a.as_secs_f64()));

@@ -25,7 +25,7 @@ use openraft::ServerState;
 use crate::config::timing::{wanted, BACK_TO_LAN_RTT, LAN_RTT};
 use crate::config::Live;
 use crate::ledger::{Command, TimingChoice, TimingProfile};
-use crate::node::Shared;
+use crate::node::Core;
 
 /// How long the leader waits for a switch to commit before it tries again.
 const COMMIT_WITHIN: Duration = Duration::from_secs(2);
@@ -66,16 +66,16 @@ impl Window {
 
 /// The slowest round trip to a voter heard from lately (gossip's
 /// measurement, on the same peer connections as Raft's).
-fn slowest_voter(sh: &Shared) -> Option<Duration> {
-    let m = sh.raft_metrics();
+fn slowest_voter(core: &Core) -> Option<Duration> {
+    let m = core.raft_metrics();
     let voters: Vec<_> = m
         .membership_config
         .membership()
         .voter_ids()
-        .filter(|v| *v != sh.cfg.id)
+        .filter(|v| *v != core.cfg.id)
         .collect();
-    let fresh = sh.cfg.timing.gossip_interval * 3;
-    let seen = sh.view.snapshot();
+    let fresh = core.cfg.timing.gossip_interval * 3;
+    let seen = core.view.snapshot();
     voters
         .iter()
         .filter_map(|v| seen.get(v))
@@ -85,8 +85,8 @@ fn slowest_voter(sh: &Shared) -> Option<Duration> {
 }
 
 /// Puts `live` in force, says so, and updates the metric.
-fn apply(sh: &Shared, live: Live, why: &str) {
-    if sh.gate.set_live(live) {
+fn apply(core: &Core, live: Live, why: &str) {
+    if core.gate.set_live(live) {
         tracing::info!(
             profile = %live.profile,
             heartbeat_ms = live.heartbeat.as_millis() as u64,
@@ -95,8 +95,8 @@ fn apply(sh: &Shared, live: Live, why: &str) {
             live.profile
         );
     }
-    sh.metrics
-        .set_timing(&live.profile.to_string(), sh.cfg.timing.auto);
+    core.metrics
+        .set_timing(&live.profile.to_string(), core.cfg.timing.auto);
 }
 
 /// Why `live` is in force, in words (the start log, `status`).
@@ -116,9 +116,9 @@ fn why(auto: bool, chosen: Option<TimingChoice>) -> String {
 
 /// `status`'s `timing`: the profile in force on this node, how it was
 /// chosen and why, the values it runs, and the slowest voter's round trip.
-pub fn status(sh: &Shared, chosen: Option<TimingChoice>) -> serde_json::Value {
-    let live = sh.gate.live();
-    let auto = sh.cfg.timing.auto;
+pub fn status(core: &Core, chosen: Option<TimingChoice>) -> serde_json::Value {
+    let live = core.gate.live();
+    let auto = core.cfg.timing.auto;
     serde_json::json!({
         "profile": live.profile.to_string(),
         "chosen": if auto { "auto" } else { "pinned" },
@@ -126,26 +126,26 @@ pub fn status(sh: &Shared, chosen: Option<TimingChoice>) -> serde_json::Value {
         "heartbeat_ms": live.heartbeat.as_millis() as u64,
         "fence_after_ms": live.fence_after.as_millis() as u64,
         "election_timeout_max_ms": live.election_max.as_millis() as u64,
-        "slowest_voter_rtt_ms": slowest_voter(sh).map(|d| d.as_secs_f64() * 1000.0),
+        "slowest_voter_rtt_ms": slowest_voter(core).map(|d| d.as_secs_f64() * 1000.0),
     })
 }
 
 /// Runs until the cluster's state channel closes.
-pub async fn run(sh: Arc<Shared>) {
-    let mut cluster = sh.cluster.clone();
-    let mut tick = tokio::time::interval(sh.cfg.timing.gossip_interval);
+pub async fn run(core: Arc<Core>) {
+    let mut cluster = core.cluster.clone();
+    let mut tick = tokio::time::interval(core.cfg.timing.gossip_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut window = Window::default();
     loop {
         let chosen = cluster.borrow_and_update().timing;
-        let live = sh.cfg.timing.live_for(chosen);
-        apply(&sh, live, &why(sh.cfg.timing.auto, chosen));
-        if sh.cfg.timing.auto && sh.raft_metrics().state == ServerState::Leader {
-            let worst = slowest_voter(&sh);
+        let live = core.cfg.timing.live_for(chosen);
+        apply(&core, live, &why(core.cfg.timing.auto, chosen));
+        if core.cfg.timing.auto && core.raft_metrics().state == ServerState::Leader {
+            let worst = slowest_voter(&core);
             let now = Instant::now();
             window.note(worst, now);
             if let Some(profile) = window.want(live.profile, now) {
-                propose(&sh, profile, worst.unwrap_or_default()).await;
+                propose(&core, profile, worst.unwrap_or_default()).await;
                 window = Window::default();
             }
         } else {
@@ -159,14 +159,16 @@ pub async fn run(sh: Arc<Shared>) {
 }
 
 /// The leader commits `profile` for the whole cluster.
-async fn propose(sh: &Shared, profile: TimingProfile, rtt: Duration) {
+async fn propose(core: &Core, profile: TimingProfile, rtt: Duration) {
     let rtt_ms = rtt.as_millis().min(u32::MAX as u128) as u32;
     tracing::info!(
         %profile,
         rtt_ms,
         "round trips to the voters call for the {profile} timing profile: committing it"
     );
-    let write = sh.raft.client_write(Command::SetTiming { profile, rtt_ms });
+    let write = core
+        .raft
+        .client_write(Command::SetTiming { profile, rtt_ms });
     match tokio::time::timeout(COMMIT_WITHIN, write).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!("could not commit the {profile} timing profile: {e}"),

@@ -207,7 +207,7 @@ impl pb::admin_server::Admin for AdminService {
             Some(Kind::SignerFloor(_)) => "signer import-state",
             None => "nothing",
         };
-        if self.sh.cfg.witness {
+        if self.sh.core.cfg.witness {
             tracing::warn!(%who, "refused operator command '{what}': this node is a witness");
             return Err(Status::permission_denied(
                 "a witness does not speak for the operator: run the command on a validator host",
@@ -222,7 +222,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::MembersReply>, Status> {
-        let m = self.sh.raft_metrics();
+        let m = self.sh.core.raft_metrics();
         let membership = m.membership_config.membership();
         let member = |id: NodeId| pb::Member {
             id,

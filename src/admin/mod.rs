@@ -53,15 +53,15 @@ pub fn commands(sh: &Shared) -> Commands {
 
 /// The cluster as this node sees it, in the shape docs/reference.md gives.
 pub fn status_json(sh: &Shared) -> Value {
-    let m = sh.raft_metrics();
-    let cluster = sh.cluster.borrow().clone();
+    let m = sh.core.raft_metrics();
+    let cluster = sh.core.cluster.borrow().clone();
     let membership = m.membership_config.membership();
     let voters: Vec<NodeId> = membership.voter_ids().collect();
     let mut ids: BTreeSet<NodeId> = voters.iter().copied().collect();
     ids.extend(membership.learner_ids());
-    let seen = sh.view.snapshot();
-    let stale = sh.cfg.timing.gossip_interval * 3;
-    let local = sh.local.borrow().clone();
+    let seen = sh.core.view.snapshot();
+    let stale = sh.core.cfg.timing.gossip_interval * 3;
+    let local = sh.core.local.borrow().clone();
     let mut validating = Vec::new();
     let mut nodes = Vec::new();
     let remembered = remembered_by_all(sh, &seen);
@@ -70,7 +70,7 @@ pub fn status_json(sh: &Shared) -> Value {
             .get_node(&id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        let mut node = if id == sh.cfg.id {
+        let mut node = if id == sh.core.cfg.id {
             if local.state == StateName::Validating {
                 validating.push(id);
             }
@@ -97,8 +97,8 @@ pub fn status_json(sh: &Shared) -> Value {
         };
         // Signer mode: the validator hosts' part, which `state` (Voting
         // everywhere) does not say: the leader signs, the others forward.
-        if sh.cfg.signer.is_some() && node["role"] == "validator" {
-            let part = if Some(id) == sh.leader() {
+        if sh.core.cfg.signer.is_some() && node["role"] == "validator" {
+            let part = if Some(id) == sh.core.leader() {
                 "signing"
             } else {
                 "forwarding"
@@ -117,13 +117,13 @@ pub fn status_json(sh: &Shared) -> Value {
     };
     let mut status = json!({
         "cluster": {
-            "leader": sh.leader(), "term": m.current_term, "active_validator": active,
-            "quorum": sh.has_quorum(), "paused": cluster.paused, "members": voters,
+            "leader": sh.core.leader(), "term": m.current_term, "active_validator": active,
+            "quorum": sh.core.has_quorum(), "paused": cluster.paused, "members": voters,
         },
         "nodes": nodes,
-        "timing": crate::tuning::status(sh, cluster.timing),
+        "timing": crate::tuning::status(&sh.core, cluster.timing),
     });
-    if sh.cfg.signer.is_some() {
+    if sh.core.cfg.signer.is_some() {
         status["signer"] = json!({ "chains": signer_chains_json(sh, &cluster) });
     }
     status
@@ -133,15 +133,15 @@ pub fn status_json(sh: &Shared) -> Value {
 /// Raft state and error, its kernel fence, fence agents, certificate).
 fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Local) -> Value {
     json!({
-        "id": sh.cfg.id, "addr": sh.cfg.advertise, "role": sh.cfg.role(),
-        "state": local.state.to_string(), "raft": sh.raft_state(m),
+        "id": sh.core.cfg.id, "addr": sh.core.cfg.advertise, "role": sh.core.cfg.role(),
+        "state": local.state.to_string(), "raft": sh.core.raft_state(m),
         "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
         "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
         "probe_error": *sh.probe_error.borrow(),
         "kernel_fence": sh.kernel_fence.to_string(),
-        "fence_agents": (!sh.cfg.fence.by_node.is_empty()).then(|| {
-            let last = sh.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            sh.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({
+        "fence_agents": (!sh.core.cfg.fence.by_node.is_empty()).then(|| {
+            let last = sh.core.fence_agents.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            sh.core.cfg.fence.by_node.iter().map(|(n, a)| (n.to_string(), json!({
                 "agent": a.path.display().to_string(),
                 "last": last.get(n),
             }))).collect::<serde_json::Map<String, Value>>()
@@ -156,13 +156,14 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
 /// keys members gossip for it, its watermark, height limit, node probe
 /// and privval connections.
 fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec<Value> {
-    let Some(c) = &sh.cfg.signer else {
+    let Some(c) = &sh.core.cfg.signer else {
         return Vec::new();
     };
     let links = sh.privval.snapshot();
     let peers = crate::signer::keys::of_peers(&sh.core);
-    let mut other_keys = crate::signer::keys::other_keys(&sh.signer_keys, &peers);
+    let mut other_keys = crate::signer::keys::other_keys(&sh.core.signer_keys, &peers);
     let probe_errors = sh
+        .core
         .chain_probe_errors
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -175,7 +176,7 @@ fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec
             let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
             json!({
                 "chain_id": chain.chain_id,
-                "address": sh.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
+                "address": sh.core.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
                 "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
                     .map(|(node, address)| json!({"node": node, "address": address}))
                     .collect::<Vec<_>>(),
@@ -223,7 +224,7 @@ fn remembered_by_all(
                 committed: r.committed,
                 refused,
             };
-            (sh.cfg.id, r)
+            (sh.core.cfg.id, r)
         })
         .collect();
     for (peer, s) in seen {
@@ -286,7 +287,7 @@ pub fn http_router(sh: Arc<Shared>) -> axum::Router {
 /// entry's time goes (proposed, received, submitted, persisted, committed,
 /// applied), the Raft part of the sign budget.
 async fn raft_stats(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
-    match sh.raft.runtime_stats().await {
+    match sh.core.raft.runtime_stats().await {
         Ok(s) => (StatusCode::OK, s.display().human_readable().to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -307,15 +308,15 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        sh.metrics.render(),
+        sh.core.metrics.render(),
     )
 }
 
 /// 200 while the coordinator runs and (on a validator host) its node answers.
 async fn health(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
-    let local = sh.local.borrow().clone();
-    let raft_ok = sh.raft_metrics().running_state.is_ok();
-    let node_ok = sh.cfg.witness || local.validator.is_some_and(|h| h.running);
+    let local = sh.core.local.borrow().clone();
+    let raft_ok = sh.core.raft_metrics().running_state.is_ok();
+    let node_ok = sh.core.cfg.witness || local.validator.is_some_and(|h| h.running);
     answer(
         raft_ok && node_ok && local.state != StateName::Shutdown,
         "ok\n",
@@ -325,15 +326,15 @@ async fn health(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
 /// 200 only on the validating node.
 async fn leader(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
     answer(
-        sh.local.borrow().state == StateName::Validating,
+        sh.core.local.borrow().state == StateName::Validating,
         "validating\n",
     )
 }
 
 /// 200 only on a healthy, synced standby.
 async fn replica(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
-    let local = sh.local.borrow().clone();
-    let ok = !sh.cfg.witness
+    let local = sh.core.local.borrow().clone();
+    let ok = !sh.core.cfg.witness
         && local.state != StateName::Validating
         && !local.key_linked
         && local.validator.is_some_and(|h| h.healthy());

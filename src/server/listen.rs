@@ -44,25 +44,27 @@ pub(super) async fn start_servers(
     stop: Shutdown,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
-    let peer_listener = bind(sh.cfg.listen, "peer port").await?;
-    let http_listener = bind(sh.cfg.http_listen, "http port").await?;
-    let admin_tcp = match sh.cfg.admin.listen {
+    let peer_listener = bind(sh.core.cfg.listen, "peer port").await?;
+    let http_listener = bind(sh.core.cfg.http_listen, "http port").await?;
+    let admin_tcp = match sh.core.cfg.admin.listen {
         Some(addr) => Some(bind(addr, "admin port").await?),
         None => None,
     };
-    let (admin_socket, socket_file) = admin::access::bind_socket(&sh.cfg.admin).await?;
-    if !sh.cfg.http_listen.ip().is_loopback() {
+    let (admin_socket, socket_file) = admin::access::bind_socket(&sh.core.cfg.admin).await?;
+    if !sh.core.cfg.http_listen.ip().is_loopback() {
         tracing::warn!(
             "http listens on {}, not loopback: anyone who reaches it can read status and metrics",
-            sh.cfg.http_listen
+            sh.core.cfg.http_listen
         );
     }
-    if sh.cfg.admin.group.is_some() && !admin::access::reachable_by_group(&sh.cfg.admin.socket) {
-        tracing::warn!(socket = %sh.cfg.admin.socket.display(),
+    if sh.core.cfg.admin.group.is_some()
+        && !admin::access::reachable_by_group(&sh.core.cfg.admin.socket)
+    {
+        tracing::warn!(socket = %sh.core.cfg.admin.socket.display(),
             "the admin group cannot reach the admin socket: a directory above it is closed to group and others");
     }
-    tracing::info!(peer = %sh.cfg.listen, admin = %sh.cfg.admin.socket.display(),
-        admin_tls = ?sh.cfg.admin.listen, http = %sh.cfg.http_listen, "listening");
+    tracing::info!(peer = %sh.core.cfg.listen, admin = %sh.core.cfg.admin.socket.display(),
+        admin_tls = ?sh.core.cfg.admin.listen, http = %sh.core.cfg.http_listen, "listening");
 
     let peer_task = serve_peers(sh, signer, peer_listener, &stop);
     let mut tasks = vec![peer_task];
@@ -98,11 +100,11 @@ fn serve_peers(
         .http2_keepalive_timeout(Some(Duration::from_secs(2)));
     let auth = tls::authenticate(sh.tls.is_some());
     let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
-        sh.raft.clone(),
-        sh.gate.clone(),
-        sh.cfg.id,
-        sh.cluster.clone(),
-        sh.cfg.timing,
+        sh.core.raft.clone(),
+        sh.core.gate.clone(),
+        sh.core.cfg.id,
+        sh.core.cluster.clone(),
+        sh.core.cfg.timing,
         sh.memory.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE)

@@ -109,7 +109,10 @@ pub async fn run(
     let (node, health_rx) = supervise(&sh, &fenced, parts.probe_tx, &mut tasks)?;
     let (stop_coordinator, coordinator_stop) = shutdown::channel();
     let (core_tx, core_died) = watch::channel(None);
-    tasks.push(tokio::spawn(raft::core_stopped(sh.raft.clone(), core_tx)));
+    tasks.push(tokio::spawn(raft::core_stopped(
+        sh.core.raft.clone(),
+        core_tx,
+    )));
     let mut refused = sh.refused.subscribe();
     let mut died = core_died.clone();
     tokio::spawn(async move {
@@ -405,7 +408,8 @@ async fn assemble(
         tls: server_tls,
         certs: std::sync::Mutex::new(certs),
     });
-    sh.metrics
+    sh.core
+        .metrics
         .kernel_fence
         .set(i64::from(fenced.kernel.plan().is_some()));
     let signer = keys.map(|(keys, identity)| {
@@ -444,25 +448,26 @@ fn peer_tls(cfg: &Config, material: Option<&TlsMaterial>) -> Result<PeerTls, Run
 /// starts on its own log; a rejoining node votes only once the leader
 /// took it back (and answers no Hello until then).
 async fn bootstrap(sh: &Arc<Shared>, store: &Store) -> Result<Bootstrap, RunError> {
-    let bootstrap = join::bootstrap(&sh.cfg, &*sh.peers, store.fresh, store.holds).await?;
+    let bootstrap = join::bootstrap(&sh.core.cfg, &*sh.peers, store.fresh, store.holds).await?;
     if bootstrap != Bootstrap::Rejoin {
-        sh.gate.open_votes();
+        sh.core.gate.open_votes();
     }
-    sh.gate.join();
+    sh.core.gate.join();
     if matches!(bootstrap, Bootstrap::Initialize | Bootstrap::Join) {
         let members: BTreeMap<NodeId, BasicNode> = sh
+            .core
             .cfg
             .members()
             .into_iter()
             .map(|(id, a)| (id, BasicNode::new(a)))
             .collect();
-        match (sh.raft.initialize(members).await, bootstrap) {
+        match (sh.core.raft.initialize(members).await, bootstrap) {
             (Ok(()), Bootstrap::Join) => tracing::info!(
                 "empty data dir: joining the existing cluster; its leader's log replaces this one"
             ),
             (Ok(()), _) => tracing::info!(
                 "empty data dir: forming a new cluster of {} members",
-                sh.cfg.members().len()
+                sh.core.cfg.members().len()
             ),
             (Err(e), _) => tracing::debug!("already initialised: {e}"),
         }
@@ -487,16 +492,16 @@ fn spawn_tasks(
         }),
         tokio::spawn(reload_on_sighup(sh.clone(), hup)),
         tokio::spawn(raft::heartbeat_while_leading(
-            sh.raft.clone(),
-            sh.gate.clone(),
+            sh.core.raft.clone(),
+            sh.core.gate.clone(),
         )),
-        tokio::spawn(tuning::run(sh.clone())),
+        tokio::spawn(tuning::run(sh.core.clone())),
         tokio::spawn(sh.memory.clone().run_flusher(stop.clone())),
     ];
     if let Some((signer, identity)) = signer {
         tasks.extend(signer::limit::probe_nodes(
             &sh.core,
-            sh.cfg.timing.health_interval,
+            sh.core.cfg.timing.health_interval,
         ));
         for (i, chain) in signer.chains().iter().enumerate() {
             for addr in &chain.cfg.nodes {
@@ -528,10 +533,10 @@ fn supervise(
     probe_tx: watch::Sender<Option<String>>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Supervised, RunError> {
-    let (Some(v), Some(links)) = (&sh.cfg.validator, fenced.links.clone()) else {
+    let (Some(v), Some(links)) = (&sh.core.cfg.validator, fenced.links.clone()) else {
         return Ok((None, None));
     };
-    let timing = sh.cfg.timing;
+    let timing = sh.core.cfg.timing;
     let (htx, hrx) = watch::channel(None);
     let prober = Prober::new(
         v.health,
@@ -548,7 +553,7 @@ fn supervise(
         v.clone(),
         links,
         prober,
-        &sh.cfg.data_dir,
+        &sh.core.cfg.data_dir,
         fenced.tree.clone(),
         fenced.kernel.plan().cloned(),
         timing.kill_bound,
@@ -570,7 +575,7 @@ async fn tear_down(
     for t in &tasks {
         t.abort();
     }
-    if let Err(e) = sh.raft.shutdown().await {
+    if let Err(e) = sh.core.raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");
     }
     stop_servers.fire();
@@ -623,11 +628,11 @@ async fn reload_on_sighup(sh: Arc<Shared>, hup: Option<tokio::signal::unix::Sign
         return;
     };
     while hup.recv().await.is_some() {
-        let (Some(paths), Some(server)) = (sh.cfg.tls.clone(), sh.tls.clone()) else {
+        let (Some(paths), Some(server)) = (sh.core.cfg.tls.clone(), sh.tls.clone()) else {
             tracing::info!("SIGHUP: no TLS in use (--insecure), nothing to reload");
             continue;
         };
-        let (id, witness) = (sh.cfg.id, sh.cfg.witness);
+        let (id, witness) = (sh.core.cfg.id, sh.core.cfg.witness);
         let loaded = tokio::task::spawn_blocking(move || {
             let m = TlsMaterial::load_for(&paths, id, witness)?;
             let info = m.info()?;
