@@ -411,10 +411,14 @@ pub async fn run(
     drop(o);
     outcome.trace = world.judge.trace();
     outcome.residual = lock(&world.judge.residual).clone();
+    // Stopped, and let go: a host holds its process, which holds the net,
+    // which holds the hosts; left in place, that circle of `Arc`s would
+    // keep every seed's world alive to the end of the run.
     for h in world.hosts.all() {
         if let Some(p) = h.process() {
             p.stop();
         }
+        h.set_process(None);
     }
     outcome
 }
