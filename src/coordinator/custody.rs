@@ -51,13 +51,17 @@ pub enum CustodyError {
     KernelFence(crate::fence::kernel::KernelError),
     #[error("no fence agent for node {0}")]
     NoFenceAgent(NodeId),
-    #[error("{agent} could not fence node {node} in {attempts} attempts: {last}")]
+    #[error("{agent} could not fence node {node} in {attempts} attempts (the last took {last_ms} ms): {last}")]
     NotFenced {
         node: NodeId,
         agent: String,
         attempts: u32,
+        last_ms: u64,
         last: AgentError,
     },
+    /// `--fence-attempts 0`, which the configuration refuses.
+    #[error("no attempt was made to fence node {0}")]
+    NoAttempt(NodeId),
 }
 
 /// The validator side of this host, as the coordinator may touch it.
@@ -376,19 +380,19 @@ impl<E: Env> Custody<E> {
                 }
                 Err(e) => {
                     tracing::error!(node, attempt, took_ms = ms, "{last}");
-                    failed = Some(e);
+                    failed = Some((e, ms));
                 }
             }
         }
         Err(match failed {
-            Some(last) => CustodyError::NotFenced {
+            Some((last, last_ms)) => CustodyError::NotFenced {
                 node,
                 agent: name,
                 attempts: fence.attempts,
+                last_ms,
                 last,
             },
-            // No attempt made (`--fence-attempts 0` is refused at start).
-            None => CustodyError::NoFenceAgent(node),
+            None => CustodyError::NoAttempt(node),
         })
     }
 
