@@ -298,14 +298,8 @@ impl<E: Env> Coordinator<E> {
     /// Publishes state, eligibility and health to gossip, status and metrics,
     /// and sets the gate's leadership switch. Returns eligibility.
     fn publish(&mut self, state: StateName) -> bool {
-        let view = self.view();
+        let (view, other_mode) = self.view_and_mode();
         let eligible = policy::eligible(state, &view);
-        // The reason only where the view found one (it is rare).
-        let other_mode = if view.other_mode {
-            self.other_mode()
-        } else {
-            None
-        };
         if other_mode != self.said_other_mode {
             match &other_mode {
                 Some(why) => tracing::error!("this host may not lead: {why}"),

@@ -14,6 +14,13 @@ use crate::ledger::{Mode, NodeId};
 impl<E: Env> Coordinator<E> {
     /// What this node sees now, for [`policy`].
     pub(super) fn view(&self) -> View {
+        self.view_and_mode().0
+    }
+
+    /// [`Self::view`], and why this host runs another mode than the
+    /// cluster, if it does ([`policy::mode_conflict`]): the view's
+    /// `other_mode` is whether there is a reason.
+    pub(super) fn view_and_mode(&self) -> (View, Option<String>) {
         let (voters, acks, unapplied_entries, is_leader, leader) = self.sh.with_raft_metrics(|m| {
             (
                 m.membership_config
@@ -30,10 +37,15 @@ impl<E: Env> Coordinator<E> {
         // registered: this host cannot know yet that they do not sign. One
         // that is down signs nothing and holds nothing back.
         let stale = self.sh.timing().gossip_interval * 3;
-        // Read in place: a view is made at every event, and the statuses
-        // are large.
-        let keys = crate::signer::keys::of_peers(&self.sh);
-        let (running, peers) = self.sh.view.with_peers(|seen| {
+        // Read in place, all under one lock: a view is made at every
+        // event, and the statuses are large. The members are read first,
+        // not under it.
+        let members = if self.sh.signer_keys.is_empty() {
+            Vec::new()
+        } else {
+            self.sh.peer_ids()
+        };
+        let (running, peers, keys) = self.sh.view.with_peers(|seen| {
             let running: Vec<NodeId> = seen
                 .iter()
                 .filter(|(_, s)| s.at.elapsed() < stale)
@@ -53,7 +65,8 @@ impl<E: Env> Coordinator<E> {
                     (*id, peer)
                 })
                 .collect();
-            (running, peers)
+            let keys = crate::signer::keys::of_seen(seen, &members);
+            (running, peers, keys)
         });
         // Each read of the cluster's state is its own statement: a borrow
         // held while a second is taken waits forever on a queued writer.
@@ -63,14 +76,14 @@ impl<E: Env> Coordinator<E> {
         // as applied, or it would not hold at all.
         let unapplied = self.sh.cfg.signer.is_none() && unapplied_entries;
         let paused = policy::pause_holds(applied_paused, is_leader, unapplied);
-        let other_mode = self.other_mode_among(&voters).is_some();
+        let other_mode = self.other_mode_among(&voters);
         let unregistered = {
             let cluster = self.cluster_rx.borrow();
             voters
                 .iter()
                 .any(|v| running.contains(v) && !cluster.registered.contains(v))
         };
-        View {
+        let view = View {
             id: self.sh.cfg.id,
             timing: self.sh.timing(),
             witness: self.sh.cfg.witness,
@@ -84,21 +97,14 @@ impl<E: Env> Coordinator<E> {
             peers,
             acks,
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
-            other_mode,
+            other_mode: other_mode.is_some(),
             unregistered,
-        }
+        };
+        (view, other_mode)
     }
 
-    /// Why this host runs another mode than the cluster, if it does
-    /// ([`policy::mode_conflict`]).
-    pub(crate) fn other_mode(&self) -> Option<String> {
-        let voters: Vec<NodeId> = self
-            .sh
-            .with_raft_metrics(|m| m.membership_config.membership().voter_ids().collect());
-        self.other_mode_among(&voters)
-    }
-
-    /// [`Self::other_mode`], with the current `voters`.
+    /// Why this host runs another mode than the cluster, if it does, with
+    /// the current `voters`.
     fn other_mode_among(&self, voters: &[NodeId]) -> Option<String> {
         let cluster = self.cluster_rx.borrow();
         let chains: Vec<&str> = cluster.watermarks().keys().map(String::as_str).collect();

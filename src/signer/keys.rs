@@ -31,13 +31,19 @@ pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     }
     // Read before the view's lock is taken, not under it.
     let ids = core.peer_ids();
-    core.view.with_peers(|seen| {
-        ids.into_iter()
-            .filter_map(|id| seen.get(&id).map(|s| (id, &s.status)))
-            .filter(|(_, s)| s.role == "validator")
-            .map(|(id, s)| (id, s.signer_keys.clone()))
-            .collect()
-    })
+    core.view.with_peers(|seen| of_seen(seen, &ids))
+}
+
+/// [`of_peers`], from the gossip `seen` of the members `ids`.
+pub fn of_seen(
+    seen: &BTreeMap<NodeId, crate::node::Seen>,
+    ids: &[NodeId],
+) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
+    ids.iter()
+        .filter_map(|id| seen.get(id).map(|s| (*id, &s.status)))
+        .filter(|(_, s)| s.role == "validator")
+        .map(|(id, s)| (id, s.signer_keys.clone()))
+        .collect()
 }
 
 /// Why this host may not lead, if its key for a chain is outvoted: more
