@@ -344,8 +344,11 @@ fn lease(guard: &Guard, ns: u64) -> Result<Done, Refusal> {
 fn signal(guard: &Guard, sig: i32) -> Result<Done, Refusal> {
     let signal = Signal::try_from(sig).map_err(|_| Refusal::BadSignal(sig))?;
     let pid = guard.lock().pid.ok_or(Refusal::NotRunning)?;
-    // ESRCH: it died between the read and the kill.
-    kill(Pid::from_raw(pid), signal).map_err(|_| Refusal::NotRunning)?;
+    kill(Pid::from_raw(pid), signal).map_err(|e| match e {
+        // It died between the read and the kill.
+        nix::errno::Errno::ESRCH => Refusal::NotRunning,
+        e => Refusal::NotSignalled(e.to_string()),
+    })?;
     Ok(Done::Done)
 }
 

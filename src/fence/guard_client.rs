@@ -238,19 +238,18 @@ impl GuardClient {
             keyed,
             argv: command.to_vec(),
         };
-        match self.ask(&req, self.answer + SLOW_ANSWER).await? {
-            Done::Started(pid) => {
-                self.running = Some(pid);
-                Ok(pid)
-            }
-            other => Err(GuardError::Unexpected(other, "a pid")),
-        }
-        .inspect_err(|e| {
+        let pid = match self.ask(&req, self.answer + SLOW_ANSWER).await {
+            Ok(Done::Started(pid)) => pid,
             // An earlier start whose reply came too late: that one runs.
-            if let GuardError::Refused(Refusal::Running(pid)) = e {
-                self.running = Some(*pid);
+            Err(GuardError::Refused(Refusal::Running(pid))) => {
+                self.running = Some(pid);
+                return Err(GuardError::Refused(Refusal::Running(pid)));
             }
-        })
+            Ok(other) => return Err(GuardError::Unexpected(other, "a pid")),
+            Err(e) => return Err(e),
+        };
+        self.running = Some(pid);
+        Ok(pid)
     }
 
     /// Graceful stop: SIGTERM to the tree, SIGKILL after `grace`. Returns
@@ -488,6 +487,28 @@ mod tests {
             r#"read a rest; read b rest; echo "$a ok"; echo "$b err not-running"; cat >/dev/null"#,
         ]);
         cmd
+    }
+
+    /// Finding (review of the typed protocol): a start refused because an
+    /// earlier one runs must record that one as running, or the node never
+    /// stops it and loops on refused starts. Here the guard answers every
+    /// start with `running 4242`.
+    #[tokio::test]
+    async fn a_start_refused_as_running_records_the_running_validator() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"while read seq rest; do echo "$seq err running 4242"; done"#,
+        ]);
+        let tree = Tree::marker_only("running-reply-test");
+        let (mut client, _events) =
+            GuardClient::spawn_command(cmd, tree, Duration::from_secs(5)).unwrap();
+        assert_eq!(client.running(), None);
+        match client.start(&["true".to_string()], false).await {
+            Err(GuardError::Refused(Refusal::Running(4242))) => {}
+            other => panic!("want the running refusal, got {other:?}"),
+        }
+        assert_eq!(client.running(), Some(4242));
     }
 
     #[tokio::test]

@@ -148,6 +148,8 @@ pub enum Refusal {
     NotRunning,
     #[error("not a signal: {0}")]
     BadSignal(i32),
+    #[error("cannot signal the validator: {0}")]
+    NotSignalled(String),
     #[error("cannot start the validator: {0}")]
     Spawn(String),
     #[error("kernel fence: {0}")]
@@ -166,6 +168,7 @@ impl Refusal {
             Refusal::NoLease => ("no-lease", String::new()),
             Refusal::NotRunning => ("not-running", String::new()),
             Refusal::BadSignal(sig) => ("bad-signal", sig.to_string()),
+            Refusal::NotSignalled(why) => ("not-signalled", why.clone()),
             Refusal::Spawn(why) => ("spawn", why.clone()),
             Refusal::KernelFence(why) => ("kernel-fence", why.clone()),
             Refusal::NotProven(why) => ("not-proven", why.clone()),
@@ -181,6 +184,7 @@ impl Refusal {
             "no-lease" => Refusal::NoLease,
             "not-running" => Refusal::NotRunning,
             "bad-signal" => Refusal::BadSignal(detail.parse().map_err(|_| bad(line, "a signal"))?),
+            "not-signalled" => Refusal::NotSignalled(text()),
             "spawn" => Refusal::Spawn(text()),
             "kernel-fence" => Refusal::KernelFence(text()),
             "not-proven" => Refusal::NotProven(text()),
@@ -331,6 +335,9 @@ mod tests {
             Err(Refusal::NoLease),
             Err(Refusal::NotRunning),
             Err(Refusal::BadSignal(99)),
+            Err(Refusal::NotSignalled(
+                "EPERM: Operation not permitted".into(),
+            )),
             Err(Refusal::Spawn("no such file".into())),
             Err(Refusal::KernelFence("set gone".into())),
             Err(Refusal::NotProven("pid 5 alive".into())),
