@@ -8,6 +8,10 @@
 //!   `/cometbft/proposal`, and two signatures of one height, round and step
 //!   over different blocks are an equivocation (`double_signs`).
 //!
+//! NEAR mode may also run an upgrade plan ([`crate::upgrade`]): at an
+//! upgrade's height the chain makes no block until a node of that version
+//! signs it, as a Cosmos chain halts until its validators upgrade.
+//!
 //! Owns: the head, the ledger of accepted signatures (totals plus a bounded
 //! recent window), and its HTTP API (`/status`, `/sign`, `/cometbft/*`,
 //! `/stats`, `/metrics`). Must not: trust a signer's word (every signature
@@ -32,6 +36,7 @@ use crate::comet::consensus::Malformed;
 use crate::comet::key::PublicValidatorKey;
 use crate::comet::ledger::{Book, Equivocation, Refusal, Schedule};
 use crate::keys;
+use crate::upgrade::{Plan, Upgrade};
 use crate::wire::Submission;
 pub use crate::wire::{SignReply, SignRequest};
 
@@ -64,6 +69,21 @@ pub struct Stats {
     /// (recent ones; `double_signs` counts them all).
     #[serde(default)]
     pub equivocations: Vec<Equivocation>,
+    /// The upgrade the chain is halted at, waiting for a node of its
+    /// version to sign its height.
+    #[serde(default)]
+    pub halted: Option<Upgrade>,
+    /// Each upgrade passed, and how long the chain was halted for it.
+    #[serde(default)]
+    pub upgrades: Vec<Passed>,
+}
+
+/// An upgrade the chain passed: its height was signed by its version after
+/// `halted_ms` without a block.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Passed {
+    pub upgrade: Upgrade,
+    pub halted_ms: u64,
 }
 
 impl Stats {
@@ -109,9 +129,48 @@ struct Ledger {
     double_signs: u64,
     refused: u64,
     window: VecDeque<Signer>,
+    plan: Plan,
+    /// When the chain reached the upgrade height it waits at.
+    halted_since: Option<std::time::Instant>,
+    passed: Vec<Passed>,
 }
 
 impl Ledger {
+    /// The upgrade whose height is current and not yet signed by its
+    /// version: no block is made past it.
+    fn halted(&self) -> Option<&Upgrade> {
+        self.plan
+            .at(self.height)
+            .filter(|_| self.current.is_empty())
+    }
+
+    /// A tick: the next height, unless halted at an upgrade.
+    fn tick(&mut self) -> u64 {
+        if self.halted().is_none() {
+            self.advance();
+        }
+        // Halted from the moment the upgrade's height opens.
+        if self.halted().is_some() {
+            self.halted_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+        self.height
+    }
+
+    /// Why a verified signature of the current height by a node running
+    /// `version` is refused, if it is: at an upgrade's height only that
+    /// upgrade's version signs.
+    fn wrong_version(&self, version: Option<&str>) -> Option<String> {
+        let up = self.plan.at(self.height)?;
+        let version = version.unwrap_or(crate::upgrade::GENESIS);
+        (version != up.name).then(|| {
+            format!(
+                "height {} is upgrade {}'s: signed by version {version}",
+                self.height, up.name
+            )
+        })
+    }
+
     /// Closes the current height and opens the next one.
     fn advance(&mut self) -> u64 {
         if self.height > 0 && self.current.is_empty() {
@@ -133,6 +192,16 @@ impl Ledger {
             return false;
         }
         let double = !self.current.is_empty();
+        if let (false, Some(up)) = (double, self.plan.at(self.height)) {
+            let halted_ms = self
+                .halted_since
+                .take()
+                .map_or(0, |t| t.elapsed().as_millis() as u64);
+            self.passed.push(Passed {
+                upgrade: up.clone(),
+                halted_ms,
+            });
+        }
         if double {
             self.double_signs += 1;
         } else {
@@ -163,6 +232,8 @@ impl Ledger {
                 .collect(),
             round: 0,
             equivocations: Vec::new(),
+            halted: self.halted().cloned(),
+            upgrades: self.passed.clone(),
         }
     }
 }
@@ -177,7 +248,7 @@ impl Judge {
     /// Produces the next height (or round); returns the head.
     fn tick(&mut self) -> (u64, u32) {
         match self {
-            Judge::Near(l) => (l.advance(), 0),
+            Judge::Near(l) => (l.tick(), 0),
             Judge::Comet(b) => b.tick(),
         }
     }
@@ -199,6 +270,8 @@ impl Judge {
                         .collect(),
                     round: t.round,
                     equivocations: b.equivocations().copied().collect(),
+                    halted: None,
+                    upgrades: Vec::new(),
                 }
             }
         }
@@ -241,6 +314,8 @@ pub struct ChainConfig {
     pub listen: SocketAddr,
     pub block: Duration,
     pub mode: Mode,
+    /// NEAR mode: the upgrades the chain halts at.
+    pub plan: Plan,
 }
 
 /// Binds, then produces heights and serves the API until `shutdown` resolves.
@@ -252,7 +327,16 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, block_ms = cfg.block.as_millis() as u64, "fakechain listening");
     let (head, _) = watch::channel((0, 0));
     let (validator, judge) = match cfg.mode {
-        Mode::Near(key) => (Some(key), Judge::Near(Ledger::default())),
+        Mode::Near(key) => {
+            for up in cfg.plan.upgrades() {
+                tracing::info!(upgrade = %up, "upgrade scheduled");
+            }
+            let ledger = Ledger {
+                plan: cfg.plan,
+                ..Ledger::default()
+            };
+            (Some(key), Judge::Near(ledger))
+        }
         Mode::Comet { schedule, key } => {
             tracing::info!(chain_id = %schedule.chain_id, address = %key.address_hex(),
                 round_every = schedule.round_every, validators = schedule.validators,
@@ -305,7 +389,11 @@ async fn status(
     }
     match &*chain.judge() {
         Judge::Comet(b) => Json(serde_json::to_value(b.announce()).unwrap_or_default()),
-        Judge::Near(l) => Json(serde_json::json!({ "height": l.height })),
+        Judge::Near(l) => Json(serde_json::json!({
+            "height": l.height,
+            "upgrades": l.plan,
+            "halted": l.halted(),
+        })),
     }
 }
 
@@ -349,6 +437,10 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
     };
     if req.height != ledger.height {
         let why = format!("height {} is not current ({})", req.height, ledger.height);
+        drop(judge);
+        return refuse(&chain, StatusCode::CONFLICT, why);
+    }
+    if let Some(why) = ledger.wrong_version(req.version.as_deref()) {
         drop(judge);
         return refuse(&chain, StatusCode::CONFLICT, why);
     }
@@ -507,6 +599,33 @@ mod tests {
         l.advance(); // height 3
         assert_eq!((l.signed, l.missed, l.double_signs), (1, 1, 1));
         assert_eq!(l.window.len(), 2);
+    }
+
+    #[test]
+    fn an_upgrade_height_holds_the_chain_until_its_version_signs_it() {
+        let plan = Plan::new(vec!["v2@3".parse().unwrap()]).unwrap();
+        let mut l = Ledger {
+            plan,
+            ..Ledger::default()
+        };
+        assert_eq!(l.tick(), 1);
+        l.record(1);
+        assert_eq!(l.tick(), 2);
+        assert!(
+            l.wrong_version(Some("genesis")).is_none(),
+            "no upgrade at 2"
+        );
+        l.record(1);
+        assert_eq!(l.tick(), 3);
+        assert_eq!(l.tick(), 3, "no block past the upgrade's height");
+        assert!(l.halted().is_some() && l.halted_since.is_some());
+        assert!(l.wrong_version(Some("genesis")).is_some());
+        assert!(l.wrong_version(None).is_some(), "no version is genesis");
+        assert!(l.wrong_version(Some("v2")).is_none());
+        l.record(1);
+        assert_eq!(l.tick(), 4);
+        assert_eq!((l.missed, l.signed, l.passed.len()), (0, 3, 1));
+        assert_eq!(l.stats(0).halted, None);
     }
 
     #[test]

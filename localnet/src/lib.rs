@@ -34,6 +34,8 @@
 //!   slow links), apart from the cluster facade.
 //! - [`proxy`]: TCP fault proxies on every peer link, so links can be cut
 //!   (blackholed) without root.
+//! - [`upgrade`]: a chain's upgrade plan, as the Cosmos SDK's upgrade
+//!   module runs it: where each version halts, and `upgrade-info.json`.
 //! - [`wire`]: the JSON types between the chain, the nodes and the tools.
 
 pub mod bench;
@@ -52,6 +54,7 @@ pub mod node;
 pub mod proxy;
 pub mod shape;
 pub mod tmkms;
+pub mod upgrade;
 pub mod wire;
 
 /// Logs to stderr, human-readable, at `info` unless `RUST_LOG` says otherwise.

@@ -3,7 +3,11 @@
 //!
 //! Owns: its home dir's `validator_key.json` / `node_key.json` (read, never
 //! written), following the chain head, signing each new height once while it
-//! holds a key and is synced, and a neard-shaped `GET /status`. Must not: know
+//! holds a key and is synced, and a neard-shaped `GET /status`. At a chain
+//! upgrade it behaves as a Cosmos node does ([`crate::upgrade`]): a node of
+//! an older version halts at the upgrade's height (it writes
+//! `data/upgrade-info.json` and exits non-zero), and the new version runs
+//! its migration (reporting syncing) before it signs. Must not: know
 //! anything about keyraft; it behaves like a node an operator runs, including
 //! a slow SIGTERM and a key that is only re-read on SIGHUP with `--hot-reload`.
 
@@ -20,6 +24,7 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::keys::{self, KeyFile};
+use crate::upgrade::{self, Plan, Upgrade, UpgradeInfo, Verdict};
 use crate::wire::{SignReply, SignRequest};
 
 pub const VALIDATOR_KEY: &str = "validator_key.json";
@@ -37,6 +42,28 @@ pub struct NodeConfig {
     pub sync_delay: Duration,
     pub shutdown_delay: Duration,
     pub hot_reload: bool,
+    /// The chain software version this node runs: `genesis` or the name of
+    /// an upgrade in the chain's plan.
+    pub version: String,
+    /// How long this version's migration takes, the first time it runs in
+    /// this home (it reports syncing meanwhile).
+    pub migration: Duration,
+}
+
+/// Why a node stopped on its own, as a Cosmos node does at an upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum Halt {
+    #[error("UPGRADE \"{}\" NEEDED at height: {}: {}", .0.name, .0.height, .0.info)]
+    UpgradeNeeded(UpgradeInfo),
+    #[error("BINARY UPDATED BEFORE TRIGGER! UPGRADE \"{}\" - in binary but not executed on chain (height {})", .0.name, .0.height)]
+    Early(Upgrade),
+    #[error("version {0:?} is not in the chain's upgrade plan")]
+    UnknownVersion(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 struct ValidatorKey {
@@ -53,11 +80,14 @@ struct NodeState {
     last_signed: u64,
     started: Instant,
     sync_delay: Duration,
+    /// Until when this version's migration runs.
+    migrating_until: Option<Instant>,
 }
 
 impl NodeState {
     fn syncing(&self) -> bool {
         self.started.elapsed() < self.sync_delay
+            || self.migrating_until.is_some_and(|t| Instant::now() < t)
             || self
                 .last_contact
                 .is_none_or(|t| t.elapsed() > CONTACT_STALE)
@@ -118,6 +148,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             last_signed: 0,
             started: Instant::now(),
             sync_delay: cfg.sync_delay,
+            migrating_until: None,
         }),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
@@ -135,8 +166,81 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             tracing::error!("rpc server failed: {e}");
         }
     });
-    tokio::spawn(follow(node.clone()));
-    signals(node).await
+    migrate(&node)?;
+    let follower = tokio::spawn(follow(node.clone()));
+    tokio::select! {
+        stopped = signals(node) => stopped,
+        halted = follower => match halted {
+            Ok(halt) => {
+                tracing::error!("{halt}");
+                Err(halt.into())
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// The marker a finished migration leaves in the home, so that a restart
+/// of the same version does not migrate again.
+fn migrated_marker(node: &Node) -> PathBuf {
+    node.cfg
+        .home
+        .join(format!("data/migrated-{}", node.cfg.version))
+}
+
+/// Starts this version's migration if it has not run in this home: the
+/// node reports syncing until it is done, then leaves its marker.
+fn migrate(node: &Arc<Node>) -> Result<(), Halt> {
+    let marker = migrated_marker(node);
+    if node.cfg.version == upgrade::GENESIS || marker.exists() {
+        return Ok(());
+    }
+    let until = Instant::now() + node.cfg.migration;
+    node.state().migrating_until = Some(until);
+    tracing::info!(
+        version = %node.cfg.version,
+        ms = node.cfg.migration.as_millis() as u64,
+        "running the upgrade's migration"
+    );
+    let node = node.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(until.into()).await;
+        match write_durably(&marker, b"") {
+            Ok(()) => tracing::info!(version = %node.cfg.version, "migration done"),
+            Err(e) => tracing::error!("{e}"),
+        }
+    });
+    Ok(())
+}
+
+/// Writes `bytes` to `path` (its directory made), fsynced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Halt> {
+    let failed = |source| Halt::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    let mut f = std::fs::File::create(path).map_err(failed)?;
+    std::io::Write::write_all(&mut f, bytes).map_err(failed)?;
+    f.sync_all().map_err(failed)
+}
+
+/// What the chain's plan says this node must do at `head`: run, or stop
+/// (an upgrade's halt writes `data/upgrade-info.json` first).
+fn upgrade_verdict(node: &Node, plan: &Plan, head: u64) -> Result<(), Halt> {
+    match plan.verdict(&node.cfg.version, head) {
+        Verdict::Run => Ok(()),
+        Verdict::Halt(up) => {
+            let info = UpgradeInfo::from(&up);
+            let json = serde_json::to_vec(&info).unwrap_or_default();
+            write_durably(&node.cfg.home.join(upgrade::INFO_FILE), &json)?;
+            Err(Halt::UpgradeNeeded(info))
+        }
+        Verdict::Early(up) => Err(Halt::Early(up)),
+        Verdict::Unknown => Err(Halt::UnknownVersion(node.cfg.version.clone())),
+    }
 }
 
 async fn signals(node: Arc<Node>) -> anyhow::Result<()> {
@@ -170,7 +274,9 @@ async fn signals(node: Arc<Node>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn follow(node: Arc<Node>) {
+/// Follows the chain head and signs it, until the chain's upgrade plan
+/// stops this node (returned).
+async fn follow(node: Arc<Node>) -> Halt {
     let mut reachable = true;
     loop {
         let head = node.state().head;
@@ -184,11 +290,17 @@ async fn follow(node: Arc<Node>) {
                 .error_for_status()?
                 .json()
                 .await?;
-            Ok::<_, reqwest::Error>(v["height"].as_u64().unwrap_or(0))
+            let plan: Plan = serde_json::from_value(v["upgrades"].clone()).unwrap_or_default();
+            Ok::<_, reqwest::Error>((v["height"].as_u64().unwrap_or(0), plan))
         }
         .await;
         let height = match got {
-            Ok(h) => h,
+            Ok((h, plan)) => {
+                if let Err(halt) = upgrade_verdict(&node, &plan, h) {
+                    return halt;
+                }
+                h
+            }
             Err(e) => {
                 if reachable {
                     tracing::warn!("chain unreachable, retrying: {e}");
@@ -224,6 +336,7 @@ async fn sign_head(node: &Node) {
             public_key: v.public_key.clone(),
             node: node.cfg.node_id,
             signature: keys::sign_height(&v.signing, height),
+            version: Some(node.cfg.version.clone()),
         });
         if req.is_some() {
             st.last_signed = height;

@@ -15,6 +15,10 @@ pub struct SignRequest {
     pub public_key: String,
     pub node: u64,
     pub signature: String,
+    /// The software version the node runs (`genesis`, or an upgrade's
+    /// name): at an upgrade's height only its version may sign.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -176,6 +176,7 @@ async fn forged_foreign_and_stale_signatures_are_refused() -> Result<()> {
         public_key: j.key.public_key.clone(),
         node: 9,
         signature: keys::sign_height(&forger, h),
+        version: None,
     };
     ensure!(post(forged).await? == 403, "forged signature accepted");
     // A valid signature by a key that is not the validator's.
@@ -184,6 +185,7 @@ async fn forged_foreign_and_stale_signatures_are_refused() -> Result<()> {
         public_key: keys::encode_public(&forger.verifying_key()),
         node: 9,
         signature: keys::sign_height(&forger, h),
+        version: None,
     };
     ensure!(post(foreign).await? == 403, "foreign key accepted");
     // A genuine signature of a height that has passed.
@@ -192,6 +194,7 @@ async fn forged_foreign_and_stale_signatures_are_refused() -> Result<()> {
         public_key: j.key.public_key.clone(),
         node: 9,
         signature: keys::sign_height(&real, h.saturating_sub(1)),
+        version: None,
     };
     ensure!(post(stale).await? == 409, "stale height accepted");
     let after = j.chain.stats_since(0).await?;

@@ -1,5 +1,5 @@
-//! `fakechain --listen HOST:PORT --block-ms N --validator-key FILE`
-//! (NEAR mode) or `fakechain --cometbft --chain-id ID --validator-key
+//! `fakechain --listen HOST:PORT --block-ms N --validator-key FILE
+//! [--upgrade NAME@HEIGHT ...]` (NEAR mode) or `fakechain --cometbft --chain-id ID --validator-key
 //! priv_validator_key.json ...` (CometBFT mode).
 
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use localnet::comet::{key, ledger::Schedule};
+use localnet::upgrade::{Plan, Upgrade};
 use localnet::{chain, keys};
 
 /// A fake chain that produces heights and judges who signs them.
@@ -45,6 +46,15 @@ struct Args {
     /// extension signature (CometBFT 0.38 with extensions enabled).
     #[arg(long, requires = "cometbft")]
     vote_extensions: bool,
+    /// NEAR mode: an upgrade at HEIGHT to version NAME (repeatable): the
+    /// chain makes no block past HEIGHT until a node of version NAME signs
+    /// it, and nodes of older versions halt there.
+    #[arg(
+        long = "upgrade",
+        value_name = "NAME@HEIGHT",
+        conflicts_with = "cometbft"
+    )]
+    upgrades: Vec<Upgrade>,
 }
 
 #[derive(serde::Deserialize)]
@@ -90,6 +100,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         block: Duration::from_millis(args.block_ms),
         mode,
+        plan: Plan::new(args.upgrades)?,
     };
     chain::run(cfg, async {
         let _ = tokio::signal::ctrl_c().await;

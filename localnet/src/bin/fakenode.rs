@@ -62,6 +62,16 @@ struct RunArgs {
     /// Re-read validator_key.json on SIGHUP.
     #[arg(long)]
     hot_reload: bool,
+    /// The chain software version this node runs: genesis, or the name of
+    /// an upgrade in the chain's plan (fakechain --upgrade). At an
+    /// upgrade's height an older version halts, writing
+    /// data/upgrade-info.json and exiting with code 1.
+    #[arg(long, default_value = localnet::upgrade::GENESIS, conflicts_with = "cometbft")]
+    chain_version: String,
+    /// How long this version's migration takes the first time it runs in
+    /// this home (the node reports syncing meanwhile).
+    #[arg(long, default_value_t = 0, conflicts_with = "cometbft")]
+    migration_ms: u64,
     /// Be a CometBFT node whose votes a remote signer signs.
     #[arg(long, requires = "privval_listen")]
     cometbft: bool,
@@ -152,6 +162,8 @@ async fn main() -> ExitCode {
                 sync_delay: Duration::from_millis(r.sync_delay_ms),
                 shutdown_delay: Duration::from_millis(r.shutdown_delay_ms),
                 hot_reload: r.hot_reload,
+                version: r.chain_version,
+                migration: Duration::from_millis(r.migration_ms),
             };
             node::run(cfg).await
         }
