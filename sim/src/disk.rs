@@ -188,10 +188,10 @@ impl Disk {
 
     /// What this data dir holds now, read by keyraft's own store from a
     /// copy (for the judge's record of restored data dirs).
-    pub fn holds(&self) -> Holds {
+    pub fn holds(&self) -> Result<Holds, keyraft::raft::store::StoreError> {
         let copy = Disk(Arc::new(Mutex::new(self.lock().clone())));
         let inc = copy.new_process();
-        keyraft::raft::store::holds_on(copy.process(inc)).unwrap_or_default()
+        keyraft::raft::store::holds_on(copy.process(inc))
     }
 }
 

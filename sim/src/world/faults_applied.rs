@@ -103,8 +103,20 @@ impl World {
                     let copy = lock(&self.backups).get(&id).cloned();
                     host.disk.restore(copy);
                     let has = host.disk.holds();
-                    host.acked.reset(has.last_index);
-                    if has.term < had.term || has.last_index < had.last_index {
+                    host.acked.reset(has.as_ref().map_or(0, |h| h.last_index));
+                    // A dir the store cannot read is counted as gone back:
+                    // the judge then checks that nobody lets it in.
+                    let back = match (&had, &has) {
+                        (Ok(had), Ok(has)) => {
+                            has.term < had.term || has.last_index < had.last_index
+                        }
+                        _ => true,
+                    };
+                    if let (Err(e), _) | (_, Err(e)) = (&had, &has) {
+                        self.judge
+                            .note(format!("node {id}'s data dir unreadable: {e}"));
+                    }
+                    if back {
                         lock(&self.judge.amnesic).insert(id);
                     }
                 }
