@@ -92,6 +92,16 @@ impl Stats {
         self.heights_of(node).filter(|&h| h > after).min()
     }
 
+    /// The first of `heights` that `node` did not sign, within the window.
+    pub fn first_unsigned_by(&self, node: u64, heights: std::ops::Range<u64>) -> Option<u64> {
+        heights.into_iter().find(|h| {
+            !self
+                .signers
+                .iter()
+                .any(|x| x.height == *h && x.node == node)
+        })
+    }
+
     /// The highest height `node` signed, within the window.
     pub fn last_signed_by(&self, node: u64) -> Option<u64> {
         self.heights_of(node).max()

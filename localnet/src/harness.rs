@@ -19,6 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::chain::Stats;
+use crate::keys::KeyFile;
 
 /// Ports handed out by [`free_port`], in order, by this process.
 static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
@@ -193,6 +194,83 @@ where
             return Err(anyhow!("timed out after {limit:?} waiting for {what}{why}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A NEAR-mode `fakechain` in a temporary dir of its own, judging a fresh
+/// validator key, with homes for `fakenode`s beside it: the judge as the
+/// tests of localnet start it.
+pub struct NearChain {
+    pub dir: tempfile::TempDir,
+    pub key: KeyFile,
+    pub key_path: PathBuf,
+    pub chain: ChainClient,
+    _proc: Proc,
+}
+
+impl NearChain {
+    /// Starts the chain with blocks of `block_ms` and `extra` flags;
+    /// returns once it made its first height.
+    pub async fn start(block_ms: u64, extra: &[&str]) -> anyhow::Result<NearChain> {
+        let dir = tempfile::tempdir()?;
+        let key = KeyFile::generate("validator.test");
+        let key_path = dir.path().join("validator_key.json");
+        key.write_new(&key_path)?;
+        let addr = free_addr()?;
+        let proc = Proc::spawn(
+            "fakechain",
+            Command::new(sibling_bin("fakechain")?)
+                .args(["--listen", &addr.to_string()])
+                .args(["--block-ms", &block_ms.to_string()])
+                .arg("--validator-key")
+                .arg(&key_path)
+                .args(extra),
+            dir.path(),
+        )?;
+        let chain = ChainClient::new(&format!("http://{addr}"));
+        chain
+            .wait_height(1, Duration::from_secs(10))
+            .await
+            .context("fakechain did not start")?;
+        Ok(NearChain {
+            dir,
+            key,
+            key_path,
+            chain,
+            _proc: proc,
+        })
+    }
+
+    /// A home dir for node `id` with its node key, and with the validator
+    /// key if `with_key`; one made earlier is kept as it is.
+    pub fn home(&self, id: u64, with_key: bool) -> anyhow::Result<PathBuf> {
+        let home = self.dir.path().join(format!("home{id}"));
+        if home.exists() {
+            return Ok(home);
+        }
+        std::fs::create_dir_all(&home)?;
+        KeyFile::generate("node").write_new(&home.join("node_key.json"))?;
+        if with_key {
+            std::fs::copy(&self.key_path, home.join("validator_key.json"))?;
+        }
+        Ok(home)
+    }
+
+    /// Starts `fakenode` `id` in `home` with `extra` flags; returns it and
+    /// its RPC base URL.
+    pub fn node(&self, id: u64, home: &Path, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
+        let rpc = free_addr()?;
+        let proc = Proc::spawn(
+            &format!("fakenode{id}"),
+            Command::new(sibling_bin("fakenode")?)
+                .arg("--home")
+                .arg(home)
+                .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
+                .args(["--rpc-listen", &rpc.to_string()])
+                .args(extra),
+            self.dir.path(),
+        )?;
+        Ok((proc, format!("http://{rpc}")))
     }
 }
 

@@ -2,13 +2,11 @@
 //! If these pass, a failover test that asks the chain for double signs and
 //! missed heights is asking something that can say no.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use localnet::chain::{SignRequest, Stats};
-use localnet::harness::{eventually, free_addr, get_json, sibling_bin, ChainClient, Proc};
+use localnet::harness::{eventually, get_json, NearChain};
 use localnet::keys::{self, KeyFile};
 use nix::sys::signal::Signal;
 
@@ -18,105 +16,28 @@ const BLOCK_MS: u64 = 200;
 const SLOW_BLOCK_MS: u64 = 1000;
 const SETTLE: Duration = Duration::from_secs(10);
 
-struct Judge {
-    dir: tempfile::TempDir,
-    key: KeyFile,
-    key_path: PathBuf,
-    chain: ChainClient,
-    _chain_proc: Proc,
-}
-
-impl Judge {
-    async fn start() -> Result<Judge> {
-        Judge::start_with(BLOCK_MS).await
-    }
-
-    async fn start_with(block_ms: u64) -> Result<Judge> {
-        let dir = tempfile::tempdir()?;
-        let key = KeyFile::generate("validator.test");
-        let key_path = dir.path().join("validator_key.json");
-        key.write_new(&key_path)?;
-        let addr = free_addr()?;
-        let proc = Proc::spawn(
-            "fakechain",
-            Command::new(sibling_bin("fakechain")?)
-                .args([
-                    "--listen",
-                    &addr.to_string(),
-                    "--block-ms",
-                    &block_ms.to_string(),
-                ])
-                .arg("--validator-key")
-                .arg(&key_path),
-            dir.path(),
-        )?;
-        let chain = ChainClient::new(&format!("http://{addr}"));
-        chain
-            .wait_height(1, SETTLE)
-            .await
-            .context("fakechain did not start")?;
-        Ok(Judge {
-            dir,
-            key,
-            key_path,
-            chain,
-            _chain_proc: proc,
-        })
-    }
-
-    /// A home dir for node `id`, holding the validator key if `with_key`.
-    fn home(&self, id: u64, with_key: bool) -> Result<PathBuf> {
-        let home = self.dir.path().join(format!("home{id}"));
-        std::fs::create_dir_all(&home)?;
-        KeyFile::generate("node").write_new(&home.join("node_key.json"))?;
-        if with_key {
-            std::fs::copy(&self.key_path, home.join("validator_key.json"))?;
-        }
-        Ok(home)
-    }
-
-    /// Starts fakenode `id` in `home`; returns it and its RPC base URL.
-    fn node(&self, id: u64, home: &Path, extra: &[&str]) -> Result<(Proc, String)> {
-        let rpc = free_addr()?;
-        let proc = Proc::spawn(
-            &format!("fakenode{id}"),
-            Command::new(sibling_bin("fakenode")?)
-                .arg("--home")
-                .arg(home)
-                .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
-                .args(["--rpc-listen", &rpc.to_string()])
-                .args(extra),
-            self.dir.path(),
-        )?;
-        Ok((proc, format!("http://{rpc}")))
-    }
-
-    async fn wait_signed_by(&self, node: u64, since: u64) -> Result<Stats> {
-        eventually(SETTLE, &format!("a signature from node {node}"), || async {
-            let s = self.chain.stats_since(since).await?;
-            Ok(s.signers.iter().any(|x| x.node == node).then_some(s))
-        })
-        .await
-    }
+/// Waits for a signature by `node` at or above `since`.
+async fn wait_signed_by(j: &NearChain, node: u64, since: u64) -> Result<Stats> {
+    eventually(SETTLE, &format!("a signature from node {node}"), || async {
+        let s = j.chain.stats_since(since).await?;
+        Ok(s.signers.iter().any(|x| x.node == node).then_some(s))
+    })
+    .await
 }
 
 #[tokio::test]
 async fn one_node_with_the_key_signs_every_height() -> Result<()> {
-    let j = Judge::start_with(SLOW_BLOCK_MS).await?;
+    let j = NearChain::start(SLOW_BLOCK_MS, &[]).await?;
     let home = j.home(1, true)?;
     let (_node, _) = j.node(1, &home, &[])?;
-    let first = j.wait_signed_by(1, 0).await?;
+    let first = wait_signed_by(&j, 1, 0).await?;
     // From the height that was current when the first signature was seen,
     // every closed height must be signed and the missed count must not move.
     let from = first.height;
     j.chain.wait_height(from + 6, SETTLE).await?;
     let s = j.chain.stats_since(from).await?;
-    for h in from..s.height {
-        ensure!(
-            s.signers.iter().any(|x| x.height == h && x.node == 1),
-            "height {h} not signed: {:?}",
-            s.signers
-        );
+    if let Some(h) = s.first_unsigned_by(1, from..s.height) {
+        anyhow::bail!("height {h} not signed: {:?}", s.signers);
     }
     ensure!(
         s.missed == first.missed,
@@ -130,7 +51,7 @@ async fn one_node_with_the_key_signs_every_height() -> Result<()> {
 
 #[tokio::test]
 async fn two_nodes_with_the_same_key_are_caught_double_signing() -> Result<()> {
-    let j = Judge::start().await?;
+    let j = NearChain::start(BLOCK_MS, &[]).await?;
     let (home1, home2) = (j.home(1, true)?, j.home(2, true)?);
     let (_n1, _) = j.node(1, &home1, &[])?;
     let (_n2, _) = j.node(2, &home2, &[])?;
@@ -159,7 +80,7 @@ async fn two_nodes_with_the_same_key_are_caught_double_signing() -> Result<()> {
 
 #[tokio::test]
 async fn forged_foreign_and_stale_signatures_are_refused() -> Result<()> {
-    let j = Judge::start().await?;
+    let j = NearChain::start(BLOCK_MS, &[]).await?;
     let http = reqwest::Client::new();
     let post = |req: SignRequest| {
         let http = http.clone();
@@ -215,7 +136,7 @@ async fn forged_foreign_and_stale_signatures_are_refused() -> Result<()> {
 
 #[tokio::test]
 async fn keyless_node_signs_nothing_until_a_key_is_linked_and_sighup_sent() -> Result<()> {
-    let j = Judge::start().await?;
+    let j = NearChain::start(BLOCK_MS, &[]).await?;
     let home = j.home(1, false)?;
     let (node, rpc) = j.node(1, &home, &["--hot-reload"])?;
     let status = eventually(SETTLE, "a synced keyless node", || async {
@@ -232,7 +153,7 @@ async fn keyless_node_signs_nothing_until_a_key_is_linked_and_sighup_sent() -> R
     std::os::unix::fs::symlink(&j.key_path, &link)?;
     node.signal(Signal::SIGHUP)?;
     let linked_at = j.chain.totals().await?.height;
-    j.wait_signed_by(1, linked_at).await?;
+    wait_signed_by(&j, 1, linked_at).await?;
     let v = get_json(&format!("{rpc}/status")).await?;
     ensure!(v["validator_account_id"] == "validator.test", "{v}");
 
@@ -256,7 +177,7 @@ async fn keyless_node_signs_nothing_until_a_key_is_linked_and_sighup_sent() -> R
 
 #[tokio::test]
 async fn status_has_neards_shape_and_syncing_nodes_do_not_sign() -> Result<()> {
-    let j = Judge::start().await?;
+    let j = NearChain::start(BLOCK_MS, &[]).await?;
     let home = j.home(1, true)?;
     let (_node, rpc) = j.node(1, &home, &["--sync-delay-ms", "1500"])?;
     let v = eventually(SETTLE, "fakenode rpc", || async {
@@ -299,17 +220,17 @@ async fn status_has_neards_shape_and_syncing_nodes_do_not_sign() -> Result<()> {
         reported + 2 >= head && reported <= head,
         "reported {reported}, head {head}"
     );
-    j.wait_signed_by(1, 0).await?;
+    wait_signed_by(&j, 1, 0).await?;
     ensure!(started.elapsed() < SETTLE);
     Ok(())
 }
 
 #[tokio::test]
 async fn sigterm_keeps_signing_through_the_shutdown_delay_then_exits_0() -> Result<()> {
-    let j = Judge::start().await?;
+    let j = NearChain::start(BLOCK_MS, &[]).await?;
     let home = j.home(1, true)?;
     let (mut node, _) = j.node(1, &home, &["--shutdown-delay-ms", "1500"])?;
-    j.wait_signed_by(1, 0).await?;
+    wait_signed_by(&j, 1, 0).await?;
     let at_term = j.chain.totals().await?.height;
     let sent = Instant::now();
     node.signal(Signal::SIGTERM)?;
