@@ -23,6 +23,8 @@
 //!   fakenodes, proxies) for the launcher, chaos, benchmarks and tests;
 //!   [`shape`]: how each of its nodes is started (launch shape, mode,
 //!   fence agent, flags).
+//! - [`cosmovisor`]: `fakecosmovisor`, an imitation of the process wrapper
+//!   that switches a Cosmos node's binary at a chain upgrade.
 //! - [`docker`]: the Docker Compose cluster under host-level faults.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
@@ -45,6 +47,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod comet;
 pub mod cometnet;
+pub mod cosmovisor;
 pub mod docker;
 pub mod faults;
 pub mod harness;
