@@ -266,7 +266,10 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         last_log_index: m.last_log_index.unwrap_or(0).max(holds.last_index),
         remembered: Vec::new(),
         signer_keys: Vec::new(),
-        features: vec![crate::signer::ahead::FEATURE.to_string()],
+        features: vec![
+            crate::signer::ahead::FEATURE.to_string(),
+            crate::signer::confirm::FEATURE.to_string(),
+        ],
         chain_heights: core
             .chain_nodes
             .borrow()

@@ -32,16 +32,20 @@ pub enum Plant {
     /// Opening the Raft log keeps a torn last record: the next append
     /// goes after it, where the next open never reads.
     TornTailAccepted,
+    /// The leader signs inside its reservation without the other voters'
+    /// confirmation, trusting its own memory of what it signed there.
+    SignUnconfirmed,
 }
 
 impl Plant {
-    pub const ALL: [Plant; 6] = [
+    pub const ALL: [Plant; 7] = [
         Plant::SignBeforeCommit,
         Plant::RenewPastTerm,
         Plant::RestoredVotes,
         Plant::ReleaseUnproven,
         Plant::AckBeforeFsync,
         Plant::TornTailAccepted,
+        Plant::SignUnconfirmed,
     ];
 
     /// The name `--plant` takes.
@@ -53,6 +57,7 @@ impl Plant {
             Plant::ReleaseUnproven => "release-unproven",
             Plant::AckBeforeFsync => "ack-before-fsync",
             Plant::TornTailAccepted => "torn-tail-accepted",
+            Plant::SignUnconfirmed => "sign-unconfirmed",
         }
     }
 

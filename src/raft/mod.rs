@@ -51,6 +51,17 @@ openraft::declare_raft_types!(
         AsyncRuntime = Runtime,
 );
 
+/// Spawns `f` on openraft's runtime: tokio's, and in the simulator's
+/// build the one whose random draws come from the seed (a task spawned
+/// with plain `tokio::spawn` there draws from nothing, and panics).
+pub fn spawn<F>(f: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    drop(<Runtime as openraft::AsyncRuntime>::spawn(f));
+}
+
 pub type Raft = openraft::Raft<TypeConfig, store::StateMachine>;
 pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;

@@ -124,10 +124,13 @@ fn serve_peers(
             auth.clone(),
         )
     });
+    let confirm_svc =
+        pb::confirm_server::ConfirmServer::new(signer::ConfirmService::new(sh.core.clone()));
     let peer_router = peer
         .add_service(InterceptedService::new(raft_svc, auth.clone()))
         .add_service(InterceptedService::new(gossip_svc, auth.clone()))
         .add_optional_service(signer_svc)
+        .add_service(InterceptedService::new(confirm_svc, auth.clone()))
         .add_service(InterceptedService::new(cluster_svc, auth));
     match &sh.tls {
         Some(t) => {

@@ -1,16 +1,19 @@
-//! The forward of a sign request from a follower to the leader: the
-//! [`Forward`] trait the signer sends through, its transport on a real
-//! node (the peer port, mTLS gRPC: [`Peers`]), and the leader's gRPC end
-//! ([`SignerService`]).
+//! The signer's calls between members: the forward of a sign request from
+//! a follower to the leader, and the leader's confirmation asks to the
+//! other voters ([`super::confirm`]). The [`Forward`] trait the signer
+//! sends through, its transport on a real node (the peer port, mTLS gRPC:
+//! [`Peers`]), the leader's gRPC end of a forward ([`SignerService`]) and
+//! every member's end of an ask ([`ConfirmService`], [`serve_confirm`]).
 //!
 //! Owns: moving a request and its reply between members, and who may
 //! send one, and the leader's checks of a forwarded request (a voter, a
 //! chain it signs for, the same key and the sender's proof that it holds
 //! it) before its one sign path. Must not:
-//! decide or sign; [`super::Signer::sign_here`] does.
+//! decide or sign; [`super::Signer::sign_here`] does, and
+//! [`super::confirm`] answers an ask.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cometbft_proto::v0_38::privval::Message;
@@ -19,11 +22,14 @@ use prost::Message as _;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use super::confirm::{self, Answer};
 use super::{sign_request, Refusal, Signer, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
+use crate::node::Core;
 use crate::pb;
 use crate::raft::peers::{PeerError, Peers};
 use crate::raft::TypeConfig;
+use crate::tls;
 
 /// How a follower's sign request reaches the leader.
 pub trait Forward: Send + Sync + 'static {
@@ -35,6 +41,16 @@ pub trait Forward: Send + Sync + 'static {
         req: pb::SignRequest,
         limit: Duration,
     ) -> impl Future<Output = Result<pb::SignReply, PeerError>> + Send;
+
+    /// Asks voter `to` to confirm a signature inside this leader's
+    /// reservation ([`super::confirm`]); its answer, or why none came
+    /// within `limit`.
+    fn confirm(
+        &self,
+        to: NodeId,
+        ask: pb::ConfirmRequest,
+        limit: Duration,
+    ) -> impl Future<Output = Result<pb::ConfirmReply, PeerError>> + Send;
 }
 
 /// A real node forwards over the peer port (mTLS gRPC).
@@ -52,6 +68,82 @@ impl Forward for Peers {
         self.call(leader, limit, client.sign(self.request(req, limit)))
             .await
     }
+
+    async fn confirm(
+        &self,
+        to: NodeId,
+        ask: pb::ConfirmRequest,
+        limit: Duration,
+    ) -> Result<pb::ConfirmReply, PeerError> {
+        let mut client = pb::confirm_client::ConfirmClient::new(self.channel(to)?);
+        self.call(to, limit, client.confirm(self.request(ask, limit)))
+            .await
+    }
+}
+
+/// Every member's peer-port service for the leader's confirmation asks
+/// (witnesses too: a voter's memory is what counts, not its key).
+pub struct ConfirmService {
+    core: Arc<Core>,
+    memory: Mutex<confirm::Memory>,
+}
+
+impl ConfirmService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self {
+            core,
+            memory: Mutex::default(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::confirm_server::Confirm for ConfirmService {
+    async fn confirm(
+        &self,
+        req: Request<pb::ConfirmRequest>,
+    ) -> Result<Response<pb::ConfirmReply>, Status> {
+        let tls::PeerId(peer, _) = tls::caller_of(&req)?;
+        let reply = serve_confirm(&self.core, &self.memory, peer, req.get_ref())?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// A member's answer to `peer`'s ask ([`confirm::answer`]), from the
+/// leader and term it follows, the watermark it applied and what it
+/// confirmed before (`memory`). An answer that reveals another signature
+/// is logged: the asker may be a resumed memory image of the leader.
+pub fn serve_confirm<SM: RaftStateMachine<TypeConfig>>(
+    core: &Core<SM>,
+    memory: &Mutex<confirm::Memory>,
+    peer: NodeId,
+    req: &pb::ConfirmRequest,
+) -> Result<pb::ConfirmReply, Status> {
+    let ask = confirm::Ask::from_proto(req)
+        .ok_or_else(|| Status::invalid_argument(format!("step {} is no step", req.step)))?;
+    let (leader, term) = core.with_raft_metrics(|m| (m.current_leader, m.current_term));
+    let fresh = core.started.elapsed() < super::ahead::takeover(&core.timing());
+    let answer = {
+        let cluster = core.cluster.borrow();
+        let seen = confirm::Seen {
+            leader,
+            term,
+            watermark: cluster.watermark(&ask.chain_id),
+            fresh,
+        };
+        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        confirm::answer(&ask, peer, seen, &mut memory)
+    };
+    if let Answer::Conflict(c) = &answer {
+        tracing::error!(
+            peer,
+            chain_id = %ask.chain_id,
+            asked = ?ask.hrs,
+            holder = ask.holder,
+            "refused to confirm a signature: {c}. The leader does not know what it signed there: a process resumed from an earlier memory image (a reverted VM snapshot, a restored checkpoint)?"
+        );
+    }
+    Ok(answer.to_proto())
 }
 
 /// The leader's peer-port service for forwarded sign requests.

@@ -10,17 +10,29 @@
 //! what may be signed (the ledger and `ahead::decide` do), or sign on a
 //! follower (it forwards to the leader, `super::forward`).
 
+use std::sync::PoisonError;
+
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::storage::RaftStateMachine;
 use tokio::time::Instant;
 
 use super::ahead::{self, Ahead, Path};
+use super::confirm::{self, Answer, Count, Tally};
 use super::{
     height_limit, keys, sign, Chain, Forward, Hrs, Refusal, Signable, Signer, Stages, SIGN_PATIENCE,
 };
 use crate::config::NodeId;
 use crate::ledger::{Command, SignVerdict, SignedAt};
+use crate::plant::{self, Plant};
 use crate::raft::TypeConfig;
+
+/// The confirmation asks of one signature, answered as they come.
+struct Asks {
+    tally: Tally,
+    answers: tokio::sync::mpsc::UnboundedReceiver<(NodeId, Option<Answer>)>,
+    /// When the wait for voters not known down is over.
+    until: Instant,
+}
 
 /// One new signature's step: what it signs and how far its `SignAhead`
 /// reserves.
@@ -113,14 +125,32 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         stage.done("check");
         let step = self.step(&mut ahead, chain_id, hrs, digest, &voters);
         if path == Path::Reserved {
+            // Asked before signing, answered while it signs; the signature
+            // leaves only once a quorum confirmed ([`confirm`]). Too few
+            // confirmations (voters down, or just started), and no voter
+            // that knows of another signature: committed first instead.
             let timestamp = what.timestamp();
-            let signed = what.sign(&chain.key, chain_id, timestamp)?;
-            ahead.signed(step.signed_at(timestamp));
-            let before = ahead.pending.take();
-            let entry = step.sign_ahead(timestamp, self.holder);
-            ahead.pending = Some(self.commit_behind(chain, entry, before, step.later));
-            stage.done("sign");
-            return Ok(signed);
+            let asks = self.ask_to_confirm(&step, timestamp, &voters);
+            let signed = what.clone().sign(&chain.key, chain_id, timestamp)?;
+            let confirmed =
+                plant::on(Plant::SignUnconfirmed) || self.confirmed(asks, hrs, deadline).await?;
+            stage.done("confirm");
+            if confirmed {
+                ahead.signed(step.signed_at(timestamp));
+                let before = ahead.pending.take();
+                let entry = step.sign_ahead(timestamp, self.holder);
+                ahead.pending = Some(self.commit_behind(chain, entry, before, step.later));
+                stage.done("sign");
+                return Ok(signed);
+            }
+            // The commit of the last signature goes first, in order.
+            if let Some(pending) = ahead.pending.as_mut() {
+                chain.hurry.now();
+                let left = deadline.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, pending).await.is_ok() {
+                    ahead.pending = None;
+                }
+            }
         }
         // Its outcome is unknown from the moment it is proposed (the
         // request may be given up, or time out): until then, nothing at or
@@ -137,7 +167,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
+                // Confirmed too, with the timestamp the ledger gave: a
+                // process whose Raft state came back with its memory
+                // image may commit in its own diverged log; the voters
+                // know what was committed. Too few answers: the commit
+                // covers it, as it always did.
+                let asks = self.ask_to_confirm(&step, timestamp, &voters);
                 let signed = what.sign(&chain.key, chain_id, timestamp)?;
+                self.confirmed(asks, hrs, deadline).await?;
+                stage.done("confirm");
                 ahead.signed(step.signed_at(timestamp));
                 stage.done("sign");
                 Ok(signed)
@@ -270,12 +308,105 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 
     /// Whether every other voter said it applies `SignAhead`
-    /// ([`ahead::FEATURE`]): until then the leader writes `Signed`, which
-    /// a keyraft from before sign-ahead applies too.
+    /// ([`ahead::FEATURE`]) and answers confirmation asks
+    /// ([`confirm::FEATURE`]): until then the leader writes `Signed`, which
+    /// a keyraft from before sign-ahead applies too, and reserves nothing.
     fn voters_sign_ahead(&self, voters: &[NodeId]) -> bool {
         let me = self.core.cfg.id;
-        let others = voters.iter().copied().filter(|v| *v != me);
-        self.core.view.all_have(others, ahead::FEATURE)
+        let others = || voters.iter().copied().filter(|v| *v != me);
+        self.core.view.all_have(others(), ahead::FEATURE)
+            && self.core.view.all_have(others(), confirm::FEATURE)
+    }
+
+    /// Asks every other voter to confirm `step` ([`confirm`]), each ask
+    /// spawned so that they travel while the leader signs. A voter that
+    /// does not answer within a heartbeat is noted down (not waited for
+    /// again until it answers).
+    fn ask_to_confirm(&self, step: &Step<'_>, timestamp: (i64, i32), voters: &[NodeId]) -> Asks {
+        let me = self.core.cfg.id;
+        let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != me).collect();
+        let tally = {
+            let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+            Tally::new(voters.len(), &others, &down)
+        };
+        let ask = confirm::Ask {
+            chain_id: step.chain_id.to_string(),
+            hrs: step.hrs,
+            digest: step.digest.clone(),
+            timestamp,
+            holder: self.holder,
+            term: self.core.with_raft_metrics(|m| m.current_term),
+        }
+        .to_proto();
+        let limit = self.core.timing().heartbeat;
+        let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        for voter in others {
+            let (tx, peers, down, ask) = (
+                tx.clone(),
+                self.to_leader.clone(),
+                self.down.clone(),
+                ask.clone(),
+            );
+            crate::raft::spawn(async move {
+                let answer = peers
+                    .confirm(voter, ask, limit)
+                    .await
+                    .ok()
+                    .and_then(|r| Answer::from_proto(&r));
+                let mut down = down.lock().unwrap_or_else(PoisonError::into_inner);
+                if answer.is_some() {
+                    down.remove(&voter);
+                } else {
+                    down.insert(voter);
+                }
+                drop(down);
+                // The leader may have stopped waiting.
+                let _ = tx.send((voter, answer));
+            });
+        }
+        Asks {
+            tally,
+            answers,
+            until: Instant::now() + limit,
+        }
+    }
+
+    /// Waits for the answers to `asks` until the tally says sign (true),
+    /// too few (false: commit first) or refuse; when the wait is over, a
+    /// quorum is enough.
+    async fn confirmed(
+        &self,
+        mut asks: Asks,
+        hrs: Hrs,
+        deadline: Instant,
+    ) -> Result<bool, Refusal> {
+        let until = asks.until.min(deadline);
+        let mut count = asks.tally.count();
+        while count == Count::Wait {
+            count = match tokio::time::timeout_at(until, asks.answers.recv()).await {
+                Ok(Some((voter, answer))) => asks.tally.add(voter, answer),
+                Ok(None) | Err(_) => asks.tally.last(),
+            };
+        }
+        match count {
+            Count::Sign | Count::Wait => Ok(true),
+            Count::TooFew { yes, need } => {
+                tracing::debug!(yes, need, asked = ?hrs, "too few voters confirmed a signature in the reservation: committed first");
+                Ok(false)
+            }
+            Count::Refuse { voter, conflict } => {
+                tracing::error!(
+                    voter,
+                    asked = ?hrs,
+                    "not signed: voter {voter} says {conflict}, which this process does not remember signing. It may be resumed from an earlier memory image (a reverted VM snapshot, a restored checkpoint): stop it if so"
+                );
+                Err(if conflict.at() == hrs {
+                    Refusal::Equivocation { asked: hrs }
+                } else {
+                    Refusal::Regression { asked: hrs }
+                })
+            }
+        }
     }
 
     /// A voter that has not registered yet would not be recognised if it
@@ -316,5 +447,35 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             Ok(Err(e)) => Err(Refusal::NotCommitted(e.to_string())),
             Err(_) => Err(late()),
         }
+    }
+}
+
+/// The simulator's memory image of a signing process.
+#[cfg(keyraft_sim)]
+impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
+    /// Makes this process what a memory image taken a moment ago would
+    /// resume as: it forgets its last signature of its first chain that
+    /// is not applied yet (signed after the image was taken) and the
+    /// commit behind it. Returns that signature's HRS; `None` while a
+    /// request holds the chain's lock, or nothing signed is unapplied.
+    pub fn forget_unapplied_last(&self) -> Option<Hrs> {
+        let chain = self.chains.first()?;
+        let mut ahead = chain.lock.try_lock().ok()?;
+        let last = ahead.recent.back()?.hrs();
+        let applied = self
+            .core
+            .cluster
+            .borrow()
+            .watermark(chain.id())
+            .and_then(|w| w.signed())
+            .map(|s| s.hrs());
+        if applied.is_some_and(|a| a >= last) {
+            return None;
+        }
+        ahead.recent.pop_back();
+        if let Some(pending) = ahead.pending.take() {
+            pending.abort();
+        }
+        Some(last)
     }
 }

@@ -13,6 +13,9 @@
 //!   before any request; the leader's per-request check stays the guard).
 //! - [`ahead`]: sign-ahead, the leader's choice between signing at once
 //!   (its own reservation covers the request) and committing first.
+//! - [`confirm`]: the other voters' confirmation before a signature
+//!   inside a reservation (a resumed memory image of the leader does not
+//!   remember what it signed there; they do).
 //! - [`behind`]: the commit behind a signature made in the reservation,
 //!   proposed in order, and after the other sentries' requests where only
 //!   the next height needs it.
@@ -56,6 +59,7 @@
 
 pub mod ahead;
 mod behind;
+pub mod confirm;
 mod forward;
 mod here;
 pub mod keys;
@@ -83,7 +87,7 @@ use crate::raft::peers::Peers;
 use crate::raft::store::StateMachine;
 use crate::raft::TypeConfig;
 use ahead::Ahead;
-pub use forward::{Forward, SignerService};
+pub use forward::{serve_confirm, ConfirmService, Forward, SignerService};
 pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN};
 pub use refusal::Hrs;
 pub use refusal::Refusal;
@@ -192,6 +196,9 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
     /// This signing process's id in reservations ([`ahead`]): drawn anew at
     /// every start, so a restarted process never signs in an old one.
     holder: u64,
+    /// Voters whose last confirmation ask went unanswered ([`confirm`]):
+    /// not waited for until one is answered.
+    down: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
@@ -226,6 +233,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             to_leader,
             chains,
             holder,
+            down: Arc::default(),
         })
     }
 
