@@ -126,6 +126,14 @@ pub enum Kind {
     Hang {
         ms: u64,
     },
+    /// Signer mode: the process resumed from a memory image taken a
+    /// moment before (a reverted VM snapshot, a restored checkpoint): at
+    /// the first moment within `ms` when it signed something not applied
+    /// yet, it forgets that signature, and its sentry, resumed with it,
+    /// asks for that HRS again with other bytes.
+    Resume {
+        ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -345,6 +353,17 @@ pub fn draw(seed: u64) -> Plan {
             kind: Kind::TornWrite {
                 down_ms: torn.random_range(100..=1_000),
                 kill_ms: torn.random_range(200..=1_500),
+            },
+        });
+    }
+    // And, in signer mode, a leader resumed from a memory image.
+    let mut images = SmallRng::seed_from_u64(seed ^ 0x1a6e_5a7e);
+    if signer_mode && images.random_bool(0.4) {
+        faults.push(Fault {
+            at_ms: images.random_range(1_500..heal_ms - 2_000),
+            target: Target::Leader,
+            kind: Kind::Resume {
+                ms: images.random_range(100..=1_000),
             },
         });
     }

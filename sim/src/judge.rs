@@ -46,6 +46,11 @@ pub struct Judge {
     /// The nodes up and joined when the last membership change was asked
     /// of openraft (ground truth, for judging a change left under way).
     pub change_began_with: Mutex<BTreeSet<NodeId>>,
+    /// A leader resumed from a memory image forgot signing this HRS, and
+    /// from this time on every other process that was up then (and heard
+    /// its confirmation) has lost its memory too: nobody knows of that
+    /// signature (docs/safety.md, residual risks).
+    pub forgotten_by_all: Mutex<Option<(Hrs, u64)>>,
 }
 
 impl Judge {
@@ -59,6 +64,7 @@ impl Judge {
             residual: Mutex::new(None),
             amnesic: Mutex::new(BTreeSet::new()),
             change_began_with: Mutex::new(BTreeSet::new()),
+            forgotten_by_all: Mutex::new(None),
         }
     }
 
@@ -190,7 +196,21 @@ impl Judge {
         if LIVE.with(std::cell::Cell::get) {
             self.note(format!("node {node} signs {hrs:?} {digest}"));
         }
-        self.oracle().signature(node, hrs, digest, timestamp, at);
+        let mut oracle = self.oracle();
+        let before = oracle.violations.len();
+        oracle.signature(node, hrs, digest, timestamp, at);
+        let forgotten = *lock(&self.forgotten_by_all);
+        if oracle.violations.len() > before
+            && forgotten.is_some_and(|(h, since)| h == hrs && since <= at)
+        {
+            // Not a violation of what keyraft promises: the signature it
+            // repeats was known to no process alive.
+            let v = oracle.violations.pop().unwrap_or_default();
+            drop(oracle);
+            let why = format!("{v}, when every process that heard it signed had lost its memory");
+            self.note(format!("RESIDUAL RISK: {why}"));
+            lock(&self.residual).get_or_insert(why);
+        }
     }
 
     pub fn bad_signature(&self, node: NodeId, why: &str) {

@@ -68,6 +68,8 @@ pub struct Process {
     pub core: Arc<Core<StateMachine>>,
     /// Signer mode: keyraft's own signer on this process's `core`.
     pub signer: Option<Arc<SimSigner<Process>>>,
+    /// What it confirmed to the leader (`signer::confirm`), in its memory.
+    confirmed: std::sync::Mutex<keyraft::signer::confirm::Memory>,
     /// keyraft's own operator commands on `core`, relayed over the
     /// simulated network (`ports::SimRelay`).
     pub commands: SimCommands<Process>,
@@ -141,6 +143,14 @@ impl Port for Process {
 
     fn commands(&self) -> &SimCommands<Process> {
         &self.commands
+    }
+
+    fn confirm(
+        &self,
+        from: NodeId,
+        ask: &keyraft::pb::ConfirmRequest,
+    ) -> Result<keyraft::pb::ConfirmReply, tonic::Status> {
+        keyraft::signer::serve_confirm(&self.core, &self.confirmed, from, ask)
     }
 }
 
@@ -258,6 +268,7 @@ impl Process {
                 .signer
                 .is_some()
                 .then(|| crate::signer::signer(&core, &net, id, inc)),
+            confirmed: Default::default(),
             commands: keyraft::admin::Commands::new(
                 core.clone(),
                 Arc::new(SimRelay {

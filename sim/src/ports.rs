@@ -47,6 +47,8 @@ pub trait Port: Runs + Sized {
     fn signer(&self) -> Option<&Arc<SimSigner<Self>>>;
     /// keyraft's operator commands.
     fn commands(&self) -> &SimCommands<Self>;
+    /// keyraft's answer to the leader's confirmation ask (every member).
+    fn confirm(&self, from: NodeId, ask: &pb::ConfirmRequest) -> Result<pb::ConfirmReply, Status>;
 }
 
 /// Where the simulation says member `id` listens (its network routes by
@@ -216,17 +218,43 @@ impl<P: Port> Forward for SimForward<P> {
                 })
             })
             .await;
-        // As keyraft's gRPC client reports them (`raft::peers`).
-        let rpc = |status| PeerError::Rpc { id: leader, status };
-        match answer {
-            Ok(reply) => reply.map_err(rpc),
-            Err(NetError::Timeout) => Err(PeerError::Timeout {
-                id: leader,
-                after: limit,
-            }),
-            Err(e @ (NetError::Refused | NetError::SenderGone)) => {
-                Err(rpc(Status::unavailable(e.to_string())))
-            }
+        as_grpc_reports(leader, limit, answer)
+    }
+
+    async fn confirm(
+        &self,
+        to: NodeId,
+        ask: pb::ConfirmRequest,
+        limit: Duration,
+    ) -> Result<pb::ConfirmReply, PeerError> {
+        let from = self.from;
+        let ask = Arc::new(ask);
+        let answer = self
+            .net
+            .exchange(self.from, self.inc, to, limit, move |p: Arc<P>| {
+                let ask = ask.clone();
+                Box::pin(async move { p.confirm(from, &ask) })
+            })
+            .await;
+        as_grpc_reports(to, limit, answer)
+    }
+}
+
+/// A call's outcome as keyraft's gRPC client reports it (`raft::peers`).
+fn as_grpc_reports<T>(
+    to: NodeId,
+    limit: Duration,
+    answer: Result<Result<T, Status>, NetError>,
+) -> Result<T, PeerError> {
+    let rpc = |status| PeerError::Rpc { id: to, status };
+    match answer {
+        Ok(reply) => reply.map_err(rpc),
+        Err(NetError::Timeout) => Err(PeerError::Timeout {
+            id: to,
+            after: limit,
+        }),
+        Err(e @ (NetError::Refused | NetError::SenderGone)) => {
+            Err(rpc(Status::unavailable(e.to_string())))
         }
     }
 }

@@ -110,6 +110,14 @@ fn request(height: u64, round: u32, step: u8, own: Option<NodeId>, host: NodeId)
     })
 }
 
+/// `host`'s sentry asks for `hrs` again, with a block no other sentry
+/// proposes (as one resumed from a memory image, or a buggy one, does).
+pub async fn ask_other(all: Arc<Sentries>, host: NodeId, hrs: (u64, u32, u8)) {
+    const OTHER: NodeId = 0xEE;
+    let (height, round, step) = hrs;
+    ask(all, host, request(height, round, step, Some(OTHER), host)).await;
+}
+
 /// One request to the sentry's own keyraft process, as CometBFT makes it:
 /// sent once, answered once; asked again only if the process died (or
 /// its host froze past the patience) before answering.

@@ -299,6 +299,63 @@ impl World {
                 let image = host.disk.image();
                 lock(&self.backups).insert(id, image);
             }
+            Kind::Resume { ms } => self.resume_image(&host, ms).await,
         }
+    }
+
+    /// `host`'s process resumed from a memory image: polled each
+    /// millisecond for `ms` until it has a signature not applied yet to
+    /// forget (`Signer::forget_unapplied_last`); its sentry then asks for
+    /// that HRS again with bytes of its own.
+    async fn resume_image(&self, host: &Arc<Host<Process>>, ms: u64) {
+        let id = host.id;
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            let signer = host.process().and_then(|p| p.signer.clone());
+            if let Some(hrs) = signer.and_then(|s| s.forget_unapplied_last()) {
+                self.judge.note(format!(
+                    "node {id} resumed from a memory image: it forgot signing {hrs:?}"
+                ));
+                self.watch_witnesses(id, hrs);
+                let sentries = Arc::new(crate::sentry::Sentries {
+                    hosts: self.hosts.clone(),
+                    judge: self.judge.clone(),
+                    conflict: self.conflict,
+                });
+                crate::sentry::ask_other(sentries, id, hrs).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Watches, for the rest of the run, the processes up besides `id` when it
+    /// forgot signing `hrs`: once every one of them has died (restarted,
+    /// crashed, restored), no process alive knows of that signature, and
+    /// the judge is told (`Judge::forgotten_by_all`).
+    fn watch_witnesses(&self, id: NodeId, hrs: (u64, u32, u8)) {
+        let witnesses: Vec<(NodeId, u64)> = self
+            .hosts
+            .all()
+            .filter(|h| h.id != id)
+            .filter_map(|h| h.process().map(|p| (h.id, p.inc)))
+            .collect();
+        let (hosts, judge) = (self.hosts.clone(), self.judge.clone());
+        types::spawn(async move {
+            loop {
+                let alive = witnesses
+                    .iter()
+                    .any(|(w, inc)| hosts.get(*w).is_some_and(|h| h.is_process(*inc)));
+                if !alive {
+                    let at = judge.at_ms();
+                    judge.note(format!(
+                        "every process that heard node {id} sign {hrs:?} has lost its memory: {witnesses:?}"
+                    ));
+                    *lock(&judge.forgotten_by_all) = Some((hrs, at));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
     }
 }
