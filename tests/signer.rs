@@ -616,6 +616,40 @@ async fn a_validator_mode_member_never_leads_among_signers_and_a_conversion_sign
     })
     .await
     .with_context(|| c.logs())?;
+    // The holder's whole host frozen (its activation stays unreleased)
+    // while the others come back in signer mode: where its validator
+    // stopped is not known, so an import of a state file is refused
+    // (review finding).
+    let file = c.dir.path().join("priv_validator_state.json");
+    std::fs::write(&file, r#"{"height": "1", "step": 3}"#)?;
+    c.freeze(holder, true, true)?;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != holder).collect();
+    for &id in &others {
+        c.kill_host(id)?;
+        c.node_mut(id)?.opts.validator_mode = false;
+        c.spawn(id)?;
+    }
+    let held = "holds the key in validator mode";
+    let out = eventually(
+        SETTLE,
+        "an import beside the frozen holder answered",
+        || async {
+            let out = c
+                .cli(
+                    others[0],
+                    &["signer", "import-state", &file.display().to_string()],
+                )
+                .await?;
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            Ok((out.status.success() || err.contains(held)).then_some(out))
+        },
+    )
+    .await?;
+    ensure!(
+        !out.status.success(),
+        "an import beside a validator-mode holder: {out:?}"
+    );
+    c.freeze(holder, true, false)?;
     for id in [1, 2, 3] {
         c.kill_host(id)?;
         c.node_mut(id)?.opts.validator_mode = false;
@@ -633,8 +667,6 @@ async fn a_validator_mode_member_never_leads_among_signers_and_a_conversion_sign
     })
     .await?;
     ensure!(!out.status.success(), "--never-signed taken: {out:?}");
-    let file = c.dir.path().join("priv_validator_state.json");
-    std::fs::write(&file, r#"{"height": "1", "step": 3}"#)?;
     let out = c
         .cli(1, &["signer", "import-state", &file.display().to_string()])
         .await?;

@@ -417,6 +417,13 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                 limit.why
             );
         }
+        // A validator-mode holder still running may sign on: where it
+        // stopped is not known until it has (review finding).
+        if let (false, Some(why)) = (f.other_key, crate::signer::keys::held_now(&self.core)) {
+            return Err(Status::failed_precondition(format!(
+                "{why}. Its validator may still sign, so its state file is not final: import it once that node runs in signer mode or its activation is released (or pass --other-key if this chain's key is not the one it linked)"
+            )));
+        }
         let (before, linked, last_use) = {
             let c = self.core.cluster.borrow();
             (

@@ -165,16 +165,20 @@ impl Tree {
     /// who kept such processes alive would keep the tree from ever being
     /// proven dead (and have them killed). Environments are read on a
     /// worker thread, within [`SCAN_BOUND`] for the whole scan: one held up
-    /// (memory behind a stalled FUSE mount) fails the scan, closed.
+    /// (memory behind a stalled FUSE mount) fails the scan, closed, where
+    /// there is no cgroup; with one, the cgroup is the tree (a warning).
     pub fn live_members(&self, root: Option<i32>) -> Result<BTreeSet<i32>, FenceError> {
         let me = std::process::id() as i32;
         let mut found = self.cgroup_members()?;
-        let needle = format!("{MARKER_VAR}={}", self.marker);
         let table = processes()?;
+        // Members of the cgroup, and processes already dying, need no read
+        // of their environment (a dying one stuck on a stalled disk could
+        // hold it up).
         let keyraft = nix::unistd::geteuid().as_raw();
         let candidates: Vec<i32> = table
             .iter()
             .map(|&(pid, _)| pid)
+            .filter(|pid| !found.contains(pid) && !dead_or_dying(*pid).unwrap_or(false))
             .filter(|&pid| {
                 process_uids(pid).is_some_and(|ids| {
                     ids.iter()
@@ -182,6 +186,35 @@ impl Tree {
                 })
             })
             .collect();
+        match self.marked(candidates) {
+            Ok(marked) => found.extend(marked),
+            // With a cgroup, membership is the cgroup's: a marker scan
+            // held up by some other process (one stuck on a hung mount)
+            // must not keep the tree from being proven dead for good.
+            Err(e) if self.cgroup.is_some() => {
+                tracing::warn!("the marker scan failed ({e}): the validator's tree is its cgroup");
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(root) = root {
+            found.extend(descendants(&table, root));
+        }
+        found.remove(&me);
+        let mut live = BTreeSet::new();
+        for pid in found {
+            if !dead_or_dying(pid)? {
+                live.insert(pid);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Which of `candidates` carry the marker (or, unreadable, run as the
+    /// validator's user). Fails closed on any other read error, or a scan
+    /// slower than [`SCAN_BOUND`].
+    fn marked(&self, candidates: Vec<i32>) -> Result<BTreeSet<i32>, FenceError> {
+        let needle = format!("{MARKER_VAR}={}", self.marker);
+        let mut found = BTreeSet::new();
         for (pid, env) in environments(candidates, SCAN_BOUND)? {
             match env {
                 Ok(env) => {
@@ -202,17 +235,7 @@ impl Tree {
                 Err(e) => return Err(proc_error(pid, e)),
             }
         }
-        if let Some(root) = root {
-            found.extend(descendants(&table, root));
-        }
-        found.remove(&me);
-        let mut live = BTreeSet::new();
-        for pid in found {
-            if !dead_or_dying(pid)? {
-                live.insert(pid);
-            }
-        }
-        Ok(live)
+        Ok(found)
     }
 
     fn cgroup_members(&self) -> Result<BTreeSet<i32>, FenceError> {
@@ -555,6 +578,38 @@ mod tests {
             .live_members(None)
             .unwrap()
             .is_empty());
+    }
+
+    /// Review finding: with a cgroup, a marker scan held up by some other
+    /// process (its environment behind a hung mount) kept the tree from
+    /// being proven dead for good (start-up exited, every kill unproven).
+    /// The scan is held up here by taking every reader slot; the cgroup
+    /// is a directory whose `cgroup.procs` names a running process. (Each
+    /// test runs in a process of its own under nextest, so the slots taken
+    /// are this test's alone.)
+    #[test]
+    fn with_a_cgroup_a_held_up_marker_scan_leaves_the_tree_its_cgroup() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let mut member = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = member.id() as i32;
+        std::fs::write(dir.path().join("cgroup.procs"), format!("{pid}\n")).unwrap();
+        let with_cgroup = Tree {
+            cgroup: Some(dir.path().to_path_buf()),
+            ..Tree::marker_only("held-up")
+        };
+        READERS.fetch_add(MAX_READERS, Ordering::SeqCst);
+        let scanned = with_cgroup.live_members(None);
+        let without = Tree::marker_only("held-up").live_members(None);
+        READERS.fetch_sub(MAX_READERS, Ordering::SeqCst);
+        member.kill().unwrap();
+        member.wait().unwrap();
+        assert_eq!(scanned.unwrap(), BTreeSet::from([pid]));
+        // Without a cgroup the scan is all there is: it fails closed.
+        assert!(
+            matches!(without, Err(FenceError::ScanBlocked(_))),
+            "{without:?}"
+        );
     }
 
     /// Finding: another local user's process that carries the marker

@@ -135,8 +135,14 @@ impl Ahead {
 /// How the leader goes on with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// Sign now with this timestamp: bytes already signed at this HRS.
+    /// Sign now with this timestamp: bytes this process signed at this
+    /// HRS (its own memory).
     Repeat((i64, i32)),
+    /// Sign with this timestamp once the other voters confirm it: bytes
+    /// the applied watermark holds at this HRS. A process whose memory and
+    /// log went back may hold there what it committed in its own diverged
+    /// log (`super::confirm`).
+    Committed((i64, i32)),
     /// Sign now: this process's own reservation covers the HRS. Its
     /// `SignAhead` is committed after.
     Reserved,
@@ -200,7 +206,7 @@ pub fn decide(
     };
     let repeat = w.signed().is_some_and(|s| s.hrs() == hrs);
     match w.check_by(chain_id, hrs, digest, Some(holder)) {
-        SignVerdict::Sign { timestamp } if repeat => Ok(Path::Repeat(timestamp)),
+        SignVerdict::Sign { timestamp } if repeat => Ok(Path::Committed(timestamp)),
         SignVerdict::Sign { .. }
             if w.reserved_for(hrs, holder) && doubt.is_none_or(|d| hrs > d) =>
         {
@@ -390,8 +396,9 @@ mod tests {
             Result<Path, Refusal>,
         );
         let table: Vec<Row> = vec![
-            // A repeat of committed bytes: signed again, with their timestamp.
-            (vec![], Some(&plain), (10, 0, 2), "d", Ok(Repeat((7, 0)))),
+            // A repeat of committed bytes: signed again, with their
+            // timestamp, once confirmed.
+            (vec![], Some(&plain), (10, 0, 2), "d", Ok(Committed((7, 0)))),
             (vec![], Some(&plain), (10, 0, 2), "x", Err(eq(10, 0, 2))),
             (vec![], Some(&plain), (9, 0, 3), "d", Err(reg(9, 0, 3))),
             // Above a plain watermark: commit first.
@@ -400,7 +407,7 @@ mod tests {
             (vec![], Some(&mine), (11, 0, 1), "p", Ok(Reserved)),
             (vec![], Some(&mine), (11, 0, 2), "v", Ok(Reserved)),
             (vec![], Some(&mine), (11, 0, 3), "v", Ok(Commit)),
-            (vec![], Some(&mine), (10, 0, 3), "d", Ok(Repeat((8, 0)))),
+            (vec![], Some(&mine), (10, 0, 3), "d", Ok(Committed((8, 0)))),
             (vec![], Some(&mine), (10, 0, 3), "x", Err(eq(10, 0, 3))),
             // In another process's: refused, whatever the bytes.
             (vec![], Some(&theirs), (11, 0, 1), "p", Err(reg(11, 0, 1))),

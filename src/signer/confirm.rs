@@ -12,11 +12,11 @@
 //! Each remembers, in memory, every HRS it confirmed and its bytes, and
 //! refuses other bytes at it or anything below the holder's last; the
 //! committed watermark refuses what was committed. A confirmation writes
-//! nothing to disk: it costs one round trip, and the leader waits for
-//! every voter not known down, so that a resumed image meets every voter
-//! that remembers. A voter that restarted lost what it remembered: until
-//! a takeover after its start (by when a leader whose image could still
-//! act in its term has been replaced) it confirms nothing.
+//! nothing to disk: it costs one round trip, and once a quorum confirmed,
+//! the leader waits a little longer ([`grace`]) for the others, so that a
+//! resumed image meets every voter that is up and remembers. A voter that
+//! restarted lost what it remembered: for a takeover after its start it
+//! confirms nothing (it still remembers what it is asked).
 //!
 //! Owns: the voter's answer ([`answer`]), what it remembers ([`Memory`])
 //! and the leader's count of the answers ([`Tally`]), as pure functions
@@ -24,6 +24,7 @@
 //! through [`super::Forward`], [`super::forward`] serves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
 use crate::config::NodeId;
 use crate::ledger::SignerState;
@@ -232,8 +233,6 @@ impl Answer {
 pub struct Tally {
     /// Confirmations needed: with the leader's own, a majority of voters.
     need: usize,
-    /// Voters answered for before signing: every one not known down.
-    wait_for: BTreeSet<NodeId>,
     /// Voters asked.
     asked: usize,
     yes: BTreeSet<NodeId>,
@@ -243,28 +242,41 @@ pub struct Tally {
 /// Where a tally stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Count {
-    /// A quorum confirmed, and every voter waited for answered.
+    /// Every voter answered, a quorum confirmed: sign.
     Sign,
-    /// Not yet.
+    /// A quorum confirmed and some voters have not answered yet: sign
+    /// once they have, or a grace has passed ([`grace`]).
+    Quorum,
+    /// Too few answers yet.
     Wait,
-    /// Every voter answered and too few confirmed (`yes` of `need`).
+    /// Every voter answered, or the wait is over, and too few confirmed
+    /// (`yes` of `need`).
     TooFew { yes: usize, need: usize },
     /// A voter knows something else was signed.
     Refuse { voter: NodeId, conflict: Conflict },
 }
 
+/// How long the leader waits for the voters that have not answered once a
+/// quorum has, `quorum_after` its asks: as long again, twice over, and at
+/// least [`GRACE_MIN`]. A voter that is up answers within about the same
+/// round trip as the others (a resumed image cannot know which ones are
+/// down: what it knew of that came back with it); one that is down costs
+/// this much per signature.
+pub fn grace(quorum_after: Duration) -> Duration {
+    quorum_after.saturating_mul(2).max(GRACE_MIN)
+}
+
+/// The least grace ([`grace`]): a loopback or LAN round trip is a tenth
+/// of it.
+pub const GRACE_MIN: Duration = Duration::from_millis(2);
+
 impl Tally {
-    /// A tally among `others` (the voters but the leader, `voters` in
-    /// all), waiting for each that is not in `down`.
-    pub fn new(voters: usize, others: &[NodeId], down: &BTreeSet<NodeId>) -> Self {
+    /// A tally among `voters` voters, the leader included, of which
+    /// `asked` are asked.
+    pub fn new(voters: usize, asked: usize) -> Self {
         Tally {
             need: (voters / 2 + 1).saturating_sub(1),
-            wait_for: others
-                .iter()
-                .copied()
-                .filter(|o| !down.contains(o))
-                .collect(),
-            asked: others.len(),
+            asked,
             yes: BTreeSet::new(),
             answered: BTreeSet::new(),
         }
@@ -286,13 +298,13 @@ impl Tally {
 
     /// Where it stands with the answers so far.
     pub fn count(&self) -> Count {
-        if self.yes.len() >= self.need && self.wait_for.is_subset(&self.answered) {
-            return Count::Sign;
+        let all = self.answered.len() >= self.asked;
+        match (self.yes.len() >= self.need, all) {
+            (true, true) => Count::Sign,
+            (true, false) => Count::Quorum,
+            (false, true) => self.last(),
+            (false, false) => Count::Wait,
         }
-        if self.answered.len() >= self.asked {
-            return self.last();
-        }
-        Count::Wait
     }
 
     /// Where it stands once nothing more will come (every voter answered,
@@ -517,56 +529,22 @@ mod tests {
     }
 
     #[test]
-    fn the_leader_signs_once_a_quorum_confirmed_and_every_voter_up_answered() {
-        let none = BTreeSet::new();
+    fn the_leader_signs_once_a_quorum_confirmed_and_every_voter_answered() {
         let c = Conflict::Confirmed { at: (1, 0, 1) };
-        type Row = (
-            usize,
-            &'static [NodeId],
-            &'static [NodeId],
-            Vec<(NodeId, Option<Answer>)>,
-            Count,
-        );
+        let yes = || Some(Answer::Confirmed);
+        // (voters, answers in order) -> where the tally stands after them
+        type Row = (usize, Vec<(NodeId, Option<Answer>)>, Count);
         let table: Vec<Row> = vec![
-            // Three voters: both others answer; one yes is a quorum.
-            (
-                3,
-                &[2, 3],
-                &[],
-                vec![(2, Some(Answer::Confirmed))],
-                Count::Wait,
-            ),
-            (
-                3,
-                &[2, 3],
-                &[],
-                vec![(2, Some(Answer::Confirmed)), (3, None)],
-                Count::Sign,
-            ),
-            (
-                3,
-                &[2, 3],
-                &[],
-                vec![(2, None), (3, Some(Answer::Confirmed))],
-                Count::Sign,
-            ),
-            // One known down is not waited for.
-            (
-                3,
-                &[2, 3],
-                &[3],
-                vec![(2, Some(Answer::Confirmed))],
-                Count::Sign,
-            ),
+            // Three voters: one other's yes is a quorum; the other is
+            // waited for (a grace) before signing.
+            (3, vec![(2, yes())], Count::Quorum),
+            (3, vec![(2, yes()), (3, None)], Count::Sign),
+            (3, vec![(2, None), (3, yes())], Count::Sign),
+            (3, vec![(2, Some(Answer::Fresh)), (3, yes())], Count::Sign),
             // A conflict refuses, whatever else said yes.
             (
                 3,
-                &[2, 3],
-                &[],
-                vec![
-                    (2, Some(Answer::Confirmed)),
-                    (3, Some(Answer::Conflict(c.clone()))),
-                ],
+                vec![(2, yes()), (3, Some(Answer::Conflict(c.clone())))],
                 Count::Refuse {
                     voter: 3,
                     conflict: c.clone(),
@@ -575,35 +553,33 @@ mod tests {
             // Nobody confirmed.
             (
                 3,
-                &[2, 3],
-                &[],
                 vec![(2, Some(Answer::NotLeader)), (3, None)],
                 Count::TooFew { yes: 0, need: 1 },
             ),
             // Five voters: two yes needed.
+            (5, vec![(2, yes())], Count::Wait),
+            (5, vec![(2, yes()), (3, yes())], Count::Quorum),
             (
                 5,
-                &[2, 3, 4, 5],
-                &[4, 5],
-                vec![(2, Some(Answer::Confirmed)), (3, Some(Answer::Confirmed))],
-                Count::Sign,
+                vec![(2, yes()), (3, None), (4, None), (5, None)],
+                Count::TooFew { yes: 1, need: 2 },
             ),
-            (
-                5,
-                &[2, 3, 4, 5],
-                &[4, 5],
-                vec![(2, Some(Answer::Confirmed)), (3, None)],
-                Count::Wait,
-            ),
+            // One voter: nothing to ask.
+            (1, vec![], Count::Sign),
         ];
-        for (i, (voters, others, down, answers, want)) in table.into_iter().enumerate() {
-            let down: BTreeSet<NodeId> = down.iter().copied().collect();
-            let mut t = Tally::new(voters, others, if down.is_empty() { &none } else { &down });
-            let mut got = Count::Wait;
+        for (i, (voters, answers, want)) in table.into_iter().enumerate() {
+            let mut t = Tally::new(voters, voters - 1);
+            let mut got = t.count();
             for (v, a) in answers {
                 got = t.add(v, a);
             }
             assert_eq!(got, want, "row {i}");
         }
+    }
+
+    #[test]
+    fn the_grace_is_twice_the_quorums_wait_and_never_under_two_milliseconds() {
+        assert_eq!(grace(Duration::from_micros(300)), GRACE_MIN);
+        assert_eq!(grace(Duration::from_millis(5)), Duration::from_millis(10));
     }
 }

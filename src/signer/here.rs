@@ -10,8 +10,6 @@
 //! what may be signed (the ledger and `ahead::decide` do), or sign on a
 //! follower (it forwards to the leader, `super::forward`).
 
-use std::sync::PoisonError;
-
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::storage::RaftStateMachine;
 use tokio::time::Instant;
@@ -30,7 +28,9 @@ use crate::raft::TypeConfig;
 struct Asks {
     tally: Tally,
     answers: tokio::sync::mpsc::UnboundedReceiver<(NodeId, Option<Answer>)>,
-    /// When the wait for voters not known down is over.
+    /// When they were sent.
+    asked: Instant,
+    /// When the wait for a quorum is over.
     until: Instant,
 }
 
@@ -121,35 +121,24 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         if let Path::Repeat(timestamp) = path {
             return Ok(what.sign(&chain.key, chain_id, timestamp)?);
         }
+        if let Path::Committed(timestamp) = path {
+            let voters = self.voters();
+            let asks = self.ask_to_confirm(chain_id, hrs, &digest, timestamp, &voters);
+            let signed = what.sign(&chain.key, chain_id, timestamp)?;
+            self.confirmed_or_refused(asks, hrs, deadline).await?;
+            stage.done("confirm");
+            return Ok(signed);
+        }
         let voters = self.checked_voters(chain_id, hrs)?;
         stage.done("check");
         let step = self.step(&mut ahead, chain_id, hrs, digest, &voters);
         if path == Path::Reserved {
-            // Asked before signing, answered while it signs; the signature
-            // leaves only once a quorum confirmed ([`confirm`]). Too few
-            // confirmations (voters down, or just started), and no voter
-            // that knows of another signature: committed first instead.
-            let timestamp = what.timestamp();
-            let asks = self.ask_to_confirm(&step, timestamp, &voters);
-            let signed = what.clone().sign(&chain.key, chain_id, timestamp)?;
-            let confirmed =
-                plant::on(Plant::SignUnconfirmed) || self.confirmed(asks, hrs, deadline).await?;
-            stage.done("confirm");
-            if confirmed {
-                ahead.signed(step.signed_at(timestamp));
-                let before = ahead.pending.take();
-                let entry = step.sign_ahead(timestamp, self.holder);
-                ahead.pending = Some(self.commit_behind(chain, entry, before, step.later));
+            if let Some(signed) = self
+                .sign_reserved(chain, &mut ahead, &what, &step, &voters, deadline)
+                .await?
+            {
                 stage.done("sign");
                 return Ok(signed);
-            }
-            // The commit of the last signature goes first, in order.
-            if let Some(pending) = ahead.pending.as_mut() {
-                chain.hurry.now();
-                let left = deadline.saturating_duration_since(Instant::now());
-                if tokio::time::timeout(left, pending).await.is_ok() {
-                    ahead.pending = None;
-                }
             }
         }
         // Its outcome is unknown from the moment it is proposed (the
@@ -170,11 +159,10 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 // Confirmed too, with the timestamp the ledger gave: a
                 // process whose Raft state came back with its memory
                 // image may commit in its own diverged log; the voters
-                // know what was committed. Too few answers: the commit
-                // covers it, as it always did.
-                let asks = self.ask_to_confirm(&step, timestamp, &voters);
+                // know what was committed.
+                let asks = self.ask_to_confirm(chain_id, hrs, &step.digest, timestamp, &voters);
                 let signed = what.sign(&chain.key, chain_id, timestamp)?;
-                self.confirmed(asks, hrs, deadline).await?;
+                self.confirmed_or_refused(asks, hrs, deadline).await?;
                 stage.done("confirm");
                 ahead.signed(step.signed_at(timestamp));
                 stage.done("sign");
@@ -185,17 +173,49 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
     }
 
+    /// A step inside this process's own reservation: asked of the voters
+    /// before signing, answered while it signs; the signature leaves only
+    /// once they confirmed ([`confirm`]), and its `SignAhead` is committed
+    /// behind it. Too few confirmations (voters down, or just started) and
+    /// no voter that knows of another signature: `None`, committed first
+    /// instead (the commit of the last signature first, in order).
+    async fn sign_reserved(
+        &self,
+        chain: &Chain,
+        ahead: &mut Ahead,
+        what: &Signable,
+        step: &Step<'_>,
+        voters: &[NodeId],
+        deadline: Instant,
+    ) -> Result<Option<Signable>, Refusal> {
+        let chain_id = chain.id();
+        let timestamp = what.timestamp();
+        let asks = self.ask_to_confirm(chain_id, step.hrs, &step.digest, timestamp, voters);
+        let signed = what.clone().sign(&chain.key, chain_id, timestamp)?;
+        let confirmed =
+            plant::on(Plant::SignUnconfirmed) || self.confirmed(asks, step.hrs, deadline).await?;
+        if confirmed {
+            ahead.signed(step.signed_at(timestamp));
+            let before = ahead.pending.take();
+            let entry = step.sign_ahead(timestamp, self.holder);
+            ahead.pending = Some(self.commit_behind(chain, entry, before, step.later));
+            return Ok(Some(signed));
+        }
+        if let Some(pending) = ahead.pending.as_mut() {
+            chain.hurry.now();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, pending).await.is_ok() {
+                ahead.pending = None;
+            }
+        }
+        Ok(None)
+    }
+
     /// The key is signer mode's now: no validator-mode member holds it
     /// ([`keys::held_in_validator_mode`]), and where validator mode held it
     /// last, where that node stopped signing is known (imported).
     fn key_is_signer_modes(&self) -> Result<(), Refusal> {
-        let holder = self.core.cluster.borrow().key_holder();
-        let holder_signs = holder.is_some_and(|h| {
-            self.core
-                .view
-                .said(h, |s| s.role == "validator" && !s.signer_keys.is_empty())
-        });
-        if let Some(why) = keys::held_in_validator_mode(holder, self.core.cfg.id, holder_signs) {
+        if let Some(why) = keys::held_now(&self.core) {
             return Err(Refusal::NotCommitted(why));
         }
         let linked = self.core.cluster.borrow().linked;
@@ -259,15 +279,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 hrs.0, limit.why
             )));
         }
-        let voters: Vec<NodeId> = self
-            .core
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = self.voters();
         self.all_voters_registered(&voters)?;
         Ok(voters)
+    }
+
+    /// The voters now.
+    fn voters(&self) -> Vec<NodeId> {
+        self.core
+            .with_raft_metrics(|m| m.membership_config.membership().voter_ids().collect())
     }
 
     /// How far this signature reserves: only while every other voter can
@@ -318,21 +338,23 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             && self.core.view.all_have(others(), confirm::FEATURE)
     }
 
-    /// Asks every other voter to confirm `step` ([`confirm`]), each ask
-    /// spawned so that they travel while the leader signs. A voter that
-    /// does not answer within a heartbeat is noted down (not waited for
-    /// again until it answers).
-    fn ask_to_confirm(&self, step: &Step<'_>, timestamp: (i64, i32), voters: &[NodeId]) -> Asks {
+    /// Asks every other voter to confirm `hrs` with `digest` and
+    /// `timestamp` ([`confirm`]), each ask spawned so that they travel
+    /// while the leader signs.
+    fn ask_to_confirm(
+        &self,
+        chain_id: &str,
+        hrs: Hrs,
+        digest: &str,
+        timestamp: (i64, i32),
+        voters: &[NodeId],
+    ) -> Asks {
         let me = self.core.cfg.id;
         let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != me).collect();
-        let tally = {
-            let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-            Tally::new(voters.len(), &others, &down)
-        };
         let ask = confirm::Ask {
-            chain_id: step.chain_id.to_string(),
-            hrs: step.hrs,
-            digest: step.digest.clone(),
+            chain_id: chain_id.to_string(),
+            hrs,
+            digest: digest.to_string(),
             timestamp,
             holder: self.holder,
             term: self.core.with_raft_metrics(|m| m.current_term),
@@ -340,58 +362,55 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         .to_proto();
         let limit = self.core.timing().heartbeat;
         let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
-        for voter in others {
-            let (tx, peers, down, ask) = (
-                tx.clone(),
-                self.to_leader.clone(),
-                self.down.clone(),
-                ask.clone(),
-            );
+        for voter in &others {
+            let (voter, tx, peers, ask) = (*voter, tx.clone(), self.to_leader.clone(), ask.clone());
             crate::raft::spawn(async move {
                 let answer = peers
                     .confirm(voter, ask, limit)
                     .await
                     .ok()
                     .and_then(|r| Answer::from_proto(&r));
-                let mut down = down.lock().unwrap_or_else(PoisonError::into_inner);
-                if answer.is_some() {
-                    down.remove(&voter);
-                } else {
-                    down.insert(voter);
-                }
-                drop(down);
                 // The leader may have stopped waiting.
                 let _ = tx.send((voter, answer));
             });
         }
+        let asked = Instant::now();
         Asks {
-            tally,
+            tally: Tally::new(voters.len(), others.len()),
             answers,
-            until: Instant::now() + limit,
+            asked,
+            until: asked + limit,
         }
     }
 
-    /// Waits for the answers to `asks` until the tally says sign (true),
-    /// too few (false: commit first) or refuse; when the wait is over, a
-    /// quorum is enough.
+    /// Waits for the answers to `asks`: until every voter answered, or a
+    /// quorum did and a grace passed ([`confirm::grace`]), or a heartbeat
+    /// (the deadline at most). True: confirmed; false: too few answers;
+    /// a refusal where a voter knows of another signature.
     async fn confirmed(
         &self,
         mut asks: Asks,
         hrs: Hrs,
         deadline: Instant,
     ) -> Result<bool, Refusal> {
-        let until = asks.until.min(deadline);
+        let mut until = asks.until.min(deadline);
         let mut count = asks.tally.count();
-        while count == Count::Wait {
+        let mut graced = false;
+        while matches!(count, Count::Wait | Count::Quorum) {
+            if count == Count::Quorum && !graced {
+                let now = Instant::now();
+                until = until.min(now + confirm::grace(now.saturating_duration_since(asks.asked)));
+                graced = true;
+            }
             count = match tokio::time::timeout_at(until, asks.answers.recv()).await {
                 Ok(Some((voter, answer))) => asks.tally.add(voter, answer),
                 Ok(None) | Err(_) => asks.tally.last(),
             };
         }
         match count {
-            Count::Sign | Count::Wait => Ok(true),
+            Count::Sign | Count::Wait | Count::Quorum => Ok(true),
             Count::TooFew { yes, need } => {
-                tracing::debug!(yes, need, asked = ?hrs, "too few voters confirmed a signature in the reservation: committed first");
+                tracing::debug!(yes, need, asked = ?hrs, "too few voters confirmed a signature");
                 Ok(false)
             }
             Count::Refuse { voter, conflict } => {
@@ -407,6 +426,22 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 })
             }
         }
+    }
+
+    /// [`Self::confirmed`] where too few answers refuse: a step already
+    /// committed (or a repeat of committed bytes) has no other way.
+    async fn confirmed_or_refused(
+        &self,
+        asks: Asks,
+        hrs: Hrs,
+        deadline: Instant,
+    ) -> Result<(), Refusal> {
+        if self.confirmed(asks, hrs, deadline).await? {
+            return Ok(());
+        }
+        Err(Refusal::NotCommitted(format!(
+            "too few voters confirmed {hrs:?} within a heartbeat"
+        )))
     }
 
     /// A voter that has not registered yet would not be recognised if it

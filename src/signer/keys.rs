@@ -105,21 +105,35 @@ pub fn other_keys(
         .collect()
 }
 
-/// Why nothing may be signed now, if a member holds the key in validator
-/// mode: the ledger's last activation (`holder`, signer mode never writes
-/// one) is not released, and the holder is neither this host nor was it
-/// last heard from in signer mode (`holder_signs`: gossiping signer keys;
-/// a host restarted in signer mode left its validator of before to die
-/// with its coordinator). Its validator may be running with the key.
-pub fn held_in_validator_mode(
-    holder: Option<NodeId>,
-    me: NodeId,
-    holder_signs: bool,
-) -> Option<String> {
-    let h = holder.filter(|h| *h != me && !holder_signs)?;
+/// Why nothing may be signed (or imported) now, if a member holds the key
+/// in validator mode: the ledger's last activation (`holder`, signer mode
+/// never writes one) is not released, and the holder was not last heard
+/// from in signer mode (`holder_signs`: this host runs a signer, another
+/// gossips signer keys; a host restarted in signer mode left its validator
+/// of before to die with its coordinator). Its validator may be running
+/// with the key.
+pub fn held_in_validator_mode(holder: Option<NodeId>, holder_signs: bool) -> Option<String> {
+    let h = holder.filter(|_| !holder_signs)?;
     Some(format!(
         "node {h} holds the key in validator mode (its activation is not released): nothing is signed beside it; start it with --signer cometbft, or stop it after a switchover"
     ))
+}
+
+/// [`held_in_validator_mode`] as this node sees it now: the ledger's
+/// last unreleased activation, and whether its holder runs in signer mode
+/// (this host: its own configuration; another: what it last gossiped).
+pub fn held_now<SM: openraft::storage::RaftStateMachine<crate::raft::TypeConfig>>(
+    core: &crate::node::Core<SM>,
+) -> Option<String> {
+    let holder = core.cluster.borrow().key_holder();
+    let holder_signs = holder.is_some_and(|h| {
+        if h == core.cfg.id {
+            return core.cfg.signer.is_some();
+        }
+        core.view
+            .said(h, |s| s.role == "validator" && !s.signer_keys.is_empty())
+    });
+    held_in_validator_mode(holder, holder_signs)
 }
 
 #[cfg(test)]
@@ -236,14 +250,13 @@ mod tests {
 
     #[test]
     fn nothing_is_signed_beside_a_validator_mode_holder() {
-        // (holder, holder last heard in signer mode) -> refused?
+        // (holder, holder runs in signer mode) -> refused?
         for (holder, signs, refused) in [
             (None, false, false),
-            (Some(1), false, false),
             (Some(2), true, false),
             (Some(2), false, true),
         ] {
-            let why = held_in_validator_mode(holder, 1, signs);
+            let why = held_in_validator_mode(holder, signs);
             assert_eq!(why.is_some(), refused, "{holder:?} {signs}");
         }
     }

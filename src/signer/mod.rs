@@ -196,9 +196,6 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
     /// This signing process's id in reservations ([`ahead`]): drawn anew at
     /// every start, so a restarted process never signs in an old one.
     holder: u64,
-    /// Voters whose last confirmation ask went unanswered ([`confirm`]):
-    /// not waited for until one is answered.
-    down: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
@@ -233,7 +230,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             to_leader,
             chains,
             holder,
-            down: Arc::default(),
         })
     }
 
