@@ -71,6 +71,10 @@ pub struct Ahead {
     /// The (height, round) whose precommit this process's last precommit
     /// reserved (a quick chain's reach), if it did.
     pub round_reserved: Option<(u64, u32)>,
+    /// The last step this process asked the voters to confirm, its digest
+    /// and timestamp (`super::confirm`): they remember it, so a request
+    /// given up after the ask is asked again with that timestamp.
+    pub asked: Option<(Hrs, String, (i64, i32))>,
 }
 
 impl Ahead {
@@ -123,6 +127,20 @@ pub fn takeover(t: &Timing) -> Duration {
 }
 
 impl Ahead {
+    /// Notes the step asked of the voters ([`Ahead::asked`]).
+    pub fn asking(&mut self, hrs: Hrs, digest: &str, timestamp: (i64, i32)) {
+        self.asked = Some((hrs, digest.to_string(), timestamp));
+    }
+
+    /// The timestamp asked for `hrs` with `digest`, if it was the last
+    /// step asked.
+    pub fn asked_at(&self, hrs: Hrs, digest: &str) -> Option<(i64, i32)> {
+        self.asked
+            .as_ref()
+            .filter(|(h, d, _)| *h == hrs && d == digest)
+            .map(|(_, _, t)| *t)
+    }
+
     /// Remembers a signature this process made.
     pub fn signed(&mut self, s: SignedAt) {
         if self.recent.len() == RECENT {

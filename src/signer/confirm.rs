@@ -140,7 +140,12 @@ pub fn answer(ask: &Ask, from: NodeId, seen: Seen<'_>, memory: &mut Memory) -> A
         timestamp: ask.timestamp,
     };
     let confirmed = memory.chains.entry(ask.chain_id.clone()).or_default();
-    let other_bytes = confirmed.get(&ask.hrs).is_some_and(|c| *c != this);
+    // The same bytes and timestamp are the same signature, whichever
+    // signing process asks (a new leader signing again what its
+    // predecessor signed).
+    let other_bytes = confirmed
+        .get(&ask.hrs)
+        .is_some_and(|c| c.digest != this.digest || c.timestamp != this.timestamp);
     let later = confirmed
         .range((
             std::ops::Bound::Excluded(ask.hrs),
@@ -233,6 +238,10 @@ impl Answer {
 pub struct Tally {
     /// Confirmations needed: with the leader's own, a majority of voters.
     need: usize,
+    /// Whether a voter that just started counts as a confirmation: for a
+    /// step already committed, which without it was signed on the commit
+    /// alone.
+    fresh_counts: bool,
     /// Voters asked.
     asked: usize,
     yes: BTreeSet<NodeId>,
@@ -257,13 +266,13 @@ pub enum Count {
 }
 
 /// How long the leader waits for the voters that have not answered once a
-/// quorum has, `quorum_after` its asks: as long again, twice over, and at
-/// least [`GRACE_MIN`]. A voter that is up answers within about the same
+/// quorum has, `quorum_after` its asks: as long again, and at least
+/// [`GRACE_MIN`]. A voter that is up answers within about the same
 /// round trip as the others (a resumed image cannot know which ones are
 /// down: what it knew of that came back with it); one that is down costs
 /// this much per signature.
 pub fn grace(quorum_after: Duration) -> Duration {
-    quorum_after.saturating_mul(2).max(GRACE_MIN)
+    quorum_after.max(GRACE_MIN)
 }
 
 /// The least grace ([`grace`]): a loopback or LAN round trip is a tenth
@@ -272,10 +281,12 @@ pub const GRACE_MIN: Duration = Duration::from_millis(2);
 
 impl Tally {
     /// A tally among `voters` voters, the leader included, of which
-    /// `asked` are asked.
-    pub fn new(voters: usize, asked: usize) -> Self {
+    /// `asked` are asked; a just-started voter's answer counts as a
+    /// confirmation where `fresh_counts`.
+    pub fn new(voters: usize, asked: usize, fresh_counts: bool) -> Self {
         Tally {
             need: (voters / 2 + 1).saturating_sub(1),
+            fresh_counts,
             asked,
             yes: BTreeSet::new(),
             answered: BTreeSet::new(),
@@ -288,6 +299,9 @@ impl Tally {
         match answer {
             Some(Answer::Conflict(conflict)) => return Count::Refuse { voter, conflict },
             Some(Answer::Confirmed) => {
+                self.yes.insert(voter);
+            }
+            Some(Answer::Fresh) if self.fresh_counts => {
                 self.yes.insert(voter);
             }
             Some(Answer::NotLeader | Answer::Fresh) | None => {}
@@ -427,11 +441,14 @@ mod tests {
                 seen(Some(&w)),
                 conflict((10, 0, 2)),
             ),
+            // The same bytes and timestamp asked by another process (a
+            // new leader signing again what was signed): the same
+            // signature.
             (
                 ask((10, 0, 2), "b", 8),
                 1,
                 seen(Some(&w)),
-                conflict((10, 0, 2)),
+                Answer::Confirmed,
             ),
             // The same vote with another timestamp (another sentry's
             // request, which the holder would have signed as a repeat).
@@ -568,7 +585,7 @@ mod tests {
             (1, vec![], Count::Sign),
         ];
         for (i, (voters, answers, want)) in table.into_iter().enumerate() {
-            let mut t = Tally::new(voters, voters - 1);
+            let mut t = Tally::new(voters, voters - 1, false);
             let mut got = t.count();
             for (v, a) in answers {
                 got = t.add(v, a);
@@ -578,8 +595,18 @@ mod tests {
     }
 
     #[test]
-    fn the_grace_is_twice_the_quorums_wait_and_never_under_two_milliseconds() {
+    fn for_a_committed_step_a_just_started_voter_counts() {
+        let mut t = Tally::new(3, 2, true);
+        t.add(2, Some(Answer::Fresh));
+        assert_eq!(t.add(3, None), Count::Sign);
+        let mut t = Tally::new(3, 2, false);
+        t.add(2, Some(Answer::Fresh));
+        assert_eq!(t.add(3, None), Count::TooFew { yes: 0, need: 1 });
+    }
+
+    #[test]
+    fn the_grace_is_the_quorums_wait_and_never_under_two_milliseconds() {
         assert_eq!(grace(Duration::from_micros(300)), GRACE_MIN);
-        assert_eq!(grace(Duration::from_millis(5)), Duration::from_millis(10));
+        assert_eq!(grace(Duration::from_millis(5)), Duration::from_millis(5));
     }
 }

@@ -123,18 +123,25 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         if let Path::Committed(timestamp) = path {
             let voters = self.voters();
-            let asks = self.ask_to_confirm(chain_id, hrs, &digest, timestamp, &voters);
-            let signed = what.sign(&chain.key, chain_id, timestamp)?;
-            self.confirmed_or_refused(asks, hrs, deadline).await?;
+            let signed = self
+                .sign_committed(chain, what, &digest, timestamp, &voters, deadline)
+                .await?;
             stage.done("confirm");
             return Ok(signed);
         }
+        // A step asked of the voters before (a request given up meanwhile)
+        // is asked again with the timestamp they know.
+        let timestamp = ahead
+            .asked_at(hrs, &digest)
+            .unwrap_or_else(|| what.timestamp());
         let voters = self.checked_voters(chain_id, hrs)?;
         stage.done("check");
         let step = self.step(&mut ahead, chain_id, hrs, digest, &voters);
         if path == Path::Reserved {
             if let Some(signed) = self
-                .sign_reserved(chain, &mut ahead, &what, &step, &voters, deadline)
+                .sign_reserved(
+                    chain, &mut ahead, &what, &step, timestamp, &voters, deadline,
+                )
                 .await?
             {
                 stage.done("sign");
@@ -151,18 +158,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             .borrow()
             .watermark(chain_id)
             .is_some_and(|w| w.holder == Some(self.holder));
-        let first = step.first_entry(what.timestamp(), self.holder, holds);
+        let first = step.first_entry(timestamp, self.holder, holds);
         let verdict = self.commit(first, deadline).await?;
         stage.done("commit");
         match verdict {
             SignVerdict::Sign { timestamp } => {
-                // Confirmed too, with the timestamp the ledger gave: a
-                // process whose Raft state came back with its memory
-                // image may commit in its own diverged log; the voters
-                // know what was committed.
-                let asks = self.ask_to_confirm(chain_id, hrs, &step.digest, timestamp, &voters);
-                let signed = what.sign(&chain.key, chain_id, timestamp)?;
-                self.confirmed_or_refused(asks, hrs, deadline).await?;
+                ahead.asking(hrs, &step.digest, timestamp);
+                let signed = self
+                    .sign_committed(chain, what, &step.digest, timestamp, &voters, deadline)
+                    .await?;
                 stage.done("confirm");
                 ahead.signed(step.signed_at(timestamp));
                 stage.done("sign");
@@ -179,18 +183,20 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// behind it. Too few confirmations (voters down, or just started) and
     /// no voter that knows of another signature: `None`, committed first
     /// instead (the commit of the last signature first, in order).
+    #[allow(clippy::too_many_arguments)]
     async fn sign_reserved(
         &self,
         chain: &Chain,
         ahead: &mut Ahead,
         what: &Signable,
         step: &Step<'_>,
+        timestamp: (i64, i32),
         voters: &[NodeId],
         deadline: Instant,
     ) -> Result<Option<Signable>, Refusal> {
         let chain_id = chain.id();
-        let timestamp = what.timestamp();
-        let asks = self.ask_to_confirm(chain_id, step.hrs, &step.digest, timestamp, voters);
+        ahead.asking(step.hrs, &step.digest, timestamp);
+        let asks = self.ask_to_confirm(chain_id, step.hrs, &step.digest, timestamp, voters, false);
         let signed = what.clone().sign(&chain.key, chain_id, timestamp)?;
         let confirmed =
             plant::on(Plant::SignUnconfirmed) || self.confirmed(asks, step.hrs, deadline).await?;
@@ -338,9 +344,47 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             && self.core.view.all_have(others(), confirm::FEATURE)
     }
 
+    /// A step committed (by this request, or before it: a repeat of the
+    /// committed bytes), signed with the ledger's `timestamp` once the
+    /// voters confirm it: a process whose Raft state came back with its
+    /// memory image may have committed it in its own diverged log, and the
+    /// voters know what was committed. Too few confirmations refuse it;
+    /// where too few voters answer asks at all (an older keyraft, in a
+    /// rolling upgrade), the commit alone covers it, as it did before.
+    async fn sign_committed(
+        &self,
+        chain: &Chain,
+        what: Signable,
+        digest: &str,
+        timestamp: (i64, i32),
+        voters: &[NodeId],
+        deadline: Instant,
+    ) -> Result<Signable, Refusal> {
+        let (chain_id, hrs) = (chain.id(), what.hrs()?);
+        if !self.voters_confirm(voters) {
+            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
+        }
+        let asks = self.ask_to_confirm(chain_id, hrs, digest, timestamp, voters, true);
+        let signed = what.sign(&chain.key, chain_id, timestamp)?;
+        self.confirmed_or_refused(asks, hrs, deadline).await?;
+        Ok(signed)
+    }
+
+    /// Whether enough other voters answer confirmation asks for a quorum
+    /// ([`confirm::FEATURE`]).
+    fn voters_confirm(&self, voters: &[NodeId]) -> bool {
+        let me = self.core.cfg.id;
+        let answering = voters
+            .iter()
+            .filter(|v| **v != me && self.core.view.all_have([**v], confirm::FEATURE))
+            .count();
+        answering >= voters.len() / 2
+    }
+
     /// Asks every other voter to confirm `hrs` with `digest` and
     /// `timestamp` ([`confirm`]), each ask spawned so that they travel
-    /// while the leader signs.
+    /// while the leader signs; for a step already `committed`, a voter
+    /// just started counts ([`Tally::new`]).
     fn ask_to_confirm(
         &self,
         chain_id: &str,
@@ -348,6 +392,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         digest: &str,
         timestamp: (i64, i32),
         voters: &[NodeId],
+        committed: bool,
     ) -> Asks {
         let me = self.core.cfg.id;
         let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != me).collect();
@@ -376,7 +421,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         let asked = Instant::now();
         Asks {
-            tally: Tally::new(voters.len(), others.len()),
+            tally: Tally::new(voters.len(), others.len(), committed),
             answers,
             asked,
             until: asked + limit,
