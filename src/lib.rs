@@ -36,7 +36,8 @@
 //!   that kills the validator when its lease runs out (both ends of its
 //!   protocol), the kernel fence, and fence agents for other hosts.
 //! - [`signer`]: signer mode (CometBFT): keyraft dials the nodes' privval
-//!   ports and signs only what the Raft leader committed first; followers
+//!   ports and signs only what the Raft leader committed first, once the
+//!   other voters confirmed nothing else was signed there; followers
 //!   forward requests to the leader; refusals are typed end to end.
 //! - [`raft`]: replication only: openraft's type configuration, the vote
 //!   and leadership gate ([`raft::gate`]), durable storage

@@ -7,11 +7,11 @@
 //! signs on. Real processes, real mTLS; the leader's certificate plays
 //! the image.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use keyraft::pb::{ConfirmAnswer, ConfirmReply, ConfirmRequest};
-use localnet::cluster::{Cluster, NodeOpts, SETTLE};
+use localnet::cluster::{Cluster, SETTLE};
 use localnet::harness::eventually;
-use peer::{as_node, peer_channel};
+use peer::{as_node, peer_channel, signers_with_a_witness, signing_goes_on};
 
 mod peer;
 
@@ -32,30 +32,7 @@ fn answer(r: &ConfirmReply) -> ConfirmAnswer {
 
 #[tokio::test]
 async fn a_voter_confirms_a_step_once_and_refuses_it_to_a_leader_that_forgot() -> Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("keyraft-confirm-")
-        .tempdir()?;
-    let mode = localnet::cluster::Mode::Signer {
-        chain_id: CHAIN.into(),
-        round_every: 0,
-        validators: 2,
-        more_chains: 0,
-    };
-    let c = Cluster::start_in_mode(
-        localnet::cluster::ClusterDir::Temp(dir),
-        3,
-        500,
-        mode,
-        |id| NodeOpts {
-            witness: id == 3,
-            ..NodeOpts::default()
-        },
-    )
-    .await?;
-    let (leader, term) = eventually(SETTLE, "a signer leader", || async {
-        Ok(c.agreed_leader(&[1, 2, 3]).await?.filter(|(l, _)| *l != 3))
-    })
-    .await?;
+    let (c, leader, term) = signers_with_a_witness(CHAIN, 0).await?;
     let follower = if leader == 1 { 2 } else { 1 };
     c.never_signed().await?;
     // Far above what the chain will reach in this test, for a signing
@@ -117,12 +94,7 @@ async fn a_voter_confirms_a_step_once_and_refuses_it_to_a_leader_that_forgot() -
         }
     }
     // Below what the cluster committed: refused as committed.
-    let signed = c.chain.totals().await?.signed;
-    eventually(SETTLE, "signatures go on", || async {
-        Ok((c.chain.totals().await?.signed > signed + 2).then_some(()))
-    })
-    .await
-    .with_context(|| c.logs())?;
+    signing_goes_on(&c).await?;
     let r = ask(
         &c,
         leader,

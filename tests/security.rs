@@ -12,7 +12,10 @@ use anyhow::{ensure, Context, Result};
 use keyraft::signer::sign::ConsensusKey;
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
 use localnet::harness::{eventually, free_addr};
-use peer::{as_node, ask_to_sign, cluster_key, peer_channel, precommit_request, proven};
+use peer::{
+    as_node, ask_to_sign, cluster_key, peer_channel, precommit_request, proven,
+    signers_with_a_witness, signing_goes_on,
+};
 
 mod peer;
 
@@ -295,31 +298,7 @@ async fn watermark(c: &Cluster) -> Result<u64> {
 #[tokio::test]
 async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() -> Result<()> {
     const CHAIN: &str = "keyraft-security-test";
-    let dir = tempfile::Builder::new()
-        .prefix("keyraft-signer-")
-        .tempdir()?;
-    let mode = localnet::cluster::Mode::Signer {
-        chain_id: CHAIN.into(),
-        round_every: 4,
-        validators: 2,
-        more_chains: 0,
-    };
-    let c = Cluster::start_in_mode(
-        localnet::cluster::ClusterDir::Temp(dir),
-        3,
-        500,
-        mode,
-        |id| NodeOpts {
-            witness: id == 3,
-            ..NodeOpts::default()
-        },
-    )
-    .await?;
-    // A validator host leads (a witness may lead first, briefly).
-    let (leader, _) = eventually(SETTLE, "a signer leader", || async {
-        Ok(c.agreed_leader(&[1, 2, 3]).await?.filter(|(l, _)| *l != 3))
-    })
-    .await?;
+    let (c, leader, _) = signers_with_a_witness(CHAIN, 4).await?;
     let other = if leader == 1 { 2 } else { 1 };
     c.never_signed().await?;
     // Right after --never-signed, a far-future request from a real
@@ -411,12 +390,7 @@ async fn only_a_validator_hosts_sentries_get_signatures_and_no_height_jumps() ->
         );
     }
     // Signing goes on through the real sentries.
-    let before = c.chain.totals().await?.signed;
-    eventually(SETTLE, "signatures after the refusals", || async {
-        Ok((c.chain.totals().await?.signed > before + 2).then_some(()))
-    })
-    .await
-    .with_context(|| c.logs())?;
+    signing_goes_on(&c).await?;
     let at = watermark(&c).await?;
     ensure!(at > 0 && at < 1 << 40, "watermark {at}");
 

@@ -376,11 +376,17 @@ mod tests {
     }
 
     #[test]
-    fn a_voter_confirms_each_hrs_once_with_one_set_of_bytes() {
+    fn a_voter_answers_only_its_leader_and_confirms_each_hrs_once() {
         let w = signed_at((10, 0, 1), "a");
+        let fresh = Seen {
+            fresh: true,
+            ..seen(Some(&w))
+        };
+        let later = Ask {
+            term: 2,
+            ..ask((10, 0, 2), "a", HOLDER)
+        };
         let mut m = Memory::default();
-        let conflict = |at| Answer::Conflict(Conflict::Confirmed { at });
-        let committed = |at| Answer::Conflict(Conflict::Committed { at });
         // (what is asked, of whom, what it answers), in order, on one memory.
         let table: &[(Ask, NodeId, Seen<'_>, Answer)] = &[
             // Another leader, or another term: no evidence either way.
@@ -390,73 +396,68 @@ mod tests {
                 seen(Some(&w)),
                 Answer::NotLeader,
             ),
-            (
-                Ask {
-                    term: 2,
-                    ..ask((10, 0, 2), "b", HOLDER)
-                },
-                1,
-                seen(Some(&w)),
-                Answer::NotLeader,
-            ),
+            (later, 1, seen(Some(&w)), Answer::NotLeader),
             // Just started: it may have missed what was confirmed; it
             // remembers what it hears all the same.
-            (
-                ask((10, 0, 2), "b", HOLDER),
-                1,
-                Seen {
-                    fresh: true,
-                    ..seen(Some(&w))
-                },
-                Answer::Fresh,
-            ),
-            // Above the committed watermark: confirmed, and remembered.
+            (ask((10, 0, 2), "b", HOLDER), 1, fresh, Answer::Fresh),
             (
                 ask((10, 0, 2), "b", HOLDER),
                 1,
                 seen(Some(&w)),
                 Answer::Confirmed,
             ),
-            (
-                ask((10, 0, 2), "x", HOLDER),
-                1,
-                Seen {
-                    fresh: true,
-                    ..seen(Some(&w))
-                },
-                conflict((10, 0, 2)),
-            ),
-            // The same again (the leader asking after a lost answer).
+            (ask((10, 0, 2), "x", HOLDER), 1, fresh, conflict((10, 0, 2))),
+            // The same again, or the same bytes and timestamp asked by
+            // another process (a new leader signing again what was
+            // signed): the same signature.
             (
                 ask((10, 0, 2), "b", HOLDER),
                 1,
                 seen(Some(&w)),
                 Answer::Confirmed,
             ),
-            // A resumed image of the holder: other bytes at it, or any
-            // process's other bytes.
-            (
-                ask((10, 0, 2), "x", HOLDER),
-                1,
-                seen(Some(&w)),
-                conflict((10, 0, 2)),
-            ),
-            // The same bytes and timestamp asked by another process (a
-            // new leader signing again what was signed): the same
-            // signature.
             (
                 ask((10, 0, 2), "b", 8),
                 1,
                 seen(Some(&w)),
                 Answer::Confirmed,
             ),
-            // The same vote with another timestamp (another sentry's
-            // request, which the holder would have signed as a repeat).
+        ];
+        answers(table, &mut m);
+    }
+
+    #[test]
+    fn a_voter_refuses_other_bytes_a_lower_step_and_what_is_committed() {
+        let w = signed_at((10, 0, 1), "a");
+        let mut m = Memory::default();
+        let other_time = |a: Ask| Ask {
+            timestamp: (100, 2),
+            ..a
+        };
+        let table: &[(Ask, NodeId, Seen<'_>, Answer)] = &[
             (
-                Ask {
-                    timestamp: (100, 2),
-                    ..ask((10, 0, 2), "b", HOLDER)
-                },
+                ask((10, 0, 2), "b", HOLDER),
+                1,
+                seen(Some(&w)),
+                Answer::Confirmed,
+            ),
+            // A resumed image of the holder: other bytes, another
+            // timestamp (another sentry's request, which the holder would
+            // have signed as a repeat), or another process's other bytes.
+            (
+                ask((10, 0, 2), "x", HOLDER),
+                1,
+                seen(Some(&w)),
+                conflict((10, 0, 2)),
+            ),
+            (
+                other_time(ask((10, 0, 2), "b", HOLDER)),
+                1,
+                seen(Some(&w)),
+                conflict((10, 0, 2)),
+            ),
+            (
+                ask((10, 0, 2), "x", 9),
                 1,
                 seen(Some(&w)),
                 conflict((10, 0, 2)),
@@ -469,18 +470,13 @@ mod tests {
                 Answer::Confirmed,
             ),
             (
-                ask((10, 0, 2), "x", 9),
-                1,
-                seen(Some(&w)),
-                conflict((10, 0, 2)),
-            ),
-            (
                 ask((10, 0, 1), "z", HOLDER),
                 1,
                 seen(None),
                 conflict((10, 0, 3)),
             ),
-            // What is committed: other bytes at it, or anything below it.
+            // What is committed: other bytes or another timestamp at it,
+            // or anything below it.
             (
                 ask((10, 0, 1), "z", 9),
                 1,
@@ -488,10 +484,7 @@ mod tests {
                 committed((10, 0, 1)),
             ),
             (
-                Ask {
-                    timestamp: (100, 2),
-                    ..ask((10, 0, 1), "a", 9)
-                },
+                other_time(ask((10, 0, 1), "a", 9)),
                 1,
                 seen(Some(&w)),
                 committed((10, 0, 1)),
@@ -510,8 +503,22 @@ mod tests {
                 Answer::Confirmed,
             ),
         ];
+        answers(table, &mut m);
+    }
+
+    fn conflict(at: Hrs) -> Answer {
+        Answer::Conflict(Conflict::Confirmed { at })
+    }
+
+    fn committed(at: Hrs) -> Answer {
+        Answer::Conflict(Conflict::Committed { at })
+    }
+
+    /// Asks each row's question in order of one memory, and checks the
+    /// answer.
+    fn answers(table: &[(Ask, NodeId, Seen<'_>, Answer)], m: &mut Memory) {
         for (i, (a, from, s, want)) in table.iter().enumerate() {
-            assert_eq!(&answer(a, *from, *s, &mut m), want, "row {i}: {a:?}");
+            assert_eq!(&answer(a, *from, *s, m), want, "row {i}: {a:?}");
         }
     }
 

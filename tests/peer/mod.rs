@@ -9,7 +9,43 @@ use std::time::Duration;
 
 use anyhow::Result;
 use keyraft::signer::sign::ConsensusKey;
-use localnet::cluster::Cluster;
+use localnet::cluster::{Cluster, NodeOpts, SETTLE};
+use localnet::harness::eventually;
+
+/// Three signers of `chain_id` (node 3 a witness, a round 1 every
+/// `round_every` heights, 500 ms blocks) in a temp dir, and the validator
+/// host that leads them, with its term.
+pub async fn signers_with_a_witness(
+    chain_id: &str,
+    round_every: u64,
+) -> Result<(Cluster, u64, u64)> {
+    let dir = tempfile::Builder::new()
+        .prefix("keyraft-signer-")
+        .tempdir()?;
+    let mode = localnet::cluster::Mode::Signer {
+        chain_id: chain_id.into(),
+        round_every,
+        validators: 2,
+        more_chains: 0,
+    };
+    let c = Cluster::start_in_mode(
+        localnet::cluster::ClusterDir::Temp(dir),
+        3,
+        500,
+        mode,
+        |id| NodeOpts {
+            witness: id == 3,
+            ..NodeOpts::default()
+        },
+    )
+    .await?;
+    // A validator host leads (a witness may lead first, briefly).
+    let (leader, term) = eventually(SETTLE, "a signer leader", || async {
+        Ok(c.agreed_leader(&[1, 2, 3]).await?.filter(|(l, _)| *l != 3))
+    })
+    .await?;
+    Ok((c, leader, term))
+}
 
 /// `msg` as node `id` sends it (the header the peer port checks against
 /// the certificate).
@@ -18,6 +54,17 @@ pub fn as_node<T>(msg: T, id: u64) -> Result<tonic::Request<T>> {
     req.metadata_mut()
         .insert(keyraft::tls::NODE_HEADER, id.to_string().parse()?);
     Ok(req)
+}
+
+/// Waits until the chain's real sentries got three more signatures.
+pub async fn signing_goes_on(c: &Cluster) -> Result<()> {
+    use anyhow::Context;
+    let before = c.chain.totals().await?.signed;
+    eventually(SETTLE, "signatures going on", || async {
+        Ok((c.chain.totals().await?.signed > before + 2).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())
 }
 
 /// A peer-port client to node `target` presenting the certificate in `tls`.
