@@ -269,6 +269,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
         features: vec![
             crate::signer::ahead::FEATURE.to_string(),
             crate::signer::confirm::FEATURE.to_string(),
+            crate::signer::bytes::FEATURE.to_string(),
         ],
         chain_heights: core
             .chain_nodes

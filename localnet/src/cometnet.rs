@@ -160,6 +160,7 @@ impl CometNet {
                 match opts.protocol {
                     Protocol::V0_34 => "v0.34",
                     Protocol::V0_38 => "v0.38",
+                    Protocol::V1 => "v1",
                 },
             ]);
         if opts.equivocate {

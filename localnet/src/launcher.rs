@@ -74,6 +74,9 @@ pub struct UpOptions {
     pub latency: Latency,
     /// keyraft's `--timing` profile, if not its default.
     pub timing: Option<String>,
+    /// Signer mode: the privval protocol of the sentries (and keyraft's
+    /// `--protocol-version`).
+    pub protocol: crate::comet::node::Protocol,
 }
 
 /// The default dir, shared by `up` and the other commands.
@@ -111,6 +114,13 @@ pub async fn up(opts: UpOptions) -> Result<()> {
     }
     if !(1..=5).contains(&opts.chains) || (opts.chains > 1 && !opts.cometbft) {
         bail!("--chains must be 1 to 5, and only with --cometbft");
+    }
+    let v1 = opts.protocol == crate::comet::node::Protocol::V1;
+    if v1 && (!opts.cometbft || opts.chains > 1 || opts.sentries > 1) {
+        bail!("--protocol v1 runs with --cometbft, one chain and one sentry per host");
+    }
+    if opts.protocol == crate::comet::node::Protocol::V0_34 {
+        bail!("--protocol is v0.38 or v1");
     }
     if let Ok(old) = read_info(&opts.dir) {
         if Path::new(&format!("/proc/{}", old.launcher_pid)).exists() {
@@ -153,7 +163,9 @@ pub async fn up(opts: UpOptions) -> Result<()> {
                 .timing
                 .iter()
                 .flat_map(|t| ["--timing".to_string(), t.clone()])
+                .chain(crate::shape::protocol_flags(v1))
                 .collect(),
+            fakenode: crate::shape::sentry_protocol(v1),
             ..NodeOpts::default()
         },
     )

@@ -116,6 +116,25 @@ pub struct NodeOpts {
     pub validator_mode: bool,
 }
 
+/// Signer mode: `keyraft run`'s flags for sentries speaking CometBFT 1.x's
+/// privval (`v1`), or none (0.38, keyraft's default).
+pub fn protocol_flags(v1: bool) -> Vec<String> {
+    if v1 {
+        vec!["--protocol-version".into(), "v1".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The supervised sentry's flags for the same.
+pub fn sentry_protocol(v1: bool) -> Vec<String> {
+    if v1 {
+        vec!["--protocol".into(), "v1".into()]
+    } else {
+        Vec::new()
+    }
+}
+
 /// `keyraft run` flags for a 3-second lease (elections after 3.4-3.8 s):
 /// long enough that a takeover inside it is plain to the chain.
 pub const LONG_LEASE: [&str; 6] = [

@@ -66,6 +66,8 @@ pub fn start(name: &str, dir: &Path, log_dir: &Path, s: &Signer) -> anyhow::Resu
     let protocol = match s.protocol {
         Protocol::V0_34 => "v0.34",
         Protocol::V0_38 => "v0.38",
+        // tmkms has no 1.x support (its issue #1152).
+        Protocol::V1 => anyhow::bail!("tmkms does not speak CometBFT 1.x's privval"),
     };
     let mut config = format!(
         r#"[[chain]]

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cometbft_proto::google::protobuf::Timestamp;
-use cometbft_proto::v0_38::privval::{message::Sum, Message};
 use cometbft_proto::v0_38::types::{BlockId, PartSetHeader, Proposal, Vote};
 use ed25519_dalek::{Signer, SigningKey};
+use keyraft::config::ProtocolVersion;
+use keyraft::signer::protocol::{Extension, Reply};
 use keyraft::signer::Signable;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -96,7 +97,7 @@ fn request(height: u64, round: u32, step: u8, own: Option<NodeId>, host: NodeId)
             signature: Vec::new(),
         });
     }
-    Signable::Vote(Vote {
+    let vote = Vote {
         r#type: if step == 2 { 1 } else { 2 },
         height: height as i64,
         round: round as i32,
@@ -107,7 +108,8 @@ fn request(height: u64, round: u32, step: u8, own: Option<NodeId>, host: NodeId)
         signature: Vec::new(),
         extension: Vec::new(),
         extension_signature: Vec::new(),
-    })
+    };
+    Signable::Vote(vote, Extension::Sign)
 }
 
 /// `host`'s sentry asks for `hrs` again, with a block no other sentry
@@ -141,9 +143,11 @@ async fn ask(all: Arc<Sentries>, host: NodeId, what: Signable) {
         // The request runs inside the process: it stops when the process
         // dies and is not polled while it is frozen.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let msg = what.to_request(CHAIN);
+        let msg = keyraft::signer::protocol::request_for(&what, CHAIN);
         p.spawn(while_thawed(&h, async move {
-            let reply = signer.handle(&signer.chains()[0], msg).await;
+            let reply = signer
+                .handle(&signer.chains()[0], ProtocolVersion::V0_38, msg)
+                .await;
             let _ = tx.send(reply);
         }));
         if let Ok(reply) = rx.await {
@@ -155,12 +159,10 @@ async fn ask(all: Arc<Sentries>, host: NodeId, what: Signable) {
 
 /// A reply leaving the cluster: a signed message must verify with the key
 /// and is the oracle's record of what was signed; a refusal is final.
-fn judge(judge: &Judge, host: NodeId, reply: Message) {
-    let signed = match reply.sum {
-        Some(Sum::SignedVoteResponse(r)) if r.error.is_none() => r.vote.map(Signable::Vote),
-        Some(Sum::SignedProposalResponse(r)) if r.error.is_none() => {
-            r.proposal.map(Signable::Proposal)
-        }
+fn judge(judge: &Judge, host: NodeId, reply: Reply) {
+    let signed = match reply {
+        Reply::Vote(Ok(v)) => Some(Signable::Vote(v, Extension::Sign)),
+        Reply::Proposal(Ok(p)) => Some(Signable::Proposal(p)),
         _ => None,
     };
     let Some(signed) = signed else {

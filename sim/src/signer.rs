@@ -56,6 +56,7 @@ pub fn signer<P: Port>(
         key: Default::default(),
         nodes: Vec::new(),
         node_rpc: None,
+        protocol: Default::default(),
     };
     let to_leader = SimForward {
         net: net.clone(),

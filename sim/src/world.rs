@@ -95,6 +95,7 @@ impl World {
                 key: Default::default(),
                 nodes: Vec::new(),
                 node_rpc: None,
+                protocol: Default::default(),
             }],
             identity_key: Default::default(),
         });

@@ -217,6 +217,15 @@ pub struct RunArgs {
     /// Signer mode: the chain id every request must carry.
     #[arg(long, env = "KEYRAFT_CHAIN_ID")]
     pub chain_id: Option<String>,
+    /// Signer mode: the privval protocol the chain's nodes speak, v0.38
+    /// (CometBFT 0.37 and 0.38), v1 (CometBFT 1.x), or either (around an
+    /// upgrade from 0.38 to 1.x: both are answered) [default: v0.38].
+    #[arg(long, env = "KEYRAFT_PROTOCOL_VERSION", value_enum)]
+    pub protocol_version: Option<crate::config::ProtocolVersion>,
+    /// Signer mode, CometBFT 1.x: sign a node's `SignBytesRequest` (raw
+    /// bytes that are no vote, proposal or vote extension of the chain).
+    #[arg(long, env = "KEYRAFT_SIGN_BYTES")]
+    pub sign_bytes: bool,
     /// Signer mode, several chains: one `[[chains]]` table each in the
     /// TOML file (no flag), instead of --chain-id, --validator-key and
     /// --privval-node.
@@ -249,6 +258,12 @@ pub struct ChainArgs {
     /// base that follows the watermark at most 10 heights a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_rpc: Option<String>,
+    /// As `--protocol-version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<crate::config::ProtocolVersion>,
+    /// As `--sign-bytes`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sign_bytes: bool,
 }
 
 impl RunArgs {

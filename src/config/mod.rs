@@ -31,7 +31,7 @@ pub use args::{reference, ChainArgs, LogFormat, RunArgs};
 use fencing::resolve_fence_agents;
 pub use fencing::{FenceAgent, FenceAgents};
 use signer::resolve_signer;
-pub use signer::{ChainConfig, PrivvalAddr, SignerConfig, SignerKind};
+pub use signer::{ChainConfig, PrivvalAddr, Protocol, ProtocolVersion, SignerConfig, SignerKind};
 use timing::resolve_timing;
 pub use timing::{Live, Millis, ProfileTimes, Timing, TimingProfile};
 use validator::{resolve_plain_node, resolve_validator};

@@ -41,6 +41,46 @@ impl std::fmt::Display for PrivvalAddr {
     }
 }
 
+/// The privval protocol a chain's nodes speak, and so what each connection
+/// to them speaks (docs/signer.md, protocol versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+pub enum ProtocolVersion {
+    /// CometBFT 0.37 and 0.38 (`tendermint.privval`), as tmkms speaks.
+    #[default]
+    #[value(name = "v0.38")]
+    #[serde(rename = "v0.38")]
+    V0_38,
+    /// CometBFT 1.x (`cometbft.privval.v1`).
+    #[value(name = "v1")]
+    #[serde(rename = "v1")]
+    V1,
+    /// Around a chain's upgrade from 0.38 to 1.x: 1.x's requests are
+    /// taken, and the public key is answered in one message both versions
+    /// read, so whichever binary a node runs, before or after the halt,
+    /// gets its key.
+    #[value(name = "either")]
+    #[serde(rename = "either")]
+    Either,
+}
+
+impl std::fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProtocolVersion::V0_38 => "v0.38",
+            ProtocolVersion::V1 => "v1",
+            ProtocolVersion::Either => "either (v0.38 or v1)",
+        })
+    }
+}
+
+/// How keyraft speaks to a chain's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Protocol {
+    pub version: ProtocolVersion,
+    /// Whether 1.x's `SignBytesRequest` is signed for this chain.
+    pub sign_bytes: bool,
+}
+
 /// One chain signer mode signs for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainConfig {
@@ -51,6 +91,7 @@ pub struct ChainConfig {
     /// A node's CometBFT RPC whose height bounds what is signed (several
     /// chains; one chain has the validator probe, `--health-url`).
     pub node_rpc: Option<String>,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone)]
@@ -92,11 +133,15 @@ pub(super) fn resolve_signer(
             "signer mode links no key into any node: drop --chain, --key-link and --validator-home",
         ));
     }
-    let one = a.chain_id.is_some() || a.validator_key.is_some() || !a.privval_node.is_empty();
+    let one = a.chain_id.is_some()
+        || a.validator_key.is_some()
+        || !a.privval_node.is_empty()
+        || a.protocol_version.is_some()
+        || a.sign_bytes;
     let chains = match (one, a.chains.is_empty()) {
         (true, false) => {
             return Err(invalid(
-                "[[chains]] replaces --chain-id, --validator-key and --privval-node: give one or the other",
+                "[[chains]] replaces --chain-id, --validator-key, --privval-node and the --protocol-*/--sign-bytes flags: give one or the other",
             ))
         }
         (_, true) => vec![resolve_chain(
@@ -105,7 +150,10 @@ pub(super) fn resolve_signer(
             &a.privval_node,
             None,
             "--",
-        )?],
+        )
+        .and_then(|c| {
+            with_protocol(c, a.protocol_version, a.sign_bytes, "--")
+        })?],
         (false, false) => a
             .chains
             .iter()
@@ -117,6 +165,9 @@ pub(super) fn resolve_signer(
                     c.node_rpc.as_deref(),
                     "",
                 )
+                .and_then(|r| {
+                    with_protocol(r, c.protocol_version, c.sign_bytes, "")
+                })
                 .map_err(|e| invalid(format!("[[chains]] {}: {e}", c.chain_id)))
             })
             .collect::<Result<Vec<_>, _>>()?,
@@ -230,6 +281,30 @@ fn resolve_chain(
         key,
         nodes,
         node_rpc: node_rpc.map(|u| u.trim_end_matches('/').to_string()),
+        protocol: Protocol::default(),
+    })
+}
+
+/// `chain` with the privval protocol its nodes speak, checked: raw bytes
+/// are a 1.x request.
+fn with_protocol(
+    chain: ChainConfig,
+    version: Option<ProtocolVersion>,
+    sign_bytes: bool,
+    dashes: &str,
+) -> Result<ChainConfig, ConfigError> {
+    let version = version.unwrap_or_default();
+    if sign_bytes && version == ProtocolVersion::V0_38 {
+        return Err(invalid(format!(
+            "{dashes}sign-bytes is a CometBFT 1.x request: set {dashes}protocol-version v1 (or either)"
+        )));
+    }
+    Ok(ChainConfig {
+        protocol: Protocol {
+            version,
+            sign_bytes,
+        },
+        ..chain
     })
 }
 
@@ -421,5 +496,48 @@ mod tests {
         );
         write("[[chains]]\nchain-id = \"a-1\"\nkey = \"x\"\n");
         assert!(err(&args).contains("unknown field"));
+    }
+
+    #[test]
+    fn the_protocol_flags_belong_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys_in(dir.path(), &["priv_validator_key.json"]);
+        let args = |version, sign_bytes| RunArgs {
+            signer: Some(SignerKind::Cometbft),
+            chain_id: Some("cosmoshub-4".into()),
+            validator_key: Some(k[0].clone()),
+            privval_node: vec!["tcp://127.0.0.1:26659".into()],
+            validator_home: None,
+            data_dir: Some(dir.path().join("data")),
+            protocol_version: version,
+            sign_bytes,
+            ..validator_args(dir.path())
+        };
+        use ProtocolVersion::{Either, V0_38, V1};
+        // (version, sign bytes) -> refused with this, or taken
+        let table: [(Option<ProtocolVersion>, bool, Option<&str>); 5] = [
+            (None, false, None),
+            (Some(V1), true, None),
+            (Some(Either), true, None),
+            (
+                Some(V0_38),
+                true,
+                Some("sign-bytes is a CometBFT 1.x request"),
+            ),
+            (None, true, Some("sign-bytes is a CometBFT 1.x request")),
+        ];
+        for (version, bytes, refused) in table {
+            match (refused, args(version, bytes).resolve()) {
+                (None, Ok(c)) => {
+                    let p = c.signer.unwrap().chains[0].protocol;
+                    assert_eq!(
+                        (p.version, p.sign_bytes),
+                        (version.unwrap_or_default(), bytes)
+                    );
+                }
+                (Some(why), Err(e)) => assert!(e.to_string().contains(why), "{e}"),
+                (want, got) => panic!("{version:?} {bytes}: want {want:?}, got {got:?}"),
+            }
+        }
     }
 }

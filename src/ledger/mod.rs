@@ -95,6 +95,12 @@ pub enum Command {
     /// leader from the round trips it measured (`rtt_ms`, the slowest
     /// voter's). Every member applies it (docs/design.md, step 3).
     SetTiming { profile: TimingProfile, rtt_ms: u32 },
+    /// Signer mode, CometBFT 1.x: the leader is about to sign raw bytes
+    /// (a `SignBytesRequest`) for `chain_id`; `digest` is their SHA-256.
+    /// Outside the watermark: it moves nothing, and is refused only for a
+    /// chain without one. Its own variant, proposed only once every voter
+    /// says it applies it (gossip feature `sign-bytes`).
+    SignBytes { chain_id: String, digest: String },
 }
 
 /// The mode a member runs in, as it registered.
@@ -201,6 +207,9 @@ impl fmt::Display for Command {
                     f,
                     "run the {profile} timing profile (round trips up to {rtt_ms} ms)"
                 )
+            }
+            Command::SignBytes { chain_id, digest } => {
+                write!(f, "sign raw bytes {digest} for {chain_id}")
             }
         }
     }
@@ -407,6 +416,13 @@ impl ClusterState {
                 self.import_floor(chain_id, height);
                 Reply::default()
             }
+            Command::SignBytes { ref chain_id, .. } => Reply {
+                prior: None,
+                sign: Some(match self.watermarks.get(chain_id) {
+                    Some(_) => SignVerdict::Sign { timestamp: (0, 0) },
+                    None => SignVerdict::NoWatermark,
+                }),
+            },
         }
     }
 

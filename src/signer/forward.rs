@@ -16,14 +16,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use cometbft_proto::v0_38::privval::Message;
+use cometbft_proto::v1::privval::v1;
 use openraft::storage::RaftStateMachine;
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::confirm::{self, Answer};
-use super::{sign_request, Refusal, Signer, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
+use super::protocol::{self, Request as Asked};
+use super::{Done, Refusal, Signable, Signer, Work, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
 use crate::node::Core;
 use crate::pb;
@@ -206,9 +207,10 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let refused = |r: Refusal| pb::SignReply {
             refusal: r.to_proto() as i32,
             detail: match &r {
-                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
-                    d.clone()
-                }
+                Refusal::Malformed(d)
+                | Refusal::NotCommitted(d)
+                | Refusal::OtherKey(d)
+                | Refusal::BytesRefused(d) => d.clone(),
                 r => r.to_string(),
             },
             ..Default::default()
@@ -217,10 +219,23 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let why = format!("node {} is not the signer leader", self.core.cfg.id);
             return Ok(refused(Refusal::NotCommitted(why)));
         }
-        let msg = Message::decode(req.msg.as_slice())
+        let msg = v1::Message::decode(req.msg.as_slice())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some((_, chain_id, what)) = sign_request(msg) else {
-            return Err(Status::invalid_argument("only sign requests are forwarded"));
+        let (chain_id, what) = match protocol::read(msg) {
+            Asked::Vote {
+                chain_id,
+                vote,
+                extension,
+            } => (
+                chain_id,
+                vote.map(|v| Work::Sign(Signable::Vote(v, extension))),
+            ),
+            Asked::Proposal { chain_id, proposal } => (
+                chain_id,
+                proposal.map(|p| Work::Sign(Signable::Proposal(p))),
+            ),
+            Asked::Bytes(b) => (req.chain_id.clone(), Some(Work::Bytes(b))),
+            _ => return Err(Status::invalid_argument("only sign requests are forwarded")),
         };
         let Some(what) = what else {
             return Ok(refused(Refusal::Malformed("empty sign request".into())));
@@ -260,10 +275,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         let deadline = Instant::now() + FORWARD_DEADLINE;
         let mut stage = self.stages();
-        let signed = self.sign_here(chain, what, deadline).await;
+        let signed = self.work_here(chain, what, deadline).await;
         stage.done("serve");
         Ok(match signed {
-            Ok(signed) => {
+            Ok(Done::Bytes(signature)) => pb::SignReply {
+                refusal: pb::Refusal::None as i32,
+                signature,
+                ..Default::default()
+            },
+            Ok(Done::Signed(signed)) => {
                 let ((seconds, nanos), signature, extension_signature) = signed.signed_parts();
                 pb::SignReply {
                     refusal: pb::Refusal::None as i32,

@@ -220,7 +220,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// The key is signer mode's now: no validator-mode member holds it
     /// ([`keys::held_in_validator_mode`]), and where validator mode held it
     /// last, where that node stopped signing is known (imported).
-    fn key_is_signer_modes(&self) -> Result<(), Refusal> {
+    pub(super) fn key_is_signer_modes(&self) -> Result<(), Refusal> {
         if let Some(why) = keys::held_now(&self.core) {
             return Err(Refusal::NotCommitted(why));
         }
@@ -291,7 +291,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 
     /// The voters now.
-    fn voters(&self) -> Vec<NodeId> {
+    pub(super) fn voters(&self) -> Vec<NodeId> {
         self.core
             .with_raft_metrics(|m| m.membership_config.membership().voter_ids().collect())
     }
@@ -510,7 +510,11 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 
     /// Commits `cmd` (a `SignAhead`) and returns the ledger's verdict.
-    async fn commit(&self, cmd: Command, deadline: Instant) -> Result<SignVerdict, Refusal> {
+    pub(super) async fn commit(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<SignVerdict, Refusal> {
         let late = || Refusal::NotCommitted(format!("no commit within {SIGN_PATIENCE:?}"));
         if Instant::now() >= deadline {
             return Err(late());

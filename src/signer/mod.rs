@@ -3,6 +3,11 @@
 //!
 //! - [`privval`]: the connections to the nodes (keyraft dials each node's
 //!   `priv_validator_laddr`, as tmkms does) and the request loop on each.
+//! - [`protocol`]: CometBFT 0.38's and 1.x's privval messages as one
+//!   [`protocol::Request`] and [`protocol::Reply`], and what a connection
+//!   speaks.
+//! - [`bytes`]: 1.x's raw-bytes requests: allowed or not, never a
+//!   consensus message in disguise, each committed before it is signed.
 //! - [`sign`]: the consensus key, sign bytes, digests, signatures.
 //! - [`limit`]: the highest height signed or imported now.
 //! - [`forward`]: a follower's request to the leader ([`Forward`], over
@@ -59,12 +64,14 @@
 
 pub mod ahead;
 mod behind;
+pub mod bytes;
 pub mod confirm;
 mod forward;
 mod here;
 pub mod keys;
 pub mod limit;
 pub mod privval;
+pub mod protocol;
 pub mod refusal;
 pub mod sign;
 
@@ -72,14 +79,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cometbft_proto::v0_38::crypto::{public_key, PublicKey as RawPublicKey};
-use cometbft_proto::v0_38::privval::{
-    message::Sum, Message, PingResponse, PubKeyResponse, SignedProposalResponse, SignedVoteResponse,
-};
 use openraft::storage::RaftStateMachine;
 use prost::Message as _;
 use tokio::time::Instant;
 
+use crate::config::ProtocolVersion;
 use crate::config::{ChainConfig, NodeId, SignerConfig};
 use crate::node::Core;
 use crate::pb;
@@ -89,6 +93,7 @@ use crate::raft::TypeConfig;
 use ahead::Ahead;
 pub use forward::{serve_confirm, ConfirmService, Forward, SignerService};
 pub use limit::{height_limit, HeightLimit, MAX_AHEAD_OF_CHAIN};
+use protocol::{Extension, Reply, Request};
 pub use refusal::Hrs;
 pub use refusal::Refusal;
 pub use sign::{ConsensusKey, SignError, Signable};
@@ -103,59 +108,36 @@ const RETRY: Duration = Duration::from_millis(25);
 /// Largest privval message forwarded between signers.
 pub const MAX_PRIVVAL_MESSAGE: usize = 64 * 1024;
 
-/// What a privval sign request asks for, as the reply must echo it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Asked {
-    Vote,
-    Proposal,
+/// What a request gives the sign path: consensus bytes (a vote or a
+/// proposal, under the watermark) or a 1.x node's raw bytes (`bytes`).
+#[derive(Debug, Clone)]
+enum Work {
+    Sign(Signable),
+    Bytes(Vec<u8>),
 }
 
-/// A sign request taken apart: its chain id and what to sign.
-fn sign_request(req: Message) -> Option<(Asked, String, Option<Signable>)> {
-    match req.sum? {
-        Sum::SignVoteRequest(r) => Some((Asked::Vote, r.chain_id, r.vote.map(Signable::Vote))),
-        Sum::SignProposalRequest(r) => Some((
-            Asked::Proposal,
-            r.chain_id,
-            r.proposal.map(Signable::Proposal),
-        )),
-        _ => None,
+/// What the sign path gives back for a [`Work`].
+#[derive(Debug, Clone)]
+enum Done {
+    Signed(Signable),
+    Bytes(Vec<u8>),
+}
+
+impl Work {
+    fn kind(&self) -> &'static str {
+        match self {
+            Work::Sign(s) => s.kind(),
+            Work::Bytes(_) => "bytes",
+        }
     }
-}
 
-/// The one reply builder: CometBFT's response for what was asked, with the
-/// signed message or the refusal's `RemoteSignerError`.
-fn reply(asked: Asked, result: Result<Signable, Refusal>) -> Message {
-    let result = match (asked, result) {
-        (Asked::Vote, Ok(Signable::Proposal(_))) => {
-            Err(Refusal::Malformed("a proposal came back".into()))
+    /// The request a follower forwards to the leader for this.
+    fn to_request(&self, chain_id: &str) -> Request {
+        match self {
+            Work::Sign(s) => protocol::request_for(s, chain_id),
+            Work::Bytes(b) => Request::Bytes(b.clone()),
         }
-        (Asked::Proposal, Ok(Signable::Vote(_))) => {
-            Err(Refusal::Malformed("a vote came back".into()))
-        }
-        (_, r) => r,
-    };
-    let (signed, error) = match result {
-        Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(e.remote_error())),
-    };
-    let sum = match asked {
-        Asked::Vote => Sum::SignedVoteResponse(SignedVoteResponse {
-            vote: match signed {
-                Some(Signable::Vote(v)) => Some(v),
-                _ => None,
-            },
-            error,
-        }),
-        Asked::Proposal => Sum::SignedProposalResponse(SignedProposalResponse {
-            proposal: match signed {
-                Some(Signable::Proposal(p)) => Some(p),
-                _ => None,
-            },
-            error,
-        }),
-    };
-    Message { sum: Some(sum) }
+    }
 }
 
 /// One chain of signer mode: its configuration, its key, and the one
@@ -258,44 +240,83 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
     }
 
-    /// Answers one message from a node of `chain` this host is connected to.
-    pub async fn handle(&self, chain: &Chain, req: Message) -> Message {
-        let sum = match req.sum {
-            Some(Sum::PingRequest(_)) => Sum::PingResponse(PingResponse {}),
-            Some(Sum::PubKeyRequest(r)) => Sum::PubKeyResponse(Self::pub_key(chain, &r.chain_id)),
-            sum => match sign_request(Message { sum: sum.clone() }) {
-                Some((asked, chain_id, what)) => {
-                    let result = self.sign_request(chain, &chain_id, what, asked).await;
-                    return reply(asked, result);
-                }
-                None => {
-                    tracing::warn!("unexpected privval message from a node: {sum:?}");
-                    Sum::PingResponse(PingResponse {})
-                }
-            },
-        };
-        Message { sum: Some(sum) }
+    /// What a connection to one of `chain`'s nodes speaks: its
+    /// configured version.
+    pub fn protocol_now(&self, chain: &Chain) -> ProtocolVersion {
+        chain.cfg.protocol.version
     }
 
-    fn pub_key(chain: &Chain, chain_id: &str) -> PubKeyResponse {
+    /// Answers one request from a node of `chain` this host is connected
+    /// to, on a connection speaking `version`.
+    pub async fn handle(&self, chain: &Chain, version: ProtocolVersion, req: Request) -> Reply {
+        match req {
+            Request::Ping => Reply::Pong,
+            Request::PubKey { chain_id } => Reply::PubKey(Self::pub_key(chain, &chain_id)),
+            Request::Vote {
+                chain_id,
+                vote,
+                extension,
+            } => {
+                // 0.38 signs a non-nil precommit's extension, always.
+                let extension = match version {
+                    ProtocolVersion::V0_38 => Extension::Sign,
+                    ProtocolVersion::V1 | ProtocolVersion::Either => extension,
+                };
+                let what = vote.map(|v| Work::Sign(Signable::Vote(v, extension)));
+                Reply::Vote(
+                    match self.sign_request(chain, &chain_id, what, "vote").await {
+                        Ok(Done::Signed(Signable::Vote(v, _))) => Ok(v),
+                        Ok(_) => Err(Refusal::Malformed("not a vote came back".into())),
+                        Err(e) => Err(e),
+                    },
+                )
+            }
+            Request::Proposal { chain_id, proposal } => {
+                let what = proposal.map(|p| Work::Sign(Signable::Proposal(p)));
+                let r = self.sign_request(chain, &chain_id, what, "proposal").await;
+                Reply::Proposal(match r {
+                    Ok(Done::Signed(Signable::Proposal(p))) => Ok(p),
+                    Ok(_) => Err(Refusal::Malformed("not a proposal came back".into())),
+                    Err(e) => Err(e),
+                })
+            }
+            Request::Bytes(value) => {
+                let r = match bytes::may_sign(&chain.cfg, version, &value) {
+                    Ok(()) => {
+                        let chain_id = chain.id().to_string();
+                        let what = Some(Work::Bytes(value));
+                        self.sign_request(chain, &chain_id, what, "bytes").await
+                    }
+                    Err(e) => {
+                        self.record(chain, "bytes", Instant::now(), &Err(e.clone()));
+                        Err(e)
+                    }
+                };
+                Reply::Bytes(match r {
+                    Ok(Done::Bytes(signature)) => Ok(signature),
+                    Ok(_) => Err(Refusal::Malformed("not a bytes signature came back".into())),
+                    Err(e) => Err(e),
+                })
+            }
+            Request::Unexpected => {
+                tracing::warn!(
+                    chain = chain.id(),
+                    "a privval message from a node that is no request: answered with a ping"
+                );
+                Reply::Pong
+            }
+        }
+    }
+
+    fn pub_key(chain: &Chain, chain_id: &str) -> Result<[u8; 32], Refusal> {
         if let Err(e) = Self::check_chain(chain, chain_id) {
             // A misconfigured node asks about twice a second: said once.
             if !chain.said_wrong_key_chain.swap(true, Ordering::Relaxed) {
                 tracing::warn!(chain = chain.id(), "public key not given: {e}");
             }
-            return PubKeyResponse {
-                pub_key: None,
-                error: Some(e.remote_error()),
-            };
+            return Err(e);
         }
-        PubKeyResponse {
-            pub_key: Some(RawPublicKey {
-                sum: Some(public_key::Sum::Ed25519(
-                    chain.key.public().as_bytes().to_vec(),
-                )),
-            }),
-            error: None,
-        }
+        Ok(chain.key.public().to_bytes())
     }
 
     /// A sign request from a local node: checked, then signed here or on
@@ -304,14 +325,10 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         &self,
         chain: &Chain,
         chain_id: &str,
-        what: Option<Signable>,
-        asked: Asked,
-    ) -> Result<Signable, Refusal> {
+        what: Option<Work>,
+        expected: &str,
+    ) -> Result<Done, Refusal> {
         let started = Instant::now();
-        let expected = match asked {
-            Asked::Vote => "vote",
-            Asked::Proposal => "proposal",
-        };
         let what =
             what.ok_or_else(|| Refusal::Malformed(format!("no {expected} in the request")))?;
         let kind = what.kind();
@@ -319,8 +336,14 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             Ok(()) => self.sign_anywhere(chain, what).await,
             Err(e) => Err(e),
         };
+        self.record(chain, kind, started, &result);
+        result
+    }
+
+    /// The metrics and log line of one request's `result`.
+    fn record(&self, chain: &Chain, kind: &str, started: Instant, result: &Result<Done, Refusal>) {
         let m = &self.core.metrics;
-        let label = match &result {
+        let label = match result {
             Ok(_) => "signed",
             Err(e) => e.result_label(),
         };
@@ -330,23 +353,49 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         m.sign_seconds
             .with_label_values(&[chain.id()])
             .observe(started.elapsed().as_secs_f64());
-        match &result {
+        match result {
             Err(e @ Refusal::Equivocation { .. }) => tracing::error!(chain = chain.id(), "{e}"),
             Err(e) => tracing::warn!(chain = chain.id(), "{kind} not signed: {e}"),
             Ok(_) => {}
         }
-        result
+    }
+
+    /// The leader's work: consensus bytes on the sign path, raw bytes
+    /// after their own commit.
+    async fn work_here(
+        &self,
+        chain: &Chain,
+        what: Work,
+        deadline: Instant,
+    ) -> Result<Done, Refusal> {
+        match what {
+            Work::Sign(s) => self.sign_here(chain, s, deadline).await.map(Done::Signed),
+            Work::Bytes(b) => self
+                .sign_bytes_here(chain, &b, deadline)
+                .await
+                .map(Done::Bytes),
+        }
     }
 
     /// Signs on the leader: here if this node leads, else forwarded. Waits
     /// up to [`SIGN_PATIENCE`] for a leader to exist and commit.
-    async fn sign_anywhere(&self, chain: &Chain, what: Signable) -> Result<Signable, Refusal> {
+    async fn sign_anywhere(&self, chain: &Chain, what: Work) -> Result<Done, Refusal> {
         let deadline = Instant::now() + SIGN_PATIENCE;
         let mut last = Refusal::NoLeader(SIGN_PATIENCE);
         while Instant::now() < deadline {
             let attempt = match self.core.leader() {
                 Some(id) if id == self.core.cfg.id => {
-                    self.sign_here(chain, what.clone(), deadline).await
+                    self.work_here(chain, what.clone(), deadline).await
+                }
+                // A leader from before raw bytes cannot read them: refused
+                // here, not retried until the patience runs out.
+                Some(id)
+                    if matches!(what, Work::Bytes(_))
+                        && !self.core.view.all_have([id], bytes::FEATURE) =>
+                {
+                    Err(Refusal::BytesRefused(format!(
+                        "the leader, node {id}, runs a keyraft that does not sign raw bytes"
+                    )))
                 }
                 Some(id) => self.forward(id, chain, &what, deadline).await,
                 None => Err(Refusal::NoLeader(SIGN_PATIENCE)),
@@ -368,11 +417,11 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         &self,
         id: NodeId,
         chain: &Chain,
-        what: &Signable,
+        what: &Work,
         deadline: Instant,
-    ) -> Result<Signable, Refusal> {
+    ) -> Result<Done, Refusal> {
         let limit = FORWARD_DEADLINE.min(deadline.saturating_duration_since(Instant::now()));
-        let msg = what.to_request(chain.id()).encode_to_vec();
+        let msg = protocol::request_frame(&what.to_request(chain.id())).encode_to_vec();
         let pub_key = chain.key.public().as_bytes().to_vec();
         let proof = chain.key.forward_proof(self.core.cfg.id, chain.id(), &msg);
         let mut stage = self.stages();
@@ -384,21 +433,28 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                     msg,
                     pub_key,
                     proof,
+                    chain_id: chain.id().to_string(),
                 },
                 limit,
             )
             .await
             .map_err(|e| Refusal::NotCommitted(format!("forwarding to leader {id}: {e}")))?;
         stage.done("forward");
-        let asked = what.hrs().unwrap_or_default();
-        match Refusal::from_proto(r.refusal, &r.detail, asked, chain.id()) {
-            Some(refused) => Err(refused),
-            None => Ok(what.clone().complete(
+        let asked = match what {
+            Work::Sign(s) => s.hrs().unwrap_or_default(),
+            Work::Bytes(_) => (0, 0, 0),
+        };
+        if let Some(refused) = Refusal::from_proto(r.refusal, &r.detail, asked, chain.id()) {
+            return Err(refused);
+        }
+        Ok(match what {
+            Work::Sign(s) => Done::Signed(s.clone().complete(
                 (r.timestamp_seconds, r.timestamp_nanos),
                 r.signature,
                 r.extension_signature,
             )),
-        }
+            Work::Bytes(_) => Done::Bytes(r.signature),
+        })
     }
 
     /// A stopwatch for the sign budget (`keyraft_sign_stage_seconds`).

@@ -1,6 +1,7 @@
 //! keyraft's end of the privval connections: it dials each CometBFT node's
 //! `priv_validator_laddr` (as tmkms does), proves itself with its
-//! SecretConnection identity, and answers the node's requests one at a time.
+//! SecretConnection identity, and answers the node's requests one at a time,
+//! in the privval version the connection speaks ([`super::protocol`]).
 //!
 //! Owns: dialing with backoff, the SecretConnection handshake (TCP) or plain
 //! framing (Unix socket), the idle deadline, the identity key file, and the
@@ -15,12 +16,13 @@ use std::time::Duration;
 use crate::shutdown::Shutdown;
 use base64::Engine;
 use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
-use cometbft_proto::v0_38::privval::Message;
+use cometbft_proto::v1::privval::v1::Message;
 use ed25519_dalek::SigningKey;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::protocol::{self, Frame};
 use super::{Chain, Signer, MAX_PRIVVAL_MESSAGE};
 use crate::config::PrivvalAddr;
 use crate::node::{PrivvalLinks, Shared};
@@ -154,7 +156,18 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, m: Message) -> Result<(), PrivvalError> {
+    async fn send(&mut self, frame: Frame) -> Result<(), PrivvalError> {
+        match frame {
+            Frame::V0_38(m) => self.send_msg(m).await,
+            Frame::V1(m) => self.send_msg(m).await,
+            Frame::Either(m) => self.send_msg(m).await,
+        }
+    }
+
+    async fn send_msg<M: prost::Message + Send + Sync>(
+        &mut self,
+        m: M,
+    ) -> Result<(), PrivvalError> {
         match self {
             Conn::Secret(c) => c.write_msg(m).await.map_err(PrivvalError::Secret),
             Conn::Plain(s) => Ok(s.write_all(&m.encode_length_delimited_to_vec()).await?),
@@ -172,7 +185,10 @@ async fn session(
     identity: &SigningKey,
 ) -> Result<(), PrivvalError> {
     let mut conn = Conn::open(addr, identity).await?;
-    tracing::info!(chain = chain.id(), node = %name, "connected to the node's privval port");
+    // What it speaks is the connection's for its life: a node switches
+    // protocols only by restarting (at its chain's upgrade halt).
+    let version = signer.protocol_now(chain);
+    tracing::info!(chain = chain.id(), node = %name, protocol = %version, "connected to the node's privval port");
     links.set(name, true);
     signer
         .core()
@@ -184,8 +200,8 @@ async fn session(
         let req = tokio::time::timeout(IDLE, conn.recv())
             .await
             .map_err(|_| PrivvalError::Idle(IDLE))??;
-        let reply = signer.handle(chain, req).await;
-        conn.send(reply).await?;
+        let reply = signer.handle(chain, version, protocol::read(req)).await;
+        conn.send(protocol::write(version, reply)).await?;
     }
 }
 

@@ -33,6 +33,10 @@ pub enum Refusal {
     OtherKey(String),
     #[error("{0}")]
     Malformed(String),
+    /// Raw bytes (CometBFT 1.x's `SignBytesRequest`) not signed: not
+    /// allowed for the chain or the connection, or a consensus message.
+    #[error("{0}")]
+    BytesRefused(String),
     #[error("no signing watermark yet: run `keyraft signer import-state priv_validator_state.json` (or `--never-signed` for a key that never signed)")]
     NoWatermark,
     #[error("no live signer leader within {0:?}")]
@@ -72,6 +76,7 @@ impl Refusal {
             Refusal::WrongChain { .. } | Refusal::UnknownChain { .. } => "refused_chain_id",
             Refusal::OtherKey(_) => "refused_other_key",
             Refusal::Malformed(_) => "refused_malformed",
+            Refusal::BytesRefused(_) => "refused_bytes",
             Refusal::NoWatermark => "refused_no_watermark",
             Refusal::NoLeader(_) => "no_leader",
             Refusal::NotCommitted(_) => "not_committed",
@@ -87,6 +92,7 @@ impl Refusal {
             Refusal::UnknownChain { .. } => pb::Refusal::UnknownChain,
             Refusal::OtherKey(_) => pb::Refusal::OtherKey,
             Refusal::Malformed(_) => pb::Refusal::Malformed,
+            Refusal::BytesRefused(_) => pb::Refusal::BytesRefused,
             Refusal::NoWatermark => pb::Refusal::NoWatermark,
             Refusal::NoLeader(_) => pb::Refusal::NoLeader,
             Refusal::NotCommitted(_) => pb::Refusal::NotCommitted,
@@ -115,6 +121,7 @@ impl Refusal {
             },
             pb::Refusal::OtherKey => Refusal::OtherKey(detail.to_string()),
             pb::Refusal::Malformed => Refusal::Malformed(detail.to_string()),
+            pb::Refusal::BytesRefused => Refusal::BytesRefused(detail.to_string()),
             pb::Refusal::NoWatermark => Refusal::NoWatermark,
             pb::Refusal::NoLeader => Refusal::NoLeader(SIGN_PATIENCE),
             pb::Refusal::NotCommitted => Refusal::NotCommitted(detail.to_string()),
@@ -131,6 +138,7 @@ impl Refusal {
             | Refusal::UnknownChain { .. }
             | Refusal::OtherKey(_)
             | Refusal::Malformed(_)
+            | Refusal::BytesRefused(_)
             | Refusal::NoWatermark => 0,
         };
         RemoteSignerError {
@@ -165,15 +173,17 @@ mod tests {
             },
             Refusal::OtherKey("node 2's key for chain theirs is not the leader's".into()),
             Refusal::Malformed("no timestamp".into()),
+            Refusal::BytesRefused("sign-bytes is off".into()),
             Refusal::NoWatermark,
             Refusal::NoLeader(SIGN_PATIENCE),
             Refusal::NotCommitted("leadership moved".into()),
         ];
         for r in all {
             let detail = match &r {
-                Refusal::Malformed(d) | Refusal::NotCommitted(d) | Refusal::OtherKey(d) => {
-                    d.clone()
-                }
+                Refusal::Malformed(d)
+                | Refusal::NotCommitted(d)
+                | Refusal::OtherKey(d)
+                | Refusal::BytesRefused(d) => d.clone(),
                 _ => r.to_string(),
             };
             let back = Refusal::from_proto(r.to_proto() as i32, &detail, asked, "theirs");

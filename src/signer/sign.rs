@@ -15,7 +15,6 @@ use std::sync::Mutex;
 
 use cometbft::{account, PrivateKey, PublicKey};
 use cometbft_proto::google::protobuf::Timestamp;
-use cometbft_proto::v0_38::privval::{message::Sum, Message, SignProposalRequest, SignVoteRequest};
 use cometbft_proto::v0_38::types::{
     CanonicalVoteExtension, Proposal as RawProposal, Vote as RawVote,
 };
@@ -23,6 +22,15 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use hmac::{Hmac, Mac};
 use prost::Message as _;
 use serde::Deserialize;
+
+/// Whether a vote's extension is signed with it (1.x's
+/// `skip_extension_signing`; 0.38 always signs a non-nil precommit's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Extension {
+    #[default]
+    Sign,
+    Skip,
+}
 use sha2::{Digest, Sha256};
 
 /// CometBFT's step numbers (its `priv_validator_state.json`).
@@ -180,7 +188,8 @@ impl ConsensusKey {
 /// What a request asks to sign.
 #[derive(Debug, Clone)]
 pub enum Signable {
-    Vote(RawVote),
+    /// A vote, and whether a non-nil precommit's extension is signed too.
+    Vote(RawVote, Extension),
     Proposal(RawProposal),
 }
 
@@ -188,7 +197,7 @@ impl Signable {
     /// (height, round, step) in CometBFT's numbering.
     pub fn hrs(&self) -> Result<(u64, u32, u8), SignError> {
         let (h, r, step) = match self {
-            Signable::Vote(v) => (
+            Signable::Vote(v, _) => (
                 v.height,
                 v.round,
                 match v.r#type {
@@ -213,40 +222,24 @@ impl Signable {
         }
     }
 
-    /// The privval request asking to sign this.
-    pub fn to_request(&self, chain_id: &str) -> Message {
-        let chain_id = chain_id.to_string();
-        let sum = match self {
-            Signable::Vote(v) => Sum::SignVoteRequest(SignVoteRequest {
-                vote: Some(v.clone()),
-                chain_id,
-            }),
-            Signable::Proposal(p) => Sum::SignProposalRequest(SignProposalRequest {
-                proposal: Some(p.clone()),
-                chain_id,
-            }),
-        };
-        Message { sum: Some(sum) }
-    }
-
     pub fn kind(&self) -> &'static str {
         match self {
-            Signable::Vote(v) if v.r#type == 1 => "prevote",
-            Signable::Vote(_) => "precommit",
+            Signable::Vote(v, _) if v.r#type == 1 => "prevote",
+            Signable::Vote(..) => "precommit",
             Signable::Proposal(_) => "proposal",
         }
     }
 
     fn set_timestamp(&mut self, t: Timestamp) {
         match self {
-            Signable::Vote(v) => v.timestamp = Some(t),
+            Signable::Vote(v, _) => v.timestamp = Some(t),
             Signable::Proposal(p) => p.timestamp = Some(t),
         }
     }
 
     pub fn timestamp(&self) -> (i64, i32) {
         let t = match self {
-            Signable::Vote(v) => v.timestamp.as_ref(),
+            Signable::Vote(v, _) => v.timestamp.as_ref(),
             Signable::Proposal(p) => p.timestamp.as_ref(),
         };
         t.map_or((0, 0), |t| (t.seconds, t.nanos))
@@ -261,7 +254,7 @@ impl Signable {
             }
         })?;
         match self {
-            Signable::Vote(v) => cometbft::Vote::try_from(v.clone())
+            Signable::Vote(v, _) => cometbft::Vote::try_from(v.clone())
                 .map(|v| v.into_signable_vec(chain))
                 .map_err(|e| SignError::Malformed {
                     what: "vote",
@@ -281,7 +274,7 @@ impl Signable {
     /// chain id, block id or timestamp).
     pub fn validate(&self, chain_id: &str) -> Result<(), SignError> {
         let has_ts = match self {
-            Signable::Vote(v) => v.timestamp.is_some(),
+            Signable::Vote(v, _) => v.timestamp.is_some(),
             Signable::Proposal(p) => p.timestamp.is_some(),
         };
         if !has_ts {
@@ -306,14 +299,14 @@ impl Signable {
     /// vote's sign bytes do not cover (the extension).
     fn stripped(&self) -> Signable {
         match self {
-            Signable::Vote(v) => {
+            Signable::Vote(v, extension) => {
                 let mut v = v.clone();
                 // Extensions are not part of the vote's sign bytes; CometBFT
                 // re-signs them at will.
                 v.extension.clear();
                 v.extension_signature.clear();
                 v.signature.clear();
-                Signable::Vote(v)
+                Signable::Vote(v, *extension)
             }
             Signable::Proposal(p) => {
                 let mut p = p.clone();
@@ -328,7 +321,7 @@ impl Signable {
     /// extension's signature (empty where there is none).
     pub fn signed_parts(&self) -> ((i64, i32), Vec<u8>, Vec<u8>) {
         match self {
-            Signable::Vote(v) => (
+            Signable::Vote(v, _) => (
                 self.timestamp(),
                 v.signature.clone(),
                 v.extension_signature.clone(),
@@ -349,9 +342,13 @@ impl Signable {
             nanos: timestamp.1,
         });
         match &mut self {
-            Signable::Vote(v) => {
+            Signable::Vote(v, extension) => {
                 v.signature = signature;
-                v.extension_signature = extension_signature;
+                // A leader from before 1.x signs every extension.
+                v.extension_signature = match extension {
+                    Extension::Sign => extension_signature,
+                    Extension::Skip => Vec::new(),
+                };
             }
             Signable::Proposal(p) => p.signature = signature,
         }
@@ -367,7 +364,7 @@ impl Signable {
         timestamp: (i64, i32),
     ) -> Result<Signable, SignError> {
         match &mut self {
-            Signable::Vote(v) => {
+            Signable::Vote(v, _) => {
                 v.signature.clear();
                 v.extension_signature.clear();
             }
@@ -379,10 +376,10 @@ impl Signable {
         });
         let signature = key.sign(&self.sign_bytes(chain_id)?);
         match &mut self {
-            Signable::Vote(v) => {
+            Signable::Vote(v, extension) => {
                 v.signature = signature;
                 let non_nil = v.block_id.as_ref().is_some_and(|b| !b.hash.is_empty());
-                if v.r#type == 2 && non_nil {
+                if v.r#type == 2 && non_nil && *extension == Extension::Sign {
                     let ext = CanonicalVoteExtension {
                         extension: v.extension.clone(),
                         height: v.height,
@@ -470,25 +467,28 @@ mod tests {
     }
 
     fn precommit(block: u8, ts: i64) -> Signable {
-        Signable::Vote(RawVote {
-            r#type: 2,
-            height: 7,
-            round: 1,
-            block_id: Some(BlockId {
-                hash: vec![block; 32],
-                part_set_header: Some(PartSetHeader {
-                    total: 1,
-                    hash: vec![9; 32],
+        Signable::Vote(
+            RawVote {
+                r#type: 2,
+                height: 7,
+                round: 1,
+                block_id: Some(BlockId {
+                    hash: vec![block; 32],
+                    part_set_header: Some(PartSetHeader {
+                        total: 1,
+                        hash: vec![9; 32],
+                    }),
                 }),
-            }),
-            timestamp: Some(Timestamp {
-                seconds: ts,
-                nanos: 0,
-            }),
-            validator_address: key().address().to_vec(),
-            extension: b"ext".to_vec(),
-            ..Default::default()
-        })
+                timestamp: Some(Timestamp {
+                    seconds: ts,
+                    nanos: 0,
+                }),
+                validator_address: key().address().to_vec(),
+                extension: b"ext".to_vec(),
+                ..Default::default()
+            },
+            Extension::Sign,
+        )
     }
 
     #[test]
@@ -502,21 +502,25 @@ mod tests {
 
     #[test]
     fn requests_that_could_not_be_signed_are_refused_before_any_commit() {
-        let Signable::Vote(mut v) = precommit(1, 100) else {
+        let Signable::Vote(mut v, _) = precommit(1, 100) else {
             panic!()
         };
         v.signature = vec![1, 2, 3];
         assert!(
-            Signable::Vote(v.clone()).validate("c").is_ok(),
+            Signable::Vote(v.clone(), Extension::Sign)
+                .validate("c")
+                .is_ok(),
             "signature fields are ours to fill"
         );
         v.timestamp = None;
-        assert!(Signable::Vote(v.clone()).validate("c").is_err());
+        assert!(Signable::Vote(v.clone(), Extension::Sign)
+            .validate("c")
+            .is_err());
         v.timestamp = Some(Timestamp {
             seconds: 1,
             nanos: 2_000_000_000,
         });
-        assert!(Signable::Vote(v).validate("c").is_err());
+        assert!(Signable::Vote(v, Extension::Sign).validate("c").is_err());
         assert!(precommit(1, 100).validate("").is_err(), "empty chain id");
     }
 
@@ -525,10 +529,10 @@ mod tests {
         let k = key();
         let signed = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap();
         let (ts, sig, ext) = signed.signed_parts();
-        let Signable::Vote(here) = signed else {
+        let Signable::Vote(here, _) = signed else {
             panic!()
         };
-        let Signable::Vote(there) = precommit(1, 999).complete(ts, sig, ext) else {
+        let Signable::Vote(there, _) = precommit(1, 999).complete(ts, sig, ext) else {
             panic!()
         };
         assert_eq!(here, there);
@@ -537,10 +541,10 @@ mod tests {
     #[test]
     fn signing_uses_the_committed_timestamp_and_is_deterministic() {
         let k = key();
-        let Signable::Vote(a) = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap() else {
+        let Signable::Vote(a, _) = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap() else {
             panic!()
         };
-        let Signable::Vote(b) = precommit(1, 999).sign(&k, "c", (50, 0)).unwrap() else {
+        let Signable::Vote(b, _) = precommit(1, 999).sign(&k, "c", (50, 0)).unwrap() else {
             panic!()
         };
         assert_eq!(
@@ -556,5 +560,25 @@ mod tests {
             64,
             "non-nil precommits sign their extension"
         );
+    }
+
+    #[test]
+    fn a_skipped_extension_is_not_signed_and_the_vote_is_the_same() {
+        let k = key();
+        let Signable::Vote(signed, _) = precommit(1, 100).sign(&k, "c", (50, 0)).unwrap() else {
+            panic!()
+        };
+        let Signable::Vote(mut skip, _) = precommit(1, 100) else {
+            panic!()
+        };
+        skip.extension.clear();
+        let Signable::Vote(skipped, _) = Signable::Vote(skip, Extension::Skip)
+            .sign(&k, "c", (50, 0))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert!(skipped.extension_signature.is_empty());
+        assert_eq!(skipped.signature, signed.signature);
     }
 }

@@ -129,6 +129,7 @@ pub fn precommit_request(chain_id: &str, height: u64, pub_key: &[u8]) -> keyraft
         msg: msg.encode_to_vec(),
         pub_key: pub_key.to_vec(),
         proof: Vec::new(),
+        chain_id: chain_id.to_string(),
     }
 }
 

@@ -16,6 +16,8 @@ pub struct SignerBench {
     pub kill_block_ms: u64,
     /// Chains signed for at once (each with a sentry on every host).
     pub chains: u64,
+    /// keyraft's sentries speak CometBFT 1.x's privval (one chain).
+    pub v1: bool,
 }
 
 /// keyraft's signer next to tmkms, in one run: (1) the signature latency
@@ -29,6 +31,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
 
     anyhow::ensure!((1..=5).contains(&b.chains), "--chains must be 1 to 5");
+    anyhow::ensure!(!b.v1 || b.chains == 1, "--protocol v1 measures one chain");
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
         round_every: 0,
@@ -39,6 +42,8 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     // (no fault is injected here, so no proxy stands in the way).
     let direct = |_| NodeOpts {
         direct_peers: true,
+        flags: crate::shape::protocol_flags(b.v1),
+        fakenode: crate::shape::sentry_protocol(b.v1),
         ..NodeOpts::default()
     };
     let c = Cluster::start_signers(3, b.block_ms, mode(1), direct).await?;
@@ -152,8 +157,12 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     drop(net);
 
     // (3) SIGKILL of the signer leader's host.
-    let mut c =
-        Cluster::start_signers(3, b.kill_block_ms, mode(4), |_| NodeOpts::default()).await?;
+    let mut c = Cluster::start_signers(3, b.kill_block_ms, mode(4), |_| NodeOpts {
+        flags: crate::shape::protocol_flags(b.v1),
+        fakenode: crate::shape::sentry_protocol(b.v1),
+        ..NodeOpts::default()
+    })
+    .await?;
     let mut missed = Vec::new();
     let mut resume_ms = Vec::new();
     for round in 0..b.kills {

@@ -41,7 +41,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Home dir holding validator_key.json and node_key.json (neard only).
+    /// Home dir holding validator_key.json and node_key.json (neard), or
+    /// the upgrade marker data/upgrade-info.json (CometBFT, --v1-after).
     #[arg(long, required_unless_present = "cometbft")]
     home: Option<PathBuf>,
     /// Base URL of the fake chain, e.g. http://127.0.0.1:3000.
@@ -89,6 +90,18 @@ struct RunArgs {
     /// height and round (a split proposal, as a signer sees it).
     #[arg(long, requires = "cometbft")]
     equivocate: bool,
+    /// CometBFT 1.x: set skip_extension_signing (no vote extensions).
+    #[arg(long, requires = "cometbft")]
+    skip_extension_signing: bool,
+    /// CometBFT 1.x: with every precommit, ask for raw bytes to be signed
+    /// (and for a conflicting precommit's sign bytes, which must not be).
+    #[arg(long, requires = "cometbft")]
+    sign_bytes: bool,
+    /// CometBFT: the chain upgrades from 0.38 to 1.x at this height; the
+    /// node halts there (exit 1, data/upgrade-info.json under --home) and,
+    /// started again, speaks v1.
+    #[arg(long, requires = "home")]
+    v1_after: Option<u64>,
     /// CometBFT: a fixed SecretConnection identity for the privval
     /// listener (a 32-byte ed25519 seed, hex) instead of one made at start.
     #[arg(long, requires = "cometbft")]
@@ -129,6 +142,10 @@ async fn main() -> ExitCode {
                 chain_id: r.chain_id,
                 protocol: r.protocol,
                 equivocate: r.equivocate,
+                skip_extensions: r.skip_extension_signing,
+                sign_bytes: r.sign_bytes,
+                v1_after: r.v1_after,
+                home: r.home,
                 privval_identity: match r.privval_identity_seed.as_deref().map(hex::decode) {
                     None => None,
                     Some(Ok(b)) => match <[u8; 32]>::try_from(b) {

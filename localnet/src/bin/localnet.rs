@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use localnet::chaos::{self, Fault};
+use localnet::comet::node::Protocol;
 use localnet::{bench, docker, launcher};
 
 #[derive(Parser)]
@@ -66,6 +67,10 @@ enum Cmd {
         /// keyraft's timing profile (lan or wan) [default: keyraft's].
         #[arg(long)]
         timing: Option<String>,
+        /// With --cometbft: the sentries' privval protocol, v0.38 or v1
+        /// (CometBFT 1.x; one chain, one sentry per host).
+        #[arg(long, value_enum, default_value = "v0.38")]
+        protocol: Protocol,
     },
     /// Print the live view once.
     Status {
@@ -225,6 +230,10 @@ enum BenchCmd {
         /// sign.
         #[arg(long, default_value_t = 1)]
         chains: u64,
+        /// keyraft's sentries' privval protocol, v0.38 or v1 (one chain;
+        /// tmkms, which has no v1, is measured on v0.38 either way).
+        #[arg(long, value_enum, default_value = "v0.38")]
+        protocol: Protocol,
     },
     /// Cold-start election time and the idle footprint of each coordinator.
     Idle {
@@ -341,6 +350,7 @@ async fn main() -> ExitCode {
             latency,
             jitter,
             timing,
+            protocol,
         } => {
             launcher::up(launcher::UpOptions {
                 dir: dir.path(),
@@ -355,6 +365,7 @@ async fn main() -> ExitCode {
                     jitter,
                 },
                 timing,
+                protocol,
             })
             .await
         }
@@ -490,6 +501,7 @@ async fn main() -> ExitCode {
                 kills,
                 kill_block_ms,
                 chains,
+                protocol,
             } => {
                 let b = bench::SignerBench {
                     block_ms,
@@ -497,6 +509,7 @@ async fn main() -> ExitCode {
                     kills,
                     kill_block_ms,
                     chains,
+                    v1: protocol == Protocol::V1,
                 };
                 bench::signer(&b).await.map(|v| println!("{v}"))
             }

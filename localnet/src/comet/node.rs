@@ -46,6 +46,10 @@ pub enum Protocol {
     /// 0.37 and 0.38: non-nil precommits carry a vote extension to sign.
     #[value(name = "v0.38")]
     V0_38,
+    /// 1.x: `cometbft.privval.v1`; extensions as 0.38 unless skipped
+    /// (`skip_extensions`), and raw bytes (`sign_bytes`).
+    #[value(name = "v1")]
+    V1,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +64,23 @@ pub struct CometNodeConfig {
     pub equivocate: bool,
     /// The privval listener's SecretConnection seed (`None`: fresh per start).
     pub privval_identity: Option<[u8; 32]>,
+    /// 1.x: set `skip_extension_signing` (extensions off on the chain).
+    pub skip_extensions: bool,
+    /// 1.x: with each precommit, ask the signer to sign raw bytes of the
+    /// application, and bytes that are a conflicting precommit's sign
+    /// bytes (which must be refused).
+    pub sign_bytes: bool,
+    /// The chain upgrades from 0.38 to 1.x at this height: the node halts
+    /// there (writing `data/upgrade-info.json` under `home`, exit code 1)
+    /// and, started again, speaks v1.
+    pub v1_after: Option<u64>,
+    /// The node's home (for the upgrade's marker).
+    pub home: Option<std::path::PathBuf>,
+}
+
+/// The upgrade marker a node halted at, under `home`.
+fn upgrade_marker(home: &std::path::Path) -> std::path::PathBuf {
+    home.join("data").join("upgrade-info.json")
 }
 
 #[derive(Default)]
@@ -84,8 +105,20 @@ impl Node {
 }
 
 /// Runs the node until SIGTERM/SIGINT.
-pub async fn run(cfg: CometNodeConfig) -> anyhow::Result<()> {
-    let endpoint = Endpoint::bind(&cfg.privval, cfg.privval_identity).await?;
+pub async fn run(mut cfg: CometNodeConfig) -> anyhow::Result<()> {
+    if let (Some(_), Some(home)) = (cfg.v1_after, &cfg.home) {
+        if upgrade_marker(home).exists() {
+            tracing::info!("upgraded: this start speaks CometBFT 1.x's privval");
+            cfg.protocol = Protocol::V1;
+            cfg.v1_after = None;
+        }
+    }
+    let endpoint = Endpoint::bind(
+        &cfg.privval,
+        cfg.privval_identity,
+        cfg.protocol == Protocol::V1,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(rpc = %listener.local_addr()?, node = cfg.node_id, protocol = ?cfg.protocol,
         equivocate = cfg.equivocate, "fakenode (CometBFT) started");
@@ -113,19 +146,21 @@ pub async fn run(cfg: CometNodeConfig) -> anyhow::Result<()> {
             tokio::time::sleep(PING_EVERY).await;
         }
     });
-    tokio::spawn(follow(node));
+    let (halt_tx, mut halt) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(follow(node, halt_tx));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        Some(e) = halt.recv() => return Err(e),
     }
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Follows the chain's open round and takes part in each one once.
-async fn follow(node: Arc<Node>) {
+async fn follow(node: Arc<Node>, halt: tokio::sync::mpsc::Sender<anyhow::Error>) {
     let mut last = (0u64, 0u32);
     let mut reachable = true;
     loop {
@@ -167,8 +202,30 @@ async fn follow(node: Arc<Node>) {
         if (a.height, a.round) <= last {
             continue;
         }
+        if let Some(h) = node.cfg.v1_after.filter(|h| a.height > *h) {
+            let _ = halt.send(upgrade_halt(&node.cfg, h)).await;
+            return;
+        }
         last = (a.height, a.round);
         take_part(&node, &a).await;
+    }
+}
+
+/// The chain finalized the upgrade height `h`: the node writes its
+/// marker and stops, as a Cosmos node does ("UPGRADE NEEDED").
+fn upgrade_halt(cfg: &CometNodeConfig, h: u64) -> anyhow::Error {
+    let Some(home) = &cfg.home else {
+        return anyhow::anyhow!("--v1-after needs --home for the upgrade marker");
+    };
+    let info = json!({"name": "v1", "height": h, "info": ""}).to_string();
+    let marker = upgrade_marker(home);
+    let written = marker
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&marker, info));
+    match written {
+        Ok(()) => anyhow::anyhow!("UPGRADE \"v1\" NEEDED at height: {h}: "),
+        Err(e) => anyhow::anyhow!("cannot write {}: {e}", marker.display()),
     }
 }
 
@@ -201,12 +258,20 @@ async fn take_part(node: &Node, a: &Announce) {
         validator.address,
         vec![],
     );
-    if let Some(signed) = sign(&node.endpoint, deadline, &chain_id, Signable::Vote(prevote)).await {
+    if let Some(signed) = sign(
+        &node.endpoint,
+        deadline,
+        &chain_id,
+        Signable::Vote(prevote, false),
+    )
+    .await
+    {
         submit(node, "vote", signed.encode_to_vec()).await;
     }
     let target = if a.commit { block } else { consensus::nil() };
+    let skip = node.cfg.protocol == Protocol::V1 && node.cfg.skip_extensions;
     let extension = match node.cfg.protocol {
-        Protocol::V0_38 if !consensus::is_nil(Some(&target)) => {
+        Protocol::V0_38 | Protocol::V1 if !skip && !consensus::is_nil(Some(&target)) => {
             format!("ext/{}/{}/{}", a.height, a.round, node.cfg.node_id).into_bytes()
         }
         _ => Vec::new(),
@@ -219,15 +284,54 @@ async fn take_part(node: &Node, a: &Announce) {
         validator.address,
         extension,
     );
+    let disguise = precommit.clone();
     if let Some(signed) = sign(
         &node.endpoint,
         deadline,
         &chain_id,
-        Signable::Vote(precommit),
+        Signable::Vote(precommit, skip),
     )
     .await
     {
         submit(node, "vote", signed.encode_to_vec()).await;
+    }
+    if node.cfg.sign_bytes && node.cfg.protocol == Protocol::V1 {
+        raw_bytes(node, &chain_id, a, &validator, disguise).await;
+    }
+}
+
+/// 1.x: raw bytes of the application, whose signature must verify, then
+/// a precommit for another block dressed as raw bytes, which must not be
+/// signed (counted as `disguised_signed` if it is).
+async fn raw_bytes(
+    node: &Node,
+    chain_id: &str,
+    a: &Announce,
+    validator: &PublicValidatorKey,
+    mut precommit: RawVote,
+) {
+    let app = format!("app/{chain_id}/{}/{}", a.height, node.cfg.node_id).into_bytes();
+    match node.endpoint.sign_bytes(app.clone(), ACCEPT_WAIT).await {
+        Ok(sig) if !consensus::verify(&validator.key, &app, &sig) => {
+            tracing::error!("a raw-bytes signature that does not verify");
+            node.endpoint.note_bad_reply();
+        }
+        Ok(_) => {}
+        Err(e) => tracing::info!("raw bytes not signed: {e}"),
+    }
+    precommit.block_id = Some(consensus::conflicting(
+        &consensus::block_id(chain_id, a.height, a.round),
+        node.cfg.node_id + 1000,
+    ));
+    let Ok(bytes) = consensus::vote_sign_bytes(chain_id, &precommit) else {
+        return;
+    };
+    if node.endpoint.sign_bytes(bytes, ACCEPT_WAIT).await.is_ok() {
+        tracing::error!(
+            height = a.height,
+            "a conflicting precommit was signed as raw bytes"
+        );
+        node.endpoint.note_disguised_signed();
     }
 }
 
@@ -257,7 +361,8 @@ async fn validator(node: &Node, chain_id: &str, deadline: Instant) -> Option<Pub
 }
 
 enum Signable {
-    Vote(RawVote),
+    /// A vote, and whether its extension signature is skipped (1.x).
+    Vote(RawVote, bool),
     Proposal(RawProposal),
 }
 
@@ -288,8 +393,8 @@ async fn sign(
             .saturating_duration_since(Instant::now())
             .min(ACCEPT_WAIT);
         let got = match &what {
-            Signable::Vote(v) => endpoint
-                .sign_vote(chain_id, v.clone(), wait)
+            Signable::Vote(v, skip) => endpoint
+                .sign_vote(chain_id, v.clone(), *skip, wait)
                 .await
                 .map(Signed::Vote),
             Signable::Proposal(p) => endpoint
@@ -357,6 +462,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
                 "version": match node.cfg.protocol {
                     Protocol::V0_34 => "0.34.35",
                     Protocol::V0_38 => "0.38.17",
+                    Protocol::V1 => "1.0.1",
                 },
             },
             "sync_info": {
@@ -415,7 +521,7 @@ mod tests {
     async fn endpoint(dir: &tempfile::TempDir) -> (Arc<Endpoint>, std::path::PathBuf) {
         let path = dir.path().join("pv.sock");
         (
-            Endpoint::bind(&Listen::Unix(path.clone()), None)
+            Endpoint::bind(&Listen::Unix(path.clone()), None, false)
                 .await
                 .unwrap(),
             path,
@@ -452,7 +558,7 @@ mod tests {
             asked
         });
         let deadline = Instant::now() + Duration::from_millis(500);
-        let got = sign(&ep, deadline, "c", Signable::Vote(prevote())).await;
+        let got = sign(&ep, deadline, "c", Signable::Vote(prevote(), false)).await;
         assert!(got.is_none());
         assert_eq!(stub.await.unwrap(), 1, "asked once, not retried");
         assert_eq!(ep.stats().remote_errors, 1);
@@ -487,7 +593,7 @@ mod tests {
             second
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        let got = sign(&ep, deadline, "c", Signable::Vote(prevote())).await;
+        let got = sign(&ep, deadline, "c", Signable::Vote(prevote(), false)).await;
         assert!(matches!(got, Some(Signed::Vote(v)) if v.signature == vec![7; 64]));
         let _keep = stub.await.unwrap();
         let st = ep.stats();
@@ -524,7 +630,7 @@ mod tests {
             s
         });
         let deadline = Instant::now() + Duration::from_secs(2);
-        assert!(sign(&ep, deadline, "c", Signable::Vote(prevote()))
+        assert!(sign(&ep, deadline, "c", Signable::Vote(prevote(), false))
             .await
             .is_none());
         let _keep = stub.await.unwrap();

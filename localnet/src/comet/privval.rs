@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 
 use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
 use cometbft_proto::v0_38::crypto::public_key;
-use cometbft_proto::v0_38::privval::{
-    message::Sum, Message, PingRequest, PubKeyRequest, SignProposalRequest, SignVoteRequest,
-};
+use cometbft_proto::v0_38::privval::{message::Sum, Message, RemoteSignerError};
 use cometbft_proto::v0_38::types::{BlockId, Proposal as RawProposal, Vote as RawVote};
+use cometbft_proto::v1::privval::v1;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use prost::Message as _;
 use serde::Serialize;
@@ -128,23 +127,23 @@ enum Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, msg: Message) -> Result<(), Wire> {
+    async fn send<M: prost::Message + Send + Sync>(&mut self, msg: M) -> Result<(), Wire> {
         match self {
             Conn::Secret(c) => Ok(c.write_msg(msg).await?),
             Conn::Plain(s) => Ok(s.write_all(&msg.encode_length_delimited_to_vec()).await?),
         }
     }
 
-    async fn recv(&mut self) -> Result<Message, Wire> {
+    async fn recv<M: prost::Message + Default>(&mut self) -> Result<M, Wire> {
         match self {
-            Conn::Secret(c) => Ok(c.read_msg::<Message>().await?),
+            Conn::Secret(c) => Ok(c.read_msg::<M>().await?),
             Conn::Plain(s) => read_delimited(s).await,
         }
     }
 }
 
 /// Reads one varint-length-prefixed protobuf message.
-async fn read_delimited(s: &mut UnixStream) -> Result<Message, Wire> {
+async fn read_delimited<M: prost::Message + Default>(s: &mut UnixStream) -> Result<M, Wire> {
     let mut len: u64 = 0;
     for shift in (0..64).step_by(7) {
         let b = s.read_u8().await?;
@@ -162,7 +161,38 @@ async fn read_delimited(s: &mut UnixStream) -> Result<Message, Wire> {
     }
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf).await?;
-    Ok(Message::decode(buf.as_slice())?)
+    Ok(M::decode(buf.as_slice())?)
+}
+
+/// A signer's answer as the node reads it.
+#[derive(Debug)]
+enum Reply {
+    /// A 0.38 answer, or a 1.x one of the same shape read as 0.38's.
+    Old(Message),
+    /// 1.x's public key answer.
+    Key(v1::PubKeyResponse),
+    /// 1.x's raw-bytes answer.
+    Bytes(v1::SignBytesResponse),
+}
+
+impl Reply {
+    fn from_v1(m: v1::Message) -> Result<Reply, Wire> {
+        Ok(match m.sum {
+            Some(v1::message::Sum::PubKeyResponse(r)) => Reply::Key(r),
+            Some(v1::message::Sum::SignBytesResponse(r)) => Reply::Bytes(r),
+            _ => Reply::Old(Message::decode(m.encode_to_vec().as_slice())?),
+        })
+    }
+}
+
+fn request(sum: v1::message::Sum) -> v1::Message {
+    v1::Message { sum: Some(sum) }
+}
+
+/// A message as another with the same fields and tags (0.38's vote as
+/// 1.x's).
+fn recode<A: prost::Message, B: prost::Message + Default>(a: &A) -> Result<B, CallError> {
+    B::decode(a.encode_to_vec().as_slice()).map_err(|e| CallError::Unexpected(e.to_string()))
 }
 
 /// What the node saw of its signer, for `/privval` and benchmarks.
@@ -178,6 +208,15 @@ pub struct PrivvalStats {
     pub remote_errors: u64,
     pub transport_errors: u64,
     pub bad_replies: u64,
+    /// 1.x raw bytes signed and refused (`--sign-bytes`).
+    #[serde(default)]
+    pub bytes_signed: u64,
+    #[serde(default)]
+    pub bytes_refused: u64,
+    /// Raw bytes that read as one of the chain's votes and were signed
+    /// anyway: a signer that lets a vote through as bytes (must stay 0).
+    #[serde(default)]
+    pub disguised_signed: u64,
     pub last_error: Option<String>,
     pub sign_ms_p50: Option<f64>,
     pub sign_ms_p99: Option<f64>,
@@ -192,6 +231,8 @@ struct Counters {
 }
 
 pub struct Endpoint {
+    /// Speaks CometBFT 1.x's `cometbft.privval.v1` (else 0.38's).
+    v1: bool,
     current: tokio::sync::Mutex<Option<Conn>>,
     queued: tokio::sync::Mutex<mpsc::Receiver<Conn>>,
     connected: AtomicBool,
@@ -205,6 +246,7 @@ impl Endpoint {
     pub async fn bind(
         listen: &Listen,
         identity: Option<[u8; 32]>,
+        v1: bool,
     ) -> std::io::Result<Arc<Endpoint>> {
         let (tx, rx) = mpsc::channel(1);
         match listen {
@@ -225,6 +267,7 @@ impl Endpoint {
             }
         }
         Ok(Arc::new(Endpoint {
+            v1,
             current: tokio::sync::Mutex::new(None),
             queued: tokio::sync::Mutex::new(rx),
             connected: AtomicBool::new(false),
@@ -275,10 +318,12 @@ impl Endpoint {
         c.stats.last_error = Some(e.to_string());
     }
 
-    /// Sends one request and waits for its reply. Waits up to `wait` for a
-    /// signer if none is connected. A connection that fails or misses the
-    /// deadline is dropped; the next call takes the queued one.
-    async fn call(&self, req: Message, wait: Duration) -> Result<Message, CallError> {
+    /// Sends one request and waits for its reply, in the endpoint's
+    /// version: a 1.x endpoint writes the request with the 1.x schema and
+    /// reads the reply with it, then gives it back as 0.38's message (the
+    /// same tags) where one exists; a 1.x public key answer is
+    /// [`Reply::Key`].
+    async fn call(&self, req: v1::Message, wait: Duration) -> Result<Reply, CallError> {
         let mut current = self.current.lock().await;
         if current.is_none() {
             let mut queued = self.queued.lock().await;
@@ -298,9 +343,16 @@ impl Endpoint {
         let Some(conn) = current.as_mut() else {
             return Err(CallError::NoSigner);
         };
+        let v1 = self.v1;
         let exchange = async {
-            conn.send(req).await?;
-            conn.recv().await
+            if v1 {
+                conn.send(req).await?;
+                Reply::from_v1(conn.recv::<v1::Message>().await?)
+            } else {
+                let old = Message::decode(req.encode_to_vec().as_slice())?;
+                conn.send(old).await?;
+                Ok(Reply::Old(conn.recv::<Message>().await?))
+            }
         };
         match tokio::time::timeout(READ_WRITE_TIMEOUT, exchange).await {
             Ok(Ok(reply)) => Ok(reply),
@@ -320,72 +372,80 @@ impl Endpoint {
     /// Pings the signer (taking a queued connection if there is one and
     /// none is in use). A failed ping drops the connection.
     pub async fn ping(&self) {
-        let req = Message {
-            sum: Some(Sum::PingRequest(PingRequest {})),
-        };
+        let req = request(v1::message::Sum::PingRequest(v1::PingRequest {}));
         let _ = self.call(req, Duration::ZERO).await;
     }
 
-    /// Asks the signer for the validator's public key.
+    /// Asks the signer for the validator's public key, and reads it as the
+    /// endpoint's version does: a 1.x node finds no key in a 0.38 answer
+    /// (CometBFT 1.x: "can't get pubkey: encoding: unsupported key").
     pub async fn pub_key(&self, chain_id: &str, wait: Duration) -> Result<VerifyingKey, CallError> {
-        let req = Message {
-            sum: Some(Sum::PubKeyRequest(PubKeyRequest {
-                chain_id: chain_id.to_string(),
-            })),
-        };
+        let req = request(v1::message::Sum::PubKeyRequest(v1::PubKeyRequest {
+            chain_id: chain_id.to_string(),
+        }));
         let r = self.call(req, wait).await;
-        let reply = self.checked(r)?;
-        match reply.sum {
-            Some(Sum::PubKeyResponse(r)) => {
-                if let Some(e) = r.error {
-                    return Err(self.failed(CallError::Remote {
-                        code: e.code,
-                        description: e.description,
-                    }));
-                }
-                match r.pub_key.and_then(|k| k.sum) {
-                    Some(public_key::Sum::Ed25519(bytes)) => <[u8; 32]>::try_from(bytes.as_slice())
-                        .ok()
-                        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-                        .ok_or_else(|| {
-                            self.failed(CallError::Unexpected("bad ed25519 key".into()))
-                        }),
-                    other => Err(self.failed(CallError::Unexpected(format!(
-                        "public key {other:?} is not ed25519"
-                    )))),
-                }
-            }
-            other => Err(self.failed(CallError::Unexpected(format!("{other:?}")))),
+        let (bytes, error) = match self.checked(r)? {
+            Reply::Key(r) => (
+                (r.pub_key_type == "ed25519").then_some(r.pub_key_bytes),
+                r.error.map(|e| RemoteSignerError {
+                    code: e.code,
+                    description: e.description,
+                }),
+            ),
+            Reply::Old(Message {
+                sum: Some(Sum::PubKeyResponse(r)),
+            }) => match r.pub_key.and_then(|k| k.sum) {
+                Some(public_key::Sum::Ed25519(bytes)) => (Some(bytes), r.error),
+                _ => (None, r.error),
+            },
+            other => return Err(self.failed(CallError::Unexpected(format!("{other:?}")))),
+        };
+        if let Some(e) = error {
+            return Err(self.failed(CallError::Remote {
+                code: e.code,
+                description: e.description,
+            }));
         }
+        bytes
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+            .ok_or_else(|| {
+                self.failed(CallError::Unexpected(
+                    "can't get pubkey: encoding: unsupported key".into(),
+                ))
+            })
     }
 
     /// Asks the signer to sign `vote`; returns the vote it signed, which
-    /// must be the one asked for (step, height, round, block).
+    /// must be the one asked for (step, height, round, block). A 1.x node
+    /// with `skip_extension` asks for no extension signature, and takes
+    /// one in the answer as a bad reply.
     pub async fn sign_vote(
         &self,
         chain_id: &str,
         vote: RawVote,
+        skip_extension: bool,
         wait: Duration,
     ) -> Result<RawVote, CallError> {
         let asked = vote.clone();
-        let req = Message {
-            sum: Some(Sum::SignVoteRequest(SignVoteRequest {
-                vote: Some(vote),
-                chain_id: chain_id.to_string(),
-            })),
-        };
+        let req = request(v1::message::Sum::SignVoteRequest(v1::SignVoteRequest {
+            vote: Some(recode(&vote)?),
+            chain_id: chain_id.to_string(),
+            skip_extension_signing: skip_extension,
+        }));
         self.counters().stats.sign_requests += 1;
         let started = Instant::now();
         let r = self.call(req, wait).await;
-        let reply = self.checked(r)?;
-        match reply.sum {
-            Some(Sum::SignedVoteResponse(r)) => match (r.vote, r.error) {
+        match self.checked(r)? {
+            Reply::Old(Message {
+                sum: Some(Sum::SignedVoteResponse(r)),
+            }) => match (r.vote, r.error) {
                 (_, Some(e)) => Err(self.failed(CallError::Remote {
                     code: e.code,
                     description: e.description,
                 })),
                 (Some(v), None) => {
-                    let v = same_vote(&asked, v).map_err(|e| self.failed(e))?;
+                    let v = same_vote(&asked, v, skip_extension).map_err(|e| self.failed(e))?;
                     self.signed(started.elapsed());
                     Ok(v)
                 }
@@ -406,18 +466,19 @@ impl Endpoint {
         wait: Duration,
     ) -> Result<RawProposal, CallError> {
         let asked = proposal.clone();
-        let req = Message {
-            sum: Some(Sum::SignProposalRequest(SignProposalRequest {
-                proposal: Some(proposal),
+        let req = request(v1::message::Sum::SignProposalRequest(
+            v1::SignProposalRequest {
+                proposal: Some(recode(&proposal)?),
                 chain_id: chain_id.to_string(),
-            })),
-        };
+            },
+        ));
         self.counters().stats.sign_requests += 1;
         let started = Instant::now();
         let r = self.call(req, wait).await;
-        let reply = self.checked(r)?;
-        match reply.sum {
-            Some(Sum::SignedProposalResponse(r)) => match (r.proposal, r.error) {
+        match self.checked(r)? {
+            Reply::Old(Message {
+                sum: Some(Sum::SignedProposalResponse(r)),
+            }) => match (r.proposal, r.error) {
                 (_, Some(e)) => Err(self.failed(CallError::Remote {
                     code: e.code,
                     description: e.description,
@@ -435,7 +496,47 @@ impl Endpoint {
         }
     }
 
-    fn checked(&self, r: Result<Message, CallError>) -> Result<Message, CallError> {
+    /// 1.x: asks the signer to sign raw `value`; returns the signature.
+    /// Counted apart from votes and proposals (`bytes_*` in the stats).
+    pub async fn sign_bytes(&self, value: Vec<u8>, wait: Duration) -> Result<Vec<u8>, CallError> {
+        let req = request(v1::message::Sum::SignBytesRequest(v1::SignBytesRequest {
+            value,
+        }));
+        let r = self.call(req, wait).await;
+        let got = match self.checked(r)? {
+            Reply::Bytes(r) => match r.error {
+                Some(e) => Err(CallError::Remote {
+                    code: e.code,
+                    description: e.description,
+                }),
+                None if r.signature.len() == 64 => Ok(r.signature),
+                None => Err(CallError::Unexpected(
+                    "a bytes signature of the wrong size".into(),
+                )),
+            },
+            other => Err(CallError::Unexpected(format!("{other:?}"))),
+        };
+        let mut c = self.counters();
+        match &got {
+            Ok(_) => c.stats.bytes_signed += 1,
+            Err(CallError::Remote { .. }) => c.stats.bytes_refused += 1,
+            Err(_) => c.stats.bad_replies += 1,
+        }
+        got
+    }
+
+    /// A reply the node found wrong after reading it (a signature that
+    /// does not verify).
+    pub fn note_bad_reply(&self) {
+        self.counters().stats.bad_replies += 1;
+    }
+
+    /// Raw bytes that are a vote of the chain came back signed.
+    pub fn note_disguised_signed(&self) {
+        self.counters().stats.disguised_signed += 1;
+    }
+
+    fn checked(&self, r: Result<Reply, CallError>) -> Result<Reply, CallError> {
         r.map_err(|e| self.failed(e))
     }
 
@@ -458,7 +559,12 @@ fn same_block(a: Option<&BlockId>, b: Option<&BlockId>) -> bool {
     consensus::block_key(a) == consensus::block_key(b)
 }
 
-fn same_vote(asked: &RawVote, got: RawVote) -> Result<RawVote, CallError> {
+fn same_vote(asked: &RawVote, got: RawVote, skip_extension: bool) -> Result<RawVote, CallError> {
+    if skip_extension && !got.extension_signature.is_empty() {
+        return Err(CallError::Unexpected(
+            "an extension signature came back where none was asked for".into(),
+        ));
+    }
     if got.r#type != asked.r#type
         || got.height != asked.height
         || got.round != asked.round
@@ -557,7 +663,7 @@ mod tests {
     async fn a_warm_up_can_be_left_out_of_the_latencies() {
         let dir = tempfile::tempdir().unwrap();
         let listen = Listen::Unix(dir.path().join("pv.sock"));
-        let ep = Endpoint::bind(&listen, None).await.unwrap();
+        let ep = Endpoint::bind(&listen, None, false).await.unwrap();
         for ms in [900, 800, 1, 2, 3] {
             ep.signed(Duration::from_millis(ms));
         }
