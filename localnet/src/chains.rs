@@ -93,7 +93,7 @@ pub(crate) fn judges<'a>(
 ) -> Vec<(&'a str, &'a ChainClient)> {
     let name = match mode {
         Mode::Signer { chain_id, .. } => chain_id.as_str(),
-        Mode::Near => "near",
+        Mode::Near | Mode::NearUpgrade(_) => "near",
     };
     std::iter::once((name, first))
         .chain(others.iter().map(|o| (o.chain_id.as_str(), &o.chain)))

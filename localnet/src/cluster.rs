@@ -178,8 +178,11 @@ impl Cluster {
             "--block-ms",
             &block_ms.to_string(),
         ]);
+        if let Mode::NearUpgrade(u) = &mode {
+            chain_cmd.args(["--upgrade", &u.to_string()]);
+        }
         let key_path = match &mode {
-            Mode::Near => {
+            Mode::Near | Mode::NearUpgrade(_) => {
                 let key_path = keys.join("validator_key.json");
                 KeyFile::generate("validator.test").write_new(&key_path)?;
                 key_path
@@ -231,6 +234,9 @@ impl Cluster {
             certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
+            if let (Mode::NearUpgrade(u), Some(c)) = (&mode, node_opts.cosmovisor) {
+                crate::shape::lay_out(&home, u, c)?;
+            }
             if let Some(name) = &node_opts.validator_user {
                 let user = nix::unistd::User::from_name(name)?
                     .with_context(|| format!("no user {name} on this host"))?;
@@ -412,9 +418,17 @@ impl Cluster {
                 .arg(&key)
                 .args(["--health-url", &health_url])
                 .arg("--")
-                .args(node.opts.launch.prefix())
-                .arg(sibling_bin("fakenode").unwrap_or_default())
-                .arg("--home")
+                .args(node.opts.launch.prefix());
+            // Under cosmovisor, its `run` takes the node's arguments and
+            // picks the binary from its tree.
+            if node.opts.cosmovisor.is_some() {
+                cmd.envs(crate::shape::cosmovisor_env(&node.home))
+                    .arg(sibling_bin("fakecosmovisor").unwrap_or_default())
+                    .arg("run");
+            } else {
+                cmd.arg(sibling_bin("fakenode").unwrap_or_default());
+            }
+            cmd.arg("--home")
                 .arg(&node.home)
                 .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
                 .args(["--rpc-listen", &node.rpc.to_string()])

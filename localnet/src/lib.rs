@@ -26,6 +26,8 @@
 //! - [`cosmovisor`]: `fakecosmovisor`, an imitation of the process wrapper
 //!   that switches a Cosmos node's binary at a chain upgrade.
 //! - [`docker`]: the Docker Compose cluster under host-level faults.
+//! - [`halt`]: a validator cluster at a chain's upgrade halt, each node
+//!   under `fakecosmovisor`, and `localnet upgrade-test`'s scenarios.
 //! - [`harness`]: child processes, free ports and polling with deadlines,
 //!   shared by the launcher and the tests of both crates.
 //! - [`launcher`]: `localnet up`, its live view and control API, and the
@@ -50,6 +52,7 @@ pub mod cometnet;
 pub mod cosmovisor;
 pub mod docker;
 pub mod faults;
+pub mod halt;
 pub mod harness;
 pub mod keys;
 pub mod launcher;

@@ -1,8 +1,14 @@
 //! How a localnet node is started: the shapes of its validator command,
 //! the chain mode, a fence agent, the flags and options of one node.
 //!
-//! Owns: the options a test or the launcher picks per node. Must not:
-//! start anything; [`crate::cluster`] turns them into command lines.
+//! Owns: the options a test or the launcher picks per node, and a node's
+//! cosmovisor tree on an upgrading chain. Must not: start anything;
+//! [`crate::cluster`] turns them into command lines.
+
+use std::path::Path;
+
+use crate::harness::sibling_bin;
+use crate::upgrade::{Upgrade, GENESIS};
 
 /// How the validator command starts the node: the shapes real deployments
 /// have (`cosmovisor run`, `sh -c`, scripts that daemonize).
@@ -61,6 +67,9 @@ impl Launch {
 pub enum Mode {
     /// NEAR-style: the active node's fakenode holds the key.
     Near,
+    /// NEAR-style, on a chain that halts for `0` (`fakechain --upgrade`)
+    /// until a node of its version signs that height.
+    NearUpgrade(crate::upgrade::Upgrade),
     /// CometBFT signer mode: every keyraft signs for its sentry (a
     /// `fakenode --cometbft` it supervises) after committing through Raft.
     Signer {
@@ -114,6 +123,22 @@ pub struct NodeOpts {
     /// Signer mode: this host runs in validator mode instead (it would
     /// link the key into its node: a misconfigured member).
     pub validator_mode: bool,
+    /// Validator mode on an upgrading chain: the node runs under
+    /// `fakecosmovisor`, with this tree (`None`: the node alone).
+    pub cosmovisor: Option<Cosmovisor>,
+}
+
+/// A host's cosmovisor tree for the chain's upgrade
+/// ([`Mode::NearUpgrade`]): `genesis/bin/fakenode` always, the upgrade's
+/// binary when prepared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cosmovisor {
+    /// `cosmovisor/upgrades/NAME/bin/fakenode` is installed.
+    pub prepared: bool,
+    /// The upgraded version's migration the first time it runs.
+    pub migration_ms: u64,
+    /// The upgraded binary exits at once with an error, every time.
+    pub crashes: bool,
 }
 
 /// Signer mode: `keyraft run`'s flags for sentries speaking CometBFT 1.x's
@@ -157,4 +182,53 @@ pub enum Fencing {
     Hanging,
     /// `/bin/false`: fails every action.
     Failing,
+}
+
+/// The binary's name in the tree (cosmovisor's `DAEMON_NAME`).
+pub const DAEMON_NAME: &str = "fakenode";
+
+/// Lays out `home/cosmovisor` for `upgrade` as `c` says.
+pub fn lay_out(home: &Path, upgrade: &Upgrade, c: Cosmovisor) -> anyhow::Result<()> {
+    let fakenode = sibling_bin("fakenode")?;
+    let root = home.join("cosmovisor");
+    let wrapper = |dir: &Path, body: String| -> anyhow::Result<()> {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        let path = bin.join(DAEMON_NAME);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    let exe = fakenode.display();
+    wrapper(
+        &root.join(GENESIS),
+        format!("exec {exe} --chain-version {GENESIS} \"$@\""),
+    )?;
+    if c.prepared {
+        let body = if c.crashes {
+            "echo 'panic: the upgraded binary cannot start' >&2; exit 2".to_string()
+        } else {
+            format!(
+                "exec {exe} --chain-version {} --migration-ms {} \"$@\"",
+                upgrade.name, c.migration_ms
+            )
+        };
+        wrapper(&root.join("upgrades").join(&upgrade.name), body)?;
+    }
+    Ok(())
+}
+
+/// cosmovisor's environment for the host whose node lives in `home`.
+pub fn cosmovisor_env(home: &Path) -> Vec<(String, String)> {
+    [
+        ("DAEMON_HOME", home.display().to_string()),
+        ("DAEMON_NAME", DAEMON_NAME.to_string()),
+        ("DAEMON_POLL_INTERVAL", "100ms".to_string()),
+        ("DAEMON_RESTART_AFTER_UPGRADE", "true".to_string()),
+        ("UNSAFE_SKIP_BACKUP", "true".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }

@@ -176,6 +176,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         load: usize,
     },
+    /// A validator cluster, every node under fakecosmovisor, at a chain
+    /// upgrade's halt: per scenario what the chain saw (the last line is
+    /// JSON).
+    UpgradeTest {
+        /// Scenarios to run [default: all].
+        #[arg(long, value_enum)]
+        scenario: Vec<localnet::halt::Scenario>,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
@@ -332,7 +340,7 @@ async fn main() -> ExitCode {
     localnet::init_logging();
     if matches!(
         args.command,
-        Cmd::Up { .. } | Cmd::Chaos { .. } | Cmd::Bench { .. }
+        Cmd::Up { .. } | Cmd::Chaos { .. } | Cmd::Bench { .. } | Cmd::UpgradeTest { .. }
     ) {
         if let Err(e) = build_keyraft_under_cargo() {
             return localnet::report(e);
@@ -464,6 +472,7 @@ async fn main() -> ExitCode {
                 },
             }
         }
+        Cmd::UpgradeTest { scenario } => upgrade_test(scenario).await,
         Cmd::Bench { what } => match what {
             BenchCmd::Chain {
                 nodes,
@@ -548,4 +557,22 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => localnet::report(e),
     }
+}
+
+/// `localnet upgrade-test`: each scenario in turn, one JSON line at the end.
+async fn upgrade_test(scenarios: Vec<localnet::halt::Scenario>) -> anyhow::Result<()> {
+    use clap::ValueEnum;
+    let scenarios = if scenarios.is_empty() {
+        localnet::halt::Scenario::value_variants().to_vec()
+    } else {
+        scenarios
+    };
+    let mut verdicts = Vec::new();
+    for s in scenarios {
+        let v = localnet::halt::run(s).await?;
+        eprintln!("{}", serde_json::to_string(&v)?);
+        verdicts.push(v);
+    }
+    println!("{}", serde_json::json!({ "scenarios": verdicts }));
+    Ok(())
 }
