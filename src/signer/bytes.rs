@@ -226,4 +226,68 @@ mod tests {
         assert_eq!(disguise(&vote_bytes("c-1")), Some("vote"));
         assert_eq!(disguise(b""), None, "empty bytes read as nothing of c-1");
     }
+
+    #[test]
+    fn every_consensus_message_keyraft_signs_reads_as_one() {
+        use super::super::sign::{Extension, Signable};
+        use cometbft_proto::google::protobuf::Timestamp;
+        use cometbft_proto::v0_38::types::{BlockId, PartSetHeader, Proposal, Vote};
+        use rand::Rng;
+        let mut rng = rand::rng();
+        for _ in 0..500 {
+            let chain_id = format!("chain-{}", rng.random_range(0..1_000_000u32));
+            let height = rng.random_range(1..i64::MAX);
+            let round = rng.random_range(0..1000);
+            let block = BlockId {
+                hash: (0..32).map(|_| rng.random()).collect(),
+                part_set_header: Some(PartSetHeader {
+                    total: rng.random_range(1..100),
+                    hash: (0..32).map(|_| rng.random()).collect(),
+                }),
+            };
+            let timestamp = Some(Timestamp {
+                seconds: rng.random_range(0..4_000_000_000),
+                nanos: rng.random_range(0..1_000_000_000),
+            });
+            let vote = Vote {
+                r#type: if rng.random() { 1 } else { 2 },
+                height,
+                round,
+                block_id: rng.random::<bool>().then(|| block.clone()),
+                timestamp,
+                validator_address: vec![7; 20],
+                extension: (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+                ..Default::default()
+            };
+            let proposal = Proposal {
+                r#type: 32,
+                height,
+                round,
+                pol_round: -1,
+                block_id: Some(block),
+                timestamp,
+                signature: Vec::new(),
+            };
+            let extension = CanonicalVoteExtension {
+                extension: vote.extension.clone(),
+                height,
+                round: i64::from(round),
+                chain_id: chain_id.clone(),
+            }
+            .encode_length_delimited_to_vec();
+            let signed = [
+                Signable::Vote(vote, Extension::Sign)
+                    .sign_bytes(&chain_id)
+                    .unwrap(),
+                Signable::Proposal(proposal).sign_bytes(&chain_id).unwrap(),
+                extension,
+            ];
+            for (bytes, what) in signed.iter().zip(["vote", "proposal", "vote extension"]) {
+                assert!(
+                    disguise(bytes).is_some(),
+                    "{what} of {chain_id} at {height}/{round} not recognised"
+                );
+            }
+        }
+    }
 }
