@@ -7,11 +7,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use localnet::chain::Stats;
+use anyhow::{ensure, Result};
 use localnet::cluster::{Cluster, Mode, NodeOpts};
 use localnet::comet::privval::PrivvalStats;
-use localnet::harness::eventually;
+
+mod common;
+use common::{every_sentry_signed, leader, no_equivocations};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -29,33 +30,8 @@ fn strings(s: &[&str]) -> Vec<String> {
     s.iter().map(|s| s.to_string()).collect()
 }
 
-async fn every_sentry_signed(c: &Cluster, after: u64, sentries: &[u64]) -> Result<Stats> {
-    c.chain
-        .wait_signed_by(after, sentries, SETTLE)
-        .await
-        .with_context(|| c.logs())
-}
-
-async fn no_equivocations(c: &Cluster) -> Result<Stats> {
-    let s = c.chain.stats_since(0).await?;
-    ensure!(
-        s.double_signs == 0 && s.equivocations.is_empty(),
-        "equivocations: {:?}\n{}",
-        s.equivocations,
-        c.logs()
-    );
-    Ok(s)
-}
-
 async fn sentry(c: &Cluster, id: u64) -> Result<PrivvalStats> {
     localnet::cometnet::privval_stats(&format!("http://{}", c.nodes[&id].rpc), 0).await
-}
-
-async fn leader(c: &Cluster) -> Result<u64> {
-    eventually(SETTLE, "a signer leader", || async {
-        Ok(c.status(1).await?["cluster"]["leader"].as_u64())
-    })
-    .await
 }
 
 /// v1 sentries that also ask for raw bytes (and for a conflicting
@@ -72,7 +48,7 @@ fn v1_with_bytes(_: u64) -> NodeOpts {
 async fn v1_sentries_are_signed_for_through_a_kill_of_the_leaders_host() -> Result<()> {
     let mut c = Cluster::start_signers(3, BLOCK_MS, mode(), v1_with_bytes).await?;
     every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
-    let l = leader(&c).await?;
+    let l = leader(&c, &[1]).await?;
     let killed_at = c.chain.totals().await?;
     let t = Instant::now();
     c.kill_host(l)?;

@@ -8,9 +8,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use localnet::chain::Stats;
 use localnet::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use localnet::harness::eventually;
+
+mod common;
+use common::{every_sentry_signed, leader, no_equivocations};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -28,14 +30,6 @@ async fn start(opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {
     let c = Cluster::start_signers(3, BLOCK_MS, mode(), opts).await?;
     every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
     Ok(c)
-}
-
-/// Waits until each of `sentries` had a precommit counted above `after`.
-async fn every_sentry_signed(c: &Cluster, after: u64, sentries: &[u64]) -> Result<Stats> {
-    c.chain
-        .wait_signed_by(after, sentries, SETTLE)
-        .await
-        .with_context(|| c.logs())
 }
 
 /// The leader `l`'s last signature, if it is a precommit with a
@@ -74,14 +68,6 @@ async fn precommit_reach(c: &Cluster, l: u64, want: usize) -> Result<Vec<(u64, (
 }
 
 /// The signer leader, as node `asked` sees it.
-async fn leader(c: &Cluster, asked: u64) -> Result<u64> {
-    eventually(SETTLE, "a signer leader", || async {
-        let s = c.status(asked).await?;
-        Ok(s["cluster"]["leader"].as_u64())
-    })
-    .await
-}
-
 /// Sign requests answered with `result`, summed over the three signers.
 async fn sign_results(c: &Cluster, result: &str) -> Result<f64> {
     let label = format!("result=\"{result}\"");
@@ -98,17 +84,6 @@ async fn sign_results(c: &Cluster, result: &str) -> Result<f64> {
     Ok(n)
 }
 
-async fn no_equivocations(c: &Cluster) -> Result<Stats> {
-    let s = c.chain.stats_since(0).await?;
-    ensure!(
-        s.double_signs == 0 && s.equivocations.is_empty(),
-        "equivocations: {:?}\n{}",
-        s.equivocations,
-        c.logs()
-    );
-    Ok(s)
-}
-
 #[tokio::test]
 async fn on_a_quick_chain_a_precommit_reserves_the_next_heights_first_round() -> Result<()> {
     // 200 ms blocks: two pass before a successor could take over (600 ms
@@ -116,7 +91,7 @@ async fn on_a_quick_chain_a_precommit_reserves_the_next_heights_first_round() ->
     // in a row a precommit reserves the next height's precommit too.
     let mut c = Cluster::start_signers(3, 200, mode(), |_| NodeOpts::default()).await?;
     every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
-    let l = leader(&c, 1).await?;
+    let l = leader(&c, &[1]).await?;
     eventually(
         SETTLE,
         "a precommit reserving the next height's precommit",
@@ -170,7 +145,7 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
         status["signer"]["chains"][0]["connections"][0]["connected"] == true,
         "no privval connection in status: {status}"
     );
-    let l = leader(&c, 1).await?;
+    let l = leader(&c, &[1]).await?;
     // A chain of 500 ms blocks is not quick (two of them take longer than
     // a takeover): a precommit reserves the next height's prevote, no more.
     for (h, through) in precommit_reach(&c, l, 3).await? {
@@ -262,7 +237,7 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
 #[tokio::test]
 async fn killing_the_leaders_host_costs_at_most_an_election_and_no_equivocation() -> Result<()> {
     let mut c = start(|_| NodeOpts::default()).await?;
-    let l = leader(&c, 1).await?;
+    let l = leader(&c, &[1]).await?;
     let killed_at = c.chain.totals().await?;
     let t = Instant::now();
     c.kill_host(l)?;
@@ -281,7 +256,7 @@ async fn killing_the_leaders_host_costs_at_most_an_election_and_no_equivocation(
 #[tokio::test]
 async fn a_frozen_leader_host_that_thaws_cannot_sign_what_the_new_leader_did() -> Result<()> {
     let c = start(|_| NodeOpts::default()).await?;
-    let l = leader(&c, 1).await?;
+    let l = leader(&c, &[1]).await?;
     let frozen_at = c.chain.totals().await?;
     c.freeze(l, true, true)?;
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
@@ -297,7 +272,7 @@ async fn a_frozen_leader_host_that_thaws_cannot_sign_what_the_new_leader_did() -
 #[tokio::test]
 async fn a_leader_cut_off_from_its_peers_signs_nothing_new_and_the_rest_carry_on() -> Result<()> {
     let c = start(|_| NodeOpts::default()).await?;
-    let l = leader(&c, 1).await?;
+    let l = leader(&c, &[1]).await?;
     let cut_at = c.chain.totals().await?;
     c.isolate(l);
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
@@ -389,7 +364,7 @@ async fn an_imported_state_file_keeps_the_signer_off_its_heights() -> Result<()>
 async fn restarting_each_signer_with_its_data_dir_never_signs_one_hrs_twice() -> Result<()> {
     let mut c = start(|_| NodeOpts::default()).await?;
     for round in 0..2 {
-        let l = leader(&c, 1).await?;
+        let l = leader(&c, &[1]).await?;
         let victim = if round == 0 { l % 3 + 1 } else { l };
         let at = c.chain.totals().await?.height;
         c.kill_host(victim)?;
@@ -457,7 +432,7 @@ async fn faults_on_the_leader_with_a_split_sentry_never_yield_two_signatures() -
     // it registered would hold the others' signing until it came back.
     every_sentry_signed(&c, 0, &[2, 3]).await?;
     for fault in ["kill", "freeze", "isolate"] {
-        let l = leader(&c, 2).await?;
+        let l = leader(&c, &[2]).await?;
         let honest: Vec<u64> = [2, 3].into_iter().filter(|n| *n != l).collect();
         let at = c.chain.totals().await?.height;
         match fault {
@@ -583,7 +558,7 @@ async fn a_validator_mode_member_never_leads_among_signers_and_a_conversion_sign
     .with_context(|| c.logs())?;
     let out = eventually(SETTLE, "a switchover to host 3 answered", || async {
         let out = c
-            .cli(leader(&c, 1).await?, &["switchover", "--to", "3"])
+            .cli(leader(&c, &[1]).await?, &["switchover", "--to", "3"])
             .await?;
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         Ok((out.status.success() || err.contains("another mode")).then_some(out))

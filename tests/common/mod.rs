@@ -1,5 +1,6 @@
-//! Helpers shared by the membership and restored-data-dir suites
-//! (`tests/membership.rs`, `tests/restored.rs`): finding the leader, stopping
+//! Helpers shared by the membership, restored-data-dir and signer-mode
+//! suites (`tests/membership.rs`, `tests/restored.rs`, `tests/signer.rs`,
+//! `tests/protocol.rs`): finding the leader, stopping
 //! and restarting nodes, copying and restoring Raft stores, and expecting
 //! one-line refusals.
 #![allow(dead_code)]
@@ -232,4 +233,32 @@ pub async fn entries_in_this_term(c: &Cluster, l: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long the signer-mode suites wait for the sentries.
+const SIGNED: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Signer mode: waits until each of `sentries` had a precommit counted
+/// above `after`.
+pub async fn every_sentry_signed(
+    c: &Cluster,
+    after: u64,
+    sentries: &[u64],
+) -> Result<localnet::chain::Stats> {
+    c.chain
+        .wait_signed_by(after, sentries, SIGNED)
+        .await
+        .with_context(|| c.logs())
+}
+
+/// Signer mode: the chain's books, once it says no equivocation happened.
+pub async fn no_equivocations(c: &Cluster) -> Result<localnet::chain::Stats> {
+    let s = c.chain.stats_since(0).await?;
+    ensure!(
+        s.double_signs == 0 && s.equivocations.is_empty(),
+        "equivocations: {:?}\n{}",
+        s.equivocations,
+        c.logs()
+    );
+    Ok(s)
 }
