@@ -54,10 +54,16 @@ async fn v1_sentries_are_signed_for_through_a_kill_of_the_leaders_host() -> Resu
     c.kill_host(l)?;
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
     let s = every_sentry_signed(&c, killed_at.height, &rest).await?;
+    let missed = s.missed - killed_at.missed;
     eprintln!(
-        "v1: signing resumed {} ms after the kill; {} heights missed",
+        "v1: signing resumed {} ms after the kill; {missed} heights missed",
         t.elapsed().as_millis(),
-        s.missed - killed_at.missed
+    );
+    // An election and a reconnection: a few heights at 500 ms, not more.
+    ensure!(
+        missed <= 6,
+        "{missed} heights missed after the kill\n{}",
+        c.logs()
     );
     c.chain.wait_height(s.height + 4, SETTLE).await?;
     no_equivocations(&c).await?;

@@ -240,12 +240,6 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
     }
 
-    /// What a connection to one of `chain`'s nodes speaks: its
-    /// configured version.
-    pub fn protocol_now(&self, chain: &Chain) -> ProtocolVersion {
-        chain.cfg.protocol.version
-    }
-
     /// Answers one request from a node of `chain` this host is connected
     /// to, on a connection speaking `version`.
     pub async fn handle(&self, chain: &Chain, version: ProtocolVersion, req: Request) -> Reply {

@@ -187,7 +187,7 @@ async fn session(
     let mut conn = Conn::open(addr, identity).await?;
     // What it speaks is the connection's for its life: a node switches
     // protocols only by restarting (at its chain's upgrade halt).
-    let version = signer.protocol_now(chain);
+    let version = chain.cfg.protocol.version;
     tracing::info!(chain = chain.id(), node = %name, protocol = %version, "connected to the node's privval port");
     links.set(name, true);
     signer
