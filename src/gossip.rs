@@ -271,6 +271,7 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
             crate::signer::confirm::FEATURE.to_string(),
             crate::signer::bytes::FEATURE.to_string(),
         ],
+        upgrade: core.upgrade.borrow().as_ref().map(Into::into),
         chain_heights: core
             .chain_nodes
             .borrow()

@@ -58,6 +58,9 @@
 //!   trips gossip measures call for one.
 //! - [`admin`]: admin gRPC, HTTP endpoints, operator commands.
 //! - [`health`]: probes of the validator node (near, cometbft, http).
+//! - [`upgrade`]: the chain's own upgrades as cosmovisor's tree and the
+//!   node show them (scheduled, halted, binary installed, switched), which
+//!   gossip carries and the policy reads at a halt.
 //! - [`preflight`]: `keyraft check --config`, checks before a first start.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tls`]: mTLS for the peer port; node N's certificate names
@@ -84,6 +87,7 @@ pub mod signer;
 pub mod supervisor;
 pub mod tls;
 pub mod tuning;
+pub mod upgrade;
 
 /// Code generated from `proto/keyraft.proto`.
 pub mod pb {

@@ -60,6 +60,12 @@ pub struct Metrics {
     /// ones that forward.
     pub signing: IntGauge,
     pub tls_cert_expiry: IntGaugeVec,
+    /// `--upgrades cosmovisor`: the height of the upgrade this host's node
+    /// waits for, by name, until its node passes it.
+    pub upgrade_pending: IntGaugeVec,
+    /// `--upgrades cosmovisor`: 1 while this host has the binary for that
+    /// upgrade (or runs it), 0 while it lacks it.
+    pub upgrade_ready: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -187,6 +193,14 @@ impl Metrics {
                 opts("tls_cert_expiry_seconds", "Seconds until the certificate in use expires (negative once it has), cert node or ca."),
                 &["cert"],
             )?,
+            upgrade_pending: IntGaugeVec::new(
+                opts("upgrade_pending", "With --upgrades cosmovisor: the height of the chain upgrade this host's node has not passed yet, by upgrade name (scheduled, or halted at)."),
+                &["name"],
+            )?,
+            upgrade_ready: IntGaugeVec::new(
+                opts("upgrade_ready", "With --upgrades cosmovisor, while an upgrade is pending: 1 when this host (node) has its binary in cosmovisor's tree or runs it, 0 when it lacks it."),
+                &["node"],
+            )?,
             registry,
         })
     }
@@ -240,6 +254,10 @@ impl Metrics {
         r.register(Box::new(m.raft_running.clone()))?;
         m.raft_running.set(1);
         r.register(Box::new(m.tls_cert_expiry.clone()))?;
+        if !witness && !signer {
+            r.register(Box::new(m.upgrade_pending.clone()))?;
+            r.register(Box::new(m.upgrade_ready.clone()))?;
+        }
         if signer {
             r.register(Box::new(m.sign_requests.clone()))?;
             r.register(Box::new(m.sign_seconds.clone()))?;

@@ -118,6 +118,8 @@ pub enum Unready {
     MayNotLead,
     #[error("no recent heartbeat ack")]
     NoAck,
+    #[error("the chain is halted for an upgrade its node does not run")]
+    NotUpgraded,
 }
 
 fn unready_list(nodes: &[(NodeId, Unready)]) -> String {
@@ -151,6 +153,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     /// Signer mode, several chains: what each chain's node on this host
     /// (its `node-rpc`) last reported, while it answers.
     pub chain_nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
+    /// What this host's cosmovisor tree and node say of the chain's next
+    /// (or last) upgrade, with `--upgrades cosmovisor`.
+    pub upgrade: Arc<watch::Sender<Option<crate::upgrade::Report>>>,
     /// Signer mode: why each chain's node probe last failed, while it
     /// fails (the chain's status and `keyraft_chain_node_up` show it).
     pub chain_probe_errors: Arc<Mutex<BTreeMap<String, String>>>,
@@ -310,6 +315,25 @@ impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
 }
 
 impl Shared {
+    /// `keyraft_upgrade_*`: present while this host's node has not passed
+    /// the upgrade it reports.
+    fn refresh_upgrade_gauges(&self) {
+        let g = &self.core.metrics;
+        g.upgrade_pending.reset();
+        g.upgrade_ready.reset();
+        let height = self.core.local.borrow().validator.and_then(|h| h.height);
+        if let Some(r) = self.core.upgrade.borrow().as_ref() {
+            if height.is_none_or(|h| h <= r.height) {
+                g.upgrade_pending
+                    .with_label_values(&[&r.name])
+                    .set(r.height as i64);
+                g.upgrade_ready
+                    .with_label_values(&[&self.core.cfg.id.to_string()])
+                    .set(i64::from(r.installed));
+            }
+        }
+    }
+
     /// Sets the Raft gauges (called when `/metrics` is scraped, rather than
     /// on every heartbeat).
     pub fn refresh_raft_gauges(&self) {
@@ -336,6 +360,7 @@ impl Shared {
                 g.signer_watermark.with_label_values(&[chain]).set(height);
             }
         }
+        self.refresh_upgrade_gauges();
         g.raft_last_log_index
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index

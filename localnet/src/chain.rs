@@ -78,12 +78,19 @@ pub struct Stats {
     pub upgrades: Vec<Passed>,
 }
 
-/// An upgrade the chain passed: its height was signed by its version after
-/// `halted_ms` without a block.
+/// An upgrade the chain passed: after `halted_ms` without a block, its
+/// height was signed by its version, or the rest of the network upgraded
+/// without this validator (`by_network`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Passed {
     pub upgrade: Upgrade,
     pub halted_ms: u64,
+    #[serde(default)]
+    pub by_network: bool,
+    /// From the halt to this validator's first signature at or past the
+    /// upgrade's height (`None`: none yet).
+    #[serde(default)]
+    pub signed_ms: Option<u64>,
 }
 
 impl Stats {
@@ -143,6 +150,13 @@ struct Ledger {
     /// When the chain reached the upgrade height it waits at.
     halted_since: Option<std::time::Instant>,
     passed: Vec<Passed>,
+    /// How long the rest of the network takes to upgrade at a halt: past
+    /// it, blocks are made again without this validator (`None`: never,
+    /// a validator whose signature every block needs).
+    network_upgrade: Option<std::time::Duration>,
+    /// The last halt passed by the network began then, until this
+    /// validator signs again.
+    unsigned_since: Option<std::time::Instant>,
 }
 
 impl Ledger {
@@ -154,10 +168,29 @@ impl Ledger {
             .filter(|_| self.current.is_empty())
     }
 
-    /// A tick: the next height, unless halted at an upgrade.
+    /// A tick: the next height, unless halted at an upgrade and the rest
+    /// of the network has not upgraded yet.
     fn tick(&mut self) -> u64 {
-        if self.halted().is_none() {
-            self.advance();
+        let network_upgraded = self
+            .halted_since
+            .zip(self.network_upgrade)
+            .is_some_and(|(t, n)| t.elapsed() >= n);
+        match self.halted().cloned() {
+            None => {
+                self.advance();
+            }
+            Some(up) if network_upgraded => {
+                let since = self.halted_since.take();
+                self.passed.push(Passed {
+                    upgrade: up,
+                    halted_ms: since.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    by_network: true,
+                    signed_ms: None,
+                });
+                self.unsigned_since = since;
+                self.advance();
+            }
+            Some(_) => {}
         }
         // Halted from the moment the upgrade's height opens.
         if self.halted().is_some() {
@@ -210,7 +243,13 @@ impl Ledger {
             self.passed.push(Passed {
                 upgrade: up.clone(),
                 halted_ms,
+                by_network: false,
+                signed_ms: Some(halted_ms),
             });
+        } else if let Some(t) = self.unsigned_since.take() {
+            if let Some(p) = self.passed.last_mut() {
+                p.signed_ms = Some(t.elapsed().as_millis() as u64);
+            }
         }
         if double {
             self.double_signs += 1;
@@ -326,6 +365,9 @@ pub struct ChainConfig {
     pub mode: Mode,
     /// NEAR mode: the upgrades the chain halts at.
     pub plan: Plan,
+    /// NEAR mode: how long the rest of the network takes to upgrade at a
+    /// halt (`None`: the chain waits for this validator).
+    pub network_upgrade: Option<Duration>,
 }
 
 /// Binds, then produces heights and serves the API until `shutdown` resolves.
@@ -343,6 +385,7 @@ pub async fn run(
             }
             let ledger = Ledger {
                 plan: cfg.plan,
+                network_upgrade: cfg.network_upgrade,
                 ..Ledger::default()
             };
             (Some(key), Judge::Near(ledger))
@@ -595,57 +638,5 @@ async fn metrics(State(chain): State<Arc<Chain>>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ledger_counts_missed_signed_and_double() {
-        let mut l = Ledger::default();
-        l.advance(); // height 1
-        assert!(!l.record(7));
-        assert!(!l.record(7), "same node twice is not a double sign");
-        assert!(l.record(8));
-        l.advance(); // height 2, nobody signs
-        l.advance(); // height 3
-        assert_eq!((l.signed, l.missed, l.double_signs), (1, 1, 1));
-        assert_eq!(l.window.len(), 2);
-    }
-
-    #[test]
-    fn an_upgrade_height_holds_the_chain_until_its_version_signs_it() {
-        let plan = Plan::new(vec!["v2@3".parse().unwrap()]).unwrap();
-        let mut l = Ledger {
-            plan,
-            ..Ledger::default()
-        };
-        assert_eq!(l.tick(), 1);
-        l.record(1);
-        assert_eq!(l.tick(), 2);
-        assert!(
-            l.wrong_version(Some("genesis")).is_none(),
-            "no upgrade at 2"
-        );
-        l.record(1);
-        assert_eq!(l.tick(), 3);
-        assert_eq!(l.tick(), 3, "no block past the upgrade's height");
-        assert!(l.halted().is_some() && l.halted_since.is_some());
-        assert!(l.wrong_version(Some("genesis")).is_some());
-        assert!(l.wrong_version(None).is_some(), "no version is genesis");
-        assert!(l.wrong_version(Some("v2")).is_none());
-        l.record(1);
-        assert_eq!(l.tick(), 4);
-        assert_eq!((l.missed, l.signed, l.passed.len()), (0, 3, 1));
-        assert_eq!(l.stats(0).halted, None);
-    }
-
-    #[test]
-    fn window_is_bounded() {
-        let mut l = Ledger::default();
-        for _ in 0..(WINDOW_HEIGHTS * 3) {
-            l.advance();
-            l.record(1);
-        }
-        assert!(l.window.len() as u64 <= WINDOW_HEIGHTS + 1);
-        assert_eq!(l.signed, WINDOW_HEIGHTS * 3);
-    }
-}
+#[path = "chain_tests.rs"]
+mod tests;

@@ -179,7 +179,7 @@ impl Cluster {
             &block_ms.to_string(),
         ]);
         if let Mode::NearUpgrade(u) = &mode {
-            chain_cmd.args(["--upgrade", &u.to_string()]);
+            chain_cmd.args(crate::shape::upgrade_chain_args(u));
         }
         let key_path = match &mode {
             Mode::Near | Mode::NearUpgrade(_) => {
@@ -412,7 +412,8 @@ impl Cluster {
                 Mode::Signer { .. } => self.key_path.with_file_name(VALIDATOR_MODE_KEY),
                 _ => self.key_path.clone(),
             };
-            cmd.arg("--validator-home")
+            cmd.args(crate::shape::follow_flags(&node.opts, node.rpc))
+                .arg("--validator-home")
                 .arg(&node.home)
                 .arg("--validator-key")
                 .arg(&key)

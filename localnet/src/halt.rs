@@ -7,12 +7,18 @@
 //! it) the upgraded one, with its migration or a crash. The chain halts at
 //! the upgrade's height until a node of the new version signs it.
 //!
+//! The chain's other validators upgrade in
+//! [`crate::shape::NETWORK_UPGRADE_MS`]: past that the chain makes blocks
+//! without this one, as a chain where it holds less than a third of the
+//! stake does.
+//!
 //! Owns: each scenario's hosts ([`crate::shape::Cosmovisor`] lays out
-//! their trees) and its verdict from the chain's books (double signs, who signed
-//! either side of the halt, heights missed after it, how long it held).
-//! Must not: decide keyraft's behaviour, or know its internals.
+//! their trees), its faults, and its verdict from the chain's books (double
+//! signs, who signed either side of the halt, heights missed after it, how
+//! long it held) and from `keyraft check` before the height. Must not:
+//! decide keyraft's behaviour, or know its internals.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -21,7 +27,7 @@ use crate::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use crate::shape::Cosmovisor;
 use crate::upgrade::Upgrade;
 
-/// One scenario: which host's tree is how.
+/// One scenario: which host's tree is how, and what happens to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// Every host prepared.
@@ -30,26 +36,40 @@ pub enum Scenario {
     MissingBinary,
     /// The upgraded binary crashes on the active host only.
     CrashOnActive,
+    /// The active host killed (SIGKILL of the whole host) during the halt.
+    KillDuringHalt,
     /// The active host's migration takes longer than keyraft's unhealthy
     /// grace, while the standbys' are quick.
     SlowMigration,
 }
 
-/// What the chain saw of one scenario.
+/// What the chain saw of one scenario, and whether that passes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub name: String,
+    /// keyraft followed the upgrades (`--upgrades cosmovisor`).
+    pub follows_upgrades: bool,
     pub double_signs: u64,
-    /// The node that signed the height before the halt, and the one that
-    /// signed the halted height (the new version's first).
+    /// The node that signed the height before the halt, and the first one
+    /// that signed a height at or past it.
     pub signed_before: Option<u64>,
     pub signed_after: Option<u64>,
     /// 1 when those are two nodes: the key moved during the halt.
     pub handovers_during_halt: u64,
-    /// Heights missed from the halted height on, for 20 heights.
+    /// The rest of the network passed the halt before this validator
+    /// signed (`fakechain --network-upgrade-ms`).
+    pub passed_by_network: bool,
+    /// Heights missed in the 20 from the chain's first one after the halt
+    /// (the upgrade's height if this validator signed it, else the next).
     pub missed_after_resume: u64,
-    /// How long the chain held at the halt, until the new version signed.
+    /// From the halt to this validator's first signature after it.
     pub resumed_ms: Option<u64>,
+    /// `missing-binary`: `keyraft check` named the standby without the
+    /// binary (exit 8) before the chain reached the upgrade's height.
+    pub alert_before_height: Option<bool>,
+    pub pass: bool,
+    /// Why not, when it does not pass.
+    pub failed: Vec<String>,
 }
 
 /// Every host's tree at start: prepared, with a quick migration.
@@ -64,7 +84,9 @@ const QUICK: Cosmovisor = Cosmovisor {
 fn arrange(c: &Cluster, s: Scenario, upgrade: &Upgrade, active: u64) -> Result<()> {
     let standby = c.nodes.keys().copied().find(|id| *id != active);
     let (id, tree) = match (s, standby) {
-        (Scenario::Prepared, _) | (Scenario::MissingBinary, None) => return Ok(()),
+        (Scenario::Prepared | Scenario::KillDuringHalt, _) | (Scenario::MissingBinary, None) => {
+            return Ok(())
+        }
         (Scenario::MissingBinary, Some(id)) => {
             let dir = c.nodes[&id].home.join("cosmovisor/upgrades");
             std::fs::remove_dir_all(&dir)
@@ -94,9 +116,15 @@ const GRACE_MS: u64 = 3000;
 const BLOCK_MS: u64 = 500;
 /// Heights before the halt: long enough for the cluster to settle.
 const HALT_AT: u64 = 30;
+/// Heights a clean restart of the node costs at most here (a restart
+/// into a new binary, with a height watermark of one block on a
+/// handover): the bound on `missed_after_resume`.
+pub const CLEAN_RESTART_MISSED: u64 = 4;
 
-/// Runs scenario `s` on three hosts and asks the chain.
-pub async fn run(s: Scenario) -> Result<Verdict> {
+/// Runs scenario `s` on three hosts and asks the chain; `follow`: keyraft
+/// runs with `--upgrades cosmovisor` (without it, what keyraft did before
+/// it followed upgrades is measured).
+pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
     let upgrade = Upgrade {
         name: "v2".into(),
         height: HALT_AT,
@@ -106,13 +134,14 @@ pub async fn run(s: Scenario) -> Result<Verdict> {
         dir.disable_cleanup(true);
         eprintln!("test dir kept: {}", dir.path().display());
     }
-    let c = Cluster::start_in_mode(
+    let mut c = Cluster::start_in_mode(
         ClusterDir::Temp(dir),
         3,
         BLOCK_MS,
         Mode::NearUpgrade(upgrade.clone()),
         |_| NodeOpts {
             cosmovisor: Some(QUICK),
+            follow_upgrades: follow,
             flags: vec!["--unhealthy-grace".into(), format!("{GRACE_MS}ms")],
             ..NodeOpts::default()
         },
@@ -124,56 +153,128 @@ pub async fn run(s: Scenario) -> Result<Verdict> {
         .wait_height(10, Duration::from_secs(30))
         .await
         .with_context(|| c.logs())?;
-    let active = c
-        .chain
-        .stats_since(0)
-        .await?
-        .signers
-        .iter()
-        .max_by_key(|x| x.height)
-        .map(|x| x.node)
-        .context("nobody validates ten heights in")?;
+    let active = c.active().await.with_context(|| c.logs())?;
     arrange(&c, s, &upgrade, active)?;
+    let alert_before_height = match s {
+        Scenario::MissingBinary => Some(warned_before_height(&c, active).await?),
+        _ => None,
+    };
     let limit = Duration::from_millis(BLOCK_MS * (HALT_AT + 10));
     c.chain
         .wait_height(HALT_AT, limit)
         .await
         .with_context(|| c.logs())?;
+    if s == Scenario::KillDuringHalt {
+        c.kill_host(active)?;
+    }
     // The chain resumes once the new version signs the halted height, or
-    // stays halted: give it two minutes.
-    let started = Instant::now();
-    let resumed = crate::harness::eventually(
+    // the rest of the network upgraded: give this validator two minutes
+    // to sign 20 heights past it.
+    let _ = crate::harness::eventually(
         Duration::from_secs(120),
         "the chain to pass the upgrade",
         || async {
             let t = c.chain.totals().await?;
-            Ok((t.height > HALT_AT + 20).then_some(t))
+            Ok((t.height > HALT_AT + 21).then_some(t))
         },
     )
     .await;
+    let mut v = judge(&c, s, &upgrade, follow).await?;
+    v.alert_before_height = alert_before_height;
+    v.failed = failures(s, &v, active);
+    v.pass = v.failed.is_empty();
+    tracing::info!(scenario = %v.name, pass = v.pass, failed = ?v.failed, "scenario over");
+    Ok(v)
+}
+
+/// The chain's books after scenario `s`.
+async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Result<Verdict> {
     let stats = c.chain.stats_since(HALT_AT - 1).await?;
+    let passed = stats.upgrades.iter().find(|p| &p.upgrade == upgrade);
+    let by_network = passed.is_some_and(|p| p.by_network);
     let who = |h: u64| stats.signers.iter().find(|x| x.height == h).map(|x| x.node);
-    let (before, after) = (who(HALT_AT - 1), who(HALT_AT));
-    let signed_after_halt = stats
+    let first_after = stats
+        .signers
+        .iter()
+        .filter(|x| x.height >= HALT_AT)
+        .min_by_key(|x| x.height)
+        .map(|x| x.node);
+    let (before, after) = (who(HALT_AT - 1), first_after);
+    let resume = if by_network { HALT_AT + 1 } else { HALT_AT };
+    let signed: std::collections::BTreeSet<u64> = stats
         .signers
         .iter()
         .map(|x| x.height)
-        .filter(|h| (HALT_AT..HALT_AT + 20).contains(h))
-        .collect::<std::collections::BTreeSet<u64>>()
-        .len() as u64;
-    let name = format!("{s:?}");
-    tracing::info!(scenario = %name, ?before, ?after, resumed = resumed.is_ok(), waited_ms = started.elapsed().as_millis() as u64, "scenario over");
+        .filter(|h| (resume..resume + 20).contains(h))
+        .collect();
     Ok(Verdict {
-        name,
+        name: format!("{s:?}"),
+        follows_upgrades: follow,
         double_signs: stats.double_signs,
         signed_before: before,
         signed_after: after,
         handovers_during_halt: u64::from(before.is_some() && after.is_some() && before != after),
-        missed_after_resume: 20 - signed_after_halt,
-        resumed_ms: stats
-            .upgrades
-            .iter()
-            .find(|p| p.upgrade == upgrade)
-            .map(|p| p.halted_ms),
+        passed_by_network: by_network,
+        missed_after_resume: 20 - signed.len() as u64,
+        resumed_ms: passed.and_then(|p| p.signed_ms),
+        alert_before_height: None,
+        pass: false,
+        failed: Vec::new(),
     })
+}
+
+/// Whether `keyraft check` on the active host warned (exit 8) that a
+/// member lacks the upgrade's binary, before the chain reached its height.
+async fn warned_before_height(c: &Cluster, active: u64) -> Result<bool> {
+    loop {
+        let out = c.cli(active, &["check"]).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.code() == Some(8) && text.contains("BINARY MISSING") {
+            tracing::info!(check = %text.trim(), "warned before the height");
+            return Ok(c.chain.totals().await?.height < HALT_AT);
+        }
+        if c.chain.totals().await?.height >= HALT_AT {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(BLOCK_MS)).await;
+    }
+}
+
+/// What scenario `s` must show (docs/operations.md, "Upgrades"); empty
+/// when it passes.
+fn failures(s: Scenario, v: &Verdict, active: u64) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut want = |ok: bool, why: &str| {
+        if !ok {
+            failed.push(why.to_string());
+        }
+    };
+    want(v.double_signs == 0, "double signs");
+    want(v.signed_after.is_some(), "nobody signed after the halt");
+    want(
+        v.missed_after_resume <= CLEAN_RESTART_MISSED,
+        "more heights missed after the resume than a clean restart costs",
+    );
+    match s {
+        Scenario::Prepared | Scenario::SlowMigration | Scenario::MissingBinary => {
+            want(
+                v.handovers_during_halt == 0,
+                "the key moved during the halt",
+            );
+            want(!v.passed_by_network, "the network passed the halt first");
+        }
+        Scenario::CrashOnActive | Scenario::KillDuringHalt => {
+            want(
+                v.signed_after.is_some_and(|n| n != active),
+                "the key is not on an upgraded standby",
+            );
+        }
+    }
+    if s == Scenario::MissingBinary {
+        want(
+            v.alert_before_height == Some(true),
+            "no warning before the height",
+        );
+    }
+    failed
 }

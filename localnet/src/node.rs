@@ -82,6 +82,8 @@ struct NodeState {
     sync_delay: Duration,
     /// Until when this version's migration runs.
     migrating_until: Option<Instant>,
+    /// The chain's upgrade plan, as last heard.
+    plan: Plan,
 }
 
 impl NodeState {
@@ -149,6 +151,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             started: Instant::now(),
             sync_delay: cfg.sync_delay,
             migrating_until: None,
+            plan: Plan::default(),
         }),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
@@ -160,6 +163,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(rpc = %listener.local_addr()?, node = node.cfg.node_id, "fakenode started");
     let app = Router::new()
         .route("/status", get(status))
+        .route("/cosmos/upgrade/v1beta1/current_plan", get(current_plan))
         .with_state(node.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -299,6 +303,7 @@ async fn follow(node: Arc<Node>) -> Halt {
                 if let Err(halt) = upgrade_verdict(&node, &plan, h) {
                     return halt;
                 }
+                node.state().plan = plan;
                 h
             }
             Err(e) => {
@@ -363,6 +368,23 @@ async fn submit(node: &Node, req: &SignRequest) {
         }
         Err(e) => tracing::warn!(height = req.height, "sign failed: {e}"),
     }
+}
+
+/// The Cosmos SDK's `GET /cosmos/upgrade/v1beta1/current_plan`: the
+/// upgrade this node's version waits for (heights as strings, as the SDK's
+/// REST gateway writes them), `{"plan": null}` when none.
+async fn current_plan(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let st = node.state();
+    let plan = st.plan.next_after(&node.cfg.version).map(|u| {
+        json!({
+            "name": u.name,
+            "time": "0001-01-01T00:00:00Z",
+            "height": u.height.to_string(),
+            "info": "",
+            "upgraded_client_state": null,
+        })
+    });
+    Json(json!({ "plan": plan }))
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

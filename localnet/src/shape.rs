@@ -126,6 +126,9 @@ pub struct NodeOpts {
     /// Validator mode on an upgrading chain: the node runs under
     /// `fakecosmovisor`, with this tree (`None`: the node alone).
     pub cosmovisor: Option<Cosmovisor>,
+    /// Under cosmovisor: keyraft follows the chain's upgrades
+    /// (`--upgrades cosmovisor`, the plan from the fakenode's RPC).
+    pub follow_upgrades: bool,
 }
 
 /// A host's cosmovisor tree for the chain's upgrade
@@ -182,6 +185,36 @@ pub enum Fencing {
     Hanging,
     /// `/bin/false`: fails every action.
     Failing,
+}
+
+/// At an upgrade's halt, how long the rest of the chain's validators take
+/// to upgrade (`fakechain --network-upgrade-ms`): past it the chain makes
+/// blocks without this validator, as a chain where it holds less than a
+/// third of the stake does.
+pub const NETWORK_UPGRADE_MS: u64 = 15_000;
+
+/// `fakechain`'s flags for a chain that halts at `u`, whose other
+/// validators upgrade in [`NETWORK_UPGRADE_MS`].
+pub fn upgrade_chain_args(u: &Upgrade) -> Vec<String> {
+    vec![
+        "--upgrade".into(),
+        u.to_string(),
+        "--network-upgrade-ms".into(),
+        NETWORK_UPGRADE_MS.to_string(),
+    ]
+}
+
+/// `keyraft run`'s flags for a node under cosmovisor that follows its
+/// upgrades (the plan from the fakenode's RPC at `rpc`); none otherwise.
+pub fn follow_flags(opts: &NodeOpts, rpc: std::net::SocketAddr) -> Vec<String> {
+    if opts.cosmovisor.is_none() || !opts.follow_upgrades {
+        return Vec::new();
+    }
+    ["--upgrades", "cosmovisor", "--upgrade-plan-url"]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("http://{rpc}")])
+        .collect()
 }
 
 /// The binary's name in the tree (cosmovisor's `DAEMON_NAME`).

@@ -133,6 +133,12 @@ impl Plan {
         }
     }
 
+    /// The upgrade a node running `version` waits for: the next one in
+    /// the plan (what the SDK reports as its current plan).
+    pub fn next_after(&self, version: &str) -> Option<&Upgrade> {
+        self.rank(version).and_then(|r| self.0.get(r))
+    }
+
     /// The upgrade whose height is `height`, if one is: the chain makes no
     /// block past it until a node of its version signs it.
     pub fn at(&self, height: u64) -> Option<&Upgrade> {
@@ -210,5 +216,9 @@ mod tests {
         }
         assert_eq!(plan.at(10), Some(&up("v2", 10)));
         assert_eq!(plan.at(11), None);
+        assert_eq!(plan.next_after("genesis"), Some(&up("v2", 10)));
+        assert_eq!(plan.next_after("v2"), Some(&up("v3", 20)));
+        assert_eq!(plan.next_after("v3"), None);
+        assert_eq!(plan.next_after("v9"), None);
     }
 }

@@ -113,7 +113,12 @@ async fn an_upgrade_halts_the_old_version_and_the_chain_waits_for_the_new_one() 
     );
     ensure!(after.double_signs == 0, "double signs: {after:?}");
     match after.upgrades.as_slice() {
-        [Passed { upgrade, halted_ms }] if *upgrade == v2 && *halted_ms >= 500 => {}
+        [Passed {
+            upgrade,
+            halted_ms,
+            by_network: false,
+            ..
+        }] if *upgrade == v2 && *halted_ms >= 500 => {}
         other => anyhow::bail!("the chain's record of the upgrade: {other:?}"),
     }
     eventually(SETTLE, "the migration's marker", || async {

@@ -246,6 +246,7 @@ impl Process {
             // a real-process test (tests/chains.rs), not simulated.
             signer_keys: Vec::new(),
             chain_nodes: Default::default(),
+            upgrade: Default::default(),
             chain_probe_errors: Default::default(),
             heights: Default::default(),
         });

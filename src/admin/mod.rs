@@ -85,6 +85,10 @@ pub fn status_json(sh: &Shared) -> Value {
                 "state": st.state, "raft": st.raft, "key_linked": st.key_linked,
                 "validator": st.validator.as_ref().map(|v| json!({"running": v.running, "synced": v.synced, "height": v.height})),
                 "last_seen_ms": s.at.elapsed().as_millis() as u64,
+                "upgrade": upgrade_json(
+                    st.upgrade.as_ref().map(Into::into),
+                    st.validator.as_ref().map(|v| v.height).filter(|h| *h > 0),
+                ),
             })
         } else {
             // Never heard from, or not lately: what it last said may be stale.
@@ -137,6 +141,7 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
         "state": local.state.to_string(), "raft": sh.core.raft_state(m),
         "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
         "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
+        "upgrade": upgrade_json(sh.core.upgrade.borrow().clone(), local.validator.and_then(|v| v.height)),
         "probe_error": *sh.probe_error.borrow(),
         "kernel_fence": sh.kernel_fence.to_string(),
         "fence_agents": (!sh.core.cfg.fence.by_node.is_empty()).then(|| {
@@ -149,6 +154,21 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
         "tls_cert": sh.certs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(c, _)| json!({
             "not_after": c.not_after_text, "expires_in_days": c.expires_in().div_euclid(86_400),
         })),
+    })
+}
+
+/// A member's `upgrade` in `status --json`: the chain's next (or last)
+/// upgrade as it reported it, and the blocks left until it from the
+/// height its node reports (`null` once that is past the upgrade).
+fn upgrade_json(r: Option<crate::upgrade::Report>, height: Option<u64>) -> Value {
+    let Some(r) = r else {
+        return Value::Null;
+    };
+    json!({
+        "name": r.name, "height": r.height, "installed": r.installed,
+        "applied": r.applied, "halted": r.halted,
+        "blocks_left": height.map(|h| r.height.saturating_sub(h)),
+        "passed": height.is_some_and(|h| h > r.height),
     })
 }
 

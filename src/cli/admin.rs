@@ -370,6 +370,17 @@ async fn check(addr: &AdminAddr) -> ExitCode {
             )
         }
     };
+    // Only once nothing worse is wrong: a member that may validate lacks
+    // the binary for a coming upgrade.
+    let missing: Vec<String> = nodes
+        .iter()
+        .filter(|n| n["upgrade"]["installed"] == false && n["upgrade"]["passed"] == false)
+        .filter_map(upgrade_note)
+        .collect();
+    let (code, line) = match (code, missing.as_slice()) {
+        (0, [_, ..]) => (8, format!("WARNING: {}", missing.join("; "))),
+        _ => (code, line),
+    };
     println!("{line}");
     ExitCode::from(code)
 }
@@ -439,6 +450,31 @@ fn print_signer(v: &serde_json::Value) {
     }
 }
 
+/// A member's upgrade it has not passed: name, height, blocks left and
+/// whether it has the binary (`None` without one, or once passed).
+fn upgrade_note(n: &serde_json::Value) -> Option<String> {
+    let u = &n["upgrade"];
+    if u.is_null() || u["passed"] == true {
+        return None;
+    }
+    let left = match u["blocks_left"].as_u64() {
+        Some(b) => format!("{b} blocks left"),
+        None => "height unknown here".to_string(),
+    };
+    let binary = match (u["applied"] == true, u["installed"] == true) {
+        (true, _) => "running it",
+        (false, true) => "binary installed",
+        (false, false) => "BINARY MISSING (cosmovisor add-upgrade)",
+    };
+    let halted = if u["halted"] == true { ", halted" } else { "" };
+    Some(format!(
+        "node {} upgrade {} at height {} ({left}{halted}): {binary}",
+        n["id"],
+        u["name"].as_str().unwrap_or("?"),
+        u["height"]
+    ))
+}
+
 /// The members' table.
 fn print_nodes(v: &serde_json::Value) {
     println!(
@@ -486,6 +522,9 @@ fn print_nodes(v: &serde_json::Value) {
 /// end, a stopped Raft core, probe failures, fence agents, refusals.
 fn print_notes(v: &serde_json::Value) {
     for n in v["nodes"].as_array().into_iter().flatten() {
+        if let Some(line) = upgrade_note(n) {
+            println!("{line}");
+        }
         if let Some(days) = n["tls_cert"]["expires_in_days"]
             .as_i64()
             .filter(|d| *d < 30)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     invalid, ActivateBy, Chain, ConfigError, HealthKind, KernelFence, Millis, NodeId, SignerKind,
-    TimingProfile,
+    TimingProfile, UpgradesBy,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -162,6 +162,21 @@ pub struct RunArgs {
     /// off [default: auto].
     #[arg(long, env = "KEYRAFT_KERNEL_FENCE", value_enum)]
     pub kernel_fence: Option<KernelFence>,
+    /// Who switches the node's binary at the chain's upgrade halts: none
+    /// (keyraft does not follow upgrades), or cosmovisor, run as the
+    /// validator command (`-- cosmovisor run ...`) with its `DAEMON_HOME`
+    /// and `DAEMON_NAME` in keyraft's environment: keyraft then reads the
+    /// pending upgrade and its binary from cosmovisor's tree, gossips them,
+    /// holds the key through the halt, and lets only an upgraded host lead
+    /// after it [default: none].
+    #[arg(long, env = "KEYRAFT_UPGRADES", value_enum)]
+    pub upgrades: Option<UpgradesBy>,
+    /// With --upgrades cosmovisor: the node's Cosmos SDK REST API (its
+    /// `api.address`, e.g. http://127.0.0.1:1317), asked for the scheduled
+    /// upgrade plan so that a host without the upgrade's binary is known
+    /// before the height. Without it, an upgrade is known only at its halt.
+    #[arg(long, env = "KEYRAFT_UPGRADE_PLAN_URL")]
+    pub upgrade_plan_url: Option<String>,
 
     /// A fence agent for another member, as ID=PATH: a ClusterLabs-style
     /// agent (`fence_docker`, `fence_ipmilan`, `fence_aws`, ...) that powers

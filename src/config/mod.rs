@@ -36,7 +36,8 @@ use timing::resolve_timing;
 pub use timing::{Live, Millis, ProfileTimes, Timing, TimingProfile};
 use validator::{resolve_plain_node, resolve_validator};
 pub use validator::{
-    ActivateBy, Chain, HealthKind, KernelFence, KeyLink, ValidatorConfig, ValidatorUser,
+    ActivateBy, Chain, HealthKind, KernelFence, KeyLink, UpgradesBy, UpgradesConfig,
+    ValidatorConfig, ValidatorUser,
 };
 
 /// A configuration problem, printed as one line before exit code 2.

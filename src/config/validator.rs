@@ -67,6 +67,65 @@ impl HealthKind {
     }
 }
 
+/// Who switches the node's binary at the chain's upgrade halts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradesBy {
+    /// Nobody keyraft knows of: upgrades are not followed.
+    None,
+    /// cosmovisor, as the validator command, with `DAEMON_HOME` and
+    /// `DAEMON_NAME` in keyraft's environment.
+    Cosmovisor,
+}
+
+/// `--upgrades cosmovisor`: where its tree is, and the node's REST API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradesConfig {
+    /// `DAEMON_HOME`.
+    pub home: PathBuf,
+    /// `DAEMON_NAME`.
+    pub name: String,
+    pub plan_url: Option<String>,
+}
+
+/// `--upgrades`, with cosmovisor's `DAEMON_HOME` and `DAEMON_NAME` read
+/// from `var` (keyraft's environment, which the validator inherits).
+fn resolve_upgrades(
+    a: &RunArgs,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<UpgradesConfig>, ConfigError> {
+    if a.upgrades.unwrap_or(UpgradesBy::None) == UpgradesBy::None {
+        return match &a.upgrade_plan_url {
+            Some(_) => Err(invalid("--upgrade-plan-url needs --upgrades cosmovisor")),
+            None => Ok(None),
+        };
+    }
+    let home = var("DAEMON_HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| invalid("--upgrades cosmovisor needs DAEMON_HOME in keyraft's environment (cosmovisor's home, the node's home)"))?;
+    if !Path::new(&home).is_absolute() {
+        return Err(invalid(format!(
+            "DAEMON_HOME must be an absolute path: {home:?}"
+        )));
+    }
+    let name = var("DAEMON_NAME")
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| invalid("--upgrades cosmovisor needs DAEMON_NAME in keyraft's environment (the node binary's file name)"))?;
+    let plan_url = match &a.upgrade_plan_url {
+        Some(u) if !u.starts_with("http://") && !u.starts_with("https://") => {
+            return Err(invalid(format!(
+                "--upgrade-plan-url must be an http:// or https:// URL: {u:?}"
+            )))
+        }
+        u => u.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+    };
+    Ok(Some(UpgradesConfig {
+        home: home.into(),
+        name,
+        plan_url,
+    }))
+}
+
 /// Programs that ask a daemon to start the node: its processes are then
 /// children of dockerd, containerd, conmon or systemd, not of keyraft's guard.
 const HANDS_OFF: [&str; 5] = ["docker", "podman", "nerdctl", "ctr", "systemd-run"];
@@ -95,6 +154,8 @@ pub struct ValidatorConfig {
     pub kernel_fence: KernelFence,
     /// The user the validator runs as (`None`: keyraft's own).
     pub user: Option<ValidatorUser>,
+    /// `--upgrades cosmovisor`: the chain's upgrades are followed.
+    pub upgrades: Option<UpgradesConfig>,
 }
 
 /// `--validator-user`, looked up.
@@ -163,6 +224,11 @@ pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>,
         return Ok(None);
     }
     check_hands_on(&a.command)?;
+    if a.upgrades.is_some_and(|u| u != UpgradesBy::None) {
+        return Err(invalid(
+            "--upgrades is for validator mode: in signer mode no key is linked into the node, and its halt hands nothing over",
+        ));
+    }
     let health = a.health.unwrap_or(HealthKind::Cometbft);
     let health_url = match (&a.health_url, health.default_url()) {
         (Some(u), _) => u.clone(),
@@ -181,6 +247,7 @@ pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>,
         // Signer mode links no key: there is nothing to hold back.
         kernel_fence: KernelFence::Off,
         user: resolve_user(a)?,
+        upgrades: None,
     }))
 }
 
@@ -230,6 +297,7 @@ pub(super) fn resolve_validator(a: &RunArgs) -> Result<Option<ValidatorConfig>, 
         cgroup: !a.no_cgroup,
         kernel_fence,
         user,
+        upgrades: resolve_upgrades(a, |k| std::env::var(k).ok())?,
     }))
 }
 
@@ -458,5 +526,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("go together"));
+    }
+
+    fn with_env(
+        a: &RunArgs,
+        pairs: &[(&str, &str)],
+    ) -> Result<Option<UpgradesConfig>, ConfigError> {
+        resolve_upgrades(a, |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn upgrades_by_cosmovisor_need_its_home_and_name() {
+        let args = |by: Option<UpgradesBy>, url: Option<&str>| RunArgs {
+            upgrades: by,
+            upgrade_plan_url: url.map(String::from),
+            ..RunArgs::default()
+        };
+        let full = [("DAEMON_HOME", "/var/lib/simd"), ("DAEMON_NAME", "simd")];
+        let cv = Some(UpgradesBy::Cosmovisor);
+        assert_eq!(with_env(&args(None, None), &full).unwrap(), None);
+        let got = with_env(&args(cv, Some("http://127.0.0.1:1317/")), &full)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.home, PathBuf::from("/var/lib/simd"));
+        assert_eq!(got.name, "simd");
+        assert_eq!(got.plan_url.as_deref(), Some("http://127.0.0.1:1317"));
+        let relative = [("DAEMON_HOME", "rel"), ("DAEMON_NAME", "simd")];
+        type Env<'a> = &'a [(&'a str, &'a str)];
+        let refused: [(RunArgs, Env, &str); 5] = [
+            (args(None, Some("http://x")), &full, "needs --upgrades"),
+            (args(cv, None), &full[1..], "DAEMON_HOME"),
+            (args(cv, None), &relative, "absolute"),
+            (args(cv, None), &full[..1], "DAEMON_NAME"),
+            (args(cv, Some("127.0.0.1:1317")), &full, "http://"),
+        ];
+        for (a, env, says) in refused {
+            let e = with_env(&a, env).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

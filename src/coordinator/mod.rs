@@ -548,6 +548,10 @@ impl<E: Env> Coordinator<E> {
     async fn validating(&mut self, term: u64) -> State {
         let t = self.sh.timing();
         let mut unhealthy_since: Option<Instant> = None;
+        // The chain's upgrade halt, and the validator's exits since it
+        // began.
+        let mut at_halt: Option<policy::Halt> = None;
+        let mut exits_at_halt: u32 = 0;
         loop {
             self.publish(StateName::Validating);
             let m = self.sh.raft_metrics();
@@ -561,11 +565,25 @@ impl<E: Env> Coordinator<E> {
             };
             let now = self.out.mono_now_ns();
             self.custody.ensure_running(true).await;
+            let halt = self.view().halt();
+            if halt != at_halt {
+                if let Some(h) = &halt {
+                    tracing::info!(upgrade = %h.name, height = h.height, "the chain halted for an upgrade: holding the key through it while the node restarts and migrates");
+                }
+                at_halt = halt.clone();
+                exits_at_halt = 0;
+            }
             if self.custody.health().is_some_and(|h| h.healthy()) {
                 unhealthy_since = None;
             } else {
                 let since = *unhealthy_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= t.unhealthy_grace {
+                let step = policy::while_unhealthy(
+                    since.elapsed(),
+                    t.unhealthy_grace,
+                    halt.is_some(),
+                    exits_at_halt,
+                );
+                if step == policy::WhileUnhealthy::StepAside {
                     match self.handover_target(None) {
                         Ok(target) => {
                             tracing::warn!(
@@ -597,6 +615,14 @@ impl<E: Env> Coordinator<E> {
                             ValidatorEvent::Fenced(..) => return self.deactivate("lease").await,
                             ValidatorEvent::GuardLost => {
                                 return self.deactivate("validator_exit").await
+                            }
+                            ValidatorEvent::Exited(..) if halt.is_some() => {
+                                exits_at_halt += 1;
+                                tracing::warn!(
+                                    exits_at_halt,
+                                    ?halt,
+                                    "the validator exited during the chain's upgrade halt"
+                                );
                             }
                             ValidatorEvent::Exited(..) => {}
                         }

@@ -6,8 +6,9 @@
 //! Owns: who is eligible to campaign (docs/design.md, step 1), which
 //! standby may take a handover, each standby's campaign turn and when it is
 //! due, when a leader that may not validate goes quiet or hands on, what
-//! the `Voting` state does next, and the lease deadline arithmetic (step
-//! 5). Must not: do I/O, read a clock or a channel, or log; everything it
+//! the `Voting` state does next, what a validating host does while its
+//! node is unhealthy (at a chain's upgrade halt too), and the lease
+//! deadline arithmetic (step 5). Must not: do I/O, read a clock or a channel, or log; everything it
 //! needs is passed in, so every rule has a table test below (the way
 //! tikv/raft-rs keeps its protocol core free of I/O).
 
@@ -19,6 +20,7 @@ use crate::health::Health;
 use crate::ledger::{KeyEvent, NodeId};
 use crate::node::{StateName, SwitchoverRefused, Unready};
 use crate::plant::{self, Plant};
+use crate::upgrade::Report;
 
 /// A peer as gossip last showed it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,6 +33,8 @@ pub struct Peer {
     /// It said it may campaign and validate.
     pub eligible: bool,
     pub height: u64,
+    /// What it gossiped of the chain's next (or last) upgrade.
+    pub upgrade: Option<Report>,
 }
 
 /// What this node sees at one instant: everything a decision reads.
@@ -62,6 +66,9 @@ pub struct View {
     /// A voter that runs (its gossip is fresh) has not registered yet: its
     /// mode is not in the ledger.
     pub unregistered: bool,
+    /// What this host's cosmovisor tree and node say of the chain's next
+    /// (or last) upgrade.
+    pub upgrade: Option<Report>,
 }
 
 impl View {
@@ -72,6 +79,51 @@ impl View {
     /// Gossip younger than three gossip intervals counts.
     fn fresh(&self, p: &Peer) -> bool {
         p.age <= self.timing.gossip_interval * 3
+    }
+
+    /// The chain's upgrade halt this node sees now, if one: some member's
+    /// node halted for an upgrade (its `upgrade-info.json`), and the
+    /// members' nodes that report a height stand at it (or the one
+    /// before), none past it; or none reports one (every node restarting
+    /// or migrating). A halt record stays after its upgrade, and one
+    /// written early would not be a halt: the heights say.
+    pub fn halt(&self) -> Option<Halt> {
+        let peers = self.peers.values().filter(|p| self.fresh(p));
+        let halted = peers
+            .clone()
+            .filter_map(|p| p.upgrade.as_ref())
+            .chain(&self.upgrade)
+            .filter(|r| r.halted)
+            .max_by_key(|r| r.height)?;
+        let own = self.health.and_then(|h| h.height).unwrap_or(0);
+        let highest = peers.map(|p| p.height).max().unwrap_or(0).max(own);
+        let at =
+            highest == 0 || (halted.height.saturating_sub(1)..=halted.height).contains(&highest);
+        at.then(|| Halt {
+            name: halted.name.clone(),
+            height: halted.height,
+        })
+    }
+
+    /// At a halt, this host's node does not run the upgrade (its
+    /// cosmovisor has not switched to it): it may not lead.
+    fn not_upgraded(&self) -> bool {
+        self.halt().is_some_and(|h| !h.runs(self.upgrade.as_ref()))
+    }
+}
+
+/// The chain halted for upgrade `name` at `height` ([`View::halt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Halt {
+    pub name: String,
+    pub height: u64,
+}
+
+impl Halt {
+    /// Whether the host that reported `r` runs (or will at its next start)
+    /// this upgrade's binary.
+    pub fn runs(&self, r: Option<&Report>) -> bool {
+        r.is_some_and(|r| r.name == self.name && r.applied)
     }
 }
 
@@ -100,6 +152,7 @@ pub fn eligible(state: StateName, v: &View) -> bool {
         && !v.standing_down
         && !v.key_outvoted
         && !v.other_mode
+        && !v.not_upgraded()
         && v.is_voter()
 }
 
@@ -147,6 +200,7 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, Sw
             .flatten()
             .is_some_and(|age| age < recent),
     };
+    let halt = v.halt();
     // Every other voter, with the reason it cannot take over, if any.
     let candidates: Vec<(NodeId, u64, Option<Unready>)> = v
         .voters
@@ -159,6 +213,9 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, Sw
                 Some(p) if p.witness => Some(Unready::Witness),
                 Some(p) if !p.ready => Some(Unready::NotSynced),
                 Some(p) if !p.eligible => Some(Unready::MayNotLead),
+                Some(p) if halt.as_ref().is_some_and(|h| !h.runs(p.upgrade.as_ref())) => {
+                    Some(Unready::NotUpgraded)
+                }
                 Some(_) if !live(id) => Some(Unready::NoAck),
                 Some(_) => None,
             };
@@ -290,6 +347,47 @@ pub fn voting_step(eligible: bool, acked: bool, activation_due: bool, v: &View) 
         VotingStep::Campaign { last_resort: true }
     } else {
         VotingStep::Wait
+    }
+}
+
+/// How many exits of the validator during an upgrade halt make a crash
+/// loop: its upgraded binary fails here (a crash, a failed migration or
+/// pre-upgrade hook, a binary cosmovisor cannot find). One exit is an
+/// upgrade's own restart where cosmovisor does not restart the node.
+pub const CRASHES_AT_HALT: u32 = 2;
+
+/// What a validating host whose node is unhealthy does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileUnhealthy {
+    /// Within `unhealthy_grace`: nothing yet.
+    Wait,
+    /// Past it: hand over to a standby, if one may take over.
+    StepAside,
+    /// The chain is halted for an upgrade and this node is restarting or
+    /// migrating into it: keep the key. The halt is chain-wide, so a
+    /// handover gains no height, kills a migration and makes the successor
+    /// wait for the chain to pass heights this host may have signed.
+    Hold,
+}
+
+/// The longest a host holds the key at a halt while its node does not
+/// come back: a migration that takes longer is taken for a hung node.
+pub const HOLD_AT_HALT: Duration = Duration::from_secs(3600);
+
+/// [`WhileUnhealthy`] after `unhealthy_for`, at a `halt` or not, with
+/// `exits_at_halt` exits of the validator since the halt began.
+pub fn while_unhealthy(
+    unhealthy_for: Duration,
+    grace: Duration,
+    halt: bool,
+    exits_at_halt: u32,
+) -> WhileUnhealthy {
+    if halt && exits_at_halt < CRASHES_AT_HALT && unhealthy_for < HOLD_AT_HALT {
+        WhileUnhealthy::Hold
+    } else if unhealthy_for >= grace {
+        WhileUnhealthy::StepAside
+    } else {
+        WhileUnhealthy::Wait
     }
 }
 
@@ -425,3 +523,7 @@ pub fn may_release(proven_dead: bool, unleased: bool, unlinked: bool) -> bool {
 #[cfg(test)]
 #[path = "policy_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "policy_halt_tests.rs"]
+mod halt_tests;

@@ -5,7 +5,7 @@ use crate::config::TimingProfile;
 /// One change to a table row's input.
 type Change<T> = Box<dyn Fn(&mut T)>;
 
-fn timing() -> Timing {
+pub(super) fn timing() -> Timing {
     crate::config::RunArgs {
         node_id: Some(1),
         peer: vec!["2=127.0.0.1:7702".into()],
@@ -20,7 +20,7 @@ fn timing() -> Timing {
     .timing
 }
 
-fn healthy() -> Option<Health> {
+pub(super) fn healthy() -> Option<Health> {
     Some(Health {
         running: true,
         synced: true,
@@ -28,7 +28,7 @@ fn healthy() -> Option<Health> {
     })
 }
 
-fn ready(height: u64) -> Peer {
+pub(super) fn ready(height: u64) -> Peer {
     Peer {
         age: Duration::from_millis(10),
         ready: true,
@@ -39,7 +39,7 @@ fn ready(height: u64) -> Peer {
 }
 
 /// Node 2 of three voters, healthy, following; peers 1 and 3 ready.
-fn view() -> View {
+pub(super) fn view() -> View {
     View {
         id: 2,
         timing: timing(),
@@ -56,6 +56,7 @@ fn view() -> View {
         key_outvoted: false,
         other_mode: false,
         unregistered: false,
+        upgrade: None,
     }
 }
 

@@ -61,6 +61,7 @@ impl<E: Env> Coordinator<E> {
                         ready: v.is_some_and(|v| v.running && v.synced),
                         eligible: s.status.eligible,
                         height: v.map_or(0, |v| v.height),
+                        upgrade: s.status.upgrade.as_ref().map(Into::into),
                     };
                     (*id, peer)
                 })
@@ -99,6 +100,7 @@ impl<E: Env> Coordinator<E> {
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
             other_mode: other_mode.is_some(),
             unregistered,
+            upgrade: self.sh.upgrade.borrow().clone(),
         };
         (view, other_mode)
     }

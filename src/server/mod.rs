@@ -387,6 +387,7 @@ async fn assemble(
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
         signer_keys,
         chain_nodes: Default::default(),
+        upgrade: Default::default(),
         chain_probe_errors: Default::default(),
         heights: Default::default(),
     });
@@ -549,6 +550,13 @@ fn supervise(
         htx,
         probe_tx,
     )));
+    if let Some(up) = &v.upgrades {
+        tasks.push(tokio::spawn(crate::upgrade::watch_upgrades(
+            up.clone(),
+            timing.health_interval.max(Duration::from_millis(500)),
+            sh.core.upgrade.clone(),
+        )));
+    }
     let node = Validator::spawn(
         v.clone(),
         links,

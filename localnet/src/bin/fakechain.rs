@@ -55,6 +55,12 @@ struct Args {
         conflicts_with = "cometbft"
     )]
     upgrades: Vec<Upgrade>,
+    /// NEAR mode: at an upgrade's halt, the rest of the network upgrades
+    /// in this many milliseconds; past that, blocks are made again without
+    /// this validator (its heights counted missed). Without it the chain
+    /// waits for this validator's new version.
+    #[arg(long, requires = "upgrades")]
+    network_upgrade_ms: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -101,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         block: Duration::from_millis(args.block_ms),
         mode,
         plan: Plan::new(args.upgrades)?,
+        network_upgrade: args.network_upgrade_ms.map(Duration::from_millis),
     };
     chain::run(cfg, async {
         let _ = tokio::signal::ctrl_c().await;

@@ -183,6 +183,10 @@ enum Cmd {
         /// Scenarios to run [default: all].
         #[arg(long, value_enum)]
         scenario: Vec<localnet::halt::Scenario>,
+        /// Run keyraft without `--upgrades cosmovisor`, as before it
+        /// followed upgrades (what it did then, measured).
+        #[arg(long)]
+        without_upgrades: bool,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -472,7 +476,10 @@ async fn main() -> ExitCode {
                 },
             }
         }
-        Cmd::UpgradeTest { scenario } => upgrade_test(scenario).await,
+        Cmd::UpgradeTest {
+            scenario,
+            without_upgrades,
+        } => upgrade_test(scenario, !without_upgrades).await,
         Cmd::Bench { what } => match what {
             BenchCmd::Chain {
                 nodes,
@@ -559,8 +566,12 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `localnet upgrade-test`: each scenario in turn, one JSON line at the end.
-async fn upgrade_test(scenarios: Vec<localnet::halt::Scenario>) -> anyhow::Result<()> {
+/// `localnet upgrade-test`: each scenario in turn, one JSON line at the
+/// end; exit 1 when one does not pass (keyraft following upgrades).
+async fn upgrade_test(
+    scenarios: Vec<localnet::halt::Scenario>,
+    follow: bool,
+) -> anyhow::Result<()> {
     use clap::ValueEnum;
     let scenarios = if scenarios.is_empty() {
         localnet::halt::Scenario::value_variants().to_vec()
@@ -569,10 +580,18 @@ async fn upgrade_test(scenarios: Vec<localnet::halt::Scenario>) -> anyhow::Resul
     };
     let mut verdicts = Vec::new();
     for s in scenarios {
-        let v = localnet::halt::run(s).await?;
+        let v = localnet::halt::run(s, follow).await?;
         eprintln!("{}", serde_json::to_string(&v)?);
         verdicts.push(v);
     }
     println!("{}", serde_json::json!({ "scenarios": verdicts }));
-    Ok(())
+    let failed: Vec<&str> = verdicts
+        .iter()
+        .filter(|v| !v.pass)
+        .map(|v| v.name.as_str())
+        .collect();
+    match (follow, failed.as_slice()) {
+        (true, [_, ..]) => anyhow::bail!("scenarios failed: {}", failed.join(", ")),
+        _ => Ok(()),
+    }
 }
