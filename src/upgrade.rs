@@ -80,15 +80,44 @@ fn height<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// The directory cosmovisor keeps upgrade `name` in, under
+/// `cosmovisor/upgrades/`: the name lower-cased (unless
+/// `DAEMON_DISABLE_RECASE`, `recase` false) and path-escaped as cosmovisor
+/// does; `None` for a name no directory can have (`.`, `..`, empty).
+pub fn dir_name(name: &str, recase: bool) -> Option<String> {
+    let name = if recase {
+        name.to_lowercase()
+    } else {
+        name.to_string()
+    };
+    if matches!(name.as_str(), "" | "." | "..") {
+        return None;
+    }
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-._~".contains(c);
+    let mut out = String::new();
+    for c in name.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    Some(out)
+}
+
 /// The report from what was read: the node's scheduled `plan`, the halt
-/// record `halt`, the upgrade cosmovisor's `current` names (`None`:
-/// genesis), and whether an upgrade's binary is installed. The later of
-/// plan and halt is reported (a halt record stays after its upgrade);
-/// `None` when neither is known.
+/// record `halt`, the upgrade directory cosmovisor's `current` names
+/// (`None`: genesis), and whether an upgrade directory holds its binary;
+/// `recase` as [`dir_name`]. The later of plan and halt is reported (a
+/// halt record stays after its upgrade); `None` when neither is known.
 pub fn report(
     plan: Option<Plan>,
     halt: Option<Plan>,
     current: Option<&str>,
+    recase: bool,
     installed: impl Fn(&str) -> bool,
 ) -> Option<Report> {
     let up = match (plan, &halt) {
@@ -97,9 +126,10 @@ pub fn report(
         (None, Some(h)) => h.clone(),
         (None, None) => return None,
     };
-    let applied = current == Some(up.name.as_str());
+    let dir = dir_name(&up.name, recase);
+    let applied = dir.is_some() && current == dir.as_deref();
     Some(Report {
-        installed: applied || installed(&up.name),
+        installed: applied || dir.as_deref().is_some_and(installed),
         applied,
         halted: halt.as_ref() == Some(&up),
         name: up.name,
@@ -112,6 +142,13 @@ pub fn report(
 pub struct Tree {
     pub home: PathBuf,
     pub name: String,
+}
+
+/// One read of the tree: the report from it and the plan last heard.
+fn read_tree(t: &Tree, plan: Option<Plan>, recase: bool) -> Option<Report> {
+    report(plan, t.halt_record(), t.current().as_deref(), recase, |d| {
+        t.installed(d)
+    })
 }
 
 impl Tree {
@@ -145,19 +182,23 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// The plan the node's REST API reports (`{"plan": null}` when none).
-async fn scheduled(http: &reqwest::Client, url: &str) -> Option<Plan> {
+/// The plan the node's REST API reports (`Ok(None)`: `{"plan": null}`,
+/// none scheduled); `Err` when it does not answer with one.
+async fn scheduled(http: &reqwest::Client, url: &str) -> Result<Option<Plan>, reqwest::Error> {
     #[derive(Deserialize)]
     struct Reply {
         plan: Option<Plan>,
     }
-    let r: Reply = http.get(url).send().await.ok()?.json().await.ok()?;
-    r.plan
+    let r: Reply = http.get(url).send().await?.json().await?;
+    Ok(r.plan)
 }
 
 /// Publishes this host's [`Report`] every `every` (a task of `keyraft
-/// run`'s, aborted with the others). A plan the node does not answer for
-/// is not known; the halt record and the tree are still read.
+/// run`'s, aborted with the others). While the node's API does not
+/// answer, the plan it last reported stands (a node restarting must not
+/// make its upgrade vanish); the halt record and the tree are read on
+/// every round, off the runtime's threads and within a bound (a slow or
+/// hung disk, during a backup of `data/` say, must not stall the lease).
 pub async fn watch_upgrades(
     cfg: UpgradesConfig,
     every: Duration,
@@ -174,14 +215,27 @@ pub async fn watch_upgrades(
     let url = cfg
         .plan_url
         .map(|u| format!("{u}/cosmos/upgrade/v1beta1/current_plan"));
+    let mut plan = None;
+    // A read of the tree still running from an earlier round.
+    let mut reading: Option<tokio::task::JoinHandle<Option<Report>>> = None;
     loop {
-        let plan = match &url {
-            Some(u) => scheduled(&http, u).await,
-            None => None,
-        };
-        let now = report(plan, tree.halt_record(), tree.current().as_deref(), |n| {
-            tree.installed(n)
+        if let Some(u) = &url {
+            if let Ok(p) = scheduled(&http, u).await {
+                plan = p;
+            }
+        }
+        let mut read = reading.take().unwrap_or_else(|| {
+            let (t, p) = (tree.clone(), plan.clone());
+            tokio::task::spawn_blocking(move || read_tree(&t, p, cfg.recase))
         });
+        let now = match tokio::time::timeout(every * 4, &mut read).await {
+            Ok(Ok(now)) => now,
+            Ok(Err(_)) => None,
+            Err(_) => {
+                reading = Some(read);
+                continue;
+            }
+        };
         out.send_if_modified(|r| {
             let changed = *r != now;
             *r = now;
@@ -232,12 +286,35 @@ mod tests {
         ];
         for (p, h, current, installed, want) in table {
             let got = if installed {
-                report(p.clone(), h.clone(), current, all)
+                report(p.clone(), h.clone(), current, true, all)
             } else {
-                report(p.clone(), h.clone(), current, none)
+                report(p.clone(), h.clone(), current, true, none)
             };
             assert_eq!(got, want, "plan {p:?} halt {h:?} current {current:?}");
         }
+    }
+
+    #[test]
+    fn upgrade_names_are_found_where_cosmovisor_puts_them() {
+        // Lower-cased unless DAEMON_DISABLE_RECASE, path-escaped; a name no
+        // directory can have is never installed.
+        for (name, recase, want) in [
+            ("Vega", true, Some("vega")),
+            ("Vega", false, Some("Vega")),
+            ("v7-Theta", true, Some("v7-theta")),
+            ("a/../b", true, Some("a%2F..%2Fb")),
+            ("..", true, None),
+            ("", true, None),
+        ] {
+            assert_eq!(dir_name(name, recase).as_deref(), want, "{name}");
+        }
+        let only_vega = |d: &str| d == "vega";
+        let got = report(plan("Vega", 30), None, None, true, only_vega).unwrap();
+        assert!(got.installed && !got.applied);
+        let got = report(None, plan("Vega", 30), Some("vega"), true, only_vega).unwrap();
+        assert!(got.applied && got.halted && got.name == "Vega");
+        let got = report(plan("..", 30), None, Some(".."), true, |_| true).unwrap();
+        assert!(!got.installed && !got.applied);
     }
 
     #[test]

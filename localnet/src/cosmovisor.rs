@@ -43,6 +43,9 @@ pub struct Config {
     pub skip_backup: bool,
     pub backup_dir: PathBuf,
     pub preupgrade_max_retries: u32,
+    /// Upgrade directories are named in lower case, unless
+    /// `DAEMON_DISABLE_RECASE`.
+    pub recase: bool,
 }
 
 /// A `DAEMON_*` setting that is missing or not one.
@@ -102,7 +105,18 @@ impl Config {
             skip_backup: flag("UNSAFE_SKIP_BACKUP", false)?,
             backup_dir,
             preupgrade_max_retries: retries,
+            recase: !flag("DAEMON_DISABLE_RECASE", false)?,
         })
+    }
+
+    /// Where upgrade `name`'s binary goes.
+    fn upgrade_dir(&self, name: &str) -> PathBuf {
+        let dir = if self.recase {
+            name.to_lowercase()
+        } else {
+            name.to_string()
+        };
+        self.root().join("upgrades").join(dir)
     }
 
     fn root(&self) -> PathBuf {
@@ -181,7 +195,7 @@ async fn apply(cfg: &Config, info: &UpgradeInfo) -> Result<(), UpgradeError> {
             source,
         })?;
     }
-    let dir = cfg.root().join("upgrades").join(&info.name);
+    let dir = cfg.upgrade_dir(&info.name);
     let bin = dir.join("bin").join(&cfg.name);
     if !bin.is_file() {
         return Err(UpgradeError::NoBinary(bin.display().to_string()));
@@ -336,7 +350,7 @@ pub async fn run(cfg: Config, args: Vec<String>) -> anyhow::Result<i32> {
 /// upgrade's binary goes.
 pub fn add_upgrade(cfg: &Config, name: &str, exe: &Path, force: bool) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = cfg.root().join("upgrades").join(name).join("bin");
+    let dir = cfg.upgrade_dir(name).join("bin");
     let bin = dir.join(&cfg.name);
     anyhow::ensure!(
         force || !bin.exists(),
@@ -366,7 +380,11 @@ mod tests {
         let base = [("DAEMON_HOME", "/h"), ("DAEMON_NAME", "simd")];
         let cfg = Config::from_vars(vars(&base)).unwrap();
         assert_eq!(cfg.poll, Duration::from_millis(300));
-        assert!(cfg.restart_after_upgrade && !cfg.skip_backup);
+        assert!(cfg.restart_after_upgrade && !cfg.skip_backup && cfg.recase);
+        assert_eq!(
+            cfg.upgrade_dir("Vega"),
+            Path::new("/h/cosmovisor/upgrades/vega")
+        );
         assert_eq!(
             (cfg.backup_dir.as_path(), cfg.preupgrade_max_retries),
             (Path::new("/h"), 0)
@@ -376,6 +394,11 @@ mod tests {
             all.push((k, v));
             Config::from_vars(vars(&all))
         };
+        let kept = with("DAEMON_DISABLE_RECASE", "true").unwrap();
+        assert_eq!(
+            kept.upgrade_dir("Vega"),
+            Path::new("/h/cosmovisor/upgrades/Vega")
+        );
         assert_eq!(
             with("DAEMON_POLL_INTERVAL", "1.5s").unwrap().poll,
             Duration::from_millis(1500)

@@ -65,7 +65,7 @@ pub struct Verdict {
     /// From the halt to this validator's first signature after it.
     pub resumed_ms: Option<u64>,
     /// `missing-binary`: `keyraft check` named the standby without the
-    /// binary (exit 8) before the chain reached the upgrade's height.
+    /// binary (exit 9) before the chain reached the upgrade's height.
     pub alert_before_height: Option<bool>,
     pub pass: bool,
     /// Why not, when it does not pass.
@@ -126,7 +126,9 @@ pub const CLEAN_RESTART_MISSED: u64 = 4;
 /// it followed upgrades is measured).
 pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
     let upgrade = Upgrade {
-        name: "v2".into(),
+        // Chains name upgrades in any case ("Vega", "v7-Theta");
+        // cosmovisor's directory for it is in lower case.
+        name: "V2".into(),
         height: HALT_AT,
     };
     let mut dir = tempfile::Builder::new().prefix("keyraft-halt-").tempdir()?;
@@ -223,13 +225,13 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
     })
 }
 
-/// Whether `keyraft check` on the active host warned (exit 8) that a
+/// Whether `keyraft check` on the active host warned (exit 9) that a
 /// member lacks the upgrade's binary, before the chain reached its height.
 async fn warned_before_height(c: &Cluster, active: u64) -> Result<bool> {
     loop {
         let out = c.cli(active, &["check"]).await?;
         let text = String::from_utf8_lossy(&out.stdout);
-        if out.status.code() == Some(8) && text.contains("BINARY MISSING") {
+        if out.status.code() == Some(9) && text.contains("BINARY MISSING") {
             tracing::info!(check = %text.trim(), "warned before the height");
             return Ok(c.chain.totals().await?.height < HALT_AT);
         }

@@ -247,7 +247,9 @@ pub fn lay_out(home: &Path, upgrade: &Upgrade, c: Cosmovisor) -> anyhow::Result<
                 upgrade.name, c.migration_ms
             )
         };
-        wrapper(&root.join("upgrades").join(&upgrade.name), body)?;
+        // cosmovisor's directory for it: the name in lower case.
+        let dir = upgrade.name.to_lowercase();
+        wrapper(&root.join("upgrades").join(dir), body)?;
     }
     Ok(())
 }

@@ -95,7 +95,7 @@ pub fn status_json(sh: &Shared) -> Value {
             let last = seen.get(&id);
             json!({
                 "id": id, "addr": addr, "role": last.map(|s| s.status.role.clone()), "state": "Unknown", "raft": "Unknown",
-                "key_linked": Value::Null, "validator": Value::Null,
+                "key_linked": Value::Null, "validator": Value::Null, "upgrade": Value::Null,
                 "last_seen_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
             })
         };

@@ -378,7 +378,7 @@ async fn check(addr: &AdminAddr) -> ExitCode {
         .filter_map(upgrade_note)
         .collect();
     let (code, line) = match (code, missing.as_slice()) {
-        (0, [_, ..]) => (8, format!("WARNING: {}", missing.join("; "))),
+        (0, [_, ..]) => (9, format!("WARNING: {}", missing.join("; "))),
         _ => (code, line),
     };
     println!("{line}");

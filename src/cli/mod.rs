@@ -11,7 +11,7 @@
 //! 2 bad usage, bad configuration, or a start refused for safety; `check`
 //! uses 3 (no quorum), 4 (no active validator), 5 (more than one),
 //! 6 (active validator unhealthy), 7 (signer mode: no privval connection
-//! on this host), 8 (otherwise healthy, but a member lacks the binary for
+//! on this host), 9 (otherwise healthy, but a member lacks the binary for
 //! the chain's next upgrade).
 //!
 //! Owns: parsing, dispatch and what the commands print. Must not: hold

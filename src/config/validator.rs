@@ -86,6 +86,9 @@ pub struct UpgradesConfig {
     /// `DAEMON_NAME`.
     pub name: String,
     pub plan_url: Option<String>,
+    /// cosmovisor lower-cases upgrade names for their directories unless
+    /// `DAEMON_DISABLE_RECASE` is true.
+    pub recase: bool,
 }
 
 /// `--upgrades`, with cosmovisor's `DAEMON_HOME` and `DAEMON_NAME` read
@@ -119,10 +122,16 @@ fn resolve_upgrades(
         }
         u => u.as_ref().map(|u| u.trim_end_matches('/').to_string()),
     };
+    if a.no_height_watermark || a.health == Some(HealthKind::Http) {
+        return Err(invalid(
+            "--upgrades cosmovisor needs block heights from the node (--health cometbft or near) and the height watermark: the heights say when a halt begins and ends",
+        ));
+    }
     Ok(Some(UpgradesConfig {
         home: home.into(),
         name,
         plan_url,
+        recase: var("DAEMON_DISABLE_RECASE").is_none_or(|v| v != "true"),
     }))
 }
 
@@ -556,9 +565,26 @@ mod tests {
         assert_eq!(got.home, PathBuf::from("/var/lib/simd"));
         assert_eq!(got.name, "simd");
         assert_eq!(got.plan_url.as_deref(), Some("http://127.0.0.1:1317"));
+        assert!(got.recase);
+        let kept = [
+            ("DAEMON_HOME", "/h"),
+            ("DAEMON_NAME", "simd"),
+            ("DAEMON_DISABLE_RECASE", "true"),
+        ];
+        assert!(!with_env(&args(cv, None), &kept).unwrap().unwrap().recase);
         let relative = [("DAEMON_HOME", "rel"), ("DAEMON_NAME", "simd")];
         type Env<'a> = &'a [(&'a str, &'a str)];
-        let refused: [(RunArgs, Env, &str); 5] = [
+        let no_heights = RunArgs {
+            health: Some(HealthKind::Http),
+            ..args(cv, None)
+        };
+        let no_watermark = RunArgs {
+            no_height_watermark: true,
+            ..args(cv, None)
+        };
+        let refused: [(RunArgs, Env, &str); 7] = [
+            (no_heights, &full, "block heights"),
+            (no_watermark, &full, "block heights"),
             (args(None, Some("http://x")), &full, "needs --upgrades"),
             (args(cv, None), &full[1..], "DAEMON_HOME"),
             (args(cv, None), &relative, "absolute"),

@@ -149,6 +149,9 @@ pub struct Coordinator<E: Env> {
     quiet: bool,
     /// Why this host runs another mode than the cluster, as last logged.
     said_other_mode: Option<String>,
+    /// The chain's upgrade halt last seen ([`policy::halt_seen`]): it
+    /// lasts until a node reports a height past it.
+    halt_latch: Option<policy::Halt>,
     /// Random extra wait before campaigning, redrawn after each campaign.
     jitter: Duration,
     /// Where the jitter is drawn from (seeded by the simulator).
@@ -220,6 +223,7 @@ impl<E: Env> Coordinator<E> {
             owed_fence: None,
             quiet: false,
             said_other_mode: None,
+            halt_latch: None,
             jitter,
             rng,
             handed_on_in: None,
@@ -299,6 +303,15 @@ impl<E: Env> Coordinator<E> {
     /// and sets the gate's leadership switch. Returns eligibility.
     fn publish(&mut self, state: StateName) -> bool {
         let (view, other_mode) = self.view_and_mode();
+        if view.halt != self.halt_latch {
+            match &view.halt {
+                Some(h) => {
+                    tracing::info!(upgrade = %h.name, height = h.height, "the chain halted for an upgrade: only a host that runs it may lead until a node is past it")
+                }
+                None => tracing::info!("the chain is past its upgrade halt"),
+            }
+            self.halt_latch = view.halt.clone();
+        }
         let eligible = policy::eligible(state, &view);
         if other_mode != self.said_other_mode {
             match &other_mode {
@@ -565,10 +578,10 @@ impl<E: Env> Coordinator<E> {
             };
             let now = self.out.mono_now_ns();
             self.custody.ensure_running(true).await;
-            let halt = self.view().halt();
+            let halt = self.view().halt;
             if halt != at_halt {
-                if let Some(h) = &halt {
-                    tracing::info!(upgrade = %h.name, height = h.height, "the chain halted for an upgrade: holding the key through it while the node restarts and migrates");
+                if halt.is_some() {
+                    tracing::info!("validating at the chain's upgrade halt: holding the key while the node restarts and migrates");
                 }
                 at_halt = halt.clone();
                 exits_at_halt = 0;

@@ -69,6 +69,8 @@ pub struct View {
     /// What this host's cosmovisor tree and node say of the chain's next
     /// (or last) upgrade.
     pub upgrade: Option<Report>,
+    /// The chain's upgrade halt this node sees ([`halt_seen`]).
+    pub halt: Option<Halt>,
 }
 
 impl View {
@@ -81,38 +83,41 @@ impl View {
         p.age <= self.timing.gossip_interval * 3
     }
 
-    /// The chain's upgrade halt this node sees now, if one: some member's
-    /// node halted for an upgrade (its `upgrade-info.json`), and the
-    /// members' nodes that report a height stand at it (or the one
-    /// before), none past it; or none reports one (every node restarting
-    /// or migrating). A halt record stays after its upgrade, and one
-    /// written early would not be a halt: the heights say.
-    pub fn halt(&self) -> Option<Halt> {
-        let peers = self.peers.values().filter(|p| self.fresh(p));
-        let halted = peers
-            .clone()
-            .filter_map(|p| p.upgrade.as_ref())
-            .chain(&self.upgrade)
-            .filter(|r| r.halted)
-            .max_by_key(|r| r.height)?;
-        let own = self.health.and_then(|h| h.height).unwrap_or(0);
-        let highest = peers.map(|p| p.height).max().unwrap_or(0).max(own);
-        let at =
-            highest == 0 || (halted.height.saturating_sub(1)..=halted.height).contains(&highest);
-        at.then(|| Halt {
-            name: halted.name.clone(),
-            height: halted.height,
-        })
-    }
-
     /// At a halt, this host's node does not run the upgrade (its
     /// cosmovisor has not switched to it): it may not lead.
     fn not_upgraded(&self) -> bool {
-        self.halt().is_some_and(|h| !h.runs(self.upgrade.as_ref()))
+        self.halt
+            .as_ref()
+            .is_some_and(|h| !h.runs(self.upgrade.as_ref()))
     }
 }
 
-/// The chain halted for upgrade `name` at `height` ([`View::halt`]).
+/// The chain's upgrade halt this node sees, if one. It begins when a
+/// member gossips that its node halted for an upgrade at height H (its
+/// `upgrade-info.json`) while the highest height the members' nodes report
+/// is H or H - 1: a record far from the heights is an old one (it stays
+/// after its upgrade) or one written early, not this halt. It lasts, once
+/// seen (`latched`), until a node reports a height past H, whatever gossip
+/// goes stale or which nodes restart meanwhile (they report no height).
+pub fn halt_seen(v: &View, latched: Option<&Halt>) -> Option<Halt> {
+    let peers = v.peers.values().filter(|p| v.fresh(p));
+    let own = v.health.and_then(|h| h.height).unwrap_or(0);
+    let highest = peers.clone().map(|p| p.height).max().unwrap_or(0).max(own);
+    if let Some(h) = latched.filter(|h| highest <= h.height) {
+        return Some(h.clone());
+    }
+    peers
+        .filter_map(|p| p.upgrade.as_ref())
+        .chain(&v.upgrade)
+        .filter(|r| r.halted && (r.height.saturating_sub(1)..=r.height).contains(&highest))
+        .max_by_key(|r| r.height)
+        .map(|r| Halt {
+            name: r.name.clone(),
+            height: r.height,
+        })
+}
+
+/// The chain halted for upgrade `name` at `height` ([`halt_seen`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Halt {
     pub name: String,
@@ -200,7 +205,7 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, Sw
             .flatten()
             .is_some_and(|age| age < recent),
     };
-    let halt = v.halt();
+    let halt = &v.halt;
     // Every other voter, with the reason it cannot take over, if any.
     let candidates: Vec<(NodeId, u64, Option<Unready>)> = v
         .voters

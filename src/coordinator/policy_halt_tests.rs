@@ -31,6 +31,7 @@ fn at_halt(here: Option<Report>, one: Option<Report>, three_applied: bool) -> Vi
     let three = v.peers.get_mut(&3).unwrap();
     three.upgrade = v2(true, three_applied);
     three.height = 30;
+    v.halt = halt_seen(&v, None);
     v
 }
 
@@ -40,41 +41,58 @@ fn a_halt_is_seen_from_any_member_until_a_node_passes_its_height() {
         name: "v2".into(),
         height: 30,
     });
+    let seen = |v: &View| halt_seen(v, None);
     // Node 3 reports the halt: everybody sees it.
-    assert_eq!(at_halt(None, None, true).halt(), halt);
-    // Only this host's own record.
+    assert_eq!(seen(&at_halt(None, None, true)), halt);
+    // Only this host's own record; the nodes at the height or one below.
     let mut v = at_halt(v2(true, true), None, true);
     v.peers.get_mut(&3).unwrap().upgrade = None;
-    assert_eq!(v.halt(), halt);
+    assert_eq!(seen(&v), halt);
+    v.peers.values_mut().for_each(|p| p.height = 29);
+    assert_eq!(seen(&v), halt);
     // A node past the height: over (a halt record stays after it).
     let mut v = at_halt(None, None, true);
     v.peers.get_mut(&1).unwrap().height = 31;
-    assert_eq!(v.halt(), None);
+    assert_eq!(seen(&v), None);
     let mut v = at_halt(None, None, true);
     v.health = healthy().map(|h| Health {
         height: Some(31),
         ..h
     });
-    assert_eq!(v.halt(), None);
-    // Every node restarting or migrating (no heights): still the halt.
+    assert_eq!(seen(&v), None);
+    // No node reports a height (every one restarting or migrating): not
+    // seen from nothing (an old record and a cluster coming up), but a
+    // halt once seen lasts.
     let mut v = at_halt(None, None, true);
-    for p in v.peers.values_mut() {
-        p.height = 0;
-    }
-    assert_eq!(v.halt(), halt);
-    // A record long before its height (the nodes far below it): none.
-    let mut v = at_halt(None, None, true);
-    for p in v.peers.values_mut() {
-        p.height = 12;
-    }
-    assert_eq!(v.halt(), None);
-    // A scheduled upgrade is no halt; nor is a stale peer's record.
-    let mut v = at_halt(None, None, true);
-    v.peers.get_mut(&3).unwrap().upgrade = v2(false, false);
-    assert_eq!(v.halt(), None);
+    v.peers.values_mut().for_each(|p| p.height = 0);
+    assert_eq!(seen(&v), None);
+    assert_eq!(halt_seen(&v, halt.as_ref()), halt);
+    // ... also when the gossip that showed it goes stale ...
     let mut v = at_halt(None, None, true);
     v.peers.get_mut(&3).unwrap().age = Duration::from_secs(60);
-    assert_eq!(v.halt(), None);
+    assert_eq!(seen(&v), None);
+    assert_eq!(halt_seen(&v, halt.as_ref()), halt);
+    // ... until a node is past it.
+    v.peers.get_mut(&1).unwrap().height = 31;
+    assert_eq!(halt_seen(&v, halt.as_ref()), None);
+    // A record far from the heights (written early, or an old one): none.
+    let mut v = at_halt(None, None, true);
+    v.peers.values_mut().for_each(|p| p.height = 12);
+    assert_eq!(seen(&v), None);
+    // Beside an unrelated higher record, the one at the heights.
+    let mut v = at_halt(None, None, true);
+    v.peers.get_mut(&1).unwrap().upgrade = Some(Report {
+        name: "v9".into(),
+        height: 500,
+        installed: false,
+        applied: false,
+        halted: true,
+    });
+    assert_eq!(seen(&v), halt);
+    // A scheduled upgrade is no halt.
+    let mut v = at_halt(None, None, true);
+    v.peers.get_mut(&3).unwrap().upgrade = v2(false, false);
+    assert_eq!(seen(&v), None);
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub(super) fn view() -> View {
         other_mode: false,
         unregistered: false,
         upgrade: None,
+        halt: None,
     }
 }
 

@@ -84,7 +84,7 @@ impl<E: Env> Coordinator<E> {
                 .iter()
                 .any(|v| running.contains(v) && !cluster.registered.contains(v))
         };
-        let view = View {
+        let mut view = View {
             id: self.sh.cfg.id,
             timing: self.sh.timing(),
             witness: self.sh.cfg.witness,
@@ -101,7 +101,9 @@ impl<E: Env> Coordinator<E> {
             other_mode: other_mode.is_some(),
             unregistered,
             upgrade: self.sh.upgrade.borrow().clone(),
+            halt: None,
         };
+        view.halt = policy::halt_seen(&view, self.halt_latch.as_ref());
         (view, other_mode)
     }
 
