@@ -28,6 +28,7 @@ fn three_chains() -> Mode {
         round_every: 4,
         validators: 2,
         more_chains: 2,
+        halt: None,
     }
 }
 

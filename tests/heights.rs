@@ -26,6 +26,7 @@ async fn signers(
         round_every: 0,
         validators: 2,
         more_chains: more,
+        halt: None,
     };
     let c = Cluster::start_signers(3, 250, mode, opts).await?;
     let (leader, _) = eventually(SETTLE, "a signer leader", || async {

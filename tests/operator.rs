@@ -272,6 +272,7 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
         round_every: 4,
         validators: 2,
         more_chains: 0,
+        halt: None,
     };
     let mut c = Cluster::start_signers(3, 500, mode, plain).await?;
     c.chain.wait_signed_by(0, &[1, 2, 3], SETTLE).await?;

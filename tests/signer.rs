@@ -23,6 +23,7 @@ fn mode() -> Mode {
         round_every: 4,
         validators: 2,
         more_chains: 0,
+        halt: None,
     }
 }
 

@@ -78,20 +78,7 @@ pub struct Stats {
     pub upgrades: Vec<Passed>,
 }
 
-/// An upgrade the chain passed: after `halted_ms` without a block, its
-/// height was signed by its version, or the rest of the network upgraded
-/// without this validator (`by_network`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Passed {
-    pub upgrade: Upgrade,
-    pub halted_ms: u64,
-    #[serde(default)]
-    pub by_network: bool,
-    /// From the halt to this validator's first signature at or past the
-    /// upgrade's height (`None`: none yet).
-    #[serde(default)]
-    pub signed_ms: Option<u64>,
-}
+pub use crate::upgrade::Passed;
 
 impl Stats {
     /// The lowest height above `after` that `node` signed, within the window.
@@ -319,8 +306,8 @@ impl Judge {
                         .collect(),
                     round: t.round,
                     equivocations: b.equivocations().copied().collect(),
-                    halted: None,
-                    upgrades: Vec::new(),
+                    halted: b.upgrades().0,
+                    upgrades: b.upgrades().1,
                 }
             }
         }

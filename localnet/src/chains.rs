@@ -123,16 +123,20 @@ impl ExtraSentry {
     }
 }
 
-/// A signer-mode `fakechain`'s flags.
+/// A signer-mode `fakechain`'s flags: its (round_every, validators)
+/// schedule, and the upgrade it halts for, if any.
 pub(crate) fn signer_chain_args(
     cmd: &mut Command,
     chain_id: &str,
-    round_every: u64,
-    validators: u64,
+    (round_every, validators): (u64, u64),
+    halt: &Option<crate::upgrade::Upgrade>,
 ) {
     cmd.args(["--cometbft", "--vote-extensions", "--chain-id", chain_id])
         .args(["--round-every", &round_every.to_string()])
         .args(["--validators", &validators.to_string()]);
+    if let Some(u) = halt {
+        cmd.args(crate::shape::upgrade_chain_args(u));
+    }
 }
 
 /// Signer mode: the chains after the first, each started with its judge
@@ -148,6 +152,7 @@ pub(crate) fn other_chains(
         round_every,
         validators,
         more_chains,
+        ..
     } = mode
     else {
         return Ok(vec![]);
@@ -165,7 +170,7 @@ pub(crate) fn other_chains(
             "--block-ms",
             &block_ms.to_string(),
         ]);
-        signer_chain_args(&mut cmd, &chain_id, *round_every, *validators);
+        signer_chain_args(&mut cmd, &chain_id, (*round_every, *validators), &None);
         let proc = Proc::spawn(
             &format!("fakechain-{chain_id}"),
             cmd.arg("--validator-key").arg(&key_path),

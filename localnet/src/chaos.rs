@@ -191,6 +191,7 @@ pub async fn run(o: ChaosOptions) -> Result<(serde_json::Value, bool)> {
             round_every: 5,
             validators: 3,
             more_chains: o.chains - 1,
+            halt: None,
         };
         let c =
             Cluster::start_in_mode(dir, NODES, o.block_ms, mode, |_| NodeOpts::default()).await?;

@@ -191,6 +191,7 @@ impl Cluster {
                 chain_id,
                 round_every,
                 validators,
+                halt,
                 ..
             } => {
                 let key_path = keys.join("priv_validator_key.json");
@@ -198,7 +199,7 @@ impl Cluster {
                 // What a host misconfigured into validator mode links
                 // (`NodeOpts::validator_mode`): a key its fakenode runs with.
                 KeyFile::generate("validator.test").write_new(&keys.join(VALIDATOR_MODE_KEY))?;
-                signer_chain_args(&mut chain_cmd, chain_id, *round_every, *validators);
+                signer_chain_args(&mut chain_cmd, chain_id, (*round_every, *validators), halt);
                 key_path
             }
         };

@@ -1,5 +1,7 @@
-//! A validator cluster at a chain's upgrade halt: each host's cosmovisor
-//! tree, and `localnet upgrade-test`'s scenarios, judged by the chain.
+//! A cluster at a chain's upgrade halt: in validator mode each host's
+//! cosmovisor tree, in signer mode (`--cometbft`) each host's sentry
+//! halting and coming back as CometBFT 1.x; `localnet upgrade-test`'s
+//! scenarios, judged by the chain.
 //!
 //! Each host's node runs as `fakecosmovisor run` over a tree whose
 //! binaries are small wrappers around the one `fakenode`: `genesis` runs
@@ -43,10 +45,21 @@ pub enum Scenario {
     SlowMigration,
 }
 
+impl Scenario {
+    /// Whether signer mode has it: a sentry holds no key, so a missing
+    /// binary there is only the early warning, which signer mode does not
+    /// give yet.
+    pub fn in_signer_mode(self) -> bool {
+        self != Scenario::MissingBinary
+    }
+}
+
 /// What the chain saw of one scenario, and whether that passes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub name: String,
+    /// `validator`, or `signer` (`--cometbft`).
+    pub mode: &'static str,
     /// keyraft followed the upgrades (`--upgrades cosmovisor`).
     pub follows_upgrades: bool,
     pub double_signs: u64,
@@ -211,6 +224,7 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
         .collect();
     Ok(Verdict {
         name: format!("{s:?}"),
+        mode: "validator",
         follows_upgrades: follow,
         double_signs: stats.double_signs,
         signed_before: before,
@@ -277,6 +291,189 @@ fn failures(s: Scenario, v: &Verdict, active: u64) -> Vec<String> {
             v.alert_before_height == Some(true),
             "no warning before the height",
         );
+    }
+    failed
+}
+
+/// Signer mode: the upgrade the sentries halt for (`fakenode --v1-after`
+/// names it `v1`), after this height is committed.
+const SIGNER_HALT_AFTER: u64 = 20;
+
+/// Runs scenario `s` in signer mode: three signers, each supervising a
+/// sentry that halts once height [`SIGNER_HALT_AFTER`] is committed and,
+/// started again, speaks CometBFT 1.x; the chain makes no round past the
+/// first after it until the network upgraded. Node 1 leads when the chain
+/// halts, and its sentry is the one the scenario concerns.
+pub async fn run_signer(s: Scenario) -> Result<Verdict> {
+    anyhow::ensure!(
+        s.in_signer_mode(),
+        "{s:?} is a validator-mode scenario: signer mode has no early warning yet"
+    );
+    let upgrade = Upgrade {
+        name: "v1".into(),
+        height: SIGNER_HALT_AFTER,
+    };
+    let homes = tempfile::tempdir()?;
+    let dir = homes.path().to_path_buf();
+    let mode = Mode::Signer {
+        chain_id: "keyraft-upgrade-test".into(),
+        round_every: 4,
+        validators: 2,
+        more_chains: 0,
+        halt: Some(upgrade.clone()),
+    };
+    let mut c = Cluster::start_signers(3, BLOCK_MS, mode, |id| {
+        let mut fakenode = vec![
+            "--v1-after".to_string(),
+            SIGNER_HALT_AFTER.to_string(),
+            "--home".into(),
+            dir.join(format!("sentry{id}")).display().to_string(),
+            "--migration-ms".into(),
+        ];
+        fakenode.push(match (s, id) {
+            (Scenario::SlowMigration, 1) => (GRACE_MS * 3).to_string(),
+            _ => QUICK.migration_ms.to_string(),
+        });
+        if (s, id) == (Scenario::CrashOnActive, 1) {
+            fakenode.push("--crash-after-upgrade".into());
+        }
+        NodeOpts {
+            flags: vec!["--protocol-version".into(), "either".into()],
+            fakenode,
+            ..NodeOpts::default()
+        }
+    })
+    .await?;
+    let before = lead_with(&c, 1).await?;
+    let limit = Duration::from_millis(BLOCK_MS * (SIGNER_HALT_AFTER + 10));
+    c.chain
+        .wait_height(SIGNER_HALT_AFTER + 1, limit)
+        .await
+        .with_context(|| c.logs())?;
+    if s == Scenario::KillDuringHalt {
+        c.kill_host(1)?;
+    }
+    let live: Vec<u64> = match s {
+        Scenario::KillDuringHalt => vec![2, 3],
+        _ => vec![1, 2, 3],
+    };
+    // Half-way through the halt: what the signers' watermark says.
+    tokio::time::sleep(Duration::from_millis(crate::shape::NETWORK_UPGRADE_MS / 2)).await;
+    let during = watermark(&c, &live).await;
+    let _ = crate::harness::eventually(
+        Duration::from_secs(120),
+        "the chain to pass the upgrade",
+        || async {
+            let t = c.chain.totals().await?;
+            Ok((t.height > SIGNER_HALT_AFTER + 21).then_some(t))
+        },
+    )
+    .await;
+    let after = c.agreed_leader(&live).await?.map(|(l, _)| l);
+    let mut v = judge_signer(&c, s, &upgrade, (Some(before), after)).await?;
+    v.failed = signer_failures(s, &v, during);
+    v.pass = v.failed.is_empty();
+    tracing::info!(scenario = %v.name, pass = v.pass, failed = ?v.failed, ?during, "signer scenario over");
+    Ok(v)
+}
+
+/// Makes node `id` the Raft leader (the signer), by switchover if needed.
+async fn lead_with(c: &Cluster, id: u64) -> Result<u64> {
+    crate::harness::eventually(
+        Duration::from_secs(30),
+        &format!("node {id} to lead"),
+        || async {
+            match c.agreed_leader(&[1, 2, 3]).await? {
+                Some((l, _)) if l == id => Ok(Some(l)),
+                Some(_) => {
+                    c.cli(id, &["switchover", "--to", &id.to_string()]).await?;
+                    Ok(None)
+                }
+                None => Ok(None),
+            }
+        },
+    )
+    .await
+    .with_context(|| c.logs())
+}
+
+/// The highest watermark height members in `ids` report (`None`: none
+/// answered).
+async fn watermark(c: &Cluster, ids: &[u64]) -> Option<u64> {
+    let mut best = None;
+    for &id in ids {
+        if let Ok(v) = c.status(id).await {
+            let h = v["signer"]["chains"][0]["watermark"]["height"].as_u64();
+            best = best.max(h);
+        }
+    }
+    best
+}
+
+/// The CometBFT judge's books after signer scenario `s`; `leaders` before
+/// the halt and after it.
+async fn judge_signer(
+    c: &Cluster,
+    s: Scenario,
+    upgrade: &Upgrade,
+    leaders: (Option<u64>, Option<u64>),
+) -> Result<Verdict> {
+    let first = SIGNER_HALT_AFTER + 1;
+    let stats = c.chain.stats_since(first).await?;
+    let passed = stats.upgrades.iter().find(|p| &p.upgrade == upgrade);
+    let signed: std::collections::BTreeSet<u64> = stats
+        .signers
+        .iter()
+        .map(|x| x.height)
+        .filter(|h| (first..first + 20).contains(h))
+        .collect();
+    Ok(Verdict {
+        name: format!("{s:?}"),
+        mode: "signer",
+        follows_upgrades: true,
+        double_signs: stats.double_signs,
+        signed_before: leaders.0,
+        signed_after: leaders.1,
+        handovers_during_halt: u64::from(leaders.0 != leaders.1),
+        passed_by_network: passed.is_some_and(|p| p.by_network),
+        missed_after_resume: 20 - signed.len() as u64,
+        resumed_ms: passed.and_then(|p| p.signed_ms),
+        alert_before_height: None,
+        pass: false,
+        failed: Vec::new(),
+    })
+}
+
+/// What signer scenario `s` must show: 0 equivocations, signing again at
+/// the first height after the halt, the watermark not moved past it
+/// during the halt, no handover (but for the killed leader), and no more
+/// heights missed than a sentry's restart costs.
+fn signer_failures(s: Scenario, v: &Verdict, during: Option<u64>) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut want = |ok: bool, why: &str| {
+        if !ok {
+            failed.push(why.to_string());
+        }
+    };
+    want(v.double_signs == 0, "equivocations");
+    want(v.resumed_ms.is_some(), "nothing signed after the halt");
+    want(
+        v.missed_after_resume <= CLEAN_RESTART_MISSED,
+        "more heights missed after the halt than a sentry's restart costs",
+    );
+    want(
+        during.is_some_and(|h| h <= SIGNER_HALT_AFTER + 1),
+        "the watermark moved past the halt during it (or nobody answered)",
+    );
+    match s {
+        Scenario::KillDuringHalt => want(
+            v.signed_after.is_some_and(|l| l != 1),
+            "no other signer leads after the killed one",
+        ),
+        _ => want(
+            v.handovers_during_halt == 0,
+            "the signer changed during the halt",
+        ),
     }
     failed
 }

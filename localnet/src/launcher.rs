@@ -147,6 +147,7 @@ pub async fn up(opts: UpOptions) -> Result<()> {
             round_every: 10,
             validators: 4,
             more_chains: opts.chains - 1,
+            halt: None,
         }
     } else {
         Mode::Near

@@ -83,6 +83,10 @@ pub enum Mode {
         /// ids are `{chain_id}-2`, `{chain_id}-3`, ... (0: one chain, set
         /// with flags; more: every chain in `[[chains]]` of a TOML file).
         more_chains: u64,
+        /// The first chain halts for this upgrade once its height is
+        /// committed, until the network upgraded
+        /// ([`NETWORK_UPGRADE_MS`]).
+        halt: Option<Upgrade>,
     },
 }
 

@@ -146,6 +146,21 @@ impl Plan {
     }
 }
 
+/// An upgrade the chain passed: after `halted_ms` without a block, its
+/// height was signed by its version, or the rest of the network upgraded
+/// without this validator (`by_network`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Passed {
+    pub upgrade: Upgrade,
+    pub halted_ms: u64,
+    #[serde(default)]
+    pub by_network: bool,
+    /// From the halt to this validator's first signature at or past the
+    /// upgrade's height (`None`: none yet).
+    #[serde(default)]
+    pub signed_ms: Option<u64>,
+}
+
 /// `data/upgrade-info.json`, as the upgrade module writes it at the halt
 /// and cosmovisor reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -274,9 +274,12 @@ impl<E: Env> Coordinator<E> {
     /// The event arms every state shares: shutdown, a validator exit (back
     /// to `Startup` if it changed anything), a request. `None`: go on.
     async fn common(&mut self, ev: Event) -> Option<State> {
+        let signer = self.sh.cfg.signer.is_some();
         match ev {
             Event::Shutdown => Some(State::Shutdown),
-            Event::Validator(ev) => self.on_exit(&ev).await.then_some(State::Startup),
+            // Signer mode keeps its node running from any state: its exit
+            // changes nothing else.
+            Event::Validator(ev) => (self.on_exit(&ev).await && !signer).then_some(State::Startup),
             Event::Request(req) => {
                 self.idle_request(req).await;
                 None
@@ -406,6 +409,11 @@ impl<E: Env> Coordinator<E> {
         loop {
             self.custody.ensure_running(false).await;
             self.publish(StateName::Startup);
+            // Signer mode: started is enough (docs/signer.md: a host's own
+            // node does not decide whether it may lead).
+            if self.sh.cfg.signer.is_some() {
+                return State::Registering;
+            }
             if self.custody.health().is_some_and(|h| h.running) {
                 return State::Syncing;
             }
@@ -459,7 +467,8 @@ impl<E: Env> Coordinator<E> {
         let mut next_try = Instant::now();
         loop {
             self.publish(StateName::Registering);
-            if self.custody.health().is_some_and(|h| !h.healthy()) {
+            if policy::unhealthy_exit(self.custody.health(), self.sh.cfg.signer.is_some()).is_some()
+            {
                 return State::Syncing;
             }
             let m = self.sh.raft_metrics();
@@ -521,8 +530,12 @@ impl<E: Env> Coordinator<E> {
     async fn voting(&mut self) -> State {
         loop {
             let eligible = self.publish(StateName::Voting);
-            if let Some(next) = policy::unhealthy_exit(self.custody.health()) {
+            let signer = self.sh.cfg.signer.is_some();
+            if let Some(next) = policy::unhealthy_exit(self.custody.health(), signer) {
                 return State::from_name(next);
+            }
+            if signer {
+                self.custody.ensure_running(false).await;
             }
             if !self.is_voter() {
                 return State::Registering;
@@ -548,9 +561,12 @@ impl<E: Env> Coordinator<E> {
                     }
                 }
             };
-            let ev = self
-                .next_event(Wake::all(Some(Instant::now() + recheck)))
-                .await;
+            // A node to start again (signer mode) wakes this state too.
+            let until = [Some(Instant::now() + recheck), self.custody.restart_at()]
+                .into_iter()
+                .flatten()
+                .min();
+            let ev = self.next_event(Wake::all(until)).await;
             if let Some(next) = self.common(ev).await {
                 return next;
             }

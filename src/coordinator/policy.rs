@@ -398,9 +398,11 @@ pub fn while_unhealthy(
 
 /// Where an unhealthy validator sends a state that needs a healthy one:
 /// `Syncing` while it runs, else `Startup`. `None` while healthy (or on a
-/// witness).
-pub fn unhealthy_exit(health: Option<Health>) -> Option<StateName> {
-    let h = health?;
+/// witness), and in signer mode, where the host's own node does not decide
+/// whether it may lead (it signs for every host's sentries, and keeps its
+/// node running from `Voting`).
+pub fn unhealthy_exit(health: Option<Health>, signer_mode: bool) -> Option<StateName> {
+    let h = health.filter(|_| !signer_mode)?;
     if h.healthy() {
         None
     } else if h.running {

@@ -365,18 +365,24 @@ fn a_pause_holds_a_follower_back_only_once_its_log_is_applied() {
 
 #[test]
 fn unhealthy_validators_send_the_state_back() {
-    assert_eq!(unhealthy_exit(None), None);
-    assert_eq!(unhealthy_exit(healthy()), None);
+    assert_eq!(unhealthy_exit(None, false), None);
+    assert_eq!(unhealthy_exit(healthy(), false), None);
     let syncing = Health {
         running: true,
         synced: false,
         height: None,
     };
-    assert_eq!(unhealthy_exit(Some(syncing)), Some(StateName::Syncing));
     assert_eq!(
-        unhealthy_exit(Some(Health::default())),
+        unhealthy_exit(Some(syncing), false),
+        Some(StateName::Syncing)
+    );
+    assert_eq!(
+        unhealthy_exit(Some(Health::default()), false),
         Some(StateName::Startup)
     );
+    // Signer mode: the host's own node never sends it back.
+    assert_eq!(unhealthy_exit(Some(syncing), true), None);
+    assert_eq!(unhealthy_exit(Some(Health::default()), true), None);
 }
 
 #[test]

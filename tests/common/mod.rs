@@ -29,6 +29,7 @@ pub fn signer_mode() -> Mode {
         round_every: 4,
         validators: 2,
         more_chains: 0,
+        halt: None,
     }
 }
 

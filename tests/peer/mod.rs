@@ -27,6 +27,7 @@ pub async fn signers_with_a_witness(
         round_every,
         validators: 2,
         more_chains: 0,
+        halt: None,
     };
     let c = Cluster::start_in_mode(
         localnet::cluster::ClusterDir::Temp(dir),

@@ -39,6 +39,8 @@ pub async fn comet(b: &CometBench) -> anyhow::Result<serde_json::Value> {
         validators: 1,
         extensions: false,
         slot_ms: 1000,
+        upgrades: Default::default(),
+        network_upgrade: Default::default(),
     };
     let mut book = Book::new(schedule.clone(), key.public());
     book.tick();

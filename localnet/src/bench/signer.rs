@@ -37,6 +37,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         round_every: 0,
         validators,
         more_chains: b.chains - 1,
+        halt: None,
     };
     // (1) Latency through keyraft, its peers dialling each other directly
     // (no fault is injected here, so no proxy stands in the way).

@@ -46,19 +46,18 @@ struct Args {
     /// extension signature (CometBFT 0.38 with extensions enabled).
     #[arg(long, requires = "cometbft")]
     vote_extensions: bool,
-    /// NEAR mode: an upgrade at HEIGHT to version NAME (repeatable): the
+    /// An upgrade at HEIGHT to version NAME (repeatable). NEAR mode: the
     /// chain makes no block past HEIGHT until a node of version NAME signs
-    /// it, and nodes of older versions halt there.
-    #[arg(
-        long = "upgrade",
-        value_name = "NAME@HEIGHT",
-        conflicts_with = "cometbft"
-    )]
+    /// it, and nodes of older versions halt there. CometBFT mode: once
+    /// HEIGHT is committed, no round opens past the next height's first
+    /// until the network upgraded (--network-upgrade-ms).
+    #[arg(long = "upgrade", value_name = "NAME@HEIGHT")]
     upgrades: Vec<Upgrade>,
-    /// NEAR mode: at an upgrade's halt, the rest of the network upgrades
-    /// in this many milliseconds; past that, blocks are made again without
-    /// this validator (its heights counted missed). Without it the chain
-    /// waits for this validator's new version.
+    /// At an upgrade's halt, the rest of the network upgrades in this many
+    /// milliseconds; past that, blocks are made again without this
+    /// validator (its heights counted missed). Without it a NEAR-mode
+    /// chain waits for this validator's new version; a CometBFT-mode one
+    /// does not halt.
     #[arg(long, requires = "upgrades")]
     network_upgrade_ms: Option<u64>,
 }
@@ -88,6 +87,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 validators: args.validators,
                 extensions: args.vote_extensions,
                 slot_ms: args.block_ms,
+                upgrades: Plan::new(args.upgrades.clone())?,
+                network_upgrade: Duration::from_millis(args.network_upgrade_ms.unwrap_or(0)),
             },
             key,
         }

@@ -70,9 +70,14 @@ struct RunArgs {
     #[arg(long, default_value = localnet::upgrade::GENESIS, conflicts_with = "cometbft")]
     chain_version: String,
     /// How long this version's migration takes the first time it runs in
-    /// this home (the node reports syncing meanwhile).
-    #[arg(long, default_value_t = 0, conflicts_with = "cometbft")]
+    /// this home (the node reports syncing meanwhile). CometBFT with
+    /// --v1-after: the upgraded node's migration.
+    #[arg(long, default_value_t = 0)]
     migration_ms: u64,
+    /// CometBFT with --v1-after: the upgraded node cannot start (it exits
+    /// with code 2, as a binary that panics at start does).
+    #[arg(long, requires = "v1_after")]
+    crash_after_upgrade: bool,
     /// Be a CometBFT node whose votes a remote signer signs.
     #[arg(long, requires = "privval_listen")]
     cometbft: bool,
@@ -146,6 +151,8 @@ async fn main() -> ExitCode {
                 sign_bytes: r.sign_bytes,
                 v1_after: r.v1_after,
                 home: r.home,
+                migration: Duration::from_millis(r.migration_ms),
+                crash_after_upgrade: r.crash_after_upgrade,
                 privval_identity: match r.privval_identity_seed.as_deref().map(hex::decode) {
                     None => None,
                     Some(Ok(b)) => match <[u8; 32]>::try_from(b) {

@@ -185,8 +185,12 @@ enum Cmd {
         scenario: Vec<localnet::halt::Scenario>,
         /// Run keyraft without `--upgrades cosmovisor`, as before it
         /// followed upgrades (what it did then, measured).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cometbft")]
         without_upgrades: bool,
+        /// Signer mode: each host's sentry halts and comes back as a
+        /// CometBFT 1.x node (every scenario but missing-binary).
+        #[arg(long)]
+        cometbft: bool,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -479,7 +483,8 @@ async fn main() -> ExitCode {
         Cmd::UpgradeTest {
             scenario,
             without_upgrades,
-        } => upgrade_test(scenario, !without_upgrades).await,
+            cometbft,
+        } => upgrade_test(scenario, !without_upgrades, cometbft).await,
         Cmd::Bench { what } => match what {
             BenchCmd::Chain {
                 nodes,
@@ -571,16 +576,24 @@ async fn main() -> ExitCode {
 async fn upgrade_test(
     scenarios: Vec<localnet::halt::Scenario>,
     follow: bool,
+    cometbft: bool,
 ) -> anyhow::Result<()> {
     use clap::ValueEnum;
     let scenarios = if scenarios.is_empty() {
-        localnet::halt::Scenario::value_variants().to_vec()
+        localnet::halt::Scenario::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| !cometbft || s.in_signer_mode())
+            .collect()
     } else {
         scenarios
     };
     let mut verdicts = Vec::new();
     for s in scenarios {
-        let v = localnet::halt::run(s, follow).await?;
+        let v = match cometbft {
+            true => localnet::halt::run_signer(s).await?,
+            false => localnet::halt::run(s, follow).await?,
+        };
         eprintln!("{}", serde_json::to_string(&v)?);
         verdicts.push(v);
     }

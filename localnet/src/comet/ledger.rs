@@ -2,6 +2,11 @@
 //! which block the network proposes there, and what the validator's key
 //! signed.
 //!
+//! At an upgrade in the schedule (height H), every node of the chain halts
+//! once H is committed: no round opens past (H + 1, 0) until the network
+//! has upgraded (`network_upgrade` later); nodes of the new version may
+//! vote in that round meanwhile.
+//!
 //! Owns: the round schedule, signature checks of votes and proposals over
 //! CometBFT's canonical sign bytes, the signed / missed / refused totals and
 //! the equivocation record. Must not: trust the submitter (every signature is
@@ -16,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::consensus::{self, Step};
 use super::key::PublicValidatorKey;
+use crate::upgrade::{Passed, Upgrade};
 
 /// Heights whose signatures are remembered for equivocation checks.
 pub const WINDOW_HEIGHTS: u64 = 2_000;
@@ -50,6 +56,10 @@ pub struct Schedule {
     pub extensions: bool,
     /// How long each round stays open.
     pub slot_ms: u64,
+    /// Upgrades the chain halts for, after their height is committed.
+    pub upgrades: crate::upgrade::Plan,
+    /// How long the network takes to upgrade at such a halt.
+    pub network_upgrade: std::time::Duration,
 }
 
 /// What the chain announces for the open round (`GET /status`).
@@ -138,6 +148,11 @@ pub struct Book {
     seen: BTreeMap<(u64, u32, Step), Vec<Vec<u8>>>,
     /// (height, sentry) of counted precommits, oldest first.
     window: VecDeque<(u64, u64)>,
+    /// The halt in progress: the upgrade, since when, and when the key's
+    /// first precommit after it was counted.
+    halt: Option<(Upgrade, std::time::Instant, Option<u64>)>,
+    /// The upgrades passed.
+    passed: Vec<Passed>,
 }
 
 impl Book {
@@ -155,7 +170,41 @@ impl Book {
             listed: VecDeque::new(),
             seen: BTreeMap::new(),
             window: VecDeque::new(),
+            halt: None,
+            passed: Vec::new(),
         }
+    }
+
+    /// Whether the chain is halted for an upgrade (the open round is the
+    /// first past its height, and the network has not upgraded yet); ends
+    /// the halt, recording it, once the network has.
+    fn halted(&mut self) -> bool {
+        if self.halt.is_none() && self.round == 0 {
+            let after = self.height.checked_sub(1);
+            let up = after.and_then(|h| self.schedule.upgrades.at(h)).cloned();
+            if let Some(up) = up.filter(|u| !self.passed.iter().any(|p| p.upgrade == *u)) {
+                self.halt = Some((up, std::time::Instant::now(), None));
+            }
+        }
+        let Some((up, since, signed_ms)) = &self.halt else {
+            return false;
+        };
+        if since.elapsed() < self.schedule.network_upgrade {
+            return true;
+        }
+        self.passed.push(Passed {
+            upgrade: up.clone(),
+            halted_ms: since.elapsed().as_millis() as u64,
+            by_network: true,
+            signed_ms: *signed_ms,
+        });
+        self.halt = None;
+        false
+    }
+
+    /// The halt in progress, and the upgrades passed.
+    pub fn upgrades(&self) -> (Option<Upgrade>, Vec<Passed>) {
+        (self.halt.as_ref().map(|h| h.0.clone()), self.passed.clone())
     }
 
     fn two_rounds(&self, height: u64) -> bool {
@@ -169,6 +218,9 @@ impl Book {
     /// Opens the next round, or closes the height and opens the next one.
     /// Returns the open (height, round).
     pub fn tick(&mut self) -> (u64, u32) {
+        if self.halted() {
+            return (self.height, self.round);
+        }
         if self.height > 0 && !self.commits(self.height, self.round) {
             self.round += 1;
             return (self.height, self.round);
@@ -287,6 +339,9 @@ impl Book {
             if self.current.is_empty() {
                 self.signed += 1;
             }
+            if let Some((_, since, signed_ms @ None)) = &mut self.halt {
+                *signed_ms = Some(since.elapsed().as_millis() as u64);
+            }
             if self.current.len() < MAX_NODES_PER_HEIGHT {
                 self.current.push(node);
                 self.window.push_back((height, node));
@@ -395,6 +450,8 @@ mod tests {
             validators: 1,
             extensions,
             slot_ms: 100,
+            upgrades: Default::default(),
+            network_upgrade: Default::default(),
         };
         (Book::new(schedule, key.public()), key.signing().clone())
     }
@@ -404,6 +461,29 @@ mod tests {
         let mut v = consensus::vote(step, a.height, a.round, block, b.key.address, vec![]);
         consensus::sign_vote(k, CHAIN, &mut v, b.schedule.extensions).unwrap();
         v
+    }
+
+    #[test]
+    fn an_upgrade_halts_the_rounds_past_its_height_until_the_network_upgraded() {
+        let (mut b, k) = book(0, false);
+        b.schedule.upgrades = crate::upgrade::Plan::new(vec!["v1@2".parse().unwrap()]).unwrap();
+        b.schedule.network_upgrade = std::time::Duration::from_secs(3600);
+        assert_eq!(b.tick(), (1, 0));
+        assert_eq!(b.tick(), (2, 0));
+        assert_eq!(b.tick(), (3, 0), "2 committed: the halt opens at 3");
+        assert_eq!(b.tick(), (3, 0), "no round past it meanwhile");
+        assert!(b.upgrades().0.is_some());
+        // A node of the new version votes in the open round meanwhile.
+        let block = b.announce().block_id().unwrap();
+        let pc = signed(&b, &k, Step::Precommit, block);
+        assert!(b.submit_vote(1, &pc).unwrap().counted);
+        b.schedule.network_upgrade = std::time::Duration::ZERO;
+        assert_eq!(b.tick(), (4, 0), "the network upgraded");
+        let (halted, passed) = b.upgrades();
+        assert!(halted.is_none());
+        assert_eq!(passed.len(), 1);
+        assert!(passed[0].by_network && passed[0].signed_ms.is_some());
+        assert_eq!(b.tick(), (5, 0), "once");
     }
 
     #[test]

@@ -76,6 +76,11 @@ pub struct CometNodeConfig {
     pub v1_after: Option<u64>,
     /// The node's home (for the upgrade's marker).
     pub home: Option<std::path::PathBuf>,
+    /// After the upgrade: its migration's length, the first time it runs
+    /// (the node catches up, and signs nothing, meanwhile).
+    pub migration: Duration,
+    /// After the upgrade: the new binary cannot start.
+    pub crash_after_upgrade: bool,
 }
 
 /// The upgrade marker a node halted at, under `home`.
@@ -89,6 +94,14 @@ struct NodeState {
     last_contact: Option<Instant>,
     validator: Option<PublicValidatorKey>,
     chain_id: String,
+    /// Until when the upgrade's migration runs.
+    migrating_until: Option<Instant>,
+}
+
+impl NodeState {
+    fn migrating(&self) -> bool {
+        self.migrating_until.is_some_and(|t| Instant::now() < t)
+    }
 }
 
 struct Node {
@@ -106,11 +119,24 @@ impl Node {
 
 /// Runs the node until SIGTERM/SIGINT.
 pub async fn run(mut cfg: CometNodeConfig) -> anyhow::Result<()> {
+    let mut migrating_until = None;
     if let (Some(_), Some(home)) = (cfg.v1_after, &cfg.home) {
         if upgrade_marker(home).exists() {
+            if cfg.crash_after_upgrade {
+                anyhow::bail!("panic: the upgraded binary cannot start");
+            }
             tracing::info!("upgraded: this start speaks CometBFT 1.x's privval");
             cfg.protocol = Protocol::V1;
             cfg.v1_after = None;
+            let migrated = home.join("data").join("migrated-v1");
+            if !migrated.exists() {
+                tracing::info!(
+                    ms = cfg.migration.as_millis() as u64,
+                    "running the upgrade's migration"
+                );
+                migrating_until = Some(Instant::now() + cfg.migration);
+                std::fs::write(&migrated, b"")?;
+            }
         }
     }
     let endpoint = Endpoint::bind(
@@ -128,7 +154,10 @@ pub async fn run(mut cfg: CometNodeConfig) -> anyhow::Result<()> {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()?,
-        state: Mutex::new(NodeState::default()),
+        state: Mutex::new(NodeState {
+            migrating_until,
+            ..NodeState::default()
+        }),
     });
     let app = Router::new()
         .route("/status", get(status))
@@ -205,6 +234,11 @@ async fn follow(node: Arc<Node>, halt: tokio::sync::mpsc::Sender<anyhow::Error>)
         if let Some(h) = node.cfg.v1_after.filter(|h| a.height > *h) {
             let _ = halt.send(upgrade_halt(&node.cfg, h)).await;
             return;
+        }
+        if node.state().migrating() {
+            // Takes part in the round open when the migration is done.
+            tokio::time::sleep(CHAIN_RETRY).await;
+            continue;
         }
         last = (a.height, a.round);
         take_part(&node, &a).await;
@@ -443,7 +477,7 @@ async fn submit(node: &Node, kind: &str, msg: Vec<u8>) {
 
 async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let st = node.state();
-    let catching_up = st.last_contact.is_none_or(|t| t.elapsed() > CONTACT_STALE);
+    let catching_up = st.migrating() || st.last_contact.is_none_or(|t| t.elapsed() > CONTACT_STALE);
     let validator = st.validator.map(|v| {
         json!({
             "address": v.address_hex(),
