@@ -272,7 +272,8 @@ impl<E: Env> Coordinator<E> {
     }
 
     /// The event arms every state shares: shutdown, a validator exit (back
-    /// to `Startup` if it changed anything), a request. `None`: go on.
+    /// to `Startup` if it changed anything, but in signer mode, whose
+    /// states keep the node running themselves), a request. `None`: go on.
     async fn common(&mut self, ev: Event) -> Option<State> {
         let signer = self.sh.cfg.signer.is_some();
         match ev {
@@ -290,6 +291,14 @@ impl<E: Env> Coordinator<E> {
 
     async fn on_exit(&mut self, ev: &ValidatorEvent) -> bool {
         self.custody.on_exit(ev).await
+    }
+
+    /// Signer mode: the states past `Startup` keep the host's node running
+    /// (started again after its backoff), since its exits send them nowhere.
+    async fn keep_signer_node(&mut self) {
+        if self.sh.cfg.signer.is_some() {
+            self.custody.ensure_running(false).await;
+        }
     }
 
     fn is_voter(&self) -> bool {
@@ -471,6 +480,7 @@ impl<E: Env> Coordinator<E> {
             {
                 return State::Syncing;
             }
+            self.keep_signer_node().await;
             let m = self.sh.raft_metrics();
             if self.rejoining {
                 // Its peers may refuse its Raft messages until the leader
@@ -530,13 +540,12 @@ impl<E: Env> Coordinator<E> {
     async fn voting(&mut self) -> State {
         loop {
             let eligible = self.publish(StateName::Voting);
-            let signer = self.sh.cfg.signer.is_some();
-            if let Some(next) = policy::unhealthy_exit(self.custody.health(), signer) {
+            if let Some(next) =
+                policy::unhealthy_exit(self.custody.health(), self.sh.cfg.signer.is_some())
+            {
                 return State::from_name(next);
             }
-            if signer {
-                self.custody.ensure_running(false).await;
-            }
+            self.keep_signer_node().await;
             if !self.is_voter() {
                 return State::Registering;
             }

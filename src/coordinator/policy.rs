@@ -216,7 +216,9 @@ pub fn standby(v: &View, want: Option<NodeId>, acked: bool) -> Result<NodeId, Sw
             let why = match p {
                 None => Some(Unready::NotHeard),
                 Some(p) if p.witness => Some(Unready::Witness),
-                Some(p) if !p.ready => Some(Unready::NotSynced),
+                // Signer mode: a host's own node does not decide whether it
+                // may sign (its peers' sentries reach it).
+                Some(p) if !p.ready && !v.signer_mode => Some(Unready::NotSynced),
                 Some(p) if !p.eligible => Some(Unready::MayNotLead),
                 Some(p) if halt.as_ref().is_some_and(|h| !h.runs(p.upgrade.as_ref())) => {
                     Some(Unready::NotUpgraded)

@@ -181,6 +181,16 @@ fn standby_picks_the_most_advanced_ready_voter_and_says_why_not() {
     let mut v = view();
     v.paused = true;
     assert_eq!(standby(&v, None, false), Err(Paused));
+    // Signer mode: a standby whose own node is down (or that has none)
+    // still signs for the others' sentries, so it may take over; a leader
+    // that may not lead (its key outvoted, say) can hand on to it.
+    let mut v = view();
+    v.signer_mode = true;
+    v.peers.values_mut().for_each(|p| p.ready = false);
+    assert_eq!(standby(&v, Some(3), false), Ok(3));
+    v.is_leader = true;
+    v.key_outvoted = true;
+    assert!(goes_quiet(StateName::Voting, false, &v));
 }
 
 #[test]
