@@ -603,7 +603,8 @@ impl<E: Env> Coordinator<E> {
             };
             let now = self.out.mono_now_ns();
             self.custody.ensure_running(true).await;
-            let halt = self.view().halt;
+            // As `publish` saw it at the top of this turn.
+            let halt = self.halt_latch.clone();
             if halt != at_halt {
                 if halt.is_some() {
                     tracing::info!("validating at the chain's upgrade halt: holding the key while the node restarts and migrates");
