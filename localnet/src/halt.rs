@@ -259,40 +259,43 @@ async fn warned_before_height(c: &Cluster, active: u64) -> Result<bool> {
 /// What scenario `s` must show (docs/operations.md, "Upgrades"); empty
 /// when it passes.
 fn failures(s: Scenario, v: &Verdict, active: u64) -> Vec<String> {
-    let mut failed = Vec::new();
-    let mut want = |ok: bool, why: &str| {
-        if !ok {
-            failed.push(why.to_string());
-        }
-    };
-    want(v.double_signs == 0, "double signs");
-    want(v.signed_after.is_some(), "nobody signed after the halt");
-    want(
-        v.missed_after_resume <= CLEAN_RESTART_MISSED,
-        "more heights missed after the resume than a clean restart costs",
+    let stays = matches!(
+        s,
+        Scenario::Prepared | Scenario::SlowMigration | Scenario::MissingBinary
     );
-    match s {
-        Scenario::Prepared | Scenario::SlowMigration | Scenario::MissingBinary => {
-            want(
-                v.handovers_during_halt == 0,
-                "the key moved during the halt",
-            );
-            want(!v.passed_by_network, "the network passed the halt first");
-        }
-        Scenario::CrashOnActive | Scenario::KillDuringHalt => {
-            want(
-                v.signed_after.is_some_and(|n| n != active),
-                "the key is not on an upgraded standby",
-            );
-        }
-    }
-    if s == Scenario::MissingBinary {
-        want(
-            v.alert_before_height == Some(true),
+    unmet(&[
+        (v.double_signs == 0, "double signs"),
+        (v.signed_after.is_some(), "nobody signed after the halt"),
+        (
+            v.missed_after_resume <= CLEAN_RESTART_MISSED,
+            "more heights missed after the resume than a clean restart costs",
+        ),
+        (
+            !stays || v.handovers_during_halt == 0,
+            "the key moved during the halt",
+        ),
+        (
+            !stays || !v.passed_by_network,
+            "the network passed the halt first",
+        ),
+        (
+            stays || v.signed_after.is_some_and(|n| n != active),
+            "the key is not on an upgraded standby",
+        ),
+        (
+            s != Scenario::MissingBinary || v.alert_before_height == Some(true),
             "no warning before the height",
-        );
-    }
-    failed
+        ),
+    ])
+}
+
+/// The reasons among `checks` whose condition does not hold.
+fn unmet(checks: &[(bool, &str)]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, why)| why.to_string())
+        .collect()
 }
 
 /// Signer mode: the upgrade the sentries halt for (`fakenode --v1-after`
@@ -449,31 +452,25 @@ async fn judge_signer(
 /// during the halt, no handover (but for the killed leader), and no more
 /// heights missed than a sentry's restart costs.
 fn signer_failures(s: Scenario, v: &Verdict, during: Option<u64>) -> Vec<String> {
-    let mut failed = Vec::new();
-    let mut want = |ok: bool, why: &str| {
-        if !ok {
-            failed.push(why.to_string());
-        }
-    };
-    want(v.double_signs == 0, "equivocations");
-    want(v.resumed_ms.is_some(), "nothing signed after the halt");
-    want(
-        v.missed_after_resume <= CLEAN_RESTART_MISSED,
-        "more heights missed after the halt than a sentry's restart costs",
-    );
-    want(
-        during.is_some_and(|h| h <= SIGNER_HALT_AFTER + 1),
-        "the watermark moved past the halt during it (or nobody answered)",
-    );
-    match s {
-        Scenario::KillDuringHalt => want(
-            v.signed_after.is_some_and(|l| l != 1),
+    let killed = s == Scenario::KillDuringHalt;
+    unmet(&[
+        (v.double_signs == 0, "equivocations"),
+        (v.resumed_ms.is_some(), "nothing signed after the halt"),
+        (
+            v.missed_after_resume <= CLEAN_RESTART_MISSED,
+            "more heights missed after the halt than a sentry's restart costs",
+        ),
+        (
+            during.is_some_and(|h| h <= SIGNER_HALT_AFTER + 1),
+            "the watermark moved past the halt during it (or nobody answered)",
+        ),
+        (
+            !killed || v.signed_after.is_some_and(|l| l != 1),
             "no other signer leads after the killed one",
         ),
-        _ => want(
-            v.handovers_during_halt == 0,
+        (
+            killed || v.handovers_during_halt == 0,
             "the signer changed during the halt",
         ),
-    }
-    failed
+    ])
 }
