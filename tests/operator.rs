@@ -267,13 +267,7 @@ async fn an_operator_command_never_elects_a_host_inside_a_lease_it_promised() ->
 /// mode that unsettles its applied pause, in signer mode it must not.)
 #[tokio::test]
 async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()> {
-    let mode = localnet::cluster::Mode::Signer {
-        chain_id: "keyraft-pause-test".into(),
-        round_every: 4,
-        validators: 2,
-        more_chains: 0,
-        halt: None,
-    };
+    let mode = localnet::cluster::Mode::signer("keyraft-pause-test");
     let mut c = Cluster::start_signers(3, 500, mode, plain).await?;
     c.chain.wait_signed_by(0, &[1, 2, 3], SETTLE).await?;
     let l = eventually(SETTLE, "a signer leader", || async {

@@ -18,13 +18,7 @@ const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
 
 fn mode() -> Mode {
-    Mode::Signer {
-        chain_id: "keyraft-signer-test".into(),
-        round_every: 4,
-        validators: 2,
-        more_chains: 0,
-        halt: None,
-    }
+    Mode::signer("keyraft-signer-test")
 }
 
 async fn start(opts: impl Fn(u64) -> NodeOpts) -> Result<Cluster> {

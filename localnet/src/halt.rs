@@ -216,12 +216,6 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
         .map(|x| x.node);
     let (before, after) = (who(HALT_AT - 1), first_after);
     let resume = if by_network { HALT_AT + 1 } else { HALT_AT };
-    let signed: std::collections::BTreeSet<u64> = stats
-        .signers
-        .iter()
-        .map(|x| x.height)
-        .filter(|h| (resume..resume + 20).contains(h))
-        .collect();
     Ok(Verdict {
         name: format!("{s:?}"),
         mode: "validator",
@@ -231,12 +225,24 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
         signed_after: after,
         handovers_during_halt: u64::from(before.is_some() && after.is_some() && before != after),
         passed_by_network: by_network,
-        missed_after_resume: 20 - signed.len() as u64,
+        missed_after_resume: missed_from(&stats, resume),
         resumed_ms: passed.and_then(|p| p.signed_ms),
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),
     })
+}
+
+/// Of the 20 heights from `first`, those nobody signed, as the chain's
+/// window of signers shows them.
+fn missed_from(stats: &crate::chain::Stats, first: u64) -> u64 {
+    let signed: std::collections::BTreeSet<u64> = stats
+        .signers
+        .iter()
+        .map(|x| x.height)
+        .filter(|h| (first..first + 20).contains(h))
+        .collect();
+    20 - signed.len() as u64
 }
 
 /// Whether `keyraft check` on the active host warned (exit 9) that a
@@ -424,12 +430,6 @@ async fn judge_signer(
     let first = SIGNER_HALT_AFTER + 1;
     let stats = c.chain.stats_since(first).await?;
     let passed = stats.upgrades.iter().find(|p| &p.upgrade == upgrade);
-    let signed: std::collections::BTreeSet<u64> = stats
-        .signers
-        .iter()
-        .map(|x| x.height)
-        .filter(|h| (first..first + 20).contains(h))
-        .collect();
     Ok(Verdict {
         name: format!("{s:?}"),
         mode: "signer",
@@ -439,7 +439,7 @@ async fn judge_signer(
         signed_after: leaders.1,
         handovers_during_halt: u64::from(leaders.0 != leaders.1),
         passed_by_network: passed.is_some_and(|p| p.by_network),
-        missed_after_resume: 20 - signed.len() as u64,
+        missed_after_resume: missed_from(&stats, first),
         resumed_ms: passed.and_then(|p| p.signed_ms),
         alert_before_height: None,
         pass: false,

@@ -90,6 +90,20 @@ pub enum Mode {
     },
 }
 
+impl Mode {
+    /// Signer mode for one chain `chain_id`, as most tests run it: round 1
+    /// commits every 4th height, our key proposes one round in 2, no halt.
+    pub fn signer(chain_id: &str) -> Mode {
+        Mode::Signer {
+            chain_id: chain_id.into(),
+            round_every: 4,
+            validators: 2,
+            more_chains: 0,
+            halt: None,
+        }
+    }
+}
+
 /// How one node is started.
 #[derive(Clone, Default)]
 pub struct NodeOpts {

@@ -24,13 +24,7 @@ pub fn wan(_: u64) -> NodeOpts {
 }
 
 pub fn signer_mode() -> Mode {
-    Mode::Signer {
-        chain_id: "keyraft-membership-test".into(),
-        round_every: 4,
-        validators: 2,
-        more_chains: 0,
-        halt: None,
-    }
+    Mode::signer("keyraft-membership-test")
 }
 
 /// The leader, as the first running node that knows one says.
