@@ -5,14 +5,14 @@
 //! sentries' own halt and restart at a chain's upgrade to 1.x.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use localnet::cluster::{Cluster, Mode, NodeOpts};
 use localnet::comet::privval::PrivvalStats;
 
 mod common;
-use common::{every_sentry_signed, leader, no_equivocations};
+use common::{every_sentry_signed, kill_the_leaders_host, no_equivocations};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -43,17 +43,7 @@ fn v1_with_bytes(_: u64) -> NodeOpts {
 async fn v1_sentries_are_signed_for_through_a_kill_of_the_leaders_host() -> Result<()> {
     let mut c = Cluster::start_signers(3, BLOCK_MS, mode(), v1_with_bytes).await?;
     every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
-    let l = leader(&c, &[1]).await?;
-    let killed_at = c.chain.totals().await?;
-    let t = Instant::now();
-    c.kill_host(l)?;
-    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
-    let s = every_sentry_signed(&c, killed_at.height, &rest).await?;
-    let missed = s.missed - killed_at.missed;
-    eprintln!(
-        "v1: signing resumed {} ms after the kill; {missed} heights missed",
-        t.elapsed().as_millis(),
-    );
+    let (rest, missed, s) = kill_the_leaders_host(&mut c).await?;
     // An election and a reconnection: a few heights at 500 ms, not more.
     ensure!(
         missed <= 6,

@@ -5,14 +5,14 @@
 //! leader cut off from its peers, sentries asking for conflicting blocks,
 //! a restart with the same data dir.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, ClusterDir, Mode, NodeOpts};
 use localnet::harness::eventually;
 
 mod common;
-use common::{every_sentry_signed, leader, no_equivocations};
+use common::{every_sentry_signed, kill_the_leaders_host, leader, no_equivocations};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -232,17 +232,7 @@ async fn three_signers_sign_every_height_once_through_any_sentry() -> Result<()>
 #[tokio::test]
 async fn killing_the_leaders_host_costs_at_most_an_election_and_no_equivocation() -> Result<()> {
     let mut c = start(|_| NodeOpts::default()).await?;
-    let l = leader(&c, &[1]).await?;
-    let killed_at = c.chain.totals().await?;
-    let t = Instant::now();
-    c.kill_host(l)?;
-    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
-    let s = every_sentry_signed(&c, killed_at.height, &rest).await?;
-    eprintln!(
-        "signing resumed {} ms after the kill; {} heights missed",
-        t.elapsed().as_millis(),
-        s.missed - killed_at.missed
-    );
+    let (_, _, s) = kill_the_leaders_host(&mut c).await?;
     c.chain.wait_height(s.height + 4, SETTLE).await?;
     no_equivocations(&c).await?;
     Ok(())

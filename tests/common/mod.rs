@@ -257,3 +257,23 @@ pub async fn no_equivocations(c: &Cluster) -> Result<localnet::chain::Stats> {
     );
     Ok(s)
 }
+
+/// Signer mode: SIGKILL of the leader's host (the leader as node 1 sees
+/// it). Returns the other hosts, the heights the chain missed until every
+/// one of their sentries signed again, and the chain's books then.
+pub async fn kill_the_leaders_host(
+    c: &mut Cluster,
+) -> Result<(Vec<u64>, u64, localnet::chain::Stats)> {
+    let l = leader(c, &[1]).await?;
+    let killed_at = c.chain.totals().await?;
+    let t = std::time::Instant::now();
+    c.kill_host(l)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(c, killed_at.height, &rest).await?;
+    let missed = s.missed - killed_at.missed;
+    eprintln!(
+        "signing resumed {} ms after the kill; {missed} heights missed",
+        t.elapsed().as_millis()
+    );
+    Ok((rest, missed, s))
+}
