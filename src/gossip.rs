@@ -270,7 +270,10 @@ pub fn core_status<SM: RaftStateMachine<TypeConfig>>(
             crate::signer::ahead::FEATURE.to_string(),
             crate::signer::confirm::FEATURE.to_string(),
             crate::signer::bytes::FEATURE.to_string(),
+            crate::supervisor::BINARY_FEATURE.to_string(),
         ],
+        binary: local.binary.clone(),
+        binary_refused: local.binary_refused.clone(),
         upgrade: core.upgrade.borrow().as_ref().map(Into::into),
         chain_heights: core
             .chain_nodes

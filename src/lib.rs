@@ -12,7 +12,8 @@
 //! imports it back (`tests/layering.rs` keeps it so):
 //!
 //! - [`cli`]: the `keyraft` command line, by topic (run, admin commands,
-//!   certificates); `src/main.rs` only calls it.
+//!   certificates, the roll of a new node binary); `src/main.rs` only
+//!   calls it.
 //! - [`config`]: flags, `KEYRAFT_*` variables and TOML, by topic, validated
 //!   into a [`config::Config`] (timings must satisfy the safety inequality).
 //! - [`server`]: `keyraft run` itself: start-up order (lock and fence

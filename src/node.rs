@@ -74,6 +74,10 @@ pub struct Local {
     pub key_linked: bool,
     pub validator: Option<Health>,
     pub eligible: bool,
+    /// The program the node was last started as, and why it does not run
+    /// the one the cluster committed for it, if it does not.
+    pub binary: Option<String>,
+    pub binary_refused: Option<String>,
 }
 
 /// Operator requests that only the coordinator can carry out.

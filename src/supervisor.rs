@@ -24,6 +24,36 @@ pub fn restart_delay(restarts: u32) -> Duration {
     (Duration::from_millis(250) * (1 << restarts.min(6))).min(Duration::from_secs(10))
 }
 
+/// The gossip feature of a keyraft that applies [`crate::ledger::Command::NodeBinary`].
+pub const BINARY_FEATURE: &str = "node-binary";
+
+/// Why this host does not run its node as the program the cluster committed
+/// for it (`keyraft upgrade --binary`); it keeps the one it ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramRefused {
+    #[error("{path} cannot be read here: {why}")]
+    Missing { path: String, why: String },
+    #[error("{path} is not an executable file here")]
+    NotExecutable { path: String },
+}
+
+/// Whether `path` is an executable file on this host.
+pub async fn check_program(path: &str) -> Result<(), ProgramRefused> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| ProgramRefused::Missing {
+            path: path.to_string(),
+            why: e.to_string(),
+        })?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(ProgramRefused::NotExecutable {
+            path: path.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The validator side of a host: its process tree (through the guard), its
 /// key links, its restarts.
 pub struct Validator {
@@ -41,6 +71,11 @@ pub struct Validator {
     pub linked: bool,
     pub restarts: u32,
     pub next_start: Instant,
+    /// The program the cluster committed for this node, in place of its
+    /// command's first word.
+    program: Option<String>,
+    /// The program the running (or last) node was started as.
+    started_as: Option<String>,
 }
 
 impl Validator {
@@ -70,6 +105,8 @@ impl Validator {
             linked: false,
             restarts: 0,
             next_start: Instant::now(),
+            program: None,
+            started_as: None,
         })
     }
 
@@ -79,15 +116,46 @@ impl Validator {
         self.next_start = Instant::now();
     }
 
+    /// The node's command: the configured one, its first word replaced by
+    /// the program the cluster committed for this host, if any.
+    fn argv(&self) -> Vec<String> {
+        let mut argv = self.cfg.command.clone();
+        if let (Some(p), Some(first)) = (&self.program, argv.first_mut()) {
+            *first = p.clone();
+        }
+        argv
+    }
+
+    /// Runs the node as `program` from its next start; whether that is a
+    /// change. Refused (nothing changes) for a file that is not an
+    /// executable here.
+    pub async fn use_program(&mut self, program: &str) -> Result<bool, ProgramRefused> {
+        if self.program.as_deref() == Some(program) {
+            return Ok(false);
+        }
+        check_program(program).await?;
+        self.program = Some(program.to_string());
+        Ok(true)
+    }
+
+    /// The program the node was last started as.
+    pub fn started_as(&self) -> Option<String> {
+        self.started_as.clone()
+    }
+
+    async fn start_argv(&mut self) -> Result<u32, GuardError> {
+        let argv = self.argv();
+        let pid = self.sup.start(&argv, self.linked).await?;
+        self.started_as = argv.into_iter().next();
+        Ok(pid)
+    }
+
     /// Starts the validator now (with the key if it is linked), the count
     /// of exits in a row back to zero.
     pub async fn start(&mut self) -> Result<(), GuardError> {
         self.next_start = Instant::now();
         self.restarts = 0;
-        self.sup
-            .start(&self.cfg.command, self.linked)
-            .await
-            .map(|_| ())
+        self.start_argv().await.map(|_| ())
     }
 
     /// The next thing that happened to the validator unasked.
@@ -111,7 +179,7 @@ impl Validator {
                 return;
             }
         }
-        match self.sup.start(&self.cfg.command, self.linked).await {
+        match self.start_argv().await {
             Ok(pid) => tracing::info!(pid, key = self.linked, "validator node started"),
             Err(e) => {
                 tracing::error!("cannot start the validator node: {e}");

@@ -7,9 +7,16 @@
 //! the scenarios of `localnet upgrade-test [--cometbft]`. Each test asks
 //! the chain: double signs, who signed (or led) either side of the halt,
 //! heights missed after it; and, for a standby without the upgrade's
-//! binary, whether `keyraft check` said so before the height.
+//! binary, whether `keyraft check` said so before the height. A chain
+//! without a halt: a new node program rolled through three hosts with
+//! `keyraft upgrade --binary`, and rolls that must stop before the key
+//! moves (a program missing on a standby, or crashing there).
 
-use anyhow::{ensure, Result};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{Cluster, NodeOpts};
 use localnet::halt::{run, run_signer, Scenario, CLEAN_RESTART_MISSED};
 
 async fn passes(s: Scenario) -> Result<localnet::halt::Verdict> {
@@ -63,6 +70,77 @@ async fn a_standby_without_the_binary_is_named_before_the_height() -> Result<()>
     let v = passes(Scenario::MissingBinary).await?;
     ensure!(v.alert_before_height == Some(true), "{v:?}");
     ensure!(v.handovers_during_halt == 0, "{v:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_node_program_rolls_through_the_cluster_with_no_height_missed() -> Result<()> {
+    // Standbys first, a switchover, then the old active host; the chain
+    // says the key moved to an upgraded standby and signs as the new
+    // version.
+    let v = localnet::rolling::run().await?;
+    ensure!(v.pass, "rolling failed ({:?}): {v:?}", v.failed);
+    ensure!(v.double_signs == 0, "{v:?}");
+    ensure!(v.signed_after != v.signed_before, "{v:?}");
+    ensure!(
+        v.missed_after_resume <= localnet::rolling::SWITCHOVER_MISSED,
+        "{v:?}"
+    );
+    Ok(())
+}
+
+/// Runs `keyraft upgrade --binary PATH` against node `id`: its exit status
+/// and everything it printed.
+async fn upgrade(c: &Cluster, id: u64, path: &str, timeout_s: u64) -> Result<(bool, String)> {
+    let t = timeout_s.to_string();
+    let out = c
+        .cli(id, &["upgrade", "--binary", path, "--timeout", &t])
+        .await?;
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), said))
+}
+
+#[tokio::test]
+async fn a_program_missing_or_failing_on_a_standby_stops_the_roll_before_the_key_moves(
+) -> Result<()> {
+    let c = Cluster::start(3, 500, |_| NodeOpts::default()).await?;
+    c.chain
+        .wait_height(8, Duration::from_secs(30))
+        .await
+        .with_context(|| c.logs())?;
+    let active = c.active().await.with_context(|| c.logs())?;
+    let from = c.chain.totals().await?.height;
+    let status = c.status(active).await?;
+    let old = status["nodes"][0]["binary"]
+        .as_str()
+        .context("a node without its program in the status")?
+        .to_string();
+    // Not on the hosts at all: the first standby refuses it, keeps its
+    // node, and the roll stops at once with that host's reason.
+    let (ok, said) = upgrade(&c, active, "/nonexistent/node", 60).await?;
+    ensure!(!ok && said.contains("cannot be read here"), "{said}");
+    // A program that exits at once: the standby's node crash-loops on it,
+    // the roll waits for it to sync and gives up, the key never moved.
+    let crashing = c.dir.path().join("crashing-node");
+    std::fs::write(&crashing, "#!/bin/sh\nexit 3\n")?;
+    std::fs::set_permissions(&crashing, std::fs::Permissions::from_mode(0o755))?;
+    let (ok, said) = upgrade(&c, active, &crashing.to_string_lossy(), 8).await?;
+    ensure!(!ok && said.contains("did not finish"), "{said}");
+    ensure!(c.active().await? == active, "the key moved: {}", c.logs());
+    // Rolled back with the old program: every host runs it again.
+    let (ok, said) = upgrade(&c, active, &old, 60).await?;
+    ensure!(ok, "{said}\n{}", c.logs());
+    let to = c.chain.totals().await?.height;
+    c.chain.wait_height(to + 4, Duration::from_secs(30)).await?;
+    let stats = c.chain.stats_since(from).await?;
+    ensure!(stats.double_signs == 0, "{stats:?}");
+    let signed: std::collections::BTreeSet<u64> = stats.signers.iter().map(|s| s.height).collect();
+    let missed = (from..to + 4).filter(|h| !signed.contains(h)).count() as u64;
+    ensure!(
+        missed <= localnet::rolling::SWITCHOVER_MISSED,
+        "missed {missed}: {stats:?}"
+    );
     Ok(())
 }
 

@@ -76,6 +76,9 @@ pub struct Stats {
     /// Each upgrade passed, and how long the chain was halted for it.
     #[serde(default)]
     pub upgrades: Vec<Passed>,
+    /// NEAR mode: the software version each node last signed with.
+    #[serde(default)]
+    pub versions: std::collections::BTreeMap<u64, String>,
 }
 
 pub use crate::upgrade::Passed;
@@ -126,6 +129,8 @@ struct StatsQuery {
 #[derive(Debug, Default)]
 struct Ledger {
     height: u64,
+    /// The software version each node last signed with.
+    versions: std::collections::BTreeMap<u64, String>,
     /// Distinct nodes that signed the current height.
     current: Vec<u64>,
     signed: u64,
@@ -270,13 +275,14 @@ impl Ledger {
             equivocations: Vec::new(),
             halted: self.halted().cloned(),
             upgrades: self.passed.clone(),
+            versions: self.versions.clone(),
         }
     }
 }
 
 /// The books of the chain's mode.
 enum Judge {
-    Near(Ledger),
+    Near(Box<Ledger>),
     Comet(Box<Book>),
 }
 
@@ -308,6 +314,7 @@ impl Judge {
                     equivocations: b.equivocations().copied().collect(),
                     halted: b.upgrades().0,
                     upgrades: b.upgrades().1,
+                    versions: Default::default(),
                 }
             }
         }
@@ -375,7 +382,7 @@ pub async fn run(
                 network_upgrade: cfg.network_upgrade,
                 ..Ledger::default()
             };
-            (Some(key), Judge::Near(ledger))
+            (Some(key), Judge::Near(Box::new(ledger)))
         }
         Mode::Comet { schedule, key } => {
             tracing::info!(chain_id = %schedule.chain_id, address = %key.address_hex(),
@@ -485,6 +492,11 @@ async fn sign(State(chain): State<Arc<Chain>>, Json(req): Json<SignRequest>) -> 
         return refuse(&chain, StatusCode::CONFLICT, why);
     }
     let double_sign = ledger.record(req.node);
+    let version = req.version.clone();
+    ledger.versions.insert(
+        req.node,
+        version.unwrap_or_else(|| crate::upgrade::GENESIS.to_string()),
+    );
     drop(judge);
     if double_sign {
         tracing::warn!(height = req.height, node = req.node, "DOUBLE SIGN");

@@ -43,6 +43,9 @@ pub enum Scenario {
     /// The active host's migration takes longer than keyraft's unhealthy
     /// grace, while the standbys' are quick.
     SlowMigration,
+    /// A chain without a halt (NEAR): a new node program rolled through
+    /// the cluster with `keyraft upgrade --binary` (run by its own module).
+    Rolling,
 }
 
 impl Scenario {
@@ -50,7 +53,7 @@ impl Scenario {
     /// binary there is only the early warning, which signer mode does not
     /// give yet.
     pub fn in_signer_mode(self) -> bool {
-        self != Scenario::MissingBinary
+        !matches!(self, Scenario::MissingBinary | Scenario::Rolling)
     }
 }
 
@@ -77,6 +80,9 @@ pub struct Verdict {
     pub missed_after_resume: u64,
     /// From the halt to this validator's first signature after it.
     pub resumed_ms: Option<u64>,
+    /// `rolling`: how long `keyraft upgrade --binary` took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roll_ms: Option<u64>,
     /// `missing-binary`: `keyraft check` named the standby without the
     /// binary (exit 9) before the chain reached the upgrade's height.
     pub alert_before_height: Option<bool>,
@@ -97,9 +103,8 @@ const QUICK: Cosmovisor = Cosmovisor {
 fn arrange(c: &Cluster, s: Scenario, upgrade: &Upgrade, active: u64) -> Result<()> {
     let standby = c.nodes.keys().copied().find(|id| *id != active);
     let (id, tree) = match (s, standby) {
-        (Scenario::Prepared | Scenario::KillDuringHalt, _) | (Scenario::MissingBinary, None) => {
-            return Ok(())
-        }
+        (Scenario::Prepared | Scenario::KillDuringHalt | Scenario::Rolling, _)
+        | (Scenario::MissingBinary, None) => return Ok(()),
         (Scenario::MissingBinary, Some(id)) => {
             let dir = c.nodes[&id].home.join("cosmovisor/upgrades");
             std::fs::remove_dir_all(&dir)
@@ -138,6 +143,10 @@ pub const CLEAN_RESTART_MISSED: u64 = 4;
 /// runs with `--upgrades cosmovisor` (without it, what keyraft did before
 /// it followed upgrades is measured).
 pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
+    anyhow::ensure!(
+        s != Scenario::Rolling,
+        "the rolling scenario has no halt: localnet's rolling module runs it"
+    );
     let upgrade = Upgrade {
         // Chains name upgrades in any case ("Vega", "v7-Theta");
         // cosmovisor's directory for it is in lower case.
@@ -227,6 +236,7 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
         passed_by_network: by_network,
         missed_after_resume: missed_from(&stats, resume),
         resumed_ms: passed.and_then(|p| p.signed_ms),
+        roll_ms: None,
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),
@@ -296,7 +306,7 @@ fn failures(s: Scenario, v: &Verdict, active: u64) -> Vec<String> {
 }
 
 /// The reasons among `checks` whose condition does not hold.
-fn unmet(checks: &[(bool, &str)]) -> Vec<String> {
+pub(crate) fn unmet(checks: &[(bool, &str)]) -> Vec<String> {
     checks
         .iter()
         .filter(|(ok, _)| !ok)
@@ -441,6 +451,7 @@ async fn judge_signer(
         passed_by_network: passed.is_some_and(|p| p.by_network),
         missed_after_resume: missed_from(&stats, first),
         resumed_ms: passed.and_then(|p| p.signed_ms),
+        roll_ms: None,
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),

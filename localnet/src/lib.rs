@@ -58,6 +58,7 @@ pub mod keys;
 pub mod launcher;
 pub mod node;
 pub mod proxy;
+pub mod rolling;
 pub mod shape;
 pub mod tmkms;
 pub mod upgrade;

@@ -117,8 +117,12 @@ impl Plan {
     }
 
     /// What a node running `version` must do when the chain's head is
-    /// `head`.
+    /// `head`. On a chain with no plan (NEAR's binary upgrades need no
+    /// halt) every version runs.
     pub fn verdict(&self, version: &str, head: u64) -> Verdict {
+        if self.0.is_empty() {
+            return Verdict::Run;
+        }
         let Some(rank) = self.rank(version) else {
             return Verdict::Unknown;
         };
@@ -229,6 +233,7 @@ mod tests {
         for (version, head, want) in table {
             assert_eq!(plan.verdict(version, head), want, "{version} at {head}");
         }
+        assert_eq!(Plan::default().verdict("v9", 20), Verdict::Run);
         assert_eq!(plan.at(10), Some(&up("v2", 10)));
         assert_eq!(plan.at(11), None);
         assert_eq!(plan.next_after("genesis"), Some(&up("v2", 10)));

@@ -32,6 +32,7 @@ use keyraft::health::Health;
 use keyraft::ledger::NodeId;
 use keyraft::node::CoordinatorRequest;
 use keyraft::pb;
+use keyraft::supervisor::ProgramRefused;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -449,5 +450,14 @@ impl CustodyHost for SimValidator {
             self.pid = None;
         }
         proof
+    }
+
+    /// The simulator's node has one program (no schedule rolls another).
+    async fn use_program(&mut self, _program: &str) -> Result<bool, ProgramRefused> {
+        Ok(false)
+    }
+
+    fn started_as(&self) -> Option<String> {
+        None
     }
 }

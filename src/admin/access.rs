@@ -205,6 +205,7 @@ impl pb::admin_server::Admin for AdminService {
             Some(Kind::MembersAdd(_)) => "members add",
             Some(Kind::MembersRemove(_)) => "members remove",
             Some(Kind::SignerFloor(_)) => "signer import-state",
+            Some(Kind::NodeBinary(_)) => "upgrade --binary",
             None => "nothing",
         };
         if self.sh.core.cfg.witness {

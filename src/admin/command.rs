@@ -326,6 +326,7 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                 Ok(format!("node {node} registered"))
             }
             Kind::SignerFloor(f) => self.signer_floor(f).await,
+            Kind::NodeBinary(b) => self.node_binary(b).await,
             Kind::Switchover(s) => self
                 .switchover(s.to)
                 .await
@@ -384,6 +385,47 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
                 ))
             }
         }
+    }
+
+    /// `keyraft upgrade --binary`, one host: its node runs as `b.path`
+    /// from its next start (a standby's at once). Never the key holder's:
+    /// its node would restart under the key, which a switchover avoids.
+    async fn node_binary(&self, b: pb::NodeBinary) -> Result<String, Status> {
+        let refuse = |why: String| Err(Status::failed_precondition(why));
+        let voters = self.voter_ids();
+        let mode = self.core.cluster.borrow().modes.get(&b.node).copied();
+        if !voters.contains(&b.node) {
+            return refuse(format!("node {} is not a voter", b.node));
+        }
+        if mode != Some(crate::ledger::Mode::Validator) {
+            return refuse(format!("node {} does not run in validator mode: `keyraft upgrade --binary` rolls validator-mode nodes only", b.node));
+        }
+        if !std::path::Path::new(&b.path).is_absolute() {
+            return refuse(format!("{} is not an absolute path", b.path));
+        }
+        if self.core.cluster.borrow().key_holder() == Some(b.node) {
+            return refuse(format!("node {} holds the key: run `keyraft switchover` first (its node would restart under the key)", b.node));
+        }
+        let others = voters.into_iter().filter(|v| *v != self.core.cfg.id);
+        if !self
+            .core
+            .view
+            .all_have(others, crate::supervisor::BINARY_FEATURE)
+        {
+            return refuse(
+                "not every voter runs a keyraft that knows node binaries: upgrade keyraft first"
+                    .into(),
+            );
+        }
+        let (node, path) = (b.node, b.path);
+        self.write(Command::NodeBinary {
+            node,
+            path: path.clone(),
+        })
+        .await?;
+        Ok(format!(
+            "node {node} runs its node as {path} from its next start"
+        ))
     }
 
     /// `keyraft signer import-state`: the floor below which nothing of

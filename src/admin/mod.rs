@@ -89,6 +89,7 @@ pub fn status_json(sh: &Shared) -> Value {
                     st.upgrade.as_ref().map(Into::into),
                     st.validator.as_ref().map(|v| v.height).filter(|h| *h > 0),
                 ),
+                "binary": st.binary, "binary_refused": st.binary_refused,
             })
         } else {
             // Never heard from, or not lately: what it last said may be stale.
@@ -96,6 +97,7 @@ pub fn status_json(sh: &Shared) -> Value {
             json!({
                 "id": id, "addr": addr, "role": last.map(|s| s.status.role.clone()), "state": "Unknown", "raft": "Unknown",
                 "key_linked": Value::Null, "validator": Value::Null, "upgrade": Value::Null,
+                "binary": Value::Null, "binary_refused": Value::Null,
                 "last_seen_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
             })
         };
@@ -123,6 +125,7 @@ pub fn status_json(sh: &Shared) -> Value {
         "cluster": {
             "leader": sh.core.leader(), "term": m.current_term, "active_validator": active,
             "quorum": sh.core.has_quorum(), "paused": cluster.paused, "members": voters,
+            "binaries": cluster.binaries.iter().map(|(n, p)| (n.to_string(), json!(p))).collect::<serde_json::Map<String, Value>>(),
         },
         "nodes": nodes,
         "timing": crate::tuning::status(&sh.core, cluster.timing),
@@ -142,6 +145,7 @@ fn own_node_json(sh: &Shared, m: &crate::raft::Metrics, local: &crate::node::Loc
         "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
         "key_linked": local.key_linked, "validator": local.validator, "last_seen_ms": 0,
         "upgrade": upgrade_json(sh.core.upgrade.borrow().clone(), local.validator.and_then(|v| v.height)),
+        "binary": local.binary, "binary_refused": local.binary_refused,
         "probe_error": *sh.probe_error.borrow(),
         "kernel_fence": sh.kernel_fence.to_string(),
         "fence_agents": (!sh.core.cfg.fence.by_node.is_empty()).then(|| {

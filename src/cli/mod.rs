@@ -19,6 +19,7 @@
 
 mod admin;
 mod certs;
+mod rolling;
 mod run;
 
 use std::net::SocketAddr;
@@ -84,6 +85,21 @@ enum Cmd {
         /// The node to hand over to [default: the healthiest synced standby].
         #[arg(long)]
         to: Option<u64>,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Roll a new program for the validator node through the cluster
+    /// (validator mode, chains without an upgrade halt): each standby's
+    /// node restarts as it, one at a time until synced, then a switchover
+    /// to one, then the old active host's.
+    Upgrade {
+        /// The new program, at this absolute path on every host: it
+        /// replaces the first word of each host's validator command.
+        #[arg(long)]
+        binary: String,
+        /// Give up (changing nothing more) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         #[command(flatten)]
         admin: AdminAddr,
     },
@@ -321,7 +337,17 @@ pub fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(anyhow!(e)),
             };
-            match rt.block_on(admin::client(other)) {
+            let run = async {
+                match other {
+                    Cmd::Upgrade {
+                        binary,
+                        timeout,
+                        admin,
+                    } => rolling::roll(&admin, &binary, timeout).await,
+                    other => admin::client(other).await,
+                }
+            };
+            match rt.block_on(run) {
                 Ok(code) => code,
                 Err(e) => fail(e),
             }

@@ -33,6 +33,7 @@ use crate::health::Health;
 use crate::ledger::{Command, NodeId};
 use crate::node::{quorum_ack_age, Core};
 use crate::raft::TypeConfig;
+use crate::supervisor::ProgramRefused;
 
 /// Why a custody step failed; the caller fences.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,10 @@ pub struct Custody<E: Env> {
     out: Arc<E::Outside>,
     node: Option<E::Host>,
     health_rx: Option<watch::Receiver<Option<Health>>>,
+    /// The program the cluster committed for this host's node, as last
+    /// followed, and why it was refused if it was.
+    program: Option<String>,
+    refused: Option<ProgramRefused>,
 }
 
 impl<E: Env> Custody<E> {
@@ -85,6 +90,8 @@ impl<E: Env> Custody<E> {
             out,
             node,
             health_rx,
+            program: None,
+            refused: None,
         }
     }
 
@@ -176,6 +183,61 @@ impl<E: Env> Custody<E> {
         self.sh.metrics.validator_restarts.inc();
         node.backoff();
         true
+    }
+
+    /// The program the cluster committed for this host's node (`keyraft
+    /// upgrade --binary`), taken from the node's next start. A running
+    /// node without the key is stopped (proven) and started again as it at
+    /// once; a keyed one keeps running until its next start. A file that
+    /// is not an executable here is refused (tried again each call).
+    pub async fn follow_program(&mut self) {
+        let committed = self
+            .sh
+            .cluster
+            .borrow()
+            .binaries
+            .get(&self.sh.cfg.id)
+            .cloned();
+        let (Some(node), Some(program)) = (&mut self.node, committed) else {
+            return;
+        };
+        let program = program.as_str();
+        if self.program.as_deref() == Some(program) && self.refused.is_none() {
+            return;
+        }
+        self.program = Some(program.to_string());
+        let was_refused = self.refused.take();
+        match node.use_program(program).await {
+            Ok(false) => {}
+            Ok(true) if node.running().is_some() && !node.linked() => {
+                tracing::info!(
+                    program,
+                    "restarting this standby's node as the program the cluster committed for it"
+                );
+                let grace = self.sh.cfg.timing.stop_timeout;
+                if let Err(e) = node.stop_proven(grace, || None).await {
+                    tracing::error!("cannot stop the standby node for its new program: {e}");
+                }
+                node.start_at_once();
+                node.ensure_running(false).await;
+            }
+            Ok(true) => {
+                tracing::info!(program, "the node runs as this program from its next start")
+            }
+            Err(e) => {
+                if was_refused.as_ref() != Some(&e) {
+                    tracing::error!("keeping the node's program: {e}");
+                }
+                self.refused = Some(e);
+            }
+        }
+    }
+
+    /// The program this host's node was last started as, and why it does
+    /// not run the one the cluster committed, if it does not.
+    pub fn program(&self) -> (Option<String>, Option<&ProgramRefused>) {
+        let started = self.node.as_ref().and_then(|n| n.started_as());
+        (started, self.refused.as_ref())
     }
 
     /// Whether a successor waits for a new block height (`--no-height-watermark` turns it off).

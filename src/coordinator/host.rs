@@ -33,7 +33,7 @@ use crate::ledger::NodeId;
 use crate::node::Shared;
 use crate::pb;
 use crate::raft::TypeConfig;
-use crate::supervisor::Validator;
+use crate::supervisor::{ProgramRefused, Validator};
 
 /// What one coordinator runs over.
 pub trait Env: 'static {
@@ -103,6 +103,15 @@ pub trait Host: Send + 'static {
     ) -> impl Future<Output = Result<(), GuardError>> + Send;
     /// The guard died: kill the tree from here, prove it, start a new guard.
     fn replace_guard(&mut self) -> impl Future<Output = Result<(), GuardError>> + Send;
+    /// Runs the node as `program` (in place of its command's first word)
+    /// from its next start; whether that changed anything. Refused for a
+    /// file that is not an executable here.
+    fn use_program(
+        &mut self,
+        program: &str,
+    ) -> impl Future<Output = Result<bool, ProgramRefused>> + Send;
+    /// The program the node was last started as.
+    fn started_as(&self) -> Option<String>;
 }
 
 /// What the coordinator reaches beyond this process.
@@ -232,5 +241,13 @@ impl Host for Validator {
 
     async fn replace_guard(&mut self) -> Result<(), GuardError> {
         Validator::replace_guard(self).await
+    }
+
+    async fn use_program(&mut self, program: &str) -> Result<bool, ProgramRefused> {
+        Validator::use_program(self, program).await
+    }
+
+    fn started_as(&self) -> Option<String> {
+        Validator::started_as(self)
     }
 }

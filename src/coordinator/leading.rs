@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::host::Env;
 use super::{campaign_jitter, custody, policy, Coordinator, Event, State, Wake};
 use crate::ledger::{Command, KeyEvent, NodeId};
-use crate::node::StateName;
+use crate::node::{CoordinatorRequest, StateName, SwitchoverRefused};
 use crate::raft;
 
 /// After a fence agent failed every attempt: the next takeover try.
@@ -23,6 +23,40 @@ const FENCE_RETRY: Duration = Duration::from_secs(5);
 const KERNEL_FENCE_STAND_DOWN: Duration = Duration::from_secs(30);
 
 impl<E: Env> Coordinator<E> {
+    /// Requests in states where this node does not validate.
+    pub(super) async fn idle_request(&mut self, req: CoordinatorRequest) {
+        let CoordinatorRequest::Switchover { to, reply } = req;
+        let m = self.sh.raft_metrics();
+        let r = if m.state != ServerState::Leader {
+            Err(SwitchoverRefused::NotLeader)
+        } else if self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id) {
+            // A handover whose stop was not proven left the key unreleased.
+            Err(SwitchoverRefused::StillHolds)
+        } else {
+            match self.handover_target(to) {
+                Ok(t) => {
+                    let _ = self.sh.raft.trigger().transfer_leader(t).await;
+                    Ok(if self.sh.cfg.signer.is_some() {
+                        format!("signing leadership handed to node {t}")
+                    } else {
+                        format!("no node was validating; leadership handed to node {t}")
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let _ = reply.send(r);
+    }
+
+    /// A standby to hand leadership to by transfer: it must also have acked
+    /// a heartbeat lately (see [`policy::standby`]).
+    pub(super) fn handover_target(
+        &self,
+        want: Option<NodeId>,
+    ) -> Result<NodeId, SwitchoverRefused> {
+        policy::standby(&self.view(), want, true)
+    }
+
     /// A leader that may not validate (a witness elected to bring a
     /// standby's log up to date, say) hands leadership to an eligible
     /// standby as soon as that standby holds every entry, once per term.

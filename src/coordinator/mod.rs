@@ -276,6 +276,7 @@ impl<E: Env> Coordinator<E> {
     /// states keep the node running themselves), a request. `None`: go on.
     async fn common(&mut self, ev: Event) -> Option<State> {
         let signer = self.sh.cfg.signer.is_some();
+        self.custody.follow_program().await;
         match ev {
             Event::Shutdown => Some(State::Shutdown),
             // Signer mode keeps its node running from any state: its exit
@@ -355,12 +356,16 @@ impl<E: Env> Coordinator<E> {
         self.quiet = quiet;
         let health = view.health;
         let key_linked = self.custody.key_linked();
+        let (binary, refused) = self.custody.program();
+        let binary_refused = refused.map(ToString::to_string);
         self.sh.local.send_if_modified(|l| {
             let new = Local {
                 state,
                 key_linked,
                 validator: health,
                 eligible,
+                binary,
+                binary_refused,
             };
             let changed = *l != new;
             *l = new;
@@ -380,42 +385,14 @@ impl<E: Env> Coordinator<E> {
         eligible
     }
 
-    /// Requests in states where this node does not validate.
-    async fn idle_request(&mut self, req: CoordinatorRequest) {
-        let CoordinatorRequest::Switchover { to, reply } = req;
-        let m = self.sh.raft_metrics();
-        let r = if m.state != ServerState::Leader {
-            Err(SwitchoverRefused::NotLeader)
-        } else if self.cluster_rx.borrow().key_holder() == Some(self.sh.cfg.id) {
-            // A handover whose stop was not proven left the key unreleased.
-            Err(SwitchoverRefused::StillHolds)
-        } else {
-            match self.handover_target(to) {
-                Ok(t) => {
-                    let _ = self.sh.raft.trigger().transfer_leader(t).await;
-                    Ok(if self.sh.cfg.signer.is_some() {
-                        format!("signing leadership handed to node {t}")
-                    } else {
-                        format!("no node was validating; leadership handed to node {t}")
-                    })
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let _ = reply.send(r);
-    }
-
-    /// A standby to hand leadership to by transfer: it must also have acked
-    /// a heartbeat lately (see [`policy::standby`]).
-    fn handover_target(&self, want: Option<NodeId>) -> Result<NodeId, SwitchoverRefused> {
-        policy::standby(&self.view(), want, true)
-    }
-
     async fn startup(&mut self) -> State {
         if !self.custody.has_validator() {
             return State::Registering;
         }
         loop {
+            // Before the first start, so that a restarted keyraft starts
+            // its node as the program the cluster committed for it.
+            self.custody.follow_program().await;
             self.custody.ensure_running(false).await;
             self.publish(StateName::Startup);
             // Signer mode: started is enough (docs/signer.md: a host's own

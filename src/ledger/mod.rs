@@ -101,6 +101,13 @@ pub enum Command {
     /// chain without one. Its own variant, proposed only once every voter
     /// says it applies it (gossip feature `sign-bytes`).
     SignBytes { chain_id: String, digest: String },
+    /// Validator mode: `node` runs its node with the program `path` in
+    /// place of its command's first word, from its next start on (a
+    /// standby restarts its node for it). `keyraft upgrade --binary`
+    /// commits one per host, standbys first. Its own variant, proposed
+    /// only once every voter says it applies it (gossip feature
+    /// `node-binary`).
+    NodeBinary { node: NodeId, path: String },
 }
 
 /// The mode a member runs in, as it registered.
@@ -211,6 +218,9 @@ impl fmt::Display for Command {
             Command::SignBytes { chain_id, digest } => {
                 write!(f, "sign raw bytes {digest} for {chain_id}")
             }
+            Command::NodeBinary { node, path } => {
+                write!(f, "node {node} runs its node as {path}")
+            }
         }
     }
 }
@@ -266,6 +276,11 @@ pub struct ClusterState {
     /// What validator mode's use of the key tells signer mode.
     #[serde(default, skip_serializing_if = "Linked::is_unused")]
     pub linked: Linked,
+    /// Validator mode: the program each member runs its node as, where an
+    /// operator's `keyraft upgrade --binary` replaced its command's first
+    /// word ([`Command::NodeBinary`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub binaries: BTreeMap<NodeId, String>,
 }
 
 /// Validator mode's use of the key, as signer mode must know it: the key
@@ -363,6 +378,10 @@ impl ClusterState {
                 Reply::default()
             }
             Command::Rejoined { .. } => Reply::default(),
+            Command::NodeBinary { node, ref path } => {
+                self.binaries.insert(node, path.clone());
+                Reply::default()
+            }
             Command::SetTiming { profile, rtt_ms } => {
                 self.timing = Some(TimingChoice {
                     profile,

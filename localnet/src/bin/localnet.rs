@@ -177,8 +177,8 @@ enum Cmd {
         load: usize,
     },
     /// A validator cluster, every node under fakecosmovisor, at a chain
-    /// upgrade's halt: per scenario what the chain saw (the last line is
-    /// JSON).
+    /// upgrade's halt, or (`rolling`) a new node program rolled through
+    /// it: per scenario what the chain saw (the last line is JSON).
     UpgradeTest {
         /// Scenarios to run [default: all].
         #[arg(long, value_enum)]
@@ -188,7 +188,8 @@ enum Cmd {
         #[arg(long, conflicts_with = "cometbft")]
         without_upgrades: bool,
         /// Signer mode: each host's sentry halts and comes back as a
-        /// CometBFT 1.x node (every scenario but missing-binary).
+        /// CometBFT 1.x node (every scenario but missing-binary and
+        /// rolling).
         #[arg(long)]
         cometbft: bool,
     },
@@ -590,9 +591,10 @@ async fn upgrade_test(
     };
     let mut verdicts = Vec::new();
     for s in scenarios {
-        let v = match cometbft {
-            true => localnet::halt::run_signer(s).await?,
-            false => localnet::halt::run(s, follow).await?,
+        let v = match (cometbft, s) {
+            (true, _) => localnet::halt::run_signer(s).await?,
+            (false, localnet::halt::Scenario::Rolling) => localnet::rolling::run().await?,
+            (false, _) => localnet::halt::run(s, follow).await?,
         };
         eprintln!("{}", serde_json::to_string(&v)?);
         verdicts.push(v);
