@@ -254,7 +254,7 @@ impl Metrics {
         r.register(Box::new(m.raft_running.clone()))?;
         m.raft_running.set(1);
         r.register(Box::new(m.tls_cert_expiry.clone()))?;
-        if !witness && !signer {
+        if !witness {
             r.register(Box::new(m.upgrade_pending.clone()))?;
             r.register(Box::new(m.upgrade_ready.clone()))?;
         }

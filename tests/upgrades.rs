@@ -7,7 +7,7 @@
 //! the scenarios of `localnet upgrade-test [--cometbft]`. Each test asks
 //! the chain: double signs, who signed (or led) either side of the halt,
 //! heights missed after it; and, for a standby without the upgrade's
-//! binary, whether `keyraft check` said so before the height. A chain
+//! binary (both modes), whether `keyraft check` said so before the height. A chain
 //! without a halt: a new node program rolled through three hosts with
 //! `keyraft upgrade --binary`, and rolls that must stop before the key
 //! moves (a program missing on a standby, or crashing there).
@@ -181,5 +181,16 @@ async fn signer_mode_keeps_its_leader_through_a_slow_migration_of_its_sentry() -
 async fn signer_mode_with_its_leader_killed_during_the_halt_signs_on_from_another() -> Result<()> {
     let v = signs_through(Scenario::KillDuringHalt).await?;
     ensure!(v.signed_after.is_some_and(|l| l != 1), "{v:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn signer_mode_names_a_host_without_the_upgrades_binary_before_the_height() -> Result<()> {
+    // Sentries under cosmovisor, keyraft with --upgrades cosmovisor: node
+    // 2's tree lacks the upgrade; `keyraft check` says so before the
+    // height, and the leader signs on through the halt.
+    let v = signs_through(Scenario::MissingBinary).await?;
+    ensure!(v.alert_before_height == Some(true), "{v:?}");
+    ensure!(v.handovers_during_halt == 0, "{v:?}");
     Ok(())
 }

@@ -235,9 +235,7 @@ impl Cluster {
             certs(&keyraft, &args, &tls)?;
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
-            if let (Mode::NearUpgrade(u), Some(c)) = (&mode, node_opts.cosmovisor) {
-                crate::shape::lay_out(&home, u, c)?;
-            }
+            crate::shape::lay_out_for(&mode, &home, node_opts.cosmovisor)?;
             if let Some(name) = &node_opts.validator_user {
                 let user = nix::unistd::User::from_name(name)?
                     .with_context(|| format!("no user {name} on this host"))?;
@@ -395,10 +393,13 @@ impl Cluster {
                 .health_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", node.rpc));
+            let (env, program) = crate::shape::sentry_command(&node.opts, &node.home);
             cmd.args(["--health", "cometbft"])
                 .args(["--health-url", &health_url])
+                .args(crate::shape::follow_flags(&node.opts, node.rpc))
                 .arg("--")
-                .arg(sibling_bin("fakenode").unwrap_or_default())
+                .envs(env)
+                .args(program)
                 .args(["--cometbft", "--privval-listen", &privval])
                 .args(["--chain", &self.chain.url, "--node-id", &id.to_string()])
                 .args(["--rpc-listen", &node.rpc.to_string()])

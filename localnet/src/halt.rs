@@ -49,11 +49,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    /// Whether signer mode has it: a sentry holds no key, so a missing
-    /// binary there is only the early warning, which signer mode does not
-    /// give yet.
+    /// Whether signer mode has it (a roll of node binaries is validator
+    /// mode's).
     pub fn in_signer_mode(self) -> bool {
-        !matches!(self, Scenario::MissingBinary | Scenario::Rolling)
+        self != Scenario::Rolling
     }
 }
 
@@ -180,7 +179,7 @@ pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
     let active = c.active().await.with_context(|| c.logs())?;
     arrange(&c, s, &upgrade, active)?;
     let alert_before_height = match s {
-        Scenario::MissingBinary => Some(warned_before_height(&c, active).await?),
+        Scenario::MissingBinary => Some(warned_before_height(&c, active, HALT_AT).await?),
         _ => None,
     };
     let limit = Duration::from_millis(BLOCK_MS * (HALT_AT + 10));
@@ -255,17 +254,17 @@ fn missed_from(stats: &crate::chain::Stats, first: u64) -> u64 {
     20 - signed.len() as u64
 }
 
-/// Whether `keyraft check` on the active host warned (exit 9) that a
-/// member lacks the upgrade's binary, before the chain reached its height.
-async fn warned_before_height(c: &Cluster, active: u64) -> Result<bool> {
+/// Whether `keyraft check` on host `active` warned (exit 9) that a member
+/// lacks the upgrade's binary, before the chain reached `height`.
+async fn warned_before_height(c: &Cluster, active: u64, height: u64) -> Result<bool> {
     loop {
         let out = c.cli(active, &["check"]).await?;
         let text = String::from_utf8_lossy(&out.stdout);
         if out.status.code() == Some(9) && text.contains("BINARY MISSING") {
             tracing::info!(check = %text.trim(), "warned before the height");
-            return Ok(c.chain.totals().await?.height < HALT_AT);
+            return Ok(c.chain.totals().await?.height < height);
         }
-        if c.chain.totals().await?.height >= HALT_AT {
+        if c.chain.totals().await?.height >= height {
             return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(BLOCK_MS)).await;
@@ -322,12 +321,11 @@ const SIGNER_HALT_AFTER: u64 = 20;
 /// sentry that halts once height [`SIGNER_HALT_AFTER`] is committed and,
 /// started again, speaks CometBFT 1.x; the chain makes no round past the
 /// first after it until the network upgraded. Node 1 leads when the chain
-/// halts, and its sentry is the one the scenario concerns.
+/// halts, and its sentry is the one the scenario concerns; in
+/// `missing-binary` each sentry runs under `fakecosmovisor` (keyraft with
+/// `--upgrades cosmovisor`) and node 2's tree lacks the upgrade.
 pub async fn run_signer(s: Scenario) -> Result<Verdict> {
-    anyhow::ensure!(
-        s.in_signer_mode(),
-        "{s:?} is a validator-mode scenario: signer mode has no early warning yet"
-    );
+    anyhow::ensure!(s.in_signer_mode(), "{s:?} is a validator-mode scenario");
     let upgrade = Upgrade {
         name: "v1".into(),
         height: SIGNER_HALT_AFTER,
@@ -341,14 +339,15 @@ pub async fn run_signer(s: Scenario) -> Result<Verdict> {
         more_chains: 0,
         halt: Some(upgrade.clone()),
     };
+    let cosmovisor = s == Scenario::MissingBinary;
     let mut c = Cluster::start_signers(3, BLOCK_MS, mode, |id| {
-        let mut fakenode = vec![
-            "--v1-after".to_string(),
-            SIGNER_HALT_AFTER.to_string(),
-            "--home".into(),
-            dir.join(format!("sentry{id}")).display().to_string(),
-            "--migration-ms".into(),
-        ];
+        let mut fakenode = vec!["--v1-after".to_string(), SIGNER_HALT_AFTER.to_string()];
+        // Under cosmovisor the sentry's home is its tree's (the cluster's).
+        if !cosmovisor {
+            let home = dir.join(format!("sentry{id}")).display().to_string();
+            fakenode.extend(["--home".into(), home]);
+        }
+        fakenode.push("--migration-ms".into());
         fakenode.push(match (s, id) {
             (Scenario::SlowMigration, 1) => (GRACE_MS * 3).to_string(),
             _ => QUICK.migration_ms.to_string(),
@@ -359,11 +358,20 @@ pub async fn run_signer(s: Scenario) -> Result<Verdict> {
         NodeOpts {
             flags: vec!["--protocol-version".into(), "either".into()],
             fakenode,
+            cosmovisor: cosmovisor.then_some(Cosmovisor {
+                prepared: id != 2,
+                ..QUICK
+            }),
+            follow_upgrades: cosmovisor,
             ..NodeOpts::default()
         }
     })
     .await?;
     let before = lead_with(&c, 1).await?;
+    let alert_before_height = match s {
+        Scenario::MissingBinary => Some(warned_before_height(&c, 1, SIGNER_HALT_AFTER).await?),
+        _ => None,
+    };
     let limit = Duration::from_millis(BLOCK_MS * (SIGNER_HALT_AFTER + 10));
     c.chain
         .wait_height(SIGNER_HALT_AFTER + 1, limit)
@@ -390,6 +398,7 @@ pub async fn run_signer(s: Scenario) -> Result<Verdict> {
     .await;
     let after = c.agreed_leader(&live).await?.map(|(l, _)| l);
     let mut v = judge_signer(&c, s, &upgrade, (Some(before), after)).await?;
+    v.alert_before_height = alert_before_height;
     v.failed = signer_failures(s, &v, during);
     v.pass = v.failed.is_empty();
     tracing::info!(scenario = %v.name, pass = v.pass, failed = ?v.failed, ?during, "signer scenario over");
@@ -482,6 +491,10 @@ fn signer_failures(s: Scenario, v: &Verdict, during: Option<u64>) -> Vec<String>
         (
             killed || v.handovers_during_halt == 0,
             "the signer changed during the halt",
+        ),
+        (
+            s != Scenario::MissingBinary || v.alert_before_height == Some(true),
+            "no warning before the height",
         ),
     ])
 }

@@ -238,19 +238,21 @@ pub fn follow_flags(opts: &NodeOpts, rpc: std::net::SocketAddr) -> Vec<String> {
 /// The binary's name in the tree (cosmovisor's `DAEMON_NAME`).
 pub const DAEMON_NAME: &str = "fakenode";
 
+/// Writes `dir/bin/fakenode`, a shell script running `body`.
+fn wrapper(dir: &Path, body: String) -> anyhow::Result<()> {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let path = bin.join(DAEMON_NAME);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
 /// Lays out `home/cosmovisor` for `upgrade` as `c` says.
 pub fn lay_out(home: &Path, upgrade: &Upgrade, c: Cosmovisor) -> anyhow::Result<()> {
     let fakenode = sibling_bin("fakenode")?;
     let root = home.join("cosmovisor");
-    let wrapper = |dir: &Path, body: String| -> anyhow::Result<()> {
-        let bin = dir.join("bin");
-        std::fs::create_dir_all(&bin)?;
-        let path = bin.join(DAEMON_NAME);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(())
-    };
     let exe = fakenode.display();
     wrapper(
         &root.join(GENESIS),
@@ -268,6 +270,53 @@ pub fn lay_out(home: &Path, upgrade: &Upgrade, c: Cosmovisor) -> anyhow::Result<
         // cosmovisor's directory for it: the name in lower case.
         let dir = upgrade.name.to_lowercase();
         wrapper(&root.join("upgrades").join(dir), body)?;
+    }
+    Ok(())
+}
+
+/// Lays out a host's cosmovisor tree in `home` where its node runs under
+/// one (`c`): a validator's for [`Mode::NearUpgrade`], a sentry's in
+/// signer mode.
+pub fn lay_out_for(mode: &Mode, home: &Path, c: Option<Cosmovisor>) -> anyhow::Result<()> {
+    match (mode, c) {
+        (Mode::NearUpgrade(u), Some(c)) => lay_out(home, u, c),
+        (Mode::Signer { .. }, Some(c)) => lay_out_sentry(home, c.prepared),
+        _ => Ok(()),
+    }
+}
+
+/// Signer mode: how a host's sentry starts: its environment, then its
+/// program and first arguments: `fakecosmovisor run --home HOME` over the
+/// tree in `home` where `opts` says so, else `fakenode`.
+pub fn sentry_command(opts: &NodeOpts, home: &Path) -> (Vec<(String, String)>, Vec<String>) {
+    let bin = |name| sibling_bin(name).unwrap_or_default().display().to_string();
+    match opts.cosmovisor {
+        Some(_) => (
+            cosmovisor_env(home),
+            vec![
+                bin("fakecosmovisor"),
+                "run".into(),
+                "--home".into(),
+                home.display().to_string(),
+            ],
+        ),
+        None => (Vec::new(), vec![bin("fakenode")]),
+    }
+}
+
+/// Signer mode: lays out a sentry's `home/cosmovisor` for the upgrade to
+/// CometBFT 1.x (`fakenode --cometbft --v1-after`), whose binary is the
+/// same fakenode (its home's marker makes it speak 1.x): `genesis` always,
+/// `upgrades/v1` when `prepared`.
+pub fn lay_out_sentry(home: &Path, prepared: bool) -> anyhow::Result<()> {
+    let fakenode = sibling_bin("fakenode")?;
+    let root = home.join("cosmovisor");
+    let mut dirs = vec![root.join(GENESIS)];
+    if prepared {
+        dirs.push(root.join("upgrades").join("v1"));
+    }
+    for dir in dirs {
+        wrapper(&dir, format!("exec {} \"$@\"", fakenode.display()))?;
     }
     Ok(())
 }

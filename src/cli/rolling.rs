@@ -68,10 +68,11 @@ pub enum Step {
 
 /// The next step of rolling `path` through the cluster `s` describes.
 pub fn next(s: &Status, path: &str) -> Step {
+    // Validator hosts, and members not heard from (their role unknown).
     let hosts: Vec<&Member> = s
         .nodes
         .iter()
-        .filter(|m| m.role.as_deref() == Some("validator"))
+        .filter(|m| m.role.as_deref() == Some("validator") || m.state == "Unknown")
         .collect();
     let committed = |m: &Member| {
         s.cluster
@@ -80,25 +81,40 @@ pub fn next(s: &Status, path: &str) -> Step {
             .map(String::as_str)
             == Some(path)
     };
-    let upgraded = |m: &Member| {
-        m.binary.as_deref() == Some(path)
-            && m.validator.as_ref().is_some_and(|v| v.running && v.synced)
-    };
+    let synced = |m: &Member| m.validator.as_ref().is_some_and(|v| v.running && v.synced);
+    let upgraded = |m: &Member| m.binary.as_deref() == Some(path) && synced(m);
     if let Some(m) = hosts.iter().find(|m| m.state == "Unknown") {
         return Step::Wait(format!("node {} to be heard from", m.id));
     }
-    if let Some(m) = hosts.iter().find(|m| committed(m)) {
-        if let Some(why) = &m.binary_refused {
-            return Step::Stuck(format!("node {}: {why}", m.id));
-        }
+    // A refusal of this path (one of another path is an earlier roll's).
+    let refused =
+        |m: &&&Member| committed(m) && m.binary_refused.as_ref().is_some_and(|w| w.contains(path));
+    if let Some(m) = hosts.iter().find(refused) {
+        let why = m.binary_refused.as_deref().unwrap_or_default();
+        return Step::Stuck(format!("node {}: {why}", m.id));
     }
-    // Mid-handover or failover, who is a standby is not known yet.
+    // Every host already runs it, none by a roll: its file was replaced in
+    // place, which cannot be told from the old one by its path.
+    if hosts
+        .iter()
+        .all(|m| m.binary.as_deref() == Some(path) && !committed(m))
+    {
+        return Step::Stuck(format!(
+            "every host already runs {path} as configured: install the new binary at a new path and roll that"
+        ));
+    }
     let Some(holder) = s
         .cluster
         .active_validator
         .and_then(|h| hosts.iter().find(|m| m.id == h))
     else {
-        return Step::Wait("a host to validate".into());
+        // Mid-handover or failover, who is a standby is not known: only a
+        // host whose node is not synced anyway is given the program (a
+        // roll back, when the last one fails everywhere).
+        return match hosts.iter().find(|m| !committed(m) && !synced(m)) {
+            Some(m) => Step::Set(m.id),
+            None => Step::Wait("a host to validate".into()),
+        };
     };
     let standbys: Vec<&&Member> = hosts.iter().filter(|m| m.id != holder.id).collect();
     if let Some(m) = standbys.iter().find(|m| committed(m) && !upgraded(m)) {
@@ -126,6 +142,10 @@ pub fn next(s: &Status, path: &str) -> Step {
 /// (gossip and the handover take this long to show in the status).
 const SETTLE: Duration = Duration::from_secs(15);
 
+/// How long a step must stay the one to take before it is taken: a
+/// restarted node's first probe may still show its predecessor's health.
+const CONFIRM: Duration = Duration::from_secs(2);
+
 /// Rolls `path` through the cluster within `timeout_s` seconds; exit 0
 /// once [`Step::Done`].
 pub async fn roll(addr: &AdminAddr, path: &str, timeout_s: u64) -> anyhow::Result<ExitCode> {
@@ -135,6 +155,7 @@ pub async fn roll(addr: &AdminAddr, path: &str, timeout_s: u64) -> anyhow::Resul
     }
     let deadline = Instant::now() + timeout;
     let mut last: Option<(Step, Instant)> = None;
+    let mut seen: Option<(Step, Instant)> = None;
     let mut said = String::new();
     loop {
         let s: Status = serde_json::from_value(super::admin::status_value(addr).await?)
@@ -143,7 +164,12 @@ pub async fn roll(addr: &AdminAddr, path: &str, timeout_s: u64) -> anyhow::Resul
         let repeated = last
             .as_ref()
             .is_some_and(|(l, at)| *l == step && at.elapsed() < SETTLE);
+        if seen.as_ref().is_none_or(|(s, _)| *s != step) {
+            seen = Some((step.clone(), Instant::now()));
+        }
+        let confirmed = seen.as_ref().is_some_and(|(_, at)| at.elapsed() >= CONFIRM);
         match &step {
+            Step::Done(_) | Step::Set(_) | Step::Switchover(_) if !confirmed => {}
             Step::Done(active) => {
                 println!("every host runs its node as {path}, synced; node {active} validates");
                 return Ok(ExitCode::SUCCESS);
@@ -320,21 +346,73 @@ mod tests {
     #[test]
     fn the_roll_stops_where_waiting_cannot_help_and_waits_for_a_silent_host() {
         let old = "/opt/node-1/bin/node";
-        let mut refused = member(2, old, true);
-        refused["binary_refused"] = json!(format!("{NEW} is not an executable file here"));
-        let s = status(Some(1), &[2], vec![member(1, old, true), refused]);
-        assert!(matches!(next(&s, NEW), Step::Stuck(w) if w.contains("not an executable")));
+        let refusing = |id, path: &str| {
+            let mut m = member(id, old, true);
+            m["binary_refused"] = json!(format!("{path} is not an executable file here"));
+            m
+        };
+        // A refusal of this path, on whichever host: stop.
+        let s = status(
+            Some(1),
+            &[2, 3],
+            vec![member(1, old, true), member(2, NEW, true), refusing(3, NEW)],
+        );
+        assert!(
+            matches!(next(&s, NEW), Step::Stuck(w) if w.contains("node 3") && w.contains("not an executable"))
+        );
+        // One left from an earlier roll of another path: not this roll's.
+        let s = status(
+            Some(1),
+            &[2],
+            vec![
+                member(1, old, true),
+                refusing(2, "/opt/bad"),
+                member(3, old, true),
+            ],
+        );
+        assert_eq!(
+            next(&s, NEW),
+            Step::Wait(format!("node 2's node to run synced as {NEW}"))
+        );
         // A lone validator: no standby to hand over to.
         let s = status(Some(1), &[], vec![member(1, old, true)]);
         assert!(matches!(next(&s, NEW), Step::Stuck(w) if w.contains("alone")));
-        // A host not heard from: wait rather than roll past it.
-        let mut gone = member(3, old, true);
-        gone["state"] = json!("Unknown");
+        // Every host runs the path as configured: replaced in place.
+        let s = status(
+            Some(1),
+            &[],
+            vec![member(1, NEW, true), member(2, NEW, true)],
+        );
+        assert!(matches!(next(&s, NEW), Step::Stuck(w) if w.contains("new path")));
+        // A host not heard from (its role unknown): wait rather than roll
+        // past it.
+        let gone =
+            json!({"id": 3, "role": null, "state": "Unknown", "validator": null, "binary": null});
         let s = status(
             Some(1),
             &[],
             vec![member(1, old, true), member(2, old, true), gone],
         );
         assert_eq!(next(&s, NEW), Step::Wait("node 3 to be heard from".into()));
+    }
+
+    #[test]
+    fn with_nobody_validating_only_a_host_whose_node_is_down_anyway_is_rolled() {
+        // The last roll's program fails everywhere: rolling back reaches
+        // the hosts whose nodes are down, never a synced one.
+        let bad = "/opt/node-bad/bin/node";
+        let down = |id| {
+            let mut m = member(id, bad, false);
+            m["validator"]["running"] = json!(false);
+            m
+        };
+        let s = status(None, &[], vec![down(1), member(2, bad, true), down(3)]);
+        assert_eq!(next(&s, NEW), Step::Set(1));
+        let s = status(
+            None,
+            &[1, 3],
+            vec![member(1, NEW, false), member(2, bad, true), down(3)],
+        );
+        assert_eq!(next(&s, NEW), Step::Wait("a host to validate".into()));
     }
 }

@@ -168,7 +168,8 @@ pub struct RunArgs {
     /// and `DAEMON_NAME` in keyraft's environment: keyraft then reads the
     /// pending upgrade and its binary from cosmovisor's tree, gossips them,
     /// holds the key through the halt, and lets only an upgraded host lead
-    /// after it [default: none].
+    /// after it (in signer mode: shows them, and names a host without the
+    /// binary before the height) [default: none].
     #[arg(long, env = "KEYRAFT_UPGRADES", value_enum)]
     pub upgrades: Option<UpgradesBy>,
     /// With --upgrades cosmovisor: the node's Cosmos SDK REST API (its

@@ -227,17 +227,14 @@ fn resolve_user(a: &RunArgs) -> Result<Option<ValidatorUser>, ConfigError> {
 }
 
 /// Signer mode's node command: supervised as a plain full node with no key
-/// links at all; its health is shown, not acted on.
+/// links at all; its health is shown, not acted on, and so is the chain's
+/// next upgrade with `--upgrades cosmovisor` (a host without its binary is
+/// named before the height; nothing is held or handed over at the halt).
 pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>, ConfigError> {
     if a.command.is_empty() {
         return Ok(None);
     }
     check_hands_on(&a.command)?;
-    if a.upgrades.is_some_and(|u| u != UpgradesBy::None) {
-        return Err(invalid(
-            "--upgrades is for validator mode: in signer mode no key is linked into the node, and its halt hands nothing over",
-        ));
-    }
     let health = a.health.unwrap_or(HealthKind::Cometbft);
     let health_url = match (&a.health_url, health.default_url()) {
         (Some(u), _) => u.clone(),
@@ -256,7 +253,7 @@ pub(super) fn resolve_plain_node(a: &RunArgs) -> Result<Option<ValidatorConfig>,
         // Signer mode links no key: there is nothing to hold back.
         kernel_fence: KernelFence::Off,
         user: resolve_user(a)?,
-        upgrades: None,
+        upgrades: resolve_upgrades(a, |k| std::env::var(k).ok())?,
     }))
 }
 

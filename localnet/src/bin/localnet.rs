@@ -188,8 +188,7 @@ enum Cmd {
         #[arg(long, conflicts_with = "cometbft")]
         without_upgrades: bool,
         /// Signer mode: each host's sentry halts and comes back as a
-        /// CometBFT 1.x node (every scenario but missing-binary and
-        /// rolling).
+        /// CometBFT 1.x node (every scenario but rolling).
         #[arg(long)]
         cometbft: bool,
     },

@@ -162,6 +162,7 @@ pub async fn run(mut cfg: CometNodeConfig) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/status", get(status))
         .route("/privval", get(privval))
+        .route("/cosmos/upgrade/v1beta1/current_plan", get(current_plan))
         .with_state(node.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -473,6 +474,16 @@ async fn submit(node: &Node, kind: &str, msg: Vec<u8>) {
         }
         Err(e) => tracing::warn!("submitting {kind} failed: {e}"),
     }
+}
+
+/// The Cosmos SDK's `GET /cosmos/upgrade/v1beta1/current_plan`: the
+/// upgrade to 1.x (`--v1-after`) until this node runs it, with the height
+/// its marker will name; `{"plan": null}` after, or without one.
+async fn current_plan(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let plan = node.cfg.v1_after.map(|h| {
+        json!({"name": "v1", "time": "0001-01-01T00:00:00Z", "height": h.to_string(), "info": ""})
+    });
+    Json(json!({ "plan": plan }))
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
