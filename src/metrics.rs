@@ -66,6 +66,9 @@ pub struct Metrics {
     /// `--upgrades cosmovisor`: 1 while this host has the binary for that
     /// upgrade (or runs it), 0 while it lacks it.
     pub upgrade_ready: IntGaugeVec,
+    /// Validator mode: 1 while this host sees the chain halted for the
+    /// upgrade `name`.
+    pub upgrade_halted: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -201,6 +204,10 @@ impl Metrics {
                 opts("upgrade_ready", "With --upgrades cosmovisor, while an upgrade is pending: 1 when this host (node) has its binary in cosmovisor's tree or runs it, 0 when it lacks it."),
                 &["node"],
             )?,
+            upgrade_halted: IntGaugeVec::new(
+                opts("upgrade_halted", "Validator mode with --upgrades cosmovisor: 1 while this host sees the chain halted for the upgrade (name), until a node is past it."),
+                &["name"],
+            )?,
             registry,
         })
     }
@@ -257,6 +264,7 @@ impl Metrics {
         if !witness {
             r.register(Box::new(m.upgrade_pending.clone()))?;
             r.register(Box::new(m.upgrade_ready.clone()))?;
+            r.register(Box::new(m.upgrade_halted.clone()))?;
         }
         if signer {
             r.register(Box::new(m.sign_requests.clone()))?;

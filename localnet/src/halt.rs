@@ -79,6 +79,10 @@ pub struct Verdict {
     pub missed_after_resume: u64,
     /// From the halt to this validator's first signature after it.
     pub resumed_ms: Option<u64>,
+    /// Validator mode following upgrades: a standby's
+    /// `keyraft_upgrade_halted{name}` was 1 during the halt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halt_metric: Option<bool>,
     /// `rolling`: how long `keyraft upgrade --binary` took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub roll_ms: Option<u64>,
@@ -182,6 +186,16 @@ pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
         Scenario::MissingBinary => Some(warned_before_height(&c, active, HALT_AT).await?),
         _ => None,
     };
+    // A standby's metrics, from before the halt: does it say the chain
+    // halted for the upgrade (`keyraft_upgrade_halted`)?
+    let standby = c
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != active)
+        .unwrap_or(active);
+    let metric = format!("keyraft_upgrade_halted{{name=\"{}\"}} 1", upgrade.name);
+    let halt_shown = watch_metrics(format!("http://{}/metrics", c.nodes[&standby].http), metric);
     let limit = Duration::from_millis(BLOCK_MS * (HALT_AT + 10));
     c.chain
         .wait_height(HALT_AT, limit)
@@ -204,6 +218,7 @@ pub async fn run(s: Scenario, follow: bool) -> Result<Verdict> {
     .await;
     let mut v = judge(&c, s, &upgrade, follow).await?;
     v.alert_before_height = alert_before_height;
+    v.halt_metric = follow.then_some(halt_shown.await.unwrap_or(false));
     v.failed = failures(s, &v, active);
     v.pass = v.failed.is_empty();
     tracing::info!(scenario = %v.name, pass = v.pass, failed = ?v.failed, "scenario over");
@@ -236,6 +251,7 @@ async fn judge(c: &Cluster, s: Scenario, upgrade: &Upgrade, follow: bool) -> Res
         missed_after_resume: missed_from(&stats, resume),
         resumed_ms: passed.and_then(|p| p.signed_ms),
         roll_ms: None,
+        halt_metric: None,
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),
@@ -301,7 +317,28 @@ fn failures(s: Scenario, v: &Verdict, active: u64) -> Vec<String> {
             s != Scenario::MissingBinary || v.alert_before_height == Some(true),
             "no warning before the height",
         ),
+        (
+            v.halt_metric != Some(false),
+            "no keyraft_upgrade_halted on a standby during the halt",
+        ),
     ])
+}
+
+/// Polls the metrics page `url` for up to a minute, until a line is
+/// `sample`; whether one was.
+fn watch_metrics(url: String, sample: String) -> tokio::task::JoinHandle<bool> {
+    tokio::spawn(async move {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < end {
+            if let Ok(page) = async { reqwest::get(&url).await?.text().await }.await {
+                if page.lines().any(|l| l == sample) {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    })
 }
 
 /// The reasons among `checks` whose condition does not hold.
@@ -461,6 +498,7 @@ async fn judge_signer(
         missed_after_resume: missed_from(&stats, first),
         resumed_ms: passed.and_then(|p| p.signed_ms),
         roll_ms: None,
+        halt_metric: None,
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),

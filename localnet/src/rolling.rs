@@ -89,6 +89,7 @@ pub async fn run() -> Result<Verdict> {
         missed_after_resume: missed,
         resumed_ms: None,
         roll_ms: Some(roll_ms),
+        halt_metric: None,
         alert_before_height: None,
         pass: false,
         failed: Vec::new(),

@@ -317,9 +317,15 @@ impl<E: Env> Coordinator<E> {
     fn publish(&mut self, state: StateName) -> bool {
         let (view, other_mode) = self.view_and_mode();
         if view.halt != self.halt_latch {
+            self.sh.metrics.upgrade_halted.reset();
             match &view.halt {
                 Some(h) => {
-                    tracing::info!(upgrade = %h.name, height = h.height, "the chain halted for an upgrade: only a host that runs it may lead until a node is past it")
+                    tracing::info!(upgrade = %h.name, height = h.height, "the chain halted for an upgrade: only a host that runs it may lead until a node is past it");
+                    self.sh
+                        .metrics
+                        .upgrade_halted
+                        .with_label_values(&[&h.name])
+                        .set(1);
                 }
                 None => tracing::info!("the chain is past its upgrade halt"),
             }
