@@ -228,119 +228,69 @@ mod tests {
         .unwrap()
     }
 
+    /// Hosts 1 to 3, each running a program (`N`: the new one), synced or
+    /// not; `active` validates, the new program committed for `binaries`.
+    fn three(active: Option<u64>, binaries: &[u64], nodes: [(&str, bool); 3]) -> Status {
+        let members = (1..)
+            .zip(nodes)
+            .map(|(id, (b, synced))| member(id, b, synced));
+        status(active, binaries, members.collect())
+    }
+
     #[test]
     fn the_roll_goes_standby_by_standby_then_hands_over_then_the_old_active() {
-        let old = "/opt/node-1/bin/node";
-        let witness = json!({"id": 9, "role": "witness", "state": "Voting", "validator": null});
+        const O: &str = "/opt/node-1/bin/node";
+        const N: &str = NEW;
+        let wait2 = Step::Wait(format!("node 2's node to run synced as {NEW}"));
         let table = [
             // Nothing rolled: the first standby.
             (
-                status(
-                    Some(1),
-                    &[],
-                    vec![
-                        member(1, old, true),
-                        member(2, old, true),
-                        member(3, old, true),
-                        witness.clone(),
-                    ],
-                ),
+                three(Some(1), &[], [(O, true), (O, true), (O, true)]),
                 Step::Set(2),
             ),
-            // Committed, its node not yet restarted: wait, and no second host.
+            // Committed, its node not yet restarted: wait, no second host.
             (
-                status(
-                    Some(1),
-                    &[2],
-                    vec![
-                        member(1, old, true),
-                        member(2, old, true),
-                        member(3, old, true),
-                    ],
-                ),
-                Step::Wait(format!("node 2's node to run synced as {NEW}")),
+                three(Some(1), &[2], [(O, true), (O, true), (O, true)]),
+                wait2.clone(),
             ),
             // Restarted but still syncing: wait.
             (
-                status(
-                    Some(1),
-                    &[2],
-                    vec![
-                        member(1, old, true),
-                        member(2, NEW, false),
-                        member(3, old, true),
-                    ],
-                ),
-                Step::Wait(format!("node 2's node to run synced as {NEW}")),
+                three(Some(1), &[2], [(O, true), (N, false), (O, true)]),
+                wait2,
             ),
             // Synced: the next standby.
             (
-                status(
-                    Some(1),
-                    &[2],
-                    vec![
-                        member(1, old, true),
-                        member(2, NEW, true),
-                        member(3, old, true),
-                    ],
-                ),
+                three(Some(1), &[2], [(O, true), (N, true), (O, true)]),
                 Step::Set(3),
             ),
             // Every standby synced on it: the key moves to one.
             (
-                status(
-                    Some(1),
-                    &[2, 3],
-                    vec![
-                        member(1, old, true),
-                        member(2, NEW, true),
-                        member(3, NEW, true),
-                    ],
-                ),
+                three(Some(1), &[2, 3], [(O, true), (N, true), (N, true)]),
                 Step::Switchover(2),
             ),
             // Mid-handover nobody validates: wait.
             (
-                status(
-                    None,
-                    &[2, 3],
-                    vec![
-                        member(1, old, true),
-                        member(2, NEW, true),
-                        member(3, NEW, true),
-                    ],
-                ),
+                three(None, &[2, 3], [(O, true), (N, true), (N, true)]),
                 Step::Wait("a host to validate".into()),
             ),
             // Then the old active host, now a standby.
             (
-                status(
-                    Some(2),
-                    &[2, 3],
-                    vec![
-                        member(1, old, true),
-                        member(2, NEW, true),
-                        member(3, NEW, true),
-                    ],
-                ),
+                three(Some(2), &[2, 3], [(O, true), (N, true), (N, true)]),
                 Step::Set(1),
             ),
             (
-                status(
-                    Some(2),
-                    &[1, 2, 3],
-                    vec![
-                        member(1, NEW, true),
-                        member(2, NEW, true),
-                        member(3, NEW, true),
-                    ],
-                ),
+                three(Some(2), &[1, 2, 3], [(N, true), (N, true), (N, true)]),
                 Step::Done(2),
             ),
         ];
         for (i, (s, want)) in table.into_iter().enumerate() {
             assert_eq!(next(&s, NEW), want, "row {i}");
         }
+        // A witness is no host to roll.
+        let mut s = three(Some(1), &[], [(O, true), (O, true), (O, true)]);
+        let witness = json!({"id": 9, "role": "witness", "state": "Voting", "validator": null});
+        s.nodes.push(serde_json::from_value(witness).unwrap());
+        assert_eq!(next(&s, NEW), Step::Set(2));
     }
 
     #[test]
