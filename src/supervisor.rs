@@ -24,6 +24,21 @@ pub fn restart_delay(restarts: u32) -> Duration {
     (Duration::from_millis(250) * (1 << restarts.min(6))).min(Duration::from_secs(10))
 }
 
+/// How long a node must have run for its exit to be the first in a row.
+pub const RAN_CLEAN: Duration = Duration::from_secs(60);
+
+/// The count of exits (or failed starts) in a row after one more, of a
+/// node that ran for `ran` (zero for a start that failed): a node that ran
+/// [`RAN_CLEAN`] or longer starts the count over, so that its restart is
+/// not paced by crashes of long ago.
+pub fn exits_in_a_row(before: u32, ran: Duration) -> u32 {
+    if ran >= RAN_CLEAN {
+        1
+    } else {
+        (before + 1).min(6)
+    }
+}
+
 /// The gossip feature of a keyraft that applies [`crate::ledger::Command::NodeBinary`].
 pub const BINARY_FEATURE: &str = "node-binary";
 
@@ -76,6 +91,8 @@ pub struct Validator {
     program: Option<String>,
     /// The program the running (or last) node was started as.
     started_as: Option<String>,
+    /// When the node last started, until its exit is counted.
+    started_at: Option<Instant>,
 }
 
 impl Validator {
@@ -107,6 +124,7 @@ impl Validator {
             next_start: Instant::now(),
             program: None,
             started_as: None,
+            started_at: None,
         })
     }
 
@@ -147,6 +165,7 @@ impl Validator {
         let argv = self.argv();
         let pid = self.sup.start(&argv, self.linked).await?;
         self.started_as = argv.into_iter().next();
+        self.started_at = Some(Instant::now());
         Ok(pid)
     }
 
@@ -188,8 +207,13 @@ impl Validator {
         }
     }
 
+    /// Paces the next start after an exit or a failed start.
     pub fn backoff(&mut self) {
-        self.restarts = (self.restarts + 1).min(6);
+        let ran = self
+            .started_at
+            .take()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        self.restarts = exits_in_a_row(self.restarts, ran);
         self.next_start = Instant::now() + restart_delay(self.restarts);
     }
 
@@ -295,5 +319,31 @@ impl Validator {
             .await
             .unwrap_or(true);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_ran_a_minute_starts_its_count_of_exits_over() {
+        let s = Duration::from_secs;
+        let table = [
+            (0, s(0), 1),
+            (3, s(5), 4),
+            (6, s(59), 6),
+            (6, s(60), 1),
+            (2, s(3600), 1),
+        ];
+        for (before, ran, want) in table {
+            assert_eq!(exits_in_a_row(before, ran), want, "{before} after {ran:?}");
+        }
+        // Six crashes long ago no longer hold a restart back 10 s.
+        assert_eq!(restart_delay(6), s(10));
+        assert_eq!(
+            restart_delay(exits_in_a_row(6, s(600))),
+            Duration::from_millis(500)
+        );
     }
 }
