@@ -56,6 +56,8 @@ pub struct Metrics {
     pub privval_connected: IntGaugeVec,
     /// Signer mode: 1 while a chain's `node-rpc` answers its probe.
     pub chain_node_up: IntGaugeVec,
+    /// Signer mode: 1 while the chain's key signs (a token answers).
+    pub signer_key_up: IntGaugeVec,
     /// Signer mode: 1 on the member that signs (the leader), 0 on the
     /// ones that forward.
     pub signing: IntGauge,
@@ -191,6 +193,10 @@ impl Metrics {
                 opts("chain_node_up", "Signer mode: 1 while the chain's node on this host (its node-rpc) answers its probe, 0 while it fails (status shows why); only for chains with a node-rpc."),
                 &["chain"],
             )?,
+            signer_key_up: IntGaugeVec::new(
+                opts("signer_key_up", "Signer mode: 1 while the chain's key on this host signs, 0 while it fails (a PKCS#11 token that does not answer, or holds another key): the host may not lead meanwhile. A key file is always 1."),
+                &["chain"],
+            )?,
             signing: IntGauge::with_opts(opts("signing", "Signer mode: 1 on the member that signs (the Raft leader), 0 on one that forwards its nodes' requests."))?,
             tls_cert_expiry: IntGaugeVec::new(
                 opts("tls_cert_expiry_seconds", "Seconds until the certificate in use expires (negative once it has), cert node or ca."),
@@ -272,12 +278,14 @@ impl Metrics {
             r.register(Box::new(m.sign_stage_seconds.clone()))?;
             r.register(Box::new(m.privval_connected.clone()))?;
             r.register(Box::new(m.chain_node_up.clone()))?;
+            r.register(Box::new(m.signer_key_up.clone()))?;
             r.register(Box::new(m.signing.clone()))?;
             r.register(Box::new(m.signer_watermark.clone()))?;
             r.register(Box::new(m.signer_other_key_members.clone()))?;
             for chain in chains {
                 m.signer_watermark.with_label_values(&[chain]).set(-1);
                 m.signer_other_key_members.with_label_values(&[chain]);
+                m.signer_key_up.with_label_values(&[chain]).set(1);
                 for kind in ["proposal", "prevote", "precommit"] {
                     for result in [
                         "signed",

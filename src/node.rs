@@ -118,7 +118,7 @@ pub enum Unready {
     Witness,
     #[error("its node is not running and synced")]
     NotSynced,
-    #[error("it may not lead now (just handed over, not a voter yet, its signer key is outvoted, or it runs another mode than the cluster)")]
+    #[error("it may not lead now (just handed over, not a voter yet, its signer key is outvoted or fails to sign, or it runs another mode than the cluster)")]
     MayNotLead,
     #[error("no recent heartbeat ack")]
     NoAck,
@@ -163,6 +163,9 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     /// Signer mode: why each chain's node probe last failed, while it
     /// fails (the chain's status and `keyraft_chain_node_up` show it).
     pub chain_probe_errors: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Signer mode: why each chain's key last failed to sign, while it
+    /// fails (a token that does not answer): this host may not lead.
+    pub key_failures: Arc<Mutex<BTreeMap<String, String>>>,
     /// Signer mode: what this process remembers of the heights reported
     /// for each chain (for the height limit).
     pub heights: HeightMemory,

@@ -11,7 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, FenceAgent, KernelFence, NodeId, TimingProfile};
+use crate::config::{
+    ChainConfig, Config, FenceAgent, KernelFence, KeySource, NodeId, TimingProfile,
+};
 use crate::health::Prober;
 use crate::node::wall_ms;
 use crate::pb;
@@ -73,6 +75,24 @@ async fn fence_agent(node: NodeId, agent: &FenceAgent, timeout: Duration) -> Lin
             format!("{name}: {e}; a takeover from node {node} would wait for it"),
         ),
     }
+}
+
+/// Signer mode: each chain's key, as opened (a file read, or a token
+/// logged into and its key signing once).
+pub fn signer_keys(keys: &[(ChainConfig, crate::signer::ConsensusKey)]) -> Vec<Line> {
+    keys.iter()
+        .map(|(chain, key)| {
+            let held = match &chain.key {
+                KeySource::File(_) => "in its key file",
+                KeySource::Token(_) => "in its token, which signs",
+            };
+            line(
+                Outcome::Ok,
+                format!("signer key for {}", chain.chain_id),
+                format!("{} {held} ({})", key.address_hex(), chain.key),
+            )
+        })
+        .collect()
 }
 
 /// Runs every check of a configuration that `keyraft run` accepts (the

@@ -236,6 +236,7 @@ impl Cluster {
             let home = base.join("home");
             std::fs::create_dir_all(&home)?;
             crate::shape::lay_out_for(&mode, &home, node_opts.cosmovisor)?;
+            crate::token::lay_out(&keyraft, &base, &key_path, node_opts.key_in)?;
             if let Some(name) = &node_opts.validator_user {
                 let user = nix::unistd::User::from_name(name)?
                     .with_context(|| format!("no user {name} on this host"))?;
@@ -382,7 +383,9 @@ impl Cluster {
                 for e in &node.extra {
                     cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
                 }
-                cmd.arg("--validator-key").arg(&self.key_path);
+                let base = node.data.parent().unwrap_or(&node.data);
+                let (env, key) = crate::token::key_args(base, &self.key_path, node.opts.key_in);
+                cmd.envs(env).args(key);
             } else {
                 // Several chains: every one in `[[chains]]` ([`Cluster::spawn`]
                 // writes the file).
@@ -684,16 +687,11 @@ impl Cluster {
 
 /// `keyraft certs ARGS --out OUT`.
 pub fn certs(keyraft: &Path, args: &[&str], out: &Path) -> Result<()> {
-    let o = Command::new(keyraft)
-        .arg("certs")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()?;
-    ensure!(
-        o.status.success(),
-        "keyraft certs failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(())
+    crate::harness::run(
+        Command::new(keyraft)
+            .arg("certs")
+            .args(args)
+            .arg("--out")
+            .arg(out),
+    )
 }

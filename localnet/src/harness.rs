@@ -426,3 +426,18 @@ pub fn processes() -> Vec<(i32, i32)> {
     })
     .collect()
 }
+
+/// Runs `cmd` to its end: an error with its output unless it succeeds.
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let o = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "{:?} failed: {}{}",
+        cmd.get_program(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}

@@ -61,6 +61,7 @@ pub mod proxy;
 pub mod rolling;
 pub mod shape;
 pub mod tmkms;
+pub mod token;
 pub mod upgrade;
 pub mod wire;
 

@@ -131,6 +131,9 @@ pub struct NodeOpts {
     /// Signer mode with several chains: this host's key for the second
     /// chain is another one than the cluster's (a misconfigured host).
     pub other_key: bool,
+    /// Signer mode: where this host's key is (a file, or a SoftHSM2 token
+    /// of its own).
+    pub key_in: crate::token::KeyIn,
     /// Signer mode with several chains: the chains beyond the first get no
     /// `node-rpc`, so that no node vouches for their heights.
     pub no_node_rpc: bool,

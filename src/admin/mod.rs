@@ -192,6 +192,12 @@ fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let key_failures = sh
+        .core
+        .key_failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     c.chains
         .iter()
         .map(|chain| {
@@ -201,6 +207,8 @@ fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec
             json!({
                 "chain_id": chain.chain_id,
                 "address": sh.core.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
+                "key": chain.key.to_string(),
+                "key_error": key_failures.get(&chain.chain_id),
                 "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()
                     .map(|(node, address)| json!({"node": node, "address": address}))
                     .collect::<Vec<_>>(),

@@ -111,6 +111,43 @@ async fn command(addr: &AdminAddr, kind: Kind) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keyraft signer import-key`: the key file's seed into the token, then
+/// the key opened from the token as `keyraft run` opens it, its address
+/// compared with the file's. Blocking.
+fn import_key(from: &std::path::Path, to: &str) -> anyhow::Result<String> {
+    use crate::signer::{key, token};
+    if !crate::config::TokenUri::is_uri(to) {
+        bail!("--to '{to}' is not a pkcs11: URI");
+    }
+    let uri = crate::config::TokenUri::parse(to)?;
+    uri.check()?;
+    let seed = key::read_seed(from)?;
+    let file_key = key::ConsensusKey::from_seed(seed);
+    let mut modules = token::Modules::default();
+    let module = modules.open(&uri.module)?;
+    let public = file_key.public().to_bytes();
+    let added = token::import(&uri, &module, &seed, &public)?;
+    let token_key = key::ConsensusKey::open_token(&uri, &mut modules)?;
+    if token_key.address() != file_key.address() {
+        bail!(
+            "token '{}' answers with key {}, not the file's {}",
+            uri.token,
+            token_key.address_hex(),
+            file_key.address_hex()
+        );
+    }
+    Ok(match added {
+        true => format!(
+            "imported key {} into {uri}: it signs there; the file can now leave this host",
+            file_key.address_hex()
+        ),
+        false => format!(
+            "{uri} holds key {} already: nothing changed",
+            file_key.address_hex()
+        ),
+    })
+}
+
 /// The height of CometBFT's `priv_validator_state.json` (a string there, as
 /// CometBFT writes 64-bit integers; a number is accepted too).
 fn state_file_height(path: &std::path::Path) -> anyhow::Result<u64> {
@@ -181,6 +218,14 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             MembersCmd::Remove { id } => command(&admin, Kind::MembersRemove(id)).await,
         },
+        Cmd::Signer {
+            what: SignerCmd::ImportKey { from, to },
+            ..
+        } => {
+            let done = tokio::task::spawn_blocking(move || import_key(&from, &to)).await?;
+            println!("{}", done?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Signer {
             what:
                 SignerCmd::ImportState {
@@ -270,7 +315,24 @@ async fn preflight(file: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let lines = crate::preflight::run(&cfg).await;
+    // Signer mode's keys, opened as `keyraft run` opens them: one that
+    // cannot be is the same one line and exit 2.
+    let keys = match cfg.signer.clone() {
+        None => Vec::new(),
+        Some(s) => match tokio::task::spawn_blocking(move || crate::signer::load_keys(&s)).await {
+            Ok(Ok(keys)) => keys,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let mut lines = crate::preflight::signer_keys(&keys);
+    lines.extend(crate::preflight::run(&cfg).await);
     for l in &lines {
         println!("{l}");
     }
@@ -448,6 +510,9 @@ fn print_signer(v: &serde_json::Value) {
             sg["signatures"],
             conns.join(", ")
         );
+        if let Some(e) = sg["key_error"].as_str() {
+            println!("        KEY FAILS here (this host may not lead): {e}");
+        }
         for o in sg["other_keys"].as_array().into_iter().flatten() {
             let theirs = o["address"].as_str().unwrap_or("none");
             println!(

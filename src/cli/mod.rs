@@ -209,6 +209,19 @@ enum SignerCmd {
         #[arg(long)]
         chain_id: Option<String>,
     },
+    /// Put a CometBFT priv_validator_key.json into a PKCS#11 token, once
+    /// per host, as a key that never leaves it (sensitive, not
+    /// extractable); the PIN from the URI's pin-source. Nothing is changed
+    /// where the token holds this key under that name already; a token
+    /// holding another key under it is refused. Needs no running keyraft.
+    ImportKey {
+        /// The key file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to: pkcs11:token=LABEL;object=NAME?module-path=MODULE&pin-source=file:/PIN
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]

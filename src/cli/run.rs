@@ -37,6 +37,15 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Signer mode's keys: a bad file or token is one line, before any log.
+    let keys = match cfg.signer.as_ref().map(crate::signer::load_keys) {
+        None => Vec::new(),
+        Some(Ok(keys)) => keys,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cfg.id, cfg.log_format);
     // A Ctrl-Z in the terminal that started keyraft must not stop it: a
     // stopped coordinator holds its lease and answers no peer.
@@ -56,7 +65,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         role = cfg.role(),
         "keyraft starting"
     );
-    match rt.block_on(server::run(cfg, material, shutdown_signal())) {
+    let secrets = server::Secrets {
+        tls: material,
+        keys,
+    };
+    match rt.block_on(server::run(cfg, secrets, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (RunError::Refused(_)

@@ -19,6 +19,7 @@ mod args;
 mod fencing;
 mod signer;
 pub mod timing;
+mod token;
 mod validator;
 
 use std::collections::BTreeMap;
@@ -31,9 +32,12 @@ pub use args::{reference, ChainArgs, LogFormat, RunArgs};
 use fencing::resolve_fence_agents;
 pub use fencing::{FenceAgent, FenceAgents};
 use signer::resolve_signer;
-pub use signer::{ChainConfig, PrivvalAddr, Protocol, ProtocolVersion, SignerConfig, SignerKind};
+pub use signer::{
+    ChainConfig, KeySource, PrivvalAddr, Protocol, ProtocolVersion, SignerConfig, SignerKind,
+};
 use timing::resolve_timing;
 pub use timing::{Live, Millis, ProfileTimes, Timing, TimingProfile};
+pub use token::{PinSource, TokenUri};
 use validator::{resolve_plain_node, resolve_validator};
 pub use validator::{
     ActivateBy, Chain, HealthKind, KernelFence, KeyLink, UpgradesBy, UpgradesConfig,

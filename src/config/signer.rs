@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_host_port, check_private, invalid, ConfigError, RunArgs};
+use super::{check_host_port, check_private, invalid, ConfigError, RunArgs, TokenUri};
 
 /// Signer mode: keyraft signs for the chain's nodes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -81,12 +81,36 @@ pub struct Protocol {
     pub sign_bytes: bool,
 }
 
+/// Where a chain's consensus key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// CometBFT's `priv_validator_key.json`.
+    File(PathBuf),
+    /// A key in a PKCS#11 token (`pkcs11:` URI).
+    Token(TokenUri),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "{}", p.display()),
+            KeySource::Token(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+impl From<&str> for KeySource {
+    fn from(p: &str) -> Self {
+        KeySource::File(PathBuf::from(p))
+    }
+}
+
 /// One chain signer mode signs for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainConfig {
     pub chain_id: String,
-    /// CometBFT's `priv_validator_key.json`.
-    pub key: PathBuf,
+    /// Its consensus key: a file, or a key in a token.
+    pub key: KeySource,
     pub nodes: Vec<PrivvalAddr>,
     /// A node's CometBFT RPC whose height bounds what is signed (several
     /// chains; one chain has the validator probe, `--health-url`).
@@ -222,18 +246,28 @@ fn resolve_chain(
             "bad {dashes}chain-id '{chain_id}': {e} (1 to 50 characters, as CometBFT allows)"
         )));
     }
-    let key = key.map(Path::to_path_buf).ok_or_else(|| {
+    let key = key.ok_or_else(|| {
         invalid(format!(
-            "--signer cometbft needs {dashes}validator-key (the validator's priv_validator_key.json)"
+            "--signer cometbft needs {dashes}validator-key (the validator's priv_validator_key.json, or a pkcs11: URI)"
         ))
     })?;
-    if !key.is_file() {
-        return Err(invalid(format!(
-            "key file {} does not exist",
-            key.display()
-        )));
-    }
-    check_private(&key)?;
+    let key = match key.to_str().filter(|k| TokenUri::is_uri(k)) {
+        Some(uri) => {
+            let uri = TokenUri::parse(uri)?;
+            uri.check()?;
+            KeySource::Token(uri)
+        }
+        None if !key.is_file() => {
+            return Err(invalid(format!(
+                "key file {} does not exist",
+                key.display()
+            )))
+        }
+        None => {
+            check_private(key)?;
+            KeySource::File(key.to_path_buf())
+        }
+    };
     if privval_node.is_empty() {
         return Err(invalid(format!(
             "--signer cometbft needs at least one {dashes}privval-node (tcp://HOST:PORT or unix:///PATH of a node's priv_validator_laddr)"
@@ -435,7 +469,7 @@ mod tests {
         let s = resolve(&args).unwrap().signer.unwrap();
         let ids: Vec<&str> = s.chain_ids().collect();
         assert_eq!(ids, ["a-1", "b-1"]);
-        assert_eq!(s.chain("b-1").unwrap().key, k[1]);
+        assert_eq!(s.chain("b-1").unwrap().key, KeySource::File(k[1].clone()));
         assert_eq!(s.chain("b-1").unwrap().node_rpc, None);
         let err = |a: &RunArgs| resolve(a).unwrap_err().to_string();
         // A chain's node-rpc: an http(s) URL, its trailing slash dropped.

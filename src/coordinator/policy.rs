@@ -61,6 +61,9 @@ pub struct View {
     /// Signer mode: more members hold another key for one of this host's
     /// chains than hold its own (`signer::keys::outvoted`).
     pub key_outvoted: bool,
+    /// Signer mode: this host's key for a chain fails to sign (its token
+    /// does not answer, `Core::key_failures`).
+    pub key_failing: bool,
     /// The cluster runs the other mode than this host ([`mode_conflict`]).
     pub other_mode: bool,
     /// A voter that runs (its gossip is fresh) has not registered yet: its
@@ -148,7 +151,8 @@ pub fn pause_holds(applied_paused: bool, is_leader: bool, unapplied: bool) -> bo
 /// leading means signing, not validating: the local node's health does not
 /// matter (every sentry's requests reach the leader), but a host whose key
 /// for a chain is outvoted does not lead: it would refuse every other
-/// host's requests for that chain.
+/// host's requests for that chain; nor does one whose key fails to sign
+/// (its token does not answer): a host whose token works signs instead.
 pub fn eligible(state: StateName, v: &View) -> bool {
     matches!(state, StateName::Voting | StateName::Validating)
         && !v.witness
@@ -156,6 +160,7 @@ pub fn eligible(state: StateName, v: &View) -> bool {
         && !v.paused
         && !v.standing_down
         && !v.key_outvoted
+        && !v.key_failing
         && !v.other_mode
         && !v.not_upgraded()
         && v.is_voter()

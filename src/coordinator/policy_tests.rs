@@ -54,6 +54,7 @@ pub(super) fn view() -> View {
         peers: [(1, ready(10)), (3, ready(12))].into(),
         acks: None,
         key_outvoted: false,
+        key_failing: false,
         other_mode: false,
         unregistered: false,
         upgrade: None,
@@ -102,6 +103,11 @@ fn eligibility_needs_every_condition() {
             "key outvoted",
             StateName::Voting,
             Box::new(|v| v.key_outvoted = true),
+        ),
+        (
+            "key fails to sign",
+            StateName::Voting,
+            Box::new(|v| v.key_failing = true),
         ),
         (
             "standing down",
@@ -190,6 +196,11 @@ fn standby_picks_the_most_advanced_ready_voter_and_says_why_not() {
     assert_eq!(standby(&v, Some(3), false), Ok(3));
     v.is_leader = true;
     v.key_outvoted = true;
+    assert!(goes_quiet(StateName::Voting, false, &v));
+    // A leader whose token stopped answering hands on the same way.
+    v.key_outvoted = false;
+    v.key_failing = true;
+    assert!(!eligible(StateName::Voting, &v));
     assert!(goes_quiet(StateName::Voting, false, &v));
 }
 

@@ -98,6 +98,12 @@ impl<E: Env> Coordinator<E> {
             peers,
             acks,
             key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
+            key_failing: !self
+                .sh
+                .key_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty(),
             other_mode: other_mode.is_some(),
             unregistered,
             upgrade: self.sh.upgrade.borrow().clone(),

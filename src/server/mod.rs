@@ -73,20 +73,25 @@ pub enum RunError {
     #[error("the Raft core stopped: {0}")]
     RaftCore(String),
     #[error(transparent)]
-    SignerKey(#[from] signer::sign::SignError),
-    #[error(transparent)]
     SignerIdentity(#[from] signer::privval::IdentityError),
 }
 
-/// Runs a coordinator until `shutdown` resolves.
-/// `material` is the peer port's TLS material, checked by the caller
-/// (`None` with `--insecure`). The steps, in their order: fence the host
+/// What the caller read and checked before anything starts (so that a bad
+/// file or token is one line and exit 2, before any log): the peer port's
+/// TLS material (`None` with `--insecure`) and signer mode's keys, each
+/// chain's with its configuration ([`signer::load_keys`]).
+pub struct Secrets {
+    pub tls: Option<TlsMaterial>,
+    pub keys: Vec<(crate::config::ChainConfig, signer::ConsensusKey)>,
+}
+
+/// Runs a coordinator until `shutdown` resolves, with `secrets`. The steps, in their order: fence the host
 /// (step 6, and step 4's kernel fence), open the Raft store, assemble the
 /// node, start the servers, bootstrap (step 9), spawn the background
 /// tasks and the validator's supervisor, run the coordinator, tear down.
 pub async fn run(
     cfg: Config,
-    material: Option<TlsMaterial>,
+    secrets: Secrets,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // SIGHUP reloads certificates; until a handler exists its default
@@ -95,7 +100,7 @@ pub async fn run(
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let fenced = fence_host(&cfg).await?;
     let (store, state_machine) = open_store(&cfg).await?;
-    let (sh, signer, parts) = assemble(cfg, material, &fenced, &store, state_machine).await?;
+    let (sh, signer, parts) = assemble(cfg, secrets, &fenced, &store, state_machine).await?;
     // The servers stop only after the coordinator and Raft have.
     let (stop_servers, servers_stop) = shutdown::channel();
     let servers = listen::start_servers(
@@ -310,12 +315,16 @@ type SignerParts = (Arc<Signer>, SigningKey);
 /// everything else is handed.
 async fn assemble(
     cfg: Config,
-    material: Option<TlsMaterial>,
+    secrets: Secrets,
     fenced: &Fenced,
     store: &Store,
     state_machine: raft::store::StateMachine,
 ) -> Result<(Arc<Shared>, Option<SignerParts>, Parts), RunError> {
     let timing = cfg.timing;
+    let Secrets {
+        tls: material,
+        keys: chain_keys,
+    } = secrets;
     let (server_tls, certs) = peer_tls(&cfg, material.as_ref())?;
     let cluster_rx = state_machine.subscribe();
     let peers = Peers::new(cfg.id, material, cfg.peers.clone());
@@ -356,15 +365,10 @@ async fn assemble(
     )
     .map_err(|e| RunError::Raft(e.to_string()))?;
     let keys = match cfg.signer.clone() {
-        Some(c) => Some(
-            blocking(move || {
-                Ok::<_, RunError>((
-                    signer::load_keys(&c)?,
-                    signer::privval::identity(&c.identity_key)?,
-                ))
-            })
-            .await?,
-        ),
+        Some(c) => Some((
+            chain_keys,
+            blocking(move || signer::privval::identity(&c.identity_key)).await?,
+        )),
         None => None,
     };
     let signer_keys = keys
@@ -389,6 +393,7 @@ async fn assemble(
         chain_nodes: Default::default(),
         upgrade: Default::default(),
         chain_probe_errors: Default::default(),
+        key_failures: Default::default(),
         heights: Default::default(),
     });
     let (req_tx, requests) = mpsc::channel(8);
@@ -500,6 +505,7 @@ fn spawn_tasks(
         tokio::spawn(sh.memory.clone().run_flusher(stop.clone())),
     ];
     if let Some((signer, identity)) = signer {
+        tasks.push(tokio::spawn(signer.clone().probe_tokens()));
         tasks.extend(signer::limit::probe_nodes(
             &sh.core,
             sh.core.cfg.timing.health_interval,

@@ -68,6 +68,9 @@ fn allowed(chain: &ChainConfig, value: &[u8]) -> Result<(), Refusal> {
 /// have. CometBFT verifies a signature against the canonical bytes it
 /// rebuilds, so other encodings of one are no vote to it.
 pub fn disguise(value: &[u8]) -> Option<&'static str> {
+    if value == super::key::PROOF_MESSAGE {
+        return Some("keyraft proof message");
+    }
     let mut forms = vec![value];
     if let Ok(len) = prost::decode_length_delimiter(value) {
         let prefix = prost::length_delimiter_len(len);
@@ -117,7 +120,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             digest: hex::encode(Sha256::digest(value)),
         };
         match self.commit(cmd, deadline).await? {
-            SignVerdict::Sign { .. } => Ok(chain.key.sign(value)),
+            SignVerdict::Sign { .. } => Ok(self.signed_bytes(chain, value.to_vec()).await?),
             v => {
                 Err(Refusal::from_verdict(&v, (0, 0, 0), chain.id())
                     .unwrap_or(Refusal::NoWatermark))

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::confirm::{self, Answer};
+use super::key::ForwardProof;
 use super::protocol::{self, Request as Asked};
 use super::{Done, Refusal, Signable, Signer, Work, FORWARD_DEADLINE, MAX_PRIVVAL_MESSAGE};
 use crate::config::NodeId;
@@ -258,10 +259,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 "node {peer}'s key for chain {chain_id} is not the leader's ({}): check its validator-key",
                 chain.key.address_hex()
             ))
-        } else if !chain
-            .key
-            .proves_forward(peer, &chain_id, &req.msg, &req.proof)
-        {
+        } else if !chain.key.proves_forward(
+            peer,
+            &chain_id,
+            &req.msg,
+            &ForwardProof {
+                key_proof: req.key_proof.clone(),
+                seed_proof: req.proof.clone(),
+            },
+        ) {
             Some(format!(
                 "node {peer} did not prove that it holds the key for chain {chain_id} ({}): check its validator-key, and that it runs this keyraft release",
                 chain.key.address_hex()

@@ -119,7 +119,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             .path(chain, &mut ahead, &what, &digest, deadline, &mut stage)
             .await?;
         if let Path::Repeat(timestamp) = path {
-            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
+            return self.signed(chain, what, timestamp).await;
         }
         if let Path::Committed(timestamp) = path {
             let voters = self.voters();
@@ -197,7 +197,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let chain_id = chain.id();
         ahead.asking(step.hrs, &step.digest, timestamp);
         let asks = self.ask_to_confirm(chain_id, step.hrs, &step.digest, timestamp, voters, false);
-        let signed = what.clone().sign(&chain.key, chain_id, timestamp)?;
+        let signed = self.signed(chain, what.clone(), timestamp).await?;
         let confirmed =
             plant::on(Plant::SignUnconfirmed) || self.confirmed(asks, step.hrs, deadline).await?;
         if confirmed {
@@ -362,10 +362,10 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     ) -> Result<Signable, Refusal> {
         let (chain_id, hrs) = (chain.id(), what.hrs()?);
         if !self.voters_confirm(voters) {
-            return Ok(what.sign(&chain.key, chain_id, timestamp)?);
+            return self.signed(chain, what, timestamp).await;
         }
         let asks = self.ask_to_confirm(chain_id, hrs, digest, timestamp, voters, true);
-        let signed = what.sign(&chain.key, chain_id, timestamp)?;
+        let signed = self.signed(chain, what, timestamp).await?;
         self.confirmed_or_refused(asks, hrs, deadline).await?;
         Ok(signed)
     }

@@ -68,12 +68,15 @@ pub mod bytes;
 pub mod confirm;
 mod forward;
 mod here;
+pub mod key;
 pub mod keys;
 pub mod limit;
 pub mod privval;
 pub mod protocol;
 pub mod refusal;
 pub mod sign;
+pub mod token;
+mod token_health;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -84,7 +87,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use crate::config::ProtocolVersion;
-use crate::config::{ChainConfig, NodeId, SignerConfig};
+use crate::config::{ChainConfig, KeySource, NodeId, SignerConfig};
 use crate::node::Core;
 use crate::pb;
 use crate::raft::peers::Peers;
@@ -144,7 +147,8 @@ impl Work {
 /// signing at a time of its leader.
 pub struct Chain {
     pub cfg: ChainConfig,
-    key: ConsensusKey,
+    /// Shared with the blocking pool while a token signs.
+    key: Arc<ConsensusKey>,
     /// One signing at a time on the leader, per chain: one commit per new
     /// HRS, and concurrent requests for one HRS share its signature. Holds
     /// what this process signed last ([`Ahead`]).
@@ -161,12 +165,20 @@ impl Chain {
     }
 }
 
-/// Reads every chain's `priv_validator_key.json` (blocking file reads: call
-/// it off the async workers).
+/// Reads every chain's `priv_validator_key.json`, or opens its key in its
+/// token (each PKCS#11 module loaded once). Blocking: call it off the async
+/// workers.
 pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
+    let mut modules = token::Modules::default();
     cfg.chains
         .iter()
-        .map(|c| Ok((c.clone(), ConsensusKey::load(&c.key)?)))
+        .map(|c| {
+            let key = match &c.key {
+                KeySource::File(path) => ConsensusKey::load(path)?,
+                KeySource::Token(uri) => ConsensusKey::open_token(uri, &mut modules)?,
+            };
+            Ok((c.clone(), key))
+        })
         .collect()
 }
 
@@ -200,7 +212,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 }
                 Chain {
                     cfg,
-                    key,
+                    key: Arc::new(key),
                     lock: tokio::sync::Mutex::new(Ahead::default()),
                     hurry: behind::Hurry::default(),
                     said_wrong_key_chain: AtomicBool::new(false),
@@ -418,6 +430,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let msg = protocol::request_frame(&what.to_request(chain.id())).encode_to_vec();
         let pub_key = chain.key.public().as_bytes().to_vec();
         let proof = chain.key.forward_proof(self.core.cfg.id, chain.id(), &msg);
+        let (key_proof, proof) = (proof.key_proof, proof.seed_proof);
         let mut stage = self.stages();
         let r = self
             .to_leader
@@ -427,6 +440,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                     msg,
                     pub_key,
                     proof,
+                    key_proof,
                     chain_id: chain.id().to_string(),
                 },
                 limit,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cometbft_proto::v0_38::privval::RemoteSignerError;
 
-use super::sign::SignError;
+use super::key::SignError;
 use super::SIGN_PATIENCE;
 use crate::ledger::SignVerdict;
 use crate::pb;
@@ -37,6 +37,10 @@ pub enum Refusal {
     /// allowed for the chain or the connection, or a consensus message.
     #[error("{0}")]
     BytesRefused(String),
+    /// The key's token failed to sign: nothing was signed, and the host
+    /// stands aside while it fails.
+    #[error("the signing key failed: {0}")]
+    KeyFailed(String),
     #[error("no signing watermark yet: run `keyraft signer import-state priv_validator_state.json` (or `--never-signed` for a key that never signed)")]
     NoWatermark,
     #[error("no live signer leader within {0:?}")]
@@ -77,6 +81,7 @@ impl Refusal {
             Refusal::OtherKey(_) => "refused_other_key",
             Refusal::Malformed(_) => "refused_malformed",
             Refusal::BytesRefused(_) => "refused_bytes",
+            Refusal::KeyFailed(_) => "key_failed",
             Refusal::NoWatermark => "refused_no_watermark",
             Refusal::NoLeader(_) => "no_leader",
             Refusal::NotCommitted(_) => "not_committed",
@@ -93,6 +98,7 @@ impl Refusal {
             Refusal::OtherKey(_) => pb::Refusal::OtherKey,
             Refusal::Malformed(_) => pb::Refusal::Malformed,
             Refusal::BytesRefused(_) => pb::Refusal::BytesRefused,
+            Refusal::KeyFailed(_) => pb::Refusal::KeyFailed,
             Refusal::NoWatermark => pb::Refusal::NoWatermark,
             Refusal::NoLeader(_) => pb::Refusal::NoLeader,
             Refusal::NotCommitted(_) => pb::Refusal::NotCommitted,
@@ -122,6 +128,7 @@ impl Refusal {
             pb::Refusal::OtherKey => Refusal::OtherKey(detail.to_string()),
             pb::Refusal::Malformed => Refusal::Malformed(detail.to_string()),
             pb::Refusal::BytesRefused => Refusal::BytesRefused(detail.to_string()),
+            pb::Refusal::KeyFailed => Refusal::KeyFailed(detail.to_string()),
             pb::Refusal::NoWatermark => Refusal::NoWatermark,
             pb::Refusal::NoLeader => Refusal::NoLeader(SIGN_PATIENCE),
             pb::Refusal::NotCommitted => Refusal::NotCommitted(detail.to_string()),
@@ -133,7 +140,7 @@ impl Refusal {
     pub fn remote_error(&self) -> RemoteSignerError {
         let code = match self {
             Refusal::Regression { .. } | Refusal::Equivocation { .. } => 2,
-            Refusal::NoLeader(_) | Refusal::NotCommitted(_) => 1,
+            Refusal::NoLeader(_) | Refusal::NotCommitted(_) | Refusal::KeyFailed(_) => 1,
             Refusal::WrongChain { .. }
             | Refusal::UnknownChain { .. }
             | Refusal::OtherKey(_)
@@ -150,7 +157,10 @@ impl Refusal {
 
 impl From<SignError> for Refusal {
     fn from(e: SignError) -> Self {
-        Refusal::Malformed(e.to_string())
+        match e {
+            SignError::Token(e) => Refusal::KeyFailed(e.to_string()),
+            e => Refusal::Malformed(e.to_string()),
+        }
     }
 }
 
@@ -174,6 +184,7 @@ mod tests {
             Refusal::OtherKey("node 2's key for chain theirs is not the leader's".into()),
             Refusal::Malformed("no timestamp".into()),
             Refusal::BytesRefused("sign-bytes is off".into()),
+            Refusal::KeyFailed("token 'kr': sign: CKR_DEVICE_REMOVED".into()),
             Refusal::NoWatermark,
             Refusal::NoLeader(SIGN_PATIENCE),
             Refusal::NotCommitted("leadership moved".into()),
@@ -183,7 +194,8 @@ mod tests {
                 Refusal::Malformed(d)
                 | Refusal::NotCommitted(d)
                 | Refusal::OtherKey(d)
-                | Refusal::BytesRefused(d) => d.clone(),
+                | Refusal::BytesRefused(d)
+                | Refusal::KeyFailed(d) => d.clone(),
                 _ => r.to_string(),
             };
             let back = Refusal::from_proto(r.to_proto() as i32, &detail, asked, "theirs");

@@ -1,27 +1,20 @@
-//! The validator's consensus key and what it signs: CometBFT's
-//! `priv_validator_key.json`, canonical sign bytes (computed by the
+//! What the validator's key signs: canonical sign bytes (computed by the
 //! `cometbft` crate tmkms signs with), the digest the watermark records,
-//! and the signatures themselves.
+//! and the signed messages.
 //!
 //! Owns: turning a vote or proposal into (height, round, step), a digest
-//! that ignores the timestamp, and a signature over the bytes with the
+//! that ignores the timestamp, and a signed message over the bytes with the
 //! committed timestamp. Must not: decide whether to sign; only
-//! [`super::Signer`] calls [`ConsensusKey::sign`], once a commit covers
-//! the step (its reservation, or the step itself).
+//! [`super::Signer`] calls [`Signable::sign`], once a commit covers the
+//! step (its reservation, or the step itself).
 
-use std::collections::VecDeque;
-use std::path::Path;
-use std::sync::Mutex;
-
-use cometbft::{account, PrivateKey, PublicKey};
 use cometbft_proto::google::protobuf::Timestamp;
 use cometbft_proto::v0_38::types::{
     CanonicalVoteExtension, Proposal as RawProposal, Vote as RawVote,
 };
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
-use hmac::{Hmac, Mac};
 use prost::Message as _;
-use serde::Deserialize;
+
+pub use super::key::{ConsensusKey, SignError};
 
 /// Whether a vote's extension is signed with it (1.x's
 /// `skip_extension_signing`; 0.38 always signs a non-nil precommit's).
@@ -37,153 +30,6 @@ use sha2::{Digest, Sha256};
 pub const STEP_PROPOSAL: u8 = 1;
 pub const STEP_PREVOTE: u8 = 2;
 pub const STEP_PRECOMMIT: u8 = 3;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    #[error("cannot read {path}: {why}")]
-    Read { path: String, why: String },
-    #[error("{path} is not a CometBFT priv_validator_key.json with an ed25519 key: {why}")]
-    KeyFormat { path: String, why: String },
-    #[error("malformed {what}: {why}")]
-    Malformed { what: &'static str, why: String },
-}
-
-#[derive(Deserialize)]
-struct KeyFile {
-    address: account::Id,
-    pub_key: PublicKey,
-    priv_key: PrivateKey,
-}
-
-/// The validator's ed25519 consensus key.
-pub struct ConsensusKey {
-    signing: SigningKey,
-    /// HMAC-SHA256 keyed for forward proofs, made once
-    /// ([`ConsensusKey::forward_proof`]).
-    forward: Hmac<Sha256>,
-    /// The last few signatures made, by the bytes signed: ed25519 is
-    /// deterministic, so the same bytes asked again (another sentry's
-    /// request for the same vote) get the signature a new signing would
-    /// make, without its curve arithmetic on the leader's busy moment.
-    made: Mutex<VecDeque<(Vec<u8>, Vec<u8>)>>,
-}
-
-/// Signatures [`ConsensusKey::sign`] remembers (a non-nil precommit takes
-/// two, its vote and its extension): the last few steps, as many as the
-/// leader's memory of what it signed ([`super::ahead::RECENT`]).
-const MADE: usize = 16;
-
-impl ConsensusKey {
-    /// Reads `priv_validator_key.json`, checking that its public key and
-    /// address belong to its private key. (Its mode is checked by config.)
-    pub fn load(path: &Path) -> Result<ConsensusKey, SignError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| SignError::Read {
-            path: p.clone(),
-            why: e.to_string(),
-        })?;
-        let bad = |why: String| SignError::KeyFormat {
-            path: p.clone(),
-            why,
-        };
-        let file: KeyFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let seed: [u8; 32] = file
-            .priv_key
-            .ed25519_signing_key()
-            .ok_or_else(|| bad("priv_key is not ed25519".into()))?
-            .as_bytes()
-            .try_into()
-            .map_err(|_| bad("priv_key is not a 32-byte seed".into()))?;
-        let key = ConsensusKey::from_seed(seed);
-        if PublicKey::from_ed25519_dalek(key.public()) != file.pub_key {
-            return Err(bad("pub_key does not match priv_key".into()));
-        }
-        if file.address.as_bytes() != key.address() {
-            return Err(bad("address does not match pub_key".into()));
-        }
-        Ok(key)
-    }
-
-    /// The key of a 32-byte ed25519 seed ([`ConsensusKey::load`] reads it
-    /// from the key file; the simulator gives its own).
-    pub fn from_seed(seed: [u8; 32]) -> ConsensusKey {
-        // Never the private key itself: a key derived from it for this use.
-        let derived = Sha256::new()
-            .chain_update(b"keyraft forward proof v1\0")
-            .chain_update(seed)
-            .finalize();
-        // HMAC pads a short key to SHA-256's 64-byte block: done here, so
-        // that no error path is left to handle.
-        let mut block = [0u8; 64];
-        block[..32].copy_from_slice(&derived);
-        ConsensusKey {
-            signing: SigningKey::from_bytes(&seed),
-            forward: <Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into()),
-            made: Mutex::new(VecDeque::with_capacity(MADE)),
-        }
-    }
-
-    pub fn public(&self) -> VerifyingKey {
-        self.signing.verifying_key()
-    }
-
-    /// CometBFT's validator address: the first 20 bytes of SHA-256(pubkey).
-    pub fn address(&self) -> [u8; 20] {
-        let mut a = [0u8; 20];
-        a.copy_from_slice(&Sha256::digest(self.public().as_bytes())[..20]);
-        a
-    }
-
-    pub fn address_hex(&self) -> String {
-        hex::encode_upper(self.address())
-    }
-
-    /// What a member forwarding `msg` (an encoded privval request) for
-    /// `chain_id` to the leader sends with it, to prove that it holds this
-    /// key: an HMAC-SHA256 of the sender's node id, the chain id and the
-    /// request, under a key derived from the private key. A member given
-    /// another chain's key, or none, cannot make it; the leader, which
-    /// holds the key, checks it ([`ConsensusKey::proves_forward`]). Bound
-    /// to the sender (the leader compares the id its certificate proved)
-    /// and to the request, so one proof serves no other.
-    pub fn forward_proof(&self, sender: u64, chain_id: &str, msg: &[u8]) -> Vec<u8> {
-        self.forward_mac(sender, chain_id, msg)
-            .finalize()
-            .into_bytes()
-            .to_vec()
-    }
-
-    /// Whether `proof` is [`ConsensusKey::forward_proof`] of this key for
-    /// the same sender, chain and request (compared in constant time).
-    pub fn proves_forward(&self, sender: u64, chain_id: &str, msg: &[u8], proof: &[u8]) -> bool {
-        self.forward_mac(sender, chain_id, msg)
-            .verify_slice(proof)
-            .is_ok()
-    }
-
-    fn forward_mac(&self, sender: u64, chain_id: &str, msg: &[u8]) -> Hmac<Sha256> {
-        let mut mac = self.forward.clone();
-        mac.update(&sender.to_be_bytes());
-        mac.update(&(chain_id.len() as u64).to_be_bytes());
-        mac.update(chain_id.as_bytes());
-        mac.update(msg);
-        mac
-    }
-
-    /// Signs `bytes`. Only after the watermark allowed it.
-    pub fn sign(&self, bytes: &[u8]) -> Vec<u8> {
-        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, signature)) = made.iter().find(|(b, _)| b == bytes) {
-            return signature.clone();
-        }
-        let signature = self.signing.sign(bytes).to_vec();
-        if made.len() == MADE {
-            made.pop_front();
-        }
-        made.push_back((bytes.to_vec(), signature.clone()));
-        signature
-    }
-}
 
 /// What a request asks to sign.
 #[derive(Debug, Clone)]
@@ -374,7 +220,7 @@ impl Signable {
             seconds: timestamp.0,
             nanos: timestamp.1,
         });
-        let signature = key.sign(&self.sign_bytes(chain_id)?);
+        let signature = key.sign(&self.sign_bytes(chain_id)?)?;
         match &mut self {
             Signable::Vote(v, extension) => {
                 v.signature = signature;
@@ -387,7 +233,7 @@ impl Signable {
                         chain_id: chain_id.to_string(),
                     }
                     .encode_length_delimited_to_vec();
-                    v.extension_signature = key.sign(&ext);
+                    v.extension_signature = key.sign(&ext)?;
                 } else {
                     v.extension_signature.clear();
                 }
@@ -405,65 +251,6 @@ mod tests {
 
     fn key() -> ConsensusKey {
         ConsensusKey::from_seed([3; 32])
-    }
-
-    #[test]
-    fn only_the_key_proves_a_forward_for_its_sender_chain_and_request() {
-        let k = key();
-        let proof = k.forward_proof(2, "a-1", b"request");
-        assert!(k.proves_forward(2, "a-1", b"request", &proof));
-        let stranger = ConsensusKey::from_seed([4; 32]);
-        // (key checking, sender, chain, request, proof) -> not proved
-        type Row<'a> = (&'a ConsensusKey, u64, &'a str, &'a [u8], &'a [u8]);
-        let table: [Row; 6] = [
-            (&stranger, 2, "a-1", b"request", &proof),
-            (&k, 3, "a-1", b"request", &proof),
-            (&k, 2, "a-2", b"request", &proof),
-            (&k, 2, "a-1", b"another", &proof),
-            (&k, 2, "a-1", b"request", &[]),
-            (&k, 2, "a-1", b"request", &proof[..31]),
-        ];
-        for (checker, sender, chain, msg, p) in table {
-            assert!(
-                !checker.proves_forward(sender, chain, msg, p),
-                "{sender} {chain}"
-            );
-        }
-        // The chain id's length is bound in: ("a", "b...") is not ("ab", "...").
-        assert_ne!(
-            k.forward_proof(2, "a", b"bc"),
-            k.forward_proof(2, "ab", b"c")
-        );
-    }
-
-    #[test]
-    fn a_remembered_signature_is_the_one_the_key_makes_and_only_for_its_bytes() {
-        let k = key();
-        let fresh = |bytes: &[u8]| {
-            let seed = SigningKey::from_bytes(&[3; 32]);
-            ed25519_dalek::Signer::sign(&seed, bytes)
-                .to_bytes()
-                .to_vec()
-        };
-        let first = k.sign(b"vote at 5");
-        assert_eq!(first, fresh(b"vote at 5"));
-        // Asked again: the remembered one, identical to a new signature.
-        assert_eq!(k.sign(b"vote at 5"), first);
-        // Other bytes, even a prefix or one byte apart, are signed anew.
-        for other in [&b"vote at 6"[..], b"vote at ", b"vote at 55"] {
-            let sig = k.sign(other);
-            assert_eq!(sig, fresh(other));
-            assert_ne!(sig, first);
-            let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
-            assert!(ed25519_dalek::Verifier::verify(&k.public(), other, &sig).is_ok());
-        }
-        // More signatures than it keeps: the oldest is forgotten, and still
-        // signed right when asked again.
-        for h in 0..20u8 {
-            k.sign(&[h]);
-        }
-        assert_eq!(k.made.lock().unwrap().len(), MADE);
-        assert_eq!(k.sign(b"vote at 5"), first);
     }
 
     fn precommit(block: u8, ts: i64) -> Signable {

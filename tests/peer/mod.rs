@@ -102,7 +102,9 @@ pub fn proven(
     sender: u64,
     chain_id: &str,
 ) -> keyraft::pb::SignRequest {
-    req.proof = key.forward_proof(sender, chain_id, &req.msg);
+    let proof = key.forward_proof(sender, chain_id, &req.msg);
+    req.proof = proof.seed_proof;
+    req.key_proof = proof.key_proof;
     req
 }
 
@@ -130,6 +132,7 @@ pub fn precommit_request(chain_id: &str, height: u64, pub_key: &[u8]) -> keyraft
         msg: msg.encode_to_vec(),
         pub_key: pub_key.to_vec(),
         proof: Vec::new(),
+        key_proof: Vec::new(),
         chain_id: chain_id.to_string(),
     }
 }

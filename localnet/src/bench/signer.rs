@@ -18,6 +18,33 @@ pub struct SignerBench {
     pub chains: u64,
     /// keyraft's sentries speak CometBFT 1.x's privval (one chain).
     pub v1: bool,
+    /// Where each host's key is (the first chain's, with several).
+    pub key_in: crate::token::KeyIn,
+}
+
+impl SignerBench {
+    /// Which key backend the run measures, as printed.
+    fn backend(&self) -> String {
+        match self.key_in {
+            crate::token::KeyIn::File => "key file (priv_validator_key.json) on each host".into(),
+            _ => {
+                let version = std::process::Command::new("softhsm2-util")
+                    .arg("--version")
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_default();
+                let rest = if self.chains > 1 {
+                    "; the other chains' in files"
+                } else {
+                    ""
+                };
+                format!(
+                    "PKCS#11: a SoftHSM2 {version} token on each host ({}){rest}",
+                    crate::token::MODULE
+                )
+            }
+        }
+    }
 }
 
 /// keyraft's signer next to tmkms, in one run: (1) the signature latency
@@ -41,8 +68,10 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     };
     // (1) Latency through keyraft, its peers dialling each other directly
     // (no fault is injected here, so no proxy stands in the way).
+    println!("keyraft's key: {}", b.backend());
     let direct = |_| NodeOpts {
         direct_peers: true,
+        key_in: b.key_in,
         flags: crate::shape::protocol_flags(b.v1),
         fakenode: crate::shape::sentry_protocol(b.v1),
         ..NodeOpts::default()
@@ -159,6 +188,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
 
     // (3) SIGKILL of the signer leader's host.
     let mut c = Cluster::start_signers(3, b.kill_block_ms, mode(4), |_| NodeOpts {
+        key_in: b.key_in,
         flags: crate::shape::protocol_flags(b.v1),
         fakenode: crate::shape::sentry_protocol(b.v1),
         ..NodeOpts::default()
@@ -226,6 +256,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         kill_equivocations
     );
     Ok(serde_json::json!({
+        "backend": b.backend(),
         "chains": b.chains,
         "keyraft_sentries": sentries,
         "keyraft_sentries_by_chain": chains,

@@ -9,6 +9,13 @@ use localnet::chaos::{self, Fault};
 use localnet::comet::node::Protocol;
 use localnet::{bench, docker, launcher};
 
+/// Where `bench signer`'s hosts keep the key.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KeyBackend {
+    File,
+    Pkcs11,
+}
+
 #[derive(Parser)]
 #[command(
     version,
@@ -250,6 +257,10 @@ enum BenchCmd {
         /// tmkms, which has no v1, is measured on v0.38 either way).
         #[arg(long, value_enum, default_value = "v0.38")]
         protocol: Protocol,
+        /// Where each signer host's key is: its key file, or a SoftHSM2
+        /// token of its own, signing through PKCS#11 (the first chain's).
+        #[arg(long, value_enum, default_value = "file")]
+        key: KeyBackend,
     },
     /// Cold-start election time and the idle footprint of each coordinator.
     Idle {
@@ -523,6 +534,7 @@ async fn main() -> ExitCode {
                 kill_block_ms,
                 chains,
                 protocol,
+                key,
             } => {
                 let b = bench::SignerBench {
                     block_ms,
@@ -531,6 +543,10 @@ async fn main() -> ExitCode {
                     kill_block_ms,
                     chains,
                     v1: protocol == Protocol::V1,
+                    key_in: match key {
+                        KeyBackend::File => localnet::token::KeyIn::File,
+                        KeyBackend::Pkcs11 => localnet::token::KeyIn::Token,
+                    },
                 };
                 bench::signer(&b).await.map(|v| println!("{v}"))
             }

@@ -1,0 +1,136 @@
+//! A signer host's key in hardware: a SoftHSM2 token of its own (its own
+//! token directory, named by its own `SOFTHSM2_CONF`), the validator's key
+//! put into it by `keyraft signer import-key` as an operator does, and
+//! `keyraft run` given the token's `pkcs11:` URI instead of the key file.
+//! A token fails for real when its directory is moved away (SoftHSM2 then
+//! fails every call on it) and answers again when it is moved back.
+//!
+//! Owns: the token's files and its URI. Must not: know how keyraft uses it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+
+/// Debian's SoftHSM2 module.
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const LABEL: &str = "localnet";
+const PIN: &str = "4711";
+
+/// Where a signer host's key is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyIn {
+    /// `priv_validator_key.json`.
+    #[default]
+    File,
+    /// The cluster's key in a SoftHSM2 token of this host.
+    Token,
+    /// Another key than the cluster's in this host's token (a host given
+    /// the wrong token).
+    TokenWithAnotherKey,
+}
+
+/// One host's SoftHSM2 token, under its base dir.
+pub struct Token {
+    dir: PathBuf,
+}
+
+impl Token {
+    pub fn at(base: &Path) -> Token {
+        Token {
+            dir: base.join("softhsm"),
+        }
+    }
+
+    /// SoftHSM2's configuration file: `SOFTHSM2_CONF` of whatever opens
+    /// this token.
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    fn tokens(&self) -> PathBuf {
+        self.dir.join("tokens")
+    }
+
+    fn away(&self) -> PathBuf {
+        self.dir.join("tokens.away")
+    }
+
+    /// The key's URI, as `--validator-key` takes it.
+    pub fn uri(&self) -> String {
+        format!(
+            "pkcs11:token={LABEL};object=validator?module-path={MODULE}&pin-source=file:{}",
+            self.dir.join("pin").display()
+        )
+    }
+
+    /// A new token holding `key` (a `priv_validator_key.json`), imported
+    /// with `keyraft`.
+    pub fn create(&self, keyraft: &Path, key: &Path) -> Result<()> {
+        ensure!(
+            Path::new(MODULE).is_file(),
+            "{MODULE} is missing: install softhsm2 (scripts/test does)"
+        );
+        std::fs::create_dir_all(self.tokens())?;
+        std::fs::write(
+            self.conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                self.tokens().display()
+            ),
+        )?;
+        let pin = self.dir.join("pin");
+        std::fs::write(&pin, format!("{PIN}\n"))?;
+        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        crate::harness::run(
+            Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", self.conf())
+                .args(["--init-token", "--free", "--label", LABEL])
+                .args(["--pin", PIN, "--so-pin", "123456"]),
+        )?;
+        crate::harness::run(
+            Command::new(keyraft)
+                .env("SOFTHSM2_CONF", self.conf())
+                .args(["signer", "import-key", "--from"])
+                .arg(key)
+                .args(["--to", &self.uri()]),
+        )
+    }
+
+    /// The token stops answering: its directory is moved away.
+    pub fn fail(&self) -> Result<()> {
+        std::fs::rename(self.tokens(), self.away()).context("moving the token away")
+    }
+
+    /// The token answers again.
+    pub fn restore(&self) -> Result<()> {
+        std::fs::rename(self.away(), self.tokens()).context("moving the token back")
+    }
+}
+
+/// Lays out the token `key_in` asks for under `base` (none for a file):
+/// with the cluster's `key`, or a new one.
+pub fn lay_out(keyraft: &Path, base: &Path, key: &Path, key_in: KeyIn) -> Result<()> {
+    match key_in {
+        KeyIn::File => Ok(()),
+        KeyIn::Token => Token::at(base).create(keyraft, key),
+        KeyIn::TokenWithAnotherKey => {
+            let other = base.join("another_priv_validator_key.json");
+            crate::comet::key::ValidatorKey::generate().write_new(&other)?;
+            Token::at(base).create(keyraft, &other)
+        }
+    }
+}
+
+/// `keyraft run`'s key flag for a host whose key is `key_in`, and the
+/// environment it needs.
+pub fn key_args(base: &Path, key: &Path, key_in: KeyIn) -> (Vec<(String, PathBuf)>, [String; 2]) {
+    let flag = "--validator-key".to_string();
+    match key_in {
+        KeyIn::File => (Vec::new(), [flag, key.display().to_string()]),
+        _ => {
+            let t = Token::at(base);
+            (vec![("SOFTHSM2_CONF".into(), t.conf())], [flag, t.uri()])
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! A consensus key held in hardware and reached through PKCS#11, the one
+//! interface every HSM speaks (SoftHSM2, YubiHSM2, Nitrokey, a cloud HSM's
+//! module): an RFC 7512 `pkcs11:` URI names the token and the key, its
+//! query the module and where the PIN is; signatures are `CKM_EDDSA` over a
+//! `CKK_EC_EDWARDS` key.
+//!
+//! Owns: the URI and its PIN source, the module opened once per path
+//! ([`Modules`]), a small pool of logged-in sessions, the public key read
+//! from the token, signing, reopening a token after a failure, and putting
+//! a key file's seed into a token ([`import`]). Must not: decide whether
+//! to sign, keep a session that failed, or read a PIN from the command
+//! line or the configuration file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use crate::config::{PinSource, TokenUri};
+
+/// Sessions kept open per key: enough for the chain's sign path and its
+/// probe at once; more are opened when needed and closed after use.
+const POOL: usize = 2;
+
+/// Ed25519's curve as `CKA_EC_PARAMS`: the DER of OID 1.3.101.112.
+const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot load PKCS#11 module {module}: {why}")]
+    Module { module: String, why: String },
+    #[error("no token labelled '{token}' in {module} (tokens: {present})")]
+    NoToken {
+        token: String,
+        module: String,
+        present: String,
+    },
+    #[error("the PIN for token '{token}' {why}")]
+    Pin { token: String, why: String },
+    #[error("token '{token}' holds no Ed25519 {what} {key}")]
+    NoKey {
+        token: String,
+        what: &'static str,
+        key: String,
+    },
+    #[error("token '{token}' holds {n} Ed25519 private keys matching {key}: name one by object= and id=")]
+    SeveralKeys {
+        token: String,
+        n: usize,
+        key: String,
+    },
+    #[error("token '{token}': the private key {key} does not sign for its public key")]
+    Mismatch { token: String, key: String },
+    #[error("token '{token}' already holds another key under {key}: remove it first, or name another object")]
+    Occupied { token: String, key: String },
+    #[error("token '{token}': {op}: {why}")]
+    Failed {
+        token: String,
+        op: &'static str,
+        why: String,
+    },
+}
+
+/// The PKCS#11 modules of this process, each loaded and initialized once
+/// (a second `C_Initialize` of one module fails, and a `C_Finalize` ends
+/// every session of it).
+#[derive(Default)]
+pub struct Modules(BTreeMap<PathBuf, Arc<Module>>);
+
+impl Modules {
+    pub fn open(&mut self, path: &Path) -> Result<Arc<Module>, TokenError> {
+        if let Some(m) = self.0.get(path) {
+            return Ok(m.clone());
+        }
+        let err = |why: String| TokenError::Module {
+            module: path.display().to_string(),
+            why,
+        };
+        if !path.is_file() {
+            return Err(err("no such file".into()));
+        }
+        let ctx = Pkcs11::new(path).map_err(|e| err(e.to_string()))?;
+        initialize(&ctx).map_err(|e| err(e.to_string()))?;
+        let m = Arc::new(Module {
+            path: path.to_path_buf(),
+            ctx,
+            generation: RwLock::new(0),
+        });
+        self.0.insert(path.to_path_buf(), m.clone());
+        Ok(m)
+    }
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One loaded PKCS#11 module.
+pub struct Module {
+    path: PathBuf,
+    ctx: Pkcs11,
+    /// How many times the module was initialized again
+    /// ([`Module::reinitialize`]); read-locked by every use, so that none
+    /// is inside the module while it is, and a session of an earlier
+    /// generation is known dead without a call.
+    generation: RwLock<u64>,
+}
+
+impl Module {
+    /// Finalizes and initializes the module again: some modules (SoftHSM2)
+    /// see a token that came back only then. Every session of it ends.
+    fn reinitialize(&self) -> Result<(), TokenError> {
+        let mut generation = self.generation.write().unwrap_or_else(|p| p.into_inner());
+        let err = |e: CkError| TokenError::Module {
+            module: self.path.display().to_string(),
+            why: e.to_string(),
+        };
+        match self.ctx.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => return Err(err(e)),
+        }
+        *generation += 1;
+        initialize(&self.ctx).map_err(err)
+    }
+}
+
+/// A key on a token: what signs, and its sessions.
+pub struct TokenKey {
+    uri: TokenUri,
+    module: Arc<Module>,
+    public: [u8; 32],
+    /// Logged-in sessions not in use, each with the key's handle in it and
+    /// the module's generation it was opened in. Emptied when one fails:
+    /// the next use opens the token again.
+    pool: Mutex<Vec<(u64, Session, ObjectHandle)>>,
+}
+
+impl TokenKey {
+    /// Finds the key `uri` names in `module` (logging in with its PIN) and
+    /// reads its public key. Blocking.
+    pub fn open(uri: &TokenUri, module: Arc<Module>) -> Result<TokenKey, TokenError> {
+        let generation = *module.generation.read().unwrap_or_else(|p| p.into_inner());
+        let (session, handle) = open_key(uri, &module.ctx)?;
+        let public = public_key(uri, &session)?;
+        Ok(TokenKey {
+            uri: uri.clone(),
+            module,
+            public,
+            pool: Mutex::new(vec![(generation, session, handle)]),
+        })
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.public
+    }
+
+    pub fn uri(&self) -> &TokenUri {
+        &self.uri
+    }
+
+    /// Signs `bytes` on the token: a whole 64-byte signature or an error,
+    /// never a part. A session that failed is closed, and every pooled one
+    /// with it. Blocking.
+    pub fn sign(&self, bytes: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let generation = self
+            .module
+            .generation
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let taken = {
+            let mut pool = self.lock();
+            pool.retain(|(g, _, _)| g == &*generation);
+            pool.pop()
+        };
+        let (session, handle) = match taken {
+            Some((_, s, h)) => (s, h),
+            None => open_key(&self.uri, &self.module.ctx)?,
+        };
+        let mech = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Ed25519));
+        match session.sign(&mech, handle, bytes) {
+            Ok(sig) if sig.len() == 64 => {
+                let mut pool = self.lock();
+                if pool.len() < POOL {
+                    pool.push((*generation, session, handle));
+                }
+                Ok(sig)
+            }
+            done => {
+                // The token may be gone, or another now: nothing kept.
+                self.lock().clear();
+                Err(match done {
+                    Ok(sig) => self.failed("sign", format!("a {}-byte signature", sig.len())),
+                    Err(e) => self.failed("sign", e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// [`TokenKey::sign`], and where it fails, once more after initializing
+    /// the module again (a token that came back is seen then, by SoftHSM2
+    /// only then). Only the probe does this, at most once a probe.
+    pub fn sign_or_reinitialize(&self, bytes: &[u8]) -> Result<Vec<u8>, TokenError> {
+        self.sign(bytes).or_else(|_| {
+            self.module.reinitialize()?;
+            self.sign(bytes)
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Session, ObjectHandle)>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, op: &'static str, why: String) -> TokenError {
+        TokenError::Failed {
+            token: self.uri.token.clone(),
+            op,
+            why,
+        }
+    }
+}
+
+/// The attributes that find `uri`'s key of `class`.
+fn template(uri: &TokenUri, class: ObjectClass) -> Vec<Attribute> {
+    let mut t = vec![
+        Attribute::Class(class),
+        Attribute::KeyType(KeyType::EC_EDWARDS),
+    ];
+    if let Some(o) = &uri.object {
+        t.push(Attribute::Label(o.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        t.push(Attribute::Id(id.clone()));
+    }
+    t
+}
+
+/// `uri`'s PIN, read now (a file's trailing newline dropped).
+fn read_pin(uri: &TokenUri) -> Result<AuthPin, TokenError> {
+    let err = |why: String| TokenError::Pin {
+        token: uri.token.clone(),
+        why,
+    };
+    let pin = match &uri.pin {
+        PinSource::File(p) => std::fs::read_to_string(p)
+            .map_err(|e| err(format!("cannot be read from {}: {e}", p.display())))?,
+        PinSource::Env(name) => std::env::var(name)
+            .map_err(|_| err(format!("is not in the environment: ${name} is not set")))?,
+    };
+    let pin = pin.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        return Err(err("is empty".into()));
+    }
+    Ok(AuthPin::new(pin.into()))
+}
+
+/// The slot of the token labelled `uri.token`.
+fn slot(uri: &TokenUri, module: &Pkcs11) -> Result<Slot, TokenError> {
+    let slots = module
+        .get_slots_with_token()
+        .map_err(|e| failed(uri, "list slots", e))?;
+    let mut labels = Vec::new();
+    for s in slots {
+        let Ok(info) = module.get_token_info(s) else {
+            continue;
+        };
+        let label = info.label().trim_end().to_string();
+        if label == uri.token {
+            return Ok(s);
+        }
+        labels.push(label);
+    }
+    Err(TokenError::NoToken {
+        token: uri.token.clone(),
+        module: uri.module.display().to_string(),
+        present: if labels.is_empty() {
+            "none".into()
+        } else {
+            labels.join(", ")
+        },
+    })
+}
+
+/// A logged-in session on `uri`'s token (read-write for an import).
+fn login(uri: &TokenUri, module: &Pkcs11, rw: bool) -> Result<Session, TokenError> {
+    let slot = slot(uri, module)?;
+    let session = match rw {
+        true => module.open_rw_session(slot),
+        false => module.open_ro_session(slot),
+    }
+    .map_err(|e| failed(uri, "open a session", e))?;
+    let pin = read_pin(uri)?;
+    let pin_error = |why: &str| TokenError::Pin {
+        token: uri.token.clone(),
+        why: why.to_string(),
+    };
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(CkError::Pkcs11(
+            RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+            _,
+        )) => Err(pin_error("is wrong (the token refused it)")),
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(pin_error(
+            "is locked after too many wrong tries (unlock it with the SO PIN)",
+        )),
+        Err(e) => Err(failed(uri, "log in", e)),
+    }
+}
+
+/// The handle of `uri`'s private key in `session`, if the token holds one
+/// (several are refused: which would sign is not known).
+fn find_key(uri: &TokenUri, session: &Session) -> Result<Option<ObjectHandle>, TokenError> {
+    let found = session
+        .find_objects(&template(uri, ObjectClass::PRIVATE_KEY))
+        .map_err(|e| failed(uri, "find the key", e))?;
+    match found.len() {
+        0 | 1 => Ok(found.first().copied()),
+        n => Err(TokenError::SeveralKeys {
+            token: uri.token.clone(),
+            n,
+            key: uri.key_name(),
+        }),
+    }
+}
+
+/// A logged-in session and the handle of `uri`'s private key in it.
+fn open_key(uri: &TokenUri, module: &Pkcs11) -> Result<(Session, ObjectHandle), TokenError> {
+    let session = login(uri, module, false)?;
+    let key = find_key(uri, &session)?.ok_or_else(|| TokenError::NoKey {
+        token: uri.token.clone(),
+        what: "private key",
+        key: uri.key_name(),
+    })?;
+    Ok((session, key))
+}
+
+fn failed(uri: &TokenUri, op: &'static str, e: CkError) -> TokenError {
+    TokenError::Failed {
+        token: uri.token.clone(),
+        op,
+        why: e.to_string(),
+    }
+}
+
+/// The public key beside the private one (same object/id), as 32 bytes.
+fn public_key(uri: &TokenUri, session: &Session) -> Result<[u8; 32], TokenError> {
+    let none = || TokenError::NoKey {
+        token: uri.token.clone(),
+        what: "public key",
+        key: uri.key_name(),
+    };
+    let found = session
+        .find_objects(&template(uri, ObjectClass::PUBLIC_KEY))
+        .map_err(|e| failed(uri, "find the public key", e))?;
+    let handle = *found.first().ok_or_else(none)?;
+    let attrs = session
+        .get_attributes(handle, &[AttributeType::EcPoint])
+        .map_err(|e| failed(uri, "read the public key", e))?;
+    let point = attrs.into_iter().find_map(|a| match a {
+        Attribute::EcPoint(p) => Some(p),
+        _ => None,
+    });
+    point.as_deref().and_then(ec_point).ok_or_else(none)
+}
+
+/// An Ed25519 `CKA_EC_POINT`: the 32 bytes, DER-wrapped as an OCTET
+/// STRING (`04 20 ..`, as the standard says) or bare (as some modules do).
+fn ec_point(p: &[u8]) -> Option<[u8; 32]> {
+    match p {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
+        _ => p.try_into().ok(),
+    }
+}
+
+/// Puts the Ed25519 key of `seed` (whose public key is `public`) into the
+/// token under `uri`'s object/id, as a private key that never leaves it
+/// (sensitive, not extractable) and its public key. A token that already
+/// holds this key under that name is left as it is (`Ok(false)`); one that
+/// holds another is refused. Blocking.
+pub fn import(
+    uri: &TokenUri,
+    module: &Module,
+    seed: &[u8; 32],
+    public: &[u8; 32],
+) -> Result<bool, TokenError> {
+    let _generation = module.generation.read().unwrap_or_else(|p| p.into_inner());
+    let session = login(uri, &module.ctx, true)?;
+    let held = find_key(uri, &session)?.map(|_| public_key(uri, &session));
+    match held {
+        Some(Ok(p)) if &p == public => return Ok(false),
+        Some(_) => {
+            return Err(TokenError::Occupied {
+                token: uri.token.clone(),
+                key: uri.key_name(),
+            })
+        }
+        None => {}
+    }
+    let mut common = Vec::new();
+    if let Some(o) = &uri.object {
+        common.push(Attribute::Label(o.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        common.push(Attribute::Id(id.clone()));
+    }
+    common.extend([
+        Attribute::KeyType(KeyType::EC_EDWARDS),
+        Attribute::EcParams(ED25519_PARAMS.to_vec()),
+        Attribute::Token(true),
+    ]);
+    let mut point = vec![0x04, 0x20];
+    point.extend_from_slice(public);
+    let mut public_attrs = common.clone();
+    public_attrs.extend([
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::EcPoint(point),
+        Attribute::Verify(true),
+    ]);
+    let mut private_attrs = common;
+    private_attrs.extend([
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::Value(seed.to_vec()),
+        Attribute::Sign(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+    ]);
+    let private = session
+        .create_object(&private_attrs)
+        .map_err(|e| failed(uri, "create the private key", e))?;
+    if let Err(e) = session.create_object(&public_attrs) {
+        // Not half a key left behind.
+        let _ = session.destroy_object(private);
+        return Err(failed(uri, "create the public key", e));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_public_key_is_read_wrapped_or_bare() {
+        let mut wrapped = vec![0x04, 0x20];
+        wrapped.extend([7u8; 32]);
+        assert_eq!(ec_point(&wrapped), Some([7; 32]));
+        assert_eq!(ec_point(&[7; 32]), Some([7; 32]));
+        assert_eq!(ec_point(&[7; 31]), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! Whether each chain's key signs on this host: a key in a token signs off
+//! the async workers (a token blocks, a YubiHSM2 for milliseconds), and a
+//! token that fails marks its chain's key failing (`Core::key_failures`,
+//! `keyraft_signer_key_up`), which makes this host ineligible to lead
+//! (`coordinator::policy::eligible`) until the token answers again: a
+//! probe signs [`super::key::PROOF_MESSAGE`] every [`PROBE_EVERY`] and
+//! checks the signature against the key's public key.
+//!
+//! Owns: where a signature is made (in place or on the blocking pool), the
+//! failure record, the probe. Must not: decide to sign, or lead.
+
+use std::time::Duration;
+
+use openraft::storage::RaftStateMachine;
+
+use super::key::SignError;
+use super::sign::Signable;
+use super::token::TokenError;
+use super::{Chain, ConsensusKey, Forward, Refusal, Signer};
+use crate::raft::TypeConfig;
+
+/// How often a token's key is probed (a signature of a fixed message).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
+    /// `what` signed with `chain`'s key and `timestamp`: a whole signed
+    /// message, or a refusal and nothing signed.
+    pub(super) async fn signed(
+        &self,
+        chain: &Chain,
+        what: Signable,
+        timestamp: (i64, i32),
+    ) -> Result<Signable, Refusal> {
+        let id = chain.id().to_string();
+        self.with_key(chain, move |key| what.sign(key, &id, timestamp))
+            .await
+    }
+
+    /// Raw bytes signed with `chain`'s key.
+    pub(super) async fn signed_bytes(
+        &self,
+        chain: &Chain,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, Refusal> {
+        self.with_key(chain, move |key| key.sign(&bytes)).await
+    }
+
+    /// Runs `f` with `chain`'s key: in place for a key file (its
+    /// arithmetic is shorter than a trip to another thread), on the
+    /// blocking pool for a token. A token's failure is recorded.
+    async fn with_key<T: Send + 'static>(
+        &self,
+        chain: &Chain,
+        f: impl FnOnce(&ConsensusKey) -> Result<T, SignError> + Send + 'static,
+    ) -> Result<T, Refusal> {
+        let done = if chain.key.in_token() {
+            let key = chain.key.clone();
+            tokio::task::spawn_blocking(move || f(&key))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(SignError::Token(TokenError::Failed {
+                        token: chain.id().to_string(),
+                        op: "sign",
+                        why: e.to_string(),
+                    }))
+                })
+        } else {
+            f(&chain.key)
+        };
+        if let Err(SignError::Token(e)) = &done {
+            self.key_answered(chain, Err(e.to_string()));
+        }
+        Ok(done?)
+    }
+
+    /// Records whether `chain`'s key signs now; a change is logged once.
+    fn key_answered(&self, chain: &Chain, answer: Result<(), String>) {
+        let mut failures = self
+            .core
+            .key_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let up = &self.core.metrics.signer_key_up;
+        match answer {
+            Ok(()) => {
+                if failures.remove(chain.id()).is_some() {
+                    tracing::info!(
+                        chain = chain.id(),
+                        "the key signs again: this host may lead"
+                    );
+                }
+                up.with_label_values(&[chain.id()]).set(1);
+            }
+            Err(why) => {
+                if failures
+                    .insert(chain.id().to_string(), why.clone())
+                    .is_none()
+                {
+                    tracing::error!(
+                        chain = chain.id(),
+                        "the key failed to sign, this host stands aside while it fails: {why}"
+                    );
+                }
+                up.with_label_values(&[chain.id()]).set(0);
+            }
+        }
+    }
+
+    /// Probes every chain's key in a token, every [`PROBE_EVERY`], for as
+    /// long as the signer runs.
+    pub async fn probe_tokens(self: std::sync::Arc<Self>) {
+        let mut every = tokio::time::interval(PROBE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            for chain in self.chains.iter().filter(|c| c.key.in_token()) {
+                // A failure is recorded on the way.
+                if self.with_key(chain, |key| key.probe()).await.is_ok() {
+                    self.key_answered(chain, Ok(()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Signer mode with the key in hardware: three signer hosts, each with a
+//! SoftHSM2 token of its own (its own token directory and
+//! `SOFTHSM2_CONF`) holding the same key, put there by `keyraft signer
+//! import-key` as an operator does; every signature is the token's, made
+//! through PKCS#11. The CometBFT judge counts equivocations and missed
+//! heights. Faults are real: the leader's host SIGKILLed, frozen and cut
+//! off; the leader's token directory moved away (SoftHSM2 then fails every
+//! call on it) and back; a host whose token holds another key; tokens
+//! configured wrong.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use localnet::cluster::{Cluster, Mode, NodeOpts};
+use localnet::harness::eventually;
+use localnet::token::{KeyIn, Token};
+
+mod common;
+use common::{every_sentry_signed, kill_the_leaders_host, leader, no_equivocations};
+
+const BLOCK_MS: u64 = 500;
+const SETTLE: Duration = Duration::from_secs(30);
+const CHAIN: &str = "keyraft-hardware-test";
+
+async fn start(key_in: impl Fn(u64) -> KeyIn) -> Result<Cluster> {
+    let c = Cluster::start_signers(3, BLOCK_MS, Mode::signer(CHAIN), |id| NodeOpts {
+        key_in: key_in(id),
+        ..NodeOpts::default()
+    })
+    .await?;
+    Ok(c)
+}
+
+fn base(c: &Cluster, id: u64) -> PathBuf {
+    let data = &c.nodes[&id].data;
+    data.parent().unwrap_or(data).to_path_buf()
+}
+
+/// What node `id`'s metrics say of its key for the chain (1: it signs).
+async fn key_up(c: &Cluster, id: u64) -> Result<f64> {
+    c.metric(id, &format!("keyraft_signer_key_up{{chain=\"{CHAIN}\"}}"))
+        .await
+}
+
+#[tokio::test]
+async fn tokens_on_every_host_survive_the_leaders_kill_freeze_and_cut_without_equivocation(
+) -> Result<()> {
+    let mut c = start(|_| KeyIn::Token).await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    // The key is the token's: the status names it, not a file.
+    let status = c.status(1).await?;
+    let key = status["signer"]["chains"][0]["key"].as_str().unwrap_or("");
+    ensure!(key.starts_with("pkcs11:token=localnet"), "{status}");
+
+    let (_, missed, s) = kill_the_leaders_host(&mut c).await?;
+    eprintln!("kill: {missed} heights missed");
+    let killed = (1..=3).find(|n| !c.running(*n)).context("no host killed")?;
+    c.spawn(killed)?;
+    every_sentry_signed(&c, s.height + 1, &[1, 2, 3]).await?;
+
+    let l = leader(&c, &[1, 2, 3]).await?;
+    let frozen_at = c.chain.totals().await?;
+    c.freeze(l, true, true)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(&c, frozen_at.height, &rest).await?;
+    c.freeze(l, true, false)?;
+    let s = every_sentry_signed(&c, s.height + 1, &[1, 2, 3]).await?;
+
+    let l = leader(&c, &[1, 2, 3]).await?;
+    c.isolate(l);
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let s = every_sentry_signed(&c, s.height, &rest).await?;
+    c.heal();
+    every_sentry_signed(&c, s.height + 1, &[1, 2, 3]).await?;
+    no_equivocations(&c).await?;
+    Ok(())
+}
+
+/// The leader's token stops answering: it refuses to sign (never half a
+/// signature), stands aside, and a host whose token works leads; its own
+/// sentry keeps signing through the new leader. It may lead again only
+/// once its token answers.
+#[tokio::test]
+async fn a_leader_whose_token_fails_hands_over_and_leads_again_only_once_it_answers() -> Result<()>
+{
+    let c = start(|_| KeyIn::Token).await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    let token = Token::at(&base(&c, l));
+    let before = c.chain.totals().await?;
+    let t = std::time::Instant::now();
+    token.fail()?;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let new = eventually(SETTLE, "another host leading", || async {
+        let now = leader(&c, &others).await?;
+        Ok((now != l).then_some(now))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    // Every sentry signs again, the failed host's through the new leader.
+    let s = every_sentry_signed(&c, before.height + 1, &[1, 2, 3]).await?;
+    let missed = s.missed - before.missed;
+    eprintln!(
+        "token of leader {l} failed: node {new} leads, every sentry signed again {} ms later; {missed} heights missed",
+        t.elapsed().as_millis()
+    );
+    ensure!(
+        missed <= 10,
+        "{missed} heights missed for a failed token\n{}",
+        c.logs()
+    );
+    ensure!(key_up(&c, l).await? == 0.0, "node {l} says its key signs");
+    // While its token fails, it may not lead.
+    let out = c.cli(new, &["switchover", "--to", &l.to_string()]).await?;
+    ensure!(
+        !out.status.success(),
+        "a switchover to the host whose token fails was taken: {out:?}"
+    );
+    // Its token answers again: the probe sees it, and it may lead.
+    token.restore()?;
+    eventually(SETTLE, "the restored token answering", || async {
+        Ok((key_up(&c, l).await? == 1.0).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    eventually(SETTLE, "a switchover back to the restored host", || async {
+        let out = c
+            .cli(
+                leader(&c, &others).await?,
+                &["switchover", "--to", &l.to_string()],
+            )
+            .await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let back = c.chain.totals().await?;
+    eventually(SETTLE, "the restored host leading", || async {
+        Ok((leader(&c, &[1, 2, 3]).await? == l).then_some(()))
+    })
+    .await?;
+    every_sentry_signed(&c, back.height + 1, &[1, 2, 3]).await?;
+    let s = no_equivocations(&c).await?;
+    ensure!(s.double_signs == 0);
+    Ok(())
+}
+
+/// A host given a token with another key: every member names it, it never
+/// leads (a switchover to it is refused, and after the leader's kill the
+/// other host leads), and its sentry gets no signature.
+#[tokio::test]
+async fn a_token_holding_another_key_is_named_and_its_host_never_leads() -> Result<()> {
+    let mut c = start(|id| match id {
+        3 => KeyIn::TokenWithAnotherKey,
+        _ => KeyIn::Token,
+    })
+    .await?;
+    every_sentry_signed(&c, 0, &[1, 2]).await?;
+    let other_keys = format!("keyraft_signer_other_key_members{{chain=\"{CHAIN}\"}}");
+    eventually(SETTLE, "node 1 naming host 3's other key", || async {
+        Ok((c.metric(1, &other_keys).await? == 1.0).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    let l = leader(&c, &[1, 2]).await?;
+    ensure!(l != 3, "host 3 leads with another key");
+    let out = c.cli(l, &["switchover", "--to", "3"]).await?;
+    ensure!(
+        !out.status.success(),
+        "a switchover to host 3 was taken: {out:?}"
+    );
+    // The leader's host killed: the one other host with the key leads.
+    let killed_at = c.chain.totals().await?;
+    c.kill_host(l)?;
+    let good = if l == 1 { 2 } else { 1 };
+    let s = every_sentry_signed(&c, killed_at.height, &[good]).await?;
+    let now = leader(&c, &[good, 3]).await?;
+    ensure!(now == good, "node {now} leads, not node {good}");
+    c.chain.wait_height(s.height + 4, SETTLE).await?;
+    let s = no_equivocations(&c).await?;
+    ensure!(
+        s.first_signed_by(3, 0).is_none(),
+        "host 3's sentry got a signature"
+    );
+    Ok(())
+}
+
+/// `keyraft run` with a token configured wrong: one line and exit 2,
+/// before anything else starts; `keyraft check --config` says the same.
+#[tokio::test]
+async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
+    let keyraft = localnet::harness::sibling_bin("keyraft")?;
+    let key = dir.path().join("priv_validator_key.json");
+    localnet::comet::key::ValidatorKey::generate().write_new(&key)?;
+    let token = Token::at(dir.path());
+    token.create(&keyraft, &key)?;
+    let pin = dir.path().join("softhsm/pin");
+    let good = token.uri();
+    let wrong_pin = dir.path().join("wrong-pin");
+    std::fs::write(&wrong_pin, "0000\n")?;
+    std::fs::set_permissions(
+        &wrong_pin,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let readable = dir.path().join("readable-pin");
+    std::fs::copy(&pin, &readable)?;
+    std::fs::set_permissions(
+        &readable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    let with_pin = |p: &Path| good.replace(&pin.display().to_string(), &p.display().to_string());
+    // (the key's URI, words of the one line)
+    let cases = [
+        (
+            with_pin(&readable),
+            "is readable by others (mode 644): chmod 600 it",
+        ),
+        (
+            good.replace("libsofthsm2.so", "libnothere.so"),
+            "libnothere.so does not exist",
+        ),
+        (
+            with_pin(&wrong_pin),
+            "the PIN for token 'localnet' is wrong",
+        ),
+        (
+            good.replace("token=localnet", "token=elsewhere"),
+            "no token labelled 'elsewhere'",
+        ),
+        (
+            good.replace("object=validator", "object=nokey"),
+            "holds no Ed25519 private key object=nokey",
+        ),
+    ];
+    for (i, (uri, words)) in cases.iter().enumerate() {
+        let conf = dir.path().join(format!("keyraft-{i}.toml"));
+        let data = dir.path().join(format!("data-{i}"));
+        std::fs::write(
+            &conf,
+            format!(
+                "node-id = 1\ninsecure = true\nlisten = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nsigner = \"cometbft\"\nchain-id = \"{CHAIN}\"\nvalidator-key = \"{uri}\"\nprivval-node = [\"tcp://127.0.0.1:9\"]\npeer = [\"2=127.0.0.1:9\", \"3=127.0.0.1:9\"]\n",
+                data.display()
+            ),
+        )?;
+        for args in [vec!["run", "--config"], vec!["check", "--config"]] {
+            let out = std::process::Command::new(&keyraft)
+                .args(&args)
+                .arg(&conf)
+                .env("SOFTHSM2_CONF", token.conf())
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+            ensure!(
+                out.status.code() == Some(2) && lines.len() == 1 && lines[0].contains(words),
+                "{args:?} with {uri}: exit {:?}, want one line with '{words}':\n{err}",
+                out.status.code()
+            );
+        }
+    }
+    Ok(())
+}
