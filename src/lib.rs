@@ -39,7 +39,8 @@
 //! - [`signer`]: signer mode (CometBFT): keyraft dials the nodes' privval
 //!   ports and signs only what the Raft leader committed first, once the
 //!   other voters confirmed nothing else was signed there; followers
-//!   forward requests to the leader; refusals are typed end to end.
+//!   forward requests to the leader; refusals are typed end to end; the
+//!   key is a file or in a PKCS#11 token.
 //! - [`raft`]: replication only: openraft's type configuration, the vote
 //!   and leadership gate ([`raft::gate`]), durable storage
 //!   ([`raft::store`]) in files of its own over a [`raft::disk::Disk`]

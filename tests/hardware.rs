@@ -186,6 +186,60 @@ async fn a_token_holding_another_key_is_named_and_its_host_never_leads() -> Resu
     Ok(())
 }
 
+/// Two chains from one cluster, each with its own backend: the first's key
+/// in each host's token, the second's in a file. Both sign through every
+/// sentry, through the leader's kill, with no equivocation on either.
+#[tokio::test]
+async fn a_token_chain_and_a_file_chain_sign_side_by_side() -> Result<()> {
+    let mode = Mode::Signer {
+        chain_id: CHAIN.into(),
+        round_every: 0,
+        validators: 2,
+        more_chains: 1,
+        halt: None,
+    };
+    let mut c = Cluster::start_signers(3, BLOCK_MS, mode, |_| NodeOpts {
+        key_in: KeyIn::Token,
+        ..NodeOpts::default()
+    })
+    .await?;
+    let keys: Vec<String> = c.status(1).await?["signer"]["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|ch| ch["key"].as_str().unwrap_or("").to_string())
+        .collect();
+    ensure!(
+        keys.len() == 2 && keys[0].starts_with("pkcs11:") && keys[1].ends_with(".json"),
+        "{keys:?}"
+    );
+    let signed = |c: &Cluster, after: Vec<u64>, sentries: Vec<u64>| {
+        let judges: Vec<_> = c.judges().into_iter().map(|(_, j)| j.clone()).collect();
+        async move {
+            let mut heights = Vec::new();
+            for (judge, after) in judges.iter().zip(after) {
+                heights.push(judge.wait_signed_by(after, &sentries, SETTLE).await?.height);
+            }
+            anyhow::Ok(heights)
+        }
+    };
+    let at = signed(&c, vec![0, 0], vec![1, 2, 3])
+        .await
+        .with_context(|| c.logs())?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    c.kill_host(l)?;
+    let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    signed(&c, at, rest).await.with_context(|| c.logs())?;
+    for (chain, judge) in c.judges() {
+        let s = judge.stats_since(0).await?;
+        ensure!(
+            s.double_signs == 0 && s.equivocations.is_empty(),
+            "{chain}: {s:?}"
+        );
+    }
+    Ok(())
+}
+
 /// `keyraft run` with a token configured wrong: one line and exit 2,
 /// before anything else starts; `keyraft check --config` says the same.
 #[tokio::test]
@@ -259,5 +313,100 @@ async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<
             );
         }
     }
+    Ok(())
+}
+
+/// Two keys in two tokens of one module (one process, as keyraft opens
+/// them): while one token is gone and its probe initializes the module
+/// again, the other key signs every time (its sessions of before are
+/// dropped without closing a newer one that got the same handle); the
+/// token that came back signs again.
+#[test]
+fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing() -> Result<()> {
+    use keyraft::signer::{key::ConsensusKey, token::Modules};
+    let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
+    let keyraft = localnet::harness::sibling_bin("keyraft")?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\n",
+            tokens.display()
+        ),
+    )?;
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "4711\n")?;
+    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let mut uris = Vec::new();
+    let mut token_dirs = Vec::new();
+    for label in ["a", "b"] {
+        let before: Vec<PathBuf> = std::fs::read_dir(&tokens)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        localnet::harness::run(
+            std::process::Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args([
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    label,
+                    "--pin",
+                    "4711",
+                    "--so-pin",
+                    "123456",
+                ]),
+        )?;
+        let made = std::fs::read_dir(&tokens)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .context("no new token directory")?;
+        token_dirs.push(made);
+        let key = dir.path().join(format!("{label}.json"));
+        localnet::comet::key::ValidatorKey::generate().write_new(&key)?;
+        let uri = format!(
+            "pkcs11:token={label};object=k?module-path={}&pin-source=file:{}",
+            localnet::token::MODULE,
+            pin.display()
+        );
+        localnet::harness::run(
+            std::process::Command::new(&keyraft)
+                .env("SOFTHSM2_CONF", &conf)
+                .args(["signer", "import-key", "--from"])
+                .arg(&key)
+                .args(["--to", &uri]),
+        )?;
+        uris.push(keyraft::config::TokenUri::parse(&uri)?);
+    }
+    // This process opens the module: SoftHSM2 reads its configuration then.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let mut modules = Modules::default();
+    let a = ConsensusKey::open_token(&uris[0], &mut modules)?;
+    let b = ConsensusKey::open_token(&uris[1], &mut modules)?;
+    let away = dir.path().join("a-away");
+    std::fs::rename(&token_dirs[0], &away)?;
+    ensure!(a.sign(b"a while gone").is_err(), "a gone token signed");
+    for i in 0..20u32 {
+        // The gone token's probe initializes the module again (at most
+        // every 5 s); b's sessions die with it each time.
+        ensure!(a.probe().is_err(), "a gone token answered the probe");
+        b.sign(&i.to_be_bytes())
+            .with_context(|| format!("b failed while a was gone, signature {i}"))?;
+    }
+    std::fs::rename(&away, &token_dirs[0])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while a.probe().is_err() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "a never answered again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.sign(b"a is back")?;
+    b.sign(b"b after all that")?;
     Ok(())
 }

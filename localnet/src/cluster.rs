@@ -376,16 +376,16 @@ impl Cluster {
                 Some(id) => format!("tcp://{id}@{}", node.privval),
                 None => privval.clone(),
             };
-            cmd.args(["--signer", "cometbft"]);
+            let base = node.data.parent().unwrap_or(&node.data);
+            let (env, key) = crate::token::key_args(base, &self.key_path, node.opts.key_in);
+            cmd.args(["--signer", "cometbft"]).envs(env);
             if self.others.is_empty() {
                 cmd.args(["--chain-id", chain_id])
                     .args(["--privval-node", &dial]);
                 for e in &node.extra {
                     cmd.args(["--privval-node", &format!("tcp://{}", e.privval)]);
                 }
-                let base = node.data.parent().unwrap_or(&node.data);
-                let (env, key) = crate::token::key_args(base, &self.key_path, node.opts.key_in);
-                cmd.envs(env).args(key);
+                cmd.args(key);
             } else {
                 // Several chains: every one in `[[chains]]` ([`Cluster::spawn`]
                 // writes the file).
@@ -491,9 +491,11 @@ impl Cluster {
             true => Some(crate::chains::wrong_key(self.dir.path(), id)?),
             false => None,
         };
+        let base = node.data.parent().unwrap_or(&node.data);
+        let [_, key] = crate::token::key_args(base, &self.key_path, node.opts.key_in).1;
         let first = (
             chain_id.as_str(),
-            self.key_path.as_path(),
+            Path::new(&key),
             first.as_slice(),
             node.rpc,
         );

@@ -248,7 +248,7 @@ impl Process {
             chain_nodes: Default::default(),
             upgrade: Default::default(),
             chain_probe_errors: Default::default(),
-        key_failures: Default::default(),
+            key_failures: Default::default(),
             heights: Default::default(),
         });
         let p = Arc::new(Process {

@@ -111,10 +111,27 @@ async fn command(addr: &AdminAddr, kind: Kind) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keyraft members list`: one line per member, voters first.
+async fn list_members(admin: &AdminAddr) -> anyhow::Result<ExitCode> {
+    let mut c = admin_client(admin).await?;
+    let r = c
+        .members(pb::StatusRequest {})
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+        .into_inner();
+    for m in &r.voters {
+        println!("{}\t{}\tvoter", m.id, m.addr);
+    }
+    for m in &r.learners {
+        println!("{}\t{}\tlearner", m.id, m.addr);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `keyraft signer import-key`: the key file's seed into the token, then
 /// the key opened from the token as `keyraft run` opens it, its address
 /// compared with the file's. Blocking.
-fn import_key(from: &std::path::Path, to: &str) -> anyhow::Result<String> {
+pub(super) fn import_key(from: &std::path::Path, to: &str) -> anyhow::Result<String> {
     use crate::signer::{key, token};
     if !crate::config::TokenUri::is_uri(to) {
         bail!("--to '{to}' is not a pkcs11: URI");
@@ -194,21 +211,7 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Pause { admin } => command(&admin, Kind::Pause(true)).await,
         Cmd::Resume { admin } => command(&admin, Kind::Resume(true)).await,
         Cmd::Members { what, admin } => match what {
-            MembersCmd::List => {
-                let mut c = admin_client(&admin).await?;
-                let r = c
-                    .members(pb::StatusRequest {})
-                    .await
-                    .map_err(|s| anyhow!("{}", s.message()))?
-                    .into_inner();
-                for m in &r.voters {
-                    println!("{}\t{}\tvoter", m.id, m.addr);
-                }
-                for m in &r.learners {
-                    println!("{}\t{}\tlearner", m.id, m.addr);
-                }
-                Ok(ExitCode::SUCCESS)
-            }
+            MembersCmd::List => list_members(&admin).await,
             MembersCmd::Add { member } => {
                 let (id, addr) = member
                     .split_once('=')
@@ -218,14 +221,6 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             MembersCmd::Remove { id } => command(&admin, Kind::MembersRemove(id)).await,
         },
-        Cmd::Signer {
-            what: SignerCmd::ImportKey { from, to },
-            ..
-        } => {
-            let done = tokio::task::spawn_blocking(move || import_key(&from, &to)).await?;
-            println!("{}", done?);
-            Ok(ExitCode::SUCCESS)
-        }
         Cmd::Signer {
             what:
                 SignerCmd::ImportState {
@@ -296,9 +291,15 @@ pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Certs { what } => certs::run(what),
         // Dispatched by `super` (the roll, in `super::rolling`, uses this
         // module's client).
-        Cmd::Run(_) | Cmd::Version | Cmd::Guard { .. } | Cmd::FenceProbe | Cmd::Upgrade { .. } => {
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Run(_)
+        | Cmd::Version
+        | Cmd::Guard { .. }
+        | Cmd::FenceProbe
+        | Cmd::Upgrade { .. }
+        | Cmd::Signer {
+            what: SignerCmd::ImportKey { .. },
+            ..
+        } => Ok(ExitCode::SUCCESS),
     }
 }
 

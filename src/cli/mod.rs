@@ -342,6 +342,17 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Run(args) => run::run(*args),
+        // Local and blocking: no runtime, no running keyraft.
+        Cmd::Signer {
+            what: SignerCmd::ImportKey { from, to },
+            ..
+        } => match admin::import_key(&from, &to) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         other => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -120,7 +120,9 @@ pub struct RunArgs {
     /// The validator node's home dir (neard home, CometBFT home).
     #[arg(long, visible_alias = "neard-home", env = "KEYRAFT_VALIDATOR_HOME")]
     pub validator_home: Option<PathBuf>,
-    /// The validator key file (linked into the home only while validating).
+    /// The validator key file (linked into the home only while validating;
+    /// signer mode: its priv_validator_key.json, or a pkcs11: URI of a key
+    /// in a token).
     #[arg(long, env = "KEYRAFT_VALIDATOR_KEY")]
     pub validator_key: Option<PathBuf>,
     /// NEAR: node key linked while validating (the validator's network identity).
@@ -264,7 +266,8 @@ pub struct RunArgs {
 pub struct ChainArgs {
     /// The chain id its requests carry.
     pub chain_id: String,
-    /// Its `priv_validator_key.json`.
+    /// Its `priv_validator_key.json`, or a key in a PKCS#11 token:
+    /// `pkcs11:token=T;object=O?module-path=M&pin-source=file:/PIN`.
     pub validator_key: PathBuf,
     /// Its nodes' privval addresses, as `--privval-node`.
     pub privval_node: Vec<String>,

@@ -55,7 +55,9 @@ impl TokenUri {
     }
 
     pub fn parse(uri: &str) -> Result<TokenUri, ConfigError> {
-        let bad = |why: String| invalid(format!("bad PKCS#11 URI '{uri}': {why}"));
+        // Named without its query: a PIN put there is not repeated.
+        let shown = uri.split_once('?').map_or(uri, |(path, _)| path);
+        let bad = |why: String| invalid(format!("bad PKCS#11 URI '{shown}': {why}"));
         let rest = uri
             .strip_prefix("pkcs11:")
             .ok_or_else(|| bad("it must start with pkcs11:".into()))?;

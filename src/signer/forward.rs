@@ -211,7 +211,8 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 Refusal::Malformed(d)
                 | Refusal::NotCommitted(d)
                 | Refusal::OtherKey(d)
-                | Refusal::BytesRefused(d) => d.clone(),
+                | Refusal::BytesRefused(d)
+                | Refusal::KeyFailed(d) => d.clone(),
                 r => r.to_string(),
             },
             ..Default::default()

@@ -8,7 +8,12 @@
 //!   speaks.
 //! - [`bytes`]: 1.x's raw-bytes requests: allowed or not, never a
 //!   consensus message in disguise, each committed before it is signed.
-//! - [`sign`]: the consensus key, sign bytes, digests, signatures.
+//! - [`key`]: the consensus key, in this process or a token, and the
+//!   proof a forwarding member gives that it holds it.
+//! - [`token`]: a key in hardware, through PKCS#11 (the module, sessions,
+//!   signing, `import-key`); `token_health`: signatures off the async
+//!   workers for a token, its failures, and its probe.
+//! - [`sign`]: sign bytes, digests, signed messages.
 //! - [`limit`]: the highest height signed or imported now.
 //! - [`forward`]: a follower's request to the leader ([`Forward`], over
 //!   the peer port on a real node) and the leader's gRPC end.

@@ -67,9 +67,15 @@ impl Refusal {
         })
     }
 
-    /// Whether trying again (after an election, say) may succeed.
+    /// Whether trying again (after an election, say) may succeed. A key
+    /// that failed on the leader: its host stands aside, and another
+    /// leader signs the same committed bytes alike (ed25519 is
+    /// deterministic).
     pub fn retryable(&self) -> bool {
-        matches!(self, Refusal::NoLeader(_) | Refusal::NotCommitted(_))
+        matches!(
+            self,
+            Refusal::NoLeader(_) | Refusal::NotCommitted(_) | Refusal::KeyFailed(_)
+        )
     }
 
     /// The `result` label of `keyraft_sign_requests_total`.

@@ -220,23 +220,27 @@ impl Signable {
             seconds: timestamp.0,
             nanos: timestamp.1,
         });
-        let signature = key.sign(&self.sign_bytes(chain_id)?)?;
+        // A non-nil precommit's extension is signed too, unless skipped.
+        let ext = match &self {
+            Signable::Vote(v, Extension::Sign)
+                if v.r#type == 2 && v.block_id.as_ref().is_some_and(|b| !b.hash.is_empty()) =>
+            {
+                let ext = CanonicalVoteExtension {
+                    extension: v.extension.clone(),
+                    height: v.height,
+                    round: v.round as i64,
+                    chain_id: chain_id.to_string(),
+                };
+                Some(ext.encode_length_delimited_to_vec())
+            }
+            _ => None,
+        };
+        let (signature, ext_signature) =
+            key.sign_both(&self.sign_bytes(chain_id)?, ext.as_deref())?;
         match &mut self {
-            Signable::Vote(v, extension) => {
+            Signable::Vote(v, _) => {
                 v.signature = signature;
-                let non_nil = v.block_id.as_ref().is_some_and(|b| !b.hash.is_empty());
-                if v.r#type == 2 && non_nil && *extension == Extension::Sign {
-                    let ext = CanonicalVoteExtension {
-                        extension: v.extension.clone(),
-                        height: v.height,
-                        round: v.round as i64,
-                        chain_id: chain_id.to_string(),
-                    }
-                    .encode_length_delimited_to_vec();
-                    v.extension_signature = key.sign(&ext)?;
-                } else {
-                    v.extension_signature.clear();
-                }
+                v.extension_signature = ext_signature.unwrap_or_default();
             }
             Signable::Proposal(p) => p.signature = signature,
         }

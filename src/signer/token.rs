@@ -23,6 +23,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use sha2::Digest as _;
 
 use crate::config::{PinSource, TokenUri};
 
@@ -59,6 +60,12 @@ pub enum TokenError {
     },
     #[error("token '{token}': the private key {key} does not sign for its public key")]
     Mismatch { token: String, key: String },
+    /// The token would not sign these bytes (too long for it, say): the
+    /// request is refused, the token is not taken as failing.
+    #[error("token '{token}' refused to sign these bytes: {why}")]
+    Refused { token: String, why: String },
+    #[error("several tokens are labelled '{token}' in {module}: give each its own label")]
+    SeveralTokens { token: String, module: String },
     #[error("token '{token}' already holds another key under {key}: remove it first, or name another object")]
     Occupied { token: String, key: String },
     #[error("token '{token}': {op}: {why}")]
@@ -93,6 +100,7 @@ impl Modules {
             path: path.to_path_buf(),
             ctx,
             generation: RwLock::new(0),
+            reinitialized: Mutex::new(None),
         });
         self.0.insert(path.to_path_buf(), m.clone());
         Ok(m)
@@ -115,12 +123,26 @@ pub struct Module {
     /// is inside the module while it is, and a session of an earlier
     /// generation is known dead without a call.
     generation: RwLock<u64>,
+    /// When it was last initialized again: at most once per
+    /// [`REINITIALIZE_EVERY`], as every key's sessions on it end then.
+    reinitialized: Mutex<Option<std::time::Instant>>,
 }
+
+/// Least time between two initializations of a module again.
+const REINITIALIZE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Module {
     /// Finalizes and initializes the module again: some modules (SoftHSM2)
     /// see a token that came back only then. Every session of it ends.
-    fn reinitialize(&self) -> Result<(), TokenError> {
+    /// `Ok(false)`: done too recently, not now.
+    fn reinitialize(&self) -> Result<bool, TokenError> {
+        {
+            let mut last = self.reinitialized.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REINITIALIZE_EVERY) {
+                return Ok(false);
+            }
+            *last = Some(std::time::Instant::now());
+        }
         let mut generation = self.generation.write().unwrap_or_else(|p| p.into_inner());
         let err = |e: CkError| TokenError::Module {
             module: self.path.display().to_string(),
@@ -131,7 +153,7 @@ impl Module {
             Err(e) => return Err(err(e)),
         }
         *generation += 1;
-        initialize(&self.ctx).map_err(err)
+        initialize(&self.ctx).map_err(err).map(|()| true)
     }
 }
 
@@ -144,6 +166,9 @@ pub struct TokenKey {
     /// the module's generation it was opened in. Emptied when one fails:
     /// the next use opens the token again.
     pool: Mutex<Vec<(u64, Session, ObjectHandle)>>,
+    /// A digest of the PIN the token last refused: not offered again
+    /// until the PIN source says another (a token locks after a few).
+    rejected_pin: Mutex<Option<[u8; 32]>>,
 }
 
 impl TokenKey {
@@ -151,13 +176,15 @@ impl TokenKey {
     /// reads its public key. Blocking.
     pub fn open(uri: &TokenUri, module: Arc<Module>) -> Result<TokenKey, TokenError> {
         let generation = *module.generation.read().unwrap_or_else(|p| p.into_inner());
-        let (session, handle) = open_key(uri, &module.ctx)?;
+        let session = login(uri, &module.ctx, false)?;
+        let handle = find_key(uri, &session)?.ok_or_else(|| no_key(uri))?;
         let public = public_key(uri, &session)?;
         Ok(TokenKey {
             uri: uri.clone(),
             module,
             public,
             pool: Mutex::new(vec![(generation, session, handle)]),
+            rejected_pin: Mutex::new(None),
         })
     }
 
@@ -169,9 +196,9 @@ impl TokenKey {
         &self.uri
     }
 
-    /// Signs `bytes` on the token: a whole 64-byte signature or an error,
-    /// never a part. A session that failed is closed, and every pooled one
-    /// with it. Blocking.
+    /// Signs `bytes` on the token: a whole signature, checked against the
+    /// key's public key, or an error, never a part. A session that failed
+    /// is closed, and every pooled one with it. Blocking.
     pub fn sign(&self, bytes: &[u8]) -> Result<Vec<u8>, TokenError> {
         let generation = self
             .module
@@ -180,41 +207,102 @@ impl TokenKey {
             .unwrap_or_else(|p| p.into_inner());
         let taken = {
             let mut pool = self.lock();
-            pool.retain(|(g, _, _)| g == &*generation);
+            // A session of an earlier generation died with it; closing it
+            // could close a new session given the same handle.
+            let (live, stale): (Vec<_>, Vec<_>) =
+                pool.drain(..).partition(|(g, _, _)| g == &*generation);
+            stale.into_iter().for_each(std::mem::forget);
+            *pool = live;
             pool.pop()
         };
         let (session, handle) = match taken {
             Some((_, s, h)) => (s, h),
-            None => open_key(&self.uri, &self.module.ctx)?,
+            None => self.open_key()?,
         };
         let mech = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Ed25519));
-        match session.sign(&mech, handle, bytes) {
-            Ok(sig) if sig.len() == 64 => {
+        let signed = session.sign(&mech, handle, bytes);
+        let checked = match &signed {
+            Ok(sig) => ed25519_dalek::Signature::from_slice(sig).is_ok_and(|sig| {
+                ed25519_dalek::VerifyingKey::from_bytes(&self.public)
+                    .is_ok_and(|k| k.verify_strict(bytes, &sig).is_ok())
+            }),
+            Err(_) => false,
+        };
+        match signed {
+            Ok(sig) if checked => {
                 let mut pool = self.lock();
                 if pool.len() < POOL {
                     pool.push((*generation, session, handle));
                 }
                 Ok(sig)
             }
-            done => {
+            Ok(_) => {
+                self.lock().clear();
+                Err(TokenError::Mismatch {
+                    token: self.uri.token.clone(),
+                    key: self.uri.to_string(),
+                })
+            }
+            Err(CkError::Pkcs11(
+                rv @ (RvError::DataLenRange | RvError::DataInvalid | RvError::ArgumentsBad),
+                _,
+            )) => Err(TokenError::Refused {
+                token: self.uri.token.clone(),
+                why: rv.to_string(),
+            }),
+            Err(e) => {
                 // The token may be gone, or another now: nothing kept.
                 self.lock().clear();
-                Err(match done {
-                    Ok(sig) => self.failed("sign", format!("a {}-byte signature", sig.len())),
-                    Err(e) => self.failed("sign", e.to_string()),
-                })
+                Err(self.failed("sign", e.to_string()))
             }
         }
     }
 
-    /// [`TokenKey::sign`], and where it fails, once more after initializing
-    /// the module again (a token that came back is seen then, by SoftHSM2
-    /// only then). Only the probe does this, at most once a probe.
+    /// A new logged-in session and the key's handle in it. A PIN the
+    /// token refused is not offered again until the PIN source changes.
+    fn open_key(&self) -> Result<(Session, ObjectHandle), TokenError> {
+        let pin = read_pin(&self.uri)?;
+        let digest: [u8; 32] =
+            sha2::Sha256::digest(secrecy::ExposeSecret::expose_secret(&pin).as_bytes()).into();
+        let mut rejected = self.rejected_pin.lock().unwrap_or_else(|p| p.into_inner());
+        if *rejected == Some(digest) {
+            return Err(TokenError::Pin {
+                token: self.uri.token.clone(),
+                why: "was refused by the token and is not offered again until its source changes"
+                    .into(),
+            });
+        }
+        let session = match login_with(&self.uri, &self.module.ctx, false, &pin) {
+            Err(e @ TokenError::Pin { .. }) => {
+                *rejected = Some(digest);
+                return Err(e);
+            }
+            done => done?,
+        };
+        drop(rejected);
+        let handle = find_key(&self.uri, &session)?.ok_or_else(|| no_key(&self.uri))?;
+        Ok((session, handle))
+    }
+
+    /// [`TokenKey::sign`], and where the token is not reached, once more
+    /// after initializing the module again (a token that came back is
+    /// seen then, by SoftHSM2 only then; at most every
+    /// [`REINITIALIZE_EVERY`]). Only the probe does this.
     pub fn sign_or_reinitialize(&self, bytes: &[u8]) -> Result<Vec<u8>, TokenError> {
-        self.sign(bytes).or_else(|_| {
-            self.module.reinitialize()?;
-            self.sign(bytes)
-        })
+        match self.sign(bytes) {
+            Err(
+                e @ (TokenError::Pin { .. }
+                | TokenError::NoKey { .. }
+                | TokenError::SeveralKeys { .. }
+                | TokenError::Mismatch { .. }
+                | TokenError::Refused { .. }),
+            ) => Err(e),
+            Err(e) => match self.module.reinitialize()? {
+                true => self.sign(bytes),
+                false => Err(e),
+            },
+            done => done,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Session, ObjectHandle)>> {
@@ -270,15 +358,22 @@ fn slot(uri: &TokenUri, module: &Pkcs11) -> Result<Slot, TokenError> {
         .get_slots_with_token()
         .map_err(|e| failed(uri, "list slots", e))?;
     let mut labels = Vec::new();
+    let mut found = None;
     for s in slots {
         let Ok(info) = module.get_token_info(s) else {
             continue;
         };
         let label = info.label().trim_end().to_string();
-        if label == uri.token {
-            return Ok(s);
+        if label == uri.token && found.replace(s).is_some() {
+            return Err(TokenError::SeveralTokens {
+                token: uri.token.clone(),
+                module: uri.module.display().to_string(),
+            });
         }
         labels.push(label);
+    }
+    if let Some(s) = found {
+        return Ok(s);
     }
     Err(TokenError::NoToken {
         token: uri.token.clone(),
@@ -293,18 +388,27 @@ fn slot(uri: &TokenUri, module: &Pkcs11) -> Result<Slot, TokenError> {
 
 /// A logged-in session on `uri`'s token (read-write for an import).
 fn login(uri: &TokenUri, module: &Pkcs11, rw: bool) -> Result<Session, TokenError> {
+    login_with(uri, module, rw, &read_pin(uri)?)
+}
+
+/// [`login`] with `pin`.
+fn login_with(
+    uri: &TokenUri,
+    module: &Pkcs11,
+    rw: bool,
+    pin: &AuthPin,
+) -> Result<Session, TokenError> {
     let slot = slot(uri, module)?;
     let session = match rw {
         true => module.open_rw_session(slot),
         false => module.open_ro_session(slot),
     }
     .map_err(|e| failed(uri, "open a session", e))?;
-    let pin = read_pin(uri)?;
     let pin_error = |why: &str| TokenError::Pin {
         token: uri.token.clone(),
         why: why.to_string(),
     };
-    match session.login(UserType::User, Some(&pin)) {
+    match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(CkError::Pkcs11(
             RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
@@ -333,15 +437,12 @@ fn find_key(uri: &TokenUri, session: &Session) -> Result<Option<ObjectHandle>, T
     }
 }
 
-/// A logged-in session and the handle of `uri`'s private key in it.
-fn open_key(uri: &TokenUri, module: &Pkcs11) -> Result<(Session, ObjectHandle), TokenError> {
-    let session = login(uri, module, false)?;
-    let key = find_key(uri, &session)?.ok_or_else(|| TokenError::NoKey {
+fn no_key(uri: &TokenUri) -> TokenError {
+    TokenError::NoKey {
         token: uri.token.clone(),
         what: "private key",
         key: uri.key_name(),
-    })?;
-    Ok((session, key))
+    }
 }
 
 fn failed(uri: &TokenUri, op: &'static str, e: CkError) -> TokenError {

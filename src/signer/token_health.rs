@@ -9,6 +9,8 @@
 //! Owns: where a signature is made (in place or on the blocking pool), the
 //! failure record, the probe. Must not: decide to sign, or lead.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
@@ -21,6 +23,8 @@ use crate::raft::TypeConfig;
 
 /// How often a token's key is probed (a signature of a fixed message).
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Longest a signature waits for a token before it counts as failed.
+pub const TOKEN_PATIENCE: Duration = Duration::from_millis(1500);
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// `what` signed with `chain`'s key and `timestamp`: a whole signed
@@ -31,6 +35,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         what: Signable,
         timestamp: (i64, i32),
     ) -> Result<Signable, Refusal> {
+        self.refuse_while_failing(chain)?;
         let id = chain.id().to_string();
         self.with_key(chain, move |key| what.sign(key, &id, timestamp))
             .await
@@ -42,12 +47,29 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         chain: &Chain,
         bytes: Vec<u8>,
     ) -> Result<Vec<u8>, Refusal> {
+        self.refuse_while_failing(chain)?;
         self.with_key(chain, move |key| key.sign(&bytes)).await
+    }
+
+    /// While `chain`'s key in a token is failing, nothing is asked of the
+    /// token but the probe: a hung token would take a thread per request.
+    /// (This host is not eligible to lead meanwhile; another leads soon.)
+    fn refuse_while_failing(&self, chain: &Chain) -> Result<(), Refusal> {
+        let failures = self
+            .core
+            .key_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match failures.get(chain.id()) {
+            Some(why) if chain.key.in_token() => Err(Refusal::KeyFailed(why.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `f` with `chain`'s key: in place for a key file (its
     /// arithmetic is shorter than a trip to another thread), on the
-    /// blocking pool for a token. A token's failure is recorded.
+    /// blocking pool for a token, for at most [`TOKEN_PATIENCE`]. A
+    /// token's failure (not its refusal of the bytes) is recorded.
     async fn with_key<T: Send + 'static>(
         &self,
         chain: &Chain,
@@ -55,20 +77,27 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     ) -> Result<T, Refusal> {
         let done = if chain.key.in_token() {
             let key = chain.key.clone();
-            tokio::task::spawn_blocking(move || f(&key))
+            let failed = |why: String| {
+                Err(SignError::Token(TokenError::Failed {
+                    token: chain.id().to_string(),
+                    op: "sign",
+                    why,
+                }))
+            };
+            match tokio::time::timeout(TOKEN_PATIENCE, tokio::task::spawn_blocking(move || f(&key)))
                 .await
-                .unwrap_or_else(|e| {
-                    Err(SignError::Token(TokenError::Failed {
-                        token: chain.id().to_string(),
-                        op: "sign",
-                        why: e.to_string(),
-                    }))
-                })
+            {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => failed(e.to_string()),
+                Err(_) => failed(format!("no answer within {TOKEN_PATIENCE:?}")),
+            }
         } else {
             f(&chain.key)
         };
-        if let Err(SignError::Token(e)) = &done {
-            self.key_answered(chain, Err(e.to_string()));
+        match &done {
+            Err(SignError::Token(TokenError::Refused { .. })) | Ok(_) => {}
+            Err(SignError::Token(e)) => self.key_answered(chain, Err(e.to_string())),
+            Err(_) => {}
         }
         Ok(done?)
     }
@@ -107,17 +136,34 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 
     /// Probes every chain's key in a token, every [`PROBE_EVERY`], for as
-    /// long as the signer runs.
+    /// long as the signer runs: each chain on its own, and a probe that
+    /// has not come back (a hung token) is not asked again until it does.
     pub async fn probe_tokens(self: std::sync::Arc<Self>) {
+        let busy: Vec<Arc<AtomicBool>> = self.chains.iter().map(|_| Arc::default()).collect();
         let mut every = tokio::time::interval(PROBE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            for chain in self.chains.iter().filter(|c| c.key.in_token()) {
-                // A failure is recorded on the way.
-                if self.with_key(chain, |key| key.probe()).await.is_ok() {
-                    self.key_answered(chain, Ok(()));
+            for (i, chain) in self.chains.iter().enumerate() {
+                if !chain.key.in_token() || busy[i].swap(true, Ordering::AcqRel) {
+                    continue;
                 }
+                let (me, busy) = (self.clone(), busy[i].clone());
+                crate::raft::spawn(async move {
+                    let chain = &me.chains[i];
+                    let probe = {
+                        let busy = busy.clone();
+                        move |key: &ConsensusKey| {
+                            let done = key.probe();
+                            busy.store(false, Ordering::Release);
+                            done
+                        }
+                    };
+                    // A failure is recorded on the way.
+                    if me.with_key(chain, probe).await.is_ok() {
+                        me.key_answered(chain, Ok(()));
+                    }
+                });
             }
         }
     }
