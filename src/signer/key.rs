@@ -234,31 +234,6 @@ impl ConsensusKey {
         Ok(signature)
     }
 
-    /// `first` signed and, where given, `second`: both or an error. In a
-    /// token the two are made at once, on two sessions (each is a round
-    /// trip to the token); in place one after the other.
-    pub fn sign_both(
-        &self,
-        first: &[u8],
-        second: Option<&[u8]>,
-    ) -> Result<(Vec<u8>, Option<Vec<u8>>), SignError> {
-        let Some(second) = second.filter(|_| self.in_token()) else {
-            return Ok((self.sign(first)?, second.map(|b| self.sign(b)).transpose()?));
-        };
-        std::thread::scope(|s| {
-            let other = s.spawn(|| self.sign(second));
-            let one = self.sign(first);
-            let two = other.join().unwrap_or_else(|_| {
-                Err(SignError::Token(TokenError::Failed {
-                    token: String::new(),
-                    op: "sign",
-                    why: "the signing thread panicked".into(),
-                }))
-            });
-            Ok((one?, Some(two?)))
-        })
-    }
-
     /// Whether the token answers with this key now: it signs
     /// [`PROOF_MESSAGE`] as the key does (a file key always does).
     /// Blocking.

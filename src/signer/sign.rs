@@ -235,8 +235,8 @@ impl Signable {
             }
             _ => None,
         };
-        let (signature, ext_signature) =
-            key.sign_both(&self.sign_bytes(chain_id)?, ext.as_deref())?;
+        let signature = key.sign(&self.sign_bytes(chain_id)?)?;
+        let ext_signature = ext.map(|ext| key.sign(&ext)).transpose()?;
         match &mut self {
             Signable::Vote(v, _) => {
                 v.signature = signature;
