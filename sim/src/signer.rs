@@ -53,7 +53,7 @@ pub fn signer<P: Port>(
 ) -> Arc<SimSigner<P>> {
     let chain = ChainConfig {
         chain_id: CHAIN.into(),
-        key: Default::default(),
+        key: keyraft::config::KeySource::File(Default::default()),
         nodes: Vec::new(),
         node_rpc: None,
         protocol: Default::default(),

@@ -92,7 +92,7 @@ impl World {
         c.signer = self.signer_mode.then(|| keyraft::config::SignerConfig {
             chains: vec![keyraft::config::ChainConfig {
                 chain_id: crate::signer::CHAIN.into(),
-                key: Default::default(),
+                key: keyraft::config::KeySource::File(Default::default()),
                 nodes: Vec::new(),
                 node_rpc: None,
                 protocol: Default::default(),
