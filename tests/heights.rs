@@ -28,7 +28,7 @@ async fn signers(
         more_chains: more,
         halt: None,
     };
-    let c = Cluster::start_signers(3, 250, mode, opts).await?;
+    let c = Cluster::start_signers(3, 500, mode, opts).await?;
     let (leader, _) = eventually(SETTLE, "a signer leader", || async {
         c.agreed_leader(&[1, 2, 3]).await
     })
