@@ -164,6 +164,11 @@ impl Refusal {
 impl From<SignError> for Refusal {
     fn from(e: SignError) -> Self {
         match e {
+            // The token would not sign these bytes: asking again, here or
+            // at another leader with the same token model, cannot help.
+            e @ SignError::Token(super::token::TokenError::Refused { .. }) => {
+                Refusal::Malformed(e.to_string())
+            }
             SignError::Token(e) => Refusal::KeyFailed(e.to_string()),
             e => Refusal::Malformed(e.to_string()),
         }

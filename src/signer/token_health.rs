@@ -139,6 +139,10 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// long as the signer runs: each chain on its own, and a probe that
     /// has not come back (a hung token) is not asked again until it does.
     pub async fn probe_tokens(self: std::sync::Arc<Self>) {
+        // No token, no probe: an idle host does not wake for nothing.
+        if !self.chains.iter().any(|c| c.key.in_token()) {
+            return;
+        }
         let busy: Vec<Arc<AtomicBool>> = self.chains.iter().map(|_| Arc::default()).collect();
         let mut every = tokio::time::interval(PROBE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
