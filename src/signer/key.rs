@@ -214,12 +214,7 @@ impl ConsensusKey {
     /// Signs `bytes`. Only after the watermark allowed it. A token's
     /// failure is an error, never a part of a signature.
     pub fn sign(&self, bytes: &[u8]) -> Result<Vec<u8>, SignError> {
-        if let Some(signature) = self
-            .made()
-            .iter()
-            .find(|(b, _)| b == bytes)
-            .map(|(_, s)| s.clone())
-        {
+        if let Some(signature) = self.remembered(bytes) {
             return Ok(signature);
         }
         let signature = match &self.holder {
@@ -232,6 +227,15 @@ impl ConsensusKey {
         }
         made.push_back((bytes.to_vec(), signature.clone()));
         Ok(signature)
+    }
+
+    /// The signature of `bytes` if it is among the last [`MADE`] made,
+    /// with no trip to the token.
+    pub fn remembered(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        self.made()
+            .iter()
+            .find(|(b, _)| b == bytes)
+            .map(|(_, s)| s.clone())
     }
 
     /// Whether the token answers with this key now: it signs

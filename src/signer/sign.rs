@@ -204,11 +204,36 @@ impl Signable {
     /// Signs with `timestamp` (the one committed for this HRS) and, for a
     /// non-nil precommit, the vote extension too. Returns the signed message.
     pub fn sign(
-        mut self,
+        self,
         key: &ConsensusKey,
         chain_id: &str,
         timestamp: (i64, i32),
     ) -> Result<Signable, SignError> {
+        self.sign_with(chain_id, timestamp, |bytes| key.sign(bytes))
+    }
+
+    /// This request as `key` signed it already (another sentry's request
+    /// for the bytes just signed): every signature it needs is among the
+    /// key's last ones, or `None`.
+    pub fn remembered(
+        self,
+        key: &ConsensusKey,
+        chain_id: &str,
+        timestamp: (i64, i32),
+    ) -> Option<Signable> {
+        self.sign_with(chain_id, timestamp, |bytes| {
+            key.remembered(bytes).ok_or(None::<SignError>)
+        })
+        .ok()
+    }
+
+    /// [`Self::sign`] with `sign` making each signature.
+    fn sign_with<E: From<SignError>>(
+        mut self,
+        chain_id: &str,
+        timestamp: (i64, i32),
+        mut sign: impl FnMut(&[u8]) -> Result<Vec<u8>, E>,
+    ) -> Result<Signable, E> {
         match &mut self {
             Signable::Vote(v, _) => {
                 v.signature.clear();
@@ -235,8 +260,8 @@ impl Signable {
             }
             _ => None,
         };
-        let signature = key.sign(&self.sign_bytes(chain_id)?)?;
-        let ext_signature = ext.map(|ext| key.sign(&ext)).transpose()?;
+        let signature = sign(&self.sign_bytes(chain_id)?)?;
+        let ext_signature = ext.map(|ext| sign(&ext)).transpose()?;
         match &mut self {
             Signable::Vote(v, _) => {
                 v.signature = signature;
@@ -371,5 +396,29 @@ mod tests {
         };
         assert!(skipped.extension_signature.is_empty());
         assert_eq!(skipped.signature, signed.signature);
+    }
+
+    /// Another sentry's request is answered from the key's last signatures
+    /// only when every signature it needs was made: the same vote with its
+    /// own extension (each node extends its own vote) is not.
+    #[test]
+    fn a_request_is_remembered_only_when_each_of_its_signatures_was_made() {
+        let k = key();
+        assert!(precommit(1, 100).remembered(&k, "c", (100, 0)).is_none());
+        let signed = precommit(1, 100).sign(&k, "c", (100, 0)).unwrap();
+        let again = precommit(1, 200).remembered(&k, "c", (100, 0));
+        assert_eq!(
+            again.map(|s| s.signed_parts()),
+            Some(signed.signed_parts()),
+            "the same bytes, at the committed timestamp"
+        );
+        assert!(precommit(1, 100).remembered(&k, "c", (101, 0)).is_none());
+        let Signable::Vote(mut other, _) = precommit(1, 100) else {
+            panic!()
+        };
+        other.extension = b"another node's".to_vec();
+        assert!(Signable::Vote(other, Extension::Sign)
+            .remembered(&k, "c", (100, 0))
+            .is_none());
     }
 }
