@@ -79,6 +79,34 @@ pub struct GuardClient {
 /// Extra time for a request whose work takes time of its own (a start).
 const SLOW_ANSWER: Duration = Duration::from_secs(5);
 
+/// Lease deadlines go to the guard rounded down to this grain (ns): a
+/// deadline is the last quorum ack's sending plus the fence, computed with
+/// the clock read just before the ack's age, so two readings of one ack
+/// differ by the nanoseconds between the reads; rounded down, they are one
+/// deadline, and never a later one.
+const LEASE_GRAIN_NS: u64 = 1_000_000;
+
+/// Least a lease deadline moves later to be sent (ns): each heartbeat's
+/// quorum ack moves it by a heartbeat interval and is sent; the other
+/// follower's ack of the same heartbeat reads the same lease again, and
+/// sending it would cost a round trip to the guard and a kernel fence
+/// write for nothing (half the idle leader's renewals).
+const LEASE_STEP_NS: u64 = 20_000_000;
+
+/// What to send a guard armed with `armed` for `new`, rounded down to
+/// [`LEASE_GRAIN_NS`] (`None`: nothing): a withdrawal
+/// or a first lease always, an earlier deadline always (a shorter fence in
+/// force), a later one once it moves [`LEASE_STEP_NS`]. So the guard's
+/// deadline is never later than the last one computed.
+fn lease_to_send(armed: Option<u64>, new: Option<u64>) -> Option<Option<u64>> {
+    let new = new.map(|ns| ns - ns % LEASE_GRAIN_NS);
+    let moves = match (armed, new) {
+        (Some(a), Some(n)) => n < a || n >= a.saturating_add(LEASE_STEP_NS),
+        (a, n) => a != n,
+    };
+    moves.then_some(new)
+}
+
 impl GuardClient {
     /// Starts a guard for `tree`. Validator events arrive on the returned
     /// receiver. `answer` is `kill_bound`: a guard that takes longer to
@@ -320,9 +348,9 @@ impl GuardClient {
     /// nanoseconds, at which the guard kills the tree; the guard must
     /// acknowledge it within `kill_bound`.
     pub async fn lease(&mut self, deadline_ns: Option<u64>) -> Result<(), GuardError> {
-        if self.lease == deadline_ns {
+        let Some(deadline_ns) = lease_to_send(self.lease, deadline_ns) else {
             return Ok(());
-        }
+        };
         let r = match deadline_ns {
             Some(ns) => {
                 let req = Request::Lease { mono_ns: ns };
@@ -429,6 +457,57 @@ fn reap_adopted() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_lease_is_sent_when_it_moves_a_step_later_or_at_all_earlier() {
+        use super::lease_to_send;
+        const MS: u64 = 1_000_000;
+        let armed = Some(1_000 * MS);
+        let cases = [
+            (
+                None,
+                Some(5 * MS + 7),
+                Some(Some(5 * MS)),
+                "a first lease, rounded down",
+            ),
+            (armed, None, Some(None), "a withdrawal"),
+            (None, None, None, "nothing armed, nothing to arm"),
+            (armed, armed, None, "the same deadline"),
+            (
+                armed,
+                Some(1_000 * MS + 3_000),
+                None,
+                "the other ack of one heartbeat",
+            ),
+            (
+                armed,
+                Some(1_000 * MS - 1),
+                Some(Some(999 * MS)),
+                "a nanosecond earlier",
+            ),
+            (
+                armed,
+                Some(1_019 * MS + 999_999),
+                None,
+                "less than a step later",
+            ),
+            (
+                armed,
+                Some(1_020 * MS + 5),
+                Some(Some(1_020 * MS)),
+                "the next heartbeat's ack",
+            ),
+            (
+                armed,
+                Some(900 * MS),
+                Some(Some(900 * MS)),
+                "a shorter fence in force",
+            ),
+        ];
+        for (armed, new, sent, why) in cases {
+            assert_eq!(lease_to_send(armed, new), sent, "{why}");
+        }
+    }
+
     use super::*;
 
     /// Finding: `force_kill` returned as soon as the SIGKILLed guard was
