@@ -70,8 +70,11 @@ pub struct GuardClient {
     answer: Duration,
     tree: Tree,
     running: Option<u32>,
-    /// Last lease deadline acknowledged, to skip repeats.
-    lease: Option<u64>,
+    /// The lease the guard holds as far as this client knows: `Some` of
+    /// the deadline last acknowledged (or of `None`, no lease), `None` when
+    /// not known (an ask that failed or timed out, a renewal during a
+    /// stop), so that the next lease or withdrawal is sent whatever it is.
+    lease: Option<Option<u64>>,
     /// How long a SIGKILLed guard may take to be reaped ([`CONFIRM`]).
     confirm: Duration,
 }
@@ -93,16 +96,18 @@ const LEASE_GRAIN_NS: u64 = 1_000_000;
 /// write for nothing (half the idle leader's renewals).
 const LEASE_STEP_NS: u64 = 20_000_000;
 
-/// What to send a guard armed with `armed` for `new`, rounded down to
-/// [`LEASE_GRAIN_NS`] (`None`: nothing): a withdrawal
-/// or a first lease always, an earlier deadline always (a shorter fence in
-/// force), a later one once it moves [`LEASE_STEP_NS`]. So the guard's
-/// deadline is never later than the last one computed.
-fn lease_to_send(armed: Option<u64>, new: Option<u64>) -> Option<Option<u64>> {
+/// What to send a guard armed with `armed` (`None`: not known) for
+/// `new`, rounded down to [`LEASE_GRAIN_NS`] (`None`: nothing): anything
+/// while what the guard holds is not known; a withdrawal or a first lease
+/// always; an earlier deadline always (a shorter fence in force); a later
+/// one once it moves [`LEASE_STEP_NS`]. So the guard's deadline is never
+/// later than the last one computed.
+fn lease_to_send(armed: Option<Option<u64>>, new: Option<u64>) -> Option<Option<u64>> {
     let new = new.map(|ns| ns - ns % LEASE_GRAIN_NS);
     let moves = match (armed, new) {
-        (Some(a), Some(n)) => n < a || n >= a.saturating_add(LEASE_STEP_NS),
-        (a, n) => a != n,
+        (None, _) => true,
+        (Some(Some(a)), Some(n)) => n < a || n >= a.saturating_add(LEASE_STEP_NS),
+        (Some(a), n) => a != n,
     };
     moves.then_some(new)
 }
@@ -222,7 +227,7 @@ impl GuardClient {
                 answer,
                 tree,
                 running: None,
-                lease: None,
+                lease: Some(None),
                 confirm: CONFIRM,
             },
             events,
@@ -314,7 +319,7 @@ impl GuardClient {
                     } else if let Some(deadline) = renew() {
                         let s = self.send(&Request::Lease { mono_ns: deadline }).await?;
                         pending = Some((s, tokio::time::Instant::now()));
-                        self.lease = Some(deadline);
+                        self.lease = None;
                     }
                 }
                 _ = tokio::time::sleep_until(until) => break Err(GuardError::Timeout(until.elapsed())),
@@ -358,9 +363,7 @@ impl GuardClient {
             }
             None => self.ask(&Request::Unlease, self.answer).await,
         };
-        if r.is_ok() {
-            self.lease = deadline_ns;
-        }
+        self.lease = r.is_ok().then_some(deadline_ns);
         r.map(|_| ())
     }
 
@@ -461,17 +464,29 @@ mod tests {
     fn a_lease_is_sent_when_it_moves_a_step_later_or_at_all_earlier() {
         use super::lease_to_send;
         const MS: u64 = 1_000_000;
-        let armed = Some(1_000 * MS);
+        let armed = Some(Some(1_000 * MS));
         let cases = [
             (
-                None,
+                Some(None),
                 Some(5 * MS + 7),
                 Some(Some(5 * MS)),
                 "a first lease, rounded down",
             ),
             (armed, None, Some(None), "a withdrawal"),
-            (None, None, None, "nothing armed, nothing to arm"),
-            (armed, armed, None, "the same deadline"),
+            (Some(None), None, None, "nothing armed, nothing to arm"),
+            (
+                None,
+                None,
+                Some(None),
+                "a withdrawal when the guard's lease is not known",
+            ),
+            (
+                None,
+                Some(1_000 * MS),
+                Some(Some(1_000 * MS)),
+                "a lease when it is not known",
+            ),
+            (armed, Some(1_000 * MS), None, "the same deadline"),
             (
                 armed,
                 Some(1_000 * MS + 3_000),
