@@ -605,6 +605,38 @@ mod tests {
         assert_eq!(client.running(), Some(4242));
     }
 
+    /// Finding (review of the lease's 20 ms step): a withdrawal the guard
+    /// did not acknowledge in time may still be carried out late; the
+    /// client must not take the earlier lease as still armed and skip the
+    /// next one. Here the guard never answers a withdrawal.
+    #[tokio::test]
+    async fn after_an_unanswered_withdrawal_the_next_lease_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests");
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"while read seq what rest; do echo "$what" >> "$0"; [ "$what" = unlease ] || echo "$seq ok"; done"#,
+        ])
+        .arg(&log);
+        let tree = Tree::marker_only("unanswered-unlease-test");
+        let (mut client, _events) =
+            GuardClient::spawn_command(cmd, tree, Duration::from_millis(100)).unwrap();
+        const A: u64 = 1_000_000_000_000;
+        client.lease(Some(A)).await.unwrap();
+        match client.lease(None).await {
+            Err(GuardError::Timeout(_)) => {}
+            other => panic!("want a timeout, got {other:?}"),
+        }
+        client.lease(Some(A + 5_000_000)).await.unwrap();
+        let seen = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            seen.lines().collect::<Vec<_>>(),
+            ["lease", "unlease", "lease"],
+            "the lease after an unanswered withdrawal was not sent"
+        );
+    }
+
     #[tokio::test]
     async fn a_late_reply_never_answers_a_newer_request() {
         let tree = Tree::marker_only("late-reply-test");
