@@ -245,7 +245,9 @@ impl ConsensusKey {
         let Holder::Token(token) = &self.holder else {
             return Ok(());
         };
-        let signature = token.sign_or_reinitialize(PROOF_MESSAGE)?;
+        let signature = token
+            .sign_or_reinitialize(PROOF_MESSAGE)
+            .map_err(probe_failure)?;
         match proves(&self.public, &signature) {
             true => Ok(()),
             false => Err(SignError::Token(TokenError::Mismatch {
@@ -257,6 +259,20 @@ impl ConsensusKey {
 
     fn made(&self) -> std::sync::MutexGuard<'_, VecDeque<(Vec<u8>, Vec<u8>)>> {
         self.made.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A probe's error as the token's failure: a token that refuses to sign
+/// [`PROOF_MESSAGE`] (40 bytes, never too long) refuses everything, and
+/// must not keep its host leading while every request is refused.
+fn probe_failure(e: TokenError) -> TokenError {
+    match e {
+        TokenError::Refused { token, why } => TokenError::Failed {
+            token,
+            op: "probe",
+            why,
+        },
+        e => e,
     }
 }
 
@@ -323,6 +339,26 @@ pub fn read_seed(path: &Path) -> Result<[u8; 32], SignError> {
 
 #[cfg(test)]
 mod tests {
+    /// Review finding: a token that refused every signature (the bytes'
+    /// fault, not the token's, by its error code) was never taken as
+    /// failing, so its host led on and refused every request.
+    #[test]
+    fn a_token_refusing_the_probe_counts_as_failing() {
+        let refused = TokenError::Refused {
+            token: "t".into(),
+            why: "CKR_ARGUMENTS_BAD".into(),
+        };
+        assert!(matches!(
+            probe_failure(refused),
+            TokenError::Failed { op: "probe", .. }
+        ));
+        let pin = TokenError::Pin {
+            token: "t".into(),
+            why: "refused".into(),
+        };
+        assert!(matches!(probe_failure(pin), TokenError::Pin { .. }));
+    }
+
     use super::*;
 
     fn key() -> ConsensusKey {
