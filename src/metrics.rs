@@ -26,6 +26,9 @@ pub struct Metrics {
     pub raft_leader: IntGauge,
     pub raft_last_log_index: IntGauge,
     pub raft_applied_index: IntGauge,
+    /// fdatasyncs of the Raft log, and the entries they made durable.
+    pub raft_log_syncs: IntCounter,
+    pub raft_log_entries_synced: IntCounter,
     pub quorum: IntGauge,
     pub quorum_ack_age: Gauge,
     pub key_linked: IntGauge,
@@ -121,6 +124,8 @@ impl Metrics {
             raft_leader: IntGauge::with_opts(opts("raft_leader", "1 on the Raft leader."))?,
             raft_last_log_index: IntGauge::with_opts(opts("raft_last_log_index", "Index of the last Raft log entry stored here."))?,
             raft_applied_index: IntGauge::with_opts(opts("raft_applied_index", "Index of the last Raft log entry applied here."))?,
+            raft_log_syncs: IntCounter::with_opts(opts("raft_log_syncs_total", "fdatasyncs of the Raft log file (each makes every append written before it durable)."))?,
+            raft_log_entries_synced: IntCounter::with_opts(opts("raft_log_entries_synced_total", "Raft log entries made durable by those fdatasyncs (entries per sync: this over raft_log_syncs_total)."))?,
             quorum: IntGauge::with_opts(opts("quorum", "1 while this node sees a leader backed by a quorum."))?,
             quorum_ack_age: Gauge::with_opts(opts(
                 "quorum_ack_age_seconds",
@@ -235,6 +240,8 @@ impl Metrics {
         r.register(Box::new(m.raft_leader.clone()))?;
         r.register(Box::new(m.raft_last_log_index.clone()))?;
         r.register(Box::new(m.raft_applied_index.clone()))?;
+        r.register(Box::new(m.raft_log_syncs.clone()))?;
+        r.register(Box::new(m.raft_log_entries_synced.clone()))?;
         r.register(Box::new(m.quorum.clone()))?;
         r.register(Box::new(m.quorum_ack_age.clone()))?;
         r.register(Box::new(m.key_linked.clone()))?;

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,6 +183,8 @@ pub struct Shared {
     pub memory: Arc<Memory>,
     /// What this node's data dir held when it started (step 9).
     pub start_holds: Holds,
+    /// What the Raft log's writer has made durable (fsyncs, entries).
+    pub synced: Arc<crate::raft::Synced>,
     /// Set when a peer told this node it was refused (its data dir went
     /// back in time): the node stops, exit code 2.
     pub refused: watch::Sender<Option<String>>,
@@ -372,6 +375,14 @@ impl Shared {
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index
             .set(m.last_applied.map_or(-1, |l| l.index as i64));
+        let (syncs, entries) = (
+            self.synced.syncs.load(Ordering::Relaxed),
+            self.synced.entries.load(Ordering::Relaxed),
+        );
+        g.raft_log_syncs
+            .inc_by(syncs.saturating_sub(g.raft_log_syncs.get()));
+        g.raft_log_entries_synced
+            .inc_by(entries.saturating_sub(g.raft_log_entries_synced.get()));
         g.quorum.set(i64::from(self.core.has_quorum()));
         g.raft_running.set(i64::from(m.running_state.is_ok()));
         let age = if m.state == ServerState::Leader {

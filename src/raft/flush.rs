@@ -8,6 +8,7 @@
 //! wait (openraft's core waits for each `append` call, and answers
 //! heartbeats only in between).
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::IOFlushed;
@@ -61,6 +62,16 @@ type Failed = Arc<io::Error>;
 /// off the sync the earlier ones wait for.
 const JOBS_PER_FLUSH: usize = 256;
 
+/// What the writer has made durable: how many fdatasyncs of the log file,
+/// and how many appended entries they covered (the metrics
+/// `keyraft_raft_log_syncs_total` and `keyraft_raft_log_entries_synced_total`;
+/// their ratio is how many entries one fsync carries).
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub syncs: AtomicU64,
+    pub entries: AtomicU64,
+}
+
 /// What the writer works on.
 pub(super) struct Writer {
     pub(super) log: Arc<Mutex<LogFile>>,
@@ -68,6 +79,7 @@ pub(super) struct Writer {
     /// Synced (with `meta`) by a [`Job::Flush`].
     pub(super) others: Vec<Shared>,
     pub(super) recent: Arc<Recent>,
+    pub(super) synced: Arc<Synced>,
 }
 
 /// Starts the writer on `disk`'s thread (or simulated task); it ends when
@@ -95,12 +107,16 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (callbacks, answers) = self.write(jobs, &mut broken);
+            let (callbacks, answers, entries) = self.write(jobs, &mut broken);
             if callbacks.is_empty() && answers.is_empty() {
                 continue;
             }
             disk::settle(disk.as_ref()).await;
             let synced = self.sync(&disk, !answers.is_empty(), &mut broken);
+            if synced.is_ok() {
+                self.synced.syncs.fetch_add(1, Ordering::Relaxed);
+                self.synced.entries.fetch_add(entries, Ordering::Relaxed);
+            }
             for callback in callbacks {
                 callback.io_completed(synced.clone().map_err(io::Error::other));
             }
@@ -111,7 +127,7 @@ impl Writer {
     }
 
     /// Carries out a batch's writes; returns the callbacks and answers that
-    /// wait for the sync after them.
+    /// wait for the sync after them, and how many entries were written.
     #[allow(clippy::type_complexity)]
     fn write(
         &self,
@@ -120,8 +136,9 @@ impl Writer {
     ) -> (
         Vec<IOFlushed<TypeConfig>>,
         Vec<tokio::sync::oneshot::Sender<io::Result<()>>>,
+        u64,
     ) {
-        let (mut callbacks, mut answers) = (Vec::new(), Vec::new());
+        let (mut callbacks, mut answers, mut entries) = (Vec::new(), Vec::new(), 0);
         for job in jobs {
             match job {
                 Job::Write {
@@ -143,6 +160,7 @@ impl Writer {
                         }
                         Ok(()) => {
                             self.recent.written(append);
+                            entries += records.count() as u64;
                             callbacks.push(callback);
                         }
                         Err(why) => {
@@ -163,7 +181,7 @@ impl Writer {
                 }
             }
         }
-        (callbacks, answers)
+        (callbacks, answers, entries)
     }
 
     /// Syncs the log file, and with `all` every values file too.

@@ -56,6 +56,11 @@ impl Records {
         }
         Ok(r)
     }
+
+    /// How many entries these are.
+    pub(super) fn count(&self) -> usize {
+        self.lens.len()
+    }
 }
 
 /// Parses the record at the start of `bytes`: its index, its entry's JSON

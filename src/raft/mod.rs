@@ -31,6 +31,7 @@ use openraft::BasicNode;
 
 use crate::config::Timing;
 use crate::ledger::{Command, NodeId, Reply};
+pub use flush::Synced;
 pub use gate::Gate;
 
 /// openraft's runtime: tokio's. In the simulator's build (sim/) its random

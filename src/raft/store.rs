@@ -29,7 +29,7 @@ use openraft::OptionalSend;
 use tokio::sync::mpsc;
 
 use super::disk::{self, Disk, FileDisk};
-use super::flush::{fsync_gone, locked, Job, Writer};
+use super::flush::{fsync_gone, locked, Job, Synced, Writer};
 use super::layout::{COMMITTED, LAST_PURGED, MEMORY, META, STATE, VOTE};
 use super::logfile::{LogFile, Records};
 pub use super::machine::{Observer, StateMachine};
@@ -93,11 +93,13 @@ pub fn open_on(
     let file = LogFile::open(disk.clone(), purged.map(|p| p.index)).map_err(corrupt)?;
     let file = Arc::new(Mutex::new(file));
     let recent = Arc::new(Recent::default());
+    let synced = Arc::new(Synced::default());
     let writer = Writer {
         log: file.clone(),
         meta: meta.clone(),
         others: vec![state.clone(), remembered.clone()],
         recent: recent.clone(),
+        synced: synced.clone(),
     };
     let fsync = super::flush::spawn(&disk, writer).map_err(StoreError::Flusher)?;
     let memory = Arc::new(Memory::open(disk.clone(), remembered).map_err(corrupt)?);
@@ -109,6 +111,7 @@ pub fn open_on(
             meta,
             fsync,
             recent,
+            synced,
         },
         sm,
         memory,
@@ -148,9 +151,15 @@ pub struct LogStore {
     /// The writer (see [`super::flush`]).
     fsync: mpsc::UnboundedSender<Job>,
     recent: Arc<Recent>,
+    synced: Arc<Synced>,
 }
 
 impl LogStore {
+    /// What the writer has made durable so far (for the metrics).
+    pub fn synced(&self) -> Arc<Synced> {
+        self.synced.clone()
+    }
+
     /// True if this store has never held a vote or an entry.
     pub fn is_fresh(&self) -> Result<bool, StoreError> {
         let damaged = |why: io::Error| StoreError::Corrupt {

@@ -403,6 +403,7 @@ async fn assemble(
         peers,
         memory: store.memory.clone(),
         start_holds: store.holds,
+        synced: store.log.synced(),
         refused: watch::channel(None).0,
         requests: req_tx,
         privval: PrivvalLinks::default(),
