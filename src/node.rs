@@ -310,12 +310,7 @@ impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
         if voters.is_empty() {
             return false;
         }
-        let fresh: BTreeSet<NodeId> = self
-            .view
-            .fresh(self.cfg.timing.gossip_interval * 3)
-            .iter()
-            .map(|s| s.id)
-            .collect();
+        let fresh = self.view.fresh_ids(self.cfg.timing.gossip_interval * 3);
         let up = voters
             .iter()
             .filter(|v| **v == self.cfg.id || fresh.contains(v))
@@ -519,7 +514,17 @@ impl ClusterView {
         peers.get(&id).is_some_and(|s| f(&s.status))
     }
 
-    /// Peers heard from within `max_age`.
+    /// The ids of the peers heard from within `max_age`.
+    pub fn fresh_ids(&self, max_age: Duration) -> BTreeSet<NodeId> {
+        self.with_peers(|seen| {
+            seen.iter()
+                .filter(|(_, s)| s.at.elapsed() <= max_age)
+                .map(|(id, _)| *id)
+                .collect()
+        })
+    }
+
+    /// Peers heard from within `max_age` (copied: a status is large).
     pub fn fresh(&self, max_age: Duration) -> Vec<pb::NodeStatus> {
         self.snapshot()
             .into_values()

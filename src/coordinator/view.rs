@@ -45,7 +45,7 @@ impl<E: Env> Coordinator<E> {
         } else {
             self.sh.peer_ids()
         };
-        let (running, peers, keys) = self.sh.view.with_peers(|seen| {
+        let (running, peers, key_outvoted) = self.sh.view.with_peers(|seen| {
             let running: Vec<NodeId> = seen
                 .iter()
                 .filter(|(_, s)| s.at.elapsed() < stale)
@@ -66,8 +66,10 @@ impl<E: Env> Coordinator<E> {
                     (*id, peer)
                 })
                 .collect();
+            // Compared in place, not copied out: fifty chains a member.
             let keys = crate::signer::keys::of_seen(seen, &members);
-            (running, peers, keys)
+            let outvoted = crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some();
+            (running, peers, outvoted)
         });
         // Each read of the cluster's state is its own statement: a borrow
         // held while a second is taken waits forever on a queued writer.
@@ -97,7 +99,7 @@ impl<E: Env> Coordinator<E> {
             is_leader,
             peers,
             acks,
-            key_outvoted: crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some(),
+            key_outvoted,
             key_failing: !self
                 .sh
                 .key_failures

@@ -31,19 +31,34 @@ pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     }
     // Read before the view's lock is taken, not under it.
     let ids = core.peer_ids();
-    core.view.with_peers(|seen| of_seen(seen, &ids))
+    core.view.with_peers(|seen| {
+        of_seen(seen, &ids)
+            .into_iter()
+            .map(|(id, keys)| (id, keys.to_vec()))
+            .collect()
+    })
 }
 
-/// [`of_peers`], from the gossip `seen` of the members `ids`.
-pub fn of_seen(
-    seen: &BTreeMap<NodeId, crate::node::Seen>,
+/// [`of_peers`], from the gossip `seen` of the members `ids`, borrowed
+/// (the coordinator reads it at every event, fifty chains a member).
+pub fn of_seen<'a>(
+    seen: &'a BTreeMap<NodeId, crate::node::Seen>,
     ids: &[NodeId],
-) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
+) -> BTreeMap<NodeId, &'a [pb::ChainKey]> {
     ids.iter()
         .filter_map(|id| seen.get(id).map(|s| (*id, &s.status)))
         .filter(|(_, s)| s.role == "validator")
-        .map(|(id, s)| (id, s.signer_keys.clone()))
+        .map(|(id, s)| (id, s.signer_keys.as_slice()))
         .collect()
+}
+
+/// A member's key for `chain_id` among its `keys`, looked for first at
+/// `i`, where this host has the chain (members list their chains in the
+/// same order when their configurations agree).
+fn key_for<'a>(keys: &'a [pb::ChainKey], i: usize, chain_id: &str) -> Option<&'a pb::ChainKey> {
+    keys.get(i)
+        .filter(|k| k.chain_id == chain_id)
+        .or_else(|| keys.iter().find(|k| k.chain_id == chain_id))
 }
 
 /// Why this host may not lead, if its key for a chain is outvoted: more
@@ -55,12 +70,12 @@ pub fn of_seen(
 /// stay eligible and the alert says which chain.
 pub fn outvoted(
     mine: &[pb::ChainKey],
-    peers: &BTreeMap<NodeId, Vec<pb::ChainKey>>,
+    peers: &BTreeMap<NodeId, impl AsRef<[pb::ChainKey]>>,
 ) -> Option<String> {
-    mine.iter().find_map(|m| {
+    mine.iter().enumerate().find_map(|(i, m)| {
         let mut held: BTreeMap<&str, usize> = BTreeMap::new();
         for keys in peers.values() {
-            if let Some(k) = keys.iter().find(|k| k.chain_id == m.chain_id) {
+            if let Some(k) = key_for(keys.as_ref(), i, &m.chain_id) {
                 *held.entry(k.address.as_str()).or_default() += 1;
             }
         }
@@ -88,12 +103,13 @@ pub fn other_keys(
     peers: &BTreeMap<NodeId, Vec<pb::ChainKey>>,
 ) -> BTreeMap<String, Vec<(NodeId, Option<String>)>> {
     mine.iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             let others = peers
                 .iter()
                 .filter(|(_, keys)| !keys.is_empty())
                 .filter_map(|(id, keys)| {
-                    let theirs = keys.iter().find(|k| k.chain_id == m.chain_id);
+                    let theirs = key_for(keys, i, &m.chain_id);
                     match theirs {
                         Some(k) if k.address == m.address => None,
                         _ => Some((*id, theirs.map(|k| k.address.clone()))),
@@ -234,6 +250,21 @@ mod tests {
             ),
             // Members without the chain, or a witness, hold no key for it.
             (peers(vec![(2, vec![key("a", "AA")]), (3, vec![])]), false),
+            // Chains listed in another order are still matched by id.
+            (
+                peers(vec![
+                    (2, vec![key("b", "XX"), key("a", "AA")]),
+                    (3, vec![key("b", "XX"), key("a", "AA")]),
+                ]),
+                true,
+            ),
+            (
+                peers(vec![
+                    (2, vec![key("b", "BB"), key("a", "AA")]),
+                    (3, vec![key("b", "BB"), key("a", "XX")]),
+                ]),
+                false,
+            ),
         ];
         for (p, want) in table {
             assert_eq!(outvoted(&mine, &p).is_some(), want, "{p:?}");

@@ -95,20 +95,29 @@ fn reports<SM: RaftStateMachine<TypeConfig>>(
     own_rpc: bool,
     one_chain: bool,
 ) -> Vec<(NodeId, pb::ValidatorHealth)> {
-    let peers = sh.view.fresh(sh.cfg.timing.gossip_interval * 3);
+    let max_age = sh.cfg.timing.gossip_interval * 3;
     let mut out = Vec::new();
     if own_rpc {
         let own = sh.chain_nodes.borrow().get(chain_id).copied();
         out.extend(own.map(|h| (sh.cfg.id, h.into())));
-        out.extend(peers.iter().filter_map(|s| {
-            let c = s.chain_heights.iter().find(|c| c.chain_id == chain_id)?;
-            Some((s.id, c.node?))
-        }));
     } else if one_chain {
         let own = sh.local.borrow().validator;
         out.extend(own.map(|h| (sh.cfg.id, h.into())));
-        out.extend(peers.iter().filter_map(|s| Some((s.id, s.validator?))));
     }
+    // Read in place, at every request: a peer's status holds a line for
+    // each of its chains.
+    sh.view.with_peers(|seen| {
+        let fresh = seen.values().filter(|s| s.at.elapsed() <= max_age);
+        let fresh = fresh.map(|s| &s.status);
+        if own_rpc {
+            out.extend(fresh.filter_map(|s| {
+                let c = s.chain_heights.iter().find(|c| c.chain_id == chain_id)?;
+                Some((s.id, c.node?))
+            }));
+        } else if one_chain {
+            out.extend(fresh.filter_map(|s| Some((s.id, s.validator?))));
+        }
+    });
     out
 }
 
