@@ -356,6 +356,8 @@ pub enum Mode {
 pub struct ChainConfig {
     pub listen: SocketAddr,
     pub block: Duration,
+    /// Delay of the first tick.
+    pub phase: Duration,
     pub mode: Mode,
     /// NEAR mode: the upgrades the chain halts at.
     pub plan: Plan,
@@ -396,7 +398,7 @@ pub async fn run(
         judge: Mutex::new(judge),
         head,
     });
-    let producer = tokio::spawn(produce(chain.clone(), cfg.block));
+    let producer = tokio::spawn(produce(chain.clone(), cfg.block, cfg.phase));
     let app = Router::new()
         .route("/status", get(status))
         .route("/sign", post(sign))
@@ -412,8 +414,8 @@ pub async fn run(
     Ok(served?)
 }
 
-async fn produce(chain: Arc<Chain>, block: Duration) {
-    let mut tick = tokio::time::interval(block);
+async fn produce(chain: Arc<Chain>, block: Duration, phase: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, block);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -164,11 +164,16 @@ pub(crate) fn other_chains(
         crate::comet::key::ValidatorKey::generate().write_new(&key_path)?;
         let addr = free_addr()?;
         let mut cmd = Command::new(sibling_bin("fakechain")?);
+        // Independent chains do not round in step: each ticks its share
+        // of a round after the one before.
+        let phase = (k - 1) * block_ms / (more_chains + 1);
         cmd.args([
             "--listen",
             &addr.to_string(),
             "--block-ms",
             &block_ms.to_string(),
+            "--phase-ms",
+            &phase.to_string(),
         ]);
         signer_chain_args(&mut cmd, &chain_id, (*round_every, *validators), &None);
         let proc = Proc::spawn(

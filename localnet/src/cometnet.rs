@@ -24,6 +24,11 @@ pub struct NetOpts {
     pub round_every: u64,
     pub validators: u64,
     pub vote_extensions: bool,
+    /// The validator's key; a new one when `None`.
+    pub key: Option<ValidatorKey>,
+    /// Delay of the chain's first round (chains started together then
+    /// tick apart, as independent chains do).
+    pub phase_ms: u64,
 }
 
 impl Default for NetOpts {
@@ -33,6 +38,8 @@ impl Default for NetOpts {
             round_every: 0,
             validators: 4,
             vote_extensions: false,
+            key: None,
+            phase_ms: 0,
         }
     }
 }
@@ -107,14 +114,15 @@ impl CometNet {
             dir.disable_cleanup(true);
             eprintln!("test dir kept: {}", dir.path().display());
         }
-        let key = ValidatorKey::generate();
+        let key = opts.key.clone().unwrap_or_else(ValidatorKey::generate);
         let key_path = dir.path().join("priv_validator_key.json");
         key.write_new(&key_path)?;
-        let chain_id = format!("judge-{}", rand::random::<u16>());
+        let chain_id = format!("judge-{}", rand::random::<u32>());
         let addr = free_addr()?;
         let mut cmd = Command::new(sibling_bin("fakechain")?);
         cmd.args(["--cometbft", "--listen", &addr.to_string()])
             .args(["--block-ms", &opts.block_ms.to_string()])
+            .args(["--phase-ms", &opts.phase_ms.to_string()])
             .args(["--chain-id", &chain_id])
             .args(["--round-every", &opts.round_every.to_string()])
             .args(["--validators", &opts.validators.to_string()])
@@ -201,13 +209,23 @@ impl CometNet {
             name,
             &self.dir.path().join(name),
             self.dir.path(),
-            &tmkms::Signer {
-                chain_id: &self.chain_id,
-                key: &self.key_path,
-                addrs: sentries.iter().map(|s| s.privval.clone()).collect(),
-                protocol,
-                sign_extensions,
-            },
+            &[self.tmkms_chain(sentries, protocol, sign_extensions)],
         )
+    }
+
+    /// This chain as one of a tmkms's chains, served on `sentries`.
+    pub fn tmkms_chain(
+        &self,
+        sentries: &[&Sentry],
+        protocol: Protocol,
+        sign_extensions: bool,
+    ) -> tmkms::Signer<'_> {
+        tmkms::Signer {
+            chain_id: &self.chain_id,
+            key: &self.key_path,
+            addrs: sentries.iter().map(|s| s.privval.clone()).collect(),
+            protocol,
+            sign_extensions,
+        }
     }
 }

@@ -8,12 +8,15 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 mod chain;
 mod comet;
 mod failover;
 mod idle;
 mod latency;
 mod signer;
+mod usage;
 
 pub use chain::{chain, ChainBench};
 pub use comet::{comet, CometBench};
@@ -43,20 +46,67 @@ pub(crate) async fn tmkms_baseline(
     crate::cometnet::Sentry,
     crate::harness::Proc,
 )> {
+    let mut run = tmkms_chains(block_ms, 1).await?;
+    let (net, sentry) = run.chains.pop().context("no chain")?;
+    Ok((net, sentry, run.kms))
+}
+
+/// One tmkms signing for `chains` chains at once, each its own judge and
+/// one sentry (no HA), with one key: tmkms's software signer holds one
+/// consensus key (a second is refused), so its chains share it.
+pub(crate) struct TmkmsRun {
+    pub chains: Vec<(crate::cometnet::CometNet, crate::cometnet::Sentry)>,
+    pub kms: crate::harness::Proc,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts [`TmkmsRun`] and waits until tmkms has signed on every chain.
+pub(crate) async fn tmkms_chains(block_ms: u64, chains: u64) -> anyhow::Result<TmkmsRun> {
     use crate::cometnet::{CometNet, NetOpts, SentryOpts};
-    let net = CometNet::start(&NetOpts {
-        block_ms,
-        validators: 1,
-        ..NetOpts::default()
+    let key = crate::comet::key::ValidatorKey::generate();
+    let mut nets = Vec::new();
+    for k in 0..chains {
+        let net = CometNet::start(&NetOpts {
+            block_ms,
+            validators: 1,
+            key: Some(key.clone()),
+            phase_ms: k * block_ms / chains,
+            ..NetOpts::default()
+        })
+        .await?;
+        let sentry = net.sentry(1, &SentryOpts::default())?;
+        nets.push((net, sentry));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("keyraft-tmkms-")
+        .tempdir()?;
+    let first_key = nets
+        .first()
+        .map(|(net, _)| net.key_path.clone())
+        .unwrap_or_default();
+    let signers: Vec<_> = nets
+        .iter()
+        .map(|(net, sentry)| crate::tmkms::Signer {
+            key: &first_key,
+            ..net.tmkms_chain(&[sentry], crate::comet::node::Protocol::V0_38, false)
+        })
+        .collect();
+    let kms = crate::tmkms::start("tmkms", &dir.path().join("kms"), dir.path(), &signers)?;
+    crate::harness::eventually(Duration::from_secs(30), "tmkms to sign", || async {
+        for (net, _) in &nets {
+            if net.chain.totals().await?.signed == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
     })
-    .await?;
-    let sentry = net.sentry(1, &SentryOpts::default())?;
-    let kms = net.tmkms("tmkms", &sentry, crate::comet::node::Protocol::V0_38, false)?;
-    crate::harness::eventually(Duration::from_secs(20), "tmkms to sign", || async {
-        Ok((net.chain.totals().await?.signed > 0).then_some(()))
+    .await
+    .with_context(|| format!("tmkms's log ends: {}", kms.log_tail(10)))?;
+    Ok(TmkmsRun {
+        chains: nets,
+        kms,
+        _dir: dir,
     })
-    .await?;
-    Ok((net, sentry, kms))
 }
 
 pub(crate) fn summary(name: &str, v: &[f64]) -> serde_json::Value {

@@ -5,6 +5,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::usage::{self, Snapshot};
+
+/// Most chains one run signs for.
+pub const MAX_CHAINS: u64 = 50;
+/// Above this many chains, each sentry-chain's line is left out of the
+/// output (its JSON keeps it) and a summary is printed instead.
+const CHAINS_LISTED: u64 = 5;
+
 pub struct SignerBench {
     /// Round length of the latency run.
     pub block_ms: u64,
@@ -57,7 +65,10 @@ impl SignerBench {
 pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     use crate::cluster::{Cluster, Mode, NodeOpts};
 
-    anyhow::ensure!((1..=5).contains(&b.chains), "--chains must be 1 to 5");
+    anyhow::ensure!(
+        (1..=MAX_CHAINS).contains(&b.chains),
+        "--chains must be 1 to {MAX_CHAINS}"
+    );
     anyhow::ensure!(!b.v1 || b.chains == 1, "--protocol v1 measures one chain");
     let mode = |validators| Mode::Signer {
         chain_id: "bench-signer".into(),
@@ -126,10 +137,13 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         },
     )
     .await?;
+    let before = Snapshot::take(&c).await?;
     tokio::time::sleep(Duration::from_secs(b.seconds)).await;
+    let after = Snapshot::take(&c).await?;
     let last = c.chain.totals().await?;
     let status = c.status(1).await?;
     let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
+    let cost = usage::report(&before, &after, leader);
     let mut chains = serde_json::Map::new();
     for (chain, rpcs) in &per_chain {
         let mut sentries = serde_json::Map::new();
@@ -142,13 +156,15 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
             } else {
                 String::new()
             };
-            println!(
-                "keyraft,{on} sentry {id} ({role}'s host): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
-                pv.sign_ms_p50.unwrap_or(f64::NAN),
-                pv.sign_ms_p99.unwrap_or(f64::NAN),
-                pv.sign_ms_max.unwrap_or(f64::NAN),
-                pv.samples
-            );
+            if b.chains <= CHAINS_LISTED {
+                println!(
+                    "keyraft,{on} sentry {id} ({role}'s host): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
+                    pv.sign_ms_p50.unwrap_or(f64::NAN),
+                    pv.sign_ms_p99.unwrap_or(f64::NAN),
+                    pv.sign_ms_max.unwrap_or(f64::NAN),
+                    pv.samples
+                );
+            }
             sentries.insert(
                 id.to_string(),
                 serde_json::json!({"host": role, "p50_ms": pv.sign_ms_p50, "p99_ms": pv.sign_ms_p99,
@@ -158,6 +174,10 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         chains.insert(chain.clone(), serde_json::Value::Object(sentries));
     }
     let sentries = chains.values().next().cloned().unwrap_or_default();
+    let spread = spread(&chains);
+    if b.chains > CHAINS_LISTED {
+        print_spread("keyraft", &spread);
+    }
     let mut equivocations = 0;
     for (_, judge) in c.judges() {
         equivocations += judge.totals().await?.double_signs;
@@ -171,23 +191,44 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     );
     drop(c);
 
-    // (2) tmkms, same machine, same round length.
-    let (net, sentry, _kms) = super::tmkms_baseline(b.block_ms).await?;
-    let tm_warmup = sentry.privval_stats().await?.samples;
-    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
-    let tm = sentry.privval_stats_after(tm_warmup).await?;
-    println!(
-        "tmkms {} (one sentry, no HA): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
-        crate::tmkms::VERSION,
-        tm.sign_ms_p50.unwrap_or(f64::NAN),
-        tm.sign_ms_p99.unwrap_or(f64::NAN),
-        tm.sign_ms_max.unwrap_or(f64::NAN),
-        tm.samples
-    );
-    drop(net);
+    // (2) tmkms, same machine, same round length, the same number of
+    // chains from one process.
+    let tm = tmkms_run(b).await?;
 
     // (3) SIGKILL of the signer leader's host.
-    let mut c = Cluster::start_signers(3, b.kill_block_ms, mode(4), |_| NodeOpts {
+    let kills = kill_run(b, mode(4)).await?;
+    Ok(serde_json::json!({
+        "backend": b.backend(),
+        "chains": b.chains,
+        "keyraft_sentries": sentries,
+        "keyraft_sentries_by_chain": chains,
+        "keyraft_steady_equivocations": equivocations,
+        "keyraft_sign_budget_ms": budget,
+        "keyraft_missed_steady": missed_steady,
+        "keyraft_spread": spread,
+        "keyraft_cost": cost,
+        "tmkms_p50_ms": tm["p50_ms"],
+        "tmkms_p99_ms": tm["p99_ms"],
+        "tmkms": tm,
+        "kills": b.kills,
+        "kill_block_ms": b.kill_block_ms,
+        "kill_missed_p50": kills["missed_p50"],
+        "kill_missed_p99": kills["missed_p99"],
+        "kill_resume_ms_p50": kills["resume_ms_p50"],
+        "kill_resume_ms_p99": kills["resume_ms_p99"],
+        "equivocations": kills["equivocations"],
+    }))
+}
+
+/// `b.kills` SIGKILLs of the signer leader's host at `b.kill_block_ms`
+/// rounds: after each, how long until every chain signs again on the other
+/// hosts, and the first chain's missed heights.
+async fn kill_run(
+    b: &SignerBench,
+    mode: crate::cluster::Mode,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, NodeOpts};
+    let mut c = Cluster::start_signers(3, b.kill_block_ms, mode, |_| NodeOpts {
         key_in: b.key_in,
         flags: crate::shape::protocol_flags(b.v1),
         fakenode: crate::shape::sentry_protocol(b.v1),
@@ -209,11 +250,22 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         let leader = c.status(1).await?["cluster"]["leader"]
             .as_u64()
             .context("no leader")?;
+        // Each other chain's height at the kill: it too must sign again.
+        let mut others_at = Vec::new();
+        for o in &c.others {
+            others_at.push(o.chain.stats_since(0).await?.height);
+        }
         let t = Instant::now();
         c.kill_host(leader)?;
         let rest: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
         let resumed =
             crate::harness::eventually(Duration::from_secs(30), "signing to resume", || async {
+                for (o, at) in c.others.iter().zip(&others_at) {
+                    let st = o.chain.stats_since(at + 1).await?;
+                    if !rest.iter().all(|n| st.first_signed_by(*n, *at).is_some()) {
+                        return Ok(None);
+                    }
+                }
                 let st = c.chain.stats_since(s.height + 1).await?;
                 Ok(rest
                     .iter()
@@ -229,7 +281,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         let after = c.chain.totals().await?;
         missed.push(after.missed - s.missed);
         println!(
-            "kill {round}: leader {leader}, signing resumed after {} ms, {} heights missed",
+            "kill {round}: leader {leader}, signing resumed on every chain after {} ms, {} heights missed (first chain)",
             resume_ms.last().unwrap_or(&0),
             missed.last().unwrap_or(&0)
         );
@@ -256,21 +308,10 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         kill_equivocations
     );
     Ok(serde_json::json!({
-        "backend": b.backend(),
-        "chains": b.chains,
-        "keyraft_sentries": sentries,
-        "keyraft_sentries_by_chain": chains,
-        "keyraft_steady_equivocations": equivocations,
-        "keyraft_sign_budget_ms": budget,
-        "keyraft_missed_steady": missed_steady,
-        "tmkms_p50_ms": tm.sign_ms_p50,
-        "tmkms_p99_ms": tm.sign_ms_p99,
-        "kills": b.kills,
-        "kill_block_ms": b.kill_block_ms,
-        "kill_missed_p50": pick(&missed, 0.5),
-        "kill_missed_p99": pick(&missed, 0.99),
-        "kill_resume_ms_p50": pick(&resume_ms, 0.5),
-        "kill_resume_ms_p99": pick(&resume_ms, 0.99),
+        "missed_p50": pick(&missed, 0.5),
+        "missed_p99": pick(&missed, 0.99),
+        "resume_ms_p50": pick(&resume_ms, 0.5),
+        "resume_ms_p99": pick(&resume_ms, 0.99),
         "equivocations": kill_equivocations,
     }))
 }
@@ -324,4 +365,144 @@ async fn sign_budget(
         .collect();
     println!("openraft on the leader:\n{}", table.join("\n"));
     Ok(serde_json::Value::Object(out))
+}
+
+/// Over every sentry-chain of a run (`chains`: chain, then sentry, then its
+/// `host`, `p50_ms` and `p99_ms`), for each kind of host: the median and
+/// the highest p50 and p99, where the highest p99 was, and how many
+/// sentry-chains had a p99 over 5 ms.
+fn spread(chains: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let mut by_host: std::collections::BTreeMap<String, Vec<(f64, f64, String)>> =
+        Default::default();
+    for (chain, sentries) in chains {
+        for (id, s) in sentries.as_object().into_iter().flatten() {
+            let host = s["host"].as_str().unwrap_or("?").to_string();
+            let (p50, p99) = (
+                s["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                s["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            );
+            by_host
+                .entry(host)
+                .or_default()
+                .push((p50, p99, format!("{chain} sentry {id}")));
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (host, v) in by_host {
+        let p50s: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let p99s: Vec<f64> = v.iter().map(|x| x.1).collect();
+        let worst = v
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|x| x.2.clone());
+        out.insert(
+            host,
+            serde_json::json!({
+                "sentry_chains": v.len(),
+                "p50_median_ms": super::percentile(&p50s, 50.0),
+                "p50_max_ms": super::percentile(&p50s, 100.0),
+                "p99_median_ms": super::percentile(&p99s, 50.0),
+                "p99_max_ms": super::percentile(&p99s, 100.0),
+                "p99_max_at": worst,
+                "p99_over_5ms": p99s.iter().filter(|p| **p > 5.0).count(),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// One line per kind of host of a [`spread`].
+fn print_spread(who: &str, spread: &serde_json::Value) {
+    for (host, s) in spread.as_object().into_iter().flatten() {
+        let ms = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{who}, {} sentry-chains on the {host}'s host: p50 median {:.2} ms (highest {:.2}), p99 median {:.2} ms (highest {:.2}, {}), {} with p99 over 5 ms",
+            s["sentry_chains"],
+            ms("p50_median_ms"),
+            ms("p50_max_ms"),
+            ms("p99_median_ms"),
+            ms("p99_max_ms"),
+            s["p99_max_at"].as_str().unwrap_or("-"),
+            s["p99_over_5ms"],
+        );
+    }
+}
+
+/// tmkms signing `b.chains` chains from one process (a judge and a sentry
+/// each), on the same machine at the same round length: each sentry's
+/// latency after its first signatures, and tmkms's CPU and RSS.
+async fn tmkms_run(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
+    let run = super::tmkms_chains(b.block_ms, b.chains).await?;
+    let mut warm = Vec::new();
+    for (_, sentry) in &run.chains {
+        warm.push(sentry.privval_stats().await?.samples);
+    }
+    let (t, cpu) = (
+        Instant::now(),
+        crate::harness::proc_usage(run.kms.pid())?.cpu,
+    );
+    tokio::time::sleep(Duration::from_secs(b.seconds)).await;
+    let used = crate::harness::proc_usage(run.kms.pid())?;
+    let cpu = used.cpu.saturating_sub(cpu).as_secs_f64() / t.elapsed().as_secs_f64() * 100.0;
+    let mut chains = serde_json::Map::new();
+    for ((net, sentry), skip) in run.chains.iter().zip(warm) {
+        let pv = sentry.privval_stats_after(skip).await?;
+        if b.chains == 1 {
+            println!(
+                "tmkms {} (one sentry, no HA): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} signatures",
+                crate::tmkms::VERSION,
+                pv.sign_ms_p50.unwrap_or(f64::NAN),
+                pv.sign_ms_p99.unwrap_or(f64::NAN),
+                pv.sign_ms_max.unwrap_or(f64::NAN),
+                pv.samples
+            );
+        }
+        let one = serde_json::json!({"host": "tmkms", "p50_ms": pv.sign_ms_p50,
+            "p99_ms": pv.sign_ms_p99, "max_ms": pv.sign_ms_max, "signatures": pv.samples});
+        chains.insert(net.chain_id.clone(), serde_json::json!({ "1": one }));
+    }
+    let spread = spread(&chains);
+    if b.chains > 1 {
+        print_spread(
+            &format!(
+                "tmkms {} (one sentry a chain, no HA)",
+                crate::tmkms::VERSION
+            ),
+            &spread,
+        );
+    }
+    let rss_mb = used.rss_kib as f64 / 1024.0;
+    println!("tmkms: {cpu:.1} % of a core, RSS {rss_mb:.1} MB");
+    let s = &spread["tmkms"];
+    Ok(serde_json::json!({
+        "p50_ms": s["p50_median_ms"],
+        "p99_ms": s["p99_max_ms"],
+        "cpu_percent": cpu,
+        "rss_mb": rss_mb,
+        "spread": spread,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spread_finds_the_worst_sentry_chain_of_each_host() {
+        let s = |host: &str, p50: f64, p99: f64| serde_json::json!({"host": host, "p50_ms": p50, "p99_ms": p99});
+        let chains: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_value(serde_json::json!({
+                "a": {"1": s("leader", 1.0, 2.0), "2": s("follower", 2.0, 6.0)},
+                "b": {"1": s("leader", 3.0, 4.0), "2": s("follower", 1.5, 3.0)},
+            }))
+            .unwrap();
+        let got = spread(&chains);
+        assert_eq!(got["leader"]["sentry_chains"], 2);
+        assert_eq!(got["leader"]["p99_max_ms"], 4.0);
+        assert_eq!(got["leader"]["p99_max_at"], "b sentry 1");
+        assert_eq!(got["leader"]["p99_over_5ms"], 0);
+        assert_eq!(got["follower"]["p99_max_at"], "a sentry 2");
+        assert_eq!(got["follower"]["p99_over_5ms"], 1);
+        assert_eq!(got["follower"]["p50_median_ms"], 1.5);
+    }
 }

@@ -23,6 +23,10 @@ struct Args {
     /// Block interval in milliseconds (in CometBFT mode: each round's).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     block_ms: u64,
+    /// Delay of the first block (or round), so that chains started
+    /// together do not all tick at once.
+    #[arg(long, default_value_t = 0)]
+    phase_ms: u64,
     /// The expected validator's key: a NEAR key file, or with --cometbft a
     /// CometBFT priv_validator_key.json.
     #[arg(long)]
@@ -106,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = chain::ChainConfig {
         listen: args.listen,
         block: Duration::from_millis(args.block_ms),
+        phase: Duration::from_millis(args.phase_ms),
         mode,
         plan: Plan::new(args.upgrades)?,
         network_upgrade: args.network_upgrade_ms.map(Duration::from_millis),

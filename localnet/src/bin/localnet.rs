@@ -240,8 +240,10 @@ enum BenchCmd {
     /// keyraft's CometBFT signer next to tmkms: signature latency as the
     /// sentries see it, and missed heights when the signer leader is killed.
     Signer {
-        #[arg(long, default_value_t = 200)]
-        block_ms: u64,
+        /// Round length of the latency run: 200 ms, or 1000 ms with more
+        /// than 5 chains.
+        #[arg(long)]
+        block_ms: Option<u64>,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
         #[arg(long, default_value_t = 10)]
@@ -249,8 +251,8 @@ enum BenchCmd {
         /// Round length of the kill run.
         #[arg(long, default_value_t = 1000)]
         kill_block_ms: u64,
-        /// Chains signed for at once (1 to 5): latency per chain while all
-        /// sign.
+        /// Chains signed for at once (1 to 50): latency per chain while all
+        /// sign, and tmkms signing as many.
         #[arg(long, default_value_t = 1)]
         chains: u64,
         /// keyraft's sentries' privval protocol, v0.38 or v1 (one chain;
@@ -537,7 +539,7 @@ async fn main() -> ExitCode {
                 key,
             } => {
                 let b = bench::SignerBench {
-                    block_ms,
+                    block_ms: block_ms.unwrap_or(if chains > 5 { 1000 } else { 200 }),
                     seconds,
                     kills,
                     kill_block_ms,

@@ -45,6 +45,13 @@ pub struct ValidatorKey {
     signing: SigningKey,
 }
 
+/// Its address only: a secret key is never printed.
+impl std::fmt::Debug for ValidatorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ValidatorKey({})", self.public().address_hex())
+    }
+}
+
 /// The public half, as the chain needs it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PublicValidatorKey {
