@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
+use super::chains::or_dash;
 use super::{certs, AdminAddr, Cmd, MembersCmd, SignerCmd};
 use crate::config::RunArgs;
 use crate::health;
@@ -196,12 +197,16 @@ pub(super) async fn status_value(addr: &AdminAddr) -> anyhow::Result<serde_json:
 
 pub(super) async fn client(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Status { json, admin } => {
+        Cmd::Status {
+            json,
+            all_chains,
+            admin,
+        } => {
             let v = status_value(&admin).await?;
             if json {
                 println!("{v}");
             } else {
-                print_table(&v);
+                print_table(&v, all_chains);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -372,44 +377,7 @@ async fn check(addr: &AdminAddr) -> ExitCode {
         )
     } else if !chains.is_empty() {
         // Signer mode: nobody validates; the leader signs, for each chain.
-        let named = |c: &serde_json::Value| c["chain_id"].as_str().unwrap_or("?").to_string();
-        let ups: Vec<(String, usize, usize)> = chains
-            .iter()
-            .map(|c| {
-                let conns = c["connections"].as_array().cloned().unwrap_or_default();
-                let up = conns.iter().filter(|c| c["connected"] == true).count();
-                (named(c), up, conns.len())
-            })
-            .collect();
-        if let Some(c) = chains.iter().find(|c| c["watermark"].is_null()) {
-            (4, format!("CRITICAL: chain {} has no watermark: nothing is signed for it until `keyraft signer import-state --chain-id {} FILE` (or `--never-signed`)", named(c), named(c)))
-        } else if let Some((chain, _, _)) = ups.iter().find(|(_, up, _)| *up == 0) {
-            (
-                7,
-                format!(
-                    "CRITICAL: this signer is connected to none of chain {chain}'s privval ports"
-                ),
-            )
-        } else {
-            let each: Vec<String> = chains
-                .iter()
-                .zip(&ups)
-                .map(|(c, (chain, up, all))| {
-                    format!(
-                        "{chain} at height {} ({up} of {all} privval up)",
-                        c["watermark"]["height"]
-                    )
-                })
-                .collect();
-            (
-                0,
-                format!(
-                    "OK: node {} leads the signers; {}",
-                    v["cluster"]["leader"],
-                    each.join(", ")
-                ),
-            )
-        }
+        super::chains::check(&v)
     } else if validating.is_empty() {
         (4, "CRITICAL: no node is validating".to_string())
     } else if validating.len() > 1 {
@@ -457,7 +425,7 @@ async fn check(addr: &AdminAddr) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn print_table(v: &serde_json::Value) {
+fn print_table(v: &serde_json::Value, all_chains: bool) {
     let c = &v["cluster"];
     println!(
         "leader {}  term {}  active validator {}  quorum {}  paused {}",
@@ -467,62 +435,11 @@ fn print_table(v: &serde_json::Value) {
         if c["quorum"] == true { "yes" } else { "NO" },
         if c["paused"] == true { "YES" } else { "no" }
     );
-    print_signer(v);
+    for line in super::chains::lines(v, all_chains) {
+        println!("{line}");
+    }
     print_nodes(v);
     print_notes(v);
-}
-
-/// `-` for null, else the value.
-fn or_dash(x: &serde_json::Value) -> String {
-    if x.is_null() {
-        "-".to_string()
-    } else {
-        x.to_string()
-    }
-}
-
-/// Signer mode: a line per chain (watermark, signatures, privval
-/// connections here), and any other key a member gossips for it.
-fn print_signer(v: &serde_json::Value) {
-    for sg in v["signer"]["chains"].as_array().into_iter().flatten() {
-        let w = &sg["watermark"];
-        let watermark = if w.is_null() {
-            "NONE (run `keyraft signer import-state`)".to_string()
-        } else {
-            format!(
-                "height {} round {} step {}",
-                w["height"],
-                or_dash(&w["round"]),
-                or_dash(&w["step"])
-            )
-        };
-        let conns: Vec<String> = sg["connections"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| {
-                let up = if c["connected"] == true { "up" } else { "DOWN" };
-                format!("{} {up}", c["node"].as_str().unwrap_or("?"))
-            })
-            .collect();
-        println!(
-            "signer: chain {}  watermark {watermark}  signatures {}  privval here: {}",
-            sg["chain_id"].as_str().unwrap_or("?"),
-            sg["signatures"],
-            conns.join(", ")
-        );
-        if let Some(e) = sg["key_error"].as_str() {
-            println!("        KEY FAILS here (this host may not lead): {e}");
-        }
-        for o in sg["other_keys"].as_array().into_iter().flatten() {
-            let theirs = o["address"].as_str().unwrap_or("none");
-            println!(
-                "        ANOTHER KEY on node {}: {theirs} (this host: {})",
-                o["node"],
-                sg["address"].as_str().unwrap_or("?")
-            );
-        }
-    }
 }
 
 /// A member's upgrade it has not passed: name, height, blocks left and

@@ -19,6 +19,7 @@
 
 mod admin;
 mod certs;
+mod chains;
 mod rolling;
 mod run;
 
@@ -77,6 +78,10 @@ enum Cmd {
         /// The JSON shape of docs/reference.md instead of a table.
         #[arg(long)]
         json: bool,
+        /// Signer mode: a line for every chain, not only (past five) for
+        /// those that need attention.
+        #[arg(long)]
+        all_chains: bool,
         #[command(flatten)]
         admin: AdminAddr,
     },
