@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -370,14 +369,9 @@ impl Shared {
             .set(m.last_log_index.map_or(-1, |i| i as i64));
         g.raft_applied_index
             .set(m.last_applied.map_or(-1, |l| l.index as i64));
-        let (syncs, entries) = (
-            self.synced.syncs.load(Ordering::Relaxed),
-            self.synced.entries.load(Ordering::Relaxed),
-        );
-        g.raft_log_syncs
-            .inc_by(syncs.saturating_sub(g.raft_log_syncs.get()));
-        g.raft_log_entries_synced
-            .inc_by(entries.saturating_sub(g.raft_log_entries_synced.get()));
+        let (syncs, entries) = self.synced.take();
+        g.raft_log_syncs.inc_by(syncs);
+        g.raft_log_entries_synced.inc_by(entries);
         g.quorum.set(i64::from(self.core.has_quorum()));
         g.raft_running.set(i64::from(m.running_state.is_ok()));
         let age = if m.state == ServerState::Leader {

@@ -66,10 +66,27 @@ const JOBS_PER_FLUSH: usize = 256;
 /// and how many appended entries they covered (the metrics
 /// `keyraft_raft_log_syncs_total` and `keyraft_raft_log_entries_synced_total`;
 /// their ratio is how many entries one fsync carries).
+/// Each count is taken once ([`Synced::take`]), so two readers at once
+/// never both add the same syncs to a counter.
 #[derive(Debug, Default)]
 pub struct Synced {
-    pub syncs: AtomicU64,
-    pub entries: AtomicU64,
+    syncs: AtomicU64,
+    entries: AtomicU64,
+}
+
+impl Synced {
+    /// The syncs and entries counted since the last take, reset to 0.
+    pub fn take(&self) -> (u64, u64) {
+        (
+            self.syncs.swap(0, Ordering::Relaxed),
+            self.entries.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, entries: u64) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.entries.fetch_add(entries, Ordering::Relaxed);
+    }
 }
 
 /// What the writer works on.
@@ -112,11 +129,7 @@ impl Writer {
                 continue;
             }
             disk::settle(disk.as_ref()).await;
-            let synced = self.sync(&disk, !answers.is_empty(), &mut broken);
-            if synced.is_ok() {
-                self.synced.syncs.fetch_add(1, Ordering::Relaxed);
-                self.synced.entries.fetch_add(entries, Ordering::Relaxed);
-            }
+            let synced = self.sync(&disk, !answers.is_empty(), entries, &mut broken);
             for callback in callbacks {
                 callback.io_completed(synced.clone().map_err(io::Error::other));
             }
@@ -184,11 +197,14 @@ impl Writer {
         (callbacks, answers, entries)
     }
 
-    /// Syncs the log file, and with `all` every values file too.
+    /// Syncs the log file, and with `all` every values file too; a log
+    /// sync that succeeds is counted with the `entries` it made durable,
+    /// whatever a values file's sync after it does.
     fn sync(
         &self,
         disk: &Arc<dyn Disk>,
         all: bool,
+        entries: u64,
         broken: &mut Option<Failed>,
     ) -> Result<(), Failed> {
         if let Some(why) = broken {
@@ -197,6 +213,9 @@ impl Writer {
         // The file as it is now: a purge that rewrote it since made what
         // was written to the old one durable in both.
         let synced = disk.sync(LOG).map_err(Arc::new);
+        if synced.is_ok() {
+            self.synced.count(entries);
+        }
         if let Err(why) = &synced {
             // After a failed fsync the kernel may have dropped the pages it
             // could not write: a later fsync that succeeds proves nothing
