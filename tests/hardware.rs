@@ -332,7 +332,7 @@ fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing(
     std::fs::write(
         &conf,
         format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\n",
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
             tokens.display()
         ),
     )?;

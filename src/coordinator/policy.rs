@@ -102,7 +102,12 @@ impl View {
 /// after its upgrade) or one written early, not this halt. It lasts, once
 /// seen (`latched`), until a node reports a height past H, whatever gossip
 /// goes stale or which nodes restart meanwhile (they report no height).
+/// Signer mode shows the chain's upgrades but acts on none: no key is in a
+/// node, and its sentries halt together.
 pub fn halt_seen(v: &View, latched: Option<&Halt>) -> Option<Halt> {
+    if v.signer_mode {
+        return None;
+    }
     let peers = v.peers.values().filter(|p| v.fresh(p));
     let own = v.health.and_then(|h| h.height).unwrap_or(0);
     let highest = peers.clone().map(|p| p.height).max().unwrap_or(0).max(own);

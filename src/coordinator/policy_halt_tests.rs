@@ -44,6 +44,10 @@ fn a_halt_is_seen_from_any_member_until_a_node_passes_its_height() {
     let seen = |v: &View| halt_seen(v, None);
     // Node 3 reports the halt: everybody sees it.
     assert_eq!(seen(&at_halt(None, None, true)), halt);
+    // Signer mode sees none (no key in a node; its sentries halt together).
+    let mut v = at_halt(None, None, true);
+    v.signer_mode = true;
+    assert_eq!(seen(&v), None);
     // Only this host's own record; the nodes at the height or one below.
     let mut v = at_halt(v2(true, true), None, true);
     v.peers.get_mut(&3).unwrap().upgrade = None;

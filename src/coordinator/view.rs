@@ -111,11 +111,7 @@ impl<E: Env> Coordinator<E> {
             upgrade: self.sh.upgrade.borrow().clone(),
             halt: None,
         };
-        // Signer mode shows the chain's upgrades but does not act on them:
-        // no key is in a node, and its sentries halt together.
-        if !view.signer_mode {
-            view.halt = policy::halt_seen(&view, self.halt_latch.as_ref());
-        }
+        view.halt = policy::halt_seen(&view, self.halt_latch.as_ref());
         (view, other_mode)
     }
 
