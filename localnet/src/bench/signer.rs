@@ -88,7 +88,7 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         ..NodeOpts::default()
     };
     let c = Cluster::start_signers(3, b.block_ms, mode(1), direct).await?;
-    let warm = crate::harness::eventually(
+    crate::harness::eventually(
         Duration::from_secs(30),
         "three sentries signing",
         || async {
@@ -137,10 +137,11 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         },
     )
     .await?;
+    let warm = heights_and_missed(&c).await?;
     let before = Snapshot::take(&c).await?;
     tokio::time::sleep(Duration::from_secs(b.seconds)).await;
     let after = Snapshot::take(&c).await?;
-    let last = c.chain.totals().await?;
+    let last = heights_and_missed(&c).await?;
     let status = c.status(1).await?;
     let leader = status["cluster"]["leader"].as_u64().unwrap_or(0);
     let cost = usage::report(&before, &after, leader);
@@ -183,10 +184,10 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
         equivocations += judge.totals().await?.double_signs;
     }
     let budget = sign_budget(&c, leader).await?;
-    let missed_steady = last.missed - warm.missed;
+    let missed_steady = last.1 - warm.1;
     println!(
-        "keyraft steady state: {missed_steady} of {} heights missed, {equivocations} equivocations on {} chains",
-        last.height - warm.height,
+        "keyraft steady state: {missed_steady} of {} heights missed (every chain's), {equivocations} equivocations on {} chains",
+        last.0 - warm.0,
         b.chains
     );
     drop(c);
@@ -220,9 +221,19 @@ pub async fn signer(b: &SignerBench) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Every chain's heights and missed heights, summed over their judges.
+async fn heights_and_missed(c: &crate::cluster::Cluster) -> anyhow::Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for (_, judge) in c.judges() {
+        let t = judge.totals().await?;
+        sum = (sum.0 + t.height, sum.1 + t.missed);
+    }
+    Ok(sum)
+}
+
 /// `b.kills` SIGKILLs of the signer leader's host at `b.kill_block_ms`
 /// rounds: after each, how long until every chain signs again on the other
-/// hosts, and the first chain's missed heights.
+/// hosts, and the heights every chain missed.
 async fn kill_run(
     b: &SignerBench,
     mode: crate::cluster::Mode,
@@ -250,10 +261,11 @@ async fn kill_run(
         let leader = c.status(1).await?["cluster"]["leader"]
             .as_u64()
             .context("no leader")?;
-        // Each other chain's height at the kill: it too must sign again.
+        // Each other chain's height and misses at the kill: it too must
+        // sign again.
         let mut others_at = Vec::new();
         for o in &c.others {
-            others_at.push(o.chain.stats_since(0).await?.height);
+            others_at.push(o.chain.totals().await?);
         }
         let t = Instant::now();
         c.kill_host(leader)?;
@@ -261,8 +273,11 @@ async fn kill_run(
         let resumed =
             crate::harness::eventually(Duration::from_secs(30), "signing to resume", || async {
                 for (o, at) in c.others.iter().zip(&others_at) {
-                    let st = o.chain.stats_since(at + 1).await?;
-                    if !rest.iter().all(|n| st.first_signed_by(*n, *at).is_some()) {
+                    let st = o.chain.stats_since(at.height + 1).await?;
+                    if !rest
+                        .iter()
+                        .all(|n| st.first_signed_by(*n, at.height).is_some())
+                    {
                         return Ok(None);
                     }
                 }
@@ -279,9 +294,20 @@ async fn kill_run(
             .wait_height(resumed.height + 2, Duration::from_secs(10))
             .await?;
         let after = c.chain.totals().await?;
-        missed.push(after.missed - s.missed);
+        let mut lost = after.missed - s.missed;
+        // Every other chain resumed before its height now: the heights
+        // it missed for the kill are closed two heights on.
+        for (o, at) in c.others.iter().zip(&others_at) {
+            let now = o.chain.totals().await?.height;
+            let after = o
+                .chain
+                .wait_height(now + 2, Duration::from_secs(30))
+                .await?;
+            lost += after.missed - at.missed;
+        }
+        missed.push(lost);
         println!(
-            "kill {round}: leader {leader}, signing resumed on every chain after {} ms, {} heights missed (first chain)",
+            "kill {round}: leader {leader}, signing resumed on every chain after {} ms, {} heights missed (every chain's)",
             resume_ms.last().unwrap_or(&0),
             missed.last().unwrap_or(&0)
         );
