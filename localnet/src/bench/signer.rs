@@ -249,13 +249,22 @@ async fn kill_run(
     let mut missed = Vec::new();
     let mut resume_ms = Vec::new();
     for round in 0..b.kills {
+        // Every chain's three sentries signing at its last heights: a kill
+        // while some chains still start (their sentries dialled, their
+        // first commits) would count their start as the failover's.
+        let all_signing = |s: &crate::chain::Stats| {
+            let h = s.height.saturating_sub(2);
+            (1..=3).all(|n| s.signers.iter().any(|x| x.node == n && x.height >= h))
+        };
         let s =
-            crate::harness::eventually(Duration::from_secs(30), "all sentries signing", || async {
+            crate::harness::eventually(Duration::from_secs(60), "all sentries signing", || async {
+                for o in &c.others {
+                    if !all_signing(&o.chain.stats_since(0).await?) {
+                        return Ok(None);
+                    }
+                }
                 let s = c.chain.stats_since(0).await?;
-                let h = s.height.saturating_sub(2);
-                Ok((1..=3)
-                    .all(|n| s.signers.iter().any(|x| x.node == n && x.height >= h))
-                    .then_some(s))
+                Ok(all_signing(&s).then_some(s))
             })
             .await?;
         let leader = c.status(1).await?["cluster"]["leader"]
