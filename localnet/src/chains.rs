@@ -165,8 +165,9 @@ pub(crate) fn other_chains(
         let addr = free_addr()?;
         let mut cmd = Command::new(sibling_bin("fakechain")?);
         // Independent chains do not round in step: each ticks its share
-        // of a round after the one before.
-        let phase = (k - 1) * block_ms / (more_chains + 1);
+        // of a round (of a second at most: each chain's first height opens
+        // within a second of its start) after the one before.
+        let phase = (k - 1) * block_ms.min(1000) / (more_chains + 1);
         cmd.args([
             "--listen",
             &addr.to_string(),

@@ -208,6 +208,7 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
     interval: Duration,
 ) -> Vec<JoinHandle<()>> {
     let chains = core.cfg.signer.iter().flat_map(|s| &s.chains);
+    let every = chain_probe_every(interval, chains.clone().count());
     chains
         .filter_map(|c| Some((c.chain_id.clone(), c.node_rpc.as_deref()?)))
         .map(|(chain, url)| {
@@ -218,16 +219,61 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
             )
             .of_chain(&chain);
             let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
-            tokio::spawn(health::run_for_chain(
-                prober, interval, chain, nodes, errors,
-            ))
+            tokio::spawn(health::run_for_chain(prober, every, chain, nodes, errors))
         })
         .collect()
+}
+
+/// Chains whose nodes are each probed every `health_interval`; past as
+/// many, each chain's less often, so that a host probes about as many
+/// nodes a second whatever the number of chains.
+pub const CHAINS_PROBED_AT_FULL_RATE: usize = 5;
+/// The longest between two probes of one chain's node: well inside
+/// [`STALLED_AFTER`], and a few heights of lag against the limit's
+/// [`MAX_AHEAD_OF_CHAIN`].
+pub const CHAIN_PROBE_MAX: Duration = Duration::from_secs(5);
+
+/// How often each of `chains` chains' node is probed, given the
+/// `health_interval`: at that rate up to [`CHAINS_PROBED_AT_FULL_RATE`]
+/// chains, slower in proportion past it, at most [`CHAIN_PROBE_MAX`]
+/// (never faster than the interval asked).
+pub fn chain_probe_every(interval: Duration, chains: usize) -> Duration {
+    let share = chains.div_ceil(CHAINS_PROBED_AT_FULL_RATE).max(1);
+    let share = u32::try_from(share).unwrap_or(u32::MAX);
+    interval
+        .saturating_mul(share)
+        .min(CHAIN_PROBE_MAX)
+        .max(interval)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_chains_nodes_are_probed_less_often_each() {
+        let ms = Duration::from_millis;
+        // (health_interval, chains) -> each chain's probe interval
+        let table = [
+            (ms(500), 1, ms(500)),
+            (ms(500), 5, ms(500)),
+            (ms(500), 6, ms(1000)),
+            (ms(500), 10, ms(1000)),
+            (ms(500), 50, ms(5000)),
+            (ms(500), 500, ms(5000)),
+            (ms(2000), 50, ms(5000)),
+            // An interval longer than the cap is kept.
+            (ms(10_000), 50, ms(10_000)),
+            (ms(500), 0, ms(500)),
+        ];
+        for (interval, chains, want) in table {
+            assert_eq!(
+                chain_probe_every(interval, chains),
+                want,
+                "{interval:?} {chains}"
+            );
+        }
+    }
 
     fn node(synced: bool, height: u64) -> pb::ValidatorHealth {
         pb::ValidatorHealth {

@@ -1,11 +1,18 @@
 //! `localnet bench idle`: cold start to an agreed leader, and each idle
-//! coordinator's RSS and CPU, its guard process's CPU counted with it.
+//! coordinator's RSS and CPU, its guard process's CPU counted with it;
+//! with `--chains N`, also three signer hosts with N chains configured and
+//! nothing to sign.
 
 use std::time::{Duration, Instant};
 
 use crate::harness::proc_usage;
 
 use super::summary;
+use super::usage::{self, Snapshot};
+
+/// Rounds of the signer idle run's chains: after each chain's first, none
+/// opens while it is measured, so its sentries only ping.
+const IDLE_ROUND_MS: u64 = 3_600_000;
 
 /// Cold starts: time from spawning three coordinators to a leader that all
 /// agree on. Then the idle footprint of each coordinator over `seconds`.
@@ -87,6 +94,61 @@ pub async fn idle(starts: usize, seconds: u64) -> anyhow::Result<serde_json::Val
         "idle_seconds": seconds,
         "nodes": nodes,
     }))
+}
+
+/// Signer mode at rest: three signer hosts with `chains` chains configured
+/// (a key, a judge and a sentry on every host each), every privval
+/// connection up, no round open; each host's CPU and RSS over `seconds`.
+pub async fn signer_idle(chains: u64, seconds: u64) -> anyhow::Result<serde_json::Value> {
+    use crate::cluster::{Cluster, Mode, NodeOpts};
+    anyhow::ensure!(
+        (1..=super::signer::MAX_CHAINS).contains(&chains),
+        "--chains must be 1 to {}",
+        super::signer::MAX_CHAINS
+    );
+    let mode = Mode::Signer {
+        chain_id: "bench-idle".into(),
+        round_every: 0,
+        validators: 4,
+        more_chains: chains - 1,
+        halt: None,
+    };
+    let c = Cluster::start_signers(3, IDLE_ROUND_MS, mode, |_| NodeOpts {
+        direct_peers: true,
+        ..NodeOpts::default()
+    })
+    .await?;
+    // Every host connected to its sentry of every chain.
+    crate::harness::eventually(
+        Duration::from_secs(60),
+        "every privval connection up",
+        || async {
+            for id in c.nodes.keys() {
+                let up: f64 = c
+                    .metrics(*id)
+                    .await?
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("keyraft_privval_connected{"))
+                    .map(|(_, v)| v)
+                    .sum();
+                if up < chains as f64 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    // Let the first round's signatures and their commits finish.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = Snapshot::take(&c).await?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = Snapshot::take(&c).await?;
+    let leader = c.status(1).await?["cluster"]["leader"]
+        .as_u64()
+        .unwrap_or(0);
+    println!("signer mode, {chains} chains configured, nothing to sign:");
+    Ok(usage::report(&before, &after, leader))
 }
 
 /// The coordinator's guard process (`keyraft-guard`, its child), if found.

@@ -21,7 +21,7 @@ mod usage;
 pub use chain::{chain, ChainBench};
 pub use comet::{comet, CometBench};
 pub use failover::{failover, failover_budgets, BUDGET};
-pub use idle::idle;
+pub use idle::{idle, signer_idle};
 pub use latency::{latency, LatencyBench};
 pub use signer::{signer, SignerBench};
 

@@ -270,6 +270,10 @@ enum BenchCmd {
         starts: usize,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Then three signer hosts with this many chains configured (1 to
+        /// 50) and nothing to sign, each host's CPU and RSS
+        #[arg(long)]
+        chains: Option<u64>,
     },
     /// Failover (SIGKILL of the active coordinator) and switchover times,
     /// measured by the chain.
@@ -552,8 +556,20 @@ async fn main() -> ExitCode {
                 };
                 bench::signer(&b).await.map(|v| println!("{v}"))
             }
-            BenchCmd::Idle { starts, seconds } => {
-                bench::idle(starts, seconds).await.map(|v| println!("{v}"))
+            BenchCmd::Idle {
+                starts,
+                seconds,
+                chains,
+            } => {
+                async {
+                    let mut v = bench::idle(starts, seconds).await?;
+                    if let Some(n) = chains {
+                        v["signer"] = bench::signer_idle(n, seconds).await?;
+                    }
+                    println!("{v}");
+                    Ok(())
+                }
+                .await
             }
             BenchCmd::Failover {
                 rounds,
