@@ -207,11 +207,18 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
     interval: Duration,
 ) -> Vec<JoinHandle<()>> {
-    let chains = core.cfg.signer.iter().flat_map(|s| &s.chains);
-    let every = chain_probe_every(interval, chains.clone().count());
-    chains
+    let probed: Vec<(String, &str)> = core
+        .cfg
+        .signer
+        .iter()
+        .flat_map(|s| &s.chains)
         .filter_map(|c| Some((c.chain_id.clone(), c.node_rpc.as_deref()?)))
-        .map(|(chain, url)| {
+        .collect();
+    let every = chain_probe_every(interval, probed.len());
+    let n = u32::try_from(probed.len()).unwrap_or(u32::MAX).max(1);
+    (0u32..)
+        .zip(probed)
+        .map(|(i, (chain, url))| {
             let prober = Prober::new(
                 HealthKind::Cometbft,
                 url,
@@ -219,14 +226,21 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
             )
             .of_chain(&chain);
             let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
-            tokio::spawn(health::run_for_chain(prober, every, chain, nodes, errors))
+            // Each chain's probes a share of the period after the one
+            // before: spread, not fifty requests at once.
+            let offset = every.saturating_mul(i) / n;
+            tokio::spawn(async move {
+                tokio::time::sleep(offset).await;
+                health::run_for_chain(prober, every, chain, nodes, errors).await
+            })
         })
         .collect()
 }
 
 /// Chains whose nodes are each probed every `health_interval`; past as
 /// many, each chain's less often, so that a host probes about as many
-/// nodes a second whatever the number of chains.
+/// nodes a second up to fifty chains (ten a second at the 500 ms
+/// interval), and each chain's at least every [`CHAIN_PROBE_MAX`].
 pub const CHAINS_PROBED_AT_FULL_RATE: usize = 5;
 /// The longest between two probes of one chain's node: well inside
 /// [`STALLED_AFTER`], and a few heights of lag against the limit's

@@ -305,14 +305,18 @@ async fn kill_run(
         let after = c.chain.totals().await?;
         let mut lost = after.missed - s.missed;
         // Every other chain resumed before its height now: the heights
-        // it missed for the kill are closed two heights on.
-        for (o, at) in c.others.iter().zip(&others_at) {
-            let now = o.chain.totals().await?.height;
-            let after = o
+        // it missed for the kill are closed two heights on (every chain's
+        // read first, so that no chain's count runs on past its own).
+        let mut now = Vec::new();
+        for o in &c.others {
+            now.push(o.chain.totals().await?.height);
+        }
+        for ((o, at), now) in c.others.iter().zip(&others_at).zip(now) {
+            let closed = o
                 .chain
                 .wait_height(now + 2, Duration::from_secs(30))
                 .await?;
-            lost += after.missed - at.missed;
+            lost += closed.missed - at.missed;
         }
         missed.push(lost);
         println!(
