@@ -93,12 +93,13 @@ pub async fn run(sh: Arc<Shared>) {
 /// for a chain differs from this host's, once per change, and once it
 /// agrees again.
 fn tell_other_keys(sh: &Shared, told: &mut Told) {
-    if sh.core.signer_keys.is_empty() {
+    let roster = sh.core.roster();
+    if roster.keys.is_empty() {
         return;
     }
     let peers = crate::signer::keys::of_peers(&sh.core);
     let mut now = BTreeMap::new();
-    for (chain, others) in crate::signer::keys::other_keys(&sh.core.signer_keys, &peers) {
+    for (chain, others) in crate::signer::keys::other_keys(&roster.keys, &peers) {
         sh.core
             .metrics
             .signer_other_key_members
@@ -110,9 +111,8 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         if told.other_keys.get(&(chain.clone(), *id)) == Some(theirs) {
             continue;
         }
-        let mine = sh
-            .core
-            .signer_keys
+        let mine = roster
+            .keys
             .iter()
             .find(|k| &k.chain_id == chain)
             .map_or("", |k| k.address.as_str());
@@ -132,7 +132,7 @@ fn tell_other_keys(sh: &Shared, told: &mut Told) {
         }
     }
     told.other_keys = now;
-    let outvoted = crate::signer::keys::outvoted(&sh.core.signer_keys, &peers);
+    let outvoted = crate::signer::keys::outvoted(&roster.keys, &peers);
     if outvoted != told.outvoted {
         match &outvoted {
             Some(why) => tracing::error!(
@@ -234,7 +234,7 @@ pub fn own_status(sh: &Shared) -> pb::NodeStatus {
                 refused: r.refused.unwrap_or_default(),
             })
             .collect(),
-        signer_keys: sh.core.signer_keys.clone(),
+        signer_keys: sh.core.roster().keys.clone(),
         ..core_status(&sh.core, sh.start_holds)
     }
 }

@@ -17,8 +17,9 @@
 //! - [`config`]: flags, `KEYRAFT_*` variables and TOML, by topic, validated
 //!   into a [`config::Config`] (timings must satisfy the safety inequality).
 //! - [`server`]: `keyraft run` itself: start-up order (lock and fence
-//!   first, then storage, servers, bootstrap), the background tasks, and
-//!   teardown. It builds everything below and hands over to the coordinator.
+//!   first, then storage, servers, bootstrap), the background tasks, a
+//!   reload (SIGHUP: certificates, signer mode's chains), and teardown. It
+//!   builds everything below and hands over to the coordinator.
 //! - [`join`]: step 9, what every starting node asks its peers before it
 //!   takes part (does its data dir hold what they saw of it?), and its
 //!   one-time registration.
@@ -40,7 +41,8 @@
 //!   ports and signs only what the Raft leader committed first, once the
 //!   other voters confirmed nothing else was signed there; followers
 //!   forward requests to the leader; refusals are typed end to end; the
-//!   key is a file or in a PKCS#11 token.
+//!   key is a file or in a PKCS#11 token; chains are added and removed by
+//!   a reload ([`signer::reload`]).
 //! - [`raft`]: replication only: openraft's type configuration, the vote
 //!   and leadership gate ([`raft::gate`]), durable storage
 //!   ([`raft::store`]) in files of its own over a [`raft::disk::Disk`]

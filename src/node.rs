@@ -20,7 +20,7 @@ use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::config::{Config, NodeId};
+use crate::config::{ChainConfig, Config, NodeId};
 use crate::health::{Health, HeightMemory};
 use crate::ledger::ClusterState;
 use crate::metrics::Metrics;
@@ -152,8 +152,10 @@ pub struct Core<SM: RaftStateMachine<raft::TypeConfig> = StateMachine> {
     pub started: Instant,
     /// Fence agents: what the last run for each member ended with.
     pub fence_agents: Mutex<BTreeMap<NodeId, String>>,
-    /// Signer mode: the address of this host's key for each chain.
-    pub signer_keys: Vec<pb::ChainKey>,
+    /// Signer mode: the chains this host signs for now, and its key's
+    /// address for each (a reload replaces them: read with
+    /// [`Core::roster`], never from `cfg.signer`, which is the start's).
+    pub roster: std::sync::RwLock<Arc<Roster>>,
     /// Signer mode, several chains: what each chain's node on this host
     /// (its `node-rpc`) last reported, while it answers.
     pub chain_nodes: Arc<watch::Sender<BTreeMap<String, Health>>>,
@@ -212,6 +214,13 @@ impl PrivvalLinks {
             .insert(node.to_string(), up);
     }
 
+    pub fn remove(&self, node: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
     pub fn get(&self, node: &str) -> bool {
         self.snapshot().get(node).copied().unwrap_or(false)
     }
@@ -221,7 +230,30 @@ impl PrivvalLinks {
     }
 }
 
+/// Signer mode: the chains this host signs for, in the configuration's
+/// order, and the address of its key for each (what gossip compares).
+/// Empty outside signer mode.
+#[derive(Debug, Default)]
+pub struct Roster {
+    pub chains: Vec<ChainConfig>,
+    pub keys: Vec<pb::ChainKey>,
+}
+
+impl Roster {
+    pub fn chain(&self, chain_id: &str) -> Option<&ChainConfig> {
+        self.chains.iter().find(|c| c.chain_id == chain_id)
+    }
+}
+
 impl<SM: RaftStateMachine<raft::TypeConfig>> Core<SM> {
+    /// Signer mode's chains and keys now ([`Roster`]).
+    pub fn roster(&self) -> Arc<Roster> {
+        self.roster
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// This node's timing with the values in force now (the cluster's
     /// profile, with auto timing) in place of those it started with.
     pub fn timing(&self) -> crate::config::Timing {
@@ -348,16 +380,17 @@ impl Shared {
         g.signing.set(i64::from(
             self.core.cfg.signer.is_some() && self.core.leads(&m),
         ));
-        if let Some(signer) = &self.core.cfg.signer {
+        if self.core.cfg.signer.is_some() {
+            let roster = self.core.roster();
             let cluster = self.core.cluster.borrow();
             let answering = self.core.chain_nodes.borrow();
-            for c in signer.chains.iter().filter(|c| c.node_rpc.is_some()) {
+            for c in roster.chains.iter().filter(|c| c.node_rpc.is_some()) {
                 let up = answering.contains_key(&c.chain_id);
                 g.chain_node_up
                     .with_label_values(&[&c.chain_id])
                     .set(i64::from(up));
             }
-            for chain in signer.chain_ids() {
+            for chain in roster.chains.iter().map(|c| c.chain_id.as_str()) {
                 let height = cluster
                     .watermark(chain)
                     .map_or(-1, |w| w.signed().map_or(w.height, |s| s.height) as i64);

@@ -405,3 +405,127 @@ async fn a_host_with_another_key_for_one_chain_is_refused_for_it_alone() -> Resu
     );
     Ok(())
 }
+
+/// The chain ids node `id`'s status lists.
+async fn listed(c: &Cluster, id: u64) -> Result<Vec<String>> {
+    let status = c.status(id).await?;
+    Ok(status["signer"]["chains"]
+        .as_array()
+        .context("no chains in status")?
+        .iter()
+        .filter_map(|x| x["chain_id"].as_str().map(String::from))
+        .collect())
+}
+
+/// Sends coordinator `id` SIGHUP, as `systemctl reload keyraft` does.
+fn sighup(c: &Cluster, id: u64) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(c.proc(id)?.pid()), Signal::SIGHUP)?;
+    Ok(())
+}
+
+/// Writes node `id`'s `[[chains]]` file again without the chains
+/// `left_out`, and reloads it.
+fn reload_chains(c: &Cluster, id: u64, left_out: &[&str]) -> Result<()> {
+    let mut file: toml::Table = toml::from_str(&c.chains_toml(id)?)?;
+    if let Some(toml::Value::Array(chains)) = file.get_mut("chains") {
+        chains.retain(|t| {
+            let chain = t.get("chain-id").and_then(toml::Value::as_str);
+            !left_out.iter().any(|l| chain == Some(*l))
+        });
+    }
+    std::fs::write(c.chains_file(id), toml::to_string(&file)?)?;
+    sighup(c, id)
+}
+
+/// Reloads every member with `left_out` left out of its file, and waits
+/// until each lists `want`.
+async fn reload_every_member(c: &Cluster, left_out: &[&str], want: &[&str]) -> Result<()> {
+    for id in 1..=3 {
+        reload_chains(c, id, left_out)?;
+    }
+    for id in 1..=3 {
+        eventually(SETTLE, "the reload applied", || async {
+            Ok((listed(c, id).await? == want).then_some(()))
+        })
+        .await
+        .with_context(|| format!("node {id}\n{}", c.logs()))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reload_adds_and_removes_chains_while_the_others_sign_on() -> Result<()> {
+    let c = Cluster::start_signers(3, BLOCK_MS, three_chains(), |_| NodeOpts::default()).await?;
+    let ids: Vec<String> = c.judges().iter().map(|(id, _)| id.to_string()).collect();
+    let (first, second, third) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str());
+    every_chain_signed(&c, &[0, 0, 0], &[1, 2, 3]).await?;
+    let missed = c.judges()[0].1.totals().await?.missed;
+
+    // A file changed outside [[chains]] changes nothing, in one line.
+    let file = c.chains_file(1);
+    let text = std::fs::read_to_string(&file)?;
+    std::fs::write(&file, format!("log-format = \"json\"\n{text}"))?;
+    sighup(&c, 1)?;
+    let refused = "SIGHUP: chains not reloaded, nothing changed: `log-format` changed";
+    eventually(SETTLE, "the reload refused", || async {
+        let log = std::fs::read_to_string(c.dir.path().join("keyraft1.log"))?;
+        Ok(log.contains(refused).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    std::fs::write(&file, text)?;
+    ensure!(
+        listed(&c, 1).await? == ids,
+        "a refused reload changed the chains"
+    );
+
+    // The third chain removed on every member: its nodes are no longer
+    // signed for, the first two sign on.
+    reload_every_member(&c, &[third], &[first, second]).await?;
+    let third_judge = c.judges()[2].1;
+    let stopped = third_judge.totals().await?.height;
+    let now = heights(&c).await?;
+    chain_signed(&c, 0, now[0] + 3, &[1, 2, 3]).await?;
+    chain_signed(&c, 1, now[1] + 3, &[1, 2, 3]).await?;
+    let s = third_judge.stats_since(0).await?;
+    let last = (1..=3)
+        .filter_map(|n| s.last_signed_by(n))
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        last <= stopped + 1,
+        "the removed chain was signed at {last}, after its removal at {stopped}"
+    );
+    let m = c.metrics(1).await?;
+    let shown = |chain: &str| {
+        m.iter().any(|(k, _)| {
+            k.starts_with("keyraft_privval_connected") && k.contains(&format!("\"{chain}\""))
+        })
+    };
+    ensure!(
+        !shown(third),
+        "the removed chain's connections are still shown"
+    );
+
+    // In one reload the third chain is added again and the second removed:
+    // the third signs again, the first signs on.
+    reload_every_member(&c, &[second], &[first, third]).await?;
+    let now = heights(&c).await?;
+    chain_signed(&c, 2, now[2], &[1, 2, 3]).await?;
+    chain_signed(&c, 0, now[0] + 3, &[1, 2, 3]).await?;
+    let log = std::fs::read_to_string(c.dir.path().join("keyraft1.log"))?;
+    let applied = format!(
+        "SIGHUP: chains reloaded: added {third}; removed {second}; changed none; 1 untouched"
+    );
+    ensure!(log.contains(&applied), "no {applied:?} in node 1's log");
+
+    // Not one height of the first chain went unsigned through the reloads.
+    ensure!(
+        c.judges()[0].1.totals().await?.missed == missed,
+        "the first chain missed heights during the reloads\n{}",
+        c.logs()
+    );
+    no_equivocations_on_any_chain(&c).await
+}

@@ -472,12 +472,12 @@ impl Cluster {
     }
 
     /// Signer mode with several chains: node `id`'s `[[chains]]` file.
-    fn chains_file(&self, id: u64) -> PathBuf {
+    pub fn chains_file(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("n{id}/chains.toml"))
     }
 
     /// Every chain host `id` signs for, as `[[chains]]` tables.
-    fn chains_toml(&self, id: u64) -> Result<String> {
+    pub fn chains_toml(&self, id: u64) -> Result<String> {
         let node = &self.nodes[&id];
         let Mode::Signer { chain_id, .. } = &self.mode else {
             bail!("chains belong to signer mode");

@@ -244,7 +244,10 @@ impl Process {
             fence_agents: Mutex::new(BTreeMap::new()),
             // One key per chain on every host: a host with another key is
             // a real-process test (tests/chains.rs), not simulated.
-            signer_keys: Vec::new(),
+            roster: std::sync::RwLock::new(Arc::new(keyraft::node::Roster {
+                chains: cfg.signer.iter().flat_map(|s| s.chains.clone()).collect(),
+                keys: Vec::new(),
+            })),
             chain_nodes: Default::default(),
             upgrade: Default::default(),
             chain_probe_errors: Default::default(),

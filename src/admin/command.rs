@@ -431,13 +431,14 @@ impl<SM: RaftStateMachine<TypeConfig>, R: Relay> Commands<SM, R> {
     /// `keyraft signer import-state`: the floor below which nothing of
     /// the chain is signed.
     async fn signer_floor(&self, f: pb::SignerFloor) -> Result<String, Status> {
-        let Some(signer) = &self.core.cfg.signer else {
+        if self.core.cfg.signer.is_none() {
             return Err(Status::failed_precondition(
                 "this cluster does not run in signer mode",
             ));
-        };
+        }
+        let signer = self.core.roster();
         if signer.chain(&f.chain_id).is_none() {
-            let ours: Vec<&str> = signer.chain_ids().collect();
+            let ours: Vec<&str> = signer.chains.iter().map(|c| c.chain_id.as_str()).collect();
             return Err(Status::failed_precondition(format!(
                 "this member signs for {}, not {}",
                 ours.join(", "),

@@ -180,12 +180,13 @@ fn upgrade_json(r: Option<crate::upgrade::Report>, height: Option<u64>) -> Value
 /// keys members gossip for it, its watermark, height limit, node probe
 /// and privval connections.
 fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec<Value> {
-    let Some(c) = &sh.core.cfg.signer else {
+    if sh.core.cfg.signer.is_none() {
         return Vec::new();
-    };
+    }
+    let c = sh.core.roster();
     let links = sh.privval.snapshot();
     let peers = crate::signer::keys::of_peers(&sh.core);
-    let mut other_keys = crate::signer::keys::other_keys(&sh.core.signer_keys, &peers);
+    let mut other_keys = crate::signer::keys::other_keys(&c.keys, &peers);
     let probe_errors = sh
         .core
         .chain_probe_errors
@@ -206,7 +207,7 @@ fn signer_chains_json(sh: &Shared, cluster: &crate::ledger::ClusterState) -> Vec
             let nodes: Vec<String> = chain.nodes.iter().map(|n| n.to_string()).collect();
             json!({
                 "chain_id": chain.chain_id,
-                "address": sh.core.signer_keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
+                "address": c.keys.iter().find(|k| k.chain_id == chain.chain_id).map(|k| &k.address),
                 "key": chain.key.to_string(),
                 "key_error": key_failures.get(&chain.chain_id),
                 "other_keys": other_keys.remove(&chain.chain_id).unwrap_or_default().into_iter()

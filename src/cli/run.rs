@@ -16,7 +16,7 @@ use crate::server::{self, RunError};
 use crate::tls;
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let cfg = match args.resolve() {
+    let (cfg, reload) = match crate::config::Reload::resolve(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -38,7 +38,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     // Signer mode's keys: a bad file or token is one line, before any log.
-    let keys = match cfg.signer.as_ref().map(crate::signer::load_keys) {
+    let mut modules = crate::signer::token::Modules::default();
+    let keys = match cfg
+        .signer
+        .as_ref()
+        .map(|s| crate::signer::load_chain_keys(&s.chains, &mut modules))
+    {
         None => Vec::new(),
         Some(Ok(keys)) => keys,
         Some(Err(e)) => {
@@ -68,8 +73,9 @@ pub fn run(args: RunArgs) -> ExitCode {
     let secrets = server::Secrets {
         tls: material,
         keys,
+        modules,
     };
-    match rt.block_on(server::run(cfg, secrets, shutdown_signal())) {
+    match rt.block_on(server::run(cfg, secrets, reload, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (RunError::Refused(_)

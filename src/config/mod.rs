@@ -6,7 +6,8 @@
 //! also the TOML keys, and the file merge), [`timing`] (the timing table,
 //! its profiles and the safety inequality), [`validator`] (chain presets,
 //! key links, the validator command), [`fencing`] (fence agents per
-//! member) and [`signer`] (signer mode); this
+//! member), [`signer`] (signer mode) and `reload` (what a reload may
+//! change); this
 //! module resolves them into one [`Config`].
 //!
 //! Owns: every default of the timing table (docs/design.md), the chain presets (which
@@ -17,6 +18,7 @@
 
 mod args;
 mod fencing;
+mod reload;
 mod signer;
 pub mod timing;
 mod token;
@@ -31,6 +33,7 @@ pub use crate::ledger::NodeId;
 pub use args::{reference, ChainArgs, LogFormat, RunArgs};
 use fencing::resolve_fence_agents;
 pub use fencing::{FenceAgent, FenceAgents};
+pub use reload::Reload;
 use signer::resolve_signer;
 pub use signer::{
     ChainConfig, KeySource, PrivvalAddr, Protocol, ProtocolVersion, SignerConfig, SignerKind,
@@ -177,7 +180,12 @@ impl Config {
 impl RunArgs {
     /// Applies defaults and validates.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let a = self.merge_file()?;
+        self.merge_file()?.resolve_merged()
+    }
+
+    /// [`RunArgs::resolve`] of settings already merged with their file.
+    fn resolve_merged(self) -> Result<Config, ConfigError> {
+        let a = self;
         let id = a.node_id.ok_or_else(|| invalid("--node-id is required"))?;
         if id == 0 {
             return Err(invalid("bad --node-id 0: node ids start at 1"));

@@ -40,7 +40,8 @@ impl<E: Env> Coordinator<E> {
         // Read in place, all under one lock: a view is made at every
         // event, and the statuses are large. The members are read first,
         // not under it.
-        let members = if self.sh.signer_keys.is_empty() {
+        let roster = self.sh.roster();
+        let members = if roster.keys.is_empty() {
             Vec::new()
         } else {
             self.sh.peer_ids()
@@ -68,7 +69,7 @@ impl<E: Env> Coordinator<E> {
                 .collect();
             // Compared in place, not copied out: fifty chains a member.
             let keys = crate::signer::keys::of_seen(seen, &members);
-            let outvoted = crate::signer::keys::outvoted(&self.sh.signer_keys, &keys).is_some();
+            let outvoted = crate::signer::keys::outvoted(&roster.keys, &keys).is_some();
             (running, peers, outvoted)
         });
         // Each read of the cluster's state is its own statement: a borrow

@@ -8,6 +8,7 @@
 //! parts are up it hands control to [`crate::coordinator`] and waits.
 
 mod listen;
+mod reload;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -31,7 +32,6 @@ use crate::metrics::Metrics;
 use crate::node::{
     ClusterView, CoordinatorRequest, Core, KernelFenceState, Local, PrivvalLinks, Shared,
 };
-use crate::pb;
 use crate::raft::peers::Peers;
 use crate::raft::{self, Gate, Raft};
 use crate::shutdown::{self, Shutdown};
@@ -83,6 +83,8 @@ pub enum RunError {
 pub struct Secrets {
     pub tls: Option<TlsMaterial>,
     pub keys: Vec<(crate::config::ChainConfig, signer::ConsensusKey)>,
+    /// The PKCS#11 modules the keys were opened through.
+    pub modules: signer::token::Modules,
 }
 
 /// Runs a coordinator until `shutdown` resolves, with `secrets`. The steps, in their order: fence the host
@@ -92,6 +94,7 @@ pub struct Secrets {
 pub async fn run(
     cfg: Config,
     secrets: Secrets,
+    reload: crate::config::Reload,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // SIGHUP reloads certificates; until a handler exists its default
@@ -110,7 +113,14 @@ pub async fn run(
     )
     .await?;
     let bootstrap = bootstrap(&sh, &store).await?;
-    let mut tasks = spawn_tasks(&sh, signer.as_ref(), hup, &servers_stop);
+    let mut tasks = spawn_tasks(&sh, signer.as_ref(), &servers_stop);
+    tasks.push(tokio::spawn(reload::on_sighup(
+        sh.clone(),
+        signer.clone(),
+        reload,
+        hup,
+        servers_stop.clone(),
+    )));
     let (node, health_rx) = supervise(&sh, &fenced, parts.probe_tx, &mut tasks)?;
     let (stop_coordinator, coordinator_stop) = shutdown::channel();
     let (core_tx, core_died) = watch::channel(None);
@@ -324,6 +334,7 @@ async fn assemble(
     let Secrets {
         tls: material,
         keys: chain_keys,
+        modules,
     } = secrets;
     let (server_tls, certs) = peer_tls(&cfg, material.as_ref())?;
     let cluster_rx = state_machine.subscribe();
@@ -371,14 +382,6 @@ async fn assemble(
         )),
         None => None,
     };
-    let signer_keys = keys
-        .iter()
-        .flat_map(|(k, _)| k)
-        .map(|(c, key)| pb::ChainKey {
-            chain_id: c.chain_id.clone(),
-            address: key.address_hex(),
-        })
-        .collect();
     let core = Arc::new(Core {
         cfg,
         raft,
@@ -389,7 +392,7 @@ async fn assemble(
         cluster: cluster_rx,
         started: tokio::time::Instant::now(),
         fence_agents: std::sync::Mutex::new(BTreeMap::new()),
-        signer_keys,
+        roster: Default::default(),
         chain_nodes: Default::default(),
         upgrade: Default::default(),
         chain_probe_errors: Default::default(),
@@ -421,6 +424,7 @@ async fn assemble(
         .set(i64::from(fenced.kernel.plan().is_some()));
     let signer = keys.map(|(keys, identity)| {
         let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys, rand::random());
+        signer.with_modules(modules);
         (signer, identity)
     });
     Ok((sh, signer, Parts { requests, probe_tx }))
@@ -488,7 +492,6 @@ async fn bootstrap(sh: &Arc<Shared>, store: &Store) -> Result<Bootstrap, RunErro
 fn spawn_tasks(
     sh: &Arc<Shared>,
     signer: Option<&SignerParts>,
-    hup: Option<tokio::signal::unix::Signal>,
     stop: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![
@@ -497,7 +500,6 @@ fn spawn_tasks(
             let sh = sh.clone();
             async move { join::register(&sh.core, &crate::admin::commands(&sh)).await }
         }),
-        tokio::spawn(reload_on_sighup(sh.clone(), hup)),
         tokio::spawn(raft::heartbeat_while_leading(
             sh.core.raft.clone(),
             sh.core.gate.clone(),
@@ -506,23 +508,8 @@ fn spawn_tasks(
         tokio::spawn(sh.memory.clone().run_flusher(stop.clone())),
     ];
     if let Some((signer, identity)) = signer {
-        tasks.push(tokio::spawn(signer.clone().probe_tokens()));
-        tasks.extend(signer::limit::probe_nodes(
-            &sh.core,
-            sh.core.cfg.timing.health_interval,
-        ));
-        for (i, chain) in signer.chains().iter().enumerate() {
-            for addr in &chain.cfg.nodes {
-                tasks.push(tokio::spawn(signer::privval::run(
-                    signer.clone(),
-                    sh.clone(),
-                    i,
-                    addr.clone(),
-                    identity.clone(),
-                    stop.clone(),
-                )));
-            }
-        }
+        let chains = signer.chains();
+        tasks.extend(reload::start_chains(sh, signer, identity, &chains, stop));
     }
     tasks
 }
@@ -631,44 +618,5 @@ where
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(RunError::from),
         Err(e) => Err(RunError::Raft(format!("blocking task failed: {e}"))),
-    }
-}
-
-/// SIGHUP (`systemctl reload keyraft`): reads the TLS files again and, if
-/// they are valid for this node, uses them for new peer connections both
-/// ways; otherwise keeps the ones in use and says why.
-async fn reload_on_sighup(sh: Arc<Shared>, hup: Option<tokio::signal::unix::Signal>) {
-    let Some(mut hup) = hup else {
-        tracing::warn!("cannot listen for SIGHUP: certificates reload only on restart");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        let (Some(paths), Some(server)) = (sh.core.cfg.tls.clone(), sh.tls.clone()) else {
-            tracing::info!("SIGHUP: no TLS in use (--insecure), nothing to reload");
-            continue;
-        };
-        let (id, witness) = (sh.core.cfg.id, sh.core.cfg.witness);
-        let loaded = tokio::task::spawn_blocking(move || {
-            let m = TlsMaterial::load_for(&paths, id, witness)?;
-            let info = m.info()?;
-            Ok::<_, tls::TlsError>((m, info))
-        })
-        .await;
-        match loaded {
-            Ok(Ok((m, info))) => match server.reload(&m) {
-                Ok(()) => {
-                    sh.peers.set_tls(m).await;
-                    tracing::info!(
-                        expires = %info.0.not_after_text,
-                        days = info.0.expires_in() / 86_400,
-                        "SIGHUP: reloaded the peer certificate"
-                    );
-                    *sh.certs.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
-                }
-                Err(e) => tracing::error!("SIGHUP: keeping the certificates in use: {e}"),
-            },
-            Ok(Err(e)) => tracing::error!("SIGHUP: keeping the certificates in use: {e}"),
-            Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
-        }
     }
 }

@@ -282,7 +282,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         let deadline = Instant::now() + FORWARD_DEADLINE;
         let mut stage = self.stages();
-        let signed = self.work_here(chain, what, deadline).await;
+        let signed = self.work_here(&chain, what, deadline).await;
         stage.done("serve");
         Ok(match signed {
             Ok(Done::Bytes(signature)) => pb::SignReply {

@@ -543,7 +543,8 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// commit behind it. Returns that signature's HRS; `None` while a
     /// request holds the chain's lock, or nothing signed is unapplied.
     pub fn forget_unapplied_last(&self) -> Option<Hrs> {
-        let chain = self.chains.first()?;
+        let chains = self.chains();
+        let chain = chains.first()?;
         let mut ahead = chain.lock.try_lock().ok()?;
         let last = ahead.recent.back()?.hrs();
         let applied = self

@@ -26,7 +26,7 @@ use crate::raft::TypeConfig;
 pub fn of_peers<SM: RaftStateMachine<TypeConfig>>(
     core: &Core<SM>,
 ) -> BTreeMap<NodeId, Vec<pb::ChainKey>> {
-    if core.signer_keys.is_empty() {
+    if core.roster().keys.is_empty() {
         return BTreeMap::new();
     }
     // Read before the view's lock is taken, not under it.

@@ -6,12 +6,14 @@
 //! probes of each chain's node (`node-rpc`). Must not: sign, commit or
 //! refuse anything itself; [`super::Signer`] and the admin service ask it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::Chain;
 use crate::config::{HealthKind, NodeId};
 use crate::health::{self, ChainHeights, Prober};
 use crate::node::Core;
@@ -72,14 +74,17 @@ pub fn height_limit<SM: RaftStateMachine<TypeConfig>>(
             let floor = (w.digest.is_none() && w.holder.is_none()).then_some(w.height);
             (w.height, floor)
         });
-    let reports = match sh.cfg.signer.as_ref() {
-        Some(signer) => reports(
-            sh,
-            chain_id,
-            signer.chain(chain_id).is_some_and(|c| c.node_rpc.is_some()),
-            signer.chains.len() == 1,
-        ),
-        None => Vec::new(),
+    let reports = match sh.cfg.signer.is_some() {
+        true => {
+            let roster = sh.roster();
+            reports(
+                sh,
+                chain_id,
+                roster.chain(chain_id).is_some_and(|c| c.node_rpc.is_some()),
+                roster.chains.len() == 1,
+            )
+        }
+        false => Vec::new(),
     };
     let now = Instant::now();
     sh.heights.with(chain_id, |memory| {
@@ -200,38 +205,64 @@ fn rebase(memory: &mut ChainHeights, watermark: u64, vouched: Option<u64>, now: 
     base
 }
 
-/// Starts a probe of each chain's `node-rpc` (CometBFT `/status`) that
-/// keeps what it reports in [`Core::chain_nodes`], where gossip and
-/// [`height_limit`] read it.
+/// Starts a probe of the `node-rpc` (CometBFT `/status`) of each of
+/// `chains` that keeps what it reports in [`Core::chain_nodes`], where
+/// gossip and [`height_limit`] read it, until a reload retires the chain.
+/// Each probes at the rate of the chains signed for now.
 pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
-    core: &Core<SM>,
+    core: &Arc<Core<SM>>,
     interval: Duration,
+    chains: &[Arc<Chain>],
 ) -> Vec<JoinHandle<()>> {
-    let probed: Vec<(String, &str)> = core
-        .cfg
-        .signer
+    let probed: Vec<(&Chain, &str)> = chains
         .iter()
-        .flat_map(|s| &s.chains)
-        .filter_map(|c| Some((c.chain_id.clone(), c.node_rpc.as_deref()?)))
+        .filter_map(|c| Some((&**c, c.cfg.node_rpc.as_deref()?)))
         .collect();
-    let every = chain_probe_every(interval, probed.len());
+    let all = core
+        .roster()
+        .chains
+        .iter()
+        .filter(|c| c.node_rpc.is_some())
+        .count();
+    let every = chain_probe_every(interval, all);
     let n = u32::try_from(probed.len()).unwrap_or(u32::MAX).max(1);
     (0u32..)
         .zip(probed)
         .map(|(i, (chain, url))| {
+            let id = chain.id().to_string();
             let prober = Prober::new(
                 HealthKind::Cometbft,
                 url,
                 interval.max(Duration::from_millis(500)),
             )
-            .of_chain(&chain);
+            .of_chain(&id);
             let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
             // Each chain's probes a share of the period after the one
             // before: spread, not fifty requests at once.
             let offset = every.saturating_mul(i) / n;
+            let (core, mut retired) = (core.clone(), chain.retired());
             tokio::spawn(async move {
-                tokio::time::sleep(offset).await;
-                health::run_for_chain(prober, every, chain, nodes, errors).await
+                let probe = async {
+                    tokio::time::sleep(offset).await;
+                    health::run_for_chain(prober, every, id.clone(), nodes, errors).await
+                };
+                tokio::select! {
+                    biased;
+                    () = retired.requested() => {}
+                    () = probe => {}
+                }
+                // Retired: what it reported goes, unless the chain that
+                // replaced it probes on.
+                let probed_on = matches!(core.roster().chain(&id), Some(c) if c.node_rpc.is_some());
+                if !probed_on {
+                    core.chain_nodes
+                        .send_if_modified(|m| m.remove(&id).is_some());
+                    let mut e = core
+                        .chain_probe_errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    e.remove(&id);
+                }
             })
         })
         .collect()

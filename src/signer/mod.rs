@@ -19,6 +19,8 @@
 //!   the peer port on a real node) and the leader's gRPC end.
 //! - [`refusal`]: why a request was not signed, typed from the ledger's
 //!   verdict through the forward to CometBFT's `RemoteSignerError`.
+//! - [`reload`]: chains added, removed and changed by a reload, each
+//!   keeping its key and its memory for the life of the process.
 //! - [`keys`]: which members gossip another key for a chain (reported
 //!   before any request; the leader's per-request check stays the guard).
 //! - [`ahead`]: sign-ahead, the leader's choice between signing at once
@@ -79,6 +81,7 @@ pub mod limit;
 pub mod privval;
 pub mod protocol;
 pub mod refusal;
+pub mod reload;
 pub mod sign;
 pub mod token;
 mod token_health;
@@ -156,17 +159,53 @@ pub struct Chain {
     key: Arc<ConsensusKey>,
     /// One signing at a time on the leader, per chain: one commit per new
     /// HRS, and concurrent requests for one HRS share its signature. Holds
-    /// what this process signed last ([`Ahead`]).
-    lock: tokio::sync::Mutex<Ahead>,
+    /// what this process signed last ([`Ahead`]). A chain a reload
+    /// replaces or adds again shares it with the one before ([`reload`]):
+    /// what this process signed inside its reservation is remembered for
+    /// as long as the process runs.
+    lock: Arc<tokio::sync::Mutex<Ahead>>,
     /// Cuts short the wait of this chain's commits behind signatures.
     hurry: behind::Hurry,
     /// A node asked this chain's connection for another chain's key.
     said_wrong_key_chain: AtomicBool,
+    /// Fired when a reload removes or replaces the chain: its connections
+    /// and probes stop ([`Chain::retired`]).
+    retire: crate::shutdown::Trigger,
+    /// Its token's probe has not come back yet.
+    probing: Arc<AtomicBool>,
 }
 
 impl Chain {
+    /// A chain of `cfg` signed with `key`, taking over the memory of
+    /// `before` (the same chain, replaced or retired) if any.
+    fn new(cfg: ChainConfig, key: Arc<ConsensusKey>, before: Option<&Chain>) -> Chain {
+        Chain {
+            cfg,
+            key,
+            lock: before.map_or_else(Default::default, |b| b.lock.clone()),
+            hurry: before.map_or_else(Default::default, |b| b.hurry.clone()),
+            said_wrong_key_chain: AtomicBool::new(false),
+            retire: crate::shutdown::channel().0,
+            probing: Arc::default(),
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.cfg.chain_id
+    }
+
+    /// The address of this chain's key.
+    pub fn address(&self) -> String {
+        self.key.address_hex()
+    }
+
+    /// Resolves once a reload removed or replaced this chain.
+    pub fn retired(&self) -> crate::shutdown::Shutdown {
+        self.retire.subscribe()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired().is_requested()
     }
 }
 
@@ -174,13 +213,20 @@ impl Chain {
 /// token (each PKCS#11 module loaded once). Blocking: call it off the async
 /// workers.
 pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
-    let mut modules = token::Modules::default();
-    cfg.chains
+    load_chain_keys(&cfg.chains, &mut token::Modules::default())
+}
+
+/// [`load_keys`] of `chains`, through the `modules` already loaded.
+pub fn load_chain_keys(
+    chains: &[ChainConfig],
+    modules: &mut token::Modules,
+) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
+    chains
         .iter()
         .map(|c| {
             let key = match &c.key {
                 KeySource::File(path) => ConsensusKey::load(path)?,
-                KeySource::Token(uri) => ConsensusKey::open_token(uri, &mut modules)?,
+                KeySource::Token(uri) => ConsensusKey::open_token(uri, modules)?,
             };
             Ok((c.clone(), key))
         })
@@ -191,7 +237,13 @@ pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>,
 pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = Peers> {
     core: Arc<Core<SM>>,
     to_leader: Arc<F>,
-    chains: Vec<Chain>,
+    /// The chains signed for now; a reload replaces the list ([`reload`]).
+    chains: std::sync::RwLock<Arc<[Arc<Chain>]>>,
+    /// Chains a reload removed, by id: added again, each signs on with
+    /// what it remembers ([`Chain::new`]).
+    retired: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Chain>>>,
+    /// The PKCS#11 modules loaded (a reload's keys open through them).
+    modules: Arc<std::sync::Mutex<token::Modules>>,
     /// This signing process's id in reservations ([`ahead`]): drawn anew at
     /// every start, so a restarted process never signs in an old one.
     holder: u64,
@@ -207,41 +259,71 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         holder: u64,
     ) -> Arc<Self> {
         let several = chains.len() > 1;
-        let chains = chains
+        let chains: Vec<Arc<Chain>> = chains
             .into_iter()
             .map(|(cfg, key)| {
-                tracing::info!(chain_id = %cfg.chain_id, address = %key.address_hex(),
-                    nodes = cfg.nodes.len(), "signer mode: signatures are committed through Raft first");
-                if several && cfg.node_rpc.is_none() {
-                    tracing::warn!(chain_id = %cfg.chain_id, "no node-rpc: no node vouches for this chain's height, so it is signed at most 1,000 heights past the last vouched one (docs/signer.md, which heights are signed)");
-                }
-                Chain {
-                    cfg,
-                    key: Arc::new(key),
-                    lock: tokio::sync::Mutex::new(Ahead::default()),
-                    hurry: behind::Hurry::default(),
-                    said_wrong_key_chain: AtomicBool::new(false),
-                }
+                Self::say_started(&cfg, &key, several);
+                Arc::new(Chain::new(cfg, Arc::new(key), None))
             })
             .collect();
-        Arc::new(Signer {
+        let signer = Arc::new(Signer {
             core,
             to_leader,
-            chains,
+            chains: std::sync::RwLock::new(Arc::from(Vec::new())),
+            retired: Default::default(),
+            modules: Default::default(),
             holder,
-        })
+        });
+        signer.set_chains(chains);
+        signer
+    }
+
+    /// Hands the signer the PKCS#11 modules its keys were opened through.
+    pub fn with_modules(&self, modules: token::Modules) {
+        *self.modules.lock().unwrap_or_else(|p| p.into_inner()) = modules;
+    }
+
+    fn say_started(cfg: &ChainConfig, key: &ConsensusKey, several: bool) {
+        tracing::info!(chain_id = %cfg.chain_id, address = %key.address_hex(),
+            nodes = cfg.nodes.len(), "signer mode: signatures are committed through Raft first");
+        if several && cfg.node_rpc.is_none() {
+            tracing::warn!(chain_id = %cfg.chain_id, "no node-rpc: no node vouches for this chain's height, so it is signed at most 1,000 heights past the last vouched one (docs/signer.md, which heights are signed)");
+        }
+    }
+
+    /// Makes `chains` the ones signed for, and the core's [`Roster`]
+    /// (what status, gossip and the height limit read) say so.
+    ///
+    /// [`Roster`]: crate::node::Roster
+    fn set_chains(&self, chains: Vec<Arc<Chain>>) {
+        let roster = crate::node::Roster {
+            chains: chains.iter().map(|c| c.cfg.clone()).collect(),
+            keys: chains
+                .iter()
+                .map(|c| pb::ChainKey {
+                    chain_id: c.id().to_string(),
+                    address: c.address(),
+                })
+                .collect(),
+        };
+        *self.chains.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(chains);
+        *self.core.roster.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(roster);
     }
 
     pub fn core(&self) -> &Core<SM> {
         &self.core
     }
 
-    pub fn chains(&self) -> &[Chain] {
-        &self.chains
+    /// The chains signed for now.
+    pub fn chains(&self) -> Arc<[Arc<Chain>]> {
+        self.chains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    fn chain(&self, chain_id: &str) -> Option<&Chain> {
-        self.chains.iter().find(|c| c.id() == chain_id)
+    fn chain(&self, chain_id: &str) -> Option<Arc<Chain>> {
+        self.chains().iter().find(|c| c.id() == chain_id).cloned()
     }
 
     /// The one chain-id check of a request from a node: it must carry the

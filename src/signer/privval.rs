@@ -175,7 +175,9 @@ impl Conn {
     }
 }
 
-/// One connection's life: open it, then answer requests until it fails.
+/// One connection's life: open it, then answer requests until it fails,
+/// or until a reload retires its chain (between two requests: one being
+/// answered is answered).
 async fn session(
     signer: &Signer,
     links: &PrivvalLinks,
@@ -196,28 +198,30 @@ async fn session(
         .privval_connected
         .with_label_values(&[chain.id(), name])
         .set(1);
+    let mut retired = chain.retired();
     loop {
-        let req = tokio::time::timeout(IDLE, conn.recv())
-            .await
-            .map_err(|_| PrivvalError::Idle(IDLE))??;
+        let req = tokio::select! {
+            biased;
+            () = retired.requested() => return Ok(()),
+            r = tokio::time::timeout(IDLE, conn.recv()) => r,
+        };
+        let req = req.map_err(|_| PrivvalError::Idle(IDLE))??;
         let reply = signer.handle(chain, version, protocol::read(req)).await;
         conn.send(protocol::write(version, reply)).await?;
     }
 }
 
-/// Keeps a connection to `addr`, a node of the signer's chain number
-/// `chain`, for as long as keyraft runs.
+/// Keeps a connection to `addr`, a node of `chain`, for as long as
+/// keyraft runs and a reload does not retire the chain.
 pub async fn run(
     signer: Arc<Signer>,
     sh: Arc<Shared>,
-    chain: usize,
+    chain: Arc<Chain>,
     addr: PrivvalAddr,
     identity: SigningKey,
     mut stop: Shutdown,
 ) {
-    let Some(chain) = signer.chains().get(chain) else {
-        return;
-    };
+    let mut retired = chain.retired();
     let name = addr.to_string();
     let gauge = signer
         .core()
@@ -233,7 +237,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.requested() => return,
-            r = session(&signer, &sh.privval, chain, &addr, &name, &identity) => {
+            r = session(&signer, &sh.privval, &chain, &addr, &name, &identity) => {
                 let was_up = sh.privval.get(&name);
                 if let Err(e) = r {
                     let e = e.to_string();
@@ -249,10 +253,25 @@ pub async fn run(
         }
         sh.privval.set(&name, false);
         gauge.set(0);
+        if chain.is_retired() {
+            break;
+        }
         tokio::select! {
             _ = stop.requested() => return,
+            () = retired.requested() => break,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    // Retired: what it showed goes, unless the chain that replaced it
+    // dials the same node.
+    let dialled = signer
+        .chain(chain.id())
+        .is_some_and(|c| c.cfg.nodes.contains(&addr));
+    if !dialled {
+        sh.privval.remove(&name);
+        let m = &signer.core().metrics.privval_connected;
+        let _ = m.remove_label_values(&[chain.id(), &name]);
+        tracing::info!(chain = chain.id(), node = %name, "a reload removed the chain: its node is no longer dialled");
     }
 }

@@ -9,7 +9,7 @@
 //! Owns: where a signature is made (in place or on the blocking pool), the
 //! failure record, the probe. Must not: decide to sign, or lead.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,7 +111,12 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     }
 
     /// Records whether `chain`'s key signs now; a change is logged once.
+    /// Nothing of a chain a reload removed: its failure would keep this
+    /// host from leading with nothing left to clear it.
     fn key_answered(&self, chain: &Chain, answer: Result<(), String>) {
+        if chain.is_retired() {
+            return;
+        }
         let mut failures = self
             .core
             .key_failures
@@ -143,40 +148,41 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
     }
 
-    /// Probes every chain's key in a token, every [`PROBE_EVERY`], for as
-    /// long as the signer runs: each chain on its own, and a probe that
-    /// has not come back (a hung token) is not asked again until it does.
-    pub async fn probe_tokens(self: std::sync::Arc<Self>) {
+    /// Probes `chain`'s key, if in a token, every [`PROBE_EVERY`] until a
+    /// reload removes or replaces the chain; a probe that has not come back
+    /// (a hung token) is not asked again until it does.
+    pub async fn probe_token(self: Arc<Self>, chain: Arc<Chain>) {
         // No token, no probe: an idle host does not wake for nothing.
-        if !self.chains.iter().any(|c| c.key.in_token()) {
+        if !chain.key.in_token() {
             return;
         }
-        let busy: Vec<Arc<AtomicBool>> = self.chains.iter().map(|_| Arc::default()).collect();
+        let mut retired = chain.retired();
         let mut every = tokio::time::interval(PROBE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
-            for (i, chain) in self.chains.iter().enumerate() {
-                if !chain.key.in_token() || busy[i].swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                let (me, busy) = (self.clone(), busy[i].clone());
-                crate::raft::spawn(async move {
-                    let chain = &me.chains[i];
-                    let probe = {
-                        let busy = busy.clone();
-                        move |key: &ConsensusKey| {
-                            let done = key.probe();
-                            busy.store(false, Ordering::Release);
-                            done
-                        }
-                    };
-                    // A failure is recorded on the way.
-                    if me.with_key(chain, probe).await.is_ok() {
-                        me.key_answered(chain, Ok(()));
-                    }
-                });
+            tokio::select! {
+                biased;
+                () = retired.requested() => break,
+                _ = every.tick() => {}
             }
+            if chain.probing.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let (me, chain) = (self.clone(), chain.clone());
+            crate::raft::spawn(async move {
+                let probe = {
+                    let busy = chain.probing.clone();
+                    move |key: &ConsensusKey| {
+                        let done = key.probe();
+                        busy.store(false, Ordering::Release);
+                        done
+                    }
+                };
+                // A failure is recorded on the way.
+                if me.with_key(&chain, probe).await.is_ok() {
+                    me.key_answered(&chain, Ok(()));
+                }
+            });
         }
     }
 }
