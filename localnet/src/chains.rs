@@ -103,7 +103,7 @@ pub(crate) fn judges<'a>(
 impl ExtraSentry {
     /// Starts this sentry (a `fakenode --cometbft` for the chain at
     /// `chain`) unless it runs.
-    pub(crate) fn start(&mut self, chain: &str, name: &str, log_dir: &Path) -> Result<()> {
+    pub fn start(&mut self, chain: &str, name: &str, log_dir: &Path) -> Result<()> {
         if self.proc.as_mut().is_some_and(|p| p.try_exit().is_none()) {
             return Ok(());
         }

@@ -242,8 +242,9 @@ impl Process {
             cluster: cluster.clone(),
             started: Instant::now(),
             fence_agents: Mutex::new(BTreeMap::new()),
-            // One key per chain on every host: a host with another key is
-            // a real-process test (tests/chains.rs), not simulated.
+            // One key per chain on every host (the signer fills in its
+            // address): a host with another key is a real-process test
+            // (tests/chains.rs), not simulated.
             roster: std::sync::RwLock::new(Arc::new(keyraft::node::Roster {
                 chains: cfg.signer.iter().flat_map(|s| s.chains.clone()).collect(),
                 keys: Vec::new(),

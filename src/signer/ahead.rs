@@ -78,6 +78,15 @@ pub struct Ahead {
 }
 
 impl Ahead {
+    /// Whether this process never signed, nor asked to sign, anything
+    /// with this memory.
+    pub fn signed_nothing(&self) -> bool {
+        self.recent.is_empty()
+            && self.pending.is_none()
+            && self.doubt.is_none()
+            && self.asked.is_none()
+    }
+
     /// Notes a new precommit at `height`, signed `now`. The pace is known
     /// only from two heights in a row: after a gap (this process did not
     /// lead, or the chain skipped) it is forgotten.

@@ -208,7 +208,8 @@ fn rebase(memory: &mut ChainHeights, watermark: u64, vouched: Option<u64>, now: 
 /// Starts a probe of the `node-rpc` (CometBFT `/status`) of each of
 /// `chains` that keeps what it reports in [`Core::chain_nodes`], where
 /// gossip and [`height_limit`] read it, until a reload retires the chain.
-/// Each probes at the rate of the chains signed for now.
+/// Each probes at the rate for the chains signed for when it starts: a
+/// reload that adds chains leaves the kept chains' probes at their rate.
 pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
     core: &Arc<Core<SM>>,
     interval: Duration,

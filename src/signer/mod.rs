@@ -207,6 +207,12 @@ impl Chain {
     pub fn is_retired(&self) -> bool {
         self.retired().is_requested()
     }
+
+    /// Whether this process signed, or asked to sign, anything for this
+    /// chain (a chain busy signing now counts as having signed).
+    fn signed_anything(&self) -> bool {
+        self.lock.try_lock().map_or(true, |a| !a.signed_nothing())
+    }
 }
 
 /// Reads every chain's `priv_validator_key.json`, or opens its key in its

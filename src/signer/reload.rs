@@ -23,6 +23,10 @@ use super::{load_chain_keys, Chain, ConsensusKey, Forward, SignError, Signer};
 use crate::config::ChainConfig;
 use crate::raft::TypeConfig;
 
+/// Longest a reload waits for its keys to open (a token that does not
+/// answer fails the reload).
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a reload does to the chains, by chain id.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -133,25 +137,33 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         };
         // A changed chain with the same key source keeps its opened key.
         let mut keys: BTreeMap<String, Arc<ConsensusKey>> = BTreeMap::new();
-        let mut to_open = Vec::new();
+        let (mut to_open, mut reused) = (Vec::new(), Vec::new());
         for c in new.iter().filter(|c| !plan.kept.contains(&c.chain_id)) {
             match before(&c.chain_id).filter(|b| b.cfg.key == c.key) {
                 Some(b) => {
                     keys.insert(c.chain_id.clone(), b.key.clone());
+                    reused.push(c.chain_id.clone());
                 }
                 None => to_open.push(c.clone()),
             }
         }
         let modules = self.modules.clone();
-        let opened = tokio::task::spawn_blocking(move || {
+        // A token that hangs fails the reload, not every later one.
+        let opening = tokio::task::spawn_blocking(move || {
             let mut modules = modules.lock().unwrap_or_else(|p| p.into_inner());
             load_chain_keys(&to_open, &mut modules)
-        })
-        .await
-        .map_err(|e| ReloadError::Blocking(e.to_string()))??;
+        });
+        let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
+            .await
+            .map_err(|_| {
+                ReloadError::Blocking(format!("the keys did not open within {OPEN_PATIENCE:?}"))
+            })?
+            .map_err(|e| ReloadError::Blocking(e.to_string()))??;
         keys.extend(opened.into_iter().map(|(c, k)| (c.chain_id, Arc::new(k))));
         for (id, key) in &keys {
-            let was = before(id).map(|b| b.address());
+            let was = before(id)
+                .filter(|b| b.signed_anything())
+                .map(|b| b.address());
             key_kept(id, was.as_deref(), &key.address_hex())?;
         }
         let mut started = Vec::new();
@@ -170,39 +182,64 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             started.push(c.clone());
             chains.push(c);
         }
-        // Checked: from here on, nothing waits and nothing fails.
+        // Checked: from here on, nothing waits and nothing fails. The new
+        // list first, so that what a retired chain's tasks read on their
+        // way out is the new one.
+        let old: Vec<Arc<Chain>> = live
+            .iter()
+            .filter(|c| !plan.kept.contains(&c.cfg.chain_id))
+            .cloned()
+            .collect();
+        self.set_chains(chains);
         {
             let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-            for old in live.iter().filter(|c| !plan.kept.contains(&c.cfg.chain_id)) {
-                old.retire.fire();
-                if plan.removed.contains(&old.cfg.chain_id) {
-                    retired.insert(old.id().to_string(), old.clone());
+            for c in &old {
+                c.retire.fire();
+                if plan.removed.contains(&c.cfg.chain_id) {
+                    retired.insert(c.id().to_string(), c.clone());
                 }
             }
             for c in &started {
                 retired.remove(c.id());
             }
         }
-        self.set_chains(chains);
-        self.forget_removed(&plan.removed);
+        self.forget(&plan, &started, &reused);
         Ok((plan, started))
     }
 
-    /// What this host showed of chains no longer signed for: a key
-    /// failure (which would keep it from leading) and their gauges.
-    fn forget_removed(&self, removed: &[String]) {
+    /// What this host showed of chains it no longer signs for as they
+    /// were: a removed chain's key failure (which would keep the host from
+    /// leading) and gauges; a changed chain's key failure where its key
+    /// was opened again (and so just signed), and its node's gauge where
+    /// it has no node to probe now.
+    fn forget(&self, plan: &Plan, started: &[Arc<Chain>], reused: &[String]) {
         let mut failures = self
             .core
             .key_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let m = &self.core.metrics;
-        for id in removed {
+        for id in &plan.removed {
             failures.remove(id);
             let _ = m.signer_key_up.remove_label_values(&[id]);
             let _ = m.chain_node_up.remove_label_values(&[id]);
             let _ = m.signer_watermark.remove_label_values(&[id]);
             let _ = m.signer_other_key_members.remove_label_values(&[id]);
+        }
+        for c in started
+            .iter()
+            .filter(|c| plan.changed.contains(&c.cfg.chain_id))
+        {
+            if !reused.contains(&c.cfg.chain_id) && failures.remove(c.id()).is_some() {
+                tracing::info!(
+                    chain = c.id(),
+                    "the key opened again signs: this host may lead"
+                );
+                m.signer_key_up.with_label_values(&[c.id()]).set(1);
+            }
+            if c.cfg.node_rpc.is_none() {
+                let _ = m.chain_node_up.remove_label_values(&[c.id()]);
+            }
         }
     }
 }

@@ -114,14 +114,15 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// Nothing of a chain a reload removed: its failure would keep this
     /// host from leading with nothing left to clear it.
     fn key_answered(&self, chain: &Chain, answer: Result<(), String>) {
-        if chain.is_retired() {
-            return;
-        }
         let mut failures = self
             .core
             .key_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock a reload clears the record under.
+        if chain.is_retired() {
+            return;
+        }
         let up = &self.core.metrics.signer_key_up;
         match answer {
             Ok(()) => {
