@@ -134,6 +134,12 @@ pub enum Kind {
     Resume {
         ms: u64,
     },
+    /// Signer mode: a reload (SIGHUP) removes the chain, and another adds
+    /// it back `ms` later, while its requests are in flight: the chain
+    /// added again signs on with what the removed one signed.
+    ReloadChains {
+        ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -364,6 +370,21 @@ pub fn draw(seed: u64) -> Plan {
             target: Target::Leader,
             kind: Kind::Resume {
                 ms: images.random_range(100..=1_000),
+            },
+        });
+    }
+    // And, in signer mode, the chain removed and added again by reloads.
+    let mut reloads = SmallRng::seed_from_u64(seed ^ 0x4e10_adc4);
+    if signer_mode && reloads.random_bool(0.3) {
+        faults.push(Fault {
+            at_ms: reloads.random_range(1_500..heal_ms - 5_000),
+            target: if reloads.random_bool(0.7) {
+                Target::Leader
+            } else {
+                Target::Node(reloads.random_range(1..=nodes))
+            },
+            kind: Kind::ReloadChains {
+                ms: reloads.random_range(0..=2_000),
             },
         });
     }

@@ -140,14 +140,17 @@ async fn ask(all: Arc<Sentries>, host: NodeId, what: Signable) {
         let Some(signer) = p.signer.clone() else {
             return;
         };
+        // A reload removed the chain: its node waits for it.
+        let Some(chain) = signer.chains().first().cloned() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
         // The request runs inside the process: it stops when the process
         // dies and is not polled while it is frozen.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let msg = keyraft::signer::protocol::request_for(&what, CHAIN);
         p.spawn(while_thawed(&h, async move {
-            let reply = signer
-                .handle(&signer.chains()[0], ProtocolVersion::V0_38, msg)
-                .await;
+            let reply = signer.handle(&chain, ProtocolVersion::V0_38, msg).await;
             let _ = tx.send(reply);
         }));
         if let Ok(reply) = rx.await {

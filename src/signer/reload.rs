@@ -147,18 +147,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 None => to_open.push(c.clone()),
             }
         }
-        let modules = self.modules.clone();
-        // A token that hangs fails the reload, not every later one.
-        let opening = tokio::task::spawn_blocking(move || {
-            let mut modules = modules.lock().unwrap_or_else(|p| p.into_inner());
-            load_chain_keys(&to_open, &mut modules)
-        });
-        let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
-            .await
-            .map_err(|_| {
-                ReloadError::Blocking(format!("the keys did not open within {OPEN_PATIENCE:?}"))
-            })?
-            .map_err(|e| ReloadError::Blocking(e.to_string()))??;
+        let opened = self.open_keys(to_open).await?;
         keys.extend(opened.into_iter().map(|(c, k)| (c.chain_id, Arc::new(k))));
         for (id, key) in &keys {
             let was = before(id)
@@ -205,6 +194,30 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         self.forget(&plan, &started, &reused);
         Ok((plan, started))
+    }
+
+    /// The keys of `chains`, opened off the async workers (none: no
+    /// thread woken); a token that hangs fails the reload, not every
+    /// later one.
+    async fn open_keys(
+        &self,
+        chains: Vec<ChainConfig>,
+    ) -> Result<Vec<(ChainConfig, ConsensusKey)>, ReloadError> {
+        if chains.is_empty() {
+            return Ok(Vec::new());
+        }
+        let modules = self.modules.clone();
+        let opening = tokio::task::spawn_blocking(move || {
+            let mut modules = modules.lock().unwrap_or_else(|p| p.into_inner());
+            load_chain_keys(&chains, &mut modules)
+        });
+        let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
+            .await
+            .map_err(|_| {
+                ReloadError::Blocking(format!("the keys did not open within {OPEN_PATIENCE:?}"))
+            })?
+            .map_err(|e| ReloadError::Blocking(e.to_string()))??;
+        Ok(opened)
     }
 
     /// What this host showed of chains it no longer signs for as they

@@ -300,6 +300,26 @@ impl World {
                 lock(&self.backups).insert(id, image);
             }
             Kind::Resume { ms } => self.resume_image(&host, ms).await,
+            Kind::ReloadChains { ms } => self.reload_chains(&host, ms).await,
+        }
+    }
+
+    /// `host`'s process reloaded without its chain (`Signer::reload`),
+    /// then with it again `ms` later; requests in flight on the removed
+    /// chain run on.
+    async fn reload_chains(&self, host: &Arc<Host<Process>>, ms: u64) {
+        let Some(signer) = host.process().and_then(|p| p.signer.clone()) else {
+            return;
+        };
+        let chains: Vec<_> = signer.chains().iter().map(|c| c.cfg.clone()).collect();
+        for (step, list) in [(0, Vec::new()), (ms, chains)] {
+            tokio::time::sleep(Duration::from_millis(step)).await;
+            let done = match signer.reload(list).await {
+                Ok((plan, _)) => format!("{plan}"),
+                Err(e) => format!("refused: {e}"),
+            };
+            self.judge
+                .note(format!("node {} reloaded its chains: {done}", host.id));
         }
     }
 
