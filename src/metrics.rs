@@ -81,6 +81,24 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
+    /// A chain's series as it starts to be signed for (at start, or
+    /// added by a reload): its key up, its counters at zero.
+    pub fn chain_added(&self, chain: &str) {
+        self.signer_watermark.with_label_values(&[chain]).set(-1);
+        self.signer_other_key_members.with_label_values(&[chain]);
+        self.signer_key_up.with_label_values(&[chain]).set(1);
+        for kind in ["proposal", "prevote", "precommit"] {
+            for result in [
+                "signed",
+                "refused_equivocation",
+                "refused_regression",
+                "no_leader",
+            ] {
+                self.sign_requests.with_label_values(&[chain, kind, result]);
+            }
+        }
+    }
+
     /// A witness has no validator, so it exports no `keyraft_validator_*`
     /// series (a zero there would read as a node that is down).
     ///
@@ -290,19 +308,7 @@ impl Metrics {
             r.register(Box::new(m.signer_watermark.clone()))?;
             r.register(Box::new(m.signer_other_key_members.clone()))?;
             for chain in chains {
-                m.signer_watermark.with_label_values(&[chain]).set(-1);
-                m.signer_other_key_members.with_label_values(&[chain]);
-                m.signer_key_up.with_label_values(&[chain]).set(1);
-                for kind in ["proposal", "prevote", "precommit"] {
-                    for result in [
-                        "signed",
-                        "refused_equivocation",
-                        "refused_regression",
-                        "no_leader",
-                    ] {
-                        m.sign_requests.with_label_values(&[chain, kind, result]);
-                    }
-                }
+                m.chain_added(chain);
             }
         }
         for reason in [

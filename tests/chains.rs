@@ -588,6 +588,21 @@ async fn a_reload_adds_and_removes_chains_while_the_others_sign_on() -> Result<(
     let now = heights(&c).await?;
     chain_signed(&c, 2, now[2], &[1, 2, 3]).await?;
     chain_signed(&c, 0, now[0] + 3, &[1, 2, 3]).await?;
+    // The added chain's series start again; the removed one's go.
+    let m = c.metrics(1).await?;
+    let key_up = |chain: &str| {
+        m.iter()
+            .find(|(k, _)| {
+                k.starts_with("keyraft_signer_key_up") && k.contains(&format!("\"{chain}\""))
+            })
+            .map(|(_, v)| *v)
+    };
+    ensure!(
+        key_up(third) == Some(1.0) && key_up(second).is_none(),
+        "key_up after the reload: {third} {:?}, {second} {:?}",
+        key_up(third),
+        key_up(second)
+    );
     let log = std::fs::read_to_string(c.dir.path().join("keyraft1.log"))?;
     let applied = format!(
         "SIGHUP: chains reloaded: added {third}; removed {second}; changed none; 1 untouched"

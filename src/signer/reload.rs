@@ -224,7 +224,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
     /// were: a removed chain's key failure (which would keep the host from
     /// leading) and gauges; a changed chain's key failure where its key
     /// was opened again (and so just signed), and its node's gauge where
-    /// it has no node to probe now.
+    /// it has no node to probe now. An added chain's series start.
     fn forget(&self, plan: &Plan, started: &[Arc<Chain>], reused: &[String]) {
         let mut failures = self
             .core
@@ -238,6 +238,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             let _ = m.chain_node_up.remove_label_values(&[id]);
             let _ = m.signer_watermark.remove_label_values(&[id]);
             let _ = m.signer_other_key_members.remove_label_values(&[id]);
+        }
+        for id in &plan.added {
+            m.chain_added(id);
         }
         for c in started
             .iter()
