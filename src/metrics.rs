@@ -99,6 +99,17 @@ impl Metrics {
         }
     }
 
+    /// A chain a reload removed: its gauges go, so that no dashboard shows
+    /// a key or a node of a chain no longer signed for. Its request
+    /// counters stay until the process restarts (a counter that vanishes
+    /// reads as a reset).
+    pub fn chain_removed(&self, chain: &str) {
+        let _ = self.signer_key_up.remove_label_values(&[chain]);
+        let _ = self.chain_node_up.remove_label_values(&[chain]);
+        let _ = self.signer_watermark.remove_label_values(&[chain]);
+        let _ = self.signer_other_key_members.remove_label_values(&[chain]);
+    }
+
     /// A witness has no validator, so it exports no `keyraft_validator_*`
     /// series (a zero there would read as a node that is down).
     ///

@@ -9,6 +9,9 @@ use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, Mode, NodeOpts};
 use localnet::harness::eventually;
 
+mod common;
+use common::sighup;
+
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -488,14 +491,6 @@ async fn listed(c: &Cluster, id: u64) -> Result<Vec<String>> {
         .iter()
         .filter_map(|x| x["chain_id"].as_str().map(String::from))
         .collect())
-}
-
-/// Sends coordinator `id` SIGHUP, as `systemctl reload keyraft` does.
-fn sighup(c: &Cluster, id: u64) -> Result<()> {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    kill(Pid::from_raw(c.proc(id)?.pid()), Signal::SIGHUP)?;
-    Ok(())
 }
 
 /// Writes node `id`'s `[[chains]]` file again without the chains

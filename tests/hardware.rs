@@ -17,7 +17,7 @@ use localnet::harness::eventually;
 use localnet::token::{KeyIn, Token};
 
 mod common;
-use common::{every_sentry_signed, kill_the_leaders_host, leader, no_equivocations};
+use common::{every_sentry_signed, kill_the_leaders_host, leader, no_equivocations, sighup};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -230,6 +230,82 @@ async fn a_token_chain_and_a_file_chain_sign_side_by_side() -> Result<()> {
     c.kill_host(l)?;
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
     signed(&c, at, rest).await.with_context(|| c.logs())?;
+    for (chain, judge) in c.judges() {
+        let s = judge.stats_since(0).await?;
+        ensure!(
+            s.double_signs == 0 && s.equivocations.is_empty(),
+            "{chain}: {s:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The leader's token fails and its host hands over; a reload on that host
+/// moves the chain's key from the token to the same key in a file (a
+/// changed chain: its key opened again). The failure the token left is
+/// cleared with it: the host may lead again, and leads, though its token
+/// is still gone. Both chains' judges count no equivocation.
+#[tokio::test]
+async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_file() -> Result<()>
+{
+    let mode = Mode::Signer {
+        chain_id: CHAIN.into(),
+        round_every: 0,
+        validators: 2,
+        more_chains: 1,
+        halt: None,
+    };
+    let c = Cluster::start_signers(3, BLOCK_MS, mode, |_| NodeOpts {
+        key_in: KeyIn::Token,
+        ..NodeOpts::default()
+    })
+    .await?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    Token::at(&base(&c, l)).fail()?;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+    let new = eventually(SETTLE, "another host leading", || async {
+        let now = leader(&c, &others).await?;
+        Ok((now != l).then_some(now))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    ensure!(key_up(&c, l).await? == 0.0, "node {l} says its key signs");
+
+    // The chain's key moves to a file on the failed host alone.
+    let mut file: toml::Table = toml::from_str(&c.chains_toml(l)?)?;
+    let table = file
+        .get_mut("chains")
+        .and_then(toml::Value::as_array_mut)
+        .and_then(|a| {
+            a.iter_mut()
+                .find(|t| t.get("chain-id").and_then(toml::Value::as_str) == Some(CHAIN))
+        })
+        .and_then(toml::Value::as_table_mut)
+        .context("no [[chains]] table of the token chain")?;
+    table.insert(
+        "validator-key".into(),
+        c.key_path.display().to_string().into(),
+    );
+    std::fs::write(c.chains_file(l), toml::to_string(&file)?)?;
+    sighup(&c, l)?;
+    eventually(SETTLE, "the key opened again signing", || async {
+        Ok((key_up(&c, l).await? == 1.0).then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    eventually(SETTLE, "the reloaded host leading", || async {
+        let now = leader(&c, &[1, 2, 3]).await?;
+        if now != l {
+            c.cli(now, &["switchover", "--to", &l.to_string()]).await?;
+            return Ok(None);
+        }
+        Ok(Some(()))
+    })
+    .await
+    .with_context(|| format!("node {new} led\n{}", c.logs()))?;
+    let back = c.chain.totals().await?;
+    every_sentry_signed(&c, back.height + 1, &[1, 2, 3]).await?;
     for (chain, judge) in c.judges() {
         let s = judge.stats_since(0).await?;
         ensure!(

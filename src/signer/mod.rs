@@ -171,7 +171,9 @@ pub struct Chain {
     /// Fired when a reload removes or replaces the chain: its connections
     /// and probes stop ([`Chain::retired`]).
     retire: crate::shutdown::Trigger,
-    /// Its token's probe has not come back yet.
+    /// Its token's probe has not come back yet. Shared with the chain
+    /// before when the key is the same: a hung token gets one stuck probe,
+    /// not one per reload.
     probing: Arc<AtomicBool>,
 }
 
@@ -179,14 +181,15 @@ impl Chain {
     /// A chain of `cfg` signed with `key`, taking over the memory of
     /// `before` (the same chain, replaced or retired) if any.
     fn new(cfg: ChainConfig, key: Arc<ConsensusKey>, before: Option<&Chain>) -> Chain {
+        let same_key = before.filter(|b| Arc::ptr_eq(&b.key, &key));
         Chain {
             cfg,
-            key,
             lock: before.map_or_else(Default::default, |b| b.lock.clone()),
             hurry: before.map_or_else(Default::default, |b| b.hurry.clone()),
             said_wrong_key_chain: AtomicBool::new(false),
             retire: crate::shutdown::channel().0,
-            probing: Arc::default(),
+            probing: same_key.map_or_else(Default::default, |b| b.probing.clone()),
+            key,
         }
     }
 

@@ -234,10 +234,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         let m = &self.core.metrics;
         for id in &plan.removed {
             failures.remove(id);
-            let _ = m.signer_key_up.remove_label_values(&[id]);
-            let _ = m.chain_node_up.remove_label_values(&[id]);
-            let _ = m.signer_watermark.remove_label_values(&[id]);
-            let _ = m.signer_other_key_members.remove_label_values(&[id]);
+            m.chain_removed(id);
         }
         for id in &plan.added {
             m.chain_added(id);
@@ -345,5 +342,24 @@ mod tests {
             let r = key_kept("c", was, now);
             assert_eq!(r.is_ok(), ok, "{was:?} -> {now}: {r:?}");
         }
+    }
+
+    #[test]
+    fn a_chain_started_again_keeps_what_the_one_before_holds() {
+        let key = Arc::new(ConsensusKey::from_seed([7; 32]));
+        let before = Chain::new(chain("a", "/a"), key.clone(), None);
+        before
+            .probing
+            .store(true, std::sync::atomic::Ordering::Release);
+        // The same key: its probe still out is the new chain's too, and
+        // the lock (what was signed) is shared.
+        let same = Chain::new(chain("a", "/a2"), key, Some(&before));
+        assert!(same.probing.load(std::sync::atomic::Ordering::Acquire));
+        assert!(Arc::ptr_eq(&same.lock, &before.lock));
+        // Another key: no probe of it is out yet; the lock is still shared.
+        let other = Arc::new(ConsensusKey::from_seed([8; 32]));
+        let moved = Chain::new(chain("a", "/a3"), other, Some(&before));
+        assert!(!moved.probing.load(std::sync::atomic::Ordering::Acquire));
+        assert!(Arc::ptr_eq(&moved.lock, &before.lock));
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the membership, restored-data-dir and signer-mode
 //! suites (`tests/membership.rs`, `tests/restored.rs`, `tests/signer.rs`,
-//! `tests/protocol.rs`): finding the leader, stopping
+//! `tests/protocol.rs`, `tests/chains.rs`, `tests/hardware.rs`): finding
+//! the leader, reloading a coordinator, stopping
 //! and restarting nodes, copying and restoring Raft stores, and expecting
 //! one-line refusals.
 #![allow(dead_code)]
@@ -11,6 +12,14 @@ use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, Mode, NodeOpts, SETTLE};
 use localnet::harness::{eventually, node_entry};
 use nix::sys::signal::Signal;
+
+/// Sends coordinator `id` SIGHUP, as `systemctl reload keyraft` does.
+pub fn sighup(c: &Cluster, id: u64) -> Result<()> {
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(c.proc(id)?.pid()), Signal::SIGHUP)?;
+    Ok(())
+}
 
 pub fn plain(_: u64) -> NodeOpts {
     NodeOpts::default()
