@@ -10,7 +10,7 @@ use localnet::cluster::{Cluster, Mode, NodeOpts};
 use localnet::harness::eventually;
 
 mod common;
-use common::sighup;
+use common::{no_equivocations_on_any_chain, sighup};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
@@ -62,20 +62,6 @@ async fn heights(c: &Cluster) -> Result<Vec<u64>> {
         v.push(judge.totals().await?.height);
     }
     Ok(v)
-}
-
-/// Every chain's judge: no equivocation, no double sign.
-async fn no_equivocations_on_any_chain(c: &Cluster) -> Result<()> {
-    for (chain, judge) in c.judges() {
-        let s = judge.stats_since(0).await?;
-        ensure!(
-            s.double_signs == 0 && s.equivocations.is_empty(),
-            "{chain}: equivocations {:?}\n{}",
-            s.equivocations,
-            c.logs()
-        );
-    }
-    Ok(())
 }
 
 /// Sign requests of `chain` answered with `result` on node `id`.

@@ -17,11 +17,26 @@ use localnet::harness::eventually;
 use localnet::token::{KeyIn, Token};
 
 mod common;
-use common::{every_sentry_signed, kill_the_leaders_host, leader, no_equivocations, sighup};
+use common::{
+    every_sentry_signed, kill_the_leaders_host, leader, no_equivocations,
+    no_equivocations_on_any_chain, sighup,
+};
 
 const BLOCK_MS: u64 = 500;
 const SETTLE: Duration = Duration::from_secs(30);
 const CHAIN: &str = "keyraft-hardware-test";
+
+/// Signer mode with two chains: `CHAIN`, whose key the hosts' tokens hold
+/// (`KeyIn::Token`), and one more whose key is a file.
+fn two_chains() -> Mode {
+    Mode::Signer {
+        chain_id: CHAIN.into(),
+        round_every: 0,
+        validators: 2,
+        more_chains: 1,
+        halt: None,
+    }
+}
 
 async fn start(key_in: impl Fn(u64) -> KeyIn) -> Result<Cluster> {
     let c = Cluster::start_signers(3, BLOCK_MS, Mode::signer(CHAIN), |id| NodeOpts {
@@ -191,14 +206,7 @@ async fn a_token_holding_another_key_is_named_and_its_host_never_leads() -> Resu
 /// sentry, through the leader's kill, with no equivocation on either.
 #[tokio::test]
 async fn a_token_chain_and_a_file_chain_sign_side_by_side() -> Result<()> {
-    let mode = Mode::Signer {
-        chain_id: CHAIN.into(),
-        round_every: 0,
-        validators: 2,
-        more_chains: 1,
-        halt: None,
-    };
-    let mut c = Cluster::start_signers(3, BLOCK_MS, mode, |_| NodeOpts {
+    let mut c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
         key_in: KeyIn::Token,
         ..NodeOpts::default()
     })
@@ -230,32 +238,19 @@ async fn a_token_chain_and_a_file_chain_sign_side_by_side() -> Result<()> {
     c.kill_host(l)?;
     let rest: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
     signed(&c, at, rest).await.with_context(|| c.logs())?;
-    for (chain, judge) in c.judges() {
-        let s = judge.stats_since(0).await?;
-        ensure!(
-            s.double_signs == 0 && s.equivocations.is_empty(),
-            "{chain}: {s:?}"
-        );
-    }
-    Ok(())
+    no_equivocations_on_any_chain(&c).await
 }
 
 /// The leader's token fails and its host hands over; a reload on that host
 /// moves the chain's key from the token to the same key in a file (a
 /// changed chain: its key opened again). The failure the token left is
 /// cleared with it: the host may lead again, and leads, though its token
-/// is still gone. Both chains' judges count no equivocation.
+/// is still gone. Both chains' judges count no equivocation, and at most
+/// ten heights missed from the reload through the switchover back.
 #[tokio::test]
 async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_file() -> Result<()>
 {
-    let mode = Mode::Signer {
-        chain_id: CHAIN.into(),
-        round_every: 0,
-        validators: 2,
-        more_chains: 1,
-        halt: None,
-    };
-    let c = Cluster::start_signers(3, BLOCK_MS, mode, |_| NodeOpts {
+    let c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
         key_in: KeyIn::Token,
         ..NodeOpts::default()
     })
@@ -294,6 +289,10 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
     })
     .await
     .with_context(|| c.logs())?;
+    let mut from = Vec::new();
+    for (_, judge) in c.judges() {
+        from.push(judge.totals().await?.height);
+    }
     eventually(SETTLE, "the reloaded host leading", || async {
         let now = leader(&c, &[1, 2, 3]).await?;
         if now != l {
@@ -306,14 +305,16 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
     .with_context(|| format!("node {new} led\n{}", c.logs()))?;
     let back = c.chain.totals().await?;
     every_sentry_signed(&c, back.height + 1, &[1, 2, 3]).await?;
-    for (chain, judge) in c.judges() {
-        let s = judge.stats_since(0).await?;
+    for ((chain, judge), from) in c.judges().into_iter().zip(from) {
+        let missed = judge.stats_since(from + 1).await?.missed;
+        eprintln!("{chain}: {missed} heights missed through the switchover back");
         ensure!(
-            s.double_signs == 0 && s.equivocations.is_empty(),
-            "{chain}: {s:?}"
+            missed <= 10,
+            "{chain}: {missed} heights missed\n{}",
+            c.logs()
         );
     }
-    Ok(())
+    no_equivocations_on_any_chain(&c).await
 }
 
 /// `keyraft run` with a token configured wrong: one line and exit 2,

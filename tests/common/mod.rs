@@ -267,6 +267,20 @@ pub async fn no_equivocations(c: &Cluster) -> Result<localnet::chain::Stats> {
     Ok(s)
 }
 
+/// Every chain's judge: no equivocation, no double sign.
+pub async fn no_equivocations_on_any_chain(c: &Cluster) -> Result<()> {
+    for (chain, judge) in c.judges() {
+        let s = judge.stats_since(0).await?;
+        ensure!(
+            s.double_signs == 0 && s.equivocations.is_empty(),
+            "{chain}: equivocations {:?}\n{}",
+            s.equivocations,
+            c.logs()
+        );
+    }
+    Ok(())
+}
+
 /// Signer mode: SIGKILL of the leader's host (the leader as node 1 sees
 /// it). Returns the other hosts, the heights the chain missed until every
 /// one of their sentries signed again, and the chain's books then.
