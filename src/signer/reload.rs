@@ -93,8 +93,12 @@ pub enum ReloadError {
         was: String,
         now: String,
     },
+    #[error("opening the keys: no key was opened for {0}")]
+    NotOpened(String),
+    #[error("opening the keys: they did not open within {0:?}")]
+    OpenTimeout(std::time::Duration),
     #[error("opening the keys: {0}")]
-    Blocking(String),
+    OpenPanicked(#[from] tokio::task::JoinError),
 }
 
 /// The rule for a chain that starts: its key is the one this process
@@ -162,9 +166,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
                 chains.push(kept.clone());
                 continue;
             }
-            let key = keys.remove(&cfg.chain_id).ok_or_else(|| {
-                ReloadError::Blocking(format!("no key was opened for {}", cfg.chain_id))
-            })?;
+            let key = keys
+                .remove(&cfg.chain_id)
+                .ok_or_else(|| ReloadError::NotOpened(cfg.chain_id.clone()))?;
             Self::say_started(&cfg, &key, true);
             let b = before(&cfg.chain_id);
             let c = Arc::new(Chain::new(cfg, key, b.as_deref()));
@@ -213,10 +217,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         });
         let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
             .await
-            .map_err(|_| {
-                ReloadError::Blocking(format!("the keys did not open within {OPEN_PATIENCE:?}"))
-            })?
-            .map_err(|e| ReloadError::Blocking(e.to_string()))??;
+            .map_err(|_| ReloadError::OpenTimeout(OPEN_PATIENCE))???;
         Ok(opened)
     }
 
