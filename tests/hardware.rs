@@ -92,20 +92,51 @@ async fn tokens_on_every_host_survive_the_leaders_kill_freeze_and_cut_without_eq
     Ok(())
 }
 
-/// The leader's token stops answering: it refuses to sign (never half a
-/// signature), stands aside, and a host whose token works leads; its own
-/// sentry keeps signing through the new leader. It may lead again only
-/// once its token answers.
+/// How a test makes a token fail, and answer again.
+struct TokenFault {
+    key_in: KeyIn,
+    fail: fn(&Token) -> Result<()>,
+    answer: fn(&Token) -> Result<()>,
+}
+
+/// The leader's token fails (SoftHSM2 fails every call): it refuses to
+/// sign (never half a signature), stands aside, and a host whose token
+/// works leads; its own sentry keeps signing through the new leader. It
+/// may lead again only once its token answers.
 #[tokio::test]
 async fn a_leader_whose_token_fails_hands_over_and_leads_again_only_once_it_answers() -> Result<()>
 {
-    let c = start(|_| KeyIn::Token).await?;
+    token_fails_and_answers(TokenFault {
+        key_in: KeyIn::Token,
+        fail: Token::fail,
+        answer: Token::restore,
+    })
+    .await
+}
+
+/// The same, with a token that stops answering instead: every call to it
+/// hangs (the tests' PKCS#11 module in front of SoftHSM2), as a wedged HSM
+/// does. A signature waits for it at most `TOKEN_PATIENCE` and is then
+/// refused; its probe hangs with it and marks it failing.
+#[tokio::test]
+async fn a_leader_whose_token_hangs_hands_over_and_leads_again_only_once_it_answers() -> Result<()>
+{
+    token_fails_and_answers(TokenFault {
+        key_in: KeyIn::HangingToken,
+        fail: Token::hang,
+        answer: Token::answer,
+    })
+    .await
+}
+
+async fn token_fails_and_answers(fault: TokenFault) -> Result<()> {
+    let c = start(|_| fault.key_in).await?;
     every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
     let l = leader(&c, &[1, 2, 3]).await?;
     let token = Token::at(&base(&c, l));
     let before = c.chain.totals().await?;
     let t = std::time::Instant::now();
-    token.fail()?;
+    (fault.fail)(&token)?;
     let others: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
     let new = eventually(SETTLE, "another host leading", || async {
         let now = leader(&c, &others).await?;
@@ -133,7 +164,7 @@ async fn a_leader_whose_token_fails_hands_over_and_leads_again_only_once_it_answ
         "a switchover to the host whose token fails was taken: {out:?}"
     );
     // Its token answers again: the probe sees it, and it may lead.
-    token.restore()?;
+    (fault.answer)(&token)?;
     eventually(SETTLE, "the restored token answering", || async {
         Ok((key_up(&c, l).await? == 1.0).then_some(()))
     })
@@ -317,6 +348,90 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
     no_equivocations_on_any_chain(&c).await
 }
 
+/// A reload that opens a key in a token that has stopped answering (its
+/// calls hang) gives up after its limit and changes nothing, in one line;
+/// the chains already signed for sign on, and a later reload that opens
+/// only a key file goes through while the token still hangs.
+#[tokio::test]
+async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_through(
+) -> Result<()> {
+    let c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
+        key_in: KeyIn::HangingToken,
+        ..NodeOpts::default()
+    })
+    .await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    let f = (1..=3).find(|n| *n != l).context("no follower")?;
+    let token = Token::at(&base(&c, f));
+    let listed = |status: serde_json::Value| -> Vec<String> {
+        status["signer"]["chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x["chain_id"].as_str().map(String::from))
+            .collect()
+    };
+    let before = listed(c.status(f).await?);
+    token.hang()?;
+
+    // A chain added with its key in the hung token.
+    let with_chain = |key: String| -> Result<()> {
+        let mut file: toml::Table = toml::from_str(&c.chains_toml(f)?)?;
+        let chains = file
+            .get_mut("chains")
+            .and_then(toml::Value::as_array_mut)
+            .context("no [[chains]]")?;
+        let mut added = chains
+            .first()
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .context("no chain")?;
+        added.insert("chain-id".into(), "keyraft-hardware-added".into());
+        added.insert("validator-key".into(), key.into());
+        // A node of its own, which is not up: its connection retries.
+        added.insert("privval-node".into(), vec!["tcp://127.0.0.1:1"].into());
+        added.remove("node-rpc");
+        chains.push(added.into());
+        std::fs::write(c.chains_file(f), toml::to_string(&file)?)?;
+        sighup(&c, f)
+    };
+    with_chain(token.uri_through(&token.hanging_module()))?;
+    let log = c.dir.path().join(format!("keyraft{f}.log"));
+    let gave_up =
+        "SIGHUP: chains not reloaded, nothing changed: opening the keys: they did not open within";
+    eventually(SETTLE, "the reload given up", || async {
+        Ok(std::fs::read_to_string(&log)?
+            .contains(gave_up)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    ensure!(
+        listed(c.status(f).await?) == before,
+        "a reload given up changed the chains"
+    );
+    let now = c.chain.totals().await?;
+    every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
+
+    // The same chain with its key in a file: opened, though the token
+    // still hangs.
+    with_chain(c.key_path.display().to_string())?;
+    eventually(SETTLE, "the added chain listed", || async {
+        let chains = listed(c.status(f).await?);
+        Ok(chains
+            .iter()
+            .any(|c| c == "keyraft-hardware-added")
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    token.answer()?;
+    let now = c.chain.totals().await?;
+    every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await
+}
+
 /// `keyraft run` with a token configured wrong: one line and exit 2,
 /// before anything else starts; `keyraft check --config` says the same.
 #[tokio::test]
@@ -462,8 +577,8 @@ fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing(
     // This process opens the module: SoftHSM2 reads its configuration then.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let mut modules = Modules::default();
-    let a = ConsensusKey::open_token(&uris[0], &mut modules)?;
-    let b = ConsensusKey::open_token(&uris[1], &mut modules)?;
+    let a = ConsensusKey::open_token(&uris[0], modules.open(&uris[0].module)?)?;
+    let b = ConsensusKey::open_token(&uris[1], modules.open(&uris[1].module)?)?;
     let away = dir.path().join("a-away");
     std::fs::rename(&token_dirs[0], &away)?;
     ensure!(a.sign(b"a while gone").is_err(), "a gone token signed");

@@ -3,7 +3,10 @@
 //! put into it by `keyraft signer import-key` as an operator does, and
 //! `keyraft run` given the token's `pkcs11:` URI instead of the key file.
 //! A token fails for real when its directory is moved away (SoftHSM2 then
-//! fails every call on it) and answers again when it is moved back.
+//! fails every call on it) and answers again when it is moved back. A
+//! token reached through the tests' own PKCS#11 module
+//! (`localnet/shim/pkcs11_hang.rs`, SoftHSM2 behind it) stops answering
+//! instead, its calls hanging, while [`Token::hang`] holds.
 //!
 //! Owns: the token's files and its URI. Must not: know how keyraft uses it.
 
@@ -28,6 +31,9 @@ pub enum KeyIn {
     /// Another key than the cluster's in this host's token (a host given
     /// the wrong token).
     TokenWithAnotherKey,
+    /// The cluster's key in this host's token, reached through the tests'
+    /// module that can make the token stop answering ([`Token::hang`]).
+    HangingToken,
 }
 
 /// One host's SoftHSM2 token, under its base dir.
@@ -58,10 +64,48 @@ impl Token {
 
     /// The key's URI, as `--validator-key` takes it.
     pub fn uri(&self) -> String {
+        self.uri_through(Path::new(MODULE))
+    }
+
+    /// The key's URI through PKCS#11 module `module`.
+    pub fn uri_through(&self, module: &Path) -> String {
         format!(
-            "pkcs11:token={LABEL};object=validator?module-path={MODULE}&pin-source=file:{}",
+            "pkcs11:token={LABEL};object=validator?module-path={}&pin-source=file:{}",
+            module.display(),
             self.dir.join("pin").display()
         )
+    }
+
+    /// The tests' module that can hang this token, once built
+    /// ([`Token::build_hanging_module`]).
+    pub fn hanging_module(&self) -> PathBuf {
+        self.dir.join("libpkcs11_hang.so")
+    }
+
+    /// Builds the tests' hanging module (`localnet/shim/pkcs11_hang.rs`)
+    /// with `rustc` alone, beside this token: about a second, and every
+    /// test its own copy.
+    pub fn build_hanging_module(&self) -> Result<()> {
+        let source = self.dir.join("pkcs11_hang.rs");
+        std::fs::write(&source, include_str!("../shim/pkcs11_hang.rs"))?;
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        crate::harness::run(
+            Command::new(rustc)
+                .args(["--edition", "2021", "--crate-type", "cdylib", "-O", "-o"])
+                .arg(self.hanging_module())
+                .arg(&source),
+        )
+    }
+
+    /// Through the hanging module, every call that reaches the token
+    /// waits from now on, until [`Token::answer`].
+    pub fn hang(&self) -> Result<()> {
+        std::fs::write(self.dir.join("hang"), b"").context("hanging the token")
+    }
+
+    /// The hanging module's calls go through again.
+    pub fn answer(&self) -> Result<()> {
+        std::fs::remove_file(self.dir.join("hang")).context("letting the token answer")
     }
 
     /// A new token holding `key` (a `priv_validator_key.json`), imported
@@ -114,6 +158,11 @@ pub fn lay_out(keyraft: &Path, base: &Path, key: &Path, key_in: KeyIn) -> Result
     match key_in {
         KeyIn::File => Ok(()),
         KeyIn::Token => Token::at(base).create(keyraft, key),
+        KeyIn::HangingToken => {
+            let t = Token::at(base);
+            t.create(keyraft, key)?;
+            t.build_hanging_module()
+        }
         KeyIn::TokenWithAnotherKey => {
             let other = base.join("another_priv_validator_key.json");
             crate::comet::key::ValidatorKey::generate().write_new(&other)?;
@@ -128,6 +177,11 @@ pub fn key_args(base: &Path, key: &Path, key_in: KeyIn) -> (Vec<(String, PathBuf
     let flag = "--validator-key".to_string();
     match key_in {
         KeyIn::File => (Vec::new(), [flag, key.display().to_string()]),
+        KeyIn::HangingToken => {
+            let t = Token::at(base);
+            let uri = t.uri_through(&t.hanging_module());
+            (vec![("SOFTHSM2_CONF".into(), t.conf())], [flag, uri])
+        }
         _ => {
             let t = Token::at(base);
             (vec![("SOFTHSM2_CONF".into(), t.conf())], [flag, t.uri()])

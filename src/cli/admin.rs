@@ -145,7 +145,7 @@ pub(super) fn import_key(from: &std::path::Path, to: &str) -> anyhow::Result<Str
     let module = modules.open(&uri.module)?;
     let public = file_key.public().to_bytes();
     let added = token::import(&uri, &module, &seed, &public)?;
-    let token_key = key::ConsensusKey::open_token(&uri, &mut modules)?;
+    let token_key = key::ConsensusKey::open_token(&uri, module.clone())?;
     if token_key.address() != file_key.address() {
         bail!(
             "token '{}' answers with key {}, not the file's {}",

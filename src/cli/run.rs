@@ -42,7 +42,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let keys = match cfg
         .signer
         .as_ref()
-        .map(|s| crate::signer::load_chain_keys(&s.chains, &mut modules))
+        .map(|s| crate::signer::load_chain_keys(&s.chains, |path| modules.open(path)))
     {
         None => Vec::new(),
         Some(Ok(keys)) => keys,

@@ -17,7 +17,7 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::token::{Modules, TokenError, TokenKey};
+use super::token::{Module, TokenError, TokenKey};
 use crate::config::TokenUri;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +88,11 @@ impl ConsensusKey {
     /// The key `uri` names on its token, opened through `modules`
     /// (blocking): its public key read from the token, and one signature
     /// made to prove that the token's private key is its pair.
-    pub fn open_token(uri: &TokenUri, modules: &mut Modules) -> Result<ConsensusKey, SignError> {
-        let token = TokenKey::open(uri, modules.open(&uri.module)?)?;
+    pub fn open_token(
+        uri: &TokenUri,
+        module: std::sync::Arc<Module>,
+    ) -> Result<ConsensusKey, SignError> {
+        let token = TokenKey::open(uri, module)?;
         let public = VerifyingKey::from_bytes(&token.public()).map_err(|e| {
             SignError::Token(TokenError::Failed {
                 token: uri.token.clone(),

@@ -222,20 +222,22 @@ impl Chain {
 /// token (each PKCS#11 module loaded once). Blocking: call it off the async
 /// workers.
 pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
-    load_chain_keys(&cfg.chains, &mut token::Modules::default())
+    let mut modules = token::Modules::default();
+    load_chain_keys(&cfg.chains, |path| modules.open(path))
 }
 
-/// [`load_keys`] of `chains`, through the `modules` already loaded.
+/// [`load_keys`] of `chains`, each PKCS#11 module found or loaded by
+/// `module` (its path).
 pub fn load_chain_keys(
     chains: &[ChainConfig],
-    modules: &mut token::Modules,
+    mut module: impl FnMut(&std::path::Path) -> Result<Arc<token::Module>, token::TokenError>,
 ) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
     chains
         .iter()
         .map(|c| {
             let key = match &c.key {
                 KeySource::File(path) => ConsensusKey::load(path)?,
-                KeySource::Token(uri) => ConsensusKey::open_token(uri, modules)?,
+                KeySource::Token(uri) => ConsensusKey::open_token(uri, module(&uri.module)?)?,
             };
             Ok((c.clone(), key))
         })

@@ -212,8 +212,11 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         let modules = self.modules.clone();
         let opening = tokio::task::spawn_blocking(move || {
-            let mut modules = modules.lock().unwrap_or_else(|p| p.into_inner());
-            load_chain_keys(&chains, &mut modules)
+            // The modules locked only to find or load one: a token that
+            // hangs while its key opens holds nothing a later reload needs.
+            load_chain_keys(&chains, |path| {
+                modules.lock().unwrap_or_else(|p| p.into_inner()).open(path)
+            })
         });
         let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
             .await
