@@ -351,11 +351,12 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
 /// A reload that opens a key in a token that has stopped answering (its
 /// calls hang) gives up after its limit and changes nothing, in one line;
 /// the chains already signed for sign on, and a later reload that opens
-/// only a key file goes through while the token still hangs.
+/// only a key file goes through while the token still hangs. SIGTERM
+/// then stops the host, its threads still stuck in the token.
 #[tokio::test]
 async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_through(
 ) -> Result<()> {
-    let c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
+    let mut c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
         key_in: KeyIn::HangingToken,
         ..NodeOpts::default()
     })
@@ -426,14 +427,24 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
     })
     .await
     .with_context(|| c.logs())?;
-    token.answer()?;
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
-    no_equivocations_on_any_chain(&c).await
+    no_equivocations_on_any_chain(&c).await?;
+
+    // Its threads stuck in the token (the probe, the reload given up) do
+    // not keep it from stopping.
+    c.signal(f, nix::sys::signal::Signal::SIGTERM)?;
+    c.forget(f)?
+        .context("not running")?
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .context("a host whose token hangs did not stop on SIGTERM")?;
+    token.answer()
 }
 
-/// `keyraft run` with a token configured wrong: one line and exit 2,
-/// before anything else starts; `keyraft check --config` says the same.
+/// `keyraft run` with a token configured wrong, or one that does not
+/// answer: one line and exit 2, before anything else starts; `keyraft
+/// check --config` says the same.
 #[tokio::test]
 async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
@@ -479,7 +490,14 @@ async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<
             good.replace("object=validator", "object=nokey"),
             "holds no Ed25519 private key object=nokey",
         ),
+        // A token that does not answer (only through the tests' module).
+        (
+            token.uri_through(&token.hanging_module()),
+            "opening the keys: they did not open within 10s",
+        ),
     ];
+    token.build_hanging_module()?;
+    token.hang()?;
     for (i, (uri, words)) in cases.iter().enumerate() {
         let conf = dir.path().join(format!("keyraft-{i}.toml"));
         let data = dir.path().join(format!("data-{i}"));
@@ -505,7 +523,7 @@ async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<
             );
         }
     }
-    Ok(())
+    token.answer()
 }
 
 /// Two keys in two tokens of one module (one process, as keyraft opens

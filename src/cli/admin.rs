@@ -16,6 +16,7 @@ use super::{certs, AdminAddr, Cmd, MembersCmd, SignerCmd};
 use crate::config::RunArgs;
 use crate::health;
 use crate::pb::{self, cluster_command::Kind};
+use crate::signer::reload::{ReloadError, OPEN_PATIENCE};
 
 /// Where the CLI reaches a coordinator, resolved from [`AdminAddr`].
 enum Target {
@@ -325,17 +326,24 @@ async fn preflight(file: PathBuf) -> ExitCode {
     // cannot be is the same one line and exit 2.
     let keys = match cfg.signer.clone() {
         None => Vec::new(),
-        Some(s) => match tokio::task::spawn_blocking(move || crate::signer::load_keys(&s)).await {
-            Ok(Ok(keys)) => keys,
-            Ok(Err(e)) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
+        Some(s) => {
+            let opening = tokio::task::spawn_blocking(move || crate::signer::load_keys(&s));
+            match tokio::time::timeout(OPEN_PATIENCE, opening).await {
+                Ok(Ok(Ok(keys))) => keys,
+                Ok(Ok(Err(e))) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+                Err(_) => {
+                    eprintln!("error: {}", ReloadError::OpenTimeout(OPEN_PATIENCE));
+                    return ExitCode::from(2);
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-        },
+        }
     };
     let mut lines = crate::preflight::signer_keys(&keys);
     lines.extend(crate::preflight::run(&cfg).await);

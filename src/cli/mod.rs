@@ -376,7 +376,11 @@ pub fn main() -> ExitCode {
                     other => admin::client(other).await,
                 }
             };
-            match rt.block_on(run) {
+            let ran = rt.block_on(run);
+            // A thread stuck in a token that does not answer (`check`
+            // opening the keys) must not keep the command from exiting.
+            rt.shutdown_timeout(std::time::Duration::from_millis(500));
+            match ran {
                 Ok(code) => code,
                 Err(e) => fail(e),
             }

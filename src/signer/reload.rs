@@ -23,9 +23,9 @@ use super::{load_chain_keys, Chain, ConsensusKey, Forward, SignError, Signer};
 use crate::config::ChainConfig;
 use crate::raft::TypeConfig;
 
-/// Longest a reload waits for its keys to open (a token that does not
-/// answer fails the reload).
-const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest the keys may take to open, at start or in a reload: a token
+/// that does not answer fails the reload, or the start in one line.
+pub const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a reload does to the chains, by chain id.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub enum ReloadError {
     },
     #[error("opening the keys: no key was opened for {0}")]
     NotOpened(String),
-    #[error("opening the keys: they did not open within {0:?}")]
+    #[error("opening the keys: they did not open within {0:?} (a token that does not answer?)")]
     OpenTimeout(std::time::Duration),
     #[error("opening the keys: {0}")]
     OpenPanicked(#[from] tokio::task::JoinError),

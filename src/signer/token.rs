@@ -134,16 +134,22 @@ const REINITIALIZE_EVERY: std::time::Duration = std::time::Duration::from_secs(5
 impl Module {
     /// Finalizes and initializes the module again: some modules (SoftHSM2)
     /// see a token that came back only then. Every session of it ends.
-    /// `Ok(false)`: done too recently, not now.
+    /// `Ok(false)`: not now, for it was done too recently, or a call is
+    /// inside the module. Waiting for that call would be waiting for as
+    /// long as its token hangs, with every other key of the module queued
+    /// behind the wait; the next probe tries again.
     fn reinitialize(&self) -> Result<bool, TokenError> {
-        {
-            let mut last = self.reinitialized.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < REINITIALIZE_EVERY) {
-                return Ok(false);
-            }
-            *last = Some(std::time::Instant::now());
+        let mut last = self.reinitialized.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < REINITIALIZE_EVERY) {
+            return Ok(false);
         }
-        let mut generation = self.generation.write().unwrap_or_else(|p| p.into_inner());
+        let mut generation = match self.generation.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        *last = Some(std::time::Instant::now());
+        drop(last);
         let err = |e: CkError| TokenError::Module {
             module: self.path.display().to_string(),
             why: e.to_string(),
