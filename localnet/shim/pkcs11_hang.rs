@@ -75,12 +75,31 @@ fn lists() -> Option<&'static Lists> {
             }
             let real = *real;
             let mut ours = real;
-            ours.f[GET_TOKEN_INFO] = std::mem::transmute::<_, Fp>(get_token_info as unsafe extern "C" fn(Ulong, *mut c_void) -> Rv);
-            ours.f[OPEN_SESSION] = std::mem::transmute::<_, Fp>(open_session as unsafe extern "C" fn(Ulong, Ulong, *mut c_void, *mut c_void, *mut Ulong) -> Rv);
-            ours.f[LOGIN] = std::mem::transmute::<_, Fp>(login as unsafe extern "C" fn(Ulong, Ulong, *mut u8, Ulong) -> Rv);
-            ours.f[FIND_OBJECTS_INIT] = std::mem::transmute::<_, Fp>(find_objects_init as unsafe extern "C" fn(Ulong, *mut c_void, Ulong) -> Rv);
-            ours.f[SIGN_INIT] = std::mem::transmute::<_, Fp>(sign_init as unsafe extern "C" fn(Ulong, *mut c_void, Ulong) -> Rv);
-            ours.f[SIGN] = std::mem::transmute::<_, Fp>(sign as unsafe extern "C" fn(Ulong, *mut u8, Ulong, *mut u8, *mut Ulong) -> Rv);
+            ours.f[GET_TOKEN_INFO] = std::mem::transmute::<_, Fp>(
+                get_token_info as unsafe extern "C" fn(Ulong, *mut c_void) -> Rv,
+            );
+            ours.f[OPEN_SESSION] = std::mem::transmute::<_, Fp>(
+                open_session
+                    as unsafe extern "C" fn(
+                        Ulong,
+                        Ulong,
+                        *mut c_void,
+                        *mut c_void,
+                        *mut Ulong,
+                    ) -> Rv,
+            );
+            ours.f[LOGIN] = std::mem::transmute::<_, Fp>(
+                login as unsafe extern "C" fn(Ulong, Ulong, *mut u8, Ulong) -> Rv,
+            );
+            ours.f[FIND_OBJECTS_INIT] = std::mem::transmute::<_, Fp>(
+                find_objects_init as unsafe extern "C" fn(Ulong, *mut c_void, Ulong) -> Rv,
+            );
+            ours.f[SIGN_INIT] = std::mem::transmute::<_, Fp>(
+                sign_init as unsafe extern "C" fn(Ulong, *mut c_void, Ulong) -> Rv,
+            );
+            ours.f[SIGN] = std::mem::transmute::<_, Fp>(
+                sign as unsafe extern "C" fn(Ulong, *mut u8, Ulong, *mut u8, *mut Ulong) -> Rv,
+            );
             Some(Lists { real, ours })
         })
         .as_ref()
