@@ -85,7 +85,7 @@ impl ConsensusKey {
         Ok(ConsensusKey::from_seed(seed))
     }
 
-    /// The key `uri` names on its token, opened through `modules`
+    /// The key `uri` names on its token, opened through `module`
     /// (blocking): its public key read from the token, and one signature
     /// made to prove that the token's private key is its pair.
     pub fn open_token(
