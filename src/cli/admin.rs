@@ -16,7 +16,6 @@ use super::{certs, AdminAddr, Cmd, MembersCmd, SignerCmd};
 use crate::config::RunArgs;
 use crate::health;
 use crate::pb::{self, cluster_command::Kind};
-use crate::signer::reload::{ReloadError, OPEN_PATIENCE};
 
 /// Where the CLI reaches a coordinator, resolved from [`AdminAddr`].
 enum Target {
@@ -327,20 +326,15 @@ async fn preflight(file: PathBuf) -> ExitCode {
     let keys = match cfg.signer.clone() {
         None => Vec::new(),
         Some(s) => {
-            let opening = tokio::task::spawn_blocking(move || crate::signer::load_keys(&s));
-            match tokio::time::timeout(OPEN_PATIENCE, opening).await {
-                Ok(Ok(Ok(keys))) => keys,
-                Ok(Ok(Err(e))) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+            match tokio::task::spawn_blocking(move || crate::signer::reload::load_keys(&s)).await {
+                Ok(Ok((keys, _))) => keys,
                 Ok(Err(e)) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-                Err(_) => {
-                    eprintln!("error: {}", ReloadError::OpenTimeout(OPEN_PATIENCE));
                     return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
                 }
             }
         }

@@ -10,12 +10,9 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 
 use super::fail;
-use crate::config::{ChainConfig, LogFormat, RunArgs};
+use crate::config::{LogFormat, RunArgs};
 use crate::fence::FenceError;
 use crate::server::{self, RunError};
-use crate::signer::key::ConsensusKey;
-use crate::signer::reload::{ReloadError, OPEN_PATIENCE};
-use crate::signer::token::Modules;
 use crate::tls;
 
 pub fn run(args: RunArgs) -> ExitCode {
@@ -41,7 +38,8 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     // Signer mode's keys: a bad file or token is one line, before any log.
-    let (keys, modules) = match open_keys(cfg.signer.as_ref()) {
+    let opened = cfg.signer.as_ref().map(crate::signer::reload::load_keys);
+    let (keys, modules) = match opened.unwrap_or_else(|| Ok(Default::default())) {
         Ok(opened) => opened,
         Err(why) => {
             eprintln!("error: {why}");
@@ -168,29 +166,5 @@ impl Write for NodeTag {
 
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
-    }
-}
-
-/// Signer mode's keys and the PKCS#11 modules they opened through, on a
-/// thread of their own for at most [`OPEN_PATIENCE`]: a token that does
-/// not answer is one line and exit 2, not a start that waits for ever
-/// (the thread stays with the token; the process exits).
-fn open_keys(
-    signer: Option<&crate::config::SignerConfig>,
-) -> Result<(Vec<(ChainConfig, ConsensusKey)>, Modules), ReloadError> {
-    let Some(signer) = signer else {
-        return Ok((Vec::new(), Modules::default()));
-    };
-    let chains = signer.chains.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut modules = Modules::default();
-        let keys = crate::signer::load_chain_keys(&chains, |path| modules.open(path));
-        // The caller may have given up.
-        let _ = tx.send(keys.map(|k| (k, modules)));
-    });
-    match rx.recv_timeout(OPEN_PATIENCE) {
-        Ok(opened) => Ok(opened?),
-        Err(_) => Err(ReloadError::OpenTimeout(OPEN_PATIENCE)),
     }
 }

@@ -79,7 +79,7 @@ pub enum RunError {
 /// What the caller read and checked before anything starts (so that a bad
 /// file or token is one line and exit 2, before any log): the peer port's
 /// TLS material (`None` with `--insecure`) and signer mode's keys, each
-/// chain's with its configuration ([`signer::load_keys`]).
+/// chain's with its configuration ([`signer::reload::load_keys`]).
 pub struct Secrets {
     pub tls: Option<TlsMaterial>,
     pub keys: Vec<(crate::config::ChainConfig, signer::ConsensusKey)>,

@@ -95,7 +95,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use crate::config::ProtocolVersion;
-use crate::config::{ChainConfig, KeySource, NodeId, SignerConfig};
+use crate::config::{ChainConfig, KeySource, NodeId};
 use crate::node::Core;
 use crate::pb;
 use crate::raft::peers::Peers;
@@ -219,15 +219,8 @@ impl Chain {
 }
 
 /// Reads every chain's `priv_validator_key.json`, or opens its key in its
-/// token (each PKCS#11 module loaded once). Blocking: call it off the async
-/// workers.
-pub fn load_keys(cfg: &SignerConfig) -> Result<Vec<(ChainConfig, ConsensusKey)>, SignError> {
-    let mut modules = token::Modules::default();
-    load_chain_keys(&cfg.chains, |path| modules.open(path))
-}
-
-/// [`load_keys`] of `chains`, each PKCS#11 module found or loaded by
-/// `module` (its path).
+/// token, each PKCS#11 module found or loaded by `module` (its path).
+/// Blocking; [`reload::load_keys`] puts a limit on it.
 pub fn load_chain_keys(
     chains: &[ChainConfig],
     mut module: impl FnMut(&std::path::Path) -> Result<Arc<token::Module>, token::TokenError>,
@@ -261,7 +254,7 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
 }
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
-    /// A signer for `chains`, each with its key ([`load_keys`]), as signing
+    /// A signer for `chains`, each with its key ([`reload::load_keys`]), as signing
     /// process `holder` (random, and never the same twice).
     pub fn new(
         core: Arc<Core<SM>>,

@@ -19,13 +19,36 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 
+use super::token::Modules;
 use super::{load_chain_keys, Chain, ConsensusKey, Forward, SignError, Signer};
-use crate::config::ChainConfig;
+use crate::config::{ChainConfig, SignerConfig};
 use crate::raft::TypeConfig;
 
 /// Longest the keys may take to open, at start or in a reload: a token
 /// that does not answer fails the reload, or the start in one line.
 pub const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every chain's key at start, and the PKCS#11 modules they opened through
+/// (each loaded once), on a thread of their own for at most
+/// [`OPEN_PATIENCE`]: a token that does not answer is an error, not a wait
+/// for ever (the thread stays with the token). Blocking: `keyraft run`
+/// calls it before its runtime, `keyraft check` off the async workers.
+pub fn load_keys(
+    cfg: &SignerConfig,
+) -> Result<(Vec<(ChainConfig, ConsensusKey)>, Modules), ReloadError> {
+    let chains = cfg.chains.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut modules = Modules::default();
+        let keys = load_chain_keys(&chains, |path| modules.open(path));
+        // The caller may have given up.
+        let _ = tx.send(keys.map(|k| (k, modules)));
+    });
+    match rx.recv_timeout(OPEN_PATIENCE) {
+        Ok(opened) => Ok(opened?),
+        Err(_) => Err(ReloadError::OpenTimeout(OPEN_PATIENCE)),
+    }
+}
 
 /// What a reload does to the chains, by chain id.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
