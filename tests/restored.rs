@@ -85,11 +85,28 @@ async fn a_restored_signer_is_refused_until_it_rejoins() -> Result<()> {
     a_restored_standby_is_refused(Some(signer_mode())).await
 }
 
+/// A standby restored from a copy of its own term, behind only in the
+/// entries it acknowledged, is refused for those alone. An election while
+/// the scenario runs (a loaded host that misses heartbeats) puts the copy
+/// behind in term too, and the refusal then rightly names the term: the
+/// scenario did not happen, so it is run again on a new cluster.
 #[tokio::test]
 async fn a_node_behind_only_by_entries_is_refused() -> Result<()> {
+    const TRIES: usize = 3;
+    for _ in 0..TRIES {
+        if behind_only_by_entries().await?.is_some() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the term moved in each of {TRIES} tries: the scenario never held")
+}
+
+/// One try of [`a_node_behind_only_by_entries_is_refused`]: `None` where
+/// the term moved between the copy and the refusal.
+async fn behind_only_by_entries() -> Result<Option<()>> {
     let mut c = Cluster::start(3, 250, plain).await?;
+    let term = c.status(leader(&c, &[1, 2, 3]).await?).await?["cluster"]["term"].as_u64();
     let (l, s, backup) = standby_with_backup(&mut c).await?;
-    let term = c.status(l).await?["cluster"]["term"].as_u64();
     let held = node_entry(&c.status(l).await?, s)["remembered"]["committed"]
         .as_u64()
         .unwrap_or(0);
@@ -105,20 +122,19 @@ async fn a_node_behind_only_by_entries_is_refused() -> Result<()> {
         },
     )
     .await?;
-    ensure!(
-        c.status(l).await?["cluster"]["term"].as_u64() == term,
-        "the term changed"
-    );
     stop(&mut c, s).await?;
     restore(&c, s, &backup)?;
     let line = refused(&c, s).await?;
+    if c.status(l).await?["cluster"]["term"].as_u64() != term {
+        return Ok(None);
+    }
     ensure!(
         line.contains("log up to index") && !line.contains("term "),
         "unclear refusal: {line}"
     );
     chain_moves(&c).await?;
     c.assert_no_double_signs().await?;
-    Ok(())
+    Ok(Some(()))
 }
 
 /// A leader restored from a copy of its own data dir taken within its own
