@@ -374,6 +374,10 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
             .collect()
     };
     let before = listed(c.status(f).await?);
+    let mut missed = Vec::new();
+    for (_, judge) in c.judges() {
+        missed.push(judge.totals().await?.missed);
+    }
     token.hang()?;
 
     // A chain added with its key in the hung token.
@@ -430,6 +434,17 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
     no_equivocations_on_any_chain(&c).await?;
+    // A follower's hung token is its own business: the leader signed
+    // every height of every chain throughout.
+    for ((chain, judge), before) in c.judges().into_iter().zip(missed) {
+        let now = judge.totals().await?.missed;
+        ensure!(
+            now == before,
+            "{chain}: {} heights missed while a follower's token hung\n{}",
+            now - before,
+            c.logs()
+        );
+    }
 
     // Its threads stuck in the token (the probe, the reload given up) do
     // not keep it from stopping.

@@ -6,7 +6,9 @@
 //! Owns: which chains start, stop or stay; the rule that a chain keeps its
 //! key for the life of the process ([`key_kept`]); handing a chain's memory
 //! (what this process signed inside its reservation, [`super::Ahead`]) to
-//! the chain that replaces it or adds it again. Must not: touch a chain the
+//! the chain that replaces it or adds it again; opening keys within a
+//! limit, for a reload and at start ([`load_keys`]), so that a token that
+//! does not answer is an error, not a wait. Must not: touch a chain the
 //! reload leaves as it was, or change anything when a check fails.
 //!
 //! Why a chain's memory outlives its removal: a reservation committed for
