@@ -177,14 +177,43 @@ pub struct TokenKey {
     rejected_pin: Mutex<Option<[u8; 32]>>,
 }
 
+impl Drop for TokenKey {
+    /// Closes the sessions of the module's current generation. One of an
+    /// earlier generation died with it, and closing its handle could close
+    /// another key's session that was given the same one; while the module
+    /// is being initialized again (its lock held), every session is about
+    /// to end anyway, and none is closed.
+    fn drop(&mut self) {
+        let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
+        // Read-locked while the sessions are closed, as every use is.
+        let current = match self.module.generation.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        for (g, session, _) in pool {
+            if current.as_deref() == Some(&g) {
+                drop(session);
+            } else {
+                std::mem::forget(session);
+            }
+        }
+    }
+}
+
 impl TokenKey {
     /// Finds the key `uri` names in `module` (logging in with its PIN) and
     /// reads its public key. Blocking.
     pub fn open(uri: &TokenUri, module: Arc<Module>) -> Result<TokenKey, TokenError> {
-        let generation = *module.generation.read().unwrap_or_else(|p| p.into_inner());
-        let session = login(uri, &module.ctx, false)?;
-        let handle = find_key(uri, &session)?.ok_or_else(|| no_key(uri))?;
-        let public = public_key(uri, &session)?;
+        // Read-locked while inside the module, as every use is: the module
+        // is not initialized again under the calls.
+        let (generation, session, handle, public) = {
+            let generation = module.generation.read().unwrap_or_else(|p| p.into_inner());
+            let session = login(uri, &module.ctx, false)?;
+            let handle = find_key(uri, &session)?.ok_or_else(|| no_key(uri))?;
+            let public = public_key(uri, &session)?;
+            (*generation, session, handle, public)
+        };
         Ok(TokenKey {
             uri: uri.clone(),
             module,
