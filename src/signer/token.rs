@@ -137,7 +137,10 @@ impl Module {
     /// `Ok(false)`: not now, for it was done too recently, or a call is
     /// inside the module. Waiting for that call would be waiting for as
     /// long as its token hangs, with every other key of the module queued
-    /// behind the wait; the next probe tries again.
+    /// behind the wait; the next probe tries again. A call that never
+    /// returns (a sign, or a key's opening that a reload gave up on) keeps
+    /// the module from being initialized again until keyraft restarts:
+    /// finalizing a module under a call is undefined in PKCS#11.
     fn reinitialize(&self) -> Result<bool, TokenError> {
         let mut last = self.reinitialized.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < REINITIALIZE_EVERY) {
@@ -180,9 +183,10 @@ pub struct TokenKey {
 impl Drop for TokenKey {
     /// Closes the sessions of the module's current generation. One of an
     /// earlier generation died with it, and closing its handle could close
-    /// another key's session that was given the same one; while the module
-    /// is being initialized again (its lock held), every session is about
-    /// to end anyway, and none is closed.
+    /// another key's session that was given the same one. While the module
+    /// is being initialized again (its lock held) none is closed: they end
+    /// with it, or, where finalizing fails, stay open (a leak, never
+    /// another key's session closed).
     fn drop(&mut self) {
         let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
         // Read-locked while the sessions are closed, as every use is.
