@@ -181,12 +181,11 @@ pub struct TokenKey {
 }
 
 impl Drop for TokenKey {
-    /// Closes the sessions of the module's current generation. One of an
-    /// earlier generation died with it, and closing its handle could close
-    /// another key's session that was given the same one. While the module
-    /// is being initialized again (its lock held) none is closed: they end
-    /// with it, or, where finalizing fails, stay open (a leak, never
-    /// another key's session closed).
+    /// Closes the sessions of the module's current generation
+    /// ([`of_generation`]). While the module is being initialized again
+    /// (its lock held) none is closed: they end with it, or, where
+    /// finalizing fails, stay open (a leak, never another key's session
+    /// closed).
     fn drop(&mut self) {
         let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
         // Read-locked while the sessions are closed, as every use is.
@@ -195,14 +194,22 @@ impl Drop for TokenKey {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
-        for (g, session, _) in pool {
-            if current.as_deref() == Some(&g) {
-                drop(session);
-            } else {
-                std::mem::forget(session);
-            }
-        }
+        drop(of_generation(pool, current.as_deref().copied()));
     }
+}
+
+/// The sessions of `pool` opened in generation `current`. The others are
+/// forgotten, not closed: a session of an earlier generation died with
+/// it, and closing its handle could close a newer session (another key's)
+/// that was given the same one.
+fn of_generation(
+    pool: Vec<(u64, Session, ObjectHandle)>,
+    current: Option<u64>,
+) -> Vec<(u64, Session, ObjectHandle)> {
+    let (live, stale): (Vec<_>, Vec<_>) =
+        pool.into_iter().partition(|(g, _, _)| Some(*g) == current);
+    stale.into_iter().for_each(std::mem::forget);
+    live
 }
 
 impl TokenKey {
@@ -246,11 +253,7 @@ impl TokenKey {
             .unwrap_or_else(|p| p.into_inner());
         let taken = {
             let mut pool = self.lock();
-            // A session of an earlier generation died with it; closing it
-            // could close a new session given the same handle.
-            let (live, stale): (Vec<_>, Vec<_>) =
-                pool.drain(..).partition(|(g, _, _)| g == &*generation);
-            stale.into_iter().for_each(std::mem::forget);
+            let live = of_generation(std::mem::take(&mut *pool), Some(*generation));
             *pool = live;
             pool.pop()
         };
