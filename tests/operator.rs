@@ -1,9 +1,11 @@
 //! Operator commands against a real cluster, judged by the fake chain
 //! where a key moves: `keyraft check` and its exit codes, `keyraft probe`,
 //! a pause that holds in signer mode,
-//! the NEAR preset's node-key links, and a health URL that answers 404.
+//! the NEAR preset's node-key links, a health URL that answers 404, and a
+//! follower stopped (SIGTERM, as `systemctl stop` does) with its servers
+//! drained.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use localnet::cluster::{Cluster, NodeOpts, SETTLE};
 use localnet::harness::{eventually, node_entry};
 
@@ -294,6 +296,31 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
     );
     ensure!(c.cli(rest[0], &["resume"]).await?.status.success());
     c.chain.wait_signed_by(killed + 6, &rest, SETTLE).await?;
+    c.assert_no_double_signs().await?;
+    Ok(())
+}
+
+/// A follower stops on SIGTERM without waiting out its servers' drain:
+/// the leader's streams of appends to it end with the first append after
+/// its Raft stopped (they would keep its peer port open until the drain
+/// gave up, 2 s).
+#[tokio::test]
+async fn a_follower_stops_on_sigterm_with_its_servers_drained() -> Result<()> {
+    let mut c = Cluster::start(3, BLOCK_MS, plain).await?;
+    let (leader, _) = eventually(SETTLE, "all three to agree on a leader", || {
+        c.agreed_leader(&[1, 2, 3])
+    })
+    .await?;
+    let follower = (1..=3).find(|i| *i != leader).context("no follower")?;
+    c.signal(follower, nix::sys::signal::Signal::SIGTERM)?;
+    let mut stopped = c.forget(follower)?.context("no process")?;
+    let status = stopped.wait_exit(SETTLE).await?;
+    let log = stopped.log_tail(200);
+    ensure!(status.success(), "SIGTERM exit: {status}\n{log}");
+    ensure!(
+        log.contains("stopped") && !log.contains("did not drain in time"),
+        "node {follower} did not drain its servers:\n{log}"
+    );
     c.assert_no_double_signs().await?;
     Ok(())
 }

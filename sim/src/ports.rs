@@ -117,8 +117,11 @@ impl<P: Port> Transport for SimTransport<P> {
     /// The simulated network finds a peer by its id.
     fn learn(&self, _target: NodeId, _node: &BasicNode) {}
 
+    type Lane = ();
+
     async fn append(
         &self,
+        _: &(),
         to: NodeId,
         rpc: &AppendEntriesRequest<Types>,
         stamp: Stamp,

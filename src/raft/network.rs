@@ -173,8 +173,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Learns a peer's address from the membership, unless it knows one.
     fn learn(&self, target: NodeId, node: &BasicNode);
 
+    /// What one openraft connection keeps from one append to its next
+    /// (the gRPC transport: the stream its appends go on).
+    type Lane: Default + Send + Sync + 'static;
+
     fn append(
         &self,
+        lane: &Self::Lane,
         target: NodeId,
         rpc: &AppendEntriesRequest<TypeConfig>,
         stamp: Stamp,
@@ -227,24 +232,26 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
             gate: self.gate.clone(),
             me: self.transport.self_id(),
             target,
+            lane: T::Lane::default(),
         }
     }
 }
 
 /// openraft's connection to one peer.
-pub struct PeerConnection<T> {
+pub struct PeerConnection<T: Transport> {
     transport: Arc<T>,
     memory: Arc<Memory>,
     gate: Arc<super::Gate>,
     me: NodeId,
     target: NodeId,
+    lane: T::Lane,
 }
 
 fn unreachable(why: impl ToString) -> RPCError<TypeConfig> {
     RPCError::Unreachable(Unreachable::from_string(why.to_string()))
 }
 
-impl<T> PeerConnection<T> {
+impl<T: Transport> PeerConnection<T> {
     /// What this node remembers of the target; an error if it refused it.
     fn remembered(&self) -> Result<Remembered, RPCError<TypeConfig>> {
         not_refused(&*self.memory, self.target).map_err(unreachable)
@@ -278,7 +285,10 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for PeerConnection<T> {
             leader_durable: self.gate.own_durable(),
             promise_ms: promise_ms(&self.gate),
         };
-        let resp = self.transport.append(self.target, &rpc, stamp, ttl).await?;
+        let resp = self
+            .transport
+            .append(&self.lane, self.target, &rpc, stamp, ttl)
+            .await?;
         match after_append(&rpc, &resp, &before) {
             Shown::Held { term, committed } => self.saw(term, Some(committed)).await?,
             Shown::Lost(gap) => return Err(self.caught(&before, gap).await),
@@ -461,8 +471,10 @@ mod tests {
             1
         }
         fn learn(&self, _: NodeId, _: &BasicNode) {}
+        type Lane = ();
         async fn append(
             &self,
+            _: &(),
             _: NodeId,
             _: &AppendEntriesRequest<TypeConfig>,
             _: Stamp,

@@ -4,16 +4,20 @@
 //!
 //! Owns: peer addresses, channel settings (timeouts, keepalive, mTLS with the
 //! peer's expected name), the `x-keyraft-node` header on every request, the
-//! wire form of a Raft message (JSON in `pb::RaftPayload`) and the mapping
-//! of transport failures to openraft's error kinds. Must not: retry on its
-//! own (openraft and gossip decide when to call again), wait longer than
-//! the deadline the caller gives, or judge what an answer shows of a peer
-//! (`raft::network` does, on any transport).
+//! wire form of a Raft message (JSON in `pb::RaftPayload`), the stream each
+//! openraft connection's appends go on ([`Lane`], with single calls to a
+//! peer too old for it) and the mapping of transport failures to openraft's
+//! error kinds. Must not: retry on its own (openraft and gossip decide when
+//! to call again), wait longer than the deadline the caller gives, or judge
+//! what an answer shows of a peer (`raft::network` does, on any transport).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::channel::mpsc;
 
 use openraft::errors::{NetworkError, RPCError, Unreachable};
 use openraft::raft::{
@@ -52,7 +56,10 @@ pub struct Peers {
     self_id: NodeId,
     tls: Mutex<Option<TlsMaterial>>,
     addrs: Mutex<BTreeMap<NodeId, String>>,
-    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    /// Each peer's channel, its address and the serial it was made with
+    /// (a stream of appends opened on an older channel is not used again).
+    channels: Mutex<HashMap<NodeId, (String, Channel, u64)>>,
+    serials: AtomicU64,
 }
 
 impl Peers {
@@ -66,6 +73,7 @@ impl Peers {
             tls: Mutex::new(tls),
             addrs: Mutex::new(addrs),
             channels: Mutex::new(HashMap::new()),
+            serials: AtomicU64::new(0),
         })
     }
 
@@ -81,7 +89,7 @@ impl Peers {
         *lock(&self.tls) = Some(tls.clone());
         let open: Vec<(NodeId, String)> = lock(&self.channels)
             .iter()
-            .map(|(id, (addr, _))| (*id, addr.clone()))
+            .map(|(id, (addr, _, _))| (*id, addr.clone()))
             .collect();
         for (id, addr) in open {
             let Ok(ep) = self.endpoint(id, &addr, Some(&tls)) else {
@@ -89,7 +97,8 @@ impl Peers {
             };
             match tokio::time::timeout(Duration::from_secs(2), ep.connect()).await {
                 Ok(Ok(ch)) => {
-                    lock(&self.channels).insert(id, (addr, ch));
+                    let serial = self.serials.fetch_add(1, Ordering::Relaxed);
+                    lock(&self.channels).insert(id, (addr, ch, serial));
                 }
                 _ => {
                     lock(&self.channels).remove(&id);
@@ -111,17 +120,23 @@ impl Peers {
 
     /// The channel to `id`, created on first use (connections are lazy).
     pub fn channel(&self, id: NodeId) -> Result<Channel, PeerError> {
+        self.serial_channel(id).map(|(ch, _)| ch)
+    }
+
+    /// The channel to `id` and its serial.
+    fn serial_channel(&self, id: NodeId) -> Result<(Channel, u64), PeerError> {
         let addr = self.addr(id).ok_or(PeerError::UnknownPeer(id))?;
         let mut channels = lock(&self.channels);
-        if let Some((a, ch)) = channels.get(&id) {
+        if let Some((a, ch, serial)) = channels.get(&id) {
             if *a == addr {
-                return Ok(ch.clone());
+                return Ok((ch.clone(), *serial));
             }
         }
         let tls = lock(&self.tls).clone();
         let ch = self.endpoint(id, &addr, tls.as_ref())?.connect_lazy();
-        channels.insert(id, (addr, ch.clone()));
-        Ok(ch)
+        let serial = self.serials.fetch_add(1, Ordering::Relaxed);
+        channels.insert(id, (addr, ch.clone(), serial));
+        Ok((ch, serial))
     }
 
     fn endpoint(
@@ -149,11 +164,17 @@ impl Peers {
 
     /// Wraps `msg` with our node id and a deadline.
     pub fn request<T>(&self, msg: T, deadline: Duration) -> tonic::Request<T> {
+        let mut req = self.signed(msg);
+        req.set_timeout(deadline);
+        req
+    }
+
+    /// Wraps `msg` with our node id.
+    fn signed<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Ok(v) = self.self_id.to_string().parse() {
             req.metadata_mut().insert(NODE_HEADER, v);
         }
-        req.set_timeout(deadline);
         req
     }
 
@@ -161,9 +182,7 @@ impl Peers {
         &self,
         id: NodeId,
     ) -> Result<pb::raft_client::RaftClient<Channel>, PeerError> {
-        Ok(pb::raft_client::RaftClient::new(self.channel(id)?)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+        Ok(raft_client(self.channel(id)?))
     }
 
     pub fn gossip_client(
@@ -189,6 +208,12 @@ impl Peers {
             }),
         }
     }
+}
+
+fn raft_client(channel: Channel) -> RaftClient {
+    pb::raft_client::RaftClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,20 +248,197 @@ impl Peers {
         F: FnOnce(RaftClient, tonic::Request<pb::RaftPayload>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
     {
-        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let client = self.raft_client(target).map_err(failed)?;
-        let payload = pb::RaftPayload {
-            json,
-            leader_durable: stamp.leader_durable,
-            promise_ms: stamp.promise_ms,
-        };
-        let request = self.request(payload, ttl);
         let reply = self
-            .call(target, ttl, call(client, request))
-            .await
-            .map_err(failed)?;
+            .payload_call(target, payload(req, stamp)?, ttl, call)
+            .await?;
         answer(target, &reply.json)
     }
+
+    async fn payload_call<F, Fut>(
+        &self,
+        target: NodeId,
+        payload: pb::RaftPayload,
+        ttl: Duration,
+        call: F,
+    ) -> Result<pb::RaftPayload, RPCError<TypeConfig>>
+    where
+        F: FnOnce(RaftClient, tonic::Request<pb::RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
+    {
+        let client = self.raft_client(target).map_err(failed)?;
+        let request = self.request(payload, ttl);
+        self.call(target, ttl, call(client, request))
+            .await
+            .map_err(failed)
+    }
+
+    /// One append on `lane`'s stream (opened here if it has none, or has
+    /// one on a channel since replaced), or as a single call to a peer
+    /// that has no streams. The stream is taken out of the lane for the
+    /// call and put back only once its answer came: an append that failed
+    /// or was given up on (its deadline, or openraft's) leaves the lane
+    /// without one, so an answer on a stream is always to the append just
+    /// sent.
+    async fn streamed_append(
+        &self,
+        lane: &Lane,
+        target: NodeId,
+        payload: pb::RaftPayload,
+        ttl: Duration,
+    ) -> Result<pb::RaftPayload, RPCError<TypeConfig>> {
+        let until = tokio::time::Instant::now() + ttl;
+        let taken = std::mem::take(&mut *lock(&lane.0));
+        let pipe = match taken {
+            Pipe::Single => {
+                *lock(&lane.0) = Pipe::Single;
+                return self.single_append(target, payload, ttl).await;
+            }
+            Pipe::Open(pipe) => Some(*pipe),
+            Pipe::None => None,
+        };
+        let sent = tokio::time::timeout_at(until, self.round(target, pipe, payload)).await;
+        match sent {
+            Ok(Ok((pipe, reply))) => {
+                *lock(&lane.0) = Pipe::Open(Box::new(pipe));
+                Ok(reply)
+            }
+            Ok(Err(Round::NoStreams(payload))) => {
+                tracing::info!(
+                    peer = target,
+                    "the peer has no stream of appends (an older keyraft): single calls"
+                );
+                *lock(&lane.0) = Pipe::Single;
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                self.single_append(target, payload, left).await
+            }
+            Ok(Err(Round::Failed(e))) => Err(failed(e)),
+            Err(_) => Err(failed(PeerError::Timeout {
+                id: target,
+                after: ttl,
+            })),
+        }
+    }
+
+    async fn single_append(
+        &self,
+        target: NodeId,
+        payload: pb::RaftPayload,
+        ttl: Duration,
+    ) -> Result<pb::RaftPayload, RPCError<TypeConfig>> {
+        self.payload_call(target, payload, ttl, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+    }
+
+    /// Sends `payload` on `pipe` (or on a new stream) and reads its answer.
+    async fn round(
+        &self,
+        target: NodeId,
+        pipe: Option<OpenPipe>,
+        payload: pb::RaftPayload,
+    ) -> Result<(OpenPipe, pb::RaftPayload), Round> {
+        let (channel, serial) = self.serial_channel(target).map_err(Round::Failed)?;
+        let mut payload = payload;
+        if let Some(mut pipe) = pipe.filter(|p| p.serial == serial) {
+            // The previous answer came, so the previous append was read
+            // and there is room: a send fails only on a stream that died
+            // with its connection since (the peer restarted, the link was
+            // reset). Nothing of this append went out; it goes on a new
+            // stream, as a call would on the channel's new connection.
+            match pipe.tx.try_send(payload) {
+                Ok(()) => return answer_on(target, pipe).await,
+                Err(dead) => payload = dead.into_inner(),
+            }
+        }
+        let pipe = self.open(target, channel, serial, payload).await?;
+        answer_on(target, pipe).await
+    }
+
+    /// A new stream of appends to `target`, carrying `first`.
+    async fn open(
+        &self,
+        target: NodeId,
+        channel: Channel,
+        serial: u64,
+        first: pb::RaftPayload,
+    ) -> Result<OpenPipe, Round> {
+        let (mut tx, rx) = mpsc::channel(1);
+        // Kept for a single call should the peer have no streams.
+        let again = first.clone();
+        if tx.try_send(first).is_err() {
+            return Err(Round::NoStreams(again));
+        }
+        match raft_client(channel).appends(self.signed(rx)).await {
+            Ok(answers) => Ok(OpenPipe {
+                tx,
+                rx: answers.into_inner(),
+                serial,
+            }),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                Err(Round::NoStreams(again))
+            }
+            Err(status) => Err(Round::Failed(PeerError::Rpc { id: target, status })),
+        }
+    }
+}
+
+/// The answer on `pipe` to the append just sent on it.
+async fn answer_on(
+    target: NodeId,
+    mut pipe: OpenPipe,
+) -> Result<(OpenPipe, pb::RaftPayload), Round> {
+    match pipe.rx.message().await {
+        Ok(Some(reply)) => Ok((pipe, reply)),
+        Ok(None) => Err(Round::Failed(PeerError::Rpc {
+            id: target,
+            status: tonic::Status::aborted("the peer ended the stream of appends"),
+        })),
+        Err(status) => Err(Round::Failed(PeerError::Rpc { id: target, status })),
+    }
+}
+
+/// The payload of openraft's `req`, with its [`Stamp`].
+fn payload<Req: Serialize>(
+    req: &Req,
+    stamp: Stamp,
+) -> Result<pb::RaftPayload, RPCError<TypeConfig>> {
+    let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    Ok(pb::RaftPayload {
+        json,
+        leader_durable: stamp.leader_durable,
+        promise_ms: stamp.promise_ms,
+    })
+}
+
+/// Where one openraft connection's appends to a peer go: a stream of
+/// them, each append and its answer one HTTP/2 data frame (a single call
+/// costs its request two writes, headers then body, and the peer a task).
+#[derive(Default)]
+pub struct Lane(Mutex<Pipe>);
+
+#[derive(Default)]
+enum Pipe {
+    /// None open: the next append opens one.
+    #[default]
+    None,
+    Open(Box<OpenPipe>),
+    /// The peer has no streams of appends (an older keyraft).
+    Single,
+}
+
+struct OpenPipe {
+    tx: mpsc::Sender<pb::RaftPayload>,
+    rx: tonic::Streaming<pb::RaftPayload>,
+    /// The serial of the channel it was opened on.
+    serial: u64,
+}
+
+/// Why a round on a stream did not bring an answer.
+enum Round {
+    /// The peer has no streams: the append, to go as a single call.
+    NoStreams(pb::RaftPayload),
+    Failed(PeerError),
 }
 
 /// openraft's kind of a failed call: a peer that refuses for now (status
@@ -278,17 +480,20 @@ impl Transport for Peers {
         }
     }
 
+    type Lane = Lane;
+
     async fn append(
         &self,
+        lane: &Lane,
         target: NodeId,
         rpc: &AppendEntriesRequest<TypeConfig>,
         stamp: Stamp,
         ttl: Duration,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.raft_rpc(target, rpc, stamp, ttl, |mut c, r| async move {
-            c.append_entries(r).await
-        })
-        .await
+        let reply = self
+            .streamed_append(lane, target, payload(rpc, stamp)?, ttl)
+            .await?;
+        answer(target, &reply.json)
     }
 
     async fn vote(
@@ -351,57 +556,5 @@ impl Transport for Peers {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_call_is_unreachable_only_where_openraft_should_back_off() {
-        use tonic::{Code, Status};
-        let rpc = |code| PeerError::Rpc {
-            id: 2,
-            status: Status::new(code, "x"),
-        };
-        let timeout = PeerError::Timeout {
-            id: 2,
-            after: Duration::from_millis(50),
-        };
-        let bad = PeerError::BadAddress {
-            id: 2,
-            why: "x".into(),
-        };
-        // (failure, unreachable?)
-        let table = [
-            (rpc(Code::Unavailable), true),
-            (PeerError::UnknownPeer(2), true),
-            (bad, true),
-            (rpc(Code::PermissionDenied), false),
-            (rpc(Code::InvalidArgument), false),
-            (rpc(Code::Cancelled), false),
-            (rpc(Code::DeadlineExceeded), false),
-            (timeout, false),
-        ];
-        for (e, want) in table {
-            let what = e.to_string();
-            let got = matches!(failed(e), RPCError::Unreachable(_));
-            assert_eq!(got, want, "{what}");
-        }
-    }
-
-    #[test]
-    fn an_answer_carries_the_peers_reply_or_openraft_s_error() {
-        let ok = serde_json::to_vec(&Ok::<_, openraft::errors::RaftError<TypeConfig>>(
-            AppendEntriesResponse::<TypeConfig>::Success,
-        ))
-        .unwrap();
-        let got: AppendEntriesResponse<TypeConfig> = answer(2, &ok).unwrap();
-        assert_eq!(got, AppendEntriesResponse::Success);
-        let fatal = serde_json::to_vec(&Err::<AppendEntriesResponse<TypeConfig>, _>(
-            openraft::errors::RaftError::<TypeConfig>::Fatal(openraft::errors::Fatal::Stopped),
-        ))
-        .unwrap();
-        let r: Result<AppendEntriesResponse<TypeConfig>, _> = answer(2, &fatal);
-        assert!(matches!(r, Err(RPCError::Unreachable(_))), "{r:?}");
-        let r: Result<AppendEntriesResponse<TypeConfig>, _> = answer(2, b"not json");
-        assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
-    }
-}
+#[path = "peers_tests.rs"]
+mod tests;

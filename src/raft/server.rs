@@ -113,6 +113,22 @@ where
     memory: Arc<M>,
 }
 
+impl<SM, M> Clone for RaftService<SM, M>
+where
+    SM: RaftStateMachine<TypeConfig>,
+{
+    fn clone(&self) -> Self {
+        Self {
+            raft: self.raft.clone(),
+            gate: self.gate.clone(),
+            id: self.id,
+            cluster: self.cluster.clone(),
+            timing: self.timing,
+            memory: self.memory.clone(),
+        }
+    }
+}
+
 impl<SM, M> RaftService<SM, M>
 where
     SM: RaftStateMachine<TypeConfig, SnapshotData = Vec<u8>>,
@@ -405,18 +421,63 @@ fn incoming<T: DeserializeOwned>(req: &Request<pb::RaftPayload>) -> Result<(Node
     Ok((peer_of(req)?, decode(req.get_ref())?))
 }
 
+impl RaftService {
+    /// One append from `peer`, whether it came alone or on a stream, and
+    /// whether openraft has stopped (this node is shutting down: a
+    /// stream's last answer, so that the server drains).
+    async fn answer_append(
+        &self,
+        peer: NodeId,
+        p: &pb::RaftPayload,
+    ) -> Result<(pb::RaftPayload, bool), Status> {
+        let rpc = decode(p)?;
+        let answer = self
+            .append_entries(peer, rpc, p.leader_durable, p.promise_ms)
+            .await?;
+        let stopped = matches!(answer, Err(RaftError::Fatal(_)));
+        Ok((reply(&answer)?.into_inner(), stopped))
+    }
+}
+
+/// The answers to a stream of appends, in their order; the first refusal
+/// (or a broken stream, or openraft stopped) is the last answer.
+type Answers = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
-        let (peer, rpc) = incoming(&req)?;
-        let p = req.get_ref();
-        let answer = self
-            .append_entries(peer, rpc, p.leader_durable, p.promise_ms)
-            .await?;
-        reply(&answer)
+        let peer = peer_of(&req)?;
+        let (answer, _) = self.answer_append(peer, req.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    type AppendsStream = Answers;
+
+    async fn appends(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftPayload>>,
+    ) -> Result<Response<Answers>, Status> {
+        let peer = peer_of(&req)?;
+        let state = Some((self.clone(), req.into_inner()));
+        let answers = futures::stream::unfold(state, move |state| async move {
+            let (svc, mut appends) = state?;
+            let (answer, last) = match appends.message().await {
+                Ok(Some(p)) => match svc.answer_append(peer, &p).await {
+                    Ok((answer, stopped)) => (Ok(answer), stopped),
+                    Err(refused) => (Err(refused), true),
+                },
+                Ok(None) => return None,
+                Err(status) => (Err(status), true),
+            };
+            let next = (!last).then_some((svc, appends));
+            Some((answer, next))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(

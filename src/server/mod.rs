@@ -586,7 +586,7 @@ async fn tear_down(
             .await
             .is_err()
         {
-            tracing::debug!("a server did not drain in time");
+            tracing::info!("a server did not drain in time");
         }
     }
     if let Err(e) = store.log.flush().await {
