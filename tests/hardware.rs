@@ -635,3 +635,38 @@ fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing(
     b.sign(b"b after all that")?;
     Ok(())
 }
+
+/// A key dropped while its token hangs (a chain changed by a reload, or
+/// shutdown) closes its sessions on a thread of their own: the thread that
+/// drops it may be the one a coordinator runs on, whose heartbeats would
+/// stop for as long as the token hangs.
+#[test]
+fn a_key_dropped_while_its_token_hangs_does_not_hold_up_the_thread_that_drops_it() -> Result<()> {
+    use keyraft::signer::{key::ConsensusKey, token::Modules};
+    let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
+    let keyraft = localnet::harness::sibling_bin("keyraft")?;
+    let key = dir.path().join("priv_validator_key.json");
+    localnet::comet::key::ValidatorKey::generate().write_new(&key)?;
+    localnet::token::lay_out(&keyraft, dir.path(), &key, KeyIn::HangingToken)?;
+    let token = Token::at(dir.path());
+    // This process opens the module: SoftHSM2 and the hanging module read
+    // their configuration from here.
+    std::env::set_var("SOFTHSM2_CONF", token.conf());
+    let uri = keyraft::config::TokenUri::parse(&token.uri_through(&token.hanging_module()))?;
+    let mut modules = Modules::default();
+    let k = ConsensusKey::open_token(&uri, modules.open(&uri.module)?)?;
+    k.sign(b"a session to close")?;
+    token.hang()?;
+    let (dropped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(k);
+        let _ = dropped.send(());
+    });
+    let waited = done.recv_timeout(Duration::from_secs(3));
+    token.answer()?;
+    ensure!(
+        waited.is_ok(),
+        "dropping the key waited for its hung token to close a session"
+    );
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! A PKCS#11 module for the tests: SoftHSM2's own, except that while the
 //! file `hang` exists beside the caller's `$SOFTHSM2_CONF`, the calls that
-//! reach the token (its info, opening a session, logging in, finding
-//! objects, signing) wait until the file is gone. A token that stops
+//! reach the token (its info, opening and closing a session, logging in,
+//! finding objects, signing) wait until the file is gone. A token that stops
 //! answering, as a wedged USB HSM does, which SoftHSM2 cannot be made to do
 //! from outside.
 //!
@@ -40,6 +40,7 @@ pub struct List {
 // Positions in the list.
 const GET_TOKEN_INFO: usize = 6;
 const OPEN_SESSION: usize = 12;
+const CLOSE_SESSION: usize = 13;
 const LOGIN: usize = 18;
 const FIND_OBJECTS_INIT: usize = 26;
 const SIGN_INIT: usize = 42;
@@ -87,6 +88,9 @@ fn lists() -> Option<&'static Lists> {
                         *mut c_void,
                         *mut Ulong,
                     ) -> Rv,
+            );
+            ours.f[CLOSE_SESSION] = std::mem::transmute::<_, Fp>(
+                close_session as unsafe extern "C" fn(Ulong) -> Rv,
             );
             ours.f[LOGIN] = std::mem::transmute::<_, Fp>(
                 login as unsafe extern "C" fn(Ulong, Ulong, *mut u8, Ulong) -> Rv,
@@ -152,6 +156,14 @@ unsafe extern "C" fn open_session(
     type F = unsafe extern "C" fn(Ulong, Ulong, *mut c_void, *mut c_void, *mut Ulong) -> Rv;
     match real::<F>(OPEN_SESSION) {
         Some(f) => f(slot, flags, app, notify, session),
+        None => CKR_GENERAL_ERROR,
+    }
+}
+
+unsafe extern "C" fn close_session(session: Ulong) -> Rv {
+    wait_while_hung();
+    match real::<unsafe extern "C" fn(Ulong) -> Rv>(CLOSE_SESSION) {
+        Some(f) => f(session),
         None => CKR_GENERAL_ERROR,
     }
 }

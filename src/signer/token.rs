@@ -182,19 +182,39 @@ pub struct TokenKey {
 
 impl Drop for TokenKey {
     /// Closes the sessions of the module's current generation
-    /// ([`of_generation`]). While the module is being initialized again
-    /// (its lock held) none is closed: they end with it, or, where
-    /// finalizing fails, stay open (a leak, never another key's session
-    /// closed).
+    /// ([`of_generation`]) on a thread of their own: closing one waits for
+    /// a token that hangs, and the thread that drops a key may be the one
+    /// that runs a coordinator (a chain changed by a reload). While the
+    /// module is being initialized again (its lock held) none is closed:
+    /// they end with it, or, where finalizing fails, stay open (a leak,
+    /// never another key's session closed).
     fn drop(&mut self) {
         let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
-        // Read-locked while the sessions are closed, as every use is.
-        let current = match self.module.generation.try_read() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+        if pool.is_empty() {
+            return;
+        }
+        // Not closed, should the thread not start: left open.
+        let pool = std::mem::ManuallyDrop::new(pool);
+        let module = self.module.clone();
+        let close = move || {
+            let pool = std::mem::ManuallyDrop::into_inner(pool);
+            // Read-locked while the sessions are closed, as every use is.
+            let current = match module.generation.try_read() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            drop(of_generation(pool, current.as_deref().copied()));
         };
-        drop(of_generation(pool, current.as_deref().copied()));
+        let started = std::thread::Builder::new()
+            .name("keyraft-token-close".into())
+            .spawn(close);
+        if let Err(e) = started {
+            tracing::warn!(
+                token = %self.uri.token,
+                "cannot start a thread to close a dropped key's sessions ({e}): left open"
+            );
+        }
     }
 }
 
