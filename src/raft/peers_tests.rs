@@ -131,7 +131,7 @@ async fn appends_share_one_stream_and_an_answer_is_always_to_the_append_just_sen
     let peers = echoed(peer.clone()).await;
     let lane = Lane::default();
     let ttl = Duration::from_secs(5);
-    for n in 1..=3 {
+    for n in 1..=100 {
         let reply = peers
             .streamed_append(&lane, 2, sent(n, 0), ttl)
             .await
@@ -141,7 +141,7 @@ async fn appends_share_one_stream_and_an_answer_is_always_to_the_append_just_sen
     assert_eq!(
         peer.opened.load(Ordering::SeqCst),
         1,
-        "one stream for three"
+        "one stream for a hundred"
     );
     // An answer later than the deadline: the append fails, and its
     // answer, when it comes, is not taken for the next append's.
@@ -264,7 +264,10 @@ async fn a_stream_whose_connection_died_gives_way_to_a_new_one_for_the_next_appe
     let peers = Peers::new(1, None, BTreeMap::from([(2, proxy)]));
     let lane = Lane::default();
     let ttl = Duration::from_secs(5);
-    peers.streamed_append(&lane, 2, sent(1, 0), ttl).await.unwrap();
+    peers
+        .streamed_append(&lane, 2, sent(1, 0), ttl)
+        .await
+        .unwrap();
     // The peer restarts, or the link is reset: its connection is gone.
     cut.notify_waiters();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -276,6 +279,10 @@ async fn a_stream_whose_connection_died_gives_way_to_a_new_one_for_the_next_appe
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let reply = peers.streamed_append(&lane, 2, sent(2, 0), ttl).await;
-    assert_eq!(reply.unwrap().json, vec![2], "the first append after failed");
+    assert_eq!(
+        reply.unwrap().json,
+        vec![2],
+        "the first append after failed"
+    );
     assert_eq!(peer.opened.load(Ordering::SeqCst), 2);
 }
