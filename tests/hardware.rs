@@ -639,7 +639,8 @@ fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing(
 /// A key dropped while its token hangs (a chain changed by a reload, or
 /// shutdown) closes its sessions on a thread of their own: the thread that
 /// drops it may be the one a coordinator runs on, whose heartbeats would
-/// stop for as long as the token hangs.
+/// stop for as long as the token hangs. The process waits for such closes
+/// before it exits, a second at most.
 #[test]
 fn a_key_dropped_while_its_token_hangs_does_not_hold_up_the_thread_that_drops_it() -> Result<()> {
     use keyraft::signer::{key::ConsensusKey, token::Modules};
@@ -663,10 +664,21 @@ fn a_key_dropped_while_its_token_hangs_does_not_hold_up_the_thread_that_drops_it
         let _ = dropped.send(());
     });
     let waited = done.recv_timeout(Duration::from_secs(3));
+    // The close waits for the token, and the process's exit for the close
+    // (`keyraft` settles before it exits), within a limit.
+    let settled_while_hung = keyraft::signer::token::settle(Duration::from_millis(200));
     token.answer()?;
     ensure!(
         waited.is_ok(),
         "dropping the key waited for its hung token to close a session"
+    );
+    ensure!(
+        !settled_while_hung,
+        "no close was seen waiting for the hung token"
+    );
+    ensure!(
+        keyraft::signer::token::settle(Duration::from_secs(5)),
+        "the close never ended once the token answered"
     );
     Ok(())
 }

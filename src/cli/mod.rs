@@ -304,6 +304,14 @@ enum CertsCmd {
 
 /// The whole command line: parse, dispatch, exit code.
 pub fn main() -> ExitCode {
+    let code = command();
+    // A dropped token key's sessions close on a thread of their own:
+    // exiting under them would tear the module down mid-call.
+    crate::signer::token::settle(std::time::Duration::from_secs(1));
+    code
+}
+
+fn command() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

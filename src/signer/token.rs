@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -196,7 +198,9 @@ impl Drop for TokenKey {
         // Not closed, should the thread not start: left open.
         let pool = std::mem::ManuallyDrop::new(pool);
         let module = self.module.clone();
+        CLOSING.fetch_add(1, Ordering::SeqCst);
         let close = move || {
+            let _done = Closed;
             let pool = std::mem::ManuallyDrop::into_inner(pool);
             // Read-locked while the sessions are closed, as every use is.
             let current = match module.generation.try_read() {
@@ -210,12 +214,39 @@ impl Drop for TokenKey {
             .name("keyraft-token-close".into())
             .spawn(close);
         if let Err(e) = started {
+            CLOSING.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(
                 token = %self.uri.token,
                 "cannot start a thread to close a dropped key's sessions ({e}): left open"
             );
         }
     }
+}
+
+/// Threads closing a dropped key's sessions, not done yet.
+static CLOSING: AtomicUsize = AtomicUsize::new(0);
+
+/// One closing thread done, however it ends.
+struct Closed;
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        CLOSING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits, up to `limit`, for dropped keys' sessions to be closed: before
+/// the process exits, whose exit would tear the module down under a
+/// close. True when none is left.
+pub fn settle(limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while CLOSING.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 /// The sessions of `pool` opened in generation `current`. The others are
