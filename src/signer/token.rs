@@ -6,10 +6,12 @@
 //!
 //! Owns: the URI and its PIN source, the module opened once per path
 //! ([`Modules`]), a small pool of logged-in sessions, the public key read
-//! from the token, signing, reopening a token after a failure, and putting
-//! a key file's seed into a token ([`import`]). Must not: decide whether
-//! to sign, keep a session that failed, or read a PIN from the command
-//! line or the configuration file.
+//! from the token, signing, reopening a token after a failure, closing a
+//! dropped key's sessions off the dropping thread (and waiting for them
+//! before the process exits, [`settle`]), and putting a key file's seed
+//! into a token ([`import`]). Must not: decide whether to sign, keep a
+//! session that failed, or read a PIN from the command line or the
+//! configuration file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
