@@ -39,6 +39,7 @@ use super::{store, Gate, LogId, TypeConfig, Vote};
 use crate::config::{NodeId, Timing};
 use crate::ledger::ClusterState;
 use crate::pb;
+use crate::shutdown::Shutdown;
 use crate::tls::peer_of;
 
 /// Why a Raft message was refused before it reached openraft.
@@ -111,6 +112,10 @@ where
     cluster: watch::Receiver<ClusterState>,
     timing: Timing,
     memory: Arc<M>,
+    /// The servers' stop: ends every open stream of appends, which would
+    /// otherwise wait for its leader's next append (a replication stream
+    /// with nothing to send stays quiet) and hold the server's drain.
+    streams_end: Option<Shutdown>,
 }
 
 impl<SM, M> Clone for RaftService<SM, M>
@@ -125,6 +130,7 @@ where
             cluster: self.cluster.clone(),
             timing: self.timing,
             memory: self.memory.clone(),
+            streams_end: self.streams_end.clone(),
         }
     }
 }
@@ -149,7 +155,14 @@ where
             cluster,
             timing,
             memory,
+            streams_end: None,
         }
+    }
+
+    /// Open streams of appends end when `stop` fires (see `streams_end`).
+    pub fn ending_streams_on(mut self, stop: Shutdown) -> Self {
+        self.streams_end = Some(stop);
+        self
     }
 
     /// The vote refusal a leader's message asks for (`promise_ms`, see
@@ -439,8 +452,17 @@ impl RaftService {
     }
 }
 
+/// Resolves once `stop` fired; never without one.
+async fn stopping(stop: Option<&mut Shutdown>) {
+    match stop {
+        Some(stop) => stop.requested().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The answers to a stream of appends, in their order; the first refusal
-/// (or a broken stream, or openraft stopped) is the last answer.
+/// (or a broken stream, or openraft stopped) is the last answer, and the
+/// servers' stop ends it between appends.
 type Answers = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>,
 >;
@@ -466,7 +488,12 @@ impl pb::raft_server::Raft for RaftService {
         let state = Some((self.clone(), req.into_inner()));
         let answers = futures::stream::unfold(state, move |state| async move {
             let (svc, mut appends) = state?;
-            let (answer, last) = match appends.message().await {
+            let mut end = svc.streams_end.clone();
+            let next = tokio::select! {
+                next = appends.message() => next,
+                () = stopping(end.as_mut()) => return None,
+            };
+            let (answer, last) = match next {
                 Ok(Some(p)) => match svc.answer_append(peer, &p).await {
                     Ok((answer, stopped)) => (Ok(answer), stopped),
                     Err(refused) => (Err(refused), true),

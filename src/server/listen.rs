@@ -37,12 +37,15 @@ async fn bind(
         })
 }
 
+/// A running server: what it serves, and its task.
+pub(super) type Serving = (&'static str, tokio::task::JoinHandle<()>);
+
 /// Peer gRPC (mTLS), admin gRPC and HTTP, each stopping when `stop` is set.
 pub(super) async fn start_servers(
     sh: &Arc<Shared>,
     signer: Option<Arc<Signer>>,
     stop: Shutdown,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+) -> Result<Vec<Serving>, RunError> {
     let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let peer_listener = bind(sh.core.cfg.listen, "peer port").await?;
     let http_listener = bind(sh.core.cfg.http_listen, "http port").await?;
@@ -67,7 +70,7 @@ pub(super) async fn start_servers(
         admin_tls = ?sh.core.cfg.admin.listen, http = %sh.core.cfg.http_listen, "listening");
 
     let peer_task = serve_peers(sh, signer, peer_listener, &stop);
-    let mut tasks = vec![peer_task];
+    let mut tasks = vec![("peer port", peer_task)];
     tasks.extend(serve_admin(sh, admin_socket, socket_file, admin_tcp, &stop));
     let app = admin::http_router(sh.clone());
     let stopped = until_stopped(stop);
@@ -79,7 +82,7 @@ pub(super) async fn start_servers(
             tracing::error!("http server failed: {e}");
         }
     });
-    tasks.push(http_task);
+    tasks.push(("http port", http_task));
     Ok(tasks)
 }
 
@@ -99,14 +102,17 @@ fn serve_peers(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)));
     let auth = tls::authenticate(sh.tls.is_some());
-    let raft_svc = pb::raft_server::RaftServer::new(RaftService::new(
-        sh.core.raft.clone(),
-        sh.core.gate.clone(),
-        sh.core.cfg.id,
-        sh.core.cluster.clone(),
-        sh.core.cfg.timing,
-        sh.memory.clone(),
-    ))
+    let raft_svc = pb::raft_server::RaftServer::new(
+        RaftService::new(
+            sh.core.raft.clone(),
+            sh.core.gate.clone(),
+            sh.core.cfg.id,
+            sh.core.cluster.clone(),
+            sh.core.cfg.timing,
+            sh.memory.clone(),
+        )
+        .ending_streams_on(stop.clone()),
+    )
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
     let gossip_svc = pb::gossip_server::GossipServer::new(gossip::GossipService::new(sh.clone()))
@@ -161,7 +167,7 @@ fn serve_admin(
     socket_file: admin::access::SocketFile,
     admin_tcp: Option<tokio::net::TcpListener>,
     stop: &Shutdown,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Vec<Serving> {
     let until_stopped = |mut rx: Shutdown| async move { rx.requested().await };
     let admin_svc = || {
         pb::admin_server::AdminServer::new(admin::access::AdminService::new(sh.clone()))
@@ -185,7 +191,7 @@ fn serve_admin(
             tracing::error!("admin socket server failed: {e:?}");
         }
     });
-    let mut tasks = vec![admin_task];
+    let mut tasks = vec![("admin socket", admin_task)];
     if let (Some(listener), Some(t)) = (admin_tcp, &sh.tls) {
         let router = admin_server().add_service(InterceptedService::new(
             admin_svc(),
@@ -193,11 +199,12 @@ fn serve_admin(
         ));
         let incoming = tls::incoming(listener, t.clone(), stop.clone());
         let stopped = until_stopped(stop.clone());
-        tasks.push(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
                 tracing::error!("admin port server failed: {e:?}");
             }
-        }));
+        });
+        tasks.push(("admin port", task));
     }
     tasks
 }

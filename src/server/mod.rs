@@ -570,7 +570,7 @@ async fn tear_down(
     sh: &Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop_servers: shutdown::Trigger,
-    servers: Vec<tokio::task::JoinHandle<()>>,
+    servers: Vec<listen::Serving>,
     store: &Store,
     fenced: Fenced,
 ) {
@@ -581,12 +581,12 @@ async fn tear_down(
         tracing::warn!("raft shutdown: {e}");
     }
     stop_servers.fire();
-    for s in servers {
+    for (server, s) in servers {
         if tokio::time::timeout(Duration::from_secs(2), s)
             .await
             .is_err()
         {
-            tracing::info!("a server did not drain in time");
+            tracing::info!(server, "a server did not drain in time");
         }
     }
     if let Err(e) = store.log.flush().await {
