@@ -199,6 +199,9 @@ pub struct Memory {
     file: Shared,
     map: Mutex<BTreeMap<NodeId, Remembered>>,
     dirty: Mutex<BTreeSet<NodeId>>,
+    /// Told of every record marked dirty: the flusher sleeps on it, so an
+    /// idle node does not wake every [`FLUSH_EVERY`] to find nothing.
+    grown: tokio::sync::Notify,
     writing: tokio::sync::Mutex<()>,
 }
 
@@ -224,6 +227,7 @@ impl Memory {
             file,
             map: Mutex::new(map),
             dirty: Mutex::new(BTreeSet::new()),
+            grown: tokio::sync::Notify::new(),
             writing: tokio::sync::Mutex::new(()),
         })
     }
@@ -237,6 +241,7 @@ impl Memory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
+        self.grown.notify_one();
     }
 
     /// Everything this node remembers.
@@ -321,10 +326,15 @@ impl Memory {
         written
     }
 
-    /// Flushes grown indexes every [`FLUSH_EVERY`] until shutdown, and
-    /// once more then.
+    /// Flushes grown indexes [`FLUSH_EVERY`] after the first one since the
+    /// last flush grew (one fsync for all that grew meanwhile), until
+    /// shutdown, and once more then.
     pub async fn run_flusher(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
+            tokio::select! {
+                _ = shutdown.requested() => break,
+                () = self.grown.notified() => {}
+            }
             tokio::select! {
                 _ = shutdown.requested() => break,
                 _ = tokio::time::sleep(FLUSH_EVERY) => {}
@@ -462,5 +472,44 @@ mod tests {
         // A refusal is forgotten with the rest.
         r.forget();
         assert_eq!((r.refused, r.rejoins), (None, 1));
+    }
+
+    /// The flusher sleeps until a record grows, then writes it within
+    /// [`FLUSH_EVERY`]: a grown index that never woke it would stay in
+    /// memory only.
+    #[tokio::test]
+    async fn a_grown_index_reaches_the_disk_within_the_flush_interval() -> anyhow::Result<()> {
+        use super::super::disk::FileDisk;
+        use super::super::layout::MEMORY;
+        use super::super::values::Values;
+        let dir = tempfile::tempdir()?;
+        let disk: Arc<dyn Disk> = Arc::new(FileDisk::open(dir.path())?);
+        let memory = Arc::new(Memory::open(
+            disk.clone(),
+            Values::shared(disk.clone(), MEMORY)?,
+        )?);
+        let on_disk = || -> anyhow::Result<u64> {
+            let seen: Option<Remembered> = Values::open(disk.clone(), MEMORY)?.get_json(&key(2))?;
+            Ok(seen.map_or(0, |r| r.committed))
+        };
+        let (stop, listen) = crate::shutdown::channel();
+        let flusher = tokio::spawn(memory.clone().run_flusher(listen));
+        // A new term is written before `saw` returns.
+        memory.saw(2, 1, Some(40)).await?;
+        assert_eq!(on_disk()?, 40);
+        // A grown index alone, by the flusher.
+        memory.saw(2, 1, Some(41)).await?;
+        let deadline = std::time::Instant::now() + FLUSH_EVERY * 10;
+        while on_disk()? != 41 {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "index 41 not on disk after {:?}",
+                FLUSH_EVERY * 10
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.fire();
+        flusher.await?;
+        Ok(())
     }
 }
