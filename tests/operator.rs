@@ -301,9 +301,9 @@ async fn a_paused_signer_cluster_does_not_fail_over_until_resumed() -> Result<()
 }
 
 /// A follower stops on SIGTERM without waiting out its servers' drain:
-/// the leader's streams of appends to it end with the first append after
-/// its Raft stopped (they would keep its peer port open until the drain
-/// gave up, 2 s).
+/// the leader's streams of appends to it end when its servers are told to
+/// stop (a quiet one would keep its peer port open until the drain gave
+/// up, 2 s).
 #[tokio::test]
 async fn a_follower_stops_on_sigterm_with_its_servers_drained() -> Result<()> {
     let mut c = Cluster::start(3, BLOCK_MS, plain).await?;

@@ -326,9 +326,10 @@ impl Memory {
         written
     }
 
-    /// Flushes grown indexes [`FLUSH_EVERY`] after the first one since the
-    /// last flush grew (one fsync for all that grew meanwhile), until
-    /// shutdown, and once more then.
+    /// Flushes grown indexes about [`FLUSH_EVERY`] after one grew (one
+    /// fsync for all that grew meanwhile; sooner where one grew during the
+    /// last wait), and once more when `shutdown` fires (the server's
+    /// teardown persists on its own as well).
     pub async fn run_flusher(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
             tokio::select! {
@@ -497,7 +498,9 @@ mod tests {
         // A new term is written before `saw` returns.
         memory.saw(2, 1, Some(40)).await?;
         assert_eq!(on_disk()?, 40);
-        // A grown index alone, by the flusher.
+        // A grown index alone, by the flusher, once it sleeps again (the
+        // first mark's wake is spent): only this mark can wake it.
+        tokio::time::sleep(FLUSH_EVERY * 3).await;
         memory.saw(2, 1, Some(41)).await?;
         let deadline = std::time::Instant::now() + FLUSH_EVERY * 10;
         while on_disk()? != 41 {
