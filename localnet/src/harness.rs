@@ -174,7 +174,22 @@ impl Drop for Proc {
 /// Polls `probe` every 20 ms until it yields `Some`. Errors are retried too
 /// (a process may not be listening yet); the last one is reported if the
 /// deadline passes.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    eventually_every(limit, Duration::from_millis(20), what, probe).await
+}
+
+/// [`eventually`], polling every `every`: for a probe that loads the host
+/// (a process started per poll) while what it waits for needs a quiet one.
+pub async fn eventually_every<T, F, Fut>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut probe: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
@@ -193,7 +208,7 @@ where
                 .unwrap_or_default();
             return Err(anyhow!("timed out after {limit:?} waiting for {what}{why}"));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
