@@ -452,11 +452,26 @@ impl RaftService {
     }
 }
 
-/// Resolves once `stop` fired; never without one.
-async fn stopping(stop: Option<&mut Shutdown>) {
-    match stop {
-        Some(stop) => stop.requested().await,
-        None => std::future::pending().await,
+/// The next append of a stream, or `None` when the stream ended or `end`
+/// fired first: a stream with nothing to send ends at shutdown too.
+async fn next_append<S>(
+    appends: &mut S,
+    end: &mut Option<Shutdown>,
+) -> Option<Result<pb::RaftPayload, Status>>
+where
+    S: futures::Stream<Item = Result<pb::RaftPayload, Status>> + Unpin,
+{
+    use futures::StreamExt as _;
+    let stopping = async {
+        match end {
+            Some(stop) => stop.requested().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = stopping => None,
+        next = appends.next() => next,
     }
 }
 
@@ -485,23 +500,18 @@ impl pb::raft_server::Raft for RaftService {
         req: Request<tonic::Streaming<pb::RaftPayload>>,
     ) -> Result<Response<Answers>, Status> {
         let peer = peer_of(&req)?;
-        let state = Some((self.clone(), req.into_inner()));
+        let end = self.streams_end.clone();
+        let state = Some((self.clone(), req.into_inner(), end));
         let answers = futures::stream::unfold(state, move |state| async move {
-            let (svc, mut appends) = state?;
-            let mut end = svc.streams_end.clone();
-            let next = tokio::select! {
-                next = appends.message() => next,
-                () = stopping(end.as_mut()) => return None,
-            };
-            let (answer, last) = match next {
-                Ok(Some(p)) => match svc.answer_append(peer, &p).await {
+            let (svc, mut appends, mut end) = state?;
+            let (answer, last) = match next_append(&mut appends, &mut end).await? {
+                Ok(p) => match svc.answer_append(peer, &p).await {
                     Ok((answer, stopped)) => (Ok(answer), stopped),
                     Err(refused) => (Err(refused), true),
                 },
-                Ok(None) => return None,
                 Err(status) => (Err(status), true),
             };
-            let next = (!last).then_some((svc, appends));
+            let next = (!last).then_some((svc, appends, end));
             Some((answer, next))
         });
         Ok(Response::new(Box::pin(answers)))
@@ -548,6 +558,31 @@ impl pb::raft_server::Raft for RaftService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CI failure of 0c33310's day: a replication stream with nothing
+    /// to send held the peer server's drain until its leader's next append.
+    #[tokio::test]
+    async fn a_quiet_stream_of_appends_ends_when_the_servers_stop() {
+        let (trigger, stop) = crate::shutdown::channel();
+        let mut quiet = futures::stream::pending::<Result<pb::RaftPayload, Status>>();
+        let mut end = Some(stop);
+        let waiting = next_append(&mut quiet, &mut end);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(50), &mut waiting).await;
+        assert!(early.is_err(), "a quiet stream ended before the stop");
+        trigger.fire();
+        let next = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a quiet stream of appends outlived the servers' stop");
+        assert!(next.is_none());
+        // Without a stop (the simulator's service), appends come as sent.
+        let mut one = futures::stream::iter([Ok(pb::RaftPayload::default())]);
+        assert!(matches!(
+            next_append(&mut one, &mut None).await,
+            Some(Ok(_))
+        ));
+        assert!(next_append(&mut one, &mut None).await.is_none());
+    }
 
     #[test]
     fn a_passing_refusal_is_unavailable_and_a_refused_sender_is_denied() {
