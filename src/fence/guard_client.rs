@@ -562,12 +562,14 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         client.confirm = Duration::ZERO;
+        // Its result is only shown: a scan held up on a loaded machine
+        // makes it an error (no proof, so the tree is not counted dead) while
+        // the kill may still land. What must hold is the stand-in's death.
         let killed = client.force_kill().await;
-        assert!(killed.is_ok(), "the tree was not proven dead: {killed:?}");
         // The kill counts a process with SIGKILL pending as dead: it runs
-        // no more, but may take a moment to become a zombie (CI saw one
-        // still asleep right after). It must get there well before the
-        // stand-in's 600 s sleep would end.
+        // no more, but may take a moment to become a zombie (the likely
+        // cause of a CI failure when this test looked at once). It must
+        // get there well before the stand-in's 600 s sleep would end.
         let until = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let zombie_or_gone = std::fs::read_to_string(format!("/proc/{validator}/stat"))
@@ -577,7 +579,7 @@ mod tests {
             }
             assert!(
                 std::time::Instant::now() < until,
-                "the tree outlived a guard that was not reaped in time"
+                "the tree outlived a guard that was not reaped in time (force_kill: {killed:?})"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
