@@ -562,6 +562,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         client.confirm = Duration::ZERO;
+        // Known by its start time too, so that a later process given the
+        // same pid is not taken for it.
+        let started = crate::fence::lock::start_time(validator).expect("the stand-in's start time");
         // Its result is only shown: a scan held up on a loaded machine
         // makes it an error (no proof, so the tree is not counted dead) while
         // the kill may still land. What must hold is the stand-in's death.
@@ -571,12 +574,7 @@ mod tests {
         // cause of a CI failure when this test looked at once). It must
         // get there well before the stand-in's 600 s sleep would end.
         let until = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let zombie_or_gone = std::fs::read_to_string(format!("/proc/{validator}/stat"))
-                .map_or(true, |s| s.contains(") Z ") || s.contains(") X "));
-            if zombie_or_gone {
-                break;
-            }
+        while crate::fence::lock::same_process_alive(validator, started) {
             assert!(
                 std::time::Instant::now() < until,
                 "the tree outlived a guard that was not reaped in time (force_kill: {killed:?})"

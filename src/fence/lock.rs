@@ -52,7 +52,7 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
 
 /// Whether `pid` is still the process that started at `started` (a zombie
 /// counts as gone: it can no longer sign anything).
-fn same_process_alive(pid: i32, started: u64) -> bool {
+pub(crate) fn same_process_alive(pid: i32, started: u64) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
