@@ -94,8 +94,29 @@ pub struct Prober {
     chain: Option<String>,
 }
 
+/// An HTTP client for probes that give up after `timeout`. With
+/// `keep_alive` a node's connection stays open between its probes;
+/// without, each probe opens its own and closes it: a connection kept
+/// idle holds about 25 KB of buffers, which fifty chains' nodes probed
+/// every few seconds would hold for nothing.
+pub fn client(timeout: Duration, keep_alive: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder().timeout(timeout);
+    let builder = match keep_alive {
+        true => builder,
+        false => builder.pool_max_idle_per_host(0),
+    };
+    builder.build().unwrap_or_default()
+}
+
 impl Prober {
+    /// A probe of its own client, which keeps the node's connection open.
     pub fn new(kind: HealthKind, base_url: &str, timeout: Duration) -> Prober {
+        Self::with_client(kind, base_url, client(timeout, true))
+    }
+
+    /// A probe through `http` ([`client`]), which probes of other nodes
+    /// may share.
+    pub fn with_client(kind: HealthKind, base_url: &str, http: reqwest::Client) -> Prober {
         let base = base_url.trim_end_matches('/');
         // neard's and CometBFT's status live at /status; a URL that already
         // names it is taken as it is.
@@ -109,10 +130,7 @@ impl Prober {
             kind,
             chain: None,
             url,
-            http: reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .unwrap_or_default(),
+            http,
         }
     }
 
@@ -395,6 +413,51 @@ mod tests {
             err.contains("\"osmosis-1\"") && err.contains("not of cosmoshub-4"),
             "{err}"
         );
+    }
+
+    /// A status endpoint that counts the connections made to it.
+    async fn counting_node() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    // One request per read is enough for these probes.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/health"), accepted)
+    }
+
+    #[tokio::test]
+    async fn probes_without_keep_alive_hold_no_connection_between_them() {
+        use std::sync::atomic::Ordering;
+        for (keep_alive, connections) in [(true, 1), (false, 3)] {
+            let (url, accepted) = counting_node().await;
+            let http = client(Duration::from_secs(2), keep_alive);
+            let a = Prober::with_client(HealthKind::Http, &url, http.clone());
+            let b = Prober::with_client(HealthKind::Http, &url, http);
+            for p in [&a, &b, &a] {
+                assert!(p.probe().await.unwrap().healthy());
+            }
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                connections,
+                "keep_alive {keep_alive}"
+            );
+        }
     }
 
     #[test]

@@ -227,16 +227,14 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
         .count();
     let every = chain_probe_every(interval, all);
     let n = u32::try_from(probed.len()).unwrap_or(u32::MAX).max(1);
+    // One client for these chains' probes; their nodes' connections kept
+    // between probes only at the full rate (a few chains).
+    let http = health::client(interval.max(Duration::from_millis(500)), every == interval);
     (0u32..)
         .zip(probed)
         .map(|(i, (chain, url))| {
             let id = chain.id().to_string();
-            let prober = Prober::new(
-                HealthKind::Cometbft,
-                url,
-                interval.max(Duration::from_millis(500)),
-            )
-            .of_chain(&id);
+            let prober = Prober::with_client(HealthKind::Cometbft, url, http.clone()).of_chain(&id);
             let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
             // Each chain's probes a share of the period after the one
             // before: spread, not fifty requests at once.
