@@ -57,58 +57,48 @@ impl TokenUri {
     pub fn parse(uri: &str) -> Result<TokenUri, ConfigError> {
         // Named without its query: a PIN put there is not repeated.
         let shown = uri.split_once('?').map_or(uri, |(path, _)| path);
-        let bad = |why: String| invalid(format!("bad PKCS#11 URI '{shown}': {why}"));
-        let rest = uri
-            .strip_prefix("pkcs11:")
-            .ok_or_else(|| bad("it must start with pkcs11:".into()))?;
+        Self::parse_parts(uri).map_err(|why| invalid(format!("bad PKCS#11 URI '{shown}': {why}")))
+    }
+
+    fn parse_parts(uri: &str) -> Result<TokenUri, UriError> {
+        let rest = uri.strip_prefix("pkcs11:").ok_or(UriError::NotPkcs11)?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (mut token, mut object, mut id, mut module, mut pin) = (None, None, None, None, None);
         for attr in path.split(';').filter(|a| !a.is_empty()) {
             let (k, v) = attr
                 .split_once('=')
-                .ok_or_else(|| bad(format!("'{attr}' is not NAME=VALUE")))?;
-            let v = unescape(v).map_err(bad)?;
+                .ok_or_else(|| UriError::NotNameValue(attr.to_string()))?;
+            let v = unescape(v)?;
             match k {
-                "token" => token = Some(text(v).map_err(bad)?),
-                "object" => object = Some(text(v).map_err(bad)?),
+                "token" => token = Some(text(v)?),
+                "object" => object = Some(text(v)?),
                 "id" => id = Some(v),
                 "type" if v == b"private" => {}
-                "type" => return Err(bad("type must be private (the key that signs)".into())),
-                _ => {
-                    return Err(bad(format!(
-                        "unknown attribute '{k}' (keyraft reads token, object, id and type)"
-                    )))
-                }
+                "type" => return Err(UriError::NotPrivate),
+                _ => return Err(UriError::UnknownAttribute(k.to_string())),
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
             let (k, v) = attr
                 .split_once('=')
-                .ok_or_else(|| bad(format!("'{attr}' is not NAME=VALUE")))?;
-            let v = text(unescape(v).map_err(bad)?).map_err(bad)?;
+                .ok_or_else(|| UriError::NotNameValue(attr.to_string()))?;
+            let v = text(unescape(v)?)?;
             match k {
                 "module-path" => module = Some(PathBuf::from(v)),
-                "pin-source" => pin = Some(pin_source(&v).map_err(bad)?),
-                "pin-value" => {
-                    return Err(bad(
-                        "pin-value puts the PIN where others read it: use pin-source=file:/PATH (mode 600) or pin-source=env:NAME".into(),
-                    ))
-                }
-                _ => return Err(bad(format!("unknown query attribute '{k}' (keyraft reads module-path and pin-source)"))),
+                "pin-source" => pin = Some(pin_source(&v)?),
+                "pin-value" => return Err(UriError::PinValue),
+                _ => return Err(UriError::UnknownQuery(k.to_string())),
             }
         }
-        let token = token.ok_or_else(|| bad("no token= (the token's label)".into()))?;
+        let token = token.ok_or(UriError::NoToken)?;
         if object.is_none() && id.is_none() {
-            return Err(bad("no object= or id= (which key)".into()));
+            return Err(UriError::NoKey);
         }
-        let module = module.ok_or_else(|| {
-            bad("no module-path= (the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so)".into())
-        })?;
+        let module = module.ok_or(UriError::NoModule)?;
         if !module.is_absolute() {
-            return Err(bad("module-path must be absolute".into()));
+            return Err(UriError::RelativeModule);
         }
-        let pin =
-            pin.ok_or_else(|| bad("no pin-source= (file:/PATH of mode 600, or env:NAME)".into()))?;
+        let pin = pin.ok_or(UriError::NoPinSource)?;
         Ok(TokenUri {
             token,
             object,
@@ -157,10 +147,46 @@ impl TokenUri {
     }
 }
 
-fn pin_source(v: &str) -> Result<PinSource, String> {
+/// Why a `pkcs11:` URI is refused (said after the URI, its query left
+/// out).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum UriError {
+    #[error("it must start with pkcs11:")]
+    NotPkcs11,
+    #[error("'{0}' is not NAME=VALUE")]
+    NotNameValue(String),
+    #[error("bad percent-escape in '{0}'")]
+    BadEscape(String),
+    #[error("a value is not UTF-8")]
+    NotUtf8,
+    #[error("type must be private (the key that signs)")]
+    NotPrivate,
+    #[error("unknown attribute '{0}' (keyraft reads token, object, id and type)")]
+    UnknownAttribute(String),
+    #[error("unknown query attribute '{0}' (keyraft reads module-path and pin-source)")]
+    UnknownQuery(String),
+    #[error("pin-value puts the PIN where others read it: use pin-source=file:/PATH (mode 600) or pin-source=env:NAME")]
+    PinValue,
+    #[error("no token= (the token's label)")]
+    NoToken,
+    #[error("no object= or id= (which key)")]
+    NoKey,
+    #[error("no module-path= (the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so)")]
+    NoModule,
+    #[error("module-path must be absolute")]
+    RelativeModule,
+    #[error("no pin-source= (file:/PATH of mode 600, or env:NAME)")]
+    NoPinSource,
+    #[error("pin-source=env: needs a variable's name")]
+    EmptyPinEnv,
+    #[error("pin-source '{0}' is neither file:/ABSOLUTE/PATH nor env:NAME")]
+    BadPinSource(String),
+}
+
+fn pin_source(v: &str) -> Result<PinSource, UriError> {
     if let Some(name) = v.strip_prefix("env:") {
         return match name.is_empty() {
-            true => Err("pin-source=env: needs a variable's name".into()),
+            true => Err(UriError::EmptyPinEnv),
             false => Ok(PinSource::Env(name.to_string())),
         };
     }
@@ -168,14 +194,12 @@ fn pin_source(v: &str) -> Result<PinSource, String> {
     let path = path.strip_prefix("//").unwrap_or(path);
     match path.starts_with('/') {
         true => Ok(PinSource::File(PathBuf::from(path))),
-        false => Err(format!(
-            "pin-source '{v}' is neither file:/ABSOLUTE/PATH nor env:NAME"
-        )),
+        false => Err(UriError::BadPinSource(v.to_string())),
     }
 }
 
 /// RFC 3986 percent-decoding.
-fn unescape(v: &str) -> Result<Vec<u8>, String> {
+fn unescape(v: &str) -> Result<Vec<u8>, UriError> {
     let b = v.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -184,7 +208,7 @@ fn unescape(v: &str) -> Result<Vec<u8>, String> {
             let hex = v
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-escape in '{v}'"))?;
+                .ok_or_else(|| UriError::BadEscape(v.to_string()))?;
             out.push(hex);
             i += 3;
         } else {
@@ -195,8 +219,8 @@ fn unescape(v: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn text(v: Vec<u8>) -> Result<String, String> {
-    String::from_utf8(v).map_err(|_| "a value is not UTF-8".into())
+fn text(v: Vec<u8>) -> Result<String, UriError> {
+    String::from_utf8(v).map_err(|_| UriError::NotUtf8)
 }
 
 #[cfg(test)]
