@@ -229,7 +229,8 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
     let n = u32::try_from(probed.len()).unwrap_or(u32::MAX).max(1);
     // One client for these chains' probes; their nodes' connections kept
     // between probes only at the full rate (a few chains).
-    let http = health::client(interval.max(Duration::from_millis(500)), every == interval);
+    let keep_alive = all <= CHAINS_PROBED_AT_FULL_RATE;
+    let http = health::client(interval.max(Duration::from_millis(500)), keep_alive);
     (0u32..)
         .zip(probed)
         .map(|(i, (chain, url))| {
@@ -267,25 +268,30 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
         .collect()
 }
 
-/// Chains whose nodes are each probed every `health_interval`; past as
-/// many, each chain's less often, so that a host probes about as many
-/// nodes a second up to fifty chains (ten a second at the 500 ms
-/// interval), and each chain's at least every [`CHAIN_PROBE_MAX`].
+/// Chains whose nodes are each probed every `health_interval`, each
+/// node's connection kept open between its probes; past as many, a host
+/// probes [`PROBES_A_SECOND`] nodes a second, each probe on a connection
+/// of its own, and each chain's at least every [`CHAIN_PROBE_MAX`].
 pub const CHAINS_PROBED_AT_FULL_RATE: usize = 5;
-/// The longest between two probes of one chain's node: well inside
-/// [`STALLED_AFTER`], and a few heights of lag against the limit's
-/// [`MAX_AHEAD_OF_CHAIN`].
-pub const CHAIN_PROBE_MAX: Duration = Duration::from_secs(5);
+/// How many nodes a second a host probes past
+/// [`CHAINS_PROBED_AT_FULL_RATE`] chains (up to fifty chains): each probe
+/// then connects, a TCP handshake that costs more than the request.
+pub const PROBES_A_SECOND: u32 = 5;
+/// The longest between two probes of one chain's node: a third of
+/// [`STALLED_AFTER`], so that a moving node never looks stalled, and a few
+/// heights of lag against the limit's [`MAX_AHEAD_OF_CHAIN`].
+pub const CHAIN_PROBE_MAX: Duration = Duration::from_secs(10);
 
 /// How often each of `chains` chains' node is probed, given the
 /// `health_interval`: at that rate up to [`CHAINS_PROBED_AT_FULL_RATE`]
-/// chains, slower in proportion past it, at most [`CHAIN_PROBE_MAX`]
-/// (never faster than the interval asked).
+/// chains, past it [`PROBES_A_SECOND`] nodes a second in all, at most
+/// [`CHAIN_PROBE_MAX`] apart (never faster than the interval asked).
 pub fn chain_probe_every(interval: Duration, chains: usize) -> Duration {
-    let share = chains.div_ceil(CHAINS_PROBED_AT_FULL_RATE).max(1);
-    let share = u32::try_from(share).unwrap_or(u32::MAX);
-    interval
-        .saturating_mul(share)
+    if chains <= CHAINS_PROBED_AT_FULL_RATE {
+        return interval;
+    }
+    let chains = u32::try_from(chains).unwrap_or(u32::MAX);
+    (Duration::from_secs(1) * chains / PROBES_A_SECOND)
         .min(CHAIN_PROBE_MAX)
         .max(interval)
 }
@@ -301,13 +307,14 @@ mod tests {
         let table = [
             (ms(500), 1, ms(500)),
             (ms(500), 5, ms(500)),
-            (ms(500), 6, ms(1000)),
-            (ms(500), 10, ms(1000)),
-            (ms(500), 50, ms(5000)),
-            (ms(500), 500, ms(5000)),
-            (ms(2000), 50, ms(5000)),
+            (ms(500), 6, ms(1200)),
+            (ms(500), 10, ms(2000)),
+            (ms(500), 50, ms(10_000)),
+            (ms(500), 500, ms(10_000)),
+            (ms(2000), 6, ms(2000)),
+            (ms(2000), 50, ms(10_000)),
             // An interval longer than the cap is kept.
-            (ms(10_000), 50, ms(10_000)),
+            (ms(20_000), 50, ms(20_000)),
             (ms(500), 0, ms(500)),
         ];
         for (interval, chains, want) in table {
