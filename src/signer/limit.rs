@@ -300,6 +300,19 @@ pub fn chain_probe_every(interval: Duration, chains: usize) -> Duration {
 mod tests {
     use super::*;
 
+    /// The slowest probe leaves a report far inside the limit's margin on
+    /// the fastest chain, and a moving node is never taken for a stalled
+    /// one (a peer's report reaches here up to three gossip periods late).
+    #[test]
+    fn the_slowest_probe_lags_far_inside_the_limits_margins() {
+        let gossip_late = Duration::from_millis(500) * 3;
+        let probe_timeout = Duration::from_millis(500);
+        let oldest = CHAIN_PROBE_MAX + probe_timeout + gossip_late;
+        let lag_heights = oldest.as_secs().saturating_add(1) * FASTEST_BLOCKS_PER_SEC;
+        assert!(lag_heights * 4 < MAX_AHEAD_OF_CHAIN, "{lag_heights}");
+        assert!(oldest * 2 < STALLED_AFTER, "{oldest:?}");
+    }
+
     #[test]
     fn many_chains_nodes_are_probed_less_often_each() {
         let ms = Duration::from_millis;
