@@ -278,8 +278,10 @@ pub const CHAINS_PROBED_AT_FULL_RATE: usize = 5;
 /// then connects, a TCP handshake that costs more than the request.
 pub const PROBES_A_SECOND: u32 = 5;
 /// The longest between two probes of one chain's node: a third of
-/// [`STALLED_AFTER`], so that a moving node never looks stalled, and a few
-/// heights of lag against the limit's [`MAX_AHEAD_OF_CHAIN`].
+/// [`STALLED_AFTER`], so that a node whose chain makes a block every few
+/// seconds never looks stalled (one of 20 s blocks or more may, between
+/// two probes: its limit falls back to the base), and a few heights of
+/// lag against the limit's [`MAX_AHEAD_OF_CHAIN`].
 pub const CHAIN_PROBE_MAX: Duration = Duration::from_secs(10);
 
 /// How often each of `chains` chains' node is probed, given the
