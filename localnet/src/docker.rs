@@ -32,6 +32,10 @@ pub struct DockerTestOptions {
 }
 
 const NODES: u64 = 3;
+/// How long docker-compose waits for one answer of the engine.
+const COMPOSE_HTTP_TIMEOUT_S: &str = "300";
+/// How many times `up` is tried.
+const COMPOSE_UP_TRIES: u32 = 3;
 
 /// The uid (and gid) of the image's `validator` user (see the Dockerfile).
 const VALIDATOR_UID: u32 = 7000;
@@ -66,6 +70,9 @@ impl Project {
             .args(["-p", &self.name, "-f"])
             .arg(&self.compose_file)
             .args(args)
+            // docker-compose 1.x gives up on a busy engine after 60 s
+            // ("An HTTP request took too long to complete").
+            .env("COMPOSE_HTTP_TIMEOUT", COMPOSE_HTTP_TIMEOUT_S)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .context("cannot run docker-compose")?;
@@ -76,6 +83,21 @@ impl Project {
             String::from_utf8_lossy(&out.stderr).trim()
         );
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `up -d` is idempotent, so a try that timed out on a busy engine is
+    /// tried again, a few times.
+    fn up(&self) -> Result<()> {
+        let mut tries = 1;
+        loop {
+            match self.compose(&["up", "-d"]) {
+                Err(e) if tries < COMPOSE_UP_TRIES => {
+                    eprintln!("{e:#}; trying again");
+                    tries += 1;
+                }
+                done => return done.map(|_| ()),
+            }
+        }
     }
 
     fn container(&self, node: u64) -> Result<String> {
@@ -358,7 +380,7 @@ pub async fn run(o: DockerTestOptions) -> Result<(Value, bool)> {
     };
     let project_name = project.name.clone();
     project.env.push(("PROJECT".into(), project_name));
-    project.compose(&["up", "-d"])?;
+    project.up()?;
     let chain = ChainClient::new(&format!("http://127.0.0.1:{chain_port}"));
     if o.cometbft {
         // A new key: tell the cluster so (nothing is signed before).
