@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use localnet::comet::key::ValidatorKey;
 use localnet::comet::node::{CometNodeConfig, Protocol};
-use localnet::comet::privval::Listen;
+use localnet::comet::socket::Listen;
 use localnet::keys::KeyFile;
 use localnet::node::{self, NodeConfig};
 

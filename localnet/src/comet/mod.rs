@@ -7,8 +7,11 @@
 //!   that tmkms signs with).
 //! - [`ledger`]: the chain's books in CometBFT mode: rounds, signed and
 //!   missed heights, equivocations.
-//! - [`privval`]: the node's end of the privval protocol (SecretConnection
-//!   over TCP, or a Unix socket).
+//! - [`socket`]: the node's end of the privval socket: where it listens,
+//!   accepting signers (SecretConnection over TCP, or a Unix socket), the
+//!   messages' framing.
+//! - [`privval`]: the node's requests to its signer over that socket, one
+//!   at a time, and what it saw of them.
 //! - [`node`]: `fakenode --cometbft`, a sentry that follows the chain and
 //!   asks its signer for every vote.
 //!
@@ -22,3 +25,4 @@ pub mod key;
 pub mod ledger;
 pub mod node;
 pub mod privval;
+pub mod socket;

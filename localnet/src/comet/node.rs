@@ -23,7 +23,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::consensus::{self, Step};
 use super::key::PublicValidatorKey;
 use super::ledger::Announce;
-use super::privval::{CallError, Endpoint, Listen, PING_EVERY};
+use super::privval::{CallError, Endpoint};
+use super::socket::Listen;
 use crate::wire::SignReply;
 pub use crate::wire::Submission;
 
@@ -170,12 +171,7 @@ pub async fn run(mut cfg: CometNodeConfig) -> anyhow::Result<()> {
         }
     });
     let pinger = node.endpoint.clone();
-    tokio::spawn(async move {
-        loop {
-            pinger.ping().await;
-            tokio::time::sleep(PING_EVERY).await;
-        }
-    });
+    tokio::spawn(async move { pinger.keep_pinging().await });
     let (halt_tx, mut halt) = tokio::sync::mpsc::channel(1);
     tokio::spawn(follow(node, halt_tx));
     let mut term = signal(SignalKind::terminate())?;

@@ -2,110 +2,40 @@
 //! `priv_validator_laddr`, a remote signer dials in, and the node sends it
 //! requests one at a time.
 //!
-//! Owns: the listener (TCP with SecretConnection under an ephemeral identity,
-//! as CometBFT does, or a Unix socket without it), the current connection
-//! and one queued standby connection (CometBFT's `SignerListenerEndpoint`
-//! keeps the same pair), length-delimited protobuf framing, read/write
-//! deadlines, pings, and the numbers a benchmark reads (round trips per
-//! signature). Must not: retry on its own (the caller decides, as CometBFT's
-//! `RetrySignerClient` does), hold a connection that missed a deadline, or
-//! let one silent dialer stop the node from accepting others for long.
+//! Owns: the current connection and one queued standby connection
+//! (CometBFT's `SignerListenerEndpoint` keeps the same pair), read/write
+//! deadlines, pings, checking each answer against its request, and the
+//! numbers a benchmark reads (round trips per signature). Must not: retry
+//! on its own (the caller decides, as CometBFT's `RetrySignerClient` does),
+//! or hold a connection that missed a deadline. The socket itself is
+//! [`super::socket`].
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cometbft_p2p::{AsyncReadMsg, AsyncSecretConnection, AsyncWriteMsg};
 use cometbft_proto::v0_38::crypto::public_key;
 use cometbft_proto::v0_38::privval::{message::Sum, Message, RemoteSignerError};
 use cometbft_proto::v0_38::types::{BlockId, Proposal as RawProposal, Vote as RawVote};
 use cometbft_proto::v1::privval::v1;
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use prost::Message as _;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::consensus;
+use super::socket::{self, Conn, Listen, Wire};
 
-/// CometBFT's read/write deadline on the signer connection.
+/// The read/write deadline on the signer connection (stricter than
+/// CometBFT's 5 s).
 pub const READ_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A dialer that has not finished the SecretConnection handshake by then is
-/// dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause between pings of an idle connection (CometBFT's ping loop sleeps
-/// about a second between pings).
-pub const PING_EVERY: Duration = Duration::from_secs(1);
-/// Largest privval message accepted (CometBFT's limit is far below this).
-const MAX_MSG: usize = 1 << 20;
+/// A connection with no exchange for this long is pinged: CometBFT's
+/// signer listener pings every two thirds of its 5 s read/write timeout,
+/// its ticker reset by every answer (0.34 to 1.x), so a signer that signs
+/// is never pinged.
+pub const PING_EVERY: Duration = Duration::from_millis(3_333);
 /// Signature round trips kept for the percentiles.
 const SAMPLES: usize = 10_000;
-
-/// Where the node listens for its signer: `tcp://HOST:PORT` (or bare
-/// `HOST:PORT`) or `unix:///path`, as CometBFT's `priv_validator_laddr`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-/// A `priv_validator_laddr` that is not one.
-#[derive(Debug, thiserror::Error)]
-pub enum BadListen {
-    #[error("unix:// needs a socket path")]
-    NoPath,
-    #[error("{0:?} is neither tcp://HOST:PORT nor unix:///PATH: {1}")]
-    Neither(String, std::net::AddrParseError),
-}
-
-impl FromStr for Listen {
-    type Err = BadListen;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix://") {
-            if path.is_empty() {
-                return Err(BadListen::NoPath);
-            }
-            return Ok(Listen::Unix(PathBuf::from(path)));
-        }
-        let addr = s.strip_prefix("tcp://").unwrap_or(s);
-        addr.parse()
-            .map(Listen::Tcp)
-            .map_err(|e| BadListen::Neither(s.to_string(), e))
-    }
-}
-
-/// Why a connection to the signer failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Wire {
-    #[error("{0}")]
-    Io(Arc<std::io::Error>),
-    #[error("SecretConnection: {0}")]
-    Secret(Arc<cometbft_p2p::Error>),
-    #[error("bad length prefix")]
-    BadPrefix,
-    #[error("message of {0} bytes is too large")]
-    TooLarge(usize),
-    #[error("{0}")]
-    Decode(#[from] prost::DecodeError),
-    #[error("read/write deadline missed")]
-    Deadline,
-}
-
-impl From<std::io::Error> for Wire {
-    fn from(e: std::io::Error) -> Wire {
-        Wire::Io(Arc::new(e))
-    }
-}
-
-impl From<cometbft_p2p::Error> for Wire {
-    fn from(e: cometbft_p2p::Error) -> Wire {
-        Wire::Secret(Arc::new(e))
-    }
-}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -119,49 +49,6 @@ pub enum CallError {
     Remote { code: i32, description: String },
     #[error("unexpected reply from the signer: {0}")]
     Unexpected(String),
-}
-
-enum Conn {
-    Secret(Box<AsyncSecretConnection<TcpStream>>),
-    Plain(UnixStream),
-}
-
-impl Conn {
-    async fn send<M: prost::Message + Send + Sync>(&mut self, msg: M) -> Result<(), Wire> {
-        match self {
-            Conn::Secret(c) => Ok(c.write_msg(msg).await?),
-            Conn::Plain(s) => Ok(s.write_all(&msg.encode_length_delimited_to_vec()).await?),
-        }
-    }
-
-    async fn recv<M: prost::Message + Default>(&mut self) -> Result<M, Wire> {
-        match self {
-            Conn::Secret(c) => Ok(c.read_msg::<M>().await?),
-            Conn::Plain(s) => read_delimited(s).await,
-        }
-    }
-}
-
-/// Reads one varint-length-prefixed protobuf message.
-async fn read_delimited<M: prost::Message + Default>(s: &mut UnixStream) -> Result<M, Wire> {
-    let mut len: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let b = s.read_u8().await?;
-        len |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if shift >= 63 {
-            return Err(Wire::BadPrefix);
-        }
-    }
-    let len = usize::try_from(len).unwrap_or(usize::MAX);
-    if len > MAX_MSG {
-        return Err(Wire::TooLarge(len));
-    }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await?;
-    Ok(M::decode(buf.as_slice())?)
 }
 
 /// A signer's answer as the node reads it.
@@ -237,41 +124,26 @@ pub struct Endpoint {
     queued: tokio::sync::Mutex<mpsc::Receiver<Conn>>,
     connected: AtomicBool,
     counters: Mutex<Counters>,
+    /// When the last request ended, answered or not.
+    last_exchange: Mutex<Instant>,
 }
 
 impl Endpoint {
-    /// Binds the listener and starts accepting signers in the background.
-    /// `identity`: the TCP listener's SecretConnection seed (`None`: one
-    /// made for this process, as CometBFT does).
+    /// Binds the listener and starts accepting signers in the background
+    /// ([`socket::accept`]).
     pub async fn bind(
         listen: &Listen,
         identity: Option<[u8; 32]>,
         v1: bool,
     ) -> std::io::Result<Arc<Endpoint>> {
-        let (tx, rx) = mpsc::channel(1);
-        match listen {
-            Listen::Tcp(addr) => {
-                let l = TcpListener::bind(addr).await?;
-                tracing::info!(addr = %l.local_addr()?, "privval listening (tcp, SecretConnection)");
-                let seed = identity.unwrap_or_else(rand::random::<[u8; 32]>);
-                tokio::spawn(accept_tcp(l, SigningKey::from_bytes(&seed), tx));
-            }
-            Listen::Unix(path) => {
-                match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-                let l = UnixListener::bind(path)?;
-                tracing::info!(path = %path.display(), "privval listening (unix)");
-                tokio::spawn(accept_unix(l, tx));
-            }
-        }
+        let rx = socket::accept(listen, identity).await?;
         Ok(Arc::new(Endpoint {
             v1,
             current: tokio::sync::Mutex::new(None),
             queued: tokio::sync::Mutex::new(rx),
             connected: AtomicBool::new(false),
             counters: Mutex::new(Counters::default()),
+            last_exchange: Mutex::new(Instant::now()),
         }))
     }
 
@@ -354,10 +226,32 @@ impl Endpoint {
                 Ok(Reply::Old(conn.recv::<Message>().await?))
             }
         };
-        match tokio::time::timeout(READ_WRITE_TIMEOUT, exchange).await {
+        let done = match tokio::time::timeout(READ_WRITE_TIMEOUT, exchange).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(self.drop_conn(&mut current, e)),
             Err(_) => Err(self.drop_conn(&mut current, Wire::Deadline)),
+        };
+        *self.lock_last_exchange() = Instant::now();
+        done
+    }
+
+    fn lock_last_exchange(&self) -> MutexGuard<'_, Instant> {
+        self.last_exchange.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pings the signer whenever the connection has been quiet for
+    /// [`PING_EVERY`], as CometBFT's ping loop does; never returns.
+    pub async fn keep_pinging(&self) {
+        loop {
+            let quiet = self.lock_last_exchange().elapsed();
+            match PING_EVERY.checked_sub(quiet) {
+                Some(left) if !left.is_zero() => tokio::time::sleep(left).await,
+                _ => {
+                    self.ping().await;
+                    // A ping that found no connection ends no exchange.
+                    *self.lock_last_exchange() = Instant::now();
+                }
+            }
         }
     }
 
@@ -593,71 +487,9 @@ fn same_proposal(asked: &RawProposal, got: RawProposal) -> Result<RawProposal, C
     Ok(got)
 }
 
-/// Accepts signers over TCP: one SecretConnection handshake at a time, under
-/// `identity`.
-async fn accept_tcp(listener: TcpListener, identity: SigningKey, queue: mpsc::Sender<Conn>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("privval accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handshake = AsyncSecretConnection::new(stream, &identity);
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(conn)) => {
-                tracing::info!(%peer, signer = %conn.peer_public_key(), "signer connected");
-                if queue.send(Conn::Secret(Box::new(conn))).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Err(e)) => tracing::warn!(%peer, "SecretConnection handshake failed: {e}"),
-            Err(_) => tracing::warn!(%peer, "SecretConnection handshake timed out"),
-        }
-    }
-}
-
-async fn accept_unix(listener: UnixListener, queue: mpsc::Sender<Conn>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tracing::info!("signer connected (unix)");
-                if queue.send(Conn::Plain(stream)).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!("privval accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_addresses_parse_like_cometbft() {
-        assert_eq!(
-            "tcp://127.0.0.1:26659".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:26659".parse().unwrap())
-        );
-        assert_eq!(
-            "127.0.0.1:1".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:1".parse().unwrap())
-        );
-        assert_eq!(
-            "unix:///run/pv.sock".parse::<Listen>().unwrap(),
-            Listen::Unix("/run/pv.sock".into())
-        );
-        assert!("unix://".parse::<Listen>().is_err());
-        assert!("tcp://nowhere".parse::<Listen>().is_err());
-    }
 
     #[tokio::test]
     async fn a_warm_up_can_be_left_out_of_the_latencies() {
@@ -673,5 +505,55 @@ mod tests {
         assert_eq!((after.samples, after.sign_ms_max), (3, Some(3.0)));
         assert_eq!(after.signed, 5, "the count of signatures stays whole");
         assert_eq!(ep.stats_after(9).samples, 0);
+    }
+
+    #[tokio::test]
+    async fn a_signer_is_pinged_only_after_a_quiet_spell() {
+        use cometbft_proto::v0_38::privval::PingResponse;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let listen = Listen::Unix(dir.path().join("pv.sock"));
+        let ep = Endpoint::bind(&listen, None, false).await.unwrap();
+        let Listen::Unix(path) = listen else {
+            unreachable!()
+        };
+        let (pinged, mut pings) = tokio::sync::mpsc::unbounded_channel();
+        let _stub = tokio::spawn(async move {
+            let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+            let pong = Message {
+                sum: Some(Sum::PingResponse(PingResponse {})),
+            };
+            while let Ok(len) = s.read_u8().await {
+                let mut m = vec![0; usize::from(len)];
+                s.read_exact(&mut m).await.unwrap();
+                let m = Message::decode(m.as_slice()).unwrap();
+                assert!(matches!(m.sum, Some(Sum::PingRequest(_))), "{m:?}");
+                let _ = pinged.send(Instant::now());
+                let _ = s.write_all(&pong.encode_length_delimited_to_vec()).await;
+            }
+        });
+        // The first exchange takes the queued connection.
+        let first = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                ep.ping().await;
+                if ep.stats().connections == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        first.await.expect("the stub connects");
+        let answered = pings.recv().await.unwrap();
+        let pinger = ep.clone();
+        let _pinger = tokio::spawn(async move { pinger.keep_pinging().await });
+        let next = tokio::time::timeout(PING_EVERY * 2, pings.recv())
+            .await
+            .expect("a quiet signer is pinged")
+            .unwrap();
+        let quiet = next - answered;
+        assert!(
+            quiet >= PING_EVERY - Duration::from_millis(100),
+            "pinged {quiet:?} after an answer, not {PING_EVERY:?}"
+        );
     }
 }
