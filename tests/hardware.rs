@@ -6,7 +6,8 @@
 //! heights. Faults are real: the leader's host SIGKILLed, frozen and cut
 //! off; the leader's token directory moved away (SoftHSM2 then fails every
 //! call on it) and back; a host whose token holds another key; tokens
-//! configured wrong.
+//! configured wrong; reloads that meet a hung token or a module that
+//! never loads.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -381,37 +382,8 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
     token.hang()?;
 
     // A chain added with its key in the hung token.
-    let with_chain = |key: String| -> Result<()> {
-        let mut file: toml::Table = toml::from_str(&c.chains_toml(f)?)?;
-        let chains = file
-            .get_mut("chains")
-            .and_then(toml::Value::as_array_mut)
-            .context("no [[chains]]")?;
-        let mut added = chains
-            .first()
-            .and_then(toml::Value::as_table)
-            .cloned()
-            .context("no chain")?;
-        added.insert("chain-id".into(), "keyraft-hardware-added".into());
-        added.insert("validator-key".into(), key.into());
-        // A node of its own, which is not up: its connection retries.
-        added.insert("privval-node".into(), vec!["tcp://127.0.0.1:1"].into());
-        added.remove("node-rpc");
-        chains.push(added.into());
-        std::fs::write(c.chains_file(f), toml::to_string(&file)?)?;
-        sighup(&c, f)
-    };
-    with_chain(token.uri_through(&token.hanging_module()))?;
-    let log = c.dir.path().join(format!("keyraft{f}.log"));
-    let gave_up =
-        "SIGHUP: chains not reloaded, nothing changed: opening the keys: they did not open within";
-    eventually(SETTLE, "the reload given up", || async {
-        Ok(std::fs::read_to_string(&log)?
-            .contains(gave_up)
-            .then_some(()))
-    })
-    .await
-    .with_context(|| c.logs())?;
+    with_chain(&c, f, token.uri_through(&token.hanging_module()))?;
+    reload_given_up(&c, f).await?;
     ensure!(
         listed(c.status(f).await?) == before,
         "a reload given up changed the chains"
@@ -421,16 +393,8 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
 
     // The same chain with its key in a file: opened, though the token
     // still hangs.
-    with_chain(c.key_path.display().to_string())?;
-    eventually(SETTLE, "the added chain listed", || async {
-        let chains = listed(c.status(f).await?);
-        Ok(chains
-            .iter()
-            .any(|c| c == "keyraft-hardware-added")
-            .then_some(()))
-    })
-    .await
-    .with_context(|| c.logs())?;
+    with_chain(&c, f, c.key_path.display().to_string())?;
+    chain_added(&c, f).await?;
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
     no_equivocations_on_any_chain(&c).await?;
@@ -455,6 +419,96 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
         .await
         .context("a host whose token hangs did not stop on SIGTERM")?;
     token.answer()
+}
+
+/// The chain id [`with_chain`] adds.
+const ADDED: &str = "keyraft-hardware-added";
+
+/// Node `f`'s chains file with one more chain, [`ADDED`], its key at
+/// `key` and its node one that is not up (its connection retries), and
+/// the file applied with SIGHUP.
+fn with_chain(c: &Cluster, f: u64, key: String) -> Result<()> {
+    let mut file: toml::Table = toml::from_str(&c.chains_toml(f)?)?;
+    let chains = file
+        .get_mut("chains")
+        .and_then(toml::Value::as_array_mut)
+        .context("no [[chains]]")?;
+    let mut added = chains
+        .first()
+        .and_then(toml::Value::as_table)
+        .cloned()
+        .context("no chain")?;
+    added.insert("chain-id".into(), ADDED.into());
+    added.insert("validator-key".into(), key.into());
+    added.insert("privval-node".into(), vec!["tcp://127.0.0.1:1"].into());
+    added.remove("node-rpc");
+    chains.push(added.into());
+    std::fs::write(c.chains_file(f), toml::to_string(&file)?)?;
+    sighup(c, f)
+}
+
+/// Waits for node `f` to say that a reload gave up on a key that did not
+/// open.
+async fn reload_given_up(c: &Cluster, f: u64) -> Result<()> {
+    let log = c.dir.path().join(format!("keyraft{f}.log"));
+    let gave_up =
+        "SIGHUP: chains not reloaded, nothing changed: opening the keys: they did not open within";
+    eventually(SETTLE, "the reload given up", || async {
+        Ok(std::fs::read_to_string(&log)?
+            .contains(gave_up)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())
+}
+
+/// Waits for node `f`'s status to list [`ADDED`].
+async fn chain_added(c: &Cluster, f: u64) -> Result<()> {
+    eventually(SETTLE, "the added chain listed", || async {
+        let status = c.status(f).await?;
+        let chains = status["signer"]["chains"].as_array().cloned();
+        Ok(chains
+            .into_iter()
+            .flatten()
+            .any(|x| x["chain_id"] == ADDED)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())
+}
+
+/// A reload that meets a PKCS#11 module that does not load (its
+/// `C_Initialize` never returns) gives up after its limit; a later reload
+/// whose key is in another module, already loaded, still opens it: the
+/// hung module holds its own slot, not every module's.
+#[tokio::test]
+async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> Result<()> {
+    let mut c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
+        key_in: KeyIn::Token,
+        ..NodeOpts::default()
+    })
+    .await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    let f = (1..=3).find(|n| *n != l).context("no follower")?;
+    let token = Token::at(&base(&c, f));
+    token.build_hanging_module()?;
+    token.hang_loading()?;
+    with_chain(&c, f, token.uri_through(&token.hanging_module()))?;
+    reload_given_up(&c, f).await?;
+    // Through SoftHSM2's own module, which the host loaded at start.
+    with_chain(&c, f, token.uri())?;
+    chain_added(&c, f).await?;
+    let now = c.chain.totals().await?;
+    every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
+    no_equivocations_on_any_chain(&c).await?;
+    c.signal(f, nix::sys::signal::Signal::SIGTERM)?;
+    c.forget(f)?
+        .context("not running")?
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .context("a host whose module hangs as it loads did not stop on SIGTERM")?;
+    token.load()
 }
 
 /// `keyraft run` with a token configured wrong, or one that does not
@@ -539,146 +593,4 @@ async fn tokens_configured_wrong_are_refused_at_start_with_one_line() -> Result<
         }
     }
     token.answer()
-}
-
-/// Two keys in two tokens of one module (one process, as keyraft opens
-/// them): while one token is gone and its probe initializes the module
-/// again, the other key signs every time (its sessions of before are
-/// dropped without closing a newer one that got the same handle); the
-/// token that came back signs again.
-#[test]
-fn a_token_that_goes_and_comes_back_costs_the_other_token_of_its_module_nothing() -> Result<()> {
-    use keyraft::signer::{key::ConsensusKey, token::Modules};
-    let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
-    let keyraft = localnet::harness::sibling_bin("keyraft")?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir_all(&tokens)?;
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )?;
-    let pin = dir.path().join("pin");
-    std::fs::write(&pin, "4711\n")?;
-    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let mut uris = Vec::new();
-    let mut token_dirs = Vec::new();
-    for label in ["a", "b"] {
-        let before: Vec<PathBuf> = std::fs::read_dir(&tokens)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        localnet::harness::run(
-            std::process::Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &conf)
-                .args([
-                    "--init-token",
-                    "--free",
-                    "--label",
-                    label,
-                    "--pin",
-                    "4711",
-                    "--so-pin",
-                    "123456",
-                ]),
-        )?;
-        let made = std::fs::read_dir(&tokens)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .find(|p| !before.contains(p))
-            .context("no new token directory")?;
-        token_dirs.push(made);
-        let key = dir.path().join(format!("{label}.json"));
-        localnet::comet::key::ValidatorKey::generate().write_new(&key)?;
-        let uri = format!(
-            "pkcs11:token={label};object=k?module-path={}&pin-source=file:{}",
-            localnet::token::MODULE,
-            pin.display()
-        );
-        localnet::harness::run(
-            std::process::Command::new(&keyraft)
-                .env("SOFTHSM2_CONF", &conf)
-                .args(["signer", "import-key", "--from"])
-                .arg(&key)
-                .args(["--to", &uri]),
-        )?;
-        uris.push(keyraft::config::TokenUri::parse(&uri)?);
-    }
-    // This process opens the module: SoftHSM2 reads its configuration then.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let mut modules = Modules::default();
-    let a = ConsensusKey::open_token(&uris[0], modules.open(&uris[0].module)?)?;
-    let b = ConsensusKey::open_token(&uris[1], modules.open(&uris[1].module)?)?;
-    let away = dir.path().join("a-away");
-    std::fs::rename(&token_dirs[0], &away)?;
-    ensure!(a.sign(b"a while gone").is_err(), "a gone token signed");
-    for i in 0..20u32 {
-        // The gone token's probe initializes the module again (at most
-        // every 5 s); b's sessions die with it each time.
-        ensure!(a.probe().is_err(), "a gone token answered the probe");
-        b.sign(&i.to_be_bytes())
-            .with_context(|| format!("b failed while a was gone, signature {i}"))?;
-    }
-    std::fs::rename(&away, &token_dirs[0])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while a.probe().is_err() {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "a never answered again"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    a.sign(b"a is back")?;
-    b.sign(b"b after all that")?;
-    Ok(())
-}
-
-/// A key dropped while its token hangs (a chain changed by a reload, or
-/// shutdown) closes its sessions on a thread of their own: the thread that
-/// drops it may be the one a coordinator runs on, whose heartbeats would
-/// stop for as long as the token hangs. The process waits for such closes
-/// before it exits, a second at most.
-#[test]
-fn a_key_dropped_while_its_token_hangs_does_not_hold_up_the_thread_that_drops_it() -> Result<()> {
-    use keyraft::signer::{key::ConsensusKey, token::Modules};
-    let dir = tempfile::Builder::new().prefix("keyraft-hsm-").tempdir()?;
-    let keyraft = localnet::harness::sibling_bin("keyraft")?;
-    let key = dir.path().join("priv_validator_key.json");
-    localnet::comet::key::ValidatorKey::generate().write_new(&key)?;
-    localnet::token::lay_out(&keyraft, dir.path(), &key, KeyIn::HangingToken)?;
-    let token = Token::at(dir.path());
-    // This process opens the module: SoftHSM2 and the hanging module read
-    // their configuration from here.
-    std::env::set_var("SOFTHSM2_CONF", token.conf());
-    let uri = keyraft::config::TokenUri::parse(&token.uri_through(&token.hanging_module()))?;
-    let mut modules = Modules::default();
-    let k = ConsensusKey::open_token(&uri, modules.open(&uri.module)?)?;
-    k.sign(b"a session to close")?;
-    token.hang()?;
-    let (dropped, done) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        drop(k);
-        let _ = dropped.send(());
-    });
-    let waited = done.recv_timeout(Duration::from_secs(3));
-    // The close waits for the token, and the process's exit for the close
-    // (`keyraft` settles before it exits), within a limit.
-    let settled_while_hung = keyraft::signer::token::settle(Duration::from_millis(200));
-    token.answer()?;
-    ensure!(
-        waited.is_ok(),
-        "dropping the key waited for its hung token to close a session"
-    );
-    ensure!(
-        !settled_while_hung,
-        "no close was seen waiting for the hung token"
-    );
-    ensure!(
-        keyraft::signer::token::settle(Duration::from_secs(5)),
-        "the close never ended once the token answered"
-    );
-    Ok(())
 }

@@ -1,9 +1,10 @@
 //! A PKCS#11 module for the tests: SoftHSM2's own, except that while the
 //! file `hang` exists beside the caller's `$SOFTHSM2_CONF`, the calls that
 //! reach the token (its info, opening and closing a session, logging in,
-//! finding objects, signing) wait until the file is gone. A token that stops
-//! answering, as a wedged USB HSM does, which SoftHSM2 cannot be made to do
-//! from outside.
+//! finding objects, signing) wait until the file is gone; while the file
+//! `hang-init` exists, so does `C_Initialize` (a module that does not load,
+//! as one whose HSM daemon is wedged). A token that stops answering, as a
+//! wedged USB HSM does, which SoftHSM2 cannot be made to do from outside.
 //!
 //! Built by the harness with `rustc` alone (`localnet::token::hanging_module`),
 //! so it has no dependencies: the few PKCS#11 types it needs are written
@@ -38,6 +39,7 @@ pub struct List {
 }
 
 // Positions in the list.
+const INITIALIZE: usize = 0;
 const GET_TOKEN_INFO: usize = 6;
 const OPEN_SESSION: usize = 12;
 const CLOSE_SESSION: usize = 13;
@@ -76,6 +78,9 @@ fn lists() -> Option<&'static Lists> {
             }
             let real = *real;
             let mut ours = real;
+            ours.f[INITIALIZE] = std::mem::transmute::<_, Fp>(
+                initialize as unsafe extern "C" fn(*mut c_void) -> Rv,
+            );
             ours.f[GET_TOKEN_INFO] = std::mem::transmute::<_, Fp>(
                 get_token_info as unsafe extern "C" fn(Ulong, *mut c_void) -> Rv,
             );
@@ -117,10 +122,15 @@ unsafe fn real<T: Copy>(at: usize) -> Option<T> {
 
 /// Waits while the file `hang` beside `$SOFTHSM2_CONF` exists.
 fn wait_while_hung() {
+    wait_while("hang")
+}
+
+/// Waits while the file `name` beside `$SOFTHSM2_CONF` exists.
+fn wait_while(name: &str) {
     let Some(conf) = std::env::var_os("SOFTHSM2_CONF") else {
         return;
     };
-    let flag = PathBuf::from(conf).with_file_name("hang");
+    let flag = PathBuf::from(conf).with_file_name(name);
     while flag.exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -134,6 +144,14 @@ pub unsafe extern "C" fn C_GetFunctionList(out: *mut *const List) -> Rv {
             CKR_OK
         }
         _ => CKR_GENERAL_ERROR,
+    }
+}
+
+unsafe extern "C" fn initialize(args: *mut c_void) -> Rv {
+    wait_while("hang-init");
+    match real::<unsafe extern "C" fn(*mut c_void) -> Rv>(INITIALIZE) {
+        Some(f) => f(args),
+        None => CKR_GENERAL_ERROR,
     }
 }
 

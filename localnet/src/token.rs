@@ -103,6 +103,17 @@ impl Token {
         std::fs::write(self.dir.join("hang"), b"").context("hanging the token")
     }
 
+    /// Through the hanging module, `C_Initialize` waits from now on (a
+    /// module that does not load), until [`Token::load`].
+    pub fn hang_loading(&self) -> Result<()> {
+        std::fs::write(self.dir.join("hang-init"), b"").context("hanging the module's loading")
+    }
+
+    /// The hanging module loads again.
+    pub fn load(&self) -> Result<()> {
+        std::fs::remove_file(self.dir.join("hang-init")).context("letting the module load")
+    }
+
     /// The hanging module's calls go through again.
     pub fn answer(&self) -> Result<()> {
         std::fs::remove_file(self.dir.join("hang")).context("letting the token answer")

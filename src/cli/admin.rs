@@ -141,7 +141,7 @@ pub(super) fn import_key(from: &std::path::Path, to: &str) -> anyhow::Result<Str
     uri.check()?;
     let seed = key::read_seed(from)?;
     let file_key = key::ConsensusKey::from_seed(seed);
-    let mut modules = token::Modules::default();
+    let modules = token::Modules::default();
     let module = modules.open(&uri.module)?;
     let public = file_key.public().to_bytes();
     let added = token::import(&uri, &module, &seed, &public)?;

@@ -247,7 +247,7 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
     /// what it remembers ([`Chain::new`]).
     retired: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Chain>>>,
     /// The PKCS#11 modules loaded (a reload's keys open through them).
-    modules: Arc<std::sync::Mutex<token::Modules>>,
+    modules: Arc<token::Modules>,
     /// This signing process's id in reservations ([`ahead`]): drawn anew at
     /// every start, so a restarted process never signs in an old one.
     holder: u64,
@@ -284,7 +284,7 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
 
     /// Hands the signer the PKCS#11 modules its keys were opened through.
     pub fn with_modules(&self, modules: token::Modules) {
-        *self.modules.lock().unwrap_or_else(|p| p.into_inner()) = modules;
+        self.modules.adopt(modules);
     }
 
     fn say_started(cfg: &ChainConfig, key: &ConsensusKey, several: bool) {

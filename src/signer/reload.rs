@@ -41,7 +41,7 @@ pub fn load_keys(
     let chains = cfg.chains.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut modules = Modules::default();
+        let modules = Modules::default();
         let keys = load_chain_keys(&chains, |path| modules.open(path));
         // The caller may have given up.
         let _ = tx.send(keys.map(|k| (k, modules)));
@@ -237,11 +237,9 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
         }
         let modules = self.modules.clone();
         let opening = tokio::task::spawn_blocking(move || {
-            // The modules locked only to find or load one: a token that
-            // hangs while its key opens holds nothing a later reload needs.
-            load_chain_keys(&chains, |path| {
-                modules.lock().unwrap_or_else(|p| p.into_inner()).open(path)
-            })
+            // A token that hangs while its key opens, or a module while it
+            // loads, holds nothing a later reload of other modules needs.
+            load_chain_keys(&chains, |path| modules.open(path))
         });
         let opened = tokio::time::timeout(OPEN_PATIENCE, opening)
             .await

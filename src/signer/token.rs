@@ -82,13 +82,25 @@ pub enum TokenError {
 
 /// The PKCS#11 modules of this process, each loaded and initialized once
 /// (a second `C_Initialize` of one module fails, and a `C_Finalize` ends
-/// every session of it).
+/// every session of it). Each path has a slot of its own, locked while
+/// its module loads: a module whose `C_Initialize` never returns holds
+/// its own slot, never the map, so keys in other modules still open.
 #[derive(Default)]
-pub struct Modules(BTreeMap<PathBuf, Arc<Module>>);
+pub struct Modules(Mutex<BTreeMap<PathBuf, Loaded>>);
+
+/// One path's module, once loaded; locked while it loads.
+type Loaded = Arc<Mutex<Option<Arc<Module>>>>;
 
 impl Modules {
-    pub fn open(&mut self, path: &Path) -> Result<Arc<Module>, TokenError> {
-        if let Some(m) = self.0.get(path) {
+    /// The module at `path`, loaded and initialized on its first use.
+    /// Blocking: waits for as long as this path's module takes to load.
+    pub fn open(&self, path: &Path) -> Result<Arc<Module>, TokenError> {
+        let slot = {
+            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(path.to_path_buf()).or_default().clone()
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = &*slot {
             return Ok(m.clone());
         }
         let err = |why: String| TokenError::Module {
@@ -106,8 +118,18 @@ impl Modules {
             generation: RwLock::new(0),
             reinitialized: Mutex::new(None),
         });
-        self.0.insert(path.to_path_buf(), m.clone());
+        *slot = Some(m.clone());
         Ok(m)
+    }
+
+    /// Takes in `other`'s modules (those keys were opened through before
+    /// this process's signer began), keeping its own where both have one.
+    pub fn adopt(&self, other: Modules) {
+        let theirs = other.0.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, slot) in theirs {
+            all.entry(path).or_insert(slot);
+        }
     }
 }
 
