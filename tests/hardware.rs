@@ -357,15 +357,7 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
 #[tokio::test]
 async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_through(
 ) -> Result<()> {
-    let mut c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
-        key_in: KeyIn::HangingToken,
-        ..NodeOpts::default()
-    })
-    .await?;
-    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
-    let l = leader(&c, &[1, 2, 3]).await?;
-    let f = (1..=3).find(|n| *n != l).context("no follower")?;
-    let token = Token::at(&base(&c, f));
+    let (mut c, f, token) = two_chains_signing(KeyIn::HangingToken).await?;
     let listed = |status: serde_json::Value| -> Vec<String> {
         status["signer"]["chains"]
             .as_array()
@@ -412,13 +404,35 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
 
     // Its threads stuck in the token (the probe, the reload given up) do
     // not keep it from stopping.
+    stops_on_sigterm(&mut c, f).await?;
+    token.answer()
+}
+
+/// Three signers for [`two_chains`], their keys where `key_in` says,
+/// every sentry signing: the cluster, a follower and its token.
+async fn two_chains_signing(key_in: KeyIn) -> Result<(Cluster, u64, Token)> {
+    let c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
+        key_in,
+        ..NodeOpts::default()
+    })
+    .await?;
+    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
+    let l = leader(&c, &[1, 2, 3]).await?;
+    let f = (1..=3).find(|n| *n != l).context("no follower")?;
+    let token = Token::at(&base(&c, f));
+    Ok((c, f, token))
+}
+
+/// Node `f` stops within 10 s of SIGTERM, its threads stuck in a token
+/// or a module as they may be.
+async fn stops_on_sigterm(c: &mut Cluster, f: u64) -> Result<()> {
     c.signal(f, nix::sys::signal::Signal::SIGTERM)?;
     c.forget(f)?
         .context("not running")?
         .wait_exit(Duration::from_secs(10))
         .await
-        .context("a host whose token hangs did not stop on SIGTERM")?;
-    token.answer()
+        .with_context(|| format!("node {f} did not stop on SIGTERM"))?;
+    Ok(())
 }
 
 /// The chain id [`with_chain`] adds.
@@ -483,15 +497,7 @@ async fn chain_added(c: &Cluster, f: u64) -> Result<()> {
 /// hung module holds its own slot, not every module's.
 #[tokio::test]
 async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> Result<()> {
-    let mut c = Cluster::start_signers(3, BLOCK_MS, two_chains(), |_| NodeOpts {
-        key_in: KeyIn::Token,
-        ..NodeOpts::default()
-    })
-    .await?;
-    every_sentry_signed(&c, 0, &[1, 2, 3]).await?;
-    let l = leader(&c, &[1, 2, 3]).await?;
-    let f = (1..=3).find(|n| *n != l).context("no follower")?;
-    let token = Token::at(&base(&c, f));
+    let (mut c, f, token) = two_chains_signing(KeyIn::Token).await?;
     token.build_hanging_module()?;
     token.hang_loading()?;
     with_chain(&c, f, token.uri_through(&token.hanging_module()))?;
@@ -502,12 +508,7 @@ async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> 
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
     no_equivocations_on_any_chain(&c).await?;
-    c.signal(f, nix::sys::signal::Signal::SIGTERM)?;
-    c.forget(f)?
-        .context("not running")?
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .context("a host whose module hangs as it loads did not stop on SIGTERM")?;
+    stops_on_sigterm(&mut c, f).await?;
     token.load()
 }
 
