@@ -494,7 +494,8 @@ async fn chain_added(c: &Cluster, f: u64) -> Result<()> {
 /// A reload that meets a PKCS#11 module that does not load (its
 /// `C_Initialize` never returns) gives up after its limit; a later reload
 /// whose key is in another module, already loaded, still opens it: the
-/// hung module holds its own slot, not every module's.
+/// hung module holds its own slot, not every module's. One that needs the
+/// hung module again is refused at once.
 #[tokio::test]
 async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> Result<()> {
     let (mut c, f, token) = two_chains_signing(KeyIn::Token).await?;
@@ -505,6 +506,22 @@ async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> 
     // Through SoftHSM2's own module, which the host loaded at start.
     with_chain(&c, f, token.uri())?;
     chain_added(&c, f).await?;
+    // The hung module again: refused at once, no thread left waiting
+    // behind the first.
+    with_chain(&c, f, token.uri_through(&token.hanging_module()))?;
+    let log = c.dir.path().join(format!("keyraft{f}.log"));
+    let at_once = "an earlier load of it has not returned";
+    eventually(
+        Duration::from_secs(5),
+        "the reload refused at once",
+        || async {
+            Ok(std::fs::read_to_string(&log)?
+                .contains(at_once)
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
     no_equivocations_on_any_chain(&c).await?;

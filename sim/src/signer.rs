@@ -67,7 +67,7 @@ pub fn signer<P: Port>(
     Signer::new(
         core.clone(),
         Arc::new(to_leader),
-        vec![(chain, key())],
+        (vec![(chain, key())], Default::default()),
         holder(id, inc),
     )
 }

@@ -423,8 +423,12 @@ async fn assemble(
         .kernel_fence
         .set(i64::from(fenced.kernel.plan().is_some()));
     let signer = keys.map(|(keys, identity)| {
-        let signer = Signer::new(sh.core.clone(), sh.peers.clone(), keys, rand::random());
-        signer.with_modules(modules);
+        let signer = Signer::new(
+            sh.core.clone(),
+            sh.peers.clone(),
+            (keys, modules),
+            rand::random(),
+        );
         (signer, identity)
     });
     Ok((sh, signer, Parts { requests, probe_tx }))

@@ -254,12 +254,13 @@ pub struct Signer<SM: RaftStateMachine<TypeConfig> = StateMachine, F: Forward = 
 }
 
 impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
-    /// A signer for `chains`, each with its key ([`reload::load_keys`]), as signing
+    /// A signer for `chains`, each with its key, and the PKCS#11 `modules`
+    /// those were opened through ([`reload::load_keys`]), as signing
     /// process `holder` (random, and never the same twice).
     pub fn new(
         core: Arc<Core<SM>>,
         to_leader: Arc<F>,
-        chains: Vec<(ChainConfig, ConsensusKey)>,
+        (chains, modules): (Vec<(ChainConfig, ConsensusKey)>, token::Modules),
         holder: u64,
     ) -> Arc<Self> {
         let several = chains.len() > 1;
@@ -275,16 +276,11 @@ impl<SM: RaftStateMachine<TypeConfig>, F: Forward> Signer<SM, F> {
             to_leader,
             chains: std::sync::RwLock::new(Arc::from(Vec::new())),
             retired: Default::default(),
-            modules: Default::default(),
+            modules: Arc::new(modules),
             holder,
         });
         signer.set_chains(chains);
         signer
-    }
-
-    /// Hands the signer the PKCS#11 modules its keys were opened through.
-    pub fn with_modules(&self, modules: token::Modules) {
-        self.modules.adopt(modules);
     }
 
     fn say_started(cfg: &ChainConfig, key: &ConsensusKey, several: bool) {

@@ -93,20 +93,29 @@ type Loaded = Arc<Mutex<Option<Arc<Module>>>>;
 
 impl Modules {
     /// The module at `path`, loaded and initialized on its first use.
-    /// Blocking: waits for as long as this path's module takes to load.
+    /// Blocking while it loads. Where an earlier load of it has not
+    /// returned (one a reload gave up on), an error at once: waiting
+    /// behind it would leave one more thread stuck per reload.
     pub fn open(&self, path: &Path) -> Result<Arc<Module>, TokenError> {
-        let slot = {
-            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            all.entry(path.to_path_buf()).or_default().clone()
-        };
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = &*slot {
-            return Ok(m.clone());
-        }
         let err = |why: String| TokenError::Module {
             module: path.display().to_string(),
             why,
         };
+        let slot = {
+            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(path.to_path_buf()).or_default().clone()
+        };
+        let mut slot = match slot.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(err(
+                "an earlier load of it has not returned (restart keyraft once the module answers)"
+                    .into(),
+            )),
+        };
+        if let Some(m) = &*slot {
+            return Ok(m.clone());
+        }
         if !path.is_file() {
             return Err(err("no such file".into()));
         }
@@ -120,16 +129,6 @@ impl Modules {
         });
         *slot = Some(m.clone());
         Ok(m)
-    }
-
-    /// Takes in `other`'s modules (those keys were opened through before
-    /// this process's signer began), keeping its own where both have one.
-    pub fn adopt(&self, other: Modules) {
-        let theirs = other.0.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (path, slot) in theirs {
-            all.entry(path).or_insert(slot);
-        }
     }
 }
 
