@@ -358,19 +358,8 @@ async fn a_host_whose_token_failed_leads_again_once_a_reload_moves_its_key_to_a_
 async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_through(
 ) -> Result<()> {
     let (mut c, f, token) = two_chains_signing(KeyIn::HangingToken).await?;
-    let listed = |status: serde_json::Value| -> Vec<String> {
-        status["signer"]["chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x["chain_id"].as_str().map(String::from))
-            .collect()
-    };
     let before = listed(c.status(f).await?);
-    let mut missed = Vec::new();
-    for (_, judge) in c.judges() {
-        missed.push(judge.totals().await?.missed);
-    }
+    let missed = missed_by_chain(&c).await?;
     token.hang()?;
 
     // A chain added with its key in the hung token.
@@ -392,15 +381,7 @@ async fn a_reload_that_meets_a_hung_token_changes_nothing_and_the_next_one_goes_
     no_equivocations_on_any_chain(&c).await?;
     // A follower's hung token is its own business: the leader signed
     // every height of every chain throughout.
-    for ((chain, judge), before) in c.judges().into_iter().zip(missed) {
-        let now = judge.totals().await?.missed;
-        ensure!(
-            now == before,
-            "{chain}: {} heights missed while a follower's token hung\n{}",
-            now - before,
-            c.logs()
-        );
-    }
+    none_missed_since(&c, missed).await?;
 
     // Its threads stuck in the token (the probe, the reload given up) do
     // not keep it from stopping.
@@ -479,16 +460,48 @@ async fn reload_given_up(c: &Cluster, f: u64) -> Result<()> {
 /// Waits for node `f`'s status to list [`ADDED`].
 async fn chain_added(c: &Cluster, f: u64) -> Result<()> {
     eventually(SETTLE, "the added chain listed", || async {
-        let status = c.status(f).await?;
-        let chains = status["signer"]["chains"].as_array().cloned();
-        Ok(chains
-            .into_iter()
-            .flatten()
-            .any(|x| x["chain_id"] == ADDED)
+        Ok(listed(c.status(f).await?)
+            .iter()
+            .any(|id| id == ADDED)
             .then_some(()))
     })
     .await
     .with_context(|| c.logs())
+}
+
+/// The chain ids a node's status lists.
+fn listed(status: serde_json::Value) -> Vec<String> {
+    status["signer"]["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["chain_id"].as_str().map(String::from))
+        .collect()
+}
+
+/// Each chain's judge's count of missed heights so far.
+async fn missed_by_chain(c: &Cluster) -> Result<Vec<u64>> {
+    let mut missed = Vec::new();
+    for (_, judge) in c.judges() {
+        missed.push(judge.totals().await?.missed);
+    }
+    Ok(missed)
+}
+
+/// No chain's judge counted a missed height since `before`
+/// ([`missed_by_chain`]): a follower's trouble with its token or module
+/// is its own business.
+async fn none_missed_since(c: &Cluster, before: Vec<u64>) -> Result<()> {
+    for ((chain, judge), before) in c.judges().into_iter().zip(before) {
+        let now = judge.totals().await?.missed;
+        ensure!(
+            now == before,
+            "{chain}: {} heights missed while a follower's token or module hung\n{}",
+            now - before,
+            c.logs()
+        );
+    }
+    Ok(())
 }
 
 /// A reload that meets a PKCS#11 module that does not load (its
@@ -499,6 +512,7 @@ async fn chain_added(c: &Cluster, f: u64) -> Result<()> {
 #[tokio::test]
 async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> Result<()> {
     let (mut c, f, token) = two_chains_signing(KeyIn::Token).await?;
+    let missed = missed_by_chain(&c).await?;
     token.build_hanging_module()?;
     token.hang_loading()?;
     with_chain(&c, f, token.uri_through(&token.hanging_module()))?;
@@ -525,6 +539,7 @@ async fn a_module_that_never_loads_keeps_no_other_modules_key_from_opening() -> 
     let now = c.chain.totals().await?;
     every_sentry_signed(&c, now.height, &[1, 2, 3]).await?;
     no_equivocations_on_any_chain(&c).await?;
+    none_missed_since(&c, missed).await?;
     stops_on_sigterm(&mut c, f).await?;
     token.load()
 }
