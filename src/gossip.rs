@@ -161,7 +161,12 @@ struct Told {
 fn update_peer_metrics(sh: &Shared, told: &mut Told) {
     let t = sh.core.timing();
     let stale = t.gossip_interval * 3;
-    let seen = sh.core.view.snapshot();
+    // When each peer was heard from and its round trip, not its status
+    // (fifty chains' keys and heights, copied twice a second for nothing).
+    let seen: BTreeMap<NodeId, (tokio::time::Instant, Option<std::time::Duration>)> = sh
+        .core
+        .view
+        .with_peers(|seen| seen.iter().map(|(id, s)| (*id, (s.at, s.rtt))).collect());
     // openraft drops a heartbeat not answered within its deadline; auto
     // timing moves to wan by itself, so only a round trip beyond what wan
     // holds is worth a warning there.
@@ -173,8 +178,9 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
     for id in sh.core.peer_ids() {
         let label = id.to_string();
         let s = seen.get(&id);
-        let up = s.is_some_and(|s| s.at.elapsed() <= stale);
-        if let Some(rtt) = s.and_then(|s| s.rtt).filter(|r| *r > limit) {
+        let up = s.is_some_and(|(at, _)| at.elapsed() <= stale);
+        let rtt = s.and_then(|(_, rtt)| *rtt);
+        if let Some(rtt) = rtt.filter(|r| *r > limit) {
             if told.slow.insert(id) {
                 let advice = match (t.auto, t.profile) {
                     (true, _) => "no timing profile holds for it: bring the hosts closer, or pin longer timings (--heartbeat-interval, --fence-after, --election-timeout-*)",
@@ -210,7 +216,7 @@ fn update_peer_metrics(sh: &Shared, told: &mut Told) {
             .member_refused
             .with_label_values(&[&label])
             .set(i64::from(sh.memory.of(id).refused.is_some()));
-        if let Some(rtt) = s.and_then(|s| s.rtt) {
+        if let Some(rtt) = rtt {
             sh.core
                 .metrics
                 .peer_rtt

@@ -67,21 +67,23 @@ impl Window {
 /// The slowest round trip to a voter heard from lately (gossip's
 /// measurement, on the same peer connections as Raft's).
 fn slowest_voter(core: &Core) -> Option<Duration> {
-    let m = core.raft_metrics();
-    let voters: Vec<_> = m
-        .membership_config
-        .membership()
-        .voter_ids()
-        .filter(|v| *v != core.cfg.id)
-        .collect();
+    let voters: Vec<_> = core.with_raft_metrics(|m| {
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != core.cfg.id)
+            .collect()
+    });
     let fresh = core.cfg.timing.gossip_interval * 3;
-    let seen = core.view.snapshot();
-    voters
-        .iter()
-        .filter_map(|v| seen.get(v))
-        .filter(|s| s.at.elapsed() <= fresh)
-        .filter_map(|s| s.rtt)
-        .max()
+    // Read in place: a status is large (fifty chains' keys and heights).
+    core.view.with_peers(|seen| {
+        voters
+            .iter()
+            .filter_map(|v| seen.get(v))
+            .filter(|s| s.at.elapsed() <= fresh)
+            .filter_map(|s| s.rtt)
+            .max()
+    })
 }
 
 /// Puts `live` in force, says so, and updates the metric.
