@@ -226,7 +226,12 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
         .filter(|c| c.node_rpc.is_some())
         .count();
     let every = chain_probe_every(interval, all);
-    let n = u32::try_from(probed.len()).unwrap_or(u32::MAX).max(1);
+    // Probed in groups of [`PROBES_A_SECOND`] at once, the groups spread
+    // over the period: one wake-up of this host for a group's timers and
+    // connections, where one a probe cost more than their requests.
+    let groups = u32::try_from(probed.len().div_ceil(PROBES_A_SECOND as usize))
+        .unwrap_or(u32::MAX)
+        .max(1);
     // One client for these chains' probes; their nodes' connections kept
     // between probes only at the full rate (a few chains).
     let keep_alive = all <= CHAINS_PROBED_AT_FULL_RATE;
@@ -237,9 +242,7 @@ pub fn probe_nodes<SM: RaftStateMachine<TypeConfig>>(
             let id = chain.id().to_string();
             let prober = Prober::with_client(HealthKind::Cometbft, url, http.clone()).of_chain(&id);
             let (nodes, errors) = (core.chain_nodes.clone(), core.chain_probe_errors.clone());
-            // Each chain's probes a share of the period after the one
-            // before: spread, not fifty requests at once.
-            let offset = every.saturating_mul(i) / n;
+            let offset = every.saturating_mul(i / PROBES_A_SECOND) / groups;
             let (core, mut retired) = (core.clone(), chain.retired());
             tokio::spawn(async move {
                 let probe = async {
